@@ -1,0 +1,66 @@
+"""`raycell` / `python -m raycell`: parse, build the config, start Ray when the verb needs it, dispatch.
+
+Errors a user can fix (bad config key, missing data set, wrong shard, unknown label) print one line
+naming the file or key and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from raycell.cli import build_parser, overrides_from_args
+
+NEEDS_RAY = {"train", "infer", "demo"}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from raycell.config import ConfigError
+    from raycell.data.categories import UnknownCategoryError
+    from raycell.data.shards import ShardError
+    from raycell.models.registry import UnknownModelError
+
+    return (ConfigError, ShardError, UnknownCategoryError, UnknownModelError, FileNotFoundError)
+
+
+def run(argv: list[str] | None = None) -> dict | None:
+    """Run one verb; returns its result (for tests and jobs)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        from raycell.models import list_models
+
+        print("\n".join(list_models()))
+        return None
+    from raycell import pipeline
+    from raycell.config import defaults_yaml, load_config
+
+    if args.command == "config" and args.defaults:
+        print(defaults_yaml(), end="")
+        return None
+    cfg = load_config(args.config, overrides_from_args(args))
+    if args.command == "config":
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return None
+    if args.command in NEEDS_RAY:
+        from raycell.utils.ray_utils import init_ray
+
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress)
+    if args.command == "synth":
+        return pipeline.run_synth(cfg, overwrite=args.overwrite)
+    return getattr(pipeline, f"run_{args.command}")(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    try:
+        run(argv)
+    except _user_errors() as exc:
+        msg = str(exc).strip("'\"")
+        print(f"raycell: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Typed configuration: nested dataclasses, YAML files and dotted `--set section.key=value` overrides.
+
+One `ExperimentConfig` drives every verb (CLI, Python and `jobs/`). Unknown keys are errors that list the valid
+keys; values are type-checked; cross-field checks live in `ExperimentConfig.validate`. Every field carries a
+`help` string so `raycell config --defaults` prints a commented YAML of all keys (that is `configs/base.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names a key that does not exist or gives a value of the wrong type."""
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the field declarations
+    """Declare a field with a default and a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic data set with known ground truth (`raycell synth`)."""
+
+    out: str = _f("data/synth", "output data set folder")
+    n_cells: int = _f(6000, "number of cells (crops) over all batches")
+    crop_size: int = _f(64, "crop height and width in pixels")
+    n_lines: int = _f(8, "cell lines; half carry phenotype label 'high', half 'low'")
+    n_batches: int = _f(8, "imaging batches in total, including the unseen ones")
+    n_unseen: int = _f(2, "batches suggested for holding out whole as 'unseen' (the last ones)")
+    lines_per_batch: int = _f(4, "cell lines imaged in each seen batch")
+    wells_per_line: int = _f(6, "wells per (line, batch); the split groups by well")
+    confounding: float = _f(0.75, "fraction of a seen batch's cells whose label matches the batch's "
+                            "majority label (0.5 = no confounding)")
+    batch_strength: float = _f(1.0, "scale of the nuisance effects (gain, offset, gradient, blur, noise)")
+    phenotype_strength: float = _f(1.0, "scale of the morphology signal that defines the label")
+    rows_per_shard: int = _f(1000, "cells per parquet shard")
+    raw: bool = _f(False, "write raw fields of view (TIFF per channel and Z-slice, true masks, plate "
+                   "map) to exercise ingest, instead of crop shards")
+    raw_fov_size: int = _f(256, "raw: field-of-view height and width in pixels")
+    raw_wells: int = _f(4, "raw: wells per plate (one plate per batch; lines assigned to wells)")
+    raw_fields: int = _f(2, "raw: fields of view per well")
+    raw_cells_per_fov: int = _f(14, "raw: cells placed per field of view (fewer if they do not fit)")
+    raw_z: int = _f(3, "raw: Z-slices per channel; the in-focus slice varies per field")
+
+
+@dataclass
+class IngestConfig:
+    """Raw fields of view -> crop shards (`raycell ingest`)."""
+
+    input: str = _f("", "folder of TIFF/PNG images")
+    out: str = _f("", "output data set folder")
+    pattern: str = _f("", "regex with named groups (batch, plate, well, field, channel, z, ...) "
+                      "matched against each file's path relative to `input`")
+    platemap: str = _f("", "optional plate-map CSV joined on the columns it shares with the regex groups")
+    crop_size: int = _f(64, "crop height and width in pixels")
+    platemap_on: list = _f([], "plate-map join columns (empty = every column shared with the regex groups)")
+    label_column: str = _f("label", "metadata column used as the phenotype label ('' labels if absent)")
+    batch_column: str = _f("batch", "metadata column used as the imaging batch (falls back to 'plate')")
+    group_column: str = _f("", "metadata column used as `group` ('' = the first of line, treatment, "
+                           "compound present)")
+    channels: list = _f([], "values of the regex 'channel' group to use, in output order (empty = all)")
+    channel_names: list = _f([], "names for those channels (e.g. [DNA, PH3, actin]; empty = the values)")
+    nucleus_channel: str = _f("", "channel (name or value) segmented for primary objects ('' = the first)")
+    cytoplasm_channel: str = _f("", "channel to grow cell bodies into ('' = nuclei only)")
+    axes: str = _f("", "axes of multi-dimensional files, e.g. ZCYX ('' = from the file's metadata)")
+    z_projection: str = _f("max", "Z projection per channel: max, mean, middle or best-focus "
+                           "(variance of Laplacian)")
+    illum_correction: bool = _f(False, "divide by a per-plate, per-channel illumination function")
+    illum_downscale: int = _f(4, "block-mean downscale factor for the illumination function")
+    illum_filter: int = _f(0, "median filter size (downscaled px) of the illumination function "
+                           "(0 = a tenth of the image)")
+    normalization: str = _f("global", "intensity normalisation: global (one affine map per channel), "
+                            "per-batch or per-image")
+    norm_percentiles: list = _f([0.1, 99.9], "low/high percentiles mapped to 0 and the dtype maximum")
+    stats_fovs: int = _f(0, "fields of view sampled per batch for global/per-batch statistics "
+                         "(0 = all)")
+    dtype: str = _f("uint8", "crop pixel type: uint8 or uint16")
+    segmentation: str = _f("classical", "segmentation backend: classical (scikit-image) or cellpose")
+    cellpose_model: str = _f("", "local cellpose model file (segmentation=cellpose; never downloaded)")
+    diameter: float = _f(0.0, "expected diameter (px) of the primary objects (0 = estimate per image)")
+    threshold: str = _f("otsu", "foreground threshold: otsu, li or local")
+    threshold_scale: float = _f(1.0, "threshold correction factor (<1 keeps dimmer objects)")
+    log_threshold: bool = _f(True, "threshold log intensities (robust to a few very bright objects)")
+    declump: str = _f("shape", "splitting touching objects: shape (distance transform), intensity "
+                      "or none")
+    declump_h: float = _f(0.2, "a maximum seeds its own object when it stands this fraction of the "
+                          "radius above the saddle to its neighbour")
+    min_area: float = _f(0.0, "smallest object area in px (0 = a quarter of the expected area)")
+    max_area: float = _f(0.0, "largest object area in px (0 = 8x the expected area)")
+    cell_compactness: float = _f(0.0, "watershed compactness for cell bodies (0 = follow edges only)")
+    max_cell_area: float = _f(0.0, "a cell body larger than this (px) falls back to its nucleus "
+                              "(0 = no limit)")
+    mask_crops: bool = _f(False, "multiply each crop by its object's mask with a blurred edge")
+    mask_blur: float = _f(2.0, "Gaussian sigma (px) of the mask edge")
+    rows_per_shard: int = _f(2000, "cells per parquet shard")
+    num_workers: int = _f(0, "concurrent ingest tasks (0 = as many as Ray's CPUs allow)")
+    cpus_per_task: float = _f(1.0, "logical CPUs reserved by each ingest task")
+    fovs_per_task: int = _f(1, "fields of view per Ray task (more = less scheduling overhead)")
+    overwrite: bool = _f(False, "replace an existing data set in `out` made with other inputs or "
+                         "parameters (an identical one is skipped)")
+
+
+@dataclass
+class DataConfig:
+    """Where the crop shards are and how they are streamed to the model."""
+
+    path: str = _f("data/synth", "data set folder (dataset.json + shards/)")
+    batch_size: int = _f(64, "training batch size per worker")
+    eval_batch_size: int = _f(256, "batch size for validation and inference")
+    shuffle_buffer: int = _f(1024, "local shuffle buffer (rows) per worker; 0 = off")
+    prefetch_batches: int = _f(2, "batches prefetched by each worker's iterator")
+    block_size_mb: int = _f(8, "Ray Data target block size; small data needs small blocks to shuffle")
+
+
+@dataclass
+class SplitConfig:
+    """How `raycell split` assigns train/val/test/unseen."""
+
+    unseen: list = _f([], "batches held out whole as 'unseen' (empty: the manifest's suggestion)")
+    group_by: str = _f("well", "column whose values never straddle two splits (a well, a cell)")
+    stratify: list = _f(["group", "batch"], "columns whose combinations are spread over the splits")
+    fractions: list = _f([0.7, 0.1, 0.2], "train, val, test fractions of the seen groups")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build (`raycell models` lists the types) and its arguments."""
+
+    type: str = _f("conventional", "model type from the registry")
+    preset: str = _f("small", "size preset: 'small' (CPU) or 'armed' (the reference's 256x256)")
+    args: dict = _f({}, "extra builder arguments that override the preset (e.g. latent_dim: 32)")
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (defaults from the ARMED reference main.py, spec/armed-aec.md section 3)."""
+
+    recon: float = _f(1.0, "weight of the reconstruction MSE")
+    cls: float = _f(0.1, "weight of the phenotype BCE")
+    adv: float = _f(0.1, "weight of the adversary's loss, subtracted from the main objective")
+    cluster_latent: float = _f(0.001, "weight of the latent cluster CE (random effects)")
+    cluster_image: float = _f(0.001, "weight of the image cluster CE on reconstructions")
+    kl: float = _f(1e-7, "weight of the random-effects KL")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and the run directory of `raycell train`."""
+
+    epochs: int = _f(6, "passes over the training split")
+    lr: float = _f(1e-3, "Adam learning rate (the reference uses 1e-4 for 10 epochs at 256 px)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    runs_dir: str = _f("runs", "folder that holds one sub-folder per run")
+    resume: str = _f("", "run folder to continue from its latest checkpoint")
+    checkpoints_to_keep: int = _f(2, "checkpoints kept per run (the latest ones)")
+    max_failures: int = _f(1, "worker-group restarts from the last checkpoint before giving up")
+    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = _f(True, "channels-last memory format on CUDA (ignored on CPU)")
+    torch_threads: int = _f(0, "CPU threads per worker (0 = Ray's choice: the worker's CPU count, "
+                            "which is 1 for fractional CPUs)")
+    log_every: int = _f(0, "print a line every N steps (0 = once per epoch)")
+    max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole split); for smoke runs")
+
+
+@dataclass
+class ScalingConfig:
+    """Mirrors `ray.train.ScalingConfig` one-to-one."""
+
+    num_workers: int = _f(1, "Ray Train workers")
+    use_gpu: bool = _f(False, "one GPU per worker")
+    resources_per_worker: dict = _f({"CPU": 0.5}, "resources per worker; fractional CPUs leave room "
+                                    "for Ray Data reads on small machines")
+
+
+@dataclass
+class RayConfig:
+    """How to reach Ray: a local instance on a laptop, `auto` inside `ray job submit`."""
+
+    address: str = _f("", "cluster address ('' = start local Ray or join RAY_ADDRESS)")
+    num_cpus: int = _f(0, "logical CPUs for a local Ray (0 = max(4, 2 x cores): reads need slack)")
+    object_store_mb: int = _f(0, "object store size for a local Ray (0 = Ray's default)")
+    progress: bool = _f(True, "Ray Data progress bars")
+
+
+@dataclass
+class InferConfig:
+    """Batch inference (`raycell infer`)."""
+
+    checkpoint: str = _f("", "checkpoint folder, or a run folder (its latest checkpoint)")
+    data: str = _f("", "data set to run on ('' = data.path)")
+    out: str = _f("", "output folder of prediction shards ('' = <run>/predictions)")
+    splits: list = _f([], "splits to run on (empty = all rows)")
+    num_actors: int = _f(1, "model replicas (Ray Data actors)")
+    num_gpus: float = _f(0.0, "GPUs per actor (0 on machines without GPUs, or Ray waits forever)")
+    cpus_per_actor: float = _f(1.0, "CPUs per actor")
+    write_recon: bool = _f(False, "also write reconstructions (large)")
+    shards_per_round: int = _f(64, "input shards finished per round; a killed job loses <= 1 round")
+
+
+@dataclass
+class EvalConfig:
+    """Metrics from inference outputs (`raycell evaluate`)."""
+
+    predictions: str = _f("", "folder of prediction shards")
+    out: str = _f("", "output folder for metrics.json / metrics.csv ('' = next to predictions)")
+    max_cells: int = _f(5000, "cells per split sampled for the latent metrics (speed)")
+
+
+@dataclass
+class DemoConfig:
+    """The one-command demo."""
+
+    out: str = _f("runs/demo", "folder for everything the demo writes")
+    models: list = _f(["conventional"], "model types to train and compare")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one invocation needs; each verb reads the sections it uses."""
+
+    name: str = _f("raycell", "run name prefix")
+    seed: int = _f(0, "random seed for data generation, splits and initialisation")
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        """Cross-field checks; raise ConfigError naming the key."""
+        fr = self.split.fractions
+        if len(fr) != 3 or any(not isinstance(v, (int, float)) or v < 0 for v in fr) or sum(fr) <= 0:
+            raise ConfigError(f"split.fractions must be three non-negative numbers, got {fr!r}")
+        for key, val in [("data.batch_size", self.data.batch_size), ("train.epochs", self.train.epochs),
+                         ("scaling.num_workers", self.scaling.num_workers),
+                         ("synth.crop_size", self.synth.crop_size), ("synth.n_cells", self.synth.n_cells),
+                         ("infer.num_actors", self.infer.num_actors)]:
+            if val < 1:
+                raise ConfigError(f"{key} must be >= 1, got {val}")
+        if self.synth.n_unseen >= self.synth.n_batches:
+            raise ConfigError("synth.n_unseen must be smaller than synth.n_batches "
+                              f"({self.synth.n_unseen} >= {self.synth.n_batches})")
+        if self.data.shuffle_buffer and self.data.shuffle_buffer < self.data.batch_size:
+            raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
+                              f"data.batch_size ({self.data.batch_size})")
+        if self.scaling.use_gpu and self.infer.num_gpus == 0:
+            pass  # inference on CPU actors while training on GPU is allowed
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML/JSON-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExperimentConfig":
+        """Build from a nested dict, raising ConfigError on unknown keys or wrong types."""
+        return _build(cls, d, prefix="").validate()
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting ints to floats where a float is declared."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {[_type_name(a) for a in args]}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp in (float, str, list, dict) and not isinstance(value, tp):
+        if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, d: dict | None, prefix: str) -> Any:
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys in "
+                          f"'{prefix.rstrip('.') or '<root>'}': {', '.join(names)}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split 'a.b=value' into (['a', 'b'], parsed value); the value is parsed as YAML (1e-3, [1,2], true)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from None
+    return key.split("."), value
+
+
+def _set_nested(d: dict, path: list[str], value: Any) -> None:
+    node = d
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not a section")
+    node[path[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> ExperimentConfig:
+    """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable file; the message names the file or key.
+    """
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        _set_nested(raw, keys, value)
+    try:
+        return ExperimentConfig.from_dict(raw)
+    except ConfigError as exc:
+        if path:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from raycell.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def defaults_yaml() -> str:
+    """Every key with its default and help text, as commented YAML (the content of configs/base.yaml)."""
+    lines = ["# raycell: every config key with its default (generated by `raycell config --defaults`).", ""]
+
+    def emit(obj: Any, indent: int) -> None:
+        for f in dataclasses.fields(obj):
+            val = getattr(obj, f.name)
+            pad = "  " * indent
+            if dataclasses.is_dataclass(val):
+                doc = (type(val).__doc__ or "").strip().splitlines()[0]
+                lines.append(f"{pad}{f.name}:  # {doc}")
+                emit(val, indent + 1)
+            else:
+                dumped = yaml.safe_dump(val, default_flow_style=True).strip()
+                if dumped.endswith("\n...") or dumped.endswith("..."):
+                    dumped = dumped.replace("\n...", "").replace("...", "").strip()
+                lines.append(f"{pad}{f.name}: {dumped}  # {f.metadata.get('help', '')}")
+
+    emit(ExperimentConfig(), 0)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,53 @@
+"""Column names, split names and format versions shared by every stage.
+
+Keeping them in one place means a shard written by `synth` or `ingest` is read by `train`, `infer` and
+`evaluate` with the same names, and a rename is one edit.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# Crop-shard columns (SPEC "Crop shards").
+CELL_ID = "cell_id"
+IMAGE = "image"
+HEIGHT = "height"
+WIDTH = "width"
+CHANNELS = "channels"
+DTYPE = "dtype"
+BATCH = "batch"
+PLATE = "plate"
+WELL = "well"
+FIELD = "field"
+GROUP = "group"
+LABEL = "label"
+SPLIT = "split"
+SOURCE = "source"
+CENTROID_Y = "centroid_y"
+CENTROID_X = "centroid_x"
+MORPH_PREFIX = "morph_"
+
+IMAGE_COLUMNS = (IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE)
+REQUIRED_COLUMNS = (CELL_ID, IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE, BATCH, LABEL, SPLIT)
+METADATA_COLUMNS = (BATCH, PLATE, WELL, FIELD, GROUP, LABEL, SPLIT, SOURCE, CENTROID_Y, CENTROID_X)
+
+# Split values. "" means "not assigned yet" (before `raycell split`).
+TRAIN, VAL, TEST, UNSEEN = "train", "val", "test", "unseen"
+SPLITS = (TRAIN, VAL, TEST, UNSEEN)
+UNASSIGNED = ""
+
+# Data set folder layout.
+MANIFEST = "dataset.json"
+SHARD_DIR = "shards"
+SHARD_GLOB = "part-*.parquet"
+
+# Inference outputs.
+LATENT = "latent"
+LATENT_RE = "latent_re"
+PROB = "prob"
+PRED = "pred"
+BATCH_PROB = "batch_prob"
+RECON = "recon"
+RECON_MSE = "recon_mse"
+RECON_SSIM = "recon_ssim"
+PREDICTIONS_MANIFEST = "predictions.json"

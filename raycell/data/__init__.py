@@ -1,0 +1,1 @@
+"""Data: the crop-shard format, category maps, splits, the synthetic generator and Ray Data pipelines."""

@@ -1,0 +1,105 @@
+"""`raycell evaluate`: metrics per split from inference outputs, as JSON, CSV and a printed table.
+
+For each split present (seen `test` vs `unseen` are the ones that matter; `val`/`train` when inferred):
+phenotype AUROC with a DeLong 95% CI, balanced accuracy and F1; reconstruction MSE and SSIM (per-cell
+values written by `infer`); latent batch mixing (Davies-Bouldin and Calinski-Harabasz by batch on z-scored
+latents, batch silhouette, iLISI, batch-probe accuracy) and label structure (silhouette, 1-NN label accuracy
+excluding same-batch neighbours). Definitions are in `raycell.eval.metrics`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from raycell import constants as K
+from raycell.eval import metrics as M
+from raycell.utils.io import atomic_write_json, atomic_write_text, read_json
+
+SPLIT_ORDER = [K.TEST, K.UNSEEN, K.VAL, K.TRAIN, K.UNASSIGNED]
+TABLE_COLUMNS = ["n", "auroc", "auroc_ci_low", "auroc_ci_high", "balanced_accuracy", "f1", "mse", "ssim",
+                 "db", "ch", "batch_probe_acc", "batch_probe_chance", "batch_silhouette", "ilisi_norm",
+                 "nsb_1nn_acc"]
+
+
+def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str], max_cells: int = 5000,
+                  seed: int = 0) -> dict:
+    """All metrics for the rows of one split (df has label, batch, prob, recon_mse, recon_ssim)."""
+    res: dict = {"n": int(len(df))}
+    known = df[K.LABEL].isin(label_vocab).to_numpy()
+    y = pd.Categorical(df[K.LABEL], categories=label_vocab).codes
+    prob = df[K.PROB].to_numpy()
+    if len(label_vocab) == 2 and np.ndim(prob[0]) == 0 and known.any():
+        res.update(M.classification_metrics(y[known], prob[known].astype(float)))
+    elif known.any():  # multi-class: accuracy family on the arg-max
+        from sklearn.metrics import balanced_accuracy_score, f1_score
+
+        pred = np.stack(prob[known]).argmax(1)
+        res.update({"balanced_accuracy": float(balanced_accuracy_score(y[known], pred)),
+                    "f1": float(f1_score(y[known], pred, average="macro")),
+                    "accuracy": float((pred == y[known]).mean())})
+    res["mse"] = float(df[K.RECON_MSE].mean())
+    res["ssim"] = float(df[K.RECON_SSIM].mean())
+    idx = np.random.default_rng(seed).permutation(len(df))[:max_cells]
+    sub = df.iloc[idx]
+    res.update(M.latent_metrics(latents[idx], sub[K.LABEL].to_numpy(), sub[K.BATCH].to_numpy()))
+    return res
+
+
+def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, max_cells: int = 5000,
+                         seed: int = 0, plot: bool = True, quiet: bool = False) -> dict:
+    """Compute metrics for a predictions folder; writes metrics.json, metrics.csv and a PCA plot."""
+    from raycell.infer.run import read_predictions
+
+    pred_dir = Path(pred_dir).absolute()
+    pm = read_json(pred_dir / K.PREDICTIONS_MANIFEST, "predictions manifest")
+    table = read_predictions(pred_dir)
+    latents = np.asarray(table.column(K.LATENT).combine_chunks().flatten()).reshape(table.num_rows, -1)
+    df = table.drop_columns([c for c in (K.LATENT, K.LATENT_RE, K.BATCH_PROB, K.RECON)
+                             if c in table.column_names]).to_pandas()
+    label_vocab = pm["labels"]["values"]
+    out = Path(out).absolute() if out else pred_dir.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    splits = sorted(df[K.SPLIT].unique(), key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99)
+    for s in splits:
+        m = (df[K.SPLIT] == s).to_numpy()
+        results[s or "unassigned"] = split_metrics(df[m].reset_index(drop=True), latents[m], label_vocab,
+                                                   max_cells, seed)
+    report = {"predictions": str(pred_dir), "model_type": pm["model_type"], "checkpoint": pm["checkpoint"],
+              "label_positive": label_vocab[-1] if len(label_vocab) == 2 else None, "splits": results}
+    atomic_write_json(out / "metrics.json", report)
+    frame = pd.DataFrame(results).T
+    frame.insert(0, "model", pm["model_type"])
+    atomic_write_text(out / "metrics.csv", frame.to_csv(index_label="split"))
+    if plot:
+        from raycell.eval.plots import pca_plot
+
+        report["pca_plot"] = str(pca_plot(latents, df[K.LABEL].to_numpy(), df[K.BATCH].to_numpy(),
+                                          out / "latent_pca.png", title=f"{pm['model_type']} latents"))
+    if not quiet:
+        print(format_table(results, title=f"{pm['model_type']}  ({pred_dir})"))
+    report["out"] = str(out)
+    return report
+
+
+SHORT = {"auroc_ci_low": "auroc_lo", "auroc_ci_high": "auroc_hi", "balanced_accuracy": "bal_acc",
+         "batch_probe_acc": "probe_acc", "batch_probe_chance": "probe_chance",
+         "batch_silhouette": "batch_sil", "ilisi_norm": "ilisi_norm", "nsb_1nn_acc": "nsb_1nn"}
+
+
+def format_table(results: dict, title: str = "", first: str = "split") -> str:
+    """A fixed-width table of the headline metrics, one row per split (or per model)."""
+    cols = [c for c in TABLE_COLUMNS if any(c in r for r in results.values())]
+    w0 = max([len(first)] + [len(str(s)) for s in results]) + 2
+    head = f"{first:<{w0}}" + "".join(f"{SHORT.get(c, c):>11}" for c in cols)
+    lines = [title, head, "-" * len(head)] if title else [head, "-" * len(head)]
+    for s, r in results.items():
+        cells = []
+        for c in cols:
+            v = r.get(c, float("nan"))
+            cells.append(f"{v:>11d}" if isinstance(v, (int, np.integer)) else f"{float(v):>11.4f}")
+        lines.append(f"{s!s:<{w0}}" + "".join(cells))
+    return "\n".join(lines)

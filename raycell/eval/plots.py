@@ -1,0 +1,71 @@
+"""Figures (matplotlib, saved to files only): PCA of latents by label and by batch, training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pca_plot(latents: np.ndarray, labels: np.ndarray, batches: np.ndarray, path: str | Path,
+             title: str = "", max_points: int = 5000, seed: int = 0) -> Path:
+    """Two panels of the first two principal components, coloured by label and by batch; saved as PNG."""
+    from sklearn.decomposition import PCA
+
+    plt = _plt()
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(latents))[:max_points]
+    pcs = PCA(n_components=2, random_state=seed).fit(latents[idx])
+    xy = pcs.transform(latents[idx])
+    ev = pcs.explained_variance_ratio_
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, values, name in ((axes[0], labels[idx], "label"), (axes[1], batches[idx], "batch")):
+        cats = sorted(set(values.tolist()))
+        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+        for i, c in enumerate(cats):
+            m = values == c
+            ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.6, color=cmap(i % cmap.N), label=str(c))
+        ax.set_xlabel(f"PC1 ({ev[0]:.0%})")
+        ax.set_ylabel(f"PC2 ({ev[1]:.0%})")
+        ax.set_title(f"by {name}")
+        ax.legend(markerscale=3, fontsize=7, loc="best", ncol=1 + len(cats) // 12)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Train/val loss and val AUROC per epoch from a run's metrics history."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    ep = [h["epoch"] for h in history]
+    for key in ("train_loss", "val_loss", "train_mse", "val_mse"):
+        if all(key in h for h in history):
+            axes[0].plot(ep, [h[key] for h in history], marker="o", label=key)
+    axes[0].set_xlabel("epoch")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    if all("val_auroc" in h for h in history):
+        axes[1].plot(ep, [h["val_auroc"] for h in history], marker="o")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("val AUROC")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

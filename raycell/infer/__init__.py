@@ -1,0 +1,1 @@
+"""Batch inference: a Ray Data actor that holds the model, and the job that writes prediction shards."""

@@ -1,0 +1,10 @@
+"""Models: `nn.Module` maths only. Importing this package registers every model type.
+
+Every model exposes `latent_dim`, `encode(x, z=None)` and `forward(x, z=None) -> dict` with at least
+`latent`, `recon` and `logits`, so training plans, inference and metrics never branch on the type.
+"""
+
+from raycell.models import aec  # noqa: F401  (registers "conventional")
+from raycell.models.registry import MODEL_REGISTRY, create_model, list_models, register_model
+
+__all__ = ["MODEL_REGISTRY", "create_model", "list_models", "register_model"]

@@ -1,0 +1,125 @@
+"""The stages as functions of one `ExperimentConfig`, and the end-to-end demo that chains them.
+
+The CLI (`raycell.__main__`) and the `jobs/` scripts call these; they only add argument parsing and
+`ray.init`. Functions that need Ray expect it initialised (`raycell.utils.ray_utils.init_ray`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from raycell.config import ExperimentConfig, save_config
+from raycell.utils.io import atomic_write_json, atomic_write_text
+
+
+def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
+    """Generate the synthetic data set into `cfg.synth.out`; returns the manifest."""
+    from raycell.data.synthetic import write_synthetic
+
+    s = cfg.synth
+    t0 = time.time()
+    m = write_synthetic(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
+                        rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
+                        n_lines=s.n_lines, n_batches=s.n_batches, n_unseen=s.n_unseen,
+                        lines_per_batch=s.lines_per_batch, wells_per_line=s.wells_per_line,
+                        confounding=s.confounding, batch_strength=s.batch_strength,
+                        phenotype_strength=s.phenotype_strength)
+    print(f"[raycell] synth: {m['n_cells']} cells, {len(m['batch_vocab'])} batches "
+          f"(suggested unseen: {m['suggested_unseen']}), {len(m['shards'])} shard(s) -> "
+          f"{Path(s.out).absolute()} in {time.time() - t0:.1f}s", flush=True)
+    return m
+
+
+def run_split(cfg: ExperimentConfig) -> dict:
+    """Assign splits in `cfg.data.path`; returns the updated manifest."""
+    from raycell.data.splits import split_dataset
+
+    m = split_dataset(cfg.data.path, unseen=list(cfg.split.unseen), group_by=cfg.split.group_by,
+                      stratify=list(cfg.split.stratify), fractions=list(cfg.split.fractions), seed=cfg.seed)
+    print(f"[raycell] split {Path(cfg.data.path).absolute()}: {m['counts_per_split']} "
+          f"(unseen batches: {m['split_params']['unseen']})", flush=True)
+    return m
+
+
+def run_train(cfg: ExperimentConfig) -> dict:
+    """Train one model on Ray Train."""
+    from raycell.train.trainer import train
+
+    return train(cfg)
+
+
+def run_infer(cfg: ExperimentConfig) -> dict:
+    """Batch inference with Ray Data."""
+    from raycell.infer.run import predict
+
+    return predict(cfg)
+
+
+def run_evaluate(cfg: ExperimentConfig) -> dict:
+    """Metrics from a predictions folder."""
+    from raycell.eval.evaluate import evaluate_predictions
+
+    if not cfg.eval.predictions:
+        from raycell.config import ConfigError
+
+        raise ConfigError("evaluate needs eval.predictions (--predictions FOLDER)")
+    return evaluate_predictions(cfg.eval.predictions, cfg.eval.out or None, max_cells=cfg.eval.max_cells,
+                                seed=cfg.seed)
+
+
+def run_demo(cfg: ExperimentConfig) -> dict:
+    """synth -> split -> (train -> infer -> evaluate) per model type -> comparison table, on local Ray."""
+    from raycell.eval.evaluate import format_table
+    from raycell.eval.plots import training_curves
+    from raycell.models import list_models
+
+    bad = [m for m in cfg.demo.models if m not in list_models()]
+    if bad:
+        from raycell.config import ConfigError
+
+        raise ConfigError(f"demo.models: unknown model type(s) {bad}; registered: {list_models()}")
+    t0 = time.time()
+    out = Path(cfg.demo.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    cfg.synth.out = str(out / "data")
+    cfg.data.path = cfg.synth.out
+    cfg.train.runs_dir = str(out / "runs")
+    save_config(cfg, out / "config.yaml")
+    run_synth(cfg, overwrite=True)
+    run_split(cfg)
+    rows, seen_unseen = {}, {}
+    for model_type in cfg.demo.models:
+        c = copy.deepcopy(cfg)
+        c.name = "demo"
+        c.model.type = model_type
+        res = run_train(c)
+        run_dir = Path(res["run_dir"])
+        if res["history"]:
+            training_curves(res["history"], run_dir / "training_curves.png", title=model_type)
+        c.infer.checkpoint = res["run_dir"]
+        c.infer.out = str(run_dir / "predictions")
+        run_infer(c)
+        c.eval.predictions = c.infer.out
+        c.eval.out = str(run_dir / "eval")
+        ev = run_evaluate(c)
+        for split, r in ev["splits"].items():
+            rows[f"{model_type}/{split}"] = r
+        seen_unseen[model_type] = {"run_dir": str(run_dir), "pca_plot": ev.get("pca_plot"),
+                                   "seen_test": ev["splits"].get("test", {}),
+                                   "unseen": ev["splits"].get("unseen", {})}
+    keep = {k: v for k, v in rows.items() if k.endswith("/test") or k.endswith("/unseen")}
+    table = format_table(keep, title="raycell demo: seen-batch test split vs unseen batches",
+                         first="model/split")
+    summary = {"out": str(out), "seconds": round(time.time() - t0, 1), "models": seen_unseen}
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.txt", table + "\n")
+    print("\n" + table)
+    print(f"\n[raycell] demo finished in {summary['seconds']}s. Everything is under {out}:")
+    print(f"  data set      {out / 'data'}")
+    for m, s in seen_unseen.items():
+        print(f"  {m:<13} run {s['run_dir']}\n  {'':<13} PCA {s['pca_plot']}")
+    print(f"  summary       {out / 'summary.json'}, {out / 'summary.txt'}", flush=True)
+    return summary

@@ -1,0 +1,148 @@
+"""The training loop: one readable loop for every model type, run on each Ray Train worker.
+
+Per epoch: stream the worker's training batches through the plan's `training_step`, evaluate on the whole
+validation split, then report metrics and a checkpoint (model, optimiser state, model args, data spec,
+category maps, config). On start it resumes from the latest checkpoint if Ray Train hands it one (a
+worker-group restart after a failure, or `raycell train --resume`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from raycell.config import ExperimentConfig
+from raycell.data.categories import CategoryMap
+from raycell.data.dataset import CropCollate, DataSpec
+from raycell.losses import label_prob
+from raycell.models import create_model
+from raycell.train.checkpoint import load_plan_state, save_checkpoint
+from raycell.train.context import RayTrainContext, TrainContext
+from raycell.train.plans import build_plan
+
+
+def model_kwargs(cfg: ExperimentConfig, spec: DataSpec, labels: CategoryMap, batches: CategoryMap,
+                 setup: dict | None = None) -> dict:
+    """Builder arguments: data-derived sizes, then the preset, then the user's `model.args`."""
+    kw = {"in_channels": spec.shape[0], "n_classes": len(labels), "n_batches": len(batches),
+          "preset": cfg.model.preset, "image_size": spec.shape[1]}
+    if setup and setup.get("channel_means"):
+        kw["output_mean"] = setup["channel_means"]
+    return {**kw, **cfg.model.args}
+
+
+def _one_hot(b: torch.Tensor, n: int) -> torch.Tensor:
+    """Batch codes -> design matrix Z; unknown batches (-1) get an all-zero row."""
+    z = torch.zeros(len(b), n, device=b.device)
+    ok = b >= 0
+    z[ok, b[ok]] = 1.0
+    return z
+
+
+def evaluate(model: torch.nn.Module, plan, batches, spec: DataSpec, n_batches: int) -> dict[str, float]:
+    """Mean loss terms, AUROC and accuracy over an iterable of batches (model in eval mode)."""
+    from sklearn.metrics import roc_auc_score
+
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    ys, ps = [], []
+    for batch in batches:
+        x, y = spec.to_float(batch["x"]), batch["y"]
+        logs, out = plan.validation_step(x, y, _one_hot(batch["b"], n_batches))
+        k = len(y)
+        for key, v in logs.items():
+            sums[key] = sums.get(key, 0.0) + v * k
+        n += k
+        ys.append(y.cpu().numpy())
+        ps.append(label_prob(out["logits"]).cpu().numpy())
+    if n == 0:
+        return {}
+    res = {f"val_{k}": v / n for k, v in sums.items()}
+    y, p = np.concatenate(ys), np.concatenate(ps)
+    pred = p >= 0.5 if p.ndim == 1 else p.argmax(1)
+    res["val_acc"] = float((pred == y).mean())
+    try:
+        res["val_auroc"] = float(roc_auc_score(y, p) if p.ndim == 1 else
+                                 roc_auc_score(y, p, multi_class="ovr"))
+    except ValueError:  # one class only in the validation split
+        res["val_auroc"] = float("nan")
+    return res
+
+
+def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict) -> dict:
+    """Train `cfg.model.type` for `cfg.train.epochs`, reporting through `ctx`; returns the last metrics."""
+    spec = DataSpec.from_dict(setup["data_spec"])
+    labels = CategoryMap.from_dict(setup["labels"])
+    batches = CategoryMap.from_dict(setup["batches"])
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    torch.manual_seed(cfg.seed)  # same initial weights on every worker (and broadcast below to be sure)
+    model = create_model(cfg.model.type, **model_kwargs(cfg, spec, labels, batches, setup)).to(ctx.device)
+    on_cuda = ctx.device.type == "cuda"
+    if on_cuda and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    plan = build_plan(model, cfg.loss, cfg.train.lr, cfg.train.weight_decay, n_batches=len(batches),
+                      grad_sync=ctx.sync_gradients, bf16=cfg.train.bf16 and on_cuda)
+
+    start = 0
+    resume = ctx.resume_from()
+    if resume is not None:
+        from raycell.utils.io import read_json
+
+        model.load_state_dict(torch.load(resume / "model.pt", map_location=ctx.device, weights_only=True))
+        state = load_plan_state(resume)
+        if state:
+            plan.load_state_dict(state)
+        start = int(read_json(resume / "meta.json")["epoch"]) + 1
+        if ctx.rank == 0:
+            print(f"[raycell] resuming from {resume} at epoch {start}", flush=True)
+    ctx.broadcast_parameters(model)
+
+    metrics: dict = {}
+    for epoch in range(start, cfg.train.epochs):
+        t0 = time.time()
+        model.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        for step, batch in enumerate(ctx.batches("train", epoch, train=True)):
+            if cfg.train.max_steps_per_epoch and step >= cfg.train.max_steps_per_epoch:
+                break
+            x = spec.to_float(batch["x"])
+            if on_cuda and cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logs = plan.training_step(x, batch["y"], _one_hot(batch["b"], len(batches)))
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            if cfg.train.log_every and ctx.rank == 0 and steps % cfg.train.log_every == 0:
+                print(f"[raycell] epoch {epoch} step {steps} loss {logs['loss']:.4f}", flush=True)
+        if steps == 0:
+            raise RuntimeError("no training batches: the training split has fewer rows per worker than "
+                               f"data.batch_size ({cfg.data.batch_size}); lower it or add data")
+        metrics = {"epoch": epoch, "steps": steps, **{f"train_{k}": v / steps for k, v in sums.items()}}
+        metrics.update(evaluate(model, plan, ctx.batches("val", epoch, train=False), spec, len(batches)))
+        metrics["epoch_time_s"] = time.time() - t0
+        with tempfile.TemporaryDirectory(prefix="raycell-ckpt-") as d:
+            ck = None
+            if ctx.rank == 0:
+                ck = str(save_checkpoint(d, model, plan.state_dict(), epoch=epoch, spec=spec, labels=labels,
+                                         batches=batches, config=cfg.to_dict(), metrics=metrics))
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+                print(f"[raycell] {shown}", flush=True)
+            ctx.report(metrics, ck)
+    return metrics
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train entry point: rebuild the config, make the Ray context, run the loop."""
+    cfg = ExperimentConfig.from_dict(config["cfg"])
+    setup = config["setup"]
+    collate = CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
+                          CategoryMap.from_dict(setup["batches"]))
+    ctx = RayTrainContext(collate, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.shuffle_buffer,
+                          cfg.data.prefetch_batches)
+    return run_training(ctx, cfg, setup)

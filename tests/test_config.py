@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from raycell.config import ConfigError, ExperimentConfig, defaults_yaml, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-4", "split.unseen=[b1, b2]", "scaling.use_gpu=true"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.split.unseen == ["b1", "b2"] and cfg.scaling.use_gpu is True
+    assert cfg.model.type == "conventional"
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.epoch=3"])
+    msg = str(e.value)
+    assert "train.epoch" in msg and "epochs" in msg and "lr" in msg
+
+
+def test_unknown_section_and_wrong_type():
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(None, ["trian.epochs=3"])
+    with pytest.raises(ConfigError, match="train.epochs.*integer"):
+        load_config(None, ["train.epochs=three"])
+    with pytest.raises(ConfigError, match="true/false"):
+        load_config(None, ["scaling.use_gpu=maybe"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.epochs")
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n  bogus: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(bad) in str(e.value) and "train.bogus" in str(e.value)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="split.fractions"):
+        load_config(None, ["split.fractions=[0.5, 0.5]"])
+    with pytest.raises(ConfigError, match="shuffle_buffer"):
+        load_config(None, ["data.batch_size=64", "data.shuffle_buffer=10"])
+
+
+def test_round_trip():
+    cfg = load_config(None, ["train.epochs=7", "model.args={latent_dim: 12}"])
+    again = ExperimentConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.model.args == {"latent_dim": 12}
+
+
+def test_base_yaml_is_current_and_every_config_loads():
+    """configs/base.yaml is the generated defaults; every shipped config must load."""
+    assert (ROOT / "configs" / "base.yaml").read_text() == defaults_yaml(), \
+        "regenerate with: raycell config --defaults > configs/base.yaml"
+    for f in sorted((ROOT / "configs").rglob("*.yaml")):
+        load_config(f)

@@ -1,0 +1,301 @@
+"""Known-answer tests for raycell.eval.metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+from skimage.metrics import structural_similarity
+from sklearn.metrics import roc_auc_score
+
+from raycell.eval import metrics as M
+
+# ---------------------------------------------------------------------------------------------
+# AUROC / DeLong
+# ---------------------------------------------------------------------------------------------
+
+
+def _binormal(n: int, delta: float, rng: np.random.Generator):
+    y = rng.integers(0, 2, size=n)
+    s = rng.normal(size=n) + delta * y
+    return y, s
+
+
+def test_auroc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=500)
+    s = np.round(rng.normal(size=500) + 0.8 * y, 1)  # rounding creates ties
+    r = M.auroc_ci(y, s)
+    assert r["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert r["n"] == 500 and r["n_pos"] == int(y.sum())
+    assert 0.0 <= r["ci_low"] <= r["auroc"] <= r["ci_high"] <= 1.0
+
+
+def test_auroc_perfect_separation():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    r = M.auroc_ci(y, s)
+    assert r["auroc"] == 1.0
+    assert r["ci_high"] == 1.0 and r["ci_low"] <= 1.0
+
+
+def test_auroc_single_class_nan():
+    r = M.auroc_ci(np.ones(10), np.linspace(0, 1, 10))
+    assert math.isnan(r["auroc"]) and math.isnan(r["ci_low"]) and math.isnan(r["ci_high"])
+    assert r["n"] == 10 and r["n_pos"] == 10
+
+
+def test_auroc_ci_covers_truth_and_shrinks():
+    delta = 1.0
+    true_auc = float(stats.norm.cdf(delta / np.sqrt(2)))
+    rng = np.random.default_rng(1)
+    covered, widths = 0, {}
+    for n in (200, 2000):
+        w = []
+        for _ in range(40):
+            y, s = _binormal(n, delta, rng)
+            r = M.auroc_ci(y, s)
+            w.append(r["ci_high"] - r["ci_low"])
+            if n == 2000:
+                covered += r["ci_low"] <= true_auc <= r["ci_high"]
+        widths[n] = float(np.mean(w))
+    assert covered >= 34  # nominal 95% of 40 = 38
+    assert widths[2000] < widths[200] * 0.5  # ~ 1/sqrt(10)
+
+
+def test_delong_variance_matches_bootstrap():
+    rng = np.random.default_rng(2)
+    y, s = _binormal(400, 1.0, rng)
+    r = M.auroc_ci(y, s)
+    se_delong = (r["ci_high"] - r["ci_low"]) / (2 * 1.959963984540054)
+    boots = []
+    for _ in range(1000):
+        i = rng.integers(0, len(y), size=len(y))
+        if y[i].min() == y[i].max():
+            continue
+        boots.append(roc_auc_score(y[i], s[i]))
+    var_boot = np.var(boots, ddof=1)
+    assert se_delong**2 == pytest.approx(var_boot, rel=0.3)
+
+
+def test_classification_metrics():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.1, 0.6, 0.7, 0.4, 0.9, 0.2])
+    r = M.classification_metrics(y, p)
+    assert set(r) == {
+        "auroc", "auroc_ci_low", "auroc_ci_high", "balanced_accuracy", "f1", "accuracy", "n"
+    }
+    assert r["n"] == 6
+    assert r["accuracy"] == pytest.approx(4 / 6)
+    assert r["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert r["f1"] == pytest.approx(2 / 3)
+    assert r["auroc"] == pytest.approx(roc_auc_score(y, p))
+
+
+def test_classification_metrics_single_class():
+    r = M.classification_metrics(np.zeros(5), np.array([0.1, 0.2, 0.7, 0.3, 0.9]))
+    assert math.isnan(r["auroc"]) and math.isnan(r["auroc_ci_low"])
+    assert r["accuracy"] == pytest.approx(0.6)
+    assert not math.isnan(r["balanced_accuracy"])
+    assert r["f1"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hw", [16, 20, 64])
+def test_per_cell_ssim_agrees_with_skimage(hw):
+    rng = np.random.default_rng(3)
+    x = rng.random((6, 2, hw, hw))
+    y = np.clip(x + 0.2 * rng.normal(size=x.shape), 0, 1)
+    y[0] = rng.random((2, hw, hw))  # an unrelated image too
+    ours = M.per_cell_ssim(x, y, data_range=1.0)
+    ref = np.array(
+        [
+            structural_similarity(
+                x[i], y[i], channel_axis=0, data_range=1.0, gaussian_weights=False,
+                win_size=7, use_sample_covariance=True,
+            )
+            for i in range(len(x))
+        ]
+    )
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_per_cell_ssim_small_window_and_float32():
+    rng = np.random.default_rng(4)
+    x = rng.random((3, 1, 6, 6)).astype(np.float32)
+    y = rng.random((3, 1, 6, 6)).astype(np.float32)
+    ours = M.per_cell_ssim(x, y, data_range=1.0)
+    ref = [
+        structural_similarity(x[i].astype(np.float64), y[i].astype(np.float64), channel_axis=0,
+                              data_range=1.0, win_size=5)
+        for i in range(3)
+    ]
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_identical_images_reconstruction():
+    rng = np.random.default_rng(5)
+    x = rng.random((4, 2, 16, 16)).astype(np.float32)
+    r = M.reconstruction_metrics(x, x.copy())
+    assert r["mse"] == 0.0
+    assert r["ssim"] == pytest.approx(1.0, abs=1e-9)
+    np.testing.assert_array_equal(M.per_cell_mse(x, x), np.zeros(4))
+
+
+def test_per_cell_mse_value():
+    x = np.zeros((2, 1, 4, 4))
+    y = np.zeros((2, 1, 4, 4))
+    y[1] = 0.5
+    np.testing.assert_allclose(M.per_cell_mse(x, y), [0.0, 0.25])
+    assert M.reconstruction_metrics(x, y)["mse"] == pytest.approx(0.125)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent batch / label metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def _embeddings(shift: float, n_per: int = 300, n_batches: int = 3, d: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    batches = np.repeat(np.arange(n_batches), n_per)
+    x = rng.normal(size=(n_batches * n_per, d))
+    x[:, 0] += shift * batches
+    labels = rng.integers(0, 2, size=len(x))
+    return x, labels, batches
+
+
+def test_zscore():
+    x = np.array([[1.0, 5.0], [3.0, 5.0], [5.0, 5.0]])
+    z = M.zscore(x)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(z[:, 0].std(), 1.0)
+    np.testing.assert_array_equal(z[:, 1], 0.0)
+
+
+def test_batch_metrics_direction():
+    xm, lm, bm = _embeddings(shift=0.0)
+    xs, ls, bs = _embeddings(shift=8.0)
+    mixed = M.latent_metrics(xm, lm, bm)
+    sep = M.latent_metrics(xs, ls, bs)
+    assert mixed["db"] > sep["db"]
+    assert mixed["ch"] < sep["ch"]
+    assert mixed["batch_silhouette"] > 0.9 > 0.5 > sep["batch_silhouette"]
+    assert mixed["ilisi"] > 2.5 and sep["ilisi"] < 1.2
+    assert mixed["ilisi_norm"] > 0.75 and sep["ilisi_norm"] < 0.1
+    assert mixed["batch_probe_chance"] == pytest.approx(1 / 3)
+    assert abs(mixed["batch_probe_acc"] - 1 / 3) < 0.1
+    assert sep["batch_probe_acc"] > 0.95
+    assert set(mixed) == {
+        "db", "ch", "batch_silhouette", "ilisi", "ilisi_norm", "batch_probe_acc",
+        "batch_probe_chance", "label_silhouette", "nsb_1nn_acc",
+    }
+
+
+def test_single_batch_nan():
+    x, labels, _ = _embeddings(0.0, n_per=50, n_batches=1)
+    b = np.zeros(len(x))
+    assert all(math.isnan(v) for v in M.batch_clustering(x, b).values())
+    assert math.isnan(M.batch_silhouette(x, b))
+    assert math.isnan(M.ilisi(x, b)["ilisi_norm"])
+    assert M.ilisi(x, b)["ilisi"] == pytest.approx(1.0)
+    assert math.isnan(M.batch_probe_accuracy(x, b)["batch_probe_acc"])
+    assert math.isnan(M.nsb_1nn_accuracy(x, labels, b))
+
+
+def test_batch_probe_reduces_cv():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(23, 4))
+    b = np.array([0] * 20 + [1] * 3)
+    r = M.batch_probe_accuracy(x, b, cv=5)
+    assert not math.isnan(r["batch_probe_acc"])
+    assert r["chance"] == pytest.approx(20 / 23)
+
+
+def test_ilisi_known_value():
+    # Two batches interleaved on a line: each cell's 2 nearest neighbours are of the other batch
+    # except at the ends -> inverse Simpson = 1 for pure neighbourhoods.
+    x = np.arange(10, dtype=float)[:, None]
+    b = np.arange(10) % 2
+    r = M.ilisi(x, b, k=2)
+    # interior cells: neighbours i-1, i+1 both other batch -> 1; ends: one of each -> 2.
+    assert r["ilisi"] == pytest.approx((8 * 1 + 2 * 2) / 10)
+    assert r["ilisi_norm"] == pytest.approx(r["ilisi"] - 1)
+
+
+def test_label_silhouette():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    x = rng.normal(size=(200, 4))
+    x[:, 0] += 20 * labels
+    assert M.label_silhouette(x, labels) > 0.8
+    assert abs(M.label_silhouette(rng.normal(size=(200, 4)), labels)) < 0.1
+    assert math.isnan(M.label_silhouette(x, np.zeros(200)))
+
+
+def test_nsb_1nn_low_when_label_signal_is_batch_specific():
+    # Each batch has its own pair of tight label clusters; label clusters of batch 0 sit right
+    # next to the *opposite* label of batch 1. Same-batch 1-NN would be perfect, NSB is ~0.
+    rng = np.random.default_rng(0)
+    n = 50
+    centres = {(0, 0): 0.0, (0, 1): 10.0, (1, 1): 0.5, (1, 0): 10.5}
+    xs, ys, bs = [], [], []
+    for (batch, label), c in centres.items():
+        xs.append(c + 0.05 * rng.normal(size=(n, 2)))
+        ys += [label] * n
+        bs += [batch] * n
+    x, y, b = np.vstack(xs), np.array(ys), np.array(bs)
+    # sanity: plain 1-NN (any batch, excluding self) is right almost always
+    from sklearn.neighbors import NearestNeighbors
+
+    ind = NearestNeighbors(n_neighbors=2).fit(x).kneighbors(x)[1][:, 1]
+    assert (y[ind] == y).mean() > 0.95
+    assert M.nsb_1nn_accuracy(x, y, b) < 0.05
+    # and when labels are shared across batches it is high
+    y_shared = np.array([0] * n + [1] * n + [0] * n + [1] * n)
+    assert M.nsb_1nn_accuracy(x, y_shared, b) > 0.95
+
+
+def test_latent_metrics_speed():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5000, 56)).astype(np.float32)
+    labels = rng.integers(0, 4, size=5000)
+    batches = rng.integers(0, 8, size=5000)
+    t = time.perf_counter()
+    M.latent_metrics(x, labels, batches)
+    assert time.perf_counter() - t < 10.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Image statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_image_stats_and_anova():
+    rng = np.random.default_rng(0)
+    n = 40
+    imgs = rng.random((2 * n, 2, 16, 16)) * 0.5
+    batches = np.array(["a"] * n + ["b"] * n)
+    df = M.per_batch_image_stats(imgs, batches)
+    assert list(df.columns) == ["batch", "brightness", "contrast", "sharpness"]
+    assert len(df) == 2 * n
+    # sharpness equals the per-plane scipy.ndimage.laplace definition
+    lap_var = np.mean([ndimage.laplace(imgs[0, c]).var() for c in range(2)])
+    assert df["sharpness"].iloc[0] == pytest.approx(lap_var)
+    assert df["brightness"].iloc[0] == pytest.approx(imgs[0].mean())
+    same = M.image_stats_anova(df)
+    assert set(same) == {"anova_f_brightness", "anova_f_contrast", "anova_f_sharpness"}
+    imgs2 = imgs.copy()
+    imgs2[n:] += 0.3  # batch b brighter
+    diff = M.image_stats_anova(M.per_batch_image_stats(imgs2, batches))
+    assert diff["anova_f_brightness"] > 100 * max(same["anova_f_brightness"], 1.0)
+    # a pure offset changes neither contrast nor sharpness
+    assert diff["anova_f_contrast"] == pytest.approx(same["anova_f_contrast"], rel=1e-6)
+    one = M.image_stats_anova(M.per_batch_image_stats(imgs, np.zeros(2 * n)))
+    assert all(math.isnan(v) for v in one.values())
