@@ -90,6 +90,7 @@ class IngestConfig:
     segmentation: str = _f("classical", "segmentation backend: classical (scikit-image) or cellpose")
     cellpose_model: str = _f("", "local cellpose model file (segmentation=cellpose; never downloaded)")
     diameter: float = _f(0.0, "expected diameter (px) of the primary objects (0 = estimate per image)")
+    flatten: bool = _f(True, "subtract a smooth per-image background surface before thresholding")
     threshold: str = _f("otsu", "foreground threshold: otsu, li or local")
     threshold_scale: float = _f(1.0, "threshold correction factor (<1 keeps dimmer objects)")
     log_threshold: bool = _f(True, "threshold log intensities (robust to a few very bright objects)")
@@ -98,8 +99,11 @@ class IngestConfig:
     declump_h: float = _f(0.2, "a maximum seeds its own object when it stands this fraction of the "
                           "radius above the saddle to its neighbour")
     min_area: float = _f(0.0, "smallest object area in px (0 = a quarter of the expected area)")
+    min_snr: float = _f(3.0, "objects must be this many pixel-noise sds above the background "
+                        "(empty fields then give no objects)")
     max_area: float = _f(0.0, "largest object area in px (0 = 8x the expected area)")
-    cell_compactness: float = _f(0.0, "watershed compactness for cell bodies (0 = follow edges only)")
+    cell_compactness: float = _f(0.05, "watershed compactness for cell bodies, per nucleus diameter "
+                                 "(0 = follow edges only; larger = rounder, Voronoi-like)")
     max_cell_area: float = _f(0.0, "a cell body larger than this (px) falls back to its nucleus "
                               "(0 = no limit)")
     mask_crops: bool = _f(False, "multiply each crop by its object's mask with a blurred edge")
@@ -207,6 +211,18 @@ class InferConfig:
     cpus_per_actor: float = _f(1.0, "CPUs per actor")
     write_recon: bool = _f(False, "also write reconstructions (large)")
     shards_per_round: int = _f(64, "input shards finished per round; a killed job loses <= 1 round")
+    z_source: str = _f("", "soft design matrix Z for batches the model did not see in training: the "
+                       "folder (or .parquet) written by `raycell infer-z`; random/mixed-effects models "
+                       "need it (or randomize_z) to predict unseen batches")
+    randomize_z: bool = _f(False, "ablation: give every cell a random one-hot Z row (fixed per cell_id) "
+                           "instead of its batch's")
+    z_out: str = _f("", "infer-z: output folder for inferred_z.parquet/.json ('' = <checkpoint run>/"
+                    "inferred_z, or <data>/inferred_z without a checkpoint)")
+    z_splits: list = _f(["unseen"], "infer-z: splits whose cells get an inferred Z")
+    z_epochs: int = _f(10, "infer-z: maximum epochs of the Z-predictor (early stopping on val accuracy)")
+    z_patience: int = _f(3, "infer-z: epochs without a better val accuracy before stopping")
+    z_lr: float = _f(1e-4, "infer-z: NAdam learning rate of the Z-predictor")
+    z_batch_size: int = _f(32, "infer-z: training batch size of the Z-predictor")
 
 
 @dataclass

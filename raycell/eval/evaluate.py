@@ -29,6 +29,12 @@ def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str],
     """All metrics for the rows of one split (df has label, batch, prob, recon_mse, recon_ssim)."""
     res: dict = {"n": int(len(df))}
     known = df[K.LABEL].isin(label_vocab).to_numpy()
+    if not known.all():
+        # cells whose label the model never saw: kept in the latent metrics, counted, left out of AUROC
+        res["n_unknown_label"] = int((~known).sum())
+        print(f"[raycell] warning: {res['n_unknown_label']} cell(s) have labels outside the model's "
+              f"vocabulary {label_vocab} (e.g. {df[K.LABEL][~known].iloc[0]!r}); excluded from "
+              "classification metrics", flush=True)
     y = pd.Categorical(df[K.LABEL], categories=label_vocab).codes
     prob = df[K.PROB].to_numpy()
     if len(label_vocab) == 2 and np.ndim(prob[0]) == 0 and known.any():
@@ -86,7 +92,7 @@ def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, ma
 
 
 SHORT = {"auroc_ci_low": "auroc_lo", "auroc_ci_high": "auroc_hi", "balanced_accuracy": "bal_acc",
-         "batch_probe_acc": "probe_acc", "batch_probe_chance": "probe_chance",
+         "batch_probe_acc": "probe_acc", "batch_probe_chance": "chance",
          "batch_silhouette": "batch_sil", "ilisi_norm": "ilisi_norm", "nsb_1nn_acc": "nsb_1nn"}
 
 

@@ -71,6 +71,8 @@ def predict(cfg: ExperimentConfig) -> dict:
                 _SplitFilter, batch_format="pyarrow", batch_size=cfg.data.eval_batch_size,
                 fn_constructor_kwargs={"splits": list(cfg.infer.splits), "checkpoint": str(ck),
                                        "write_recon": cfg.infer.write_recon,
+                                       "z_source": str(Path(cfg.infer.z_source).absolute())
+                                       if cfg.infer.z_source else "", "randomize_z": cfg.infer.randomize_z,
                                        "passthrough": PASSTHROUGH + [PATH_COL]},
                 compute=ray.data.ActorPoolStrategy(size=cfg.infer.num_actors),
                 num_gpus=cfg.infer.num_gpus, num_cpus=cfg.infer.cpus_per_actor)

@@ -5,6 +5,7 @@ Every model exposes `latent_dim`, `encode(x, z=None)` and `forward(x, z=None) ->
 """
 
 from raycell.models import aec  # noqa: F401  (registers "conventional")
+from raycell.models import armed  # noqa: F401  (adversarial, randomeffects, mixedeffects)
 from raycell.models.registry import MODEL_REGISTRY, create_model, list_models, register_model
 
 __all__ = ["MODEL_REGISTRY", "create_model", "list_models", "register_model"]

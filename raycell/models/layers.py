@@ -1,9 +1,11 @@
 """Building blocks shared by the ARMED model family: conv blocks, the tied decoder, heads.
 
 Keras defaults of the reference (spec/armed-aec.md section 2) are kept where they change behaviour:
-kernel 4 with TF 'same' padding, BatchNorm momentum 0.99 (PyTorch 0.01) and eps 1e-3, Glorot-uniform
-weights with zero biases, PReLU starting at slope 0 (ReLU). One deliberate deviation: PReLU has one slope
-per *channel*, not per element (the reference's per-element slopes add ~32 M parameters at 256 px).
+kernel 4 with TF 'same' padding, BatchNorm eps 1e-3, Glorot-uniform weights with zero biases, PReLU
+starting at slope 0 (ReLU). Two deliberate deviations: PReLU has one slope per *channel*, not per element
+(the reference's per-element slopes add ~32 M parameters at 256 px); and BatchNorm running statistics use
+PyTorch's momentum 0.1 rather than Keras' 0.99 (PyTorch 0.01), which needs thousands of steps before the
+eval-mode statistics settle: short runs would otherwise evaluate with near-initial statistics.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN_MOMENTUM, BN_EPS = 0.01, 1e-3
+BN_MOMENTUM, BN_EPS = 0.1, 1e-3
 
 
 def glorot_init(module: nn.Module) -> None:

@@ -1,0 +1,31 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each creates (or reuses) the
+# virtual environment in .venv and installs raycell with its pinned dependencies first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.raycell-installed
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/raycell demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not ray"
+
+bench: $(STAMP)
+	$(PY) bench/bench_dataloader.py
+
+clean:
+	rm -rf runs .pytest_cache

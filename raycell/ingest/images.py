@@ -1,0 +1,234 @@
+"""Pixels: reading images, assembling a field of view, Z projection, illumination correction, normalisation.
+
+Every field of view becomes one float32 (C, H, W) array in the images' own intensity units (Z-projected per
+channel), which is what segmentation and the morphology intensities see. Two corrections come after:
+
+* **Illumination correction** (optional), per plate and channel, as CellProfiler's
+  CorrectIlluminationCalculate/Apply and DeepProfiler's `illum` step: every projected image of the plate is
+  downscaled by block averaging, the downscaled images are averaged, the average is median-filtered (a
+  smooth estimate of the uneven illumination, the cells averaged out), scaled to mean 1 and each image is
+  divided by it (upsampled back). Scaling to mean 1 (not CellProfiler's robust minimum) keeps corrected
+  intensities in the units of the input.
+* **Normalisation** to the crops' integer type: ``global`` maps robust low/high percentiles of each channel
+  over the whole data set to the output range (one fixed affine map per channel, so batch differences stay
+  as they are: the models face the batch effect), ``per-batch`` does the same per (batch, channel) and
+  ``per-image`` per (field of view, channel).
+
+Reading errors (unreadable or truncated files, NaN/inf pixels, axes that cannot be told apart, images of
+different sizes within one FOV) raise `ImageError`, whose message names the file; the ingest task turns it
+into a reject row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from raycell.ingest.sources import IngestError
+
+Z_PROJECTIONS = ("max", "mean", "middle", "best-focus")
+NORMALIZATIONS = ("global", "per-batch", "per-image")
+OUT_DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
+
+
+class ImageError(IngestError):
+    """One image (or one field of view) cannot be used; the message names the file and the problem."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+def _axes_from_file(path: str) -> tuple[np.ndarray, str]:
+    """Read an image and its axes string (tifffile for TIFF, scikit-image/imageio for PNG)."""
+    if path.lower().endswith((".tif", ".tiff")):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            return series.asarray(), series.axes
+    from skimage import io
+
+    arr = io.imread(path)
+    return arr, {2: "YX", 3: "YXS"}.get(arr.ndim, "")
+
+
+def read_image(path: str, axes: str = "") -> np.ndarray:
+    """Read one image file as a float32 (Z, C, Y, X) array.
+
+    Args:
+        path: TIFF or PNG file.
+        axes: the file's axes (e.g. 'ZCYX', 'CYX'), overriding what the file says; letters Z, C (or S for
+            samples, e.g. RGB), Y, X; other letters are allowed only with size 1.
+
+    Raises:
+        ImageError: unreadable/truncated file, axes that cannot be mapped, NaN or inf pixels.
+    """
+    try:
+        arr, file_axes = _axes_from_file(path)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable", reported by name
+        raise ImageError("unreadable", f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+    ax = axes.upper() if axes else file_axes.upper()
+    if arr.ndim == 2 and not axes:
+        ax = "YX"
+    if len(ax) != arr.ndim:
+        raise ImageError("bad-axes", f"{path}: image has shape {arr.shape} but axes {ax!r}; set ingest.axes "
+                                     "(e.g. ZCYX)")
+    ax = ax.replace("S", "C")
+    # drop singleton axes we do not know (T, Q, I, ...); anything else is ambiguous
+    for i in reversed(range(arr.ndim)):
+        if ax[i] not in "ZCYX":
+            if arr.shape[i] != 1:
+                raise ImageError("bad-axes", f"{path}: axis {ax[i]!r} of shape {arr.shape} (axes {ax}) is "
+                                             "neither Z nor channel; set ingest.axes (e.g. ZCYX)")
+            arr = arr.squeeze(i)
+            ax = ax[:i] + ax[i + 1:]
+    if len(set(ax)) != len(ax) or "Y" not in ax or "X" not in ax:
+        raise ImageError("bad-axes", f"{path}: cannot use axes {ax!r} for shape {arr.shape}; set ingest.axes")
+    for a in "ZC":
+        if a not in ax:
+            arr = arr[None]
+            ax = a + ax
+    arr = np.transpose(arr, [ax.index(a) for a in "ZCYX"])
+    if arr.dtype.kind not in "buif":
+        raise ImageError("bad-dtype", f"{path}: pixel type {arr.dtype} is not numeric")
+    out = arr.astype(np.float32, copy=False)
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(out)
+        if bad.any():
+            raise ImageError("nan-pixels", f"{path}: {int(bad.sum())} NaN/inf pixel(s)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Z projection
+# --------------------------------------------------------------------------------------------------
+
+def focus_score(stack: np.ndarray) -> np.ndarray:
+    """Variance of the Laplacian of each slice of a (Z, H, W) stack: higher is sharper."""
+    return np.array([ndi.laplace(s.astype(np.float32, copy=False)).var() for s in stack])
+
+
+def project_z(stack: np.ndarray, mode: str) -> tuple[np.ndarray, int]:
+    """Project a (Z, H, W) stack to (H, W).
+
+    Args:
+        stack: the slices of one channel.
+        mode: 'max', 'mean', 'middle' or 'best-focus' (the slice with the largest variance of Laplacian).
+
+    Returns:
+        (image, index of the slice used; -1 for max/mean).
+    """
+    if mode not in Z_PROJECTIONS:
+        raise IngestError(f"unknown ingest.z_projection {mode!r}; use one of {Z_PROJECTIONS}")
+    if len(stack) == 1:
+        return stack[0], 0
+    if mode == "max":
+        return stack.max(axis=0), -1
+    if mode == "mean":
+        return stack.mean(axis=0), -1
+    i = len(stack) // 2 if mode == "middle" else int(np.argmax(focus_score(stack)))
+    return stack[i], i
+
+
+def load_fov_image(fov: dict, channels: list[str], z_projection: str, axes: str = ""
+                   ) -> tuple[np.ndarray, dict]:
+    """Read all files of one field of view and project Z, giving a float32 (C, H, W) image.
+
+    Files are grouped by their `channel` value in the order of `channels`; a file may itself hold several
+    channels (when the regex has no channel group) and/or several Z-slices.
+
+    Returns:
+        (image, info with 'focus_z': the slice used per output channel (-1 for max/mean)).
+
+    Raises:
+        ImageError: a file cannot be read, or the files' sizes or slice counts disagree.
+    """
+    planes, focus, shape = [], [], None
+    for ch in channels:
+        stacks = []
+        for f in (f for f in fov["files"] if f["channel"] == ch):
+            arr = read_image(f["path"], axes)
+            if shape is None:
+                shape, first = arr.shape[2:], f["relpath"]
+            elif arr.shape[2:] != shape:
+                raise ImageError("size-mismatch", f"{f['relpath']} is {arr.shape[2]}x{arr.shape[3]} but "
+                                                  f"{first} is {shape[0]}x{shape[1]} in the same field of view")
+            stacks.append(arr)
+        zc = np.concatenate(stacks, axis=0)  # (Z, C_file, H, W): Z-slices from separate files stack up
+        for c in range(zc.shape[1]):
+            img, zi = project_z(zc[:, c], z_projection)
+            planes.append(img)
+            focus.append(zi)
+    return np.stack(planes).astype(np.float32, copy=False), {"focus_z": focus}
+
+
+# --------------------------------------------------------------------------------------------------
+# Illumination correction
+# --------------------------------------------------------------------------------------------------
+
+def downscale(img: np.ndarray, factor: int) -> np.ndarray:
+    """Block-mean downscale of (C, H, W) by an integer factor (edges that do not fill a block are cropped)."""
+    c, h, w = img.shape
+    f = max(1, int(factor))
+    hh, ww = max(1, h // f), max(1, w // f)
+    x = img[:, :hh * f, :ww * f] if h >= f and w >= f else img
+    if h < f or w < f:
+        return x.mean(axis=(1, 2), keepdims=True)
+    return x.reshape(c, hh, f, ww, f).mean(axis=(2, 4))
+
+
+def illumination_function(mean_small: np.ndarray, filter_size: int = 0) -> np.ndarray:
+    """Smooth illumination function (C, h, w) from the average downscaled image of a plate.
+
+    Args:
+        mean_small: average of the plate's downscaled images, (C, h, w).
+        filter_size: median filter size in downscaled pixels (0 = a tenth of the shorter side, odd, >= 3):
+            large enough to average out cells, small enough to follow vignetting.
+
+    Returns:
+        (C, h, w) float32 with mean 1 per channel, floored at 5% of the mean so that empty corners do not
+        blow up on division.
+    """
+    c, h, w = mean_small.shape
+    size = filter_size or max(3, (min(h, w) // 10) | 1)
+    out = np.empty_like(mean_small, dtype=np.float32)
+    for i in range(c):
+        sm = ndi.median_filter(mean_small[i].astype(np.float32), size=size, mode="nearest")
+        sm = ndi.gaussian_filter(sm, size / 4, mode="nearest")  # remove the median filter's steps
+        m = float(sm.mean())
+        out[i] = np.maximum(sm / m, 0.05) if m > 0 else 1.0
+    return out
+
+
+def upsample(func: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) -> (C, H, W) by bilinear interpolation (the function is smooth)."""
+    c, h, w = func.shape
+    zoom = (1, shape[0] / h, shape[1] / w)
+    out = ndi.zoom(func, zoom, order=1, mode="nearest", grid_mode=True)
+    return out[:, :shape[0], :shape[1]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------
+
+def percentiles(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Per-channel (lo, hi) percentiles of a (C, ...) array as a (C, 2) float64 array."""
+    flat = img.reshape(img.shape[0], -1)
+    return np.percentile(flat, [lo, hi], axis=1).T.astype(np.float64)
+
+
+def to_dtype(img: np.ndarray, lohi: np.ndarray, dtype: str) -> np.ndarray:
+    """Affine map (x - lo) / (hi - lo) per channel, clipped to [0, 1], scaled to the integer type."""
+    if dtype not in OUT_DTYPES:
+        raise IngestError(f"unknown ingest.dtype {dtype!r}; use one of {sorted(OUT_DTYPES)}")
+    dt = OUT_DTYPES[dtype]
+    lo = lohi[:, 0].reshape(-1, *([1] * (img.ndim - 1))).astype(np.float32)
+    span = np.maximum(lohi[:, 1] - lohi[:, 0], 1e-6).reshape(lo.shape).astype(np.float32)
+    x = (img - lo) / span
+    return np.rint(np.clip(x, 0.0, 1.0) * np.iinfo(dt).max).astype(dt)

@@ -1,0 +1,58 @@
+"""Every registered model: forward/backward on a tiny batch, shapes, no NaN, every parameter gets a gradient."""
+
+import pytest
+import torch
+
+from raycell.models import create_model, list_models
+from raycell.models.registry import UnknownModelError
+
+
+@pytest.mark.parametrize("model_type", list_models())
+def test_forward_backward_every_parameter_gets_gradient(model_type):
+    torch.manual_seed(0)
+    m = create_model(model_type, in_channels=2, n_classes=2, n_batches=3, preset="tiny", image_size=32)
+    m.train()
+    x = torch.rand(6, 2, 32, 32)
+    z = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
+    out = m(x, z)
+    assert out["latent"].shape == (6, m.latent_dim)
+    assert out["recon"].shape == x.shape
+    assert out["logits"].shape == (6, 1)
+    total = 0
+    for k, v in out.items():
+        tensors = v if isinstance(v, (list, tuple)) else [v]
+        for t in tensors:
+            assert torch.isfinite(t).all(), f"{k} has NaN/inf"
+            total = total + t.float().sum()
+    total.backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert m.encode(x, z).shape == (6, m.latent_dim)
+
+
+def test_reconstruction_in_unit_range_and_tied_decoder():
+    m = create_model("conventional", in_channels=2, n_classes=2, preset="tiny", output_mean=[0.1, 0.2])
+    out = m(torch.rand(4, 2, 32, 32))
+    assert out["recon"].min() >= 0 and out["recon"].max() <= 1
+    # tied: the decoder owns no conv kernels of its own, only biases, norms and the dense layer
+    dec = {n for n, _ in m.decoder.named_parameters()}
+    assert not any("weight" in n and "norm" not in n and "dense" not in n and "act" not in n for n in dec)
+
+
+def test_armed_preset_matches_reference_shapes():
+    m = create_model("conventional", in_channels=1, n_classes=2, preset="armed")
+    assert m.latent_dim == 56 and m.encoder.out_shape == (512, 32, 32)
+    assert m.encoder.dense.in_features == 32 * 32 * 512
+
+
+def test_multiclass_head_and_errors():
+    m = create_model("conventional", in_channels=1, n_classes=4, preset="tiny")
+    assert m(torch.rand(2, 1, 32, 32))["logits"].shape == (2, 4)
+    with pytest.raises(UnknownModelError, match="unknown model type 'nope'; registered: .*conventional"):
+        create_model("nope", in_channels=1, n_classes=2)
+    with pytest.raises(TypeError, match="does not take argument.*latent_size"):
+        create_model("conventional", in_channels=1, n_classes=2, latent_size=3)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        create_model("conventional", in_channels=1, n_classes=2, preset="huge")
+    with pytest.raises(ValueError, match="not divisible"):
+        create_model("conventional", in_channels=1, n_classes=2, preset="tiny", image_size=30)
