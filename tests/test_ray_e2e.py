@@ -112,3 +112,12 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert r.returncode == 2 and "has no dataset.json" in r.stderr and "Traceback" not in r.stderr
     r = _cli("evaluate")
     assert r.returncode == 2 and "eval.predictions" in r.stderr
+
+
+@pytest.mark.parametrize("job", sorted(p.stem for p in (ROOT / "jobs").glob("*.py")))
+def test_job_entry_points_parse(job):
+    """Each jobs/ script is the CLI verb of the same name (what `ray job submit ... python jobs/X.py` runs)."""
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--config" in r.stdout and "--set" in r.stdout

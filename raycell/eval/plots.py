@@ -16,6 +16,16 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | Path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def pca_plot(latents: np.ndarray, labels: np.ndarray, batches: np.ndarray, path: str | Path,
              title: str = "", max_points: int = 5000, seed: int = 0) -> Path:
     """Two panels of the first two principal components, coloured by label and by batch; saved as PNG."""
@@ -38,13 +48,7 @@ def pca_plot(latents: np.ndarray, labels: np.ndarray, batches: np.ndarray, path:
         ax.set_ylabel(f"PC2 ({ev[1]:.0%})")
         ax.set_title(f"by {name}")
         ax.legend(markerscale=3, fontsize=7, loc="best", ncol=1 + len(cats) // 12)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
@@ -62,10 +66,4 @@ def training_curves(history: list[dict], path: str | Path, title: str = "") -> P
         axes[1].plot(ep, [h["val_auroc"] for h in history], marker="o")
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("val AUROC")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)

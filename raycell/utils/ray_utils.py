@@ -33,7 +33,13 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
                   "dashboard_host": "127.0.0.1"}
             if object_store_mb:
                 kw["object_store_memory"] = object_store_mb << 20
-            ray.init(**kw)
+            try:
+                ray.init(**kw)
+            except ValueError as exc:
+                # A `ray start --head` on this machine: Ray joins it, and sizing arguments are refused.
+                if "existing cluster" not in str(exc):
+                    raise
+                ray.init()
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
