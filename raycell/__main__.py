@@ -10,21 +10,36 @@ import sys
 
 from raycell.cli import build_parser, overrides_from_args
 
-NEEDS_RAY = {"train", "infer", "demo"}
+NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment"}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from raycell.config import ConfigError
     from raycell.data.categories import UnknownCategoryError
     from raycell.data.shards import ShardError
+    from raycell.ingest.sources import IngestError
     from raycell.models.registry import UnknownModelError
 
-    return (ConfigError, ShardError, UnknownCategoryError, UnknownModelError, FileNotFoundError)
+    return (ConfigError, ShardError, UnknownCategoryError, UnknownModelError, IngestError, FileNotFoundError)
 
 
 def run(argv: list[str] | None = None) -> dict | None:
     """Run one verb; returns its result (for tests and jobs)."""
     args = build_parser().parse_args(argv)
+    if args.command == "import-armed":
+        from raycell.ingest.armed import import_armed
+
+        m = import_armed(args.src, args.out, overwrite=args.overwrite)
+        print(f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}")
+        return m
+    if args.command == "segmentation-eval":
+        import json
+
+        from raycell.ingest.segment import evaluate_segmentation
+
+        res = evaluate_segmentation(args.raw_dir, iou=args.iou)
+        print(json.dumps(res, indent=2, default=str))
+        return res
     if args.command == "models":
         from raycell.models import list_models
 
@@ -48,7 +63,13 @@ def run(argv: list[str] | None = None) -> dict | None:
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress)
     if args.command == "synth":
         return pipeline.run_synth(cfg, overwrite=args.overwrite)
-    return getattr(pipeline, f"run_{args.command}")(cfg)
+    if args.command == "experiment":
+        from raycell.experiments import MEDL_MODELS, run_medl_experiment
+
+        models = args.models or MEDL_MODELS
+        return run_medl_experiment(cfg, [int(s) for s in args.seeds], models, args.out,
+                                   command="raycell " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return getattr(pipeline, f"run_{args.command.replace('-', '_')}")(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,11 @@ import argparse
 
 # flag dest -> config key; a flag left unset does not override anything.
 FLAG_KEYS = {
-    "synth": {"out": "synth.out", "n_cells": "synth.n_cells", "crop_size": "synth.crop_size"},
+    "synth": {"out": "synth.out", "n_cells": "synth.n_cells", "crop_size": "synth.crop_size",
+              "raw": "synth.raw"},
+    "ingest": {"input": "ingest.input", "out": "ingest.out", "pattern": "ingest.pattern",
+               "platemap": "ingest.platemap", "overwrite": "ingest.overwrite"},
+    "infer-z": {"checkpoint": "infer.checkpoint", "data": "infer.data", "out": "infer.z_out"},
     "split": {"data": "data.path", "unseen": "split.unseen", "group_by": "split.group_by"},
     "train": {"data": "data.path", "model": "model.type", "preset": "model.preset", "epochs": "train.epochs",
               "resume": "train.resume", "workers": "scaling.num_workers", "gpu": "scaling.use_gpu",
@@ -24,6 +28,10 @@ FLAG_KEYS = {
 
 EPILOG = """examples:
   raycell demo                                   # synth -> split -> train -> infer -> evaluate
+  raycell ingest --config configs/ingest/cellprofiler_example_human.yaml
+  raycell import-armed /data/melanoma --out data/melanoma
+  raycell infer-z --checkpoint runs/raycell-mixedeffects-20261121-101500
+  raycell experiment medl --config configs/experiments/medl_small.yaml --seeds 0,1,2
   raycell synth --out data/synth
   raycell split --data data/synth
   raycell train --data data/synth --model conventional --epochs 6
@@ -60,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-cells", type=int, help="number of cells (synth.n_cells)")
     s.add_argument("--crop-size", type=int, help="crop size in pixels (synth.crop_size)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing data set in --out")
+    s.add_argument("--raw", action="store_const", const=True, help="write raw fields of view (TIFFs, true "
+                   "masks, plate map) for `raycell ingest` instead of crops (synth.raw)")
+
+    s = sub.add_parser("ingest", help="raw images (TIFF/PNG) -> segmentation -> crop shards + rejects table")
+    _common(s)
+    s.add_argument("--input", help="folder of images (ingest.input)")
+    s.add_argument("--out", help="output data set folder (ingest.out)")
+    s.add_argument("--pattern", help="regex with named groups matched on relative paths (ingest.pattern)")
+    s.add_argument("--platemap", help="plate-map CSV (ingest.platemap)")
+    s.add_argument("--overwrite", action="store_const", const=True, help="replace a data set made from "
+                   "other inputs (ingest.overwrite)")
+
+    s = sub.add_parser("segmentation-eval", help="score the segmentation on synthetic raw fields of view "
+                       "against their true masks (precision, recall, F1 at IoU 0.5)")
+    s.add_argument("raw_dir", help="folder written by `raycell synth --raw`")
+    s.add_argument("--iou", type=float, default=0.5, help="IoU for a match (default 0.5)")
+
+    s = sub.add_parser("import-armed", help="ARMED data_*.npz + data_*.csv -> crop shards (date = batch)")
+    s.add_argument("src", help="folder with data_{train,val,test,unseen}.npz and .csv (or one .npz)")
+    s.add_argument("--out", required=True, help="output data set folder")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing data set in --out")
 
     s = sub.add_parser("split", help="assign train/val/test (grouped, stratified) and hold out unseen batches")
     _common(s)
@@ -88,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--actors", type=int, help="model replicas (infer.num_actors)")
     s.add_argument("--gpus", type=float, help="GPUs per actor (infer.num_gpus)")
 
+    s = sub.add_parser("infer-z", help="train the Z-predictor on seen batches; write soft Z for unseen cells")
+    _common(s)
+    s.add_argument("--checkpoint", help="run of the random/mixed-effects model the Z is for (infer.checkpoint)")
+    s.add_argument("--data", help="data set folder (infer.data; default data.path)")
+    s.add_argument("--out", help="output folder (infer.z_out)")
+
     s = sub.add_parser("evaluate", help="metrics per split from inference outputs (JSON, CSV, table)")
     _common(s)
     s.add_argument("--predictions", help="predictions folder (eval.predictions)")
@@ -97,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--out", help="output folder (demo.out)")
     s.add_argument("--models", type=_csv, help="comma-separated model types (demo.models)")
+
+    s = sub.add_parser("experiment", help="multi-model, multi-seed experiments (`experiment medl`)")
+    s.add_argument("which", choices=["medl"], help="medl: conventional vs adversarial vs random/mixed "
+                   "effects (+ randomized Z), seen test vs unseen batches")
+    _common(s)
+    s.add_argument("--seeds", type=_csv, default=["0", "1", "2"], help="comma-separated seeds (default 0,1,2)")
+    s.add_argument("--models", type=_csv, default=None, help="comma-separated model types (default: conventional, adversarial, randomeffects, "
+                   "mixedeffects, mixedeffects_randz = mixed effects with randomized Z at inference)")
+    s.add_argument("--out", default="runs/medl", help="output folder for table.md/csv and results.json")
 
     s = sub.add_parser("models", help="list the registered model types")
     s = sub.add_parser("config", help="print the resolved config (or every key with --defaults)")

@@ -15,10 +15,14 @@ from raycell.utils.io import atomic_write_json, atomic_write_text
 
 
 def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
-    """Generate the synthetic data set into `cfg.synth.out`; returns the manifest."""
+    """Generate the synthetic data set into `cfg.synth.out` (raw fields of view with `synth.raw`)."""
     from raycell.data.synthetic import write_synthetic
 
     s = cfg.synth
+    if s.raw:
+        from raycell.data.synthetic_raw import from_config
+
+        return from_config(cfg, overwrite=overwrite)
     t0 = time.time()
     m = write_synthetic(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
                         rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
@@ -55,6 +59,20 @@ def run_infer(cfg: ExperimentConfig) -> dict:
     from raycell.infer.run import predict
 
     return predict(cfg)
+
+
+def run_ingest(cfg: ExperimentConfig) -> dict:
+    """Raw images -> crop shards + rejects table (Ray Data, one task per field of view)."""
+    from raycell.ingest.run import run_ingest
+
+    return run_ingest(cfg)
+
+
+def run_infer_z(cfg: ExperimentConfig) -> dict:
+    """Train the Z-predictor and write soft Z for unseen-batch cells."""
+    from raycell.infer.zpredictor import run_infer_z as _run
+
+    return _run(cfg)
 
 
 def run_evaluate(cfg: ExperimentConfig) -> dict:

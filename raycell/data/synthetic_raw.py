@@ -1,26 +1,26 @@
-"""Synthetic raw fields of view with true instance masks: the end-to-end test bed for `raycell ingest`.
+"""Synthetic raw fields of view with true instance masks: the end-to-end test bed for ingest.
 
-`write_synthetic_raw` draws cell lines and imaging batches with the crop generator's parameter functions
-(`raycell.data.synthetic._line_params`, `_batch_params`: the same looks and nuisance ranges), then renders
-whole fields of view instead of crops:
+`write_synthetic_raw` draws cell lines and imaging batches with the crop generator's parameter
+functions (`raycell.data.synthetic._line_params`, `_batch_params`: the same looks and nuisance
+ranges), then renders whole fields of view instead of crops:
 
-* one plate per batch, `wells` wells per plate, each well imaging one cell line (lines rotate over wells
-  and plates), `fields` fields of view per well;
+* one plate per batch, `wells` wells per plate, each well imaging one cell line (lines rotate over
+  wells and plates), `fields` fields of view per well;
 * each field holds up to `cells_per_fov` cells placed at random without overlapping (neighbours may
-  touch), some cut by the field's border; a cell is the crop generator's shape (an ellipse with angular
-  lobes, a smaller off-centre nucleus, smooth texture, cytoplasmic puncta);
-* 2 channels (``nucleus``, ``cytoplasm``) x `n_z` Z-slices: one slice, drawn per field, is in focus and
-  the others are blurred in proportion to their distance from it (and slightly dimmer);
-* per-batch nuisance: channel gains, a background offset, an illumination gradient plus vignetting across
-  the field, blur and signal-dependent noise, then 12-bit quantisation into uint16 TIFFs.
+  touch), some cut by the field's border; a cell is the crop generator's shape (an ellipse with
+  angular lobes, a smaller off-centre nucleus, smooth texture, cytoplasmic puncta);
+* 2 channels (``nucleus``, ``cytoplasm``) x `n_z` Z-slices: one slice, drawn per field, is in focus
+  and the others are blurred in proportion to their distance from it (and slightly dimmer);
+* per-batch nuisance: channel gains, a background offset, an illumination gradient plus vignetting
+  across the field, blur and signal-dependent noise, then 12-bit quantisation into uint16 TIFFs.
 
 Layout of `out`::
 
-    images/<batch>/<plate>_<well>_s<field>_<channel>_z<z>.tif   uint16, one file per channel and slice
-    masks/<fov_id>_nuclei.tif, masks/<fov_id>_cells.tif          uint16 true labels (cell k holds nucleus k)
-    platemap.csv                                                 plate, well, line, label, dose, time
-    truth.csv                                                    per field: in-focus slice, cell counts
-    raw.json                                                     parameters + the ingest settings to use
+    images/<batch>/<plate>_<well>_s<field>_<channel>_z<z>.tif  uint16, one per channel and slice
+    masks/<fov_id>_nuclei.tif, masks/<fov_id>_cells.tif  true labels (cell k holds nucleus k)
+    platemap.csv  plate, well, line, label, dose, time
+    truth.csv     per field: in-focus slice, cell counts
+    raw.json      parameters + the ingest settings to use
 
 `fov_id` is what ingest derives from the default pattern `DEFAULT_PATTERN`:
 ``<batch>_<plate>_<well>_<field>``.
@@ -39,16 +39,19 @@ from scipy import ndimage
 from raycell.data.synthetic import CHANNELS, _batch_params, _line_params
 from raycell.utils.io import atomic_write_json
 
-DEFAULT_PATTERN = (r"(?P<batch>[^/]+)/(?P<plate>[^_/]+)_(?P<well>[A-P]\d{2})_s(?P<field>\d+)"
-                   r"_(?P<channel>[a-z]+)_z(?P<z>\d+)\.tif$")
+DEFAULT_PATTERN = (
+    r"(?P<batch>[^/]+)/(?P<plate>[^_/]+)_(?P<well>[A-P]\d{2})_s(?P<field>\d+)"
+    r"_(?P<channel>[a-z]+)_z(?P<z>\d+)\.tif$"
+)
 _SCALE = 2500.0  # intensity 1.0 -> 2500 counts in a 12-bit range: headroom for bright batches
 _DEFOCUS = 2.2  # blur sigma (px) per Z step away from the focal plane
 _DOSES = ("0", "0.1", "1", "10")
 _TIMES = ("24", "48")
 
 
-def _place(rng: np.random.Generator, size: int, reach: np.ndarray, n: int
-           ) -> tuple[list[int], np.ndarray]:
+def _place(
+    rng: np.random.Generator, size: int, reach: np.ndarray, n: int
+) -> tuple[list[int], np.ndarray]:
     """Indices of cells (with bounding radii `reach`) kept after placing them without overlap."""
     pos, keep = [], []
     for i in range(len(reach)):
@@ -64,9 +67,10 @@ def _place(rng: np.random.Generator, size: int, reach: np.ndarray, n: int
     return keep, np.array(pos).reshape(-1, 2)
 
 
-def _render_fov(rng: np.random.Generator, size: int, line: pd.Series, n_cells: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """In-focus, noise-free (2, size, size) image in [0, ~1] and true nucleus / cell label images."""
+def _render_fov(
+    rng: np.random.Generator, size: int, line: pd.Series, n_cells: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """In-focus, noise-free (2, size, size) image in [0, ~1] and true nucleus / cell labels."""
     m = n_cells * 3  # candidates; placement keeps those that fit
     radius = line.radius * rng.normal(1.0, 0.08, m)
     elong = line.elong * rng.normal(1.0, 0.06, m)
@@ -93,7 +97,9 @@ def _render_fov(rng: np.random.Generator, size: int, line: pd.Series, n_cells: i
         rho = np.hypot(u / el, v * el)
         theta = np.arctan2(v, u)
         lobes = rng.integers(3, 7)
-        bound = radius[i] * (1 + lobe_amp[i] * np.sin(lobes * theta + psi) + 0.03 * np.sin(2 * theta + 2 * psi))
+        bound = radius[i] * (
+            1 + lobe_amp[i] * np.sin(lobes * theta + psi) + 0.03 * np.sin(2 * theta + 2 * psi)
+        )
         cell = 1 / (1 + np.exp(-(bound - rho) / 0.8))
         nr = radius[i] * line.nuc_ratio
         ncy, ncx = rng.normal(0, 1.5, 2)
@@ -109,7 +115,8 @@ def _render_fov(rng: np.random.Generator, size: int, line: pd.Series, n_cells: i
             spots += np.exp(-((dy - pr * np.sin(pa)) ** 2 + (dx - pr * np.cos(pa)) ** 2) / 2.42)
         cyto = line.cyto_int * cell * (1 + tex) * (1 - 0.45 * nuc) + 0.35 * spots * cell
         nucl = line.nuc_int * nuc * (1 + 1.5 * tex)
-        # each pixel belongs to the cell with the strongest presence there (touching cells do not add up)
+        # each pixel belongs to the cell with the strongest presence there (touching cells do not
+        # add up)
         sl = (slice(y0, y1), slice(x0, x1))
         win = cell > best_c[sl]
         img[1][sl] = np.where(win, cyto, img[1][sl])
@@ -125,23 +132,36 @@ def _render_fov(rng: np.random.Generator, size: int, line: pd.Series, n_cells: i
 
 
 def _nuisance(rng: np.random.Generator, img: np.ndarray, bp: pd.Series) -> np.ndarray:
-    """Apply one batch's gain, illumination (gradient + vignetting), offset, blur and noise to (2, H, W)."""
+    """Apply a batch's gain, illumination (gradient, vignetting), offset, blur, noise."""
     _, h, w = img.shape
     gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
     gy, gx = gy / h - 0.5, gx / w - 0.5
-    illum = (1 + bp.grad_strength * (gy * np.sin(bp.grad_dir) + gx * np.cos(bp.grad_dir)) * 2) \
-        * (1 - 0.5 * bp.grad_strength * (gy ** 2 + gx ** 2) * 2)
+    illum = (1 + bp.grad_strength * (gy * np.sin(bp.grad_dir) + gx * np.cos(bp.grad_dir)) * 2) * (
+        1 - 0.5 * bp.grad_strength * (gy**2 + gx**2) * 2
+    )
     x = img * np.array([bp.gain_nuc, bp.gain_cyto], np.float32)[:, None, None]
     x = (x + bp.offset + 0.02) * illum[None]
     if bp.blur > 0.05:
         x = ndimage.gaussian_filter(x, sigma=(0, bp.blur, bp.blur))
-    x += rng.normal(0, 1, x.shape).astype(np.float32) * (bp.noise * np.sqrt(np.clip(x, 0, None) + 0.05))
+    x += rng.normal(0, 1, x.shape).astype(np.float32) * (
+        bp.noise * np.sqrt(np.clip(x, 0, None) + 0.05)
+    )
     return np.clip(np.rint(x * _SCALE), 0, 4095).astype(np.uint16)
 
 
-def write_synthetic_raw(out: str | os.PathLike, seed: int = 0, n_batches: int = 2, n_lines: int = 4,
-                        wells: int = 4, fields: int = 2, fov_size: int = 256, cells_per_fov: int = 14,
-                        n_z: int = 3, batch_strength: float = 1.0, overwrite: bool = False) -> dict:
+def write_synthetic_raw(
+    out: str | os.PathLike,
+    seed: int = 0,
+    n_batches: int = 2,
+    n_lines: int = 4,
+    wells: int = 4,
+    fields: int = 2,
+    fov_size: int = 256,
+    cells_per_fov: int = 14,
+    n_z: int = 3,
+    batch_strength: float = 1.0,
+    overwrite: bool = False,
+) -> dict:
     """Write raw fields of view, true masks and a plate map (see the module docstring).
 
     Args:
@@ -180,39 +200,80 @@ def write_synthetic_raw(out: str | os.PathLike, seed: int = 0, n_batches: int = 
         for w in range(wells):
             well = f"{chr(ord('A') + w // 12)}{w % 12 + 1:02d}"
             line = lines.iloc[(w + b) % len(lines)]
-            pm_rows.append({"plate": plate, "well": well, "line": line.line, "label": line.label,
-                            "dose": _DOSES[w % len(_DOSES)], "time": _TIMES[(w // len(_DOSES)) % 2]})
+            pm_rows.append(
+                {
+                    "plate": plate,
+                    "well": well,
+                    "line": line.line,
+                    "label": line.label,
+                    "dose": _DOSES[w % len(_DOSES)],
+                    "time": _TIMES[(w // len(_DOSES)) % 2],
+                }
+            )
             for f in range(fields):
                 img, nuclei, cells = _render_fov(rng, fov_size, line, cells_per_fov)
                 focal = int(rng.integers(n_z))
                 for z in range(n_z):
                     dz = abs(z - focal)
-                    sl = ndimage.gaussian_filter(img, (0, _DEFOCUS * dz, _DEFOCUS * dz)) if dz else img
+                    sl = (
+                        ndimage.gaussian_filter(img, (0, _DEFOCUS * dz, _DEFOCUS * dz))
+                        if dz
+                        else img
+                    )
                     raw = _nuisance(rng, sl / (1 + 0.15 * dz), bp)
                     for c, name in enumerate(CHANNELS):
-                        tifffile.imwrite(tmp / "images" / bp.batch / f"{plate}_{well}_s{f}_{name}_z{z}.tif",
-                                         raw[c])
+                        tifffile.imwrite(
+                            tmp / "images" / bp.batch / f"{plate}_{well}_s{f}_{name}_z{z}.tif",
+                            raw[c],
+                        )
                 fov_id = f"{bp.batch}_{plate}_{well}_{f}"
                 tifffile.imwrite(tmp / "masks" / f"{fov_id}_nuclei.tif", nuclei)
                 tifffile.imwrite(tmp / "masks" / f"{fov_id}_cells.tif", cells)
                 edge = np.unique(np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]]))
                 n = int(len(np.unique(cells)) - 1)
-                truth_rows.append({"fov_id": fov_id, "batch": bp.batch, "plate": plate, "well": well,
-                                   "field": str(f), "focal_z": focal, "n_cells": n,
-                                   "n_interior": n - int((edge > 0).sum())})
+                truth_rows.append(
+                    {
+                        "fov_id": fov_id,
+                        "batch": bp.batch,
+                        "plate": plate,
+                        "well": well,
+                        "field": str(f),
+                        "focal_z": focal,
+                        "n_cells": n,
+                        "n_interior": n - int((edge > 0).sum()),
+                    }
+                )
     pd.DataFrame(pm_rows).to_csv(tmp / "platemap.csv", index=False)
     truth = pd.DataFrame(truth_rows)
     truth.to_csv(tmp / "truth.csv", index=False)
     desc = {
         "generator": "raycell.data.synthetic_raw",
-        "params": dict(seed=seed, n_batches=n_batches, n_lines=n_lines, wells=wells, fields=fields,
-                       fov_size=fov_size, cells_per_fov=cells_per_fov, n_z=n_z, batch_strength=batch_strength),
-        "n_fovs": len(truth), "n_cells": int(truth.n_cells.sum()), "n_interior": int(truth.n_interior.sum()),
+        "params": dict(
+            seed=seed,
+            n_batches=n_batches,
+            n_lines=n_lines,
+            wells=wells,
+            fields=fields,
+            fov_size=fov_size,
+            cells_per_fov=cells_per_fov,
+            n_z=n_z,
+            batch_strength=batch_strength,
+        ),
+        "n_fovs": len(truth),
+        "n_cells": int(truth.n_cells.sum()),
+        "n_interior": int(truth.n_interior.sum()),
         "batches": batches.to_dict(orient="records"),
         # the settings `raycell ingest` needs for this folder (paths relative to it)
-        "ingest": {"input": "images", "pattern": DEFAULT_PATTERN, "platemap": "platemap.csv",
-                   "channels": list(CHANNELS), "nucleus_channel": "nucleus", "cytoplasm_channel": "cytoplasm",
-                   "label_column": "label", "group_column": "line"},
+        "ingest": {
+            "input": "images",
+            "pattern": DEFAULT_PATTERN,
+            "platemap": "platemap.csv",
+            "channels": list(CHANNELS),
+            "nucleus_channel": "nucleus",
+            "cytoplasm_channel": "cytoplasm",
+            "label_column": "label",
+            "group_column": "line",
+        },
     }
     atomic_write_json(tmp / "raw.json", desc)
     if out.exists():
@@ -221,10 +282,19 @@ def write_synthetic_raw(out: str | os.PathLike, seed: int = 0, n_batches: int = 
     return desc
 
 
-def from_config(cfg) -> dict:
-    """`raycell synth --raw`: write raw fields of view to `cfg.synth.out` from an ExperimentConfig."""
+def from_config(cfg, overwrite: bool = False) -> dict:
+    """`raycell synth --raw`: raw fields of view into `cfg.synth.out`, from an ExperimentConfig."""
     s = cfg.synth
-    return write_synthetic_raw(s.out, seed=cfg.seed, n_batches=s.n_batches, n_lines=s.n_lines,
-                               wells=s.raw_wells, fields=s.raw_fields, fov_size=s.raw_fov_size,
-                               cells_per_fov=s.raw_cells_per_fov, n_z=s.raw_z,
-                               batch_strength=s.batch_strength)
+    return write_synthetic_raw(
+        s.out,
+        seed=cfg.seed,
+        n_batches=s.n_batches,
+        n_lines=s.n_lines,
+        wells=s.raw_wells,
+        fields=s.raw_fields,
+        fov_size=s.raw_fov_size,
+        cells_per_fov=s.raw_cells_per_fov,
+        n_z=s.raw_z,
+        batch_strength=s.batch_strength,
+        overwrite=overwrite,
+    )

@@ -32,8 +32,10 @@ class MissingDesignMatrixError(ValueError):
 
 
 def _stable_choice(cell_ids: pa.ChunkedArray | pa.Array, n: int) -> np.ndarray:
-    """A pseudo-random integer in [0, n) per cell, fixed by the cell_id (CRC32, then a multiplicative
-    hash to spread consecutive ids)."""
+    """A pseudo-random integer in [0, n) per cell, fixed by its cell_id.
+
+    CRC32 of the id, then a multiplicative hash to spread consecutive ids.
+    """
     h = np.array([zlib.crc32(str(c).encode()) for c in cell_ids.to_pylist()], dtype=np.uint64)
     return ((h * np.uint64(2654435761)) % np.uint64(2**32) % np.uint64(n)).astype(np.int64)
 
@@ -42,23 +44,25 @@ class CropPredictor:
     """Callable class for `Dataset.map_batches(..., batch_format='pyarrow')`."""
 
     def __init__(self, checkpoint: str, device: str = "auto", write_recon: bool = False,
-                 z_source: str = "", passthrough: list[str] | None = None, randomize_z: bool = False):
+                 z_source: str = "", passthrough: list[str] | None = None,
+                 randomize_z: bool = False):
         """Load the checkpoint (and the inferred Z, if any) once per actor.
 
         Args:
             checkpoint: Checkpoint folder or run folder.
             device: 'auto' (CUDA when available), 'cpu' or 'cuda[:i]'.
             write_recon: Also return the reconstructions as crop bytes.
-            z_source: Output of `raycell infer-z` (folder or .parquet): a soft Z per cell_id, used for
-                cells whose batch is not one of the model's training batches.
+            z_source: Output of `raycell infer-z` (folder or .parquet): a soft Z per cell_id, used
+                for cells whose batch is not one of the model's training batches.
             passthrough: Input columns copied to the output.
-            randomize_z: Ablation (the reference's --randomize_batch): every cell gets a random one-hot Z
-                row, fixed per cell_id so that re-runs and different actors agree.
+            randomize_z: Ablation (the reference's --randomize_batch): every cell gets a random
+                one-hot Z row, fixed per cell_id so that re-runs and different actors agree.
         """
         from raycell.train.checkpoint import load_checkpoint
 
-        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        self.device = torch.device(dev)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.model, self.meta = load_checkpoint(checkpoint, self.device)
         self.spec = self.meta["data_spec_obj"]
         self.labels = self.meta["labels_obj"]
@@ -76,15 +80,17 @@ class CropPredictor:
     def design_matrix(self, t: pa.Table) -> torch.Tensor:
         """The design matrix Z (N, n_training_batches) for a batch of rows.
 
-        Seen batches get their one-hot row. Cells of other batches get their row of the inferred soft Z
-        (`z_source`) when one is given; otherwise zeros, which random- and mixed-effects models refuse
-        (their random effects would silently vanish), raising `MissingDesignMatrixError`. Conventional
-        and adversarial models ignore Z. `randomize_z` replaces every row by a random one-hot row.
+        Seen batches get their one-hot row. Cells of other batches get their row of the inferred
+        soft Z (`z_source`) when one is given; otherwise zeros, which random- and mixed-effects
+        models refuse (their random effects would silently vanish), raising
+        `MissingDesignMatrixError`. Conventional and adversarial models ignore Z. `randomize_z`
+        replaces every row by a random one-hot row.
         """
         n = len(self.batches)
         if self.randomize_z:
             z = torch.zeros(t.num_rows, n)
-            z[torch.arange(t.num_rows), torch.from_numpy(_stable_choice(t.column(K.CELL_ID), n))] = 1.0
+            pick = torch.from_numpy(_stable_choice(t.column(K.CELL_ID), n))
+            z[torch.arange(t.num_rows), pick] = 1.0
             return z
         b = torch.from_numpy(self.batches.encode(t.column(K.BATCH), allow_unknown=True))
         z = torch.zeros(len(b), n)
@@ -99,17 +105,19 @@ class CropPredictor:
                              .to_numpy(zero_copy_only=False), dtype=np.int64)
             if (pos < 0).any():
                 raise MissingDesignMatrixError(
-                    f"{int((pos < 0).sum())} cell(s) of batches outside the training batches (e.g. "
-                    f"{ids[int(np.flatnonzero(pos < 0)[0])].as_py()!r}) have no row in the inferred Z "
-                    f"(infer.z_source); run `raycell infer-z` on these cells' splits (infer.z_splits)")
+                    f"{int((pos < 0).sum())} cell(s) of batches outside the training batches "
+                    f"(e.g. {ids[int(np.flatnonzero(pos < 0)[0])].as_py()!r}) have no row in the "
+                    "inferred Z (infer.z_source); run `raycell infer-z` on these cells' splits "
+                    "(infer.z_splits)")
             z[torch.from_numpy(unknown)] = torch.from_numpy(self.z_values[pos])
         elif getattr(self.model, "uses_z", False):
             missing = sorted(set(t.column(K.BATCH).take(pa.array(unknown)).to_pylist()))
             raise MissingDesignMatrixError(
-                f"model type {self.meta['model_type']!r} needs a design matrix Z for every cell, but "
-                f"batch(es) {missing} are not among its training batches {list(self.batches.values)} and "
-                "no inferred Z was given: run `raycell infer-z` to predict a soft Z for them and pass its "
-                "output folder as infer.z_source (or set infer.randomize_z=true for the ablation)")
+                f"model type {self.meta['model_type']!r} needs a design matrix Z for every cell, "
+                f"but batch(es) {missing} are not among its training batches "
+                f"{list(self.batches.values)} and no inferred Z was given: run `raycell infer-z` "
+                "to predict a soft Z for them and pass its output folder as infer.z_source (or set "
+                "infer.randomize_z=true for the ablation)")
         return z
 
     @torch.inference_mode()

@@ -1,22 +1,23 @@
-"""`raycell infer-z`: the Z-predictor, a soft design matrix for batches a model never saw (spec 2.6).
+"""`raycell infer-z`: the Z-predictor, a soft design matrix for batches a model never saw (2.6).
 
-Random- and mixed-effects models need a design-matrix row Z for every cell. For an unseen batch there is
-no one-hot row; ARMED trains an image classifier on the *training* images to predict their batch and uses
-its softmax on the unseen cells as a soft Z: each unseen cell then gets a mix of the random effects of
-the seen batches it looks like.
+Random- and mixed-effects models need a design-matrix row Z for every cell. For an unseen batch
+there is no one-hot row; ARMED trains an image classifier on the *training* images to predict their
+batch and uses its softmax on the unseen cells as a soft Z: each unseen cell then gets a mix of the
+random effects of the seen batches it looks like.
 
 As in the reference (`melanoma_aec/infer_design_matrix.py`): the `ImageClassifier` network of the
-random-effects AEC, raw training images -> one-hot batch, categorical cross-entropy, NAdam (lr 1e-4),
-batch 32, at most 10 epochs, early stopping on validation accuracy (patience 3) restoring the best
-weights. It runs as a plain single-process PyTorch loop over the shards (an image classifier of a few
-hundred thousand parameters trains in seconds to minutes per epoch on a CPU; the data of one training
-split must fit in memory, which is how the reference ran it too).
+random-effects AEC, raw training images -> one-hot batch, categorical cross-entropy, NAdam
+(lr 1e-4), batch 32, at most 10 epochs, early stopping on validation accuracy (patience 3) restoring
+the best weights. It runs as a plain single-process PyTorch loop over the shards: an image
+classifier of a few hundred thousand parameters trains in seconds to minutes per epoch on a CPU, and
+the training split must fit in memory (as in the reference).
 
 Outputs, in `infer.z_out` (written atomically):
-* `inferred_z.parquet`: `cell_id`, `batch`, `split` and `z` (fixed-size list of float32, one entry per
-  training batch, in the model's Z column order) for the cells of `infer.z_splits` (default: unseen);
-* `inferred_z.json`: the batch vocabulary (Z column order), validation accuracy, training history and
-  the mean Z per batch (which seen batches each unseen batch resembles);
+* `inferred_z.parquet`: `cell_id`, `batch`, `split` and `z` (fixed-size list of float32, one entry
+  per training batch, in the model's Z column order) for the cells of `infer.z_splits` (default:
+  unseen);
+* `inferred_z.json`: the batch vocabulary (Z column order), validation accuracy, training history
+  and the mean Z per batch (which seen batches each unseen batch resembles);
 * `zpredictor.pt`: the classifier's weights.
 """
 
@@ -47,12 +48,13 @@ def _z_paths(source: str | Path) -> tuple[Path, Path]:
     return p / Z_PARQUET, p / Z_JSON
 
 
-def read_inferred_z(source: str | Path, batches: list[str] | None = None) -> tuple[pa.Array, np.ndarray]:
+def read_inferred_z(source: str | Path, batches: list[str] | None = None
+                    ) -> tuple[pa.Array, np.ndarray]:
     """Read an infer-z output: (cell_id array, Z (N, n_batches) float32).
 
     Args:
         source: The infer-z output folder, or its `inferred_z.parquet`.
-        batches: The model's training batches (Z column order); checked against the file's vocabulary.
+        batches: The model's training batches (Z column order), checked against the file's.
 
     Raises:
         FileNotFoundError: No inferred Z there (names `raycell infer-z`).
@@ -62,19 +64,22 @@ def read_inferred_z(source: str | Path, batches: list[str] | None = None) -> tup
 
     pq_path, js_path = _z_paths(source)
     if not pq_path.is_file():
-        raise FileNotFoundError(f"inferred Z not found at {pq_path} (infer.z_source): run `raycell infer-z` "
-                                "first; it writes inferred_z.parquet into infer.z_out")
+        raise FileNotFoundError(f"inferred Z not found at {pq_path} (infer.z_source): run "
+                                "`raycell infer-z` first; it writes inferred_z.parquet into "
+                                "infer.z_out")
     t = pq.read_table(pq_path, columns=[K.CELL_ID, "z"])
     n = t.column("z").type.list_size
-    z = np.asarray(t.column("z").combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, n)
+    z = np.asarray(t.column("z").combine_chunks().flatten(), dtype=np.float32)
+    z = z.reshape(t.num_rows, n)
     if js_path.is_file():
         vocab = read_json(js_path, "inferred Z metadata")["batches"]["values"]
         if batches is not None and list(vocab) != list(batches):
-            raise ValueError(f"inferred Z at {pq_path} has columns for batches {vocab}, but the model was "
-                             f"trained on {list(batches)}: re-run `raycell infer-z` with "
-                             "infer.checkpoint set to this model")
+            raise ValueError(f"inferred Z at {pq_path} has columns for batches {vocab}, but the "
+                             f"model was trained on {list(batches)}: re-run `raycell infer-z` "
+                             "with infer.checkpoint set to this model")
     if batches is not None and n != len(batches):
-        raise ValueError(f"inferred Z at {pq_path} has {n} columns, the model has {len(batches)} batches")
+        raise ValueError(f"inferred Z at {pq_path} has {n} columns, the model has {len(batches)} "
+                         "batches")
     return t.column(K.CELL_ID).combine_chunks(), z
 
 
@@ -83,12 +88,14 @@ def _batches_of(ds: ShardDataset, checkpoint: str) -> CategoryMap:
     if checkpoint:
         from raycell.train.checkpoint import find_checkpoint
 
-        return CategoryMap.from_dict(read_json(find_checkpoint(checkpoint) / "meta.json")["batches"])
+        meta = read_json(find_checkpoint(checkpoint) / "meta.json", "checkpoint meta")
+        return CategoryMap.from_dict(meta["batches"])
     col = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH)
     return CategoryMap.fit(K.BATCH, col.to_pylist())
 
 
-def _iterate(t: pa.Table, collate: CropCollate, batch_size: int, rng: np.random.Generator | None = None):
+def _iterate(t: pa.Table, collate: CropCollate, batch_size: int,
+             rng: np.random.Generator | None = None):
     """Collated batches of an in-memory table (shuffled when an rng is given)."""
     if rng is not None:
         t = t.take(pa.array(rng.permutation(t.num_rows)))
@@ -111,8 +118,8 @@ def _accuracy(model: torch.nn.Module, t: pa.Table, collate: CropCollate, spec: D
     return hit / n if n else float("nan")
 
 
-def train_z_predictor(ds: ShardDataset, batches: CategoryMap, *, epochs: int = 10, patience: int = 3,
-                      lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
+def train_z_predictor(ds: ShardDataset, batches: CategoryMap, *, epochs: int = 10,
+                      patience: int = 3, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
                       device: torch.device | None = None, log: bool = True
                       ) -> tuple[torch.nn.Module, list[dict]]:
     """Fit the ImageClassifier to training images -> batch, early-stopped on val accuracy.
@@ -150,8 +157,8 @@ def train_z_predictor(ds: ShardDataset, batches: CategoryMap, *, epochs: int = 1
         history.append({"epoch": epoch, "train_loss": total / max(steps, 1), "val_accuracy": acc,
                         "seconds": round(time.time() - t0, 2)})
         if log:
-            print(f"[raycell] infer-z epoch {epoch}: loss {total / max(steps, 1):.4f}, val accuracy "
-                  f"{acc:.4f}", flush=True)
+            print(f"[raycell] infer-z epoch {epoch}: loss {total / max(steps, 1):.4f}, "
+                  f"val accuracy {acc:.4f}", flush=True)
         if acc > best_acc:
             best, best_acc, since = copy.deepcopy(model.state_dict()), acc, 0
         else:
@@ -167,16 +174,19 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     """Train the Z-predictor and write the soft Z of the cells in `cfg.infer.z_splits`.
 
     Uses `cfg.infer.data` (default `cfg.data.path`); the Z columns follow `cfg.infer.checkpoint`'s
-    training batches when a checkpoint is given (else the data set's training batches). Needs no Ray.
+    training batches when a checkpoint is given (else the data set's training batches). Needs no
+    Ray.
 
     Returns:
-        A summary: out folder, parquet path, number of cells, best validation accuracy, epochs, batches.
+        A summary: out folder, parquet path, number of cells, best validation accuracy, epochs,
+        batches.
     """
     t0 = time.time()
     ds = open_dataset(cfg.infer.data or cfg.data.path)
     batches = _batches_of(ds, cfg.infer.checkpoint)
     if len(batches) < 2:
-        raise ConfigError(f"infer-z needs at least 2 training batches in {ds.root}, found {list(batches.values)}")
+        raise ConfigError(f"infer-z needs at least 2 training batches in {ds.root}, found "
+                          f"{list(batches.values)}")
     if cfg.infer.z_out:
         out = Path(cfg.infer.z_out).absolute()
     elif cfg.infer.checkpoint:
@@ -186,10 +196,11 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     else:
         out = ds.root / "inferred_z"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"[raycell] infer-z: training the Z-predictor on {ds.root} ({len(batches)} batches) -> {out}",
-          flush=True)
-    model, history = train_z_predictor(ds, batches, epochs=cfg.infer.z_epochs, patience=cfg.infer.z_patience,
-                                       lr=cfg.infer.z_lr, batch_size=cfg.infer.z_batch_size, seed=cfg.seed,
+    print(f"[raycell] infer-z: training the Z-predictor on {ds.root} ({len(batches)} batches) -> "
+          f"{out}", flush=True)
+    ic = cfg.infer
+    model, history = train_z_predictor(ds, batches, epochs=ic.z_epochs, patience=ic.z_patience,
+                                       lr=ic.z_lr, batch_size=ic.z_batch_size, seed=cfg.seed,
                                        device=device)
     spec = DataSpec.from_dataset(ds)
     collate = CropCollate(spec, CategoryMap(K.LABEL, ds.manifest["label_vocab"]), batches)
@@ -197,12 +208,13 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     zs = []
     with torch.no_grad():
         for b in _iterate(t.drop_columns([K.SPLIT]), collate, 256):
-            zs.append(torch.softmax(model(spec.to_float(b["x"].to(device))).float(), 1).cpu().numpy())
+            logits = model(spec.to_float(b["x"].to(device))).float()
+            zs.append(torch.softmax(logits, 1).cpu().numpy())
     z = np.concatenate(zs) if zs else np.zeros((0, len(batches)), np.float32)
     out.mkdir(parents=True, exist_ok=True)
-    table = pa.table({K.CELL_ID: t.column(K.CELL_ID), K.BATCH: t.column(K.BATCH), K.SPLIT: t.column(K.SPLIT),
-                      "z": pa.FixedSizeListArray.from_arrays(pa.array(z.astype(np.float32).ravel()),
-                                                             len(batches))})
+    zcol = pa.FixedSizeListArray.from_arrays(pa.array(z.astype(np.float32).ravel()), len(batches))
+    table = pa.table({K.CELL_ID: t.column(K.CELL_ID), K.BATCH: t.column(K.BATCH),
+                      K.SPLIT: t.column(K.SPLIT), "z": zcol})
     atomic_write_parquet(table, out / Z_PARQUET)
     torch.save(model.state_dict(), out / Z_WEIGHTS)
     per_batch = {}
@@ -216,6 +228,6 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
                "batches": batches.to_dict(), "mean_z_per_batch": per_batch, "history": history,
                "seconds": round(time.time() - t0, 1)}
     atomic_write_json(out / Z_JSON, summary)
-    print(f"[raycell] infer-z: best val accuracy {best:.4f} after {len(history)} epoch(s); soft Z for "
-          f"{t.num_rows} cell(s) -> {out / Z_PARQUET}", flush=True)
+    print(f"[raycell] infer-z: best val accuracy {best:.4f} after {len(history)} epoch(s); soft Z "
+          f"for {t.num_rows} cell(s) -> {out / Z_PARQUET}", flush=True)
     return summary

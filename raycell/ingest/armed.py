@@ -2,20 +2,21 @@
 
 The ARMED melanoma pipeline (spec/armed-aec.md section 1) saves one pair of files per split:
 
-* `data_{train,val,test,unseen}.npz` with `images` (N, H, W, 1) float32 = pixel / 255, `label` (N,) float32
-  (1.0 = 'low' metastatic efficiency, 0.0 = 'high') and `cluster` (N, n_dates) float32, the one-hot imaging
-  date over the *training* dates in sorted order (all zeros for unseen dates);
+* `data_{train,val,test,unseen}.npz` with `images` (N, H, W, 1) float32 = pixel / 255, `label` (N,)
+  float32 (1.0 = 'low' metastatic efficiency, 0.0 = 'high') and `cluster` (N, n_dates) float32, the
+  one-hot imaging date over the *training* dates in sorted order (all zeros for unseen dates);
 * `data_{split}.csv` with an index column and `image` (source PNG path), `date`, `celltype` (PDX),
   `met-eff` (high/low) and `cell` (cell folder id), one row per image in the same order.
 
-Mapping: `batch` = date, `label` = met-eff, `group` = celltype, `split` from the file name, `cell_id` =
-``<split>-<cell>-<csv index>``, `source` = the csv's image path; `cell` and `image_path` are kept as extra
-columns. Images are stored back as uint8 (`rint(x * 255)`, lossless for data made by / 255).
+Mapping: `batch` = date, `label` = met-eff, `group` = celltype, `split` from the file name,
+`cell_id` = ``<split>-<cell>-<csv index>``, `source` = the csv's image path; `cell` and `image_path`
+are kept as extra columns. Images are stored back as uint8 (`rint(x * 255)`, lossless for data made
+by / 255).
 
 Everything is checked before anything is written: missing keys or columns, array shapes, row counts
-that disagree between the npz arrays and the csv, pixel values outside [0, 1] or NaN, and agreement of
-`label` with `met-eff` and of `cluster` with `date`. Errors are `ArmedImportError`, one line naming the
-file and key.
+that disagree between the npz arrays and the csv, pixel values outside [0, 1] or NaN, and agreement
+of `label` with `met-eff` and of `cluster` with `date`. Errors are `ArmedImportError`, one line
+naming the file and key.
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ class ArmedImportError(IngestError):
 
 
 def find_armed_files(src: str | os.PathLike) -> dict[str, Path]:
-    """Split name -> npz path, from a folder or a glob; files like data_unseen_inferred_z.npz are ignored."""
+    """Split name -> npz path from a folder or glob (data_unseen_inferred_z.npz is ignored)."""
     s = str(src)
-    paths = sorted(Path(s).glob("data_*.npz")) if Path(s).is_dir() else [Path(p) for p in sorted(glob.glob(s))]
+    paths = (
+        sorted(Path(s).glob("data_*.npz"))
+        if Path(s).is_dir()
+        else [Path(p) for p in sorted(glob.glob(s))]
+    )
     found = {}
     for p in paths:
         m = _NAME_RE.match(p.name)
@@ -95,14 +100,18 @@ def _load_split(split: str, npz: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     bad_eff = ~meta["met-eff"].isin(["high", "low"])
     if bad_eff.any():
         i = int(np.flatnonzero(bad_eff)[0])
-        raise ArmedImportError(f"{csv}: row {i}: met-eff {meta['met-eff'].iloc[i]!r} is not high/low")
+        raise ArmedImportError(
+            f"{csv}: row {i}: met-eff {meta['met-eff'].iloc[i]!r} is not high/low"
+        )
     want = (meta["met-eff"].to_numpy() == "low").astype(np.float32)
     wrong = np.flatnonzero(np.abs(label.astype(np.float32) - want) > 1e-6)
     if wrong.size:
         i = int(wrong[0])
-        raise ArmedImportError(f"{npz}: label[{i}] = {label[i]} but {csv.name} row {i} says met-eff "
-                               f"{meta['met-eff'].iloc[i]!r} (ARMED: 1 = low, 0 = high); {wrong.size} "
-                               "row(s) disagree")
+        raise ArmedImportError(
+            f"{npz}: label[{i}] = {label[i]} but {csv.name} row {i} says met-eff "
+            f"{meta['met-eff'].iloc[i]!r} (ARMED: 1 = low, 0 = high); {wrong.size} "
+            "row(s) disagree"
+        )
     return images, label, cluster, meta
 
 
@@ -113,8 +122,10 @@ def _check_pixels(images: np.ndarray, where: Path) -> None:
         raise ArmedImportError(f"{where}: image {i} has NaN/inf pixels")
     lo, hi = float(images.min()), float(images.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ArmedImportError(f"{where}: pixel values span [{lo:.3g}, {hi:.3g}], expected [0, 1] "
-                               "(ARMED divides by 255)")
+        raise ArmedImportError(
+            f"{where}: pixel values span [{lo:.3g}, {hi:.3g}], expected [0, 1] "
+            "(ARMED divides by 255)"
+        )
 
 
 def _cluster_order(src_dir: Path, splits: dict) -> list[str]:
@@ -127,8 +138,12 @@ def _cluster_order(src_dir: Path, splits: dict) -> list[str]:
     return []
 
 
-def import_armed(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
-                 rows_per_shard: int = 2000) -> dict:
+def import_armed(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    rows_per_shard: int = 2000,
+) -> dict:
     """Convert ARMED `data_*.npz` + `data_*.csv` files into a crop-shard data set.
 
     Args:
@@ -138,11 +153,12 @@ def import_armed(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool
         rows_per_shard: cells per parquet shard.
 
     Returns:
-        The manifest (with `armed`: source files, cluster order, per-split counts; `suggested_unseen`: the
-        dates of the unseen split).
+        The manifest (with `armed`: source files, cluster order, per-split counts;
+        `suggested_unseen`: the dates of the unseen split).
 
     Raises:
-        ArmedImportError: missing files/keys/columns, mismatched lengths, values outside [0, 1], labels or
+        ArmedImportError: missing files/keys/columns, mismatched lengths, values outside [0, 1],
+        labels or
             one-hot dates that disagree with the csv.
     """
     from raycell.data.shards import ShardWriter
@@ -150,7 +166,9 @@ def import_armed(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool
 
     out = Path(out).absolute()
     if (out / K.MANIFEST).exists() and not overwrite:
-        raise ArmedImportError(f"{out} already holds a data set; choose another folder or pass overwrite")
+        raise ArmedImportError(
+            f"{out} already holds a data set; choose another folder or pass overwrite"
+        )
     files = find_armed_files(src)
     loaded = {s: _load_split(s, p) for s, p in files.items()}
     shapes = {s: v[0].shape[1:3] for s, v in loaded.items()}
@@ -162,18 +180,23 @@ def import_armed(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool
         if s == "unseen" or not order:
             continue
         if cluster.shape[1] != len(order):
-            raise ArmedImportError(f"{files[s]}: 'cluster' has {cluster.shape[1]} columns but there are "
-                                   f"{len(order)} training dates {order}")
+            raise ArmedImportError(
+                f"{files[s]}: 'cluster' has {cluster.shape[1]} columns but there are "
+                f"{len(order)} training dates {order}"
+            )
         hot = cluster.sum(axis=1) > 0
         got = np.array(order, dtype=object)[cluster.argmax(axis=1)]
         wrong = np.flatnonzero(hot & (got != meta["date"].to_numpy()))
         if wrong.size:
             i = int(wrong[0])
-            raise ArmedImportError(f"{files[s]}: cluster row {i} encodes date {got[i]!r} but the csv says "
-                                   f"{meta['date'].iloc[i]!r}; {wrong.size} row(s) disagree")
+            raise ArmedImportError(
+                f"{files[s]}: cluster row {i} encodes date {got[i]!r} but the csv says "
+                f"{meta['date'].iloc[i]!r}; {wrong.size} row(s) disagree"
+            )
     for s, (images, *_rest) in loaded.items():
         _check_pixels(images, files[s])
-    # written beside `out` and swapped in when complete: a failed import leaves the old data set intact
+    # written beside `out` and swapped in when complete: a failed import leaves the old data set
+    # intact
     partial = out.with_name(out.name + ".partial")
     writer = ShardWriter(partial, ["gray"], rows_per_shard=rows_per_shard, overwrite=True)
     counts = {}
@@ -182,22 +205,37 @@ def import_armed(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool
         idx = meta.index.astype(str)
         if idx.duplicated().any():  # fall back to the row number when the csv index is not unique
             idx = pd.Index([str(i) for i in range(len(meta))])
-        rows = pd.DataFrame({
-            K.CELL_ID: [f"{split}-{c}-{i}" for c, i in zip(meta["cell"], idx)],
-            K.BATCH: meta["date"].to_numpy(), K.LABEL: meta["met-eff"].to_numpy(),
-            K.GROUP: meta["celltype"].to_numpy(), K.SPLIT: split, K.SOURCE: meta["image"].to_numpy(),
-            K.PLATE: "", K.WELL: "", K.FIELD: "",
-            "cell": meta["cell"].to_numpy(), "image_path": meta["image"].to_numpy(),
-        })
+        rows = pd.DataFrame(
+            {
+                K.CELL_ID: [f"{split}-{c}-{i}" for c, i in zip(meta["cell"], idx)],
+                K.BATCH: meta["date"].to_numpy(),
+                K.LABEL: meta["met-eff"].to_numpy(),
+                K.GROUP: meta["celltype"].to_numpy(),
+                K.SPLIT: split,
+                K.SOURCE: meta["image"].to_numpy(),
+                K.PLATE: "",
+                K.WELL: "",
+                K.FIELD: "",
+                "cell": meta["cell"].to_numpy(),
+                "image_path": meta["image"].to_numpy(),
+            }
+        )
         for a in range(0, len(images), _CHUNK):
-            chunk = np.rint(images[a:a + _CHUNK, ..., 0] * 255).astype(np.uint8)[:, None]
-            writer.add(chunk, rows.iloc[a:a + _CHUNK].reset_index(drop=True))
+            chunk = np.rint(images[a : a + _CHUNK, ..., 0] * 255).astype(np.uint8)[:, None]
+            writer.add(chunk, rows.iloc[a : a + _CHUNK].reset_index(drop=True))
         counts[split] = len(images)
     unseen_dates = sorted(loaded["unseen"][3]["date"].unique()) if "unseen" in loaded else []
     manifest = writer.close(
         params={"stage": "import-armed", "src": str(src)},
-        extra={"armed": {"files": {s: str(p) for s, p in files.items()}, "cluster_order": order,
-                         "counts": counts, "label_encoding": {"low": 1.0, "high": 0.0}},
-               "suggested_unseen": unseen_dates})
+        extra={
+            "armed": {
+                "files": {s: str(p) for s, p in files.items()},
+                "cluster_order": order,
+                "counts": counts,
+                "label_encoding": {"low": 1.0, "high": 0.0},
+            },
+            "suggested_unseen": unseen_dates,
+        },
+    )
     swap_dir(partial, out)
     return manifest

@@ -1,16 +1,20 @@
 """From label images to single-cell crops and morphology features.
 
-* Objects (cells when cell bodies were segmented, else nuclei) that touch the image border are dropped:
-  their shape and intensities are cut off, so both the crop and the features would be wrong.
-* Each kept object gives a `crop_size` x `crop_size` crop of every channel centred on its centroid (rounded
-  to the pixel); where the crop reaches past the image edge it is padded with 0 (the background after
-  normalisation). All crops of a field are gathered with one fancy-indexing operation, not a Python loop.
-* Optionally the crop is multiplied by the object's own mask blurred with a Gaussian (`mask_blur` px), which
-  removes neighbours while keeping a soft, cell-like edge (the seed's "blurred mask" crops).
-* Morphology features (`morph_*` columns) come from `skimage.measure.regionprops_table` on the same objects:
-  area, perimeter, eccentricity, solidity, major and minor axis lengths (pixels), and the mean intensity per
-  channel (in the image's own units after Z projection and illumination correction, before normalisation).
-  With cell bodies, the nucleus area is added as `morph_nucleus_area`.
+* Objects (cells when cell bodies were segmented, else nuclei) that touch the image border are
+  dropped: their shape and intensities are cut off, so both the crop and the features would be
+  wrong.
+* Each kept object gives a `crop_size` x `crop_size` crop of every channel centred on its centroid
+  (rounded to the pixel); where the crop reaches past the image edge it is padded with 0 (the
+  background after normalisation). All crops of a field are gathered with one fancy-indexing
+  operation, not a Python loop.
+* Optionally the crop is multiplied by the object's own mask blurred with a Gaussian (`mask_blur`
+  px), which removes neighbours while keeping a soft, cell-like edge (the seed's "blurred mask"
+  crops).
+* Morphology features (`morph_*` columns) come from `skimage.measure.regionprops_table` on the same
+  objects: area, perimeter, eccentricity, solidity, major and minor axis lengths (pixels), and the
+  mean intensity per channel (in the image's own units after Z projection and illumination
+  correction, before normalisation). With cell bodies, the nucleus area is added as
+  `morph_nucleus_area`.
 """
 
 from __future__ import annotations
@@ -21,17 +25,33 @@ from scipy import ndimage as ndi
 
 from raycell import constants as K
 
-_PROPS = ("label", "centroid", "area", "perimeter", "eccentricity", "solidity", "axis_major_length",
-          "axis_minor_length", "intensity_mean")
-_RENAME = {"area": "area", "perimeter": "perimeter", "eccentricity": "eccentricity", "solidity": "solidity",
-           "axis_major_length": "major_axis", "axis_minor_length": "minor_axis"}
+_PROPS = (
+    "label",
+    "centroid",
+    "area",
+    "perimeter",
+    "eccentricity",
+    "solidity",
+    "axis_major_length",
+    "axis_minor_length",
+    "intensity_mean",
+)
+_RENAME = {
+    "area": "area",
+    "perimeter": "perimeter",
+    "eccentricity": "eccentricity",
+    "solidity": "solidity",
+    "axis_major_length": "major_axis",
+    "axis_minor_length": "minor_axis",
+}
 
 
 def drop_border_objects(labels: np.ndarray, margin: int = 1) -> np.ndarray:
     """Set to 0 every object with a pixel within `margin` pixels of the image border."""
     m = max(1, int(margin))
-    edge = np.concatenate([labels[:m].ravel(), labels[-m:].ravel(), labels[:, :m].ravel(),
-                           labels[:, -m:].ravel()])
+    edge = np.concatenate(
+        [labels[:m].ravel(), labels[-m:].ravel(), labels[:, :m].ravel(), labels[:, -m:].ravel()]
+    )
     touching = np.unique(edge[edge > 0])
     if touching.size == 0:
         return labels
@@ -55,8 +75,9 @@ def crop_windows(arr: np.ndarray, centers: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(win.transpose(1, 0, 2, 3))
 
 
-def morphology(labels: np.ndarray, img: np.ndarray, channel_names: list[str],
-               nuclei: np.ndarray | None = None) -> pd.DataFrame:
+def morphology(
+    labels: np.ndarray, img: np.ndarray, channel_names: list[str], nuclei: np.ndarray | None = None
+) -> pd.DataFrame:
     """Per-object morphology features (one row per label, ordered by label).
 
     Args:
@@ -71,13 +92,19 @@ def morphology(labels: np.ndarray, img: np.ndarray, channel_names: list[str],
     from skimage.measure import regionprops_table
 
     props = regionprops_table(labels, intensity_image=np.moveaxis(img, 0, -1), properties=_PROPS)
-    df = pd.DataFrame({"label": props["label"].astype(np.int64),
-                       K.CENTROID_Y: props["centroid-0"].astype(np.float32),
-                       K.CENTROID_X: props["centroid-1"].astype(np.float32)})
+    df = pd.DataFrame(
+        {
+            "label": props["label"].astype(np.int64),
+            K.CENTROID_Y: props["centroid-0"].astype(np.float32),
+            K.CENTROID_X: props["centroid-1"].astype(np.float32),
+        }
+    )
     for src, dst in _RENAME.items():
         df[f"{K.MORPH_PREFIX}{dst}"] = props[src].astype(np.float32)
     for i, name in enumerate(channel_names):
-        df[f"{K.MORPH_PREFIX}mean_{safe_name(name)}"] = props[f"intensity_mean-{i}"].astype(np.float32)
+        df[f"{K.MORPH_PREFIX}mean_{safe_name(name)}"] = props[f"intensity_mean-{i}"].astype(
+            np.float32
+        )
     if nuclei is not None:
         area = np.bincount(nuclei.ravel(), minlength=int(labels.max()) + 1)
         df[f"{K.MORPH_PREFIX}nucleus_area"] = area[df["label"].to_numpy()].astype(np.float32)
@@ -90,9 +117,16 @@ def safe_name(name: str) -> str:
     return out or "ch"
 
 
-def extract(labels: np.ndarray, img: np.ndarray, img_out: np.ndarray, channel_names: list[str],
-            crop_size: int, nuclei: np.ndarray | None = None, mask: bool = False,
-            mask_blur: float = 2.0) -> tuple[np.ndarray, pd.DataFrame]:
+def extract(
+    labels: np.ndarray,
+    img: np.ndarray,
+    img_out: np.ndarray,
+    channel_names: list[str],
+    crop_size: int,
+    nuclei: np.ndarray | None = None,
+    mask: bool = False,
+    mask_blur: float = 2.0,
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Crops and features for every object that does not touch the border.
 
     Args:
@@ -126,15 +160,18 @@ def extract(labels: np.ndarray, img: np.ndarray, img_out: np.ndarray, channel_na
     return crops, feats
 
 
-_PALETTE = np.array([[0.2, 0.4, 1.0], [0.2, 1.0, 0.2], [1.0, 0.25, 0.25], [1.0, 0.2, 1.0], [1.0, 1.0, 0.2]],
-                    np.float32)
+_PALETTE = np.array(
+    [[0.2, 0.4, 1.0], [0.2, 1.0, 0.2], [1.0, 0.25, 0.25], [1.0, 0.2, 1.0], [1.0, 1.0, 0.2]],
+    np.float32,
+)
 
 
 def save_montage(dataset: str, out_png: str, n: int = 64, seed: int = 0, columns: int = 8) -> dict:
     """Write a grid of `n` random crops of a data set as an RGB PNG (channels as additive colours).
 
-    Channel colours, in channel order: blue, green, red, magenta, yellow (one channel = grey). Each channel
-    is stretched to its 99.5th percentile over the shown crops. Returns {"n": shown, "png": path}.
+    Channel colours, in channel order: blue, green, red, magenta, yellow (one channel = grey). Each
+    channel is stretched to its 99.5th percentile over the shown crops. Returns {"n": shown, "png":
+    path}.
     """
     import pyarrow as pa
     from skimage import io
@@ -159,6 +196,8 @@ def save_montage(dataset: str, out_png: str, n: int = 64, seed: int = 0, columns
     grid = np.ones((rows * (h + 2), columns * (w + 2), 3), np.float32)
     for i in range(k):
         r, c = divmod(i, columns)
-        grid[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = rgb[i].transpose(1, 2, 0)
+        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = rgb[i].transpose(
+            1, 2, 0
+        )
     io.imsave(out_png, (grid * 255).astype(np.uint8), check_contrast=False)
     return {"n": int(k), "png": str(out_png)}

@@ -1,22 +1,23 @@
-"""Pixels: reading images, assembling a field of view, Z projection, illumination correction, normalisation.
+"""Pixels: reading, assembling a FOV, Z projection, illumination correction, normalisation.
 
-Every field of view becomes one float32 (C, H, W) array in the images' own intensity units (Z-projected per
-channel), which is what segmentation and the morphology intensities see. Two corrections come after:
+Every field of view becomes one float32 (C, H, W) array in the images' own intensity units
+(Z-projected per channel), which is what segmentation and the morphology intensities see. Two
+corrections come after:
 
 * **Illumination correction** (optional), per plate and channel, as CellProfiler's
-  CorrectIlluminationCalculate/Apply and DeepProfiler's `illum` step: every projected image of the plate is
-  downscaled by block averaging, the downscaled images are averaged, the average is median-filtered (a
-  smooth estimate of the uneven illumination, the cells averaged out), scaled to mean 1 and each image is
-  divided by it (upsampled back). Scaling to mean 1 (not CellProfiler's robust minimum) keeps corrected
-  intensities in the units of the input.
-* **Normalisation** to the crops' integer type: ``global`` maps robust low/high percentiles of each channel
-  over the whole data set to the output range (one fixed affine map per channel, so batch differences stay
-  as they are: the models face the batch effect), ``per-batch`` does the same per (batch, channel) and
-  ``per-image`` per (field of view, channel).
+  CorrectIlluminationCalculate/Apply and DeepProfiler's `illum` step: every projected image of the
+  plate is downscaled by block averaging, the downscaled images are averaged, the average is
+  median-filtered (a smooth estimate of the uneven illumination, the cells averaged out), scaled to
+  mean 1 and each image is divided by it (upsampled back). Scaling to mean 1 (not CellProfiler's
+  robust minimum) keeps corrected intensities in the units of the input.
+* **Normalisation** to the crops' integer type: ``global`` maps robust low/high percentiles of each
+  channel over the whole data set to the output range (one fixed affine map per channel, so batch
+  differences stay as they are: the models face the batch effect), ``per-batch`` does the same per
+  (batch, channel) and ``per-image`` per (field of view, channel).
 
-Reading errors (unreadable or truncated files, NaN/inf pixels, axes that cannot be told apart, images of
-different sizes within one FOV) raise `ImageError`, whose message names the file; the ingest task turns it
-into a reject row.
+Reading errors (unreadable or truncated files, NaN/inf pixels, axes that cannot be told apart,
+images of different sizes within one FOV) raise `ImageError`, whose message names the file; the
+ingest task turns it into a reject row.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ OUT_DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
 
 
 class ImageError(IngestError):
-    """One image (or one field of view) cannot be used; the message names the file and the problem."""
+    """One image (or one field of view) cannot be used; the message names the file and problem."""
 
     def __init__(self, code: str, message: str):
+        """Keep a short machine-readable `code` (the rejects table's column) with the message."""
         super().__init__(message)
         self.code = code
 
@@ -42,6 +44,7 @@ class ImageError(IngestError):
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
+
 
 def _axes_from_file(path: str) -> tuple[np.ndarray, str]:
     """Read an image and its axes string (tifffile for TIFF, scikit-image/imageio for PNG)."""
@@ -62,33 +65,42 @@ def read_image(path: str, axes: str = "") -> np.ndarray:
 
     Args:
         path: TIFF or PNG file.
-        axes: the file's axes (e.g. 'ZCYX', 'CYX'), overriding what the file says; letters Z, C (or S for
-            samples, e.g. RGB), Y, X; other letters are allowed only with size 1.
+        axes: the file's axes (e.g. 'ZCYX', 'CYX'), overriding what the file says; letters Z, C (or
+            S for samples, e.g. RGB), Y, X; other letters are allowed only with size 1.
 
     Raises:
         ImageError: unreadable/truncated file, axes that cannot be mapped, NaN or inf pixels.
     """
     try:
         arr, file_axes = _axes_from_file(path)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable", reported by name
-        raise ImageError("unreadable", f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is "unreadable", named
+        raise ImageError(
+            "unreadable", f"cannot read image {path}: {type(exc).__name__}: {exc}"
+        ) from None
     ax = axes.upper() if axes else file_axes.upper()
     if arr.ndim == 2 and not axes:
         ax = "YX"
     if len(ax) != arr.ndim:
-        raise ImageError("bad-axes", f"{path}: image has shape {arr.shape} but axes {ax!r}; set ingest.axes "
-                                     "(e.g. ZCYX)")
+        raise ImageError(
+            "bad-axes",
+            f"{path}: image has shape {arr.shape} but axes {ax!r}; set ingest.axes (e.g. ZCYX)",
+        )
     ax = ax.replace("S", "C")
     # drop singleton axes we do not know (T, Q, I, ...); anything else is ambiguous
     for i in reversed(range(arr.ndim)):
         if ax[i] not in "ZCYX":
             if arr.shape[i] != 1:
-                raise ImageError("bad-axes", f"{path}: axis {ax[i]!r} of shape {arr.shape} (axes {ax}) is "
-                                             "neither Z nor channel; set ingest.axes (e.g. ZCYX)")
+                raise ImageError(
+                    "bad-axes",
+                    f"{path}: axis {ax[i]!r} of shape {arr.shape} (axes {ax}) is "
+                    "neither Z nor channel; set ingest.axes (e.g. ZCYX)",
+                )
             arr = arr.squeeze(i)
-            ax = ax[:i] + ax[i + 1:]
+            ax = ax[:i] + ax[i + 1 :]
     if len(set(ax)) != len(ax) or "Y" not in ax or "X" not in ax:
-        raise ImageError("bad-axes", f"{path}: cannot use axes {ax!r} for shape {arr.shape}; set ingest.axes")
+        raise ImageError(
+            "bad-axes", f"{path}: cannot use axes {ax!r} for shape {arr.shape}; set ingest.axes"
+        )
     for a in "ZC":
         if a not in ax:
             arr = arr[None]
@@ -108,6 +120,7 @@ def read_image(path: str, axes: str = "") -> np.ndarray:
 # Z projection
 # --------------------------------------------------------------------------------------------------
 
+
 def focus_score(stack: np.ndarray) -> np.ndarray:
     """Variance of the Laplacian of each slice of a (Z, H, W) stack: higher is sharper."""
     return np.array([ndi.laplace(s.astype(np.float32, copy=False)).var() for s in stack])
@@ -118,7 +131,8 @@ def project_z(stack: np.ndarray, mode: str) -> tuple[np.ndarray, int]:
 
     Args:
         stack: the slices of one channel.
-        mode: 'max', 'mean', 'middle' or 'best-focus' (the slice with the largest variance of Laplacian).
+        mode: 'max', 'mean', 'middle' or 'best-focus' (the slice with the largest variance of
+            Laplacian).
 
     Returns:
         (image, index of the slice used; -1 for max/mean).
@@ -135,12 +149,13 @@ def project_z(stack: np.ndarray, mode: str) -> tuple[np.ndarray, int]:
     return stack[i], i
 
 
-def load_fov_image(fov: dict, channels: list[str], z_projection: str, axes: str = ""
-                   ) -> tuple[np.ndarray, dict]:
+def load_fov_image(
+    fov: dict, channels: list[str], z_projection: str, axes: str = ""
+) -> tuple[np.ndarray, dict]:
     """Read all files of one field of view and project Z, giving a float32 (C, H, W) image.
 
-    Files are grouped by their `channel` value in the order of `channels`; a file may itself hold several
-    channels (when the regex has no channel group) and/or several Z-slices.
+    Files are grouped by their `channel` value in the order of `channels`; a file may itself hold
+    several channels (when the regex has no channel group) and/or several Z-slices.
 
     Returns:
         (image, info with 'focus_z': the slice used per output channel (-1 for max/mean)).
@@ -156,10 +171,15 @@ def load_fov_image(fov: dict, channels: list[str], z_projection: str, axes: str 
             if shape is None:
                 shape, first = arr.shape[2:], f["relpath"]
             elif arr.shape[2:] != shape:
-                raise ImageError("size-mismatch", f"{f['relpath']} is {arr.shape[2]}x{arr.shape[3]} but "
-                                                  f"{first} is {shape[0]}x{shape[1]} in the same field of view")
+                raise ImageError(
+                    "size-mismatch",
+                    f"{f['relpath']} is {arr.shape[2]}x{arr.shape[3]} but "
+                    f"{first} is {shape[0]}x{shape[1]} in the same field of view",
+                )
             stacks.append(arr)
-        zc = np.concatenate(stacks, axis=0)  # (Z, C_file, H, W): Z-slices from separate files stack up
+        zc = np.concatenate(
+            stacks, axis=0
+        )  # (Z, C_file, H, W): Z-slices from separate files stack up
         for c in range(zc.shape[1]):
             img, zi = project_z(zc[:, c], z_projection)
             planes.append(img)
@@ -171,12 +191,13 @@ def load_fov_image(fov: dict, channels: list[str], z_projection: str, axes: str 
 # Illumination correction
 # --------------------------------------------------------------------------------------------------
 
+
 def downscale(img: np.ndarray, factor: int) -> np.ndarray:
-    """Block-mean downscale of (C, H, W) by an integer factor (edges that do not fill a block are cropped)."""
+    """Block-mean downscale of (C, H, W) by an integer factor (partial edge blocks are cropped)."""
     c, h, w = img.shape
     f = max(1, int(factor))
     hh, ww = max(1, h // f), max(1, w // f)
-    x = img[:, :hh * f, :ww * f] if h >= f and w >= f else img
+    x = img[:, : hh * f, : ww * f] if h >= f and w >= f else img
     if h < f or w < f:
         return x.mean(axis=(1, 2), keepdims=True)
     return x.reshape(c, hh, f, ww, f).mean(axis=(2, 4))
@@ -187,12 +208,12 @@ def illumination_function(mean_small: np.ndarray, filter_size: int = 0) -> np.nd
 
     Args:
         mean_small: average of the plate's downscaled images, (C, h, w).
-        filter_size: median filter size in downscaled pixels (0 = a tenth of the shorter side, odd, >= 3):
-            large enough to average out cells, small enough to follow vignetting.
+        filter_size: median filter size in downscaled pixels (0 = a tenth of the shorter side, odd,
+            >= 3): large enough to average out cells, small enough to follow vignetting.
 
     Returns:
-        (C, h, w) float32 with mean 1 per channel, floored at 5% of the mean so that empty corners do not
-        blow up on division.
+        (C, h, w) float32 with mean 1 per channel, floored at 5% of the mean so that empty corners
+        do not blow up on division.
     """
     c, h, w = mean_small.shape
     size = filter_size or max(3, (min(h, w) // 10) | 1)
@@ -210,12 +231,13 @@ def upsample(func: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     c, h, w = func.shape
     zoom = (1, shape[0] / h, shape[1] / w)
     out = ndi.zoom(func, zoom, order=1, mode="nearest", grid_mode=True)
-    return out[:, :shape[0], :shape[1]]
+    return out[:, : shape[0], : shape[1]]
 
 
 # --------------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------------
+
 
 def percentiles(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Per-channel (lo, hi) percentiles of a (C, ...) array as a (C, 2) float64 array."""
@@ -224,7 +246,7 @@ def percentiles(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def to_dtype(img: np.ndarray, lohi: np.ndarray, dtype: str) -> np.ndarray:
-    """Affine map (x - lo) / (hi - lo) per channel, clipped to [0, 1], scaled to the integer type."""
+    """Affine map (x - lo) / (hi - lo) per channel, clipped to [0, 1], scaled to the int type."""
     if dtype not in OUT_DTYPES:
         raise IngestError(f"unknown ingest.dtype {dtype!r}; use one of {sorted(OUT_DTYPES)}")
     dt = OUT_DTYPES[dtype]

@@ -2,27 +2,30 @@
 
 Steps (SPEC stage 2):
 
-1. **Plan** (driver, no pixels read): list the images, parse metadata with the regex, group them into
-   fields of view (FOVs), check each FOV is complete, join the plate map. Files and FOVs that cannot be used
-   become rows of the rejects table right away.
-2. **Statistics pass** (Ray Data, one task per FOV, only when needed): each FOV is read and projected, and
-   returns a block-mean downscaled copy (for the per-plate illumination functions) plus a fixed random
-   sample of full-resolution pixels (for the global / per-batch normalisation percentiles, taken after
-   illumination correction). Skipped for `normalization=per-image` without illumination correction.
-3. **Crop pass** (Ray Data, one task per FOV): read, project, correct, segment, drop border objects, crop,
-   measure; each FOV returns exactly one row: its crops and metadata, or a reject reason. One row per FOV
-   in and out is what makes "every input accounted for" a simple set equality at the end.
-4. The driver streams the rows into one `ShardWriter` as they arrive. Why the driver and not per-task shard
-   files: the writer fills shards to a fixed row count (few, evenly sized files for the training reader, not
-   one tiny file per FOV), checks cell ids are unique over the whole data set and accumulates the exact
-   per-channel intensity histograms for the manifest. The crops are small next to the segmentation work
-   (about 10 KB per cell), so the driver is not the bottleneck at the scale of one node; per-task files
-   plus a manifest merge would be the next step for a large cluster.
+1. **Plan** (driver, no pixels read): list the images, parse metadata with the regex, group them
+   into fields of view (FOVs), check each FOV is complete, join the plate map. Files and FOVs that
+   cannot be used become rows of the rejects table right away.
+2. **Statistics pass** (Ray Data, one task per FOV, only when needed): each FOV is read and
+   projected, and returns a block-mean downscaled copy (for the per-plate illumination functions)
+   plus a fixed random sample of full-resolution pixels (for the global / per-batch normalisation
+   percentiles, taken after illumination correction). Skipped for `normalization=per-image` without
+   illumination correction.
+3. **Crop pass** (Ray Data, one task per FOV): read, project, correct, segment, drop border objects,
+   crop, measure; each FOV returns exactly one row: its crops and metadata, or a reject reason. One
+   row per FOV in and out is what makes "every input accounted for" a simple set equality at the
+   end.
+4. The driver streams the rows into one `ShardWriter` as they arrive. Why the driver and not
+   per-task shard files: the writer fills shards to a fixed row count (few, evenly sized files for
+   the training reader, not one tiny file per FOV), checks cell ids are unique over the whole data
+   set and accumulates the exact per-channel intensity histograms for the manifest. The crops are
+   small next to the segmentation work (about 10 KB per cell), so the driver is not the bottleneck
+   at the scale of one node; per-task files plus a manifest merge would be the next step for a large
+   cluster.
 
-Re-runs: everything is written into `<out>.partial` and swapped into place only when complete, so a killed
-run leaves the previous data set intact, and a re-run starts from scratch without duplicates. When `out`
-already holds a data set made from the same files with the same parameters, the run is skipped; when the
-inputs or parameters differ, `ingest.overwrite=true` is required.
+Re-runs: everything is written into `<out>.partial` and swapped into place only when complete, so a
+killed run leaves the previous data set intact, and a re-run starts from scratch without duplicates.
+When `out` already holds a data set made from the same files with the same parameters, the run is
+skipped; when the inputs or parameters differ, `ingest.overwrite=true` is required.
 """
 
 from __future__ import annotations
@@ -42,9 +45,18 @@ import pandas as pd
 import pyarrow as pa
 
 from raycell import constants as K
-from raycell.ingest import images as I
-from raycell.ingest.sources import (CHANNEL, IngestError, _natural_key, discover, fov_keys, group_fovs,
-                                    join_platemap, load_platemap, reject_row)
+from raycell.ingest import images as imio
+from raycell.ingest.sources import (
+    CHANNEL,
+    IngestError,
+    discover,
+    fov_keys,
+    group_fovs,
+    join_platemap,
+    load_platemap,
+    natural_key,
+    reject_row,
+)
 
 REJECTS = "rejects.parquet"
 SUMMARY = "ingest_summary.json"
@@ -56,16 +68,27 @@ _SAMPLE = 2048  # full-resolution pixels per FOV and channel kept for normalisat
 # Plan
 # --------------------------------------------------------------------------------------------------
 
+
+def check_config(cfg) -> None:
+    """Check `cfg.ingest` before anything starts (no Ray, no pixels); IngestError names the key."""
+    _check_params(dataclasses.asdict(cfg.ingest))
+
+
 def _check_params(p: dict) -> None:
     from raycell.ingest.segment import check_backend
 
-    if p["z_projection"] not in I.Z_PROJECTIONS:
-        raise IngestError(f"ingest.z_projection must be one of {I.Z_PROJECTIONS}, got {p['z_projection']!r}")
-    if p["normalization"] not in I.NORMALIZATIONS:
-        raise IngestError(f"ingest.normalization must be one of {I.NORMALIZATIONS}, "
-                          f"got {p['normalization']!r}")
-    if p["dtype"] not in I.OUT_DTYPES:
-        raise IngestError(f"ingest.dtype must be one of {sorted(I.OUT_DTYPES)}, got {p['dtype']!r}")
+    if p["z_projection"] not in imio.Z_PROJECTIONS:
+        raise IngestError(
+            f"ingest.z_projection must be one of {imio.Z_PROJECTIONS}, got {p['z_projection']!r}"
+        )
+    if p["normalization"] not in imio.NORMALIZATIONS:
+        raise IngestError(
+            f"ingest.normalization must be one of {imio.NORMALIZATIONS}, got {p['normalization']!r}"
+        )
+    if p["dtype"] not in imio.OUT_DTYPES:
+        raise IngestError(
+            f"ingest.dtype must be one of {sorted(imio.OUT_DTYPES)}, got {p['dtype']!r}"
+        )
     lo_hi = p["norm_percentiles"]
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 100:
         raise IngestError(f"ingest.norm_percentiles must be [low, high] within 0..100, got {lo_hi}")
@@ -86,26 +109,49 @@ def _resolve_channel(name: str, names: list[str], values: list[str], key: str) -
 
 def _channel_plan(p: dict, files: pd.DataFrame, fovs: list[dict]) -> dict:
     """Channel values (file slots), output names and the nucleus / cytoplasm indices."""
-    values = list(p["channels"]) or sorted(files[CHANNEL].unique(), key=_natural_key)
+    values = list(p["channels"]) or sorted(files[CHANNEL].unique(), key=natural_key)
     if values == [""] and fovs:
-        # no channel group: the channels are inside each file; count them from the first file's header
-        first = fovs[0]["files"][0]["path"]
-        n = I.read_image(first, p["axes"]).shape[1]
+        # no channel group: the channels are inside each file; count them in the first readable one
+        n = None
+        for f in fovs[:20]:
+            try:
+                n = imio.read_image(f["files"][0]["path"], p["axes"]).shape[1]
+                break
+            except imio.ImageError:
+                continue
+        if n is None:
+            raise IngestError(
+                "cannot tell the number of channels: the first 20 fields of view have "
+                "unreadable images"
+            )
         slots = [""]
         values = [str(i) for i in range(n)]
     else:
         slots = values
     names = list(p["channel_names"]) or values
     if len(names) != len(values):
-        raise IngestError(f"ingest.channel_names has {len(names)} names for {len(values)} channels {values}")
-    nuc = _resolve_channel(p["nucleus_channel"], names, values, "ingest.nucleus_channel") \
-        if p["nucleus_channel"] else 0
-    cyt = _resolve_channel(p["cytoplasm_channel"], names, values, "ingest.cytoplasm_channel") \
-        if p["cytoplasm_channel"] else None
+        raise IngestError(
+            f"ingest.channel_names has {len(names)} names for {len(values)} channels {values}"
+        )
+    nuc = (
+        _resolve_channel(p["nucleus_channel"], names, values, "ingest.nucleus_channel")
+        if p["nucleus_channel"]
+        else 0
+    )
+    cyt = (
+        _resolve_channel(p["cytoplasm_channel"], names, values, "ingest.cytoplasm_channel")
+        if p["cytoplasm_channel"]
+        else None
+    )
     if cyt is not None and cyt == nuc:
         raise IngestError("ingest.cytoplasm_channel must differ from ingest.nucleus_channel")
-    return {"slots": slots, "values": values, "names": [str(n) for n in names], "nucleus": nuc,
-            "cytoplasm": cyt}
+    return {
+        "slots": slots,
+        "values": values,
+        "names": [str(n) for n in names],
+        "nucleus": nuc,
+        "cytoplasm": cyt,
+    }
 
 
 def _shard_columns(meta: dict, p: dict, keys: list[str]) -> dict:
@@ -114,25 +160,44 @@ def _shard_columns(meta: dict, p: dict, keys: list[str]) -> dict:
     batch = meta.get(p["batch_column"], meta.get(K.PLATE, ""))
     label = meta.get(p["label_column"], "") if p["label_column"] else ""
     gcol = p["group_column"] or next((c for c in _GROUP_CANDIDATES if c in meta), "")
-    row = {K.BATCH: batch, K.LABEL: label, K.GROUP: meta.get(gcol, "") if gcol else "",
-           K.PLATE: meta.get(K.PLATE, ""), K.WELL: meta.get(K.WELL, ""), K.FIELD: meta.get(K.FIELD, "")}
-    reserved = set(row) | {K.CELL_ID, K.SPLIT, K.SOURCE, K.CENTROID_Y, K.CENTROID_X, *K.IMAGE_COLUMNS}
-    # everything else (line, dose, time, treatment, extra regex groups) travels as a weak-label column
-    row.update({k: v for k, v in meta.items() if k not in reserved and not k.startswith(K.MORPH_PREFIX)})
+    row = {
+        K.BATCH: batch,
+        K.LABEL: label,
+        K.GROUP: meta.get(gcol, "") if gcol else "",
+        K.PLATE: meta.get(K.PLATE, ""),
+        K.WELL: meta.get(K.WELL, ""),
+        K.FIELD: meta.get(K.FIELD, ""),
+    }
+    reserved = set(row) | {
+        K.CELL_ID,
+        K.SPLIT,
+        K.SOURCE,
+        K.CENTROID_Y,
+        K.CENTROID_X,
+        *K.IMAGE_COLUMNS,
+    }
+    # everything else (line, dose, time, treatment, extra regex groups) travels as a weak-label
+    # column
+    row.update(
+        {k: v for k, v in meta.items() if k not in reserved and not k.startswith(K.MORPH_PREFIX)}
+    )
     return row
 
 
 def plan_ingest(p: dict) -> dict:
-    """Discover, group and annotate the fields of view (no pixels read except one header).
+    """Discover, group and annotate the fields of view (no pixels read; see `_channel_plan`).
 
     Returns:
-        dict with `fovs` (records for the tasks), `rejects` (rows), `channels` (see `_channel_plan`),
-        `n_files`, `fingerprint` (of the input files), `notes` (warnings for the summary).
+        dict with `fovs` (records for the tasks), `rejects` (rows), `channels` (see
+        `_channel_plan`), `n_files`, `fingerprint` (of the input files), `notes` (warnings for the
+        summary).
     """
     root = Path(p["input"]).absolute()
     files, unmatched = discover(root, p["pattern"])
-    rejects = [reject_row("file", "no-match", "path does not match ingest.pattern", "", [r])
-               for r in unmatched.relpath]
+    rejects = [
+        reject_row("file", "no-match", "path does not match ingest.pattern", "", [r])
+        for r in unmatched.relpath
+    ]
     fovs, grp_rejects = group_fovs(files, p["channels"] or None)
     rejects += grp_rejects
     keys = fov_keys(files)
@@ -143,12 +208,16 @@ def plan_ingest(p: dict) -> dict:
         rejects += pm_rejects
     if p["label_column"] and fovs and p["label_column"] not in fovs[0]["meta"]:
         if p["label_column"] != "label":
-            raise IngestError(f"ingest.label_column {p['label_column']!r} is neither a regex group nor a "
-                              f"plate-map column (have {sorted(fovs[0]['meta'])})")
+            raise IngestError(
+                f"ingest.label_column {p['label_column']!r} is neither a regex group nor a "
+                f"plate-map column (have {sorted(fovs[0]['meta'])})"
+            )
         notes.append("no 'label' column in the regex groups or plate map: labels are empty")
     if p["group_column"] and fovs and p["group_column"] not in fovs[0]["meta"]:
-        raise IngestError(f"ingest.group_column {p['group_column']!r} is neither a regex group nor a "
-                          f"plate-map column (have {sorted(fovs[0]['meta'])})")
+        raise IngestError(
+            f"ingest.group_column {p['group_column']!r} is neither a regex group nor a "
+            f"plate-map column (have {sorted(fovs[0]['meta'])})"
+        )
     channels = _channel_plan(p, files, fovs)
     for f in fovs:
         f["row"] = _shard_columns(f["meta"], p, keys)
@@ -159,9 +228,15 @@ def plan_ingest(p: dict) -> dict:
         st = os.stat(path)
         h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     n_fov_rejects = sum(r["kind"] == "fov" for r in rejects)
-    return {"fovs": fovs, "rejects": rejects, "channels": channels, "notes": notes,
-            "n_files": len(files) + len(unmatched), "n_fovs_in": len(fovs) + n_fov_rejects,
-            "fingerprint": h.hexdigest()}
+    return {
+        "fovs": fovs,
+        "rejects": rejects,
+        "channels": channels,
+        "notes": notes,
+        "n_files": len(files) + len(unmatched),
+        "n_fovs_in": len(fovs) + n_fov_rejects,
+        "fingerprint": h.hexdigest(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +247,7 @@ _STATS_CACHE: dict = {}
 
 
 def _get_stats(ref_box: list | None):
-    """Resolve the statistics object once per worker process (it can be large: one function per plate)."""
+    """Resolve the statistics once per worker process (they can be large: a function per plate)."""
     if not ref_box:
         return None
     ref = ref_box[0]
@@ -186,10 +261,13 @@ def _get_stats(ref_box: list | None):
 
 
 def _load(fov: dict, p: dict, ch: dict) -> tuple[np.ndarray, dict]:
-    img, info = I.load_fov_image(fov, ch["slots"], p["z_projection"], p["axes"])
+    img, info = imio.load_fov_image(fov, ch["slots"], p["z_projection"], p["axes"])
     if img.shape[0] != len(ch["names"]):
-        raise I.ImageError("channel-count", f"{fov['files'][0]['relpath']}: {img.shape[0]} channels, "
-                                            f"expected {len(ch['names'])} ({ch['names']})")
+        raise imio.ImageError(
+            "channel-count",
+            f"{fov['files'][0]['relpath']}: {img.shape[0]} channels, "
+            f"expected {len(ch['names'])} ({ch['names']})",
+        )
     return img, info
 
 
@@ -205,11 +283,14 @@ def _stats_batch(batch: pa.Table, p: dict, ch: dict) -> pa.Table:
             for k, v in zip(out, (fov["fov_id"], False, b"", b"", b"", b"")):
                 out[k].append(v)
             continue
-        small = I.downscale(img, f)
-        grid = img[:, : small.shape[1] * f: f, : small.shape[2] * f: f] if f > 1 else img
+        small = imio.downscale(img, f)
+        grid = img[:, : small.shape[1] * f : f, : small.shape[2] * f : f] if f > 1 else img
         rng = np.random.default_rng(zlib.crc32(fov["fov_id"].encode()))
-        idx = rng.choice(grid.shape[1] * grid.shape[2], min(_SAMPLE, grid.shape[1] * grid.shape[2]),
-                         replace=False).astype(np.int64)
+        idx = rng.choice(
+            grid.shape[1] * grid.shape[2],
+            min(_SAMPLE, grid.shape[1] * grid.shape[2]),
+            replace=False,
+        ).astype(np.int64)
         sample = grid.reshape(grid.shape[0], -1)[:, idx]
         out["fov_id"].append(fov["fov_id"])
         out["ok"].append(True)
@@ -217,52 +298,84 @@ def _stats_batch(batch: pa.Table, p: dict, ch: dict) -> pa.Table:
         out["small"].append(small.astype(np.float32).tobytes())
         out["sample"].append(sample.astype(np.float32).tobytes())
         out["sample_idx"].append(idx.tobytes())
-    return pa.table({"fov_id": pa.array(out["fov_id"], pa.string()), "ok": pa.array(out["ok"], pa.bool_()),
-                     "shape": pa.array(out["shape"], pa.string()),
-                     **{k: pa.array(out[k], pa.binary()) for k in ("small", "sample", "sample_idx")}})
+    return pa.table(
+        {
+            "fov_id": pa.array(out["fov_id"], pa.string()),
+            "ok": pa.array(out["ok"], pa.bool_()),
+            "shape": pa.array(out["shape"], pa.string()),
+            **{k: pa.array(out[k], pa.binary()) for k in ("small", "sample", "sample_idx")},
+        }
+    )
 
 
 def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
     """The crop pass for one field of view: returns the result row (crops + metadata, or a reject).
 
-    Any failure of one FOV becomes a reject with a reason (a programming error shows up there with its
-    exception type, rather than killing the job after hours).
+    Any failure of one FOV becomes a reject with a reason (a programming error shows up there with
+    its exception type, rather than killing the job after hours).
     """
     from raycell.ingest.crops import extract
     from raycell.ingest.segment import segment
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fid = fov["fov_id"]
-    base = {"fov_id": fid, "status": "rejected", "code": "", "reason": "", "n_cells": 0, "crops": b"",
-            "meta": b"", "info": "{}"}
+    base = {
+        "fov_id": fid,
+        "status": "rejected",
+        "code": "",
+        "reason": "",
+        "n_cells": 0,
+        "crops": b"",
+        "meta": b"",
+        "info": "{}",
+    }
     try:
         img, info = _load(fov, p, ch)
         plate = fov["row"][K.PLATE]
         if p["illum_correction"]:
             func = stats["illum"].get(plate) if stats else None
             if func is None:
-                raise I.ImageError("no-illum", f"no illumination function for plate {plate!r}")
-            img = img / I.upsample(func, img.shape[1:])
+                raise imio.ImageError("no-illum", f"no illumination function for plate {plate!r}")
+            img = img / imio.upsample(func, img.shape[1:])
         nuc, cells, d = segment(img, ch["nucleus"], ch["cytoplasm"], p)
         info["diameter"] = round(float(d), 2)
         info["n_objects"] = int(nuc.max())
         if nuc.max() == 0:
-            return {**base, "code": "no-cells", "reason": f"no objects found (diameter {d:.1f} px)",
-                    "info": json.dumps(info)}
+            return {
+                **base,
+                "code": "no-cells",
+                "reason": f"no objects found (diameter {d:.1f} px)",
+                "info": json.dumps(info),
+            }
         lo, hi = p["norm_percentiles"]
         if p["normalization"] == "per-image":
-            lohi = I.percentiles(img, lo, hi)
+            lohi = imio.percentiles(img, lo, hi)
         else:
             key = fov["row"][K.BATCH] if p["normalization"] == "per-batch" else ""
+            if key not in stats["lohi"]:
+                raise imio.ImageError(
+                    "no-stats", f"no readable field of view in batch {key!r} to normalise with"
+                )
             lohi = np.asarray(stats["lohi"][key])
-        img_out = I.to_dtype(img, lohi, p["dtype"])
+        img_out = imio.to_dtype(img, lohi, p["dtype"])
         objects = cells if cells is not None else nuc
-        crops, feats = extract(objects, img, img_out, ch["names"], p["crop_size"],
-                               nuclei=nuc if cells is not None else None, mask=p["mask_crops"],
-                               mask_blur=p["mask_blur"])
+        crops, feats = extract(
+            objects,
+            img,
+            img_out,
+            ch["names"],
+            p["crop_size"],
+            nuclei=nuc if cells is not None else None,
+            mask=p["mask_crops"],
+            mask_blur=p["mask_blur"],
+        )
         if len(feats) == 0:
-            return {**base, "code": "no-cells", "reason": f"all {int(objects.max())} objects touch the "
-                    "image border", "info": json.dumps(info)}
+            return {
+                **base,
+                "code": "no-cells",
+                "reason": f"all {int(objects.max())} objects touch the image border",
+                "info": json.dumps(info),
+            }
         meta = feats.drop(columns=["label"])
         meta.insert(0, K.CELL_ID, [f"{fid}-c{int(lab):05d}" for lab in feats["label"]])
         for k, v in fov["row"].items():
@@ -270,14 +383,21 @@ def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
         meta[K.SPLIT] = K.UNASSIGNED
         meta[K.SOURCE] = fov["source"]
         info["seconds"] = round(time.perf_counter() - t0, 3)
+        info["cpu_seconds"] = round(time.process_time() - c0, 3)
         sink = pa.BufferOutputStream()
         table = pa.Table.from_pandas(meta, preserve_index=False)
         with pa.ipc.new_stream(sink, table.schema) as w:
             w.write_table(table)
-        return {**base, "status": "ok", "n_cells": len(meta), "crops": crops.tobytes(),
-                "meta": sink.getvalue().to_pybytes(), "info": json.dumps(info),
-                "shape": json.dumps(list(crops.shape))}
-    except I.ImageError as exc:
+        return {
+            **base,
+            "status": "ok",
+            "n_cells": len(meta),
+            "crops": crops.tobytes(),
+            "meta": sink.getvalue().to_pybytes(),
+            "info": json.dumps(info),
+            "shape": json.dumps(list(crops.shape)),
+        }
+    except imio.ImageError as exc:
         return {**base, "code": exc.code, "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001 - see docstring
         return {**base, "code": "error", "reason": f"{type(exc).__name__}: {exc}"}
@@ -287,10 +407,14 @@ def _crop_batch(batch: pa.Table, p: dict, ch: dict, stats_ref: list | None) -> p
     stats = _get_stats(stats_ref)
     rows = [process_fov(json.loads(r), p, ch, stats) for r in batch.column("record").to_pylist()]
     cols = ("fov_id", "status", "code", "reason", "info", "shape")
-    return pa.table({**{c: pa.array([r.get(c, "") for r in rows], pa.string()) for c in cols},
-                     "n_cells": pa.array([r["n_cells"] for r in rows], pa.int64()),
-                     "crops": pa.array([r["crops"] for r in rows], pa.large_binary()),
-                     "meta": pa.array([r["meta"] for r in rows], pa.binary())})
+    return pa.table(
+        {
+            **{c: pa.array([r.get(c, "") for r in rows], pa.string()) for c in cols},
+            "n_cells": pa.array([r["n_cells"] for r in rows], pa.int64()),
+            "crops": pa.array([r["crops"] for r in rows], pa.large_binary()),
+            "meta": pa.array([r["meta"] for r in rows], pa.binary()),
+        }
+    )
 
 
 def _dataset(fovs: list[dict], p: dict):
@@ -305,16 +429,23 @@ def _map(ds, fn, p: dict, fn_kwargs: dict):
     import ray
 
     compute = ray.data.TaskPoolStrategy(size=p["num_workers"]) if p["num_workers"] > 0 else None
-    return ds.map_batches(fn, batch_size=max(1, p["fovs_per_task"]), batch_format="pyarrow",
-                          num_cpus=p["cpus_per_task"], compute=compute, fn_kwargs=fn_kwargs)
+    return ds.map_batches(
+        fn,
+        batch_size=max(1, p["fovs_per_task"]),
+        batch_format="pyarrow",
+        num_cpus=p["cpus_per_task"],
+        compute=compute,
+        fn_kwargs=fn_kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Statistics (driver side)
 # --------------------------------------------------------------------------------------------------
 
+
 def _stats_fovs(fovs: list[dict], p: dict) -> list[dict]:
-    """FOVs read by the statistics pass: all of them for illumination, else up to stats_fovs per batch."""
+    """FOVs the statistics pass reads: all for illumination, else up to stats_fovs per batch."""
     if p["illum_correction"] or not p["stats_fovs"]:
         return fovs
     by_batch: dict[str, list] = {}
@@ -347,25 +478,32 @@ def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
             row = by_id[r["fov_id"]]["row"]
             plate = row[K.PLATE]
             if plate in sums and sums[plate].shape != shape:
-                small = I.upsample(small, sums[plate].shape[1:])  # odd-sized image on the plate
+                small = imio.upsample(small, sums[plate].shape[1:])  # odd-sized image on the plate
             sums[plate] = sums.get(plate, 0) + small
             counts[plate] = counts.get(plate, 0) + 1
             sample = np.frombuffer(r["sample"], np.float32).reshape(shape[0], -1)
-            samples.append((plate, row[K.BATCH], sample, np.frombuffer(r["sample_idx"], np.int64), shape))
+            samples.append(
+                (plate, row[K.BATCH], sample, np.frombuffer(r["sample_idx"], np.int64), shape)
+            )
     illum = {}
     if p["illum_correction"]:
-        illum = {pl: I.illumination_function(s / counts[pl], p["illum_filter"]) for pl, s in sums.items()}
+        illum = {
+            pl: imio.illumination_function(s / counts[pl], p["illum_filter"])
+            for pl, s in sums.items()
+        }
     lo, hi = p["norm_percentiles"]
     pooled: dict[str, list] = {}
     for plate, batch, sample, idx, shape in samples:
         if illum:
             func = illum[plate]
             if func.shape[1:] != tuple(shape[1:]):
-                func = I.upsample(func, shape[1:])
+                func = imio.upsample(func, shape[1:])
             sample = sample / func.reshape(func.shape[0], -1)[:, idx]
         key = batch if p["normalization"] == "per-batch" else ""
         pooled.setdefault(key, []).append(sample)
-    lohi = {k: I.percentiles(np.concatenate(v, axis=1), lo, hi).tolist() for k, v in pooled.items()}
+    lohi = {
+        k: imio.percentiles(np.concatenate(v, axis=1), lo, hi).tolist() for k, v in pooled.items()
+    }
     return {"illum": illum, "lohi": lohi, "n_fovs": len(samples)}
 
 
@@ -373,8 +511,9 @@ def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
 # Driver
 # --------------------------------------------------------------------------------------------------
 
+
 def _existing(out: Path, p: dict, fingerprint: str) -> dict | None:
-    """The summary of an identical earlier run in `out` (skip), None if there is none; raise on a clash."""
+    """Summary of an identical earlier run in `out` (to skip), else None; raise on a clash."""
     from raycell.utils.io import read_json
 
     if not (out / K.MANIFEST).is_file():
@@ -386,8 +525,10 @@ def _existing(out: Path, p: dict, fingerprint: str) -> dict | None:
         s = read_json(out / SUMMARY, "ingest summary")
         return {**s, "skipped": True}
     if not same and not p["overwrite"]:
-        raise IngestError(f"{out} already holds a data set made from other inputs or parameters; choose "
-                          "another ingest.out or set ingest.overwrite=true")
+        raise IngestError(
+            f"{out} already holds a data set made from other inputs or parameters; choose "
+            "another ingest.out or set ingest.overwrite=true"
+        )
     return None
 
 
@@ -396,20 +537,147 @@ def _params_record(p: dict) -> dict:
     return json.loads(json.dumps(rec))
 
 
+def _stream_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, writer) -> dict:
+    """Run the crop pass and feed its rows into `writer` as they arrive; collect the FOV rejects."""
+    import ray
+
+    by_id = {f["fov_id"]: f for f in fovs}
+    got = {
+        "seen": set(),
+        "rejects": [],
+        "n_ok": 0,
+        "n_cells": 0,
+        "diameter": [],
+        "seconds": [],
+        "cpu_seconds": 0.0,
+    }
+    if not fovs:
+        return got
+    stats_ref = [ray.put(stats)] if (stats["illum"] or stats["lohi"]) else None
+    ds = _map(_dataset(fovs, p), _crop_batch, p, {"p": p, "ch": ch, "stats_ref": stats_ref})
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for r in block.to_pylist():
+            fov = by_id[r["fov_id"]]
+            got["seen"].add(r["fov_id"])
+            info = json.loads(r["info"] or "{}")
+            if "diameter" in info:
+                got["diameter"].append(info["diameter"])
+            if r["status"] != "ok":
+                files = [f["relpath"] for f in fov["files"]]
+                got["rejects"].append(
+                    reject_row("fov", r["code"], r["reason"], r["fov_id"], files, fov["meta"])
+                )
+                continue
+            crops = np.frombuffer(r["crops"], imio.OUT_DTYPES[p["dtype"]])
+            meta = pa.ipc.open_stream(r["meta"]).read_all().to_pandas()
+            writer.add(crops.reshape(json.loads(r["shape"])), meta)
+            got["n_ok"] += 1
+            got["n_cells"] += len(meta)
+            got["seconds"].append(info.get("seconds", 0.0))
+            got["cpu_seconds"] += info.get("cpu_seconds", 0.0)
+    # belt and braces: a FOV that came back from no task is still accounted for
+    for f in fovs:
+        if f["fov_id"] not in got["seen"]:
+            files = [x["relpath"] for x in f["files"]]
+            got["rejects"].append(
+                reject_row(
+                    "fov",
+                    "lost",
+                    "no result came back from its task",
+                    f["fov_id"],
+                    files,
+                    f["meta"],
+                )
+            )
+    return got
+
+
+def _summary(p: dict, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -> dict:
+    ch = plan["channels"]
+    diam = got["diameter"]
+    return {
+        "out": p["out"],
+        "input": p["input"],
+        "n_files": plan["n_files"],
+        "n_files_rejected": int((rej["kind"] == "file").sum()),
+        "n_fovs_in": plan["n_fovs_in"],
+        "n_fovs_with_cells": got["n_ok"],
+        "n_fovs_rejected": int((rej["kind"] == "fov").sum()),
+        "n_cells": got["n_cells"],
+        "rejects_by_code": {k: int(v) for k, v in rej["code"].value_counts().items()},
+        "channels": ch["names"],
+        "nucleus_channel": ch["names"][ch["nucleus"]],
+        "cytoplasm_channel": ch["names"][ch["cytoplasm"]] if ch["cytoplasm"] is not None else "",
+        "diameter_px": {
+            "median": float(np.median(diam)) if diam else 0.0,
+            "min": float(min(diam)) if diam else 0.0,
+            "max": float(max(diam)) if diam else 0.0,
+        },
+        "seconds": {
+            **seconds,
+            "per_fov_task_median": float(np.median(got["seconds"])) if got["seconds"] else 0.0,
+            # CPU time of the crop tasks that gave cells: throughput per core, whatever the load
+            "crop_task_cpu_total": round(got["cpu_seconds"], 2),
+        },
+        "notes": plan["notes"],
+        "skipped": False,
+    }
+
+
+def _manifest_extra(p: dict, plan: dict, stats: dict, summary: dict, illum_files: dict) -> dict:
+    """What the manifest records about ingest: parameters, corrections, accounting, rejects."""
+    counts = (
+        "n_files",
+        "n_files_rejected",
+        "n_fovs_in",
+        "n_fovs_with_cells",
+        "n_fovs_rejected",
+        "n_cells",
+    )
+    return {
+        "ingest": {
+            "params": _params_record(p),
+            "fingerprint": plan["fingerprint"],
+            "normalization": {
+                "mode": p["normalization"],
+                "percentiles": p["norm_percentiles"],
+                "ranges": stats["lohi"],
+                "units": "input intensity after illumination correction",
+                "dtype": p["dtype"],
+            },
+            "illumination": {
+                "enabled": p["illum_correction"],
+                "downscale": p["illum_downscale"],
+                "functions": illum_files,
+            },
+            "z_projection": p["z_projection"],
+            "segmentation": p["segmentation"],
+            "channel_roles": {
+                "nucleus": summary["nucleus_channel"],
+                "cytoplasm": summary["cytoplasm_channel"],
+            },
+            "morph_units": "pixels (areas px^2); morph_mean_* in input intensity units",
+            "accounting": {k: summary[k] for k in counts},
+            "rejects": {"file": REJECTS, "by_code": summary["rejects_by_code"]},
+        }
+    }
+
+
 def run_ingest(cfg) -> dict:
     """Ingest raw images into a crop-shard data set (SPEC stage 2). See the module docstring.
 
     Args:
         cfg: an `ExperimentConfig`; reads `cfg.ingest` and `cfg.ray.progress`. Uses the running Ray
-            (`ray.init` is the caller's job: jobs/ingest.py, the CLI); Ray Data starts a local one if none.
+            (`ray.init` is the caller's job: jobs/ingest.py, the CLI); Ray Data starts a local one
+            if none.
 
     Returns:
-        Summary dict: counts (files, FOVs in / with cells / rejected, cells), rejects by code, paths, the
-        seconds taken, and `skipped` when an identical data set was already there.
+        Summary dict: counts (files, FOVs in / with cells / rejected, cells), rejects by code,
+        paths, the seconds taken, and `skipped` when an identical data set was already there.
 
     Raises:
-        IngestError: inputs or parameters that make the whole job impossible (message names the key/file),
-            or no FOV gave any cell.
+        IngestError: inputs or parameters that make the whole job impossible (the message names
+            the key or file), or no FOV gave any cell.
     """
     import ray
 
@@ -422,91 +690,53 @@ def run_ingest(cfg) -> dict:
     for k in ("input", "out", "platemap", "cellpose_model"):  # Ray workers do not share our cwd
         if p[k]:
             p[k] = os.path.abspath(os.path.expanduser(p[k]))
-    out = Path(p["out"]).absolute()
+    out = Path(p["out"])
     plan = plan_ingest(p)
     prev = _existing(out, p, plan["fingerprint"])
     if prev is not None:
-        print(f"ingest: {out} already holds this data set (same inputs and parameters); skipped",
-              file=sys.stderr)
+        print(
+            f"ingest: {out} already holds this data set (same inputs, parameters); skipped",
+            file=sys.stderr,
+        )
         return prev
-    ch, fovs, rejects = plan["channels"], plan["fovs"], list(plan["rejects"])
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(cfg.ray.progress)
-    stats = compute_stats(fovs, p, ch)
+    ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.ray.progress)
+    stats = compute_stats(plan["fovs"], p, plan["channels"])
     t_stats = time.perf_counter() - t0
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    writer = ShardWriter(partial, ch["names"], rows_per_shard=p["rows_per_shard"], overwrite=True)
-    seen, n_ok, n_cells, diam, fov_seconds = set(), 0, 0, [], []
-    if fovs:
-        stats_ref = [ray.put(stats)] if (stats["illum"] or stats["lohi"]) else None
-        ds = _map(_dataset(fovs, p), _crop_batch, p, {"p": p, "ch": ch, "stats_ref": stats_ref})
-        by_id = {f["fov_id"]: f for f in fovs}
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for r in block.to_pylist():
-                seen.add(r["fov_id"])
-                info = json.loads(r["info"] or "{}")
-                if "diameter" in info:
-                    diam.append(info["diameter"])
-                fov = by_id[r["fov_id"]]
-                if r["status"] != "ok":
-                    rejects.append(reject_row("fov", r["code"], r["reason"], r["fov_id"],
-                                              [f["relpath"] for f in fov["files"]], fov["meta"]))
-                    continue
-                n_ok += 1
-                fov_seconds.append(info.get("seconds", 0.0))
-                shape = json.loads(r["shape"])
-                crops = np.frombuffer(r["crops"], I.OUT_DTYPES[p["dtype"]]).reshape(shape)
-                meta = pa.ipc.open_stream(r["meta"]).read_all().to_pandas()
-                writer.add(crops, meta)
-                n_cells += len(meta)
-    for f in fovs:  # belt and braces: a FOV that came back from no task is still accounted for
-        if f["fov_id"] not in seen:
-            rejects.append(reject_row("fov", "lost", "no result came back from its task", f["fov_id"],
-                                      [x["relpath"] for x in f["files"]], f["meta"]))
-    rej = pd.DataFrame(rejects, columns=None if rejects else ["kind", "fov_id", "code", "reason", "files"])
-    rej = rej.fillna("").astype(str)
+    writer = ShardWriter(
+        partial, plan["channels"]["names"], rows_per_shard=p["rows_per_shard"], overwrite=True
+    )
+    got = _stream_crops(plan["fovs"], p, plan["channels"], stats, writer)
+    cols = ["kind", "fov_id", "code", "reason", "files"]
+    rej = (
+        pd.DataFrame(
+            plan["rejects"] + got["rejects"],
+            columns=None if plan["rejects"] or got["rejects"] else cols,
+        )
+        .fillna("")
+        .astype(str)
+    )
     atomic_write_parquet(pa.Table.from_pandas(rej, preserve_index=False), partial / REJECTS)
-    n_fov_rej = int((rej["kind"] == "fov").sum()) if len(rej) else 0
-    summary = {
-        "out": str(out), "input": str(Path(p["input"]).absolute()),
-        "n_files": plan["n_files"], "n_files_rejected": int((rej["kind"] == "file").sum()) if len(rej) else 0,
-        "n_fovs_in": plan["n_fovs_in"], "n_fovs_with_cells": n_ok, "n_fovs_rejected": n_fov_rej, "n_cells": n_cells,
-        "rejects_by_code": {k: int(v) for k, v in rej["code"].value_counts().items()} if len(rej) else {},
-        "channels": ch["names"], "nucleus_channel": ch["names"][ch["nucleus"]],
-        "cytoplasm_channel": ch["names"][ch["cytoplasm"]] if ch["cytoplasm"] is not None else "",
-        "diameter_px": {"median": float(np.median(diam)) if diam else 0.0,
-                        "min": float(min(diam)) if diam else 0.0, "max": float(max(diam)) if diam else 0.0},
-        "seconds": {"stats": round(t_stats, 2), "total": round(time.perf_counter() - t0, 2),
-                    "per_fov_task_median": float(np.median(fov_seconds)) if fov_seconds else 0.0},
-        "notes": plan["notes"], "skipped": False,
-    }
+    summary = _summary(
+        p, plan, got, rej, {"stats": round(t_stats, 2), "total": round(time.perf_counter() - t0, 2)}
+    )
     if summary["n_fovs_in"] != summary["n_fovs_with_cells"] + summary["n_fovs_rejected"]:
-        raise RuntimeError(f"ingest accounting bug: {summary}")  # never expected; fail loudly, not silently
-    if n_cells == 0:
-        raise IngestError(f"no field of view gave any cell ({summary['n_fovs_rejected']} rejected: "
-                          f"{summary['rejects_by_code']}); see {partial / REJECTS}")
+        raise RuntimeError(f"ingest accounting bug: {summary}")  # never expected: fail loudly
+    if summary["n_cells"] == 0:
+        raise IngestError(
+            f"no field of view gave any cell ({summary['n_fovs_rejected']} rejected: "
+            f"{summary['rejects_by_code']}); see {partial / REJECTS}"
+        )
     illum_files = {}
     for plate, func in stats["illum"].items():
-        name = f"illum/{_safe(plate)}.npy"
+        illum_files[plate] = f"illum/{_safe(plate)}.npy"
         (partial / "illum").mkdir(exist_ok=True)
-        np.save(partial / name, func)
-        illum_files[plate] = name
-    extra = {"ingest": {
-        "params": _params_record(p), "fingerprint": plan["fingerprint"],
-        "normalization": {"mode": p["normalization"], "percentiles": p["norm_percentiles"],
-                          "ranges": stats["lohi"], "units": "input intensity after illumination correction",
-                          "dtype": p["dtype"]},
-        "illumination": {"enabled": p["illum_correction"], "downscale": p["illum_downscale"],
-                         "functions": illum_files},
-        "z_projection": p["z_projection"], "segmentation": p["segmentation"],
-        "channel_roles": {"nucleus": summary["nucleus_channel"], "cytoplasm": summary["cytoplasm_channel"]},
-        "morph_units": "pixels (areas px^2); morph_mean_* in input intensity units",
-        "accounting": {k: summary[k] for k in ("n_files", "n_files_rejected", "n_fovs_in",
-                                               "n_fovs_with_cells", "n_fovs_rejected", "n_cells")},
-        "rejects": {"file": REJECTS, "by_code": summary["rejects_by_code"]},
-    }}
-    writer.close(params={"stage": "ingest", "input": summary["input"]}, extra=extra)
+        np.save(partial / illum_files[plate], func)
+    writer.close(
+        params={"stage": "ingest", "input": p["input"]},
+        extra=_manifest_extra(p, plan, stats, summary, illum_files),
+    )
     atomic_write_json(partial / SUMMARY, summary)
     swap_dir(partial, out)
     return summary
@@ -517,7 +747,7 @@ def _safe(s: str) -> str:
 
 
 def swap_dir(partial: Path, out: Path) -> None:
-    """Replace `out` by `partial` with two renames (the old data set stays whole until the last moment)."""
+    """Replace `out` by `partial` with two renames (the old data set stays whole until then)."""
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():

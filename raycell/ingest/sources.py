@@ -1,14 +1,15 @@
-"""Finding the images, reading metadata from their paths, grouping them into fields of view, the plate map.
+"""Finding the images, metadata from their paths, grouping into fields of view, the plate map.
 
-Every file under the input folder with a TIFF/PNG extension is matched (``re.search``) against a regular
-expression with named groups on its path relative to the input folder (``/`` separators). The groups
-``channel`` and ``z`` say which channel and Z-slice a file holds; all other groups (``batch``, ``plate``,
-``well``, ``field``, anything else) identify the **field of view** (FOV), the unit of work: all files that
-agree on them form one FOV. Problems are recorded, not raised, wherever they concern one file or one FOV
-(a file the regex does not match, a channel that was not selected, a missing channel or Z-slice, two files
-for one slot, a well the plate map lacks), so ingest can account for every input; problems with the whole
-job (no images, a regex that matches nothing, a plate map without usable columns) raise `IngestError` with
-a one-line message naming the file or column.
+Every file under the input folder with a TIFF/PNG extension is matched (``re.search``) against a
+regular expression with named groups on its path relative to the input folder (``/`` separators).
+The groups ``channel`` and ``z`` say which channel and Z-slice a file holds; all other groups
+(``batch``, ``plate``, ``well``, ``field``, anything else) identify the **field of view** (FOV), the
+unit of work: all files that agree on them form one FOV. Problems are recorded, not raised, wherever
+they concern one file or one FOV (a file the regex does not match, a channel that was not selected,
+a missing channel or Z-slice, two files for one slot, a well the plate map lacks), so ingest can
+account for every input; problems with the whole job (no images, a regex that matches nothing, a
+plate map without usable columns) raise `IngestError` with a one-line message naming the file or
+column.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ _WELL_RE = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
 
 
 class IngestError(ValueError):
-    """An ingest input or parameter that makes the whole job impossible (message names the file/key)."""
+    """An input or parameter that makes the whole job impossible (the message names file/key)."""
 
 
-def _natural_key(s: str) -> tuple:
+def natural_key(s: str) -> tuple:
+    """Sort key that orders 'z2' before 'z10'."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
 
 
 def normalize_well(well: str) -> str:
-    """'a1', 'A01', 'A001' -> 'A01' so file names and plate maps agree; anything else is left as is."""
+    """'a1', 'A01', 'A001' -> 'A01' so file names and plate maps agree; others are left as is."""
     m = _WELL_RE.match(str(well).strip())
     return f"{m.group(1).upper()}{int(m.group(2)):02d}" if m else str(well)
 
@@ -43,15 +45,19 @@ def normalize_well(well: str) -> str:
 def compile_pattern(pattern: str) -> re.Pattern:
     """Compile the metadata regex with a clear error; it must have at least one named group."""
     if not pattern:
-        raise IngestError("ingest.pattern is empty: give a regex with named groups, e.g. "
-                          r"'(?P<plate>[^_]+)_(?P<well>[A-P]\d{2})_s(?P<field>\d+)_(?P<channel>\w+)'")
+        raise IngestError(
+            "ingest.pattern is empty: give a regex with named groups, e.g. "
+            r"'(?P<plate>[^_]+)_(?P<well>[A-P]\d{2})_s(?P<field>\d+)_(?P<channel>\w+)'"
+        )
     try:
         rx = re.compile(pattern)
     except re.error as exc:
         raise IngestError(f"ingest.pattern {pattern!r} is not a valid regex: {exc}") from None
     if not rx.groupindex:
-        raise IngestError(f"ingest.pattern {pattern!r} has no named groups ((?P<name>...)): no metadata "
-                          "could be read from the file names")
+        raise IngestError(
+            f"ingest.pattern {pattern!r} has no named groups ((?P<name>...)): no metadata "
+            "could be read from the file names"
+        )
     return rx
 
 
@@ -59,23 +65,30 @@ def discover(input_dir: str | os.PathLike, pattern: str) -> tuple[pd.DataFrame, 
     """List the image files under `input_dir` and parse their metadata.
 
     Args:
-        input_dir: folder searched recursively for .tif/.tiff/.png (any case); hidden files are skipped.
+        input_dir: folder searched recursively for .tif/.tiff/.png (any case); hidden files are
+            skipped.
         pattern: regex with named groups, searched in each path relative to `input_dir`.
 
     Returns:
-        (matched, unmatched): `matched` has columns `path` (absolute), `relpath`, one column per named group
-        (strings, '' for a group that did not take part), `channel` and `z` ('' when the regex has no such
-        group); `unmatched` has `path`, `relpath`.
+        (matched, unmatched): `matched` has columns `path` (absolute), `relpath`, one column per
+        named group (strings, '' for a group that did not take part), `channel` and `z` ('' when the
+        regex has no such group); `unmatched` has `path`, `relpath`.
 
     Raises:
-        IngestError: the folder does not exist or holds no images, or the regex matches none of them.
+        IngestError: the folder does not exist or holds no images, or the regex matches none of
+        them.
     """
     root = Path(input_dir).absolute()
     rx = compile_pattern(pattern)
     if not root.is_dir():
         raise IngestError(f"ingest.input folder not found: {root}")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    paths = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in EXTENSIONS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not paths:
         raise IngestError(f"no .tif/.tiff/.png images under {root}")
     rows, bad = [], []
@@ -85,11 +98,15 @@ def discover(input_dir: str | os.PathLike, pattern: str) -> tuple[pd.DataFrame, 
         if m is None:
             bad.append({"path": str(p), "relpath": rel})
             continue
-        rows.append({"path": str(p), "relpath": rel, **{k: v or "" for k, v in m.groupdict().items()}})
+        rows.append(
+            {"path": str(p), "relpath": rel, **{k: v or "" for k, v in m.groupdict().items()}}
+        )
     unmatched = pd.DataFrame(bad, columns=["path", "relpath"])
     if not rows:
-        raise IngestError(f"ingest.pattern {pattern!r} matches none of the {len(paths)} images under {root} "
-                          f"(e.g. {paths[0].relative_to(root).as_posix()!r})")
+        raise IngestError(
+            f"ingest.pattern {pattern!r} matches none of the {len(paths)} images under {root} "
+            f"(e.g. {paths[0].relative_to(root).as_posix()!r})"
+        )
     files = pd.DataFrame(rows)
     for col in (CHANNEL, Z):
         if col not in files:
@@ -100,55 +117,87 @@ def discover(input_dir: str | os.PathLike, pattern: str) -> tuple[pd.DataFrame, 
 
 
 def fov_keys(files: pd.DataFrame) -> list[str]:
-    """The metadata columns that identify a field of view: every regex group except channel and z."""
+    """The metadata columns that identify a field of view: every regex group but channel and z."""
     return [c for c in files.columns if c not in ("path", "relpath", CHANNEL, Z)]
 
 
 def _fov_ids(frame: pd.DataFrame, keys: list[str]) -> pd.Series:
-    """A readable id per FOV ('AS_09125_D03_00'); falls back to key=value pairs if that is ambiguous."""
+    """A readable id per FOV ('AS_09125_D03_00'); key=value pairs if that would be ambiguous."""
     if not keys:
         return pd.Series(["fov"] * len(frame), index=frame.index)
     ids = frame[keys].astype(str).agg("_".join, axis=1)
     if ids.nunique() < len(frame.drop_duplicates(keys)):
-        ids = frame[keys].astype(str).apply(lambda r: "_".join(f"{k}={v}" for k, v in r.items()), axis=1)
+        ids = (
+            frame[keys]
+            .astype(str)
+            .apply(lambda r: "_".join(f"{k}={v}" for k, v in r.items()), axis=1)
+        )
     return ids.str.replace(r"[^\w.=\-]+", "-", regex=True)
 
 
-def reject_row(kind: str, code: str, reason: str, fov_id: str = "", files: list[str] | None = None,
-               meta: dict | None = None) -> dict:
+def reject_row(
+    kind: str,
+    code: str,
+    reason: str,
+    fov_id: str = "",
+    files: list[str] | None = None,
+    meta: dict | None = None,
+) -> dict:
     """One row of the rejects table."""
-    return {"kind": kind, "fov_id": fov_id, "code": code, "reason": reason,
-            "files": ";".join(files or []), **{k: str(v) for k, v in (meta or {}).items()}}
+    return {
+        "kind": kind,
+        "fov_id": fov_id,
+        "code": code,
+        "reason": reason,
+        "files": ";".join(files or []),
+        **{k: str(v) for k, v in (meta or {}).items()},
+    }
 
 
-def group_fovs(files: pd.DataFrame, channels: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+def group_fovs(
+    files: pd.DataFrame, channels: list[str] | None = None
+) -> tuple[list[dict], list[dict]]:
     """Group matched files into fields of view and check each one is complete.
 
-    A FOV is complete when it has exactly one file for every selected channel and every Z-slice that the
-    channel has anywhere in the data set. Files of channels that are not selected become file rejects.
+    A FOV is complete when it has exactly one file for every selected channel and every Z-slice that
+    the channel has anywhere in the data set. Files of channels that are not selected become file
+    rejects.
 
     Args:
         files: `matched` from `discover`.
-        channels: channel values to keep, in output order (None/empty = every value found, natural order).
+        channels: channel values to keep, in output order (None/empty = every value found, natural
+            order).
 
     Returns:
         (fovs, rejects): each FOV is a dict with `fov_id`, `meta` (the identifying groups), `files`
         (list of {path, relpath, channel, z}); rejects are `reject_row` dicts.
     """
-    found = sorted(files[CHANNEL].unique(), key=_natural_key)
+    found = sorted(files[CHANNEL].unique(), key=natural_key)
     channels = list(channels) if channels else found
     unknown = [c for c in channels if c not in found]
     if unknown:
-        raise IngestError(f"ingest.channels {unknown} not found in the file names; the regex's 'channel' "
-                          f"group gives {found}")
+        raise IngestError(
+            f"ingest.channels {unknown} not found in the file names; the regex's 'channel' "
+            f"group gives {found}"
+        )
     keys = fov_keys(files)
     files = files.assign(fov_id=_fov_ids(files, keys))
-    rejects = [reject_row("file", "channel-not-selected",
-                          f"channel {c!r} is not in ingest.channels {channels}", fid, [rel])
-               for c, fid, rel in files.loc[~files[CHANNEL].isin(channels), [CHANNEL, "fov_id", "relpath"]]
-               .itertuples(index=False)]
+    rejects = [
+        reject_row(
+            "file",
+            "channel-not-selected",
+            f"channel {c!r} is not in ingest.channels {channels}",
+            fid,
+            [rel],
+        )
+        for c, fid, rel in files.loc[
+            ~files[CHANNEL].isin(channels), [CHANNEL, "fov_id", "relpath"]
+        ].itertuples(index=False)
+    ]
     files = files[files[CHANNEL].isin(channels)]
-    z_all = {c: sorted(files.loc[files[CHANNEL] == c, Z].unique(), key=_natural_key) for c in channels}
+    z_all = {
+        c: sorted(files.loc[files[CHANNEL] == c, Z].unique(), key=natural_key) for c in channels
+    }
     fovs = []
     for fov_id, g in files.groupby("fov_id", sort=False):
         meta = {k: g[k].iloc[0] for k in keys}
@@ -171,27 +220,35 @@ def group_fovs(files: pd.DataFrame, channels: list[str] | None = None) -> tuple[
             rejects.append(reject_row("fov", problem[0], problem[1], fov_id, rels, meta))
             continue
         order = {c: i for i, c in enumerate(channels)}
-        g = g.assign(_c=g[CHANNEL].map(order), _z=g[Z].map(lambda z: _natural_key(z)))
+        g = g.assign(_c=g[CHANNEL].map(order), _z=g[Z].map(natural_key))
         g = g.sort_values(["_c", "_z"])
-        fovs.append({"fov_id": fov_id, "meta": meta,
-                     "files": g[["path", "relpath", CHANNEL, Z]].to_dict(orient="records")})
+        fovs.append(
+            {
+                "fov_id": fov_id,
+                "meta": meta,
+                "files": g[["path", "relpath", CHANNEL, Z]].to_dict(orient="records"),
+            }
+        )
     return fovs, rejects
 
 
-def load_platemap(path: str | os.PathLike, on: list[str] | None, fov_columns: list[str]
-                  ) -> tuple[pd.DataFrame, list[str]]:
+def load_platemap(
+    path: str | os.PathLike, on: list[str] | None, fov_columns: list[str]
+) -> tuple[pd.DataFrame, list[str]]:
     """Read a plate-map CSV and decide the join columns.
 
     Args:
         path: CSV file (all columns read as strings).
-        on: join columns named by the user (empty = every column the plate map shares with the regex).
+        on: join columns named by the user (empty = every column the plate map shares with the
+            regex).
         fov_columns: the metadata columns the FOVs have.
 
     Returns:
         (plate map, join columns).
 
     Raises:
-        IngestError: missing/unreadable file, no shared column, a named column missing, duplicate keys.
+        IngestError: missing/unreadable file, no shared column, a named column missing, duplicate
+        keys.
     """
     p = Path(path)
     if not p.is_file():
@@ -206,28 +263,37 @@ def load_platemap(path: str | os.PathLike, on: list[str] | None, fov_columns: li
     if on:
         for col in on:
             if col not in pm.columns:
-                raise IngestError(f"plate map {p} has no column {col!r} (ingest.platemap_on); it has "
-                                  f"{list(pm.columns)}")
+                raise IngestError(
+                    f"plate map {p} has no column {col!r} (ingest.platemap_on); it has "
+                    f"{list(pm.columns)}"
+                )
             if col not in fov_columns:
-                raise IngestError(f"ingest.platemap_on column {col!r} is not a group of ingest.pattern "
-                                  f"(groups: {fov_columns})")
+                raise IngestError(
+                    f"ingest.platemap_on column {col!r} is not a group of ingest.pattern "
+                    f"(groups: {fov_columns})"
+                )
         keys = list(on)
     else:
         keys = [c for c in pm.columns if c in fov_columns]
         if not keys:
-            raise IngestError(f"plate map {p} shares no column with the regex groups {fov_columns}; it has "
-                              f"{list(pm.columns)} (name a column like 'well' in both)")
+            raise IngestError(
+                f"plate map {p} shares no column with the regex groups {fov_columns}; it has "
+                f"{list(pm.columns)} (name a column like 'well' in both)"
+            )
     dup = pm.duplicated(keys, keep=False)
     if dup.any():
         first = pm[dup].iloc[0]
-        raise IngestError(f"plate map {p} has {int(dup.sum())} rows with repeated {keys}, e.g. "
-                          f"{dict(first[keys])} (row {int(pm.index[dup][0]) + 2} of the file)")
+        raise IngestError(
+            f"plate map {p} has {int(dup.sum())} rows with repeated {keys}, e.g. "
+            f"{dict(first[keys])} (row {int(pm.index[dup][0]) + 2} of the file)"
+        )
     return pm, keys
 
 
-def join_platemap(fovs: list[dict], pm: pd.DataFrame, keys: list[str], path: str
-                  ) -> tuple[list[dict], list[dict]]:
-    """Add the plate-map columns to each FOV's metadata; FOVs with no plate-map row become rejects."""
+def join_platemap(
+    fovs: list[dict], pm: pd.DataFrame, keys: list[str], path: str
+) -> tuple[list[dict], list[dict]]:
+    """Add the plate-map columns to each FOV's metadata; FOVs without a row become rejects."""
     lookup = {tuple(r[k] for k in keys): r for r in pm.to_dict(orient="records")}
     kept, rejects = [], []
     for fov in fovs:
@@ -235,8 +301,16 @@ def join_platemap(fovs: list[dict], pm: pd.DataFrame, keys: list[str], path: str
         row = lookup.get(key)
         if row is None:
             what = ", ".join(f"{k}={v}" for k, v in zip(keys, key))
-            rejects.append(reject_row("fov", "not-in-platemap", f"{what} is not in plate map {path}",
-                                      fov["fov_id"], [f["relpath"] for f in fov["files"]], fov["meta"]))
+            rejects.append(
+                reject_row(
+                    "fov",
+                    "not-in-platemap",
+                    f"{what} is not in plate map {path}",
+                    fov["fov_id"],
+                    [f["relpath"] for f in fov["files"]],
+                    fov["meta"],
+                )
+            )
             continue
         extra = {k: v for k, v in row.items() if k not in fov["meta"]}
         kept.append({**fov, "meta": {**fov["meta"], **extra}})

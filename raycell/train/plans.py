@@ -1,30 +1,32 @@
 """Training plans: how each model type is optimised (scvi-tools' module/plan split).
 
-A plan owns the optimiser(s) and turns one batch into parameter updates and named loss values. The loop
-in `loop.py` is the same for every model type; everything that differs between types (extra optimisers,
-alternating adversary steps, auxiliary classifiers) lives here.
+A plan owns the optimiser(s) and turns one batch into parameter updates and named loss values. The
+loop in `loop.py` is the same for every model type; everything that differs between types (extra
+optimisers, alternating adversary steps, auxiliary classifiers) lives here.
 
 The ARMED plans (spec/armed-aec.md section 3) share one class, `ArmedPlan`, switched by two flags:
 
-* adversarial (`adversarial`, `mixedeffects`): per batch, first an **adversary step** (its own optimiser)
-  on the encoder's outputs computed without gradient, so the encoder cannot move; then the **main step**
-  with the adversary frozen: w_recon MSE + w_cls BCE - w_adv L_adv. There is no gradient-reversal layer;
-  the adversary's loss is *subtracted* (the `+` in the reference's ME code is a bug, spec section 3).
-  L_adv is the categorical cross-entropy of ẑ_A against the one-hot Z (the class default of the
-  reference; its main.py passed a binary cross-entropy on the one-hot vector, which we do not copy).
-  With fewer than 2 training batches there is nothing to be invariant to: the adversary is disabled
-  with a warning (its parameters stay at their initial values).
+* adversarial (`adversarial`, `mixedeffects`): per batch, first an **adversary step** (its own
+  optimiser) on the encoder's outputs computed without gradient, so the encoder cannot move; then
+  the **main step** with the adversary frozen: w_recon MSE + w_cls BCE - w_adv L_adv. There is no
+  gradient-reversal layer; the adversary's loss is *subtracted* (the `+` in the reference's ME code
+  is a bug, spec section 3). L_adv is the categorical cross-entropy of ẑ_A against the one-hot Z
+  (the class default of the reference; its main.py passed a binary cross-entropy on the one-hot
+  vector, which we do not copy). With fewer than 2 training batches there is nothing to be
+  invariant to: the adversary is disabled with a warning (its parameters keep their initial values).
 * random effects (`randomeffects`, `mixedeffects`): first an **image-classifier step** on the *real*
-  images -> batch (its own optimiser; the reference reused the main Adam instance, which mixes the two
-  networks' moment estimates for no benefit); then the main step with the image classifier frozen:
-  + w_cluster_latent CE(ẑ_L) + w_cluster_image CE(ẑ_I on the reconstruction) + w_kl KL. The `+` signs
-  push batch information *into* the RE latent and reconstruction.
-* mixedeffects adds both reconstructions (w_recon each) and both phenotype losses (ŷ_M and ŷ_F, w_cls
-  each), as the paper-level objective sums "the reconstruction losses" and "the classification losses".
+  images -> batch (its own optimiser; the reference reused the main Adam instance, which mixes the
+  two networks' moment estimates for no benefit); then the main step with the image classifier
+  frozen: + w_cluster_latent CE(ẑ_L) + w_cluster_image CE(ẑ_I on the reconstruction) + w_kl KL.
+  The `+` signs push batch information *into* the RE latent and reconstruction.
+* mixedeffects adds both reconstructions (w_recon each) and both phenotype losses (ŷ_M and ŷ_F,
+  w_cls each), as the paper-level objective sums "the reconstruction losses" and "the classification
+  losses".
 
-"Frozen" means no parameter update and no gradient accumulation (requires_grad off for the main step);
-gradients still flow *through* the frozen network to the encoder/decoder, and its BatchNorm layers stay
-in training mode, as in the reference where they run inside the model's training call.
+"Frozen" means no parameter update and no gradient accumulation (requires_grad off during the main
+step); gradients still flow *through* the frozen network to the encoder/decoder, and its BatchNorm
+layers stay in training mode, as in the reference where they run inside the model's training call.
+All optimisers share `train.lr` and `train.weight_decay` (the reference: Adam 1e-4 for each).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _no_sync(params: list[torch.nn.Parameter]) -> None:
 
 
 class TrainingPlan:
-    """One optimiser over the whole model: w_recon * MSE + w_cls * label loss (the conventional AEC)."""
+    """One optimiser over the whole model: w_recon * MSE + w_cls * label loss (conventional AEC)."""
 
     def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
                  n_batches: int = 1, grad_sync: GradSync = _no_sync, bf16: bool = False):
@@ -76,8 +78,9 @@ class TrainingPlan:
         self.grad_sync(params)
         opt.step()
 
-    def losses(self, out: dict, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named loss terms and their weighted sum `loss` (used for training and validation alike)."""
+    def losses(self, out: dict, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """Named loss terms and their weighted sum `loss` (for training and validation alike)."""
         mse = reconstruction_mse(out["recon"], x)
         cls = label_loss(out["logits"], y)
         return {"loss": self.w.recon * mse + self.w.cls * cls, "mse": mse, "cls": cls}
@@ -132,10 +135,10 @@ def _batch_accuracy(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 class ArmedPlan(TrainingPlan):
-    """Main step plus the adversary step and/or the image-classifier step (see the module docstring).
+    """Main step plus the adversary step and/or the image-classifier step (see the module doc).
 
     Subclasses set `adversarial` and `random_effects`. The model must provide `adversary` and
-    `adversary_inputs(x) -> (latent, block outputs)` when adversarial, and `image_classifier` plus the
+    `adversary_inputs(x) -> (latent, block outputs)` when adversarial, and `image_classifier` plus
     outputs `cluster_logits`, `cluster_image_logits` and `kl` when random effects.
     """
 
@@ -153,10 +156,13 @@ class ArmedPlan(TrainingPlan):
             self.aux["image_classifier"] = model.image_classifier
         self.use_adversary = self.adversarial and n_batches >= 2
         if self.adversarial and not self.use_adversary:
-            warnings.warn(f"model type {getattr(model, 'model_type', '?')!r}: the training data has only "
-                          f"{n_batches} batch, so there is no batch effect to remove: the adversary is "
-                          "disabled (no adversary step, no adversarial loss term)", UserWarning, stacklevel=2)
-        super().__init__(model, loss, lr, weight_decay, n_batches=n_batches, grad_sync=grad_sync, bf16=bf16)
+            mt = getattr(model, "model_type", "?")
+            warnings.warn(f"model type {mt!r}: the training data has "
+                          f"only {n_batches} batch, so there is no batch effect to remove: the "
+                          "adversary is disabled (no adversary step, no adversarial loss term)",
+                          UserWarning, stacklevel=2)
+        super().__init__(model, loss, lr, weight_decay, n_batches=n_batches, grad_sync=grad_sync,
+                         bf16=bf16)
         if self.use_adversary:
             self.optimizers["adversary"] = torch.optim.AdamW(
                 self.aux["adversary"].parameters(), lr=lr, weight_decay=weight_decay)
@@ -165,7 +171,7 @@ class ArmedPlan(TrainingPlan):
                 self.aux["image_classifier"].parameters(), lr=lr, weight_decay=weight_decay)
 
     def main_parameters(self) -> list[nn.Parameter]:
-        """Everything but the adversary and the image classifier (they have their own optimisers)."""
+        """Everything but the adversary and the image classifier (own optimisers)."""
         skip = {id(p) for m in self.aux.values() for p in m.parameters()}
         return [p for p in self.model.parameters() if id(p) not in skip]
 
@@ -206,7 +212,8 @@ class ArmedPlan(TrainingPlan):
         logs.update(self.main_step(x, y, z))
         return logs
 
-    def losses(self, out: dict, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, out: dict, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
         """Named terms and the main objective `loss` (see the module docstring for the signs)."""
         w = self.w
         t = {"mse": reconstruction_mse(out["recon"], x), "cls": label_loss(out["logits"], y)}
@@ -225,8 +232,8 @@ class ArmedPlan(TrainingPlan):
             t["cluster_latent"] = cluster_ce(out["cluster_logits"], z)
             t["cluster_image"] = cluster_ce(out["cluster_image_logits"], z)
             t["kl"] = out["kl"]
-            loss = (loss + w.cluster_latent * t["cluster_latent"] + w.cluster_image * t["cluster_image"]
-                    + w.kl * t["kl"])
+            loss = (loss + w.cluster_latent * t["cluster_latent"]
+                    + w.cluster_image * t["cluster_image"] + w.kl * t["kl"])
         t["loss"] = loss
         return t
 
@@ -238,13 +245,13 @@ class AdversarialPlan(ArmedPlan):
 
 
 class RandomEffectsPlan(ArmedPlan):
-    """Domain-enhancing AEC: image-classifier step, then MSE + BCE + CE(ẑ_L) + CE(ẑ_I) + KL terms."""
+    """Domain-enhancing AEC: image-classifier step, then MSE + BCE + CE(ẑ_L) + CE(ẑ_I) + KL."""
 
     random_effects = True
 
 
 class MixedEffectsPlan(ArmedPlan):
-    """ARMED-AEC: adversary step, image-classifier step, then the FE, RE and mixed terms together."""
+    """ARMED-AEC: adversary step, image-classifier step, then the FE, RE and mixed terms."""
 
     adversarial = True
     random_effects = True
@@ -259,7 +266,8 @@ PLANS: dict[str, type[TrainingPlan]] = {
 
 
 def build_plan(model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
-               n_batches: int = 1, grad_sync: GradSync = _no_sync, bf16: bool = False) -> TrainingPlan:
+               n_batches: int = 1, grad_sync: GradSync = _no_sync, bf16: bool = False
+               ) -> TrainingPlan:
     """The plan for `model.model_type`."""
     cls = PLANS.get(getattr(model, "model_type", ""), TrainingPlan)
     return cls(model, loss, lr, weight_decay, n_batches=n_batches, grad_sync=grad_sync, bf16=bf16)

@@ -1,0 +1,254 @@
+"""Experiments comparing model types end to end: `raycell experiment medl` (ARMED Table V analogue).
+
+`run_medl_experiment` generates the synthetic data set at `data.path` when nothing is there yet (and
+splits it when it is unsplit), then trains conventional, adversarial, random-effects and
+mixed-effects AECs for K seeds on that one data set through the same Ray Train path as
+`raycell train`, infers a soft Z for the unseen batches (`raycell infer-z`, once per seed: the
+Z-predictor depends on the data only, not on the AEC), runs batch inference (Ray Data) on the
+seen-batch test split and the unseen batches, evaluates, and writes a table of mean ± s.d. over
+seeds. `mixedeffects_randz` is not a separate training: it is the seed's mixed-effects checkpoint
+inferred with random one-hot Z rows (the reference's `--randomize_batch` ablation).
+
+Layout of `out` (a re-run skips every (seed, model) whose `result.json` exists, so an interrupted
+experiment continues where it stopped, and seeds run as separate processes into the same `out` are
+combined by one more run over all seeds):
+
+    out/seed<S>/zpredictor/         inferred_z.parquet/.json for the unseen cells
+    out/seed<S>/runs/               Ray Train run folders (checkpoints, metrics.json)
+    out/seed<S>/<model>/            predictions/, eval/ (metrics.json, latent_pca.png), result.json
+    out/results.json, table.csv, table.md
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from raycell import constants as K
+from raycell.config import ConfigError, ExperimentConfig
+from raycell.utils.io import atomic_write_json, atomic_write_text, read_json
+
+MEDL_MODELS = ["conventional", "adversarial", "randomeffects", "mixedeffects", "mixedeffects_randz"]
+RANDZ = "_randz"
+Z_MODELS = {"randomeffects", "mixedeffects"}  # types that need a design matrix at inference
+
+# (column, split, metric key, header, format): the table, in order. DB/CH/probe on the seen test
+# split, which has every seen batch (the unseen split has only the held-out ones).
+COLUMNS = [
+    ("seen_auroc", K.TEST, "auroc", "seen AUROC", "{:.3f}"),
+    ("unseen_auroc", K.UNSEEN, "auroc", "unseen AUROC", "{:.3f}"),
+    ("seen_mse", K.TEST, "mse", "seen MSE", "{:.5f}"),
+    ("unseen_mse", K.UNSEEN, "mse", "unseen MSE", "{:.5f}"),
+    ("db", K.TEST, "db", "latent DB (batch) ↑", "{:.2f}"),
+    ("ch", K.TEST, "ch", "latent CH (batch) ↓", "{:.1f}"),
+    ("batch_probe_acc", K.TEST, "batch_probe_acc", "batch-probe acc ↓", "{:.3f}"),
+]
+
+
+def _base_type(model: str) -> str:
+    return model[: -len(RANDZ)] if model.endswith(RANDZ) else model
+
+
+def _prepare_data(cfg: ExperimentConfig) -> Path:
+    """The data set at `data.path`: generated there with `cfg.synth` if absent, split if unsplit."""
+    from raycell.data.shards import open_dataset
+    from raycell.pipeline import run_split, run_synth
+
+    path = Path(cfg.data.path).absolute()
+    if not (path / K.MANIFEST).is_file():
+        c = copy.deepcopy(cfg)
+        c.synth.out = str(path)
+        run_synth(c, overwrite=True)
+    counts = open_dataset(path).manifest.get("counts_per_split") or {}
+    if not counts.get(K.TRAIN):
+        c = copy.deepcopy(cfg)
+        c.data.path = str(path)
+        run_split(c)
+    return path
+
+
+def _run_one(cfg: ExperimentConfig, model: str, seed: int, seed_dir: Path, z_dir: Path | None,
+             checkpoints: dict) -> dict:
+    """Train (unless an ablation of an existing run), infer on test + unseen, evaluate; one row."""
+    from raycell.eval.evaluate import evaluate_predictions
+    from raycell.infer.run import predict
+    from raycell.train.trainer import train
+
+    base = _base_type(model)
+    c = copy.deepcopy(cfg)
+    c.seed = seed
+    c.model.type = base
+    c.name = f"medl-s{seed}"
+    c.train.runs_dir = str(seed_dir / "runs")
+    t0 = time.time()
+    row: dict = {"model": model, "seed": seed}
+    if model == base:
+        res = train(c)
+        row.update(run_dir=res["run_dir"], checkpoint=res["checkpoint"],
+                   train_seconds=round(time.time() - t0, 1), final_metrics=res["metrics"])
+    else:
+        row.update(run_dir=checkpoints[base], ablation="randomize_z")
+    checkpoints[model] = row["run_dir"]
+    mdir = seed_dir / model
+    c.infer.checkpoint = row["run_dir"]
+    c.infer.data = ""
+    c.infer.out = str(mdir / "predictions")
+    c.infer.splits = [K.TEST, K.UNSEEN]
+    c.infer.randomize_z = model != base
+    needs_z = base in Z_MODELS and z_dir is not None and model == base
+    c.infer.z_source = str(z_dir) if needs_z else ""
+    predict(c)
+    ev = evaluate_predictions(mdir / "predictions", mdir / "eval", max_cells=cfg.eval.max_cells,
+                              seed=seed, quiet=True)
+    row.update(seconds=round(time.time() - t0, 1), test=ev["splits"].get(K.TEST, {}),
+               unseen=ev["splits"].get(K.UNSEEN, {}))
+    return row
+
+
+def summarise(rows: list[dict], models: list[str]) -> dict[str, dict]:
+    """Mean, s.d. (ddof 1) and n over seeds of every table column, per model."""
+    out: dict[str, dict] = {}
+    for m in models:
+        rs = [r for r in rows if r["model"] == m]
+        cols: dict = {"n_seeds": len(rs)}
+        for col, split, key, _, _ in COLUMNS:
+            vals = np.array([float(r.get(split, {}).get(key, math.nan)) for r in rs], dtype=float)
+            vals = vals[np.isfinite(vals)]
+            cols[col] = float(vals.mean()) if len(vals) else math.nan
+            cols[col + "_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+        chance = [float(r.get(K.TEST, {}).get("batch_probe_chance", math.nan)) for r in rs]
+        cols["batch_probe_chance"] = float(np.nanmean(chance)) if rs else math.nan
+        out[m] = cols
+    return out
+
+
+def format_markdown(summary: dict[str, dict], title: str = "", notes: list[str] | None = None
+                    ) -> str:
+    """The summary as a Markdown table of `mean ± sd` cells."""
+    lines = [f"# {title}", ""] if title else []
+    lines += [f"{n}" for n in (notes or [])]
+    if notes:
+        lines.append("")
+    head = ["model", "seeds"] + [h for _, _, _, h, _ in COLUMNS]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for m, s in summary.items():
+        cells = [m, str(s["n_seeds"])]
+        for col, _, _, _, fmt in COLUMNS:
+            mean, sd = s[col], s[col + "_sd"]
+            if not math.isfinite(mean):
+                cells.append("–")
+            elif math.isfinite(sd):
+                cells.append(f"{fmt.format(mean)} ± {fmt.format(sd)}")
+            else:
+                cells.append(fmt.format(mean))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(summary: dict[str, dict]) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(summary).T
+    frame.index.name = "model"
+    return frame.to_csv()
+
+
+def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[str], out: str,
+                        command: str = "") -> dict:
+    """Train, infer and evaluate each model type for each seed on one data set; write the table.
+
+    Needs Ray to be initialised (`raycell.utils.ray_utils.init_ray`).
+
+    Args:
+        cfg: The base config: data (`data.path`; `synth` generates it there when absent), model
+            preset, training, loss weights, scaling, inference (`infer.z_*`: the Z-predictor).
+        seeds: Training seeds (initialisation, shuffling, Z-predictor); data and split are fixed.
+        models: Any of `MEDL_MODELS` ("mixedeffects_randz" = the mixedeffects run inferred with
+            random one-hot Z; its mixedeffects run is trained even when not listed itself).
+        out: Output folder (see the module docstring); re-running continues an interrupted run.
+        command: The command line that started the experiment, recorded in the outputs.
+
+    Returns:
+        {"out", "summary" (model -> column means/sds), "rows" (one per seed and model), "table"
+        (Markdown), "seconds"}.
+    """
+    from raycell.infer.zpredictor import Z_PARQUET, run_infer_z
+
+    bad = [m for m in models if m not in MEDL_MODELS]
+    if bad or not models:
+        raise ConfigError(f"experiment medl: unknown model(s) {bad or models}; choose from "
+                          f"{MEDL_MODELS}")
+    if not seeds:
+        raise ConfigError("experiment medl: give at least one seed")
+    t0 = time.time()
+    out_p = Path(out).absolute()
+    out_p.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    cfg.data.path = str(_prepare_data(cfg))
+    order = [m for m in MEDL_MODELS if m in models or (m + RANDZ in models and m == "mixedeffects")]
+    rows: list[dict] = []
+    for seed in seeds:
+        seed_dir = out_p / f"seed{seed}"
+        z_dir = None
+        if any(_base_type(m) in Z_MODELS for m in order):
+            z_dir = seed_dir / "zpredictor"
+            if not (z_dir / Z_PARQUET).is_file():
+                c = copy.deepcopy(cfg)
+                c.seed = seed
+                # Z columns = the data set's training batches, which every model was trained on
+                c.infer.checkpoint = ""
+                c.infer.data = ""
+                c.infer.z_out = str(z_dir)
+                c.infer.z_splits = [K.UNSEEN]
+                run_infer_z(c)
+        checkpoints: dict[str, str] = {}
+        for m in order:
+            res_file = seed_dir / m / "result.json"
+            if res_file.is_file():
+                row = read_json(res_file)
+            else:
+                print(f"[raycell] experiment medl: seed {seed}, {m}", flush=True)
+                row = _run_one(cfg, m, seed, seed_dir, z_dir, checkpoints)
+                if z_dir is not None:
+                    zmeta = read_json(z_dir / "inferred_z.json")
+                    row["zpredictor_val_accuracy"] = zmeta.get("val_accuracy")
+                atomic_write_json(res_file, row)
+            checkpoints[m] = row["run_dir"]
+            rows.append(row)
+        _write_tables(out_p, cfg, seeds, models, rows, command, t0, quiet=True)  # partial results
+    return _write_tables(out_p, cfg, seeds, models, rows, command, t0)
+
+
+def _write_tables(out: Path, cfg: ExperimentConfig, seeds: list[int], models: list[str],
+                  rows: list[dict], command: str, t0: float, quiet: bool = False) -> dict:
+    """(Re)write results.json, table.csv and table.md from the rows so far (atomically)."""
+    summary = summarise(rows, models)
+    done = sorted({r["seed"] for r in rows})
+    notes = [f"Command: `{command}`" if command else "",
+             f"Data: {cfg.data.path} (preset {cfg.model.preset}, {cfg.train.epochs} epochs, "
+             f"lr {cfg.train.lr}, batch {cfg.data.batch_size}); seeds {done} of {seeds}; "
+             "mean ± s.d. over seeds.",
+             "Seen = the test split of the training batches; unseen = the held-out batches "
+             "(random/mixed effects use the Z-predictor's soft Z there). DB/CH/batch probe: "
+             "latents of the seen test split by batch, z-scored (DB higher / CH lower / probe "
+             "nearer chance = less batch information). mixedeffects latent = the fixed-effects "
+             "latent e_F; its MSE is of X̂_R."]
+    chance = [s["batch_probe_chance"] for s in summary.values()
+              if math.isfinite(s["batch_probe_chance"])]
+    if chance:
+        notes.append(f"Batch-probe chance (majority batch share): {chance[0]:.3f}.")
+    table = format_markdown(summary, "raycell MEDL experiment", [n for n in notes if n])
+    result = {"out": str(out), "command": command, "seeds": seeds, "models": models,
+              "config": cfg.to_dict(), "summary": summary, "rows": rows, "table": table,
+              "seconds": round(time.time() - t0, 1)}
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "table.csv", _csv(summary))
+    atomic_write_text(out / "table.md", table)
+    if not quiet:
+        print("\n" + table, flush=True)
+    return result

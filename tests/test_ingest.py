@@ -1,0 +1,489 @@
+"""Ingest: sources, pixels, segmentation, crops, the Ray Data pipeline end to end, bad inputs, real
+   images.
+
+The end-to-end tests build a small synthetic raw data set, break it in every way SPEC's
+"Reliability" lists, ingest it, and check that each broken field of view lands in the rejects table
+with the right reason while the rest lands in the shards (n_fovs_in == n_fovs_with_cells +
+n_fovs_rejected). Tests on the CellProfiler example images skip when ../shared/data is not there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+
+from raycell import constants as K
+from raycell.config import load_config
+from raycell.data.shards import open_dataset
+from raycell.data.synthetic_raw import DEFAULT_PATTERN, write_synthetic_raw
+from raycell.ingest import crops as C
+from raycell.ingest import images as I
+from raycell.ingest.segment import SegmentationError, check_backend, segment_nuclei
+from raycell.ingest.sources import IngestError, discover, group_fovs, join_platemap, load_platemap
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RAYCELL_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
+CP = SHARED / "cellprofiler_examples"
+
+
+@pytest.fixture(scope="session")
+def _ray():
+    """A local Ray for this module (a shared `ray_local` fixture in conftest.py may replace it)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _cfg(input_dir, out, platemap="", **ingest):
+    sets = [
+        f"ingest.input={input_dir}",
+        f"ingest.out={out}",
+        f"ingest.platemap={platemap}",
+        f"ingest.pattern={DEFAULT_PATTERN}",
+        "ingest.channels=[nucleus, cytoplasm]",
+        "ingest.nucleus_channel=nucleus",
+        "ingest.cytoplasm_channel=cytoplasm",
+        "ingest.z_projection=best-focus",
+        "ingest.crop_size=32",
+        "ray.progress=false",
+    ]
+    sets += [
+        f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
+        for k, v in ingest.items()
+    ]
+    return load_config(None, sets)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ing") / "raw"
+    write_synthetic_raw(
+        out, seed=3, n_batches=2, n_lines=4, wells=2, fields=2, fov_size=160, cells_per_fov=10
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------
+
+
+def test_regex_errors(raw, tmp_path):
+    with pytest.raises(IngestError, match="matches none"):
+        discover(raw / "images", r"(?P<well>ZZZ\d+)")
+    with pytest.raises(IngestError, match="not a valid regex"):
+        discover(raw / "images", r"(?P<well>[A-")
+    with pytest.raises(IngestError, match="no named groups"):
+        discover(raw / "images", r"SYN")
+    with pytest.raises(IngestError, match="no .tif"):
+        discover(tmp_path, DEFAULT_PATTERN)
+    with pytest.raises(IngestError, match="not found"):
+        discover(tmp_path / "nope", DEFAULT_PATTERN)
+
+
+def test_grouping_missing_channel_and_z(raw):
+    files, _ = discover(raw / "images", DEFAULT_PATTERN)
+    drop_z = files.relpath.str.endswith("SYN00_A01_s0_cytoplasm_z2.tif")
+    drop_c = files.relpath.str.contains("SYN00_A02_s1_nucleus")
+    fovs, rejects = group_fovs(files[~drop_z & ~drop_c], ["nucleus", "cytoplasm"])
+    codes = {r["fov_id"]: r["code"] for r in rejects}
+    assert codes == {"batch00_SYN00_A01_0": "missing-z", "batch00_SYN00_A02_1": "missing-channel"}
+    assert len(fovs) == 6
+    # an unselected channel is a file-level reject, not a silent skip
+    fovs, rejects = group_fovs(files, ["nucleus"])
+    assert len(fovs) == 8 and {r["code"] for r in rejects} == {"channel-not-selected"}
+    with pytest.raises(IngestError, match="not found in the file names"):
+        group_fovs(files, ["DAPI"])
+
+
+def test_platemap_errors(raw, tmp_path):
+    files, _ = discover(raw / "images", DEFAULT_PATTERN)
+    fovs, _ = group_fovs(files, ["nucleus", "cytoplasm"])
+    keys = ["batch", "plate", "well", "field"]
+    bad = tmp_path / "pm.csv"
+    pd.DataFrame({"row": ["A"], "treatment": ["x"]}).to_csv(bad, index=False)
+    with pytest.raises(IngestError, match="shares no column"):
+        load_platemap(bad, [], keys)
+    with pytest.raises(IngestError, match="has no column 'site'"):
+        load_platemap(raw / "platemap.csv", ["plate", "site"], keys)
+    with pytest.raises(IngestError, match="not a group of ingest.pattern"):
+        load_platemap(raw / "platemap.csv", ["plate", "dose"], keys)
+    with pytest.raises(IngestError, match="not found"):
+        load_platemap(tmp_path / "missing.csv", [], keys)
+    dup = tmp_path / "dup.csv"
+    pd.DataFrame({"plate": ["SYN00", "SYN00"], "well": ["A1", "A01"], "label": ["a", "b"]}).to_csv(
+        dup, index=False
+    )
+    with pytest.raises(IngestError, match="repeated"):
+        load_platemap(dup, [], keys)  # 'A1' and 'A01' are the same well
+    pm, on = load_platemap(raw / "platemap.csv", [], keys)
+    assert on == ["plate", "well"]
+    kept, rejects = join_platemap(fovs, pm[pm.well != "A02"], on, "pm")
+    assert len(kept) == 4 and {r["code"] for r in rejects} == {"not-in-platemap"}
+    assert kept[0]["meta"]["label"] in ("high", "low") and "dose" in kept[0]["meta"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pixels
+# --------------------------------------------------------------------------------------------------
+
+
+def test_read_image_errors(tmp_path):
+    good = tmp_path / "g.tif"
+    tifffile.imwrite(good, (np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8))
+    assert I.read_image(str(good)).shape == (1, 1, 64, 64)
+    trunc = tmp_path / "t.tif"
+    trunc.write_bytes(good.read_bytes()[:3000])
+    with pytest.raises(I.ImageError, match="t.tif") as e:
+        I.read_image(str(trunc))
+    assert e.value.code == "unreadable"
+    garbage = tmp_path / "x.png"
+    garbage.write_bytes(b"not a png at all")
+    with pytest.raises(I.ImageError) as e:
+        I.read_image(str(garbage))
+    assert e.value.code == "unreadable"
+    nan = tmp_path / "n.tif"
+    a = np.ones((32, 32), np.float32)
+    a[3, 4] = np.nan
+    tifffile.imwrite(nan, a)
+    with pytest.raises(I.ImageError, match="NaN") as e:
+        I.read_image(str(nan))
+    assert e.value.code == "nan-pixels"
+    zc = tmp_path / "zc.tif"
+    tifffile.imwrite(
+        zc, np.zeros((3, 2, 16, 16), np.uint16), imagej=True, metadata={"axes": "ZCYX"}
+    )
+    assert I.read_image(str(zc)).shape == (3, 2, 16, 16)
+    assert I.read_image(str(zc), axes="CZYX").shape == (2, 3, 16, 16)
+    with pytest.raises(I.ImageError, match="axes"):
+        I.read_image(str(zc), axes="ZYX")
+
+
+def test_projections_and_focus():
+    rng = np.random.default_rng(0)
+    sharp = (rng.random((64, 64)) > 0.9).astype(np.float32) * 100
+    from scipy import ndimage
+
+    stack = np.stack(
+        [ndimage.gaussian_filter(sharp, 3), sharp, ndimage.gaussian_filter(sharp, 1.5)]
+    )
+    assert I.project_z(stack, "best-focus")[1] == 1
+    assert I.project_z(stack, "middle")[1] == 1
+    np.testing.assert_allclose(I.project_z(stack, "max")[0], stack.max(0))
+    np.testing.assert_allclose(I.project_z(stack, "mean")[0], stack.mean(0), rtol=1e-6)
+    with pytest.raises(IngestError, match="z_projection"):
+        I.project_z(stack, "sum")
+
+
+def test_illumination_function_flattens_a_gradient():
+    yy, xx = np.mgrid[0:128, 0:128] / 128.0
+    illum = (0.5 + xx + 0.3 * yy).astype(np.float32)
+    rng = np.random.default_rng(1)
+    imgs = [(illum * (100 + 50 * (rng.random((128, 128)) > 0.97)))[None] for _ in range(12)]
+    mean_small = np.mean([I.downscale(im, 4) for im in imgs], axis=0)
+    func = I.illumination_function(mean_small)
+    assert abs(func.mean() - 1) < 1e-3
+    flat = imgs[0] / I.upsample(func, (128, 128))
+    bg = flat[0][imgs[0][0] < illum * 120]
+    assert bg.std() / bg.mean() < 0.05 < (imgs[0][0][imgs[0][0] < illum * 120]).std() / 100
+
+
+def test_to_dtype():
+    x = np.array([[[0.0, 5.0, 10.0, 20.0]]], np.float32)
+    out = I.to_dtype(x, np.array([[0.0, 10.0]]), "uint8")
+    assert out.dtype == np.uint8 and out.tolist() == [[[0, 128, 255, 255]]]
+    assert I.to_dtype(x, np.array([[0.0, 10.0]]), "uint16").max() == 65535
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmentation and crops
+# --------------------------------------------------------------------------------------------------
+
+
+def _disks(shape=(128, 128), centres=((40, 40), (40, 62), (90, 90)), r=10, noise=2.0, seed=0):
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    img = np.full(shape, 20.0, np.float32)
+    truth = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, 1):
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img[m] = 120
+        truth[m] = i
+    from scipy import ndimage
+
+    img = ndimage.gaussian_filter(img, 1.0) + np.random.default_rng(seed).normal(0, noise, shape)
+    return img.astype(np.float32), truth
+
+
+def test_segment_splits_touching_disks_and_estimates_diameter():
+    img, truth = _disks()
+    lab, d = segment_nuclei(img)
+    assert lab.max() == 3  # the two touching disks (centres 22 px apart, r 10) are split
+    assert 17 < d < 23
+    from raycell.ingest.segment import match_instances
+
+    assert match_instances(lab, truth)["f1"] == 1.0
+
+
+def test_empty_field_has_no_objects():
+    rng = np.random.default_rng(0)
+    img = (200 + rng.normal(0, 5, (128, 128))).astype(np.float32)
+    assert segment_nuclei(img)[0].max() == 0
+
+
+def test_cellpose_backend_errors_clearly(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "cellpose", None)  # as if not installed
+    with pytest.raises(SegmentationError, match="needs the 'cellpose' package"):
+        check_backend("cellpose", str(tmp_path / "model"))
+    import types
+
+    fake = types.ModuleType("cellpose")
+    fake.models = types.SimpleNamespace(CellposeModel=lambda **kw: None)
+    monkeypatch.setitem(sys.modules, "cellpose", fake)
+    with pytest.raises(SegmentationError, match="local cellpose model file"):
+        check_backend("cellpose", str(tmp_path / "model"))
+    with pytest.raises(SegmentationError, match="unknown segmentation"):
+        check_backend("stardist")
+
+
+def test_crops_border_padding_masks_and_morphology():
+    img, truth = _disks(centres=((30, 30), (30, 52), (100, 100), (3, 64)), r=10)
+    labels = truth.copy()
+    kept = C.drop_border_objects(labels)
+    assert set(np.unique(kept)) == {0, 1, 2, 3}  # the disk cut by the top edge is dropped
+    out = I.to_dtype(img[None], np.array([[20.0, 120.0]]), "uint8")
+    crops, feats = C.extract(labels, img[None], out, ["dna"], 48, mask=True, mask_blur=1.5)
+    assert crops.shape == (3, 1, 48, 48) and len(feats) == 3
+    np.testing.assert_allclose(feats.morph_area, np.pi * 100, rtol=0.05)
+    assert (feats.morph_eccentricity < 0.2).all() and (feats.morph_solidity > 0.9).all()
+    np.testing.assert_allclose(feats.morph_mean_dna, 115, rtol=0.05)  # 120 inside, blurred edge
+    # masked crop of disk 1: the neighbouring disk 2 (22 px to the right) is gone, the centre kept
+    assert crops[0, 0, 24, 24] > 200 and crops[0, 0, 24, 24 + 22] == 0
+    # windows past the image edge are zero-padded
+    w = C.crop_windows(np.ones((1, 10, 10), np.uint8), np.array([[0, 0]]), 6)
+    assert w.shape == (1, 1, 6, 6) and w[0, 0, :3].sum() == 0 and w[0, 0, 3:, 3:].sum() == 9
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end with Ray, bad inputs included
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken(raw, tmp_path_factory) -> Path:
+    """The synthetic raw images with one field of view broken per failure mode."""
+    src = tmp_path_factory.mktemp("broken") / "images"
+    shutil.copytree(raw / "images", src)
+    b0, b1 = src / "batch00", src / "batch01"
+    # truncated file
+    f = b0 / "SYN00_A01_s0_nucleus_z1.tif"
+    f.write_bytes(f.read_bytes()[:2000])
+    # missing Z-slice / missing channel
+    (b0 / "SYN00_A01_s1_cytoplasm_z2.tif").unlink()
+    for z in range(3):
+        (b0 / f"SYN00_A02_s0_nucleus_z{z}.tif").unlink()
+    # a file the regex does not match
+    (b0 / "notes_scan.tif").write_bytes(b"II*\x00 not really a tiff")
+    rng = np.random.default_rng(0)
+    for z in range(3):
+        for c in ("nucleus", "cytoplasm"):
+            # an empty field: background and noise only
+            tifffile.imwrite(
+                b1 / f"SYN01_A01_s7_{c}_z{z}.tif",
+                (300 + rng.normal(0, 20, (160, 160))).astype(np.uint16),
+            )
+            # NaN pixels in a float TIFF
+            a = rng.random((160, 160)).astype(np.float32)
+            if c == "cytoplasm" and z == 1:
+                a[10:12, 10:12] = np.nan
+            tifffile.imwrite(b1 / f"SYN01_A02_s8_{c}_z{z}.tif", a)
+            # a well that the plate map does not list
+            shutil.copy(b1 / f"SYN01_A01_s0_{c}_z{z}.tif", b1 / f"SYN01_A09_s0_{c}_z{z}.tif")
+            # sizes differ within one field
+            size = 160 if c == "nucleus" else 128
+            tifffile.imwrite(
+                b1 / f"SYN01_A01_s9_{c}_z{z}.tif", np.full((size, size), 100, np.uint16)
+            )
+    return src
+
+
+EXPECTED_REJECTS = {
+    "batch00_SYN00_A01_0": "unreadable",
+    "batch00_SYN00_A01_1": "missing-z",
+    "batch00_SYN00_A02_0": "missing-channel",
+    "batch01_SYN01_A01_7": "no-cells",
+    "batch01_SYN01_A02_8": "nan-pixels",
+    "batch01_SYN01_A09_0": "not-in-platemap",
+    "batch01_SYN01_A01_9": "size-mismatch",
+}
+
+
+def test_ingest_end_to_end_with_bad_inputs(_ray, raw, broken, tmp_path):
+    from raycell.ingest.run import REJECTS, run_ingest
+
+    out = tmp_path / "crops"
+    cfg = _cfg(broken, out, raw / "platemap.csv", illum_correction=True)
+    s = run_ingest(cfg)
+    assert s["n_fovs_in"] == 12 and s["n_fovs_in"] == s["n_fovs_with_cells"] + s["n_fovs_rejected"]
+    assert s["n_fovs_with_cells"] == 5 and s["n_files_rejected"] == 1
+    rej = pd.read_parquet(out / REJECTS)
+    fov_rej = rej[rej.kind == "fov"].set_index("fov_id")
+    assert fov_rej.code.to_dict() == EXPECTED_REJECTS
+    for fid, row in fov_rej.iterrows():  # every reason names something a person can act on
+        assert row.reason and row.files, fid
+    assert "SYN00_A01_s0_nucleus_z1.tif" in fov_rej.loc["batch00_SYN00_A01_0", "reason"]
+    assert rej[rej.kind == "file"].files.tolist() == ["batch00/notes_scan.tif"]
+    ds = open_dataset(out, check=True)
+    m = ds.manifest
+    assert m["n_cells"] == s["n_cells"] > 20 and ds.shape == (2, 32, 32)
+    assert m["channel_names"] == ["nucleus", "cytoplasm"] and m["label_vocab"] == ["high", "low"]
+    assert m["batch_vocab"] == ["batch00", "batch01"]
+    assert {"dose", "time", "line"} <= set(m["weak_label_columns"])
+    assert set(m["ingest"]["illumination"]["functions"]) == {"SYN00", "SYN01"}
+    assert m["ingest"]["normalization"]["mode"] == "global"
+    assert m["ingest"]["accounting"]["n_fovs_rejected"] == 7
+    t = pq.read_table(ds.shard_paths[0]).to_pandas()
+    assert t[K.CELL_ID].is_unique and (t[K.GROUP].str.startswith("line")).all()
+    morph = [c for c in t.columns if c.startswith(K.MORPH_PREFIX)]
+    assert {
+        "morph_area",
+        "morph_perimeter",
+        "morph_eccentricity",
+        "morph_solidity",
+        "morph_major_axis",
+        "morph_minor_axis",
+        "morph_mean_nucleus",
+        "morph_mean_cytoplasm",
+        "morph_nucleus_area",
+    } <= set(morph)
+    assert t.morph_area.between(100, 2000).all() and t.morph_nucleus_area.lt(t.morph_area).all()
+
+    # a re-run with the same inputs and parameters is skipped; nothing duplicated
+    again = run_ingest(cfg)
+    assert again["skipped"] and again["n_cells"] == s["n_cells"]
+    # different parameters need overwrite, which rebuilds the data set in place without duplicates
+    cfg.ingest.mask_crops = True
+    with pytest.raises(IngestError, match="overwrite"):
+        run_ingest(cfg)
+    cfg.ingest.overwrite = True
+    s2 = run_ingest(cfg)
+    assert not s2["skipped"] and s2["n_cells"] == s["n_cells"]
+    assert open_dataset(out, check=True).manifest["n_cells"] == s["n_cells"]
+    assert not (tmp_path / "crops.partial").exists() and not (tmp_path / "crops.old").exists()
+
+
+def test_ingest_normalisation_modes(_ray, raw, tmp_path):
+    from raycell.ingest.run import run_ingest
+
+    res = {}
+    for mode in ("per-batch", "per-image"):
+        out = tmp_path / mode
+        s = run_ingest(
+            _cfg(
+                raw / "images",
+                out,
+                raw / "platemap.csv",
+                normalization=mode,
+                dtype="uint16",
+                num_workers=2,
+                fovs_per_task=2,
+            )
+        )
+        assert s["n_fovs_with_cells"] == 8 and s["n_fovs_rejected"] == 0, pd.read_parquet(
+            out / "rejects.parquet"
+        ).to_dict("records")
+        m = open_dataset(out, check=True).manifest
+        assert m["dtype"] == "uint16" and m["ingest"]["normalization"]["mode"] == mode
+        res[mode] = m
+    assert set(res["per-batch"]["ingest"]["normalization"]["ranges"]) == {"batch00", "batch01"}
+    assert res["per-image"]["ingest"]["normalization"]["ranges"] == {}
+
+
+def test_ingest_job_reports_bad_input(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "jobs"))
+    try:
+        import ingest as job
+    finally:
+        sys.path.pop(0)
+    rc = job.main(
+        [
+            "--set",
+            f"ingest.input={tmp_path}",
+            "--set",
+            f"ingest.out={tmp_path / 'o'}",
+            "--set",
+            r"ingest.pattern=(?P<well>\w+)",
+            "--set",
+            "ingest.z_projection=sum",
+        ]
+    )
+    assert rc == 2 and "z_projection" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Real images (CellProfiler examples)
+# --------------------------------------------------------------------------------------------------
+
+
+def _real(name: str) -> Path:
+    d = CP / name
+    if not d.is_dir():
+        pytest.skip(
+            f"real example images not found at {d} (set RAYCELL_SHARED_DATA to the shared/data "
+            "folder to run this test)"
+        )
+    return d
+
+
+def test_example_human(_ray, tmp_path):
+    from raycell.ingest.run import run_ingest
+
+    src = _real("ExampleHuman")
+    cfg = load_config(
+        REPO / "configs/ingest/cellprofiler_example_human.yaml",
+        [f"ingest.input={src}", f"ingest.out={tmp_path / 'h'}", "ray.progress=false"],
+    )
+    s = run_ingest(cfg)
+    assert s["n_fovs_with_cells"] == 1 and 150 <= s["n_cells"] <= 400, s
+    assert 8 <= s["diameter_px"]["median"] <= 20  # nuclei are ~12 px across
+    ds = open_dataset(tmp_path / "h", check=True)
+    assert ds.manifest["channel_names"] == ["DNA", "PH3", "cell"] and ds.shape == (3, 64, 64)
+    t = pq.read_table(ds.shard_paths[0]).to_pandas()
+    assert 60 <= t.morph_nucleus_area.median() <= 250 and 200 <= t.morph_area.median() <= 1500
+    assert t.morph_nucleus_area.le(t.morph_area).all()
+    # mitotic (PH3-bright) cells exist but are a minority
+    assert 0 < (t.morph_mean_ph3 > 2 * t.morph_mean_ph3.median()).mean() < 0.3
+
+
+def test_example_as_09047_illumination(_ray, tmp_path):
+    from raycell.ingest.run import run_ingest
+
+    src = _real("ExampleIlluminationCorrection_AS_09047")
+    cfg = load_config(
+        REPO / "configs/ingest/cellprofiler_illum_AS_09047.yaml",
+        [f"ingest.input={src}", f"ingest.out={tmp_path / 'as'}", "ray.progress=false"],
+    )
+    s = run_ingest(cfg)
+    assert s["n_fovs_in"] == 72 and s["n_fovs_with_cells"] + s["n_fovs_rejected"] == 72
+    assert s["n_fovs_with_cells"] >= 70 and 700 <= s["n_cells"] <= 5000, s
+    m = open_dataset(tmp_path / "as", check=True).manifest
+    func = np.load(tmp_path / "as" / next(iter(m["ingest"]["illumination"]["functions"].values())))
+    assert (
+        func.shape == (1, 128, 128) and func.max() / func.min() > 1.5
+    )  # real vignetting was found
+    t = pd.concat(pq.read_table(p).to_pandas() for p in open_dataset(tmp_path / "as").shard_paths)
+    assert t.well.nunique() == 24 and t.field.nunique() == 3
+    assert 500 <= t.morph_area.median() <= 5000
