@@ -1,53 +1,20 @@
-"""Ray job entry point for `ingest`: raw images -> crop shards + rejects table.
+"""Ray job entry point for `raycell ingest`: raw images -> crop shards + rejects table.
 
     python jobs/ingest.py --config configs/ingest/cellprofiler_example_human.yaml
     ray job submit --working-dir . -- python jobs/ingest.py \
         --config configs/ingest/synthetic_raw.yaml \
         --set ingest.input=/mnt/images --set ingest.out=/mnt/crops
 
-Joins the cluster named by `ray.address` / RAY_ADDRESS (as under `ray job submit`), else starts a
-local Ray with spare logical CPUs. Prints the ingest summary as JSON; exit status 2 on bad input.
+Thin on purpose: it runs the same code as the CLI. Under `ray job submit`, RAY_ADDRESS is set and
+raycell joins that cluster instead of starting a local Ray. Exit status 2 on bad input.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir holds raycell/
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse --config/--set, start or join Ray, run the ingest, print its summary."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", "-c", help="YAML config (see configs/ingest/)")
-    ap.add_argument(
-        "--set",
-        "-s",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set ingest.num_workers=2 (repeatable)",
-    )
-    args = ap.parse_args(argv)
-
-    from raycell.config import ConfigError, load_config
-    from raycell.ingest.run import check_config, run_ingest
-    from raycell.ingest.segment import SegmentationError
-    from raycell.ingest.sources import IngestError
-    from raycell.utils.ray_utils import init_ray
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_config(cfg)  # bad options fail here, before a Ray cluster is started
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress)
-        summary = run_ingest(cfg)
-    except (ConfigError, IngestError, SegmentationError) as exc:
-        print(f"raycell ingest: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
+from raycell.__main__ import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["ingest", *sys.argv[1:]]))

@@ -17,10 +17,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raycell.config import ConfigError
     from raycell.data.categories import UnknownCategoryError
     from raycell.data.shards import ShardError
+    from raycell.ingest.segment import SegmentationError
     from raycell.ingest.sources import IngestError
     from raycell.models.registry import UnknownModelError
 
-    return (ConfigError, ShardError, UnknownCategoryError, UnknownModelError, IngestError, FileNotFoundError)
+    return (ConfigError, ShardError, UnknownCategoryError, UnknownModelError, IngestError,
+            SegmentationError, FileNotFoundError)
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -38,7 +40,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         from raycell.ingest.segment import evaluate_segmentation
 
         res = evaluate_segmentation(args.raw_dir, iou=args.iou)
-        print(json.dumps(res, indent=2, default=str))
+        print(json.dumps({k: v for k, v in res.items() if k != "per_fov"}, indent=2, default=str))
         return res
     if args.command == "models":
         from raycell.models import list_models
@@ -57,6 +59,10 @@ def run(argv: list[str] | None = None) -> dict | None:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return None
+    if args.command == "ingest":
+        from raycell.ingest.run import check_config
+
+        check_config(cfg)  # bad ingest options fail before Ray starts
     if args.command in NEEDS_RAY:
         from raycell.utils.ray_utils import init_ray
 

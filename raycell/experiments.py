@@ -245,7 +245,9 @@ def _write_tables(out: Path, cfg: ExperimentConfig, seeds: list[int], models: li
     table = format_markdown(summary, "raycell MEDL experiment", [n for n in notes if n])
     result = {"out": str(out), "command": command, "seeds": seeds, "models": models,
               "config": cfg.to_dict(), "summary": summary, "rows": rows, "table": table,
-              "seconds": round(time.time() - t0, 1)}
+              # this invocation's wall time; rows keep their own (from earlier invocations too)
+              "seconds": round(time.time() - t0, 1),
+              "row_seconds_total": round(sum(r.get("seconds", 0.0) for r in rows), 1)}
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "table.csv", _csv(summary))
     atomic_write_text(out / "table.md", table)

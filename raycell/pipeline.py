@@ -22,7 +22,10 @@ def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     if s.raw:
         from raycell.data.synthetic_raw import from_config
 
-        return from_config(cfg, overwrite=overwrite)
+        res = from_config(cfg, overwrite=overwrite)
+        print(f"[raycell] synth --raw -> {Path(s.out).absolute()}: "
+              f"{ {k: v for k, v in res.items() if isinstance(v, (int, float, str))} }", flush=True)
+        return res
     t0 = time.time()
     m = write_synthetic(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
                         rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
@@ -65,7 +68,14 @@ def run_ingest(cfg: ExperimentConfig) -> dict:
     """Raw images -> crop shards + rejects table (Ray Data, one task per field of view)."""
     from raycell.ingest.run import run_ingest
 
-    return run_ingest(cfg)
+    s = run_ingest(cfg)
+    print(f"[raycell] ingest {s.get('input')}: {s.get('n_fovs_in')} field(s) of view -> "
+          f"{s.get('n_cells')} cells from {s.get('n_fovs_with_cells')} field(s), "
+          f"{s.get('n_fovs_rejected')} rejected {s.get('rejects_by_code') or ''} -> {s.get('out')}",
+          flush=True)
+    for note in s.get("notes", []):
+        print(f"[raycell] note: {note}", flush=True)
+    return s
 
 
 def run_infer_z(cfg: ExperimentConfig) -> dict:

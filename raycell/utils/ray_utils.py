@@ -15,7 +15,7 @@ _QUIET_ENV = {
 
 
 def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, progress: bool = True) -> None:
-    """Join a cluster (`address`, or RAY_ADDRESS as under `ray job submit`) or start a local Ray.
+    """Join a cluster (`address`, or RAY_ADDRESS as under `ray job submit`) or start a private local Ray.
 
     A local Ray gets more logical CPUs than the machine has (max(4, 2 x cores)): Ray Data read tasks need
     CPU slots while train workers hold theirs, and on 2 cores they otherwise starve and `fit()` hangs.
@@ -33,13 +33,9 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
                   "dashboard_host": "127.0.0.1"}
             if object_store_mb:
                 kw["object_store_memory"] = object_store_mb << 20
-            try:
-                ray.init(**kw)
-            except ValueError as exc:
-                # A `ray start --head` on this machine: Ray joins it, and sizing arguments are refused.
-                if "existing cluster" not in str(exc):
-                    raise
-                ray.init()
+            # address="local": always a private instance. A bare ray.init() would join any `ray start`
+            # cluster on this machine (or a stale one named in /tmp/ray/ray_current_cluster) instead.
+            ray.init(address="local", **kw)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
