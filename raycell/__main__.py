@@ -17,12 +17,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raycell.config import ConfigError
     from raycell.data.categories import UnknownCategoryError
     from raycell.data.shards import ShardError
+    from raycell.infer.predictor import MissingDesignMatrixError
     from raycell.ingest.segment import SegmentationError
     from raycell.ingest.sources import IngestError
     from raycell.models.registry import UnknownModelError
 
     return (ConfigError, ShardError, UnknownCategoryError, UnknownModelError, IngestError,
-            SegmentationError, FileNotFoundError)
+            SegmentationError, MissingDesignMatrixError, FileNotFoundError)
 
 
 def run(argv: list[str] | None = None) -> dict | None:

@@ -101,6 +101,7 @@ def run_demo(cfg: ExperimentConfig) -> dict:
     """synth -> split -> (train -> infer -> evaluate) per model type -> comparison table, on local Ray."""
     from raycell.eval.evaluate import format_table
     from raycell.eval.plots import training_curves
+    from raycell.experiments import Z_MODELS
     from raycell.models import list_models
 
     bad = [m for m in cfg.demo.models if m not in list_models()]
@@ -129,6 +130,10 @@ def run_demo(cfg: ExperimentConfig) -> dict:
             training_curves(res["history"], run_dir / "training_curves.png", title=model_type)
         c.infer.checkpoint = res["run_dir"]
         c.infer.out = str(run_dir / "predictions")
+        if model_type in Z_MODELS:  # unseen batches need a soft Z from the Z-predictor
+            c.infer.z_out = str(run_dir / "inferred_z")
+            run_infer_z(c)
+            c.infer.z_source = c.infer.z_out
         run_infer(c)
         c.eval.predictions = c.infer.out
         c.eval.out = str(run_dir / "eval")

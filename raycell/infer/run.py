@@ -52,6 +52,7 @@ def predict(cfg: ExperimentConfig) -> dict:
     ds = open_dataset(cfg.infer.data or cfg.data.path)
     meta = read_json(ck / "meta.json", "checkpoint meta")
     DataSpec.from_dict(meta["data_spec"]).check_compatible(ds)
+    _check_design_matrix(cfg, ds, meta)
     out = Path(cfg.infer.out).absolute() if cfg.infer.out else ck.parent / "predictions"
     shard_out = out / "shards"
     shard_out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,28 @@ def predict(cfg: ExperimentConfig) -> dict:
     atomic_write_json(out / K.PREDICTIONS_MANIFEST, manifest)
     print(f"[raycell] wrote {n_rows} prediction rows in {len(files)} shard(s) to {out}", flush=True)
     return {**manifest, "out": str(out)}
+
+
+def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict) -> None:
+    """Fail before Ray starts when a random/mixed-effects model would meet batches it has no Z for."""
+    from raycell.infer.predictor import MissingDesignMatrixError
+    from raycell.models import create_model
+
+    if cfg.infer.z_source or cfg.infer.randomize_z:
+        return
+    if not getattr(create_model(meta["model_type"], **meta["model_args"]), "uses_z", False):
+        return
+    wanted = set(cfg.infer.splits) if cfg.infer.splits else None
+    batches = ds.read_table([K.BATCH, K.SPLIT]).to_pandas()
+    if wanted:
+        batches = batches[batches[K.SPLIT].isin(wanted)]
+    missing = sorted(set(batches[K.BATCH]) - set(meta["batches"]["values"]))
+    if missing:
+        raise MissingDesignMatrixError(
+            f"model type {meta['model_type']!r} needs a design matrix Z for every cell, but batch(es) "
+            f"{missing} are not among its training batches and no inferred Z was given: run "
+            "`raycell infer-z --checkpoint <run>` and pass its output folder as infer.z_source (or "
+            "restrict infer.splits to seen batches, or set infer.randomize_z=true for the ablation)")
 
 
 def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path) -> None:
