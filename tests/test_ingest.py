@@ -413,13 +413,12 @@ def test_ingest_normalisation_modes(_ray, raw, tmp_path):
 
 
 def test_ingest_job_reports_bad_input(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        import ingest as job
-    finally:
-        sys.path.pop(0)
-    rc = job.main(
+    # jobs/ingest.py is `raycell ingest`: the same main with the verb in front
+    from raycell.__main__ import main
+
+    rc = main(
         [
+            "ingest",
             "--set",
             f"ingest.input={tmp_path}",
             "--set",
