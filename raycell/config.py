@@ -278,8 +278,6 @@ class ExperimentConfig:
         if self.data.shuffle_buffer and self.data.shuffle_buffer < self.data.batch_size:
             raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
                               f"data.batch_size ({self.data.batch_size})")
-        if self.scaling.use_gpu and self.infer.num_gpus == 0:
-            pass  # inference on CPU actors while training on GPU is allowed
         return self
 
     def to_dict(self) -> dict:

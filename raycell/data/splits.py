@@ -79,10 +79,11 @@ def split_dataset(path: str, unseen: list[str] | None = None, group_by: str = K.
     stratify = [K.GROUP, K.BATCH] if stratify is None else list(stratify)
     fractions = fractions or [0.7, 0.1, 0.2]
     cols = list(dict.fromkeys([K.CELL_ID, K.BATCH, group_by, *stratify]))
-    missing = [c for c in cols if c not in ds.columns()]
+    have = ds.columns()  # one schema read, not one per column
+    missing = [c for c in cols if c not in have]
     if missing:
         raise ShardError(f"split: column '{missing[0]}' is not in the data set {ds.root} (columns: "
-                         f"{', '.join(c for c in ds.columns() if c != K.IMAGE)})")
+                         f"{', '.join(c for c in have if c != K.IMAGE)})")
     meta = ds.read_table(cols).to_pandas()
     split = assign_splits(meta, unseen, group_by, stratify, fractions, seed)
     lookup = dict(zip(meta[K.CELL_ID], split))

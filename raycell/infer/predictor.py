@@ -126,7 +126,9 @@ class CropPredictor:
         from raycell.eval.metrics import per_cell_mse, per_cell_ssim
 
         imgs = decode_images(t, self.spec.shape, self.spec.dtype)
-        x = self.spec.to_float(torch.from_numpy(imgs.astype(np.float32)).to(self.device))
+        # integers to the device (4x less to copy than float32), scaled there, as in training
+        raw = imgs.astype(np.int32) if imgs.dtype == np.uint16 else imgs.copy()
+        x = self.spec.to_float(torch.from_numpy(raw).to(self.device))
         z = self.design_matrix(t).to(self.device)
         out = self.model(x, z)
         prob = label_prob(out["logits"]).float().cpu().numpy()

@@ -99,7 +99,9 @@ def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict) -> None:
 
     if cfg.infer.z_source or cfg.infer.randomize_z:
         return
-    if not getattr(create_model(meta["model_type"], **meta["model_args"]), "uses_z", False):
+    uses_z = meta["uses_z"] if "uses_z" in meta else \
+        getattr(create_model(meta["model_type"], **meta["model_args"]), "uses_z", False)  # older checkpoints
+    if not uses_z:
         return
     wanted = set(cfg.infer.splits) if cfg.infer.splits else None
     batches = ds.read_table([K.BATCH, K.SPLIT]).to_pandas()

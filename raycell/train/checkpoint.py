@@ -31,6 +31,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, plan_state: dict 
         torch.save(plan_state, path / OPTIM)
     atomic_write_json(path / META, {
         "model_type": model.model_type, "model_args": model.model_args, "epoch": epoch,
+        "uses_z": bool(getattr(model, "uses_z", False)),
         "data_spec": spec.to_dict(), "labels": labels.to_dict(), "batches": batches.to_dict(),
         "metrics": metrics, "config": config, "software": software_versions(), **(extra or {})})
     return path
