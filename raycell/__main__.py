@@ -1,7 +1,8 @@
 """`raycell` / `python -m raycell`: parse, build the config, start Ray when the verb needs it, dispatch.
 
 Errors a user can fix (bad config key, missing data set, wrong shard, unknown label) print one line
-naming the file or key and exit with status 2; anything else is a bug and keeps its traceback.
+naming the file or key and exit with status 2; anything else is a bug and keeps its traceback. Each verb
+checks what it can without Ray (`preflight`) before Ray starts, so bad input costs no Ray start-up.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raycell.ingest.segment import SegmentationError
     from raycell.ingest.sources import IngestError
     from raycell.models.registry import UnknownModelError
+    from raycell.train.checkpoint import CheckpointError
+    from raycell.utils.outputs import OutputError
 
     return (ConfigError, ShardError, UnknownCategoryError, UnknownModelError, IngestError,
-            SegmentationError, MissingDesignMatrixError, FileNotFoundError)
+            SegmentationError, MissingDesignMatrixError, FileNotFoundError, OutputError, CheckpointError)
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -60,23 +63,55 @@ def run(argv: list[str] | None = None) -> dict | None:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return None
-    if args.command == "ingest":
-        from raycell.ingest.run import check_config
-
-        check_config(cfg)  # bad ingest options fail before Ray starts
+    cfg = preflight(args, cfg)
     if args.command in NEEDS_RAY:
         from raycell.utils.ray_utils import init_ray
 
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress)
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
+                 cfg.ray.connect_timeout_s)
     if args.command == "synth":
         return pipeline.run_synth(cfg, overwrite=args.overwrite)
     if args.command == "experiment":
-        from raycell.experiments import MEDL_MODELS, run_medl_experiment
+        from raycell.experiments import run_medl_experiment
 
-        models = args.models or MEDL_MODELS
-        return run_medl_experiment(cfg, [int(s) for s in args.seeds], models, args.out,
+        return run_medl_experiment(cfg, args.seeds, args.models, args.out,
                                    command="raycell " + " ".join(argv if argv is not None else sys.argv[1:]))
     return getattr(pipeline, f"run_{args.command.replace('-', '_')}")(cfg)
+
+
+def preflight(args, cfg):
+    """Everything a verb can check without Ray, before Ray starts (a Ray start-up costs 5-20 s).
+
+    Returns the config to run with (`train --resume` takes the run's recorded one); `experiment`'s seeds
+    and models are parsed into `args` in place.
+    """
+    if args.command == "train":
+        from raycell.config import explicit_keys
+        from raycell.train.trainer import check_train, resume_config
+
+        if cfg.train.resume:
+            cfg = resume_config(cfg, explicit_keys(args.config, overrides_from_args(args)))
+        check_train(cfg)
+    elif args.command == "ingest":
+        from raycell.ingest.run import check_config
+
+        check_config(cfg)
+    elif args.command == "infer":
+        from raycell.infer import run as infer_run
+
+        if hasattr(infer_run, "check_config"):
+            infer_run.check_config(cfg)
+    elif args.command == "demo":
+        from raycell.pipeline import check_demo
+
+        check_demo(cfg)
+    elif args.command == "experiment":
+        from raycell.experiments import MEDL_MODELS, check_medl, parse_seeds
+
+        args.seeds = parse_seeds(args.seeds)
+        args.models = args.models or MEDL_MODELS
+        check_medl(cfg, args.seeds, args.models)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except _user_errors() as exc:
-        msg = str(exc).strip("'\"")
+        # KeyError's str() is the repr of its message (quoted): unwrap it, keep every other quote
+        msg = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
         print(f"raycell: error: {msg}", file=sys.stderr)
         return 2
     return 0

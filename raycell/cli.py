@@ -46,8 +46,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/)")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=2 (repeatable)")
-    p.add_argument("--address", help="Ray cluster address (sets ray.address; default: local Ray or "
-                   "RAY_ADDRESS)")
+    p.add_argument("--address", help="Ray cluster address: host:port, ray://host:port or auto (sets "
+                   "ray.address; default: local Ray or RAY_ADDRESS); nothing answering there is an error "
+                   "after ray.connect_timeout_s (5 s)")
 
 
 def _csv(text: str) -> list[str]:
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (synth.out)")
     s.add_argument("--n-cells", type=int, help="number of cells (synth.n_cells)")
     s.add_argument("--crop-size", type=int, help="crop size in pixels (synth.crop_size)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing data set in --out")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier raycell output in --out (a "
+                   "folder of other files, or one holding the inputs, is always refused)")
     s.add_argument("--raw", action="store_const", const=True, help="write raw fields of view (TIFFs, true "
                    "masks, plate map) for `raycell ingest` instead of crops (synth.raw)")
 
@@ -77,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output data set folder (ingest.out)")
     s.add_argument("--pattern", help="regex with named groups matched on relative paths (ingest.pattern)")
     s.add_argument("--platemap", help="plate-map CSV (ingest.platemap)")
-    s.add_argument("--overwrite", action="store_const", const=True, help="replace a data set made from "
-                   "other inputs (ingest.overwrite)")
+    s.add_argument("--overwrite", action="store_const", const=True, help="replace a raycell data set made "
+                   "from other inputs or parameters (ingest.overwrite); a folder of other files, or one "
+                   "holding the inputs, is always refused")
 
     s = sub.add_parser("segmentation-eval", help="score the segmentation on synthetic raw fields of view "
                        "against their true masks (precision, recall, F1 at IoU 0.5)")
@@ -88,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("import-armed", help="ARMED data_*.npz + data_*.csv -> crop shards (date = batch)")
     s.add_argument("src", help="folder with data_{train,val,test,unseen}.npz and .csv (or one .npz)")
     s.add_argument("--out", required=True, help="output data set folder")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing data set in --out")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier raycell output in --out (a "
+                   "folder of other files, or one holding the inputs, is always refused)")
 
     s = sub.add_parser("split", help="assign train/val/test (grouped, stratified) and hold out unseen batches")
     _common(s)
@@ -103,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", help="model size preset (model.preset): small | armed | tiny")
     s.add_argument("--epochs", type=int, help="epochs (train.epochs)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint "
-                   "(train.resume)")
+                   "(train.resume). The run's recorded config.yaml is used (data, model, loss, ...); only "
+                   "--epochs (to extend it), --workers, --gpu, --address, train.max_failures, "
+                   "train.checkpoints_to_keep, train.log_every, train.torch_threads, ray.* and scaling.* "
+                   "may change, name, --runs-dir and sections training does not read are ignored, and any other "
+                   "option that differs from the run's is refused")
     s.add_argument("--workers", type=int, help="Ray Train workers (scaling.num_workers)")
     s.add_argument("--gpu", action="store_const", const=True, help="one GPU per worker (scaling.use_gpu)")
     s.add_argument("--runs-dir", help="folder for run folders (train.runs_dir)")
@@ -137,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("which", choices=["medl"], help="medl: conventional vs adversarial vs random/mixed "
                    "effects (+ randomized Z), seen test vs unseen batches")
     _common(s)
-    s.add_argument("--seeds", type=_csv, default=["0", "1", "2"], help="comma-separated seeds (default 0,1,2)")
+    s.add_argument("--seeds", type=_csv, default=["0", "1", "2"], help="comma-separated integer seeds "
+                   "(default 0,1,2)")
     s.add_argument("--models", type=_csv, default=None, help="comma-separated model types (default: conventional, adversarial, randomeffects, "
                    "mixedeffects, mixedeffects_randz = mixed effects with randomized Z at inference)")
     s.add_argument("--out", default="runs/medl", help="output folder for table.md/csv and results.json")

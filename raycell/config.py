@@ -7,6 +7,7 @@ keys; values are type-checked; cross-field checks live in `ExperimentConfig.vali
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -86,6 +87,12 @@ class IngestConfig:
     norm_percentiles: list = _f([0.1, 99.9], "low/high percentiles mapped to 0 and the dtype maximum")
     stats_fovs: int = _f(0, "fields of view sampled per batch for global/per-batch statistics "
                          "(0 = all)")
+    scale_check: str = _f("reject", "fields whose pixel type or intensity scale is far outside their "
+                          "plate's (they would wreck the pooled normalisation): reject (rejects "
+                          "table, code out-of-scale), separate (keep them, normalised per field) "
+                          "or ignore (no check)")
+    scale_fold: float = _f(20.0, "a field is out of scale when a channel's 99th percentile is more than "
+                           "this factor from its plate's median (and 5 MADs), or its pixel type differs")
     dtype: str = _f("uint8", "crop pixel type: uint8 or uint16")
     segmentation: str = _f("classical", "segmentation backend: classical (scikit-image) or cellpose")
     cellpose_model: str = _f("", "local cellpose model file (segmentation=cellpose; never downloaded)")
@@ -196,6 +203,8 @@ class RayConfig:
     num_cpus: int = _f(0, "logical CPUs for a local Ray (0 = max(4, 2 x cores): reads need slack)")
     object_store_mb: int = _f(0, "object store size for a local Ray (0 = Ray's default)")
     progress: bool = _f(True, "Ray Data progress bars")
+    connect_timeout_s: float = _f(5.0, "seconds to wait for a TCP connection to `address` (host:port or "
+                                  "ray://host:port) before giving up with an error")
 
 
 @dataclass
@@ -266,12 +275,21 @@ class ExperimentConfig:
         fr = self.split.fractions
         if len(fr) != 3 or any(not isinstance(v, (int, float)) or v < 0 for v in fr) or sum(fr) <= 0:
             raise ConfigError(f"split.fractions must be three non-negative numbers, got {fr!r}")
-        for key, val in [("data.batch_size", self.data.batch_size), ("train.epochs", self.train.epochs),
-                         ("scaling.num_workers", self.scaling.num_workers),
-                         ("synth.crop_size", self.synth.crop_size), ("synth.n_cells", self.synth.n_cells),
-                         ("infer.num_actors", self.infer.num_actors)]:
-            if val < 1:
-                raise ConfigError(f"{key} must be >= 1, got {val}")
+        for key, lowest in _AT_LEAST.items():
+            val = self.get(key)
+            if not val >= lowest:  # `not >=` also catches NaN
+                raise ConfigError(f"{key} must be >= {lowest}, got {val}")
+        for key in _POSITIVE:
+            val = self.get(key)
+            if not val > 0:
+                raise ConfigError(f"{key} must be > 0, got {val}")
+        if not 0 <= self.synth.confounding <= 1:
+            raise ConfigError(f"synth.confounding must be between 0 and 1, got {self.synth.confounding}")
+        bad_res = {k: v for k, v in self.scaling.resources_per_worker.items()
+                   if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0}
+        if bad_res:
+            raise ConfigError("scaling.resources_per_worker: amounts must be non-negative numbers, "
+                              f"got {bad_res}")
         if self.synth.n_unseen >= self.synth.n_batches:
             raise ConfigError("synth.n_unseen must be smaller than synth.n_batches "
                               f"({self.synth.n_unseen} >= {self.synth.n_batches})")
@@ -279,6 +297,21 @@ class ExperimentConfig:
             raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
                               f"data.batch_size ({self.data.batch_size})")
         return self
+
+    def get(self, key: str) -> Any:
+        """The value of a dotted key, e.g. `cfg.get("train.lr")`."""
+        node: Any = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    def set(self, key: str, value: Any) -> None:
+        """Set a dotted key in place (no type check: use with values taken from another config)."""
+        *sections, last = key.split(".")
+        node: Any = self
+        for part in sections:
+            node = getattr(node, part)
+        setattr(node, last, value)
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-safe)."""
@@ -288,6 +321,23 @@ class ExperimentConfig:
     def from_dict(cls, d: dict) -> "ExperimentConfig":
         """Build from a nested dict, raising ConfigError on unknown keys or wrong types."""
         return _build(cls, d, prefix="").validate()
+
+
+# Range checks run by `validate()`; a key missing here is only type-checked.
+_AT_LEAST = {
+    "seed": 0, "synth.n_cells": 1, "synth.crop_size": 1, "synth.n_lines": 1, "synth.n_batches": 1,
+    "synth.n_unseen": 0, "synth.lines_per_batch": 1, "synth.wells_per_line": 1, "synth.batch_strength": 0,
+    "synth.phenotype_strength": 0, "synth.rows_per_shard": 1, "synth.raw_fov_size": 1, "synth.raw_wells": 1,
+    "synth.raw_fields": 1, "synth.raw_cells_per_fov": 1, "synth.raw_z": 1,
+    "data.batch_size": 1, "data.eval_batch_size": 1, "data.shuffle_buffer": 0, "data.prefetch_batches": 0,
+    "data.block_size_mb": 1, "loss.recon": 0, "loss.cls": 0, "loss.adv": 0, "loss.cluster_latent": 0,
+    "loss.cluster_image": 0, "loss.kl": 0, "train.epochs": 1, "train.weight_decay": 0,
+    "train.checkpoints_to_keep": 1, "train.max_failures": -1, "train.torch_threads": 0, "train.log_every": 0,
+    "train.max_steps_per_epoch": 0, "scaling.num_workers": 1, "ray.num_cpus": 0, "ray.object_store_mb": 0,
+    "infer.num_actors": 1, "infer.num_gpus": 0, "infer.shards_per_round": 1, "infer.z_epochs": 1,
+    "infer.z_patience": 1, "infer.z_batch_size": 1, "eval.max_cells": 1,
+}
+_POSITIVE = ["train.lr", "infer.cpus_per_actor", "infer.z_lr", "ray.connect_timeout_s"]
 
 
 def _type_name(tp: Any) -> str:
@@ -351,15 +401,15 @@ def _build(cls: type, d: dict | None, prefix: str) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split 'a.b=value' into (['a', 'b'], parsed value); the value is parsed as YAML (1e-3, [1,2], true)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"--set {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
+        raise ConfigError(f"--set {text!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from None
+        raise ConfigError(f"--set {text!r}: cannot parse the value: {exc}") from None
     return key.split("."), value
 
 
@@ -372,32 +422,89 @@ def _set_nested(d: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _read_file(path: str | os.PathLike) -> dict:
+    """The raw mapping of a YAML config file (errors name the file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        # PyYAML's message spans several lines (with a caret drawing); keep what and where on one line
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {what}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _override(raw: dict, ov: str) -> None:
+    """Apply one `section.key=value` override to `raw`; errors name the `--set` value."""
+    keys, value = parse_override(ov)  # its errors already name the override
+    try:
+        _set_nested(raw, keys, value)
+        _build(ExperimentConfig, raw, prefix="")  # type and key errors, blamed on this override
+    except ConfigError as exc:
+        raise ConfigError(f"--set {ov}: {exc}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> ExperimentConfig:
     """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides.
 
+    Errors name where the bad value came from: the file, or the `--set` override (so a user does not
+    search a file for a value they typed on the command line).
+
     Raises:
-        ConfigError: unknown key, wrong type, unreadable file; the message names the file or key.
+        ConfigError: unknown key, wrong type or range, unreadable file; the message names the file or key.
     """
-    raw: dict = {}
+    raw: dict = _read_file(path) if path else {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+            _build(ExperimentConfig, copy.deepcopy(raw), prefix="")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    steps = [copy.deepcopy(raw)]
     for ov in overrides:
-        keys, value = parse_override(ov)
-        _set_nested(raw, keys, value)
+        _override(raw, ov)
+        steps.append(copy.deepcopy(raw))
     try:
         return ExperimentConfig.from_dict(raw)
     except ConfigError as exc:
-        if path:
-            raise ConfigError(f"{path}: {exc}") from None
+        # A cross-field check failed: blame the first source after which the config stops validating.
+        for i, step in enumerate(steps):
+            try:
+                ExperimentConfig.from_dict(step)
+            except ConfigError:
+                if i == 0 and path:
+                    raise ConfigError(f"{path}: {exc}") from None
+                if i > 0:
+                    raise ConfigError(f"--set {overrides[i - 1]}: {exc}") from None
         raise
+
+
+def explicit_keys(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> list[str]:
+    """Dotted keys a config file and overrides set explicitly (a dict-valued key like model.args is one key).
+
+    `train --resume` uses this to tell a value the user asked for from a default.
+    """
+    raw: dict = _read_file(path) if path else {}
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        _set_nested(raw, keys, value)
+    out: list[str] = []
+
+    def walk(cls: type, d: dict, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for k, v in d.items():
+            if k in hints and dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+                walk(hints[k], v, f"{prefix}{k}.")
+            else:
+                out.append(prefix + k)
+
+    walk(ExperimentConfig, raw, "")
+    return out
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:

@@ -101,6 +101,10 @@ def _run_one(cfg: ExperimentConfig, model: str, seed: int, seed_dir: Path, z_dir
     c.infer.randomize_z = model != base
     needs_z = base in Z_MODELS and z_dir is not None and model == base
     c.infer.z_source = str(z_dir) if needs_z else ""
+    if model == base:  # freshly trained: predictions of an interrupted attempt are another model's
+        import shutil
+
+        shutil.rmtree(mdir / "predictions", ignore_errors=True)
     predict(c)
     ev = evaluate_predictions(mdir / "predictions", mdir / "eval", max_cells=cfg.eval.max_cells,
                               seed=seed, quiet=True)
@@ -158,6 +162,37 @@ def _csv(summary: dict[str, dict]) -> str:
     return frame.to_csv()
 
 
+def parse_seeds(seeds: list) -> list[int]:
+    """Seeds as integers (from `--seeds 0,1,2`); a non-integer or repeated seed is a ConfigError."""
+    out = []
+    for s in seeds:
+        try:
+            v = int(str(s).strip())
+        except ValueError:
+            raise ConfigError(f"experiment --seeds: {s!r} is not an integer; give comma-separated "
+                              "integers, e.g. --seeds 0,1,2") from None
+        if v in out:
+            raise ConfigError(f"experiment --seeds: seed {v} is given twice")
+        out.append(v)
+    if not out:
+        raise ConfigError("experiment --seeds: give at least one seed, e.g. --seeds 0,1,2")
+    return out
+
+
+def check_medl(cfg: ExperimentConfig, seeds: list[int], models: list[str]) -> None:
+    """The checks `experiment medl` can make before Ray starts: model names, seeds, preset."""
+    from raycell.models.aec import PRESETS
+
+    bad = [m for m in models if m not in MEDL_MODELS]
+    if bad or not models:
+        raise ConfigError(f"experiment medl --models: unknown model(s) {bad or models}; choose from "
+                          f"{', '.join(MEDL_MODELS)}")
+    if not seeds:
+        raise ConfigError("experiment --seeds: give at least one seed, e.g. --seeds 0,1,2")
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
+
+
 def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[str], out: str,
                         command: str = "") -> dict:
     """Train, infer and evaluate each model type for each seed on one data set; write the table.
@@ -179,12 +214,8 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
     """
     from raycell.infer.zpredictor import Z_PARQUET, run_infer_z
 
-    bad = [m for m in models if m not in MEDL_MODELS]
-    if bad or not models:
-        raise ConfigError(f"experiment medl: unknown model(s) {bad or models}; choose from "
-                          f"{MEDL_MODELS}")
-    if not seeds:
-        raise ConfigError("experiment medl: give at least one seed")
+    seeds = parse_seeds(seeds)
+    check_medl(cfg, seeds, models)
     t0 = time.time()
     out_p = Path(out).absolute()
     out_p.mkdir(parents=True, exist_ok=True)

@@ -97,20 +97,34 @@ def run_evaluate(cfg: ExperimentConfig) -> dict:
                                 seed=cfg.seed)
 
 
+def check_demo(cfg: ExperimentConfig) -> None:
+    """What the demo can check before Ray starts: its model types and preset."""
+    from raycell.config import ConfigError
+    from raycell.models import list_models
+    from raycell.models.aec import PRESETS
+
+    bad = [m for m in cfg.demo.models if m not in list_models()]
+    if bad or not cfg.demo.models:
+        raise ConfigError(f"demo.models: {f'unknown model type(s) {bad}' if bad else 'empty'}; registered: "
+                          f"{', '.join(list_models())}")
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
+
+
 def run_demo(cfg: ExperimentConfig) -> dict:
     """synth -> split -> (train -> infer -> evaluate) per model type -> comparison table, on local Ray."""
     from raycell.eval.evaluate import format_table
     from raycell.eval.plots import training_curves
     from raycell.experiments import Z_MODELS
-    from raycell.models import list_models
 
-    bad = [m for m in cfg.demo.models if m not in list_models()]
-    if bad:
-        from raycell.config import ConfigError
-
-        raise ConfigError(f"demo.models: unknown model type(s) {bad}; registered: {list_models()}")
+    check_demo(cfg)
     t0 = time.time()
     out = Path(cfg.demo.out).absolute()
+    from raycell.data.shards import ShardError
+    from raycell.utils.outputs import DATASET, check_output
+
+    # the data folder is regenerated (overwrite) on every demo: refuse a user's folder before anything runs
+    check_output(out / "data", what="demo.out data folder", kind=DATASET, error=ShardError)
     out.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
     cfg.synth.out = str(out / "data")

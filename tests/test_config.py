@@ -64,3 +64,12 @@ def test_base_yaml_is_current_and_every_config_loads():
         "regenerate with: raycell config --defaults > configs/base.yaml"
     for f in sorted((ROOT / "configs").rglob("*.yaml")):
         load_config(f)
+
+
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1,\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and "line " in msg

@@ -19,7 +19,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from raycell import constants as K
 from raycell.data.categories import CategoryMap
-from raycell.data.shards import ShardDataset, decode_images
+from raycell.data.shards import ShardDataset, ShardError, decode_images
 
 TRAIN_COLUMNS = [K.CELL_ID, K.IMAGE, K.LABEL, K.BATCH]
 
@@ -46,12 +46,25 @@ class DataSpec:
         """The spec of a data set's crops."""
         return cls(tuple(ds.manifest["channel_names"]), ds.shape, ds.dtype)
 
-    def check_compatible(self, ds: ShardDataset) -> None:
-        """Raise if a data set's crops differ from what a model was trained on."""
+    def check_compatible(self, ds: ShardDataset, model: str = "the model") -> None:
+        """Raise `ShardError` if a data set's crops differ from what a model was trained on.
+
+        Channel count, crop size and dtype must match (the network's input layer and the intensity
+        scale depend on them); differently spelt channel names are allowed, since ingest names are free.
+        """
         other = DataSpec.from_dataset(ds)
-        if other.shape != self.shape or other.dtype != self.dtype:
-            raise ValueError(f"data set {ds.root} has crops {other.shape} {other.dtype}, but the model was "
-                             f"trained on {self.shape} {self.dtype}")
+        what = []
+        if other.shape[0] != self.shape[0]:
+            what.append(f"{other.shape[0]} channel(s) {list(other.channel_names)} vs "
+                        f"{self.shape[0]} {list(self.channel_names)}")
+        if other.shape[1:] != self.shape[1:]:
+            what.append(f"crop size {other.shape[1]}x{other.shape[2]} vs {self.shape[1]}x{self.shape[2]}")
+        if other.dtype != self.dtype:
+            what.append(f"dtype {other.dtype} vs {self.dtype}")
+        if what:
+            raise ShardError(f"data set {ds.root} does not fit {model}: {'; '.join(what)} (data vs model); "
+                             "run the model on data made with the same crop size, channels and dtype "
+                             "(ingest.crop_size / synth.crop_size), or train a model on this data")
 
     def to_dict(self) -> dict:
         """JSON-safe form."""

@@ -69,7 +69,7 @@ def decode_images(table: pa.Table, shape: tuple[int, int, int], dtype: str,
     arr = _as_binary_array(table.column(K.IMAGE))
     if arr.null_count:
         bad = pc.index(pc.is_null(arr), True).as_py()
-        raise ShardError(f"{where or 'shard'}: row {bad} (cell_id={_cell_id(table, bad)}) has no image")
+        raise ShardError(f"{_locate(table, bad, where)} has no image")
     off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
     offsets = np.frombuffer(arr.buffers()[1], off_type, count=len(arr) + 1, offset=arr.offset * np.dtype(off_type).itemsize)
     lengths = np.diff(offsets)
@@ -77,11 +77,20 @@ def decode_images(table: pa.Table, shape: tuple[int, int, int], dtype: str,
     if wrong.size:
         i = int(wrong[0])
         raise ShardError(
-            f"{where or 'shard'}: row {i} (cell_id={_cell_id(table, i)}) has {lengths[i]} image bytes, "
-            f"but the manifest says {c}x{h}x{w} {dtype} = {nbytes} bytes; {wrong.size} row(s) disagree")
+            f"{_locate(table, i, where)} has {lengths[i]} image bytes, but the manifest says "
+            f"{c}x{h}x{w} {dtype} = {nbytes} bytes; {wrong.size} row(s) disagree: the shard is damaged "
+            "or does not belong to this data set")
     data = arr.buffers()[2]
     flat = np.frombuffer(data, dt, count=n * c * h * w, offset=int(offsets[0]))
     return flat.reshape(n, c, h, w)
+
+
+def _locate(table: pa.Table, i: int, where: str) -> str:
+    """Name row i for an error: '<file>: row i (cell_id=...)', taking the file from a `path` column
+    (Ray Data's include_paths) when no `where` is given, since one batch can span several files."""
+    if not where and "path" in table.column_names:
+        return f"{table.column('path')[i].as_py()}: cell_id={_cell_id(table, i)}"
+    return f"{where or 'shard'}: row {i} (cell_id={_cell_id(table, i)})"
 
 
 def _cell_id(table: pa.Table, i: int) -> str:
@@ -164,11 +173,17 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike, channel_names: list[str], rows_per_shard: int = 1000,
                  overwrite: bool = False):
+        from raycell.utils.outputs import DATASET, mark, prepare_output
+
         self.out = Path(out_dir).absolute()
-        if (self.out / K.MANIFEST).exists() and not overwrite:
-            raise ShardError(f"{self.out} already holds a data set (dataset.json); choose another folder "
-                             "or pass overwrite")
+        # a file, a folder of someone else's files or an unwritable place is refused, even with overwrite
+        prepare_output(self.out, overwrite=overwrite, what="data set folder", kind=DATASET, error=ShardError,
+                       hint="overwrite")
         (self.out / K.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        mark(self.out, DATASET)
+        # the old manifest goes first: a run killed from here on leaves an incomplete folder, never a
+        # manifest that lists shards which are gone or were rewritten
+        (self.out / K.MANIFEST).unlink(missing_ok=True)
         for old in (self.out / K.SHARD_DIR).glob(K.SHARD_GLOB):
             old.unlink()
         self.channel_names = list(channel_names)
@@ -356,6 +371,29 @@ class ShardDataset:
                 raise ShardError(f"{where}: row {i} (cell_id={_cell_id(table, i)}) has {col}="
                                  f"{table.column(col)[i].as_py()}, but the manifest says {want}")
         decode_images(table, self.shape, self.dtype, where=where)
+
+    def check_shard_file(self, path: str) -> None:
+        """Cheap driver-side check of one shard before a Ray job reads it: the file is a readable parquet
+        file (a truncated one has no footer), has the required columns, and every row declares the
+        manifest's crop shape and dtype. Reads only the footer and four small columns, not the images.
+        """
+        try:
+            schema = pq.read_schema(path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ShardError(f"cannot read shard {path} (truncated or not parquet: {exc}); restore it or "
+                             "re-create the data set") from None
+        missing = [c for c in K.REQUIRED_COLUMNS if c not in schema.names]
+        if missing:
+            raise ShardError(f"shard {path}: missing column(s) {missing}")
+        t = self.read_shard(path, [K.CELL_ID, K.CHANNELS, K.HEIGHT, K.WIDTH, K.DTYPE])
+        c, h, w = self.shape
+        for col, want in ((K.CHANNELS, c), (K.HEIGHT, h), (K.WIDTH, w), (K.DTYPE, self.dtype)):
+            bad = pc.not_equal(t.column(col), want)
+            if pc.any(bad).as_py():
+                i = pc.index(bad, True).as_py()
+                raise ShardError(f"shard {path}: row {i} (cell_id={_cell_id(t, i)}) has {col}="
+                                 f"{t.column(col)[i].as_py()}, but the manifest {self.root / K.MANIFEST} "
+                                 f"says {want}: the shard does not belong to this data set")
 
 
 def open_dataset(path: str | os.PathLike, check: bool = False) -> ShardDataset:

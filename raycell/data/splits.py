@@ -38,6 +38,9 @@ def assign_splits(meta: pd.DataFrame, unseen: list[str], group_by: str, stratify
     if missing:
         raise ShardError(f"split: unseen batch(es) {missing} are not in the data set (batches: "
                          f"{sorted(known)})")
+    if known and known <= set(unseen):
+        raise ShardError(f"split: every batch is held out as unseen (split.unseen = {sorted(set(unseen))}), "
+                         "so nothing is left to train on; hold out fewer batches (--unseen)")
     fr = np.asarray(fractions, float) / np.sum(fractions)
     rng = np.random.default_rng(seed)
     split = pd.Series(K.TEST, index=meta.index, dtype=object)
@@ -85,6 +88,13 @@ def split_dataset(path: str, unseen: list[str] | None = None, group_by: str = K.
         raise ShardError(f"split: column '{missing[0]}' is not in the data set {ds.root} (columns: "
                          f"{', '.join(c for c in have if c != K.IMAGE)})")
     meta = ds.read_table(cols).to_pandas()
+    # Splits are written back by cell id: a repeated id would get one split for several cells.
+    counts = meta[K.CELL_ID].value_counts()
+    dup = counts[counts > 1]
+    if len(dup):
+        raise ShardError(f"split: {ds.root}: cell_id {dup.index[0]!r} appears {int(dup.iloc[0])} times "
+                         f"({len(dup)} duplicated id(s), {int(dup.sum() - len(dup))} extra row(s)); cell "
+                         "ids must be unique: rebuild the data set or drop the duplicate rows")
     split = assign_splits(meta, unseen, group_by, stratify, fractions, seed)
     lookup = dict(zip(meta[K.CELL_ID], split))
 

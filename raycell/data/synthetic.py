@@ -32,7 +32,8 @@ import pandas as pd
 from scipy import ndimage
 
 from raycell import constants as K
-from raycell.data.shards import ShardWriter
+from raycell.data.shards import ShardError, ShardWriter
+from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
 CHANNELS = ["nucleus", "cytoplasm"]
 LABELS = ("high", "low")
@@ -243,10 +244,18 @@ def generate(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_batch
 
 def write_synthetic(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_shard: int = 1000,
                     overwrite: bool = False, seed: int = 0, **kw) -> dict:
-    """Generate the synthetic data set and write it as crop shards; returns the manifest."""
+    """Generate the synthetic data set and write it as crop shards; returns the manifest.
+
+    `out` must be new, empty or (with `overwrite`) a raycell data set; the data set is built beside it and
+    swapped in when complete, so a failed run leaves an earlier one whole (`raycell.utils.outputs`).
+    """
+    path = prepare_output(out, overwrite=overwrite, what="synth.out", kind=DATASET, error=ShardError)
     params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
     img, meta, gt = generate(**params)
-    writer = ShardWriter(out, CHANNELS, rows_per_shard=rows_per_shard, overwrite=overwrite)
+    tmp = staging_dir(path, DATASET)
+    writer = ShardWriter(tmp, CHANNELS, rows_per_shard=rows_per_shard, overwrite=True)
     writer.add(img, meta)
-    return writer.close(params={"generator": "raycell.data.synthetic", **params},
-                        extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt})
+    m = writer.close(params={"generator": "raycell.data.synthetic", **params},
+                     extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt})
+    swap_in(tmp, path)
+    return m

@@ -29,7 +29,6 @@ Layout of `out`::
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from scipy import ndimage
 
 from raycell.data.synthetic import CHANNELS, _batch_params, _line_params
 from raycell.utils.io import atomic_write_json
+from raycell.utils.outputs import RAW, prepare_output, staging_dir, swap_in
 
 DEFAULT_PATTERN = (
     r"(?P<batch>[^/]+)/(?P<plate>[^_/]+)_(?P<well>[A-P]\d{2})_s(?P<field>\d+)"
@@ -165,7 +165,8 @@ def write_synthetic_raw(
     """Write raw fields of view, true masks and a plate map (see the module docstring).
 
     Args:
-        out: output folder (written as `<out>.partial` and renamed when complete).
+        out: output folder (built in a staging folder beside it and renamed when complete); it must
+            be new, empty or an earlier `synth --raw` folder (`raycell.utils.outputs`).
         seed: random seed; a seed gives the same files every time.
         n_batches: imaging batches (one plate each).
         n_lines: cell lines (alternate labels 'high'/'low').
@@ -175,22 +176,20 @@ def write_synthetic_raw(
         cells_per_fov: cells placed per field (fewer when they do not fit).
         n_z: Z-slices per channel.
         batch_strength: scale of the nuisance effects.
-        overwrite: replace an existing folder.
+        overwrite: replace an earlier `synth --raw` folder (never a folder of other files).
 
     Returns:
         The description written to `raw.json` (parameters, counts, the ingest settings to use).
     """
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another folder or pass overwrite")
     if min(n_batches, n_lines, wells, fields, n_z, cells_per_fov) < 1 or fov_size < 32:
         raise ValueError("write_synthetic_raw: counts must be >= 1 and fov_size >= 32")
+    # OutputError is a FileExistsError: a user's folder is refused even with overwrite
+    out = prepare_output(out, overwrite=overwrite, what="synth.out", kind=RAW)
     rng = np.random.default_rng(seed)
     lines = _line_params(rng, max(2, n_lines))
     batches = _batch_params(rng, n_batches, 0, batch_strength)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "masks").mkdir(parents=True)
+    tmp = staging_dir(out, RAW)
+    (tmp / "masks").mkdir()
     import tifffile
 
     pm_rows, truth_rows = [], []
@@ -276,9 +275,7 @@ def write_synthetic_raw(
         },
     }
     atomic_write_json(tmp / "raw.json", desc)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    swap_in(tmp, out)
     return desc
 
 

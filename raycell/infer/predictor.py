@@ -72,6 +72,7 @@ class CropPredictor:
         self.randomize_z = randomize_z
         self.z_ids: pa.Array | None = None
         self.z_values: np.ndarray | None = None
+        self._empty_schema: pa.Schema | None = None
         if z_source:
             from raycell.infer.zpredictor import read_inferred_z
 
@@ -122,15 +123,36 @@ class CropPredictor:
 
     @torch.inference_mode()
     def __call__(self, t: pa.Table) -> pa.Table:
-        """Predict one batch of rows."""
+        """Predict one batch of rows.
+
+        An empty batch (a block with no rows of the requested splits) never reaches the model: some
+        layers (instance norm in the random-effects networks) fail on zero rows. It gets an empty
+        table with the columns a non-empty batch would have, so Ray Data's blocks share one schema.
+        """
+        if t.num_rows == 0:
+            return self._empty_output(t)
+        # decode errors name the row's input file when read_parquet's path column is passed through
+        imgs = decode_images(t, self.spec.shape, self.spec.dtype)
+        return self._predict(t, imgs, self.design_matrix(t))
+
+    def _empty_output(self, t: pa.Table) -> pa.Table:
+        """Zero rows with the output schema (computed once, from one blank crop that is thrown away)."""
+        if self._empty_schema is None:
+            blank = np.zeros((1, *self.spec.shape), self.spec.dtype)
+            one = self._predict(pa.table({}), blank, torch.zeros(1, len(self.batches)))
+            self._empty_schema = one.schema
+        cols = {c: t.column(c) for c in self.passthrough if c in t.column_names}
+        for f in self._empty_schema:
+            cols[f.name] = pa.array([], f.type)
+        return pa.table(cols)
+
+    def _predict(self, t: pa.Table, imgs: np.ndarray, z: torch.Tensor) -> pa.Table:
         from raycell.eval.metrics import per_cell_mse, per_cell_ssim
 
-        imgs = decode_images(t, self.spec.shape, self.spec.dtype)
         # integers to the device (4x less to copy than float32), scaled there, as in training
         raw = imgs.astype(np.int32) if imgs.dtype == np.uint16 else imgs.copy()
         x = self.spec.to_float(torch.from_numpy(raw).to(self.device))
-        z = self.design_matrix(t).to(self.device)
-        out = self.model(x, z)
+        out = self.model(x, z.to(self.device))
         prob = label_prob(out["logits"]).float().cpu().numpy()
         xs = x.cpu().numpy()
         rec = out["recon"].float().clamp(0, 1).cpu().numpy()

@@ -4,13 +4,25 @@ One output shard per input shard (`<out>/shards/part-XXXXX.parquet`, same name),
 so a re-run skips the shards that are complete and an interrupted job leaves no half file. Work proceeds
 in rounds of `infer.shards_per_round` input shards: Ray Data streams a round through the model actors into
 a staging folder, then the round's rows are regrouped by source shard and renamed into place.
+
+Every prediction shard records what produced it (parquet schema metadata `raycell.infer`): the checkpoint
+and a hash of its weights, the data set, the input shard's name, size and mtime, the splits, the Z source
+and its hash, `randomize_z` and `write_recon`. A shard counts as done only when that record matches the
+current run. When it does not, `infer` refuses (one line) rather than redoing: the folder holds another
+run's results, which a redo would silently replace and a resume would silently mix; the user decides
+(delete the folder, or choose another `infer.out`). `check_config` does all of this before Ray starts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import shutil
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,21 +30,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycell import constants as K
-from raycell.config import ExperimentConfig
-from raycell.data.dataset import DataSpec
-from raycell.data.shards import open_dataset
+from raycell.config import ConfigError, ExperimentConfig
+from raycell.data.dataset import split_counts
+from raycell.data.shards import ShardDataset, ShardError, open_dataset
 from raycell.infer.predictor import PASSTHROUGH, CropPredictor
-from raycell.train.checkpoint import find_checkpoint, load_checkpoint
-from raycell.utils.io import atomic_write_json, atomic_write_parquet, read_json
+from raycell.train.checkpoint import load_checkpoint, weights_fingerprint
+from raycell.utils.io import atomic_write_json, atomic_write_parquet
 
 PATH_COL = "path"  # added by read_parquet(include_paths=True)
+PROVENANCE_KEY = b"raycell.infer"  # parquet schema metadata of every prediction shard
+
+
+def _split_value(name: str) -> str:
+    """The split column's value for a split name ('unassigned' in manifests is '' in the shards)."""
+    return K.UNASSIGNED if name == "unassigned" else name
 
 
 class _SplitFilter:
     """Keep only rows of the requested splits (a vectorised Arrow filter in the actor, before decoding)."""
 
     def __init__(self, splits: list[str], **kw):
-        self.splits = pa.array(splits) if splits else None
+        self.splits = pa.array([_split_value(s) for s in splits]) if splits else None
         self.inner = CropPredictor(**kw)
 
     def __call__(self, t: pa.Table) -> pa.Table:
@@ -41,22 +59,135 @@ class _SplitFilter:
         return self.inner(t)
 
 
+@dataclass
+class InferPlan:
+    """What `check_config` found: everything `predict` needs, validated without Ray."""
+
+    ck: Path
+    meta: dict
+    ds: ShardDataset
+    out: Path
+    splits: list[str]
+    z_source: str
+    producer: dict
+    inputs: dict[str, dict]  # input shard name -> {file, size, mtime_ns}
+    pending: list[str] = field(default_factory=list)  # input shard paths still to predict
+
+    @property
+    def run_key(self) -> str:
+        """A short hash of the producer record: equal keys mean the same inputs."""
+        return hashlib.sha256(json.dumps(self.producer, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_config(cfg: ExperimentConfig) -> InferPlan:
+    """Validate an infer run without Ray, so a bad input costs one line instead of a Ray start-up.
+
+    Checks: the checkpoint exists and loads (meta.json and weights); the data set opens and its crops
+    fit the model; infer.splits are splits of the data set; every pending input shard is readable and
+    its rows declare the manifest's crop shape; infer.z_source is a Z table for this model that covers
+    the cells needing it; a random/mixed-effects model has a Z for every batch; the output folder
+    holds nothing from a different run.
+
+    Raises:
+        ConfigError, ShardError, CheckpointError, FileNotFoundError, MissingDesignMatrixError: one line
+        each, naming the key or file.
+    """
+    ic = cfg.infer
+    if not ic.checkpoint:
+        raise ConfigError("infer needs infer.checkpoint (--checkpoint RUN_OR_CHECKPOINT_FOLDER)")
+    _, meta = load_checkpoint(ic.checkpoint)
+    ck = Path(meta["path"])
+    ds = open_dataset(ic.data or cfg.data.path)
+    meta["data_spec_obj"].check_compatible(ds, f"checkpoint {ck}")
+    splits = list(ic.splits)
+    counts = split_counts(ds)
+    bad = [s for s in splits if s not in counts]
+    if bad:
+        raise ConfigError(f"infer.splits: {', '.join(map(repr, bad))} "
+                          f"{'is not a split' if len(bad) == 1 else 'are not splits'} of data set {ds.root}; "
+                          f"its splits are {sorted(counts)} (rows: {counts})")
+    z_source, z_ids, z_fp = "", None, None
+    if ic.z_source:
+        from raycell.infer.zpredictor import read_inferred_z, z_fingerprint
+
+        z_source = str(Path(ic.z_source).absolute())
+        z_ids, _ = read_inferred_z(z_source, list(meta["batches"]["values"]))
+        z_fp = z_fingerprint(z_source)
+    _check_design_matrix(cfg, ds, meta, z_ids)
+    out = Path(ic.out).absolute() if ic.out else ck.parent / "predictions"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"infer.out {out} is a file, not a folder: choose a folder for the predictions")
+    producer = {"checkpoint": str(ck), "weights_sha256": weights_fingerprint(ck), "dataset": str(ds.root),
+                "splits": sorted(splits) or "all", "z_source": z_fp, "randomize_z": bool(ic.randomize_z),
+                "write_recon": bool(ic.write_recon)}
+    inputs = {}
+    for p in ds.shard_paths:
+        st = os.stat(p)
+        inputs[Path(p).name] = {"file": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    plan = InferPlan(ck, meta, ds, out, splits, z_source, producer, inputs)
+    done = _done_shards(plan)
+    plan.pending = [p for p in ds.shard_paths if Path(p).name not in done]
+    for p in plan.pending:
+        ds.check_shard_file(p)
+    return plan
+
+
+def _done_shards(plan: InferPlan) -> set[str]:
+    """Names of the prediction shards already made by this run; refuse when the folder holds others'."""
+    shard_out = plan.out / "shards"
+    done = set()
+    fix = f"delete {plan.out} or set infer.out to a new folder"
+    for f in sorted(shard_out.glob(K.SHARD_GLOB)) if shard_out.is_dir() else []:
+        if f.name not in plan.inputs:
+            raise ShardError(f"infer.out {plan.out} holds prediction shard {f.name}, but data set "
+                             f"{plan.ds.root} has no input shard of that name: it holds another data set's "
+                             f"predictions; {fix}")
+        try:
+            md = pq.read_schema(f).metadata or {}
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ShardError(f"cannot read prediction shard {f} ({exc}): delete it and re-run "
+                             "`raycell infer` to redo it") from None
+        if PROVENANCE_KEY not in md:
+            raise ShardError(f"prediction shard {f} has no record of what produced it (an older raycell "
+                             f"wrote it), so it cannot be reused or mixed with new results; {fix}")
+        rec = json.loads(md[PROVENANCE_KEY])
+        if rec.get("run_key") != plan.run_key:
+            raise ShardError(f"infer.out {plan.out} holds predictions of a different run "
+                             f"({_differences(rec.get('producer') or {}, plan.producer)}); {fix}")
+        was, now = rec.get("input") or {}, plan.inputs[f.name]
+        if (was.get("size"), was.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
+            raise ShardError(f"input shard {now['file']} changed after prediction shard {f} was made from "
+                             f"it (size {was.get('size')} -> {now['size']}, modified since): the data set "
+                             f"was rewritten; {fix}")
+        done.add(f.name)
+    return done
+
+
+def _differences(was: dict, now: dict) -> str:
+    """What differs between two producer records, in a few words per field."""
+    def show(key: str, v) -> str:
+        if key == "weights_sha256":
+            return str(v)[:12]
+        if key == "z_source" and isinstance(v, dict):
+            return f"{v.get('path')} (sha256 {str(v.get('sha256'))[:12]})"
+        return repr(v)
+
+    diffs = [f"{k.replace('_sha256', ' hash')} was {show(k, was.get(k))}, now {show(k, now.get(k))}"
+             for k in now if was.get(k) != now.get(k)]
+    return "; ".join(diffs) or "unknown producer"
+
+
 def predict(cfg: ExperimentConfig) -> dict:
     """Write predictions for `cfg.infer.data` (default `cfg.data.path`); returns the predictions manifest.
 
-    Needs Ray to be initialised.
+    Needs Ray to be initialised. Validates everything first (`check_config`).
     """
     import ray.data
 
-    ck = find_checkpoint(cfg.infer.checkpoint)
-    ds = open_dataset(cfg.infer.data or cfg.data.path)
-    meta = read_json(ck / "meta.json", "checkpoint meta")
-    DataSpec.from_dict(meta["data_spec"]).check_compatible(ds)
-    _check_design_matrix(cfg, ds, meta)
-    out = Path(cfg.infer.out).absolute() if cfg.infer.out else ck.parent / "predictions"
+    plan = check_config(cfg)
+    ck, meta, ds, out, pending = plan.ck, plan.meta, plan.ds, plan.out, plan.pending
     shard_out = out / "shards"
     shard_out.mkdir(parents=True, exist_ok=True)
-    pending = [p for p in ds.shard_paths if not (shard_out / Path(p).name).exists()]
     print(f"[raycell] infer {meta['model_type']} ({ck}) on {ds.root}: {len(ds.shard_paths) - len(pending)} "
           f"shard(s) already done, {len(pending)} to go -> {out}", flush=True)
     ctx = ray.data.DataContext.get_current()
@@ -70,54 +201,117 @@ def predict(cfg: ExperimentConfig) -> dict:
             rd = ray.data.read_parquet(round_paths, include_paths=True)
             rd = rd.map_batches(
                 _SplitFilter, batch_format="pyarrow", batch_size=cfg.data.eval_batch_size,
-                fn_constructor_kwargs={"splits": list(cfg.infer.splits), "checkpoint": str(ck),
+                fn_constructor_kwargs={"splits": plan.splits, "checkpoint": str(ck),
                                        "write_recon": cfg.infer.write_recon,
-                                       "z_source": str(Path(cfg.infer.z_source).absolute())
-                                       if cfg.infer.z_source else "", "randomize_z": cfg.infer.randomize_z,
+                                       "z_source": plan.z_source, "randomize_z": cfg.infer.randomize_z,
                                        "passthrough": PASSTHROUGH + [PATH_COL]},
                 compute=ray.data.ActorPoolStrategy(size=cfg.infer.num_actors),
                 num_gpus=cfg.infer.num_gpus, num_cpus=cfg.infer.cpus_per_actor)
-            rd.write_parquet(str(staging))
-            _finalise_round(staging, round_paths, shard_out)
+            try:
+                rd.write_parquet(str(staging))
+            except Exception as exc:  # noqa: BLE001 - a user error inside Ray is re-raised as itself
+                user = _user_error_in(exc)
+                if user is None:
+                    raise
+                raise user from None
+            _finalise_round(staging, round_paths, shard_out, plan)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    files = sorted(shard_out.glob(K.SHARD_GLOB))
-    n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    shards, n_rows = [], 0
+    for name, inp in plan.inputs.items():  # only this data set's shards count, in manifest order
+        rows = pq.ParquetFile(shard_out / name).metadata.num_rows
+        shards.append({"file": f"shards/{name}", "rows": rows, "input": inp})
+        n_rows += rows
+    counts = split_counts(ds)
+    expected = sum(counts.get(s, 0) for s in plan.splits) if plan.splits else sum(counts.values())
+    if n_rows != expected:
+        raise ShardError(f"inference wrote {n_rows} prediction rows but the manifest of {ds.root} counts "
+                         f"{expected} rows in splits {plan.splits or 'all'}: the data set's shards and its "
+                         "dataset.json disagree")
     manifest = {"checkpoint": str(ck), "model_type": meta["model_type"], "dataset": str(ds.root),
-                "splits": list(cfg.infer.splits) or "all", "n_rows": n_rows, "n_shards": len(files),
+                "splits": list(cfg.infer.splits) or "all", "n_rows": n_rows, "n_shards": len(shards),
                 "labels": meta["labels"], "batches": meta["batches"], "data_spec": meta["data_spec"],
+                "producer": plan.producer, "run_key": plan.run_key, "shards": shards,
                 "seconds": round(time.time() - t0, 2)}
     atomic_write_json(out / K.PREDICTIONS_MANIFEST, manifest)
-    print(f"[raycell] wrote {n_rows} prediction rows in {len(files)} shard(s) to {out}", flush=True)
+    print(f"[raycell] wrote {n_rows} prediction rows in {len(shards)} shard(s) to {out}", flush=True)
     return {**manifest, "out": str(out)}
 
 
-def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict) -> None:
-    """Fail before Ray starts when a random/mixed-effects model would meet batches it has no Z for."""
+_REMOTE_ERROR = re.compile(r"^\s*(?:(raycell(?:\.\w+)*)\.)?(\w+Error): (.+)$", re.M)
+
+
+def _user_error_in(exc: BaseException) -> BaseException | None:
+    """The project's one-line error inside a Ray failure, rebuilt on the driver; None if there is none.
+
+    Ray Data wraps an exception raised in a UDF in a UserCodeException inside a RayTaskError; only the
+    remote traceback text crosses the process boundary (the original object, its `__cause__`, is
+    dropped). So look in the local chain first (local execution), then in that text for the first
+    `raycell.<module>.<Class>: message` line whose class is one of the user errors.
+    """
+    import builtins
+    import importlib
+
+    from raycell.__main__ import _user_errors
+
+    user = _user_errors()
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, user) and not type(e).__module__.startswith("ray."):
+            return e
+        e = e.__cause__ or e.__context__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for m in _REMOTE_ERROR.finditer(text):
+        module, name, msg = m.groups()
+        try:
+            cls = getattr(importlib.import_module(module), name) if module else getattr(builtins, name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, user):
+            return cls(msg.strip())
+    return None
+
+
+def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array | None = None) -> None:
+    """Fail before Ray starts when a random/mixed-effects model would meet cells it has no Z for."""
     from raycell.infer.predictor import MissingDesignMatrixError
     from raycell.models import create_model
 
-    if cfg.infer.z_source or cfg.infer.randomize_z:
+    if cfg.infer.randomize_z:
         return
     uses_z = meta["uses_z"] if "uses_z" in meta else \
         getattr(create_model(meta["model_type"], **meta["model_args"]), "uses_z", False)  # older checkpoints
     if not uses_z:
         return
-    wanted = set(cfg.infer.splits) if cfg.infer.splits else None
-    batches = ds.read_table([K.BATCH, K.SPLIT]).to_pandas()
-    if wanted:
-        batches = batches[batches[K.SPLIT].isin(wanted)]
-    missing = sorted(set(batches[K.BATCH]) - set(meta["batches"]["values"]))
-    if missing:
+    wanted = [_split_value(s) for s in cfg.infer.splits]
+    cols = [K.CELL_ID, K.BATCH, K.SPLIT] if z_ids is not None else [K.BATCH, K.SPLIT]
+    t = ds.read_table(cols, splits=wanted or None)
+    unknown = pc.invert(pc.is_in(t.column(K.BATCH), pa.array(meta["batches"]["values"], pa.string())))
+    if z_ids is None:
+        missing = sorted(set(t.column(K.BATCH).filter(unknown).to_pylist()))
+        if missing:
+            raise MissingDesignMatrixError(
+                f"model type {meta['model_type']!r} needs a design matrix Z for every cell, but batch(es) "
+                f"{missing} are not among its training batches and no inferred Z was given: run "
+                "`raycell infer-z --checkpoint <run>` and pass its output folder as infer.z_source (or "
+                "restrict infer.splits to seen batches, or set infer.randomize_z=true for the ablation)")
+        return
+    ids = t.column(K.CELL_ID).filter(unknown)
+    lacking = ids.filter(pc.invert(pc.is_in(ids, value_set=z_ids.cast(ids.type))))
+    if len(lacking):
         raise MissingDesignMatrixError(
-            f"model type {meta['model_type']!r} needs a design matrix Z for every cell, but batch(es) "
-            f"{missing} are not among its training batches and no inferred Z was given: run "
-            "`raycell infer-z --checkpoint <run>` and pass its output folder as infer.z_source (or "
-            "restrict infer.splits to seen batches, or set infer.randomize_z=true for the ablation)")
+            f"{len(lacking)} cell(s) of batches outside the training batches (e.g. {lacking[0].as_py()!r}) "
+            f"have no row in the inferred Z {cfg.infer.z_source} (infer.z_source): run `raycell infer-z` on "
+            "this data set with infer.z_splits covering these cells' splits")
 
 
-def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path) -> None:
-    """Regroup a round's staged rows by source shard and write one output file per input shard."""
+def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path, plan: InferPlan) -> None:
+    """Regroup a round's staged rows by source shard and write one output file per input shard.
+
+    Each file carries its provenance record (schema metadata) so a later run can tell whether it is done.
+    """
     files = sorted(staging.glob("*.parquet"))
     table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
     for src in round_paths:
@@ -128,19 +322,37 @@ def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path) -> N
             part = table.filter(mask).drop_columns([PATH_COL])
         else:
             part = pa.table({K.CELL_ID: pa.array([], pa.string())})
+        rec = {"run_key": plan.run_key, "producer": plan.producer, "input": plan.inputs[name],
+               "rows": part.num_rows}
+        part = part.replace_schema_metadata({**(part.schema.metadata or {}),
+                                             PROVENANCE_KEY: json.dumps(rec).encode()})
         atomic_write_parquet(part, shard_out / name)
 
 
-def read_predictions(path: str | Path) -> pa.Table:
-    """All prediction shards of a folder as one table (empty shards from split filtering are skipped)."""
+def read_predictions(path: str | Path, files: list[Path] | None = None) -> pa.Table:
+    """All prediction shards of a folder (or the given ones) as one table; empty shards are skipped.
+
+    Raises:
+        FileNotFoundError: no prediction shards there.
+        ShardError: a shard cannot be read (named), or none holds rows.
+    """
     root = Path(path)
-    files = sorted((root / "shards").glob(K.SHARD_GLOB)) if (root / "shards").is_dir() else []
+    if files is None:
+        files = sorted((root / "shards").glob(K.SHARD_GLOB)) if (root / "shards").is_dir() else []
     if not files:
         raise FileNotFoundError(f"no prediction shards in {root}/shards (run `raycell infer` first)")
-    tables = [t for t in (pq.read_table(f) for f in files) if t.num_rows]
+    tables = []
+    for f in files:
+        try:
+            t = pq.read_table(f)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ShardError(f"cannot read prediction shard {f} ({exc}): delete it and re-run "
+                             "`raycell infer` with the same settings to redo it") from None
+        if t.num_rows:
+            tables.append(t.replace_schema_metadata(None))
     if not tables:
-        raise ValueError(f"prediction shards in {root} hold no rows")
+        raise ShardError(f"prediction shards in {root} hold no rows")
     return pa.concat_tables(tables, promote_options="default")
 
 
-__all__ = ["predict", "read_predictions", "load_checkpoint"]
+__all__ = ["check_config", "predict", "read_predictions", "load_checkpoint"]

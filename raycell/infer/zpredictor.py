@@ -52,46 +52,110 @@ def read_inferred_z(source: str | Path, batches: list[str] | None = None
                     ) -> tuple[pa.Array, np.ndarray]:
     """Read an infer-z output: (cell_id array, Z (N, n_batches) float32).
 
+    Checked here, on the driver as well as in every inference actor, so a wrong `infer.z_source`
+    is one line naming it rather than a Ray actor trace.
+
     Args:
         source: The infer-z output folder, or its `inferred_z.parquet`.
         batches: The model's training batches (Z column order), checked against the file's.
 
     Raises:
         FileNotFoundError: No inferred Z there (names `raycell infer-z`).
-        ValueError: Its batch vocabulary differs from the model's.
+        ConfigError: Not a Z table (unreadable, wrong columns), or its batch vocabulary differs from
+            the model's.
     """
     import pyarrow.parquet as pq
 
+    p = Path(source)
+    if p.is_file() and p.suffix != ".parquet":
+        raise ConfigError(f"infer.z_source {p} is a file but not a Z table: give the folder written by "
+                          "`raycell infer-z` (or its inferred_z.parquet)")
     pq_path, js_path = _z_paths(source)
     if not pq_path.is_file():
         raise FileNotFoundError(f"inferred Z not found at {pq_path} (infer.z_source): run "
                                 "`raycell infer-z` first; it writes inferred_z.parquet into "
                                 "infer.z_out")
-    t = pq.read_table(pq_path, columns=[K.CELL_ID, "z"])
+    not_z = (f"infer.z_source {pq_path} is not a Z table written by `raycell infer-z` "
+             f"(expected columns {K.CELL_ID!r} and 'z', a fixed-size list of floats)")
+    try:
+        schema = pq.read_schema(pq_path)
+        if K.CELL_ID not in schema.names or "z" not in schema.names:
+            raise ConfigError(f"{not_z}; it has columns {schema.names}")
+        if not pa.types.is_fixed_size_list(schema.field("z").type):
+            raise ConfigError(f"{not_z}; its 'z' column is {schema.field('z').type}")
+        t = pq.read_table(pq_path, columns=[K.CELL_ID, "z"])
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ConfigError(f"{not_z}; it cannot be read: {exc}") from None
     n = t.column("z").type.list_size
     z = np.asarray(t.column("z").combine_chunks().flatten(), dtype=np.float32)
     z = z.reshape(t.num_rows, n)
     if js_path.is_file():
-        vocab = read_json(js_path, "inferred Z metadata")["batches"]["values"]
+        try:
+            vocab = read_json(js_path, "inferred Z metadata")["batches"]["values"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"infer.z_source: {js_path} is not an infer-z summary ({exc}); re-run "
+                              "`raycell infer-z`") from None
         if batches is not None and list(vocab) != list(batches):
-            raise ValueError(f"inferred Z at {pq_path} has columns for batches {vocab}, but the "
-                             f"model was trained on {list(batches)}: re-run `raycell infer-z` "
-                             "with infer.checkpoint set to this model")
+            raise ConfigError(f"inferred Z at {pq_path} (infer.z_source) has columns for batches "
+                              f"{vocab}, but the model was trained on {list(batches)}: re-run "
+                              "`raycell infer-z` with infer.checkpoint set to this model")
     if batches is not None and n != len(batches):
-        raise ValueError(f"inferred Z at {pq_path} has {n} columns, the model has {len(batches)} "
-                         "batches")
+        raise ConfigError(f"inferred Z at {pq_path} (infer.z_source) has {n} columns, the model has "
+                          f"{len(batches)} batches: re-run `raycell infer-z` with infer.checkpoint set "
+                          "to this model")
     return t.column(K.CELL_ID).combine_chunks(), z
+
+
+def z_fingerprint(source: str | Path) -> dict:
+    """Where an inferred Z is and a hash of its parquet: recorded by `infer` with every prediction shard."""
+    from raycell.train.checkpoint import file_sha256
+
+    pq_path, _ = _z_paths(source)
+    pq_path = pq_path.absolute()
+    return {"path": str(pq_path), "sha256": file_sha256(pq_path)}
 
 
 def _batches_of(ds: ShardDataset, checkpoint: str) -> CategoryMap:
     """The Z column order: the checkpoint's training batches, or the data set's training batches."""
     if checkpoint:
-        from raycell.train.checkpoint import find_checkpoint
+        from raycell.train.checkpoint import find_checkpoint, read_meta
 
-        meta = read_json(find_checkpoint(checkpoint) / "meta.json", "checkpoint meta")
-        return CategoryMap.from_dict(meta["batches"])
+        return CategoryMap.from_dict(read_meta(find_checkpoint(checkpoint))["batches"])
     col = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH)
     return CategoryMap.fit(K.BATCH, col.to_pylist())
+
+
+def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
+    """Validate an infer-z run before any training: data set, checkpoint, splits, output folder.
+
+    Returns:
+        The opened data set.
+    """
+    from raycell.data.dataset import split_counts
+
+    ds = open_dataset(cfg.infer.data or cfg.data.path)
+    counts = split_counts(ds)
+    if not counts.get(K.TRAIN):
+        raise ConfigError(f"infer-z trains on the train split, but data set {ds.root} has none "
+                          f"(its splits: {counts}); run `raycell split` first")
+    bad = [s for s in cfg.infer.z_splits if s not in counts]
+    if bad:
+        raise ConfigError(f"infer.z_splits: {bad} not among the splits of data set {ds.root} "
+                          f"({sorted(counts)})")
+    if cfg.infer.checkpoint:
+        from raycell.train.checkpoint import load_checkpoint
+
+        _, meta = load_checkpoint(cfg.infer.checkpoint)  # the Z is for this model: it must load
+        meta["data_spec_obj"].check_compatible(ds, f"checkpoint {meta['path']}")
+        train_batches = set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist())
+        extra = sorted(train_batches - set(meta["batches"]["values"]))
+        if extra:
+            raise ConfigError(f"infer-z: the train split of {ds.root} has batch(es) {extra} that "
+                              f"checkpoint {meta['path']} was not trained on: infer.data must be the "
+                              "data set the model was trained on")
+    if cfg.infer.z_out and Path(cfg.infer.z_out).is_file():
+        raise ConfigError(f"infer.z_out {Path(cfg.infer.z_out).absolute()} is a file, not a folder")
+    return ds
 
 
 def _iterate(t: pa.Table, collate: CropCollate, batch_size: int,
@@ -182,7 +246,7 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
         batches.
     """
     t0 = time.time()
-    ds = open_dataset(cfg.infer.data or cfg.data.path)
+    ds = check_infer_z_config(cfg)
     batches = _batches_of(ds, cfg.infer.checkpoint)
     if len(batches) < 2:
         raise ConfigError(f"infer-z needs at least 2 training batches in {ds.root}, found "

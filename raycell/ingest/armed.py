@@ -149,7 +149,7 @@ def import_armed(
     Args:
         src: folder holding the files, or a glob such as '/data/melanoma/data_*.npz'.
         out: output data set folder.
-        overwrite: replace an existing data set in `out`.
+        overwrite: replace a data set raycell wrote in `out` (never a folder of other files).
         rows_per_shard: cells per parquet shard.
 
     Returns:
@@ -162,14 +162,16 @@ def import_armed(
             one-hot dates that disagree with the csv.
     """
     from raycell.data.shards import ShardWriter
-    from raycell.ingest.run import swap_dir
+    from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
-    out = Path(out).absolute()
-    if (out / K.MANIFEST).exists() and not overwrite:
-        raise ArmedImportError(
-            f"{out} already holds a data set; choose another folder or pass overwrite"
-        )
     files = find_armed_files(src)
+    # the output must not be, hold or sit in the source (`import-armed SRC --out SRC`)
+    sources = (
+        [("ARMED source folder", src)]
+        if Path(src).is_dir()
+        else [("ARMED file", f) for p in files.values() for f in (p, p.with_suffix(".csv"))]
+    )
+    out = prepare_output(out, sources, overwrite, "import-armed --out", DATASET, ArmedImportError)
     loaded = {s: _load_split(s, p) for s, p in files.items()}
     shapes = {s: v[0].shape[1:3] for s, v in loaded.items()}
     if len(set(shapes.values())) > 1:
@@ -197,7 +199,7 @@ def import_armed(
         _check_pixels(images, files[s])
     # written beside `out` and swapped in when complete: a failed import leaves the old data set
     # intact
-    partial = out.with_name(out.name + ".partial")
+    partial = staging_dir(out, DATASET)
     writer = ShardWriter(partial, ["gray"], rows_per_shard=rows_per_shard, overwrite=True)
     counts = {}
     for s, (images, _label, _cluster, meta) in loaded.items():
@@ -237,5 +239,5 @@ def import_armed(
             "suggested_unseen": unseen_dates,
         },
     )
-    swap_dir(partial, out)
+    swap_in(partial, out)
     return manifest

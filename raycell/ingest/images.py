@@ -15,12 +15,22 @@ corrections come after:
   differences stay as they are: the models face the batch effect), ``per-batch`` does the same per
   (batch, channel) and ``per-image`` per (field of view, channel).
 
-Reading errors (unreadable or truncated files, NaN/inf pixels, axes that cannot be told apart,
-images of different sizes within one FOV) raise `ImageError`, whose message names the file; the
+Reading errors (empty, unreadable or truncated files, NaN/inf pixels, axes that cannot be told
+apart, a file holding several planes where its name says it is one channel and one Z-slice, images
+of different sizes within one FOV) raise `ImageError`, whose one-line message names the file; the
 ingest task turns it into a reject row.
+
+**Scale check.** Global and per-batch normalisation pool every field's pixels, so one field stored
+at another scale (a uint32 field with values 1000x the rest, a float field in [0, 1] among uint16
+fields) takes over the pooled percentiles and turns every other field's crops to zero, or its own.
+`field_scale` describes a field by its pixel types and the log10 of each channel's 99th
+percentile; `scale_reference` summarises a plate's fields robustly (median and MAD, majority pixel
+type), and `scale_problem` says why a field is far outside its plate's.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -69,14 +79,35 @@ def read_image(path: str, axes: str = "") -> np.ndarray:
             S for samples, e.g. RGB), Y, X; other letters are allowed only with size 1.
 
     Raises:
-        ImageError: unreadable/truncated file, axes that cannot be mapped, NaN or inf pixels.
+        ImageError: empty/unreadable/truncated file, axes that cannot be mapped, NaN or inf pixels.
     """
+    return read_image_raw(path, axes).astype(np.float32, copy=False)
+
+
+def _read_error(path: str, exc: Exception) -> ImageError:
+    """One line that says what is wrong with the file (not which imageio plugin to install)."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "could not find a backend" in msg.lower():
+        msg = "its contents are not a TIFF or PNG image that can be decoded"
+    else:
+        msg = f"{type(exc).__name__}: {msg}"
+    return ImageError("unreadable", f"cannot read image {path}: {msg}")
+
+
+def read_image_raw(path: str, axes: str = "") -> np.ndarray:
+    """`read_image` in the file's own pixel type (the scale check needs to know it)."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as exc:
+        raise _read_error(path, exc) from None
+    if empty:
+        raise ImageError(
+            "unreadable", f"cannot read image {path}: the file is empty (0 bytes); copy it again"
+        )
     try:
         arr, file_axes = _axes_from_file(path)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is "unreadable", named
-        raise ImageError(
-            "unreadable", f"cannot read image {path}: {type(exc).__name__}: {exc}"
-        ) from None
+        raise _read_error(path, exc) from None
     ax = axes.upper() if axes else file_axes.upper()
     if arr.ndim == 2 and not axes:
         ax = "YX"
@@ -108,12 +139,11 @@ def read_image(path: str, axes: str = "") -> np.ndarray:
     arr = np.transpose(arr, [ax.index(a) for a in "ZCYX"])
     if arr.dtype.kind not in "buif":
         raise ImageError("bad-dtype", f"{path}: pixel type {arr.dtype} is not numeric")
-    out = arr.astype(np.float32, copy=False)
     if arr.dtype.kind == "f":
-        bad = ~np.isfinite(out)
+        bad = ~np.isfinite(arr)
         if bad.any():
             raise ImageError("nan-pixels", f"{path}: {int(bad.sum())} NaN/inf pixel(s)")
-    return out
+    return arr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,16 +188,30 @@ def load_fov_image(
     several channels (when the regex has no channel group) and/or several Z-slices.
 
     Returns:
-        (image, info with 'focus_z': the slice used per output channel (-1 for max/mean)).
+        (image, info with 'focus_z': the slice used per output channel (-1 for max/mean) and
+        'dtypes': the files' pixel type per output channel).
 
     Raises:
-        ImageError: a file cannot be read, or the files' sizes or slice counts disagree.
+        ImageError: a file cannot be read, holds several channels (or Z-slices) where its name
+            gives one, or the files' sizes or slice counts disagree.
     """
-    planes, focus, shape = [], [], None
+    planes, focus, dtypes, shape = [], [], [], None
     for ch in channels:
-        stacks = []
+        stacks, kinds = [], set()
         for f in (f for f in fov["files"] if f["channel"] == ch):
-            arr = read_image(f["path"], axes)
+            raw = read_image_raw(f["path"], axes)
+            kinds.add(raw.dtype.name)
+            arr = raw.astype(np.float32, copy=False)
+            one_c, one_z = f["channel"] != "", f.get("z", "") != ""
+            if (one_c and arr.shape[1] != 1) or (one_z and arr.shape[0] != 1):
+                raise ImageError(
+                    "bad-axes",
+                    f"{f['relpath']}: expected a 2-D image (its name gives one channel"
+                    f"{' and one Z-slice' if one_z else ''}) but it holds {arr.shape[0]} Z x "
+                    f"{arr.shape[1]} channel planes of {arr.shape[2]}x{arr.shape[3]}; save one "
+                    "plane per file, or drop the channel/z group from ingest.pattern and set "
+                    "ingest.axes",
+                )
             if shape is None:
                 shape, first = arr.shape[2:], f["relpath"]
             elif arr.shape[2:] != shape:
@@ -184,7 +228,8 @@ def load_fov_image(
             img, zi = project_z(zc[:, c], z_projection)
             planes.append(img)
             focus.append(zi)
-    return np.stack(planes).astype(np.float32, copy=False), {"focus_z": focus}
+            dtypes.append("+".join(sorted(kinds)))
+    return np.stack(planes).astype(np.float32, copy=False), {"focus_z": focus, "dtypes": dtypes}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,3 +299,89 @@ def to_dtype(img: np.ndarray, lohi: np.ndarray, dtype: str) -> np.ndarray:
     span = np.maximum(lohi[:, 1] - lohi[:, 0], 1e-6).reshape(lo.shape).astype(np.float32)
     x = (img - lo) / span
     return np.rint(np.clip(x, 0.0, 1.0) * np.iinfo(dt).max).astype(dt)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scale check
+# --------------------------------------------------------------------------------------------------
+
+SCALE_CHECKS = ("reject", "separate", "ignore")
+SCALE_PERCENTILE = 99.0  # per-field "high" intensity: the brightest cells, not a few hot pixels
+_SCALE_MADS = 5.0  # and also this many robust sds from the plate's median (broad plates)
+_MIN_FIELDS = 3  # a majority needs at least three fields to be told from the odd one
+
+
+def field_scale(img: np.ndarray, dtypes: list[str]) -> dict:
+    """A field's pixel types and the log10 of each channel's 99th percentile (of a (C, H, W) image).
+
+    The percentile is taken on a regular grid of at most ~256k pixels per channel: plenty for a
+    check that looks for factors of 20, and cheap enough to repeat in the crop pass.
+    """
+    step = max(1, int(np.sqrt(img.shape[1] * img.shape[2] / 262144)))
+    grid = img[:, ::step, ::step]
+    hi = np.percentile(grid.reshape(grid.shape[0], -1), SCALE_PERCENTILE, axis=1)
+    return {
+        "dtypes": list(dtypes),
+        "log_hi": [float(np.log10(max(float(v), 1e-6))) for v in hi],
+    }
+
+
+def scale_reference(fields: list[dict], fold: float) -> dict | None:
+    """Robust summary of one plate's `field_scale`s: median and tolerance per channel, pixel types.
+
+    A field is out of scale when a channel's log10 high percentile is further from the plate's
+    median than both log10(`fold`) and 5 robust sds (1.4826 MAD) of the plate's fields, or when its
+    pixel types differ from those of most of the plate's fields. None when the plate has fewer than
+    three fields (no majority to compare with).
+    """
+    if len(fields) < _MIN_FIELDS:
+        return None
+    logs = np.array([f["log_hi"] for f in fields], np.float64)
+    med = np.median(logs, axis=0)
+    mad = np.median(np.abs(logs - med), axis=0) * 1.4826
+    tol = np.maximum(_SCALE_MADS * mad, np.log10(max(float(fold), 1.0 + 1e-9)))
+    kinds = [",".join(f["dtypes"]) for f in fields]
+    top = max(set(kinds), key=kinds.count)
+    return {
+        "median": med.tolist(),
+        "tol": tol.tolist(),
+        "dtypes": top if 2 * kinds.count(top) > len(kinds) else "",
+        "n_fields": len(fields),
+    }
+
+
+def scale_problem(field: dict, ref: dict | None, names: list[str]) -> str:
+    """Why `field` (a `field_scale`) is far outside its plate's `ref`, or '' when it is not."""
+    if ref is None:
+        return ""
+    kinds = ",".join(field["dtypes"])
+    if ref["dtypes"] and kinds != ref["dtypes"]:
+        return (
+            f"pixel type {kinds} differs from the {ref['dtypes']} of most fields on its plate "
+            f"({ref['n_fields']} fields)"
+        )
+    for name, v, m, t in zip(names, field["log_hi"], ref["median"], ref["tol"]):
+        if abs(v - m) > t:
+            return (
+                f"channel {name!r}: 99th percentile {10**v:.4g} is {10 ** abs(v - m):.3g}x "
+                f"{'above' if v > m else 'below'} the median {10**m:.4g} of the "
+                f"{ref['n_fields']} fields on its plate"
+            )
+    return ""
+
+
+def crop_flags(crops: np.ndarray) -> dict:
+    """Per channel, how many crops are all zero and how many are mostly (> 50%) at the maximum.
+
+    A channel that is all zero or saturated in many crops means the normalisation range does not
+    fit those cells (a field at another scale, percentiles set too tight).
+    """
+    n, c = crops.shape[:2]
+    if n == 0:
+        return {"all_zero": [0] * c, "saturated": [0] * c}
+    flat = crops.reshape(n, c, -1)
+    top = np.iinfo(crops.dtype).max
+    return {
+        "all_zero": (flat.max(axis=2) == 0).sum(axis=0).astype(int).tolist(),
+        "saturated": ((flat == top).mean(axis=2) > 0.5).sum(axis=0).astype(int).tolist(),
+    }

@@ -22,8 +22,10 @@ Steps (SPEC stage 2):
    at the scale of one node; per-task files plus a manifest merge would be the next step for a large
    cluster.
 
-Re-runs: everything is written into `<out>.partial` and swapped into place only when complete, so a
-killed run leaves the previous data set intact, and a re-run starts from scratch without duplicates.
+Re-runs: everything is written into a staging folder `<out>.partial-XXXXXXXX` and swapped into place
+only when complete, so a killed run leaves the previous data set intact, and a re-run starts from
+scratch without duplicates. `ingest.out` must be new, empty or a raycell data set, and apart from
+the inputs (`raycell.utils.outputs`): nothing raycell did not write is ever deleted.
 When `out` already holds a data set made from the same files with the same parameters, the run is
 skipped; when the inputs or parameters differ, `ingest.overwrite=true` is required.
 """
@@ -34,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 import zlib
@@ -50,11 +51,11 @@ from raycell.ingest.sources import (
     CHANNEL,
     IngestError,
     discover,
+    expected_channels,
     fov_keys,
     group_fovs,
     join_platemap,
     load_platemap,
-    natural_key,
     reject_row,
 )
 
@@ -71,7 +72,9 @@ _SAMPLE = 2048  # full-resolution pixels per FOV and channel kept for normalisat
 
 def check_config(cfg) -> None:
     """Check `cfg.ingest` before anything starts (no Ray, no pixels); IngestError names the key."""
-    _check_params(dataclasses.asdict(cfg.ingest))
+    p = dataclasses.asdict(cfg.ingest)
+    _check_params(p)
+    _check_out(p)
 
 
 def _check_params(p: dict) -> None:
@@ -94,6 +97,12 @@ def _check_params(p: dict) -> None:
         raise IngestError(f"ingest.norm_percentiles must be [low, high] within 0..100, got {lo_hi}")
     if p["crop_size"] < 8:
         raise IngestError(f"ingest.crop_size must be >= 8, got {p['crop_size']}")
+    if p["scale_check"] not in imio.SCALE_CHECKS:
+        raise IngestError(
+            f"ingest.scale_check must be one of {imio.SCALE_CHECKS}, got {p['scale_check']!r}"
+        )
+    if not p["scale_fold"] > 1:
+        raise IngestError(f"ingest.scale_fold must be > 1 (a factor), got {p['scale_fold']}")
     if not p["input"] or not p["out"]:
         raise IngestError("ingest.input and ingest.out must both be set")
     check_backend(p["segmentation"], p["cellpose_model"])
@@ -109,7 +118,7 @@ def _resolve_channel(name: str, names: list[str], values: list[str], key: str) -
 
 def _channel_plan(p: dict, files: pd.DataFrame, fovs: list[dict]) -> dict:
     """Channel values (file slots), output names and the nucleus / cytoplasm indices."""
-    values = list(p["channels"]) or sorted(files[CHANNEL].unique(), key=natural_key)
+    values = list(p["channels"]) or expected_channels(files)
     if values == [""] and fovs:
         # no channel group: the channels are inside each file; count them in the first readable one
         n = None
@@ -189,8 +198,8 @@ def plan_ingest(p: dict) -> dict:
 
     Returns:
         dict with `fovs` (records for the tasks), `rejects` (rows), `channels` (see
-        `_channel_plan`), `n_files`, `fingerprint` (of the input files), `notes` (warnings for the
-        summary).
+        `_channel_plan`), `n_files`, `fingerprint` (of the input files and the plate map's
+        contents), `notes` (warnings for the summary).
     """
     root = Path(p["input"]).absolute()
     files, unmatched = discover(root, p["pattern"])
@@ -206,6 +215,11 @@ def plan_ingest(p: dict) -> dict:
         pm, on = load_platemap(p["platemap"], p["platemap_on"], keys)
         fovs, pm_rejects = join_platemap(fovs, pm, on, str(Path(p["platemap"]).absolute()))
         rejects += pm_rejects
+        if pm.attrs.get("stripped_columns"):
+            notes.append(
+                f"plate map {p['platemap']}: spaces around values in column(s) "
+                f"{pm.attrs['stripped_columns']} were stripped"
+            )
     if p["label_column"] and fovs and p["label_column"] not in fovs[0]["meta"]:
         if p["label_column"] != "label":
             raise IngestError(
@@ -227,6 +241,9 @@ def plan_ingest(p: dict) -> dict:
     for path in sorted(files.path.tolist() + unmatched.path.tolist()):
         st = os.stat(path)
         h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    if p["platemap"]:
+        # the plate map's contents, not its date: an edited map means other labels
+        h.update(b"platemap|" + hashlib.sha1(Path(p["platemap"]).read_bytes()).digest())
     n_fov_rejects = sum(r["kind"] == "fov" for r in rejects)
     return {
         "fovs": fovs,
@@ -273,14 +290,22 @@ def _load(fov: dict, p: dict, ch: dict) -> tuple[np.ndarray, dict]:
 
 def _stats_batch(batch: pa.Table, p: dict, ch: dict) -> pa.Table:
     """Statistics pass: downscaled image + pixel sample per FOV (unusable FOVs are skipped here)."""
-    out = {"fov_id": [], "ok": [], "shape": [], "small": [], "sample": [], "sample_idx": []}
+    out = {
+        "fov_id": [],
+        "ok": [],
+        "shape": [],
+        "scale": [],
+        "small": [],
+        "sample": [],
+        "sample_idx": [],
+    }
     f = p["illum_downscale"]
     for rec in batch.column("record").to_pylist():
         fov = json.loads(rec)
         try:
-            img, _ = _load(fov, p, ch)
+            img, info = _load(fov, p, ch)
         except Exception:  # noqa: BLE001 - the crop pass reports the reason
-            for k, v in zip(out, (fov["fov_id"], False, b"", b"", b"", b"")):
+            for k, v in zip(out, (fov["fov_id"], False, "", "", b"", b"", b"")):
                 out[k].append(v)
             continue
         small = imio.downscale(img, f)
@@ -295,6 +320,7 @@ def _stats_batch(batch: pa.Table, p: dict, ch: dict) -> pa.Table:
         out["fov_id"].append(fov["fov_id"])
         out["ok"].append(True)
         out["shape"].append(json.dumps(list(small.shape)))
+        out["scale"].append(json.dumps(imio.field_scale(img, info["dtypes"])))
         out["small"].append(small.astype(np.float32).tobytes())
         out["sample"].append(sample.astype(np.float32).tobytes())
         out["sample_idx"].append(idx.tobytes())
@@ -303,9 +329,24 @@ def _stats_batch(batch: pa.Table, p: dict, ch: dict) -> pa.Table:
             "fov_id": pa.array(out["fov_id"], pa.string()),
             "ok": pa.array(out["ok"], pa.bool_()),
             "shape": pa.array(out["shape"], pa.string()),
+            "scale": pa.array(out["scale"], pa.string()),
             **{k: pa.array(out[k], pa.binary()) for k in ("small", "sample", "sample_idx")},
         }
     )
+
+
+def _scale_verdict(
+    fid: str, img: np.ndarray, info: dict, plate: str, p: dict, ch: dict, stats: dict | None
+) -> str:
+    """Why this field is out of its plate's scale ('' if it is not, or nothing to compare with)."""
+    if p["scale_check"] == "ignore" or not stats:
+        return ""
+    if fid in stats.get("out_of_scale", {}):
+        return stats["out_of_scale"][fid]
+    ref = stats.get("scale_ref", {}).get(plate)
+    if ref is None:
+        return ""
+    return imio.scale_problem(imio.field_scale(img, info["dtypes"]), ref, ch["names"])
 
 
 def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
@@ -332,11 +373,22 @@ def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
     try:
         img, info = _load(fov, p, ch)
         plate = fov["row"][K.PLATE]
+        odd = _scale_verdict(fid, img, info, plate, p, ch, stats)
+        if odd and p["scale_check"] == "reject":
+            return {
+                **base,
+                "code": "out-of-scale",
+                "reason": f"{odd}: left out of the normalisation statistics and rejected "
+                "(ingest.scale_check=separate keeps it, normalised by itself)",
+            }
+        if odd:
+            info["separate"] = odd
         if p["illum_correction"]:
             func = stats["illum"].get(plate) if stats else None
-            if func is None:
+            if func is None and not odd:
                 raise imio.ImageError("no-illum", f"no illumination function for plate {plate!r}")
-            img = img / imio.upsample(func, img.shape[1:])
+            if func is not None:
+                img = img / imio.upsample(func, img.shape[1:])
         nuc, cells, d = segment(img, ch["nucleus"], ch["cytoplasm"], p)
         info["diameter"] = round(float(d), 2)
         info["n_objects"] = int(nuc.max())
@@ -348,7 +400,7 @@ def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
                 "info": json.dumps(info),
             }
         lo, hi = p["norm_percentiles"]
-        if p["normalization"] == "per-image":
+        if p["normalization"] == "per-image" or odd:
             lohi = imio.percentiles(img, lo, hi)
         else:
             key = fov["row"][K.BATCH] if p["normalization"] == "per-batch" else ""
@@ -376,6 +428,7 @@ def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
                 "reason": f"all {int(objects.max())} objects touch the image border",
                 "info": json.dumps(info),
             }
+        info["crop_flags"] = imio.crop_flags(crops)
         meta = feats.drop(columns=["label"])
         meta.insert(0, K.CELL_ID, [f"{fid}-c{int(lab):05d}" for lab in feats["label"]])
         for k, v in fov["row"].items():
@@ -460,31 +513,56 @@ def _stats_fovs(fovs: list[dict], p: dict) -> list[dict]:
 
 
 def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
-    """Run the statistics pass and reduce it to illumination functions and normalisation ranges."""
+    """Run the statistics pass and reduce it to illumination functions and normalisation ranges.
+
+    Fields whose scale is far outside their plate's (`imio.scale_problem`) are left out of both, so
+    one field at another scale cannot turn every other field's crops to zero; the crop pass then
+    rejects them, or normalises them by themselves (`ingest.scale_check`). The per-plate references
+    go to the crop pass too, which checks the fields this pass did not sample.
+    """
+    empty = {"illum": {}, "lohi": {}, "scale_ref": {}, "out_of_scale": {}}
     need = p["illum_correction"] or p["normalization"] != "per-image"
     if not need or not fovs:
-        return {"illum": {}, "lohi": {}}
+        return empty
     by_id = {f["fov_id"]: f for f in fovs}
     ds = _map(_dataset(_stats_fovs(fovs, p), p), _stats_batch, p, {"p": p, "ch": ch})
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    samples = []  # (plate, batch, sample (C, k), idx (k,), small shape)
+    rows = []  # (fov_id, plate, batch, small, sample (C, k), idx (k,), small shape, scale)
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for r in block.to_pylist():
             if not r["ok"]:
                 continue
             shape = tuple(json.loads(r["shape"]))
-            small = np.frombuffer(r["small"], np.float32).reshape(shape)
             row = by_id[r["fov_id"]]["row"]
-            plate = row[K.PLATE]
-            if plate in sums and sums[plate].shape != shape:
-                small = imio.upsample(small, sums[plate].shape[1:])  # odd-sized image on the plate
-            sums[plate] = sums.get(plate, 0) + small
-            counts[plate] = counts.get(plate, 0) + 1
-            sample = np.frombuffer(r["sample"], np.float32).reshape(shape[0], -1)
-            samples.append(
-                (plate, row[K.BATCH], sample, np.frombuffer(r["sample_idx"], np.int64), shape)
+            rows.append(
+                (
+                    r["fov_id"],
+                    row[K.PLATE],
+                    row[K.BATCH],
+                    np.frombuffer(r["small"], np.float32).reshape(shape),
+                    np.frombuffer(r["sample"], np.float32).reshape(shape[0], -1),
+                    np.frombuffer(r["sample_idx"], np.int64),
+                    shape,
+                    json.loads(r["scale"]),
+                )
             )
+    refs, odd = {}, {}
+    if p["scale_check"] != "ignore":
+        by_plate: dict[str, list] = {}
+        for r in rows:
+            by_plate.setdefault(r[1], []).append(r[7])
+        refs = {pl: imio.scale_reference(v, p["scale_fold"]) for pl, v in by_plate.items()}
+        for fid, plate, *_, scale in rows:
+            why = imio.scale_problem(scale, refs[plate], ch["names"])
+            if why:
+                odd[fid] = why
+    rows = [r for r in rows if r[0] not in odd]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for _, plate, _, small, *_ in rows:
+        if plate in sums and sums[plate].shape != small.shape:
+            small = imio.upsample(small, sums[plate].shape[1:])  # odd-sized image on the plate
+        sums[plate] = sums.get(plate, 0) + small
+        counts[plate] = counts.get(plate, 0) + 1
     illum = {}
     if p["illum_correction"]:
         illum = {
@@ -493,7 +571,7 @@ def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
         }
     lo, hi = p["norm_percentiles"]
     pooled: dict[str, list] = {}
-    for plate, batch, sample, idx, shape in samples:
+    for _, plate, batch, _, sample, idx, shape, _ in rows:
         if illum:
             func = illum[plate]
             if func.shape[1:] != tuple(shape[1:]):
@@ -504,12 +582,27 @@ def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
     lohi = {
         k: imio.percentiles(np.concatenate(v, axis=1), lo, hi).tolist() for k, v in pooled.items()
     }
-    return {"illum": illum, "lohi": lohi, "n_fovs": len(samples)}
+    return {
+        "illum": illum,
+        "lohi": lohi,
+        "n_fovs": len(rows),
+        "scale_ref": {pl: r for pl, r in refs.items() if r is not None},
+        "out_of_scale": odd,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_out(p: dict) -> Path:
+    """The resolved ingest.out; IngestError when it is a file, unwritable, a folder of the user's own
+    files or overlaps ingest.input / ingest.platemap (checked before Ray and the statistics pass)."""
+    from raycell.utils.outputs import DATASET, check_output
+
+    inputs = [("ingest.input", p["input"]), ("ingest.platemap", p["platemap"])]
+    return check_output(p["out"], inputs, "ingest.out", DATASET, IngestError)[0]
 
 
 def _existing(out: Path, p: dict, fingerprint: str) -> dict | None:
@@ -550,6 +643,9 @@ def _stream_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, writer) -> d
         "diameter": [],
         "seconds": [],
         "cpu_seconds": 0.0,
+        "separate": {},
+        "all_zero": np.zeros(len(ch["names"]), np.int64),
+        "saturated": np.zeros(len(ch["names"]), np.int64),
     }
     if not fovs:
         return got
@@ -575,6 +671,10 @@ def _stream_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, writer) -> d
             got["n_cells"] += len(meta)
             got["seconds"].append(info.get("seconds", 0.0))
             got["cpu_seconds"] += info.get("cpu_seconds", 0.0)
+            if info.get("separate"):
+                got["separate"][r["fov_id"]] = info["separate"]
+            for k in ("all_zero", "saturated"):
+                got[k] += np.asarray(info["crop_flags"][k], np.int64)
     # belt and braces: a FOV that came back from no task is still accounted for
     for f in fovs:
         if f["fov_id"] not in got["seen"]:
@@ -592,9 +692,40 @@ def _stream_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, writer) -> d
     return got
 
 
+def _crop_checks(got: dict, names: list[str]) -> tuple[dict, list[str]]:
+    """Counts of crops with an all-zero or saturated channel, and a warning per channel affected."""
+    n = got["n_cells"]
+    checks = {
+        "n_crops": n,
+        "all_zero": dict(zip(names, got["all_zero"].tolist())),
+        "saturated": dict(zip(names, got["saturated"].tolist())),
+    }
+    notes = []
+    for what, desc in (("all_zero", "all zero"), ("saturated", "more than half saturated")):
+        for name, k in checks[what].items():
+            if k:
+                notes.append(
+                    f"warning: {k} of {n} crops ({100 * k / max(n, 1):.1f}%) have channel "
+                    f"{name!r} {desc}: check ingest.normalization / ingest.norm_percentiles and "
+                    "the rejects table"
+                )
+    return checks, notes
+
+
 def _summary(p: dict, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -> dict:
     ch = plan["channels"]
     diam = got["diameter"]
+    checks, check_notes = _crop_checks(got, ch["names"])
+    sep = [
+        f"field {fid} normalised by itself (ingest.scale_check=separate): {why}"
+        for fid, why in sorted(got["separate"].items())
+    ]
+    n_odd = int((rej["code"] == "out-of-scale").sum()) if len(rej) else 0
+    odd = (
+        [f"warning: {n_odd} field(s) rejected as out-of-scale (see the rejects table)"]
+        if n_odd
+        else []
+    )
     return {
         "out": p["out"],
         "input": p["input"],
@@ -619,7 +750,9 @@ def _summary(p: dict, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -
             # CPU time of the crop tasks that gave cells: throughput per core, whatever the load
             "crop_task_cpu_total": round(got["cpu_seconds"], 2),
         },
-        "notes": plan["notes"],
+        "crop_checks": checks,
+        "fields_normalised_alone": sorted(got["separate"]),
+        "notes": plan["notes"] + odd + sep + check_notes,
         "skipped": False,
     }
 
@@ -650,6 +783,14 @@ def _manifest_extra(p: dict, plan: dict, stats: dict, summary: dict, illum_files
                 "downscale": p["illum_downscale"],
                 "functions": illum_files,
             },
+            "scale_check": {
+                "mode": p["scale_check"],
+                "fold": p["scale_fold"],
+                "plates": stats.get("scale_ref", {}),
+                "n_rejected": summary["rejects_by_code"].get("out-of-scale", 0),
+                "normalised_alone": summary["fields_normalised_alone"],
+            },
+            "crop_checks": summary["crop_checks"],
             "z_projection": p["z_projection"],
             "segmentation": p["segmentation"],
             "channel_roles": {
@@ -683,6 +824,7 @@ def run_ingest(cfg) -> dict:
 
     from raycell.data.shards import ShardWriter
     from raycell.utils.io import atomic_write_json, atomic_write_parquet
+    from raycell.utils.outputs import DATASET, staging_dir, swap_in
 
     t0 = time.perf_counter()
     p = dataclasses.asdict(cfg.ingest)
@@ -690,7 +832,7 @@ def run_ingest(cfg) -> dict:
     for k in ("input", "out", "platemap", "cellpose_model"):  # Ray workers do not share our cwd
         if p[k]:
             p[k] = os.path.abspath(os.path.expanduser(p[k]))
-    out = Path(p["out"])
+    out = _check_out(p)
     plan = plan_ingest(p)
     prev = _existing(out, p, plan["fingerprint"])
     if prev is not None:
@@ -702,8 +844,7 @@ def run_ingest(cfg) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.ray.progress)
     stats = compute_stats(plan["fovs"], p, plan["channels"])
     t_stats = time.perf_counter() - t0
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = staging_dir(out, DATASET)
     writer = ShardWriter(
         partial, plan["channels"]["names"], rows_per_shard=p["rows_per_shard"], overwrite=True
     )
@@ -738,19 +879,9 @@ def run_ingest(cfg) -> dict:
         extra=_manifest_extra(p, plan, stats, summary, illum_files),
     )
     atomic_write_json(partial / SUMMARY, summary)
-    swap_dir(partial, out)
+    swap_in(partial, out)
     return summary
 
 
 def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s) or "plate"
-
-
-def swap_dir(partial: Path, out: Path) -> None:
-    """Replace `out` by `partial` with two renames (the old data set stays whole until then)."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(partial, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -7,7 +7,9 @@ The groups ``channel`` and ``z`` say which channel and Z-slice a file holds; all
 unit of work: all files that agree on them form one FOV. Problems are recorded, not raised, wherever
 they concern one file or one FOV (a file the regex does not match, a channel that was not selected,
 a missing channel or Z-slice, two files for one slot, a well the plate map lacks), so ingest can
-account for every input; problems with the whole job (no images, a regex that matches nothing, a
+account for every input. The channels and Z-slices a field should have are the values most fields
+have: one stray file (``z01`` among ``z1``) is rejected by itself instead of making every other
+field incomplete; problems with the whole job (no images, a regex that matches nothing, a
 plate map without usable columns) raise `IngestError` with a one-line message naming the file or
 column.
 """
@@ -154,35 +156,70 @@ def reject_row(
     }
 
 
+def _majority(files: pd.DataFrame, col: str) -> list[str]:
+    """Values of `col` found in more than half of the fields of view in `files` (all if none is).
+
+    Why the majority and not the union: one stray file spelt differently (``z01`` among ``z1``)
+    would otherwise make every other field "incomplete" while the stray one looks complete.
+    """
+    n = files["fov_id"].nunique()
+    per_value = files.groupby(col)["fov_id"].nunique()
+    keep = [v for v, k in per_value.items() if 2 * k > n]
+    return sorted(keep or per_value.index.tolist(), key=natural_key)
+
+
+def expected_channels(files: pd.DataFrame) -> list[str]:
+    """The channel values most fields of view have (the default for ingest.channels)."""
+    return _majority(files.assign(fov_id=_fov_ids(files, fov_keys(files))), CHANNEL)
+
+
 def group_fovs(
     files: pd.DataFrame, channels: list[str] | None = None
 ) -> tuple[list[dict], list[dict]]:
     """Group matched files into fields of view and check each one is complete.
 
-    A FOV is complete when it has exactly one file for every selected channel and every Z-slice that
-    the channel has anywhere in the data set. Files of channels that are not selected become file
-    rejects.
+    A FOV is complete when it has exactly one file for every selected channel and every Z-slice
+    that most FOVs with that channel have. Files of channels that are not selected, and (without
+    `channels`) of channel or Z values that few FOVs have, become file rejects.
 
     Args:
         files: `matched` from `discover`.
-        channels: channel values to keep, in output order (None/empty = every value found, natural
-            order).
+        channels: channel values to keep, in output order (None/empty = the values most FOVs
+            have, natural order).
 
     Returns:
         (fovs, rejects): each FOV is a dict with `fov_id`, `meta` (the identifying groups), `files`
         (list of {path, relpath, channel, z}); rejects are `reject_row` dicts.
     """
     found = sorted(files[CHANNEL].unique(), key=natural_key)
-    channels = list(channels) if channels else found
+    keys = fov_keys(files)
+    files = files.assign(fov_id=_fov_ids(files, keys))
+    rejects = []
+    if not channels:
+        channels = _majority(files, CHANNEL)
+        odd = ~files[CHANNEL].isin(channels)
+        rejects += [
+            reject_row(
+                "file",
+                "unexpected-channel",
+                f"{rel}: channel {c!r} is not one of the channels most fields have {channels}; "
+                "the file is left out (rename it, or list it in ingest.channels)",
+                fid,
+                [rel],
+            )
+            for c, fid, rel in files.loc[odd, [CHANNEL, "fov_id", "relpath"]].itertuples(
+                index=False
+            )
+        ]
+        files = files[~odd]
+    channels = list(channels)
     unknown = [c for c in channels if c not in found]
     if unknown:
         raise IngestError(
             f"ingest.channels {unknown} not found in the file names; the regex's 'channel' "
             f"group gives {found}"
         )
-    keys = fov_keys(files)
-    files = files.assign(fov_id=_fov_ids(files, keys))
-    rejects = [
+    rejects += [
         reject_row(
             "file",
             "channel-not-selected",
@@ -195,9 +232,24 @@ def group_fovs(
         ].itertuples(index=False)
     ]
     files = files[files[CHANNEL].isin(channels)]
-    z_all = {
-        c: sorted(files.loc[files[CHANNEL] == c, Z].unique(), key=natural_key) for c in channels
-    }
+    z_all = {c: _majority(files[files[CHANNEL] == c], Z) for c in channels}
+    odd = pd.Series(False, index=files.index)
+    for c in channels:
+        odd |= (files[CHANNEL] == c) & ~files[Z].isin(z_all[c])
+    rejects += [
+        reject_row(
+            "file",
+            "unexpected-z",
+            f"{rel}: Z value {z!r} of channel {c!r} is not one of the Z values most fields have "
+            f"{z_all[c]}; the file is left out (rename it if it belongs to its field)",
+            fid,
+            [rel],
+        )
+        for c, z, fid, rel in files.loc[odd, [CHANNEL, Z, "fov_id", "relpath"]].itertuples(
+            index=False
+        )
+    ]
+    files = files[~odd]
     fovs = []
     for fov_id, g in files.groupby("fov_id", sort=False):
         meta = {k: g[k].iloc[0] for k in keys}
@@ -244,7 +296,8 @@ def load_platemap(
         fov_columns: the metadata columns the FOVs have.
 
     Returns:
-        (plate map, join columns).
+        (plate map, join columns). Spaces around values are stripped; the columns where that
+        changed something are listed in `pm.attrs["stripped_columns"]`.
 
     Raises:
         IngestError: missing/unreadable file, no shared column, a named column missing, duplicate
@@ -258,6 +311,10 @@ def load_platemap(
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise IngestError(f"plate map {p} is not a readable CSV: {exc}") from None
     pm.columns = [c.strip() for c in pm.columns]
+    # ' high' would be a label of its own and 'SYN00 ' would match no file: strip, and say so
+    stripped = pm.apply(lambda col: col.str.strip())
+    pm.attrs["stripped_columns"] = [c for c in pm.columns if not stripped[c].equals(pm[c])]
+    pm[list(pm.columns)] = stripped
     if K.WELL in pm:
         pm[K.WELL] = pm[K.WELL].map(normalize_well)
     if on:

@@ -8,7 +8,9 @@ in-process over the shards (unit tests, debugging), so the loop itself is tested
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -93,6 +95,7 @@ class RayTrainContext(TrainContext):
         self.collate = collate
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.shuffle_buffer, self.prefetch = shuffle_buffer, prefetch_batches
+        self._drop_copy: weakref.finalize | None = None  # removes a temporary checkpoint copy
 
     def batches(self, split, epoch, train):
         """`iter_torch_batches` over this worker's shard (train is split across workers, val is not)."""
@@ -106,19 +109,30 @@ class RayTrainContext(TrainContext):
             pin_memory=self.device.type == "cuda")
 
     def resume_from(self):
-        """Latest checkpoint of this run (a retry after a failure, or `--resume`)."""
+        """Latest checkpoint of this run (a retry after a failure, or `--resume`).
+
+        On local storage visible to this worker the checkpoint folder itself (the loop only reads it);
+        otherwise a temporary copy, deleted at the first report (the loop has loaded it by then) or when
+        the worker exits.
+        """
+        import pyarrow.fs
         import ray.train
 
         ck = ray.train.get_checkpoint()
         if ck is None:
             return None
-        # as_directory() on local storage returns the checkpoint folder itself.
-        return Path(ck.to_directory(tempfile.mkdtemp(prefix="raycell-resume-")))
+        if isinstance(ck.filesystem, pyarrow.fs.LocalFileSystem) and Path(ck.path).is_dir():
+            return Path(ck.path)
+        tmp = tempfile.mkdtemp(prefix="raycell-resume-")
+        self._drop_copy = weakref.finalize(self, shutil.rmtree, tmp, True)
+        return Path(ck.to_directory(tmp))
 
     def report(self, metrics, checkpoint_dir):
         """Every rank must call ray.train.report (it is a barrier); only rank 0 passes a checkpoint."""
         import ray.train
 
+        if self._drop_copy is not None:
+            self._drop_copy()  # idempotent; the resumed state is loaded by the first report
         ck = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ck)
 

@@ -3,11 +3,13 @@
 The run folder is `<train.runs_dir>/<name>-<timestamp>/` (Ray's storage for this run): it holds the
 resolved `config.yaml`, Ray's `checkpoint_*` folders and, at the end, `metrics.json` with every epoch.
 `train.resume=<run folder>` re-runs under the same Ray run name, which makes Ray hand the loop its latest
-checkpoint.
+checkpoint. A resumed run keeps the config recorded in its `config.yaml` (`resume_config`): only the keys
+in `RESUME_MAY_CHANGE` may differ, and the record is rewritten only after the resumed run succeeds.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -19,13 +21,103 @@ from raycell.data.shards import open_dataset
 from raycell.utils.io import atomic_write_json, new_run_dir
 
 
-def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
-    """Data spec and vocabularies for a run (labels from the manifest, batches = training batches)."""
+# Keys a resumed run may change (prefixes end with "."): how long and where it runs, not what it learns.
+RESUME_MAY_CHANGE = ("train.epochs", "train.max_failures", "train.checkpoints_to_keep", "train.log_every",
+                     "train.torch_threads", "ray.", "scaling.")
+# Keys training does not read: a resume ignores them and keeps the run's values.
+RESUME_IGNORED = ("name", "train.runs_dir", "train.resume", "synth.", "ingest.", "split.", "infer.", "eval.",
+                  "demo.")
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and prefix + k not in ("model.args", "scaling.resources_per_worker"):
+            out += _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def resume_config(cfg: ExperimentConfig, given: list[str] | None = None) -> ExperimentConfig:
+    """The config of the run `cfg.train.resume` continues: its recorded `config.yaml`, plus allowed changes.
+
+    Args:
+        cfg: The config the user asked for (`train.resume` set).
+        given: Dotted keys the user set explicitly (`raycell.config.explicit_keys`); None compares every key
+            (the Python API, where set and default values cannot be told apart).
+
+    Raises:
+        ConfigError: the run folder or its config.yaml is missing, or a given key that a resume may not
+            change (anything but `RESUME_MAY_CHANGE`) differs from the run's value. Nothing is written.
+    """
+    from raycell.config import load_config
+
+    run_dir = Path(cfg.train.resume).absolute()
+    if not run_dir.is_dir():
+        raise ConfigError(f"train.resume: run folder not found: {run_dir} (give a folder that "
+                          f"`raycell train` created under train.runs_dir)")
+    record = run_dir / "config.yaml"
+    if not record.is_file():
+        raise ConfigError(f"train.resume: {run_dir} is not a raycell run folder (no config.yaml)")
+    recorded = load_config(record)
+    keys = _leaf_keys(cfg.to_dict()) if given is None else given
+    conflicts = []
+    for key in dict.fromkeys(keys):
+        if _matches(key, RESUME_IGNORED):
+            continue
+        mine, theirs = cfg.get(key), recorded.get(key)
+        if key == "data.path":
+            mine, theirs = str(Path(mine).absolute()), str(Path(theirs).absolute())
+        if mine == theirs:
+            continue
+        if _matches(key, RESUME_MAY_CHANGE):
+            recorded.set(key, mine)
+        else:
+            conflicts.append(f"{key} ({theirs!r} in the run, {mine!r} given)")
+    if conflicts:
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
+        raise ConfigError(f"train.resume: {'; '.join(conflicts)}: a resumed run keeps its recorded config "
+                          f"({record}); drop the conflicting option(s), or start a new run without --resume "
+                          f"(a resume may change only {allowed})")
+    recorded.train.resume = str(run_dir)
+    recorded.ray = copy.deepcopy(cfg.ray)  # how to reach Ray is about this invocation, not the run
+    return recorded.validate()
+
+
+def _training_data(cfg: ExperimentConfig):
+    """The data set of `data.path`, which must have a train split."""
     ds = open_dataset(cfg.data.path)
     counts = ds.manifest.get("counts_per_split", {})
     if not counts.get(K.TRAIN):
         raise ConfigError(f"{ds.root} has no rows with split 'train' (counts: {counts}); run "
                           f"`raycell split --data {ds.root}` first")
+    return ds
+
+
+def check_train(cfg: ExperimentConfig) -> None:
+    """What `train` can check without Ray, before any folder is created: model type and preset, data set.
+
+    A bad model type used to fail inside a Ray Train worker (a retry, ~40 s, and an empty run folder).
+    """
+    from raycell.models import list_models
+    from raycell.models.aec import PRESETS
+
+    if cfg.model.type not in list_models():
+        raise ConfigError(f"model.type: unknown model type {cfg.model.type!r}; registered: "
+                          f"{', '.join(list_models())} (see `raycell models`)")
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
+    _training_data(cfg)
+
+
+def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
+    """Data spec and vocabularies for a run (labels from the manifest, batches = training batches)."""
+    ds = _training_data(cfg)
     meta = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH)
     setup = {
         "data_spec": DataSpec.from_dataset(ds).to_dict(),
@@ -75,20 +167,23 @@ def train(cfg: ExperimentConfig) -> dict:
 
     Needs Ray to be initialised (see `raycell.utils.ray_utils.init_ray`).
     """
-    cfg.data.path = str(Path(cfg.data.path).absolute())  # workers chdir; paths must be absolute
-    setup, ds = training_setup(cfg)
     if cfg.train.resume:
-        run_dir = Path(cfg.train.resume).absolute()
-        if not run_dir.is_dir():
-            raise ConfigError(f"train.resume: run folder not found: {run_dir}")
-    else:
-        run_dir = new_run_dir(cfg.train.runs_dir, f"{cfg.name}-{cfg.model.type}")
+        cfg = resume_config(cfg)  # the run's recorded config; raises on a conflicting change
+    cfg.data.path = str(Path(cfg.data.path).absolute())  # workers chdir; paths must be absolute
+    check_train(cfg)
+    setup, ds = training_setup(cfg)
     if not cfg.train.torch_threads and _single_node():
         # A laptop or one-machine Ray: let the workers use the cores (Ray gives a 0.5-CPU worker 1 thread).
         cfg.train.torch_threads = max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
-    save_config(cfg, run_dir / "config.yaml")
+    if cfg.train.resume:
+        run_dir = Path(cfg.train.resume)
+    else:  # only now: a run that fails its checks leaves no folder behind
+        run_dir = new_run_dir(cfg.train.runs_dir, f"{cfg.name}-{cfg.model.type}")
+        save_config(cfg, run_dir / "config.yaml")
     print(f"[raycell] training {cfg.model.type} on {ds.root} -> {run_dir}", flush=True)
     result = build_trainer(cfg, run_dir, setup, ds).fit()
+    if cfg.train.resume:  # the record changes only when the resumed run succeeded (e.g. more epochs)
+        save_config(cfg, run_dir / "config.yaml")
     history = []
     if result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict(orient="records")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from raycell.config import ConfigError
+
 # Quieter, and fixes duplicated worker prints (spec/ray-2.60.md section 6). Set before Ray starts.
 _QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -14,20 +16,87 @@ _QUIET_ENV = {
 }
 
 
-def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, progress: bool = True) -> None:
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) to probe for a GCS (`host:port`) or Ray Client (`ray://host[:port]`) address.
+
+    None for addresses Ray resolves itself (`auto`, `local`, anything with another scheme).
+    """
+    default = 6379
+    if address.startswith("ray://"):
+        address, default = address[len("ray://"):].split("/", 1)[0], 10001
+    elif "://" in address or address in ("auto", "local"):
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or host.endswith(":"):  # no port, or a bare IPv6 address
+        host, port = address, str(default)
+    host = host.strip("[]")
+    if not host:
+        return None
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ConfigError(f"ray.address {address!r}: the port {port!r} is not a number "
+                          "(expected host:port, ray://host:port or auto)") from None
+
+
+# HTTP/2 client preface + an empty SETTINGS frame: a gRPC server (Ray's GCS and Ray Client server both are)
+# answers with a frame header of its own.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def check_reachable(address: str, timeout_s: float = 5.0, source: str = "ray.address") -> None:
+    """Fail fast when nothing that speaks gRPC answers at `address`: Ray's own connect retries forever.
+
+    A TCP connect, then (unless RAY_USE_TLS is set) the HTTP/2 preface every gRPC server answers; a port
+    that accepts connections but never answers is caught too. Each step waits at most `timeout_s`.
+
+    Raises:
+        ConfigError: naming the address, where it came from and what to do.
+    """
+    import socket
+
+    hp = _host_port(address)
+    if hp is None:
+        return
+    tls = os.environ.get("RAY_USE_TLS", "0").lower() not in ("", "0", "false")
+    why = ""
+    try:
+        with socket.create_connection(hp, timeout=timeout_s) as sock:
+            if not tls:
+                sock.settimeout(timeout_s)
+                sock.sendall(_H2_PREFACE)
+                if not sock.recv(9):
+                    why = "the connection was closed without a gRPC answer: not a Ray address"
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+    if why:
+        raise ConfigError(f"{source} {address}: cannot reach Ray at {hp[0]}:{hp[1]} ({why}; waited up to "
+                          f"{timeout_s:g} s per step); is Ray running there (`ray start --head`)? Fix "
+                          "--address / ray.address / RAY_ADDRESS, or leave it empty for a local Ray "
+                          "(ray.connect_timeout_s sets the wait)")
+
+
+def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, progress: bool = True,
+             connect_timeout_s: float = 5.0) -> None:
     """Join a cluster (`address`, or RAY_ADDRESS as under `ray job submit`) or start a private local Ray.
 
     A local Ray gets more logical CPUs than the machine has (max(4, 2 x cores)): Ray Data read tasks need
     CPU slots while train workers hold theirs, and on 2 cores they otherwise starve and `fit()` hangs.
+    An address with nothing listening fails within `connect_timeout_s` (ConfigError) instead of hanging.
     """
     import ray
 
     for k, v in _QUIET_ENV.items():
         os.environ.setdefault(k, v)
     if not ray.is_initialized():
+        source = "ray.address" if address else "RAY_ADDRESS"
         addr = address or os.environ.get("RAY_ADDRESS", "")
         if addr:
-            ray.init(address=addr, log_to_driver=True)
+            check_reachable(addr, connect_timeout_s, source)
+            try:
+                ray.init(address=addr, log_to_driver=True)
+            except ConnectionError as exc:  # e.g. `auto` with no Ray running on this machine
+                raise ConfigError(f"{source} {addr}: {str(exc).splitlines()[0]}") from None
         else:
             kw = {"num_cpus": num_cpus or max(4, 2 * (os.cpu_count() or 1)), "include_dashboard": True,
                   "dashboard_host": "127.0.0.1"}

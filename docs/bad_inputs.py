@@ -1,0 +1,641 @@
+"""Regenerate `docs/bad_inputs.md`: what a user sees for each kind of bad input, and the exit code.
+
+Each case builds its bad input in a scratch folder, runs one `raycell` command in this process
+(`raycell.__main__.main`, exactly what the console script runs), and records the exit status, the last
+line written to stderr, how many lines stderr held, whether Ray was started, the seconds taken, and,
+where the case is about data loss, whether the user's files survived. `--check` exits 1 when a case
+does not behave as promised (status other than `expect`, a traceback, more than one error line, or
+lost files); `tests/test_bad_inputs.py` runs the cases that need no Ray that way.
+
+    .venv/bin/python docs/bad_inputs.py                # all cases (starts Ray for a few), writes the table
+    .venv/bin/python docs/bad_inputs.py --no-ray --check   # the fast cases, no file written
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Case:
+    """One bad input: `setup(fx)` returns the argv; `check(fx)` returns '' or what went wrong with the data."""
+
+    area: str
+    what: str
+    setup: Callable[["Fixtures"], list[str]]
+    expect: int = 2
+    ray: bool = False  # needs a trained run or predictions (made with Ray) to set up, or runs to completion
+    check: Callable[["Fixtures"], str] | None = None
+    result: dict = field(default_factory=dict)
+
+
+class Fixtures:
+    """Scratch inputs built on demand and shared by the cases."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._cache: dict = {}
+
+    def path(self, name: str) -> Path:
+        """A fresh scratch path (not created)."""
+        p = self.root / name
+        if p.exists():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return p
+
+    def user_folder(self, name: str) -> Path:
+        """A folder of 'the user's' files that no raycell command may delete."""
+        p = self.path(name)
+        p.mkdir(parents=True)
+        (p / "notes.txt").write_text("my notes\n")
+        (p / "plate1").mkdir()
+        (p / "plate1" / "image.tif").write_bytes(b"not really a tiff")
+        return p
+
+    @staticmethod
+    def intact(p: Path) -> str:
+        """'' when the user folder made by `user_folder` is as it was."""
+        ok = (p / "notes.txt").is_file() and (p / "plate1" / "image.tif").is_file()
+        return "" if ok else f"user files in {p.name} were lost"
+
+    def data(self) -> Path:
+        """A tiny split synthetic data set (32 px, 240 cells)."""
+        if "data" not in self._cache:
+            from raycell.data.splits import split_dataset
+            from raycell.data.synthetic import write_synthetic
+
+            out = self.root / "fixture_data"
+            write_synthetic(str(out), n_cells=240, crop_size=32, rows_per_shard=60, seed=0)
+            split_dataset(str(out))
+            self._cache["data"] = out
+        return self._cache["data"]
+
+    def copy_data(self, name: str) -> Path:
+        """A private copy of the tiny data set, to break."""
+        dst = self.path(name)
+        shutil.copytree(self.data(), dst)
+        return dst
+
+    def checkpoint(self) -> Path:
+        """A run folder with an (untrained) tiny conventional AEC checkpoint, written without Ray."""
+        if "ck" not in self._cache:
+            from raycell import constants as K
+            from raycell.config import load_config
+            from raycell.data.categories import CategoryMap
+            from raycell.data.dataset import DataSpec
+            from raycell.data.shards import open_dataset
+            from raycell.models import create_model
+            from raycell.train.checkpoint import save_checkpoint
+
+            ds = open_dataset(self.data())
+            run = self.root / "fixture_run"
+            cfg = load_config(None, [f"data.path={ds.root}", "model.preset=tiny"])
+            model = create_model("conventional", preset="tiny", in_channels=ds.shape[0],
+                                 image_size=ds.shape[1], n_classes=len(ds.manifest["label_vocab"]))
+            batches = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()
+            save_checkpoint(run / "checkpoint_000000", model, None, epoch=0,
+                            spec=DataSpec.from_dataset(ds), labels=CategoryMap(K.LABEL, ds.manifest["label_vocab"]),
+                            batches=CategoryMap.fit(K.BATCH, batches), config=cfg.to_dict(), metrics={})
+            self._cache["ck"] = run
+        return self._cache["ck"]
+
+    def copy_checkpoint(self, name: str) -> Path:
+        """A private copy of the checkpoint run folder, to break."""
+        dst = self.path(name)
+        shutil.copytree(self.checkpoint(), dst)
+        return dst
+
+    def raw(self) -> Path:
+        """Small synthetic raw fields of view with a plate map (`synth --raw`)."""
+        if "raw" not in self._cache:
+            from raycell.data.synthetic_raw import write_synthetic_raw
+
+            out = self.root / "fixture_raw"
+            write_synthetic_raw(out, seed=1, n_batches=1, n_lines=2, wells=2, fields=1, fov_size=96,
+                                cells_per_fov=4)
+            self._cache["raw"] = out
+        return self._cache["raw"]
+
+    def ingest_args(self, raw: Path, out: Path) -> list[str]:
+        """`raycell ingest` argv for a `synth --raw` folder."""
+        desc = json.loads((raw / "raw.json").read_text())["ingest"]
+        return ["ingest", "--input", str(raw / desc["input"]), "--out", str(out), "--pattern", desc["pattern"],
+                "--platemap", str(raw / desc["platemap"]), *_set(
+                    "ray.progress=false", "ingest.crop_size=32", f"ingest.channels={json.dumps(desc['channels'])}",
+                    f"ingest.nucleus_channel={desc['nucleus_channel']}",
+                    f"ingest.cytoplasm_channel={desc['cytoplasm_channel']}",
+                    f"ingest.label_column={desc['label_column']}", f"ingest.group_column={desc['group_column']}")]
+
+    def armed(self) -> Path:
+        """A folder of ARMED-style data_{train,val,test,unseen}.npz + .csv files."""
+        src = self.path("armed_src")
+        src.mkdir()
+        rng = np.random.default_rng(0)
+        for split, n, dates in [("train", 20, ["d1", "d2"]), ("val", 6, ["d1", "d2"]),
+                                ("test", 6, ["d1", "d2"]), ("unseen", 6, ["d3"])]:
+            date = rng.choice(dates, n)
+            cluster = np.zeros((n, 2), np.float32)
+            if split != "unseen":
+                cluster[np.arange(n), [["d1", "d2"].index(d) for d in date]] = 1
+            eff = rng.choice(["high", "low"], n)
+            np.savez(src / f"data_{split}.npz", images=rng.random((n, 16, 16, 1)).astype(np.float32),
+                     label=(eff == "low").astype(np.float32), cluster=cluster)
+            pd.DataFrame({"image": [f"png/{i}.png" for i in range(n)], "date": date,
+                          "celltype": "m1", "met-eff": eff, "cell": "c"}).to_csv(src / f"data_{split}.csv")
+        return src
+
+
+# --------------------------------------------------------------------------------------------------
+# The cases
+# --------------------------------------------------------------------------------------------------
+
+
+def _set(*kv: str) -> list[str]:
+    return [a for k in kv for a in ("--set", k)]
+
+
+def _train(fx: Fixtures, *extra: str) -> list[str]:
+    return ["train", "--data", str(fx.data()), "--runs-dir", str(fx.root / "runs"), "--preset", "tiny",
+            *_set("ray.progress=false"), *extra]
+
+
+def _infer(fx: Fixtures, *extra: str, ck: Path | None = None, data: Path | None = None) -> list[str]:
+    return ["infer", "--checkpoint", str(ck or fx.checkpoint()), "--data", str(data or fx.data()),
+            "--out", str(fx.path("pred_out")), *_set("ray.progress=false"), *extra]
+
+
+def _truncate(p: Path, keep: float = 0.5) -> None:
+    b = p.read_bytes()
+    p.write_bytes(b[: int(len(b) * keep)])
+
+
+def _dup_ids(fx: Fixtures) -> list[str]:
+    import pyarrow.parquet as pq
+
+    d = fx.copy_data("dup_ids")
+    shards = sorted((d / "shards").glob("part-*.parquet"))
+    t0, t1 = pq.read_table(shards[0]), pq.read_table(shards[1])
+    pq.write_table(t1.set_column(t1.schema.get_field_index("cell_id"), "cell_id", t0.column("cell_id")),
+                   shards[1])
+    return ["split", "--data", str(d)]
+
+
+def _corrupt_model(fx: Fixtures) -> list[str]:
+    run = fx.copy_checkpoint("ck_corrupt")
+    _truncate(next(run.glob("checkpoint_*/model.pt")))
+    return _infer(fx, ck=run)
+
+
+def _bad_meta(fx: Fixtures) -> list[str]:
+    run = fx.copy_checkpoint("ck_badmeta")
+    next(run.glob("checkpoint_*/meta.json")).write_text("{ not json")
+    return _infer(fx, ck=run)
+
+
+def _other_crop_size(fx: Fixtures) -> list[str]:
+    from raycell.data.splits import split_dataset
+    from raycell.data.synthetic import write_synthetic
+
+    d = fx.path("data48")
+    write_synthetic(str(d), n_cells=120, crop_size=48, rows_per_shard=60, seed=1)
+    split_dataset(str(d))
+    return _infer(fx, data=d)
+
+
+def _truncated_shard(fx: Fixtures) -> list[str]:
+    d = fx.copy_data("trunc_shard")
+    _truncate(sorted((d / "shards").glob("part-*.parquet"))[1])
+    return _infer(fx, data=d)
+
+
+def _bad_image_bytes(fx: Fixtures) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = fx.copy_data("bad_bytes")
+    shard = sorted((d / "shards").glob("part-*.parquet"))[0]
+    t = pq.read_table(shard)
+    imgs = t.column("image").to_pylist()
+    imgs[3] = imgs[3][:-10]
+    pq.write_table(t.set_column(t.schema.get_field_index("image"), "image", pa.array(imgs, pa.binary())), shard)
+    return _infer(fx, data=d)
+
+
+def _z_not_table(fx: Fixtures) -> list[str]:
+    """A folder whose inferred_z.parquet is some other table (a crop shard)."""
+    z = fx.path("z_not_table")
+    z.mkdir()
+    shutil.copy(sorted((fx.data() / "shards").glob("part-*.parquet"))[0], z / "inferred_z.parquet")
+    return _infer(fx, "--set", f"infer.z_source={z}")
+
+
+def _z_not_parquet(fx: Fixtures) -> list[str]:
+    z = fx.path("z_not_parquet")
+    z.mkdir()
+    (z / "inferred_z.parquet").write_text("cell_id,z\n")
+    return _infer(fx, "--set", f"infer.z_source={z}")
+
+
+def _unseen_all(fx: Fixtures) -> list[str]:
+    from raycell.data.shards import open_dataset
+
+    d = fx.copy_data("unseen_all")
+    vocab = open_dataset(d).manifest["batch_vocab"]
+    return ["split", "--data", str(d), "--unseen", ",".join(vocab)]
+
+
+def _conflicting_resume(fx: Fixtures) -> list[str]:
+    run = fx.copy_checkpoint("resume_run")
+    from raycell.config import load_config, save_config
+
+    save_config(load_config(None, [f"data.path={fx.data()}", "model.type=conventional"]), run / "config.yaml")
+    fx._cache["resume_cfg"] = (run / "config.yaml").read_bytes()
+    return ["train", "--resume", str(run), "--model", "mixedeffects"]
+
+
+def _resume_record_kept(fx: Fixtures) -> str:
+    p = fx.root / "resume_run" / "config.yaml"
+    return "" if p.read_bytes() == fx._cache["resume_cfg"] else "the run's config.yaml was rewritten"
+
+
+def _out_is_input(fx: Fixtures) -> list[str]:
+    raw = fx.path("raw_in_place")
+    shutil.copytree(fx.raw(), raw)
+    fx._cache["n_in_place"] = sum(1 for _ in raw.rglob("*") if _.is_file())
+    return fx.ingest_args(raw, raw / "images")
+
+
+def _in_place_intact(fx: Fixtures) -> str:
+    n = sum(1 for _ in (fx.root / "raw_in_place").rglob("*") if _.is_file())
+    return "" if n == fx._cache["n_in_place"] else f"input files: {fx._cache['n_in_place']} before, {n} after"
+
+
+def _armed_in_place(fx: Fixtures) -> list[str]:
+    src = fx.armed()
+    return ["import-armed", str(src), "--out", str(src)]
+
+
+def _armed_intact(fx: Fixtures) -> str:
+    src = fx.root / "armed_src"
+    return "" if (src / "data_train.npz").is_file() and (src / "data_train.csv").is_file() else "source files lost"
+
+
+def _out_file(fx: Fixtures) -> list[str]:
+    f = fx.path("out_is_file.txt")
+    f.write_text("precious\n")
+    return fx.ingest_args(fx.raw(), f)
+
+
+def _file_intact(fx: Fixtures) -> str:
+    f = fx.root / "out_is_file.txt"
+    return "" if f.is_file() and f.read_text() == "precious\n" else "the file was replaced"
+
+
+def _uf(name: str) -> Callable[[Fixtures], str]:
+    return lambda fx: Fixtures.intact(fx.root / name)
+
+
+def _eval_after(fx: Fixtures, breaker: Callable[[Path], None]) -> list[str]:
+    pred = fx.path("pred_broken")
+    shutil.copytree(fx.predictions(), pred)
+    breaker(pred)
+    return ["evaluate", "--predictions", str(pred), "--out", str(fx.path("eval_out"))]
+
+
+def _drop_shard(pred: Path) -> None:
+    sorted((pred / "shards").glob("part-*.parquet"))[1].unlink()
+
+
+def _dup_pred(pred: Path) -> None:
+    shards = sorted((pred / "shards").glob("part-*.parquet"))
+    shutil.copy(shards[0], pred / "shards" / "part-09999.parquet")
+
+
+def _dup_rows(pred: Path) -> None:
+    """Every row of one shard twice (the same cell ids), as a bad merge would leave them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = sorted((pred / "shards").glob("part-*.parquet"))[0]
+    t = pq.read_table(f)
+    pq.write_table(pa.concat_tables([t, t]), f)
+
+
+def _trunc_pred(pred: Path) -> None:
+    _truncate(sorted((pred / "shards").glob("part-*.parquet"))[0])
+
+
+CASES = [
+    # -- outputs: never delete what raycell did not write
+    Case("outputs", "`ingest --out` a folder of the user's files",
+         lambda fx: fx.ingest_args(fx.raw(), fx.user_folder("uf_ingest")), check=_uf("uf_ingest")),
+    Case("outputs", "`ingest --out` a folder of the user's files, with `--overwrite`",
+         lambda fx: fx.ingest_args(fx.raw(), fx.user_folder("uf_ingest2")) + ["--overwrite"],
+         check=_uf("uf_ingest2")),
+    Case("outputs", "`ingest --out` the input folder", _out_is_input, check=_in_place_intact),
+    Case("outputs", "`ingest --out` a regular file", _out_file, check=_file_intact),
+    Case("outputs", "`import-armed SRC --out SRC`", _armed_in_place, check=_armed_intact),
+    Case("outputs", "`import-armed --out` a folder of the user's files",
+         lambda fx: ["import-armed", str(fx.armed()), "--out", str(fx.user_folder("uf_armed"))],
+         check=_uf("uf_armed")),
+    Case("outputs", "`synth --raw --out` an existing folder",
+         lambda fx: ["synth", "--raw", "--out", str(fx.user_folder("uf_raw"))], check=_uf("uf_raw")),
+    Case("outputs", "`synth --out` a folder of the user's files, with `--overwrite`",
+         lambda fx: ["synth", "--out", str(fx.user_folder("uf_synth")), "--overwrite"], check=_uf("uf_synth")),
+    # -- config
+    Case("config", "unknown key in `--set`", lambda fx: ["config", "--set", "train.epoch=3"]),
+    Case("config", "wrong type in `--set`", lambda fx: ["config", "--set", "train.epochs=many"]),
+    Case("config", "`train.lr=0`", lambda fx: ["config", "--set", "train.lr=0"]),
+    Case("config", "config file that does not exist", lambda fx: ["config", "--config", str(fx.root / "nope.yaml")]),
+    Case("config", "config file that is not YAML", lambda fx: ["config", "--config", str(_write(fx, "bad.yaml", "a: [1,"))]),
+    # -- split
+    Case("split", "every batch held out as unseen", _unseen_all),
+    Case("split", "duplicate cell ids", _dup_ids),
+    Case("split", "data set folder that does not exist", lambda fx: ["split", "--data", str(fx.root / "nowhere")]),
+    # -- train
+    Case("train", "unknown model type", lambda fx: _train(fx, "--model", "convnext9000")),
+    Case("train", "data set without splits", lambda fx: _train_unsplit(fx)),
+    Case("train", "`--resume` a run folder that does not exist", lambda fx: ["train", "--resume", str(fx.root / "no_run")]),
+    Case("train", "`--resume` with a different `--model`", _conflicting_resume, check=_resume_record_kept),
+    # -- infer
+    Case("infer", "checkpoint folder that does not exist", lambda fx: _infer(fx, ck=fx.root / "no_ck")),
+    Case("infer", "truncated `model.pt`", _corrupt_model),
+    Case("infer", "corrupt `meta.json`", _bad_meta),
+    Case("infer", "misspelt `--splits`", lambda fx: _infer(fx, "--splits", "tset")),
+    Case("infer", "`infer.z_source` that does not exist", lambda fx: _infer(fx, "--set", f"infer.z_source={fx.root / 'no_z'}")),
+    Case("infer", "`infer.z_source` whose table is not a Z table", _z_not_table),
+    Case("infer", "`infer.z_source` whose file is not parquet", _z_not_parquet),
+    Case("infer", "data crop size differs from the model's", _other_crop_size),
+    Case("infer", "truncated crop shard", _truncated_shard),
+    Case("infer", "a row whose image bytes disagree with the manifest", _bad_image_bytes, ray=True),
+    # -- evaluate
+    Case("evaluate", "predictions folder that does not exist", lambda fx: ["evaluate", "--predictions", str(fx.root / "no_pred")]),
+    Case("evaluate", "a prediction shard deleted", lambda fx: _eval_after(fx, _drop_shard), ray=True),
+    Case("evaluate", "a prediction shard copied under another name", lambda fx: _eval_after(fx, _dup_pred),
+         ray=True),
+    Case("evaluate", "duplicated prediction rows (same cell ids twice)", lambda fx: _eval_after(fx, _dup_rows),
+         ray=True),
+    Case("evaluate", "truncated prediction shard", lambda fx: _eval_after(fx, _trunc_pred), ray=True),
+    # -- experiment, Ray
+    Case("experiment", "`experiment medl --seeds a,b`", lambda fx: ["experiment", "medl", "--seeds", "a,b"]),
+    Case("ray", "`--address` where nothing listens", lambda fx: _train(fx, "--address", "127.0.0.1:1")),
+]
+
+
+def _write(fx: Fixtures, name: str, text: str) -> Path:
+    p = fx.path(name)
+    p.write_text(text)
+    return p
+
+
+def _train_unsplit(fx: Fixtures) -> list[str]:
+    from raycell.data.synthetic import write_synthetic
+
+    d = fx.path("unsplit")
+    write_synthetic(str(d), n_cells=60, crop_size=32, rows_per_shard=60, seed=2)
+    return ["train", "--data", str(d), "--runs-dir", str(fx.root / "runs")]
+
+
+def _predictions(self: Fixtures) -> Path:
+    """Predictions of the fixture checkpoint over the tiny data (needs Ray)."""
+    if "pred" not in self._cache:
+        from raycell.__main__ import run
+
+        out = self.root / "fixture_pred"
+        run(["infer", "--checkpoint", str(self.checkpoint()), "--data", str(self.data()), "--out", str(out),
+             "--set", "ray.progress=false"])
+        self._cache["pred"] = out
+    return self._cache["pred"]
+
+
+Fixtures.predictions = _predictions
+
+
+# --------------------------------------------------------------------------------------------------
+# Ingest: bad images do not stop a run, they become rows of the rejects table
+# --------------------------------------------------------------------------------------------------
+
+# (what was done to the raw folder, the file or field it was done to) -> shown next to the reject row
+INGEST_DAMAGE: list[tuple[str, str]] = []
+
+
+def _damage_raw(fx: Fixtures) -> Path:
+    """12 fields of view (96 px), one of each kind of damage (module-level `INGEST_DAMAGE` lists them)."""
+    import tifffile
+
+    from raycell.data.synthetic_raw import write_synthetic_raw
+
+    raw = fx.path("raw_damaged")
+    write_synthetic_raw(raw, seed=2, n_batches=1, n_lines=2, wells=4, fields=3, fov_size=96, cells_per_fov=5)
+    d = raw / "images" / "batch00"
+    INGEST_DAMAGE.clear()
+
+    def note(what: str, name: str) -> None:
+        INGEST_DAMAGE.append((what, name))
+
+    (d / "SYN00_A01_s0_nucleus_z1.tif").write_bytes(b"")
+    note("a zero-byte TIFF", "SYN00_A01_s0_nucleus_z1.tif")
+    f = d / "SYN00_A01_s1_cytoplasm_z0.tif"
+    f.write_bytes(f.read_bytes()[:900])
+    note("a truncated TIFF", f.name)
+    f = d / "SYN00_A01_s2_nucleus_z2.tif"
+    tifffile.imwrite(f, np.stack([tifffile.imread(f)] * 2))
+    note("a 2-plane TIFF where one Z-slice is expected", f.name)
+    (d / "SYN00_A02_s0_cytoplasm_z2.tif").unlink()
+    note("a Z-slice deleted", "SYN00_A02_s0 (cytoplasm z2)")
+    shutil.copy(d / "SYN00_A02_s1_nucleus_z1.tif", d / "SYN00_A02_s1_nucleus_z01.tif")
+    note("a stray file spelling Z as `z01` among `z1`", "SYN00_A02_s1_nucleus_z01.tif")
+    for f in d.glob("SYN00_A03_s0_*.tif"):
+        tifffile.imwrite(f, tifffile.imread(f).astype(np.uint32) * 1000)
+    note("a field saved as uint32 at 1000x the plate's intensity", "SYN00_A03_s0 (all files)")
+    for f in d.glob("SYN00_A03_s1_*.tif"):
+        tifffile.imwrite(f, (tifffile.imread(f) / 65535.0).astype(np.float32))
+    note("a field saved as float in [0, 1] among uint16 fields", "SYN00_A03_s1 (all files)")
+    (d / "notes_scan.tif").write_bytes(b"II*\x00 not really a tiff")
+    note("a file whose name does not match the pattern", "notes_scan.tif")
+    pm = raw / "platemap.csv"
+    lines = pm.read_text().splitlines()
+    lines = [ln for ln in lines if ",A04," not in ln]
+    lines = [lines[0]] + [ln.replace(",high,", ", high ,") for ln in lines[1:]]
+    pm.write_text("\n".join(lines) + "\n")
+    note("well A04 left out of the plate map", "SYN00_A04 (3 fields)")
+    note("plate-map values padded with spaces (' high ')", "platemap.csv")
+    return raw
+
+
+def ingest_rejects(fx: Fixtures) -> tuple[pd.DataFrame, dict, str]:
+    """Ingest the damaged folder; (rejects table, summary, error line or '')."""
+    from raycell.__main__ import main
+
+    raw = _damage_raw(fx)
+    out = fx.path("ingest_damaged_out")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as so:
+        code = main(fx.ingest_args(raw, out))
+    if code != 0:
+        return pd.DataFrame(), {}, err.getvalue().strip().splitlines()[-1]
+    summary = json.loads((out / "ingest_summary.json").read_text())
+    summary["printed"] = [ln for ln in so.getvalue().splitlines() if ln.startswith("[raycell]")]
+    return pd.read_parquet(out / "rejects.parquet"), summary, ""
+
+
+def ingest_markdown(rej: pd.DataFrame, summary: dict, error: str) -> str:
+    """The ingest section of docs/bad_inputs.md."""
+    lines = ["## Ingest: bad images become rows of the rejects table", "",
+             "One `raycell ingest` over 12 synthetic fields of view (2 channels x 3 Z-slices, 96 px) damaged as",
+             "listed below. The run goes on; every input file and field is accounted for: the damaged ones are",
+             "rows of `rejects.parquet` (kind, code, reason, files), the rest are crops.", ""]
+    if error:
+        return "\n".join(lines + [f"**The run failed:** `{error}`", ""])
+    lines += ["| damage | where |", "|---|---|"]
+    lines += [f"| {what} | `{where}` |" for what, where in INGEST_DAMAGE]
+    lines += ["", "| kind | field of view | code | reason |", "|---|---|---|---|"]
+    for r in rej.itertuples():
+        reason = str(r.reason).replace("|", "\\|")
+        if len(reason) > 220:
+            reason = reason[:217] + "..."
+        fov = r.fov_id or (str(r.files).split("'")[1] if "'" in str(r.files) else str(r.files))
+        lines.append(f"| {r.kind} | `{fov}` | `{r.code}` | {reason} |")
+    lines += ["", f"Accounting: {summary['n_fovs_in']} fields in = {summary['n_fovs_with_cells']} with cells "
+              f"+ {summary['n_fovs_rejected']} rejected; {summary['n_files_rejected']} file(s) rejected; "
+              f"{summary['n_cells']} cells.", "", "What the command printed:", "", "```"]
+    lines += summary.get("printed", []) + ["```", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def run_case(case: Case, fx: Fixtures) -> dict:
+    """Set up and run one case in this process; returns what the user saw."""
+    import ray
+
+    from raycell.__main__ import main
+
+    try:
+        argv = case.setup(fx)
+    except Exception as exc:  # noqa: BLE001 - a broken case setup is reported, not fatal
+        return {"status": "setup failed", "stderr": f"{type(exc).__name__}: {exc}", "lines": 0,
+                "ray": False, "seconds": 0.0, "data": "", "argv": []}
+    if ray.is_initialized():  # each case starts from no Ray (a setup may have started one)
+        ray.shutdown()
+    err, out = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 2
+        except BaseException:  # noqa: BLE001 - a traceback is what the user would have seen
+            traceback.print_exc()
+            code = "traceback"
+    seconds = time.perf_counter() - t0
+    started = ray.is_initialized()
+    if started:
+        ray.shutdown()
+    text = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+    errors = [ln for ln in text if ln.startswith("raycell: error:") or ln.startswith("raycell: ")]
+    shown = errors[-1] if errors else (text[-1] if text else "")
+    return {"status": code, "stderr": shown, "lines": len(text), "ray": started, "seconds": round(seconds, 1),
+            "data": case.check(fx) if case.check else "", "argv": argv}
+
+
+def verdict(case: Case, r: dict) -> str:
+    """'' when the case keeps the promise, else what is wrong."""
+    problems = []
+    if r["status"] != case.expect:
+        problems.append(f"exit {r['status']} (expected {case.expect})")
+    if case.expect == 2 and (not r["stderr"].startswith("raycell: error:") or (r["lines"] != 1 and not r["ray"])):
+        problems.append("no one-line error")
+    if r["data"]:
+        problems.append(r["data"])
+    return "; ".join(problems)
+
+
+def to_markdown(cases: list[Case], env: str) -> str:
+    """The table of docs/bad_inputs.md."""
+    lines = ["# Bad input: what you see", "",
+             "Generated by `.venv/bin/python docs/bad_inputs.py` (do not edit by hand). Each row is one bad",
+             "input given to one `raycell` command; **exit** is the status (2 = a user error, reported in one",
+             "line on stderr); **Ray** says whether Ray was started before the error (errors that can be found",
+             "without Ray are found first); **ok** is whether the promise holds (exit code, one line, and for",
+             "output folders: the user's files are still there). Ingest problems inside images (unreadable,",
+             "empty or out-of-scale files, missing channels or Z-slices, plate-map gaps) do not stop a run: they",
+             "become rows of the rejects table, see [ingest.md](ingest.md).", "", env, "",
+             "| area | bad input | exit | what the user sees (last stderr line) | stderr lines | Ray | s | ok |",
+             "|---|---|---|---|---|---|---|---|"]
+    root = str(FX_ROOT[0]) if FX_ROOT else ""
+    for c in cases:
+        r = c.result
+        msg = r["stderr"].replace(root, "…").replace("|", "\\|")
+        if len(msg) > 300:
+            msg = msg[:297] + "..."
+        bad = verdict(c, r)
+        lines.append(f"| {c.area} | {c.what} | {r['status']} | `{msg}` | {r['lines']} | "
+                     f"{'yes' if r['ray'] else 'no'} | {r['seconds']} | {'yes' if not bad else 'NO: ' + bad} |")
+    return "\n".join(lines) + "\n"
+
+
+FX_ROOT: list[Path] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the cases; write the table (unless --check with --no-ray); exit 1 on a broken promise with --check."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bad_inputs.md"), help="markdown file to write")
+    ap.add_argument("--no-ray", action="store_true", help="only the cases that need no Ray to set up")
+    ap.add_argument("--check", action="store_true", help="exit 1 if any case breaks its promise")
+    ap.add_argument("--only", default="", help="substring of the case description to run")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    cases = [c for c in CASES if (not args.no_ray or not c.ray) and args.only in c.what]
+    with tempfile.TemporaryDirectory(prefix="raycell-bad-inputs-") as tmp:
+        fx = Fixtures(Path(tmp))
+        FX_ROOT[:] = [Path(tmp)]
+        for c in cases:
+            c.result = run_case(c, fx)
+            bad = verdict(c, c.result)
+            print(f"{'ok ' if not bad else 'BAD'} {c.area:<10} {c.what:<58} exit={c.result['status']} "
+                  f"{c.result['seconds']:>5}s  {c.result['stderr'][:140]}" + (f"   <- {bad}" if bad else ""),
+                  file=sys.__stdout__, flush=True)
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if not args.no_ray and not args.only:
+            import platform
+
+            env = (f"Last generated {time.strftime('%Y-%m-%d')} on {platform.system()} {platform.machine()}, "
+                   f"{os.cpu_count()} cores; paths under the scratch folder are shown as `…`.")
+            rej, summary, error = ingest_rejects(fx)
+            if ray.is_initialized():
+                ray.shutdown()
+            print(f"ingest: {len(rej)} reject row(s) {error}", file=sys.__stdout__)
+            text = to_markdown(cases, env) + "\n" + ingest_markdown(rej, summary, error)
+            Path(args.out).write_text(text.replace(tmp, "…"))
+            print(f"wrote {args.out}", file=sys.__stdout__)
+    broken = [c for c in cases if verdict(c, c.result)]
+    return 1 if (args.check and broken) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
