@@ -270,6 +270,16 @@ def _conflicting_resume(fx: Fixtures) -> list[str]:
     return ["train", "--resume", str(run), "--model", "mixedeffects"]
 
 
+def _resume_corrupt(fx: Fixtures) -> list[str]:
+    from raycell.config import load_config, save_config
+
+    run = fx.copy_checkpoint("resume_corrupt")
+    save_config(load_config(None, [f"data.path={fx.data()}", "model.type=conventional", "model.preset=tiny"]),
+                run / "config.yaml")
+    _truncate(next(run.glob("checkpoint_*/model.pt")))
+    return ["train", "--resume", str(run)]
+
+
 def _resume_record_kept(fx: Fixtures) -> str:
     p = fx.root / "resume_run" / "config.yaml"
     return "" if p.read_bytes() == fx._cache["resume_cfg"] else "the run's config.yaml was rewritten"
@@ -374,6 +384,7 @@ CASES = [
     Case("train", "data set without splits", lambda fx: _train_unsplit(fx)),
     Case("train", "`--resume` a run folder that does not exist", lambda fx: ["train", "--resume", str(fx.root / "no_run")]),
     Case("train", "`--resume` with a different `--model`", _conflicting_resume, check=_resume_record_kept),
+    Case("train", "`--resume` a run whose latest `model.pt` is truncated", _resume_corrupt),
     # -- infer
     Case("infer", "checkpoint folder that does not exist", lambda fx: _infer(fx, ck=fx.root / "no_ck")),
     Case("infer", "truncated `model.pt`", _corrupt_model),

@@ -113,6 +113,12 @@ def check_train(cfg: ExperimentConfig) -> None:
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
     _training_data(cfg)
+    if cfg.train.resume and any(Path(cfg.train.resume).glob("checkpoint_*/meta.json")):
+        from raycell.train.checkpoint import load_checkpoint, load_plan_state
+
+        # the worker would load it after Ray starts, where a corrupt file is a worker trace, not one line
+        _, meta = load_checkpoint(cfg.train.resume)
+        load_plan_state(meta["path"])
 
 
 def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
