@@ -29,9 +29,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raycell import constants as K  # noqa: E402
-from raycell.data.categories import CategoryMap  # noqa: E402
-from raycell.data.dataset import CropCollate, DataSpec, TRAIN_COLUMNS  # noqa: E402
-from raycell.data.shards import open_dataset  # noqa: E402
+from raycell.data.dataset import TRAIN_COLUMNS, CropCollate  # noqa: E402
+from raycell.formats.categories import CategoryMap  # noqa: E402
+from raycell.formats.shards import open_dataset  # noqa: E402
+from raycell.formats.spec import DataSpec  # noqa: E402
 
 BATCH = 256
 

@@ -35,12 +35,13 @@ def main(argv=None):
     import torch
 
     from raycell.config import load_config
-    from raycell.data.categories import CategoryMap
-    from raycell.data.dataset import CropCollate, DataSpec, local_batches
+    from raycell.data.dataset import CropCollate
     from raycell.data.splits import split_dataset
     from raycell.data.synthetic import write_synthetic
+    from raycell.formats.categories import CategoryMap
+    from raycell.formats.spec import DataSpec
+    from raycell.infer.batch import predict
     from raycell.infer.predictor import CropPredictor
-    from raycell.infer.run import predict
     from raycell.train.context import LocalContext
     from raycell.train.loop import run_training
     from raycell.train.trainer import train, training_setup

@@ -98,11 +98,11 @@ class Fixtures:
         if "ck" not in self._cache:
             from raycell import constants as K
             from raycell.config import load_config
-            from raycell.data.categories import CategoryMap
-            from raycell.data.dataset import DataSpec
-            from raycell.data.shards import open_dataset
+            from raycell.formats.categories import CategoryMap
+            from raycell.formats.checkpoint import save_checkpoint
+            from raycell.formats.shards import open_dataset
+            from raycell.formats.spec import DataSpec
             from raycell.models import create_model
-            from raycell.train.checkpoint import save_checkpoint
 
             ds = open_dataset(self.data())
             run = self.root / "fixture_run"
@@ -254,7 +254,7 @@ def _z_not_parquet(fx: Fixtures) -> list[str]:
 
 
 def _unseen_all(fx: Fixtures) -> list[str]:
-    from raycell.data.shards import open_dataset
+    from raycell.formats.shards import open_dataset
 
     d = fx.copy_data("unseen_all")
     vocab = open_dataset(d).manifest["batch_vocab"]

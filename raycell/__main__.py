@@ -10,30 +10,16 @@ from __future__ import annotations
 import sys
 
 from raycell.cli import build_parser, overrides_from_args
+from raycell.errors import user_errors
 
 NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment"}
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from raycell.config import ConfigError
-    from raycell.data.categories import UnknownCategoryError
-    from raycell.data.shards import ShardError
-    from raycell.infer.predictor import MissingDesignMatrixError
-    from raycell.ingest.segment import SegmentationError
-    from raycell.ingest.sources import IngestError
-    from raycell.models.registry import UnknownModelError
-    from raycell.train.checkpoint import CheckpointError
-    from raycell.utils.outputs import OutputError
-
-    return (ConfigError, ShardError, UnknownCategoryError, UnknownModelError, IngestError,
-            SegmentationError, MissingDesignMatrixError, FileNotFoundError, OutputError, CheckpointError)
 
 
 def run(argv: list[str] | None = None) -> dict | None:
     """Run one verb; returns its result (for tests and jobs)."""
     args = build_parser().parse_args(argv)
     if args.command == "import-armed":
-        from raycell.ingest.armed import import_armed
+        from raycell.ingest.armed_npz import import_armed
 
         m = import_armed(args.src, args.out, overwrite=args.overwrite)
         print(f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}")
@@ -97,10 +83,9 @@ def preflight(args, cfg):
 
         check_config(cfg)
     elif args.command == "infer":
-        from raycell.infer import run as infer_run
+        from raycell.infer.batch import check_config
 
-        if hasattr(infer_run, "check_config"):
-            infer_run.check_config(cfg)
+        check_config(cfg)
     elif args.command == "demo":
         from raycell.pipeline import check_demo
 
@@ -118,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     try:
         run(argv)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         # KeyError's str() is the repr of its message (quoted): unwrap it, keep every other quote
         msg = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
         print(f"raycell: error: {msg}", file=sys.stderr)

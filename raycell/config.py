@@ -18,9 +18,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override names a key that does not exist or gives a value of the wrong type."""
+from raycell.errors import ConfigError  # noqa: F401  (raised here; defined low so every layer can raise it)
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the field declarations

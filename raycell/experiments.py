@@ -55,7 +55,7 @@ def _base_type(model: str) -> str:
 
 def _prepare_data(cfg: ExperimentConfig) -> Path:
     """The data set at `data.path`: generated there with `cfg.synth` if absent, split if unsplit."""
-    from raycell.data.shards import open_dataset
+    from raycell.formats.shards import open_dataset
     from raycell.pipeline import run_split, run_synth
 
     path = Path(cfg.data.path).absolute()
@@ -75,7 +75,7 @@ def _run_one(cfg: ExperimentConfig, model: str, seed: int, seed_dir: Path, z_dir
              checkpoints: dict) -> dict:
     """Train (unless an ablation of an existing run), infer on test + unseen, evaluate; one row."""
     from raycell.eval.evaluate import evaluate_predictions
-    from raycell.infer.run import predict
+    from raycell.infer.batch import predict
     from raycell.train.trainer import train
 
     base = _base_type(model)

@@ -59,7 +59,7 @@ def run_train(cfg: ExperimentConfig) -> dict:
 
 def run_infer(cfg: ExperimentConfig) -> dict:
     """Batch inference with Ray Data."""
-    from raycell.infer.run import predict
+    from raycell.infer.batch import predict
 
     return predict(cfg)
 
@@ -120,7 +120,7 @@ def run_demo(cfg: ExperimentConfig) -> dict:
     check_demo(cfg)
     t0 = time.time()
     out = Path(cfg.demo.out).absolute()
-    from raycell.data.shards import ShardError
+    from raycell.formats.shards import ShardError
     from raycell.utils.outputs import DATASET, check_output
 
     # the data folder is regenerated (overwrite) on every demo: refuse a user's folder before anything runs

@@ -6,19 +6,19 @@ tests/test_models.py.
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from torch.distributions import Normal, kl_divergence
 
 from raycell import constants as K
 from raycell.config import LossConfig, load_config
-from raycell.data.categories import CategoryMap
-from raycell.data.dataset import CropCollate, DataSpec
-from raycell.data.shards import open_dataset
+from raycell.data.dataset import CropCollate
+from raycell.formats.categories import CategoryMap
+from raycell.formats.checkpoint import load_checkpoint, load_plan_state, save_checkpoint
+from raycell.formats.shards import open_dataset
+from raycell.formats.spec import DataSpec
 from raycell.models import create_model
 from raycell.models.random_effects import ClusterScaleBias, RandomEffects
-from raycell.train.checkpoint import load_checkpoint, load_plan_state, save_checkpoint
-from raycell.train.plans import AdversarialPlan, MixedEffectsPlan, RandomEffectsPlan, build_plan
-
-from conftest import tiny_overrides
+from raycell.plans import AdversarialPlan, MixedEffectsPlan, RandomEffectsPlan, build_plan
 
 ARMED = ["adversarial", "randomeffects", "mixedeffects"]
 NB = 3

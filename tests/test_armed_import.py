@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycell import constants as K
-from raycell.data.shards import decode_images, open_dataset
-from raycell.ingest.armed import ArmedImportError, import_armed
+from raycell.formats.shards import decode_images, open_dataset
+from raycell.ingest.armed_npz import ArmedImportError, import_armed
 
 TRAIN_DATES = ["160802", "160808", "161209"]
 

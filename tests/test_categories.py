@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raycell.data.categories import CategoryMap, UnknownCategoryError
+from raycell.formats.categories import CategoryMap, UnknownCategoryError
 
 
 def test_fit_encode_decode():

@@ -12,12 +12,11 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
+from conftest import tiny_overrides
 
 from raycell import constants as K
 from raycell.__main__ import main
 from raycell.config import ConfigError, load_config, save_config
-
-from conftest import tiny_overrides
 
 
 @pytest.fixture
@@ -146,7 +145,7 @@ def test_resume_takes_the_run_config_and_allows_harmless_changes(tiny_data, tmp_
 # --- split --------------------------------------------------------------------------------------------
 
 def test_split_with_every_batch_unseen_is_refused(tiny_data, tmp_path, capsys):
-    from raycell.data.shards import open_dataset
+    from raycell.formats.shards import open_dataset
 
     data = tmp_path / "d"
     shutil.copytree(tiny_data, data)
@@ -157,7 +156,7 @@ def test_split_with_every_batch_unseen_is_refused(tiny_data, tmp_path, capsys):
 
 
 def test_split_refuses_duplicate_cell_ids(tiny_data, tmp_path, capsys):
-    from raycell.data.shards import open_dataset, rewrite_shards
+    from raycell.formats.shards import open_dataset, rewrite_shards
 
     data = tmp_path / "d"
     shutil.copytree(tiny_data, data)

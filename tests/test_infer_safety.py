@@ -16,16 +16,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from raycell import constants as K
 from raycell.config import ConfigError, load_config
-from raycell.data.categories import CategoryMap
-from raycell.data.dataset import DataSpec
-from raycell.data.shards import ShardError, open_dataset, rewrite_shards
+from raycell.formats.categories import CategoryMap
+from raycell.formats.checkpoint import save_checkpoint
+from raycell.formats.shards import ShardError, open_dataset, rewrite_shards
+from raycell.formats.spec import DataSpec
 from raycell.models import create_model, list_models
-from raycell.train.checkpoint import save_checkpoint
-
-from conftest import tiny_overrides
 
 SEEN = tuple(f"batch{i:02d}" for i in range(6))  # the tiny set's training batches (2 unseen: 06, 07)
 
@@ -97,7 +96,7 @@ def test_empty_batch_never_reaches_the_model(model_type, cks, tiny_data):
 # --- 10 / 2 / 8: check_config validates an infer run without Ray ------------------------------------
 
 def test_check_config_accepts_a_good_run_and_writes_nothing(cks, tiny_data, tmp_path):
-    from raycell.infer.run import check_config
+    from raycell.infer.batch import check_config
 
     plan = check_config(_cfg(tiny_data, tmp_path / "pred", cks["conventional"], "infer.splits=[test]"))
     assert plan.pending == open_dataset(tiny_data).shard_paths
@@ -108,7 +107,7 @@ def test_check_config_accepts_a_good_run_and_writes_nothing(cks, tiny_data, tmp_
 
 
 def test_unknown_split_names_the_key_the_value_and_the_valid_splits(cks, tiny_data, tmp_path):
-    from raycell.infer.run import check_config
+    from raycell.infer.batch import check_config
 
     with pytest.raises(ConfigError) as e:
         check_config(_cfg(tiny_data, tmp_path / "pred", cks["conventional"], "infer.splits=[test,tset]"))
@@ -135,8 +134,8 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
     assert rc == 2
     _one_line(err, str(ck2 / "meta.json"))
     # the same errors from load_checkpoint and the infer pre-flight
-    from raycell.infer.run import check_config
-    from raycell.train.checkpoint import CheckpointError, load_checkpoint
+    from raycell.formats.checkpoint import CheckpointError, load_checkpoint
+    from raycell.infer.batch import check_config
 
     for fn in (lambda: load_checkpoint(ck), lambda: check_config(_cfg(tiny_data, tmp_path / "p", ck))):
         with pytest.raises(CheckpointError, match=r"model\.pt.*truncated or corrupt"):
@@ -151,14 +150,14 @@ def test_crop_size_of_the_data_differing_from_the_models_is_one_line(tiny_data, 
                    str(tmp_path / "z"))
     assert rc == 2
     _one_line(err, str(tiny_data), "crop size 32x32 vs 64x64")
-    from raycell.infer.run import check_config
+    from raycell.infer.batch import check_config
 
     with pytest.raises(ShardError, match=r"crop size 32x32 vs 64x64"):
         check_config(_cfg(tiny_data, tmp_path / "pred", ck))
 
 
 def test_truncated_or_foreign_input_shard_fails_before_ray(cks, tiny_data, tmp_path):
-    from raycell.infer.run import check_config
+    from raycell.infer.batch import check_config
 
     data = _copy(tiny_data, tmp_path / "d")
     ds = open_dataset(data)
@@ -185,8 +184,8 @@ def _z_table(path: Path, ids: list[str], n: int = len(SEEN)) -> Path:
 
 
 def test_z_source_is_checked_on_the_driver(cks, tiny_data, tmp_path):
+    from raycell.infer.batch import check_config
     from raycell.infer.predictor import MissingDesignMatrixError
-    from raycell.infer.run import check_config
 
     ck = cks["mixedeffects"]
     unseen = open_dataset(tiny_data).read_table([K.CELL_ID], splits=[K.UNSEEN]).column(K.CELL_ID).to_pylist()
@@ -213,7 +212,7 @@ def test_z_source_is_checked_on_the_driver(cks, tiny_data, tmp_path):
 @pytest.fixture(scope="module")
 def predicted(cks, tiny_data, ray_local, tmp_path_factory) -> dict:
     """A conventional checkpoint's predictions for every row of a copy of the tiny set."""
-    from raycell.infer.run import predict
+    from raycell.infer.batch import predict
 
     root = tmp_path_factory.mktemp("pred")
     data = _copy(tiny_data, root / "data")
@@ -223,7 +222,8 @@ def predicted(cks, tiny_data, ray_local, tmp_path_factory) -> dict:
 
 @pytest.mark.ray
 def test_predictions_record_what_produced_them(predicted, cks):
-    from raycell.infer.run import PROVENANCE_KEY, check_config
+    from raycell.formats.predictions import PROVENANCE_KEY
+    from raycell.infer.batch import check_config
 
     m = json.loads((predicted["out"] / K.PREDICTIONS_MANIFEST).read_text())
     ds = open_dataset(predicted["data"])
@@ -351,7 +351,8 @@ def test_image_bytes_disagreeing_with_the_manifest_inside_ray_is_one_line(cks, t
 @pytest.mark.ray
 def test_a_shard_without_rows_of_the_requested_split_is_skipped_for_mixed_effects(cks, tiny_data, ray_local,
                                                                                  tmp_path):
-    from raycell.infer.run import predict, read_predictions
+    from raycell.formats.predictions import read_predictions
+    from raycell.infer.batch import predict
 
     data = _copy(tiny_data, tmp_path / "d")
     ds = open_dataset(data)

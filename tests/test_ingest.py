@@ -23,8 +23,8 @@ import tifffile
 
 from raycell import constants as K
 from raycell.config import load_config
-from raycell.data.shards import open_dataset
 from raycell.data.synthetic_raw import DEFAULT_PATTERN, write_synthetic_raw
+from raycell.formats.shards import open_dataset
 from raycell.ingest import crops as C
 from raycell.ingest import images as I
 from raycell.ingest.segment import SegmentationError, check_backend, segment_nuclei

@@ -250,7 +250,7 @@ def _cfg(root: Path, out: Path, **ingest):
 
 
 def _crops_by_fov(out: Path) -> dict[str, np.ndarray]:
-    from raycell.data.shards import decode_images, open_dataset
+    from raycell.formats.shards import decode_images, open_dataset
 
     ds = open_dataset(out, check=True)
     t = pd.concat(ds.read_shard(p).to_pandas() for p in ds.shard_paths)
@@ -281,7 +281,7 @@ def test_out_of_scale_fields_are_rejected_others_keep_their_crops(ray_local, sca
 
 @pytest.mark.ray
 def test_out_of_scale_fields_normalised_separately_when_asked(ray_local, scaled_raw, tmp_path):
-    from raycell.data.shards import open_dataset
+    from raycell.formats.shards import open_dataset
     from raycell.ingest.run import run_ingest
 
     out = tmp_path / "crops"
@@ -299,7 +299,7 @@ def test_out_of_scale_fields_normalised_separately_when_asked(ray_local, scaled_
 @pytest.mark.ray
 def test_saturated_and_all_zero_crops_are_warned(ray_local, scaled_raw, tmp_path, capsys):
     """Crops whose channel is saturated or all zero are counted, warned about and recorded."""
-    from raycell.data.shards import open_dataset
+    from raycell.formats.shards import open_dataset
     from raycell.pipeline import run_ingest
 
     # saturation: a normalisation range that ends at the 1st percentile
@@ -322,7 +322,7 @@ def test_saturated_and_all_zero_crops_are_warned(ray_local, scaled_raw, tmp_path
 def test_edited_platemap_is_not_skipped(ray_local, scaled_raw, tmp_path):
     import shutil
 
-    from raycell.data.shards import open_dataset
+    from raycell.formats.shards import open_dataset
     from raycell.ingest.run import run_ingest
 
     root = tmp_path / "raw"

@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from raycell.config import load_config
-from raycell.data.categories import CategoryMap, UnknownCategoryError
-from raycell.data.dataset import CropCollate, DataSpec
-from raycell.train.checkpoint import find_checkpoint, load_checkpoint
+from raycell.data.dataset import CropCollate
+from raycell.formats.categories import CategoryMap, UnknownCategoryError
+from raycell.formats.checkpoint import find_checkpoint, load_checkpoint
+from raycell.formats.spec import DataSpec
 from raycell.train.context import LocalContext
 from raycell.train.loop import run_training
 from raycell.train.trainer import training_setup
-
-from conftest import tiny_overrides
 
 
 def _ctx(cfg, tmp_path, resume=None, labels=None):

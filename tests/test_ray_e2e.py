@@ -5,13 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+from conftest import TINY, tiny_overrides
 
 from raycell import constants as K
 from raycell.config import load_config
-
-from conftest import TINY, tiny_overrides
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +39,8 @@ def test_two_workers_and_resume(tiny_data, ray_local, tmp_path):
 
 
 def test_inference_is_idempotent(trained_run, tiny_data, ray_local, tmp_path):
-    from raycell.infer.run import predict, read_predictions
+    from raycell.formats.predictions import read_predictions
+    from raycell.infer.batch import predict
 
     cfg = load_config(None, tiny_overrides(tiny_data, tmp_path) + [f"infer.checkpoint={trained_run['run_dir']}",
                                                                     f"infer.out={tmp_path / 'pred'}"])

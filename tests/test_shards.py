@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycell import constants as K
-from raycell.data.shards import ShardError, ShardWriter, decode_images, open_dataset
+from raycell.formats.shards import ShardError, ShardWriter, decode_images, open_dataset
 
 
 def _meta(n, start=0):

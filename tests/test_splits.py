@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from raycell import constants as K
-from raycell.data.shards import ShardError, open_dataset
 from raycell.data.splits import assign_splits, split_dataset
+from raycell.formats.shards import ShardError, open_dataset
 
 
 def test_split_dataset_groups_and_holds_out(tiny_data, tmp_path):

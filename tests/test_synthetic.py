@@ -1,7 +1,6 @@
 import hashlib
 
 import numpy as np
-import pytest
 
 from raycell import constants as K
 from raycell.data.synthetic import generate

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from raycell import constants as K
-from raycell.data.shards import ShardDataset, ShardError, open_dataset, rewrite_shards
+from raycell.formats.shards import ShardDataset, ShardError, open_dataset, rewrite_shards
 
 
 def assign_splits(meta: pd.DataFrame, unseen: list[str], group_by: str, stratify: list[str],

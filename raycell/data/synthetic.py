@@ -32,7 +32,7 @@ import pandas as pd
 from scipy import ndimage
 
 from raycell import constants as K
-from raycell.data.shards import ShardError, ShardWriter
+from raycell.formats.shards import ShardError, ShardWriter
 from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
 CHANNELS = ["nucleus", "cytoplasm"]

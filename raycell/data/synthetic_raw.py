@@ -29,7 +29,6 @@ Layout of `out`::
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

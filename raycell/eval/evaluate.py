@@ -16,7 +16,7 @@ import pandas as pd
 
 from raycell import constants as K
 from raycell.eval import metrics as M
-from raycell.utils.io import atomic_write_json, atomic_write_text, read_json
+from raycell.utils.io import atomic_write_json, atomic_write_text
 
 SPLIT_ORDER = [K.TEST, K.UNSEEN, K.VAL, K.TRAIN, K.UNASSIGNED]
 TABLE_COLUMNS = ["n", "auroc", "auroc_ci_low", "auroc_ci_high", "balanced_accuracy", "f1", "mse", "ssim",
@@ -57,17 +57,10 @@ def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str],
 def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, max_cells: int = 5000,
                          seed: int = 0, plot: bool = True, quiet: bool = False) -> dict:
     """Compute metrics for a predictions folder; writes metrics.json, metrics.csv and a PCA plot."""
-    from raycell.infer.run import read_predictions
+    from raycell.formats.predictions import load_predictions
 
     pred_dir = Path(pred_dir).absolute()
-    try:
-        pm = read_json(pred_dir / K.PREDICTIONS_MANIFEST, "predictions manifest")
-    except ValueError as exc:  # malformed JSON: read_json names the file
-        from raycell.data.shards import ShardError
-
-        raise ShardError(f"{exc}; re-run `raycell infer` to rewrite it") from None
-    table = read_predictions(pred_dir, _expected_files(pred_dir, pm))
-    check_predictions(table, pm, pred_dir)
+    pm, table = load_predictions(pred_dir)
     latents = np.asarray(table.column(K.LATENT).combine_chunks().flatten()).reshape(table.num_rows, -1)
     df = table.drop_columns([c for c in (K.LATENT, K.LATENT_RE, K.BATCH_PROB, K.RECON)
                              if c in table.column_names]).to_pandas()
@@ -95,68 +88,6 @@ def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, ma
         print(format_table(results, title=f"{pm['model_type']}  ({pred_dir})"))
     report["out"] = str(out)
     return report
-
-
-def _expected_files(pred_dir: Path, pm: dict) -> list[Path] | None:
-    """The shard files predictions.json lists, each checked to exist with its recorded row count.
-
-    A folder holding a shard predictions.json does not list is refused too: its rows would be mixed in.
-    None for manifests written before shards were listed (then only the totals are checked).
-    """
-    import pyarrow.parquet as pq
-
-    from raycell.data.shards import ShardError
-
-    if "shards" not in pm:
-        return None
-    fix = "re-run `raycell infer` with the same settings (it redoes missing shards)"
-    manifest = pred_dir / K.PREDICTIONS_MANIFEST
-    listed = [pred_dir / s["file"] for s in pm["shards"]]
-    missing = [f.name for f in listed if not f.is_file()]
-    if missing:
-        raise ShardError(f"{len(missing)} prediction shard(s) listed in {manifest} are missing "
-                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} in {pred_dir}/shards): "
-                         f"metrics would leave their cells out; {fix}")
-    extra = sorted(set((pred_dir / "shards").glob(K.SHARD_GLOB)) - set(listed))
-    if extra:
-        raise ShardError(f"{pred_dir}/shards holds {len(extra)} prediction shard(s) that {manifest} does not "
-                         f"list (e.g. {extra[0].name}): they are not from the run it describes; remove "
-                         "them or re-run `raycell infer` into a new folder")
-    for f, s in zip(listed, pm["shards"]):
-        try:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        except (OSError, ValueError) as exc:
-            raise ShardError(f"cannot read prediction shard {f} ({exc}): delete it and {fix}") from None
-        if rows != s["rows"]:
-            raise ShardError(f"prediction shard {f} has {rows} rows but {manifest} records {s['rows']}: "
-                             f"it was changed after inference; delete it and {fix}")
-    return listed
-
-
-def check_predictions(table, pm: dict, pred_dir: Path) -> None:
-    """Refuse predictions whose row count differs from predictions.json or whose cell ids repeat.
-
-    Metrics on a partial table or with cells counted twice look plausible and are wrong, so both are
-    errors (ShardError, one line) rather than warnings.
-    """
-    import pyarrow.compute as pc
-
-    from raycell.data.shards import ShardError
-
-    manifest = pred_dir / K.PREDICTIONS_MANIFEST
-    if "n_rows" in pm and table.num_rows != pm["n_rows"]:
-        raise ShardError(f"{pred_dir}/shards hold {table.num_rows} prediction rows but {manifest} records "
-                         f"{pm['n_rows']}: shards are missing or were changed; re-run `raycell infer` "
-                         "with the same settings")
-    ids = table.column(K.CELL_ID)
-    n_unique = pc.count_distinct(ids).as_py()
-    if n_unique != table.num_rows:
-        counts = pc.value_counts(ids)
-        dup = counts.filter(pc.greater(counts.field("counts"), 1))
-        raise ShardError(f"{table.num_rows - n_unique} duplicated cell_id(s) in the predictions in "
-                         f"{pred_dir} ({len(dup)} id(s) appear more than once, e.g. "
-                         f"{dup[0]['values'].as_py()!r}): metrics would count those cells twice; the data "
-                         f"set {pm.get('dataset', '')} needs unique cell ids (re-create or de-duplicate it)")
 
 
 SHORT = {"auroc_ci_low": "auroc_lo", "auroc_ci_high": "auroc_hi", "balanced_accuracy": "bal_acc",

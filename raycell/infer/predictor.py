@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 import torch
 
 from raycell import constants as K
-from raycell.data.shards import decode_images, encode_images
+from raycell.errors import UserError
+from raycell.formats.shards import decode_images, encode_images
 from raycell.losses import label_prob
 
 PASSTHROUGH = [K.CELL_ID, K.BATCH, K.PLATE, K.WELL, K.FIELD, K.GROUP, K.LABEL, K.SPLIT, K.SOURCE,
@@ -27,7 +28,7 @@ def _fixed_list(a: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
 
 
-class MissingDesignMatrixError(ValueError):
+class MissingDesignMatrixError(UserError, ValueError):
     """A random/mixed-effects model was asked to predict cells of a batch it has no Z row for."""
 
 
@@ -58,7 +59,7 @@ class CropPredictor:
             randomize_z: Ablation (the reference's --randomize_batch): every cell gets a random
                 one-hot Z row, fixed per cell_id so that re-runs and different actors agree.
         """
-        from raycell.train.checkpoint import load_checkpoint
+        from raycell.formats.checkpoint import load_checkpoint
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

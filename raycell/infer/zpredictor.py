@@ -33,9 +33,10 @@ import torch
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
-from raycell.data.categories import CategoryMap
-from raycell.data.dataset import TRAIN_COLUMNS, CropCollate, DataSpec
-from raycell.data.shards import ShardDataset, open_dataset
+from raycell.data.dataset import TRAIN_COLUMNS, CropCollate
+from raycell.formats.categories import CategoryMap
+from raycell.formats.shards import ShardDataset, open_dataset
+from raycell.formats.spec import DataSpec
 from raycell.utils.io import atomic_write_json, atomic_write_parquet, read_json
 
 Z_PARQUET, Z_JSON, Z_WEIGHTS = "inferred_z.parquet", "inferred_z.json", "zpredictor.pt"
@@ -108,7 +109,7 @@ def read_inferred_z(source: str | Path, batches: list[str] | None = None
 
 def z_fingerprint(source: str | Path) -> dict:
     """Where an inferred Z is and a hash of its parquet: recorded by `infer` with every prediction shard."""
-    from raycell.train.checkpoint import file_sha256
+    from raycell.formats.checkpoint import file_sha256
 
     pq_path, _ = _z_paths(source)
     pq_path = pq_path.absolute()
@@ -118,7 +119,7 @@ def z_fingerprint(source: str | Path) -> dict:
 def _batches_of(ds: ShardDataset, checkpoint: str) -> CategoryMap:
     """The Z column order: the checkpoint's training batches, or the data set's training batches."""
     if checkpoint:
-        from raycell.train.checkpoint import find_checkpoint, read_meta
+        from raycell.formats.checkpoint import find_checkpoint, read_meta
 
         return CategoryMap.from_dict(read_meta(find_checkpoint(checkpoint))["batches"])
     col = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH)
@@ -131,7 +132,7 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
     Returns:
         The opened data set.
     """
-    from raycell.data.dataset import split_counts
+    from raycell.formats.shards import split_counts
 
     ds = open_dataset(cfg.infer.data or cfg.data.path)
     counts = split_counts(ds)
@@ -143,7 +144,7 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
         raise ConfigError(f"infer.z_splits: {bad} not among the splits of data set {ds.root} "
                           f"({sorted(counts)})")
     if cfg.infer.checkpoint:
-        from raycell.train.checkpoint import load_checkpoint
+        from raycell.formats.checkpoint import load_checkpoint
 
         _, meta = load_checkpoint(cfg.infer.checkpoint)  # the Z is for this model: it must load
         meta["data_spec_obj"].check_compatible(ds, f"checkpoint {meta['path']}")
@@ -254,7 +255,7 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     if cfg.infer.z_out:
         out = Path(cfg.infer.z_out).absolute()
     elif cfg.infer.checkpoint:
-        from raycell.train.checkpoint import find_checkpoint
+        from raycell.formats.checkpoint import find_checkpoint
 
         out = find_checkpoint(cfg.infer.checkpoint).parent / "inferred_z"
     else:

@@ -17,7 +17,7 @@ __all__ = ["run_ingest", "import_armed", "evaluate_segmentation", "match_instanc
 
 _WHERE = {
     "run_ingest": "raycell.ingest.run",
-    "import_armed": "raycell.ingest.armed",
+    "import_armed": "raycell.ingest.armed_npz",
     "evaluate_segmentation": "raycell.ingest.segment",
     "match_instances": "raycell.ingest.segment",
     "IngestError": "raycell.ingest.sources",

@@ -176,7 +176,7 @@ def save_montage(dataset: str, out_png: str, n: int = 64, seed: int = 0, columns
     import pyarrow as pa
     from skimage import io
 
-    from raycell.data.shards import decode_images, open_dataset
+    from raycell.formats.shards import decode_images, open_dataset
 
     ds = open_dataset(dataset)
     tables = [ds.read_shard(p) for p in ds.shard_paths]

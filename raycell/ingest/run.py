@@ -822,7 +822,7 @@ def run_ingest(cfg) -> dict:
     """
     import ray
 
-    from raycell.data.shards import ShardWriter
+    from raycell.formats.shards import ShardWriter
     from raycell.utils.io import atomic_write_json, atomic_write_parquet
     from raycell.utils.outputs import DATASET, staging_dir, swap_in
 

@@ -46,11 +46,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from raycell.errors import UserError
+
 METHODS = ("classical", "cellpose")
 THRESHOLDS = ("otsu", "li", "local")
 
 
-class SegmentationError(RuntimeError):
+class SegmentationError(UserError, RuntimeError):
     """The segmentation backend cannot run (missing package or model file, bad parameters)."""
 
 

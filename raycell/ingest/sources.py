@@ -23,13 +23,14 @@ from pathlib import Path
 import pandas as pd
 
 from raycell import constants as K
+from raycell.errors import UserError
 
 EXTENSIONS = (".tif", ".tiff", ".png")
 CHANNEL, Z = "channel", "z"
 _WELL_RE = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,3})$")
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """An input or parameter that makes the whole job impossible (the message names file/key)."""
 
 

@@ -4,8 +4,16 @@ Every model exposes `latent_dim`, `encode(x, z=None)` and `forward(x, z=None) ->
 `latent`, `recon` and `logits`, so training plans, inference and metrics never branch on the type.
 """
 
-from raycell.models import aec  # noqa: F401  (registers "conventional")
-from raycell.models import armed  # noqa: F401  (adversarial, randomeffects, mixedeffects)
-from raycell.models.registry import MODEL_REGISTRY, create_model, list_models, register_model
+from raycell.models import (
+    aec,  # noqa: F401  (registers "conventional")
+    armed,  # noqa: F401  (adversarial, randomeffects, mixedeffects)
+)
+from raycell.models.registry import (
+    MODEL_REGISTRY,
+    create_model,
+    list_models,
+    model_entry,
+    register_model,
+)
 
-__all__ = ["MODEL_REGISTRY", "create_model", "list_models", "register_model"]
+__all__ = ["MODEL_REGISTRY", "create_model", "list_models", "model_entry", "register_model"]

@@ -427,7 +427,7 @@ def adversarial(in_channels: int, n_classes: int, n_batches: int = 1, preset: st
                                 adversary_hidden=adversary_hidden, **p)
 
 
-@register_model("randomeffects")
+@register_model("randomeffects", uses_z=True)
 def randomeffects(in_channels: int, n_classes: int, n_batches: int = 1, preset: str = "small",
                   image_size: int | None = None, filters: list[int] | None = None,
                   strides: list[int] | None = None, latent_dim: int | None = None,
@@ -442,7 +442,7 @@ def randomeffects(in_channels: int, n_classes: int, n_batches: int = 1, preset: 
                             image_classifier_filters=image_classifier_filters, **p)
 
 
-@register_model("mixedeffects")
+@register_model("mixedeffects", uses_z=True)
 def mixedeffects(in_channels: int, n_classes: int, n_batches: int = 1, preset: str = "small",
                  image_size: int | None = None, filters: list[int] | None = None,
                  strides: list[int] | None = None, latent_dim: int | None = None,

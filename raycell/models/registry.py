@@ -8,30 +8,50 @@ arguments the builder does not take, naming the valid ones.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
-MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+from raycell.errors import UserError
 
 
-class UnknownModelError(KeyError):
+@dataclass(frozen=True)
+class ModelEntry:
+    """Everything raycell knows about a model type, in one place (its registration)."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    uses_z: bool = False  # needs a design matrix Z (one-hot batch) at training and inference
+
+
+MODEL_REGISTRY: dict[str, ModelEntry] = {}
+
+
+class UnknownModelError(UserError, KeyError):
     """A model type that is not in the registry."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 
 
-def register_model(name: str) -> Callable:
+def register_model(name: str, *, uses_z: bool = False) -> Callable:
     """Decorator: register `fn` as the builder of model type `name` (duplicates raise)."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODEL_REGISTRY:
             raise ValueError(f"model type {name!r} is registered twice")
-        MODEL_REGISTRY[name] = fn
+        MODEL_REGISTRY[name] = ModelEntry(name, fn, uses_z=uses_z)
         return fn
 
     return deco
+
+
+def model_entry(model_type: str) -> ModelEntry:
+    """The registry entry of a model type (UnknownModelError lists the registered ones)."""
+    if model_type not in MODEL_REGISTRY:
+        raise UnknownModelError(f"unknown model type {model_type!r}; registered: {', '.join(list_models())}")
+    return MODEL_REGISTRY[model_type]
 
 
 def list_models() -> list[str]:
@@ -41,9 +61,7 @@ def list_models() -> list[str]:
 
 def create_model(model_type: str, **kwargs) -> nn.Module:
     """Build a registered model; the built module keeps its arguments in `.model_args` for checkpoints."""
-    if model_type not in MODEL_REGISTRY:
-        raise UnknownModelError(f"unknown model type {model_type!r}; registered: {', '.join(list_models())}")
-    fn = MODEL_REGISTRY[model_type]
+    fn = model_entry(model_type).builder
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     params = inspect.signature(fn).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):

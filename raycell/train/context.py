@@ -18,7 +18,7 @@ import torch
 
 from raycell import constants as K
 from raycell.data.dataset import CropCollate, local_batches
-from raycell.data.shards import ShardDataset
+from raycell.formats.shards import ShardDataset
 
 
 class TrainContext:

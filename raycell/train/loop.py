@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from raycell.config import ExperimentConfig
-from raycell.data.categories import CategoryMap
-from raycell.data.dataset import CropCollate, DataSpec
+from raycell.data.dataset import CropCollate
+from raycell.formats.categories import CategoryMap
+from raycell.formats.checkpoint import load_plan_state, save_checkpoint
+from raycell.formats.spec import DataSpec
 from raycell.losses import label_prob
 from raycell.models import create_model
-from raycell.train.checkpoint import load_plan_state, save_checkpoint
+from raycell.plans import build_plan
 from raycell.train.context import RayTrainContext, TrainContext
-from raycell.train.plans import build_plan
 
 
 def model_kwargs(cfg: ExperimentConfig, spec: DataSpec, labels: CategoryMap, batches: CategoryMap,

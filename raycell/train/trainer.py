@@ -15,11 +15,11 @@ from pathlib import Path
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig, save_config
-from raycell.data.categories import CategoryMap
-from raycell.data.dataset import DataSpec, ray_datasets
-from raycell.data.shards import open_dataset
+from raycell.data.dataset import ray_datasets
+from raycell.formats.categories import CategoryMap
+from raycell.formats.shards import open_dataset
+from raycell.formats.spec import DataSpec
 from raycell.utils.io import atomic_write_json, new_run_dir
-
 
 # Keys a resumed run may change (prefixes end with "."): how long and where it runs, not what it learns.
 RESUME_MAY_CHANGE = ("train.epochs", "train.max_failures", "train.checkpoints_to_keep", "train.log_every",
@@ -114,7 +114,7 @@ def check_train(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
     _training_data(cfg)
     if cfg.train.resume and any(Path(cfg.train.resume).glob("checkpoint_*/meta.json")):
-        from raycell.train.checkpoint import load_checkpoint, load_plan_state
+        from raycell.formats.checkpoint import load_checkpoint, load_plan_state
 
         # the worker would load it after Ray starts, where a corrupt file is a worker trace, not one line
         _, meta = load_checkpoint(cfg.train.resume)

@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 
 from raycell import constants as K
+from raycell.errors import UserError
 
 MARKER = ".raycell-output"
 DATASET, RAW = "dataset", "raw"
@@ -37,7 +38,7 @@ _NOUN = {DATASET: "data set (dataset.json)", RAW: "synth --raw folder (raw.json)
 _MANIFEST_KEYS = ("schema_version", "channel_names", "shards")
 
 
-class OutputError(FileExistsError):
+class OutputError(UserError, FileExistsError):
     """An output path raycell will not write to; the message names it and what to do instead."""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from raycell.config import ConfigError
+from raycell.errors import ConfigError
 
 # Quieter, and fixes duplicated worker prints (spec/ray-2.60.md section 6). Set before Ray starts.
 _QUIET_ENV = {

@@ -20,13 +20,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycell import constants as K
+from raycell.errors import UserError
 from raycell.utils.io import atomic_write_json, atomic_write_parquet, read_json, software_versions
 
 _STRING_COLS = (K.CELL_ID, K.BATCH, K.PLATE, K.WELL, K.FIELD, K.GROUP, K.LABEL, K.SPLIT, K.SOURCE)
 _DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A data set folder, manifest or shard does not follow the crop-shard contract."""
 
 
@@ -448,3 +449,13 @@ def rewrite_shards(ds: ShardDataset, fn: Callable[[pa.Table, str], pa.Table], ma
     atomic_write_json(ds.root / K.MANIFEST, m)
     ds.manifest = m
     return m
+
+
+def split_counts(ds: ShardDataset) -> dict[str, int]:
+    """Rows per split from the manifest (falls back to reading the split column)."""
+    counts = ds.manifest.get("counts_per_split")
+    if counts:
+        return dict(counts)
+    col = ds.read_table([K.SPLIT]).column(K.SPLIT)
+    vc = pc.value_counts(col).to_pylist()
+    return {d["values"]: d["counts"] for d in vc}

@@ -12,8 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raycell.errors import UserError
 
-class UnknownCategoryError(ValueError):
+
+class UnknownCategoryError(UserError, ValueError):
     """A value is not in the vocabulary the model was trained with."""
 
 

@@ -31,14 +31,13 @@ import pyarrow.parquet as pq
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
-from raycell.data.dataset import split_counts
-from raycell.data.shards import ShardDataset, ShardError, open_dataset
+from raycell.formats.checkpoint import load_checkpoint, weights_fingerprint
+from raycell.formats.predictions import PROVENANCE_KEY
+from raycell.formats.shards import ShardDataset, ShardError, open_dataset, split_counts
 from raycell.infer.predictor import PASSTHROUGH, CropPredictor
-from raycell.train.checkpoint import load_checkpoint, weights_fingerprint
 from raycell.utils.io import atomic_write_json, atomic_write_parquet
 
 PATH_COL = "path"  # added by read_parquet(include_paths=True)
-PROVENANCE_KEY = b"raycell.infer"  # parquet schema metadata of every prediction shard
 
 
 def _split_value(name: str) -> str:
@@ -252,9 +251,9 @@ def _user_error_in(exc: BaseException) -> BaseException | None:
     import builtins
     import importlib
 
-    from raycell.__main__ import _user_errors
+    from raycell.errors import user_errors
 
-    user = _user_errors()
+    user = user_errors()
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -329,30 +328,4 @@ def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path, plan
         atomic_write_parquet(part, shard_out / name)
 
 
-def read_predictions(path: str | Path, files: list[Path] | None = None) -> pa.Table:
-    """All prediction shards of a folder (or the given ones) as one table; empty shards are skipped.
-
-    Raises:
-        FileNotFoundError: no prediction shards there.
-        ShardError: a shard cannot be read (named), or none holds rows.
-    """
-    root = Path(path)
-    if files is None:
-        files = sorted((root / "shards").glob(K.SHARD_GLOB)) if (root / "shards").is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"no prediction shards in {root}/shards (run `raycell infer` first)")
-    tables = []
-    for f in files:
-        try:
-            t = pq.read_table(f)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise ShardError(f"cannot read prediction shard {f} ({exc}): delete it and re-run "
-                             "`raycell infer` with the same settings to redo it") from None
-        if t.num_rows:
-            tables.append(t.replace_schema_metadata(None))
-    if not tables:
-        raise ShardError(f"prediction shards in {root} hold no rows")
-    return pa.concat_tables(tables, promote_options="default")
-
-
-__all__ = ["check_config", "predict", "read_predictions", "load_checkpoint"]
+__all__ = ["check_config", "predict"]

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raycell.data.categories import CategoryMap
-from raycell.data.dataset import DataSpec
+from raycell.errors import UserError
+from raycell.formats.categories import CategoryMap
+from raycell.formats.spec import DataSpec
 from raycell.utils.io import atomic_write_json, read_json, software_versions
 
 META, MODEL, OPTIM = "meta.json", "model.pt", "optim.pt"
 _META_KEYS = ("model_type", "model_args", "data_spec", "labels", "batches")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder whose meta.json or weights cannot be used (truncated, corrupt, incomplete)."""
 
 

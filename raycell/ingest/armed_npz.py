@@ -161,7 +161,7 @@ def import_armed(
         labels or
             one-hot dates that disagree with the csv.
     """
-    from raycell.data.shards import ShardWriter
+    from raycell.formats.shards import ShardWriter
     from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
     files = find_armed_files(src)
