@@ -21,6 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# every test that does not start Ray (~1 min); tests/conftest.py fails a test that starts Ray unmarked
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not ray"
 

@@ -77,7 +77,9 @@ def _as_09047() -> tuple[str, str | None, list[str]] | None:
 
 
 def _plain_loop(cfg) -> tuple[float, float, int]:
-    from raycell.ingest.run import compute_stats, plan_ingest, process_fov
+    from raycell.ingest.fov import process_fov
+    from raycell.ingest.plan import plan_ingest
+    from raycell.ingest.stats import compute_stats
 
     p = dataclasses.asdict(cfg.ingest)
     plan = plan_ingest(p)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from raycell.config import load_config
-    from raycell.ingest.run import run_ingest
+    from raycell.ingest.driver import run_ingest
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     tmp = Path(tempfile.mkdtemp(prefix="bench_ingest_"))

@@ -87,10 +87,10 @@ class Fixtures:
             self._cache["data"] = out
         return self._cache["data"]
 
-    def copy_data(self, name: str) -> Path:
-        """A private copy of the tiny data set, to break."""
+    def copy(self, src: Path, name: str) -> Path:
+        """A private copy of a fixture folder (`self.data()`, `self.checkpoint()`), to break."""
         dst = self.path(name)
-        shutil.copytree(self.data(), dst)
+        shutil.copytree(src, dst)
         return dst
 
     def checkpoint(self) -> Path:
@@ -115,12 +115,6 @@ class Fixtures:
                             batches=CategoryMap.fit(K.BATCH, batches), config=cfg.to_dict(), metrics={})
             self._cache["ck"] = run
         return self._cache["ck"]
-
-    def copy_checkpoint(self, name: str) -> Path:
-        """A private copy of the checkpoint run folder, to break."""
-        dst = self.path(name)
-        shutil.copytree(self.checkpoint(), dst)
-        return dst
 
     def raw(self) -> Path:
         """Small synthetic raw fields of view with a plate map (`synth --raw`)."""
@@ -189,7 +183,7 @@ def _truncate(p: Path, keep: float = 0.5) -> None:
 def _dup_ids(fx: Fixtures) -> list[str]:
     import pyarrow.parquet as pq
 
-    d = fx.copy_data("dup_ids")
+    d = fx.copy(fx.data(), "dup_ids")
     shards = sorted((d / "shards").glob("part-*.parquet"))
     t0, t1 = pq.read_table(shards[0]), pq.read_table(shards[1])
     pq.write_table(t1.set_column(t1.schema.get_field_index("cell_id"), "cell_id", t0.column("cell_id")),
@@ -198,13 +192,13 @@ def _dup_ids(fx: Fixtures) -> list[str]:
 
 
 def _corrupt_model(fx: Fixtures) -> list[str]:
-    run = fx.copy_checkpoint("ck_corrupt")
+    run = fx.copy(fx.checkpoint(), "ck_corrupt")
     _truncate(next(run.glob("checkpoint_*/model.pt")))
     return _infer(fx, ck=run)
 
 
 def _bad_meta(fx: Fixtures) -> list[str]:
-    run = fx.copy_checkpoint("ck_badmeta")
+    run = fx.copy(fx.checkpoint(), "ck_badmeta")
     next(run.glob("checkpoint_*/meta.json")).write_text("{ not json")
     return _infer(fx, ck=run)
 
@@ -220,7 +214,7 @@ def _other_crop_size(fx: Fixtures) -> list[str]:
 
 
 def _truncated_shard(fx: Fixtures) -> list[str]:
-    d = fx.copy_data("trunc_shard")
+    d = fx.copy(fx.data(), "trunc_shard")
     _truncate(sorted((d / "shards").glob("part-*.parquet"))[1])
     return _infer(fx, data=d)
 
@@ -229,7 +223,7 @@ def _bad_image_bytes(fx: Fixtures) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    d = fx.copy_data("bad_bytes")
+    d = fx.copy(fx.data(), "bad_bytes")
     shard = sorted((d / "shards").glob("part-*.parquet"))[0]
     t = pq.read_table(shard)
     imgs = t.column("image").to_pylist()
@@ -256,13 +250,13 @@ def _z_not_parquet(fx: Fixtures) -> list[str]:
 def _unseen_all(fx: Fixtures) -> list[str]:
     from raycell.formats.shards import open_dataset
 
-    d = fx.copy_data("unseen_all")
+    d = fx.copy(fx.data(), "unseen_all")
     vocab = open_dataset(d).manifest["batch_vocab"]
     return ["split", "--data", str(d), "--unseen", ",".join(vocab)]
 
 
 def _conflicting_resume(fx: Fixtures) -> list[str]:
-    run = fx.copy_checkpoint("resume_run")
+    run = fx.copy(fx.checkpoint(), "resume_run")
     from raycell.config import load_config, save_config
 
     save_config(load_config(None, [f"data.path={fx.data()}", "model.type=conventional"]), run / "config.yaml")
@@ -273,7 +267,7 @@ def _conflicting_resume(fx: Fixtures) -> list[str]:
 def _resume_corrupt(fx: Fixtures) -> list[str]:
     from raycell.config import load_config, save_config
 
-    run = fx.copy_checkpoint("resume_corrupt")
+    run = fx.copy(fx.checkpoint(), "resume_corrupt")
     save_config(load_config(None, [f"data.path={fx.data()}", "model.type=conventional", "model.preset=tiny"]),
                 run / "config.yaml")
     _truncate(next(run.glob("checkpoint_*/model.pt")))

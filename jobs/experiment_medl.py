@@ -6,8 +6,9 @@
         --config configs/experiments/medl_armed_gpu.yaml --seeds 0,1,2 --out /mnt/results/medl_armed
 
 Trains every model for every seed through Ray Train, infers a soft Z for the unseen batches, runs Ray
-Data inference and the evaluation, and writes `table.md`, `table.csv` and `results.json` into `--out`
-(re-running the same command continues an interrupted experiment). Thin on purpose: the CLI verb.
+Data inference (a second time with randomized Z for the models that use Z, unless --no-randomized-z)
+and the evaluation, and writes `table.md`, `table.csv` and `results.json` into `--out` (re-running the
+same command continues an interrupted experiment). Thin on purpose: the CLI verb.
 """
 
 import sys

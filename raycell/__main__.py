@@ -1,6 +1,7 @@
 """`raycell` / `python -m raycell`: parse, build the config, start Ray when the verb needs it, dispatch.
 
-Errors a user can fix (bad config key, missing data set, wrong shard, unknown label) print one line
+Each verb runs one named function: the `raycell.pipeline` stages (`STAGES`), or the config-free tools
+below. Errors a user can fix (bad config key, missing data set, wrong shard, unknown label) print one line
 naming the file or key and exit with status 2; anything else is a bug and keeps its traceback. Each verb
 checks what it can without Ray (`preflight`) before Ray starts, so bad input costs no Ray start-up.
 """
@@ -9,41 +10,59 @@ from __future__ import annotations
 
 import sys
 
-from raycell.cli import build_parser, overrides_from_args
+from raycell import pipeline
+from raycell.cli import build_parser, config_overrides
+from raycell.config import defaults_yaml, load_config
 from raycell.errors import user_errors
 
+# verb -> the pipeline stage it runs on the config (`synth` and `experiment` take flags too: see `run`)
+STAGES = {"split": pipeline.run_split, "train": pipeline.run_train, "infer": pipeline.run_infer,
+          "infer-z": pipeline.run_infer_z, "evaluate": pipeline.run_evaluate, "ingest": pipeline.run_ingest,
+          "demo": pipeline.run_demo}
 NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment"}
+
+
+def run_import_armed(args) -> dict:
+    """`raycell import-armed SRC --out DST`: ARMED .npz/.csv -> crop shards (no config, no Ray)."""
+    from raycell.ingest.armed_npz import import_armed
+
+    m = import_armed(args.src, args.out, overwrite=args.overwrite)
+    print(f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}")
+    return m
+
+
+def run_segmentation_eval(args) -> dict:
+    """`raycell segmentation-eval RAW_DIR`: segmentation scored against true masks (no config, no Ray)."""
+    import json
+
+    from raycell.ingest.segmentation_eval import evaluate_segmentation
+
+    res = evaluate_segmentation(args.raw_dir, iou=args.iou)
+    print(json.dumps({k: v for k, v in res.items() if k != "per_fov"}, indent=2, default=str))
+    return res
+
+
+def run_models(args) -> None:
+    """`raycell models`: the registered model types, one a line."""
+    from raycell.models import list_models
+
+    print("\n".join(list_models()))
+
+
+# verbs that need no config (and no Ray)
+TOOLS = {"import-armed": run_import_armed, "segmentation-eval": run_segmentation_eval, "models": run_models}
 
 
 def run(argv: list[str] | None = None) -> dict | None:
     """Run one verb; returns its result (for tests and jobs)."""
     args = build_parser().parse_args(argv)
-    if args.command == "import-armed":
-        from raycell.ingest.armed_npz import import_armed
-
-        m = import_armed(args.src, args.out, overwrite=args.overwrite)
-        print(f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}")
-        return m
-    if args.command == "segmentation-eval":
-        import json
-
-        from raycell.ingest.segment import evaluate_segmentation
-
-        res = evaluate_segmentation(args.raw_dir, iou=args.iou)
-        print(json.dumps({k: v for k, v in res.items() if k != "per_fov"}, indent=2, default=str))
-        return res
-    if args.command == "models":
-        from raycell.models import list_models
-
-        print("\n".join(list_models()))
-        return None
-    from raycell import pipeline
-    from raycell.config import defaults_yaml, load_config
-
+    if args.command in TOOLS:
+        return TOOLS[args.command](args)
     if args.command == "config" and args.defaults:
         print(defaults_yaml(), end="")
         return None
-    cfg = load_config(args.config, overrides_from_args(args))
+    given = config_overrides(args)  # (key=value, what the user typed): errors name the flag or --set
+    cfg = load_config(args.config, [ov for ov, _ in given], [typed for _, typed in given])
     if args.command == "config":
         import yaml
 
@@ -60,9 +79,9 @@ def run(argv: list[str] | None = None) -> dict | None:
     if args.command == "experiment":
         from raycell.experiments import run_medl_experiment
 
-        return run_medl_experiment(cfg, args.seeds, args.models, args.out,
+        return run_medl_experiment(cfg, args.seeds, args.models, args.out, randomized_z=args.randomized_z,
                                    command="raycell " + " ".join(argv if argv is not None else sys.argv[1:]))
-    return getattr(pipeline, f"run_{args.command.replace('-', '_')}")(cfg)
+    return STAGES[args.command](cfg)
 
 
 def preflight(args, cfg):
@@ -72,6 +91,7 @@ def preflight(args, cfg):
     and models are parsed into `args` in place.
     """
     if args.command == "train":
+        from raycell.cli import overrides_from_args
         from raycell.config import explicit_keys
         from raycell.train.trainer import check_train, resume_config
 
@@ -79,7 +99,7 @@ def preflight(args, cfg):
             cfg = resume_config(cfg, explicit_keys(args.config, overrides_from_args(args)))
         check_train(cfg)
     elif args.command == "ingest":
-        from raycell.ingest.run import check_config
+        from raycell.ingest.plan import check_config
 
         check_config(cfg)
     elif args.command == "infer":
@@ -87,9 +107,7 @@ def preflight(args, cfg):
 
         check_config(cfg)
     elif args.command == "demo":
-        from raycell.pipeline import check_demo
-
-        check_demo(cfg)
+        pipeline.check_demo(cfg)
     elif args.command == "experiment":
         from raycell.experiments import MEDL_MODELS, check_medl, parse_seeds
 

@@ -1,30 +1,14 @@
 """The command-line parser (and nothing else): one sub-command per pipeline verb.
 
 Every verb takes `--config FILE` and repeatable `--set section.key=value`; its own flags are shortcuts
-for config keys (listed in each flag's help) and are applied after `--set`. `raycell.__main__` turns the
-parsed arguments into an `ExperimentConfig` and calls the same functions the `jobs/` scripts call.
+for config keys, each declared once with its key (`_flag`, named in the flag's help), applied after
+`--set`. `raycell.__main__` turns the parsed arguments into an `ExperimentConfig` (`config_overrides`)
+and calls the same functions the `jobs/` scripts call.
 """
 
 from __future__ import annotations
 
 import argparse
-
-# flag dest -> config key; a flag left unset does not override anything.
-FLAG_KEYS = {
-    "synth": {"out": "synth.out", "n_cells": "synth.n_cells", "crop_size": "synth.crop_size",
-              "raw": "synth.raw"},
-    "ingest": {"input": "ingest.input", "out": "ingest.out", "pattern": "ingest.pattern",
-               "platemap": "ingest.platemap", "overwrite": "ingest.overwrite"},
-    "infer-z": {"checkpoint": "infer.checkpoint", "data": "infer.data", "out": "infer.z_out"},
-    "split": {"data": "data.path", "unseen": "split.unseen", "group_by": "split.group_by"},
-    "train": {"data": "data.path", "model": "model.type", "preset": "model.preset", "epochs": "train.epochs",
-              "resume": "train.resume", "workers": "scaling.num_workers", "gpu": "scaling.use_gpu",
-              "runs_dir": "train.runs_dir"},
-    "infer": {"checkpoint": "infer.checkpoint", "data": "infer.data", "out": "infer.out",
-              "splits": "infer.splits", "actors": "infer.num_actors", "gpus": "infer.num_gpus"},
-    "evaluate": {"predictions": "eval.predictions", "out": "eval.out"},
-    "demo": {"out": "demo.out", "models": "demo.models"},
-}
 
 EPILOG = """examples:
   raycell demo                                   # synth -> split -> train -> infer -> evaluate
@@ -55,6 +39,16 @@ def _csv(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
+def _flag(p: argparse.ArgumentParser, name: str, *, key: str, help: str, **kw) -> None:  # noqa: A002
+    """Add a shortcut flag for the config key `key`: its only declaration, so flag and key cannot drift.
+
+    `help` names the key through `{key}`; the verb's parser records `dest -> (key, flag)` in its defaults,
+    which `config_overrides` reads back from the parsed namespace.
+    """
+    action = p.add_argument(name, help=help.format(key=key), **kw)
+    p.set_defaults(flag_keys={**(p.get_default("flag_keys") or {}), action.dest: (key, name)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `raycell` argument parser."""
     p = argparse.ArgumentParser(
@@ -65,23 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="generate the synthetic data set (crop shards with known truth)")
     _common(s)
-    s.add_argument("--out", help="output folder (synth.out)")
-    s.add_argument("--n-cells", type=int, help="number of cells (synth.n_cells)")
-    s.add_argument("--crop-size", type=int, help="crop size in pixels (synth.crop_size)")
+    _flag(s, "--out", key="synth.out", help="output folder ({key})")
+    _flag(s, "--n-cells", key="synth.n_cells", type=int, help="number of cells ({key})")
+    _flag(s, "--crop-size", key="synth.crop_size", type=int, help="crop size in pixels ({key})")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier raycell output in --out (a "
                    "folder of other files, or one holding the inputs, is always refused)")
-    s.add_argument("--raw", action="store_const", const=True, help="write raw fields of view (TIFFs, true "
-                   "masks, plate map) for `raycell ingest` instead of crops (synth.raw)")
+    _flag(s, "--raw", key="synth.raw", action="store_const", const=True, help="write raw fields of view "
+          "(TIFFs, true masks, plate map) for `raycell ingest` instead of crops ({key})")
 
     s = sub.add_parser("ingest", help="raw images (TIFF/PNG) -> segmentation -> crop shards + rejects table")
     _common(s)
-    s.add_argument("--input", help="folder of images (ingest.input)")
-    s.add_argument("--out", help="output data set folder (ingest.out)")
-    s.add_argument("--pattern", help="regex with named groups matched on relative paths (ingest.pattern)")
-    s.add_argument("--platemap", help="plate-map CSV (ingest.platemap)")
-    s.add_argument("--overwrite", action="store_const", const=True, help="replace a raycell data set made "
-                   "from other inputs or parameters (ingest.overwrite); a folder of other files, or one "
-                   "holding the inputs, is always refused")
+    _flag(s, "--input", key="ingest.input", help="folder of images ({key})")
+    _flag(s, "--out", key="ingest.out", help="output data set folder ({key})")
+    _flag(s, "--pattern", key="ingest.pattern",
+          help="regex with named groups matched on relative paths ({key})")
+    _flag(s, "--platemap", key="ingest.platemap", help="plate-map CSV ({key})")
+    _flag(s, "--overwrite", key="ingest.overwrite", action="store_const", const=True,
+          help="replace a raycell data set made from other inputs or parameters ({key}); a folder of "
+               "other files, or one holding the inputs, is always refused")
 
     s = sub.add_parser("segmentation-eval", help="score the segmentation on synthetic raw fields of view "
                        "against their true masks (precision, recall, F1 at IoU 0.5)")
@@ -96,50 +91,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("split", help="assign train/val/test (grouped, stratified) and hold out unseen batches")
     _common(s)
-    s.add_argument("--data", help="data set folder (data.path)")
-    s.add_argument("--unseen", type=_csv, help="comma-separated batches to hold out (split.unseen)")
-    s.add_argument("--group-by", help="column kept within one split (split.group_by)")
+    _flag(s, "--data", key="data.path", help="data set folder ({key})")
+    _flag(s, "--unseen", key="split.unseen", type=_csv, help="comma-separated batches to hold out ({key})")
+    _flag(s, "--group-by", key="split.group_by", help="column kept within one split ({key})")
 
     s = sub.add_parser("train", help="train a model with Ray Train (checkpoints every epoch)")
     _common(s)
-    s.add_argument("--data", help="data set folder (data.path)")
-    s.add_argument("--model", help="model type (model.type); see `raycell models`")
-    s.add_argument("--preset", help="model size preset (model.preset): small | armed | tiny")
-    s.add_argument("--epochs", type=int, help="epochs (train.epochs)")
-    s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint "
-                   "(train.resume). The run's recorded config.yaml is used (data, model, loss, ...); only "
-                   "--epochs (to extend it), --workers, --gpu, --address, train.max_failures, "
-                   "train.checkpoints_to_keep, train.log_every, train.torch_threads, ray.* and scaling.* "
-                   "may change, name, --runs-dir and sections training does not read are ignored, and any other "
-                   "option that differs from the run's is refused")
-    s.add_argument("--workers", type=int, help="Ray Train workers (scaling.num_workers)")
-    s.add_argument("--gpu", action="store_const", const=True, help="one GPU per worker (scaling.use_gpu)")
-    s.add_argument("--runs-dir", help="folder for run folders (train.runs_dir)")
+    _flag(s, "--data", key="data.path", help="data set folder ({key})")
+    _flag(s, "--model", key="model.type", help="model type ({key}); see `raycell models`")
+    _flag(s, "--preset", key="model.preset", help="model size preset ({key}): small | armed | tiny")
+    _flag(s, "--epochs", key="train.epochs", type=int, help="epochs ({key})")
+    _flag(s, "--resume", key="train.resume", metavar="RUN_DIR",
+          help="continue a run from its latest checkpoint ({key}). The run's recorded config.yaml is used "
+               "(data, model, loss, ...); only --epochs (to extend it), --workers, --gpu, --address, "
+               "train.max_failures, train.checkpoints_to_keep, train.log_every, train.torch_threads, ray.* "
+               "and scaling.* may change, name, --runs-dir and sections training does not read are "
+               "ignored, and any other option that differs from the run's is refused")
+    _flag(s, "--workers", key="scaling.num_workers", type=int, help="Ray Train workers ({key})")
+    _flag(s, "--gpu", key="scaling.use_gpu", action="store_const", const=True,
+          help="one GPU per worker ({key})")
+    _flag(s, "--runs-dir", key="train.runs_dir", help="folder for run folders ({key})")
 
     s = sub.add_parser("infer", help="batch inference with Ray Data: latents and predictions to parquet")
     _common(s)
-    s.add_argument("--checkpoint", help="checkpoint or run folder (infer.checkpoint)")
-    s.add_argument("--data", help="data set folder (infer.data; default data.path)")
-    s.add_argument("--out", help="output folder (infer.out; default <run>/predictions)")
-    s.add_argument("--splits", type=_csv, help="comma-separated splits (infer.splits; default all)")
-    s.add_argument("--actors", type=int, help="model replicas (infer.num_actors)")
-    s.add_argument("--gpus", type=float, help="GPUs per actor (infer.num_gpus)")
+    _flag(s, "--checkpoint", key="infer.checkpoint", help="checkpoint or run folder ({key})")
+    _flag(s, "--data", key="infer.data", help="data set folder ({key}; default data.path)")
+    _flag(s, "--out", key="infer.out", help="output folder ({key}; default <run>/predictions)")
+    _flag(s, "--splits", key="infer.splits", type=_csv, help="comma-separated splits ({key}; default all)")
+    _flag(s, "--actors", key="infer.num_actors", type=int, help="model replicas ({key})")
+    _flag(s, "--gpus", key="infer.num_gpus", type=float, help="GPUs per actor ({key})")
 
     s = sub.add_parser("infer-z", help="train the Z-predictor on seen batches; write soft Z for unseen cells")
     _common(s)
-    s.add_argument("--checkpoint", help="run of the random/mixed-effects model the Z is for (infer.checkpoint)")
-    s.add_argument("--data", help="data set folder (infer.data; default data.path)")
-    s.add_argument("--out", help="output folder (infer.z_out)")
+    _flag(s, "--checkpoint", key="infer.checkpoint",
+          help="run of the random/mixed-effects model the Z is for ({key})")
+    _flag(s, "--data", key="infer.data", help="data set folder ({key}; default data.path)")
+    _flag(s, "--out", key="infer.z_out", help="output folder ({key})")
 
     s = sub.add_parser("evaluate", help="metrics per split from inference outputs (JSON, CSV, table)")
     _common(s)
-    s.add_argument("--predictions", help="predictions folder (eval.predictions)")
-    s.add_argument("--out", help="output folder (eval.out)")
+    _flag(s, "--predictions", key="eval.predictions", help="predictions folder ({key})")
+    _flag(s, "--out", key="eval.out", help="output folder ({key})")
 
     s = sub.add_parser("demo", help="synth -> split -> train -> infer -> evaluate on local Ray")
     _common(s)
-    s.add_argument("--out", help="output folder (demo.out)")
-    s.add_argument("--models", type=_csv, help="comma-separated model types (demo.models)")
+    _flag(s, "--out", key="demo.out", help="output folder ({key})")
+    _flag(s, "--models", key="demo.models", type=_csv, help="comma-separated model types ({key})")
 
     s = sub.add_parser("experiment", help="multi-model, multi-seed experiments (`experiment medl`)")
     s.add_argument("which", choices=["medl"], help="medl: conventional vs adversarial vs random/mixed "
@@ -147,8 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--seeds", type=_csv, default=["0", "1", "2"], help="comma-separated integer seeds "
                    "(default 0,1,2)")
-    s.add_argument("--models", type=_csv, default=None, help="comma-separated model types (default: conventional, adversarial, randomeffects, "
-                   "mixedeffects, mixedeffects_randz = mixed effects with randomized Z at inference)")
+    s.add_argument("--models", type=_csv, default=None, help="comma-separated registered model types "
+                   "(default: conventional, adversarial, randomeffects, mixedeffects)")
+    s.add_argument("--randomized-z", action=argparse.BooleanOptionalAction, default=True,
+                   help="also infer each trained model whose type uses Z (randomeffects, mixedeffects) "
+                   "with a random one-hot Z row per cell (infer.randomize_z, the reference's ablation): "
+                   "one more row, '<model> + randomized Z', from the same checkpoint (default: on)")
     s.add_argument("--out", default="runs/medl", help="output folder for table.md/csv and results.json")
 
     s = sub.add_parser("models", help="list the registered model types")
@@ -158,17 +159,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def overrides_from_args(args: argparse.Namespace) -> list[str]:
-    """`--set` values followed by the verb's shortcut flags as `key=value` strings."""
+def config_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """`(key=value, source)` pairs: `--set` values, then `--address`, then the verb's shortcut flags.
+
+    `source` is what the user typed (`--set train.epochs=0`, `--epochs 0`), so that a bad value's error
+    names it; a flag left unset overrides nothing.
+    """
     import json
 
-    out = list(getattr(args, "overrides", []) or [])
+    out = [(ov, f"--set {ov}") for ov in getattr(args, "overrides", None) or []]
     if getattr(args, "address", None):
-        out.append(f"ray.address={args.address}")
-    for dest, key in FLAG_KEYS.get(args.command, {}).items():
+        out.append((f"ray.address={args.address}", f"--address {args.address}"))
+    for dest, (key, flag) in (getattr(args, "flag_keys", None) or {}).items():
         v = getattr(args, dest, None)
         if v is None:
             continue
+        shown = ",".join(v) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else v
+        typed = flag if v is True else f"{flag} {shown}"
         # JSON is valid YAML: lists, bools and numbers keep their types; strings are quoted safely.
-        out.append(f"{key}={json.dumps(v)}")
+        out.append((f"{key}={json.dumps(v)}", typed))
     return out
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """`--set` values followed by the verb's shortcut flags as `key=value` strings."""
+    return [ov for ov, _ in config_overrides(args)]

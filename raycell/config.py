@@ -438,21 +438,23 @@ def _read_file(path: str | os.PathLike) -> dict:
     return raw
 
 
-def _override(raw: dict, ov: str) -> None:
-    """Apply one `section.key=value` override to `raw`; errors name the `--set` value."""
+def _override(raw: dict, ov: str, source: str) -> None:
+    """Apply one `section.key=value` override to `raw`; errors name `source` (what the user typed)."""
     keys, value = parse_override(ov)  # its errors already name the override
     try:
         _set_nested(raw, keys, value)
         _build(ExperimentConfig, raw, prefix="")  # type and key errors, blamed on this override
     except ConfigError as exc:
-        raise ConfigError(f"--set {ov}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> ExperimentConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (),
+                sources: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides.
 
-    Errors name where the bad value came from: the file, or the `--set` override (so a user does not
-    search a file for a value they typed on the command line).
+    Errors name where the bad value came from: the file, or the override as the user typed it (so a user
+    does not search a file for a value they typed on the command line). `sources` gives that name per
+    override (the CLI passes `--epochs 0` for a shortcut flag); by default `--set <override>`.
 
     Raises:
         ConfigError: unknown key, wrong type or range, unreadable file; the message names the file or key.
@@ -463,9 +465,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             _build(ExperimentConfig, copy.deepcopy(raw), prefix="")
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+    sources = list(sources) if sources is not None else [f"--set {ov}" for ov in overrides]
     steps = [copy.deepcopy(raw)]
-    for ov in overrides:
-        _override(raw, ov)
+    for ov, source in zip(overrides, sources, strict=True):
+        _override(raw, ov, source)
         steps.append(copy.deepcopy(raw))
     try:
         return ExperimentConfig.from_dict(raw)
@@ -478,7 +481,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
                 if i == 0 and path:
                     raise ConfigError(f"{path}: {exc}") from None
                 if i > 0:
-                    raise ConfigError(f"--set {overrides[i - 1]}: {exc}") from None
+                    raise ConfigError(f"{sources[i - 1]}: {exc}") from None
         raise
 
 

@@ -6,16 +6,22 @@ mixed-effects AECs for K seeds on that one data set through the same Ray Train p
 `raycell train`, infers a soft Z for the unseen batches (`raycell infer-z`, once per seed: the
 Z-predictor depends on the data only, not on the AEC), runs batch inference (Ray Data) on the
 seen-batch test split and the unseen batches, evaluates, and writes a table of mean ± s.d. over
-seeds. `mixedeffects_randz` is not a separate training: it is the seed's mixed-effects checkpoint
-inferred with random one-hot Z rows (the reference's `--randomize_batch` ablation).
+seeds. Each model goes through `raycell.pipeline.train_infer_evaluate`, the path `raycell demo` takes.
 
-Layout of `out` (a re-run skips every (seed, model) whose `result.json` exists, so an interrupted
+Randomized Z (the reference's `--randomize_batch` ablation) is an option of the experiment, not a
+model: with `randomized_z` (`--randomized-z`, the default) every checkpoint whose model type uses Z
+(its registry entry's `uses_z`: randomeffects, mixedeffects) is inferred a second time with a random
+one-hot Z row per cell (`infer.randomize_z`), with no second training, and reported as its own row,
+"<model> + randomized Z".
+
+Layout of `out` (a re-run skips every (seed, model) row whose `result.json` exists, so an interrupted
 experiment continues where it stopped, and seeds run as separate processes into the same `out` are
 combined by one more run over all seeds):
 
-    out/seed<S>/zpredictor/         inferred_z.parquet/.json for the unseen cells
-    out/seed<S>/runs/               Ray Train run folders (checkpoints, metrics.json)
-    out/seed<S>/<model>/            predictions/, eval/ (metrics.json, latent_pca.png), result.json
+    out/seed<S>/zpredictor/                 inferred_z.parquet/.json for the unseen cells
+    out/seed<S>/runs/                       Ray Train run folders (checkpoints, metrics.json)
+    out/seed<S>/<model>/                    predictions/, eval/ (metrics.json, latent_pca.png), result.json
+    out/seed<S>/<model>/randomized_z/       the same checkpoint inferred with randomized Z (same files)
     out/results.json, table.csv, table.md
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -30,11 +37,11 @@ import numpy as np
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
+from raycell.pipeline import infer_evaluate, run_split, run_synth, train_infer_evaluate
 from raycell.utils.io import atomic_write_json, atomic_write_text, read_json
 
-MEDL_MODELS = ["conventional", "adversarial", "randomeffects", "mixedeffects", "mixedeffects_randz"]
-RANDZ = "_randz"
-Z_MODELS = {"randomeffects", "mixedeffects"}  # types that need a design matrix at inference
+MEDL_MODELS = ["conventional", "adversarial", "randomeffects", "mixedeffects"]  # the default --models
+RANDOMIZED_Z_DIR = "randomized_z"  # out/seed<S>/<model>/randomized_z/: the randomized-Z row
 
 # (column, split, metric key, header, format): the table, in order. DB/CH/probe on the seen test
 # split, which has every seen batch (the unseen split has only the held-out ones).
@@ -49,14 +56,14 @@ COLUMNS = [
 ]
 
 
-def _base_type(model: str) -> str:
-    return model[: -len(RANDZ)] if model.endswith(RANDZ) else model
+def row_label(model: str, randomize_z: bool) -> str:
+    """A row's name in the table: the model type, or "<type> + randomized Z" for the ablation."""
+    return f"{model} + randomized Z" if randomize_z else model
 
 
 def _prepare_data(cfg: ExperimentConfig) -> Path:
     """The data set at `data.path`: generated there with `cfg.synth` if absent, split if unsplit."""
     from raycell.formats.shards import open_dataset
-    from raycell.pipeline import run_split, run_synth
 
     path = Path(cfg.data.path).absolute()
     if not (path / K.MANIFEST).is_file():
@@ -71,53 +78,46 @@ def _prepare_data(cfg: ExperimentConfig) -> Path:
     return path
 
 
-def _run_one(cfg: ExperimentConfig, model: str, seed: int, seed_dir: Path, z_dir: Path | None,
-             checkpoints: dict) -> dict:
-    """Train (unless an ablation of an existing run), infer on test + unseen, evaluate; one row."""
-    from raycell.eval.evaluate import evaluate_predictions
-    from raycell.infer.batch import predict
-    from raycell.train.trainer import train
-
-    base = _base_type(model)
+def _model_config(cfg: ExperimentConfig, model: str, seed: int, seed_dir: Path) -> ExperimentConfig:
+    """The config of one (seed, model): its training seed and runs folder, inference on test + unseen."""
     c = copy.deepcopy(cfg)
     c.seed = seed
-    c.model.type = base
+    c.model.type = model
     c.name = f"medl-s{seed}"
     c.train.runs_dir = str(seed_dir / "runs")
-    t0 = time.time()
-    row: dict = {"model": model, "seed": seed}
-    if model == base:
-        res = train(c)
-        row.update(run_dir=res["run_dir"], checkpoint=res["checkpoint"],
-                   train_seconds=round(time.time() - t0, 1), final_metrics=res["metrics"])
-    else:
-        row.update(run_dir=checkpoints[base], ablation="randomize_z")
-    checkpoints[model] = row["run_dir"]
-    mdir = seed_dir / model
-    c.infer.checkpoint = row["run_dir"]
     c.infer.data = ""
-    c.infer.out = str(mdir / "predictions")
     c.infer.splits = [K.TEST, K.UNSEEN]
-    c.infer.randomize_z = model != base
-    needs_z = base in Z_MODELS and z_dir is not None and model == base
-    c.infer.z_source = str(z_dir) if needs_z else ""
-    if model == base:  # freshly trained: predictions of an interrupted attempt are another model's
-        import shutil
-
-        shutil.rmtree(mdir / "predictions", ignore_errors=True)
-    predict(c)
-    ev = evaluate_predictions(mdir / "predictions", mdir / "eval", max_cells=cfg.eval.max_cells,
-                              seed=seed, quiet=True)
-    row.update(seconds=round(time.time() - t0, 1), test=ev["splits"].get(K.TEST, {}),
-               unseen=ev["splits"].get(K.UNSEEN, {}))
-    return row
+    return c
 
 
-def summarise(rows: list[dict], models: list[str]) -> dict[str, dict]:
-    """Mean, s.d. (ddof 1) and n over seeds of every table column, per model."""
+def _trained_row(c: ExperimentConfig, out: Path, z_dir: Path | None) -> dict:
+    """Train, infer on test + unseen, evaluate: one table row."""
+    t0 = time.time()
+    res = train_infer_evaluate(c, out, z_source=str(z_dir) if z_dir else "", quiet=True)
+    ev = res["eval"]
+    return {"model": c.model.type, "label": row_label(c.model.type, False), "seed": c.seed,
+            "run_dir": res["run_dir"], "checkpoint": res["checkpoint"],
+            "train_seconds": res["train_seconds"], "final_metrics": res["metrics"],
+            "seconds": round(time.time() - t0, 1), "test": ev["splits"].get(K.TEST, {}),
+            "unseen": ev["splits"].get(K.UNSEEN, {})}
+
+
+def _randomized_z_row(c: ExperimentConfig, run_dir: str, out: Path) -> dict:
+    """The trained checkpoint in `run_dir` inferred again with random one-hot Z rows, evaluated."""
+    t0 = time.time()
+    c = copy.deepcopy(c)
+    c.infer.randomize_z = True
+    ev = infer_evaluate(c, run_dir, out, quiet=True)
+    return {"model": c.model.type, "label": row_label(c.model.type, True), "seed": c.seed,
+            "run_dir": run_dir, "randomize_z": True, "seconds": round(time.time() - t0, 1),
+            "test": ev["splits"].get(K.TEST, {}), "unseen": ev["splits"].get(K.UNSEEN, {})}
+
+
+def summarise(rows: list[dict], labels: list[str]) -> dict[str, dict]:
+    """Mean, s.d. (ddof 1) and n over seeds of every table column, per row label (`row_label`)."""
     out: dict[str, dict] = {}
-    for m in models:
-        rs = [r for r in rows if r["model"] == m]
+    for m in labels:
+        rs = [r for r in rows if r.get("label", r["model"]) == m]
         cols: dict = {"n_seeds": len(rs)}
         for col, split, key, _, _ in COLUMNS:
             vals = np.array([float(r.get(split, {}).get(key, math.nan)) for r in rs], dtype=float)
@@ -181,12 +181,15 @@ def parse_seeds(seeds: list) -> list[int]:
 
 def check_medl(cfg: ExperimentConfig, seeds: list[int], models: list[str]) -> None:
     """The checks `experiment medl` can make before Ray starts: model names, seeds, preset."""
+    from raycell.models import list_models
     from raycell.models.aec import PRESETS
 
-    bad = [m for m in models if m not in MEDL_MODELS]
+    bad = [m for m in models if m not in list_models()]
     if bad or not models:
-        raise ConfigError(f"experiment medl --models: unknown model(s) {bad or models}; choose from "
-                          f"{', '.join(MEDL_MODELS)}")
+        hint = ("; randomized Z is an option now, not a model type: --randomized-z (the default)"
+                if any(m.endswith("_randz") for m in bad) else "")
+        raise ConfigError(f"experiment medl --models: unknown model type(s) {bad or models}; registered: "
+                          f"{', '.join(list_models())}{hint}")
     if not seeds:
         raise ConfigError("experiment --seeds: give at least one seed, e.g. --seeds 0,1,2")
     if cfg.model.preset not in PRESETS:
@@ -194,7 +197,7 @@ def check_medl(cfg: ExperimentConfig, seeds: list[int], models: list[str]) -> No
 
 
 def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[str], out: str,
-                        command: str = "") -> dict:
+                        command: str = "", randomized_z: bool = True) -> dict:
     """Train, infer and evaluate each model type for each seed on one data set; write the table.
 
     Needs Ray to be initialised (`raycell.utils.ray_utils.init_ray`).
@@ -203,16 +206,18 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         cfg: The base config: data (`data.path`; `synth` generates it there when absent), model
             preset, training, loss weights, scaling, inference (`infer.z_*`: the Z-predictor).
         seeds: Training seeds (initialisation, shuffling, Z-predictor); data and split are fixed.
-        models: Any of `MEDL_MODELS` ("mixedeffects_randz" = the mixedeffects run inferred with
-            random one-hot Z; its mixedeffects run is trained even when not listed itself).
+        models: Registered model types (default in the CLI: `MEDL_MODELS`).
         out: Output folder (see the module docstring); re-running continues an interrupted run.
         command: The command line that started the experiment, recorded in the outputs.
+        randomized_z: Also infer every model whose type uses Z with randomized Z (one more row each,
+            "<model> + randomized Z"; the same checkpoint, no second training).
 
     Returns:
-        {"out", "summary" (model -> column means/sds), "rows" (one per seed and model), "table"
+        {"out", "summary" (row label -> column means/sds), "rows" (one per seed and row), "table"
         (Markdown), "seconds"}.
     """
     from raycell.infer.zpredictor import Z_PARQUET, run_infer_z
+    from raycell.models import model_entry
 
     seeds = parse_seeds(seeds)
     check_medl(cfg, seeds, models)
@@ -221,12 +226,15 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
     out_p.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(cfg)
     cfg.data.path = str(_prepare_data(cfg))
-    order = [m for m in MEDL_MODELS if m in models or (m + RANDZ in models and m == "mixedeffects")]
+    models = list(dict.fromkeys(models))
+    uses_z = {m: model_entry(m).uses_z for m in models}
+    labels = [lab for m in models for lab in
+              [row_label(m, False)] + ([row_label(m, True)] if randomized_z and uses_z[m] else [])]
     rows: list[dict] = []
     for seed in seeds:
         seed_dir = out_p / f"seed{seed}"
         z_dir = None
-        if any(_base_type(m) in Z_MODELS for m in order):
+        if any(uses_z.values()):
             z_dir = seed_dir / "zpredictor"
             if not (z_dir / Z_PARQUET).is_file():
                 c = copy.deepcopy(cfg)
@@ -237,28 +245,35 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
                 c.infer.z_out = str(z_dir)
                 c.infer.z_splits = [K.UNSEEN]
                 run_infer_z(c)
-        checkpoints: dict[str, str] = {}
-        for m in order:
-            res_file = seed_dir / m / "result.json"
-            if res_file.is_file():
-                row = read_json(res_file)
-            else:
-                print(f"[raycell] experiment medl: seed {seed}, {m}", flush=True)
-                row = _run_one(cfg, m, seed, seed_dir, z_dir, checkpoints)
-                if z_dir is not None:
-                    zmeta = read_json(z_dir / "inferred_z.json")
-                    row["zpredictor_val_accuracy"] = zmeta.get("val_accuracy")
-                atomic_write_json(res_file, row)
-            checkpoints[m] = row["run_dir"]
-            rows.append(row)
-        _write_tables(out_p, cfg, seeds, models, rows, command, t0, quiet=True)  # partial results
-    return _write_tables(out_p, cfg, seeds, models, rows, command, t0)
+        for m in models:
+            c = _model_config(cfg, m, seed, seed_dir)
+            row_dirs = [seed_dir / m] + ([seed_dir / m / RANDOMIZED_Z_DIR] if randomized_z and uses_z[m] else [])
+            for row_dir in row_dirs:
+                randomize = row_dir.name == RANDOMIZED_Z_DIR
+                res_file = row_dir / "result.json"
+                if res_file.is_file():  # finished by an earlier invocation
+                    row = read_json(res_file)
+                else:
+                    print(f"[raycell] experiment medl: seed {seed}, {row_label(m, randomize)}", flush=True)
+                    if randomize:  # the checkpoint trained for the row just above
+                        row = _randomized_z_row(c, rows[-1]["run_dir"], row_dir)
+                    else:  # a fresh checkpoint: a randomized-Z row left from an earlier one is stale
+                        shutil.rmtree(row_dir / RANDOMIZED_Z_DIR, ignore_errors=True)
+                        row = _trained_row(c, row_dir, z_dir if uses_z[m] else None)
+                    if z_dir is not None:
+                        zmeta = read_json(z_dir / "inferred_z.json")
+                        row["zpredictor_val_accuracy"] = zmeta.get("val_accuracy")
+                    atomic_write_json(res_file, row)
+                rows.append(row)
+        _write_tables(out_p, cfg, seeds, models, labels, rows, command, t0, quiet=True)  # partial
+    return _write_tables(out_p, cfg, seeds, models, labels, rows, command, t0)
 
 
 def _write_tables(out: Path, cfg: ExperimentConfig, seeds: list[int], models: list[str],
-                  rows: list[dict], command: str, t0: float, quiet: bool = False) -> dict:
+                  labels: list[str], rows: list[dict], command: str, t0: float, quiet: bool = False
+                  ) -> dict:
     """(Re)write results.json, table.csv and table.md from the rows so far (atomically)."""
-    summary = summarise(rows, models)
+    summary = summarise(rows, labels)
     done = sorted({r["seed"] for r in rows})
     notes = [f"Command: `{command}`" if command else "",
              f"Data: {cfg.data.path} (preset {cfg.model.preset}, {cfg.train.epochs} epochs, "
@@ -268,7 +283,9 @@ def _write_tables(out: Path, cfg: ExperimentConfig, seeds: list[int], models: li
              "(random/mixed effects use the Z-predictor's soft Z there). DB/CH/batch probe: "
              "latents of the seen test split by batch, z-scored (DB higher / CH lower / probe "
              "nearer chance = less batch information). mixedeffects latent = the fixed-effects "
-             "latent e_F; its MSE is of X̂_R."]
+             "latent e_F; its MSE is of X̂_R.",
+             "+ randomized Z: the same checkpoint inferred with a random one-hot Z row per cell "
+             "(infer.randomize_z), no second training." if len(labels) > len(models) else ""]
     chance = [s["batch_probe_chance"] for s in summary.values()
               if math.isfinite(s["batch_probe_chance"])]
     if chance:

@@ -2,6 +2,8 @@
 
 The CLI (`raycell.__main__`) and the `jobs/` scripts call these; they only add argument parsing and
 `ray.init`. Functions that need Ray expect it initialised (`raycell.utils.ray_utils.init_ray`).
+`train_infer_evaluate` is the one path from a config to an evaluated model, shared by `run_demo` and
+`raycell experiment` (`raycell.experiments`, which imports this module, never the other way).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def run_infer(cfg: ExperimentConfig) -> dict:
 
 def run_ingest(cfg: ExperimentConfig) -> dict:
     """Raw images -> crop shards + rejects table (Ray Data, one task per field of view)."""
-    from raycell.ingest.run import run_ingest
+    from raycell.ingest.driver import run_ingest
 
     s = run_ingest(cfg)
     print(f"[raycell] ingest {s.get('input')}: {s.get('n_fovs_in')} field(s) of view -> "
@@ -97,6 +99,58 @@ def run_evaluate(cfg: ExperimentConfig) -> dict:
                                 seed=cfg.seed)
 
 
+def infer_evaluate(cfg: ExperimentConfig, checkpoint: str | Path, out: str | Path, z_source: str = "",
+                   quiet: bool = False) -> dict:
+    """Infer `checkpoint` (a checkpoint or run folder) into `out`/predictions and evaluate it into `out`/eval.
+
+    Inference takes everything else from `cfg.infer` (splits, `randomize_z`, actors); a model type whose
+    registry entry uses Z gets a soft Z for its unseen batches from the Z-predictor: `z_source` when
+    given, else one trained now for this checkpoint into `out`/inferred_z.
+    """
+    from raycell.eval.evaluate import evaluate_predictions
+    from raycell.formats.checkpoint import find_checkpoint, read_meta
+    from raycell.models import model_entry
+
+    out = Path(out)
+    c = copy.deepcopy(cfg)
+    c.infer.checkpoint = str(checkpoint)
+    c.infer.out = str(out / "predictions")
+    c.infer.z_source = z_source
+    uses_z = model_entry(read_meta(find_checkpoint(checkpoint))["model_type"]).uses_z
+    if uses_z and not z_source and not c.infer.randomize_z:
+        c.infer.z_out = str(out / "inferred_z")
+        run_infer_z(c)
+        c.infer.z_source = c.infer.z_out
+    run_infer(c)
+    return evaluate_predictions(out / "predictions", out / "eval", max_cells=c.eval.max_cells, seed=c.seed,
+                                quiet=quiet)
+
+
+def train_infer_evaluate(cfg: ExperimentConfig, out: str | Path | None = None, z_source: str = "",
+                         quiet: bool = False) -> dict:
+    """Train a model of type `cfg.model.type`, then `infer_evaluate` it into `out` (default: its run folder).
+
+    Returns {"run_dir", "checkpoint", "train_seconds", "metrics", "history" (from training), "eval" (the
+    evaluate report)}.
+    """
+    import shutil
+
+    from raycell.eval.plots import training_curves
+
+    t0 = time.time()
+    res = run_train(cfg)
+    run_dir = Path(res["run_dir"])
+    train_seconds = round(time.time() - t0, 1)
+    if res["history"]:
+        training_curves(res["history"], run_dir / "training_curves.png", title=cfg.model.type)
+    out = Path(out) if out else run_dir
+    # a fresh model: predictions left by an interrupted earlier attempt in `out` are another model's
+    shutil.rmtree(out / "predictions", ignore_errors=True)
+    ev = infer_evaluate(cfg, run_dir, out, z_source=z_source, quiet=quiet)  # its latest checkpoint
+    return {"run_dir": str(run_dir), "checkpoint": res["checkpoint"], "train_seconds": train_seconds,
+            "metrics": res["metrics"], "history": res["history"], "eval": ev}
+
+
 def check_demo(cfg: ExperimentConfig) -> None:
     """What the demo can check before Ray starts: its model types and preset."""
     from raycell.config import ConfigError
@@ -114,8 +168,6 @@ def check_demo(cfg: ExperimentConfig) -> None:
 def run_demo(cfg: ExperimentConfig) -> dict:
     """synth -> split -> (train -> infer -> evaluate) per model type -> comparison table, on local Ray."""
     from raycell.eval.evaluate import format_table
-    from raycell.eval.plots import training_curves
-    from raycell.experiments import Z_MODELS
 
     check_demo(cfg)
     t0 = time.time()
@@ -138,23 +190,11 @@ def run_demo(cfg: ExperimentConfig) -> dict:
         c = copy.deepcopy(cfg)
         c.name = "demo"
         c.model.type = model_type
-        res = run_train(c)
-        run_dir = Path(res["run_dir"])
-        if res["history"]:
-            training_curves(res["history"], run_dir / "training_curves.png", title=model_type)
-        c.infer.checkpoint = res["run_dir"]
-        c.infer.out = str(run_dir / "predictions")
-        if model_type in Z_MODELS:  # unseen batches need a soft Z from the Z-predictor
-            c.infer.z_out = str(run_dir / "inferred_z")
-            run_infer_z(c)
-            c.infer.z_source = c.infer.z_out
-        run_infer(c)
-        c.eval.predictions = c.infer.out
-        c.eval.out = str(run_dir / "eval")
-        ev = run_evaluate(c)
+        res = train_infer_evaluate(c)  # into the run folder: predictions/, eval/ (+ inferred_z/)
+        ev = res["eval"]
         for split, r in ev["splits"].items():
             rows[f"{model_type}/{split}"] = r
-        seen_unseen[model_type] = {"run_dir": str(run_dir), "pca_plot": ev.get("pca_plot"),
+        seen_unseen[model_type] = {"run_dir": res["run_dir"], "pca_plot": ev.get("pca_plot"),
                                    "seen_test": ev["splits"].get("test", {}),
                                    "unseen": ev["splits"].get("unseen", {})}
     keep = {k: v for k, v in rows.items() if k.endswith("/test") or k.endswith("/unseen")}

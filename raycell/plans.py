@@ -1,10 +1,18 @@
 """Training plans: how each model type is optimised (scvi-tools' module/plan split).
 
-A plan owns the optimiser(s) and turns one batch into parameter updates and named loss values. The
-loop in `loop.py` is the same for every model type; everything that differs between types (extra
-optimisers, alternating adversary steps, auxiliary classifiers) lives here.
+A plan owns the optimiser(s) and turns one batch into parameter updates and a `LossOutput` (the
+objective and every named term). The loop in `raycell/train/loop.py` is the same for every model type;
+everything that differs between types (extra optimisers, alternating adversary steps, auxiliary
+classifiers) lives here. Each model type names its plan class in its registry entry
+(`raycell.models.registry.register_model(..., plan=...)`); a plan never imports `raycell.models`.
 
-The ARMED plans (spec/armed-aec.md section 3) share one class, `ArmedPlan`, switched by two flags:
+A plan knows what its model type produces: `required_outputs()` lists the optional `ModelOutput`
+fields its loss reads (registration checks the model type declares them), so the loss never asks
+which outputs exist. A plan that trains an auxiliary network with its own optimiser gets it from the
+model's `auxiliary_networks()` (by role: "adversary", "image_classifier"), checked when the plan is
+built.
+
+The ARMED plans (spec/armed-aec.md section 3) share one class, `ArmedPlan`, switched by three flags:
 
 * adversarial (`adversarial`, `mixedeffects`): per batch, first an **adversary step** (its own
   optimiser) on the encoder's outputs computed without gradient, so the encoder cannot move; then
@@ -19,9 +27,9 @@ The ARMED plans (spec/armed-aec.md section 3) share one class, `ArmedPlan`, swit
   two networks' moment estimates for no benefit); then the main step with the image classifier
   frozen: + w_cluster_latent CE(ẑ_L) + w_cluster_image CE(ẑ_I on the reconstruction) + w_kl KL.
   The `+` signs push batch information *into* the RE latent and reconstruction.
-* mixedeffects adds both reconstructions (w_recon each) and both phenotype losses (ŷ_M and ŷ_F,
-  w_cls each), as the paper-level objective sums "the reconstruction losses" and "the classification
-  losses".
+* fixed-effects branch (`mixedeffects`): both reconstructions (w_recon each) and both phenotype
+  losses (ŷ_M and ŷ_F, w_cls each), as the paper-level objective sums "the reconstruction losses" and
+  "the classification losses".
 
 "Frozen" means no parameter update and no gradient accumulation (requires_grad off during the main
 step); gradients still flow *through* the frozen network to the encoder/decoder, and its BatchNorm
@@ -39,12 +47,20 @@ import torch
 from torch import nn
 
 from raycell.config import LossConfig
-from raycell.losses import cluster_ce, label_loss, reconstruction_mse
+from raycell.losses import (
+    LossOutput,
+    ModelOutput,
+    batch_accuracy,
+    cluster_ce,
+    label_loss,
+    reconstruction_mse,
+)
 
 GradSync = Callable[[list[torch.nn.Parameter]], None]
 
 
-def _no_sync(params: list[torch.nn.Parameter]) -> None:
+def no_sync(params: list[torch.nn.Parameter]) -> None:
+    """The gradient synchronisation of a single process: nothing to do."""
     return None
 
 
@@ -52,7 +68,7 @@ class TrainingPlan:
     """One optimiser over the whole model: w_recon * MSE + w_cls * label loss (conventional AEC)."""
 
     def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
-                 n_batches: int = 1, grad_sync: GradSync = _no_sync, bf16: bool = False):
+                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False):
         self.model = model
         self.w = loss
         self.n_batches = n_batches
@@ -60,6 +76,11 @@ class TrainingPlan:
         self.bf16 = bf16
         self.optimizers: dict[str, torch.optim.Optimizer] = {
             "main": torch.optim.AdamW(self.main_parameters(), lr=lr, weight_decay=weight_decay)}
+
+    @classmethod
+    def required_outputs(cls) -> tuple[str, ...]:
+        """The optional `ModelOutput` fields this plan's loss reads (none: latent, recon, logits only)."""
+        return ()
 
     def main_parameters(self) -> list[nn.Parameter]:
         """Parameters updated by the main step."""
@@ -78,29 +99,29 @@ class TrainingPlan:
         self.grad_sync(params)
         opt.step()
 
-    def losses(self, out: dict, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
-               ) -> dict[str, torch.Tensor]:
-        """Named loss terms and their weighted sum `loss` (for training and validation alike)."""
-        mse = reconstruction_mse(out["recon"], x)
-        cls = label_loss(out["logits"], y)
-        return {"loss": self.w.recon * mse + self.w.cls * cls, "mse": mse, "cls": cls}
+    def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+                     ) -> LossOutput:
+        """The weighted objective and its named terms (for training and validation alike)."""
+        mse = reconstruction_mse(out.recon, x)
+        cls = label_loss(out.logits, y)
+        return LossOutput(self.w.recon * mse + self.w.cls * cls, {"mse": mse, "cls": cls})
 
-    def training_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> dict[str, float]:
-        """One update from one batch; returns detached loss values."""
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> LossOutput:
+        """One update from one batch; returns the detached losses."""
         with self.autocast(x.device):
             out = self.model(x, z)
-            terms = self.losses(out, x, y, z)
-        self._step("main", terms["loss"], self.main_parameters())
-        return {k: float(v.detach()) for k, v in terms.items()}
+            lo = self.compute_loss(out, x, y, z)
+        self._step("main", lo.loss, self.main_parameters())
+        return _detached(lo)
 
     @torch.no_grad()
     def validation_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
-                        ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Loss values and model outputs in eval mode (the caller sets model.eval())."""
+                        ) -> tuple[LossOutput, ModelOutput]:
+        """Losses and model outputs in eval mode (the caller sets model.eval())."""
         with self.autocast(x.device):
             out = self.model(x, z)
-            terms = self.losses(out, x, y, z)
-        return {k: float(v) for k, v in terms.items()}, out
+            lo = self.compute_loss(out, x, y, z)
+        return lo, out
 
     def state_dict(self) -> dict:
         """Optimiser states, for checkpoints."""
@@ -111,6 +132,11 @@ class TrainingPlan:
         for k, o in self.optimizers.items():
             if k in state:
                 o.load_state_dict(state[k])
+
+
+def _detached(lo: LossOutput, **extra: torch.Tensor) -> LossOutput:
+    """A LossOutput without its graph (the loop only logs it), with auxiliary-step losses added."""
+    return LossOutput(lo.loss.detach(), {**{k: v.detach() for k, v in lo.terms.items()}, **extra})
 
 
 @contextlib.contextmanager
@@ -126,34 +152,38 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _batch_accuracy(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Accuracy of batch logits against Z, over rows with a known batch (non-zero Z rows)."""
-    known = z.sum(1) > 0
-    if not known.any():
-        return torch.zeros((), device=z.device)
-    return (logits[known].argmax(1) == z[known].argmax(1)).float().mean()
-
-
 class ArmedPlan(TrainingPlan):
     """Main step plus the adversary step and/or the image-classifier step (see the module doc).
 
-    Subclasses set `adversarial` and `random_effects`. The model must provide `adversary` and
-    `adversary_inputs(x) -> (latent, block outputs)` when adversarial, and `image_classifier` plus
-    outputs `cluster_logits`, `cluster_image_logits` and `kl` when random effects.
+    Subclasses switch three flags: `adversarial` (the model's `auxiliary_networks()` has an
+    "adversary", which reads `model.adversary_inputs(x) -> (latent, block outputs)`, and forward
+    fills `batch_logits`), `random_effects` (an "image_classifier"; `cluster_logits`,
+    `cluster_image_logits`, `kl`) and `fixed_effects_branch` (a second reconstruction and phenotype
+    head beside the random-effects ones: `recon_fe`, `logits_fe`).
     """
 
     adversarial = False
     random_effects = False
+    fixed_effects_branch = False
+
+    @classmethod
+    def required_outputs(cls) -> tuple[str, ...]:
+        """The optional `ModelOutput` fields the flags make the loss read."""
+        return (("recon_fe", "logits_fe") if cls.fixed_effects_branch else ()) + \
+            (("batch_logits",) if cls.adversarial else ()) + \
+            (("cluster_logits", "cluster_image_logits", "kl") if cls.random_effects else ())
+
+    @classmethod
+    def required_networks(cls) -> tuple[str, ...]:
+        """The roles in `model.auxiliary_networks()` this plan trains with their own optimisers."""
+        return (("adversary",) if cls.adversarial else ()) + \
+            (("image_classifier",) if cls.random_effects else ())
 
     def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
-                 n_batches: int = 1, grad_sync: GradSync = _no_sync, bf16: bool = False):
+                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False):
         # Set before TrainingPlan.__init__, which calls main_parameters().
         self.model = model
-        self.aux: dict[str, nn.Module] = {}
-        if self.adversarial:
-            self.aux["adversary"] = model.adversary
-        if self.random_effects:
-            self.aux["image_classifier"] = model.image_classifier
+        self.aux = self._auxiliary_networks(model)
         self.use_adversary = self.adversarial and n_batches >= 2
         if self.adversarial and not self.use_adversary:
             mt = getattr(model, "model_type", "?")
@@ -170,12 +200,25 @@ class ArmedPlan(TrainingPlan):
             self.optimizers["image_classifier"] = torch.optim.AdamW(
                 self.aux["image_classifier"].parameters(), lr=lr, weight_decay=weight_decay)
 
+    @classmethod
+    def _auxiliary_networks(cls, model: nn.Module) -> dict[str, nn.Module]:
+        """The networks of `required_networks()`, from the model; a one-line error names what is missing."""
+        mt = getattr(model, "model_type", type(model).__name__)
+        nets = model.auxiliary_networks() if hasattr(model, "auxiliary_networks") else {}
+        missing = [r for r in cls.required_networks() if r not in nets]
+        if cls.adversarial and not hasattr(model, "adversary_inputs"):
+            missing.append("adversary_inputs() (what the adversary reads)")
+        if missing:
+            raise TypeError(f"model type {mt!r} lacks {missing} that {cls.__name__} trains: its "
+                            "auxiliary_networks() must return them by role (see docs/models.md)")
+        return {r: nets[r] for r in cls.required_networks()}
+
     def main_parameters(self) -> list[nn.Parameter]:
         """Everything but the adversary and the image classifier (own optimisers)."""
         skip = {id(p) for m in self.aux.values() for p in m.parameters()}
         return [p for p in self.model.parameters() if id(p) not in skip]
 
-    def adversary_step(self, x: torch.Tensor, z: torch.Tensor) -> dict[str, float]:
+    def adversary_step(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Fit the adversary to the current encoder's outputs (no gradient reaches the encoder)."""
         adv = self.aux["adversary"]
         with torch.no_grad(), self.autocast(x.device):
@@ -184,58 +227,58 @@ class ArmedPlan(TrainingPlan):
             logits = adv([f.detach() for f in feats], latent.detach())
             loss = cluster_ce(logits, z)
         self._step("adversary", loss, list(adv.parameters()))
-        return {"adversary": float(loss.detach())}
+        return loss.detach()
 
-    def image_classifier_step(self, x: torch.Tensor, z: torch.Tensor) -> dict[str, float]:
+    def image_classifier_step(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Fit the image cluster classifier to real images -> batch."""
         clf = self.aux["image_classifier"]
         with self.autocast(x.device):
             loss = cluster_ce(clf(x), z)
         self._step("image_classifier", loss, list(clf.parameters()))
-        return {"image_classifier": float(loss.detach())}
+        return loss.detach()
 
-    def main_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> dict[str, float]:
+    def main_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> LossOutput:
         """Update encoder(s), decoder(s) and heads with the auxiliary networks frozen."""
         with frozen(*self.aux.values()), self.autocast(x.device):
             out = self.model(x, z)
-            terms = self.losses(out, x, y, z)
-        self._step("main", terms["loss"], self.main_parameters())
-        return {k: float(v.detach()) for k, v in terms.items()}
+            lo = self.compute_loss(out, x, y, z)
+        self._step("main", lo.loss, self.main_parameters())
+        return _detached(lo)
 
-    def training_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> dict[str, float]:
-        """Adversary step, image-classifier step (as applicable), then the main step."""
-        logs: dict[str, float] = {}
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> LossOutput:
+        """Adversary step, image-classifier step (as applicable), then the main step.
+
+        The auxiliary steps' losses are logged as the terms `adversary` and `image_classifier`.
+        """
+        aux: dict[str, torch.Tensor] = {}
         if self.use_adversary:
-            logs.update(self.adversary_step(x, z))
+            aux["adversary"] = self.adversary_step(x, z)
         if self.random_effects:
-            logs.update(self.image_classifier_step(x, z))
-        logs.update(self.main_step(x, y, z))
-        return logs
+            aux["image_classifier"] = self.image_classifier_step(x, z)
+        return _detached(self.main_step(x, y, z), **aux)
 
-    def losses(self, out: dict, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
-               ) -> dict[str, torch.Tensor]:
-        """Named terms and the main objective `loss` (see the module docstring for the signs)."""
+    def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+                     ) -> LossOutput:
+        """Named terms and the main objective (see the module docstring for the signs)."""
         w = self.w
-        t = {"mse": reconstruction_mse(out["recon"], x), "cls": label_loss(out["logits"], y)}
+        t = {"mse": reconstruction_mse(out.recon, x), "cls": label_loss(out.logits, y)}
         loss = w.recon * t["mse"] + w.cls * t["cls"]
-        if "recon_fe" in out:
-            t["mse_fe"] = reconstruction_mse(out["recon_fe"], x)
+        if self.fixed_effects_branch:
+            t["mse_fe"] = reconstruction_mse(out.recon_fe, x)
             loss = loss + w.recon * t["mse_fe"]
-        if "logits_fe" in out:
-            t["cls_fe"] = label_loss(out["logits_fe"], y)
+            t["cls_fe"] = label_loss(out.logits_fe, y)
             loss = loss + w.cls * t["cls_fe"]
         if self.use_adversary:
-            t["adv"] = cluster_ce(out["batch_logits"], z)
-            t["adv_acc"] = _batch_accuracy(out["batch_logits"].detach(), z)
+            t["adv"] = cluster_ce(out.batch_logits, z)
+            t["adv_acc"] = batch_accuracy(out.batch_logits.detach(), z)
             loss = loss - w.adv * t["adv"]
         if self.random_effects:
-            t["cluster_latent"] = cluster_ce(out["cluster_logits"], z)
-            t["cluster_image"] = cluster_ce(out["cluster_image_logits"], z)
-            t["kl"] = out["kl"]
+            t["cluster_latent"] = cluster_ce(out.cluster_logits, z)
+            t["cluster_image"] = cluster_ce(out.cluster_image_logits, z)
+            t["kl"] = out.kl
             loss = (loss + w.cluster_latent * t["cluster_latent"]
                     + w.cluster_image * t["cluster_image"] + w.kl * t["kl"])
-        t["loss"] = loss
-        return t
+        return LossOutput(loss, t)
 
 
 class AdversarialPlan(ArmedPlan):
@@ -255,19 +298,4 @@ class MixedEffectsPlan(ArmedPlan):
 
     adversarial = True
     random_effects = True
-
-
-# model_type -> plan class; model types not listed use TrainingPlan.
-PLANS: dict[str, type[TrainingPlan]] = {
-    "adversarial": AdversarialPlan,
-    "randomeffects": RandomEffectsPlan,
-    "mixedeffects": MixedEffectsPlan,
-}
-
-
-def build_plan(model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
-               n_batches: int = 1, grad_sync: GradSync = _no_sync, bf16: bool = False
-               ) -> TrainingPlan:
-    """The plan for `model.model_type`."""
-    cls = PLANS.get(getattr(model, "model_type", ""), TrainingPlan)
-    return cls(model, loss, lr, weight_decay, n_batches=n_batches, grad_sync=grad_sync, bf16=bf16)
+    fixed_effects_branch = True

@@ -1,8 +1,14 @@
-"""Shared fixtures: a tiny synthetic data set (32 px), one local Ray for the whole session, run folders."""
+"""Shared fixtures: a tiny synthetic data set (32 px), one local Ray for the whole session, run folders.
+
+A test that starts Ray (through `ray_local`, or a CLI verb that calls `init_ray`) must be marked `ray`, so
+that `-m "not ray"` (`make test-fast`) runs without Ray: `pytest_runtest_teardown` fails an unmarked test
+that left Ray running when it was not before.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +25,28 @@ def tiny_overrides(data: Path, runs: Path, epochs: int = 2) -> list[str]:
     return [f"data.path={data}", "model.preset=tiny", f"train.epochs={epochs}", "data.batch_size=32",
             "data.shuffle_buffer=64", "data.eval_batch_size=128", f"train.runs_dir={runs}",
             "ray.progress=false", "data.block_size_mb=1"]
+
+
+_RAY_BEFORE = pytest.StashKey[bool]()  # per test: was Ray running before its set-up?
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")  # not imported: not running (and no import just to ask)
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_RAY_BEFORE] = _ray_running()  # before any fixture of the test (ray_local included)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item):
+    started = not item.stash.get(_RAY_BEFORE, True) and _ray_running()  # asked before ray_local stops
+    yield  # the test's own teardown runs in full first
+    if started and item.get_closest_marker("ray") is None:
+        pytest.fail(f"{item.nodeid} started Ray but is not marked `ray` (so `-m 'not ray'` would start "
+                    "Ray): add @pytest.mark.ray", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ from raycell.formats.categories import CategoryMap
 from raycell.formats.checkpoint import load_checkpoint, load_plan_state, save_checkpoint
 from raycell.formats.shards import open_dataset
 from raycell.formats.spec import DataSpec
-from raycell.models import create_model
+from raycell.models import build_plan, create_model
 from raycell.models.random_effects import ClusterScaleBias, RandomEffects
-from raycell.plans import AdversarialPlan, MixedEffectsPlan, RandomEffectsPlan, build_plan
+from raycell.plans import AdversarialPlan, MixedEffectsPlan, RandomEffectsPlan
 
 ARMED = ["adversarial", "randomeffects", "mixedeffects"]
 NB = 3
@@ -82,8 +82,9 @@ def test_main_objective_subtracts_the_adversary_loss():
     m = _model("adversarial")
     plan = build_plan(m, LossConfig(recon=1.0, cls=0.1, adv=0.5), 1e-3, n_batches=NB)
     x, y, z = _batch()
-    t = plan.losses(m(x, z), x, y, z)
-    torch.testing.assert_close(t["loss"], t["mse"] + 0.1 * t["cls"] - 0.5 * t["adv"])
+    lo = plan.compute_loss(m(x, z), x, y, z)
+    t = lo.terms
+    torch.testing.assert_close(lo.loss, t["mse"] + 0.1 * t["cls"] - 0.5 * t["adv"])
 
 
 def test_one_training_batch_disables_the_adversary_with_a_warning():
@@ -93,10 +94,11 @@ def test_one_training_batch_disables_the_adversary_with_a_warning():
             plan = build_plan(m, LossConfig(), 1e-3, n_batches=1)
         assert "adversary" not in plan.optimizers
         x, y, _ = _batch()
-        before = {n: p.clone() for n, p in m.adversary.named_parameters()}
-        logs = plan.training_step(x, y, torch.ones(len(x), 1))
+        adversary = m.auxiliary_networks()["adversary"]
+        before = {n: p.clone() for n, p in adversary.named_parameters()}
+        logs = plan.training_step(x, y, torch.ones(len(x), 1)).values()
         assert "adv" not in logs and "adversary" not in logs
-        assert all(torch.equal(before[n], p) for n, p in m.adversary.named_parameters())
+        assert all(torch.equal(before[n], p) for n, p in adversary.named_parameters())
 
 
 def test_analytic_kl_agrees_with_monte_carlo():
@@ -124,13 +126,13 @@ def test_posterior_means_in_eval_mode_samples_in_training(model_type):
     with torch.no_grad():
         a, b = m(x, z), m(x, z)
     for k in ("latent", "recon", "logits"):
-        assert torch.equal(a[k], b[k])
+        assert torch.equal(getattr(a, k), getattr(b, k))
     layers = [mod for mod in m.modules() if isinstance(mod, RandomEffects)]
     assert layers and all(torch.equal(r.weight(), r.loc) for r in layers)
     m.train()
     with torch.no_grad():
         c, d = m(x, z), m(x, z)
-    assert not torch.equal(c["recon"], d["recon"])  # one fresh weight sample per forward
+    assert not torch.equal(c.recon, d.recon)  # one fresh weight sample per forward
 
 
 def test_soft_z_is_a_convex_mix_of_batch_rows():
@@ -169,12 +171,10 @@ def test_checkpoint_round_trip_gives_identical_outputs(model_type, tmp_path):
     assert meta["model_type"] == model_type and not m2.training
     m.eval()
     with torch.no_grad():
-        o1, o2 = m(x, z), m2(x, z)
+        o1, o2 = m(x, z).present(), m2(x, z).present()
     assert o1.keys() == o2.keys()
     for k, v in o1.items():
-        pairs = zip(v, o2[k]) if isinstance(v, list) else [(v, o2[k])]
-        for a, b in pairs:
-            torch.testing.assert_close(a, b, msg=lambda s: f"{model_type} output {k}: {s}")
+        torch.testing.assert_close(v, o2[k], msg=lambda s: f"{model_type} output {k}: {s}")
     plan2 = build_plan(m2, LossConfig(), 1e-2, n_batches=NB)
     plan2.load_state_dict(load_plan_state(tmp_path))
     assert set(plan2.optimizers) == set(plan.optimizers)

@@ -78,6 +78,16 @@ def test_set_error_names_the_override_not_the_file(tmp_path, capsys):
     assert str(f) in line and "--set" not in line
 
 
+def test_flag_error_names_the_flag_the_user_typed(no_ray, capsys):
+    assert main(["train", "--epochs", "0"]) == 2
+    line = one_error_line(capsys)
+    assert line == "raycell: error: --epochs 0: train.epochs must be >= 1, got 0"
+    assert main(["infer", "--gpus", "-1", "--set", "infer.num_actors=2"]) == 2
+    assert one_error_line(capsys).startswith("raycell: error: --gpus -1: infer.num_gpus must be >= 0")
+    assert main(["split", "--set", "split.unseen=3"]) == 2  # a --set value is still named as typed
+    assert "--set split.unseen=3: " in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("override", ["train.lr=0", "train.lr=-1e-3", "train.lr=.nan", "data.eval_batch_size=0",
                                       "train.weight_decay=-0.1", "infer.cpus_per_actor=0", "loss.cls=-1"])
 def test_invalid_numbers_are_refused(override, capsys):

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,30 @@ def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
         load_config(bad)
     msg = str(e.value)
     assert "\n" not in msg and str(bad) in msg and "line " in msg
+
+
+@pytest.mark.parametrize("verb", ["synth", "ingest", "split", "train", "infer", "infer-z", "evaluate", "demo"])
+def test_each_shortcut_flag_sets_a_config_key_its_help_names(verb, capsys):
+    from raycell.cli import build_parser, config_overrides
+
+    flags = build_parser().parse_args([verb]).flag_keys
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([verb, "--help"])
+    entries = re.split(r"\n(?=  -)", capsys.readouterr().out)  # one entry per option in --help
+    for dest, (key, flag) in flags.items():
+        ExperimentConfig().get(key)  # a real key (AttributeError otherwise)
+        entry = next(e for e in entries if re.match(rf"  {flag}\b", e))
+        assert key in entry, (flag, entry)
+    # the override a flag produces is what the key would get from --set, and it names the flag
+    args = build_parser().parse_args(["train", "--epochs", "3", "--gpu", "--set", "train.lr=0.1"])
+    assert config_overrides(args) == [("train.lr=0.1", "--set train.lr=0.1"), ("train.epochs=3", "--epochs 3"),
+                                      ("scaling.use_gpu=true", "--gpu")]
+    cfg = load_config(None, [ov for ov, _ in config_overrides(args)])
+    assert cfg.train.epochs == 3 and cfg.scaling.use_gpu is True and cfg.train.lr == 0.1
+
+
+def test_override_errors_name_their_source():
+    with pytest.raises(ConfigError, match=r"^--epochs 0: train.epochs must be >= 1, got 0$"):
+        load_config(None, ["train.lr=0.1", "train.epochs=0"], ["--set train.lr=0.1", "--epochs 0"])
+    with pytest.raises(ConfigError, match=r"^--set train.epochs=0: "):
+        load_config(None, ["train.epochs=0"])

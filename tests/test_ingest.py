@@ -35,19 +35,6 @@ SHARED = Path(os.environ.get("RAYCELL_SHARED_DATA", REPO / ".." / "shared" / "da
 CP = SHARED / "cellprofiler_examples"
 
 
-@pytest.fixture(scope="session")
-def _ray():
-    """A local Ray for this module (a shared `ray_local` fixture in conftest.py may replace it)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def _cfg(input_dir, out, platemap="", **ingest):
     sets = [
         f"ingest.input={input_dir}",
@@ -233,7 +220,7 @@ def test_segment_splits_touching_disks_and_estimates_diameter():
     lab, d = segment_nuclei(img)
     assert lab.max() == 3  # the two touching disks (centres 22 px apart, r 10) are split
     assert 17 < d < 23
-    from raycell.ingest.segment import match_instances
+    from raycell.ingest.segmentation_eval import match_instances
 
     assert match_instances(lab, truth)["f1"] == 1.0
 
@@ -257,6 +244,44 @@ def test_cellpose_backend_errors_clearly(monkeypatch, tmp_path):
         check_backend("cellpose", str(tmp_path / "model"))
     with pytest.raises(SegmentationError, match="unknown segmentation"):
         check_backend("stardist")
+
+
+def test_cellpose_model_is_loaded_once_per_process(monkeypatch, tmp_path):
+    """The crop pass segments many fields per worker: the model file is read once, not per field."""
+    import types
+
+    from raycell.ingest import segment as S
+
+    loads = []
+
+    class FakeModel:
+        def __init__(self, gpu, pretrained_model):
+            loads.append(pretrained_model)
+
+        def eval(self, img, diameter=None, channel_axis=None):
+            lab = np.zeros(img.shape[-2:], np.int32)
+            lab[10:20, 10:20] = 1
+            return lab, None, None
+
+    fake = types.ModuleType("cellpose")
+    fake.models = types.SimpleNamespace(CellposeModel=FakeModel)
+    monkeypatch.setitem(sys.modules, "cellpose", fake)
+    monkeypatch.setattr(S, "_CELLPOSE_MODELS", {})
+    model, other = tmp_path / "model", tmp_path / "other"
+    model.write_bytes(b"weights")
+    other.write_bytes(b"weights")
+    p = {"segmentation": "cellpose", "cellpose_model": str(model)}
+    img = np.zeros((2, 32, 32), np.float32)
+    check_backend("cellpose", str(model))  # the driver's check loads it too
+    for _ in range(3):  # three fields of view
+        nuc, cells, d = S.segment(img, 0, 1, p)
+        assert nuc.max() == 1 and cells is None and d > 0
+    assert loads == [str(model)]
+    S.segment(img, 0, None, {**p, "cellpose_model": str(other)})  # another model is loaded
+    assert loads == [str(model), str(other)]
+    model.unlink()  # a cached model does not hide a missing file
+    with pytest.raises(SegmentationError, match="local cellpose model file"):
+        S.segment(img, 0, None, p)
 
 
 def test_crops_border_padding_masks_and_morphology():
@@ -331,8 +356,9 @@ EXPECTED_REJECTS = {
 }
 
 
-def test_ingest_end_to_end_with_bad_inputs(_ray, raw, broken, tmp_path):
-    from raycell.ingest.run import REJECTS, run_ingest
+@pytest.mark.ray
+def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
+    from raycell.ingest.driver import REJECTS, run_ingest
 
     out = tmp_path / "crops"
     cfg = _cfg(broken, out, raw / "platemap.csv", illum_correction=True)
@@ -385,8 +411,9 @@ def test_ingest_end_to_end_with_bad_inputs(_ray, raw, broken, tmp_path):
     assert not (tmp_path / "crops.partial").exists() and not (tmp_path / "crops.old").exists()
 
 
-def test_ingest_normalisation_modes(_ray, raw, tmp_path):
-    from raycell.ingest.run import run_ingest
+@pytest.mark.ray
+def test_ingest_normalisation_modes(ray_local, raw, tmp_path):
+    from raycell.ingest.driver import run_ingest
 
     res = {}
     for mode in ("per-batch", "per-image"):
@@ -447,8 +474,9 @@ def _real(name: str) -> Path:
     return d
 
 
-def test_example_human(_ray, tmp_path):
-    from raycell.ingest.run import run_ingest
+@pytest.mark.ray
+def test_example_human(ray_local, tmp_path):
+    from raycell.ingest.driver import run_ingest
 
     src = _real("ExampleHuman")
     cfg = load_config(
@@ -467,8 +495,9 @@ def test_example_human(_ray, tmp_path):
     assert 0 < (t.morph_mean_ph3 > 2 * t.morph_mean_ph3.median()).mean() < 0.3
 
 
-def test_example_as_09047_illumination(_ray, tmp_path):
-    from raycell.ingest.run import run_ingest
+@pytest.mark.ray
+def test_example_as_09047_illumination(ray_local, tmp_path):
+    from raycell.ingest.driver import run_ingest
 
     src = _real("ExampleIlluminationCorrection_AS_09047")
     cfg = load_config(

@@ -87,7 +87,7 @@ def test_stray_z_file_is_rejected_and_complete_fields_kept(tmp_path):
 
 
 def test_stray_channel_file_is_rejected_when_channels_are_not_given(tmp_path):
-    from raycell.ingest.run import plan_ingest
+    from raycell.ingest.plan import plan_ingest
 
     d = _touch_layout(tmp_path)
     (d / "SYN00_A03_s1_dapi_z1.tif").write_bytes(b"")
@@ -105,7 +105,7 @@ def test_stray_channel_file_is_rejected_when_channels_are_not_given(tmp_path):
 
 
 def test_edited_platemap_changes_the_fingerprint(tmp_path):
-    from raycell.ingest.run import plan_ingest
+    from raycell.ingest.plan import plan_ingest
 
     _touch_layout(tmp_path)
     p = _params(tmp_path)
@@ -164,7 +164,7 @@ def test_three_d_file_where_a_plane_is_expected_is_bad_axes(tmp_path):
 
 
 def test_padded_platemap_values_are_stripped_and_join(tmp_path):
-    from raycell.ingest.run import plan_ingest
+    from raycell.ingest.plan import plan_ingest
 
     _touch_layout(tmp_path, wells=2, fields=1)
     (tmp_path / "platemap.csv").write_text(
@@ -263,7 +263,7 @@ def _crops_by_fov(out: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.ray
 def test_out_of_scale_fields_are_rejected_others_keep_their_crops(ray_local, scaled_raw, tmp_path):
-    from raycell.ingest.run import REJECTS, run_ingest
+    from raycell.ingest.driver import REJECTS, run_ingest
 
     out = tmp_path / "crops"
     s = run_ingest(_cfg(scaled_raw, out))
@@ -282,7 +282,7 @@ def test_out_of_scale_fields_are_rejected_others_keep_their_crops(ray_local, sca
 @pytest.mark.ray
 def test_out_of_scale_fields_normalised_separately_when_asked(ray_local, scaled_raw, tmp_path):
     from raycell.formats.shards import open_dataset
-    from raycell.ingest.run import run_ingest
+    from raycell.ingest.driver import run_ingest
 
     out = tmp_path / "crops"
     s = run_ingest(_cfg(scaled_raw, out, scale_check="separate"))
@@ -323,7 +323,7 @@ def test_edited_platemap_is_not_skipped(ray_local, scaled_raw, tmp_path):
     import shutil
 
     from raycell.formats.shards import open_dataset
-    from raycell.ingest.run import run_ingest
+    from raycell.ingest.driver import run_ingest
 
     root = tmp_path / "raw"
     shutil.copytree(scaled_raw, root)

@@ -1,9 +1,11 @@
-"""Every registered model: forward/backward on a tiny batch, shapes, no NaN, every parameter gets a gradient."""
+"""Every registered model: forward/backward on a tiny batch, shapes, no NaN, every parameter gets a gradient,
+and the optional outputs its registry entry declares (and no others)."""
 
 import pytest
 import torch
 
-from raycell.models import create_model, list_models
+from raycell.losses import OPTIONAL_OUTPUTS, ModelOutput
+from raycell.models import create_model, list_models, model_entry
 from raycell.models.registry import UnknownModelError
 
 
@@ -15,15 +17,17 @@ def test_forward_backward_every_parameter_gets_gradient(model_type):
     x = torch.rand(6, 2, 32, 32)
     z = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
     out = m(x, z)
-    assert out["latent"].shape == (6, m.latent_dim)
-    assert out["recon"].shape == x.shape
-    assert out["logits"].shape == (6, 1)
+    assert isinstance(out, ModelOutput)
+    assert out.latent.shape == (6, m.latent_dim)
+    assert out.recon.shape == x.shape
+    assert out.logits.shape == (6, 1)
+    filled = out.present()
+    assert [k for k in OPTIONAL_OUTPUTS if k in filled] == \
+        [k for k in OPTIONAL_OUTPUTS if k in model_entry(model_type).outputs]
     total = 0
-    for k, v in out.items():
-        tensors = v if isinstance(v, (list, tuple)) else [v]
-        for t in tensors:
-            assert torch.isfinite(t).all(), f"{k} has NaN/inf"
-            total = total + t.float().sum()
+    for k, t in filled.items():
+        assert torch.isfinite(t).all(), f"{k} has NaN/inf"
+        total = total + t.float().sum()
     total.backward()
     missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, f"parameters without gradient: {missing}"
@@ -33,7 +37,7 @@ def test_forward_backward_every_parameter_gets_gradient(model_type):
 def test_reconstruction_in_unit_range_and_tied_decoder():
     m = create_model("conventional", in_channels=2, n_classes=2, preset="tiny", output_mean=[0.1, 0.2])
     out = m(torch.rand(4, 2, 32, 32))
-    assert out["recon"].min() >= 0 and out["recon"].max() <= 1
+    assert out.recon.min() >= 0 and out.recon.max() <= 1
     # tied: the decoder owns no conv kernels of its own, only biases, norms and the dense layer
     dec = {n for n, _ in m.decoder.named_parameters()}
     assert not any("weight" in n and "norm" not in n and "dense" not in n and "act" not in n for n in dec)
@@ -47,7 +51,7 @@ def test_armed_preset_matches_reference_shapes():
 
 def test_multiclass_head_and_errors():
     m = create_model("conventional", in_channels=1, n_classes=4, preset="tiny")
-    assert m(torch.rand(2, 1, 32, 32))["logits"].shape == (2, 4)
+    assert m(torch.rand(2, 1, 32, 32)).logits.shape == (2, 4)
     with pytest.raises(UnknownModelError, match="unknown model type 'nope'; registered: .*conventional"):
         create_model("nope", in_channels=1, n_classes=2)
     with pytest.raises(TypeError, match="does not take argument.*latent_size"):

@@ -1,4 +1,7 @@
-"""End to end through a local Ray: Ray Data -> Ray Train (1 and 2 workers) -> resume -> inference -> evaluate."""
+"""End to end through a local Ray: Ray Data -> Ray Train (1 and 2 workers) -> resume -> inference -> evaluate.
+
+The CLI's help and its errors before Ray starts (in a fresh process) need no Ray and are not marked `ray`.
+"""
 
 import json
 import subprocess
@@ -11,10 +14,10 @@ from conftest import TINY, tiny_overrides
 from raycell import constants as K
 from raycell.config import load_config
 
-pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.ray
 def test_train_writes_run_folder(trained_run):
     run = Path(trained_run["run_dir"])
     assert (run / "config.yaml").is_file() and (run / "metrics.json").is_file()
@@ -26,6 +29,7 @@ def test_train_writes_run_folder(trained_run):
     assert meta["batches"]["values"] == sorted(meta["batches"]["values"]) and len(meta["batches"]["values"]) == 6
 
 
+@pytest.mark.ray
 def test_two_workers_and_resume(tiny_data, ray_local, tmp_path):
     from raycell.train.trainer import train
 
@@ -38,6 +42,7 @@ def test_two_workers_and_resume(tiny_data, ray_local, tmp_path):
     assert again["metrics"]["epoch"] == 1  # continued at epoch 1, did not start over
 
 
+@pytest.mark.ray
 def test_inference_is_idempotent(trained_run, tiny_data, ray_local, tmp_path):
     from raycell.formats.predictions import read_predictions
     from raycell.infer.batch import predict
@@ -70,6 +75,7 @@ def test_inference_is_idempotent(trained_run, tiny_data, ray_local, tmp_path):
     assert set(tu.column(K.SPLIT).to_pylist()) == {K.UNSEEN}
 
 
+@pytest.mark.ray
 def test_cli_end_to_end(ray_local, tmp_path, capsys):
     from raycell.__main__ import run
 

@@ -13,7 +13,7 @@ import tifffile
 
 from raycell.data.synthetic_raw import DEFAULT_PATTERN, write_synthetic_raw
 from raycell.ingest.images import load_fov_image
-from raycell.ingest.segment import evaluate_segmentation, match_instances
+from raycell.ingest.segmentation_eval import evaluate_segmentation, match_instances
 from raycell.ingest.sources import discover, group_fovs
 
 

@@ -1,1 +1,1 @@
-"""Evaluation: metrics, plots and the evaluate stage."""
+"""Evaluation: metrics (classification.py, latent.py), plots.py, and the evaluate stage (evaluate.py)."""

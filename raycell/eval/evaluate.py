@@ -4,7 +4,8 @@ For each split present (seen `test` vs `unseen` are the ones that matter; `val`/
 phenotype AUROC with a DeLong 95% CI, balanced accuracy and F1; reconstruction MSE and SSIM (per-cell
 values written by `infer`); latent batch mixing (Davies-Bouldin and Calinski-Harabasz by batch on z-scored
 latents, batch silhouette, iLISI, batch-probe accuracy) and label structure (silhouette, 1-NN label accuracy
-excluding same-batch neighbours). Definitions are in `raycell.eval.metrics`.
+excluding same-batch neighbours). Definitions are in `raycell.eval.classification` and
+`raycell.eval.latent`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from raycell import constants as K
-from raycell.eval import metrics as M
+from raycell.eval.classification import classification_metrics
+from raycell.eval.latent import latent_metrics
 from raycell.utils.io import atomic_write_json, atomic_write_text
 
 SPLIT_ORDER = [K.TEST, K.UNSEEN, K.VAL, K.TRAIN, K.UNASSIGNED]
@@ -38,7 +40,7 @@ def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str],
     y = pd.Categorical(df[K.LABEL], categories=label_vocab).codes
     prob = df[K.PROB].to_numpy()
     if len(label_vocab) == 2 and np.ndim(prob[0]) == 0 and known.any():
-        res.update(M.classification_metrics(y[known], prob[known].astype(float)))
+        res.update(classification_metrics(y[known], prob[known].astype(float)))
     elif known.any():  # multi-class: accuracy family on the arg-max
         from sklearn.metrics import balanced_accuracy_score, f1_score
 
@@ -50,7 +52,7 @@ def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str],
     res["ssim"] = float(df[K.RECON_SSIM].mean())
     idx = np.random.default_rng(seed).permutation(len(df))[:max_cells]
     sub = df.iloc[idx]
-    res.update(M.latent_metrics(latents[idx], sub[K.LABEL].to_numpy(), sub[K.BATCH].to_numpy()))
+    res.update(latent_metrics(latents[idx], sub[K.LABEL].to_numpy(), sub[K.BATCH].to_numpy()))
     return res
 
 

@@ -2,7 +2,9 @@
 
 `meta.json` carries everything needed to rebuild and use the model without the training config: model
 type and arguments, the data spec (channels, crop shape, dtype), the label and batch vocabularies (class
-and Z column order), the epoch, its metrics, the resolved config and software versions.
+and Z column order), the epoch, its metrics, the resolved config and software versions. `uses_z` copies
+the model type's registry entry, for readers that do not import the models; `load_checkpoint` fills it
+from the entry for checkpoints written before it was recorded.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, plan_state: dict 
                     spec: DataSpec, labels: CategoryMap, batches: CategoryMap, config: dict,
                     metrics: dict, extra: dict | None = None) -> Path:
     """Write a checkpoint folder (meta.json last, so a folder with meta.json is complete)."""
+    from raycell.models import model_entry
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path / MODEL)
@@ -37,7 +41,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, plan_state: dict 
         torch.save(plan_state, path / OPTIM)
     atomic_write_json(path / META, {
         "model_type": model.model_type, "model_args": model.model_args, "epoch": epoch,
-        "uses_z": bool(getattr(model, "uses_z", False)),
+        "uses_z": model_entry(model.model_type).uses_z,
         "data_spec": spec.to_dict(), "labels": labels.to_dict(), "batches": batches.to_dict(),
         "metrics": metrics, "config": config, "software": software_versions(), **(extra or {})})
     return path
@@ -79,13 +83,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
         FileNotFoundError: no checkpoint there.
         CheckpointError: meta.json or model.pt is truncated, corrupt or does not fit the model.
     """
-    from raycell.models import create_model
+    from raycell.models import create_model, model_entry
     from raycell.models.registry import UnknownModelError
 
     ck = find_checkpoint(path)
     meta = read_meta(ck)
     try:
         model = create_model(meta["model_type"], **meta["model_args"])
+        meta.setdefault("uses_z", model_entry(meta["model_type"]).uses_z)  # older checkpoints
         spec = DataSpec.from_dict(meta["data_spec"])
         labels, batches = CategoryMap.from_dict(meta["labels"]), CategoryMap.from_dict(meta["batches"])
     except UnknownModelError:  # already a one-line user error naming the type

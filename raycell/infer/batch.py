@@ -276,13 +276,10 @@ def _user_error_in(exc: BaseException) -> BaseException | None:
 def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array | None = None) -> None:
     """Fail before Ray starts when a random/mixed-effects model would meet cells it has no Z for."""
     from raycell.infer.predictor import MissingDesignMatrixError
-    from raycell.models import create_model
 
     if cfg.infer.randomize_z:
         return
-    uses_z = meta["uses_z"] if "uses_z" in meta else \
-        getattr(create_model(meta["model_type"], **meta["model_args"]), "uses_z", False)  # older checkpoints
-    if not uses_z:
+    if not meta["uses_z"]:  # load_checkpoint fills it from the registry for older checkpoints
         return
     wanted = [_split_value(s) for s in cfg.infer.splits]
     cols = [K.CELL_ID, K.BATCH, K.SPLIT] if z_ids is not None else [K.BATCH, K.SPLIT]

@@ -17,7 +17,8 @@ import torch
 from raycell import constants as K
 from raycell.errors import UserError
 from raycell.formats.shards import decode_images, encode_images
-from raycell.losses import label_prob
+from raycell.losses import ModelOutput, label_prob, per_cell_mse, per_cell_ssim
+from raycell.models.random_effects import one_hot_design
 
 PASSTHROUGH = [K.CELL_ID, K.BATCH, K.PLATE, K.WELL, K.FIELD, K.GROUP, K.LABEL, K.SPLIT, K.SOURCE,
                K.CENTROID_Y, K.CENTROID_X]
@@ -60,14 +61,16 @@ class CropPredictor:
                 one-hot Z row, fixed per cell_id so that re-runs and different actors agree.
         """
         from raycell.formats.checkpoint import load_checkpoint
+        from raycell.models.registry import model_entry
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model, self.meta = load_checkpoint(checkpoint, self.device)
+        self.entry = model_entry(self.meta["model_type"])  # what the model needs (Z) and outputs
         self.spec = self.meta["data_spec_obj"]
         self.labels = self.meta["labels_obj"]
-        self.batches = self.meta["batches_obj"]
+        self.batch_map = self.meta["batches_obj"]  # the training batches: the columns of Z
         self.write_recon = write_recon
         self.passthrough = passthrough or PASSTHROUGH
         self.randomize_z = randomize_z
@@ -77,7 +80,7 @@ class CropPredictor:
         if z_source:
             from raycell.infer.zpredictor import read_inferred_z
 
-            self.z_ids, self.z_values = read_inferred_z(z_source, list(self.batches.values))
+            self.z_ids, self.z_values = read_inferred_z(z_source, list(self.batch_map.values))
 
     def design_matrix(self, t: pa.Table) -> torch.Tensor:
         """The design matrix Z (N, n_training_batches) for a batch of rows.
@@ -88,16 +91,12 @@ class CropPredictor:
         `MissingDesignMatrixError`. Conventional and adversarial models ignore Z. `randomize_z`
         replaces every row by a random one-hot row.
         """
-        n = len(self.batches)
+        n = len(self.batch_map)
         if self.randomize_z:
-            z = torch.zeros(t.num_rows, n)
-            pick = torch.from_numpy(_stable_choice(t.column(K.CELL_ID), n))
-            z[torch.arange(t.num_rows), pick] = 1.0
-            return z
-        b = torch.from_numpy(self.batches.encode(t.column(K.BATCH), allow_unknown=True))
-        z = torch.zeros(len(b), n)
+            return one_hot_design(torch.from_numpy(_stable_choice(t.column(K.CELL_ID), n)), n)
+        b = torch.from_numpy(self.batch_map.encode(t.column(K.BATCH), allow_unknown=True))
+        z = one_hot_design(b, n)
         ok = b >= 0
-        z[ok, b[ok]] = 1.0
         unknown = np.flatnonzero((~ok).numpy())
         if unknown.size == 0:
             return z
@@ -112,12 +111,12 @@ class CropPredictor:
                     "inferred Z (infer.z_source); run `raycell infer-z` on these cells' splits "
                     "(infer.z_splits)")
             z[torch.from_numpy(unknown)] = torch.from_numpy(self.z_values[pos])
-        elif getattr(self.model, "uses_z", False):
+        elif self.entry.uses_z:
             missing = sorted(set(t.column(K.BATCH).take(pa.array(unknown)).to_pylist()))
             raise MissingDesignMatrixError(
                 f"model type {self.meta['model_type']!r} needs a design matrix Z for every cell, "
                 f"but batch(es) {missing} are not among its training batches "
-                f"{list(self.batches.values)} and no inferred Z was given: run `raycell infer-z` "
+                f"{list(self.batch_map.values)} and no inferred Z was given: run `raycell infer-z` "
                 "to predict a soft Z for them and pass its output folder as infer.z_source (or set "
                 "infer.randomize_z=true for the ablation)")
         return z
@@ -140,7 +139,7 @@ class CropPredictor:
         """Zero rows with the output schema (computed once, from one blank crop that is thrown away)."""
         if self._empty_schema is None:
             blank = np.zeros((1, *self.spec.shape), self.spec.dtype)
-            one = self._predict(pa.table({}), blank, torch.zeros(1, len(self.batches)))
+            one = self._predict(pa.table({}), blank, torch.zeros(1, len(self.batch_map)))
             self._empty_schema = one.schema
         cols = {c: t.column(c) for c in self.passthrough if c in t.column_names}
         for f in self._empty_schema:
@@ -148,17 +147,16 @@ class CropPredictor:
         return pa.table(cols)
 
     def _predict(self, t: pa.Table, imgs: np.ndarray, z: torch.Tensor) -> pa.Table:
-        from raycell.eval.metrics import per_cell_mse, per_cell_ssim
-
         # integers to the device (4x less to copy than float32), scaled there, as in training
         raw = imgs.astype(np.int32) if imgs.dtype == np.uint16 else imgs.copy()
         x = self.spec.to_float(torch.from_numpy(raw).to(self.device))
-        out = self.model(x, z.to(self.device))
-        prob = label_prob(out["logits"]).float().cpu().numpy()
-        xs = x.cpu().numpy()
-        rec = out["recon"].float().clamp(0, 1).cpu().numpy()
+        out: ModelOutput = self.model(x, z.to(self.device))
+        rec = out.recon.float().clamp(0, 1)
+        # per-cell metrics where the crops already are; only (N,) values come back to the CPU
+        mse, ssim = per_cell_mse(x, rec).cpu().numpy(), per_cell_ssim(x, rec, data_range=1.0).cpu().numpy()
+        prob = label_prob(out.logits).float().cpu().numpy()
         cols = {c: t.column(c) for c in self.passthrough if c in t.column_names}
-        cols[K.LATENT] = _fixed_list(out["latent"].float().cpu().numpy())
+        cols[K.LATENT] = _fixed_list(out.latent.float().cpu().numpy())
         if prob.ndim == 1:
             cols[K.PROB] = pa.array(prob, pa.float32())
             pred = (prob >= 0.5).astype(np.int64)
@@ -166,14 +164,15 @@ class CropPredictor:
             cols[K.PROB] = _fixed_list(prob)
             pred = prob.argmax(1)
         cols[K.PRED] = pa.array(self.labels.decode(pred).astype(str))
-        cols[K.RECON_MSE] = pa.array(per_cell_mse(xs, rec), pa.float32())
-        cols[K.RECON_SSIM] = pa.array(per_cell_ssim(xs, rec, data_range=1.0), pa.float32())
-        if "latent_re" in out:
-            cols[K.LATENT_RE] = _fixed_list(out["latent_re"].float().cpu().numpy())
-        if "batch_logits" in out:
-            cols[K.BATCH_PROB] = _fixed_list(torch.softmax(out["batch_logits"].float(), 1).cpu().numpy())
+        cols[K.RECON_MSE] = pa.array(mse, pa.float32())
+        cols[K.RECON_SSIM] = pa.array(ssim, pa.float32())
+        # columns of the optional outputs the model type declares (the same for every block)
+        if "latent_re" in self.entry.outputs:
+            cols[K.LATENT_RE] = _fixed_list(out.latent_re.float().cpu().numpy())
+        if "batch_logits" in self.entry.outputs:
+            cols[K.BATCH_PROB] = _fixed_list(torch.softmax(out.batch_logits.float(), 1).cpu().numpy())
         if self.write_recon:
             top = 255.0 if self.spec.dtype == "uint8" else 65535.0
-            q = np.rint(rec * top).astype(np.uint8 if self.spec.dtype == "uint8" else np.uint16)
+            q = np.rint(rec.cpu().numpy() * top).astype(np.uint8 if self.spec.dtype == "uint8" else np.uint16)
             cols[K.RECON] = encode_images(q)
         return pa.table(cols)

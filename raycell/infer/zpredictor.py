@@ -192,7 +192,7 @@ def train_z_predictor(ds: ShardDataset, batches: CategoryMap, *, epochs: int = 1
     Returns:
         The classifier with the best validation weights (eval mode) and the per-epoch history.
     """
-    from raycell.models.armed import ImageClassifier
+    from raycell.models.layers import ImageClassifier
 
     device = device or torch.device("cpu")
     spec = DataSpec.from_dataset(ds)

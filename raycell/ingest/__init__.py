@@ -1,9 +1,13 @@
 """Ingest: raw microscopy fields of view -> single-cell crop shards, and ARMED npz import.
 
 Modules, in pipeline order: `sources` (files, regex metadata, fields of view, plate map), `images`
-(reading, Z projection, illumination correction, normalisation), `segment` (nuclei and cell bodies;
-scoring against true masks), `crops` (border filter, crops, morphology features), `run` (the Ray
-Data pipeline, `run_ingest`), `armed` (`import_armed`).
+(reading, Z projection, illumination correction, normalisation, scale check), `segment` (nuclei and
+cell bodies), `crops` (border filter, crops, morphology features). The `raycell ingest` job is
+split by step: `plan` (checks; files -> fields of view, no pixels read), `stats` (the statistics
+pass: illumination functions, normalisation ranges), `fov` (the crop pass, one field of view at a
+time), `tasks` (the Ray Data plumbing both passes share) and `driver` (`run_ingest`: streams the
+crops into shards, writes rejects, summary and manifest). Beside it: `segmentation_eval` (scoring
+against true masks, `raycell segmentation-eval`) and `armed_npz` (`import_armed`).
 
 The public functions are imported lazily so that `import raycell.ingest` stays cheap (no Ray, no
 skimage).
@@ -16,10 +20,10 @@ from typing import Any
 __all__ = ["run_ingest", "import_armed", "evaluate_segmentation", "match_instances", "IngestError"]
 
 _WHERE = {
-    "run_ingest": "raycell.ingest.run",
+    "run_ingest": "raycell.ingest.driver",
     "import_armed": "raycell.ingest.armed_npz",
-    "evaluate_segmentation": "raycell.ingest.segment",
-    "match_instances": "raycell.ingest.segment",
+    "evaluate_segmentation": "raycell.ingest.segmentation_eval",
+    "match_instances": "raycell.ingest.segmentation_eval",
     "IngestError": "raycell.ingest.sources",
 }
 

@@ -158,8 +158,7 @@ def import_armed(
 
     Raises:
         ArmedImportError: missing files/keys/columns, mismatched lengths, values outside [0, 1],
-        labels or
-            one-hot dates that disagree with the csv.
+            labels or one-hot dates that disagree with the csv.
     """
     from raycell.formats.shards import ShardWriter
     from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in

@@ -48,6 +48,9 @@ _RENAME = {
 
 def drop_border_objects(labels: np.ndarray, margin: int = 1) -> np.ndarray:
     """Set to 0 every object with a pixel within `margin` pixels of the image border."""
+    # Not skimage.segmentation.clear_border: it relabels the image and clears connected pieces, not
+    # labels, so an object whose label comes in several pieces (a cellpose mask can) would keep the
+    # pieces away from the border: a cut object with the wrong shape and features. Whole labels go.
     m = max(1, int(margin))
     edge = np.concatenate(
         [labels[:m].ravel(), labels[-m:].ravel(), labels[:, :m].ravel(), labels[:, -m:].ravel()]
@@ -175,6 +178,7 @@ def save_montage(dataset: str, out_png: str, n: int = 64, seed: int = 0, columns
     """
     import pyarrow as pa
     from skimage import io
+    from skimage.util import montage
 
     from raycell.formats.shards import decode_images, open_dataset
 
@@ -191,13 +195,13 @@ def save_montage(dataset: str, out_png: str, n: int = 64, seed: int = 0, columns
     else:
         pal = _PALETTE[np.arange(x.shape[1]) % len(_PALETTE)]
         rgb = np.clip(np.einsum("nchw,ck->nkhw", x, pal), 0, 1)
-    k, _, h, w = rgb.shape
-    rows = -(-k // columns)
-    grid = np.ones((rows * (h + 2), columns * (w + 2), 3), np.float32)
-    for i in range(k):
-        r, c = divmod(i, columns)
-        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = rgb[i].transpose(
-            1, 2, 0
-        )
+    k = len(rgb)
+    grid = montage(
+        rgb.transpose(0, 2, 3, 1),
+        fill=(1.0, 1.0, 1.0),  # white
+        grid_shape=(-(-k // columns), columns),
+        padding_width=2,
+        channel_axis=-1,
+    )
     io.imsave(out_png, (grid * 255).astype(np.uint8), check_contrast=False)
     return {"n": int(k), "png": str(out_png)}

@@ -239,13 +239,15 @@ def load_fov_image(
 
 def downscale(img: np.ndarray, factor: int) -> np.ndarray:
     """Block-mean downscale of (C, H, W) by an integer factor (partial edge blocks are cropped)."""
-    c, h, w = img.shape
+    from skimage.transform import downscale_local_mean
+
     f = max(1, int(factor))
-    hh, ww = max(1, h // f), max(1, w // f)
-    x = img[:, : hh * f, : ww * f] if h >= f and w >= f else img
-    if h < f or w < f:
-        return x.mean(axis=(1, 2), keepdims=True)
-    return x.reshape(c, hh, f, ww, f).mean(axis=(2, 4))
+    h, w = img.shape[1:]
+    if h < f or w < f:  # smaller than one block: the image's mean
+        return img.mean(axis=(1, 2), keepdims=True)
+    # crop to whole blocks first: downscale_local_mean pads a partial block with zeros, which would
+    # darken the last row and column of the illumination function
+    return downscale_local_mean(img[:, : h // f * f, : w // f * f], (1, f, f))
 
 
 def illumination_function(mean_small: np.ndarray, filter_size: int = 0) -> np.ndarray:

@@ -1,30 +1,16 @@
-"""Loss terms as small pure functions on model outputs; the training plans weight and combine them."""
+"""Loss terms as small pure functions, and the typed model and loss outputs.
 
-from __future__ import annotations
+* `outputs.py`: `ModelOutput` (what every model's forward returns) and `LossOutput` (what every plan's
+  loss returns);
+* `reconstruction.py`: the training MSE and per-cell MSE / SSIM on the device (inference);
+* `classification.py`: the phenotype loss and probabilities, the batch cross-entropy and accuracy.
 
-import torch
-import torch.nn.functional as F
+The training plans (`raycell/plans.py`) weight and combine the terms.
+"""
 
+from raycell.losses.classification import batch_accuracy, cluster_ce, label_loss, label_prob
+from raycell.losses.outputs import OPTIONAL_OUTPUTS, LossOutput, ModelOutput
+from raycell.losses.reconstruction import per_cell_mse, per_cell_ssim, reconstruction_mse
 
-def reconstruction_mse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every pixel of the batch (Keras `mse` semantics of the reference)."""
-    return F.mse_loss(recon.float(), x.float())
-
-
-def label_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on a single logit (the reference's sigmoid head) or CE over K logits."""
-    if logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits[:, 0].float(), y.float())
-    return F.cross_entropy(logits.float(), y)
-
-
-def label_prob(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities: (N,) positive-class probability for one logit, (N, K) softmax otherwise."""
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits[:, 0].float())
-    return torch.softmax(logits.float(), dim=1)
-
-
-def cluster_ce(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of batch (cluster) logits against a one-hot or soft design matrix z (N, n_batches)."""
-    return -(z.float() * torch.log_softmax(logits.float(), dim=1)).sum(1).mean()
+__all__ = ["OPTIONAL_OUTPUTS", "LossOutput", "ModelOutput", "batch_accuracy", "cluster_ce", "label_loss",
+           "label_prob", "per_cell_mse", "per_cell_ssim", "reconstruction_mse"]

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raycell.losses import ModelOutput
 from raycell.models.layers import AuxClassifier, ConvEncoder, TiedDecoder, glorot_init
 from raycell.models.registry import register_model
+from raycell.plans import TrainingPlan
 
 PRESETS: dict[str, dict] = {
     # The reference: 256x256 input, 6 blocks, 56-d latent (spec/armed-aec.md 2.1).
@@ -57,14 +59,13 @@ class AutoencoderClassifier(nn.Module):
         """Latent representation (N, latent_dim); `z` (batch design matrix) is unused here."""
         return self.encoder(x)[0]
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x (N, C, H, W) in [0, 1] -> {'latent', 'recon', 'logits', 'features' (per-block outputs)}."""
-        latent, feats = self.encoder(x)
-        return {"latent": latent, "recon": self.decoder(latent), "logits": self.classifier(latent),
-                "features": feats}
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> ModelOutput:
+        """x (N, C, H, W) in [0, 1] -> latent, recon, logits; `z` is unused."""
+        latent, _ = self.encoder(x)
+        return ModelOutput(latent=latent, recon=self.decoder(latent), logits=self.classifier(latent))
 
 
-@register_model("conventional")
+@register_model("conventional", plan=TrainingPlan)
 def conventional(in_channels: int, n_classes: int, n_batches: int = 1, preset: str = "small",
                  image_size: int | None = None, filters: list[int] | None = None,
                  strides: list[int] | None = None, latent_dim: int | None = None,

@@ -1,4 +1,9 @@
-"""Building blocks shared by the ARMED model family: conv blocks, the tied decoder, heads.
+"""Building blocks shared by the ARMED model family: the encoder, the tied decoder, heads, batch classifiers.
+
+`ConvEncoder`, `TiedDecoder` and `AuxClassifier` make the conventional AEC (`aec.py`); `Adversary` (reads
+the encoder, predicts the batch) and `ImageClassifier` (reads images, predicts the batch) are the batch
+classifiers of the adversarial and random-effects models (`armed.py`) and the Z-predictor
+(`raycell.infer.zpredictor`).
 
 Keras defaults of the reference (spec/armed-aec.md section 2) are kept where they change behaviour:
 kernel 4 with TF 'same' padding, BatchNorm eps 1e-3, Glorot-uniform weights with zero biases, PReLU
@@ -10,11 +15,15 @@ eval-mode statistics settle: short runs would otherwise evaluate with near-initi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 BN_MOMENTUM, BN_EPS = 0.1, 1e-3
+ADVERSARY_FILTERS = [16, 32, 32, 64, 64, 128, 128, 256]  # the reference's list (uses the first 6)
+IMAGE_CLASSIFIER_FILTERS = [16, 32, 32, 64, 64, 128, 256]
 
 
 def glorot_init(module: nn.Module) -> None:
@@ -24,6 +33,41 @@ def glorot_init(module: nn.Module) -> None:
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def init_output_mean(bias: torch.Tensor, mean: list[float] | None) -> None:
+    """Start a sigmoid output at the data's mean intensity: set the bias before the sigmoid to logit(mean).
+
+    With the reference's norm -> sigmoid output every pixel starts at 0.5, while microscopy crops are
+    mostly dark background; the first epochs are then spent learning a global offset.
+    """
+    if mean is None:
+        return
+    m = torch.as_tensor(mean, dtype=torch.float32).clamp(1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        bias.copy_(torch.logit(m))
+
+
+def pick_filter(filters: list[int], i: int) -> int:
+    """The i-th filter count, repeating the last entry for networks deeper than the list."""
+    return filters[min(i, len(filters) - 1)]
+
+
+def block_sizes(image_size: int, strides: list[int]) -> list[int]:
+    """Spatial size of every encoder block's output."""
+    out, s = [], image_size
+    for st in strides:
+        s //= st
+        out.append(s)
+    return out
+
+
+def check_strides(image_size: int, filters: list[int], strides: list[int]) -> None:
+    """One stride per filter count, and an image size the strides divide."""
+    if len(filters) != len(strides):
+        raise ValueError(f"filters {filters} and strides {strides} must have the same length")
+    if image_size % math.prod(strides):
+        raise ValueError(f"image_size {image_size} is not divisible by the total stride {math.prod(strides)}")
 
 
 def same_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -59,13 +103,8 @@ class ConvEncoder(nn.Module):
     def __init__(self, in_channels: int, image_size: int, filters: list[int], strides: list[int],
                  latent_dim: int, latent_norm: bool = True):
         super().__init__()
-        if len(filters) != len(strides):
-            raise ValueError(f"filters {filters} and strides {strides} must have the same length")
-        down = 1
-        for s in strides:
-            down *= s
-        if image_size % down:
-            raise ValueError(f"image_size {image_size} is not divisible by the total stride {down}")
+        check_strides(image_size, filters, strides)
+        down = math.prod(strides)
         chans = [in_channels, *filters]
         self.convs = nn.ModuleList(make_conv(chans[i], chans[i + 1], strides[i]) for i in range(len(filters)))
         self.norms = nn.ModuleList(nn.BatchNorm2d(f, momentum=BN_MOMENTUM, eps=BN_EPS) for f in filters)
@@ -105,16 +144,8 @@ class TiedDecoder(nn.Module):
         self.acts = nn.ModuleList(nn.PReLU(cv.in_channels, init=0.0) for cv in convs[:-1])
 
     def init_output(self, mean: list[float] | None) -> None:
-        """Start the sigmoid output at the data's mean intensity (bias of the last BatchNorm = logit).
-
-        With the reference's BN -> sigmoid output every pixel starts at 0.5, while microscopy crops are
-        mostly dark background; the first epochs are then spent learning a global offset.
-        """
-        if mean is None:
-            return
-        m = torch.as_tensor(mean, dtype=torch.float32).clamp(1e-3, 1 - 1e-3)
-        with torch.no_grad():
-            self.norms[-1].bias.copy_(torch.log(m / (1 - m)))
+        """Start the sigmoid output at the data's mean intensity (the last BatchNorm's bias)."""
+        init_output_mean(self.norms[-1].bias, mean)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Latent (N, D) -> reconstruction (N, C, H, W) in [0, 1]."""
@@ -136,3 +167,103 @@ class AuxClassifier(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Logits (N, n_out)."""
         return self.net(z)
+
+
+class ConvBlock(nn.Sequential):
+    """k4/s2 conv -> BatchNorm -> per-channel PReLU (adversary and image classifier blocks)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cout, 4, stride=2, padding=1),
+                         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM, eps=BN_EPS),
+                         nn.PReLU(cout, init=0.0))
+
+
+class Adversary(nn.Module):
+    """Predicts the batch from every encoder block's output plus the latent (ẑ_A logits).
+
+    Blocks with the same output size are concatenated (with the running map) and halved by one k4/s2
+    conv; further convs halve the map down to `min_size`; flatten, concatenate the latent,
+    Dense(hidden, linear as the reference) -> Dense(n_out).
+
+    The reference needs 256 px: it concatenates the encoder's outputs resolution by resolution, halving
+    with a k4/s2 conv after each, then keeps halving to 4x4 (6 convs at 256 px). Grouping the blocks by
+    output size the same way and adding convs until the map is 4x4 gives log2(image_size / 4) convs for
+    the presets (6 at 256 px, 4 at 64 px, 3 at 32 px), with the first entries of the reference's filter
+    list.
+
+    Args:
+        feature_shapes: (channels, size) of each encoder block's output, in order.
+        latent_dim: Size of the latent.
+        n_out: Number of batches.
+        filters: Filter counts of the successive convs.
+        hidden: Width of the linear hidden layer (512 in the reference).
+        min_size: Spatial size at which the conv stack stops (4 in the reference).
+    """
+
+    def __init__(self, feature_shapes: list[tuple[int, int]], latent_dim: int, n_out: int,
+                 filters: list[int] | None = None, hidden: int = 512, min_size: int = 4):
+        super().__init__()
+        filters = list(filters or ADVERSARY_FILTERS)
+        groups: list[list[int]] = []  # indices of encoder blocks per resolution
+        sizes: list[int] = []
+        for i, (_, s) in enumerate(feature_shapes):
+            if sizes and sizes[-1] == s:
+                groups[-1].append(i)
+            else:
+                if sizes and sizes[-1] != 2 * s:
+                    raise ValueError("adversary: encoder block sizes must halve from one "
+                                     "resolution to the next (strides 1 or 2), got "
+                                     f"{[s for _, s in feature_shapes]}")
+                groups.append([i])
+                sizes.append(s)
+        if sizes[-1] % 2:
+            raise ValueError(f"adversary: the encoder's smallest map ({sizes[-1]} px) must be even")
+        self.groups = groups
+        convs, cin = [], 0
+        for j, g in enumerate(groups):
+            cin += sum(feature_shapes[i][0] for i in g)
+            convs.append(ConvBlock(cin, pick_filter(filters, j)))
+            cin = pick_filter(filters, j)
+        size = sizes[-1] // 2
+        while size > min_size and size % 2 == 0:
+            convs.append(ConvBlock(cin, pick_filter(filters, len(convs))))
+            cin = pick_filter(filters, len(convs) - 1)
+            size //= 2
+        self.convs = nn.ModuleList(convs)
+        self.out_size = size
+        self.dense = nn.Sequential(nn.Linear(cin * size * size + latent_dim, hidden),
+                                   nn.Linear(hidden, n_out))
+
+    def forward(self, feats: list[torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
+        """Encoder block outputs and latent -> batch logits (N, n_out)."""
+        h = None
+        for j, g in enumerate(self.groups):
+            parts = ([h] if h is not None else []) + [feats[i] for i in g]
+            h = self.convs[j](torch.cat(parts, 1) if len(parts) > 1 else parts[0])
+        for conv in self.convs[len(self.groups):]:
+            h = conv(h)
+        return self.dense(torch.cat([h.flatten(1), latent], 1))
+
+
+class ImageClassifier(nn.Module):
+    """Images -> batch logits: k4/s2 conv blocks down to 2x2, then a 2x2 valid conv (ẑ_I, Z).
+
+    The reference's 7 convs at 256 px; log2(image_size / 2) for other sizes.
+    """
+
+    def __init__(self, in_channels: int, n_out: int, image_size: int,
+                 filters: list[int] | None = None):
+        super().__init__()
+        filters = list(filters or IMAGE_CLASSIFIER_FILTERS)
+        blocks, cin, size = [], in_channels, image_size
+        while size > 2 and size % 2 == 0:
+            blocks.append(ConvBlock(cin, pick_filter(filters, len(blocks))))
+            cin = pick_filter(filters, len(blocks) - 1)
+            size //= 2
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(cin, n_out, size)  # 'valid': the remaining size x size map -> 1 x 1
+        glorot_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) -> logits (N, n_out)."""
+        return self.head(self.blocks(x)).flatten(1)

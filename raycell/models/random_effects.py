@@ -8,6 +8,8 @@ effect vanishes).
 
 `ClusterScaleBias` is the block that replaces BatchNorm in the random-effects encoder and decoder:
 InstanceNorm(x) * (1 + gamma(z)) + beta(z), with gamma and beta two `RandomEffects` layers.
+`RandomEffectsEncoder`, `RandomEffectsDecoder` and `LatentClassifier` are the parts of the
+random-effects AEC built from them (assembled in `armed.py`).
 
 Choices where the reference leaves room (documented here once):
 
@@ -29,7 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycell.models.layers import BN_EPS
+from raycell.models.layers import (
+    BN_EPS,
+    block_sizes,
+    check_strides,
+    init_output_mean,
+    make_conv,
+    same_conv,
+)
 
 SIGMA_FLOOR = 1e-5  # the reference's s.d. = 1e-5 + softplus(rho); keeps the KL finite
 
@@ -117,3 +126,110 @@ def mean_kl(layers: list[RandomEffects]) -> torch.Tensor:
     if not layers:
         return torch.zeros(())
     return torch.stack([m.kl() for m in layers]).mean()
+
+
+def one_hot_design(codes: torch.Tensor, n_batches: int) -> torch.Tensor:
+    """Batch codes (int64) -> design matrix Z of float one-hot rows; unknown batches (-1) get a zero row.
+
+    One-hot of codes + 1 over n_batches + 1 classes, without the first column (where -1 lands).
+    """
+    return F.one_hot(codes + 1, n_batches + 1)[:, 1:].float()
+
+
+def design_matrix(z: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The design matrix on x's device and dtype, or all zeros (no random effect) when none is given."""
+    if z is None:
+        return x.new_zeros(x.shape[0], n)
+    return z.to(device=x.device, dtype=x.dtype)
+
+
+class RandomEffectsEncoder(nn.Module):
+    """Conv -> ClusterScaleBias(z) -> PReLU blocks, then Dense -> latent (linear, no BatchNorm)."""
+
+    def __init__(self, in_channels: int, image_size: int, filters: list[int], strides: list[int],
+                 latent_dim: int, n_clusters: int, **re_kwargs):
+        super().__init__()
+        check_strides(image_size, filters, strides)
+        sizes = block_sizes(image_size, strides)
+        chans = [in_channels, *filters]
+        self.convs = nn.ModuleList(make_conv(chans[i], chans[i + 1], strides[i])
+                                   for i in range(len(filters)))
+        self.norms = nn.ModuleList(ClusterScaleBias(f, n_clusters, **re_kwargs) for f in filters)
+        self.acts = nn.ModuleList(nn.PReLU(f, init=0.0) for f in filters)
+        self.out_shape = (filters[-1], sizes[-1], sizes[-1])
+        self.dense = nn.Linear(filters[-1] * sizes[-1] ** 2, latent_dim)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(x, z) -> (latent, [block outputs])."""
+        feats = []
+        for conv, norm, act in zip(self.convs, self.norms, self.acts):
+            x = act(norm(same_conv(x, conv), z))
+            feats.append(x)
+        return self.dense(x.flatten(1)), feats
+
+    def re_layers(self) -> list[RandomEffects]:
+        """Every random-effects layer (2 per block)."""
+        return [r for n in self.norms for r in n.re_layers()]
+
+
+class RandomEffectsDecoder(nn.Module):
+    """Untied decoder: Dense -> reshape -> PReLU, then transposed convs with ClusterScaleBias(z).
+
+    Each transposed conv is followed by ClusterScaleBias(z) and PReLU; the last one (to the image
+    channels) by ClusterScaleBias(z) and a sigmoid.
+    """
+
+    def __init__(self, encoder: RandomEffectsEncoder, latent_dim: int, n_clusters: int,
+                 **re_kwargs):
+        super().__init__()
+        c, h, w = encoder.out_shape
+        self.shape = (c, h, w)
+        self.dense = nn.Linear(latent_dim, c * h * w)
+        self.act0 = nn.PReLU(c, init=0.0)
+        convs = list(encoder.convs)[::-1]
+        # Own kernels with the mirrored shapes; stride 1 crops [1:-2] to undo TF 'same' padding.
+        self.tconvs = nn.ModuleList(
+            nn.ConvTranspose2d(cv.out_channels, cv.in_channels, 4, stride=cv.stride,
+                               padding=0 if cv.stride[0] == 1 else 1) for cv in convs)
+        self.norms = nn.ModuleList(ClusterScaleBias(cv.in_channels, n_clusters, **re_kwargs)
+                                   for cv in convs)
+        self.acts = nn.ModuleList(nn.PReLU(cv.in_channels, init=0.0) for cv in convs[:-1])
+
+    def init_output(self, mean: list[float] | None) -> None:
+        """Start the sigmoid output at the data's mean intensity (the last instance norm's bias)."""
+        init_output_mean(self.norms[-1].norm.bias, mean)
+
+    def forward(self, latent: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(latent, z) -> reconstruction in [0, 1]."""
+        x = self.act0(self.dense(latent).view(-1, *self.shape))
+        last = len(self.tconvs) - 1
+        for i, tc in enumerate(self.tconvs):
+            x = tc(x)
+            if tc.stride[0] == 1:
+                x = x[..., 1:-2, 1:-2]
+            x = self.norms[i](x, z)
+            x = self.acts[i](x) if i < last else torch.sigmoid(x)
+        return x
+
+    def re_layers(self) -> list[RandomEffects]:
+        """Every random-effects layer (2 per block)."""
+        return [r for n in self.norms for r in n.re_layers()]
+
+
+class LatentClassifier(nn.Module):
+    """Heads on the RE latent: the phenotype and the batch (ẑ_L).
+
+    Phenotype: Dense(32, ReLU) -> Dense(n_out); batch: Dense(32, ReLU) -> Dense(16, ReLU) ->
+    Dense(n_clusters), as the reference's `LatentClassifier`.
+    """
+
+    def __init__(self, latent_dim: int, n_out: int, n_clusters: int, target: bool = True):
+        super().__init__()
+        self.target = nn.Sequential(nn.Linear(latent_dim, 32), nn.ReLU(), nn.Linear(32, n_out)) \
+            if target else None
+        self.cluster = nn.Sequential(nn.Linear(latent_dim, 32), nn.ReLU(), nn.Linear(32, 16),
+                                     nn.ReLU(), nn.Linear(16, n_clusters))
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Latent -> (phenotype logits or None, batch logits)."""
+        return (self.target(latent) if self.target is not None else None), self.cluster(latent)

@@ -1,8 +1,16 @@
-"""The model registry: `model_type` -> builder function (timm's `_registry.py` idea, one flat dict).
+"""The model registry: one entry per model type, with everything raycell knows about it (timm's idea).
 
-Builders are registered with `@register_model("name")` and imported by `raycell/models/__init__.py`.
-`create_model` drops `None` arguments (YAML keys left unset never override builder defaults) and rejects
-arguments the builder does not take, naming the valid ones.
+A model type is a builder function and one decorator (see docs/models.md):
+
+    @register_model("mixedeffects", plan=MixedEffectsPlan, uses_z=True, outputs=("latent_re", ...))
+    def mixedeffects(in_channels, n_classes, n_batches=1, preset="small", ...) -> nn.Module: ...
+
+The entry carries the builder, the training plan class (`raycell.plans`, `TrainingPlan` unless given),
+whether the model needs a design matrix Z, and which optional `ModelOutput` fields its forward fills.
+Registration checks that these fit together (the plan's required outputs are declared), so a mismatch
+fails at import, not in the middle of training. `create_model` drops `None` arguments (YAML keys left
+unset never override builder defaults) and rejects arguments the builder does not take, naming the
+valid ones; `build_plan` builds the entry's plan for a model.
 """
 
 from __future__ import annotations
@@ -13,7 +21,10 @@ from typing import Callable
 
 from torch import nn
 
+from raycell.config import LossConfig
 from raycell.errors import UserError
+from raycell.losses import OPTIONAL_OUTPUTS
+from raycell.plans import GradSync, TrainingPlan, no_sync
 
 
 @dataclass(frozen=True)
@@ -22,7 +33,9 @@ class ModelEntry:
 
     name: str
     builder: Callable[..., nn.Module]
+    plan: type[TrainingPlan] = TrainingPlan  # how it is optimised (raycell/plans.py)
     uses_z: bool = False  # needs a design matrix Z (one-hot batch) at training and inference
+    outputs: tuple[str, ...] = ()  # the optional ModelOutput fields its forward fills
 
 
 MODEL_REGISTRY: dict[str, ModelEntry] = {}
@@ -35,16 +48,44 @@ class UnknownModelError(UserError, KeyError):
         return str(self.args[0])
 
 
-def register_model(name: str, *, uses_z: bool = False) -> Callable:
-    """Decorator: register `fn` as the builder of model type `name` (duplicates raise)."""
+def register_model(name: str, *, plan: type[TrainingPlan] = TrainingPlan, uses_z: bool = False,
+                   outputs: tuple[str, ...] = ()) -> Callable:
+    """Decorator: register `fn` as the builder of model type `name`.
+
+    Args:
+        name: The `model.type` users select.
+        plan: Its training plan class (the default `TrainingPlan`: one optimiser, MSE + label loss).
+        uses_z: Whether forward needs the design matrix Z (random effects): inference then refuses
+            cells of batches outside the training batches unless an inferred Z is given.
+        outputs: The optional `ModelOutput` fields forward fills (e.g. "batch_logits").
+
+    Raises:
+        ValueError: a duplicate name, an unknown output field, or outputs that lack what `plan` reads.
+    """
+    outputs = tuple(outputs)
+    unknown = [o for o in outputs if o not in OPTIONAL_OUTPUTS]
+    if unknown:
+        raise ValueError(f"model type {name!r}: outputs {unknown} are not optional ModelOutput fields "
+                         f"({', '.join(OPTIONAL_OUTPUTS)})")
+    lacking = [o for o in plan.required_outputs() if o not in outputs]
+    if lacking:
+        raise ValueError(f"model type {name!r}: its plan {plan.__name__} reads outputs {lacking}, which "
+                         "are not among its declared outputs")
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODEL_REGISTRY:
             raise ValueError(f"model type {name!r} is registered twice")
-        MODEL_REGISTRY[name] = ModelEntry(name, fn, uses_z=uses_z)
+        MODEL_REGISTRY[name] = ModelEntry(name, fn, plan=plan, uses_z=uses_z, outputs=outputs)
         return fn
 
     return deco
+
+
+def unregister_model(name: str) -> ModelEntry:
+    """Remove a model type (tests that register a toy type remove it again); returns its entry."""
+    entry = model_entry(name)
+    del MODEL_REGISTRY[name]
+    return entry
 
 
 def model_entry(model_type: str) -> ModelEntry:
@@ -60,7 +101,7 @@ def list_models() -> list[str]:
 
 
 def create_model(model_type: str, **kwargs) -> nn.Module:
-    """Build a registered model; the built module keeps its arguments in `.model_args` for checkpoints."""
+    """Build a registered model; the built module keeps `.model_type` and its arguments in `.model_args`."""
     fn = model_entry(model_type).builder
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     params = inspect.signature(fn).parameters
@@ -73,3 +114,13 @@ def create_model(model_type: str, **kwargs) -> nn.Module:
     model.model_type = model_type
     model.model_args = dict(kwargs)
     return model
+
+
+def build_plan(model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0, n_batches: int = 1,
+               grad_sync: GradSync = no_sync, bf16: bool = False) -> TrainingPlan:
+    """The training plan of the model's registry entry, for `model` (built by `create_model`)."""
+    model_type = getattr(model, "model_type", None)
+    if model_type is None:
+        raise TypeError(f"build_plan: {type(model).__name__} has no model_type; build it with create_model")
+    return model_entry(model_type).plan(model, loss, lr, weight_decay, n_batches=n_batches,
+                                        grad_sync=grad_sync, bf16=bf16)

@@ -1,6 +1,6 @@
 """TrainContext: what the training loop needs from its surroundings, with a Ray and a local version.
 
-The loop asks the context for its rank, device, batches, the checkpoint to resume from, gradient
+The loop asks the context for its rank, device, minibatches, the checkpoint to resume from, gradient
 synchronisation and reporting. `RayTrainContext` wires these to Ray Train; `LocalContext` runs the same loop
 in-process over the shards (unit tests, debugging), so the loop itself is tested without a cluster.
 """
@@ -16,7 +16,6 @@ from typing import Iterator
 
 import torch
 
-from raycell import constants as K
 from raycell.data.dataset import CropCollate, local_batches
 from raycell.formats.shards import ShardDataset
 
@@ -28,8 +27,8 @@ class TrainContext:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
 
-    def batches(self, split: str, epoch: int, train: bool) -> Iterator[dict[str, torch.Tensor]]:
-        """Collated batches of one split for this worker, already on `device`."""
+    def minibatches(self, split: str, epoch: int, train: bool) -> Iterator[dict[str, torch.Tensor]]:
+        """Collated minibatches of one split for this worker, already on `device`."""
         raise NotImplementedError
 
     def resume_from(self) -> Path | None:
@@ -60,8 +59,8 @@ class LocalContext(TrainContext):
         self.history: list[dict] = []
         self.checkpoints: list[Path] = []
 
-    def batches(self, split, epoch, train):
-        """Shuffled (train) or ordered batches from the shards."""
+    def minibatches(self, split, epoch, train):
+        """Shuffled (train) or ordered minibatches from the shards."""
         bs = self.batch_size if train else self.eval_batch_size
         yield from local_batches(self.ds, split, bs, self.collate, shuffle=train, seed=self.seed + epoch,
                                  drop_last=train)
@@ -72,8 +71,6 @@ class LocalContext(TrainContext):
 
     def report(self, metrics, checkpoint_dir):
         """Keep metrics; copy the checkpoint to `<root>/checkpoint_<epoch>`."""
-        import shutil
-
         self.history.append(dict(metrics))
         if checkpoint_dir:
             dst = self.root / f"checkpoint_{metrics['epoch']:04d}"
@@ -97,7 +94,7 @@ class RayTrainContext(TrainContext):
         self.shuffle_buffer, self.prefetch = shuffle_buffer, prefetch_batches
         self._drop_copy: weakref.finalize | None = None  # removes a temporary checkpoint copy
 
-    def batches(self, split, epoch, train):
+    def minibatches(self, split, epoch, train):
         """`iter_torch_batches` over this worker's shard (train is split across workers, val is not)."""
         import ray.train
 
@@ -167,4 +164,4 @@ class RayTrainContext(TrainContext):
             dist.broadcast(t.data, src=0)
 
 
-__all__ = ["TrainContext", "LocalContext", "RayTrainContext", "K"]
+__all__ = ["TrainContext", "LocalContext", "RayTrainContext"]

@@ -1,9 +1,10 @@
 """The training loop: one readable loop for every model type, run on each Ray Train worker.
 
-Per epoch: stream the worker's training batches through the plan's `training_step`, evaluate on the whole
-validation split, then report metrics and a checkpoint (model, optimiser state, model args, data spec,
-category maps, config). On start it resumes from the latest checkpoint if Ray Train hands it one (a
-worker-group restart after a failure, or `raycell train --resume`).
+Per epoch: stream the worker's training minibatches through the plan's `training_step`, `validate` on
+the whole validation split, then report metrics (every term of the plan's `LossOutput`, by name) and a
+checkpoint (model, optimiser state, model args, data spec, category maps, config). On start it resumes
+from the latest checkpoint if Ray Train hands it one (a worker-group restart after a failure, or
+`raycell train --resume`).
 """
 
 from __future__ import annotations
@@ -20,46 +21,40 @@ from raycell.formats.categories import CategoryMap
 from raycell.formats.checkpoint import load_plan_state, save_checkpoint
 from raycell.formats.spec import DataSpec
 from raycell.losses import label_prob
-from raycell.models import create_model
-from raycell.plans import build_plan
+from raycell.models import build_plan, create_model
+from raycell.models.random_effects import one_hot_design
+from raycell.plans import TrainingPlan
 from raycell.train.context import RayTrainContext, TrainContext
 
 
-def model_kwargs(cfg: ExperimentConfig, spec: DataSpec, labels: CategoryMap, batches: CategoryMap,
+def model_kwargs(cfg: ExperimentConfig, spec: DataSpec, labels: CategoryMap, batch_map: CategoryMap,
                  setup: dict | None = None) -> dict:
     """Builder arguments: data-derived sizes, then the preset, then the user's `model.args`."""
-    kw = {"in_channels": spec.shape[0], "n_classes": len(labels), "n_batches": len(batches),
+    kw = {"in_channels": spec.shape[0], "n_classes": len(labels), "n_batches": len(batch_map),
           "preset": cfg.model.preset, "image_size": spec.shape[1]}
     if setup and setup.get("channel_means"):
         kw["output_mean"] = setup["channel_means"]
     return {**kw, **cfg.model.args}
 
 
-def _one_hot(b: torch.Tensor, n: int) -> torch.Tensor:
-    """Batch codes -> design matrix Z; unknown batches (-1) get an all-zero row."""
-    z = torch.zeros(len(b), n, device=b.device)
-    ok = b >= 0
-    z[ok, b[ok]] = 1.0
-    return z
-
-
-def evaluate(model: torch.nn.Module, plan, batches, spec: DataSpec, n_batches: int) -> dict[str, float]:
-    """Mean loss terms, AUROC and accuracy over an iterable of batches (model in eval mode)."""
+def validate(model: torch.nn.Module, plan: TrainingPlan, minibatches, spec: DataSpec,
+             n_batches: int) -> dict[str, float]:
+    """Mean loss terms, AUROC and accuracy over an iterable of minibatches (model in eval mode)."""
     from sklearn.metrics import roc_auc_score
 
     model.eval()
     sums: dict[str, float] = {}
     n = 0
     ys, ps = [], []
-    for batch in batches:
+    for batch in minibatches:
         x, y = spec.to_float(batch["x"]), batch["y"]
-        logs, out = plan.validation_step(x, y, _one_hot(batch["b"], n_batches))
+        losses, out = plan.validation_step(x, y, one_hot_design(batch["b"], n_batches))
         k = len(y)
-        for key, v in logs.items():
+        for key, v in losses.values().items():
             sums[key] = sums.get(key, 0.0) + v * k
         n += k
         ys.append(y.cpu().numpy())
-        ps.append(label_prob(out["logits"]).cpu().numpy())
+        ps.append(label_prob(out.logits).cpu().numpy())
     if n == 0:
         return {}
     res = {f"val_{k}": v / n for k, v in sums.items()}
@@ -78,15 +73,15 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict) -> dict:
     """Train `cfg.model.type` for `cfg.train.epochs`, reporting through `ctx`; returns the last metrics."""
     spec = DataSpec.from_dict(setup["data_spec"])
     labels = CategoryMap.from_dict(setup["labels"])
-    batches = CategoryMap.from_dict(setup["batches"])
+    batch_map = CategoryMap.from_dict(setup["batches"])  # imaging batches: the columns of Z
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(cfg.seed)  # same initial weights on every worker (and broadcast below to be sure)
-    model = create_model(cfg.model.type, **model_kwargs(cfg, spec, labels, batches, setup)).to(ctx.device)
+    model = create_model(cfg.model.type, **model_kwargs(cfg, spec, labels, batch_map, setup)).to(ctx.device)
     on_cuda = ctx.device.type == "cuda"
     if on_cuda and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    plan = build_plan(model, cfg.loss, cfg.train.lr, cfg.train.weight_decay, n_batches=len(batches),
+    plan = build_plan(model, cfg.loss, cfg.train.lr, cfg.train.weight_decay, n_batches=len(batch_map),
                       grad_sync=ctx.sync_gradients, bf16=cfg.train.bf16 and on_cuda)
 
     start = 0
@@ -109,29 +104,30 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict) -> dict:
         model.train()
         sums: dict[str, float] = {}
         steps = 0
-        for step, batch in enumerate(ctx.batches("train", epoch, train=True)):
+        for step, batch in enumerate(ctx.minibatches("train", epoch, train=True)):
             if cfg.train.max_steps_per_epoch and step >= cfg.train.max_steps_per_epoch:
                 break
             x = spec.to_float(batch["x"])
             if on_cuda and cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            logs = plan.training_step(x, batch["y"], _one_hot(batch["b"], len(batches)))
+            logs = plan.training_step(x, batch["y"], one_hot_design(batch["b"], len(batch_map))).values()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
             if cfg.train.log_every and ctx.rank == 0 and steps % cfg.train.log_every == 0:
                 print(f"[raycell] epoch {epoch} step {steps} loss {logs['loss']:.4f}", flush=True)
         if steps == 0:
-            raise RuntimeError("no training batches: the training split has fewer rows per worker than "
+            raise RuntimeError("no training minibatches: the training split has fewer rows per worker than "
                                f"data.batch_size ({cfg.data.batch_size}); lower it or add data")
         metrics = {"epoch": epoch, "steps": steps, **{f"train_{k}": v / steps for k, v in sums.items()}}
-        metrics.update(evaluate(model, plan, ctx.batches("val", epoch, train=False), spec, len(batches)))
+        val = ctx.minibatches("val", epoch, train=False)
+        metrics.update(validate(model, plan, val, spec, len(batch_map)))
         metrics["epoch_time_s"] = time.time() - t0
         with tempfile.TemporaryDirectory(prefix="raycell-ckpt-") as d:
             ck = None
             if ctx.rank == 0:
                 ck = str(save_checkpoint(d, model, plan.state_dict(), epoch=epoch, spec=spec, labels=labels,
-                                         batches=batches, config=cfg.to_dict(), metrics=metrics))
+                                         batches=batch_map, config=cfg.to_dict(), metrics=metrics))
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
                 print(f"[raycell] {shown}", flush=True)
             ctx.report(metrics, ck)

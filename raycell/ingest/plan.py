@@ -1,0 +1,231 @@
+"""Planning an ingest: parameter and output checks, then files -> fields of view, no pixels read.
+
+`plan_ingest` lists the images, parses metadata with the regex, groups them into fields of view
+(FOVs), checks each FOV is complete, joins the plate map, decides the channel roles and fingerprints
+the inputs (so an identical re-run can be skipped). Files and FOVs that cannot be used become rows
+of the rejects table right away. `check_config` runs the same parameter and output checks before
+Ray starts (the CLI calls it first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from raycell import constants as K
+from raycell.ingest import images as imio
+from raycell.ingest.segment import check_backend
+from raycell.ingest.sources import (
+    CHANNEL,
+    IngestError,
+    discover,
+    expected_channels,
+    fov_keys,
+    group_fovs,
+    join_platemap,
+    load_platemap,
+    reject_row,
+)
+
+_GROUP_CANDIDATES = ("line", "group", "treatment", "compound", "cell_line")
+
+
+def check_config(cfg) -> None:
+    """Check `cfg.ingest` before anything starts (no Ray, no pixels); IngestError names the key."""
+    p = dataclasses.asdict(cfg.ingest)
+    check_params(p)
+    check_out(p)
+
+
+def check_params(p: dict) -> None:
+    """Check the ingest parameters (a dict of `IngestConfig`); IngestError names the key."""
+    if p["z_projection"] not in imio.Z_PROJECTIONS:
+        raise IngestError(
+            f"ingest.z_projection must be one of {imio.Z_PROJECTIONS}, got {p['z_projection']!r}"
+        )
+    if p["normalization"] not in imio.NORMALIZATIONS:
+        raise IngestError(
+            f"ingest.normalization must be one of {imio.NORMALIZATIONS}, got {p['normalization']!r}"
+        )
+    if p["dtype"] not in imio.OUT_DTYPES:
+        raise IngestError(
+            f"ingest.dtype must be one of {sorted(imio.OUT_DTYPES)}, got {p['dtype']!r}"
+        )
+    lo_hi = p["norm_percentiles"]
+    if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 100:
+        raise IngestError(f"ingest.norm_percentiles must be [low, high] within 0..100, got {lo_hi}")
+    if p["crop_size"] < 8:
+        raise IngestError(f"ingest.crop_size must be >= 8, got {p['crop_size']}")
+    if p["scale_check"] not in imio.SCALE_CHECKS:
+        raise IngestError(
+            f"ingest.scale_check must be one of {imio.SCALE_CHECKS}, got {p['scale_check']!r}"
+        )
+    if not p["scale_fold"] > 1:
+        raise IngestError(f"ingest.scale_fold must be > 1 (a factor), got {p['scale_fold']}")
+    if not p["input"] or not p["out"]:
+        raise IngestError("ingest.input and ingest.out must both be set")
+    check_backend(p["segmentation"], p["cellpose_model"])
+
+
+def check_out(p: dict) -> Path:
+    """The resolved ingest.out, checked before Ray and the statistics pass start.
+
+    Raises:
+        IngestError: `out` is a file, unwritable, a folder of the user's own files, or overlaps
+            ingest.input / ingest.platemap.
+    """
+    from raycell.utils.outputs import DATASET, check_output
+
+    inputs = [("ingest.input", p["input"]), ("ingest.platemap", p["platemap"])]
+    return check_output(p["out"], inputs, "ingest.out", DATASET, IngestError)[0]
+
+
+def _resolve_channel(name: str, names: list[str], values: list[str], key: str) -> int:
+    if name in names:
+        return names.index(name)
+    if name in values:
+        return values.index(name)
+    raise IngestError(f"{key} {name!r} is not one of the channels {names} (values {values})")
+
+
+def _channel_plan(p: dict, files: pd.DataFrame, fovs: list[dict]) -> dict:
+    """Channel values (file slots), output names and the nucleus / cytoplasm indices."""
+    values = list(p["channels"]) or expected_channels(files)
+    if values == [""] and fovs:
+        # no channel group: the channels are inside each file; count them in the first readable one
+        n = None
+        for f in fovs[:20]:
+            try:
+                n = imio.read_image(f["files"][0]["path"], p["axes"]).shape[1]
+                break
+            except imio.ImageError:
+                continue
+        if n is None:
+            raise IngestError(
+                "cannot tell the number of channels: the first 20 fields of view have "
+                "unreadable images"
+            )
+        slots = [""]
+        values = [str(i) for i in range(n)]
+    else:
+        slots = values
+    names = list(p["channel_names"]) or values
+    if len(names) != len(values):
+        raise IngestError(
+            f"ingest.channel_names has {len(names)} names for {len(values)} channels {values}"
+        )
+    nuc = (
+        _resolve_channel(p["nucleus_channel"], names, values, "ingest.nucleus_channel")
+        if p["nucleus_channel"]
+        else 0
+    )
+    cyt = (
+        _resolve_channel(p["cytoplasm_channel"], names, values, "ingest.cytoplasm_channel")
+        if p["cytoplasm_channel"]
+        else None
+    )
+    if cyt is not None and cyt == nuc:
+        raise IngestError("ingest.cytoplasm_channel must differ from ingest.nucleus_channel")
+    return {
+        "slots": slots,
+        "values": values,
+        "names": [str(n) for n in names],
+        "nucleus": nuc,
+        "cytoplasm": cyt,
+    }
+
+
+def _shard_columns(meta: dict, p: dict) -> dict:
+    """Map a FOV's metadata (regex groups + plate map) to the crop-shard columns (all strings)."""
+    meta = {k: str(v) for k, v in meta.items()}
+    batch = meta.get(p["batch_column"], meta.get(K.PLATE, ""))
+    label = meta.get(p["label_column"], "") if p["label_column"] else ""
+    gcol = p["group_column"] or next((c for c in _GROUP_CANDIDATES if c in meta), "")
+    row = {
+        K.BATCH: batch,
+        K.LABEL: label,
+        K.GROUP: meta.get(gcol, "") if gcol else "",
+        K.PLATE: meta.get(K.PLATE, ""),
+        K.WELL: meta.get(K.WELL, ""),
+        K.FIELD: meta.get(K.FIELD, ""),
+    }
+    reserved = set(row) | {
+        K.CELL_ID,
+        K.SPLIT,
+        K.SOURCE,
+        K.CENTROID_Y,
+        K.CENTROID_X,
+        *K.IMAGE_COLUMNS,
+    }
+    # everything else (line, dose, time, treatment, extra regex groups) travels as a weak-label
+    # column
+    row.update(
+        {k: v for k, v in meta.items() if k not in reserved and not k.startswith(K.MORPH_PREFIX)}
+    )
+    return row
+
+
+def plan_ingest(p: dict) -> dict:
+    """Discover, group and annotate the fields of view (no pixels read; see `_channel_plan`).
+
+    Returns:
+        dict with `fovs` (records for the tasks), `rejects` (rows), `channels` (see
+        `_channel_plan`), `n_files`, `fingerprint` (of the input files and the plate map's
+        contents), `notes` (warnings for the summary).
+    """
+    root = Path(p["input"]).absolute()
+    files, unmatched = discover(root, p["pattern"])
+    rejects = [
+        reject_row("file", "no-match", "path does not match ingest.pattern", "", [r])
+        for r in unmatched.relpath
+    ]
+    fovs, grp_rejects = group_fovs(files, p["channels"] or None)
+    rejects += grp_rejects
+    notes = []
+    if p["platemap"]:
+        pm, on = load_platemap(p["platemap"], p["platemap_on"], fov_keys(files))
+        fovs, pm_rejects = join_platemap(fovs, pm, on, str(Path(p["platemap"]).absolute()))
+        rejects += pm_rejects
+        if pm.attrs.get("stripped_columns"):
+            notes.append(
+                f"plate map {p['platemap']}: spaces around values in column(s) "
+                f"{pm.attrs['stripped_columns']} were stripped"
+            )
+    if p["label_column"] and fovs and p["label_column"] not in fovs[0]["meta"]:
+        if p["label_column"] != "label":
+            raise IngestError(
+                f"ingest.label_column {p['label_column']!r} is neither a regex group nor a "
+                f"plate-map column (have {sorted(fovs[0]['meta'])})"
+            )
+        notes.append("no 'label' column in the regex groups or plate map: labels are empty")
+    if p["group_column"] and fovs and p["group_column"] not in fovs[0]["meta"]:
+        raise IngestError(
+            f"ingest.group_column {p['group_column']!r} is neither a regex group nor a "
+            f"plate-map column (have {sorted(fovs[0]['meta'])})"
+        )
+    channels = _channel_plan(p, files, fovs)
+    for f in fovs:
+        f["row"] = _shard_columns(f["meta"], p)
+        nuc_slot = channels["slots"][min(channels["nucleus"], len(channels["slots"]) - 1)]
+        f["source"] = next(x["relpath"] for x in f["files"] if x[CHANNEL] == nuc_slot)
+    h = hashlib.sha1()
+    for path in sorted(files.path.tolist() + unmatched.path.tolist()):
+        st = os.stat(path)
+        h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    if p["platemap"]:
+        # the plate map's contents, not its date: an edited map means other labels
+        h.update(b"platemap|" + hashlib.sha1(Path(p["platemap"]).read_bytes()).digest())
+    n_fov_rejects = sum(r["kind"] == "fov" for r in rejects)
+    return {
+        "fovs": fovs,
+        "rejects": rejects,
+        "channels": channels,
+        "notes": notes,
+        "n_files": len(files) + len(unmatched),
+        "n_fovs_in": len(fovs) + n_fov_rejects,
+        "fingerprint": h.hexdigest(),
+    }
