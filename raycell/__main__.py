@@ -18,8 +18,8 @@ from raycell.errors import user_errors
 # verb -> the pipeline stage it runs on the config (`synth` and `experiment` take flags too: see `run`)
 STAGES = {"split": pipeline.run_split, "train": pipeline.run_train, "infer": pipeline.run_infer,
           "infer-z": pipeline.run_infer_z, "evaluate": pipeline.run_evaluate, "ingest": pipeline.run_ingest,
-          "demo": pipeline.run_demo}
-NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment"}
+          "demo": pipeline.run_demo, "tune": pipeline.run_tune}
+NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune"}
 
 
 def run_import_armed(args) -> dict:
@@ -106,6 +106,10 @@ def preflight(args, cfg):
         from raycell.infer.batch import check_config
 
         check_config(cfg)
+    elif args.command == "tune":
+        from raycell.tune import check_tune
+
+        check_tune(cfg)
     elif args.command == "demo":
         pipeline.check_demo(cfg)
     elif args.command == "experiment":

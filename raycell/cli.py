@@ -20,6 +20,7 @@ EPILOG = """examples:
   raycell split --data data/synth
   raycell train --data data/synth --model conventional --epochs 6
   raycell train --resume runs/raycell-conventional-20261121-101500
+  raycell tune --config configs/tune/adversarial_small.yaml
   raycell infer --checkpoint runs/raycell-conventional-20261121-101500 --data data/synth
   raycell evaluate --predictions runs/raycell-conventional-20261121-101500/predictions
   raycell config --defaults > my.yaml             # every key with its default
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--data", key="data.path", help="data set folder ({key})")
     _flag(s, "--unseen", key="split.unseen", type=_csv, help="comma-separated batches to hold out ({key})")
     _flag(s, "--group-by", key="split.group_by", help="column kept within one split ({key})")
+    _flag(s, "--val-batches", key="split.val_batches", type=_csv, help="comma-separated seen batches held "
+          "out whole as split 'valbatch' for cross-batch model selection, or auto:N ({key})")
 
     s = sub.add_parser("train", help="train a model with Ray Train (checkpoints every epoch)")
     _common(s)
@@ -111,6 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--gpu", key="scaling.use_gpu", action="store_const", const=True,
           help="one GPU per worker ({key})")
     _flag(s, "--runs-dir", key="train.runs_dir", help="folder for run folders ({key})")
+
+    s = sub.add_parser("tune", help="Ray Tune search over config keys (tune.space): Optuna + ASHA, one "
+                       "Ray Train run per trial; writes trials.csv, best.yaml, tune_objective.png",
+                       description="Search the keys of tune.space (e.g. loss.adv, loss.cls, train.lr, "
+                       "model.args.latent_dim; distributions loguniform, uniform, randint, choice) with "
+                       "Optuna, ASHA stopping poor trials after tune.grace_period epochs. Every trial fits "
+                       "a TorchTrainer for up to train.epochs. In tune.out: trials.csv, best.yaml (`raycell "
+                       "train --config best.yaml` reproduces the best trial) and tune_objective.png. "
+                       "See docs/tune.md.")
+    _common(s)
+    _flag(s, "--data", key="data.path", help="data set folder ({key})")
+    _flag(s, "--model", key="model.type", help="model type ({key}); see `raycell models`")
+    _flag(s, "--epochs", key="train.epochs", type=int, help="epochs per trial at most ({key}; ASHA's max_t)")
+    _flag(s, "--samples", key="tune.num_samples", type=int, help="trials ({key})")
+    _flag(s, "--concurrent", key="tune.max_concurrent_trials", type=int,
+          help="trials at once ({key}; 0 = as many as the cluster fits)")
+    _flag(s, "--metric", key="tune.metric", help="objective reported by the loop ({key}, e.g. val_auroc)")
+    _flag(s, "--mode", key="tune.mode", choices=["max", "min"], help="max or min the objective ({key})")
+    _flag(s, "--out", key="tune.out", help="search folder ({key})")
 
     s = sub.add_parser("infer", help="batch inference with Ray Data: latents and predictions to parquet")
     _common(s)

@@ -141,6 +141,9 @@ class SplitConfig:
     group_by: str = _f("well", "column whose values never straddle two splits (a well, a cell)")
     stratify: list = _f(["group", "batch"], "columns whose combinations are spread over the splits")
     fractions: list = _f([0.7, 0.1, 0.2], "train, val, test fractions of the seen groups")
+    val_batches: list = _f([], "seen batches held out whole as split 'valbatch' for model selection "
+                           "across batches (never trained on; the loop reports valbatch_auroc); names, or "
+                           "['auto:N'] for N seen batches picked by seed; empty = none")
 
 
 @dataclass
@@ -181,6 +184,9 @@ class TrainConfig:
                             "which is 1 for fractional CPUs)")
     log_every: int = _f(0, "print a line every N steps (0 = once per epoch)")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole split); for smoke runs")
+    composite_weight: float = _f(1.0, "weight w of the model-selection metric val_composite = val_auroc - "
+                                 "w * (val_batch_probe - chance): the phenotype AUROC on val minus how much "
+                                 "better than chance the val latents predict the training batch")
 
 
 @dataclass
@@ -242,6 +248,35 @@ class EvalConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Hyperparameter search (`raycell tune`): Optuna proposes, ASHA stops poor trials early."""
+
+    out: str = _f("runs/tune", "search folder: Tune's storage (search/), one Train run per trial "
+                  "(trials/), trials.csv, best.yaml, tune_objective.png")
+    space: dict = _f({}, "searched keys: dotted config key (loss.adv, train.lr, model.args.latent_dim) -> "
+                     "{dist: loguniform|uniform|randint, low: L, high: H} or {dist: choice, values: [..]}; "
+                     "randint's high is exclusive")
+    metric: str = _f("val_auroc", "objective: a metric the training loop reports every epoch (val_auroc, "
+                     "val_loss, ...); the last epoch's value of each trial counts")
+    mode: str = _f("max", "max or min: which way the objective is better")
+    num_samples: int = _f(8, "trials (sampled configurations)")
+    max_concurrent_trials: int = _f(0, "trials at once (0 = as many as the cluster's CPUs/GPUs fit, "
+                                    "counting scaling.* per trial plus 1 CPU for its data reads; more is "
+                                    "lowered to that)")
+    grace_period: int = _f(1, "ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: int = _f(2, "ASHA: at each rung only the best 1/reduction_factor of trials go on")
+    trial_cpus: float = _f(0.01, "CPUs reserved by each trial's driver (it only builds and watches its "
+                           "TorchTrainer; must be > 0)")
+
+
+# Distributions of tune.space and the keys each takes besides `dist`.
+TUNE_DISTS = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "randint": ("low", "high"),
+              "choice": ("values",)}
+# Keys a search may not vary: how the search itself runs, and train.epochs (ASHA's budget per trial).
+_TUNE_FIXED = ("tune.", "ray.", "train.epochs", "train.resume", "train.runs_dir")
+
+
+@dataclass
 class DemoConfig:
     """The one-command demo."""
 
@@ -266,6 +301,7 @@ class ExperimentConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def validate(self) -> "ExperimentConfig":
@@ -294,6 +330,7 @@ class ExperimentConfig:
         if self.data.shuffle_buffer and self.data.shuffle_buffer < self.data.batch_size:
             raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
                               f"data.batch_size ({self.data.batch_size})")
+        _check_tune(self.tune)
         return self
 
     def get(self, key: str) -> Any:
@@ -331,11 +368,106 @@ _AT_LEAST = {
     "data.block_size_mb": 1, "loss.recon": 0, "loss.cls": 0, "loss.adv": 0, "loss.cluster_latent": 0,
     "loss.cluster_image": 0, "loss.kl": 0, "train.epochs": 1, "train.weight_decay": 0,
     "train.checkpoints_to_keep": 1, "train.max_failures": -1, "train.torch_threads": 0, "train.log_every": 0,
-    "train.max_steps_per_epoch": 0, "scaling.num_workers": 1, "ray.num_cpus": 0, "ray.object_store_mb": 0,
+    "train.max_steps_per_epoch": 0, "train.composite_weight": 0,
+    "scaling.num_workers": 1, "ray.num_cpus": 0, "ray.object_store_mb": 0,
     "infer.num_actors": 1, "infer.num_gpus": 0, "infer.shards_per_round": 1, "infer.z_epochs": 1,
     "infer.z_patience": 1, "infer.z_batch_size": 1, "eval.max_cells": 1,
+    "tune.num_samples": 1, "tune.max_concurrent_trials": 0, "tune.grace_period": 1, "tune.reduction_factor": 2,
 }
-_POSITIVE = ["train.lr", "infer.cpus_per_actor", "infer.z_lr", "ray.connect_timeout_s"]
+_POSITIVE = ["tune.trial_cpus", "train.lr", "infer.cpus_per_actor", "infer.z_lr", "ray.connect_timeout_s"]
+
+
+def tune_key_type(key: str) -> Any:
+    """The declared type of a dotted key a search may vary; a key below a dict field (model.args.x) is Any.
+
+    Raises:
+        ConfigError: the key is not in the config (naming the valid keys there) or a search may not vary it.
+    """
+    if any(key == p or (p.endswith(".") and key.startswith(p)) for p in _TUNE_FIXED):
+        raise ConfigError(f"tune.space: '{key}' cannot be searched (tune.*, ray.*, train.resume and "
+                          "train.runs_dir are how the search runs; train.epochs is ASHA's per-trial maximum: "
+                          "set it, not search it)")
+    cls: Any = ExperimentConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            where = ".".join(parts[:i]) or "<root>"
+            raise ConfigError(f"tune.space: unknown config key '{key}'; valid keys in '{where}': "
+                              f"{', '.join(hints)}")
+        tp = hints[part]
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+            continue
+        if tp is dict and i < len(parts) - 1:
+            return Any  # model.args.latent_dim: builder arguments are checked when the model is built
+        if i < len(parts) - 1:
+            raise ConfigError(f"tune.space: unknown config key '{key}': '{'.'.join(parts[:i + 1])}' is a "
+                              f"{_type_name(tp)}, not a section")
+        return tp
+    raise ConfigError(f"tune.space: '{key}' is a section; name one of its keys, e.g. '{key}."
+                      f"{next(iter(typing.get_type_hints(cls)))}'")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _flatten_space(space: dict, prefix: str = "") -> dict:
+    """tune.space with sections (`{loss: {adv: {dist: ...}}}`, or `--set tune.space.loss.adv=...`) as dotted keys."""
+    out = {}
+    for k, v in space.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and "dist" not in v and all(isinstance(x, dict) for x in v.values()):
+            out.update(_flatten_space(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_tune(t: TuneConfig) -> None:
+    """tune.* checks that need no data: mode, and every tune.space entry's key, distribution and bounds."""
+    if t.mode not in ("max", "min"):
+        raise ConfigError(f"tune.mode must be 'max' or 'min', got {t.mode!r}")
+    if not t.metric:
+        raise ConfigError("tune.metric is empty; name a metric the loop reports (e.g. val_auroc, val_loss)")
+    t.space = _flatten_space(t.space)
+    for key, spec in t.space.items():
+        where = f"tune.space.{key}"
+        tune_key_type(str(key))
+        if not isinstance(spec, dict) or "dist" not in spec:
+            raise ConfigError(f"{where} must be a mapping with 'dist' (e.g. {{dist: loguniform, low: 1e-4, "
+                              f"high: 1e-2}}), got {spec!r}")
+        dist = spec["dist"]
+        if dist not in TUNE_DISTS:
+            raise ConfigError(f"{where}: unknown distribution {dist!r}; use one of {', '.join(TUNE_DISTS)}")
+        want = set(TUNE_DISTS[dist])
+        got = set(spec) - {"dist"}
+        if got != want:
+            raise ConfigError(f"{where}: {dist} takes {', '.join(sorted(want))}, got "
+                              f"{', '.join(sorted(got)) or 'nothing'}")
+        if dist == "choice":
+            vals = spec["values"]
+            if not isinstance(vals, list) or not vals or not all(
+                    v is None or isinstance(v, (bool, int, float, str)) for v in vals):
+                raise ConfigError(f"{where}: choice needs a non-empty list of plain values (numbers, strings, "
+                                  f"true/false), got {vals!r}")
+            continue
+        low, high = spec["low"], spec["high"]
+        if dist in ("uniform", "loguniform"):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                low, high = (float(v) if isinstance(v, str) else v for v in (low, high))
+            except ValueError:
+                pass
+        if not (_is_number(low) and _is_number(high)):
+            raise ConfigError(f"{where}: low and high must be numbers, got low={low!r}, high={high!r}")
+        if dist == "randint" and not (isinstance(low, int) and isinstance(high, int)):
+            raise ConfigError(f"{where}: randint needs integer low and high, got low={low!r}, high={high!r}")
+        if not low < high:
+            raise ConfigError(f"{where}: low ({low}) must be smaller than high ({high})")
+        if dist == "loguniform" and not low > 0:
+            raise ConfigError(f"{where}: loguniform needs low > 0, got {low}")
+        spec["low"], spec["high"] = low, high
 
 
 def _type_name(tp: Any) -> str:

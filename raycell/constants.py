@@ -33,7 +33,9 @@ METADATA_COLUMNS = (BATCH, PLATE, WELL, FIELD, GROUP, LABEL, SPLIT, SOURCE, CENT
 
 # Split values. "" means "not assigned yet" (before `raycell split`).
 TRAIN, VAL, TEST, UNSEEN = "train", "val", "test", "unseen"
-SPLITS = (TRAIN, VAL, TEST, UNSEEN)
+# Seen batches held out whole for model selection (leave-one-batch-out validation; `split.val_batches`).
+VALBATCH = "valbatch"
+SPLITS = (TRAIN, VAL, TEST, UNSEEN, VALBATCH)
 UNASSIGNED = ""
 
 # Data set folder layout.

@@ -46,9 +46,12 @@ def run_split(cfg: ExperimentConfig) -> dict:
     from raycell.data.splits import split_dataset
 
     m = split_dataset(cfg.data.path, unseen=list(cfg.split.unseen), group_by=cfg.split.group_by,
-                      stratify=list(cfg.split.stratify), fractions=list(cfg.split.fractions), seed=cfg.seed)
+                      stratify=list(cfg.split.stratify), fractions=list(cfg.split.fractions), seed=cfg.seed,
+                      val_batches=list(cfg.split.val_batches))
+    vb = m["split_params"].get("val_batches")
     print(f"[raycell] split {Path(cfg.data.path).absolute()}: {m['counts_per_split']} "
-          f"(unseen batches: {m['split_params']['unseen']})", flush=True)
+          f"(unseen batches: {m['split_params']['unseen']}"
+          f"{f'; validation batches: {vb}' if vb else ''})", flush=True)
     return m
 
 
@@ -57,6 +60,16 @@ def run_train(cfg: ExperimentConfig) -> dict:
     from raycell.train.trainer import train
 
     return train(cfg)
+
+
+def run_tune(cfg: ExperimentConfig) -> dict:
+    """Hyperparameter search over `cfg.tune.space` (Ray Tune: Optuna + ASHA, one Ray Train run per trial).
+
+    Returns {"out", "trials_csv", "best_yaml", "plot", "best", "trials"}; see `raycell.tune.run_search`.
+    """
+    from raycell.tune import run_search
+
+    return run_search(cfg)
 
 
 def run_infer(cfg: ExperimentConfig) -> dict:

@@ -62,6 +62,19 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_valbatch_data(tiny_data, tmp_path_factory) -> Path:
+    """The tiny data set re-split with one seen batch held out whole as `valbatch` (read-only for tests)."""
+    import shutil
+
+    from raycell.data.splits import split_dataset
+
+    out = tmp_path_factory.mktemp("data") / "tiny_valbatch"
+    shutil.copytree(tiny_data, out)
+    split_dataset(str(out), val_batches=["auto:1"])
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray per test session (starting Ray costs ~5-7 s)."""
     import ray

@@ -84,3 +84,54 @@ def test_loaded_checkpoint_is_the_model_that_was_saved(tiny_data, tmp_path, monk
         torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
         # the comparison can tell models apart: the first epoch's weights give other outputs
         assert not torch.allclose(saved[0](x).latent, want.latent)
+
+
+def test_history_file_appends_and_last_write_wins(tmp_path):
+    from raycell.train.history import append_epoch, read_history
+
+    f = tmp_path / "run" / "history.jsonl"
+    assert read_history(f) == []
+    append_epoch(f, {"epoch": 0, "val_auroc": 0.5})
+    append_epoch(f, {"epoch": 1, "val_auroc": float("nan")})
+    with open(f, "ab") as fh:  # a worker killed mid-line
+        fh.write(b'{"epoch": 2, "val_au')
+    append_epoch(f, {"epoch": 1, "val_auroc": 0.7})  # a restarted run re-runs epoch 1
+    append_epoch(f, {"epoch": 2, "val_auroc": 0.8})
+    h = read_history(f)
+    assert [r["epoch"] for r in h] == [0, 1, 2]
+    assert [r["val_auroc"] for r in h] == [0.5, 0.7, 0.8]
+    assert len(f.read_text().splitlines()) == 5  # appended, never rewritten
+
+
+def test_valbatch_metrics_and_history(tiny_valbatch_data, tmp_path):
+    from raycell.formats.shards import open_dataset
+    from raycell.train.history import read_history
+
+    cfg = load_config(None, tiny_overrides(tiny_valbatch_data, tmp_path, epochs=2)
+                      + ["train.max_steps_per_epoch=2", "train.composite_weight=0.5"])
+    ctx, setup = _ctx(cfg, tmp_path)
+    assert setup["valbatch"]
+    vb = open_dataset(tiny_valbatch_data).manifest["split_params"]["val_batches"]
+    assert vb and not set(vb) & set(setup["batches"]["values"])  # never a training batch (Z row all zero)
+    run_training(ctx, cfg, setup, history_file=str(tmp_path / "history.jsonl"))
+    h = ctx.history[-1]
+    for key in ("valbatch_auroc", "valbatch_loss", "valbatch_acc", "val_batch_probe",
+                "val_batch_probe_chance", "val_composite"):
+        assert key in h, key
+    assert 0 <= h["valbatch_auroc"] <= 1 and 0 <= h["val_batch_probe"] <= 1
+    assert h["val_batch_probe_chance"] == pytest.approx(1 / len(setup["batches"]["values"]), abs=0.15)
+    assert h["val_composite"] == pytest.approx(
+        h["val_auroc"] - 0.5 * (h["val_batch_probe"] - h["val_batch_probe_chance"]))
+    assert h["valbatch_loss"] != h["val_loss"]
+    rec = read_history(tmp_path / "history.jsonl")
+    assert [r["epoch"] for r in rec] == [0, 1] and rec[-1]["valbatch_auroc"] == h["valbatch_auroc"]
+
+
+def test_no_valbatch_split_no_valbatch_metrics(tiny_data, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, epochs=1) + ["train.max_steps_per_epoch=2"])
+    ctx, setup = _ctx(cfg, tmp_path)
+    assert not setup["valbatch"]
+    run_training(ctx, cfg, setup)
+    h = ctx.history[-1]
+    assert not any(k.startswith("valbatch_") for k in h)
+    assert "val_composite" in h and "val_batch_probe" in h

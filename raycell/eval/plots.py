@@ -52,18 +52,31 @@ def pca_plot(latents: np.ndarray, labels: np.ndarray, batches: np.ndarray, path:
 
 
 def training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
-    """Train/val loss and val AUROC per epoch from a run's metrics history."""
+    """Losses (left) and model-selection metrics (right) per epoch from a run's metrics history.
+
+    Right panel: val AUROC, and where recorded the held-out validation batches' AUROC (`valbatch_auroc`),
+    the composite `val_composite` and the val latents' batch-probe accuracy. An epoch lacking a key is a
+    gap in its line.
+    """
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     ep = [h["epoch"] for h in history]
-    for key in ("train_loss", "val_loss", "train_mse", "val_mse"):
-        if all(key in h for h in history):
-            axes[0].plot(ep, [h[key] for h in history], marker="o", label=key)
+
+    def _series(key):
+        return [h.get(key, float("nan")) for h in history]
+
+    for key in ("train_loss", "val_loss", "valbatch_loss", "train_mse", "val_mse"):
+        if any(key in h for h in history):
+            axes[0].plot(ep, _series(key), marker="o", label=key)
     axes[0].set_xlabel("epoch")
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
-    if all("val_auroc" in h for h in history):
-        axes[1].plot(ep, [h["val_auroc"] for h in history], marker="o")
+    shown = [k for k in ("val_auroc", "valbatch_auroc", "val_composite", "val_batch_probe")
+             if any(k in h for h in history)]
+    for key in shown:
+        axes[1].plot(ep, _series(key), marker="o", label=key)
     axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("val AUROC")
+    axes[1].set_ylabel("val AUROC" if shown == ["val_auroc"] else "model selection")
+    if len(shown) > 1:
+        axes[1].legend(fontsize=8)
     return _save(plt, fig, path, title)

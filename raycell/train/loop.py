@@ -1,10 +1,19 @@
 """The training loop: one readable loop for every model type, run on each Ray Train worker.
 
 Per epoch: stream the worker's training minibatches through the plan's `training_step`, `validate` on
-the whole validation split, then report metrics (every term of the plan's `LossOutput`, by name) and a
-checkpoint (model, optimiser state, model args, data spec, category maps, config). On start it resumes
-from the latest checkpoint if Ray Train hands it one (a worker-group restart after a failure, or
-`raycell train --resume`).
+the whole validation split (and on the held-out validation batches, split `valbatch`, when the data set
+has them), then report metrics (every term of the plan's `LossOutput`, by name) and a checkpoint (model,
+optimiser state, model args, data spec, category maps, config). Rank 0 also appends the epoch's metrics
+to the run's `history.jsonl` (`raycell.train.history`): Ray keeps only the checkpointed reports. On start
+it resumes from the latest checkpoint if Ray Train hands it one (a worker-group restart after a failure,
+or `raycell train --resume`).
+
+Model-selection metrics (what a search can optimise), besides `val_auroc`:
+* `valbatch_auroc`, `valbatch_loss`, ...: the `val_*` metrics on whole seen batches never trained on
+  (leave-one-batch-out validation); their Z rows are all zeros, as for unseen batches.
+* `val_batch_probe`: cross-validated accuracy of a logistic regression predicting the training batch from
+  the val latents (<= 2000 cells), `val_batch_probe_chance` its majority-batch level;
+* `val_composite = val_auroc - train.composite_weight * (val_batch_probe - val_batch_probe_chance)`.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ from raycell.models import build_plan, create_model
 from raycell.models.random_effects import one_hot_design
 from raycell.plans import TrainingPlan
 from raycell.train.context import RayTrainContext, TrainContext
+from raycell.train.history import append_epoch
+
+PROBE_MAX_CELLS = 2000  # the per-epoch batch probe stays cheap (a few 3-fold logistic regressions)
 
 
 def model_kwargs(cfg: ExperimentConfig, spec: DataSpec, labels: CategoryMap, batch_map: CategoryMap,
@@ -38,8 +50,12 @@ def model_kwargs(cfg: ExperimentConfig, spec: DataSpec, labels: CategoryMap, bat
 
 
 def validate(model: torch.nn.Module, plan: TrainingPlan, minibatches, spec: DataSpec,
-             n_batches: int) -> dict[str, float]:
-    """Mean loss terms, AUROC and accuracy over an iterable of minibatches (model in eval mode)."""
+             n_batches: int, prefix: str = "val", latents: list | None = None) -> dict[str, float]:
+    """Mean loss terms, AUROC and accuracy over an iterable of minibatches (model in eval mode).
+
+    Metric names are `<prefix>_<term>`, `<prefix>_acc`, `<prefix>_auroc`. With `latents` (a list), the
+    latents and batch codes of the cells are appended to it as (N, D) / (N,) array pairs.
+    """
     from sklearn.metrics import roc_auc_score
 
     model.eval()
@@ -55,22 +71,48 @@ def validate(model: torch.nn.Module, plan: TrainingPlan, minibatches, spec: Data
         n += k
         ys.append(y.cpu().numpy())
         ps.append(label_prob(out.logits).cpu().numpy())
+        if latents is not None:
+            latents.append((out.latent.detach().float().cpu().numpy(), batch["b"].cpu().numpy()))
     if n == 0:
         return {}
-    res = {f"val_{k}": v / n for k, v in sums.items()}
+    res = {f"{prefix}_{k}": v / n for k, v in sums.items()}
     y, p = np.concatenate(ys), np.concatenate(ps)
     pred = p >= 0.5 if p.ndim == 1 else p.argmax(1)
-    res["val_acc"] = float((pred == y).mean())
+    res[f"{prefix}_acc"] = float((pred == y).mean())
     try:
-        res["val_auroc"] = float(roc_auc_score(y, p) if p.ndim == 1 else
-                                 roc_auc_score(y, p, multi_class="ovr"))
-    except ValueError:  # one class only in the validation split
-        res["val_auroc"] = float("nan")
+        res[f"{prefix}_auroc"] = float(roc_auc_score(y, p) if p.ndim == 1 else
+                                       roc_auc_score(y, p, multi_class="ovr"))
+    except ValueError:  # one class only in the split
+        res[f"{prefix}_auroc"] = float("nan")
     return res
 
 
-def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict) -> dict:
-    """Train `cfg.model.type` for `cfg.train.epochs`, reporting through `ctx`; returns the last metrics."""
+def batch_probe(latents: list, seed: int = 0, max_cells: int = PROBE_MAX_CELLS) -> dict[str, float]:
+    """How well the val latents predict their training batch: `val_batch_probe` and its chance level.
+
+    A model that keeps the batch in its latents can use it as a shortcut for the phenotype; this is the
+    latent metric `raycell evaluate` reports (`batch_probe_accuracy`), on a fixed-seed subsample.
+    """
+    from raycell.eval.latent import batch_probe_accuracy
+
+    if not latents:
+        return {}
+    z = np.concatenate([a for a, _ in latents])
+    b = np.concatenate([c for _, c in latents])
+    if len(b) > max_cells:
+        keep = np.sort(np.random.default_rng(seed).choice(len(b), size=max_cells, replace=False))
+        z, b = z[keep], b[keep]
+    probe = batch_probe_accuracy(z, b, cv=3, seed=seed)
+    return {"val_batch_probe": probe["batch_probe_acc"], "val_batch_probe_chance": probe["chance"]}
+
+
+def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_file: str | None = None
+                 ) -> dict:
+    """Train `cfg.model.type` for `cfg.train.epochs`, reporting through `ctx`; returns the last metrics.
+
+    `setup["valbatch"]` true: also validate on the `valbatch` split. `history_file`: rank 0 appends
+    each epoch's metrics there (JSON lines).
+    """
     spec = DataSpec.from_dict(setup["data_spec"])
     labels = CategoryMap.from_dict(setup["labels"])
     batch_map = CategoryMap.from_dict(setup["batches"])  # imaging batches: the columns of Z
@@ -121,7 +163,17 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict) -> dict:
                                f"data.batch_size ({cfg.data.batch_size}); lower it or add data")
         metrics = {"epoch": epoch, "steps": steps, **{f"train_{k}": v / steps for k, v in sums.items()}}
         val = ctx.minibatches("val", epoch, train=False)
-        metrics.update(validate(model, plan, val, spec, len(batch_map)))
+        # Only rank 0's metrics are reported: the other ranks skip the probe's regressions.
+        lat: list | None = [] if ctx.rank == 0 else None
+        metrics.update(validate(model, plan, val, spec, len(batch_map), latents=lat))
+        if lat:
+            metrics.update(batch_probe(lat, seed=cfg.seed))
+            if "val_auroc" in metrics and "val_batch_probe" in metrics:
+                excess = metrics["val_batch_probe"] - metrics["val_batch_probe_chance"]
+                metrics["val_composite"] = metrics["val_auroc"] - cfg.train.composite_weight * excess
+        if setup.get("valbatch"):  # whole seen batches never trained on: codes -1, Z rows all zero
+            vb = ctx.minibatches("valbatch", epoch, train=False)
+            metrics.update(validate(model, plan, vb, spec, len(batch_map), prefix="valbatch"))
         metrics["epoch_time_s"] = time.time() - t0
         with tempfile.TemporaryDirectory(prefix="raycell-ckpt-") as d:
             ck = None
@@ -130,6 +182,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict) -> dict:
                                          batches=batch_map, config=cfg.to_dict(), metrics=metrics))
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
                 print(f"[raycell] {shown}", flush=True)
+                if history_file:  # before the report: a run killed in between re-runs the epoch
+                    append_epoch(history_file, metrics)
             ctx.report(metrics, ck)
     return metrics
 
@@ -142,4 +196,4 @@ def train_loop_per_worker(config: dict) -> dict:
                           CategoryMap.from_dict(setup["batches"]))
     ctx = RayTrainContext(collate, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.shuffle_buffer,
                           cfg.data.prefetch_batches)
-    return run_training(ctx, cfg, setup)
+    return run_training(ctx, cfg, setup, history_file=config.get("history_file"))

@@ -1,7 +1,8 @@
 """`raycell train`: wire a config into a Ray Train `TorchTrainer` fed by Ray Data, and fit it.
 
 The run folder is `<train.runs_dir>/<name>-<timestamp>/` (Ray's storage for this run): it holds the
-resolved `config.yaml`, Ray's `checkpoint_*` folders and, at the end, `metrics.json` with every epoch.
+resolved `config.yaml`, Ray's `checkpoint_*` folders, `history.jsonl` (every epoch's metrics, appended by
+the loop's rank 0 as it goes) and, at the end, `metrics.json` with every epoch.
 `train.resume=<run folder>` re-runs under the same Ray run name, which makes Ray hand the loop its latest
 checkpoint. A resumed run keeps the config recorded in its `config.yaml` (`resume_config`): only the keys
 in `RESUME_MAY_CHANGE` may differ, and the record is rewritten only after the resumed run succeeds.
@@ -19,11 +20,12 @@ from raycell.data.dataset import ray_datasets
 from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
 from raycell.formats.spec import DataSpec
+from raycell.train.history import HISTORY_FILE, read_history
 from raycell.utils.io import atomic_write_json, new_run_dir
 
 # Keys a resumed run may change (prefixes end with "."): how long and where it runs, not what it learns.
 RESUME_MAY_CHANGE = ("train.epochs", "train.max_failures", "train.checkpoints_to_keep", "train.log_every",
-                     "train.torch_threads", "ray.", "scaling.")
+                     "train.torch_threads", "train.composite_weight", "ray.", "scaling.")
 # Keys training does not read: a resume ignores them and keeps the run's values.
 RESUME_IGNORED = ("name", "train.runs_dir", "train.resume", "synth.", "ingest.", "split.", "infer.", "eval.",
                   "demo.")
@@ -122,7 +124,11 @@ def check_train(cfg: ExperimentConfig) -> None:
 
 
 def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
-    """Data spec and vocabularies for a run (labels from the manifest, batches = training batches)."""
+    """Data spec and vocabularies for a run (labels from the manifest, batches = training batches).
+
+    `valbatch` is true when the data set has held-out validation batches (`split.val_batches`): the loop
+    then validates on them too, and `build_trainer` hands Ray Train that split.
+    """
     ds = _training_data(cfg)
     meta = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH)
     setup = {
@@ -134,24 +140,27 @@ def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
         # per-channel mean intensity in [0, 1]: initialises the decoder output (see TiedDecoder.init_output)
         "channel_means": [ds.manifest["channel_stats"][c]["mean"] * DataSpec.from_dataset(ds).scale
                           for c in ds.manifest["channel_names"]] if ds.manifest.get("channel_stats") else None,
+        "valbatch": bool(ds.manifest.get("counts_per_split", {}).get(K.VALBATCH)),
     }
     return setup, ds
 
 
 def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbacks: list | None = None):
-    """A TorchTrainer for `cfg` writing into `run_dir`."""
+    """A TorchTrainer for `cfg` writing into `run_dir` (every epoch's metrics to `run_dir/history.jsonl`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from raycell.train.loop import train_loop_per_worker
 
-    datasets = ray_datasets(ds, (K.TRAIN, K.VAL), block_size_mb=cfg.data.block_size_mb)
+    splits = (K.TRAIN, K.VAL, K.VALBATCH) if setup.get("valbatch") else (K.TRAIN, K.VAL)
+    datasets = ray_datasets(ds, splits, block_size_mb=cfg.data.block_size_mb)
     sc = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "setup": setup},
+        train_loop_config={"cfg": cfg.to_dict(), "setup": setup,
+                           "history_file": str(Path(run_dir).absolute() / HISTORY_FILE)},
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[K.TRAIN]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[K.TRAIN]),  # val, valbatch: all rows each
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                                resources_per_worker=dict(sc.resources_per_worker) or None),
         run_config=ray.train.RunConfig(
@@ -160,6 +169,22 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
+
+
+def run_history(run_dir: str | Path, result=None) -> list[dict]:
+    """Every epoch's metrics of a run, in epoch order: its `history.jsonl`, completed from Ray's result.
+
+    `result.metrics_dataframe` holds only the epochs whose checkpoints are kept; it fills epochs the file
+    lacks (a run folder from before the file existed, or a rank 0 whose writes did not reach `run_dir`).
+    """
+    by_epoch = {}
+    if result is not None and result.metrics_dataframe is not None:
+        for rec in result.metrics_dataframe.to_dict(orient="records"):
+            if isinstance(rec.get("epoch"), (int, float)) and rec["epoch"] == rec["epoch"]:  # not NaN
+                by_epoch[int(rec["epoch"])] = rec
+    for rec in read_history(Path(run_dir) / HISTORY_FILE):
+        by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def _single_node() -> bool:
@@ -190,9 +215,7 @@ def train(cfg: ExperimentConfig) -> dict:
     result = build_trainer(cfg, run_dir, setup, ds).fit()
     if cfg.train.resume:  # the record changes only when the resumed run succeeded (e.g. more epochs)
         save_config(cfg, run_dir / "config.yaml")
-    history = []
-    if result.metrics_dataframe is not None:
-        history = result.metrics_dataframe.to_dict(orient="records")
+    history = run_history(run_dir, result)
     out = {"run_dir": str(run_dir), "checkpoint": result.checkpoint.path if result.checkpoint else None,
            "metrics": result.metrics, "history": history, "model_type": cfg.model.type}
     atomic_write_json(run_dir / "metrics.json", out)

@@ -1,0 +1,377 @@
+"""`raycell tune`: a Ray Tune search over any config keys, Optuna proposing and ASHA stopping early.
+
+The space is `tune.space` (dotted config key -> distribution, checked by `ExperimentConfig.validate`). Each
+Tune trial is a light driver function (`_trial`) that applies its sampled values to the config and fits
+one Ray Train `TorchTrainer` (`raycell.train.trainer.build_trainer`, the same trainer `raycell train`
+builds) with `TuneReportCallback`, so every epoch the loop reports is a Tune result that ASHA and Optuna
+see (the Ray 2.60 Train V2 pattern; `Tuner(trainer)` no longer works). Each trial's Train run is named
+`train-<trial id>` with no timestamp, so a restored search finds its runs again.
+
+The search folder (`tune.out`) holds Tune's storage (`search/`), the trials' Train runs (`trials/`), and at
+the end `trials.csv` (one row per trial: sampled values, objective, epochs run, status), `best.yaml` (the
+best trial's full config: `raycell train --config best.yaml` reproduces it) and `tune_objective.png`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from raycell.config import ConfigError, ExperimentConfig, _set_nested, save_config, tune_key_type
+
+SEARCH = "search"  # Tune's experiment folder under tune.out
+TRIALS = "trials"  # the trials' Train runs under tune.out
+# Keys Tune adds to every result: left out when listing what the loop reported
+_TUNE_KEYS = {"training_iteration", "time_this_iter_s", "done", "timestamp", "trial_id", "date", "hostname",
+              "node_ip", "pid", "time_total_s", "time_since_restore", "iterations_since_restore",
+              "checkpoint_dir_name", "checkpoint_path", "should_checkpoint", "experiment_tag",
+              "timesteps_total", "episodes_total", "timesteps_since_restore", "episode_reward_mean",
+              "experiment_id"}
+
+
+def apply_params(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
+    """A copy of `cfg` with the dotted keys of `params` set, type-checked and validated like a config file.
+
+    Raises:
+        ConfigError: a value does not fit its key (wrong type or range).
+    """
+    d = cfg.to_dict()
+    for key, value in params.items():
+        if hasattr(value, "item"):  # numpy scalars from a sampler
+            value = value.item()
+        _set_nested(d, key.split("."), value)
+    return ExperimentConfig.from_dict(d)
+
+
+def _probe_values(spec: dict) -> list:
+    """The values of a space entry that bound what it can sample (choice: all of them)."""
+    if spec["dist"] == "choice":
+        return list(spec["values"])
+    if spec["dist"] == "randint":
+        return [spec["low"], spec["high"] - 1]
+    return [spec["low"], spec["high"]]
+
+
+def check_tune(cfg: ExperimentConfig) -> Path:
+    """What `tune` can check before Ray starts; returns the absolute search folder.
+
+    The space is not empty; every value it can sample fits its key (type and range); the model, preset and
+    data set are usable (`check_train`); `tune.out` is new or empty.
+
+    Raises:
+        ConfigError: naming the key and what to do.
+    """
+    from raycell.train.trainer import check_train
+
+    t = cfg.tune
+    if not t.space:
+        raise ConfigError("tune.space is empty: declare at least one searched key, e.g. "
+                          "tune.space: {loss.adv: {dist: loguniform, low: 0.01, high: 1.0}}")
+    if cfg.train.resume:
+        raise ConfigError("train.resume is set: a search trains new models; drop train.resume (--resume)")
+    for key, spec in t.space.items():
+        tune_key_type(key)
+        for v in _probe_values(spec):
+            try:
+                apply_params(cfg, {key: v})
+            except ConfigError as exc:
+                raise ConfigError(f"tune.space.{key}: {spec['dist']} can sample {v!r}, which the config "
+                                  f"refuses: {exc}") from None
+    check_train(cfg)
+    for v in _probe_values(t.space.get("model.type", {"dist": "choice", "values": []})):
+        check_train(apply_params(cfg, {"model.type": v}))
+    out = Path(os.path.abspath(os.path.expanduser(t.out)))
+    data = Path(os.path.abspath(cfg.data.path))
+    if out == data or data in out.parents or out in data.parents:
+        raise ConfigError(f"tune.out {out} overlaps the data set {data}; choose a folder outside it")
+    near = out
+    while not near.exists():
+        near = near.parent
+    if not near.is_dir():
+        raise ConfigError(f"tune.out {out}: {near} is a file, not a folder; choose a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        what = ("already holds a search (search/)" if (out / SEARCH).exists()
+                else "already holds files raycell did not write")
+        raise ConfigError(f"tune.out {out} {what}; choose a new or empty folder (--out)")
+    return out
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one trial holds while it trains: its driver plus its Train workers (as Ray Train asks for them)."""
+    sc = cfg.scaling
+    per_worker = dict(sc.resources_per_worker) or {"CPU": 1.0}
+    per_worker.setdefault("CPU", 1.0)
+    if sc.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    res = {k: float(v) * sc.num_workers for k, v in per_worker.items() if v}
+    res["CPU"] = res.get("CPU", 0.0) + cfg.tune.trial_cpus
+    return res
+
+
+def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[int, int]:
+    """(trials to run at once, how many the cluster fits); each trial counts 1 more CPU for its data reads.
+
+    Raises:
+        ConfigError: not even one trial fits the cluster.
+    """
+    need = trial_resources(cfg)
+    need["CPU"] += 1.0  # Ray Data read tasks: without slack they starve and the trial hangs
+    fits = min(int(cluster.get(k, 0.0) // v) for k, v in need.items() if v > 0)
+    if fits < 1:
+        have = {k: cluster.get(k, 0.0) for k in need}
+        raise ConfigError(f"one trial needs {need} (scaling.* x workers + tune.trial_cpus + 1 CPU for data "
+                          f"reads) but the cluster has {have}; lower scaling.num_workers or "
+                          "scaling.resources_per_worker, or add nodes")
+    want = cfg.tune.max_concurrent_trials or fits
+    return max(1, min(want, fits, cfg.tune.num_samples)), fits
+
+
+def search_space(space: dict) -> dict:
+    """`tune.space` as Ray Tune domains."""
+    import ray.tune
+
+    make = {"loguniform": lambda s: ray.tune.loguniform(s["low"], s["high"]),
+            "uniform": lambda s: ray.tune.uniform(s["low"], s["high"]),
+            "randint": lambda s: ray.tune.randint(s["low"], s["high"]),
+            "choice": lambda s: ray.tune.choice(s["values"])}
+    return {key: make[spec["dist"]](spec) for key, spec in space.items()}
+
+
+def _trial(params: dict, base: dict, setup: dict, trials_dir: str) -> None:
+    """One Tune trial: apply the sampled values and fit one TorchTrainer, reporting every epoch to Tune.
+
+    The Train run's name is `train-<trial id>`: stable across a restored search, so that Ray Train finds
+    the run's checkpoints again (no timestamp in it).
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raycell.formats.shards import open_dataset
+    from raycell.train.trainer import build_trainer
+
+    cfg = apply_params(ExperimentConfig.from_dict(base), params)
+    run_dir = Path(trials_dir) / f"train-{ray.tune.get_context().get_trial_id()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    build_trainer(cfg, run_dir, setup, open_dataset(cfg.data.path), callbacks=[TuneReportCallback()]).fit()
+
+
+def _metric_watch(metric: str):
+    """A Tune stopper that ends the whole search at the first result without `metric` (a typo'd metric
+    would otherwise cost the full search before the error)."""
+    import ray.tune
+
+    class MetricWatch(ray.tune.Stopper):
+        def __init__(self):
+            self.missing = False
+
+        def __call__(self, trial_id, result):
+            if metric not in result:
+                self.missing = True
+            return self.missing
+
+        def stop_all(self):
+            return self.missing
+
+    return MetricWatch()
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _trial_rows(grid, keys: list[str], metric: str, mode: str, max_epochs: int) -> tuple[list[dict], set]:
+    """One row per trial (in trial order) and every metric name the trials reported."""
+    rows, reported = [], set()
+    for r in grid:
+        df = r.metrics_dataframe
+        hist = df.to_dict(orient="records") if df is not None else []
+        for h in hist:
+            reported.update(k for k in h if k not in _TUNE_KEYS and not k.startswith("config/"))
+        vals = [h[metric] for h in hist if _finite(h.get(metric))]
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        epochs = len(hist)
+        status = ("error" if r.error else "completed" if epochs >= max_epochs else "stopped")
+        best_of = max if mode == "max" else min
+        num = re.match(r"_?trial_[0-9a-f]+_(\d+)_", Path(r.path).name)  # Tune numbers trials as it starts them
+        row = {"trial": int(num.group(1)) if num else 10**9, "trial_id": trial_id,
+               **{k: r.config.get(k) for k in keys},
+               "objective": hist[-1].get(metric, float("nan")) if hist else float("nan"),
+               "best_epoch_objective": best_of(vals) if vals else float("nan"),
+               "epochs_run": epochs, "status": status,
+               "error": str(r.error).strip().splitlines()[0][:200] if r.error else "",
+               "tune_dir": r.path}
+        rows.append(row)
+    rows.sort(key=lambda row: (row["trial"], row["trial_id"]))
+    for i, row in enumerate(rows, 1):
+        row["trial"] = i
+    return rows, reported
+
+
+def objective_plot(rows: list[dict], space: dict, metric: str, mode: str, path: Path,
+                   best: dict | None) -> Path:
+    """Objective over trials (with the best so far) and against each searched key; the best trial starred."""
+    import numpy as np
+
+    from raycell.eval.plots import _plt, _save
+
+    plt = _plt()
+    keys = list(space)
+    n = 1 + len(keys)
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.6 * nrows), squeeze=False)
+    axes = axes.ravel()
+    colors = {"completed": "tab:blue", "stopped": "tab:orange", "error": "tab:red"}
+    y = np.array([r["objective"] if _finite(r["objective"]) else np.nan for r in rows], dtype=float)
+    ax = axes[0]
+    idx = np.array([r["trial"] for r in rows])
+    for status, c in colors.items():
+        m = np.array([r["status"] == status for r in rows]) & np.isfinite(y)
+        if m.any():
+            ax.scatter(idx[m], y[m], c=c, label=status, zorder=3)
+    if np.isfinite(y).any():
+        fill = np.where(np.isfinite(y), y, -np.inf if mode == "max" else np.inf)
+        so_far = np.maximum.accumulate(fill) if mode == "max" else np.minimum.accumulate(fill)
+        ok = np.isfinite(so_far)
+        ax.step(idx[ok], so_far[ok], where="post", color="0.4", lw=1, label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"{metric} (last epoch)")
+    ax.set_title(f"{metric} over trials ({mode})")
+    ax.set_xticks(idx)
+    ax.legend(fontsize=8)
+    for ax, key in zip(axes[1:], keys, strict=False):
+        spec = space[key]
+        xs = [r[key] for r in rows]
+        if spec["dist"] == "choice":
+            labels = [str(v) for v in spec["values"]]
+            pos = [labels.index(str(v)) if str(v) in labels else np.nan for v in xs]
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        else:
+            pos = [float(v) if v is not None else np.nan for v in xs]
+            lo, hi = float(spec["low"]), float(spec["high"])
+            if spec["dist"] == "loguniform":
+                ax.set_xscale("log")
+                ticks = np.geomspace(lo, hi, 4)
+                pad = (hi / lo) ** 0.04
+                ax.set_xlim(lo / pad, hi * pad)
+            else:
+                ticks = np.linspace(lo, hi, 4)
+                pad = (hi - lo) * 0.04
+                ax.set_xlim(lo - pad, hi + pad)
+            ax.minorticks_off()  # log axes label minor ticks over a narrow range: unreadable
+            ax.set_xticks(ticks, [f"{v:.2g}" for v in ticks])
+        pos = np.array(pos, dtype=float)
+        for status, c in colors.items():
+            m = np.array([r["status"] == status for r in rows]) & np.isfinite(y) & np.isfinite(pos)
+            if m.any():
+                ax.scatter(pos[m], y[m], c=c, zorder=3)
+        if best is not None and best.get(key) is not None:
+            bx = (labels.index(str(best[key])) if spec["dist"] == "choice" else float(best[key]))
+            ax.scatter([bx], [best["objective"]], marker="*", s=220, facecolor="gold", edgecolor="k",
+                       zorder=4, label="best")
+            ax.legend(fontsize=8, loc="best")
+        ax.set_xlabel(f"{key} ({spec['dist']}, searched range)")
+        ax.set_ylabel(metric)
+        ax.set_title(key)
+    for ax in axes[n:]:
+        ax.axis("off")
+    return _save(plt, fig, path, f"raycell tune: {len(rows)} trials, objective {metric} ({mode})")
+
+
+def run_search(cfg: ExperimentConfig) -> dict:
+    """Run the search of `cfg.tune` (Ray initialised); returns {out, trials_csv, best_yaml, plot, best, trials}.
+
+    Raises:
+        ConfigError: the space, data or folder fail `check_tune`; no trial fits the cluster; the metric
+            `tune.metric` was never reported (the message lists what was).
+    """
+    import pandas as pd
+    import ray
+    import ray.train
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raycell.train.trainer import training_setup
+    from raycell.utils.io import atomic_write_text
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.path = str(Path(cfg.data.path).absolute())  # trials and workers chdir: paths must be absolute
+    out = check_tune(cfg)
+    t = cfg.tune
+    conc, fits = max_concurrent(cfg, ray.cluster_resources())
+    if t.max_concurrent_trials > fits:
+        print(f"[raycell] tune.max_concurrent_trials={t.max_concurrent_trials} lowered to {fits}: the cluster "
+              f"fits {fits} trial(s) of {trial_resources(cfg)} (+1 CPU each for data reads)", flush=True)
+    setup, ds = training_setup(cfg)
+    base = copy.deepcopy(cfg)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not base.train.torch_threads and len(nodes) == 1:  # one machine: share its cores between trials
+        base.train.torch_threads = max(1, (os.cpu_count() or 1) // (conc * cfg.scaling.num_workers))
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    print(f"[raycell] tune: {t.num_samples} trial(s) of {cfg.model.type} over {', '.join(t.space)}, "
+          f"{conc} at once, objective {t.metric} ({t.mode}) -> {out}", flush=True)
+
+    # Tune's strict check raises a bare ValueError from its controller on a result without the metric;
+    # MetricWatch stops the search instead and the missing metric is reported below in one line.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    watch = _metric_watch(t.metric)
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(_trial, base=base.to_dict(), setup=setup, trials_dir=str(out / TRIALS)),
+        {"CPU": t.trial_cpus})
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space=search_space(t.space),
+        tune_config=ray.tune.TuneConfig(
+            metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=conc,
+            search_alg=OptunaSearch(seed=cfg.seed),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                                    grace_period=min(t.grace_period, cfg.train.epochs),
+                                    reduction_factor=t.reduction_factor)),
+        run_config=ray.tune.RunConfig(name=SEARCH, storage_path=str(out), stop=watch,
+                                      failure_config=ray.tune.FailureConfig(max_failures=0),
+                                      verbose=1))
+    grid = tuner.fit()
+
+    keys = list(t.space)
+    rows, reported = _trial_rows(grid, keys, t.metric, t.mode, cfg.train.epochs)
+    if t.metric not in reported:
+        if not reported and all(r["status"] == "error" for r in rows):
+            raise RuntimeError(f"every trial failed; the first: {rows[0]['error'] if rows else '?'} "
+                               f"(logs under {out / SEARCH})")
+        raise ConfigError(f"tune.metric {t.metric!r} was never reported by the training loop; it reported: "
+                          f"{', '.join(sorted(reported)) or 'nothing'} (set tune.metric to one of them)")
+    ok = [r for r in rows if _finite(r["objective"])]
+    best = (max if t.mode == "max" else min)(ok, key=lambda r: r["objective"]) if ok else None
+    pd.DataFrame([{k: v for k, v in r.items() if k != "tune_dir"} for r in rows]).to_csv(
+        out / "trials.csv", index=False)
+
+    best_yaml = None
+    if best is not None:
+        best_cfg = apply_params(cfg, {k: best[k] for k in keys})
+        best_cfg.train.epochs = int(best["epochs_run"])  # what the trial ran (ASHA may have stopped it early)
+        best_cfg.name = f"{cfg.name}-best"
+        best_yaml = out / "best.yaml"
+        import yaml
+
+        sampled = ", ".join(f"{k}={best[k]!r}" for k in keys)
+        head = (f"# Best trial {best['trial_id']} of the search in {out}: {t.metric} = {best['objective']:.4f} "
+                f"after {best['epochs_run']} epoch(s)\n# sampled: {sampled}\n"
+                f"# its run: {out / TRIALS / ('train-' + best['trial_id'])}\n"
+                f"# reproduce: raycell train --config {best_yaml}\n")
+        atomic_write_text(best_yaml, head + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    plot = objective_plot(rows, t.space, t.metric, t.mode, out / "tune_objective.png", best)
+    n_by = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "error")}
+    print(f"[raycell] tune finished: {len(rows)} trial(s) {n_by}; best {t.metric} = "
+          f"{best['objective'] if best else float('nan'):.4f} ({best['trial_id'] if best else '-'}): "
+          f"{ {k: best[k] for k in keys} if best else {} }", flush=True)
+    print(f"  trials   {out / 'trials.csv'}\n  best     {best_yaml}\n  plot     {plot}", flush=True)
+    return {"out": str(out), "trials_csv": str(out / "trials.csv"), "best_yaml": str(best_yaml) if best_yaml
+            else None, "plot": str(plot), "best": best, "trials": rows}

@@ -1,0 +1,130 @@
+"""`raycell tune`: search-space checks before Ray starts, concurrency bounds, and a real 2-trial search."""
+
+import math
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import tiny_overrides
+
+from raycell.config import ConfigError, load_config
+
+SPACE = ["tune.space.loss.adv={dist: loguniform, low: 0.01, high: 1.0}",
+         "tune.space.train.lr={dist: loguniform, low: 1.0e-4, high: 1.0e-2}"]
+
+
+def _cfg(tiny_data, tmp_path, extra=()):
+    return load_config(None, tiny_overrides(tiny_data, tmp_path / "runs", epochs=1) +
+                       ["model.type=adversarial", f"tune.out={tmp_path / 'search'}", *extra])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.space.loss.nope={dist: uniform, low: 0, high: 1}",
+     "unknown config key 'loss.nope'; valid keys in 'loss': recon, cls, adv"),
+    ("tune.space.loss.adv={dist: gaussian, low: 0, high: 1}", "unknown distribution 'gaussian'"),
+    ("tune.num_samples=0", "tune.num_samples must be >= 1, got 0"),
+    ("tune.space.loss.adv={dist: uniform, low: 0.5, high: 0.5}", "low (0.5) must be smaller than high (0.5)"),
+    ("tune.space.loss.adv={dist: uniform, low: 0.9, high: 0.1}", "low (0.9) must be smaller than high (0.1)"),
+    ("tune.space.loss.adv={dist: loguniform, low: 0, high: 1}", "loguniform needs low > 0, got 0"),
+    ("tune.space.loss.adv={dist: choice, values: []}", "choice needs a non-empty list"),
+    ("tune.space.loss.adv={dist: uniform, low: 0}", "uniform takes high, low, got low"),
+    ("tune.space.train.epochs={dist: randint, low: 1, high: 4}", "'train.epochs' cannot be searched"),
+    ("tune.space.model.args={dist: choice, values: [1]}", "tune.space.model.args: choice"),
+    ("tune.mode=maximum", "tune.mode must be 'max' or 'min'"),
+])
+def test_bad_space_is_one_line_config_error(override, message):
+    with pytest.raises(ConfigError) as exc:
+        cfg = load_config(None, [override])
+        from raycell.tune import check_tune
+
+        check_tune(cfg)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_checks_before_ray(tiny_data, tmp_path):
+    from raycell.tune import apply_params, check_tune
+
+    with pytest.raises(ConfigError, match="tune.space is empty"):
+        check_tune(_cfg(tiny_data, tmp_path))
+    # a sampled value the key refuses (range and type), found at the bounds before any trial runs
+    with pytest.raises(ConfigError, match=r"tune.space.loss.cls: uniform can sample -1.*loss.cls must be >= 0"):
+        check_tune(_cfg(tiny_data, tmp_path, ["tune.space.loss.cls={dist: uniform, low: -1, high: 1}"]))
+    with pytest.raises(ConfigError, match="config key 'train.lr' expects a number"):
+        check_tune(_cfg(tiny_data, tmp_path, ["tune.space.train.lr={dist: choice, values: [fast]}"]))
+    with pytest.raises(ConfigError, match="model.type: unknown model type 'nope'"):
+        check_tune(_cfg(tiny_data, tmp_path, ["tune.space.model.type={dist: choice, values: [conventional, "
+                                              "nope]}"]))
+    # nested sections and dotted keys are the same space; dict-valued keys take any sub-key
+    cfg = load_config(None, ["tune.space={loss: {adv: {dist: uniform, low: 0, high: 1}}, "
+                             "model.args.latent_dim: {dist: randint, low: 4, high: 9}}"])
+    assert set(cfg.tune.space) == {"loss.adv", "model.args.latent_dim"}
+    c = apply_params(cfg, {"loss.adv": 0.25, "model.args.latent_dim": 6, "train.lr": 3e-3})
+    assert (c.loss.adv, c.model.args, c.train.lr) == (0.25, {"latent_dim": 6}, 3e-3)
+    # an output folder that holds a search or other files is refused
+    out = tmp_path / "taken"
+    (out / "search").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds a search"):
+        check_tune(_cfg(tiny_data, tmp_path, [*SPACE, f"tune.out={out}"]))
+
+
+def test_cli_error_is_one_line_before_ray(tmp_path, capsys):
+    from raycell.__main__ import main
+
+    assert main(["tune", "--set", "tune.space.loss.adv={dist: beta, low: 0, high: 1}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raycell: error:") and "unknown distribution 'beta'" in err and "\n" not in err
+    assert main(["tune", "--data", str(tmp_path / "none"), "--set", SPACE[0]]) == 2
+    assert "data set folder not found" in capsys.readouterr().err
+
+
+def test_concurrency_is_bounded_by_the_cluster():
+    from raycell.tune import max_concurrent, trial_resources
+
+    cfg = load_config(None, ["tune.num_samples=8", "scaling.num_workers=2", "scaling.resources_per_worker={CPU: 1}"])
+    assert trial_resources(cfg) == {"CPU": 2.01}
+    assert max_concurrent(cfg, {"CPU": 16.0}) == (5, 5)  # 16 // (2.01 + 1 for data reads)
+    cfg = load_config(None, ["tune.num_samples=3", "scaling.use_gpu=true", "scaling.resources_per_worker={CPU: 2}"])
+    assert trial_resources(cfg) == {"CPU": 2.01, "GPU": 1.0}
+    assert max_concurrent(cfg, {"CPU": 64.0, "GPU": 8.0}) == (3, 8)  # num_samples caps it
+    cfg.tune.max_concurrent_trials = 2
+    assert max_concurrent(cfg, {"CPU": 64.0, "GPU": 8.0}) == (2, 8)
+    with pytest.raises(ConfigError, match="one trial needs"):
+        max_concurrent(cfg, {"CPU": 64.0})  # no GPU at all
+
+
+@pytest.mark.ray
+def test_two_trial_search_writes_agreeing_outputs(tiny_data, ray_local, tmp_path):
+    from raycell.pipeline import run_tune
+
+    cfg = _cfg(tiny_data, tmp_path, [*SPACE, "tune.num_samples=2", "tune.max_concurrent_trials=1"])
+    res = run_tune(cfg)
+    out = tmp_path / "search"
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"} and list(trials["epochs_run"]) == [1, 1]
+    assert {"trial_id", "loss.adv", "train.lr", "objective", "epochs_run", "status"} <= set(trials.columns)
+    assert trials["loss.adv"].between(0.01, 1.0).all() and trials["train.lr"].between(1e-4, 1e-2).all()
+    assert trials["loss.adv"].nunique() == 2  # two different samples
+    # each trial is a Train run named after its trial id, with its sampled values in its config.yaml
+    for _, row in trials.iterrows():
+        rec = yaml.safe_load((out / "trials" / f"train-{row['trial_id']}" / "config.yaml").read_text())
+        assert math.isclose(rec["loss"]["adv"], row["loss.adv"], rel_tol=1e-9)
+    best_row = trials.loc[trials["objective"].idxmax()]
+    assert res["best"]["trial_id"] == best_row["trial_id"]
+    best = load_config(out / "best.yaml")  # a ready-to-use config: `raycell train --config best.yaml`
+    assert math.isclose(best.loss.adv, best_row["loss.adv"], rel_tol=1e-9)
+    assert math.isclose(best.train.lr, best_row["train.lr"], rel_tol=1e-9)
+    assert best.model.type == "adversarial" and best.train.epochs == 1 and best.data.path == str(tiny_data)
+    assert f"{best_row['objective']:.4f}" in (out / "best.yaml").read_text().splitlines()[0]
+    png = (out / "tune_objective.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+@pytest.mark.ray
+def test_metric_never_reported_is_a_clear_error(tiny_data, ray_local, tmp_path):
+    from raycell.pipeline import run_tune
+
+    cfg = _cfg(tiny_data, tmp_path, [SPACE[0], "tune.num_samples=1", "tune.max_concurrent_trials=1",
+                                     "tune.metric=val_auroc_typo"])
+    with pytest.raises(ConfigError, match=r"tune.metric 'val_auroc_typo' was never reported.*val_auroc") as exc:
+        run_tune(cfg)
+    assert "\n" not in str(exc.value)
