@@ -346,6 +346,28 @@ def _trunc_pred(pred: Path) -> None:
     _truncate(sorted((pred / "shards").glob("part-*.parquet"))[0])
 
 
+def _tune_resume_plain(fx: Fixtures) -> list[str]:
+    d = fx.path("plain_folder")
+    d.mkdir(exist_ok=True)
+    (d / "notes.txt").write_text("not a search")
+    return ["tune", "--resume", str(d)]
+
+
+def _misspelt_cluster(fx: Fixtures) -> Path:
+    text = (ROOT / "cluster.yaml").read_text().replace("max_workers: 8", "max_worker: 8", 1)
+    return _write(fx, "cluster.yaml", text)
+
+
+def _rayjob_no_entry(fx: Fixtures) -> Path:
+    import yaml
+
+    docs = list(yaml.safe_load_all((ROOT / "k8s" / "rayjob.yaml").read_text()))
+    for d in docs:
+        if d and d.get("kind") == "RayJob":
+            d["spec"].pop("entrypoint", None)
+    return _write(fx, "rayjob.yaml", yaml.safe_dump_all(docs, sort_keys=False))
+
+
 CASES = [
     # -- outputs: never delete what raycell did not write
     Case("outputs", "`ingest --out` a folder of the user's files",
@@ -401,7 +423,16 @@ CASES = [
     # -- experiment, Ray
     Case("experiment", "`experiment medl --seeds a,b`", lambda fx: ["experiment", "medl", "--seeds", "a,b"]),
     Case("ray", "`--address` where nothing listens", lambda fx: _train(fx, "--address", "127.0.0.1:1")),
+    # -- tune, cluster configs, jobs
+    Case("tune", "search-space key that does not exist",
+         lambda fx: ["tune", "--set", "tune.space.loss.advv={dist: uniform, low: 0, high: 1}"]),
+    Case("tune", "`tune --resume` a folder that holds no search", _tune_resume_plain),
+    Case("cluster", "cluster.yaml with a misspelt key", lambda fx: ["check-cluster", str(_misspelt_cluster(fx))]),
+    Case("cluster", "RayJob manifest without an entrypoint", lambda fx: ["check-cluster", str(_rayjob_no_entry(fx))]),
+    Case("jobs", "`jobs/train.py --config` a file that does not exist",
+         lambda fx: ["train", "--config", str(fx.root / "configs" / "missing.yaml")]),
 ]
+
 
 
 def _write(fx: Fixtures, name: str, text: str) -> Path:

@@ -49,8 +49,21 @@ def run_models(args) -> None:
     print("\n".join(list_models()))
 
 
+def run_check_cluster(args) -> dict:
+    """`raycell check-cluster FILE...`: each file checked offline; the first problem is one line."""
+    from raycell.cluster_config import check_cluster_file
+
+    kinds = {}
+    for f in args.files:
+        kinds[f], _ = check_cluster_file(f)
+        what = "KubeRay RayJob" if kinds[f] == "rayjob" else "Ray cluster launcher config"
+        print(f"[raycell] {f}: OK ({what})")
+    return kinds
+
+
 # verbs that need no config (and no Ray)
-TOOLS = {"import-armed": run_import_armed, "segmentation-eval": run_segmentation_eval, "models": run_models}
+TOOLS = {"import-armed": run_import_armed, "segmentation-eval": run_segmentation_eval, "models": run_models,
+         "check-cluster": run_check_cluster}
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -107,8 +120,12 @@ def preflight(args, cfg):
 
         check_config(cfg)
     elif args.command == "tune":
-        from raycell.tune import check_tune
+        from raycell.cli import overrides_from_args
+        from raycell.config import explicit_keys
+        from raycell.tune import check_tune, resume_search_config
 
+        if cfg.tune.resume:
+            cfg = resume_search_config(cfg, explicit_keys(args.config, overrides_from_args(args)))
         check_tune(cfg)
     elif args.command == "demo":
         pipeline.check_demo(cfg)

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--metric", key="tune.metric", help="objective reported by the loop ({key}, e.g. val_auroc)")
     _flag(s, "--mode", key="tune.mode", choices=["max", "min"], help="max or min the objective ({key})")
     _flag(s, "--out", key="tune.out", help="search folder ({key})")
+    _flag(s, "--resume", key="tune.resume", metavar="SEARCH_DIR",
+          help="continue an interrupted search ({key}): its recorded config.yaml is used; finished trials "
+               "are kept, unfinished ones continue from their last checkpoint; only ray.* may change")
 
     s = sub.add_parser("infer", help="batch inference with Ray Data: latents and predictions to parquet")
     _common(s)
@@ -175,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/medl", help="output folder for table.md/csv and results.json")
 
     s = sub.add_parser("models", help="list the registered model types")
+    s = sub.add_parser("check-cluster", help="check cluster configs offline (no cloud, no Kubernetes, no Ray "
+                       "started): Ray cluster-launcher YAMLs and KubeRay RayJob manifests",
+                       description="Validate each file against the schema Ray ships (cluster launcher) or the "
+                       "KubeRay RayJob fields (k8s/rayjob-crd-schema.yaml), plus raycell's own expectations "
+                       "(the pinned Ray version, a CPU-0 head, worker bounds, shared storage). The first "
+                       "problem is one line naming the file and the key.")
+    s.add_argument("files", nargs="+", metavar="FILE", help="e.g. cluster.yaml k8s/rayjob.yaml")
     s = sub.add_parser("config", help="print the resolved config (or every key with --defaults)")
     _common(s)
     s.add_argument("--defaults", action="store_true", help="print every key with its default and help")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from typing import Any
 
 import yaml
 
-from raycell.errors import ConfigError  # noqa: F401  (raised here; defined low so every layer can raise it)
+from raycell.errors import (
+    ConfigError,  # noqa: F401  (raised here; defined low so every layer can raise it)
+)
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the field declarations
@@ -131,6 +134,10 @@ class DataConfig:
     shuffle_buffer: int = _f(1024, "local shuffle buffer (rows) per worker; 0 = off")
     prefetch_batches: int = _f(2, "batches prefetched by each worker's iterator")
     block_size_mb: int = _f(8, "Ray Data target block size; small data needs small blocks to shuffle")
+    shuffle_seed: int = _f(-1, "seed for the training data order (-1 = a new order every run); with a seed, "
+                           "each epoch's order (and the model's random draws) depends only on the seed and the epoch, so a run restarted "
+                           "after a failure sees the same batches as an undisturbed one (Ray Data then keeps "
+                           "block order: slightly slower; exact with one worker)")
 
 
 @dataclass
@@ -184,6 +191,9 @@ class TrainConfig:
                             "which is 1 for fractional CPUs)")
     log_every: int = _f(0, "print a line every N steps (0 = once per epoch)")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole split); for smoke runs")
+    chaos_kill_after_steps: int = _f(0, "fault drill: rank 0 exits abruptly (os._exit) after this many "
+                                     "steps of the run, once per run folder, so that a cluster's recovery "
+                                     "(train.max_failures) can be checked; 0 = off")
     composite_weight: float = _f(1.0, "weight w of the model-selection metric val_composite = val_auroc - "
                                  "w * (val_batch_probe - chance): the phenotype AUROC on val minus how much "
                                  "better than chance the val latents predict the training batch")
@@ -265,6 +275,8 @@ class TuneConfig:
                                     "lowered to that)")
     grace_period: int = _f(1, "ASHA: epochs every trial runs before it may be stopped")
     reduction_factor: int = _f(2, "ASHA: at each rung only the best 1/reduction_factor of trials go on")
+    resume: str = _f("", "search folder (tune.out) of an interrupted search to continue: finished trials "
+                     "are kept, unfinished ones restart from their last checkpoint")
     trial_cpus: float = _f(0.01, "CPUs reserved by each trial's driver (it only builds and watches its "
                            "TorchTrainer; must be > 0)")
 
@@ -331,6 +343,12 @@ class ExperimentConfig:
             raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
                               f"data.batch_size ({self.data.batch_size})")
         _check_tune(self.tune)
+        for key in _PATH_KEYS:
+            val = self.get(key)
+            if isinstance(val, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", val):
+                raise ConfigError(f"{key}: {val!r} is a URI; raycell reads and writes POSIX paths only for "
+                                  "now: mount the bucket on every node (e.g. mountpoint-s3, gcsfuse, a "
+                                  "PersistentVolume) and give the mounted path")
         return self
 
     def get(self, key: str) -> Any:
@@ -368,12 +386,17 @@ _AT_LEAST = {
     "data.block_size_mb": 1, "loss.recon": 0, "loss.cls": 0, "loss.adv": 0, "loss.cluster_latent": 0,
     "loss.cluster_image": 0, "loss.kl": 0, "train.epochs": 1, "train.weight_decay": 0,
     "train.checkpoints_to_keep": 1, "train.max_failures": -1, "train.torch_threads": 0, "train.log_every": 0,
-    "train.max_steps_per_epoch": 0, "train.composite_weight": 0,
+    "train.max_steps_per_epoch": 0, "train.composite_weight": 0, "train.chaos_kill_after_steps": 0,
+    "data.shuffle_seed": -1,
     "scaling.num_workers": 1, "ray.num_cpus": 0, "ray.object_store_mb": 0,
     "infer.num_actors": 1, "infer.num_gpus": 0, "infer.shards_per_round": 1, "infer.z_epochs": 1,
     "infer.z_patience": 1, "infer.z_batch_size": 1, "eval.max_cells": 1,
     "tune.num_samples": 1, "tune.max_concurrent_trials": 0, "tune.grace_period": 1, "tune.reduction_factor": 2,
 }
+# Folders and files: URIs (s3://, gs://) are refused with a clear message until they are supported.
+_PATH_KEYS = ["synth.out", "ingest.input", "ingest.out", "ingest.platemap", "data.path", "train.runs_dir",
+              "train.resume", "infer.checkpoint", "infer.data", "infer.out", "infer.z_source", "eval.predictions",
+              "eval.out", "tune.out", "tune.resume", "demo.out"]
 _POSITIVE = ["tune.trial_cpus", "train.lr", "infer.cpus_per_actor", "infer.z_lr", "ray.connect_timeout_s"]
 
 

@@ -93,11 +93,67 @@ def check_tune(cfg: ExperimentConfig) -> Path:
         near = near.parent
     if not near.is_dir():
         raise ConfigError(f"tune.out {out}: {near} is a file, not a folder; choose a folder path")
+    if t.resume:
+        return out
     if out.is_dir() and any(out.iterdir()):
-        what = ("already holds a search (search/)" if (out / SEARCH).exists()
-                else "already holds files raycell did not write")
-        raise ConfigError(f"tune.out {out} {what}; choose a new or empty folder (--out)")
+        if (out / SEARCH).exists():
+            raise ConfigError(f"tune.out {out} already holds a search (search/); continue it with "
+                              f"`raycell tune --resume {out}`, or choose a new or empty folder (--out)")
+        raise ConfigError(f"tune.out {out} already holds files raycell did not write; choose a new or empty "
+                          "folder (--out)")
     return out
+
+
+# Keys a resumed search may change: how to reach Ray. Everything else, concurrency included, comes back
+# with Tune's pickled experiment state (`Tuner.restore` takes no new TuneConfig).
+TUNE_RESUME_MAY_CHANGE = ("tune.resume", "ray.")
+
+
+def resume_search_config(cfg: ExperimentConfig, given: list[str] | None = None) -> ExperimentConfig:
+    """The config of the search `cfg.tune.resume` continues: its recorded `config.yaml`, plus allowed changes.
+
+    Args:
+        cfg: The config the user asked for (`tune.resume` set).
+        given: Dotted keys the user set explicitly; None compares every key (the Python API).
+
+    Raises:
+        ConfigError: the folder is missing or holds no search Tune can restore, or a given key other
+            than `TUNE_RESUME_MAY_CHANGE` differs from the search's recorded value.
+    """
+    from raycell.config import load_config
+    from raycell.train.trainer import _matches
+
+    out = Path(os.path.abspath(os.path.expanduser(cfg.tune.resume)))
+    if not out.is_dir():
+        raise ConfigError(f"tune.resume: search folder not found: {out} (give the tune.out folder of an "
+                          "earlier `raycell tune`)")
+    record = out / "config.yaml"
+    state = out / SEARCH
+    if not record.is_file() or not state.is_dir() or not any(state.glob("experiment_state*.json")):
+        raise ConfigError(f"tune.resume: {out} holds no raycell search (needs config.yaml and Tune's "
+                          f"experiment state under {SEARCH}/); give the tune.out folder of an earlier "
+                          "`raycell tune`")
+    recorded = load_config(record)
+    if given is None:  # every section.key (dict-valued keys such as tune.space compare whole)
+        given = [f"{sec}.{k}" if isinstance(v, dict) else sec for sec, v in cfg.to_dict().items()
+                 for k in (v if isinstance(v, dict) else [None])]
+    conflicts = []
+    for key in dict.fromkeys(given):
+        if key == "tune.out" or _matches(key, TUNE_RESUME_MAY_CHANGE):
+            continue
+        mine, theirs = cfg.get(key), recorded.get(key)
+        if key == "data.path":
+            mine, theirs = os.path.abspath(mine), os.path.abspath(theirs)
+        if mine != theirs:
+            conflicts.append(f"{key} ({theirs!r} in the search, {mine!r} given)")
+    if conflicts:
+        raise ConfigError(f"tune.resume: {'; '.join(conflicts)}: a resumed search keeps its recorded config "
+                          f"({record}); drop the conflicting option(s) or start a new search (a resume may "
+                          "change only ray.*)")
+    recorded.ray = copy.deepcopy(cfg.ray)
+    recorded.tune.out = str(out)
+    recorded.tune.resume = str(out)
+    return recorded.validate()
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
@@ -301,7 +357,7 @@ def run_search(cfg: ExperimentConfig) -> dict:
     from raycell.train.trainer import training_setup
     from raycell.utils.io import atomic_write_text
 
-    cfg = copy.deepcopy(cfg)
+    cfg = resume_search_config(cfg) if cfg.tune.resume else copy.deepcopy(cfg)
     cfg.data.path = str(Path(cfg.data.path).absolute())  # trials and workers chdir: paths must be absolute
     out = check_tune(cfg)
     t = cfg.tune
@@ -315,7 +371,8 @@ def run_search(cfg: ExperimentConfig) -> dict:
     if not base.train.torch_threads and len(nodes) == 1:  # one machine: share its cores between trials
         base.train.torch_threads = max(1, (os.cpu_count() or 1) // (conc * cfg.scaling.num_workers))
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if not t.resume:
+        save_config(cfg, out / "config.yaml")
     print(f"[raycell] tune: {t.num_samples} trial(s) of {cfg.model.type} over {', '.join(t.space)}, "
           f"{conc} at once, objective {t.metric} ({t.mode}) -> {out}", flush=True)
 
@@ -326,18 +383,25 @@ def run_search(cfg: ExperimentConfig) -> dict:
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, base=base.to_dict(), setup=setup, trials_dir=str(out / TRIALS)),
         {"CPU": t.trial_cpus})
-    tuner = ray.tune.Tuner(
-        trainable,
-        param_space=search_space(t.space),
-        tune_config=ray.tune.TuneConfig(
-            metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=conc,
-            search_alg=OptunaSearch(seed=cfg.seed),
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
-                                    grace_period=min(t.grace_period, cfg.train.epochs),
-                                    reduction_factor=t.reduction_factor)),
-        run_config=ray.tune.RunConfig(name=SEARCH, storage_path=str(out), stop=watch,
-                                      failure_config=ray.tune.FailureConfig(max_failures=0),
-                                      verbose=1))
+    if t.resume:
+        # Finished trials keep their results; unfinished ones restart, and their Train run (same name)
+        # continues from its last checkpoint. Optuna's state and the stopper come back with the search.
+        print(f"[raycell] tune: resuming the search in {out / SEARCH}", flush=True)
+        tuner = ray.tune.Tuner.restore(str(out / SEARCH), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=search_space(t.space),
+            tune_config=ray.tune.TuneConfig(
+                metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=conc,
+                search_alg=OptunaSearch(seed=cfg.seed),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                                        grace_period=min(t.grace_period, cfg.train.epochs),
+                                        reduction_factor=t.reduction_factor)),
+            run_config=ray.tune.RunConfig(name=SEARCH, storage_path=str(out), stop=watch,
+                                          failure_config=ray.tune.FailureConfig(max_failures=0),
+                                          verbose=1))
     grid = tuner.fit()
 
     keys = list(t.space)

@@ -101,3 +101,12 @@ def test_override_errors_name_their_source():
         load_config(None, ["train.lr=0.1", "train.epochs=0"], ["--set train.lr=0.1", "--epochs 0"])
     with pytest.raises(ConfigError, match=r"^--set train.epochs=0: "):
         load_config(None, ["train.epochs=0"])
+
+
+@pytest.mark.parametrize("key", ["data.path", "train.runs_dir", "infer.out", "tune.out"])
+def test_uri_paths_are_refused_with_what_to_do(key):
+    from raycell.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"{key}: 's3://bucket/x' is a URI.*mount the bucket") as exc:
+        load_config(None, [f"{key}=s3://bucket/x"])
+    assert "\n" not in str(exc.value)

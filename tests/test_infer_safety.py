@@ -371,3 +371,23 @@ def test_a_shard_without_rows_of_the_requested_split_is_skipped_for_mixed_effect
     assert m["n_rows"] == t.num_rows == counts[K.TEST]
     assert set(t.column(K.SPLIT).to_pylist()) == {K.TEST} and K.LATENT_RE in t.column_names
     assert [s["rows"] for s in m["shards"]][2] == 0
+
+
+def test_z_models_refuse_valbatch_cells_without_an_inferred_z(tiny_valbatch_data):
+    """Held-out validation batches were never trained on: a Z model has no Z column for them."""
+    from raycell import constants as K
+    from raycell.formats.shards import open_dataset
+    from raycell.infer.batch import _check_design_matrix
+    from raycell.infer.predictor import MissingDesignMatrixError
+
+    ds = open_dataset(tiny_valbatch_data)
+    train_batches = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
+    held = ds.manifest["split_params"]["val_batches"]
+    meta = {"uses_z": True, "model_type": "mixedeffects", "batches": {"values": train_batches}}
+    cfg = load_config(None, [f"data.path={tiny_valbatch_data}", "infer.splits=[valbatch]"])
+    import re
+
+    with pytest.raises(MissingDesignMatrixError, match=re.escape(f"batch(es) {held!r} are not among its training")):
+        _check_design_matrix(cfg, ds, meta)
+    cfg = load_config(None, [f"data.path={tiny_valbatch_data}", "infer.splits=[val, test]"])
+    _check_design_matrix(cfg, ds, meta)  # seen batches only: fine

@@ -128,3 +128,75 @@ def test_metric_never_reported_is_a_clear_error(tiny_data, ray_local, tmp_path):
     with pytest.raises(ConfigError, match=r"tune.metric 'val_auroc_typo' was never reported.*val_auroc") as exc:
         run_tune(cfg)
     assert "\n" not in str(exc.value)
+
+
+def test_resume_needs_a_search_folder_and_keeps_its_config(tiny_data, tmp_path, capsys):
+    from raycell.__main__ import main
+    from raycell.config import save_config
+    from raycell.tune import resume_search_config
+
+    assert main(["tune", "--resume", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tune.resume: search folder not found" in err and "\n" not in err
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    assert main(["tune", "--resume", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no raycell search" in err and "\n" not in err
+    # a folder that looks like a search: a different searched space or model is refused, ray.* may change
+    out = tmp_path / "search"
+    (out / "search").mkdir(parents=True)
+    (out / "search" / "experiment_state-2026-11-30_00-00-00.json").write_text("{}")
+    rec = _cfg(tiny_data, tmp_path, [*SPACE, f"tune.out={out}"])
+    save_config(rec, out / "config.yaml")
+    assert main(["tune", "--resume", str(out), "--model", "conventional"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.type ('adversarial' in the search, 'conventional' given)" in err and "\n" not in err
+    cfg = load_config(None, [f"tune.resume={out}", "ray.num_cpus=3"])
+    got = resume_search_config(cfg, ["tune.resume", "ray.num_cpus"])
+    assert got.model.type == "adversarial" and got.tune.space == rec.tune.space and got.ray.num_cpus == 3
+    assert got.tune.out == str(out)
+
+
+@pytest.mark.ray
+def test_killed_search_resumes_without_rerunning_finished_trials(tiny_data, ray_local, tmp_path):
+    """SIGKILL a running search after its first trial finished; `--resume` completes the table."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from raycell.__main__ import run
+
+    out = tmp_path / "search"
+    args = ["tune", "--data", str(tiny_data), "--model", "adversarial", "--samples", "3", "--concurrent", "1",
+            "--epochs", "1", "--out", str(out), "--set", SPACE[0], "--set", SPACE[1]]
+    args += [x for ov in tiny_overrides(tiny_data, tmp_path / "runs", epochs=1) for x in ("--set", ov)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "raycell", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            runs = sorted((out / "trials").glob("train-*"), key=lambda p: p.stat().st_mtime) \
+                if (out / "trials").is_dir() else []
+            done = [r for r in runs if (r / "history.jsonl").is_file()]
+            if done and len(runs) >= 2:  # one at a time: trial 2 started, so trial 1 finished
+                first = done[0]
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert first is not None, "the search never finished a first trial before the deadline"
+    assert not (out / "trials.csv").exists()  # it really was interrupted
+    before = (first / "history.jsonl").read_text()
+
+    res = run(["tune", "--resume", str(out)])
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 3 and trials["trial_id"].is_unique and (trials["epochs_run"] == 1).all()
+    assert f"train-{trials['trial_id'].iloc[0]}" == first.name  # the finished trial is kept, not re-run
+    assert (first / "history.jsonl").read_text() == before
+    assert res["best"] is not None and (out / "best.yaml").is_file()

@@ -16,8 +16,9 @@ import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from raycell import constants as K
+from raycell.data.collate import collate_crops
 from raycell.formats.categories import CategoryMap
-from raycell.formats.shards import ShardDataset, decode_images
+from raycell.formats.shards import ShardDataset
 from raycell.formats.spec import DataSpec
 
 TRAIN_COLUMNS = [K.CELL_ID, K.IMAGE, K.LABEL, K.BATCH]
@@ -36,32 +37,38 @@ class CropCollate(ArrowBatchCollateFn):
 
     def __call__(self, t: pa.Table) -> dict[str, torch.Tensor]:
         """Collate one batch."""
-        imgs = decode_images(t, self.spec.shape, self.spec.dtype)
-        # One copy out of the (read-only) Arrow buffer; uint16 has few torch kernels, widen it to int32.
-        x = torch.from_numpy(imgs.astype(np.int32) if imgs.dtype == np.uint16 else imgs.copy())
-        y = self.labels.encode(t.column(K.LABEL))
-        b = self.batches.encode(t.column(K.BATCH), allow_unknown=True)
-        return {"x": x, "y": torch.from_numpy(y), "b": torch.from_numpy(b)}
+        return collate_crops(t, self.spec, self.labels, self.batches)
 
 
 def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
-                 columns: list[str] | None = None, block_size_mb: int = 8) -> dict:
+                 columns: list[str] | None = None, block_size_mb: int = 8, shuffle_seed: int = -1) -> dict:
     """One Ray Dataset per split, streaming the shards (file order shuffled for the training split).
 
     Small data sets need small blocks: Ray 2.60 packs files into 128 MiB blocks by default, and a data set
     that is one block cannot be shuffled or split across workers (spec/ray-2.60.md section 2).
+    `shuffle_seed >= 0`: a fixed file order and Ray Data's `preserve_order`, so that the rows reach the
+    workers in the same order every epoch and every run; the loop then varies the order per epoch with a
+    local shuffle seeded by (seed, epoch), which a restarted run reproduces (Ray's own per-execution
+    reseeding would not: its counter starts again after a restart).
     """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = block_size_mb << 20
+    seeded = shuffle_seed >= 0
+    if seeded:
+        ctx.execution_options.preserve_order = True
     out = {}
     for name in splits:
+        shuffle = None
+        if name == K.TRAIN:
+            shuffle = (ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False) if seeded
+                       else "files")
         # SPLIT is only needed for the filter: select it, filter, drop it.
-        rd = ray.data.read_parquet(ds.shard_paths, shuffle="files" if name == K.TRAIN else None)
+        rd = ray.data.read_parquet(ds.shard_paths, shuffle=shuffle)
         rd = rd.select_columns(list(dict.fromkeys((columns or TRAIN_COLUMNS) + [K.SPLIT])))
         rd = rd.filter(expr=f"{K.SPLIT} == '{name}'").drop_columns([K.SPLIT])
-        out[name] = rd.randomize_block_order() if name == K.TRAIN else rd
+        out[name] = rd.randomize_block_order() if name == K.TRAIN and not seeded else rd
     return out
 
 

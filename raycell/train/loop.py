@@ -18,8 +18,10 @@ Model-selection metrics (what a search can optimise), besides `val_auroc`:
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,6 +108,25 @@ def batch_probe(latents: list, seed: int = 0, max_cells: int = PROBE_MAX_CELLS) 
     return {"val_batch_probe": probe["batch_probe_acc"], "val_batch_probe_chance": probe["chance"]}
 
 
+CHAOS_MARKER = ".chaos-fired"  # in the run folder: the fault drill has fired once for this run
+
+
+def fault_drill(run_dir: Path, steps: int) -> None:
+    """`train.chaos_kill_after_steps`: exit this worker process abruptly, once per run folder.
+
+    `os._exit` is what a crash or an OOM kill looks like to Ray (no exception, no clean-up); Ray Train
+    then restarts the worker group from the last checkpoint when `train.max_failures` allows. The marker
+    file is written first, so the restarted run does not fire again.
+    """
+    marker = run_dir / CHAOS_MARKER
+    if marker.exists():
+        return
+    marker.write_text(f"fired after {steps} steps at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    print(f"[raycell] fault drill: rank 0 exits abruptly after {steps} steps (train.chaos_kill_after_steps)",
+          flush=True)
+    os._exit(1)
+
+
 def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_file: str | None = None
                  ) -> dict:
     """Train `cfg.model.type` for `cfg.train.epochs`, reporting through `ctx`; returns the last metrics.
@@ -140,9 +161,13 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
             print(f"[raycell] resuming from {resume} at epoch {start}", flush=True)
     ctx.broadcast_parameters(model)
 
+    drill = cfg.train.chaos_kill_after_steps if ctx.rank == 0 and history_file else 0
+    done_steps = 0  # steps taken by this process (the drill's clock)
     metrics: dict = {}
     for epoch in range(start, cfg.train.epochs):
         t0 = time.time()
+        if cfg.data.shuffle_seed >= 0:  # the model's random draws too: an epoch replays after a restart
+            torch.manual_seed(cfg.data.shuffle_seed * 1_000_003 + epoch)
         model.train()
         sums: dict[str, float] = {}
         steps = 0
@@ -156,6 +181,9 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
+            done_steps += 1
+            if drill and done_steps == drill:
+                fault_drill(Path(history_file).parent, done_steps)
             if cfg.train.log_every and ctx.rank == 0 and steps % cfg.train.log_every == 0:
                 print(f"[raycell] epoch {epoch} step {steps} loss {logs['loss']:.4f}", flush=True)
         if steps == 0:
@@ -195,5 +223,5 @@ def train_loop_per_worker(config: dict) -> dict:
     collate = CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
                           CategoryMap.from_dict(setup["batches"]))
     ctx = RayTrainContext(collate, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.shuffle_buffer,
-                          cfg.data.prefetch_batches)
+                          cfg.data.prefetch_batches, shuffle_seed=cfg.data.shuffle_seed)
     return run_training(ctx, cfg, setup, history_file=config.get("history_file"))

@@ -21,11 +21,13 @@ from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
 from raycell.formats.spec import DataSpec
 from raycell.train.history import HISTORY_FILE, read_history
-from raycell.utils.io import atomic_write_json, new_run_dir
+from raycell.errors import UserError
+from raycell.utils.io import atomic_write_json, atomic_write_text, new_run_dir
 
 # Keys a resumed run may change (prefixes end with "."): how long and where it runs, not what it learns.
 RESUME_MAY_CHANGE = ("train.epochs", "train.max_failures", "train.checkpoints_to_keep", "train.log_every",
-                     "train.torch_threads", "train.composite_weight", "ray.", "scaling.")
+                     "train.torch_threads", "train.composite_weight", "train.chaos_kill_after_steps", "ray.",
+                     "scaling.")
 # Keys training does not read: a resume ignores them and keeps the run's values.
 RESUME_IGNORED = ("name", "train.runs_dir", "train.resume", "synth.", "ingest.", "split.", "infer.", "eval.",
                   "demo.")
@@ -153,7 +155,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
     from raycell.train.loop import train_loop_per_worker
 
     splits = (K.TRAIN, K.VAL, K.VALBATCH) if setup.get("valbatch") else (K.TRAIN, K.VAL)
-    datasets = ray_datasets(ds, splits, block_size_mb=cfg.data.block_size_mb)
+    datasets = ray_datasets(ds, splits, block_size_mb=cfg.data.block_size_mb,
+                            shuffle_seed=cfg.data.shuffle_seed)
     sc = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
@@ -187,6 +190,38 @@ def run_history(run_dir: str | Path, result=None) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+class TrainingFailed(UserError):
+    """The run failed more often than `train.max_failures` allows (a worker died or raised)."""
+
+
+def _failure_summary(exc: BaseException) -> str:
+    """The line of a Ray Train failure that says what happened (Ray's message spans many lines)."""
+    import re
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for pattern in (r"^\w*(Error|Exception)\b.*:", r"(died|killed|exited|lost)"):
+        hits = [ln for ln in lines if re.search(pattern, ln)]
+        if hits:
+            return hits[-1][:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
+    """`trainer.fit()`; a failure past `train.max_failures` becomes one line, with Ray's full report kept
+    in `<run_dir>/failure.txt` (nothing is lost, the terminal stays readable)."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        report = run_dir / "failure.txt"
+        atomic_write_text(report, f"{type(exc).__name__}: {exc}\n")
+        raise TrainingFailed(
+            f"training failed after {cfg.train.max_failures} restart(s) (train.max_failures): "
+            f"{_failure_summary(exc)}; Ray's report: {report}; the run keeps its checkpoints: continue "
+            f"with `raycell train --resume {run_dir}`") from None
+
+
 def _single_node() -> bool:
     import ray
 
@@ -212,7 +247,7 @@ def train(cfg: ExperimentConfig) -> dict:
         run_dir = new_run_dir(cfg.train.runs_dir, f"{cfg.name}-{cfg.model.type}")
         save_config(cfg, run_dir / "config.yaml")
     print(f"[raycell] training {cfg.model.type} on {ds.root} -> {run_dir}", flush=True)
-    result = build_trainer(cfg, run_dir, setup, ds).fit()
+    result = fit_or_explain(build_trainer(cfg, run_dir, setup, ds), cfg, run_dir)
     if cfg.train.resume:  # the record changes only when the resumed run succeeded (e.g. more epochs)
         save_config(cfg, run_dir / "config.yaml")
     history = run_history(run_dir, result)
