@@ -187,6 +187,10 @@ def predict(cfg: ExperimentConfig) -> dict:
     ck, meta, ds, out, pending = plan.ck, plan.meta, plan.ds, plan.out, plan.pending
     shard_out = out / "shards"
     shard_out.mkdir(parents=True, exist_ok=True)
+    stale = _remove_leftovers(out)
+    if stale:
+        print(f"[raycell] removed {len(stale)} leftover(s) of an interrupted infer run in {out}: "
+              f"{', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''}", flush=True)
     print(f"[raycell] infer {meta['model_type']} ({ck}) on {ds.root}: {len(ds.shard_paths) - len(pending)} "
           f"shard(s) already done, {len(pending)} to go -> {out}", flush=True)
     ctx = ray.data.DataContext.get_current()
@@ -301,6 +305,24 @@ def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array 
             f"{len(lacking)} cell(s) of batches outside the training batches (e.g. {lacking[0].as_py()!r}) "
             f"have no row in the inferred Z {cfg.infer.z_source} (infer.z_source): run `raycell infer-z` on "
             "this data set with infer.z_splits covering these cells' splits")
+
+
+def _remove_leftovers(out: Path) -> list[Path]:
+    """Staging folders and temporary files that a killed infer run left in `out` (never results).
+
+    A run removes its own in `finally`, which a SIGKILL or a lost node skips; nothing reads them, but
+    they would stay in the user's folder for good. (Two runs writing one folder at once are not
+    supported: they would also race on the same shards.)
+    """
+    stale = sorted(p for p in out.glob(".staging-*") if p.is_dir())
+    stale += sorted(out.glob(f".{K.PREDICTIONS_MANIFEST}.*.tmp"))
+    stale += sorted((out / "shards").glob(".*.parquet.*.tmp"))
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path, plan: InferPlan) -> None:

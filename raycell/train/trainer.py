@@ -199,8 +199,9 @@ def _failure_summary(exc: BaseException) -> str:
     import re
 
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for pattern in (r"^\w*(Error|Exception)\b.*:", r"(died|killed|exited|lost)"):
-        hits = [ln for ln in lines if re.search(pattern, ln)]
+    for pattern in (r"^\w*(Error|Exception)\b.*:", r"(died|killed|exited|lost|health check failed)"):
+        # a line ending in ':' is a heading ("Training failed due to worker errors:"), not the cause
+        hits = [ln for ln in lines if re.search(pattern, ln) and not ln.endswith(":")]
         if hits:
             return hits[-1][:300]
     return (lines[0] if lines else type(exc).__name__)[:300]
