@@ -44,6 +44,7 @@ def _synthetic(tmp: Path, fovs: int, size: int) -> tuple[str, str | None, list[s
     cells = max(8, int(24 * (size / 256) ** 2))
     write_synthetic_raw(
         tmp / "raw",
+        effects="basic",  # the speed numbers stay comparable with earlier runs
         seed=0,
         n_batches=2,
         n_lines=4,

@@ -122,7 +122,7 @@ class Fixtures:
             from raycell.data.synthetic_raw import write_synthetic_raw
 
             out = self.root / "fixture_raw"
-            write_synthetic_raw(out, seed=1, n_batches=1, n_lines=2, wells=2, fields=1, fov_size=96,
+            write_synthetic_raw(out, effects="basic", seed=1, n_batches=1, n_lines=2, wells=2, fields=1, fov_size=96,
                                 cells_per_fov=4)
             self._cache["raw"] = out
         return self._cache["raw"]
@@ -479,7 +479,7 @@ def _damage_raw(fx: Fixtures) -> Path:
     from raycell.data.synthetic_raw import write_synthetic_raw
 
     raw = fx.path("raw_damaged")
-    write_synthetic_raw(raw, seed=2, n_batches=1, n_lines=2, wells=4, fields=3, fov_size=96, cells_per_fov=5)
+    write_synthetic_raw(raw, effects="basic", seed=2, n_batches=1, n_lines=2, wells=4, fields=3, fov_size=96, cells_per_fov=5)
     d = raw / "images" / "batch00"
     INGEST_DAMAGE.clear()
 

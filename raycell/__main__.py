@@ -32,13 +32,27 @@ def run_import_armed(args) -> dict:
 
 
 def run_segmentation_eval(args) -> dict:
-    """`raycell segmentation-eval RAW_DIR`: segmentation scored against true masks (no config, no Ray)."""
+    """`raycell segmentation-eval RAW_DIR | --images G --masks G`: scored against true masks (no Ray)."""
+    import dataclasses
     import json
+    from pathlib import Path
 
-    from raycell.ingest.segmentation_eval import evaluate_segmentation
+    from raycell.errors import UserError
+    from raycell.ingest.segmentation_eval import evaluate_pairs, evaluate_segmentation
 
-    res = evaluate_segmentation(args.raw_dir, iou=args.iou)
-    print(json.dumps({k: v for k, v in res.items() if k != "per_fov"}, indent=2, default=str))
+    if bool(args.images) != bool(args.masks) or bool(args.raw_dir) == bool(args.images):
+        raise UserError("segmentation-eval: give either RAW_DIR or both --images and --masks")
+    if args.raw_dir:
+        res = evaluate_segmentation(args.raw_dir, iou=args.iou)
+        print(json.dumps({k: v for k, v in res.items() if k != "per_fov"}, indent=2, default=str))
+    else:
+        over = dataclasses.asdict(load_config(None, args.set).ingest)
+        res = evaluate_pairs(args.images, args.masks, group_by=args.group_by,
+                             pair_regex=args.pair_regex, iou=args.iou, channel=args.channel,
+                             method=args.method, overrides=over)
+        print(json.dumps({k: v for k, v in res.items() if k != "per_image"}, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     return res
 
 
@@ -93,6 +107,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         from raycell.experiments import run_medl_experiment
 
         return run_medl_experiment(cfg, args.seeds, args.models, args.out, randomized_z=args.randomized_z,
+                                   baseline=args.baseline,
                                    command="raycell " + " ".join(argv if argv is not None else sys.argv[1:]))
     return STAGES[args.command](cfg)
 

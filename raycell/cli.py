@@ -79,9 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
           help="replace a raycell data set made from other inputs or parameters ({key}); a folder of "
                "other files, or one holding the inputs, is always refused")
 
-    s = sub.add_parser("segmentation-eval", help="score the segmentation on synthetic raw fields of view "
-                       "against their true masks (precision, recall, F1 at IoU 0.5)")
-    s.add_argument("raw_dir", help="folder written by `raycell synth --raw`")
+    s = sub.add_parser("segmentation-eval", help="score raycell's segmentation against true instance masks "
+                       "(precision, recall, F1 at IoU 0.5): a `raycell synth --raw` folder, or any "
+                       "images + masks (--images, --masks), per plate/batch group")
+    s.add_argument("raw_dir", nargs="?", default="", help="folder written by `raycell synth --raw` "
+                   "(or give --images and --masks)")
+    s.add_argument("--images", default="", help="glob or folder of images, e.g. 'data/**/*_img.tif'")
+    s.add_argument("--masks", default="", help="glob or folder of instance masks (0 = background; a "
+                   "binary mask is split into connected components)")
+    s.add_argument("--pair-regex", default="", help="regex searched in each path; its (?P<key>...) group "
+                   "pairs an image with its mask (default: the file stem, mask suffixes such as "
+                   "_masks removed)")
+    s.add_argument("--group-by", default="", help="report per group: a named group of --pair-regex "
+                   "(e.g. plate) or 'parent' (the image's folder)")
+    s.add_argument("--channel", type=int, default=0, help="channel of multi-channel images to segment")
+    s.add_argument("--method", choices=("raycell", "otsu-watershed"), default="raycell",
+                   help="raycell's segmentation or the plain Otsu + watershed baseline")
+    s.add_argument("--set", action="append", default=[], metavar="ingest.KEY=VALUE",
+                   help="segmentation parameters, e.g. --set ingest.diameter=18")
+    s.add_argument("--json", default="", help="also write the full result (with per-image rows) here")
     s.add_argument("--iou", type=float, default=0.5, help="IoU for a match (default 0.5)")
 
     s = sub.add_parser("import-armed", help="ARMED data_*.npz + data_*.csv -> crop shards (date = batch)")
@@ -157,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     _flag(s, "--predictions", key="eval.predictions", help="predictions folder ({key})")
     _flag(s, "--out", key="eval.out", help="output folder ({key})")
+    _flag(s, "--baseline", key="eval.baseline", action="store_const", const=True,
+          help="also score a logistic regression on hand-made features of the data set ({key})")
 
     s = sub.add_parser("demo", help="synth -> split -> train -> infer -> evaluate on local Ray")
     _common(s)
@@ -171,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0,1,2)")
     s.add_argument("--models", type=_csv, default=None, help="comma-separated registered model types "
                    "(default: conventional, adversarial, randomeffects, mixedeffects)")
+    s.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="add a row per seed for a logistic regression on hand-made features (morph_* "
+                   "columns, else features computed from the crops), trained on the same train split "
+                   "(default: on)")
     s.add_argument("--randomized-z", action=argparse.BooleanOptionalAction, default=True,
                    help="also infer each trained model whose type uses Z (randomeffects, mixedeffects) "
                    "with a random one-hot Z row per cell (infer.randomize_z, the reference's ablation): "

@@ -55,6 +55,12 @@ class SynthConfig:
     raw_fields: int = _f(2, "raw: fields of view per well")
     raw_cells_per_fov: int = _f(14, "raw: cells placed per field of view (fewer if they do not fit)")
     raw_z: int = _f(3, "raw: Z-slices per channel; the in-focus slice varies per field")
+    effects: str = _f("varied", "raw: batch effects: varied (each batch its own mix of background "
+                      "texture, channel crosstalk, debris, gamma, vignetting, shot noise; each unseen "
+                      "batch one mechanism stronger than any seen batch) or basic (gain, offset, "
+                      "illumination, blur, noise only: the easy images)")
+    unseen_extreme: float = _f(2.5, "raw, varied: each unseen batch's extreme mechanism, as a multiple "
+                               "of the strongest seen batch's strength (> 1)")
 
 
 @dataclass
@@ -99,6 +105,21 @@ class IngestConfig:
     cellpose_model: str = _f("", "local cellpose model file (segmentation=cellpose; never downloaded)")
     diameter: float = _f(0.0, "expected diameter (px) of the primary objects (0 = estimate per image)")
     flatten: bool = _f(True, "subtract a smooth per-image background surface before thresholding")
+    tophat: bool = _f(True, "also remove background texture broader than ~2 objects (white top-hat "
+                      "at the object scale), and keep specks out of the diameter estimate")
+    diameter_min: float = _f(0.0, "lower bound of the estimated diameter in px (0 = max(4, "
+                             "crop_size / 16))")
+    diameter_max: float = _f(0.0, "upper bound of the estimated diameter in px (0 = crop_size: an "
+                             "object wider than its crop cannot be cropped whole)")
+    diameter_outlier_fold: float = _f(2.0, "a field whose estimated diameter is more than this factor "
+                                      "from its plate's median uses the plate's")
+    scale_fovs: int = _f(8, "fields of view per plate whose diameter estimates give the plate's median "
+                         "(a scale pass before cropping; 0 = off)")
+    plausibility_check: bool = _f(True, "reject fields whose segmentation looks implausible (objects far "
+                                  "larger than the plate's, most on the border, most of the foreground "
+                                  "in giant objects): rejects table, code implausible-segmentation")
+    implausible_fold: float = _f(4.0, "a field is implausible when its median object area is more than "
+                                 "this factor above its plate's")
     threshold: str = _f("otsu", "foreground threshold: otsu, li or local")
     threshold_scale: float = _f(1.0, "threshold correction factor (<1 keeps dimmer objects)")
     log_threshold: bool = _f(True, "threshold log intensities (robust to a few very bright objects)")
@@ -255,6 +276,11 @@ class EvalConfig:
     predictions: str = _f("", "folder of prediction shards")
     out: str = _f("", "output folder for metrics.json / metrics.csv ('' = next to predictions)")
     max_cells: int = _f(5000, "cells per split sampled for the latent metrics (speed)")
+    baseline: bool = _f(False, "evaluate: also score a logistic regression on hand-made features of the "
+                        "predictions' data set (morph_* columns, else features from the crops), fitted on "
+                        "its train split")
+    baseline_features: str = _f("auto", "baseline features: auto (morph_* when the shards have them, else "
+                                "crops), morph, crops")
 
 
 @dataclass
@@ -343,6 +369,13 @@ class ExperimentConfig:
             raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
                               f"data.batch_size ({self.data.batch_size})")
         _check_tune(self.tune)
+        if self.synth.effects not in ("basic", "varied"):
+            raise ConfigError(f"synth.effects must be basic or varied, got {self.synth.effects!r}")
+        if not self.synth.unseen_extreme > 1:
+            raise ConfigError(f"synth.unseen_extreme must be > 1, got {self.synth.unseen_extreme}")
+        if self.eval.baseline_features not in ("auto", "morph", "crops"):
+            raise ConfigError(f"eval.baseline_features: {self.eval.baseline_features!r} is not one of auto, "
+                              "morph, crops")
         for key in _PATH_KEYS:
             val = self.get(key)
             if isinstance(val, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", val):

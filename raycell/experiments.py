@@ -14,6 +14,12 @@ model: with `randomized_z` (`--randomized-z`, the default) every checkpoint whos
 one-hot Z row per cell (`infer.randomize_z`), with no second training, and reported as its own row,
 "<model> + randomized Z".
 
+Every table also has a hand-made-feature baseline row (`baseline`, the default; see
+`raycell.eval.baseline`): a balanced logistic regression on the data set's `morph_*` columns (or,
+without them, on features computed from the crops), fitted on the same `train` split and scored with
+the same metrics, so the table shows whether the deep models beat features on the unseen batches.
+Its features are computed once per experiment; each seed refits it.
+
 Layout of `out` (a re-run skips every (seed, model) row whose `result.json` exists, so an interrupted
 experiment continues where it stopped, and seeds run as separate processes into the same `out` are
 combined by one more run over all seeds):
@@ -22,6 +28,7 @@ combined by one more run over all seeds):
     out/seed<S>/runs/                       Ray Train run folders (checkpoints, metrics.json)
     out/seed<S>/<model>/                    predictions/, eval/ (metrics.json, latent_pca.png), result.json
     out/seed<S>/<model>/randomized_z/       the same checkpoint inferred with randomized Z (same files)
+    out/seed<S>/baseline/result.json        the hand-made-feature baseline row
     out/results.json, table.csv, table.md
 """
 
@@ -37,10 +44,12 @@ import numpy as np
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
+from raycell.eval.baseline import BASELINE_MODEL, FEATURE_SOURCES
 from raycell.pipeline import infer_evaluate, run_split, run_synth, train_infer_evaluate
 from raycell.utils.io import atomic_write_json, atomic_write_text, read_json
 
 MEDL_MODELS = ["conventional", "adversarial", "randomeffects", "mixedeffects"]  # the default --models
+BASELINE_DIR = "baseline"  # out/seed<S>/baseline/: the hand-made-feature baseline row
 RANDOMIZED_Z_DIR = "randomized_z"  # out/seed<S>/<model>/randomized_z/: the randomized-Z row
 
 # (column, split, metric key, header, format): the table, in order. DB/CH/probe on the seen test
@@ -194,10 +203,26 @@ def check_medl(cfg: ExperimentConfig, seeds: list[int], models: list[str]) -> No
         raise ConfigError("experiment --seeds: give at least one seed, e.g. --seeds 0,1,2")
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
+    features = cfg.eval.baseline_features
+    if features not in FEATURE_SOURCES:
+        raise ConfigError(f"eval.baseline_features: {features!r} is not one of "
+                          f"{', '.join(FEATURE_SOURCES)}")
+
+
+def _baseline_row(cfg: ExperimentConfig, seed: int, cache: dict) -> dict:
+    """The baseline's row for `seed`; its features are loaded once into `cache` and reused."""
+    from raycell.eval.baseline import baseline_row, load_features
+
+    if "feats" not in cache:
+        cache["feats"] = load_features(cfg.data.path, [K.TRAIN, K.TEST, K.UNSEEN],
+                                       cfg.eval.baseline_features,
+                                       cfg.eval.max_cells)
+    return baseline_row(cfg.data.path, seed, feats=cache["feats"])
 
 
 def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[str], out: str,
-                        command: str = "", randomized_z: bool = True) -> dict:
+                        command: str = "", randomized_z: bool = True, baseline: bool = True
+                        ) -> dict:
     """Train, infer and evaluate each model type for each seed on one data set; write the table.
 
     Needs Ray to be initialised (`raycell.utils.ray_utils.init_ray`).
@@ -211,11 +236,14 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         command: The command line that started the experiment, recorded in the outputs.
         randomized_z: Also infer every model whose type uses Z with randomized Z (one more row each,
             "<model> + randomized Z"; the same checkpoint, no second training).
+        baseline: Also add the hand-made-feature baseline row (`raycell.eval.baseline`; features
+            chosen by `eval.baseline_features`, 'auto' = morph_* columns when present, else crops).
 
     Returns:
         {"out", "summary" (row label -> column means/sds), "rows" (one per seed and row), "table"
         (Markdown), "seconds"}.
     """
+    from raycell.eval.baseline import baseline_label, feature_source
     from raycell.infer.zpredictor import Z_PARQUET, run_infer_z
     from raycell.models import model_entry
 
@@ -230,7 +258,11 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
     uses_z = {m: model_entry(m).uses_z for m in models}
     labels = [lab for m in models for lab in
               [row_label(m, False)] + ([row_label(m, True)] if randomized_z and uses_z[m] else [])]
+    if baseline:
+        features = cfg.eval.baseline_features
+        labels.append(baseline_label(feature_source(cfg.data.path, features)))
     rows: list[dict] = []
+    feature_cache: dict = {}  # the baseline's features: computed once, reused by every seed
     for seed in seeds:
         seed_dir = out_p / f"seed{seed}"
         z_dir = None
@@ -265,6 +297,16 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
                         row["zpredictor_val_accuracy"] = zmeta.get("val_accuracy")
                     atomic_write_json(res_file, row)
                 rows.append(row)
+        if baseline:
+            res_file = seed_dir / BASELINE_DIR / "result.json"
+            if res_file.is_file():
+                row = read_json(res_file)
+            else:
+                print(f"[raycell] experiment medl: seed {seed}, {labels[-1]}", flush=True)
+                row = _baseline_row(cfg, seed, feature_cache)
+                res_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(res_file, row)
+            rows.append(row)
         _write_tables(out_p, cfg, seeds, models, labels, rows, command, t0, quiet=True)  # partial
     return _write_tables(out_p, cfg, seeds, models, labels, rows, command, t0)
 
@@ -285,7 +327,12 @@ def _write_tables(out: Path, cfg: ExperimentConfig, seeds: list[int], models: li
              "nearer chance = less batch information). mixedeffects latent = the fixed-effects "
              "latent e_F; its MSE is of X̂_R.",
              "+ randomized Z: the same checkpoint inferred with a random one-hot Z row per cell "
-             "(infer.randomize_z), no second training." if len(labels) > len(models) else ""]
+             "(infer.randomize_z), no second training."
+             if any(lab.endswith("+ randomized Z") for lab in labels) else "",
+             "logreg on hand-made features: balanced logistic regression on standardised "
+             "per-cell features (morph_* columns, or shape/intensity/texture computed from the "
+             "crops), fitted on the train split; its DB/CH/probe are of those features." if any(
+                 r.get("model") == BASELINE_MODEL for r in rows) else ""]
     chance = [s["batch_probe_chance"] for s in summary.values()
               if math.isfinite(s["batch_probe_chance"])]
     if chance:

@@ -109,7 +109,8 @@ def run_evaluate(cfg: ExperimentConfig) -> dict:
 
         raise ConfigError("evaluate needs eval.predictions (--predictions FOLDER)")
     return evaluate_predictions(cfg.eval.predictions, cfg.eval.out or None, max_cells=cfg.eval.max_cells,
-                                seed=cfg.seed)
+                                seed=cfg.seed, baseline=cfg.eval.baseline,
+                                baseline_features=cfg.eval.baseline_features)
 
 
 def infer_evaluate(cfg: ExperimentConfig, checkpoint: str | Path, out: str | Path, z_source: str = "",

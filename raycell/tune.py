@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raycell.config import ConfigError, ExperimentConfig, _set_nested, save_config, tune_key_type
+from raycell.train.history import HISTORY_FILE, read_history
 
 SEARCH = "search"  # Tune's experiment folder under tune.out
 TRIALS = "trials"  # the trials' Train runs under tune.out
@@ -213,6 +214,12 @@ def _trial(params: dict, base: dict, setup: dict, trials_dir: str) -> None:
     run_dir = Path(trials_dir) / f"train-{ray.tune.get_context().get_trial_id()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    done = read_history(run_dir / HISTORY_FILE)
+    if len(done) >= cfg.train.epochs and any(run_dir.glob("checkpoint_*")):
+        # A restored search re-runs a trial whose Train run had already finished (Tune's saved state was
+        # a few seconds older than the kill): fitting again would report nothing, so report its result.
+        ray.tune.report(done[-1])
+        return
     build_trainer(cfg, run_dir, setup, open_dataset(cfg.data.path), callbacks=[TuneReportCallback()]).fit()
 
 
@@ -226,7 +233,7 @@ def _metric_watch(metric: str):
             self.missing = False
 
         def __call__(self, trial_id, result):
-            if metric not in result:
+            if metric not in result and not result.get("done"):  # a trial's closing result may be bare
                 self.missing = True
             return self.missing
 
@@ -240,16 +247,23 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _trial_rows(grid, keys: list[str], metric: str, mode: str, max_epochs: int) -> tuple[list[dict], set]:
+def _trial_rows(grid, keys: list[str], metric: str, mode: str, max_epochs: int,
+                trials_dir: str | Path | None = None) -> tuple[list[dict], set]:
     """One row per trial (in trial order) and every metric name the trials reported."""
     rows, reported = [], set()
     for r in grid:
         df = r.metrics_dataframe
         hist = df.to_dict(orient="records") if df is not None else []
+        ident = re.search(r"_trial_([0-9a-f]+_\d+)_", Path(r.path).name)
+        trial_id = (r.metrics or {}).get("trial_id") or (ident.group(1) if ident else Path(r.path).name)
+        # The trial's Train run keeps every epoch (history.jsonl); Tune's record of a trial restored after
+        # an interruption holds only the epochs reported since.
+        own = read_history(Path(trials_dir) / f"train-{trial_id}" / HISTORY_FILE) if trials_dir else []
+        if len(own) > len(hist):
+            hist = own
         for h in hist:
             reported.update(k for k in h if k not in _TUNE_KEYS and not k.startswith("config/"))
         vals = [h[metric] for h in hist if _finite(h.get(metric))]
-        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         epochs = len(hist)
         status = ("error" if r.error else "completed" if epochs >= max_epochs else "stopped")
         best_of = max if mode == "max" else min
@@ -405,7 +419,7 @@ def run_search(cfg: ExperimentConfig) -> dict:
     grid = tuner.fit()
 
     keys = list(t.space)
-    rows, reported = _trial_rows(grid, keys, t.metric, t.mode, cfg.train.epochs)
+    rows, reported = _trial_rows(grid, keys, t.metric, t.mode, cfg.train.epochs, out / TRIALS)
     if t.metric not in reported:
         if not reported and all(r["status"] == "error" for r in rows):
             raise RuntimeError(f"every trial failed; the first: {rows[0]['error'] if rows else '?'} "

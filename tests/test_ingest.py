@@ -58,8 +58,10 @@ def _cfg(input_dir, out, platemap="", **ingest):
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ing") / "raw"
+    # the easy images (basic batch effects): the end-to-end test counts cells and checks their areas
     write_synthetic_raw(
-        out, seed=3, n_batches=2, n_lines=4, wells=2, fields=2, fov_size=160, cells_per_fov=10
+        out, seed=3, n_batches=2, n_lines=4, wells=2, fields=2, fov_size=160, cells_per_fov=10,
+        effects="basic",
     )
     return out
 
@@ -515,3 +517,30 @@ def test_example_as_09047_illumination(ray_local, tmp_path):
     t = pd.concat(pq.read_table(p).to_pandas() for p in open_dataset(tmp_path / "as").shard_paths)
     assert t.well.nunique() == 24 and t.field.nunique() == 3
     assert 500 <= t.morph_area.median() <= 5000
+
+
+@pytest.mark.ray
+def test_ingest_rejects_implausible_segmentation(ray_local, raw, tmp_path):
+    """A field whose objects are far larger than its plate's and sit on the border (a background
+    leak) lands in the rejects table with that reason, not in the crops, not as `no-cells`."""
+    from raycell.ingest.driver import REJECTS, run_ingest
+
+    src = tmp_path / "images"
+    shutil.copytree(raw / "images", src)
+    yy, xx = np.mgrid[0:160, 0:160]
+    for z in range(3):
+        f = src / "batch00" / f"SYN00_A01_s0_nucleus_z{z}.tif"
+        ref = tifffile.imread(f)
+        leak = np.full(ref.shape, np.percentile(ref, 10), np.float64)
+        for cy, cx in ((0, 0), (0, 159), (159, 0), (159, 159)):
+            leak[(yy - cy) ** 2 + (xx - cx) ** 2 < 75**2] = np.percentile(ref, 99.5)
+        leak += np.random.default_rng(z).normal(0, 0.01 * leak.max(), leak.shape)
+        tifffile.imwrite(f, np.clip(leak, 0, None).astype(ref.dtype))
+    out = tmp_path / "crops"
+    s = run_ingest(_cfg(src, out, raw / "platemap.csv", normalization="per-image"))
+    assert s["n_fovs_in"] == s["n_fovs_with_cells"] + s["n_fovs_rejected"]
+    assert s["rejects_by_code"] == {"implausible-segmentation": 1}, s["rejects_by_code"]
+    assert s["diameter_px"]["plates"]  # the scale pass gave each plate a reference
+    rej = pd.read_parquet(out / REJECTS).set_index("fov_id")
+    reason = rej.loc["batch00_SYN00_A01_0", "reason"]
+    assert reason.startswith("implausible-segmentation: median object") and "plate's" in reason

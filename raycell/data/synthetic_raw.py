@@ -13,14 +13,19 @@ ranges), then renders whole fields of view instead of crops:
   and the others are blurred in proportion to their distance from it (and slightly dimmer);
 * per-batch nuisance: channel gains, a background offset, an illumination gradient plus vignetting
   across the field, blur and signal-dependent noise, then 12-bit quantisation into uint16 TIFFs.
+* with ``effects="varied"`` (the default; ``"basic"`` gives the easy images of before), each batch
+  also draws its own mix of background texture, channel crosstalk, debris, gamma, strong
+  vignetting and Poisson shot noise (`raycell.data.batch_effects`), and each of the last
+  `n_unseen` batches (suggested for holding out) carries one of them stronger than any seen batch.
 
 Layout of `out`::
 
     images/<batch>/<plate>_<well>_s<field>_<channel>_z<z>.tif  uint16, one per channel and slice
     masks/<fov_id>_nuclei.tif, masks/<fov_id>_cells.tif  true labels (cell k holds nucleus k)
     platemap.csv  plate, well, line, label, dose, time
-    truth.csv     per field: in-focus slice, cell counts
-    raw.json      parameters + the ingest settings to use
+    truth.csv     per field: in-focus slice, cell counts (varied: debris specks and blobs)
+    raw.json      parameters, suggested_unseen, batch_effects, unseen_extremes + the ingest
+                  settings to use
 
 `fov_id` is what ingest derives from the default pattern `DEFAULT_PATTERN`:
 ``<batch>_<plate>_<well>_<field>``.
@@ -34,6 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from raycell.data import batch_effects as be
 from raycell.data.synthetic import CHANNELS, _batch_params, _line_params
 from raycell.utils.io import atomic_write_json
 from raycell.utils.outputs import RAW, prepare_output, staging_dir, swap_in
@@ -130,8 +136,19 @@ def _render_fov(
     return img, nuclei, cells
 
 
-def _nuisance(rng: np.random.Generator, img: np.ndarray, bp: pd.Series) -> np.ndarray:
-    """Apply a batch's gain, illumination (gradient, vignetting), offset, blur, noise."""
+def _nuisance(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    bp: pd.Series,
+    eff: dict | None = None,
+    eff_rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Apply a batch's gain, illumination (gradient, vignetting), offset, blur, noise.
+
+    With `eff` (the batch's varied effects, `raycell.data.batch_effects`) also a stronger
+    vignetting, Poisson shot noise and a gamma response; their random draws come from `eff_rng`,
+    so `rng` is consumed exactly as without them (the same cells and read noise in both modes).
+    """
     _, h, w = img.shape
     gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
     gy, gx = gy / h - 0.5, gx / w - 0.5
@@ -140,12 +157,39 @@ def _nuisance(rng: np.random.Generator, img: np.ndarray, bp: pd.Series) -> np.nd
     )
     x = img * np.array([bp.gain_nuc, bp.gain_cyto], np.float32)[:, None, None]
     x = (x + bp.offset + 0.02) * illum[None]
+    if eff and eff["vignetting"]["strength"] > 0:
+        v = eff["vignetting"]
+        x = be.vignetting(x, v["strength"], v["power"], tuple(v["centre"]))
     if bp.blur > 0.05:
         x = ndimage.gaussian_filter(x, sigma=(0, bp.blur, bp.blur))
+    if eff and eff["shot_noise"]["strength"] > 0:
+        x = be.shot_noise(eff_rng, x, eff["shot_noise"]["photons"])
     x += rng.normal(0, 1, x.shape).astype(np.float32) * (
         bp.noise * np.sqrt(np.clip(x, 0, None) + 0.05)
     )
+    if eff and eff["gamma"]["strength"] > 0:
+        x = be.gamma(x, eff["gamma"]["gamma"])
     return np.clip(np.rint(x * _SCALE), 0, 4095).astype(np.uint16)
+
+
+def _scene_effects(
+    rng: np.random.Generator, img: np.ndarray, eff: dict
+) -> tuple[np.ndarray, dict]:
+    """Add a field's background texture and debris, then mix channels (crosstalk), before focus."""
+    _, h, w = img.shape
+    x = img.copy()
+    counts = {"n_specks": 0, "n_blobs": 0}
+    t = eff["texture"]
+    if t["strength"] > 0:
+        tex = be.background_texture(rng, (h, w), t["scale_px"], t["strength"])
+        x += np.array(t["channel_weights"], np.float32)[:, None, None] * tex[None]
+    d = eff["debris"]
+    if d["strength"] > 0:
+        deb, counts = be.debris(rng, (h, w), d["strength"])
+        x += np.array(d["channel_weights"], np.float32)[:, None, None] * deb[None]
+    if eff["crosstalk"]["strength"] > 0:
+        x = be.crosstalk(x, np.array(eff["crosstalk"]["mix"]))
+    return x, counts
 
 
 def write_synthetic_raw(
@@ -160,6 +204,9 @@ def write_synthetic_raw(
     n_z: int = 3,
     batch_strength: float = 1.0,
     overwrite: bool = False,
+    effects: str = "varied",
+    n_unseen: int | None = None,
+    unseen_extreme: float = 2.5,
 ) -> dict:
     """Write raw fields of view, true masks and a plate map (see the module docstring).
 
@@ -176,17 +223,48 @@ def write_synthetic_raw(
         n_z: Z-slices per channel.
         batch_strength: scale of the nuisance effects.
         overwrite: replace an earlier `synth --raw` folder (never a folder of other files).
+        effects: "varied" (each batch its own mix of texture, crosstalk, debris, gamma,
+            vignetting, shot noise on top of the basic effects; `raycell.data.batch_effects`) or
+            "basic" (gain, offset, illumination, blur, noise only: the easy images of before). The
+            cells, focal planes and read noise are the same in both for a seed.
+        n_unseen: the last batches suggested for holding out (None = min(2, n_batches - 1)); with
+            "varied" each carries one mechanism stronger than any seen batch has.
+        unseen_extreme: that mechanism's strength over the strongest seen batch's.
 
     Returns:
         The description written to `raw.json` (parameters, counts, the ingest settings to use).
     """
     if min(n_batches, n_lines, wells, fields, n_z, cells_per_fov) < 1 or fov_size < 32:
         raise ValueError("write_synthetic_raw: counts must be >= 1 and fov_size >= 32")
+    if effects not in ("basic", "varied"):
+        raise ValueError(f"write_synthetic_raw: effects must be basic or varied, not {effects!r}")
+    if unseen_extreme <= 1:
+        raise ValueError(f"write_synthetic_raw: unseen_extreme must be > 1, not {unseen_extreme}")
+    n_unseen = min(2, n_batches - 1) if n_unseen is None else n_unseen
+    if not 0 <= n_unseen < n_batches:
+        raise ValueError(
+            f"write_synthetic_raw: n_unseen must be in [0, {n_batches}) (n_batches), not {n_unseen}"
+        )
     # OutputError is a FileExistsError: a user's folder is refused even with overwrite
     out = prepare_output(out, overwrite=overwrite, what="synth.out", kind=RAW)
     rng = np.random.default_rng(seed)
     lines = _line_params(rng, max(2, n_lines))
     batches = _batch_params(rng, n_batches, 0, batch_strength)
+    # the unseen flag only labels batches here (the basic effects are drawn as for seen ones, so a
+    # seed gives the same images as before the flag existed)
+    batches["unseen"] = np.arange(n_batches) >= n_batches - n_unseen
+    # varied effects draw from their own stream; the main one (cells, focus, noise) is as before
+    eff_rng = np.random.default_rng([seed, 0xEFF])
+    effs, extremes = {}, []
+    if effects == "varied":
+        effs, extremes = be.draw_batch_effects(
+            eff_rng,
+            list(batches.batch),
+            list(batches.unseen),
+            n_channels=len(CHANNELS),
+            strength=batch_strength,
+            unseen_extreme=unseen_extreme,
+        )
     tmp = staging_dir(out, RAW)
     (tmp / "masks").mkdir()
     import tifffile
@@ -211,6 +289,10 @@ def write_synthetic_raw(
             for f in range(fields):
                 img, nuclei, cells = _render_fov(rng, fov_size, line, cells_per_fov)
                 focal = int(rng.integers(n_z))
+                eff = effs.get(bp.batch)
+                counts = {}
+                if eff:
+                    img, counts = _scene_effects(eff_rng, img, eff)
                 for z in range(n_z):
                     dz = abs(z - focal)
                     sl = (
@@ -218,7 +300,7 @@ def write_synthetic_raw(
                         if dz
                         else img
                     )
-                    raw = _nuisance(rng, sl / (1 + 0.15 * dz), bp)
+                    raw = _nuisance(rng, sl / (1 + 0.15 * dz), bp, eff, eff_rng)
                     for c, name in enumerate(CHANNELS):
                         tifffile.imwrite(
                             tmp / "images" / bp.batch / f"{plate}_{well}_s{f}_{name}_z{z}.tif",
@@ -239,6 +321,7 @@ def write_synthetic_raw(
                         "focal_z": focal,
                         "n_cells": n,
                         "n_interior": n - int((edge > 0).sum()),
+                        **counts,
                     }
                 )
     pd.DataFrame(pm_rows).to_csv(tmp / "platemap.csv", index=False)
@@ -256,11 +339,19 @@ def write_synthetic_raw(
             cells_per_fov=cells_per_fov,
             n_z=n_z,
             batch_strength=batch_strength,
+            effects=effects,
+            n_unseen=n_unseen,
+            unseen_extreme=unseen_extreme,
         ),
         "n_fovs": len(truth),
         "n_cells": int(truth.n_cells.sum()),
         "n_interior": int(truth.n_interior.sum()),
         "batches": batches.to_dict(orient="records"),
+        "suggested_unseen": batches.batch[batches.unseen].tolist(),
+        # per batch and mechanism: strength (0 = off) and parameters (`raycell.data.batch_effects`)
+        "batch_effects": effs,
+        # each unseen batch's mechanism at a strength no seen batch has, with a one-line note
+        "unseen_extremes": extremes,
         # the settings `raycell ingest` needs for this folder (paths relative to it)
         "ingest": {
             "input": "images",
@@ -293,4 +384,8 @@ def from_config(cfg, overwrite: bool = False) -> dict:
         n_z=s.raw_z,
         batch_strength=s.batch_strength,
         overwrite=overwrite,
+        # keys added with issue 10; getattr keeps this working with configs from before them
+        effects=getattr(s, "effects", "varied"),
+        n_unseen=s.n_unseen,
+        unseen_extreme=getattr(s, "unseen_extreme", 2.5),
     )

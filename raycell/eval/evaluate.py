@@ -6,6 +6,10 @@ values written by `infer`); latent batch mixing (Davies-Bouldin and Calinski-Har
 latents, batch silhouette, iLISI, batch-probe accuracy) and label structure (silhouette, 1-NN label accuracy
 excluding same-batch neighbours). Definitions are in `raycell.eval.classification` and
 `raycell.eval.latent`.
+
+With `baseline` (config `eval.baseline`), the same splits are also scored for a logistic regression on
+hand-made features of the predictions' data set, fitted on its `train` split (`raycell.eval.baseline`):
+written as `baseline` in metrics.json and as extra rows of metrics.csv.
 """
 
 from __future__ import annotations
@@ -57,8 +61,13 @@ def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str],
 
 
 def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, max_cells: int = 5000,
-                         seed: int = 0, plot: bool = True, quiet: bool = False) -> dict:
-    """Compute metrics for a predictions folder; writes metrics.json, metrics.csv and a PCA plot."""
+                         seed: int = 0, plot: bool = True, quiet: bool = False, baseline: bool = False,
+                         baseline_features: str = "auto") -> dict:
+    """Compute metrics for a predictions folder; writes metrics.json, metrics.csv and a PCA plot.
+
+    With `baseline`, also the hand-made-feature baseline on the same splits (features: 'auto',
+    'morph' or 'crops', see `raycell.eval.baseline.load_features`).
+    """
     from raycell.formats.predictions import load_predictions
 
     pred_dir = Path(pred_dir).absolute()
@@ -77,9 +86,16 @@ def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, ma
                                                    max_cells, seed)
     report = {"predictions": str(pred_dir), "model_type": pm["model_type"], "checkpoint": pm["checkpoint"],
               "label_positive": label_vocab[-1] if len(label_vocab) == 2 else None, "splits": results}
+    if baseline:
+        report["baseline"] = _baseline(pm, pred_dir, [s or "unassigned" for s in splits], max_cells,
+                                       seed, baseline_features)
     atomic_write_json(out / "metrics.json", report)
     frame = pd.DataFrame(results).T
     frame.insert(0, "model", pm["model_type"])
+    if baseline:
+        extra = pd.DataFrame(report["baseline"]["splits"]).T
+        extra.insert(0, "model", report["baseline"]["label"])
+        frame = pd.concat([frame, extra])
     atomic_write_text(out / "metrics.csv", frame.to_csv(index_label="split"))
     if plot:
         from raycell.eval.plots import pca_plot
@@ -88,8 +104,27 @@ def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, ma
                                           out / "latent_pca.png", title=f"{pm['model_type']} latents"))
     if not quiet:
         print(format_table(results, title=f"{pm['model_type']}  ({pred_dir})"))
+        if baseline:
+            b = report["baseline"]
+            print(format_table(b["splits"], title=f"{b['label']}  (fitted on train of {b['dataset']})"))
     report["out"] = str(out)
     return report
+
+
+def _baseline(pm: dict, pred_dir: Path, splits: list[str], max_cells: int, seed: int,
+              features: str) -> dict:
+    """The hand-made-feature baseline on the predictions' data set, scored on `splits` (not train)."""
+    from raycell.errors import UserError
+    from raycell.eval.baseline import baseline_label, evaluate_baseline, load_features
+
+    data = pm.get("dataset")
+    if not data or not (Path(data) / K.MANIFEST).is_file():
+        raise UserError(f"{pred_dir / K.PREDICTIONS_MANIFEST}: its data set {data!r} is not there, so "
+                        "eval.baseline cannot fit the feature baseline; set eval.baseline=false")
+    splits = [s for s in splits if s != K.TRAIN]
+    feats = load_features(data, [K.TRAIN] + splits, features, max_cells, seed)
+    return {"label": baseline_label(feats["source"]), "features": feats["source"], "dataset": data,
+            "feature_names": feats.get("names", []), "splits": evaluate_baseline(feats, splits, seed)}
 
 
 SHORT = {"auroc_ci_low": "auroc_lo", "auroc_ci_high": "auroc_hi", "balanced_accuracy": "bal_acc",

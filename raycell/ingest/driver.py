@@ -6,6 +6,9 @@
    that cannot be used become rows of the rejects table right away.
 2. **Statistics pass** (`stats`, Ray Data, only when needed): illumination functions and
    normalisation ranges, fields at another scale left out.
+   **Scale pass** (`plate_diameters`, Ray Data, a few FOVs per plate, only when the diameter is
+   estimated): each plate's median diameter, the reference against which the crop pass replaces a
+   runaway estimate and rejects an implausible segmentation (`implausible-segmentation`).
 3. **Crop pass** (`fov`, Ray Data, one task per few FOVs): each FOV gives exactly one row, its
    crops and metadata or a reject reason.
 4. This driver streams the rows into one `ShardWriter` as they arrive. Why the driver and not
@@ -39,7 +42,7 @@ import pyarrow as pa
 
 from raycell import constants as K
 from raycell.ingest import images as imio
-from raycell.ingest.fov import crop_batch
+from raycell.ingest.fov import crop_batch, scale_batch
 from raycell.ingest.plan import check_out, check_params, plan_ingest
 from raycell.ingest.sources import IngestError, reject_row
 from raycell.ingest.stats import compute_stats
@@ -74,6 +77,40 @@ def _params_record(p: dict) -> dict:
     return json.loads(json.dumps(rec))
 
 
+def plate_diameters(fovs: list[dict], p: dict, ch: dict, stats: dict) -> dict[str, float]:
+    """Scale pass: the median automatic diameter of up to `ingest.scale_fovs` fields per plate.
+
+    Why a separate pass: the crop pass streams each field's crops into the writer as it arrives,
+    so a field can only be compared with its plate if the plate's typical scale is known before.
+    Sampled fields are spread over the plate (a fixed random draw); a median of a few fields is
+    robust to the odd one that ran away. Skipped when the diameter is given, for cellpose, or with
+    `ingest.scale_fovs=0`.
+    """
+    import ray
+
+    k = int(p.get("scale_fovs", 8))
+    if k <= 0 or p["diameter"] > 0 or p["segmentation"] != "classical" or not fovs:
+        return {}
+    by_plate: dict[str, list] = {}
+    for f in fovs:
+        by_plate.setdefault(f["row"][K.PLATE], []).append(f)
+    rng = np.random.default_rng(0)
+    sample = []
+    for group in by_plate.values():
+        take = rng.choice(len(group), min(len(group), k), replace=False)
+        sample += [group[i] for i in sorted(take)]
+    plate_of = {f["fov_id"]: f["row"][K.PLATE] for f in sample}
+    stats_ref = [ray.put(stats)] if stats.get("illum") else None
+    kw = {"p": p, "ch": ch, "stats_ref": stats_ref}
+    ds = map_fovs(fov_dataset(sample, p), scale_batch, p, kw)
+    got: dict[str, list] = {}
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for fid, d in zip(block.column("fov_id").to_pylist(), block.column("diameter").to_pylist()):
+            if d > 0:
+                got.setdefault(plate_of[fid], []).append(d)
+    return {pl: float(np.median(v)) for pl, v in got.items() if v}
+
+
 def _stream_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, writer) -> dict:
     """Run the crop pass and feed its rows into `writer` as they arrive; collect the FOV rejects."""
     import ray
@@ -91,9 +128,11 @@ def _stream_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, writer) -> d
         "all_zero": np.zeros(len(ch["names"]), np.int64),
         "saturated": np.zeros(len(ch["names"]), np.int64),
     }
+    got["diameter_ref"] = stats.get("diameter_ref", {})
     if not fovs:
         return got
-    stats_ref = [ray.put(stats)] if (stats["illum"] or stats["lohi"]) else None
+    need = stats["illum"] or stats["lohi"] or stats.get("diameter_ref")
+    stats_ref = [ray.put(stats)] if need else None
     ds = map_fovs(fov_dataset(fovs, p), crop_batch, p, {"p": p, "ch": ch, "stats_ref": stats_ref})
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for r in block.to_pylist():
@@ -164,6 +203,12 @@ def _summary(p: dict, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -
         f"field {fid} normalised by itself (ingest.scale_check=separate): {why}"
         for fid, why in sorted(got["separate"].items())
     ]
+    n_bad = int((rej["code"] == "implausible-segmentation").sum()) if len(rej) else 0
+    bad = (
+        [f"warning: {n_bad} field(s) rejected as implausible-segmentation (see the rejects table)"]
+        if n_bad
+        else []
+    )
     n_odd = int((rej["code"] == "out-of-scale").sum()) if len(rej) else 0
     odd = (
         [f"warning: {n_odd} field(s) rejected as out-of-scale (see the rejects table)"]
@@ -184,6 +229,7 @@ def _summary(p: dict, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -
         "nucleus_channel": ch["names"][ch["nucleus"]],
         "cytoplasm_channel": ch["names"][ch["cytoplasm"]] if ch["cytoplasm"] is not None else "",
         "diameter_px": {
+            "plates": got.get("diameter_ref", {}),
             "median": float(np.median(diam)) if diam else 0.0,
             "min": float(min(diam)) if diam else 0.0,
             "max": float(max(diam)) if diam else 0.0,
@@ -196,7 +242,7 @@ def _summary(p: dict, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -
         },
         "crop_checks": checks,
         "fields_normalised_alone": sorted(got["separate"]),
-        "notes": plan["notes"] + odd + sep + check_notes,
+        "notes": plan["notes"] + odd + bad + sep + check_notes,
         "skipped": False,
     }
 
@@ -287,6 +333,7 @@ def run_ingest(cfg) -> dict:
         return prev
     ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.ray.progress)
     stats = compute_stats(plan["fovs"], p, plan["channels"])
+    stats["diameter_ref"] = plate_diameters(plan["fovs"], p, plan["channels"], stats)
     t_stats = time.perf_counter() - t0
     partial = staging_dir(out, DATASET)
     writer = ShardWriter(

@@ -17,7 +17,7 @@ import pyarrow as pa
 from raycell import constants as K
 from raycell.ingest import images as imio
 from raycell.ingest.crops import extract
-from raycell.ingest.segment import segment
+from raycell.ingest.segment import plausibility, segment
 from raycell.ingest.stats import scale_verdict
 from raycell.ingest.tasks import read_fov
 
@@ -36,6 +36,35 @@ def _get_stats(ref_box: list | None):
         _STATS_CACHE.clear()
         _STATS_CACHE[key] = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
     return _STATS_CACHE[key]
+
+
+def _param(p: dict, key: str, default):
+    """An ingest parameter that older configs (and `IngestConfig` before issue 10) may lack."""
+    return p.get(key, default)
+
+
+def scale_batch(batch: pa.Table, p: dict, ch: dict, stats_ref: list | None) -> pa.Table:
+    """Scale pass: each sampled field's own diameter estimate (no plate reference, no crops).
+
+    Its per-plate median is the reference the crop pass compares each field with: a field whose
+    estimate is more than 2x away uses the plate's instead, and one whose objects are far larger
+    than the plate's is rejected as implausible (`raycell.ingest.segment.plausibility`).
+    """
+    stats = _get_stats(stats_ref)
+    ids, diam = [], []
+    for rec in batch.column("record").to_pylist():
+        fov = json.loads(rec)
+        try:
+            img, _ = read_fov(fov, p, ch)
+            func = (stats or {}).get("illum", {}).get(fov["row"][K.PLATE])
+            if p["illum_correction"] and func is not None:
+                img = img / imio.upsample(func, img.shape[1:])
+            d = segment(img, ch["nucleus"], None, p)[2]
+        except Exception:  # noqa: BLE001 - the crop pass reports the reason
+            d = 0.0
+        ids.append(fov["fov_id"])
+        diam.append(float(d))
+    return pa.table({"fov_id": pa.array(ids, pa.string()), "diameter": pa.array(diam)})
 
 
 def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
@@ -75,9 +104,22 @@ def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
                 raise imio.ImageError("no-illum", f"no illumination function for plate {plate!r}")
             if func is not None:
                 img = img / imio.upsample(func, img.shape[1:])
-        nuc, cells, d = segment(img, ch["nucleus"], ch["cytoplasm"], p)
+        ref_d = float((stats or {}).get("diameter_ref", {}).get(plate, 0.0))
+        qc: dict = {}
+        nuc, cells, d = segment(img, ch["nucleus"], ch["cytoplasm"], p, ref_diameter=ref_d, qc=qc)
         info["diameter"] = round(float(d), 2)
         info["n_objects"] = int(nuc.max())
+        info["qc"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in qc.items()}
+        # a leak or a runaway scale is rejected with its evidence, not cropped into giant "cells"
+        # nor (once the area filter has removed the giants) reported as an empty field
+        why = plausibility(qc, ref_d, _param(p, "implausible_fold", 4.0)) if qc else ""
+        if why and _param(p, "plausibility_check", True):
+            return {
+                **base,
+                "code": "implausible-segmentation",
+                "reason": why,
+                "info": json.dumps(info),
+            }
         if nuc.max() == 0:
             return {
                 **base,

@@ -4,7 +4,8 @@ The default backend needs no weights: scikit-image only, in the spirit of CellPr
 IdentifyPrimaryObjects / IdentifySecondaryObjects:
 
 1. **Nuclei** (primary objects) on the nucleus channel: subtraction of a smooth background floor (a
-   robust 2nd-order polynomial surface: no object scale needed), Gaussian smoothing (sigma max(1,
+   robust 2nd-order polynomial surface: no object scale needed) and of texture at the scale of a
+   few objects (white top-hat at 2 d) and specks, Gaussian smoothing (sigma max(1,
    d/20) px), a global threshold (Otsu on log intensities by default; fluorescence intensities are
    closer to log-normal, so a few very bright mitotic nuclei do not drag the threshold up), or a
    local threshold for uneven images, each object's edge refined to its half-maximum (so the
@@ -22,12 +23,22 @@ IdentifyPrimaryObjects / IdentifySecondaryObjects:
    of the expected object area).
 
 Scale: everything is expressed in units of the expected nucleus (or object) **diameter** `d`. If it
-is not given (0) it is estimated from the image: the median equivalent diameter of the thresholded
-components that look like single objects (solidity >= 0.9); if those hold less than half the
-foreground, twice the inscribed radius of each component (the maximum of its distance transform, the
-size of the largest object inside a clump); medians are area-weighted so specks do not count.
+is not given (0) it is estimated from the image (`robust_diameter`), in two passes: specks narrower
+than the smallest allowed object and texture broader than the largest are removed, the foreground is
+thresholded, and the **median object** (not area-weighted: a few giant leak components cannot set
+the scale; border-touching objects and specks left out) gives d; the same is repeated with the
+background removed at that d. The estimate is clipped to `diameter_bounds` (derived from the crop
+size) and, in `raycell ingest`, replaced by the plate's median (a scale pass over a few fields per
+plate) when it is more than 2x away from it. Issue 10 is why: with an area-weighted estimate, fields
+with background texture at the scale of several cells ran away to 150-190 px for 18 px nuclei.
 Nothing is tuned to a particular data set. Images whose objects do not separate at threshold
 (confluent cytoplasm-only stains) should set the diameter.
+
+Background: besides the polynomial floor, a white top-hat at the object scale (`remove_background`,
+a grey opening of side 2 d) removes texture at the scale of a few objects (haze, crosstalk, uneven
+confluence), and a small grey opening (`despeckle`, d / 4) removes debris. `plausibility` turns the
+statistics of a segmentation (median object vs the plate's, objects on the border, foreground in
+giant objects) into a reject reason (`implausible-segmentation: ...`).
 
 `cellpose` is an optional backend, imported lazily, used only with a local model file (never a
 download), loaded once per process.
@@ -228,6 +239,156 @@ def _filter_sizes(labels: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return relabel_sequential(out)[0].astype(np.int32)
 
 
+def diameter_bounds(
+    shape: tuple[int, ...], crop_size: int = 0, lo: float = 0.0, hi: float = 0.0
+) -> tuple[float, float]:
+    """The [min, max] range an automatic diameter estimate is clipped to.
+
+    A bound is the backstop that keeps one bad field from running away (the reported failure:
+    150-190 px estimates for 18 px nuclei, which then turned a field into one or two giant objects).
+    Defaults follow from what the pipeline can use: an object wider than its crop cannot be cropped
+    whole (`crop_size`), and one narrower than a sixteenth of it is a few pixels in the crop. With
+    no crop size, a third of the field's short side is the upper limit.
+    """
+    side = float(min(shape[-2:]))
+    hi = hi if hi > 0 else (float(crop_size) if crop_size > 0 else side / 3)
+    lo = lo if lo > 0 else max(4.0, crop_size / 16 if crop_size > 0 else 4.0)
+    hi = min(max(hi, lo), side)
+    return float(lo), float(hi)
+
+
+def despeckle(img: np.ndarray, width: float) -> np.ndarray:
+    """Remove bright specks narrower than `width` px (a grey opening with a small square).
+
+    Debris and dust are far smaller than a nucleus; left in, they pass the threshold and, being
+    many, pull an object-count median down (and give false objects). The opening flattens any
+    bright feature that cannot hold the square and leaves wider objects unchanged.
+    """
+    k = int(round(width))
+    if k < 2:
+        return img
+    return ndi.grey_opening(img, size=(k, k))
+
+
+def remove_background(img: np.ndarray, d: float) -> np.ndarray:
+    """White top-hat: subtract a background that follows anything broader than about 2 objects.
+
+    The polynomial `background_surface` cannot follow texture at the scale of a few cells (uneven
+    confluence, out-of-focus haze, cytoplasmic crosstalk); thresholded with the nuclei, that texture
+    becomes giant objects. A grey opening with a square of side 2 d removes every object narrower
+    than 2 d (so nuclei, alone or in pairs, stay in the difference) and keeps broader structure,
+    which is then smoothed (sigma d/2) so the blocky opening does not print squares into the image.
+    Separable min/max filters keep this O(pixels) at any d.
+    """
+    if d <= 0:
+        return img
+    k = max(3, int(round(2 * d)) | 1)
+    bg = ndi.grey_opening(_smooth(img, 1.0), size=(k, k))
+    bg = ndi.gaussian_filter(bg, d / 2)
+    return img - np.minimum(bg, _smooth(img, 1.0))
+
+
+def robust_diameter(mask: np.ndarray, min_d: float) -> float:
+    """Median diameter of the objects in a foreground mask (0 if none qualify).
+
+    Why a median over objects with capped weights (not the area-weighted median, not the mean):
+    one or two giant components (texture or crosstalk that passed the threshold) hold much of the
+    foreground, so full area weighting lets them set the scale (the issue-10 runaway); with each
+    object's weight capped at the 75th percentile of the areas they count as one large object each
+    among dozens. Specks keep their small weight, so they cannot pull the scale down either.
+    Components touching the border are left out (their size is truncated, and a background leak
+    usually touches it), and so are specks narrower than `min_d` (see the weights below for the
+    rest). Each component gives its
+    equivalent diameter when it is convex (solidity >= 0.9), else twice its inscribed radius (the
+    size of the largest object in a clump).
+    """
+    from skimage import measure
+
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return 0.0
+    props = measure.regionprops_table(
+        lab, properties=("area", "solidity", "equivalent_diameter_area", "bbox")
+    )
+    h, w = mask.shape
+    border = (props["bbox-0"] == 0) | (props["bbox-1"] == 0)
+    border |= (props["bbox-2"] == h) | (props["bbox-3"] == w)
+    inscribed = 2 * np.asarray(
+        ndi.maximum(ndi.distance_transform_edt(mask), lab, index=np.arange(1, n + 1))
+    )
+    diam = np.where(props["solidity"] >= 0.9, props["equivalent_diameter_area"], inscribed)
+    keep = diam >= min_d
+    if (keep & ~border).sum() >= 3:
+        keep &= ~border  # too few interior objects (a few large cells): use the border ones too
+    if not keep.any():
+        return 0.0
+    # weights: area, capped at the 75th percentile of the areas. Uncapped, a giant leak component
+    # outweighs dozens of nuclei; unweighted, specks (often more numerous than nuclei) set the
+    # scale.
+    area = props["area"][keep].astype(np.float64)
+    return _weighted_median(diam[keep], np.minimum(area, np.percentile(area, 75)))
+
+
+def plausibility(qc: dict, ref_diameter: float = 0.0, fold: float = 4.0) -> str:
+    """Why a segmentation looks implausible ('' when it does not), from `segment_nuclei`'s qc.
+
+    Three signs of a background leak or a runaway scale, each relative to the field or its plate,
+    not to a pixel count: the median object far larger (> `fold` x in area) than its plate's
+    (`ref_diameter`, the plate's median diameter); most objects (> half, of at least 3) touching
+    the border (more than half beyond the fraction expected by chance for objects of that size, and
+    larger than the interior ones, which cells truncated by the border are not); or
+    most of the foreground (> half) in objects too large to be one (the area filter
+    would drop them, and the field would look like it had few or no cells).
+    """
+    why = []
+    if ref_diameter > 0 and qc.get("median_area", 0) > 0:
+        ratio = qc["median_area"] / (np.pi * (ref_diameter / 2) ** 2)
+        if ratio > fold:
+            why.append(f"median object {ratio:.1f}x the plate's")
+    n = qc.get("n_raw", 0)
+    # large objects touch the border often by chance alone (a 50 px cell in a 512 px field: ~20%),
+    # so "most" means more than half on top of what the median object's size makes expected
+    limit = min(0.9, 0.5 + qc.get("border_expected", 0.0))
+    # and real cells cut by the border are smaller than the interior ones, a leak's are larger
+    leak = qc.get("border_area_ratio", 99.0) > 1.5
+    if n >= 3 and qc.get("border_fraction", 0) > limit and leak:
+        why.append(f"{100 * qc['border_fraction']:.0f}% on the border")
+    if qc.get("fg_fraction_too_large", 0) > 0.5:
+        why.append(f"{100 * qc['fg_fraction_too_large']:.0f}% of the foreground in giant objects")
+    if not why:
+        return ""
+    return f"implausible-segmentation: {', '.join(why)} (diameter {qc.get('diameter', 0):.1f} px)"
+
+
+def _qc(labels: np.ndarray, d: float, hi_area: float) -> dict:
+    """Statistics of a label image before the size filter, for `plausibility`."""
+    n = int(labels.max())
+    if n == 0:
+        return {"n_raw": 0, "diameter": float(d)}
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    present = area > 0
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    edge = edge[edge > 0]
+    on_edge = np.zeros(n + 1, bool)
+    on_edge[edge] = True
+    inner, outer = area[present & ~on_edge[1:]], area[present & on_edge[1:]]
+    ratio = float(np.median(outer) / np.median(inner)) if len(inner) and len(outer) else 0.0
+    med = float(np.median(area[present]))
+    eq_d = 2 * np.sqrt(med / np.pi)
+    h, w = labels.shape
+    return {
+        "n_raw": int(present.sum()),
+        "median_area": med,
+        # chance that a randomly placed object of the median size touches the border
+        "border_expected": float(1 - max(0.0, 1 - eq_d / h) * max(0.0, 1 - eq_d / w)),
+        "border_fraction": float(len(edge) / max(int(present.sum()), 1)),
+        # median area of border objects over interior ones (99 = no interior object)
+        "border_area_ratio": ratio if len(inner) else 99.0,
+        "fg_fraction_too_large": float(area[area > hi_area].sum() / max(int(area.sum()), 1)),
+        "diameter": float(d),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # Classical backend
 # --------------------------------------------------------------------------------------------------
@@ -245,6 +406,13 @@ def segment_nuclei(
     max_area: float = 0.0,
     min_snr: float = 3.0,
     flatten: bool = True,
+    tophat: bool = True,
+    diameter_min: float = 0.0,
+    diameter_max: float = 0.0,
+    crop_size: int = 0,
+    ref_diameter: float = 0.0,
+    outlier_fold: float = 2.0,
+    qc: dict | None = None,
 ) -> tuple[np.ndarray, float]:
     """Primary objects (nuclei, or whole cells when there is one stain) by threshold + watershed.
 
@@ -266,6 +434,15 @@ def segment_nuclei(
         flatten: subtract `background_surface` first, so an uneven background (illumination
             gradient, vignetting, offset) is not mistaken for objects when there is no illumination
             correction.
+        tophat: also subtract `remove_background` at the object scale (texture at the scale of a
+            few objects) and `despeckle` (debris far smaller than an object).
+        diameter_min: lower bound of the estimated diameter (0 = see `diameter_bounds`).
+        diameter_max: upper bound of the estimated diameter (0 = see `diameter_bounds`).
+        crop_size: the crop size, which sets the default bounds.
+        ref_diameter: the plate's median diameter; an estimate more than `outlier_fold` x away
+            from it is replaced by it (0 = no plate reference).
+        outlier_fold: see `ref_diameter`.
+        qc: if a dict, filled with statistics for `plausibility` (objects before the size filter).
 
     Returns:
         (labels int32 HxW with 0 = background, the diameter used).
@@ -278,9 +455,9 @@ def segment_nuclei(
     if flatten:
         img = img - background_surface(img)
 
-    def mask_at(sigma: float, d: float) -> np.ndarray:
+    def mask_at(x: np.ndarray, sigma: float, d: float) -> np.ndarray:
         fg = foreground(
-            _smooth(img, sigma),
+            _smooth(x, sigma),
             threshold,
             threshold_scale,
             log_threshold,
@@ -290,41 +467,66 @@ def segment_nuclei(
         )
         return ndi.binary_fill_holes(ndi.binary_opening(fg))
 
-    # pixel-noise smoothing first (sigma 1); large objects are re-thresholded at sigma d/20, so that
-    # the
-    # texture inside big cells does not fray their outline
-    fg = mask_at(max(1.0, diameter / 20), diameter)
-    d = diameter if diameter > 0 else estimate_diameter(fg)
-    if diameter <= 0 and d / 20 > 1.5:
-        fg = mask_at(d / 20, d)
-    if d <= 0 or not fg.any():
-        return np.zeros(img.shape, np.int32), float(d)
-    lo, hi = _area_limits(d, min_area, max_area)
+    def prepared(d: float, speck: float) -> np.ndarray:
+        # specks narrower than `speck` px go first, then texture broader than two objects
+        return remove_background(despeckle(img, speck), d) if tophat else img
+
+    d = float(diameter)
+    if d <= 0:
+        lo, hi = diameter_bounds(img.shape, crop_size, diameter_min, diameter_max)
+        if tophat:
+            # two passes: the first removes only what is broader than the largest allowed object
+            # and specks narrower than the smallest; the second repeats at the scale it found
+            d = robust_diameter(mask_at(prepared(hi / 2, lo), 1.0, 0), lo)
+            d = float(np.clip(d, lo, hi)) if d > 0 else 0.0
+            if d > 0:
+                x2 = prepared(d, max(lo, d / 3))
+                d2 = robust_diameter(mask_at(x2, max(1.0, d / 20), d), max(lo, d / 3))
+                d = float(np.clip(d2, lo, hi)) if d2 > 0 else d
+        else:
+            d = estimate_diameter(mask_at(img, 1.0, 0))
+            d = float(np.clip(d, lo, hi)) if d > 0 else 0.0
+        # a field far from its plate is more likely wrong than different: trust the plate
+        if ref_diameter > 0 and (d <= 0 or max(d / ref_diameter, ref_diameter / d) > outlier_fold):
+            if qc is not None:
+                qc["estimate_replaced"] = round(d, 2)
+            d = float(ref_diameter)
+    if d <= 0:
+        if qc is not None:
+            qc.update(n_raw=0, diameter=0.0)
+        return np.zeros(img.shape, np.int32), 0.0
+    # no despeckle here: it only has to keep specks out of the scale estimate; in the final mask
+    # the area filter drops them, and an opening would erase punctate stains (Transfluor GFP)
+    x = prepared(d, 0)
+    fg = mask_at(x, max(1.0, d / 20), d)
+    lo_a, hi_a = _area_limits(d, min_area, max_area)
+    if not fg.any():
+        if qc is not None:
+            qc.update(n_raw=0, diameter=d)
+        return np.zeros(img.shape, np.int32), d
     r = d / 2
     comp, _ = ndi.label(fg)
     if declump == "none":
-        return _filter_sizes(comp.astype(np.int32), lo, hi), float(d)
-    if declump == "shape":
-        # distance map smoothed at a small fraction of the radius: keeps one maximum per convex lobe
-        surf = ndi.gaussian_filter(ndi.distance_transform_edt(fg), max(1.0, r / 6))
-        h = declump_h * r
+        labels = comp.astype(np.int32)
     else:
-        surf = _smooth(
-            img, max(1.0, d / 7)
-        )  # CellProfiler's auto smoothing: sigma = min size / 3.5
-        surf = (
-            (surf - surf[fg].min()) / max(float(np.ptp(surf[fg])), 1e-6) * r
-        )  # same units as 'shape'
-        h = declump_h * r
-    peaks = morphology.h_maxima(surf, h) & fg
-    markers, _ = ndi.label(peaks)
-    # components without any marker still become one object each
-    missing = np.setdiff1d(np.unique(comp[fg]), np.unique(comp[markers > 0]))
-    if missing.size:
-        extra = np.isin(comp, missing)
-        markers[extra] = comp[extra] + markers.max()
-    labels = segmentation.watershed(-surf, markers, mask=fg)
-    return _filter_sizes(labels.astype(np.int32), lo, hi), float(d)
+        if declump == "shape":
+            # distance map smoothed at a small fraction of the radius: one maximum per convex lobe
+            surf = ndi.gaussian_filter(ndi.distance_transform_edt(fg), max(1.0, r / 6))
+        else:
+            # CellProfiler's auto smoothing: sigma = min size / 3.5; rescaled to 'shape' units
+            surf = _smooth(x, max(1.0, d / 7))
+            surf = (surf - surf[fg].min()) / max(float(np.ptp(surf[fg])), 1e-6) * r
+        peaks = morphology.h_maxima(surf, declump_h * r) & fg
+        markers, _ = ndi.label(peaks)
+        # components without any marker still become one object each
+        missing = np.setdiff1d(np.unique(comp[fg]), np.unique(comp[markers > 0]))
+        if missing.size:
+            extra = np.isin(comp, missing)
+            markers[extra] = comp[extra] + markers.max()
+        labels = segmentation.watershed(-surf, markers, mask=fg).astype(np.int32)
+    if qc is not None:
+        qc.update(_qc(labels, d, hi_a))
+    return _filter_sizes(labels, lo_a, hi_a), d
 
 
 def segment_cells(
@@ -435,7 +637,12 @@ def check_backend(method: str, model_path: str = "") -> None:
 
 
 def segment(
-    img: np.ndarray, nucleus: int, cytoplasm: int | None, p: dict
+    img: np.ndarray,
+    nucleus: int,
+    cytoplasm: int | None,
+    p: dict,
+    ref_diameter: float = 0.0,
+    qc: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Segment one field of view with the configured backend.
 
@@ -444,6 +651,8 @@ def segment(
         nucleus: channel index of the primary objects.
         cytoplasm: channel index to grow cell bodies into, or None.
         p: the ingest parameters (`IngestConfig` as a dict).
+        ref_diameter: the plate's median diameter (see `segment_nuclei`; 0 = none).
+        qc: filled with the statistics `plausibility` reads (classical backend only).
 
     Returns:
         (nuclei labels, cell labels or None, diameter used in px).
@@ -465,6 +674,13 @@ def segment(
         max_area=p.get("max_area", 0.0),
         min_snr=p.get("min_snr", 3.0),
         flatten=p.get("flatten", True),
+        tophat=p.get("tophat", True),
+        diameter_min=p.get("diameter_min", 0.0),
+        diameter_max=p.get("diameter_max", 0.0),
+        crop_size=p.get("crop_size", 0),
+        ref_diameter=ref_diameter,
+        outlier_fold=p.get("diameter_outlier_fold", 2.0),
+        qc=qc,
     )
     cells = None
     if cytoplasm is not None:

@@ -1,0 +1,168 @@
+"""The hand-made-feature baseline (raycell.eval.baseline): features, fitted rows, wiring. No Ray."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from raycell import constants as K
+from raycell.eval import baseline as B
+
+
+@pytest.fixture(scope="module")
+def tiny_feats(tiny_data) -> dict:
+    """Crop features of the whole tiny data set (train/test/unseen), computed once for this module."""
+    return B.load_features(tiny_data, [K.TRAIN, K.TEST, K.UNSEEN])
+
+
+def _tiny_images(tiny_data, n=12):
+    from raycell.formats.shards import open_dataset
+
+    ds = open_dataset(tiny_data)
+    imgs, meta = ds.load_images([K.TRAIN])
+    return imgs[:n], ds.manifest["channel_names"]
+
+
+def test_crop_features_shape_finite_deterministic(tiny_data):
+    imgs, names = _tiny_images(tiny_data)
+    x, cols = B.crop_features(imgs, names)
+    assert x.shape == (len(imgs), len(cols)) and len(cols) == 28  # 2 objects x 6 + 2 channels x 8
+    assert len(set(cols)) == len(cols)
+    assert np.isfinite(x).all()
+    x2, _ = B.crop_features(imgs.copy(), names)
+    np.testing.assert_array_equal(x, x2)
+    # one crop alone gets the same features as in the stack (no leakage between crops)
+    x1, _ = B.crop_features(imgs[3:4], names)
+    np.testing.assert_allclose(x1[0], x[3])
+
+
+def test_crop_features_known_disc_and_empty_crop():
+    yy, xx = np.mgrid[:48, :48]
+    disc = ((yy - 23.5) ** 2 + (xx - 23.5) ** 2 <= 10 ** 2).astype(np.uint8) * 200 + 10
+    speck = np.zeros((48, 48), np.uint8)
+    speck[2:4, 2:4] = 255  # an off-centre speck: still the object nearest the centre
+    flat = np.full((48, 48), 7, np.uint8)  # nothing to segment: NaN, not an error
+    x, cols = B.crop_features(np.stack([disc, speck, flat])[:, None], ["dna"])
+    f = dict(zip(cols, x[0]))
+    assert f["nucleus_area"] == pytest.approx(math.pi * 100, rel=0.05)
+    assert f["nucleus_eccentricity"] < 0.2 and f["nucleus_solidity"] > 0.95
+    assert f["nucleus_major_axis"] == pytest.approx(20, rel=0.1)
+    assert f["dna_mean_in"] == pytest.approx(210) and f["dna_mean_out"] == pytest.approx(10)
+    assert dict(zip(cols, x[1]))["nucleus_area"] == 4
+    assert np.isnan(x[2, cols.index("nucleus_area")])
+
+
+def _fake_deep(monkeypatch) -> dict:
+    """Replace training + inference in `raycell.experiments` by a fixed result; its split dict."""
+    from raycell import experiments
+    from raycell.eval.evaluate import split_metrics
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({K.LABEL: ["high", "low"] * 20, K.BATCH: ["a", "b", "c", "d"] * 10,
+                       K.PROB: rng.random(40), K.RECON_MSE: 0.1, K.RECON_SSIM: 0.9})
+    split = split_metrics(df, rng.normal(size=(40, 4)), ["high", "low"])
+    fake = {"run_dir": "r", "checkpoint": "c", "train_seconds": 1.0, "metrics": {},
+            "eval": {"splits": {K.TEST: split, K.UNSEEN: split}}}
+    monkeypatch.setattr(experiments, "train_infer_evaluate", lambda *a, **k: fake)
+    return split
+
+
+def _cheap_latent_metrics(monkeypatch):
+    """Skip the latent metrics (the batch probe's cross-validation is slow on 2 shared cores)."""
+    import raycell.eval.latent as L
+
+    keys = L.latent_metrics(np.random.default_rng(0).normal(size=(12, 2)), np.arange(12) % 2,
+                            np.arange(12) % 3)
+    monkeypatch.setattr(L, "latent_metrics", lambda *a, **k: dict.fromkeys(keys, math.nan))
+
+
+def _deep_row_keys(monkeypatch, tmp_path) -> tuple[set, set]:
+    """The keys of a deep model's experiment row and of one of its splits, without training."""
+    from raycell import experiments
+    from raycell.config import load_config
+
+    split = _fake_deep(monkeypatch)
+    row = experiments._trained_row(load_config(None, []), tmp_path, None)
+    return set(row), set(split)
+
+
+def test_baseline_row_on_tiny_data(tiny_data, tiny_feats, monkeypatch, tmp_path):
+    row = B.baseline_row(tiny_data, seed=0, feats=tiny_feats)
+    assert row["label"] == "logreg on hand-made features (crops)"
+    row_keys, split_keys = _deep_row_keys(monkeypatch, tmp_path)
+    assert set(row) == row_keys
+    for s in (K.TEST, K.UNSEEN):
+        assert set(row[s]) == split_keys
+        assert 0.0 <= row[s]["auroc"] <= 1.0
+        assert row[s]["auroc_ci_low"] <= row[s]["auroc"] <= row[s]["auroc_ci_high"]
+        assert 0.0 <= row[s]["batch_probe_acc"] <= 1.0 and math.isnan(row[s]["mse"])
+    assert row[K.TEST]["auroc"] > 0.6  # the synthetic phenotype is visible in shape/texture
+
+
+def _with_morph(tiny_data, tmp_path):
+    """A copy of the tiny data set whose shards carry two morph_* columns (one tracks the label)."""
+    from raycell.formats.shards import open_dataset, rewrite_shards
+
+    data = tmp_path / "morph"
+    shutil.copytree(tiny_data, data)
+    ds = open_dataset(data)
+
+    def add(t: pa.Table, path: str) -> pa.Table:
+        rng = np.random.default_rng(len(path))
+        y = (t.column(K.LABEL).to_numpy(zero_copy_only=False) == "low").astype(np.float32)
+        t = t.append_column("morph_area", pa.array(100 + 30 * y + rng.normal(0, 10, len(y)), pa.float32()))
+        return t.append_column("morph_noise", pa.array(rng.normal(size=len(y)), pa.float32()))
+
+    rewrite_shards(ds, add, {})
+    return data
+
+
+def test_morph_columns_are_used_when_present(tiny_data, tmp_path):
+    data = _with_morph(tiny_data, tmp_path)
+    assert B.feature_source(data) == "morph_*"
+    assert B.feature_source(data, "crops") == "crops"
+    feats = B.load_features(data, [K.TRAIN, K.TEST, K.UNSEEN])
+    assert feats["names"] == ["morph_area", "morph_noise"]
+    assert feats["splits"][K.TRAIN]["x"].shape[1] == 2
+    row = B.baseline_row(data, feats=feats)
+    assert row["label"] == "logreg on hand-made features (morph_*)"
+    assert row[K.UNSEEN]["auroc"] > 0.85  # morph_area carries the label in every batch
+    with pytest.raises(B.UserError, match="morph_"):
+        B.feature_source(tiny_data, "morph")
+
+
+def test_evaluate_baseline_block(tiny_data, monkeypatch, tmp_path):
+    from raycell.errors import UserError
+    from raycell.eval.evaluate import _baseline
+
+    _cheap_latent_metrics(monkeypatch)
+    res = _baseline({"dataset": str(tiny_data)}, tmp_path, [K.TEST, K.UNSEEN, K.TRAIN], 60, 0, "auto")
+    assert set(res["splits"]) == {K.TEST, K.UNSEEN}
+    assert res["features"] == "crops"
+    with pytest.raises(UserError, match="eval.baseline"):
+        _baseline({"dataset": str(tmp_path / "gone")}, tmp_path, [K.TEST], 5000, 0, "auto")
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")  # the stubbed latent metrics are NaN
+def test_experiment_table_has_baseline_row(tiny_data, monkeypatch, tmp_path):
+    from raycell import experiments
+    from raycell.config import load_config
+
+    _fake_deep(monkeypatch)
+    _cheap_latent_metrics(monkeypatch)
+    cfg = load_config(None, [f"data.path={tiny_data}", "eval.max_cells=80"])
+    res = experiments.run_medl_experiment(cfg, [0, 1], ["conventional"], str(tmp_path / "out"))
+    label = B.baseline_label("crops")
+    assert list(res["summary"]) == ["conventional", label]
+    assert res["summary"][label]["n_seeds"] == 2
+    assert 0 <= res["summary"][label]["unseen_auroc"] <= 1
+    assert f"| {label} | 2 |" in (tmp_path / "out" / "table.md").read_text()
+    assert (tmp_path / "out" / "seed1" / "baseline" / "result.json").is_file()
+    res2 = experiments.run_medl_experiment(cfg, [0, 1], ["conventional"], str(tmp_path / "out"),
+                                           baseline=False)
+    assert list(res2["summary"]) == ["conventional"]
