@@ -84,6 +84,10 @@ def test_segmentation_f1_against_truth(raw):
     assert res["n_fovs"] == 8
     assert res["nuclei"]["f1"] >= 0.9, res["nuclei"]
     assert res["cells"]["f1"] >= 0.9, res["cells"]
+    # per imaging batch too: the pooled score hides a batch whose effect breaks the segmentation
+    batches = {row["batch"] for row in res["per_fov"]}
+    assert set(res["per_batch"]) == batches and len(batches) >= 2
+    assert sum(v["nuclei"]["n_true"] for v in res["per_batch"].values()) == res["nuclei"]["n_true"]
 
 
 def test_match_instances_known_answers():

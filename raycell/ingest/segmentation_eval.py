@@ -109,7 +109,8 @@ def evaluate_segmentation(
         max_fovs: score only the first N fields (0 = all).
 
     Returns:
-        {"nuclei": {...}, "cells": {...}, "n_fovs": int, "iou": float, "per_fov": [...]}.
+        {"nuclei": {...}, "cells": {...}, "n_fovs": int, "iou": float, "per_batch": {batch: {"nuclei",
+        "cells"}}, "per_fov": [...]}.
     """
     import dataclasses
 
@@ -135,17 +136,21 @@ def evaluate_segmentation(
     nuc_i = chans.index(p["nucleus_channel"])
     cyt_i = chans.index(p["cytoplasm_channel"]) if p["cytoplasm_channel"] else None
     per_fov, nuc_rows, cell_rows = [], [], []
+    by_batch: dict[str, dict[str, list]] = {}
     for fov in fovs:
         img, _ = load_fov_image(fov, chans, p["z_projection"])
         nuc, cells, d = segment(img, nuc_i, cyt_i, p)
         stem = raw_dir / "masks" / fov["fov_id"]
         tn = tifffile.imread(f"{stem}_nuclei.tif")
         sn = match_instances(nuc, tn, iou)
-        row = {"fov": fov["fov_id"], "diameter": d, "nuclei_f1": sn["f1"]}
+        batch = str(fov["meta"].get("batch", fov["meta"].get("plate", "all")))
+        row = {"fov": fov["fov_id"], "batch": batch, "diameter": d, "nuclei_f1": sn["f1"]}
         nuc_rows.append(sn)
+        by_batch.setdefault(batch, {"nuclei": [], "cells": []})["nuclei"].append(sn)
         if cells is not None:
             sc = match_instances(cells, tifffile.imread(f"{stem}_cells.tif"), iou)
             cell_rows.append(sc)
+            by_batch[batch]["cells"].append(sc)
             row["cells_f1"] = sc["f1"]
         per_fov.append(row)
     out = {
@@ -153,6 +158,8 @@ def evaluate_segmentation(
         "iou": iou,
         "z_projection": p["z_projection"],
         "nuclei": _sum_scores(nuc_rows),
+        # per imaging batch: where a batch effect breaks the segmentation shows here, not in the pool
+        "per_batch": {b: {k: _sum_scores(v) for k, v in rows.items() if v} for b, rows in sorted(by_batch.items())},
         "per_fov": per_fov,
     }
     if cell_rows:
