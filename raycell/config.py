@@ -212,6 +212,10 @@ class TrainConfig:
                             "which is 1 for fractional CPUs)")
     log_every: int = _f(0, "print a line every N steps (0 = once per epoch)")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole split); for smoke runs")
+    augment: str = _f("", "batch-effect augmentation of training cells on the device: '' (none), 'all', "
+                      "or a comma list of gain, offset, gamma, blur, noise, background, mix (channel "
+                      "crosstalk); drawn per cell from a seeded generator (raycell/data/augment.py)")
+    augment_strength: float = _f(1.0, "scales every augmentation range (0 = off)")
     chaos_kill_after_steps: int = _f(0, "fault drill: rank 0 exits abruptly (os._exit) after this many "
                                      "steps of the run, once per run folder, so that a cluster's recovery "
                                      "(train.max_failures) can be checked; 0 = off")
@@ -369,6 +373,12 @@ class ExperimentConfig:
             raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
                               f"data.batch_size ({self.data.batch_size})")
         _check_tune(self.tune)
+        from raycell.data.augment import parse_augment
+
+        try:
+            parse_augment(self.train.augment)
+        except ValueError as exc:
+            raise ConfigError(f"train.augment: {exc}") from None
         if self.synth.effects not in ("basic", "varied"):
             raise ConfigError(f"synth.effects must be basic or varied, got {self.synth.effects!r}")
         if not self.synth.unseen_extreme > 1:
@@ -419,7 +429,7 @@ _AT_LEAST = {
     "data.block_size_mb": 1, "loss.recon": 0, "loss.cls": 0, "loss.adv": 0, "loss.cluster_latent": 0,
     "loss.cluster_image": 0, "loss.kl": 0, "train.epochs": 1, "train.weight_decay": 0,
     "train.checkpoints_to_keep": 1, "train.max_failures": -1, "train.torch_threads": 0, "train.log_every": 0,
-    "train.max_steps_per_epoch": 0, "train.composite_weight": 0, "train.chaos_kill_after_steps": 0,
+    "train.max_steps_per_epoch": 0, "train.composite_weight": 0, "train.augment_strength": 0, "train.chaos_kill_after_steps": 0,
     "data.shuffle_seed": -1,
     "scaling.num_workers": 1, "ray.num_cpus": 0, "ray.object_store_mb": 0,
     "infer.num_actors": 1, "infer.num_gpus": 0, "infer.shards_per_round": 1, "infer.z_epochs": 1,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from raycell.config import ExperimentConfig
+from raycell.data.augment import augment_batch, parse_augment
 from raycell.data.dataset import CropCollate
 from raycell.formats.categories import CategoryMap
 from raycell.formats.checkpoint import load_plan_state, save_checkpoint
@@ -161,6 +162,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
             print(f"[raycell] resuming from {resume} at epoch {start}", flush=True)
     ctx.broadcast_parameters(model)
 
+    augment = parse_augment(cfg.train.augment)
+    aug_gen = torch.Generator(device=ctx.device) if augment else None
     drill = cfg.train.chaos_kill_after_steps if ctx.rank == 0 and history_file else 0
     done_steps = 0  # steps taken by this process (the drill's clock)
     metrics: dict = {}
@@ -175,6 +178,9 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
             if cfg.train.max_steps_per_epoch and step >= cfg.train.max_steps_per_epoch:
                 break
             x = spec.to_float(batch["x"])
+            if augment:  # reproducible per (seed, epoch, step, rank)
+                aug_gen.manual_seed((cfg.seed * 1_000_003 + epoch * 100_003 + step * 101 + ctx.rank) % 2**62)
+                x = augment_batch(x, augment, aug_gen, cfg.train.augment_strength)
             if on_cuda and cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logs = plan.training_step(x, batch["y"], one_hot_design(batch["b"], len(batch_map))).values()
