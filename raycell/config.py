@@ -373,12 +373,6 @@ class ExperimentConfig:
             raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
                               f"data.batch_size ({self.data.batch_size})")
         _check_tune(self.tune)
-        from raycell.data.augment import parse_augment
-
-        try:
-            parse_augment(self.train.augment)
-        except ValueError as exc:
-            raise ConfigError(f"train.augment: {exc}") from None
         if self.synth.effects not in ("basic", "varied"):
             raise ConfigError(f"synth.effects must be basic or varied, got {self.synth.effects!r}")
         if not self.synth.unseen_extreme > 1:

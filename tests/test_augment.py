@@ -70,3 +70,11 @@ def test_training_with_augmentation_runs_and_is_reproducible(tiny_data, tmp_path
         run_training(ctx, cfg, setup)
         runs.append(ctx.history[-1]["train_loss"])
     assert runs[0] == runs[1]
+
+
+def test_unknown_augmentation_is_refused_before_training(tiny_data):
+    from raycell.config import ConfigError, load_config
+    from raycell.train.trainer import check_train
+
+    with pytest.raises(ConfigError, match=r"train.augment: unknown augmentation\(s\) \['blurr'\]"):
+        check_train(load_config(None, [f"data.path={tiny_data}", "train.augment=gain,blurr"]))

@@ -206,25 +206,24 @@ def _key(path: str, regex: re.Pattern | None, strip: bool) -> tuple[str, dict]:
     return groups.get("key", m.group(0)), groups
 
 
+def _keyed(files: list[str], what: str, regex: re.Pattern | None, strip: bool) -> dict[str, tuple]:
+    """Pairing key -> (file, regex groups); two files with one key are a one-line UserError."""
+    out: dict[str, tuple] = {}
+    for f in files:
+        k, g = _key(f, regex, strip=strip)
+        if k in out:
+            raise UserError(
+                f"segmentation-eval: {what} {out[k][0]} and {f} have the same key {k!r}; give "
+                "--pair-regex with a (?P<key>...) group that tells them apart"
+            )
+        out[k] = (f, g)
+    return out
+
+
 def _pair(images: list[str], masks: list[str], regex: re.Pattern | None) -> list[tuple]:
     """(key, image, mask, groups) per pair; a one-line UserError for anything left unpaired."""
-    by_img: dict[str, tuple] = {}
-    for f in images:
-        k, g = _key(f, regex, strip=False)
-        if k in by_img:
-            raise UserError(
-                f"segmentation-eval: images {by_img[k][0]} and {f} have the same key {k!r}; "
-                "give --pair-regex with a (?P<key>...) group that tells them apart"
-            )
-        by_img[k] = (f, g)
-    by_mask: dict[str, str] = {}
-    for f in masks:
-        k, _ = _key(f, regex, strip=True)
-        if k in by_mask:
-            raise UserError(
-                f"segmentation-eval: masks {by_mask[k]} and {f} have the same key {k!r}"
-            )
-        by_mask[k] = f
+    by_img = _keyed(images, "images", regex, strip=False)
+    by_mask = {k: f for k, (f, _) in _keyed(masks, "masks", regex, strip=True).items()}
     no_mask = sorted(set(by_img) - set(by_mask))
     no_img = sorted(set(by_mask) - set(by_img))
     if no_mask:

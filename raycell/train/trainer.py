@@ -16,6 +16,7 @@ from pathlib import Path
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig, save_config
+from raycell.data.augment import parse_augment
 from raycell.data.dataset import ray_datasets
 from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
@@ -114,6 +115,10 @@ def check_train(cfg: ExperimentConfig) -> None:
     if cfg.model.type not in list_models():
         raise ConfigError(f"model.type: unknown model type {cfg.model.type!r}; registered: "
                           f"{', '.join(list_models())} (see `raycell models`)")
+    try:  # here, not in config.validate: the config module stays below raycell.data in the imports
+        parse_augment(cfg.train.augment)
+    except ValueError as exc:
+        raise ConfigError(f"train.augment: {exc}") from None
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
     _training_data(cfg)
