@@ -18,11 +18,11 @@ from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig, save_config
 from raycell.data.augment import parse_augment
 from raycell.data.dataset import ray_datasets
+from raycell.errors import UserError
 from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
 from raycell.formats.spec import DataSpec
 from raycell.train.history import HISTORY_FILE, read_history
-from raycell.errors import UserError
 from raycell.utils.io import atomic_write_json, atomic_write_text, new_run_dir
 
 # Keys a resumed run may change (prefixes end with "."): how long and where it runs, not what it learns.
