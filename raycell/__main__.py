@@ -18,8 +18,9 @@ from raycell.errors import user_errors
 # verb -> the pipeline stage it runs on the config (`synth` and `experiment` take flags too: see `run`)
 STAGES = {"split": pipeline.run_split, "train": pipeline.run_train, "infer": pipeline.run_infer,
           "infer-z": pipeline.run_infer_z, "evaluate": pipeline.run_evaluate, "ingest": pipeline.run_ingest,
-          "demo": pipeline.run_demo, "tune": pipeline.run_tune}
-NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune"}
+          "demo": pipeline.run_demo, "tune": pipeline.run_tune, "embed": pipeline.run_embed,
+          "export": pipeline.run_export}
+NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune", "embed"}
 
 
 def run_import_armed(args) -> dict:
@@ -134,6 +135,10 @@ def preflight(args, cfg):
         from raycell.infer.batch import check_config
 
         check_config(cfg)
+    elif args.command == "embed":
+        from raycell.profiling.embed import check_embed
+
+        check_embed(cfg)
     elif args.command == "tune":
         from raycell.cli import overrides_from_args
         from raycell.config import explicit_keys

@@ -23,6 +23,10 @@ EPILOG = """examples:
   raycell tune --config configs/tune/adversarial_small.yaml
   raycell infer --checkpoint runs/raycell-conventional-20261121-101500 --data data/synth
   raycell evaluate --predictions runs/raycell-conventional-20261121-101500/predictions
+  raycell synth --design timedose --out data/timedose && raycell split --data data/timedose
+  raycell train --config configs/profiling/timedose_resnet18.yaml
+  raycell embed --checkpoint runs/profiling-timm-20261201-101500 --data data/timedose
+  raycell export --embeddings runs/profiling-timm-20261201-101500/embeddings --out cells.h5ad
   raycell config --defaults > my.yaml             # every key with its default
 """
 
@@ -67,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder of other files, or one holding the inputs, is always refused)")
     _flag(s, "--raw", key="synth.raw", action="store_const", const=True, help="write raw fields of view "
           "(TIFFs, true masks, plate map) for `raycell ingest` instead of crops ({key})")
+    _flag(s, "--design", key="synth.design", choices=["phenotype", "timedose"],
+          help="phenotype (confounded cell lines) or timedose (a time x dose treatment design for "
+               "weak-label profiling) ({key})")
 
     s = sub.add_parser("ingest", help="raw images (TIFF/PNG) -> segmentation -> crop shards + rejects table")
     _common(s)
@@ -161,6 +168,41 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--splits", key="infer.splits", type=_csv, help="comma-separated splits ({key}; default all)")
     _flag(s, "--actors", key="infer.num_actors", type=int, help="model replicas ({key})")
     _flag(s, "--gpus", key="infer.num_gpus", type=float, help="GPUs per actor ({key})")
+
+    s = sub.add_parser("embed", help="embeddings of any checkpoint (AEC latent or timm features) over crop "
+                       "shards, in the profiling layout (Metadata_* columns, then features) + well profiles",
+                       description="Runs the checkpoint over the data set with Ray Data (an actor pool; GPU "
+                       "actors with --gpus) and writes <out>/shards/part-*.parquet in the layout CytoTable, "
+                       "pycytominer and copairs read (Metadata_Plate, Metadata_Well, Metadata_Site, "
+                       "Metadata_ObjectNumber, Metadata_<column>, morph_*, Pred_<head>, Prob_<head>, "
+                       "Cells_Embedding_XXXX), embeddings.json and well_profiles.parquet (medians per well). "
+                       "Atomic and resumable like infer: a re-run skips finished shards.")
+    _common(s)
+    _flag(s, "--checkpoint", key="infer.checkpoint", help="checkpoint or run folder ({key})")
+    _flag(s, "--data", key="infer.data", help="data set folder ({key}; default data.path)")
+    _flag(s, "--out", key="embed.out", help="output folder ({key}; default <run>/embeddings)")
+    _flag(s, "--layout", key="embed.layout", choices=["columns", "list"],
+          help="features as columns or one list column ({key})")
+    _flag(s, "--splits", key="infer.splits", type=_csv, help="comma-separated splits ({key}; default all)")
+    _flag(s, "--actors", key="infer.num_actors", type=int, help="model replicas ({key})")
+    _flag(s, "--gpus", key="infer.num_gpus", type=float, help="GPUs per actor ({key})")
+
+    s = sub.add_parser("export", help="embeddings -> AnnData .h5ad (scanpy) or the CytoTable/pycytominer "
+                       "layout (parquet/csv), per cell or per well",
+                       description="h5ad: X = the embedding features, obs = every metadata column, obsm = "
+                       "X_pca (standardised), Prob_<head> and with --umap X_umap, uns = the embeddings "
+                       "manifest. parquet/csv: Metadata_* columns first, then Cells_Embedding_XXXX features.")
+    _common(s)
+    _flag(s, "--embeddings", key="export.embeddings", help="embeddings folder from `raycell embed` ({key})")
+    _flag(s, "--out", key="export.out", help="output file ({key})")
+    _flag(s, "--format", key="export.format", choices=["h5ad", "parquet", "csv"], help="file format ({key})")
+    _flag(s, "--level", key="export.level", choices=["cell", "well"], help="one row per cell or well ({key})")
+    _flag(s, "--top-k", key="export.top_k", type=int,
+          help="keep the k highest-variance features after dropping constant ones ({key}; 0 = all)")
+    _flag(s, "--with-morph", key="export.with_morph", action="store_const", const=True,
+          help="add the morph_* shape features, standardised ({key})")
+    _flag(s, "--umap", key="export.umap", action="store_const", const=True,
+          help="also write UMAP coordinates to obsm['X_umap'] (h5ad; {key})")
 
     s = sub.add_parser("infer-z", help="train the Z-predictor on seen batches; write soft Z for unseen cells")
     _common(s)

@@ -59,6 +59,15 @@ class SynthConfig:
                       "texture, channel crosstalk, debris, gamma, vignetting, shot noise; each unseen "
                       "batch one mechanism stronger than any seen batch) or basic (gain, offset, "
                       "illumination, blur, noise only: the easy images)")
+    design: str = _f("phenotype", "phenotype (cell lines with a high/low phenotype, confounded batches) "
+                     "or timedose (a time x dose treatment design with gradual morphology changes and "
+                     "batch nuisance: the weak-label experiment's ground truth)")
+    times: list = _f([24, 48, 72], "timedose: time points in whole hours (column `time`)")
+    doses: list = _f([0, 0.01, 0.1, 1, 10], "timedose: doses in uM, >= 0; 0 is the DMSO control "
+                     "(column `dose`; the label is the dose as text)")
+    replicates: int = _f(4, "timedose: wells per time x dose x batch")
+    effect_strength: float = _f(1.0, "timedose: scale of the dose and time morphology effects "
+                                "(0 = no effect)")
     unseen_extreme: float = _f(2.5, "raw, varied: each unseen batch's extreme mechanism, as a multiple "
                                "of the strongest seen batch's strength (> 1)")
 
@@ -159,6 +168,9 @@ class DataConfig:
                            "each epoch's order (and the model's random draws) depends only on the seed and the epoch, so a run restarted "
                            "after a failure sees the same batches as an undisturbed one (Ray Data then keeps "
                            "block order: slightly slower; exact with one worker)")
+    heads: list = _f([], "weak-label columns, one classification head each, for model types with heads "
+                     "(timm), e.g. [time, dose]: any metadata column of the crop shards; numeric columns "
+                     "are ordered numerically (ordinal classes); empty = the label column")
 
 
 @dataclass
@@ -193,6 +205,8 @@ class LossConfig:
     cluster_latent: float = _f(0.001, "weight of the latent cluster CE (random effects)")
     cluster_image: float = _f(0.001, "weight of the image cluster CE on reconstructions")
     kl: float = _f(1e-7, "weight of the random-effects KL")
+    heads: str = _f("softmax", "weak-label heads' loss: softmax (one cross-entropy per head) or multilabel "
+                    "(sigmoid BCE over all heads' one-hot classes, as in the blog)")
 
 
 @dataclass
@@ -212,10 +226,15 @@ class TrainConfig:
                             "which is 1 for fractional CPUs)")
     log_every: int = _f(0, "print a line every N steps (0 = once per epoch)")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole split); for smoke runs")
-    augment: str = _f("", "batch-effect augmentation of training cells on the device: '' (none), 'all', "
-                      "or a comma list of gain, offset, gamma, blur, noise, background, mix (channel "
-                      "crosstalk); drawn per cell from a seeded generator (raycell/data/augment.py)")
+    augment: str = _f("", "augmentation of training cells on the device: '' (none), 'all' (every batch "
+                      "effect), or a comma list of gain, offset, gamma, blur, noise, background, mix (channel "
+                      "crosstalk) and the geometric flip, rot90; drawn per cell from a seeded generator "
+                      "(raycell/data/augment.py)")
     augment_strength: float = _f(1.0, "scales every augmentation range (0 = off)")
+    schedule: str = _f("constant", "learning-rate schedule: constant, or onecycle (warm up to train.lr over "
+                       "30% of the steps, then anneal; the blog's)")
+    layer_decay: float = _f(0.0, "layer-wise learning rates for timm backbones: each stage below the top "
+                            "gets train.lr times this factor once more (e.g. 0.5; 0 = one rate for all)")
     chaos_kill_after_steps: int = _f(0, "fault drill: rank 0 exits abruptly (os._exit) after this many "
                                      "steps of the run, once per run folder, so that a cluster's recovery "
                                      "(train.max_failures) can be checked; 0 = off")
@@ -271,6 +290,35 @@ class InferConfig:
     z_patience: int = _f(3, "infer-z: epochs without a better val accuracy before stopping")
     z_lr: float = _f(1e-4, "infer-z: NAdam learning rate of the Z-predictor")
     z_batch_size: int = _f(32, "infer-z: training batch size of the Z-predictor")
+
+
+@dataclass
+class EmbedConfig:
+    """Embedding export (`raycell embed`; the checkpoint, data, splits and actors are the infer.* keys)."""
+
+    out: str = _f("", "output folder ('' = <checkpoint run>/embeddings): shards/ in the profiling layout "
+                  "(Metadata_* columns, then features), embeddings.json, well_profiles.parquet")
+    layout: str = _f("columns", "features as one float32 column each (columns: Cells_Embedding_0000, ...; "
+                     "what pycytominer reads) or one fixed-size list column `embedding` (list)")
+    well_profiles: bool = _f(True, "also write the median profile of every well (well_profiles.parquet)")
+
+
+@dataclass
+class ExportConfig:
+    """Embeddings -> files other tools read (`raycell export`): AnnData for scanpy, CytoTable layout."""
+
+    embeddings: str = _f("", "embeddings folder written by `raycell embed` (embeddings.json + shards/)")
+    out: str = _f("", "output file (.h5ad / .parquet / .csv); its folder must exist; replaced atomically")
+    format: str = _f("h5ad", "h5ad (AnnData: X = features, obs = metadata, obsm = X_pca/X_umap/Prob_<head>) "
+                     "| parquet | csv (CytoTable/pycytominer layout: Metadata_* then Cells_* features)")
+    level: str = _f("cell", "cell (one row per cell) or well (median per Metadata_Plate x Metadata_Well)")
+    top_k: int = _f(0, "keep the k highest-variance features after dropping constant ones (0 = all; the "
+                    "blog's selection before PCA)")
+    drop_zero_variance: bool = _f(True, "drop features that are constant over the exported rows")
+    with_morph: bool = _f(False, "add the crop shards' morph_* shape features (standardised) as "
+                          "Cells_Morph_* features")
+    umap: bool = _f(False, "also compute obsm['X_umap'] (h5ad only; umap-learn; the first call compiles "
+                    "for ~20 s)")
 
 
 @dataclass
@@ -342,6 +390,8 @@ class ExperimentConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -377,6 +427,27 @@ class ExperimentConfig:
             raise ConfigError(f"synth.effects must be basic or varied, got {self.synth.effects!r}")
         if not self.synth.unseen_extreme > 1:
             raise ConfigError(f"synth.unseen_extreme must be > 1, got {self.synth.unseen_extreme}")
+        if self.synth.design not in ("phenotype", "timedose"):
+            raise ConfigError(f"synth.design must be phenotype or timedose, got {self.synth.design!r}")
+        if self.synth.raw and self.synth.design != "phenotype":
+            raise ConfigError("synth.raw writes the phenotype design only; drop synth.raw or use "
+                              "synth.design=phenotype")
+        if self.export.format not in ("h5ad", "parquet", "csv"):
+            raise ConfigError(f"export.format must be h5ad, parquet or csv, got {self.export.format!r}")
+        if self.export.level not in ("cell", "well"):
+            raise ConfigError(f"export.level must be cell or well, got {self.export.level!r}")
+        if self.export.umap and self.export.format != "h5ad":
+            raise ConfigError("export.umap: UMAP coordinates are written to h5ad only (obsm['X_umap'])")
+        if self.embed.layout not in ("columns", "list"):
+            raise ConfigError(f"embed.layout must be columns or list, got {self.embed.layout!r}")
+        if self.loss.heads not in ("softmax", "multilabel"):
+            raise ConfigError(f"loss.heads must be softmax or multilabel, got {self.loss.heads!r}")
+        if self.train.schedule not in ("constant", "onecycle"):
+            raise ConfigError(f"train.schedule must be constant or onecycle, got {self.train.schedule!r}")
+        if not 0 <= self.train.layer_decay <= 1:
+            raise ConfigError(f"train.layer_decay must be between 0 and 1, got {self.train.layer_decay}")
+        if len(set(map(str, self.data.heads))) != len(self.data.heads):
+            raise ConfigError(f"data.heads has a column twice: {self.data.heads}")
         if self.eval.baseline_features not in ("auto", "morph", "crops"):
             raise ConfigError(f"eval.baseline_features: {self.eval.baseline_features!r} is not one of auto, "
                               "morph, crops")
@@ -418,7 +489,8 @@ _AT_LEAST = {
     "seed": 0, "synth.n_cells": 1, "synth.crop_size": 1, "synth.n_lines": 1, "synth.n_batches": 1,
     "synth.n_unseen": 0, "synth.lines_per_batch": 1, "synth.wells_per_line": 1, "synth.batch_strength": 0,
     "synth.phenotype_strength": 0, "synth.rows_per_shard": 1, "synth.raw_fov_size": 1, "synth.raw_wells": 1,
-    "synth.raw_fields": 1, "synth.raw_cells_per_fov": 1, "synth.raw_z": 1,
+    "synth.raw_fields": 1, "synth.raw_cells_per_fov": 1, "synth.raw_z": 1, "synth.replicates": 1,
+    "synth.effect_strength": 0, "train.layer_decay": 0, "export.top_k": 0,
     "data.batch_size": 1, "data.eval_batch_size": 1, "data.shuffle_buffer": 0, "data.prefetch_batches": 0,
     "data.block_size_mb": 1, "loss.recon": 0, "loss.cls": 0, "loss.adv": 0, "loss.cluster_latent": 0,
     "loss.cluster_image": 0, "loss.kl": 0, "train.epochs": 1, "train.weight_decay": 0,
@@ -432,7 +504,8 @@ _AT_LEAST = {
 }
 # Folders and files: URIs (s3://, gs://) are refused with a clear message until they are supported.
 _PATH_KEYS = ["synth.out", "ingest.input", "ingest.out", "ingest.platemap", "data.path", "train.runs_dir",
-              "train.resume", "infer.checkpoint", "infer.data", "infer.out", "infer.z_source", "eval.predictions",
+              "train.resume", "infer.checkpoint", "infer.data", "infer.out", "infer.z_source", "embed.out",
+              "export.embeddings", "export.out", "eval.predictions",
               "eval.out", "tune.out", "tune.resume", "demo.out"]
 _POSITIVE = ["tune.trial_cpus", "train.lr", "infer.cpus_per_actor", "infer.z_lr", "ray.connect_timeout_s"]
 

@@ -53,3 +53,5 @@ RECON = "recon"
 RECON_MSE = "recon_mse"
 RECON_SSIM = "recon_ssim"
 PREDICTIONS_MANIFEST = "predictions.json"
+EMBEDDINGS_MANIFEST = "embeddings.json"  # `raycell embed`: the same shards in the profiling layout
+WELL_PROFILES = "well_profiles.parquet"

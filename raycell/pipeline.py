@@ -29,12 +29,21 @@ def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
               f"{ {k: v for k, v in res.items() if isinstance(v, (int, float, str))} }", flush=True)
         return res
     t0 = time.time()
-    m = write_synthetic(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
-                        rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
-                        n_lines=s.n_lines, n_batches=s.n_batches, n_unseen=s.n_unseen,
-                        lines_per_batch=s.lines_per_batch, wells_per_line=s.wells_per_line,
-                        confounding=s.confounding, batch_strength=s.batch_strength,
-                        phenotype_strength=s.phenotype_strength)
+    if s.design == "timedose":
+        from raycell.data.synthetic_timedose import write_timedose
+
+        m = write_timedose(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
+                           rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
+                           times=list(s.times), doses=list(s.doses), n_batches=s.n_batches,
+                           n_unseen=s.n_unseen, replicates=s.replicates,
+                           batch_strength=s.batch_strength, effect_strength=s.effect_strength)
+    else:
+        m = write_synthetic(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
+                            rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
+                            n_lines=s.n_lines, n_batches=s.n_batches, n_unseen=s.n_unseen,
+                            lines_per_batch=s.lines_per_batch, wells_per_line=s.wells_per_line,
+                            confounding=s.confounding, batch_strength=s.batch_strength,
+                            phenotype_strength=s.phenotype_strength)
     print(f"[raycell] synth: {m['n_cells']} cells, {len(m['batch_vocab'])} batches "
           f"(suggested unseen: {m['suggested_unseen']}), {len(m['shards'])} shard(s) -> "
           f"{Path(s.out).absolute()} in {time.time() - t0:.1f}s", flush=True)
@@ -77,6 +86,28 @@ def run_infer(cfg: ExperimentConfig) -> dict:
     from raycell.infer.batch import predict
 
     return predict(cfg)
+
+
+def run_embed(cfg: ExperimentConfig) -> dict:
+    """Embeddings in the profiling layout, plus well profiles (Ray Data, infer's machinery)."""
+    from raycell.profiling.embed import embed
+
+    return embed(cfg)
+
+
+def run_export(cfg: ExperimentConfig) -> dict:
+    """Embeddings -> .h5ad (AnnData) or the CytoTable layout (parquet/csv), per cell or per well."""
+    from raycell.config import ConfigError
+    from raycell.profiling.export import export
+
+    e = cfg.export
+    if not e.embeddings or not e.out:
+        raise ConfigError("export needs export.embeddings and export.out (--embeddings DIR --out FILE)")
+    s = export(e.embeddings, e.out, fmt=e.format, level=e.level, top_k=e.top_k,
+               drop_zero_variance=e.drop_zero_variance, with_morph=e.with_morph, umap=e.umap, seed=cfg.seed)
+    print(f"[raycell] exported {s['n_obs']} {s['level']} rows x {s['n_vars']} features "
+          f"({s['n_dropped']} dropped) -> {s['path']}", flush=True)
+    return s
 
 
 def run_ingest(cfg: ExperimentConfig) -> dict:

@@ -52,6 +52,7 @@ from raycell.losses import (
     ModelOutput,
     batch_accuracy,
     cluster_ce,
+    heads_loss,
     label_loss,
     reconstruction_mse,
 )
@@ -65,17 +66,49 @@ def no_sync(params: list[torch.nn.Parameter]) -> None:
 
 
 class TrainingPlan:
-    """One optimiser over the whole model: w_recon * MSE + w_cls * label loss (conventional AEC)."""
+    """One optimiser over the whole model: w_recon * MSE + w_cls * label loss (conventional AEC).
+
+    `layer_decay` > 0 (`train.layer_decay`): layer-wise learning rates, lr * layer_decay^(depth from the
+    top) per parameter group, from the model's `layer_groups(lr, weight_decay, layer_decay)` (the timm
+    backbones have it); the main optimiser's schedule is set by `set_schedule` (`train.schedule`).
+    """
+
+    needs_recon = True  # the loss reads ModelOutput.recon: the model type must reconstruct
 
     def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
-                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False):
+                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False,
+                 layer_decay: float = 0.0):
         self.model = model
         self.w = loss
         self.n_batches = n_batches
         self.grad_sync = grad_sync
         self.bf16 = bf16
-        self.optimizers: dict[str, torch.optim.Optimizer] = {
-            "main": torch.optim.AdamW(self.main_parameters(), lr=lr, weight_decay=weight_decay)}
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        if layer_decay:
+            if not hasattr(model, "layer_groups"):
+                mt = getattr(model, "model_type", type(model).__name__)
+                raise TypeError(f"train.layer_decay: model type {mt!r} has no layer groups (layer-wise "
+                                "learning rates are for the timm backbones); set train.layer_decay=0")
+            groups = model.layer_groups(lr, weight_decay, layer_decay)
+            main_ids = [id(p) for p in self.main_parameters()]
+            if sorted(id(p) for g in groups for p in g["params"]) != sorted(main_ids):
+                raise TypeError("layer_groups() must cover exactly the main parameters")
+            main = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        else:
+            main = torch.optim.AdamW(self.main_parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {"main": main}
+
+    def set_schedule(self, kind: str, total_steps: int) -> None:
+        """The main optimiser's learning-rate schedule: 'constant', or 'onecycle' (the blog's one-cycle
+        policy: warm up to each parameter group's lr over the first 30% of `total_steps`, then anneal)."""
+        if kind == "constant":
+            self.scheduler = None
+        elif kind == "onecycle":
+            opt = self.optimizers["main"]
+            self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(2, int(total_steps)))
+        else:
+            raise ValueError(f"unknown schedule {kind!r} (constant, onecycle)")
 
     @classmethod
     def required_outputs(cls) -> tuple[str, ...]:
@@ -98,6 +131,10 @@ class TrainingPlan:
         loss.backward()
         self.grad_sync(params)
         opt.step()
+        # a planned step count can be a step short of the stream's (drop_last per worker): hold the end
+        if name == "main" and self.scheduler is not None and \
+                self.scheduler.last_epoch + 1 < self.scheduler.total_steps:
+            self.scheduler.step()
 
     def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
                      ) -> LossOutput:
@@ -124,14 +161,19 @@ class TrainingPlan:
         return lo, out
 
     def state_dict(self) -> dict:
-        """Optimiser states, for checkpoints."""
-        return {k: o.state_dict() for k, o in self.optimizers.items()}
+        """Optimiser (and schedule) states, for checkpoints."""
+        state = {k: o.state_dict() for k, o in self.optimizers.items()}
+        if self.scheduler is not None:
+            state["_scheduler"] = self.scheduler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore optimiser states."""
+        """Restore optimiser (and schedule) states."""
         for k, o in self.optimizers.items():
             if k in state:
                 o.load_state_dict(state[k])
+        if self.scheduler is not None and "_scheduler" in state:
+            self.scheduler.load_state_dict(state["_scheduler"])
 
 
 def _detached(lo: LossOutput, **extra: torch.Tensor) -> LossOutput:
@@ -180,7 +222,8 @@ class ArmedPlan(TrainingPlan):
             (("image_classifier",) if cls.random_effects else ())
 
     def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
-                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False):
+                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False,
+                 layer_decay: float = 0.0):
         # Set before TrainingPlan.__init__, which calls main_parameters().
         self.model = model
         self.aux = self._auxiliary_networks(model)
@@ -192,7 +235,7 @@ class ArmedPlan(TrainingPlan):
                           "adversary is disabled (no adversary step, no adversarial loss term)",
                           UserWarning, stacklevel=2)
         super().__init__(model, loss, lr, weight_decay, n_batches=n_batches, grad_sync=grad_sync,
-                         bf16=bf16)
+                         bf16=bf16, layer_decay=layer_decay)
         if self.use_adversary:
             self.optimizers["adversary"] = torch.optim.AdamW(
                 self.aux["adversary"].parameters(), lr=lr, weight_decay=weight_decay)
@@ -299,3 +342,21 @@ class MixedEffectsPlan(ArmedPlan):
     adversarial = True
     random_effects = True
     fixed_effects_branch = True
+
+
+class WeakLabelPlan(TrainingPlan):
+    """Weak-label classification (the timm backbones): one optimiser, the heads' summed loss.
+
+    The model has `head_names` and `head_sizes` (one head per metadata column: time, dose, ...) and puts
+    the heads' logits side by side; y is (N, H) class codes. `loss.heads`: softmax (one cross-entropy
+    per head) or multilabel (the blog's sigmoid BCE over all heads' one-hot targets). Each head's term
+    is logged as `cls_<head>`. No reconstruction.
+    """
+
+    needs_recon = False
+
+    def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+                     ) -> LossOutput:
+        """Sum over heads (see the class docstring)."""
+        total, terms = heads_loss(out.logits, y, self.model.head_sizes, self.w.heads == "multilabel")
+        return LossOutput(total, {f"cls_{n}": t for n, t in zip(self.model.head_names, terms)})

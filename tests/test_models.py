@@ -14,13 +14,22 @@ def test_forward_backward_every_parameter_gets_gradient(model_type):
     torch.manual_seed(0)
     m = create_model(model_type, in_channels=2, n_classes=2, n_batches=3, preset="tiny", image_size=32)
     m.train()
+    with torch.no_grad():  # timm's ResNets start each residual branch at zero (zero_init_last): a zero
+        for mod in m.modules():  # norm scale passes no gradient back yet, by design; open it for the check
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.weight is not None \
+                    and not mod.weight.abs().sum() > 0:
+                mod.weight.fill_(1.0)
     x = torch.rand(6, 2, 32, 32)
     z = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
     out = m(x, z)
+    entry = model_entry(model_type)
     assert isinstance(out, ModelOutput)
     assert out.latent.shape == (6, m.latent_dim)
-    assert out.recon.shape == x.shape
-    assert out.logits.shape == (6, 1)
+    if entry.reconstructs:
+        assert out.recon.shape == x.shape
+    else:  # a classifier (timm backbones): no reconstruction, one softmax head of 2 classes
+        assert out.recon is None
+    assert out.logits.shape == ((6, 2) if entry.weak_labels else (6, 1))
     filled = out.present()
     assert [k for k in OPTIONAL_OUTPUTS if k in filled] == \
         [k for k in OPTIONAL_OUTPUTS if k in model_entry(model_type).outputs]

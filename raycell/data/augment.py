@@ -23,6 +23,12 @@ AUGMENTATIONS = {
     "background": "a smooth additive background (a 4x4 random grid, upsampled), amplitude U(0, 0.1)",
     "mix": "channel crosstalk: each channel gets U(0, 0.15) of the others' mean",
 }
+# Geometric augmentations that suit cells (no preferred orientation): named on their own, not in 'all'
+# (which is the batch effects), e.g. train.augment=flip,rot90,gain for the weak-label backbones.
+GEOMETRIC = {
+    "flip": "mirror half of the cells left-right",
+    "rot90": "rotate each cell by a random multiple of 90 degrees (square crops)",
+}
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
@@ -32,12 +38,14 @@ def parse_augment(spec: str) -> tuple[str, ...]:
         ValueError: an unknown name (the message lists the valid ones).
     """
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    if names == ["all"]:
-        return tuple(AUGMENTATIONS)
-    bad = [n for n in names if n not in AUGMENTATIONS]
+    if "all" in names:  # every batch effect, plus any geometric one named beside it
+        names = [n for n in names if n != "all"] + list(AUGMENTATIONS)
+    known = {**GEOMETRIC, **AUGMENTATIONS}
+    bad = [n for n in names if n not in known]
     if bad:
-        raise ValueError(f"unknown augmentation(s) {bad}; valid: all, {', '.join(AUGMENTATIONS)}")
-    return tuple(n for n in AUGMENTATIONS if n in names)
+        raise ValueError(f"unknown augmentation(s) {bad}; valid: all (the batch effects), "
+                         f"{', '.join(known)}")
+    return tuple(n for n in known if n in names)
 
 
 def _u(gen: torch.Generator, shape, lo: float, hi: float, device) -> torch.Tensor:
@@ -74,6 +82,14 @@ def augment_batch(x: torch.Tensor, names: tuple[str, ...], gen: torch.Generator,
     n, c, h, w = x.shape
     s, dev = float(strength), x.device
     x = x.float()
+    if "flip" in names:
+        x = torch.where((_u(gen, (n, 1, 1, 1), 0, 1, dev) < 0.5), x.flip(-1), x)
+    if "rot90" in names:
+        k = (_u(gen, (n,), 0, 4, dev).long().clamp(max=3) if h == w
+             else 2 * (_u(gen, (n,), 0, 2, dev).long().clamp(max=1)))  # 180 degrees only if not square
+        rots = torch.stack([torch.rot90(x, r, dims=(2, 3)) if r % 2 == 0 or h == w else x
+                            for r in range(4)])  # (4, N, C, H, W): pick one per cell
+        x = rots[k, torch.arange(n, device=dev)]
     if "mix" in names and c > 1:
         m = _u(gen, (n, c, 1, 1), 0, 0.15 * s, dev)
         others = (x.sum(1, keepdim=True) - x) / (c - 1)

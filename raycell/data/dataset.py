@@ -27,17 +27,25 @@ TRAIN_COLUMNS = [K.CELL_ID, K.IMAGE, K.LABEL, K.BATCH]
 class CropCollate(ArrowBatchCollateFn):
     """Arrow batch -> {'x': uint8/int32 (N,C,H,W), 'y': label codes, 'b': batch codes (-1 = unseen)}.
 
+    With weak-label `heads`, 'y' is (N, H) codes of those columns.
+
     Labels outside the vocabulary raise (training data must be covered); batches outside it become -1,
     because inference on unseen batches is a normal use.
     """
 
-    def __init__(self, spec: DataSpec, labels: CategoryMap, batches: CategoryMap):
+    def __init__(self, spec: DataSpec, labels: CategoryMap, batches: CategoryMap,
+                 heads: list[CategoryMap] | None = None):
         super().__init__()
-        self.spec, self.labels, self.batches = spec, labels, batches
+        self.spec, self.labels, self.batches, self.heads = spec, labels, batches, heads
+
+    @property
+    def columns(self) -> list[str]:
+        """The shard columns this collate reads (the weak-label columns too, when it has heads)."""
+        return list(dict.fromkeys(TRAIN_COLUMNS + [h.column for h in self.heads or []]))
 
     def __call__(self, t: pa.Table) -> dict[str, torch.Tensor]:
         """Collate one batch."""
-        return collate_crops(t, self.spec, self.labels, self.batches)
+        return collate_crops(t, self.spec, self.labels, self.batches, self.heads)
 
 
 def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
@@ -76,7 +84,7 @@ def local_batches(ds: ShardDataset, split: str, batch_size: int, collate: CropCo
                   shuffle: bool = False, seed: int = 0, columns: list[str] | None = None,
                   drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Ray-free iterator over one split (unit tests, benchmarks, small local jobs)."""
-    t = ds.read_table(columns or TRAIN_COLUMNS, splits=[split])
+    t = ds.read_table(columns or getattr(collate, "columns", TRAIN_COLUMNS), splits=[split])
     if shuffle:
         t = t.take(pa.array(np.random.default_rng(seed).permutation(t.num_rows)))
     stop = t.num_rows - (t.num_rows % batch_size if drop_last else 0)

@@ -52,10 +52,16 @@ def _line_params(rng: np.random.Generator, n_lines: int) -> pd.DataFrame:
     })
 
 
-def _batch_params(rng: np.random.Generator, n_batches: int, n_unseen: int, strength: float) -> pd.DataFrame:
+def _batch_params(rng: np.random.Generator, n_batches: int, n_unseen: int, strength: float,
+                  confounded: bool = True) -> pd.DataFrame:
+    """Per-batch nuisance parameters, drawn in a fixed order so a seed gives the same batches.
+
+    `confounded=False` gives every batch a gain drawn regardless of any label (designs such as
+    time x dose, where the batch must not predict the condition).
+    """
     n_seen = n_batches - n_unseen
     # Seen batches alternate their majority label; low-majority batches get the bright half of the gains.
-    majority = [LABELS[(b + 1) % 2] for b in range(n_seen)] + [""] * n_unseen
+    majority = [LABELS[(b + 1) % 2] if confounded else "" for b in range(n_seen)] + [""] * n_unseen
     gain_lo = np.where(np.array(majority) == "low", 1.0, 0.55)
     gain = np.where(np.array(majority) == "", rng.uniform(0.55, 1.45, n_batches),
                     gain_lo + rng.uniform(0.0, 0.45, n_batches))
@@ -127,7 +133,22 @@ def _render(rng: np.random.Generator, cells: pd.DataFrame, lines: pd.DataFrame, 
     n_puncta = rng.poisson(3.0 + 3.0 * pheno * is_low)
     lobes = rng.integers(3, 7, n)
     truth = pd.DataFrame({"true_radius": radius, "true_lobe_amp": lobe_amp, "true_puncta": n_puncta})
+    out = _draw_cells(rng, size, radius, elong, lobe_amp, n_puncta, lobes, lp.nuc_ratio.to_numpy(),
+                      lp.cyto_int.to_numpy(), lp.nuc_int.to_numpy())
+    return out, truth
 
+
+def _draw_cells(rng: np.random.Generator, size: int, radius: np.ndarray, elong: np.ndarray,
+                lobe_amp: np.ndarray, n_puncta: np.ndarray, lobes: np.ndarray,
+                nuc_ratio: np.ndarray, cyto_int: np.ndarray, nuc_int: np.ndarray,
+                nuc_tex: np.ndarray | None = None) -> np.ndarray:
+    """Noise-free (N, 2, size, size) images in [0, 1] from per-cell shape and stain parameters.
+
+    Shared by every crop generator, so a new design only chooses the parameters. `nuc_tex` is the
+    per-cell amplitude of the nuclear texture (None: 1.5 for every cell).
+    """
+    n = len(radius)
+    sc = size / 64.0
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
     out = np.empty((n, 2, size, size), np.float32)
     maxp = 14
@@ -148,7 +169,7 @@ def _render(rng: np.random.Generator, cells: pd.DataFrame, lines: pd.DataFrame, 
                                            + 0.03 * np.sin(2 * theta + 2 * psi))
         cell = 1 / (1 + np.exp(-(bound - rho) / 0.8))
         # nucleus: a smaller, rounder ellipse, slightly off centre
-        nr = radius[s:e, None, None] * lp.nuc_ratio.to_numpy()[s:e, None, None]
+        nr = radius[s:e, None, None] * nuc_ratio[s:e, None, None]
         ncy, ncx = rng.normal(0, 1.5 * sc, (2, m, 1, 1))
         nrho = np.sqrt(((dx - ncx) / 1.08) ** 2 + ((dy - ncy) * 1.08) ** 2)
         nuc = 1 / (1 + np.exp(-(nr - nrho) / 0.7))
@@ -171,11 +192,12 @@ def _render(rng: np.random.Generator, cells: pd.DataFrame, lines: pd.DataFrame, 
                 continue
             d2 = (yy[None] - py[:, p, None, None]) ** 2 + (xx[None] - px[:, p, None, None]) ** 2
             spots += present[:, p, None, None] * np.exp(-d2 / sig2)
-        cyto_i = lp.cyto_int.to_numpy()[s:e, None, None]
-        nuc_i = lp.nuc_int.to_numpy()[s:e, None, None]
+        cyto_i = cyto_int[s:e, None, None]
+        nuc_i = nuc_int[s:e, None, None]
         out[s:e, 1] = cyto_i * cell * (1 + tex) * (1 - 0.45 * nuc) + 0.35 * spots * cell
-        out[s:e, 0] = nuc_i * nuc * (1 + 1.5 * tex)
-    return out, truth
+        ntex = 1.5 if nuc_tex is None else nuc_tex[s:e, None, None].astype(np.float32)
+        out[s:e, 0] = nuc_i * nuc * (1 + ntex * tex)
+    return out
 
 
 def _apply_batch(rng: np.random.Generator, img: np.ndarray, cells: pd.DataFrame,

@@ -42,8 +42,10 @@ def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str],
               f"vocabulary {label_vocab} (e.g. {df[K.LABEL][~known].iloc[0]!r}); excluded from "
               "classification metrics", flush=True)
     y = pd.Categorical(df[K.LABEL], categories=label_vocab).codes
-    prob = df[K.PROB].to_numpy()
-    if len(label_vocab) == 2 and np.ndim(prob[0]) == 0 and known.any():
+    prob = df[K.PROB].to_numpy() if K.PROB in df else None  # weak-label models without a label head
+    if prob is None:
+        pass
+    elif len(label_vocab) == 2 and np.ndim(prob[0]) == 0 and known.any():
         res.update(classification_metrics(y[known], prob[known].astype(float)))
     elif known.any():  # multi-class: accuracy family on the arg-max
         from sklearn.metrics import balanced_accuracy_score, f1_score
@@ -52,8 +54,9 @@ def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str],
         res.update({"balanced_accuracy": float(balanced_accuracy_score(y[known], pred)),
                     "f1": float(f1_score(y[known], pred, average="macro")),
                     "accuracy": float((pred == y[known]).mean())})
-    res["mse"] = float(df[K.RECON_MSE].mean())
-    res["ssim"] = float(df[K.RECON_SSIM].mean())
+    if K.RECON_MSE in df:  # models that reconstruct
+        res["mse"] = float(df[K.RECON_MSE].mean())
+        res["ssim"] = float(df[K.RECON_SSIM].mean())
     idx = np.random.default_rng(seed).permutation(len(df))[:max_cells]
     sub = df.iloc[idx]
     res.update(latent_metrics(latents[idx], sub[K.LABEL].to_numpy(), sub[K.BATCH].to_numpy()))

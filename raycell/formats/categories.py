@@ -37,6 +37,17 @@ class CategoryMap:
         """Vocabulary = sorted unique values."""
         return cls(column, tuple(sorted({str(v) for v in values})))
 
+    @classmethod
+    def fit_column(cls, column: str, values: pa.Array | pa.ChunkedArray) -> "CategoryMap":
+        """Vocabulary of an Arrow column, spelt as `encode` spells it (Arrow's cast to string: 1.0 is
+        '1'); numeric columns in numeric order (a dose or time head's classes are ordinal), others sorted.
+        Nulls are not a class (`encode` then rejects them by name)."""
+        uniq = pc.unique(values.drop_null() if hasattr(values, "drop_null") else values)
+        if pa.types.is_integer(uniq.type) or pa.types.is_floating(uniq.type):
+            uniq = uniq.take(pc.sort_indices(uniq))
+            return cls(column, tuple(pc.cast(uniq, pa.string()).to_pylist()))
+        return cls(column, tuple(sorted(pc.cast(uniq, pa.string()).to_pylist())))
+
     def __len__(self) -> int:
         return len(self.values)
 

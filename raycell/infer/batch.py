@@ -71,6 +71,7 @@ class InferPlan:
     producer: dict
     inputs: dict[str, dict]  # input shard name -> {file, size, mtime_ns}
     pending: list[str] = field(default_factory=list)  # input shard paths still to predict
+    layout: str = "predictions"  # or "profiles" (`raycell embed`)
 
     @property
     def run_key(self) -> str:
@@ -78,8 +79,13 @@ class InferPlan:
         return hashlib.sha256(json.dumps(self.producer, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_config(cfg: ExperimentConfig) -> InferPlan:
-    """Validate an infer run without Ray, so a bad input costs one line instead of a Ray start-up.
+LAYOUTS = {"predictions": ("predictions", K.PREDICTIONS_MANIFEST),  # layout -> (default folder, manifest)
+           "profiles": ("embeddings", K.EMBEDDINGS_MANIFEST)}
+
+
+def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPlan:
+    """Validate an infer (or, with layout='profiles', an embed) run without Ray, so a bad input costs one
+    line instead of a Ray start-up.
 
     Checks: the checkpoint exists and loads (meta.json and weights); the data set opens and its crops
     fit the model; infer.splits are splits of the data set; every pending input shard is readable and
@@ -113,17 +119,20 @@ def check_config(cfg: ExperimentConfig) -> InferPlan:
         z_ids, _ = read_inferred_z(z_source, list(meta["batches"]["values"]))
         z_fp = z_fingerprint(z_source)
     _check_design_matrix(cfg, ds, meta, z_ids)
-    out = Path(ic.out).absolute() if ic.out else ck.parent / "predictions"
+    out_key, out_val = ("embed.out", cfg.embed.out) if layout == "profiles" else ("infer.out", ic.out)
+    out = Path(out_val).absolute() if out_val else ck.parent / LAYOUTS[layout][0]
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"infer.out {out} is a file, not a folder: choose a folder for the predictions")
+        raise ConfigError(f"{out_key} {out} is a file, not a folder: choose a folder for the outputs")
     producer = {"checkpoint": str(ck), "weights_sha256": weights_fingerprint(ck), "dataset": str(ds.root),
                 "splits": sorted(splits) or "all", "z_source": z_fp, "randomize_z": bool(ic.randomize_z),
                 "write_recon": bool(ic.write_recon)}
+    if layout != "predictions":  # (predictions keep their old record: earlier folders stay reusable)
+        producer.update(layout=layout, feature_layout=cfg.embed.layout)
     inputs = {}
     for p in ds.shard_paths:
         st = os.stat(p)
         inputs[Path(p).name] = {"file": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    plan = InferPlan(ck, meta, ds, out, splits, z_source, producer, inputs)
+    plan = InferPlan(ck, meta, ds, out, splits, z_source, producer, inputs, layout=layout)
     done = _done_shards(plan)
     plan.pending = [p for p in ds.shard_paths if Path(p).name not in done]
     for p in plan.pending:
@@ -135,7 +144,7 @@ def _done_shards(plan: InferPlan) -> set[str]:
     """Names of the prediction shards already made by this run; refuse when the folder holds others'."""
     shard_out = plan.out / "shards"
     done = set()
-    fix = f"delete {plan.out} or set infer.out to a new folder"
+    fix = f"delete {plan.out} or set {'embed' if plan.layout == 'profiles' else 'infer'}.out to a new folder"
     for f in sorted(shard_out.glob(K.SHARD_GLOB)) if shard_out.is_dir() else []:
         if f.name not in plan.inputs:
             raise ShardError(f"infer.out {plan.out} holds prediction shard {f.name}, but data set "
@@ -176,22 +185,25 @@ def _differences(was: dict, now: dict) -> str:
     return "; ".join(diffs) or "unknown producer"
 
 
-def predict(cfg: ExperimentConfig) -> dict:
+def predict(cfg: ExperimentConfig, layout: str = "predictions") -> dict:
     """Write predictions for `cfg.infer.data` (default `cfg.data.path`); returns the predictions manifest.
 
-    Needs Ray to be initialised. Validates everything first (`check_config`).
+    `layout='profiles'` writes the same forward pass in the profiling layout (`raycell embed`,
+    `raycell.infer.predictor`), with `embeddings.json`. Needs Ray to be initialised. Validates
+    everything first (`check_config`).
     """
     import ray.data
 
-    plan = check_config(cfg)
+    plan = check_config(cfg, layout)
     ck, meta, ds, out, pending = plan.ck, plan.meta, plan.ds, plan.out, plan.pending
     shard_out = out / "shards"
     shard_out.mkdir(parents=True, exist_ok=True)
-    stale = _remove_leftovers(out)
+    stale = _remove_leftovers(out, LAYOUTS[layout][1])
     if stale:
         print(f"[raycell] removed {len(stale)} leftover(s) of an interrupted infer run in {out}: "
               f"{', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''}", flush=True)
-    print(f"[raycell] infer {meta['model_type']} ({ck}) on {ds.root}: {len(ds.shard_paths) - len(pending)} "
+    print(f"[raycell] {'embed' if layout == 'profiles' else 'infer'} {meta['model_type']} ({ck}) on "
+          f"{ds.root}: {len(ds.shard_paths) - len(pending)} "
           f"shard(s) already done, {len(pending)} to go -> {out}", flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = cfg.data.block_size_mb << 20
@@ -207,7 +219,8 @@ def predict(cfg: ExperimentConfig) -> dict:
                 fn_constructor_kwargs={"splits": plan.splits, "checkpoint": str(ck),
                                        "write_recon": cfg.infer.write_recon,
                                        "z_source": plan.z_source, "randomize_z": cfg.infer.randomize_z,
-                                       "passthrough": PASSTHROUGH + [PATH_COL]},
+                                       "passthrough": PASSTHROUGH + [PATH_COL], "layout": layout,
+                                       "feature_layout": cfg.embed.layout},
                 compute=ray.data.ActorPoolStrategy(size=cfg.infer.num_actors),
                 num_gpus=cfg.infer.num_gpus, num_cpus=cfg.infer.cpus_per_actor)
             try:
@@ -236,8 +249,11 @@ def predict(cfg: ExperimentConfig) -> dict:
                 "labels": meta["labels"], "batches": meta["batches"], "data_spec": meta["data_spec"],
                 "producer": plan.producer, "run_key": plan.run_key, "shards": shards,
                 "seconds": round(time.time() - t0, 2)}
-    atomic_write_json(out / K.PREDICTIONS_MANIFEST, manifest)
-    print(f"[raycell] wrote {n_rows} prediction rows in {len(shards)} shard(s) to {out}", flush=True)
+    if layout == "profiles":
+        manifest.update(_profile_manifest(shard_out / shards[0]["file"].split("/")[-1], meta, cfg, n_rows))
+    atomic_write_json(out / LAYOUTS[layout][1], manifest)
+    print(f"[raycell] wrote {n_rows} {'embedding' if layout == 'profiles' else 'prediction'} rows in "
+          f"{len(shards)} shard(s) to {out}", flush=True)
     return {**manifest, "out": str(out)}
 
 
@@ -307,7 +323,19 @@ def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array 
             "this data set with infer.z_splits covering these cells' splits")
 
 
-def _remove_leftovers(out: Path) -> list[Path]:
+def _profile_manifest(first_shard: Path, meta: dict, cfg: ExperimentConfig, n_rows: int) -> dict:
+    """The embeddings.json keys of the profiling layout: feature columns, heads and their classes."""
+    from raycell.infer.predictor import EMBEDDING, FEATURE_PREFIX
+
+    names = pq.read_schema(first_shard).names
+    heads = meta.get("heads") or [meta["labels"]]
+    return {"layout": cfg.embed.layout, "n_cells": n_rows,
+            "features": [EMBEDDING] if cfg.embed.layout == "list" else
+            [n for n in names if n.startswith(FEATURE_PREFIX)],
+            "heads": {h["column"]: list(h["values"]) for h in heads}}
+
+
+def _remove_leftovers(out: Path, manifest: str = K.PREDICTIONS_MANIFEST) -> list[Path]:
     """Staging folders and temporary files that a killed infer run left in `out` (never results).
 
     A run removes its own in `finally`, which a SIGKILL or a lost node skips; nothing reads them, but
@@ -315,7 +343,7 @@ def _remove_leftovers(out: Path) -> list[Path]:
     supported: they would also race on the same shards.)
     """
     stale = sorted(p for p in out.glob(".staging-*") if p.is_dir())
-    stale += sorted(out.glob(f".{K.PREDICTIONS_MANIFEST}.*.tmp"))
+    stale += sorted(out.glob(f".{manifest}.*.tmp"))
     stale += sorted((out / "shards").glob(".*.parquet.*.tmp"))
     for p in stale:
         if p.is_dir():

@@ -1,12 +1,20 @@
 """`CropPredictor`: loads a checkpoint once per Ray Data actor and maps Arrow batches to predictions.
 
-Output columns (SPEC "Inference outputs"): cell_id and metadata, `latent` (fixed-size list of float32),
-`prob`, `pred`, per-cell `recon_mse` / `recon_ssim`, `latent_re` / `batch_prob` for models that produce
-them, and optionally `recon` (the reconstruction as uint8/uint16 bytes in the crop format).
+Two layouts of the same forward pass:
+
+* `predictions` (`raycell infer`, SPEC "Inference outputs"): cell_id and metadata, `latent` (fixed-size
+  list of float32), `prob`, `pred`, per-cell `recon_mse` / `recon_ssim` for models that reconstruct,
+  `latent_re` / `batch_prob` for models that produce them, `prob_<head>` / `pred_<head>` per weak-label
+  head, and optionally `recon` (the reconstruction as uint8/uint16 bytes in the crop format);
+* `profiles` (`raycell embed`): the profiling ecosystem's layout (CytoTable, pycytominer, copairs):
+  `Metadata_Plate`, `Metadata_Well`, `Metadata_Site`, `Metadata_ObjectNumber`, `Metadata_<column>` for
+  every other metadata column, the `morph_*` features unchanged, `Pred_<head>` / `Prob_<head>`, then the
+  embedding as `Cells_Embedding_XXXX` float32 columns (or one `embedding` list column).
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import numpy as np
@@ -16,8 +24,9 @@ import torch
 
 from raycell import constants as K
 from raycell.errors import UserError
+from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import decode_images, encode_images
-from raycell.losses import ModelOutput, label_prob, per_cell_mse, per_cell_ssim
+from raycell.losses import ModelOutput, heads_prob, label_prob, per_cell_mse, per_cell_ssim
 from raycell.models.random_effects import one_hot_design
 
 PASSTHROUGH = [K.CELL_ID, K.BATCH, K.PLATE, K.WELL, K.FIELD, K.GROUP, K.LABEL, K.SPLIT, K.SOURCE,
@@ -27,6 +36,27 @@ PASSTHROUGH = [K.CELL_ID, K.BATCH, K.PLATE, K.WELL, K.FIELD, K.GROUP, K.LABEL, K
 def _fixed_list(a: np.ndarray) -> pa.Array:
     a = np.ascontiguousarray(a, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+
+
+# crop-shard column -> profiling name (the rest become Metadata_<column>)
+PROFILE_NAMES = {K.PLATE: "Metadata_Plate", K.WELL: "Metadata_Well", K.FIELD: "Metadata_Site",
+                 K.CELL_ID: "Metadata_CellID", K.BATCH: "Metadata_Batch", K.SPLIT: "Metadata_Split",
+                 K.LABEL: "Metadata_Label", K.GROUP: "Metadata_Group", K.SOURCE: "Metadata_Source"}
+FEATURE_PREFIX = "Cells_Embedding_"
+EMBEDDING = "embedding"
+_NOT_METADATA = set(K.IMAGE_COLUMNS) | {"path"}  # `path`: read_parquet's include_paths, kept as is
+
+
+def feature_names(dim: int) -> list[str]:
+    """The embedding's feature columns in the `columns` layout."""
+    return [f"{FEATURE_PREFIX}{i:04d}" for i in range(dim)]
+
+
+def object_numbers(cell_ids: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """`Metadata_ObjectNumber`: the trailing number of each cell_id (ingest's `<field>-c00012` is object
+    12 of its field, as CellProfiler numbers them), -1 where the id ends in no digits."""
+    nums = [re.search(r"(\d+)$", str(c)) for c in cell_ids.to_pylist()]
+    return pa.array([int(m.group(1)) if m else -1 for m in nums], pa.int64())
 
 
 class MissingDesignMatrixError(UserError, ValueError):
@@ -47,7 +77,7 @@ class CropPredictor:
 
     def __init__(self, checkpoint: str, device: str = "auto", write_recon: bool = False,
                  z_source: str = "", passthrough: list[str] | None = None,
-                 randomize_z: bool = False):
+                 randomize_z: bool = False, layout: str = "predictions", feature_layout: str = "columns"):
         """Load the checkpoint (and the inferred Z, if any) once per actor.
 
         Args:
@@ -59,6 +89,9 @@ class CropPredictor:
             passthrough: Input columns copied to the output.
             randomize_z: Ablation (the reference's --randomize_batch): every cell gets a random
                 one-hot Z row, fixed per cell_id so that re-runs and different actors agree.
+            layout: 'predictions' (`raycell infer`) or 'profiles' (`raycell embed`; see the module doc).
+            feature_layout: profiles: 'columns' (one float32 column per feature) or 'list' (one
+                fixed-size list column `embedding`).
         """
         from raycell.formats.checkpoint import load_checkpoint
         from raycell.models.registry import model_entry
@@ -74,6 +107,10 @@ class CropPredictor:
         self.write_recon = write_recon
         self.passthrough = passthrough or PASSTHROUGH
         self.randomize_z = randomize_z
+        self.layout, self.feature_layout = layout, feature_layout
+        # the heads: weak-label columns, or the one phenotype head of the AECs
+        self.heads = ([CategoryMap.from_dict(h) for h in self.meta["heads"]] if self.meta.get("heads")
+                      else None)
         self.z_ids: pa.Array | None = None
         self.z_values: np.ndarray | None = None
         self._empty_schema: pa.Schema | None = None
@@ -137,6 +174,10 @@ class CropPredictor:
 
     def _empty_output(self, t: pa.Table) -> pa.Table:
         """Zero rows with the output schema (computed once, from one blank crop that is thrown away)."""
+        if self.layout == "profiles":  # the metadata columns come from the input: one row of nulls
+            blank = np.zeros((1, *self.spec.shape), self.spec.dtype)
+            row = pa.table({f.name: pa.nulls(1, f.type) for f in t.schema})
+            return self._predict(row, blank, torch.zeros(1, len(self.batch_map))).slice(0, 0)
         if self._empty_schema is None:
             blank = np.zeros((1, *self.spec.shape), self.spec.dtype)
             one = self._predict(pa.table({}), blank, torch.zeros(1, len(self.batch_map)))
@@ -146,32 +187,78 @@ class CropPredictor:
             cols[f.name] = pa.array([], f.type)
         return pa.table(cols)
 
+    def head_probs(self, out: ModelOutput) -> list[tuple[CategoryMap, np.ndarray]]:
+        """(head, (N, K) class probabilities) per head; the AECs' single head is the label column."""
+        if self.heads:
+            return list(zip(self.heads, [p.float().cpu().numpy() for p in
+                                         heads_prob(out.logits, [len(h) for h in self.heads])]))
+        p = label_prob(out.logits).float().cpu().numpy()
+        return [(self.labels, np.stack([1 - p, p], 1) if p.ndim == 1 else p)]
+
+    def _profiles(self, t: pa.Table, out: ModelOutput) -> pa.Table:
+        """The `profiles` layout (module docstring) for one batch of rows."""
+        meta = [c for c in t.column_names if c not in _NOT_METADATA and not c.startswith(K.MORPH_PREFIX)]
+        cols: dict[str, pa.Array] = {}
+        for c in (K.PLATE, K.WELL, K.FIELD):
+            if c in t.column_names:
+                cols[PROFILE_NAMES[c]] = t.column(c)
+        if K.CELL_ID in t.column_names:
+            cols["Metadata_ObjectNumber"] = object_numbers(t.column(K.CELL_ID))
+        for c in meta:
+            if c not in (K.PLATE, K.WELL, K.FIELD):
+                cols[PROFILE_NAMES.get(c, f"Metadata_{c}")] = t.column(c)
+        for c in t.column_names:
+            if c.startswith(K.MORPH_PREFIX):
+                cols[c] = t.column(c)
+        for head, p in self.head_probs(out):
+            cols[f"Pred_{head.column}"] = pa.array(head.decode(p.argmax(1)).astype(str))
+            cols[f"Prob_{head.column}"] = _fixed_list(p)
+        z = np.ascontiguousarray(out.latent.float().cpu().numpy(), dtype=np.float32)
+        if self.feature_layout == "list":
+            cols[EMBEDDING] = _fixed_list(z)
+        else:
+            cols.update({n: pa.array(z[:, i]) for i, n in enumerate(feature_names(z.shape[1]))})
+        if "path" in t.column_names:
+            cols["path"] = t.column("path")
+        return pa.table(cols)
+
     def _predict(self, t: pa.Table, imgs: np.ndarray, z: torch.Tensor) -> pa.Table:
         # integers to the device (4x less to copy than float32), scaled there, as in training
         raw = imgs.astype(np.int32) if imgs.dtype == np.uint16 else imgs.copy()
         x = self.spec.to_float(torch.from_numpy(raw).to(self.device))
         out: ModelOutput = self.model(x, z.to(self.device))
-        rec = out.recon.float().clamp(0, 1)
-        # per-cell metrics where the crops already are; only (N,) values come back to the CPU
-        mse, ssim = per_cell_mse(x, rec).cpu().numpy(), per_cell_ssim(x, rec, data_range=1.0).cpu().numpy()
-        prob = label_prob(out.logits).float().cpu().numpy()
+        if self.layout == "profiles":
+            return self._profiles(t, out)
         cols = {c: t.column(c) for c in self.passthrough if c in t.column_names}
         cols[K.LATENT] = _fixed_list(out.latent.float().cpu().numpy())
-        if prob.ndim == 1:
-            cols[K.PROB] = pa.array(prob, pa.float32())
-            pred = (prob >= 0.5).astype(np.int64)
+        if self.heads:  # weak-label heads; prob/pred are the label column's head when it is one
+            for head, p in self.head_probs(out):
+                cols[f"{K.PROB}_{head.column}"] = _fixed_list(p)
+                cols[f"{K.PRED}_{head.column}"] = pa.array(head.decode(p.argmax(1)).astype(str))
+                if head.column == K.LABEL:
+                    cols[K.PROB] = pa.array(p[:, 1], pa.float32()) if p.shape[1] == 2 else _fixed_list(p)
+                    cols[K.PRED] = cols[f"{K.PRED}_{head.column}"]
         else:
-            cols[K.PROB] = _fixed_list(prob)
-            pred = prob.argmax(1)
-        cols[K.PRED] = pa.array(self.labels.decode(pred).astype(str))
-        cols[K.RECON_MSE] = pa.array(mse, pa.float32())
-        cols[K.RECON_SSIM] = pa.array(ssim, pa.float32())
+            prob = label_prob(out.logits).float().cpu().numpy()
+            if prob.ndim == 1:
+                cols[K.PROB] = pa.array(prob, pa.float32())
+                pred = (prob >= 0.5).astype(np.int64)
+            else:
+                cols[K.PROB] = _fixed_list(prob)
+                pred = prob.argmax(1)
+            cols[K.PRED] = pa.array(self.labels.decode(pred).astype(str))
+        rec = None
+        if self.entry.reconstructs:
+            rec = out.recon.float().clamp(0, 1)
+            # per-cell metrics where the crops already are; only (N,) values come back to the CPU
+            cols[K.RECON_MSE] = pa.array(per_cell_mse(x, rec).cpu().numpy(), pa.float32())
+            cols[K.RECON_SSIM] = pa.array(per_cell_ssim(x, rec, data_range=1.0).cpu().numpy(), pa.float32())
         # columns of the optional outputs the model type declares (the same for every block)
         if "latent_re" in self.entry.outputs:
             cols[K.LATENT_RE] = _fixed_list(out.latent_re.float().cpu().numpy())
         if "batch_logits" in self.entry.outputs:
             cols[K.BATCH_PROB] = _fixed_list(torch.softmax(out.batch_logits.float(), 1).cpu().numpy())
-        if self.write_recon:
+        if self.write_recon and rec is not None:
             top = 255.0 if self.spec.dtype == "uint8" else 65535.0
             q = np.rint(rec.cpu().numpy() * top).astype(np.uint8 if self.spec.dtype == "uint8" else np.uint16)
             cols[K.RECON] = encode_images(q)

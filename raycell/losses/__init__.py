@@ -8,9 +8,18 @@
 The training plans (`raycell/plans.py`) weight and combine the terms.
 """
 
-from raycell.losses.classification import batch_accuracy, cluster_ce, label_loss, label_prob
+from raycell.losses.classification import (
+    batch_accuracy,
+    cluster_ce,
+    heads_loss,
+    heads_prob,
+    label_loss,
+    label_prob,
+    split_heads,
+)
 from raycell.losses.outputs import OPTIONAL_OUTPUTS, LossOutput, ModelOutput
 from raycell.losses.reconstruction import per_cell_mse, per_cell_ssim, reconstruction_mse
 
-__all__ = ["OPTIONAL_OUTPUTS", "LossOutput", "ModelOutput", "batch_accuracy", "cluster_ce", "label_loss",
-           "label_prob", "per_cell_mse", "per_cell_ssim", "reconstruction_mse"]
+__all__ = ["OPTIONAL_OUTPUTS", "LossOutput", "ModelOutput", "batch_accuracy", "cluster_ce", "heads_loss",
+           "heads_prob", "label_loss", "label_prob", "per_cell_mse", "per_cell_ssim", "reconstruction_mse",
+           "split_heads"]

@@ -18,14 +18,16 @@ Tensor = torch.Tensor
 class ModelOutput:
     """What every model's `forward(x, z)` returns (N cells in the minibatch).
 
-    Every model fills `latent`, `recon` and `logits`; a model type fills the optional fields named in its
-    registry entry's `outputs` (and no others), so the plan and the predictor know them before the
-    forward pass.
+    Every model fills `latent` and `logits`, and `recon` unless its registry entry says it does not
+    reconstruct (`reconstructs=False`: a classifier such as the timm backbones, which passes
+    `recon=None`); a model type fills the optional fields named in its registry entry's `outputs` (and
+    no others), so the plan and the predictor know them before the forward pass.
 
     Attributes:
         latent: (N, D) the representation that is evaluated (the batch-invariant one where there are two).
-        recon: (N, C, H, W) the reconstruction in [0, 1].
-        logits: (N, 1) phenotype logit for two classes, (N, K) for K > 2.
+        recon: (N, C, H, W) the reconstruction in [0, 1]; None for models that do not reconstruct.
+        logits: (N, 1) phenotype logit for two classes, (N, K) for K > 2; for weak-label models the
+            heads' logits side by side, (N, K_1 + ... + K_H) (`raycell.losses.split_heads`).
         latent_re: (N, D) the random-effects latent (batch-specific), beside a fixed-effects `latent`.
         recon_fe: (N, C, H, W) the fixed-effects reconstruction, beside a random-effects `recon`.
         logits_fe: (N, 1 or K) the fixed-effects phenotype logits, beside mixed `logits`.
@@ -36,7 +38,7 @@ class ModelOutput:
     """
 
     latent: Tensor
-    recon: Tensor
+    recon: Tensor | None
     logits: Tensor
     latent_re: Tensor | None = None
     recon_fe: Tensor | None = None
@@ -50,7 +52,7 @@ class ModelOutput:
         n = self.latent.shape[0] if isinstance(self.latent, Tensor) else None
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is None and f.name not in OPTIONAL_OUTPUTS:
+            if v is None and f.name not in OPTIONAL_OUTPUTS and f.name != "recon":
                 raise TypeError(f"ModelOutput.{f.name} is required")
             if v is None:
                 continue

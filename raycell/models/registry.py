@@ -36,6 +36,8 @@ class ModelEntry:
     plan: type[TrainingPlan] = TrainingPlan  # how it is optimised (raycell/plans.py)
     uses_z: bool = False  # needs a design matrix Z (one-hot batch) at training and inference
     outputs: tuple[str, ...] = ()  # the optional ModelOutput fields its forward fills
+    reconstructs: bool = True  # forward fills ModelOutput.recon (False: a classifier, recon=None)
+    weak_labels: bool = False  # one head per metadata column (builder takes head_names, head_sizes)
 
 
 MODEL_REGISTRY: dict[str, ModelEntry] = {}
@@ -49,7 +51,8 @@ class UnknownModelError(UserError, KeyError):
 
 
 def register_model(name: str, *, plan: type[TrainingPlan] = TrainingPlan, uses_z: bool = False,
-                   outputs: tuple[str, ...] = ()) -> Callable:
+                   outputs: tuple[str, ...] = (), reconstructs: bool = True,
+                   weak_labels: bool = False) -> Callable:
     """Decorator: register `fn` as the builder of model type `name`.
 
     Args:
@@ -58,6 +61,10 @@ def register_model(name: str, *, plan: type[TrainingPlan] = TrainingPlan, uses_z
         uses_z: Whether forward needs the design matrix Z (random effects): inference then refuses
             cells of batches outside the training batches unless an inferred Z is given.
         outputs: The optional `ModelOutput` fields forward fills (e.g. "batch_logits").
+        reconstructs: Whether forward fills `recon` (inference then writes per-cell reconstruction
+            metrics); a plan whose loss reads it (`needs_recon`) needs a model that reconstructs.
+        weak_labels: The builder takes `head_names` and `head_sizes`: one classification head per
+            metadata column (`data.heads`), the logits side by side.
 
     Raises:
         ValueError: a duplicate name, an unknown output field, or outputs that lack what `plan` reads.
@@ -72,10 +79,15 @@ def register_model(name: str, *, plan: type[TrainingPlan] = TrainingPlan, uses_z
         raise ValueError(f"model type {name!r}: its plan {plan.__name__} reads outputs {lacking}, which "
                          "are not among its declared outputs")
 
+    if plan.needs_recon and not reconstructs:
+        raise ValueError(f"model type {name!r}: its plan {plan.__name__} reads the reconstruction, but the "
+                         "model does not reconstruct (reconstructs=False)")
+
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODEL_REGISTRY:
             raise ValueError(f"model type {name!r} is registered twice")
-        MODEL_REGISTRY[name] = ModelEntry(name, fn, plan=plan, uses_z=uses_z, outputs=outputs)
+        MODEL_REGISTRY[name] = ModelEntry(name, fn, plan=plan, uses_z=uses_z, outputs=outputs,
+                                          reconstructs=reconstructs, weak_labels=weak_labels)
         return fn
 
     return deco
@@ -117,10 +129,10 @@ def create_model(model_type: str, **kwargs) -> nn.Module:
 
 
 def build_plan(model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0, n_batches: int = 1,
-               grad_sync: GradSync = no_sync, bf16: bool = False) -> TrainingPlan:
+               grad_sync: GradSync = no_sync, bf16: bool = False, layer_decay: float = 0.0) -> TrainingPlan:
     """The training plan of the model's registry entry, for `model` (built by `create_model`)."""
     model_type = getattr(model, "model_type", None)
     if model_type is None:
         raise TypeError(f"build_plan: {type(model).__name__} has no model_type; build it with create_model")
     return model_entry(model_type).plan(model, loss, lr, weight_decay, n_batches=n_batches,
-                                        grad_sync=grad_sync, bf16=bf16)
+                                        grad_sync=grad_sync, bf16=bf16, layer_decay=layer_decay)

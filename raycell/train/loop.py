@@ -32,7 +32,7 @@ from raycell.data.dataset import CropCollate
 from raycell.formats.categories import CategoryMap
 from raycell.formats.checkpoint import load_plan_state, save_checkpoint
 from raycell.formats.spec import DataSpec
-from raycell.losses import label_prob
+from raycell.losses import heads_prob, label_prob
 from raycell.models import build_plan, create_model
 from raycell.models.random_effects import one_hot_design
 from raycell.plans import TrainingPlan
@@ -49,18 +49,49 @@ def model_kwargs(cfg: ExperimentConfig, spec: DataSpec, labels: CategoryMap, bat
           "preset": cfg.model.preset, "image_size": spec.shape[1]}
     if setup and setup.get("channel_means"):
         kw["output_mean"] = setup["channel_means"]
+    if setup and setup.get("heads"):  # weak-label model types: one head per column (data.heads)
+        heads = [CategoryMap.from_dict(h) for h in setup["heads"]]
+        kw.update(head_names=[h.column for h in heads], head_sizes=[len(h) for h in heads])
     return {**kw, **cfg.model.args}
 
 
+def make_collate(setup: dict) -> CropCollate:
+    """The collate of a run: its data spec, label, batch and (weak-label models) head vocabularies."""
+    heads = [CategoryMap.from_dict(h) for h in setup.get("heads") or []] or None
+    return CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
+                       CategoryMap.from_dict(setup["batches"]), heads)
+
+
+def _auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC of class probabilities (N,) or (N, K); NaN when the split has one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    try:
+        if p.ndim == 2 and p.shape[1] == 2:
+            return float(roc_auc_score(y, p[:, 1]))
+        if p.ndim == 2:  # classes absent from this split are left out (ovr needs each present once)
+            present = np.unique(y)
+            if len(present) < 2:
+                return float("nan")
+            sub = p[:, present] / np.clip(p[:, present].sum(1, keepdims=True), 1e-12, None)
+            remap = np.searchsorted(present, y)
+            if len(present) == 2:
+                return float(roc_auc_score(remap, sub[:, 1]))
+            return float(roc_auc_score(remap, sub, multi_class="ovr"))
+        return float(roc_auc_score(y, p))
+    except ValueError:  # one class only in the split
+        return float("nan")
+
+
 def validate(model: torch.nn.Module, plan: TrainingPlan, minibatches, spec: DataSpec,
-             n_batches: int, prefix: str = "val", latents: list | None = None) -> dict[str, float]:
+             n_batches: int, prefix: str = "val", latents: list | None = None,
+             heads: list[CategoryMap] | None = None) -> dict[str, float]:
     """Mean loss terms, AUROC and accuracy over an iterable of minibatches (model in eval mode).
 
     Metric names are `<prefix>_<term>`, `<prefix>_acc`, `<prefix>_auroc`. With `latents` (a list), the
-    latents and batch codes of the cells are appended to it as (N, D) / (N,) array pairs.
+    latents and batch codes of the cells are appended to it as (N, D) / (N,) array pairs. With weak-label
+    `heads`, also `<prefix>_<head>_acc` / `_auroc` per head; `_acc` and `_auroc` are then their means.
     """
-    from sklearn.metrics import roc_auc_score
-
     model.eval()
     sums: dict[str, float] = {}
     n = 0
@@ -73,20 +104,30 @@ def validate(model: torch.nn.Module, plan: TrainingPlan, minibatches, spec: Data
             sums[key] = sums.get(key, 0.0) + v * k
         n += k
         ys.append(y.cpu().numpy())
-        ps.append(label_prob(out.logits).cpu().numpy())
+        if heads:
+            probs = heads_prob(out.logits, [len(h) for h in heads])
+            ps.append(np.concatenate([q.cpu().numpy() for q in probs], 1))
+        else:
+            ps.append(label_prob(out.logits).cpu().numpy())
         if latents is not None:
             latents.append((out.latent.detach().float().cpu().numpy(), batch["b"].cpu().numpy()))
     if n == 0:
         return {}
     res = {f"{prefix}_{k}": v / n for k, v in sums.items()}
     y, p = np.concatenate(ys), np.concatenate(ps)
+    if heads:
+        blocks = np.split(p, np.cumsum([len(h) for h in heads])[:-1], axis=1)
+        for i, (h, ph) in enumerate(zip(heads, blocks)):
+            res[f"{prefix}_{h.column}_acc"] = float((ph.argmax(1) == y[:, i]).mean())
+            res[f"{prefix}_{h.column}_auroc"] = _auroc(y[:, i], ph)
+        res[f"{prefix}_acc"] = float(np.mean([res[f"{prefix}_{h.column}_acc"] for h in heads]))
+        res[f"{prefix}_auroc"] = float(np.nanmean([res[f"{prefix}_{h.column}_auroc"] for h in heads])
+                                       if any(np.isfinite(res[f"{prefix}_{h.column}_auroc"]) for h in heads)
+                                       else float("nan"))
+        return res
     pred = p >= 0.5 if p.ndim == 1 else p.argmax(1)
     res[f"{prefix}_acc"] = float((pred == y).mean())
-    try:
-        res[f"{prefix}_auroc"] = float(roc_auc_score(y, p) if p.ndim == 1 else
-                                       roc_auc_score(y, p, multi_class="ovr"))
-    except ValueError:  # one class only in the split
-        res[f"{prefix}_auroc"] = float("nan")
+    res[f"{prefix}_auroc"] = _auroc(y, p)
     return res
 
 
@@ -146,7 +187,10 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
     if on_cuda and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     plan = build_plan(model, cfg.loss, cfg.train.lr, cfg.train.weight_decay, n_batches=len(batch_map),
-                      grad_sync=ctx.sync_gradients, bf16=cfg.train.bf16 and on_cuda)
+                      grad_sync=ctx.sync_gradients, bf16=cfg.train.bf16 and on_cuda,
+                      layer_decay=cfg.train.layer_decay)
+    plan.set_schedule(cfg.train.schedule, setup.get("steps_per_epoch", 1) * cfg.train.epochs)
+    heads = [CategoryMap.from_dict(h) for h in setup.get("heads") or []] or None
 
     start = 0
     resume = ctx.resume_from()
@@ -199,7 +243,7 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
         val = ctx.minibatches("val", epoch, train=False)
         # Only rank 0's metrics are reported: the other ranks skip the probe's regressions.
         lat: list | None = [] if ctx.rank == 0 else None
-        metrics.update(validate(model, plan, val, spec, len(batch_map), latents=lat))
+        metrics.update(validate(model, plan, val, spec, len(batch_map), latents=lat, heads=heads))
         if lat:
             metrics.update(batch_probe(lat, seed=cfg.seed))
             if "val_auroc" in metrics and "val_batch_probe" in metrics:
@@ -207,13 +251,14 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
                 metrics["val_composite"] = metrics["val_auroc"] - cfg.train.composite_weight * excess
         if setup.get("valbatch"):  # whole seen batches never trained on: codes -1, Z rows all zero
             vb = ctx.minibatches("valbatch", epoch, train=False)
-            metrics.update(validate(model, plan, vb, spec, len(batch_map), prefix="valbatch"))
+            metrics.update(validate(model, plan, vb, spec, len(batch_map), prefix="valbatch", heads=heads))
         metrics["epoch_time_s"] = time.time() - t0
         with tempfile.TemporaryDirectory(prefix="raycell-ckpt-") as d:
             ck = None
             if ctx.rank == 0:
                 ck = str(save_checkpoint(d, model, plan.state_dict(), epoch=epoch, spec=spec, labels=labels,
-                                         batches=batch_map, config=cfg.to_dict(), metrics=metrics))
+                                         batches=batch_map, config=cfg.to_dict(), metrics=metrics,
+                                         extra={"heads": setup["heads"]} if heads else None))
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
                 print(f"[raycell] {shown}", flush=True)
                 if history_file:  # before the report: a run killed in between re-runs the epoch
@@ -226,8 +271,7 @@ def train_loop_per_worker(config: dict) -> dict:
     """Ray Train entry point: rebuild the config, make the Ray context, run the loop."""
     cfg = ExperimentConfig.from_dict(config["cfg"])
     setup = config["setup"]
-    collate = CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
-                          CategoryMap.from_dict(setup["batches"]))
+    collate = make_collate(setup)
     ctx = RayTrainContext(collate, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.shuffle_buffer,
                           cfg.data.prefetch_batches, shuffle_seed=cfg.data.shuffle_seed)
     return run_training(ctx, cfg, setup, history_file=config.get("history_file"))

@@ -121,13 +121,67 @@ def check_train(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.augment: {exc}") from None
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
-    _training_data(cfg)
+    ds = _training_data(cfg)
+    heads = weak_label_heads(cfg, ds)
+    if heads:  # build it once here: a wrong backbone name or weights file is one line, not a worker trace
+        from raycell.models import create_model
+        from raycell.train.loop import model_kwargs
+
+        spec = DataSpec.from_dataset(ds)
+        setup = {"heads": [h.to_dict() for h in heads]}
+        try:
+            create_model(cfg.model.type, **model_kwargs(cfg, spec, CategoryMap(K.LABEL, ("a", "b")),
+                                                        CategoryMap(K.BATCH, ("a",)), setup))
+        except TypeError as exc:  # an argument the builder does not take
+            raise ConfigError(f"model.args: {exc}") from None
+    if cfg.train.layer_decay:
+        from raycell.models import model_entry
+
+        if not model_entry(cfg.model.type).weak_labels:
+            raise ConfigError(f"train.layer_decay: model type {cfg.model.type!r} has no layer groups "
+                              "(layer-wise learning rates are for the timm backbones); set it to 0")
     if cfg.train.resume and any(Path(cfg.train.resume).glob("checkpoint_*/meta.json")):
         from raycell.formats.checkpoint import load_checkpoint, load_plan_state
 
         # the worker would load it after Ray starts, where a corrupt file is a worker trace, not one line
         _, meta = load_checkpoint(cfg.train.resume)
         load_plan_state(meta["path"])
+
+
+def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
+    """The vocabularies of `data.heads` for a weak-label model type (None for the others).
+
+    One head per column (default: the label column), each fitted on every row of the data set, numeric
+    columns in numeric order. A column that is missing or has fewer than 2 values is a one-line error.
+    """
+    from raycell.models import model_entry
+
+    entry = model_entry(cfg.model.type)
+    cols = [str(c) for c in cfg.data.heads]
+    if not entry.weak_labels:
+        if cols and cols != [K.LABEL]:
+            raise ConfigError(f"data.heads {cols}: model type {cfg.model.type!r} has one phenotype head (the "
+                              f"'{K.LABEL}' column); weak-label heads need a model type with heads (timm)")
+        return None
+    cols = cols or [K.LABEL]
+    import pyarrow.parquet as pq
+
+    have = pq.read_schema(ds.shard_paths[0]).names
+    missing = [c for c in cols if c not in have]
+    if missing:
+        meta = [c for c in have if c not in K.IMAGE_COLUMNS and not c.startswith(K.MORPH_PREFIX)]
+        raise ConfigError(f"data.heads: column(s) {missing} are not in data set {ds.root}; its metadata "
+                          f"columns are {meta}")
+    t = ds.read_table(cols)
+    maps = [CategoryMap.fit_column(c, t.column(c)) for c in cols]
+    for c, m in zip(cols, maps):
+        if t.column(c).null_count:
+            raise ConfigError(f"data.heads: column {c!r} of data set {ds.root} has "
+                              f"{t.column(c).null_count} empty value(s); every cell needs a class")
+        if len(m) < 2:
+            raise ConfigError(f"data.heads: column {c!r} of data set {ds.root} has {len(m)} distinct "
+                              f"value(s) {list(m.values)}; a head needs at least 2 classes")
+    return maps
 
 
 def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
@@ -149,6 +203,13 @@ def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
                           for c in ds.manifest["channel_names"]] if ds.manifest.get("channel_stats") else None,
         "valbatch": bool(ds.manifest.get("counts_per_split", {}).get(K.VALBATCH)),
     }
+    heads = weak_label_heads(cfg, ds)
+    if heads:
+        setup["heads"] = [h.to_dict() for h in heads]
+    # the one-cycle schedule's length (steps per worker per epoch, as the loop counts them)
+    per_step = cfg.data.batch_size * max(1, cfg.scaling.num_workers)
+    steps = max(1, ds.manifest.get("counts_per_split", {}).get(K.TRAIN, 0) // per_step)
+    setup["steps_per_epoch"] = min(steps, cfg.train.max_steps_per_epoch or steps)
     return setup, ds
 
 
@@ -157,11 +218,11 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raycell.train.loop import train_loop_per_worker
+    from raycell.train.loop import make_collate, train_loop_per_worker
 
     splits = (K.TRAIN, K.VAL, K.VALBATCH) if setup.get("valbatch") else (K.TRAIN, K.VAL)
-    datasets = ray_datasets(ds, splits, block_size_mb=cfg.data.block_size_mb,
-                            shuffle_seed=cfg.data.shuffle_seed)
+    datasets = ray_datasets(ds, splits, columns=make_collate(setup).columns,
+                            block_size_mb=cfg.data.block_size_mb, shuffle_seed=cfg.data.shuffle_seed)
     sc = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,

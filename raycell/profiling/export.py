@@ -1,0 +1,258 @@
+"""`raycell export`: an embeddings folder as AnnData (.h5ad, for scanpy) or a CytoTable-style table.
+
+The table layout is the one pycytominer and copairs read: `Metadata_*` columns first, then one
+float column per feature with a compartment prefix (`Cells_Embedding_0000`, `Cells_Morph_area`), so
+`infer_cp_features` finds the features, and the metadata, without options. Every file is written
+under a temporary name beside the target and renamed into place, so an interrupted export never
+leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from raycell.errors import UserError
+from raycell.profiling import profiles as P
+
+FORMATS = ("h5ad", "parquet", "csv")
+LEVELS = ("cell", "well")
+MORPH_FEATURE_PREFIX = "Cells_Morph_"
+
+
+class ExportError(UserError, ValueError):
+    """An export option or output path that cannot work; the message names it."""
+
+
+def morph_feature_name(column: str) -> str:
+    """`morph_area` -> `Cells_Morph_area`, a name pycytominer's `infer_cp_features` selects."""
+    return MORPH_FEATURE_PREFIX + column[len(P.MORPH_PREFIX):]
+
+
+def _check_args(embeddings: Path, out: Path, fmt: str, level: str, top_k, umap: bool) -> None:
+    """Every option checked before any data is read, so a typo costs no time."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
+    if level not in LEVELS:
+        raise ExportError(f"unknown export level {level!r} (use 'cell' or 'well')")
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
+        raise ExportError(f"top_k must be an integer >= 0 (0 keeps every feature), got {top_k!r}")
+    if umap and fmt != "h5ad":
+        raise ExportError(f"umap coordinates go to obsm['X_umap'] of an .h5ad; format {fmt!r} "
+                          "has no place for them (use format h5ad)")
+    if not out.parent.is_dir():
+        raise ExportError(f"export output {out}: folder {out.parent} does not exist "
+                          "(create it first)")
+    if out.is_dir():
+        raise ExportError(f"export output {out} is a folder; give a file name "
+                          f"(e.g. {out / ('cells.' + fmt)})")
+    shards = (embeddings / "shards").resolve()
+    if shards in out.resolve().parents:
+        raise ExportError(f"export output {out} lies inside {shards}: it would be read as an "
+                          "embedding shard next time; write it elsewhere")
+
+
+def _standardised(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """Morph features z-scored per column (constant ones only centred), NaN set to the mean (0).
+
+    Shape features live on very different scales (area in px^2, eccentricity in [0, 1]); without
+    this one of them would dominate the deep features in PCA. Returns (float32, NaNs filled).
+    """
+    a = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    a[~np.isfinite(a)] = np.nan
+    n_nan = int(np.isnan(a).sum())
+    if not len(a):
+        return a.astype(np.float32), 0
+    with warnings.catch_warnings():  # an all-NaN column: its mean is NaN, handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mu, sd = np.nanmean(a, axis=0), np.nanstd(a, axis=0)
+    mu = np.where(np.isfinite(mu), mu, 0.0)
+    sd = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
+    z = (a - mu) / sd
+    z[np.isnan(z)] = 0.0
+    return z.astype(np.float32), n_nan
+
+
+def _array_column(col: pd.Series) -> np.ndarray | None:
+    """Equal-length per-row arrays as an (N, K) float32 matrix; None when ragged or not numeric."""
+    try:
+        return np.stack([np.asarray(v, dtype=np.float32) for v in col])
+    except (ValueError, TypeError):
+        return None
+
+
+def _obs_names(meta: pd.DataFrame) -> pd.Index:
+    """AnnData obs names: unique cell ids, plate_well for wells, else row numbers."""
+    cid = "Metadata_CellID"
+    if cid in meta.columns and meta[cid].notna().all() and meta[cid].astype(str).is_unique:
+        return pd.Index(meta[cid].astype(str).to_numpy())
+    if P.PLATE in meta.columns and P.WELL in meta.columns and P.COUNT in meta.columns:
+        keys = meta[P.PLATE].astype(str) + "_" + meta[P.WELL].astype(str)
+        if keys.is_unique:
+            return pd.Index(keys.to_numpy())
+    return pd.Index([str(i) for i in range(len(meta))])
+
+
+def _obs(meta: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """AnnData obs (strings as categoricals) and obsm (list columns such as Prob_* as matrices)."""
+    obs, obsm = {}, {}
+    for c in meta.columns:
+        col = meta[c]
+        if P.is_list_column(col):
+            mat = _array_column(col)
+            if mat is not None:  # ragged or non-numeric lists fit neither obs nor obsm: left out
+                obsm[str(c)] = mat
+        elif col.dtype == object or pd.api.types.is_string_dtype(col.dtype):
+            obs[str(c)] = pd.Categorical(col.where(col.isna(), col.astype(str)))
+        else:
+            obs[str(c)] = col.to_numpy()
+    return pd.DataFrame(obs, index=_obs_names(meta)), obsm
+
+
+def _uns_value(v):
+    """A manifest value in a form h5py can store (no None, no mixed lists)."""
+    if isinstance(v, dict):
+        return {str(k): _uns_value(x) for k, x in v.items() if x is not None}
+    if isinstance(v, (list, tuple)):
+        if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return np.asarray(v)
+        return np.asarray([json.dumps(x) if isinstance(x, (dict, list)) else str(x) for x in v],
+                          dtype=object)
+    return v
+
+
+def _table_frame(meta: pd.DataFrame, X: np.ndarray, names: list[str], heads: dict) -> pd.DataFrame:
+    """CytoTable layout: `Metadata_*`, then the other columns renamed `Metadata_*`, then features.
+
+    `Pred_<h>` becomes `Metadata_Pred_<h>`, `morph_x` `Metadata_morph_x` and the list `Prob_<h>`
+    one column per class, `Metadata_Prob_<h>_<class>`.
+    """
+    first, rest = {}, {}
+    for c in map(str, meta.columns):
+        col = meta[c]
+        if c.startswith(P.META_PREFIX):
+            first[c] = col.to_numpy()
+        elif P.is_list_column(col):
+            mat = _array_column(col)
+            if mat is None:
+                continue
+            head = c[len(P.PROB_PREFIX):] if c.startswith(P.PROB_PREFIX) else None
+            classes = heads.get(head, [])
+            if len(classes) != mat.shape[1]:
+                classes = [str(i) for i in range(mat.shape[1])]
+            for j, cls in enumerate(classes):
+                rest[f"{P.META_PREFIX}{c}_{cls}"] = mat[:, j]
+        else:
+            rest[P.META_PREFIX + c] = col.to_numpy()
+    clash = sorted((set(first) & set(rest)) | ((set(first) | set(rest)) & set(names)))
+    if clash:
+        raise ExportError(f"column name clash in the CytoTable layout ({', '.join(clash[:3])}): "
+                          "rename that metadata column")
+    frame = pd.DataFrame({**first, **rest}, index=pd.RangeIndex(len(meta)))
+    feats = pd.DataFrame(np.asarray(X, dtype=np.float32), columns=names, index=frame.index)
+    return pd.concat([frame, feats], axis=1)
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary name beside `path`, then rename it into place."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export(embeddings: str | Path, out: str | Path, fmt: str = "h5ad", level: str = "cell",
+           top_k: int = 0, drop_zero_variance: bool = True, with_morph: bool = False,
+           umap: bool = False, seed: int = 0) -> dict:
+    """Write the embeddings (cells or well medians) as .h5ad, parquet or csv; return a summary.
+
+    Args:
+        embeddings: folder written by `raycell embed` (embeddings.json + shards/).
+        out: output file (its folder must exist); replaced atomically when it exists.
+        fmt: "h5ad" (AnnData: X = features, obs = metadata, obsm = X_pca / X_umap / Prob_<head>,
+            uns = the manifest), "parquet" or "csv" (CytoTable layout, see the module docstring).
+        level: "cell" (one row per cell) or "well" (median per Metadata_Plate x Metadata_Well).
+        top_k: keep the k highest-variance features (0 = all), after dropping constant ones.
+        drop_zero_variance: drop features that are constant over the exported rows.
+        with_morph: add the standardised morph_* columns as features `Cells_Morph_<name>`.
+        umap: also compute obsm["X_umap"] (h5ad only; needs umap-learn).
+        seed: random state of PCA and UMAP.
+
+    Returns:
+        {"path", "format", "level", "n_obs", "n_vars", "obsm" (keys, h5ad only), "n_embedding",
+        "n_morph" (features of each kind kept), "n_dropped", "morph_filled" (NaNs set to 0)}.
+    """
+    embeddings, out = Path(embeddings), Path(out)
+    _check_args(embeddings, out, fmt, level, top_k, umap)
+    meta, X, names = P.read_embeddings(embeddings)
+    manifest = meta.attrs.get("manifest", {})
+    filled = 0
+    if with_morph:
+        mcols = P.morph_columns(meta)
+        if not mcols:
+            raise ExportError(f"with_morph: the embeddings in {embeddings} have no morph_* "
+                              "columns (their crop shards had no shape features)")
+        M, filled = _standardised(meta[mcols])
+        X = np.hstack([X, M])
+        names = names + [morph_feature_name(c) for c in mcols]
+        meta = meta.drop(columns=mcols)
+    if level == "well":  # aggregate first, then select on the wells, as pycytominer orders it
+        wells = P.aggregate_wells(meta, X, names)
+        X = wells[names].to_numpy(dtype=np.float32)
+        meta = wells.drop(columns=names)
+    n_all = len(names)
+    X, names = P.select_features(X, names, top_k, drop_zero_variance)
+    n_morph = sum(n.startswith(MORPH_FEATURE_PREFIX) for n in names)
+    summary = {"path": str(out), "format": fmt, "level": level, "n_obs": int(X.shape[0]),
+               "n_vars": len(names), "obsm": [], "n_embedding": len(names) - n_morph,
+               "n_morph": n_morph, "n_dropped": n_all - len(names), "morph_filled": filled}
+    settings = {"level": level, "top_k": int(top_k), "drop_zero_variance": bool(drop_zero_variance),
+                "with_morph": bool(with_morph), "seed": int(seed),
+                "embeddings": str(embeddings.absolute())}
+    if fmt == "h5ad":
+        summary["obsm"] = _write_h5ad(out, meta, X, names, manifest, settings, umap, seed)
+    else:
+        frame = _table_frame(meta, X, names, manifest.get("heads", {}))
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            _atomic(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        else:
+            _atomic(out, lambda tmp: frame.to_csv(tmp, index=False))
+    return summary
+
+
+def _write_h5ad(out: Path, meta: pd.DataFrame, X: np.ndarray, names: list[str], manifest: dict,
+                settings: dict, umap: bool, seed: int) -> list[str]:
+    """AnnData with obs/obsm/var/uns as `export` documents, written atomically; its obsm keys."""
+    import anndata
+
+    obs, obsm = _obs(meta)
+    uns = {k: _uns_value(v) for k, v in manifest.items() if k != "features" and v is not None}
+    uns["raycell_export"] = settings
+    n_pc = min(2, *X.shape)
+    if X.shape[0] >= 2:
+        coords, ratio = P.pca_coordinates(X, n_pc, seed)
+        obsm["X_pca"] = coords
+        uns["pca"] = {"variance_ratio": np.asarray(ratio, dtype=np.float64)}
+    if umap:
+        obsm["X_umap"] = P.reduce(X, "umap", 2, seed)
+    source = ["morph" if n.startswith(MORPH_FEATURE_PREFIX) else "embedding" for n in names]
+    var = pd.DataFrame({"source": pd.Categorical(source)}, index=pd.Index(names))
+    with warnings.catch_warnings():  # anndata's index-conversion notes are not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        adata = anndata.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=var, obsm=obsm,
+                                uns=uns)
+        _atomic(out, lambda tmp: adata.write_h5ad(tmp))
+    return list(obsm)

@@ -1,0 +1,425 @@
+"""Profiles from an embeddings folder: read, select, aggregate per well, reduce, score the heads.
+
+The folder (written by `raycell embed`) holds `embeddings.json` (the manifest) and
+`shards/part-*.parquet`, one row per cell: `Metadata_*` columns, `morph_*` hand-made features,
+`Pred_<head>` / `Prob_<head>` per weak-label head, then the deep features as `Cells_Embedding_XXXX`
+columns (layout "columns") or one fixed-size list column `embedding` (layout "list").
+Everything here takes a metadata frame and a float32 matrix, so the report, `raycell export` and
+`raycell embed` (well profiles) share one implementation of the steps the blog took by hand: drop
+constant features, keep the top-k by variance, PCA, colour by each weak label.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from raycell.errors import UserError
+
+MANIFEST = "embeddings.json"
+SHARD_GLOB = "part-*.parquet"
+META_PREFIX = "Metadata_"
+PRED_PREFIX = "Pred_"
+PROB_PREFIX = "Prob_"
+MORPH_PREFIX = "morph_"
+EMBEDDING_PREFIX = "Cells_Embedding_"
+LIST_COLUMN = "embedding"
+PLATE, WELL = "Metadata_Plate", "Metadata_Well"
+COUNT = "Metadata_Count_Cells"
+# pycytominer's `infer_cp_features` compartments: a column with one of these prefixes is a feature.
+FEATURE_PREFIXES = ("Cells_", "Cytoplasm_", "Nuclei_")
+_LAYOUTS = ("columns", "list")
+
+
+class EmbeddingsError(UserError, ValueError):
+    """An embeddings folder, manifest or shard that does not follow the `raycell embed` contract."""
+
+
+def embedding_name(i: int) -> str:
+    """The pycytominer-style name of deep feature `i` (`Cells_Embedding_0007`)."""
+    return f"{EMBEDDING_PREFIX}{i:04d}"
+
+
+def feature_columns(names: Iterable[str]) -> list[str]:
+    """The names pycytominer treats as features (prefix `Cells_`, `Cytoplasm_`, `Nuclei_`)."""
+    return [str(n) for n in names if str(n).startswith(FEATURE_PREFIXES)]
+
+
+def morph_columns(frame: pd.DataFrame | Iterable[str]) -> list[str]:
+    """The hand-made shape feature columns (`morph_*`) of a frame or a list of names, in order."""
+    names = frame.columns if isinstance(frame, pd.DataFrame) else frame
+    return [str(n) for n in names if str(n).startswith(MORPH_PREFIX)]
+
+
+def head_names(meta: pd.DataFrame) -> list[str]:
+    """Weak-label heads with a prediction column (`Pred_<head>`), in column order."""
+    return [str(c)[len(PRED_PREFIX):] for c in meta.columns if str(c).startswith(PRED_PREFIX)]
+
+
+def is_list_column(col: pd.Series) -> bool:
+    """True for an object column of per-row arrays or lists (an Arrow list column in pandas)."""
+    if col.dtype != object:
+        return False
+    values = col.dropna()
+    return len(values) > 0 and isinstance(values.iloc[0], (np.ndarray, list, tuple))
+
+
+def prob_matrix(meta: pd.DataFrame, head: str) -> np.ndarray:
+    """The (N, K) float32 class probabilities of `head`, from its `Prob_<head>` list column."""
+    col = PROB_PREFIX + head
+    if col not in meta.columns:
+        raise EmbeddingsError(f"no column {col} in the embeddings (heads: {head_names(meta)})")
+    if not len(meta):
+        return np.zeros((0, 0), np.float32)
+    return np.stack([np.asarray(v, dtype=np.float32) for v in meta[col]])
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """embeddings.json of a folder, checked for the keys every reader needs."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise EmbeddingsError(f"embeddings manifest not found: {path} (give the folder written by "
+                              "`raycell embed`, the one that holds embeddings.json)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EmbeddingsError(f"embeddings manifest {path} is not valid JSON ({exc})") from None
+    if not isinstance(m, dict):
+        raise EmbeddingsError(f"embeddings manifest {path} must hold a JSON object")
+    layout = m.get("layout", "columns")
+    if layout not in _LAYOUTS:
+        raise EmbeddingsError(f"embeddings manifest {path}: layout {layout!r} is not one of "
+                              f"{list(_LAYOUTS)}")
+    feats = m.get("features")
+    if not isinstance(feats, list) or not feats or not all(isinstance(f, str) for f in feats):
+        raise EmbeddingsError(f"embeddings manifest {path}: 'features' must be a non-empty list of "
+                              "column names")
+    if layout == "list" and len(feats) != 1:
+        raise EmbeddingsError(f"embeddings manifest {path}: layout 'list' needs exactly one column "
+                              f"in 'features', got {len(feats)}")
+    heads = m.get("heads") or {}
+    if not isinstance(heads, dict) or not all(isinstance(v, list) for v in heads.values()):
+        raise EmbeddingsError(f"embeddings manifest {path}: 'heads' must map head names to lists "
+                              "of class names")
+    heads = {str(k): [str(c) for c in v] for k, v in heads.items()}
+    return {**m, "layout": layout, "heads": heads}
+
+
+def _read_shards(folder: Path):
+    """Every shard of `folder/shards` as one Arrow table (schema metadata dropped)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    where = folder / "shards"
+    files = sorted(where.glob(SHARD_GLOB)) if where.is_dir() else []
+    if not files:
+        raise EmbeddingsError(f"no embedding shards in {where} (expected {SHARD_GLOB}; did "
+                              "`raycell embed` finish?)")
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f).replace_schema_metadata(None))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise EmbeddingsError(f"cannot read embedding shard {f} ({exc})") from None
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise EmbeddingsError(f"embedding shards in {where} have different columns or types "
+                              f"({exc})") from None
+
+
+def _list_matrix(col, name: str, where: Path) -> np.ndarray:
+    """An Arrow list column (fixed-size or not) as (N, D) float32; ragged rows are an error."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = col.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
+        raise EmbeddingsError(f"column {name!r} in {where} must be a list of floats (layout "
+                              f"'list'), got {t}")
+    if col.null_count:
+        raise EmbeddingsError(f"column {name!r} in {where} has {col.null_count} null row(s)")
+    n = len(col)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    d = int(lengths[0])
+    if (lengths != d).any():
+        bad = int(np.flatnonzero(lengths != d)[0])
+        raise EmbeddingsError(f"column {name!r} in {where} is ragged: row 0 has {d} values but "
+                              f"row {bad} has {int(lengths[bad])}; all embeddings need one length")
+    values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float32).reshape(n, d)
+
+
+def read_embeddings(folder: str | Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """(metadata, X, feature names) of an embeddings folder, every shard read and checked.
+
+    The metadata frame holds every non-feature column in shard order (`Metadata_*`, `Pred_*`,
+    `Prob_*` as one array per cell, `morph_*`); `meta.attrs["manifest"]` is embeddings.json, whose
+    `heads` give the class order. X is float32 (N, D); layout "list" is expanded to
+    `Cells_Embedding_XXXX` names.
+
+    Raises:
+        EmbeddingsError: missing or malformed manifest, no shards, a missing, null, non-finite or
+            ragged feature column, or a row count that differs from the manifest's `n_cells`.
+    """
+    import pyarrow as pa
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    where = folder / "shards"
+    table = _read_shards(folder)
+    feats = manifest["features"]
+    missing = [f for f in feats if f not in table.column_names]
+    if missing:
+        raise EmbeddingsError(f"feature column {missing[0]!r} listed in {folder / MANIFEST} is "
+                              f"missing from the shards in {where} ({len(missing)} of "
+                              f"{len(feats)} missing)")
+    if manifest["layout"] == "list":
+        X = _list_matrix(table.column(feats[0]), feats[0], where)
+        names = [embedding_name(i) for i in range(X.shape[1])]
+    else:
+        X = np.empty((table.num_rows, len(feats)), dtype=np.float32)
+        for j, f in enumerate(feats):
+            col = table.column(f)
+            if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+                raise EmbeddingsError(f"feature column {f!r} in {where} must be numeric, got "
+                                      f"{col.type}")
+            if col.null_count:
+                raise EmbeddingsError(f"feature column {f!r} in {where} has {col.null_count} "
+                                      "null value(s)")
+            X[:, j] = col.to_numpy()
+        names = list(feats)
+    finite = np.isfinite(X).all(axis=0)
+    if not finite.all():
+        raise EmbeddingsError(f"feature {names[int(np.flatnonzero(~finite)[0])]!r} in {where} "
+                              "holds NaN or infinite values")
+    n_cells = manifest.get("n_cells")
+    if isinstance(n_cells, int) and n_cells != table.num_rows:
+        raise EmbeddingsError(f"{where} holds {table.num_rows} rows but {folder / MANIFEST} "
+                              f"records n_cells={n_cells}: shards are missing or were changed")
+    meta = table.drop_columns(feats).to_pandas()
+    meta.attrs["manifest"] = manifest
+    return meta, X, names
+
+
+def select_features(X: np.ndarray, names: list[str], top_k: int = 0,
+                    drop_zero_variance: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Drop constant features, then keep the `top_k` highest-variance ones (0 = all), in order.
+
+    The blog's selection before PCA: a constant feature carries no information, and a standardised
+    PCA would otherwise give it the same weight as an informative one.
+    """
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
+        raise UserError(f"top_k must be an integer >= 0 (0 keeps every feature), got {top_k!r}")
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2 or X.shape[1] != len(names):
+        raise UserError(f"features: X has shape {X.shape} but {len(names)} names were given")
+    keep = np.ones(X.shape[1], dtype=bool)
+    if drop_zero_variance and len(X):
+        keep &= np.ptp(X, axis=0) > 0  # exact: one repeated value, not merely a small variance
+        if not keep.any():
+            raise UserError(f"every one of the {X.shape[1]} features is constant over the "
+                            f"{len(X)} rows: nothing to profile")
+    if top_k and top_k < int(keep.sum()):
+        var = X.astype(np.float64).var(axis=0)
+        var[~keep] = -np.inf
+        keep = np.zeros_like(keep)
+        keep[np.argsort(-var, kind="stable")[:top_k]] = True
+    idx = np.flatnonzero(keep)
+    return X[:, idx], [names[i] for i in idx]
+
+
+def aggregate_wells(meta: pd.DataFrame, X: np.ndarray, names: list[str]) -> pd.DataFrame:
+    """One row per (Metadata_Plate, Metadata_Well), sorted by both, with medians of the features.
+
+    Columns: the plate and well, every other `Metadata_*` column that is constant within every
+    well, `Metadata_Count_Cells`, then the median of each feature (same names, float32). Medians,
+    as pycytominer's default `aggregate`, so a few debris objects do not move a well's profile.
+    """
+    missing = [c for c in (PLATE, WELL) if c not in meta.columns]
+    if missing:
+        raise UserError(f"cannot aggregate wells: the embeddings have no {missing[0]} column")
+    if len(meta) != len(X):
+        raise UserError(f"cannot aggregate wells: {len(meta)} metadata rows but {len(X)} "
+                        "feature rows")
+    keys = [PLATE, WELL]
+    # Keys as strings, so cells whose well id is missing still form one group instead of vanishing.
+    g_keys = pd.DataFrame({k: meta[k].astype("string").fillna("") for k in keys})
+    groups = g_keys.groupby(keys, sort=True).ngroup().to_numpy()
+    order = np.argsort(groups, kind="stable")
+    starts = np.r_[0, np.flatnonzero(np.diff(groups[order])) + 1] if len(order) else order
+    first = order[starts]  # one representative row per well, in well order
+    out = meta.iloc[first][keys].reset_index(drop=True)
+    for c in meta.columns:
+        if not str(c).startswith(META_PREFIX) or c in keys or c == COUNT:
+            continue
+        col = meta[c]
+        if is_list_column(col):  # per-cell arrays cannot be compared within a well
+            continue
+        n_unique = col.astype(object).where(col.notna(), None).groupby(groups).nunique(dropna=False)
+        if (n_unique <= 1).all():
+            out[c] = col.iloc[first].to_numpy()
+    out[COUNT] = np.bincount(groups, minlength=len(first)).astype(np.int64)
+    med = pd.DataFrame(np.asarray(X, dtype=np.float32), columns=list(names)).groupby(groups)
+    return pd.concat([out, med.median().reset_index(drop=True).astype(np.float32)], axis=1)
+
+
+def pca_coordinates(X: np.ndarray, n_components: int, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised PCA: (coordinates as float32, explained variance ratio)."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    Z = StandardScaler().fit_transform(np.asarray(X, dtype=np.float64))
+    pca = PCA(n_components=n_components, random_state=seed)
+    return pca.fit_transform(Z).astype(np.float32), pca.explained_variance_ratio_
+
+
+def reduce(X: np.ndarray, method: str = "pca", n_components: int = 2, seed: int = 0) -> np.ndarray:
+    """Coordinates (N, n_components) of the standardised features by "pca" or "umap".
+
+    UMAP runs on the first 50 principal components, as scanpy does, so that it stays fast on
+    2048-wide ResNet features; it needs the optional umap-learn package (imported only here; its
+    first call in a process compiles numba code, about 20 s).
+    """
+    X = np.asarray(X)
+    if method not in ("pca", "umap"):
+        raise UserError(f"unknown reduction method {method!r} (use 'pca' or 'umap')")
+    if X.ndim != 2:
+        raise UserError(f"features must be a 2-d matrix (cells x features), got shape {X.shape}")
+    limit = min(X.shape) if method == "pca" else X.shape[0] - 1
+    if not 1 <= n_components <= limit:
+        raise UserError(f"{method}: n_components={n_components} is not possible for {X.shape[0]} "
+                        f"rows x {X.shape[1]} features (at most {max(limit, 0)})")
+    if method == "pca":
+        return pca_coordinates(X, n_components, seed)[0]
+    try:
+        import umap
+    except ImportError:
+        raise UserError("UMAP needs the umap-learn package, which is not installed: "
+                        "pip install umap-learn (or use PCA)") from None
+    import warnings
+
+    pcs = pca_coordinates(X, min(50, *X.shape), seed)[0]
+    with warnings.catch_warnings():  # "n_jobs overridden by random_state": wanted (reproducible)
+        warnings.simplefilter("ignore", UserWarning)
+        model = umap.UMAP(n_components=n_components, n_neighbors=min(15, len(X) - 1),
+                          random_state=seed)
+        return np.asarray(model.fit_transform(pcs), dtype=np.float32)
+
+
+def _label(v) -> str | None:
+    """A metadata value as embed names a class (str(value)); None when missing."""
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, np.generic):
+        v = v.item()
+    return str(v)
+
+
+def truth_column(meta: pd.DataFrame, head: str) -> str | None:
+    """The truth column of `head`: `Metadata_<head>`, else its case-insensitive match.
+
+    The AECs' single head `label` is scored against `Metadata_Label` that way.
+    """
+    if META_PREFIX + head in meta.columns:
+        return META_PREFIX + head
+    want = (META_PREFIX + head).lower()
+    return next((str(c) for c in meta.columns if str(c).lower() == want), None)
+
+
+def head_metrics(meta: pd.DataFrame, heads: dict | None = None) -> dict:
+    """Accuracy, balanced accuracy and confusion of every head with `Pred_<h>` and `Metadata_<h>`.
+
+    Truth values are compared as `str(value)` (dose 0.1 -> "0.1", time 24 -> "24"), as embed names
+    the classes. Classes follow `heads` (default: the manifest in `meta.attrs`), with any truth
+    value the head does not know appended; without it they are sorted. Cells missing a truth value
+    or a prediction are left out. Confusion rows are the truth; `chance` is the balanced accuracy
+    of a constant guess (1 / classes present).
+    """
+    if heads is None:
+        heads = (meta.attrs.get("manifest") or {}).get("heads") or {}
+    out = {}
+    for h in head_names(meta):
+        truth_col = truth_column(meta, h)
+        if truth_col is None:
+            continue
+        # Labels per distinct value, then per cell by code: no Python loop over millions of cells.
+        t_codes, t_uniq = pd.factorize(meta[truth_col].astype(object), use_na_sentinel=True)
+        p_codes, p_uniq = pd.factorize(meta[PRED_PREFIX + h].astype(object), use_na_sentinel=True)
+        t_lab = [_label(v) for v in t_uniq]
+        p_lab = [_label(v) for v in p_uniq]
+        known = [str(c) for c in heads.get(h, [])]
+        if known:
+            # An int column read back as float (a null turns int64 into float64): "24.0" -> "24".
+            t_lab = [t[:-2] if t is not None and t.endswith(".0") and t not in known
+                     and t[:-2] in known else t for t in t_lab]
+            classes = known + sorted(set(t_lab) - {None} - set(known))
+        else:
+            classes = sorted((set(t_lab) | set(p_lab)) - {None})
+        ok = (t_codes >= 0) & (p_codes >= 0)
+        ok[ok] &= np.array([t is not None for t in t_lab], bool)[t_codes[ok]]
+        ok[ok] &= np.array([p is not None for p in p_lab], bool)[p_codes[ok]]
+        # A prediction outside the vocabulary (should not happen) still gets a column.
+        used = {p_lab[i] for i in np.unique(p_codes[ok])}
+        classes += sorted(used - set(classes))
+        index = {c: i for i, c in enumerate(classes)}
+        t_idx = np.array([index.get(t, -1) for t in t_lab], np.int64)[t_codes[ok]]
+        p_idx = np.array([index.get(p, -1) for p in p_lab], np.int64)[p_codes[ok]]
+        k = len(classes)
+        conf = np.bincount(t_idx * k + p_idx, minlength=k * k).reshape(k, k).astype(np.int64)
+        n = int(conf.sum())
+        rows = conf.sum(axis=1)
+        present = rows > 0
+        out[h] = {
+            "accuracy": float(np.trace(conf) / n) if n else float("nan"),
+            "balanced_accuracy": float((np.diag(conf)[present] / rows[present]).mean())
+            if n else float("nan"),
+            "chance": 1.0 / int(present.sum()) if n else float("nan"),
+            "classes": classes,
+            "confusion": conf.tolist(),
+            "n": n,
+        }
+    return out
+
+
+def numeric_column(meta: pd.DataFrame, column: str) -> np.ndarray:
+    """A metadata column as float64 (numbers stored as strings are parsed; missing -> NaN)."""
+    if column not in meta.columns:
+        cols = [str(c) for c in meta.columns if str(c).startswith(META_PREFIX)]
+        raise UserError(f"no column {column!r} in the embeddings (metadata columns: "
+                        f"{', '.join(cols)})")
+    col = meta[column]
+    values = pd.to_numeric(col.astype(object).where(col.notna(), None), errors="coerce")
+    bad = col.notna() & values.isna()
+    if bad.any():
+        raise UserError(f"column {column!r} is not numeric (e.g. {col[bad].iloc[0]!r})")
+    return values.to_numpy(dtype=np.float64)
+
+
+def pc1_spearman(meta: pd.DataFrame, X: np.ndarray, column: str) -> float:
+    """|Spearman rho| between the first principal component of X and a numeric metadata column.
+
+    The sign of a principal component is arbitrary, so only the size of rho means anything: 1 when
+    PC1 orders the cells exactly as the column does (e.g. the doses), near 0 when it ignores it.
+    Cells without a value are left out.
+    """
+    from scipy.stats import spearmanr
+
+    y = numeric_column(meta, column)
+    ok = np.isfinite(y)
+    if len(np.unique(y[ok])) < 2:
+        raise UserError(f"column {column!r} needs two different values to rank against PC1")
+    X = np.asarray(X)[ok]
+    if X.shape[0] < 3:
+        raise UserError(f"PC1 vs {column}: needs 3 cells with a value, got {X.shape[0]}")
+    rho = spearmanr(reduce(X, "pca", 1)[:, 0], y[ok]).statistic
+    return float(abs(rho)) if np.isfinite(rho) else float("nan")
