@@ -19,7 +19,7 @@ from raycell.errors import user_errors
 STAGES = {"split": pipeline.run_split, "train": pipeline.run_train, "infer": pipeline.run_infer,
           "infer-z": pipeline.run_infer_z, "evaluate": pipeline.run_evaluate, "ingest": pipeline.run_ingest,
           "demo": pipeline.run_demo, "tune": pipeline.run_tune, "embed": pipeline.run_embed,
-          "export": pipeline.run_export}
+          "export": pipeline.run_export, "report": pipeline.run_report}
 NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune", "embed"}
 
 

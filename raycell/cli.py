@@ -27,6 +27,7 @@ EPILOG = """examples:
   raycell train --config configs/profiling/timedose_resnet18.yaml
   raycell embed --checkpoint runs/profiling-timm-20261201-101500 --data data/timedose
   raycell export --embeddings runs/profiling-timm-20261201-101500/embeddings --out cells.h5ad
+  raycell report runs/profiling-timm-20261201-101500/embeddings   # -> .../report/report.html
   raycell config --defaults > my.yaml             # every key with its default
 """
 
@@ -203,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
           help="add the morph_* shape features, standardised ({key})")
     _flag(s, "--umap", key="export.umap", action="store_const", const=True,
           help="also write UMAP coordinates to obsm['X_umap'] (h5ad; {key})")
+
+    s = sub.add_parser("report", help="one self-contained HTML page (figures embedded, no network) and its "
+                       "PNGs for a run, demo, experiment, tune or embeddings folder")
+    _common(s)
+    _flag(s, "folder", key="report.folder", nargs="?", help="the folder to report on ({key})")
+    _flag(s, "--out", key="report.out", help="report folder ({key}; default FOLDER/report)")
+    _flag(s, "--max-cells", key="report.max_cells", type=int, help="cells per scatter plot ({key})")
 
     s = sub.add_parser("infer-z", help="train the Z-predictor on seen batches; write soft Z for unseen cells")
     _common(s)

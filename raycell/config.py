@@ -322,6 +322,16 @@ class ExportConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The HTML report of a folder (`raycell report`, and the end of `raycell demo`)."""
+
+    folder: str = _f("", "run, demo, experiment, tune or embeddings folder to report on")
+    out: str = _f("", "report folder ('' = <folder>/report); an earlier report there is replaced, any "
+                  "other non-empty folder is refused")
+    max_cells: int = _f(2000, "at most this many cells in each scatter plot (sampled with seed)")
+
+
+@dataclass
 class EvalConfig:
     """Metrics from inference outputs (`raycell evaluate`)."""
 
@@ -392,6 +402,7 @@ class ExperimentConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -491,6 +502,7 @@ _AT_LEAST = {
     "synth.phenotype_strength": 0, "synth.rows_per_shard": 1, "synth.raw_fov_size": 1, "synth.raw_wells": 1,
     "synth.raw_fields": 1, "synth.raw_cells_per_fov": 1, "synth.raw_z": 1, "synth.replicates": 1,
     "synth.effect_strength": 0, "train.layer_decay": 0, "export.top_k": 0,
+    "report.max_cells": 10,
     "data.batch_size": 1, "data.eval_batch_size": 1, "data.shuffle_buffer": 0, "data.prefetch_batches": 0,
     "data.block_size_mb": 1, "loss.recon": 0, "loss.cls": 0, "loss.adv": 0, "loss.cluster_latent": 0,
     "loss.cluster_image": 0, "loss.kl": 0, "train.epochs": 1, "train.weight_decay": 0,
@@ -505,7 +517,7 @@ _AT_LEAST = {
 # Folders and files: URIs (s3://, gs://) are refused with a clear message until they are supported.
 _PATH_KEYS = ["synth.out", "ingest.input", "ingest.out", "ingest.platemap", "data.path", "train.runs_dir",
               "train.resume", "infer.checkpoint", "infer.data", "infer.out", "infer.z_source", "embed.out",
-              "export.embeddings", "export.out", "eval.predictions",
+              "export.embeddings", "export.out", "report.folder", "report.out", "eval.predictions",
               "eval.out", "tune.out", "tune.resume", "demo.out"]
 _POSITIVE = ["tune.trial_cpus", "train.lr", "infer.cpus_per_actor", "infer.z_lr", "ray.connect_timeout_s"]
 

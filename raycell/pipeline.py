@@ -110,6 +110,19 @@ def run_export(cfg: ExperimentConfig) -> dict:
     return s
 
 
+def run_report(cfg: ExperimentConfig) -> dict:
+    """The HTML report of `cfg.report.folder` (no Ray)."""
+    from raycell.config import ConfigError
+    from raycell.report import build_report
+
+    if not cfg.report.folder:
+        raise ConfigError("report needs a folder: raycell report FOLDER (report.folder)")
+    page = build_report(cfg.report.folder, cfg.report.out or None, max_cells=cfg.report.max_cells,
+                        seed=cfg.seed)
+    print(f"[raycell] report: {page}", flush=True)
+    return {"html": str(page)}
+
+
 def run_ingest(cfg: ExperimentConfig) -> dict:
     """Raw images -> crop shards + rejects table (Ray Data, one task per field of view)."""
     from raycell.ingest.driver import run_ingest
@@ -248,10 +261,15 @@ def run_demo(cfg: ExperimentConfig) -> dict:
     summary = {"out": str(out), "seconds": round(time.time() - t0, 1), "models": seen_unseen}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.txt", table + "\n")
+    from raycell.report import build_report  # after summary.json: the report recognises a demo by it
+
+    summary["report"] = str(build_report(out, max_cells=cfg.report.max_cells, seed=cfg.seed))
+    atomic_write_json(out / "summary.json", summary)
     print("\n" + table)
     print(f"\n[raycell] demo finished in {summary['seconds']}s. Everything is under {out}:")
     print(f"  data set      {out / 'data'}")
     for m, s in seen_unseen.items():
         print(f"  {m:<13} run {s['run_dir']}\n  {'':<13} PCA {s['pca_plot']}")
-    print(f"  summary       {out / 'summary.json'}, {out / 'summary.txt'}", flush=True)
+    print(f"  summary       {out / 'summary.json'}, {out / 'summary.txt'}")
+    print(f"  report        {summary['report']}  (open it in a browser)", flush=True)
     return summary

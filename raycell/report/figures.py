@@ -1,0 +1,139 @@
+"""Figures only the report draws: crop grids (per class; originals above reconstructions).
+
+Training curves and the latent PCA come from `raycell.eval.plots`, the embeddings' scatter plots
+and confusion matrices from `raycell.profiling.figures`, so a figure looks the same in the report as
+where it is first made. Everything is saved to a PNG file (matplotlib, Agg).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from raycell.eval.plots import _plt
+
+
+def composite_rgb(imgs: np.ndarray, hi: np.ndarray | None = None) -> np.ndarray:
+    """(N, C, H, W) crops -> (N, H, W, 3) RGB in [0, 1], channels as additive colours.
+
+    The colours and the per-channel 99.5th-percentile stretch are those of `raycell ingest`'s
+    montage (`raycell.ingest.crops.save_montage`), which draws random crops of a whole data set and
+    so cannot group them by class or pair them with reconstructions. `hi` fixes the stretch (to show
+    reconstructions on the same scale as their originals).
+    """
+    from raycell.ingest.crops import _PALETTE
+
+    x = imgs.astype(np.float32)
+    if hi is None:
+        hi = channel_stretch(x)
+    x = np.clip(x / hi[None, :, None, None], 0, 1)
+    if x.shape[1] == 1:
+        rgb = np.repeat(x, 3, axis=1)
+    else:
+        pal = _PALETTE[np.arange(x.shape[1]) % len(_PALETTE)]
+        rgb = np.clip(np.einsum("nchw,ck->nkhw", x, pal), 0, 1)
+    return rgb.transpose(0, 2, 3, 1)
+
+
+def channel_stretch(imgs: np.ndarray) -> np.ndarray:
+    """Per-channel 99.5th percentile of (N, C, H, W) crops (never zero)."""
+    return np.maximum(np.percentile(imgs.astype(np.float32), 99.5, axis=(0, 2, 3)), 1e-6)
+
+
+def _blocks(
+    blocks: list[tuple[str, list[tuple[str, np.ndarray]]]],
+    per_row: int,
+    path: str | Path,
+    title: str,
+) -> Path:
+    """Blocks of labelled crop rows, `per_row` blocks side by side, saved as a PNG.
+
+    Each block is (heading, rows), each row (label, (n, H, W, 3) RGB). Axes are placed in inches
+    (`add_axes`), not by a tight layout, which let the figure title run into the first heading and
+    squeezed the rows of square images together.
+    """
+    plt = _plt()
+    cell, gap, left, top, spacer = 1.1, 0.1, 1.0, 0.55, 0.8  # inches
+    head = 0.3 if any(name for name, _ in blocks) else 0.0
+    n_rows = max(len(rows) for _, rows in blocks)
+    k = max(len(rgb) for _, rows in blocks for _, rgb in rows)
+    bc = min(per_row, len(blocks))
+    br = -(-len(blocks) // bc)
+    block_w, block_h = k * (cell + gap), head + n_rows * (cell + gap)
+    width = left + bc * block_w + (bc - 1) * spacer + 0.1
+    height = top + br * (block_h + 0.15) + 0.1
+    fig = plt.figure(figsize=(width, height))
+    for b, (name, rows) in enumerate(blocks):
+        x0 = left + (b % bc) * (block_w + spacer)
+        y0 = top + (b // bc) * (block_h + 0.15)  # from the top
+        if name:
+            fig.text(
+                x0 / width, 1 - (y0 + head * 0.75) / height, name, fontsize=9, fontweight="bold"
+            )
+        for r, (label, rgb) in enumerate(rows):
+            y = y0 + head + r * (cell + gap) + cell
+            for c in range(len(rgb)):
+                ax = fig.add_axes(
+                    ((x0 + c * (cell + gap)) / width, 1 - y / height, cell / width, cell / height)
+                )
+                ax.imshow(rgb[c], interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for sp in ax.spines.values():
+                    sp.set_visible(False)
+            fig.text(
+                (x0 - 0.1) / width,
+                1 - (y - cell / 2) / height,
+                label,
+                fontsize=8,
+                ha="right",
+                va="center",
+            )
+    fig.suptitle(title, y=1 - 0.12 / height, va="top")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def crops_by_class(
+    imgs: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "", per_class: int = 8
+) -> Path:
+    """A row of up to `per_class` crops for each label value (one shared colour stretch)."""
+    hi = channel_stretch(imgs)
+    rows = []
+    for value in sorted(set(labels.tolist()), key=str):
+        idx = np.flatnonzero(labels == value)[:per_class]
+        rows.append(("", [(str(value), composite_rgb(imgs[idx], hi))]))
+    return _blocks(rows, 1, path, title)
+
+
+def recon_grid(
+    originals: np.ndarray,
+    recons: np.ndarray,
+    batches: np.ndarray,
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Per imaging batch, a row of original crops above a row of their reconstructions.
+
+    Both are (N, C, H, W) floats in [0, 1], shown with the originals' colour stretch, so a
+    washed-out or over-bright reconstruction looks it. Two batches side by side when there are
+    more than two.
+    """
+    hi = channel_stretch(originals)
+    blocks = []
+    for b in sorted(set(batches.tolist()), key=str):
+        idx = np.flatnonzero(batches == b)
+        blocks.append(
+            (
+                str(b),
+                [
+                    ("original", composite_rgb(originals[idx], hi)),
+                    ("reconstr.", composite_rgb(recons[idx], hi)),
+                ],
+            )
+        )
+    return _blocks(blocks, 2 if len(blocks) > 2 else 1, path, title)
