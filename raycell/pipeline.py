@@ -261,7 +261,9 @@ def run_demo(cfg: ExperimentConfig) -> dict:
     summary = {"out": str(out), "seconds": round(time.time() - t0, 1), "models": seen_unseen}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.txt", table + "\n")
-    from raycell.report import build_report  # after summary.json: the report recognises a demo by it
+    from raycell.report import (
+        build_report,  # after summary.json: the report recognises a demo by it
+    )
 
     summary["report"] = str(build_report(out, max_cells=cfg.report.max_cells, seed=cfg.seed))
     atomic_write_json(out / "summary.json", summary)
