@@ -77,6 +77,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per model replica")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="a quarter of the cells")
+    ap.add_argument("--layout", default="columns", choices=["columns", "list"], help="embed.layout")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -103,7 +104,8 @@ def main(argv=None):
         for actors in (1, 2):
             cfg = load_config(None, [f"data.path={d}", f"infer.checkpoint={ck}", f"embed.out={tmp / f'e{size}_{actors}'}",
                                      f"infer.num_actors={actors}", f"data.eval_batch_size={args.batch_size}",
-                                     "ray.progress=false", f"infer.cpus_per_actor={args.threads}"])
+                                     "ray.progress=false", f"infer.cpus_per_actor={args.threads}",
+                                     f"embed.layout={args.layout}"])
             t0 = time.perf_counter()
             embed(cfg)
             r[f"embed_{actors}_actor_cells_per_s"] = n / (time.perf_counter() - t0)
@@ -111,7 +113,7 @@ def main(argv=None):
         r["two_actor_efficiency"] = r["embed_2_actor_cells_per_s"] / (2 * r["embed_1_actor_cells_per_s"])
         rows[f"{args.backbone}@{size}px"] = r
 
-    print(f"\n{args.backbone}, {args.threads} thread(s) per replica, {os.cpu_count()} cores, "
+    print(f"\n{args.backbone}, layout {args.layout}, {args.threads} thread(s) per replica, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'model@size':<18}{'cells':>7}{'plain/s':>10}{'embed 1/s':>11}{'x plain':>9}{'embed 2/s':>11}"
           f"{'2-actor eff':>13}")
@@ -121,10 +123,11 @@ def main(argv=None):
               f"{r['two_actor_efficiency']:>13.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    f = out / f"{time.strftime('%Y%m%d')}_embed.json"
+    f = out / f"{time.strftime('%Y%m%d')}_embed_{args.layout}.json"
     f.write_text(json.dumps({"bench": "embed", "date": time.strftime("%Y-%m-%d %H:%M"),
                              "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-                             "backbone": args.backbone, "threads": args.threads, "results": rows,
+                             "backbone": args.backbone, "threads": args.threads, "layout": args.layout,
+                             "results": rows,
                              "command": "python bench/bench_embed.py " + " ".join(argv or sys.argv[1:])},
                             indent=2))
     print(f"wrote {f}")
