@@ -101,7 +101,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         from raycell.utils.ray_utils import init_ray
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
-                 cfg.ray.connect_timeout_s)
+                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose)
     if args.command == "synth":
         return pipeline.run_synth(cfg, overwrite=args.overwrite)
     if args.command == "experiment":

@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address: host:port, ray://host:port or auto (sets "
                    "ray.address; default: local Ray or RAY_ADDRESS); nothing answering there is an error "
                    "after ray.connect_timeout_s (5 s)")
+    p.add_argument("--verbose", "-v", action="store_true", help="show Ray's own output (workers, Ray Data, "
+                   "Ray Train) on the terminal (sets ray.verbose; default: Ray's log folder, named in the run "
+                   "folder's ray_logs.txt)")
 
 
 def _csv(text: str) -> list[str]:
@@ -274,6 +277,8 @@ def config_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
     out = [(ov, f"--set {ov}") for ov in getattr(args, "overrides", None) or []]
     if getattr(args, "address", None):
         out.append((f"ray.address={args.address}", f"--address {args.address}"))
+    if getattr(args, "verbose", False):
+        out.append(("ray.verbose=true", "--verbose"))
     for dest, (key, flag) in (getattr(args, "flag_keys", None) or {}).items():
         v = getattr(args, dest, None)
         if v is None:

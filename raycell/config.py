@@ -261,6 +261,9 @@ class RayConfig:
     num_cpus: int = _f(0, "logical CPUs for a local Ray (0 = max(4, 2 x cores): reads need slack)")
     object_store_mb: int = _f(0, "object store size for a local Ray (0 = Ray's default)")
     progress: bool = _f(True, "Ray Data progress bars")
+    verbose: bool = _f(False, "show Ray's own output on the terminal (every worker's prints, Ray Data's "
+                       "execution plans, Ray Train's reports); otherwise it stays in Ray's log folder, "
+                       "named in each run folder's ray_logs.txt, and the terminal shows raycell's lines")
     connect_timeout_s: float = _f(5.0, "seconds to wait for a TCP connection to `address` (host:port or "
                                   "ray://host:port) before giving up with an error")
 

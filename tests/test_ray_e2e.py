@@ -85,6 +85,11 @@ def test_cli_end_to_end(ray_local, tmp_path, capsys):
     run(["split", "--data", str(data), *smoke])
     common = smoke
     res = run(["train", "--data", str(data), "--epochs", "1", "--runs-dir", str(runs), *common])
+    # the terminal shows raycell's lines, one per epoch, not Ray's: its logs are named in the run folder
+    shown = capsys.readouterr()
+    assert "[raycell] epoch 1/1  train_loss" in shown.out
+    assert "Execution plan" not in shown.out + shown.err and "RayTrainWorker" not in shown.out + shown.err
+    assert Path((Path(res["run_dir"]) / "ray_logs.txt").read_text().splitlines()[-1]).is_dir()
     run(["infer", "--checkpoint", res["run_dir"], "--data", str(data), *common])
     ev = run(["evaluate", "--predictions", str(Path(res["run_dir"]) / "predictions")])
     out = capsys.readouterr().out

@@ -61,3 +61,55 @@ def read_history(path: str | os.PathLike) -> list[dict]:
 
 
 __all__ = ["HISTORY_FILE", "append_epoch", "read_history"]
+
+
+# Shown per epoch on the terminal (when present): the objective, the model-selection metrics, the time.
+EPOCH_LINE_KEYS = ("train_loss", "val_loss", "val_auroc", "valbatch_auroc", "val_batch_probe")
+
+
+def epoch_line(rec: dict, epochs: int) -> str:
+    """One terminal line for one epoch's metrics, e.g. `epoch 3/6  train_loss 0.0123  val_auroc 0.81  12.3 s`."""
+    parts = [f"epoch {rec['epoch'] + 1}/{epochs}"]
+    for k in EPOCH_LINE_KEYS:
+        v = rec.get(k)
+        if isinstance(v, (int, float)) and v == v:  # skip NaN
+            parts.append(f"{k} {v:.4g}")
+    if isinstance(rec.get("epoch_time_s"), (int, float)):
+        parts.append(f"{rec['epoch_time_s']:.1f} s")
+    return "  ".join(parts)
+
+
+class EpochPrinter:
+    """Prints one line per new epoch of a run's `history.jsonl` while `fit()` runs (a driver thread).
+
+    The workers' own output goes to Ray's logs unless `ray.verbose`; the driver reads the history that
+    rank 0 writes (the run folder is the driver's), so the terminal shows the epochs and nothing else.
+    """
+
+    def __init__(self, path: str | os.PathLike, epochs: int, prefix: str = "[raycell] ",
+                 interval_s: float = 1.0):
+        import threading
+
+        self.path, self.epochs, self.prefix, self.interval_s = Path(path), epochs, prefix, interval_s
+        self.shown = {r["epoch"] for r in read_history(self.path)}  # a resumed run: only new epochs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raycell-epochs", daemon=True)
+
+    def _poll(self) -> None:
+        for rec in read_history(self.path):
+            if rec["epoch"] not in self.shown:
+                self.shown.add(rec["epoch"])
+                print(self.prefix + epoch_line(rec, self.epochs), flush=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._poll()
+
+    def __enter__(self) -> "EpochPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._poll()  # the last epoch, written just before fit() returned

@@ -22,7 +22,8 @@ from raycell.errors import UserError
 from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
 from raycell.formats.spec import DataSpec
-from raycell.train.history import HISTORY_FILE, read_history
+from raycell.train.history import HISTORY_FILE, EpochPrinter, read_history
+from raycell.utils.ray_utils import link_ray_logs
 from raycell.utils.io import atomic_write_json, atomic_write_text, new_run_dir
 
 # Keys a resumed run may change (prefixes end with "."): how long and where it runs, not what it learns.
@@ -314,7 +315,12 @@ def train(cfg: ExperimentConfig) -> dict:
         run_dir = new_run_dir(cfg.train.runs_dir, f"{cfg.name}-{cfg.model.type}")
         save_config(cfg, run_dir / "config.yaml")
     print(f"[raycell] training {cfg.model.type} on {ds.root} -> {run_dir}", flush=True)
-    result = fit_or_explain(build_trainer(cfg, run_dir, setup, ds), cfg, run_dir)
+    link_ray_logs(run_dir)
+    if cfg.ray.verbose:  # the workers print their own epoch lines (and everything else)
+        result = fit_or_explain(build_trainer(cfg, run_dir, setup, ds), cfg, run_dir)
+    else:
+        with EpochPrinter(run_dir / HISTORY_FILE, cfg.train.epochs):
+            result = fit_or_explain(build_trainer(cfg, run_dir, setup, ds), cfg, run_dir)
     if cfg.train.resume:  # the record changes only when the resumed run succeeded (e.g. more epochs)
         save_config(cfg, run_dir / "config.yaml")
     history = run_history(run_dir, result)

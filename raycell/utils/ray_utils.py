@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from raycell.errors import ConfigError
 
@@ -77,24 +78,32 @@ def check_reachable(address: str, timeout_s: float = 5.0, source: str = "ray.add
 
 
 def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, progress: bool = True,
-             connect_timeout_s: float = 5.0) -> None:
+             connect_timeout_s: float = 5.0, verbose: bool = False) -> None:
     """Join a cluster (`address`, or RAY_ADDRESS as under `ray job submit`) or start a private local Ray.
 
     A local Ray gets more logical CPUs than the machine has (max(4, 2 x cores)): Ray Data read tasks need
     CPU slots while train workers hold theirs, and on 2 cores they otherwise starve and `fit()` hangs.
     An address with nothing listening fails within `connect_timeout_s` (ConfigError) instead of hanging.
+    `verbose` False (the CLI's default, `ray.verbose`): the workers' output and Ray's INFO logs stay in
+    Ray's log folder (`ray_logs_dir()`, named in each run folder's ray_logs.txt) instead of the terminal.
     """
+    import logging
+
     import ray
 
     for k, v in _QUIET_ENV.items():
         os.environ.setdefault(k, v)
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # a private local instance: no token to share with anyone (an explicit value also stops the
+        # "Token authentication is enabled" warning); a cluster's own setting is never overridden
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         source = "ray.address" if address else "RAY_ADDRESS"
         addr = address or os.environ.get("RAY_ADDRESS", "")
         if addr:
             check_reachable(addr, connect_timeout_s, source)
             try:
-                ray.init(address=addr, log_to_driver=True)
+                ray.init(address=addr, log_to_driver=verbose)
             except ConnectionError as exc:  # e.g. `auto` with no Ray running on this machine
                 raise ConfigError(f"{source} {addr}: {str(exc).splitlines()[0]}") from None
         else:
@@ -104,9 +113,45 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
                 kw["object_store_memory"] = object_store_mb << 20
             # address="local": always a private instance. A bare ray.init() would join any `ray start`
             # cluster on this machine (or a stale one named in /tmp/ray/ray_current_cluster) instead.
-            ray.init(address="local", **kw)
+            ray.init(address="local", log_to_driver=verbose, **kw)
     import ray.data
 
+    if not verbose:
+        # Driver-side INFO lines (Ray Data's per-execution plans and progress logs, Train and Tune
+        # status): after `import ray.data`, which configures its loggers; they stay in Ray Data's own
+        # log file (ray-data.log in the session logs).
+        for name in ("ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
+
+
+def ray_logs_dir() -> Path | None:
+    """This driver's Ray log folder (session logs: every worker's output, Ray Data's log), or None."""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # no public API for the session folder in 2.60
+        return Path(node.get_logs_dir_path()) if ray.is_initialized() and node is not None else None
+    except Exception:  # noqa: BLE001 - only a convenience link
+        return None
+
+
+def link_ray_logs(run_dir: str | os.PathLike) -> Path | None:
+    """Write `<run_dir>/ray_logs.txt`: where Ray keeps this session's logs (what the workers printed).
+
+    A text file, not a symlink: copying a run folder must not copy (or trip over) Ray's live logs.
+    """
+    from raycell.utils.io import atomic_write_text
+
+    logs = ray_logs_dir()
+    if logs is None:
+        return None
+    f = Path(run_dir) / "ray_logs.txt"
+    try:
+        atomic_write_text(f, f"Ray's logs of the session that ran this (every worker's output; Ray Data: "
+                             f"ray-data.log; they are not copied here):\n{logs}\n")
+    except OSError:
+        return None
+    return f
