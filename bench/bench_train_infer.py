@@ -29,6 +29,8 @@ def main(argv=None):
     ap.add_argument("--cells", type=int, default=3000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--materialize", default="auto", choices=["auto", "always", "never"],
+                    help="data.materialize of the Ray Train run (never = stream the shards every epoch)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
 
@@ -53,7 +55,8 @@ def main(argv=None):
     split_dataset(str(tmp / "d"))
     threads = os.cpu_count() or 1
     over = [f"data.path={tmp / 'd'}", f"model.preset={args.preset}", f"train.epochs={args.epochs}",
-            f"train.runs_dir={tmp / 'runs'}", "ray.progress=false", f"train.torch_threads={threads}"]
+            f"train.runs_dir={tmp / 'runs'}", "ray.progress=false", f"train.torch_threads={threads}",
+            f"data.materialize={args.materialize}"]
     cfg = load_config(None, over)
 
     # (a) plain loop, in-process
@@ -105,9 +108,10 @@ def main(argv=None):
         print(f"{k:<28}{r['cells_per_s']:>10.0f}{r.get('ratio_vs_plain', 1.0):>9.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    f = out / f"{time.strftime('%Y%m%d')}_train_infer.json"
+    f = out / f"{time.strftime('%Y%m%d')}_train_infer_{args.materialize}.json"
     f.write_text(json.dumps({"bench": "train_infer", "date": time.strftime("%Y-%m-%d %H:%M"),
                              "cpu_count": os.cpu_count(), "cells": args.cells, "preset": args.preset,
+                             "materialize": args.materialize, "load_average": os.getloadavg(),
                              "results": rows, "command": "python bench/bench_train_infer.py "
                              + " ".join(argv or sys.argv[1:])}, indent=2))
     print(f"wrote {f}")

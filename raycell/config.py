@@ -168,6 +168,9 @@ class DataConfig:
                            "each epoch's order (and the model's random draws) depends only on the seed and the epoch, so a run restarted "
                            "after a failure sees the same batches as an undisturbed one (Ray Data then keeps "
                            "block order: slightly slower; exact with one worker)")
+    materialize: str = _f("auto", "hold the training and validation splits in Ray's object store, read once "
+                          "(always), stream them from the shards every epoch (never), or auto: hold them "
+                          "when they take at most a quarter of the object store")
     heads: list = _f([], "weak-label columns, one classification head each, for model types with heads "
                      "(timm), e.g. [time, dose]: any metadata column of the crop shards; numeric columns "
                      "are ordered numerically (ordinal classes); empty = the label column")
@@ -452,6 +455,8 @@ class ExperimentConfig:
             raise ConfigError(f"export.level must be cell or well, got {self.export.level!r}")
         if self.export.umap and self.export.format != "h5ad":
             raise ConfigError("export.umap: UMAP coordinates are written to h5ad only (obsm['X_umap'])")
+        if self.data.materialize not in ("auto", "always", "never"):
+            raise ConfigError(f"data.materialize must be auto, always or never, got {self.data.materialize!r}")
         if self.embed.layout not in ("columns", "list"):
             raise ConfigError(f"embed.layout must be columns or list, got {self.embed.layout!r}")
         if self.loss.heads not in ("softmax", "multilabel"):

@@ -1,4 +1,4 @@
-"""What the terminal shows during training: one line per epoch, read from history.jsonl by the driver."""
+"""What the terminal shows during training (one line per epoch, from history.jsonl), and the data-path choice."""
 
 import time
 
@@ -21,3 +21,16 @@ def test_epoch_printer_prints_each_new_epoch_once(tmp_path, capsys):
         append_epoch(hist, {"epoch": 2, "train_loss": 0.25})  # written just before fit() returns
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln]
     assert lines == ["[raycell] epoch 2/3  train_loss 0.5", "[raycell] epoch 3/3  train_loss 0.25"]
+
+
+def test_materialize_auto_holds_small_splits_and_streams_large_ones(tiny_data):
+    from raycell.data.dataset import choose_materialize, split_nbytes
+    from raycell.formats.shards import open_dataset
+
+    ds = open_dataset(tiny_data)
+    need = split_nbytes(ds, "train") + split_nbytes(ds, "val")
+    assert split_nbytes(ds, "train") >= ds.manifest["counts_per_split"]["train"] * 2 * 32 * 32
+    assert choose_materialize(ds, ("train", "val"), "auto", store_bytes=8 * need)  # fits: held
+    assert not choose_materialize(ds, ("train", "val"), "auto", store_bytes=2 * need)  # > 1/4: streamed
+    assert choose_materialize(ds, ("train",), "always", store_bytes=0)
+    assert not choose_materialize(ds, ("train",), "never", store_bytes=1e12)

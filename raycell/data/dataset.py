@@ -48,8 +48,30 @@ class CropCollate(ArrowBatchCollateFn):
         return collate_crops(t, self.spec, self.labels, self.batches, self.heads)
 
 
+def split_nbytes(ds: ShardDataset, split: str, columns: list[str] | None = None) -> int:
+    """Bytes a split takes in memory, estimated from the manifest: crops plus ~64 bytes per other column."""
+    c, h, w = ds.shape
+    per_row = c * h * w * (2 if ds.dtype == "uint16" else 1) + 64 * len(columns or TRAIN_COLUMNS)
+    return int(ds.manifest.get("counts_per_split", {}).get(split, 0)) * per_row
+
+
+def choose_materialize(ds: ShardDataset, splits: tuple[str, ...], mode: str, store_bytes: float,
+                       columns: list[str] | None = None, fraction: float = 0.25) -> bool:
+    """Whether to hold the splits in Ray's object store (`data.materialize`: auto, always, never).
+
+    auto: when all of them take at most `fraction` of the object store. Materialised, an epoch streams
+    blocks already in memory instead of reading and filtering every shard again (Ray Data re-executes
+    the whole read -> filter pipeline each epoch); data that does not fit is streamed as before.
+    """
+    if mode in ("always", "never"):
+        return mode == "always"
+    need = sum(split_nbytes(ds, s, columns) for s in splits)
+    return need <= fraction * store_bytes
+
+
 def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
-                 columns: list[str] | None = None, block_size_mb: int = 8, shuffle_seed: int = -1) -> dict:
+                 columns: list[str] | None = None, block_size_mb: int = 8, shuffle_seed: int = -1,
+                 materialize: bool = False) -> dict:
     """One Ray Dataset per split, streaming the shards (file order shuffled for the training split).
 
     Small data sets need small blocks: Ray 2.60 packs files into 128 MiB blocks by default, and a data set
@@ -58,6 +80,8 @@ def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
     workers in the same order every epoch and every run; the loop then varies the order per epoch with a
     local shuffle seeded by (seed, epoch), which a restarted run reproduces (Ray's own per-execution
     reseeding would not: its counter starts again after a restart).
+    `materialize`: read and filter each split once into the object store (`choose_materialize`); the
+    training split's block order is still randomised every epoch (on blocks in memory).
     """
     import ray.data
 
@@ -76,6 +100,8 @@ def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
         rd = ray.data.read_parquet(ds.shard_paths, shuffle=shuffle)
         rd = rd.select_columns(list(dict.fromkeys((columns or TRAIN_COLUMNS) + [K.SPLIT])))
         rd = rd.filter(expr=f"{K.SPLIT} == '{name}'").drop_columns([K.SPLIT])
+        if materialize:
+            rd = rd.materialize()
         out[name] = rd.randomize_block_order() if name == K.TRAIN and not seeded else rd
     return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig, save_config
 from raycell.data.augment import parse_augment
-from raycell.data.dataset import ray_datasets
+from raycell.data.dataset import choose_materialize, ray_datasets, split_nbytes
 from raycell.errors import UserError
 from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
@@ -222,8 +222,16 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
     from raycell.train.loop import make_collate, train_loop_per_worker
 
     splits = (K.TRAIN, K.VAL, K.VALBATCH) if setup.get("valbatch") else (K.TRAIN, K.VAL)
-    datasets = ray_datasets(ds, splits, columns=make_collate(setup).columns,
-                            block_size_mb=cfg.data.block_size_mb, shuffle_seed=cfg.data.shuffle_seed)
+    import ray
+
+    columns = make_collate(setup).columns
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    held = choose_materialize(ds, splits, cfg.data.materialize, store, columns)
+    print(f"[raycell] data: {'held in the object store (read once)' if held else 'streamed from the shards every epoch'} "
+          f"({sum(split_nbytes(ds, s, columns) for s in splits) / 2**20:.0f} MiB for {', '.join(splits)}; "
+          f"object store {store / 2**30:.1f} GiB; data.materialize={cfg.data.materialize})", flush=True)
+    datasets = ray_datasets(ds, splits, columns=columns, block_size_mb=cfg.data.block_size_mb,
+                            shuffle_seed=cfg.data.shuffle_seed, materialize=held)
     sc = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
