@@ -163,6 +163,11 @@ def fault_drill(run_dir: Path, steps: int) -> None:
     marker = run_dir / CHAOS_MARKER
     if marker.exists():
         return
+    # Ray Train collects reports when its controller polls the workers (every
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s): a crash less than one poll after a report loses that
+    # report and its checkpoint, and the epoch is re-run (the history keeps its last run). Wait two
+    # polls, so that the drill checks the recovery from the last checkpoint, as a crash minutes later would.
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) + 0.5)
     marker.write_text(f"fired after {steps} steps at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     print(f"[raycell] fault drill: rank 0 exits abruptly after {steps} steps (train.chaos_kill_after_steps)",
           flush=True)
