@@ -13,9 +13,9 @@ from raycell.formats.shards import ShardError, open_dataset
 
 
 def _table(folder: Path):
-    import pyarrow as pa
+    from raycell.formats.predictions import read_predictions
 
-    return pa.concat_tables([pq.read_table(f) for f in sorted((folder / "shards").glob("*.parquet"))])
+    return read_predictions(folder)  # every shard of <folder>/shards, as embed and infer write them
 
 
 @pytest.fixture(scope="module")

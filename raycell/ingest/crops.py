@@ -169,6 +169,25 @@ _PALETTE = np.array(
 )
 
 
+def composite_rgb(imgs: np.ndarray, hi: np.ndarray | None = None) -> np.ndarray:
+    """(N, C, H, W) crops -> (N, H, W, 3) RGB in [0, 1], channels as additive colours (`_PALETTE`).
+
+    Each channel is divided by `hi` (default: its 99.5th percentile over these crops); one channel is
+    grey. Shared by the ingest montage and the report's crop grids, which pass one `hi` to show
+    reconstructions on their originals' scale.
+    """
+    x = imgs.astype(np.float32)
+    if hi is None:
+        hi = np.maximum(np.percentile(x, 99.5, axis=(0, 2, 3)), 1e-6)
+    x = np.clip(x / hi[None, :, None, None], 0, 1)
+    if x.shape[1] == 1:
+        rgb = np.repeat(x, 3, axis=1)
+    else:
+        pal = _PALETTE[np.arange(x.shape[1]) % len(_PALETTE)]
+        rgb = np.clip(np.einsum("nchw,ck->nkhw", x, pal), 0, 1)
+    return rgb.transpose(0, 2, 3, 1)
+
+
 def save_montage(dataset: str, out_png: str, n: int = 64, seed: int = 0, columns: int = 8) -> dict:
     """Write a grid of `n` random crops of a data set as an RGB PNG (channels as additive colours).
 
@@ -187,17 +206,10 @@ def save_montage(dataset: str, out_png: str, n: int = 64, seed: int = 0, columns
     table = pa.concat_tables(tables)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(table.num_rows, min(n, table.num_rows), replace=False))
-    imgs = decode_images(table.take(idx), ds.shape, ds.dtype).astype(np.float32)
-    hi = np.maximum(np.percentile(imgs, 99.5, axis=(0, 2, 3)), 1e-6)
-    x = np.clip(imgs / hi[None, :, None, None], 0, 1)
-    if x.shape[1] == 1:
-        rgb = np.repeat(x, 3, axis=1)
-    else:
-        pal = _PALETTE[np.arange(x.shape[1]) % len(_PALETTE)]
-        rgb = np.clip(np.einsum("nchw,ck->nkhw", x, pal), 0, 1)
+    rgb = composite_rgb(decode_images(table.take(idx), ds.shape, ds.dtype))
     k = len(rgb)
     grid = montage(
-        rgb.transpose(0, 2, 3, 1),
+        rgb,
         fill=(1.0, 1.0, 1.0),  # white
         grid_shape=(-(-k // columns), columns),
         padding_width=2,

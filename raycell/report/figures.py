@@ -12,28 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from raycell.eval.plots import _plt
-
-
-def composite_rgb(imgs: np.ndarray, hi: np.ndarray | None = None) -> np.ndarray:
-    """(N, C, H, W) crops -> (N, H, W, 3) RGB in [0, 1], channels as additive colours.
-
-    The colours and the per-channel 99.5th-percentile stretch are those of `raycell ingest`'s
-    montage (`raycell.ingest.crops.save_montage`), which draws random crops of a whole data set and
-    so cannot group them by class or pair them with reconstructions. `hi` fixes the stretch (to show
-    reconstructions on the same scale as their originals).
-    """
-    from raycell.ingest.crops import _PALETTE
-
-    x = imgs.astype(np.float32)
-    if hi is None:
-        hi = channel_stretch(x)
-    x = np.clip(x / hi[None, :, None, None], 0, 1)
-    if x.shape[1] == 1:
-        rgb = np.repeat(x, 3, axis=1)
-    else:
-        pal = _PALETTE[np.arange(x.shape[1]) % len(_PALETTE)]
-        rgb = np.clip(np.einsum("nchw,ck->nkhw", x, pal), 0, 1)
-    return rgb.transpose(0, 2, 3, 1)
+from raycell.ingest.crops import composite_rgb  # the montage's colours: one implementation
 
 
 def channel_stretch(imgs: np.ndarray) -> np.ndarray:

@@ -23,8 +23,8 @@ from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
 from raycell.formats.spec import DataSpec
 from raycell.train.history import HISTORY_FILE, EpochPrinter, read_history
-from raycell.utils.ray_utils import link_ray_logs
 from raycell.utils.io import atomic_write_json, atomic_write_text, new_run_dir
+from raycell.utils.ray_utils import link_ray_logs
 
 # Keys a resumed run may change (prefixes end with "."): how long and where it runs, not what it learns.
 RESUME_MAY_CHANGE = ("train.epochs", "train.max_failures", "train.checkpoints_to_keep", "train.log_every",
