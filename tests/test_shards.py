@@ -95,3 +95,29 @@ def test_writer_rejects_bad_input(tmp_path):
     with pytest.raises(ShardError, match="already holds a data set"):
         ShardWriter(root, ["a"])
     shutil.rmtree(root)
+
+
+def test_parts_written_apart_give_the_writers_manifest(tmp_path):
+    """Shards written by separate processes (write_shard_file) + one ManifestBuilder == one ShardWriter."""
+    from raycell.formats.shards import ManifestBuilder, write_shard_file
+
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 255, (40, 2, 6, 6), dtype=np.uint8)
+    meta = _meta(40)
+    w = ShardWriter(tmp_path / "one", ["a", "b"], rows_per_shard=16)
+    w.add(imgs, meta)
+    one = w.close(params={"p": 1})
+    (tmp_path / "two" / K.SHARD_DIR).mkdir(parents=True)
+    parts = [write_shard_file(tmp_path / "two", f"part-{i:05d}.parquet", imgs[s:s + 16], meta[s:s + 16])
+             for i, s in enumerate(range(0, 40, 16))]
+    b = ManifestBuilder(tmp_path / "two", ["a", "b"])
+    for part in parts:
+        b.add(part)
+    two = b.write(params={"p": 1})
+    for k in ("n_cells", "label_vocab", "batch_vocab", "counts_per_split", "counts_per_batch", "channel_stats",
+              "shards", "weak_label_columns", "crop_size", "dtype"):
+        assert one[k] == two[k], k
+    np.testing.assert_array_equal(open_dataset(tmp_path / "two", check=True).load_images()[0], imgs)
+    other = write_shard_file(tmp_path / "two", "odd.parquet", np.zeros((2, 2, 5, 6), np.uint8), meta[:2])
+    with pytest.raises(ShardError, match="odd.parquet.*differs"):
+        b.add(other)

@@ -165,11 +165,110 @@ def _meta_to_arrow(meta: pd.DataFrame) -> pa.Table:
     return t
 
 
+def shard_table(images: np.ndarray, meta: pd.DataFrame) -> pa.Table:
+    """One shard's Arrow table: the metadata columns, then the image bytes and their declared shape/dtype."""
+    c, h, w = images.shape[1:]
+    table = _meta_to_arrow(meta)
+    n = len(meta)
+    return (table.append_column(K.IMAGE, encode_images(images))
+            .append_column(K.HEIGHT, pa.array(np.full(n, h, np.int32)))
+            .append_column(K.WIDTH, pa.array(np.full(n, w, np.int32)))
+            .append_column(K.CHANNELS, pa.array(np.full(n, c, np.int32)))
+            .append_column(K.DTYPE, pa.array([str(images.dtype)] * n)))
+
+
+def summarize_meta(meta: pd.DataFrame) -> dict:
+    """What the manifest needs from a shard's metadata: row count, columns and the value counts of the
+    split, batch, label and group columns. Small and mergeable, so the process that writes the manifest
+    never holds every cell's metadata (tasks writing their own shards send only this)."""
+    return {"n": int(len(meta)),
+            "columns": [c for c in meta.columns if not c.startswith(K.MORPH_PREFIX)],
+            "counts": {col: {str(k): int(v) for k, v in meta[col].astype(str).value_counts().items()}
+                       for col in (K.SPLIT, K.BATCH, K.LABEL, K.GROUP) if col in meta.columns}}
+
+
+def write_shard_file(out_dir: str | os.PathLike, name: str, images: np.ndarray, meta: pd.DataFrame) -> dict:
+    """Write `<out_dir>/shards/<name>` atomically and return its part record for `ManifestBuilder.add`.
+
+    Callable from any process (a Ray task writes where it computes); the record carries the shard's row
+    count, crop shape and dtype, its exact per-channel histograms (sparse: only non-empty bins) and
+    `summarize_meta` of its rows.
+    """
+    if images.ndim != 4 or len(images) != len(meta):
+        raise ShardError(f"shard {name}: images must be (N, C, H, W) with one metadata row each, got "
+                         f"{images.shape} and {len(meta)} rows")
+    if images.dtype not in (np.uint8, np.uint16):
+        raise ShardError(f"shard {name}: images must be uint8 or uint16, got {images.dtype}")
+    atomic_write_parquet(shard_table(images, meta), Path(out_dir) / K.SHARD_DIR / name)
+    stats = ChannelStats(images.shape[1], images.dtype)
+    stats.update(images)
+    hist = []
+    for h in stats.hist:
+        nz = np.flatnonzero(h)
+        hist.append((nz.astype(np.int32), h[nz]))
+    return {"file": f"{K.SHARD_DIR}/{name}", "rows": int(len(meta)), "shape": list(images.shape[1:]),
+            "dtype": str(images.dtype), "hist": hist, "meta": summarize_meta(meta)}
+
+
+class ManifestBuilder:
+    """Gathers shard part records (from `write_shard_file`, in any process) into the manifest.
+
+    Checks that every part has the same crop shape and dtype; the shards are listed in the order added.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, channel_names: list[str]):
+        self.out = Path(out_dir)
+        self.channel_names = list(channel_names)
+        self.shards: list[dict] = []
+        self.shape: tuple[int, int, int] | None = None
+        self.dtype: np.dtype | None = None
+        self.stats: ChannelStats | None = None
+        self.n = 0
+        self.columns: dict[str, None] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def add(self, part: dict) -> None:
+        """Account for one written shard."""
+        shape, dtype = tuple(part["shape"]), np.dtype(part["dtype"])
+        if shape[0] != len(self.channel_names):
+            raise ShardError(f"{part['file']}: {shape[0]} channels but names {self.channel_names}")
+        if self.shape is None:
+            self.shape, self.dtype = shape, dtype
+            self.stats = ChannelStats(shape[0], dtype)
+        elif shape != self.shape or dtype != self.dtype:
+            raise ShardError(f"{part['file']}: crop shape {shape} {dtype} differs from the data set's "
+                             f"{self.shape} {self.dtype}")
+        for ch, (idx, cnt) in enumerate(part["hist"]):
+            self.stats.hist[ch, np.asarray(idx, np.int64)] += np.asarray(cnt, np.int64)
+        meta = part["meta"]
+        self.n += meta["n"]
+        self.columns.update(dict.fromkeys(meta["columns"]))
+        for col, vc in meta["counts"].items():
+            acc = self.counts.setdefault(col, {})
+            for k, v in vc.items():
+                acc[k] = acc.get(k, 0) + v
+        self.shards.append({"file": part["file"], "rows": part["rows"]})
+
+    def write(self, params: dict | None = None, extra: dict | None = None) -> dict:
+        """Write the manifest (atomically, last: a folder with a manifest is complete) and return it."""
+        if not self.shards:
+            raise ShardError(f"no cells were written to {self.out}")
+        for col in (K.BATCH, K.LABEL):
+            if col not in self.counts:
+                raise ShardError(f"{self.out}: the shards have no '{col}' column")
+        manifest = build_manifest(self.n, list(self.columns), self.counts, self.shards, self.channel_names,
+                                  self.shape, str(self.dtype), self.stats.summary(self.channel_names),
+                                  params or {}, extra or {})
+        atomic_write_json(self.out / K.MANIFEST, manifest)
+        return manifest
+
+
 class ShardWriter:
     """Write crops + metadata into a data set folder, `rows_per_shard` rows per parquet file.
 
     Shards are written atomically as they fill; the manifest is written last by `close`, so a folder with
-    a manifest is complete.
+    a manifest is complete. For shards written by many processes use `write_shard_file` in each and one
+    `ManifestBuilder` in the driver.
     """
 
     def __init__(self, out_dir: str | os.PathLike, channel_names: list[str], rows_per_shard: int = 1000,
@@ -191,12 +290,13 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self._pending: list[tuple[np.ndarray, pd.DataFrame]] = []
         self._npending = 0
-        self.shards: list[dict] = []
-        self.shape: tuple[int, int, int] | None = None
-        self.dtype: np.dtype | None = None
-        self.stats: ChannelStats | None = None
-        self.meta_parts: list[pd.DataFrame] = []
+        self.builder = ManifestBuilder(self.out, self.channel_names)
         self._ids: set[str] = set()
+
+    @property
+    def shards(self) -> list[dict]:
+        """The shards written so far ({"file", "rows"})."""
+        return self.builder.shards
 
     def add(self, images: np.ndarray, meta: pd.DataFrame) -> None:
         """Queue a batch of crops (N, C, H, W) with one metadata row each (must include cell_id, batch, label)."""
@@ -207,12 +307,13 @@ class ShardWriter:
             raise ShardError(f"add(): images must be uint8 or uint16, got {images.dtype}")
         if images.shape[1] != len(self.channel_names):
             raise ShardError(f"add(): {images.shape[1]} channels but names {self.channel_names}")
-        if self.shape is None:
-            self.shape, self.dtype = tuple(images.shape[1:]), images.dtype
-            self.stats = ChannelStats(self.shape[0], self.dtype)
-        elif tuple(images.shape[1:]) != self.shape or images.dtype != self.dtype:
+        b = self.builder
+        first = self._pending[0][0] if self._pending else None
+        shape = b.shape or (tuple(first.shape[1:]) if first is not None else None)
+        dtype = b.dtype or (first.dtype if first is not None else None)
+        if shape is not None and (tuple(images.shape[1:]) != shape or images.dtype != dtype):
             raise ShardError(f"add(): crop shape {images.shape[1:]} {images.dtype} differs from the data "
-                             f"set's {self.shape} {self.dtype}")
+                             f"set's {shape} {dtype}")
         for col in (K.CELL_ID, K.BATCH, K.LABEL):
             if col not in meta.columns:
                 raise ShardError(f"add(): metadata is missing column '{col}'")
@@ -221,7 +322,6 @@ class ShardWriter:
         if dup:
             raise ShardError(f"add(): duplicate cell_id {dup[0]!r}")
         self._ids.update(ids)
-        self.stats.update(images)
         self._pending.append((images, meta))
         self._npending += len(meta)
         while self._npending >= self.rows_per_shard:
@@ -238,58 +338,40 @@ class ShardWriter:
 
     def write_shard(self, images: np.ndarray, meta: pd.DataFrame) -> None:
         """Write one shard file now (atomic)."""
-        c, h, w = images.shape[1:]
-        table = _meta_to_arrow(meta)
-        n = len(meta)
-        table = (table.append_column(K.IMAGE, encode_images(images))
-                 .append_column(K.HEIGHT, pa.array(np.full(n, h, np.int32)))
-                 .append_column(K.WIDTH, pa.array(np.full(n, w, np.int32)))
-                 .append_column(K.CHANNELS, pa.array(np.full(n, c, np.int32)))
-                 .append_column(K.DTYPE, pa.array([str(images.dtype)] * n)))
-        name = f"part-{len(self.shards):05d}.parquet"
-        atomic_write_parquet(table, self.out / K.SHARD_DIR / name)
-        self.shards.append({"file": f"{K.SHARD_DIR}/{name}", "rows": n})
-        self.meta_parts.append(meta.drop(columns=[c for c in meta.columns if c.startswith(K.MORPH_PREFIX)]))
+        name = f"part-{len(self.builder.shards):05d}.parquet"
+        self.builder.add(write_shard_file(self.out, name, images, meta))
 
     def close(self, params: dict | None = None, extra: dict | None = None) -> dict:
         """Flush the last shard, write the manifest, return it."""
         if self._npending:
             self._flush(self._npending)
-        if not self.shards:
-            raise ShardError(f"no cells were written to {self.out}")
-        meta = pd.concat(self.meta_parts, ignore_index=True)
-        manifest = build_manifest(meta, self.shards, self.channel_names, self.shape, str(self.dtype),
-                                  self.stats.summary(self.channel_names), params or {}, extra or {})
-        atomic_write_json(self.out / K.MANIFEST, manifest)
-        return manifest
+        return self.builder.write(params, extra)
 
 
-def _vocab(series: pd.Series) -> list[str]:
-    return sorted(series.astype(str).unique().tolist())
+def build_manifest(n_cells: int, columns: list[str], counts: dict[str, dict[str, int]], shards: list[dict],
+                   channel_names: list[str], shape: tuple[int, int, int], dtype: str, channel_stats: dict,
+                   params: dict, extra: dict) -> dict:
+    """The manifest (SPEC): schema version, channels, crop size, vocabularies, counts, stats, provenance.
 
-
-def build_manifest(meta: pd.DataFrame, shards: list[dict], channel_names: list[str],
-                   shape: tuple[int, int, int], dtype: str, channel_stats: dict, params: dict,
-                   extra: dict) -> dict:
-    """The manifest (SPEC): schema version, channels, crop size, vocabularies, counts, stats, provenance."""
-    split = meta[K.SPLIT].astype(str) if K.SPLIT in meta else pd.Series([""] * len(meta))
-    counts = {k if k else "unassigned": int(v) for k, v in split.value_counts().sort_index().items()}
-    weak = [c for c in meta.columns if c not in K.METADATA_COLUMNS and c != K.CELL_ID
+    `columns` and `counts` (value counts of split, batch, label, group) come from `summarize_meta`.
+    """
+    split = counts.get(K.SPLIT) or {K.UNASSIGNED: n_cells}
+    weak = [c for c in columns if c not in K.METADATA_COLUMNS and c != K.CELL_ID
             and not c.startswith(K.MORPH_PREFIX)]
     m = {
         "schema_version": K.SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "n_cells": int(len(meta)),
+        "n_cells": int(n_cells),
         "channel_names": list(channel_names),
         "channels": int(shape[0]),
         "crop_size": [int(shape[1]), int(shape[2])],
         "dtype": dtype,
-        "label_vocab": _vocab(meta[K.LABEL]),
-        "batch_vocab": _vocab(meta[K.BATCH]),
-        "group_vocab": _vocab(meta[K.GROUP]) if K.GROUP in meta else [],
+        "label_vocab": sorted(counts[K.LABEL]),
+        "batch_vocab": sorted(counts[K.BATCH]),
+        "group_vocab": sorted(counts.get(K.GROUP, {})),
         "weak_label_columns": weak,
-        "counts_per_split": counts,
-        "counts_per_batch": {str(k): int(v) for k, v in meta[K.BATCH].value_counts().sort_index().items()},
+        "counts_per_split": {k if k else "unassigned": int(v) for k, v in sorted(split.items())},
+        "counts_per_batch": {k: int(v) for k, v in sorted(counts[K.BATCH].items())},
         "channel_stats": channel_stats,
         "shards": shards,
         "params": params,
