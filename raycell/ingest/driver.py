@@ -9,15 +9,31 @@
    **Scale pass** (`plate_diameters`, Ray Data, a few FOVs per plate, only when the diameter is
    estimated): each plate's median diameter, the reference against which the crop pass replaces a
    runaway estimate and rejects an implausible segmentation (`implausible-segmentation`).
-3. **Crop pass** (`fov`, Ray Data, one task per few FOVs): each FOV gives exactly one row, its
-   crops and metadata or a reject reason.
-4. This driver streams the rows into one `ShardWriter` as they arrive. Why the driver and not
-   per-task shard files: the writer fills shards to a fixed row count (few, evenly sized files for
-   the training reader, not one tiny file per FOV), checks cell ids are unique over the whole data
-   set and accumulates the exact per-channel intensity histograms for the manifest. The crops are
-   small next to the segmentation work (about 10 KB per cell), so the driver is not the bottleneck
-   at the scale of one node; per-task files plus a manifest merge would be the next step for a large
-   cluster. It then writes the rejects table, the summary and the manifest.
+3. **Crop pass** (`fov`, Ray Data, one task per few FOVs): each FOV gives exactly one small row,
+   ok with its cell count or a reject reason; its crops go into its task's shard files.
+4. **The crop tasks write the shards** where they compute (`fov.crop_batch`): each task writes its
+   FOVs' cells into `shards/part-<index of its first FOV in plan order, 6 digits>-<piece>.parquet`
+   in the staging folder (`write_shard_file`), at most `ingest.rows_per_shard` rows per file, and
+   returns only one small row per FOV (status, reject code and reason, info JSON) plus the part
+   records of its files (row count, sparse per-channel histogram, value counts). A task whose FOVs
+   gave no cell writes no file. The driver gathers those rows (never a crop: on a cluster one
+   process writing every shard would be the ceiling), builds the manifest with `ManifestBuilder`
+   from the parts sorted by file name (so the shard order does not depend on which task finished
+   first; a retried task rewrites its own files atomically), and writes the rejects table, the
+   summary and the manifest. A shard file in the staging folder that no gathered part lists (a task
+   whose result was lost, a temporary file of a killed writer) is deleted before the swap-in, so
+   the data set holds exactly the cells of the FOVs accounted as ok.
+   Shards are one or more per task (`ingest.fovs_per_task` FOVs), not a fixed row count: the
+   training reader takes any file sizes (Ray Data's `read_parquet` packs small files into blocks up
+   to its target block size, `data.block_size_mb`), and `rows_per_shard` still bounds the largest
+   file. Few cells per field and one field per task give many small files: raise
+   `ingest.fovs_per_task` (which also cuts the scheduling overhead).
+   Unique cell ids: a cell id is `<fov_id>-c<label>` (label: 5 or more digits), unique by
+   construction since FOV ids are (the plan groups files by them; the driver checks that each
+   comes back once) and labels are unique within a FOV; each task checks its own rows, the cheap
+   check that needs no set of every cell id in one process.
+   Shared storage: the tasks write into `ingest.out`'s staging folder, so on a cluster `ingest.out`
+   must be on storage every node mounts at the same path (as `ingest.input` already is).
 
 Re-runs: everything is written into a staging folder `<out>.partial-XXXXXXXX` and swapped into place
 only when complete, so a killed run leaves the previous data set intact, and a re-run starts from
@@ -32,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -41,7 +58,6 @@ import pandas as pd
 import pyarrow as pa
 
 from raycell import constants as K
-from raycell.ingest import images as imio
 from raycell.ingest.fov import crop_batch, scale_batch
 from raycell.ingest.plan import check_out, check_params, plan_ingest
 from raycell.ingest.sources import IngestError, reject_row
@@ -80,8 +96,8 @@ def _params_record(p: dict) -> dict:
 def plate_diameters(fovs: list[dict], p: dict, ch: dict, stats: dict) -> dict[str, float]:
     """Scale pass: the median automatic diameter of up to `ingest.scale_fovs` fields per plate.
 
-    Why a separate pass: the crop pass streams each field's crops into the writer as it arrives,
-    so a field can only be compared with its plate if the plate's typical scale is known before.
+    Why a separate pass: each crop task writes its fields' crops as it goes, so a field can only be
+    compared with its plate if the plate's typical scale is known before.
     Sampled fields are spread over the plate (a fixed random draw); a median of a few fields is
     robust to the odd one that ran away. Skipped when the diameter is given, for cellpose, or with
     `ingest.scale_fovs=0`.
@@ -111,14 +127,25 @@ def plate_diameters(fovs: list[dict], p: dict, ch: dict, stats: dict) -> dict[st
     return {pl: float(np.median(v)) for pl, v in got.items() if v}
 
 
-def _stream_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, writer) -> dict:
-    """Run the crop pass and feed its rows into `writer` as they arrive; collect the FOV rejects."""
+def _result_rows(ds):
+    """The crop pass's result rows as dicts, block by block as they arrive (small: no crops)."""
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from block.to_pylist()
+
+
+def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Path) -> dict:
+    """Run the crop pass (its tasks write their shards into `staging`); gather its small rows.
+
+    Returns the accounting: the FOV rejects (a FOV no row came back for is `lost`), the cell and
+    FOV counts, the crop checks, and the part records of the shards written, sorted by file name.
+    """
     import ray
 
     by_id = {f["fov_id"]: f for f in fovs}
     got = {
         "seen": set(),
         "rejects": [],
+        "parts": [],
         "n_ok": 0,
         "n_cells": 0,
         "diameter": [],
@@ -133,31 +160,38 @@ def _stream_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, writer) -> d
         return got
     need = stats["illum"] or stats["lohi"] or stats.get("diameter_ref")
     stats_ref = [ray.put(stats)] if need else None
-    ds = map_fovs(fov_dataset(fovs, p), crop_batch, p, {"p": p, "ch": ch, "stats_ref": stats_ref})
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for r in block.to_pylist():
-            fov = by_id[r["fov_id"]]
-            got["seen"].add(r["fov_id"])
-            info = json.loads(r["info"] or "{}")
-            if "diameter" in info:
-                got["diameter"].append(info["diameter"])
-            if r["status"] != "ok":
-                files = [f["relpath"] for f in fov["files"]]
-                got["rejects"].append(
-                    reject_row("fov", r["code"], r["reason"], r["fov_id"], files, fov["meta"])
-                )
-                continue
-            crops = np.frombuffer(r["crops"], imio.OUT_DTYPES[p["dtype"]])
-            meta = pa.ipc.open_stream(r["meta"]).read_all().to_pandas()
-            writer.add(crops.reshape(json.loads(r["shape"])), meta)
-            got["n_ok"] += 1
-            got["n_cells"] += len(meta)
-            got["seconds"].append(info.get("seconds", 0.0))
-            got["cpu_seconds"] += info.get("cpu_seconds", 0.0)
-            if info.get("separate"):
-                got["separate"][r["fov_id"]] = info["separate"]
-            for k in ("all_zero", "saturated"):
-                got[k] += np.asarray(info["crop_flags"][k], np.int64)
+    kw = {
+        "p": p,
+        "ch": ch,
+        "stats_ref": stats_ref,
+        "out": str(staging),
+        "rows_per_shard": int(p["rows_per_shard"]),
+    }
+    ds = map_fovs(fov_dataset(fovs, p), crop_batch, p, kw)
+    for r in _result_rows(ds):
+        if r["fov_id"] in got["seen"]:  # never expected: a FOV counted twice breaks the accounting
+            raise RuntimeError(f"ingest bug: field of view {r['fov_id']!r} came back twice")
+        fov = by_id[r["fov_id"]]
+        got["seen"].add(r["fov_id"])
+        if r["parts"]:
+            got["parts"] += pickle.loads(r["parts"])
+        info = json.loads(r["info"] or "{}")
+        if "diameter" in info:
+            got["diameter"].append(info["diameter"])
+        if r["status"] != "ok":
+            files = [f["relpath"] for f in fov["files"]]
+            got["rejects"].append(
+                reject_row("fov", r["code"], r["reason"], r["fov_id"], files, fov["meta"])
+            )
+            continue
+        got["n_ok"] += 1
+        got["n_cells"] += r["n_cells"]
+        got["seconds"].append(info.get("seconds", 0.0))
+        got["cpu_seconds"] += info.get("cpu_seconds", 0.0)
+        if info.get("separate"):
+            got["separate"][r["fov_id"]] = info["separate"]
+        for k in ("all_zero", "saturated"):
+            got[k] += np.asarray(info["crop_flags"][k], np.int64)
     # belt and braces: a FOV that came back from no task is still accounted for
     for f in fovs:
         if f["fov_id"] not in got["seen"]:
@@ -172,7 +206,27 @@ def _stream_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, writer) -> d
                     f["meta"],
                 )
             )
+    got["parts"].sort(key=lambda part: tuple(part["key"]))
+    rows = sum(part["rows"] for part in got["parts"])
+    if rows != got["n_cells"]:  # never expected: the shards must hold exactly the ok FOVs' cells
+        raise RuntimeError(f"ingest bug: shards hold {rows} cells, the ok fields {got['n_cells']}")
     return got
+
+
+def _drop_strays(staging: Path, parts: list[dict]) -> list[str]:
+    """Delete files in the staging shard folder that no gathered part lists; their names.
+
+    A task whose result never came back (its FOVs are `lost`) may still have written its file, and
+    a killed writer may have left a temporary file: neither belongs to the data set. Only the
+    staging folder this run created is touched.
+    """
+    keep = {Path(part["file"]).name for part in parts}
+    gone = []
+    for f in sorted((staging / K.SHARD_DIR).iterdir()):
+        if f.name not in keep and f.is_file():
+            f.unlink()
+            gone.append(f.name)
+    return gone
 
 
 def _crop_checks(got: dict, names: list[str]) -> tuple[dict, list[str]]:
@@ -312,7 +366,7 @@ def run_ingest(cfg) -> dict:
     """
     import ray
 
-    from raycell.formats.shards import ShardWriter
+    from raycell.formats.shards import ManifestBuilder
     from raycell.utils.io import atomic_write_json, atomic_write_parquet
     from raycell.utils.outputs import DATASET, staging_dir, swap_in
 
@@ -336,10 +390,8 @@ def run_ingest(cfg) -> dict:
     stats["diameter_ref"] = plate_diameters(plan["fovs"], p, plan["channels"], stats)
     t_stats = time.perf_counter() - t0
     partial = staging_dir(out, DATASET)
-    writer = ShardWriter(
-        partial, plan["channels"]["names"], rows_per_shard=p["rows_per_shard"], overwrite=True
-    )
-    got = _stream_crops(plan["fovs"], p, plan["channels"], stats, writer)
+    (partial / K.SHARD_DIR).mkdir()
+    got = _gather_crops(plan["fovs"], p, plan["channels"], stats, partial)
     cols = ["kind", "fov_id", "code", "reason", "files"]
     rej = (
         pd.DataFrame(
@@ -365,7 +417,11 @@ def run_ingest(cfg) -> dict:
         illum_files[plate] = f"illum/{_safe(plate)}.npy"
         (partial / "illum").mkdir(exist_ok=True)
         np.save(partial / illum_files[plate], func)
-    writer.close(
+    builder = ManifestBuilder(partial, plan["channels"]["names"])
+    for part in got["parts"]:  # sorted by file name
+        builder.add(part)
+    _drop_strays(partial, got["parts"])
+    builder.write(
         params={"stage": "ingest", "input": p["input"]},
         extra=_manifest_extra(p, plan, stats, summary, illum_files),
     )

@@ -1,17 +1,21 @@
 """The crop pass: one field of view -> its crops and metadata, or one reject reason.
 
-`process_fov` reads, projects, corrects, segments, drops border objects, crops and measures one
-field of view (FOV) and returns exactly one row: its crops and metadata, or a reject reason. One row
-per FOV in and out is what makes "every input accounted for" a simple set equality at the end
-(`raycell.ingest.driver`). `crop_batch` is the Ray Data task around it.
+`fov_result` reads, projects, corrects, segments, drops border objects, crops and measures one
+field of view (FOV) and returns exactly one result row (a status, or a reject reason) with its crops
+and metadata. One row per FOV in and out is what makes "every input accounted for" a simple set
+equality at the end (`raycell.ingest.driver`). `crop_batch` is the Ray Data task around it: it
+writes its FOVs' crops into shard files itself (`write_task_shards`) and returns only the small
+rows, so no crop passes through the driver.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from raycell import constants as K
@@ -67,24 +71,21 @@ def scale_batch(batch: pa.Table, p: dict, ch: dict, stats_ref: list | None) -> p
     return pa.table({"fov_id": pa.array(ids, pa.string()), "diameter": pa.array(diam)})
 
 
-def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
-    """The crop pass for one field of view: returns the result row (crops + metadata, or a reject).
+def fov_result(
+    fov: dict, p: dict, ch: dict, stats: dict | None
+) -> tuple[dict, np.ndarray | None, pd.DataFrame | None]:
+    """The crop pass for one field of view: (result row, crops, metadata), crops None if rejected.
 
-    Any failure of one FOV becomes a reject with a reason (a programming error shows up there with
-    its exception type, rather than killing the job after hours).
+    The row is small (status, code, reason, cell count, info JSON); the crops (N, C, H, W) and their
+    metadata go to the shard writer of the task. Any failure of one FOV becomes a reject with a
+    reason (a programming error shows up there with its exception type, rather than killing the job
+    after hours).
     """
     t0, c0 = time.perf_counter(), time.process_time()
     fid = fov["fov_id"]
-    base = {
-        "fov_id": fid,
-        "status": "rejected",
-        "code": "",
-        "reason": "",
-        "n_cells": 0,
-        "crops": b"",
-        "meta": b"",
-        "info": "{}",
-    }
+    base = {"fov_id": fid, "status": "rejected", "code": "", "reason": "", "n_cells": 0}
+    base["info"] = "{}"
+    none = (None, None)
     try:
         img, info = read_fov(fov, p, ch)
         plate = fov["row"][K.PLATE]
@@ -95,7 +96,7 @@ def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
                 "code": "out-of-scale",
                 "reason": f"{odd}: left out of the normalisation statistics and rejected "
                 "(ingest.scale_check=separate keeps it, normalised by itself)",
-            }
+            }, *none
         if odd:
             info["separate"] = odd
         if p["illum_correction"]:
@@ -119,14 +120,14 @@ def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
                 "code": "implausible-segmentation",
                 "reason": why,
                 "info": json.dumps(info),
-            }
+            }, *none
         if nuc.max() == 0:
             return {
                 **base,
                 "code": "no-cells",
                 "reason": f"no objects found (diameter {d:.1f} px)",
                 "info": json.dumps(info),
-            }
+            }, *none
         lo, hi = p["norm_percentiles"]
         if p["normalization"] == "per-image" or odd:
             lohi = imio.percentiles(img, lo, hi)
@@ -155,7 +156,7 @@ def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
                 "code": "no-cells",
                 "reason": f"all {int(objects.max())} objects touch the image border",
                 "info": json.dumps(info),
-            }
+            }, *none
         info["crop_flags"] = imio.crop_flags(crops)
         meta = feats.drop(columns=["label"])
         meta.insert(0, K.CELL_ID, [f"{fid}-c{int(lab):05d}" for lab in feats["label"]])
@@ -165,35 +166,105 @@ def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
         meta[K.SOURCE] = fov["source"]
         info["seconds"] = round(time.perf_counter() - t0, 3)
         info["cpu_seconds"] = round(time.process_time() - c0, 3)
-        sink = pa.BufferOutputStream()
-        table = pa.Table.from_pandas(meta, preserve_index=False)
-        with pa.ipc.new_stream(sink, table.schema) as w:
-            w.write_table(table)
-        return {
-            **base,
-            "status": "ok",
-            "n_cells": len(meta),
-            "crops": crops.tobytes(),
-            "meta": sink.getvalue().to_pybytes(),
-            "info": json.dumps(info),
-            "shape": json.dumps(list(crops.shape)),
-        }
+        row = {**base, "status": "ok", "n_cells": len(meta), "info": json.dumps(info)}
+        return row, crops, meta
     except imio.ImageError as exc:
-        return {**base, "code": exc.code, "reason": str(exc)}
+        return {**base, "code": exc.code, "reason": str(exc)}, *none
     except Exception as exc:  # noqa: BLE001 - see docstring
-        return {**base, "code": "error", "reason": f"{type(exc).__name__}: {exc}"}
+        return {**base, "code": "error", "reason": f"{type(exc).__name__}: {exc}"}, *none
 
 
-def crop_batch(batch: pa.Table, p: dict, ch: dict, stats_ref: list | None) -> pa.Table:
-    """The crop pass over one block of FOV records: one result row per FOV (`process_fov`)."""
+def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
+    """`fov_result` as one self-contained row: crops as bytes, metadata as an Arrow IPC stream.
+
+    For callers outside the crop pass (the per-core benchmark, tests), which want one dict per FOV.
+    """
+    row, crops, meta = fov_result(fov, p, ch, stats)
+    if crops is None:
+        return {**row, "crops": b"", "meta": b""}
+    sink = pa.BufferOutputStream()
+    table = pa.Table.from_pandas(meta, preserve_index=False)
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return {
+        **row,
+        "crops": crops.tobytes(),
+        "meta": sink.getvalue().to_pybytes(),
+        "shape": json.dumps(list(crops.shape)),
+    }
+
+
+def shard_name(first: int, piece: int) -> str:
+    """The shard file of the task whose first FOV is number `first` in plan order, piece `piece`.
+
+    Deterministic from the task's FOVs, so a retried task overwrites its own files (atomically) and
+    the data set's shard order (by this name) does not depend on which task finished first.
+    """
+    return f"part-{first:06d}-{piece:03d}.parquet"
+
+
+def write_task_shards(
+    out: str, first: int, crops: list[np.ndarray], metas: list[pd.DataFrame], rows_per_shard: int
+) -> list[dict]:
+    """Write one task's cells as `shard_name(first, k)` files of at most `rows_per_shard` rows each.
+
+    Returns the part records (`raycell.formats.shards.write_shard_file`), each with its sort `key`
+    (first, k). Cell ids are `<fov_id>-c<label>`: unique over the data set because FOV ids are (the
+    plan groups files by them) and labels are within a FOV; the check here is the cheap one a task
+    can make on its own rows (a clash would mean a bug, so it fails loudly).
+    """
+    from raycell.formats.shards import write_shard_file
+
+    if not crops:
+        return []  # no cell in this task's FOVs: no file
+    images = np.concatenate(crops)
+    meta = pd.concat(metas, ignore_index=True)
+    dup = meta[K.CELL_ID][meta[K.CELL_ID].duplicated()]
+    if len(dup):
+        raise RuntimeError(f"ingest bug: duplicate cell_id {dup.iloc[0]!r} in one crop task")
+    step = rows_per_shard if rows_per_shard > 0 else len(meta)
+    parts = []
+    for k, s in enumerate(range(0, len(meta), step)):
+        rows = slice(s, s + step)
+        part = write_shard_file(out, shard_name(first, k), images[rows], meta.iloc[rows])
+        parts.append({**part, "key": [first, k]})
+    return parts
+
+
+def crop_batch(
+    batch: pa.Table,
+    p: dict,
+    ch: dict,
+    stats_ref: list | None,
+    out: str,
+    rows_per_shard: int = 0,
+) -> pa.Table:
+    """The crop pass over one task's FOV records: writes their shards, returns a small row per FOV.
+
+    The shards go to `<out>/shards/` (`write_task_shards`, named after the task's first FOV in plan
+    order, the `index` column of `raycell.ingest.tasks.fov_dataset`). The rows carry no crops: the
+    status, reject code and reason, cell count and info JSON of each FOV, the task's `task` key, and
+    on the task's first row its pickled part records (`parts`) for the driver's manifest.
+    """
     stats = _get_stats(stats_ref)
-    rows = [process_fov(json.loads(r), p, ch, stats) for r in batch.column("record").to_pylist()]
-    cols = ("fov_id", "status", "code", "reason", "info", "shape")
+    first = min(batch.column("index").to_pylist(), default=0)
+    rows, crops, metas = [], [], []
+    for rec in batch.column("record").to_pylist():
+        row, c, m = fov_result(json.loads(rec), p, ch, stats)
+        rows.append(row)
+        if c is not None:
+            crops.append(c)
+            metas.append(m)
+    parts = write_task_shards(out, first, crops, metas, rows_per_shard)
+    blob = [b""] * len(rows)
+    if parts:
+        blob[0] = pickle.dumps(parts, protocol=5)
+    cols = ("fov_id", "status", "code", "reason", "info")
     return pa.table(
         {
-            **{c: pa.array([r.get(c, "") for r in rows], pa.string()) for c in cols},
+            **{c: pa.array([r[c] for r in rows], pa.string()) for c in cols},
             "n_cells": pa.array([r["n_cells"] for r in rows], pa.int64()),
-            "crops": pa.array([r["crops"] for r in rows], pa.large_binary()),
-            "meta": pa.array([r["meta"] for r in rows], pa.binary()),
+            "task": pa.array([first] * len(rows), pa.int64()),
+            "parts": pa.array(blob, pa.binary()),
         }
     )

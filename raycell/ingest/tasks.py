@@ -1,7 +1,8 @@
 """What the statistics pass and the crop pass share: FOV records as a Ray Dataset, and reading one.
 
 Both passes run one Ray Data task per `ingest.fovs_per_task` fields of view (FOVs): the planned FOV
-records travel as JSON strings, and each task reads its FOVs with `read_fov`.
+records travel as JSON strings with their position in the plan (`index`, which names the crop
+task's shard files), and each task reads its FOVs with `read_fov`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ def read_fov(fov: dict, p: dict, ch: dict) -> tuple[np.ndarray, dict]:
 
 
 def fov_dataset(fovs: list[dict], p: dict):
-    """A Ray Dataset of FOV records (JSON strings), `ingest.fovs_per_task` records per block."""
+    """A Ray Dataset of FOV records (JSON strings) and their plan positions, `ingest.fovs_per_task`
+    records per block."""
     import ray
 
     n_blocks = max(1, -(-len(fovs) // max(1, p["fovs_per_task"])))
-    items = [{"fov_id": f["fov_id"], "record": json.dumps(f)} for f in fovs]
+    items = [
+        {"fov_id": f["fov_id"], "index": i, "record": json.dumps(f)} for i, f in enumerate(fovs)
+    ]
     return ray.data.from_items(items, override_num_blocks=n_blocks)
 
 
