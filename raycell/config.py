@@ -48,12 +48,18 @@ class SynthConfig:
     batch_strength: float = _f(1.0, "scale of the nuisance effects (gain, offset, gradient, blur, noise)")
     phenotype_strength: float = _f(1.0, "scale of the morphology signal that defines the label")
     rows_per_shard: int = _f(1000, "cells per parquet shard")
+    chunk_cells: int = _f(0, "cells rendered and written per chunk (rounded up to whole shards); bounds "
+                          "synth's memory; 0 = 16384. Never changes the data set's bytes")
+    num_workers: int = _f(-1, "Ray tasks writing synth chunks at once: 0 = in this process, -1 = automatic "
+                          "(in this process below 200,000 cells / 2,000 raw fields, else one task per "
+                          "CPU of the running Ray). Never changes the data set's bytes")
     raw: bool = _f(False, "write raw fields of view (TIFF per channel and Z-slice, true masks, plate "
                    "map) to exercise ingest, instead of crop shards")
     raw_fov_size: int = _f(256, "raw: field-of-view height and width in pixels")
     raw_wells: int = _f(4, "raw: wells per plate (one plate per batch; lines assigned to wells)")
     raw_fields: int = _f(2, "raw: fields of view per well")
     raw_cells_per_fov: int = _f(14, "raw: cells placed per field of view (fewer if they do not fit)")
+    raw_chunk_fovs: int = _f(0, "raw: fields of view rendered and written per chunk (0 = 16)")
     raw_z: int = _f(3, "raw: Z-slices per channel; the in-focus slice varies per field")
     effects: str = _f("varied", "raw: batch effects: varied (each batch its own mix of background "
                       "texture, channel crosstalk, debris, gamma, vignetting, shot noise; each unseen "
@@ -146,7 +152,8 @@ class IngestConfig:
                               "(0 = no limit)")
     mask_crops: bool = _f(False, "multiply each crop by its object's mask with a blurred edge")
     mask_blur: float = _f(2.0, "Gaussian sigma (px) of the mask edge")
-    rows_per_shard: int = _f(2000, "cells per parquet shard")
+    rows_per_shard: int = _f(2000, "most cells per parquet shard; each crop task writes its own shard "
+                             "file(s), holding its ingest.fovs_per_task fields' cells")
     num_workers: int = _f(0, "concurrent ingest tasks (0 = as many as Ray's CPUs allow)")
     cpus_per_task: float = _f(1.0, "logical CPUs reserved by each ingest task")
     fovs_per_task: int = _f(1, "fields of view per Ray task (more = less scheduling overhead)")
@@ -282,6 +289,9 @@ class InferConfig:
     num_actors: int = _f(1, "model replicas (Ray Data actors)")
     num_gpus: float = _f(0.0, "GPUs per actor (0 on machines without GPUs, or Ray waits forever)")
     cpus_per_actor: float = _f(1.0, "CPUs per actor")
+    torch_threads: int = _f(0, "CPU threads per actor for the forward pass (0 = on one machine its cores "
+                            "shared between the actors, elsewhere the actor's CPU count; Ray itself "
+                            "gives an actor one thread per CPU it holds)")
     write_recon: bool = _f(False, "also write reconstructions (large)")
     shards_per_round: int = _f(64, "input shards finished per round; a killed job loses <= 1 round")
     z_source: str = _f("", "soft design matrix Z for batches the model did not see in training: the "
@@ -444,6 +454,9 @@ class ExperimentConfig:
             raise ConfigError(f"synth.effects must be basic or varied, got {self.synth.effects!r}")
         if not self.synth.unseen_extreme > 1:
             raise ConfigError(f"synth.unseen_extreme must be > 1, got {self.synth.unseen_extreme}")
+        if self.synth.num_workers < -1:
+            raise ConfigError(f"synth.num_workers must be -1 (automatic), 0 (this process) or a number of "
+                              f"Ray tasks, got {self.synth.num_workers}")
         if self.synth.design not in ("phenotype", "timedose"):
             raise ConfigError(f"synth.design must be phenotype or timedose, got {self.synth.design!r}")
         if self.synth.raw and self.synth.design != "phenotype":
@@ -508,7 +521,7 @@ _AT_LEAST = {
     "seed": 0, "synth.n_cells": 1, "synth.crop_size": 1, "synth.n_lines": 1, "synth.n_batches": 1,
     "synth.n_unseen": 0, "synth.lines_per_batch": 1, "synth.wells_per_line": 1, "synth.batch_strength": 0,
     "synth.phenotype_strength": 0, "synth.rows_per_shard": 1, "synth.raw_fov_size": 1, "synth.raw_wells": 1,
-    "synth.raw_fields": 1, "synth.raw_cells_per_fov": 1, "synth.raw_z": 1, "synth.replicates": 1,
+    "synth.raw_fields": 1, "synth.chunk_cells": 0, "synth.raw_chunk_fovs": 0, "synth.raw_cells_per_fov": 1, "synth.raw_z": 1, "synth.replicates": 1,
     "synth.effect_strength": 0, "train.layer_decay": 0, "export.top_k": 0,
     "report.max_cells": 10,
     "data.batch_size": 1, "data.eval_batch_size": 1, "data.shuffle_buffer": 0, "data.prefetch_batches": 0,
@@ -519,6 +532,7 @@ _AT_LEAST = {
     "data.shuffle_seed": -1,
     "scaling.num_workers": 1, "ray.num_cpus": 0, "ray.object_store_mb": 0,
     "infer.num_actors": 1, "infer.num_gpus": 0, "infer.shards_per_round": 1, "infer.z_epochs": 1,
+    "infer.torch_threads": 0,
     "infer.z_patience": 1, "infer.z_batch_size": 1, "eval.max_cells": 1,
     "tune.num_samples": 1, "tune.max_concurrent_trials": 0, "tune.grace_period": 1, "tune.reduction_factor": 2,
 }

@@ -18,7 +18,7 @@ from raycell.utils.io import atomic_write_json, atomic_write_text
 
 def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     """Generate the synthetic data set into `cfg.synth.out` (raw fields of view with `synth.raw`)."""
-    from raycell.data.synthetic import write_synthetic
+    from raycell.data.synthetic import AUTO_RAY_CELLS, write_synthetic
 
     s = cfg.synth
     if s.raw:
@@ -29,6 +29,13 @@ def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
               f"{ {k: v for k, v in res.items() if isinstance(v, (int, float, str))} }", flush=True)
         return res
     t0 = time.time()
+    # synth.num_workers -1: Ray tasks from 200,000 cells (raycell.data.synthetic.AUTO_RAY_CELLS)
+    chunking = dict(chunk_cells=s.chunk_cells or None, num_workers=None if s.num_workers < 0 else s.num_workers)
+    if s.num_workers > 0 or (s.num_workers < 0 and s.n_cells >= AUTO_RAY_CELLS):
+        from raycell.utils.ray_utils import init_ray
+
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
+                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose)
     if s.design == "timedose":
         from raycell.data.synthetic_timedose import write_timedose
 
@@ -36,14 +43,14 @@ def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
                            rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
                            times=list(s.times), doses=list(s.doses), n_batches=s.n_batches,
                            n_unseen=s.n_unseen, replicates=s.replicates,
-                           batch_strength=s.batch_strength, effect_strength=s.effect_strength)
+                           batch_strength=s.batch_strength, effect_strength=s.effect_strength, **chunking)
     else:
         m = write_synthetic(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
                             rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
                             n_lines=s.n_lines, n_batches=s.n_batches, n_unseen=s.n_unseen,
                             lines_per_batch=s.lines_per_batch, wells_per_line=s.wells_per_line,
                             confounding=s.confounding, batch_strength=s.batch_strength,
-                            phenotype_strength=s.phenotype_strength)
+                            phenotype_strength=s.phenotype_strength, **chunking)
     print(f"[raycell] synth: {m['n_cells']} cells, {len(m['batch_vocab'])} batches "
           f"(suggested unseen: {m['suggested_unseen']}), {len(m['shards'])} shard(s) -> "
           f"{Path(s.out).absolute()} in {time.time() - t0:.1f}s", flush=True)

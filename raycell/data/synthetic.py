@@ -1,7 +1,6 @@
 """The built-in synthetic data set: cell crops with a known phenotype and strong, confounded batch effects.
 
-Generative model (all draws from one `numpy.random.Generator` seeded by `seed`, so a seed gives the same
-bytes every time):
+Generative model (a seed gives the same bytes every time; see "Random streams" below):
 
 * **Cell lines** (`group`, `n_lines`): alternate lines carry phenotype label ``high`` / ``low``. Each line
   has its own look that is *unrelated* to the label: cell radius, elongation, nucleus/cell size ratio,
@@ -23,21 +22,41 @@ bytes every time):
 
 Cells are rendered as two channels (``nucleus``, ``cytoplasm``) of `crop_size` pixels, centred on the cell,
 as uint8. Wells group cells of one (line, batch); `raycell split` groups by well.
+
+Random streams (why: a million cells must be generated in bounded memory, in any chunking, by any number
+of processes, and give the same bytes): the cheap global draws (line and batch parameters, then which
+line, batch, well and field each cell comes from, kept as compact integer arrays) come from one
+`numpy.random.Generator` seeded by `seed`. Everything drawn per cell (shape, placement, puncta, the batch
+transform's position and noise) comes from the cell's block of `BLOCK_CELLS` consecutive cells, with its
+own Generator seeded by ``(seed, block index)``, so any block can be rendered alone. `write_synthetic`
+writes shard k = cells ``[k * rows_per_shard, (k + 1) * rows_per_shard)`` in chunks of whole shards, in
+this process or as Ray tasks that write their own shards (`write_blocks`); the output is byte-identical
+whatever the chunk size or number of workers.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
 from raycell import constants as K
-from raycell.formats.shards import ShardError, ShardWriter
+from raycell.errors import ConfigError
+from raycell.formats.shards import ManifestBuilder, ShardError, write_shard_file
 from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
 CHANNELS = ["nucleus", "cytoplasm"]
 LABELS = ("high", "low")
 _FIELD = 512.0  # size of the virtual field of view (px) used for the illumination gradient
+BLOCK_CELLS = 1024  # cells per random block: fixed, so the bytes never depend on chunking or workers
+CHUNK_CELLS = 16384  # default cells per chunk (rounded up to whole shards): bounds a writer's memory
+AUTO_RAY_CELLS = 200_000  # num_workers=None: Ray tasks from this many cells on, in-process below
 
 
 def _line_params(rng: np.random.Generator, n_lines: int) -> pd.DataFrame:
@@ -83,11 +102,23 @@ def _batch_params(rng: np.random.Generator, n_batches: int, n_unseen: int, stren
     })
 
 
+def shuffle_order(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A shuffled row order, drawn as `DataFrame.sample(frac=1)` draws it, without a DataFrame.
+
+    It takes `random_state=int(rng.integers(2**31))` as before the block-wise generator, so every cell's
+    line, batch, well and field stay as they were for a seed.
+    """
+    return np.random.RandomState(int(rng.integers(2**31))).choice(n, n, replace=False)
+
+
 def _allocate_cells(rng: np.random.Generator, lines: pd.DataFrame, batches: pd.DataFrame,
                     n_cells: int, lines_per_batch: int, confounding: float, wells_per_line: int
-                    ) -> pd.DataFrame:
-    """Which line, well and field each cell comes from."""
-    rows = []
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Which line, batch, well and field each cell comes from, as compact integer arrays.
+
+    In cell order; the well is 0..wells_per_line-1 within the line, the field 0..3.
+    """
+    parts = []  # (line, batch, well, fields) per (batch, line, well) with cells, in drawing order
     per_batch = np.full(len(batches), n_cells // len(batches))
     per_batch[: n_cells - per_batch.sum()] += 1
     by_label = {lab: lines.index[lines.label == lab].to_numpy() for lab in LABELS}
@@ -105,26 +136,25 @@ def _allocate_cells(rng: np.random.Generator, lines: pd.DataFrame, batches: pd.D
                 per_batch[b] - int(round(per_batch[b] * frac[major]))
             counts = rng.multinomial(n_lab, np.full(len(line_ids), 1 / len(line_ids)))
             for li, n in zip(line_ids, counts):
-                wells = rng.integers(0, wells_per_line, n)
-                for w in range(wells_per_line):
-                    m = int((wells == w).sum())
-                    if m == 0:
-                        continue
-                    rows.append(pd.DataFrame({
-                        "line_idx": li, "batch_idx": b,
-                        K.WELL: f"{chr(ord('A') + li % 16)}{w + 1 + wells_per_line * (li // 16):02d}",
-                        K.FIELD: rng.integers(0, 4, m).astype(str),
-                    }, index=range(m)))
-    cells = pd.concat(rows, ignore_index=True)
-    return cells.sample(frac=1.0, random_state=int(rng.integers(2**31))).reset_index(drop=True)
+                per_well = np.bincount(rng.integers(0, wells_per_line, n), minlength=wells_per_line)
+                for w, m in enumerate(per_well):
+                    if m:
+                        parts.append((li, b, w, rng.integers(0, 4, int(m))))
+    sizes = [len(p[3]) for p in parts]
+    line_idx = np.repeat(np.array([p[0] for p in parts], np.int32), sizes)
+    batch_idx = np.repeat(np.array([p[1] for p in parts], np.int32), sizes)
+    well = np.repeat(np.array([p[2] for p in parts], np.int32), sizes)
+    field = np.concatenate([p[3] for p in parts]).astype(np.int8)
+    order = shuffle_order(rng, len(line_idx))
+    return line_idx[order], batch_idx[order], well[order], field[order]
 
 
-def _render(rng: np.random.Generator, cells: pd.DataFrame, lines: pd.DataFrame, size: int,
+def _render(rng: np.random.Generator, line_idx: np.ndarray, lines: pd.DataFrame, size: int,
             pheno: float) -> tuple[np.ndarray, pd.DataFrame]:
     """Noise-free cell images (N, 2, size, size) in [0, 1] plus the per-cell ground-truth parameters."""
-    n = len(cells)
+    n = len(line_idx)
     sc = size / 64.0
-    lp = lines.iloc[cells.line_idx.to_numpy()].reset_index(drop=True)
+    lp = lines.iloc[line_idx].reset_index(drop=True)
     is_low = (lp.label == "low").to_numpy()
     # per-cell shape: line look x cell-to-cell variation; the label moves the lobe amplitude and puncta
     radius = lp.radius.to_numpy() * sc * rng.normal(1.0, 0.08, n)
@@ -200,14 +230,17 @@ def _draw_cells(rng: np.random.Generator, size: int, radius: np.ndarray, elong: 
     return out
 
 
-def _apply_batch(rng: np.random.Generator, img: np.ndarray, cells: pd.DataFrame,
-                 batches: pd.DataFrame) -> np.ndarray:
-    """Apply each cell's batch transform in place and quantise to uint8."""
+def _apply_batch(rng: np.random.Generator, img: np.ndarray, batch_idx: np.ndarray,
+                 batches: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Apply each cell's batch transform in place and quantise to uint8.
+
+    Returns the uint8 crops and each cell's centre in its field, (N, 2) float32.
+    """
     n, _, size, _ = img.shape
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
     pos = rng.uniform(size, _FIELD - size, (n, 2)).astype(np.float32)  # cell centre in its field
     for b, bp in batches.iterrows():
-        idx = np.flatnonzero(cells.batch_idx.to_numpy() == b)
+        idx = np.flatnonzero(batch_idx == b)
         if idx.size == 0:
             continue
         x = img[idx]
@@ -224,6 +257,98 @@ def _apply_batch(rng: np.random.Generator, img: np.ndarray, cells: pd.DataFrame,
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), pos
 
 
+
+
+class BlockPlan(Protocol):
+    """What the chunked writer needs from a design: its size and one block of cells rendered alone."""
+
+    n_cells: int
+
+    def render_block(self, block: int) -> tuple[np.ndarray, pd.DataFrame]:
+        """Cells [block * BLOCK_CELLS, ...): uint8 crops and their shard metadata."""
+        ...
+
+
+@dataclass
+class CropPlan:
+    """The global draws of the phenotype design: small, picklable, enough to render any block."""
+
+    seed: int
+    crop_size: int
+    phenotype_strength: float
+    wells_per_line: int
+    lines: pd.DataFrame
+    batches: pd.DataFrame
+    line_idx: np.ndarray
+    batch_idx: np.ndarray
+    well: np.ndarray
+    field: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells in the data set."""
+        return len(self.line_idx)
+
+    def render_block(self, block: int) -> tuple[np.ndarray, pd.DataFrame]:
+        """Render, batch-transform and quantise one block with its own Generator (seed, block)."""
+        lo, hi = block * BLOCK_CELLS, min(self.n_cells, (block + 1) * BLOCK_CELLS)
+        rng = np.random.default_rng([self.seed, block])
+        li, bi = self.line_idx[lo:hi], self.batch_idx[lo:hi]
+        img, truth = _render(rng, li, self.lines, self.crop_size, self.phenotype_strength)
+        img, pos = _apply_batch(rng, img, bi, self.batches)
+        wpl = self.wells_per_line
+        well_names = np.array([[f"{chr(ord('A') + li_ % 16)}{w + 1 + wpl * (li_ // 16):02d}"
+                                for w in range(wpl)] for li_ in range(len(self.lines))], dtype=object)
+        batch = self.batches.batch.to_numpy(object)[bi]
+        meta = pd.DataFrame({
+            K.CELL_ID: [f"synth-{i:07d}" for i in range(lo, hi)],
+            K.BATCH: batch,
+            K.PLATE: [f"plate-{b}" for b in batch],
+            K.WELL: well_names[li, self.well[lo:hi]],
+            K.FIELD: np.array(["0", "1", "2", "3"], dtype=object)[self.field[lo:hi]],
+            K.GROUP: self.lines.line.to_numpy(object)[li],
+            K.LABEL: self.lines.label.to_numpy(object)[li],
+            K.SPLIT: K.UNASSIGNED,
+            K.SOURCE: "synthetic",
+            K.CENTROID_Y: pos[:, 0],
+            K.CENTROID_X: pos[:, 1],
+        })
+        return img, pd.concat([meta, truth], axis=1)
+
+
+def render_cells(plan: BlockPlan, lo: int, hi: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """Cells [lo, hi) of a plan: renders the blocks they overlap and cuts them out (index 0..)."""
+    b0, b1 = lo // BLOCK_CELLS, (hi - 1) // BLOCK_CELLS + 1
+    blocks = [plan.render_block(b) for b in range(b0, b1)]
+    img = blocks[0][0] if len(blocks) == 1 else np.concatenate([b[0] for b in blocks])
+    meta = blocks[0][1] if len(blocks) == 1 else pd.concat([b[1] for b in blocks], ignore_index=True)
+    s, e = lo - b0 * BLOCK_CELLS, hi - b0 * BLOCK_CELLS
+    if s == 0 and e == len(img):
+        return img, meta
+    return img[s:e].copy(), meta.iloc[s:e].reset_index(drop=True)
+
+
+def synth_plan(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_batches: int = 8,
+               n_unseen: int = 2, lines_per_batch: int = 4, wells_per_line: int = 6,
+               confounding: float = 0.75, batch_strength: float = 1.0, phenotype_strength: float = 1.0,
+               seed: int = 0) -> tuple[CropPlan, dict]:
+    """The global draws (lines, batches, every cell's line/batch/well/field) and the ground truth."""
+    if n_lines < 2:
+        raise ValueError(f"synth needs at least 2 cell lines (one per label), got n_lines={n_lines}")
+    if not 0 <= n_unseen < n_batches:
+        raise ValueError(f"synth n_unseen must be in [0, n_batches), got {n_unseen} of {n_batches}")
+    if n_cells < 1:
+        raise ConfigError(f"synth.n_cells must be >= 1, got {n_cells}")
+    rng = np.random.default_rng(seed)
+    lines = _line_params(rng, n_lines)
+    batches = _batch_params(rng, n_batches, n_unseen, batch_strength)
+    alloc = _allocate_cells(rng, lines, batches, n_cells, lines_per_batch, confounding, wells_per_line)
+    plan = CropPlan(seed, crop_size, phenotype_strength, wells_per_line, lines, batches, *alloc)
+    gt = {"lines": lines.to_dict(orient="records"), "batches": batches.to_dict(orient="records"),
+          "unseen_batches": batches.batch[batches.unseen].tolist()}
+    return plan, gt
+
+
 def generate(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_batches: int = 8,
              n_unseen: int = 2, lines_per_batch: int = 4, wells_per_line: int = 6,
              confounding: float = 0.75, batch_strength: float = 1.0, phenotype_strength: float = 1.0,
@@ -231,53 +356,180 @@ def generate(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_batch
     """Generate crops in memory: (N, 2, S, S) uint8 images, per-cell metadata, and the ground truth.
 
     The metadata has the crop-shard columns (cell_id, batch, plate, well, field, group, label, split='')
-    plus `true_*` columns with each cell's generative parameters.
+    plus `true_*` columns with each cell's generative parameters. Holds every crop: for large data sets
+    use `write_synthetic`, which renders and writes in chunks.
     """
-    if n_lines < 2:
-        raise ValueError(f"synth needs at least 2 cell lines (one per label), got n_lines={n_lines}")
-    if not 0 <= n_unseen < n_batches:
-        raise ValueError(f"synth n_unseen must be in [0, n_batches), got {n_unseen} of {n_batches}")
-    rng = np.random.default_rng(seed)
-    lines = _line_params(rng, n_lines)
-    batches = _batch_params(rng, n_batches, n_unseen, batch_strength)
-    cells = _allocate_cells(rng, lines, batches, n_cells, lines_per_batch, confounding, wells_per_line)
-    img, truth = _render(rng, cells, lines, crop_size, phenotype_strength)
-    img, pos = _apply_batch(rng, img, cells, batches)
-    bp = batches.iloc[cells.batch_idx.to_numpy()].reset_index(drop=True)
-    lp = lines.iloc[cells.line_idx.to_numpy()].reset_index(drop=True)
-    meta = pd.DataFrame({
-        K.CELL_ID: [f"synth-{i:07d}" for i in range(len(cells))],
-        K.BATCH: bp.batch.to_numpy(),
-        K.PLATE: [f"plate-{b}" for b in bp.batch],
-        K.WELL: cells[K.WELL].to_numpy(),
-        K.FIELD: cells[K.FIELD].to_numpy(),
-        K.GROUP: lp.line.to_numpy(),
-        K.LABEL: lp.label.to_numpy(),
-        K.SPLIT: K.UNASSIGNED,
-        K.SOURCE: "synthetic",
-        K.CENTROID_Y: pos[:, 0],
-        K.CENTROID_X: pos[:, 1],
-    })
-    meta = pd.concat([meta, truth], axis=1)
-    gt = {"lines": lines.to_dict(orient="records"), "batches": batches.to_dict(orient="records"),
-          "unseen_batches": batches.batch[batches.unseen].tolist()}
+    plan, gt = synth_plan(n_cells, crop_size, n_lines, n_batches, n_unseen, lines_per_batch,
+                          wells_per_line, confounding, batch_strength, phenotype_strength, seed)
+    img, meta = render_cells(plan, 0, plan.n_cells)
     return img, meta, gt
 
 
+def _whole(key: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ConfigError(f"synth.{key} must be a whole number >= {lo}, got {value!r}")
+
+
+def check_chunking(rows_per_shard: int, chunk_cells: int | None, num_workers: int | None) -> None:
+    """One-line errors for the writer's chunking arguments, before anything is drawn or written."""
+    _whole("rows_per_shard", rows_per_shard, 1)
+    if chunk_cells is not None:
+        _whole("chunk_cells", chunk_cells, 1)
+    if num_workers is not None:
+        _whole("num_workers", num_workers, 0)
+
+
+def _write_chunk(plan: BlockPlan, out: str, k0: int, k1: int, rows_per_shard: int) -> list[dict]:
+    """Render shards k0..k1-1 and write each with `write_shard_file`; returns their part records."""
+    lo, hi = k0 * rows_per_shard, min(plan.n_cells, k1 * rows_per_shard)
+    img, meta = render_cells(plan, lo, hi)
+    parts = []
+    for k in range(k0, k1):
+        s, e = k * rows_per_shard - lo, min(hi, (k + 1) * rows_per_shard) - lo
+        parts.append(write_shard_file(out, f"part-{k:05d}.parquet", img[s:e],
+                                      meta.iloc[s:e].reset_index(drop=True)))
+    return parts
+
+
+def auto_workers(size: int, threshold: int, n_chunks: int) -> int:
+    """How many Ray tasks `num_workers=None` means: 0 (in this process) below `threshold`.
+
+    Starting Ray costs seconds and a small data set is written in about as many. From `threshold`
+    (cells, or fields of view) on: one task per CPU of the running Ray, or of this machine when Ray is
+    not running yet.
+    """
+    if size < threshold or n_chunks < 2:
+        return 0
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
+
+
+def write_blocks(tmp: Path, plan: BlockPlan, channel_names: list[str], rows_per_shard: int,
+                 chunk_cells: int | None = None, num_workers: int | None = None, progress: bool = True,
+                 desc: str = "synth") -> ManifestBuilder:
+    """Write a plan's cells as shards into the staging folder `tmp`, in chunks of whole shards.
+
+    Shard k always holds cells [k * rows_per_shard, (k + 1) * rows_per_shard). With `num_workers` > 0
+    the chunks are Ray tasks (num_cpus=1, at most `num_workers` in flight) that write their own shards
+    and return only part records; otherwise they run here one after another. Either way the records
+    are added to one `ManifestBuilder` in shard order, so the bytes never depend on the chunking.
+
+    Args:
+        tmp: staging folder (from `staging_dir`); must be reachable by the tasks (a shared file system on
+            a multi-node cluster).
+        plan: the design's global draws (`CropPlan`, `raycell.data.synthetic_timedose.TimedosePlan`).
+        channel_names: the crops' channel names.
+        rows_per_shard: cells per shard.
+        chunk_cells: cells per chunk, rounded up to whole shards (None: `CHUNK_CELLS`); bounds the
+            memory of each writer.
+        num_workers: Ray tasks in flight (0: this process; None: `auto_workers` from
+            `AUTO_RAY_CELLS` cells on). Ray is started with `raycell.utils.ray_utils.init_ray` (and
+            stopped again) when it is not running.
+        progress: a progress bar on stderr (when there is more than one chunk).
+        desc: the progress bar's label.
+
+    Returns:
+        The manifest builder holding every shard; the caller writes the manifest.
+    """
+    check_chunking(rows_per_shard, chunk_cells, num_workers)
+    n = plan.n_cells
+    n_shards = -(-n // rows_per_shard)
+    per_chunk = max(1, -(-(chunk_cells or CHUNK_CELLS) // rows_per_shard))
+    jobs = [(str(tmp), k, min(k + per_chunk, n_shards), rows_per_shard)
+            for k in range(0, n_shards, per_chunk)]
+    workers = auto_workers(n, AUTO_RAY_CELLS, len(jobs)) if num_workers is None else num_workers
+    (tmp / K.SHARD_DIR).mkdir(exist_ok=True)
+    builder = ManifestBuilder(tmp, channel_names)
+
+    def add(parts: list[dict]) -> int:
+        for p in parts:
+            builder.add(p)
+        return sum(p["rows"] for p in parts)
+
+    run_chunks(_write_chunk, plan, jobs, workers, add, total=n, unit="cell", desc=desc,
+               progress=progress)
+    return builder
+
+
+def run_chunks(fn: Callable, plan, jobs: list[tuple], workers: int, on_result: Callable[..., int],
+               total: int, unit: str = "cell", desc: str = "synth", progress: bool = True) -> None:
+    """Run ``fn(plan, *job)`` for every job, handing each result to `on_result` in job order.
+
+    In this process (`workers` 0) or as Ray tasks (num_cpus=1, at most `workers` in flight).
+
+    `on_result` returns how many units the job did, for the progress bar on stderr (shown when there
+    is more than one job). Ray is started with `raycell.utils.ray_utils.init_ray` when it is not
+    running, and stopped again afterwards.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=1.0,
+               disable=not progress or len(jobs) < 2)
+    try:
+        if workers == 0:
+            for job in jobs:
+                bar.update(on_result(fn(plan, *job)))
+        else:
+            _run_ray(fn, plan, jobs, min(workers, len(jobs)), lambda r: bar.update(on_result(r)))
+    finally:
+        bar.close()
+
+
+def _run_ray(fn: Callable, plan, jobs: list[tuple], workers: int, on_result: Callable) -> None:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        from raycell.utils.ray_utils import init_ray
+
+        init_ray(progress=False)
+    try:
+        task = ray.remote(num_cpus=1)(fn)
+        plan_ref = ray.put(plan)  # once, not once per task
+        pending: dict = {}  # ObjectRef -> job number
+        done: dict[int, object] = {}
+        nxt = 0
+
+        def collect() -> None:
+            nonlocal nxt
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for r in ready:
+                done[pending.pop(r)] = ray.get(r)
+            while nxt in done:  # in job order: shards and rows are listed as numbered
+                on_result(done.pop(nxt))
+                nxt += 1
+
+        for i, job in enumerate(jobs):
+            while len(pending) >= workers:
+                collect()
+            pending[task.remote(plan_ref, *job)] = i
+        while pending:
+            collect()
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def write_synthetic(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_shard: int = 1000,
-                    overwrite: bool = False, seed: int = 0, **kw) -> dict:
-    """Generate the synthetic data set and write it as crop shards; returns the manifest.
+                    overwrite: bool = False, seed: int = 0, chunk_cells: int | None = None,
+                    num_workers: int | None = None, progress: bool = True, **kw) -> dict:
+    """Generate the synthetic data set and write it as crop shards, in chunks; returns the manifest.
 
     `out` must be new, empty or (with `overwrite`) a raycell data set; the data set is built beside it and
     swapped in when complete, so a failed run leaves an earlier one whole (`raycell.utils.outputs`).
+    Memory is bounded by the chunk (`chunk_cells`), not `n_cells`; the bytes depend only on the
+    generator's arguments and `rows_per_shard`, never on `chunk_cells` or `num_workers` (`write_blocks`).
     """
+    check_chunking(rows_per_shard, chunk_cells, num_workers)
     path = prepare_output(out, overwrite=overwrite, what="synth.out", kind=DATASET, error=ShardError)
     params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
-    img, meta, gt = generate(**params)
+    plan, gt = synth_plan(**params)
     tmp = staging_dir(path, DATASET)
-    writer = ShardWriter(tmp, CHANNELS, rows_per_shard=rows_per_shard, overwrite=True)
-    writer.add(img, meta)
-    m = writer.close(params={"generator": "raycell.data.synthetic", **params},
-                     extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt})
+    builder = write_blocks(tmp, plan, CHANNELS, rows_per_shard, chunk_cells, num_workers, progress)
+    m = builder.write(params={"generator": "raycell.data.synthetic", **params},
+                      extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt})
     swap_in(tmp, path)
     return m

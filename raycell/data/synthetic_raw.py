@@ -29,18 +29,28 @@ Layout of `out`::
 
 `fov_id` is what ingest derives from the default pattern `DEFAULT_PATTERN`:
 ``<batch>_<plate>_<well>_<field>``.
+
+Random streams (why: any number of fields, written in chunks by any number of Ray tasks, with the
+same bytes): lines and batches come from one Generator seeded by `seed`, the varied effects'
+per-batch parameters from one seeded by ``(seed, 0xEFF)``; each field of view draws its cells, focal
+plane and read noise from its own Generator seeded by ``(seed, batch, well, field)`` and its scene
+effects (texture, debris, shot noise) from one seeded by ``(seed, 0xEFF, batch, well, field)``, so
+the cells are the same with ``effects="basic"`` and ``"varied"``.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
 from raycell.data import batch_effects as be
-from raycell.data.synthetic import CHANNELS, _batch_params, _line_params
+from raycell.data.synthetic import CHANNELS, _batch_params, _line_params, auto_workers, run_chunks
+from raycell.errors import ConfigError
 from raycell.utils.io import atomic_write_json
 from raycell.utils.outputs import RAW, prepare_output, staging_dir, swap_in
 
@@ -52,6 +62,9 @@ _SCALE = 2500.0  # intensity 1.0 -> 2500 counts in a 12-bit range: headroom for 
 _DEFOCUS = 2.2  # blur sigma (px) per Z step away from the focal plane
 _DOSES = ("0", "0.1", "1", "10")
 _TIMES = ("24", "48")
+CHUNK_FOVS = 16  # default fields of view per chunk (one task's work)
+AUTO_RAY_FOVS = 2000  # num_workers=None: Ray tasks from this many fields of view on
+_EFF_STREAM = 0xEFF  # the varied effects' random streams: (seed, 0xEFF[, batch, well, field])
 
 
 def _place(
@@ -192,6 +205,74 @@ def _scene_effects(
     return x, counts
 
 
+def _well_name(w: int) -> str:
+    return f"{chr(ord('A') + w // 12)}{w % 12 + 1:02d}"
+
+
+@dataclass
+class RawPlan:
+    """The global draws of `synth --raw` (lines, batches, varied effects) and the field settings.
+
+    Small and picklable: enough to render any field of view alone.
+    """
+
+    seed: int
+    lines: pd.DataFrame
+    batches: pd.DataFrame
+    effs: dict
+    wells: int
+    fields: int
+    fov_size: int
+    cells_per_fov: int
+    n_z: int
+
+    def fov(self, i: int) -> tuple[int, int, int]:
+        """(batch, well, field) of the i-th field of view (batch-major, as the files are listed)."""
+        b, rest = divmod(i, self.wells * self.fields)
+        return b, *divmod(rest, self.fields)
+
+    @property
+    def n_fovs(self) -> int:
+        """Fields of view over all plates."""
+        return len(self.batches) * self.wells * self.fields
+
+
+def _write_fov(plan: RawPlan, tmp: Path, b: int, w: int, f: int) -> dict:
+    """Render one field of view with its own Generators; write its TIFFs and masks; its truth."""
+    import tifffile
+
+    bp = plan.batches.iloc[b]
+    plate, well = f"SYN{b:02d}", _well_name(w)
+    line = plan.lines.iloc[(w + b) % len(plan.lines)]
+    rng = np.random.default_rng([plan.seed, b, w, f])
+    img, nuclei, cells = _render_fov(rng, plan.fov_size, line, plan.cells_per_fov)
+    focal = int(rng.integers(plan.n_z))
+    eff = plan.effs.get(bp.batch)
+    eff_rng = np.random.default_rng([plan.seed, _EFF_STREAM, b, w, f])
+    counts = {}
+    if eff:
+        img, counts = _scene_effects(eff_rng, img, eff)
+    for z in range(plan.n_z):
+        dz = abs(z - focal)
+        sl = ndimage.gaussian_filter(img, (0, _DEFOCUS * dz, _DEFOCUS * dz)) if dz else img
+        raw = _nuisance(rng, sl / (1 + 0.15 * dz), bp, eff, eff_rng)
+        for c, name in enumerate(CHANNELS):
+            name_z = f"{plate}_{well}_s{f}_{name}_z{z}.tif"
+            tifffile.imwrite(tmp / "images" / bp.batch / name_z, raw[c])
+    fov_id = f"{bp.batch}_{plate}_{well}_{f}"
+    tifffile.imwrite(tmp / "masks" / f"{fov_id}_nuclei.tif", nuclei)
+    tifffile.imwrite(tmp / "masks" / f"{fov_id}_cells.tif", cells)
+    edge = np.unique(np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]]))
+    n = int(len(np.unique(cells)) - 1)
+    return {"fov_id": fov_id, "batch": bp.batch, "plate": plate, "well": well, "field": str(f),
+            "focal_z": focal, "n_cells": n, "n_interior": n - int((edge > 0).sum()), **counts}
+
+
+def _write_fovs(plan: RawPlan, tmp: str, lo: int, hi: int) -> list[dict]:
+    """Fields of view lo..hi-1 (one chunk); their truth rows in order."""
+    return [_write_fov(plan, Path(tmp), *plan.fov(i)) for i in range(lo, hi)]
+
+
 def write_synthetic_raw(
     out: str | os.PathLike,
     seed: int = 0,
@@ -207,6 +288,9 @@ def write_synthetic_raw(
     effects: str = "varied",
     n_unseen: int | None = None,
     unseen_extreme: float = 2.5,
+    chunk_fovs: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
 ) -> dict:
     """Write raw fields of view, true masks and a plate map (see the module docstring).
 
@@ -230,6 +314,10 @@ def write_synthetic_raw(
         n_unseen: the last batches suggested for holding out (None = min(2, n_batches - 1)); with
             "varied" each carries one mechanism stronger than any seen batch has.
         unseen_extreme: that mechanism's strength over the strongest seen batch's.
+        chunk_fovs: fields of view per chunk (None: `CHUNK_FOVS`); never changes the files.
+        num_workers: Ray tasks writing chunks at once (0: this process; None: Ray from
+            `AUTO_RAY_FOVS` fields on, one task per CPU); never changes the files.
+        progress: a progress bar on stderr (when there is more than one chunk).
 
     Returns:
         The description written to `raw.json` (parameters, counts, the ingest settings to use).
@@ -245,6 +333,12 @@ def write_synthetic_raw(
         raise ValueError(
             f"write_synthetic_raw: n_unseen must be in [0, {n_batches}) (n_batches), not {n_unseen}"
         )
+    for key, v, lo in (("chunk_fovs", chunk_fovs, 1), ("num_workers", num_workers, 0)):
+        bad = isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo
+        if v is not None and bad:
+            raise ConfigError(
+                f"write_synthetic_raw: {key} must be a whole number >= {lo}, got {v!r}"
+            )
     # OutputError is a FileExistsError: a user's folder is refused even with overwrite
     out = prepare_output(out, overwrite=overwrite, what="synth.out", kind=RAW)
     rng = np.random.default_rng(seed)
@@ -253,8 +347,8 @@ def write_synthetic_raw(
     # the unseen flag only labels batches here (the basic effects are drawn as for seen ones, so a
     # seed gives the same images as before the flag existed)
     batches["unseen"] = np.arange(n_batches) >= n_batches - n_unseen
-    # varied effects draw from their own stream; the main one (cells, focus, noise) is as before
-    eff_rng = np.random.default_rng([seed, 0xEFF])
+    # varied effects draw from their own streams: the cells, focus and noise do not depend on them
+    eff_rng = np.random.default_rng([seed, _EFF_STREAM])
     effs, extremes = {}, []
     if effects == "varied":
         effs, extremes = be.draw_batch_effects(
@@ -267,63 +361,34 @@ def write_synthetic_raw(
         )
     tmp = staging_dir(out, RAW)
     (tmp / "masks").mkdir()
-    import tifffile
-
-    pm_rows, truth_rows = [], []
+    pm_rows = []
     for b, bp in batches.iterrows():
-        plate = f"SYN{b:02d}"
         (tmp / "images" / bp.batch).mkdir(parents=True)
         for w in range(wells):
-            well = f"{chr(ord('A') + w // 12)}{w % 12 + 1:02d}"
             line = lines.iloc[(w + b) % len(lines)]
             pm_rows.append(
                 {
-                    "plate": plate,
-                    "well": well,
+                    "plate": f"SYN{b:02d}",
+                    "well": _well_name(w),
                     "line": line.line,
                     "label": line.label,
                     "dose": _DOSES[w % len(_DOSES)],
                     "time": _TIMES[(w // len(_DOSES)) % 2],
                 }
             )
-            for f in range(fields):
-                img, nuclei, cells = _render_fov(rng, fov_size, line, cells_per_fov)
-                focal = int(rng.integers(n_z))
-                eff = effs.get(bp.batch)
-                counts = {}
-                if eff:
-                    img, counts = _scene_effects(eff_rng, img, eff)
-                for z in range(n_z):
-                    dz = abs(z - focal)
-                    sl = (
-                        ndimage.gaussian_filter(img, (0, _DEFOCUS * dz, _DEFOCUS * dz))
-                        if dz
-                        else img
-                    )
-                    raw = _nuisance(rng, sl / (1 + 0.15 * dz), bp, eff, eff_rng)
-                    for c, name in enumerate(CHANNELS):
-                        tifffile.imwrite(
-                            tmp / "images" / bp.batch / f"{plate}_{well}_s{f}_{name}_z{z}.tif",
-                            raw[c],
-                        )
-                fov_id = f"{bp.batch}_{plate}_{well}_{f}"
-                tifffile.imwrite(tmp / "masks" / f"{fov_id}_nuclei.tif", nuclei)
-                tifffile.imwrite(tmp / "masks" / f"{fov_id}_cells.tif", cells)
-                edge = np.unique(np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]]))
-                n = int(len(np.unique(cells)) - 1)
-                truth_rows.append(
-                    {
-                        "fov_id": fov_id,
-                        "batch": bp.batch,
-                        "plate": plate,
-                        "well": well,
-                        "field": str(f),
-                        "focal_z": focal,
-                        "n_cells": n,
-                        "n_interior": n - int((edge > 0).sum()),
-                        **counts,
-                    }
-                )
+    plan = RawPlan(seed, lines, batches, effs, wells, fields, fov_size, cells_per_fov, n_z)
+    per = chunk_fovs or CHUNK_FOVS
+    jobs = [(str(tmp), lo, min(lo + per, plan.n_fovs)) for lo in range(0, plan.n_fovs, per)]
+    workers = (auto_workers(plan.n_fovs, AUTO_RAY_FOVS, len(jobs)) if num_workers is None
+               else num_workers)
+    truth_rows: list[dict] = []
+
+    def gather(rows: list[dict]) -> int:
+        truth_rows.extend(rows)
+        return len(rows)
+
+    run_chunks(_write_fovs, plan, jobs, workers, gather, total=plan.n_fovs, unit="field",
+               desc="synth --raw", progress=progress)
     pd.DataFrame(pm_rows).to_csv(tmp / "platemap.csv", index=False)
     truth = pd.DataFrame(truth_rows)
     truth.to_csv(tmp / "truth.csv", index=False)
@@ -388,4 +453,7 @@ def from_config(cfg, overwrite: bool = False) -> dict:
         effects=getattr(s, "effects", "varied"),
         n_unseen=s.n_unseen,
         unseen_extreme=getattr(s, "unseen_extreme", 2.5),
+        # keys of issue 13 (0 / -1: automatic); getattr until the config has them
+        chunk_fovs=getattr(s, "raw_chunk_fovs", 0) or None,
+        num_workers=None if getattr(s, "num_workers", -1) < 0 else s.num_workers,
     )

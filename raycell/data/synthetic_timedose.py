@@ -5,7 +5,10 @@ the blog post of seed 002): every (time, dose) condition is imaged in every batc
 carries the morphology shift that generated it, so a model's embedding can be checked against the
 truth (e.g. does its first principal component order the doses?).
 
-Generative model (all draws from one `numpy.random.Generator` seeded by `seed`):
+Generative model (random streams as in `raycell.data.synthetic`: the design, the per-well effect and
+each batch's background field from one Generator seeded by `seed`, everything per cell from its
+block's own Generator seeded by ``(seed, block index)``, so the data set is written in chunks, by
+any number of Ray tasks, with the same bytes):
 
 * **Dose** acts linearly in ``log10(dose + eps)`` (`eps` = a tenth of the smallest non-zero dose),
   scaled to a level ``u`` in [0, 1] over the doses given: cells grow (radius), elongate, and their
@@ -29,6 +32,7 @@ The label column is the dose as a string class, so the single-label pipeline run
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Real
 
 import numpy as np
@@ -36,9 +40,19 @@ import pandas as pd
 
 from raycell import constants as K
 from raycell.data.batch_effects import background_texture, crosstalk
-from raycell.data.synthetic import CHANNELS, _apply_batch, _batch_params, _draw_cells
+from raycell.data.synthetic import (
+    BLOCK_CELLS,
+    CHANNELS,
+    _apply_batch,
+    _batch_params,
+    _draw_cells,
+    check_chunking,
+    render_cells,
+    shuffle_order,
+    write_blocks,
+)
 from raycell.errors import ConfigError
-from raycell.formats.shards import ShardError, ShardWriter
+from raycell.formats.shards import ShardError
 from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
 TIMES = (24, 48, 72)
@@ -107,8 +121,8 @@ def _check(n_cells: int, crop_size: int, times: list, doses: list, n_batches: in
 
 
 def _design(rng: np.random.Generator, n_cells: int, times: list[int], doses: list[float],
-            n_batches: int, replicates: int) -> pd.DataFrame:
-    """Every well (batch x time x dose x replicate) with its cells: one row per cell, shuffled."""
+            n_batches: int, replicates: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Every well (batch x time x dose x replicate) and each cell's well index (cells shuffled)."""
     wells = []
     for b in range(n_batches):
         # each plate gets its own random layout, so no plate position stands for a condition
@@ -123,22 +137,21 @@ def _design(rng: np.random.Generator, n_cells: int, times: list[int], doses: lis
     wells = pd.DataFrame(wells, columns=["batch_idx", "time", "dose", "replicate", K.WELL])
     counts = np.full(len(wells), n_cells // len(wells))
     counts[rng.permutation(len(wells))[: n_cells - counts.sum()]] += 1
-    cells = wells.loc[np.repeat(wells.index.to_numpy(), counts)].reset_index(names="well_idx")
-    return cells.sample(frac=1.0, random_state=int(rng.integers(2**31))).reset_index(drop=True)
+    cell_well = np.repeat(np.arange(len(wells), dtype=np.int32), counts)
+    return wells, cell_well[shuffle_order(rng, len(cell_well))]
 
 
-def _render_cells(rng: np.random.Generator, cells: pd.DataFrame, doses: list[float],
-                  times: list[int], size: int, strength: float
-                  ) -> tuple[np.ndarray, pd.DataFrame]:
+def _render_cells(rng: np.random.Generator, time: np.ndarray, dose: np.ndarray,
+                  well_eff: np.ndarray, doses: list[float], times: list[int], size: int,
+                  strength: float) -> tuple[np.ndarray, pd.DataFrame]:
     """Noise-free (N, 2, size, size) images in [0, 1] and the per-cell true effects."""
-    n = len(cells)
+    n = len(time)
     sc = size / 64.0
-    u = dose_level(cells.dose.to_numpy(), doses)
+    u = dose_level(dose, doses)
     tmin, tmax = min(times), max(times)
-    v = (cells.time.to_numpy(np.float64) - tmin) / (tmax - tmin) if tmax > tmin else np.zeros(n)
+    v = (time.astype(np.float64) - tmin) / (tmax - tmin) if tmax > tmin else np.zeros(n)
     dose_eff = strength * u * (0.75 + 0.5 * v)  # the dose effect grows with time
     time_eff = strength * v
-    well_eff = rng.normal(1.0, 0.03, int(cells.well_idx.max()) + 1)[cells.well_idx.to_numpy()]
     # dose: bigger, more elongated cells with dimmer, more textured nuclei
     radius = 12.5 * sc * (1 + 0.28 * dose_eff) * well_eff * rng.normal(1.0, 0.10, n)
     elong = np.clip((1.1 + 0.3 * dose_eff) * rng.normal(1.0, 0.07, n), 0.8, None)
@@ -168,13 +181,22 @@ def _extra_batch_params(rng: np.random.Generator, n_batches: int, strength: floa
     })
 
 
-def _add_crosstalk_background(rng: np.random.Generator, img: np.ndarray, cells: pd.DataFrame,
-                              batches: pd.DataFrame) -> None:
+def _background_fields(rng: np.random.Generator, batches: pd.DataFrame, size: int) -> list:
+    """Each batch's smooth background field (None where it has none), drawn once per batch.
+
+    The batch's crops show random windows of it.
+    """
+    field = max(512, 2 * size)
+    return [background_texture(rng, (field, field), bp.background_scale, bp.background)
+            if bp.background > 0 else None for _, bp in batches.iterrows()]
+
+
+def _add_crosstalk_background(rng: np.random.Generator, img: np.ndarray, batch_idx: np.ndarray,
+                              batches: pd.DataFrame, backgrounds: list) -> None:
     """Apply each batch's crosstalk and smooth background to its crops, in place (float images)."""
     _, c, size, _ = img.shape
-    field = max(512, 2 * size)
     for b, bp in batches.iterrows():
-        idx = np.flatnonzero(cells.batch_idx.to_numpy() == b)
+        idx = np.flatnonzero(batch_idx == b)
         if idx.size == 0:
             continue
         x = img[idx]
@@ -184,29 +206,76 @@ def _add_crosstalk_background(rng: np.random.Generator, img: np.ndarray, cells: 
             # crosstalk works on (C, H, W): stack the crops along H
             x = crosstalk(x.transpose(1, 0, 2, 3).reshape(c, -1, size), mix)
             x = x.reshape(c, len(idx), size, size).transpose(1, 0, 2, 3)
-        if bp.background > 0:
-            bg = background_texture(rng, (field, field), bp.background_scale, bp.background)
-            oy, ox = rng.integers(0, field - size + 1, (2, len(idx)))
+        bg = backgrounds[b]
+        if bg is not None:
+            oy, ox = rng.integers(0, len(bg) - size + 1, (2, len(idx)))
             win = np.stack([bg[y:y + size, z:z + size] for y, z in zip(oy, ox)])
             weight = np.array([1.0, bp.background_cyto], np.float32)[None, :, None, None]
             x = x + win[:, None] * weight
         img[idx] = x
 
 
-def generate_timedose(n_cells: int = 6000, crop_size: int = 64, times: list | tuple = TIMES,
-                      doses: list | tuple = DOSES, n_batches: int = 4, n_unseen: int = 1,
-                      replicates: int = 2, batch_strength: float = 1.0,
-                      effect_strength: float = 1.0, seed: int = 0
-                      ) -> tuple[np.ndarray, pd.DataFrame, dict]:
-    """Generate a time x dose data set in memory: (N, 2, S, S) uint8 crops, metadata, ground truth.
+@dataclass
+class TimedosePlan:
+    """The global draws of the time x dose design: small, picklable, enough to render any block."""
 
-    The metadata has the crop-shard columns (cell_id, batch, plate = batch, well, field, group
-    't<time>_d<dose>', label = the dose as text, split='') plus `time` (int64 h), `dose` (float64
-    uM), `compound` and the generative `true_dose_effect` / `true_time_effect` (float64).
+    seed: int
+    crop_size: int
+    effect_strength: float
+    times: list[int]
+    doses: list[float]
+    batches: pd.DataFrame
+    wells: pd.DataFrame
+    well_eff: np.ndarray
+    backgrounds: list
+    cell_well: np.ndarray
 
-    Raises:
-        ConfigError: empty or negative doses or times, n_unseen not below n_batches, fewer cells
-            than wells, and other arguments out of range.
+    @property
+    def n_cells(self) -> int:
+        """Number of cells in the data set."""
+        return len(self.cell_well)
+
+    def render_block(self, block: int) -> tuple[np.ndarray, pd.DataFrame]:
+        """Render, batch-transform and quantise one block with its own Generator (seed, block)."""
+        lo, hi = block * BLOCK_CELLS, min(self.n_cells, (block + 1) * BLOCK_CELLS)
+        rng = np.random.default_rng([self.seed, block])
+        wi = self.cell_well[lo:hi]
+        time = self.wells.time.to_numpy(np.int64)[wi]
+        dose = self.wells.dose.to_numpy(np.float64)[wi]
+        bi = self.wells.batch_idx.to_numpy()[wi]
+        img, truth = _render_cells(rng, time, dose, self.well_eff[wi], self.doses, self.times,
+                                   self.crop_size, self.effect_strength)
+        _add_crosstalk_background(rng, img, bi, self.batches, self.backgrounds)
+        img, pos = _apply_batch(rng, img, bi, self.batches)
+        batch = self.batches.batch.to_numpy(object)[bi]
+        names = {d: dose_name(d) for d in self.doses}
+        dose_txt = np.array([names[d] for d in dose], dtype=object)
+        meta = pd.DataFrame({
+            K.CELL_ID: [f"timedose-{i:07d}" for i in range(lo, hi)],
+            K.BATCH: batch,
+            K.PLATE: batch,
+            K.WELL: self.wells[K.WELL].to_numpy(object)[wi],
+            K.FIELD: "1",
+            K.GROUP: [f"t{t}_d{d}" for t, d in zip(time, dose_txt)],
+            K.LABEL: dose_txt,
+            K.SPLIT: K.UNASSIGNED,
+            K.SOURCE: "synthetic",
+            K.CENTROID_Y: pos[:, 0],
+            K.CENTROID_X: pos[:, 1],
+            "time": time,
+            "dose": dose,
+            "compound": np.where(dose == 0, CONTROL, COMPOUND),
+        })
+        return img, pd.concat([meta, truth], axis=1)
+
+
+def timedose_plan(n_cells: int = 6000, crop_size: int = 64, times: list | tuple = TIMES,
+                  doses: list | tuple = DOSES, n_batches: int = 4, n_unseen: int = 1,
+                  replicates: int = 2, batch_strength: float = 1.0, effect_strength: float = 1.0,
+                  seed: int = 0) -> tuple[TimedosePlan, dict]:
+    """The global draws (batches, wells, cells' wells, well effects, backgrounds) and the truth.
+
+    Raises ConfigError for bad arguments (see `generate_timedose`).
     """
     times, doses = list(times), list(doses)
     _check(n_cells, crop_size, times, doses, n_batches, n_unseen, replicates, batch_strength,
@@ -215,29 +284,11 @@ def generate_timedose(n_cells: int = 6000, crop_size: int = 64, times: list | tu
     rng = np.random.default_rng(seed)
     batches = _batch_params(rng, n_batches, n_unseen, batch_strength, confounded=False)
     batches = pd.concat([batches, _extra_batch_params(rng, n_batches, batch_strength)], axis=1)
-    cells = _design(rng, n_cells, times, doses, n_batches, replicates)
-    img, truth = _render_cells(rng, cells, doses, times, crop_size, effect_strength)
-    _add_crosstalk_background(rng, img, cells, batches)
-    img, pos = _apply_batch(rng, img, cells, batches)
-    bp = batches.iloc[cells.batch_idx.to_numpy()].reset_index(drop=True)
-    dose_txt = [dose_name(d) for d in cells.dose]
-    meta = pd.DataFrame({
-        K.CELL_ID: [f"timedose-{i:07d}" for i in range(len(cells))],
-        K.BATCH: bp.batch.to_numpy(),
-        K.PLATE: bp.batch.to_numpy(),
-        K.WELL: cells[K.WELL].to_numpy(),
-        K.FIELD: "1",
-        K.GROUP: [f"t{t}_d{d}" for t, d in zip(cells.time, dose_txt)],
-        K.LABEL: dose_txt,
-        K.SPLIT: K.UNASSIGNED,
-        K.SOURCE: "synthetic",
-        K.CENTROID_Y: pos[:, 0],
-        K.CENTROID_X: pos[:, 1],
-        "time": cells.time.to_numpy(np.int64),
-        "dose": cells.dose.to_numpy(np.float64),
-        "compound": np.where(cells.dose.to_numpy() == 0, CONTROL, COMPOUND),
-    })
-    meta = pd.concat([meta, truth], axis=1)
+    wells, cell_well = _design(rng, n_cells, times, doses, n_batches, replicates)
+    well_eff = rng.normal(1.0, 0.03, len(wells))  # a small well-to-well effect on the cell size
+    backgrounds = _background_fields(rng, batches, crop_size)
+    plan = TimedosePlan(seed, crop_size, effect_strength, times, doses, batches, wells, well_eff,
+                        backgrounds, cell_well)
     conditions = [{"time": t, "dose": d, "group": f"t{t}_d{dose_name(d)}",
                    "compound": CONTROL if d == 0 else COMPOUND,
                    "dose_level": float(dose_level(np.array([d]), doses)[0])}
@@ -256,27 +307,51 @@ def generate_timedose(n_cells: int = 6000, crop_size: int = 64, times: list | tu
         "batches": batches.to_dict(orient="records"),
         "unseen_batches": batches.batch[batches.unseen].tolist(),
     }
+    return plan, gt
+
+
+def generate_timedose(n_cells: int = 6000, crop_size: int = 64, times: list | tuple = TIMES,
+                      doses: list | tuple = DOSES, n_batches: int = 4, n_unseen: int = 1,
+                      replicates: int = 2, batch_strength: float = 1.0,
+                      effect_strength: float = 1.0, seed: int = 0
+                      ) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """Generate a time x dose data set in memory: (N, 2, S, S) uint8 crops, metadata, ground truth.
+
+    The metadata has the crop-shard columns (cell_id, batch, plate = batch, well, field, group
+    't<time>_d<dose>', label = the dose as text, split='') plus `time` (int64 h), `dose` (float64
+    uM), `compound` and the generative `true_dose_effect` / `true_time_effect` (float64).
+
+    Raises:
+        ConfigError: empty or negative doses or times, n_unseen not below n_batches, fewer cells
+            than wells, and other arguments out of range.
+    """
+    plan, gt = timedose_plan(n_cells, crop_size, times, doses, n_batches, n_unseen, replicates,
+                             batch_strength, effect_strength, seed)
+    img, meta = render_cells(plan, 0, plan.n_cells)
     return img, meta, gt
 
 
 def write_timedose(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_shard: int = 1000,
-                   overwrite: bool = False, seed: int = 0, **kw) -> dict:
-    """Generate the time x dose data set and write it as crop shards; returns the manifest.
+                   overwrite: bool = False, seed: int = 0, chunk_cells: int | None = None,
+                   num_workers: int | None = None, progress: bool = True, **kw) -> dict:
+    """Generate the time x dose data set and write it as crop shards in chunks; return the manifest.
 
     Written like `raycell.data.synthetic.write_synthetic` (built beside `out`, swapped in when
-    complete); `kw` are `generate_timedose`'s other arguments.
+    complete; `chunk_cells` / `num_workers` as in `raycell.data.synthetic.write_blocks`, never
+    changing the bytes); `kw` are `generate_timedose`'s other arguments.
     """
+    check_chunking(rows_per_shard, chunk_cells, num_workers)
     path = prepare_output(out, overwrite=overwrite, what="synth.out", kind=DATASET,
                           error=ShardError)
     params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
-    img, meta, gt = generate_timedose(**params)
+    plan, gt = timedose_plan(**params)
     params.update(times=gt["times"], doses=gt["doses"])  # JSON-friendly lists
     tmp = staging_dir(path, DATASET)
-    writer = ShardWriter(tmp, CHANNELS, rows_per_shard=rows_per_shard, overwrite=True)
-    writer.add(img, meta)
-    m = writer.close(params={"generator": "raycell.data.synthetic_timedose", **params},
-                     extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt,
-                            # the truth columns are answers, not labels to train on
-                            "weak_label_columns": list(WEAK_LABEL_COLUMNS)})
+    builder = write_blocks(tmp, plan, CHANNELS, rows_per_shard, chunk_cells, num_workers, progress,
+                           desc="synth timedose")
+    m = builder.write(params={"generator": "raycell.data.synthetic_timedose", **params},
+                      extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt,
+                             # the truth columns are answers, not labels to train on
+                             "weak_label_columns": list(WEAK_LABEL_COLUMNS)})
     swap_in(tmp, path)
     return m
