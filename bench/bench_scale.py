@@ -1,0 +1,235 @@
+"""Scale on one machine: every stage at growing sizes, wall time, cells/s and peak memory of its process tree.
+
+    python bench/bench_scale.py --quick              # 100 k and 300 k cells (32 px), ingest at 50 / 150 fields
+    python bench/bench_scale.py                      # 100 k, 300 k and 1 M cells
+    python bench/bench_scale.py --sizes 1000000 --stages synth   # one stage, one size
+
+Each stage runs as the command a user types (`python -m raycell <verb>`), in its own process, so its numbers
+include starting Ray; a sampler reads the proportional set size (PSS, from /proc/<pid>/smaps_rollup) of that
+process and all its descendants (Ray's GCS, raylet, workers, actors) every 0.25 s. PSS splits pages shared
+between processes (the object store, libraries) fairly, so the sum is the tree's real footprint, unlike a
+sum of RSS. Stages, per size N (crops 32 px, the `tiny` AEC preset):
+
+* `synth`: `raycell synth` of N cells;
+* `split`: `raycell split` (rewrites the split column of every shard);
+* `train`: `raycell train`, one epoch (the epoch's own seconds from history.jsonl are reported too);
+* `infer`: `raycell infer` over all cells;
+* `embed`: `raycell embed` over all cells (profiling layout + well profiles);
+* `ingest`: `raycell ingest` of `synth --raw` fields (512 x 512, 2 channels); its sizes are fields of view
+  (`--fields`), since ingest costs ~0.1-0.5 s of CPU per field.
+
+Growth from one size to the next: `time ratio / size ratio` (1.00 = linear) and the marginal cells/s
+(extra cells / extra seconds); peak memory growth in percent. Goals (issue 13): time within 10% of the marginal
+rate, peak memory within 20% from the smallest to the largest size. Prints a table and writes
+bench/results/<date>_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["synth", "split", "train", "infer", "embed", "ingest"]
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree_pss_mb(root: int) -> float:
+    """PSS (MB) of `root` and all its descendants."""
+    kids, todo, total = _children(), [root], 0
+    while todo:
+        pid = todo.pop()
+        todo.extend(kids.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total / 1024
+
+
+def run_stage(cmd: list[str], log: Path) -> dict:
+    """Run one CLI command, sampling its process tree's PSS; returns seconds and peak MB."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        peak = [0.0]
+
+        def sample():
+            while proc.poll() is None:
+                peak[0] = max(peak[0], tree_pss_mb(proc.pid))
+                time.sleep(0.25)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        rc = proc.wait()
+        th.join()
+    secs = time.perf_counter() - t0
+    if rc != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f"stage failed ({rc}): {' '.join(cmd)}\n" + "\n".join(tail))
+    return {"seconds": round(secs, 2), "peak_mb": round(peak[0], 1), "command": " ".join(cmd[2:])}
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _rc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "raycell", *args]
+
+
+def cell_stages(n: int, work: Path, stages: list[str], logs: Path, workers: int) -> dict:
+    """synth -> split -> train (1 epoch) -> infer -> embed at n cells; returns a row per stage."""
+    d, runs = work / f"d{n}", work / f"runs{n}"
+    common = ["--set", f"data.path={d}"]
+    rows: dict[str, dict] = {}
+    if "synth" in stages or not (d / "dataset.json").is_file():
+        shutil.rmtree(d, ignore_errors=True)
+        r = run_stage(_rc("synth", "--set", f"synth.out={d}", "--set", f"synth.n_cells={n}", "--set",
+                          "synth.crop_size=32", "--set", f"synth.num_workers={workers}"), logs / f"synth{n}.log")
+        r["disk_bytes_per_cell"] = round(_du(d) / n, 1)
+        rows["synth"] = r
+    if any(s in stages for s in ("split", "train", "infer", "embed")):
+        rows["split"] = run_stage(_rc("split", *common), logs / f"split{n}.log")
+    if any(s in stages for s in ("train", "infer", "embed")):
+        r = run_stage(_rc("train", *common, "--set", "model.preset=tiny", "--set", "train.epochs=1",
+                          "--set", f"train.runs_dir={runs}"), logs / f"train{n}.log")
+        run = next(p for p in sorted(runs.iterdir()) if p.is_dir())  # <runs>/<name>-<type>-<time>
+        hist = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x]
+        r["epoch_s"] = hist[-1].get("epoch_time_s")
+        r["cells"] = json.loads((d / "dataset.json").read_text())["counts_per_split"].get("train")
+        rows["train"] = r
+    if "infer" in stages:
+        rows["infer"] = run_stage(_rc("infer", *common, "--checkpoint", str(next(p for p in sorted(runs.iterdir()) if p.is_dir())), "--set",
+                                      f"infer.out={work / f'pred{n}'}"), logs / f"infer{n}.log")
+        rows["infer"]["disk_bytes_per_cell"] = round(_du(work / f"pred{n}") / n, 1)
+    if "embed" in stages:
+        rows["embed"] = run_stage(_rc("embed", *common, "--checkpoint", str(next(p for p in sorted(runs.iterdir()) if p.is_dir())), "--set",
+                                      f"embed.out={work / f'emb{n}'}"), logs / f"embed{n}.log")
+        rows["embed"]["disk_bytes_per_cell"] = round(_du(work / f"emb{n}") / n, 1)
+    for r in rows.values():
+        r.setdefault("cells", n)
+        r["cells_per_s"] = round(r["cells"] / r["seconds"], 1)
+    return rows
+
+
+def ingest_stage(fields: int, work: Path, logs: Path) -> dict:
+    """`synth --raw` of `fields` 512 x 512 fields (not timed), then `raycell ingest` of them (timed)."""
+    raw, out = work / f"raw{fields}", work / f"ing{fields}"
+    wells = max(1, fields // 8)  # 2 batches x wells x 4 fields
+    shutil.rmtree(raw, ignore_errors=True)
+    subprocess.run(_rc("synth", "--raw", "--set", f"synth.out={raw}", "--set", "synth.n_batches=2", "--set",
+                       "synth.n_unseen=1", "--set", f"synth.raw_wells={wells}", "--set", "synth.raw_fields=4",
+                       "--set", "synth.raw_fov_size=512", "--set", "synth.raw_cells_per_fov=60"),
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = run_stage(_rc("ingest", "--set", f"ingest.input={raw / 'images'}", "--set",
+                      f"ingest.platemap={raw / 'platemap.csv'}", "--set", f"ingest.out={out}", "--set",
+                      "ingest.channels=[nucleus, cytoplasm]", "--set", "ingest.crop_size=32"),
+                  logs / f"ingest{fields}.log")
+    summ = json.loads((out / "ingest_summary.json").read_text())
+    r.update(fields=summ["n_fovs_in"], cells=summ["n_cells"], fields_per_s=round(summ["n_fovs_in"] / r["seconds"], 2),
+             cells_per_s=round(summ["n_cells"] / r["seconds"], 1),
+             disk_bytes_per_cell=round(_du(out) / max(1, summ["n_cells"]), 1))
+    return r
+
+
+def growth(rows: list[dict], key: str = "cells") -> list[dict]:
+    """Per consecutive pair of sizes: time ratio over size ratio, marginal rate, memory growth."""
+    out = []
+    for a, b in zip(rows, rows[1:]):
+        size_r = b[key] / a[key]
+        out.append({"from": a[key], "to": b[key], "time_per_size": round(b["seconds"] / a["seconds"] / size_r, 3),
+                    "marginal_per_s": round((b[key] - a[key]) / max(1e-9, b["seconds"] - a["seconds"]), 1),
+                    "peak_growth_pct": round(100 * (b["peak_mb"] / a["peak_mb"] - 1), 1)})
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="100 k and 300 k cells; ingest at 50 and 150 fields")
+    ap.add_argument("--sizes", default="", help="comma-separated cell counts (default 100000,300000,1000000)")
+    ap.add_argument("--fields", default="", help="comma-separated ingest sizes in fields (default 50,150,500)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"subset of {','.join(STAGES)}")
+    ap.add_argument("--workers", type=int, default=2, help="synth.num_workers")
+    ap.add_argument("--work", default="", help="scratch folder (default: a new temp folder, deleted after)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    sizes = [int(x) for x in (args.sizes or ("100000,300000" if args.quick else "100000,300000,1000000")).split(",")]
+    fields = [int(x) for x in (args.fields or ("48,144" if args.quick else "48,144,480")).split(",")]
+    stages = [s for s in args.stages.split(",") if s]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise SystemExit(f"--stages: unknown {bad}; stages are {STAGES}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="raycell-scale-")).absolute()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()
+    res: dict[str, list[dict]] = {}
+    for n in sizes:
+        for stage, row in cell_stages(n, work, stages, logs, args.workers).items():
+            if stage in stages:
+                res.setdefault(stage, []).append(row)
+                print(f"{stage:<7}{n:>9} cells  {row['seconds']:>8.1f} s  {row['cells_per_s']:>9.0f} cells/s  "
+                      f"peak {row['peak_mb']:>7.0f} MB", flush=True)
+        for d in work.glob(f"*{n}"):  # free the disk before the next size
+            if d.is_dir() and d.name != "logs" and not args.work:
+                shutil.rmtree(d, ignore_errors=True)
+    if "ingest" in stages:
+        for f in fields:
+            row = ingest_stage(f, work, logs)
+            res.setdefault("ingest", []).append(row)
+            print(f"ingest {row['fields']:>6} fields ({row['cells']} cells) {row['seconds']:>8.1f} s  "
+                  f"{row['fields_per_s']:.2f} fields/s  peak {row['peak_mb']:.0f} MB", flush=True)
+    print(f"\n{'stage':<8}{'size':>9}{'s':>9}{'cells/s':>10}{'peak MB':>9}{'B/cell':>9}   growth (time/size, "
+          "marginal/s, peak %)")
+    report = {}
+    for stage, rows in res.items():
+        key = "fields" if stage == "ingest" else "cells"
+        g = growth(rows, key)
+        report[stage] = {"rows": rows, "growth": g}
+        for i, r in enumerate(rows):
+            gr = g[i - 1] if i else None
+            gs = f"   {gr['time_per_size']:.2f}  {gr['marginal_per_s']:.0f}  {gr['peak_growth_pct']:+.0f}%" if gr else ""
+            print(f"{stage:<8}{r[key]:>9}{r['seconds']:>9.1f}{r['cells_per_s']:>10.0f}{r['peak_mb']:>9.0f}"
+                  f"{r.get('disk_bytes_per_cell', 0):>9.0f}{gs}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    f = out / f"{time.strftime('%Y%m%d')}_scale.json"
+    f.write_text(json.dumps({"bench": "scale", "date": time.strftime("%Y-%m-%d %H:%M"), "cpu_count": os.cpu_count(),
+                             "load_average_start": load0, "load_average_end": os.getloadavg(), "sizes": sizes,
+                             "fields": fields, "results": report,
+                             "command": "python bench/bench_scale.py " + " ".join(argv or sys.argv[1:])}, indent=2))
+    print(f"wrote {f}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
