@@ -360,3 +360,27 @@ class WeakLabelPlan(TrainingPlan):
         """Sum over heads (see the class docstring)."""
         total, terms = heads_loss(out.logits, y, self.model.head_sizes, self.w.heads == "multilabel")
         return LossOutput(total, {f"cls_{n}": t for n, t in zip(self.model.head_names, terms)})
+
+
+class ZPredictorPlan(WeakLabelPlan):
+    """The Z-predictor (spec 2.6, `melanoma_aec/infer_design_matrix.py`): images -> batch.
+
+    The reference's recipe: NAdam (`train.lr`; infer-z passes `infer.z_lr`, 1e-4) and the categorical
+    cross-entropy of the one head (the batch column), whatever `loss.heads` says: its softmax is the
+    soft design matrix Z, which the multi-label sigmoid would not calibrate.
+    """
+
+    def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
+                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False,
+                 layer_decay: float = 0.0):
+        super().__init__(model, loss, lr, weight_decay, n_batches=n_batches, grad_sync=grad_sync,
+                         bf16=bf16, layer_decay=layer_decay)
+        if not layer_decay:  # (layer_decay raises above: the network has no layer groups)
+            self.optimizers["main"] = torch.optim.NAdam(self.main_parameters(), lr=lr,
+                                                        weight_decay=weight_decay)
+
+    def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+                     ) -> LossOutput:
+        """Softmax cross-entropy of the batch head (logged as `cls_batch`)."""
+        total, terms = heads_loss(out.logits, y, self.model.head_sizes, False)
+        return LossOutput(total, {f"cls_{n}": t for n, t in zip(self.model.head_names, terms)})

@@ -181,15 +181,16 @@ def test_checkpoint_round_trip_gives_identical_outputs(model_type, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def inferred_z(tiny_data, tmp_path_factory):
+def inferred_z(tiny_data, ray_local, tmp_path_factory):
     from raycell.infer.zpredictor import run_infer_z
 
-    out = tmp_path_factory.mktemp("z")
+    out = tmp_path_factory.mktemp("z")  # the Z-predictor trains on Ray (tests/test_zpredictor_model.py)
     cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={out}", "infer.z_epochs=1",
-                             "infer.z_lr=1e-3"])
+                             "infer.z_lr=1e-3", "ray.progress=false", "data.block_size_mb=1"])
     return run_infer_z(cfg)
 
 
+@pytest.mark.ray
 def test_infer_z_writes_a_soft_z_per_unseen_cell(inferred_z, tiny_data):
     import numpy as np
     import pyarrow.parquet as pq
@@ -204,6 +205,7 @@ def test_infer_z_writes_a_soft_z_per_unseen_cell(inferred_z, tiny_data):
     assert (z >= 0).all()
 
 
+@pytest.mark.ray
 def test_unseen_batches_need_an_inferred_z(tiny_data, inferred_z, tmp_path):
     from raycell.infer.predictor import CropPredictor, MissingDesignMatrixError
 

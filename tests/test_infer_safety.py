@@ -120,7 +120,7 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
     ck = _copy(cks["conventional"], tmp_path / "ck")
     weights = ck / "model.pt"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    # infer-z needs no Ray: the CLI contract is checked end to end
+    # infer-z checks its inputs before it starts Ray: the CLI contract is checked end to end
     rc, err = _cli(capsys, "infer-z", "--checkpoint", str(ck), "--data", str(tiny_data), "--out",
                    str(tmp_path / "z"))
     assert rc == 2

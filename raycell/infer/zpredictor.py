@@ -5,40 +5,46 @@ there is no one-hot row; ARMED trains an image classifier on the *training* imag
 batch and uses its softmax on the unseen cells as a soft Z: each unseen cell then gets a mix of the
 random effects of the seen batches it looks like.
 
-As in the reference (`melanoma_aec/infer_design_matrix.py`): the `ImageClassifier` network of the
-random-effects AEC, raw training images -> one-hot batch, categorical cross-entropy, NAdam
-(lr 1e-4), batch 32, at most 10 epochs, early stopping on validation accuracy (patience 3) restoring
-the best weights. It runs as a plain single-process PyTorch loop over the shards: an image
-classifier of a few hundred thousand parameters trains in seconds to minutes per epoch on a CPU, and
-the training split must fit in memory (as in the reference).
+The classifier is the registered model type `zpredictor` (`raycell/models/armed.py`: the
+`ImageClassifier` network, one head = the batch column over the training batches, `ZPredictorPlan`),
+trained by the one loop through Ray Train like every other model, so it scales out with
+`scaling.num_workers`. The recipe of the reference (`melanoma_aec/infer_design_matrix.py`) comes from
+the `infer.z_*` keys: NAdam lr 1e-4, batch 32, at most 10 epochs, early stopping on validation
+accuracy (patience 3) with the best epoch's weights. Validation is on held-out cells of the training
+batches (split 'val'); held-out batches (split 'valbatch') are not used, since a batch classifier has no
+class for them. The soft Z is then the batch head's probabilities (`prob_batch`) from the batch
+inference (`raycell.infer.batch.predict`) on the cells of `infer.z_splits`, its columns in the order of
+the batch vocabulary of the model being served (`infer.checkpoint`; else the data set's training
+batches).
 
 Outputs, in `infer.z_out` (written atomically):
 * `inferred_z.parquet`: `cell_id`, `batch`, `split` and `z` (fixed-size list of float32, one entry
   per training batch, in the model's Z column order) for the cells of `infer.z_splits` (default:
   unseen);
-* `inferred_z.json`: the batch vocabulary (Z column order), validation accuracy, training history
-  and the mean Z per batch (which seen batches each unseen batch resembles);
-* `zpredictor.pt`: the classifier's weights.
+* `inferred_z.json`: the batch vocabulary (Z column order), validation accuracy, training history,
+  the mean Z per batch (which seen batches each unseen batch resembles), and the Z-predictor's run;
+* `zpredictor.pt`: the classifier's weights (`ImageClassifier` parameter names);
+* `runs/infer-z-zpredictor-<timestamp>/`: the Z-predictor's training run (checkpoints, history) and
+  its predictions.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
-from raycell.data.dataset import TRAIN_COLUMNS, CropCollate
 from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import ShardDataset, open_dataset
-from raycell.formats.spec import DataSpec
 from raycell.utils.io import atomic_write_json, atomic_write_parquet, read_json
 
+ZPREDICTOR = "zpredictor"  # the model type (raycell/models/armed.py)
 Z_PARQUET, Z_JSON, Z_WEIGHTS = "inferred_z.parquet", "inferred_z.json", "zpredictor.pt"
 
 
@@ -149,6 +155,11 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
         _, meta = load_checkpoint(cfg.infer.checkpoint)  # the Z is for this model: it must load
         meta["data_spec_obj"].check_compatible(ds, f"checkpoint {meta['path']}")
         train_batches = set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist())
+        missing = sorted(set(meta["batches"]["values"]) - train_batches)
+        if missing:
+            raise ConfigError(f"infer-z: checkpoint {meta['path']} was trained on batch(es) {missing} that "
+                              f"the train split of {ds.root} lacks, so the Z-predictor could not give them "
+                              "a Z column: infer.data must be the data set the model was trained on")
         extra = sorted(train_batches - set(meta["batches"]["values"]))
         if extra:
             raise ConfigError(f"infer-z: the train split of {ds.root} has batch(es) {extra} that "
@@ -156,143 +167,130 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
                               "data set the model was trained on")
     if cfg.infer.z_out and Path(cfg.infer.z_out).is_file():
         raise ConfigError(f"infer.z_out {Path(cfg.infer.z_out).absolute()} is a file, not a folder")
+    from raycell.train.trainer import check_train
+
+    check_train(zpredictor_config(cfg, ds, Path(cfg.infer.z_out or ds.root)))  # val split, >= 2 batches
     return ds
 
 
-def _iterate(t: pa.Table, collate: CropCollate, batch_size: int,
-             rng: np.random.Generator | None = None):
-    """Collated batches of an in-memory table (shuffled when an rng is given)."""
-    if rng is not None:
-        t = t.take(pa.array(rng.permutation(t.num_rows)))
-    for s in range(0, t.num_rows, batch_size):
-        yield collate(t.slice(s, batch_size))
+def zpredictor_config(cfg: ExperimentConfig, ds: ShardDataset, out: Path) -> ExperimentConfig:
+    """The training config of the Z-predictor: `cfg` with the model, data and recipe of infer-z.
 
-
-def _accuracy(model: torch.nn.Module, t: pa.Table, collate: CropCollate, spec: DataSpec,
-              device: torch.device) -> float:
-    model.eval()
-    hit = n = 0
-    with torch.no_grad():
-        for b in _iterate(t, collate, 256):
-            known = b["b"] >= 0
-            if not known.any():
-                continue
-            pred = model(spec.to_float(b["x"].to(device))).argmax(1).cpu()
-            hit += int((pred[known] == b["b"][known]).sum())
-            n += int(known.sum())
-    return hit / n if n else float("nan")
-
-
-def train_z_predictor(ds: ShardDataset, batches: CategoryMap, *, epochs: int = 10,
-                      patience: int = 3, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
-                      device: torch.device | None = None, log: bool = True
-                      ) -> tuple[torch.nn.Module, list[dict]]:
-    """Fit the ImageClassifier to training images -> batch, early-stopped on val accuracy.
-
-    Returns:
-        The classifier with the best validation weights (eval mode) and the per-epoch history.
+    The reference's recipe from the `infer.z_*` keys; no augmentation, no schedule; the user's
+    `model.args` are the served model's, not the classifier's. Scaling, Ray and data streaming settings
+    (workers, blocks, materialize, `train.max_steps_per_epoch`) stay the user's.
     """
-    from raycell.models.layers import ImageClassifier
+    c = copy.deepcopy(cfg)
+    ic = cfg.infer
+    c.name = "infer-z"
+    c.model.type, c.model.args = ZPREDICTOR, {}
+    c.data.path, c.data.heads, c.data.batch_size = str(ds.root), [], ic.z_batch_size
+    t = c.train
+    t.epochs, t.lr, t.weight_decay = ic.z_epochs, ic.z_lr, 0.0
+    t.schedule, t.layer_decay, t.augment, t.resume, t.chaos_kill_after_steps = "constant", 0.0, "", "", 0
+    t.runs_dir = str(Path(out).absolute() / "runs")
+    return c.validate()
 
-    device = device or torch.device("cpu")
-    spec = DataSpec.from_dataset(ds)
-    collate = CropCollate(spec, CategoryMap(K.LABEL, ds.manifest["label_vocab"]), batches)
-    train_t = ds.read_table(TRAIN_COLUMNS, splits=[K.TRAIN])
-    val_t = ds.read_table(TRAIN_COLUMNS, splits=[K.VAL])
-    if val_t.num_rows == 0:  # no validation split: select on the training accuracy instead
-        val_t = train_t
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model = ImageClassifier(spec.shape[0], len(batches), spec.shape[1]).to(device)
-    opt = torch.optim.NAdam(model.parameters(), lr=lr)
-    best, best_acc, since, history = None, -1.0, 0, []
-    for epoch in range(epochs):
-        t0 = time.time()
-        model.train()
-        total = steps = 0
-        for b in _iterate(train_t, collate, batch_size, rng):
-            logits = model(spec.to_float(b["x"].to(device)))
-            loss = torch.nn.functional.cross_entropy(logits, b["b"].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-        acc = _accuracy(model, val_t, collate, spec, device)
-        history.append({"epoch": epoch, "train_loss": total / max(steps, 1), "val_accuracy": acc,
-                        "seconds": round(time.time() - t0, 2)})
-        if log:
-            print(f"[raycell] infer-z epoch {epoch}: loss {total / max(steps, 1):.4f}, "
-                  f"val accuracy {acc:.4f}", flush=True)
-        if acc > best_acc:
-            best, best_acc, since = copy.deepcopy(model.state_dict()), acc, 0
-        else:
-            since += 1
-            if since >= patience:
-                break
-    if best is not None:
-        model.load_state_dict(best)
-    return model.eval(), history
+
+def _out_folder(cfg: ExperimentConfig, ds: ShardDataset) -> Path:
+    if cfg.infer.z_out:
+        return Path(cfg.infer.z_out).absolute()
+    if cfg.infer.checkpoint:
+        from raycell.formats.checkpoint import find_checkpoint
+
+        return find_checkpoint(cfg.infer.checkpoint).parent / "inferred_z"
+    return ds.root / "inferred_z"
+
+
+def _read_soft_z(pred_out: str | Path, manifest: dict) -> pa.Table:
+    """cell_id, batch, split and the batch head's probabilities from an infer predictions folder."""
+    import pyarrow.parquet as pq
+
+    col = f"{K.PROB}_{K.BATCH}"
+    parts = [pq.read_table(Path(pred_out) / sh["file"], columns=[K.CELL_ID, K.BATCH, K.SPLIT, col])
+             for sh in manifest["shards"]]
+    return pa.concat_tables(parts).combine_chunks() if parts else pa.table({})
 
 
 def run_infer_z(cfg: ExperimentConfig) -> dict:
-    """Train the Z-predictor and write the soft Z of the cells in `cfg.infer.z_splits`.
+    """Train the Z-predictor on Ray and write the soft Z of the cells in `cfg.infer.z_splits`.
 
     Uses `cfg.infer.data` (default `cfg.data.path`); the Z columns follow `cfg.infer.checkpoint`'s
-    training batches when a checkpoint is given (else the data set's training batches). Needs no
-    Ray.
+    training batches when a checkpoint is given (else the data set's training batches). Everything is
+    checked before Ray starts; Ray is started (`ray.*` keys) unless it already runs.
 
     Returns:
         A summary: out folder, parquet path, number of cells, best validation accuracy, epochs,
-        batches.
+        batches, the Z-predictor's run folder and checkpoint.
     """
+    import torch
+
+    from raycell.formats.checkpoint import read_meta
+    from raycell.infer.batch import predict
+    from raycell.train.trainer import EarlyStopping, train
+    from raycell.utils.ray_utils import init_ray
+
     t0 = time.time()
     ds = check_infer_z_config(cfg)
-    batches = _batches_of(ds, cfg.infer.checkpoint)
-    if len(batches) < 2:
-        raise ConfigError(f"infer-z needs at least 2 training batches in {ds.root}, found "
-                          f"{list(batches.values)}")
-    if cfg.infer.z_out:
-        out = Path(cfg.infer.z_out).absolute()
-    elif cfg.infer.checkpoint:
-        from raycell.formats.checkpoint import find_checkpoint
-
-        out = find_checkpoint(cfg.infer.checkpoint).parent / "inferred_z"
+    served = _batches_of(ds, cfg.infer.checkpoint)  # the Z column order
+    out = _out_folder(cfg, ds)
+    zcfg = zpredictor_config(cfg, ds, out)
+    r = cfg.ray
+    init_ray(r.address, r.num_cpus, r.object_store_mb, r.progress, r.connect_timeout_s, verbose=r.verbose)
+    print(f"[raycell] infer-z: training the Z-predictor on {ds.root} ({len(served)} batches) -> {out}",
+          flush=True)
+    res = train(zcfg, early_stopping=EarlyStopping(patience=cfg.infer.z_patience, metric="val_acc"))
+    ck = res.get("best_checkpoint")
+    if not ck:
+        raise ConfigError(f"infer-z: the Z-predictor run {res['run_dir']} kept no checkpoint of its best "
+                          "epoch (no val accuracy was reported); see its history.jsonl")
+    learned = list(read_meta(ck)["heads"][0]["values"])
+    if sorted(learned) != sorted(served.values):  # check_infer_z_config makes them equal: a safeguard
+        raise ConfigError(f"infer-z: the Z-predictor learned batches {learned}, but the model's Z has "
+                          f"columns {list(served.values)}: infer.data must be the model's data set")
+    # the soft Z: the batch head's probabilities for the cells of z_splits (the one batch inference)
+    icfg = copy.deepcopy(zcfg)
+    ic = icfg.infer
+    ic.checkpoint, ic.data, ic.out, ic.splits = str(ck), str(ds.root), "", list(cfg.infer.z_splits)
+    ic.z_source, ic.randomize_z, ic.write_recon = "", False, False
+    manifest = predict(icfg)
+    t = _read_soft_z(manifest["out"], manifest)
+    col = f"{K.PROB}_{K.BATCH}"
+    n = len(served)
+    if t.num_rows:
+        prob = np.asarray(t.column(col).combine_chunks().flatten(), dtype=np.float32)
+        prob = prob.reshape(t.num_rows, len(learned))
+        z = prob[:, [learned.index(b) for b in served.values]]  # the served model's column order
     else:
-        out = ds.root / "inferred_z"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"[raycell] infer-z: training the Z-predictor on {ds.root} ({len(batches)} batches) -> "
-          f"{out}", flush=True)
-    ic = cfg.infer
-    model, history = train_z_predictor(ds, batches, epochs=ic.z_epochs, patience=ic.z_patience,
-                                       lr=ic.z_lr, batch_size=ic.z_batch_size, seed=cfg.seed,
-                                       device=device)
-    spec = DataSpec.from_dataset(ds)
-    collate = CropCollate(spec, CategoryMap(K.LABEL, ds.manifest["label_vocab"]), batches)
-    t = ds.read_table(TRAIN_COLUMNS + [K.SPLIT], splits=list(cfg.infer.z_splits))
-    zs = []
-    with torch.no_grad():
-        for b in _iterate(t.drop_columns([K.SPLIT]), collate, 256):
-            logits = model(spec.to_float(b["x"].to(device))).float()
-            zs.append(torch.softmax(logits, 1).cpu().numpy())
-    z = np.concatenate(zs) if zs else np.zeros((0, len(batches)), np.float32)
+        z = np.zeros((0, n), np.float32)
+        t = pa.table({K.CELL_ID: pa.array([], pa.string()), K.BATCH: pa.array([], pa.string()),
+                      K.SPLIT: pa.array([], pa.string())})
     out.mkdir(parents=True, exist_ok=True)
-    zcol = pa.FixedSizeListArray.from_arrays(pa.array(z.astype(np.float32).ravel()), len(batches))
+    zcol = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(z).ravel()), n)
     table = pa.table({K.CELL_ID: t.column(K.CELL_ID), K.BATCH: t.column(K.BATCH),
                       K.SPLIT: t.column(K.SPLIT), "z": zcol})
     atomic_write_parquet(table, out / Z_PARQUET)
-    torch.save(model.state_dict(), out / Z_WEIGHTS)
+    tmp = out / f".{Z_WEIGHTS}.tmp"
+    torch.save(torch.load(Path(ck) / "model.pt", map_location="cpu", weights_only=True), tmp)
+    os.replace(tmp, out / Z_WEIGHTS)
     per_batch = {}
     bcol = np.asarray(t.column(K.BATCH).to_pylist(), dtype=object)
     for name in sorted(set(bcol.tolist())):
-        per_batch[name] = dict(zip(batches.values, np.round(z[bcol == name].mean(0), 4).tolist()))
-    best = max((h["val_accuracy"] for h in history), default=float("nan"))
+        per_batch[name] = dict(zip(served.values, np.round(z[bcol == name].mean(0), 4).tolist()))
+    history = [{"epoch": h["epoch"], "train_loss": h.get("train_loss"), "val_accuracy": h.get("val_acc"),
+                "seconds": round(float(h.get("epoch_time_s", 0.0)), 2)} for h in res["history"]]
+    best = float(read_meta(ck)["metrics"].get("val_acc", float("nan")))
     summary = {"out": str(out), "parquet": str(out / Z_PARQUET), "dataset": str(ds.root),
                "checkpoint": cfg.infer.checkpoint or None, "splits": list(cfg.infer.z_splits),
                "n_cells": int(t.num_rows), "val_accuracy": best, "epochs": len(history),
-               "batches": batches.to_dict(), "mean_z_per_batch": per_batch, "history": history,
+               "best_epoch": res.get("best_epoch"), "batches": served.to_dict(),
+               "mean_z_per_batch": per_batch, "history": history,
+               "zpredictor_run": res["run_dir"], "zpredictor_checkpoint": str(ck),
                "seconds": round(time.time() - t0, 1)}
     atomic_write_json(out / Z_JSON, summary)
-    print(f"[raycell] infer-z: best val accuracy {best:.4f} after {len(history)} epoch(s); soft Z "
-          f"for {t.num_rows} cell(s) -> {out / Z_PARQUET}", flush=True)
+    stopped = (f", stopped early (no better val accuracy for {cfg.infer.z_patience} epoch(s))"
+               if len(history) < cfg.infer.z_epochs else "")
+    print(f"[raycell] infer-z: best val accuracy {best:.4f} (epoch {res.get('best_epoch')}) after "
+          f"{len(history)} epoch(s){stopped}; soft Z for {t.num_rows} cell(s) -> {out / Z_PARQUET}",
+          flush=True)
     return summary

@@ -11,14 +11,15 @@ The interface every model type has (adding one: docs/models.md):
 
 Files: `registry.py` (the entries, `create_model`, `build_plan`), `layers.py` (shared blocks),
 `random_effects.py` (variational per-batch layers and the networks built from them), `aec.py`
-(conventional), `armed.py` (adversarial, randomeffects, mixedeffects), `timm_models.py` (timm: any
-timm backbone with weak-label heads; no reconstruction).
+(conventional), `armed.py` (adversarial, randomeffects, mixedeffects, and zpredictor: the batch
+classifier behind `raycell infer-z`), `timm_models.py` (timm: any timm backbone with weak-label heads;
+no reconstruction).
 """
 
 from raycell.losses import ModelOutput
 from raycell.models import (
     aec,  # noqa: F401  (registers "conventional")
-    armed,  # noqa: F401  (adversarial, randomeffects, mixedeffects)
+    armed,  # noqa: F401  (adversarial, randomeffects, mixedeffects, zpredictor)
     timm_models,  # noqa: F401  (timm: weak-label classifiers on timm backbones)
 )
 from raycell.models.registry import (

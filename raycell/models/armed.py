@@ -10,8 +10,11 @@
 * `mixedeffects` (ARMED-AEC as drawn in the paper's figure, 2.5): a fixed-effects DA-AEC and a
   random-effects AEC side by side, and a mixing head on both latents giving the mixed prediction
   ŷ_M.
-* `ImageClassifier` (2.3, 2.6) is also the Z-predictor's network (`raycell.infer.zpredictor`); the
-  Z-predictor is not registered as a model type because it has no latent or reconstruction.
+* `zpredictor` (2.6): the `ImageClassifier` network (2.3) alone, trained on the training images to
+  predict their imaging batch; its softmax on cells of unseen batches is their soft design matrix Z
+  (`raycell infer-z`, `raycell.infer.zpredictor`). A classifier with one weak-label head, the batch
+  column over the training batches: trained by the one loop with `ZPredictorPlan` (NAdam, softmax
+  cross-entropy), no reconstruction; its latent is the last conv block's output, flattened.
 
 Registered with their training plans (`raycell/plans.py`); `ModelOutput` fields they fill (every model
 also fills `latent`, `recon`, `logits`):
@@ -51,6 +54,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raycell import constants as K
 from raycell.losses import ModelOutput
 from raycell.models.aec import AutoencoderClassifier, n_label_outputs, resolve_preset
 from raycell.models.layers import (
@@ -68,7 +72,7 @@ from raycell.models.random_effects import (
     mean_kl,
 )
 from raycell.models.registry import register_model
-from raycell.plans import AdversarialPlan, MixedEffectsPlan, RandomEffectsPlan
+from raycell.plans import AdversarialPlan, MixedEffectsPlan, RandomEffectsPlan, ZPredictorPlan
 
 
 class DomainAdversarialAEC(AutoencoderClassifier):
@@ -247,3 +251,48 @@ def mixedeffects(in_channels: int, n_classes: int, n_batches: int = 1, preset: s
                           re_prior_scale=re_prior_scale, re_loc_init_scale=re_loc_init_scale,
                           image_classifier_filters=image_classifier_filters, target_head=False, **p)
     return MixedEffectsAEC(fe, re, n_classes, mixer_hidden)
+
+
+class ZPredictor(ImageClassifier):
+    """The Z-predictor (spec 2.6): `ImageClassifier` images -> batch logits, as a registered model.
+
+    A subclass rather than a wrapper, so its weights keep `ImageClassifier`'s names (`blocks.*`,
+    `head.*`): `zpredictor.pt` stays loadable by `ImageClassifier.load_state_dict`.
+    """
+
+    def __init__(self, in_channels: int, n_out: int, image_size: int, head_name: str = K.BATCH,
+                 filters: list[int] | None = None):
+        super().__init__(in_channels, n_out, image_size, filters)
+        self.head_names, self.head_sizes = [head_name], [n_out]
+        cin = self.head.in_channels
+        self.latent_dim = self.num_features = cin * self.head.kernel_size[0] * self.head.kernel_size[1]
+
+    def encode(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """The last conv block's output, flattened (what the head reads); z is not used."""
+        return self.blocks(x).flatten(1)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> ModelOutput:
+        """x -> latent (features before the head) and the batch logits; no reconstruction."""
+        f = self.blocks(x)
+        return ModelOutput(latent=f.flatten(1), recon=None, logits=self.head(f).flatten(1))
+
+
+@register_model("zpredictor", plan=ZPredictorPlan, reconstructs=False, weak_labels=True, batch_head=True)
+def zpredictor(in_channels: int, n_classes: int, n_batches: int = 1, preset: str = "small",
+               image_size: int | None = None, head_names: list[str] | None = None,
+               head_sizes: list[int] | None = None, filters: list[int] | None = None,
+               output_mean: list[float] | None = None) -> ZPredictor:
+    """The Z-predictor (spec 2.6): one head, the imaging batch over the training batches.
+
+    The loop passes `head_names=["batch"]`, `head_sizes=[number of training batches]`; with no heads
+    given, `n_classes` sizes the single head (the builder signature every weak-label type shares).
+    `filters`: the conv blocks' widths (default the reference's 16, 32, 32, 64, 64, 128, 256);
+    `preset` gives the crop size when `image_size` is unset; `output_mean` is accepted and unused (no
+    decoder).
+    """
+    if head_sizes is not None and len(head_sizes) != 1:
+        raise ValueError(f"model type 'zpredictor' has one head (the batch column), got heads {head_names}")
+    size = resolve_preset(preset, image_size=image_size)["image_size"]
+    n_out = int(head_sizes[0]) if head_sizes else n_classes
+    name = head_names[0] if head_names else K.BATCH
+    return ZPredictor(in_channels, n_out, size, head_name=name, filters=filters)

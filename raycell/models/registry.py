@@ -38,6 +38,7 @@ class ModelEntry:
     outputs: tuple[str, ...] = ()  # the optional ModelOutput fields its forward fills
     reconstructs: bool = True  # forward fills ModelOutput.recon (False: a classifier, recon=None)
     weak_labels: bool = False  # one head per metadata column (builder takes head_names, head_sizes)
+    batch_head: bool = False  # its one head is the imaging batch over the training batches (zpredictor)
 
 
 MODEL_REGISTRY: dict[str, ModelEntry] = {}
@@ -52,7 +53,7 @@ class UnknownModelError(UserError, KeyError):
 
 def register_model(name: str, *, plan: type[TrainingPlan] = TrainingPlan, uses_z: bool = False,
                    outputs: tuple[str, ...] = (), reconstructs: bool = True,
-                   weak_labels: bool = False) -> Callable:
+                   weak_labels: bool = False, batch_head: bool = False) -> Callable:
     """Decorator: register `fn` as the builder of model type `name`.
 
     Args:
@@ -65,6 +66,10 @@ def register_model(name: str, *, plan: type[TrainingPlan] = TrainingPlan, uses_z
             metrics); a plan whose loss reads it (`needs_recon`) needs a model that reconstructs.
         weak_labels: The builder takes `head_names` and `head_sizes`: one classification head per
             metadata column (`data.heads`), the logits side by side.
+        batch_head: (with `weak_labels`) the single head is the imaging batch, its classes the
+            training batches in the order of the design matrix Z (the Z-predictor): `data.heads` must
+            be empty or [batch], and the run validates on held-out cells of the training batches
+            (split 'val'), never on held-out batches (`valbatch`), which such a head cannot score.
 
     Raises:
         ValueError: a duplicate name, an unknown output field, or outputs that lack what `plan` reads.
@@ -82,12 +87,15 @@ def register_model(name: str, *, plan: type[TrainingPlan] = TrainingPlan, uses_z
     if plan.needs_recon and not reconstructs:
         raise ValueError(f"model type {name!r}: its plan {plan.__name__} reads the reconstruction, but the "
                          "model does not reconstruct (reconstructs=False)")
+    if batch_head and not weak_labels:
+        raise ValueError(f"model type {name!r}: batch_head=True is a weak-label head (weak_labels=True)")
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODEL_REGISTRY:
             raise ValueError(f"model type {name!r} is registered twice")
         MODEL_REGISTRY[name] = ModelEntry(name, fn, plan=plan, uses_z=uses_z, outputs=outputs,
-                                          reconstructs=reconstructs, weak_labels=weak_labels)
+                                          reconstructs=reconstructs, weak_labels=weak_labels,
+                                          batch_head=batch_head)
         return fn
 
     return deco

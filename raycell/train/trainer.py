@@ -11,7 +11,9 @@ in `RESUME_MAY_CHANGE` may differ, and the record is rewritten only after the re
 from __future__ import annotations
 
 import copy
+import math
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from raycell import constants as K
@@ -159,6 +161,8 @@ def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
 
     entry = model_entry(cfg.model.type)
     cols = [str(c) for c in cfg.data.heads]
+    if entry.batch_head:
+        return [batch_head_vocab(cfg, ds)]
     if not entry.weak_labels:
         if cols and cols != [K.LABEL]:
             raise ConfigError(f"data.heads {cols}: model type {cfg.model.type!r} has one phenotype head (the "
@@ -185,6 +189,38 @@ def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
     return maps
 
 
+def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
+    """The one head of a batch-head model type (the Z-predictor): the training batches, Z's columns.
+
+    A batch classifier is validated on held-out cells of the batches it learns (split 'val'): it
+    cannot score cells of batches it has no class for. So the data set needs val rows, all of them
+    from training batches, and at least 2 training batches; each is a one-line error.
+    """
+    cols = [str(c) for c in cfg.data.heads]
+    if cols not in ([], [K.BATCH]):
+        raise ConfigError(f"data.heads {cols}: model type {cfg.model.type!r} has one head, the "
+                          f"'{K.BATCH}' column (the imaging batch); leave data.heads empty")
+    t = ds.read_table([K.BATCH, K.SPLIT], splits=[K.TRAIN, K.VAL])
+    split = t.column(K.SPLIT).to_pylist()
+    batch = t.column(K.BATCH).to_pylist()
+    vocab = CategoryMap.fit(K.BATCH, [b for b, s in zip(batch, split) if s == K.TRAIN])
+    if len(vocab) < 2:
+        raise ConfigError(f"model type {cfg.model.type!r} predicts the imaging batch, but the train split of "
+                          f"{ds.root} has {len(vocab)} batch(es) {list(vocab.values)}; it needs at least 2")
+    val = {b for b, s in zip(batch, split) if s == K.VAL}
+    if not val:
+        raise ConfigError(f"model type {cfg.model.type!r} validates on held-out cells of the training "
+                          f"batches (split '{K.VAL}'), but {ds.root} has no '{K.VAL}' rows (its splits: "
+                          f"{ds.manifest.get('counts_per_split', {})}); re-split it with a val fraction > 0 "
+                          "(split.fractions)")
+    extra = sorted(val - set(vocab.values))
+    if extra:
+        raise ConfigError(f"model type {cfg.model.type!r}: the '{K.VAL}' split of {ds.root} has cells of "
+                          f"batch(es) {extra} that have no training cells, which a batch classifier cannot "
+                          "score; re-split it so that every val batch has training cells")
+    return vocab
+
+
 def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
     """Data spec and vocabularies for a run (labels from the manifest, batches = training batches).
 
@@ -207,11 +243,138 @@ def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
     heads = weak_label_heads(cfg, ds)
     if heads:
         setup["heads"] = [h.to_dict() for h in heads]
+    from raycell.models import model_entry
+
+    if setup["valbatch"] and model_entry(cfg.model.type).batch_head:
+        # held-out batches have no class in a batch classifier's head: validate on val only
+        n = ds.manifest["counts_per_split"][K.VALBATCH]
+        print(f"[raycell] model type {cfg.model.type!r} predicts the training batches, so it validates on "
+              f"held-out cells of those batches (split '{K.VAL}') only; the {n} cells of held-out batches "
+              f"(split '{K.VALBATCH}', split.val_batches) are not used", flush=True)
+        setup["valbatch"] = False
     # the one-cycle schedule's length (steps per worker per epoch, as the loop counts them)
     per_step = cfg.data.batch_size * max(1, cfg.scaling.num_workers)
     steps = max(1, ds.manifest.get("counts_per_split", {}).get(K.TRAIN, 0) // per_step)
     setup["steps_per_epoch"] = min(steps, cfg.train.max_steps_per_epoch or steps)
     return setup, ds
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop a run once `metric` has not improved for `patience` epochs; the best epoch is its result.
+
+    The loop itself has no early stopping: `train(cfg, early_stopping=...)` runs it with a context that
+    watches the reported metrics (`EarlyStoppingContext`) and keeps enough checkpoints to hold the best
+    epoch's (`train` returns it as `best_checkpoint`). The Z-predictor's recipe: val_acc, patience 3.
+    """
+
+    patience: int = 3
+    metric: str = "val_acc"
+    mode: str = "max"  # or "min" (a loss)
+
+    def __post_init__(self):
+        if self.patience < 1:
+            raise ConfigError(f"early stopping: patience must be at least 1 epoch, got {self.patience}")
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"early stopping: mode must be 'max' or 'min', got {self.mode!r}")
+
+    def best(self, history: list[dict]) -> dict | None:
+        """The best epoch's record of a history (the first of equals); None when none has the metric."""
+        scored = [r for r in history if _finite(r.get(self.metric))]
+        if not scored:
+            return None
+        sign = 1.0 if self.mode == "max" else -1.0
+        return max(scored, key=lambda r: (sign * r[self.metric], -r["epoch"]))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+class _StopEarly(Exception):
+    """Raised after the report of the last epoch the patience allows (caught by the worker function)."""
+
+
+class EarlyStoppingContext:
+    """A `TrainContext` that stops the loop once the rule's metric has not improved for `patience` epochs.
+
+    Rank 0 decides and every rank follows (a broadcast): each rank validates on the whole val split,
+    but BatchNorm running statistics are not synchronised, so ranks' metrics can differ slightly, and
+    a rank that stopped alone would leave the others waiting in `ray.train.report`. A resumed run counts
+    the epochs already in its history.
+    """
+
+    def __init__(self, ctx, rule: dict, history_file: str | None = None):
+        self.ctx, self.rule = ctx, EarlyStopping(**rule)
+        self.best: float | None = None
+        self.best_epoch, self.since, self.last = -1, 0, {}
+        from raycell.train.history import read_history
+
+        for rec in read_history(history_file) if history_file else []:
+            self._update(rec)
+
+    def __getattr__(self, name: str):  # rank, device, minibatches, ...: the wrapped context's
+        return getattr(self.ctx, name)
+
+    def _update(self, metrics: dict) -> bool:
+        """Take one epoch's metrics; True when the run should stop."""
+        v = metrics.get(self.rule.metric)
+        if not _finite(v):
+            return False  # nothing to judge by (e.g. an empty val split): never stop on it
+        if self.best is None or (v > self.best if self.rule.mode == "max" else v < self.best):
+            self.best, self.best_epoch, self.since = float(v), int(metrics["epoch"]), 0
+        else:
+            self.since += 1
+        return self.since >= self.rule.patience
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        """Report (a barrier on every rank), then stop if the patience is spent."""
+        self.ctx.report(metrics, checkpoint_dir)
+        self.last = metrics
+        stop = self._update(metrics)
+        if getattr(self.ctx, "world_size", 1) > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(stop)], dtype=torch.int64, device=self.ctx.device)  # nccl: on the GPU
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        if stop:
+            if self.ctx.rank == 0:
+                print(f"[raycell] early stopping after epoch {metrics['epoch']}: {self.rule.metric} has not "
+                      f"improved on {self.best:.4f} (epoch {self.best_epoch}) for {self.since} epoch(s)",
+                      flush=True)
+            raise _StopEarly
+
+
+def early_stopping_loop_per_worker(config: dict) -> dict:
+    """Ray Train entry point of a run with early stopping: the one loop, with `EarlyStoppingContext`."""
+    from raycell.train.context import RayTrainContext
+    from raycell.train.loop import make_collate, run_training
+
+    cfg = ExperimentConfig.from_dict(config["cfg"])
+    setup = config["setup"]
+    d = cfg.data
+    ctx = RayTrainContext(make_collate(setup), d.batch_size, d.eval_batch_size, d.shuffle_buffer,
+                          d.prefetch_batches, shuffle_seed=d.shuffle_seed)
+    es = EarlyStoppingContext(ctx, setup["early_stopping"], config.get("history_file"))
+    try:
+        return run_training(es, cfg, setup, history_file=config.get("history_file"))
+    except _StopEarly:
+        return es.last
+
+
+def best_checkpoint(run_dir: str | Path, epoch: int) -> Path | None:
+    """The checkpoint folder of `epoch` in a run folder (None when it was not kept)."""
+    from raycell.formats.checkpoint import read_meta
+
+    for ck in sorted(Path(run_dir).glob("checkpoint_*")):
+        try:
+            if int(read_meta(ck).get("epoch", -1)) == epoch:
+                return ck
+        except (UserError, OSError, ValueError):  # a partial checkpoint: not the one
+            continue
+    return None
 
 
 def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbacks: list | None = None):
@@ -221,6 +384,10 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
 
     from raycell.train.loop import make_collate, train_loop_per_worker
 
+    rule = setup.get("early_stopping")
+    loop_fn = early_stopping_loop_per_worker if rule else train_loop_per_worker
+    # keep the best epoch: at most `patience` epochs after it are run, so the latest patience + 1 hold it
+    keep = max(cfg.train.checkpoints_to_keep, rule["patience"] + 1) if rule else cfg.train.checkpoints_to_keep
     splits = (K.TRAIN, K.VAL, K.VALBATCH) if setup.get("valbatch") else (K.TRAIN, K.VAL)
     import ray
 
@@ -234,7 +401,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
                             shuffle_seed=cfg.data.shuffle_seed, materialize=held)
     sc = cfg.scaling
     return TorchTrainer(
-        train_loop_per_worker,
+        loop_fn,
         train_loop_config={"cfg": cfg.to_dict(), "setup": setup,
                            "history_file": str(Path(run_dir).absolute() / HISTORY_FILE)},
         datasets=datasets,
@@ -243,7 +410,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
                                                resources_per_worker=dict(sc.resources_per_worker) or None),
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent), callbacks=callbacks,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
@@ -304,16 +471,21 @@ def _single_node() -> bool:
     return len([n for n in ray.nodes() if n.get("Alive")]) == 1
 
 
-def train(cfg: ExperimentConfig) -> dict:
+def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None) -> dict:
     """Fit one model; returns {'run_dir', 'checkpoint', 'metrics', 'history'}.
 
-    Needs Ray to be initialised (see `raycell.utils.ray_utils.init_ray`).
+    With `early_stopping`, the run stops once its metric has not improved for `patience` epochs, and
+    the result also has 'best_epoch' and 'best_checkpoint' (that epoch's checkpoint folder; 'checkpoint'
+    stays the latest, which a resume continues from). Needs Ray to be initialised (see
+    `raycell.utils.ray_utils.init_ray`).
     """
     if cfg.train.resume:
         cfg = resume_config(cfg)  # the run's recorded config; raises on a conflicting change
     cfg.data.path = str(Path(cfg.data.path).absolute())  # workers chdir; paths must be absolute
     check_train(cfg)
     setup, ds = training_setup(cfg)
+    if early_stopping is not None:
+        setup["early_stopping"] = asdict(early_stopping)
     if not cfg.train.torch_threads and _single_node():
         # A laptop or one-machine Ray: let the workers use the cores (Ray gives a 0.5-CPU worker 1 thread).
         cfg.train.torch_threads = max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
@@ -334,5 +506,10 @@ def train(cfg: ExperimentConfig) -> dict:
     history = run_history(run_dir, result)
     out = {"run_dir": str(run_dir), "checkpoint": result.checkpoint.path if result.checkpoint else None,
            "metrics": result.metrics, "history": history, "model_type": cfg.model.type}
+    if early_stopping is not None:
+        best = early_stopping.best(history)
+        ck = best_checkpoint(run_dir, best["epoch"]) if best else None
+        out.update(best_epoch=best["epoch"] if best else None, best_checkpoint=str(ck) if ck else None,
+                   early_stopping=asdict(early_stopping))
     atomic_write_json(run_dir / "metrics.json", out)
     return out
