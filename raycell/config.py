@@ -229,6 +229,11 @@ class TrainConfig:
     runs_dir: str = _f("runs", "folder that holds one sub-folder per run")
     resume: str = _f("", "run folder to continue from its latest checkpoint")
     checkpoints_to_keep: int = _f(2, "checkpoints kept per run (the latest ones)")
+    early_stopping_patience: int = _f(0, "stop when train.early_stopping_metric has not improved for this "
+                                      "many epochs; metrics.json then names the best epoch's checkpoint "
+                                      "(best_checkpoint); 0 = off")
+    early_stopping_metric: str = _f("val_acc", "metric watched by early stopping (names with 'loss' are "
+                                    "minimised, others maximised)")
     max_failures: int = _f(1, "worker-group restarts from the last checkpoint before giving up")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = _f(True, "channels-last memory format on CUDA (ignored on CPU)")
@@ -302,10 +307,11 @@ class InferConfig:
     z_out: str = _f("", "infer-z: output folder for inferred_z.parquet/.json ('' = <checkpoint run>/"
                     "inferred_z, or <data>/inferred_z without a checkpoint)")
     z_splits: list = _f(["unseen"], "infer-z: splits whose cells get an inferred Z")
-    z_epochs: int = _f(10, "infer-z: maximum epochs of the Z-predictor (early stopping on val accuracy)")
+    z_epochs: int = _f(10, "infer-z: maximum epochs of the Z-predictor (model type zpredictor, trained on "
+                       "Ray Train; early stopping on val accuracy)")
     z_patience: int = _f(3, "infer-z: epochs without a better val accuracy before stopping")
     z_lr: float = _f(1e-4, "infer-z: NAdam learning rate of the Z-predictor")
-    z_batch_size: int = _f(32, "infer-z: training batch size of the Z-predictor")
+    z_batch_size: int = _f(32, "infer-z: training batch size per worker of the Z-predictor")
 
 
 @dataclass
@@ -527,7 +533,7 @@ _AT_LEAST = {
     "data.batch_size": 1, "data.eval_batch_size": 1, "data.shuffle_buffer": 0, "data.prefetch_batches": 0,
     "data.block_size_mb": 1, "loss.recon": 0, "loss.cls": 0, "loss.adv": 0, "loss.cluster_latent": 0,
     "loss.cluster_image": 0, "loss.kl": 0, "train.epochs": 1, "train.weight_decay": 0,
-    "train.checkpoints_to_keep": 1, "train.max_failures": -1, "train.torch_threads": 0, "train.log_every": 0,
+    "train.checkpoints_to_keep": 1, "train.early_stopping_patience": 0, "train.max_failures": -1, "train.torch_threads": 0, "train.log_every": 0,
     "train.max_steps_per_epoch": 0, "train.composite_weight": 0, "train.augment_strength": 0, "train.chaos_kill_after_steps": 0,
     "data.shuffle_seed": -1,
     "scaling.num_workers": 1, "ray.num_cpus": 0, "ray.object_store_mb": 0,

@@ -484,6 +484,9 @@ def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None) ->
     cfg.data.path = str(Path(cfg.data.path).absolute())  # workers chdir; paths must be absolute
     check_train(cfg)
     setup, ds = training_setup(cfg)
+    if early_stopping is None and cfg.train.early_stopping_patience:
+        m = cfg.train.early_stopping_metric
+        early_stopping = EarlyStopping(cfg.train.early_stopping_patience, m, "min" if "loss" in m else "max")
     if early_stopping is not None:
         setup["early_stopping"] = asdict(early_stopping)
     if not cfg.train.torch_threads and _single_node():

@@ -122,6 +122,12 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
         # log file (ray-data.log in the session logs).
         for name in ("ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Ray Data also logs a failed task's abbreviated trace at ERROR on the console; the error itself
+        # reaches the caller as an exception (the CLI prints it in one line), so on the console it is
+        # noise. Its file handler keeps the record.
+        for h in logging.getLogger("ray.data").handlers:
+            if getattr(h, "name", "") == "console":
+                h.setLevel(logging.CRITICAL)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
