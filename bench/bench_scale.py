@@ -105,7 +105,7 @@ def _rc(*args: str) -> list[str]:
     return [sys.executable, "-m", "raycell", *args]
 
 
-def cell_stages(n: int, work: Path, stages: list[str], logs: Path, workers: int) -> dict:
+def cell_stages(n: int, work: Path, stages: list[str], logs: Path, workers: int, materialize: str = "auto") -> dict:
     """synth -> split -> train (1 epoch) -> infer -> embed at n cells; returns a row per stage."""
     d, runs = work / f"d{n}", work / f"runs{n}"
     common = ["--set", f"data.path={d}"]
@@ -120,7 +120,7 @@ def cell_stages(n: int, work: Path, stages: list[str], logs: Path, workers: int)
         rows["split"] = run_stage(_rc("split", *common), logs / f"split{n}.log")
     if any(s in stages for s in ("train", "infer", "embed")):
         r = run_stage(_rc("train", *common, "--set", "model.preset=tiny", "--set", "train.epochs=1",
-                          "--set", f"train.runs_dir={runs}"), logs / f"train{n}.log")
+                          "--set", f"train.runs_dir={runs}", "--set", f"data.materialize={materialize}"), logs / f"train{n}.log")
         run = next(p for p in sorted(runs.iterdir()) if p.is_dir())  # <runs>/<name>-<type>-<time>
         hist = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x]
         r["epoch_s"] = hist[-1].get("epoch_time_s")
@@ -149,7 +149,10 @@ def ingest_stage(fields: int, work: Path, logs: Path) -> dict:
                        "synth.n_unseen=1", "--set", f"synth.raw_wells={wells}", "--set", "synth.raw_fields=4",
                        "--set", "synth.raw_fov_size=512", "--set", "synth.raw_cells_per_fov=60"),
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r = run_stage(_rc("ingest", "--set", f"ingest.input={raw / 'images'}", "--set",
+    from raycell.data.synthetic_raw import DEFAULT_PATTERN
+
+    r = run_stage(_rc("ingest", "--set", f"ingest.input={raw / 'images'}", "--set", f"ingest.pattern={DEFAULT_PATTERN}",
+                      "--set",
                       f"ingest.platemap={raw / 'platemap.csv'}", "--set", f"ingest.out={out}", "--set",
                       "ingest.channels=[nucleus, cytoplasm]", "--set", "ingest.crop_size=32"),
                   logs / f"ingest{fields}.log")
@@ -178,6 +181,9 @@ def main(argv=None):
     ap.add_argument("--fields", default="", help="comma-separated ingest sizes in fields (default 50,150,500)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"subset of {','.join(STAGES)}")
     ap.add_argument("--workers", type=int, default=2, help="synth.num_workers")
+    ap.add_argument("--materialize", default="auto", choices=["auto", "always", "never"],
+                    help="data.materialize of the training stage (never: stream every epoch)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON's name")
     ap.add_argument("--work", default="", help="scratch folder (default: a new temp folder, deleted after)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
@@ -192,40 +198,48 @@ def main(argv=None):
     logs.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
     res: dict[str, list[dict]] = {}
-    for n in sizes:
-        for stage, row in cell_stages(n, work, stages, logs, args.workers).items():
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    f = out / f"{time.strftime('%Y%m%d')}_scale{'_' + args.tag if args.tag else ''}.json"
+
+    def save():
+        report = {stage: {"rows": rows, "growth": growth(rows, "fields" if stage == "ingest" else "cells")}
+                  for stage, rows in res.items()}
+        f.write_text(json.dumps({"bench": "scale", "date": time.strftime("%Y-%m-%d %H:%M"),
+                                 "cpu_count": os.cpu_count(), "load_average_start": load0,
+                                 "load_average_end": os.getloadavg(), "sizes": sizes, "fields": fields,
+                                 "materialize": args.materialize, "results": report,
+                                 "command": "python bench/bench_scale.py " + " ".join(argv or sys.argv[1:])},
+                                indent=2))
+        return report
+    for n in sizes if set(stages) - {"ingest"} else []:
+        for stage, row in cell_stages(n, work, stages, logs, args.workers, args.materialize).items():
             if stage in stages:
                 res.setdefault(stage, []).append(row)
+                save()
                 print(f"{stage:<7}{n:>9} cells  {row['seconds']:>8.1f} s  {row['cells_per_s']:>9.0f} cells/s  "
                       f"peak {row['peak_mb']:>7.0f} MB", flush=True)
         for d in work.glob(f"*{n}"):  # free the disk before the next size
             if d.is_dir() and d.name != "logs" and not args.work:
                 shutil.rmtree(d, ignore_errors=True)
     if "ingest" in stages:
-        for f in fields:
-            row = ingest_stage(f, work, logs)
+        for nf in fields:
+            row = ingest_stage(nf, work, logs)
             res.setdefault("ingest", []).append(row)
+            save()
             print(f"ingest {row['fields']:>6} fields ({row['cells']} cells) {row['seconds']:>8.1f} s  "
                   f"{row['fields_per_s']:.2f} fields/s  peak {row['peak_mb']:.0f} MB", flush=True)
     print(f"\n{'stage':<8}{'size':>9}{'s':>9}{'cells/s':>10}{'peak MB':>9}{'B/cell':>9}   growth (time/size, "
           "marginal/s, peak %)")
-    report = {}
-    for stage, rows in res.items():
+    report = save()
+    for stage, item in report.items():
         key = "fields" if stage == "ingest" else "cells"
-        g = growth(rows, key)
-        report[stage] = {"rows": rows, "growth": g}
+        rows, g = item["rows"], item["growth"]
         for i, r in enumerate(rows):
             gr = g[i - 1] if i else None
             gs = f"   {gr['time_per_size']:.2f}  {gr['marginal_per_s']:.0f}  {gr['peak_growth_pct']:+.0f}%" if gr else ""
             print(f"{stage:<8}{r[key]:>9}{r['seconds']:>9.1f}{r['cells_per_s']:>10.0f}{r['peak_mb']:>9.0f}"
                   f"{r.get('disk_bytes_per_cell', 0):>9.0f}{gs}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    f = out / f"{time.strftime('%Y%m%d')}_scale.json"
-    f.write_text(json.dumps({"bench": "scale", "date": time.strftime("%Y-%m-%d %H:%M"), "cpu_count": os.cpu_count(),
-                             "load_average_start": load0, "load_average_end": os.getloadavg(), "sizes": sizes,
-                             "fields": fields, "results": report,
-                             "command": "python bench/bench_scale.py " + " ".join(argv or sys.argv[1:])}, indent=2))
     print(f"wrote {f}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
