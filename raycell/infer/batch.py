@@ -117,7 +117,7 @@ def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPla
                           f"its splits are {sorted(counts)} (rows: {counts})")
     z_source, z_ids, z_fp = "", None, None
     if ic.z_source:
-        from raycell.infer.zpredictor import read_inferred_z, z_fingerprint
+        from raycell.formats.inferred_z import read_inferred_z, z_fingerprint
 
         z_source = str(Path(ic.z_source).absolute())
         z_ids, _ = read_inferred_z(z_source, list(meta["batches"]["values"]))
@@ -268,11 +268,11 @@ def _actor_threads(cfg: ExperimentConfig) -> int:
     Why: Ray gives an actor holding 1 CPU one torch thread, so on a laptop one actor used half the
     cores a plain loop uses (measured 0.35x a plain `inference_mode` loop on 2 cores).
     """
-    import ray
+    from raycell.utils.ray_utils import single_node
 
     if cfg.infer.torch_threads:
         return cfg.infer.torch_threads
-    if cfg.infer.num_gpus or len([n for n in ray.nodes() if n.get("Alive")]) != 1:
+    if cfg.infer.num_gpus or not single_node():
         return 0
     return max(1, (os.cpu_count() or 1) // max(1, cfg.infer.num_actors))
 

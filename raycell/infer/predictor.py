@@ -115,7 +115,7 @@ class CropPredictor:
         self.z_values: np.ndarray | None = None
         self._empty_schema: pa.Schema | None = None
         if z_source:
-            from raycell.infer.zpredictor import read_inferred_z
+            from raycell.formats.inferred_z import read_inferred_z
 
             self.z_ids, self.z_values = read_inferred_z(z_source, list(self.batch_map.values))
 

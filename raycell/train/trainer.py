@@ -26,7 +26,7 @@ from raycell.formats.shards import open_dataset
 from raycell.formats.spec import DataSpec
 from raycell.train.history import HISTORY_FILE, EpochPrinter, read_history
 from raycell.utils.io import atomic_write_json, atomic_write_text, new_run_dir
-from raycell.utils.ray_utils import link_ray_logs
+from raycell.utils.ray_utils import link_ray_logs, single_node
 
 # Keys a resumed run may change (prefixes end with "."): how long and where it runs, not what it learns.
 RESUME_MAY_CHANGE = ("train.epochs", "train.max_failures", "train.checkpoints_to_keep", "train.log_every",
@@ -465,12 +465,6 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
             f"with `raycell train --resume {run_dir}`") from None
 
 
-def _single_node() -> bool:
-    import ray
-
-    return len([n for n in ray.nodes() if n.get("Alive")]) == 1
-
-
 def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None) -> dict:
     """Fit one model; returns {'run_dir', 'checkpoint', 'metrics', 'history'}.
 
@@ -489,7 +483,7 @@ def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None) ->
         early_stopping = EarlyStopping(cfg.train.early_stopping_patience, m, "min" if "loss" in m else "max")
     if early_stopping is not None:
         setup["early_stopping"] = asdict(early_stopping)
-    if not cfg.train.torch_threads and _single_node():
+    if not cfg.train.torch_threads and single_node():
         # A laptop or one-machine Ray: let the workers use the cores (Ray gives a 0.5-CPU worker 1 thread).
         cfg.train.torch_threads = max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
     if cfg.train.resume:

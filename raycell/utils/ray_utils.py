@@ -133,6 +133,14 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
     ctx.enable_operator_progress_bars = progress
 
 
+def single_node() -> bool:
+    """True when the running Ray has one live node (a laptop or one machine): its cores are then shared
+    between the workers or actors of a job by setting their torch threads."""
+    import ray
+
+    return len([n for n in ray.nodes() if n.get("Alive")]) == 1
+
+
 def ray_logs_dir() -> Path | None:
     """This driver's Ray log folder (session logs: every worker's output, Ray Data's log), or None."""
     try:
