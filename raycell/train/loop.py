@@ -272,11 +272,17 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
     return metrics
 
 
-def train_loop_per_worker(config: dict) -> dict:
-    """Ray Train entry point: rebuild the config, make the Ray context, run the loop."""
+def ray_context(config: dict) -> tuple[ExperimentConfig, dict, RayTrainContext]:
+    """In a Ray Train worker: the config, the setup and the Ray context of the run (`config` as passed)."""
     cfg = ExperimentConfig.from_dict(config["cfg"])
     setup = config["setup"]
-    collate = make_collate(setup)
-    ctx = RayTrainContext(collate, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.shuffle_buffer,
-                          cfg.data.prefetch_batches, shuffle_seed=cfg.data.shuffle_seed)
+    d = cfg.data
+    ctx = RayTrainContext(make_collate(setup), d.batch_size, d.eval_batch_size, d.shuffle_buffer,
+                          d.prefetch_batches, shuffle_seed=d.shuffle_seed)
+    return cfg, setup, ctx
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train entry point: rebuild the config, make the Ray context, run the loop."""
+    cfg, setup, ctx = ray_context(config)
     return run_training(ctx, cfg, setup, history_file=config.get("history_file"))

@@ -349,14 +349,9 @@ class EarlyStoppingContext:
 
 def early_stopping_loop_per_worker(config: dict) -> dict:
     """Ray Train entry point of a run with early stopping: the one loop, with `EarlyStoppingContext`."""
-    from raycell.train.context import RayTrainContext
-    from raycell.train.loop import make_collate, run_training
+    from raycell.train.loop import ray_context, run_training
 
-    cfg = ExperimentConfig.from_dict(config["cfg"])
-    setup = config["setup"]
-    d = cfg.data
-    ctx = RayTrainContext(make_collate(setup), d.batch_size, d.eval_batch_size, d.shuffle_buffer,
-                          d.prefetch_batches, shuffle_seed=d.shuffle_seed)
+    cfg, setup, ctx = ray_context(config)
     es = EarlyStoppingContext(ctx, setup["early_stopping"], config.get("history_file"))
     try:
         return run_training(es, cfg, setup, history_file=config.get("history_file"))
