@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="run of the random/mixed-effects model the Z is for ({key})")
     _flag(s, "--data", key="infer.data", help="data set folder ({key}; default data.path)")
     _flag(s, "--out", key="infer.z_out", help="output folder ({key})")
+    _flag(s, "--z-mode", key="infer.z_mode", choices=["predicted", "balanced", "uniform"],
+          help="Z for unseen cells ({key}): the Z-predictor's softmax, a label-balanced Z-predictor, or "
+          "uniform 1/n_seen_batches")
 
     s = sub.add_parser("evaluate", help="metrics per split from inference outputs (JSON, CSV, table)")
     _common(s)
@@ -250,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also infer each trained model whose type uses Z (randomeffects, mixedeffects) "
                    "with a random one-hot Z row per cell (infer.randomize_z, the reference's ablation): "
                    "one more row, '<model> + randomized Z', from the same checkpoint (default: on)")
+    _flag(s, "--z-mode", key="infer.z_mode", choices=["predicted", "balanced", "uniform"],
+          help="Z for unseen cells of random/mixed-effects models ({key}): the Z-predictor's softmax, a "
+          "label-balanced Z-predictor, or uniform 1/n_seen_batches")
     s.add_argument("--out", default="runs/medl", help="output folder for table.md/csv and results.json")
 
     s = sub.add_parser("models", help="list the registered model types")

@@ -171,6 +171,10 @@ class DataConfig:
     shuffle_buffer: int = _f(1024, "local shuffle buffer (rows) per worker; 0 = off")
     prefetch_batches: int = _f(2, "batches prefetched by each worker's iterator")
     block_size_mb: int = _f(8, "Ray Data target block size; small data needs small blocks to shuffle")
+    normalize: str = _f("global", "how stored crops become model input: global (divide by the dtype's range, "
+                        "the same for every crop) or crop (per crop and channel: 1st/99th percentile -> 0/1, "
+                        "clipped, so a batch's brightness and offset are not an input); saved in the "
+                        "checkpoint, inference applies the model's own")
     shuffle_seed: int = _f(-1, "seed for the training data order (-1 = a new order every run); with a seed, "
                            "each epoch's order (and the model's random draws) depends only on the seed and the epoch, so a run restarted "
                            "after a failure sees the same batches as an undisturbed one (Ray Data then keeps "
@@ -304,6 +308,10 @@ class InferConfig:
                        "need it (or randomize_z) to predict unseen batches")
     randomize_z: bool = _f(False, "ablation: give every cell a random one-hot Z row (fixed per cell_id) "
                            "instead of its batch's")
+    z_mode: str = _f("predicted", "infer-z: Z for unseen batches: predicted (the Z-predictor's softmax, the "
+                     "reference), balanced (Z-predictor trained with each (batch, label) weighted 1/count, so "
+                     "labels do not predict batches) or uniform (1/n_seen_batches for every seen batch, no "
+                     "Z-predictor)")
     z_out: str = _f("", "infer-z: output folder for inferred_z.parquet/.json ('' = <checkpoint run>/"
                     "inferred_z, or <data>/inferred_z without a checkpoint)")
     z_splits: list = _f(["unseen"], "infer-z: splits whose cells get an inferred Z")
@@ -452,6 +460,11 @@ class ExperimentConfig:
         if self.synth.n_unseen >= self.synth.n_batches:
             raise ConfigError("synth.n_unseen must be smaller than synth.n_batches "
                               f"({self.synth.n_unseen} >= {self.synth.n_batches})")
+        if self.data.normalize not in ("global", "crop"):
+            raise ConfigError(f"data.normalize: must be one of global, crop, got {self.data.normalize!r}")
+        if self.infer.z_mode not in ("predicted", "balanced", "uniform"):
+            raise ConfigError(f"infer.z_mode: must be one of predicted, balanced, uniform, got "
+                              f"{self.infer.z_mode!r}")
         if self.data.shuffle_buffer and self.data.shuffle_buffer < self.data.batch_size:
             raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
                               f"data.batch_size ({self.data.batch_size})")

@@ -112,7 +112,8 @@ def _trained_row(c: ExperimentConfig, out: Path, z_dir: Path | None) -> dict:
 
 
 def _randomized_z_row(c: ExperimentConfig, run_dir: str, out: Path) -> dict:
-    """The trained checkpoint in `run_dir` inferred again with random one-hot Z rows, evaluated."""
+    """The trained (selected) checkpoint `run_dir` (checkpoint or run folder), inferred again with random
+    one-hot Z rows, evaluated."""
     t0 = time.time()
     c = copy.deepcopy(c)
     c.infer.randomize_z = True
@@ -268,7 +269,11 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         z_dir = None
         if any(uses_z.values()):
             z_dir = seed_dir / "zpredictor"
-            if not (z_dir / Z_PARQUET).is_file():
+            # infer.z_mode comes with the config (the copy below); a Z left by another mode is redone
+            mode = getattr(cfg.infer, "z_mode", "predicted")
+            made = (read_json(z_dir / "inferred_z.json").get("z_mode", "predicted")
+                    if (z_dir / "inferred_z.json").is_file() else None)
+            if not (z_dir / Z_PARQUET).is_file() or made != mode:
                 c = copy.deepcopy(cfg)
                 c.seed = seed
                 # Z columns = the data set's training batches, which every model was trained on
@@ -288,13 +293,14 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
                 else:
                     print(f"[raycell] experiment medl: seed {seed}, {row_label(m, randomize)}", flush=True)
                     if randomize:  # the checkpoint trained for the row just above
-                        row = _randomized_z_row(c, rows[-1]["run_dir"], row_dir)
+                        row = _randomized_z_row(c, rows[-1].get("checkpoint") or rows[-1]["run_dir"], row_dir)
                     else:  # a fresh checkpoint: a randomized-Z row left from an earlier one is stale
                         shutil.rmtree(row_dir / RANDOMIZED_Z_DIR, ignore_errors=True)
                         row = _trained_row(c, row_dir, z_dir if uses_z[m] else None)
                     if z_dir is not None:
                         zmeta = read_json(z_dir / "inferred_z.json")
                         row["zpredictor_val_accuracy"] = zmeta.get("val_accuracy")
+                        row["z_mode"] = zmeta.get("z_mode", "predicted")
                     atomic_write_json(res_file, row)
                 rows.append(row)
         if baseline:

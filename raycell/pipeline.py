@@ -211,8 +211,11 @@ def train_infer_evaluate(cfg: ExperimentConfig, out: str | Path | None = None, z
     out = Path(out) if out else run_dir
     # a fresh model: predictions left by an interrupted earlier attempt in `out` are another model's
     shutil.rmtree(out / "predictions", ignore_errors=True)
-    ev = infer_evaluate(cfg, run_dir, out, z_source=z_source, quiet=quiet)  # its latest checkpoint
-    return {"run_dir": str(run_dir), "checkpoint": res["checkpoint"], "train_seconds": train_seconds,
+    # Model selection: with early stopping (train.early_stopping_patience), the best epoch's checkpoint by
+    # train.early_stopping_metric (e.g. valbatch_auroc on held-out seen batches), else the latest one.
+    checkpoint = res.get("best_checkpoint") or run_dir
+    ev = infer_evaluate(cfg, checkpoint, out, z_source=z_source, quiet=quiet)
+    return {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "train_seconds": train_seconds,
             "metrics": res["metrics"], "history": res["history"], "eval": ev}
 
 

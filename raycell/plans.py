@@ -45,6 +45,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from raycell.config import LossConfig
 from raycell.losses import (
@@ -368,6 +369,11 @@ class ZPredictorPlan(WeakLabelPlan):
     The reference's recipe: NAdam (`train.lr`; infer-z passes `infer.z_lr`, 1e-4) and the categorical
     cross-entropy of the one head (the batch column), whatever `loss.heads` says: its softmax is the
     soft design matrix Z, which the multi-label sigmoid would not calibrate.
+
+    Balanced (`infer.z_mode: balanced`, `set_balance`): the cross-entropy of each cell is weighted by a
+    table W[batch, label] computed on the driver (`raycell.infer.zpredictor.balanced_weights`), and y
+    then carries the label code as its last column. Within every batch each label has the same total
+    weight, so the label no longer predicts the batch and the soft Z stops importing label priors.
     """
 
     def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
@@ -378,9 +384,27 @@ class ZPredictorPlan(WeakLabelPlan):
         if not layer_decay:  # (layer_decay raises above: the network has no layer groups)
             self.optimizers["main"] = torch.optim.NAdam(self.main_parameters(), lr=lr,
                                                         weight_decay=weight_decay)
+        self.balance: torch.Tensor | None = None
+
+    def set_balance(self, weights: torch.Tensor | list) -> None:
+        """Weight each cell's loss by `weights[batch code, label code]` ((n_batches, n_labels), mean 1
+        over the training cells); y must then be (N, 2): batch head code, label code."""
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.ndim != 2 or w.shape[0] != self.model.head_sizes[0]:
+            raise ValueError(f"balanced Z-predictor: weight table of shape {tuple(w.shape)}, expected "
+                             f"({self.model.head_sizes[0]}, n_labels)")
+        self.balance = w
 
     def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
                      ) -> LossOutput:
-        """Softmax cross-entropy of the batch head (logged as `cls_batch`)."""
-        total, terms = heads_loss(out.logits, y, self.model.head_sizes, False)
-        return LossOutput(total, {f"cls_{n}": t for n, t in zip(self.model.head_names, terms)})
+        """Softmax cross-entropy of the batch head (logged as `cls_batch`), weighted when balanced."""
+        if self.balance is None:
+            total, terms = heads_loss(out.logits, y, self.model.head_sizes, False)
+            return LossOutput(total, {f"cls_{n}": t for n, t in zip(self.model.head_names, terms)})
+        if self.balance.device != y.device:
+            self.balance = self.balance.to(y.device)
+        w = self.balance[y[:, 0], y[:, -1]]
+        # mean (not sum / sum(w)) of the weighted terms: the weights average 1 over the training cells,
+        # so a minibatch's loss is an unbiased estimate of the balanced training loss
+        total = (w * F.cross_entropy(out.logits.float(), y[:, 0], reduction="none")).mean()
+        return LossOutput(total, {f"cls_{self.model.head_names[0]}": total})

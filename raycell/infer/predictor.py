@@ -223,7 +223,9 @@ class CropPredictor:
         return pa.table(cols)
 
     def _predict(self, t: pa.Table, imgs: np.ndarray, z: torch.Tensor) -> pa.Table:
-        # integers to the device (4x less to copy than float32), scaled there, as in training
+        # integers to the device (4x less to copy than float32), scaled there, as in training: the
+        # checkpoint's spec normalises as the model was trained (data.normalize), so recon_mse/ssim and
+        # written reconstructions are in that normalised intensity space
         raw = imgs.astype(np.int32) if imgs.dtype == np.uint16 else imgs.copy()
         x = self.spec.to_float(torch.from_numpy(raw).to(self.device))
         out: ModelOutput = self.model(x, z.to(self.device))

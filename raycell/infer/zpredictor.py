@@ -17,6 +17,17 @@ inference (`raycell.infer.batch.predict`) on the cells of `infer.z_splits`, its 
 the batch vocabulary of the model being served (`infer.checkpoint`; else the data set's training
 batches).
 
+`infer.z_mode` chooses how the Z is made:
+* `predicted` (the reference): the Z-predictor's softmax, as above. An unseen cell that looks like
+  label X gets the Z of the batches where X is common: the classifier also learns the seen batches'
+  label priors;
+* `balanced`: the same Z-predictor trained with each training cell's cross-entropy weighted by
+  1 / count(batch, label) (normalised to mean 1, `balanced_weights`, computed here on the driver from
+  the train split and handed to the plan): within every batch each label has the same total weight, so
+  the label no longer predicts the batch;
+* `uniform`: no Z-predictor; every cell gets Z = 1 / n_seen_batches for each seen batch (the average
+  random effect). Same output files (no `zpredictor.pt`), so everything downstream is unchanged.
+
 Outputs, in `infer.z_out` (written atomically):
 * `inferred_z.parquet`: `cell_id`, `batch`, `split` and `z` (fixed-size list of float32, one entry
   per training batch, in the model's Z column order) for the cells of `infer.z_splits` (default:
@@ -54,6 +65,53 @@ from raycell.formats.shards import ShardDataset, open_dataset
 from raycell.utils.io import atomic_write_json, atomic_write_parquet
 
 ZPREDICTOR = "zpredictor"  # the model type (raycell/models/armed.py)
+Z_MODES = ("predicted", "balanced", "uniform")
+
+
+def z_mode(cfg: ExperimentConfig) -> str:
+    """`infer.z_mode`, checked: predicted, balanced or uniform (see the module docstring)."""
+    mode = getattr(cfg.infer, "z_mode", "predicted")  # (until config.py has the key)
+    if mode not in Z_MODES:
+        raise ConfigError(f"infer.z_mode: must be one of {', '.join(Z_MODES)}, got {mode!r}")
+    return mode
+
+
+def balanced_weights(batch_codes: np.ndarray, label_codes: np.ndarray, n_batches: int, n_labels: int
+                     ) -> np.ndarray:
+    """Loss weights W[batch, label] = N / (P * count(batch, label)) for the balanced Z-predictor.
+
+    N cells, P the (batch, label) pairs that occur: every pair then has the same total weight N / P (so
+    within each batch every label weighs the same, and the label does not predict the batch) and the
+    weights average 1 over the cells, so the loss keeps its scale. Pairs that do not occur get 0.
+    """
+    counts = np.zeros((n_batches, n_labels), np.float64)
+    np.add.at(counts, (np.asarray(batch_codes), np.asarray(label_codes)), 1.0)
+    present = counts > 0
+    w = np.zeros_like(counts)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w
+
+
+def balance_setup(cfg: ExperimentConfig, ds: ShardDataset) -> dict:
+    """The balanced Z-predictor's weights from the train split's (batch, label) counts (on the driver).
+
+    Returns:
+        {"by": the label vocabulary (dict), "weights": (n_batches, n_labels) table as lists, rows in the
+        order of the Z-predictor's batch head}, as `raycell.train.trainer.train(balance=...)` takes it.
+    """
+    from raycell.train.trainer import batch_head_vocab
+
+    vocab = batch_head_vocab(cfg, ds)  # the Z-predictor's head: the rows of the table
+    labels = CategoryMap(K.LABEL, ds.manifest["label_vocab"])
+    t = ds.read_table([K.BATCH, K.LABEL], splits=[K.TRAIN])
+    w = balanced_weights(vocab.encode(t.column(K.BATCH)), labels.encode(t.column(K.LABEL)),
+                         len(vocab), len(labels))
+    return {"by": labels.to_dict(), "weights": w.tolist()}
+
+
+def uniform_z(n_cells: int, n_batches: int) -> np.ndarray:
+    """`infer.z_mode: uniform`: Z = 1 / n_batches for every seen batch, for every cell (rows sum to 1)."""
+    return np.full((n_cells, n_batches), 1.0 / n_batches, np.float32)
 def _batches_of(ds: ShardDataset, checkpoint: str) -> CategoryMap:
     """The Z column order: the checkpoint's training batches, or the data set's training batches."""
     if checkpoint:
@@ -99,6 +157,8 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
                               "data set the model was trained on")
     if cfg.infer.z_out and Path(cfg.infer.z_out).is_file():
         raise ConfigError(f"infer.z_out {Path(cfg.infer.z_out).absolute()} is a file, not a folder")
+    if z_mode(cfg) == "uniform":  # no Z-predictor to train
+        return ds
     from raycell.train.trainer import check_train
 
     check_train(zpredictor_config(cfg, ds, Path(cfg.infer.z_out or ds.root)))  # val split, >= 2 batches
@@ -144,17 +204,70 @@ def _read_soft_z(pred_out: str | Path, manifest: dict) -> pa.Table:
     return pa.concat_tables(parts).combine_chunks() if parts else pa.table({})
 
 
+def _write_z(out: Path, t: pa.Table, z: np.ndarray, served: CategoryMap) -> dict:
+    """Write inferred_z.parquet (atomically); returns the mean Z per batch (for the summary)."""
+    n = len(served)
+    out.mkdir(parents=True, exist_ok=True)
+    zcol = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(z, np.float32).ravel()), n)
+    table = pa.table({K.CELL_ID: t.column(K.CELL_ID), K.BATCH: t.column(K.BATCH),
+                      K.SPLIT: t.column(K.SPLIT), "z": zcol})
+    atomic_write_parquet(table, out / Z_PARQUET)
+    per_batch = {}
+    bcol = np.asarray(t.column(K.BATCH).to_pylist(), dtype=object)
+    for name in sorted(set(bcol.tolist())):
+        per_batch[name] = dict(zip(served.values, np.round(z[bcol == name].mean(0), 4).tolist()))
+    return per_batch
+
+
+def _empty_cells() -> pa.Table:
+    return pa.table({K.CELL_ID: pa.array([], pa.string()), K.BATCH: pa.array([], pa.string()),
+                     K.SPLIT: pa.array([], pa.string())})
+
+
+def run_uniform_z(cfg: ExperimentConfig) -> dict:
+    """`infer.z_mode: uniform`: Z = 1 / n_seen_batches for the cells of `cfg.infer.z_splits`, no Ray.
+
+    Returns:
+        The same summary as `run_infer_z` (no Z-predictor: its run, checkpoint and accuracy are empty).
+    """
+    t0 = time.time()
+    ds = check_infer_z_config(cfg)
+    served = _batches_of(ds, cfg.infer.checkpoint)  # the Z column order
+    out = _out_folder(cfg, ds)
+    t = ds.read_table([K.CELL_ID, K.BATCH, K.SPLIT], splits=list(cfg.infer.z_splits)).combine_chunks()
+    if not t.num_rows:
+        t = _empty_cells()
+    z = uniform_z(t.num_rows, len(served))
+    per_batch = _write_z(out, t, z, served)
+    (out / Z_WEIGHTS).unlink(missing_ok=True)  # a Z-predictor's weights left by an earlier mode
+    summary = {"out": str(out), "parquet": str(out / Z_PARQUET), "dataset": str(ds.root),
+               "checkpoint": cfg.infer.checkpoint or None, "splits": list(cfg.infer.z_splits),
+               "z_mode": "uniform", "n_cells": int(t.num_rows), "val_accuracy": None, "epochs": 0,
+               "best_epoch": None, "batches": served.to_dict(), "mean_z_per_batch": per_batch,
+               "history": [], "zpredictor_run": None, "zpredictor_checkpoint": None,
+               "seconds": round(time.time() - t0, 1)}
+    atomic_write_json(out / Z_JSON, summary)
+    print(f"[raycell] infer-z: uniform Z (1/{len(served)} for each seen batch, infer.z_mode uniform) for "
+          f"{t.num_rows} cell(s) -> {out / Z_PARQUET}", flush=True)
+    return summary
+
+
 def run_infer_z(cfg: ExperimentConfig) -> dict:
     """Train the Z-predictor on Ray and write the soft Z of the cells in `cfg.infer.z_splits`.
 
     Uses `cfg.infer.data` (default `cfg.data.path`); the Z columns follow `cfg.infer.checkpoint`'s
     training batches when a checkpoint is given (else the data set's training batches). Everything is
-    checked before Ray starts; Ray is started (`ray.*` keys) unless it already runs.
+    checked before Ray starts; Ray is started (`ray.*` keys) unless it already runs. `infer.z_mode`:
+    predicted (the reference), balanced (label-balanced loss weights) or uniform (`run_uniform_z`, no
+    training, no Ray).
 
     Returns:
         A summary: out folder, parquet path, number of cells, best validation accuracy, epochs,
         batches, the Z-predictor's run folder and checkpoint.
     """
+    mode = z_mode(cfg)
+    if mode == "uniform":
+        return run_uniform_z(cfg)
     import torch
 
     from raycell.formats.checkpoint import read_meta
@@ -167,11 +280,13 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     served = _batches_of(ds, cfg.infer.checkpoint)  # the Z column order
     out = _out_folder(cfg, ds)
     zcfg = zpredictor_config(cfg, ds, out)
+    balance = balance_setup(zcfg, ds) if mode == "balanced" else None
     r = cfg.ray
     init_ray(r.address, r.num_cpus, r.object_store_mb, r.progress, r.connect_timeout_s, verbose=r.verbose)
-    print(f"[raycell] infer-z: training the Z-predictor on {ds.root} ({len(served)} batches) -> {out}",
-          flush=True)
-    res = train(zcfg, early_stopping=EarlyStopping(patience=cfg.infer.z_patience, metric="val_acc"))
+    print(f"[raycell] infer-z: training the Z-predictor ({mode}) on {ds.root} ({len(served)} batches) "
+          f"-> {out}", flush=True)
+    res = train(zcfg, early_stopping=EarlyStopping(patience=cfg.infer.z_patience, metric="val_acc"),
+                balance=balance)
     ck = res.get("best_checkpoint")
     if not ck:
         raise ConfigError(f"infer-z: the Z-predictor run {res['run_dir']} kept no checkpoint of its best "
@@ -195,30 +310,23 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
         z = prob[:, [learned.index(b) for b in served.values]]  # the served model's column order
     else:
         z = np.zeros((0, n), np.float32)
-        t = pa.table({K.CELL_ID: pa.array([], pa.string()), K.BATCH: pa.array([], pa.string()),
-                      K.SPLIT: pa.array([], pa.string())})
-    out.mkdir(parents=True, exist_ok=True)
-    zcol = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(z).ravel()), n)
-    table = pa.table({K.CELL_ID: t.column(K.CELL_ID), K.BATCH: t.column(K.BATCH),
-                      K.SPLIT: t.column(K.SPLIT), "z": zcol})
-    atomic_write_parquet(table, out / Z_PARQUET)
+        t = _empty_cells()
+    per_batch = _write_z(out, t, z, served)
     tmp = out / f".{Z_WEIGHTS}.tmp"
     torch.save(torch.load(Path(ck) / "model.pt", map_location="cpu", weights_only=True), tmp)
     os.replace(tmp, out / Z_WEIGHTS)
-    per_batch = {}
-    bcol = np.asarray(t.column(K.BATCH).to_pylist(), dtype=object)
-    for name in sorted(set(bcol.tolist())):
-        per_batch[name] = dict(zip(served.values, np.round(z[bcol == name].mean(0), 4).tolist()))
     history = [{"epoch": h["epoch"], "train_loss": h.get("train_loss"), "val_accuracy": h.get("val_acc"),
                 "seconds": round(float(h.get("epoch_time_s", 0.0)), 2)} for h in res["history"]]
     best = float(read_meta(ck)["metrics"].get("val_acc", float("nan")))
     summary = {"out": str(out), "parquet": str(out / Z_PARQUET), "dataset": str(ds.root),
                "checkpoint": cfg.infer.checkpoint or None, "splits": list(cfg.infer.z_splits),
-               "n_cells": int(t.num_rows), "val_accuracy": best, "epochs": len(history),
+               "z_mode": mode, "n_cells": int(t.num_rows), "val_accuracy": best, "epochs": len(history),
                "best_epoch": res.get("best_epoch"), "batches": served.to_dict(),
                "mean_z_per_batch": per_batch, "history": history,
                "zpredictor_run": res["run_dir"], "zpredictor_checkpoint": str(ck),
                "seconds": round(time.time() - t0, 1)}
+    if balance is not None:
+        summary["balance_weights"] = {"labels": balance["by"]["values"], "weights": balance["weights"]}
     atomic_write_json(out / Z_JSON, summary)
     stopped = (f", stopped early (no better val accuracy for {cfg.infer.z_patience} epoch(s))"
                if len(history) < cfg.infer.z_epochs else "")

@@ -56,8 +56,14 @@ def model_kwargs(cfg: ExperimentConfig, spec: DataSpec, labels: CategoryMap, bat
 
 
 def make_collate(setup: dict) -> CropCollate:
-    """The collate of a run: its data spec, label, batch and (weak-label models) head vocabularies."""
+    """The collate of a run: its data spec, label, batch and (weak-label models) head vocabularies.
+
+    A balanced Z-predictor (`setup["balance"]`) also collates the label column, as y's last column: the
+    plan weights each cell by (batch, label); the model and its metrics see the batch head only.
+    """
     heads = [CategoryMap.from_dict(h) for h in setup.get("heads") or []] or None
+    if heads and setup.get("balance"):
+        heads = heads + [CategoryMap.from_dict(setup["balance"]["by"])]
     return CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
                        CategoryMap.from_dict(setup["batches"]), heads)
 
@@ -195,6 +201,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
                       grad_sync=ctx.sync_gradients, bf16=cfg.train.bf16 and on_cuda,
                       layer_decay=cfg.train.layer_decay)
     plan.set_schedule(cfg.train.schedule, setup.get("steps_per_epoch", 1) * cfg.train.epochs)
+    if setup.get("balance"):  # infer.z_mode balanced: (batch, label) weights computed on the driver
+        plan.set_balance(setup["balance"]["weights"])
     heads = [CategoryMap.from_dict(h) for h in setup.get("heads") or []] or None
 
     start = 0
@@ -226,6 +234,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
         for step, batch in enumerate(ctx.minibatches("train", epoch, train=True)):
             if cfg.train.max_steps_per_epoch and step >= cfg.train.max_steps_per_epoch:
                 break
+            # model input as the spec says (data.normalize: global scale, or per crop and channel; the
+            # reconstruction losses then compare against this normalised input); augmentation after it
             x = spec.to_float(batch["x"])
             if augment:  # reproducible per (seed, epoch, step, rank)
                 aug_gen.manual_seed((cfg.seed * 1_000_003 + epoch * 100_003 + step * 101 + ctx.rank) % 2**62)

@@ -23,7 +23,7 @@ from raycell.data.dataset import choose_materialize, ray_datasets, split_nbytes
 from raycell.errors import UserError
 from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
-from raycell.formats.spec import DataSpec
+from raycell.formats.spec import DataSpec, check_normalize
 from raycell.train.history import HISTORY_FILE, EpochPrinter, read_history
 from raycell.utils.io import atomic_write_json, atomic_write_text, new_run_dir
 from raycell.utils.ray_utils import link_ray_logs, single_node
@@ -122,6 +122,7 @@ def check_train(cfg: ExperimentConfig) -> None:
         parse_augment(cfg.train.augment)
     except ValueError as exc:
         raise ConfigError(f"train.augment: {exc}") from None
+    check_normalize(data_normalize(cfg))
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
     ds = _training_data(cfg)
@@ -149,6 +150,11 @@ def check_train(cfg: ExperimentConfig) -> None:
         # the worker would load it after Ray starts, where a corrupt file is a worker trace, not one line
         _, meta = load_checkpoint(cfg.train.resume)
         load_plan_state(meta["path"])
+
+
+def data_normalize(cfg: ExperimentConfig) -> str:
+    """`data.normalize`: how crops become model input ('global' or 'crop'; saved in the DataSpec)."""
+    return getattr(cfg.data, "normalize", "global")  # (until config.py has the key)
 
 
 def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
@@ -230,7 +236,8 @@ def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
     ds = _training_data(cfg)
     meta = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH)
     setup = {
-        "data_spec": DataSpec.from_dataset(ds).to_dict(),
+        # the model input's normalisation travels with the model (saved in every checkpoint's spec)
+        "data_spec": DataSpec.from_dataset(ds, data_normalize(cfg)).to_dict(),
         "labels": CategoryMap(K.LABEL, ds.manifest["label_vocab"]).to_dict(),
         # The design matrix Z has one column per *training* batch (the reference fits it on train).
         "batches": CategoryMap.fit(K.BATCH, meta.to_pylist()).to_dict(),
@@ -460,19 +467,29 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
             f"with `raycell train --resume {run_dir}`") from None
 
 
-def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None) -> dict:
+def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
+          balance: dict | None = None) -> dict:
     """Fit one model; returns {'run_dir', 'checkpoint', 'metrics', 'history'}.
 
     With `early_stopping`, the run stops once its metric has not improved for `patience` epochs, and
     the result also has 'best_epoch' and 'best_checkpoint' (that epoch's checkpoint folder; 'checkpoint'
-    stays the latest, which a resume continues from). Needs Ray to be initialised (see
-    `raycell.utils.ray_utils.init_ray`).
+    stays the latest, which a resume continues from). `balance` (a batch-head model type only, the
+    balanced Z-predictor of `raycell infer-z`): {"by": the label CategoryMap as a dict, "weights": the
+    (n_batches, n_labels) loss weight table}, see `ZPredictorPlan.set_balance`. Needs Ray to be
+    initialised (see `raycell.utils.ray_utils.init_ray`).
     """
     if cfg.train.resume:
         cfg = resume_config(cfg)  # the run's recorded config; raises on a conflicting change
     cfg.data.path = str(Path(cfg.data.path).absolute())  # workers chdir; paths must be absolute
     check_train(cfg)
     setup, ds = training_setup(cfg)
+    if balance is not None:
+        from raycell.models import model_entry
+
+        if not model_entry(cfg.model.type).batch_head:
+            raise ConfigError(f"balanced loss weights are for the Z-predictor (a batch-head model type), "
+                              f"not model type {cfg.model.type!r}")
+        setup["balance"] = balance
     if early_stopping is None and cfg.train.early_stopping_patience:
         m = cfg.train.early_stopping_metric
         early_stopping = EarlyStopping(cfg.train.early_stopping_patience, m, "min" if "loss" in m else "max")
