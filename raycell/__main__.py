@@ -41,8 +41,11 @@ def run_segmentation_eval(args) -> dict:
     from raycell.errors import UserError
     from raycell.ingest.segmentation_eval import evaluate_pairs, evaluate_segmentation
 
+    if args.perturb:
+        return _perturb(args)
     if bool(args.images) != bool(args.masks) or bool(args.raw_dir) == bool(args.images):
-        raise UserError("segmentation-eval: give either RAW_DIR or both --images and --masks")
+        raise UserError("segmentation-eval: give either RAW_DIR or both --images and --masks "
+                        "(or --perturb --images for images without masks)")
     if args.raw_dir:
         res = evaluate_segmentation(args.raw_dir, iou=args.iou)
         print(json.dumps({k: v for k, v in res.items() if k != "per_fov"}, indent=2, default=str))
@@ -54,6 +57,34 @@ def run_segmentation_eval(args) -> dict:
         print(json.dumps({k: v for k, v in res.items() if k != "per_image"}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+def _perturb(args) -> dict:
+    """`segmentation-eval --perturb --images G`: robustness of the segmentation to simulated plate effects."""
+    import dataclasses
+
+    from raycell.errors import UserError
+    from raycell.ingest.robustness import LEVELS, perturbation_robustness, write_robustness
+
+    if not args.images or args.masks or args.raw_dir:
+        raise UserError("segmentation-eval --perturb: give --images only (the clean segmentation is the "
+                        "reference; no masks, no RAW_DIR)")
+    try:
+        seeds = [int(x) for x in args.seeds]
+    except ValueError:
+        raise UserError(f"segmentation-eval --seeds: {args.seeds} are not integers") from None
+    over = dataclasses.asdict(load_config(None, args.set).ingest)
+    x = args.crosstalk_from
+    kw = {"effects": args.effects} if args.effects else {}
+    res = perturbation_robustness(args.images, seeds=seeds, levels=args.levels or LEVELS,
+                                  unseen_extreme=args.unseen_extreme, iou=args.iou, channel=args.channel,
+                                  crosstalk_from=int(x) if x.isdigit() else (x or None), overrides=over,
+                                  progress=True, **kw)
+    print(res["table"])
+    if args.out:
+        write_robustness(res, args.out)
+        print(f"[raycell] segmentation-eval --perturb -> {args.out}")
     return res
 
 

@@ -110,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmentation parameters, e.g. --set ingest.diameter=18")
     s.add_argument("--json", default="", help="also write the full result (with per-image rows) here")
     s.add_argument("--iou", type=float, default=0.5, help="IoU for a match (default 0.5)")
+    s.add_argument("--perturb", action="store_true", help="images without masks (--images only): segment "
+                   "each image clean (pseudo ground truth), apply each simulated plate effect alone (texture, "
+                   "crosstalk, debris, gamma, vignetting, shot noise) at the seen range's ends and the unseen "
+                   "extreme, segment again and report F1 at IoU 0.5 against the clean objects, for raycell and "
+                   "the Otsu + watershed baseline")
+    s.add_argument("--crosstalk-from", default="", metavar="INDEX|OLD=NEW", help="--perturb: where crosstalk "
+                   "bleeds from: a channel index of the same file, or OLD=NEW naming the other channel's file "
+                   "(e.g. d0.tif=d2.tif); without it crosstalk is skipped")
+    s.add_argument("--effects", type=_csv, default=None, help="--perturb: comma-separated mechanisms "
+                   "(default: all)")
+    s.add_argument("--levels", type=_csv, default=None, help="--perturb: seen-low,seen-high,unseen (default)")
+    s.add_argument("--seeds", type=_csv, default=["0", "1", "2"], help="--perturb: random seeds (default 0,1,2)")
+    s.add_argument("--unseen-extreme", type=float, default=2.5, help="--perturb: the unseen level's factor "
+                   "over the seen range's high end (default 2.5)")
+    s.add_argument("--out", default="", help="--perturb: folder for robustness.json and robustness.md")
 
     s = sub.add_parser("import-armed", help="ARMED data_*.npz + data_*.csv -> crop shards (date = batch)")
     s.add_argument("src", help="folder with data_{train,val,test,unseen}.npz and .csv (or one .npz)")

@@ -74,7 +74,12 @@ class SynthConfig:
     replicates: int = _f(4, "timedose: wells per time x dose x batch")
     effect_strength: float = _f(1.0, "timedose: scale of the dose and time morphology effects "
                                 "(0 = no effect)")
-    unseen_extreme: float = _f(2.5, "raw, varied: each unseen batch's extreme mechanism, as a multiple "
+    crop_effects: str = _f("basic", "crops: batch effects of the crop generator: basic (per batch gain, offset, "
+                           "illumination gradient, blur, noise: the data set of before) or varied (also each "
+                           "batch its own mix of background texture, channel crosstalk, debris, gamma, "
+                           "vignetting, shot noise, as synth --raw; each unseen batch one mechanism stronger "
+                           "than any seen batch)")
+    unseen_extreme: float = _f(2.5, "varied (raw and crops): each unseen batch's extreme mechanism, as a multiple "
                                "of the strongest seen batch's strength (> 1)")
 
 

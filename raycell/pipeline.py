@@ -50,7 +50,8 @@ def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
                             n_lines=s.n_lines, n_batches=s.n_batches, n_unseen=s.n_unseen,
                             lines_per_batch=s.lines_per_batch, wells_per_line=s.wells_per_line,
                             confounding=s.confounding, batch_strength=s.batch_strength,
-                            phenotype_strength=s.phenotype_strength, **chunking)
+                            phenotype_strength=s.phenotype_strength, effects=s.crop_effects,
+                            unseen_extreme=s.unseen_extreme, **chunking)
     print(f"[raycell] synth: {m['n_cells']} cells, {len(m['batch_vocab'])} batches "
           f"(suggested unseen: {m['suggested_unseen']}), {len(m['shards'])} shard(s) -> "
           f"{Path(s.out).absolute()} in {time.time() - t0:.1f}s", flush=True)

@@ -248,3 +248,62 @@ def _params(rng: np.random.Generator, m: str, s: float, n_channels: int) -> dict
     elif m == "shot_noise":
         p["photons"] = float(1.0 / s**2) if s > 0 else None
     return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers for one mechanism at a time, and for crops (the crop generator, the robustness scorer)
+# --------------------------------------------------------------------------------------------------
+
+
+def strength_range(mechanism: str) -> tuple[float, float, float]:
+    """(low, high, cap) of a mechanism's strength.
+
+    A seen batch draws from [low, high] (times the batch strength); an unseen extreme never
+    exceeds `cap`.
+    """
+    if mechanism not in _RANGES:
+        raise ValueError(f"unknown batch-effect mechanism {mechanism!r}; use one of {MECHANISMS}")
+    return _RANGES[mechanism]
+
+
+def mechanism_params(rng: np.random.Generator, mechanism: str, strength: float,
+                     n_channels: int = 2) -> dict:
+    """One mechanism's full parameters at `strength`, drawn as `draw_batch_effects` draws them.
+
+    Used to apply one mechanism alone at chosen strengths (e.g. to real images,
+    `raycell.ingest.robustness`).
+    """
+    strength_range(mechanism)  # one-line error for an unknown name
+    return _params(rng, mechanism, float(strength), n_channels)
+
+
+def texture_windows(
+    texture: np.ndarray, top: np.ndarray, left: np.ndarray, size: int
+) -> np.ndarray:
+    """(N, size, size) windows of a periodic field texture, the i-th at (`top[i]`, `left[i]`).
+
+    `background_texture` smooths with ``mode="wrap"``, so its texture is periodic and any window,
+    even one crossing the edge, is a piece of the same smooth field: a crop sees the background at
+    its own location in the field of view.
+    """
+    h, w = texture.shape
+    rows = (np.asarray(top, np.int64)[:, None] + np.arange(size)[None]) % h
+    cols = (np.asarray(left, np.int64)[:, None] + np.arange(size)[None]) % w
+    return texture[rows[:, :, None], cols[:, None, :]]
+
+
+def vignetting_falloff(y: np.ndarray, x: np.ndarray, shape: tuple[int, int], strength: float,
+                       power: float = 2.0, centre: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
+    """The factor `vignetting` multiplies by, at field coordinates (`y`, `x`) of an (H, W) field.
+
+    For crops: evaluated at the crop's pixels' positions in its field of view, so a crop near the
+    corner of a vignetted field is dimmer (and dimmer on its outer side) than one in the centre.
+    Coordinates outside the field are clipped to it, so nothing loses more than `strength`.
+    """
+    h, w = shape
+    cy, cx = centre[0] * (h - 1), centre[1] * (w - 1)
+    yy = np.clip(np.asarray(y, np.float64), 0, h - 1)
+    xx = np.clip(np.asarray(x, np.float64), 0, w - 1)
+    r = np.hypot(yy - cy, xx - cx)
+    r_max = max(np.hypot(a - cy, b - cx) for a in (0, h - 1) for b in (0, w - 1))
+    return 1 - strength * (r / max(r_max, 1e-12)) ** power

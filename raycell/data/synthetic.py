@@ -19,6 +19,16 @@ Generative model (a seed gives the same bytes every time; see "Random streams" b
 * **Unseen batches** (the last `n_unseen`): balanced labels, with gains drawn without regard to the label
   and blur/noise drawn from a wider range; the shortcut does not hold there, so a model that learnt the
   batch look loses accuracy on them while one that learnt morphology does not.
+* **Varied batch effects** (``effects="varied"``; ``"basic"``, the default, is the above only):
+  each batch also draws its own mix of the mechanisms of `raycell.data.batch_effects` (background
+  texture, channel crosstalk, debris, gamma, vignetting, shot noise) with `draw_batch_effects`, the
+  same draw as ``synth --raw``, and each unseen batch carries one of them stronger than any seen
+  batch. They are applied in the raw generator's physical order: texture, debris and crosstalk to
+  the sample before the gain, vignetting with the illumination, shot noise before the read noise, gamma last.
+  The field-scale ones are evaluated at the crop's place in its field of view (`_FIELD` px): each
+  batch has one periodic texture field, each field of view sees it at its own random offset and a
+  crop sees the window at its position there; vignetting is the field's falloff at the crop's
+  pixels. Debris is drawn per crop at the raw generator's density (specks per 10^4 px).
 
 Cells are rendered as two channels (``nucleus``, ``cytoplasm``) of `crop_size` pixels, centred on the cell,
 as uint8. Wells group cells of one (line, batch); `raycell split` groups by well.
@@ -28,10 +38,14 @@ of processes, and give the same bytes): the cheap global draws (line and batch p
 line, batch, well and field each cell comes from, kept as compact integer arrays) come from one
 `numpy.random.Generator` seeded by `seed`. Everything drawn per cell (shape, placement, puncta, the batch
 transform's position and noise) comes from the cell's block of `BLOCK_CELLS` consecutive cells, with its
-own Generator seeded by ``(seed, block index)``, so any block can be rendered alone. `write_synthetic`
-writes shard k = cells ``[k * rows_per_shard, (k + 1) * rows_per_shard)`` in chunks of whole shards, in
-this process or as Ray tasks that write their own shards (`write_blocks`); the output is byte-identical
-whatever the chunk size or number of workers.
+own Generator seeded by ``(seed, block index)``, so any block can be rendered alone. The varied
+effects draw from their own streams (per batch ``(seed, 0xEFF)``; per block ``(seed, 0xEFF,
+block)``; a field's texture offset ``(seed, 0xEFF, batch, line, well, field)``), so the cells, their
+positions and the read noise are the same with ``"basic"`` and ``"varied"``, and ``"basic"`` gives
+the bytes of before. `write_synthetic` writes shard k = cells
+``[k * rows_per_shard, (k + 1) * rows_per_shard)`` in chunks of whole shards, in this process or as
+Ray tasks that write their own shards (`write_blocks`); the output is byte-identical whatever the
+chunk size or number of workers.
 """
 
 from __future__ import annotations
@@ -47,6 +61,7 @@ import pandas as pd
 from scipy import ndimage
 
 from raycell import constants as K
+from raycell.data import batch_effects as be
 from raycell.errors import ConfigError
 from raycell.formats.shards import ManifestBuilder, ShardError, write_shard_file
 from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
@@ -57,6 +72,8 @@ _FIELD = 512.0  # size of the virtual field of view (px) used for the illuminati
 BLOCK_CELLS = 1024  # cells per random block: fixed, so the bytes never depend on chunking or workers
 CHUNK_CELLS = 16384  # default cells per chunk (rounded up to whole shards): bounds a writer's memory
 AUTO_RAY_CELLS = 200_000  # num_workers=None: Ray tasks from this many cells on, in-process below
+EFFECTS = ("basic", "varied")
+_EFF_STREAM = 0xEFF  # the varied effects' random streams (as in raycell.data.synthetic_raw)
 
 
 def _line_params(rng: np.random.Generator, n_lines: int) -> pd.DataFrame:
@@ -230,33 +247,136 @@ def _draw_cells(rng: np.random.Generator, size: int, radius: np.ndarray, elong: 
     return out
 
 
+@dataclass
+class CropEffects:
+    """The varied batch effects of a crop design: small draws plus one periodic texture per batch.
+
+    Attributes:
+        seed: the data set's seed (the per-block and per-field streams derive from it).
+        per_batch: per batch name {mechanism: params with "strength"} (`draw_batch_effects`).
+        extremes: the unseen batches' out-of-range mechanisms (`draw_batch_effects`).
+        textures: batch index -> its (`_FIELD`, `_FIELD`) periodic background texture (only batches
+            with texture on).
+    """
+
+    seed: int
+    per_batch: dict
+    extremes: list
+    textures: dict
+
+
+def check_effects(effects: str, unseen_extreme: float) -> None:
+    """One-line errors for the varied-effects arguments, before anything is drawn or written."""
+    if effects not in EFFECTS:
+        raise ConfigError(f"synth.effects must be one of {', '.join(EFFECTS)}, got {effects!r}")
+    if isinstance(unseen_extreme, bool) or not isinstance(unseen_extreme, (int, float)) \
+            or not unseen_extreme > 1:
+        raise ConfigError(f"synth.unseen_extreme must be a number > 1, got {unseen_extreme!r}")
+
+
+def crop_effects(seed: int, batches: pd.DataFrame, strength: float, unseen_extreme: float,
+                 crop_size: int, n_channels: int = 2) -> CropEffects:
+    """Draw each batch's varied effects (stream ``(seed, 0xEFF)``) and its periodic texture field.
+
+    The texture's scale (`scale_px`, drawn for 64 px crops as for raw fields) follows the cells,
+    which the crop generator scales with `crop_size` / 64.
+    """
+    rng = np.random.default_rng([seed, _EFF_STREAM])
+    per_batch, extremes = be.draw_batch_effects(rng, list(batches.batch), list(batches.unseen),
+                                                n_channels=n_channels, strength=strength,
+                                                unseen_extreme=unseen_extreme)
+    textures = {}
+    field = int(_FIELD)
+    for b, name in enumerate(batches.batch):
+        t = per_batch[name]["texture"]
+        if t["strength"] > 0:
+            scale = t["scale_px"] * crop_size / 64.0
+            textures[b] = be.background_texture(rng, (field, field), scale, t["strength"])
+    return CropEffects(seed, per_batch, extremes, textures)
+
+
+def _field_offsets(seed: int, b: int, fields: np.ndarray) -> np.ndarray:
+    """(N, 2) offsets into a batch's periodic texture, one per field of view (rows of `fields`).
+
+    From a stream per field, ``(seed, 0xEFF, batch, *field key)``, so every crop of a field, in any
+    block, sees the same texture field.
+    """
+    keys, inv = np.unique(fields, axis=0, return_inverse=True)
+    offs = np.array([np.random.default_rng([seed, _EFF_STREAM, b, *map(int, k)])
+                     .integers(0, int(_FIELD), 2) for k in keys], np.int64)
+    return offs[np.asarray(inv).reshape(-1)]
+
+
+def _scene_effects(rng: np.random.Generator, x: np.ndarray, eff: dict, texture: np.ndarray | None,
+                   top: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """Add texture and debris to a batch's noise-free crops, then mix channels (crosstalk)."""
+    n, c, size, _ = x.shape
+    if texture is not None:
+        w = np.array(eff["texture"]["channel_weights"], np.float32)[None, :, None, None]
+        x = x + w * be.texture_windows(texture, top, left, size)[:, None]
+    d = eff["debris"]
+    if d["strength"] > 0:
+        w = np.array(d["channel_weights"], np.float32)[:, None, None]
+        x = x + np.stack([w * be.debris(rng, (size, size), d["strength"])[0][None]
+                          for _ in range(n)])
+    if eff["crosstalk"]["strength"] > 0:
+        x = np.einsum("ck,nkhw->nchw", np.array(eff["crosstalk"]["mix"], np.float32), x)
+    return x.astype(np.float32, copy=False)
+
+
 def _apply_batch(rng: np.random.Generator, img: np.ndarray, batch_idx: np.ndarray,
-                 batches: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+                 batches: pd.DataFrame, effects: CropEffects | None = None, block: int = 0,
+                 fields: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Apply each cell's batch transform in place and quantise to uint8.
+
+    With `effects` also each batch's varied effects (see the module docstring); their draws come
+    from the block's own stream ``(seed, 0xEFF, block)``, so `rng` is consumed exactly as without
+    them. `fields` (N, k) int keys name each cell's field of view within its batch (the texture
+    offset; None: one field per batch).
 
     Returns the uint8 crops and each cell's centre in its field, (N, 2) float32.
     """
     n, _, size, _ = img.shape
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
     pos = rng.uniform(size, _FIELD - size, (n, 2)).astype(np.float32)  # cell centre in its field
+    eff_rng = None if effects is None else np.random.default_rng([effects.seed, _EFF_STREAM, block])
     for b, bp in batches.iterrows():
         idx = np.flatnonzero(batch_idx == b)
         if idx.size == 0:
             continue
         x = img[idx]
+        eff = None if effects is None else effects.per_batch[bp.batch]
+        if eff is not None:
+            top = left = texture = None
+            if eff["texture"]["strength"] > 0 and b in effects.textures:
+                texture = effects.textures[b]
+                key = np.zeros((idx.size, 1), np.int64) if fields is None else fields[idx]
+                off = _field_offsets(effects.seed, b, key)
+                # the crop's top-left corner in its field
+                corner = np.rint(pos[idx] - size / 2).astype(np.int64)
+                top, left = off[:, 0] + corner[:, 0], off[:, 1] + corner[:, 1]
+            x = _scene_effects(eff_rng, x, eff, texture, top, left)
         gy = (pos[idx, 0, None, None] + yy[None]) / _FIELD - 0.5
         gx = (pos[idx, 1, None, None] + xx[None]) / _FIELD - 0.5
         illum = 1 + bp.grad_strength * (gy * np.sin(bp.grad_dir) + gx * np.cos(bp.grad_dir)) * 2
         x *= np.array([bp.gain_nuc, bp.gain_cyto], np.float32)[None, :, None, None]
         x *= illum[:, None]
         x += bp.offset * illum[:, None]
+        if eff is not None and eff["vignetting"]["strength"] > 0:
+            v = eff["vignetting"]
+            fall = be.vignetting_falloff(pos[idx, 0, None, None] + yy[None],
+                                         pos[idx, 1, None, None] + xx[None], (int(_FIELD),) * 2,
+                                         v["strength"], v["power"], tuple(v["centre"]))
+            x *= fall[:, None].astype(np.float32)
         if bp.blur > 0.05:
             x = ndimage.gaussian_filter(x, sigma=(0, 0, bp.blur, bp.blur))
+        if eff is not None and eff["shot_noise"]["strength"] > 0:
+            x = be.shot_noise(eff_rng, x, eff["shot_noise"]["photons"])
         x += rng.normal(0, 1, x.shape).astype(np.float32) * (bp.noise * np.sqrt(np.clip(x, 0, None) + 0.05))
+        if eff is not None and eff["gamma"]["strength"] > 0:
+            x = be.gamma(x, eff["gamma"]["gamma"])
         img[idx] = x
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), pos
-
-
 
 
 class BlockPlan(Protocol):
@@ -283,6 +403,7 @@ class CropPlan:
     batch_idx: np.ndarray
     well: np.ndarray
     field: np.ndarray
+    effects: CropEffects | None = None  # effects="varied": the batches' varied effects
 
     @property
     def n_cells(self) -> int:
@@ -295,7 +416,8 @@ class CropPlan:
         rng = np.random.default_rng([self.seed, block])
         li, bi = self.line_idx[lo:hi], self.batch_idx[lo:hi]
         img, truth = _render(rng, li, self.lines, self.crop_size, self.phenotype_strength)
-        img, pos = _apply_batch(rng, img, bi, self.batches)
+        fields = np.stack([li, self.well[lo:hi], self.field[lo:hi]], axis=1)
+        img, pos = _apply_batch(rng, img, bi, self.batches, self.effects, block, fields)
         wpl = self.wells_per_line
         well_names = np.array([[f"{chr(ord('A') + li_ % 16)}{w + 1 + wpl * (li_ // 16):02d}"
                                 for w in range(wpl)] for li_ in range(len(self.lines))], dtype=object)
@@ -331,8 +453,15 @@ def render_cells(plan: BlockPlan, lo: int, hi: int) -> tuple[np.ndarray, pd.Data
 def synth_plan(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_batches: int = 8,
                n_unseen: int = 2, lines_per_batch: int = 4, wells_per_line: int = 6,
                confounding: float = 0.75, batch_strength: float = 1.0, phenotype_strength: float = 1.0,
-               seed: int = 0) -> tuple[CropPlan, dict]:
-    """The global draws (lines, batches, every cell's line/batch/well/field) and the ground truth."""
+               seed: int = 0, effects: str = "basic", unseen_extreme: float = 2.5
+               ) -> tuple[CropPlan, dict]:
+    """The global draws (lines, batches, every cell's line/batch/well/field) and the ground truth.
+
+    With ``effects="varied"`` the ground truth also holds ``batch_effects`` (per batch and
+    mechanism) and ``unseen_extremes`` (each unseen batch's out-of-range mechanism), as
+    ``raw.json`` does.
+    """
+    check_effects(effects, unseen_extreme)
     if n_lines < 2:
         raise ValueError(f"synth needs at least 2 cell lines (one per label), got n_lines={n_lines}")
     if not 0 <= n_unseen < n_batches:
@@ -343,24 +472,39 @@ def synth_plan(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_bat
     lines = _line_params(rng, n_lines)
     batches = _batch_params(rng, n_batches, n_unseen, batch_strength)
     alloc = _allocate_cells(rng, lines, batches, n_cells, lines_per_batch, confounding, wells_per_line)
-    plan = CropPlan(seed, crop_size, phenotype_strength, wells_per_line, lines, batches, *alloc)
+    # varied effects draw from their own streams: the cells and their allocation do not depend on
+    # them
+    eff = (crop_effects(seed, batches, batch_strength, unseen_extreme, crop_size, len(CHANNELS))
+           if effects == "varied" else None)
+    plan = CropPlan(seed, crop_size, phenotype_strength, wells_per_line, lines, batches, *alloc,
+                    eff)
     gt = {"lines": lines.to_dict(orient="records"), "batches": batches.to_dict(orient="records"),
           "unseen_batches": batches.batch[batches.unseen].tolist()}
+    if eff is not None:
+        gt.update(batch_effects=eff.per_batch, unseen_extremes=eff.extremes)
     return plan, gt
 
 
 def generate(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_batches: int = 8,
              n_unseen: int = 2, lines_per_batch: int = 4, wells_per_line: int = 6,
              confounding: float = 0.75, batch_strength: float = 1.0, phenotype_strength: float = 1.0,
-             seed: int = 0) -> tuple[np.ndarray, pd.DataFrame, dict]:
+             seed: int = 0, effects: str = "basic", unseen_extreme: float = 2.5
+             ) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Generate crops in memory: (N, 2, S, S) uint8 images, per-cell metadata, and the ground truth.
 
     The metadata has the crop-shard columns (cell_id, batch, plate, well, field, group, label, split='')
     plus `true_*` columns with each cell's generative parameters. Holds every crop: for large data sets
     use `write_synthetic`, which renders and writes in chunks.
+
+    `effects`: "basic" (gain, offset, illumination gradient, blur, noise per batch: the bytes of
+    before) or "varied" (also each batch's own mix of texture, crosstalk, debris, gamma, vignetting
+    and shot noise; each unseen batch one mechanism at `unseen_extreme` x the strongest seen
+    batch's).
+    The cells and their metadata are the same in both for a seed.
     """
     plan, gt = synth_plan(n_cells, crop_size, n_lines, n_batches, n_unseen, lines_per_batch,
-                          wells_per_line, confounding, batch_strength, phenotype_strength, seed)
+                          wells_per_line, confounding, batch_strength, phenotype_strength, seed,
+                          effects, unseen_extreme)
     img, meta = render_cells(plan, 0, plan.n_cells)
     return img, meta, gt
 
@@ -524,12 +668,21 @@ def write_synthetic(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per
     generator's arguments and `rows_per_shard`, never on `chunk_cells` or `num_workers` (`write_blocks`).
     """
     check_chunking(rows_per_shard, chunk_cells, num_workers)
+    check_effects(kw.get("effects", "basic"), kw.get("unseen_extreme", 2.5))
+    if kw.get("effects", "basic") == "basic":  # the default: the manifest is as before it existed
+        kw.pop("effects", None)
+        kw.pop("unseen_extreme", None)
+    else:
+        kw.setdefault("unseen_extreme", 2.5)  # recorded: it sets the unseen batches' extremes
     path = prepare_output(out, overwrite=overwrite, what="synth.out", kind=DATASET, error=ShardError)
     params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
     plan, gt = synth_plan(**params)
     tmp = staging_dir(path, DATASET)
     builder = write_blocks(tmp, plan, CHANNELS, rows_per_shard, chunk_cells, num_workers, progress)
-    m = builder.write(params={"generator": "raycell.data.synthetic", **params},
-                      extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt})
+    # as raw.json, at the top: per batch and mechanism the strength (0 = off) and parameters, and
+    # each unseen batch's mechanism at a strength no seen batch has, with a one-line note
+    varied = {k: gt.pop(k) for k in ("batch_effects", "unseen_extremes") if k in gt}
+    extra = {"suggested_unseen": gt["unseen_batches"], "ground_truth": gt, **varied}
+    m = builder.write(params={"generator": "raycell.data.synthetic", **params}, extra=extra)
     swap_in(tmp, path)
     return m
