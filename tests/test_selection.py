@@ -27,3 +27,30 @@ def test_every_epoch_survives_and_valbatch_is_reported(tiny_valbatch_data, ray_l
     assert [h["epoch"] for h in on_disk["history"]] == [0, 1, 2]
     # Ray kept one checkpoint (so its metrics_dataframe has one epoch): the file kept the rest
     assert len([d for d in run.glob("checkpoint_*") if d.is_dir()]) == 1
+
+
+def test_train_infer_evaluate_serves_the_early_stopping_pick(monkeypatch, tmp_path):
+    """Model selection reaches the user: with early stopping, the best epoch's checkpoint is inferred, not the last."""
+    import raycell.pipeline as pipeline
+
+    run = tmp_path / "run"
+    best, last = run / "checkpoint_000001", run / "checkpoint_000003"
+    seen = {}
+
+    def fake_train(cfg):
+        return {"run_dir": str(run), "checkpoint": str(last), "metrics": {}, "history": [],
+                "best_epoch": 1, "best_checkpoint": str(best)}
+
+    def fake_infer_evaluate(cfg, checkpoint, out, z_source="", quiet=False):
+        seen["checkpoint"] = str(checkpoint)
+        return {"splits": {}}
+
+    monkeypatch.setattr(pipeline, "run_train", fake_train)
+    monkeypatch.setattr(pipeline, "infer_evaluate", fake_infer_evaluate)
+    res = pipeline.train_infer_evaluate(load_config(None, []), tmp_path / "out")
+    assert seen["checkpoint"] == str(best) and res["checkpoint"] == str(best)
+    # without early stopping: the run folder, i.e. its latest checkpoint
+    monkeypatch.setattr(pipeline, "run_train", lambda cfg: {"run_dir": str(run), "checkpoint": str(last),
+                                                              "metrics": {}, "history": []})
+    pipeline.train_infer_evaluate(load_config(None, []), tmp_path / "out")
+    assert seen["checkpoint"] == str(run)
