@@ -47,7 +47,7 @@ def run_segmentation_eval(args) -> dict:
         raise UserError("segmentation-eval: give either RAW_DIR or both --images and --masks "
                         "(or --perturb --images for images without masks)")
     if args.raw_dir:
-        res = evaluate_segmentation(args.raw_dir, iou=args.iou)
+        res = evaluate_segmentation(args.raw_dir, iou=args.iou, method=args.method)
         print(json.dumps({k: v for k, v in res.items() if k != "per_fov"}, indent=2, default=str))
     else:
         over = dataclasses.asdict(load_config(None, args.set).ingest)

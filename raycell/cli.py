@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. plate) or 'parent' (the image's folder)")
     s.add_argument("--channel", type=int, default=0, help="channel of multi-channel images to segment")
     s.add_argument("--method", choices=("raycell", "otsu-watershed"), default="raycell",
-                   help="raycell's segmentation or the plain Otsu + watershed baseline")
+                   help="raycell's segmentation or the plain Otsu + watershed baseline (nuclei only with "
+                   "RAW_DIR)")
     s.add_argument("--set", action="append", default=[], metavar="ingest.KEY=VALUE",
                    help="segmentation parameters, e.g. --set ingest.diameter=18")
     s.add_argument("--json", default="", help="also write the full result (with per-image rows) here")

@@ -151,6 +151,13 @@ class IngestConfig:
     min_snr: float = _f(3.0, "objects must be this many pixel-noise sds above the background "
                         "(empty fields then give no objects)")
     max_area: float = _f(0.0, "largest object area in px (0 = 8x the expected area)")
+    edge_peak: float = _f(0.95, "object edges at half their maximum over the background, the maximum "
+                          "being this quantile of the object's pixels (blur does not enlarge objects; "
+                          "a nucleus in a halo of cytoplasmic crosstalk keeps its own edge); 0 = half "
+                          "the object's median (use 0 for punctate cytoplasm-only primary stains)")
+    outlier_k: float = _f(3.0, "drop objects whose area or edge sharpness lies more than this many "
+                          "robust sds (median/MAD) below the rest of their field: debris specks and "
+                          "out-of-focus blobs; 0 = off")
     cell_compactness: float = _f(0.05, "watershed compactness for cell bodies, per nucleus diameter "
                                  "(0 = follow edges only; larger = rounder, Voronoi-like)")
     max_cell_area: float = _f(0.0, "a cell body larger than this (px) falls back to its nucleus "

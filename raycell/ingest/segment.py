@@ -8,9 +8,12 @@ IdentifyPrimaryObjects / IdentifySecondaryObjects:
    few objects (white top-hat at 2 d) and specks, Gaussian smoothing (sigma max(1,
    d/20) px), a global threshold (Otsu on log intensities by default; fluorescence intensities are
    closer to log-normal, so a few very bright mitotic nuclei do not drag the threshold up), or a
-   local threshold for uneven images, each object's edge refined to its half-maximum (so the
-   threshold decides *which* objects, not how big), objects fainter than `min_snr` pixel-noise sds
-   dropped (an empty field gives nothing), hole filling, then **declumping**: a distance-transform
+   local threshold for uneven images, each object's edge refined to its half-maximum: half way
+   between the background and the object's peak (its 95th percentile), so the threshold decides
+   *which* objects, not how big; blur then does not enlarge objects, and a nucleus inside a halo
+   of cytoplasmic crosstalk is cut at its own edge, not the cell's), objects fainter than
+   `min_snr` noise sds of the smoothed image dropped (an empty field gives nothing; a dim
+   shot-noise field keeps its nuclei), hole filling, then **declumping**: a distance-transform
    watershed whose markers are the maxima of the distance map that stand out by at least `declump_h`
    x the expected radius (h-maxima). A threshold relative to the object's own size, not a pixel
    count, so the same setting splits 10 px and 60 px nuclei alike.
@@ -20,7 +23,9 @@ IdentifyPrimaryObjects / IdentifySecondaryObjects:
    diameter) so that touching cells with no visible edge between them are split near the midline
    (this approximates CellProfiler's "Propagation").
 3. Objects smaller than `min_area` or larger than `max_area` are removed (both default to multiples
-   of the expected object area).
+   of the expected object area), then debris is dropped by comparing each object with the other
+   objects of its field (`drop_outlier_objects`, robust median/MAD statistics): specks far smaller
+   than the bulk, out-of-focus blobs whose edges are far shallower than the bulk's.
 
 Scale: everything is expressed in units of the expected nucleus (or object) **diameter** `d`. If it
 is not given (0) it is estimated from the image (`robust_diameter`), in two passes: specks narrower
@@ -32,7 +37,9 @@ size) and, in `raycell ingest`, replaced by the plate's median (a scale pass ove
 plate) when it is more than 2x away from it. Issue 10 is why: with an area-weighted estimate, fields
 with background texture at the scale of several cells ran away to 150-190 px for 18 px nuclei.
 Nothing is tuned to a particular data set. Images whose objects do not separate at threshold
-(confluent cytoplasm-only stains) should set the diameter.
+(confluent cytoplasm-only stains) should set the diameter; a punctate stain used as the primary
+channel (vesicles, receptor spots: the Transfluor GFP example) should also set `edge_peak: 0`,
+since the half-maximum of a spotted object is the outline of its brightest spots.
 
 Background: besides the polynomial floor, a white top-hat at the object scale (`remove_background`,
 a grey opening of side 2 d) removes texture at the scale of a few objects (haze, crosstalk, uneven
@@ -83,6 +90,20 @@ def noise_sigma(img: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(r)) / 6.0)
 
 
+def smoothed_noise(noise: float, sigma: float) -> float:
+    """The noise sd left after Gaussian smoothing at `sigma`, with a 2x margin.
+
+    White noise of sd s has sd s / (2 sqrt(pi) sigma) after the filter. An object must stand
+    `min_snr` of *these* sds above the background, not of the raw pixel noise: a dim nucleus on a
+    field with few photons per pixel (shot noise) is well resolved once averaged over its area
+    but lies within 3 raw pixel sds of the background, and the raw test dropped every object of
+    such fields. The 2x margin allows for the selection: Otsu keeps the brightest noise blobs of an
+    empty field, whose medians sit a few smoothed sds up (with it, pure Gaussian or Poisson noise
+    fields, flat or textured, still give no objects).
+    """
+    return noise if sigma < 1 else noise / (np.sqrt(np.pi) * sigma)
+
+
 def background_surface(img: np.ndarray, order: int = 2, iters: int = 4) -> np.ndarray:
     """A smooth background floor: a polynomial surface fitted to the pixels that are not objects.
 
@@ -118,6 +139,7 @@ def foreground(
     refine: int = 2,
     noise: float = 0.0,
     min_snr: float = 3.0,
+    peak_q: float | None = None,
 ) -> np.ndarray:
     """Binary foreground of a (smoothed) image by a global or local threshold, refined per object.
 
@@ -135,11 +157,18 @@ def foreground(
             way between the background (median outside the mask) and the component's median
             intensity, the "half maximum" edge of a blurred object, so the detection threshold does
             not decide the object's size. 0 = off.
-        noise: pixel-noise sd of the raw image (`noise_sigma`); with it, components whose median is
-            not at least `min_snr` noise sds above the background are dropped. Otsu always splits an
-            image in two, so without this an empty field (background and noise only) would give
-            "cells".
+        noise: noise sd of `img` (`noise_sigma`, or `smoothed_noise` for a smoothed image); with
+            it, components whose median is not at least `min_snr` noise sds above the background
+            are dropped. Otsu always splits an image in two, so without this an empty field
+            (background and noise only) would give "cells". It also floors the log's reference.
         min_snr: see `noise`.
+        peak_q: refine each component's edge at half way between the background and its peak
+            (this quantile of its pixels) instead of its median: the half-maximum edge of a
+            blurred object. The median of a nucleus inside a halo of cytoplasmic crosstalk is the
+            halo's level, and half of it is the cell's edge, not the nucleus'. Components are
+            relabelled each round, so pieces that separate are refined on their own peak, and the
+            `noise` test runs on the refined pieces (before refinement, a dim nucleus merged with
+            the noise around it has a median close to the background). None = the median.
     """
     from skimage import filters
 
@@ -148,7 +177,11 @@ def foreground(
     x = img - float(img.min())
     if not np.any(x > 0):
         return np.zeros(img.shape, bool)
-    med = max(float(np.median(x)), 1e-6)
+    # the log's reference level: the median background, but never below the pixel noise. On a dim
+    # field with shot noise most background pixels are 0 after background removal, and a reference
+    # of ~0 stretches that noise over most of the log range, where Otsu then cuts it; differences
+    # smaller than the noise cannot be told apart anyway
+    med = max(float(np.median(x)), noise, 1e-6)
     t_in = np.log1p(x / med) if log else x
     # fit the threshold in the transformed domain, then map it back so `scale` acts on intensities
     fn = filters.threshold_li if method == "li" else filters.threshold_otsu
@@ -164,6 +197,19 @@ def foreground(
     if refine <= 0 or not mask.any() or mask.all():
         return mask
     bg = float(np.median(x[~mask]))
+    if peak_q is not None:
+        cur = mask
+        for _ in range(refine):
+            lab, n = ndi.label(cur)
+            level = _label_quantile(x, lab, n, peak_q)
+            cut = np.concatenate([[np.inf], bg + 0.5 * (level - bg)])
+            cur = cur & (x > cut[lab])
+        if noise > 0:
+            lab, n = ndi.label(cur)
+            level = np.asarray(ndi.median(x, lab, index=np.arange(1, n + 1)), np.float64)
+            faint = np.concatenate([[False], level < bg + min_snr * noise])
+            cur = cur & ~faint[lab]
+        return cur
     lab, n = ndi.label(mask)
     index = np.arange(1, n + 1)
     if noise > 0:
@@ -179,6 +225,21 @@ def foreground(
         cut = np.concatenate([[np.inf], bg + 0.5 * (level - bg)])
         cur = mask & (x > cut[lab])
     return cur
+
+
+def _label_quantile(x: np.ndarray, lab: np.ndarray, n: int, q: float) -> np.ndarray:
+    """The q-quantile of `x` in each label 1..n (one sort, no loop over labels)."""
+    sel = lab > 0
+    v, l = x[sel], lab[sel]
+    order = np.lexsort((v, l))
+    v = v[order]
+    counts = np.bincount(l, minlength=n + 1)[1:]
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    idx = start + np.floor(q * np.maximum(counts - 1, 0)).astype(np.int64)
+    out = np.full(n, np.inf)
+    ok = counts > 0
+    out[ok] = v[idx[ok]]
+    return out
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -215,6 +276,81 @@ def estimate_diameter(mask: np.ndarray, min_px: int = 9) -> float:
         return _weighted_median(props["equivalent_diameter_area"][single], area[single])
     inscribed = 2 * ndi.maximum(ndi.distance_transform_edt(mask), lab, index=np.arange(1, n + 1))
     return _weighted_median(np.asarray(inscribed)[big], area[big])
+
+
+def _robust_centre(v: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
+    """(median, MAD-based sd) of `v`, medians weighted by `w` when given."""
+    w = np.ones_like(v) if w is None else w
+    m = _weighted_median(v, w)
+    return m, 1.4826 * _weighted_median(np.abs(v - m), w)
+
+
+def drop_outlier_objects(
+    labels: np.ndarray,
+    x: np.ndarray,
+    fg: np.ndarray,
+    k: float = 3.0,
+    qc: dict | None = None,
+    min_objects: int = 8,
+    min_spread: float = 0.15,
+) -> np.ndarray:
+    """Drop objects far outside the field's own bulk: debris, not nuclei (robust statistics).
+
+    Two kinds of debris survive a threshold and a size filter made for nuclei: small bright specks
+    (dust, precipitate) and large diffuse blobs (out-of-focus material). Neither is defined by a
+    number tuned to a data set but by being unlike the other objects of the same field:
+
+    * area: log area more than `k` robust sds below the field's area-weighted median (weighted, so
+      that specks, which can outnumber nuclei, cannot set the centre);
+    * edge sharpness: the mean gradient magnitude on the object's boundary divided by its contrast
+      (peak over background), a unit-free measure of how steep its edge is. An in-focus nucleus has
+      a steep edge; an out-of-focus blob a shallow one (a Gaussian profile), so its log sharpness
+      lies more than `k` robust sds below the field's median. Blur of the whole field moves all
+      objects together and drops none.
+
+    The spreads have a floor (`min_spread` in log units, about +-15%) so that a very uniform field
+    does not turn ordinary variation into outliers, and fields with fewer than `min_objects`
+    objects are left alone (no bulk to compare with). `qc["n_outliers"]` counts what was dropped.
+
+    Args:
+        labels: label image after the size filter.
+        x: the (background-removed, lightly smoothed) image the objects were found on.
+        fg: the foreground mask (its complement gives the background level).
+        k: how many robust sds below the bulk an object must lie to be dropped.
+        qc: if a dict, receives "n_outliers".
+        min_objects: fewer objects than this: nothing is dropped.
+        min_spread: floor of the robust sds, in log units.
+    """
+    from skimage import filters, segmentation
+    from skimage.segmentation import relabel_sequential
+
+    n = int(labels.max())
+    if n < min_objects:
+        return labels
+    index = np.arange(1, n + 1)
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    bg = float(np.median(x[~fg])) if (~fg).any() else 0.0
+    peak = _label_quantile(x, labels, n, 0.95)
+    contrast = np.maximum(peak - bg, 1e-6)
+    edge = segmentation.find_boundaries(labels, mode="inner") & (labels > 0)
+    grad = filters.sobel(x)
+    sharp = np.asarray(ndi.mean(grad, np.where(edge, labels, 0), index), np.float64) / contrast
+    sharp = np.nan_to_num(sharp, nan=0.0)
+    la, ls = np.log(np.maximum(area, 1.0)), np.log(np.maximum(sharp, 1e-9))
+    ma, sa = _robust_centre(la, area)
+    msh, ssh = _robust_centre(ls)
+    # objects cut by the field's border are small because they are cut: not judged by area
+    on_border = np.zeros(n + 1, bool)
+    on_border[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    small = (la < ma - k * max(sa, min_spread)) & ~on_border[1:]
+    bad = small | (ls < msh - k * max(ssh, min_spread))
+    if qc is not None:
+        qc["n_outliers"] = int(bad.sum())
+    if not bad.any():
+        return labels
+    keep = np.concatenate([[False], ~bad])
+    out = np.where(keep[labels], labels, 0)
+    return relabel_sequential(out)[0].astype(np.int32)
 
 
 def _area_limits(d: float, min_area: float, max_area: float) -> tuple[float, float]:
@@ -413,6 +549,8 @@ def segment_nuclei(
     ref_diameter: float = 0.0,
     outlier_fold: float = 2.0,
     qc: dict | None = None,
+    edge_peak: float = 0.95,
+    outlier_k: float = 3.0,
 ) -> tuple[np.ndarray, float]:
     """Primary objects (nuclei, or whole cells when there is one stain) by threshold + watershed.
 
@@ -443,6 +581,11 @@ def segment_nuclei(
             from it is replaced by it (0 = no plate reference).
         outlier_fold: see `ref_diameter`.
         qc: if a dict, filled with statistics for `plausibility` (objects before the size filter).
+        edge_peak: each object's edge is put at half its maximum over the background, the maximum
+            being this quantile of its pixels (see `foreground`'s `peak_q`); 0 = the older
+            half-median edge.
+        outlier_k: drop objects whose area or edge sharpness is more than this many robust sds
+            below the field's bulk (`drop_outlier_objects`: debris); 0 = off.
 
     Returns:
         (labels int32 HxW with 0 = background, the diameter used).
@@ -462,8 +605,9 @@ def segment_nuclei(
             threshold_scale,
             log_threshold,
             block=int(4 * d) | 1 if d > 0 else 0,
-            noise=noise,
+            noise=smoothed_noise(noise, sigma),
             min_snr=min_snr,
+            peak_q=edge_peak if edge_peak > 0 else None,
         )
         return ndi.binary_fill_holes(ndi.binary_opening(fg))
 
@@ -526,7 +670,11 @@ def segment_nuclei(
         labels = segmentation.watershed(-surf, markers, mask=fg).astype(np.int32)
     if qc is not None:
         qc.update(_qc(labels, d, hi_a))
-    return _filter_sizes(labels, lo_a, hi_a), d
+    labels = _filter_sizes(labels, lo_a, hi_a)
+    if outlier_k > 0:
+        # debris (specks, out-of-focus blobs) judged against this field's own objects
+        labels = drop_outlier_objects(labels, _smooth(x, max(1.0, d / 20)), fg, outlier_k, qc)
+    return labels, d
 
 
 def segment_cells(
@@ -681,6 +829,8 @@ def segment(
         ref_diameter=ref_diameter,
         outlier_fold=p.get("diameter_outlier_fold", 2.0),
         qc=qc,
+        edge_peak=p.get("edge_peak", 0.95),
+        outlier_k=p.get("outlier_k", 3.0),
     )
     cells = None
     if cytoplasm is not None:

@@ -94,6 +94,7 @@ def evaluate_segmentation(
     z_projection: str = "best-focus",
     overrides: dict | None = None,
     max_fovs: int = 0,
+    method: str = "raycell",
 ) -> dict:
     """Segment every field of view of a synthetic raw data set and score it against the true masks.
 
@@ -107,6 +108,8 @@ def evaluate_segmentation(
         z_projection: projection used before segmenting.
         overrides: ingest parameters to change (e.g. {"threshold": "li"}).
         max_fovs: score only the first N fields (0 = all).
+        method: 'raycell' (the ingest segmentation) or 'otsu-watershed' (the baseline, nuclei only,
+            `otsu_watershed` on the nucleus channel), so both are scored on the same fields.
 
     Returns:
         {"nuclei": {...}, "cells": {...}, "n_fovs": int, "iou": float, "per_batch": {batch: {"nuclei",
@@ -119,6 +122,10 @@ def evaluate_segmentation(
     from raycell.config import IngestConfig
     from raycell.utils.io import read_json
 
+    if method not in ("raycell", "otsu-watershed"):
+        raise UserError(
+            f"segmentation-eval: unknown method {method!r}; use raycell or otsu-watershed"
+        )
     raw_dir = Path(raw_dir).absolute()
     info = read_json(raw_dir / "raw.json", "synthetic raw description")
     p = dataclasses.asdict(IngestConfig())
@@ -139,7 +146,10 @@ def evaluate_segmentation(
     by_batch: dict[str, dict[str, list]] = {}
     for fov in fovs:
         img, _ = load_fov_image(fov, chans, p["z_projection"])
-        nuc, cells, d = segment(img, nuc_i, cyt_i, p)
+        if method == "raycell":
+            nuc, cells, d = segment(img, nuc_i, cyt_i, p)
+        else:
+            nuc, cells, d = otsu_watershed(img[nuc_i]), None, 0.0
         stem = raw_dir / "masks" / fov["fov_id"]
         tn = tifffile.imread(f"{stem}_nuclei.tif")
         sn = match_instances(nuc, tn, iou)
@@ -156,6 +166,7 @@ def evaluate_segmentation(
     out = {
         "n_fovs": len(fovs),
         "iou": iou,
+        "method": method,
         "z_projection": p["z_projection"],
         "nuclei": _sum_scores(nuc_rows),
         # per imaging batch: where a batch effect breaks the segmentation shows here, not in the pool
