@@ -139,7 +139,7 @@ def run(argv: list[str] | None = None) -> dict | None:
         from raycell.experiments import run_medl_experiment
 
         return run_medl_experiment(cfg, args.seeds, args.models, args.out, randomized_z=args.randomized_z,
-                                   baseline=args.baseline,
+                                   baseline=args.baseline, z_modes=args.z_modes,
                                    command="raycell " + " ".join(argv if argv is not None else sys.argv[1:]))
     return STAGES[args.command](cfg)
 

@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--z-mode", key="infer.z_mode", choices=["predicted", "balanced", "uniform"],
           help="Z for unseen cells of random/mixed-effects models ({key}): the Z-predictor's softmax, a "
           "label-balanced Z-predictor, or uniform 1/n_seen_batches")
+    s.add_argument("--z-modes", type=_csv, default=None, help="also infer each trained model whose type "
+                   "uses Z with the unseen cells' Z made in each of these modes (comma-separated: predicted, "
+                   "balanced, uniform): one more row each, '<model> (Z <mode>)', from the same checkpoint")
     s.add_argument("--out", default="runs/medl", help="output folder for table.md/csv and results.json")
 
     s = sub.add_parser("models", help="list the registered model types")

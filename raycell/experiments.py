@@ -123,6 +123,45 @@ def _randomized_z_row(c: ExperimentConfig, run_dir: str, out: Path) -> dict:
             "test": ev["splits"].get(K.TEST, {}), "unseen": ev["splits"].get(K.UNSEEN, {})}
 
 
+def z_mode_label(model: str, mode: str) -> str:
+    """A row's name for a checkpoint inferred with the unseen cells' Z made in another `infer.z_mode`."""
+    return f"{model} (Z {mode})"
+
+
+def _unseen_z(cfg: ExperimentConfig, seed: int, z_dir: Path, mode: str | None = None) -> Path:
+    """The unseen cells' Z for one seed in `z_dir` (`raycell infer-z`), made now unless already there.
+
+    `mode` defaults to the config's `infer.z_mode`; a Z left there by another mode is redone.
+    """
+    from raycell.infer.zpredictor import Z_PARQUET, run_infer_z
+
+    mode = mode or getattr(cfg.infer, "z_mode", "predicted")
+    made = (read_json(z_dir / "inferred_z.json").get("z_mode", "predicted")
+            if (z_dir / "inferred_z.json").is_file() else None)
+    if not (z_dir / Z_PARQUET).is_file() or made != mode:
+        c = copy.deepcopy(cfg)
+        c.seed = seed
+        # Z columns = the data set's training batches, which every model was trained on
+        c.infer.checkpoint = ""
+        c.infer.data = ""
+        c.infer.z_out = str(z_dir)
+        c.infer.z_splits = [K.UNSEEN]
+        c.infer.z_mode = mode
+        run_infer_z(c)
+    return z_dir
+
+
+def _z_mode_row(c: ExperimentConfig, checkpoint: str, out: Path, z_dir: Path, mode: str) -> dict:
+    """The trained checkpoint inferred with the unseen cells' Z from `z_dir` (made in `mode`), evaluated."""
+    t0 = time.time()
+    ev = infer_evaluate(c, checkpoint, out, z_source=str(z_dir), quiet=True)
+    zmeta = read_json(z_dir / "inferred_z.json")
+    return {"model": c.model.type, "label": z_mode_label(c.model.type, mode), "seed": c.seed,
+            "run_dir": checkpoint, "z_mode": mode, "zpredictor_val_accuracy": zmeta.get("val_accuracy"),
+            "seconds": round(time.time() - t0, 1), "test": ev["splits"].get(K.TEST, {}),
+            "unseen": ev["splits"].get(K.UNSEEN, {})}
+
+
 def summarise(rows: list[dict], labels: list[str]) -> dict[str, dict]:
     """Mean, s.d. (ddof 1) and n over seeds of every table column, per row label (`row_label`)."""
     out: dict[str, dict] = {}
@@ -222,8 +261,8 @@ def _baseline_row(cfg: ExperimentConfig, seed: int, cache: dict) -> dict:
 
 
 def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[str], out: str,
-                        command: str = "", randomized_z: bool = True, baseline: bool = True
-                        ) -> dict:
+                        command: str = "", randomized_z: bool = True, baseline: bool = True,
+                        z_modes: list[str] | None = None) -> dict:
     """Train, infer and evaluate each model type for each seed on one data set; write the table.
 
     Needs Ray to be initialised (`raycell.utils.ray_utils.init_ray`).
@@ -237,6 +276,9 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         command: The command line that started the experiment, recorded in the outputs.
         randomized_z: Also infer every model whose type uses Z with randomized Z (one more row each,
             "<model> + randomized Z"; the same checkpoint, no second training).
+        z_modes: Also infer every model whose type uses Z with the unseen cells' Z made in each of
+            these `infer.z_mode`s (one more row each, "<model> (Z <mode>)"; the same checkpoint, no
+            second training), so the ways of making Z are compared on the same models.
         baseline: Also add the hand-made-feature baseline row (`raycell.eval.baseline`; features
             chosen by `eval.baseline_features`, 'auto' = morph_* columns when present, else crops).
 
@@ -245,8 +287,12 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         (Markdown), "seconds"}.
     """
     from raycell.eval.baseline import baseline_label, feature_source
-    from raycell.infer.zpredictor import Z_PARQUET, run_infer_z
+    from raycell.infer.zpredictor import Z_MODES
     from raycell.models import model_entry
+
+    bad = [zm for zm in (z_modes or []) if zm not in Z_MODES]
+    if bad:
+        raise ConfigError(f"experiment medl --z-modes: unknown mode(s) {bad}; use {', '.join(Z_MODES)}")
 
     seeds = parse_seeds(seeds)
     check_medl(cfg, seeds, models)
@@ -257,8 +303,11 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
     cfg.data.path = str(_prepare_data(cfg))
     models = list(dict.fromkeys(models))
     uses_z = {m: model_entry(m).uses_z for m in models}
+    mode = getattr(cfg.infer, "z_mode", "predicted")
+    extra_modes = [zm for zm in dict.fromkeys(z_modes or []) if zm != mode]
     labels = [lab for m in models for lab in
-              [row_label(m, False)] + ([row_label(m, True)] if randomized_z and uses_z[m] else [])]
+              [row_label(m, False)] + ([row_label(m, True)] if randomized_z and uses_z[m] else [])
+              + ([z_mode_label(m, zm) for zm in extra_modes] if uses_z[m] else [])]
     if baseline:
         features = cfg.eval.baseline_features
         labels.append(baseline_label(feature_source(cfg.data.path, features)))
@@ -266,42 +315,38 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
     feature_cache: dict = {}  # the baseline's features: computed once, reused by every seed
     for seed in seeds:
         seed_dir = out_p / f"seed{seed}"
-        z_dir = None
-        if any(uses_z.values()):
-            z_dir = seed_dir / "zpredictor"
-            # infer.z_mode comes with the config (the copy below); a Z left by another mode is redone
-            mode = getattr(cfg.infer, "z_mode", "predicted")
-            made = (read_json(z_dir / "inferred_z.json").get("z_mode", "predicted")
-                    if (z_dir / "inferred_z.json").is_file() else None)
-            if not (z_dir / Z_PARQUET).is_file() or made != mode:
-                c = copy.deepcopy(cfg)
-                c.seed = seed
-                # Z columns = the data set's training batches, which every model was trained on
-                c.infer.checkpoint = ""
-                c.infer.data = ""
-                c.infer.z_out = str(z_dir)
-                c.infer.z_splits = [K.UNSEEN]
-                run_infer_z(c)
+        z_dir = _unseen_z(cfg, seed, seed_dir / "zpredictor") if any(uses_z.values()) else None
         for m in models:
             c = _model_config(cfg, m, seed, seed_dir)
             row_dirs = [seed_dir / m] + ([seed_dir / m / RANDOMIZED_Z_DIR] if randomized_z and uses_z[m] else [])
+            row_dirs += [seed_dir / m / f"z_{zm}" for zm in extra_modes if uses_z[m]]
+            trained = None
             for row_dir in row_dirs:
                 randomize = row_dir.name == RANDOMIZED_Z_DIR
+                zm = row_dir.name[2:] if row_dir.name.startswith("z_") and row_dir != seed_dir / m else ""
                 res_file = row_dir / "result.json"
                 if res_file.is_file():  # finished by an earlier invocation
                     row = read_json(res_file)
                 else:
-                    print(f"[raycell] experiment medl: seed {seed}, {row_label(m, randomize)}", flush=True)
-                    if randomize:  # the checkpoint trained for the row just above
-                        row = _randomized_z_row(c, rows[-1].get("checkpoint") or rows[-1]["run_dir"], row_dir)
-                    else:  # a fresh checkpoint: a randomized-Z row left from an earlier one is stale
-                        shutil.rmtree(row_dir / RANDOMIZED_Z_DIR, ignore_errors=True)
+                    label = row_label(m, randomize) if not zm else z_mode_label(m, zm)
+                    print(f"[raycell] experiment medl: seed {seed}, {label}", flush=True)
+                    ck = (trained or {}).get("checkpoint") or (trained or {}).get("run_dir")
+                    if randomize:  # the checkpoint trained for the first row of this model
+                        row = _randomized_z_row(c, ck, row_dir)
+                    elif zm:  # the same checkpoint, the unseen cells' Z made another way
+                        zd = _unseen_z(cfg, seed, seed_dir / f"zpredictor_{zm}", zm)
+                        row = _z_mode_row(c, ck, row_dir, zd, zm)
+                    else:  # a fresh checkpoint: rows left from an earlier one are stale
+                        for d in row_dirs[1:]:
+                            shutil.rmtree(d, ignore_errors=True)
                         row = _trained_row(c, row_dir, z_dir if uses_z[m] else None)
-                    if z_dir is not None:
+                    if z_dir is not None and not zm:
                         zmeta = read_json(z_dir / "inferred_z.json")
                         row["zpredictor_val_accuracy"] = zmeta.get("val_accuracy")
                         row["z_mode"] = zmeta.get("z_mode", "predicted")
                     atomic_write_json(res_file, row)
+                if row_dir == seed_dir / m:
+                    trained = row
                 rows.append(row)
         if baseline:
             res_file = seed_dir / BASELINE_DIR / "result.json"

@@ -6,6 +6,7 @@ Z-predictor is trained by the loop without Ray, and 'uniform' needs none.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -162,3 +163,38 @@ def test_bad_z_mode_is_one_line_before_anything(tiny_data, tmp_path):
                                           r"got 'mean'$"):
         run_infer_z(cfg)
     assert not (tmp_path / "z").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")
+def test_experiment_z_modes_rows_reuse_the_checkpoint(tiny_data, monkeypatch, tmp_path):
+    """`experiment medl --z-modes uniform,balanced`: one more row per mode, same checkpoint, that mode's Z."""
+    from test_baseline import _cheap_latent_metrics, _fake_deep
+
+    from raycell import experiments
+    from raycell.config import ConfigError
+
+    _fake_deep(monkeypatch)
+    _cheap_latent_metrics(monkeypatch)
+    made, served = [], []
+
+    def fake_z(cfg, seed, z_dir, mode=None):
+        mode = mode or cfg.infer.z_mode
+        made.append((z_dir.name, mode))
+        z_dir.mkdir(parents=True, exist_ok=True)
+        (z_dir / "inferred_z.json").write_text(json.dumps({"z_mode": mode, "val_accuracy": 0.5}))
+        return z_dir
+
+    def fake_infer_evaluate(cfg, checkpoint, out, z_source="", quiet=False):
+        served.append((checkpoint, Path(z_source).name))
+        return {"splits": {}}
+
+    monkeypatch.setattr(experiments, "_unseen_z", fake_z)
+    monkeypatch.setattr(experiments, "infer_evaluate", fake_infer_evaluate)
+    cfg = load_config(None, [f"data.path={tiny_data}", "eval.max_cells=80"])
+    res = experiments.run_medl_experiment(cfg, [0], ["conventional", "mixedeffects"], str(tmp_path / "out"),
+                                          randomized_z=False, baseline=False, z_modes=["uniform", "predicted"])
+    assert list(res["summary"]) == ["conventional", "mixedeffects", "mixedeffects (Z uniform)"]
+    assert made == [("zpredictor", "predicted"), ("zpredictor_uniform", "uniform")]
+    assert served == [("c", "zpredictor_uniform")]  # the trained row's checkpoint ("c" in the fake)
+    with pytest.raises(ConfigError, match="z-modes"):
+        experiments.run_medl_experiment(cfg, [0], ["mixedeffects"], str(tmp_path / "o2"), z_modes=["bogus"])
