@@ -29,6 +29,7 @@ row), results go to bench/results/<date>_generalisation[_tag].json and .md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -68,7 +69,9 @@ def sets(d: dict) -> list[str]:
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """'name' or 'name:key=value;key=value' -> (name, overrides) (';' since values may be lists)."""
+    """'name' or 'name:key=value;key=value' -> (name, overrides) (';' since values may be lists).
+
+    The key `models` (types joined by '+') sets the variant's model types instead of --models."""
     name, _, rest = spec.partition(":")
     over = {}
     for kv in filter(None, (s.strip() for s in rest.split(";"))):
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="name[:key=value;...] (repeatable; default: one variant 'default' with no overrides)")
     ap.add_argument("--set", action="append", default=[], dest="common",
                     help="key=value for every experiment (e.g. train.epochs=4)")
+    ap.add_argument("--z-modes", default="", help="experiment --z-modes: extra rows for models using Z")
     ap.add_argument("--work", default="/tmp/raycell_generalisation", help="folder for beds, crops and runs")
     ap.add_argument("--tag", default="", help="suffix of the results files")
     ap.add_argument("--quick", action="store_true", help="seed 0, conventional, default variant")
@@ -163,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, over in variants:
             ingest_over = {k: v for k, v in over.items() if k.startswith("ingest.")}
             split_over = {k: v for k, v in over.items() if k.startswith("split.")}
-            other = {**common, **{k: v for k, v in over.items() if not k.startswith(("ingest.", "split."))}}
-            tag = "" if not (ingest_over or split_over) else "_" + name
+            other = {**common, **{k: v for k, v in over.items()
+                                  if not k.startswith(("ingest.", "split.")) and k != "models"}}
+            over_models = {name: over["models"].replace("+", ",")} if "models" in over else {}
+            # crops keyed by what makes them, so variants with the same ingest/split share one folder
+            key = ";".join(f"{k}={v}" for k, v in sorted({**ingest_over, **split_over}.items()))
+            tag = "" if not key else "_" + hashlib.sha1(key.encode()).hexdigest()[:8]
             crops = make_crops(seed, work, bed, ingest_over, split_over, tag, log)
             out = work / f"s{seed}" / f"exp_{name}"
             run(RAYCELL + ["experiment", "medl", "--config", EXPERIMENT_CONFIG, "--set", f"data.path={crops}",
-                           "--seeds", str(seed), "--models", a.models, "--no-randomized-z", "--out", out]
-                + sets(other), log)
+                           "--seeds", str(seed), "--models", over_models.get(name, a.models), "--no-randomized-z",
+                           "--out", out] + (["--z-modes", a.z_modes] if a.z_modes else []) + sets(other), log)
             res = json.loads((out / "results.json").read_text())
             for r in res["rows"]:
                 rows.append({"seed": seed, "variant": name, "overrides": over, "label": r["label"],

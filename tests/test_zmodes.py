@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -198,3 +199,18 @@ def test_experiment_z_modes_rows_reuse_the_checkpoint(tiny_data, monkeypatch, tm
     assert served == [("c", "zpredictor_uniform")]  # the trained row's checkpoint ("c" in the fake)
     with pytest.raises(ConfigError, match="z-modes"):
         experiments.run_medl_experiment(cfg, [0], ["mixedeffects"], str(tmp_path / "o2"), z_modes=["bogus"])
+
+
+def test_soft_z_reader_skips_shards_without_z_cells(tmp_path):
+    """A predictions folder whose shards mostly hold no unseen cell (one shard per ingested field)."""
+    from raycell.infer.zpredictor import _read_soft_z
+
+    (tmp_path / "shards").mkdir()
+    col = f"{K.PROB}_{K.BATCH}"
+    full = pa.table({K.CELL_ID: ["a", "b"], K.BATCH: ["u", "u"], K.SPLIT: ["unseen"] * 2,
+                     col: pa.array([[0.2, 0.8], [0.5, 0.5]], pa.list_(pa.float32()))})
+    pq.write_table(pa.table({K.CELL_ID: pa.array([], pa.string())}), tmp_path / "shards" / "p0.parquet")
+    pq.write_table(full, tmp_path / "shards" / "p1.parquet")
+    manifest = {"shards": [{"file": "shards/p0.parquet", "rows": 0}, {"file": "shards/p1.parquet", "rows": 2}]}
+    t = _read_soft_z(tmp_path, manifest)
+    assert t.column(K.CELL_ID).to_pylist() == ["a", "b"]

@@ -195,12 +195,16 @@ def _out_folder(cfg: ExperimentConfig, ds: ShardDataset) -> Path:
 
 
 def _read_soft_z(pred_out: str | Path, manifest: dict) -> pa.Table:
-    """cell_id, batch, split and the batch head's probabilities from an infer predictions folder."""
+    """cell_id, batch, split and the batch head's probabilities from an infer predictions folder.
+
+    Shards without a row of the Z splits (an ingest writes one shard per field, so most hold no unseen
+    cell) are written with a `cell_id` column only; they are skipped, as `read_predictions` does.
+    """
     import pyarrow.parquet as pq
 
     col = f"{K.PROB}_{K.BATCH}"
     parts = [pq.read_table(Path(pred_out) / sh["file"], columns=[K.CELL_ID, K.BATCH, K.SPLIT, col])
-             for sh in manifest["shards"]]
+             for sh in manifest["shards"] if sh.get("rows", 1)]
     return pa.concat_tables(parts).combine_chunks() if parts else pa.table({})
 
 
