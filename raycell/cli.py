@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from raycell.constants import Z_MODES
+
 EPILOG = """examples:
   raycell demo                                   # synth -> split -> train -> infer -> evaluate
   raycell ingest --config configs/ingest/cellprofiler_example_human.yaml
@@ -237,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="run of the random/mixed-effects model the Z is for ({key})")
     _flag(s, "--data", key="infer.data", help="data set folder ({key}; default data.path)")
     _flag(s, "--out", key="infer.z_out", help="output folder ({key})")
-    _flag(s, "--z-mode", key="infer.z_mode", choices=["predicted", "balanced", "uniform"],
-          help="Z for unseen cells ({key}): the Z-predictor's softmax, a label-balanced Z-predictor, or "
-          "uniform 1/n_seen_batches")
+    _flag(s, "--z-mode", key="infer.z_mode", choices=list(Z_MODES),
+          help="Z for unseen cells ({key}): the Z-predictor's softmax, a label-balanced Z-predictor, "
+          "uniform 1/n_seen_batches, or zero (random effects at their prior mean)")
 
     s = sub.add_parser("evaluate", help="metrics per split from inference outputs (JSON, CSV, table)")
     _common(s)
@@ -262,19 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", type=_csv, default=None, help="comma-separated registered model types "
                    "(default: conventional, adversarial, randomeffects, mixedeffects)")
     s.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="add a row per seed for a logistic regression on hand-made features (morph_* "
-                   "columns, else features computed from the crops), trained on the same train split "
-                   "(default: on)")
+                   help="add rows per seed for a logistic regression on hand-made features (the morph_* "
+                   "columns, and those plus the crops' intensity and texture; without morph_* columns, "
+                   "features computed from the crops; eval.baseline_features picks one set), trained on "
+                   "the same train split (default: on)")
     s.add_argument("--randomized-z", action=argparse.BooleanOptionalAction, default=True,
                    help="also infer each trained model whose type uses Z (randomeffects, mixedeffects) "
                    "with a random one-hot Z row per cell (infer.randomize_z, the reference's ablation): "
                    "one more row, '<model> + randomized Z', from the same checkpoint (default: on)")
-    _flag(s, "--z-mode", key="infer.z_mode", choices=["predicted", "balanced", "uniform"],
+    _flag(s, "--z-mode", key="infer.z_mode", choices=list(Z_MODES),
           help="Z for unseen cells of random/mixed-effects models ({key}): the Z-predictor's softmax, a "
-          "label-balanced Z-predictor, or uniform 1/n_seen_batches")
+          "label-balanced Z-predictor, uniform 1/n_seen_batches, or zero (random effects at their prior mean)")
     s.add_argument("--z-modes", type=_csv, default=None, help="also infer each trained model whose type "
                    "uses Z with the unseen cells' Z made in each of these modes (comma-separated: predicted, "
-                   "balanced, uniform): one more row each, '<model> (Z <mode>)', from the same checkpoint")
+                   "balanced, uniform, zero): one more row each, '<model> (Z <mode>)', from the same checkpoint")
     s.add_argument("--out", default="runs/medl", help="output folder for table.md/csv and results.json")
 
     s = sub.add_parser("models", help="list the registered model types")

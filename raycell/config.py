@@ -74,8 +74,9 @@ class SynthConfig:
     replicates: int = _f(4, "timedose: wells per time x dose x batch")
     effect_strength: float = _f(1.0, "timedose: scale of the dose and time morphology effects "
                                 "(0 = no effect)")
-    crop_effects: str = _f("basic", "crops: batch effects of the crop generator: basic (per batch gain, offset, "
-                           "illumination gradient, blur, noise: the data set of before) or varied (also each "
+    crop_effects: str = _f("basic", "crops (phenotype and timedose designs): batch effects of the crop "
+                           "generator: basic (per batch gain, offset, illumination gradient, blur, noise: the "
+                           "data set of before) or varied (also each "
                            "batch its own mix of background texture, channel crosstalk, debris, gamma, "
                            "vignetting, shot noise, as synth --raw; each unseen batch one mechanism stronger "
                            "than any seen batch)")
@@ -162,7 +163,9 @@ class IngestConfig:
                                  "(0 = follow edges only; larger = rounder, Voronoi-like)")
     max_cell_area: float = _f(0.0, "a cell body larger than this (px) falls back to its nucleus "
                               "(0 = no limit)")
-    mask_crops: bool = _f(False, "multiply each crop by its object's mask with a blurred edge")
+    mask_crops: bool = _f(True, "multiply each crop by its object's mask with a blurred edge, so that "
+                          "background texture and neighbours are not an input (the default: it generalised "
+                          "better to unseen imaging batches, docs/generalisation.md); false keeps the context")
     mask_blur: float = _f(2.0, "Gaussian sigma (px) of the mask edge")
     rows_per_shard: int = _f(2000, "most cells per parquet shard; each crop task writes its own shard "
                              "file(s), holding its ingest.fovs_per_task fields' cells")
@@ -183,10 +186,13 @@ class DataConfig:
     shuffle_buffer: int = _f(1024, "local shuffle buffer (rows) per worker; 0 = off")
     prefetch_batches: int = _f(2, "batches prefetched by each worker's iterator")
     block_size_mb: int = _f(8, "Ray Data target block size; small data needs small blocks to shuffle")
-    normalize: str = _f("global", "how stored crops become model input: global (divide by the dtype's range, "
-                        "the same for every crop) or crop (per crop and channel: 1st/99th percentile -> 0/1, "
-                        "clipped, so a batch's brightness and offset are not an input); saved in the "
-                        "checkpoint, inference applies the model's own")
+    normalize: str = _f("crop", "how stored crops become model input: crop (per crop and channel: 1st/99th "
+                        "percentile -> 0/1, clipped, so a batch's brightness and offset are not an input; the "
+                        "default: it generalised better to unseen batches, docs/generalisation.md; a phenotype "
+                        "carried by absolute intensity is then lost too) or global (divide by the dtype's "
+                        "range, the same for every crop: absolute intensity is an input, e.g. for dose "
+                        "effects on a stain's intensity); saved in the checkpoint, inference applies the "
+                        "model's own")
     shuffle_seed: int = _f(-1, "seed for the training data order (-1 = a new order every run); with a seed, "
                            "each epoch's order (and the model's random draws) depends only on the seed and the epoch, so a run restarted "
                            "after a failure sees the same batches as an undisturbed one (Ray Data then keeps "
@@ -257,10 +263,11 @@ class TrainConfig:
                             "which is 1 for fractional CPUs)")
     log_every: int = _f(0, "print a line every N steps (0 = once per epoch)")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole split); for smoke runs")
-    augment: str = _f("", "augmentation of training cells on the device: '' (none), 'all' (every batch "
+    augment: str = _f("all,flip,rot90", "augmentation of training cells on the device: 'all' (every batch "
                       "effect), or a comma list of gain, offset, gamma, blur, noise, background, mix (channel "
-                      "crosstalk) and the geometric flip, rot90; drawn per cell from a seeded generator "
-                      "(raycell/data/augment.py)")
+                      "crosstalk) and the geometric flip, rot90, or '' (none); drawn per cell from a seeded "
+                      "generator (raycell/data/augment.py); the default generalised best to unseen batches "
+                      "(docs/generalisation.md)")
     augment_strength: float = _f(1.0, "scales every augmentation range (0 = off)")
     schedule: str = _f("constant", "learning-rate schedule: constant, or onecycle (warm up to train.lr over "
                        "30% of the steps, then anneal; the blog's)")
@@ -322,8 +329,9 @@ class InferConfig:
                            "instead of its batch's")
     z_mode: str = _f("predicted", "infer-z: Z for unseen batches: predicted (the Z-predictor's softmax, the "
                      "reference), balanced (Z-predictor trained with each (batch, label) weighted 1/count, so "
-                     "labels do not predict batches) or uniform (1/n_seen_batches for every seen batch, no "
-                     "Z-predictor)")
+                     "labels do not predict batches), uniform (1/n_seen_batches for every seen batch, no "
+                     "Z-predictor) or zero (Z = 0: random effects at their prior mean, the mixed model's "
+                     "prediction for a new group)")
     z_out: str = _f("", "infer-z: output folder for inferred_z.parquet/.json ('' = <checkpoint run>/"
                     "inferred_z, or <data>/inferred_z without a checkpoint)")
     z_splits: list = _f(["unseen"], "infer-z: splits whose cells get an inferred Z")
@@ -384,7 +392,9 @@ class EvalConfig:
                         "predictions' data set (morph_* columns, else features from the crops), fitted on "
                         "its train split")
     baseline_features: str = _f("auto", "baseline features: auto (morph_* when the shards have them, else "
-                                "crops), morph, crops")
+                                "crops; `experiment medl` then adds a second row on all), morph, crops (shape, "
+                                "intensity and texture computed from the crops), all (morph_* and crops side by "
+                                "side)")
 
 
 @dataclass
@@ -472,11 +482,13 @@ class ExperimentConfig:
         if self.synth.n_unseen >= self.synth.n_batches:
             raise ConfigError("synth.n_unseen must be smaller than synth.n_batches "
                               f"({self.synth.n_unseen} >= {self.synth.n_batches})")
-        if self.data.normalize not in ("global", "crop"):
-            raise ConfigError(f"data.normalize: must be one of global, crop, got {self.data.normalize!r}")
-        if self.infer.z_mode not in ("predicted", "balanced", "uniform"):
-            raise ConfigError(f"infer.z_mode: must be one of predicted, balanced, uniform, got "
-                              f"{self.infer.z_mode!r}")
+        from raycell.constants import NORMALIZE_MODES, Z_MODES
+
+        if self.data.normalize not in NORMALIZE_MODES:
+            raise ConfigError(f"data.normalize: must be one of {', '.join(NORMALIZE_MODES)}, got "
+                              f"{self.data.normalize!r}")
+        if self.infer.z_mode not in Z_MODES:
+            raise ConfigError(f"infer.z_mode: must be one of {', '.join(Z_MODES)}, got {self.infer.z_mode!r}")
         if self.data.shuffle_buffer and self.data.shuffle_buffer < self.data.batch_size:
             raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
                               f"data.batch_size ({self.data.batch_size})")
@@ -511,9 +523,9 @@ class ExperimentConfig:
             raise ConfigError(f"train.layer_decay must be between 0 and 1, got {self.train.layer_decay}")
         if len(set(map(str, self.data.heads))) != len(self.data.heads):
             raise ConfigError(f"data.heads has a column twice: {self.data.heads}")
-        if self.eval.baseline_features not in ("auto", "morph", "crops"):
+        if self.eval.baseline_features not in ("auto", "morph", "crops", "all"):
             raise ConfigError(f"eval.baseline_features: {self.eval.baseline_features!r} is not one of auto, "
-                              "morph, crops")
+                              "morph, crops, all")
         for key in _PATH_KEYS:
             val = self.get(key)
             if isinstance(val, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", val):

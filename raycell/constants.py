@@ -55,3 +55,8 @@ RECON_SSIM = "recon_ssim"
 PREDICTIONS_MANIFEST = "predictions.json"
 EMBEDDINGS_MANIFEST = "embeddings.json"  # `raycell embed`: the same shards in the profiling layout
 WELL_PROFILES = "well_profiles.parquet"
+
+# How stored crops become model input (`data.normalize`; raycell/formats/spec.py) and how unseen batches get
+# their design matrix Z (`infer.z_mode`; raycell/infer/zpredictor.py): config, CLI and code read these.
+NORMALIZE_MODES = ("global", "crop")
+Z_MODES = ("predicted", "balanced", "uniform", "zero")

@@ -14,11 +14,12 @@ model: with `randomized_z` (`--randomized-z`, the default) every checkpoint whos
 one-hot Z row per cell (`infer.randomize_z`), with no second training, and reported as its own row,
 "<model> + randomized Z".
 
-Every table also has a hand-made-feature baseline row (`baseline`, the default; see
-`raycell.eval.baseline`): a balanced logistic regression on the data set's `morph_*` columns (or,
-without them, on features computed from the crops), fitted on the same `train` split and scored with
-the same metrics, so the table shows whether the deep models beat features on the unseen batches.
-Its features are computed once per experiment; each seed refits it.
+Every table also has hand-made-feature baseline rows (`baseline`, the default; see
+`raycell.eval.baseline`): a balanced logistic regression on the data set's `morph_*` columns and one
+on those plus the crops' CellProfiler-style intensity and texture (without `morph_*` columns, one row
+on features computed from the crops; `eval.baseline_features` picks one set instead), fitted on the
+same `train` split and scored with the same metrics, so the table shows whether the deep models beat
+features on the unseen batches. Features are computed once per experiment; each seed refits them.
 
 Layout of `out` (a re-run skips every (seed, model) row whose `result.json` exists, so an interrupted
 experiment continues where it stopped, and seeds run as separate processes into the same `out` are
@@ -28,7 +29,7 @@ combined by one more run over all seeds):
     out/seed<S>/runs/                       Ray Train run folders (checkpoints, metrics.json)
     out/seed<S>/<model>/                    predictions/, eval/ (metrics.json, latent_pca.png), result.json
     out/seed<S>/<model>/randomized_z/       the same checkpoint inferred with randomized Z (same files)
-    out/seed<S>/baseline/result.json        the hand-made-feature baseline row
+    out/seed<S>/baseline/result.json        the hand-made-feature baseline row (baseline_all/: the richer set)
     out/results.json, table.csv, table.md
 """
 
@@ -249,15 +250,19 @@ def check_medl(cfg: ExperimentConfig, seeds: list[int], models: list[str]) -> No
                           f"{', '.join(FEATURE_SOURCES)}")
 
 
-def _baseline_row(cfg: ExperimentConfig, seed: int, cache: dict) -> dict:
-    """The baseline's row for `seed`; its features are loaded once into `cache` and reused."""
+def _baseline_row(cfg: ExperimentConfig, seed: int, features: str, cache: dict) -> dict:
+    """The baseline's row for `seed` on `features`; those are loaded once into `cache` and reused."""
     from raycell.eval.baseline import baseline_row, load_features
 
-    if "feats" not in cache:
-        cache["feats"] = load_features(cfg.data.path, [K.TRAIN, K.TEST, K.UNSEEN],
-                                       cfg.eval.baseline_features,
-                                       cfg.eval.max_cells)
-    return baseline_row(cfg.data.path, seed, feats=cache["feats"])
+    if features not in cache:
+        cache[features] = load_features(cfg.data.path, [K.TRAIN, K.TEST, K.UNSEEN], features,
+                                        cfg.eval.max_cells)
+    return baseline_row(cfg.data.path, seed, feats=cache[features])
+
+
+def _baseline_dir(i: int, features: str) -> str:
+    """out/seed<S>/baseline/ for the first baseline row, baseline_<features>/ for the others."""
+    return BASELINE_DIR if i == 0 else f"{BASELINE_DIR}_{features}"
 
 
 def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[str], out: str,
@@ -279,15 +284,16 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         z_modes: Also infer every model whose type uses Z with the unseen cells' Z made in each of
             these `infer.z_mode`s (one more row each, "<model> (Z <mode>)"; the same checkpoint, no
             second training), so the ways of making Z are compared on the same models.
-        baseline: Also add the hand-made-feature baseline row (`raycell.eval.baseline`; features
-            chosen by `eval.baseline_features`, 'auto' = morph_* columns when present, else crops).
+        baseline: Also add the hand-made-feature baseline rows (`raycell.eval.baseline`; features
+            chosen by `eval.baseline_features`, 'auto' = morph_* columns and morph_* + crop features
+            when present, else crops: `baseline_sources`).
 
     Returns:
         {"out", "summary" (row label -> column means/sds), "rows" (one per seed and row), "table"
         (Markdown), "seconds"}.
     """
-    from raycell.eval.baseline import baseline_label, feature_source
-    from raycell.infer.zpredictor import Z_MODES
+    from raycell.constants import Z_MODES
+    from raycell.eval.baseline import baseline_label, baseline_sources, feature_source
     from raycell.models import model_entry
 
     bad = [zm for zm in (z_modes or []) if zm not in Z_MODES]
@@ -308,9 +314,8 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
     labels = [lab for m in models for lab in
               [row_label(m, False)] + ([row_label(m, True)] if randomized_z and uses_z[m] else [])
               + ([z_mode_label(m, zm) for zm in extra_modes] if uses_z[m] else [])]
-    if baseline:
-        features = cfg.eval.baseline_features
-        labels.append(baseline_label(feature_source(cfg.data.path, features)))
+    sources = baseline_sources(cfg.data.path, cfg.eval.baseline_features) if baseline else []
+    labels += [baseline_label(feature_source(cfg.data.path, f)) for f in sources]
     rows: list[dict] = []
     feature_cache: dict = {}  # the baseline's features: computed once, reused by every seed
     for seed in seeds:
@@ -348,13 +353,14 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
                 if row_dir == seed_dir / m:
                     trained = row
                 rows.append(row)
-        if baseline:
-            res_file = seed_dir / BASELINE_DIR / "result.json"
+        for i, features in enumerate(sources):
+            res_file = seed_dir / _baseline_dir(i, features) / "result.json"
             if res_file.is_file():
                 row = read_json(res_file)
             else:
-                print(f"[raycell] experiment medl: seed {seed}, {labels[-1]}", flush=True)
-                row = _baseline_row(cfg, seed, feature_cache)
+                print(f"[raycell] experiment medl: seed {seed}, {labels[len(labels) - len(sources) + i]}",
+                      flush=True)
+                row = _baseline_row(cfg, seed, features, feature_cache)
                 res_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(res_file, row)
             rows.append(row)

@@ -43,7 +43,8 @@ def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
                            rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
                            times=list(s.times), doses=list(s.doses), n_batches=s.n_batches,
                            n_unseen=s.n_unseen, replicates=s.replicates,
-                           batch_strength=s.batch_strength, effect_strength=s.effect_strength, **chunking)
+                           batch_strength=s.batch_strength, effect_strength=s.effect_strength,
+                           effects=s.crop_effects, unseen_extreme=s.unseen_extreme, **chunking)
     else:
         m = write_synthetic(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
                             rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,

@@ -136,6 +136,26 @@ def test_morph_columns_are_used_when_present(tiny_data, tmp_path):
         B.feature_source(tiny_data, "morph")
 
 
+def test_all_features_are_morph_and_crops_side_by_side(tiny_data, tmp_path):
+    data = _with_morph(tiny_data, tmp_path)
+    assert B.feature_source(data, "all") == "morph_*+crops"
+    assert B.feature_source(tiny_data, "all") == "crops"  # no morph_* columns: crops alone
+    assert B.baseline_sources(data) == ["morph", "all"]  # an experiment's two rows
+    assert B.baseline_sources(tiny_data) == ["crops"]
+    assert B.baseline_sources(data, "crops") == ["crops"]
+    with pytest.raises(B.UserError, match="is not one of auto, morph, crops, all"):
+        B.baseline_sources(data, "cellprofiler")
+    morph = B.load_features(data, [K.TRAIN, K.UNSEEN], "morph", max_cells=40)
+    crops = B.load_features(data, [K.TRAIN, K.UNSEEN], "crops", max_cells=40)
+    both = B.load_features(data, [K.TRAIN, K.UNSEEN], "all", max_cells=40)
+    assert both["names"] == morph["names"] + crops["names"] and both["source"] == "morph_*+crops"
+    for split in (K.TRAIN, K.UNSEEN):  # the same cells, the columns of both sets in order
+        np.testing.assert_array_equal(both["splits"][split]["x"], np.concatenate(
+            [morph["splits"][split]["x"], crops["splits"][split]["x"]], 1))
+        assert both["splits"][split]["meta"].equals(morph["splits"][split]["meta"])
+    assert B.baseline_row(data, feats=both)["label"] == "logreg on hand-made features (morph_*+crops)"
+
+
 def test_evaluate_baseline_block(tiny_data, monkeypatch, tmp_path):
     from raycell.errors import UserError
     from raycell.eval.evaluate import _baseline
@@ -166,3 +186,9 @@ def test_experiment_table_has_baseline_row(tiny_data, monkeypatch, tmp_path):
     res2 = experiments.run_medl_experiment(cfg, [0, 1], ["conventional"], str(tmp_path / "out"),
                                            baseline=False)
     assert list(res2["summary"]) == ["conventional"]
+    # with morph_* columns: two rows, the shape columns alone and the richer set
+    cfg = load_config(None, [f"data.path={_with_morph(tiny_data, tmp_path)}", "eval.max_cells=80"])
+    res3 = experiments.run_medl_experiment(cfg, [0], ["conventional"], str(tmp_path / "out3"))
+    assert list(res3["summary"]) == ["conventional", B.baseline_label("morph_*"),
+                                     B.baseline_label("morph_*+crops")]
+    assert (tmp_path / "out3" / "seed0" / "baseline_all" / "result.json").is_file()

@@ -403,7 +403,7 @@ def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
     again = run_ingest(cfg)
     assert again["skipped"] and again["n_cells"] == s["n_cells"]
     # different parameters need overwrite, which rebuilds the data set in place without duplicates
-    cfg.ingest.mask_crops = True
+    cfg.ingest.mask_crops = not cfg.ingest.mask_crops
     with pytest.raises(IngestError, match="overwrite"):
         run_ingest(cfg)
     cfg.ingest.overwrite = True

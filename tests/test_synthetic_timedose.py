@@ -161,3 +161,23 @@ def test_bad_arguments_give_one_line_errors(kw, match):
     with pytest.raises(ConfigError, match=match) as e:
         generate_timedose(**{**dict(n_cells=600, crop_size=32), **kw})
     assert "\n" not in str(e.value)
+
+
+def test_varied_effects_keep_the_cells_and_differ_per_batch(small, tmp_path):
+    """synth.crop_effects=varied on the time x dose design: same cells and metadata, each batch its own
+    mix of mechanisms recorded in the manifest, the unseen batch one beyond any seen batch; basic = before."""
+    img, meta, gt = small
+    vimg, vmeta, vgt = generate_timedose(**SMALL, effects="varied")
+    assert vmeta.drop(columns=[K.CENTROID_Y, K.CENTROID_X]).equals(
+        meta.drop(columns=[K.CENTROID_Y, K.CENTROID_X]))
+    assert vimg.shape == img.shape and not np.array_equal(vimg, img)
+    assert np.array_equal(vimg, generate_timedose(**SMALL, effects="varied")[0])  # deterministic
+    assert "batch_effects" not in gt and set(vgt["batch_effects"]) == set(meta[K.BATCH])
+    mixes = {b: tuple(m for m, p in e.items() if p["strength"] > 0) for b, e in vgt["batch_effects"].items()}
+    assert len(set(mixes.values())) > 1  # batches differ in mechanism, not only in strength
+    assert [e["batch"] for e in vgt["unseen_extremes"]] == vgt["unseen_batches"]
+    m = write_timedose(str(tmp_path / "v"), rows_per_shard=300, effects="varied", **SMALL)
+    assert m["batch_effects"] == vgt["batch_effects"] and m["params"]["effects"] == "varied"
+    assert np.array_equal(open_dataset(tmp_path / "v").load_images()[0], vimg)
+    basic = write_timedose(str(tmp_path / "b"), rows_per_shard=300, effects="basic", **SMALL)
+    assert "effects" not in basic["params"] and "batch_effects" not in basic

@@ -34,3 +34,42 @@ def test_materialize_auto_holds_small_splits_and_streams_large_ones(tiny_data):
     assert not choose_materialize(ds, ("train", "val"), "auto", store_bytes=2 * need)  # > 1/4: streamed
     assert choose_materialize(ds, ("train",), "always", store_bytes=0)
     assert not choose_materialize(ds, ("train",), "never", store_bytes=1e12)
+
+
+def test_raylet_messages_go_to_the_log_folder_and_only_real_problems_reach_the_terminal(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Not verbose: the raylet's worker-pool warnings stay in Ray's log folder; a worker killed for
+    memory is one `[raycell] Ray:` line naming the file; other streams go to Ray's printer unchanged."""
+    from raycell.utils import ray_utils as R
+
+    seen = []
+    monkeypatch.setattr(R, "_RAY_PRINT", lambda data, ignore_prefix: seen.append(data))
+    monkeypatch.setattr(R, "ray_logs_dir", lambda: tmp_path)
+    pool = ("WARNING: 12 PYTHON worker processes have been started on node: abc with address: 10.0.0.1. "
+            "This could be a result of using a large number of actors, or due to tasks blocked in ray.get().")
+    R.raylet_message_sink({"lines": [pool], "pid": "raylet", "is_err": False})
+    assert capsys.readouterr().err == ""
+    oom = ["Task was killed due to the node running low on memory.", "Memory on the node was 23.1GB / 24GB."]
+    R.raylet_message_sink({"lines": oom, "pid": "raylet", "is_err": False})
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"[raycell] Ray: {oom[0]} (whole message: {tmp_path / R.RAYLET_MESSAGES})"]
+    assert (tmp_path / R.RAYLET_MESSAGES).read_text().splitlines() == [pool, *oom]
+    worker = {"lines": ["(TrainWorker pid=1) hi"], "pid": 1, "is_err": False}
+    R.raylet_message_sink(worker, False)
+    assert seen == [worker]
+
+
+def test_routing_replaces_rays_printer_once_and_keeps_it(monkeypatch):
+    import ray._private.worker as w
+
+    from raycell.utils import ray_utils as R
+
+    def original(data, ignore_prefix):  # Ray's printer (restored with the module's state after the test)
+        pass
+
+    monkeypatch.setattr(w, "print_to_stdstream", original)
+    monkeypatch.setattr(R, "_RAY_PRINT", None)
+    R._route_raylet_messages()
+    assert w.print_to_stdstream is R.raylet_message_sink and R._RAY_PRINT is original
+    R._route_raylet_messages()  # twice (a second init_ray): Ray's printer is still the one kept
+    assert R._RAY_PRINT is original

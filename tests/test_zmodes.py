@@ -157,11 +157,40 @@ def test_uniform_z_without_checkpoint_uses_the_training_batches(tiny_data, tmp_p
     assert s["batches"]["values"] == seen and s["n_cells"] == ds.manifest["counts_per_split"]["unseen"]
 
 
+def test_zero_z_puts_every_random_effect_at_its_prior_mean(tiny_data, tmp_path):
+    """'zero': Z = 0 rows, the same files as 'uniform'; the random-effects layers then add nothing."""
+    from raycell.formats.inferred_z import read_inferred_z
+    from raycell.models.random_effects import ClusterScaleBias
+
+    ds = open_dataset(tiny_data)
+    seen = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
+    cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", "infer.z_mode=zero"])
+    s = run_infer_z(cfg)
+    ids, z = read_inferred_z(s["out"], seen)
+    assert z.shape == (ds.manifest["counts_per_split"]["unseen"], len(seen)) and not z.any()
+    meta = json.loads((tmp_path / "z" / "inferred_z.json").read_text())
+    assert meta["z_mode"] == "zero" and meta["zpredictor_run"] is None
+    assert not (tmp_path / "z" / "zpredictor.pt").exists()
+    # why zero is the mixed model's prediction for a new group: a random-effects layer at Z = 0 is the
+    # fixed-effects normalisation alone, whatever the random effects learnt
+    torch.manual_seed(0)
+    layer = ClusterScaleBias(4, len(seen)).eval()
+    with torch.no_grad():
+        for re in layer.re_layers():
+            for prm in re.parameters():
+                prm.add_(torch.randn_like(prm))
+        x = torch.randn(3, 4, 5, 5)
+        zero = layer(x, torch.zeros(3, len(seen)))
+        np.testing.assert_allclose(zero.numpy(), layer.norm(x).numpy(), atol=1e-6)
+        one_hot = torch.eye(len(seen))[[0, 1, 0]]
+        assert not torch.allclose(layer(x, one_hot), zero)
+
+
 def test_bad_z_mode_is_one_line_before_anything(tiny_data, tmp_path):
     cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}"])
     cfg.infer.z_mode = "mean"
     with pytest.raises(ConfigError, match=r"^infer.z_mode: must be one of predicted, balanced, uniform, "
-                                          r"got 'mean'$"):
+                                          r"zero, got 'mean'$"):
         run_infer_z(cfg)
     assert not (tmp_path / "z").exists()
 

@@ -24,6 +24,10 @@ any number of Ray tasks, with the same bytes):
   illumination gradient, blur and noise (`raycell.data.synthetic`'s machinery), plus channel
   crosstalk and a smooth background (`raycell.data.batch_effects`), all scaled by `batch_strength`.
   The last `n_unseen` batches get a wider range of blur and noise and are suggested for holding out.
+  With ``effects="varied"`` (`synth.crop_effects`) each batch also draws its own mix of texture,
+  crosstalk, debris, gamma, vignetting and shot noise, each unseen batch one mechanism stronger than any
+  seen batch (the phenotype design's machinery, `raycell.data.synthetic.crop_effects`); "basic" keeps the
+  bytes of before.
 
 The label column is the dose as a string class, so the single-label pipeline runs on it unchanged;
 `time`, `dose` and `compound` are the weak-label columns.
@@ -43,10 +47,13 @@ from raycell.data.batch_effects import background_texture, crosstalk
 from raycell.data.synthetic import (
     BLOCK_CELLS,
     CHANNELS,
+    CropEffects,
     _apply_batch,
     _batch_params,
     _draw_cells,
     check_chunking,
+    check_effects,
+    crop_effects,
     render_cells,
     shuffle_order,
     write_blocks,
@@ -229,6 +236,7 @@ class TimedosePlan:
     well_eff: np.ndarray
     backgrounds: list
     cell_well: np.ndarray
+    effects: CropEffects | None = None  # effects="varied": the batches' varied effects
 
     @property
     def n_cells(self) -> int:
@@ -246,7 +254,8 @@ class TimedosePlan:
         img, truth = _render_cells(rng, time, dose, self.well_eff[wi], self.doses, self.times,
                                    self.crop_size, self.effect_strength)
         _add_crosstalk_background(rng, img, bi, self.batches, self.backgrounds)
-        img, pos = _apply_batch(rng, img, bi, self.batches)
+        # a field of view per well: every crop of a well sees the same window of its batch's texture
+        img, pos = _apply_batch(rng, img, bi, self.batches, self.effects, block, wi[:, None])
         batch = self.batches.batch.to_numpy(object)[bi]
         names = {d: dose_name(d) for d in self.doses}
         dose_txt = np.array([names[d] for d in dose], dtype=object)
@@ -272,12 +281,16 @@ class TimedosePlan:
 def timedose_plan(n_cells: int = 6000, crop_size: int = 64, times: list | tuple = TIMES,
                   doses: list | tuple = DOSES, n_batches: int = 4, n_unseen: int = 1,
                   replicates: int = 2, batch_strength: float = 1.0, effect_strength: float = 1.0,
-                  seed: int = 0) -> tuple[TimedosePlan, dict]:
+                  seed: int = 0, effects: str = "basic", unseen_extreme: float = 2.5
+                  ) -> tuple[TimedosePlan, dict]:
     """The global draws (batches, wells, cells' wells, well effects, backgrounds) and the truth.
 
-    Raises ConfigError for bad arguments (see `generate_timedose`).
+    With ``effects="varied"`` the truth also holds ``batch_effects`` and ``unseen_extremes``, drawn
+    from their own stream, so the cells and the basic batch draws do not change. Raises ConfigError for
+    bad arguments (see `generate_timedose`).
     """
     times, doses = list(times), list(doses)
+    check_effects(effects, unseen_extreme)
     _check(n_cells, crop_size, times, doses, n_batches, n_unseen, replicates, batch_strength,
            effect_strength)
     times, doses = [int(t) for t in times], [float(d) for d in doses]
@@ -287,8 +300,10 @@ def timedose_plan(n_cells: int = 6000, crop_size: int = 64, times: list | tuple 
     wells, cell_well = _design(rng, n_cells, times, doses, n_batches, replicates)
     well_eff = rng.normal(1.0, 0.03, len(wells))  # a small well-to-well effect on the cell size
     backgrounds = _background_fields(rng, batches, crop_size)
+    eff = (crop_effects(seed, batches, batch_strength, unseen_extreme, crop_size, len(CHANNELS))
+           if effects == "varied" else None)
     plan = TimedosePlan(seed, crop_size, effect_strength, times, doses, batches, wells, well_eff,
-                        backgrounds, cell_well)
+                        backgrounds, cell_well, eff)
     conditions = [{"time": t, "dose": d, "group": f"t{t}_d{dose_name(d)}",
                    "compound": CONTROL if d == 0 else COMPOUND,
                    "dose_level": float(dose_level(np.array([d]), doses)[0])}
@@ -307,14 +322,16 @@ def timedose_plan(n_cells: int = 6000, crop_size: int = 64, times: list | tuple 
         "batches": batches.to_dict(orient="records"),
         "unseen_batches": batches.batch[batches.unseen].tolist(),
     }
+    if eff is not None:
+        gt.update(batch_effects=eff.per_batch, unseen_extremes=eff.extremes)
     return plan, gt
 
 
 def generate_timedose(n_cells: int = 6000, crop_size: int = 64, times: list | tuple = TIMES,
                       doses: list | tuple = DOSES, n_batches: int = 4, n_unseen: int = 1,
                       replicates: int = 2, batch_strength: float = 1.0,
-                      effect_strength: float = 1.0, seed: int = 0
-                      ) -> tuple[np.ndarray, pd.DataFrame, dict]:
+                      effect_strength: float = 1.0, seed: int = 0, effects: str = "basic",
+                      unseen_extreme: float = 2.5) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Generate a time x dose data set in memory: (N, 2, S, S) uint8 crops, metadata, ground truth.
 
     The metadata has the crop-shard columns (cell_id, batch, plate = batch, well, field, group
@@ -326,7 +343,7 @@ def generate_timedose(n_cells: int = 6000, crop_size: int = 64, times: list | tu
             than wells, and other arguments out of range.
     """
     plan, gt = timedose_plan(n_cells, crop_size, times, doses, n_batches, n_unseen, replicates,
-                             batch_strength, effect_strength, seed)
+                             batch_strength, effect_strength, seed, effects, unseen_extreme)
     img, meta = render_cells(plan, 0, plan.n_cells)
     return img, meta, gt
 
@@ -341,6 +358,11 @@ def write_timedose(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_
     changing the bytes); `kw` are `generate_timedose`'s other arguments.
     """
     check_chunking(rows_per_shard, chunk_cells, num_workers)
+    if kw.get("effects", "basic") == "basic":  # the default: the manifest is as before it existed
+        kw.pop("effects", None)
+        kw.pop("unseen_extreme", None)
+    else:
+        kw.setdefault("unseen_extreme", 2.5)  # recorded: it sets the unseen batches' extremes
     path = prepare_output(out, overwrite=overwrite, what="synth.out", kind=DATASET,
                           error=ShardError)
     params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
@@ -349,8 +371,10 @@ def write_timedose(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_
     tmp = staging_dir(path, DATASET)
     builder = write_blocks(tmp, plan, CHANNELS, rows_per_shard, chunk_cells, num_workers, progress,
                            desc="synth timedose")
+    # as the phenotype design: the varied effects at the top of the manifest
+    varied = {k: gt.pop(k) for k in ("batch_effects", "unseen_extremes") if k in gt}
     m = builder.write(params={"generator": "raycell.data.synthetic_timedose", **params},
-                      extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt,
+                      extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt, **varied,
                              # the truth columns are answers, not labels to train on
                              "weak_label_columns": list(WEAK_LABEL_COLUMNS)})
     swap_in(tmp, path)

@@ -6,7 +6,10 @@ features on the unseen batches has not learnt anything the features do not alrea
 * Features: the data set's `morph_*` columns when it has them (written by `raycell ingest`), else
   features computed from the crops themselves (:func:`crop_features`: Otsu object at the centre of
   the first (nucleus) channel and of the channel mean (cell); regionprops shape; per-channel
-  intensity inside / outside the cell; grey-level co-occurrence texture inside the cell).
+  intensity inside / outside the cell; grey-level co-occurrence texture inside the cell); or both
+  ('all': the ingest's shape columns and the CellProfiler-style intensity and texture of the crops).
+  `baseline_sources` gives an experiment's rows: with 'auto' and `morph_*` present, two rows, the
+  shape columns alone and the richer set, so a table shows whether a deep model beats either.
 * Model: median imputation + standardisation + `LogisticRegression(class_weight="balanced")`,
   fitted on the `train` split (at most `max_cells` cells, fixed-seed subsample).
 * Metrics per evaluated split (`test` = seen batches, `unseen`): the same keys `raycell evaluate`
@@ -28,18 +31,19 @@ import pandas as pd
 from raycell import constants as K
 from raycell.errors import UserError
 
-__all__ = ["BASELINE_MODEL", "baseline_label", "crop_features", "feature_source", "load_features",
+__all__ = ["BASELINE_MODEL", "baseline_label", "baseline_sources", "crop_features", "feature_source",
+           "load_features",
            "fit_baseline", "baseline_metrics", "evaluate_baseline", "baseline_row"]
 
 BASELINE_MODEL = "baseline"  # the `model` of a baseline row (its table label: `baseline_label`)
-FEATURE_SOURCES = ("auto", "morph", "crops")
+FEATURE_SOURCES = ("auto", "morph", "crops", "all")
 _GLCM_LEVELS = 16
 _TEXTURE = ("contrast", "homogeneity", "energy", "correlation")
 _SHAPE = ("area", "perimeter", "eccentricity", "solidity", "major_axis", "minor_axis")
 
 
 def baseline_label(source: str) -> str:
-    """The table row name of the baseline on features from `source` ('morph_*' or 'crops')."""
+    """The table row name of the baseline on features from `source` ('morph_*', 'crops' or both)."""
     return f"logreg on hand-made features ({source})"
 
 
@@ -190,8 +194,7 @@ def _subsample(n: int, max_cells: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:max_cells])
 
 
-def feature_source(data: str | Path, features: str = "auto") -> str:
-    """The features `load_features` uses on `data`: 'morph_*' or 'crops' (reads the schema)."""
+def _has_morph(data: str | Path, features: str) -> bool:
     from raycell.formats.shards import open_dataset
 
     if features not in FEATURE_SOURCES:
@@ -201,8 +204,29 @@ def feature_source(data: str | Path, features: str = "auto") -> str:
     has_morph = any(c.startswith(K.MORPH_PREFIX) for c in ds.columns())
     if features == "morph" and not has_morph:
         raise UserError(f"{ds.root}: eval.baseline_features=morph, but its shards have no "
-                        f"{K.MORPH_PREFIX}* columns (use 'crops' or 'auto')")
-    return f"{K.MORPH_PREFIX}*" if has_morph and features != "crops" else "crops"
+                        f"{K.MORPH_PREFIX}* columns (use 'crops', 'all' or 'auto')")
+    return has_morph
+
+
+def feature_source(data: str | Path, features: str = "auto") -> str:
+    """The features `load_features` uses on `data`: 'morph_*', 'crops' or 'morph_*+crops' (reads the schema)."""
+    has_morph = _has_morph(data, features)
+    if not has_morph or features == "crops":
+        return "crops"
+    return f"{K.MORPH_PREFIX}*+crops" if features == "all" else f"{K.MORPH_PREFIX}*"
+
+
+def baseline_sources(data: str | Path, features: str = "auto") -> list[str]:
+    """The `features` value of each baseline row of an experiment on `data`.
+
+    'auto' with `morph_*` columns gives two rows, 'morph' (the ingest's shape columns) and 'all' (those
+    plus the crops' intensity and texture: a richer, CellProfiler-style set); 'auto' without them one
+    'crops' row; any other value one row of its own.
+    """
+    if features != "auto":
+        _has_morph(data, features)  # checks the value and that morph_* exist for 'morph'
+        return [features]
+    return ["morph", "all"] if _has_morph(data, features) else ["crops"]
 
 
 def load_features(data: str | Path, splits: list[str], features: str = "auto",
@@ -212,38 +236,40 @@ def load_features(data: str | Path, splits: list[str], features: str = "auto",
     Args:
         data: A crop data set folder (`raycell synth` / `ingest` / `import-armed`).
         splits: Splits to load (those with no cells are left out).
-        features: 'morph' (the `morph_*` columns), 'crops' (`crop_features`) or 'auto' (morph_* when
-            the data set has them, else crops).
+        features: 'morph' (the `morph_*` columns), 'crops' (`crop_features`), 'all' (both, side by
+            side) or 'auto' (morph_* when the data set has them, else crops).
         max_cells: Cells per split (fixed-seed subsample; <= 0 = all).
         seed: Seed of the subsample.
 
     Returns:
-        {"source" ('morph_*' or 'crops'), "names", "label_vocab", "splits": {split: {"x", "meta"}},
+        {"source" (`feature_source`), "names", "label_vocab", "splits": {split: {"x", "meta"}},
         "seconds"}.
     """
     from raycell.formats.shards import decode_images, open_dataset
 
     t0 = time.time()
-    use_morph = feature_source(data, features) != "crops"
+    source = feature_source(data, features)
+    use_morph, use_crops = source != "crops", source.endswith("crops")
     ds = open_dataset(data)
-    morph = [c for c in ds.columns() if c.startswith(K.MORPH_PREFIX)]
+    morph = [c for c in ds.columns() if c.startswith(K.MORPH_PREFIX)] if use_morph else []
     meta_cols = [c for c in (K.CELL_ID, K.BATCH, K.LABEL, K.SPLIT) if c in ds.columns()]
-    out: dict = {"source": f"{K.MORPH_PREFIX}*" if use_morph else "crops",
-                 "label_vocab": list(ds.manifest["label_vocab"]), "splits": {}}
+    out: dict = {"source": source, "label_vocab": list(ds.manifest["label_vocab"]), "splits": {}}
     for split in splits:
-        t = ds.read_table(meta_cols + (morph if use_morph else [K.IMAGE]), [split])
+        t = ds.read_table(meta_cols + morph + ([K.IMAGE] if use_crops else []), [split])
         if not t.num_rows:
             continue
         t = t.take(_subsample(t.num_rows, max_cells, seed))
         meta = t.select(meta_cols).to_pandas()
+        xs, names = [], list(morph)
         if use_morph:
-            x = np.column_stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-                                 for c in morph])
-            names = morph
-        else:
+            xs.append(np.column_stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+                                       for c in morph]))
+        if use_crops:
             imgs = decode_images(t, ds.shape, ds.dtype, where=str(ds.root))
-            x, names = crop_features(imgs, ds.manifest.get("channel_names"))
-        out["splits"][split] = {"x": x, "meta": meta}
+            x_crops, crop_names = crop_features(imgs, ds.manifest.get("channel_names"))
+            xs.append(x_crops)
+            names += crop_names
+        out["splits"][split] = {"x": np.concatenate(xs, 1), "meta": meta}
         out["names"] = names
     out["seconds"] = round(time.time() - t0, 1)
     return out

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from raycell.constants import NORMALIZE_MODES
 from raycell.errors import ConfigError
 from raycell.formats.shards import ShardDataset, ShardError
 
-NORMALIZE_MODES = ("global", "crop")
 # Per-crop normalisation: the low / high percentile of each crop channel that map to 0 / 1.
 CROP_LOW_PCT, CROP_HIGH_PCT = 1.0, 99.0
 _EPS = 1e-6  # the smallest (high - low) spread divided by: a constant crop channel becomes 0, not NaN

@@ -26,7 +26,9 @@ batches).
   the train split and handed to the plan): within every batch each label has the same total weight, so
   the label no longer predicts the batch;
 * `uniform`: no Z-predictor; every cell gets Z = 1 / n_seen_batches for each seen batch (the average
-  random effect). Same output files (no `zpredictor.pt`), so everything downstream is unchanged.
+  random effect). Same output files (no `zpredictor.pt`), so everything downstream is unchanged;
+* `zero`: no Z-predictor; every cell gets Z = 0, so every random effect sits at its prior mean 0: what a
+  (generalised) linear mixed model predicts for a group it has never seen, the fixed effects alone.
 
 Outputs, in `infer.z_out` (written atomically):
 * `inferred_z.parquet`: `cell_id`, `batch`, `split` and `z` (fixed-size list of float32, one entry
@@ -65,14 +67,13 @@ from raycell.formats.shards import ShardDataset, open_dataset
 from raycell.utils.io import atomic_write_json, atomic_write_parquet
 
 ZPREDICTOR = "zpredictor"  # the model type (raycell/models/armed.py)
-Z_MODES = ("predicted", "balanced", "uniform")
 
 
 def z_mode(cfg: ExperimentConfig) -> str:
-    """`infer.z_mode`, checked: predicted, balanced or uniform (see the module docstring)."""
+    """`infer.z_mode`, checked: predicted, balanced, uniform or zero (see the module docstring)."""
     mode = getattr(cfg.infer, "z_mode", "predicted")  # (until config.py has the key)
-    if mode not in Z_MODES:
-        raise ConfigError(f"infer.z_mode: must be one of {', '.join(Z_MODES)}, got {mode!r}")
+    if mode not in K.Z_MODES:
+        raise ConfigError(f"infer.z_mode: must be one of {', '.join(K.Z_MODES)}, got {mode!r}")
     return mode
 
 
@@ -112,6 +113,10 @@ def balance_setup(cfg: ExperimentConfig, ds: ShardDataset) -> dict:
 def uniform_z(n_cells: int, n_batches: int) -> np.ndarray:
     """`infer.z_mode: uniform`: Z = 1 / n_batches for every seen batch, for every cell (rows sum to 1)."""
     return np.full((n_cells, n_batches), 1.0 / n_batches, np.float32)
+
+
+# Modes whose Z is fixed in advance (no Z-predictor, no Ray): mode -> (n_cells, n_batches) -> Z.
+FIXED_Z = {"uniform": uniform_z, "zero": lambda n, b: np.zeros((n, b), np.float32)}
 def _batches_of(ds: ShardDataset, checkpoint: str) -> CategoryMap:
     """The Z column order: the checkpoint's training batches, or the data set's training batches."""
     if checkpoint:
@@ -157,7 +162,7 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
                               "data set the model was trained on")
     if cfg.infer.z_out and Path(cfg.infer.z_out).is_file():
         raise ConfigError(f"infer.z_out {Path(cfg.infer.z_out).absolute()} is a file, not a folder")
-    if z_mode(cfg) == "uniform":  # no Z-predictor to train
+    if z_mode(cfg) in FIXED_Z:  # no Z-predictor to train
         return ds
     from raycell.train.trainer import check_train
 
@@ -228,31 +233,33 @@ def _empty_cells() -> pa.Table:
                      K.SPLIT: pa.array([], pa.string())})
 
 
-def run_uniform_z(cfg: ExperimentConfig) -> dict:
-    """`infer.z_mode: uniform`: Z = 1 / n_seen_batches for the cells of `cfg.infer.z_splits`, no Ray.
+def run_fixed_z(cfg: ExperimentConfig) -> dict:
+    """`infer.z_mode: uniform` or `zero` (`FIXED_Z`): the same Z for the cells of `cfg.infer.z_splits`, no Ray.
 
     Returns:
         The same summary as `run_infer_z` (no Z-predictor: its run, checkpoint and accuracy are empty).
     """
     t0 = time.time()
+    mode = z_mode(cfg)
     ds = check_infer_z_config(cfg)
     served = _batches_of(ds, cfg.infer.checkpoint)  # the Z column order
     out = _out_folder(cfg, ds)
     t = ds.read_table([K.CELL_ID, K.BATCH, K.SPLIT], splits=list(cfg.infer.z_splits)).combine_chunks()
     if not t.num_rows:
         t = _empty_cells()
-    z = uniform_z(t.num_rows, len(served))
+    z = FIXED_Z[mode](t.num_rows, len(served))
     per_batch = _write_z(out, t, z, served)
     (out / Z_WEIGHTS).unlink(missing_ok=True)  # a Z-predictor's weights left by an earlier mode
     summary = {"out": str(out), "parquet": str(out / Z_PARQUET), "dataset": str(ds.root),
                "checkpoint": cfg.infer.checkpoint or None, "splits": list(cfg.infer.z_splits),
-               "z_mode": "uniform", "n_cells": int(t.num_rows), "val_accuracy": None, "epochs": 0,
+               "z_mode": mode, "n_cells": int(t.num_rows), "val_accuracy": None, "epochs": 0,
                "best_epoch": None, "batches": served.to_dict(), "mean_z_per_batch": per_batch,
                "history": [], "zpredictor_run": None, "zpredictor_checkpoint": None,
                "seconds": round(time.time() - t0, 1)}
     atomic_write_json(out / Z_JSON, summary)
-    print(f"[raycell] infer-z: uniform Z (1/{len(served)} for each seen batch, infer.z_mode uniform) for "
-          f"{t.num_rows} cell(s) -> {out / Z_PARQUET}", flush=True)
+    what = f"1/{len(served)} for each seen batch" if mode == "uniform" else "0: random effects at their prior mean"
+    print(f"[raycell] infer-z: {mode} Z ({what}, infer.z_mode {mode}) for {t.num_rows} cell(s) -> "
+          f"{out / Z_PARQUET}", flush=True)
     return summary
 
 
@@ -262,16 +269,16 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     Uses `cfg.infer.data` (default `cfg.data.path`); the Z columns follow `cfg.infer.checkpoint`'s
     training batches when a checkpoint is given (else the data set's training batches). Everything is
     checked before Ray starts; Ray is started (`ray.*` keys) unless it already runs. `infer.z_mode`:
-    predicted (the reference), balanced (label-balanced loss weights) or uniform (`run_uniform_z`, no
-    training, no Ray).
+    predicted (the reference), balanced (label-balanced loss weights), uniform or zero (`run_fixed_z`,
+    no training, no Ray).
 
     Returns:
         A summary: out folder, parquet path, number of cells, best validation accuracy, epochs,
         batches, the Z-predictor's run folder and checkpoint.
     """
     mode = z_mode(cfg)
-    if mode == "uniform":
-        return run_uniform_z(cfg)
+    if mode in FIXED_Z:
+        return run_fixed_z(cfg)
     import torch
 
     from raycell.formats.checkpoint import read_meta

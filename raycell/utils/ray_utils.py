@@ -77,6 +77,54 @@ def check_reachable(address: str, timeout_s: float = 5.0, source: str = "ray.add
                           "(ray.connect_timeout_s sets the wait)")
 
 
+# Raylet messages that describe Ray's own housekeeping, not the user's job: kept out of the terminal.
+_HOUSEKEEPING = ("PYTHON worker processes have been started",)
+RAYLET_MESSAGES = "raycell_raylet_messages.log"  # in Ray's log folder (`ray_logs_dir`)
+
+
+def raylet_message_sink(data: dict, ignore_prefix: bool = False) -> None:
+    """Route a raylet message (what Ray's driver would print to the terminal) when not verbose.
+
+    Every message goes whole to RAYLET_MESSAGES in Ray's log folder; housekeeping ones (the worker
+    pool's "N PYTHON worker processes have been started" warnings on busy runs) stop there, any other
+    (a worker killed for memory, a task that failed) reaches the terminal as one `[raycell] Ray:` line
+    naming the file. Other streams (`pid` not "raylet") go to Ray's own printer unchanged.
+    """
+    import sys
+
+    if data.get("pid") != "raylet":
+        return _RAY_PRINT(data, ignore_prefix)
+    lines = [str(x) for x in data.get("lines", [])]
+    logs = ray_logs_dir()
+    where = ""
+    if logs is not None:
+        with open(logs / RAYLET_MESSAGES, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        where = f" (whole message: {logs / RAYLET_MESSAGES})"
+    text = " ".join(x.strip() for x in lines if x.strip())
+    if text and not any(h in text for h in _HOUSEKEEPING):
+        first = next(x.strip() for x in lines if x.strip())
+        print(f"[raycell] Ray: {first[:300]}{where}", file=sys.stderr, flush=True)
+
+
+_RAY_PRINT = None  # Ray's own printer, kept when raylet_message_sink replaces it
+
+
+def _route_raylet_messages() -> None:
+    """Send the raylet's messages through `raylet_message_sink` instead of straight to the terminal.
+
+    Why by hand: in Ray 2.60 the driver's error listener (`ray._private.worker.listen_error_messages`)
+    prints them with the module-level `print_to_stdstream` whatever `log_to_driver` says, and no option
+    turns that off; it looks the name up at every message, so replacing it redirects them.
+    """
+    global _RAY_PRINT
+    import ray._private.worker as w
+
+    if w.print_to_stdstream is not raylet_message_sink:  # once per process
+        _RAY_PRINT = w.print_to_stdstream
+        w.print_to_stdstream = raylet_message_sink
+
+
 def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, progress: bool = True,
              connect_timeout_s: float = 5.0, verbose: bool = False) -> None:
     """Join a cluster (`address`, or RAY_ADDRESS as under `ray job submit`) or start a private local Ray.
@@ -117,6 +165,7 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
     import ray.data
 
     if not verbose:
+        _route_raylet_messages()
         # Driver-side INFO lines (Ray Data's per-execution plans and progress logs, Train and Tune
         # status): after `import ray.data`, which configures its loggers; they stay in Ray Data's own
         # log file (ray-data.log in the session logs).
