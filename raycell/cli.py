@@ -274,10 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "one more row, '<model> + randomized Z', from the same checkpoint (default: on)")
     _flag(s, "--z-mode", key="infer.z_mode", choices=list(Z_MODES),
           help="Z for unseen cells of random/mixed-effects models ({key}): the Z-predictor's softmax, a "
-          "label-balanced Z-predictor, uniform 1/n_seen_batches, or zero (random effects at their prior mean)")
+          "label-balanced Z-predictor, uniform 1/n_seen_batches, or zero (random effects at their prior "
+          "mean)")
     s.add_argument("--z-modes", type=_csv, default=None, help="also infer each trained model whose type "
                    "uses Z with the unseen cells' Z made in each of these modes (comma-separated: predicted, "
-                   "balanced, uniform, zero): one more row each, '<model> (Z <mode>)', from the same checkpoint")
+                   "balanced, uniform, zero): one more row each, '<model> (Z <mode>)', from the same "
+                   "checkpoint")
     s.add_argument("--out", default="runs/medl", help="output folder for table.md/csv and results.json")
 
     s = sub.add_parser("models", help="list the registered model types")

@@ -482,7 +482,7 @@ class ExperimentConfig:
         if self.synth.n_unseen >= self.synth.n_batches:
             raise ConfigError("synth.n_unseen must be smaller than synth.n_batches "
                               f"({self.synth.n_unseen} >= {self.synth.n_batches})")
-        from raycell.constants import NORMALIZE_MODES, Z_MODES
+        from raycell.constants import BASELINE_FEATURES, NORMALIZE_MODES, Z_MODES
 
         if self.data.normalize not in NORMALIZE_MODES:
             raise ConfigError(f"data.normalize: must be one of {', '.join(NORMALIZE_MODES)}, got "
@@ -523,9 +523,9 @@ class ExperimentConfig:
             raise ConfigError(f"train.layer_decay must be between 0 and 1, got {self.train.layer_decay}")
         if len(set(map(str, self.data.heads))) != len(self.data.heads):
             raise ConfigError(f"data.heads has a column twice: {self.data.heads}")
-        if self.eval.baseline_features not in ("auto", "morph", "crops", "all"):
-            raise ConfigError(f"eval.baseline_features: {self.eval.baseline_features!r} is not one of auto, "
-                              "morph, crops, all")
+        if self.eval.baseline_features not in BASELINE_FEATURES:
+            raise ConfigError(f"eval.baseline_features: {self.eval.baseline_features!r} is not one of "
+                              f"{', '.join(BASELINE_FEATURES)}")
         for key in _PATH_KEYS:
             val = self.get(key)
             if isinstance(val, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", val):

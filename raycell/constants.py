@@ -56,7 +56,9 @@ PREDICTIONS_MANIFEST = "predictions.json"
 EMBEDDINGS_MANIFEST = "embeddings.json"  # `raycell embed`: the same shards in the profiling layout
 WELL_PROFILES = "well_profiles.parquet"
 
-# How stored crops become model input (`data.normalize`; raycell/formats/spec.py) and how unseen batches get
-# their design matrix Z (`infer.z_mode`; raycell/infer/zpredictor.py): config, CLI and code read these.
+# How stored crops become model input (`data.normalize`; raycell/formats/spec.py), how unseen batches get
+# their design matrix Z (`infer.z_mode`; raycell/infer/zpredictor.py) and which hand-made features the
+# baseline uses: config, CLI and code read these.
 NORMALIZE_MODES = ("global", "crop")
+BASELINE_FEATURES = ("auto", "morph", "crops", "all")  # `eval.baseline_features` (raycell/eval/baseline.py)
 Z_MODES = ("predicted", "balanced", "uniform", "zero")

@@ -315,7 +315,8 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
               [row_label(m, False)] + ([row_label(m, True)] if randomized_z and uses_z[m] else [])
               + ([z_mode_label(m, zm) for zm in extra_modes] if uses_z[m] else [])]
     sources = baseline_sources(cfg.data.path, cfg.eval.baseline_features) if baseline else []
-    labels += [baseline_label(feature_source(cfg.data.path, f)) for f in sources]
+    base_labels = [baseline_label(feature_source(cfg.data.path, f)) for f in sources]
+    labels += base_labels
     rows: list[dict] = []
     feature_cache: dict = {}  # the baseline's features: computed once, reused by every seed
     for seed in seeds:
@@ -358,8 +359,7 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
             if res_file.is_file():
                 row = read_json(res_file)
             else:
-                print(f"[raycell] experiment medl: seed {seed}, {labels[len(labels) - len(sources) + i]}",
-                      flush=True)
+                print(f"[raycell] experiment medl: seed {seed}, {base_labels[i]}", flush=True)
                 row = _baseline_row(cfg, seed, features, feature_cache)
                 res_file.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(res_file, row)

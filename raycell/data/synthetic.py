@@ -265,6 +265,24 @@ class CropEffects:
     textures: dict
 
 
+def effects_params(kw: dict) -> dict:
+    """A writer's generator arguments as the manifest records them: with basic effects (the default)
+    without `effects` / `unseen_extreme`, so the manifest is as before they existed; with varied ones
+    `unseen_extreme` always (it sets the unseen batches' extremes)."""
+    kw = dict(kw)
+    if kw.get("effects", "basic") == "basic":
+        kw.pop("effects", None)
+        kw.pop("unseen_extreme", None)
+    else:
+        kw.setdefault("unseen_extreme", 2.5)
+    return kw
+
+
+def pop_varied(gt: dict) -> dict:
+    """The varied effects taken out of a ground truth, for the top of the manifest (as raw.json)."""
+    return {k: gt.pop(k) for k in ("batch_effects", "unseen_extremes") if k in gt}
+
+
 def check_effects(effects: str, unseen_extreme: float) -> None:
     """One-line errors for the varied-effects arguments, before anything is drawn or written."""
     if effects not in EFFECTS:
@@ -669,11 +687,7 @@ def write_synthetic(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per
     """
     check_chunking(rows_per_shard, chunk_cells, num_workers)
     check_effects(kw.get("effects", "basic"), kw.get("unseen_extreme", 2.5))
-    if kw.get("effects", "basic") == "basic":  # the default: the manifest is as before it existed
-        kw.pop("effects", None)
-        kw.pop("unseen_extreme", None)
-    else:
-        kw.setdefault("unseen_extreme", 2.5)  # recorded: it sets the unseen batches' extremes
+    kw = effects_params(kw)
     path = prepare_output(out, overwrite=overwrite, what="synth.out", kind=DATASET, error=ShardError)
     params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
     plan, gt = synth_plan(**params)
@@ -681,8 +695,7 @@ def write_synthetic(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per
     builder = write_blocks(tmp, plan, CHANNELS, rows_per_shard, chunk_cells, num_workers, progress)
     # as raw.json, at the top: per batch and mechanism the strength (0 = off) and parameters, and
     # each unseen batch's mechanism at a strength no seen batch has, with a one-line note
-    varied = {k: gt.pop(k) for k in ("batch_effects", "unseen_extremes") if k in gt}
-    extra = {"suggested_unseen": gt["unseen_batches"], "ground_truth": gt, **varied}
+    extra = {"suggested_unseen": gt["unseen_batches"], "ground_truth": gt, **pop_varied(gt)}
     m = builder.write(params={"generator": "raycell.data.synthetic", **params}, extra=extra)
     swap_in(tmp, path)
     return m

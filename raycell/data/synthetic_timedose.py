@@ -54,6 +54,8 @@ from raycell.data.synthetic import (
     check_chunking,
     check_effects,
     crop_effects,
+    effects_params,
+    pop_varied,
     render_cells,
     shuffle_order,
     write_blocks,
@@ -358,11 +360,7 @@ def write_timedose(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_
     changing the bytes); `kw` are `generate_timedose`'s other arguments.
     """
     check_chunking(rows_per_shard, chunk_cells, num_workers)
-    if kw.get("effects", "basic") == "basic":  # the default: the manifest is as before it existed
-        kw.pop("effects", None)
-        kw.pop("unseen_extreme", None)
-    else:
-        kw.setdefault("unseen_extreme", 2.5)  # recorded: it sets the unseen batches' extremes
+    kw = effects_params(kw)
     path = prepare_output(out, overwrite=overwrite, what="synth.out", kind=DATASET,
                           error=ShardError)
     params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
@@ -371,10 +369,9 @@ def write_timedose(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_
     tmp = staging_dir(path, DATASET)
     builder = write_blocks(tmp, plan, CHANNELS, rows_per_shard, chunk_cells, num_workers, progress,
                            desc="synth timedose")
-    # as the phenotype design: the varied effects at the top of the manifest
-    varied = {k: gt.pop(k) for k in ("batch_effects", "unseen_extremes") if k in gt}
     m = builder.write(params={"generator": "raycell.data.synthetic_timedose", **params},
-                      extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt, **varied,
+                      extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt,
+                             **pop_varied(gt),  # as the phenotype design: at the top of the manifest
                              # the truth columns are answers, not labels to train on
                              "weak_label_columns": list(WEAK_LABEL_COLUMNS)})
     swap_in(tmp, path)

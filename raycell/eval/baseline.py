@@ -32,11 +32,10 @@ from raycell import constants as K
 from raycell.errors import UserError
 
 __all__ = ["BASELINE_MODEL", "baseline_label", "baseline_sources", "crop_features", "feature_source",
-           "load_features",
-           "fit_baseline", "baseline_metrics", "evaluate_baseline", "baseline_row"]
+           "load_features", "fit_baseline", "baseline_metrics", "evaluate_baseline", "baseline_row"]
 
 BASELINE_MODEL = "baseline"  # the `model` of a baseline row (its table label: `baseline_label`)
-FEATURE_SOURCES = ("auto", "morph", "crops", "all")
+FEATURE_SOURCES = K.BASELINE_FEATURES
 _GLCM_LEVELS = 16
 _TEXTURE = ("contrast", "homogeneity", "energy", "correlation")
 _SHAPE = ("area", "perimeter", "eccentricity", "solidity", "major_axis", "minor_axis")
@@ -209,7 +208,8 @@ def _has_morph(data: str | Path, features: str) -> bool:
 
 
 def feature_source(data: str | Path, features: str = "auto") -> str:
-    """The features `load_features` uses on `data`: 'morph_*', 'crops' or 'morph_*+crops' (reads the schema)."""
+    """The features `load_features` uses on `data`: 'morph_*', 'crops' or 'morph_*+crops' (reads the
+    schema)."""
     has_morph = _has_morph(data, features)
     if not has_morph or features == "crops":
         return "crops"

@@ -117,6 +117,8 @@ def uniform_z(n_cells: int, n_batches: int) -> np.ndarray:
 
 # Modes whose Z is fixed in advance (no Z-predictor, no Ray): mode -> (n_cells, n_batches) -> Z.
 FIXED_Z = {"uniform": uniform_z, "zero": lambda n, b: np.zeros((n, b), np.float32)}
+
+
 def _batches_of(ds: ShardDataset, checkpoint: str) -> CategoryMap:
     """The Z column order: the checkpoint's training batches, or the data set's training batches."""
     if checkpoint:
@@ -234,7 +236,7 @@ def _empty_cells() -> pa.Table:
 
 
 def run_fixed_z(cfg: ExperimentConfig) -> dict:
-    """`infer.z_mode: uniform` or `zero` (`FIXED_Z`): the same Z for the cells of `cfg.infer.z_splits`, no Ray.
+    """`infer.z_mode` uniform or zero (`FIXED_Z`): a Z fixed in advance for `cfg.infer.z_splits`, no Ray.
 
     Returns:
         The same summary as `run_infer_z` (no Z-predictor: its run, checkpoint and accuracy are empty).
@@ -257,7 +259,8 @@ def run_fixed_z(cfg: ExperimentConfig) -> dict:
                "history": [], "zpredictor_run": None, "zpredictor_checkpoint": None,
                "seconds": round(time.time() - t0, 1)}
     atomic_write_json(out / Z_JSON, summary)
-    what = f"1/{len(served)} for each seen batch" if mode == "uniform" else "0: random effects at their prior mean"
+    what = (f"1/{len(served)} for each seen batch" if mode == "uniform"
+            else "0: random effects at their prior mean")
     print(f"[raycell] infer-z: {mode} Z ({what}, infer.z_mode {mode}) for {t.num_rows} cell(s) -> "
           f"{out / Z_PARQUET}", flush=True)
     return summary

@@ -101,10 +101,9 @@ def raylet_message_sink(data: dict, ignore_prefix: bool = False) -> None:
         with open(logs / RAYLET_MESSAGES, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         where = f" (whole message: {logs / RAYLET_MESSAGES})"
-    text = " ".join(x.strip() for x in lines if x.strip())
-    if text and not any(h in text for h in _HOUSEKEEPING):
-        first = next(x.strip() for x in lines if x.strip())
-        print(f"[raycell] Ray: {first[:300]}{where}", file=sys.stderr, flush=True)
+    shown = [x.strip() for x in lines if x.strip()]
+    if shown and not any(h in x for h in _HOUSEKEEPING for x in shown):
+        print(f"[raycell] Ray: {shown[0][:300]}{where}", file=sys.stderr, flush=True)
 
 
 _RAY_PRINT = None  # Ray's own printer, kept when raylet_message_sink replaces it
