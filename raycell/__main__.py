@@ -129,10 +129,12 @@ def run(argv: list[str] | None = None) -> dict | None:
         return None
     cfg = preflight(args, cfg)
     if args.command in NEEDS_RAY:
-        from raycell.utils.ray_utils import init_ray
+        from raycell.utils.ray_utils import init_ray, keep_native_logs_off_terminal
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
                  cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose)
+        if not cfg.ray.verbose:
+            keep_native_logs_off_terminal()
     if args.command == "synth":
         return pipeline.run_synth(cfg, overwrite=args.overwrite)
     if args.command == "experiment":

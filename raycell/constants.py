@@ -62,3 +62,4 @@ WELL_PROFILES = "well_profiles.parquet"
 NORMALIZE_MODES = ("global", "crop")
 BASELINE_FEATURES = ("auto", "morph", "crops", "all")  # `eval.baseline_features` (raycell/eval/baseline.py)
 Z_MODES = ("predicted", "balanced", "uniform", "zero")
+PARQUET_READERS = ("v1", "v2")  # `data.parquet_reader`: Ray Data's DataContext.use_datasource_v2 off / on

@@ -51,6 +51,8 @@ def test_cross_field_validation():
         load_config(None, ["split.fractions=[0.5, 0.5]"])
     with pytest.raises(ConfigError, match="shuffle_buffer"):
         load_config(None, ["data.batch_size=64", "data.shuffle_buffer=10"])
+    with pytest.raises(ConfigError, match="data.parquet_reader: must be one of v1, v2, got 'v3'"):
+        load_config(None, ["data.parquet_reader=v3"])
 
 
 def test_round_trip():

@@ -73,3 +73,31 @@ def test_routing_replaces_rays_printer_once_and_keeps_it(monkeypatch):
     assert w.print_to_stdstream is R.raylet_message_sink and R._RAY_PRINT is original
     R._route_raylet_messages()  # twice (a second init_ray): Ray's printer is still the one kept
     assert R._RAY_PRINT is original
+
+
+def test_native_ray_log_lines_are_dropped_and_everything_else_reaches_the_terminal(tmp_path):
+    import os
+    import threading
+
+    from raycell.utils.ray_utils import _forward_native
+
+    r, w = os.pipe()
+    out_path = tmp_path / "term"
+    term = os.open(out_path, os.O_WRONLY | os.O_CREAT)
+    t = threading.Thread(target=_forward_native, args=(r, term))
+    t.start()
+    native = (b"[2026-12-01 23:28:34,874 E 21956 21956] core_worker.cc:2465: Actor with class name: "
+              b"'MapWorker(MapBatches(_SplitFilter))' has constructor arguments in the object store\n")
+    # a native line split across writes, a progress bar without a newline, a traceback, a user's [bracket]
+    for chunk in (native[:20], native[20:], b"infer:  50%|#####     | 3/6\r", b"infer: 100%|##########| 6/6\n",
+                  b"Traceback (most recent call last):\n  ValueError: bad row 3\n", b"[raycell] note\n",
+                  b"[2] no newline at the end"):
+        os.write(w, chunk)
+    os.close(w)
+    t.join(timeout=5)
+    os.close(term)
+    got = out_path.read_bytes()
+    assert b"core_worker.cc" not in got
+    assert got == (b"infer:  50%|#####     | 3/6\rinfer: 100%|##########| 6/6\n"
+                   b"Traceback (most recent call last):\n  ValueError: bad row 3\n[raycell] note\n"
+                   b"[2] no newline at the end")

@@ -69,9 +69,30 @@ def choose_materialize(ds: ShardDataset, splits: tuple[str, ...], mode: str, sto
     return need <= fraction * store_bytes
 
 
+def read_shards(paths: list[str], reader: str = "v1", **kw):
+    """`ray.data.read_parquet(paths, **kw)` with the parquet reader `data.parquet_reader` names.
+
+    Why not Ray's default reader: in 2.60 `read_parquet` goes through DataSourceV2, which starts 32
+    footer-reading actors (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS) for every read whatever the cluster: on 2
+    cores reading the demo's 6 shards took 4-7 s with it and 0.6-0.7 s with the V1 reader
+    (bench/README.md), a start paid by each split, each streamed epoch and each inference round. V1
+    samples a few files' footers on the driver when called, with a progress bar of its own: hidden here
+    (it is not a stage of the user's job).
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2 = reader == "v2"
+    shown, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        return ray.data.read_parquet(paths, **kw)
+    finally:
+        ctx.enable_progress_bars = shown
+
+
 def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
                  columns: list[str] | None = None, block_size_mb: int = 8, shuffle_seed: int = -1,
-                 materialize: bool = False) -> dict:
+                 materialize: bool = False, parquet_reader: str = "v1") -> dict:
     """One Ray Dataset per split, streaming the shards (file order shuffled for the training split).
 
     Small data sets need small blocks: Ray 2.60 packs files into 128 MiB blocks by default, and a data set
@@ -83,7 +104,7 @@ def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
     `materialize`: read and filter each split once into the object store (`choose_materialize`); the
     training split's block order is still randomised every epoch (on blocks in memory). Streamed (not
     materialised), nothing waits for the whole split: no all-to-all operator, so data larger than memory
-    flows through.
+    flows through. `parquet_reader`: `data.parquet_reader` (`read_shards`).
     """
     import ray.data
 
@@ -99,7 +120,7 @@ def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
             shuffle = (ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False) if seeded
                        else "files")
         # SPLIT is only needed for the filter: select it, filter, drop it.
-        rd = ray.data.read_parquet(ds.shard_paths, shuffle=shuffle)
+        rd = read_shards(ds.shard_paths, parquet_reader, shuffle=shuffle)
         rd = rd.select_columns(list(dict.fromkeys((columns or TRAIN_COLUMNS) + [K.SPLIT])))
         rd = rd.filter(expr=f"{K.SPLIT} == '{name}'").drop_columns([K.SPLIT])
         if materialize:

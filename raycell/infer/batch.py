@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
+from raycell.data.dataset import read_shards
 from raycell.formats.checkpoint import load_checkpoint, weights_fingerprint
 from raycell.formats.predictions import PROVENANCE_KEY
 from raycell.formats.shards import ShardDataset, ShardError, open_dataset, split_counts
@@ -217,7 +218,9 @@ def predict(cfg: ExperimentConfig, layout: str = "predictions") -> dict:
         round_paths = pending[r:r + per]
         staging = out / f".staging-{uuid.uuid4().hex[:8]}"
         try:
-            rd = ray.data.read_parquet(round_paths, include_paths=True)
+            # one block per shard: V1 otherwise splits each file into blocks smaller than a batch
+            rd = read_shards(round_paths, cfg.data.parquet_reader, include_paths=True,
+                             override_num_blocks=len(round_paths))
             rd = rd.map_batches(
                 _SplitFilter, batch_format="pyarrow", batch_size=cfg.data.eval_batch_size,
                 fn_constructor_kwargs={"splits": plan.splits, "checkpoint": str(ck),
@@ -225,7 +228,8 @@ def predict(cfg: ExperimentConfig, layout: str = "predictions") -> dict:
                                        "write_recon": cfg.infer.write_recon,
                                        "z_source": plan.z_source, "randomize_z": cfg.infer.randomize_z,
                                        "passthrough": PASSTHROUGH + [PATH_COL], "layout": layout,
-                                       "feature_layout": cfg.embed.layout},
+                                       "feature_layout": cfg.embed.layout,
+                                       "channels_last": cfg.train.channels_last},
                 compute=ray.data.ActorPoolStrategy(size=cfg.infer.num_actors),
                 num_gpus=cfg.infer.num_gpus, num_cpus=cfg.infer.cpus_per_actor)
             try:

@@ -91,7 +91,7 @@ def _auroc(y: np.ndarray, p: np.ndarray) -> float:
 
 def validate(model: torch.nn.Module, plan: TrainingPlan, minibatches, spec: DataSpec,
              n_batches: int, prefix: str = "val", latents: list | None = None,
-             heads: list[CategoryMap] | None = None) -> dict[str, float]:
+             heads: list[CategoryMap] | None = None, channels_last: bool = False) -> dict[str, float]:
     """Mean loss terms, AUROC and accuracy over an iterable of minibatches (model in eval mode).
 
     Metric names are `<prefix>_<term>`, `<prefix>_acc`, `<prefix>_auroc`. With `latents` (a list), the
@@ -104,6 +104,8 @@ def validate(model: torch.nn.Module, plan: TrainingPlan, minibatches, spec: Data
     ys, ps = [], []
     for batch in minibatches:
         x, y = spec.to_float(batch["x"]), batch["y"]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         losses, out = plan.validation_step(x, y, one_hot_design(batch["b"], n_batches))
         k = len(y)
         for key, v in losses.values().items():
@@ -195,7 +197,7 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
     torch.manual_seed(cfg.seed)  # same initial weights on every worker (and broadcast below to be sure)
     model = create_model(cfg.model.type, **model_kwargs(cfg, spec, labels, batch_map, setup)).to(ctx.device)
     on_cuda = ctx.device.type == "cuda"
-    if on_cuda and cfg.train.channels_last:
+    if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     plan = build_plan(model, cfg.loss, cfg.train.lr, cfg.train.weight_decay, n_batches=len(batch_map),
                       grad_sync=ctx.sync_gradients, bf16=cfg.train.bf16 and on_cuda,
@@ -240,7 +242,7 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
             if augment:  # reproducible per (seed, epoch, step, rank)
                 aug_gen.manual_seed((cfg.seed * 1_000_003 + epoch * 100_003 + step * 101 + ctx.rank) % 2**62)
                 x = augment_batch(x, augment, aug_gen, cfg.train.augment_strength)
-            if on_cuda and cfg.train.channels_last:
+            if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logs = plan.training_step(x, batch["y"], one_hot_design(batch["b"], len(batch_map))).values()
             for k, v in logs.items():
@@ -258,7 +260,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
         val = ctx.minibatches("val", epoch, train=False)
         # Only rank 0's metrics are reported: the other ranks skip the probe's regressions.
         lat: list | None = [] if ctx.rank == 0 else None
-        metrics.update(validate(model, plan, val, spec, len(batch_map), latents=lat, heads=heads))
+        metrics.update(validate(model, plan, val, spec, len(batch_map), latents=lat, heads=heads,
+                                channels_last=cfg.train.channels_last))
         if lat:
             metrics.update(batch_probe(lat, seed=cfg.seed))
             if "val_auroc" in metrics and "val_batch_probe" in metrics:
@@ -266,7 +269,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
                 metrics["val_composite"] = metrics["val_auroc"] - cfg.train.composite_weight * excess
         if setup.get("valbatch"):  # whole seen batches never trained on: codes -1, Z rows all zero
             vb = ctx.minibatches("valbatch", epoch, train=False)
-            metrics.update(validate(model, plan, vb, spec, len(batch_map), prefix="valbatch", heads=heads))
+            metrics.update(validate(model, plan, vb, spec, len(batch_map), prefix="valbatch", heads=heads,
+                                    channels_last=cfg.train.channels_last))
         metrics["epoch_time_s"] = time.time() - t0
         with tempfile.TemporaryDirectory(prefix="raycell-ckpt-") as d:
             ck = None

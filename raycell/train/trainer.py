@@ -400,7 +400,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
           f"({sum(split_nbytes(ds, s, columns) for s in splits) / 2**20:.0f} MiB for {', '.join(splits)}; "
           f"object store {store / 2**30:.1f} GiB; data.materialize={cfg.data.materialize})", flush=True)
     datasets = ray_datasets(ds, splits, columns=columns, block_size_mb=cfg.data.block_size_mb,
-                            shuffle_seed=cfg.data.shuffle_seed, materialize=held)
+                            shuffle_seed=cfg.data.shuffle_seed, materialize=held,
+                            parquet_reader=cfg.data.parquet_reader)
     sc = cfg.scaling
     return TorchTrainer(
         loop_fn,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from raycell.errors import ConfigError
@@ -122,6 +123,73 @@ def _route_raylet_messages() -> None:
     if w.print_to_stdstream is not raylet_message_sink:  # once per process
         _RAY_PRINT = w.print_to_stdstream
         w.print_to_stdstream = raylet_message_sink
+
+
+# A line of Ray's C++ logging: "[2026-12-01 23:28:34,874 E 21956 21956] core_worker.cc:2465: ..."
+_NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(cc|h):\d+:")
+_native_filter: dict = {}
+
+
+def _forward_native(read_fd: int, term_fd: int) -> None:
+    """Copy what arrives on `read_fd` to `term_fd`, except whole lines of Ray's C++ logging.
+
+    A partial line is held only while it can still become such a line, so progress bars (carriage
+    returns, no newline) pass at once.
+    """
+    buf = b""
+    while True:
+        chunk = os.read(read_fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        out = b"".join(x + b"\n" for x in lines if not _NATIVE_LINE.match(x))
+        maybe_native = buf[:1] == b"[" and buf[1:2] in (b"", *(bytes([c]) for c in b"0123456789"))
+        if buf and not (maybe_native and len(buf) < 4096):
+            out, buf = out + buf, b""
+        if out:
+            os.write(term_fd, out)
+    if buf and not _NATIVE_LINE.match(buf):
+        os.write(term_fd, buf)
+
+
+def keep_native_logs_off_terminal() -> None:
+    """Drop the lines Ray's C++ core writes to this process's stderr; everything else still shows.
+
+    Why by hand: a Ray driver's core worker logs to python-core-driver-*.log in Ray's log folder and
+    also copies its ERROR lines to fd 2, with no option to stop the copy in 2.60. The one a user meets,
+    on every Ray Data actor pool (`raycell infer`, `embed`), is harmless ("Actor ... has constructor
+    arguments in the object store and max_restarts > 0", spec/ray-2.60.md section 6). Those lines stay
+    in that file; fd 2 goes through a pipe that forwards everything else (Python tracebacks, warnings,
+    progress bars). Fatal-signal tracebacks go straight to the terminal (faulthandler). The CLI calls
+    this when not verbose, after Ray has started (its own processes keep the real stderr); once.
+    """
+    import atexit
+    import faulthandler
+    import sys
+    import threading
+
+    if _native_filter:
+        return
+    sys.stderr.flush()
+    term = os.dup(2)
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+    t = threading.Thread(target=_forward_native, args=(r, term), name="raycell-stderr", daemon=True)
+    t.start()
+    faulthandler.enable(file=os.fdopen(os.dup(term), "w"), all_threads=True)
+    _native_filter.update(term=term, thread=t)
+
+    def _restore() -> None:  # fd 2 back to the terminal; the pipe then ends and the thread drains it
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(term, 2)
+        t.join(timeout=5)
+
+    atexit.register(_restore)
 
 
 def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, progress: bool = True,
