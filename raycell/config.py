@@ -167,6 +167,10 @@ class IngestConfig:
                           "background texture and neighbours are not an input (the default: it generalised "
                           "better to unseen imaging batches, docs/generalisation.md); false keeps the context")
     mask_blur: float = _f(2.0, "Gaussian sigma (px) of the mask edge")
+    crop_features: bool = _f(False, "also store each crop's CellProfiler-style features as feat_* columns "
+                             "(shape of the centre object, intensity inside/outside it, GLCM texture; "
+                             "raycell/ingest/features.py), computed in the ingest tasks; the hand-made-"
+                             "feature baseline then reads them instead of computing them from the crops")
     rows_per_shard: int = _f(2000, "most cells per parquet shard; each crop task writes its own shard "
                              "file(s), holding its ingest.fovs_per_task fields' cells")
     num_workers: int = _f(0, "concurrent ingest tasks (0 = as many as Ray's CPUs allow)")

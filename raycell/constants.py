@@ -26,6 +26,7 @@ SOURCE = "source"
 CENTROID_Y = "centroid_y"
 CENTROID_X = "centroid_x"
 MORPH_PREFIX = "morph_"
+FEAT_PREFIX = "feat_"  # the crops' intensity and texture features stored by ingest (ingest.crop_features)
 
 IMAGE_COLUMNS = (IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE)
 REQUIRED_COLUMNS = (CELL_ID, IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE, BATCH, LABEL, SPLIT)

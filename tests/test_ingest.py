@@ -544,3 +544,32 @@ def test_ingest_rejects_implausible_segmentation(ray_local, raw, tmp_path):
     rej = pd.read_parquet(out / REJECTS).set_index("fov_id")
     reason = rej.loc["batch00_SYN00_A01_0", "reason"]
     assert reason.startswith("implausible-segmentation: median object") and "plate's" in reason
+
+
+@pytest.mark.ray
+def test_ingest_stores_crop_features_that_the_baseline_reads(ray_local, raw, tmp_path):
+    from raycell.data.splits import split_dataset
+    from raycell.eval.baseline import feature_source, load_features
+    from raycell.formats.shards import decode_images
+    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.features import crop_features
+
+    out = tmp_path / "feat"
+    s = run_ingest(_cfg(raw / "images", out, raw / "platemap.csv", crop_features=True))
+    assert s["n_fovs_with_cells"] == 8
+    ds = open_dataset(out, check=True)
+    t = ds.read_table()
+    stored = [c for c in t.column_names if c.startswith("feat_")]
+    # the stored columns are the baseline's own crop features of the crops as written, exactly
+    want, names = crop_features(decode_images(t, ds.shape, ds.dtype), ds.manifest.get("channel_names"))
+    assert stored == [f"feat_{n}" for n in names] and len(names) > 10
+    got = np.column_stack([t.column(c).to_numpy(zero_copy_only=False) for c in stored])
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    # the baseline uses them (no image column read) and gives the same matrix as computing them
+    split_dataset(str(out), unseen=[])
+    assert feature_source(out, "all") == "morph_*+crops"
+    f = load_features(out, ["train"], "crops")
+    assert f["names"] == names
+    rows = pd.Index(t.column(K.CELL_ID).to_pylist()).get_indexer(f["splits"]["train"]["meta"][K.CELL_ID])
+    assert len(rows) > 20 and (rows >= 0).all()
+    np.testing.assert_array_equal(f["splits"]["train"]["x"], want[rows].astype(np.float32).astype(np.float64))

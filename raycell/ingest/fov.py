@@ -21,6 +21,7 @@ import pyarrow as pa
 from raycell import constants as K
 from raycell.ingest import images as imio
 from raycell.ingest.crops import extract
+from raycell.ingest.features import crop_feature_columns
 from raycell.ingest.segment import plausibility, segment
 from raycell.ingest.stats import scale_verdict
 from raycell.ingest.tasks import read_fov
@@ -158,6 +159,9 @@ def fov_result(
                 "info": json.dumps(info),
             }, *none
         info["crop_flags"] = imio.crop_flags(crops)
+        if p.get("crop_features"):  # of the crops as stored: the baseline's own features, exactly
+            for name, col in crop_feature_columns(crops, ch["names"]).items():
+                feats[name] = col
         meta = feats.drop(columns=["label"])
         meta.insert(0, K.CELL_ID, [f"{fid}-c{int(lab):05d}" for lab in feats["label"]])
         for k, v in fov["row"].items():
