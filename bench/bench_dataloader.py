@@ -218,7 +218,8 @@ def bench_ray(ds, cfg, epochs, warmup):
 
     def setup():
         return ray_datasets(ds, (K.TRAIN,), columns=col.columns, block_size_mb=d.block_size_mb,
-                            shuffle_seed=d.shuffle_seed, materialize=held)[K.TRAIN]
+                            shuffle_seed=d.shuffle_seed, materialize=held,
+                            parquet_reader=d.parquet_reader)[K.TRAIN]
 
     def epoch(rd, e):
         return rd.iter_torch_batches(batch_size=d.batch_size, collate_fn=col,
@@ -236,7 +237,8 @@ def ray_warmup(ds, cfg) -> None:
     from raycell.data.dataset import ray_datasets
 
     col = _collate(ds)
-    rd = ray_datasets(ds, (K.TRAIN,), columns=col.columns, block_size_mb=cfg.data.block_size_mb)[K.TRAIN]
+    rd = ray_datasets(ds, (K.TRAIN,), columns=col.columns, block_size_mb=cfg.data.block_size_mb,
+                      parquet_reader=cfg.data.parquet_reader)[K.TRAIN]
     next(iter(rd.iter_torch_batches(batch_size=cfg.data.batch_size, collate_fn=col)))
 
 
@@ -267,6 +269,8 @@ def main(argv=None):
                     help="data.materialize values of the Ray Data rows (auto = ray_data, the goal's row; "
                          "never = ray_data_stream; always = ray_data_held)")
     ap.add_argument("--png-workers", type=int, default=0, help="DataLoader workers (0 = cores)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override (repeatable), e.g. data.parquet_reader=v2")
     ap.add_argument("--quick", action="store_true", help="smaller data sets, 2 epochs")
     ap.add_argument("--out", help="JSON file, or folder for <date>_dataloader.json (default bench/results)")
     args = ap.parse_args(argv)
@@ -284,7 +288,7 @@ def main(argv=None):
     bad = [m for m in modes if m not in RAY_ROWS]
     if bad:
         ap.error(f"--materialize: {bad[0]!r} is not one of auto, always, never")
-    over = ["ray.progress=false"]
+    over = ["ray.progress=false", *args.set]
     if args.batch_size:
         over.append(f"data.batch_size={args.batch_size}")
     cfg = load_config(None, over)

@@ -64,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads per inference model replica")
     ap.add_argument("--materialize", default="auto", choices=["auto", "always", "never"],
                     help="data.materialize of the Ray Train runs (never = stream the shards every epoch)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every path (repeatable), e.g. data.parquet_reader=v2")
     ap.add_argument("--quick", action="store_true", help="fewer cells and epochs")
     ap.add_argument("--out", help="JSON file, or folder for <date>_train_infer.json (default bench/results)")
     args = ap.parse_args(argv)
@@ -95,9 +97,11 @@ def main(argv=None):
     split_dataset(str(tmp / "d"))
     cores = os.cpu_count() or 1
     base = [f"data.path={tmp / 'd'}", f"model.preset={args.preset}", f"train.epochs={epochs}",
-            f"train.runs_dir={tmp / 'runs'}", "ray.progress=false", f"data.materialize={args.materialize}"]
+            f"train.runs_dir={tmp / 'runs'}", "ray.progress=false", f"data.materialize={args.materialize}",
+            *args.set]
     res = {"bench": "train_infer", "machine": mach, "quick": args.quick, "cells": cells, "epochs": epochs,
-           "preset": args.preset, "crop_size": size, "materialize": args.materialize, "train": {}, "infer": {}}
+           "preset": args.preset, "crop_size": size, "materialize": args.materialize, "overrides": args.set,
+           "train": {}, "infer": {}}
 
     # (a) the plain loop, in-process, all cores' threads
     print(f"[bench] plain training loop ({cores} threads)", flush=True)

@@ -218,9 +218,7 @@ def predict(cfg: ExperimentConfig, layout: str = "predictions") -> dict:
         round_paths = pending[r:r + per]
         staging = out / f".staging-{uuid.uuid4().hex[:8]}"
         try:
-            # one block per shard: V1 otherwise splits each file into blocks smaller than a batch
-            rd = read_shards(round_paths, cfg.data.parquet_reader, include_paths=True,
-                             override_num_blocks=len(round_paths))
+            rd = read_shards(round_paths, cfg.data.parquet_reader, include_paths=True)
             rd = rd.map_batches(
                 _SplitFilter, batch_format="pyarrow", batch_size=cfg.data.eval_batch_size,
                 fn_constructor_kwargs={"splits": plan.splits, "checkpoint": str(ck),
