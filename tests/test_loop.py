@@ -141,3 +141,22 @@ def test_no_valbatch_split_no_valbatch_metrics(tiny_data, tmp_path):
     h = ctx.history[-1]
     assert not any(k.startswith("valbatch_") for k in h)
     assert "val_composite" in h and "val_batch_probe" in h
+
+
+def test_timed_counts_only_the_time_spent_waiting_for_batches():
+    import time
+
+    from raycell.train.loop import timed
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.05)  # the data path
+            yield i
+
+    waited = [0.0]
+    got = []
+    for b in timed(slow(), waited):
+        got.append(b)
+        time.sleep(0.1)  # the model's step: not waiting on data
+    assert got == [0, 1, 2]
+    assert 0.14 <= waited[0] < 0.3

@@ -182,6 +182,24 @@ def fault_drill(run_dir: Path, steps: int) -> None:
     os._exit(1)
 
 
+def timed(batches, waited: list[float]):
+    """Yield from `batches`, adding the seconds spent waiting for each one to `waited[0]`.
+
+    The loop syncs with the device every step (the logged losses), so this is the time the model sat
+    idle waiting on the data path (`data_wait_s` in each epoch's metrics).
+    """
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            waited[0] += time.perf_counter() - t
+        yield batch
+
+
 def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_file: str | None = None
                  ) -> dict:
     """Train `cfg.model.type` for `cfg.train.epochs`, reporting through `ctx`; returns the last metrics.
@@ -233,7 +251,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
         model.train()
         sums: dict[str, float] = {}
         steps = 0
-        for step, batch in enumerate(ctx.minibatches("train", epoch, train=True)):
+        waited = [0.0]  # seconds this epoch spent waiting for the next training batch
+        for step, batch in enumerate(timed(ctx.minibatches("train", epoch, train=True), waited)):
             if cfg.train.max_steps_per_epoch and step >= cfg.train.max_steps_per_epoch:
                 break
             # model input as the spec says (data.normalize: global scale, or per crop and channel; the
@@ -256,7 +275,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
         if steps == 0:
             raise RuntimeError("no training minibatches: the training split has fewer rows per worker than "
                                f"data.batch_size ({cfg.data.batch_size}); lower it or add data")
-        metrics = {"epoch": epoch, "steps": steps, **{f"train_{k}": v / steps for k, v in sums.items()}}
+        metrics = {"epoch": epoch, "steps": steps, **{f"train_{k}": v / steps for k, v in sums.items()},
+                   "data_wait_s": waited[0]}
         val = ctx.minibatches("val", epoch, train=False)
         # Only rank 0's metrics are reported: the other ranks skip the probe's regressions.
         lat: list | None = [] if ctx.rank == 0 else None
