@@ -34,8 +34,6 @@ from bench.common import machine, out_path, print_table, write_result  # noqa: E
 
 
 def bench_readers(data: Path, repeats: int) -> dict:
-    import ray
-
     from raycell.data.dataset import read_shards
     from raycell.formats.shards import open_dataset
 
@@ -53,7 +51,6 @@ def bench_readers(data: Path, repeats: int) -> dict:
             stream.append(time.perf_counter() - t)
         out[reader] = {"first_materialize_s": mat[0], "materialize_s": statistics.median(mat[1:]),
                        "first_stream_s": stream[0], "stream_s": statistics.median(stream[1:]), "rows": n}
-    ray.data.DataContext.get_current().use_datasource_v2 = False
     return out
 
 

@@ -268,7 +268,7 @@ class TrainConfig:
     max_failures: int = _f(1, "worker-group restarts from the last checkpoint before giving up")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = _f(True, "channels-last memory format for the model and its input, in training and "
-                                   "inference (CPU: oneDNN convolutions 1.1-1.9x faster; CUDA: tensor cores)")
+                                   "inference (CPU, small AEC: training step 1.2x, inference 1.7x faster; CUDA: tensor cores)")
     torch_threads: int = _f(0, "CPU threads per worker (0 = Ray's choice: the worker's CPU count, "
                             "which is 1 for fractional CPUs)")
     log_every: int = _f(0, "print a line every N steps (0 = once per epoch)")

@@ -74,8 +74,9 @@ def read_shards(paths: list[str], reader: str = "v1", **kw):
 
     Why not Ray's default reader: in 2.60 `read_parquet` goes through DataSourceV2, which starts 32
     footer-reading actors (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS) for every read whatever the cluster: on 2
-    cores reading the demo's 6 shards took 4-7 s with it and 0.6-0.7 s with the V1 reader
-    (bench/README.md), a start paid by each split, each streamed epoch and each inference round. V1
+    cores materialising the demo's 6 shards took 2.98 s with it and 0.33 s with the V1 reader
+    (`bench/bench_cpu_choices.py`), a start paid by each split, each streamed epoch and each inference
+    round. V1
     would split the files into at least 200 blocks of a few crops each (1.5x slower batches at 256 px):
     one block per shard here, which Ray still splits at `target_max_block_size`. V1 samples a few
     files' footers on the driver when called, with a progress bar of its own: hidden here (it is not a

@@ -94,7 +94,7 @@ class CropPredictor:
             feature_layout: profiles: 'columns' (one float32 column per feature) or 'list' (one
                 fixed-size list column `embedding`).
             channels_last: run the model in channels-last memory format (`train.channels_last`):
-                oneDNN's convolutions on CPU are 1.5-1.9x faster that way (bench/README.md).
+                the small AEC's inference forward on CPU is 1.7x faster (bench/bench_cpu_choices.py).
         """
         from raycell.formats.checkpoint import load_checkpoint
         from raycell.models.registry import model_entry

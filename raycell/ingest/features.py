@@ -20,7 +20,6 @@ _TEXTURE = ("contrast", "homogeneity", "energy", "correlation")
 _SHAPE = ("area", "perimeter", "eccentricity", "solidity", "major_axis", "minor_axis")
 
 
-
 def _otsu_masks(a: np.ndarray) -> np.ndarray:
     """Per-image Otsu foreground of a (N, H, W) stack, all images at once (256-bin histograms)."""
     n = len(a)
@@ -153,7 +152,8 @@ def crop_features(images: np.ndarray, channel_names: list[str] | None = None
     return np.concatenate(feats, 1).astype(np.float64), cols
 
 
-def crop_feature_columns(images: np.ndarray, channel_names: list[str] | None = None) -> dict[str, np.ndarray]:
+def crop_feature_columns(images: np.ndarray, channel_names: list[str] | None = None
+                         ) -> dict[str, np.ndarray]:
     """`crop_features` as float32 columns named `feat_<name>` (what ingest stores)."""
     x, names = crop_features(images, channel_names)
     return {f"{K.FEAT_PREFIX}{n}": x[:, i].astype(np.float32) for i, n in enumerate(names)}

@@ -253,12 +253,15 @@ def _label_quantile(x: np.ndarray, lab: np.ndarray, n: int, q: float) -> np.ndar
 
 
 def label_median(x: np.ndarray, lab: np.ndarray, n: int) -> np.ndarray:
-    """`scipy.ndimage.median(x, lab, index=1..n)` (mean of the two middle values; NaN when empty)."""
+    """`scipy.ndimage.median(x, lab, index=1..n)`: the mean of the two middle values, in x's dtype.
+
+    A label with no pixels gives NaN (scipy returns an arbitrary value there).
+    """
     v, counts, start = _by_label(x, lab, n)
     out = np.full(n, np.nan)
     ok = counts > 0
     lo, hi = start[ok] + (counts[ok] - 1) // 2, start[ok] + counts[ok] // 2
-    out[ok] = (v[lo] + v[hi]) / 2  # in x's dtype, as scipy
+    out[ok] = (v[lo] + v[hi]) / 2
     return out
 
 
@@ -703,12 +706,14 @@ def segment_nuclei(
     else:
         if declump == "shape":
             # distance map smoothed at a small fraction of the radius: one maximum per convex lobe
-            surf = ndi.gaussian_filter(ndi.distance_transform_edt(fg), max(1.0, r / 6))
+            sigma = max(1.0, r / 6)
+            surf = ndi.gaussian_filter(ndi.distance_transform_edt(fg), sigma)
         else:
             # CellProfiler's auto smoothing: sigma = min size / 3.5; rescaled to 'shape' units
-            surf = _smooth(x, max(1.0, d / 7))
+            sigma = max(1.0, d / 7)
+            surf = _smooth(x, sigma)
             surf = (surf - surf[fg].min()) / max(float(np.ptp(surf[fg])), 1e-6) * r
-        peaks = h_maxima_per_object(surf, comp, declump_h * r, margin=int(3 * max(1.0, r / 6)) + 2)
+        peaks = h_maxima_per_object(surf, comp, declump_h * r, margin=int(3 * sigma) + 2)
         markers, _ = ndi.label(peaks)
         # components without any marker still become one object each
         missing = np.setdiff1d(np.unique(comp[fg]), np.unique(comp[markers > 0]))

@@ -127,7 +127,7 @@ def _route_raylet_messages() -> None:
 
 # A line of Ray's C++ logging: "[2026-12-01 23:28:34,874 E 21956 21956] core_worker.cc:2465: ..."
 _NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(cc|h):\d+:")
-_native_filter: dict = {}
+_native_filter_on = False
 
 
 def _forward_native(read_fd: int, term_fd: int) -> None:
@@ -144,8 +144,8 @@ def _forward_native(read_fd: int, term_fd: int) -> None:
         buf += chunk
         *lines, buf = buf.split(b"\n")
         out = b"".join(x + b"\n" for x in lines if not _NATIVE_LINE.match(x))
-        maybe_native = buf[:1] == b"[" and buf[1:2] in (b"", *(bytes([c]) for c in b"0123456789"))
-        if buf and not (maybe_native and len(buf) < 4096):
+        maybe_native = buf[:1] == b"[" and (len(buf) == 1 or buf[1:2].isdigit()) and len(buf) < 4096
+        if buf and not maybe_native:
             out, buf = out + buf, b""
         if out:
             os.write(term_fd, out)
@@ -169,8 +169,10 @@ def keep_native_logs_off_terminal() -> None:
     import sys
     import threading
 
-    if _native_filter:
+    global _native_filter_on
+    if _native_filter_on:
         return
+    _native_filter_on = True
     sys.stderr.flush()
     term = os.dup(2)
     r, w = os.pipe()
@@ -179,7 +181,6 @@ def keep_native_logs_off_terminal() -> None:
     t = threading.Thread(target=_forward_native, args=(r, term), name="raycell-stderr", daemon=True)
     t.start()
     faulthandler.enable(file=os.fdopen(os.dup(term), "w"), all_threads=True)
-    _native_filter.update(term=term, thread=t)
 
     def _restore() -> None:  # fd 2 back to the terminal; the pipe then ends and the thread drains it
         try:
