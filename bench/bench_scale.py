@@ -55,21 +55,42 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def tree_pss_mb(root: int) -> float:
-    """PSS (MB) of `root` and all its descendants."""
-    kids, todo, total = _children(), [root], 0
+def _role(pid: int) -> str:
+    """What a process is, for the breakdown: Ray's process title (`ray::ReadParquet->Filter`, `raylet`, ...)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            arg0 = f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return "?"
+    if arg0.startswith("ray::"):
+        return arg0.split(" ")[0].split(".")[0][:40]  # ray::RayTrainWorker, ray::MapBatches(...)
+    name = Path(arg0.split(" ")[0]).name
+    return "driver" if name.startswith("python") else name[:40]
+
+
+def tree_pss(root: int) -> dict:
+    """PSS (MB) of `root` and all its descendants: total, split into anonymous memory (heaps), shared memory
+    (Ray's object store is /dev/shm, so its pages are Pss_Shmem) and file pages, and per process role."""
+    kids, todo = _children(), [root]
+    out = {"total": 0.0, "anon": 0.0, "shmem": 0.0, "file": 0.0, "roles": {}}
+    keys = {"Pss:": "total", "Pss_Anon:": "anon", "Pss_Shmem:": "shmem", "Pss_File:": "file"}
     while todo:
         pid = todo.pop()
         todo.extend(kids.get(pid, []))
+        got = {}
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
+                    k = line.split(":", 1)[0] + ":"
+                    if k in keys:
+                        got[keys[k]] = int(line.split()[1]) / 1024
         except OSError:
             continue
-    return total / 1024
+        for k, v in got.items():
+            out[k] += v
+        role = _role(pid)
+        out["roles"][role] = out["roles"].get(role, 0.0) + got.get("total", 0.0)
+    return out
 
 
 def run_stage(cmd: list[str], log: Path) -> dict:
@@ -79,11 +100,13 @@ def run_stage(cmd: list[str], log: Path) -> dict:
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        peak = [0.0]
+        peak = [{"total": 0.0}]
 
         def sample():
             while proc.poll() is None:
-                peak[0] = max(peak[0], tree_pss_mb(proc.pid))
+                now = tree_pss(proc.pid)
+                if now["total"] > peak[0]["total"]:
+                    peak[0] = now
                 time.sleep(0.25)
 
         th = threading.Thread(target=sample, daemon=True)
@@ -94,7 +117,12 @@ def run_stage(cmd: list[str], log: Path) -> dict:
     if rc != 0:
         tail = log.read_text().splitlines()[-15:]
         raise SystemExit(f"stage failed ({rc}): {' '.join(cmd)}\n" + "\n".join(tail))
-    return {"seconds": round(secs, 2), "peak_mb": round(peak[0], 1), "command": " ".join(cmd[2:])}
+    p = peak[0]
+    at_peak = {k: round(p.get(k, 0.0), 1) for k in ("anon", "shmem", "file")}
+    at_peak["roles"] = {r: round(v, 1) for r, v in sorted(p.get("roles", {}).items(), key=lambda kv: -kv[1])
+                        if v >= 20}
+    return {"seconds": round(secs, 2), "peak_mb": round(p["total"], 1), "at_peak_mb": at_peak,
+            "command": " ".join(cmd[2:])}
 
 
 def _du(path: Path) -> int:
@@ -105,7 +133,13 @@ def _rc(*args: str) -> list[str]:
     return [sys.executable, "-m", "raycell", *args]
 
 
-def cell_stages(n: int, work: Path, stages: list[str], logs: Path, workers: int, materialize: str = "auto") -> dict:
+def _newest_run(runs: Path) -> Path:
+    """The latest run folder (<runs>/<name>-<type>-<time>): a reused --work may hold older ones."""
+    return max(p for p in runs.iterdir() if p.is_dir())
+
+
+def cell_stages(n: int, work: Path, stages: list[str], logs: Path, workers: int, materialize: str = "auto",
+                train_sets: list[str] | None = None) -> dict:
     """synth -> split -> train (1 epoch) -> infer -> embed at n cells; returns a row per stage."""
     d, runs = work / f"d{n}", work / f"runs{n}"
     common = ["--set", f"data.path={d}"]
@@ -120,18 +154,19 @@ def cell_stages(n: int, work: Path, stages: list[str], logs: Path, workers: int,
         rows["split"] = run_stage(_rc("split", *common), logs / f"split{n}.log")
     if any(s in stages for s in ("train", "infer", "embed")):
         r = run_stage(_rc("train", *common, "--set", "model.preset=tiny", "--set", "train.epochs=1",
-                          "--set", f"train.runs_dir={runs}", "--set", f"data.materialize={materialize}"), logs / f"train{n}.log")
-        run = next(p for p in sorted(runs.iterdir()) if p.is_dir())  # <runs>/<name>-<type>-<time>
+                          "--set", f"train.runs_dir={runs}", "--set", f"data.materialize={materialize}",
+                          *[a for kv in train_sets or [] for a in ("--set", kv)]), logs / f"train{n}.log")
+        run = _newest_run(runs)  # <runs>/<name>-<type>-<time>
         hist = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x]
         r["epoch_s"] = hist[-1].get("epoch_time_s")
         r["cells"] = json.loads((d / "dataset.json").read_text())["counts_per_split"].get("train")
         rows["train"] = r
     if "infer" in stages:
-        rows["infer"] = run_stage(_rc("infer", *common, "--checkpoint", str(next(p for p in sorted(runs.iterdir()) if p.is_dir())), "--set",
+        rows["infer"] = run_stage(_rc("infer", *common, "--checkpoint", str(_newest_run(runs)), "--set",
                                       f"infer.out={work / f'pred{n}'}"), logs / f"infer{n}.log")
         rows["infer"]["disk_bytes_per_cell"] = round(_du(work / f"pred{n}") / n, 1)
     if "embed" in stages:
-        rows["embed"] = run_stage(_rc("embed", *common, "--checkpoint", str(next(p for p in sorted(runs.iterdir()) if p.is_dir())), "--set",
+        rows["embed"] = run_stage(_rc("embed", *common, "--checkpoint", str(_newest_run(runs)), "--set",
                                       f"embed.out={work / f'emb{n}'}"), logs / f"embed{n}.log")
         rows["embed"]["disk_bytes_per_cell"] = round(_du(work / f"emb{n}") / n, 1)
     for r in rows.values():
@@ -183,6 +218,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2, help="synth.num_workers")
     ap.add_argument("--materialize", default="auto", choices=["auto", "always", "never"],
                     help="data.materialize of the training stage (never: stream every epoch)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for the training stage (repeatable), e.g. data.stream_buffer_mb=256")
     ap.add_argument("--tag", default="", help="suffix of the JSON's name")
     ap.add_argument("--work", default="", help="scratch folder (default: a new temp folder, deleted after)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -208,17 +245,19 @@ def main(argv=None):
         f.write_text(json.dumps({"bench": "scale", "date": time.strftime("%Y-%m-%d %H:%M"),
                                  "cpu_count": os.cpu_count(), "load_average_start": load0,
                                  "load_average_end": os.getloadavg(), "sizes": sizes, "fields": fields,
-                                 "materialize": args.materialize, "results": report,
+                                 "materialize": args.materialize, "train_overrides": args.set, "results": report,
                                  "command": "python bench/bench_scale.py " + " ".join(argv or sys.argv[1:])},
                                 indent=2))
         return report
     for n in sizes if set(stages) - {"ingest"} else []:
-        for stage, row in cell_stages(n, work, stages, logs, args.workers, args.materialize).items():
+        for stage, row in cell_stages(n, work, stages, logs, args.workers, args.materialize,
+                                      args.set).items():
             if stage in stages:
                 res.setdefault(stage, []).append(row)
                 save()
                 print(f"{stage:<7}{n:>9} cells  {row['seconds']:>8.1f} s  {row['cells_per_s']:>9.0f} cells/s  "
-                      f"peak {row['peak_mb']:>7.0f} MB", flush=True)
+                      f"peak {row['peak_mb']:>7.0f} MB (object store / shm {row['at_peak_mb']['shmem']:.0f}, "
+                      f"heaps {row['at_peak_mb']['anon']:.0f})", flush=True)
         for d in work.glob(f"*{n}"):  # free the disk before the next size
             if d.is_dir() and d.name != "logs" and not args.work:
                 shutil.rmtree(d, ignore_errors=True)

@@ -38,6 +38,7 @@ from raycell.models.random_effects import one_hot_design
 from raycell.plans import TrainingPlan
 from raycell.train.context import RayTrainContext, TrainContext
 from raycell.train.history import append_epoch
+from raycell.utils.memory import trimming
 
 PROBE_MAX_CELLS = 2000  # the per-epoch batch probe stays cheap (a few 3-fold logistic regressions)
 
@@ -277,7 +278,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
                                f"data.batch_size ({cfg.data.batch_size}); lower it or add data")
         metrics = {"epoch": epoch, "steps": steps, **{f"train_{k}": v / steps for k, v in sums.items()},
                    "data_wait_s": waited[0]}
-        val = ctx.minibatches("val", epoch, train=False)
+        # the validation passes hand freed heap pages back as they go (raycell/utils/memory.py)
+        val = trimming(ctx.minibatches("val", epoch, train=False))
         # Only rank 0's metrics are reported: the other ranks skip the probe's regressions.
         lat: list | None = [] if ctx.rank == 0 else None
         metrics.update(validate(model, plan, val, spec, len(batch_map), latents=lat, heads=heads,
@@ -288,7 +290,7 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
                 excess = metrics["val_batch_probe"] - metrics["val_batch_probe_chance"]
                 metrics["val_composite"] = metrics["val_auroc"] - cfg.train.composite_weight * excess
         if setup.get("valbatch"):  # whole seen batches never trained on: codes -1, Z rows all zero
-            vb = ctx.minibatches("valbatch", epoch, train=False)
+            vb = trimming(ctx.minibatches("valbatch", epoch, train=False))
             metrics.update(validate(model, plan, vb, spec, len(batch_map), prefix="valbatch", heads=heads,
                                     channels_last=cfg.train.channels_last))
         metrics["epoch_time_s"] = time.time() - t0
