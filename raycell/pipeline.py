@@ -65,7 +65,7 @@ def run_split(cfg: ExperimentConfig) -> dict:
 
     m = split_dataset(cfg.data.path, unseen=list(cfg.split.unseen), group_by=cfg.split.group_by,
                       stratify=list(cfg.split.stratify), fractions=list(cfg.split.fractions), seed=cfg.seed,
-                      val_batches=list(cfg.split.val_batches))
+                      val_batches=list(cfg.split.val_batches), progress=bool(cfg.ray.progress))
     vb = m["split_params"].get("val_batches")
     print(f"[raycell] split {Path(cfg.data.path).absolute()}: {m['counts_per_split']} "
           f"(unseen batches: {m['split_params']['unseen']}"
