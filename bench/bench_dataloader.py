@@ -209,7 +209,7 @@ def bench_png(ds, batch, epochs, warmup, tmp: Path, workers: int):
 def bench_ray(ds, cfg, epochs, warmup):
     import ray
 
-    from raycell.data.dataset import choose_materialize, ray_datasets
+    from raycell.data.dataset import choose_materialize, ray_datasets, train_batches
 
     col = _collate(ds)
     store = ray.cluster_resources().get("object_store_memory", 0.0)
@@ -221,14 +221,12 @@ def bench_ray(ds, cfg, epochs, warmup):
                             shuffle_seed=d.shuffle_seed, materialize=held,
                             parquet_reader=d.parquet_reader)[K.TRAIN]
 
-    def epoch(rd, e):
-        return rd.iter_torch_batches(batch_size=d.batch_size, collate_fn=col,
-                                     local_shuffle_buffer_size=d.shuffle_buffer or None,
-                                     prefetch_batches=d.prefetch_batches, drop_last=True)
+    def epoch(rd, e):  # as a training worker draws them (`data.fetch_batches` at a time, cut locally)
+        return train_batches(rd, d.batch_size, col, d.fetch_batches, d.shuffle_buffer, None, d.prefetch_batches)
 
     r = measure(setup, epoch, epochs, warmup)
     r.update(materialized=held, materialize=d.materialize, shuffle_buffer=d.shuffle_buffer,
-             prefetch_batches=d.prefetch_batches, block_size_mb=d.block_size_mb)
+             prefetch_batches=d.prefetch_batches, block_size_mb=d.block_size_mb, fetch_batches=d.fetch_batches)
     return r
 
 

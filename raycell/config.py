@@ -189,6 +189,9 @@ class DataConfig:
     eval_batch_size: int = _f(256, "batch size for validation and inference")
     shuffle_buffer: int = _f(1024, "local shuffle buffer (rows) per worker; 0 = off")
     prefetch_batches: int = _f(2, "batches prefetched by each worker's iterator")
+    fetch_batches: int = _f(4, "training batches taken from Ray Data's iterator at once and cut into "
+                            "batch_size rows in the worker: Ray's per-batch cost is paid once per N (64 px: "
+                            "~2x the images per core, bench/README.md); 1 = one Ray batch per step")
     block_size_mb: int = _f(8, "Ray Data target block size; small data needs small blocks to shuffle")
     parquet_reader: str = _f("v1", "Ray Data's parquet reader: v1 (read tasks, one block per shard; 0.33 s "
                              "to read the demo's 6 shards on 2 cores) or v2 (Ray 2.60's DataSourceV2: 32 "
@@ -590,7 +593,7 @@ _AT_LEAST = {
     "loss.cluster_image": 0, "loss.kl": 0, "train.epochs": 1, "train.weight_decay": 0,
     "train.checkpoints_to_keep": 1, "train.early_stopping_patience": 0, "train.max_failures": -1, "train.torch_threads": 0, "train.log_every": 0,
     "train.max_steps_per_epoch": 0, "train.composite_weight": 0, "train.augment_strength": 0, "train.chaos_kill_after_steps": 0,
-    "data.shuffle_seed": -1, "data.stream_buffer_mb": 0,
+    "data.shuffle_seed": -1, "data.stream_buffer_mb": 0, "data.fetch_batches": 1,
     "scaling.num_workers": 1, "ray.num_cpus": 0, "ray.object_store_mb": 0,
     "infer.num_actors": 1, "infer.num_gpus": 0, "infer.shards_per_round": 1, "infer.z_epochs": 1,
     "infer.torch_threads": 0,

@@ -105,15 +105,25 @@ def test_ratio_and_table_cells_tolerate_missing_rows(capsys):
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="descendants are found through /proc")
 def test_cpu_of_child_processes_counts_towards_cores_used():
-    before = common.tree_cpu_seconds()
-    child = subprocess.Popen([sys.executable, "-c", "import time\nwhile time.process_time() < 0.3: pass\n"
-                              "print('ready', flush=True)\ntime.sleep(30)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        assert common.tree_cpu_seconds() - before >= 0.25  # the live child's CPU time is counted
-    finally:
-        child.kill()
-        child.wait()
+    """Run in a fresh process: in the test session, Ray's workers (descendants too) may exit between the two
+    readings and take their CPU seconds with them, which made this check flaky."""
+    script = f"""
+import subprocess, sys
+sys.path.insert(0, {str(Path(common.__file__).parent)!r})
+import common
+before = common.tree_cpu_seconds()
+child = subprocess.Popen([sys.executable, "-c", "import time\\nwhile time.process_time() < 0.3: pass\\n"
+                          "print('ready', flush=True)\\ntime.sleep(30)"], stdout=subprocess.PIPE, text=True)
+try:
+    assert child.stdout.readline().strip() == "ready"
+    print(common.tree_cpu_seconds() - before)
+finally:
+    child.kill()
+    child.wait()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) >= 0.25  # the live child's CPU time is counted
 
 
 def test_dataloader_ratios_against_pyarrow_and_png():

@@ -212,3 +212,38 @@ def test_streamed_training_split_reads_ahead_a_bounded_amount():
     assert stream_options(load_config(None, ["data.stream_buffer_mb=0"]), held=False) is None
     with pytest.raises(Exception, match="stream_buffer_mb"):
         load_config(None, ["data.stream_buffer_mb=-1"])
+
+
+def test_sliced_cuts_big_batches_into_views_and_drops_the_short_tail():
+    from raycell.data.dataset import sliced
+
+    big = [{"x": torch.arange(10).reshape(10, 1), "y": torch.arange(10)},
+           {"x": torch.arange(10, 17).reshape(7, 1), "y": torch.arange(10, 17)}]
+    got = list(sliced(iter(big), 4, drop_last=True))
+    assert [b["y"].tolist() for b in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [10, 11, 12, 13]]
+    assert got[0]["x"].untyped_storage().data_ptr() == big[0]["x"].untyped_storage().data_ptr()  # views
+    assert [len(b["y"]) for b in sliced(iter(big), 4, drop_last=False)] == [4, 4, 2, 4, 3]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("fetch", [1, 4])
+def test_train_batches_from_ray_are_full_and_cover_the_split(ray_local, fetch):
+    """`data.fetch_batches`: N batches' rows per Ray batch, cut in the worker; every batch has batch_size rows,
+    no row twice, and only the last incomplete batch's rows are left out (as Ray's drop_last does)."""
+    import ray.data
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    from raycell.data.dataset import train_batches
+
+    n, bs = 1000, 32
+
+    class Ids(ArrowBatchCollateFn):  # an Arrow collate, as CropCollate is
+        def __call__(self, t):
+            return {"y": torch.as_tensor(t.column("id").to_numpy())}
+
+    rd = ray.data.range(n, override_num_blocks=7)
+    got = list(train_batches(rd, bs, Ids(), fetch=fetch, shuffle_buffer=128, shuffle_seed=3))
+    assert all(len(b["y"]) == bs for b in got) and len(got) == n // bs
+    ids = torch.cat([b["y"] for b in got]).tolist()
+    assert len(set(ids)) == len(ids) == n // bs * bs
+    assert ids != sorted(ids)  # shuffled

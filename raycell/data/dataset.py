@@ -138,6 +138,35 @@ def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
     return out
 
 
+def sliced(batches: Iterator[dict[str, torch.Tensor]], batch_size: int,
+           drop_last: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Cut bigger batches into `batch_size`-row views (no copy); a last short slice is dropped with
+    `drop_last`. Rows arrive already shuffled (the iterator's local shuffle), so the slices are as random
+    as batches drawn one by one."""
+    for big in batches:
+        n = len(next(iter(big.values())))
+        stop = n - (n % batch_size if drop_last else 0)
+        for s in range(0, stop, batch_size):
+            yield {k: v[s:s + batch_size] for k, v in big.items()}
+
+
+def train_batches(it, batch_size: int, collate: CropCollate, fetch: int = 1, shuffle_buffer: int = 0,
+                  shuffle_seed: int | None = None, prefetch: int = 2, pin_memory: bool = False
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches from a Ray `DataIterator` (or Dataset): `fetch` batches' rows at a time through
+    Ray's `iter_torch_batches`, cut into `batch_size` in the worker (`data.fetch_batches`).
+
+    Why: Ray's iterator costs about as much CPU per batch as reading and decoding a 64-row 64 px batch
+    (bench/README.md); fetching 4 batches at once pays it once per 4. The last incomplete batch is dropped.
+    """
+    big = batch_size * max(1, fetch)
+    return sliced(it.iter_torch_batches(
+        batch_size=big, collate_fn=collate,
+        local_shuffle_buffer_size=max(shuffle_buffer, big) if shuffle_buffer else None,
+        local_shuffle_seed=shuffle_seed, prefetch_batches=max(1, -(-prefetch // max(1, fetch))),
+        drop_last=False, pin_memory=pin_memory), batch_size, drop_last=True)
+
+
 def local_batches(ds: ShardDataset, split: str, batch_size: int, collate: CropCollate,
                   shuffle: bool = False, seed: int = 0, columns: list[str] | None = None,
                   drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from raycell.data.dataset import CropCollate, local_batches
+from raycell.data.dataset import CropCollate, local_batches, train_batches
 from raycell.formats.shards import ShardDataset
 
 
@@ -82,7 +82,7 @@ class RayTrainContext(TrainContext):
     """Context inside a Ray Train worker: dataset shards, `ray.train.report`, torch.distributed."""
 
     def __init__(self, collate: CropCollate, batch_size: int, eval_batch_size: int, shuffle_buffer: int,
-                 prefetch_batches: int, shuffle_seed: int = -1):
+                 prefetch_batches: int, shuffle_seed: int = -1, fetch_batches: int = 1):
         import ray.train
         import ray.train.torch
 
@@ -92,11 +92,12 @@ class RayTrainContext(TrainContext):
         self.collate = collate
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.shuffle_buffer, self.prefetch = shuffle_buffer, prefetch_batches
-        self.shuffle_seed = shuffle_seed
+        self.shuffle_seed, self.fetch = shuffle_seed, fetch_batches
         self._drop_copy: weakref.finalize | None = None  # removes a temporary checkpoint copy
 
     def minibatches(self, split, epoch, train):
-        """`iter_torch_batches` over this worker's shard (train is split across workers, val is not).
+        """`iter_torch_batches` over this worker's shard (train is split across workers, val is not); training
+        batches come `data.fetch_batches` at a time from Ray and are cut here (`train_batches`).
 
         With `data.shuffle_seed`, the local shuffle is seeded by (seed, epoch, rank): the same order after
         a restart from a checkpoint as in an undisturbed run.
@@ -107,11 +108,13 @@ class RayTrainContext(TrainContext):
         if train and self.shuffle_seed >= 0:
             seed = (self.shuffle_seed * 1_000_003 + epoch * 1_009 + self.rank) % 2**31
         it = ray.train.get_dataset_shard(split)
-        yield from it.iter_torch_batches(
-            batch_size=self.batch_size if train else self.eval_batch_size, collate_fn=self.collate,
-            local_shuffle_buffer_size=(self.shuffle_buffer or None) if train else None,
-            local_shuffle_seed=seed, prefetch_batches=self.prefetch, drop_last=train,
-            pin_memory=self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        if train:
+            yield from train_batches(it, self.batch_size, self.collate, self.fetch, self.shuffle_buffer,
+                                     seed, self.prefetch, pin)
+            return
+        yield from it.iter_torch_batches(batch_size=self.eval_batch_size, collate_fn=self.collate,
+                                         prefetch_batches=self.prefetch, drop_last=False, pin_memory=pin)
 
     def resume_from(self):
         """Latest checkpoint of this run (a retry after a failure, or `--resume`).

@@ -314,7 +314,7 @@ def ray_context(config: dict) -> tuple[ExperimentConfig, dict, RayTrainContext]:
     setup = config["setup"]
     d = cfg.data
     ctx = RayTrainContext(make_collate(setup), d.batch_size, d.eval_batch_size, d.shuffle_buffer,
-                          d.prefetch_batches, shuffle_seed=d.shuffle_seed)
+                          d.prefetch_batches, shuffle_seed=d.shuffle_seed, fetch_batches=d.fetch_batches)
     return cfg, setup, ctx
 
 

@@ -8,9 +8,10 @@ resident between live allocations (plausibly the small per-batch labels and prob
 not proven), so the process's footprint ratchets up batch by batch. `malloc_trim(0)` every few dozen batches returns
 those free pages (the same pass then stayed within 50 MB, and ran no slower: 57 s vs 69 s). PyTorch has no
 CPU caching allocator to configure for this, and `MALLOC_MMAP_THRESHOLD_` (the environment fix) made the
-pass 1.4x slower, so this is done by hand. Only the validation passes trim: the training stream's heap stayed flat
-without it, and the one 1 M-cell epoch that trimmed every 32 steps took 812 s against 502 s for one that did
-not (a trim walks the whole heap; one run each, so indicative only).
+pass 1.4x slower, so this is done by hand. Only the validation passes trim: the training stream's heap stayed
+flat without it. (A 1 M-cell epoch that trimmed every 32 steps took 812 s against 502 s for one that did not,
+but the 812 s ran under bench_scale.py's 4 Hz memory sampler, which on its own made a 100 k training command
+2x slower; trimming during training was not re-measured.)
 """
 
 from __future__ import annotations
