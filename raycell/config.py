@@ -191,7 +191,8 @@ class DataConfig:
     prefetch_batches: int = _f(2, "batches prefetched by each worker's iterator")
     fetch_batches: int = _f(4, "training batches taken from Ray Data's iterator at once and cut into "
                             "batch_size rows in the worker: Ray's per-batch cost is paid once per N (64 px: "
-                            "~2x the images per core, bench/README.md); 1 = one Ray batch per step")
+                            "~2x the images per core, bench/README.md); capped so a fetched batch's images stay "
+                            "within 4 MiB (at 256 px it halved the rate); 1 = one Ray batch per step")
     block_size_mb: int = _f(8, "Ray Data target block size; small data needs small blocks to shuffle")
     parquet_reader: str = _f("v1", "Ray Data's parquet reader: v1 (read tasks, one block per shard; 0.33 s "
                              "to read the demo's 6 shards on 2 cores) or v2 (Ray 2.60's DataSourceV2: 32 "

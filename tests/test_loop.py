@@ -247,3 +247,13 @@ def test_train_batches_from_ray_are_full_and_cover_the_split(ray_local, fetch):
     ids = torch.cat([b["y"] for b in got]).tolist()
     assert len(set(ids)) == len(ids) == n // bs * bs
     assert ids != sorted(ids)  # shuffled
+
+
+def test_fetch_factor_is_capped_for_large_crops():
+    from raycell.data.dataset import fetch_factor
+
+    spec = lambda px: DataSpec(("a", "b"), (2, px, px), "uint8")  # noqa: E731
+    assert fetch_factor(4, 64, spec(64)) == 4     # 0.5 MiB per batch: fetched 4 at a time
+    assert fetch_factor(4, 64, spec(128)) == 2    # 2 MiB per batch
+    assert fetch_factor(4, 64, spec(256)) == 1    # 8 MiB per batch: no fetching ahead
+    assert fetch_factor(1, 64, spec(64)) == 1 and fetch_factor(4, 64, None) == 4

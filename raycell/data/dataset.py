@@ -150,22 +150,36 @@ def sliced(batches: Iterator[dict[str, torch.Tensor]], batch_size: int,
             yield {k: v[s:s + batch_size] for k, v in big.items()}
 
 
+FETCH_MAX_BYTES = 4 << 20  # a fetched (uncut) batch's images at most this big; see `train_batches`
+
+
+def fetch_factor(fetch: int, batch_size: int, spec: DataSpec | None) -> int:
+    """`data.fetch_batches`, capped so that a fetched batch's images stay within FETCH_MAX_BYTES."""
+    if spec is None or fetch <= 1:
+        return max(1, fetch)
+    row = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+    return max(1, min(fetch, FETCH_MAX_BYTES // max(1, batch_size * row)))
+
+
 def train_batches(it, batch_size: int, collate: CropCollate, fetch: int = 1, shuffle_buffer: int = 0,
                   shuffle_seed: int | None = None, prefetch: int = 2, pin_memory: bool = False
                   ) -> Iterator[dict[str, torch.Tensor]]:
     """Training batches from a Ray `DataIterator` (or Dataset): `fetch` batches' rows at a time through
     Ray's `iter_torch_batches`, cut into `batch_size` in the worker (`data.fetch_batches`).
 
-    Why: Ray's iterator costs about as much CPU per batch as reading and decoding a 64-row 64 px batch
-    (bench/README.md); fetching 4 batches at once pays it once per 4. The last incomplete batch is dropped.
+    Why: Ray's iterator costs about as much CPU per batch as reading and decoding a 64-row 64 px batch;
+    fetching 4 batches at once paid it once per 4 (64 px: 93k vs 47k images/s on 2 cores). Large crops
+    lose: at 256 px (8 MiB per 64-row batch) fetching 4 halved the rate (3.2k vs 6.9k images/s), so the
+    factor is capped where a fetched batch would pass FETCH_MAX_BYTES (4 MiB, between the two measured
+    sizes, not tuned further; bench/README.md). The last incomplete batch is dropped.
     """
-    big = batch_size * max(1, fetch)
+    fetch = fetch_factor(fetch, batch_size, getattr(collate, "spec", None))
+    big = batch_size * fetch
     return sliced(it.iter_torch_batches(
         batch_size=big, collate_fn=collate,
         local_shuffle_buffer_size=max(shuffle_buffer, big) if shuffle_buffer else None,
-        local_shuffle_seed=shuffle_seed, prefetch_batches=max(1, -(-prefetch // max(1, fetch))),
+        local_shuffle_seed=shuffle_seed, prefetch_batches=max(1, -(-prefetch // fetch)),
         drop_last=False, pin_memory=pin_memory), batch_size, drop_last=True)
-
 
 def local_batches(ds: ShardDataset, split: str, batch_size: int, collate: CropCollate,
                   shuffle: bool = False, seed: int = 0, columns: list[str] | None = None,
