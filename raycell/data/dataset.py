@@ -181,6 +181,7 @@ def train_batches(it, batch_size: int, collate: CropCollate, fetch: int = 1, shu
         local_shuffle_seed=shuffle_seed, prefetch_batches=max(1, -(-prefetch // fetch)),
         drop_last=False, pin_memory=pin_memory), batch_size, drop_last=True)
 
+
 def local_batches(ds: ShardDataset, split: str, batch_size: int, collate: CropCollate,
                   shuffle: bool = False, seed: int = 0, columns: list[str] | None = None,
                   drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:

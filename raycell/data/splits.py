@@ -9,8 +9,8 @@ splits as evenly as its unit count allows. Written by hand because scikit-learn'
 with given fractions, and ARMED's own `StratifiedGroupShuffleSplit` is two nested two-way splits.
 
 Memory: `split_dataset` reads one shard at a time and keeps cells per (batch, unit, stratum) plus an
-8-byte hash per cell id, so it grows with the number of units (wells), not cells (1 M cells: 232 MB peak
-vs 653 MB when every cell's metadata was held; `bench/bench_scale.py --stages split`). Grouping by cell
+8-byte hash per cell id, so it grows with the number of units (wells), not cells (1 M cells: 251-278 MB
+peak over three runs vs 681 MB when every cell's metadata was held; `bench/bench_scale.py --stages split`). Grouping by cell
 (`group_by=cell_id`) makes every cell a unit, and memory per cell again.
 """
 
@@ -123,16 +123,22 @@ class SplitPlan:
     units: dict[str, str]    # unit (batch + SEP + group_by value) -> train / val / test
     val_batches: list[str]
 
+    def __post_init__(self):
+        # (keys, splits) per lookup, built once and reused for every shard: held-out batches first
+        self._lookups = [("batch", pa.array(list(self.batches), pa.string()),
+                          np.asarray(list(self.batches.values()), dtype=object)),
+                         ("unit", pa.array(list(self.units), pa.string()),
+                          np.asarray(list(self.units.values()), dtype=object))]
+
     def apply(self, meta: pd.DataFrame | pa.Table, group_by: str, where: str = "") -> pa.Array:
         """The split of every row of `meta` (one shard, or a DataFrame with the batch and `group_by` columns)."""
         keys = _keys(meta, group_by, [])
         out = np.empty(len(keys["batch"]), dtype=object)
         done = np.zeros(len(out), bool)
-        for table, col in ((self.batches, "batch"), (self.units, "unit")):  # held-out batches first
-            names = list(table)
-            at = pc.index_in(keys[col], value_set=pa.array(names, pa.string())).fill_null(-1).to_numpy()
+        for col, names, splits in self._lookups:
+            at = pc.index_in(keys[col], value_set=names).fill_null(-1).to_numpy()
             hit = (at >= 0) & ~done
-            out[hit] = np.asarray([table[k] for k in names], dtype=object)[at[hit]]
+            out[hit] = splits[at[hit]]
             done |= hit
         if not done.all():  # the data changed between counting and writing
             b, g = keys["unit"][int(np.flatnonzero(~done)[0])].as_py().split(_SEP, 1)
