@@ -573,3 +573,16 @@ def test_ingest_stores_crop_features_that_the_baseline_reads(ray_local, raw, tmp
     rows = pd.Index(t.column(K.CELL_ID).to_pylist()).get_indexer(f["splits"]["train"]["meta"][K.CELL_ID])
     assert len(rows) > 20 and (rows >= 0).all()
     np.testing.assert_array_equal(f["splits"]["train"]["x"], want[rows].astype(np.float32).astype(np.float64))
+
+
+def test_upsampled_illumination_is_cached_by_content():
+    """Every field of a plate reuses one upsampled function; a changed function is upsampled anew."""
+    from scipy import ndimage as ndi
+
+    func = np.random.default_rng(0).uniform(0.5, 1.5, (2, 16, 16)).astype(np.float32)
+    up = I.upsample(func, (128, 96))
+    want = ndi.zoom(func, (1, 8, 6), order=1, mode="nearest", grid_mode=True)
+    assert up.shape == (2, 128, 96) and np.array_equal(up, want)
+    assert I.upsample(func, (128, 96)) is up and not up.flags.writeable  # shared: read-only
+    func[0, 0, 0] = 3.0  # same array object, new content: not the stale result
+    assert not np.array_equal(I.upsample(func, (128, 96)), up)

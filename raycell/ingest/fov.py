@@ -22,7 +22,7 @@ from raycell import constants as K
 from raycell.ingest import images as imio
 from raycell.ingest.crops import extract
 from raycell.ingest.features import crop_feature_columns
-from raycell.ingest.segment import plausibility, segment
+from raycell.ingest.segment import nucleus_diameter, plausibility, segment
 from raycell.ingest.stats import scale_verdict
 from raycell.ingest.tasks import read_fov
 
@@ -64,7 +64,7 @@ def scale_batch(batch: pa.Table, p: dict, ch: dict, stats_ref: list | None) -> p
             func = (stats or {}).get("illum", {}).get(fov["row"][K.PLATE])
             if p["illum_correction"] and func is not None:
                 img = img / imio.upsample(func, img.shape[1:])
-            d = segment(img, ch["nucleus"], None, p)[2]
+            d = nucleus_diameter(img[ch["nucleus"]], p)  # the estimate only: no segmentation
         except Exception:  # noqa: BLE001 - the crop pass reports the reason
             d = 0.0
         ids.append(fov["fov_id"])
