@@ -7,7 +7,8 @@
 What is timed, for each data set:
 
 * `plain loop`: `process_fov` over every FOV in one process, no Ray (the per-core ceiling: reading,
-  projection, segmentation, crops, features; no statistics pass, no shard writing);
+  projection, segmentation, crops, features; the statistics and scale passes run before, untimed; no
+  shard writing);
 * `ray, N workers`: the whole `run_ingest` (planning, statistics pass, crop pass, shard writing)
   with at most N concurrent tasks on a local Ray with 4 logical CPUs. A warm-up run first starts the
   workers.
@@ -83,15 +84,17 @@ def _as_09047() -> tuple[str, str | None, list[str]] | None:
 
 
 def _plain_loop(cfg) -> tuple[float, float, int]:
+    from raycell.ingest.driver import plate_diameters
     from raycell.ingest.fov import process_fov
     from raycell.ingest.plan import plan_ingest
     from raycell.ingest.stats import compute_stats
 
     p = dataclasses.asdict(cfg.ingest)
     plan = plan_ingest(p)
-    stats = compute_stats(
-        plan["fovs"], p, plan["channels"]
-    )  # not timed: a Ray pass, as in run_ingest
+    # not timed: the statistics and scale passes (Ray passes in run_ingest), so that each field is
+    # segmented as the crop pass segments it (with its plate's diameter)
+    stats = compute_stats(plan["fovs"], p, plan["channels"])
+    stats["diameter_ref"] = plate_diameters(plan["fovs"], p, plan["channels"], stats)
     from threadpoolctl import threadpool_limits
 
     # one BLAS/OpenMP thread, as Ray gives a num_cpus=1 task (OMP_NUM_THREADS=1): fair per core
