@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 from raycell.train.history import EpochPrinter, append_epoch, epoch_line
 
 
@@ -101,3 +103,20 @@ def test_native_ray_log_lines_are_dropped_and_everything_else_reaches_the_termin
     assert got == (b"infer:  50%|#####     | 3/6\rinfer: 100%|##########| 6/6\n"
                    b"Traceback (most recent call last):\n  ValueError: bad row 3\n[raycell] note\n"
                    b"[2] no newline at the end")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_rays_own_start_lines_stay_off_the_terminal_unless_verbose(monkeypatch, verbose):
+    """`ray.init` logs "Started a local Ray instance. View the dashboard ..." at INFO on the driver."""
+    import logging
+
+    import ray
+
+    from raycell.utils import ray_utils as R
+
+    got = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: got.update(kw))
+    R.init_ray(progress=False, verbose=verbose)
+    assert got["address"] == "local" and got["log_to_driver"] is verbose
+    assert got["logging_level"] == (logging.INFO if verbose else logging.WARNING)

@@ -213,13 +213,15 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
         # a private local instance: no token to share with anyone (an explicit value also stops the
         # "Token authentication is enabled" warning); a cluster's own setting is never overridden
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # the driver's own INFO lines ("Started a local Ray instance. View the dashboard at ...") too
+    level = logging.INFO if verbose else logging.WARNING
     if not ray.is_initialized():
         source = "ray.address" if address else "RAY_ADDRESS"
         addr = address or os.environ.get("RAY_ADDRESS", "")
         if addr:
             check_reachable(addr, connect_timeout_s, source)
             try:
-                ray.init(address=addr, log_to_driver=verbose)
+                ray.init(address=addr, log_to_driver=verbose, logging_level=level)
             except ConnectionError as exc:  # e.g. `auto` with no Ray running on this machine
                 raise ConfigError(f"{source} {addr}: {str(exc).splitlines()[0]}") from None
         else:
@@ -229,7 +231,7 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
                 kw["object_store_memory"] = object_store_mb << 20
             # address="local": always a private instance. A bare ray.init() would join any `ray start`
             # cluster on this machine (or a stale one named in /tmp/ray/ray_current_cluster) instead.
-            ray.init(address="local", log_to_driver=verbose, **kw)
+            ray.init(address="local", log_to_driver=verbose, logging_level=level, **kw)
     import ray.data
 
     if not verbose:
