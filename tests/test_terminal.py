@@ -120,22 +120,3 @@ def test_rays_own_start_lines_stay_off_the_terminal_unless_verbose(monkeypatch, 
     R.init_ray(progress=False, verbose=verbose)
     assert got["address"] == "local" and got["log_to_driver"] is verbose
     assert got["logging_level"] == (logging.INFO if verbose else logging.WARNING)
-
-
-def test_local_ray_workers_get_libgomps_unthrottled_spin(monkeypatch):
-    """Ray Train's training thread is not the worker's main thread: without an explicit spin count
-    libgomp throttles its idle threads to sleeping between the model's parallel regions."""
-    import os
-
-    import ray
-
-    from raycell.utils import ray_utils as R
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: None)
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    R.init_ray(progress=False)
-    assert os.environ["GOMP_SPINCOUNT"] == "300000"
-    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")  # a user's own setting is kept
-    R.init_ray(progress=False)
-    assert os.environ["GOMP_SPINCOUNT"] == "1000"

@@ -17,16 +17,6 @@ _QUIET_ENV = {
     "RAY_SCHEDULER_EVENTS": "0",
 }
 
-# The environment a private local Ray's workers start with (they inherit the driver's at `ray.init`).
-# GOMP_SPINCOUNT: Ray Train runs the training function in a thread of the worker, not its main thread,
-# and PyTorch's OpenMP (libgomp) then holds more threads than the machine has cores (a team per thread
-# that ran a parallel op), which switches its idle threads from spinning to sleeping between the
-# model's parallel regions ("throttled" spin: 100 iterations instead of 300,000). Measured on 2 cores,
-# small AEC at 64 px: the same loop in a thread of one process trained 4.7-4.8 s per epoch against
-# 4.0-4.2 s in its main thread, a Ray Train epoch 1.15-1.32x the plain loop's; with the unthrottled
-# count (libgomp's own default, given explicitly) 1.14x (bench/README.md). A user's value is kept.
-_LOCAL_WORKER_ENV = {"GOMP_SPINCOUNT": "300000"}
-
 
 def _host_port(address: str) -> tuple[str, int] | None:
     """(host, port) to probe for a GCS (`host:port`) or Ray Client (`ray://host[:port]`) address.
@@ -239,8 +229,6 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
                   "dashboard_host": "127.0.0.1"}
             if object_store_mb:
                 kw["object_store_memory"] = object_store_mb << 20
-            for k, v in _LOCAL_WORKER_ENV.items():
-                os.environ.setdefault(k, v)
             # address="local": always a private instance. A bare ray.init() would join any `ray start`
             # cluster on this machine (or a stale one named in /tmp/ray/ray_current_cluster) instead.
             ray.init(address="local", log_to_driver=verbose, logging_level=level, **kw)
