@@ -608,11 +608,12 @@ class _Primary:
     edge_peak: float
 
     @classmethod
-    def of(cls, img: np.ndarray, flatten: bool, tophat: bool, *thresholding) -> "_Primary":
+    def of(cls, img: np.ndarray, *, flatten: bool, tophat: bool, threshold: str, threshold_scale: float,
+           log_threshold: bool, min_snr: float, edge_peak: float) -> "_Primary":
         noise = noise_sigma(img)
         if flatten:
             img = img - background_surface(img)
-        return cls(img, noise, tophat, *thresholding)
+        return cls(img, noise, tophat, threshold, threshold_scale, log_threshold, min_snr, edge_peak)
 
     def mask_at(self, x: np.ndarray, sigma: float, d: float,
                 smoothed: np.ndarray | None = None) -> np.ndarray:
@@ -722,8 +723,9 @@ def segment_nuclei(
 
     if declump not in ("shape", "intensity", "none"):
         raise SegmentationError(f"unknown declump method {declump!r}; use shape, intensity or none")
-    prim = _Primary.of(img, flatten, tophat, threshold, threshold_scale, log_threshold, min_snr,
-                       edge_peak)
+    prim = _Primary.of(img, flatten=flatten, tophat=tophat, threshold=threshold,
+                       threshold_scale=threshold_scale, log_threshold=log_threshold, min_snr=min_snr,
+                       edge_peak=edge_peak)
     d = float(diameter)
     if d <= 0:
         d = prim.scale(diameter_bounds(img.shape, crop_size, diameter_min, diameter_max),
@@ -906,9 +908,8 @@ def nucleus_diameter(img: np.ndarray, p: dict) -> float:
     reference), without the segmentation that follows it: the scale pass of `raycell ingest`
     needs only this number, and the estimate is about half of a field's nucleus segmentation."""
     q = _scale_params(p)
-    prim = _Primary.of(img, q["flatten"], q["tophat"], q["threshold"], q["threshold_scale"],
-                       q["log_threshold"], q["min_snr"], q["edge_peak"])
-    return prim.scale(diameter_bounds(img.shape, q["crop_size"], q["diameter_min"], q["diameter_max"]))
+    bounds = diameter_bounds(img.shape, q.pop("crop_size"), q.pop("diameter_min"), q.pop("diameter_max"))
+    return _Primary.of(img, **q).scale(bounds)
 
 
 def segment(
