@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "model.args.latent_dim; distributions loguniform, uniform, randint, choice) with "
                        "Optuna, ASHA stopping poor trials after tune.grace_period epochs. Every trial fits "
                        "a TorchTrainer for up to train.epochs. In tune.out: trials.csv, best.yaml (`raycell "
-                       "train --config best.yaml` reproduces the best trial) and tune_objective.png. "
+                       "train --config best.yaml` reproduces the best trial's best epoch), best (that "
+                       "epoch's checkpoint, for `raycell infer --checkpoint`) and tune_objective.png. "
                        "See docs/tune.md.")
     _common(s)
     _flag(s, "--data", key="data.path", help="data set folder ({key})")
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="trials at once ({key}; 0 = as many as the cluster fits)")
     _flag(s, "--metric", key="tune.metric", help="objective reported by the loop ({key}, e.g. val_auroc)")
     _flag(s, "--mode", key="tune.mode", choices=["max", "min"], help="max or min the objective ({key})")
+    _flag(s, "--select", key="tune.select", choices=["budget", "best_epoch"],
+          help="which trials compete for best.yaml ({key}): budget = only those that ran the most epochs, "
+               "best_epoch = all; each at its best epoch")
     _flag(s, "--out", key="tune.out", help="search folder ({key})")
     _flag(s, "--resume", key="tune.resume", metavar="SEARCH_DIR",
           help="continue an interrupted search ({key}): its recorded config.yaml is used; finished trials "

@@ -426,7 +426,12 @@ class TuneConfig:
                      "{dist: loguniform|uniform|randint, low: L, high: H} or {dist: choice, values: [..]}; "
                      "randint's high is exclusive")
     metric: str = _f("val_auroc", "objective: a metric the training loop reports every epoch (val_auroc, "
-                     "val_loss, ...); the last epoch's value of each trial counts")
+                     "val_loss, ...); each trial counts at its best epoch (tune.select says which trials "
+                     "compete)")
+    select: str = _f(
+        "budget", "which trials compete for best.yaml: 'budget' = only the trials that ran the most epochs "
+        "(ASHA's survivors, all at the same budget), each at its best epoch; 'best_epoch' = every trial at "
+        "its best epoch, however early ASHA stopped it")
     mode: str = _f("max", "max or min: which way the objective is better")
     num_samples: int = _f(8, "trials (sampled configurations)")
     max_concurrent_trials: int = _f(0, "trials at once (0 = as many as the cluster's CPUs/GPUs fit, "
@@ -440,6 +445,8 @@ class TuneConfig:
                            "TorchTrainer; must be > 0)")
 
 
+# How the best trial is chosen (TuneConfig.select).
+TUNE_SELECT = ("budget", "best_epoch")
 # Distributions of tune.space and the keys each takes besides `dist`.
 TUNE_DISTS = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "randint": ("low", "high"),
               "choice": ("values",)}
@@ -663,6 +670,8 @@ def _check_tune(t: TuneConfig) -> None:
         raise ConfigError(f"tune.mode must be 'max' or 'min', got {t.mode!r}")
     if not t.metric:
         raise ConfigError("tune.metric is empty; name a metric the loop reports (e.g. val_auroc, val_loss)")
+    if t.select not in TUNE_SELECT:
+        raise ConfigError(f"tune.select must be one of {', '.join(TUNE_SELECT)}, got {t.select!r}")
     t.space = _flatten_space(t.space)
     for key, spec in t.space.items():
         where = f"tune.space.{key}"

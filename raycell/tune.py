@@ -220,7 +220,9 @@ def _trial(params: dict, base: dict, setup: dict, trials_dir: str) -> None:
         # a few seconds older than the kill): fitting again would report nothing, so report its result.
         ray.tune.report(done[-1])
         return
-    build_trainer(cfg, run_dir, setup, open_dataset(cfg.data.path), callbacks=[TuneReportCallback()]).fit()
+    # keep the best epoch's checkpoint (by the search's metric) besides the latest, for <search>/best
+    build_trainer(cfg, run_dir, setup, open_dataset(cfg.data.path), callbacks=[TuneReportCallback()],
+                  keep_best=(cfg.tune.metric, cfg.tune.mode)).fit()
 
 
 def _metric_watch(metric: str):
@@ -263,15 +265,16 @@ def _trial_rows(grid, keys: list[str], metric: str, mode: str, max_epochs: int,
             hist = own
         for h in hist:
             reported.update(k for k in h if k not in _TUNE_KEYS and not k.startswith("config/"))
-        vals = [h[metric] for h in hist if _finite(h.get(metric))]
+        scored = [(int(h.get("epoch", i)), h[metric]) for i, h in enumerate(hist) if _finite(h.get(metric))]
         epochs = len(hist)
         status = ("error" if r.error else "completed" if epochs >= max_epochs else "stopped")
         best_of = max if mode == "max" else min
+        top = best_of(scored, key=lambda ev: ev[1]) if scored else (None, float("nan"))
         num = re.match(r"_?trial_[0-9a-f]+_(\d+)_", Path(r.path).name)  # Tune numbers trials as it starts them
         row = {"trial": int(num.group(1)) if num else 10**9, "trial_id": trial_id,
                **{k: r.config.get(k) for k in keys},
-               "objective": hist[-1].get(metric, float("nan")) if hist else float("nan"),
-               "best_epoch_objective": best_of(vals) if vals else float("nan"),
+               "objective": top[1], "best_epoch": top[0],
+               "last_epoch_objective": hist[-1].get(metric, float("nan")) if hist else float("nan"),
                "epochs_run": epochs, "status": status,
                "error": str(r.error).strip().splitlines()[0][:200] if r.error else "",
                "tune_dir": r.path}
@@ -280,6 +283,40 @@ def _trial_rows(grid, keys: list[str], metric: str, mode: str, max_epochs: int,
     for i, row in enumerate(rows, 1):
         row["trial"] = i
     return rows, reported
+
+
+def select_best(rows: list[dict], select: str, mode: str) -> dict | None:
+    """The best trial under the rule `select` (TuneConfig.select); marks each row's `eligible`.
+
+    Every trial is scored at its best epoch (`objective`), the epoch `best.yaml` reproduces and whose
+    checkpoint `<search>/best` points at. ASHA stops trials at different budgets, and a trial's best over
+    2 epochs is not comparable with another's best over 6: 'budget' therefore lets only the trials that ran
+    the most epochs compete (those ASHA judged best at every rung), 'best_epoch' lets every trial compete.
+    A trial that failed never competes.
+    """
+    ok = [r for r in rows if r["status"] != "error" and _finite(r["objective"])]
+    budget = max((r["epochs_run"] for r in ok), default=0)
+    for r in rows:
+        r["eligible"] = r in ok and (select == "best_epoch" or r["epochs_run"] == budget)
+    eligible = [r for r in rows if r["eligible"]]
+    if not eligible:
+        return None
+    return (max if mode == "max" else min)(eligible, key=lambda r: r["objective"])
+
+
+def _link_best(out: Path, best: dict) -> Path | None:
+    """`<search>/best`: a relative link to the best trial's checkpoint of its best epoch (None if not kept)."""
+    from raycell.train.trainer import best_checkpoint
+
+    ck = best_checkpoint(out / TRIALS / f"train-{best['trial_id']}", int(best["best_epoch"]))
+    if ck is None:
+        return None
+    link, tmp = out / "best", out / f".best-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(os.path.relpath(ck, out), tmp)
+    os.replace(tmp, link)  # atomic: a reader sees the old link or the new one
+    return link
 
 
 def objective_plot(rows: list[dict], space: dict, metric: str, mode: str, path: Path,
@@ -426,23 +463,27 @@ def run_search(cfg: ExperimentConfig) -> dict:
                                f"(logs under {out / SEARCH})")
         raise ConfigError(f"tune.metric {t.metric!r} was never reported by the training loop; it reported: "
                           f"{', '.join(sorted(reported)) or 'nothing'} (set tune.metric to one of them)")
-    ok = [r for r in rows if _finite(r["objective"])]
-    best = (max if t.mode == "max" else min)(ok, key=lambda r: r["objective"]) if ok else None
+    best = select_best(rows, t.select, t.mode)
     pd.DataFrame([{k: v for k, v in r.items() if k != "tune_dir"} for r in rows]).to_csv(
         out / "trials.csv", index=False)
 
     best_yaml = None
     if best is not None:
         best_cfg = apply_params(cfg, {k: best[k] for k in keys})
-        best_cfg.train.epochs = int(best["epochs_run"])  # what the trial ran (ASHA may have stopped it early)
+        best_cfg.train.epochs = int(best["best_epoch"]) + 1  # train up to the chosen epoch, no further
         best_cfg.name = f"{cfg.name}-best"
         best_yaml = out / "best.yaml"
         import yaml
 
+        link = _link_best(out, best)
+        rule = ("among the trials that ran the most epochs" if t.select == "budget"
+                else "among all trials")
         sampled = ", ".join(f"{k}={best[k]!r}" for k in keys)
         head = (f"# Best trial {best['trial_id']} of the search in {out}: {t.metric} = {best['objective']:.4f} "
-                f"after {best['epochs_run']} epoch(s)\n# sampled: {sampled}\n"
+                f"at epoch {best['best_epoch']} (of {best['epochs_run']} run), each trial at its best epoch, "
+                f"{rule} (tune.select={t.select})\n# sampled: {sampled}\n"
                 f"# its run: {out / TRIALS / ('train-' + best['trial_id'])}\n"
+                f"# its checkpoint: {link or 'not kept'}\n"
                 f"# reproduce: raycell train --config {best_yaml}\n")
         atomic_write_text(best_yaml, head + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     plot = objective_plot(rows, t.space, t.metric, t.mode, out / "tune_objective.png", best)
@@ -451,5 +492,7 @@ def run_search(cfg: ExperimentConfig) -> dict:
           f"{best['objective'] if best else float('nan'):.4f} ({best['trial_id'] if best else '-'}): "
           f"{ {k: best[k] for k in keys} if best else {} }", flush=True)
     print(f"  trials   {out / 'trials.csv'}\n  best     {best_yaml}\n  plot     {plot}", flush=True)
+    if best is not None and (out / "best").is_dir():
+        print(f"  checkpoint {out / 'best'} (raycell infer --checkpoint {out / 'best'})", flush=True)
     return {"out": str(out), "trials_csv": str(out / "trials.csv"), "best_yaml": str(best_yaml) if best_yaml
             else None, "plot": str(plot), "best": best, "trials": rows}

@@ -1,5 +1,6 @@
 """`raycell tune`: search-space checks before Ray starts, concurrency bounds, and a real 2-trial search."""
 
+import json
 import math
 
 import pandas as pd
@@ -31,6 +32,7 @@ def _cfg(tiny_data, tmp_path, extra=()):
     ("tune.space.train.epochs={dist: randint, low: 1, high: 4}", "'train.epochs' cannot be searched"),
     ("tune.space.model.args={dist: choice, values: [1]}", "tune.space.model.args: choice"),
     ("tune.mode=maximum", "tune.mode must be 'max' or 'min'"),
+    ("tune.select=last", "tune.select must be one of budget, best_epoch, got 'last'"),
 ])
 def test_bad_space_is_one_line_config_error(override, message):
     with pytest.raises(ConfigError) as exc:
@@ -92,15 +94,48 @@ def test_concurrency_is_bounded_by_the_cluster():
         max_concurrent(cfg, {"CPU": 64.0})  # no GPU at all
 
 
+def _row(tid, curve, status):
+    """A trials.csv row as `_trial_rows` makes it: scored at the trial's best epoch."""
+    best = max(range(len(curve)), key=curve.__getitem__)
+    return {"trial_id": tid, "objective": curve[best], "best_epoch": best, "epochs_run": len(curve),
+            "last_epoch_objective": curve[-1], "status": status}
+
+
+def test_asha_stopped_trials_do_not_outrank_the_survivor():
+    """ASHA stopped a and b after 2 epochs (worse than c at that rung); their 2-epoch values happen to be
+    higher than anything c reached over 6. The old rule (last epoch, all trials) picked a; under
+    'budget' only c ran the full budget, so c is chosen at its best epoch."""
+    from raycell.tune import select_best
+
+    rows = [_row("a", [0.70, 0.81], "stopped"), _row("b", [0.60, 0.79], "stopped"),
+            _row("c", [0.72, 0.80, 0.74, 0.78, 0.77, 0.76], "completed"),
+            _row("d", [0.99], "error")]
+    best = select_best(rows, "budget", "max")
+    assert best["trial_id"] == "c" and best["best_epoch"] == 1 and best["objective"] == 0.80
+    assert [r["eligible"] for r in rows] == [False, False, True, False]
+    # 'best_epoch': every trial that did not fail competes at its best epoch
+    best = select_best(rows, "best_epoch", "max")
+    assert best["trial_id"] == "a" and [r["eligible"] for r in rows] == [True, True, True, False]
+    # 'min' objectives (a loss), and nothing eligible at all
+    rows = [_row("a", [0.5, 0.4], "stopped"), _row("c", [0.6, 0.45, 0.5], "completed")]
+    for r in rows:
+        r["objective"] = min(r["objective"], 0.45 if r["trial_id"] == "c" else 0.4)
+    assert select_best(rows, "budget", "min")["trial_id"] == "c"
+    assert select_best(rows, "best_epoch", "min")["trial_id"] == "a"
+    assert select_best([_row("x", [0.9], "error")], "budget", "max") is None
+
+
 @pytest.mark.ray
 def test_two_trial_search_writes_agreeing_outputs(tiny_data, ray_local, tmp_path):
+    from raycell.formats.checkpoint import find_checkpoint, read_meta
     from raycell.pipeline import run_tune
 
-    cfg = _cfg(tiny_data, tmp_path, [*SPACE, "tune.num_samples=2", "tune.max_concurrent_trials=1"])
+    cfg = _cfg(tiny_data, tmp_path, [*SPACE, "tune.num_samples=2", "tune.max_concurrent_trials=1",
+                                     "train.epochs=2", "tune.grace_period=2", "train.checkpoints_to_keep=1"])
     res = run_tune(cfg)
     out = tmp_path / "search"
     trials = pd.read_csv(out / "trials.csv")
-    assert len(trials) == 2 and set(trials["status"]) == {"completed"} and list(trials["epochs_run"]) == [1, 1]
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"} and list(trials["epochs_run"]) == [2, 2]
     assert {"trial_id", "loss.adv", "train.lr", "objective", "epochs_run", "status"} <= set(trials.columns)
     assert trials["loss.adv"].between(0.01, 1.0).all() and trials["train.lr"].between(1e-4, 1e-2).all()
     assert trials["loss.adv"].nunique() == 2  # two different samples
@@ -113,8 +148,17 @@ def test_two_trial_search_writes_agreeing_outputs(tiny_data, ray_local, tmp_path
     best = load_config(out / "best.yaml")  # a ready-to-use config: `raycell train --config best.yaml`
     assert math.isclose(best.loss.adv, best_row["loss.adv"], rel_tol=1e-9)
     assert math.isclose(best.train.lr, best_row["train.lr"], rel_tol=1e-9)
-    assert best.model.type == "adversarial" and best.train.epochs == 1 and best.data.path == str(tiny_data)
+    # best.yaml trains up to the chosen epoch; <search>/best is that epoch's checkpoint, kept although
+    # only one checkpoint (besides the latest) is kept per trial
+    assert best.model.type == "adversarial" and best.train.epochs == best_row["best_epoch"] + 1
+    assert best.data.path == str(tiny_data)
     assert f"{best_row['objective']:.4f}" in (out / "best.yaml").read_text().splitlines()[0]
+    history = [json.loads(x) for x in (out / "trials" / f"train-{best_row['trial_id']}" / "history.jsonl")
+               .read_text().splitlines()]
+    assert best_row["objective"] == max(h["val_auroc"] for h in history)
+    meta = read_meta(find_checkpoint(out / "best"))
+    assert meta["epoch"] == best_row["best_epoch"]
+    assert f"train-{best_row['trial_id']}" in str((out / "best").resolve())
     png = (out / "tune_objective.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 

@@ -85,8 +85,9 @@ CAPTIONS = {  # what each section shows and what to look for, in plain words
         "direction means less batch information in the latents."
     ),
     "tune": (
-        "Every trial of the search, best objective first; the best trial (★, shaded) is the one "
-        "best.yaml reproduces. Trials stopped early by ASHA have fewer epochs_run."
+        "Every trial of the search, best objective first (each trial at its best epoch, best_epoch); the "
+        "best trial (★, shaded) is the one best.yaml reproduces. Trials stopped early by ASHA have fewer "
+        "epochs_run; eligible says which trials competed under tune.select."
     ),
     "tune_plot": (
         "The objective of each trial in the order they ran, with the best so far, and the "

@@ -401,8 +401,13 @@ def stream_options(cfg: ExperimentConfig, held: bool) -> dict | None:
     return {K.TRAIN: o}
 
 
-def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbacks: list | None = None):
-    """A TorchTrainer for `cfg` writing into `run_dir` (every epoch's metrics to `run_dir/history.jsonl`)."""
+def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbacks: list | None = None,
+                  keep_best: tuple[str, str] | None = None):
+    """A TorchTrainer for `cfg` writing into `run_dir` (every epoch's metrics to `run_dir/history.jsonl`).
+
+    `keep_best` = (metric, mode): the checkpoints kept are the best by that metric (Ray always keeps the
+    latest too, which resuming needs) instead of the latest ones.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -436,7 +441,9 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
                                                resources_per_worker=dict(sc.resources_per_worker) or None),
         run_config=ray.train.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent), callbacks=callbacks,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=keep, checkpoint_score_attribute=keep_best[0] if keep_best else None,
+                checkpoint_score_order=keep_best[1] if keep_best else "max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
