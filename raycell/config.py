@@ -251,7 +251,13 @@ class LossConfig:
 
     recon: float = _f(1.0, "weight of the reconstruction MSE")
     cls: float = _f(0.1, "weight of the phenotype BCE")
-    adv: float = _f(0.1, "weight of the adversary's loss, subtracted from the main objective")
+    adv: float = _f(0.1, "weight of the adversarial term in the encoder's objective (loss.adv_objective)")
+    adv_objective: str = _f(
+        "subtract", "what the encoder does with the adversary: 'subtract' (the ARMED paper: - w_adv * "
+        "CE(adversary, batch), rewarding a confidently wrong adversary) or 'confusion' (+ w_adv * CE("
+        "adversary, uniform): the encoder is rewarded only for leaving the adversary unsure)")
+    adv_steps: int = _f(1, "adversary updates per main update (a stronger adversary for the encoder to "
+                        "hide the batch from)")
     cluster_latent: float = _f(0.001, "weight of the latent cluster CE (random effects)")
     cluster_image: float = _f(0.001, "weight of the image cluster CE on reconstructions")
     kl: float = _f(1e-7, "weight of the random-effects KL")
@@ -443,8 +449,14 @@ class TuneConfig:
                      "are kept, unfinished ones restart from their last checkpoint")
     trial_cpus: float = _f(0.01, "CPUs reserved by each trial's driver (it only builds and watches its "
                            "TorchTrainer; must be > 0)")
+    folds: int = _f(0, "cross-batch folds: each trial trains this many models side by side, each holding "
+                    "out a different seen batch (its train and val cells, as split valbatch), and its "
+                    "objective is the mean of tune.metric over them at each epoch (use "
+                    "tune.metric=valbatch_auroc); needs this many times the trial's resources; 0 = off")
 
 
+# What the encoder does with the adversary (LossConfig.adv_objective).
+ADV_OBJECTIVES = ("subtract", "confusion")
 # How the best trial is chosen (TuneConfig.select).
 TUNE_SELECT = ("budget", "best_epoch")
 # Distributions of tune.space and the keys each takes besides `dist`.
@@ -544,6 +556,9 @@ class ExperimentConfig:
             raise ConfigError(f"data.materialize must be auto, always or never, got {self.data.materialize!r}")
         if self.embed.layout not in ("columns", "list"):
             raise ConfigError(f"embed.layout must be columns or list, got {self.embed.layout!r}")
+        if self.loss.adv_objective not in ADV_OBJECTIVES:
+            raise ConfigError(f"loss.adv_objective must be one of {', '.join(ADV_OBJECTIVES)}, got "
+                              f"{self.loss.adv_objective!r}")
         if self.loss.heads not in ("softmax", "multilabel"):
             raise ConfigError(f"loss.heads must be softmax or multilabel, got {self.loss.heads!r}")
         if self.train.schedule not in ("constant", "onecycle"):
@@ -598,7 +613,7 @@ _AT_LEAST = {
     "report.max_cells": 10,
     "data.batch_size": 1, "data.eval_batch_size": 1, "data.shuffle_buffer": 0, "data.prefetch_batches": 0,
     "data.block_size_mb": 1, "loss.recon": 0, "loss.cls": 0, "loss.adv": 0, "loss.cluster_latent": 0,
-    "loss.cluster_image": 0, "loss.kl": 0, "train.epochs": 1, "train.weight_decay": 0,
+    "loss.cluster_image": 0, "loss.kl": 0, "loss.adv_steps": 1, "train.epochs": 1, "train.weight_decay": 0,
     "train.checkpoints_to_keep": 1, "train.early_stopping_patience": 0, "train.max_failures": -1, "train.torch_threads": 0, "train.log_every": 0,
     "train.max_steps_per_epoch": 0, "train.composite_weight": 0, "train.augment_strength": 0, "train.chaos_kill_after_steps": 0,
     "data.shuffle_seed": -1, "data.stream_buffer_mb": 0, "data.fetch_batches": 1,
@@ -606,7 +621,7 @@ _AT_LEAST = {
     "infer.num_actors": 1, "infer.num_gpus": 0, "infer.shards_per_round": 1, "infer.z_epochs": 1,
     "infer.torch_threads": 0,
     "infer.z_patience": 1, "infer.z_batch_size": 1, "eval.max_cells": 1,
-    "tune.num_samples": 1, "tune.max_concurrent_trials": 0, "tune.grace_period": 1, "tune.reduction_factor": 2,
+    "tune.num_samples": 1, "tune.max_concurrent_trials": 0, "tune.folds": 0, "tune.grace_period": 1, "tune.reduction_factor": 2,
 }
 # Folders and files: URIs (s3://, gs://) are refused with a clear message until they are supported.
 _PATH_KEYS = ["synth.out", "ingest.input", "ingest.out", "ingest.platemap", "data.path", "train.runs_dir",

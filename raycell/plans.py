@@ -53,6 +53,7 @@ from raycell.losses import (
     ModelOutput,
     batch_accuracy,
     cluster_ce,
+    confusion_ce,
     heads_loss,
     label_loss,
     reconstruction_mse,
@@ -296,7 +297,8 @@ class ArmedPlan(TrainingPlan):
         """
         aux: dict[str, torch.Tensor] = {}
         if self.use_adversary:
-            aux["adversary"] = self.adversary_step(x, z)
+            for _ in range(max(1, self.w.adv_steps)):
+                aux["adversary"] = self.adversary_step(x, z)
         if self.random_effects:
             aux["image_classifier"] = self.image_classifier_step(x, z)
         return _detached(self.main_step(x, y, z), **aux)
@@ -315,7 +317,14 @@ class ArmedPlan(TrainingPlan):
         if self.use_adversary:
             t["adv"] = cluster_ce(out.batch_logits, z)
             t["adv_acc"] = batch_accuracy(out.batch_logits.detach(), z)
-            loss = loss - w.adv * t["adv"]
+            if w.adv_objective == "confusion":
+                # CE against the uniform distribution, minimal when the adversary cannot tell the
+                # batches apart; subtracting CE(batch) is also served by an adversary that is
+                # confidently wrong, which leaves the batch readable to any other classifier.
+                t["adv_confusion"] = confusion_ce(out.batch_logits, z)
+                loss = loss + w.adv * t["adv_confusion"]
+            else:
+                loss = loss - w.adv * t["adv"]
         if self.random_effects:
             t["cluster_latent"] = cluster_ce(out.cluster_logits, z)
             t["cluster_image"] = cluster_ce(out.cluster_image_logits, z)

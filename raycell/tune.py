@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig, _set_nested, save_config, tune_key_type
 from raycell.train.history import HISTORY_FILE, read_history
 
@@ -85,6 +86,10 @@ def check_tune(cfg: ExperimentConfig) -> Path:
     check_train(cfg)
     for v in _probe_values(t.space.get("model.type", {"dist": "choice", "values": []})):
         check_train(apply_params(cfg, {"model.type": v}))
+    if t.folds:
+        from raycell.formats.shards import open_dataset
+
+        cross_batch_folds(cfg, open_dataset(cfg.data.path))
     out = Path(os.path.abspath(os.path.expanduser(t.out)))
     data = Path(os.path.abspath(cfg.data.path))
     if out == data or data in out.parents or out in data.parents:
@@ -158,13 +163,15 @@ def resume_search_config(cfg: ExperimentConfig, given: list[str] | None = None) 
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """What one trial holds while it trains: its driver plus its Train workers (as Ray Train asks for them)."""
+    """What one trial holds while it trains: its driver plus its Train workers (as Ray Train asks for
+    them), for each of its `tune.folds` trainings."""
     sc = cfg.scaling
     per_worker = dict(sc.resources_per_worker) or {"CPU": 1.0}
     per_worker.setdefault("CPU", 1.0)
     if sc.use_gpu:
         per_worker.setdefault("GPU", 1.0)
-    res = {k: float(v) * sc.num_workers for k, v in per_worker.items() if v}
+    runs = max(1, cfg.tune.folds)
+    res = {k: float(v) * sc.num_workers * runs for k, v in per_worker.items() if v}
     res["CPU"] = res.get("CPU", 0.0) + cfg.tune.trial_cpus
     return res
 
@@ -176,7 +183,7 @@ def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[in
         ConfigError: not even one trial fits the cluster.
     """
     need = trial_resources(cfg)
-    need["CPU"] += 1.0  # Ray Data read tasks: without slack they starve and the trial hangs
+    need["CPU"] += max(1, cfg.tune.folds)  # Ray Data read tasks: without slack they starve and hang
     fits = min(int(cluster.get(k, 0.0) // v) for k, v in need.items() if v > 0)
     if fits < 1:
         have = {k: cluster.get(k, 0.0) for k in need}
@@ -198,8 +205,91 @@ def search_space(space: dict) -> dict:
     return {key: make[spec["dist"]](spec) for key, spec in space.items()}
 
 
-def _trial(params: dict, base: dict, setup: dict, trials_dir: str) -> None:
-    """One Tune trial: apply the sampled values and fit one TorchTrainer, reporting every epoch to Tune.
+def cross_batch_folds(cfg: ExperimentConfig, ds) -> list[list[str]]:
+    """`tune.folds` folds, each holding out one seen batch, drawn by `seed` from the training batches.
+
+    Raises:
+        ConfigError: fewer training batches than folds + 1, or a model type that predicts the batch.
+    """
+    import numpy as np
+
+    from raycell.models import model_entry
+
+    k = cfg.tune.folds
+    if model_entry(cfg.model.type).batch_head:
+        raise ConfigError(f"tune.folds: model type {cfg.model.type!r} predicts the training batches, so it "
+                          "cannot be validated on a batch it has not seen; set tune.folds=0")
+    batches = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
+    if len(batches) < k + 1:
+        raise ConfigError(f"tune.folds={k} needs at least {k + 1} training batches (one held out per fold, "
+                          f"the rest to train on); {ds.root} has {len(batches)}: {batches}")
+    order = np.random.default_rng(cfg.seed).permutation(len(batches))
+    return [[batches[i]] for i in order[:k]]
+
+
+def fold_metrics(rows: list[dict], metric: str) -> dict:
+    """One epoch of K fold trainings as one Tune result: the mean of every metric all folds report,
+    plus `<metric>_fold_sd` and `<metric>_fold<k>` for the objective."""
+    import numpy as np
+
+    keys = [k for k in rows[0] if all(_finite(r.get(k)) for r in rows)]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    out["epoch"] = int(rows[0].get("epoch", 0))
+    vals = [r.get(metric) for r in rows]
+    if all(_finite(v) for v in vals):
+        out[f"{metric}_fold_sd"] = float(np.std(vals))
+        out.update({f"{metric}_fold{i}": float(v) for i, v in enumerate(vals)})
+    return out
+
+
+def _fit_folds(cfg: ExperimentConfig, run_dir: Path, setups: list[dict], ds) -> None:
+    """Fit one TorchTrainer per fold side by side (threads: each fit only waits on its Ray actors) and
+    report each epoch to Tune once every fold has finished it."""
+    import json
+    import threading
+    import time
+
+    import ray.tune
+
+    from raycell.train.trainer import build_trainer
+
+    errors: list[BaseException] = []
+
+    def fit(trainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial's thread below
+            errors.append(exc)
+
+    dirs = [run_dir / f"fold-{k}" for k in range(len(setups))]
+    threads = []
+    for d, st in zip(dirs, setups):
+        d.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, d / "config.yaml")
+        trainer = build_trainer(cfg, d, st, ds, keep_best=(cfg.tune.metric, cfg.tune.mode))
+        threads.append(threading.Thread(target=fit, args=(trainer,), daemon=True))
+    for t in threads:
+        t.start()
+    done = len(read_history(run_dir / HISTORY_FILE))  # a restored trial: epochs reported before
+    while True:
+        alive = any(t.is_alive() for t in threads)
+        hists = [read_history(d / HISTORY_FILE) for d in dirs]
+        while done < min(len(h) for h in hists):
+            res = fold_metrics([h[done] for h in hists], cfg.tune.metric)
+            with open(run_dir / HISTORY_FILE, "a") as f:
+                f.write(json.dumps(res) + "\n")
+            ray.tune.report(res)
+            done += 1
+        if errors:
+            raise errors[0]
+        if not alive:
+            return
+        time.sleep(0.5)
+
+
+def _trial(params: dict, base: dict, setup: dict | list[dict], trials_dir: str) -> None:
+    """One Tune trial: apply the sampled values and fit one TorchTrainer (one per fold with
+    `tune.folds`), reporting every epoch to Tune.
 
     The Train run's name is `train-<trial id>`: stable across a restored search, so that Ray Train finds
     the run's checkpoints again (no timestamp in it).
@@ -215,6 +305,12 @@ def _trial(params: dict, base: dict, setup: dict, trials_dir: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     done = read_history(run_dir / HISTORY_FILE)
+    if isinstance(setup, list):  # cross-batch folds
+        if len(done) >= cfg.train.epochs:
+            ray.tune.report(done[-1])
+            return
+        _fit_folds(cfg, run_dir, setup, open_dataset(cfg.data.path))
+        return
     if len(done) >= cfg.train.epochs and any(run_dir.glob("checkpoint_*")):
         # A restored search re-runs a trial whose Train run had already finished (Tune's saved state was
         # a few seconds older than the kill): fitting again would report nothing, so report its result.
@@ -417,10 +513,17 @@ def run_search(cfg: ExperimentConfig) -> dict:
         print(f"[raycell] tune.max_concurrent_trials={t.max_concurrent_trials} lowered to {fits}: the cluster "
               f"fits {fits} trial(s) of {trial_resources(cfg)} (+1 CPU each for data reads)", flush=True)
     setup, ds = training_setup(cfg)
+    if t.folds:
+        folds = cross_batch_folds(cfg, ds)
+        setup = [training_setup(cfg, fold)[0] for fold in folds]
+        print(f"[raycell] tune: {t.folds} cross-batch folds per trial, holding out "
+              f"{', '.join('/'.join(f) for f in folds)}: the objective is the mean {t.metric} over them",
+              flush=True)
     base = copy.deepcopy(cfg)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if not base.train.torch_threads and len(nodes) == 1:  # one machine: share its cores between trials
-        base.train.torch_threads = max(1, (os.cpu_count() or 1) // (conc * cfg.scaling.num_workers))
+        runs = conc * cfg.scaling.num_workers * max(1, t.folds)
+        base.train.torch_threads = max(1, (os.cpu_count() or 1) // runs)
     out.mkdir(parents=True, exist_ok=True)
     if not t.resume:
         save_config(cfg, out / "config.yaml")
@@ -475,7 +578,8 @@ def run_search(cfg: ExperimentConfig) -> dict:
         best_yaml = out / "best.yaml"
         import yaml
 
-        link = _link_best(out, best)
+        link = None if t.folds else _link_best(out, best)
+        no_link = "none: each of its fold models misses a batch" if t.folds else "not kept"
         rule = ("among the trials that ran the most epochs" if t.select == "budget"
                 else "among all trials")
         sampled = ", ".join(f"{k}={best[k]!r}" for k in keys)
@@ -483,7 +587,7 @@ def run_search(cfg: ExperimentConfig) -> dict:
                 f"at epoch {best['best_epoch']} (of {best['epochs_run']} run), each trial at its best epoch, "
                 f"{rule} (tune.select={t.select})\n# sampled: {sampled}\n"
                 f"# its run: {out / TRIALS / ('train-' + best['trial_id'])}\n"
-                f"# its checkpoint: {link or 'not kept'}\n"
+                f"# its checkpoint: {link or no_link}\n"
                 f"# reproduce: raycell train --config {best_yaml}\n")
         atomic_write_text(best_yaml, head + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     plot = objective_plot(rows, t.space, t.metric, t.mode, out / "tune_objective.png", best)

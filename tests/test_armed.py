@@ -4,6 +4,8 @@ Forward/backward with every parameter getting a gradient is covered for every re
 tests/test_models.py.
 """
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_overrides
@@ -24,10 +26,10 @@ ARMED = ["adversarial", "randomeffects", "mixedeffects"]
 NB = 3
 
 
-def _model(model_type, n_batches=NB):
+def _model(model_type, n_batches=NB, **kw):
     torch.manual_seed(0)
     return create_model(model_type, in_channels=2, n_classes=2, n_batches=n_batches, preset="tiny",
-                        image_size=32)
+                        image_size=32, **kw)
 
 
 def _batch(n=12, nb=NB):
@@ -85,6 +87,44 @@ def test_main_objective_subtracts_the_adversary_loss():
     lo = plan.compute_loss(m(x, z), x, y, z)
     t = lo.terms
     torch.testing.assert_close(lo.loss, t["mse"] + 0.1 * t["cls"] - 0.5 * t["adv"])
+
+
+def test_confusion_objective_adds_the_uniform_cross_entropy():
+    m = _model("adversarial")
+    plan = build_plan(m, LossConfig(recon=1.0, cls=0.1, adv=0.5, adv_objective="confusion"), 1e-3,
+                      n_batches=NB)
+    x, y, z = _batch()
+    out = m(x, z)
+    lo = plan.compute_loss(out, x, y, z)
+    t = lo.terms
+    uniform = torch.full((len(x), NB), 1.0 / NB)
+    torch.testing.assert_close(t["adv_confusion"], torch.nn.functional.cross_entropy(out.batch_logits,
+                                                                                      uniform))
+    torch.testing.assert_close(lo.loss, t["mse"] + 0.1 * t["cls"] + 0.5 * t["adv_confusion"])
+    # the encoder gains nothing from a confidently wrong adversary: the term is smallest when uniform
+    from raycell.losses import confusion_ce
+
+    sure = torch.tensor([[9.0] + [0.0] * (NB - 1)] * 4)
+    flat = torch.zeros(4, NB)
+    z1 = torch.nn.functional.one_hot(torch.tensor([1, 1, 1, 1]), NB).float()
+    assert confusion_ce(flat, z1) < confusion_ce(sure, z1)
+    assert math.isclose(float(confusion_ce(flat, z1)), math.log(NB), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["adversarial", "mixedeffects"])
+def test_latent_adversary_reads_only_the_latent(model_type):
+    m = _model(model_type, adversary_reads="latent")
+    plan = build_plan(m, LossConfig(adv_steps=3), 1e-2, n_batches=NB)
+    x, y, z = _batch()
+    adversary = m.auxiliary_networks()["adversary"]
+    latent, feats = m.adversary_inputs(x)
+    # the same logits whatever the block outputs: the latent is all it reads
+    a = adversary(feats, latent)
+    b = adversary([torch.randn_like(f) for f in feats], latent)
+    torch.testing.assert_close(a, b)
+    before = _snap(m)
+    logs = plan.training_step(x, y, z).values()
+    assert "adversary" in logs and _changed(before, m)
 
 
 def test_one_training_batch_disables_the_adversary_with_a_warning():

@@ -244,3 +244,77 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_data, ray_
     assert f"train-{trials['trial_id'].iloc[0]}" == first.name  # the finished trial is kept, not re-run
     assert (first / "history.jsonl").read_text() == before
     assert res["best"] is not None and (out / "best.yaml").is_file()
+
+
+def test_fold_filters_move_only_the_held_batch_train_and_val_cells():
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray.data.expressions  # noqa: F401  (the expressions parse as Ray Data parses them)
+
+    from raycell.data.dataset import split_filter
+
+    rows = pa.table({"split": ["train", "val", "test", "unseen", "train", "val", "test"],
+                     "batch": ["b1", "b1", "b1", "b9", "b2", "b2", "b2"]})
+    assert split_filter("train") == "split == 'train'"
+
+    def pick(expr):
+        ok = [eval(expr, {}, {"split": s, "batch": b})  # the expression is Python syntax, as Ray's parser
+              for s, b in zip(rows["split"].to_pylist(), rows["batch"].to_pylist())]
+        return [f"{s}/{b}" for s, b, k in zip(rows["split"].to_pylist(), rows["batch"].to_pylist(), ok) if k]
+
+    assert pick(split_filter("train", ["b1"])) == ["train/b2"]
+    assert pick(split_filter("val", ["b1"])) == ["val/b2"]
+    assert pick(split_filter("valbatch", ["b1"])) == ["train/b1", "val/b1"]
+    assert pick(split_filter("test", ["b1"])) == ["test/b1", "test/b2"]  # test cells never move
+    assert pc.sum(pc.equal(rows["split"], "unseen")).as_py() == 1
+
+
+def test_fold_metrics_average_the_folds_and_keep_each():
+    from raycell.tune import fold_metrics
+
+    res = fold_metrics([{"epoch": 3, "valbatch_auroc": 0.6, "val_loss": 1.0, "only_one": 5},
+                        {"epoch": 3, "valbatch_auroc": 0.8, "val_loss": 3.0}], "valbatch_auroc")
+    assert res["epoch"] == 3 and math.isclose(res["valbatch_auroc"], 0.7) and res["val_loss"] == 2.0
+    assert math.isclose(res["valbatch_auroc_fold_sd"], 0.1) and res["valbatch_auroc_fold1"] == 0.8
+    assert "only_one" not in res
+
+
+def test_folds_need_enough_batches_and_a_model_without_a_batch_head(tiny_data, tmp_path):
+    from raycell.formats.shards import open_dataset
+    from raycell.tune import cross_batch_folds
+
+    ds = open_dataset(tiny_data)
+    cfg = _cfg(tiny_data, tmp_path, ["tune.folds=3"])
+    folds = cross_batch_folds(cfg, ds)
+    assert len(folds) == 3 and len({f[0] for f in folds}) == 3
+    assert cross_batch_folds(cfg, ds) == folds  # drawn by the seed: the same every time
+    with pytest.raises(ConfigError, match="tune.folds=40 needs at least 41 training batches"):
+        cross_batch_folds(_cfg(tiny_data, tmp_path, ["tune.folds=40"]), ds)
+
+
+@pytest.mark.ray
+def test_a_fold_search_reports_the_mean_over_folds(tiny_data, ray_local, tmp_path):
+    from raycell.pipeline import run_tune
+
+    cfg = _cfg(tiny_data, tmp_path, [*SPACE, "tune.num_samples=1", "tune.folds=2",
+                                     "tune.metric=valbatch_auroc", "data.materialize=never"])
+    res = run_tune(cfg)
+    out = tmp_path / "search"
+    trial = out / "trials" / f"train-{res['best']['trial_id']}"
+    folds = [[json.loads(x) for x in (trial / f"fold-{k}" / "history.jsonl").read_text().splitlines()]
+             for k in range(2)]
+    merged = [json.loads(x) for x in (trial / "history.jsonl").read_text().splitlines()]
+    assert len(merged) == 1 and all(len(f) == 1 for f in folds)
+    per_fold = [f[0]["valbatch_auroc"] for f in folds]
+    assert math.isclose(merged[0]["valbatch_auroc"], sum(per_fold) / 2)
+    assert math.isclose(res["best"]["objective"], merged[0]["valbatch_auroc"])
+    # each fold trained without its held-out batch: the batch is not a column of its design matrix
+    from raycell.formats.checkpoint import find_checkpoint, read_meta
+    from raycell.formats.shards import open_dataset
+    from raycell.tune import cross_batch_folds
+
+    held = cross_batch_folds(cfg, open_dataset(tiny_data))
+    for k in range(2):
+        z_columns = read_meta(find_checkpoint(trial / f"fold-{k}"))["batches"]["values"]
+        assert held[k][0] not in z_columns and held[1 - k][0] in z_columns
+    assert "none: each of its fold models misses a batch" in (out / "best.yaml").read_text()

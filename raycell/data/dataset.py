@@ -95,9 +95,27 @@ def read_shards(paths: list[str], reader: str = "v1", **kw):
         ctx.enable_progress_bars = shown
 
 
+def split_filter(name: str, fold: list[str] | None = None) -> str:
+    """The Ray Data filter expression that selects split `name`, optionally in a cross-batch fold.
+
+    `fold`: the seen batches a cross-batch fold holds out (`tune.folds`): their train and val cells form its
+    `valbatch` split and leave its train and val splits. Test and unseen cells never move, so a fold
+    never validates on cells that are kept for the final test.
+    """
+    if not fold:
+        return f"{K.SPLIT} == '{name}'"
+    batches = "[" + ", ".join(repr(str(b)) for b in fold) + "]"
+    if name == K.VALBATCH:
+        return f"({K.SPLIT} == '{K.TRAIN}' or {K.SPLIT} == '{K.VAL}') and {K.BATCH} in {batches}"
+    if name in (K.TRAIN, K.VAL):
+        return f"{K.SPLIT} == '{name}' and {K.BATCH} not in {batches}"
+    return f"{K.SPLIT} == '{name}'"
+
+
 def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
                  columns: list[str] | None = None, block_size_mb: int = 8, shuffle_seed: int = -1,
-                 materialize: bool = False, parquet_reader: str = "v1") -> dict:
+                 materialize: bool = False, parquet_reader: str = "v1",
+                 fold: list[str] | None = None) -> dict:
     """One Ray Dataset per split, streaming the shards (file order shuffled for the training split).
 
     Small data sets need small blocks: Ray 2.60 packs files into 128 MiB blocks by default, and a data set
@@ -109,7 +127,8 @@ def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
     `materialize`: read and filter each split once into the object store (`choose_materialize`); the
     training split's block order is still randomised every epoch (on blocks in memory). Streamed (not
     materialised), nothing waits for the whole split: no all-to-all operator, so data larger than memory
-    flows through. `parquet_reader`: `data.parquet_reader` (`read_shards`).
+    flows through. `parquet_reader`: `data.parquet_reader` (`read_shards`). `fold`: the batches a
+    cross-batch fold holds out (`split_filter`).
     """
     import ray.data
 
@@ -126,8 +145,10 @@ def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
                        else "files")
         # SPLIT is only needed for the filter: select it, filter, drop it.
         rd = read_shards(ds.shard_paths, parquet_reader, shuffle=shuffle)
-        rd = rd.select_columns(list(dict.fromkeys((columns or TRAIN_COLUMNS) + [K.SPLIT])))
-        rd = rd.filter(expr=f"{K.SPLIT} == '{name}'").drop_columns([K.SPLIT])
+        keep = list(dict.fromkeys((columns or TRAIN_COLUMNS)))
+        rd = rd.select_columns(list(dict.fromkeys(keep + [K.SPLIT, K.BATCH])))
+        rd = rd.filter(expr=split_filter(name, fold))
+        rd = rd.drop_columns([c for c in (K.SPLIT, K.BATCH) if c not in keep])
         if materialize:
             rd = rd.materialize()
         # Block order: shuffled on the blocks in memory when materialised; when streamed, the file order

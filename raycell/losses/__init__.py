@@ -11,6 +11,7 @@ The training plans (`raycell/plans.py`) weight and combine the terms.
 from raycell.losses.classification import (
     batch_accuracy,
     cluster_ce,
+    confusion_ce,
     heads_loss,
     heads_prob,
     label_loss,
@@ -20,6 +21,7 @@ from raycell.losses.classification import (
 from raycell.losses.outputs import OPTIONAL_OUTPUTS, LossOutput, ModelOutput
 from raycell.losses.reconstruction import per_cell_mse, per_cell_ssim, reconstruction_mse
 
-__all__ = ["OPTIONAL_OUTPUTS", "LossOutput", "ModelOutput", "batch_accuracy", "cluster_ce", "heads_loss",
+__all__ = ["OPTIONAL_OUTPUTS", "LossOutput", "ModelOutput", "batch_accuracy", "cluster_ce", "confusion_ce",
+           "heads_loss",
            "heads_prob", "label_loss", "label_prob", "per_cell_mse", "per_cell_ssim", "reconstruction_mse",
            "split_heads"]

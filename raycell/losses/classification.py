@@ -29,6 +29,19 @@ def cluster_ce(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), z.float())
 
 
+def confusion_ce(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of batch logits against the uniform distribution, over rows with a known batch.
+
+    The domain-confusion loss (Tzeng et al. 2015; Alvi et al. 2018): log(K) at its minimum, when the
+    prediction is uniform over the K batches, whatever the true batch; rows of no training batch (all-zero
+    z) are left out, as they carry nothing to hide.
+    """
+    known = z.sum(1) > 0
+    if not known.any():
+        return logits.sum() * 0.0
+    return -F.log_softmax(logits[known].float(), dim=1).mean()
+
+
 def batch_accuracy(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Accuracy of batch logits against Z, over rows with a known batch (non-zero Z rows)."""
     known = z.sum(1) > 0

@@ -61,6 +61,7 @@ from raycell.models.layers import (
     Adversary,
     AuxClassifier,
     ImageClassifier,
+    LatentAdversary,
     block_sizes,
     glorot_init,
 )
@@ -81,13 +82,19 @@ class DomainAdversarialAEC(AutoencoderClassifier):
     def __init__(self, in_channels: int, n_classes: int, n_batches: int, image_size: int,
                  filters: list[int], strides: list[int], latent_dim: int,
                  classifier_hidden: int = 32, output_mean: list[float] | None = None,
-                 adversary_filters: list[int] | None = None, adversary_hidden: int = 512):
+                 adversary_filters: list[int] | None = None, adversary_hidden: int = 512,
+                 adversary_reads: str = "all"):
         super().__init__(in_channels, n_classes, image_size, filters, strides, latent_dim,
                          classifier_hidden, output_mean)
         self.n_batches = n_batches
-        shapes = list(zip(filters, block_sizes(image_size, strides)))
-        self.adversary = Adversary(shapes, latent_dim, n_batches, adversary_filters,
-                                   adversary_hidden)
+        if adversary_reads == "latent":
+            self.adversary = LatentAdversary(latent_dim, n_batches, adversary_hidden)
+        elif adversary_reads == "all":
+            shapes = list(zip(filters, block_sizes(image_size, strides)))
+            self.adversary = Adversary(shapes, latent_dim, n_batches, adversary_filters,
+                                       adversary_hidden)
+        else:
+            raise ValueError(f"adversary_reads must be 'all' or 'latent', got {adversary_reads!r}")
         glorot_init(self.adversary)
 
     def auxiliary_networks(self) -> dict[str, nn.Module]:
@@ -202,15 +209,20 @@ def adversarial(in_channels: int, n_classes: int, n_batches: int = 1, preset: st
                 image_size: int | None = None, filters: list[int] | None = None,
                 strides: list[int] | None = None, latent_dim: int | None = None,
                 classifier_hidden: int = 32, output_mean: list[float] | None = None,
-                adversary_filters: list[int] | None = None, adversary_hidden: int = 512
-                ) -> DomainAdversarialAEC:
-    """Domain-adversarial AEC (spec 2.2); `n_batches` (training batches) sizes the adversary."""
+                adversary_filters: list[int] | None = None, adversary_hidden: int = 512,
+                adversary_reads: str = "all") -> DomainAdversarialAEC:
+    """Domain-adversarial AEC (spec 2.2); `n_batches` (training batches) sizes the adversary.
+
+    `adversary_reads`: 'all' (the reference: every encoder block's output and the latent) or
+    'latent' (an MLP on the latent only, the representation that is evaluated).
+    """
     p = resolve_preset(preset, image_size=image_size, filters=filters, strides=strides,
                        latent_dim=latent_dim)
     return DomainAdversarialAEC(in_channels, n_classes, n_batches,
                                 classifier_hidden=classifier_hidden, output_mean=output_mean,
                                 adversary_filters=adversary_filters,
-                                adversary_hidden=adversary_hidden, **p)
+                                adversary_hidden=adversary_hidden, adversary_reads=adversary_reads,
+                                **p)
 
 
 @register_model("randomeffects", plan=RandomEffectsPlan, uses_z=True,
@@ -238,15 +250,16 @@ def mixedeffects(in_channels: int, n_classes: int, n_batches: int = 1, preset: s
                  classifier_hidden: int = 32, output_mean: list[float] | None = None,
                  adversary_filters: list[int] | None = None, adversary_hidden: int = 512,
                  re_prior_scale: float = 0.25, re_loc_init_scale: float = 0.1,
-                 image_classifier_filters: list[int] | None = None, mixer_hidden: int = 32
-                 ) -> MixedEffectsAEC:
+                 image_classifier_filters: list[int] | None = None, mixer_hidden: int = 32,
+                 adversary_reads: str = "all") -> MixedEffectsAEC:
     """ARMED mixed-effects AEC as in the paper's figure (spec 2.5); both halves use the preset."""
     p = resolve_preset(preset, image_size=image_size, filters=filters, strides=strides,
                        latent_dim=latent_dim)
     fe = DomainAdversarialAEC(in_channels, n_classes, n_batches,
                               classifier_hidden=classifier_hidden, output_mean=output_mean,
                               adversary_filters=adversary_filters,
-                              adversary_hidden=adversary_hidden, **p)
+                              adversary_hidden=adversary_hidden, adversary_reads=adversary_reads,
+                              **p)
     re = RandomEffectsAEC(in_channels, n_classes, n_batches, output_mean=output_mean,
                           re_prior_scale=re_prior_scale, re_loc_init_scale=re_loc_init_scale,
                           image_classifier_filters=image_classifier_filters, target_head=False, **p)

@@ -178,6 +178,24 @@ class ConvBlock(nn.Sequential):
                          nn.PReLU(cout, init=0.0))
 
 
+class LatentAdversary(nn.Module):
+    """Predicts the batch from the latent alone (ẑ_A logits): Dense(hidden) -> ReLU -> Dense(n_out).
+
+    Early encoder blocks carry the batch's intensity and texture whatever the encoder learns (the
+    decoder needs them), so an adversary that reads them can always win; one on the latent asks the
+    encoder to hide the batch only where the representation is evaluated. Same call as `Adversary`.
+    """
+
+    def __init__(self, latent_dim: int, n_out: int, hidden: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, n_out))
+
+    def forward(self, feats: list[torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
+        """Batch logits from the latent (`feats` is ignored)."""
+        return self.net(latent)
+
+
 class Adversary(nn.Module):
     """Predicts the batch from every encoder block's output plus the latent (ẑ_A logits).
 

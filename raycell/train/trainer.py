@@ -227,14 +227,25 @@ def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
     return vocab
 
 
-def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
+def training_setup(cfg: ExperimentConfig, fold: list[str] | None = None) -> tuple[dict, object]:
     """Data spec and vocabularies for a run (labels from the manifest, batches = training batches).
 
     `valbatch` is true when the data set has held-out validation batches (`split.val_batches`): the loop
-    then validates on them too, and `build_trainer` hands Ray Train that split.
+    then validates on them too, and `build_trainer` hands Ray Train that split. `fold`: the batches a
+    cross-batch fold holds out (`tune.folds`): their train and val cells become the run's `valbatch` instead
+    (`raycell.data.dataset.split_filter`), and they leave the design matrix's batches.
     """
     ds = _training_data(cfg)
     meta = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH)
+    n_train = len(meta)
+    if fold:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        meta = meta.filter(pc.invert(pc.is_in(meta, value_set=pa.array(list(fold)))))
+        n_train = len(meta)
+        if not n_train:
+            raise ConfigError(f"a fold holding out {fold} leaves no training cells")
     setup = {
         # the model input's normalisation travels with the model (saved in every checkpoint's spec)
         "data_spec": DataSpec.from_dataset(ds, data_normalize(cfg)).to_dict(),
@@ -245,8 +256,10 @@ def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
         # per-channel mean intensity in [0, 1]: initialises the decoder output (see TiedDecoder.init_output)
         "channel_means": [ds.manifest["channel_stats"][c]["mean"] * DataSpec.from_dataset(ds).scale
                           for c in ds.manifest["channel_names"]] if ds.manifest.get("channel_stats") else None,
-        "valbatch": bool(ds.manifest.get("counts_per_split", {}).get(K.VALBATCH)),
+        "valbatch": bool(fold) or bool(ds.manifest.get("counts_per_split", {}).get(K.VALBATCH)),
     }
+    if fold:
+        setup["fold_batches"] = list(fold)
     heads = weak_label_heads(cfg, ds)
     if heads:
         setup["heads"] = [h.to_dict() for h in heads]
@@ -261,7 +274,7 @@ def training_setup(cfg: ExperimentConfig) -> tuple[dict, object]:
         setup["valbatch"] = False
     # the one-cycle schedule's length (steps per worker per epoch, as the loop counts them)
     per_step = cfg.data.batch_size * max(1, cfg.scaling.num_workers)
-    steps = max(1, ds.manifest.get("counts_per_split", {}).get(K.TRAIN, 0) // per_step)
+    steps = max(1, n_train // per_step)
     setup["steps_per_epoch"] = min(steps, cfg.train.max_steps_per_epoch or steps)
     return setup, ds
 
@@ -428,7 +441,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
           f"object store {store / 2**30:.1f} GiB; data.materialize={cfg.data.materialize})", flush=True)
     datasets = ray_datasets(ds, splits, columns=columns, block_size_mb=cfg.data.block_size_mb,
                             shuffle_seed=cfg.data.shuffle_seed, materialize=held,
-                            parquet_reader=cfg.data.parquet_reader)
+                            parquet_reader=cfg.data.parquet_reader, fold=setup.get("fold_batches"))
     sc = cfg.scaling
     return TorchTrainer(
         loop_fn,
