@@ -178,6 +178,10 @@ class IngestConfig:
     fovs_per_task: int = _f(1, "fields of view per Ray task (more = less scheduling overhead)")
     overwrite: bool = _f(False, "replace an existing data set in `out` made with other inputs or "
                          "parameters (an identical one is skipped)")
+    preset: str = _f("", "instrument file naming instead of `pattern`: phenix (operetta), imagexpress, "
+                     "cellinsight (arrayscan, cellprofiler), jump (load-data CSVs)")
+    load_data: str = _f("", "CellProfiler load-data CSV, or a folder of load_data*.csv, listing each field's "
+                        "files (FileName_<Ch>/PathName_<Ch>, Metadata_Plate/Well/Site) instead of `pattern`")
     masks: str = _f("", "folder of instance masks, one per field (label images, TIFF/PNG; a binary mask "
                     "is split into connected components): used instead of raycell's segmentation "
                     "('' = segment); found by masks_pattern, or by name (<image stem>_cp_masks.png, "

@@ -18,12 +18,12 @@ import pandas as pd
 
 from raycell import constants as K
 from raycell.ingest import images as imio
+from raycell.ingest import layouts
 from raycell.ingest import objects as given
 from raycell.ingest.segment import check_backend
 from raycell.ingest.sources import (
     CHANNEL,
     IngestError,
-    discover,
     expected_channels,
     fov_keys,
     group_fovs,
@@ -70,6 +70,7 @@ def check_params(p: dict) -> None:
     if not p["input"] or not p["out"]:
         raise IngestError("ingest.input and ingest.out must both be set")
     given.check_given(p)
+    layouts.check_layout(p)
     if not (p.get("masks") or p.get("objects")):  # given objects: the backend never runs
         check_backend(p["segmentation"], p["cellpose_model"])
 
@@ -183,7 +184,8 @@ def plan_ingest(p: dict) -> dict:
     """
     root = Path(p["input"]).absolute()
     given.check_given(p)
-    files, unmatched = discover(root, p["pattern"])
+    files, unmatched, layout_rejects = layouts.find_files(p, root)
+    load_csvs = files.attrs.get("load_data", [])
     mask_paths: set[str] = set()
     if p.get("masks"):  # mask files beside the images (cellpose's habit) are not images
         mask_paths = given.mask_file_paths(p, fov_keys(files))
@@ -191,7 +193,7 @@ def plan_ingest(p: dict) -> dict:
         unmatched = unmatched[~unmatched.path.isin(mask_paths)].reset_index(drop=True)
         if files.empty:
             raise IngestError(f"every image ingest.pattern matches under {root} is a mask")
-    rejects = [
+    rejects = layout_rejects + [
         reject_row("file", "no-match", "path does not match ingest.pattern", "", [r])
         for r in unmatched.relpath
     ]
@@ -238,6 +240,8 @@ def plan_ingest(p: dict) -> dict:
     for path in sorted(mask_paths):
         st = os.stat(path)
         h.update(f"mask|{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for csv in load_csvs:
+        h.update(b"load_data|" + hashlib.sha1(Path(csv).read_bytes()).digest())
     for key in ("objects", "objects_images"):  # the tables' contents, as for the plate map
         if p.get(key):
             h.update(f"{key}|".encode() + hashlib.sha1(Path(p[key]).read_bytes()).digest())
