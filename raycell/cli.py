@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="regex with named groups matched on relative paths ({key})")
     _flag(s, "--platemap", key="ingest.platemap", help="plate-map CSV ({key})")
     _flag(s, "--preset", key="ingest.preset", help="instrument file naming instead of --pattern: "
-          "phenix, operetta, imagexpress, cellinsight, arrayscan, cellprofiler, jump ({key})")
+          "phenix, operetta, imagexpress, cellinsight, arrayscan, cellprofiler, jump, ome-zarr ({key})")
     _flag(s, "--load-data", key="ingest.load_data", help="CellProfiler/JUMP load-data CSV or folder of "
           "load_data*.csv listing each field's files, instead of --pattern ({key})")
     _flag(s, "--masks", key="ingest.masks", help="folder of instance masks per field, used instead of "

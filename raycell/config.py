@@ -179,7 +179,7 @@ class IngestConfig:
     overwrite: bool = _f(False, "replace an existing data set in `out` made with other inputs or "
                          "parameters (an identical one is skipped)")
     preset: str = _f("", "instrument file naming instead of `pattern`: phenix (operetta), imagexpress, "
-                     "cellinsight (arrayscan, cellprofiler), jump (load-data CSVs)")
+                     "cellinsight (arrayscan, cellprofiler), jump (load-data CSVs), ome-zarr (NGFF plate)")
     load_data: str = _f("", "CellProfiler load-data CSV, or a folder of load_data*.csv, listing each field's "
                         "files (FileName_<Ch>/PathName_<Ch>, Metadata_Plate/Well/Site) instead of `pattern`")
     masks: str = _f("", "folder of instance masks, one per field (label images, TIFF/PNG; a binary mask "

@@ -337,6 +337,8 @@ def _manifest_extra(p: dict, plan: dict, stats: dict, summary: dict, illum_files
             },
             "crop_checks": summary["crop_checks"],
             "z_projection": p["z_projection"],
+            # physical pixel size from OME-TIFF / OME-Zarr metadata (None: the files do not say)
+            "pixel_size": plan.get("pixel_size"),
             "segmentation": p["segmentation"],
             "channel_roles": {
                 "nucleus": summary["nucleus_channel"],

@@ -2,8 +2,8 @@
 
 A preset (`ingest.preset`, `raycell ingest --preset NAME`) stands for a hand-written
 `ingest.pattern`; its named groups follow the same rules (`raycell.ingest.sources`). Where an
-instrument names wells by row and column numbers (Opera Phenix / Operetta ``r01c01``), the `row`
-and `col` groups become one `well` (``A01``) so plate maps join as usual.
+instrument names wells by row and column numbers (Opera Phenix / Operetta ``r01c01``, OME-Zarr
+plates ``B/3``), the `row` and `col` groups become one `well` (``A01``) so plate maps join as usual.
 
 * ``phenix`` (alias ``operetta``): Harmony exports, ``[<plate>/][Images/]r01c01f01p01-ch1sk1fk1fl1
   .tiff``: row, column, field, plane (Z), channel, time point (``sk``).
@@ -19,6 +19,9 @@ and `col` groups become one `well` (``A01``) so plate maps join as usual.
   A listed file is taken at ``PathName/FileName`` when that exists (absolute, or relative to the
   CSV), else found by its name under `ingest.input` (the copy whose folders agree most with
   ``PathName``, e.g. ``<plate>/Images``); one found nowhere is a ``listed-not-found`` file reject.
+* ``ome-zarr``: an OME-Zarr (NGFF) HCS plate, ``<plate>.zarr/<row>/<col>/<field>``, each field a
+  multi-channel image with its own axes (`raycell.ingest.ome`); a single OME-Zarr image
+  (``<name>.zarr``) or OME-TIFF needs no preset, only a pattern on its name.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ PRESETS = {
         "CellInsight / ArrayScan (CellProfiler's examples): <plate>_A01f00d0.tif",
     ),
     "jump": Preset("", "JUMP Cell Painting: fields listed by load_data*.csv (FileName_Orig<Ch>)"),
+    "ome-zarr": Preset(
+        r"(?P<plate>[^/]+)\.zarr/(?P<row>[A-Za-z]+|\d+)/(?P<col>\d+)/(?P<field>\d+)$",
+        "OME-Zarr (NGFF) plate: <plate>.zarr/<row>/<col>/<field>",
+    ),
 }
 ALIASES = {"operetta": "phenix", "arrayscan": "cellinsight", "cellprofiler": "cellinsight"}
 PRESET_NAMES = tuple(sorted(set(PRESETS) | set(ALIASES)))

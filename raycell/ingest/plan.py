@@ -18,7 +18,7 @@ import pandas as pd
 
 from raycell import constants as K
 from raycell.ingest import images as imio
-from raycell.ingest import layouts
+from raycell.ingest import layouts, ome
 from raycell.ingest import objects as given
 from raycell.ingest.segment import check_backend
 from raycell.ingest.sources import (
@@ -248,6 +248,9 @@ def plan_ingest(p: dict) -> dict:
     if p["platemap"]:
         # the plate map's contents, not its date: an edited map means other labels
         h.update(b"platemap|" + hashlib.sha1(Path(p["platemap"]).read_bytes()).digest())
+    px = ome.pixel_size(fovs[0]["files"][0]["path"]) if fovs else None
+    if px and any(ome.pixel_size(f["files"][0]["path"]) != px for f in fovs[-1:]):
+        notes.append(f"pixel sizes differ between fields: the manifest records the first's ({px})")
     n_fov_rejects = sum(r["kind"] == "fov" for r in rejects)
     return {
         "fovs": fovs,
@@ -257,4 +260,5 @@ def plan_ingest(p: dict) -> dict:
         "n_files": len(files) + len(unmatched),
         "n_fovs_in": len(fovs) + n_fov_rejects,
         "fingerprint": h.hexdigest(),
+        "pixel_size": px,
     }
