@@ -392,6 +392,12 @@ def check_given(p: dict) -> None:
             "ingest.masks and ingest.objects are two alternatives: give one (masks give the "
             "objects' shapes, an object table only their centres)"
         )
+    for role, key in ROLES.items():  # before Ray starts: a typo in a path is caught at once
+        if p.get(role) and not Path(p[role]).is_dir():
+            raise IngestError(f"{key} folder not found: {Path(p[role]).absolute()}")
+    for key in ("objects", "objects_images"):
+        if p.get(key) and not Path(p[key]).is_file():
+            raise IngestError(f"ingest.{key} not found: {Path(p[key]).absolute()}")
     for role in ROLES:
         if p.get(f"{role}_pattern") and not p.get(role):
             raise IngestError(f"ingest.{role}_pattern is set but ingest.{role} (the folder) is not")
