@@ -321,3 +321,38 @@ def test_ingest_from_masks_and_from_table_give_the_same_cells(ray_local, raw, tm
                           "y": t[K.CENTROID_Y], "x": t[K.CENTROID_X]}), truth)
         if name == "table":
             assert set(t["ImageNumber"]) == {"1", "2", "3", "4"}
+
+
+def test_image_table_with_file_names_repeated_across_plates(tmp_path):
+    """Phenix names repeat on every plate: Image.csv's Metadata_Plate picks the field."""
+    root = tmp_path / "in"
+    for plate in ("P1", "P2"):
+        for ch in (1, 2):
+            d = root / plate / "Images"
+            d.mkdir(parents=True, exist_ok=True)
+            plane = np.zeros((40, 40), np.uint16)
+            tifffile.imwrite(d / f"r01c01f01p01-ch{ch}sk1fk1fl1.tiff", plane)
+    name = "r01c01f01p01-ch1sk1fk1fl1.tiff"
+    pd.DataFrame({"ImageNumber": [1, 2], "FileName_DNA": [name, name],
+                  "Metadata_Plate": ["P2", "P1"]}).to_csv(tmp_path / "Image.csv", index=False)
+    pd.DataFrame({"ImageNumber": [1, 2], "ObjectNumber": [3, 4], "Location_Center_X": [9.0, 20.0],
+                  "Location_Center_Y": [11.0, 30.0]}).to_csv(tmp_path / "Nuclei.csv", index=False)
+    sets = [f"ingest.input={root}", f"ingest.out={tmp_path / 'o'}", "ingest.preset=phenix",
+            f"ingest.objects={tmp_path / 'Nuclei.csv'}",
+            f"ingest.objects_images={tmp_path / 'Image.csv'}"]
+    plan = plan_ingest(dataclasses.asdict(load_config(None, sets).ingest))
+    got = {f["meta"]["plate"]: (f["meta"]["ImageNumber"], f["objects"]["ids"])
+           for f in plan["fovs"]}
+    assert got == {"P2": ("1", [3]), "P1": ("2", [4])}
+    # without the metadata column, PathName's folders decide (an s3:// copy of the same layout)
+    pd.DataFrame({"ImageNumber": [1, 2], "FileName_DNA": [name, name],
+                  "PathName_DNA": ["s3://bucket/P1/Images/", "s3://bucket/P2/Images"]}).to_csv(
+        tmp_path / "Image.csv", index=False)
+    plan = plan_ingest(dataclasses.asdict(load_config(None, sets).ingest))
+    assert {f["meta"]["plate"]: f["meta"]["ImageNumber"] for f in plan["fovs"]} == {"P1": "1",
+                                                                                     "P2": "2"}
+    # with neither, a one-line error
+    pd.DataFrame({"ImageNumber": [1, 2], "FileName_DNA": [name, name]}).to_csv(
+        tmp_path / "Image.csv", index=False)
+    with pytest.raises(IngestError, match="ImageNumber 1 names files of several fields"):
+        plan_ingest(dataclasses.asdict(load_config(None, sets).ingest))

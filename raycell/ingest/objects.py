@@ -255,6 +255,17 @@ def _field_of_rows(
     return out
 
 
+def _trailing_agreement(a: str, b: str) -> int:
+    """How many trailing folder names two paths share ('/x/P1/Images', 's3://b/P1/Images/' -> 2)."""
+    pa, pb = [x for x in a.split("/") if x], [x for x in b.replace("\\", "/").split("/") if x]
+    n = 0
+    for x, y in zip(reversed(pa), reversed(pb)):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _image_numbers(p: dict, fovs: list[dict], fov_keys: list[str]) -> dict[int, str]:
     """CellProfiler's Image.csv: ImageNumber -> fov_id, by file name or by Metadata_ columns."""
     path = p["objects_images"]
@@ -262,20 +273,38 @@ def _image_numbers(p: dict, fovs: list[dict], fov_keys: list[str]) -> dict[int, 
     if "ImageNumber" not in img.columns:
         raise IngestError(f"ingest.objects_images {path} has no ImageNumber column")
     names = [c for c in img.columns if c.startswith("FileName_")]
+    keycols = _metadata_map(list(img.columns), fov_keys)
     out: dict[int, str] = {}
     if names:
-        by_name = {Path(f["relpath"]).name: fov["fov_id"] for fov in fovs for f in fov["files"]}
+        # file names can repeat across plates (Phenix's r01c01f01...): a name maps to every field
+        # holding it, and the row's other names, metadata and PathName narrow it down to one
+        by_name: dict[str, set[str]] = {}
+        dirs: dict[str, set[str]] = {}
+        by_id = {fov["fov_id"]: fov for fov in fovs}
+        for fov in fovs:
+            for f in fov["files"]:
+                by_name.setdefault(Path(f["relpath"]).name, set()).add(fov["fov_id"])
+                dirs.setdefault(fov["fov_id"], set()).add(Path(f["path"]).parent.as_posix())
         for _, row in img.iterrows():
-            hits = {by_name[str(row[c])] for c in names if str(row[c]) in by_name}
+            sets = [by_name[str(row[c])] for c in names if str(row[c]) in by_name]
+            hits = set.intersection(*sets) if sets else set()
+            if len(hits) > 1 and keycols:
+                hits = {h for h in hits if all(_same(by_id[h]["meta"].get(k, ""), row[c])
+                                               for k, c in keycols.items())}
+            pnames = [str(row[c]) for c in img.columns if c.startswith("PathName_")]
+            if len(hits) > 1 and any(pn.strip("/") for pn in pnames):
+                score = {h: max(_trailing_agreement(d, pn) for d in dirs[h] for pn in pnames)
+                         for h in hits}
+                if max(score.values()) > 0:
+                    hits = {h for h, v in score.items() if v == max(score.values())}
             if len(hits) > 1:
                 raise IngestError(
                     f"ingest.objects_images {path}: ImageNumber {row['ImageNumber']} names files "
-                    f"of several fields of view {sorted(hits)}"
+                    f"of several fields of view {sorted(hits)[:3]} (add Metadata_ columns)"
                 )
             if hits:
                 out[int(row["ImageNumber"])] = hits.pop()
         return out
-    keycols = _metadata_map(list(img.columns), fov_keys)
     if not keycols:
         raise IngestError(
             f"ingest.objects_images {path} has neither FileName_<channel> columns nor metadata "
