@@ -266,6 +266,8 @@ def test_bad_object_tables(raw, tmp_path):
         plan_with(nuc.assign(Location_Center_X=["?"] + [1.0] * (len(nuc) - 1)), objects_images=img)
     with pytest.raises(IngestError, match="none of its"):
         plan_with(nuc.assign(ImageNumber=99), objects_images=img)
+    with pytest.raises(IngestError, match="match 2 fields of view.*needs more of the columns"):
+        plan_with(pd.DataFrame({"well": ["A01"], "x": [5.0], "y": [6.0]}))  # two fields per well
     with pytest.raises(IngestError, match="ingest.objects not found"):
         plan_ingest(_params(raw, tmp_path / "out", objects=str(tmp_path / "missing.csv")))
     # a field without rows is a reject; rows of no field are a note

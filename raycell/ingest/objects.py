@@ -207,15 +207,19 @@ def _id_column(t: pd.DataFrame) -> str | None:
     return None
 
 
-def _same(a, b) -> bool:
-    """Metadata values compared as written, as wells ('A1' = 'A01') or as numbers ('01' = '1')."""
-    a, b = str(a).strip(), str(b).strip()
-    if a == b or normalize_well(a) == normalize_well(b):
-        return True
+def _canon(v) -> str:
+    """A metadata value as compared: stripped, as a well ('A1' = 'A01'), a number ('01' = '1')."""
+    v = normalize_well(str(v).strip())
     try:
-        return float(a) == float(b)
+        f = float(v)
     except ValueError:
-        return False
+        return v
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
+def _same(a, b) -> bool:
+    """Whether two metadata values are the same (`_canon`)."""
+    return _canon(a) == _canon(b)
 
 
 def _metadata_map(cols: list[str], fov_keys: list[str]) -> dict[str, str]:
@@ -238,20 +242,23 @@ def _field_of_rows(
     table: pd.DataFrame, fovs: list[dict], fov_keys: list[str], keycols: dict[str, str]
 ) -> pd.Series:
     """The fov_id of each table row by its metadata columns ('' where no field matches)."""
+    # an index by the canonical key values: one look-up per group of rows, not a scan of the fields
+    index: dict[tuple, list[str]] = {}
+    for f in fovs:
+        index.setdefault(tuple(_canon(f["meta"].get(k, "")) for k in keycols), []).append(
+            f["fov_id"])
     groups = table.groupby(list(keycols.values()), sort=False, dropna=False).groups
     out = pd.Series("", index=table.index, dtype=object)
     for vals, idx in groups.items():
         vals = vals if isinstance(vals, tuple) else (vals,)
-        want = dict(zip(keycols, vals))
-        hit = [f for f in fovs if all(_same(f["meta"].get(k, ""), v) for k, v in want.items())]
+        hit = index.get(tuple(_canon(v) for v in vals), [])
         if len(hit) > 1:
             raise IngestError(
-                f"ingest.objects rows with {want} match {len(hit)} fields of view "
-                f"({[f['fov_id'] for f in hit[:3]]}); the table needs more of the columns "
-                f"{fov_keys}"
+                f"ingest.objects rows with {dict(zip(keycols, vals))} match {len(hit)} fields of "
+                f"view ({hit[:3]}); the table needs more of the columns {fov_keys}"
             )
         if hit:
-            out.loc[idx] = hit[0]["fov_id"]
+            out.loc[idx] = hit[0]
     return out
 
 
