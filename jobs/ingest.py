@@ -4,6 +4,11 @@
     ray job submit --working-dir . -- python jobs/ingest.py \
         --config configs/ingest/synthetic_raw.yaml \
         --set ingest.input=/mnt/images --set ingest.out=/mnt/crops
+    python jobs/ingest.py --preset phenix --input /mnt/plate1 --out /mnt/crops \
+        --masks /mnt/plate1_cellpose        # instrument layout + the lab's own masks
+    python jobs/ingest.py --preset jump --input /mnt/jump/images \
+        --load-data /mnt/jump/load_data_csv --out /mnt/crops \
+        --objects Nuclei.csv --objects-images Image.csv     # CellProfiler's objects
 
 Thin on purpose: it runs the same code as the CLI. Under `ray job submit`, RAY_ADDRESS is set and
 raycell joins that cluster instead of starting a local Ray. Exit status 2 on bad input.

@@ -88,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--pattern", key="ingest.pattern",
           help="regex with named groups matched on relative paths ({key})")
     _flag(s, "--platemap", key="ingest.platemap", help="plate-map CSV ({key})")
+    _flag(s, "--preset", key="ingest.preset", help="instrument file naming instead of --pattern: "
+          "phenix, operetta, imagexpress, cellinsight, arrayscan, cellprofiler, jump, ome-zarr ({key})")
+    _flag(s, "--load-data", key="ingest.load_data", help="CellProfiler/JUMP load-data CSV or folder of "
+          "load_data*.csv listing each field's files, instead of --pattern ({key})")
+    _flag(s, "--masks", key="ingest.masks", help="folder of instance masks per field, used instead of "
+          "segmenting (cellpose's <image>_cp_masks.png found by name; else --set "
+          "ingest.masks_pattern=REGEX) ({key})")
+    _flag(s, "--cell-masks", key="ingest.cell_masks", help="folder of cell-body masks, with --masks as "
+          "the nuclei ({key})")
+    _flag(s, "--objects", key="ingest.objects", help="CSV/parquet table of object centres used instead "
+          "of segmenting: CellProfiler's Nuclei.csv (with --objects-images) or any table with the "
+          "fields' metadata and x/y columns ({key})")
+    _flag(s, "--objects-images", key="ingest.objects_images", help="CellProfiler's Image.csv for "
+          "--objects (ImageNumber -> field by FileName_<channel> or Metadata_ columns) ({key})")
     _flag(s, "--overwrite", key="ingest.overwrite", action="store_const", const=True,
           help="replace a raycell data set made from other inputs or parameters ({key}); a folder of "
                "other files, or one holding the inputs, is always refused")

@@ -178,6 +178,25 @@ class IngestConfig:
     fovs_per_task: int = _f(1, "fields of view per Ray task (more = less scheduling overhead)")
     overwrite: bool = _f(False, "replace an existing data set in `out` made with other inputs or "
                          "parameters (an identical one is skipped)")
+    preset: str = _f("", "instrument file naming instead of `pattern`: phenix (operetta), imagexpress, "
+                     "cellinsight (arrayscan, cellprofiler), jump (load-data CSVs), ome-zarr (NGFF plate)")
+    load_data: str = _f("", "CellProfiler load-data CSV, or a folder of load_data*.csv, listing each field's "
+                        "files (FileName_<Ch>/PathName_<Ch>, Metadata_Plate/Well/Site) instead of `pattern`")
+    masks: str = _f("", "folder of instance masks, one per field (label images, TIFF/PNG; a binary mask "
+                    "is split into connected components): used instead of raycell's segmentation "
+                    "('' = segment); found by masks_pattern, or by name (<image stem>_cp_masks.png, "
+                    "_masks.tif, ...)")
+    masks_pattern: str = _f("", "regex matched on mask paths relative to `masks`; its named groups "
+                            "(a subset of the images' field groups) pick each field's mask")
+    cell_masks: str = _f("", "folder of cell-body masks (with `masks` as the nuclei), found like masks")
+    cell_masks_pattern: str = _f("", "regex for the cell masks, as masks_pattern")
+    objects: str = _f("", "CSV/parquet table of object centres used instead of segmentation: "
+                      "CellProfiler's Nuclei.csv (ImageNumber, ObjectNumber, Location_Center_X/Y) "
+                      "with objects_images, or any table with the fields' metadata columns and x/y")
+    objects_images: str = _f("", "CellProfiler's Image.csv for `objects`: ImageNumber -> field, by "
+                             "FileName_<channel> or Metadata_<key> columns")
+    objects_xy: list = _f([], "x and y column names of `objects` (empty = Location_Center_X/Y, x/y, "
+                          "center_x/y, centroid_x/y)")
 
 
 @dataclass

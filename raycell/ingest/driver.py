@@ -105,7 +105,8 @@ def plate_diameters(fovs: list[dict], p: dict, ch: dict, stats: dict) -> dict[st
     import ray
 
     k = int(p.get("scale_fovs", 8))
-    if k <= 0 or p["diameter"] > 0 or p["segmentation"] != "classical" or not fovs:
+    given = p.get("masks") or p.get("objects")  # the lab's objects: nothing to estimate
+    if k <= 0 or p["diameter"] > 0 or p["segmentation"] != "classical" or given or not fovs:
         return {}
     by_plate: dict[str, list] = {}
     for f in fovs:
@@ -336,6 +337,8 @@ def _manifest_extra(p: dict, plan: dict, stats: dict, summary: dict, illum_files
             },
             "crop_checks": summary["crop_checks"],
             "z_projection": p["z_projection"],
+            # physical pixel size from OME-TIFF / OME-Zarr metadata (None: the files do not say)
+            "pixel_size": plan.get("pixel_size"),
             "segmentation": p["segmentation"],
             "channel_roles": {
                 "nucleus": summary["nucleus_channel"],
@@ -373,8 +376,9 @@ def run_ingest(cfg) -> dict:
     t0 = time.perf_counter()
     p = dataclasses.asdict(cfg.ingest)
     check_params(p)
-    for k in ("input", "out", "platemap", "cellpose_model"):  # Ray workers do not share our cwd
-        if p[k]:
+    paths = ("masks", "cell_masks", "objects", "objects_images")  # Ray workers do not share our cwd
+    for k in ("input", "out", "platemap", "cellpose_model", *paths):
+        if p.get(k):
             p[k] = os.path.abspath(os.path.expanduser(p[k]))
     out = check_out(p)
     plan = plan_ingest(p)

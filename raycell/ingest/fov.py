@@ -22,6 +22,7 @@ from raycell import constants as K
 from raycell.ingest import images as imio
 from raycell.ingest.crops import extract
 from raycell.ingest.features import crop_feature_columns
+from raycell.ingest.objects import crops_of_given, read_given
 from raycell.ingest.segment import nucleus_diameter, plausibility, segment
 from raycell.ingest.stats import scale_verdict
 from raycell.ingest.tasks import read_fov
@@ -108,9 +109,16 @@ def fov_result(
                 img = img / imio.upsample(func, img.shape[1:])
         ref_d = float((stats or {}).get("diameter_ref", {}).get(plate, 0.0))
         qc: dict = {}
-        nuc, cells, d = segment(img, ch["nucleus"], ch["cytoplasm"], p, ref_diameter=ref_d, qc=qc)
+        given = read_given(fov, img.shape[1:])  # the lab's masks or object table, if any
+        if given is None:
+            nuc, cells, d = segment(
+                img, ch["nucleus"], ch["cytoplasm"], p, ref_diameter=ref_d, qc=qc
+            )
+            n_objects = int(nuc.max())
+        else:
+            nuc, cells, d, n_objects = given.nuclei, given.cells, given.diameter, given.n_objects
         info["diameter"] = round(float(d), 2)
-        info["n_objects"] = int(nuc.max())
+        info["n_objects"] = n_objects
         info["qc"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in qc.items()}
         # a leak or a runaway scale is rejected with its evidence, not cropped into giant "cells"
         # nor (once the area filter has removed the giants) reported as an empty field
@@ -122,7 +130,7 @@ def fov_result(
                 "reason": why,
                 "info": json.dumps(info),
             }, *none
-        if nuc.max() == 0:
+        if n_objects == 0:
             return {
                 **base,
                 "code": "no-cells",
@@ -141,21 +149,24 @@ def fov_result(
             lohi = np.asarray(stats["lohi"][key])
         img_out = imio.to_dtype(img, lohi, p["dtype"])
         objects = cells if cells is not None else nuc
-        crops, feats = extract(
-            objects,
-            img,
-            img_out,
-            ch["names"],
-            p["crop_size"],
-            nuclei=nuc if cells is not None else None,
-            mask=p["mask_crops"],
-            mask_blur=p["mask_blur"],
-        )
+        if given is not None:
+            crops, feats = crops_of_given(given, img, img_out, ch["names"], p)
+        else:
+            crops, feats = extract(
+                objects,
+                img,
+                img_out,
+                ch["names"],
+                p["crop_size"],
+                nuclei=nuc if cells is not None else None,
+                mask=p["mask_crops"],
+                mask_blur=p["mask_blur"],
+            )
         if len(feats) == 0:
             return {
                 **base,
                 "code": "no-cells",
-                "reason": f"all {int(objects.max())} objects touch the image border",
+                "reason": f"all {n_objects} objects touch the image border",
                 "info": json.dumps(info),
             }, *none
         info["crop_flags"] = imio.crop_flags(crops)

@@ -58,13 +58,17 @@ class ImageError(IngestError):
 
 
 def _axes_from_file(path: str) -> tuple[np.ndarray, str]:
-    """Read an image and its axes string (tifffile for TIFF, scikit-image/imageio for PNG)."""
-    if path.lower().endswith((".tif", ".tiff")):
-        import tifffile
+    """Read an image and its axes string.
 
-        with tifffile.TiffFile(path) as tf:
-            series = tf.series[0]
-            return series.asarray(), series.axes
+    TIFF (OME-TIFF included) through tifffile and OME-Zarr folders through ome-zarr, both plane by
+    plane (`raycell.ingest.ome`); PNG through scikit-image/imageio.
+    """
+    from raycell.ingest import ome
+
+    if os.path.isdir(path):
+        return ome.read_zarr(path)
+    if path.lower().endswith((".tif", ".tiff")):
+        return ome.read_tiff(path)
     from skimage import io
 
     arr = io.imread(path)

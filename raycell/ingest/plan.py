@@ -18,11 +18,12 @@ import pandas as pd
 
 from raycell import constants as K
 from raycell.ingest import images as imio
+from raycell.ingest import layouts, ome
+from raycell.ingest import objects as given
 from raycell.ingest.segment import check_backend
 from raycell.ingest.sources import (
     CHANNEL,
     IngestError,
-    discover,
     expected_channels,
     fov_keys,
     group_fovs,
@@ -68,7 +69,10 @@ def check_params(p: dict) -> None:
         raise IngestError(f"ingest.scale_fold must be > 1 (a factor), got {p['scale_fold']}")
     if not p["input"] or not p["out"]:
         raise IngestError("ingest.input and ingest.out must both be set")
-    check_backend(p["segmentation"], p["cellpose_model"])
+    given.check_given(p)
+    layouts.check_layout(p)
+    if not (p.get("masks") or p.get("objects")):  # given objects: the backend never runs
+        check_backend(p["segmentation"], p["cellpose_model"])
 
 
 def check_out(p: dict) -> Path:
@@ -81,6 +85,7 @@ def check_out(p: dict) -> Path:
     from raycell.utils.outputs import DATASET, check_output
 
     inputs = [("ingest.input", p["input"]), ("ingest.platemap", p["platemap"])]
+    inputs += [(f"ingest.{k}", p[k]) for k in ("masks", "cell_masks", "objects") if p.get(k)]
     return check_output(p["out"], inputs, "ingest.out", DATASET, IngestError)[0]
 
 
@@ -178,8 +183,17 @@ def plan_ingest(p: dict) -> dict:
         contents), `notes` (warnings for the summary).
     """
     root = Path(p["input"]).absolute()
-    files, unmatched = discover(root, p["pattern"])
-    rejects = [
+    given.check_given(p)
+    files, unmatched, layout_rejects = layouts.find_files(p, root)
+    load_csvs = files.attrs.get("load_data", [])
+    mask_paths: set[str] = set()
+    if p.get("masks"):  # mask files beside the images (cellpose's habit) are not images
+        mask_paths = given.mask_file_paths(p, fov_keys(files))
+        files = files[~files.path.isin(mask_paths)].reset_index(drop=True)
+        unmatched = unmatched[~unmatched.path.isin(mask_paths)].reset_index(drop=True)
+        if files.empty:
+            raise IngestError(f"every image ingest.pattern matches under {root} is a mask")
+    rejects = layout_rejects + [
         reject_row("file", "no-match", "path does not match ingest.pattern", "", [r])
         for r in unmatched.relpath
     ]
@@ -195,6 +209,13 @@ def plan_ingest(p: dict) -> dict:
                 f"plate map {p['platemap']}: spaces around values in column(s) "
                 f"{pm.attrs['stripped_columns']} were stripped"
             )
+    if p.get("masks"):
+        fovs, mask_rejects = given.attach_masks(p, fovs, fov_keys(files))
+        rejects += mask_rejects
+    if p.get("objects"):
+        fovs, obj_rejects, obj_notes = given.attach_objects(p, fovs, fov_keys(files))
+        rejects += obj_rejects
+        notes += obj_notes
     if p["label_column"] and fovs and p["label_column"] not in fovs[0]["meta"]:
         if p["label_column"] != "label":
             raise IngestError(
@@ -216,9 +237,20 @@ def plan_ingest(p: dict) -> dict:
     for path in sorted(files.path.tolist() + unmatched.path.tolist()):
         st = os.stat(path)
         h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for path in sorted(mask_paths):
+        st = os.stat(path)
+        h.update(f"mask|{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for csv in load_csvs:
+        h.update(b"load_data|" + hashlib.sha1(Path(csv).read_bytes()).digest())
+    for key in ("objects", "objects_images"):  # the tables' contents, as for the plate map
+        if p.get(key):
+            h.update(f"{key}|".encode() + hashlib.sha1(Path(p[key]).read_bytes()).digest())
     if p["platemap"]:
         # the plate map's contents, not its date: an edited map means other labels
         h.update(b"platemap|" + hashlib.sha1(Path(p["platemap"]).read_bytes()).digest())
+    px = ome.pixel_size(fovs[0]["files"][0]["path"]) if fovs else None
+    if px and any(ome.pixel_size(f["files"][0]["path"]) != px for f in fovs[-1:]):
+        notes.append(f"pixel sizes differ between fields: the manifest records the first's ({px})")
     n_fov_rejects = sum(r["kind"] == "fov" for r in rejects)
     return {
         "fovs": fovs,
@@ -228,4 +260,5 @@ def plan_ingest(p: dict) -> dict:
         "n_files": len(files) + len(unmatched),
         "n_fovs_in": len(fovs) + n_fov_rejects,
         "fingerprint": h.hexdigest(),
+        "pixel_size": px,
     }

@@ -92,8 +92,11 @@ def discover(input_dir: str | os.PathLike, pattern: str) -> tuple[pd.DataFrame, 
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
+    from raycell.ingest.ome import find_zarr_images
+
+    paths += find_zarr_images(root)  # OME-Zarr images are folders, matched like files
     if not paths:
-        raise IngestError(f"no .tif/.tiff/.png images under {root}")
+        raise IngestError(f"no .tif/.tiff/.png images or OME-Zarr folders under {root}")
     rows, bad = [], []
     for p in paths:
         rel = p.relative_to(root).as_posix()
