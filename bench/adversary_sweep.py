@@ -50,7 +50,7 @@ def _latents(ctx, model, spec, n_batches: int, split: str) -> dict[str, np.ndarr
 
 
 def one_run(data: Path, work: Path, model: str, objective: str, adv: float, seed: int, epochs: int,
-            crop: int, reads: str = "all", adv_steps: int = 1) -> dict:
+            crop: int, reads: str = "all", adv_steps: int = 1, extra: tuple[str, ...] = ()) -> dict:
     """Train one model in-process and measure its test latents and AUROCs."""
     import torch
     from sklearn.metrics import roc_auc_score
@@ -66,13 +66,15 @@ def one_run(data: Path, work: Path, model: str, objective: str, adv: float, seed
     from raycell.train.trainer import training_setup
 
     torch.set_num_threads(1)
-    run = work / f"{model}-{objective}-{reads}-{adv_steps}-{adv:g}-s{seed}"
+    tag = "".join(x.replace("=", "").replace(".", "") for x in extra)
+    run = work / f"{model}-{objective}-{reads}-{adv_steps}-{adv:g}-s{seed}{tag}"
     cfg = load_config(None, [f"data.path={data}", "model.preset=small" if crop >= 64 else "model.preset=tiny",
                              f"model.type={model}", f"train.epochs={epochs}", f"seed={seed}",
                              f"loss.adv={adv}", f"loss.adv_objective={objective}", "ray.progress=false",
                              f"train.runs_dir={run}", "train.torch_threads=1",
                              f"loss.adv_steps={adv_steps}"]
-                      + ([f"model.args.adversary_reads={reads}"] if model != "conventional" else []))
+                      + ([f"model.args.adversary_reads={reads}"] if model != "conventional" else [])
+                      + list(extra))
     setup, ds = training_setup(cfg)
     col = CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
                       CategoryMap.from_dict(setup["batches"]))
@@ -81,6 +83,7 @@ def one_run(data: Path, work: Path, model: str, objective: str, adv: float, seed
     run_training(ctx, cfg, setup)
     model_nn, _ = load_checkpoint(find_checkpoint(run))
     res = {"model": model, "objective": objective, "adv": adv, "reads": reads, "adv_steps": adv_steps,
+           "set": list(extra),
            "seed": seed, "epochs": epochs,
            "train_s": round(time.perf_counter() - t0, 1), "history_last": ctx.history[-1]}
     spec, n_b = DataSpec.from_dict(setup["data_spec"]), len(CategoryMap.from_dict(setup["batches"]))
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reads", default="all,latent", help="what the adversary reads (model.args.adversary_reads)")
     ap.add_argument("--adv-steps", default="1", help="adversary updates per main update (loss.adv_steps)")
     ap.add_argument("--no-conventional", action="store_true")
+    ap.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--n-cells", type=int, default=6000)
     ap.add_argument("--crop", type=int, default=32)
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             ("adversarial", o, float(w), rd, int(k)) for rd in a.reads.split(",")
             for k in a.adv_steps.split(",") for o in a.objectives.split(",") for w in a.weights.split(",")]
         for model, objective, w, rd, k in jobs:
-            r = one_run(data, work, model, objective, w, seed, a.epochs, a.crop, rd, k)
+            r = one_run(data, work, model, objective, w, seed, a.epochs, a.crop, rd, k, tuple(a.set))
             runs.append(r)
             print(f"seed {seed} {model:12s} {objective:9s} reads={rd} steps={k} adv={w:<5g} DB {r['test_db']:.2f} "
                   f"CH {r['test_ch']:.1f} probe {r['test_batch_probe']:.2f} (chance "
