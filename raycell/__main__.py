@@ -141,7 +141,8 @@ def run(argv: list[str] | None = None) -> dict | None:
         from raycell.experiments import run_medl_experiment
 
         return run_medl_experiment(cfg, args.seeds, args.models, args.out, randomized_z=args.randomized_z,
-                                   baseline=args.baseline, z_modes=args.z_modes,
+                                   baseline=args.baseline, z_modes=args.z_modes, tune=args.tune,
+                                   tune_samples=args.tune_samples, tune_folds=args.tune_folds,
                                    command="raycell " + " ".join(argv if argv is not None else sys.argv[1:]))
     return STAGES[args.command](cfg)
 
@@ -187,7 +188,7 @@ def preflight(args, cfg):
 
         args.seeds = parse_seeds(args.seeds)
         args.models = args.models or MEDL_MODELS
-        check_medl(cfg, args.seeds, args.models)
+        check_medl(cfg, args.seeds, args.models, args.tune, args.tune_samples, args.tune_folds)
     return cfg
 
 

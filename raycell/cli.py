@@ -286,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "columns, and those plus the crops' intensity and texture; without morph_* columns, "
                    "features computed from the crops; eval.baseline_features picks one set), trained on "
                    "the same train split (default: on)")
+    s.add_argument("--tune", action="store_true", help="first search each model type's own loss weights "
+                   "(loss.cls, loss.adv, loss.cluster_latent as its objective has them) with `raycell tune` "
+                   "on held-out seen batches, and add a '<model> (tuned)' row trained with the chosen "
+                   "weights; the table notes them")
+    s.add_argument("--tune-samples", type=int, default=6, help="trials per model type's search (default 6)")
+    s.add_argument("--tune-folds", type=int, default=3, help="cross-batch folds per trial (tune.folds; "
+                   "0 = the data set's valbatch split, or val_auroc) (default 3)")
     s.add_argument("--randomized-z", action=argparse.BooleanOptionalAction, default=True,
                    help="also infer each trained model whose type uses Z (randomeffects, mixedeffects) "
                    "with a random one-hot Z row per cell (infer.randomize_z, the reference's ablation): "

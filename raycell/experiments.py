@@ -30,7 +30,14 @@ combined by one more run over all seeds):
     out/seed<S>/<model>/                    predictions/, eval/ (metrics.json, latent_pca.png), result.json
     out/seed<S>/<model>/randomized_z/       the same checkpoint inferred with randomized Z (same files)
     out/seed<S>/baseline/result.json        the hand-made-feature baseline row (baseline_all/: the richer set)
+    out/tune/<model>/search/, chosen.json   with `tune`: the model type's own search and its chosen weights
+    out/seed<S>/<model>_tuned/              the row trained with the chosen weights
     out/results.json, table.csv, table.md
+
+With `tune` (`--tune`), each model type first gets its own small `raycell tune` search over the loss
+weights its objective has (`TUNE_SPACES`), judged on held-out seen batches (`tune.folds` cross-batch
+folds, `valbatch_auroc`), as the paper tuned its weights; the table then has a "<model> (tuned)" row
+beside the row with the configured weights, and notes the chosen weights.
 """
 
 from __future__ import annotations
@@ -88,6 +95,56 @@ def _prepare_data(cfg: ExperimentConfig) -> Path:
     return path
 
 
+# The loss weights of each model type's own objective, searched by `experiment medl --tune`:
+# log-uniform over about two decades around the reference's values (spec section 3).
+_W_CLS = {"dist": "loguniform", "low": 0.01, "high": 1.0}
+_W_ADV = {"dist": "loguniform", "low": 0.01, "high": 3.0}
+_W_CLUSTER = {"dist": "loguniform", "low": 1e-4, "high": 0.1}
+TUNE_SPACES = {
+    "conventional": {"loss.cls": _W_CLS},
+    "adversarial": {"loss.cls": _W_CLS, "loss.adv": _W_ADV},
+    "randomeffects": {"loss.cls": _W_CLS, "loss.cluster_latent": _W_CLUSTER},
+    "mixedeffects": {"loss.cls": _W_CLS, "loss.adv": _W_ADV, "loss.cluster_latent": _W_CLUSTER},
+}
+TUNED = " (tuned)"  # row label suffix
+
+
+def tune_model(cfg: ExperimentConfig, model: str, out: Path, samples: int, folds: int) -> dict:
+    """Search `model`'s own loss weights (`TUNE_SPACES`) and return what was chosen.
+
+    Held-out seen batches judge the trials: `folds` cross-batch folds (`tune.folds`, objective the mean
+    `valbatch_auroc`), or, with `folds` 0, the data set's own `valbatch` split if it has one, else
+    `val_auroc`. The choice is kept in `out/chosen.json`, so a re-run does not search again; a search
+    interrupted before it chose is started again (raycell wrote the folder).
+    """
+    from raycell.tune import run_search
+
+    done = out / "chosen.json"
+    if done.is_file():
+        return read_json(done)
+    c = copy.deepcopy(cfg)
+    c.model.type = model
+    c.name = f"medl-tune-{model}"
+    c.train.runs_dir = str(out / "runs")
+    c.tune.space = copy.deepcopy(TUNE_SPACES[model])
+    c.tune.num_samples, c.tune.folds, c.tune.mode = samples, folds, "max"
+    from raycell.formats.shards import open_dataset
+
+    has_valbatch = bool(open_dataset(c.data.path).manifest.get("counts_per_split", {}).get(K.VALBATCH))
+    c.tune.metric = "valbatch_auroc" if folds or has_valbatch else "val_auroc"
+    c.tune.out = str(out / "search")
+    shutil.rmtree(out / "search", ignore_errors=True)  # an earlier, unfinished search of this experiment
+    res = run_search(c)
+    best = res["best"]
+    if best is None:
+        raise ConfigError(f"experiment medl --tune: no trial of {model} finished; see {c.tune.out}")
+    chosen = {"model": model, "params": {k: best[k] for k in c.tune.space}, "metric": c.tune.metric,
+              "objective": best["objective"], "best_epoch": best["best_epoch"], "folds": folds,
+              "trials": len(res["trials"]), "search": c.tune.out}
+    atomic_write_json(done, chosen)
+    return chosen
+
+
 def _model_config(cfg: ExperimentConfig, model: str, seed: int, seed_dir: Path) -> ExperimentConfig:
     """The config of one (seed, model): its training seed and runs folder, inference on test + unseen."""
     c = copy.deepcopy(cfg)
@@ -100,12 +157,12 @@ def _model_config(cfg: ExperimentConfig, model: str, seed: int, seed_dir: Path) 
     return c
 
 
-def _trained_row(c: ExperimentConfig, out: Path, z_dir: Path | None) -> dict:
+def _trained_row(c: ExperimentConfig, out: Path, z_dir: Path | None, label: str = "") -> dict:
     """Train, infer on test + unseen, evaluate: one table row."""
     t0 = time.time()
     res = train_infer_evaluate(c, out, z_source=str(z_dir) if z_dir else "", quiet=True)
     ev = res["eval"]
-    return {"model": c.model.type, "label": row_label(c.model.type, False), "seed": c.seed,
+    return {"model": c.model.type, "label": label or row_label(c.model.type, False), "seed": c.seed,
             "run_dir": res["run_dir"], "checkpoint": res["checkpoint"],
             "train_seconds": res["train_seconds"], "final_metrics": res["metrics"],
             "seconds": round(time.time() - t0, 1), "test": ev["splits"].get(K.TEST, {}),
@@ -229,7 +286,8 @@ def parse_seeds(seeds: list) -> list[int]:
     return out
 
 
-def check_medl(cfg: ExperimentConfig, seeds: list[int], models: list[str]) -> None:
+def check_medl(cfg: ExperimentConfig, seeds: list[int], models: list[str], tune: bool = False,
+               tune_samples: int = 6, tune_folds: int = 3) -> None:
     """The checks `experiment medl` can make before Ray starts: model names, seeds, preset."""
     from raycell.models import list_models
     from raycell.models.aec import PRESETS
@@ -242,6 +300,14 @@ def check_medl(cfg: ExperimentConfig, seeds: list[int], models: list[str]) -> No
                           f"{', '.join(list_models())}{hint}")
     if not seeds:
         raise ConfigError("experiment --seeds: give at least one seed, e.g. --seeds 0,1,2")
+    if tune:
+        untunable = [m for m in models if m not in TUNE_SPACES]
+        if untunable:
+            raise ConfigError(f"experiment medl --tune: no search space for {untunable}; --tune searches "
+                              f"the loss weights of {', '.join(TUNE_SPACES)}")
+        if tune_samples < 1 or tune_folds < 0:
+            raise ConfigError(f"experiment medl: --tune-samples must be >= 1 and --tune-folds >= 0, got "
+                              f"{tune_samples} and {tune_folds}")
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
     features = cfg.eval.baseline_features
@@ -267,7 +333,8 @@ def _baseline_dir(i: int, features: str) -> str:
 
 def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[str], out: str,
                         command: str = "", randomized_z: bool = True, baseline: bool = True,
-                        z_modes: list[str] | None = None) -> dict:
+                        z_modes: list[str] | None = None, tune: bool = False, tune_samples: int = 6,
+                        tune_folds: int = 3) -> dict:
     """Train, infer and evaluate each model type for each seed on one data set; write the table.
 
     Needs Ray to be initialised (`raycell.utils.ray_utils.init_ray`).
@@ -287,6 +354,8 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         baseline: Also add the hand-made-feature baseline rows (`raycell.eval.baseline`; features
             chosen by `eval.baseline_features`, 'auto' = morph_* columns and morph_* + crop features
             when present, else crops: `baseline_sources`).
+        tune: First search each model type's own loss weights (`tune_model`: `tune_samples` trials,
+            `tune_folds` cross-batch folds) and add a "<model> (tuned)" row trained with them.
 
     Returns:
         {"out", "summary" (row label -> column means/sds), "rows" (one per seed and row), "table"
@@ -301,7 +370,7 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         raise ConfigError(f"experiment medl --z-modes: unknown mode(s) {bad}; use {', '.join(Z_MODES)}")
 
     seeds = parse_seeds(seeds)
-    check_medl(cfg, seeds, models)
+    check_medl(cfg, seeds, models, tune, tune_samples, tune_folds)
     t0 = time.time()
     out_p = Path(out).absolute()
     out_p.mkdir(parents=True, exist_ok=True)
@@ -312,10 +381,17 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
     mode = getattr(cfg.infer, "z_mode", "predicted")
     extra_modes = [zm for zm in dict.fromkeys(z_modes or []) if zm != mode]
     labels = [lab for m in models for lab in
-              [row_label(m, False)] + ([row_label(m, True)] if randomized_z and uses_z[m] else [])
+              [row_label(m, False)] + ([row_label(m, False) + TUNED] if tune else [])
+              + ([row_label(m, True)] if randomized_z and uses_z[m] else [])
               + ([z_mode_label(m, zm) for zm in extra_modes] if uses_z[m] else [])]
     sources = baseline_sources(cfg.data.path, cfg.eval.baseline_features) if baseline else []
     base_labels = [baseline_label(feature_source(cfg.data.path, f)) for f in sources]
+    chosen: dict[str, dict] = {}
+    if tune:
+        for m in models:
+            print(f"[raycell] experiment medl --tune: searching {m}'s loss weights "
+                  f"({', '.join(TUNE_SPACES[m])}; {tune_samples} trials, {tune_folds} folds)", flush=True)
+            chosen[m] = tune_model(cfg, m, out_p / "tune" / m, tune_samples, tune_folds)
     labels += base_labels
     rows: list[dict] = []
     feature_cache: dict = {}  # the baseline's features: computed once, reused by every seed
@@ -354,6 +430,21 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
                 if row_dir == seed_dir / m:
                     trained = row
                 rows.append(row)
+            if m in chosen:
+                res_file = seed_dir / f"{m}_tuned" / "result.json"
+                if res_file.is_file():
+                    row = read_json(res_file)
+                else:
+                    from raycell.tune import apply_params
+
+                    print(f"[raycell] experiment medl: seed {seed}, {m}{TUNED}", flush=True)
+                    tc = apply_params(c, chosen[m]["params"])
+                    tc.name = f"medl-s{seed}-tuned"
+                    row = _trained_row(tc, res_file.parent, z_dir if uses_z[m] else None,
+                                       label=row_label(m, False) + TUNED)
+                    row["tuned_params"] = chosen[m]["params"]
+                    atomic_write_json(res_file, row)
+                rows.append(row)
         for i, features in enumerate(sources):
             res_file = seed_dir / _baseline_dir(i, features) / "result.json"
             if res_file.is_file():
@@ -365,12 +456,12 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
                 atomic_write_json(res_file, row)
             rows.append(row)
         _write_tables(out_p, cfg, seeds, models, labels, rows, command, t0, quiet=True)  # partial
-    return _write_tables(out_p, cfg, seeds, models, labels, rows, command, t0)
+    return _write_tables(out_p, cfg, seeds, models, labels, rows, command, t0, chosen=chosen)
 
 
 def _write_tables(out: Path, cfg: ExperimentConfig, seeds: list[int], models: list[str],
-                  labels: list[str], rows: list[dict], command: str, t0: float, quiet: bool = False
-                  ) -> dict:
+                  labels: list[str], rows: list[dict], command: str, t0: float, quiet: bool = False,
+                  chosen: dict | None = None) -> dict:
     """(Re)write results.json, table.csv and table.md from the rows so far (atomically)."""
     summary = summarise(rows, labels)
     done = sorted({r["seed"] for r in rows})
@@ -390,12 +481,17 @@ def _write_tables(out: Path, cfg: ExperimentConfig, seeds: list[int], models: li
              "per-cell features (morph_* columns, or shape/intensity/texture computed from the "
              "crops), fitted on the train split; its DB/CH/probe are of those features." if any(
                  r.get("model") == BASELINE_MODEL for r in rows) else ""]
+    for m, ch in (chosen or {}).items():
+        weights = ", ".join(f"{k}={v:.3g}" for k, v in ch["params"].items())
+        how = f"mean {ch['metric']} over {ch['folds']} cross-batch folds" if ch["folds"] else ch["metric"]
+        notes.append(f"{m}{TUNED}: {weights}, chosen by {ch['trials']} trials on {how} "
+                     f"({ch['objective']:.3f} at epoch {ch['best_epoch']}); search in {ch['search']}.")
     chance = [s["batch_probe_chance"] for s in summary.values()
               if math.isfinite(s["batch_probe_chance"])]
     if chance:
         notes.append(f"Batch-probe chance (majority batch share): {chance[0]:.3f}.")
     table = format_markdown(summary, "raycell MEDL experiment", [n for n in notes if n])
-    result = {"out": str(out), "command": command, "seeds": seeds, "models": models,
+    result = {"out": str(out), "command": command, "seeds": seeds, "models": models, "tuned": chosen or {},
               "config": cfg.to_dict(), "summary": summary, "rows": rows, "table": table,
               # this invocation's wall time; rows keep their own (from earlier invocations too)
               "seconds": round(time.time() - t0, 1),

@@ -192,3 +192,45 @@ def test_experiment_table_has_baseline_row(tiny_data, monkeypatch, tmp_path):
     assert list(res3["summary"]) == ["conventional", B.baseline_label("morph_*"),
                                      B.baseline_label("morph_*+crops")]
     assert (tmp_path / "out3" / "seed0" / "baseline_all" / "result.json").is_file()
+
+
+def test_experiment_tune_searches_each_type_and_adds_tuned_rows(tiny_data, monkeypatch, tmp_path):
+    """--tune: one search per model type over its own loss weights (stubbed here), a '(tuned)' row
+    trained with the chosen weights, the weights in the table's notes; a re-run does not search again."""
+    import raycell.tune
+    from raycell import experiments
+    from raycell.config import ConfigError, load_config
+
+    _fake_deep(monkeypatch)
+    _cheap_latent_metrics(monkeypatch)
+    trained, searched = [], []
+    real_tie = experiments.train_infer_evaluate
+    monkeypatch.setattr(experiments, "train_infer_evaluate",
+                        lambda c, *a, **k: trained.append(c) or real_tie(c, *a, **k))
+
+    def fake_search(c):
+        searched.append(c)
+        best = {k: spec["high"] / 2 for k, spec in c.tune.space.items()}
+        return {"best": {**best, "objective": 0.71, "best_epoch": 1}, "trials": [{}] * c.tune.num_samples}
+
+    monkeypatch.setattr(raycell.tune, "run_search", fake_search)
+    cfg = load_config(None, [f"data.path={tiny_data}", "eval.max_cells=80"])
+    res = experiments.run_medl_experiment(cfg, [0], ["conventional", "adversarial"], str(tmp_path / "out"),
+                                          baseline=False, tune=True, tune_samples=3, tune_folds=2)
+    assert list(res["summary"]) == ["conventional", "conventional (tuned)", "adversarial",
+                                    "adversarial (tuned)"]
+    assert [(c.model.type, sorted(c.tune.space), c.tune.folds, c.tune.metric, c.tune.num_samples)
+            for c in searched] == [("conventional", ["loss.cls"], 2, "valbatch_auroc", 3),
+                                   ("adversarial", ["loss.adv", "loss.cls"], 2, "valbatch_auroc", 3)]
+    tuned_adv = [c for c in trained if c.model.type == "adversarial" and c.name.endswith("tuned")]
+    assert len(tuned_adv) == 1 and tuned_adv[0].loss.adv == 1.5 and tuned_adv[0].loss.cls == 0.5
+    assert [c.loss.adv for c in trained if c.model.type == "adversarial" and c not in tuned_adv] == [0.1]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "adversarial (tuned): loss.cls=0.5, loss.adv=1.5, chosen by 3 trials on mean valbatch_auroc" in table
+    assert res["tuned"]["adversarial"]["params"] == {"loss.cls": 0.5, "loss.adv": 1.5}
+    searched.clear()
+    experiments.run_medl_experiment(cfg, [0], ["conventional", "adversarial"], str(tmp_path / "out"),
+                                    baseline=False, tune=True)
+    assert searched == []  # chosen.json kept the choice
+    with pytest.raises(ConfigError, match="no search space for \\['timm'\\]"):
+        experiments.run_medl_experiment(cfg, [0], ["timm"], str(tmp_path / "o2"), tune=True)
