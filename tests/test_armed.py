@@ -127,6 +127,18 @@ def test_latent_adversary_reads_only_the_latent(model_type):
     assert "adversary" in logs and _changed(before, m)
 
 
+def test_batch_conditioned_decoder_reads_z_and_the_latent_does_not():
+    m = _model("adversarial", decoder_batch=True)
+    m.eval()
+    x, _, z = _batch()
+    out = m(x, z)
+    other = torch.roll(z, 1, dims=1)  # every cell told it is from another batch
+    out2 = m(x, other)
+    torch.testing.assert_close(out.latent, out2.latent)  # the latent does not see Z
+    assert not torch.allclose(out.recon, out2.recon)  # the reconstruction does
+    assert m(x).recon.shape == x.shape  # no Z (an unseen batch): still a reconstruction
+
+
 def test_one_training_batch_disables_the_adversary_with_a_warning():
     for model_type in ("adversarial", "mixedeffects"):
         m = _model(model_type, n_batches=1)

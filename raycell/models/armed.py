@@ -62,6 +62,7 @@ from raycell.models.layers import (
     AuxClassifier,
     ImageClassifier,
     LatentAdversary,
+    TiedDecoder,
     block_sizes,
     glorot_init,
 )
@@ -83,10 +84,15 @@ class DomainAdversarialAEC(AutoencoderClassifier):
                  filters: list[int], strides: list[int], latent_dim: int,
                  classifier_hidden: int = 32, output_mean: list[float] | None = None,
                  adversary_filters: list[int] | None = None, adversary_hidden: int = 512,
-                 adversary_reads: str = "all"):
+                 adversary_reads: str = "all", decoder_batch: bool = False):
         super().__init__(in_channels, n_classes, image_size, filters, strides, latent_dim,
                          classifier_hidden, output_mean)
         self.n_batches = n_batches
+        self.decoder_batch = decoder_batch
+        if decoder_batch:  # the decoder reads [latent, Z]: the batch's look need not be in the latent
+            self.decoder = TiedDecoder(self.encoder, latent_dim + n_batches)
+            glorot_init(self.decoder)
+            self.decoder.init_output(output_mean)
         if adversary_reads == "latent":
             self.adversary = LatentAdversary(latent_dim, n_batches, adversary_hidden)
         elif adversary_reads == "all":
@@ -106,9 +112,12 @@ class DomainAdversarialAEC(AutoencoderClassifier):
         return self.encoder(x)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> ModelOutput:
-        """Images -> latent, recon, logits, batch_logits (ẑ_A); `z` is unused."""
+        """Images -> latent, recon, logits, batch_logits (ẑ_A); `z` only feeds a batch-conditioned
+        decoder (`decoder_batch`; no Z: the reconstruction of no particular batch)."""
         latent, feats = self.encoder(x)
-        return ModelOutput(latent=latent, recon=self.decoder(latent), logits=self.classifier(latent),
+        dec_in = torch.cat([latent, design_matrix(z, x, self.n_batches)], 1) if self.decoder_batch \
+            else latent
+        return ModelOutput(latent=latent, recon=self.decoder(dec_in), logits=self.classifier(latent),
                            batch_logits=self.adversary(feats, latent))
 
 
@@ -194,7 +203,7 @@ class MixedEffectsAEC(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> ModelOutput:
         """(x, z) -> both subnetworks' outputs and the mixed prediction (see the module doc)."""
-        fe = self.fe(x)
+        fe = self.fe(x, z)
         latent_re, recon_re, _, cluster_logits, cluster_image_logits = self.re.branch(
             x, design_matrix(z, x, self.n_batches))
         mixed = self.mixer(torch.cat([fe.latent, latent_re], 1))
@@ -210,11 +219,13 @@ def adversarial(in_channels: int, n_classes: int, n_batches: int = 1, preset: st
                 strides: list[int] | None = None, latent_dim: int | None = None,
                 classifier_hidden: int = 32, output_mean: list[float] | None = None,
                 adversary_filters: list[int] | None = None, adversary_hidden: int = 512,
-                adversary_reads: str = "all") -> DomainAdversarialAEC:
+                adversary_reads: str = "all", decoder_batch: bool = False) -> DomainAdversarialAEC:
     """Domain-adversarial AEC (spec 2.2); `n_batches` (training batches) sizes the adversary.
 
     `adversary_reads`: 'all' (the reference: every encoder block's output and the latent) or
-    'latent' (an MLP on the latent only, the representation that is evaluated).
+    'latent' (an MLP on the latent only, the representation that is evaluated). `decoder_batch`: the
+    decoder also reads the batch's one-hot Z (as a conditional autoencoder), so reconstructing a
+    batch's look no longer needs the batch in the latent that the adversary tries to clean.
     """
     p = resolve_preset(preset, image_size=image_size, filters=filters, strides=strides,
                        latent_dim=latent_dim)
@@ -222,7 +233,7 @@ def adversarial(in_channels: int, n_classes: int, n_batches: int = 1, preset: st
                                 classifier_hidden=classifier_hidden, output_mean=output_mean,
                                 adversary_filters=adversary_filters,
                                 adversary_hidden=adversary_hidden, adversary_reads=adversary_reads,
-                                **p)
+                                decoder_batch=decoder_batch, **p)
 
 
 @register_model("randomeffects", plan=RandomEffectsPlan, uses_z=True,
