@@ -262,7 +262,7 @@ def mixedeffects(in_channels: int, n_classes: int, n_batches: int = 1, preset: s
                  adversary_filters: list[int] | None = None, adversary_hidden: int = 512,
                  re_prior_scale: float = 0.25, re_loc_init_scale: float = 0.1,
                  image_classifier_filters: list[int] | None = None, mixer_hidden: int = 32,
-                 adversary_reads: str = "all") -> MixedEffectsAEC:
+                 adversary_reads: str = "all", decoder_batch: bool = False) -> MixedEffectsAEC:
     """ARMED mixed-effects AEC as in the paper's figure (spec 2.5); both halves use the preset."""
     p = resolve_preset(preset, image_size=image_size, filters=filters, strides=strides,
                        latent_dim=latent_dim)
@@ -270,7 +270,7 @@ def mixedeffects(in_channels: int, n_classes: int, n_batches: int = 1, preset: s
                               classifier_hidden=classifier_hidden, output_mean=output_mean,
                               adversary_filters=adversary_filters,
                               adversary_hidden=adversary_hidden, adversary_reads=adversary_reads,
-                              **p)
+                              decoder_batch=decoder_batch, **p)
     re = RandomEffectsAEC(in_channels, n_classes, n_batches, output_mean=output_mean,
                           re_prior_scale=re_prior_scale, re_loc_init_scale=re_loc_init_scale,
                           image_classifier_filters=image_classifier_filters, target_head=False, **p)
