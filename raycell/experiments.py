@@ -354,8 +354,10 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         baseline: Also add the hand-made-feature baseline rows (`raycell.eval.baseline`; features
             chosen by `eval.baseline_features`, 'auto' = morph_* columns and morph_* + crop features
             when present, else crops: `baseline_sources`).
-        tune: First search each model type's own loss weights (`tune_model`: `tune_samples` trials,
-            `tune_folds` cross-batch folds) and add a "<model> (tuned)" row trained with them.
+        tune: First search each model type's own loss weights (`tune_model`) and add a
+            "<model> (tuned)" row trained with them.
+        tune_samples: Trials per model type's search.
+        tune_folds: Cross-batch folds per trial (`tune.folds`).
 
     Returns:
         {"out", "summary" (row label -> column means/sds), "rows" (one per seed and row), "table"
