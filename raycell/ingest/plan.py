@@ -38,8 +38,9 @@ _GROUP_CANDIDATES = ("line", "group", "treatment", "compound", "cell_line")
 def check_config(cfg) -> None:
     """Check `cfg.ingest` before anything starts (no Ray, no pixels); IngestError names the key."""
     p = dataclasses.asdict(cfg.ingest)
+    if p["input"] and p["out"]:
+        check_out(p)  # the user's files come first: an unsafe output is refused whatever else is wrong
     check_params(p)
-    check_out(p)
 
 
 def check_params(p: dict) -> None:
