@@ -145,7 +145,8 @@ def test_lost_task_shard_is_left_out_and_no_crop_reaches_the_driver(
             seen["bytes"] += block.nbytes
             yield from (r for r in block.to_pylist() if r["task"] != 0)
         staged = next(tmp_path.glob("crops.partial-*"))
-        seen["stray"] = sorted(p.name for p in (staged / "parts" / K.SHARD_DIR).glob("part-000000-*"))
+        parts = staged / "parts" / K.SHARD_DIR
+        seen["stray"] = sorted(p.name for p in parts.glob("part-000000-*"))
 
     monkeypatch.setattr(driver, "_result_rows", lose_first_task)
     s = driver.run_ingest(_cfg(src, out, pm, fovs_per_task=2, normalization="per-image"))

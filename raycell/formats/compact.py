@@ -1,4 +1,4 @@
-"""Compaction: many small shard files -> few shards of a target size, the same rows in the same order.
+"""Compaction: many small shard files -> few shards of a target size, the same rows, same order.
 
 Every stage after ingest pays per file (a parquet footer, a Ray Data read task, an inference round's
 output file), so a data set of 10^4-10^6 files of a few cells each is slow to split, train on, infer
@@ -45,7 +45,7 @@ class Piece:
 
 
 def rows_cap(rows_per_shard: int, shard_mb: float, cell_bytes: int) -> int:
-    """The most rows per output shard: `rows_per_shard` and `shard_mb` of image bytes (0 = no bound).
+    """The most rows per output shard: `rows_per_shard`, `shard_mb` MiB of images (0 = no bound).
 
     `cell_bytes` is one crop's image bytes (channels x height x width x item size); metadata columns
     are small beside it and not counted. At least 1 row, whatever the bounds.
@@ -59,7 +59,7 @@ def rows_cap(rows_per_shard: int, shard_mb: float, cell_bytes: int) -> int:
 
 
 def plan_shards(rows: list[int], cap: int) -> list[list[Piece]]:
-    """Cut the concatenation of sources with `rows` rows each into shards of `cap` rows (last: fewer).
+    """Cut the sources (`rows` rows each), end to end, into shards of `cap` rows (the last: fewer).
 
     Deterministic from the row counts alone; a source may span several shards, and sources without
     rows are skipped.
@@ -124,15 +124,12 @@ def write_compacted(
 
     def one(k: int) -> dict:
         tables = []
-        last: tuple[int, pa.Table] | None = None  # a source cut at a shard's end starts the next one
-        for piece in plan[k]:
-            if last is None or last[0] != piece.source:
-                t = _read_source(sources[piece.source])
-                if t.num_rows != rows[piece.source]:
-                    raise ShardError(f"{sources[piece.source]} has {t.num_rows} rows, expected "
-                                     f"{rows[piece.source]}: it changed while being compacted")
-                last = (piece.source, t)
-            tables.append(last[1].slice(piece.start, piece.stop - piece.start))
+        for piece in plan[k]:  # each source gives one piece to a shard (two, if cut, to two shards)
+            t = _read_source(sources[piece.source])
+            if t.num_rows != rows[piece.source]:
+                raise ShardError(f"{sources[piece.source]} has {t.num_rows} rows, expected "
+                                 f"{rows[piece.source]}: it changed while being compacted")
+            tables.append(t.slice(piece.start, piece.stop - piece.start))
         table = pa.concat_tables(tables, promote_options="default")
         atomic_write_parquet(table, shard_dir / compacted_name(k))
         return {"file": f"{K.SHARD_DIR}/{compacted_name(k)}", "rows": int(table.num_rows)}

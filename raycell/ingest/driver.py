@@ -232,7 +232,8 @@ def _compact(staging: Path, parts: list[dict], p: dict) -> list[dict]:
 
     from raycell.formats.compact import cell_bytes, rows_cap, write_compacted
 
-    cap = rows_cap(p["rows_per_shard"], p["shard_mb"], cell_bytes(parts[0]["shape"], parts[0]["dtype"]))
+    one_cell = cell_bytes(parts[0]["shape"], parts[0]["dtype"])
+    cap = rows_cap(p["rows_per_shard"], p["shard_mb"], one_cell)
     files = [str(staging / PARTS / part["file"]) for part in parts]
     shards = write_compacted(files, [part["rows"] for part in parts], staging, cap)
     shutil.rmtree(staging / PARTS)
