@@ -159,12 +159,12 @@ def test_ingest_of_many_fields_gives_a_handful_of_shards(ray_local, many_fields,
     seen = {}
     real = driver._compact
 
-    def keep_parts(staging, parts, p):
+    def keep_parts(staging, parts, p, ch):
         """The tasks' files as they were before compaction: one per field, in plan order."""
         seen["parts"] = [pq.read_table(staging / driver.PARTS / q["file"]) for q in parts]
         seen["stray"] = staging / driver.PARTS / K.SHARD_DIR / ".part-999999-000.parquet.x.tmp"
         seen["stray"].write_bytes(b"a killed writer's temporary file")
-        return real(staging, parts, p)
+        return real(staging, parts, p, ch)
 
     monkeypatch.setattr(driver, "_compact", keep_parts)
     out = tmp_path / "crops"

@@ -167,7 +167,7 @@ def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Pat
         "ch": ch,
         "stats_ref": stats_ref,
         "out": str(staging),
-        "rows_per_shard": int(p["rows_per_shard"]),
+        "rows_per_shard": _rows_cap(p, ch),  # a task's file is never cut into many shards
     }
     ds = map_fovs(fov_dataset(fovs, p), crop_batch, p, kw)
     for r in _result_rows(ds):
@@ -215,7 +215,15 @@ def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Pat
     return got
 
 
-def _compact(staging: Path, parts: list[dict], p: dict) -> list[dict]:
+def _rows_cap(p: dict, ch: dict) -> int:
+    """Rows per shard: `ingest.rows_per_shard`, fewer when `ingest.shard_mb` binds first."""
+    from raycell.formats.compact import cell_bytes, rows_cap
+
+    shape = (len(ch["names"]), p["crop_size"], p["crop_size"])
+    return rows_cap(p["rows_per_shard"], p["shard_mb"], cell_bytes(shape, p["dtype"]))
+
+
+def _compact(staging: Path, parts: list[dict], p: dict, ch: dict) -> list[dict]:
     """Rewrite the crop tasks' files (`staging/parts/`) as the data set's shards; the shard list.
 
     Shards of `ingest.rows_per_shard` rows (and at most `ingest.shard_mb` of image bytes), whatever
@@ -230,12 +238,10 @@ def _compact(staging: Path, parts: list[dict], p: dict) -> list[dict]:
     """
     import shutil
 
-    from raycell.formats.compact import cell_bytes, rows_cap, write_compacted
+    from raycell.formats.compact import write_compacted
 
-    one_cell = cell_bytes(parts[0]["shape"], parts[0]["dtype"])
-    cap = rows_cap(p["rows_per_shard"], p["shard_mb"], one_cell)
     files = [str(staging / PARTS / part["file"]) for part in parts]
-    shards = write_compacted(files, [part["rows"] for part in parts], staging, cap)
+    shards = write_compacted(files, [part["rows"] for part in parts], staging, _rows_cap(p, ch))
     shutil.rmtree(staging / PARTS)
     return shards
 
@@ -435,7 +441,7 @@ def run_ingest(cfg) -> dict:
     for part in got["parts"]:  # sorted by file name
         builder.add(part)
     t_compact = time.perf_counter()
-    builder.relist(_compact(partial, got["parts"], p))
+    builder.relist(_compact(partial, got["parts"], p, plan["channels"]))
     summary["n_shards"] = len(builder.shards)
     summary["seconds"]["compact"] = round(time.perf_counter() - t_compact, 2)
     builder.write(
