@@ -1,18 +1,19 @@
-"""The small-file tax: the same cells as N tiny shards and as compacted shards, through every later stage.
+"""The small-file tax: the same cells as N tiny shards and as compacted shards, in every stage.
 
-One synthetic data set is written as `--shards` tiny shards (`--cells-per-shard` cells each, what one
-shard per field of view gave: a real screen has 10^4-10^6 such files), then copied by
-`raycell.formats.compact.compact_dataset` into shards of `--rows-per-shard` cells (the same cells, in
-the same order). On each, as a user runs them (Ray up once, shared by both; each call pays its own
-Ray Data start, as a user's would):
+One synthetic data set is written as `--shards` tiny shards (`--cells-per-shard` cells each, as
+one shard per field of view gave: a real screen has 10^4-10^6 such files), then copied by
+`raycell.formats.compact.compact_dataset` into shards of `--rows-per-shard` cells (the same cells,
+in the same order). On each, as a user runs them (Ray up once, shared by both; each call pays its
+own Ray Data start, as a user's would):
   * split: `raycell.data.splits.split_dataset` (reads the key columns, rewrites every shard);
   * train: one epoch of `raycell train` (Ray Train + Ray Data, 1 worker), the fit's wall time and
     the epoch's own time;
-  * infer: `raycell infer` with the checkpoint trained on that copy (one output file per input shard);
+  * infer: `raycell infer` with the checkpoint trained on that copy (one output file per input
+    shard);
   * embed: `raycell embed` with the same checkpoint (profiling layout, well profiles).
 Prints a table (seconds on tiny shards, on compacted shards, ratio) and writes
-bench/results/<date>_small_files.json; `x_split_epoch_infer` is the ratio of the summed split + fit +
-infer seconds (issue goal: compacted >= 3x faster at 10,000 shards).
+bench/results/<date>_small_files.json; `x_split_epoch_infer` is the ratio of the summed split +
+fit + infer seconds (issue goal: compacted >= 3x faster at 10,000 shards).
 
     python bench/bench_small_files.py                  # 10,000 shards of 2 cells, 32 px
     python bench/bench_small_files.py --quick          # 300 shards: a check that it runs
@@ -73,7 +74,9 @@ def run_stages(path: Path, work: Path, base: list[str]) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Build both data sets, run the stages on each, print the table, write the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=0, help="tiny shards (0 = 10,000; --quick: 300)")
     ap.add_argument("--cells-per-shard", type=int, default=2, help="cells in each tiny shard")
     ap.add_argument("--rows-per-shard", type=int, default=2000, help="cells per compacted shard")
@@ -82,8 +85,10 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every stage (repeatable)")
     ap.add_argument("--quick", action="store_true", help="300 tiny shards")
-    ap.add_argument("--keep", action="store_true", help="keep the data sets (printed) instead of deleting")
-    ap.add_argument("--out", help="JSON file, or folder for <date>_small_files.json (default bench/results)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the data sets (the folder is printed) instead of deleting them")
+    ap.add_argument("--out",
+                    help="JSON file, or folder for <date>_small_files.json (default bench/results)")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     n_shards = args.shards or (300 if args.quick else 10_000)
@@ -99,14 +104,16 @@ def main(argv=None):
     mach = machine()
     tmp = Path(tempfile.mkdtemp(prefix="raycell-bench-sf-"))
     tiny, compact = tmp / "tiny", tmp / "compact"
-    print(f"[bench] {cells} cells as {n_shards} shards of {args.cells_per_shard} -> {tiny}", flush=True)
+    print(f"[bench] {cells} cells as {n_shards} shards of {args.cells_per_shard} -> {tiny}",
+          flush=True)
     write_synthetic(str(tiny), n_cells=cells, crop_size=args.crop_size,
                     rows_per_shard=args.cells_per_shard, progress=False)
     t0 = time.perf_counter()
     compact_dataset(tiny, compact, rows_per_shard=args.rows_per_shard)
     t_compact = time.perf_counter() - t0
     n_compact = len(open_dataset(compact).shard_paths)
-    print(f"[bench] compacted into {n_compact} shards in {t_compact:.1f} s -> {compact}", flush=True)
+    print(f"[bench] compacted into {n_compact} shards in {t_compact:.1f} s -> {compact}",
+          flush=True)
 
     base = [f"model.preset={args.preset}", "train.epochs=1", "scaling.num_workers=1",
             "ray.progress=false", *args.set]
