@@ -208,3 +208,20 @@ def test_ingest_of_many_fields_gives_a_handful_of_shards(ray_local, many_fields,
     assert [x["rows"] for x in again.manifest["shards"]][:-1] == [40] * (s2["n_shards"] - 1)
     assert again.read_table().equals(after)  # same cells, same order, once each
     assert not list(tmp_path.glob("crops.partial-*")) and not list(tmp_path.glob("crops.old-*"))
+
+
+def test_manifest_relist_keeps_counts_and_refuses_other_rows(tmp_path):
+    from raycell.formats.shards import ManifestBuilder, write_shard_file
+
+    b = ManifestBuilder(tmp_path, ["a"])
+    for k, n in enumerate((3, 4)):
+        meta = pd.DataFrame({K.CELL_ID: [f"f{k}-c{i}" for i in range(n)], K.BATCH: "b0",
+                             K.LABEL: "x"})
+        b.add(write_shard_file(tmp_path, f"part-00000{k}-000.parquet",
+                               np.full((n, 1, 4, 4), k, np.uint8), meta))
+    with pytest.raises(ShardError, match="hold 6 rows, the parts added 7"):
+        b.relist([{"file": "shards/part-00000.parquet", "rows": 6}])
+    b.relist([{"file": "shards/part-00000.parquet", "rows": 7}])
+    m = b.write()
+    assert m["shards"] == [{"file": "shards/part-00000.parquet", "rows": 7}]
+    assert m["n_cells"] == 7 and m["counts_per_batch"] == {"b0": 7}
