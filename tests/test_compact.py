@@ -225,3 +225,17 @@ def test_manifest_relist_keeps_counts_and_refuses_other_rows(tmp_path):
     m = b.write()
     assert m["shards"] == [{"file": "shards/part-00000.parquet", "rows": 7}]
     assert m["n_cells"] == 7 and m["counts_per_batch"] == {"b0": 7}
+
+
+def test_negative_shard_bounds_are_refused_naming_the_key(tmp_path):
+    import dataclasses
+
+    from raycell.config import load_config
+    from raycell.ingest.plan import check_params
+    from raycell.ingest.sources import IngestError
+
+    for key in ("rows_per_shard", "shard_mb"):
+        cfg = load_config(None, [f"ingest.input={tmp_path}", f"ingest.out={tmp_path / 'o'}",
+                                 "ingest.pattern=(?P<well>.*)", f"ingest.{key}=-1"])
+        with pytest.raises(IngestError, match=f"ingest.{key} must be >= 0"):
+            check_params(dataclasses.asdict(cfg.ingest))
