@@ -171,8 +171,11 @@ class IngestConfig:
                              "(shape of the centre object, intensity inside/outside it, GLCM texture; "
                              "raycell/ingest/features.py), computed in the ingest tasks; the hand-made-"
                              "feature baseline then reads them instead of computing them from the crops")
-    rows_per_shard: int = _f(2000, "most cells per parquet shard; each crop task writes its own shard "
-                             "file(s), holding its ingest.fovs_per_task fields' cells")
+    rows_per_shard: int = _f(2000, "most cells per parquet shard: the crop tasks' files are compacted "
+                             "into shards of this many cells (0 = no row bound), whatever the number "
+                             "of fields")
+    shard_mb: float = _f(128.0, "most MiB of crop image bytes per shard (with rows_per_shard, the "
+                         "smaller bound wins; 0 = no byte bound)")
     num_workers: int = _f(0, "concurrent ingest tasks (0 = as many as Ray's CPUs allow)")
     cpus_per_task: float = _f(1.0, "logical CPUs reserved by each ingest task")
     fovs_per_task: int = _f(1, "fields of view per Ray task (more = less scheduling overhead)")

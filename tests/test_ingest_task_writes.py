@@ -103,12 +103,19 @@ def test_task_size_does_not_change_the_data_set(ray_local, raw, tmp_path):
     for k in CELL_KEYS:
         assert man1[k] == man3[k], k
     assert man1["ingest"]["accounting"] == man3["ingest"]["accounting"]
-    # shards: one file per task that gave cells, in plan order; at most rows_per_shard rows each
-    names1 = [Path(s["file"]).name for s in man1["shards"]]
-    assert len(names1) == 7 and names1 == sorted(names1)
-    assert all(s["rows"] <= 7 for s in man3["shards"]) and len(man3["shards"]) > 3
-    on_disk = sorted(p.name for p in (tmp_path / "three" / K.SHARD_DIR).iterdir())
-    assert on_disk == sorted(Path(s["file"]).name for s in man3["shards"])
+    # shards: sized by rows, not by task: every shard but the last has exactly rows_per_shard
+    # rows (2000 by default: all of this small set in one), whatever the number of fields
+    assert [s["rows"] for s in man1["shards"]] == [one["n_cells"]]
+    rows3 = [s["rows"] for s in man3["shards"]]
+    assert set(rows3[:-1]) == {7} and 0 < rows3[-1] <= 7 and sum(rows3) == three["n_cells"]
+    assert one["n_shards"] == 1 and three["n_shards"] == len(rows3)
+    for out, man in ((tmp_path / "one", man1), (tmp_path / "three", man3)):
+        on_disk = sorted(p.name for p in (out / K.SHARD_DIR).iterdir())
+        assert on_disk == [Path(s["file"]).name for s in man["shards"]]
+        assert not (out / "parts").exists()  # the tasks' files went with the compaction
+    # the same cells in the same order (plan order) whatever the task size
+    order1 = open_dataset(tmp_path / "one").read_metadata()[K.CELL_ID].tolist()
+    assert open_dataset(tmp_path / "three").read_metadata()[K.CELL_ID].tolist() == order1
 
     # the manifest equals the one the one-process writer gives for the same rows
     ref = ShardWriter(tmp_path / "ref", man3["channel_names"], rows_per_shard=50)
@@ -138,7 +145,8 @@ def test_lost_task_shard_is_left_out_and_no_crop_reaches_the_driver(
             seen["bytes"] += block.nbytes
             yield from (r for r in block.to_pylist() if r["task"] != 0)
         staged = next(tmp_path.glob("crops.partial-*"))
-        seen["stray"] = sorted(p.name for p in (staged / K.SHARD_DIR).glob("part-000000-*"))
+        parts = staged / "parts" / K.SHARD_DIR
+        seen["stray"] = sorted(p.name for p in parts.glob("part-000000-*"))
 
     monkeypatch.setattr(driver, "_result_rows", lose_first_task)
     s = driver.run_ingest(_cfg(src, out, pm, fovs_per_task=2, normalization="per-image"))
@@ -154,8 +162,8 @@ def test_lost_task_shard_is_left_out_and_no_crop_reaches_the_driver(
     lost = set(rej.loc[rej.code == "lost", "fov_id"])
     ds = open_dataset(out, check=True)
     names = [Path(p).name for p in ds.shard_paths]
-    assert "part-000000-000.parquet" not in names
     assert sorted(p.name for p in (out / K.SHARD_DIR).iterdir()) == sorted(names)
+    assert not (out / "parts").exists()
     meta = ds.read_metadata()
     assert len(meta) == s["n_cells"] == ds.manifest["n_cells"] and meta[K.CELL_ID].is_unique
     assert not meta[K.CELL_ID].str.rsplit("-c", n=1).str[0].isin(lost).any()
@@ -173,7 +181,6 @@ def _meta(fid: str, n: int) -> pd.DataFrame:
 
 
 def test_task_shards_named_by_first_field_and_split_by_rows(tmp_path):
-    from raycell.ingest.driver import _drop_strays
     from raycell.ingest.fov import write_task_shards
 
     imgs = [np.full((n, 2, 8, 8), i, np.uint8) for i, n in enumerate((4, 3))]
@@ -186,12 +193,6 @@ def test_task_shards_named_by_first_field_and_split_by_rows(tmp_path):
     assert len(write_task_shards(str(tmp_path), 20, imgs, [_meta("g1", 4), _meta("g2", 3)], 0)) == 1
     with pytest.raises(RuntimeError, match="duplicate cell_id 'f1-c00001'"):
         write_task_shards(str(tmp_path), 30, imgs, [_meta("f1", 4), _meta("f1", 3)], 3)
-    # files that no gathered part lists (a lost task's, a temporary file) are removed
-    (tmp_path / K.SHARD_DIR / ".part-000040-000.parquet.ab12.tmp").write_bytes(b"x")
-    gone = _drop_strays(tmp_path, parts)
-    assert gone == [".part-000040-000.parquet.ab12.tmp", "part-000020-000.parquet"]
-    left = sorted(p.name for p in (tmp_path / K.SHARD_DIR).iterdir())
-    assert left == [Path(p["file"]).name for p in parts]
 
 
 def test_crop_batch_rows_carry_no_crops(tmp_path, monkeypatch):

@@ -251,6 +251,14 @@ class ManifestBuilder:
                 acc[k] = acc.get(k, 0) + v
         self.shards.append({"file": part["file"], "rows": part["rows"]})
 
+    def relist(self, shards: list[dict]) -> None:
+        """List `shards` ({"file", "rows"}) instead of the parts added: the same rows rewritten as
+        other files (`raycell.formats.compact`). The statistics and counts stay those of the parts."""
+        n = sum(int(s["rows"]) for s in shards)
+        if n != self.n:
+            raise ShardError(f"{self.out}: the new shards hold {n} rows, the parts added {self.n}")
+        self.shards = [{"file": s["file"], "rows": int(s["rows"])} for s in shards]
+
     def write(self, params: dict | None = None, extra: dict | None = None) -> dict:
         """Write the manifest (atomically, last: a folder with a manifest is complete) and return it."""
         if not self.shards:

@@ -11,23 +11,23 @@
    runaway estimate and rejects an implausible segmentation (`implausible-segmentation`).
 3. **Crop pass** (`fov`, Ray Data, one task per few FOVs): each FOV gives exactly one small row,
    ok with its cell count or a reject reason; its crops go into its task's shard files.
-4. **The crop tasks write the shards** where they compute (`fov.crop_batch`): each task writes its
-   FOVs' cells into `shards/part-<index of its first FOV in plan order, 6 digits>-<piece>.parquet`
-   in the staging folder (`write_shard_file`), at most `ingest.rows_per_shard` rows per file, and
+4. **The crop tasks write their fields' cells** where they compute (`fov.crop_batch`): each task
+   writes `parts/shards/part-<index of its first FOV in plan order, 6 digits>-<piece>.parquet` in
+   the staging folder (`write_shard_file`, at most `ingest.rows_per_shard` rows per file), and
    returns only one small row per FOV (status, reject code and reason, info JSON) plus the part
    records of its files (row count, sparse per-channel histogram, value counts). A task whose FOVs
    gave no cell writes no file. The driver gathers those rows (never a crop: on a cluster one
-   process writing every shard would be the ceiling), builds the manifest with `ManifestBuilder`
-   from the parts sorted by file name (so the shard order does not depend on which task finished
-   first; a retried task rewrites its own files atomically), and writes the rejects table, the
-   summary and the manifest. A shard file in the staging folder that no gathered part lists (a task
-   whose result was lost, a temporary file of a killed writer) is deleted before the swap-in, so
-   the data set holds exactly the cells of the FOVs accounted as ok.
-   Shards are one or more per task (`ingest.fovs_per_task` FOVs), not a fixed row count: the
-   training reader takes any file sizes (Ray Data's `read_parquet` packs small files into blocks up
-   to its target block size, `data.block_size_mb`), and `rows_per_shard` still bounds the largest
-   file. Few cells per field and one field per task give many small files: raise
-   `ingest.fovs_per_task` (which also cuts the scheduling overhead).
+   process computing every crop would be the ceiling) and sorts the parts by file name (so nothing
+   depends on which task finished first; a retried task rewrites its own files atomically).
+5. **Compaction** (`_compact`, `raycell.formats.compact`): the gathered parts, in that order, are
+   rewritten as the data set's shards `shards/part-NNNNN.parquet` of `ingest.rows_per_shard` rows
+   (at most `ingest.shard_mb` MiB of image bytes), whatever the number of fields; a field's cells
+   may span two shards. Rows are copied, never decoded. Only gathered parts are read, and the
+   `parts/` folder is removed, so a file a lost task wrote (its FOVs are `lost`) or a killed
+   writer's temporary file never reaches the data set: it holds exactly the cells of the FOVs
+   accounted as ok. The manifest's statistics and counts come from the part records
+   (`ManifestBuilder.add`), its shard list from the compaction (`ManifestBuilder.relist`); then the
+   rejects table, the summary and the manifest are written.
    Unique cell ids: a cell id is `<fov_id>-c<label>` (label: 5 or more digits), unique by
    construction since FOV ids are (the plan groups files by them; the driver checks that each
    comes back once) and labels are unique within a FOV; each task checks its own rows, the cheap
@@ -65,6 +65,7 @@ from raycell.ingest.stats import compute_stats
 from raycell.ingest.tasks import fov_dataset, map_fovs
 
 REJECTS = "rejects.parquet"
+PARTS = "parts"  # the crop tasks' files, in the staging folder until compacted
 SUMMARY = "ingest_summary.json"
 
 
@@ -166,7 +167,7 @@ def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Pat
         "ch": ch,
         "stats_ref": stats_ref,
         "out": str(staging),
-        "rows_per_shard": int(p["rows_per_shard"]),
+        "rows_per_shard": _rows_cap(p, ch),  # a task's file is never cut into many shards
     }
     ds = map_fovs(fov_dataset(fovs, p), crop_batch, p, kw)
     for r in _result_rows(ds):
@@ -214,20 +215,35 @@ def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Pat
     return got
 
 
-def _drop_strays(staging: Path, parts: list[dict]) -> list[str]:
-    """Delete files in the staging shard folder that no gathered part lists; their names.
+def _rows_cap(p: dict, ch: dict) -> int:
+    """Rows per shard: `ingest.rows_per_shard`, fewer when `ingest.shard_mb` binds first."""
+    from raycell.formats.compact import cell_bytes, rows_cap
 
-    A task whose result never came back (its FOVs are `lost`) may still have written its file, and
-    a killed writer may have left a temporary file: neither belongs to the data set. Only the
-    staging folder this run created is touched.
+    shape = (len(ch["names"]), p["crop_size"], p["crop_size"])
+    return rows_cap(p["rows_per_shard"], p["shard_mb"], cell_bytes(shape, p["dtype"]))
+
+
+def _compact(staging: Path, parts: list[dict], p: dict, ch: dict) -> list[dict]:
+    """Rewrite the crop tasks' files (`staging/parts/`) as the data set's shards; the shard list.
+
+    Shards of `ingest.rows_per_shard` rows (and at most `ingest.shard_mb` of image bytes), whatever
+    the number of fields: the tasks' files follow the task size (one field's ~20 cells by
+    default), and every later stage pays per file. Why a pass at the end rather than tasks that
+    group fields into big files: a task's files are its own (named after its first field, rewritten
+    whole by a retry), which is what keeps each field in the data set exactly once; a pass over
+    the gathered parts, in plan order, keeps that and gives the same shards whichever task finished
+    first. Only the parts gathered are read: a lost task's file or a killed writer's temporary file
+    goes with the parts folder, which is removed. This is the one pass in the driver over every
+    cell: a copy of bytes, no image decoded, in a few threads (`write_compacted`).
     """
-    keep = {Path(part["file"]).name for part in parts}
-    gone = []
-    for f in sorted((staging / K.SHARD_DIR).iterdir()):
-        if f.name not in keep and f.is_file():
-            f.unlink()
-            gone.append(f.name)
-    return gone
+    import shutil
+
+    from raycell.formats.compact import write_compacted
+
+    files = [str(staging / PARTS / part["file"]) for part in parts]
+    shards = write_compacted(files, [part["rows"] for part in parts], staging, _rows_cap(p, ch))
+    shutil.rmtree(staging / PARTS)
+    return shards
 
 
 def _crop_checks(got: dict, names: list[str]) -> tuple[dict, list[str]]:
@@ -394,8 +410,8 @@ def run_ingest(cfg) -> dict:
     stats["diameter_ref"] = plate_diameters(plan["fovs"], p, plan["channels"], stats)
     t_stats = time.perf_counter() - t0
     partial = staging_dir(out, DATASET)
-    (partial / K.SHARD_DIR).mkdir()
-    got = _gather_crops(plan["fovs"], p, plan["channels"], stats, partial)
+    (partial / PARTS / K.SHARD_DIR).mkdir(parents=True)
+    got = _gather_crops(plan["fovs"], p, plan["channels"], stats, partial / PARTS)
     cols = ["kind", "fov_id", "code", "reason", "files"]
     rej = (
         pd.DataFrame(
@@ -424,7 +440,10 @@ def run_ingest(cfg) -> dict:
     builder = ManifestBuilder(partial, plan["channels"]["names"])
     for part in got["parts"]:  # sorted by file name
         builder.add(part)
-    _drop_strays(partial, got["parts"])
+    t_compact = time.perf_counter()
+    builder.relist(_compact(partial, got["parts"], p, plan["channels"]))
+    summary["n_shards"] = len(builder.shards)
+    summary["seconds"]["compact"] = round(time.perf_counter() - t_compact, 2)
     builder.write(
         params={"stage": "ingest", "input": p["input"]},
         extra=_manifest_extra(p, plan, stats, summary, illum_files),

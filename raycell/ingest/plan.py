@@ -68,6 +68,9 @@ def check_params(p: dict) -> None:
         )
     if not p["scale_fold"] > 1:
         raise IngestError(f"ingest.scale_fold must be > 1 (a factor), got {p['scale_fold']}")
+    for k in ("rows_per_shard", "shard_mb"):
+        if p[k] < 0:
+            raise IngestError(f"ingest.{k} must be >= 0 (0 = no bound), got {p[k]}")
     if not p["input"] or not p["out"]:
         raise IngestError("ingest.input and ingest.out must both be set")
     given.check_given(p)
