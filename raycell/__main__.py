@@ -26,8 +26,10 @@ NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune", "embed"}
 def run_import_armed(args) -> dict:
     """`raycell import-armed SRC --out DST`: ARMED .npz/.csv -> crop shards (no config, no Ray)."""
     from raycell.ingest.armed_npz import import_armed
+    from raycell.utils.locks import writing
 
-    m = import_armed(args.src, args.out, overwrite=args.overwrite)
+    with writing(args.out, "--out"):
+        m = import_armed(args.src, args.out, overwrite=args.overwrite)
     print(f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}")
     return m
 
@@ -188,7 +190,27 @@ def preflight(args, cfg):
         args.seeds = parse_seeds(args.seeds)
         args.models = args.models or MEDL_MODELS
         check_medl(cfg, args.seeds, args.models)
+    busy_check(args.command, cfg)
     return cfg
+
+
+# verb -> (the output it writes, its key): a second run into an output being written refuses before
+# Ray starts (infer and embed check in `check_config`, where their default output is known)
+_WRITES = {"ingest": ("ingest.out", lambda c: c.ingest.out),
+           "train": ("train.resume run folder", lambda c: c.train.resume),
+           "tune": ("tune.out", lambda c: c.tune.out),
+           "synth": ("synth.out", lambda c: c.synth.out),
+           "export": ("export output", lambda c: c.export.out)}
+
+
+def busy_check(command: str, cfg) -> None:
+    """Refuse, in one line, a verb whose output a live run is writing (`raycell.utils.locks`)."""
+    from raycell.utils.locks import check_free
+
+    if command in _WRITES:
+        what, get = _WRITES[command]
+        if get(cfg):
+            check_free(get(cfg), what)
 
 
 def main(argv: list[str] | None = None) -> int:

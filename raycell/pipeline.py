@@ -17,6 +17,14 @@ from raycell.utils.io import atomic_write_json, atomic_write_text
 
 
 def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
+    """`_run_synth`, holding the lock of `synth.out` (a second synth into it refuses)."""
+    from raycell.utils.locks import writing
+
+    with writing(cfg.synth.out, "synth.out"):
+        return _run_synth(cfg, overwrite)
+
+
+def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     """Generate the synthetic data set into `cfg.synth.out` (raw fields of view with `synth.raw`)."""
     from raycell.data.synthetic import AUTO_RAY_CELLS, write_synthetic
 
@@ -113,7 +121,8 @@ def run_export(cfg: ExperimentConfig) -> dict:
     if not e.embeddings or not e.out:
         raise ConfigError("export needs export.embeddings and export.out (--embeddings DIR --out FILE)")
     s = export(e.embeddings, e.out, fmt=e.format, level=e.level, top_k=e.top_k,
-               drop_zero_variance=e.drop_zero_variance, with_morph=e.with_morph, umap=e.umap, seed=cfg.seed)
+               drop_zero_variance=e.drop_zero_variance, with_morph=e.with_morph, umap=e.umap,
+               seed=cfg.seed, overwrite=e.overwrite)
     print(f"[raycell] exported {s['n_obs']} {s['level']} rows x {s['n_vars']} features "
           f"({s['n_dropped']} dropped) -> {s['path']}", flush=True)
     return s

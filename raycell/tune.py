@@ -355,6 +355,14 @@ def objective_plot(rows: list[dict], space: dict, metric: str, mode: str, path: 
 
 
 def run_search(cfg: ExperimentConfig) -> dict:
+    """`_run_search`, holding the lock of `tune.out` (two searches there would mix trials)."""
+    from raycell.utils.locks import writing
+
+    with writing(cfg.tune.out, "tune.out"):
+        return _run_search(cfg)
+
+
+def _run_search(cfg: ExperimentConfig) -> dict:
     """Run the search of `cfg.tune` (Ray initialised); returns {out, trials_csv, best_yaml, plot, best, trials}.
 
     Raises:

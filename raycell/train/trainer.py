@@ -493,6 +493,17 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
 
 def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
           balance: dict | None = None) -> dict:
+    """`_train`, holding the run folder's lock when resuming it (two resumes would mix epochs)."""
+    if not cfg.train.resume:
+        return _train(cfg, early_stopping, balance)
+    from raycell.utils.locks import writing
+
+    with writing(cfg.train.resume, "train.resume run folder"):
+        return _train(cfg, early_stopping, balance)
+
+
+def _train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
+           balance: dict | None = None) -> dict:
     """Fit one model; returns {'run_dir', 'checkpoint', 'metrics', 'history'}.
 
     With `early_stopping`, the run stops once its metric has not improved for `patience` epochs, and
