@@ -154,6 +154,7 @@ def preflight(args, cfg):
     Returns the config to run with (`train --resume` takes the run's recorded one); `experiment`'s seeds
     and models are parsed into `args` in place.
     """
+    busy_check(args.command, cfg)
     if args.command == "train":
         from raycell.cli import overrides_from_args
         from raycell.config import explicit_keys
@@ -190,7 +191,6 @@ def preflight(args, cfg):
         args.seeds = parse_seeds(args.seeds)
         args.models = args.models or MEDL_MODELS
         check_medl(cfg, args.seeds, args.models)
-    busy_check(args.command, cfg)
     return cfg
 
 

@@ -127,9 +127,9 @@ def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPla
     _check_design_matrix(cfg, ds, meta, z_ids)
     out_key, out_val = ("embed.out", cfg.embed.out) if layout == "profiles" else ("infer.out", ic.out)
     out = Path(out_val).absolute() if out_val else ck.parent / LAYOUTS[layout][0]
+    check_free(out, out_key)  # first: a live run's folder may not be marked as raycell's yet
     _check_out(out, out_key, layout,
                [("data set", ds.root), ("checkpoint", ck), ("Z source", z_source)])
-    check_free(out, out_key)
     producer = {"checkpoint": str(ck), "weights_sha256": weights_fingerprint(ck), "dataset": str(ds.root),
                 "splits": sorted(splits) or "all", "z_source": z_fp, "randomize_z": bool(ic.randomize_z),
                 "write_recon": bool(ic.write_recon)}
