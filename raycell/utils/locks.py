@@ -88,7 +88,7 @@ def read_lock(path: Path) -> LockInfo | None:
     try:
         obj = json.loads(path.read_text())
         return LockInfo(**{k: obj[k] for k in LockInfo.__dataclass_fields__ if k in obj})
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError, TypeError, KeyError):
         # half-written by a writer that is creating it right now, or damaged: not ours to judge
@@ -108,7 +108,7 @@ def check_free(out: str | os.PathLike, what: str = "--out") -> None:
     """Refuse now when a live run writes `out` (a cheap check before Ray starts; no lock taken)."""
     path = lock_path(out)
     info = read_lock(path)
-    if info is not None and path not in _held and info.pid != os.getpid() and _alive(info):
+    if info and path not in _held and info.pid not in (-1, os.getpid()) and _alive(info):
         raise _refusal(Path(out), what, info, path)
 
 
