@@ -214,7 +214,16 @@ def busy_check(command: str, cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point."""
+    """Console entry point.
+
+    Exit status: 0, 2 for an error the user can fix (a disk that is full, read-only or not theirs
+    included: `raycell.errors.environment_problem`), 130 / 143 after Ctrl-C / SIGTERM (one line,
+    `raycell.utils.interrupts`); anything else is a bug and keeps its traceback.
+    """
+    from raycell.errors import environment_problem
+    from raycell.utils.interrupts import exit_status, raise_on_sigterm, resume_hint
+
+    raise_on_sigterm()
     try:
         run(argv)
     except user_errors() as exc:
@@ -222,7 +231,29 @@ def main(argv: list[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
         print(f"raycell: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        _stop_ray()
+        command = next((a for a in (argv if argv is not None else sys.argv[1:])
+                        if not a.startswith("-")), "")
+        print(f"\nraycell: {resume_hint(command)}", file=sys.stderr, flush=True)
+        return exit_status(exc)
+    except Exception as exc:
+        problem = environment_problem(exc)
+        if problem is None:
+            raise
+        print(f"raycell: error: {problem}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _stop_ray() -> None:
+    """Stop this process's Ray (a local instance's processes end with it) after an interruption."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C or a dying Ray: exit anyway
+        pass
 
 
 if __name__ == "__main__":

@@ -377,6 +377,7 @@ def _run_search(cfg: ExperimentConfig) -> dict:
     from ray.tune.search.optuna import OptunaSearch
 
     from raycell.train.trainer import training_setup
+    from raycell.utils.interrupts import graceful, stop_ray_tune
     from raycell.utils.io import atomic_write_text
 
     cfg = resume_search_config(cfg) if cfg.tune.resume else copy.deepcopy(cfg)
@@ -424,7 +425,12 @@ def _run_search(cfg: ExperimentConfig) -> dict:
             run_config=ray.tune.RunConfig(name=SEARCH, storage_path=str(out), stop=watch,
                                           failure_config=ray.tune.FailureConfig(max_failures=0),
                                           verbose=1))
-    grid = tuner.fit()
+    # Ctrl-C / SIGTERM: Tune stops and saves the search (for --resume); then no ranking, no
+    # best.yaml from an interrupted trial, and the CLI says "interrupted" (exit 130 / 143)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    with graceful(stop_ray_tune) as caught:
+        grid = tuner.fit()
+    caught.reraise()
 
     keys = list(t.space)
     rows, reported = _trial_rows(grid, keys, t.metric, t.mode, cfg.train.epochs, out / TRIALS)

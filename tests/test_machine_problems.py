@@ -1,0 +1,171 @@
+"""When the machine is the problem: a full or read-only disk, Ctrl-C, SIGTERM.
+
+Each gives one line and a documented exit status (2 for the disk, 130 / 143 for the signals), leaves
+nothing half-written that a later run would trust, and a re-run after the condition clears
+completes with every cell exactly once. Disk faults are injected into the writer (a test cannot
+fill a real disk or remount one read-only); the signals are real, sent to a `raycell` subprocess.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from raycell import __main__ as cli
+from raycell.__main__ import main
+from raycell.errors import environment_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTH = ["--set", "synth.crop_size=32", "--set", "synth.rows_per_shard=500"]
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raycell: "), err
+    return err[0]
+
+
+def _cells_once(out: Path, n: int) -> None:
+    """The data set at `out` is complete: n rows, every cell id once, the manifest agreeing."""
+    m = json.loads((out / "dataset.json").read_text())
+    ids = []
+    for s in m["shards"]:
+        ids += pq.read_table(out / s["file"], columns=["cell_id"]).column("cell_id").to_pylist()
+    assert len(ids) == n == len(set(ids))
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
+        Path(s["file"]).name for s in m["shards"])
+
+
+# ---- a full or read-only disk ---------------------------------------------------------------
+
+
+def test_disk_full_during_synth_is_one_line_and_a_rerun_completes(tmp_path, capsys, monkeypatch):
+    import raycell.formats.shards as shards
+
+    real, calls = shards.atomic_write_parquet, []
+
+    def filling_up(table, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 3:  # the disk fills up while the third shard is written
+            Path(path).parent.joinpath(".half.tmp").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(table, path, *a, **k)
+
+    monkeypatch.setattr(shards, "atomic_write_parquet", filling_up)
+    out = tmp_path / "synth"
+    argv = ["synth", "--out", str(out), "--set", "synth.n_cells=2000", *SYNTH]
+    assert main(argv) == 2
+    line = _err_line(capsys)
+    assert line.startswith("raycell: error: no space left on the device at ")
+    assert "free space" in line
+    assert str(tmp_path) in line
+    assert not out.exists()  # nothing at the output a later run (or `train`) would read
+    monkeypatch.setattr(shards, "atomic_write_parquet", real)  # space was freed
+    assert main(argv) == 0
+    _cells_once(out, 2000)
+    assert [p.name for p in tmp_path.iterdir()] == ["synth"]  # the failed run's staging is gone
+
+
+@pytest.mark.parametrize("code,words", [(errno.EROFS, "read-only file system"),
+                                        (errno.EACCES, "permission denied")])
+def test_read_only_or_forbidden_export_is_one_line(tmp_path, capsys, monkeypatch, code, words):
+    import anndata
+    from test_output_safety import _embeddings
+
+    emb = _embeddings(tmp_path / "emb")
+    out = tmp_path / "cells.h5ad"
+
+    def refused(self, path, *a, **k):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", refused)
+    assert main(["export", "--embeddings", str(emb), "--out", str(out)]) == 2
+    line = _err_line(capsys)
+    assert words in line and str(tmp_path) in line and "--out" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]  # no file, no temporary
+
+
+def test_library_and_ray_wrapped_disk_errors_are_recognised():
+    h5 = OSError("Can't write data (file write failed: time = Mon, filename = "
+                 "'/data/x/cells.h5ad', file descriptor = 5, errno = 28, error message = 'No "
+                 "space left on device')")
+    assert "no space left on the device at /data/x" in str(environment_problem(h5))
+
+    class RayTaskError(RuntimeError):
+        pass
+
+    remote = RayTaskError("ray::map() (pid=1)\n  File ...\nOSError: [Errno 30] Read-only file "
+                          "system: '/mnt/ro/preds/shards/part-00000.parquet'")
+    assert "read-only file system at /mnt/ro/preds/shards" in str(environment_problem(remote))
+    assert environment_problem(ValueError("a bug")) is None
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def bug(cfg):
+        raise ValueError("a bug")
+
+    monkeypatch.setitem(cli.STAGES, "report", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["report", "somewhere"])
+
+
+# ---- Ctrl-C and SIGTERM -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc,status", [(KeyboardInterrupt, 130), ("terminated", 143)])
+def test_interrupt_is_one_line_and_its_exit_status(capsys, monkeypatch, exc, status):
+    from raycell.utils.interrupts import Terminated
+
+    def interrupted(cfg):
+        raise Terminated() if exc == "terminated" else exc()
+
+    monkeypatch.setitem(cli.STAGES, "embed", interrupted)
+    monkeypatch.setattr(cli, "preflight", lambda args, cfg: cfg)
+    monkeypatch.setattr("raycell.utils.ray_utils.init_ray", lambda *a, **k: None)
+    monkeypatch.setattr("raycell.utils.ray_utils.keep_native_logs_off_terminal", lambda: None)
+    assert main(["embed", "--checkpoint", "x"]) == status
+    assert _err_line(capsys) == "raycell: interrupted; re-run the same command to resume " \
+                                "(finished shards are kept)"
+
+
+def test_graceful_lets_the_caller_stop_then_raises():
+    from raycell.utils.interrupts import graceful
+
+    asked = []
+    with graceful(asked.append) as caught:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs between bytecodes of the main thread
+    assert asked == [signal.SIGINT]  # e.g. Ray Tune told to stop and save the search
+    with pytest.raises(KeyboardInterrupt):
+        caught.reraise()
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_synth(tmp_path, sig, status):
+    out = tmp_path / "synth"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    argv = [sys.executable, "-m", "raycell", "synth", "--out", str(out), "--set",
+            "synth.n_cells=20000", *SYNTH]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:  # wait until shards are being written
+        if any(tmp_path.glob("synth.partial-*/shards/part-*.parquet")):
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == status, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("raycell: interrupted; re-run the same command to "
+                                            "start again (nothing earlier was replaced)")
+    assert not out.exists()
