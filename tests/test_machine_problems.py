@@ -75,6 +75,19 @@ def test_disk_full_during_synth_is_one_line_and_a_rerun_completes(tmp_path, caps
     assert [p.name for p in tmp_path.iterdir()] == ["synth"]  # the failed run's staging is gone
 
 
+def test_synth_that_cannot_fit_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 9 << 20, 1 << 20))
+    out = tmp_path / "synth"
+    assert main(["synth", "--out", str(out), "--set", "synth.n_cells=20000", *SYNTH]) == 2
+    line = _err_line(capsys)
+    assert f"synth.out {out}: needs about 20 MiB, only 1 MiB free" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("code,words", [(errno.EROFS, "read-only file system"),
                                         (errno.EACCES, "permission denied")])
 def test_read_only_or_forbidden_export_is_one_line(tmp_path, capsys, monkeypatch, code, words):

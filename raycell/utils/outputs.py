@@ -330,3 +330,21 @@ def write_file(path: str | os.PathLike, write, record: bool = False) -> None:
         from raycell.utils.io import atomic_write_json
 
         atomic_write_json(path.parent / _FILE_MARK.format(path.name), _file_record(path))
+
+
+def check_space(out: str | os.PathLike, need: int, what: str = "--out",
+                error: type[Exception] = OutputError) -> None:
+    """Refuse before long work when the disk of `out` has less than `need` bytes free.
+
+    `need` is a rough lower bound of the output's size (e.g. crops x bytes x a compression
+    allowance), so a run that would fit is never refused; a run that cannot fit is told at once
+    instead of after the disk fills up.
+    """
+    near = Path(os.path.realpath(os.path.expanduser(str(out))))
+    while not near.exists():
+        near = near.parent
+    free = shutil.disk_usage(near).free
+    if free < need:
+        raise error(f"{what} {out}: needs about {need / 2**20:.0f} MiB, only "
+                    f"{free / 2**20:.0f} MiB free on the disk of {near}; free space there or "
+                    "choose an output on a disk with room (nothing was written)")
