@@ -561,8 +561,8 @@ def _run_search(cfg: ExperimentConfig) -> dict:
     caught.reraise()
     if fails.reason:
         raise SearchFailed(f"the first {len(fails.reasons)} trial(s) all failed the same way "
-                           f"before any reported a result, so the search was stopped: {fails.reason} "
-                           f"(logs under {out / SEARCH})")
+                           f"before any reported a result, so the search was stopped: "
+                           f"{fails.reason} (logs under {out / SEARCH})")
 
     keys = list(t.space)
     rows, reported = _trial_rows(grid, keys, t.metric, t.mode, cfg.train.epochs, out / TRIALS)
