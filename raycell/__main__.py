@@ -134,7 +134,8 @@ def run(argv: list[str] | None = None) -> dict | None:
         from raycell.utils.ray_utils import init_ray, keep_native_logs_off_terminal
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
-                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose)
+                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose,
+                 start_timeout_s=cfg.ray.start_timeout_s)
         if not cfg.ray.verbose:
             keep_native_logs_off_terminal()
     if args.command == "synth":

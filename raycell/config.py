@@ -323,6 +323,8 @@ class RayConfig:
                        "named in each run folder's ray_logs.txt, and the terminal shows raycell's lines")
     connect_timeout_s: float = _f(5.0, "seconds to wait for a TCP connection to `address` (host:port or "
                                   "ray://host:port) before giving up with an error")
+    start_timeout_s: float = _f(0.0, "seconds to keep trying to start a local Ray on a busy machine before "
+                                "giving up with an error (0 = 60 s times the load per core, at least 60)")
 
 
 @dataclass

@@ -43,7 +43,8 @@ def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         from raycell.utils.ray_utils import init_ray
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
-                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose)
+                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose,
+                 start_timeout_s=cfg.ray.start_timeout_s)
     if s.design == "timedose":
         from raycell.data.synthetic_timedose import write_timedose
 

@@ -182,3 +182,50 @@ def test_signal_during_synth(tmp_path, sig, status):
     assert err.strip().splitlines()[-1] == ("raycell: interrupted; re-run the same command to "
                                             "start again (nothing earlier was replaced)")
     assert not out.exists()
+
+
+# ---- a busy machine -----------------------------------------------------------------------------
+
+
+def test_local_ray_start_is_retried_then_one_line(monkeypatch):
+    import ray
+
+    from raycell.config import ConfigError
+    from raycell.utils import ray_utils as ru
+
+    timeout = Exception("The current node timed out during startup. This could happen because ...")
+    calls = []
+
+    def slow_start(**kw):
+        calls.append(kw)
+        if len(calls) < 3:
+            raise timeout
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow_start)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ru._start_local(lambda: ray.init(address="local"), timeout_s=600)
+    assert len(calls) == 3  # started on the third try
+
+    def never(**kw):
+        raise timeout
+
+    monkeypatch.setattr(ray, "init", never)
+    with pytest.raises(ConfigError) as ei:
+        ru._start_local(lambda: ray.init(address="local"), timeout_s=0.01)
+    msg = str(ei.value)
+    assert "\n" not in msg and "raise ray.start_timeout_s" in msg and "did not start" in msg
+    monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ValueError("bad option")))
+    with pytest.raises(ValueError, match="bad option"):  # not a timeout: not retried, not hidden
+        ru._start_local(lambda: ray.init(address="local"), timeout_s=600)
+
+
+def test_start_wait_grows_with_the_load(monkeypatch):
+    from raycell.utils import ray_utils as ru
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert ru.start_wait_s() == 60
+    monkeypatch.setattr(os, "getloadavg", lambda: (10.0, 10.0, 10.0))
+    assert ru.start_wait_s() == 300
