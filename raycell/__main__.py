@@ -43,6 +43,9 @@ def run_segmentation_eval(args) -> dict:
     from raycell.errors import UserError
     from raycell.ingest.segmentation_eval import evaluate_pairs, evaluate_segmentation
 
+    if not 0 < args.iou <= 1:  # an IoU threshold; 0 or > 1 would match everything or nothing
+        raise UserError(f"segmentation-eval --iou {args.iou:g}: the IoU threshold must be in (0, 1] "
+                        "(0.5 is the usual one)")
     if args.perturb:
         return _perturb(args)
     if bool(args.images) != bool(args.masks) or bool(args.raw_dir) == bool(args.images):

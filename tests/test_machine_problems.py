@@ -229,3 +229,54 @@ def test_start_wait_grows_with_the_load(monkeypatch):
     assert ru.start_wait_s() == 60
     monkeypatch.setattr(os, "getloadavg", lambda: (10.0, 10.0, 10.0))
     assert ru.start_wait_s() == 300
+
+
+# ---- also silently wrong before ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("iou", ["1.5", "0", "-0.2", "nan"])
+def test_iou_outside_0_1_is_refused(capsys, iou):
+    assert main(["segmentation-eval", "--iou", iou, "somewhere"]) == 2
+    assert "the IoU threshold must be in (0, 1]" in _err_line(capsys)
+
+
+@pytest.mark.parametrize("column,words", [("centroid_x", "continuous numbers"),
+                                          ("cell_id", "nearly one value per cell")])
+def test_a_head_that_is_not_a_category_is_refused(tiny_data, column, words):
+    from raycell.config import ConfigError, load_config
+    from raycell.formats.shards import open_dataset
+    from raycell.train.trainer import weak_label_heads
+
+    cfg = load_config(None, [f"data.path={tiny_data}", "model.type=timm", f"data.heads=[{column}]"])
+    with pytest.raises(ConfigError) as ei:
+        weak_label_heads(cfg, open_dataset(tiny_data))
+    assert f"column {column!r}" in str(ei.value) and words in str(ei.value)
+    cfg = load_config(None, [f"data.path={tiny_data}", "model.type=timm", "data.heads=[label]"])
+    assert len(weak_label_heads(cfg, open_dataset(tiny_data))[0]) == 2  # a real category passes
+
+
+@pytest.mark.parametrize("model_type,labels,batches,warned", [
+    ("conventional", ["a", "a"], ["b1", "b2"], ["one label class ('a')"]),
+    ("adversarial", ["a", "b"], ["b1", "b1"], ["one imaging batch ('b1')"]),
+    ("conventional", ["a", "b"], ["b1", "b1"], []),  # no batch terms: one batch is fine
+    ("mixedeffects", ["a", "a"], ["b1", "b1"], ["one label class", "one imaging batch"]),
+])
+def test_a_train_split_that_cannot_teach_is_warned(capsys, tmp_path, model_type, labels, batches,
+                                                   warned):
+    import pyarrow as pa
+
+    from raycell.config import load_config
+    from raycell.train import trainer
+
+    class DataSet:
+        root = tmp_path / model_type
+
+        def read_table(self, cols, splits=None):
+            return pa.table({"label": labels, "batch": batches})
+
+    cfg = load_config(None, [f"model.type={model_type}"])
+    trainer._warn_degenerate_train_split(cfg, DataSet())
+    err = capsys.readouterr().err
+    assert err.count("[raycell] warning:") == len(warned), err
+    for w in warned:
+        assert w in err

@@ -144,12 +144,43 @@ def check_train(cfg: ExperimentConfig) -> None:
         if not model_entry(cfg.model.type).weak_labels:
             raise ConfigError(f"train.layer_decay: model type {cfg.model.type!r} has no layer groups "
                               "(layer-wise learning rates are for the timm backbones); set it to 0")
+    _warn_degenerate_train_split(cfg, ds)
     if cfg.train.resume and any(Path(cfg.train.resume).glob("checkpoint_*/meta.json")):
         from raycell.formats.checkpoint import load_checkpoint, load_plan_state
 
         # the worker would load it after Ray starts, where a corrupt file is a worker trace, not one line
         _, meta = load_checkpoint(cfg.train.resume)
         load_plan_state(meta["path"])
+
+
+_warned: set[tuple] = set()  # (data set, model type): each warning once per process
+
+
+def _warn_degenerate_train_split(cfg: ExperimentConfig, ds) -> None:
+    """Warn when the train split cannot teach what the model is for.
+
+    One label class (nothing to classify), or one imaging batch for a model type that corrects
+    batches (nothing to remove). A warning, not a refusal: a smoke test may want exactly that.
+    """
+    import sys
+
+    from raycell.models import model_entry
+
+    entry = model_entry(cfg.model.type)
+    if (str(ds.root), cfg.model.type) in _warned or entry.batch_head:
+        return
+    _warned.add((str(ds.root), cfg.model.type))
+    t = ds.read_table([K.LABEL, K.BATCH], splits=[K.TRAIN])
+    labels = sorted(set(t.column(K.LABEL).to_pylist()))
+    batches = sorted(set(t.column(K.BATCH).to_pylist()))
+    if len(labels) == 1 and not entry.weak_labels:
+        print(f"[raycell] warning: the train split of {ds.root} has one label class "
+              f"({labels[0]!r}): the classifier cannot learn anything (check `raycell split` and "
+              "the data set's labels)", file=sys.stderr, flush=True)
+    if len(batches) == 1 and (entry.uses_z or "batch_logits" in entry.outputs):
+        print(f"[raycell] warning: the train split of {ds.root} has one imaging batch "
+              f"({batches[0]!r}): model type {cfg.model.type!r} has no batch effect to remove "
+              "(its batch terms learn nothing)", file=sys.stderr, flush=True)
 
 
 def data_normalize(cfg: ExperimentConfig) -> str:
@@ -186,6 +217,7 @@ def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
     t = ds.read_table(cols)
     maps = [CategoryMap.fit_column(c, t.column(c)) for c in cols]
     for c, m in zip(cols, maps):
+        _refuse_continuous_head(c, t.column(c), len(m), ds.root)
         if t.column(c).null_count:
             raise ConfigError(f"data.heads: column {c!r} of data set {ds.root} has "
                               f"{t.column(c).null_count} empty value(s); every cell needs a class")
@@ -193,6 +225,23 @@ def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
             raise ConfigError(f"data.heads: column {c!r} of data set {ds.root} has {len(m)} distinct "
                               f"value(s) {list(m.values)}; a head needs at least 2 classes")
     return maps
+
+
+def _refuse_continuous_head(column: str, values, n_classes: int, root) -> None:
+    """Refuse a head column whose values do not repeat.
+
+    A measurement (float values) or a per-cell column would become one class per cell, which no
+    model can learn (validation accuracy 0).
+    """
+    import pyarrow as pa
+
+    n = len(values)
+    floats = pa.types.is_floating(values.type)
+    if n_classes > 20 and (floats or n_classes > n // 2):
+        kind = "continuous numbers" if floats else "nearly one value per cell"
+        raise ConfigError(f"data.heads: column {column!r} of data set {root} holds {kind} "
+                          f"({n_classes} distinct values in {n} cells); a head needs classes: "
+                          "use a column of categories (e.g. bin the values into levels first)")
 
 
 def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
