@@ -227,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     from raycell.errors import environment_problem
     from raycell.utils.interrupts import exit_status, raise_on_sigterm, resume_hint
 
-    raise_on_sigterm()
     try:
-        run(argv)
+        with raise_on_sigterm():
+            run(argv)
     except user_errors() as exc:
         # KeyError's str() is the repr of its message (quoted): unwrap it, keep every other quote
         msg = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)

@@ -26,10 +26,17 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def raise_on_sigterm() -> None:
-    """From now on SIGTERM raises `Terminated` in the main thread (no-op elsewhere)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+@contextlib.contextmanager
+def raise_on_sigterm():
+    """Within the block SIGTERM raises `Terminated` in the main thread (no-op elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def exit_status(exc: BaseException) -> int:

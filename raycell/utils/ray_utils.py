@@ -308,6 +308,7 @@ def _start_local(start, timeout_s: float = 0.0) -> None:
                     "machine is less busy") from None
             print(f"[raycell] a local Ray did not start in time (busy machine); trying again "
                   f"({waited:.0f} of {budget:.0f} s, ray.start_timeout_s)", flush=True)
+            time.sleep(min(5.0, budget - waited))  # a breath for the machine before the next try
 
 
 def single_node() -> bool:
