@@ -280,3 +280,38 @@ def test_a_train_split_that_cannot_teach_is_warned(capsys, tmp_path, model_type,
     assert err.count("[raycell] warning:") == len(warned), err
     for w in warned:
         assert w in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_training_is_an_interruption_not_a_finished_run(tmp_path, sig):
+    """Ray Train aborts the run on Ctrl-C and `fit` then returns normally: raycell must not record
+    that as a finished run."""
+    from raycell.config import load_config
+    from raycell.train.trainer import fit_or_explain
+
+    aborted = []
+
+    class Controller:
+        class abort:  # noqa: N801 - the shape of a Ray actor method
+            @staticmethod
+            def remote():
+                aborted.append(True)
+
+    class Trainer:
+        def _register_sigint_handler(self, controller):
+            raise AssertionError("raycell's handler should be used")
+
+        def fit(self):
+            self._register_sigint_handler(Controller())
+            os.kill(os.getpid(), sig)
+            time.sleep(0.2)
+            return "a result that looks finished"
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fit_or_explain(Trainer(), load_config(None, []), tmp_path)
+    assert aborted == [True]
+    assert signal.getsignal(signal.SIGINT) == before  # the handler is not left behind
+    t = Trainer()
+    t.fit = lambda: t._register_sigint_handler(Controller()) or "finished"
+    assert fit_or_explain(t, load_config(None, []), tmp_path) == "finished"  # no signal: the result

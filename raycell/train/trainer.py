@@ -527,17 +527,38 @@ def _failure_summary(exc: BaseException) -> str:
 def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
     """`trainer.fit()`; a failure past `train.max_failures` becomes one line, with Ray's full report kept
     in `<run_dir>/failure.txt` (nothing is lost, the terminal stays readable)."""
+    import contextlib
+
     import ray.train
 
+    from raycell.utils.interrupts import graceful
+
+    caught = []
+
+    def register(controller) -> None:
+        # In place of Ray Train's own SIGINT handler, which aborts the run and then lets `fit`
+        # return as if it had finished (raycell would record an interrupted run as done): abort the
+        # same way, on SIGTERM too, and raise KeyboardInterrupt once `fit` is back.
+        caught.append(stack.enter_context(graceful(lambda signum: controller.abort.remote())))
+
     try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as exc:
+        with contextlib.ExitStack() as stack:
+            trainer._register_sigint_handler = register  # Ray Train 2.x's hook (main thread only)
+            result = trainer.fit()
+    except Exception as exc:
+        if caught and caught[0].signum:  # an abort we asked for, whatever Ray made of it
+            caught[0].reraise()
+        if not isinstance(exc, ray.train.TrainingFailedError):
+            raise
         report = run_dir / "failure.txt"
         atomic_write_text(report, f"{type(exc).__name__}: {exc}\n")
         raise TrainingFailed(
             f"training failed after {cfg.train.max_failures} restart(s) (train.max_failures): "
             f"{_failure_summary(exc)}; Ray's report: {report}; the run keeps its checkpoints: continue "
             f"with `raycell train --resume {run_dir}`") from None
+    if caught:
+        caught[0].reraise()
+    return result
 
 
 def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
