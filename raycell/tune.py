@@ -568,7 +568,7 @@ def _run_search(cfg: ExperimentConfig) -> dict:
     rows, reported = _trial_rows(grid, keys, t.metric, t.mode, cfg.train.epochs, out / TRIALS)
     if t.metric not in reported:
         if not reported and all(r["status"] == "error" for r in rows):
-            raise RuntimeError(f"every trial failed; the first: {rows[0]['error'] if rows else '?'} "
+            raise SearchFailed(f"every trial failed; the first: {rows[0]['error'] if rows else '?'} "
                                f"(logs under {out / SEARCH})")
         raise ConfigError(f"tune.metric {t.metric!r} was never reported by the training loop; it reported: "
                           f"{', '.join(sorted(reported)) or 'nothing'} (set tune.metric to one of them)")
