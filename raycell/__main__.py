@@ -204,7 +204,10 @@ _WRITES = {"ingest": ("ingest.out", lambda c: c.ingest.out),
            "train": ("train.resume run folder", lambda c: c.train.resume),
            "tune": ("tune.out", lambda c: c.tune.out),
            "synth": ("synth.out", lambda c: c.synth.out),
-           "export": ("export output", lambda c: c.export.out)}
+           "export": ("export output", lambda c: c.export.out),
+           "split": ("data.path (split rewrites its shards)", lambda c: c.data.path),
+           "report": ("report.out", lambda c: c.report.out or (c.report.folder and
+                                                              f"{c.report.folder}/report"))}
 
 
 def busy_check(command: str, cfg) -> None:

@@ -71,15 +71,23 @@ def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
 def run_split(cfg: ExperimentConfig) -> dict:
     """Assign splits in `cfg.data.path`; returns the updated manifest."""
     from raycell.data.splits import split_dataset
+    from raycell.utils.locks import writing
 
-    m = split_dataset(cfg.data.path, unseen=list(cfg.split.unseen), group_by=cfg.split.group_by,
-                      stratify=list(cfg.split.stratify), fractions=list(cfg.split.fractions), seed=cfg.seed,
-                      val_batches=list(cfg.split.val_batches), progress=bool(cfg.ray.progress))
+    with writing(cfg.data.path, "data.path (split rewrites its shards)", make_parent=False):
+        m = _split(cfg, split_dataset)
     vb = m["split_params"].get("val_batches")
     print(f"[raycell] split {Path(cfg.data.path).absolute()}: {m['counts_per_split']} "
           f"(unseen batches: {m['split_params']['unseen']}"
           f"{f'; validation batches: {vb}' if vb else ''})", flush=True)
     return m
+
+
+def _split(cfg: ExperimentConfig, split_dataset) -> dict:
+    """`split_dataset` with the `split.*` keys (under the data set's lock)."""
+    return split_dataset(cfg.data.path, unseen=list(cfg.split.unseen), group_by=cfg.split.group_by,
+                         stratify=list(cfg.split.stratify), fractions=list(cfg.split.fractions),
+                         seed=cfg.seed, val_batches=list(cfg.split.val_batches),
+                         progress=bool(cfg.ray.progress))
 
 
 def run_train(cfg: ExperimentConfig) -> dict:
@@ -136,8 +144,12 @@ def run_report(cfg: ExperimentConfig) -> dict:
 
     if not cfg.report.folder:
         raise ConfigError("report needs a folder: raycell report FOLDER (report.folder)")
-    page = build_report(cfg.report.folder, cfg.report.out or None, max_cells=cfg.report.max_cells,
-                        seed=cfg.seed)
+    from raycell.utils.locks import writing
+
+    with writing(cfg.report.out or Path(cfg.report.folder) / "report", "report.out",
+                 make_parent=False):
+        page = build_report(cfg.report.folder, cfg.report.out or None,
+                            max_cells=cfg.report.max_cells, seed=cfg.seed)
     print(f"[raycell] report: {page}", flush=True)
     return {"html": str(page)}
 

@@ -188,3 +188,21 @@ def _checkpoint(tiny_data: Path, tmp_path: Path) -> Path:
     return save_checkpoint(tmp_path / "run" / "checkpoint", model, None, epoch=0, spec=spec,
                            labels=labels, batches=CategoryMap(K.BATCH, seen), config={},
                            metrics={})
+
+
+def test_split_of_a_data_set_being_written_refuses(tiny_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = (data / "dataset.json").read_bytes()
+    with held_by_another_process(data) as pid:
+        assert main(["split", "--data", str(data)]) == 2
+        assert f"is being written by pid {pid}" in _err_line(capsys)
+    assert (data / "dataset.json").read_bytes() == manifest
+
+
+def test_a_missing_input_creates_no_folder_for_a_lock(tmp_path, capsys):
+    assert main(["split", "--data", str(tmp_path / "no" / "data")]) == 2
+    assert "not found" in _err_line(capsys)
+    assert not (tmp_path / "no").exists()

@@ -229,8 +229,8 @@ def export(embeddings: str | Path, out: str | Path, fmt: str = "h5ad", level: st
 
     embeddings, out = Path(embeddings), Path(out)
     _check_args(fmt, level, top_k, umap)
-    _check_out(embeddings, out, overwrite)  # before the lock, which would create a missing folder
-    with writing(out, "export output"):
+    _check_out(embeddings, out, overwrite)
+    with writing(out, "export output", make_parent=False):
         return _export(embeddings, out, fmt, level, top_k, drop_zero_variance, with_morph, umap,
                        seed, overwrite)
 

@@ -568,7 +568,7 @@ def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
         return _train(cfg, early_stopping, balance)
     from raycell.utils.locks import writing
 
-    with writing(cfg.train.resume, "train.resume run folder"):
+    with writing(cfg.train.resume, "train.resume run folder", make_parent=False):
         return _train(cfg, early_stopping, balance)
 
 

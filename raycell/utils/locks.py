@@ -113,13 +113,19 @@ def check_free(out: str | os.PathLike, what: str = "--out") -> None:
 
 
 @contextlib.contextmanager
-def writing(out: str | os.PathLike, what: str = "--out"):
+def writing(out: str | os.PathLike, what: str = "--out", make_parent: bool = True):
     """Hold the lock of output `out` while the block writes it; re-entrant within one process.
+
+    `make_parent` False: when the folder that would hold the lock does not exist, nothing is
+    created and no lock taken (the verb reports the missing input itself, and writes nothing).
 
     Raises:
         BusyError: a live process (on this host, or any on another) holds it.
     """
     path = lock_path(out)
+    if not make_parent and not path.parent.is_dir():
+        yield path
+        return
     if path in _held:  # this process already holds it (a verb calling another)
         _held[path] += 1
         try:
