@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         _stop_ray()
         command = next((a for a in (argv if argv is not None else sys.argv[1:])
                         if not a.startswith("-")), "")
-        print(f"\nraycell: {resume_hint(command)}", file=sys.stderr, flush=True)
+        print(f"\nraycell: {resume_hint(command, exc)}", file=sys.stderr, flush=True)
         return exit_status(exc)
     except Exception as exc:
         problem = environment_problem(exc)

@@ -558,7 +558,7 @@ def _run_search(cfg: ExperimentConfig) -> dict:
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     with graceful(stop_ray_tune) as caught:
         grid = tuner.fit()
-    caught.reraise()
+    caught.reraise(f"resume with `raycell tune --resume {out}` (finished trials are kept)")
     if fails.reason:
         raise SearchFailed(f"the first {len(fails.reasons)} trial(s) all failed the same way "
                            f"before any reported a result, so the search was stopped: "

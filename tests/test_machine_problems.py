@@ -308,7 +308,7 @@ def test_ctrl_c_during_training_is_an_interruption_not_a_finished_run(tmp_path, 
             return "a result that looks finished"
 
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=f"raycell train --resume {tmp_path}"):
         fit_or_explain(Trainer(), load_config(None, []), tmp_path)
     assert aborted == [True]
     assert signal.getsignal(signal.SIGINT) == before  # the handler is not left behind

@@ -524,6 +524,9 @@ def _failure_summary(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+_RESUME_HINT = "resume with `raycell train --resume {run_dir}` (from its latest checkpoint)"
+
+
 def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
     """`trainer.fit()`; a failure past `train.max_failures` becomes one line, with Ray's full report kept
     in `<run_dir>/failure.txt` (nothing is lost, the terminal stays readable)."""
@@ -547,7 +550,7 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
             result = trainer.fit()
     except Exception as exc:
         if caught and caught[0].signum:  # an abort we asked for, whatever Ray made of it
-            caught[0].reraise()
+            caught[0].reraise(_RESUME_HINT.format(run_dir=run_dir))
         if not isinstance(exc, ray.train.TrainingFailedError):
             raise
         report = run_dir / "failure.txt"
@@ -557,7 +560,7 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
             f"{_failure_summary(exc)}; Ray's report: {report}; the run keeps its checkpoints: continue "
             f"with `raycell train --resume {run_dir}`") from None
     if caught:
-        caught[0].reraise()
+        caught[0].reraise(_RESUME_HINT.format(run_dir=run_dir))
     return result
 
 

@@ -54,8 +54,10 @@ _RESUME = {
 }
 
 
-def resume_hint(command: str) -> str:
-    """The one line printed after an interruption of `command`."""
+def resume_hint(command: str, exc: BaseException | None = None) -> str:
+    """The one line printed after an interruption of `command` (`exc`'s own hint if it has one)."""
+    if exc is not None and exc.args and isinstance(exc.args[0], str) and exc.args[0]:
+        return f"interrupted; {exc.args[0]}"
     again = _RESUME.get(command, "re-run the same command to start again (nothing earlier was "
                                  "replaced)")
     return f"interrupted; {again}"
@@ -67,12 +69,16 @@ class Caught:
 
     signum: int = 0
 
-    def reraise(self) -> None:
-        """Raise what the signal would have raised, now that the caller stopped cleanly."""
+    def reraise(self, hint: str = "") -> None:
+        """Raise what the signal would have raised, now that the caller stopped cleanly.
+
+        `hint`, when given, replaces `resume_hint`'s generic advice (e.g. names the run folder).
+        """
+        args = (hint,) if hint else ()
         if self.signum == signal.SIGTERM:
-            raise Terminated()
+            raise Terminated(*args)
         if self.signum:
-            raise KeyboardInterrupt()
+            raise KeyboardInterrupt(*args)
 
 
 @contextlib.contextmanager
@@ -111,4 +117,8 @@ def stop_ray_tune(signum: int) -> None:
     """
     if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    import logging
+
+    # Tune's "Stop signal received ... Tuner.restore(...)" lines: raycell says it in one line
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)
     os.kill(os.getpid(), signal.SIGUSR1)
