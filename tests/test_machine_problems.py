@@ -315,3 +315,21 @@ def test_ctrl_c_during_training_is_an_interruption_not_a_finished_run(tmp_path, 
     t = Trainer()
     t.fit = lambda: t._register_sigint_handler(Controller()) or "finished"
     assert fit_or_explain(t, load_config(None, []), tmp_path) == "finished"  # no signal: the result
+
+
+def test_a_full_disk_in_a_training_worker_is_one_line(tmp_path):
+    """Ray carries only the worker's traceback text; its disk problem is what the user sees."""
+    import ray.train
+
+    from raycell.config import load_config
+    from raycell.errors import EnvironmentProblem
+    from raycell.train.trainer import fit_or_explain
+
+    class Trainer:
+        def fit(self):
+            raise ray.train.TrainingFailedError(
+                "Training failed.\n  File worker.py\nOSError: [Errno 28] No space left on device: "
+                f"'{tmp_path}/runs/r1/checkpoint_000001/model.pt'")
+
+    with pytest.raises(EnvironmentProblem, match=f"no space left on the device at {tmp_path}/runs"):
+        fit_or_explain(Trainer(), load_config(None, []), tmp_path)

@@ -534,6 +534,7 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
 
     import ray.train
 
+    from raycell.errors import environment_problem
     from raycell.utils.interrupts import graceful
 
     caught = []
@@ -551,6 +552,9 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
     except Exception as exc:
         if caught and caught[0].signum:  # an abort we asked for, whatever Ray made of it
             caught[0].reraise(_RESUME_HINT.format(run_dir=run_dir))
+        problem = environment_problem(exc)  # a worker's full or read-only disk, not a "failure"
+        if problem is not None:
+            raise problem from None
         if not isinstance(exc, ray.train.TrainingFailedError):
             raise
         report = run_dir / "failure.txt"
