@@ -44,6 +44,12 @@ class Case:
     ray: bool = False  # needs a trained run or predictions (made with Ray) to set up, or runs to completion
     check: Callable[["Fixtures"], str] | None = None
     result: dict = field(default_factory=dict)
+    during: Callable[["Fixtures"], contextlib.AbstractContextManager] | None = None  # a fault, injected
+    section: str = ""  # a heading of SECTIONS, or "" for the main table
+
+
+LOST = "## Outputs a user must never lose, and results that were silently wrong"
+MACHINE = "## When the machine is the problem"
 
 
 class Fixtures:
@@ -485,6 +491,247 @@ Fixtures.predictions = _predictions
 # --------------------------------------------------------------------------------------------------
 
 # (what was done to the raw folder, the file or field it was done to) -> shown next to the reject row
+# --------------------------------------------------------------------------------------------------
+# Outputs a user must never lose, and when the machine is the problem
+# --------------------------------------------------------------------------------------------------
+
+
+def _embeddings(fx: Fixtures, name: str = "emb", dataset: str = "") -> Path:
+    """A small embeddings folder in the profiling layout (two shards), written without Ray."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = fx.path(name)
+    (d / "shards").mkdir(parents=True)
+    n, rng = 12, np.random.default_rng(0)
+    feats = [f"Cells_Embedding_{j:04d}" for j in range(4)]
+    t = pa.table({"Metadata_Plate": ["P1"] * n, "Metadata_Well": [f"A{i % 3:02d}" for i in range(n)],
+                  "Metadata_CellID": [f"c{i}" for i in range(n)],
+                  **{f: rng.normal(size=n).astype(np.float32) for f in feats}})
+    for i in range(2):
+        pq.write_table(t.slice(6 * i, 6), d / "shards" / f"part-0000{i}.parquet")
+    (d / "embeddings.json").write_text(json.dumps(
+        {"layout": "columns", "features": feats, "heads": {}, "dataset": dataset,
+         "shards": [{"file": f"shards/part-0000{i}.parquet"} for i in range(2)]}))
+    return d
+
+
+def _export(fx: Fixtures, out: Path, *extra: str, emb: Path | None = None) -> list[str]:
+    return ["export", "--embeddings", str(emb or _embeddings(fx)), "--out", str(out), *extra]
+
+
+def _users_h5ad(fx: Fixtures) -> list[str]:
+    f = fx.path("mine.h5ad")
+    f.write_bytes(b"the user's own AnnData")
+    return _export(fx, f, "--overwrite")
+
+
+def _users_file_kept(fx: Fixtures) -> str:
+    kept = (fx.root / "mine.h5ad").read_bytes() == b"the user's own AnnData"
+    return "" if kept else "the user's file was replaced"
+
+
+def _into_shard(fx: Fixtures) -> list[str]:
+    d = fx.copy(fx.data(), "data_export_target")
+    shard = sorted((d / "shards").glob("part-*.parquet"))[0]
+    fx._cache["shard_bytes"] = (shard, shard.read_bytes())
+    return _export(fx, shard, "--format", "parquet", "--overwrite", emb=_embeddings(fx, dataset=str(d)))
+
+
+def _shard_kept(fx: Fixtures) -> str:
+    shard, before = fx._cache["shard_bytes"]
+    return "" if shard.read_bytes() == before else "a shard of the data set was replaced"
+
+
+def _dup_shard(fx: Fixtures) -> list[str]:
+    emb = _embeddings(fx, "emb_dup")
+    shutil.copy(emb / "shards" / "part-00000.parquet", emb / "shards" / "part-00002.parquet")
+    return _export(fx, fx.path("dup.h5ad"), emb=emb)
+
+
+def _no_delete_advice(fx: Fixtures) -> str:
+    return ""  # verdict checks exit 2 and one line; the line itself is in the table
+
+
+def _hold_lock(fx: Fixtures, out: Path) -> None:
+    """A live process that holds the output lock of `out` (another run writing it)."""
+    import subprocess
+
+    code = ("import sys\nfrom raycell.utils.locks import writing\n"
+            f"with writing({str(out)!r}):\n    print('ready', flush=True)\n    sys.stdin.read()\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
+    holder.stdout.readline()
+    fx._cache.setdefault("holders", []).append(holder)
+
+
+def _release(fx: Fixtures) -> str:
+    for holder in fx._cache.pop("holders", []):
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    return ""
+
+
+def _busy_infer(fx: Fixtures) -> list[str]:
+    out = fx.path("busy_pred")
+    out.mkdir()
+    _hold_lock(fx, out)
+    return _infer(fx)[:-4] + ["--out", str(out), *_set("ray.progress=false")]
+
+
+def _busy_ingest(fx: Fixtures) -> list[str]:
+    out = fx.path("busy_ingest")
+    _hold_lock(fx, out)
+    return fx.ingest_args(fx.raw(), out)
+
+
+def _busy_resume(fx: Fixtures) -> list[str]:
+    from raycell.config import load_config, save_config
+
+    run = fx.copy(fx.checkpoint(), "busy_run")
+    save_config(load_config(None, [f"data.path={fx.data()}", "model.type=conventional", "model.preset=tiny"]),
+                run / "config.yaml")
+    _hold_lock(fx, run)
+    return ["train", "--resume", str(run)]
+
+
+@contextlib.contextmanager
+def _fault(target: str, code: int, after: int = 0):
+    """`target` (module:attribute) raises OSError(code) from its `after`+1-th call on."""
+    import errno as _errno  # noqa: F401 - the codes below are errno's
+    import importlib
+    from unittest import mock
+
+    module, attr = target.split(":")
+    obj = importlib.import_module(module)
+    *owners, name = attr.split(".")
+    for o in owners:
+        obj = getattr(obj, o)
+    real, calls = getattr(obj, name), []
+
+    def faulty(*a, **k):
+        calls.append(1)
+        if len(calls) > after:
+            path = next((str(x) for x in a if isinstance(x, (str, Path))), "")
+            raise OSError(code, os.strerror(code), path)
+        return real(*a, **k)
+
+    with mock.patch.object(obj, name, faulty):
+        yield
+
+
+@contextlib.contextmanager
+def _signal_when_writing(fx: Fixtures, signum: int, name: str):
+    """Send `signum` to this process once the synth run into `name` has written a shard."""
+    import signal as _signal
+    import threading
+
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if any(fx.root.glob(f"{name}.partial-*/shards/part-*.parquet")):
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    before = _signal.getsignal(_signal.SIGTERM)
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        _signal.signal(_signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def _ray_start_times_out():
+    import ray
+    from unittest import mock
+
+    def slow(**kw):
+        raise Exception("The current node timed out during startup. This could happen because ...")
+
+    with mock.patch.object(ray, "init", slow), mock.patch.object(ray, "is_initialized", lambda: False):
+        yield
+
+
+def _synth(fx: Fixtures, name: str, n: int = 2000) -> list[str]:
+    return ["synth", "--out", str(fx.path(name)), *_set(f"synth.n_cells={n}", "synth.crop_size=32",
+                                                        "synth.rows_per_shard=500")]
+
+
+def _nothing_at(name: str) -> Callable[[Fixtures], str]:
+    return lambda fx: "" if not (fx.root / name).exists() else f"{name} was left behind"
+
+
+def _disk_of(free_mib: int):
+    import shutil as _shutil
+    from collections import namedtuple
+    from unittest import mock
+
+    usage = namedtuple("usage", "total used free")
+    return mock.patch.object(_shutil, "disk_usage", lambda p: usage(10 << 30, 0, free_mib << 20))
+
+
+def _tune(fx: Fixtures, entry: str) -> list[str]:
+    return ["tune", "--data", str(fx.data()), "--model", "adversarial",
+            *_set("model.preset=tiny", f"tune.out={fx.path('search')}", f"tune.space.{entry}")]
+
+
+CASES += [
+    Case("outputs", "`export --out` a file of the user's, with `--overwrite`", _users_h5ad, check=_users_file_kept, section=LOST),
+    Case("outputs", "`export --out` a shard of the input data set", _into_shard, check=_shard_kept, section=LOST),
+    Case("outputs", "`embed --out` the data set itself",
+         lambda fx: ["embed", "--checkpoint", str(fx.checkpoint()), "--data", str(fx.data()), "--out",
+                     str(fx.data())], check=_no_delete_advice, section=LOST),
+    Case("outputs", "`infer --out` a folder of the user's files",
+         lambda fx: _infer(fx)[:-4] + ["--out", str(fx.user_folder("uf_pred"))], check=_uf("uf_pred"), section=LOST),
+    Case("export", "embeddings with a duplicated shard", _dup_shard, section=LOST),
+    Case("train", "a continuous column (`centroid_x`) as a `data.heads` head",
+         lambda fx: _train(fx, "--model", "timm", "--set", "data.heads=[centroid_x]"), section=LOST),
+    # -- when the machine is the problem
+    Case("disk", "`synth`: the disk fills up mid-run", lambda fx: _synth(fx, "full_synth"),
+         during=lambda fx: _fault("raycell.formats.shards:atomic_write_parquet", 28, after=2),
+         check=_nothing_at("full_synth"), section=MACHINE),
+    Case("disk", "`synth`: the disk cannot hold the data set (checked first)",
+         lambda fx: _synth(fx, "small_disk", 20000), during=lambda fx: _disk_of(1),
+         check=_nothing_at("small_disk"), section=MACHINE),
+    Case("disk", "`export --format h5ad`: the disk fills up", lambda fx: _export(fx, fx.path("full.h5ad")),
+         during=lambda fx: _fault("anndata:AnnData.write_h5ad", 28), check=_nothing_at("full.h5ad"),
+         section=MACHINE),
+    Case("disk", "`export`: output on a read-only file system",
+         lambda fx: _export(fx, fx.path("ro.csv"), "--format", "csv"),
+         during=lambda fx: _fault("pandas:DataFrame.to_csv", 30), check=_nothing_at("ro.csv"), section=MACHINE),
+    Case("disk", "`report`: output folder not writable (permission denied)",
+         lambda fx: ["report", str(_embeddings(fx, "emb_report"))],
+         during=lambda fx: _fault("raycell.utils.io:_tmp_path", 13), section=MACHINE),
+    Case("signal", "Ctrl-C during `synth`", lambda fx: _synth(fx, "sig_synth_int", 20000), expect=130,
+         during=lambda fx: _signal_when_writing(fx, 2, "sig_synth_int"), check=_nothing_at("sig_synth_int"), section=MACHINE),
+    Case("signal", "SIGTERM during `synth`", lambda fx: _synth(fx, "sig_synth_term", 20000), expect=143,
+         during=lambda fx: _signal_when_writing(fx, 15, "sig_synth_term"), check=_nothing_at("sig_synth_term"), section=MACHINE),
+    Case("ray", "a local Ray that does not start in time (busy machine)",
+         lambda fx: ["embed", "--checkpoint", str(fx.checkpoint()), "--data", str(fx.data()), "--out",
+                     str(fx.path("emb_busy")), *_set("ray.start_timeout_s=1")],
+         during=lambda fx: _ray_start_times_out(), section=MACHINE),
+    Case("tune", "`model.args.nonsense_arg` in the space", lambda fx: _tune(fx, "model.args.nonsense_arg={dist: "
+                                                                          "choice, values: [1, 2]}"), section=MACHINE),
+    Case("tune", "a `choice` mixing `8`, `\"sixteen\"`, `true`",
+         lambda fx: _tune(fx, "model.args.latent_dim={dist: choice, values: [8, sixteen, true]}"), section=MACHINE),
+    Case("segmentation", "`segmentation-eval --iou 0`", lambda fx: ["segmentation-eval", "--iou", "0",
+                                                                     str(fx.root / "raw")], section=MACHINE),
+    Case("two runs", "`infer` into a folder another live run is writing", _busy_infer, check=_release,
+         section=MACHINE),
+    Case("two runs", "`ingest` into an `--out` another live run is writing", _busy_ingest, check=_release,
+         section=MACHINE),
+    Case("two runs", "`train --resume` of a run another live run is resuming", _busy_resume, check=_release,
+         section=MACHINE),
+]
+
+
 INGEST_DAMAGE: list[tuple[str, str]] = []
 
 
@@ -592,7 +839,8 @@ def run_case(case: Case, fx: Fixtures) -> dict:
         ray.shutdown()
     err, out = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+    fault = case.during(fx) if case.during else contextlib.nullcontext()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), fault:
         try:
             code = main(argv)
         except SystemExit as exc:  # argparse
@@ -635,6 +883,12 @@ def to_markdown(cases: list[Case], env: str) -> str:
              "become rows of the rejects table, see [ingest.md](ingest.md).", "", env, "",
              "| area | bad input | exit | what the user sees (last stderr line) | stderr lines | Ray | s | ok |",
              "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(lines + _rows([c for c in cases if not c.section])) + "\n"
+
+
+def _rows(cases: list[Case]) -> list[str]:
+    """One table row per case, as the tables of docs/bad_inputs.md show them."""
+    lines = []
     root = str(FX_ROOT[0]) if FX_ROOT else ""
     for c in cases:
         r = c.result
@@ -644,10 +898,49 @@ def to_markdown(cases: list[Case], env: str) -> str:
         bad = verdict(c, r)
         lines.append(f"| {c.area} | {c.what} | {r['status']} | `{msg}` | {r['lines']} | "
                      f"{'yes' if r['ray'] else 'no'} | {r['seconds']} | {'yes' if not bad else 'NO: ' + bad} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+SECTIONS = {
+    LOST: ["Every command that writes follows the same output rules: it never replaces a file or folder",
+           "raycell did not write (not even with `--overwrite`), never writes inside an input, never tells",
+           "the user to delete their inputs, and replaces its own earlier output through a temporary name",
+           "and an atomic rename (raycell/utils/outputs.py; tests/test_output_safety.py). **ok** includes:",
+           "the user's file or the data set is byte-for-byte unchanged. Also here: inputs that used to",
+           "give a wrong result without a word (a copied shard counted twice, a measurement as a head)."],
+    MACHINE: ["A full, read-only or forbidden disk, Ctrl-C or `kill`, a busy machine, two runs writing one",
+              "output. A fault the machine would cause is injected into this process (a test cannot fill a",
+              "real disk or remount one read-only): the writer, or `ray.init`, raises what the system",
+              "would. Exit 2 = one line naming the folder and what to do; 130 / 143 = interrupted by",
+              "SIGINT / SIGTERM (one line saying how to resume or re-run); nothing half-written is left",
+              "where a later run would read it. An output being written holds a lock (pid, host, start",
+              "time) beside it, which a second run respects (raycell/utils/locks.py;",
+              "tests/test_machine_problems.py, tests/test_locks.py)."],
+}
+
+
+def section_markdown(heading: str, cases: list[Case]) -> str:
+    """One of the SECTIONS of docs/bad_inputs.md, with its table."""
+    lines = [heading, "", *SECTIONS[heading], "",
+             "| area | situation | exit | what the user sees (last stderr line) | stderr lines | Ray | s | ok |",
+             "|---|---|---|---|---|---|---|---|"]
+    return "\n".join(lines + _rows([c for c in cases if c.section == heading])) + "\n"
 
 
 FX_ROOT: list[Path] = []
+
+
+def _replace_section(doc: Path, heading: str, section: str) -> None:
+    """Put `section` in place of the one under `heading` in `doc` (before the ingest section if new)."""
+    text = doc.read_text()
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
+    else:
+        at = text.find("\n## Ingest")
+        text = (text[:at + 1] + section + "\n" + text[at + 1:]) if at >= 0 else text + "\n" + section
+    doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -657,9 +950,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ray", action="store_true", help="only the cases that need no Ray to set up")
     ap.add_argument("--check", action="store_true", help="exit 1 if any case breaks its promise")
     ap.add_argument("--only", default="", help="substring of the case description to run")
+    ap.add_argument("--sections", action="store_true",
+                    help="only the cases of the sections after the main table (outputs never lost, the "
+                         "machine is the problem); rewrite those sections alone")
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    cases = [c for c in CASES if (not args.no_ray or not c.ray) and args.only in c.what]
+    cases = [c for c in CASES if (not args.no_ray or not c.ray) and args.only in c.what
+             and (c.section or not args.sections)]
     with tempfile.TemporaryDirectory(prefix="raycell-bad-inputs-") as tmp:
         fx = Fixtures(Path(tmp))
         FX_ROOT[:] = [Path(tmp)]
@@ -673,7 +970,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if ray.is_initialized():
             ray.shutdown()
-        if not args.no_ray and not args.only:
+        if args.sections and not args.only:
+            for heading in SECTIONS:
+                _replace_section(Path(args.out), heading, section_markdown(heading, cases).replace(tmp, "…"))
+            print(f"wrote the sections {list(SECTIONS)} of {args.out}", file=sys.__stdout__)
+        elif not args.no_ray and not args.only:
             import platform
 
             env = (f"Last generated {time.strftime('%Y-%m-%d')} on {platform.system()} {platform.machine()}, "
@@ -682,7 +983,9 @@ def main(argv: list[str] | None = None) -> int:
             if ray.is_initialized():
                 ray.shutdown()
             print(f"ingest: {len(rej)} reject row(s) {error}", file=sys.__stdout__)
-            text = to_markdown(cases, env) + "\n" + ingest_markdown(rej, summary, error)
+            text = (to_markdown(cases, env) + "\n"
+                    + "".join(section_markdown(h, cases) + "\n" for h in SECTIONS)
+                    + ingest_markdown(rej, summary, error))
             Path(args.out).write_text(text.replace(tmp, "…"))
             print(f"wrote {args.out}", file=sys.__stdout__)
     broken = [c for c in cases if verdict(c, c.result)]

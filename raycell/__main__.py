@@ -26,8 +26,10 @@ NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune", "embed"}
 def run_import_armed(args) -> dict:
     """`raycell import-armed SRC --out DST`: ARMED .npz/.csv -> crop shards (no config, no Ray)."""
     from raycell.ingest.armed_npz import import_armed
+    from raycell.utils.locks import writing
 
-    m = import_armed(args.src, args.out, overwrite=args.overwrite)
+    with writing(args.out, "--out"):
+        m = import_armed(args.src, args.out, overwrite=args.overwrite)
     print(f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}")
     return m
 
@@ -41,6 +43,9 @@ def run_segmentation_eval(args) -> dict:
     from raycell.errors import UserError
     from raycell.ingest.segmentation_eval import evaluate_pairs, evaluate_segmentation
 
+    if not 0 < args.iou <= 1:  # an IoU threshold; 0 or > 1 would match everything or nothing
+        raise UserError(f"segmentation-eval --iou {args.iou:g}: the IoU threshold must be in (0, 1] "
+                        "(0.5 is the usual one)")
     if args.perturb:
         return _perturb(args)
     if bool(args.images) != bool(args.masks) or bool(args.raw_dir) == bool(args.images):
@@ -132,7 +137,8 @@ def run(argv: list[str] | None = None) -> dict | None:
         from raycell.utils.ray_utils import init_ray, keep_native_logs_off_terminal
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
-                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose)
+                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose,
+                 start_timeout_s=cfg.ray.start_timeout_s)
         if not cfg.ray.verbose:
             keep_native_logs_off_terminal()
     if args.command == "synth":
@@ -153,6 +159,7 @@ def preflight(args, cfg):
     Returns the config to run with (`train --resume` takes the run's recorded one); `experiment`'s seeds
     and models are parsed into `args` in place.
     """
+    busy_check(args.command, cfg)
     if args.command == "train":
         from raycell.cli import overrides_from_args
         from raycell.config import explicit_keys
@@ -192,16 +199,69 @@ def preflight(args, cfg):
     return cfg
 
 
+# verb -> (the output it writes, its key): a second run into an output being written refuses before
+# Ray starts (infer and embed check in `check_config`, where their default output is known)
+_WRITES = {"ingest": ("ingest.out", lambda c: c.ingest.out),
+           "train": ("train.resume run folder", lambda c: c.train.resume),
+           "tune": ("tune.out", lambda c: c.tune.out),
+           "synth": ("synth.out", lambda c: c.synth.out),
+           "export": ("export output", lambda c: c.export.out),
+           "split": ("data.path (split rewrites its shards)", lambda c: c.data.path),
+           "report": ("report.out", lambda c: c.report.out or (c.report.folder and
+                                                              f"{c.report.folder}/report"))}
+
+
+def busy_check(command: str, cfg) -> None:
+    """Refuse, in one line, a verb whose output a live run is writing (`raycell.utils.locks`)."""
+    from raycell.utils.locks import check_free
+
+    if command in _WRITES:
+        what, get = _WRITES[command]
+        if get(cfg):
+            check_free(get(cfg), what)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point."""
+    """Console entry point.
+
+    Exit status: 0, 2 for an error the user can fix (a disk that is full, read-only or not theirs
+    included: `raycell.errors.environment_problem`), 130 / 143 after Ctrl-C / SIGTERM (one line,
+    `raycell.utils.interrupts`); anything else is a bug and keeps its traceback.
+    """
+    from raycell.errors import environment_problem
+    from raycell.utils.interrupts import exit_status, raise_on_sigterm, resume_hint
+
     try:
-        run(argv)
+        with raise_on_sigterm():
+            run(argv)
     except user_errors() as exc:
         # KeyError's str() is the repr of its message (quoted): unwrap it, keep every other quote
         msg = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
         print(f"raycell: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        _stop_ray()
+        command = next((a for a in (argv if argv is not None else sys.argv[1:])
+                        if not a.startswith("-")), "")
+        print(f"\nraycell: {resume_hint(command, exc)}", file=sys.stderr, flush=True)
+        return exit_status(exc)
+    except Exception as exc:
+        problem = environment_problem(exc)
+        if problem is None:
+            raise
+        print(f"raycell: error: {problem}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _stop_ray() -> None:
+    """Stop this process's Ray (a local instance's processes end with it) after an interruption."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C or a dying Ray: exit anyway
+        pass
 
 
 if __name__ == "__main__":

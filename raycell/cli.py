@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="add the morph_* shape features, standardised ({key})")
     _flag(s, "--umap", key="export.umap", action="store_const", const=True,
           help="also write UMAP coordinates to obsm['X_umap'] (h5ad; {key})")
+    _flag(s, "--overwrite", key="export.overwrite", action="store_const", const=True,
+          help="replace an earlier raycell export at --out ({key}); any other file is always refused")
 
     s = sub.add_parser("report", help="one self-contained HTML page (figures embedded, no network) and its "
                        "PNGs for a run, demo, experiment, tune or embeddings folder")

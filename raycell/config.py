@@ -351,6 +351,8 @@ class RayConfig:
                        "named in each run folder's ray_logs.txt, and the terminal shows raycell's lines")
     connect_timeout_s: float = _f(5.0, "seconds to wait for a TCP connection to `address` (host:port or "
                                   "ray://host:port) before giving up with an error")
+    start_timeout_s: float = _f(0.0, "seconds to keep trying to start a local Ray on a busy machine before "
+                                "giving up with an error (0 = 60 s times the load per core, at least 60)")
 
 
 @dataclass
@@ -405,7 +407,8 @@ class ExportConfig:
     """Embeddings -> files other tools read (`raycell export`): AnnData for scanpy, CytoTable layout."""
 
     embeddings: str = _f("", "embeddings folder written by `raycell embed` (embeddings.json + shards/)")
-    out: str = _f("", "output file (.h5ad / .parquet / .csv); its folder must exist; replaced atomically")
+    out: str = _f("", "output file (.h5ad / .parquet / .csv); its folder must exist; a file raycell did "
+                  "not write is never replaced, nor anything inside a data set or embeddings folder")
     format: str = _f("h5ad", "h5ad (AnnData: X = features, obs = metadata, obsm = X_pca/X_umap/Prob_<head>) "
                      "| parquet | csv (CytoTable/pycytominer layout: Metadata_* then Cells_* features)")
     level: str = _f("cell", "cell (one row per cell) or well (median per Metadata_Plate x Metadata_Well)")
@@ -416,6 +419,8 @@ class ExportConfig:
                           "Cells_Morph_* features")
     umap: bool = _f(False, "also compute obsm['X_umap'] (h5ad only; umap-learn; the first call compiles "
                     "for ~20 s)")
+    overwrite: bool = _f(False, "replace an earlier raycell export at `out` (through a temporary name "
+                         "and an atomic rename)")
 
 
 @dataclass

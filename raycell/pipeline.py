@@ -17,6 +17,14 @@ from raycell.utils.io import atomic_write_json, atomic_write_text
 
 
 def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
+    """`_run_synth`, holding the lock of `synth.out` (a second synth into it refuses)."""
+    from raycell.utils.locks import writing
+
+    with writing(cfg.synth.out, "synth.out"):
+        return _run_synth(cfg, overwrite)
+
+
+def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
     """Generate the synthetic data set into `cfg.synth.out` (raw fields of view with `synth.raw`)."""
     from raycell.data.synthetic import AUTO_RAY_CELLS, write_synthetic
 
@@ -35,7 +43,8 @@ def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         from raycell.utils.ray_utils import init_ray
 
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
-                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose)
+                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose,
+                 start_timeout_s=cfg.ray.start_timeout_s)
     if s.design == "timedose":
         from raycell.data.synthetic_timedose import write_timedose
 
@@ -62,15 +71,23 @@ def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
 def run_split(cfg: ExperimentConfig) -> dict:
     """Assign splits in `cfg.data.path`; returns the updated manifest."""
     from raycell.data.splits import split_dataset
+    from raycell.utils.locks import writing
 
-    m = split_dataset(cfg.data.path, unseen=list(cfg.split.unseen), group_by=cfg.split.group_by,
-                      stratify=list(cfg.split.stratify), fractions=list(cfg.split.fractions), seed=cfg.seed,
-                      val_batches=list(cfg.split.val_batches), progress=bool(cfg.ray.progress))
+    with writing(cfg.data.path, "data.path (split rewrites its shards)", make_parent=False):
+        m = _split(cfg, split_dataset)
     vb = m["split_params"].get("val_batches")
     print(f"[raycell] split {Path(cfg.data.path).absolute()}: {m['counts_per_split']} "
           f"(unseen batches: {m['split_params']['unseen']}"
           f"{f'; validation batches: {vb}' if vb else ''})", flush=True)
     return m
+
+
+def _split(cfg: ExperimentConfig, split_dataset) -> dict:
+    """`split_dataset` with the `split.*` keys (under the data set's lock)."""
+    return split_dataset(cfg.data.path, unseen=list(cfg.split.unseen), group_by=cfg.split.group_by,
+                         stratify=list(cfg.split.stratify), fractions=list(cfg.split.fractions),
+                         seed=cfg.seed, val_batches=list(cfg.split.val_batches),
+                         progress=bool(cfg.ray.progress))
 
 
 def run_train(cfg: ExperimentConfig) -> dict:
@@ -113,7 +130,8 @@ def run_export(cfg: ExperimentConfig) -> dict:
     if not e.embeddings or not e.out:
         raise ConfigError("export needs export.embeddings and export.out (--embeddings DIR --out FILE)")
     s = export(e.embeddings, e.out, fmt=e.format, level=e.level, top_k=e.top_k,
-               drop_zero_variance=e.drop_zero_variance, with_morph=e.with_morph, umap=e.umap, seed=cfg.seed)
+               drop_zero_variance=e.drop_zero_variance, with_morph=e.with_morph, umap=e.umap,
+               seed=cfg.seed, overwrite=e.overwrite)
     print(f"[raycell] exported {s['n_obs']} {s['level']} rows x {s['n_vars']} features "
           f"({s['n_dropped']} dropped) -> {s['path']}", flush=True)
     return s
@@ -126,8 +144,12 @@ def run_report(cfg: ExperimentConfig) -> dict:
 
     if not cfg.report.folder:
         raise ConfigError("report needs a folder: raycell report FOLDER (report.folder)")
-    page = build_report(cfg.report.folder, cfg.report.out or None, max_cells=cfg.report.max_cells,
-                        seed=cfg.seed)
+    from raycell.utils.locks import writing
+
+    with writing(cfg.report.out or Path(cfg.report.folder) / "report", "report.out",
+                 make_parent=False):
+        page = build_report(cfg.report.folder, cfg.report.out or None,
+                            max_cells=cfg.report.max_cells, seed=cfg.seed)
     print(f"[raycell] report: {page}", flush=True)
     return {"html": str(page)}
 

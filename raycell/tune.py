@@ -23,6 +23,7 @@ from typing import Any
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig, _set_nested, save_config, tune_key_type
+from raycell.errors import UserError
 from raycell.train.history import HISTORY_FILE, read_history
 
 SEARCH = "search"  # Tune's experiment folder under tune.out
@@ -86,6 +87,7 @@ def check_tune(cfg: ExperimentConfig) -> Path:
     check_train(cfg)
     for v in _probe_values(t.space.get("model.type", {"dist": "choice", "values": []})):
         check_train(apply_params(cfg, {"model.type": v}))
+    check_model_values(cfg)
     if t.folds:
         from raycell.formats.shards import open_dataset
 
@@ -108,6 +110,90 @@ def check_tune(cfg: ExperimentConfig) -> Path:
         raise ConfigError(f"tune.out {out} already holds files raycell did not write; choose a new or empty "
                           "folder (--out)")
     return out
+
+
+def check_model_values(cfg: ExperimentConfig) -> None:
+    """Build the model for every value a `model.*` key of the space can sample, before Ray starts.
+
+    One key at a time (the others at their base values), on the CPU.
+
+    Why: the config cannot type `model.args.*` (builder arguments); a value the builder rejects
+    (an unknown argument, "sixteen" for a size, `true` for a number) would otherwise fail every
+    trial inside Ray, after the start-up. A value whose type differs from the builder default's is
+    refused too: `true` is an int to Python but never meant as a layer size.
+
+    Raises:
+        ConfigError: naming the key, the value and the builder's complaint, in one line.
+    """
+    import typing
+
+    from raycell.models import create_model, model_entry
+    from raycell.train.loop import model_kwargs
+    from raycell.train.trainer import _training_data, weak_label_heads
+
+    keys = [k for k in cfg.tune.space if k.startswith("model.") and k != "model.type"]
+    if not keys:
+        return
+    import torch
+
+    from raycell import constants as K
+    from raycell.formats.categories import CategoryMap
+    from raycell.formats.spec import DataSpec
+
+    ds = _training_data(cfg)
+    spec = DataSpec.from_dataset(ds)
+    heads = weak_label_heads(cfg, ds)
+    setup = {"heads": [h.to_dict() for h in heads]} if heads else None
+    labels, batches = CategoryMap(K.LABEL, ("a", "b")), CategoryMap(K.BATCH, ("a",))
+    for key in keys:
+        space = cfg.tune.space[key]
+        for v in _probe_values(space):
+            c = apply_params(cfg, {key: v})
+            where = f"tune.space.{key}: {space['dist']} can sample {v!r}"
+            arg = key[len("model.args."):] if key.startswith("model.args.") else None
+            try:
+                hints = typing.get_type_hints(model_entry(c.model.type).builder)
+            except Exception:  # noqa: BLE001 - unresolvable annotations: the build below decides
+                hints = {}
+            if arg in hints and not _fits(v, hints[arg]):
+                raise ConfigError(f"{where}, a {type(v).__name__}, but model type "
+                                  f"{c.model.type!r} takes {_type_words(hints[arg])} for {arg}")
+            try:
+                with torch.device("cpu"):
+                    create_model(c.model.type, **model_kwargs(c, spec, labels, batches, setup))
+            except Exception as exc:  # noqa: BLE001 - whatever the builder raises is the answer
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise ConfigError(f"{where}, which model type {c.model.type!r} rejects when built: "
+                                  f"{why}") from None
+
+
+def _fits(v: Any, tp: Any) -> bool:
+    """Whether value `v` fits the annotation `tp` (a bool is no int here; an int is a float)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(v, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return v is None
+    if tp in (bool, int, str):
+        return type(v) is tp
+    if tp is float:
+        return type(v) in (int, float)
+    if origin in (list, tuple, dict):
+        return isinstance(v, origin)
+    return True  # Any, or a type a YAML value cannot be: the build decides
+
+
+def _type_words(tp: Any) -> str:
+    """`int | None` -> "an int (or None)", for messages."""
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+    return f"{'an' if names[0] in 'aeiou' else 'a'} {names}" + (
+        " (or None)" if type(None) in typing.get_args(tp) else "")
 
 
 # Keys a resumed search may change: how to reach Ray. Everything else, concurrency included, comes back
@@ -321,6 +407,10 @@ def _trial(params: dict, base: dict, setup: dict | list[dict], trials_dir: str) 
                   keep_best=(cfg.tune.metric, cfg.tune.mode)).fit()
 
 
+class SearchFailed(UserError):
+    """Every trial failed for one shared reason (named in the message)."""
+
+
 def _metric_watch(metric: str):
     """A Tune stopper that ends the whole search at the first result without `metric` (a typo'd metric
     would otherwise cost the full search before the error)."""
@@ -339,6 +429,41 @@ def _metric_watch(metric: str):
             return self.missing
 
     return MetricWatch()
+
+
+def _failure_watch(num_samples: int):
+    """A Tune stopper and callback that ends the search when its first trials all fail the same way.
+
+    Only before any trial reported a result: such a cause is shared by every trial, so stopping
+    early saves the rest of the search. `.reason` is the failure's last line (`Type: message`).
+    """
+    import ray.tune
+
+    class FailureWatch(ray.tune.Stopper, ray.tune.Callback):
+        def __init__(self):
+            self.reasons: list[str] = []
+            self.reported = False
+            self.reason = ""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.reported = True
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            text = str(trial.get_error() or "")
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            errs = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Failed)\b", ln)]
+            self.reasons.append((errs or lines or ["unknown error"])[-1][:300])
+            shared = len(set(self.reasons)) == 1 and len(self.reasons) >= min(2, num_samples)
+            if shared and not self.reported:
+                self.reason = self.reasons[0]
+
+        def __call__(self, trial_id, result):
+            return False
+
+        def stop_all(self):
+            return bool(self.reason)
+
+    return FailureWatch()
 
 
 def _finite(v: Any) -> bool:
@@ -488,6 +613,14 @@ def objective_plot(rows: list[dict], space: dict, metric: str, mode: str, path: 
 
 
 def run_search(cfg: ExperimentConfig) -> dict:
+    """`_run_search`, holding the lock of `tune.out` (two searches there would mix trials)."""
+    from raycell.utils.locks import writing
+
+    with writing(cfg.tune.out, "tune.out"):
+        return _run_search(cfg)
+
+
+def _run_search(cfg: ExperimentConfig) -> dict:
     """Run the search of `cfg.tune` (Ray initialised); returns {out, trials_csv, best_yaml, plot, best, trials}.
 
     Raises:
@@ -499,9 +632,11 @@ def run_search(cfg: ExperimentConfig) -> dict:
     import ray.train
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.stopper import CombinedStopper
     from ray.tune.search.optuna import OptunaSearch
 
     from raycell.train.trainer import training_setup
+    from raycell.utils.interrupts import graceful, stop_ray_tune
     from raycell.utils.io import atomic_write_text
 
     cfg = resume_search_config(cfg) if cfg.tune.resume else copy.deepcopy(cfg)
@@ -534,6 +669,7 @@ def run_search(cfg: ExperimentConfig) -> dict:
     # MetricWatch stops the search instead and the missing metric is reported below in one line.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     watch = _metric_watch(t.metric)
+    fails = _failure_watch(t.num_samples)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, base=base.to_dict(), setup=setup, trials_dir=str(out / TRIALS)),
         {"CPU": t.trial_cpus})
@@ -553,16 +689,26 @@ def run_search(cfg: ExperimentConfig) -> dict:
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                                         grace_period=min(t.grace_period, cfg.train.epochs),
                                         reduction_factor=t.reduction_factor)),
-            run_config=ray.tune.RunConfig(name=SEARCH, storage_path=str(out), stop=watch,
+            run_config=ray.tune.RunConfig(name=SEARCH, storage_path=str(out),
+                                          stop=CombinedStopper(watch, fails), callbacks=[fails],
                                           failure_config=ray.tune.FailureConfig(max_failures=0),
                                           verbose=1))
-    grid = tuner.fit()
+    # Ctrl-C / SIGTERM: Tune stops and saves the search (for --resume); then no ranking, no
+    # best.yaml from an interrupted trial, and the CLI says "interrupted" (exit 130 / 143)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    with graceful(stop_ray_tune) as caught:
+        grid = tuner.fit()
+    caught.reraise(f"resume with `raycell tune --resume {out}` (finished trials are kept)")
+    if fails.reason:
+        raise SearchFailed(f"the first {len(fails.reasons)} trial(s) all failed the same way "
+                           f"before any reported a result, so the search was stopped: "
+                           f"{fails.reason} (logs under {out / SEARCH})")
 
     keys = list(t.space)
     rows, reported = _trial_rows(grid, keys, t.metric, t.mode, cfg.train.epochs, out / TRIALS)
     if t.metric not in reported:
         if not reported and all(r["status"] == "error" for r in rows):
-            raise RuntimeError(f"every trial failed; the first: {rows[0]['error'] if rows else '?'} "
+            raise SearchFailed(f"every trial failed; the first: {rows[0]['error'] if rows else '?'} "
                                f"(logs under {out / SEARCH})")
         raise ConfigError(f"tune.metric {t.metric!r} was never reported by the training loop; it reported: "
                           f"{', '.join(sorted(reported)) or 'nothing'} (set tune.metric to one of them)")

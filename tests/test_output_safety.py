@@ -271,3 +271,139 @@ def test_written_files_follow_umask(tmp_path, umask, file_mode, dir_mode):
         assert stat.S_IMODE(p.stat().st_mode) == file_mode, p
     for d in [tmp_path / "ds", *(p for p in (tmp_path / "ds").rglob("*") if p.is_dir())]:
         assert stat.S_IMODE(d.stat().st_mode) == dir_mode, d
+
+
+# ---- export: a single output file ---------------------------------------------------------------
+
+
+def _embeddings(folder: Path, n: int = 12, dataset: str = "") -> Path:
+    """A small embeddings folder in the profiling layout (two shards, unique cell ids)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "shards").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    cols = {"Metadata_Plate": ["P1"] * n, "Metadata_Well": [f"A{i % 3:02d}" for i in range(n)],
+            "Metadata_CellID": [f"c{i}" for i in range(n)]}
+    feats = [f"Cells_Embedding_{j:04d}" for j in range(4)]
+    table = pa.table({**cols, **{f: rng.normal(size=n).astype(np.float32) for f in feats}})
+    half = n // 2
+    pq.write_table(table.slice(0, half), folder / "shards" / "part-00000.parquet")
+    pq.write_table(table.slice(half), folder / "shards" / "part-00001.parquet")
+    manifest = {"layout": "columns", "features": feats, "heads": {}, "n_cells": n,
+                "dataset": dataset,
+                "shards": [{"file": f"shards/part-0000{i}.parquet"} for i in range(2)]}
+    (folder / "embeddings.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _export(emb: Path, out: Path, fmt: str, *extra: str) -> int:
+    return main(["export", "--embeddings", str(emb), "--out", str(out), "--format", fmt, *extra])
+
+
+@pytest.mark.parametrize("fmt,name", [("h5ad", "mine.h5ad"), ("csv", "mine.csv"),
+                                      ("parquet", "mine.parquet")])
+def test_export_never_replaces_a_users_file(tmp_path, capsys, fmt, name):
+    emb = _embeddings(tmp_path / "emb")
+    mine = tmp_path / name
+    mine.write_bytes(b"the user's own file")
+    for extra in ([], ["--overwrite"]):
+        assert _export(emb, mine, fmt, *extra) == 2
+        assert "raycell did not write it" in _err_line(capsys)
+        assert mine.read_bytes() == b"the user's own file"
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "csv", "parquet"])
+def test_export_replaces_its_own_file_only_with_overwrite(tmp_path, capsys, fmt):
+    emb = _embeddings(tmp_path / "emb")
+    out = tmp_path / f"cells.{fmt}"
+    assert _export(emb, out, fmt) == 0
+    first = out.read_bytes()
+    assert _export(emb, out, fmt) == 2
+    assert "--overwrite" in _err_line(capsys) and out.read_bytes() == first
+    assert _export(emb, out, fmt, "--overwrite") == 0
+    assert out.stat().st_size > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp" + out.suffix)]
+    # the user saves their own content over the export: it is theirs now
+    out.write_bytes(b"edited by the user")
+    assert _export(emb, out, fmt, "--overwrite") == 2
+    assert "raycell did not write it" in _err_line(capsys)
+    assert out.read_bytes() == b"edited by the user"
+
+
+def test_export_never_writes_inside_a_data_set_or_embeddings(tiny_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    emb = _embeddings(tmp_path / "emb", dataset=str(data))
+    shard = data / "shards" / "part-00000.parquet"
+    before = shard.read_bytes()
+    for out in (shard, data / "cells.parquet", emb / "cells.parquet", emb / "shards" / "x.parquet"):
+        assert _export(emb, out, "parquet", "--overwrite") == 2, out
+        line = _err_line(capsys)
+        assert "lies inside" in line or "is the input" in line, line
+    assert shard.read_bytes() == before
+    assert not (data / "cells.parquet").exists() and not (emb / "cells.parquet").exists()
+
+
+def test_export_refuses_a_duplicated_shard(tmp_path, capsys):
+    import shutil
+
+    emb = _embeddings(tmp_path / "emb")
+    m = json.loads((emb / "embeddings.json").read_text())
+    m.pop("n_cells")
+    (emb / "embeddings.json").write_text(json.dumps(m))
+    shutil.copy(emb / "shards" / "part-00000.parquet", emb / "shards" / "part-00002.parquet")
+    assert _export(emb, tmp_path / "cells.csv", "csv") == 2
+    assert "part-00002.parquet" in _err_line(capsys)
+    m.pop("shards")  # no shard list: the repeated cell ids still give it away
+    (emb / "embeddings.json").write_text(json.dumps(m))
+    assert _export(emb, tmp_path / "cells.csv", "csv") == 2
+    assert "repeat a Metadata_CellID" in _err_line(capsys)
+    assert not (tmp_path / "cells.csv").exists()
+
+
+# ---- infer / embed: output folders -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """An untrained checkpoint for the tiny data set (no training needed to test output checks)."""
+    import torch
+
+    from raycell import constants as K
+    from raycell.formats.categories import CategoryMap
+    from raycell.formats.checkpoint import save_checkpoint
+    from raycell.formats.shards import open_dataset
+    from raycell.formats.spec import DataSpec
+    from raycell.models import create_model
+
+    ds = open_dataset(tiny_data)
+    spec = DataSpec.from_dataset(ds)
+    torch.manual_seed(0)
+    seen = tuple(f"batch{i:02d}" for i in range(6))
+    model = create_model("conventional", in_channels=spec.shape[0], n_classes=2,
+                         n_batches=len(seen), preset="tiny", image_size=spec.shape[1])
+    labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "run" / "checkpoint", model, None,
+                           epoch=0, spec=spec, labels=labels, batches=CategoryMap(K.BATCH, seen),
+                           config={}, metrics={})
+
+
+@pytest.mark.parametrize("verb", ["infer", "embed"])
+def test_infer_and_embed_refuse_user_folders_and_inputs(verb, checkpoint, tiny_data, tmp_path,
+                                                         capsys):
+    mine = tmp_path / "mine"
+    before = _user_folder(mine)
+    base = [verb, "--checkpoint", str(checkpoint), "--data", str(tiny_data), "--set",
+            "ray.progress=false"]
+    data_before = _snapshot(tiny_data)
+    for out, needle in ((mine, "raycell did not write"), (tiny_data, "is the input data set"),
+                        (tiny_data / "shards", "is inside the input data set"),
+                        (tiny_data / "preds", "is inside the input data set")):
+        assert main(base + ["--out", str(out)]) == 2, out
+        line = _err_line(capsys)
+        assert needle in line and "delete" not in line, line
+    assert _snapshot(mine) == before and _snapshot(tiny_data) == data_before
+    assert not (tiny_data / "preds").exists()

@@ -69,6 +69,61 @@ def test_checks_before_ray(tiny_data, tmp_path):
         check_tune(_cfg(tiny_data, tmp_path, [*SPACE, f"tune.out={out}"]))
 
 
+@pytest.mark.parametrize("entry, message", [
+    ("model.args.nonsense_arg={dist: choice, values: [1, 2]}",
+     "tune.space.model.args.nonsense_arg: choice can sample 1, which model type 'adversarial' "
+     "rejects when built: model type 'adversarial' does not take argument(s) ['nonsense_arg']"),
+    ("model.args.latent_dim={dist: choice, values: [8, sixteen, true]}",
+     "tune.space.model.args.latent_dim: choice can sample 'sixteen', a str, but model type "
+     "'adversarial' takes an int (or None) for latent_dim"),
+    ("model.args.latent_dim={dist: choice, values: [8, true]}",
+     "can sample True, a bool, but model type 'adversarial' takes an int (or None)"),
+])
+def test_model_values_are_built_before_ray(tiny_data, tmp_path, capsys, monkeypatch, entry,
+                                           message):
+    """Values only the model builder can judge: refused in one line, before Ray starts."""
+    import raycell.utils.ray_utils as ru
+    from raycell.__main__ import main
+
+    monkeypatch.setattr(ru, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    args = ["tune", "--model", "adversarial", "--set", f"tune.out={tmp_path / 'search'}"]
+    for ov in tiny_overrides(tiny_data, tmp_path / "runs", epochs=1) + [f"tune.space.{entry}"]:
+        args += ["--set", ov]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert not (tmp_path / "search").exists()
+
+
+def test_a_failure_shared_by_the_first_trials_stops_the_search():
+    from raycell.tune import _failure_watch
+
+    class Trial:
+        def __init__(self, text):
+            self.text = text
+
+        def get_error(self):
+            return self.text
+
+    trace = "Traceback (most recent call last):\n  File x\nRuntimeError: {}\n"
+    watch = _failure_watch(num_samples=6)
+    watch.on_trial_error(iteration=1, trials=[], trial=Trial(trace.format("CUDA missing")))
+    assert not watch.stop_all()
+    watch.on_trial_error(iteration=2, trials=[], trial=Trial(trace.format("CUDA missing")))
+    assert watch.stop_all() and watch.reason == "RuntimeError: CUDA missing"
+    # once a trial reported a result, failures are the trials' own (a diverging lr, say)
+    watch = _failure_watch(num_samples=6)
+    watch.on_trial_result(iteration=1, trials=[], trial=Trial(""), result={"val_loss": 1.0})
+    for i in range(3):
+        watch.on_trial_error(iteration=2 + i, trials=[], trial=Trial(trace.format("nan loss")))
+    assert not watch.stop_all()
+    # different reasons: nothing shared
+    watch = _failure_watch(num_samples=6)
+    watch.on_trial_error(iteration=1, trials=[], trial=Trial(trace.format("a")))
+    watch.on_trial_error(iteration=2, trials=[], trial=Trial(trace.format("b")))
+    assert not watch.stop_all()
+
+
 def test_cli_error_is_one_line_before_ray(tmp_path, capsys):
     from raycell.__main__ import main
 

@@ -37,6 +37,7 @@ from raycell.formats.predictions import PROVENANCE_KEY
 from raycell.formats.shards import ShardDataset, ShardError, open_dataset, split_counts
 from raycell.infer.predictor import PASSTHROUGH, CropPredictor
 from raycell.utils.io import atomic_write_json, atomic_write_parquet
+from raycell.utils.locks import check_free, writing
 
 PATH_COL = "path"  # added by read_parquet(include_paths=True)
 
@@ -126,8 +127,9 @@ def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPla
     _check_design_matrix(cfg, ds, meta, z_ids)
     out_key, out_val = ("embed.out", cfg.embed.out) if layout == "profiles" else ("infer.out", ic.out)
     out = Path(out_val).absolute() if out_val else ck.parent / LAYOUTS[layout][0]
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out_key} {out} is a file, not a folder: choose a folder for the outputs")
+    check_free(out, out_key)  # first: a live run's folder may not be marked as raycell's yet
+    _check_out(out, out_key, layout,
+               [("data set", ds.root), ("checkpoint", ck), ("Z source", z_source)])
     producer = {"checkpoint": str(ck), "weights_sha256": weights_fingerprint(ck), "dataset": str(ds.root),
                 "splits": sorted(splits) or "all", "z_source": z_fp, "randomize_z": bool(ic.randomize_z),
                 "write_recon": bool(ic.write_recon)}
@@ -143,6 +145,18 @@ def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPla
     for p in plan.pending:
         ds.check_shard_file(p)
     return plan
+
+
+def _check_out(out: Path, key: str, layout: str, inputs: list) -> None:
+    """Refuse an output folder raycell must not write (`raycell.utils.outputs` rules).
+
+    Never a folder of the user's own files, nor one that is, holds or lies inside an input (the data
+    set above all: a refusal must never send the user to delete it); only an earlier infer/embed
+    folder of the same kind is resumed.
+    """
+    from raycell.utils.outputs import EMBEDDINGS, PREDICTIONS, check_output
+
+    check_output(out, inputs, key, EMBEDDINGS if layout == "profiles" else PREDICTIONS, ConfigError)
 
 
 def _done_shards(plan: InferPlan) -> set[str]:
@@ -197,12 +211,25 @@ def predict(cfg: ExperimentConfig, layout: str = "predictions") -> dict:
     `raycell.infer.predictor`), with `embeddings.json`. Needs Ray to be initialised. Validates
     everything first (`check_config`).
     """
+    plan = check_config(cfg, layout)
+    with writing(plan.out, "embed.out" if layout == "profiles" else "infer.out"):
+        # shards another run may have finished since the check: counted (or refused) again
+        done = _done_shards(plan)
+        plan.pending = [p for p in plan.pending if Path(p).name not in done]
+        return _predict(cfg, plan, layout)
+
+
+def _predict(cfg: ExperimentConfig, plan: InferPlan, layout: str) -> dict:
+    """`predict`'s work, under the output folder's lock."""
     import ray.data
 
-    plan = check_config(cfg, layout)
+    from raycell.utils.outputs import EMBEDDINGS, MARKER, PREDICTIONS, mark
+
     ck, meta, ds, out, pending = plan.ck, plan.meta, plan.ds, plan.out, plan.pending
     shard_out = out / "shards"
     shard_out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).exists():  # recognised as raycell's before its manifest exists
+        mark(out, EMBEDDINGS if layout == "profiles" else PREDICTIONS)
     stale = _remove_leftovers(out, LAYOUTS[layout][1])
     if stale:
         print(f"[raycell] removed {len(stale)} leftover(s) of an interrupted infer run in {out}: "
@@ -361,8 +388,8 @@ def _remove_leftovers(out: Path, manifest: str = K.PREDICTIONS_MANIFEST) -> list
     """Staging folders and temporary files that a killed infer run left in `out` (never results).
 
     A run removes its own in `finally`, which a SIGKILL or a lost node skips; nothing reads them, but
-    they would stay in the user's folder for good. (Two runs writing one folder at once are not
-    supported: they would also race on the same shards.)
+    they would stay in the user's folder for good. Called under the folder's lock
+    (`raycell.utils.locks`), so no live run's staging folder is ever removed.
     """
     stale = sorted(p for p in out.glob(".staging-*") if p.is_dir())
     stale += sorted(out.glob(f".{manifest}.*.tmp"))

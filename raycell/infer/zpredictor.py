@@ -296,7 +296,8 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     zcfg = zpredictor_config(cfg, ds, out)
     balance = balance_setup(zcfg, ds) if mode == "balanced" else None
     r = cfg.ray
-    init_ray(r.address, r.num_cpus, r.object_store_mb, r.progress, r.connect_timeout_s, verbose=r.verbose)
+    init_ray(r.address, r.num_cpus, r.object_store_mb, r.progress, r.connect_timeout_s,
+             verbose=r.verbose, start_timeout_s=r.start_timeout_s)
     print(f"[raycell] infer-z: training the Z-predictor ({mode}) on {ds.root} ({len(served)} batches) "
           f"-> {out}", flush=True)
     res = train(zcfg, early_stopping=EarlyStopping(patience=cfg.infer.z_patience, metric="val_acc"),

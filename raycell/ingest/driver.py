@@ -368,6 +368,16 @@ def _manifest_extra(p: dict, plan: dict, stats: dict, summary: dict, illum_files
 
 
 def run_ingest(cfg) -> dict:
+    """`_run_ingest`, holding the lock of `ingest.out` (a second ingest into it refuses)."""
+    from raycell.utils.locks import writing
+
+    if not cfg.ingest.out:
+        return _run_ingest(cfg)
+    with writing(cfg.ingest.out, "ingest.out"):
+        return _run_ingest(cfg)
+
+
+def _run_ingest(cfg) -> dict:
     """Ingest raw images into a crop-shard data set (SPEC stage 2). See the module docstring.
 
     Args:

@@ -10,19 +10,18 @@ leaves a truncated file behind.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from raycell.errors import UserError
 from raycell.profiling import profiles as P
+from raycell.utils.outputs import write_file
 
 FORMATS = ("h5ad", "parquet", "csv")
+EXPORT_KEY = b"raycell.export"  # parquet schema metadata: the settings; marks the file as raycell's
 LEVELS = ("cell", "well")
 MORPH_FEATURE_PREFIX = "Cells_Morph_"
 
@@ -36,7 +35,7 @@ def morph_feature_name(column: str) -> str:
     return MORPH_FEATURE_PREFIX + column[len(P.MORPH_PREFIX):]
 
 
-def _check_args(embeddings: Path, out: Path, fmt: str, level: str, top_k, umap: bool) -> None:
+def _check_args(fmt: str, level: str, top_k, umap: bool) -> None:
     """Every option checked before any data is read, so a typo costs no time."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r} (use one of {', '.join(FORMATS)})")
@@ -47,16 +46,58 @@ def _check_args(embeddings: Path, out: Path, fmt: str, level: str, top_k, umap: 
     if umap and fmt != "h5ad":
         raise ExportError(f"umap coordinates go to obsm['X_umap'] of an .h5ad; format {fmt!r} "
                           "has no place for them (use format h5ad)")
-    if not out.parent.is_dir():
-        raise ExportError(f"export output {out}: folder {out.parent} does not exist "
-                          "(create it first)")
-    if out.is_dir():
-        raise ExportError(f"export output {out} is a folder; give a file name "
-                          f"(e.g. {out / ('cells.' + fmt)})")
-    shards = (embeddings / "shards").resolve()
-    if shards in out.resolve().parents:
-        raise ExportError(f"export output {out} lies inside {shards}: it would be read as an "
-                          "embedding shard next time; write it elsewhere")
+
+
+def _check_out(embeddings: Path, out: Path, overwrite: bool) -> Path:
+    """The output file, refused when raycell must not write it (raycell.utils.outputs rules)."""
+    from raycell.utils.outputs import prepare_file
+
+    inputs = [("embeddings folder", embeddings)]
+    try:
+        dataset = json.loads((embeddings / P.MANIFEST).read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        dataset = None
+    if isinstance(dataset, str) and dataset:
+        inputs.append(("data set", dataset))
+    return prepare_file(out, inputs, overwrite, "export output", ExportError, "--overwrite",
+                        ours=_exported_by_raycell)
+
+
+def _exported_by_raycell(path: Path) -> bool:
+    """An .h5ad with `uns/raycell_export` or a parquet file with the `raycell.export` key."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head == b"\x89HDF\r\n\x1a\n":
+        import h5py
+
+        with h5py.File(path, "r") as h:
+            return "uns/raycell_export" in h
+    if head[:4] == b"PAR1":
+        import pyarrow.parquet as pq
+
+        return EXPORT_KEY in (pq.read_schema(path).metadata or {})
+    return False
+
+
+def _check_cells(meta: pd.DataFrame, embeddings: Path) -> None:
+    """Refuse embeddings whose cells repeat (a shard copied twice): each cell must be one row."""
+    cid = "Metadata_CellID"
+    shards = embeddings / "shards"
+    listed = json.loads((embeddings / P.MANIFEST).read_text()).get("shards")
+    if isinstance(listed, list) and shards.is_dir():
+        names = {Path(str(s.get("file", ""))).name for s in listed if isinstance(s, dict)}
+        extra = sorted(f.name for f in shards.glob(P.SHARD_GLOB) if f.name not in names)
+        if names and extra:
+            raise ExportError(f"{shards} holds shard(s) {', '.join(extra[:3])} that "
+                              f"{embeddings / P.MANIFEST} does not list (a copied shard?): move "
+                              "them out, then export again")
+    if cid in meta.columns:
+        dup = meta[cid].astype(str).duplicated()
+        if dup.any():
+            raise ExportError(f"{shards}: {int(dup.sum())} row(s) repeat a {cid} (e.g. "
+                              f"{meta[cid].astype(str)[dup].iloc[0]!r}; {meta[cid].nunique()} "
+                              f"distinct cells in {len(meta)} rows): a shard is duplicated; remove "
+                              "the copy, then export again")
 
 
 def _standardised(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
@@ -160,24 +201,16 @@ def _table_frame(meta: pd.DataFrame, X: np.ndarray, names: list[str], heads: dic
     return pd.concat([frame, feats], axis=1)
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary name beside `path`, then rename it into place."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export(embeddings: str | Path, out: str | Path, fmt: str = "h5ad", level: str = "cell",
            top_k: int = 0, drop_zero_variance: bool = True, with_morph: bool = False,
-           umap: bool = False, seed: int = 0) -> dict:
+           umap: bool = False, seed: int = 0, overwrite: bool = False) -> dict:
     """Write the embeddings (cells or well medians) as .h5ad, parquet or csv; return a summary.
 
     Args:
         embeddings: folder written by `raycell embed` (embeddings.json + shards/).
-        out: output file (its folder must exist); replaced atomically when it exists.
+        out: output file (its folder must exist). An existing file is replaced only when raycell
+            wrote it and `overwrite` is set (atomically); any other file is refused, as is a path
+            inside the embeddings, its data set or any folder raycell wrote.
         fmt: "h5ad" (AnnData: X = features, obs = metadata, obsm = X_pca / X_umap / Prob_<head>,
             uns = the manifest), "parquet" or "csv" (CytoTable layout, see the module docstring).
         level: "cell" (one row per cell) or "well" (median per Metadata_Plate x Metadata_Well).
@@ -186,14 +219,29 @@ def export(embeddings: str | Path, out: str | Path, fmt: str = "h5ad", level: st
         with_morph: add the standardised morph_* columns as features `Cells_Morph_<name>`.
         umap: also compute obsm["X_umap"] (h5ad only; needs umap-learn).
         seed: random state of PCA and UMAP.
+        overwrite: replace an earlier raycell export at `out`.
 
     Returns:
         {"path", "format", "level", "n_obs", "n_vars", "obsm" (keys, h5ad only), "n_embedding",
         "n_morph" (features of each kind kept), "n_dropped", "morph_filled" (NaNs set to 0)}.
     """
+    from raycell.utils.locks import writing
+
     embeddings, out = Path(embeddings), Path(out)
-    _check_args(embeddings, out, fmt, level, top_k, umap)
+    _check_args(fmt, level, top_k, umap)
+    _check_out(embeddings, out, overwrite)
+    with writing(out, "export output", make_parent=False):
+        return _export(embeddings, out, fmt, level, top_k, drop_zero_variance, with_morph, umap,
+                       seed, overwrite)
+
+
+def _export(embeddings: Path, out: Path, fmt: str, level: str, top_k: int,
+            drop_zero_variance: bool, with_morph: bool, umap: bool, seed: int,
+            overwrite: bool) -> dict:
+    """`export`'s work, under the output's lock (checked again: another run may have written it)."""
+    _check_out(embeddings, out, overwrite)
     meta, X, names = P.read_embeddings(embeddings)
+    _check_cells(meta, embeddings)
     manifest = meta.attrs.get("manifest", {})
     filled = 0
     if with_morph:
@@ -227,9 +275,11 @@ def export(embeddings: str | Path, out: str | Path, fmt: str = "h5ad", level: st
             import pyarrow.parquet as pq
 
             table = pa.Table.from_pandas(frame, preserve_index=False)
-            _atomic(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                   EXPORT_KEY: json.dumps(settings).encode()})
+            write_file(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         else:
-            _atomic(out, lambda tmp: frame.to_csv(tmp, index=False))
+            write_file(out, lambda tmp: frame.to_csv(tmp, index=False), record=True)
     return summary
 
 
@@ -254,5 +304,5 @@ def _write_h5ad(out: Path, meta: pd.DataFrame, X: np.ndarray, names: list[str], 
         warnings.simplefilter("ignore", UserWarning)
         adata = anndata.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=var, obsm=obsm,
                                 uns=uns)
-        _atomic(out, lambda tmp: adata.write_h5ad(tmp))
+        write_file(out, lambda tmp: adata.write_h5ad(tmp))
     return list(obsm)

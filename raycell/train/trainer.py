@@ -144,12 +144,43 @@ def check_train(cfg: ExperimentConfig) -> None:
         if not model_entry(cfg.model.type).weak_labels:
             raise ConfigError(f"train.layer_decay: model type {cfg.model.type!r} has no layer groups "
                               "(layer-wise learning rates are for the timm backbones); set it to 0")
+    _warn_degenerate_train_split(cfg, ds)
     if cfg.train.resume and any(Path(cfg.train.resume).glob("checkpoint_*/meta.json")):
         from raycell.formats.checkpoint import load_checkpoint, load_plan_state
 
         # the worker would load it after Ray starts, where a corrupt file is a worker trace, not one line
         _, meta = load_checkpoint(cfg.train.resume)
         load_plan_state(meta["path"])
+
+
+_warned: set[tuple] = set()  # (data set, model type): each warning once per process
+
+
+def _warn_degenerate_train_split(cfg: ExperimentConfig, ds) -> None:
+    """Warn when the train split cannot teach what the model is for.
+
+    One label class (nothing to classify), or one imaging batch for a model type that corrects
+    batches (nothing to remove). A warning, not a refusal: a smoke test may want exactly that.
+    """
+    import sys
+
+    from raycell.models import model_entry
+
+    entry = model_entry(cfg.model.type)
+    if (str(ds.root), cfg.model.type) in _warned or entry.batch_head:
+        return
+    _warned.add((str(ds.root), cfg.model.type))
+    t = ds.read_table([K.LABEL, K.BATCH], splits=[K.TRAIN])
+    labels = sorted(set(t.column(K.LABEL).to_pylist()))
+    batches = sorted(set(t.column(K.BATCH).to_pylist()))
+    if len(labels) == 1 and not entry.weak_labels:
+        print(f"[raycell] warning: the train split of {ds.root} has one label class "
+              f"({labels[0]!r}): the classifier cannot learn anything (check `raycell split` and "
+              "the data set's labels)", file=sys.stderr, flush=True)
+    if len(batches) == 1 and (entry.uses_z or "batch_logits" in entry.outputs):
+        print(f"[raycell] warning: the train split of {ds.root} has one imaging batch "
+              f"({batches[0]!r}): model type {cfg.model.type!r} has no batch effect to remove "
+              "(its batch terms learn nothing)", file=sys.stderr, flush=True)
 
 
 def data_normalize(cfg: ExperimentConfig) -> str:
@@ -186,6 +217,7 @@ def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
     t = ds.read_table(cols)
     maps = [CategoryMap.fit_column(c, t.column(c)) for c in cols]
     for c, m in zip(cols, maps):
+        _refuse_continuous_head(c, t.column(c), len(m), ds.root)
         if t.column(c).null_count:
             raise ConfigError(f"data.heads: column {c!r} of data set {ds.root} has "
                               f"{t.column(c).null_count} empty value(s); every cell needs a class")
@@ -193,6 +225,23 @@ def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
             raise ConfigError(f"data.heads: column {c!r} of data set {ds.root} has {len(m)} distinct "
                               f"value(s) {list(m.values)}; a head needs at least 2 classes")
     return maps
+
+
+def _refuse_continuous_head(column: str, values, n_classes: int, root) -> None:
+    """Refuse a head column whose values do not repeat.
+
+    A measurement (float values) or a per-cell column would become one class per cell, which no
+    model can learn (validation accuracy 0).
+    """
+    import pyarrow as pa
+
+    n = len(values)
+    floats = pa.types.is_floating(values.type)
+    if n_classes > 20 and (floats or n_classes > n // 2):
+        kind = "continuous numbers" if floats else "nearly one value per cell"
+        raise ConfigError(f"data.heads: column {column!r} of data set {root} holds {kind} "
+                          f"({n_classes} distinct values in {n} cells); a head needs classes: "
+                          "use a column of categories (e.g. bin the values into levels first)")
 
 
 def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
@@ -495,24 +544,63 @@ def _failure_summary(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+_RESUME_HINT = "resume with `raycell train --resume {run_dir}` (from its latest checkpoint)"
+
+
 def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
     """`trainer.fit()`; a failure past `train.max_failures` becomes one line, with Ray's full report kept
     in `<run_dir>/failure.txt` (nothing is lost, the terminal stays readable)."""
+    import contextlib
+
     import ray.train
 
+    from raycell.errors import environment_problem
+    from raycell.utils.interrupts import graceful
+
+    caught = []
+
+    def register(controller) -> None:
+        # In place of Ray Train's own SIGINT handler, which aborts the run and then lets `fit`
+        # return as if it had finished (raycell would record an interrupted run as done): abort the
+        # same way, on SIGTERM too, and raise KeyboardInterrupt once `fit` is back.
+        caught.append(stack.enter_context(graceful(lambda signum: controller.abort.remote())))
+
     try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as exc:
+        with contextlib.ExitStack() as stack:
+            trainer._register_sigint_handler = register  # Ray Train 2.x's hook (main thread only)
+            result = trainer.fit()
+    except Exception as exc:
+        if caught and caught[0].signum:  # an abort we asked for, whatever Ray made of it
+            caught[0].reraise(_RESUME_HINT.format(run_dir=run_dir))
+        problem = environment_problem(exc)  # a worker's full or read-only disk, not a "failure"
+        if problem is not None:
+            raise problem from None
+        if not isinstance(exc, ray.train.TrainingFailedError):
+            raise
         report = run_dir / "failure.txt"
         atomic_write_text(report, f"{type(exc).__name__}: {exc}\n")
         raise TrainingFailed(
             f"training failed after {cfg.train.max_failures} restart(s) (train.max_failures): "
             f"{_failure_summary(exc)}; Ray's report: {report}; the run keeps its checkpoints: continue "
             f"with `raycell train --resume {run_dir}`") from None
+    if caught:
+        caught[0].reraise(_RESUME_HINT.format(run_dir=run_dir))
+    return result
 
 
 def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
           balance: dict | None = None) -> dict:
+    """`_train`, holding the run folder's lock when resuming it (two resumes would mix epochs)."""
+    if not cfg.train.resume:
+        return _train(cfg, early_stopping, balance)
+    from raycell.utils.locks import writing
+
+    with writing(cfg.train.resume, "train.resume run folder", make_parent=False):
+        return _train(cfg, early_stopping, balance)
+
+
+def _train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
+           balance: dict | None = None) -> dict:
     """Fit one model; returns {'run_dir', 'checkpoint', 'metrics', 'history'}.
 
     With `early_stopping`, the run stops once its metric has not improved for `patience` epochs, and

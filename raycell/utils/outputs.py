@@ -33,8 +33,11 @@ from raycell.errors import UserError
 
 MARKER = ".raycell-output"
 DATASET, RAW = "dataset", "raw"
+PREDICTIONS, EMBEDDINGS = "predictions", "embeddings"  # `infer` / `embed` output folders
 RAW_JSON = "raw.json"
-_NOUN = {DATASET: "data set (dataset.json)", RAW: "synth --raw folder (raw.json)"}
+_NOUN = {DATASET: "data set (dataset.json)", RAW: "synth --raw folder (raw.json)",
+         PREDICTIONS: f"predictions folder ({K.PREDICTIONS_MANIFEST})",
+         EMBEDDINGS: f"embeddings folder ({K.EMBEDDINGS_MANIFEST})"}
 _MANIFEST_KEYS = ("schema_version", "channel_names", "shards")
 
 
@@ -63,10 +66,35 @@ def raycell_output(folder: str | os.PathLike) -> tuple[str, bool] | None:
     r = _read_json(folder / RAW_JSON)
     if r is not None and str(r.get("generator", "")).startswith("raycell."):
         return RAW, True
+    for kind, name in ((PREDICTIONS, K.PREDICTIONS_MANIFEST), (EMBEDDINGS, K.EMBEDDINGS_MANIFEST)):
+        m = _read_json(folder / name)
+        if m is not None and "shards" in m and "run_key" in m:
+            return kind, True
     mark = _read_json(folder / MARKER)
     if mark is not None and mark.get("kind") in _NOUN:
         return mark["kind"], False
-    return None
+    return _interrupted_infer(folder)
+
+
+def _interrupted_infer(folder: Path) -> tuple[str, bool] | None:
+    """An infer/embed folder whose run was killed before its manifest or marker was written.
+
+    Recognised by infer's provenance record in its shards' parquet metadata (what a resume reads).
+    """
+    where = folder / K.SHARD_DIR
+    shards = sorted(where.glob(K.SHARD_GLOB)) if where.is_dir() else []
+    if not shards:
+        return None
+    import pyarrow.parquet as pq
+
+    from raycell.formats.predictions import PROVENANCE_KEY
+
+    try:
+        rec = json.loads((pq.read_schema(shards[0]).metadata or {})[PROVENANCE_KEY])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    layout = (rec.get("producer") or {}).get("layout") if isinstance(rec, dict) else None
+    return (EMBEDDINGS if layout == "profiles" else PREDICTIONS), False
 
 
 def mark(folder: str | os.PathLike, kind: str) -> None:
@@ -194,3 +222,129 @@ def swap_in(staged: Path, out: Path) -> None:
     os.replace(out, old)  # onto the new empty folder
     os.replace(staged, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- single output files (`export`)
+
+_FILE_MARK = ".{}.raycell-output"  # beside a file whose format holds no marker of its own (csv)
+
+
+def enclosing_output(path: str | os.PathLike) -> Path | None:
+    """The nearest folder above `path` that raycell wrote (a data set, embeddings, ...), or None.
+
+    Why: a file written there would be read back as part of it (a shard, a manifest) or break it.
+    """
+    for parent in Path(os.path.realpath(os.path.expanduser(str(path)))).parents:
+        if raycell_output(parent) is not None:
+            return parent
+        emb = _read_json(parent / K.EMBEDDINGS_MANIFEST)  # also embeddings other tools wrote
+        if emb is not None and "features" in emb:
+            return parent
+    return None
+
+
+def _file_record(path: Path) -> dict:
+    st = os.stat(path)
+    return {"written_by": "raycell", "kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def raycell_file(path: str | os.PathLike, ours=None) -> bool:
+    """True when raycell wrote the file `path` and nobody replaced it since.
+
+    Recognised by `ours(path)` (a marker inside the file: .h5ad `uns`, parquet schema metadata) or
+    by the record beside it (`.<name>.raycell-output`: size and mtime, so a file the user saved over
+    the export no longer counts as raycell's). A symlink is never raycell's.
+    """
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    rec = _read_json(path.parent / _FILE_MARK.format(path.name))
+    if rec is not None and rec == _file_record(path):
+        return True
+    try:
+        return bool(ours and ours(path))
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not recognised as raycell's
+        return False
+
+
+def prepare_file(
+    out: str | os.PathLike,
+    inputs=(),
+    overwrite: bool = False,
+    what: str = "--out",
+    error: type[Exception] = OutputError,
+    hint: str = "--overwrite",
+    ours=None,
+) -> Path:
+    """Refuse an output file raycell must not write; writes nothing; the resolved path.
+
+    Refused: a folder; a missing or unwritable parent folder; a path that is, or lies inside, one of
+    `inputs` or any folder raycell wrote (a data set, embeddings); an existing file raycell did not
+    write (even with `overwrite`); an earlier raycell file unless `overwrite`.
+    """
+    given = Path(os.path.expanduser(str(out)))
+    path = Path(os.path.realpath(given))
+    if given.is_dir():
+        raise error(f"{what} {given} is a folder; give a file name (e.g. {given / 'out.h5ad'})")
+    if not given.parent.is_dir():
+        raise error(f"{what} {given}: folder {given.parent} does not exist (create it first)")
+    for label, inp in inputs:
+        if not inp:
+            continue
+        i = Path(os.path.realpath(os.path.expanduser(str(inp))))
+        if path == i or i in path.parents:
+            raise error(f"{what} {given} {'is' if path == i else 'lies inside'} the input {label} "
+                        f"{i}; write it outside the inputs (nothing was written)")
+    inside = enclosing_output(path)
+    if inside is not None:
+        raise error(f"{what} {given} lies inside {inside}, a folder raycell wrote (data set, "
+                    "embeddings or predictions) that would read it back or break; write it "
+                    "elsewhere (nothing was written)")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise error(f"{what} {given}: cannot write to {path.parent} (permission denied); choose a "
+                    "folder you can write to")
+    if os.path.lexists(given):
+        if not raycell_file(given, ours):
+            raise error(f"{what} {given} already exists and raycell did not write it; choose "
+                        "another file name (raycell never replaces it, even with --overwrite)")
+        if not overwrite:
+            raise error(f"{what} {given} holds an earlier raycell output; choose another file name "
+                        f"or pass {hint} to replace it")
+    return path
+
+
+def write_file(path: str | os.PathLike, write, record: bool = False) -> None:
+    """Call write(tmp) on a temporary name beside `path`, then rename it into place.
+
+    `record` also writes the `.<name>.raycell-output` record (for formats without a marker inside),
+    so a later run recognises the file as raycell's.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if record:
+        from raycell.utils.io import atomic_write_json
+
+        atomic_write_json(path.parent / _FILE_MARK.format(path.name), _file_record(path))
+
+
+def check_space(out: str | os.PathLike, need: int, what: str = "--out",
+                error: type[Exception] = OutputError) -> None:
+    """Refuse before long work when the disk of `out` has less than `need` bytes free.
+
+    `need` is a rough lower bound of the output's size (e.g. crops x bytes x a compression
+    allowance), so a run that would fit is never refused; a run that cannot fit is told at once
+    instead of after the disk fills up.
+    """
+    near = Path(os.path.realpath(os.path.expanduser(str(out))))
+    while not near.exists():
+        near = near.parent
+    free = shutil.disk_usage(near).free
+    if free < need:
+        raise error(f"{what} {out}: needs about {need / 2**20:.0f} MiB, only "
+                    f"{free / 2**20:.0f} MiB free on the disk of {near}; free space there or "
+                    "choose an output on a disk with room (nothing was written)")

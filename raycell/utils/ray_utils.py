@@ -194,12 +194,16 @@ def keep_native_logs_off_terminal() -> None:
 
 
 def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, progress: bool = True,
-             connect_timeout_s: float = 5.0, verbose: bool = False) -> None:
+             connect_timeout_s: float = 5.0, verbose: bool = False,
+             start_timeout_s: float = 0.0) -> None:
     """Join a cluster (`address`, or RAY_ADDRESS as under `ray job submit`) or start a private local Ray.
 
     A local Ray gets more logical CPUs than the machine has (max(4, 2 x cores)): Ray Data read tasks need
     CPU slots while train workers hold theirs, and on 2 cores they otherwise starve and `fit()` hangs.
     An address with nothing listening fails within `connect_timeout_s` (ConfigError) instead of hanging.
+    A local Ray that does not come up in time on a busy machine is started again until
+    `start_timeout_s` has passed (0: `start_wait_s()`, which grows with the machine's load), then
+    fails in one line (ConfigError) naming `ray.start_timeout_s`.
     `verbose` False (the CLI's default, `ray.verbose`): the workers' output and Ray's INFO logs stay in
     Ray's log folder (`ray_logs_dir()`, named in each run folder's ray_logs.txt) instead of the terminal.
     """
@@ -231,7 +235,8 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
                 kw["object_store_memory"] = object_store_mb << 20
             # address="local": always a private instance. A bare ray.init() would join any `ray start`
             # cluster on this machine (or a stale one named in /tmp/ray/ray_current_cluster) instead.
-            ray.init(address="local", log_to_driver=verbose, logging_level=level, **kw)
+            _start_local(lambda: ray.init(address="local", log_to_driver=verbose,
+                                          logging_level=level, **kw), start_timeout_s)
     import ray.data
 
     if not verbose:
@@ -250,6 +255,60 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
+
+
+def start_wait_s() -> float:
+    """How long to keep trying to start a local Ray: 60 s, times the load per core above 1.
+
+    Why: Ray gives its raylet a fixed 30 s to register ("The current node timed out during
+    startup"); on a machine whose cores are all busy with other work that is not enough, though
+    the start would succeed with a little more time.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return 60.0 * max(1.0, load / (os.cpu_count() or 1))
+
+
+def _start_local(start, timeout_s: float = 0.0) -> None:
+    """Call `start()` (a local `ray.init`), again after a start-up timeout, until `timeout_s`.
+
+    Raises:
+        ConfigError: still timing out after `timeout_s` (0: `start_wait_s()`), naming the key.
+    """
+    import time
+
+    import ray
+
+    budget = timeout_s or start_wait_s()
+    t0 = time.monotonic()
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            start()
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            text = str(exc)
+            if not ("timed out" in text or isinstance(exc, TimeoutError)):
+                raise
+            try:
+                ray.shutdown()  # whatever half-started is stopped before the next try
+            except Exception:  # noqa: BLE001 - nothing to stop
+                pass
+            waited = time.monotonic() - t0
+            if waited >= budget:
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+                raise ConfigError(
+                    f"a local Ray did not start in {waited:.0f} s ({tries} tries; the machine is "
+                    f"busy: load {load:.1f} on {os.cpu_count()} cores; Ray said: "
+                    f"{text.splitlines()[0][:120]}); raise ray.start_timeout_s (now "
+                    f"{timeout_s:g}, 0 = {budget:.0f} s from the load) or try again when the "
+                    "machine is less busy") from None
+            print(f"[raycell] a local Ray did not start in time (busy machine); trying again "
+                  f"({waited:.0f} of {budget:.0f} s, ray.start_timeout_s)", flush=True)
+            time.sleep(min(5.0, budget - waited))  # a breath for the machine before the next try
 
 
 def single_node() -> bool:
