@@ -19,7 +19,8 @@ from raycell.errors import user_errors
 STAGES = {"split": pipeline.run_split, "train": pipeline.run_train, "infer": pipeline.run_infer,
           "infer-z": pipeline.run_infer_z, "evaluate": pipeline.run_evaluate, "ingest": pipeline.run_ingest,
           "demo": pipeline.run_demo, "tune": pipeline.run_tune, "embed": pipeline.run_embed,
-          "export": pipeline.run_export, "report": pipeline.run_report}
+          "export": pipeline.run_export, "report": pipeline.run_report,
+          "profile": pipeline.run_profile}
 NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune", "embed"}
 
 
@@ -172,6 +173,10 @@ def preflight(args, cfg):
         from raycell.profiling.embed import check_embed
 
         check_embed(cfg)
+    elif args.command == "profile":
+        from raycell.profiling.profile_folder import ProfileSettings, check_settings
+
+        check_settings(ProfileSettings.from_config(cfg))
     elif args.command == "tune":
         from raycell.cli import overrides_from_args
         from raycell.config import explicit_keys

@@ -34,7 +34,9 @@ from raycell.errors import UserError
 MARKER = ".raycell-output"
 DATASET, RAW = "dataset", "raw"
 RAW_JSON = "raw.json"
-_NOUN = {DATASET: "data set (dataset.json)", RAW: "synth --raw folder (raw.json)"}
+PROFILE, PROFILE_JSON = "profile", "profile.json"
+_NOUN = {DATASET: "data set (dataset.json)", RAW: "synth --raw folder (raw.json)",
+         PROFILE: "profile folder (profile.json)"}
 _MANIFEST_KEYS = ("schema_version", "channel_names", "shards")
 
 
@@ -53,7 +55,7 @@ def _read_json(path: Path) -> dict | None:
 def raycell_output(folder: str | os.PathLike) -> tuple[str, bool] | None:
     """(kind, complete) when raycell wrote `folder`, else None.
 
-    kind is DATASET or RAW; complete means its manifest is there (a marker alone is a staging folder
+    kind is DATASET, RAW or PROFILE; complete means its manifest is there (a marker alone is a staging folder
     or an interrupted write).
     """
     folder = Path(folder)
@@ -63,6 +65,9 @@ def raycell_output(folder: str | os.PathLike) -> tuple[str, bool] | None:
     r = _read_json(folder / RAW_JSON)
     if r is not None and str(r.get("generator", "")).startswith("raycell."):
         return RAW, True
+    pj = _read_json(folder / PROFILE_JSON)
+    if pj is not None and str(pj.get("generator", "")).startswith("raycell."):
+        return PROFILE, True
     mark = _read_json(folder / MARKER)
     if mark is not None and mark.get("kind") in _NOUN:
         return mark["kind"], False
