@@ -232,3 +232,28 @@ def test_activity_needs_controls():
     with pytest.raises(UserError, match="needs control wells"):
         activity_map(t, RetrievalSettings(treatment=["Metadata_treatment"], controls_mask=None))
     assert control_mask(t.frame, "").all()
+
+
+def test_report_of_a_profile_folder_lists_treatments_sorted_and_marks_retrieved(tmp_path):
+    from raycell.report import build_report
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):  # DMSO around 0, "strong" far off in its own direction, "weak" like DMSO
+        rows.append(("DMSO", rng.normal(0, 1, 4)))
+    for i in range(4):
+        rows.append(("strong", np.array([8.0, 8.0, 0, 0]) + rng.normal(0, 0.3, 4)))
+        rows.append(("weak", rng.normal(0, 1, 4)))
+    df = pd.DataFrame([r[1] for r in rows], columns=[f"Cells_f{j}" for j in range(4)])
+    df.insert(0, "Metadata_treatment", [r[0] for r in rows])
+    df.insert(0, "Metadata_Well", [f"W{i:02d}" for i in range(len(df))])
+    df.insert(0, "Metadata_Plate", "P1")
+    f = tmp_path / "wells.parquet"
+    df.to_parquet(f)
+    profile(_settings(tmp_path, f))
+    act = pd.read_csv(tmp_path / "out" / "activity_map.csv")
+    assert list(act.treatment) == ["strong", "weak"]
+    assert list(act.retrieved) == [True, False]
+    page = build_report(tmp_path / "out").read_text()
+    assert "Phenotypic activity: mAP per treatment" in page and "✓" in page
+    assert page.index(">strong<") < page.index(">weak<")
