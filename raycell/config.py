@@ -400,7 +400,8 @@ class ProfileConfig:
     out: str = _f("", "output folder: profiles.parquet, consensus.parquet, activity_map.csv, "
                   "consistency_<column>.csv, retrieval.json, profile.json")
     features: str = _f("embedding", "embeddings folder: embedding (deep features), morph (the hand-made "
-                       "morph_* columns) or all")
+                       "morph_* columns), all, or handmade (CellProfiler-style features computed from "
+                       "its crop data set; a crop data set given as input always gives these)")
     aggregate: str = _f("median", "per-cell rows -> one per profile.strata group: median or mean "
                         "(rows already one per group pass unchanged)")
     strata: list = _f(["Metadata_Plate", "Metadata_Well"], "columns of one profile (a well)")
@@ -425,6 +426,14 @@ class ProfileConfig:
                                 "or on wells with the same treatment's replicates excluded (well)")
     consistency_active_only: bool = _f(False, "consistency only over treatments retrieved against the "
                                        "controls (the field's recipe; needs profile.controls)")
+    where: str = _f("", "pandas query keeping only these input rows before anything else, e.g. "
+                    "\"Metadata_Split == 'unseen'\" ('' = all)")
+    compare: list = _f([], "also write comparison.csv/.md: the same wells and metrics (mAP, batch "
+                       "mixing) for each of these corrections: raw, control (per-plate "
+                       "mad_robustize against the controls), harmony, control+harmony")
+    compare_features: list = _f([], "feature sets compared (embedding, morph, all, handmade; [] = "
+                                "profile.features)")
+    batch_column: str = _f("Metadata_Plate", "column Harmony corrects and batch mixing is measured on")
     overwrite: bool = _f(False, "replace an earlier profile folder in profile.out")
 
 

@@ -17,7 +17,9 @@ from raycell.profiling.wellprofiles import (
     ProfileTable,
     build_profiles,
     control_mask,
+    filter_rows,
     normalize_plates,
+    prepare,
     read_input,
 )
 
@@ -257,3 +259,60 @@ def test_report_of_a_profile_folder_lists_treatments_sorted_and_marks_retrieved(
     page = build_report(tmp_path / "out").read_text()
     assert "Phenotypic activity: mAP per treatment" in page and "✓" in page
     assert page.index(">strong<") < page.index(">weak<")
+
+
+def _plates_with_shift(shift: float = 6.0) -> ProfileTable:
+    """Two plates, each with 8 DMSO and 4 wells each of X and Y; plate 2 offset by `shift`."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for p, off in (("P1", 0.0), ("P2", shift)):
+        for i in range(16):
+            trt = "DMSO" if i < 8 else ("X" if i < 12 else "Y")
+            v = rng.normal(0, 1, 6) + off
+            if trt == "X":
+                v[:3] += 4.0
+            if trt == "Y":
+                v[3:] += 4.0
+            rows.append([p, f"{p}_{i:02d}", trt, *v])
+    cols = ["Metadata_Plate", "Metadata_Well", "Metadata_treatment"]
+    cols += [f"Cells_f{j}" for j in range(6)]
+    return ProfileTable(pd.DataFrame(rows, columns=cols), cols[3:])
+
+
+def test_corrections_compared_on_the_same_wells_control_and_harmony_mix_the_plates():
+    from raycell.profiling.correction import compare_corrections, corrected_versions
+
+    t = _plates_with_shift()
+    ctrl = "Metadata_treatment == 'DMSO'"
+    versions = corrected_versions(t, ctrl, "Metadata_Plate")
+    assert list(versions) == ["raw", "control", "harmony", "control+harmony"]
+    assert {len(v.frame) for v in versions.values()} == {32}
+    s = RetrievalSettings(treatment=["Metadata_treatment"], null_size=1000)
+    table = compare_corrections(versions, s, ctrl, "Metadata_Plate").set_index("version")
+    # raw profiles separate the plates; centring each plate on its controls mixes them
+    assert table.loc["raw", "batch_silhouette"] < 0.5 < table.loc["control", "batch_silhouette"]
+    assert table.loc["harmony", "ilisi_norm"] > table.loc["raw", "ilisi_norm"]
+    assert (table["activity_fraction_retrieved"] == 1.0).all()  # X and Y stand out in every version
+    with pytest.raises(UserError, match="unknown correction 'combat'"):
+        corrected_versions(t, ctrl, "Metadata_Plate", methods=("combat",))
+
+
+def test_profile_writes_the_comparison_table(tmp_path):
+    f = tmp_path / "plates.parquet"
+    _plates_with_shift().frame.to_parquet(f)
+    profile(_settings(tmp_path, f, normalize="mad_robustize", compare=("raw", "control")))
+    cmp = pd.read_csv(tmp_path / "out" / "comparison.csv")
+    assert list(cmp.version) == ["embedding / raw", "embedding / control"]
+    assert "| version |" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+def test_handmade_features_of_a_crop_data_set_are_profiled_per_well(tiny_data, tmp_path):
+    from raycell.formats.shards import open_dataset
+    from raycell.profiling.handmade import handmade_table
+
+    t = handmade_table(tiny_data)
+    meta = open_dataset(tiny_data).read_metadata()
+    assert len(t.frame) == len(meta) and all(f.startswith("Cells_Hand_") for f in t.features)
+    assert t.frame["Metadata_Well"].astype(str).tolist() == meta["well"].astype(str).tolist()
+    wells = prepare(filter_rows(read_input(tiny_data), ""), ["Metadata_Plate", "Metadata_Well"])
+    assert len(wells.frame) == meta.groupby(["plate", "well"]).ngroups

@@ -7,6 +7,8 @@ The folder (built in a staging folder beside the target and swapped in, `raycell
 * `activity_map.csv`: mAP per treatment against the controls, sorted, with p-values and `retrieved`;
 * `consistency_<column>.csv`: mAP per value of each annotation column;
 * `retrieval.json`: the headline numbers (fraction retrieved, mean mAP, percent replicating);
+* `comparison.csv` / `comparison.md`: with `profile.compare`, one row per feature set and batch
+  correction (raw, control-normalised, Harmony) with the same metrics and batch mixing;
 * `profile.json`: the manifest (settings, counts, notes); it marks the folder as raycell's.
 
 `raycell evaluate --profiles` scores a profile table as it is (no normalisation), same layout.
@@ -39,12 +41,15 @@ from raycell.profiling.wellprofiles import (
     build_profiles,
     consensus,
     control_mask,
+    filter_rows,
+    prepare,
     read_input,
 )
 
 GENERATOR = "raycell.profile"
 PROFILES, CONSENSUS, ACTIVITY = "profiles.parquet", "consensus.parquet", "activity_map.csv"
 RETRIEVAL = "retrieval.json"
+COMPARISON, COMPARISON_MD = "comparison.csv", "comparison.md"
 
 
 @dataclass
@@ -69,6 +74,10 @@ class ProfileSettings:
     distance: str = "cosine"
     consistency_level: str = "treatment"
     consistency_active_only: bool = False
+    where: str = ""
+    compare: tuple = ()
+    compare_features: tuple = ()
+    batch_column: str = "Metadata_Plate"
     overwrite: bool = False
     seed: int = 0
 
@@ -99,6 +108,18 @@ def check_settings(s: ProfileSettings) -> None:
     if bad:
         raise ProfileError(f"profile.feature_select: unknown operation {bad[0]!r} (use any of "
                            f"{', '.join(SELECTIONS)})")
+    from raycell.profiling.correction import CORRECTIONS
+
+    bad = [c for c in s.compare if c not in CORRECTIONS]
+    if bad:
+        raise ProfileError(f"profile.compare: unknown correction {bad[0]!r} (use any of "
+                           f"{', '.join(CORRECTIONS)})")
+    bad = [f for f in s.compare_features if f not in FEATURE_SETS]
+    if bad:
+        raise ProfileError(f"profile.compare_features: unknown feature set {bad[0]!r} (use any "
+                           f"of {', '.join(FEATURE_SETS)})")
+    if s.compare and not s.metrics:
+        raise ProfileError("profile.compare scores each version: it needs profile.metrics")
     if not s.strata:
         raise ProfileError("profile.strata is empty: name the columns of one well (e.g. "
                            "[Metadata_Plate, Metadata_Well])")
@@ -139,7 +160,7 @@ def consistency_file(column: str) -> str:
 
 
 def write_folder(out: Path, t: ProfileTable, s: ProfileSettings, res: RetrievalResult | None,
-                 extra: dict | None = None) -> Path:
+                 extra: dict | None = None, comparison: pd.DataFrame | None = None) -> Path:
     """Write the profile folder atomically (staging folder, then swap); returns its path."""
     import shutil
 
@@ -170,6 +191,12 @@ def write_folder(out: Path, t: ProfileTable, s: ProfileSettings, res: RetrievalR
                 files.append(consistency_file(col))
             atomic_write_json(staged / RETRIEVAL, _json_safe(res.summary))
             files.append(RETRIEVAL)
+        if comparison is not None:
+            from raycell.profiling.correction import markdown
+
+            comparison.to_csv(staged / COMPARISON, index=False)
+            (staged / COMPARISON_MD).write_text(markdown(comparison) + "\n")
+            files += [COMPARISON, COMPARISON_MD]
         manifest = {"generator": GENERATOR, "input": str(Path(s.input).absolute()),
                     "settings": _json_safe(asdict(s)), "n_profiles": len(t.frame),
                     "n_features": len(t.features), "features": t.features, "files": files,
@@ -186,7 +213,7 @@ def write_folder(out: Path, t: ProfileTable, s: ProfileSettings, res: RetrievalR
 def make_profiles(s: ProfileSettings) -> tuple[ProfileTable, RetrievalResult | None]:
     """Read, build and (with `metrics`) score the profiles, without writing anything."""
     check_settings(s)
-    t = read_input(s.input, s.features)
+    t = filter_rows(read_input(s.input, s.features), s.where)
     t = build_profiles(t, list(s.strata), s.aggregate, s.controls, s.normalize,
                        list(s.feature_select), s.sphere, s.plate_column)
     res = retrieval(t, retrieval_settings(s, t)) if s.metrics else None
@@ -201,9 +228,27 @@ def profile(s: ProfileSettings) -> dict:
     check_output(s.out, [("profile.input", s.input)], what="profile.out", kind=PROFILE,
                  error=ProfileError)
     t, res = make_profiles(s)
-    out = write_folder(Path(s.out), t, s, res)
+    comparison = compare(s) if s.compare else None
+    out = write_folder(Path(s.out), t, s, res, comparison=comparison)
     return {"out": str(out), "n_profiles": len(t.frame), "n_features": len(t.features),
             "retrieval": _json_safe(res.summary) if res is not None else None, "notes": t.notes}
+
+
+def compare(s: ProfileSettings) -> pd.DataFrame:
+    """`profile.compare`: each feature set x batch correction scored on the same wells."""
+    from raycell.profiling.correction import compare_corrections, corrected_versions
+
+    tables = {}
+    for fs in s.compare_features or (s.features,):
+        t = prepare(filter_rows(read_input(s.input, fs), s.where), list(s.strata), s.aggregate)
+        for name, v in corrected_versions(t, s.controls, s.batch_column, s.plate_column,
+                                          s.compare, s.seed).items():
+            tables[f"{fs} / {name}"] = v
+    wells = {len(v.frame) for v in tables.values()}
+    if len(wells) != 1:  # the morph features may lose wells a NaN made unusable: say so
+        raise ProfileError(f"profile.compare: the feature sets give different wells ({wells})")
+    first = next(iter(tables.values()))
+    return compare_corrections(tables, retrieval_settings(s, first), s.controls, s.batch_column)
 
 
 def read_profile_table(path: str | os.PathLike) -> ProfileTable:

@@ -25,7 +25,7 @@ AGGREGATIONS = ("median", "mean")
 NORMALIZATIONS = ("mad_robustize", "robustize", "standardize", "none")
 SELECTIONS = ("variance_threshold", "correlation_threshold", "drop_na_columns", "blocklist",
               "drop_outliers")
-FEATURE_SETS = ("embedding", "morph", "all")
+FEATURE_SETS = ("embedding", "morph", "all", "handmade")
 TREATMENT_KEY = "Metadata_raycell_treatment"
 
 
@@ -74,7 +74,9 @@ def read_input(path: str | Path, feature_set: str = "embedding") -> ProfileTable
             prefix (`Cells_`, `Cytoplasm_`, `Nuclei_`) and whose metadata columns start with
             `Metadata_`; other columns are left out (and named in the notes).
         feature_set: for an embeddings folder, "embedding" (the deep features), "morph" (the
-            hand-made `morph_*` columns, as `Cells_Morph_*`) or "all" (both).
+            hand-made `morph_*` columns, as `Cells_Morph_*`), "all" (both) or "handmade"
+            (CellProfiler-style features of its crop data set, `raycell.profiling.handmade`).
+            A crop data set folder (dataset.json) always gives its hand-made features.
     """
     from raycell.profiling.export import morph_feature_name
 
@@ -84,6 +86,18 @@ def read_input(path: str | Path, feature_set: str = "embedding") -> ProfileTable
                            f"{feature_set!r}")
     if not path.exists():
         raise ProfileError(f"profile input not found: {path}")
+    if path.is_dir() and (path / "dataset.json").is_file():
+        from raycell.profiling.handmade import handmade_table
+
+        return handmade_table(path)
+    if path.is_dir() and feature_set == "handmade":
+        from raycell.profiling.handmade import handmade_table
+
+        data = P.read_manifest(path).get("dataset")
+        if not data or not Path(data).is_dir():
+            raise ProfileError(f"profile.features=handmade: the crop data set of {path} "
+                               f"({data or 'not recorded in ' + P.MANIFEST}) is not there")
+        return handmade_table(data)
     if path.is_dir():
         if not (path / P.MANIFEST).is_file():
             raise ProfileError(f"profile input {path} is a folder without {P.MANIFEST}: give a "
@@ -319,11 +333,23 @@ def consensus(t: ProfileTable, treatment: list[str]) -> ProfileTable:
     return ProfileTable(out.frame, out.features, list(t.notes))
 
 
-def build_profiles(t: ProfileTable, strata: list[str], operation: str = "median",
-                   controls: str = "", method: str = "mad_robustize",
-                   feature_select: list[str] | tuple = (), spherize: bool = False,
-                   plate: str = P.PLATE) -> ProfileTable:
-    """Aggregate -> refuse NaN -> normalise per plate -> select features -> (sphere)."""
+def filter_rows(t: ProfileTable, where: str) -> ProfileTable:
+    """The rows the pandas query `where` selects ('' = all), e.g. "Metadata_Split == 'unseen'"."""
+    if not where:
+        return t
+    try:
+        frame = t.frame.query(where)
+    except Exception as exc:  # pandas raises UndefinedVariableError, SyntaxError, ValueError...
+        raise ProfileError(f"profile.where {where!r} does not work on the profiles: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if frame.empty:
+        raise ProfileError(f"profile.where {where!r} matches none of the {len(t.frame)} rows")
+    return ProfileTable(frame.reset_index(drop=True), list(t.features),
+                        t.notes + [f"kept {len(frame)} of {len(t.frame)} rows ({where})"])
+
+
+def prepare(t: ProfileTable, strata: list[str], operation: str = "median") -> ProfileTable:
+    """Aggregate, refuse NaN, drop constant features (all constant: refused)."""
     t = aggregate(t, list(strata), operation)
     check_finite(t, "profiles")
     const = [f for f, s in zip(t.features, np.ptp(t.matrix(), axis=0)) if not s > 0]
@@ -334,6 +360,15 @@ def build_profiles(t: ProfileTable, strata: list[str], operation: str = "median"
         t = ProfileTable(t.frame.drop(columns=const), [f for f in t.features if f not in const],
                          t.notes + [f"dropped {len(const)} constant feature(s): "
                                     f"{', '.join(const[:5])}{' ...' if len(const) > 5 else ''}"])
+    return t
+
+
+def build_profiles(t: ProfileTable, strata: list[str], operation: str = "median",
+                   controls: str = "", method: str = "mad_robustize",
+                   feature_select: list[str] | tuple = (), spherize: bool = False,
+                   plate: str = P.PLATE) -> ProfileTable:
+    """Aggregate -> refuse NaN -> normalise per plate -> select features -> (sphere)."""
+    t = prepare(t, strata, operation)
     t = normalize_plates(t, controls, method, plate)
     t = select(t, list(feature_select))
     if spherize:
