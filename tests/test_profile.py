@@ -304,6 +304,10 @@ def test_profile_writes_the_comparison_table(tmp_path):
     cmp = pd.read_csv(tmp_path / "out" / "comparison.csv")
     assert list(cmp.version) == ["embedding / raw", "embedding / control"]
     assert "| version |" in (tmp_path / "out" / "comparison.md").read_text()
+    from raycell.report import build_report
+
+    page = build_report(tmp_path / "out").read_text()
+    assert "Batch corrections compared" in page and "embedding / control" in page
 
 
 def test_handmade_features_of_a_crop_data_set_are_profiled_per_well(tiny_data, tmp_path):

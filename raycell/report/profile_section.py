@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from raycell.report.page import Figure, Section, html_table
+from raycell.report.page import Figure, Section, html_table, markdown_table
 
 CAPTIONS = {
     "summary": (
@@ -31,6 +31,13 @@ CAPTIONS = {
     "consistency": (
         "mAP per value of {col}: how well treatments sharing it retrieve each other against "
         "those that do not; ✓ marks values with a corrected p-value below the FDR."
+    ),
+    "comparison": (
+        "The same wells scored after each batch correction: raw features, each plate normalised "
+        "against its controls, Harmony on the principal components, or both. Higher mAP and "
+        "fraction retrieved are better; batch silhouette and iLISI (normalised) near 1 mean the "
+        "batches are mixed, a batch-probe accuracy near chance means the batch cannot be read "
+        "off the profiles."
     ),
 }
 
@@ -90,6 +97,10 @@ def profile_report(folder: Path, ctx):
                 sections.append(_table_section(t, col, f"Phenotypic consistency: {col}",
                                                CAPTIONS["consistency"].format(col=col), ctx,
                                                f"consistency_{col}"))
+    if (folder / "comparison.md").is_file():
+        table, _ = markdown_table((folder / "comparison.md").read_text())
+        sections.append(Section("Batch corrections compared", CAPTIONS["comparison"],
+                                tables=[table]))
     header = {
         "folder": str(folder),
         "what": "profiles (raycell profile)",
