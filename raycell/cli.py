@@ -30,7 +30,7 @@ EPILOG = """examples:
   raycell embed --checkpoint runs/profiling-timm-20261201-101500 --data data/timedose
   raycell export --embeddings runs/profiling-timm-20261201-101500/embeddings --out cells.h5ad
   raycell report runs/profiling-timm-20261201-101500/embeddings   # -> .../report/report.html
-  raycell profile --input runs/profiles.csv --out runs/profiles --controls "Metadata_compound == 'DMSO'"
+  raycell profile --input wells.csv --out runs/prof --controls "Metadata_x == 'DMSO'" --treatment Metadata_x
   raycell config --defaults > my.yaml             # every key with its default
 """
 
