@@ -48,7 +48,7 @@ class Case:
 
 def _profile(fx: "Fixtures", *args: str, nan: bool = False, constant: bool = False,
              out: Path | None = None) -> list[str]:
-    """`raycell profile` on a small well table (2 treatments, DMSO controls), made bad on request."""
+    """`raycell profile` on a small well table (2 treatments, DMSO controls), made bad on demand."""
     rng = np.random.default_rng(0)
     df = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Well": [f"W{i:02d}" for i in range(12)],
                        "Metadata_treatment": ["DMSO"] * 4 + ["A"] * 4 + ["B"] * 4,

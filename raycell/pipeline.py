@@ -120,7 +120,7 @@ def run_export(cfg: ExperimentConfig) -> dict:
 
 
 def run_profile(cfg: ExperimentConfig) -> dict:
-    """Features -> control-normalised well profiles + copairs retrieval metrics in `profile.out` (no Ray)."""
+    """Features -> control-normalised well profiles + copairs retrieval metrics (no Ray)."""
     from raycell.profiling.profile_folder import ProfileSettings, profile, summary_lines
 
     res = profile(ProfileSettings.from_config(cfg))
@@ -189,7 +189,8 @@ def _evaluate_profiles(cfg: ExperimentConfig) -> dict:
 
     if not cfg.eval.out:
         raise ConfigError("evaluate --profiles needs an output folder: --out (eval.out)")
-    s = dataclasses.replace(ProfileSettings.from_config(cfg), input=cfg.eval.profiles, out=cfg.eval.out)
+    s = dataclasses.replace(ProfileSettings.from_config(cfg), input=cfg.eval.profiles,
+                            out=cfg.eval.out)
     res = score_profiles(cfg.eval.profiles, s)
     print(f"[raycell] evaluate --profiles {cfg.eval.profiles} -> {res['out']}", flush=True)
     for line in summary_lines(res["retrieval"]):

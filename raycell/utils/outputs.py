@@ -55,8 +55,8 @@ def _read_json(path: Path) -> dict | None:
 def raycell_output(folder: str | os.PathLike) -> tuple[str, bool] | None:
     """(kind, complete) when raycell wrote `folder`, else None.
 
-    kind is DATASET, RAW or PROFILE; complete means its manifest is there (a marker alone is a staging folder
-    or an interrupted write).
+    kind is DATASET, RAW or PROFILE; complete means its manifest is there (a marker alone is a staging
+    folder or an interrupted write).
     """
     folder = Path(folder)
     m = _read_json(folder / K.MANIFEST)
