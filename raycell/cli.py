@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     _flag(s, "--input", key="profile.input", help="embeddings folder or parquet/CSV table ({key})")
     _flag(s, "--out", key="profile.out", help="output folder ({key})")
-    _flag(s, "--features", key="profile.features", choices=["embedding", "morph", "all", "handmade"],
+    _flag(s, "--features", key="profile.features", choices=["embedding", "morph", "all", "handmade", "cpmeasure"],
           help="embeddings folder: which features ({key})")
     _flag(s, "--controls", key="profile.controls",
           help="pandas query of the control wells, e.g. \"Metadata_compound == 'DMSO'\" ({key})")
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
           "to compare on the same wells: raw, control, harmony, control+harmony ({key})")
     _flag(s, "--compare-features", key="profile.compare_features", type=_csv,
           help="comma-separated feature sets in the comparison: embedding, morph, all, "
-          "handmade ({key})")
+          "handmade, cpmeasure ({key})")
     _flag(s, "--no-metrics", key="profile.metrics", action="store_const", const=False,
           help="profiles only, no retrieval metrics ({key})")
     _flag(s, "--overwrite", key="profile.overwrite", action="store_const", const=True,

@@ -401,7 +401,8 @@ class ProfileConfig:
                   "consistency_<column>.csv, retrieval.json, profile.json")
     features: str = _f("embedding", "embeddings folder: embedding (deep features), morph (the hand-made "
                        "morph_* columns), all, or handmade (CellProfiler-style features computed from "
-                       "its crop data set; a crop data set given as input always gives these)")
+                       "its crop data set; a crop data set given as input always gives these), or cpmeasure "
+                       "(CellProfiler's measurements by cp-measure of the same objects; slower)")
     aggregate: str = _f("median", "per-cell rows -> one per profile.strata group: median or mean "
                         "(rows already one per group pass unchanged)")
     strata: list = _f(["Metadata_Plate", "Metadata_Well"], "columns of one profile (a well)")
@@ -431,7 +432,7 @@ class ProfileConfig:
     compare: list = _f([], "also write comparison.csv/.md: the same wells and metrics (mAP, batch "
                        "mixing) for each of these corrections: raw, control (per-plate "
                        "mad_robustize against the controls), harmony, control+harmony")
-    compare_features: list = _f([], "feature sets compared (embedding, morph, all, handmade; [] = "
+    compare_features: list = _f([], "feature sets compared (embedding, morph, all, handmade, cpmeasure; [] = "
                                 "profile.features)")
     batch_column: str = _f("Metadata_Plate", "column Harmony corrects and batch mixing is measured on")
     overwrite: bool = _f(False, "replace an earlier profile folder in profile.out")

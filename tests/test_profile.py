@@ -320,3 +320,26 @@ def test_handmade_features_of_a_crop_data_set_are_profiled_per_well(tiny_data, t
     assert t.frame["Metadata_Well"].astype(str).tolist() == meta["well"].astype(str).tolist()
     wells = prepare(filter_rows(read_input(tiny_data), ""), ["Metadata_Plate", "Metadata_Well"])
     assert len(wells.frame) == meta.groupby(["plate", "well"]).ngroups
+
+
+def test_cpmeasure_features_measure_the_centre_cell_with_cellprofiler_names(tiny_data):
+    from raycell.formats.shards import decode_images, open_dataset
+    from raycell.ingest.features import crop_features
+    from raycell.profiling.handmade import cpmeasure_features, cpmeasure_table
+
+    ds = open_dataset(tiny_data)
+    t = ds.read_shard(ds.shard_paths[0], None, None).slice(0, 6)
+    imgs = decode_images(t, ds.shape, ds.dtype)
+    x, names = cpmeasure_features(imgs, ["a", "b", "c"][: imgs.shape[1]])
+    assert x.shape == (6, len(names)) and "Cells_CPM_Area" in names
+    assert "Cells_CPM_a_Intensity_MeanIntensity" in names
+    # the same object as the hand-written features (the cell: the channel mean's object)
+    ours, our_names = crop_features(imgs)
+    area = ours[:, our_names.index("cell_area")]
+    cpm = x[:, names.index("Cells_CPM_Area")]
+    assert np.isfinite(area).sum() >= 3
+    np.testing.assert_allclose(cpm[np.isfinite(area)], area[np.isfinite(area)])
+    table = cpmeasure_table(tiny_data, where="Metadata_Split == 'val'")
+    meta = ds.read_metadata()
+    assert len(table.frame) == int((meta["split"] == "val").sum())
+    assert set(table.frame["Metadata_Split"]) == {"val"}

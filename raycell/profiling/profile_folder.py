@@ -213,7 +213,7 @@ def write_folder(out: Path, t: ProfileTable, s: ProfileSettings, res: RetrievalR
 def make_profiles(s: ProfileSettings) -> tuple[ProfileTable, RetrievalResult | None]:
     """Read, build and (with `metrics`) score the profiles, without writing anything."""
     check_settings(s)
-    t = filter_rows(read_input(s.input, s.features), s.where)
+    t = filter_rows(read_input(s.input, s.features, s.where), s.where)
     t = build_profiles(t, list(s.strata), s.aggregate, s.controls, s.normalize,
                        list(s.feature_select), s.sphere, s.plate_column)
     res = retrieval(t, retrieval_settings(s, t)) if s.metrics else None
@@ -240,7 +240,8 @@ def compare(s: ProfileSettings) -> pd.DataFrame:
 
     tables = {}
     for fs in s.compare_features or (s.features,):
-        t = prepare(filter_rows(read_input(s.input, fs), s.where), list(s.strata), s.aggregate)
+        t = prepare(filter_rows(read_input(s.input, fs, s.where), s.where), list(s.strata),
+                    s.aggregate)
         for name, v in corrected_versions(t, s.controls, s.batch_column, s.plate_column,
                                           s.compare, s.seed).items():
             tables[f"{fs} / {name}"] = v

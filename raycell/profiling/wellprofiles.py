@@ -25,7 +25,7 @@ AGGREGATIONS = ("median", "mean")
 NORMALIZATIONS = ("mad_robustize", "robustize", "standardize", "none")
 SELECTIONS = ("variance_threshold", "correlation_threshold", "drop_na_columns", "blocklist",
               "drop_outliers")
-FEATURE_SETS = ("embedding", "morph", "all", "handmade")
+FEATURE_SETS = ("embedding", "morph", "all", "handmade", "cpmeasure")
 TREATMENT_KEY = "Metadata_raycell_treatment"
 
 
@@ -66,7 +66,7 @@ def _read_table(path: Path) -> pd.DataFrame:
                        ".parquet or a .csv(.gz) table")
 
 
-def read_input(path: str | Path, feature_set: str = "embedding") -> ProfileTable:
+def read_input(path: str | Path, feature_set: str = "embedding", where: str = "") -> ProfileTable:
     """Per-cell or per-well features from an embeddings folder or a CytoTable-layout table.
 
     Args:
@@ -76,7 +76,10 @@ def read_input(path: str | Path, feature_set: str = "embedding") -> ProfileTable
         feature_set: for an embeddings folder, "embedding" (the deep features), "morph" (the
             hand-made `morph_*` columns, as `Cells_Morph_*`), "all" (both) or "handmade"
             (CellProfiler-style features of its crop data set, `raycell.profiling.handmade`).
-            A crop data set folder (dataset.json) always gives its hand-made features.
+            A crop data set folder (dataset.json) gives its hand-made features, or with
+            "cpmeasure" CellProfiler's measurements by cp-measure, of the rows `where` selects.
+        where: for "cpmeasure", the pandas query of the cells to measure ('' = all); the caller
+            filters the other feature sets (`filter_rows`).
     """
     from raycell.profiling.export import morph_feature_name
 
@@ -86,17 +89,18 @@ def read_input(path: str | Path, feature_set: str = "embedding") -> ProfileTable
                            f"{feature_set!r}")
     if not path.exists():
         raise ProfileError(f"profile input not found: {path}")
-    if path.is_dir() and (path / "dataset.json").is_file():
-        from raycell.profiling.handmade import handmade_table
+    if path.is_dir() and ((path / "dataset.json").is_file()
+                          or feature_set in ("handmade", "cpmeasure")):
+        from raycell.profiling.handmade import cpmeasure_table, handmade_table
 
-        return handmade_table(path)
-    if path.is_dir() and feature_set == "handmade":
-        from raycell.profiling.handmade import handmade_table
-
-        data = P.read_manifest(path).get("dataset")
-        if not data or not Path(data).is_dir():
-            raise ProfileError(f"profile.features=handmade: the crop data set of {path} "
-                               f"({data or 'not recorded in ' + P.MANIFEST}) is not there")
+        data = path
+        if not (path / "dataset.json").is_file():
+            data = P.read_manifest(path).get("dataset")
+            if not data or not Path(data).is_dir():
+                raise ProfileError(f"profile.features={feature_set}: the crop data set of {path} "
+                                   f"({data or 'not recorded in ' + P.MANIFEST}) is not there")
+        if feature_set == "cpmeasure":
+            return cpmeasure_table(data, where)
         return handmade_table(data)
     if path.is_dir():
         if not (path / P.MANIFEST).is_file():
