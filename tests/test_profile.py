@@ -343,3 +343,15 @@ def test_cpmeasure_features_measure_the_centre_cell_with_cellprofiler_names(tiny
     meta = ds.read_metadata()
     assert len(table.frame) == int((meta["split"] == "val").sum())
     assert set(table.frame["Metadata_Split"]) == {"val"}
+
+
+def test_without_controls_there_is_no_activity_and_the_manifest_says_why(tmp_path):
+    f = tmp_path / "tiny.csv"
+    _tiny().to_csv(f, index=False)
+    res = profile(_settings(tmp_path, f, controls=""))
+    out = tmp_path / "out"
+    assert not (out / "activity_map.csv").exists()
+    assert "activity" not in json.loads((out / "retrieval.json").read_text())
+    notes = json.loads((out / "profile.json").read_text())["notes"]
+    assert any("no activity mAP" in n for n in notes)
+    assert res["retrieval"]["percent_replicating"] is not None
