@@ -147,9 +147,9 @@ def percent_replicating(t: ProfileTable, s: RetrievalSettings) -> float:
     from copairs.replicating import correlation_test
 
     frame = t.frame.reset_index(drop=True)
-    rows = np.ones(len(frame), bool) if s.controls_mask is None else ~s.controls_mask
-    if s.controls_mask is not None and s.controls_mask.all():
-        rows[:] = True
+    ctrl = s.controls_mask
+    # controls are not a treatment; with no controls declared (or all wells) every well counts
+    rows = ~ctrl if ctrl is not None and not ctrl.all() else np.ones(len(frame), bool)
     key = treatment_key(frame, s.treatment)[rows]
     if not key.duplicated().any():
         return float("nan")

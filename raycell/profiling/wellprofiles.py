@@ -273,6 +273,8 @@ def normalize_plates(t: ProfileTable, controls: str = "", method: str = "mad_rob
     parts = []
     for p in plates.unique():
         sub = frame.loc[(plates == p).to_numpy(), meta + feats].copy()
+        # pycytominer picks controls by a query string: a column holding the mask already checked
+        # above makes that query exact (and names no user column it could misread)
         sub["__ctrl"] = ctrl[(plates == p).to_numpy()]
         out = pycytominer.normalize(sub, features=feats, meta_features=meta + ["__ctrl"],
                                     samples="__ctrl == True", method=method, output_file=None)
