@@ -52,6 +52,23 @@ LOST = "## Outputs a user must never lose, and results that were silently wrong"
 MACHINE = "## When the machine is the problem"
 
 
+def _profile(fx: "Fixtures", *args: str, nan: bool = False, constant: bool = False,
+             out: Path | None = None) -> list[str]:
+    """`raycell profile` on a small well table (2 treatments, DMSO controls), made bad on demand."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Well": [f"W{i:02d}" for i in range(12)],
+                       "Metadata_treatment": ["DMSO"] * 4 + ["A"] * 4 + ["B"] * 4,
+                       "Cells_a": rng.normal(size=12), "Cells_b": rng.normal(size=12)})
+    if nan:
+        df.loc[5, "Cells_b"] = np.nan
+    if constant:
+        df[["Cells_a", "Cells_b"]] = 1.0
+    f = fx.path("wells.csv")
+    df.to_csv(f, index=False)
+    return ["profile", "--input", str(f), "--out", str(out or fx.root / "profile_out"),
+            "--treatment", "Metadata_treatment", *args]
+
+
 class Fixtures:
     """Scratch inputs built on demand and shared by the cases."""
 
@@ -421,6 +438,17 @@ CASES = [
          lambda fx: ["export", "--embeddings", str(fx.user_folder("uf_emb")), "--out", str(fx.root / "x.h5ad")],
          check=_uf("uf_emb")),
     Case("export", "`export.format=xlsx`", lambda fx: ["export", "--set", "export.format=xlsx"]),
+    Case("profile", "`profile.controls` naming a column the profiles lack",
+         lambda fx: _profile(fx, "--controls", "Metadata_compound == 'DMSO'")),
+    Case("profile", "`profile.controls` matching no well",
+         lambda fx: _profile(fx, "--controls", "Metadata_treatment == 'PBS'")),
+    Case("profile", "a feature with NaN values",
+         lambda fx: _profile(fx, "--controls", "Metadata_treatment == 'DMSO'", nan=True)),
+    Case("profile", "every feature constant",
+         lambda fx: _profile(fx, "--controls", "Metadata_treatment == 'DMSO'", constant=True)),
+    Case("profile", "`--out` a folder of the user's files",
+         lambda fx: _profile(fx, "--controls", "Metadata_treatment == 'DMSO'",
+                             out=fx.user_folder("uf_profile")), check=_uf("uf_profile")),
     Case("report", "a folder with nothing to report",
          lambda fx: ["report", str(fx.user_folder("uf_report"))], check=_uf("uf_report")),
     # -- infer

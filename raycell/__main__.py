@@ -19,7 +19,8 @@ from raycell.errors import user_errors
 STAGES = {"split": pipeline.run_split, "train": pipeline.run_train, "infer": pipeline.run_infer,
           "infer-z": pipeline.run_infer_z, "evaluate": pipeline.run_evaluate, "ingest": pipeline.run_ingest,
           "demo": pipeline.run_demo, "tune": pipeline.run_tune, "embed": pipeline.run_embed,
-          "export": pipeline.run_export, "report": pipeline.run_report}
+          "export": pipeline.run_export, "report": pipeline.run_report,
+          "profile": pipeline.run_profile}
 NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune", "embed"}
 
 
@@ -180,6 +181,10 @@ def preflight(args, cfg):
         from raycell.profiling.embed import check_embed
 
         check_embed(cfg)
+    elif args.command == "profile":
+        from raycell.profiling.profile_folder import ProfileSettings, check_settings
+
+        check_settings(ProfileSettings.from_config(cfg))
     elif args.command == "tune":
         from raycell.cli import overrides_from_args
         from raycell.config import explicit_keys
@@ -207,6 +212,7 @@ _WRITES = {"ingest": ("ingest.out", lambda c: c.ingest.out),
            "synth": ("synth.out", lambda c: c.synth.out),
            "export": ("export output", lambda c: c.export.out),
            "split": ("data.path (split rewrites its shards)", lambda c: c.data.path),
+           "profile": ("profile.out", lambda c: c.profile.out),
            "report": ("report.out", lambda c: c.report.out or (c.report.folder and
                                                               f"{c.report.folder}/report"))}
 

@@ -30,6 +30,7 @@ EPILOG = """examples:
   raycell embed --checkpoint runs/profiling-timm-20261201-101500 --data data/timedose
   raycell export --embeddings runs/profiling-timm-20261201-101500/embeddings --out cells.h5ad
   raycell report runs/profiling-timm-20261201-101500/embeddings   # -> .../report/report.html
+  raycell profile --input wells.csv --out runs/prof --controls "Metadata_x == 'DMSO'" --treatment Metadata_x
   raycell config --defaults > my.yaml             # every key with its default
 """
 
@@ -246,6 +247,46 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--overwrite", key="export.overwrite", action="store_const", const=True,
           help="replace an earlier raycell export at --out ({key}); any other file is always refused")
 
+    s = sub.add_parser("profile", help="features (embeddings folder or CytoTable-layout table) -> well "
+                       "profiles normalised per plate against controls, feature-selected (pycytominer), "
+                       "+ copairs retrieval metrics (activity / consistency mAP, percent replicating)",
+                       description="Aggregates per-cell rows to wells (median/mean), normalises each plate "
+                       "against its control wells (profile.controls, a pandas query; mad_robustize by "
+                       "default), selects features and optionally spheres, all with pycytominer; then "
+                       "scores the profiles with copairs: mAP of each treatment's replicates against the "
+                       "controls with permutation p-values (retrieved = BH-corrected p < profile.fdr), "
+                       "consistency mAP per annotation column and percent replicating. Writes "
+                       "profiles.parquet, consensus.parquet, activity_map.csv, consistency_<col>.csv, "
+                       "retrieval.json and profile.json into --out (atomically). See docs/profiling.md.")
+    _common(s)
+    _flag(s, "--input", key="profile.input", help="embeddings folder or parquet/CSV table ({key})")
+    _flag(s, "--out", key="profile.out", help="output folder ({key})")
+    _flag(s, "--features", key="profile.features", choices=["embedding", "morph", "all", "handmade", "cpmeasure"],
+          help="embeddings folder: which features ({key})")
+    _flag(s, "--controls", key="profile.controls",
+          help="pandas query of the control wells, e.g. \"Metadata_compound == 'DMSO'\" ({key})")
+    _flag(s, "--normalize", key="profile.normalize",
+          choices=["mad_robustize", "robustize", "standardize", "none"], help="per-plate method ({key})")
+    _flag(s, "--feature-select", key="profile.feature_select", type=_csv,
+          help="comma-separated pycytominer operations, '' for none ({key})")
+    _flag(s, "--sphere", key="profile.sphere", action="store_const", const=True,
+          help="ZCA-cor sphering on the controls ({key})")
+    _flag(s, "--treatment", key="profile.treatment", type=_csv, help="comma-separated treatment "
+          "column(s) ({key})")
+    _flag(s, "--annotations", key="profile.annotations", type=_csv,
+          help="comma-separated columns for consistency mAP ({key})")
+    _flag(s, "--where", key="profile.where", help="pandas query keeping only these input rows, e.g. "
+          "\"Metadata_Split == 'unseen'\" ({key})")
+    _flag(s, "--compare", key="profile.compare", type=_csv, help="comma-separated batch corrections "
+          "to compare on the same wells: raw, control, harmony, control+harmony ({key})")
+    _flag(s, "--compare-features", key="profile.compare_features", type=_csv,
+          help="comma-separated feature sets in the comparison: embedding, morph, all, "
+          "handmade, cpmeasure ({key})")
+    _flag(s, "--no-metrics", key="profile.metrics", action="store_const", const=False,
+          help="profiles only, no retrieval metrics ({key})")
+    _flag(s, "--overwrite", key="profile.overwrite", action="store_const", const=True,
+          help="replace an earlier profile folder in --out ({key})")
+
     s = sub.add_parser("report", help="one self-contained HTML page (figures embedded, no network) and its "
                        "PNGs for a run, demo, experiment, tune or embeddings folder")
     _common(s)
@@ -269,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "--out", key="eval.out", help="output folder ({key})")
     _flag(s, "--baseline", key="eval.baseline", action="store_const", const=True,
           help="also score a logistic regression on hand-made features of the data set ({key})")
+    _flag(s, "--profiles", key="eval.profiles", help="instead: copairs retrieval metrics of a profile "
+          "folder or well-profile table as given, into --out; pairing from profile.treatment, "
+          "profile.controls, profile.annotations ({key})")
 
     s = sub.add_parser("demo", help="synth -> split -> train -> infer -> evaluate on local Ray")
     _common(s)

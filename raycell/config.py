@@ -424,6 +424,54 @@ class ExportConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """Well profiles and retrieval metrics (`raycell profile`; docs/profiling.md)."""
+
+    input: str = _f("", "embeddings folder (`raycell embed`) or a parquet/CSV table in the CytoTable "
+                    "layout (Metadata_* columns, Cells_/Cytoplasm_/Nuclei_ features), per cell or per "
+                    "well")
+    out: str = _f("", "output folder: profiles.parquet, consensus.parquet, activity_map.csv, "
+                  "consistency_<column>.csv, retrieval.json, profile.json")
+    features: str = _f("embedding", "embeddings folder: embedding (deep features), morph (the hand-made "
+                       "morph_* columns), all, or handmade (CellProfiler-style features computed from "
+                       "its crop data set; a crop data set given as input always gives these), or cpmeasure "
+                       "(CellProfiler's measurements by cp-measure of the same objects; slower)")
+    aggregate: str = _f("median", "per-cell rows -> one per profile.strata group: median or mean "
+                        "(rows already one per group pass unchanged)")
+    strata: list = _f(["Metadata_Plate", "Metadata_Well"], "columns of one profile (a well)")
+    plate_column: str = _f("Metadata_Plate", "column whose groups are normalised separately")
+    controls: str = _f("", "pandas query selecting the negative-control wells each plate is normalised "
+                       "against and treatments are compared with, e.g. \"Metadata_treatment == 'DMSO'\" "
+                       "('' = all wells, and no activity mAP)")
+    normalize: str = _f("mad_robustize", "per-plate normalisation (pycytominer): mad_robustize, "
+                        "robustize, standardize or none")
+    feature_select: list = _f(["variance_threshold", "correlation_threshold", "drop_na_columns"],
+                              "pycytominer feature_select operations ([] = keep every feature)")
+    sphere: bool = _f(False, "ZCA-cor sphering fitted on the controls over all plates, after selection")
+    treatment: list = _f([], "column(s) naming each well's treatment (e.g. [Metadata_broad_sample] or "
+                         "[Metadata_time, Metadata_dose]); needed for the metrics")
+    annotations: list = _f([], "columns for consistency mAP (e.g. [Metadata_moa, Metadata_target])")
+    metrics: bool = _f(True, "compute retrieval metrics with copairs (activity, consistency, percent "
+                       "replicating)")
+    null_size: int = _f(10000, "permutations in each mAP null distribution (copairs)")
+    fdr: float = _f(0.05, "a treatment is retrieved when its BH-corrected p-value is below this")
+    distance: str = _f("cosine", "copairs distance: cosine, correlation, euclidean or abs_cosine")
+    consistency_level: str = _f("treatment", "consistency on treatment consensus profiles (treatment) "
+                                "or on wells with the same treatment's replicates excluded (well)")
+    consistency_active_only: bool = _f(False, "consistency only over treatments retrieved against the "
+                                       "controls (the field's recipe; needs profile.controls)")
+    where: str = _f("", "pandas query keeping only these input rows before anything else, e.g. "
+                    "\"Metadata_Split == 'unseen'\" ('' = all)")
+    compare: list = _f([], "also write comparison.csv/.md: the same wells and metrics (mAP, batch "
+                       "mixing) for each of these corrections: raw, control (per-plate "
+                       "mad_robustize against the controls), harmony, control+harmony")
+    compare_features: list = _f([], "feature sets compared (embedding, morph, all, handmade, cpmeasure; [] = "
+                                "profile.features)")
+    batch_column: str = _f("Metadata_Plate", "column Harmony corrects and batch mixing is measured on")
+    overwrite: bool = _f(False, "replace an earlier profile folder in profile.out")
+
+
+@dataclass
 class ReportConfig:
     """The HTML report of a folder (`raycell report`, and the end of `raycell demo`)."""
 
@@ -447,6 +495,9 @@ class EvalConfig:
                                 "crops; `experiment medl` then adds a second row on all), morph, crops (shape, "
                                 "intensity and texture computed from the crops), all (morph_* and crops side by "
                                 "side)")
+    profiles: str = _f("", "evaluate: score a profile folder or CytoTable-layout table of well profiles "
+                       "as it is with copairs (activity/consistency mAP; the profile.* pairing keys) "
+                       "into eval.out, instead of a predictions folder")
 
 
 @dataclass
@@ -520,6 +571,7 @@ class ExperimentConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -654,7 +706,8 @@ _AT_LEAST = {
 _PATH_KEYS = ["synth.out", "ingest.input", "ingest.out", "ingest.platemap", "data.path", "train.runs_dir",
               "train.resume", "infer.checkpoint", "infer.data", "infer.out", "infer.z_source", "embed.out",
               "export.embeddings", "export.out", "report.folder", "report.out", "eval.predictions",
-              "eval.out", "tune.out", "tune.resume", "demo.out"]
+              "eval.out", "tune.out", "tune.resume", "demo.out", "profile.input", "profile.out",
+              "eval.profiles"]
 _POSITIVE = ["tune.trial_cpus", "train.lr", "infer.cpus_per_actor", "infer.z_lr", "ray.connect_timeout_s"]
 
 

@@ -137,6 +137,25 @@ def run_export(cfg: ExperimentConfig) -> dict:
     return s
 
 
+def run_profile(cfg: ExperimentConfig) -> dict:
+    """Features -> control-normalised well profiles + copairs retrieval metrics (no Ray)."""
+    from raycell.profiling.profile_folder import ProfileSettings, profile, summary_lines
+
+    from raycell.utils.locks import writing
+
+    settings = ProfileSettings.from_config(cfg)
+    import contextlib
+
+    # one writer per output folder (an empty profile.out is refused by `profile` itself)
+    with writing(settings.out, "profile.out") if settings.out else contextlib.nullcontext():
+        res = profile(settings)
+    print(f"[raycell] profile: {res['n_profiles']} profiles x {res['n_features']} features -> "
+          f"{res['out']}", flush=True)
+    for line in res["notes"] + summary_lines(res["retrieval"] or {}):
+        print(f"[raycell]   {line}", flush=True)
+    return res
+
+
 def run_report(cfg: ExperimentConfig) -> dict:
     """The HTML report of `cfg.report.folder` (no Ray)."""
     from raycell.config import ConfigError
@@ -179,6 +198,8 @@ def run_evaluate(cfg: ExperimentConfig) -> dict:
     """Metrics from a predictions folder."""
     from raycell.eval.evaluate import evaluate_predictions
 
+    if cfg.eval.profiles:
+        return _evaluate_profiles(cfg)
     if not cfg.eval.predictions:
         from raycell.config import ConfigError
 
@@ -186,6 +207,24 @@ def run_evaluate(cfg: ExperimentConfig) -> dict:
     return evaluate_predictions(cfg.eval.predictions, cfg.eval.out or None, max_cells=cfg.eval.max_cells,
                                 seed=cfg.seed, baseline=cfg.eval.baseline,
                                 baseline_features=cfg.eval.baseline_features)
+
+
+def _evaluate_profiles(cfg: ExperimentConfig) -> dict:
+    """`evaluate --profiles`: copairs retrieval metrics of well profiles as given, into eval.out."""
+    import dataclasses
+
+    from raycell.config import ConfigError
+    from raycell.profiling.profile_folder import ProfileSettings, score_profiles, summary_lines
+
+    if not cfg.eval.out:
+        raise ConfigError("evaluate --profiles needs an output folder: --out (eval.out)")
+    s = dataclasses.replace(ProfileSettings.from_config(cfg), input=cfg.eval.profiles,
+                            out=cfg.eval.out)
+    res = score_profiles(cfg.eval.profiles, s)
+    print(f"[raycell] evaluate --profiles {cfg.eval.profiles} -> {res['out']}", flush=True)
+    for line in summary_lines(res["retrieval"]):
+        print(f"[raycell]   {line}", flush=True)
+    return res
 
 
 def infer_evaluate(cfg: ExperimentConfig, checkpoint: str | Path, out: str | Path, z_source: str = "",

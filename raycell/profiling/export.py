@@ -106,7 +106,7 @@ def _standardised(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
     Shape features live on very different scales (area in px^2, eccentricity in [0, 1]); without
     this one of them would dominate the deep features in PCA. Returns (float32, NaNs filled).
     """
-    a = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    a = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64, copy=True)
     a[~np.isfinite(a)] = np.nan
     n_nan = int(np.isnan(a).sum())
     if not len(a):

@@ -136,3 +136,32 @@ def confusion_figure(entry: dict, title: str = "", path: str | Path | None = Non
         ax.set_title(f"accuracy {acc:.2f}, balanced {bal:.2f}, n={entry.get('n', conf.sum())}",
                      fontsize=9)
     return _finish(plt, fig, title, path)
+
+
+def map_figure(table: pd.DataFrame, label: str, title: str = "", path: str | Path | None = None,
+               max_rows: int = 60) -> bytes:
+    """Bars of the mAP per treatment (or annotation value), sorted, retrieved ones dark.
+
+    Args:
+        table: copairs' per-group table as `raycell profile` writes it (`label`,
+            `mean_average_precision`, `retrieved`).
+        label: the column naming each bar.
+        title: the figure's title.
+        path: also write the PNG there.
+        max_rows: more rows: the best and worst halves are drawn, the middle left out.
+    """
+    plt = _plt()
+    t = table.sort_values("mean_average_precision", ascending=False, kind="stable")
+    if len(t) > max_rows:
+        t = pd.concat([t.head(max_rows // 2), t.tail(max_rows // 2)])
+    n = len(t)
+    fig, ax = plt.subplots(figsize=(7.5, max(2.0, 0.2 * n + 1.0)))
+    y = np.arange(n)
+    ret = t["retrieved"].astype(bool).to_numpy()
+    ax.barh(y, t["mean_average_precision"], color=np.where(ret, "#1f6fb4", "#b8c7d6"))
+    ax.set_yticks(y)
+    ax.set_yticklabels([str(v)[:40] for v in t[label]], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("mAP (dark: retrieved, BH-corrected p below the FDR)")
+    return _finish(plt, fig, title, path)

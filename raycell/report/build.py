@@ -47,7 +47,7 @@ MAX_CLASSES = 12  # example-crop rows
 EXPECTED = (
     "a Train run folder (history.jsonl, metrics.json or checkpoint_*/), a demo folder "
     "(summary.json and runs/), an experiment folder (results.json and table.md), a tune folder "
-    "(trials.csv) or an embeddings folder (embeddings.json)"
+    "(trials.csv), an embeddings folder (embeddings.json) or a profile folder (profile.json)"
 )
 
 CAPTIONS = {  # what each section shows and what to look for, in plain words
@@ -133,9 +133,11 @@ class _Ctx:
 
 
 def detect(folder: Path) -> str | None:
-    """What a folder holds: 'embeddings', 'tune', 'experiment', 'demo', 'run' or None."""
+    """What a folder holds: 'embeddings', 'profile', 'tune', 'experiment', 'demo', 'run' or None."""
     if (folder / "embeddings.json").is_file():
         return "embeddings"
+    if (folder / "profile.json").is_file():
+        return "profile"
     if (folder / "trials.csv").is_file():
         return "tune"
     if (folder / "results.json").is_file() and (folder / "table.md").is_file():
@@ -946,10 +948,17 @@ def _emb_report(folder: Path, ctx: _Ctx):
     return f"raycell embeddings report: {folder.name}", header, sections
 
 
+def _profile_report(folder: Path, ctx: _Ctx):
+    from raycell.report.profile_section import profile_report
+
+    return profile_report(folder, ctx)
+
+
 BUILDERS = {
     "run": _run_report,
     "demo": _demo_report,
     "experiment": _experiment_report,
     "tune": _tune_report,
     "embeddings": _emb_report,
+    "profile": _profile_report,
 }

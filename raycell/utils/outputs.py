@@ -35,9 +35,11 @@ MARKER = ".raycell-output"
 DATASET, RAW = "dataset", "raw"
 PREDICTIONS, EMBEDDINGS = "predictions", "embeddings"  # `infer` / `embed` output folders
 RAW_JSON = "raw.json"
+PROFILE, PROFILE_JSON = "profile", "profile.json"
 _NOUN = {DATASET: "data set (dataset.json)", RAW: "synth --raw folder (raw.json)",
          PREDICTIONS: f"predictions folder ({K.PREDICTIONS_MANIFEST})",
-         EMBEDDINGS: f"embeddings folder ({K.EMBEDDINGS_MANIFEST})"}
+         EMBEDDINGS: f"embeddings folder ({K.EMBEDDINGS_MANIFEST})",
+         PROFILE: "profile folder (profile.json)"}
 _MANIFEST_KEYS = ("schema_version", "channel_names", "shards")
 
 
@@ -56,8 +58,8 @@ def _read_json(path: Path) -> dict | None:
 def raycell_output(folder: str | os.PathLike) -> tuple[str, bool] | None:
     """(kind, complete) when raycell wrote `folder`, else None.
 
-    kind is DATASET or RAW; complete means its manifest is there (a marker alone is a staging folder
-    or an interrupted write).
+    kind is DATASET, RAW or PROFILE; complete means its manifest is there (a marker alone is a staging
+    folder or an interrupted write).
     """
     folder = Path(folder)
     m = _read_json(folder / K.MANIFEST)
@@ -70,6 +72,9 @@ def raycell_output(folder: str | os.PathLike) -> tuple[str, bool] | None:
         m = _read_json(folder / name)
         if m is not None and "shards" in m and "run_key" in m:
             return kind, True
+    pj = _read_json(folder / PROFILE_JSON)
+    if pj is not None and str(pj.get("generator", "")).startswith("raycell."):
+        return PROFILE, True
     mark = _read_json(folder / MARKER)
     if mark is not None and mark.get("kind") in _NOUN:
         return mark["kind"], False
