@@ -42,7 +42,7 @@ class PlateOverlay:
     png: str  # relative to the data set folder; '' when no field of the plate gave cells
     fields: list[str]  # the fields drawn, left to right
     objects: list[int]  # objects (nuclei) found in each drawn field, border objects included
-    n_fovs: int
+    n_fovs: int  # with cells + rejected (also those the plan rejected)
     n_fovs_with_cells: int
     n_fovs_rejected: int
     rejects_by_code: dict[str, int]
@@ -138,21 +138,28 @@ def write_overlays(
         stats: the statistics pass's result (illumination functions, plate diameters).
     """
     k = int(p.get("overlay_fields", 3))
-    if k <= 0 or not fovs:
+    if k <= 0:
         return []
-    rej_code = {r["fov_id"]: r["code"] for r in rejects if r.get("kind") == "fov"}
     by_plate: dict[str, list[dict]] = {}
     for f in fovs:
         by_plate.setdefault(str(f["row"][K.PLATE]), []).append(f)
+    plate_of = {f["fov_id"]: plate for plate, group in by_plate.items() for f in group}
+    # rejected fields per plate and code: those of the plan (not in `fovs`) carry their plate in
+    # their metadata; those of the crop pass are found through `fovs`
+    codes_by_plate: dict[str, dict[str, int]] = {}
+    for r in rejects:
+        if r.get("kind") != "fov":
+            continue
+        plate = plate_of.get(r["fov_id"]) or str(r.get(K.PLATE) or "") or "(no plate)"
+        codes = codes_by_plate.setdefault(plate, {})
+        codes[r["code"]] = codes.get(r["code"], 0) + 1
     (out / OVERLAY_DIR).mkdir(exist_ok=True)
     records = []
     refs = stats.get("diameter_ref") or {}
-    for plate, group in sorted(by_plate.items()):
+    for plate in sorted(set(by_plate) | set(codes_by_plate)):
+        group = by_plate.get(plate, [])
         ok = [f["fov_id"] for f in group if f["fov_id"] in per_fov]
-        codes: dict[str, int] = {}
-        for f in group:
-            if f["fov_id"] in rej_code:
-                codes[rej_code[f["fov_id"]]] = codes.get(rej_code[f["fov_id"]], 0) + 1
+        codes = codes_by_plate.get(plate, {})
         diams = [per_fov[i]["diameter"] for i in ok if per_fov[i].get("diameter")]
         d = float(refs.get(plate, 0.0)) or (float(np.median(diams)) if diams else 0.0)
         chosen = pick_fields(ok, k)
@@ -172,7 +179,7 @@ def write_overlays(
                 png=png,
                 fields=chosen,
                 objects=counts,
-                n_fovs=len(group),
+                n_fovs=len(ok) + sum(codes.values()),
                 n_fovs_with_cells=len(ok),
                 n_fovs_rejected=sum(codes.values()),
                 rejects_by_code=dict(sorted(codes.items())),
