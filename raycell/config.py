@@ -136,6 +136,8 @@ class IngestConfig:
                                       "from its plate's median uses the plate's")
     scale_fovs: int = _f(8, "fields of view per plate whose diameter estimates give the plate's median "
                          "(a scale pass before cropping; 0 = off)")
+    overlay_fields: int = _f(3, "fields per plate drawn with their objects' outlines in "
+                             "overlays/<plate>.png of the data set (shown by raycell report; 0 = none)")
     plausibility_check: bool = _f(True, "reject fields whose segmentation looks implausible (objects far "
                                   "larger than the plate's, most on the border, most of the foreground "
                                   "in giant objects): rejects table, code implausible-segmentation")

@@ -358,6 +358,31 @@ EXPECTED_REJECTS = {
 }
 
 
+def _check_overlays(out, s, fov_rej):
+    """Per plate: an outline PNG of fields that gave cells, counts that add up to the summary's,
+    and `raycell report` on the data set shows them."""
+    from PIL import Image
+
+    from raycell.report.build import build_report
+
+    index = json.loads((out / "overlays" / "overlays.json").read_text())
+    plates = {r["plate"]: r for r in index["plates"]}
+    assert set(plates) == {"SYN00", "SYN01"}
+    assert sum(r["n_fovs_with_cells"] for r in plates.values()) == s["n_fovs_with_cells"]
+    assert sum(r["n_cells"] for r in plates.values()) == s["n_cells"]
+    assert sum(r["n_fovs_rejected"] for r in plates.values()) == len(fov_rej)
+    for r in plates.values():
+        assert r["diameter_px"] > 0 and 1 <= len(r["fields"]) <= 3
+        assert all(f not in fov_rej.index for f in r["fields"])  # only fields that gave cells
+        rgb = np.asarray(Image.open(out / r["png"]).convert("RGB"))
+        yellow = (rgb[..., 0] > 200) & (rgb[..., 1] > 150) & (rgb[..., 2] < 60)
+        assert yellow.sum() > 50, r["png"]  # nucleus outlines drawn
+    page = build_report(out, tmp_out := out.parent / "report")
+    html = page.read_text()
+    assert "Segmentation per plate" in html and "batch00_SYN00" in html
+    assert len(list(tmp_out.glob("*overlay_SYN0*.png"))) == 2
+
+
 @pytest.mark.ray
 def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
     from raycell.ingest.driver import REJECTS, run_ingest
@@ -398,6 +423,7 @@ def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
         "morph_nucleus_area",
     } <= set(morph)
     assert t.morph_area.between(100, 2000).all() and t.morph_nucleus_area.lt(t.morph_area).all()
+    _check_overlays(out, s, fov_rej)
 
     # a re-run with the same inputs and parameters is skipped; nothing duplicated
     again = run_ingest(cfg)

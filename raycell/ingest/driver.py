@@ -59,6 +59,7 @@ import pyarrow as pa
 
 from raycell import constants as K
 from raycell.ingest.fov import crop_batch, scale_batch
+from raycell.ingest.overlays import OVERLAY_DIR, OVERLAY_INDEX, write_overlays
 from raycell.ingest.plan import check_out, check_params, plan_ingest
 from raycell.ingest.sources import IngestError, reject_row
 from raycell.ingest.stats import compute_stats
@@ -156,6 +157,7 @@ def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Pat
         "separate": {},
         "all_zero": np.zeros(len(ch["names"]), np.int64),
         "saturated": np.zeros(len(ch["names"]), np.int64),
+        "per_fov": {},  # fields that gave cells: their cell count and diameter (overlays)
     }
     got["diameter_ref"] = stats.get("diameter_ref", {})
     if not fovs:
@@ -188,6 +190,8 @@ def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Pat
             continue
         got["n_ok"] += 1
         got["n_cells"] += r["n_cells"]
+        got["per_fov"][r["fov_id"]] = {"n_cells": r["n_cells"],
+                                       "diameter": info.get("diameter", 0.0)}
         got["seconds"].append(info.get("seconds", 0.0))
         got["cpu_seconds"] += info.get("cpu_seconds", 0.0)
         if info.get("separate"):
@@ -458,6 +462,11 @@ def _run_ingest(cfg) -> dict:
         params={"stage": "ingest", "input": p["input"]},
         extra=_manifest_extra(p, plan, stats, summary, illum_files),
     )
+    # a few fields per plate with their outlines (overlays/), for the eye and `raycell report`
+    plates = write_overlays(partial, plan["fovs"], got["per_fov"], rej.to_dict("records"), p,
+                            plan["channels"], stats)
+    if plates:
+        summary["overlays"] = f"{OVERLAY_DIR}/{OVERLAY_INDEX}"
     atomic_write_json(partial / SUMMARY, summary)
     swap_in(partial, out)
     return summary

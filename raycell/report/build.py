@@ -6,6 +6,8 @@ The folder is recognised by the files raycell writes there (nothing is guessed f
 * a tune search folder (`raycell tune`): `trials.csv`;
 * an experiment folder (`raycell experiment`): `results.json` and `table.md`;
 * a demo folder (`raycell demo`): `summary.json` and `runs/`;
+* an ingest data set (`raycell ingest`): `ingest_summary.json` (per plate: fields, rejects, cells,
+  the diameter used and the segmentation overlays of `overlays/`, then example crops);
 * a Train run folder (`raycell train`): `history.jsonl`, `metrics.json` or `checkpoint_*/meta.json`,
   with `predictions/` (`raycell infer`) and `eval/` (`raycell evaluate`) when they were made.
 
@@ -43,11 +45,13 @@ RECON_BATCHES = 8  # at most this many imaging batches in the reconstruction gri
 RECON_PER_BATCH = 4  # ... with this many cells each
 CROPS_PER_CLASS = 8
 MAX_CLASSES = 12  # example-crop rows
+INGEST_SUMMARY = "ingest_summary.json"  # = raycell.ingest.driver.SUMMARY (that imports Ray)
 
 EXPECTED = (
     "a Train run folder (history.jsonl, metrics.json or checkpoint_*/), a demo folder "
     "(summary.json and runs/), an experiment folder (results.json and table.md), a tune folder "
-    "(trials.csv), an embeddings folder (embeddings.json) or a profile folder (profile.json)"
+    "(trials.csv), an embeddings folder (embeddings.json), a profile folder (profile.json) or an "
+    "ingest data set (ingest_summary.json)"
 )
 
 CAPTIONS = {  # what each section shows and what to look for, in plain words
@@ -99,6 +103,14 @@ CAPTIONS = {  # what each section shows and what to look for, in plain words
         "should form ordered gradients; colours by batch should mix: a model that separates "
         "batches learnt the imaging date."
     ),
+    "overlays": (
+        "A few fields of each plate as raycell segmented them for the crops: the nucleus channel "
+        "in grey, each nucleus outlined in yellow and, with a cytoplasm channel, each cell body "
+        "in magenta. Look for nuclei without an outline (missed), outlines around background or "
+        "debris, two nuclei inside one outline (merged) and one nucleus cut in two. The table "
+        "gives per plate the fields in, with cells and rejected (by reason, see rejects.parquet), "
+        "the cells cropped (objects touching the border are not) and the diameter used."
+    ),
     "emb_heads": (
         "How well each weak-label head predicts its metadata column (Pred_<head> against "
         "Metadata_<head>). Compare accuracy with chance (1 / number of classes); balanced "
@@ -133,7 +145,10 @@ class _Ctx:
 
 
 def detect(folder: Path) -> str | None:
-    """What a folder holds: 'embeddings', 'profile', 'tune', 'experiment', 'demo', 'run' or None."""
+    """What a folder holds: 'embeddings', 'profile', 'tune', 'experiment', 'demo', 'run', 'ingest'
+    or None."""
+    if (folder / INGEST_SUMMARY).is_file():
+        return "ingest"
     if (folder / "embeddings.json").is_file():
         return "embeddings"
     if (folder / "profile.json").is_file():
@@ -954,7 +969,70 @@ def _profile_report(folder: Path, ctx: _Ctx):
     return profile_report(folder, ctx)
 
 
+# --------------------------------------------------------------------------------------------------
+# ingest data set
+
+
+def _overlay_section(folder: Path, ctx: _Ctx) -> Section | None:
+    """Per plate: counts, rejects and diameter (a table) and the overlay PNG of `raycell ingest`."""
+    index = folder / "overlays" / "overlays.json"
+    if not index.is_file():
+        ctx.notes.append(
+            "segmentation overlays left out: no overlays/overlays.json (a data set written "
+            "before overlays existed, or ingest.overlay_fields=0)"
+        )
+        return None
+    plates = _read_json(index).get("plates") or []
+    rows, figures = [], []
+    for r in plates:
+        drawn = ", ".join(f"{f} ({n})" for f, n in zip(r.get("fields", []), r.get("objects", [])))
+        codes = ", ".join(f"{k} {v}" for k, v in (r.get("rejects_by_code") or {}).items())
+        rows.append([r["plate"], r["n_fovs"], r["n_fovs_with_cells"], r["n_fovs_rejected"],
+                     codes, r["n_cells"], r["diameter_px"], drawn])
+        src = folder / r["png"] if r.get("png") else None
+        if src is None or not src.is_file():
+            continue
+        dst = ctx.png(f"overlay_{r['plate']}")
+        shutil.copyfile(src, dst)
+        figures.append(Figure(
+            dst,
+            f"segmentation outlines on {len(r.get('fields', []))} fields of plate {r['plate']}",
+            f"Plate {r['plate']}: {drawn} (field, objects found); diameter "
+            f"{r['diameter_px']} px.",
+        ))
+    table = html_table(
+        ["plate", "fields", "with cells", "rejected", "rejects by reason", "cells",
+         "diameter px", "fields drawn (objects)"],
+        rows,
+    )
+    return Section("Segmentation per plate", CAPTIONS["overlays"], figures=figures, tables=[table])
+
+
+def _ingest_report(folder: Path, ctx: _Ctx):
+    summary = _read_json(folder / INGEST_SUMMARY)
+    diam = summary.get("diameter_px") or {}
+    header = {
+        "folder": str(folder),
+        "what": "ingest data set (raycell ingest)",
+        "made": _made(folder / INGEST_SUMMARY),
+        "input": str(summary.get("input", "")),
+        "fields of view": f"{summary.get('n_fovs_in', '')} in, "
+        f"{summary.get('n_fovs_with_cells', '')} with cells, "
+        f"{summary.get('n_fovs_rejected', '')} rejected",
+        "cells": str(summary.get("n_cells", "")),
+        "channels": ", ".join(summary.get("channels") or []),
+        "diameter px (median of fields)": f"{float(diam.get('median', 0.0)):.1f}",
+    }
+    sections = [
+        _safe(ctx, "segmentation overlays", _overlay_section, folder, ctx),
+        _safe(ctx, "example crops", _crops_section, str(folder), ctx),
+    ]
+    return (f"raycell ingest report: {folder.name}", header,
+            [s for s in sections if s is not None])
+
+
 BUILDERS = {
+    "ingest": _ingest_report,
     "run": _run_report,
     "demo": _demo_report,
     "experiment": _experiment_report,
