@@ -38,13 +38,16 @@ _GROUP_CANDIDATES = ("line", "group", "treatment", "compound", "cell_line")
 def check_config(cfg) -> None:
     """Check `cfg.ingest` before anything starts (no Ray, no pixels); IngestError names the key."""
     p = dataclasses.asdict(cfg.ingest)
-    if p["input"] and p["out"]:
-        check_out(p)  # the user's files come first: an unsafe output is refused whatever else is wrong
-    check_params(p)
+    check_params(p, sources=False)
+    check_out(p)  # before the sources: a user's folder is refused whatever else the sources lack
+    check_sources(p)
 
 
-def check_params(p: dict) -> None:
-    """Check the ingest parameters (a dict of `IngestConfig`); IngestError names the key."""
+def check_params(p: dict, sources: bool = True) -> None:
+    """Check the ingest parameters (a dict of `IngestConfig`); IngestError names the key.
+
+    `sources`: also check where fields and objects come from (`check_sources`).
+    """
     if p["z_projection"] not in imio.Z_PROJECTIONS:
         raise IngestError(
             f"ingest.z_projection must be one of {imio.Z_PROJECTIONS}, got {p['z_projection']!r}"
@@ -73,6 +76,12 @@ def check_params(p: dict) -> None:
             raise IngestError(f"ingest.{k} must be >= 0 (0 = no bound), got {p[k]}")
     if not p["input"] or not p["out"]:
         raise IngestError("ingest.input and ingest.out must both be set")
+    if sources:
+        check_sources(p)
+
+
+def check_sources(p: dict) -> None:
+    """Where fields and objects come from: given masks / tables, the layout, the segmentation backend."""
     given.check_given(p)
     layouts.check_layout(p)
     if not (p.get("masks") or p.get("objects")):  # given objects: the backend never runs
