@@ -1,4 +1,4 @@
-"""The GPU path end to end: `raycell train` (Ray Train + Ray Data, 1 GPU) and `raycell embed`, as a user runs them.
+"""The GPU path end to end: `raycell train` (Ray Train + Ray Data, 1 GPU) and `raycell embed`.
 
 One command on a machine with one GPU; under 8 minutes with the defaults. It starts one Ray instance
 (`--num-cpus` logical CPUs, 1 GPU, no dashboard) and runs every `raycell` command as a subprocess
@@ -7,7 +7,8 @@ joined to it (`--address`), so each command pays no Ray start. Steps:
 1. `raycell synth` + `raycell split` of three synthetic data sets: 64, 256 and 128 px.
 2. FLOPs per training image of each model, from `torch.utils.flop_counter.FlopCounterMode` over one
    `training_step` of the model's plan (every forward and backward of the step, the adversary's and
-   auxiliary networks' included), built as the training loop builds it, on the CPU at the run's crop size.
+   auxiliary networks' included), built as the training loop builds it, on the CPU at the run's
+   crop size.
 3. `raycell train` runs (`scaling.use_gpu=true`, 1 worker), each bf16 + channels-last and fp32:
    (a) conventional AEC, `small` preset, 64 px; (b) conventional AEC, `armed` preset, 256 px;
    (c) timm ResNet-50 (random init, no download), 128 px; (d) the mixed-effects AEC (small, 64 px)
@@ -47,16 +48,25 @@ MIN_EPOCHS = 3  # epoch 0 is warm-up; the figures come from the epochs after it
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets: H100 and H200
 # "Tensor Core GPU" data sheets (bf16 1,979 / 1,671 / 1,513 TFLOPS *with sparsity* for SXM / NVL /
-# PCIe: halved here), A100 data sheet (312 dense), L40S (362.05 dense), L4 (121 dense), A10 (125 dense).
+# PCIe: halved here), A100 data sheet (312 dense), L40S (362.05 dense), L4 (121 dense), A10 (125
+# dense).
 # Matched against torch.cuda.get_device_name(), first match wins (the NVL and PCIe names before the
 # bare one, which is the SXM part).
 PEAK_BF16_DENSE = (
-    ("H200 NVL", 835e12), ("H200", 989.5e12),
-    ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989.5e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989.5e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989.5e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
 )
-PEAK_SOURCE = ("NVIDIA data sheets, dense bf16 tensor-core peak (half the 'with sparsity' figure): "
-               "H100/H200 SXM 989.5 TFLOP/s, NVL 835, H100 PCIe 756; A100 312; L40S 362; L4 121; A10 125")
+PEAK_SOURCE = (
+    "NVIDIA data sheets, dense bf16 tensor-core peak (half the 'with sparsity' figure): "
+    "H100/H200 SXM 989.5 TFLOP/s, NVL 835, H100 PCIe 756; A100 312; L40S 362; L4 121; A10 125"
+)
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
@@ -67,8 +77,10 @@ def peak_bf16_flops(device_name: str) -> float | None:
     return None
 
 
-def mfu(flops_per_image: float | None, images_per_s: float | None, peak: float | None) -> float | None:
-    """Model FLOP utilisation: achieved model FLOP/s over the GPU's peak (None when a factor is missing)."""
+def mfu(
+    flops_per_image: float | None, images_per_s: float | None, peak: float | None
+) -> float | None:
+    """Model FLOP utilisation: achieved model FLOP/s over the GPU's peak; None without all three."""
     if not flops_per_image or not images_per_s or not peak:
         return None
     return flops_per_image * images_per_s / peak
@@ -91,20 +103,39 @@ class Case:
 
 
 def plan_cases(dry: bool, main_s: float, compare_s: float) -> list[Case]:
-    """The training runs, in the order they run (the ResNet-50 bf16 run's checkpoint is embedded)."""
+    """The training runs in their order (the ResNet-50 bf16 run's checkpoint is embedded)."""
     small, armed, r50 = ("d32", "d32", "d32") if dry else ("d64", "d256", "d128")
     b = (lambda n: 16) if dry else (lambda n: n)  # noqa: E731
     cases = []
     for group, data, mt, preset, bs, args in (
-            ("aec_small_64", small, "conventional", "small", b(256), {}),
-            ("aec_armed_256", armed, "conventional", "armed", b(64), {}),
-            ("resnet50_128", r50, "timm", "small", b(256), {"backbone": "resnet50", "weights": ""})):
-        cases.append(Case(f"{group}_bf16_cl", data, mt, preset, bs, True, True, main_s, args, group))
-        if not dry:  # a dry run checks each model once; the mixed-effects pair checks the comparison
-            cases.append(Case(f"{group}_fp32", data, mt, preset, bs, False, False, compare_s, args, group))
+        ("aec_small_64", small, "conventional", "small", b(256), {}),
+        ("aec_armed_256", armed, "conventional", "armed", b(64), {}),
+        ("resnet50_128", r50, "timm", "small", b(256), {"backbone": "resnet50", "weights": ""}),
+    ):
+        cases.append(
+            Case(f"{group}_bf16_cl", data, mt, preset, bs, True, True, main_s, args, group)
+        )
+        if (
+            not dry
+        ):  # a dry run checks each model once; the mixed-effects pair checks the comparison
+            cases.append(
+                Case(f"{group}_fp32", data, mt, preset, bs, False, False, compare_s, args, group)
+            )
     for bf16 in (True, False):
-        cases.append(Case(f"mixedeffects_64_{'bf16' if bf16 else 'fp32'}_cl", small, "mixedeffects",
-                          "small", b(256), bf16, True, compare_s, {}, "mixedeffects_64"))
+        cases.append(
+            Case(
+                f"mixedeffects_64_{'bf16' if bf16 else 'fp32'}_cl",
+                small,
+                "mixedeffects",
+                "small",
+                b(256),
+                bf16,
+                True,
+                compare_s,
+                {},
+                "mixedeffects_64",
+            )
+        )
     return cases
 
 
@@ -133,10 +164,15 @@ def epoch_figures(history: list[dict], batch_size: int) -> dict:
     wait = sum(float(r.get("data_wait_s", 0.0)) for r in used)
     ips = steps * batch_size / t if t > 0 else None
     compute = t - wait
-    peak = [r["gpu_peak_mem_gib"] for r in recs if isinstance(r.get("gpu_peak_mem_gib"), (int, float))]
+    peak = [
+        r["gpu_peak_mem_gib"] for r in recs if isinstance(r.get("gpu_peak_mem_gib"), (int, float))
+    ]
     return {
-        "epochs_used": len(used), "epochs_done": len(recs), "steps": steps,
-        "train_time_s": round(t, 3), "data_wait_s": round(wait, 3),
+        "epochs_used": len(used),
+        "epochs_done": len(recs),
+        "steps": steps,
+        "train_time_s": round(t, 3),
+        "data_wait_s": round(wait, 3),
         "images_per_s": ips,
         "images_per_s_compute": steps * batch_size / compute if compute > 0 else None,
         "idle_on_data": wait / t if t > 0 else None,
@@ -157,38 +193,60 @@ def smi_summary(path: Path) -> dict | None:
             mem.append(float(parts[1]))
     if not util:
         return None
-    return {"samples": len(util), "util_mean_pct": round(sum(util) / len(util), 1),
-            "util_max_pct": max(util), "mem_used_max_mib": max(mem)}
+    return {
+        "samples": len(util),
+        "util_mean_pct": round(sum(util) / len(util), 1),
+        "util_max_pct": max(util),
+        "mem_used_max_mib": max(mem),
+    }
 
 
 # ------------------------------------------------------------------------------------------ running
 
 
 class Smi:
-    """`nvidia-smi` sampling GPU utilisation and memory every 250 ms into a file (nothing without one)."""
+    """`nvidia-smi` sampling GPU utilisation and memory every 250 ms into a file (none: nothing)."""
 
     def __init__(self, path: Path):
+        """Samples go to `path`."""
         self.path, self.proc = path, None
 
     def __enter__(self) -> "Smi":
+        """Start sampling."""
         import shutil
 
         if shutil.which("nvidia-smi"):
             self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 "-lms", "250", "-i", "0"], stdout=self.path.open("w"), stderr=subprocess.DEVNULL)
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "250",
+                    "-i",
+                    "0",
+                ],
+                stdout=self.path.open("w"),
+                stderr=subprocess.DEVNULL,
+            )
         return self
 
     def __exit__(self, *exc) -> None:
+        """Stop sampling."""
         if self.proc:
             self.proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
 
 
-def raycell(args: list[str], log: Path, limit_s: float | None = None, history: Path | None = None,
-            run_glob: tuple[Path, str] | None = None) -> dict:
-    """Run `python -m raycell ...` in its own process group; stop it past `limit_s` once enough epochs ran.
+def raycell(
+    args: list[str],
+    log: Path,
+    limit_s: float | None = None,
+    history: Path | None = None,
+    run_glob: tuple[Path, str] | None = None,
+) -> dict:
+    """Run `python -m raycell ...` in its own process group; stop it past `limit_s` (enough epochs).
 
     With `run_glob` = (runs folder, pattern) the run folder is found as it appears and its
     `history.jsonl` watched; the command is stopped (SIGINT, then SIGTERM, then SIGKILL) once
@@ -199,7 +257,9 @@ def raycell(args: list[str], log: Path, limit_s: float | None = None, history: P
     with log.open("w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
         stopped = False
         while proc.poll() is None:
             time.sleep(0.5)
@@ -223,30 +283,56 @@ def raycell(args: list[str], log: Path, limit_s: float | None = None, history: P
                         break
                     except subprocess.TimeoutExpired:
                         continue
-    return {"rc": proc.returncode, "wall_s": round(time.monotonic() - t0, 2), "stopped_at_limit": stopped,
-            "log": str(log)}
+    return {
+        "rc": proc.returncode,
+        "wall_s": round(time.monotonic() - t0, 2),
+        "stopped_at_limit": stopped,
+        "log": str(log),
+    }
 
 
-def make_data(work: Path, key: str, size: int, cells: int, rows: int, address: str, cpus: int) -> dict:
-    """`raycell synth` + `raycell split` of one data set (reused when it exists), one chunk per CPU."""
+def make_data(
+    work: Path, key: str, size: int, cells: int, rows: int, address: str, cpus: int
+) -> dict:
+    """`raycell synth` + `raycell split` of a data set (reused when it exists); a chunk per CPU."""
     out = work / key
     if (out / "dataset.json").is_file():
         return {"path": str(out), "reused": True}
     t = time.monotonic()
     common = ["--address", address, "--set", "ray.progress=false"]
     chunk = max(1, -(-cells // (cpus * rows))) * rows  # whole shards, about one chunk per CPU
-    r1 = raycell(["synth", "--out", str(out), *common, "--set", f"synth.n_cells={cells}",
-                  "--set", f"synth.crop_size={size}", "--set", f"synth.num_workers={cpus}",
-                  "--set", f"synth.rows_per_shard={rows}", "--set", f"synth.chunk_cells={chunk}"],
-                 work / f"synth_{key}.log")
+    r1 = raycell(
+        [
+            "synth",
+            "--out",
+            str(out),
+            *common,
+            "--set",
+            f"synth.n_cells={cells}",
+            "--set",
+            f"synth.crop_size={size}",
+            "--set",
+            f"synth.num_workers={cpus}",
+            "--set",
+            f"synth.rows_per_shard={rows}",
+            "--set",
+            f"synth.chunk_cells={chunk}",
+        ],
+        work / f"synth_{key}.log",
+    )
     r2 = raycell(["split", "--data", str(out), *common], work / f"split_{key}.log")
     if r1["rc"] or r2["rc"]:
         raise RuntimeError(f"synth/split of {key} failed: see {r1['log']} and {r2['log']}")
-    return {"path": str(out), "crop_size": size, "cells": cells, "seconds": round(time.monotonic() - t, 1)}
+    return {
+        "path": str(out),
+        "crop_size": size,
+        "cells": cells,
+        "seconds": round(time.monotonic() - t, 1),
+    }
 
 
 def count_flops(case: Case, data_path: str) -> dict:
-    """FLOPs of one training step of the case's model per image (CPU, batch 4, the run's crop size)."""
+    """FLOPs of one training step of the case's model per image (CPU, batch 4, the run's size)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -263,7 +349,10 @@ def count_flops(case: Case, data_path: str) -> dict:
     cfg.model.args = dict(case.args)
     setup, _ = training_setup(cfg)
     spec = DataSpec.from_dict(setup["data_spec"])
-    labels, batches = CategoryMap.from_dict(setup["labels"]), CategoryMap.from_dict(setup["batches"])
+    labels, batches = (
+        CategoryMap.from_dict(setup["labels"]),
+        CategoryMap.from_dict(setup["batches"]),
+    )
     torch.manual_seed(0)
     model = create_model(case.model_type, **model_kwargs(cfg, spec, labels, batches, setup))
     plan = build_plan(model, cfg.loss, 1e-4, n_batches=len(batches))
@@ -281,19 +370,27 @@ def count_flops(case: Case, data_path: str) -> dict:
     return {"flops_per_image": total / n, "counted_batch": n, "image_shape": list(spec.shape)}
 
 
-def train_case(case: Case, data: dict, work: Path, address: str, dry: bool, cpus_per_worker: int,
-               epochs: int) -> dict:
+def train_case(
+    case: Case, data: dict, work: Path, address: str, dry: bool, cpus_per_worker: int, epochs: int
+) -> dict:
     """One `raycell train` run; its figures from the run's history.jsonl."""
     from raycell.train.history import read_history
 
     runs = work / "runs" / case.name
     res = "{CPU: %d}" % cpus_per_worker if dry else "{CPU: %d, GPU: 1}" % cpus_per_worker
     sets = {
-        "name": case.name, "model.type": case.model_type, "model.preset": case.preset,
-        "data.batch_size": case.batch_size, "train.bf16": str(case.bf16).lower(),
-        "train.channels_last": str(case.channels_last).lower(), "train.epochs": epochs,
-        "train.runs_dir": str(runs), "scaling.use_gpu": str(not dry).lower(),
-        "scaling.resources_per_worker": res, "ray.progress": "false", "train.checkpoints_to_keep": 1,
+        "name": case.name,
+        "model.type": case.model_type,
+        "model.preset": case.preset,
+        "data.batch_size": case.batch_size,
+        "train.bf16": str(case.bf16).lower(),
+        "train.channels_last": str(case.channels_last).lower(),
+        "train.epochs": epochs,
+        "train.runs_dir": str(runs),
+        "scaling.use_gpu": str(not dry).lower(),
+        "scaling.resources_per_worker": res,
+        "ray.progress": "false",
+        "train.checkpoints_to_keep": 1,
     }
     if case.args:
         sets["model.args"] = json.dumps(case.args)
@@ -303,8 +400,12 @@ def train_case(case: Case, data: dict, work: Path, address: str, dry: bool, cpus
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     with Smi(work / f"smi_{case.name}.csv"):
-        cmd = raycell(args, work / f"train_{case.name}.log", limit_s=None if dry else case.limit_s,
-                      run_glob=(runs, f"{case.name}-*"))
+        cmd = raycell(
+            args,
+            work / f"train_{case.name}.log",
+            limit_s=None if dry else case.limit_s,
+            run_glob=(runs, f"{case.name}-*"),
+        )
     run_dirs = sorted(runs.glob(f"{case.name}-*"))
     out = {"case": asdict(case), **cmd}
     if not run_dirs:
@@ -319,9 +420,14 @@ def train_case(case: Case, data: dict, work: Path, address: str, dry: bool, cpus
         import yaml
 
         rc = yaml.safe_load((run / "config.yaml").read_text())
-        out["settings"] = {"data": rc["data"], "scaling": rc["scaling"],
-                           "train": {k: rc["train"][k] for k in ("bf16", "channels_last", "torch_threads",
-                                                                 "augment", "lr", "epochs")}}
+        out["settings"] = {
+            "data": rc["data"],
+            "scaling": rc["scaling"],
+            "train": {
+                k: rc["train"][k]
+                for k in ("bf16", "channels_last", "torch_threads", "augment", "lr", "epochs")
+            },
+        }
     if cmd["rc"] and not cmd["stopped_at_limit"] and not hist:
         out["error"] = f"raycell train exited {cmd['rc']} (see {cmd['log']})"
     return out
@@ -332,16 +438,37 @@ def embed_case(run_dir: str, data: dict, work: Path, address: str, dry: bool) ->
     import pyarrow.parquet as pq
 
     out_dir = work / "embed"
-    args = ["embed", "--checkpoint", run_dir, "--data", data["path"], "--address", address,
-            "--set", f"embed.out={out_dir}", "--set", "embed.well_profiles=false",
-            "--set", "ray.progress=false", "--set", f"infer.num_gpus={0 if dry else 1}",
-            "--set", "infer.cpus_per_actor=2"]
+    args = [
+        "embed",
+        "--checkpoint",
+        run_dir,
+        "--data",
+        data["path"],
+        "--address",
+        address,
+        "--set",
+        f"embed.out={out_dir}",
+        "--set",
+        "embed.well_profiles=false",
+        "--set",
+        "ray.progress=false",
+        "--set",
+        f"infer.num_gpus={0 if dry else 1}",
+        "--set",
+        "infer.cpus_per_actor=2",
+    ]
     with Smi(work / "smi_embed.csv"):
         cmd = raycell(args, work / "embed.log")
-    cells = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted((out_dir / "shards").glob("*.parquet")))
-    return {**cmd, "cells": cells, "images_per_s": cells / cmd["wall_s"] if cells else None,
-            "nvidia_smi": smi_summary(work / "smi_embed.csv"),
-            "note": "whole command: Ray Data start, actor start and checkpoint load included"}
+    cells = sum(
+        pq.ParquetFile(p).metadata.num_rows for p in sorted((out_dir / "shards").glob("*.parquet"))
+    )
+    return {
+        **cmd,
+        "cells": cells,
+        "images_per_s": cells / cmd["wall_s"] if cells else None,
+        "nvidia_smi": smi_summary(work / "smi_embed.csv"),
+        "note": "whole command: Ray Data start, actor start and checkpoint load included",
+    }
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -357,14 +484,23 @@ def summarise(res: dict) -> list[dict]:
         slow = next((r for r in members if not r["case"]["bf16"]), None)
         a = fast and fast.get("images_per_s")
         b = slow and slow.get("images_per_s")
-        row = {"group": group, "bf16_images_per_s": a, "fp32_images_per_s": b,
-               "speedup_bf16": a / b if a and b else None}
+        row = {
+            "group": group,
+            "bf16_images_per_s": a,
+            "fp32_images_per_s": b,
+            "speedup_bf16": a / b if a and b else None,
+        }
         if group == "mixedeffects_64":
             if row["speedup_bf16"] is None:
-                row["verdict"] = "not measured: the mixed-effects GPU bf16 default is to be decided from the numbers"
+                row["verdict"] = (
+                    "not measured: the mixed-effects GPU bf16 default is to be decided from "
+                    "the numbers"
+                )
             elif row["speedup_bf16"] < 1.0:
-                row["verdict"] = ("bf16 does not profit: make train.bf16 off the mixed-effects model's GPU "
-                                  "default (a per-model-type rule)")
+                row["verdict"] = (
+                    "bf16 does not profit: make train.bf16 off the mixed-effects model's GPU "
+                    "default (a per-model-type rule)"
+                )
             else:
                 row["verdict"] = "bf16 profits: keep train.bf16 on for the mixed-effects model"
         rows.append(row)
@@ -374,23 +510,35 @@ def summarise(res: dict) -> list[dict]:
 
 def print_table(res: dict) -> None:
     """The short table on stdout."""
-    print(f"\n== gpu_e2e on {res['env'].get('gpu', 'cpu')} (peak bf16 dense "
-          f"{(res['env'].get('peak_bf16_flops') or 0) / 1e12:.0f} TFLOP/s), Ray CPUs {res['ray']['num_cpus']}")
+    print(
+        f"\n== gpu_e2e on {res['env'].get('gpu', 'cpu')} (peak bf16 dense "
+        f"{(res['env'].get('peak_bf16_flops') or 0) / 1e12:.0f} TFLOP/s), "
+        f"Ray CPUs {res['ray']['num_cpus']}"
+    )
     hdr = f"{'run':<30}{'img/s':>10}{'idle':>7}{'MFU':>8}{'GiB':>7}{'epochs':>7}  status"
     print(hdr + "\n" + "-" * len(hdr))
     for r in res["runs"]:
-        ips, idle, m, mem = (r.get(k) for k in ("images_per_s", "idle_on_data", "mfu", "gpu_peak_mem_gib"))
-        print(f"{r['case']['name']:<30}{ips or 0:>10,.0f}{(idle or 0) * 100:>6.1f}%"
-              f"{(m or 0) * 100:>7.1f}%{mem or 0:>7.2f}{r.get('epochs_used', 0):>7}  "
-              f"{r.get('error', 'ok')}")
+        ips, idle, m, mem = (
+            r.get(k) for k in ("images_per_s", "idle_on_data", "mfu", "gpu_peak_mem_gib")
+        )
+        print(
+            f"{r['case']['name']:<30}{ips or 0:>10,.0f}{(idle or 0) * 100:>6.1f}%"
+            f"{(m or 0) * 100:>7.1f}%{mem or 0:>7.2f}{r.get('epochs_used', 0):>7}  "
+            f"{r.get('error', 'ok')}"
+        )
     e = res.get("embed") or {}
     if e:
-        print(f"{'embed resnet50_128':<30}{e.get('images_per_s') or 0:>10,.0f}  ({e.get('cells')} cells in "
-              f"{e.get('wall_s')} s, whole command)")
+        print(
+            f"{'embed resnet50_128':<30}{e.get('images_per_s') or 0:>10,.0f}  "
+            f"({e.get('cells')} cells in "
+            f"{e.get('wall_s')} s, whole command)"
+        )
     for row in res.get("summary", []):
         sp = row["speedup_bf16"]
-        print(f"  {row['group']}: bf16 vs fp32 {'-' if sp is None else f'{sp:.2f}x'}"
-              + (f"  -> {row['verdict']}" if "verdict" in row else ""))
+        print(
+            f"  {row['group']}: bf16 vs fp32 {'-' if sp is None else f'{sp:.2f}x'}"
+            + (f"  -> {row['verdict']}" if "verdict" in row else "")
+        )
 
 
 def save(res: dict, path: Path) -> None:
@@ -406,17 +554,38 @@ def save(res: dict, path: Path) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Arguments."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_e2e.json"), help="JSON results")
-    ap.add_argument("--work", default="", help="data and runs folder (default /tmp/raycell_gpu_e2e)")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="CPU, 32 px, 480 cells, 1 epoch per run, no limits: checks the script runs")
-    ap.add_argument("--num-cpus", type=int, default=0,
-                    help="logical CPUs of the Ray instance (default 2 x cores, raycell's local default)")
-    ap.add_argument("--cpus-per-worker", type=int, default=4,
-                    help="CPUs held by the Train worker (the rest is for Ray Data; default 4)")
-    ap.add_argument("--main-s", type=float, default=40.0, help="wall limit of each bf16 + CL run (40)")
-    ap.add_argument("--compare-s", type=float, default=25.0, help="wall limit of the other runs (25)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out", default=str(REPO / "bench" / "results" / "gpu_e2e.json"), help="JSON results"
+    )
+    ap.add_argument(
+        "--work", default="", help="data and runs folder (default /tmp/raycell_gpu_e2e)"
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU, 32 px, 480 cells, 1 epoch per run, no limits: checks the script runs",
+    )
+    ap.add_argument(
+        "--num-cpus",
+        type=int,
+        default=0,
+        help="logical CPUs of the Ray instance (default 2 x cores, raycell's local default)",
+    )
+    ap.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=4,
+        help="CPUs held by the Train worker (the rest is for Ray Data; default 4)",
+    )
+    ap.add_argument(
+        "--main-s", type=float, default=40.0, help="wall limit of each bf16 + CL run (40)"
+    )
+    ap.add_argument(
+        "--compare-s", type=float, default=25.0, help="wall limit of the other runs (25)"
+    )
     ap.add_argument("--only", default="", help="comma list of run names to run (default all)")
     return ap.parse_args(argv)
 
@@ -441,23 +610,51 @@ def main(argv: list[str] | None = None) -> int:
     env = {"cores": cores, "torch": torch.__version__, "python": sys.version.split()[0]}
     if not dry:
         name = torch.cuda.get_device_name(0)
-        env.update(gpu=name, gpu_mem_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, peak_bf16_flops=peak_bf16_flops(name), peak_source=PEAK_SOURCE)
-    res: dict = {"bench": "gpu_e2e", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dry_run": dry,
-                 "command": "python bench/gpu_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                 "env": env, "min_epochs": MIN_EPOCHS, "data": {}, "flops": {}, "runs": [], "errors": []}
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance (as raycell's own local Ray)
+        env.update(
+            gpu=name,
+            gpu_mem_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            peak_bf16_flops=peak_bf16_flops(name),
+            peak_source=PEAK_SOURCE,
+        )
+    res: dict = {
+        "bench": "gpu_e2e",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "dry_run": dry,
+        "command": "python bench/gpu_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "env": env,
+        "min_epochs": MIN_EPOCHS,
+        "data": {},
+        "flops": {},
+        "runs": [],
+        "errors": [],
+    }
+    os.environ.setdefault(
+        "RAY_AUTH_MODE", "disabled"
+    )  # a private instance (as raycell's own local Ray)
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=0 if dry else 1, include_dashboard=False,
-             log_to_driver=False, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=0 if dry else 1,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     address = ray.get_runtime_context().gcs_address
     env["ray"] = ray.__version__
-    res["ray"] = {"num_cpus": num_cpus, "num_gpus": 0 if dry else 1, "address": address,
-                  "train_worker_cpus": args.cpus_per_worker,
-                  "note": "one Ray instance for every command; Ray Data's tasks use the CPUs the Train "
-                          "worker does not hold"}
-    print(f"gpu_e2e: {env.get('gpu', 'CPU dry run')}, Ray {address} with {num_cpus} CPUs, work {work}")
+    res["ray"] = {
+        "num_cpus": num_cpus,
+        "num_gpus": 0 if dry else 1,
+        "address": address,
+        "train_worker_cpus": args.cpus_per_worker,
+        "note": "one Ray instance for every command; Ray Data's tasks use the CPUs the Train "
+        "worker does not hold",
+    }
+    print(
+        f"gpu_e2e: {env.get('gpu', 'CPU dry run')}, Ray {address} with {num_cpus} CPUs, work {work}"
+    )
     try:
         sets = DRY_DATASETS if dry else DATASETS
         for key, (size, cells, rows) in sets.items():
@@ -485,8 +682,15 @@ def main(argv: list[str] | None = None) -> int:
             if c.data not in res["data"]:
                 continue
             print(f"  train {c.name} (limit {c.limit_s:g} s) ...", flush=True)
-            r = train_case(c, res["data"][c.data], work, address, dry, args.cpus_per_worker,
-                           epochs=1 if dry else 200)
+            r = train_case(
+                c,
+                res["data"][c.data],
+                work,
+                address,
+                dry,
+                args.cpus_per_worker,
+                epochs=1 if dry else 200,
+            )
             fl = res["flops"].get(c.group, {}).get("flops_per_image")
             r["flops_per_image"] = fl
             r["mfu"] = mfu(fl, r.get("images_per_s"), env.get("peak_bf16_flops"))
@@ -496,11 +700,17 @@ def main(argv: list[str] | None = None) -> int:
                 r50 = r["run_dir"]
             res["runs"].append(r)
             save(res, out)
-            print(f"    {r.get('images_per_s') or 0:,.0f} img/s, idle {100 * (r.get('idle_on_data') or 0):.1f}%, "
-                  f"{r.get('epochs_used', 0)} epochs, {r['wall_s']} s", flush=True)
+            print(
+                f"    {r.get('images_per_s') or 0:,.0f} img/s, "
+                f"idle {100 * (r.get('idle_on_data') or 0):.1f}%, "
+                f"{r.get('epochs_used', 0)} epochs, {r['wall_s']} s",
+                flush=True,
+            )
         if r50:
             try:
-                res["embed"] = embed_case(r50, res["data"][cases[-1].data if dry else "d128"], work, address, dry)
+                res["embed"] = embed_case(
+                    r50, res["data"][cases[-1].data if dry else "d128"], work, address, dry
+                )
             except Exception as exc:  # noqa: BLE001
                 res["errors"].append(f"embed: {type(exc).__name__}: {exc}")
         res["summary"] = summarise(res)

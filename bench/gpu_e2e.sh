@@ -38,7 +38,6 @@ if [[ "${1:-}" == "prepare" ]]; then
   rm -rf "$tmp"/site/ray/jars "$tmp"/site/ray/dashboard/client/build "$tmp"/site/ray/rllib \
          "$tmp"/site/ray/llm
   mkdir -p "$SITE_DIR"
-  grep -qx "/$SITE_DIR/" .git/info/exclude 2>/dev/null || echo "/$SITE_DIR/" >> "$(git rev-parse --git-path info/exclude)"
   tar -C "$tmp/site" -cf - . | xz -T0 -6 > "$SITE_DIR/site.tar.xz"
   rm -rf "$tmp"
   du -h "$SITE_DIR/site.tar.xz"
@@ -52,7 +51,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 if ! $PY -c "import ray" 2>/dev/null; then
   [[ -f $SITE_DIR/site.tar.xz ]] || { echo "no Ray and no $SITE_DIR/site.tar.xz: run 'bash bench/gpu_e2e.sh prepare' here and carry $SITE_DIR"; exit 2; }
-  mkdir -p /tmp/site && xz -dc $SITE_DIR/site.tar.xz | tar -C /tmp/site -xf -
+  $PY -c "import tarfile; tarfile.open('$SITE_DIR/site.tar.xz').extractall('/tmp/site')"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

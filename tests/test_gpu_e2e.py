@@ -1,7 +1,7 @@
-"""bench/gpu_e2e.py without Ray or a GPU: FLOP counting, MFU arithmetic, the history figures, the summary.
+"""bench/gpu_e2e.py without Ray or a GPU: FLOP counting, MFU arithmetic, history figures, summary.
 
-The whole script (`--dry-run`) starts Ray and runs five `raycell train` commands and an embed: several
-minutes on the 2-core machine, so it is not run here (bench/README.md, GPU, says how to run it).
+The whole script (`--dry-run`) starts Ray and runs five `raycell train` commands and an embed:
+minutes on the 2-core machine, so it is not run here (bench/README.md, GPU, has the command).
 """
 
 from __future__ import annotations
@@ -45,10 +45,22 @@ def test_mfu_is_model_flops_rate_over_peak(g):
 def test_epoch_figures_skip_the_warmup_epoch(g):
     hist = [
         {"epoch": 0, "steps": 10, "train_time_s": 9.0, "data_wait_s": 5.0, "epoch_time_s": 10.0},
-        {"epoch": 1, "steps": 10, "train_time_s": 2.0, "data_wait_s": 0.1, "epoch_time_s": 2.5,
-         "gpu_peak_mem_gib": 1.5},
-        {"epoch": 2, "steps": 10, "train_time_s": 2.0, "data_wait_s": 0.3, "epoch_time_s": 2.5,
-         "gpu_peak_mem_gib": 1.75},
+        {
+            "epoch": 1,
+            "steps": 10,
+            "train_time_s": 2.0,
+            "data_wait_s": 0.1,
+            "epoch_time_s": 2.5,
+            "gpu_peak_mem_gib": 1.5,
+        },
+        {
+            "epoch": 2,
+            "steps": 10,
+            "train_time_s": 2.0,
+            "data_wait_s": 0.3,
+            "epoch_time_s": 2.5,
+            "gpu_peak_mem_gib": 1.75,
+        },
     ]
     f = g.epoch_figures(hist, batch_size=256)
     assert f["epochs_used"] == 2 and f["epochs_done"] == 3 and f["steps"] == 20
@@ -65,7 +77,12 @@ def test_smi_summary_reads_samples_and_skips_junk(g, tmp_path):
     p = tmp_path / "smi.csv"
     p.write_text("90, 1000\n100, 3000\n[N/A], 12\n80, 2000\n")
     s = g.smi_summary(p)
-    assert s == {"samples": 3, "util_mean_pct": 90.0, "util_max_pct": 100.0, "mem_used_max_mib": 3000.0}
+    assert s == {
+        "samples": 3,
+        "util_mean_pct": 90.0,
+        "util_max_pct": 100.0,
+        "mem_used_max_mib": 3000.0,
+    }
     assert g.smi_summary(tmp_path / "absent.csv") is None
 
 
@@ -77,9 +94,14 @@ def _run(g, name, group, bf16, ips):
 
 
 def test_summary_compares_precisions_and_gives_the_mixed_effects_verdict(g):
-    res = {"runs": [_run(g, "a_bf16_cl", "a", True, 300.0), _run(g, "a_fp32", "a", False, 200.0),
-                    _run(g, "me_bf16", "mixedeffects_64", True, 80.0),
-                    _run(g, "me_fp32", "mixedeffects_64", False, 100.0)]}
+    res = {
+        "runs": [
+            _run(g, "a_bf16_cl", "a", True, 300.0),
+            _run(g, "a_fp32", "a", False, 200.0),
+            _run(g, "me_bf16", "mixedeffects_64", True, 80.0),
+            _run(g, "me_fp32", "mixedeffects_64", False, 100.0),
+        ]
+    }
     rows = {r["group"]: r for r in g.summarise(res)}
     assert rows["a"]["speedup_bf16"] == pytest.approx(1.5) and "verdict" not in rows["a"]
     assert rows["mixedeffects_64"]["speedup_bf16"] == pytest.approx(0.8)
@@ -92,9 +114,16 @@ def test_summary_compares_precisions_and_gives_the_mixed_effects_verdict(g):
 
 def test_plan_covers_every_required_run(g):
     names = [c.name for c in g.plan_cases(dry=False, main_s=40, compare_s=25)]
-    assert names == ["aec_small_64_bf16_cl", "aec_small_64_fp32", "aec_armed_256_bf16_cl", "aec_armed_256_fp32",
-                     "resnet50_128_bf16_cl", "resnet50_128_fp32", "mixedeffects_64_bf16_cl",
-                     "mixedeffects_64_fp32_cl"]
+    assert names == [
+        "aec_small_64_bf16_cl",
+        "aec_small_64_fp32",
+        "aec_armed_256_bf16_cl",
+        "aec_armed_256_fp32",
+        "resnet50_128_bf16_cl",
+        "resnet50_128_fp32",
+        "mixedeffects_64_bf16_cl",
+        "mixedeffects_64_fp32_cl",
+    ]
     cases = {c.name: c for c in g.plan_cases(dry=False, main_s=40, compare_s=25)}
     assert g.DATASETS[cases["aec_armed_256_bf16_cl"].data][0] == 256
     assert g.DATASETS[cases["resnet50_128_fp32"].data][0] == 128
@@ -106,8 +135,18 @@ def test_flop_count_covers_forward_and_backward(g, tiny_data):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    case = g.Case("r18", "d32", "timm", "small", 16, True, True, 1.0,
-                  {"backbone": "resnet18", "weights": ""}, "r18")
+    case = g.Case(
+        "r18",
+        "d32",
+        "timm",
+        "small",
+        16,
+        True,
+        True,
+        1.0,
+        {"backbone": "resnet18", "weights": ""},
+        "r18",
+    )
     got = g.count_flops(case, str(tiny_data))
     assert got["image_shape"] == [2, 32, 32]
     import timm
@@ -119,8 +158,10 @@ def test_flop_count_covers_forward_and_backward(g, tiny_data):
     # a training step: the forward, and a backward of about twice its FLOPs (the first conv's input
     # gradient is not needed, so a little under 3x)
     assert 2.7 * fwd < got["flops_per_image"] < 3.05 * fwd
-    aec = g.count_flops(g.Case("a", "d32", "conventional", "tiny", 16, True, True, 1.0, {}, "a"),
-                        str(tiny_data))
-    me = g.count_flops(g.Case("m", "d32", "mixedeffects", "tiny", 16, True, True, 1.0, {}, "m"),
-                       str(tiny_data))
+    aec = g.count_flops(
+        g.Case("a", "d32", "conventional", "tiny", 16, True, True, 1.0, {}, "a"), str(tiny_data)
+    )
+    me = g.count_flops(
+        g.Case("m", "d32", "mixedeffects", "tiny", 16, True, True, 1.0, {}, "m"), str(tiny_data)
+    )
     assert 0 < aec["flops_per_image"] < me["flops_per_image"]  # the ME step runs more networks
