@@ -243,14 +243,14 @@ def raycell(
     args: list[str],
     log: Path,
     limit_s: float | None = None,
-    history: Path | None = None,
     run_glob: tuple[Path, str] | None = None,
 ) -> dict:
     """Run `python -m raycell ...` in its own process group; stop it past `limit_s` (enough epochs).
 
     With `run_glob` = (runs folder, pattern) the run folder is found as it appears and its
-    `history.jsonl` watched; the command is stopped (SIGINT, then SIGTERM, then SIGKILL) once
-    `limit_s` is spent and `MIN_EPOCHS` epochs are recorded, or at 3 x `limit_s` whatever the count.
+    `history.jsonl` watched; the command is stopped (SIGINT, then SIGKILL) once `limit_s` is spent,
+    `MIN_EPOCHS` epochs are recorded and the last epoch's checkpoint has had time to be persisted
+    (a stopped ResNet-50 run's latest checkpoint is embedded), or at 3 x `limit_s` regardless.
     """
     cmd = [sys.executable, "-m", "raycell", *args]
     t0 = time.monotonic()
@@ -266,16 +266,24 @@ def raycell(
             if limit_s is None:
                 continue
             el = time.monotonic() - t0
-            n = 0
+            n, settled = 0, True
             if run_glob is not None:
                 runs = sorted(run_glob[0].glob(run_glob[1]))
                 if runs:
                     from raycell.train.history import read_history
 
-                    n = len(read_history(runs[-1] / "history.jsonl"))
-            if (el > limit_s and n >= MIN_EPOCHS) or el > 3 * limit_s:
+                    hist_file = runs[-1] / "history.jsonl"
+                    hist = read_history(hist_file)
+                    n = len(hist)
+                    if hist:  # the epoch's checkpoint is persisted just after its history line
+                        epoch_s = min(float(r.get("epoch_time_s", 0.0)) for r in hist)
+                        age = time.time() - hist_file.stat().st_mtime
+                        settled = age > min(3.0, 0.5 * epoch_s)
+            if (el > limit_s and n >= MIN_EPOCHS and settled) or el > 3 * limit_s:
                 stopped = True
-                for sig, wait in ((signal.SIGINT, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                # the driver only: the Train worker and Ray Data's tasks belong to the shared Ray,
+                # which ends a dead driver's actors and tasks (and frees the GPU) itself
+                for sig, wait in ((signal.SIGINT, 5), (signal.SIGKILL, 5)):
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, sig)
                     try:
