@@ -51,7 +51,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 if ! $PY -c "import ray" 2>/dev/null; then
   [[ -f $SITE_DIR/site.tar.xz ]] || { echo "no Ray and no $SITE_DIR/site.tar.xz: run 'bash bench/gpu_e2e.sh prepare' here and carry $SITE_DIR"; exit 2; }
-  $PY -c "import tarfile; tarfile.open('$SITE_DIR/site.tar.xz').extractall('/tmp/site')"
+  $PY -c "import tarfile; tarfile.open('$SITE_DIR/site.tar.xz').extractall('/tmp/site', filter='tar')"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -59,7 +59,8 @@ $PY - <<'EOF'
 import importlib
 missing = []
 for m in ("ray", "ray.train.torch", "ray.data", "torch", "timm", "sklearn", "scipy", "skimage", "pyarrow",
-          "pandas", "yaml", "raycell.cli"):
+          "pandas", "yaml", "raycell.train.trainer", "raycell.train.loop", "raycell.profiling.embed",
+          "raycell.data.synthetic"):
     try:
         importlib.import_module(m)
     except Exception as exc:  # noqa: BLE001
