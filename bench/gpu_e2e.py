@@ -506,7 +506,9 @@ def summarise(res: dict) -> list[dict]:
             "speedup_bf16": a / b if a and b else None,
         }
         if group == "mixedeffects_64":
-            if row["speedup_bf16"] is None:
+            if res.get("dry_run"):
+                row["verdict"] = "dry run on a CPU (bf16 autocast is CUDA-only): no verdict"
+            elif row["speedup_bf16"] is None:
                 row["verdict"] = (
                     "not measured: the mixed-effects GPU bf16 default is to be decided from "
                     "the numbers"
@@ -523,11 +525,17 @@ def summarise(res: dict) -> list[dict]:
     return rows
 
 
+def _cell(v, fmt: str, width: int) -> str:
+    """A right-aligned table cell; '-' for a figure that was not measured."""
+    return f"{'-' if v is None else fmt.format(v):>{width}}"
+
+
 def print_table(res: dict) -> None:
     """The short table on stdout."""
+    peak = res["env"].get("peak_bf16_flops")
     print(
-        f"\n== gpu_e2e on {res['env'].get('gpu', 'cpu')} (peak bf16 dense "
-        f"{(res['env'].get('peak_bf16_flops') or 0) / 1e12:.0f} TFLOP/s), "
+        f"\n== gpu_e2e on {res['env'].get('gpu', 'CPU (dry run)')}, peak bf16 dense "
+        f"{'-' if peak is None else f'{peak / 1e12:.1f}'} TFLOP/s, "
         f"Ray CPUs {res['ray']['num_cpus']}"
     )
     hdr = f"{'run':<30}{'img/s':>10}{'idle':>7}{'MFU':>8}{'GiB':>7}{'epochs':>7}  status"
@@ -537,8 +545,8 @@ def print_table(res: dict) -> None:
             r.get(k) for k in ("images_per_s", "idle_on_data", "mfu", "gpu_peak_mem_gib")
         )
         print(
-            f"{r['case']['name']:<30}{ips or 0:>10,.0f}{(idle or 0) * 100:>6.1f}%"
-            f"{(m or 0) * 100:>7.1f}%{mem or 0:>7.2f}{r.get('epochs_used', 0):>7}  "
+            f"{r['case']['name']:<30}{_cell(ips, '{:,.0f}', 10)}{_cell(idle, '{:.1%}', 7)}"
+            f"{_cell(m, '{:.2%}', 8)}{_cell(mem, '{:.2f}', 7)}{r.get('epochs_used', 0):>7}  "
             f"{r.get('error', 'ok')}"
         )
     e = res.get("embed") or {}

@@ -109,6 +109,9 @@ def test_summary_compares_precisions_and_gives_the_mixed_effects_verdict(g):
     res["runs"][2]["images_per_s"] = None  # the bf16 run failed: nothing decided
     rows = {r["group"]: r for r in g.summarise(res)}
     assert rows["mixedeffects_64"]["verdict"].startswith("not measured")
+    res["dry_run"] = True  # a CPU has no bf16 autocast: no verdict from a dry run
+    rows = {r["group"]: r for r in g.summarise(res)}
+    assert rows["mixedeffects_64"]["verdict"].startswith("dry run")
     json.dumps(rows)  # the JSON holds it as is
 
 
