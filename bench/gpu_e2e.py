@@ -450,9 +450,12 @@ def train_case(
 
 def embed_case(run_dir: str, data: dict, work: Path, address: str, dry: bool) -> dict:
     """`raycell embed` of a checkpoint over a data set: cells per second of the whole command."""
+    import shutil
+
     import pyarrow.parquet as pq
 
     out_dir = work / "embed"
+    shutil.rmtree(out_dir, ignore_errors=True)  # this bench's own folder: a fresh export every time
     args = [
         "embed",
         "--checkpoint",
@@ -477,13 +480,16 @@ def embed_case(run_dir: str, data: dict, work: Path, address: str, dry: bool) ->
     cells = sum(
         pq.ParquetFile(p).metadata.num_rows for p in sorted((out_dir / "shards").glob("*.parquet"))
     )
-    return {
+    out = {
         **cmd,
         "cells": cells,
-        "images_per_s": cells / cmd["wall_s"] if cells else None,
+        "images_per_s": cells / cmd["wall_s"] if cells and not cmd["rc"] else None,
         "nvidia_smi": smi_summary(work / "smi_embed.csv"),
         "note": "whole command: Ray Data start, actor start and checkpoint load included",
     }
+    if cmd["rc"]:
+        out["error"] = f"raycell embed exited {cmd['rc']} (see {cmd['log']})"
+    return out
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -748,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except Exception as exc:  # noqa: BLE001
                 res["errors"].append(f"embed: {type(exc).__name__}: {exc}")
+            if "error" in res.get("embed", {}):
+                res["errors"].append(f"embed: {res['embed']['error']}")
         res["summary"] = summarise(res)
     finally:
         res["elapsed_s"] = round(time.monotonic() - t0, 1)
