@@ -418,7 +418,7 @@ def train_case(
         cmd = raycell(
             args,
             work / f"train_{case.name}.log",
-            limit_s=None if dry else case.limit_s,
+            limit_s=None if dry and epochs == 1 else case.limit_s,
             run_glob=(runs, f"{case.name}-*"),
         )
     run_dirs = sorted(runs.glob(f"{case.name}-*"))
@@ -621,6 +621,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=450.0,
         help="skip the runs that would end past this many seconds (45 s kept for the embed; 450)",
     )
+    ap.add_argument(
+        "--dry-epochs",
+        type=int,
+        default=1,
+        help="epochs of each dry run; more than 1 applies the wall limits, as on a GPU (1)",
+    )
     ap.add_argument("--only", default="", help="comma list of run names to run (default all)")
     return ap.parse_args(argv)
 
@@ -730,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
                 address,
                 dry,
                 args.cpus_per_worker,
-                epochs=1 if dry else 200,
+                epochs=args.dry_epochs if dry else 200,
             )
             fl = res["flops"].get(c.group, {}).get("flops_per_image")
             r["flops_per_image"] = fl
