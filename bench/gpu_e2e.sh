@@ -3,9 +3,10 @@
 # pyarrow, scipy, scikit-image and scikit-learn but no Ray, and no network.
 #
 #   bash bench/gpu_e2e.sh prepare   # HERE (network): Ray and the packages the GPU image lacks, for its
-#                                   # Python 3.12, pruned and packed into .gpu_site/site.tar.xz (~40 MiB)
+#                                   # Python 3.12, pruned and packed into .gpu_site/site.tar.xz (~31 MB)
 #   bash bench/gpu_e2e.sh [ARGS]    # THERE (device tool: carry [".gpu_site"]): unpack, check, run
-#                                   # gpu_e2e.py; JSON and log go to $OUT (else bench/results)
+#                                   # gpu_e2e.py; JSON, log and gpu_e2e_logs.tgz (every command's log
+#                                   # and run history) go to $OUT (else bench/results)
 #
 # What is pruned from Ray: its Java jars (31 MiB packed), the dashboard's web client, RLlib and
 # Ray LLM: raycell starts no dashboard here and uses neither library. The packed tree keeps the
@@ -70,4 +71,11 @@ raise SystemExit(1 if missing else 0)
 EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 set -o pipefail
-$PY bench/gpu_e2e.py --out "$OUT/gpu_e2e.json" "$@" 2>&1 | tee "$OUT/gpu_e2e.log"
+rc=0
+$PY bench/gpu_e2e.py --out "$OUT/gpu_e2e.json" "$@" 2>&1 | tee "$OUT/gpu_e2e.log" || rc=$?
+# every command's log, the nvidia-smi samples and each run's history (no checkpoints) in one file
+out_abs=$(cd "$OUT" && pwd)
+work=/tmp/raycell_gpu_e2e
+[[ -d $work ]] && (cd $work && { ls ./*.log ./*.csv 2>/dev/null; find runs \( -name history.jsonl \
+    -o -name config.yaml -o -name failure.txt \) 2>/dev/null; } | tar -czf "$out_abs/gpu_e2e_logs.tgz" -T -) || true
+exit $rc
