@@ -148,7 +148,7 @@ def plan_cases(dry: bool, main_s: float, compare_s: float) -> list[Case]:
 
 # data set key -> (crop size, cells, rows per shard); sized for training epochs of a few seconds at
 # the H200's Ray-free rates (bench/README.md), and shards of 8-65 MB
-DATASETS = {"d64": (64, 120_000, 2000), "d256": (256, 10_000, 500), "d128": (128, 30_000, 1000)}
+DATASETS = {"d64": (64, 120_000, 2000), "d128": (128, 30_000, 1000), "d256": (256, 10_000, 500)}
 DRY_DATASETS = {"d32": (32, 480, 120)}
 
 
