@@ -278,6 +278,8 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
                                f"data.batch_size ({cfg.data.batch_size}); lower it or add data")
         metrics = {"epoch": epoch, "steps": steps, **{f"train_{k}": v / steps for k, v in sums.items()},
                    "data_wait_s": waited[0], "train_time_s": time.time() - t0}
+        if on_cuda:  # the run's peak so far: the driver cannot read the worker's allocator
+            metrics["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         # the validation passes hand freed heap pages back as they go (raycell/utils/memory.py)
         val = trimming(ctx.minibatches("val", epoch, train=False))
         # Only rank 0's metrics are reported: the other ranks skip the probe's regressions.
