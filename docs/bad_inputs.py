@@ -665,14 +665,18 @@ def _signal_when_writing(fx: Fixtures, signum: int, name: str):
             time.sleep(0.05)
 
     t = threading.Thread(target=watch, daemon=True)
-    t.start()
     before = _signal.getsignal(_signal.SIGTERM)
+    before_int = _signal.getsignal(_signal.SIGINT)
+    # a process started in the background ignores SIGINT (no KeyboardInterrupt): Ctrl-C as at a terminal
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    t.start()
     try:
         yield
     finally:
         stop.set()
         t.join()
         _signal.signal(_signal.SIGTERM, before)
+        _signal.signal(_signal.SIGINT, before_int)
 
 
 @contextlib.contextmanager

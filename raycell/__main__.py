@@ -120,6 +120,8 @@ TOOLS = {"import-armed": run_import_armed, "segmentation-eval": run_segmentation
 
 def run(argv: list[str] | None = None) -> dict | None:
     """Run one verb; returns its result (for tests and jobs)."""
+    global _started_ray
+    _started_ray = False
     args = build_parser().parse_args(argv)
     if args.command in TOOLS:
         return TOOLS[args.command](args)
@@ -135,8 +137,11 @@ def run(argv: list[str] | None = None) -> dict | None:
         return None
     cfg = preflight(args, cfg)
     if args.command in NEEDS_RAY:
+        import ray
+
         from raycell.utils.ray_utils import init_ray, keep_native_logs_off_terminal
 
+        _started_ray = not ray.is_initialized()  # an interruption stops only a Ray started here
         init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
                  cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose,
                  start_timeout_s=cfg.ray.start_timeout_s)
@@ -260,11 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_started_ray = False  # whether `run` started this process's Ray (not a caller's, e.g. a notebook's)
+
+
 def _stop_ray() -> None:
-    """Stop this process's Ray (a local instance's processes end with it) after an interruption."""
+    """Stop the Ray this command started (a local instance's processes end with it) after an
+    interruption; a Ray the caller had started before (a notebook, a test session) is left running."""
     ray = sys.modules.get("ray")
     try:
-        if ray is not None and ray.is_initialized():
+        if _started_ray and ray is not None and ray.is_initialized():
             ray.shutdown()
     except BaseException:  # noqa: BLE001 - a second Ctrl-C or a dying Ray: exit anyway
         pass

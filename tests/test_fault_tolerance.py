@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycell import constants as K
+from raycell.utils.outputs import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_DEADLINE_S = 270  # the node-loss script takes its cluster down and exits after this
@@ -213,7 +214,7 @@ def test_killed_inference_rerun_predicts_every_cell_once(tmp_path):
     assert {n: after[n] for n in before} == before
     # nothing but results: no staging folder or temporary file of the killed run either
     extra = sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                   if p != shard_dir and p.name != K.PREDICTIONS_MANIFEST
+                   if p != shard_dir and p.name not in (K.PREDICTIONS_MANIFEST, MARKER)
                    and not (p.parent == shard_dir and p.match(K.SHARD_GLOB)))
     assert not extra, (f"left in {out} after the re-run: {extra} (the killed run's staging or "
                        "temporary files; the re-run should remove them)")

@@ -168,7 +168,10 @@ def test_signal_during_synth(tmp_path, sig, status):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     argv = [sys.executable, "-m", "raycell", "synth", "--out", str(out), "--set",
             "synth.n_cells=20000", *SYNTH]
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell that starts the suite in the background ignores SIGINT, and a child inherits that
+    # (Python then installs no KeyboardInterrupt handler): give the child Ctrl-C as a terminal would
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:  # wait until shards are being written
         if any(tmp_path.glob("synth.partial-*/shards/part-*.parquet")):
