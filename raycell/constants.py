@@ -64,3 +64,5 @@ NORMALIZE_MODES = ("global", "crop")
 BASELINE_FEATURES = ("auto", "morph", "crops", "all")  # `eval.baseline_features` (raycell/eval/baseline.py)
 Z_MODES = ("predicted", "balanced", "uniform", "zero")
 PARQUET_READERS = ("v1", "v2")  # `data.parquet_reader`: Ray Data's DataContext.use_datasource_v2 off / on
+# parquet schema metadata key of every prediction shard (what produced it)
+INFER_PROVENANCE = b"raycell.infer"

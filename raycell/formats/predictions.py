@@ -18,7 +18,7 @@ from raycell import constants as K
 from raycell.formats.shards import ShardError
 from raycell.utils.io import read_json
 
-PROVENANCE_KEY = b"raycell.infer"  # parquet schema metadata of every prediction shard
+PROVENANCE_KEY = K.INFER_PROVENANCE  # parquet schema metadata of every prediction shard
 
 
 def load_predictions(pred_dir: str | Path) -> tuple[dict, pa.Table]:

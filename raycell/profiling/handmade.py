@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from raycell import constants as K
-from raycell.profiling.wellprofiles import ProfileError, ProfileTable
+from raycell.profiling.table import ProfileError, ProfileTable
 
 PREFIX = "Cells_Hand_"
 

@@ -12,14 +12,13 @@ separately, which pycytominer's `normalize` does not do by itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from raycell.errors import UserError
 from raycell.profiling import profiles as P
+from raycell.profiling.table import ProfileError, ProfileTable
 
 AGGREGATIONS = ("median", "mean")
 NORMALIZATIONS = ("mad_robustize", "robustize", "standardize", "none")
@@ -27,29 +26,6 @@ SELECTIONS = ("variance_threshold", "correlation_threshold", "drop_na_columns", 
               "drop_outliers")
 FEATURE_SETS = ("embedding", "morph", "all", "handmade", "cpmeasure")
 TREATMENT_KEY = "Metadata_raycell_treatment"
-
-
-class ProfileError(UserError, ValueError):
-    """A profile input or setting that cannot work; the message names the file, column or key."""
-
-
-@dataclass
-class ProfileTable:
-    """Profiles in the CytoTable layout: `frame` holds metadata columns, then `features`."""
-
-    frame: pd.DataFrame
-    features: list[str]
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def meta_columns(self) -> list[str]:
-        """Every column that is not a feature, in order."""
-        feats = set(self.features)
-        return [c for c in self.frame.columns if c not in feats]
-
-    def matrix(self) -> np.ndarray:
-        """The features as a float64 (rows, features) matrix."""
-        return self.frame[self.features].to_numpy(dtype=np.float64)
 
 
 def _pycytominer():

@@ -92,10 +92,8 @@ def _interrupted_infer(folder: Path) -> tuple[str, bool] | None:
         return None
     import pyarrow.parquet as pq
 
-    from raycell.formats.predictions import PROVENANCE_KEY
-
     try:
-        rec = json.loads((pq.read_schema(shards[0]).metadata or {})[PROVENANCE_KEY])
+        rec = json.loads((pq.read_schema(shards[0]).metadata or {})[K.INFER_PROVENANCE])
     except (OSError, KeyError, ValueError, TypeError):
         return None
     layout = (rec.get("producer") or {}).get("layout") if isinstance(rec, dict) else None
