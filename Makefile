@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raycell-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/raycell demo
 
-test: $(STAMP)
+LINTED := raycell tests bench jobs docs
+
+test: lint
 	$(PY) -m pytest -q
+
+# ruff's rules and line lengths are in pyproject.toml; `make format` applies the formatter
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
 # every test that does not start Ray (~1 min); tests/conftest.py fails a test that starts Ray unmarked
 test-fast: $(STAMP)

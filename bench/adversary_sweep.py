@@ -45,12 +45,27 @@ def _latents(ctx, model, spec, n_batches: int, split: str) -> dict[str, np.ndarr
             ps.append(label_prob(out.logits).float().numpy())
             ys.append(mb["y"].numpy())
             bs.append(mb["b"].numpy())
-    return {"z": np.concatenate(zs), "p": np.concatenate(ps), "y": np.concatenate(ys),
-            "b": np.concatenate(bs)}
+    return {
+        "z": np.concatenate(zs),
+        "p": np.concatenate(ps),
+        "y": np.concatenate(ys),
+        "b": np.concatenate(bs),
+    }
 
 
-def one_run(data: Path, work: Path, model: str, objective: str, adv: float, seed: int, epochs: int,
-            crop: int, reads: str = "all", adv_steps: int = 1, extra: tuple[str, ...] = ()) -> dict:
+def one_run(
+    data: Path,
+    work: Path,
+    model: str,
+    objective: str,
+    adv: float,
+    seed: int,
+    epochs: int,
+    crop: int,
+    reads: str = "all",
+    adv_steps: int = 1,
+    extra: tuple[str, ...] = (),
+) -> dict:
     """Train one model in-process and measure its test latents and AUROCs."""
     import torch
     from sklearn.metrics import roc_auc_score
@@ -68,28 +83,52 @@ def one_run(data: Path, work: Path, model: str, objective: str, adv: float, seed
     torch.set_num_threads(1)
     tag = "".join(x.replace("=", "").replace(".", "") for x in extra)
     run = work / f"{model}-{objective}-{reads}-{adv_steps}-{adv:g}-s{seed}{tag}"
-    cfg = load_config(None, [f"data.path={data}", "model.preset=small" if crop >= 64 else "model.preset=tiny",
-                             f"model.type={model}", f"train.epochs={epochs}", f"seed={seed}",
-                             f"loss.adv={adv}", f"loss.adv_objective={objective}", "ray.progress=false",
-                             f"train.runs_dir={run}", "train.torch_threads=1",
-                             f"loss.adv_steps={adv_steps}"]
-                      + ([f"model.args.adversary_reads={reads}"] if model != "conventional" else [])
-                      + list(extra))
+    cfg = load_config(
+        None,
+        [
+            f"data.path={data}",
+            "model.preset=small" if crop >= 64 else "model.preset=tiny",
+            f"model.type={model}",
+            f"train.epochs={epochs}",
+            f"seed={seed}",
+            f"loss.adv={adv}",
+            f"loss.adv_objective={objective}",
+            "ray.progress=false",
+            f"train.runs_dir={run}",
+            "train.torch_threads=1",
+            f"loss.adv_steps={adv_steps}",
+        ]
+        + ([f"model.args.adversary_reads={reads}"] if model != "conventional" else [])
+        + list(extra),
+    )
     setup, ds = training_setup(cfg)
-    col = CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
-                      CategoryMap.from_dict(setup["batches"]))
+    col = CropCollate(
+        DataSpec.from_dict(setup["data_spec"]),
+        CategoryMap.from_dict(setup["labels"]),
+        CategoryMap.from_dict(setup["batches"]),
+    )
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, run)
     t0 = time.perf_counter()
     run_training(ctx, cfg, setup)
     model_nn, _ = load_checkpoint(find_checkpoint(run))
-    res = {"model": model, "objective": objective, "adv": adv, "reads": reads, "adv_steps": adv_steps,
-           "set": list(extra),
-           "seed": seed, "epochs": epochs,
-           "train_s": round(time.perf_counter() - t0, 1), "history_last": ctx.history[-1]}
+    res = {
+        "model": model,
+        "objective": objective,
+        "adv": adv,
+        "reads": reads,
+        "adv_steps": adv_steps,
+        "set": list(extra),
+        "seed": seed,
+        "epochs": epochs,
+        "train_s": round(time.perf_counter() - t0, 1),
+        "history_last": ctx.history[-1],
+    }
     spec, n_b = DataSpec.from_dict(setup["data_spec"]), len(CategoryMap.from_dict(setup["batches"]))
     test = _latents(ctx, model_nn, spec, n_b, "test")
     bt = test["b"]
-    res.update({f"test_{k}": v for k, v in batch_clustering(test["z"], bt).items()})  # z-scores itself
+    res.update(
+        {f"test_{k}": v for k, v in batch_clustering(test["z"], bt).items()}
+    )  # z-scores itself
     probe = batch_probe_accuracy(test["z"], bt, seed=seed)
     res["test_batch_probe"] = probe["batch_probe_acc"]
     res["test_batch_probe_chance"] = probe["chance"]
@@ -105,8 +144,9 @@ def make_data(root: Path, seed: int, n_cells: int, crop: int, effects: str) -> P
 
     out = root / f"data-s{seed}"
     if not (out / "dataset.json").is_file():
-        write_synthetic(str(out), n_cells=n_cells, crop_size=crop, seed=seed, effects=effects,
-                        progress=False)
+        write_synthetic(
+            str(out), n_cells=n_cells, crop_size=crop, seed=seed, effects=effects, progress=False
+        )
         split_dataset(str(out))
     return out
 
@@ -125,14 +165,32 @@ def plot(runs: list[dict], path: Path) -> None:
         for ax, key in zip(axes, ("test_db", "test_batch_probe", "unseen_auroc")):
             m = [np.mean([r[key] for r in rs if r["adv"] == w]) for w in ws]
             s = [np.std([r[key] for r in rs if r["adv"] == w]) for w in ws]
-            ax.errorbar(ws, m, yerr=s, marker="o", color=colour, capsize=3, label=f"adversarial, {objective}")
-    for ax, key, title in zip(axes, ("test_db", "test_batch_probe", "unseen_auroc"),
-                              ("Davies-Bouldin by batch (higher: less batch)",
-                               "batch probe accuracy (lower: less batch)", "phenotype AUROC, unseen batches")):
+            ax.errorbar(
+                ws,
+                m,
+                yerr=s,
+                marker="o",
+                color=colour,
+                capsize=3,
+                label=f"adversarial, {objective}",
+            )
+    for ax, key, title in zip(
+        axes,
+        ("test_db", "test_batch_probe", "unseen_auroc"),
+        (
+            "Davies-Bouldin by batch (higher: less batch)",
+            "batch probe accuracy (lower: less batch)",
+            "phenotype AUROC, unseen batches",
+        ),
+    ):
         ax.axhline(np.mean([r[key] for r in conv]), color="0.3", ls="--", label="conventional")
         if key == "test_batch_probe":
-            ax.axhline(np.mean([r["test_batch_probe_chance"] for r in conv]), color="0.6", ls=":",
-                       label="chance")
+            ax.axhline(
+                np.mean([r["test_batch_probe_chance"] for r in conv]),
+                color="0.6",
+                ls=":",
+                label="chance",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("loss.adv")
         ax.set_title(title, fontsize=9)
@@ -142,14 +200,24 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--weights", default="0.03,0.1,0.3,1,3")
     ap.add_argument("--objectives", default="subtract,confusion")
-    ap.add_argument("--reads", default="all,latent", help="what the adversary reads (model.args.adversary_reads)")
-    ap.add_argument("--adv-steps", default="1", help="adversary updates per main update (loss.adv_steps)")
+    ap.add_argument(
+        "--reads",
+        default="all,latent",
+        help="what the adversary reads (model.args.adversary_reads)",
+    )
+    ap.add_argument(
+        "--adv-steps", default="1", help="adversary updates per main update (loss.adv_steps)"
+    )
     ap.add_argument("--no-conventional", action="store_true")
-    ap.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
+    ap.add_argument(
+        "--set", action="append", default=[], help="extra config overrides for every run"
+    )
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--n-cells", type=int, default=6000)
     ap.add_argument("--crop", type=int, default=32)
@@ -167,17 +235,32 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in a.seeds.split(",")]:
         data = make_data(work, seed, a.n_cells, a.crop, a.effects)
         jobs = ([] if a.no_conventional else [("conventional", "subtract", 0.0, "all", 1)]) + [
-            ("adversarial", o, float(w), rd, int(k)) for rd in a.reads.split(",")
-            for k in a.adv_steps.split(",") for o in a.objectives.split(",") for w in a.weights.split(",")]
+            ("adversarial", o, float(w), rd, int(k))
+            for rd in a.reads.split(",")
+            for k in a.adv_steps.split(",")
+            for o in a.objectives.split(",")
+            for w in a.weights.split(",")
+        ]
         for model, objective, w, rd, k in jobs:
-            r = one_run(data, work, model, objective, w, seed, a.epochs, a.crop, rd, k, tuple(a.set))
+            r = one_run(
+                data, work, model, objective, w, seed, a.epochs, a.crop, rd, k, tuple(a.set)
+            )
             runs.append(r)
-            print(f"seed {seed} {model:12s} {objective:9s} reads={rd} steps={k} adv={w:<5g} DB {r['test_db']:.2f} "
-                  f"CH {r['test_ch']:.1f} probe {r['test_batch_probe']:.2f} (chance "
-                  f"{r['test_batch_probe_chance']:.2f}) test AUROC {r['test_auroc']:.3f} unseen "
-                  f"{r['unseen_auroc']:.3f}", flush=True)
-            (out / "adversary_sweep.json").write_text(json.dumps(
-                {"args": vars(a), "load_avg": os.getloadavg(), "runs": runs}, indent=1, default=float))
+            print(
+                f"seed {seed} {model:12s} {objective:9s} reads={rd} steps={k} adv={w:<5g} DB "
+                f"{r['test_db']:.2f} "
+                f"CH {r['test_ch']:.1f} probe {r['test_batch_probe']:.2f} (chance "
+                f"{r['test_batch_probe_chance']:.2f}) test AUROC {r['test_auroc']:.3f} unseen "
+                f"{r['unseen_auroc']:.3f}",
+                flush=True,
+            )
+            (out / "adversary_sweep.json").write_text(
+                json.dumps(
+                    {"args": vars(a), "load_avg": os.getloadavg(), "runs": runs},
+                    indent=1,
+                    default=float,
+                )
+            )
     plot(runs, out / "adversary_sweep.png")
     print(f"-> {out / 'adversary_sweep.json'}, {out / 'adversary_sweep.png'}")
     return 0

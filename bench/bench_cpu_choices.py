@@ -46,11 +46,20 @@ def bench_readers(data: Path, repeats: int) -> dict:
             read_shards(paths, reader).materialize()
             mat.append(time.perf_counter() - t)
             t = time.perf_counter()
-            n = sum(b.num_rows for b in read_shards(paths, reader).iter_batches(batch_size=256,
-                                                                                 batch_format="pyarrow"))
+            n = sum(
+                b.num_rows
+                for b in read_shards(paths, reader).iter_batches(
+                    batch_size=256, batch_format="pyarrow"
+                )
+            )
             stream.append(time.perf_counter() - t)
-        out[reader] = {"first_materialize_s": mat[0], "materialize_s": statistics.median(mat[1:]),
-                       "first_stream_s": stream[0], "stream_s": statistics.median(stream[1:]), "rows": n}
+        out[reader] = {
+            "first_materialize_s": mat[0],
+            "materialize_s": statistics.median(mat[1:]),
+            "first_stream_s": stream[0],
+            "stream_s": statistics.median(stream[1:]),
+            "rows": n,
+        }
     return out
 
 
@@ -92,12 +101,18 @@ def bench_layouts(repeats: int, batch: int, eval_batch: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cells", type=int, default=6000, help="cells in the synthetic data set (64 px)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--cells", type=int, default=6000, help="cells in the synthetic data set (64 px)"
+    )
     ap.add_argument("--shards", type=int, default=6, help="parquet shards")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
     ap.add_argument("--quick", action="store_true", help="3 repeats")
-    ap.add_argument("--out", help="JSON file or folder (default bench/results/<date>_cpu_choices.json)")
+    ap.add_argument(
+        "--out", help="JSON file or folder (default bench/results/<date>_cpu_choices.json)"
+    )
     args = ap.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
 
@@ -108,31 +123,54 @@ def main(argv: list[str] | None = None) -> int:
     from raycell.utils.ray_utils import init_ray
 
     torch.set_num_threads(os.cpu_count() or 1)
-    result = {"bench": "cpu_choices", "machine": machine(), "cells": args.cells, "shards": args.shards}
+    result = {
+        "bench": "cpu_choices",
+        "machine": machine(),
+        "cells": args.cells,
+        "shards": args.shards,
+    }
     d = ExperimentConfig().data
     result["layouts"] = bench_layouts(repeats, d.batch_size, d.eval_batch_size)
     tmp = Path(tempfile.mkdtemp(prefix="raycell-bench-cpu-"))
     try:
-        write_synthetic(str(tmp / "d"), n_cells=args.cells, crop_size=64,
-                        rows_per_shard=-(-args.cells // args.shards), progress=False)
+        write_synthetic(
+            str(tmp / "d"),
+            n_cells=args.cells,
+            crop_size=64,
+            rows_per_shard=-(-args.cells // args.shards),
+            progress=False,
+        )
         init_ray(progress=False)
         result["readers"] = bench_readers(tmp / "d", repeats)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     r, lay = result["readers"], result["layouts"]
-    print_table(f"Ray Data parquet readers, {args.cells} cells in {args.shards} shards, median of {repeats} "
-                "(first call apart)",
-                ["reader", "materialize s", "stream once s", "first materialize s", "first stream s"],
-                [[k, v["materialize_s"], v["stream_s"], v["first_materialize_s"], v["first_stream_s"]]
-                 for k, v in r.items()])
-    print_table(f"small AEC @ 64 px x 2 ch, {torch.get_num_threads()} threads, median of {repeats}",
-                ["layout", f"train step ms (batch {d.batch_size})", f"inference ms (batch {d.eval_batch_size})"],
-                [[k, v["train_ms"], v["infer_ms"]] for k, v in lay.items()])
+    print_table(
+        f"Ray Data parquet readers, {args.cells} cells in {args.shards} shards, median of {repeats} "
+        "(first call apart)",
+        ["reader", "materialize s", "stream once s", "first materialize s", "first stream s"],
+        [
+            [k, v["materialize_s"], v["stream_s"], v["first_materialize_s"], v["first_stream_s"]]
+            for k, v in r.items()
+        ],
+    )
+    print_table(
+        f"small AEC @ 64 px x 2 ch, {torch.get_num_threads()} threads, median of {repeats}",
+        [
+            "layout",
+            f"train step ms (batch {d.batch_size})",
+            f"inference ms (batch {d.eval_batch_size})",
+        ],
+        [[k, v["train_ms"], v["infer_ms"]] for k, v in lay.items()],
+    )
     result["v2_over_v1"] = {k: r["v2"][k] / r["v1"][k] for k in ("materialize_s", "stream_s")}
-    result["nchw_over_channels_last"] = {k: lay["nchw"][k] / lay["channels_last"][k]
-                                         for k in ("train_ms", "infer_ms")}
-    print(f"\nV2 / V1 time: {result['v2_over_v1']}\nNCHW / channels-last time: "
-          f"{result['nchw_over_channels_last']}")
+    result["nchw_over_channels_last"] = {
+        k: lay["nchw"][k] / lay["channels_last"][k] for k in ("train_ms", "infer_ms")
+    }
+    print(
+        f"\nV2 / V1 time: {result['v2_over_v1']}\nNCHW / channels-last time: "
+        f"{result['nchw_over_channels_last']}"
+    )
     print(f"wrote {write_result(out_path(args.out, 'cpu_choices'), result)}")
     return 0
 

@@ -68,8 +68,14 @@ def make_data(out: Path, size: int, cells: int, unique: int):
         m[K.CELL_ID] = pd.Series([f"{c}-r{rep}" for c in m[K.CELL_ID]], index=m.index)
         w.add(img[:k], m)
         done, rep = done + k, rep + 1
-    w.close(params={"generator": "raycell.data.synthetic", "n_cells": cells, "unique_cells": len(img),
-                    "crop_size": size})
+    w.close(
+        params={
+            "generator": "raycell.data.synthetic",
+            "n_cells": cells,
+            "unique_cells": len(img),
+            "crop_size": size,
+        }
+    )
     split_dataset(str(out))
     return open_dataset(out)
 
@@ -79,8 +85,11 @@ def _collate(ds):
     from raycell.formats.categories import CategoryMap
     from raycell.formats.spec import DataSpec
 
-    return CropCollate(DataSpec.from_dataset(ds), CategoryMap(K.LABEL, ds.manifest["label_vocab"]),
-                       CategoryMap(K.BATCH, ds.manifest["batch_vocab"]))
+    return CropCollate(
+        DataSpec.from_dataset(ds),
+        CategoryMap(K.LABEL, ds.manifest["label_vocab"]),
+        CategoryMap(K.BATCH, ds.manifest["batch_vocab"]),
+    )
 
 
 def measure(setup, epoch_iter, epochs: int, warmup: int) -> dict:
@@ -106,14 +115,29 @@ def measure(setup, epoch_iter, epochs: int, warmup: int) -> dict:
             elif nb > warmup:
                 steady_n += k
     total = time.perf_counter() - t0
-    r = {"cells": n, "batches": nb, "total_s": total, "first_batch_s": first, "epoch_first_batch_s": firsts}
+    r = {
+        "cells": n,
+        "batches": nb,
+        "total_s": total,
+        "first_batch_s": first,
+        "epoch_first_batch_s": firsts,
+    }
     if win is None or steady_n == 0:
-        r.update(steady_cells_per_s=None, cores=None, per_core=None,
-                 note=f"fewer than {warmup + 1} batches: no steady state (use more --cells)")
+        r.update(
+            steady_cells_per_s=None,
+            cores=None,
+            per_core=None,
+            note=f"fewer than {warmup + 1} batches: no steady state (use more --cells)",
+        )
         return r
     win.stop()
-    r.update(steady_cells=steady_n, steady_s=win.wall, steady_cells_per_s=steady_n / win.wall,
-             cores=win.cores, per_core=steady_n / win.wall / max(win.cores, 1e-9))
+    r.update(
+        steady_cells=steady_n,
+        steady_s=win.wall,
+        steady_cells_per_s=steady_n / win.wall,
+        cores=win.cores,
+        per_core=steady_n / win.wall / max(win.cores, 1e-9),
+    )
     return r
 
 
@@ -153,13 +177,16 @@ def bench_npz(ds, batch, epochs, warmup, tmp: Path):
         x, y = loaded["x"], loaded["y"]
         order = np.random.default_rng(e).permutation(len(x))
         for s in range(0, len(x), batch):
-            idx = order[s:s + batch]
+            idx = order[s : s + batch]
             yield {"x": torch.from_numpy(x[idx]), "y": torch.from_numpy(y[idx])}
 
     r = measure(setup, epoch, epochs, warmup)
     per_crop = int(np.prod(ds.shape)) * np.dtype(ds.dtype).itemsize
-    r.update(load_s=loaded["load_s"], ram_gib_per_million=per_crop * 1e6 / 2**30,
-             load_s_per_million=loaded["load_s"] * 1e6 / max(1, len(loaded["y"])))
+    r.update(
+        load_s=loaded["load_s"],
+        ram_gib_per_million=per_crop * 1e6 / 2**30,
+        load_s_per_million=loaded["load_s"] * 1e6 / max(1, len(loaded["y"])),
+    )
     return r
 
 
@@ -196,8 +223,13 @@ def bench_png(ds, batch, epochs, warmup, tmp: Path, workers: int):
     del imgs
 
     def setup():
-        return torch.utils.data.DataLoader(_PngSet(files, labels), batch_size=batch, shuffle=True,
-                                           num_workers=workers, persistent_workers=workers > 0)
+        return torch.utils.data.DataLoader(
+            _PngSet(files, labels),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
 
     r = measure(setup, lambda dl, e: iter(dl), epochs, warmup)
     r["workers"] = workers
@@ -217,26 +249,49 @@ def bench_ray(ds, cfg, epochs, warmup):
     d = cfg.data
 
     def setup():
-        return ray_datasets(ds, (K.TRAIN,), columns=col.columns, block_size_mb=d.block_size_mb,
-                            shuffle_seed=d.shuffle_seed, materialize=held,
-                            parquet_reader=d.parquet_reader)[K.TRAIN]
+        return ray_datasets(
+            ds,
+            (K.TRAIN,),
+            columns=col.columns,
+            block_size_mb=d.block_size_mb,
+            shuffle_seed=d.shuffle_seed,
+            materialize=held,
+            parquet_reader=d.parquet_reader,
+        )[K.TRAIN]
 
-    def epoch(rd, e):  # as a training worker draws them (`data.fetch_batches` at a time, cut locally)
-        return train_batches(rd, d.batch_size, col, d.fetch_batches, d.shuffle_buffer, None, d.prefetch_batches)
+    def epoch(
+        rd, e
+    ):  # as a training worker draws them (`data.fetch_batches` at a time, cut locally)
+        return train_batches(
+            rd, d.batch_size, col, d.fetch_batches, d.shuffle_buffer, None, d.prefetch_batches
+        )
 
     r = measure(setup, epoch, epochs, warmup)
-    r.update(materialized=held, materialize=d.materialize, shuffle_buffer=d.shuffle_buffer,
-             prefetch_batches=d.prefetch_batches, block_size_mb=d.block_size_mb, fetch_batches=d.fetch_batches)
+    r.update(
+        materialized=held,
+        materialize=d.materialize,
+        shuffle_buffer=d.shuffle_buffer,
+        prefetch_batches=d.prefetch_batches,
+        block_size_mb=d.block_size_mb,
+        fetch_batches=d.fetch_batches,
+    )
     return r
 
 
 def ray_warmup(ds, cfg) -> None:
-    """One batch through a Ray Data pipeline over `ds`: starts Ray's worker processes (they import raycell)."""
+    """One batch through a Ray Data pipeline over `ds`: starts Ray's worker processes (they import
+    raycell).
+    """
     from raycell.data.dataset import ray_datasets
 
     col = _collate(ds)
-    rd = ray_datasets(ds, (K.TRAIN,), columns=col.columns, block_size_mb=cfg.data.block_size_mb,
-                      parquet_reader=cfg.data.parquet_reader)[K.TRAIN]
+    rd = ray_datasets(
+        ds,
+        (K.TRAIN,),
+        columns=col.columns,
+        block_size_mb=cfg.data.block_size_mb,
+        parquet_reader=cfg.data.parquet_reader,
+    )[K.TRAIN]
     next(iter(rd.iter_torch_batches(batch_size=cfg.data.batch_size, collate_fn=col)))
 
 
@@ -245,32 +300,62 @@ def ratios(loaders: dict) -> dict:
     out = {}
     for name, r in loaders.items():
         out[name] = {
-            "x_pyarrow": ratio(r.get("steady_cells_per_s"), loaders.get("pyarrow", {}).get("steady_cells_per_s")),
-            "x_png": ratio(r.get("steady_cells_per_s"), loaders.get("png_loader", {}).get("steady_cells_per_s")),
-            "per_core_x_pyarrow": ratio(r.get("per_core"), loaders.get("pyarrow", {}).get("per_core")),
-            "per_core_x_png": ratio(r.get("per_core"), loaders.get("png_loader", {}).get("per_core")),
-            "first_batch_x_pyarrow": ratio(r.get("first_batch_s"), loaders.get("pyarrow", {}).get("first_batch_s")),
+            "x_pyarrow": ratio(
+                r.get("steady_cells_per_s"), loaders.get("pyarrow", {}).get("steady_cells_per_s")
+            ),
+            "x_png": ratio(
+                r.get("steady_cells_per_s"), loaders.get("png_loader", {}).get("steady_cells_per_s")
+            ),
+            "per_core_x_pyarrow": ratio(
+                r.get("per_core"), loaders.get("pyarrow", {}).get("per_core")
+            ),
+            "per_core_x_png": ratio(
+                r.get("per_core"), loaders.get("png_loader", {}).get("per_core")
+            ),
+            "first_batch_x_pyarrow": ratio(
+                r.get("first_batch_s"), loaders.get("pyarrow", {}).get("first_batch_s")
+            ),
         }
     return out
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", default="64,256", help="comma-separated crop sizes (px)")
-    ap.add_argument("--cells", type=int, default=0,
-                    help="cells per data set (0 = 24000 at 64 px, 3000 at 256 px; --quick: 8000 / 1200)")
-    ap.add_argument("--unique", type=int, default=0, help="generated cells, repeated up to --cells (0 = auto)")
+    ap.add_argument(
+        "--cells",
+        type=int,
+        default=0,
+        help="cells per data set (0 = 24000 at 64 px, 3000 at 256 px; --quick: 8000 / 1200)",
+    )
+    ap.add_argument(
+        "--unique", type=int, default=0, help="generated cells, repeated up to --cells (0 = auto)"
+    )
     ap.add_argument("--epochs", type=int, default=0, help="epochs per loader (0 = 3; --quick: 2)")
     ap.add_argument("--warmup", type=int, default=3, help="batches before the steady-state window")
-    ap.add_argument("--batch-size", type=int, default=0, help="rows per batch (0 = data.batch_size)")
-    ap.add_argument("--materialize", default="auto,never",
-                    help="data.materialize values of the Ray Data rows (auto = ray_data, the goal's row; "
-                         "never = ray_data_stream; always = ray_data_held)")
+    ap.add_argument(
+        "--batch-size", type=int, default=0, help="rows per batch (0 = data.batch_size)"
+    )
+    ap.add_argument(
+        "--materialize",
+        default="auto,never",
+        help="data.materialize values of the Ray Data rows (auto = ray_data, the goal's row; "
+        "never = ray_data_stream; always = ray_data_held)",
+    )
     ap.add_argument("--png-workers", type=int, default=0, help="DataLoader workers (0 = cores)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override (repeatable), e.g. data.parquet_reader=v2")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (repeatable), e.g. data.parquet_reader=v2",
+    )
     ap.add_argument("--quick", action="store_true", help="smaller data sets, 2 epochs")
-    ap.add_argument("--out", help="JSON file, or folder for <date>_dataloader.json (default bench/results)")
+    ap.add_argument(
+        "--out", help="JSON file, or folder for <date>_dataloader.json (default bench/results)"
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -293,21 +378,43 @@ def main(argv=None):
     batch = cfg.data.batch_size
     workers = args.png_workers or os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="raycell-bench-dl-"))
-    res = {"bench": "dataloader", "machine": mach, "quick": args.quick, "epochs": epochs, "batch": batch,
-           "warmup_batches": args.warmup, "sizes": {}}
+    res = {
+        "bench": "dataloader",
+        "machine": mach,
+        "quick": args.quick,
+        "epochs": epochs,
+        "batch": batch,
+        "warmup_batches": args.warmup,
+        "sizes": {},
+    }
     try:
         data = {}
         for size in sizes:
-            cells = args.cells or ({True: 8000, False: 24000} if size <= 96 else {True: 1200, False: 3000})[args.quick]
+            cells = (
+                args.cells
+                or ({True: 8000, False: 24000} if size <= 96 else {True: 1200, False: 3000})[
+                    args.quick
+                ]
+            )
             unique = args.unique or (2000 if size <= 96 else 150)
             t = time.perf_counter()
             data[size] = make_data(tmp / f"d{size}", size, cells, unique)
             n_train = data[size].manifest["counts_per_split"][K.TRAIN]
-            print(f"[bench] {size} px: {cells} cells ({n_train} train) written in {time.perf_counter() - t:.1f} s",
-                  flush=True)
-            res["sizes"][str(size)] = {"cells": cells, "train_cells": n_train, "shape": list(data[size].shape),
-                                       "shards": len(data[size].shard_paths), "loaders": {}}
-        for size in sizes:  # the Ray-free loaders first: Ray's idle processes would count against them
+            print(
+                f"[bench] {size} px: {cells} cells ({n_train} train) written in "
+                f"{time.perf_counter() - t:.1f} s",
+                flush=True,
+            )
+            res["sizes"][str(size)] = {
+                "cells": cells,
+                "train_cells": n_train,
+                "shape": list(data[size].shape),
+                "shards": len(data[size].shard_paths),
+                "loaders": {},
+            }
+        for (
+            size
+        ) in sizes:  # the Ray-free loaders first: Ray's idle processes would count against them
             ds, L = data[size], res["sizes"][str(size)]["loaders"]
             print(f"[bench] {size} px: pyarrow", flush=True)
             L["pyarrow"] = bench_pyarrow(ds, batch, epochs, args.warmup)
@@ -329,8 +436,9 @@ def main(argv=None):
             for mode in modes:
                 print(f"[bench] {size} px: Ray Data (data.materialize={mode})", flush=True)
                 cfg.data.materialize = mode
-                res["sizes"][str(size)]["loaders"][RAY_ROWS[mode]] = bench_ray(data[size], cfg, epochs,
-                                                                              args.warmup)
+                res["sizes"][str(size)]["loaders"][RAY_ROWS[mode]] = bench_ray(
+                    data[size], cfg, epochs, args.warmup
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -341,18 +449,42 @@ def main(argv=None):
         s["ratios"] = ratios(s["loaders"])
         for name, r in s["loaders"].items():
             q = s["ratios"][name]
-            rows.append([f"{name} @ {size}px", r.get("first_batch_s"), r.get("steady_cells_per_s"), r.get("cores"),
-                         r.get("per_core"), q["x_pyarrow"], q["per_core_x_pyarrow"], q["x_png"]])
+            rows.append(
+                [
+                    f"{name} @ {size}px",
+                    r.get("first_batch_s"),
+                    r.get("steady_cells_per_s"),
+                    r.get("cores"),
+                    r.get("per_core"),
+                    q["x_pyarrow"],
+                    q["per_core_x_pyarrow"],
+                    q["x_png"],
+                ]
+            )
     res["table"] = print_table(
         f"training batches of {batch} (steady state after {args.warmup} batches, {epochs} epochs), "
         f"{mach['cores']} cores, load average {mach['load_average'][0]} at start",
-        ["loader", "1st batch s", "img/s", "cores", "img/s/core", "x pyarrow", "x pyarrow/core", "x PNG"], rows)
+        [
+            "loader",
+            "1st batch s",
+            "img/s",
+            "cores",
+            "img/s/core",
+            "x pyarrow",
+            "x pyarrow/core",
+            "x PNG",
+        ],
+        rows,
+    )
     for size in sizes:
         npz = res["sizes"][str(size)]["loaders"].get("npz_memory", {})
         if "load_s" in npz:
-            print(f"npz @ {size}px: {npz['load_s']:.2f} s to load {res['sizes'][str(size)]['train_cells']} crops "
-                  f"({npz['load_s_per_million']:.0f} s per million); 1 M crops need "
-                  f"{npz['ram_gib_per_million']:.1f} GiB of RAM")
+            print(
+                f"npz @ {size}px: {npz['load_s']:.2f} s to load "
+                f"{res['sizes'][str(size)]['train_cells']} crops "
+                f"({npz['load_s_per_million']:.0f} s per million); 1 M crops need "
+                f"{npz['ram_gib_per_million']:.1f} GiB of RAM"
+            )
     write_result(out_path(args.out, "dataloader"), res)
 
 

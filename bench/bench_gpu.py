@@ -67,6 +67,7 @@ _TIMING: dict = {}  # warmup / windows / min_steps / window_s, set once from the
 
 def model_cases(quick: bool) -> list[dict]:
     """The models measured; --quick uses 32 px and batches / 128 so a busy CPU gets through them."""
+
     def b(n: int) -> int:
         return max(2, n // 128) if quick else n
 
@@ -94,14 +95,23 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step, device, warmup: int, windows: int, min_steps: int, window_s: float,
-          deadline: float | None = None, max_steps: int = 1000) -> dict:
+def timed(
+    step,
+    device,
+    warmup: int,
+    windows: int,
+    min_steps: int,
+    window_s: float,
+    deadline: float | None = None,
+    max_steps: int = 1000,
+) -> dict:
     """Warm up, then time `windows` windows of steps; milliseconds per step from the median window.
 
     With `window_s` > 0 a window runs enough steps to last about that long (at least `min_steps`),
     sized from one step timed after the warm-up, so 3 ms and 100 ms steps get comparable windows.
     Past `deadline` (time.monotonic()) the warm-up and the windows stop early, after one window.
     """
+
     def late() -> bool:
         return deadline is not None and time.monotonic() > deadline
 
@@ -133,9 +143,13 @@ def timed(step, device, warmup: int, windows: int, min_steps: int, window_s: flo
         _sync(device)
         ws.append(time.perf_counter() - t)
     med = statistics.median(ws)
-    return {"first_step_s": round(first, 4), "steps_per_window": n,
-            "windows_s": [round(w, 5) for w in ws], "step_ms": 1000.0 * med / n,
-            "cut_short": len(ws) < max(windows, 1)}
+    return {
+        "first_step_s": round(first, 4),
+        "steps_per_window": n,
+        "windows_s": [round(w, 5) for w in ws],
+        "step_ms": 1000.0 * med / n,
+        "cut_short": len(ws) < max(windows, 1),
+    }
 
 
 def _run(step, dev, batch: int) -> dict:
@@ -157,9 +171,14 @@ class Bench:
         self.deadline = self.t0 + args.budget_s
         self.out = Path(args.out)
         self.res: dict = {
-            "bench": "gpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": "python bench/bench_gpu.py " + " ".join(argv), "args": vars(args),
-            "budget_s": args.budget_s, "sections": {}, "section_seconds": {}, "skipped": [],
+            "bench": "gpu",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": "python bench/bench_gpu.py " + " ".join(argv),
+            "args": vars(args),
+            "budget_s": args.budget_s,
+            "sections": {},
+            "section_seconds": {},
+            "skipped": [],
             "errors": [],
         }
 
@@ -175,8 +194,10 @@ class Bench:
         """True, with the skip recorded and printed, when fewer than `need` seconds are left."""
         if self.left() >= need:
             return False
-        msg = (f"{what}: skipped, time budget spent (--budget-s {self.args.budget_s:g}, "
-               f"{self.elapsed():.0f} s elapsed)")
+        msg = (
+            f"{what}: skipped, time budget spent (--budget-s {self.args.budget_s:g}, "
+            f"{self.elapsed():.0f} s elapsed)"
+        )
         self.res["skipped"].append(msg)
         print(f"  SKIP {msg}")
         return True
@@ -246,10 +267,16 @@ def env_section(bench: Bench) -> None:
 
     dev = bench.device
     info: dict = {
-        "python": platform.python_version(), "platform": platform.platform(),
-        "cpu_count": os.cpu_count(), "cpus_usable": _cores(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
-        "numpy": numpy.__version__, "pyarrow": pyarrow.__version__, "device": str(dev),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": _cores(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "numpy": numpy.__version__,
+        "pyarrow": pyarrow.__version__,
+        "device": str(dev),
         "ray_installed": importlib.util.find_spec("ray") is not None,
     }
     try:
@@ -260,28 +287,47 @@ def env_section(bench: Bench) -> None:
         info["timm"] = f"missing: {exc}"
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
-        info.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1),
-                    gpu_sms=p.multi_processor_count, gpu_capability=f"{p.major}.{p.minor}",
-                    cudnn=torch.backends.cudnn.version(),
-                    cudnn_benchmark=torch.backends.cudnn.benchmark)
+        info.update(
+            gpu=p.name,
+            gpu_mem_gib=round(p.total_memory / 2**30, 1),
+            gpu_sms=p.multi_processor_count,
+            gpu_capability=f"{p.major}.{p.minor}",
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+        )
         with warnings.catch_warnings():  # newer torch versions deprecate the TF32 flags
             warnings.simplefilter("ignore")
-            info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                            "cudnn": torch.backends.cudnn.allow_tf32,
-                            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+            info["tf32"] = {
+                "matmul": torch.backends.cuda.matmul.allow_tf32,
+                "cudnn": torch.backends.cudnn.allow_tf32,
+                "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            }
     had_ray = "ray" in sys.modules
     try:
         import raycell.models  # noqa: F401
 
         info["raycell_models_imports_ray"] = "ray" in sys.modules and not had_ray
     except ImportError as exc:  # Ray is absent and a raycell module asked for it: say which
-        frames = [f"{Path(f.filename).name}:{f.lineno}"
-                  for f in traceback.extract_tb(exc.__traceback__) if "raycell" in f.filename]
+        frames = [
+            f"{Path(f.filename).name}:{f.lineno}"
+            for f in traceback.extract_tb(exc.__traceback__)
+            if "raycell" in f.filename
+        ]
         info["raycell_models_imports_ray"] = f"import failed: {exc} (via {' -> '.join(frames)})"
         bench.res["errors"].append(f"env: import raycell.models failed: {exc}")
     bench.res["sections"]["env"] = info
-    for k in ("gpu", "gpu_mem_gib", "torch", "cuda", "cudnn", "timm", "python", "cpus_usable",
-              "torch_threads", "raycell_models_imports_ray"):
+    for k in (
+        "gpu",
+        "gpu_mem_gib",
+        "torch",
+        "cuda",
+        "cudnn",
+        "timm",
+        "python",
+        "cpus_usable",
+        "torch_threads",
+        "raycell_models_imports_ray",
+    ):
         if k in info:
             print(f"  {k:<28}{info[k]}")
 
@@ -310,16 +356,30 @@ def write_shards(out: Path, cells: int, unique: int, size: int, rows_per_shard: 
         m[K.CELL_ID] = pd.Series([f"{c}-r{rep}" for c in m[K.CELL_ID]], index=m.index)
         w.add(img[:k], m)
         done, rep = done + k, rep + 1
-    w.close(params={"generator": "raycell.data.synthetic", "n_cells": cells,
-                    "unique_cells": unique, "crop_size": size})
+    w.close(
+        params={
+            "generator": "raycell.data.synthetic",
+            "n_cells": cells,
+            "unique_cells": unique,
+            "crop_size": size,
+        }
+    )
     ds = open_dataset(out)
     nbytes = sum(os.path.getsize(p) for p in ds.shard_paths)
-    return {"path": str(out), "cells": cells, "unique_cells": unique,
-            "shards": len(ds.shard_paths), "rows_per_shard": rows_per_shard,
-            "shard_mib": round(nbytes / 2**20, 1), "generate_s": round(t_gen, 2),
-            "write_s": round(time.perf_counter() - t - t_gen, 2), "shape": list(ds.shape),
-            "dtype": ds.dtype, "label_vocab": ds.manifest["label_vocab"],
-            "batch_vocab": ds.manifest["batch_vocab"]}
+    return {
+        "path": str(out),
+        "cells": cells,
+        "unique_cells": unique,
+        "shards": len(ds.shard_paths),
+        "rows_per_shard": rows_per_shard,
+        "shard_mib": round(nbytes / 2**20, 1),
+        "generate_s": round(t_gen, 2),
+        "write_s": round(time.perf_counter() - t - t_gen, 2),
+        "shape": list(ds.shape),
+        "dtype": ds.dtype,
+        "label_vocab": ds.manifest["label_vocab"],
+        "batch_vocab": ds.manifest["batch_vocab"],
+    }
 
 
 def read_decode(task: tuple) -> tuple[int, float, float, float]:
@@ -380,11 +440,18 @@ def _pool_run(ctx, n: int, paths: list[str], base: tuple, tasks: int) -> dict:
         out = list(pool.imap_unordered(read_decode, work, chunksize=1))
         wall = time.perf_counter() - t
     imgs = sum(o[0] for o in out)
-    return {"images": imgs, "tasks": tasks, "wall_s": round(wall, 3), "images_per_s": imgs / wall,
-            "per_process_images_per_s": imgs / wall / n, "pool_start_s": round(start_s, 2),
-            "workers_warmed": len(pids), "read_s": round(sum(o[1] for o in out), 3),
-            "collate_s": round(sum(o[2] for o in out), 3),
-            "to_float_s": round(sum(o[3] for o in out), 3)}
+    return {
+        "images": imgs,
+        "tasks": tasks,
+        "wall_s": round(wall, 3),
+        "images_per_s": imgs / wall,
+        "per_process_images_per_s": imgs / wall / n,
+        "pool_start_s": round(start_s, 2),
+        "workers_warmed": len(pids),
+        "read_s": round(sum(o[1] for o in out), 3),
+        "collate_s": round(sum(o[2] for o in out), 3),
+        "to_float_s": round(sum(o[3] for o in out), 3),
+    }
 
 
 def _print_data(label: str, r: dict) -> None:
@@ -393,8 +460,10 @@ def _print_data(label: str, r: dict) -> None:
         return
     parts = (r["read_s"], r["collate_s"], r["to_float_s"])
     tot = sum(parts) or 1.0
-    print(f"  {label:<32} {r['images_per_s']:>12,.0f} img/s  (read {parts[0] / tot:.0%}, "
-          f"collate {parts[1] / tot:.0%}, to_float {parts[2] / tot:.0%} of the work)")
+    print(
+        f"  {label:<32} {r['images_per_s']:>12,.0f} img/s  (read {parts[0] / tot:.0%}, "
+        f"collate {parts[1] / tot:.0%}, to_float {parts[2] / tot:.0%} of the work)"
+    )
 
 
 def data_section(bench: Bench) -> None:
@@ -407,16 +476,29 @@ def data_section(bench: Bench) -> None:
 
     if a.data:
         ds = open_dataset(a.data)
-        info = {"status": "ok", "path": str(ds.root), "cells": ds.manifest.get("n_cells"),
-                "shards": len(ds.shard_paths), "shape": list(ds.shape), "dtype": ds.dtype,
-                "label_vocab": ds.manifest["label_vocab"],
-                "batch_vocab": ds.manifest["batch_vocab"]}
+        info = {
+            "status": "ok",
+            "path": str(ds.root),
+            "cells": ds.manifest.get("n_cells"),
+            "shards": len(ds.shard_paths),
+            "shape": list(ds.shape),
+            "dtype": ds.dtype,
+            "label_vocab": ds.manifest["label_vocab"],
+            "batch_vocab": ds.manifest["batch_vocab"],
+        }
     elif bench.out_of_time("data", 10):
         return
     else:
         tmp = Path(tempfile.mkdtemp(prefix="raycell-bench-gpu-"))
-        info = bench.guarded("data.write", write_shards, tmp / "crops", a.cells, a.unique_cells,
-                             32 if a.quick else 64, a.rows_per_shard)
+        info = bench.guarded(
+            "data.write",
+            write_shards,
+            tmp / "crops",
+            a.cells,
+            a.unique_cells,
+            32 if a.quick else 64,
+            a.rows_per_shard,
+        )
     sec["dataset"] = info
     sec["ray_imported"] = "ray" in sys.modules
     print(f"  data set: {json.dumps({k: v for k, v in info.items() if 'vocab' not in k})}")
@@ -425,8 +507,13 @@ def data_section(bench: Bench) -> None:
     try:
         paths = open_dataset(info["path"]).shard_paths
         rows = math.ceil((info["cells"] or 1) / len(paths))
-        base = (a.data_batch, tuple(info["shape"]), info["dtype"], tuple(info["label_vocab"]),
-                tuple(info["batch_vocab"]))
+        base = (
+            a.data_batch,
+            tuple(info["shape"]),
+            info["dtype"],
+            tuple(info["label_vocab"]),
+            tuple(info["batch_vocab"]),
+        )
 
         def in_process() -> dict:
             # passes over all shards until `data_s` seconds have gone by (at least one)
@@ -439,8 +526,14 @@ def data_section(bench: Bench) -> None:
                 if time.perf_counter() - t >= a.data_s:
                     break
             wall = time.perf_counter() - t
-            return {"images": int(n), "wall_s": round(wall, 3), "images_per_s": n / wall,
-                    "read_s": round(rd, 3), "collate_s": round(co, 3), "to_float_s": round(fl, 3)}
+            return {
+                "images": int(n),
+                "wall_s": round(wall, 3),
+                "images_per_s": n / wall,
+                "read_s": round(rd, 3),
+                "collate_s": round(co, 3),
+                "to_float_s": round(fl, 3),
+            }
 
         import torch
 
@@ -455,16 +548,19 @@ def data_section(bench: Bench) -> None:
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or Arrow threads
         for n in a.procs:
             if n > _cores():
-                sec["procs"].append({"procs": n, "status": "skipped",
-                                     "reason": f"only {_cores()} cores"})
+                sec["procs"].append(
+                    {"procs": n, "status": "skipped", "reason": f"only {_cores()} cores"}
+                )
                 continue
             if bench.out_of_time(f"data.procs={n}", 8):
                 sec["procs"].append({"procs": n, "status": "skipped", "reason": "time budget"})
                 continue
             # enough shard reads for about data_s seconds at the last single-process rate
             tasks = min(4000, max(2 * n, len(paths), math.ceil(a.data_s * n * rate / rows)))
-            r = {"procs": n, **bench.guarded(f"data.procs={n}", _pool_run, ctx, n, paths, base,
-                                             tasks)}
+            r = {
+                "procs": n,
+                **bench.guarded(f"data.procs={n}", _pool_run, ctx, n, paths, base, tasks),
+            }
             if n == 1 and r["status"] == "ok":
                 rate = r["images_per_s"]
             sec["procs"].append(r)
@@ -492,7 +588,7 @@ def h2d_section(bench: Bench) -> None:
     cuda = dev.type == "cuda"
     for batch in a.h2d_batches:
         for dtype in ("uint8", "float32"):
-            for pinned in ((True, False) if cuda else (False,)):
+            for pinned in (True, False) if cuda else (False,):
                 what = f"h2d {dtype} batch {batch} {'pinned' if pinned else 'pageable'}"
                 if bench.out_of_time(what, 1):
                     continue
@@ -505,16 +601,25 @@ def h2d_section(bench: Bench) -> None:
                     step = (lambda: src.to(dev, non_blocking=pinned)) if cuda else src.clone
                     r = timed(step, dev, **_TIMING)
                     mb = src.numel() * src.element_size() / 1e6
-                    return {**r, "images_per_s": batch / (r["step_ms"] / 1000),
-                            "gb_per_s": mb / r["step_ms"], "mb_per_batch": round(mb, 3)}
+                    return {
+                        **r,
+                        "images_per_s": batch / (r["step_ms"] / 1000),
+                        "gb_per_s": mb / r["step_ms"],
+                        "mb_per_batch": round(mb, 3),
+                    }
 
-                r = {"batch": batch, "dtype": dtype, "pinned": pinned,
-                     "copy": "host->device" if cuda else "host->host (no device)",
-                     **bench.guarded(what, run)}
+                r = {
+                    "batch": batch,
+                    "dtype": dtype,
+                    "pinned": pinned,
+                    "copy": "host->device" if cuda else "host->host (no device)",
+                    **bench.guarded(what, run),
+                }
                 rows.append(r)
                 if r["status"] == "ok":
-                    print(f"  {what:<40} {r['images_per_s']:>14,.0f} img/s "
-                          f"{r['gb_per_s']:>8.2f} GB/s")
+                    print(
+                        f"  {what:<40} {r['images_per_s']:>14,.0f} img/s {r['gb_per_s']:>8.2f} GB/s"
+                    )
                 bench.save()
 
 
@@ -540,8 +645,14 @@ def aec_case(dev, model_type: str, size: int, batch: int, precision: str, mode: 
     cl = precision == "bf16_cl"
     torch.manual_seed(0)
     # the loop's model_kwargs() for a 2-channel, 2-label, 8-batch data set (its module imports Ray)
-    model = create_model(model_type, in_channels=CHANNELS, n_classes=AEC_CLASSES,
-                         n_batches=AEC_BATCHES, preset="small", image_size=size).to(dev)
+    model = create_model(
+        model_type,
+        in_channels=CHANNELS,
+        n_classes=AEC_CLASSES,
+        n_batches=AEC_BATCHES,
+        preset="small",
+        image_size=size,
+    ).to(dev)
     if cl:
         model = model.to(memory_format=torch.channels_last)
     spec = DataSpec(("nucleus", "cytoplasm"), (CHANNELS, size, size), "uint8")
@@ -582,8 +693,9 @@ def timm_case(dev, name: str, size: int, batch: int, precision: str, mode: str) 
     bf16 = precision != "fp32" and dev.type == "cuda"
     cl = precision == "bf16_cl"
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, in_chans=CHANNELS,
-                              num_classes=TIMM_CLASSES).to(dev)
+    model = timm.create_model(
+        name, pretrained=False, in_chans=CHANNELS, num_classes=TIMM_CLASSES
+    ).to(dev)
     x = torch.randn(batch, CHANNELS, size, size, device=dev)
     if cl:
         model = model.to(memory_format=torch.channels_last)
@@ -616,8 +728,10 @@ def _print_model(r: dict) -> None:
     ms = f"{r['step_ms']:>9.2f}" if ok else f"{'-':>9}"
     mem = f"{r['peak_mem_gib']:>7.2f}" if ok and "peak_mem_gib" in r else f"{'-':>7}"
     status = "ok" if ok else f"{r.get('status')}: {r.get('error', r.get('reason', ''))}"
-    print(f"  {r['model']:<14}{r['size']:>5}{r['batch']:>6} {r['precision']:<9}{r['mode']:<13}"
-          f"{ips}{ms}{mem}  {status}")
+    print(
+        f"  {r['model']:<14}{r['size']:>5}{r['batch']:>6} {r['precision']:<9}{r['mode']:<13}"
+        f"{ips}{ms}{mem}  {status}"
+    )
 
 
 def models_section(bench: Bench) -> None:
@@ -626,8 +740,10 @@ def models_section(bench: Bench) -> None:
     rows: list = []
     bench.res["sections"]["models"] = rows
     cases = [c for c in model_cases(a.quick) if not a.models or c["model"] in a.models]
-    print(f"  {'model':<14}{'px':>5}{'batch':>6} {'precision':<9}{'mode':<13}{'img/s':>12}"
-          f"{'ms/step':>9}{'GiB':>7}  status")
+    print(
+        f"  {'model':<14}{'px':>5}{'batch':>6} {'precision':<9}{'mode':<13}{'img/s':>12}"
+        f"{'ms/step':>9}{'GiB':>7}  status"
+    )
     for c in cases:
         for prec in a.precisions:
             modes = ["train", "infer"]
@@ -640,8 +756,9 @@ def models_section(bench: Bench) -> None:
                     rows.append({**row, "status": "skipped", "reason": "time budget"})
                     continue
                 fn = aec_case if c["kind"] == "aec" else timm_case
-                row.update(bench.guarded(what, fn, dev, c["model"], c["size"], c["batch"], prec,
-                                         mode))
+                row.update(
+                    bench.guarded(what, fn, dev, c["model"], c["size"], c["batch"], prec, mode)
+                )
                 rows.append(row)
                 _print_model(row)
                 bench.save()
@@ -657,8 +774,12 @@ def _compile_batch(quick: bool) -> int:
 def compile_section(bench: Bench) -> None:
     """torch.compile of resnet50 bf16 + channels_last in a child process, killed at the limit."""
     a = bench.args
-    sec: dict = {"model": "resnet50", "size": a.compile_size, "batch": _compile_batch(a.quick),
-                 "precision": "bf16_cl"}
+    sec: dict = {
+        "model": "resnet50",
+        "size": a.compile_size,
+        "batch": _compile_batch(a.quick),
+        "precision": "bf16_cl",
+    }
     bench.res["sections"]["compile"] = sec
     if a.no_compile:
         sec.update(status="skipped", reason="--no-compile")
@@ -672,10 +793,25 @@ def compile_section(bench: Bench) -> None:
         return
     child_dir = Path(tempfile.mkdtemp(prefix="raycell-bench-compile-"))
     child_out = child_dir / "compile.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_compile-child",
-           "--out", str(child_out), "--device", str(bench.device),
-           "--compile-size", str(a.compile_size), "--steps", str(a.steps),
-           "--windows", str(a.windows), "--warmup", str(a.warmup), "--window-s", str(a.window_s)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_compile-child",
+        "--out",
+        str(child_out),
+        "--device",
+        str(bench.device),
+        "--compile-size",
+        str(a.compile_size),
+        "--steps",
+        str(a.steps),
+        "--windows",
+        str(a.windows),
+        "--warmup",
+        str(a.warmup),
+        "--window-s",
+        str(a.window_s),
+    ]
     cmd += ["--quick"] if a.quick else []
     cmd += [] if a.cudnn_benchmark else ["--no-cudnn-benchmark"]
     print(f"  child process, limit {limit:.0f} s")
@@ -698,8 +834,10 @@ def compile_section(bench: Bench) -> None:
     for mode in ("train", "infer"):
         r = sec.get(mode)
         if isinstance(r, dict) and r.get("status") == "ok":
-            print(f"  compiled {mode:<6} compile {r['compile_s']:.1f} s, "
-                  f"{r['images_per_s']:>12,.0f} img/s")
+            print(
+                f"  compiled {mode:<6} compile {r['compile_s']:.1f} s, "
+                f"{r['images_per_s']:>12,.0f} img/s"
+            )
         elif r is not None:
             print(f"  compiled {mode:<6} {r.get('status')}: {r.get('error', '')}")
 
@@ -717,8 +855,11 @@ def compile_child(args: argparse.Namespace) -> None:
     batch, size = _compile_batch(args.quick), args.compile_size
     bf16 = dev.type == "cuda"
     torch.manual_seed(0)
-    model = timm.create_model("resnet50", pretrained=False, in_chans=CHANNELS,
-                              num_classes=TIMM_CLASSES).to(dev).to(memory_format=torch.channels_last)
+    model = (
+        timm.create_model("resnet50", pretrained=False, in_chans=CHANNELS, num_classes=TIMM_CLASSES)
+        .to(dev)
+        .to(memory_format=torch.channels_last)
+    )
     x = torch.randn(batch, CHANNELS, size, size, device=dev)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, TIMM_CLASSES, (batch,), device=dev)
@@ -751,9 +892,12 @@ def compile_child(args: argparse.Namespace) -> None:
             if dev.type == "cuda":
                 out[mode]["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)
         except Exception as exc:  # noqa: BLE001 - record it and try the other mode
-            out[mode] = {**out.get(mode, {}), "status": "error",
-                         "error": f"{type(exc).__name__}: {exc}"[:500],
-                         "traceback": traceback.format_exc()[-3000:]}
+            out[mode] = {
+                **out.get(mode, {}),
+                "status": "error",
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+                "traceback": traceback.format_exc()[-3000:],
+            }
         path.write_text(json.dumps(out, indent=2))
         shown = {k: v for k, v in out[mode].items() if k != "traceback"}
         print(f"  [compile child] {mode}: {json.dumps(shown)}", flush=True)
@@ -768,8 +912,11 @@ def summary(bench: Bench) -> None:
     procs = [p for p in secs.get("data", {}).get("procs", []) if p.get("status") == "ok"]
     one = next((p for p in procs if p["procs"] == 1), None)
     best = max(procs, key=lambda p: p["images_per_s"], default=None)
-    h2d = [r["images_per_s"] for r in secs.get("h2d", [])
-           if r.get("status") == "ok" and r["dtype"] == "uint8"]
+    h2d = [
+        r["images_per_s"]
+        for r in secs.get("h2d", [])
+        if r.get("status") == "ok" and r["dtype"] == "uint8"
+    ]
     h2d_best = max(h2d, default=None)
     rows = []
     for r in secs.get("models", []):
@@ -783,18 +930,21 @@ def summary(bench: Bench) -> None:
         rows.append(row)
     bench.res["summary"] = {
         "data_images_per_s_1proc": one and one["images_per_s"],
-        "data_images_per_s_best": best and {"procs": best["procs"],
-                                            "images_per_s": best["images_per_s"]},
-        "h2d_uint8_images_per_s_best": h2d_best, "models": rows,
+        "data_images_per_s_best": best
+        and {"procs": best["procs"], "images_per_s": best["images_per_s"]},
+        "h2d_uint8_images_per_s_best": h2d_best,
+        "models": rows,
         "note": "data_procs_needed = model images/s / images/s of one single-threaded "
-                "read + collate + to_float process on page-cached shards; more than the cores "
-                "means the host cannot feed the GPU this way",
+        "read + collate + to_float process on page-cached shards; more than the cores "
+        "means the host cannot feed the GPU this way",
     }
     print(f"\n== summary (elapsed {bench.elapsed():.1f} s)")
     if one and best:
         h2d_text = "-" if h2d_best is None else f"{h2d_best:,.0f}"
-        print(f"  data path: 1 process {one['images_per_s']:,.0f} img/s, best {best['procs']} "
-              f"processes {best['images_per_s']:,.0f} img/s; h2d uint8 best {h2d_text} img/s")
+        print(
+            f"  data path: 1 process {one['images_per_s']:,.0f} img/s, best {best['procs']} "
+            f"processes {best['images_per_s']:,.0f} img/s; h2d uint8 best {h2d_text} img/s"
+        )
     print(f"  {'model step':<44}{'img/s':>12}{'data procs':>12}")
     for r in rows:
         name = f"{r['model']}@{r['size']} b{r['batch']} {r['precision']} {r['mode']}"
@@ -819,55 +969,101 @@ def _names(s: str) -> list[str]:
 
 
 # argument: (normal default, --quick default), for those left unset on the command line
-_DEFAULTS = {"steps": (10, 2), "warmup": (5, 1), "windows": (3, 1), "window_s": (0.5, 0.0),
-             "cells": (20000, 512), "unique_cells": (4000, 256), "rows_per_shard": (1000, 128),
-             "data_s": (2.0, 0.0), "h2d_batches": ([256, 4096], [4]), "compile_size": (64, 32)}
+_DEFAULTS = {
+    "steps": (10, 2),
+    "warmup": (5, 1),
+    "windows": (3, 1),
+    "window_s": (0.5, 0.0),
+    "cells": (20000, 512),
+    "unique_cells": (4000, 256),
+    "rows_per_shard": (1000, 128),
+    "data_s": (2.0, 0.0),
+    "h2d_batches": ([256, 4096], [4]),
+    "compile_size": (64, 32),
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Arguments; --quick changes the defaults of those left unset."""
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add = ap.add_argument
     add("--out", default=str(DEFAULT_OUT), help="JSON results file (default %(default)s)")
     add("--device", default="auto", help="cuda, cuda:N, cpu or auto (cuda when there is one)")
-    add("--budget-s", type=float, default=360.0,
-        help="time budget: whatever is left when it is spent is skipped (default 360)")
-    add("--quick", action="store_true",
-        help="smoke run: 32 px, batches / 128, 1 thread, 1 window of --steps steps, small data")
-    add("--sections", type=_names, default=list(SECTIONS),
-        help="comma list of data,h2d,models,compile (default all; env always runs)")
-    add("--models", type=_names, default=[],
-        help="only these models (comma list of conventional,mixedeffects,resnet50,resnet18)")
-    add("--precisions", type=_names, default=list(PRECISIONS),
-        help="comma list of fp32,bf16,bf16_cl (default all)")
+    add(
+        "--budget-s",
+        type=float,
+        default=360.0,
+        help="time budget: whatever is left when it is spent is skipped (default 360)",
+    )
+    add(
+        "--quick",
+        action="store_true",
+        help="smoke run: 32 px, batches / 128, 1 thread, 1 window of --steps steps, small data",
+    )
+    add(
+        "--sections",
+        type=_names,
+        default=list(SECTIONS),
+        help="comma list of data,h2d,models,compile (default all; env always runs)",
+    )
+    add(
+        "--models",
+        type=_names,
+        default=[],
+        help="only these models (comma list of conventional,mixedeffects,resnet50,resnet18)",
+    )
+    add(
+        "--precisions",
+        type=_names,
+        default=list(PRECISIONS),
+        help="comma list of fp32,bf16,bf16_cl (default all)",
+    )
     add("--steps", type=int, help="minimum steps per timed window (10; quick 2)")
     add("--warmup", type=int, help="warm-up steps, the first one included (5; quick 1)")
     add("--windows", type=int, help="timed windows; the median is reported (3; quick 1)")
     add("--window-s", type=float, help="target seconds per window (0.5; quick 0: --steps steps)")
-    add("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
-        help="leave torch.backends.cudnn.benchmark off, as raycell's loop does")
+    add(
+        "--no-cudnn-benchmark",
+        dest="cudnn_benchmark",
+        action="store_false",
+        help="leave torch.backends.cudnn.benchmark off, as raycell's loop does",
+    )
     add("--cells", type=int, help="rows in the synthetic shards (20000; quick 512)")
-    add("--unique-cells", type=int,
-        help="distinct generated cells, repeated up to --cells (4000; quick 256)")
+    add(
+        "--unique-cells",
+        type=int,
+        help="distinct generated cells, repeated up to --cells (4000; quick 256)",
+    )
     add("--rows-per-shard", type=int, help="rows per shard (1000, as synth; quick 128)")
     add("--data", default="", help="measure this crop-shard data set instead of writing one")
     add("--data-batch", type=int, default=256, help="collate batch size (default 256)")
     add("--data-s", type=float, help="target seconds per data measurement (2; quick 0)")
-    add("--procs", type=_ints, default=[1, 4, 8, 16],
-        help="process counts for the data path (default 1,4,8,16; more than the cores: skipped)")
+    add(
+        "--procs",
+        type=_ints,
+        default=[1, 4, 8, 16],
+        help="process counts for the data path (default 1,4,8,16; more than the cores: skipped)",
+    )
     add("--h2d-batches", type=_ints, help="batch sizes of the copies (256,4096; quick 4)")
     add("--no-compile", action="store_true", help="skip the torch.compile section")
-    add("--compile-timeout-s", type=float, default=180.0,
-        help="kill the compile child after this long (default 180; the budget bounds it too)")
+    add(
+        "--compile-timeout-s",
+        type=float,
+        default=180.0,
+        help="kill the compile child after this long (default 180; the budget bounds it too)",
+    )
     add("--compile-size", type=int, help="crop size of the compiled resnet50 (64; quick 32)")
     add("--_compile-child", dest="compile_child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for k, (normal, quick) in _DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, quick if args.quick else normal)
-    for opt, got, valid in (("--precisions", args.precisions, PRECISIONS),
-                            ("--sections", args.sections, SECTIONS)):
+    for opt, got, valid in (
+        ("--precisions", args.precisions, PRECISIONS),
+        ("--sections", args.sections, SECTIONS),
+    ):
         bad = [v for v in got if v not in valid]
         if bad:
             ap.error(f"{opt}: unknown {bad}; valid: {','.join(valid)}")
@@ -892,8 +1088,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     elif args.quick:
         torch.set_num_threads(1)  # a shared, busy CPU: spinning OpenMP threads only slow it down
-    _TIMING.update(warmup=args.warmup, windows=args.windows, min_steps=args.steps,
-                   window_s=args.window_s)
+    _TIMING.update(
+        warmup=args.warmup, windows=args.windows, min_steps=args.steps, window_s=args.window_s
+    )
     if args.compile_child:
         compile_child(args)
         return 0
@@ -901,8 +1098,12 @@ def main(argv: list[str] | None = None) -> int:
     _TIMING["deadline"] = bench.deadline  # a slow step cannot run the budget over by much
     print(f"bench_gpu: device {device}, budget {args.budget_s:g} s, out {bench.out}")
     bench.section("env", env_section)
-    fns = {"data": data_section, "h2d": h2d_section, "models": models_section,
-           "compile": compile_section}
+    fns = {
+        "data": data_section,
+        "h2d": h2d_section,
+        "models": models_section,
+        "compile": compile_section,
+    }
     for name in SECTIONS:
         if name in args.sections:
             bench.section(name, fns[name])

@@ -1,7 +1,9 @@
 """Ingest throughput: seconds per field of view per core, 1 vs 2 Ray workers, vs a plain loop.
 
-    python bench/bench_ingest.py       # synthetic 512x512 2-channel raw FOVs (+ AS_09047 if ../shared/data is there)
-    python bench/bench_ingest.py --quick            # 8 FOVs, 1 repeat, synthetic only: a few minutes on 2 cores
+    python bench/bench_ingest.py       # synthetic 512x512 2-channel raw FOVs (+ AS_09047 if
+    ../shared/data is there)
+    python bench/bench_ingest.py --quick            # 8 FOVs, 1 repeat, synthetic only: a few
+    minutes on 2 cores
     python bench/bench_ingest.py --fovs 64 --size 512 --repeats 3
 
 What is timed, for each data set:
@@ -107,11 +109,20 @@ def _plain_loop(cfg) -> tuple[float, float, int]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fovs", type=int, default=0, help="synthetic fields of view (0 = 32; --quick: 8)")
+    ap.add_argument(
+        "--fovs", type=int, default=0, help="synthetic fields of view (0 = 32; --quick: 8)"
+    )
     ap.add_argument("--size", type=int, default=512, help="synthetic field size (px)")
-    ap.add_argument("--repeats", type=int, default=0, help="timed runs per row, median reported (0 = 3; --quick: 1)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="timed runs per row, median reported (0 = 3; --quick: 1)",
+    )
     ap.add_argument("--quick", action="store_true", help="fewer FOVs, one repeat, no real data set")
-    ap.add_argument("--out", help="JSON file, or folder for <date>_ingest.json (default bench/results)")
+    ap.add_argument(
+        "--out", help="JSON file, or folder for <date>_ingest.json (default bench/results)"
+    )
     args = ap.parse_args(argv)
     args.fovs = args.fovs or (8 if args.quick else 32)
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -122,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     from raycell.ingest.driver import run_ingest
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray (as init_ray does): no token warning
+    os.environ.setdefault(
+        "RAY_AUTH_MODE", "disabled"
+    )  # a private local Ray (as init_ray does): no token warning
     tmp = Path(tempfile.mkdtemp(prefix="bench_ingest_"))
     rows = []
     mach = machine()
@@ -169,10 +182,17 @@ def main(argv: list[str] | None = None) -> int:
                         "n_fovs": n_fovs,
                         "n_cells": runs[0][1]["n_cells"],
                         "seconds": secs,
-                        "stats_pass_s": float(np.median([r[1].get("seconds", {}).get("stats", np.nan)
-                                                         for r in runs])),
-                        "cpu_seconds": float(np.median([r[1].get("seconds", {}).get("crop_task_cpu_total", np.nan)
-                                                        for r in runs])),
+                        "stats_pass_s": float(
+                            np.median([r[1].get("seconds", {}).get("stats", np.nan) for r in runs])
+                        ),
+                        "cpu_seconds": float(
+                            np.median(
+                                [
+                                    r[1].get("seconds", {}).get("crop_task_cpu_total", np.nan)
+                                    for r in runs
+                                ]
+                            )
+                        ),
                     }
                 )
     finally:
@@ -206,8 +226,21 @@ def main(argv: list[str] | None = None) -> int:
         f"ingest, {os.cpu_count()} cores, load average {load_before[0]:.2f} before / "
         f"{result['load_avg_after'][0]:.2f} after",
         ["data / mode", "workers", "FOVs", "cells", "s", "FOV/s", "s/FOV/core", "x1", "FOV/cpu-s"],
-        [[f"{r['data']} / {r['mode']}", r["workers"], r["n_fovs"], r["n_cells"], r["seconds"], r["fovs_per_s"],
-          r["s_per_fov_per_core"], r.get("scaling_vs_1"), r["fovs_per_cpu_s"]] for r in rows])
+        [
+            [
+                f"{r['data']} / {r['mode']}",
+                r["workers"],
+                r["n_fovs"],
+                r["n_cells"],
+                r["seconds"],
+                r["fovs_per_s"],
+                r["s_per_fov_per_core"],
+                r.get("scaling_vs_1"),
+                r["fovs_per_cpu_s"],
+            ]
+            for r in rows
+        ],
+    )
     write_result(out_path(args.out, "ingest"), result)
     return 0
 

@@ -50,14 +50,17 @@ def run_stages(path: Path, work: Path, base: list[str]) -> dict:
     split_dataset(str(path), progress=False)
     res["split"] = {"seconds": time.perf_counter() - t0}
 
-    cfg = load_config(None, base + [f"data.path={path}", f"train.runs_dir={work / 'runs'}",
-                                    f"name={path.name}"])
+    cfg = load_config(
+        None, base + [f"data.path={path}", f"train.runs_dir={work / 'runs'}", f"name={path.name}"]
+    )
     t0 = time.perf_counter()
     out = train(cfg)
     hist = out["history"]
-    res["train"] = {"seconds": time.perf_counter() - t0,
-                    "epoch_s": hist[0]["epoch_time_s"] if hist else None,
-                    "data_wait_s": hist[0].get("data_wait_s") if hist else None}
+    res["train"] = {
+        "seconds": time.perf_counter() - t0,
+        "epoch_s": hist[0]["epoch_time_s"] if hist else None,
+        "data_wait_s": hist[0].get("data_wait_s") if hist else None,
+    }
     run_dir = out["run_dir"]
 
     over = [f"infer.checkpoint={run_dir}", f"infer.data={path}"]
@@ -75,20 +78,30 @@ def run_stages(path: Path, work: Path, base: list[str]) -> dict:
 
 def main(argv=None):
     """Build both data sets, run the stages on each, print the table, write the JSON."""
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shards", type=int, default=0, help="tiny shards (0 = 10,000; --quick: 300)")
     ap.add_argument("--cells-per-shard", type=int, default=2, help="cells in each tiny shard")
     ap.add_argument("--rows-per-shard", type=int, default=2000, help="cells per compacted shard")
     ap.add_argument("--crop-size", type=int, default=32)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for every stage (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every stage (repeatable)",
+    )
     ap.add_argument("--quick", action="store_true", help="300 tiny shards")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the data sets (the folder is printed) instead of deleting them")
-    ap.add_argument("--out",
-                    help="JSON file, or folder for <date>_small_files.json (default bench/results)")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the data sets (the folder is printed) instead of deleting them",
+    )
+    ap.add_argument(
+        "--out", help="JSON file, or folder for <date>_small_files.json (default bench/results)"
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     n_shards = args.shards or (300 if args.quick else 10_000)
@@ -104,24 +117,47 @@ def main(argv=None):
     mach = machine()
     tmp = Path(tempfile.mkdtemp(prefix="raycell-bench-sf-"))
     tiny, compact = tmp / "tiny", tmp / "compact"
-    print(f"[bench] {cells} cells as {n_shards} shards of {args.cells_per_shard} -> {tiny}",
-          flush=True)
-    write_synthetic(str(tiny), n_cells=cells, crop_size=args.crop_size,
-                    rows_per_shard=args.cells_per_shard, progress=False)
+    print(
+        f"[bench] {cells} cells as {n_shards} shards of {args.cells_per_shard} -> {tiny}",
+        flush=True,
+    )
+    write_synthetic(
+        str(tiny),
+        n_cells=cells,
+        crop_size=args.crop_size,
+        rows_per_shard=args.cells_per_shard,
+        progress=False,
+    )
     t0 = time.perf_counter()
     compact_dataset(tiny, compact, rows_per_shard=args.rows_per_shard)
     t_compact = time.perf_counter() - t0
     n_compact = len(open_dataset(compact).shard_paths)
-    print(f"[bench] compacted into {n_compact} shards in {t_compact:.1f} s -> {compact}",
-          flush=True)
+    print(
+        f"[bench] compacted into {n_compact} shards in {t_compact:.1f} s -> {compact}", flush=True
+    )
 
-    base = [f"model.preset={args.preset}", "train.epochs=1", "scaling.num_workers=1",
-            "ray.progress=false", *args.set]
-    res = {"bench": "small_files", "machine": mach, "quick": args.quick, "cells": cells,
-           "crop_size": args.crop_size, "preset": args.preset, "overrides": args.set,
-           "tiny": {"shards": n_shards, "cells_per_shard": args.cells_per_shard},
-           "compacted": {"shards": n_compact, "rows_per_shard": args.rows_per_shard,
-                         "compact_s": t_compact}}
+    base = [
+        f"model.preset={args.preset}",
+        "train.epochs=1",
+        "scaling.num_workers=1",
+        "ray.progress=false",
+        *args.set,
+    ]
+    res = {
+        "bench": "small_files",
+        "machine": mach,
+        "quick": args.quick,
+        "cells": cells,
+        "crop_size": args.crop_size,
+        "preset": args.preset,
+        "overrides": args.set,
+        "tiny": {"shards": n_shards, "cells_per_shard": args.cells_per_shard},
+        "compacted": {
+            "shards": n_compact,
+            "rows_per_shard": args.rows_per_shard,
+            "compact_s": t_compact,
+        },
+    }
     init_ray(progress=False)
     try:
         for name, path in (("tiny", tiny), ("compacted", compact)):
@@ -144,7 +180,9 @@ def main(argv=None):
         f"{cells} cells, {args.crop_size} px: {n_shards} shards of {args.cells_per_shard} vs "
         f"{n_compact} of <= {args.rows_per_shard}; {mach['cores']} cores, load average "
         f"{mach['load_average'][0]} at start",
-        ["stage", "tiny shards s", "compacted s", "x (tiny / compacted)"], rows)
+        ["stage", "tiny shards s", "compacted s", "x (tiny / compacted)"],
+        rows,
+    )
     write_result(out_path(args.out, "small_files"), res)
     if args.keep:
         print(f"[bench] data sets kept in {tmp}")

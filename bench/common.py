@@ -25,12 +25,21 @@ def machine() -> dict:
             ram = round(int(f.readline().split()[1]) / 2**20, 1)  # MemTotal kB -> GiB
     except OSError:
         pass
-    info = {"cores": os.cpu_count(), "ram_gib": ram, "load_average": [round(x, 2) for x in os.getloadavg()],
-            "platform": platform.platform(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    info = {
+        "cores": os.cpu_count(),
+        "ram_gib": ram,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
     from importlib.metadata import PackageNotFoundError, version
 
-    for pkg in ("torch", "ray", "pyarrow"):  # from the installed metadata: importing torch takes seconds
+    for pkg in (
+        "torch",
+        "ray",
+        "pyarrow",
+    ):  # from the installed metadata: importing torch takes seconds
         try:
             info[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -45,7 +54,7 @@ def _proc_stat(pid: str) -> tuple[int, float] | None:
             s = f.read()
     except OSError:
         return None
-    fields = s[s.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+    fields = s[s.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
 
 
@@ -89,7 +98,7 @@ class Window:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    """a / b, None when either is missing or b is 0 (a row that did not run has no ratio)."""
+    """A / b, None when either is missing or b is 0 (a row that did not run has no ratio)."""
     if a is None or b is None or b == 0:
         return None
     return a / b
@@ -109,9 +118,18 @@ def fmt(v, digits: int = 2) -> str:
 def print_table(title: str, headers: list[str], rows: list[list]) -> str:
     """Print (and return) a plain-text table with right-aligned columns after the first."""
     cells = [[fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    text = "\n".join([title, line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in cells)])
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+
+    def line(r):
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
+
+    text = "\n".join(
+        [title, line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in cells)]
+    )
     print("\n" + text, flush=True)
     return text
 

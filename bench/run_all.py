@@ -44,7 +44,12 @@ def run_bench(name: str, out: Path, quick: bool, timeout_s: float) -> dict:
         rc = subprocess.run(cmd, cwd=REPO, timeout=timeout_s).returncode
     except subprocess.TimeoutExpired:
         rc = None
-    return {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "command": shown, "json": str(out)}
+    return {
+        "rc": rc,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": shown,
+        "json": str(out),
+    }
 
 
 def load_results(folder: Path, names: list[str]) -> dict:
@@ -61,20 +66,31 @@ def load_results(folder: Path, names: list[str]) -> dict:
 
 def render(goals: list[dict], mach: dict) -> str:
     """Print the goals table (figure, goal, measured, met?, command) under the date and machine."""
-    head = (f"issue-12 goals, {mach.get('date')}, {mach.get('cores')} cores, {mach.get('ram_gib')} GiB RAM, "
-            f"load average {mach.get('load_average')} at start")
-    return print_table(head, ["figure", "goal", "measured", "met?", "command"],
-                       [[g["figure"], g["goal"], g["measured"], g["status"], g["command"] or "-"] for g in goals])
+    head = (
+        f"issue-12 goals, {mach.get('date')}, {mach.get('cores')} cores, {mach.get('ram_gib')} GiB RAM, "
+        f"load average {mach.get('load_average')} at start"
+    )
+    return print_table(
+        head,
+        ["figure", "goal", "measured", "met?", "command"],
+        [[g["figure"], g["goal"], g["measured"], g["status"], g["command"] or "-"] for g in goals],
+    )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(BENCHES)}")
-    ap.add_argument("--results", default=str(RESULTS / "run_all"), help="folder for each benchmark's JSON")
+    ap.add_argument(
+        "--results", default=str(RESULTS / "run_all"), help="folder for each benchmark's JSON"
+    )
     ap.add_argument("--summary", default=str(RESULTS / "summary.json"), help="the summary JSON")
     ap.add_argument("--timeout-s", type=float, default=3600, help="per benchmark")
-    ap.add_argument("--no-run", action="store_true", help="only build the table from the JSONs in --results")
+    ap.add_argument(
+        "--no-run", action="store_true", help="only build the table from the JSONs in --results"
+    )
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
@@ -97,9 +113,18 @@ def main(argv=None) -> int:
             results[n]["command"] = r["command"]
     goals = goals_table(results)
     table = render(goals, mach)
-    write_result(Path(args.summary), {"bench": "summary", "machine": mach, "quick": args.quick,
-                                      "load_average_end": list(os.getloadavg()),
-                                      "runs": runs, "goals": goals, "table": table})
+    write_result(
+        Path(args.summary),
+        {
+            "bench": "summary",
+            "machine": mach,
+            "quick": args.quick,
+            "load_average_end": list(os.getloadavg()),
+            "runs": runs,
+            "goals": goals,
+            "table": table,
+        },
+    )
     return 0 if all(r["rc"] == 0 for r in runs.values()) else 1
 
 

@@ -1,7 +1,8 @@
-"""Which model-selection objective picks configs that hold up on unseen batches? (issue 9, first look)
+"""Which model-selection objective picks configs that hold up on unseen batches?
 
 For a finished `raycell tune` folder, pick the best trial under each objective (`val_auroc`, `valbatch_auroc`,
-`val_composite`) from every trial's `history.jsonl` (last epoch, as the search scores trials), print the picks and
+`val_composite`) from every trial's `history.jsonl` (last epoch, as the search scores trials),
+print the picks and
 write `picks.json`. Then infer + evaluate each pick on test + unseen with the CLI:
 
     .venv/bin/python bench/select_by_objective.py runs/lobo/tune

@@ -1,4 +1,6 @@
-"""Ray job entry point for `raycell evaluate`: `ray job submit --working-dir . -- python jobs/evaluate.py [flags]`.
+"""Ray job entry point for `raycell evaluate`.
+
+    ray job submit --working-dir . -- python jobs/evaluate.py [flags]
 
 Thin on purpose: it runs the same code as the CLI. Under `ray job submit`, RAY_ADDRESS is set and
 raycell joins that cluster instead of starting a local Ray.

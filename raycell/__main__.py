@@ -16,11 +16,20 @@ from raycell.config import defaults_yaml, load_config
 from raycell.errors import user_errors
 
 # verb -> the pipeline stage it runs on the config (`synth` and `experiment` take flags too: see `run`)
-STAGES = {"split": pipeline.run_split, "train": pipeline.run_train, "infer": pipeline.run_infer,
-          "infer-z": pipeline.run_infer_z, "evaluate": pipeline.run_evaluate, "ingest": pipeline.run_ingest,
-          "demo": pipeline.run_demo, "tune": pipeline.run_tune, "embed": pipeline.run_embed,
-          "export": pipeline.run_export, "report": pipeline.run_report,
-          "profile": pipeline.run_profile}
+STAGES = {
+    "split": pipeline.run_split,
+    "train": pipeline.run_train,
+    "infer": pipeline.run_infer,
+    "infer-z": pipeline.run_infer_z,
+    "evaluate": pipeline.run_evaluate,
+    "ingest": pipeline.run_ingest,
+    "demo": pipeline.run_demo,
+    "tune": pipeline.run_tune,
+    "embed": pipeline.run_embed,
+    "export": pipeline.run_export,
+    "report": pipeline.run_report,
+    "profile": pipeline.run_profile,
+}
 NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune", "embed"}
 
 
@@ -31,7 +40,9 @@ def run_import_armed(args) -> dict:
 
     with writing(args.out, "--out"):
         m = import_armed(args.src, args.out, overwrite=args.overwrite)
-    print(f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}")
+    print(
+        f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}"
+    )
     return m
 
 
@@ -45,21 +56,32 @@ def run_segmentation_eval(args) -> dict:
     from raycell.ingest.segmentation_eval import evaluate_pairs, evaluate_segmentation
 
     if not 0 < args.iou <= 1:  # an IoU threshold; 0 or > 1 would match everything or nothing
-        raise UserError(f"segmentation-eval --iou {args.iou:g}: the IoU threshold must be in (0, 1] "
-                        "(0.5 is the usual one)")
+        raise UserError(
+            f"segmentation-eval --iou {args.iou:g}: the IoU threshold must be in (0, 1] "
+            "(0.5 is the usual one)"
+        )
     if args.perturb:
         return _perturb(args)
     if bool(args.images) != bool(args.masks) or bool(args.raw_dir) == bool(args.images):
-        raise UserError("segmentation-eval: give either RAW_DIR or both --images and --masks "
-                        "(or --perturb --images for images without masks)")
+        raise UserError(
+            "segmentation-eval: give either RAW_DIR or both --images and --masks "
+            "(or --perturb --images for images without masks)"
+        )
     if args.raw_dir:
         res = evaluate_segmentation(args.raw_dir, iou=args.iou, method=args.method)
         print(json.dumps({k: v for k, v in res.items() if k != "per_fov"}, indent=2, default=str))
     else:
         over = dataclasses.asdict(load_config(None, args.set).ingest)
-        res = evaluate_pairs(args.images, args.masks, group_by=args.group_by,
-                             pair_regex=args.pair_regex, iou=args.iou, channel=args.channel,
-                             method=args.method, overrides=over)
+        res = evaluate_pairs(
+            args.images,
+            args.masks,
+            group_by=args.group_by,
+            pair_regex=args.pair_regex,
+            iou=args.iou,
+            channel=args.channel,
+            method=args.method,
+            overrides=over,
+        )
         print(json.dumps({k: v for k, v in res.items() if k != "per_image"}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
@@ -74,8 +96,10 @@ def _perturb(args) -> dict:
     from raycell.ingest.robustness import LEVELS, perturbation_robustness, write_robustness
 
     if not args.images or args.masks or args.raw_dir:
-        raise UserError("segmentation-eval --perturb: give --images only (the clean segmentation is the "
-                        "reference; no masks, no RAW_DIR)")
+        raise UserError(
+            "segmentation-eval --perturb: give --images only (the clean segmentation is the "
+            "reference; no masks, no RAW_DIR)"
+        )
     try:
         seeds = [int(x) for x in args.seeds]
     except ValueError:
@@ -83,10 +107,18 @@ def _perturb(args) -> dict:
     over = dataclasses.asdict(load_config(None, args.set).ingest)
     x = args.crosstalk_from
     kw = {"effects": args.effects} if args.effects else {}
-    res = perturbation_robustness(args.images, seeds=seeds, levels=args.levels or LEVELS,
-                                  unseen_extreme=args.unseen_extreme, iou=args.iou, channel=args.channel,
-                                  crosstalk_from=int(x) if x.isdigit() else (x or None), overrides=over,
-                                  progress=True, **kw)
+    res = perturbation_robustness(
+        args.images,
+        seeds=seeds,
+        levels=args.levels or LEVELS,
+        unseen_extreme=args.unseen_extreme,
+        iou=args.iou,
+        channel=args.channel,
+        crosstalk_from=int(x) if x.isdigit() else (x or None),
+        overrides=over,
+        progress=True,
+        **kw,
+    )
     print(res["table"])
     if args.out:
         write_robustness(res, args.out)
@@ -114,8 +146,12 @@ def run_check_cluster(args) -> dict:
 
 
 # verbs that need no config (and no Ray)
-TOOLS = {"import-armed": run_import_armed, "segmentation-eval": run_segmentation_eval, "models": run_models,
-         "check-cluster": run_check_cluster}
+TOOLS = {
+    "import-armed": run_import_armed,
+    "segmentation-eval": run_segmentation_eval,
+    "models": run_models,
+    "check-cluster": run_check_cluster,
+}
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -128,7 +164,9 @@ def run(argv: list[str] | None = None) -> dict | None:
     if args.command == "config" and args.defaults:
         print(defaults_yaml(), end="")
         return None
-    given = config_overrides(args)  # (key=value, what the user typed): errors name the flag or --set
+    given = config_overrides(
+        args
+    )  # (key=value, what the user typed): errors name the flag or --set
     cfg = load_config(args.config, [ov for ov, _ in given], [typed for _, typed in given])
     if args.command == "config":
         import yaml
@@ -142,9 +180,15 @@ def run(argv: list[str] | None = None) -> dict | None:
         from raycell.utils.ray_utils import init_ray, keep_native_logs_off_terminal
 
         _started_ray = not ray.is_initialized()  # an interruption stops only a Ray started here
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
-                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose,
-                 start_timeout_s=cfg.ray.start_timeout_s)
+        init_ray(
+            cfg.ray.address,
+            cfg.ray.num_cpus,
+            cfg.ray.object_store_mb,
+            cfg.ray.progress,
+            cfg.ray.connect_timeout_s,
+            verbose=cfg.ray.verbose,
+            start_timeout_s=cfg.ray.start_timeout_s,
+        )
         if not cfg.ray.verbose:
             keep_native_logs_off_terminal()
     if args.command == "synth":
@@ -152,10 +196,19 @@ def run(argv: list[str] | None = None) -> dict | None:
     if args.command == "experiment":
         from raycell.experiments import run_medl_experiment
 
-        return run_medl_experiment(cfg, args.seeds, args.models, args.out, randomized_z=args.randomized_z,
-                                   baseline=args.baseline, z_modes=args.z_modes, tune=args.tune,
-                                   tune_samples=args.tune_samples, tune_folds=args.tune_folds,
-                                   command="raycell " + " ".join(argv if argv is not None else sys.argv[1:]))
+        return run_medl_experiment(
+            cfg,
+            args.seeds,
+            args.models,
+            args.out,
+            randomized_z=args.randomized_z,
+            baseline=args.baseline,
+            z_modes=args.z_modes,
+            tune=args.tune,
+            tune_samples=args.tune_samples,
+            tune_folds=args.tune_folds,
+            command="raycell " + " ".join(argv if argv is not None else sys.argv[1:]),
+        )
     return STAGES[args.command](cfg)
 
 
@@ -211,15 +264,19 @@ def preflight(args, cfg):
 
 # verb -> (the output it writes, its key): a second run into an output being written refuses before
 # Ray starts (infer and embed check in `check_config`, where their default output is known)
-_WRITES = {"ingest": ("ingest.out", lambda c: c.ingest.out),
-           "train": ("train.resume run folder", lambda c: c.train.resume),
-           "tune": ("tune.out", lambda c: c.tune.out),
-           "synth": ("synth.out", lambda c: c.synth.out),
-           "export": ("export output", lambda c: c.export.out),
-           "split": ("data.path (split rewrites its shards)", lambda c: c.data.path),
-           "profile": ("profile.out", lambda c: c.profile.out),
-           "report": ("report.out", lambda c: c.report.out or (c.report.folder and
-                                                              f"{c.report.folder}/report"))}
+_WRITES = {
+    "ingest": ("ingest.out", lambda c: c.ingest.out),
+    "train": ("train.resume run folder", lambda c: c.train.resume),
+    "tune": ("tune.out", lambda c: c.tune.out),
+    "synth": ("synth.out", lambda c: c.synth.out),
+    "export": ("export output", lambda c: c.export.out),
+    "split": ("data.path (split rewrites its shards)", lambda c: c.data.path),
+    "profile": ("profile.out", lambda c: c.profile.out),
+    "report": (
+        "report.out",
+        lambda c: c.report.out or (c.report.folder and f"{c.report.folder}/report"),
+    ),
+}
 
 
 def busy_check(command: str, cfg) -> None:
@@ -252,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         _stop_ray()
-        command = next((a for a in (argv if argv is not None else sys.argv[1:])
-                        if not a.startswith("-")), "")
+        command = next(
+            (a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), ""
+        )
         print(f"\nraycell: {resume_hint(command, exc)}", file=sys.stderr, flush=True)
         return exit_status(exc)
     except Exception as exc:
@@ -270,7 +328,8 @@ _started_ray = False  # whether `run` started this process's Ray (not a caller's
 
 def _stop_ray() -> None:
     """Stop the Ray this command started (a local instance's processes end with it) after an
-    interruption; a Ray the caller had started before (a notebook, a test session) is left running."""
+    interruption; a Ray the caller had started before (a notebook, a test session) is left running.
+    """
     ray = sys.modules.get("ray")
     try:
         if _started_ray and ray is not None and ray.is_initialized():

@@ -75,13 +75,17 @@ def check_rayjob(path: str | Path) -> dict:
         jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "RayJob"]
         if len(jobs) != 1:
             kinds = ", ".join(str(d.get("kind")) if isinstance(d, dict) else _kind(d) for d in docs)
-            raise ConfigError(f"{path}: {len(jobs)} RayJob documents among {len(docs)} "
-                              f"(kinds: {kinds}); give exactly one")
+            raise ConfigError(
+                f"{path}: {len(jobs)} RayJob documents among {len(docs)} "
+                f"(kinds: {kinds}); give exactly one"
+            )
         docs = jobs
     job = _one_mapping(path, docs)
     if job.get("apiVersion") != "ray.io/v1":
-        raise ConfigError(f"{path}: apiVersion must be 'ray.io/v1' (KubeRay 1.0 or newer), got "
-                          f"{_short(job.get('apiVersion'))}")
+        raise ConfigError(
+            f"{path}: apiVersion must be 'ray.io/v1' (KubeRay 1.0 or newer), got "
+            f"{_short(job.get('apiVersion'))}"
+        )
     if job.get("kind") != "RayJob":
         raise ConfigError(f"{path}: kind must be 'RayJob', got {_short(job.get('kind'))}")
     _schema_check(path, job, _rayjob_schema())
@@ -171,8 +175,10 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise _DuplicateKey(f"key {key!r} given twice, at lines {seen[key]} and "
-                                    f"{key_node.start_mark.line + 1} (YAML keeps only the last)")
+                raise _DuplicateKey(
+                    f"key {key!r} given twice, at lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1} (YAML keeps only the last)"
+                )
             if isinstance(key, (str, int, float, bool)):
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
@@ -203,10 +209,24 @@ def _key(parts: list | tuple) -> str:
     return out or "<top level>"
 
 
-_KINDS = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-          float: "a number", type(None): "empty (null)"}
-_WANT = {"object": "a mapping", "array": "a list", "string": "a string", "boolean": "true or false",
-         "integer": "an integer", "number": "a number", "null": "empty (null)"}
+_KINDS = {
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    type(None): "empty (null)",
+}
+_WANT = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "boolean": "true or false",
+    "integer": "an integer",
+    "number": "a number",
+    "null": "empty (null)",
+}
 
 
 def _kind(value: Any) -> str:
@@ -241,13 +261,16 @@ def _schema_message(err: Any) -> str:
     if v == "additionalProperties" and isinstance(inst, dict):
         allowed = sorted(err.schema.get("properties", {}))
         patterns = list(err.schema.get("patternProperties", {}))
-        extra = [k for k in inst
-                 if k not in allowed and not any(re.search(p, str(k)) for p in patterns)]
+        extra = [
+            k for k in inst if k not in allowed and not any(re.search(p, str(k)) for p in patterns)
+        ]
         key = str(extra[0]) if extra else "?"
         close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return (f"unknown key '{_key(path + [key])}'{hint}; valid keys in '{_key(path)}': "
-                f"{', '.join(allowed)}")
+        return (
+            f"unknown key '{_key(path + [key])}'{hint}; valid keys in '{_key(path)}': "
+            f"{', '.join(allowed)}"
+        )
     if v == "required" and isinstance(inst, dict):
         missing = [k for k in err.validator_value if k not in inst]
         return f"missing required key '{_key(path + missing[:1])}'"
@@ -256,8 +279,10 @@ def _schema_message(err: Any) -> str:
         wanted = " or ".join(_WANT.get(w, w) for w in (want if isinstance(want, list) else [want]))
         return f"{_key(path)} must be {wanted}, got {_kind(inst)} {_short(inst)}"
     if v == "enum":
-        return (f"{_key(path)} must be one of {', '.join(map(repr, err.validator_value))}, "
-                f"got {_short(inst)}")
+        return (
+            f"{_key(path)} must be one of {', '.join(map(repr, err.validator_value))}, "
+            f"got {_short(inst)}"
+        )
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
         return f"{_key(path)} must be {op} {err.validator_value}, got {_short(inst)}"
@@ -274,8 +299,9 @@ def _launcher_schema() -> dict:
     """The cluster-launcher schema shipped in the installed Ray wheel (found without importing)."""
     spec = importlib.util.find_spec("ray")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("Ray is not installed: the cluster.yaml check reads its schema "
-                        "(pip install -e .)")
+        raise UserError(
+            "Ray is not installed: the cluster.yaml check reads its schema (pip install -e .)"
+        )
     schema = Path(list(spec.submodule_search_locations)[0]) / "autoscaler" / "ray-schema.json"
     return json.loads(schema.read_text())
 
@@ -290,57 +316,78 @@ def _check_launcher(fail: _Fail, cfg: dict) -> None:
     docker = cfg.get("docker") or {}
     has_image = docker.get("image") or (docker.get("head_image") and docker.get("worker_image"))
     if docker.get("container_name") and not has_image:
-        fail("missing required key 'docker.image' (docker.container_name is set; or give both "
-             "docker.head_image and docker.worker_image)")
+        fail(
+            "missing required key 'docker.image' (docker.container_name is set; or give both "
+            "docker.head_image and docker.worker_image)"
+        )
     if has_image and not docker.get("container_name"):
-        fail("missing required key 'docker.container_name' (docker.image is set: Ray runs the "
-             "setup and start commands in that container)")
+        fail(
+            "missing required key 'docker.container_name' (docker.image is set: Ray runs the "
+            "setup and start commands in that container)"
+        )
     images = [(f"docker.{k}", docker.get(k)) for k in ("image", "head_image", "worker_image")]
-    images += [(f"available_node_types.{n}.docker.worker_image", _get(t, "docker", "worker_image"))
-               for n, t in nodes.items()]
+    images += [
+        (f"available_node_types.{n}.docker.worker_image", _get(t, "docker", "worker_image"))
+        for n, t in nodes.items()
+    ]
     for key, image in images:
         if image and (problem := _image_problem(key, image, pin)):
             fail(problem)
 
-    commands = [(f"{k}[{i}]", c)
-                for k in ("setup_commands", "head_setup_commands", "worker_setup_commands")
-                for i, c in enumerate(cfg.get(k) or [])]
-    commands += [(f"available_node_types.{n}.worker_setup_commands[{i}]", c)
-                 for n, t in nodes.items()
-                 for i, c in enumerate(t.get("worker_setup_commands") or [])]
+    commands = [
+        (f"{k}[{i}]", c)
+        for k in ("setup_commands", "head_setup_commands", "worker_setup_commands")
+        for i, c in enumerate(cfg.get(k) or [])
+    ]
+    commands += [
+        (f"available_node_types.{n}.worker_setup_commands[{i}]", c)
+        for n, t in nodes.items()
+        for i, c in enumerate(t.get("worker_setup_commands") or [])
+    ]
     for key, command in commands:
         for m in re.finditer(r"(?<![\w.-])ray(\[[^\]]*\])?\s*==\s*([0-9][\w.*+!-]*)", command):
             if not _version_ok(m.group(2).replace(".*", ".0"), pin):
-                fail(f"{key} installs ray=={m.group(2)}, but raycell pins ray{pin} "
-                     f"({PYPROJECT.name})")
-    installs = [(k, c) for k, c in commands
-                if re.search(r"\bpip3?\s+install\b", c) and "raycell" in c]
+                fail(
+                    f"{key} installs ray=={m.group(2)}, but raycell pins ray{pin} "
+                    f"({PYPROJECT.name})"
+                )
+    installs = [
+        (k, c) for k, c in commands if re.search(r"\bpip3?\s+install\b", c) and "raycell" in c
+    ]
     if not installs:
-        fail("setup_commands: no setup command installs raycell (e.g. `pip install -e "
-             "/home/ubuntu/raycell` with file_mounts {/home/ubuntu/raycell: .}): the nodes would "
-             "lack raycell and its pinned dependencies")
+        fail(
+            "setup_commands: no setup command installs raycell (e.g. `pip install -e "
+            "/home/ubuntu/raycell` with file_mounts {/home/ubuntu/raycell: .}): the nodes would "
+            "lack raycell and its pinned dependencies"
+        )
     mounts = [str(m).rstrip("/") for m in (cfg.get("file_mounts") or {})]
     for key, command in installs:
         for target in _install_targets(command):
             local = target.startswith(("/", "~")) and "raycell" in target
             if local and not any(target == m or target.startswith(m + "/") for m in mounts):
-                fail(f"{key} installs {target}, but file_mounts does not copy the repository "
-                     f"there (add file_mounts: {{{target}: .}})")
+                fail(
+                    f"{key} installs {target}, but file_mounts does not copy the repository "
+                    f"there (add file_mounts: {{{target}: .}})"
+                )
 
 
 def _check_node_types(fail: _Fail, cfg: dict, nodes: dict) -> None:
     """A head with CPU 0, and worker bounds that agree with each other and with max_workers."""
     head, cap = cfg.get("head_node_type"), cfg.get("max_workers")
     if head is None:
-        fail(f"missing required key 'head_node_type' (which of available_node_types is the head: "
-             f"{', '.join(nodes)})")
+        fail(
+            f"missing required key 'head_node_type' (which of available_node_types is the head: "
+            f"{', '.join(nodes)})"
+        )
     if head not in nodes:
         fail(f"head_node_type {head!r} is not one of available_node_types: {', '.join(nodes)}")
     cpu = _get(nodes[head], "resources", "CPU")
     if cpu != 0:
         got = "nothing (Ray would count the head's CPUs)" if cpu is None else repr(cpu)
-        fail(f"available_node_types.{head}.resources.CPU must be 0 (no work on the head: Train "
-             f"workers and Ray Data tasks belong on the GPU nodes), got {got}")
+        fail(
+            f"available_node_types.{head}.resources.CPU must be 0 (no work on the head: Train "
+            f"workers and Ray Data tasks belong on the GPU nodes), got {got}"
+        )
     workers = {name: t for name, t in nodes.items() if name != head}
     if not workers:
         fail(f"available_node_types: no worker node type besides the head {head!r}")
@@ -350,15 +397,18 @@ def _check_node_types(fail: _Fail, cfg: dict, nodes: dict) -> None:
         if hi is not None and lo > hi:
             fail(f"{key}.min_workers ({lo}) is larger than {key}.max_workers ({hi})")
         if cap is not None and hi is not None and hi > cap:
-            fail(f"{key}.max_workers ({hi}) is larger than the cluster's max_workers ({cap}): "
-                 f"the autoscaler would stop at {cap}")
+            fail(
+                f"{key}.max_workers ({hi}) is larger than the cluster's max_workers ({cap}): "
+                f"the autoscaler would stop at {cap}"
+            )
     if all(t.get("max_workers", cap) == 0 for t in workers.values()):
         keys = ", ".join(f"available_node_types.{n}.max_workers" for n in workers)
         fail(f"{keys}: every worker node type has max_workers 0 (nothing to train on)")
     total = sum(t.get("min_workers", 0) for t in workers.values())
     if cap is not None and total > cap:
-        fail(f"max_workers ({cap}) is smaller than the sum of the node types' min_workers "
-             f"({total})")
+        fail(
+            f"max_workers ({cap}) is smaller than the sum of the node types' min_workers ({total})"
+        )
 
 
 def _install_targets(command: str) -> list[str]:
@@ -389,16 +439,19 @@ def _ray_validate(path: Path, cfg: dict) -> None:
 
     kind = cfg["provider"]["type"]  # required by the schema
     if kind != "external" and kind not in _DEFAULT_CONFIGS:
-        raise ConfigError(f"{path}: provider.type {kind!r} is not a node provider Ray knows: "
-                          f"{', '.join(sorted(_DEFAULT_CONFIGS))}, external")
+        raise ConfigError(
+            f"{path}: provider.type {kind!r} is not a node provider Ray knows: "
+            f"{', '.join(sorted(_DEFAULT_CONFIGS))}, external"
+        )
     log = logging.getLogger("ray.autoscaler._private.util")  # its INFO lines are not findings
     level = log.level
     log.setLevel(logging.WARNING)
     try:
         validate_config(prepare_config(copy.deepcopy(cfg)))
     except Exception as exc:  # noqa: BLE001  (what Ray finds wrong with the file is the file's)
-        raise ConfigError(f"{path}: Ray's validate_config: {type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())}") from exc
+        raise ConfigError(
+            f"{path}: Ray's validate_config: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        ) from exc
     finally:
         log.setLevel(level)
 
@@ -410,8 +463,10 @@ def _ray_validate(path: Path, cfg: dict) -> None:
 def _rayjob_schema() -> dict:
     """The vendored RayJob CRD schema, closed: unknown fields are errors."""
     if not RAYJOB_SCHEMA.is_file():
-        raise UserError(f"{RAYJOB_SCHEMA}: the vendored RayJob CRD schema is missing (the RayJob "
-                        "check runs from a raycell checkout)")
+        raise UserError(
+            f"{RAYJOB_SCHEMA}: the vendored RayJob CRD schema is missing (the RayJob "
+            "check runs from a raycell checkout)"
+        )
     try:
         return _closed(yaml.safe_load(RAYJOB_SCHEMA.read_text())["openAPIV3Schema"])
     except (yaml.YAMLError, KeyError, TypeError) as exc:
@@ -427,8 +482,10 @@ def _closed(schema: Any) -> Any:
         return [_closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: ({n: _closed(s) for n, s in v.items()} if k == "properties" else _closed(v))
-           for k, v in schema.items()}
+    out = {
+        k: ({n: _closed(s) for n, s in v.items()} if k == "properties" else _closed(v))
+        for k, v in schema.items()
+    }
     props = out.get("properties")
     if isinstance(props, dict) and not out.get("x-kubernetes-preserve-unknown-fields"):
         out.setdefault("additionalProperties", False)
@@ -457,24 +514,32 @@ def _check_rayjob(fail: _Fail, job: dict) -> None:
     if spec.get("submissionMode", "K8sJobMode") != "InteractiveMode":
         entrypoint = spec.get("entrypoint")
         if not (isinstance(entrypoint, str) and entrypoint.strip()):
-            fail("missing required key 'spec.entrypoint' (the command the job runs, e.g. "
-                 "`python -m raycell train --config configs/gpu_cluster.yaml --data DIR`)")
+            fail(
+                "missing required key 'spec.entrypoint' (the command the job runs, e.g. "
+                "`python -m raycell train --config configs/gpu_cluster.yaml --data DIR`)"
+            )
         _check_entrypoint(fail, entrypoint)
     if "rayClusterSpec" not in spec and "clusterSelector" not in spec:
-        fail("missing required key 'spec.rayClusterSpec' (the Ray cluster to create for the job; "
-             "or spec.clusterSelector to run on a RayCluster that is already up)")
+        fail(
+            "missing required key 'spec.rayClusterSpec' (the Ray cluster to create for the job; "
+            "or spec.clusterSelector to run on a RayCluster that is already up)"
+        )
     ttl = spec.get("ttlSecondsAfterFinished", 0)
     if ttl and not spec.get("shutdownAfterJobFinishes"):
-        fail(f"spec.ttlSecondsAfterFinished is {ttl} but spec.shutdownAfterJobFinishes is not "
-             "true: KubeRay then never deletes the cluster (its GPU pods keep running)")
+        fail(
+            f"spec.ttlSecondsAfterFinished is {ttl} but spec.shutdownAfterJobFinishes is not "
+            "true: KubeRay then never deletes the cluster (its GPU pods keep running)"
+        )
     if "runtimeEnvYAML" in spec:
         try:
             env = yaml.safe_load(spec["runtimeEnvYAML"])
         except yaml.YAMLError as exc:
             fail(f"spec.runtimeEnvYAML: {_yaml_problem(exc)} (lines count inside the string)")
         if env is not None and not isinstance(env, dict):
-            fail(f"spec.runtimeEnvYAML must hold a YAML mapping (working_dir, pip, env_vars, ...), "
-                 f"got {_kind(env)}")
+            fail(
+                f"spec.runtimeEnvYAML must hold a YAML mapping (working_dir, pip, env_vars, ...), "
+                f"got {_kind(env)}"
+            )
     if isinstance(spec.get("rayClusterSpec"), dict):
         _check_ray_cluster(fail, spec["rayClusterSpec"], "spec.rayClusterSpec")
 
@@ -491,8 +556,10 @@ def _check_entrypoint(fail: _Fail, entrypoint: str) -> None:
     for flag, value in pairs:
         relative = not value.startswith(("/", "~", "$"))
         if flag in ("--config", "-c") and relative and not (ROOT / value).exists():
-            fail(f"spec.entrypoint: --config {value} does not exist in the repository "
-                 f"({ROOT / value}); the job runs from the repository root")
+            fail(
+                f"spec.entrypoint: --config {value} does not exist in the repository "
+                f"({ROOT / value}); the job runs from the repository root"
+            )
 
 
 def _check_ray_cluster(fail: _Fail, rcs: dict, at: str) -> None:
@@ -500,21 +567,28 @@ def _check_ray_cluster(fail: _Fail, rcs: dict, at: str) -> None:
     pin = ray_pin()
     version = rcs.get("rayVersion")
     if version is None:
-        fail(f"missing required key '{at}.rayVersion' (the Ray version of the image; raycell pins "
-             f"ray{pin})")
+        fail(
+            f"missing required key '{at}.rayVersion' (the Ray version of the image; raycell pins "
+            f"ray{pin})"
+        )
     if not _version_ok(str(version), pin):
-        fail(f"{at}.rayVersion {_short(version)} does not match raycell's pin ray{pin} "
-             f"({PYPROJECT.name})")
+        fail(
+            f"{at}.rayVersion {_short(version)} does not match raycell's pin ray{pin} "
+            f"({PYPROJECT.name})"
+        )
 
     head = rcs["headGroupSpec"]  # required by the CRD schema, checked before
     groups = [(f"{at}.headGroupSpec", head)]
-    groups += [(f"{at}.workerGroupSpecs[{i}]", g)
-               for i, g in enumerate(rcs.get("workerGroupSpecs") or [])]
+    groups += [
+        (f"{at}.workerGroupSpecs[{i}]", g) for i, g in enumerate(rcs.get("workerGroupSpecs") or [])
+    ]
     for key, group in groups:
         containers = _get(group, "template", "spec", "containers")
         if not isinstance(containers, list) or not containers:
-            fail(f"missing required key '{key}.template.spec.containers' (the Ray container "
-                 "comes first)")
+            fail(
+                f"missing required key '{key}.template.spec.containers' (the Ray container "
+                "comes first)"
+            )
         for j in range(len(containers)):
             image = _get(containers, j, "image")
             if not isinstance(image, str) or not image:
@@ -525,25 +599,30 @@ def _check_ray_cluster(fail: _Fail, rcs: dict, at: str) -> None:
     cpus = _get(head, "rayStartParams", "num-cpus")
     if cpus != "0":
         got = "nothing (Ray would count the head pod's CPUs)" if cpus is None else _short(cpus)
-        fail(f"{at}.headGroupSpec.rayStartParams.num-cpus must be \"0\" (no work on the head: "
-             f"Train workers and Ray Data tasks belong on the GPU pods), got {got}")
+        fail(
+            f'{at}.headGroupSpec.rayStartParams.num-cpus must be "0" (no work on the head: '
+            f"Train workers and Ray Data tasks belong on the GPU pods), got {got}"
+        )
     _check_worker_groups(fail, groups[1:], at)
 
     head_storage = _shared_mounts(fail, f"{at}.headGroupSpec", head)
     for key, group in groups[1:]:
         storage = _shared_mounts(fail, key, group)
         if storage != head_storage:
-            fail(f"{key}.template.spec.containers[0].volumeMounts: shared storage differs from the "
-                 f"head's (head: {_mounts_text(head_storage)}; this group: "
-                 f"{_mounts_text(storage)}): every pod must see the same shards, checkpoints and "
-                 "predictions at the same paths")
+            fail(
+                f"{key}.template.spec.containers[0].volumeMounts: shared storage differs from the "
+                f"head's (head: {_mounts_text(head_storage)}; this group: "
+                f"{_mounts_text(storage)}): every pod must see the same shards, checkpoints and "
+                "predictions at the same paths"
+            )
 
 
 def _check_worker_groups(fail: _Fail, workers: list[tuple[str, dict]], at: str) -> None:
     """Explicit, consistent autoscaling bounds; unique group names; some room for work."""
     if not workers:
-        fail(f"missing required key '{at}.workerGroupSpecs' (the GPU workers; the head runs no "
-             "work)")
+        fail(
+            f"missing required key '{at}.workerGroupSpecs' (the GPU workers; the head runs no work)"
+        )
     names: dict[str, str] = {}
     for key, group in workers:
         name = group["groupName"]  # required by the CRD schema
@@ -551,14 +630,18 @@ def _check_worker_groups(fail: _Fail, workers: list[tuple[str, dict]], at: str) 
             fail(f"{key}.groupName {name!r} is used twice (also {names[name]})")
         names[name] = key
         if "maxReplicas" not in group:
-            fail(f"missing required key '{key}.maxReplicas' (the autoscaling bound; KubeRay's "
-                 f"default {INT32_MAX} means unbounded)")
+            fail(
+                f"missing required key '{key}.maxReplicas' (the autoscaling bound; KubeRay's "
+                f"default {INT32_MAX} means unbounded)"
+            )
         lo, hi = group.get("minReplicas", 0), group["maxReplicas"]
         if lo > hi:
             fail(f"{key}.minReplicas ({lo}) is larger than {key}.maxReplicas ({hi})")
         if "replicas" in group and not lo <= group["replicas"] <= hi:
-            fail(f"{key}.replicas ({group['replicas']}) is outside [minReplicas, maxReplicas] = "
-                 f"[{lo}, {hi}]")
+            fail(
+                f"{key}.replicas ({group['replicas']}) is outside [minReplicas, maxReplicas] = "
+                f"[{lo}, {hi}]"
+            )
     if all(group["maxReplicas"] == 0 for _, group in workers):
         fail(f"{at}.workerGroupSpecs: every group has maxReplicas 0 (nothing to train on)")
 
@@ -572,8 +655,10 @@ def _shared_mounts(fail: _Fail, key: str, group: dict) -> dict[str, str]:
         name = _get(mount, "name")
         if name not in volumes:
             known = ", ".join(map(str, volumes)) or "none"
-            fail(f"{key}.template.spec.containers[0].volumeMounts[{m}].name {_short(name)} is not "
-                 f"one of the pod's volumes ({key}.template.spec.volumes: {known})")
+            fail(
+                f"{key}.template.spec.containers[0].volumeMounts[{m}].name {_short(name)} is not "
+                f"one of the pod's volumes ({key}.template.spec.volumes: {known})"
+            )
         claim = _get(volumes[name], "persistentVolumeClaim", "claimName")
         if claim:
             sub = _get(mount, "subPath")
@@ -610,15 +695,22 @@ def _image_problem(key: str, image: str, pin: Any) -> str | None:
     """What is wrong with a rayproject/ray image's tag for the pin, if anything; others pass."""
     name = image.split("@", 1)[0]
     repo, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
-    if repo.rsplit("/", 2)[-2:] not in (["rayproject", "ray"], ["rayproject", "ray-ml"],
-                                        ["rayproject", "ray-llm"]):
+    if repo.rsplit("/", 2)[-2:] not in (
+        ["rayproject", "ray"],
+        ["rayproject", "ray-ml"],
+        ["rayproject", "ray-llm"],
+    ):
         return None  # a custom image: its Ray version cannot be read from the name
     example = f"{repo}:{_pin_example(pin)}-py311-gpu"
     version = tag.split("-", 1)[0]
     if not re.fullmatch(r"\d+\.\d+\.\d+\w*", version):
-        return (f"{key} {image!r} does not name a Ray version (raycell pins ray{pin}): use e.g. "
-                f"{example}")
+        return (
+            f"{key} {image!r} does not name a Ray version (raycell pins ray{pin}): use e.g. "
+            f"{example}"
+        )
     if not _version_ok(version, pin):
-        return (f"{key} {image!r} carries Ray {version}, but raycell pins ray{pin} "
-                f"({PYPROJECT.name}): use e.g. {example}")
+        return (
+            f"{key} {image!r} carries Ray {version}, but raycell pins ray{pin} "
+            f"({PYPROJECT.name}): use e.g. {example}"
+        )
     return None

@@ -1,8 +1,10 @@
 """Typed configuration: nested dataclasses, YAML files and dotted `--set section.key=value` overrides.
 
-One `ExperimentConfig` drives every verb (CLI, Python and `jobs/`). Unknown keys are errors that list the valid
+One `ExperimentConfig` drives every verb (CLI, Python and `jobs/`). Unknown keys are errors that
+list the valid
 keys; values are type-checked; cross-field checks live in `ExperimentConfig.validate`. Every field carries a
-`help` string so `raycell config --defaults` prints a commented YAML of all keys (that is `configs/base.yaml`).
+`help` string so `raycell config --defaults` prints a commented YAML of all keys (that is
+`configs/base.yaml`).
 """
 
 from __future__ import annotations
@@ -43,45 +45,77 @@ class SynthConfig:
     n_unseen: int = _f(2, "batches suggested for holding out whole as 'unseen' (the last ones)")
     lines_per_batch: int = _f(4, "cell lines imaged in each seen batch")
     wells_per_line: int = _f(6, "wells per (line, batch); the split groups by well")
-    confounding: float = _f(0.75, "fraction of a seen batch's cells whose label matches the batch's "
-                            "majority label (0.5 = no confounding)")
-    batch_strength: float = _f(1.0, "scale of the nuisance effects (gain, offset, gradient, blur, noise)")
+    confounding: float = _f(
+        0.75,
+        "fraction of a seen batch's cells whose label matches the batch's "
+        "majority label (0.5 = no confounding)",
+    )
+    batch_strength: float = _f(
+        1.0, "scale of the nuisance effects (gain, offset, gradient, blur, noise)"
+    )
     phenotype_strength: float = _f(1.0, "scale of the morphology signal that defines the label")
     rows_per_shard: int = _f(1000, "cells per parquet shard")
-    chunk_cells: int = _f(0, "cells rendered and written per chunk (rounded up to whole shards); bounds "
-                          "synth's memory; 0 = 16384. Never changes the data set's bytes")
-    num_workers: int = _f(-1, "Ray tasks writing synth chunks at once: 0 = in this process, -1 = automatic "
-                          "(in this process below 200,000 cells / 2,000 raw fields, else one task per "
-                          "CPU of the running Ray). Never changes the data set's bytes")
-    raw: bool = _f(False, "write raw fields of view (TIFF per channel and Z-slice, true masks, plate "
-                   "map) to exercise ingest, instead of crop shards")
+    chunk_cells: int = _f(
+        0,
+        "cells rendered and written per chunk (rounded up to whole shards); bounds "
+        "synth's memory; 0 = 16384. Never changes the data set's bytes",
+    )
+    num_workers: int = _f(
+        -1,
+        "Ray tasks writing synth chunks at once: 0 = in this process, -1 = automatic "
+        "(in this process below 200,000 cells / 2,000 raw fields, else one task per "
+        "CPU of the running Ray). Never changes the data set's bytes",
+    )
+    raw: bool = _f(
+        False,
+        "write raw fields of view (TIFF per channel and Z-slice, true masks, plate "
+        "map) to exercise ingest, instead of crop shards",
+    )
     raw_fov_size: int = _f(256, "raw: field-of-view height and width in pixels")
     raw_wells: int = _f(4, "raw: wells per plate (one plate per batch; lines assigned to wells)")
     raw_fields: int = _f(2, "raw: fields of view per well")
-    raw_cells_per_fov: int = _f(14, "raw: cells placed per field of view (fewer if they do not fit)")
+    raw_cells_per_fov: int = _f(
+        14, "raw: cells placed per field of view (fewer if they do not fit)"
+    )
     raw_chunk_fovs: int = _f(0, "raw: fields of view rendered and written per chunk (0 = 16)")
     raw_z: int = _f(3, "raw: Z-slices per channel; the in-focus slice varies per field")
-    effects: str = _f("varied", "raw: batch effects: varied (each batch its own mix of background "
-                      "texture, channel crosstalk, debris, gamma, vignetting, shot noise; each unseen "
-                      "batch one mechanism stronger than any seen batch) or basic (gain, offset, "
-                      "illumination, blur, noise only: the easy images)")
-    design: str = _f("phenotype", "phenotype (cell lines with a high/low phenotype, confounded batches) "
-                     "or timedose (a time x dose treatment design with gradual morphology changes and "
-                     "batch nuisance: the weak-label experiment's ground truth)")
+    effects: str = _f(
+        "varied",
+        "raw: batch effects: varied (each batch its own mix of background "
+        "texture, channel crosstalk, debris, gamma, vignetting, shot noise; each unseen "
+        "batch one mechanism stronger than any seen batch) or basic (gain, offset, "
+        "illumination, blur, noise only: the easy images)",
+    )
+    design: str = _f(
+        "phenotype",
+        "phenotype (cell lines with a high/low phenotype, confounded batches) "
+        "or timedose (a time x dose treatment design with gradual morphology changes and "
+        "batch nuisance: the weak-label experiment's ground truth)",
+    )
     times: list = _f([24, 48, 72], "timedose: time points in whole hours (column `time`)")
-    doses: list = _f([0, 0.01, 0.1, 1, 10], "timedose: doses in uM, >= 0; 0 is the DMSO control "
-                     "(column `dose`; the label is the dose as text)")
+    doses: list = _f(
+        [0, 0.01, 0.1, 1, 10],
+        "timedose: doses in uM, >= 0; 0 is the DMSO control "
+        "(column `dose`; the label is the dose as text)",
+    )
     replicates: int = _f(4, "timedose: wells per time x dose x batch")
-    effect_strength: float = _f(1.0, "timedose: scale of the dose and time morphology effects "
-                                "(0 = no effect)")
-    crop_effects: str = _f("basic", "crops (phenotype and timedose designs): batch effects of the crop "
-                           "generator: basic (per batch gain, offset, illumination gradient, blur, noise: the "
-                           "data set of before) or varied (also each "
-                           "batch its own mix of background texture, channel crosstalk, debris, gamma, "
-                           "vignetting, shot noise, as synth --raw; each unseen batch one mechanism stronger "
-                           "than any seen batch)")
-    unseen_extreme: float = _f(2.5, "varied (raw and crops): each unseen batch's extreme mechanism, as a multiple "
-                               "of the strongest seen batch's strength (> 1)")
+    effect_strength: float = _f(
+        1.0, "timedose: scale of the dose and time morphology effects (0 = no effect)"
+    )
+    crop_effects: str = _f(
+        "basic",
+        "crops (phenotype and timedose designs): batch effects of the crop "
+        "generator: basic (per batch gain, offset, illumination gradient, blur, noise: the "
+        "data set of before) or varied (also each "
+        "batch its own mix of background texture, channel crosstalk, debris, gamma, "
+        "vignetting, shot noise, as synth --raw; each unseen batch one mechanism stronger "
+        "than any seen batch)",
+    )
+    unseen_extreme: float = _f(
+        2.5,
+        "varied (raw and crops): each unseen batch's extreme mechanism, as a multiple "
+        "of the strongest seen batch's strength (> 1)",
+    )
 
 
 @dataclass
@@ -90,118 +124,236 @@ class IngestConfig:
 
     input: str = _f("", "folder of TIFF/PNG images")
     out: str = _f("", "output data set folder")
-    pattern: str = _f("", "regex with named groups (batch, plate, well, field, channel, z, ...) "
-                      "matched against each file's path relative to `input`")
-    platemap: str = _f("", "optional plate-map CSV joined on the columns it shares with the regex groups")
+    pattern: str = _f(
+        "",
+        "regex with named groups (batch, plate, well, field, channel, z, ...) "
+        "matched against each file's path relative to `input`",
+    )
+    platemap: str = _f(
+        "", "optional plate-map CSV joined on the columns it shares with the regex groups"
+    )
     crop_size: int = _f(64, "crop height and width in pixels")
-    platemap_on: list = _f([], "plate-map join columns (empty = every column shared with the regex groups)")
-    label_column: str = _f("label", "metadata column used as the phenotype label ('' labels if absent)")
-    batch_column: str = _f("batch", "metadata column used as the imaging batch (falls back to 'plate')")
-    group_column: str = _f("", "metadata column used as `group` ('' = the first of line, treatment, "
-                           "compound present)")
-    channels: list = _f([], "values of the regex 'channel' group to use, in output order (empty = all)")
-    channel_names: list = _f([], "names for those channels (e.g. [DNA, PH3, actin]; empty = the values)")
-    nucleus_channel: str = _f("", "channel (name or value) segmented for primary objects ('' = the first)")
+    platemap_on: list = _f(
+        [], "plate-map join columns (empty = every column shared with the regex groups)"
+    )
+    label_column: str = _f(
+        "label", "metadata column used as the phenotype label ('' labels if absent)"
+    )
+    batch_column: str = _f(
+        "batch", "metadata column used as the imaging batch (falls back to 'plate')"
+    )
+    group_column: str = _f(
+        "", "metadata column used as `group` ('' = the first of line, treatment, compound present)"
+    )
+    channels: list = _f(
+        [], "values of the regex 'channel' group to use, in output order (empty = all)"
+    )
+    channel_names: list = _f(
+        [], "names for those channels (e.g. [DNA, PH3, actin]; empty = the values)"
+    )
+    nucleus_channel: str = _f(
+        "", "channel (name or value) segmented for primary objects ('' = the first)"
+    )
     cytoplasm_channel: str = _f("", "channel to grow cell bodies into ('' = nuclei only)")
     axes: str = _f("", "axes of multi-dimensional files, e.g. ZCYX ('' = from the file's metadata)")
-    z_projection: str = _f("max", "Z projection per channel: max, mean, middle or best-focus "
-                           "(variance of Laplacian)")
+    z_projection: str = _f(
+        "max", "Z projection per channel: max, mean, middle or best-focus (variance of Laplacian)"
+    )
     illum_correction: bool = _f(False, "divide by a per-plate, per-channel illumination function")
     illum_downscale: int = _f(4, "block-mean downscale factor for the illumination function")
-    illum_filter: int = _f(0, "median filter size (downscaled px) of the illumination function "
-                           "(0 = a tenth of the image)")
-    normalization: str = _f("global", "intensity normalisation: global (one affine map per channel), "
-                            "per-batch or per-image")
-    norm_percentiles: list = _f([0.1, 99.9], "low/high percentiles mapped to 0 and the dtype maximum")
-    stats_fovs: int = _f(0, "fields of view sampled per batch for global/per-batch statistics "
-                         "(0 = all)")
-    scale_check: str = _f("reject", "fields whose pixel type or intensity scale is far outside their "
-                          "plate's (they would wreck the pooled normalisation): reject (rejects "
-                          "table, code out-of-scale), separate (keep them, normalised per field) "
-                          "or ignore (no check)")
-    scale_fold: float = _f(20.0, "a field is out of scale when a channel's 99th percentile is more than "
-                           "this factor from its plate's median (and 5 MADs), or its pixel type differs")
+    illum_filter: int = _f(
+        0,
+        "median filter size (downscaled px) of the illumination function "
+        "(0 = a tenth of the image)",
+    )
+    normalization: str = _f(
+        "global",
+        "intensity normalisation: global (one affine map per channel), per-batch or per-image",
+    )
+    norm_percentiles: list = _f(
+        [0.1, 99.9], "low/high percentiles mapped to 0 and the dtype maximum"
+    )
+    stats_fovs: int = _f(
+        0, "fields of view sampled per batch for global/per-batch statistics (0 = all)"
+    )
+    scale_check: str = _f(
+        "reject",
+        "fields whose pixel type or intensity scale is far outside their "
+        "plate's (they would wreck the pooled normalisation): reject (rejects "
+        "table, code out-of-scale), separate (keep them, normalised per field) "
+        "or ignore (no check)",
+    )
+    scale_fold: float = _f(
+        20.0,
+        "a field is out of scale when a channel's 99th percentile is more than "
+        "this factor from its plate's median (and 5 MADs), or its pixel type differs",
+    )
     dtype: str = _f("uint8", "crop pixel type: uint8 or uint16")
-    segmentation: str = _f("classical", "segmentation backend: classical (scikit-image) or cellpose")
-    cellpose_model: str = _f("", "local cellpose model file (segmentation=cellpose; never downloaded)")
-    diameter: float = _f(0.0, "expected diameter (px) of the primary objects (0 = estimate per image)")
+    segmentation: str = _f(
+        "classical", "segmentation backend: classical (scikit-image) or cellpose"
+    )
+    cellpose_model: str = _f(
+        "", "local cellpose model file (segmentation=cellpose; never downloaded)"
+    )
+    diameter: float = _f(
+        0.0, "expected diameter (px) of the primary objects (0 = estimate per image)"
+    )
     flatten: bool = _f(True, "subtract a smooth per-image background surface before thresholding")
-    tophat: bool = _f(True, "also remove background texture broader than ~2 objects (white top-hat "
-                      "at the object scale), and keep specks out of the diameter estimate")
-    diameter_min: float = _f(0.0, "lower bound of the estimated diameter in px (0 = max(4, "
-                             "crop_size / 16))")
-    diameter_max: float = _f(0.0, "upper bound of the estimated diameter in px (0 = crop_size: an "
-                             "object wider than its crop cannot be cropped whole)")
-    diameter_outlier_fold: float = _f(2.0, "a field whose estimated diameter is more than this factor "
-                                      "from its plate's median uses the plate's")
-    scale_fovs: int = _f(8, "fields of view per plate whose diameter estimates give the plate's median "
-                         "(a scale pass before cropping; 0 = off)")
-    overlay_fields: int = _f(3, "fields per plate drawn with their objects' outlines in "
-                             "overlays/<plate>.png of the data set (shown by raycell report; 0 = none)")
-    plausibility_check: bool = _f(True, "reject fields whose segmentation looks implausible (objects far "
-                                  "larger than the plate's, most on the border, most of the foreground "
-                                  "in giant objects): rejects table, code implausible-segmentation")
-    implausible_fold: float = _f(4.0, "a field is implausible when its median object area is more than "
-                                 "this factor above its plate's")
+    tophat: bool = _f(
+        True,
+        "also remove background texture broader than ~2 objects (white top-hat "
+        "at the object scale), and keep specks out of the diameter estimate",
+    )
+    diameter_min: float = _f(
+        0.0, "lower bound of the estimated diameter in px (0 = max(4, crop_size / 16))"
+    )
+    diameter_max: float = _f(
+        0.0,
+        "upper bound of the estimated diameter in px (0 = crop_size: an "
+        "object wider than its crop cannot be cropped whole)",
+    )
+    diameter_outlier_fold: float = _f(
+        2.0,
+        "a field whose estimated diameter is more than this factor "
+        "from its plate's median uses the plate's",
+    )
+    scale_fovs: int = _f(
+        8,
+        "fields of view per plate whose diameter estimates give the plate's median "
+        "(a scale pass before cropping; 0 = off)",
+    )
+    overlay_fields: int = _f(
+        3,
+        "fields per plate drawn with their objects' outlines in "
+        "overlays/<plate>.png of the data set (shown by raycell report; 0 = none)",
+    )
+    plausibility_check: bool = _f(
+        True,
+        "reject fields whose segmentation looks implausible (objects far "
+        "larger than the plate's, most on the border, most of the foreground "
+        "in giant objects): rejects table, code implausible-segmentation",
+    )
+    implausible_fold: float = _f(
+        4.0,
+        "a field is implausible when its median object area is more than "
+        "this factor above its plate's",
+    )
     threshold: str = _f("otsu", "foreground threshold: otsu, li or local")
     threshold_scale: float = _f(1.0, "threshold correction factor (<1 keeps dimmer objects)")
-    log_threshold: bool = _f(True, "threshold log intensities (robust to a few very bright objects)")
-    declump: str = _f("shape", "splitting touching objects: shape (distance transform), intensity "
-                      "or none")
-    declump_h: float = _f(0.2, "a maximum seeds its own object when it stands this fraction of the "
-                          "radius above the saddle to its neighbour")
+    log_threshold: bool = _f(
+        True, "threshold log intensities (robust to a few very bright objects)"
+    )
+    declump: str = _f(
+        "shape", "splitting touching objects: shape (distance transform), intensity or none"
+    )
+    declump_h: float = _f(
+        0.2,
+        "a maximum seeds its own object when it stands this fraction of the "
+        "radius above the saddle to its neighbour",
+    )
     min_area: float = _f(0.0, "smallest object area in px (0 = a quarter of the expected area)")
-    min_snr: float = _f(3.0, "objects must be this many pixel-noise sds above the background "
-                        "(empty fields then give no objects)")
+    min_snr: float = _f(
+        3.0,
+        "objects must be this many pixel-noise sds above the background "
+        "(empty fields then give no objects)",
+    )
     max_area: float = _f(0.0, "largest object area in px (0 = 8x the expected area)")
-    edge_peak: float = _f(0.95, "object edges at half their maximum over the background, the maximum "
-                          "being this quantile of the object's pixels (blur does not enlarge objects; "
-                          "a nucleus in a halo of cytoplasmic crosstalk keeps its own edge); 0 = half "
-                          "the object's median (use 0 for punctate cytoplasm-only primary stains)")
-    outlier_k: float = _f(3.0, "drop objects whose area or edge sharpness lies more than this many "
-                          "robust sds (median/MAD) below the rest of their field: debris specks and "
-                          "out-of-focus blobs; 0 = off")
-    cell_compactness: float = _f(0.05, "watershed compactness for cell bodies, per nucleus diameter "
-                                 "(0 = follow edges only; larger = rounder, Voronoi-like)")
-    max_cell_area: float = _f(0.0, "a cell body larger than this (px) falls back to its nucleus "
-                              "(0 = no limit)")
-    mask_crops: bool = _f(True, "multiply each crop by its object's mask with a blurred edge, so that "
-                          "background texture and neighbours are not an input (the default: it generalised "
-                          "better to unseen imaging batches, docs/generalisation.md); false keeps the context")
+    edge_peak: float = _f(
+        0.95,
+        "object edges at half their maximum over the background, the maximum "
+        "being this quantile of the object's pixels (blur does not enlarge objects; "
+        "a nucleus in a halo of cytoplasmic crosstalk keeps its own edge); 0 = half "
+        "the object's median (use 0 for punctate cytoplasm-only primary stains)",
+    )
+    outlier_k: float = _f(
+        3.0,
+        "drop objects whose area or edge sharpness lies more than this many "
+        "robust sds (median/MAD) below the rest of their field: debris specks and "
+        "out-of-focus blobs; 0 = off",
+    )
+    cell_compactness: float = _f(
+        0.05,
+        "watershed compactness for cell bodies, per nucleus diameter "
+        "(0 = follow edges only; larger = rounder, Voronoi-like)",
+    )
+    max_cell_area: float = _f(
+        0.0, "a cell body larger than this (px) falls back to its nucleus (0 = no limit)"
+    )
+    mask_crops: bool = _f(
+        True,
+        "multiply each crop by its object's mask with a blurred edge, so that "
+        "background texture and neighbours are not an input (the default: it generalised "
+        "better to unseen imaging batches, docs/generalisation.md); false keeps the context",
+    )
     mask_blur: float = _f(2.0, "Gaussian sigma (px) of the mask edge")
-    crop_features: bool = _f(False, "also store each crop's CellProfiler-style features as feat_* columns "
-                             "(shape of the centre object, intensity inside/outside it, GLCM texture; "
-                             "raycell/ingest/features.py), computed in the ingest tasks; the hand-made-"
-                             "feature baseline then reads them instead of computing them from the crops")
-    rows_per_shard: int = _f(2000, "most cells per parquet shard: the crop tasks' files are compacted "
-                             "into shards of this many cells (0 = no row bound), whatever the number "
-                             "of fields")
-    shard_mb: float = _f(128.0, "most MiB of crop image bytes per shard (with rows_per_shard, the "
-                         "smaller bound wins; 0 = no byte bound)")
+    crop_features: bool = _f(
+        False,
+        "also store each crop's CellProfiler-style features as feat_* columns "
+        "(shape of the centre object, intensity inside/outside it, GLCM texture; "
+        "raycell/ingest/features.py), computed in the ingest tasks; the hand-made-"
+        "feature baseline then reads them instead of computing them from the crops",
+    )
+    rows_per_shard: int = _f(
+        2000,
+        "most cells per parquet shard: the crop tasks' files are compacted "
+        "into shards of this many cells (0 = no row bound), whatever the number "
+        "of fields",
+    )
+    shard_mb: float = _f(
+        128.0,
+        "most MiB of crop image bytes per shard (with rows_per_shard, the "
+        "smaller bound wins; 0 = no byte bound)",
+    )
     num_workers: int = _f(0, "concurrent ingest tasks (0 = as many as Ray's CPUs allow)")
     cpus_per_task: float = _f(1.0, "logical CPUs reserved by each ingest task")
     fovs_per_task: int = _f(1, "fields of view per Ray task (more = less scheduling overhead)")
-    overwrite: bool = _f(False, "replace an existing data set in `out` made with other inputs or "
-                         "parameters (an identical one is skipped)")
-    preset: str = _f("", "instrument file naming instead of `pattern`: phenix (operetta), imagexpress, "
-                     "cellinsight (arrayscan, cellprofiler), jump (load-data CSVs), ome-zarr (NGFF plate)")
-    load_data: str = _f("", "CellProfiler load-data CSV, or a folder of load_data*.csv, listing each field's "
-                        "files (FileName_<Ch>/PathName_<Ch>, Metadata_Plate/Well/Site) instead of `pattern`")
-    masks: str = _f("", "folder of instance masks, one per field (label images, TIFF/PNG; a binary mask "
-                    "is split into connected components): used instead of raycell's segmentation "
-                    "('' = segment); found by masks_pattern, or by name (<image stem>_cp_masks.png, "
-                    "_masks.tif, ...)")
-    masks_pattern: str = _f("", "regex matched on mask paths relative to `masks`; its named groups "
-                            "(a subset of the images' field groups) pick each field's mask")
-    cell_masks: str = _f("", "folder of cell-body masks (with `masks` as the nuclei), found like masks")
+    overwrite: bool = _f(
+        False,
+        "replace an existing data set in `out` made with other inputs or "
+        "parameters (an identical one is skipped)",
+    )
+    preset: str = _f(
+        "",
+        "instrument file naming instead of `pattern`: phenix (operetta), imagexpress, "
+        "cellinsight (arrayscan, cellprofiler), jump (load-data CSVs), ome-zarr (NGFF plate)",
+    )
+    load_data: str = _f(
+        "",
+        "CellProfiler load-data CSV, or a folder of load_data*.csv, listing each field's "
+        "files (FileName_<Ch>/PathName_<Ch>, Metadata_Plate/Well/Site) instead of `pattern`",
+    )
+    masks: str = _f(
+        "",
+        "folder of instance masks, one per field (label images, TIFF/PNG; a binary mask "
+        "is split into connected components): used instead of raycell's segmentation "
+        "('' = segment); found by masks_pattern, or by name (<image stem>_cp_masks.png, "
+        "_masks.tif, ...)",
+    )
+    masks_pattern: str = _f(
+        "",
+        "regex matched on mask paths relative to `masks`; its named groups "
+        "(a subset of the images' field groups) pick each field's mask",
+    )
+    cell_masks: str = _f(
+        "", "folder of cell-body masks (with `masks` as the nuclei), found like masks"
+    )
     cell_masks_pattern: str = _f("", "regex for the cell masks, as masks_pattern")
-    objects: str = _f("", "CSV/parquet table of object centres used instead of segmentation: "
-                      "CellProfiler's Nuclei.csv (ImageNumber, ObjectNumber, Location_Center_X/Y) "
-                      "with objects_images, or any table with the fields' metadata columns and x/y")
-    objects_images: str = _f("", "CellProfiler's Image.csv for `objects`: ImageNumber -> field, by "
-                             "FileName_<channel> or Metadata_<key> columns")
-    objects_xy: list = _f([], "x and y column names of `objects` (empty = Location_Center_X/Y, x/y, "
-                          "center_x/y, centroid_x/y)")
+    objects: str = _f(
+        "",
+        "CSV/parquet table of object centres used instead of segmentation: "
+        "CellProfiler's Nuclei.csv (ImageNumber, ObjectNumber, Location_Center_X/Y) "
+        "with objects_images, or any table with the fields' metadata columns and x/y",
+    )
+    objects_images: str = _f(
+        "",
+        "CellProfiler's Image.csv for `objects`: ImageNumber -> field, by "
+        "FileName_<channel> or Metadata_<key> columns",
+    )
+    objects_xy: list = _f(
+        [],
+        "x and y column names of `objects` (empty = Location_Center_X/Y, x/y, "
+        "center_x/y, centroid_x/y)",
+    )
 
 
 @dataclass
@@ -213,38 +365,62 @@ class DataConfig:
     eval_batch_size: int = _f(256, "batch size for validation and inference")
     shuffle_buffer: int = _f(1024, "local shuffle buffer (rows) per worker; 0 = off")
     prefetch_batches: int = _f(2, "batches prefetched by each worker's iterator")
-    fetch_batches: int = _f(4, "training batches taken from Ray Data's iterator at once and cut into "
-                            "batch_size rows in the worker: Ray's per-batch cost is paid once per N (64 px: "
-                            "~2x the images per core, bench/README.md); capped so a fetched batch's images stay "
-                            "within 4 MiB (at 256 px it halved the rate); 1 = one Ray batch per step")
-    block_size_mb: int = _f(8, "Ray Data target block size; small data needs small blocks to shuffle")
-    parquet_reader: str = _f("v1", "Ray Data's parquet reader: v1 (read tasks, one block per shard; 0.33 s "
-                             "to read the demo's 6 shards on 2 cores) or v2 (Ray 2.60's DataSourceV2: 32 "
-                             "footer-reading actors per read, RAY_DATA_PARQUET_FOOTER_NUM_ACTORS; 2.98 s for the "
-                             "same, paid by each split, streamed epoch and inference round, but 1.7x faster "
-                             "batches of 256-px crops once started: for long runs on large crops)")
-    normalize: str = _f("crop", "how stored crops become model input: crop (per crop and channel: 1st/99th "
-                        "percentile -> 0/1, clipped, so a batch's brightness and offset are not an input; the "
-                        "default: it generalised better to unseen batches, docs/generalisation.md; a phenotype "
-                        "carried by absolute intensity is then lost too) or global (divide by the dtype's "
-                        "range, the same for every crop: absolute intensity is an input, e.g. for dose "
-                        "effects on a stain's intensity); saved in the checkpoint, inference applies the "
-                        "model's own")
-    shuffle_seed: int = _f(-1, "seed for the training data order (-1 = a new order every run); with a seed, "
-                           "each epoch's order (and the model's random draws) depends only on the seed and the epoch, so a run restarted "
-                           "after a failure sees the same batches as an undisturbed one (Ray Data then keeps "
-                           "block order: slightly slower; exact with one worker)")
-    materialize: str = _f("auto", "hold the training and validation splits in Ray's object store, read once "
-                          "(always), stream them from the shards every epoch (never), or auto: hold them "
-                          "when they take at most a quarter of the object store")
-    stream_buffer_mb: int = _f(0, "streamed training split (not held in the object store): the most Ray Data "
-                               "may read ahead of the training workers, MiB per worker; 0 = Ray's own bound "
-                               "(~1 GiB ahead of the tiny AEC on 1 M cells, ~0.1 GiB on 100 k). 256 held it at "
-                               "0.14 GiB but made epochs 1.3x slower on 2 cores: Ray's split coordinator "
-                               "spins while throttled (docs/scale.md)")
-    heads: list = _f([], "weak-label columns, one classification head each, for model types with heads "
-                     "(timm), e.g. [time, dose]: any metadata column of the crop shards; numeric columns "
-                     "are ordered numerically (ordinal classes); empty = the label column")
+    fetch_batches: int = _f(
+        4,
+        "training batches taken from Ray Data's iterator at once and cut into "
+        "batch_size rows in the worker: Ray's per-batch cost is paid once per N (64 px: "
+        "~2x the images per core, bench/README.md); capped so a fetched batch's images stay "
+        "within 4 MiB (at 256 px it halved the rate); 1 = one Ray batch per step",
+    )
+    block_size_mb: int = _f(
+        8, "Ray Data target block size; small data needs small blocks to shuffle"
+    )
+    parquet_reader: str = _f(
+        "v1",
+        "Ray Data's parquet reader: v1 (read tasks, one block per shard; 0.33 s "
+        "to read the demo's 6 shards on 2 cores) or v2 (Ray 2.60's DataSourceV2: 32 "
+        "footer-reading actors per read, RAY_DATA_PARQUET_FOOTER_NUM_ACTORS; 2.98 s for the "
+        "same, paid by each split, streamed epoch and inference round, but 1.7x faster "
+        "batches of 256-px crops once started: for long runs on large crops)",
+    )
+    normalize: str = _f(
+        "crop",
+        "how stored crops become model input: crop (per crop and channel: 1st/99th "
+        "percentile -> 0/1, clipped, so a batch's brightness and offset are not an input; the "
+        "default: it generalised better to unseen batches, docs/generalisation.md; a phenotype "
+        "carried by absolute intensity is then lost too) or global (divide by the dtype's "
+        "range, the same for every crop: absolute intensity is an input, e.g. for dose "
+        "effects on a stain's intensity); saved in the checkpoint, inference applies the "
+        "model's own",
+    )
+    shuffle_seed: int = _f(
+        -1,
+        "seed for the training data order (-1 = a new order every run); with a seed, "
+        "each epoch's order (and the model's random draws) depends only on the seed and the epoch, "
+        "so a run restarted "
+        "after a failure sees the same batches as an undisturbed one (Ray Data then keeps "
+        "block order: slightly slower; exact with one worker)",
+    )
+    materialize: str = _f(
+        "auto",
+        "hold the training and validation splits in Ray's object store, read once "
+        "(always), stream them from the shards every epoch (never), or auto: hold them "
+        "when they take at most a quarter of the object store",
+    )
+    stream_buffer_mb: int = _f(
+        0,
+        "streamed training split (not held in the object store): the most Ray Data "
+        "may read ahead of the training workers, MiB per worker; 0 = Ray's own bound "
+        "(~1 GiB ahead of the tiny AEC on 1 M cells, ~0.1 GiB on 100 k). 256 held it at "
+        "0.14 GiB but made epochs 1.3x slower on 2 cores: Ray's split coordinator "
+        "spins while throttled (docs/scale.md)",
+    )
+    heads: list = _f(
+        [],
+        "weak-label columns, one classification head each, for model types with heads "
+        "(timm), e.g. [time, dose]: any metadata column of the crop shards; numeric columns "
+        "are ordered numerically (ordinal classes); empty = the label column",
+    )
 
 
 @dataclass
@@ -255,9 +431,12 @@ class SplitConfig:
     group_by: str = _f("well", "column whose values never straddle two splits (a well, a cell)")
     stratify: list = _f(["group", "batch"], "columns whose combinations are spread over the splits")
     fractions: list = _f([0.7, 0.1, 0.2], "train, val, test fractions of the seen groups")
-    val_batches: list = _f([], "seen batches held out whole as split 'valbatch' for model selection "
-                           "across batches (never trained on; the loop reports valbatch_auroc); names, or "
-                           "['auto:N'] for N seen batches picked by seed; empty = none")
+    val_batches: list = _f(
+        [],
+        "seen batches held out whole as split 'valbatch' for model selection "
+        "across batches (never trained on; the loop reports valbatch_auroc); names, or "
+        "['auto:N'] for N seen batches picked by seed; empty = none",
+    )
 
 
 @dataclass
@@ -275,18 +454,28 @@ class LossConfig:
 
     recon: float = _f(1.0, "weight of the reconstruction MSE")
     cls: float = _f(0.1, "weight of the phenotype BCE")
-    adv: float = _f(0.1, "weight of the adversarial term in the encoder's objective (loss.adv_objective)")
+    adv: float = _f(
+        0.1, "weight of the adversarial term in the encoder's objective (loss.adv_objective)"
+    )
     adv_objective: str = _f(
-        "subtract", "what the encoder does with the adversary: 'subtract' (the ARMED paper: - w_adv * "
+        "subtract",
+        "what the encoder does with the adversary: 'subtract' (the ARMED paper: - w_adv * "
         "CE(adversary, batch), rewarding a confidently wrong adversary) or 'confusion' (+ w_adv * CE("
-        "adversary, uniform): the encoder is rewarded only for leaving the adversary unsure)")
-    adv_steps: int = _f(1, "adversary updates per main update (a stronger adversary for the encoder to "
-                        "hide the batch from)")
+        "adversary, uniform): the encoder is rewarded only for leaving the adversary unsure)",
+    )
+    adv_steps: int = _f(
+        1,
+        "adversary updates per main update (a stronger adversary for the encoder to "
+        "hide the batch from)",
+    )
     cluster_latent: float = _f(0.001, "weight of the latent cluster CE (random effects)")
     cluster_image: float = _f(0.001, "weight of the image cluster CE on reconstructions")
     kl: float = _f(1e-7, "weight of the random-effects KL")
-    heads: str = _f("softmax", "weak-label heads' loss: softmax (one cross-entropy per head) or multilabel "
-                    "(sigmoid BCE over all heads' one-hot classes, as in the blog)")
+    heads: str = _f(
+        "softmax",
+        "weak-label heads' loss: softmax (one cross-entropy per head) or multilabel "
+        "(sigmoid BCE over all heads' one-hot classes, as in the blog)",
+    )
 
 
 @dataclass
@@ -299,35 +488,61 @@ class TrainConfig:
     runs_dir: str = _f("runs", "folder that holds one sub-folder per run")
     resume: str = _f("", "run folder to continue from its latest checkpoint")
     checkpoints_to_keep: int = _f(2, "checkpoints kept per run (the latest ones)")
-    early_stopping_patience: int = _f(0, "stop when train.early_stopping_metric has not improved for this "
-                                      "many epochs; metrics.json then names the best epoch's checkpoint "
-                                      "(best_checkpoint); 0 = off")
-    early_stopping_metric: str = _f("val_acc", "metric watched by early stopping (names with 'loss' are "
-                                    "minimised, others maximised)")
+    early_stopping_patience: int = _f(
+        0,
+        "stop when train.early_stopping_metric has not improved for this "
+        "many epochs; metrics.json then names the best epoch's checkpoint "
+        "(best_checkpoint); 0 = off",
+    )
+    early_stopping_metric: str = _f(
+        "val_acc",
+        "metric watched by early stopping (names with 'loss' are minimised, others maximised)",
+    )
     max_failures: int = _f(1, "worker-group restarts from the last checkpoint before giving up")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = _f(True, "channels-last memory format for the model and its input, in training and "
-                                   "inference (CPU, small AEC: training step 1.2x, inference 1.7x faster; CUDA: tensor cores)")
-    torch_threads: int = _f(0, "CPU threads per worker (0 = Ray's choice: the worker's CPU count, "
-                            "which is 1 for fractional CPUs)")
+    channels_last: bool = _f(
+        True,
+        "channels-last memory format for the model and its input, in training and "
+        "inference (CPU, small AEC: training step 1.2x, inference 1.7x faster; CUDA: tensor cores)",
+    )
+    torch_threads: int = _f(
+        0,
+        "CPU threads per worker (0 = Ray's choice: the worker's CPU count, "
+        "which is 1 for fractional CPUs)",
+    )
     log_every: int = _f(0, "print a line every N steps (0 = once per epoch)")
     max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole split); for smoke runs")
-    augment: str = _f("all,flip,rot90", "augmentation of training cells on the device: 'all' (every batch "
-                      "effect), or a comma list of gain, offset, gamma, blur, noise, background, mix (channel "
-                      "crosstalk) and the geometric flip, rot90, or '' (none); drawn per cell from a seeded "
-                      "generator (raycell/data/augment.py); the default generalised best to unseen batches "
-                      "(docs/generalisation.md)")
+    augment: str = _f(
+        "all,flip,rot90",
+        "augmentation of training cells on the device: 'all' (every batch "
+        "effect), or a comma list of gain, offset, gamma, blur, noise, background, mix (channel "
+        "crosstalk) and the geometric flip, rot90, or '' (none); drawn per cell from a seeded "
+        "generator (raycell/data/augment.py); the default generalised best to unseen batches "
+        "(docs/generalisation.md)",
+    )
     augment_strength: float = _f(1.0, "scales every augmentation range (0 = off)")
-    schedule: str = _f("constant", "learning-rate schedule: constant, or onecycle (warm up to train.lr over "
-                       "30% of the steps, then anneal; the blog's)")
-    layer_decay: float = _f(0.0, "layer-wise learning rates for timm backbones: each stage below the top "
-                            "gets train.lr times this factor once more (e.g. 0.5; 0 = one rate for all)")
-    chaos_kill_after_steps: int = _f(0, "fault drill: rank 0 exits abruptly (os._exit) after this many "
-                                     "steps of the run, once per run folder, so that a cluster's recovery "
-                                     "(train.max_failures) can be checked; 0 = off")
-    composite_weight: float = _f(1.0, "weight w of the model-selection metric val_composite = val_auroc - "
-                                 "w * (val_batch_probe - chance): the phenotype AUROC on val minus how much "
-                                 "better than chance the val latents predict the training batch")
+    schedule: str = _f(
+        "constant",
+        "learning-rate schedule: constant, or onecycle (warm up to train.lr over "
+        "30% of the steps, then anneal; the blog's)",
+    )
+    layer_decay: float = _f(
+        0.0,
+        "layer-wise learning rates for timm backbones: each stage below the top "
+        "gets train.lr times this factor once more (e.g. 0.5; 0 = one rate for all)",
+    )
+    chaos_kill_after_steps: int = _f(
+        0,
+        "fault drill: rank 0 exits abruptly (os._exit) after this many "
+        "steps of the run, once per run folder, so that a cluster's recovery "
+        "(train.max_failures) can be checked; 0 = off",
+    )
+    composite_weight: float = _f(
+        1.0,
+        "weight w of the model-selection metric val_composite = val_auroc - "
+        "w * (val_batch_probe - chance): the phenotype AUROC on val minus how much "
+        "better than chance the val latents predict the training batch",
+    )
 
 
 @dataclass
@@ -336,8 +551,10 @@ class ScalingConfig:
 
     num_workers: int = _f(1, "Ray Train workers")
     use_gpu: bool = _f(False, "one GPU per worker")
-    resources_per_worker: dict = _f({"CPU": 0.5}, "resources per worker; fractional CPUs leave room "
-                                    "for Ray Data reads on small machines")
+    resources_per_worker: dict = _f(
+        {"CPU": 0.5},
+        "resources per worker; fractional CPUs leave room for Ray Data reads on small machines",
+    )
 
 
 @dataclass
@@ -348,13 +565,22 @@ class RayConfig:
     num_cpus: int = _f(0, "logical CPUs for a local Ray (0 = max(4, 2 x cores): reads need slack)")
     object_store_mb: int = _f(0, "object store size for a local Ray (0 = Ray's default)")
     progress: bool = _f(True, "Ray Data progress bars")
-    verbose: bool = _f(False, "show Ray's own output on the terminal (every worker's prints, Ray Data's "
-                       "execution plans, Ray Train's reports); otherwise it stays in Ray's log folder, "
-                       "named in each run folder's ray_logs.txt, and the terminal shows raycell's lines")
-    connect_timeout_s: float = _f(5.0, "seconds to wait for a TCP connection to `address` (host:port or "
-                                  "ray://host:port) before giving up with an error")
-    start_timeout_s: float = _f(0.0, "seconds to keep trying to start a local Ray on a busy machine before "
-                                "giving up with an error (0 = 60 s times the load per core, at least 60)")
+    verbose: bool = _f(
+        False,
+        "show Ray's own output on the terminal (every worker's prints, Ray Data's "
+        "execution plans, Ray Train's reports); otherwise it stays in Ray's log folder, "
+        "named in each run folder's ray_logs.txt, and the terminal shows raycell's lines",
+    )
+    connect_timeout_s: float = _f(
+        5.0,
+        "seconds to wait for a TCP connection to `address` (host:port or "
+        "ray://host:port) before giving up with an error",
+    )
+    start_timeout_s: float = _f(
+        0.0,
+        "seconds to keep trying to start a local Ray on a busy machine before "
+        "giving up with an error (0 = 60 s times the load per core, at least 60)",
+    )
 
 
 @dataclass
@@ -368,26 +594,44 @@ class InferConfig:
     num_actors: int = _f(1, "model replicas (Ray Data actors)")
     num_gpus: float = _f(0.0, "GPUs per actor (0 on machines without GPUs, or Ray waits forever)")
     cpus_per_actor: float = _f(1.0, "CPUs per actor")
-    torch_threads: int = _f(0, "CPU threads per actor for the forward pass (0 = on one machine its cores "
-                            "shared between the actors, elsewhere the actor's CPU count; Ray itself "
-                            "gives an actor one thread per CPU it holds)")
+    torch_threads: int = _f(
+        0,
+        "CPU threads per actor for the forward pass (0 = on one machine its cores "
+        "shared between the actors, elsewhere the actor's CPU count; Ray itself "
+        "gives an actor one thread per CPU it holds)",
+    )
     write_recon: bool = _f(False, "also write reconstructions (large)")
     shards_per_round: int = _f(64, "input shards finished per round; a killed job loses <= 1 round")
-    z_source: str = _f("", "soft design matrix Z for batches the model did not see in training: the "
-                       "folder (or .parquet) written by `raycell infer-z`; random/mixed-effects models "
-                       "need it (or randomize_z) to predict unseen batches")
-    randomize_z: bool = _f(False, "ablation: give every cell a random one-hot Z row (fixed per cell_id) "
-                           "instead of its batch's")
-    z_mode: str = _f("predicted", "infer-z: Z for unseen batches: predicted (the Z-predictor's softmax, the "
-                     "reference), balanced (Z-predictor trained with each (batch, label) weighted 1/count, so "
-                     "labels do not predict batches), uniform (1/n_seen_batches for every seen batch, no "
-                     "Z-predictor) or zero (Z = 0: random effects at their prior mean, the mixed model's "
-                     "prediction for a new group)")
-    z_out: str = _f("", "infer-z: output folder for inferred_z.parquet/.json ('' = <checkpoint run>/"
-                    "inferred_z, or <data>/inferred_z without a checkpoint)")
+    z_source: str = _f(
+        "",
+        "soft design matrix Z for batches the model did not see in training: the "
+        "folder (or .parquet) written by `raycell infer-z`; random/mixed-effects models "
+        "need it (or randomize_z) to predict unseen batches",
+    )
+    randomize_z: bool = _f(
+        False,
+        "ablation: give every cell a random one-hot Z row (fixed per cell_id) "
+        "instead of its batch's",
+    )
+    z_mode: str = _f(
+        "predicted",
+        "infer-z: Z for unseen batches: predicted (the Z-predictor's softmax, the "
+        "reference), balanced (Z-predictor trained with each (batch, label) weighted 1/count, so "
+        "labels do not predict batches), uniform (1/n_seen_batches for every seen batch, no "
+        "Z-predictor) or zero (Z = 0: random effects at their prior mean, the mixed model's "
+        "prediction for a new group)",
+    )
+    z_out: str = _f(
+        "",
+        "infer-z: output folder for inferred_z.parquet/.json ('' = <checkpoint run>/"
+        "inferred_z, or <data>/inferred_z without a checkpoint)",
+    )
     z_splits: list = _f(["unseen"], "infer-z: splits whose cells get an inferred Z")
-    z_epochs: int = _f(10, "infer-z: maximum epochs of the Z-predictor (model type zpredictor, trained on "
-                       "Ray Train; early stopping on val accuracy)")
+    z_epochs: int = _f(
+        10,
+        "infer-z: maximum epochs of the Z-predictor (model type zpredictor, trained on "
+        "Ray Train; early stopping on val accuracy)",
+    )
     z_patience: int = _f(3, "infer-z: epochs without a better val accuracy before stopping")
     z_lr: float = _f(1e-4, "infer-z: NAdam learning rate of the Z-predictor")
     z_batch_size: int = _f(32, "infer-z: training batch size per worker of the Z-predictor")
@@ -397,79 +641,148 @@ class InferConfig:
 class EmbedConfig:
     """Embedding export (`raycell embed`; the checkpoint, data, splits and actors are the infer.* keys)."""
 
-    out: str = _f("", "output folder ('' = <checkpoint run>/embeddings): shards/ in the profiling layout "
-                  "(Metadata_* columns, then features), embeddings.json, well_profiles.parquet")
-    layout: str = _f("columns", "features as one float32 column each (columns: Cells_Embedding_0000, ...; "
-                     "what pycytominer reads) or one fixed-size list column `embedding` (list)")
-    well_profiles: bool = _f(True, "also write the median profile of every well (well_profiles.parquet)")
+    out: str = _f(
+        "",
+        "output folder ('' = <checkpoint run>/embeddings): shards/ in the profiling layout "
+        "(Metadata_* columns, then features), embeddings.json, well_profiles.parquet",
+    )
+    layout: str = _f(
+        "columns",
+        "features as one float32 column each (columns: Cells_Embedding_0000, ...; "
+        "what pycytominer reads) or one fixed-size list column `embedding` (list)",
+    )
+    well_profiles: bool = _f(
+        True, "also write the median profile of every well (well_profiles.parquet)"
+    )
 
 
 @dataclass
 class ExportConfig:
     """Embeddings -> files other tools read (`raycell export`): AnnData for scanpy, CytoTable layout."""
 
-    embeddings: str = _f("", "embeddings folder written by `raycell embed` (embeddings.json + shards/)")
-    out: str = _f("", "output file (.h5ad / .parquet / .csv); its folder must exist; a file raycell did "
-                  "not write is never replaced, nor anything inside a data set or embeddings folder")
-    format: str = _f("h5ad", "h5ad (AnnData: X = features, obs = metadata, obsm = X_pca/X_umap/Prob_<head>) "
-                     "| parquet | csv (CytoTable/pycytominer layout: Metadata_* then Cells_* features)")
-    level: str = _f("cell", "cell (one row per cell) or well (median per Metadata_Plate x Metadata_Well)")
-    top_k: int = _f(0, "keep the k highest-variance features after dropping constant ones (0 = all; the "
-                    "blog's selection before PCA)")
+    embeddings: str = _f(
+        "", "embeddings folder written by `raycell embed` (embeddings.json + shards/)"
+    )
+    out: str = _f(
+        "",
+        "output file (.h5ad / .parquet / .csv); its folder must exist; a file raycell did "
+        "not write is never replaced, nor anything inside a data set or embeddings folder",
+    )
+    format: str = _f(
+        "h5ad",
+        "h5ad (AnnData: X = features, obs = metadata, obsm = X_pca/X_umap/Prob_<head>) "
+        "| parquet | csv (CytoTable/pycytominer layout: Metadata_* then Cells_* features)",
+    )
+    level: str = _f(
+        "cell", "cell (one row per cell) or well (median per Metadata_Plate x Metadata_Well)"
+    )
+    top_k: int = _f(
+        0,
+        "keep the k highest-variance features after dropping constant ones (0 = all; the "
+        "blog's selection before PCA)",
+    )
     drop_zero_variance: bool = _f(True, "drop features that are constant over the exported rows")
-    with_morph: bool = _f(False, "add the crop shards' morph_* shape features (standardised) as "
-                          "Cells_Morph_* features")
-    umap: bool = _f(False, "also compute obsm['X_umap'] (h5ad only; umap-learn; the first call compiles "
-                    "for ~20 s)")
-    overwrite: bool = _f(False, "replace an earlier raycell export at `out` (through a temporary name "
-                         "and an atomic rename)")
+    with_morph: bool = _f(
+        False,
+        "add the crop shards' morph_* shape features (standardised) as Cells_Morph_* features",
+    )
+    umap: bool = _f(
+        False,
+        "also compute obsm['X_umap'] (h5ad only; umap-learn; the first call compiles for ~20 s)",
+    )
+    overwrite: bool = _f(
+        False,
+        "replace an earlier raycell export at `out` (through a temporary name "
+        "and an atomic rename)",
+    )
 
 
 @dataclass
 class ProfileConfig:
     """Well profiles and retrieval metrics (`raycell profile`; docs/profiling.md)."""
 
-    input: str = _f("", "embeddings folder (`raycell embed`) or a parquet/CSV table in the CytoTable "
-                    "layout (Metadata_* columns, Cells_/Cytoplasm_/Nuclei_ features), per cell or per "
-                    "well")
-    out: str = _f("", "output folder: profiles.parquet, consensus.parquet, activity_map.csv, "
-                  "consistency_<column>.csv, retrieval.json, profile.json")
-    features: str = _f("embedding", "embeddings folder: embedding (deep features), morph (the hand-made "
-                       "morph_* columns), all, or handmade (CellProfiler-style features computed from "
-                       "its crop data set; a crop data set given as input always gives these), or cpmeasure "
-                       "(CellProfiler's measurements by cp-measure of the same objects; slower)")
-    aggregate: str = _f("median", "per-cell rows -> one per profile.strata group: median or mean "
-                        "(rows already one per group pass unchanged)")
+    input: str = _f(
+        "",
+        "embeddings folder (`raycell embed`) or a parquet/CSV table in the CytoTable "
+        "layout (Metadata_* columns, Cells_/Cytoplasm_/Nuclei_ features), per cell or per "
+        "well",
+    )
+    out: str = _f(
+        "",
+        "output folder: profiles.parquet, consensus.parquet, activity_map.csv, "
+        "consistency_<column>.csv, retrieval.json, profile.json",
+    )
+    features: str = _f(
+        "embedding",
+        "embeddings folder: embedding (deep features), morph (the hand-made "
+        "morph_* columns), all, or handmade (CellProfiler-style features computed from "
+        "its crop data set; a crop data set given as input always gives these), or cpmeasure "
+        "(CellProfiler's measurements by cp-measure of the same objects; slower)",
+    )
+    aggregate: str = _f(
+        "median",
+        "per-cell rows -> one per profile.strata group: median or mean "
+        "(rows already one per group pass unchanged)",
+    )
     strata: list = _f(["Metadata_Plate", "Metadata_Well"], "columns of one profile (a well)")
     plate_column: str = _f("Metadata_Plate", "column whose groups are normalised separately")
-    controls: str = _f("", "pandas query selecting the negative-control wells each plate is normalised "
-                       "against and treatments are compared with, e.g. \"Metadata_treatment == 'DMSO'\" "
-                       "('' = all wells, and no activity mAP)")
-    normalize: str = _f("mad_robustize", "per-plate normalisation (pycytominer): mad_robustize, "
-                        "robustize, standardize or none")
-    feature_select: list = _f(["variance_threshold", "correlation_threshold", "drop_na_columns"],
-                              "pycytominer feature_select operations ([] = keep every feature)")
-    sphere: bool = _f(False, "ZCA-cor sphering fitted on the controls over all plates, after selection")
-    treatment: list = _f([], "column(s) naming each well's treatment (e.g. [Metadata_broad_sample] or "
-                         "[Metadata_time, Metadata_dose]); needed for the metrics")
+    controls: str = _f(
+        "",
+        "pandas query selecting the negative-control wells each plate is normalised "
+        "against and treatments are compared with, e.g. \"Metadata_treatment == 'DMSO'\" "
+        "('' = all wells, and no activity mAP)",
+    )
+    normalize: str = _f(
+        "mad_robustize",
+        "per-plate normalisation (pycytominer): mad_robustize, robustize, standardize or none",
+    )
+    feature_select: list = _f(
+        ["variance_threshold", "correlation_threshold", "drop_na_columns"],
+        "pycytominer feature_select operations ([] = keep every feature)",
+    )
+    sphere: bool = _f(
+        False, "ZCA-cor sphering fitted on the controls over all plates, after selection"
+    )
+    treatment: list = _f(
+        [],
+        "column(s) naming each well's treatment (e.g. [Metadata_broad_sample] or "
+        "[Metadata_time, Metadata_dose]); needed for the metrics",
+    )
     annotations: list = _f([], "columns for consistency mAP (e.g. [Metadata_moa, Metadata_target])")
-    metrics: bool = _f(True, "compute retrieval metrics with copairs (activity, consistency, percent "
-                       "replicating)")
+    metrics: bool = _f(
+        True, "compute retrieval metrics with copairs (activity, consistency, percent replicating)"
+    )
     null_size: int = _f(10000, "permutations in each mAP null distribution (copairs)")
     fdr: float = _f(0.05, "a treatment is retrieved when its BH-corrected p-value is below this")
     distance: str = _f("cosine", "copairs distance: cosine, correlation, euclidean or abs_cosine")
-    consistency_level: str = _f("treatment", "consistency on treatment consensus profiles (treatment) "
-                                "or on wells with the same treatment's replicates excluded (well)")
-    consistency_active_only: bool = _f(False, "consistency only over treatments retrieved against the "
-                                       "controls (the field's recipe; needs profile.controls)")
-    where: str = _f("", "pandas query keeping only these input rows before anything else, e.g. "
-                    "\"Metadata_Split == 'unseen'\" ('' = all)")
-    compare: list = _f([], "also write comparison.csv/.md: the same wells and metrics (mAP, batch "
-                       "mixing) for each of these corrections: raw, control (per-plate "
-                       "mad_robustize against the controls), harmony, control+harmony")
-    compare_features: list = _f([], "feature sets compared (embedding, morph, all, handmade, cpmeasure; [] = "
-                                "profile.features)")
-    batch_column: str = _f("Metadata_Plate", "column Harmony corrects and batch mixing is measured on")
+    consistency_level: str = _f(
+        "treatment",
+        "consistency on treatment consensus profiles (treatment) "
+        "or on wells with the same treatment's replicates excluded (well)",
+    )
+    consistency_active_only: bool = _f(
+        False,
+        "consistency only over treatments retrieved against the "
+        "controls (the field's recipe; needs profile.controls)",
+    )
+    where: str = _f(
+        "",
+        "pandas query keeping only these input rows before anything else, e.g. "
+        "\"Metadata_Split == 'unseen'\" ('' = all)",
+    )
+    compare: list = _f(
+        [],
+        "also write comparison.csv/.md: the same wells and metrics (mAP, batch "
+        "mixing) for each of these corrections: raw, control (per-plate "
+        "mad_robustize against the controls), harmony, control+harmony",
+    )
+    compare_features: list = _f(
+        [],
+        "feature sets compared (embedding, morph, all, handmade, cpmeasure; [] = profile.features)",
+    )
+    batch_column: str = _f(
+        "Metadata_Plate", "column Harmony corrects and batch mixing is measured on"
+    )
     overwrite: bool = _f(False, "replace an earlier profile folder in profile.out")
 
 
@@ -478,8 +791,11 @@ class ReportConfig:
     """The HTML report of a folder (`raycell report`, and the end of `raycell demo`)."""
 
     folder: str = _f("", "run, demo, experiment, tune or embeddings folder to report on")
-    out: str = _f("", "report folder ('' = <folder>/report); an earlier report there is replaced, any "
-                  "other non-empty folder is refused")
+    out: str = _f(
+        "",
+        "report folder ('' = <folder>/report); an earlier report there is replaced, any "
+        "other non-empty folder is refused",
+    )
     max_cells: int = _f(2000, "at most this many cells in each scatter plot (sampled with seed)")
 
 
@@ -490,49 +806,83 @@ class EvalConfig:
     predictions: str = _f("", "folder of prediction shards")
     out: str = _f("", "output folder for metrics.json / metrics.csv ('' = next to predictions)")
     max_cells: int = _f(5000, "cells per split sampled for the latent metrics (speed)")
-    baseline: bool = _f(False, "evaluate: also score a logistic regression on hand-made features of the "
-                        "predictions' data set (morph_* columns, else features from the crops), fitted on "
-                        "its train split")
-    baseline_features: str = _f("auto", "baseline features: auto (morph_* when the shards have them, else "
-                                "crops; `experiment medl` then adds a second row on all), morph, crops (shape, "
-                                "intensity and texture computed from the crops), all (morph_* and crops side by "
-                                "side)")
-    profiles: str = _f("", "evaluate: score a profile folder or CytoTable-layout table of well profiles "
-                       "as it is with copairs (activity/consistency mAP; the profile.* pairing keys) "
-                       "into eval.out, instead of a predictions folder")
+    baseline: bool = _f(
+        False,
+        "evaluate: also score a logistic regression on hand-made features of the "
+        "predictions' data set (morph_* columns, else features from the crops), fitted on "
+        "its train split",
+    )
+    baseline_features: str = _f(
+        "auto",
+        "baseline features: auto (morph_* when the shards have them, else "
+        "crops; `experiment medl` then adds a second row on all), morph, crops (shape, "
+        "intensity and texture computed from the crops), all (morph_* and crops side by "
+        "side)",
+    )
+    profiles: str = _f(
+        "",
+        "evaluate: score a profile folder or CytoTable-layout table of well profiles "
+        "as it is with copairs (activity/consistency mAP; the profile.* pairing keys) "
+        "into eval.out, instead of a predictions folder",
+    )
 
 
 @dataclass
 class TuneConfig:
     """Hyperparameter search (`raycell tune`): Optuna proposes, ASHA stops poor trials early."""
 
-    out: str = _f("runs/tune", "search folder: Tune's storage (search/), one Train run per trial "
-                  "(trials/), trials.csv, best.yaml, tune_objective.png")
-    space: dict = _f({}, "searched keys: dotted config key (loss.adv, train.lr, model.args.latent_dim) -> "
-                     "{dist: loguniform|uniform|randint, low: L, high: H} or {dist: choice, values: [..]}; "
-                     "randint's high is exclusive")
-    metric: str = _f("val_auroc", "objective: a metric the training loop reports every epoch (val_auroc, "
-                     "val_loss, ...); each trial counts at its best epoch (tune.select says which trials "
-                     "compete)")
+    out: str = _f(
+        "runs/tune",
+        "search folder: Tune's storage (search/), one Train run per trial "
+        "(trials/), trials.csv, best.yaml, tune_objective.png",
+    )
+    space: dict = _f(
+        {},
+        "searched keys: dotted config key (loss.adv, train.lr, model.args.latent_dim) -> "
+        "{dist: loguniform|uniform|randint, low: L, high: H} or {dist: choice, values: [..]}; "
+        "randint's high is exclusive",
+    )
+    metric: str = _f(
+        "val_auroc",
+        "objective: a metric the training loop reports every epoch (val_auroc, "
+        "val_loss, ...); each trial counts at its best epoch (tune.select says which trials "
+        "compete)",
+    )
     select: str = _f(
-        "budget", "which trials compete for best.yaml: 'budget' = only the trials that ran the most epochs "
+        "budget",
+        "which trials compete for best.yaml: 'budget' = only the trials that ran the most epochs "
         "(ASHA's survivors, all at the same budget), each at its best epoch; 'best_epoch' = every trial at "
-        "its best epoch, however early ASHA stopped it")
+        "its best epoch, however early ASHA stopped it",
+    )
     mode: str = _f("max", "max or min: which way the objective is better")
     num_samples: int = _f(8, "trials (sampled configurations)")
-    max_concurrent_trials: int = _f(0, "trials at once (0 = as many as the cluster's CPUs/GPUs fit, "
-                                    "counting scaling.* per trial plus 1 CPU for its data reads; more is "
-                                    "lowered to that)")
+    max_concurrent_trials: int = _f(
+        0,
+        "trials at once (0 = as many as the cluster's CPUs/GPUs fit, "
+        "counting scaling.* per trial plus 1 CPU for its data reads; more is "
+        "lowered to that)",
+    )
     grace_period: int = _f(1, "ASHA: epochs every trial runs before it may be stopped")
-    reduction_factor: int = _f(2, "ASHA: at each rung only the best 1/reduction_factor of trials go on")
-    resume: str = _f("", "search folder (tune.out) of an interrupted search to continue: finished trials "
-                     "are kept, unfinished ones restart from their last checkpoint")
-    trial_cpus: float = _f(0.01, "CPUs reserved by each trial's driver (it only builds and watches its "
-                           "TorchTrainer; must be > 0)")
-    folds: int = _f(0, "cross-batch folds: each trial trains this many models side by side, each holding "
-                    "out a different seen batch (its train and val cells, as split valbatch), and its "
-                    "objective is the mean of tune.metric over them at each epoch (use "
-                    "tune.metric=valbatch_auroc); needs this many times the trial's resources; 0 = off")
+    reduction_factor: int = _f(
+        2, "ASHA: at each rung only the best 1/reduction_factor of trials go on"
+    )
+    resume: str = _f(
+        "",
+        "search folder (tune.out) of an interrupted search to continue: finished trials "
+        "are kept, unfinished ones restart from their last checkpoint",
+    )
+    trial_cpus: float = _f(
+        0.01,
+        "CPUs reserved by each trial's driver (it only builds and watches its "
+        "TorchTrainer; must be > 0)",
+    )
+    folds: int = _f(
+        0,
+        "cross-batch folds: each trial trains this many models side by side, each holding "
+        "out a different seen batch (its train and val cells, as split valbatch), and its "
+        "objective is the mean of tune.metric over them at each epoch (use "
+        "tune.metric=valbatch_auroc); needs this many times the trial's resources; 0 = off",
+    )
 
 
 # What the encoder does with the adversary (LossConfig.adv_objective).
@@ -540,8 +890,12 @@ ADV_OBJECTIVES = ("subtract", "confusion")
 # How the best trial is chosen (TuneConfig.select).
 TUNE_SELECT = ("budget", "best_epoch")
 # Distributions of tune.space and the keys each takes besides `dist`.
-TUNE_DISTS = {"loguniform": ("low", "high"), "uniform": ("low", "high"), "randint": ("low", "high"),
-              "choice": ("values",)}
+TUNE_DISTS = {
+    "loguniform": ("low", "high"),
+    "uniform": ("low", "high"),
+    "randint": ("low", "high"),
+    "choice": ("values",),
+}
 # Keys a search may not vary: how the search itself runs, and train.epochs (ASHA's budget per trial).
 _TUNE_FIXED = ("tune.", "ray.", "train.epochs", "train.resume", "train.runs_dir")
 
@@ -581,7 +935,11 @@ class ExperimentConfig:
     def validate(self) -> "ExperimentConfig":
         """Cross-field checks; raise ConfigError naming the key."""
         fr = self.split.fractions
-        if len(fr) != 3 or any(not isinstance(v, (int, float)) or v < 0 for v in fr) or sum(fr) <= 0:
+        if (
+            len(fr) != 3
+            or any(not isinstance(v, (int, float)) or v < 0 for v in fr)
+            or sum(fr) <= 0
+        ):
             raise ConfigError(f"split.fractions must be three non-negative numbers, got {fr!r}")
         for key, lowest in _AT_LEAST.items():
             val = self.get(key)
@@ -592,71 +950,109 @@ class ExperimentConfig:
             if not val > 0:
                 raise ConfigError(f"{key} must be > 0, got {val}")
         if not 0 <= self.synth.confounding <= 1:
-            raise ConfigError(f"synth.confounding must be between 0 and 1, got {self.synth.confounding}")
-        bad_res = {k: v for k, v in self.scaling.resources_per_worker.items()
-                   if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0}
+            raise ConfigError(
+                f"synth.confounding must be between 0 and 1, got {self.synth.confounding}"
+            )
+        bad_res = {
+            k: v
+            for k, v in self.scaling.resources_per_worker.items()
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0
+        }
         if bad_res:
-            raise ConfigError("scaling.resources_per_worker: amounts must be non-negative numbers, "
-                              f"got {bad_res}")
+            raise ConfigError(
+                f"scaling.resources_per_worker: amounts must be non-negative numbers, got {bad_res}"
+            )
         if self.synth.n_unseen >= self.synth.n_batches:
-            raise ConfigError("synth.n_unseen must be smaller than synth.n_batches "
-                              f"({self.synth.n_unseen} >= {self.synth.n_batches})")
+            raise ConfigError(
+                "synth.n_unseen must be smaller than synth.n_batches "
+                f"({self.synth.n_unseen} >= {self.synth.n_batches})"
+            )
         from raycell.constants import BASELINE_FEATURES, NORMALIZE_MODES, PARQUET_READERS, Z_MODES
 
         if self.data.parquet_reader not in PARQUET_READERS:
-            raise ConfigError(f"data.parquet_reader: must be one of {', '.join(PARQUET_READERS)}, got "
-                              f"{self.data.parquet_reader!r}")
+            raise ConfigError(
+                f"data.parquet_reader: must be one of {', '.join(PARQUET_READERS)}, got "
+                f"{self.data.parquet_reader!r}"
+            )
         if self.data.normalize not in NORMALIZE_MODES:
-            raise ConfigError(f"data.normalize: must be one of {', '.join(NORMALIZE_MODES)}, got "
-                              f"{self.data.normalize!r}")
+            raise ConfigError(
+                f"data.normalize: must be one of {', '.join(NORMALIZE_MODES)}, got "
+                f"{self.data.normalize!r}"
+            )
         if self.infer.z_mode not in Z_MODES:
-            raise ConfigError(f"infer.z_mode: must be one of {', '.join(Z_MODES)}, got {self.infer.z_mode!r}")
+            raise ConfigError(
+                f"infer.z_mode: must be one of {', '.join(Z_MODES)}, got {self.infer.z_mode!r}"
+            )
         if self.data.shuffle_buffer and self.data.shuffle_buffer < self.data.batch_size:
-            raise ConfigError(f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
-                              f"data.batch_size ({self.data.batch_size})")
+            raise ConfigError(
+                f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
+                f"data.batch_size ({self.data.batch_size})"
+            )
         _check_tune(self.tune)
         if self.synth.effects not in ("basic", "varied"):
             raise ConfigError(f"synth.effects must be basic or varied, got {self.synth.effects!r}")
         if not self.synth.unseen_extreme > 1:
             raise ConfigError(f"synth.unseen_extreme must be > 1, got {self.synth.unseen_extreme}")
         if self.synth.num_workers < -1:
-            raise ConfigError(f"synth.num_workers must be -1 (automatic), 0 (this process) or a number of "
-                              f"Ray tasks, got {self.synth.num_workers}")
+            raise ConfigError(
+                f"synth.num_workers must be -1 (automatic), 0 (this process) or a number of "
+                f"Ray tasks, got {self.synth.num_workers}"
+            )
         if self.synth.design not in ("phenotype", "timedose"):
-            raise ConfigError(f"synth.design must be phenotype or timedose, got {self.synth.design!r}")
+            raise ConfigError(
+                f"synth.design must be phenotype or timedose, got {self.synth.design!r}"
+            )
         if self.synth.raw and self.synth.design != "phenotype":
-            raise ConfigError("synth.raw writes the phenotype design only; drop synth.raw or use "
-                              "synth.design=phenotype")
+            raise ConfigError(
+                "synth.raw writes the phenotype design only; drop synth.raw or use "
+                "synth.design=phenotype"
+            )
         if self.export.format not in ("h5ad", "parquet", "csv"):
-            raise ConfigError(f"export.format must be h5ad, parquet or csv, got {self.export.format!r}")
+            raise ConfigError(
+                f"export.format must be h5ad, parquet or csv, got {self.export.format!r}"
+            )
         if self.export.level not in ("cell", "well"):
             raise ConfigError(f"export.level must be cell or well, got {self.export.level!r}")
         if self.export.umap and self.export.format != "h5ad":
-            raise ConfigError("export.umap: UMAP coordinates are written to h5ad only (obsm['X_umap'])")
+            raise ConfigError(
+                "export.umap: UMAP coordinates are written to h5ad only (obsm['X_umap'])"
+            )
         if self.data.materialize not in ("auto", "always", "never"):
-            raise ConfigError(f"data.materialize must be auto, always or never, got {self.data.materialize!r}")
+            raise ConfigError(
+                f"data.materialize must be auto, always or never, got {self.data.materialize!r}"
+            )
         if self.embed.layout not in ("columns", "list"):
             raise ConfigError(f"embed.layout must be columns or list, got {self.embed.layout!r}")
         if self.loss.adv_objective not in ADV_OBJECTIVES:
-            raise ConfigError(f"loss.adv_objective must be one of {', '.join(ADV_OBJECTIVES)}, got "
-                              f"{self.loss.adv_objective!r}")
+            raise ConfigError(
+                f"loss.adv_objective must be one of {', '.join(ADV_OBJECTIVES)}, got "
+                f"{self.loss.adv_objective!r}"
+            )
         if self.loss.heads not in ("softmax", "multilabel"):
             raise ConfigError(f"loss.heads must be softmax or multilabel, got {self.loss.heads!r}")
         if self.train.schedule not in ("constant", "onecycle"):
-            raise ConfigError(f"train.schedule must be constant or onecycle, got {self.train.schedule!r}")
+            raise ConfigError(
+                f"train.schedule must be constant or onecycle, got {self.train.schedule!r}"
+            )
         if not 0 <= self.train.layer_decay <= 1:
-            raise ConfigError(f"train.layer_decay must be between 0 and 1, got {self.train.layer_decay}")
+            raise ConfigError(
+                f"train.layer_decay must be between 0 and 1, got {self.train.layer_decay}"
+            )
         if len(set(map(str, self.data.heads))) != len(self.data.heads):
             raise ConfigError(f"data.heads has a column twice: {self.data.heads}")
         if self.eval.baseline_features not in BASELINE_FEATURES:
-            raise ConfigError(f"eval.baseline_features: {self.eval.baseline_features!r} is not one of "
-                              f"{', '.join(BASELINE_FEATURES)}")
+            raise ConfigError(
+                f"eval.baseline_features: {self.eval.baseline_features!r} is not one of "
+                f"{', '.join(BASELINE_FEATURES)}"
+            )
         for key in _PATH_KEYS:
             val = self.get(key)
             if isinstance(val, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", val):
-                raise ConfigError(f"{key}: {val!r} is a URI; raycell reads and writes POSIX paths only for "
-                                  "now: mount the bucket on every node (e.g. mountpoint-s3, gcsfuse, a "
-                                  "PersistentVolume) and give the mounted path")
+                raise ConfigError(
+                    f"{key}: {val!r} is a URI; raycell reads and writes POSIX paths only for "
+                    "now: mount the bucket on every node (e.g. mountpoint-s3, gcsfuse, a "
+                    "PersistentVolume) and give the mounted path"
+                )
         return self
 
     def get(self, key: str) -> Any:
@@ -686,31 +1082,106 @@ class ExperimentConfig:
 
 # Range checks run by `validate()`; a key missing here is only type-checked.
 _AT_LEAST = {
-    "seed": 0, "synth.n_cells": 1, "synth.crop_size": 1, "synth.n_lines": 1, "synth.n_batches": 1,
-    "synth.n_unseen": 0, "synth.lines_per_batch": 1, "synth.wells_per_line": 1, "synth.batch_strength": 0,
-    "synth.phenotype_strength": 0, "synth.rows_per_shard": 1, "synth.raw_fov_size": 1, "synth.raw_wells": 1,
-    "synth.raw_fields": 1, "synth.chunk_cells": 0, "synth.raw_chunk_fovs": 0, "synth.raw_cells_per_fov": 1, "synth.raw_z": 1, "synth.replicates": 1,
-    "synth.effect_strength": 0, "train.layer_decay": 0, "export.top_k": 0,
+    "seed": 0,
+    "synth.n_cells": 1,
+    "synth.crop_size": 1,
+    "synth.n_lines": 1,
+    "synth.n_batches": 1,
+    "synth.n_unseen": 0,
+    "synth.lines_per_batch": 1,
+    "synth.wells_per_line": 1,
+    "synth.batch_strength": 0,
+    "synth.phenotype_strength": 0,
+    "synth.rows_per_shard": 1,
+    "synth.raw_fov_size": 1,
+    "synth.raw_wells": 1,
+    "synth.raw_fields": 1,
+    "synth.chunk_cells": 0,
+    "synth.raw_chunk_fovs": 0,
+    "synth.raw_cells_per_fov": 1,
+    "synth.raw_z": 1,
+    "synth.replicates": 1,
+    "synth.effect_strength": 0,
+    "train.layer_decay": 0,
+    "export.top_k": 0,
     "report.max_cells": 10,
-    "data.batch_size": 1, "data.eval_batch_size": 1, "data.shuffle_buffer": 0, "data.prefetch_batches": 0,
-    "data.block_size_mb": 1, "loss.recon": 0, "loss.cls": 0, "loss.adv": 0, "loss.cluster_latent": 0,
-    "loss.cluster_image": 0, "loss.kl": 0, "loss.adv_steps": 1, "train.epochs": 1, "train.weight_decay": 0,
-    "train.checkpoints_to_keep": 1, "train.early_stopping_patience": 0, "train.max_failures": -1, "train.torch_threads": 0, "train.log_every": 0,
-    "train.max_steps_per_epoch": 0, "train.composite_weight": 0, "train.augment_strength": 0, "train.chaos_kill_after_steps": 0,
-    "data.shuffle_seed": -1, "data.stream_buffer_mb": 0, "data.fetch_batches": 1,
-    "scaling.num_workers": 1, "ray.num_cpus": 0, "ray.object_store_mb": 0,
-    "infer.num_actors": 1, "infer.num_gpus": 0, "infer.shards_per_round": 1, "infer.z_epochs": 1,
+    "data.batch_size": 1,
+    "data.eval_batch_size": 1,
+    "data.shuffle_buffer": 0,
+    "data.prefetch_batches": 0,
+    "data.block_size_mb": 1,
+    "loss.recon": 0,
+    "loss.cls": 0,
+    "loss.adv": 0,
+    "loss.cluster_latent": 0,
+    "loss.cluster_image": 0,
+    "loss.kl": 0,
+    "loss.adv_steps": 1,
+    "train.epochs": 1,
+    "train.weight_decay": 0,
+    "train.checkpoints_to_keep": 1,
+    "train.early_stopping_patience": 0,
+    "train.max_failures": -1,
+    "train.torch_threads": 0,
+    "train.log_every": 0,
+    "train.max_steps_per_epoch": 0,
+    "train.composite_weight": 0,
+    "train.augment_strength": 0,
+    "train.chaos_kill_after_steps": 0,
+    "data.shuffle_seed": -1,
+    "data.stream_buffer_mb": 0,
+    "data.fetch_batches": 1,
+    "scaling.num_workers": 1,
+    "ray.num_cpus": 0,
+    "ray.object_store_mb": 0,
+    "infer.num_actors": 1,
+    "infer.num_gpus": 0,
+    "infer.shards_per_round": 1,
+    "infer.z_epochs": 1,
     "infer.torch_threads": 0,
-    "infer.z_patience": 1, "infer.z_batch_size": 1, "eval.max_cells": 1,
-    "tune.num_samples": 1, "tune.max_concurrent_trials": 0, "tune.folds": 0, "tune.grace_period": 1, "tune.reduction_factor": 2,
+    "infer.z_patience": 1,
+    "infer.z_batch_size": 1,
+    "eval.max_cells": 1,
+    "tune.num_samples": 1,
+    "tune.max_concurrent_trials": 0,
+    "tune.folds": 0,
+    "tune.grace_period": 1,
+    "tune.reduction_factor": 2,
 }
 # Folders and files: URIs (s3://, gs://) are refused with a clear message until they are supported.
-_PATH_KEYS = ["synth.out", "ingest.input", "ingest.out", "ingest.platemap", "data.path", "train.runs_dir",
-              "train.resume", "infer.checkpoint", "infer.data", "infer.out", "infer.z_source", "embed.out",
-              "export.embeddings", "export.out", "report.folder", "report.out", "eval.predictions",
-              "eval.out", "tune.out", "tune.resume", "demo.out", "profile.input", "profile.out",
-              "eval.profiles"]
-_POSITIVE = ["tune.trial_cpus", "train.lr", "infer.cpus_per_actor", "infer.z_lr", "ray.connect_timeout_s"]
+_PATH_KEYS = [
+    "synth.out",
+    "ingest.input",
+    "ingest.out",
+    "ingest.platemap",
+    "data.path",
+    "train.runs_dir",
+    "train.resume",
+    "infer.checkpoint",
+    "infer.data",
+    "infer.out",
+    "infer.z_source",
+    "embed.out",
+    "export.embeddings",
+    "export.out",
+    "report.folder",
+    "report.out",
+    "eval.predictions",
+    "eval.out",
+    "tune.out",
+    "tune.resume",
+    "demo.out",
+    "profile.input",
+    "profile.out",
+    "eval.profiles",
+]
+_POSITIVE = [
+    "tune.trial_cpus",
+    "train.lr",
+    "infer.cpus_per_actor",
+    "infer.z_lr",
+    "ray.connect_timeout_s",
+]
 
 
 def tune_key_type(key: str) -> Any:
@@ -720,29 +1191,39 @@ def tune_key_type(key: str) -> Any:
         ConfigError: the key is not in the config (naming the valid keys there) or a search may not vary it.
     """
     if any(key == p or (p.endswith(".") and key.startswith(p)) for p in _TUNE_FIXED):
-        raise ConfigError(f"tune.space: '{key}' cannot be searched (tune.*, ray.*, train.resume and "
-                          "train.runs_dir are how the search runs; train.epochs is ASHA's per-trial maximum: "
-                          "set it, not search it)")
+        raise ConfigError(
+            f"tune.space: '{key}' cannot be searched (tune.*, ray.*, train.resume and "
+            "train.runs_dir are how the search runs; train.epochs is ASHA's per-trial maximum: "
+            "set it, not search it)"
+        )
     cls: Any = ExperimentConfig
     parts = key.split(".")
     for i, part in enumerate(parts):
         hints = typing.get_type_hints(cls)
         if part not in hints:
             where = ".".join(parts[:i]) or "<root>"
-            raise ConfigError(f"tune.space: unknown config key '{key}'; valid keys in '{where}': "
-                              f"{', '.join(hints)}")
+            raise ConfigError(
+                f"tune.space: unknown config key '{key}'; valid keys in '{where}': "
+                f"{', '.join(hints)}"
+            )
         tp = hints[part]
         if dataclasses.is_dataclass(tp):
             cls = tp
             continue
         if tp is dict and i < len(parts) - 1:
-            return Any  # model.args.latent_dim: builder arguments are checked when the model is built
+            return (
+                Any  # model.args.latent_dim: builder arguments are checked when the model is built
+            )
         if i < len(parts) - 1:
-            raise ConfigError(f"tune.space: unknown config key '{key}': '{'.'.join(parts[:i + 1])}' is a "
-                              f"{_type_name(tp)}, not a section")
+            raise ConfigError(
+                f"tune.space: unknown config key '{key}': '{'.'.join(parts[: i + 1])}' is a "
+                f"{_type_name(tp)}, not a section"
+            )
         return tp
-    raise ConfigError(f"tune.space: '{key}' is a section; name one of its keys, e.g. '{key}."
-                      f"{next(iter(typing.get_type_hints(cls)))}'")
+    raise ConfigError(
+        f"tune.space: '{key}' is a section; name one of its keys, e.g. '{key}."
+        f"{next(iter(typing.get_type_hints(cls)))}'"
+    )
 
 
 def _is_number(v: Any) -> bool:
@@ -750,11 +1231,18 @@ def _is_number(v: Any) -> bool:
 
 
 def _flatten_space(space: dict, prefix: str = "") -> dict:
-    """tune.space with sections (`{loss: {adv: {dist: ...}}}`, or `--set tune.space.loss.adv=...`) as dotted keys."""
+    """tune.space with sections (`{loss: {adv: {dist: ...}}}`, or `--set tune.space.loss.adv=...`)
+    as dotted keys.
+    """
     out = {}
     for k, v in space.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and "dist" not in v and all(isinstance(x, dict) for x in v.values()):
+        if (
+            isinstance(v, dict)
+            and v
+            and "dist" not in v
+            and all(isinstance(x, dict) for x in v.values())
+        ):
             out.update(_flatten_space(v, key + "."))
         else:
             out[key] = v
@@ -766,7 +1254,9 @@ def _check_tune(t: TuneConfig) -> None:
     if t.mode not in ("max", "min"):
         raise ConfigError(f"tune.mode must be 'max' or 'min', got {t.mode!r}")
     if not t.metric:
-        raise ConfigError("tune.metric is empty; name a metric the loop reports (e.g. val_auroc, val_loss)")
+        raise ConfigError(
+            "tune.metric is empty; name a metric the loop reports (e.g. val_auroc, val_loss)"
+        )
     if t.select not in TUNE_SELECT:
         raise ConfigError(f"tune.select must be one of {', '.join(TUNE_SELECT)}, got {t.select!r}")
     t.space = _flatten_space(t.space)
@@ -774,22 +1264,33 @@ def _check_tune(t: TuneConfig) -> None:
         where = f"tune.space.{key}"
         tune_key_type(str(key))
         if not isinstance(spec, dict) or "dist" not in spec:
-            raise ConfigError(f"{where} must be a mapping with 'dist' (e.g. {{dist: loguniform, low: 1e-4, "
-                              f"high: 1e-2}}), got {spec!r}")
+            raise ConfigError(
+                f"{where} must be a mapping with 'dist' (e.g. {{dist: loguniform, low: 1e-4, "
+                f"high: 1e-2}}), got {spec!r}"
+            )
         dist = spec["dist"]
         if dist not in TUNE_DISTS:
-            raise ConfigError(f"{where}: unknown distribution {dist!r}; use one of {', '.join(TUNE_DISTS)}")
+            raise ConfigError(
+                f"{where}: unknown distribution {dist!r}; use one of {', '.join(TUNE_DISTS)}"
+            )
         want = set(TUNE_DISTS[dist])
         got = set(spec) - {"dist"}
         if got != want:
-            raise ConfigError(f"{where}: {dist} takes {', '.join(sorted(want))}, got "
-                              f"{', '.join(sorted(got)) or 'nothing'}")
+            raise ConfigError(
+                f"{where}: {dist} takes {', '.join(sorted(want))}, got "
+                f"{', '.join(sorted(got)) or 'nothing'}"
+            )
         if dist == "choice":
             vals = spec["values"]
-            if not isinstance(vals, list) or not vals or not all(
-                    v is None or isinstance(v, (bool, int, float, str)) for v in vals):
-                raise ConfigError(f"{where}: choice needs a non-empty list of plain values (numbers, strings, "
-                                  f"true/false), got {vals!r}")
+            if (
+                not isinstance(vals, list)
+                or not vals
+                or not all(v is None or isinstance(v, (bool, int, float, str)) for v in vals)
+            ):
+                raise ConfigError(
+                    f"{where}: choice needs a non-empty list of plain values (numbers, strings, "
+                    f"true/false), got {vals!r}"
+                )
             continue
         low, high = spec["low"], spec["high"]
         if dist in ("uniform", "loguniform"):  # YAML 1.1 reads 1e-4 (no dot) as a string
@@ -798,9 +1299,13 @@ def _check_tune(t: TuneConfig) -> None:
             except ValueError:
                 pass
         if not (_is_number(low) and _is_number(high)):
-            raise ConfigError(f"{where}: low and high must be numbers, got low={low!r}, high={high!r}")
+            raise ConfigError(
+                f"{where}: low and high must be numbers, got low={low!r}, high={high!r}"
+            )
         if dist == "randint" and not (isinstance(low, int) and isinstance(high, int)):
-            raise ConfigError(f"{where}: randint needs integer low and high, got low={low!r}, high={high!r}")
+            raise ConfigError(
+                f"{where}: randint needs integer low and high, got low={low!r}, high={high!r}"
+            )
         if not low < high:
             raise ConfigError(f"{where}: low ({low}) must be smaller than high ({high})")
         if dist == "loguniform" and not low > 0:
@@ -826,7 +1331,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key '{key}': {value!r} is not one of {[_type_name(a) for a in args]}")
+        raise ConfigError(
+            f"config key '{key}': {value!r} is not one of {[_type_name(a) for a in args]}"
+        )
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -849,13 +1356,17 @@ def _build(cls: type, d: dict | None, prefix: str) -> Any:
     if d is None:
         d = {}
     if not isinstance(d, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {d!r}")
+        raise ConfigError(
+            f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {d!r}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in d if k not in names]
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys in "
-                          f"'{prefix.rstrip('.') or '<root>'}': {', '.join(names)}")
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys in "
+            f"'{prefix.rstrip('.') or '<root>'}': {', '.join(names)}"
+        )
     kwargs = {}
     for name, value in d.items():
         tp = hints[name]
@@ -904,7 +1415,9 @@ def _read_file(path: str | os.PathLike) -> dict:
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"config file {p} is not valid YAML{where}: {what}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"config file {p} must hold a mapping of sections, got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -918,8 +1431,11 @@ def _override(raw: dict, ov: str, source: str) -> None:
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (),
-                sources: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple = (),
+    sources: list[str] | None = None,
+) -> ExperimentConfig:
     """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides.
 
     Errors name where the bad value came from: the file, or the override as the user typed it (so a user
@@ -955,7 +1471,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         raise
 
 
-def explicit_keys(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> list[str]:
+def explicit_keys(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()
+) -> list[str]:
     """Dotted keys a config file and overrides set explicitly (a dict-valued key like model.args is one key).
 
     `train --resume` uses this to tell a value the user asked for from a default.
@@ -987,7 +1505,10 @@ def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
 
 def defaults_yaml() -> str:
     """Every key with its default and help text, as commented YAML (the content of configs/base.yaml)."""
-    lines = ["# raycell: every config key with its default (generated by `raycell config --defaults`).", ""]
+    lines = [
+        "# raycell: every config key with its default (generated by `raycell config --defaults`).",
+        "",
+    ]
 
     def emit(obj: Any, indent: int) -> None:
         for f in dataclasses.fields(obj):

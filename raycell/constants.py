@@ -26,7 +26,9 @@ SOURCE = "source"
 CENTROID_Y = "centroid_y"
 CENTROID_X = "centroid_x"
 MORPH_PREFIX = "morph_"
-FEAT_PREFIX = "feat_"  # the crops' intensity and texture features stored by ingest (ingest.crop_features)
+FEAT_PREFIX = (
+    "feat_"  # the crops' intensity and texture features stored by ingest (ingest.crop_features)
+)
 
 IMAGE_COLUMNS = (IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE)
 REQUIRED_COLUMNS = (CELL_ID, IMAGE, HEIGHT, WIDTH, CHANNELS, DTYPE, BATCH, LABEL, SPLIT)
@@ -61,8 +63,16 @@ WELL_PROFILES = "well_profiles.parquet"
 # their design matrix Z (`infer.z_mode`; raycell/infer/zpredictor.py) and which hand-made features the
 # baseline uses: config, CLI and code read these.
 NORMALIZE_MODES = ("global", "crop")
-BASELINE_FEATURES = ("auto", "morph", "crops", "all")  # `eval.baseline_features` (raycell/eval/baseline.py)
+BASELINE_FEATURES = (
+    "auto",
+    "morph",
+    "crops",
+    "all",
+)  # `eval.baseline_features` (raycell/eval/baseline.py)
 Z_MODES = ("predicted", "balanced", "uniform", "zero")
-PARQUET_READERS = ("v1", "v2")  # `data.parquet_reader`: Ray Data's DataContext.use_datasource_v2 off / on
+PARQUET_READERS = (
+    "v1",
+    "v2",
+)  # `data.parquet_reader`: Ray Data's DataContext.use_datasource_v2 off / on
 # parquet schema metadata key of every prediction shard (what produced it)
 INFER_PROVENANCE = b"raycell.infer"

@@ -28,16 +28,24 @@ def user_errors() -> tuple[type[BaseException], ...]:
 _AGAIN = "then re-run the same command"
 _WRITABLE = "choose a folder you can write to (--out), or fix its permissions"
 _ENVIRONMENT = {
-    errno.ENOSPC: ("no space left on the device",
-                   f"free space there, or choose an output on a disk with room; {_AGAIN}"),
-    errno.EDQUOT: ("disk quota exceeded",
-                   f"free space within your quota, or choose an output elsewhere; {_AGAIN}"),
+    errno.ENOSPC: (
+        "no space left on the device",
+        f"free space there, or choose an output on a disk with room; {_AGAIN}",
+    ),
+    errno.EDQUOT: (
+        "disk quota exceeded",
+        f"free space within your quota, or choose an output elsewhere; {_AGAIN}",
+    ),
     errno.EROFS: ("read-only file system", "choose an output folder on a writable disk (--out)"),
     errno.EACCES: ("permission denied", _WRITABLE),
     errno.EPERM: ("operation not permitted", _WRITABLE),
 }
-_ERRNO_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
-               "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+_ERRNO_TEXT = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+}
 
 
 class EnvironmentProblem(UserError, OSError):
@@ -78,7 +86,8 @@ def environment_problem(exc: BaseException) -> EnvironmentProblem | None:
                 path = str(path)
                 folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
                 where = f" at {folder}"
-            return EnvironmentProblem(f"{what}{where}: {todo} (what was finished is kept; nothing "
-                                      "half-written is used)")
+            return EnvironmentProblem(
+                f"{what}{where}: {todo} (what was finished is kept; nothing half-written is used)"
+            )
         e = e.__cause__ or e.__context__
     return None

@@ -56,7 +56,12 @@ from raycell.eval.baseline import BASELINE_MODEL, FEATURE_SOURCES
 from raycell.pipeline import infer_evaluate, run_split, run_synth, train_infer_evaluate
 from raycell.utils.io import atomic_write_json, atomic_write_text, read_json
 
-MEDL_MODELS = ["conventional", "adversarial", "randomeffects", "mixedeffects"]  # the default --models
+MEDL_MODELS = [
+    "conventional",
+    "adversarial",
+    "randomeffects",
+    "mixedeffects",
+]  # the default --models
 BASELINE_DIR = "baseline"  # out/seed<S>/baseline/: the hand-made-feature baseline row
 RANDOMIZED_Z_DIR = "randomized_z"  # out/seed<S>/<model>/randomized_z/: the randomized-Z row
 
@@ -130,17 +135,28 @@ def tune_model(cfg: ExperimentConfig, model: str, out: Path, samples: int, folds
     c.tune.num_samples, c.tune.folds, c.tune.mode = samples, folds, "max"
     from raycell.formats.shards import open_dataset
 
-    has_valbatch = bool(open_dataset(c.data.path).manifest.get("counts_per_split", {}).get(K.VALBATCH))
+    has_valbatch = bool(
+        open_dataset(c.data.path).manifest.get("counts_per_split", {}).get(K.VALBATCH)
+    )
     c.tune.metric = "valbatch_auroc" if folds or has_valbatch else "val_auroc"
     c.tune.out = str(out / "search")
-    shutil.rmtree(out / "search", ignore_errors=True)  # an earlier, unfinished search of this experiment
+    shutil.rmtree(
+        out / "search", ignore_errors=True
+    )  # an earlier, unfinished search of this experiment
     res = run_search(c)
     best = res["best"]
     if best is None:
         raise ConfigError(f"experiment medl --tune: no trial of {model} finished; see {c.tune.out}")
-    chosen = {"model": model, "params": {k: best[k] for k in c.tune.space}, "metric": c.tune.metric,
-              "objective": best["objective"], "best_epoch": best["best_epoch"], "folds": folds,
-              "trials": len(res["trials"]), "search": c.tune.out}
+    chosen = {
+        "model": model,
+        "params": {k: best[k] for k in c.tune.space},
+        "metric": c.tune.metric,
+        "objective": best["objective"],
+        "best_epoch": best["best_epoch"],
+        "folds": folds,
+        "trials": len(res["trials"]),
+        "search": c.tune.out,
+    }
     atomic_write_json(done, chosen)
     return chosen
 
@@ -162,23 +178,38 @@ def _trained_row(c: ExperimentConfig, out: Path, z_dir: Path | None, label: str 
     t0 = time.time()
     res = train_infer_evaluate(c, out, z_source=str(z_dir) if z_dir else "", quiet=True)
     ev = res["eval"]
-    return {"model": c.model.type, "label": label or row_label(c.model.type, False), "seed": c.seed,
-            "run_dir": res["run_dir"], "checkpoint": res["checkpoint"],
-            "train_seconds": res["train_seconds"], "final_metrics": res["metrics"],
-            "seconds": round(time.time() - t0, 1), "test": ev["splits"].get(K.TEST, {}),
-            "unseen": ev["splits"].get(K.UNSEEN, {})}
+    return {
+        "model": c.model.type,
+        "label": label or row_label(c.model.type, False),
+        "seed": c.seed,
+        "run_dir": res["run_dir"],
+        "checkpoint": res["checkpoint"],
+        "train_seconds": res["train_seconds"],
+        "final_metrics": res["metrics"],
+        "seconds": round(time.time() - t0, 1),
+        "test": ev["splits"].get(K.TEST, {}),
+        "unseen": ev["splits"].get(K.UNSEEN, {}),
+    }
 
 
 def _randomized_z_row(c: ExperimentConfig, run_dir: str, out: Path) -> dict:
     """The trained (selected) checkpoint `run_dir` (checkpoint or run folder), inferred again with random
-    one-hot Z rows, evaluated."""
+    one-hot Z rows, evaluated.
+    """
     t0 = time.time()
     c = copy.deepcopy(c)
     c.infer.randomize_z = True
     ev = infer_evaluate(c, run_dir, out, quiet=True)
-    return {"model": c.model.type, "label": row_label(c.model.type, True), "seed": c.seed,
-            "run_dir": run_dir, "randomize_z": True, "seconds": round(time.time() - t0, 1),
-            "test": ev["splits"].get(K.TEST, {}), "unseen": ev["splits"].get(K.UNSEEN, {})}
+    return {
+        "model": c.model.type,
+        "label": row_label(c.model.type, True),
+        "seed": c.seed,
+        "run_dir": run_dir,
+        "randomize_z": True,
+        "seconds": round(time.time() - t0, 1),
+        "test": ev["splits"].get(K.TEST, {}),
+        "unseen": ev["splits"].get(K.UNSEEN, {}),
+    }
 
 
 def z_mode_label(model: str, mode: str) -> str:
@@ -194,8 +225,11 @@ def _unseen_z(cfg: ExperimentConfig, seed: int, z_dir: Path, mode: str | None = 
     from raycell.infer.zpredictor import Z_PARQUET, run_infer_z
 
     mode = mode or getattr(cfg.infer, "z_mode", "predicted")
-    made = (read_json(z_dir / "inferred_z.json").get("z_mode", "predicted")
-            if (z_dir / "inferred_z.json").is_file() else None)
+    made = (
+        read_json(z_dir / "inferred_z.json").get("z_mode", "predicted")
+        if (z_dir / "inferred_z.json").is_file()
+        else None
+    )
     if not (z_dir / Z_PARQUET).is_file() or made != mode:
         c = copy.deepcopy(cfg)
         c.seed = seed
@@ -214,10 +248,17 @@ def _z_mode_row(c: ExperimentConfig, checkpoint: str, out: Path, z_dir: Path, mo
     t0 = time.time()
     ev = infer_evaluate(c, checkpoint, out, z_source=str(z_dir), quiet=True)
     zmeta = read_json(z_dir / "inferred_z.json")
-    return {"model": c.model.type, "label": z_mode_label(c.model.type, mode), "seed": c.seed,
-            "run_dir": checkpoint, "z_mode": mode, "zpredictor_val_accuracy": zmeta.get("val_accuracy"),
-            "seconds": round(time.time() - t0, 1), "test": ev["splits"].get(K.TEST, {}),
-            "unseen": ev["splits"].get(K.UNSEEN, {})}
+    return {
+        "model": c.model.type,
+        "label": z_mode_label(c.model.type, mode),
+        "seed": c.seed,
+        "run_dir": checkpoint,
+        "z_mode": mode,
+        "zpredictor_val_accuracy": zmeta.get("val_accuracy"),
+        "seconds": round(time.time() - t0, 1),
+        "test": ev["splits"].get(K.TEST, {}),
+        "unseen": ev["splits"].get(K.UNSEEN, {}),
+    }
 
 
 def summarise(rows: list[dict], labels: list[str]) -> dict[str, dict]:
@@ -237,8 +278,9 @@ def summarise(rows: list[dict], labels: list[str]) -> dict[str, dict]:
     return out
 
 
-def format_markdown(summary: dict[str, dict], title: str = "", notes: list[str] | None = None
-                    ) -> str:
+def format_markdown(
+    summary: dict[str, dict], title: str = "", notes: list[str] | None = None
+) -> str:
     """The summary as a Markdown table of `mean ± sd` cells."""
     lines = [f"# {title}", ""] if title else []
     lines += [f"{n}" for n in (notes or [])]
@@ -276,8 +318,10 @@ def parse_seeds(seeds: list) -> list[int]:
         try:
             v = int(str(s).strip())
         except ValueError:
-            raise ConfigError(f"experiment --seeds: {s!r} is not an integer; give comma-separated "
-                              "integers, e.g. --seeds 0,1,2") from None
+            raise ConfigError(
+                f"experiment --seeds: {s!r} is not an integer; give comma-separated "
+                "integers, e.g. --seeds 0,1,2"
+            ) from None
         if v in out:
             raise ConfigError(f"experiment --seeds: seed {v} is given twice")
         out.append(v)
@@ -286,34 +330,52 @@ def parse_seeds(seeds: list) -> list[int]:
     return out
 
 
-def check_medl(cfg: ExperimentConfig, seeds: list[int], models: list[str], tune: bool = False,
-               tune_samples: int = 6, tune_folds: int = 3) -> None:
+def check_medl(
+    cfg: ExperimentConfig,
+    seeds: list[int],
+    models: list[str],
+    tune: bool = False,
+    tune_samples: int = 6,
+    tune_folds: int = 3,
+) -> None:
     """The checks `experiment medl` can make before Ray starts: model names, seeds, preset."""
     from raycell.models import list_models
     from raycell.models.aec import PRESETS
 
     bad = [m for m in models if m not in list_models()]
     if bad or not models:
-        hint = ("; randomized Z is an option now, not a model type: --randomized-z (the default)"
-                if any(m.endswith("_randz") for m in bad) else "")
-        raise ConfigError(f"experiment medl --models: unknown model type(s) {bad or models}; registered: "
-                          f"{', '.join(list_models())}{hint}")
+        hint = (
+            "; randomized Z is an option now, not a model type: --randomized-z (the default)"
+            if any(m.endswith("_randz") for m in bad)
+            else ""
+        )
+        raise ConfigError(
+            f"experiment medl --models: unknown model type(s) {bad or models}; registered: "
+            f"{', '.join(list_models())}{hint}"
+        )
     if not seeds:
         raise ConfigError("experiment --seeds: give at least one seed, e.g. --seeds 0,1,2")
     if tune:
         untunable = [m for m in models if m not in TUNE_SPACES]
         if untunable:
-            raise ConfigError(f"experiment medl --tune: no search space for {untunable}; --tune searches "
-                              f"the loss weights of {', '.join(TUNE_SPACES)}")
+            raise ConfigError(
+                f"experiment medl --tune: no search space for {untunable}; --tune searches "
+                f"the loss weights of {', '.join(TUNE_SPACES)}"
+            )
         if tune_samples < 1 or tune_folds < 0:
-            raise ConfigError(f"experiment medl: --tune-samples must be >= 1 and --tune-folds >= 0, got "
-                              f"{tune_samples} and {tune_folds}")
+            raise ConfigError(
+                f"experiment medl: --tune-samples must be >= 1 and --tune-folds >= 0, got "
+                f"{tune_samples} and {tune_folds}"
+            )
     if cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}"
+        )
     features = cfg.eval.baseline_features
     if features not in FEATURE_SOURCES:
-        raise ConfigError(f"eval.baseline_features: {features!r} is not one of "
-                          f"{', '.join(FEATURE_SOURCES)}")
+        raise ConfigError(
+            f"eval.baseline_features: {features!r} is not one of {', '.join(FEATURE_SOURCES)}"
+        )
 
 
 def _baseline_row(cfg: ExperimentConfig, seed: int, features: str, cache: dict) -> dict:
@@ -321,8 +383,9 @@ def _baseline_row(cfg: ExperimentConfig, seed: int, features: str, cache: dict) 
     from raycell.eval.baseline import baseline_row, load_features
 
     if features not in cache:
-        cache[features] = load_features(cfg.data.path, [K.TRAIN, K.TEST, K.UNSEEN], features,
-                                        cfg.eval.max_cells)
+        cache[features] = load_features(
+            cfg.data.path, [K.TRAIN, K.TEST, K.UNSEEN], features, cfg.eval.max_cells
+        )
     return baseline_row(cfg.data.path, seed, feats=cache[features])
 
 
@@ -331,10 +394,19 @@ def _baseline_dir(i: int, features: str) -> str:
     return BASELINE_DIR if i == 0 else f"{BASELINE_DIR}_{features}"
 
 
-def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[str], out: str,
-                        command: str = "", randomized_z: bool = True, baseline: bool = True,
-                        z_modes: list[str] | None = None, tune: bool = False, tune_samples: int = 6,
-                        tune_folds: int = 3) -> dict:
+def run_medl_experiment(
+    cfg: ExperimentConfig,
+    seeds: list[int],
+    models: list[str],
+    out: str,
+    command: str = "",
+    randomized_z: bool = True,
+    baseline: bool = True,
+    z_modes: list[str] | None = None,
+    tune: bool = False,
+    tune_samples: int = 6,
+    tune_folds: int = 3,
+) -> dict:
     """Train, infer and evaluate each model type for each seed on one data set; write the table.
 
     Needs Ray to be initialised (`raycell.utils.ray_utils.init_ray`).
@@ -369,7 +441,9 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
 
     bad = [zm for zm in (z_modes or []) if zm not in Z_MODES]
     if bad:
-        raise ConfigError(f"experiment medl --z-modes: unknown mode(s) {bad}; use {', '.join(Z_MODES)}")
+        raise ConfigError(
+            f"experiment medl --z-modes: unknown mode(s) {bad}; use {', '.join(Z_MODES)}"
+        )
 
     seeds = parse_seeds(seeds)
     check_medl(cfg, seeds, models, tune, tune_samples, tune_folds)
@@ -382,17 +456,24 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
     uses_z = {m: model_entry(m).uses_z for m in models}
     mode = getattr(cfg.infer, "z_mode", "predicted")
     extra_modes = [zm for zm in dict.fromkeys(z_modes or []) if zm != mode]
-    labels = [lab for m in models for lab in
-              [row_label(m, False)] + ([row_label(m, False) + TUNED] if tune else [])
-              + ([row_label(m, True)] if randomized_z and uses_z[m] else [])
-              + ([z_mode_label(m, zm) for zm in extra_modes] if uses_z[m] else [])]
+    labels = [
+        lab
+        for m in models
+        for lab in [row_label(m, False)]
+        + ([row_label(m, False) + TUNED] if tune else [])
+        + ([row_label(m, True)] if randomized_z and uses_z[m] else [])
+        + ([z_mode_label(m, zm) for zm in extra_modes] if uses_z[m] else [])
+    ]
     sources = baseline_sources(cfg.data.path, cfg.eval.baseline_features) if baseline else []
     base_labels = [baseline_label(feature_source(cfg.data.path, f)) for f in sources]
     chosen: dict[str, dict] = {}
     if tune:
         for m in models:
-            print(f"[raycell] experiment medl --tune: searching {m}'s loss weights "
-                  f"({', '.join(TUNE_SPACES[m])}; {tune_samples} trials, {tune_folds} folds)", flush=True)
+            print(
+                f"[raycell] experiment medl --tune: searching {m}'s loss weights "
+                f"({', '.join(TUNE_SPACES[m])}; {tune_samples} trials, {tune_folds} folds)",
+                flush=True,
+            )
             chosen[m] = tune_model(cfg, m, out_p / "tune" / m, tune_samples, tune_folds)
     labels += base_labels
     rows: list[dict] = []
@@ -402,12 +483,18 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
         z_dir = _unseen_z(cfg, seed, seed_dir / "zpredictor") if any(uses_z.values()) else None
         for m in models:
             c = _model_config(cfg, m, seed, seed_dir)
-            row_dirs = [seed_dir / m] + ([seed_dir / m / RANDOMIZED_Z_DIR] if randomized_z and uses_z[m] else [])
+            row_dirs = [seed_dir / m] + (
+                [seed_dir / m / RANDOMIZED_Z_DIR] if randomized_z and uses_z[m] else []
+            )
             row_dirs += [seed_dir / m / f"z_{zm}" for zm in extra_modes if uses_z[m]]
             trained = None
             for row_dir in row_dirs:
                 randomize = row_dir.name == RANDOMIZED_Z_DIR
-                zm = row_dir.name[2:] if row_dir.name.startswith("z_") and row_dir != seed_dir / m else ""
+                zm = (
+                    row_dir.name[2:]
+                    if row_dir.name.startswith("z_") and row_dir != seed_dir / m
+                    else ""
+                )
                 res_file = row_dir / "result.json"
                 if res_file.is_file():  # finished by an earlier invocation
                     row = read_json(res_file)
@@ -442,8 +529,12 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
                     print(f"[raycell] experiment medl: seed {seed}, {m}{TUNED}", flush=True)
                     tc = apply_params(c, chosen[m]["params"])
                     tc.name = f"medl-s{seed}-tuned"
-                    row = _trained_row(tc, res_file.parent, z_dir if uses_z[m] else None,
-                                       label=row_label(m, False) + TUNED)
+                    row = _trained_row(
+                        tc,
+                        res_file.parent,
+                        z_dir if uses_z[m] else None,
+                        label=row_label(m, False) + TUNED,
+                    )
                     row["tuned_params"] = chosen[m]["params"]
                     atomic_write_json(res_file, row)
                 rows.append(row)
@@ -461,43 +552,72 @@ def run_medl_experiment(cfg: ExperimentConfig, seeds: list[int], models: list[st
     return _write_tables(out_p, cfg, seeds, models, labels, rows, command, t0, chosen=chosen)
 
 
-def _write_tables(out: Path, cfg: ExperimentConfig, seeds: list[int], models: list[str],
-                  labels: list[str], rows: list[dict], command: str, t0: float, quiet: bool = False,
-                  chosen: dict | None = None) -> dict:
+def _write_tables(
+    out: Path,
+    cfg: ExperimentConfig,
+    seeds: list[int],
+    models: list[str],
+    labels: list[str],
+    rows: list[dict],
+    command: str,
+    t0: float,
+    quiet: bool = False,
+    chosen: dict | None = None,
+) -> dict:
     """(Re)write results.json, table.csv and table.md from the rows so far (atomically)."""
     summary = summarise(rows, labels)
     done = sorted({r["seed"] for r in rows})
-    notes = [f"Command: `{command}`" if command else "",
-             f"Data: {cfg.data.path} (preset {cfg.model.preset}, {cfg.train.epochs} epochs, "
-             f"lr {cfg.train.lr}, batch {cfg.data.batch_size}); seeds {done} of {seeds}; "
-             "mean ± s.d. over seeds.",
-             "Seen = the test split of the training batches; unseen = the held-out batches "
-             "(random/mixed effects use the Z-predictor's soft Z there). DB/CH/batch probe: "
-             "latents of the seen test split by batch, z-scored (DB higher / CH lower / probe "
-             "nearer chance = less batch information). mixedeffects latent = the fixed-effects "
-             "latent e_F; its MSE is of X̂_R.",
-             "+ randomized Z: the same checkpoint inferred with a random one-hot Z row per cell "
-             "(infer.randomize_z), no second training."
-             if any(lab.endswith("+ randomized Z") for lab in labels) else "",
-             "logreg on hand-made features: balanced logistic regression on standardised "
-             "per-cell features (morph_* columns, or shape/intensity/texture computed from the "
-             "crops), fitted on the train split; its DB/CH/probe are of those features." if any(
-                 r.get("model") == BASELINE_MODEL for r in rows) else ""]
+    notes = [
+        f"Command: `{command}`" if command else "",
+        f"Data: {cfg.data.path} (preset {cfg.model.preset}, {cfg.train.epochs} epochs, "
+        f"lr {cfg.train.lr}, batch {cfg.data.batch_size}); seeds {done} of {seeds}; "
+        "mean ± s.d. over seeds.",
+        "Seen = the test split of the training batches; unseen = the held-out batches "
+        "(random/mixed effects use the Z-predictor's soft Z there). DB/CH/batch probe: "
+        "latents of the seen test split by batch, z-scored (DB higher / CH lower / probe "
+        "nearer chance = less batch information). mixedeffects latent = the fixed-effects "
+        "latent e_F; its MSE is of X̂_R.",
+        "+ randomized Z: the same checkpoint inferred with a random one-hot Z row per cell "
+        "(infer.randomize_z), no second training."
+        if any(lab.endswith("+ randomized Z") for lab in labels)
+        else "",
+        "logreg on hand-made features: balanced logistic regression on standardised "
+        "per-cell features (morph_* columns, or shape/intensity/texture computed from the "
+        "crops), fitted on the train split; its DB/CH/probe are of those features."
+        if any(r.get("model") == BASELINE_MODEL for r in rows)
+        else "",
+    ]
     for m, ch in (chosen or {}).items():
         weights = ", ".join(f"{k}={v:.3g}" for k, v in ch["params"].items())
-        how = f"mean {ch['metric']} over {ch['folds']} cross-batch folds" if ch["folds"] else ch["metric"]
-        notes.append(f"{m}{TUNED}: {weights}, chosen by {ch['trials']} trials on {how} "
-                     f"({ch['objective']:.3f} at epoch {ch['best_epoch']}); search in {ch['search']}.")
-    chance = [s["batch_probe_chance"] for s in summary.values()
-              if math.isfinite(s["batch_probe_chance"])]
+        how = (
+            f"mean {ch['metric']} over {ch['folds']} cross-batch folds"
+            if ch["folds"]
+            else ch["metric"]
+        )
+        notes.append(
+            f"{m}{TUNED}: {weights}, chosen by {ch['trials']} trials on {how} "
+            f"({ch['objective']:.3f} at epoch {ch['best_epoch']}); search in {ch['search']}."
+        )
+    chance = [
+        s["batch_probe_chance"] for s in summary.values() if math.isfinite(s["batch_probe_chance"])
+    ]
     if chance:
         notes.append(f"Batch-probe chance (majority batch share): {chance[0]:.3f}.")
     table = format_markdown(summary, "raycell MEDL experiment", [n for n in notes if n])
-    result = {"out": str(out), "command": command, "seeds": seeds, "models": models, "tuned": chosen or {},
-              "config": cfg.to_dict(), "summary": summary, "rows": rows, "table": table,
-              # this invocation's wall time; rows keep their own (from earlier invocations too)
-              "seconds": round(time.time() - t0, 1),
-              "row_seconds_total": round(sum(r.get("seconds", 0.0) for r in rows), 1)}
+    result = {
+        "out": str(out),
+        "command": command,
+        "seeds": seeds,
+        "models": models,
+        "tuned": chosen or {},
+        "config": cfg.to_dict(),
+        "summary": summary,
+        "rows": rows,
+        "table": table,
+        # this invocation's wall time; rows keep their own (from earlier invocations too)
+        "seconds": round(time.time() - t0, 1),
+        "row_seconds_total": round(sum(r.get("seconds", 0.0) for r in rows), 1),
+    }
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "table.csv", _csv(summary))
     atomic_write_text(out / "table.md", table)

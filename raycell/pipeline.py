@@ -33,38 +33,76 @@ def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         from raycell.data.synthetic_raw import from_config
 
         res = from_config(cfg, overwrite=overwrite)
-        print(f"[raycell] synth --raw -> {Path(s.out).absolute()}: "
-              f"{ {k: v for k, v in res.items() if isinstance(v, (int, float, str))} }", flush=True)
+        print(
+            f"[raycell] synth --raw -> {Path(s.out).absolute()}: "
+            f"{ {k: v for k, v in res.items() if isinstance(v, (int, float, str))} }",
+            flush=True,
+        )
         return res
     t0 = time.time()
     # synth.num_workers -1: Ray tasks from 200,000 cells (raycell.data.synthetic.AUTO_RAY_CELLS)
-    chunking = dict(chunk_cells=s.chunk_cells or None, num_workers=None if s.num_workers < 0 else s.num_workers)
+    chunking = dict(
+        chunk_cells=s.chunk_cells or None, num_workers=None if s.num_workers < 0 else s.num_workers
+    )
     if s.num_workers > 0 or (s.num_workers < 0 and s.n_cells >= AUTO_RAY_CELLS):
         from raycell.utils.ray_utils import init_ray
 
-        init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_mb, cfg.ray.progress,
-                 cfg.ray.connect_timeout_s, verbose=cfg.ray.verbose,
-                 start_timeout_s=cfg.ray.start_timeout_s)
+        init_ray(
+            cfg.ray.address,
+            cfg.ray.num_cpus,
+            cfg.ray.object_store_mb,
+            cfg.ray.progress,
+            cfg.ray.connect_timeout_s,
+            verbose=cfg.ray.verbose,
+            start_timeout_s=cfg.ray.start_timeout_s,
+        )
     if s.design == "timedose":
         from raycell.data.synthetic_timedose import write_timedose
 
-        m = write_timedose(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
-                           rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
-                           times=list(s.times), doses=list(s.doses), n_batches=s.n_batches,
-                           n_unseen=s.n_unseen, replicates=s.replicates,
-                           batch_strength=s.batch_strength, effect_strength=s.effect_strength,
-                           effects=s.crop_effects, unseen_extreme=s.unseen_extreme, **chunking)
+        m = write_timedose(
+            str(Path(s.out).absolute()),
+            n_cells=s.n_cells,
+            crop_size=s.crop_size,
+            rows_per_shard=s.rows_per_shard,
+            overwrite=overwrite,
+            seed=cfg.seed,
+            times=list(s.times),
+            doses=list(s.doses),
+            n_batches=s.n_batches,
+            n_unseen=s.n_unseen,
+            replicates=s.replicates,
+            batch_strength=s.batch_strength,
+            effect_strength=s.effect_strength,
+            effects=s.crop_effects,
+            unseen_extreme=s.unseen_extreme,
+            **chunking,
+        )
     else:
-        m = write_synthetic(str(Path(s.out).absolute()), n_cells=s.n_cells, crop_size=s.crop_size,
-                            rows_per_shard=s.rows_per_shard, overwrite=overwrite, seed=cfg.seed,
-                            n_lines=s.n_lines, n_batches=s.n_batches, n_unseen=s.n_unseen,
-                            lines_per_batch=s.lines_per_batch, wells_per_line=s.wells_per_line,
-                            confounding=s.confounding, batch_strength=s.batch_strength,
-                            phenotype_strength=s.phenotype_strength, effects=s.crop_effects,
-                            unseen_extreme=s.unseen_extreme, **chunking)
-    print(f"[raycell] synth: {m['n_cells']} cells, {len(m['batch_vocab'])} batches "
-          f"(suggested unseen: {m['suggested_unseen']}), {len(m['shards'])} shard(s) -> "
-          f"{Path(s.out).absolute()} in {time.time() - t0:.1f}s", flush=True)
+        m = write_synthetic(
+            str(Path(s.out).absolute()),
+            n_cells=s.n_cells,
+            crop_size=s.crop_size,
+            rows_per_shard=s.rows_per_shard,
+            overwrite=overwrite,
+            seed=cfg.seed,
+            n_lines=s.n_lines,
+            n_batches=s.n_batches,
+            n_unseen=s.n_unseen,
+            lines_per_batch=s.lines_per_batch,
+            wells_per_line=s.wells_per_line,
+            confounding=s.confounding,
+            batch_strength=s.batch_strength,
+            phenotype_strength=s.phenotype_strength,
+            effects=s.crop_effects,
+            unseen_extreme=s.unseen_extreme,
+            **chunking,
+        )
+    print(
+        f"[raycell] synth: {m['n_cells']} cells, {len(m['batch_vocab'])} batches "
+        f"(suggested unseen: {m['suggested_unseen']}), {len(m['shards'])} shard(s) -> "
+        f"{Path(s.out).absolute()} in {time.time() - t0:.1f}s",
+        flush=True,
+    )
     return m
 
 
@@ -76,18 +114,27 @@ def run_split(cfg: ExperimentConfig) -> dict:
     with writing(cfg.data.path, "data.path (split rewrites its shards)", make_parent=False):
         m = _split(cfg, split_dataset)
     vb = m["split_params"].get("val_batches")
-    print(f"[raycell] split {Path(cfg.data.path).absolute()}: {m['counts_per_split']} "
-          f"(unseen batches: {m['split_params']['unseen']}"
-          f"{f'; validation batches: {vb}' if vb else ''})", flush=True)
+    print(
+        f"[raycell] split {Path(cfg.data.path).absolute()}: {m['counts_per_split']} "
+        f"(unseen batches: {m['split_params']['unseen']}"
+        f"{f'; validation batches: {vb}' if vb else ''})",
+        flush=True,
+    )
     return m
 
 
 def _split(cfg: ExperimentConfig, split_dataset) -> dict:
     """`split_dataset` with the `split.*` keys (under the data set's lock)."""
-    return split_dataset(cfg.data.path, unseen=list(cfg.split.unseen), group_by=cfg.split.group_by,
-                         stratify=list(cfg.split.stratify), fractions=list(cfg.split.fractions),
-                         seed=cfg.seed, val_batches=list(cfg.split.val_batches),
-                         progress=bool(cfg.ray.progress))
+    return split_dataset(
+        cfg.data.path,
+        unseen=list(cfg.split.unseen),
+        group_by=cfg.split.group_by,
+        stratify=list(cfg.split.stratify),
+        fractions=list(cfg.split.fractions),
+        seed=cfg.seed,
+        val_batches=list(cfg.split.val_batches),
+        progress=bool(cfg.ray.progress),
+    )
 
 
 def run_train(cfg: ExperimentConfig) -> dict:
@@ -128,19 +175,32 @@ def run_export(cfg: ExperimentConfig) -> dict:
 
     e = cfg.export
     if not e.embeddings or not e.out:
-        raise ConfigError("export needs export.embeddings and export.out (--embeddings DIR --out FILE)")
-    s = export(e.embeddings, e.out, fmt=e.format, level=e.level, top_k=e.top_k,
-               drop_zero_variance=e.drop_zero_variance, with_morph=e.with_morph, umap=e.umap,
-               seed=cfg.seed, overwrite=e.overwrite)
-    print(f"[raycell] exported {s['n_obs']} {s['level']} rows x {s['n_vars']} features "
-          f"({s['n_dropped']} dropped) -> {s['path']}", flush=True)
+        raise ConfigError(
+            "export needs export.embeddings and export.out (--embeddings DIR --out FILE)"
+        )
+    s = export(
+        e.embeddings,
+        e.out,
+        fmt=e.format,
+        level=e.level,
+        top_k=e.top_k,
+        drop_zero_variance=e.drop_zero_variance,
+        with_morph=e.with_morph,
+        umap=e.umap,
+        seed=cfg.seed,
+        overwrite=e.overwrite,
+    )
+    print(
+        f"[raycell] exported {s['n_obs']} {s['level']} rows x {s['n_vars']} features "
+        f"({s['n_dropped']} dropped) -> {s['path']}",
+        flush=True,
+    )
     return s
 
 
 def run_profile(cfg: ExperimentConfig) -> dict:
     """Features -> control-normalised well profiles + copairs retrieval metrics (no Ray)."""
     from raycell.profiling.profile_folder import ProfileSettings, profile, summary_lines
-
     from raycell.utils.locks import writing
 
     settings = ProfileSettings.from_config(cfg)
@@ -149,8 +209,11 @@ def run_profile(cfg: ExperimentConfig) -> dict:
     # one writer per output folder (an empty profile.out is refused by `profile` itself)
     with writing(settings.out, "profile.out") if settings.out else contextlib.nullcontext():
         res = profile(settings)
-    print(f"[raycell] profile: {res['n_profiles']} profiles x {res['n_features']} features -> "
-          f"{res['out']}", flush=True)
+    print(
+        f"[raycell] profile: {res['n_profiles']} profiles x {res['n_features']} features -> "
+        f"{res['out']}",
+        flush=True,
+    )
     for line in res["notes"] + summary_lines(res["retrieval"] or {}):
         print(f"[raycell]   {line}", flush=True)
     return res
@@ -165,10 +228,12 @@ def run_report(cfg: ExperimentConfig) -> dict:
         raise ConfigError("report needs a folder: raycell report FOLDER (report.folder)")
     from raycell.utils.locks import writing
 
-    with writing(cfg.report.out or Path(cfg.report.folder) / "report", "report.out",
-                 make_parent=False):
-        page = build_report(cfg.report.folder, cfg.report.out or None,
-                            max_cells=cfg.report.max_cells, seed=cfg.seed)
+    with writing(
+        cfg.report.out or Path(cfg.report.folder) / "report", "report.out", make_parent=False
+    ):
+        page = build_report(
+            cfg.report.folder, cfg.report.out or None, max_cells=cfg.report.max_cells, seed=cfg.seed
+        )
     print(f"[raycell] report: {page}", flush=True)
     return {"html": str(page)}
 
@@ -178,10 +243,12 @@ def run_ingest(cfg: ExperimentConfig) -> dict:
     from raycell.ingest.driver import run_ingest
 
     s = run_ingest(cfg)
-    print(f"[raycell] ingest {s.get('input')}: {s.get('n_fovs_in')} field(s) of view -> "
-          f"{s.get('n_cells')} cells from {s.get('n_fovs_with_cells')} field(s), "
-          f"{s.get('n_fovs_rejected')} rejected {s.get('rejects_by_code') or ''} -> {s.get('out')}",
-          flush=True)
+    print(
+        f"[raycell] ingest {s.get('input')}: {s.get('n_fovs_in')} field(s) of view -> "
+        f"{s.get('n_cells')} cells from {s.get('n_fovs_with_cells')} field(s), "
+        f"{s.get('n_fovs_rejected')} rejected {s.get('rejects_by_code') or ''} -> {s.get('out')}",
+        flush=True,
+    )
     for note in s.get("notes", []):
         print(f"[raycell] note: {note}", flush=True)
     return s
@@ -204,9 +271,14 @@ def run_evaluate(cfg: ExperimentConfig) -> dict:
         from raycell.config import ConfigError
 
         raise ConfigError("evaluate needs eval.predictions (--predictions FOLDER)")
-    return evaluate_predictions(cfg.eval.predictions, cfg.eval.out or None, max_cells=cfg.eval.max_cells,
-                                seed=cfg.seed, baseline=cfg.eval.baseline,
-                                baseline_features=cfg.eval.baseline_features)
+    return evaluate_predictions(
+        cfg.eval.predictions,
+        cfg.eval.out or None,
+        max_cells=cfg.eval.max_cells,
+        seed=cfg.seed,
+        baseline=cfg.eval.baseline,
+        baseline_features=cfg.eval.baseline_features,
+    )
 
 
 def _evaluate_profiles(cfg: ExperimentConfig) -> dict:
@@ -218,8 +290,9 @@ def _evaluate_profiles(cfg: ExperimentConfig) -> dict:
 
     if not cfg.eval.out:
         raise ConfigError("evaluate --profiles needs an output folder: --out (eval.out)")
-    s = dataclasses.replace(ProfileSettings.from_config(cfg), input=cfg.eval.profiles,
-                            out=cfg.eval.out)
+    s = dataclasses.replace(
+        ProfileSettings.from_config(cfg), input=cfg.eval.profiles, out=cfg.eval.out
+    )
     res = score_profiles(cfg.eval.profiles, s)
     print(f"[raycell] evaluate --profiles {cfg.eval.profiles} -> {res['out']}", flush=True)
     for line in summary_lines(res["retrieval"]):
@@ -227,8 +300,13 @@ def _evaluate_profiles(cfg: ExperimentConfig) -> dict:
     return res
 
 
-def infer_evaluate(cfg: ExperimentConfig, checkpoint: str | Path, out: str | Path, z_source: str = "",
-                   quiet: bool = False) -> dict:
+def infer_evaluate(
+    cfg: ExperimentConfig,
+    checkpoint: str | Path,
+    out: str | Path,
+    z_source: str = "",
+    quiet: bool = False,
+) -> dict:
     """Infer `checkpoint` (a checkpoint or run folder) into `out`/predictions and evaluate it into `out`/eval.
 
     Inference takes everything else from `cfg.infer` (splits, `randomize_z`, actors); a model type whose
@@ -250,12 +328,14 @@ def infer_evaluate(cfg: ExperimentConfig, checkpoint: str | Path, out: str | Pat
         run_infer_z(c)
         c.infer.z_source = c.infer.z_out
     run_infer(c)
-    return evaluate_predictions(out / "predictions", out / "eval", max_cells=c.eval.max_cells, seed=c.seed,
-                                quiet=quiet)
+    return evaluate_predictions(
+        out / "predictions", out / "eval", max_cells=c.eval.max_cells, seed=c.seed, quiet=quiet
+    )
 
 
-def train_infer_evaluate(cfg: ExperimentConfig, out: str | Path | None = None, z_source: str = "",
-                         quiet: bool = False) -> dict:
+def train_infer_evaluate(
+    cfg: ExperimentConfig, out: str | Path | None = None, z_source: str = "", quiet: bool = False
+) -> dict:
     """Train a model of type `cfg.model.type`, then `infer_evaluate` it into `out` (default: its run folder).
 
     Returns {"run_dir", "checkpoint", "train_seconds", "metrics", "history" (from training), "eval" (the
@@ -278,8 +358,14 @@ def train_infer_evaluate(cfg: ExperimentConfig, out: str | Path | None = None, z
     # train.early_stopping_metric (e.g. valbatch_auroc on held-out seen batches), else the latest one.
     checkpoint = res.get("best_checkpoint") or run_dir
     ev = infer_evaluate(cfg, checkpoint, out, z_source=z_source, quiet=quiet)
-    return {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "train_seconds": train_seconds,
-            "metrics": res["metrics"], "history": res["history"], "eval": ev}
+    return {
+        "run_dir": str(run_dir),
+        "checkpoint": str(checkpoint),
+        "train_seconds": train_seconds,
+        "metrics": res["metrics"],
+        "history": res["history"],
+        "eval": ev,
+    }
 
 
 def check_demo(cfg: ExperimentConfig) -> None:
@@ -290,14 +376,18 @@ def check_demo(cfg: ExperimentConfig) -> None:
 
     bad = [m for m in cfg.demo.models if m not in list_models()]
     if bad or not cfg.demo.models:
-        raise ConfigError(f"demo.models: {f'unknown model type(s) {bad}' if bad else 'empty'}; registered: "
-                          f"{', '.join(list_models())}")
+        raise ConfigError(
+            f"demo.models: {f'unknown model type(s) {bad}' if bad else 'empty'}; registered: "
+            f"{', '.join(list_models())}"
+        )
     if cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}"
+        )
 
 
 def run_demo(cfg: ExperimentConfig) -> dict:
-    """synth -> split -> (train -> infer -> evaluate) per model type -> comparison table, on local Ray."""
+    """Synth -> split -> (train -> infer -> evaluate) per model type -> comparison table, on local Ray."""
     from raycell.eval.evaluate import format_table
 
     check_demo(cfg)
@@ -325,12 +415,16 @@ def run_demo(cfg: ExperimentConfig) -> dict:
         ev = res["eval"]
         for split, r in ev["splits"].items():
             rows[f"{model_type}/{split}"] = r
-        seen_unseen[model_type] = {"run_dir": res["run_dir"], "pca_plot": ev.get("pca_plot"),
-                                   "seen_test": ev["splits"].get("test", {}),
-                                   "unseen": ev["splits"].get("unseen", {})}
+        seen_unseen[model_type] = {
+            "run_dir": res["run_dir"],
+            "pca_plot": ev.get("pca_plot"),
+            "seen_test": ev["splits"].get("test", {}),
+            "unseen": ev["splits"].get("unseen", {}),
+        }
     keep = {k: v for k, v in rows.items() if k.endswith("/test") or k.endswith("/unseen")}
-    table = format_table(keep, title="raycell demo: seen-batch test split vs unseen batches",
-                         first="model/split")
+    table = format_table(
+        keep, title="raycell demo: seen-batch test split vs unseen batches", first="model/split"
+    )
     summary = {"out": str(out), "seconds": round(time.time() - t0, 1), "models": seen_unseen}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.txt", table + "\n")

@@ -77,9 +77,17 @@ class TrainingPlan:
 
     needs_recon = True  # the loss reads ModelOutput.recon: the model type must reconstruct
 
-    def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
-                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False,
-                 layer_decay: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossConfig,
+        lr: float,
+        weight_decay: float = 0.0,
+        n_batches: int = 1,
+        grad_sync: GradSync = no_sync,
+        bf16: bool = False,
+        layer_decay: float = 0.0,
+    ):
         self.model = model
         self.w = loss
         self.n_batches = n_batches
@@ -89,8 +97,10 @@ class TrainingPlan:
         if layer_decay:
             if not hasattr(model, "layer_groups"):
                 mt = getattr(model, "model_type", type(model).__name__)
-                raise TypeError(f"train.layer_decay: model type {mt!r} has no layer groups (layer-wise "
-                                "learning rates are for the timm backbones); set train.layer_decay=0")
+                raise TypeError(
+                    f"train.layer_decay: model type {mt!r} has no layer groups (layer-wise "
+                    "learning rates are for the timm backbones); set train.layer_decay=0"
+                )
             groups = model.layer_groups(lr, weight_decay, layer_decay)
             main_ids = [id(p) for p in self.main_parameters()]
             if sorted(id(p) for g in groups for p in g["params"]) != sorted(main_ids):
@@ -102,13 +112,17 @@ class TrainingPlan:
 
     def set_schedule(self, kind: str, total_steps: int) -> None:
         """The main optimiser's learning-rate schedule: 'constant', or 'onecycle' (the blog's one-cycle
-        policy: warm up to each parameter group's lr over the first 30% of `total_steps`, then anneal)."""
+        policy: warm up to each parameter group's lr over the first 30% of `total_steps`, then anneal).
+        """
         if kind == "constant":
             self.scheduler = None
         elif kind == "onecycle":
             opt = self.optimizers["main"]
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(2, int(total_steps)))
+                opt,
+                max_lr=[g["lr"] for g in opt.param_groups],
+                total_steps=max(2, int(total_steps)),
+            )
         else:
             raise ValueError(f"unknown schedule {kind!r} (constant, onecycle)")
 
@@ -134,12 +148,16 @@ class TrainingPlan:
         self.grad_sync(params)
         opt.step()
         # a planned step count can be a step short of the stream's (drop_last per worker): hold the end
-        if name == "main" and self.scheduler is not None and \
-                self.scheduler.last_epoch + 1 < self.scheduler.total_steps:
+        if (
+            name == "main"
+            and self.scheduler is not None
+            and self.scheduler.last_epoch + 1 < self.scheduler.total_steps
+        ):
             self.scheduler.step()
 
-    def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
-                     ) -> LossOutput:
+    def compute_loss(
+        self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+    ) -> LossOutput:
         """The weighted objective and its named terms (for training and validation alike)."""
         mse = reconstruction_mse(out.recon, x)
         cls = label_loss(out.logits, y)
@@ -154,8 +172,9 @@ class TrainingPlan:
         return _detached(lo)
 
     @torch.no_grad()
-    def validation_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
-                        ) -> tuple[LossOutput, ModelOutput]:
+    def validation_step(
+        self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+    ) -> tuple[LossOutput, ModelOutput]:
         """Losses and model outputs in eval mode (the caller sets model.eval())."""
         with self.autocast(x.device):
             out = self.model(x, z)
@@ -213,37 +232,61 @@ class ArmedPlan(TrainingPlan):
     @classmethod
     def required_outputs(cls) -> tuple[str, ...]:
         """The optional `ModelOutput` fields the flags make the loss read."""
-        return (("recon_fe", "logits_fe") if cls.fixed_effects_branch else ()) + \
-            (("batch_logits",) if cls.adversarial else ()) + \
-            (("cluster_logits", "cluster_image_logits", "kl") if cls.random_effects else ())
+        return (
+            (("recon_fe", "logits_fe") if cls.fixed_effects_branch else ())
+            + (("batch_logits",) if cls.adversarial else ())
+            + (("cluster_logits", "cluster_image_logits", "kl") if cls.random_effects else ())
+        )
 
     @classmethod
     def required_networks(cls) -> tuple[str, ...]:
         """The roles in `model.auxiliary_networks()` this plan trains with their own optimisers."""
-        return (("adversary",) if cls.adversarial else ()) + \
-            (("image_classifier",) if cls.random_effects else ())
+        return (("adversary",) if cls.adversarial else ()) + (
+            ("image_classifier",) if cls.random_effects else ()
+        )
 
-    def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
-                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False,
-                 layer_decay: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossConfig,
+        lr: float,
+        weight_decay: float = 0.0,
+        n_batches: int = 1,
+        grad_sync: GradSync = no_sync,
+        bf16: bool = False,
+        layer_decay: float = 0.0,
+    ):
         # Set before TrainingPlan.__init__, which calls main_parameters().
         self.model = model
         self.aux = self._auxiliary_networks(model)
         self.use_adversary = self.adversarial and n_batches >= 2
         if self.adversarial and not self.use_adversary:
             mt = getattr(model, "model_type", "?")
-            warnings.warn(f"model type {mt!r}: the training data has "
-                          f"only {n_batches} batch, so there is no batch effect to remove: the "
-                          "adversary is disabled (no adversary step, no adversarial loss term)",
-                          UserWarning, stacklevel=2)
-        super().__init__(model, loss, lr, weight_decay, n_batches=n_batches, grad_sync=grad_sync,
-                         bf16=bf16, layer_decay=layer_decay)
+            warnings.warn(
+                f"model type {mt!r}: the training data has "
+                f"only {n_batches} batch, so there is no batch effect to remove: the "
+                "adversary is disabled (no adversary step, no adversarial loss term)",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().__init__(
+            model,
+            loss,
+            lr,
+            weight_decay,
+            n_batches=n_batches,
+            grad_sync=grad_sync,
+            bf16=bf16,
+            layer_decay=layer_decay,
+        )
         if self.use_adversary:
             self.optimizers["adversary"] = torch.optim.AdamW(
-                self.aux["adversary"].parameters(), lr=lr, weight_decay=weight_decay)
+                self.aux["adversary"].parameters(), lr=lr, weight_decay=weight_decay
+            )
         if self.random_effects:
             self.optimizers["image_classifier"] = torch.optim.AdamW(
-                self.aux["image_classifier"].parameters(), lr=lr, weight_decay=weight_decay)
+                self.aux["image_classifier"].parameters(), lr=lr, weight_decay=weight_decay
+            )
 
     @classmethod
     def _auxiliary_networks(cls, model: nn.Module) -> dict[str, nn.Module]:
@@ -254,8 +297,10 @@ class ArmedPlan(TrainingPlan):
         if cls.adversarial and not hasattr(model, "adversary_inputs"):
             missing.append("adversary_inputs() (what the adversary reads)")
         if missing:
-            raise TypeError(f"model type {mt!r} lacks {missing} that {cls.__name__} trains: its "
-                            "auxiliary_networks() must return them by role (see docs/models.md)")
+            raise TypeError(
+                f"model type {mt!r} lacks {missing} that {cls.__name__} trains: its "
+                "auxiliary_networks() must return them by role (see docs/models.md)"
+            )
         return {r: nets[r] for r in cls.required_networks()}
 
     def main_parameters(self) -> list[nn.Parameter]:
@@ -303,8 +348,9 @@ class ArmedPlan(TrainingPlan):
             aux["image_classifier"] = self.image_classifier_step(x, z)
         return _detached(self.main_step(x, y, z), **aux)
 
-    def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
-                     ) -> LossOutput:
+    def compute_loss(
+        self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+    ) -> LossOutput:
         """Named terms and the main objective (see the module docstring for the signs)."""
         w = self.w
         t = {"mse": reconstruction_mse(out.recon, x), "cls": label_loss(out.logits, y)}
@@ -329,8 +375,12 @@ class ArmedPlan(TrainingPlan):
             t["cluster_latent"] = cluster_ce(out.cluster_logits, z)
             t["cluster_image"] = cluster_ce(out.cluster_image_logits, z)
             t["kl"] = out.kl
-            loss = (loss + w.cluster_latent * t["cluster_latent"]
-                    + w.cluster_image * t["cluster_image"] + w.kl * t["kl"])
+            loss = (
+                loss
+                + w.cluster_latent * t["cluster_latent"]
+                + w.cluster_image * t["cluster_image"]
+                + w.kl * t["kl"]
+            )
         return LossOutput(loss, t)
 
 
@@ -365,10 +415,13 @@ class WeakLabelPlan(TrainingPlan):
 
     needs_recon = False
 
-    def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
-                     ) -> LossOutput:
+    def compute_loss(
+        self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+    ) -> LossOutput:
         """Sum over heads (see the class docstring)."""
-        total, terms = heads_loss(out.logits, y, self.model.head_sizes, self.w.heads == "multilabel")
+        total, terms = heads_loss(
+            out.logits, y, self.model.head_sizes, self.w.heads == "multilabel"
+        )
         return LossOutput(total, {f"cls_{n}": t for n, t in zip(self.model.head_names, terms)})
 
 
@@ -385,27 +438,48 @@ class ZPredictorPlan(WeakLabelPlan):
     weight, so the label no longer predicts the batch and the soft Z stops importing label priors.
     """
 
-    def __init__(self, model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0,
-                 n_batches: int = 1, grad_sync: GradSync = no_sync, bf16: bool = False,
-                 layer_decay: float = 0.0):
-        super().__init__(model, loss, lr, weight_decay, n_batches=n_batches, grad_sync=grad_sync,
-                         bf16=bf16, layer_decay=layer_decay)
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossConfig,
+        lr: float,
+        weight_decay: float = 0.0,
+        n_batches: int = 1,
+        grad_sync: GradSync = no_sync,
+        bf16: bool = False,
+        layer_decay: float = 0.0,
+    ):
+        super().__init__(
+            model,
+            loss,
+            lr,
+            weight_decay,
+            n_batches=n_batches,
+            grad_sync=grad_sync,
+            bf16=bf16,
+            layer_decay=layer_decay,
+        )
         if not layer_decay:  # (layer_decay raises above: the network has no layer groups)
-            self.optimizers["main"] = torch.optim.NAdam(self.main_parameters(), lr=lr,
-                                                        weight_decay=weight_decay)
+            self.optimizers["main"] = torch.optim.NAdam(
+                self.main_parameters(), lr=lr, weight_decay=weight_decay
+            )
         self.balance: torch.Tensor | None = None
 
     def set_balance(self, weights: torch.Tensor | list) -> None:
         """Weight each cell's loss by `weights[batch code, label code]` ((n_batches, n_labels), mean 1
-        over the training cells); y must then be (N, 2): batch head code, label code."""
+        over the training cells); y must then be (N, 2): batch head code, label code.
+        """
         w = torch.as_tensor(weights, dtype=torch.float32)
         if w.ndim != 2 or w.shape[0] != self.model.head_sizes[0]:
-            raise ValueError(f"balanced Z-predictor: weight table of shape {tuple(w.shape)}, expected "
-                             f"({self.model.head_sizes[0]}, n_labels)")
+            raise ValueError(
+                f"balanced Z-predictor: weight table of shape {tuple(w.shape)}, expected "
+                f"({self.model.head_sizes[0]}, n_labels)"
+            )
         self.balance = w
 
-    def compute_loss(self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
-                     ) -> LossOutput:
+    def compute_loss(
+        self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+    ) -> LossOutput:
         """Softmax cross-entropy of the batch head (logged as `cls_batch`), weighted when balanced."""
         if self.balance is None:
             total, terms = heads_loss(out.logits, y, self.model.head_sizes, False)

@@ -29,11 +29,29 @@ from raycell.train.history import HISTORY_FILE, read_history
 SEARCH = "search"  # Tune's experiment folder under tune.out
 TRIALS = "trials"  # the trials' Train runs under tune.out
 # Keys Tune adds to every result: left out when listing what the loop reported
-_TUNE_KEYS = {"training_iteration", "time_this_iter_s", "done", "timestamp", "trial_id", "date", "hostname",
-              "node_ip", "pid", "time_total_s", "time_since_restore", "iterations_since_restore",
-              "checkpoint_dir_name", "checkpoint_path", "should_checkpoint", "experiment_tag",
-              "timesteps_total", "episodes_total", "timesteps_since_restore", "episode_reward_mean",
-              "experiment_id"}
+_TUNE_KEYS = {
+    "training_iteration",
+    "time_this_iter_s",
+    "done",
+    "timestamp",
+    "trial_id",
+    "date",
+    "hostname",
+    "node_ip",
+    "pid",
+    "time_total_s",
+    "time_since_restore",
+    "iterations_since_restore",
+    "checkpoint_dir_name",
+    "checkpoint_path",
+    "should_checkpoint",
+    "experiment_tag",
+    "timesteps_total",
+    "episodes_total",
+    "timesteps_since_restore",
+    "episode_reward_mean",
+    "experiment_id",
+}
 
 
 def apply_params(cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
@@ -72,18 +90,24 @@ def check_tune(cfg: ExperimentConfig) -> Path:
 
     t = cfg.tune
     if not t.space:
-        raise ConfigError("tune.space is empty: declare at least one searched key, e.g. "
-                          "tune.space: {loss.adv: {dist: loguniform, low: 0.01, high: 1.0}}")
+        raise ConfigError(
+            "tune.space is empty: declare at least one searched key, e.g. "
+            "tune.space: {loss.adv: {dist: loguniform, low: 0.01, high: 1.0}}"
+        )
     if cfg.train.resume:
-        raise ConfigError("train.resume is set: a search trains new models; drop train.resume (--resume)")
+        raise ConfigError(
+            "train.resume is set: a search trains new models; drop train.resume (--resume)"
+        )
     for key, spec in t.space.items():
         tune_key_type(key)
         for v in _probe_values(spec):
             try:
                 apply_params(cfg, {key: v})
             except ConfigError as exc:
-                raise ConfigError(f"tune.space.{key}: {spec['dist']} can sample {v!r}, which the config "
-                                  f"refuses: {exc}") from None
+                raise ConfigError(
+                    f"tune.space.{key}: {spec['dist']} can sample {v!r}, which the config "
+                    f"refuses: {exc}"
+                ) from None
     check_train(cfg)
     for v in _probe_values(t.space.get("model.type", {"dist": "choice", "values": []})):
         check_train(apply_params(cfg, {"model.type": v}))
@@ -95,7 +119,9 @@ def check_tune(cfg: ExperimentConfig) -> Path:
     out = Path(os.path.abspath(os.path.expanduser(t.out)))
     data = Path(os.path.abspath(cfg.data.path))
     if out == data or data in out.parents or out in data.parents:
-        raise ConfigError(f"tune.out {out} overlaps the data set {data}; choose a folder outside it")
+        raise ConfigError(
+            f"tune.out {out} overlaps the data set {data}; choose a folder outside it"
+        )
     near = out
     while not near.exists():
         near = near.parent
@@ -105,10 +131,14 @@ def check_tune(cfg: ExperimentConfig) -> Path:
         return out
     if out.is_dir() and any(out.iterdir()):
         if (out / SEARCH).exists():
-            raise ConfigError(f"tune.out {out} already holds a search (search/); continue it with "
-                              f"`raycell tune --resume {out}`, or choose a new or empty folder (--out)")
-        raise ConfigError(f"tune.out {out} already holds files raycell did not write; choose a new or empty "
-                          "folder (--out)")
+            raise ConfigError(
+                f"tune.out {out} already holds a search (search/); continue it with "
+                f"`raycell tune --resume {out}`, or choose a new or empty folder (--out)"
+            )
+        raise ConfigError(
+            f"tune.out {out} already holds files raycell did not write; choose a new or empty "
+            "folder (--out)"
+        )
     return out
 
 
@@ -150,21 +180,24 @@ def check_model_values(cfg: ExperimentConfig) -> None:
         for v in _probe_values(space):
             c = apply_params(cfg, {key: v})
             where = f"tune.space.{key}: {space['dist']} can sample {v!r}"
-            arg = key[len("model.args."):] if key.startswith("model.args.") else None
+            arg = key[len("model.args.") :] if key.startswith("model.args.") else None
             try:
                 hints = typing.get_type_hints(model_entry(c.model.type).builder)
             except Exception:  # noqa: BLE001 - unresolvable annotations: the build below decides
                 hints = {}
             if arg in hints and not _fits(v, hints[arg]):
-                raise ConfigError(f"{where}, a {type(v).__name__}, but model type "
-                                  f"{c.model.type!r} takes {_type_words(hints[arg])} for {arg}")
+                raise ConfigError(
+                    f"{where}, a {type(v).__name__}, but model type "
+                    f"{c.model.type!r} takes {_type_words(hints[arg])} for {arg}"
+                )
             try:
                 with torch.device("cpu"):
                     create_model(c.model.type, **model_kwargs(c, spec, labels, batches, setup))
             except Exception as exc:  # noqa: BLE001 - whatever the builder raises is the answer
                 why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                raise ConfigError(f"{where}, which model type {c.model.type!r} rejects when built: "
-                                  f"{why}") from None
+                raise ConfigError(
+                    f"{where}, which model type {c.model.type!r} rejects when built: {why}"
+                ) from None
 
 
 def _fits(v: Any, tp: Any) -> bool:
@@ -193,7 +226,8 @@ def _type_words(tp: Any) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     names = " or ".join(getattr(a, "__name__", str(a)) for a in args)
     return f"{'an' if names[0] in 'aeiou' else 'a'} {names}" + (
-        " (or None)" if type(None) in typing.get_args(tp) else "")
+        " (or None)" if type(None) in typing.get_args(tp) else ""
+    )
 
 
 # Keys a resumed search may change: how to reach Ray. Everything else, concurrency included, comes back
@@ -217,18 +251,25 @@ def resume_search_config(cfg: ExperimentConfig, given: list[str] | None = None) 
 
     out = Path(os.path.abspath(os.path.expanduser(cfg.tune.resume)))
     if not out.is_dir():
-        raise ConfigError(f"tune.resume: search folder not found: {out} (give the tune.out folder of an "
-                          "earlier `raycell tune`)")
+        raise ConfigError(
+            f"tune.resume: search folder not found: {out} (give the tune.out folder of an "
+            "earlier `raycell tune`)"
+        )
     record = out / "config.yaml"
     state = out / SEARCH
     if not record.is_file() or not state.is_dir() or not any(state.glob("experiment_state*.json")):
-        raise ConfigError(f"tune.resume: {out} holds no raycell search (needs config.yaml and Tune's "
-                          f"experiment state under {SEARCH}/); give the tune.out folder of an earlier "
-                          "`raycell tune`")
+        raise ConfigError(
+            f"tune.resume: {out} holds no raycell search (needs config.yaml and Tune's "
+            f"experiment state under {SEARCH}/); give the tune.out folder of an earlier "
+            "`raycell tune`"
+        )
     recorded = load_config(record)
     if given is None:  # every section.key (dict-valued keys such as tune.space compare whole)
-        given = [f"{sec}.{k}" if isinstance(v, dict) else sec for sec, v in cfg.to_dict().items()
-                 for k in (v if isinstance(v, dict) else [None])]
+        given = [
+            f"{sec}.{k}" if isinstance(v, dict) else sec
+            for sec, v in cfg.to_dict().items()
+            for k in (v if isinstance(v, dict) else [None])
+        ]
     conflicts = []
     for key in dict.fromkeys(given):
         if key == "tune.out" or _matches(key, TUNE_RESUME_MAY_CHANGE):
@@ -239,9 +280,11 @@ def resume_search_config(cfg: ExperimentConfig, given: list[str] | None = None) 
         if mine != theirs:
             conflicts.append(f"{key} ({theirs!r} in the search, {mine!r} given)")
     if conflicts:
-        raise ConfigError(f"tune.resume: {'; '.join(conflicts)}: a resumed search keeps its recorded config "
-                          f"({record}); drop the conflicting option(s) or start a new search (a resume may "
-                          "change only ray.*)")
+        raise ConfigError(
+            f"tune.resume: {'; '.join(conflicts)}: a resumed search keeps its recorded config "
+            f"({record}); drop the conflicting option(s) or start a new search (a resume may "
+            "change only ray.*)"
+        )
     recorded.ray = copy.deepcopy(cfg.ray)
     recorded.tune.out = str(out)
     recorded.tune.resume = str(out)
@@ -250,7 +293,8 @@ def resume_search_config(cfg: ExperimentConfig, given: list[str] | None = None) 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """What one trial holds while it trains: its driver plus its Train workers (as Ray Train asks for
-    them), for each of its `tune.folds` trainings."""
+    them), for each of its `tune.folds` trainings.
+    """
     sc = cfg.scaling
     per_worker = dict(sc.resources_per_worker) or {"CPU": 1.0}
     per_worker.setdefault("CPU", 1.0)
@@ -273,9 +317,11 @@ def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[in
     fits = min(int(cluster.get(k, 0.0) // v) for k, v in need.items() if v > 0)
     if fits < 1:
         have = {k: cluster.get(k, 0.0) for k in need}
-        raise ConfigError(f"one trial needs {need} (scaling.* x workers + tune.trial_cpus + 1 CPU for data "
-                          f"reads) but the cluster has {have}; lower scaling.num_workers or "
-                          "scaling.resources_per_worker, or add nodes")
+        raise ConfigError(
+            f"one trial needs {need} (scaling.* x workers + tune.trial_cpus + 1 CPU for data "
+            f"reads) but the cluster has {have}; lower scaling.num_workers or "
+            "scaling.resources_per_worker, or add nodes"
+        )
     want = cfg.tune.max_concurrent_trials or fits
     return max(1, min(want, fits, cfg.tune.num_samples)), fits
 
@@ -284,10 +330,12 @@ def search_space(space: dict) -> dict:
     """`tune.space` as Ray Tune domains."""
     import ray.tune
 
-    make = {"loguniform": lambda s: ray.tune.loguniform(s["low"], s["high"]),
-            "uniform": lambda s: ray.tune.uniform(s["low"], s["high"]),
-            "randint": lambda s: ray.tune.randint(s["low"], s["high"]),
-            "choice": lambda s: ray.tune.choice(s["values"])}
+    make = {
+        "loguniform": lambda s: ray.tune.loguniform(s["low"], s["high"]),
+        "uniform": lambda s: ray.tune.uniform(s["low"], s["high"]),
+        "randint": lambda s: ray.tune.randint(s["low"], s["high"]),
+        "choice": lambda s: ray.tune.choice(s["values"]),
+    }
     return {key: make[spec["dist"]](spec) for key, spec in space.items()}
 
 
@@ -303,19 +351,24 @@ def cross_batch_folds(cfg: ExperimentConfig, ds) -> list[list[str]]:
 
     k = cfg.tune.folds
     if model_entry(cfg.model.type).batch_head:
-        raise ConfigError(f"tune.folds: model type {cfg.model.type!r} predicts the training batches, so it "
-                          "cannot be validated on a batch it has not seen; set tune.folds=0")
+        raise ConfigError(
+            f"tune.folds: model type {cfg.model.type!r} predicts the training batches, so it "
+            "cannot be validated on a batch it has not seen; set tune.folds=0"
+        )
     batches = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
     if len(batches) < k + 1:
-        raise ConfigError(f"tune.folds={k} needs at least {k + 1} training batches (one held out per fold, "
-                          f"the rest to train on); {ds.root} has {len(batches)}: {batches}")
+        raise ConfigError(
+            f"tune.folds={k} needs at least {k + 1} training batches (one held out per fold, "
+            f"the rest to train on); {ds.root} has {len(batches)}: {batches}"
+        )
     order = np.random.default_rng(cfg.seed).permutation(len(batches))
     return [[batches[i]] for i in order[:k]]
 
 
 def fold_metrics(rows: list[dict], metric: str) -> dict:
     """One epoch of K fold trainings as one Tune result: the mean of every metric all folds report,
-    plus `<metric>_fold_sd` and `<metric>_fold<k>` for the objective."""
+    plus `<metric>_fold_sd` and `<metric>_fold<k>` for the objective.
+    """
     import numpy as np
 
     keys = [k for k in rows[0] if all(_finite(r.get(k)) for r in rows)]
@@ -330,7 +383,8 @@ def fold_metrics(rows: list[dict], metric: str) -> dict:
 
 def _fit_folds(cfg: ExperimentConfig, run_dir: Path, setups: list[dict], ds) -> None:
     """Fit one TorchTrainer per fold side by side (threads: each fit only waits on its Ray actors) and
-    report each epoch to Tune once every fold has finished it."""
+    report each epoch to Tune once every fold has finished it.
+    """
     import json
     import threading
     import time
@@ -403,8 +457,14 @@ def _trial(params: dict, base: dict, setup: dict | list[dict], trials_dir: str) 
         ray.tune.report(done[-1])
         return
     # keep the best epoch's checkpoint (by the search's metric) besides the latest, for <search>/best
-    build_trainer(cfg, run_dir, setup, open_dataset(cfg.data.path), callbacks=[TuneReportCallback()],
-                  keep_best=(cfg.tune.metric, cfg.tune.mode)).fit()
+    build_trainer(
+        cfg,
+        run_dir,
+        setup,
+        open_dataset(cfg.data.path),
+        callbacks=[TuneReportCallback()],
+        keep_best=(cfg.tune.metric, cfg.tune.mode),
+    ).fit()
 
 
 class SearchFailed(UserError):
@@ -413,7 +473,8 @@ class SearchFailed(UserError):
 
 def _metric_watch(metric: str):
     """A Tune stopper that ends the whole search at the first result without `metric` (a typo'd metric
-    would otherwise cost the full search before the error)."""
+    would otherwise cost the full search before the error).
+    """
     import ray.tune
 
     class MetricWatch(ray.tune.Stopper):
@@ -421,7 +482,9 @@ def _metric_watch(metric: str):
             self.missing = False
 
         def __call__(self, trial_id, result):
-            if metric not in result and not result.get("done"):  # a trial's closing result may be bare
+            if metric not in result and not result.get(
+                "done"
+            ):  # a trial's closing result may be bare
                 self.missing = True
             return self.missing
 
@@ -470,35 +533,58 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _trial_rows(grid, keys: list[str], metric: str, mode: str, max_epochs: int,
-                trials_dir: str | Path | None = None) -> tuple[list[dict], set]:
+def _trial_rows(
+    grid,
+    keys: list[str],
+    metric: str,
+    mode: str,
+    max_epochs: int,
+    trials_dir: str | Path | None = None,
+) -> tuple[list[dict], set]:
     """One row per trial (in trial order) and every metric name the trials reported."""
     rows, reported = [], set()
     for r in grid:
         df = r.metrics_dataframe
         hist = df.to_dict(orient="records") if df is not None else []
         ident = re.search(r"_trial_([0-9a-f]+_\d+)_", Path(r.path).name)
-        trial_id = (r.metrics or {}).get("trial_id") or (ident.group(1) if ident else Path(r.path).name)
+        trial_id = (r.metrics or {}).get("trial_id") or (
+            ident.group(1) if ident else Path(r.path).name
+        )
         # The trial's Train run keeps every epoch (history.jsonl); Tune's record of a trial restored after
         # an interruption holds only the epochs reported since.
-        own = read_history(Path(trials_dir) / f"train-{trial_id}" / HISTORY_FILE) if trials_dir else []
+        own = (
+            read_history(Path(trials_dir) / f"train-{trial_id}" / HISTORY_FILE)
+            if trials_dir
+            else []
+        )
         if len(own) > len(hist):
             hist = own
         for h in hist:
             reported.update(k for k in h if k not in _TUNE_KEYS and not k.startswith("config/"))
-        scored = [(int(h.get("epoch", i)), h[metric]) for i, h in enumerate(hist) if _finite(h.get(metric))]
+        scored = [
+            (int(h.get("epoch", i)), h[metric])
+            for i, h in enumerate(hist)
+            if _finite(h.get(metric))
+        ]
         epochs = len(hist)
-        status = ("error" if r.error else "completed" if epochs >= max_epochs else "stopped")
+        status = "error" if r.error else "completed" if epochs >= max_epochs else "stopped"
         best_of = max if mode == "max" else min
         top = best_of(scored, key=lambda ev: ev[1]) if scored else (None, float("nan"))
-        num = re.match(r"_?trial_[0-9a-f]+_(\d+)_", Path(r.path).name)  # Tune numbers trials as it starts them
-        row = {"trial": int(num.group(1)) if num else 10**9, "trial_id": trial_id,
-               **{k: r.config.get(k) for k in keys},
-               "objective": top[1], "best_epoch": top[0],
-               "last_epoch_objective": hist[-1].get(metric, float("nan")) if hist else float("nan"),
-               "epochs_run": epochs, "status": status,
-               "error": str(r.error).strip().splitlines()[0][:200] if r.error else "",
-               "tune_dir": r.path}
+        num = re.match(
+            r"_?trial_[0-9a-f]+_(\d+)_", Path(r.path).name
+        )  # Tune numbers trials as it starts them
+        row = {
+            "trial": int(num.group(1)) if num else 10**9,
+            "trial_id": trial_id,
+            **{k: r.config.get(k) for k in keys},
+            "objective": top[1],
+            "best_epoch": top[0],
+            "last_epoch_objective": hist[-1].get(metric, float("nan")) if hist else float("nan"),
+            "epochs_run": epochs,
+            "status": status,
+            "error": str(r.error).strip().splitlines()[0][:200] if r.error else "",
+            "tune_dir": r.path,
+        }
         rows.append(row)
     rows.sort(key=lambda row: (row["trial"], row["trial_id"]))
     for i, row in enumerate(rows, 1):
@@ -526,7 +612,9 @@ def select_best(rows: list[dict], select: str, mode: str) -> dict | None:
 
 
 def _link_best(out: Path, best: dict) -> Path | None:
-    """`<search>/best`: a relative link to the best trial's checkpoint of its best epoch (None if not kept)."""
+    """`<search>/best`: a relative link to the best trial's checkpoint of its best epoch (None if
+    not kept).
+    """
     from raycell.train.trainer import best_checkpoint
 
     ck = best_checkpoint(out / TRIALS / f"train-{best['trial_id']}", int(best["best_epoch"]))
@@ -540,8 +628,9 @@ def _link_best(out: Path, best: dict) -> Path | None:
     return link
 
 
-def objective_plot(rows: list[dict], space: dict, metric: str, mode: str, path: Path,
-                   best: dict | None) -> Path:
+def objective_plot(
+    rows: list[dict], space: dict, metric: str, mode: str, path: Path, best: dict | None
+) -> Path:
     """Objective over trials (with the best so far) and against each searched key; the best trial starred."""
     import numpy as np
 
@@ -600,9 +689,17 @@ def objective_plot(rows: list[dict], space: dict, metric: str, mode: str, path: 
             if m.any():
                 ax.scatter(pos[m], y[m], c=c, zorder=3)
         if best is not None and best.get(key) is not None:
-            bx = (labels.index(str(best[key])) if spec["dist"] == "choice" else float(best[key]))
-            ax.scatter([bx], [best["objective"]], marker="*", s=220, facecolor="gold", edgecolor="k",
-                       zorder=4, label="best")
+            bx = labels.index(str(best[key])) if spec["dist"] == "choice" else float(best[key])
+            ax.scatter(
+                [bx],
+                [best["objective"]],
+                marker="*",
+                s=220,
+                facecolor="gold",
+                edgecolor="k",
+                zorder=4,
+                label="best",
+            )
             ax.legend(fontsize=8, loc="best")
         ax.set_xlabel(f"{key} ({spec['dist']}, searched range)")
         ax.set_ylabel(metric)
@@ -621,7 +718,9 @@ def run_search(cfg: ExperimentConfig) -> dict:
 
 
 def _run_search(cfg: ExperimentConfig) -> dict:
-    """Run the search of `cfg.tune` (Ray initialised); returns {out, trials_csv, best_yaml, plot, best, trials}.
+    """Run the search of `cfg.tune` (Ray initialised).
+
+    Returns {out, trials_csv, best_yaml, plot, best, trials}.
 
     Raises:
         ConfigError: the space, data or folder fail `check_tune`; no trial fits the cluster; the metric
@@ -632,38 +731,50 @@ def _run_search(cfg: ExperimentConfig) -> dict:
     import ray.train
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.stopper import CombinedStopper
     from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.stopper import CombinedStopper
 
     from raycell.train.trainer import training_setup
     from raycell.utils.interrupts import graceful, stop_ray_tune
     from raycell.utils.io import atomic_write_text
 
     cfg = resume_search_config(cfg) if cfg.tune.resume else copy.deepcopy(cfg)
-    cfg.data.path = str(Path(cfg.data.path).absolute())  # trials and workers chdir: paths must be absolute
+    cfg.data.path = str(
+        Path(cfg.data.path).absolute()
+    )  # trials and workers chdir: paths must be absolute
     out = check_tune(cfg)
     t = cfg.tune
     conc, fits = max_concurrent(cfg, ray.cluster_resources())
     if t.max_concurrent_trials > fits:
-        print(f"[raycell] tune.max_concurrent_trials={t.max_concurrent_trials} lowered to {fits}: the cluster "
-              f"fits {fits} trial(s) of {trial_resources(cfg)} (+1 CPU each for data reads)", flush=True)
+        print(
+            f"[raycell] tune.max_concurrent_trials={t.max_concurrent_trials} lowered to {fits}: the cluster "
+            f"fits {fits} trial(s) of {trial_resources(cfg)} (+1 CPU each for data reads)",
+            flush=True,
+        )
     setup, ds = training_setup(cfg)
     if t.folds:
         folds = cross_batch_folds(cfg, ds)
         setup = [training_setup(cfg, fold)[0] for fold in folds]
-        print(f"[raycell] tune: {t.folds} cross-batch folds per trial, holding out "
-              f"{', '.join('/'.join(f) for f in folds)}: the objective is the mean {t.metric} over them",
-              flush=True)
+        print(
+            f"[raycell] tune: {t.folds} cross-batch folds per trial, holding out "
+            f"{', '.join('/'.join(f) for f in folds)}: the objective is the mean {t.metric} over them",
+            flush=True,
+        )
     base = copy.deepcopy(cfg)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if not base.train.torch_threads and len(nodes) == 1:  # one machine: share its cores between trials
+    if (
+        not base.train.torch_threads and len(nodes) == 1
+    ):  # one machine: share its cores between trials
         runs = conc * cfg.scaling.num_workers * max(1, t.folds)
         base.train.torch_threads = max(1, (os.cpu_count() or 1) // runs)
     out.mkdir(parents=True, exist_ok=True)
     if not t.resume:
         save_config(cfg, out / "config.yaml")
-    print(f"[raycell] tune: {t.num_samples} trial(s) of {cfg.model.type} over {', '.join(t.space)}, "
-          f"{conc} at once, objective {t.metric} ({t.mode}) -> {out}", flush=True)
+    print(
+        f"[raycell] tune: {t.num_samples} trial(s) of {cfg.model.type} over {', '.join(t.space)}, "
+        f"{conc} at once, objective {t.metric} ({t.mode}) -> {out}",
+        flush=True,
+    )
 
     # Tune's strict check raises a bare ValueError from its controller on a result without the metric;
     # MetricWatch stops the search instead and the missing metric is reported below in one line.
@@ -671,28 +782,44 @@ def _run_search(cfg: ExperimentConfig) -> dict:
     watch = _metric_watch(t.metric)
     fails = _failure_watch(t.num_samples)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_trial, base=base.to_dict(), setup=setup, trials_dir=str(out / TRIALS)),
-        {"CPU": t.trial_cpus})
+        ray.tune.with_parameters(
+            _trial, base=base.to_dict(), setup=setup, trials_dir=str(out / TRIALS)
+        ),
+        {"CPU": t.trial_cpus},
+    )
     if t.resume:
         # Finished trials keep their results; unfinished ones restart, and their Train run (same name)
         # continues from its last checkpoint. Optuna's state and the stopper come back with the search.
         print(f"[raycell] tune: resuming the search in {out / SEARCH}", flush=True)
-        tuner = ray.tune.Tuner.restore(str(out / SEARCH), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+        tuner = ray.tune.Tuner.restore(
+            str(out / SEARCH), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         tuner = ray.tune.Tuner(
             trainable,
             param_space=search_space(t.space),
             tune_config=ray.tune.TuneConfig(
-                metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=conc,
+                metric=t.metric,
+                mode=t.mode,
+                num_samples=t.num_samples,
+                max_concurrent_trials=conc,
                 search_alg=OptunaSearch(seed=cfg.seed),
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
-                                        grace_period=min(t.grace_period, cfg.train.epochs),
-                                        reduction_factor=t.reduction_factor)),
-            run_config=ray.tune.RunConfig(name=SEARCH, storage_path=str(out),
-                                          stop=CombinedStopper(watch, fails), callbacks=[fails],
-                                          failure_config=ray.tune.FailureConfig(max_failures=0),
-                                          verbose=1))
+                scheduler=ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=cfg.train.epochs,
+                    grace_period=min(t.grace_period, cfg.train.epochs),
+                    reduction_factor=t.reduction_factor,
+                ),
+            ),
+            run_config=ray.tune.RunConfig(
+                name=SEARCH,
+                storage_path=str(out),
+                stop=CombinedStopper(watch, fails),
+                callbacks=[fails],
+                failure_config=ray.tune.FailureConfig(max_failures=0),
+                verbose=1,
+            ),
+        )
     # Ctrl-C / SIGTERM: Tune stops and saves the search (for --resume); then no ranking, no
     # best.yaml from an interrupted trial, and the CLI says "interrupted" (exit 130 / 143)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -700,49 +827,74 @@ def _run_search(cfg: ExperimentConfig) -> dict:
         grid = tuner.fit()
     caught.reraise(f"resume with `raycell tune --resume {out}` (finished trials are kept)")
     if fails.reason:
-        raise SearchFailed(f"the first {len(fails.reasons)} trial(s) all failed the same way "
-                           f"before any reported a result, so the search was stopped: "
-                           f"{fails.reason} (logs under {out / SEARCH})")
+        raise SearchFailed(
+            f"the first {len(fails.reasons)} trial(s) all failed the same way "
+            f"before any reported a result, so the search was stopped: "
+            f"{fails.reason} (logs under {out / SEARCH})"
+        )
 
     keys = list(t.space)
     rows, reported = _trial_rows(grid, keys, t.metric, t.mode, cfg.train.epochs, out / TRIALS)
     if t.metric not in reported:
         if not reported and all(r["status"] == "error" for r in rows):
-            raise SearchFailed(f"every trial failed; the first: {rows[0]['error'] if rows else '?'} "
-                               f"(logs under {out / SEARCH})")
-        raise ConfigError(f"tune.metric {t.metric!r} was never reported by the training loop; it reported: "
-                          f"{', '.join(sorted(reported)) or 'nothing'} (set tune.metric to one of them)")
+            raise SearchFailed(
+                f"every trial failed; the first: {rows[0]['error'] if rows else '?'} "
+                f"(logs under {out / SEARCH})"
+            )
+        raise ConfigError(
+            f"tune.metric {t.metric!r} was never reported by the training loop; it reported: "
+            f"{', '.join(sorted(reported)) or 'nothing'} (set tune.metric to one of them)"
+        )
     best = select_best(rows, t.select, t.mode)
     pd.DataFrame([{k: v for k, v in r.items() if k != "tune_dir"} for r in rows]).to_csv(
-        out / "trials.csv", index=False)
+        out / "trials.csv", index=False
+    )
 
     best_yaml = None
     if best is not None:
         best_cfg = apply_params(cfg, {k: best[k] for k in keys})
-        best_cfg.train.epochs = int(best["best_epoch"]) + 1  # train up to the chosen epoch, no further
+        best_cfg.train.epochs = (
+            int(best["best_epoch"]) + 1
+        )  # train up to the chosen epoch, no further
         best_cfg.name = f"{cfg.name}-best"
         best_yaml = out / "best.yaml"
         import yaml
 
         link = None if t.folds else _link_best(out, best)
         no_link = "none: each of its fold models misses a batch" if t.folds else "not kept"
-        rule = ("among the trials that ran the most epochs" if t.select == "budget"
-                else "among all trials")
+        rule = (
+            "among the trials that ran the most epochs"
+            if t.select == "budget"
+            else "among all trials"
+        )
         sampled = ", ".join(f"{k}={best[k]!r}" for k in keys)
-        head = (f"# Best trial {best['trial_id']} of the search in {out}: {t.metric} = {best['objective']:.4f} "
-                f"at epoch {best['best_epoch']} (of {best['epochs_run']} run), each trial at its best epoch, "
-                f"{rule} (tune.select={t.select})\n# sampled: {sampled}\n"
-                f"# its run: {out / TRIALS / ('train-' + best['trial_id'])}\n"
-                f"# its checkpoint: {link or no_link}\n"
-                f"# reproduce: raycell train --config {best_yaml}\n")
+        head = (
+            f"# Best trial {best['trial_id']} of the search in {out}: {t.metric} = {best['objective']:.4f} "
+            f"at epoch {best['best_epoch']} (of {best['epochs_run']} run), each trial at its best epoch, "
+            f"{rule} (tune.select={t.select})\n# sampled: {sampled}\n"
+            f"# its run: {out / TRIALS / ('train-' + best['trial_id'])}\n"
+            f"# its checkpoint: {link or no_link}\n"
+            f"# reproduce: raycell train --config {best_yaml}\n"
+        )
         atomic_write_text(best_yaml, head + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     plot = objective_plot(rows, t.space, t.metric, t.mode, out / "tune_objective.png", best)
     n_by = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "error")}
-    print(f"[raycell] tune finished: {len(rows)} trial(s) {n_by}; best {t.metric} = "
-          f"{best['objective'] if best else float('nan'):.4f} ({best['trial_id'] if best else '-'}): "
-          f"{ {k: best[k] for k in keys} if best else {} }", flush=True)
+    print(
+        f"[raycell] tune finished: {len(rows)} trial(s) {n_by}; best {t.metric} = "
+        f"{best['objective'] if best else float('nan'):.4f} ({best['trial_id'] if best else '-'}): "
+        f"{ {k: best[k] for k in keys} if best else {} }",
+        flush=True,
+    )
     print(f"  trials   {out / 'trials.csv'}\n  best     {best_yaml}\n  plot     {plot}", flush=True)
     if best is not None and (out / "best").is_dir():
-        print(f"  checkpoint {out / 'best'} (raycell infer --checkpoint {out / 'best'})", flush=True)
-    return {"out": str(out), "trials_csv": str(out / "trials.csv"), "best_yaml": str(best_yaml) if best_yaml
-            else None, "plot": str(plot), "best": best, "trials": rows}
+        print(
+            f"  checkpoint {out / 'best'} (raycell infer --checkpoint {out / 'best'})", flush=True
+        )
+    return {
+        "out": str(out),
+        "trials_csv": str(out / "trials.csv"),
+        "best_yaml": str(best_yaml) if best_yaml else None,
+        "plot": str(plot),
+        "best": best,
+        "trials": rows,
+    }

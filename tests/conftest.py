@@ -15,16 +15,27 @@ import pytest
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-SHARED_DATA = Path(os.environ.get("RAYCELL_SHARED_DATA",
-                                  Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
+SHARED_DATA = Path(
+    os.environ.get(
+        "RAYCELL_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
+).resolve()
 TINY = dict(n_cells=480, crop_size=32, rows_per_shard=120, seed=0)
 
 
 def tiny_overrides(data: Path, runs: Path, epochs: int = 2) -> list[str]:
     """Config overrides for a fast run on the tiny data set."""
-    return [f"data.path={data}", "model.preset=tiny", f"train.epochs={epochs}", "data.batch_size=32",
-            "data.shuffle_buffer=64", "data.eval_batch_size=128", f"train.runs_dir={runs}",
-            "ray.progress=false", "data.block_size_mb=1"]
+    return [
+        f"data.path={data}",
+        "model.preset=tiny",
+        f"train.epochs={epochs}",
+        "data.batch_size=32",
+        "data.shuffle_buffer=64",
+        "data.eval_batch_size=128",
+        f"train.runs_dir={runs}",
+        "ray.progress=false",
+        "data.block_size_mb=1",
+    ]
 
 
 _RAY_BEFORE = pytest.StashKey[bool]()  # per test: was Ray running before its set-up?
@@ -42,11 +53,16 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item):
-    started = not item.stash.get(_RAY_BEFORE, True) and _ray_running()  # asked before ray_local stops
+    started = (
+        not item.stash.get(_RAY_BEFORE, True) and _ray_running()
+    )  # asked before ray_local stops
     yield  # the test's own teardown runs in full first
     if started and item.get_closest_marker("ray") is None:
-        pytest.fail(f"{item.nodeid} started Ray but is not marked `ray` (so `-m 'not ray'` would start "
-                    "Ray): add @pytest.mark.ray", pytrace=False)
+        pytest.fail(
+            f"{item.nodeid} started Ray but is not marked `ray` (so `-m 'not ray'` would start "
+            "Ray): add @pytest.mark.ray",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")

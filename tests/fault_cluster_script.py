@@ -63,8 +63,11 @@ def _train_worker_node(address: str) -> str | None:
     from ray.util.state import list_actors
 
     try:
-        actors = list_actors(address=address, timeout=10, filters=[
-            ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        actors = list_actors(
+            address=address,
+            timeout=10,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        )
     except Exception as exc:  # noqa: BLE001 - the State API may be briefly unavailable: ask again
         _log(f"list_actors failed ({type(exc).__name__}); retrying")
         return None
@@ -115,8 +118,11 @@ class NodeKiller(threading.Thread):
                 break
             time.sleep(0.1)
         else:
-            self.info["error"] = ("run ended first" if self.stop.is_set() else "no registered "
-                                  f"checkpoint and train worker within {WAIT_CHECKPOINT_S} s")
+            self.info["error"] = (
+                "run ended first"
+                if self.stop.is_set()
+                else f"no registered checkpoint and train worker within {WAIT_CHECKPOINT_S} s"
+            )
             return
         run_dir = next(self.runs.glob("*/checkpoint_manager_snapshot.json")).parent
         epochs_done = [h["epoch"] for h in read_history(run_dir / "history.jsonl")]
@@ -128,8 +134,9 @@ class NodeKiller(threading.Thread):
         _log(f"removing node {node_id[:8]} (train worker's) after epochs {epochs_done}")
         self.cluster.remove_node(victim, allow_graceful=False)  # SIGKILL: a lost machine
         t_removed = time.time()
-        self.info.update(removed=True, node=node_id, epochs_before=epochs_done,
-                         checkpoints_before=ckpts)
+        self.info.update(
+            removed=True, node=node_id, epochs_before=epochs_done, checkpoints_before=ckpts
+        )
         # When does the GCS declare the node dead, and where does the worker restart (if allowed)?
         while not self.stop.is_set() and time.time() < deadline + 60:
             if "declared_dead_after_s" not in self.info and not _node_alive(node_id):
@@ -149,8 +156,11 @@ def run_case(cluster, data: Path, runs: Path, max_failures: int) -> dict:
     from raycell.train.history import read_history
     from raycell.train.trainer import TrainingFailed, train
 
-    over = [f"train.max_failures={max_failures}", f"name=mf{max_failures}",
-            "train.checkpoints_to_keep=3"]
+    over = [
+        f"train.max_failures={max_failures}",
+        f"name=mf{max_failures}",
+        "train.checkpoints_to_keep=3",
+    ]
     cfg = load_config(None, tiny_overrides(data, runs, epochs=3) + over)
     killer = NodeKiller(cluster, runs)
     killer.start()
@@ -158,8 +168,9 @@ def run_case(cluster, data: Path, runs: Path, max_failures: int) -> dict:
     t0 = time.time()
     try:
         res = train(cfg)
-        out.update(outcome="finished", run_dir=res["run_dir"],
-                   epochs=[h["epoch"] for h in res["history"]])
+        out.update(
+            outcome="finished", run_dir=res["run_dir"], epochs=[h["epoch"] for h in res["history"]]
+        )
     except TrainingFailed as exc:
         out.update(outcome="TrainingFailed", message=str(exc))
     except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
@@ -175,10 +186,13 @@ def run_case(cluster, data: Path, runs: Path, max_failures: int) -> dict:
         raw = hist.read_text().splitlines() if hist.is_file() else []
         lines = [json.loads(ln) for ln in raw if ln.strip()]
         fail = run / "failure.txt"
-        out.update(run_dir=str(run), history_epochs=[h["epoch"] for h in read_history(hist)],
-                   history_lines=[h.get("epoch") for h in lines],
-                   metrics_json=(run / "metrics.json").is_file(),
-                   failure_txt=fail.read_text()[:4000] if fail.is_file() else None)
+        out.update(
+            run_dir=str(run),
+            history_epochs=[h["epoch"] for h in read_history(hist)],
+            history_lines=[h.get("epoch") for h in lines],
+            metrics_json=(run / "metrics.json").is_file(),
+            failure_txt=fail.read_text()[:4000] if fail.is_file() else None,
+        )
     _log(f"max_failures={max_failures}: {out['outcome']} in {out['seconds']} s")
     return out
 
@@ -229,8 +243,14 @@ def main(work: Path, deadline_s: float) -> dict:
     threading.Thread(target=watchdog, daemon=True).start()
     t0 = time.time()
     try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "dashboard_port": _free_port(), "_system_config": HEALTH_CHECK})
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "dashboard_port": _free_port(),
+                "_system_config": HEALTH_CHECK,
+            },
+        )
         for _ in range(2):
             cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()

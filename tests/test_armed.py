@@ -28,8 +28,15 @@ NB = 3
 
 def _model(model_type, n_batches=NB, **kw):
     torch.manual_seed(0)
-    return create_model(model_type, in_channels=2, n_classes=2, n_batches=n_batches, preset="tiny",
-                        image_size=32, **kw)
+    return create_model(
+        model_type,
+        in_channels=2,
+        n_classes=2,
+        n_batches=n_batches,
+        preset="tiny",
+        image_size=32,
+        **kw,
+    )
 
 
 def _batch(n=12, nb=NB):
@@ -49,18 +56,23 @@ def _snap(model):
 
 
 def test_plans_are_registered_per_type():
-    for model_type, plan_cls in [("adversarial", AdversarialPlan),
-                                 ("randomeffects", RandomEffectsPlan),
-                                 ("mixedeffects", MixedEffectsPlan)]:
+    for model_type, plan_cls in [
+        ("adversarial", AdversarialPlan),
+        ("randomeffects", RandomEffectsPlan),
+        ("mixedeffects", MixedEffectsPlan),
+    ]:
         assert type(build_plan(_model(model_type), LossConfig(), 1e-3, n_batches=NB)) is plan_cls
 
 
-@pytest.mark.parametrize("model_type,aux,prefix", [
-    ("adversarial", "adversary", "adversary."),
-    ("mixedeffects", "adversary", "fe.adversary."),
-    ("randomeffects", "image_classifier", "image_classifier."),
-    ("mixedeffects", "image_classifier", "re.image_classifier."),
-])
+@pytest.mark.parametrize(
+    "model_type,aux,prefix",
+    [
+        ("adversarial", "adversary", "adversary."),
+        ("mixedeffects", "adversary", "fe.adversary."),
+        ("randomeffects", "image_classifier", "image_classifier."),
+        ("mixedeffects", "image_classifier", "re.image_classifier."),
+    ],
+)
 def test_auxiliary_step_moves_only_its_network_and_main_step_leaves_it(model_type, aux, prefix):
     m = _model(model_type)
     plan = build_plan(m, LossConfig(), 1e-2, n_batches=NB)
@@ -91,15 +103,17 @@ def test_main_objective_subtracts_the_adversary_loss():
 
 def test_confusion_objective_adds_the_uniform_cross_entropy():
     m = _model("adversarial")
-    plan = build_plan(m, LossConfig(recon=1.0, cls=0.1, adv=0.5, adv_objective="confusion"), 1e-3,
-                      n_batches=NB)
+    plan = build_plan(
+        m, LossConfig(recon=1.0, cls=0.1, adv=0.5, adv_objective="confusion"), 1e-3, n_batches=NB
+    )
     x, y, z = _batch()
     out = m(x, z)
     lo = plan.compute_loss(out, x, y, z)
     t = lo.terms
     uniform = torch.full((len(x), NB), 1.0 / NB)
-    torch.testing.assert_close(t["adv_confusion"], torch.nn.functional.cross_entropy(out.batch_logits,
-                                                                                      uniform))
+    torch.testing.assert_close(
+        t["adv_confusion"], torch.nn.functional.cross_entropy(out.batch_logits, uniform)
+    )
     torch.testing.assert_close(lo.loss, t["mse"] + 0.1 * t["cls"] + 0.5 * t["adv_confusion"])
     # the encoder gains nothing from a confidently wrong adversary: the term is smallest when uniform
     from raycell.losses import confusion_ce
@@ -156,8 +170,9 @@ def test_one_training_batch_disables_the_adversary_with_a_warning():
 def test_analytic_kl_agrees_with_monte_carlo():
     torch.manual_seed(0)
     # wider posteriors than the AEC's initial ones so that a Monte-Carlo estimate converges fast
-    re = RandomEffects(4, 5, loc_init_scale=0.3, scale_init_min=0.2, scale_init_range=0.1,
-                       prior_scale=0.25)
+    re = RandomEffects(
+        4, 5, loc_init_scale=0.3, scale_init_min=0.2, scale_init_range=0.1, prior_scale=0.25
+    )
     q, p = Normal(re.loc.detach(), re.scale.detach()), Normal(0.0, 0.25)
     w = q.sample((40000,))
     mc = (q.log_prob(w) - p.log_prob(w)).sum((1, 2)).mean()
@@ -204,9 +219,17 @@ def test_soft_z_is_a_convex_mix_of_batch_rows():
 
 def _save(model, path, ds, batches):
     plan = build_plan(model, LossConfig(), 1e-3, n_batches=len(batches))
-    return save_checkpoint(path, model, plan.state_dict(), epoch=0, spec=DataSpec.from_dataset(ds),
-                           labels=CategoryMap(K.LABEL, ("high", "low")),
-                           batches=CategoryMap(K.BATCH, batches), config={}, metrics={})
+    return save_checkpoint(
+        path,
+        model,
+        plan.state_dict(),
+        epoch=0,
+        spec=DataSpec.from_dataset(ds),
+        labels=CategoryMap(K.LABEL, ("high", "low")),
+        batches=CategoryMap(K.BATCH, batches),
+        config={},
+        metrics={},
+    )
 
 
 @pytest.mark.parametrize("model_type", ["conventional"] + ARMED)
@@ -215,10 +238,17 @@ def test_checkpoint_round_trip_gives_identical_outputs(model_type, tmp_path):
     plan = build_plan(m, LossConfig(), 1e-2, n_batches=NB)
     x, y, z = _batch()
     plan.training_step(x, y, z)  # move weights, BN statistics and optimiser states off their init
-    save_checkpoint(tmp_path, m, plan.state_dict(), epoch=0,
-                    spec=DataSpec(("a", "b"), (2, 32, 32), "uint8"),
-                    labels=CategoryMap(K.LABEL, ("h", "l")),
-                    batches=CategoryMap(K.BATCH, ("b0", "b1", "b2")), config={}, metrics={})
+    save_checkpoint(
+        tmp_path,
+        m,
+        plan.state_dict(),
+        epoch=0,
+        spec=DataSpec(("a", "b"), (2, 32, 32), "uint8"),
+        labels=CategoryMap(K.LABEL, ("h", "l")),
+        batches=CategoryMap(K.BATCH, ("b0", "b1", "b2")),
+        config={},
+        metrics={},
+    )
     m2, meta = load_checkpoint(tmp_path)
     assert meta["model_type"] == model_type and not m2.training
     m.eval()
@@ -236,9 +266,20 @@ def test_checkpoint_round_trip_gives_identical_outputs(model_type, tmp_path):
 def inferred_z(tiny_data, ray_local, tmp_path_factory):
     from raycell.infer.zpredictor import run_infer_z
 
-    out = tmp_path_factory.mktemp("z")  # the Z-predictor trains on Ray (tests/test_zpredictor_model.py)
-    cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={out}", "infer.z_epochs=1",
-                             "infer.z_lr=1e-3", "ray.progress=false", "data.block_size_mb=1"])
+    out = tmp_path_factory.mktemp(
+        "z"
+    )  # the Z-predictor trains on Ray (tests/test_zpredictor_model.py)
+    cfg = load_config(
+        None,
+        [
+            f"data.path={tiny_data}",
+            f"infer.z_out={out}",
+            "infer.z_epochs=1",
+            "infer.z_lr=1e-3",
+            "ray.progress=false",
+            "data.block_size_mb=1",
+        ],
+    )
     return run_infer_z(cfg)
 
 
@@ -268,8 +309,9 @@ def test_unseen_batches_need_an_inferred_z(tiny_data, inferred_z, tmp_path):
         _save(_model(model_type, n_batches=len(seen)), tmp_path / model_type, ds, seen)
     # random/mixed effects without a Z for the unseen batches: a clear error naming infer-z
     for model_type in ("randomeffects", "mixedeffects"):
-        with pytest.raises(MissingDesignMatrixError,
-                           match=r"batch06.*raycell infer-z.*infer.z_source"):
+        with pytest.raises(
+            MissingDesignMatrixError, match=r"batch06.*raycell infer-z.*infer.z_source"
+        ):
             CropPredictor(str(tmp_path / model_type))(t)
     # conventional / adversarial ignore Z: unchanged behaviour
     for model_type in ("conventional", "adversarial"):
@@ -295,12 +337,15 @@ def test_short_local_training_lowers_the_loss(model_type, tiny_data, tmp_path):
     from raycell.train.loop import run_training
     from raycell.train.trainer import training_setup
 
-    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, epochs=3) +
-                      [f"model.type={model_type}"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_data, tmp_path, epochs=3) + [f"model.type={model_type}"]
+    )
     setup, ds = training_setup(cfg)
-    col = CropCollate(DataSpec.from_dict(setup["data_spec"]),
-                      CategoryMap.from_dict(setup["labels"]),
-                      CategoryMap.from_dict(setup["batches"]))
+    col = CropCollate(
+        DataSpec.from_dict(setup["data_spec"]),
+        CategoryMap.from_dict(setup["labels"]),
+        CategoryMap.from_dict(setup["batches"]),
+    )
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path)
     run_training(ctx, cfg, setup)
     h = ctx.history

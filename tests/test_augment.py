@@ -25,7 +25,9 @@ def test_each_effect_keeps_shape_and_range_and_is_reproducible(name):
     assert a.shape == x.shape and a.dtype == torch.float32
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     assert torch.equal(a, b)  # same generator seed: same augmentation
-    assert not torch.equal(a, augment_batch(x, (name,), _gen(2), strength=1.0))  # another seed: another one
+    assert not torch.equal(
+        a, augment_batch(x, (name,), _gen(2), strength=1.0)
+    )  # another seed: another one
     assert not torch.allclose(a, x)  # it does something
     assert torch.equal(augment_batch(x, (name,), _gen(), strength=0.0), x)  # strength 0: unchanged
     assert torch.equal(x, _batch())  # the input is not modified in place
@@ -35,10 +37,14 @@ def test_effects_do_what_they_say():
     x = _batch()
     gain = augment_batch(x, ("gain",), _gen())
     ratio = gain.mean((2, 3)) / x.mean((2, 3))
-    assert ratio.std() > 0.05 and (ratio > 0.7).all() and (ratio < 1.4).all()  # per cell and channel
+    assert (
+        ratio.std() > 0.05 and (ratio > 0.7).all() and (ratio < 1.4).all()
+    )  # per cell and channel
     blur = augment_batch(x, ("blur",), _gen())
     edge = lambda t: (t[..., :, 1:] - t[..., :, :-1]).abs().mean((1, 2, 3))  # noqa: E731
-    assert (edge(blur) <= edge(x) + 1e-6).all() and (edge(blur) < edge(x) - 1e-3).any()  # some cells
+    assert (edge(blur) <= edge(x) + 1e-6).all() and (
+        edge(blur) < edge(x) - 1e-3
+    ).any()  # some cells
     mix = augment_batch(x, ("mix",), _gen())
     corr = lambda t: torch.corrcoef(torch.stack([t[:, 0].flatten(), t[:, 1].flatten()]))[0, 1]  # noqa: E731
     assert corr(mix) > corr(x) + 0.01  # crosstalk makes the channels more alike

@@ -23,7 +23,9 @@ def _generator():
 GEN = _generator()
 
 
-@pytest.mark.parametrize("case", [c for c in GEN.CASES if not c.ray], ids=lambda c: f"{c.area}: {c.what}")
+@pytest.mark.parametrize(
+    "case", [c for c in GEN.CASES if not c.ray], ids=lambda c: f"{c.area}: {c.what}"
+)
 def test_bad_input_is_one_line_exit_2_and_keeps_data(case, tmp_path):
     fx = GEN.Fixtures(tmp_path)
     r = GEN.run_case(case, fx)

@@ -43,7 +43,7 @@ def test_crop_features_shape_finite_deterministic(tiny_data):
 
 def test_crop_features_known_disc_and_empty_crop():
     yy, xx = np.mgrid[:48, :48]
-    disc = ((yy - 23.5) ** 2 + (xx - 23.5) ** 2 <= 10 ** 2).astype(np.uint8) * 200 + 10
+    disc = ((yy - 23.5) ** 2 + (xx - 23.5) ** 2 <= 10**2).astype(np.uint8) * 200 + 10
     speck = np.zeros((48, 48), np.uint8)
     speck[2:4, 2:4] = 255  # an off-centre speck: still the object nearest the centre
     flat = np.full((48, 48), 7, np.uint8)  # nothing to segment: NaN, not an error
@@ -63,11 +63,23 @@ def _fake_deep(monkeypatch) -> dict:
     from raycell.eval.evaluate import split_metrics
 
     rng = np.random.default_rng(0)
-    df = pd.DataFrame({K.LABEL: ["high", "low"] * 20, K.BATCH: ["a", "b", "c", "d"] * 10,
-                       K.PROB: rng.random(40), K.RECON_MSE: 0.1, K.RECON_SSIM: 0.9})
+    df = pd.DataFrame(
+        {
+            K.LABEL: ["high", "low"] * 20,
+            K.BATCH: ["a", "b", "c", "d"] * 10,
+            K.PROB: rng.random(40),
+            K.RECON_MSE: 0.1,
+            K.RECON_SSIM: 0.9,
+        }
+    )
     split = split_metrics(df, rng.normal(size=(40, 4)), ["high", "low"])
-    fake = {"run_dir": "r", "checkpoint": "c", "train_seconds": 1.0, "metrics": {},
-            "eval": {"splits": {K.TEST: split, K.UNSEEN: split}}}
+    fake = {
+        "run_dir": "r",
+        "checkpoint": "c",
+        "train_seconds": 1.0,
+        "metrics": {},
+        "eval": {"splits": {K.TEST: split, K.UNSEEN: split}},
+    }
     monkeypatch.setattr(experiments, "train_infer_evaluate", lambda *a, **k: fake)
     return split
 
@@ -76,8 +88,9 @@ def _cheap_latent_metrics(monkeypatch):
     """Skip the latent metrics (the batch probe's cross-validation is slow on 2 shared cores)."""
     import raycell.eval.latent as L
 
-    keys = L.latent_metrics(np.random.default_rng(0).normal(size=(12, 2)), np.arange(12) % 2,
-                            np.arange(12) % 3)
+    keys = L.latent_metrics(
+        np.random.default_rng(0).normal(size=(12, 2)), np.arange(12) % 2, np.arange(12) % 3
+    )
     monkeypatch.setattr(L, "latent_metrics", lambda *a, **k: dict.fromkeys(keys, math.nan))
 
 
@@ -115,7 +128,9 @@ def _with_morph(tiny_data, tmp_path):
     def add(t: pa.Table, path: str) -> pa.Table:
         rng = np.random.default_rng(len(path))
         y = (t.column(K.LABEL).to_numpy(zero_copy_only=False) == "low").astype(np.float32)
-        t = t.append_column("morph_area", pa.array(100 + 30 * y + rng.normal(0, 10, len(y)), pa.float32()))
+        t = t.append_column(
+            "morph_area", pa.array(100 + 30 * y + rng.normal(0, 10, len(y)), pa.float32())
+        )
         return t.append_column("morph_noise", pa.array(rng.normal(size=len(y)), pa.float32()))
 
     rewrite_shards(ds, add, {})
@@ -150,10 +165,14 @@ def test_all_features_are_morph_and_crops_side_by_side(tiny_data, tmp_path):
     both = B.load_features(data, [K.TRAIN, K.UNSEEN], "all", max_cells=40)
     assert both["names"] == morph["names"] + crops["names"] and both["source"] == "morph_*+crops"
     for split in (K.TRAIN, K.UNSEEN):  # the same cells, the columns of both sets in order
-        np.testing.assert_array_equal(both["splits"][split]["x"], np.concatenate(
-            [morph["splits"][split]["x"], crops["splits"][split]["x"]], 1))
+        np.testing.assert_array_equal(
+            both["splits"][split]["x"],
+            np.concatenate([morph["splits"][split]["x"], crops["splits"][split]["x"]], 1),
+        )
         assert both["splits"][split]["meta"].equals(morph["splits"][split]["meta"])
-    assert B.baseline_row(data, feats=both)["label"] == "logreg on hand-made features (morph_*+crops)"
+    assert (
+        B.baseline_row(data, feats=both)["label"] == "logreg on hand-made features (morph_*+crops)"
+    )
 
 
 def test_evaluate_baseline_block(tiny_data, monkeypatch, tmp_path):
@@ -161,7 +180,9 @@ def test_evaluate_baseline_block(tiny_data, monkeypatch, tmp_path):
     from raycell.eval.evaluate import _baseline
 
     _cheap_latent_metrics(monkeypatch)
-    res = _baseline({"dataset": str(tiny_data)}, tmp_path, [K.TEST, K.UNSEEN, K.TRAIN], 60, 0, "auto")
+    res = _baseline(
+        {"dataset": str(tiny_data)}, tmp_path, [K.TEST, K.UNSEEN, K.TRAIN], 60, 0, "auto"
+    )
     assert set(res["splits"]) == {K.TEST, K.UNSEEN}
     assert res["features"] == "crops"
     with pytest.raises(UserError, match="eval.baseline"):
@@ -183,14 +204,18 @@ def test_experiment_table_has_baseline_row(tiny_data, monkeypatch, tmp_path):
     assert 0 <= res["summary"][label]["unseen_auroc"] <= 1
     assert f"| {label} | 2 |" in (tmp_path / "out" / "table.md").read_text()
     assert (tmp_path / "out" / "seed1" / "baseline" / "result.json").is_file()
-    res2 = experiments.run_medl_experiment(cfg, [0, 1], ["conventional"], str(tmp_path / "out"),
-                                           baseline=False)
+    res2 = experiments.run_medl_experiment(
+        cfg, [0, 1], ["conventional"], str(tmp_path / "out"), baseline=False
+    )
     assert list(res2["summary"]) == ["conventional"]
     # with morph_* columns: two rows, the shape columns alone and the richer set
     cfg = load_config(None, [f"data.path={_with_morph(tiny_data, tmp_path)}", "eval.max_cells=80"])
     res3 = experiments.run_medl_experiment(cfg, [0], ["conventional"], str(tmp_path / "out3"))
-    assert list(res3["summary"]) == ["conventional", B.baseline_label("morph_*"),
-                                     B.baseline_label("morph_*+crops")]
+    assert list(res3["summary"]) == [
+        "conventional",
+        B.baseline_label("morph_*"),
+        B.baseline_label("morph_*+crops"),
+    ]
     assert (tmp_path / "out3" / "seed0" / "baseline_all" / "result.json").is_file()
 
 
@@ -205,32 +230,60 @@ def test_experiment_tune_searches_each_type_and_adds_tuned_rows(tiny_data, monke
     _cheap_latent_metrics(monkeypatch)
     trained, searched = [], []
     real_tie = experiments.train_infer_evaluate
-    monkeypatch.setattr(experiments, "train_infer_evaluate",
-                        lambda c, *a, **k: trained.append(c) or real_tie(c, *a, **k))
+    monkeypatch.setattr(
+        experiments,
+        "train_infer_evaluate",
+        lambda c, *a, **k: trained.append(c) or real_tie(c, *a, **k),
+    )
 
     def fake_search(c):
         searched.append(c)
         best = {k: spec["high"] / 2 for k, spec in c.tune.space.items()}
-        return {"best": {**best, "objective": 0.71, "best_epoch": 1}, "trials": [{}] * c.tune.num_samples}
+        return {
+            "best": {**best, "objective": 0.71, "best_epoch": 1},
+            "trials": [{}] * c.tune.num_samples,
+        }
 
     monkeypatch.setattr(raycell.tune, "run_search", fake_search)
     cfg = load_config(None, [f"data.path={tiny_data}", "eval.max_cells=80"])
-    res = experiments.run_medl_experiment(cfg, [0], ["conventional", "adversarial"], str(tmp_path / "out"),
-                                          baseline=False, tune=True, tune_samples=3, tune_folds=2)
-    assert list(res["summary"]) == ["conventional", "conventional (tuned)", "adversarial",
-                                    "adversarial (tuned)"]
-    assert [(c.model.type, sorted(c.tune.space), c.tune.folds, c.tune.metric, c.tune.num_samples)
-            for c in searched] == [("conventional", ["loss.cls"], 2, "valbatch_auroc", 3),
-                                   ("adversarial", ["loss.adv", "loss.cls"], 2, "valbatch_auroc", 3)]
+    res = experiments.run_medl_experiment(
+        cfg,
+        [0],
+        ["conventional", "adversarial"],
+        str(tmp_path / "out"),
+        baseline=False,
+        tune=True,
+        tune_samples=3,
+        tune_folds=2,
+    )
+    assert list(res["summary"]) == [
+        "conventional",
+        "conventional (tuned)",
+        "adversarial",
+        "adversarial (tuned)",
+    ]
+    assert [
+        (c.model.type, sorted(c.tune.space), c.tune.folds, c.tune.metric, c.tune.num_samples)
+        for c in searched
+    ] == [
+        ("conventional", ["loss.cls"], 2, "valbatch_auroc", 3),
+        ("adversarial", ["loss.adv", "loss.cls"], 2, "valbatch_auroc", 3),
+    ]
     tuned_adv = [c for c in trained if c.model.type == "adversarial" and c.name.endswith("tuned")]
     assert len(tuned_adv) == 1 and tuned_adv[0].loss.adv == 1.5 and tuned_adv[0].loss.cls == 0.5
-    assert [c.loss.adv for c in trained if c.model.type == "adversarial" and c not in tuned_adv] == [0.1]
+    assert [
+        c.loss.adv for c in trained if c.model.type == "adversarial" and c not in tuned_adv
+    ] == [0.1]
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "adversarial (tuned): loss.cls=0.5, loss.adv=1.5, chosen by 3 trials on mean valbatch_auroc" in table
+    assert (
+        "adversarial (tuned): loss.cls=0.5, loss.adv=1.5, chosen by 3 trials on mean valbatch_auroc"
+        in table
+    )
     assert res["tuned"]["adversarial"]["params"] == {"loss.cls": 0.5, "loss.adv": 1.5}
     searched.clear()
-    experiments.run_medl_experiment(cfg, [0], ["conventional", "adversarial"], str(tmp_path / "out"),
-                                    baseline=False, tune=True)
+    experiments.run_medl_experiment(
+        cfg, [0], ["conventional", "adversarial"], str(tmp_path / "out"), baseline=False, tune=True
+    )
     assert searched == []  # chosen.json kept the choice
     with pytest.raises(ConfigError, match="no search space for \\['timm'\\]"):
         experiments.run_medl_experiment(cfg, [0], ["timm"], str(tmp_path / "o2"), tune=True)

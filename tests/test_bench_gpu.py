@@ -21,18 +21,27 @@ ABSENT = ("ray", "optuna", "sklearn", "matplotlib", "tifffile")  # not installed
 QUICK = ["--quick", "--device", "cpu", "--cells", "512", "--steps", "2"]
 
 
-def _run(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess,
-                                                                   dict]:
+def _run(
+    tmp_path: Path, *args: str, timeout: int = 300
+) -> tuple[subprocess.CompletedProcess, dict]:
     block = tmp_path / "absent"
     for name in ABSENT:
         (block / name).mkdir(parents=True, exist_ok=True)
         (block / name / "__init__.py").write_text(
-            f"raise ImportError('{name} is not installed on the GPU machine')\n")
+            f"raise ImportError('{name} is not installed on the GPU machine')\n"
+        )
     out = tmp_path / "gpu.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(block), str(REPO)]),
-               PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(out)], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(block), str(REPO)]), PYTHONUNBUFFERED="1"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--out", str(out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -40,8 +49,16 @@ def _run(tmp_path: Path, *args: str, timeout: int = 300) -> tuple[subprocess.Com
 def test_quick_cpu_run_has_every_section(tmp_path):
     # fp32 and bf16_cl: on a CPU bf16 is fp32 (raycell autocasts on CUDA only); resnet18 stands in
     # for resnet50 (the same timm code path), which the compile child still builds
-    proc, res = _run(tmp_path, *QUICK, "--models", "conventional,mixedeffects,resnet18",
-                     "--precisions", "fp32,bf16_cl", "--compile-timeout-s", "3")
+    proc, res = _run(
+        tmp_path,
+        *QUICK,
+        "--models",
+        "conventional,mixedeffects,resnet18",
+        "--precisions",
+        "fp32,bf16_cl",
+        "--compile-timeout-s",
+        "3",
+    )
     assert res["errors"] == [] and res["skipped"] == [], (res["errors"], res["skipped"])
     assert set(res["sections"]) == {"env", "data", "h2d", "models", "compile"}
     assert set(res["section_seconds"]) == set(res["sections"])
@@ -55,8 +72,9 @@ def test_quick_cpu_run_has_every_section(tmp_path):
     assert one["procs"] == 1 and one["status"] == "ok" and one["images_per_s"] > 0
     assert one["images"] >= 512  # every shard read at least once
 
-    assert res["sections"]["h2d"] and all(r["status"] == "ok" and r["images_per_s"] > 0
-                                          for r in res["sections"]["h2d"])
+    assert res["sections"]["h2d"] and all(
+        r["status"] == "ok" and r["images_per_s"] > 0 for r in res["sections"]["h2d"]
+    )
 
     rows = res["sections"]["models"]
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 and r["step_ms"] > 0 for r in rows)
@@ -73,8 +91,17 @@ def test_quick_cpu_run_has_every_section(tmp_path):
 
 
 def test_spent_budget_skips_and_says_so(tmp_path):
-    proc, res = _run(tmp_path, *QUICK, "--budget-s", "0", "--models", "conventional",
-                     "--precisions", "fp32", timeout=120)
+    proc, res = _run(
+        tmp_path,
+        *QUICK,
+        "--budget-s",
+        "0",
+        "--models",
+        "conventional",
+        "--precisions",
+        "fp32",
+        timeout=120,
+    )
     assert "env" in res["sections"]  # always measured
     # 2 batch sizes x (train, infer)
     assert [r["status"] for r in res["sections"]["models"]] == ["skipped"] * 4
@@ -85,6 +112,7 @@ def test_spent_budget_skips_and_says_so(tmp_path):
 
 @pytest.mark.parametrize("bad", [["--precisions", "fp16"], ["--sections", "gpu"]])
 def test_bad_arguments_are_one_line_errors(bad):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *bad], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *bad], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "unknown" in proc.stderr.splitlines()[-1]

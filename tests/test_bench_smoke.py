@@ -21,20 +21,40 @@ if str(REPO) not in sys.path:
 from bench import common, goals, run_all  # noqa: E402
 
 
-def _results(ray_core=0.9, png64=9.0, png256=2.0, train=1.1, infer=0.5, eff=0.85, ingest=(0.3, 0.2)) -> dict:
-    sizes = {str(s): {"ratios": {"ray_data": {"per_core_x_pyarrow": ray_core, "x_png": p}}}
-             for s, p in ((64, png64), (256, png256))}
+def _results(
+    ray_core=0.9, png64=9.0, png256=2.0, train=1.1, infer=0.5, eff=0.85, ingest=(0.3, 0.2)
+) -> dict:
+    sizes = {
+        str(s): {"ratios": {"ray_data": {"per_core_x_pyarrow": ray_core, "x_png": p}}}
+        for s, p in ((64, png64), (256, png256))
+    }
     return {
         "dataloader": {"sizes": sizes, "command": "python bench/bench_dataloader.py --quick"},
-        "train_infer": {"train": {"ray_train_1_worker": {"x_plain_time": train}},
-                        "infer": {"raycell_infer_1_actor": {"x_plain": infer},
-                                  "raycell_infer_2_actor": {"efficiency_vs_1": eff}},
-                        "command": "python bench/bench_train_infer.py"},
-        "ingest": {"rows": [{"data": "synthetic 512x512", "mode": "plain loop", "s_per_fov_per_core": 0.01},
-                            {"data": "synthetic 512x512", "mode": "ray run_ingest", "s_per_fov_per_core": ingest[0]},
-                            {"data": "synthetic 512x512", "mode": "ray run_ingest", "s_per_fov_per_core": ingest[1]},
-                            {"data": "AS_09047 (real)", "mode": "ray run_ingest", "s_per_fov_per_core": 0.01}],
-                   "command": "python bench/bench_ingest.py"},
+        "train_infer": {
+            "train": {"ray_train_1_worker": {"x_plain_time": train}},
+            "infer": {
+                "raycell_infer_1_actor": {"x_plain": infer},
+                "raycell_infer_2_actor": {"efficiency_vs_1": eff},
+            },
+            "command": "python bench/bench_train_infer.py",
+        },
+        "ingest": {
+            "rows": [
+                {"data": "synthetic 512x512", "mode": "plain loop", "s_per_fov_per_core": 0.01},
+                {
+                    "data": "synthetic 512x512",
+                    "mode": "ray run_ingest",
+                    "s_per_fov_per_core": ingest[0],
+                },
+                {
+                    "data": "synthetic 512x512",
+                    "mode": "ray run_ingest",
+                    "s_per_fov_per_core": ingest[1],
+                },
+                {"data": "AS_09047 (real)", "mode": "ray run_ingest", "s_per_fov_per_core": 0.01},
+            ],
+            "command": "python bench/bench_ingest.py",
+        },
     }
 
 
@@ -47,7 +67,9 @@ def test_goals_met_and_missed_follow_the_bounds():
     # infer missed, efficiency met, ingest met on the better Ray row (0.2)
     assert status == ["met", "met", "met", "missed", "met", "missed", "met", "met"]
     ingest = by[goals.GOALS[-1].figure]
-    assert ingest["measured"] == 0.2  # the Ray rows on the synthetic fields only: not the plain loop, not AS_09047
+    assert (
+        ingest["measured"] == 0.2
+    )  # the Ray rows on the synthetic fields only: not the plain loop, not AS_09047
     assert ingest["command"] == "python bench/bench_ingest.py"
 
 
@@ -62,9 +84,19 @@ def test_missing_benchmarks_and_figures_are_not_measured():
     res["dataloader"]["sizes"].pop("256")
     res["ingest"]["rows"] = [r for r in res["ingest"]["rows"] if r["mode"] == "plain loop"]
     rows = goals.goals_table(res)
-    assert [r["status"] for r in rows] == ["met", "not measured", "met", "not measured",
-                                           "not measured", "not measured", "not measured", "not measured"]
-    assert all(r["met"] is None and r["measured"] is None for r in rows if r["status"] == "not measured")
+    assert [r["status"] for r in rows] == [
+        "met",
+        "not measured",
+        "met",
+        "not measured",
+        "not measured",
+        "not measured",
+        "not measured",
+        "not measured",
+    ]
+    assert all(
+        r["met"] is None and r["measured"] is None for r in rows if r["status"] == "not measured"
+    )
     assert all(r["status"] == "not measured" for r in goals.goals_table({}))
 
 
@@ -72,14 +104,20 @@ def test_run_all_no_run_writes_the_summary_and_prints_the_table(tmp_path, capsys
     res = _results()
     for name, r in res.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
-    (tmp_path / "ingest.json").write_text("{not json")  # a broken JSON is a missing result, not a crash
+    (tmp_path / "ingest.json").write_text(
+        "{not json"
+    )  # a broken JSON is a missing result, not a crash
     summary = tmp_path / "summary.json"
     assert run_all.main(["--no-run", "--results", str(tmp_path), "--summary", str(summary)]) == 0
     s = json.loads(summary.read_text())
     assert {"cores", "ram_gib", "load_average", "date"} <= set(s["machine"])
     assert [g["status"] for g in s["goals"]][-1] == "not measured"
     out = capsys.readouterr().out
-    assert "issue-12 goals" in out and "missed" in out and "python bench/bench_dataloader.py --quick" in out
+    assert (
+        "issue-12 goals" in out
+        and "missed" in out
+        and "python bench/bench_dataloader.py --quick" in out
+    )
 
 
 def test_run_all_rejects_an_unknown_benchmark(capsys):
@@ -98,7 +136,11 @@ def test_out_path_takes_a_file_or_a_folder(tmp_path):
 
 
 def test_ratio_and_table_cells_tolerate_missing_rows(capsys):
-    assert common.ratio(None, 2.0) is None and common.ratio(1.0, 0) is None and common.ratio(3.0, 2.0) == 1.5
+    assert (
+        common.ratio(None, 2.0) is None
+        and common.ratio(1.0, 0) is None
+        and common.ratio(3.0, 2.0) == 1.5
+    )
     text = common.print_table("t", ["a", "b"], [["x", None], ["y", 12345.6]])
     assert "-" in text.splitlines()[-2] and "12,346" in text
 
@@ -121,7 +163,9 @@ finally:
     child.kill()
     child.wait()
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) >= 0.25  # the live child's CPU time is counted
 
@@ -129,11 +173,18 @@ finally:
 def test_dataloader_ratios_against_pyarrow_and_png():
     from bench.bench_dataloader import ratios
 
-    loaders = {"ray_data": {"steady_cells_per_s": 400.0, "per_core": 200.0, "first_batch_s": 2.0},
-               "pyarrow": {"steady_cells_per_s": 800.0, "per_core": 800.0, "first_batch_s": 0.5},
-               "png_loader": {"steady_cells_per_s": 100.0, "per_core": 50.0, "first_batch_s": 1.0},
-               "npz_memory": {"note": "did not run"}}
+    loaders = {
+        "ray_data": {"steady_cells_per_s": 400.0, "per_core": 200.0, "first_batch_s": 2.0},
+        "pyarrow": {"steady_cells_per_s": 800.0, "per_core": 800.0, "first_batch_s": 0.5},
+        "png_loader": {"steady_cells_per_s": 100.0, "per_core": 50.0, "first_batch_s": 1.0},
+        "npz_memory": {"note": "did not run"},
+    }
     r = ratios(loaders)
-    assert r["ray_data"] == {"x_pyarrow": 0.5, "x_png": 4.0, "per_core_x_pyarrow": 0.25, "per_core_x_png": 4.0,
-                             "first_batch_x_pyarrow": 4.0}
+    assert r["ray_data"] == {
+        "x_pyarrow": 0.5,
+        "x_png": 4.0,
+        "per_core_x_pyarrow": 0.25,
+        "per_core_x_png": 4.0,
+        "first_batch_x_pyarrow": 4.0,
+    }
     assert r["npz_memory"]["x_pyarrow"] is None

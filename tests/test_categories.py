@@ -16,7 +16,9 @@ def test_fit_encode_decode():
 
 def test_unknown_value_raises_naming_it():
     m = CategoryMap("batch", ("b0", "b1"))
-    with pytest.raises(UnknownCategoryError, match=r"batch value 'b9' is not in the training vocabulary"):
+    with pytest.raises(
+        UnknownCategoryError, match=r"batch value 'b9' is not in the training vocabulary"
+    ):
         m.encode(["b0", "b9"])
     assert m.encode(["b0", "b9"], allow_unknown=True).tolist() == [0, -1]
 

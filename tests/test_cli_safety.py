@@ -1,4 +1,6 @@
-"""Issue 7 (items 7, 8, 9a, 10): resume keeps a run's record, bad input fails in one line before Ray starts."""
+"""Issue 7 (items 7, 8, 9a, 10): resume keeps a run's record, bad input fails in one line before
+Ray starts.
+"""
 
 import os
 import shutil
@@ -60,6 +62,7 @@ def _fake_run(tiny_data: Path, runs: Path) -> Path:
 
 # --- config errors: closing quotes, --set named, invalid numbers --------------------------------------
 
+
 def test_error_message_keeps_its_closing_quote(capsys):
     assert main(["config", "--set", "train.epochs=three"]) == 2
     assert one_error_line(capsys).endswith("got 'three'")
@@ -83,13 +86,25 @@ def test_flag_error_names_the_flag_the_user_typed(no_ray, capsys):
     line = one_error_line(capsys)
     assert line == "raycell: error: --epochs 0: train.epochs must be >= 1, got 0"
     assert main(["infer", "--gpus", "-1", "--set", "infer.num_actors=2"]) == 2
-    assert one_error_line(capsys).startswith("raycell: error: --gpus -1: infer.num_gpus must be >= 0")
+    assert one_error_line(capsys).startswith(
+        "raycell: error: --gpus -1: infer.num_gpus must be >= 0"
+    )
     assert main(["split", "--set", "split.unseen=3"]) == 2  # a --set value is still named as typed
     assert "--set split.unseen=3: " in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("override", ["train.lr=0", "train.lr=-1e-3", "train.lr=.nan", "data.eval_batch_size=0",
-                                      "train.weight_decay=-0.1", "infer.cpus_per_actor=0", "loss.cls=-1"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=0",
+        "train.lr=-1e-3",
+        "train.lr=.nan",
+        "data.eval_batch_size=0",
+        "train.weight_decay=-0.1",
+        "infer.cpus_per_actor=0",
+        "loss.cls=-1",
+    ],
+)
 def test_invalid_numbers_are_refused(override, capsys):
     assert main(["config", "--set", override]) == 2
     key = override.split("=")[0]
@@ -106,10 +121,13 @@ def test_experiment_seeds_must_be_integers(no_ray, capsys):
 
 # --- train: before Ray, before a run folder ---------------------------------------------------------
 
+
 def test_unknown_model_type_fails_before_ray_and_run_folder(no_ray, tiny_data, tmp_path, capsys):
     runs = tmp_path / "runs"
     t0 = time.time()
-    assert main(["train", "--data", str(tiny_data), "--model", "nope", "--runs-dir", str(runs)]) == 2
+    assert (
+        main(["train", "--data", str(tiny_data), "--model", "nope", "--runs-dir", str(runs)]) == 2
+    )
     line = one_error_line(capsys)
     assert "model.type" in line and "'nope'" in line and "conventional" in line
     assert not runs.exists()
@@ -123,12 +141,16 @@ def test_resume_of_a_missing_run_says_so(no_ray, tmp_path, capsys):
     assert "run folder not found" in line and str(missing) in line and "data set" not in line
 
 
-def test_resume_with_a_conflicting_model_leaves_the_record_alone(no_ray, tiny_data, tmp_path, capsys,
-                                                                 monkeypatch):
+def test_resume_with_a_conflicting_model_leaves_the_record_alone(
+    no_ray, tiny_data, tmp_path, capsys, monkeypatch
+):
     run = _fake_run(tiny_data, tmp_path / "runs")
     record = (run / "config.yaml").read_bytes()
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--resume", str(run), "--model", "adversarial", "--set", "loss.cls=0.5"]) == 2
+    assert (
+        main(["train", "--resume", str(run), "--model", "adversarial", "--set", "loss.cls=0.5"])
+        == 2
+    )
     line = one_error_line(capsys)
     assert "model.type" in line and "'adversarial'" in line and "loss.cls" in line
     assert (run / "config.yaml").read_bytes() == record
@@ -153,6 +175,7 @@ def test_resume_takes_the_run_config_and_allows_harmless_changes(tiny_data, tmp_
 
 
 # --- split --------------------------------------------------------------------------------------------
+
 
 def test_split_with_every_batch_unseen_is_refused(tiny_data, tmp_path, capsys):
     from raycell.formats.shards import open_dataset
@@ -189,6 +212,7 @@ def test_split_refuses_duplicate_cell_ids(tiny_data, tmp_path, capsys):
 
 # --- Ray address: bounded wait ---------------------------------------------------------------------------
 
+
 def test_address_with_nothing_listening_fails_in_bounded_time(tiny_data, tmp_path):
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
@@ -197,11 +221,29 @@ def test_address_with_nothing_listening_fails_in_bounded_time(tiny_data, tmp_pat
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # the raycell under test, whatever the working directory
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(raycell.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(raycell.__file__).parents[1]), env.get("PYTHONPATH", "")]
+    )
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "raycell", "train", "--data", str(tiny_data), "--address",
-                        f"127.0.0.1:{port}", "--runs-dir",
-                        str(tmp_path / "runs")], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raycell",
+            "train",
+            "--data",
+            str(tiny_data),
+            "--address",
+            f"127.0.0.1:{port}",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("raycell: error:")]
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "Traceback" not in r.stderr
@@ -224,6 +266,7 @@ def test_address_that_accepts_but_never_answers_fails_in_bounded_time():
 
 # --- resume's checkpoint copy -------------------------------------------------------------------------
 
+
 def _ray_context(monkeypatch, ck):
     """A RayTrainContext outside a Ray Train worker: get_context/get_checkpoint/report faked."""
     import ray.train
@@ -232,12 +275,17 @@ def _ray_context(monkeypatch, ck):
 
     from raycell.train.context import RayTrainContext
 
-    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0,
-                                                                          get_world_size=lambda: 1))
+    monkeypatch.setattr(
+        ray.train,
+        "get_context",
+        lambda: SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1),
+    )
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ck)
     monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: None)
-    return RayTrainContext(collate=None, batch_size=2, eval_batch_size=2, shuffle_buffer=0, prefetch_batches=1)
+    return RayTrainContext(
+        collate=None, batch_size=2, eval_batch_size=2, shuffle_buffer=0, prefetch_batches=1
+    )
 
 
 def _checkpoint(tmp_path, local: bool):
@@ -246,9 +294,16 @@ def _checkpoint(tmp_path, local: bool):
     src = tmp_path / "checkpoint_000000"
     src.mkdir()
     (src / "meta.json").write_text("{}")
-    fs = pyarrow.fs.LocalFileSystem() if local else pyarrow.fs.SubTreeFileSystem("/", pyarrow.fs.LocalFileSystem())
-    return SimpleNamespace(path=str(src), filesystem=fs,
-                           to_directory=lambda d: shutil.copytree(src, d, dirs_exist_ok=True))
+    fs = (
+        pyarrow.fs.LocalFileSystem()
+        if local
+        else pyarrow.fs.SubTreeFileSystem("/", pyarrow.fs.LocalFileSystem())
+    )
+    return SimpleNamespace(
+        path=str(src),
+        filesystem=fs,
+        to_directory=lambda d: shutil.copytree(src, d, dirs_exist_ok=True),
+    )
 
 
 def test_resume_reads_a_local_checkpoint_in_place(tmp_path, monkeypatch):
@@ -271,9 +326,11 @@ def test_resume_copy_of_a_remote_checkpoint_is_removed(tmp_path, monkeypatch):
 
 # --- a real resume through Ray, from another working directory -------------------------------------------
 
+
 @pytest.mark.ray
-def test_resume_from_another_directory_with_only_the_run_folder(ray_local, tiny_data, tmp_path, monkeypatch,
-                                                               capsys):
+def test_resume_from_another_directory_with_only_the_run_folder(
+    ray_local, tiny_data, tmp_path, monkeypatch, capsys
+):
     from raycell.__main__ import run
 
     first = run(["train", *_set(tiny_overrides(tiny_data, tmp_path / "runs", epochs=1))])

@@ -89,63 +89,83 @@ def _node(name):
 CLUSTER_CASES = {
     "typo at the top level": (
         lambda c: c.__setitem__("max_worker", c.pop("max_workers")),
-        ["unknown key 'max_worker'", "did you mean 'max_workers'?", "valid keys in '<top level>'"]),
+        ["unknown key 'max_worker'", "did you mean 'max_workers'?", "valid keys in '<top level>'"],
+    ),
     "typo inside a node type": (
         lambda c: _node("gpu_worker")(c).__setitem__("max_worker", 8),
-        ["unknown key 'available_node_types.gpu_worker.max_worker'",
-         "did you mean 'max_workers'?"]),
+        ["unknown key 'available_node_types.gpu_worker.max_worker'", "did you mean 'max_workers'?"],
+    ),
     "typo in docker": (
         lambda c: c["docker"].__setitem__("imag", c["docker"].pop("image")),
-        ["unknown key 'docker.imag'", "did you mean 'image'?"]),
+        ["unknown key 'docker.imag'", "did you mean 'image'?"],
+    ),
     "wrong type": (
         lambda c: c.__setitem__("max_workers", "8"),
-        ["max_workers must be an integer, got a string '8'"]),
+        ["max_workers must be an integer, got a string '8'"],
+    ),
     "wrong type inside a node type": (
         lambda c: _node("gpu_worker")(c).__setitem__("min_workers", "zero"),
-        ["available_node_types.gpu_worker.min_workers must be an integer"]),
+        ["available_node_types.gpu_worker.min_workers must be an integer"],
+    ),
     "below the schema's minimum": (
         lambda c: c.__setitem__("max_workers", -1),
-        ["max_workers must be >= 0, got -1"]),
+        ["max_workers must be >= 0, got -1"],
+    ),
     "docker without a container name": (
         lambda c: c["docker"].pop("container_name"),
-        ["missing required key 'docker.container_name'"]),
+        ["missing required key 'docker.container_name'"],
+    ),
     "unknown provider type": (
         lambda c: c["provider"].__setitem__("type", "aws2"),
-        ["provider.type 'aws2' is not a node provider Ray knows", "aws, azure"]),
+        ["provider.type 'aws2' is not a node provider Ray knows", "aws, azure"],
+    ),
     "missing required key": (
         lambda c: c.pop("cluster_name"),
-        ["missing required key 'cluster_name'"]),
+        ["missing required key 'cluster_name'"],
+    ),
     "image of another Ray version": (
         lambda c: c["docker"].__setitem__("image", "rayproject/ray:2.59.0-py311-gpu"),
-        ["docker.image", "carries Ray 2.59.0", PIN]),
+        ["docker.image", "carries Ray 2.59.0", PIN],
+    ),
     "unpinned image": (
         lambda c: c["docker"].__setitem__("image", "rayproject/ray:latest-gpu"),
-        ["docker.image", "does not name a Ray version"]),
+        ["docker.image", "does not name a Ray version"],
+    ),
     "setup pins another Ray": (
         lambda c: c["setup_commands"].append('pip install "ray[default]==2.59.0"'),
-        ["setup_commands[1] installs ray==2.59.0", PIN]),
+        ["setup_commands[1] installs ray==2.59.0", PIN],
+    ),
     "setup does not install raycell": (
         lambda c: c.__setitem__("setup_commands", ["pip install -q timm"]),
-        ["setup_commands: no setup command installs raycell"]),
+        ["setup_commands: no setup command installs raycell"],
+    ),
     "raycell path not synced": (
         lambda c: c.__setitem__("file_mounts", {}),
-        ["setup_commands[0] installs /home/ubuntu/raycell", "file_mounts"]),
+        ["setup_commands[0] installs /home/ubuntu/raycell", "file_mounts"],
+    ),
     "head that takes work": (
         lambda c: _node("head")(c).__setitem__("resources", {"CPU": 8}),
-        ["available_node_types.head.resources.CPU must be 0", "got 8"]),
+        ["available_node_types.head.resources.CPU must be 0", "got 8"],
+    ),
     "head type not among the node types": (
         lambda c: c.__setitem__("head_node_type", "main"),
-        ["head_node_type 'main' is not one of available_node_types"]),
+        ["head_node_type 'main' is not one of available_node_types"],
+    ),
     "min_workers above max_workers": (
         lambda c: _node("gpu_worker")(c).__setitem__("min_workers", 9),
-        ["available_node_types.gpu_worker.min_workers (9) is larger than "
-         "available_node_types.gpu_worker.max_workers (8)"]),
+        [
+            "available_node_types.gpu_worker.min_workers (9) is larger than "
+            "available_node_types.gpu_worker.max_workers (8)"
+        ],
+    ),
     "node max_workers above the cluster's": (
         lambda c: _node("gpu_worker")(c).__setitem__("max_workers", 16),
-        ["available_node_types.gpu_worker.max_workers (16)", "cluster's max_workers (8)"]),
+        ["available_node_types.gpu_worker.max_workers (16)", "cluster's max_workers (8)"],
+    ),
     "no room for workers": (
         lambda c: _node("gpu_worker")(c).__setitem__("max_workers", 0),
-        ["available_node_types.gpu_worker.max_workers", "nothing to train on"]),
+        ["available_node_types.gpu_worker.max_workers", "nothing to train on"],
+    ),
 }
 
 
@@ -188,88 +208,124 @@ W0 = "spec.rayClusterSpec.workerGroupSpecs[0]"
 RAYJOB_CASES = {
     "missing entrypoint": (
         lambda j: j["spec"].pop("entrypoint"),
-        ["missing required key 'spec.entrypoint'"]),
+        ["missing required key 'spec.entrypoint'"],
+    ),
     "missing headGroupSpec": (
         lambda j: _rcs(j).pop("headGroupSpec"),
-        ["missing required key 'spec.rayClusterSpec.headGroupSpec'"]),
+        ["missing required key 'spec.rayClusterSpec.headGroupSpec'"],
+    ),
     "missing rayClusterSpec": (
         lambda j: j["spec"].pop("rayClusterSpec"),
-        ["missing required key 'spec.rayClusterSpec'", "clusterSelector"]),
+        ["missing required key 'spec.rayClusterSpec'", "clusterSelector"],
+    ),
     "unknown field in workerGroupSpecs": (
         lambda j: _gpu(j).__setitem__("maxReplica", _gpu(j).pop("maxReplicas")),
-        [f"unknown key '{W0}.maxReplica'", "did you mean 'maxReplicas'?"]),
+        [f"unknown key '{W0}.maxReplica'", "did you mean 'maxReplicas'?"],
+    ),
     "unknown field in spec": (
-        lambda j: j["spec"].__setitem__("shutdownAfterJobFinish", j["spec"].pop(
-            "shutdownAfterJobFinishes")),
-        ["unknown key 'spec.shutdownAfterJobFinish'", "did you mean 'shutdownAfterJobFinishes'?"]),
+        lambda j: j["spec"].__setitem__(
+            "shutdownAfterJobFinish", j["spec"].pop("shutdownAfterJobFinishes")
+        ),
+        ["unknown key 'spec.shutdownAfterJobFinish'", "did you mean 'shutdownAfterJobFinishes'?"],
+    ),
     "unknown field in headGroupSpec": (
         lambda j: _rcs(j)["headGroupSpec"].__setitem__("rayStartParam", {}),
-        ["unknown key 'spec.rayClusterSpec.headGroupSpec.rayStartParam'",
-         "did you mean 'rayStartParams'?"]),
+        [
+            "unknown key 'spec.rayClusterSpec.headGroupSpec.rayStartParam'",
+            "did you mean 'rayStartParams'?",
+        ],
+    ),
     "wrong type": (
         lambda j: _gpu(j).__setitem__("maxReplicas", "8"),
-        [f"{W0}.maxReplicas must be an integer, got a string '8'"]),
+        [f"{W0}.maxReplicas must be an integer, got a string '8'"],
+    ),
     "rayStartParams value that is not a string": (
         lambda j: _rcs(j)["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", 0),
-        ["spec.rayClusterSpec.headGroupSpec.rayStartParams.num-cpus must be a string, "
-         "got an integer 0"]),
+        [
+            "spec.rayClusterSpec.headGroupSpec.rayStartParams.num-cpus must be a string, "
+            "got an integer 0"
+        ],
+    ),
     "rayVersion read as a number": (
         lambda j: _rcs(j).__setitem__("rayVersion", 2.6),
-        ["spec.rayClusterSpec.rayVersion must be a string, got a number 2.6"]),
+        ["spec.rayClusterSpec.rayVersion must be a string, got a number 2.6"],
+    ),
     "value outside an enum": (
         lambda j: _rcs(j)["autoscalerOptions"].__setitem__("upscalingMode", "Fast"),
-        ["spec.rayClusterSpec.autoscalerOptions.upscalingMode must be one of 'Default'"]),
+        ["spec.rayClusterSpec.autoscalerOptions.upscalingMode must be one of 'Default'"],
+    ),
     "int32 overflow": (
         lambda j: _gpu(j).__setitem__("maxReplicas", 2**31),
-        [f"{W0}.maxReplicas must be a valid int32"]),
+        [f"{W0}.maxReplicas must be a valid int32"],
+    ),
     "rayVersion off the pin": (
         lambda j: _rcs(j).__setitem__("rayVersion", "2.59.0"),
-        ["spec.rayClusterSpec.rayVersion '2.59.0' does not match", PIN]),
+        ["spec.rayClusterSpec.rayVersion '2.59.0' does not match", PIN],
+    ),
     "worker image off the pin": (
         lambda j: _gpu_container(j).__setitem__("image", "rayproject/ray:2.59.0-py311-gpu"),
-        [f"{W0}.template.spec.containers[0].image", "carries Ray 2.59.0", PIN]),
+        [f"{W0}.template.spec.containers[0].image", "carries Ray 2.59.0", PIN],
+    ),
     "head that takes work": (
         lambda j: _rcs(j)["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", "4"),
-        ['spec.rayClusterSpec.headGroupSpec.rayStartParams.num-cpus must be "0"', "got '4'"]),
+        ['spec.rayClusterSpec.headGroupSpec.rayStartParams.num-cpus must be "0"', "got '4'"],
+    ),
     "minReplicas above maxReplicas": (
         lambda j: _gpu(j).__setitem__("minReplicas", 9),
-        [f"{W0}.minReplicas (9) is larger than {W0}.maxReplicas (8)"]),
+        [f"{W0}.minReplicas (9) is larger than {W0}.maxReplicas (8)"],
+    ),
     "replicas outside the bounds": (
         lambda j: _gpu(j).__setitem__("replicas", 20),
-        [f"{W0}.replicas (20) is outside [minReplicas, maxReplicas] = [0, 8]"]),
+        [f"{W0}.replicas (20) is outside [minReplicas, maxReplicas] = [0, 8]"],
+    ),
     "unbounded worker group": (
         lambda j: _gpu(j).pop("maxReplicas"),
-        [f"missing required key '{W0}.maxReplicas'", "unbounded"]),
+        [f"missing required key '{W0}.maxReplicas'", "unbounded"],
+    ),
     "no worker group": (
         lambda j: _rcs(j).__setitem__("workerGroupSpecs", []),
-        ["missing required key 'spec.rayClusterSpec.workerGroupSpecs'"]),
+        ["missing required key 'spec.rayClusterSpec.workerGroupSpecs'"],
+    ),
     "TTL that never applies": (
         lambda j: j["spec"].__setitem__("shutdownAfterJobFinishes", False),
-        ["spec.ttlSecondsAfterFinished is 600", "spec.shutdownAfterJobFinishes is not true"]),
+        ["spec.ttlSecondsAfterFinished is 600", "spec.shutdownAfterJobFinishes is not true"],
+    ),
     "mount of a volume the pod lacks": (
         lambda j: _gpu_container(j)["volumeMounts"][0].__setitem__("name", "shard"),
-        [f"{W0}.template.spec.containers[0].volumeMounts[0].name 'shard' is not one of the pod's "
-         "volumes"]),
+        [
+            f"{W0}.template.spec.containers[0].volumeMounts[0].name 'shard' is not one of the pod's "
+            "volumes"
+        ],
+    ),
     "worker without the shared runs folder": (
         lambda j: _gpu_container(j)["volumeMounts"].pop(1),
-        [f"{W0}.template.spec.containers[0].volumeMounts: shared storage differs", "/mnt/runs"]),
+        [f"{W0}.template.spec.containers[0].volumeMounts: shared storage differs", "/mnt/runs"],
+    ),
     "runtimeEnvYAML that is not YAML": (
         lambda j: j["spec"].__setitem__("runtimeEnvYAML", "pip: [timm\n"),
-        ["spec.runtimeEnvYAML: YAML syntax error at line"]),
+        ["spec.runtimeEnvYAML: YAML syntax error at line"],
+    ),
     "job script config that does not exist": (
-        lambda j: j["spec"].__setitem__("entrypoint",
-                                        "python jobs/train.py --config=configs/nope.yaml"),
-        ["spec.entrypoint: --config configs/nope.yaml does not exist"]),
+        lambda j: j["spec"].__setitem__(
+            "entrypoint", "python jobs/train.py --config=configs/nope.yaml"
+        ),
+        ["spec.entrypoint: --config configs/nope.yaml does not exist"],
+    ),
     "entrypoint config that does not exist": (
-        lambda j: j["spec"].__setitem__("entrypoint", "python -m raycell train --config "
-                                        "configs/gpu_clustr.yaml --data /mnt/data/x"),
-        ["spec.entrypoint: --config configs/gpu_clustr.yaml does not exist"]),
+        lambda j: j["spec"].__setitem__(
+            "entrypoint",
+            "python -m raycell train --config configs/gpu_clustr.yaml --data /mnt/data/x",
+        ),
+        ["spec.entrypoint: --config configs/gpu_clustr.yaml does not exist"],
+    ),
     "old apiVersion": (
         lambda j: j.__setitem__("apiVersion", "ray.io/v1alpha1"),
-        ["apiVersion must be 'ray.io/v1'", "'ray.io/v1alpha1'"]),
+        ["apiVersion must be 'ray.io/v1'", "'ray.io/v1alpha1'"],
+    ),
     "not a RayJob": (
         lambda j: j.__setitem__("kind", "RayCluster"),
-        ["kind must be 'RayJob', got 'RayCluster'"]),
+        ["kind must be 'RayJob', got 'RayCluster'"],
+    ),
 }
 
 
@@ -308,12 +364,17 @@ def test_missing_file(tmp_path, check):
     assert "file not found" in _error(check, tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("", "empty file"),
-    ("- a\n- b\n", "got a list"),
-    ("cluster_name: a\nmax_workers: 2\ncluster_name: b\n",
-     "key 'cluster_name' given twice, at lines 1 and 3"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "empty file"),
+        ("- a\n- b\n", "got a list"),
+        (
+            "cluster_name: a\nmax_workers: 2\ncluster_name: b\n",
+            "key 'cluster_name' given twice, at lines 1 and 3",
+        ),
+    ],
+)
 def test_not_a_mapping(tmp_path, text, expected):
     path = tmp_path / "cluster.yaml"
     path.write_text(text)
@@ -323,10 +384,14 @@ def test_not_a_mapping(tmp_path, text, expected):
 def test_check_cluster_cli_passes_the_shipped_files_and_fails_a_typo_in_one_line(tmp_path, capsys):
     from raycell.__main__ import main
 
-    assert main(["check-cluster", str(ROOT / "cluster.yaml"), str(ROOT / "k8s" / "rayjob.yaml")]) == 0
+    assert (
+        main(["check-cluster", str(ROOT / "cluster.yaml"), str(ROOT / "k8s" / "rayjob.yaml")]) == 0
+    )
     assert capsys.readouterr().out.count(": OK (") == 2
     bad = tmp_path / "cluster.yaml"
-    bad.write_text((ROOT / "cluster.yaml").read_text().replace("max_workers: 8", "max_worker: 8", 1))
+    bad.write_text(
+        (ROOT / "cluster.yaml").read_text().replace("max_workers: 8", "max_worker: 8", 1)
+    )
     assert main(["check-cluster", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"raycell: error: {bad}: unknown key 'max_worker'") and "\n" not in err

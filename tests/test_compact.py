@@ -29,8 +29,18 @@ from raycell.formats.shards import ShardError, ShardWriter, open_dataset
 
 # what the manifest says about the cells (not its shard list, nor when it was made)
 CELL_KEYS = (
-    "n_cells", "channel_names", "channels", "crop_size", "dtype", "label_vocab", "batch_vocab",
-    "group_vocab", "weak_label_columns", "counts_per_split", "counts_per_batch", "channel_stats",
+    "n_cells",
+    "channel_names",
+    "channels",
+    "crop_size",
+    "dtype",
+    "label_vocab",
+    "batch_vocab",
+    "group_vocab",
+    "weak_label_columns",
+    "counts_per_split",
+    "counts_per_batch",
+    "channel_stats",
 )
 
 
@@ -44,8 +54,12 @@ def test_plan_cuts_sources_into_full_shards_in_order():
     assert plan_shards([], 4) == [] and plan_shards([0, 0], 4) == []
     # every row once, in order
     rows = [7, 1, 13, 2, 2]
-    flat = [(p.source, r) for shard in plan_shards(rows, 5) for p in shard
-            for r in range(p.start, p.stop)]
+    flat = [
+        (p.source, r)
+        for shard in plan_shards(rows, 5)
+        for p in shard
+        for r in range(p.start, p.stop)
+    ]
     assert flat == [(i, r) for i, n in enumerate(rows) for r in range(n)]
     with pytest.raises(ValueError):
         plan_shards([1], 0)
@@ -66,11 +80,18 @@ def _write_small(root: Path, sizes: list[int], channels: int = 2, size: int = 8)
     k = 0
     for f, n in enumerate(sizes):
         imgs = (np.arange(n * channels * size * size) + k).reshape(n, channels, size, size)
-        meta = pd.DataFrame({
-            K.CELL_ID: [f"f{f:03d}-c{i:05d}" for i in range(n)],
-            K.BATCH: f"b{f % 3}", K.LABEL: "hi" if f % 2 else "lo", K.PLATE: "p", K.WELL: "A01",
-            K.FIELD: str(f), K.CENTROID_Y: 1.0, K.CENTROID_X: 2.0,
-        })
+        meta = pd.DataFrame(
+            {
+                K.CELL_ID: [f"f{f:03d}-c{i:05d}" for i in range(n)],
+                K.BATCH: f"b{f % 3}",
+                K.LABEL: "hi" if f % 2 else "lo",
+                K.PLATE: "p",
+                K.WELL: "A01",
+                K.FIELD: str(f),
+                K.CENTROID_Y: 1.0,
+                K.CENTROID_X: 2.0,
+            }
+        )
         w.write_shard((imgs % 251).astype(np.uint8), meta)
         k += n
     return w
@@ -116,8 +137,9 @@ def test_compact_dataset_keeps_cells_and_old_layout_still_opens(tmp_path):
         compact_dataset(tmp_path / "per_field", tmp_path / "compact")
     with pytest.raises(ShardError, match="input"):
         compact_dataset(tmp_path / "per_field", tmp_path / "per_field", overwrite=True)
-    compact_dataset(tmp_path / "per_field", tmp_path / "compact", rows_per_shard=500,
-                    overwrite=True)
+    compact_dataset(
+        tmp_path / "per_field", tmp_path / "compact", rows_per_shard=500, overwrite=True
+    )
     assert len(open_dataset(tmp_path / "compact").shard_paths) == 2
     assert not list(tmp_path.glob("*.partial-*"))
 
@@ -131,8 +153,18 @@ def many_fields(tmp_path_factory) -> tuple[Path, Path]:
     from raycell.data.synthetic_raw import write_synthetic_raw
 
     root = tmp_path_factory.mktemp("many") / "raw"
-    write_synthetic_raw(root, seed=5, n_batches=2, n_lines=4, wells=4, fields=5, fov_size=96,
-                        cells_per_fov=6, effects="basic", progress=False)
+    write_synthetic_raw(
+        root,
+        seed=5,
+        n_batches=2,
+        n_lines=4,
+        wells=4,
+        fields=5,
+        fov_size=96,
+        cells_per_fov=6,
+        effects="basic",
+        progress=False,
+    )
     return root / "images", root / "platemap.csv"
 
 
@@ -141,18 +173,25 @@ def _cfg(src: Path, out: Path, platemap: Path, **ingest):
     from raycell.data.synthetic_raw import DEFAULT_PATTERN
 
     sets = [
-        f"ingest.input={src}", f"ingest.out={out}", f"ingest.platemap={platemap}",
-        f"ingest.pattern={DEFAULT_PATTERN}", "ingest.channels=[nucleus, cytoplasm]",
-        "ingest.nucleus_channel=nucleus", "ingest.cytoplasm_channel=cytoplasm",
-        "ingest.z_projection=best-focus", "ingest.crop_size=24", "ray.progress=false",
+        f"ingest.input={src}",
+        f"ingest.out={out}",
+        f"ingest.platemap={platemap}",
+        f"ingest.pattern={DEFAULT_PATTERN}",
+        "ingest.channels=[nucleus, cytoplasm]",
+        "ingest.nucleus_channel=nucleus",
+        "ingest.cytoplasm_channel=cytoplasm",
+        "ingest.z_projection=best-focus",
+        "ingest.crop_size=24",
+        "ray.progress=false",
         "ingest.normalization=per-image",
     ] + [f"ingest.{k}={v}" for k, v in ingest.items()]
     return load_config(None, sets)
 
 
 @pytest.mark.ray
-def test_ingest_of_many_fields_gives_a_handful_of_shards(ray_local, many_fields, tmp_path,
-                                                         monkeypatch):
+def test_ingest_of_many_fields_gives_a_handful_of_shards(
+    ray_local, many_fields, tmp_path, monkeypatch
+):
     from raycell.ingest import driver
 
     src, pm = many_fields
@@ -182,7 +221,8 @@ def test_ingest_of_many_fields_gives_a_handful_of_shards(ray_local, many_fields,
     assert after.column(K.CELL_ID).to_pandas().is_unique
     # nothing but the shards: no parts folder, no stray file, no staging folder
     assert sorted(p.name for p in (out / K.SHARD_DIR).iterdir()) == [
-        Path(x["file"]).name for x in ds.manifest["shards"]]
+        Path(x["file"]).name for x in ds.manifest["shards"]
+    ]
     assert not (out / driver.PARTS).exists() and not list(tmp_path.glob("crops.partial-*"))
 
     # killed while compacting: the data set above stays whole; the re-run gives every cell once
@@ -215,10 +255,14 @@ def test_manifest_relist_keeps_counts_and_refuses_other_rows(tmp_path):
 
     b = ManifestBuilder(tmp_path, ["a"])
     for k, n in enumerate((3, 4)):
-        meta = pd.DataFrame({K.CELL_ID: [f"f{k}-c{i}" for i in range(n)], K.BATCH: "b0",
-                             K.LABEL: "x"})
-        b.add(write_shard_file(tmp_path, f"part-00000{k}-000.parquet",
-                               np.full((n, 1, 4, 4), k, np.uint8), meta))
+        meta = pd.DataFrame(
+            {K.CELL_ID: [f"f{k}-c{i}" for i in range(n)], K.BATCH: "b0", K.LABEL: "x"}
+        )
+        b.add(
+            write_shard_file(
+                tmp_path, f"part-00000{k}-000.parquet", np.full((n, 1, 4, 4), k, np.uint8), meta
+            )
+        )
     with pytest.raises(ShardError, match="hold 6 rows, the parts added 7"):
         b.relist([{"file": "shards/part-00000.parquet", "rows": 6}])
     b.relist([{"file": "shards/part-00000.parquet", "rows": 7}])
@@ -235,7 +279,14 @@ def test_negative_shard_bounds_are_refused_naming_the_key(tmp_path):
     from raycell.ingest.sources import IngestError
 
     for key in ("rows_per_shard", "shard_mb"):
-        cfg = load_config(None, [f"ingest.input={tmp_path}", f"ingest.out={tmp_path / 'o'}",
-                                 "ingest.pattern=(?P<well>.*)", f"ingest.{key}=-1"])
+        cfg = load_config(
+            None,
+            [
+                f"ingest.input={tmp_path}",
+                f"ingest.out={tmp_path / 'o'}",
+                "ingest.pattern=(?P<well>.*)",
+                f"ingest.{key}=-1",
+            ],
+        )
         with pytest.raises(IngestError, match=f"ingest.{key} must be >= 0"):
             check_params(dataclasses.asdict(cfg.ingest))

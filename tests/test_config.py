@@ -9,7 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-4", "split.unseen=[b1, b2]", "scaling.use_gpu=true"])
+    cfg = load_config(
+        None, ["train.epochs=3", "train.lr=1e-4", "split.unseen=[b1, b2]", "scaling.use_gpu=true"]
+    )
     assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(1e-4)
     assert cfg.split.unseen == ["b1", "b2"] and cfg.scaling.use_gpu is True
     assert cfg.model.type == "conventional"
@@ -63,8 +65,9 @@ def test_round_trip():
 
 def test_base_yaml_is_current_and_every_config_loads():
     """configs/base.yaml is the generated defaults; every shipped config must load."""
-    assert (ROOT / "configs" / "base.yaml").read_text() == defaults_yaml(), \
+    assert (ROOT / "configs" / "base.yaml").read_text() == defaults_yaml(), (
         "regenerate with: raycell config --defaults > configs/base.yaml"
+    )
     for f in sorted((ROOT / "configs").rglob("*.yaml")):
         load_config(f)
 
@@ -78,7 +81,9 @@ def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
     assert "\n" not in msg and str(bad) in msg and "line " in msg
 
 
-@pytest.mark.parametrize("verb", ["synth", "ingest", "split", "train", "infer", "infer-z", "evaluate", "demo"])
+@pytest.mark.parametrize(
+    "verb", ["synth", "ingest", "split", "train", "infer", "infer-z", "evaluate", "demo"]
+)
 def test_each_shortcut_flag_sets_a_config_key_its_help_names(verb, capsys):
     from raycell.cli import build_parser, config_overrides
 
@@ -92,8 +97,11 @@ def test_each_shortcut_flag_sets_a_config_key_its_help_names(verb, capsys):
         assert key in entry, (flag, entry)
     # the override a flag produces is what the key would get from --set, and it names the flag
     args = build_parser().parse_args(["train", "--epochs", "3", "--gpu", "--set", "train.lr=0.1"])
-    assert config_overrides(args) == [("train.lr=0.1", "--set train.lr=0.1"), ("train.epochs=3", "--epochs 3"),
-                                      ("scaling.use_gpu=true", "--gpu")]
+    assert config_overrides(args) == [
+        ("train.lr=0.1", "--set train.lr=0.1"),
+        ("train.epochs=3", "--epochs 3"),
+        ("scaling.use_gpu=true", "--gpu"),
+    ]
     cfg = load_config(None, [ov for ov, _ in config_overrides(args)])
     assert cfg.train.epochs == 3 and cfg.scaling.use_gpu is True and cfg.train.lr == 0.1
 
@@ -109,6 +117,8 @@ def test_override_errors_name_their_source():
 def test_uri_paths_are_refused_with_what_to_do(key):
     from raycell.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=f"{key}: 's3://bucket/x' is a URI.*mount the bucket") as exc:
+    with pytest.raises(
+        ConfigError, match=f"{key}: 's3://bucket/x' is a URI.*mount the bucket"
+    ) as exc:
         load_config(None, [f"{key}=s3://bucket/x"])
     assert "\n" not in str(exc.value)

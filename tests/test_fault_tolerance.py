@@ -68,8 +68,15 @@ def _reap_session(sid: int, grace_s: float = 10.0) -> list[int]:
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout_s: float, what: str) -> str:
@@ -87,21 +94,30 @@ def _finish(proc: subprocess.Popen, timeout_s: float, what: str) -> str:
 
 # --- (a) the train worker's node is lost mid-training ---------------------------------------------
 
+
 @pytest.mark.ray
 def test_losing_the_train_workers_node(tmp_path):
     """max_failures=1: the worker restarts on another node from the checkpoint, all epochs run;
     max_failures=0: one line naming failure.txt, which holds Ray's full report."""
     t0 = time.time()
-    proc = _start([sys.executable, str(ROOT / "tests" / "fault_cluster_script.py"), str(tmp_path),
-                   str(SCRIPT_DEADLINE_S)])
+    proc = _start(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "fault_cluster_script.py"),
+            str(tmp_path),
+            str(SCRIPT_DEADLINE_S),
+        ]
+    )
     out = _finish(proc, SCRIPT_TIMEOUT_S, "tests/fault_cluster_script.py")
     last = [ln for ln in out.splitlines() if ln.startswith("{")]
     assert last, f"no JSON summary (exit {proc.returncode}); output tail:\n{out[-4000:]}"
     s = json.loads(last[-1])
     tail = f"\nsummary: {json.dumps(s, indent=1)[:6000]}\noutput tail:\n{out[-3000:]}"
     assert "error" not in s and proc.returncode == 0, tail
-    print(f"node loss: {time.time() - t0:.0f} s (cluster up {s['cluster_start_s']} s, restart case "
-          f"{s['finish']['seconds']} s, failure case {s['fail']['seconds']} s)")
+    print(
+        f"node loss: {time.time() - t0:.0f} s (cluster up {s['cluster_start_s']} s, restart case "
+        f"{s['finish']['seconds']} s, failure case {s['fail']['seconds']} s)"
+    )
 
     ok, kill = s["finish"], s["finish"]["kill"]
     assert kill["removed"], f"the train worker's node was never removed: {kill}{tail}"
@@ -142,16 +158,32 @@ def _checkpoint(ds, path: Path) -> Path:
     spec = DataSpec.from_dataset(ds)
     batches = sorted(set(ds.read_table([K.BATCH], splits=["train"]).column(K.BATCH).to_pylist()))
     labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
-    model = create_model("conventional", in_channels=spec.shape[0], n_classes=len(labels),
-                         n_batches=len(batches), preset="tiny", image_size=spec.shape[1])
-    return save_checkpoint(path, model, None, epoch=0, spec=spec, labels=labels,
-                           batches=CategoryMap(K.BATCH, tuple(batches)), config={}, metrics={})
+    model = create_model(
+        "conventional",
+        in_channels=spec.shape[0],
+        n_classes=len(labels),
+        n_batches=len(batches),
+        preset="tiny",
+        image_size=spec.shape[1],
+    )
+    return save_checkpoint(
+        path,
+        model,
+        None,
+        epoch=0,
+        spec=spec,
+        labels=labels,
+        batches=CategoryMap(K.BATCH, tuple(batches)),
+        config={},
+        metrics={},
+    )
 
 
 def _shards(shard_dir: Path) -> dict[str, tuple[int, bytes]]:
     """Prediction shard name -> (mtime_ns, content)."""
-    return {f.name: (f.stat().st_mtime_ns, f.read_bytes())
-            for f in sorted(shard_dir.glob(K.SHARD_GLOB))}
+    return {
+        f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(shard_dir.glob(K.SHARD_GLOB))
+    }
 
 
 @pytest.mark.ray
@@ -170,15 +202,31 @@ def test_killed_inference_rerun_predicts_every_cell_once(tmp_path):
     want = ds.read_table([K.CELL_ID], splits=list(SPLITS)).column(K.CELL_ID).to_pylist()
     assert n_inputs == N_CELLS // ROWS_PER_SHARD and len(want) > 100
 
-    cmd = [sys.executable, "-m", "raycell", "infer", "--checkpoint", str(ck), "--data", str(data),
-           "--out", str(out), "--splits", ",".join(SPLITS), "--set", "ray.progress=false",
-           "--set", f"infer.shards_per_round={PER_ROUND}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raycell",
+        "infer",
+        "--checkpoint",
+        str(ck),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--splits",
+        ",".join(SPLITS),
+        "--set",
+        "ray.progress=false",
+        "--set",
+        f"infer.shards_per_round={PER_ROUND}",
+    ]
     shard_dir = out / "shards"
     t0 = time.time()
     proc = _start(cmd)
     try:  # kill when the first round's shards land: three rounds are still to come
-        while (proc.poll() is None and time.time() - t0 < 240
-               and not any(shard_dir.glob(K.SHARD_GLOB))):
+        while (
+            proc.poll() is None and time.time() - t0 < 240 and not any(shard_dir.glob(K.SHARD_GLOB))
+        ):
             time.sleep(0.02)
         ended_first = proc.poll() is not None
         os.killpg(proc.pid, signal.SIGKILL)
@@ -187,8 +235,10 @@ def test_killed_inference_rerun_predicts_every_cell_once(tmp_path):
     first_out, _ = proc.communicate()
     _reap_session(proc.pid, grace_s=2)
     t_kill = time.time() - t0
-    assert not ended_first, (f"inference ended (exit {proc.returncode}) before it could be killed:"
-                             f" lower infer.shards_per_round or add shards\n{first_out[-3000:]}")
+    assert not ended_first, (
+        f"inference ended (exit {proc.returncode}) before it could be killed:"
+        f" lower infer.shards_per_round or add shards\n{first_out[-3000:]}"
+    )
     before = _shards(shard_dir)
     assert 0 < len(before) < n_inputs, f"{len(before)} of {n_inputs} shards at the kill"
     assert not (out / K.PREDICTIONS_MANIFEST).exists(), "predictions.json: the run had completed"
@@ -197,8 +247,10 @@ def test_killed_inference_rerun_predicts_every_cell_once(tmp_path):
     t1 = time.time()
     rerun = _finish(_start(cmd), 240, "the re-run of inference")
     assert f"{len(before)} shard(s) already done" in rerun, rerun[-3000:]
-    print(f"inference killed after {t_kill:.0f} s with {len(before)}/{n_inputs} shards written "
-          f"(left behind: {left_by_kill}); re-run {time.time() - t1:.0f} s")
+    print(
+        f"inference killed after {t_kill:.0f} s with {len(before)}/{n_inputs} shards written "
+        f"(left behind: {left_by_kill}); re-run {time.time() - t1:.0f} s"
+    )
 
     # every requested cell exactly once in the union of the shards, and no other cell
     ids = []
@@ -213,8 +265,14 @@ def test_killed_inference_rerun_predicts_every_cell_once(tmp_path):
     after = _shards(shard_dir)
     assert {n: after[n] for n in before} == before
     # nothing but results: no staging folder or temporary file of the killed run either
-    extra = sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                   if p != shard_dir and p.name not in (K.PREDICTIONS_MANIFEST, MARKER)
-                   and not (p.parent == shard_dir and p.match(K.SHARD_GLOB)))
-    assert not extra, (f"left in {out} after the re-run: {extra} (the killed run's staging or "
-                       "temporary files; the re-run should remove them)")
+    extra = sorted(
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p != shard_dir
+        and p.name not in (K.PREDICTIONS_MANIFEST, MARKER)
+        and not (p.parent == shard_dir and p.match(K.SHARD_GLOB))
+    )
+    assert not extra, (
+        f"left in {out} after the re-run: {extra} (the killed run's staging or "
+        "temporary files; the re-run should remove them)"
+    )

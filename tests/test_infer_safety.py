@@ -26,7 +26,9 @@ from raycell.formats.shards import ShardError, open_dataset, rewrite_shards
 from raycell.formats.spec import DataSpec
 from raycell.models import create_model, list_models
 
-SEEN = tuple(f"batch{i:02d}" for i in range(6))  # the tiny set's training batches (2 unseen: 06, 07)
+SEEN = tuple(
+    f"batch{i:02d}" for i in range(6)
+)  # the tiny set's training batches (2 unseen: 06, 07)
 
 
 def _save_ck(path: Path, model_type: str, ds, shape=None) -> Path:
@@ -35,11 +37,25 @@ def _save_ck(path: Path, model_type: str, ds, shape=None) -> Path:
     spec = DataSpec.from_dataset(ds)
     if shape is not None:
         spec = DataSpec(spec.channel_names, shape, spec.dtype)
-    model = create_model(model_type, in_channels=spec.shape[0], n_classes=2, n_batches=len(SEEN),
-                         preset="tiny", image_size=spec.shape[1])
-    return save_checkpoint(path, model, None, epoch=0, spec=spec,
-                           labels=CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"])),
-                           batches=CategoryMap(K.BATCH, SEEN), config={}, metrics={})
+    model = create_model(
+        model_type,
+        in_channels=spec.shape[0],
+        n_classes=2,
+        n_batches=len(SEEN),
+        preset="tiny",
+        image_size=spec.shape[1],
+    )
+    return save_checkpoint(
+        path,
+        model,
+        None,
+        epoch=0,
+        spec=spec,
+        labels=CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"])),
+        batches=CategoryMap(K.BATCH, SEEN),
+        config={},
+        metrics={},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +68,9 @@ def cks(tiny_data, tmp_path_factory) -> dict:
 
 def _cfg(data, out, ck, *extra):
     runs = Path(out).parent / "runs"
-    return load_config(None, tiny_overrides(data, runs) + [f"infer.checkpoint={ck}", f"infer.out={out}",
-                                                          *extra])
+    return load_config(
+        None, tiny_overrides(data, runs) + [f"infer.checkpoint={ck}", f"infer.out={out}", *extra]
+    )
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:
@@ -79,6 +96,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 # --- 9b: empty batches never reach the model -------------------------------------------------------
 
+
 @pytest.mark.parametrize("model_type", list_models())
 def test_empty_batch_never_reaches_the_model(model_type, cks, tiny_data):
     from raycell.infer.predictor import CropPredictor
@@ -86,7 +104,9 @@ def test_empty_batch_never_reaches_the_model(model_type, cks, tiny_data):
     t = pq.read_table(open_dataset(tiny_data).shard_paths[0])
     t = t.filter(pa.array([b in SEEN for b in t.column(K.BATCH).to_pylist()]))
     t = t.append_column("path", pa.array(["x/part-00000.parquet"] * t.num_rows))
-    pred = CropPredictor(str(cks[model_type]), device="cpu", passthrough=[K.CELL_ID, K.SPLIT, "path"])
+    pred = CropPredictor(
+        str(cks[model_type]), device="cpu", passthrough=[K.CELL_ID, K.SPLIT, "path"]
+    )
     full = pred(t.slice(0, 5))
     empty = pred(t.slice(0, 0))  # a block with no rows of the requested splits
     assert empty.num_rows == 0 and full.num_rows == 5
@@ -95,10 +115,13 @@ def test_empty_batch_never_reaches_the_model(model_type, cks, tiny_data):
 
 # --- 10 / 2 / 8: check_config validates an infer run without Ray ------------------------------------
 
+
 def test_check_config_accepts_a_good_run_and_writes_nothing(cks, tiny_data, tmp_path):
     from raycell.infer.batch import check_config
 
-    plan = check_config(_cfg(tiny_data, tmp_path / "pred", cks["conventional"], "infer.splits=[test]"))
+    plan = check_config(
+        _cfg(tiny_data, tmp_path / "pred", cks["conventional"], "infer.splits=[test]")
+    )
     assert plan.pending == open_dataset(tiny_data).shard_paths
     assert plan.producer["splits"] == ["test"] and len(plan.producer["weights_sha256"]) == 64
     assert not (tmp_path / "pred").exists()
@@ -110,7 +133,9 @@ def test_unknown_split_names_the_key_the_value_and_the_valid_splits(cks, tiny_da
     from raycell.infer.batch import check_config
 
     with pytest.raises(ConfigError) as e:
-        check_config(_cfg(tiny_data, tmp_path / "pred", cks["conventional"], "infer.splits=[test,tset]"))
+        check_config(
+            _cfg(tiny_data, tmp_path / "pred", cks["conventional"], "infer.splits=[test,tset]")
+        )
     msg = str(e.value)
     assert "infer.splits" in msg and "'tset'" in msg and "'test'" not in msg.split("splits are")[0]
     assert all(s in msg for s in ("train", "val", "unseen"))
@@ -121,23 +146,42 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
     weights = ck / "model.pt"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     # infer-z checks its inputs before it starts Ray: the CLI contract is checked end to end
-    rc, err = _cli(capsys, "infer-z", "--checkpoint", str(ck), "--data", str(tiny_data), "--out",
-                   str(tmp_path / "z"))
+    rc, err = _cli(
+        capsys,
+        "infer-z",
+        "--checkpoint",
+        str(ck),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "z"),
+    )
     assert rc == 2
     _one_line(err, str(weights), "truncated or corrupt")
     assert not (tmp_path / "z").exists()
     # a damaged meta.json: one line naming it
     ck2 = _copy(cks["conventional"], tmp_path / "ck2")
     (ck2 / "meta.json").write_text('{"model_type": "conventional", "model_ar')
-    rc, err = _cli(capsys, "infer-z", "--checkpoint", str(ck2), "--data", str(tiny_data), "--out",
-                   str(tmp_path / "z"))
+    rc, err = _cli(
+        capsys,
+        "infer-z",
+        "--checkpoint",
+        str(ck2),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "z"),
+    )
     assert rc == 2
     _one_line(err, str(ck2 / "meta.json"))
     # the same errors from load_checkpoint and the infer pre-flight
     from raycell.formats.checkpoint import CheckpointError, load_checkpoint
     from raycell.infer.batch import check_config
 
-    for fn in (lambda: load_checkpoint(ck), lambda: check_config(_cfg(tiny_data, tmp_path / "p", ck))):
+    for fn in (
+        lambda: load_checkpoint(ck),
+        lambda: check_config(_cfg(tiny_data, tmp_path / "p", ck)),
+    ):
         with pytest.raises(CheckpointError, match=r"model\.pt.*truncated or corrupt"):
             fn()
     with pytest.raises(CheckpointError, match="meta.json"):
@@ -146,8 +190,16 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
 
 def test_crop_size_of_the_data_differing_from_the_models_is_one_line(tiny_data, tmp_path, capsys):
     ck = _save_ck(tmp_path / "ck64", "conventional", open_dataset(tiny_data), shape=(2, 64, 64))
-    rc, err = _cli(capsys, "infer-z", "--checkpoint", str(ck), "--data", str(tiny_data), "--out",
-                   str(tmp_path / "z"))
+    rc, err = _cli(
+        capsys,
+        "infer-z",
+        "--checkpoint",
+        str(ck),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "z"),
+    )
     assert rc == 2
     _one_line(err, str(tiny_data), "crop size 32x32 vs 64x64")
     from raycell.infer.batch import check_config
@@ -178,8 +230,15 @@ def test_truncated_or_foreign_input_shard_fails_before_ray(cks, tiny_data, tmp_p
 
 def _z_table(path: Path, ids: list[str], n: int = len(SEEN)) -> Path:
     z = np.full((len(ids), n), 1.0 / n, np.float32)
-    pq.write_table(pa.table({K.CELL_ID: pa.array(ids),
-                             "z": pa.FixedSizeListArray.from_arrays(pa.array(z.ravel()), n)}), path)
+    pq.write_table(
+        pa.table(
+            {
+                K.CELL_ID: pa.array(ids),
+                "z": pa.FixedSizeListArray.from_arrays(pa.array(z.ravel()), n),
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -188,7 +247,12 @@ def test_z_source_is_checked_on_the_driver(cks, tiny_data, tmp_path):
     from raycell.infer.predictor import MissingDesignMatrixError
 
     ck = cks["mixedeffects"]
-    unseen = open_dataset(tiny_data).read_table([K.CELL_ID], splits=[K.UNSEEN]).column(K.CELL_ID).to_pylist()
+    unseen = (
+        open_dataset(tiny_data)
+        .read_table([K.CELL_ID], splits=[K.UNSEEN])
+        .column(K.CELL_ID)
+        .to_pylist()
+    )
 
     def check(z):
         return check_config(_cfg(tiny_data, tmp_path / "pred", ck, f"infer.z_source={z}"))
@@ -208,6 +272,7 @@ def test_z_source_is_checked_on_the_driver(cks, tiny_data, tmp_path):
 
 
 # --- Ray: what infer writes, what a re-run does with it, evaluate's checks --------------------------
+
 
 @pytest.fixture(scope="module")
 def predicted(cks, tiny_data, ray_local, tmp_path_factory) -> dict:
@@ -229,23 +294,30 @@ def test_predictions_record_what_produced_them(predicted, cks):
     ds = open_dataset(predicted["data"])
     assert m["n_rows"] == ds.manifest["n_cells"] == sum(s["rows"] for s in m["shards"])
     assert [s["file"] for s in m["shards"]] == [f"shards/{Path(p).name}" for p in ds.shard_paths]
-    assert m["producer"]["checkpoint"] == str(cks["conventional"]) and m["producer"]["splits"] == "all"
-    rec = json.loads(pq.read_schema(predicted["out"] / m["shards"][0]["file"]).metadata[PROVENANCE_KEY])
+    assert (
+        m["producer"]["checkpoint"] == str(cks["conventional"]) and m["producer"]["splits"] == "all"
+    )
+    rec = json.loads(
+        pq.read_schema(predicted["out"] / m["shards"][0]["file"]).metadata[PROVENANCE_KEY]
+    )
     assert rec["run_key"] == m["run_key"] and rec["input"]["file"] == ds.shard_paths[0]
     assert check_config(predicted["cfg"]).pending == []  # the same run again: nothing to do
 
 
 @pytest.mark.ray
-def test_rerun_into_a_folder_of_another_run_refuses_in_one_line(predicted, cks, tiny_data, tmp_path,
-                                                                 capsys):
+def test_rerun_into_a_folder_of_another_run_refuses_in_one_line(
+    predicted, cks, tiny_data, tmp_path, capsys
+):
     data, out, ck = predicted["data"], tmp_path / "pred", cks["conventional"]
     shutil.copytree(predicted["out"], out)
     before = {f: f.stat().st_mtime_ns for f in (out / "shards").iterdir()}
     base = ["infer", "--checkpoint", str(ck), "--out", str(out), "--set", "ray.progress=false"]
     # another data set (same shard names), other splits, another checkpoint
-    cases = [(["--data", str(tiny_data)], "dataset was"),
-             (["--data", str(data), "--splits", "unseen"], "splits was 'all', now ['unseen']"),
-             (["--data", str(data), "--checkpoint", str(cks["adversarial"])], "checkpoint was")]
+    cases = [
+        (["--data", str(tiny_data)], "dataset was"),
+        (["--data", str(data), "--splits", "unseen"], "splits was 'all', now ['unseen']"),
+        (["--data", str(data), "--checkpoint", str(cks["adversarial"])], "checkpoint was"),
+    ]
     for extra, why in cases:
         rc, err = _cli(capsys, *base, *extra)
         assert rc == 2, err[-2000:]
@@ -269,7 +341,9 @@ def test_rerun_into_a_folder_of_another_run_refuses_in_one_line(predicted, cks, 
 
 
 def _evaluate(capsys, pred: Path, tmp_path: Path) -> tuple[int, str]:
-    return _cli(capsys, "evaluate", "--predictions", str(pred), "--set", f"eval.out={tmp_path / 'ev'}")
+    return _cli(
+        capsys, "evaluate", "--predictions", str(pred), "--set", f"eval.out={tmp_path / 'ev'}"
+    )
 
 
 @pytest.mark.ray
@@ -309,14 +383,28 @@ def test_evaluate_refuses_missing_changed_or_duplicated_rows(predicted, tmp_path
 
 
 def test_infer_errors_are_one_line_before_ray_starts(cks, tiny_data, tmp_path, capsys):
-    base = ["infer", "--data", str(tiny_data), "--out", str(tmp_path / "pred"), "--set", "ray.progress=false"]
+    base = [
+        "infer",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(tmp_path / "pred"),
+        "--set",
+        "ray.progress=false",
+    ]
     ck = _copy(cks["conventional"], tmp_path / "ck")
     (ck / "model.pt").write_bytes((ck / "model.pt").read_bytes()[:1000])
     rc, err = _cli(capsys, *base, "--checkpoint", str(ck))
     assert rc == 2
     _one_line(err, str(ck / "model.pt"))
-    rc, err = _cli(capsys, *base, "--checkpoint", str(cks["mixedeffects"]), "--set",
-                   f"infer.z_source={tmp_path / 'nowhere'}")
+    rc, err = _cli(
+        capsys,
+        *base,
+        "--checkpoint",
+        str(cks["mixedeffects"]),
+        "--set",
+        f"infer.z_source={tmp_path / 'nowhere'}",
+    )
     assert rc == 2
     _one_line(err, "infer.z_source", str(tmp_path / "nowhere"))
     ck64 = _save_ck(tmp_path / "ck64", "conventional", open_dataset(tiny_data), shape=(2, 64, 64))
@@ -324,33 +412,60 @@ def test_infer_errors_are_one_line_before_ray_starts(cks, tiny_data, tmp_path, c
     assert rc == 2
     _one_line(err, "crop size 32x32 vs 64x64")
     # a misspelt split: refused in a fresh process before Ray starts (no 0-row output that no re-run redoes)
-    r = subprocess.run([sys.executable, "-m", "raycell", *base, "--checkpoint", str(cks["conventional"]),
-                        "--splits", "test,tset"], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raycell",
+            *base,
+            "--checkpoint",
+            str(cks["conventional"]),
+            "--splits",
+            "test,tset",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert r.returncode == 2
     _one_line(r.stderr, "infer.splits", "'tset'")
     assert not (tmp_path / "pred").exists()
 
 
 @pytest.mark.ray
-def test_image_bytes_disagreeing_with_the_manifest_inside_ray_is_one_line(cks, tiny_data, ray_local,
-                                                                          tmp_path, capsys):
+def test_image_bytes_disagreeing_with_the_manifest_inside_ray_is_one_line(
+    cks, tiny_data, ray_local, tmp_path, capsys
+):
     data = _copy(tiny_data, tmp_path / "d")
     p = open_dataset(data).shard_paths[1]
     t = pq.read_table(p)
     imgs = t.column(K.IMAGE).to_pylist()
     imgs[5] = imgs[5][:-10]
-    pq.write_table(t.set_column(t.schema.get_field_index(K.IMAGE), K.IMAGE, pa.array(imgs, pa.binary())), p)
+    pq.write_table(
+        t.set_column(t.schema.get_field_index(K.IMAGE), K.IMAGE, pa.array(imgs, pa.binary())), p
+    )
     cell = t.column(K.CELL_ID)[5].as_py()
-    rc, err = _cli(capsys, "infer", "--data", str(data), "--checkpoint", str(cks["conventional"]),
-                   "--out", str(tmp_path / "pred"), "--set", "ray.progress=false")
+    rc, err = _cli(
+        capsys,
+        "infer",
+        "--data",
+        str(data),
+        "--checkpoint",
+        str(cks["conventional"]),
+        "--out",
+        str(tmp_path / "pred"),
+        "--set",
+        "ray.progress=false",
+    )
     assert rc == 2
     _one_line(err, p, f"cell_id={cell}", "2038 image bytes")
 
 
 @pytest.mark.ray
-def test_a_shard_without_rows_of_the_requested_split_is_skipped_for_mixed_effects(cks, tiny_data, ray_local,
-                                                                                 tmp_path):
+def test_a_shard_without_rows_of_the_requested_split_is_skipped_for_mixed_effects(
+    cks, tiny_data, ray_local, tmp_path
+):
     from raycell.formats.predictions import read_predictions
     from raycell.infer.batch import predict
 
@@ -365,8 +480,15 @@ def test_a_shard_without_rows_of_the_requested_split_is_skipped_for_mixed_effect
         return t.set_column(t.schema.get_field_index(K.SPLIT), K.SPLIT, split)
 
     counts = rewrite_shards(ds, no_test_rows, {})["counts_per_split"]
-    m = predict(_cfg(data, tmp_path / "pred", cks["mixedeffects"], "infer.splits=[test]",
-                     "data.eval_batch_size=32"))
+    m = predict(
+        _cfg(
+            data,
+            tmp_path / "pred",
+            cks["mixedeffects"],
+            "infer.splits=[test]",
+            "data.eval_batch_size=32",
+        )
+    )
     t = read_predictions(tmp_path / "pred")
     assert m["n_rows"] == t.num_rows == counts[K.TEST]
     assert set(t.column(K.SPLIT).to_pylist()) == {K.TEST} and K.LATENT_RE in t.column_names
@@ -381,13 +503,17 @@ def test_z_models_refuse_valbatch_cells_without_an_inferred_z(tiny_valbatch_data
     from raycell.infer.predictor import MissingDesignMatrixError
 
     ds = open_dataset(tiny_valbatch_data)
-    train_batches = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
+    train_batches = sorted(
+        set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist())
+    )
     held = ds.manifest["split_params"]["val_batches"]
     meta = {"uses_z": True, "model_type": "mixedeffects", "batches": {"values": train_batches}}
     cfg = load_config(None, [f"data.path={tiny_valbatch_data}", "infer.splits=[valbatch]"])
     import re
 
-    with pytest.raises(MissingDesignMatrixError, match=re.escape(f"batch(es) {held!r} are not among its training")):
+    with pytest.raises(
+        MissingDesignMatrixError, match=re.escape(f"batch(es) {held!r} are not among its training")
+    ):
         _check_design_matrix(cfg, ds, meta)
     cfg = load_config(None, [f"data.path={tiny_valbatch_data}", "infer.splits=[val, test]"])
     _check_design_matrix(cfg, ds, meta)  # seen batches only: fine

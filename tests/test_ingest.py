@@ -60,7 +60,14 @@ def raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ing") / "raw"
     # the easy images (basic batch effects): the end-to-end test counts cells and checks their areas
     write_synthetic_raw(
-        out, seed=3, n_batches=2, n_lines=4, wells=2, fields=2, fov_size=160, cells_per_fov=10,
+        out,
+        seed=3,
+        n_batches=2,
+        n_lines=4,
+        wells=2,
+        fields=2,
+        fov_size=160,
+        cells_per_fov=10,
         effects="basic",
     )
     return out
@@ -587,7 +594,9 @@ def test_ingest_stores_crop_features_that_the_baseline_reads(ray_local, raw, tmp
     t = ds.read_table()
     stored = [c for c in t.column_names if c.startswith("feat_")]
     # the stored columns are the baseline's own crop features of the crops as written, exactly
-    want, names = crop_features(decode_images(t, ds.shape, ds.dtype), ds.manifest.get("channel_names"))
+    want, names = crop_features(
+        decode_images(t, ds.shape, ds.dtype), ds.manifest.get("channel_names")
+    )
     assert stored == [f"feat_{n}" for n in names] and len(names) > 10
     got = np.column_stack([t.column(c).to_numpy(zero_copy_only=False) for c in stored])
     np.testing.assert_array_equal(got, want.astype(np.float32))
@@ -596,9 +605,13 @@ def test_ingest_stores_crop_features_that_the_baseline_reads(ray_local, raw, tmp
     assert feature_source(out, "all") == "morph_*+crops"
     f = load_features(out, ["train"], "crops")
     assert f["names"] == names
-    rows = pd.Index(t.column(K.CELL_ID).to_pylist()).get_indexer(f["splits"]["train"]["meta"][K.CELL_ID])
+    rows = pd.Index(t.column(K.CELL_ID).to_pylist()).get_indexer(
+        f["splits"]["train"]["meta"][K.CELL_ID]
+    )
     assert len(rows) > 20 and (rows >= 0).all()
-    np.testing.assert_array_equal(f["splits"]["train"]["x"], want[rows].astype(np.float32).astype(np.float64))
+    np.testing.assert_array_equal(
+        f["splits"]["train"]["x"], want[rows].astype(np.float32).astype(np.float64)
+    )
 
 
 def test_upsampled_illumination_is_cached_by_content():

@@ -33,8 +33,18 @@ from raycell.ingest.sources import IngestError
 def raw(tmp_path_factory) -> Path:
     """Synthetic fields + true masks, cellpose-style masks beside the images, CP tables."""
     out = tmp_path_factory.mktemp("given") / "raw"
-    write_synthetic_raw(out, seed=5, n_batches=1, n_lines=2, wells=2, fields=2, fov_size=128,
-                        cells_per_fov=8, effects="basic", n_z=1)
+    write_synthetic_raw(
+        out,
+        seed=5,
+        n_batches=1,
+        n_lines=2,
+        wells=2,
+        fields=2,
+        fov_size=128,
+        cells_per_fov=8,
+        effects="basic",
+        n_z=1,
+    )
     images, nuclei_rows, image_rows = out / "images" / "batch00", [], []
     for n, mask in enumerate(sorted((out / "masks").glob("*_nuclei.tif")), start=1):
         fid = mask.name[: -len("_nuclei.tif")]
@@ -43,13 +53,24 @@ def raw(tmp_path_factory) -> Path:
         lab = tifffile.imread(mask)
         # cellpose's own naming, written beside the image it ran on (a 16-bit PNG)
         skio.imsave(images / f"{stem}_cp_masks.png", lab.astype(np.uint16), check_contrast=False)
-        image_rows.append({"ImageNumber": n, "FileName_DNA": f"{stem}.tif",
-                           "PathName_DNA": str(images), "Metadata_Well": well})
+        image_rows.append(
+            {
+                "ImageNumber": n,
+                "FileName_DNA": f"{stem}.tif",
+                "PathName_DNA": str(images),
+                "Metadata_Well": well,
+            }
+        )
         # CellProfiler drops objects touching the border by default; its centres are centroids
         for r in regionprops(drop_border_objects(lab)):
-            nuclei_rows.append({"ImageNumber": n, "ObjectNumber": r.label,
-                                "Location_Center_X": r.centroid[1],
-                                "Location_Center_Y": r.centroid[0]})
+            nuclei_rows.append(
+                {
+                    "ImageNumber": n,
+                    "ObjectNumber": r.label,
+                    "Location_Center_X": r.centroid[1],
+                    "Location_Center_Y": r.centroid[0],
+                }
+            )
     pd.DataFrame(image_rows).to_csv(out / "Image.csv", index=False)
     pd.DataFrame(nuclei_rows).to_csv(out / "Nuclei.csv", index=False)
     return out
@@ -66,12 +87,20 @@ def _truth(raw: Path) -> pd.DataFrame:
 
 
 def _params(raw: Path, out: Path, **ingest) -> dict:
-    sets = [f"ingest.input={raw / 'images'}", f"ingest.out={out}",
-            f"ingest.platemap={raw / 'platemap.csv'}", f"ingest.pattern={DEFAULT_PATTERN}",
-            "ingest.channels=[nucleus, cytoplasm]", "ingest.normalization=per-image",
-            "ingest.crop_size=32", "ray.progress=false"]
-    sets += [f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
-             for k, v in ingest.items()]
+    sets = [
+        f"ingest.input={raw / 'images'}",
+        f"ingest.out={out}",
+        f"ingest.platemap={raw / 'platemap.csv'}",
+        f"ingest.pattern={DEFAULT_PATTERN}",
+        "ingest.channels=[nucleus, cytoplasm]",
+        "ingest.normalization=per-image",
+        "ingest.crop_size=32",
+        "ray.progress=false",
+    ]
+    sets += [
+        f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
+        for k, v in ingest.items()
+    ]
     return dataclasses.asdict(load_config(None, sets).ingest)
 
 
@@ -86,8 +115,14 @@ def _crop(fov: dict, p: dict, ch: dict):
 
 
 def _cells(meta: pd.DataFrame, fid: str) -> pd.DataFrame:
-    return pd.DataFrame({"fov_id": fid, "label": meta[K.CELL_ID].str.extract(r"-c(\d+)$")[0]
-                         .astype(int), "y": meta[K.CENTROID_Y], "x": meta[K.CENTROID_X]})
+    return pd.DataFrame(
+        {
+            "fov_id": fid,
+            "label": meta[K.CELL_ID].str.extract(r"-c(\d+)$")[0].astype(int),
+            "y": meta[K.CENTROID_Y],
+            "x": meta[K.CENTROID_X],
+        }
+    )
 
 
 def _assert_same_cells(got: pd.DataFrame, truth: pd.DataFrame) -> None:
@@ -118,9 +153,14 @@ def test_cellpose_masks_beside_the_images_give_the_masks_objects(raw, tmp_path):
 
 def test_mask_pattern_and_cell_masks(raw, tmp_path):
     groups = r"(?P<batch>batch\d+)_(?P<plate>[^_]+)_(?P<well>[A-P]\d{2})_(?P<field>\d+)"
-    p = _params(raw, tmp_path / "out", masks=str(raw / "masks"),
-                masks_pattern=groups + r"_nuclei\.tif$", cell_masks=str(raw / "masks"),
-                cell_masks_pattern=groups + r"_cells\.tif$")
+    p = _params(
+        raw,
+        tmp_path / "out",
+        masks=str(raw / "masks"),
+        masks_pattern=groups + r"_nuclei\.tif$",
+        cell_masks=str(raw / "masks"),
+        cell_masks_pattern=groups + r"_cells\.tif$",
+    )
     plan = plan_ingest(p)
     assert len(plan["fovs"]) == 4
     # the cellpose PNGs beside the images are not this run's masks: file rejects, no field lost
@@ -198,16 +238,21 @@ def test_mask_setting_errors(raw, tmp_path):
     with pytest.raises(IngestError, match="ingest.masks folder not found"):
         plan_ingest(_params(raw, tmp_path / "o", masks=str(tmp_path / "nope")))
     with pytest.raises(IngestError, match=r"groups \['site'\] are not groups"):
-        plan_ingest(_params(raw, tmp_path / "o", masks=str(raw / "masks"),
-                            masks_pattern=r"(?P<site>\d)_nuclei"))
+        plan_ingest(
+            _params(
+                raw, tmp_path / "o", masks=str(raw / "masks"), masks_pattern=r"(?P<site>\d)_nuclei"
+            )
+        )
     with pytest.raises(IngestError, match="no mask file"):
-        plan_ingest(_params(raw, tmp_path / "o", masks=str(raw / "masks"),
-                            masks_pattern=r"(?P<well>Z99)"))
+        plan_ingest(
+            _params(raw, tmp_path / "o", masks=str(raw / "masks"), masks_pattern=r"(?P<well>Z99)")
+        )
     with pytest.raises(IngestError, match="cell_masks needs ingest.masks"):
         plan_ingest(_params(raw, tmp_path / "o", cell_masks=str(raw / "masks")))
     with pytest.raises(IngestError, match="two alternatives"):
-        check_params(_params(raw, tmp_path / "o", masks=str(raw / "masks"),
-                             objects=str(raw / "Nuclei.csv")))
+        check_params(
+            _params(raw, tmp_path / "o", masks=str(raw / "masks"), objects=str(raw / "Nuclei.csv"))
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,8 +261,12 @@ def test_mask_setting_errors(raw, tmp_path):
 
 
 def test_cellprofiler_tables_give_the_masks_objects_unmasked(raw, tmp_path):
-    p = _params(raw, tmp_path / "out", objects=str(raw / "Nuclei.csv"),
-                objects_images=str(raw / "Image.csv"))
+    p = _params(
+        raw,
+        tmp_path / "out",
+        objects=str(raw / "Nuclei.csv"),
+        objects_images=str(raw / "Image.csv"),
+    )
     plan = plan_ingest(p)
     assert len(plan["fovs"]) == 4 and not _fov_rejects(plan)
     assert any("crops are not masked" in n for n in plan["notes"])
@@ -236,10 +285,16 @@ def test_cellprofiler_tables_give_the_masks_objects_unmasked(raw, tmp_path):
 def test_any_table_with_metadata_columns_and_xy(raw, tmp_path):
     t = pd.read_csv(raw / "Nuclei.csv").merge(pd.read_csv(raw / "Image.csv"), on="ImageNumber")
     wells = t.FileName_DNA.str.extract(r"_(?P<well>[A-P]\d{2})_s(?P<field>\d)")
-    generic = pd.DataFrame({"plate": "SYN00", "well": wells.well.str.replace("A0", "A"),
-                            "field": wells.field, "x": t.Location_Center_X,
-                            "y": t.Location_Center_Y,
-                            "ObjectNumber": t.ObjectNumber})
+    generic = pd.DataFrame(
+        {
+            "plate": "SYN00",
+            "well": wells.well.str.replace("A0", "A"),
+            "field": wells.field,
+            "x": t.Location_Center_X,
+            "y": t.Location_Center_Y,
+            "ObjectNumber": t.ObjectNumber,
+        }
+    )
     generic.to_parquet(tmp_path / "objs.parquet")
     p = _params(raw, tmp_path / "out", objects=str(tmp_path / "objs.parquet"))
     plan = plan_ingest(p)
@@ -271,8 +326,10 @@ def test_bad_object_tables(raw, tmp_path):
     with pytest.raises(IngestError, match="ingest.objects not found"):
         plan_ingest(_params(raw, tmp_path / "out", objects=str(tmp_path / "missing.csv")))
     # a field without rows is a reject; rows of no field are a note
-    plan = plan_with(pd.concat([nuc[nuc.ImageNumber != 1], nuc.iloc[:1].assign(ImageNumber=42)]),
-                     objects_images=img)
+    plan = plan_with(
+        pd.concat([nuc[nuc.ImageNumber != 1], nuc.iloc[:1].assign(ImageNumber=42)]),
+        objects_images=img,
+    )
     assert [r["code"] for r in _fov_rejects(plan)] == ["no-objects"]
     assert any("1 of" in n and "name no field" in n for n in plan["notes"])
     # centres outside the image (x and y in microns, say): the field is rejected with the reason
@@ -300,16 +357,26 @@ def test_ingest_from_masks_and_from_table_give_the_same_cells(ray_local, raw, tm
     truth = _truth(raw)
     runs = {
         "masks": ["ingest.masks=" + str(raw / "images")],
-        "table": ["ingest.objects=" + str(raw / "Nuclei.csv"),
-                  "ingest.objects_images=" + str(raw / "Image.csv")],
+        "table": [
+            "ingest.objects=" + str(raw / "Nuclei.csv"),
+            "ingest.objects_images=" + str(raw / "Image.csv"),
+        ],
     }
     for name, sets in runs.items():
         out = tmp_path / name
-        cfg = load_config(None, [f"ingest.input={raw / 'images'}", f"ingest.out={out}",
-                                 f"ingest.platemap={raw / 'platemap.csv'}",
-                                 f"ingest.pattern={DEFAULT_PATTERN}",
-                                 "ingest.channels=[nucleus, cytoplasm]", "ingest.crop_size=32",
-                                 "ray.progress=false", *sets])
+        cfg = load_config(
+            None,
+            [
+                f"ingest.input={raw / 'images'}",
+                f"ingest.out={out}",
+                f"ingest.platemap={raw / 'platemap.csv'}",
+                f"ingest.pattern={DEFAULT_PATTERN}",
+                "ingest.channels=[nucleus, cytoplasm]",
+                "ingest.crop_size=32",
+                "ray.progress=false",
+                *sets,
+            ],
+        )
         s = run_ingest(cfg)
         assert s["n_fovs_with_cells"] == 4 and s["n_cells"] == len(truth), (name, s)
         # the PNG masks beside the images are masks, not files to reject; for the table run they
@@ -319,8 +386,16 @@ def test_ingest_from_masks_and_from_table_give_the_same_cells(ray_local, raw, tm
         t = pa.concat_tables([ds.read_shard(f) for f in ds.shard_paths]).to_pandas()
         fid = t[K.CELL_ID].str.rsplit("-c", n=1).str[0]
         _assert_same_cells(
-            pd.DataFrame({"fov_id": fid, "label": object_numbers(pa.array(t[K.CELL_ID])).to_numpy(),
-                          "y": t[K.CENTROID_Y], "x": t[K.CENTROID_X]}), truth)
+            pd.DataFrame(
+                {
+                    "fov_id": fid,
+                    "label": object_numbers(pa.array(t[K.CELL_ID])).to_numpy(),
+                    "y": t[K.CENTROID_Y],
+                    "x": t[K.CENTROID_X],
+                }
+            ),
+            truth,
+        )
         if name == "table":
             assert set(t["ImageNumber"]) == {"1", "2", "3", "4"}
 
@@ -335,26 +410,45 @@ def test_image_table_with_file_names_repeated_across_plates(tmp_path):
             plane = np.zeros((40, 40), np.uint16)
             tifffile.imwrite(d / f"r01c01f01p01-ch{ch}sk1fk1fl1.tiff", plane)
     name = "r01c01f01p01-ch1sk1fk1fl1.tiff"
-    pd.DataFrame({"ImageNumber": [1, 2], "FileName_DNA": [name, name],
-                  "Metadata_Plate": ["P2", "P1"]}).to_csv(tmp_path / "Image.csv", index=False)
-    pd.DataFrame({"ImageNumber": [1, 2], "ObjectNumber": [3, 4], "Location_Center_X": [9.0, 20.0],
-                  "Location_Center_Y": [11.0, 30.0]}).to_csv(tmp_path / "Nuclei.csv", index=False)
-    sets = [f"ingest.input={root}", f"ingest.out={tmp_path / 'o'}", "ingest.preset=phenix",
-            f"ingest.objects={tmp_path / 'Nuclei.csv'}",
-            f"ingest.objects_images={tmp_path / 'Image.csv'}"]
+    pd.DataFrame(
+        {"ImageNumber": [1, 2], "FileName_DNA": [name, name], "Metadata_Plate": ["P2", "P1"]}
+    ).to_csv(tmp_path / "Image.csv", index=False)
+    pd.DataFrame(
+        {
+            "ImageNumber": [1, 2],
+            "ObjectNumber": [3, 4],
+            "Location_Center_X": [9.0, 20.0],
+            "Location_Center_Y": [11.0, 30.0],
+        }
+    ).to_csv(tmp_path / "Nuclei.csv", index=False)
+    sets = [
+        f"ingest.input={root}",
+        f"ingest.out={tmp_path / 'o'}",
+        "ingest.preset=phenix",
+        f"ingest.objects={tmp_path / 'Nuclei.csv'}",
+        f"ingest.objects_images={tmp_path / 'Image.csv'}",
+    ]
     plan = plan_ingest(dataclasses.asdict(load_config(None, sets).ingest))
-    got = {f["meta"]["plate"]: (f["meta"]["ImageNumber"], f["objects"]["ids"])
-           for f in plan["fovs"]}
+    got = {
+        f["meta"]["plate"]: (f["meta"]["ImageNumber"], f["objects"]["ids"]) for f in plan["fovs"]
+    }
     assert got == {"P2": ("1", [3]), "P1": ("2", [4])}
     # without the metadata column, PathName's folders decide (an s3:// copy of the same layout)
-    pd.DataFrame({"ImageNumber": [1, 2], "FileName_DNA": [name, name],
-                  "PathName_DNA": ["s3://bucket/P1/Images/", "s3://bucket/P2/Images"]}).to_csv(
-        tmp_path / "Image.csv", index=False)
+    pd.DataFrame(
+        {
+            "ImageNumber": [1, 2],
+            "FileName_DNA": [name, name],
+            "PathName_DNA": ["s3://bucket/P1/Images/", "s3://bucket/P2/Images"],
+        }
+    ).to_csv(tmp_path / "Image.csv", index=False)
     plan = plan_ingest(dataclasses.asdict(load_config(None, sets).ingest))
-    assert {f["meta"]["plate"]: f["meta"]["ImageNumber"] for f in plan["fovs"]} == {"P1": "1",
-                                                                                     "P2": "2"}
+    assert {f["meta"]["plate"]: f["meta"]["ImageNumber"] for f in plan["fovs"]} == {
+        "P1": "1",
+        "P2": "2",
+    }
     # with neither, a one-line error
     pd.DataFrame({"ImageNumber": [1, 2], "FileName_DNA": [name, name]}).to_csv(
-        tmp_path / "Image.csv", index=False)
+        tmp_path / "Image.csv", index=False
+    )
     with pytest.raises(IngestError, match="ImageNumber 1 names files of several fields"):
         plan_ingest(dataclasses.asdict(load_config(None, sets).ingest))

@@ -222,7 +222,14 @@ def scaled_raw(tmp_path_factory) -> Path:
     """Six small uint16 fields on one plate; one rewritten as uint32 x1000, one as float [0, 1]."""
     root = tmp_path_factory.mktemp("scale") / "raw"
     write_synthetic_raw(
-        root, seed=5, n_batches=1, n_lines=2, wells=3, fields=2, fov_size=128, cells_per_fov=8,
+        root,
+        seed=5,
+        n_batches=1,
+        n_lines=2,
+        wells=3,
+        fields=2,
+        fov_size=128,
+        cells_per_fov=8,
         n_z=1,
     )
     d = root / "images" / "batch00"
@@ -347,8 +354,15 @@ def test_bad_scale_check_options_are_one_line_errors(tmp_path, capsys):
     from raycell.__main__ import main
 
     _touch_layout(tmp_path, wells=2, fields=1)
-    base = ["ingest", "--set", f"ingest.input={tmp_path / 'images'}", "--set",
-            f"ingest.out={tmp_path / 'o'}", "--set", f"ingest.pattern={DEFAULT_PATTERN}"]
+    base = [
+        "ingest",
+        "--set",
+        f"ingest.input={tmp_path / 'images'}",
+        "--set",
+        f"ingest.out={tmp_path / 'o'}",
+        "--set",
+        f"ingest.pattern={DEFAULT_PATTERN}",
+    ]
     assert main(base + ["--set", "ingest.scale_check=maybe"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ingest.scale_check" in err and "'separate'" in err

@@ -26,8 +26,10 @@ from raycell.ingest.sources import IngestError
 
 def _params(root: Path, **ingest) -> dict:
     sets = [f"ingest.input={root}", f"ingest.out={root.parent / 'out'}", "ingest.pattern="]
-    sets += [f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
-             for k, v in ingest.items()]
+    sets += [
+        f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
+        for k, v in ingest.items()
+    ]
     return dataclasses.asdict(load_config(None, sets).ingest)
 
 
@@ -37,8 +39,9 @@ def _img(path: Path, value: int) -> None:
 
 
 def _summary(plan: dict) -> dict:
-    return {f["fov_id"]: (f["meta"], [(x["channel"], x["z"]) for x in f["files"]])
-            for f in plan["fovs"]}
+    return {
+        f["fov_id"]: (f["meta"], [(x["channel"], x["z"]) for x in f["files"]]) for f in plan["fovs"]
+    }
 
 
 def test_phenix_operetta_names(tmp_path):
@@ -58,7 +61,11 @@ def test_phenix_operetta_names(tmp_path):
         assert meta == {"plate": plate, "well": "B03", "field": "01", "timepoint": "1"}
         assert {f["meta"]["well"] for f in plan["fovs"]} == {"B03", "B04"}
         assert [(x["channel"], x["z"]) for x in plan["fovs"][0]["files"]] == [
-            ("1", "01"), ("1", "02"), ("2", "01"), ("2", "02")]
+            ("1", "01"),
+            ("1", "02"),
+            ("2", "01"),
+            ("2", "02"),
+        ]
     img, _ = imio.load_fov_image(plan["fovs"][0], ["1", "2"], "max")
     assert img.shape == (2, 24, 20) and img[:, 0, 0].tolist() == [12, 22]
 
@@ -77,8 +84,12 @@ def test_imagexpress_names_with_and_without_folders(tmp_path):
     assert len(plan["fovs"]) == 4
     assert [r["code"] for r in plan["rejects"]] == ["no-match"]  # the thumbnail, named
     assert "thumb" in plan["rejects"][0]["files"]
-    assert plan["fovs"][0]["meta"] == {"plate": "plate7", "timepoint": "1", "well": "A01",
-                                       "field": "1"}
+    assert plan["fovs"][0]["meta"] == {
+        "plate": "plate7",
+        "timepoint": "1",
+        "well": "A01",
+        "field": "1",
+    }
     assert plan["channels"]["values"] == ["1", "2", "3"]
     assert [x["z"] for x in plan["fovs"][0]["files"]][:2] == ["1", "2"]
     # a single-site plate in one folder: no _s, no UUID, no TimePoint folder
@@ -100,8 +111,11 @@ def test_cellinsight_names(tmp_path):
     for name in ("cellinsight", "arrayscan", "cellprofiler"):
         plan = plan_ingest(_params(root, preset=name))
         assert len(plan["fovs"]) == 4 and not plan["rejects"]
-        assert plan["fovs"][0]["meta"] == {"plate": "AS_09125_050116030001", "well": "A01",
-                                           "field": "00"}
+        assert plan["fovs"][0]["meta"] == {
+            "plate": "AS_09125_050116030001",
+            "well": "A01",
+            "field": "00",
+        }
         assert plan["channels"]["values"] == ["0", "1", "2"]
 
 
@@ -122,16 +136,30 @@ def _jump_tree(tmp_path: Path) -> tuple[Path, Path]:
         rows = []
         for well, (r, c) in {"A01": (1, 1), "B02": (2, 2)}.items():
             for site in (1, 2):
-                row = {"Metadata_Source": "source_4", "Metadata_Batch": "2020_11_04_CPJUMP1",
-                       "Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": str(site)}
+                row = {
+                    "Metadata_Source": "source_4",
+                    "Metadata_Batch": "2020_11_04_CPJUMP1",
+                    "Metadata_Plate": plate,
+                    "Metadata_Well": well,
+                    "Metadata_Site": str(site),
+                }
                 for k, ch in enumerate(channels, start=1):
                     name = f"r{r:02d}c{c:02d}f{site:02d}p01-ch{k}sk1fk1fl1.tiff"
-                    _img(root / "2020_11_04_CPJUMP1" / "images" / f"{plate}__2020-11-05" / "Images"
-                         / name, 100 * p_i + k)
+                    _img(
+                        root
+                        / "2020_11_04_CPJUMP1"
+                        / "images"
+                        / f"{plate}__2020-11-05"
+                        / "Images"
+                        / name,
+                        100 * p_i + k,
+                    )
                     row[f"FileName_Orig{ch}"] = name
-                    row[f"PathName_Orig{ch}"] = (f"s3://cellpainting-gallery/cpg0000/source_4/images/"
-                                                 f"2020_11_04_CPJUMP1/images/{plate}__2020-11-05/"
-                                                 "Images/")
+                    row[f"PathName_Orig{ch}"] = (
+                        f"s3://cellpainting-gallery/cpg0000/source_4/images/"
+                        f"2020_11_04_CPJUMP1/images/{plate}__2020-11-05/"
+                        "Images/"
+                    )
                     row[f"FileName_Illum{ch}"] = f"{plate}_Illum{ch}.npy"
                 rows.append(row)
         (csvs / plate).mkdir(parents=True)
@@ -145,8 +173,13 @@ def test_jump_load_data_csvs(tmp_path):
     assert len(plan["fovs"]) == 8 and not plan["rejects"]
     assert plan["channels"]["values"] == ["AGP", "DNA", "ER", "Mito", "RNA"]
     by_id = {f["fov_id"]: f for f in plan["fovs"]}
-    f = next(f for f in by_id.values() if f["meta"]["plate"] == "BR00116992"
-             and f["meta"]["well"] == "B02" and f["meta"]["field"] == "2")
+    f = next(
+        f
+        for f in by_id.values()
+        if f["meta"]["plate"] == "BR00116992"
+        and f["meta"]["well"] == "B02"
+        and f["meta"]["field"] == "2"
+    )
     assert f["meta"]["batch"] == "2020_11_04_CPJUMP1" and f["row"]["batch"] == "2020_11_04_CPJUMP1"
     # the same file name exists under both plates: each field reads its own plate's copy
     assert all("BR00116992__" in x["path"] for x in f["files"])
@@ -154,8 +187,9 @@ def test_jump_load_data_csvs(tmp_path):
     assert img[:, 0, 0].tolist() == [101, 102]
     # load_data alone (no preset) and the CSVs found under ingest.input work the same
     assert len(plan_ingest(_params(root, load_data=str(csvs)))["fovs"]) == 8
-    (root / "load_data.csv").write_text((csvs / "BR00116991" / "load_data_with_illum.csv")
-                                        .read_text())
+    (root / "load_data.csv").write_text(
+        (csvs / "BR00116991" / "load_data_with_illum.csv").read_text()
+    )
     assert len(plan_ingest(_params(root, preset="jump"))["fovs"]) == 4
 
 

@@ -22,7 +22,7 @@ from raycell.ingest import ome
 from raycell.ingest.fov import fov_result
 from raycell.ingest.plan import plan_ingest
 
-PLAIN = (r"(?P<plate>[^_/]+)_(?P<well>[A-P]\d{2})_s(?P<field>\d+)_(?P<channel>[a-z]+)_z0\.tif$")
+PLAIN = r"(?P<plate>[^_/]+)_(?P<well>[A-P]\d{2})_s(?P<field>\d+)_(?P<channel>[a-z]+)_z0\.tif$"
 OME_TIFF = r"(?P<plate>[^_/]+)_(?P<well>[A-P]\d{2})_s(?P<field>\d+)\.ome\.tif$"
 
 
@@ -32,40 +32,74 @@ def trees(tmp_path_factory) -> dict[str, Path]:
     from ome_zarr.writer import write_image, write_plate_metadata, write_well_metadata
 
     base = tmp_path_factory.mktemp("ome")
-    write_synthetic_raw(base / "raw", seed=2, n_batches=1, n_lines=2, wells=2, fields=2,
-                        fov_size=128, cells_per_fov=8, effects="basic", n_z=1)
+    write_synthetic_raw(
+        base / "raw",
+        seed=2,
+        n_batches=1,
+        n_lines=2,
+        wells=2,
+        fields=2,
+        fov_size=128,
+        cells_per_fov=8,
+        effects="basic",
+        n_z=1,
+    )
     plain = base / "raw" / "images" / "batch00"
     tif, zarr_root = base / "ome_tiff", base / "ome_zarr"
     tif.mkdir()
     fields = sorted({f.name.rsplit("_", 2)[0] for f in plain.glob("*.tif")})  # SYN00_A01_s0
     plate = zarr.open_group(zarr_root / "SYN00.zarr", mode="w")
     wells = sorted({f.split("_")[1] for f in fields})
-    write_plate_metadata(plate, ["A"], [str(int(w[1:])) for w in wells],
-                         [f"A/{int(w[1:])}" for w in wells])
+    write_plate_metadata(
+        plate, ["A"], [str(int(w[1:])) for w in wells], [f"A/{int(w[1:])}" for w in wells]
+    )
     for name in fields:
         _, well, site = name.split("_")
-        czyx = np.stack([tifffile.imread(plain / f"{name}_{c}_z0.tif")
-                         for c in ("nucleus", "cytoplasm")])[:, None]
-        tifffile.imwrite(tif / f"{name}.ome.tif", czyx, ome=True,
-                         metadata={"axes": "CZYX", "PhysicalSizeX": 0.65, "PhysicalSizeY": 0.65,
-                                   "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
+        czyx = np.stack(
+            [tifffile.imread(plain / f"{name}_{c}_z0.tif") for c in ("nucleus", "cytoplasm")]
+        )[:, None]
+        tifffile.imwrite(
+            tif / f"{name}.ome.tif",
+            czyx,
+            ome=True,
+            metadata={
+                "axes": "CZYX",
+                "PhysicalSizeX": 0.65,
+                "PhysicalSizeY": 0.65,
+                "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeYUnit": "µm",
+            },
+        )
         well_group = plate.require_group(f"A/{int(well[1:])}")
         field = well_group.require_group(site[1:])
-        write_image(czyx, field, axes="czyx", scale_factors=[2],
-                    scale={"c": 1.0, "z": 1.0, "y": 0.65, "x": 0.65},
-                    axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"})
+        write_image(
+            czyx,
+            field,
+            axes="czyx",
+            scale_factors=[2],
+            scale={"c": 1.0, "z": 1.0, "y": 0.65, "x": 0.65},
+            axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"},
+        )
     for well in wells:
         write_well_metadata(plate[f"A/{int(well[1:])}"], ["0", "1"])
     return {"plain": plain, "ome_tiff": tif, "ome_zarr": zarr_root}
 
 
 def _params(root: Path, **ingest) -> dict:
-    sets = [f"ingest.input={root}", f"ingest.out={root.parent / 'out'}",
-            "ingest.normalization=per-image", "ingest.crop_size=32", "ingest.diameter=10",
-            "ingest.channel_names=[nucleus, cytoplasm]", "ingest.cytoplasm_channel=cytoplasm",
-            "ray.progress=false"]
-    sets += [f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
-             for k, v in ingest.items()]
+    sets = [
+        f"ingest.input={root}",
+        f"ingest.out={root.parent / 'out'}",
+        "ingest.normalization=per-image",
+        "ingest.crop_size=32",
+        "ingest.diameter=10",
+        "ingest.channel_names=[nucleus, cytoplasm]",
+        "ingest.cytoplasm_channel=cytoplasm",
+        "ray.progress=false",
+    ]
+    sets += [
+        f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
+        for k, v in ingest.items()
+    ]
     return dataclasses.asdict(load_config(None, sets).ingest)
 
 
@@ -126,9 +160,17 @@ def test_ome_zarr_ingest_records_the_pixel_size(ray_local, trees, tmp_path):
     from raycell.formats.shards import open_dataset
     from raycell.ingest.driver import run_ingest
 
-    cfg = load_config(None, [f"ingest.input={trees['ome_zarr']}", f"ingest.out={tmp_path / 'o'}",
-                             "ingest.preset=ome-zarr", "ingest.crop_size=32", "ray.progress=false",
-                             "ingest.channel_names=[nucleus, cytoplasm]"])
+    cfg = load_config(
+        None,
+        [
+            f"ingest.input={trees['ome_zarr']}",
+            f"ingest.out={tmp_path / 'o'}",
+            "ingest.preset=ome-zarr",
+            "ingest.crop_size=32",
+            "ray.progress=false",
+            "ingest.channel_names=[nucleus, cytoplasm]",
+        ],
+    )
     s = run_ingest(cfg)
     assert s["n_fovs_with_cells"] == 4 and s["n_cells"] > 10
     px = open_dataset(tmp_path / "o").manifest["ingest"]["pixel_size"]

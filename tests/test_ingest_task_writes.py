@@ -24,8 +24,18 @@ from raycell.formats.shards import ShardWriter, open_dataset
 
 # what the manifest says about the cells (not when or by whom it was made, nor its shard list)
 CELL_KEYS = (
-    "n_cells", "channel_names", "channels", "crop_size", "dtype", "label_vocab", "batch_vocab",
-    "group_vocab", "weak_label_columns", "counts_per_split", "counts_per_batch", "channel_stats",
+    "n_cells",
+    "channel_names",
+    "channels",
+    "crop_size",
+    "dtype",
+    "label_vocab",
+    "batch_vocab",
+    "group_vocab",
+    "weak_label_columns",
+    "counts_per_split",
+    "counts_per_batch",
+    "channel_stats",
 )
 
 
@@ -51,7 +61,14 @@ def raw(tmp_path_factory) -> tuple[Path, Path]:
     truncated file (unreadable) and one empty field (no-cells). Returns (images, plate map)."""
     root = tmp_path_factory.mktemp("tw") / "raw"
     write_synthetic_raw(
-        root, seed=3, n_batches=2, n_lines=4, wells=2, fields=2, fov_size=160, cells_per_fov=10,
+        root,
+        seed=3,
+        n_batches=2,
+        n_lines=4,
+        wells=2,
+        fields=2,
+        fov_size=160,
+        cells_per_fov=10,
         effects="basic",
     )
     src = root / "images"
@@ -173,11 +190,18 @@ def test_lost_task_shard_is_left_out_and_no_crop_reaches_the_driver(
 
 
 def _meta(fid: str, n: int) -> pd.DataFrame:
-    return pd.DataFrame({
-        K.CELL_ID: [f"{fid}-c{i:05d}" for i in range(1, n + 1)],
-        K.BATCH: "b0", K.LABEL: "x", K.PLATE: "p", K.WELL: "A01", K.FIELD: "0",
-        K.CENTROID_Y: 1.0, K.CENTROID_X: 2.0,
-    })
+    return pd.DataFrame(
+        {
+            K.CELL_ID: [f"{fid}-c{i:05d}" for i in range(1, n + 1)],
+            K.BATCH: "b0",
+            K.LABEL: "x",
+            K.PLATE: "p",
+            K.WELL: "A01",
+            K.FIELD: "0",
+            K.CENTROID_Y: 1.0,
+            K.CENTROID_X: 2.0,
+        }
+    )
 
 
 def test_task_shards_named_by_first_field_and_split_by_rows(tmp_path):
@@ -206,19 +230,40 @@ def test_crop_batch_rows_carry_no_crops(tmp_path, monkeypatch):
     def fake(fov, p, ch, stats):
         fid = fov["fov_id"]
         if fid == "bad":
-            return {"fov_id": fid, "status": "rejected", "code": "no-cells", "reason": "none",
-                    "n_cells": 0, "info": "{}"}, None, None
+            return (
+                {
+                    "fov_id": fid,
+                    "status": "rejected",
+                    "code": "no-cells",
+                    "reason": "none",
+                    "n_cells": 0,
+                    "info": "{}",
+                },
+                None,
+                None,
+            )
         row = {"fov_id": fid, "status": "ok", "code": "", "reason": "", "n_cells": 2, "info": "{}"}
         return row, np.ones((2, 2, 8, 8), np.uint8), _meta(fid, 2)
 
     monkeypatch.setattr(F, "fov_result", fake)
-    batch = pa.table({
-        "fov_id": ["a", "bad", "c"], "index": [7, 8, 9],
-        "record": [json.dumps({"fov_id": f}) for f in ("a", "bad", "c")],
-    })
+    batch = pa.table(
+        {
+            "fov_id": ["a", "bad", "c"],
+            "index": [7, 8, 9],
+            "record": [json.dumps({"fov_id": f}) for f in ("a", "bad", "c")],
+        }
+    )
     t = F.crop_batch(batch, {}, {}, None, out=str(tmp_path), rows_per_shard=100)
-    assert t.column_names == ["fov_id", "status", "code", "reason", "info", "n_cells", "task",
-                              "parts"]
+    assert t.column_names == [
+        "fov_id",
+        "status",
+        "code",
+        "reason",
+        "info",
+        "n_cells",
+        "task",
+        "parts",
+    ]
     assert t.column("task").to_pylist() == [7, 7, 7]
     assert t.column("n_cells").to_pylist() == [2, 0, 2]
     blobs = t.column("parts").to_pylist()

@@ -44,8 +44,13 @@ def held_by_another_process(out: Path):
             sys.stdin.read()
     """)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert p.stdout.readline().strip() == "ready"
         yield p.pid
@@ -93,19 +98,43 @@ def test_second_writer_refuses_while_the_first_lives(tmp_path):
 def test_only_a_dead_writers_lock_is_a_leftover(tmp_path):
     out = tmp_path / "out"
     path = lock_path(out)
-    path.write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename,
-                                "started": "2026-01-01T00:00:00", "command": "raycell ingest"}))
+    path.write_text(
+        json.dumps(
+            {
+                "pid": _dead_pid(),
+                "host": os.uname().nodename,
+                "started": "2026-01-01T00:00:00",
+                "command": "raycell ingest",
+            }
+        )
+    )
     with writing(out):
         assert read_lock(path).pid == os.getpid()
     # a live pid whose start time differs from the record: the pid was recycled, the run is gone
-    path.write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename,
-                                "started": "2026-01-01T00:00:00", "command": "raycell ingest",
-                                "proc_start": "1"}))
+    path.write_text(
+        json.dumps(
+            {
+                "pid": os.getppid(),
+                "host": os.uname().nodename,
+                "started": "2026-01-01T00:00:00",
+                "command": "raycell ingest",
+                "proc_start": "1",
+            }
+        )
+    )
     with writing(out):
         assert read_lock(path).pid == os.getpid()
     # another host's lock is never judged from here: refused, naming the file to delete
-    path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00",
-                                "command": "raycell ingest"}))
+    path.write_text(
+        json.dumps(
+            {
+                "pid": 1,
+                "host": "elsewhere",
+                "started": "2026-01-01T00:00:00",
+                "command": "raycell ingest",
+            }
+        )
+    )
     with pytest.raises(BusyError, match=f"on host elsewhere .*delete {path}"):
         with writing(out):
             pass
@@ -182,12 +211,26 @@ def _checkpoint(tiny_data: Path, tmp_path: Path) -> Path:
     spec = DataSpec.from_dataset(ds)
     torch.manual_seed(0)
     seen = tuple(f"batch{i:02d}" for i in range(6))
-    model = create_model("conventional", in_channels=spec.shape[0], n_classes=2,
-                         n_batches=len(seen), preset="tiny", image_size=spec.shape[1])
+    model = create_model(
+        "conventional",
+        in_channels=spec.shape[0],
+        n_classes=2,
+        n_batches=len(seen),
+        preset="tiny",
+        image_size=spec.shape[1],
+    )
     labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
-    return save_checkpoint(tmp_path / "run" / "checkpoint", model, None, epoch=0, spec=spec,
-                           labels=labels, batches=CategoryMap(K.BATCH, seen), config={},
-                           metrics={})
+    return save_checkpoint(
+        tmp_path / "run" / "checkpoint",
+        model,
+        None,
+        epoch=0,
+        spec=spec,
+        labels=labels,
+        batches=CategoryMap(K.BATCH, seen),
+        config={},
+        metrics={},
+    )
 
 
 def test_split_of_a_data_set_being_written_refuses(tiny_data, tmp_path, capsys):

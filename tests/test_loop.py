@@ -18,9 +18,14 @@ def _ctx(cfg, tmp_path, resume=None, labels=None):
     setup, ds = training_setup(cfg)
     if labels is not None:
         setup["labels"] = labels
-    col = CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
-                      CategoryMap.from_dict(setup["batches"]))
-    return LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path, resume=resume), setup
+    col = CropCollate(
+        DataSpec.from_dict(setup["data_spec"]),
+        CategoryMap.from_dict(setup["labels"]),
+        CategoryMap.from_dict(setup["batches"]),
+    )
+    return LocalContext(
+        ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path, resume=resume
+    ), setup
 
 
 def test_training_lowers_the_loss(tiny_data, tmp_path):
@@ -31,7 +36,9 @@ def test_training_lowers_the_loss(tiny_data, tmp_path):
     assert len(h) == 4
     assert h[-1]["train_loss"] < 0.8 * h[0]["train_loss"]
     assert h[-1]["train_mse"] < 0.8 * h[0]["train_mse"]  # the reconstruction is learnt
-    assert h[-1]["val_mse"] < 1.1 * h[0]["val_mse"]  # and does not get worse on held-out cells (on 480
+    assert (
+        h[-1]["val_mse"] < 1.1 * h[0]["val_mse"]
+    )  # and does not get worse on held-out cells (on 480
     # cells and 4 epochs val_mse barely moves: a strict decrease depended on package versions)
     assert all(k in h[-1] for k in ("val_auroc", "val_acc", "train_cls", "val_loss"))
 
@@ -57,7 +64,9 @@ def test_resume_continues_from_the_checkpoint(tiny_data, tmp_path):
 def test_label_outside_vocabulary_is_a_clear_error(tiny_data, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, epochs=1))
     ctx, setup = _ctx(cfg, tmp_path, labels={"column": "label", "values": ["high"]})
-    with pytest.raises(UnknownCategoryError, match="label value 'low' is not in the training vocabulary"):
+    with pytest.raises(
+        UnknownCategoryError, match="label value 'low' is not in the training vocabulary"
+    ):
         run_training(ctx, cfg, setup)
 
 
@@ -73,7 +82,9 @@ def test_loaded_checkpoint_is_the_model_that_was_saved(tiny_data, tmp_path, monk
         return save(path, model, *a, **k)
 
     monkeypatch.setattr(loop, "save_checkpoint", spy)
-    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, epochs=2) + ["train.max_steps_per_epoch=2"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_data, tmp_path, epochs=2) + ["train.max_steps_per_epoch=2"]
+    )
     ctx, setup = _ctx(cfg, tmp_path)
     run_training(ctx, cfg, setup)
     model, meta = load_checkpoint(tmp_path)  # the run folder: its latest checkpoint
@@ -113,28 +124,44 @@ def test_valbatch_metrics_and_history(tiny_valbatch_data, tmp_path):
     from raycell.formats.shards import open_dataset
     from raycell.train.history import read_history
 
-    cfg = load_config(None, tiny_overrides(tiny_valbatch_data, tmp_path, epochs=2)
-                      + ["train.max_steps_per_epoch=2", "train.composite_weight=0.5"])
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_valbatch_data, tmp_path, epochs=2)
+        + ["train.max_steps_per_epoch=2", "train.composite_weight=0.5"],
+    )
     ctx, setup = _ctx(cfg, tmp_path)
     assert setup["valbatch"]
     vb = open_dataset(tiny_valbatch_data).manifest["split_params"]["val_batches"]
-    assert vb and not set(vb) & set(setup["batches"]["values"])  # never a training batch (Z row all zero)
+    assert vb and not set(vb) & set(
+        setup["batches"]["values"]
+    )  # never a training batch (Z row all zero)
     run_training(ctx, cfg, setup, history_file=str(tmp_path / "history.jsonl"))
     h = ctx.history[-1]
-    for key in ("valbatch_auroc", "valbatch_loss", "valbatch_acc", "val_batch_probe",
-                "val_batch_probe_chance", "val_composite"):
+    for key in (
+        "valbatch_auroc",
+        "valbatch_loss",
+        "valbatch_acc",
+        "val_batch_probe",
+        "val_batch_probe_chance",
+        "val_composite",
+    ):
         assert key in h, key
     assert 0 <= h["valbatch_auroc"] <= 1 and 0 <= h["val_batch_probe"] <= 1
-    assert h["val_batch_probe_chance"] == pytest.approx(1 / len(setup["batches"]["values"]), abs=0.15)
+    assert h["val_batch_probe_chance"] == pytest.approx(
+        1 / len(setup["batches"]["values"]), abs=0.15
+    )
     assert h["val_composite"] == pytest.approx(
-        h["val_auroc"] - 0.5 * (h["val_batch_probe"] - h["val_batch_probe_chance"]))
+        h["val_auroc"] - 0.5 * (h["val_batch_probe"] - h["val_batch_probe_chance"])
+    )
     assert h["valbatch_loss"] != h["val_loss"]
     rec = read_history(tmp_path / "history.jsonl")
     assert [r["epoch"] for r in rec] == [0, 1] and rec[-1]["valbatch_auroc"] == h["valbatch_auroc"]
 
 
 def test_no_valbatch_split_no_valbatch_metrics(tiny_data, tmp_path):
-    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, epochs=1) + ["train.max_steps_per_epoch=2"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_data, tmp_path, epochs=1) + ["train.max_steps_per_epoch=2"]
+    )
     ctx, setup = _ctx(cfg, tmp_path)
     assert not setup["valbatch"]
     run_training(ctx, cfg, setup)
@@ -206,7 +233,9 @@ def test_streamed_training_split_reads_ahead_a_bounded_amount():
 
     cfg = load_config(None, ["data.stream_buffer_mb=100", "scaling.num_workers=3"])
     opts = stream_options(cfg, held=False)
-    assert set(opts) == {"train"}  # validation keeps Ray's defaults (a bound throttled its read tasks)
+    assert set(opts) == {
+        "train"
+    }  # validation keeps Ray's defaults (a bound throttled its read tasks)
     assert opts["train"].resource_limits.object_store_memory == 300 * 2**20
     assert stream_options(cfg, held=True) is None  # materialised splits are in the store already
     assert stream_options(load_config(None, ["data.stream_buffer_mb=0"]), held=False) is None
@@ -217,19 +246,26 @@ def test_streamed_training_split_reads_ahead_a_bounded_amount():
 def test_sliced_cuts_big_batches_into_views_and_drops_the_short_tail():
     from raycell.data.dataset import sliced
 
-    big = [{"x": torch.arange(10).reshape(10, 1), "y": torch.arange(10)},
-           {"x": torch.arange(10, 17).reshape(7, 1), "y": torch.arange(10, 17)}]
+    big = [
+        {"x": torch.arange(10).reshape(10, 1), "y": torch.arange(10)},
+        {"x": torch.arange(10, 17).reshape(7, 1), "y": torch.arange(10, 17)},
+    ]
     got = list(sliced(iter(big), 4, drop_last=True))
     assert [b["y"].tolist() for b in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [10, 11, 12, 13]]
-    assert got[0]["x"].untyped_storage().data_ptr() == big[0]["x"].untyped_storage().data_ptr()  # views
+    assert (
+        got[0]["x"].untyped_storage().data_ptr() == big[0]["x"].untyped_storage().data_ptr()
+    )  # views
     assert [len(b["y"]) for b in sliced(iter(big), 4, drop_last=False)] == [4, 4, 2, 4, 3]
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("fetch", [1, 4])
 def test_train_batches_from_ray_are_full_and_cover_the_split(ray_local, fetch):
-    """`data.fetch_batches`: N batches' rows per Ray batch, cut in the worker; every batch has batch_size rows,
-    no row twice, and only the last incomplete batch's rows are left out (as Ray's drop_last does)."""
+    """`data.fetch_batches`: N batches' rows per Ray batch, cut in the worker.
+
+    Every batch has batch_size rows, no row twice, and only the last incomplete batch's rows are
+    left out (as Ray's drop_last does).
+    """
     import ray.data
     from ray.data.collate_fn import ArrowBatchCollateFn
 
@@ -253,7 +289,7 @@ def test_fetch_factor_is_capped_for_large_crops():
     from raycell.data.dataset import fetch_factor
 
     spec = lambda px: DataSpec(("a", "b"), (2, px, px), "uint8")  # noqa: E731
-    assert fetch_factor(4, 64, spec(64)) == 4     # 0.5 MiB per batch: fetched 4 at a time
-    assert fetch_factor(4, 64, spec(128)) == 2    # 2 MiB per batch
-    assert fetch_factor(4, 64, spec(256)) == 1    # 8 MiB per batch: no fetching ahead
+    assert fetch_factor(4, 64, spec(64)) == 4  # 0.5 MiB per batch: fetched 4 at a time
+    assert fetch_factor(4, 64, spec(128)) == 2  # 2 MiB per batch
+    assert fetch_factor(4, 64, spec(256)) == 1  # 8 MiB per batch: no fetching ahead
     assert fetch_factor(1, 64, spec(64)) == 1 and fetch_factor(4, 64, None) == 4

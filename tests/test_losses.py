@@ -24,8 +24,10 @@ def test_per_cell_ssim_matches_skimage(shape):
     x, y = _pairs(*shape, seed=sum(shape))
     win = min(7, shape[2], shape[3])
     win -= 1 - win % 2  # skimage's default: 7, or the largest odd size that fits
-    want = [structural_similarity(a, b, channel_axis=0, data_range=1.0, win_size=win)
-            for a, b in zip(x.numpy().astype(np.float64), y.numpy().astype(np.float64))]
+    want = [
+        structural_similarity(a, b, channel_axis=0, data_range=1.0, win_size=win)
+        for a, b in zip(x.numpy().astype(np.float64), y.numpy().astype(np.float64))
+    ]
     got = per_cell_ssim(x, y, data_range=1.0)
     assert got.dtype == torch.float64 and got.shape == (shape[0],)
     np.testing.assert_allclose(got.numpy(), want, atol=1e-4)
@@ -40,7 +42,9 @@ def test_per_cell_ssim_refuses_crops_below_3px():
 
 def test_per_cell_mse_matches_numpy():
     x, y = _pairs(5, 2, 8, 8, seed=0)
-    want = ((x.numpy().astype(np.float64) - y.numpy().astype(np.float64)) ** 2).reshape(5, -1).mean(1)
+    want = (
+        ((x.numpy().astype(np.float64) - y.numpy().astype(np.float64)) ** 2).reshape(5, -1).mean(1)
+    )
     np.testing.assert_allclose(per_cell_mse(x, y).numpy(), want, rtol=1e-12)
     with pytest.raises(ValueError, match="different shapes"):
         per_cell_mse(x, y[:, :1])

@@ -42,7 +42,8 @@ def _cells_once(out: Path, n: int) -> None:
         ids += pq.read_table(out / s["file"], columns=["cell_id"]).column("cell_id").to_pylist()
     assert len(ids) == n == len(set(ids))
     assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
-        Path(s["file"]).name for s in m["shards"])
+        Path(s["file"]).name for s in m["shards"]
+    )
 
 
 # ---- a full or read-only disk ---------------------------------------------------------------
@@ -88,8 +89,9 @@ def test_synth_that_cannot_fit_is_refused_before_any_work(tmp_path, capsys, monk
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("code,words", [(errno.EROFS, "read-only file system"),
-                                        (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(
+    "code,words", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")]
+)
 def test_read_only_or_forbidden_export_is_one_line(tmp_path, capsys, monkeypatch, code, words):
     import anndata
     from test_output_safety import _embeddings
@@ -108,16 +110,20 @@ def test_read_only_or_forbidden_export_is_one_line(tmp_path, capsys, monkeypatch
 
 
 def test_library_and_ray_wrapped_disk_errors_are_recognised():
-    h5 = OSError("Can't write data (file write failed: time = Mon, filename = "
-                 "'/data/x/cells.h5ad', file descriptor = 5, errno = 28, error message = 'No "
-                 "space left on device')")
+    h5 = OSError(
+        "Can't write data (file write failed: time = Mon, filename = "
+        "'/data/x/cells.h5ad', file descriptor = 5, errno = 28, error message = 'No "
+        "space left on device')"
+    )
     assert "no space left on the device at /data/x" in str(environment_problem(h5))
 
     class RayTaskError(RuntimeError):
         pass
 
-    remote = RayTaskError("ray::map() (pid=1)\n  File ...\nOSError: [Errno 30] Read-only file "
-                          "system: '/mnt/ro/preds/shards/part-00000.parquet'")
+    remote = RayTaskError(
+        "ray::map() (pid=1)\n  File ...\nOSError: [Errno 30] Read-only file "
+        "system: '/mnt/ro/preds/shards/part-00000.parquet'"
+    )
     assert "read-only file system at /mnt/ro/preds/shards" in str(environment_problem(remote))
     assert environment_problem(ValueError("a bug")) is None
 
@@ -146,8 +152,10 @@ def test_interrupt_is_one_line_and_its_exit_status(capsys, monkeypatch, exc, sta
     monkeypatch.setattr("raycell.utils.ray_utils.init_ray", lambda *a, **k: None)
     monkeypatch.setattr("raycell.utils.ray_utils.keep_native_logs_off_terminal", lambda: None)
     assert main(["embed", "--checkpoint", "x"]) == status
-    assert _err_line(capsys) == "raycell: interrupted; re-run the same command to resume " \
-                                "(finished shards are kept)"
+    assert (
+        _err_line(capsys) == "raycell: interrupted; re-run the same command to resume "
+        "(finished shards are kept)"
+    )
 
 
 def test_graceful_lets_the_caller_stop_then_raises():
@@ -166,12 +174,27 @@ def test_graceful_lets_the_caller_stop_then_raises():
 def test_signal_during_synth(tmp_path, sig, status):
     out = tmp_path / "synth"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    argv = [sys.executable, "-m", "raycell", "synth", "--out", str(out), "--set",
-            "synth.n_cells=20000", *SYNTH]
+    argv = [
+        sys.executable,
+        "-m",
+        "raycell",
+        "synth",
+        "--out",
+        str(out),
+        "--set",
+        "synth.n_cells=20000",
+        *SYNTH,
+    ]
     # a shell that starts the suite in the background ignores SIGINT, and a child inherits that
     # (Python then installs no KeyboardInterrupt handler): give the child Ctrl-C as a terminal would
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 240
     while time.time() < deadline and p.poll() is None:  # wait until shards are being written
         if any(tmp_path.glob("synth.partial-*/shards/part-*.parquet")):
@@ -182,8 +205,10 @@ def test_signal_during_synth(tmp_path, sig, status):
     _, err = p.communicate(timeout=120)
     assert p.returncode == status, err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == ("raycell: interrupted; re-run the same command to "
-                                            "start again (nothing earlier was replaced)")
+    assert err.strip().splitlines()[-1] == (
+        "raycell: interrupted; re-run the same command to "
+        "start again (nothing earlier was replaced)"
+    )
     assert not out.exists()
 
 
@@ -243,8 +268,9 @@ def test_iou_outside_0_1_is_refused(capsys, iou):
     assert "the IoU threshold must be in (0, 1]" in _err_line(capsys)
 
 
-@pytest.mark.parametrize("column,words", [("centroid_x", "continuous numbers"),
-                                          ("cell_id", "nearly one value per cell")])
+@pytest.mark.parametrize(
+    "column,words", [("centroid_x", "continuous numbers"), ("cell_id", "nearly one value per cell")]
+)
 def test_a_head_that_is_not_a_category_is_refused(tiny_data, column, words):
     from raycell.config import ConfigError, load_config
     from raycell.formats.shards import open_dataset
@@ -258,14 +284,18 @@ def test_a_head_that_is_not_a_category_is_refused(tiny_data, column, words):
     assert len(weak_label_heads(cfg, open_dataset(tiny_data))[0]) == 2  # a real category passes
 
 
-@pytest.mark.parametrize("model_type,labels,batches,warned", [
-    ("conventional", ["a", "a"], ["b1", "b2"], ["one label class ('a')"]),
-    ("adversarial", ["a", "b"], ["b1", "b1"], ["one imaging batch ('b1')"]),
-    ("conventional", ["a", "b"], ["b1", "b1"], []),  # no batch terms: one batch is fine
-    ("mixedeffects", ["a", "a"], ["b1", "b1"], ["one label class", "one imaging batch"]),
-])
-def test_a_train_split_that_cannot_teach_is_warned(capsys, tmp_path, model_type, labels, batches,
-                                                   warned):
+@pytest.mark.parametrize(
+    "model_type,labels,batches,warned",
+    [
+        ("conventional", ["a", "a"], ["b1", "b2"], ["one label class ('a')"]),
+        ("adversarial", ["a", "b"], ["b1", "b1"], ["one imaging batch ('b1')"]),
+        ("conventional", ["a", "b"], ["b1", "b1"], []),  # no batch terms: one batch is fine
+        ("mixedeffects", ["a", "a"], ["b1", "b1"], ["one label class", "one imaging batch"]),
+    ],
+)
+def test_a_train_split_that_cannot_teach_is_warned(
+    capsys, tmp_path, model_type, labels, batches, warned
+):
     import pyarrow as pa
 
     from raycell.config import load_config
@@ -332,7 +362,8 @@ def test_a_full_disk_in_a_training_worker_is_one_line(tmp_path):
         def fit(self):
             raise ray.train.TrainingFailedError(
                 "Training failed.\n  File worker.py\nOSError: [Errno 28] No space left on device: "
-                f"'{tmp_path}/runs/r1/checkpoint_000001/model.pt'")
+                f"'{tmp_path}/runs/r1/checkpoint_000001/model.pt'"
+            )
 
     with pytest.raises(EnvironmentProblem, match=f"no space left on the device at {tmp_path}/runs"):
         fit_or_explain(Trainer(), load_config(None, []), tmp_path)

@@ -86,7 +86,13 @@ def test_classification_metrics():
     p = np.array([0.1, 0.6, 0.7, 0.4, 0.9, 0.2])
     r = C.classification_metrics(y, p)
     assert set(r) == {
-        "auroc", "auroc_ci_low", "auroc_ci_high", "balanced_accuracy", "f1", "accuracy", "n"
+        "auroc",
+        "auroc_ci_low",
+        "auroc_ci_high",
+        "balanced_accuracy",
+        "f1",
+        "accuracy",
+        "n",
     }
     assert r["n"] == 6
     assert r["accuracy"] == pytest.approx(4 / 6)
@@ -117,7 +123,9 @@ class R:
 
         from raycell.losses import per_cell_ssim
 
-        return per_cell_ssim(torch.from_numpy(x), torch.from_numpy(y), data_range=data_range).numpy()
+        return per_cell_ssim(
+            torch.from_numpy(x), torch.from_numpy(y), data_range=data_range
+        ).numpy()
 
     @staticmethod
     def per_cell_mse(x, y):
@@ -138,8 +146,13 @@ def test_per_cell_ssim_agrees_with_skimage(hw):
     ref = np.array(
         [
             structural_similarity(
-                x[i], y[i], channel_axis=0, data_range=1.0, gaussian_weights=False,
-                win_size=7, use_sample_covariance=True,
+                x[i],
+                y[i],
+                channel_axis=0,
+                data_range=1.0,
+                gaussian_weights=False,
+                win_size=7,
+                use_sample_covariance=True,
             )
             for i in range(len(x))
         ]
@@ -153,8 +166,13 @@ def test_per_cell_ssim_small_window_and_float32():
     y = rng.random((3, 1, 6, 6)).astype(np.float32)
     ours = R.per_cell_ssim(x, y, data_range=1.0)
     ref = [
-        structural_similarity(x[i].astype(np.float64), y[i].astype(np.float64), channel_axis=0,
-                              data_range=1.0, win_size=5)
+        structural_similarity(
+            x[i].astype(np.float64),
+            y[i].astype(np.float64),
+            channel_axis=0,
+            data_range=1.0,
+            win_size=5,
+        )
         for i in range(3)
     ]
     np.testing.assert_allclose(ours, ref, atol=1e-4)
@@ -210,8 +228,15 @@ def test_batch_metrics_direction():
     assert abs(mixed["batch_probe_acc"] - 1 / 3) < 0.1
     assert sep["batch_probe_acc"] > 0.95
     assert set(mixed) == {
-        "db", "ch", "batch_silhouette", "ilisi", "ilisi_norm", "batch_probe_acc",
-        "batch_probe_chance", "label_silhouette", "nsb_1nn_acc",
+        "db",
+        "ch",
+        "batch_silhouette",
+        "ilisi",
+        "ilisi_norm",
+        "batch_probe_acc",
+        "batch_probe_chance",
+        "label_silhouette",
+        "nsb_1nn_acc",
     }
 
 

@@ -34,6 +34,7 @@ TOY = "toy_linear_aec"
 
 # --- the whole of a new model type: a module, a builder and its decorator (here with its own plan) -----
 
+
 class LinearAEC(nn.Module):
     """A linear autoencoder-classifier: flatten -> latent -> (sigmoid reconstruction, phenotype logit)."""
 
@@ -63,8 +64,15 @@ class ShrinkLatentPlan(TrainingPlan):
         return LossOutput(base.loss + 1e-3 * l2, {**base.terms, "latent_l2": l2})
 
 
-def linear_aec(in_channels: int, n_classes: int, n_batches: int = 1, preset: str = "tiny",
-               image_size: int = 32, output_mean: list[float] | None = None, latent_dim: int = 6):
+def linear_aec(
+    in_channels: int,
+    n_classes: int,
+    n_batches: int = 1,
+    preset: str = "tiny",
+    image_size: int = 32,
+    output_mean: list[float] | None = None,
+    latent_dim: int = 6,
+):
     return LinearAEC(in_channels, n_classes, image_size, latent_dim)
 
 
@@ -85,17 +93,23 @@ def test_a_registered_toy_type_trains_saves_infers_and_evaluates(toy_type, tiny_
     from raycell.train.trainer import check_train, training_setup
 
     # train: the same loop as every type, in-process
-    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path / "runs", epochs=3) +
-                      [f"model.type={toy_type}"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_data, tmp_path / "runs", epochs=3) + [f"model.type={toy_type}"]
+    )
     check_train(cfg)  # the driver's check accepts the new type
     setup, ds = training_setup(cfg)
-    col = CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
-                      CategoryMap.from_dict(setup["batches"]))
+    col = CropCollate(
+        DataSpec.from_dict(setup["data_spec"]),
+        CategoryMap.from_dict(setup["labels"]),
+        CategoryMap.from_dict(setup["batches"]),
+    )
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path / "run")
     run_training(ctx, cfg, setup)
     h = ctx.history
     assert h[-1]["train_loss"] < h[0]["train_loss"] and h[-1]["val_mse"] < h[0]["val_mse"]
-    assert {"train_latent_l2", "val_latent_l2", "val_auroc"} <= set(h[-1])  # the plan's own term is logged
+    assert {"train_latent_l2", "val_latent_l2", "val_auroc"} <= set(
+        h[-1]
+    )  # the plan's own term is logged
 
     # load: the checkpoint rebuilds the toy from the registry
     model, meta = load_checkpoint(tmp_path / "run")
@@ -122,11 +136,15 @@ def test_a_registered_toy_type_trains_saves_infers_and_evaluates(toy_type, tiny_
 def test_entry_carries_plan_z_and_outputs_and_duplicates_or_unknowns_raise(toy_type):
     entry = model_entry(toy_type)
     assert entry.plan is ShrinkLatentPlan and entry.uses_z is False and entry.outputs == ()
-    assert model_entry("conventional").plan is TrainingPlan  # no fallback: the default is in the entry
+    assert (
+        model_entry("conventional").plan is TrainingPlan
+    )  # no fallback: the default is in the entry
     assert model_entry("mixedeffects").uses_z and "latent_re" in model_entry("mixedeffects").outputs
     with pytest.raises(ValueError, match="registered twice"):
         register_model(toy_type)(linear_aec)
-    with pytest.raises(UnknownModelError, match=f"unknown model type 'nope'; registered: .*{toy_type}"):
+    with pytest.raises(
+        UnknownModelError, match=f"unknown model type 'nope'; registered: .*{toy_type}"
+    ):
         model_entry("nope")
     m = create_model(toy_type, in_channels=2, n_classes=2)
     assert type(build_plan(m, LossConfig(), 1e-3)) is ShrinkLatentPlan
@@ -144,8 +162,11 @@ def test_a_plan_names_the_auxiliary_network_a_model_lacks():
     register_model("toy_no_adversary", plan=AdversarialPlan, outputs=("batch_logits",))(linear_aec)
     try:
         m = create_model("toy_no_adversary", in_channels=2, n_classes=2)
-        with pytest.raises(TypeError, match=r"model type 'toy_no_adversary' lacks \['adversary', "
-                                            r"'adversary_inputs\(\) .*AdversarialPlan"):
+        with pytest.raises(
+            TypeError,
+            match=r"model type 'toy_no_adversary' lacks \['adversary', "
+            r"'adversary_inputs\(\) .*AdversarialPlan",
+        ):
             build_plan(m, LossConfig(), 1e-3, n_batches=3)
     finally:
         unregister_model("toy_no_adversary")

@@ -23,7 +23,9 @@ def test_global_gives_todays_numbers():
         xi = x % 256 if dtype == "uint8" else x
         spec = DataSpec(("a", "b"), (2, 16, 16), dtype)
         assert spec.normalize == "global"
-        assert torch.equal(spec.to_float(xi), xi.float() * (1.0 / top))  # the formula before the option
+        assert torch.equal(
+            spec.to_float(xi), xi.float() * (1.0 / top)
+        )  # the formula before the option
 
 
 def test_crop_normalises_each_crop_and_channel_to_0_1():
@@ -66,16 +68,24 @@ def test_percentiles_not_min_max_so_a_hot_pixel_does_not_set_the_scale():
     x = _crops(n=1).float()
     x[0, 0, 0, 0] = 60000.0  # one saturated speck
     y = normalize_crops(x)
-    minmax = (x - x.amin((2, 3), keepdim=True)) / (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True))
+    minmax = (x - x.amin((2, 3), keepdim=True)) / (
+        x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True)
+    )
     assert y[0, 0].median() > 0.3 and minmax[0, 0].median() < 0.06
 
 
 def test_spec_round_trip_and_old_checkpoints():
     d = CROP.to_dict()
     assert d["normalize"] == "crop" and DataSpec.from_dict(d) == CROP
-    old = {"channel_names": ["dna", "actin"], "shape": [2, 16, 16], "dtype": "uint16"}  # before the key
+    old = {
+        "channel_names": ["dna", "actin"],
+        "shape": [2, 16, 16],
+        "dtype": "uint16",
+    }  # before the key
     assert DataSpec.from_dict(old).normalize == "global" and DataSpec.from_dict(old) == SPEC
-    with pytest.raises(ConfigError, match=r"^data.normalize: must be one of global, crop, got 'percentile'$"):
+    with pytest.raises(
+        ConfigError, match=r"^data.normalize: must be one of global, crop, got 'percentile'$"
+    ):
         DataSpec.from_dict({**old, "normalize": "percentile"})
 
 
@@ -100,11 +110,15 @@ def test_a_model_trained_with_crop_normalisation_is_served_with_it(tiny_data, tm
     from raycell.train.loop import make_collate, run_training
     from raycell.train.trainer import training_setup
 
-    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, epochs=1) + ["train.max_steps_per_epoch=2"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_data, tmp_path, epochs=1) + ["train.max_steps_per_epoch=2"]
+    )
     cfg.data.normalize = "crop"
     setup, ds = training_setup(cfg)
     assert setup["data_spec"]["normalize"] == "crop"
-    ctx = LocalContext(ds, make_collate(setup), cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path)
+    ctx = LocalContext(
+        ds, make_collate(setup), cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path
+    )
     run_training(ctx, cfg, setup)
     assert ctx.history[-1]["train_loss"] == ctx.history[-1]["train_loss"]  # finite (not NaN)
     model, meta = load_checkpoint(tmp_path)
@@ -116,8 +130,10 @@ def test_a_model_trained_with_crop_normalisation_is_served_with_it(tiny_data, tm
     out = pred(t)
     imgs = decode_images(t, pred.spec.shape, pred.spec.dtype)
     raw = torch.from_numpy(imgs.astype("int32"))
-    z = one_hot_design(torch.from_numpy(pred.batch_map.encode(t.column(K.BATCH), allow_unknown=True)),
-                       len(pred.batch_map))
+    z = one_hot_design(
+        torch.from_numpy(pred.batch_map.encode(t.column(K.BATCH), allow_unknown=True)),
+        len(pred.batch_map),
+    )
     with torch.no_grad():
         want = model(pred.spec.to_float(raw), z).latent.numpy()
         other = model(pred.spec.with_normalize("global").to_float(raw), z).latent.numpy()

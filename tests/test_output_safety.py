@@ -21,9 +21,16 @@ import pytest
 from raycell.__main__ import main
 
 # synth --raw small enough to take well under a second
-RAW_SET = ["synth.n_batches=1", "synth.n_unseen=0", "synth.n_lines=2", "synth.raw_wells=1",
-           "synth.raw_fields=1", "synth.raw_fov_size=64", "synth.raw_cells_per_fov=3",
-           "synth.raw_z=1"]
+RAW_SET = [
+    "synth.n_batches=1",
+    "synth.n_unseen=0",
+    "synth.n_lines=2",
+    "synth.raw_wells=1",
+    "synth.raw_fields=1",
+    "synth.raw_fov_size=64",
+    "synth.raw_cells_per_fov=3",
+    "synth.raw_z=1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -87,10 +94,19 @@ def _armed_src(folder: Path) -> Path:
     folder.mkdir(parents=True)
     n = 6
     eff = np.array(["high", "low"] * 3)
-    np.savez(folder / "data_train.npz", images=np.full((n, 8, 8, 1), 0.5, np.float32),
-             label=(eff == "low").astype(np.float32), cluster=np.ones((n, 1), np.float32))
-    meta = {"image": [f"c{i}.png" for i in range(n)], "date": "160802", "celltype": "m481",
-            "met-eff": eff, "cell": [f"cell{i}" for i in range(n)]}
+    np.savez(
+        folder / "data_train.npz",
+        images=np.full((n, 8, 8, 1), 0.5, np.float32),
+        label=(eff == "low").astype(np.float32),
+        cluster=np.ones((n, 1), np.float32),
+    )
+    meta = {
+        "image": [f"c{i}.png" for i in range(n)],
+        "date": "160802",
+        "celltype": "m481",
+        "met-eff": eff,
+        "cell": [f"cell{i}" for i in range(n)],
+    }
     pd.DataFrame(meta).to_csv(folder / "data_train.csv")
     return folder
 
@@ -174,7 +190,10 @@ def test_import_armed_refuses_user_folder_and_file(tmp_path, capsys):
     assert main(["import-armed", str(src), "--out", str(f), "--overwrite"]) == 2
     assert "is a file, not a folder" in _err_line(capsys)
     assert f.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == [
-        "armed", "mine", "out.txt"]
+        "armed",
+        "mine",
+        "out.txt",
+    ]
 
 
 def test_import_armed_src_as_out_keeps_source(tmp_path, capsys):
@@ -283,16 +302,24 @@ def _embeddings(folder: Path, n: int = 12, dataset: str = "") -> Path:
 
     (folder / "shards").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    cols = {"Metadata_Plate": ["P1"] * n, "Metadata_Well": [f"A{i % 3:02d}" for i in range(n)],
-            "Metadata_CellID": [f"c{i}" for i in range(n)]}
+    cols = {
+        "Metadata_Plate": ["P1"] * n,
+        "Metadata_Well": [f"A{i % 3:02d}" for i in range(n)],
+        "Metadata_CellID": [f"c{i}" for i in range(n)],
+    }
     feats = [f"Cells_Embedding_{j:04d}" for j in range(4)]
     table = pa.table({**cols, **{f: rng.normal(size=n).astype(np.float32) for f in feats}})
     half = n // 2
     pq.write_table(table.slice(0, half), folder / "shards" / "part-00000.parquet")
     pq.write_table(table.slice(half), folder / "shards" / "part-00001.parquet")
-    manifest = {"layout": "columns", "features": feats, "heads": {}, "n_cells": n,
-                "dataset": dataset,
-                "shards": [{"file": f"shards/part-0000{i}.parquet"} for i in range(2)]}
+    manifest = {
+        "layout": "columns",
+        "features": feats,
+        "heads": {},
+        "n_cells": n,
+        "dataset": dataset,
+        "shards": [{"file": f"shards/part-0000{i}.parquet"} for i in range(2)],
+    }
     (folder / "embeddings.json").write_text(json.dumps(manifest))
     return folder
 
@@ -301,8 +328,9 @@ def _export(emb: Path, out: Path, fmt: str, *extra: str) -> int:
     return main(["export", "--embeddings", str(emb), "--out", str(out), "--format", fmt, *extra])
 
 
-@pytest.mark.parametrize("fmt,name", [("h5ad", "mine.h5ad"), ("csv", "mine.csv"),
-                                      ("parquet", "mine.parquet")])
+@pytest.mark.parametrize(
+    "fmt,name", [("h5ad", "mine.h5ad"), ("csv", "mine.csv"), ("parquet", "mine.parquet")]
+)
 def test_export_never_replaces_a_users_file(tmp_path, capsys, fmt, name):
     emb = _embeddings(tmp_path / "emb")
     mine = tmp_path / name
@@ -383,25 +411,50 @@ def checkpoint(tiny_data, tmp_path_factory) -> Path:
     spec = DataSpec.from_dataset(ds)
     torch.manual_seed(0)
     seen = tuple(f"batch{i:02d}" for i in range(6))
-    model = create_model("conventional", in_channels=spec.shape[0], n_classes=2,
-                         n_batches=len(seen), preset="tiny", image_size=spec.shape[1])
+    model = create_model(
+        "conventional",
+        in_channels=spec.shape[0],
+        n_classes=2,
+        n_batches=len(seen),
+        preset="tiny",
+        image_size=spec.shape[1],
+    )
     labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
-    return save_checkpoint(tmp_path_factory.mktemp("ck") / "run" / "checkpoint", model, None,
-                           epoch=0, spec=spec, labels=labels, batches=CategoryMap(K.BATCH, seen),
-                           config={}, metrics={})
+    return save_checkpoint(
+        tmp_path_factory.mktemp("ck") / "run" / "checkpoint",
+        model,
+        None,
+        epoch=0,
+        spec=spec,
+        labels=labels,
+        batches=CategoryMap(K.BATCH, seen),
+        config={},
+        metrics={},
+    )
 
 
 @pytest.mark.parametrize("verb", ["infer", "embed"])
-def test_infer_and_embed_refuse_user_folders_and_inputs(verb, checkpoint, tiny_data, tmp_path,
-                                                         capsys):
+def test_infer_and_embed_refuse_user_folders_and_inputs(
+    verb, checkpoint, tiny_data, tmp_path, capsys
+):
     mine = tmp_path / "mine"
     before = _user_folder(mine)
-    base = [verb, "--checkpoint", str(checkpoint), "--data", str(tiny_data), "--set",
-            "ray.progress=false"]
+    base = [
+        verb,
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(tiny_data),
+        "--set",
+        "ray.progress=false",
+    ]
     data_before = _snapshot(tiny_data)
-    for out, needle in ((mine, "raycell did not write"), (tiny_data, "is the input data set"),
-                        (tiny_data / "shards", "is inside the input data set"),
-                        (tiny_data / "preds", "is inside the input data set")):
+    for out, needle in (
+        (mine, "raycell did not write"),
+        (tiny_data, "is the input data set"),
+        (tiny_data / "shards", "is inside the input data set"),
+        (tiny_data / "preds", "is inside the input data set"),
+    ):
         assert main(base + ["--out", str(out)]) == 2, out
         line = _err_line(capsys)
         assert needle in line and "delete" not in line, line

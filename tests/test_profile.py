@@ -23,25 +23,45 @@ from raycell.profiling.wellprofiles import (
     read_input,
 )
 
-LINCS = SHARED_DATA / "lincs_cellpainting_profiles_SQ00015054" / \
-    "SQ00015054_normalized_feature_select.csv.gz"
+LINCS = (
+    SHARED_DATA
+    / "lincs_cellpainting_profiles_SQ00015054"
+    / "SQ00015054_normalized_feature_select.csv.gz"
+)
 DMSO = "Metadata_broad_sample == 'DMSO'"
 
 
 def _tiny() -> pd.DataFrame:
     """Two treatments and two controls whose cosine rankings are worked out in the test below."""
-    rows = [("A", 1.0, 0.0), ("A", 1.0, 0.1), ("B", 0.0, 1.0), ("B", 1.0, 0.05),
-            ("DMSO", 0.1, 1.0), ("DMSO", -1.0, 0.2)]
-    return pd.DataFrame({
-        "Metadata_Plate": "P1", "Metadata_Well": [f"A0{i}" for i in range(1, 7)],
-        "Metadata_treatment": [r[0] for r in rows],
-        "Cells_x": [r[1] for r in rows], "Cells_y": [r[2] for r in rows]})
+    rows = [
+        ("A", 1.0, 0.0),
+        ("A", 1.0, 0.1),
+        ("B", 0.0, 1.0),
+        ("B", 1.0, 0.05),
+        ("DMSO", 0.1, 1.0),
+        ("DMSO", -1.0, 0.2),
+    ]
+    return pd.DataFrame(
+        {
+            "Metadata_Plate": "P1",
+            "Metadata_Well": [f"A0{i}" for i in range(1, 7)],
+            "Metadata_treatment": [r[0] for r in rows],
+            "Cells_x": [r[1] for r in rows],
+            "Cells_y": [r[2] for r in rows],
+        }
+    )
 
 
 def _settings(tmp_path, inp, **kw) -> ProfileSettings:
-    base = dict(input=str(inp), out=str(tmp_path / "out"), controls="Metadata_treatment == 'DMSO'",
-                normalize="none", feature_select=(), treatment=("Metadata_treatment",),
-                null_size=1000)
+    base = dict(
+        input=str(inp),
+        out=str(tmp_path / "out"),
+        controls="Metadata_treatment == 'DMSO'",
+        normalize="none",
+        feature_select=(),
+        treatment=("Metadata_treatment",),
+        null_size=1000,
+    )
     return ProfileSettings(**{**base, **kw})
 
 
@@ -80,17 +100,31 @@ def test_profile_folder_is_written_and_refused_again_without_overwrite(tmp_path)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
-@pytest.mark.parametrize("controls, message", [
-    ("Metadata_compound == 'DMSO'", "no column|not defined|Metadata_compound"),
-    ("Metadata_treatment == 'PBS'", "matches none of the 6 profiles"),
-])
+@pytest.mark.parametrize(
+    "controls, message",
+    [
+        ("Metadata_compound == 'DMSO'", "no column|not defined|Metadata_compound"),
+        ("Metadata_treatment == 'PBS'", "matches none of the 6 profiles"),
+    ],
+)
 def test_bad_control_query_is_one_line(tmp_path, capsys, controls, message):
     f = tmp_path / "tiny.csv"
     _tiny().to_csv(f, index=False)
     with pytest.raises(UserError, match=message):
         make_profiles(_settings(tmp_path, f, controls=controls, normalize="mad_robustize"))
-    rc = main(["profile", "--input", str(f), "--out", str(tmp_path / "o"), "--controls", controls,
-               "--treatment", "Metadata_treatment"])
+    rc = main(
+        [
+            "profile",
+            "--input",
+            str(f),
+            "--out",
+            str(tmp_path / "o"),
+            "--controls",
+            controls,
+            "--treatment",
+            "Metadata_treatment",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("raycell: error: profile.controls") and "\n" not in err
 
@@ -109,38 +143,53 @@ def test_each_plate_is_centred_on_its_own_controls(tmp_path):
     parts = []
     for plate, shift in (("P1", 0.0), ("P2", 50.0)):
         n = 40
-        parts.append(pd.DataFrame({
-            "Metadata_Plate": plate, "Metadata_Well": [f"W{i}" for i in range(n)],
-            "Metadata_treatment": ["DMSO"] * 20 + ["X"] * 20,
-            "Cells_a": rng.normal(shift, 2.0, n), "Cells_b": rng.normal(-shift, 1.0, n)}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "Metadata_Plate": plate,
+                    "Metadata_Well": [f"W{i}" for i in range(n)],
+                    "Metadata_treatment": ["DMSO"] * 20 + ["X"] * 20,
+                    "Cells_a": rng.normal(shift, 2.0, n),
+                    "Cells_b": rng.normal(-shift, 1.0, n),
+                }
+            )
+        )
     t = ProfileTable(pd.concat(parts, ignore_index=True), ["Cells_a", "Cells_b"])
     out = normalize_plates(t, "Metadata_treatment == 'DMSO'", "mad_robustize").frame
     ctrl = out[out.Metadata_treatment == "DMSO"]
     med = ctrl.groupby("Metadata_Plate")[["Cells_a", "Cells_b"]].median()
     np.testing.assert_allclose(med.to_numpy(), 0.0, atol=1e-9)
     mad = ctrl.groupby("Metadata_Plate")[["Cells_a", "Cells_b"]].agg(
-        lambda x: (x - x.median()).abs().median() * 1.4826)
+        lambda x: (x - x.median()).abs().median() * 1.4826
+    )
     np.testing.assert_allclose(mad.to_numpy(), 1.0, rtol=1e-6)
     assert list(out.Metadata_Well) == list(t.frame.Metadata_Well)  # input order kept
 
 
 def test_zero_variance_features_are_dropped_and_all_constant_refused(tmp_path):
     df = _tiny().assign(Cells_const=3.0)
-    t = build_profiles(ProfileTable(df, ["Cells_x", "Cells_y", "Cells_const"]),
-                       ["Metadata_Plate", "Metadata_Well"], method="none")
+    t = build_profiles(
+        ProfileTable(df, ["Cells_x", "Cells_y", "Cells_const"]),
+        ["Metadata_Plate", "Metadata_Well"],
+        method="none",
+    )
     assert t.features == ["Cells_x", "Cells_y"]
     assert any("constant feature" in n and "Cells_const" in n for n in t.notes)
     flat = df.assign(Cells_x=1.0, Cells_y=2.0)
     with pytest.raises(UserError, match="every one of the 3 features is constant"):
-        build_profiles(ProfileTable(flat, ["Cells_x", "Cells_y", "Cells_const"]),
-                       ["Metadata_Plate", "Metadata_Well"], method="none")
+        build_profiles(
+            ProfileTable(flat, ["Cells_x", "Cells_y", "Cells_const"]),
+            ["Metadata_Plate", "Metadata_Well"],
+            method="none",
+        )
 
 
 def test_no_spread_among_controls_drops_the_feature_instead_of_dividing_by_zero():
     df = _tiny()
     df.loc[df.Metadata_treatment == "DMSO", "Cells_y"] = 0.5
-    t = normalize_plates(ProfileTable(df, ["Cells_x", "Cells_y"]), "Metadata_treatment == 'DMSO'",
-                         "mad_robustize")
+    t = normalize_plates(
+        ProfileTable(df, ["Cells_x", "Cells_y"]), "Metadata_treatment == 'DMSO'", "mad_robustize"
+    )
     assert t.features == ["Cells_x"] and np.isfinite(t.matrix()).all()
 
 
@@ -151,8 +200,19 @@ def test_nan_features_are_one_line_naming_the_feature_and_well(tmp_path, capsys)
     df.to_csv(f, index=False)
     with pytest.raises(UserError, match=r"'Cells_y' has 1 NaN.*Metadata_Well=A04"):
         make_profiles(_settings(tmp_path, f))
-    rc = main(["profile", "--input", str(f), "--out", str(tmp_path / "o"), "--treatment",
-               "Metadata_treatment", "--normalize", "none"])
+    rc = main(
+        [
+            "profile",
+            "--input",
+            str(f),
+            "--out",
+            str(tmp_path / "o"),
+            "--treatment",
+            "Metadata_treatment",
+            "--normalize",
+            "none",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "Cells_y" in err and "\n" not in err
 
@@ -162,8 +222,19 @@ def test_missing_treatment_or_input_is_one_line(tmp_path, capsys):
     _tiny().to_csv(f, index=False)
     assert main(["profile", "--input", str(f), "--out", str(tmp_path / "o")]) == 2
     assert "profile.treatment" in capsys.readouterr().err
-    assert main(["profile", "--input", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o"),
-                 "--no-metrics"]) == 2
+    assert (
+        main(
+            [
+                "profile",
+                "--input",
+                str(tmp_path / "nope.csv"),
+                "--out",
+                str(tmp_path / "o"),
+                "--no-metrics",
+            ]
+        )
+        == 2
+    )
     assert "not found" in capsys.readouterr().err
     with pytest.raises(UserError, match="no column 'Metadata_moa'"):
         make_profiles(_settings(tmp_path, f, annotations=("Metadata_moa",)))
@@ -172,10 +243,17 @@ def test_missing_treatment_or_input_is_one_line(tmp_path, capsys):
 def test_per_cell_rows_are_aggregated_to_well_medians_or_means(tmp_path):
     rng = np.random.default_rng(1)
     wells = rng.choice(["A01", "A02", "B01"], 90)
-    cells = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Well": wells,
-                          "Cells_a": rng.normal(size=90), "Cells_b": rng.normal(size=90)})
-    cells["Metadata_treatment"] = cells.Metadata_Well.map({"A01": "DMSO", "A02": "DMSO",
-                                                           "B01": "X"})
+    cells = pd.DataFrame(
+        {
+            "Metadata_Plate": "P1",
+            "Metadata_Well": wells,
+            "Cells_a": rng.normal(size=90),
+            "Cells_b": rng.normal(size=90),
+        }
+    )
+    cells["Metadata_treatment"] = cells.Metadata_Well.map(
+        {"A01": "DMSO", "A02": "DMSO", "B01": "X"}
+    )
     f = tmp_path / "cells.parquet"
     cells.to_parquet(f)
     for op in ("median", "mean"):
@@ -187,8 +265,11 @@ def test_per_cell_rows_are_aggregated_to_well_medians_or_means(tmp_path):
         assert list(t.frame.Metadata_Count_Cells) == list(counts)
 
 
-@pytest.mark.skipif(not LINCS.is_file(), reason=f"real LINCS profiles not found at {LINCS} (set "
-                    "RAYCELL_SHARED_DATA to the shared data folder)")
+@pytest.mark.skipif(
+    not LINCS.is_file(),
+    reason=f"real LINCS profiles not found at {LINCS} (set "
+    "RAYCELL_SHARED_DATA to the shared data folder)",
+)
 def test_lincs_plate_reproduces_copairs_run_directly(tmp_path):
     """raycell's activity mAP per compound and fraction retrieved equal copairs' own recipe."""
     from copairs import map as cmap
@@ -199,34 +280,61 @@ def test_lincs_plate_reproduces_copairs_run_directly(tmp_path):
     meta = df[["Metadata_broad_sample"]].copy()
     meta["Metadata_reference_index"] = np.where(df.Metadata_broad_sample == "DMSO", df.index, -1)
     cols = ["Metadata_broad_sample", "Metadata_reference_index"]
-    ap = cmap.average_precision(meta, df[feats].to_numpy(), pos_sameby=cols, pos_diffby=[],
-                                neg_sameby=[], neg_diffby=cols, progress_bar=False)
+    ap = cmap.average_precision(
+        meta,
+        df[feats].to_numpy(),
+        pos_sameby=cols,
+        pos_diffby=[],
+        neg_sameby=[],
+        neg_diffby=cols,
+        progress_bar=False,
+    )
     ap = ap[ap.Metadata_broad_sample != "DMSO"]
-    ref = cmap.mean_average_precision(ap, ["Metadata_broad_sample"], null_size=10000,
-                                      threshold=0.05, seed=0, progress_bar=False)
+    ref = cmap.mean_average_precision(
+        ap, ["Metadata_broad_sample"], null_size=10000, threshold=0.05, seed=0, progress_bar=False
+    )
     ref = ref.set_index("Metadata_broad_sample")
 
-    s = ProfileSettings(input=str(LINCS), out=str(tmp_path / "lincs"), controls=DMSO,
-                        normalize="none", feature_select=(),
-                        treatment=("Metadata_broad_sample",), annotations=("Metadata_moa",))
+    s = ProfileSettings(
+        input=str(LINCS),
+        out=str(tmp_path / "lincs"),
+        controls=DMSO,
+        normalize="none",
+        feature_select=(),
+        treatment=("Metadata_broad_sample",),
+        annotations=("Metadata_moa",),
+    )
     res = profile(s)
     got = pd.read_csv(tmp_path / "lincs" / "activity_map.csv").set_index("treatment")
     assert sorted(got.index) == sorted(ref.index) and len(got) == 58
-    np.testing.assert_allclose(got["mean_average_precision"],
-                               ref.loc[got.index, "mean_average_precision"], atol=1e-6)
-    np.testing.assert_allclose(got["corrected_p_value"], ref.loc[got.index, "corrected_p_value"],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        got["mean_average_precision"], ref.loc[got.index, "mean_average_precision"], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        got["corrected_p_value"], ref.loc[got.index, "corrected_p_value"], atol=1e-12
+    )
     frac = float((ref["corrected_p_value"] < 0.05).mean())
     assert res["retrieval"]["activity"]["fraction_retrieved"] == pytest.approx(frac)
     assert list(got["retrieved"]) == list(ref.loc[got.index, "below_corrected_p"])
     # the same numbers from `raycell evaluate --profiles` on the written profiles
-    rc = main(["evaluate", "--profiles", str(tmp_path / "lincs"), "--out", str(tmp_path / "ev"),
-               "--set", f"profile.controls={DMSO}", "--set",
-               "profile.treatment=[Metadata_broad_sample]"])
+    rc = main(
+        [
+            "evaluate",
+            "--profiles",
+            str(tmp_path / "lincs"),
+            "--out",
+            str(tmp_path / "ev"),
+            "--set",
+            f"profile.controls={DMSO}",
+            "--set",
+            "profile.treatment=[Metadata_broad_sample]",
+        ]
+    )
     assert rc == 0
     again = pd.read_csv(tmp_path / "ev" / "activity_map.csv").set_index("treatment")
-    np.testing.assert_allclose(again["mean_average_precision"], got.loc[again.index,
-                               "mean_average_precision"], atol=1e-12)
+    np.testing.assert_allclose(
+        again["mean_average_precision"], got.loc[again.index, "mean_average_precision"], atol=1e-12
+    )
 
 
 def test_activity_needs_controls():
@@ -362,8 +470,10 @@ def test_pycytominer_does_not_switch_pandas_copy_on_write_for_the_process():
     import subprocess
     import sys
 
-    code = ("import pandas as pd; from raycell.profiling.wellprofiles import _pycytominer; "
-            "m = _pycytominer(); assert hasattr(m, 'normalize'); print(pd.options.mode.copy_on_write)")
+    code = (
+        "import pandas as pd; from raycell.profiling.wellprofiles import _pycytominer; "
+        "m = _pycytominer(); assert hasattr(m, 'normalize'); print(pd.options.mode.copy_on_write)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip() == "False"

@@ -48,21 +48,31 @@ def make_cells(n_per_well: int = 25, seed: int = 0, shuffle_dose: bool = False):
     prob = np.full((n, len(DOSES)), 0.02, np.float32)
     prob[np.arange(n), pred_idx] = 0.9
     meta = {
-        "Metadata_Plate": plate, "Metadata_Well": well,
+        "Metadata_Plate": plate,
+        "Metadata_Well": well,
         "Metadata_Site": np.array(["1"] * n),
         "Metadata_ObjectNumber": np.array([r[4] for r in rows]),
         "Metadata_CellID": np.array([f"{r[0]}-{r[1]}-{r[4]}" for r in rows]),
-        "Metadata_Batch": plate.copy(), "Metadata_Split": np.array(["test"] * n),
-        "Metadata_dose": dose, "Metadata_time": time,
-        "morph_area": rng.normal(300, 40, n), "morph_eccentricity": rng.uniform(0, 1, n),
+        "Metadata_Batch": plate.copy(),
+        "Metadata_Split": np.array(["test"] * n),
+        "Metadata_dose": dose,
+        "Metadata_time": time,
+        "morph_area": rng.normal(300, 40, n),
+        "morph_eccentricity": rng.uniform(0, 1, n),
         "Pred_dose": np.array([str(DOSES[i]) for i in pred_idx]),
         "Prob_dose": prob,
     }
     return meta, X
 
 
-def write_embeddings(folder: Path, meta: dict, X: np.ndarray, layout: str = "columns",
-                     n_shards: int = 3, manifest_extra: dict | None = None) -> Path:
+def write_embeddings(
+    folder: Path,
+    meta: dict,
+    X: np.ndarray,
+    layout: str = "columns",
+    n_shards: int = 3,
+    manifest_extra: dict | None = None,
+) -> Path:
     """An embeddings folder as `raycell embed` writes it (the contract in the task)."""
     (folder / "shards").mkdir(parents=True)
     n, d = X.shape
@@ -85,12 +95,20 @@ def write_embeddings(folder: Path, meta: dict, X: np.ndarray, layout: str = "col
     table = pa.table(cols)
     bounds = np.linspace(0, n, n_shards + 1).astype(int)
     for i in range(n_shards):
-        pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]),
-                       folder / "shards" / f"part-{i:05d}.parquet")
-    manifest = {"checkpoint": "runs/x/checkpoint", "model_type": "timm_classifier",
-                "dataset": "data/synth",
-                "layout": layout, "features": feats,
-                "heads": {"dose": [str(d) for d in DOSES]}, "n_cells": n, **(manifest_extra or {})}
+        pq.write_table(
+            table.slice(bounds[i], bounds[i + 1] - bounds[i]),
+            folder / "shards" / f"part-{i:05d}.parquet",
+        )
+    manifest = {
+        "checkpoint": "runs/x/checkpoint",
+        "model_type": "timm_classifier",
+        "dataset": "data/synth",
+        "layout": layout,
+        "features": feats,
+        "heads": {"dose": [str(d) for d in DOSES]},
+        "n_cells": n,
+        **(manifest_extra or {}),
+    }
     (folder / "embeddings.json").write_text(json.dumps(manifest))
     return folder
 
@@ -161,11 +179,17 @@ def test_read_no_shards_and_missing_feature(tmp_path, cells):
 def test_read_ragged_list_column(tmp_path):
     folder = tmp_path / "e"
     (folder / "shards").mkdir(parents=True)
-    t = pa.table({"Metadata_Plate": ["P1", "P1"], "Metadata_Well": ["A01", "A01"],
-                  "embedding": pa.array([[0.0, 1.0, 2.0], [0.0, 1.0]], pa.list_(pa.float32()))})
+    t = pa.table(
+        {
+            "Metadata_Plate": ["P1", "P1"],
+            "Metadata_Well": ["A01", "A01"],
+            "embedding": pa.array([[0.0, 1.0, 2.0], [0.0, 1.0]], pa.list_(pa.float32())),
+        }
+    )
     pq.write_table(t, folder / "shards" / "part-00000.parquet")
-    (folder / "embeddings.json").write_text(json.dumps({"layout": "list", "features": ["embedding"],
-                                                        "heads": {}, "n_cells": 2}))
+    (folder / "embeddings.json").write_text(
+        json.dumps({"layout": "list", "features": ["embedding"], "heads": {}, "n_cells": 2})
+    )
     with pytest.raises(UserError) as ei:
         P.read_embeddings(folder)
     assert "ragged" in one_line(ei) and "embedding" in one_line(ei)
@@ -203,14 +227,20 @@ def test_aggregate_wells_one_row_per_well_with_medians(emb):
     assert "Metadata_Count_Cells" in wells and (wells["Metadata_Count_Cells"] == 25).all()
     for kept in ("Metadata_dose", "Metadata_time", "Metadata_Batch", "Metadata_Site"):
         assert kept in wells  # constant within each well
-    for dropped in ("Metadata_ObjectNumber", "Metadata_CellID", "Pred_dose", "Prob_dose",
-                    "morph_area"):
+    for dropped in (
+        "Metadata_ObjectNumber",
+        "Metadata_CellID",
+        "Pred_dose",
+        "Prob_dose",
+        "morph_area",
+    ):
         assert dropped not in wells
     assert list(wells.columns[-D:]) == names
     row = wells[(wells.Metadata_Plate == "P2") & (wells.Metadata_Well == "A03")].iloc[0]
     m = (meta.Metadata_Plate == "P2").to_numpy() & (meta.Metadata_Well == "A03").to_numpy()
-    np.testing.assert_allclose(row[names].to_numpy(dtype=np.float32), np.median(X[m], axis=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        row[names].to_numpy(dtype=np.float32), np.median(X[m], axis=0), rtol=1e-6
+    )
     assert row["Metadata_dose"] == 0.3
 
 
@@ -257,9 +287,14 @@ def test_head_metrics_confusion_and_accuracy(emb, cells):
 
 
 def test_head_metrics_integer_truth_and_sorted_classes():
-    meta = pd.DataFrame({"Metadata_time": np.array([24, 48, 48, 24], dtype=np.int64),
-                         "Pred_time": ["24", "48", "24", "24"],
-                         "Metadata_line": ["b", "a", None, "a"], "Pred_line": ["b", "a", "a", "b"]})
+    meta = pd.DataFrame(
+        {
+            "Metadata_time": np.array([24, 48, 48, 24], dtype=np.int64),
+            "Pred_time": ["24", "48", "24", "24"],
+            "Metadata_line": ["b", "a", None, "a"],
+            "Pred_line": ["b", "a", "a", "b"],
+        }
+    )
     hm = P.head_metrics(meta)
     assert hm["time"]["classes"] == ["24", "48"] and hm["time"]["accuracy"] == 0.75
     assert hm["time"]["confusion"] == [[2, 0], [1, 1]]
@@ -418,8 +453,9 @@ def test_figures_write_pngs(cells, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "plate.png").read_bytes() == png
     dose = pd.Series(meta["Metadata_dose"], name="dose")
     assert len(figures.scatter_by(xy, dose, "by dose")) > 1000  # numeric: colourbar
-    hm = P.head_metrics(pd.DataFrame({"Metadata_dose": meta["Metadata_dose"],
-                                      "Pred_dose": meta["Pred_dose"]}))
+    hm = P.head_metrics(
+        pd.DataFrame({"Metadata_dose": meta["Metadata_dose"], "Pred_dose": meta["Pred_dose"]})
+    )
     figures.confusion_figure(hm["dose"], "dose", path=tmp_path / "conf.png")
     assert (tmp_path / "conf.png").stat().st_size > 1000
     with pytest.raises(UserError) as ei:

@@ -31,8 +31,17 @@ VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
 MARKER = "RAYCELL_TEST_JOBS_HEAD"  # in the head's environment; every process it starts inherits it
 # Ray 2.60 already skips .git and .venv and honours .gitignore; jobs need no docs or results.
-EXCLUDES = [".git/", ".venv/", "runs/", "/data/", ".pytest_cache/", "__pycache__/", "*.egg-info/",
-            "bench/results/", "docs/"]
+EXCLUDES = [
+    ".git/",
+    ".venv/",
+    "runs/",
+    "/data/",
+    ".pytest_cache/",
+    "__pycache__/",
+    "*.egg-info/",
+    "bench/results/",
+    "docs/",
+]
 HEAD_START_S, JOB_TIMEOUT_S = 90, 300
 MISSING = "/does/not/exist.yaml"
 
@@ -94,37 +103,61 @@ def head():
     token = uuid.uuid4().hex
     tmp = Path(tempfile.mkdtemp(prefix="rcj-", dir="/tmp"))  # short: Ray's unix sockets are in it
     gcs, dash, client, agent, agent_grpc, renv, metrics, nm, om = _free_ports(9)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}  # never another cluster's address
-    env.update({MARKER: token, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                # the jobs' `python` is this venv's, as after `source .venv/bin/activate`
-                "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"})
-    cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
-           f"--node-manager-port={nm}", f"--object-manager-port={om}", "--num-cpus=4",
-           "--include-dashboard=true", f"--temp-dir={tmp}", "--disable-usage-stats"]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    }  # never another cluster's address
+    env.update(
+        {
+            MARKER: token,
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # the jobs' `python` is this venv's, as after `source .venv/bin/activate`
+            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
+    cmd = [
+        str(RAY),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={renv}",
+        f"--metrics-export-port={metrics}",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        "--num-cpus=4",
+        "--include-dashboard=true",
+        f"--temp-dir={tmp}",
+        "--disable-usage-stats",
+    ]
     log = open(tmp / "head.log", "w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True
+    )
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + HEAD_START_S
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                pytest.fail(f"`ray start --head` exited with {proc.returncode}:\n"
-                            f"{log.read()[-4000:]}")
+                pytest.fail(
+                    f"`ray start --head` exited with {proc.returncode}:\n{log.read()[-4000:]}"
+                )
             try:
                 jobs = JobSubmissionClient(url)
                 break
             except Exception:  # the dashboard's HTTP server is not up yet
                 if time.monotonic() > deadline:
                     log.seek(0)
-                    pytest.fail(f"Jobs API at {url} not up after {HEAD_START_S} s:\n"
-                                f"{log.read()[-4000:]}")
+                    pytest.fail(
+                        f"Jobs API at {url} not up after {HEAD_START_S} s:\n{log.read()[-4000:]}"
+                    )
                 time.sleep(1)
         yield jobs
         for job in jobs.list_jobs():  # a job a failed test left running must not outlive the head
@@ -138,9 +171,15 @@ def head():
 
 def _submit(jobs, argv: list[str]) -> str:
     """Submit `python <argv>` with this repository as the working dir (`--working-dir .`)."""
-    return jobs.submit_job(entrypoint=shlex.join(["python", *argv]), entrypoint_num_cpus=0,
-                           runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES,
-                                        "env_vars": {"OMP_NUM_THREADS": "1"}})
+    return jobs.submit_job(
+        entrypoint=shlex.join(["python", *argv]),
+        entrypoint_num_cpus=0,
+        runtime_env={
+            "working_dir": str(ROOT),
+            "excludes": EXCLUDES,
+            "env_vars": {"OMP_NUM_THREADS": "1"},
+        },
+    )
 
 
 def _wait(jobs, job_id: str, timeout_s: float = JOB_TIMEOUT_S):
@@ -189,8 +228,18 @@ def test_train_then_infer_jobs(head, tiny_data, tmp_path):
     assert 0.0 <= metrics["metrics"]["val_auroc"] <= 1.0
 
     splits = [K.TEST, K.UNSEEN]
-    infer = ["jobs/infer.py", *common, "--checkpoint", str(run), "--data", str(tiny_data),
-             "--out", str(pred), "--splits", ",".join(splits)]
+    infer = [
+        "jobs/infer.py",
+        *common,
+        "--checkpoint",
+        str(run),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(pred),
+        "--splits",
+        ",".join(splits),
+    ]
     _expect_succeeded(head, _submit(head, infer))
     data = pq.read_table(tiny_data / K.SHARD_DIR, columns=[K.CELL_ID, K.SPLIT]).to_pydict()
     want = {c for c, s in zip(data[K.CELL_ID], data[K.SPLIT]) if s in splits}

@@ -450,9 +450,13 @@ def test_a_classifier_run_has_no_reconstruction_section(tiny_run, tmp_path, monk
 
     import raycell.models
 
-    monkeypatch.setattr(raycell.models, "model_entry", lambda name: SimpleNamespace(
-        reconstructs=False, uses_z=False))  # as the registry describes a timm classifier
+    monkeypatch.setattr(
+        raycell.models,
+        "model_entry",
+        lambda name: SimpleNamespace(reconstructs=False, uses_z=False),
+    )  # as the registry describes a timm classifier
     page = build_report(tiny_run, out=tmp_path / "rep", max_cells=100)
-    p = _check_page(page, ["Training curves", "Latent space (PCA)", "Example crops per class"],
-                    n_figures=3)
+    p = _check_page(
+        page, ["Training curves", "Latent space (PCA)", "Example crops per class"], n_figures=3
+    )
     assert "Reconstructions per imaging batch" not in p.h2

@@ -11,9 +11,16 @@ from raycell.formats.shards import ShardError, ShardWriter, decode_images, open_
 
 
 def _meta(n, start=0):
-    return pd.DataFrame({K.CELL_ID: [f"c{i}" for i in range(start, start + n)],
-                         K.BATCH: ["b0", "b1"] * (n // 2), K.LABEL: ["x", "y", "y", "x"] * (n // 4),
-                         K.WELL: "A01", "dose": np.linspace(0, 1, n), "morph_area": np.arange(n, dtype=float)})
+    return pd.DataFrame(
+        {
+            K.CELL_ID: [f"c{i}" for i in range(start, start + n)],
+            K.BATCH: ["b0", "b1"] * (n // 2),
+            K.LABEL: ["x", "y", "y", "x"] * (n // 4),
+            K.WELL: "A01",
+            "dose": np.linspace(0, 1, n),
+            "morph_area": np.arange(n, dtype=float),
+        }
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
@@ -75,7 +82,9 @@ def test_shape_disagreeing_with_manifest_names_the_cell(tmp_path):
     m = json.loads((root / K.MANIFEST).read_text())
     m["crop_size"] = [5, 5]
     (root / K.MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(ShardError, match=r"row 0 \(cell_id=c0\) has height=4, but the manifest says 5"):
+    with pytest.raises(
+        ShardError, match=r"row 0 \(cell_id=c0\) has height=4, but the manifest says 5"
+    ):
         open_dataset(root, check=True)
     ds = open_dataset(root)
     t = ds.read_table()
@@ -108,16 +117,32 @@ def test_parts_written_apart_give_the_writers_manifest(tmp_path):
     w.add(imgs, meta)
     one = w.close(params={"p": 1})
     (tmp_path / "two" / K.SHARD_DIR).mkdir(parents=True)
-    parts = [write_shard_file(tmp_path / "two", f"part-{i:05d}.parquet", imgs[s:s + 16], meta[s:s + 16])
-             for i, s in enumerate(range(0, 40, 16))]
+    parts = [
+        write_shard_file(
+            tmp_path / "two", f"part-{i:05d}.parquet", imgs[s : s + 16], meta[s : s + 16]
+        )
+        for i, s in enumerate(range(0, 40, 16))
+    ]
     b = ManifestBuilder(tmp_path / "two", ["a", "b"])
     for part in parts:
         b.add(part)
     two = b.write(params={"p": 1})
-    for k in ("n_cells", "label_vocab", "batch_vocab", "counts_per_split", "counts_per_batch", "channel_stats",
-              "shards", "weak_label_columns", "crop_size", "dtype"):
+    for k in (
+        "n_cells",
+        "label_vocab",
+        "batch_vocab",
+        "counts_per_split",
+        "counts_per_batch",
+        "channel_stats",
+        "shards",
+        "weak_label_columns",
+        "crop_size",
+        "dtype",
+    ):
         assert one[k] == two[k], k
     np.testing.assert_array_equal(open_dataset(tmp_path / "two", check=True).load_images()[0], imgs)
-    other = write_shard_file(tmp_path / "two", "odd.parquet", np.zeros((2, 2, 5, 6), np.uint8), meta[:2])
+    other = write_shard_file(
+        tmp_path / "two", "odd.parquet", np.zeros((2, 2, 5, 6), np.uint8), meta[:2]
+    )
     with pytest.raises(ShardError, match="odd.parquet.*differs"):
         b.add(other)

@@ -69,7 +69,9 @@ def _meta():
 def test_val_batches_are_held_out_whole():
     meta = _meta()
     plain = assign_splits(meta, ["b3"], K.WELL, [K.GROUP, K.BATCH], [0.7, 0.1, 0.2], seed=1)
-    s = assign_splits(meta, ["b3"], K.WELL, [K.GROUP, K.BATCH], [0.7, 0.1, 0.2], seed=1, val_batches=["b1"])
+    s = assign_splits(
+        meta, ["b3"], K.WELL, [K.GROUP, K.BATCH], [0.7, 0.1, 0.2], seed=1, val_batches=["b1"]
+    )
     assert (s[meta[K.BATCH] == "b1"] == K.VALBATCH).all()
     assert (s[meta[K.BATCH] != "b1"] != K.VALBATCH).all()
     assert (s[meta[K.BATCH] == "b3"] == K.UNSEEN).all()
@@ -84,19 +86,23 @@ def test_val_batches_auto_is_deterministic_and_seen():
     picks = {tuple(resolve_val_batches(["auto:2"], batches, ["b4"], seed=s)) for s in range(12)}
     assert all(len(p) == 2 and "b4" not in p for p in picks)
     assert len(picks) > 1, "auto:N ignores the seed"
-    assert resolve_val_batches(["auto:2"], batches, ["b4"], 3) == resolve_val_batches(["auto:2"], batches,
-                                                                                       ["b4"], 3)
+    assert resolve_val_batches(["auto:2"], batches, ["b4"], 3) == resolve_val_batches(
+        ["auto:2"], batches, ["b4"], 3
+    )
     assert resolve_val_batches([], batches, ["b4"]) == []
 
 
-@pytest.mark.parametrize("val, match", [
-    (["b3"], r"split.val_batches: \['b3'\] are held out as unseen"),
-    (["nope"], r"split.val_batches: batch\(es\) \['nope'\] are not in the data set"),
-    (["b0", "b1", "b2"], "holds out every seen batch, leaving none to train on"),
-    (["auto:3"], "auto:3 would hold out all 3 seen batch"),
-    (["auto:x"], "give batch names or one 'auto:N'"),
-    (["auto:1", "b0"], "give batch names or one 'auto:N'"),
-])
+@pytest.mark.parametrize(
+    "val, match",
+    [
+        (["b3"], r"split.val_batches: \['b3'\] are held out as unseen"),
+        (["nope"], r"split.val_batches: batch\(es\) \['nope'\] are not in the data set"),
+        (["b0", "b1", "b2"], "holds out every seen batch, leaving none to train on"),
+        (["auto:3"], "auto:3 would hold out all 3 seen batch"),
+        (["auto:x"], "give batch names or one 'auto:N'"),
+        (["auto:1", "b0"], "give batch names or one 'auto:N'"),
+    ],
+)
 def test_bad_val_batches(val, match):
     with pytest.raises(ConfigError, match=match) as e:
         assign_splits(_meta(), ["b3"], K.WELL, [K.GROUP, K.BATCH], [0.7, 0.1, 0.2], val_batches=val)
@@ -143,7 +149,9 @@ def test_split_dataset_streams_shards_and_matches_the_whole_table(tiny_data, tmp
 def test_unit_counts_add_up_across_parts():
     meta = _meta().sample(frac=1.0, random_state=0).reset_index(drop=True)
     whole = unit_counts(meta, K.WELL, [K.GROUP, K.BATCH])
-    parts = merge_counts(pd.concat([unit_counts(meta.iloc[i::3], K.WELL, [K.GROUP, K.BATCH]) for i in range(3)]))
+    parts = merge_counts(
+        pd.concat([unit_counts(meta.iloc[i::3], K.WELL, [K.GROUP, K.BATCH]) for i in range(3)])
+    )
     pd.testing.assert_frame_equal(whole, parts)
     assert whole["n"].sum() == len(meta) and len(whole) == 4 * 3 * 10
 
@@ -172,7 +180,9 @@ def test_hash_collisions_are_not_duplicates(tiny_data, tmp_path, monkeypatch):
 
     copy = tmp_path / "d"
     shutil.copytree(tiny_data, copy)
-    monkeypatch.setattr(splits, "_id_hashes", lambda ids: np.zeros(len(ids), np.uint64))  # all collide
+    monkeypatch.setattr(
+        splits, "_id_hashes", lambda ids: np.zeros(len(ids), np.uint64)
+    )  # all collide
     m = split_dataset(str(copy))
     assert sum(m["counts_per_split"].values()) == open_dataset(copy).manifest["n_cells"]
 
@@ -183,7 +193,9 @@ def test_a_unit_that_appears_after_planning_is_refused_by_name():
 
     plan = plan_splits(unit_counts(_meta(), K.WELL, [K.GROUP]), ["b3"], [0.7, 0.1, 0.2])
     late = pd.DataFrame({K.BATCH: ["b3", "b0"], K.WELL: ["w00", "w99"]})
-    with pytest.raises(ShardError, match=r"shard-7.parquet: well='w99' of batch 'b0' was not there when"):
+    with pytest.raises(
+        ShardError, match=r"shard-7.parquet: well='w99' of batch 'b0' was not there when"
+    ):
         plan.apply(late, K.WELL, "shard-7.parquet")
     assert plan.apply(late.iloc[:1], K.WELL).to_pylist() == [K.UNSEEN]
 

@@ -19,20 +19,35 @@ from raycell.formats.shards import open_dataset
 # more than two random blocks, and shards that neither divide the cells nor line up with the blocks
 CROPS = dict(n_cells=2 * BLOCK_CELLS + 300, crop_size=16, rows_per_shard=300, seed=5)
 TIMEDOSE = dict(n_cells=BLOCK_CELLS + 500, crop_size=16, rows_per_shard=400, seed=2)
-RAW = dict(seed=3, n_batches=2, n_lines=2, wells=2, fields=2, fov_size=64, cells_per_fov=4, n_z=2,
-           n_unseen=1)
+RAW = dict(
+    seed=3,
+    n_batches=2,
+    n_lines=2,
+    wells=2,
+    fields=2,
+    fov_size=64,
+    cells_per_fov=4,
+    n_z=2,
+    n_unseen=1,
+)
 
 
 def _files(folder: Path) -> dict:
     """Every file of a folder (relative path -> hash of its bytes)."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _fingerprint(folder: Path) -> dict:
     """Every file's bytes (by hash), and the manifest apart from its creation time."""
-    files = {p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "dataset.json"}
+    files = {
+        p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "dataset.json"
+    }
     manifest = json.loads((folder / "dataset.json").read_text())
     manifest.pop("created")
     return {"files": files, "manifest": manifest}
@@ -55,7 +70,9 @@ def timedose_one_chunk(tmp_path_factory) -> Path:
 def test_one_chunk_holds_what_generate_gives(crops_one_chunk):
     ds = open_dataset(crops_one_chunk, check=True)
     m = ds.manifest
-    assert m["n_cells"] == CROPS["n_cells"] and [s["rows"] for s in m["shards"]] == [300] * 7 + [248]
+    assert m["n_cells"] == CROPS["n_cells"] and [s["rows"] for s in m["shards"]] == [300] * 7 + [
+        248
+    ]
     assert "chunk_cells" not in m["params"] and "num_workers" not in m["params"]
     imgs, meta = ds.load_images()
     ref_img, ref_meta, gt = generate(**{k: v for k, v in CROPS.items() if k != "rows_per_shard"})
@@ -88,8 +105,9 @@ def test_any_block_renders_alone():
 def test_chunked_timedose_is_byte_identical(timedose_one_chunk, tmp_path):
     ds = open_dataset(timedose_one_chunk, check=True)
     imgs, meta = ds.load_images()
-    ref_img, ref_meta, _ = generate_timedose(**{k: v for k, v in TIMEDOSE.items()
-                                                if k != "rows_per_shard"})
+    ref_img, ref_meta, _ = generate_timedose(
+        **{k: v for k, v in TIMEDOSE.items() if k != "rows_per_shard"}
+    )
     assert np.array_equal(imgs, ref_img)
     assert (meta.group.to_numpy() == ref_meta.group.to_numpy()).all()
     for chunk_cells in (1, 900):
@@ -114,8 +132,9 @@ def test_chunked_raw_fields_are_byte_identical(raw_one_chunk, tmp_path, chunk_fo
 
 
 @pytest.mark.ray
-def test_ray_tasks_write_the_same_bytes(ray_local, crops_one_chunk, timedose_one_chunk,
-                                        raw_one_chunk, tmp_path):
+def test_ray_tasks_write_the_same_bytes(
+    ray_local, crops_one_chunk, timedose_one_chunk, raw_one_chunk, tmp_path
+):
     write_synthetic(str(tmp_path / "ray"), chunk_cells=600, num_workers=2, **CROPS)
     assert _fingerprint(tmp_path / "ray") == _fingerprint(crops_one_chunk)
     write_timedose(str(tmp_path / "ray_td"), chunk_cells=400, num_workers=2, **TIMEDOSE)
@@ -124,12 +143,15 @@ def test_ray_tasks_write_the_same_bytes(ray_local, crops_one_chunk, timedose_one
     assert _files(tmp_path / "ray_raw") == _files(raw_one_chunk)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(chunk_cells=0), r"synth.chunk_cells must be a whole number >= 1, got 0"),
-    (dict(chunk_cells=2.5), r"synth.chunk_cells must be a whole number >= 1, got 2.5"),
-    (dict(num_workers=-1), r"synth.num_workers must be a whole number >= 0, got -1"),
-    (dict(rows_per_shard=0), r"synth.rows_per_shard must be a whole number >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(chunk_cells=0), r"synth.chunk_cells must be a whole number >= 1, got 0"),
+        (dict(chunk_cells=2.5), r"synth.chunk_cells must be a whole number >= 1, got 2.5"),
+        (dict(num_workers=-1), r"synth.num_workers must be a whole number >= 0, got -1"),
+        (dict(rows_per_shard=0), r"synth.rows_per_shard must be a whole number >= 1, got 0"),
+    ],
+)
 @pytest.mark.parametrize("writer", [write_synthetic, write_timedose])
 def test_bad_chunking_gives_one_line_errors(tmp_path, writer, kw, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -138,10 +160,16 @@ def test_bad_chunking_gives_one_line_errors(tmp_path, writer, kw, match):
     assert not (tmp_path / "ds").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(chunk_fovs=0), r"write_synthetic_raw: chunk_fovs must be a whole number >= 1, got 0"),
-    (dict(num_workers=-2), r"write_synthetic_raw: num_workers must be a whole number >= 0, got -2"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(chunk_fovs=0), r"write_synthetic_raw: chunk_fovs must be a whole number >= 1, got 0"),
+        (
+            dict(num_workers=-2),
+            r"write_synthetic_raw: num_workers must be a whole number >= 0, got -2",
+        ),
+    ],
+)
 def test_bad_raw_chunking_gives_one_line_errors(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match) as e:
         write_synthetic_raw(tmp_path / "raw", **{**RAW, **kw})

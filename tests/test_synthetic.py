@@ -24,7 +24,11 @@ def test_ground_truth_structure():
     # confounded: in every seen batch one label dominates; unseen batches are balanced
     frac_low = seen.groupby(K.BATCH)[K.LABEL].apply(lambda s: (s == "low").mean())
     assert ((frac_low > 0.7) | (frac_low < 0.3)).all()
-    un = meta[meta[K.BATCH].isin(unseen)].groupby(K.BATCH)[K.LABEL].apply(lambda s: (s == "low").mean())
+    un = (
+        meta[meta[K.BATCH].isin(unseen)]
+        .groupby(K.BATCH)[K.LABEL]
+        .apply(lambda s: (s == "low").mean())
+    )
     assert (abs(un - 0.5) < 0.05).all()
     # the phenotype is a morphology signal: low cells have more puncta and ruffled outlines on average,
     # but the classes overlap (subtle)
@@ -42,7 +46,11 @@ def test_ground_truth_structure():
     from sklearn.model_selection import cross_val_score
 
     x = imgs.astype(float)
-    feats = np.c_[x.mean((2, 3)), x.std((2, 3)), x[:, :, :4, :4].mean((2, 3)),
-                  np.abs(np.diff(x, axis=3)).mean((2, 3))]
+    feats = np.c_[
+        x.mean((2, 3)),
+        x.std((2, 3)),
+        x[:, :, :4, :4].mean((2, 3)),
+        np.abs(np.diff(x, axis=3)).mean((2, 3)),
+    ]
     acc = cross_val_score(LogisticRegression(max_iter=2000), feats, meta[K.BATCH], cv=3).mean()
     assert acc > 3 / len(bp)

@@ -25,7 +25,14 @@ def raw(tmp_path_factory) -> Path:
     # seed 11: not a seed anything was developed on
     # the easy images (basic effects): the F1 >= 0.9 and exact best-focus checks below rely on them
     write_synthetic_raw(
-        out, seed=11, n_batches=2, n_lines=4, wells=2, fields=2, fov_size=256, cells_per_fov=24,
+        out,
+        seed=11,
+        n_batches=2,
+        n_lines=4,
+        wells=2,
+        fields=2,
+        fov_size=256,
+        cells_per_fov=24,
         effects="basic",
     )
     return out
@@ -60,7 +67,14 @@ def test_layout_and_platemap(raw):
 def test_deterministic(raw, tmp_path):
     again = tmp_path / "again"
     write_synthetic_raw(
-        again, seed=11, n_batches=2, n_lines=4, wells=2, fields=2, fov_size=256, cells_per_fov=24,
+        again,
+        seed=11,
+        n_batches=2,
+        n_lines=4,
+        wells=2,
+        fields=2,
+        fov_size=256,
+        cells_per_fov=24,
         effects="basic",
     )
     assert _digest(again) == _digest(raw)
@@ -211,8 +225,17 @@ def test_unseen_extreme_exceeds_every_seen_batch():
         be.draw_batch_effects(np.random.default_rng(0), names, unseen, unseen_extreme=1.0)
 
 
-_VARIED = dict(seed=4, n_batches=3, n_lines=2, wells=2, fields=1, fov_size=96, cells_per_fov=6,
-               n_z=2, n_unseen=1)
+_VARIED = dict(
+    seed=4,
+    n_batches=3,
+    n_lines=2,
+    wells=2,
+    fields=1,
+    fov_size=96,
+    cells_per_fov=6,
+    n_z=2,
+    n_unseen=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -255,15 +278,34 @@ def test_from_config_defaults_to_varied_with_the_configs_unseen_batches(tmp_path
     from raycell.config import load_config
     from raycell.data.synthetic_raw import from_config
 
-    cfg = load_config(None, [
-        f"synth.out={tmp_path / 'raw'}", "synth.raw=true", "synth.n_batches=3", "synth.n_unseen=1",
-        "synth.n_lines=2", "synth.raw_wells=1", "synth.raw_fields=1", "synth.raw_fov_size=64",
-        "synth.raw_cells_per_fov=3", "synth.raw_z=1",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"synth.out={tmp_path / 'raw'}",
+            "synth.raw=true",
+            "synth.n_batches=3",
+            "synth.n_unseen=1",
+            "synth.n_lines=2",
+            "synth.raw_wells=1",
+            "synth.raw_fields=1",
+            "synth.raw_fov_size=64",
+            "synth.raw_cells_per_fov=3",
+            "synth.raw_z=1",
+        ],
+    )
     info = from_config(cfg)
     assert info["params"]["effects"] == getattr(cfg.synth, "effects", "varied")
     assert info["suggested_unseen"] == ["batch02"]
     # one batch: nothing to hold out, so no extreme
-    one = write_synthetic_raw(tmp_path / "one", seed=1, n_batches=1, n_lines=2, wells=1, fields=1,
-                              fov_size=64, cells_per_fov=3, n_z=1)
+    one = write_synthetic_raw(
+        tmp_path / "one",
+        seed=1,
+        n_batches=1,
+        n_lines=2,
+        wells=1,
+        fields=1,
+        fov_size=64,
+        cells_per_fov=3,
+        n_z=1,
+    )
     assert one["suggested_unseen"] == [] and one["unseen_extremes"] == []

@@ -28,8 +28,21 @@ def small():
 def test_shape_columns_dtypes(small):
     img, meta, gt = small
     assert img.shape == (600, 2, 32, 32) and img.dtype == np.uint8 and len(meta) == 600
-    for col in (K.CELL_ID, K.BATCH, K.PLATE, K.WELL, K.FIELD, K.GROUP, K.LABEL, K.SPLIT, "time",
-                "dose", "compound", "true_dose_effect", "true_time_effect"):
+    for col in (
+        K.CELL_ID,
+        K.BATCH,
+        K.PLATE,
+        K.WELL,
+        K.FIELD,
+        K.GROUP,
+        K.LABEL,
+        K.SPLIT,
+        "time",
+        "dose",
+        "compound",
+        "true_dose_effect",
+        "true_time_effect",
+    ):
         assert col in meta.columns, col
     assert meta["time"].dtype == np.int64 and meta["dose"].dtype == np.float64
     for col in ("true_dose_effect", "true_time_effect"):
@@ -66,7 +79,8 @@ def test_full_design_in_every_batch(small):
     assert (wells == 2).all()  # replicates
     assert gt["unseen_batches"] == ["batch03"]
     assert [(c["time"], c["dose"]) for c in gt["conditions"]] == [
-        (t, d) for t in (24, 48, 72) for d in (0.0, 0.01, 0.1, 1.0, 10.0)]
+        (t, d) for t in (24, 48, 72) for d in (0.0, 0.01, 0.1, 1.0, 10.0)
+    ]
 
 
 def test_dose_effect_is_monotone_and_visible(small):
@@ -109,8 +123,9 @@ def test_batches_add_nuisance(small):
     assert stats.f_oneway(*[bg[g] for g in groups]).pvalue < 1e-10
     # no nuisance at batch_strength 0: the batches look alike
     img0, meta0, gt0 = generate_timedose(**{**SMALL, "batch_strength": 0.0})
-    assert all(b["gain_nuc"] == 1 and b["blur"] == 0 and b["background"] == 0
-               for b in gt0["batches"])
+    assert all(
+        b["gain_nuc"] == 1 and b["blur"] == 0 and b["background"] == 0 for b in gt0["batches"]
+    )
     x0 = img0[:, 0].reshape(len(img0), -1).mean(axis=1)
     per_batch = meta0.assign(m=x0).groupby(K.BATCH)["m"].mean()
     per_batch_n = meta.assign(m=bright).groupby(K.BATCH)["m"].mean()
@@ -137,26 +152,37 @@ def test_write_timedose_shards_and_manifest(tmp_path, small):
 
 
 def test_degenerate_design_still_generates():
-    img, meta, _ = generate_timedose(n_cells=20, crop_size=32, times=[24], doses=[1.0], n_batches=2,
-                                     n_unseen=0, replicates=1, seed=0)
+    img, meta, _ = generate_timedose(
+        n_cells=20,
+        crop_size=32,
+        times=[24],
+        doses=[1.0],
+        n_batches=2,
+        n_unseen=0,
+        replicates=1,
+        seed=0,
+    )
     assert len(img) == 20 and (meta["true_dose_effect"] == 0).all()
     assert (meta["true_time_effect"] == 0).all()
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(doses=[]), "synth.doses is empty"),
-    (dict(doses=[0, -1.0]), "synth.doses: -1.0"),
-    (dict(doses=[0, float("nan")]), "synth.doses"),
-    (dict(doses=[0, 1, 1.0]), "synth.doses lists 1 more than once"),
-    (dict(times=[]), "synth.times is empty"),
-    (dict(times=[24, 36.5]), "synth.times: 36.5"),
-    (dict(n_unseen=4), r"synth.n_unseen must be in \[0, n_batches\), got 4 of 4"),
-    (dict(n_unseen=5), "synth.n_unseen"),
-    (dict(replicates=0), "synth.replicates"),
-    (dict(n_cells=100), "synth.n_cells=100 is fewer than the design's 120 wells"),
-    (dict(effect_strength=-1.0), "synth.effect_strength"),
-    (dict(crop_size=8), "synth.crop_size"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(doses=[]), "synth.doses is empty"),
+        (dict(doses=[0, -1.0]), "synth.doses: -1.0"),
+        (dict(doses=[0, float("nan")]), "synth.doses"),
+        (dict(doses=[0, 1, 1.0]), "synth.doses lists 1 more than once"),
+        (dict(times=[]), "synth.times is empty"),
+        (dict(times=[24, 36.5]), "synth.times: 36.5"),
+        (dict(n_unseen=4), r"synth.n_unseen must be in \[0, n_batches\), got 4 of 4"),
+        (dict(n_unseen=5), "synth.n_unseen"),
+        (dict(replicates=0), "synth.replicates"),
+        (dict(n_cells=100), "synth.n_cells=100 is fewer than the design's 120 wells"),
+        (dict(effect_strength=-1.0), "synth.effect_strength"),
+        (dict(crop_size=8), "synth.crop_size"),
+    ],
+)
 def test_bad_arguments_give_one_line_errors(kw, match):
     with pytest.raises(ConfigError, match=match) as e:
         generate_timedose(**{**dict(n_cells=600, crop_size=32), **kw})
@@ -169,11 +195,15 @@ def test_varied_effects_keep_the_cells_and_differ_per_batch(small, tmp_path):
     img, meta, gt = small
     vimg, vmeta, vgt = generate_timedose(**SMALL, effects="varied")
     assert vmeta.drop(columns=[K.CENTROID_Y, K.CENTROID_X]).equals(
-        meta.drop(columns=[K.CENTROID_Y, K.CENTROID_X]))
+        meta.drop(columns=[K.CENTROID_Y, K.CENTROID_X])
+    )
     assert vimg.shape == img.shape and not np.array_equal(vimg, img)
     assert np.array_equal(vimg, generate_timedose(**SMALL, effects="varied")[0])  # deterministic
     assert "batch_effects" not in gt and set(vgt["batch_effects"]) == set(meta[K.BATCH])
-    mixes = {b: tuple(m for m, p in e.items() if p["strength"] > 0) for b, e in vgt["batch_effects"].items()}
+    mixes = {
+        b: tuple(m for m, p in e.items() if p["strength"] > 0)
+        for b, e in vgt["batch_effects"].items()
+    }
     assert len(set(mixes.values())) > 1  # batches differ in mechanism, not only in strength
     assert [e["batch"] for e in vgt["unseen_extremes"]] == vgt["unseen_batches"]
     m = write_timedose(str(tmp_path / "v"), rows_per_shard=300, effects="varied", **SMALL)

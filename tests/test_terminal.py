@@ -1,4 +1,6 @@
-"""What the terminal shows during training (one line per epoch, from history.jsonl), and the data-path choice."""
+"""What the terminal shows during training (one line per epoch, from history.jsonl), and the
+data-path choice.
+"""
 
 import time
 
@@ -8,14 +10,25 @@ from raycell.train.history import EpochPrinter, append_epoch, epoch_line
 
 
 def test_epoch_line_shows_the_selection_metrics_and_skips_nan():
-    line = epoch_line({"epoch": 2, "train_loss": 0.01234, "val_auroc": 0.8123, "val_batch_probe": float("nan"),
-                       "epoch_time_s": 12.34, "val_mse": 0.1}, epochs=6)
+    line = epoch_line(
+        {
+            "epoch": 2,
+            "train_loss": 0.01234,
+            "val_auroc": 0.8123,
+            "val_batch_probe": float("nan"),
+            "epoch_time_s": 12.34,
+            "val_mse": 0.1,
+        },
+        epochs=6,
+    )
     assert line == "epoch 3/6  train_loss 0.01234  val_auroc 0.8123  12.3 s"
 
 
 def test_epoch_printer_prints_each_new_epoch_once(tmp_path, capsys):
     hist = tmp_path / "history.jsonl"
-    append_epoch(hist, {"epoch": 0, "train_loss": 1.0})  # an earlier run's epoch (a resume): not repeated
+    append_epoch(
+        hist, {"epoch": 0, "train_loss": 1.0}
+    )  # an earlier run's epoch (a resume): not repeated
     with EpochPrinter(hist, epochs=3, interval_s=0.05):
         append_epoch(hist, {"epoch": 1, "train_loss": 0.5})
         time.sleep(0.3)
@@ -33,13 +46,16 @@ def test_materialize_auto_holds_small_splits_and_streams_large_ones(tiny_data):
     need = split_nbytes(ds, "train") + split_nbytes(ds, "val")
     assert split_nbytes(ds, "train") >= ds.manifest["counts_per_split"]["train"] * 2 * 32 * 32
     assert choose_materialize(ds, ("train", "val"), "auto", store_bytes=8 * need)  # fits: held
-    assert not choose_materialize(ds, ("train", "val"), "auto", store_bytes=2 * need)  # > 1/4: streamed
+    assert not choose_materialize(
+        ds, ("train", "val"), "auto", store_bytes=2 * need
+    )  # > 1/4: streamed
     assert choose_materialize(ds, ("train",), "always", store_bytes=0)
     assert not choose_materialize(ds, ("train",), "never", store_bytes=1e12)
 
 
-def test_raylet_messages_go_to_the_log_folder_and_only_real_problems_reach_the_terminal(tmp_path, capsys,
-                                                                                       monkeypatch):
+def test_raylet_messages_go_to_the_log_folder_and_only_real_problems_reach_the_terminal(
+    tmp_path, capsys, monkeypatch
+):
     """Not verbose: the raylet's worker-pool warnings stay in Ray's log folder; a worker killed for
     memory is one `[raycell] Ray:` line naming the file; other streams go to Ray's printer unchanged."""
     from raycell.utils import ray_utils as R
@@ -47,11 +63,16 @@ def test_raylet_messages_go_to_the_log_folder_and_only_real_problems_reach_the_t
     seen = []
     monkeypatch.setattr(R, "_RAY_PRINT", lambda data, ignore_prefix: seen.append(data))
     monkeypatch.setattr(R, "ray_logs_dir", lambda: tmp_path)
-    pool = ("WARNING: 12 PYTHON worker processes have been started on node: abc with address: 10.0.0.1. "
-            "This could be a result of using a large number of actors, or due to tasks blocked in ray.get().")
+    pool = (
+        "WARNING: 12 PYTHON worker processes have been started on node: abc with address: 10.0.0.1. "
+        "This could be a result of using a large number of actors, or due to tasks blocked in ray.get()."
+    )
     R.raylet_message_sink({"lines": [pool], "pid": "raylet", "is_err": False})
     assert capsys.readouterr().err == ""
-    oom = ["Task was killed due to the node running low on memory.", "Memory on the node was 23.1GB / 24GB."]
+    oom = [
+        "Task was killed due to the node running low on memory.",
+        "Memory on the node was 23.1GB / 24GB.",
+    ]
     R.raylet_message_sink({"lines": oom, "pid": "raylet", "is_err": False})
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"[raycell] Ray: {oom[0]} (whole message: {tmp_path / R.RAYLET_MESSAGES})"]
@@ -66,7 +87,9 @@ def test_routing_replaces_rays_printer_once_and_keeps_it(monkeypatch):
 
     from raycell.utils import ray_utils as R
 
-    def original(data, ignore_prefix):  # Ray's printer (restored with the module's state after the test)
+    def original(
+        data, ignore_prefix
+    ):  # Ray's printer (restored with the module's state after the test)
         pass
 
     monkeypatch.setattr(w, "print_to_stdstream", original)
@@ -88,21 +111,31 @@ def test_native_ray_log_lines_are_dropped_and_everything_else_reaches_the_termin
     term = os.open(out_path, os.O_WRONLY | os.O_CREAT)
     t = threading.Thread(target=_forward_native, args=(r, term))
     t.start()
-    native = (b"[2026-12-01 23:28:34,874 E 21956 21956] core_worker.cc:2465: Actor with class name: "
-              b"'MapWorker(MapBatches(_SplitFilter))' has constructor arguments in the object store\n")
+    native = (
+        b"[2026-12-01 23:28:34,874 E 21956 21956] core_worker.cc:2465: Actor with class name: "
+        b"'MapWorker(MapBatches(_SplitFilter))' has constructor arguments in the object store\n"
+    )
     # a native line split across writes, a progress bar without a newline, a traceback, a user's [bracket]
-    for chunk in (native[:20], native[20:], b"infer:  50%|#####     | 3/6\r", b"infer: 100%|##########| 6/6\n",
-                  b"Traceback (most recent call last):\n  ValueError: bad row 3\n", b"[raycell] note\n",
-                  b"[2] no newline at the end"):
+    for chunk in (
+        native[:20],
+        native[20:],
+        b"infer:  50%|#####     | 3/6\r",
+        b"infer: 100%|##########| 6/6\n",
+        b"Traceback (most recent call last):\n  ValueError: bad row 3\n",
+        b"[raycell] note\n",
+        b"[2] no newline at the end",
+    ):
         os.write(w, chunk)
     os.close(w)
     t.join(timeout=5)
     os.close(term)
     got = out_path.read_bytes()
     assert b"core_worker.cc" not in got
-    assert got == (b"infer:  50%|#####     | 3/6\rinfer: 100%|##########| 6/6\n"
-                   b"Traceback (most recent call last):\n  ValueError: bad row 3\n[raycell] note\n"
-                   b"[2] no newline at the end")
+    assert got == (
+        b"infer:  50%|#####     | 3/6\rinfer: 100%|##########| 6/6\n"
+        b"Traceback (most recent call last):\n  ValueError: bad row 3\n[raycell] note\n"
+        b"[2] no newline at the end"
+    )
 
 
 @pytest.mark.parametrize("verbose", [False, True])

@@ -14,7 +14,9 @@ def _history(run_dir):
 
 
 @pytest.mark.ray
-def test_worker_killed_mid_epoch_restarts_and_matches_an_undisturbed_run(tiny_data, ray_local, tmp_path):
+def test_worker_killed_mid_epoch_restarts_and_matches_an_undisturbed_run(
+    tiny_data, ray_local, tmp_path
+):
     from raycell.train.loop import CHAOS_MARKER
     from raycell.train.trainer import train
 
@@ -22,8 +24,13 @@ def test_worker_killed_mid_epoch_restarts_and_matches_an_undisturbed_run(tiny_da
     calm = train(load_config(None, base + ["name=calm"]))
     steps = calm["history"][0]["steps"]
     # rank 0 calls os._exit a few steps into epoch 1 (after the epoch-0 checkpoint)
-    hit = train(load_config(None, base + ["name=hit", "train.max_failures=1",
-                                          f"train.chaos_kill_after_steps={steps + 2}"]))
+    hit = train(
+        load_config(
+            None,
+            base
+            + ["name=hit", "train.max_failures=1", f"train.chaos_kill_after_steps={steps + 2}"],
+        )
+    )
     from pathlib import Path
 
     hit_dir = Path(hit["run_dir"])

@@ -10,30 +10,55 @@ from conftest import tiny_overrides
 
 from raycell.config import ConfigError, load_config
 
-SPACE = ["tune.space.loss.adv={dist: loguniform, low: 0.01, high: 1.0}",
-         "tune.space.train.lr={dist: loguniform, low: 1.0e-4, high: 1.0e-2}"]
+SPACE = [
+    "tune.space.loss.adv={dist: loguniform, low: 0.01, high: 1.0}",
+    "tune.space.train.lr={dist: loguniform, low: 1.0e-4, high: 1.0e-2}",
+]
 
 
 def _cfg(tiny_data, tmp_path, extra=()):
-    return load_config(None, tiny_overrides(tiny_data, tmp_path / "runs", epochs=1) +
-                       ["model.type=adversarial", f"tune.out={tmp_path / 'search'}", *extra])
+    return load_config(
+        None,
+        tiny_overrides(tiny_data, tmp_path / "runs", epochs=1)
+        + ["model.type=adversarial", f"tune.out={tmp_path / 'search'}", *extra],
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("tune.space.loss.nope={dist: uniform, low: 0, high: 1}",
-     "unknown config key 'loss.nope'; valid keys in 'loss': recon, cls, adv"),
-    ("tune.space.loss.adv={dist: gaussian, low: 0, high: 1}", "unknown distribution 'gaussian'"),
-    ("tune.num_samples=0", "tune.num_samples must be >= 1, got 0"),
-    ("tune.space.loss.adv={dist: uniform, low: 0.5, high: 0.5}", "low (0.5) must be smaller than high (0.5)"),
-    ("tune.space.loss.adv={dist: uniform, low: 0.9, high: 0.1}", "low (0.9) must be smaller than high (0.1)"),
-    ("tune.space.loss.adv={dist: loguniform, low: 0, high: 1}", "loguniform needs low > 0, got 0"),
-    ("tune.space.loss.adv={dist: choice, values: []}", "choice needs a non-empty list"),
-    ("tune.space.loss.adv={dist: uniform, low: 0}", "uniform takes high, low, got low"),
-    ("tune.space.train.epochs={dist: randint, low: 1, high: 4}", "'train.epochs' cannot be searched"),
-    ("tune.space.model.args={dist: choice, values: [1]}", "tune.space.model.args: choice"),
-    ("tune.mode=maximum", "tune.mode must be 'max' or 'min'"),
-    ("tune.select=last", "tune.select must be one of budget, best_epoch, got 'last'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "tune.space.loss.nope={dist: uniform, low: 0, high: 1}",
+            "unknown config key 'loss.nope'; valid keys in 'loss': recon, cls, adv",
+        ),
+        (
+            "tune.space.loss.adv={dist: gaussian, low: 0, high: 1}",
+            "unknown distribution 'gaussian'",
+        ),
+        ("tune.num_samples=0", "tune.num_samples must be >= 1, got 0"),
+        (
+            "tune.space.loss.adv={dist: uniform, low: 0.5, high: 0.5}",
+            "low (0.5) must be smaller than high (0.5)",
+        ),
+        (
+            "tune.space.loss.adv={dist: uniform, low: 0.9, high: 0.1}",
+            "low (0.9) must be smaller than high (0.1)",
+        ),
+        (
+            "tune.space.loss.adv={dist: loguniform, low: 0, high: 1}",
+            "loguniform needs low > 0, got 0",
+        ),
+        ("tune.space.loss.adv={dist: choice, values: []}", "choice needs a non-empty list"),
+        ("tune.space.loss.adv={dist: uniform, low: 0}", "uniform takes high, low, got low"),
+        (
+            "tune.space.train.epochs={dist: randint, low: 1, high: 4}",
+            "'train.epochs' cannot be searched",
+        ),
+        ("tune.space.model.args={dist: choice, values: [1]}", "tune.space.model.args: choice"),
+        ("tune.mode=maximum", "tune.mode must be 'max' or 'min'"),
+        ("tune.select=last", "tune.select must be one of budget, best_epoch, got 'last'"),
+    ],
+)
 def test_bad_space_is_one_line_config_error(override, message):
     with pytest.raises(ConfigError) as exc:
         cfg = load_config(None, [override])
@@ -49,16 +74,32 @@ def test_checks_before_ray(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="tune.space is empty"):
         check_tune(_cfg(tiny_data, tmp_path))
     # a sampled value the key refuses (range and type), found at the bounds before any trial runs
-    with pytest.raises(ConfigError, match=r"tune.space.loss.cls: uniform can sample -1.*loss.cls must be >= 0"):
-        check_tune(_cfg(tiny_data, tmp_path, ["tune.space.loss.cls={dist: uniform, low: -1, high: 1}"]))
+    with pytest.raises(
+        ConfigError, match=r"tune.space.loss.cls: uniform can sample -1.*loss.cls must be >= 0"
+    ):
+        check_tune(
+            _cfg(tiny_data, tmp_path, ["tune.space.loss.cls={dist: uniform, low: -1, high: 1}"])
+        )
     with pytest.raises(ConfigError, match="config key 'train.lr' expects a number"):
-        check_tune(_cfg(tiny_data, tmp_path, ["tune.space.train.lr={dist: choice, values: [fast]}"]))
+        check_tune(
+            _cfg(tiny_data, tmp_path, ["tune.space.train.lr={dist: choice, values: [fast]}"])
+        )
     with pytest.raises(ConfigError, match="model.type: unknown model type 'nope'"):
-        check_tune(_cfg(tiny_data, tmp_path, ["tune.space.model.type={dist: choice, values: [conventional, "
-                                              "nope]}"]))
+        check_tune(
+            _cfg(
+                tiny_data,
+                tmp_path,
+                ["tune.space.model.type={dist: choice, values: [conventional, nope]}"],
+            )
+        )
     # nested sections and dotted keys are the same space; dict-valued keys take any sub-key
-    cfg = load_config(None, ["tune.space={loss: {adv: {dist: uniform, low: 0, high: 1}}, "
-                             "model.args.latent_dim: {dist: randint, low: 4, high: 9}}"])
+    cfg = load_config(
+        None,
+        [
+            "tune.space={loss: {adv: {dist: uniform, low: 0, high: 1}}, "
+            "model.args.latent_dim: {dist: randint, low: 4, high: 9}}"
+        ],
+    )
     assert set(cfg.tune.space) == {"loss.adv", "model.args.latent_dim"}
     c = apply_params(cfg, {"loss.adv": 0.25, "model.args.latent_dim": 6, "train.lr": 3e-3})
     assert (c.loss.adv, c.model.args, c.train.lr) == (0.25, {"latent_dim": 6}, 3e-3)
@@ -69,18 +110,28 @@ def test_checks_before_ray(tiny_data, tmp_path):
         check_tune(_cfg(tiny_data, tmp_path, [*SPACE, f"tune.out={out}"]))
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("model.args.nonsense_arg={dist: choice, values: [1, 2]}",
-     "tune.space.model.args.nonsense_arg: choice can sample 1, which model type 'adversarial' "
-     "rejects when built: model type 'adversarial' does not take argument(s) ['nonsense_arg']"),
-    ("model.args.latent_dim={dist: choice, values: [8, sixteen, true]}",
-     "tune.space.model.args.latent_dim: choice can sample 'sixteen', a str, but model type "
-     "'adversarial' takes an int (or None) for latent_dim"),
-    ("model.args.latent_dim={dist: choice, values: [8, true]}",
-     "can sample True, a bool, but model type 'adversarial' takes an int (or None)"),
-])
-def test_model_values_are_built_before_ray(tiny_data, tmp_path, capsys, monkeypatch, entry,
-                                           message):
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            "model.args.nonsense_arg={dist: choice, values: [1, 2]}",
+            "tune.space.model.args.nonsense_arg: choice can sample 1, which model type 'adversarial' "
+            "rejects when built: model type 'adversarial' does not take argument(s) ['nonsense_arg']",
+        ),
+        (
+            "model.args.latent_dim={dist: choice, values: [8, sixteen, true]}",
+            "tune.space.model.args.latent_dim: choice can sample 'sixteen', a str, but model type "
+            "'adversarial' takes an int (or None) for latent_dim",
+        ),
+        (
+            "model.args.latent_dim={dist: choice, values: [8, true]}",
+            "can sample True, a bool, but model type 'adversarial' takes an int (or None)",
+        ),
+    ],
+)
+def test_model_values_are_built_before_ray(
+    tiny_data, tmp_path, capsys, monkeypatch, entry, message
+):
     """Values only the model builder can judge: refused in one line, before Ray starts."""
     import raycell.utils.ray_utils as ru
     from raycell.__main__ import main
@@ -129,7 +180,11 @@ def test_cli_error_is_one_line_before_ray(tmp_path, capsys):
 
     assert main(["tune", "--set", "tune.space.loss.adv={dist: beta, low: 0, high: 1}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("raycell: error:") and "unknown distribution 'beta'" in err and "\n" not in err
+    assert (
+        err.startswith("raycell: error:")
+        and "unknown distribution 'beta'" in err
+        and "\n" not in err
+    )
     assert main(["tune", "--data", str(tmp_path / "none"), "--set", SPACE[0]]) == 2
     assert "data set folder not found" in capsys.readouterr().err
 
@@ -137,10 +192,16 @@ def test_cli_error_is_one_line_before_ray(tmp_path, capsys):
 def test_concurrency_is_bounded_by_the_cluster():
     from raycell.tune import max_concurrent, trial_resources
 
-    cfg = load_config(None, ["tune.num_samples=8", "scaling.num_workers=2", "scaling.resources_per_worker={CPU: 1}"])
+    cfg = load_config(
+        None,
+        ["tune.num_samples=8", "scaling.num_workers=2", "scaling.resources_per_worker={CPU: 1}"],
+    )
     assert trial_resources(cfg) == {"CPU": 2.01}
     assert max_concurrent(cfg, {"CPU": 16.0}) == (5, 5)  # 16 // (2.01 + 1 for data reads)
-    cfg = load_config(None, ["tune.num_samples=3", "scaling.use_gpu=true", "scaling.resources_per_worker={CPU: 2}"])
+    cfg = load_config(
+        None,
+        ["tune.num_samples=3", "scaling.use_gpu=true", "scaling.resources_per_worker={CPU: 2}"],
+    )
     assert trial_resources(cfg) == {"CPU": 2.01, "GPU": 1.0}
     assert max_concurrent(cfg, {"CPU": 64.0, "GPU": 8.0}) == (3, 8)  # num_samples caps it
     cfg.tune.max_concurrent_trials = 2
@@ -152,8 +213,14 @@ def test_concurrency_is_bounded_by_the_cluster():
 def _row(tid, curve, status):
     """A trials.csv row as `_trial_rows` makes it: scored at the trial's best epoch."""
     best = max(range(len(curve)), key=curve.__getitem__)
-    return {"trial_id": tid, "objective": curve[best], "best_epoch": best, "epochs_run": len(curve),
-            "last_epoch_objective": curve[-1], "status": status}
+    return {
+        "trial_id": tid,
+        "objective": curve[best],
+        "best_epoch": best,
+        "epochs_run": len(curve),
+        "last_epoch_objective": curve[-1],
+        "status": status,
+    }
 
 
 def test_asha_stopped_trials_do_not_outrank_the_survivor():
@@ -162,9 +229,12 @@ def test_asha_stopped_trials_do_not_outrank_the_survivor():
     'budget' only c ran the full budget, so c is chosen at its best epoch."""
     from raycell.tune import select_best
 
-    rows = [_row("a", [0.70, 0.81], "stopped"), _row("b", [0.60, 0.79], "stopped"),
-            _row("c", [0.72, 0.80, 0.74, 0.78, 0.77, 0.76], "completed"),
-            _row("d", [0.99], "error")]
+    rows = [
+        _row("a", [0.70, 0.81], "stopped"),
+        _row("b", [0.60, 0.79], "stopped"),
+        _row("c", [0.72, 0.80, 0.74, 0.78, 0.77, 0.76], "completed"),
+        _row("d", [0.99], "error"),
+    ]
     best = select_best(rows, "budget", "max")
     assert best["trial_id"] == "c" and best["best_epoch"] == 1 and best["objective"] == 0.80
     assert [r["eligible"] for r in rows] == [False, False, True, False]
@@ -185,22 +255,44 @@ def test_two_trial_search_writes_agreeing_outputs(tiny_data, ray_local, tmp_path
     from raycell.formats.checkpoint import find_checkpoint, read_meta
     from raycell.pipeline import run_tune
 
-    cfg = _cfg(tiny_data, tmp_path, [*SPACE, "tune.num_samples=2", "tune.max_concurrent_trials=1",
-                                     "train.epochs=2", "tune.grace_period=2", "train.checkpoints_to_keep=1"])
+    cfg = _cfg(
+        tiny_data,
+        tmp_path,
+        [
+            *SPACE,
+            "tune.num_samples=2",
+            "tune.max_concurrent_trials=1",
+            "train.epochs=2",
+            "tune.grace_period=2",
+            "train.checkpoints_to_keep=1",
+        ],
+    )
     res = run_tune(cfg)
     out = tmp_path / "search"
     trials = pd.read_csv(out / "trials.csv")
-    assert len(trials) == 2 and set(trials["status"]) == {"completed"} and list(trials["epochs_run"]) == [2, 2]
-    assert {"trial_id", "loss.adv", "train.lr", "objective", "epochs_run", "status"} <= set(trials.columns)
-    assert trials["loss.adv"].between(0.01, 1.0).all() and trials["train.lr"].between(1e-4, 1e-2).all()
+    assert (
+        len(trials) == 2
+        and set(trials["status"]) == {"completed"}
+        and list(trials["epochs_run"]) == [2, 2]
+    )
+    assert {"trial_id", "loss.adv", "train.lr", "objective", "epochs_run", "status"} <= set(
+        trials.columns
+    )
+    assert (
+        trials["loss.adv"].between(0.01, 1.0).all() and trials["train.lr"].between(1e-4, 1e-2).all()
+    )
     assert trials["loss.adv"].nunique() == 2  # two different samples
     # each trial is a Train run named after its trial id, with its sampled values in its config.yaml
     for _, row in trials.iterrows():
-        rec = yaml.safe_load((out / "trials" / f"train-{row['trial_id']}" / "config.yaml").read_text())
+        rec = yaml.safe_load(
+            (out / "trials" / f"train-{row['trial_id']}" / "config.yaml").read_text()
+        )
         assert math.isclose(rec["loss"]["adv"], row["loss.adv"], rel_tol=1e-9)
     best_row = trials.loc[trials["objective"].idxmax()]
     assert res["best"]["trial_id"] == best_row["trial_id"]
-    best = load_config(out / "best.yaml")  # a ready-to-use config: `raycell train --config best.yaml`
+    best = load_config(
+        out / "best.yaml"
+    )  # a ready-to-use config: `raycell train --config best.yaml`
     assert math.isclose(best.loss.adv, best_row["loss.adv"], rel_tol=1e-9)
     assert math.isclose(best.train.lr, best_row["train.lr"], rel_tol=1e-9)
     # best.yaml trains up to the chosen epoch; <search>/best is that epoch's checkpoint, kept although
@@ -208,8 +300,12 @@ def test_two_trial_search_writes_agreeing_outputs(tiny_data, ray_local, tmp_path
     assert best.model.type == "adversarial" and best.train.epochs == best_row["best_epoch"] + 1
     assert best.data.path == str(tiny_data)
     assert f"{best_row['objective']:.4f}" in (out / "best.yaml").read_text().splitlines()[0]
-    history = [json.loads(x) for x in (out / "trials" / f"train-{best_row['trial_id']}" / "history.jsonl")
-               .read_text().splitlines()]
+    history = [
+        json.loads(x)
+        for x in (out / "trials" / f"train-{best_row['trial_id']}" / "history.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     assert best_row["objective"] == max(h["val_auroc"] for h in history)
     meta = read_meta(find_checkpoint(out / "best"))
     assert meta["epoch"] == best_row["best_epoch"]
@@ -222,9 +318,19 @@ def test_two_trial_search_writes_agreeing_outputs(tiny_data, ray_local, tmp_path
 def test_metric_never_reported_is_a_clear_error(tiny_data, ray_local, tmp_path):
     from raycell.pipeline import run_tune
 
-    cfg = _cfg(tiny_data, tmp_path, [SPACE[0], "tune.num_samples=1", "tune.max_concurrent_trials=1",
-                                     "tune.metric=val_auroc_typo"])
-    with pytest.raises(ConfigError, match=r"tune.metric 'val_auroc_typo' was never reported.*val_auroc") as exc:
+    cfg = _cfg(
+        tiny_data,
+        tmp_path,
+        [
+            SPACE[0],
+            "tune.num_samples=1",
+            "tune.max_concurrent_trials=1",
+            "tune.metric=val_auroc_typo",
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"tune.metric 'val_auroc_typo' was never reported.*val_auroc"
+    ) as exc:
         run_tune(cfg)
     assert "\n" not in str(exc.value)
 
@@ -250,10 +356,16 @@ def test_resume_needs_a_search_folder_and_keeps_its_config(tiny_data, tmp_path, 
     save_config(rec, out / "config.yaml")
     assert main(["tune", "--resume", str(out), "--model", "conventional"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "model.type ('adversarial' in the search, 'conventional' given)" in err and "\n" not in err
+    assert (
+        "model.type ('adversarial' in the search, 'conventional' given)" in err and "\n" not in err
+    )
     cfg = load_config(None, [f"tune.resume={out}", "ray.num_cpus=3"])
     got = resume_search_config(cfg, ["tune.resume", "ray.num_cpus"])
-    assert got.model.type == "adversarial" and got.tune.space == rec.tune.space and got.ray.num_cpus == 3
+    assert (
+        got.model.type == "adversarial"
+        and got.tune.space == rec.tune.space
+        and got.ray.num_cpus == 3
+    )
     assert got.tune.out == str(out)
 
 
@@ -269,18 +381,45 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_data, ray_
     from raycell.__main__ import run
 
     out = tmp_path / "search"
-    args = ["tune", "--data", str(tiny_data), "--model", "adversarial", "--samples", "3", "--concurrent", "1",
-            "--epochs", "1", "--out", str(out), "--set", SPACE[0], "--set", SPACE[1]]
-    args += [x for ov in tiny_overrides(tiny_data, tmp_path / "runs", epochs=1) for x in ("--set", ov)]
+    args = [
+        "tune",
+        "--data",
+        str(tiny_data),
+        "--model",
+        "adversarial",
+        "--samples",
+        "3",
+        "--concurrent",
+        "1",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--set",
+        SPACE[0],
+        "--set",
+        SPACE[1],
+    ]
+    args += [
+        x for ov in tiny_overrides(tiny_data, tmp_path / "runs", epochs=1) for x in ("--set", ov)
+    ]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "raycell", *args], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raycell", *args],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = None
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            runs = sorted((out / "trials").glob("train-*"), key=lambda p: p.stat().st_mtime) \
-                if (out / "trials").is_dir() else []
+            runs = (
+                sorted((out / "trials").glob("train-*"), key=lambda p: p.stat().st_mtime)
+                if (out / "trials").is_dir()
+                else []
+            )
             done = [r for r in runs if (r / "history.jsonl").is_file()]
             if done and len(runs) >= 2:  # one at a time: trial 2 started, so trial 1 finished
                 first = done[0]
@@ -296,7 +435,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tiny_data, ray_
     res = run(["tune", "--resume", str(out)])
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 3 and trials["trial_id"].is_unique and (trials["epochs_run"] == 1).all()
-    assert f"train-{trials['trial_id'].iloc[0]}" == first.name  # the finished trial is kept, not re-run
+    assert (
+        f"train-{trials['trial_id'].iloc[0]}" == first.name
+    )  # the finished trial is kept, not re-run
     assert (first / "history.jsonl").read_text() == before
     assert res["best"] is not None and (out / "best.yaml").is_file()
 
@@ -308,14 +449,26 @@ def test_fold_filters_move_only_the_held_batch_train_and_val_cells():
 
     from raycell.data.dataset import split_filter
 
-    rows = pa.table({"split": ["train", "val", "test", "unseen", "train", "val", "test"],
-                     "batch": ["b1", "b1", "b1", "b9", "b2", "b2", "b2"]})
+    rows = pa.table(
+        {
+            "split": ["train", "val", "test", "unseen", "train", "val", "test"],
+            "batch": ["b1", "b1", "b1", "b9", "b2", "b2", "b2"],
+        }
+    )
     assert split_filter("train") == "split == 'train'"
 
     def pick(expr):
-        ok = [eval(expr, {}, {"split": s, "batch": b})  # the expression is Python syntax, as Ray's parser
-              for s, b in zip(rows["split"].to_pylist(), rows["batch"].to_pylist())]
-        return [f"{s}/{b}" for s, b, k in zip(rows["split"].to_pylist(), rows["batch"].to_pylist(), ok) if k]
+        ok = [
+            eval(
+                expr, {}, {"split": s, "batch": b}
+            )  # the expression is Python syntax, as Ray's parser
+            for s, b in zip(rows["split"].to_pylist(), rows["batch"].to_pylist())
+        ]
+        return [
+            f"{s}/{b}"
+            for s, b, k in zip(rows["split"].to_pylist(), rows["batch"].to_pylist(), ok)
+            if k
+        ]
 
     assert pick(split_filter("train", ["b1"])) == ["train/b2"]
     assert pick(split_filter("val", ["b1"])) == ["val/b2"]
@@ -327,8 +480,13 @@ def test_fold_filters_move_only_the_held_batch_train_and_val_cells():
 def test_fold_metrics_average_the_folds_and_keep_each():
     from raycell.tune import fold_metrics
 
-    res = fold_metrics([{"epoch": 3, "valbatch_auroc": 0.6, "val_loss": 1.0, "only_one": 5},
-                        {"epoch": 3, "valbatch_auroc": 0.8, "val_loss": 3.0}], "valbatch_auroc")
+    res = fold_metrics(
+        [
+            {"epoch": 3, "valbatch_auroc": 0.6, "val_loss": 1.0, "only_one": 5},
+            {"epoch": 3, "valbatch_auroc": 0.8, "val_loss": 3.0},
+        ],
+        "valbatch_auroc",
+    )
     assert res["epoch"] == 3 and math.isclose(res["valbatch_auroc"], 0.7) and res["val_loss"] == 2.0
     assert math.isclose(res["valbatch_auroc_fold_sd"], 0.1) and res["valbatch_auroc_fold1"] == 0.8
     assert "only_one" not in res
@@ -351,13 +509,24 @@ def test_folds_need_enough_batches_and_a_model_without_a_batch_head(tiny_data, t
 def test_a_fold_search_reports_the_mean_over_folds(tiny_data, ray_local, tmp_path):
     from raycell.pipeline import run_tune
 
-    cfg = _cfg(tiny_data, tmp_path, [*SPACE, "tune.num_samples=1", "tune.folds=2",
-                                     "tune.metric=valbatch_auroc", "data.materialize=never"])
+    cfg = _cfg(
+        tiny_data,
+        tmp_path,
+        [
+            *SPACE,
+            "tune.num_samples=1",
+            "tune.folds=2",
+            "tune.metric=valbatch_auroc",
+            "data.materialize=never",
+        ],
+    )
     res = run_tune(cfg)
     out = tmp_path / "search"
     trial = out / "trials" / f"train-{res['best']['trial_id']}"
-    folds = [[json.loads(x) for x in (trial / f"fold-{k}" / "history.jsonl").read_text().splitlines()]
-             for k in range(2)]
+    folds = [
+        [json.loads(x) for x in (trial / f"fold-{k}" / "history.jsonl").read_text().splitlines()]
+        for k in range(2)
+    ]
     merged = [json.loads(x) for x in (trial / "history.jsonl").read_text().splitlines()]
     assert len(merged) == 1 and all(len(f) == 1 for f in folds)
     per_fold = [f[0]["valbatch_auroc"] for f in folds]

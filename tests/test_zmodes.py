@@ -22,7 +22,9 @@ from raycell.infer.zpredictor import balance_setup, balanced_weights, run_infer_
 
 
 def _confounded(n=200, major=0.9, seed=0):
-    """Two batches, two labels; in batch 0 label 0 is common, in batch 1 label 1: the label predicts the batch."""
+    """Two batches, two labels; in batch 0 label 0 is common, in batch 1 label 1: the label
+    predicts the batch.
+    """
     rng = np.random.default_rng(seed)
     b = np.repeat([0, 1], n // 2)
     lab = np.where(rng.random(n) < major, b, 1 - b)
@@ -73,8 +75,16 @@ def test_balanced_plan_is_the_weighted_cross_entropy():
     from raycell.models import build_plan, create_model
 
     torch.manual_seed(0)
-    m = create_model("zpredictor", in_channels=2, n_classes=2, n_batches=2, preset="tiny", image_size=32,
-                     head_names=[K.BATCH], head_sizes=[2])
+    m = create_model(
+        "zpredictor",
+        in_channels=2,
+        n_classes=2,
+        n_batches=2,
+        preset="tiny",
+        image_size=32,
+        head_names=[K.BATCH],
+        head_sizes=[2],
+    )
     plan = build_plan(m, LossConfig(), 1e-3, n_batches=2)
     w = torch.tensor([[0.5, 2.0], [3.0, 0.25]])
     plan.set_balance(w)
@@ -82,7 +92,10 @@ def test_balanced_plan_is_the_weighted_cross_entropy():
     y = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [0, 1], [1, 0]])  # batch code, label code
     with torch.no_grad():
         logits = m(x).logits
-        want = (w[y[:, 0], y[:, 1]] * torch.nn.functional.cross_entropy(logits, y[:, 0], reduction="none")).mean()
+        want = (
+            w[y[:, 0], y[:, 1]]
+            * torch.nn.functional.cross_entropy(logits, y[:, 0], reduction="none")
+        ).mean()
     losses, _ = plan.validation_step(x, y, None)
     assert losses.values()["loss"] == pytest.approx(want.item(), rel=1e-5)
     assert losses.values()["cls_batch"] == pytest.approx(want.item(), rel=1e-5)
@@ -96,18 +109,26 @@ def test_balanced_zpredictor_trains_in_the_loop_and_serves_the_batch_head_only(t
     from raycell.train.loop import make_collate, run_training
     from raycell.train.trainer import training_setup
 
-    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, epochs=1)
-                      + ["model.type=zpredictor", "train.max_steps_per_epoch=3", "data.heads=[]"])
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_data, tmp_path, epochs=1)
+        + ["model.type=zpredictor", "train.max_steps_per_epoch=3", "data.heads=[]"],
+    )
     setup, ds = training_setup(cfg)
     setup["balance"] = balance_setup(cfg, ds)
     col = make_collate(setup)
-    assert [h.column for h in col.heads] == [K.BATCH, K.LABEL]  # y carries the label for the weights
+    assert [h.column for h in col.heads] == [
+        K.BATCH,
+        K.LABEL,
+    ]  # y carries the label for the weights
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path)
     run_training(ctx, cfg, setup)
     h = ctx.history[-1]
     assert np.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1 and "val_label_acc" not in h
     _, meta = load_checkpoint(tmp_path)
-    assert [x["column"] for x in meta["heads"]] == [K.BATCH]  # the served model: the batch head only
+    assert [x["column"] for x in meta["heads"]] == [
+        K.BATCH
+    ]  # the served model: the batch head only
 
 
 def test_balance_only_for_the_zpredictor_before_ray(tiny_data, tmp_path):
@@ -115,7 +136,9 @@ def test_balance_only_for_the_zpredictor_before_ray(tiny_data, tmp_path):
 
     cfg = load_config(None, tiny_overrides(tiny_data, tmp_path))
     with pytest.raises(ConfigError, match="Z-predictor.*not model type 'conventional'"):
-        train(cfg, balance={"by": {"column": "label", "values": ["high", "low"]}, "weights": [[1.0]]})
+        train(
+            cfg, balance={"by": {"column": "label", "values": ["high", "low"]}, "weights": [[1.0]]}
+        )
     assert not list(tmp_path.glob("*conventional*"))  # no run folder
 
 
@@ -129,13 +152,22 @@ def test_uniform_z_rows_sum_to_one_in_the_models_batch_order(tiny_data, tmp_path
     from test_zpredictor_model import _served_checkpoint
 
     ck = _served_checkpoint(tmp_path / "ck", ds, served)
-    cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}",
-                             f"infer.checkpoint={ck}", "infer.z_splits=[test,unseen]"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={tiny_data}",
+            f"infer.z_out={tmp_path / 'z'}",
+            f"infer.checkpoint={ck}",
+            "infer.z_splits=[test,unseen]",
+        ],
+    )
     cfg.infer.z_mode = "uniform"  # (set directly until config.py has the key)
     s = run_infer_z(cfg)
     counts = ds.manifest["counts_per_split"]
     ids, z = read_inferred_z(s["out"], served)  # what infer / the predictor read, unchanged
-    assert z.shape == (counts["test"] + counts["unseen"], len(served)) == (s["n_cells"], len(served))
+    assert (
+        z.shape == (counts["test"] + counts["unseen"], len(served)) == (s["n_cells"], len(served))
+    )
     np.testing.assert_allclose(z.sum(1), 1.0, atol=1e-6)
     np.testing.assert_allclose(z, 1 / len(served))
     t = pq.read_table(s["parquet"])
@@ -154,7 +186,9 @@ def test_uniform_z_without_checkpoint_uses_the_training_batches(tiny_data, tmp_p
     cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}"])
     cfg.infer.z_mode = "uniform"
     s = run_infer_z(cfg)
-    assert s["batches"]["values"] == seen and s["n_cells"] == ds.manifest["counts_per_split"]["unseen"]
+    assert (
+        s["batches"]["values"] == seen and s["n_cells"] == ds.manifest["counts_per_split"]["unseen"]
+    )
 
 
 def test_zero_z_puts_every_random_effect_at_its_prior_mean(tiny_data, tmp_path):
@@ -164,7 +198,9 @@ def test_zero_z_puts_every_random_effect_at_its_prior_mean(tiny_data, tmp_path):
 
     ds = open_dataset(tiny_data)
     seen = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
-    cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", "infer.z_mode=zero"])
+    cfg = load_config(
+        None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", "infer.z_mode=zero"]
+    )
     s = run_infer_z(cfg)
     ids, z = read_inferred_z(s["out"], seen)
     assert z.shape == (ds.manifest["counts_per_split"]["unseen"], len(seen)) and not z.any()
@@ -189,8 +225,11 @@ def test_zero_z_puts_every_random_effect_at_its_prior_mean(tiny_data, tmp_path):
 def test_bad_z_mode_is_one_line_before_anything(tiny_data, tmp_path):
     cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}"])
     cfg.infer.z_mode = "mean"
-    with pytest.raises(ConfigError, match=r"^infer.z_mode: must be one of predicted, balanced, uniform, "
-                                          r"zero, got 'mean'$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^infer.z_mode: must be one of predicted, balanced, uniform, "
+        r"zero, got 'mean'$",
+    ):
         run_infer_z(cfg)
     assert not (tmp_path / "z").exists()
 
@@ -221,13 +260,22 @@ def test_experiment_z_modes_rows_reuse_the_checkpoint(tiny_data, monkeypatch, tm
     monkeypatch.setattr(experiments, "_unseen_z", fake_z)
     monkeypatch.setattr(experiments, "infer_evaluate", fake_infer_evaluate)
     cfg = load_config(None, [f"data.path={tiny_data}", "eval.max_cells=80"])
-    res = experiments.run_medl_experiment(cfg, [0], ["conventional", "mixedeffects"], str(tmp_path / "out"),
-                                          randomized_z=False, baseline=False, z_modes=["uniform", "predicted"])
+    res = experiments.run_medl_experiment(
+        cfg,
+        [0],
+        ["conventional", "mixedeffects"],
+        str(tmp_path / "out"),
+        randomized_z=False,
+        baseline=False,
+        z_modes=["uniform", "predicted"],
+    )
     assert list(res["summary"]) == ["conventional", "mixedeffects", "mixedeffects (Z uniform)"]
     assert made == [("zpredictor", "predicted"), ("zpredictor_uniform", "uniform")]
     assert served == [("c", "zpredictor_uniform")]  # the trained row's checkpoint ("c" in the fake)
     with pytest.raises(ConfigError, match="z-modes"):
-        experiments.run_medl_experiment(cfg, [0], ["mixedeffects"], str(tmp_path / "o2"), z_modes=["bogus"])
+        experiments.run_medl_experiment(
+            cfg, [0], ["mixedeffects"], str(tmp_path / "o2"), z_modes=["bogus"]
+        )
 
 
 def test_soft_z_reader_skips_shards_without_z_cells(tmp_path):
@@ -236,10 +284,23 @@ def test_soft_z_reader_skips_shards_without_z_cells(tmp_path):
 
     (tmp_path / "shards").mkdir()
     col = f"{K.PROB}_{K.BATCH}"
-    full = pa.table({K.CELL_ID: ["a", "b"], K.BATCH: ["u", "u"], K.SPLIT: ["unseen"] * 2,
-                     col: pa.array([[0.2, 0.8], [0.5, 0.5]], pa.list_(pa.float32()))})
-    pq.write_table(pa.table({K.CELL_ID: pa.array([], pa.string())}), tmp_path / "shards" / "p0.parquet")
+    full = pa.table(
+        {
+            K.CELL_ID: ["a", "b"],
+            K.BATCH: ["u", "u"],
+            K.SPLIT: ["unseen"] * 2,
+            col: pa.array([[0.2, 0.8], [0.5, 0.5]], pa.list_(pa.float32())),
+        }
+    )
+    pq.write_table(
+        pa.table({K.CELL_ID: pa.array([], pa.string())}), tmp_path / "shards" / "p0.parquet"
+    )
     pq.write_table(full, tmp_path / "shards" / "p1.parquet")
-    manifest = {"shards": [{"file": "shards/p0.parquet", "rows": 0}, {"file": "shards/p1.parquet", "rows": 2}]}
+    manifest = {
+        "shards": [
+            {"file": "shards/p0.parquet", "rows": 0},
+            {"file": "shards/p1.parquet", "rows": 2},
+        ]
+    }
     t = _read_soft_z(tmp_path, manifest)
     assert t.column(K.CELL_ID).to_pylist() == ["a", "b"]

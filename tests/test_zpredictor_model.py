@@ -19,19 +19,35 @@ from raycell.plans import ZPredictorPlan
 
 def _model(n=3, size=32):
     torch.manual_seed(0)
-    return create_model("zpredictor", in_channels=2, n_classes=2, n_batches=n, preset="tiny", image_size=size,
-                        head_names=[K.BATCH], head_sizes=[n])
+    return create_model(
+        "zpredictor",
+        in_channels=2,
+        n_classes=2,
+        n_batches=n,
+        preset="tiny",
+        image_size=size,
+        head_names=[K.BATCH],
+        head_sizes=[n],
+    )
 
 
 def test_registered_as_a_batch_head_classifier_with_imageclassifier_weights():
     from raycell.models.layers import ImageClassifier
 
     e = model_entry("zpredictor")
-    assert e.plan is ZPredictorPlan and e.weak_labels and e.batch_head and not e.reconstructs and not e.uses_z
+    assert (
+        e.plan is ZPredictorPlan
+        and e.weak_labels
+        and e.batch_head
+        and not e.reconstructs
+        and not e.uses_z
+    )
     m = _model(4)
     x = torch.rand(5, 2, 32, 32)
     out = m(x)
-    assert out.logits.shape == (5, 4) and out.recon is None and out.latent.shape == (5, m.latent_dim)
+    assert (
+        out.logits.shape == (5, 4) and out.recon is None and out.latent.shape == (5, m.latent_dim)
+    )
     assert m.head_names == [K.BATCH] and m.head_sizes == [4]
     out.logits.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
@@ -40,8 +56,14 @@ def test_registered_as_a_batch_head_classifier_with_imageclassifier_weights():
     ic.load_state_dict(m.state_dict())
     torch.testing.assert_close(ic(x), m(x).logits)
     with pytest.raises(ValueError, match="one head"):
-        create_model("zpredictor", in_channels=2, n_classes=2, preset="tiny", head_names=["a", "b"],
-                     head_sizes=[2, 2])
+        create_model(
+            "zpredictor",
+            in_channels=2,
+            n_classes=2,
+            preset="tiny",
+            head_names=["a", "b"],
+            head_sizes=[2, 2],
+        )
 
 
 def test_plan_is_nadam_softmax_ce_and_learns_a_batch():
@@ -63,17 +85,26 @@ def test_plan_is_nadam_softmax_ce_and_learns_a_batch():
     assert last["loss"] < ce
 
 
-def test_setup_uses_the_training_batches_as_head_and_never_valbatch(tiny_valbatch_data, tmp_path, capsys):
+def test_setup_uses_the_training_batches_as_head_and_never_valbatch(
+    tiny_valbatch_data, tmp_path, capsys
+):
     from raycell.train.trainer import training_setup
 
-    cfg = load_config(None, tiny_overrides(tiny_valbatch_data, tmp_path) + ["model.type=zpredictor"])
+    cfg = load_config(
+        None, tiny_overrides(tiny_valbatch_data, tmp_path) + ["model.type=zpredictor"]
+    )
     setup, ds = training_setup(cfg)
     assert ds.manifest["counts_per_split"][K.VALBATCH] > 0
     assert setup["valbatch"] is False  # forced: a batch classifier cannot score held-out batches
     assert "split 'val'" in capsys.readouterr().out
-    train_batches = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
+    train_batches = sorted(
+        set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist())
+    )
     assert setup["heads"] == [setup["batches"]]
-    assert list(setup["heads"][0]["values"]) == train_batches and setup["heads"][0]["column"] == K.BATCH
+    assert (
+        list(setup["heads"][0]["values"]) == train_batches
+        and setup["heads"][0]["column"] == K.BATCH
+    )
     # the other model types keep validating on the held-out batches
     setup2, _ = training_setup(load_config(None, tiny_overrides(tiny_valbatch_data, tmp_path)))
     assert setup2["valbatch"] is True
@@ -86,11 +117,15 @@ def test_bad_heads_and_splits_are_one_line_errors(tiny_data, tmp_path):
     base = tiny_overrides(tiny_data, tmp_path) + ["model.type=zpredictor"]
     with pytest.raises(ConfigError, match=r"data.heads \['label'\].*one head, the 'batch' column"):
         check_train(load_config(None, base + ["data.heads=[label]"]))
-    check_train(load_config(None, base + ["data.heads=[batch]"]))  # its own head, said explicitly: fine
+    check_train(
+        load_config(None, base + ["data.heads=[batch]"])
+    )  # its own head, said explicitly: fine
     nval = tmp_path / "noval"
     shutil.copytree(tiny_data, nval)
     split_dataset(str(nval), fractions=[0.8, 0.0, 0.2])
-    with pytest.raises(ConfigError, match=r"held-out cells of the training batches \(split 'val'\).*no 'val'"):
+    with pytest.raises(
+        ConfigError, match=r"held-out cells of the training batches \(split 'val'\).*no 'val'"
+    ):
         check_train(load_config(None, tiny_overrides(nval, tmp_path) + ["model.type=zpredictor"]))
 
 
@@ -116,8 +151,12 @@ def test_early_stopping_stops_after_patience_and_picks_the_first_best(tmp_path):
             ctx.report(hist[-1], None)
     assert ctx.ctx.reports == [0, 1, 2, 3] and ctx.best_epoch == 1  # reported before stopping
     assert EarlyStopping(2).best(hist[:4])["epoch"] == 1
-    assert EarlyStopping(2, "val_loss", "min").best([{"epoch": 0, "val_loss": 2.0},
-                                                      {"epoch": 1, "val_loss": float("nan")}])["epoch"] == 0
+    assert (
+        EarlyStopping(2, "val_loss", "min").best(
+            [{"epoch": 0, "val_loss": 2.0}, {"epoch": 1, "val_loss": float("nan")}]
+        )["epoch"]
+        == 0
+    )
     # a resumed run counts the epochs in its history: one more non-improving epoch stops it
     from raycell.train.history import append_epoch
 
@@ -137,11 +176,25 @@ def _served_checkpoint(path, ds, batches):
     from raycell.formats.spec import DataSpec
 
     spec = DataSpec.from_dataset(ds)
-    m = create_model("conventional", in_channels=spec.shape[0], n_classes=2, n_batches=len(batches),
-                     preset="tiny", image_size=spec.shape[1])
-    return save_checkpoint(path, m, None, epoch=0, spec=spec,
-                           labels=CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"])),
-                           batches=CategoryMap(K.BATCH, tuple(batches)), config={}, metrics={})
+    m = create_model(
+        "conventional",
+        in_channels=spec.shape[0],
+        n_classes=2,
+        n_batches=len(batches),
+        preset="tiny",
+        image_size=spec.shape[1],
+    )
+    return save_checkpoint(
+        path,
+        m,
+        None,
+        epoch=0,
+        spec=spec,
+        labels=CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"])),
+        batches=CategoryMap(K.BATCH, tuple(batches)),
+        config={},
+        metrics={},
+    )
 
 
 def test_bad_inputs_fail_before_ray(tiny_data, tmp_path):
@@ -150,11 +203,14 @@ def test_bad_inputs_fail_before_ray(tiny_data, tmp_path):
     ds = open_dataset(tiny_data)
     train_b = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
     ck = _served_checkpoint(tmp_path / "ck", ds, train_b + ["batch99"])
-    cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}",
-                             f"infer.checkpoint={ck}"])
+    cfg = load_config(
+        None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", f"infer.checkpoint={ck}"]
+    )
     with pytest.raises(ConfigError, match=r"batch99.*lacks.*infer.data"):
         run_infer_z(cfg)
-    cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", "infer.z_splits=[nope]"])
+    cfg = load_config(
+        None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", "infer.z_splits=[nope]"]
+    )
     with pytest.raises(ConfigError, match=r"infer.z_splits.*nope"):
         run_infer_z(cfg)
     assert not (tmp_path / "z").exists()
@@ -167,11 +223,23 @@ def z_run(tiny_data, ray_local, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("zrun")
     ds = open_dataset(tiny_data)
-    served = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))[::-1]
+    served = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))[
+        ::-1
+    ]
     ck = _served_checkpoint(root / "ck", ds, served)
-    cfg = load_config(None, tiny_overrides(tiny_data, root) + [
-        f"infer.z_out={root / 'z'}", f"infer.checkpoint={ck}", "infer.z_splits=[test,unseen]",
-        "infer.z_epochs=3", "infer.z_patience=2", "infer.z_lr=1e-3", "infer.z_batch_size=8"])
+    cfg = load_config(
+        None,
+        tiny_overrides(tiny_data, root)
+        + [
+            f"infer.z_out={root / 'z'}",
+            f"infer.checkpoint={ck}",
+            "infer.z_splits=[test,unseen]",
+            "infer.z_epochs=3",
+            "infer.z_patience=2",
+            "infer.z_lr=1e-3",
+            "infer.z_batch_size=8",
+        ],
+    )
     return run_infer_z(cfg), served
 
 
@@ -191,12 +259,16 @@ def test_infer_z_trains_on_ray_and_writes_todays_contract(z_run, tiny_data):
     # trained by the one loop through Ray Train, early-stopped on val accuracy, best epoch kept
     assert s["zpredictor_run"].startswith(s["out"]) and 1 <= s["epochs"] <= 3
     accs = [h["val_accuracy"] for h in s["history"]]
-    assert s["val_accuracy"] == pytest.approx(max(accs)) and s["history"][s["best_epoch"]]["val_accuracy"] == max(accs)
+    assert s["val_accuracy"] == pytest.approx(max(accs)) and s["history"][s["best_epoch"]][
+        "val_accuracy"
+    ] == max(accs)
     ic = ImageClassifier(2, len(served), 32)
     ic.load_state_dict(torch.load(f"{s['out']}/zpredictor.pt", weights_only=True))
     # the columns follow the served model's order: the Z-predictor's own (sorted) order, reversed
     pred = pq.read_table(f"{s['zpredictor_run']}/predictions/shards")
-    own = dict(zip(pred.column(K.CELL_ID).to_pylist(), pred.column(f"{K.PROB}_{K.BATCH}").to_pylist()))
+    own = dict(
+        zip(pred.column(K.CELL_ID).to_pylist(), pred.column(f"{K.PROB}_{K.BATCH}").to_pylist())
+    )
     np.testing.assert_allclose(z, np.asarray([own[i][::-1] for i in ids.to_pylist()]), atol=1e-6)
 
 

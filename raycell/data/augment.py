@@ -43,8 +43,9 @@ def parse_augment(spec: str) -> tuple[str, ...]:
     known = {**GEOMETRIC, **AUGMENTATIONS}
     bad = [n for n in names if n not in known]
     if bad:
-        raise ValueError(f"unknown augmentation(s) {bad}; valid: all (the batch effects), "
-                         f"{', '.join(known)}")
+        raise ValueError(
+            f"unknown augmentation(s) {bad}; valid: all (the batch effects), {', '.join(known)}"
+        )
     return tuple(n for n in known if n in names)
 
 
@@ -67,8 +68,9 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, c, h, w)
 
 
-def augment_batch(x: torch.Tensor, names: tuple[str, ...], gen: torch.Generator,
-                  strength: float = 1.0) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, names: tuple[str, ...], gen: torch.Generator, strength: float = 1.0
+) -> torch.Tensor:
     """`x` (N, C, H, W) float in [0, 1] with the named batch effects drawn per cell; a new tensor.
 
     Args:
@@ -85,10 +87,14 @@ def augment_batch(x: torch.Tensor, names: tuple[str, ...], gen: torch.Generator,
     if "flip" in names:
         x = torch.where((_u(gen, (n, 1, 1, 1), 0, 1, dev) < 0.5), x.flip(-1), x)
     if "rot90" in names:
-        k = (_u(gen, (n,), 0, 4, dev).long().clamp(max=3) if h == w
-             else 2 * (_u(gen, (n,), 0, 2, dev).long().clamp(max=1)))  # 180 degrees only if not square
-        rots = torch.stack([torch.rot90(x, r, dims=(2, 3)) if r % 2 == 0 or h == w else x
-                            for r in range(4)])  # (4, N, C, H, W): pick one per cell
+        k = (
+            _u(gen, (n,), 0, 4, dev).long().clamp(max=3)
+            if h == w
+            else 2 * (_u(gen, (n,), 0, 2, dev).long().clamp(max=1))
+        )  # 180 degrees only if not square
+        rots = torch.stack(
+            [torch.rot90(x, r, dims=(2, 3)) if r % 2 == 0 or h == w else x for r in range(4)]
+        )  # (4, N, C, H, W): pick one per cell
         x = rots[k, torch.arange(n, device=dev)]
     if "mix" in names and c > 1:
         m = _u(gen, (n, c, 1, 1), 0, 0.15 * s, dev)

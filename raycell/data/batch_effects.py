@@ -213,13 +213,21 @@ def draw_batch_effects(
             s = min(unseen_extreme * ref, cap)
             eff[b][m] = _params(rng, m, s, n_channels)
             ratio = s / max_seen[m] if max_seen[m] > 0 else None
-            note = (
-                f"unseen batch {b}: {m} {s:.3g}, "
-                + (f"{ratio:.2g}x the strongest seen ({max_seen[m]:.3g})" if ratio else
-                   "no seen batch has it")
+            note = f"unseen batch {b}: {m} {s:.3g}, " + (
+                f"{ratio:.2g}x the strongest seen ({max_seen[m]:.3g})"
+                if ratio
+                else "no seen batch has it"
             )
-            extremes.append({"batch": b, "mechanism": m, "strength": s,
-                             "max_seen": max_seen[m], "ratio": ratio, "note": note})
+            extremes.append(
+                {
+                    "batch": b,
+                    "mechanism": m,
+                    "strength": s,
+                    "max_seen": max_seen[m],
+                    "ratio": ratio,
+                    "note": note,
+                }
+            )
     return eff, extremes
 
 
@@ -266,8 +274,9 @@ def strength_range(mechanism: str) -> tuple[float, float, float]:
     return _RANGES[mechanism]
 
 
-def mechanism_params(rng: np.random.Generator, mechanism: str, strength: float,
-                     n_channels: int = 2) -> dict:
+def mechanism_params(
+    rng: np.random.Generator, mechanism: str, strength: float, n_channels: int = 2
+) -> dict:
     """One mechanism's full parameters at `strength`, drawn as `draw_batch_effects` draws them.
 
     Used to apply one mechanism alone at chosen strengths (e.g. to real images,
@@ -292,8 +301,14 @@ def texture_windows(
     return texture[rows[:, :, None], cols[:, None, :]]
 
 
-def vignetting_falloff(y: np.ndarray, x: np.ndarray, shape: tuple[int, int], strength: float,
-                       power: float = 2.0, centre: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
+def vignetting_falloff(
+    y: np.ndarray,
+    x: np.ndarray,
+    shape: tuple[int, int],
+    strength: float,
+    power: float = 2.0,
+    centre: tuple[float, float] = (0.5, 0.5),
+) -> np.ndarray:
     """The factor `vignetting` multiplies by, at field coordinates (`y`, `x`) of an (H, W) field.
 
     For crops: evaluated at the crop's pixels' positions in its field of view, so a crop near the

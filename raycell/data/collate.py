@@ -12,8 +12,13 @@ from raycell.formats.shards import decode_images
 from raycell.formats.spec import DataSpec
 
 
-def collate_crops(t: pa.Table, spec: DataSpec, labels: CategoryMap, batches: CategoryMap,
-                  heads: list[CategoryMap] | None = None) -> dict[str, torch.Tensor]:
+def collate_crops(
+    t: pa.Table,
+    spec: DataSpec,
+    labels: CategoryMap,
+    batches: CategoryMap,
+    heads: list[CategoryMap] | None = None,
+) -> dict[str, torch.Tensor]:
     """The collate itself, as a function (benchmarks call it without Ray's collate base class).
 
     With `heads` (weak-label columns), y is (N, H): one class code per head, in the heads' order.

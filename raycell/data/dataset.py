@@ -33,8 +33,13 @@ class CropCollate(ArrowBatchCollateFn):
     because inference on unseen batches is a normal use.
     """
 
-    def __init__(self, spec: DataSpec, labels: CategoryMap, batches: CategoryMap,
-                 heads: list[CategoryMap] | None = None):
+    def __init__(
+        self,
+        spec: DataSpec,
+        labels: CategoryMap,
+        batches: CategoryMap,
+        heads: list[CategoryMap] | None = None,
+    ):
         super().__init__()
         self.spec, self.labels, self.batches, self.heads = spec, labels, batches, heads
 
@@ -55,8 +60,14 @@ def split_nbytes(ds: ShardDataset, split: str, columns: list[str] | None = None)
     return int(ds.manifest.get("counts_per_split", {}).get(split, 0)) * per_row
 
 
-def choose_materialize(ds: ShardDataset, splits: tuple[str, ...], mode: str, store_bytes: float,
-                       columns: list[str] | None = None, fraction: float = 0.25) -> bool:
+def choose_materialize(
+    ds: ShardDataset,
+    splits: tuple[str, ...],
+    mode: str,
+    store_bytes: float,
+    columns: list[str] | None = None,
+    fraction: float = 0.25,
+) -> bool:
     """Whether to hold the splits in Ray's object store (`data.materialize`: auto, always, never).
 
     auto: when all of them take at most `fraction` of the object store. Materialised, an epoch streams
@@ -86,7 +97,9 @@ def read_shards(paths: list[str], reader: str = "v1", **kw):
 
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = reader == "v2"
-    if reader == "v1":  # V1 splits files into >= 200 blocks (a few crops each); blocks per shard instead
+    if (
+        reader == "v1"
+    ):  # V1 splits files into >= 200 blocks (a few crops each); blocks per shard instead
         kw.setdefault("override_num_blocks", len(paths))
     shown, ctx.enable_progress_bars = ctx.enable_progress_bars, False
     try:
@@ -112,10 +125,16 @@ def split_filter(name: str, fold: list[str] | None = None) -> str:
     return f"{K.SPLIT} == '{name}'"
 
 
-def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
-                 columns: list[str] | None = None, block_size_mb: int = 8, shuffle_seed: int = -1,
-                 materialize: bool = False, parquet_reader: str = "v1",
-                 fold: list[str] | None = None) -> dict:
+def ray_datasets(
+    ds: ShardDataset,
+    splits: tuple[str, ...] = (K.TRAIN, K.VAL),
+    columns: list[str] | None = None,
+    block_size_mb: int = 8,
+    shuffle_seed: int = -1,
+    materialize: bool = False,
+    parquet_reader: str = "v1",
+    fold: list[str] | None = None,
+) -> dict:
     """One Ray Dataset per split, streaming the shards (file order shuffled for the training split).
 
     Small data sets need small blocks: Ray 2.60 packs files into 128 MiB blocks by default, and a data set
@@ -141,8 +160,11 @@ def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
     for name in splits:
         shuffle = None
         if name == K.TRAIN:
-            shuffle = (ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False) if seeded
-                       else "files")
+            shuffle = (
+                ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
+                if seeded
+                else "files"
+            )
         # SPLIT is only needed for the filter: select it, filter, drop it.
         rd = read_shards(ds.shard_paths, parquet_reader, shuffle=shuffle)
         keep = list(dict.fromkeys((columns or TRAIN_COLUMNS)))
@@ -155,20 +177,24 @@ def ray_datasets(ds: ShardDataset, splits: tuple[str, ...] = (K.TRAIN, K.VAL),
         # ("files", reshuffled every execution) and the iterator's local shuffle do it, because
         # randomize_block_order is an all-to-all that waits for (and holds) the whole split every epoch
         # (measured: the streamed path 0.12x a plain pyarrow read, 0.27 cores busy).
-        out[name] = rd.randomize_block_order() if name == K.TRAIN and not seeded and materialize else rd
+        out[name] = (
+            rd.randomize_block_order() if name == K.TRAIN and not seeded and materialize else rd
+        )
     return out
 
 
-def sliced(batches: Iterator[dict[str, torch.Tensor]], batch_size: int,
-           drop_last: bool) -> Iterator[dict[str, torch.Tensor]]:
+def sliced(
+    batches: Iterator[dict[str, torch.Tensor]], batch_size: int, drop_last: bool
+) -> Iterator[dict[str, torch.Tensor]]:
     """Cut bigger batches into `batch_size`-row views (no copy); a last short slice is dropped with
     `drop_last`. Rows arrive already shuffled (the iterator's local shuffle), so the slices are as random
-    as batches drawn one by one."""
+    as batches drawn one by one.
+    """
     for big in batches:
         n = len(next(iter(big.values())))
         stop = n - (n % batch_size if drop_last else 0)
         for s in range(0, stop, batch_size):
-            yield {k: v[s:s + batch_size] for k, v in big.items()}
+            yield {k: v[s : s + batch_size] for k, v in big.items()}
 
 
 FETCH_MAX_BYTES = 4 << 20  # a fetched (uncut) batch's images at most this big; see `train_batches`
@@ -182,9 +208,16 @@ def fetch_factor(fetch: int, batch_size: int, spec: DataSpec | None) -> int:
     return max(1, min(fetch, FETCH_MAX_BYTES // max(1, batch_size * row)))
 
 
-def train_batches(it, batch_size: int, collate: CropCollate, fetch: int = 1, shuffle_buffer: int = 0,
-                  shuffle_seed: int | None = None, prefetch: int = 2, pin_memory: bool = False
-                  ) -> Iterator[dict[str, torch.Tensor]]:
+def train_batches(
+    it,
+    batch_size: int,
+    collate: CropCollate,
+    fetch: int = 1,
+    shuffle_buffer: int = 0,
+    shuffle_seed: int | None = None,
+    prefetch: int = 2,
+    pin_memory: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Training batches from a Ray `DataIterator` (or Dataset): `fetch` batches' rows at a time through
     Ray's `iter_torch_batches`, cut into `batch_size` in the worker (`data.fetch_batches`).
 
@@ -196,16 +229,31 @@ def train_batches(it, batch_size: int, collate: CropCollate, fetch: int = 1, shu
     """
     fetch = fetch_factor(fetch, batch_size, getattr(collate, "spec", None))
     big = batch_size * fetch
-    return sliced(it.iter_torch_batches(
-        batch_size=big, collate_fn=collate,
-        local_shuffle_buffer_size=max(shuffle_buffer, big) if shuffle_buffer else None,
-        local_shuffle_seed=shuffle_seed, prefetch_batches=max(1, -(-prefetch // fetch)),
-        drop_last=False, pin_memory=pin_memory), batch_size, drop_last=True)
+    return sliced(
+        it.iter_torch_batches(
+            batch_size=big,
+            collate_fn=collate,
+            local_shuffle_buffer_size=max(shuffle_buffer, big) if shuffle_buffer else None,
+            local_shuffle_seed=shuffle_seed,
+            prefetch_batches=max(1, -(-prefetch // fetch)),
+            drop_last=False,
+            pin_memory=pin_memory,
+        ),
+        batch_size,
+        drop_last=True,
+    )
 
 
-def local_batches(ds: ShardDataset, split: str, batch_size: int, collate: CropCollate,
-                  shuffle: bool = False, seed: int = 0, columns: list[str] | None = None,
-                  drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+def local_batches(
+    ds: ShardDataset,
+    split: str,
+    batch_size: int,
+    collate: CropCollate,
+    shuffle: bool = False,
+    seed: int = 0,
+    columns: list[str] | None = None,
+    drop_last: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Ray-free iterator over one split (unit tests, benchmarks, small local jobs)."""
     t = ds.read_table(columns or getattr(collate, "columns", TRAIN_COLUMNS), splits=[split])
     if shuffle:

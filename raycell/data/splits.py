@@ -5,12 +5,14 @@ out whole as `valbatch`: a validation batch set for model selection across batch
 validation, as DomainBed recommends for domain generalisation), never trained on. The rest is split
 into train/val/test by *units* (values of `group_by`, e.g. a well or a cell), so no unit straddles two
 splits, stratified on the unit's (group, batch) combination so every line-batch pair is spread over the
-splits as evenly as its unit count allows. Written by hand because scikit-learn's `StratifiedGroupKFold` gives folds, not a three-way split
+splits as evenly as its unit count allows. Written by hand because scikit-learn's
+`StratifiedGroupKFold` gives folds, not a three-way split
 with given fractions, and ARMED's own `StratifiedGroupShuffleSplit` is two nested two-way splits.
 
 Memory: `split_dataset` reads one shard at a time and keeps cells per (batch, unit, stratum) plus an
 8-byte hash per cell id, so it grows with the number of units (wells), not cells (1 M cells: 251-278 MB
-peak over three runs vs 681 MB when every cell's metadata was held; `bench/bench_scale.py --stages split`). Grouping by cell
+peak over three runs vs 681 MB when every cell's metadata was held; `bench/bench_scale.py --stages
+split`). Grouping by cell
 (`group_by=cell_id`) makes every cell a unit, and memory per cell again.
 """
 
@@ -31,8 +33,9 @@ from raycell.utils.progress import quiet_bar
 _SEP = "\x1f"  # joins key parts; a character no batch or well name holds
 
 
-def resolve_val_batches(val_batches: list[str], batches: list[str], unseen: list[str],
-                        seed: int = 0) -> list[str]:
+def resolve_val_batches(
+    val_batches: list[str], batches: list[str], unseen: list[str], seed: int = 0
+) -> list[str]:
     """The seen batches to hold out as `valbatch`: the names given, or `auto:N` (N picked by `seed`).
 
     Args:
@@ -50,26 +53,36 @@ def resolve_val_batches(val_batches: list[str], batches: list[str], unseen: list
     if autos:
         n_txt = autos[0].partition(":")[2]
         if len(val_batches) != 1 or not n_txt.isdigit() or int(n_txt) < 1:
-            raise ConfigError(f"split.val_batches: {val_batches!r}: give batch names or one 'auto:N' with "
-                              "N >= 1 (N seen batches picked by seed)")
+            raise ConfigError(
+                f"split.val_batches: {val_batches!r}: give batch names or one 'auto:N' with "
+                "N >= 1 (N seen batches picked by seed)"
+            )
         n = int(n_txt)
         if n >= len(seen):
-            raise ConfigError(f"split.val_batches: auto:{n} would hold out all {len(seen)} seen batch(es) "
-                              f"{seen}, leaving none to train on; use N <= {len(seen) - 1}")
+            raise ConfigError(
+                f"split.val_batches: auto:{n} would hold out all {len(seen)} seen batch(es) "
+                f"{seen}, leaving none to train on; use N <= {len(seen) - 1}"
+            )
         rng = np.random.default_rng(seed)
         return sorted(seen[i] for i in rng.choice(len(seen), size=n, replace=False))
     val_batches = list(dict.fromkeys(val_batches))
     unknown = [b for b in val_batches if b not in set(map(str, batches))]
     if unknown:
-        raise ConfigError(f"split.val_batches: batch(es) {unknown} are not in the data set (batches: "
-                          f"{sorted(set(map(str, batches)))})")
+        raise ConfigError(
+            f"split.val_batches: batch(es) {unknown} are not in the data set (batches: "
+            f"{sorted(set(map(str, batches)))})"
+        )
     clash = [b for b in val_batches if b in set(unseen)]
     if clash:
-        raise ConfigError(f"split.val_batches: {clash} are held out as unseen (split.unseen); a validation "
-                          f"batch must be a seen batch: choose among {seen}")
+        raise ConfigError(
+            f"split.val_batches: {clash} are held out as unseen (split.unseen); a validation "
+            f"batch must be a seen batch: choose among {seen}"
+        )
     if val_batches and set(seen) <= set(val_batches):
-        raise ConfigError(f"split.val_batches: {val_batches} holds out every seen batch, leaving none to "
-                          "train on; hold out fewer")
+        raise ConfigError(
+            f"split.val_batches: {val_batches} holds out every seen batch, leaving none to "
+            "train on; hold out fewer"
+        )
     return val_batches
 
 
@@ -84,16 +97,27 @@ def _keys(meta: pd.DataFrame | pa.Table, group_by: str, stratify: list[str]) -> 
     have = meta.column_names if isinstance(meta, pa.Table) else list(meta.columns)
     for col in cols:
         if col not in have:
-            raise ShardError(f"split: column '{col}' is not in the data set (columns: {sorted(have)})")
+            raise ShardError(
+                f"split: column '{col}' is not in the data set (columns: {sorted(have)})"
+            )
     if isinstance(meta, pa.Table):
-        text = {c: pc.fill_null(pc.cast(meta.column(c).combine_chunks(), pa.string()), "None") for c in cols}
+        text = {
+            c: pc.fill_null(pc.cast(meta.column(c).combine_chunks(), pa.string()), "None")
+            for c in cols
+        }
     else:
         text = {c: pa.array(meta[c].astype(str).to_numpy(dtype=object), pa.string()) for c in cols}
     sep = pa.scalar(_SEP)
-    stratum = (pc.binary_join_element_wise(*[text[c] for c in stratify], sep) if stratify
-               else pa.array([""] * len(text[K.BATCH]), pa.string()))
-    return {"batch": text[K.BATCH], "unit": pc.binary_join_element_wise(text[K.BATCH], text[group_by], sep),
-            "stratum": stratum}
+    stratum = (
+        pc.binary_join_element_wise(*[text[c] for c in stratify], sep)
+        if stratify
+        else pa.array([""] * len(text[K.BATCH]), pa.string())
+    )
+    return {
+        "batch": text[K.BATCH],
+        "unit": pc.binary_join_element_wise(text[K.BATCH], text[group_by], sep),
+        "stratum": stratum,
+    }
 
 
 def unit_counts(meta: pd.DataFrame | pa.Table, group_by: str, stratify: list[str]) -> pd.DataFrame:
@@ -105,8 +129,11 @@ def unit_counts(meta: pd.DataFrame | pa.Table, group_by: str, stratify: list[str
     Returns:
         columns `batch`, `unit`, `stratum`, `n`.
     """
-    n = pa.table(_keys(meta, group_by, stratify)).group_by(["batch", "unit", "stratum"]).aggregate(
-        [([], "count_all")])
+    n = (
+        pa.table(_keys(meta, group_by, stratify))
+        .group_by(["batch", "unit", "stratum"])
+        .aggregate([([], "count_all")])
+    )
     return merge_counts(n.to_pandas().rename(columns={"count_all": "n"}))
 
 
@@ -120,18 +147,28 @@ class SplitPlan:
     """Where every cell goes, by key: held-out batches whole, the other cells by their unit."""
 
     batches: dict[str, str]  # batch -> unseen / valbatch
-    units: dict[str, str]    # unit (batch + SEP + group_by value) -> train / val / test
+    units: dict[str, str]  # unit (batch + SEP + group_by value) -> train / val / test
     val_batches: list[str]
 
     def __post_init__(self):
         # (keys, splits) per lookup, built once and reused for every shard: held-out batches first
-        self._lookups = [("batch", pa.array(list(self.batches), pa.string()),
-                          np.asarray(list(self.batches.values()), dtype=object)),
-                         ("unit", pa.array(list(self.units), pa.string()),
-                          np.asarray(list(self.units.values()), dtype=object))]
+        self._lookups = [
+            (
+                "batch",
+                pa.array(list(self.batches), pa.string()),
+                np.asarray(list(self.batches.values()), dtype=object),
+            ),
+            (
+                "unit",
+                pa.array(list(self.units), pa.string()),
+                np.asarray(list(self.units.values()), dtype=object),
+            ),
+        ]
 
     def apply(self, meta: pd.DataFrame | pa.Table, group_by: str, where: str = "") -> pa.Array:
-        """The split of every row of `meta` (one shard, or a DataFrame with the batch and `group_by` columns)."""
+        """The split of every row of `meta` (one shard, or a DataFrame with the batch and
+        `group_by` columns).
+        """
         keys = _keys(meta, group_by, [])
         out = np.empty(len(keys["batch"]), dtype=object)
         done = np.zeros(len(out), bool)
@@ -142,13 +179,20 @@ class SplitPlan:
             done |= hit
         if not done.all():  # the data changed between counting and writing
             b, g = keys["unit"][int(np.flatnonzero(~done)[0])].as_py().split(_SEP, 1)
-            raise ShardError(f"split: {where or 'data'}: {group_by}={g!r} of batch {b!r} was not there when "
-                             "the splits were planned; was the data set changed during `split`? run it again")
+            raise ShardError(
+                f"split: {where or 'data'}: {group_by}={g!r} of batch {b!r} was not there when "
+                "the splits were planned; was the data set changed during `split`? run it again"
+            )
         return pa.array(out, pa.string())
 
 
-def plan_splits(counts: pd.DataFrame, unseen: list[str], fractions: list[float], seed: int = 0,
-                val_batches: list[str] | None = None) -> SplitPlan:
+def plan_splits(
+    counts: pd.DataFrame,
+    unseen: list[str],
+    fractions: list[float],
+    seed: int = 0,
+    val_batches: list[str] | None = None,
+) -> SplitPlan:
     """Assign held-out batches and units from `unit_counts` (see the module docstring).
 
     Raises:
@@ -158,18 +202,23 @@ def plan_splits(counts: pd.DataFrame, unseen: list[str], fractions: list[float],
     known = set(counts["batch"])
     missing = [b for b in unseen if b not in known]
     if missing:
-        raise ShardError(f"split: unseen batch(es) {missing} are not in the data set (batches: "
-                         f"{sorted(known)})")
+        raise ShardError(
+            f"split: unseen batch(es) {missing} are not in the data set (batches: {sorted(known)})"
+        )
     if known and known <= set(unseen):
-        raise ShardError(f"split: every batch is held out as unseen (split.unseen = {sorted(set(unseen))}), "
-                         "so nothing is left to train on; hold out fewer batches (--unseen)")
+        raise ShardError(
+            f"split: every batch is held out as unseen (split.unseen = {sorted(set(unseen))}), "
+            "so nothing is left to train on; hold out fewer batches (--unseen)"
+        )
     val_batches = resolve_val_batches(list(val_batches or []), sorted(known), unseen, seed)
     held = {**{b: K.VALBATCH for b in val_batches}, **{b: K.UNSEEN for b in unseen}}
     seen = counts[~counts["batch"].isin(list(held))]
     unit_size = seen.groupby("unit")["n"].sum()
     # Each unit takes its most frequent stratum (ties: the first in sorted order, so the shard order
     # does not matter).
-    top = seen.sort_values(["unit", "n", "stratum"], ascending=[True, False, True]).drop_duplicates("unit")
+    top = seen.sort_values(["unit", "n", "stratum"], ascending=[True, False, True]).drop_duplicates(
+        "unit"
+    )
     unit_stratum = top.set_index("unit")["stratum"].sort_index()
     fr = np.asarray(fractions, float) / np.sum(fractions)
     rng = np.random.default_rng(seed)
@@ -190,8 +239,15 @@ def plan_splits(counts: pd.DataFrame, unseen: list[str], fractions: list[float],
     return SplitPlan(held, unit_split, val_batches)
 
 
-def assign_splits(meta: pd.DataFrame, unseen: list[str], group_by: str, stratify: list[str],
-                  fractions: list[float], seed: int = 0, val_batches: list[str] | None = None) -> pd.Series:
+def assign_splits(
+    meta: pd.DataFrame,
+    unseen: list[str],
+    group_by: str,
+    stratify: list[str],
+    fractions: list[float],
+    seed: int = 0,
+    val_batches: list[str] | None = None,
+) -> pd.Series:
     """Return the split of every row of `meta` (same index): `unit_counts` -> `plan_splits` -> apply.
 
     Args:
@@ -205,12 +261,21 @@ def assign_splits(meta: pd.DataFrame, unseen: list[str], group_by: str, stratify
             `resolve_val_batches`); the other seen batches are split as without it.
     """
     plan = plan_splits(unit_counts(meta, group_by, stratify), unseen, fractions, seed, val_batches)
-    return pd.Series(plan.apply(meta, group_by).to_numpy(zero_copy_only=False), index=meta.index, dtype=object)
+    return pd.Series(
+        plan.apply(meta, group_by).to_numpy(zero_copy_only=False), index=meta.index, dtype=object
+    )
 
 
-def split_dataset(path: str, unseen: list[str] | None = None, group_by: str = K.WELL,
-                  stratify: list[str] | None = None, fractions: list[float] | None = None,
-                  seed: int = 0, val_batches: list[str] | None = None, progress: bool = True) -> dict:
+def split_dataset(
+    path: str,
+    unseen: list[str] | None = None,
+    group_by: str = K.WELL,
+    stratify: list[str] | None = None,
+    fractions: list[float] | None = None,
+    seed: int = 0,
+    val_batches: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
     """Assign splits in place in a data set folder and return the updated manifest.
 
     With `unseen` empty, the manifest's `suggested_unseen` batches (from `synth`) are held out.
@@ -229,8 +294,10 @@ def split_dataset(path: str, unseen: list[str] | None = None, group_by: str = K.
     have = ds.columns()  # one schema read, not one per column
     missing = [c for c in cols if c not in have]
     if missing:
-        raise ShardError(f"split: column '{missing[0]}' is not in the data set {ds.root} (columns: "
-                         f"{', '.join(c for c in have if c != K.IMAGE)})")
+        raise ShardError(
+            f"split: column '{missing[0]}' is not in the data set {ds.root} (columns: "
+            f"{', '.join(c for c in have if c != K.IMAGE)})"
+        )
     parts, hashes = [], []
     for p in quiet_bar(ds.shard_paths, "split: count", enabled=progress):
         meta = ds.read_shard(p, cols)
@@ -240,16 +307,29 @@ def split_dataset(path: str, unseen: list[str] | None = None, group_by: str = K.
             parts = [merge_counts(pd.concat(parts, ignore_index=True))]
     _refuse_duplicate_ids(ds, np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
     del hashes
-    plan = plan_splits(merge_counts(pd.concat(parts, ignore_index=True)), unseen, fractions, seed, val_batches)
+    plan = plan_splits(
+        merge_counts(pd.concat(parts, ignore_index=True)), unseen, fractions, seed, val_batches
+    )
 
     def _set(t: pa.Table, where: str) -> pa.Table:
         col = plan.apply(t.select(list(dict.fromkeys([K.BATCH, group_by]))), group_by, where)
         return t.set_column(t.column_names.index(K.SPLIT), K.SPLIT, col)
 
-    return rewrite_shards(ds, _set, {"split_params": {"unseen": unseen, "group_by": group_by,
-                                                      "stratify": stratify, "fractions": fractions,
-                                                      "seed": seed, "val_batches": plan.val_batches}},
-                          progress=progress)
+    return rewrite_shards(
+        ds,
+        _set,
+        {
+            "split_params": {
+                "unseen": unseen,
+                "group_by": group_by,
+                "stratify": stratify,
+                "fractions": fractions,
+                "seed": seed,
+                "val_batches": plan.val_batches,
+            }
+        },
+        progress=progress,
+    )
 
 
 def _id_hashes(ids: pd.Series) -> np.ndarray:
@@ -261,7 +341,8 @@ def _refuse_duplicate_ids(ds: ShardDataset, hashes: np.ndarray) -> None:
     """Raise if a cell id appears twice. Splits are written back per row, but every later join (predictions,
     embeddings, evaluation) is by cell id, so a repeated id is refused here. Equal hashes are confirmed
     on the ids themselves (a second read of the id column, only when some hash repeats), so a 64-bit
-    collision is never reported as a duplicate."""
+    collision is never reported as a duplicate.
+    """
     hashes = np.sort(hashes)
     same = hashes[1:][hashes[1:] == hashes[:-1]]
     if not len(same):
@@ -275,6 +356,8 @@ def _refuse_duplicate_ids(ds: ShardDataset, hashes: np.ndarray) -> None:
     counts = pd.concat(suspects, ignore_index=True).value_counts()
     dup = counts[counts > 1]
     if len(dup):
-        raise ShardError(f"split: {ds.root}: cell_id {dup.index[0]!r} appears {int(dup.iloc[0])} times "
-                         f"({len(dup)} duplicated id(s), {int(dup.sum() - len(dup))} extra row(s)); cell "
-                         "ids must be unique: rebuild the data set or drop the duplicate rows")
+        raise ShardError(
+            f"split: {ds.root}: cell_id {dup.index[0]!r} appears {int(dup.iloc[0])} times "
+            f"({len(dup)} duplicated id(s), {int(dup.sum() - len(dup))} extra row(s)); cell "
+            "ids must be unique: rebuild the data set or drop the duplicate rows"
+        )

@@ -69,27 +69,38 @@ from raycell.utils.outputs import DATASET, check_space, prepare_output, staging_
 CHANNELS = ["nucleus", "cytoplasm"]
 LABELS = ("high", "low")
 _FIELD = 512.0  # size of the virtual field of view (px) used for the illumination gradient
-BLOCK_CELLS = 1024  # cells per random block: fixed, so the bytes never depend on chunking or workers
-CHUNK_CELLS = 16384  # default cells per chunk (rounded up to whole shards): bounds a writer's memory
+BLOCK_CELLS = (
+    1024  # cells per random block: fixed, so the bytes never depend on chunking or workers
+)
+CHUNK_CELLS = (
+    16384  # default cells per chunk (rounded up to whole shards): bounds a writer's memory
+)
 AUTO_RAY_CELLS = 200_000  # num_workers=None: Ray tasks from this many cells on, in-process below
 EFFECTS = ("basic", "varied")
 _EFF_STREAM = 0xEFF  # the varied effects' random streams (as in raycell.data.synthetic_raw)
 
 
 def _line_params(rng: np.random.Generator, n_lines: int) -> pd.DataFrame:
-    return pd.DataFrame({
-        "line": [f"line{i:02d}" for i in range(n_lines)],
-        "label": [LABELS[i % 2] for i in range(n_lines)],
-        "radius": rng.uniform(11.0, 15.0, n_lines),
-        "elong": rng.uniform(1.0, 1.45, n_lines),
-        "nuc_ratio": rng.uniform(0.38, 0.52, n_lines),
-        "cyto_int": rng.uniform(0.32, 0.5, n_lines),
-        "nuc_int": rng.uniform(0.55, 0.8, n_lines),
-    })
+    return pd.DataFrame(
+        {
+            "line": [f"line{i:02d}" for i in range(n_lines)],
+            "label": [LABELS[i % 2] for i in range(n_lines)],
+            "radius": rng.uniform(11.0, 15.0, n_lines),
+            "elong": rng.uniform(1.0, 1.45, n_lines),
+            "nuc_ratio": rng.uniform(0.38, 0.52, n_lines),
+            "cyto_int": rng.uniform(0.32, 0.5, n_lines),
+            "nuc_int": rng.uniform(0.55, 0.8, n_lines),
+        }
+    )
 
 
-def _batch_params(rng: np.random.Generator, n_batches: int, n_unseen: int, strength: float,
-                  confounded: bool = True) -> pd.DataFrame:
+def _batch_params(
+    rng: np.random.Generator,
+    n_batches: int,
+    n_unseen: int,
+    strength: float,
+    confounded: bool = True,
+) -> pd.DataFrame:
     """Per-batch nuisance parameters, drawn in a fixed order so a seed gives the same batches.
 
     `confounded=False` gives every batch a gain drawn regardless of any label (designs such as
@@ -99,24 +110,29 @@ def _batch_params(rng: np.random.Generator, n_batches: int, n_unseen: int, stren
     # Seen batches alternate their majority label; low-majority batches get the bright half of the gains.
     majority = [LABELS[(b + 1) % 2] if confounded else "" for b in range(n_seen)] + [""] * n_unseen
     gain_lo = np.where(np.array(majority) == "low", 1.0, 0.55)
-    gain = np.where(np.array(majority) == "", rng.uniform(0.55, 1.45, n_batches),
-                    gain_lo + rng.uniform(0.0, 0.45, n_batches))
+    gain = np.where(
+        np.array(majority) == "",
+        rng.uniform(0.55, 1.45, n_batches),
+        gain_lo + rng.uniform(0.0, 0.45, n_batches),
+    )
     unseen = np.arange(n_batches) >= n_seen
     wide = np.where(unseen, 1.4, 1.0)  # unseen batches: a wider range of focus and noise
     s = strength
-    return pd.DataFrame({
-        "batch": [f"batch{b:02d}" for b in range(n_batches)],
-        "unseen": unseen,
-        "majority": majority,
-        # per-channel gain around the batch gain: channels drift apart a little between sessions
-        "gain_nuc": 1 + s * (gain * rng.uniform(0.9, 1.1, n_batches) - 1),
-        "gain_cyto": 1 + s * (gain * rng.uniform(0.9, 1.1, n_batches) - 1),
-        "offset": s * rng.uniform(0.0, 0.12, n_batches),
-        "grad_dir": rng.uniform(0, 2 * np.pi, n_batches),
-        "grad_strength": s * rng.uniform(0.1, 0.6, n_batches),
-        "blur": s * rng.uniform(0.0, 1.2, n_batches) * wide,
-        "noise": s * rng.uniform(0.01, 0.05, n_batches) * wide,
-    })
+    return pd.DataFrame(
+        {
+            "batch": [f"batch{b:02d}" for b in range(n_batches)],
+            "unseen": unseen,
+            "majority": majority,
+            # per-channel gain around the batch gain: channels drift apart a little between sessions
+            "gain_nuc": 1 + s * (gain * rng.uniform(0.9, 1.1, n_batches) - 1),
+            "gain_cyto": 1 + s * (gain * rng.uniform(0.9, 1.1, n_batches) - 1),
+            "offset": s * rng.uniform(0.0, 0.12, n_batches),
+            "grad_dir": rng.uniform(0, 2 * np.pi, n_batches),
+            "grad_strength": s * rng.uniform(0.1, 0.6, n_batches),
+            "blur": s * rng.uniform(0.0, 1.2, n_batches) * wide,
+            "noise": s * rng.uniform(0.01, 0.05, n_batches) * wide,
+        }
+    )
 
 
 def shuffle_order(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -128,9 +144,15 @@ def shuffle_order(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.random.RandomState(int(rng.integers(2**31))).choice(n, n, replace=False)
 
 
-def _allocate_cells(rng: np.random.Generator, lines: pd.DataFrame, batches: pd.DataFrame,
-                    n_cells: int, lines_per_batch: int, confounding: float, wells_per_line: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _allocate_cells(
+    rng: np.random.Generator,
+    lines: pd.DataFrame,
+    batches: pd.DataFrame,
+    n_cells: int,
+    lines_per_batch: int,
+    confounding: float,
+    wells_per_line: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Which line, batch, well and field each cell comes from, as compact integer arrays.
 
     In cell order; the well is 0..wells_per_line-1 within the line, the field 0..3.
@@ -145,12 +167,19 @@ def _allocate_cells(rng: np.random.Generator, lines: pd.DataFrame, batches: pd.D
         n_min = max(1, k // 2) if maj is None else max(1, k // 4)
         minority = LABELS[0] if maj == "low" else LABELS[1]
         major = maj or LABELS[0]
-        chosen = {major: rng.choice(by_label[major], min(k - n_min, len(by_label[major])), replace=False),
-                  minority: rng.choice(by_label[minority], min(n_min, len(by_label[minority])), replace=False)}
+        chosen = {
+            major: rng.choice(by_label[major], min(k - n_min, len(by_label[major])), replace=False),
+            minority: rng.choice(
+                by_label[minority], min(n_min, len(by_label[minority])), replace=False
+            ),
+        }
         frac = {major: confounding if maj else 0.5, minority: 1 - confounding if maj else 0.5}
         for lab, line_ids in chosen.items():
-            n_lab = int(round(per_batch[b] * frac[lab])) if lab == major else \
-                per_batch[b] - int(round(per_batch[b] * frac[major]))
+            n_lab = (
+                int(round(per_batch[b] * frac[lab]))
+                if lab == major
+                else per_batch[b] - int(round(per_batch[b] * frac[major]))
+            )
             counts = rng.multinomial(n_lab, np.full(len(line_ids), 1 / len(line_ids)))
             for li, n in zip(line_ids, counts):
                 per_well = np.bincount(rng.integers(0, wells_per_line, n), minlength=wells_per_line)
@@ -166,8 +195,9 @@ def _allocate_cells(rng: np.random.Generator, lines: pd.DataFrame, batches: pd.D
     return line_idx[order], batch_idx[order], well[order], field[order]
 
 
-def _render(rng: np.random.Generator, line_idx: np.ndarray, lines: pd.DataFrame, size: int,
-            pheno: float) -> tuple[np.ndarray, pd.DataFrame]:
+def _render(
+    rng: np.random.Generator, line_idx: np.ndarray, lines: pd.DataFrame, size: int, pheno: float
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Noise-free cell images (N, 2, size, size) in [0, 1] plus the per-cell ground-truth parameters."""
     n = len(line_idx)
     sc = size / 64.0
@@ -179,16 +209,37 @@ def _render(rng: np.random.Generator, line_idx: np.ndarray, lines: pd.DataFrame,
     lobe_amp = np.clip(rng.normal(0.07 + 0.05 * pheno * is_low, 0.035, n), 0.0, 0.35)
     n_puncta = rng.poisson(3.0 + 3.0 * pheno * is_low)
     lobes = rng.integers(3, 7, n)
-    truth = pd.DataFrame({"true_radius": radius, "true_lobe_amp": lobe_amp, "true_puncta": n_puncta})
-    out = _draw_cells(rng, size, radius, elong, lobe_amp, n_puncta, lobes, lp.nuc_ratio.to_numpy(),
-                      lp.cyto_int.to_numpy(), lp.nuc_int.to_numpy())
+    truth = pd.DataFrame(
+        {"true_radius": radius, "true_lobe_amp": lobe_amp, "true_puncta": n_puncta}
+    )
+    out = _draw_cells(
+        rng,
+        size,
+        radius,
+        elong,
+        lobe_amp,
+        n_puncta,
+        lobes,
+        lp.nuc_ratio.to_numpy(),
+        lp.cyto_int.to_numpy(),
+        lp.nuc_int.to_numpy(),
+    )
     return out, truth
 
 
-def _draw_cells(rng: np.random.Generator, size: int, radius: np.ndarray, elong: np.ndarray,
-                lobe_amp: np.ndarray, n_puncta: np.ndarray, lobes: np.ndarray,
-                nuc_ratio: np.ndarray, cyto_int: np.ndarray, nuc_int: np.ndarray,
-                nuc_tex: np.ndarray | None = None) -> np.ndarray:
+def _draw_cells(
+    rng: np.random.Generator,
+    size: int,
+    radius: np.ndarray,
+    elong: np.ndarray,
+    lobe_amp: np.ndarray,
+    n_puncta: np.ndarray,
+    lobes: np.ndarray,
+    nuc_ratio: np.ndarray,
+    cyto_int: np.ndarray,
+    nuc_int: np.ndarray,
+    nuc_tex: np.ndarray | None = None,
+) -> np.ndarray:
     """Noise-free (N, 2, size, size) images in [0, 1] from per-cell shape and stain parameters.
 
     Shared by every crop generator, so a new design only chooses the parameters. `nuc_tex` is the
@@ -211,9 +262,11 @@ def _draw_cells(rng: np.random.Generator, size: int, radius: np.ndarray, elong: 
         rho = np.sqrt((u / el) ** 2 + (v * el) ** 2)
         theta = np.arctan2(v, u)
         psi = rng.uniform(0, 2 * np.pi, (m, 1, 1))
-        bound = radius[s:e, None, None] * (1 + lobe_amp[s:e, None, None] * np.sin(lobes[s:e, None, None]
-                                                                                   * theta + psi)
-                                           + 0.03 * np.sin(2 * theta + 2 * psi))
+        bound = radius[s:e, None, None] * (
+            1
+            + lobe_amp[s:e, None, None] * np.sin(lobes[s:e, None, None] * theta + psi)
+            + 0.03 * np.sin(2 * theta + 2 * psi)
+        )
         cell = 1 / (1 + np.exp(-(bound - rho) / 0.8))
         # nucleus: a smaller, rounder ellipse, slightly off centre
         nr = radius[s:e, None, None] * nuc_ratio[s:e, None, None]
@@ -225,7 +278,9 @@ def _draw_cells(rng: np.random.Generator, size: int, radius: np.ndarray, elong: 
         for _ in range(3):
             f = rng.uniform(0.15, 0.45, (m, 1, 1)) / sc
             a = rng.uniform(0, 2 * np.pi, (m, 1, 1))
-            tex += np.sin(f * (dx * np.cos(a) + dy * np.sin(a)) + rng.uniform(0, 2 * np.pi, (m, 1, 1)))
+            tex += np.sin(
+                f * (dx * np.cos(a) + dy * np.sin(a)) + rng.uniform(0, 2 * np.pi, (m, 1, 1))
+            )
         tex *= 0.06
         # puncta inside the cytoplasm (count carries the phenotype)
         pr = radius[s:e, None] * np.sqrt(rng.uniform(0.15, 0.65, (m, maxp)))
@@ -268,7 +323,8 @@ class CropEffects:
 def effects_params(kw: dict) -> dict:
     """A writer's generator arguments as the manifest records them: with basic effects (the default)
     without `effects` / `unseen_extreme`, so the manifest is as before they existed; with varied ones
-    `unseen_extreme` always (it sets the unseen batches' extremes)."""
+    `unseen_extreme` always (it sets the unseen batches' extremes).
+    """
     kw = dict(kw)
     if kw.get("effects", "basic") == "basic":
         kw.pop("effects", None)
@@ -287,22 +343,36 @@ def check_effects(effects: str, unseen_extreme: float) -> None:
     """One-line errors for the varied-effects arguments, before anything is drawn or written."""
     if effects not in EFFECTS:
         raise ConfigError(f"synth.effects must be one of {', '.join(EFFECTS)}, got {effects!r}")
-    if isinstance(unseen_extreme, bool) or not isinstance(unseen_extreme, (int, float)) \
-            or not unseen_extreme > 1:
+    if (
+        isinstance(unseen_extreme, bool)
+        or not isinstance(unseen_extreme, (int, float))
+        or not unseen_extreme > 1
+    ):
         raise ConfigError(f"synth.unseen_extreme must be a number > 1, got {unseen_extreme!r}")
 
 
-def crop_effects(seed: int, batches: pd.DataFrame, strength: float, unseen_extreme: float,
-                 crop_size: int, n_channels: int = 2) -> CropEffects:
+def crop_effects(
+    seed: int,
+    batches: pd.DataFrame,
+    strength: float,
+    unseen_extreme: float,
+    crop_size: int,
+    n_channels: int = 2,
+) -> CropEffects:
     """Draw each batch's varied effects (stream ``(seed, 0xEFF)``) and its periodic texture field.
 
     The texture's scale (`scale_px`, drawn for 64 px crops as for raw fields) follows the cells,
     which the crop generator scales with `crop_size` / 64.
     """
     rng = np.random.default_rng([seed, _EFF_STREAM])
-    per_batch, extremes = be.draw_batch_effects(rng, list(batches.batch), list(batches.unseen),
-                                                n_channels=n_channels, strength=strength,
-                                                unseen_extreme=unseen_extreme)
+    per_batch, extremes = be.draw_batch_effects(
+        rng,
+        list(batches.batch),
+        list(batches.unseen),
+        n_channels=n_channels,
+        strength=strength,
+        unseen_extreme=unseen_extreme,
+    )
     textures = {}
     field = int(_FIELD)
     for b, name in enumerate(batches.batch):
@@ -320,13 +390,24 @@ def _field_offsets(seed: int, b: int, fields: np.ndarray) -> np.ndarray:
     block, sees the same texture field.
     """
     keys, inv = np.unique(fields, axis=0, return_inverse=True)
-    offs = np.array([np.random.default_rng([seed, _EFF_STREAM, b, *map(int, k)])
-                     .integers(0, int(_FIELD), 2) for k in keys], np.int64)
+    offs = np.array(
+        [
+            np.random.default_rng([seed, _EFF_STREAM, b, *map(int, k)]).integers(0, int(_FIELD), 2)
+            for k in keys
+        ],
+        np.int64,
+    )
     return offs[np.asarray(inv).reshape(-1)]
 
 
-def _scene_effects(rng: np.random.Generator, x: np.ndarray, eff: dict, texture: np.ndarray | None,
-                   top: np.ndarray, left: np.ndarray) -> np.ndarray:
+def _scene_effects(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    eff: dict,
+    texture: np.ndarray | None,
+    top: np.ndarray,
+    left: np.ndarray,
+) -> np.ndarray:
     """Add texture and debris to a batch's noise-free crops, then mix channels (crosstalk)."""
     n, c, size, _ = x.shape
     if texture is not None:
@@ -335,16 +416,23 @@ def _scene_effects(rng: np.random.Generator, x: np.ndarray, eff: dict, texture: 
     d = eff["debris"]
     if d["strength"] > 0:
         w = np.array(d["channel_weights"], np.float32)[:, None, None]
-        x = x + np.stack([w * be.debris(rng, (size, size), d["strength"])[0][None]
-                          for _ in range(n)])
+        x = x + np.stack(
+            [w * be.debris(rng, (size, size), d["strength"])[0][None] for _ in range(n)]
+        )
     if eff["crosstalk"]["strength"] > 0:
         x = np.einsum("ck,nkhw->nchw", np.array(eff["crosstalk"]["mix"], np.float32), x)
     return x.astype(np.float32, copy=False)
 
 
-def _apply_batch(rng: np.random.Generator, img: np.ndarray, batch_idx: np.ndarray,
-                 batches: pd.DataFrame, effects: CropEffects | None = None, block: int = 0,
-                 fields: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _apply_batch(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    batch_idx: np.ndarray,
+    batches: pd.DataFrame,
+    effects: CropEffects | None = None,
+    block: int = 0,
+    fields: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply each cell's batch transform in place and quantise to uint8.
 
     With `effects` also each batch's varied effects (see the module docstring); their draws come
@@ -382,15 +470,22 @@ def _apply_batch(rng: np.random.Generator, img: np.ndarray, batch_idx: np.ndarra
         x += bp.offset * illum[:, None]
         if eff is not None and eff["vignetting"]["strength"] > 0:
             v = eff["vignetting"]
-            fall = be.vignetting_falloff(pos[idx, 0, None, None] + yy[None],
-                                         pos[idx, 1, None, None] + xx[None], (int(_FIELD),) * 2,
-                                         v["strength"], v["power"], tuple(v["centre"]))
+            fall = be.vignetting_falloff(
+                pos[idx, 0, None, None] + yy[None],
+                pos[idx, 1, None, None] + xx[None],
+                (int(_FIELD),) * 2,
+                v["strength"],
+                v["power"],
+                tuple(v["centre"]),
+            )
             x *= fall[:, None].astype(np.float32)
         if bp.blur > 0.05:
             x = ndimage.gaussian_filter(x, sigma=(0, 0, bp.blur, bp.blur))
         if eff is not None and eff["shot_noise"]["strength"] > 0:
             x = be.shot_noise(eff_rng, x, eff["shot_noise"]["photons"])
-        x += rng.normal(0, 1, x.shape).astype(np.float32) * (bp.noise * np.sqrt(np.clip(x, 0, None) + 0.05))
+        x += rng.normal(0, 1, x.shape).astype(np.float32) * (
+            bp.noise * np.sqrt(np.clip(x, 0, None) + 0.05)
+        )
         if eff is not None and eff["gamma"]["strength"] > 0:
             x = be.gamma(x, eff["gamma"]["gamma"])
         img[idx] = x
@@ -437,22 +532,29 @@ class CropPlan:
         fields = np.stack([li, self.well[lo:hi], self.field[lo:hi]], axis=1)
         img, pos = _apply_batch(rng, img, bi, self.batches, self.effects, block, fields)
         wpl = self.wells_per_line
-        well_names = np.array([[f"{chr(ord('A') + li_ % 16)}{w + 1 + wpl * (li_ // 16):02d}"
-                                for w in range(wpl)] for li_ in range(len(self.lines))], dtype=object)
+        well_names = np.array(
+            [
+                [f"{chr(ord('A') + li_ % 16)}{w + 1 + wpl * (li_ // 16):02d}" for w in range(wpl)]
+                for li_ in range(len(self.lines))
+            ],
+            dtype=object,
+        )
         batch = self.batches.batch.to_numpy(object)[bi]
-        meta = pd.DataFrame({
-            K.CELL_ID: [f"synth-{i:07d}" for i in range(lo, hi)],
-            K.BATCH: batch,
-            K.PLATE: [f"plate-{b}" for b in batch],
-            K.WELL: well_names[li, self.well[lo:hi]],
-            K.FIELD: np.array(["0", "1", "2", "3"], dtype=object)[self.field[lo:hi]],
-            K.GROUP: self.lines.line.to_numpy(object)[li],
-            K.LABEL: self.lines.label.to_numpy(object)[li],
-            K.SPLIT: K.UNASSIGNED,
-            K.SOURCE: "synthetic",
-            K.CENTROID_Y: pos[:, 0],
-            K.CENTROID_X: pos[:, 1],
-        })
+        meta = pd.DataFrame(
+            {
+                K.CELL_ID: [f"synth-{i:07d}" for i in range(lo, hi)],
+                K.BATCH: batch,
+                K.PLATE: [f"plate-{b}" for b in batch],
+                K.WELL: well_names[li, self.well[lo:hi]],
+                K.FIELD: np.array(["0", "1", "2", "3"], dtype=object)[self.field[lo:hi]],
+                K.GROUP: self.lines.line.to_numpy(object)[li],
+                K.LABEL: self.lines.label.to_numpy(object)[li],
+                K.SPLIT: K.UNASSIGNED,
+                K.SOURCE: "synthetic",
+                K.CENTROID_Y: pos[:, 0],
+                K.CENTROID_X: pos[:, 1],
+            }
+        )
         return img, pd.concat([meta, truth], axis=1)
 
 
@@ -461,18 +563,30 @@ def render_cells(plan: BlockPlan, lo: int, hi: int) -> tuple[np.ndarray, pd.Data
     b0, b1 = lo // BLOCK_CELLS, (hi - 1) // BLOCK_CELLS + 1
     blocks = [plan.render_block(b) for b in range(b0, b1)]
     img = blocks[0][0] if len(blocks) == 1 else np.concatenate([b[0] for b in blocks])
-    meta = blocks[0][1] if len(blocks) == 1 else pd.concat([b[1] for b in blocks], ignore_index=True)
+    meta = (
+        blocks[0][1] if len(blocks) == 1 else pd.concat([b[1] for b in blocks], ignore_index=True)
+    )
     s, e = lo - b0 * BLOCK_CELLS, hi - b0 * BLOCK_CELLS
     if s == 0 and e == len(img):
         return img, meta
     return img[s:e].copy(), meta.iloc[s:e].reset_index(drop=True)
 
 
-def synth_plan(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_batches: int = 8,
-               n_unseen: int = 2, lines_per_batch: int = 4, wells_per_line: int = 6,
-               confounding: float = 0.75, batch_strength: float = 1.0, phenotype_strength: float = 1.0,
-               seed: int = 0, effects: str = "basic", unseen_extreme: float = 2.5
-               ) -> tuple[CropPlan, dict]:
+def synth_plan(
+    n_cells: int = 6000,
+    crop_size: int = 64,
+    n_lines: int = 8,
+    n_batches: int = 8,
+    n_unseen: int = 2,
+    lines_per_batch: int = 4,
+    wells_per_line: int = 6,
+    confounding: float = 0.75,
+    batch_strength: float = 1.0,
+    phenotype_strength: float = 1.0,
+    seed: int = 0,
+    effects: str = "basic",
+    unseen_extreme: float = 2.5,
+) -> tuple[CropPlan, dict]:
     """The global draws (lines, batches, every cell's line/batch/well/field) and the ground truth.
 
     With ``effects="varied"`` the ground truth also holds ``batch_effects`` (per batch and
@@ -481,7 +595,9 @@ def synth_plan(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_bat
     """
     check_effects(effects, unseen_extreme)
     if n_lines < 2:
-        raise ValueError(f"synth needs at least 2 cell lines (one per label), got n_lines={n_lines}")
+        raise ValueError(
+            f"synth needs at least 2 cell lines (one per label), got n_lines={n_lines}"
+        )
     if not 0 <= n_unseen < n_batches:
         raise ValueError(f"synth n_unseen must be in [0, n_batches), got {n_unseen} of {n_batches}")
     if n_cells < 1:
@@ -489,25 +605,44 @@ def synth_plan(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_bat
     rng = np.random.default_rng(seed)
     lines = _line_params(rng, n_lines)
     batches = _batch_params(rng, n_batches, n_unseen, batch_strength)
-    alloc = _allocate_cells(rng, lines, batches, n_cells, lines_per_batch, confounding, wells_per_line)
+    alloc = _allocate_cells(
+        rng, lines, batches, n_cells, lines_per_batch, confounding, wells_per_line
+    )
     # varied effects draw from their own streams: the cells and their allocation do not depend on
     # them
-    eff = (crop_effects(seed, batches, batch_strength, unseen_extreme, crop_size, len(CHANNELS))
-           if effects == "varied" else None)
-    plan = CropPlan(seed, crop_size, phenotype_strength, wells_per_line, lines, batches, *alloc,
-                    eff)
-    gt = {"lines": lines.to_dict(orient="records"), "batches": batches.to_dict(orient="records"),
-          "unseen_batches": batches.batch[batches.unseen].tolist()}
+    eff = (
+        crop_effects(seed, batches, batch_strength, unseen_extreme, crop_size, len(CHANNELS))
+        if effects == "varied"
+        else None
+    )
+    plan = CropPlan(
+        seed, crop_size, phenotype_strength, wells_per_line, lines, batches, *alloc, eff
+    )
+    gt = {
+        "lines": lines.to_dict(orient="records"),
+        "batches": batches.to_dict(orient="records"),
+        "unseen_batches": batches.batch[batches.unseen].tolist(),
+    }
     if eff is not None:
         gt.update(batch_effects=eff.per_batch, unseen_extremes=eff.extremes)
     return plan, gt
 
 
-def generate(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_batches: int = 8,
-             n_unseen: int = 2, lines_per_batch: int = 4, wells_per_line: int = 6,
-             confounding: float = 0.75, batch_strength: float = 1.0, phenotype_strength: float = 1.0,
-             seed: int = 0, effects: str = "basic", unseen_extreme: float = 2.5
-             ) -> tuple[np.ndarray, pd.DataFrame, dict]:
+def generate(
+    n_cells: int = 6000,
+    crop_size: int = 64,
+    n_lines: int = 8,
+    n_batches: int = 8,
+    n_unseen: int = 2,
+    lines_per_batch: int = 4,
+    wells_per_line: int = 6,
+    confounding: float = 0.75,
+    batch_strength: float = 1.0,
+    phenotype_strength: float = 1.0,
+    seed: int = 0,
+    effects: str = "basic",
+    unseen_extreme: float = 2.5,
+) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Generate crops in memory: (N, 2, S, S) uint8 images, per-cell metadata, and the ground truth.
 
     The metadata has the crop-shard columns (cell_id, batch, plate, well, field, group, label, split='')
@@ -520,9 +655,21 @@ def generate(n_cells: int = 6000, crop_size: int = 64, n_lines: int = 8, n_batch
     batch's).
     The cells and their metadata are the same in both for a seed.
     """
-    plan, gt = synth_plan(n_cells, crop_size, n_lines, n_batches, n_unseen, lines_per_batch,
-                          wells_per_line, confounding, batch_strength, phenotype_strength, seed,
-                          effects, unseen_extreme)
+    plan, gt = synth_plan(
+        n_cells,
+        crop_size,
+        n_lines,
+        n_batches,
+        n_unseen,
+        lines_per_batch,
+        wells_per_line,
+        confounding,
+        batch_strength,
+        phenotype_strength,
+        seed,
+        effects,
+        unseen_extreme,
+    )
     img, meta = render_cells(plan, 0, plan.n_cells)
     return img, meta, gt
 
@@ -548,8 +695,11 @@ def _write_chunk(plan: BlockPlan, out: str, k0: int, k1: int, rows_per_shard: in
     parts = []
     for k in range(k0, k1):
         s, e = k * rows_per_shard - lo, min(hi, (k + 1) * rows_per_shard) - lo
-        parts.append(write_shard_file(out, f"part-{k:05d}.parquet", img[s:e],
-                                      meta.iloc[s:e].reset_index(drop=True)))
+        parts.append(
+            write_shard_file(
+                out, f"part-{k:05d}.parquet", img[s:e], meta.iloc[s:e].reset_index(drop=True)
+            )
+        )
     return parts
 
 
@@ -569,9 +719,16 @@ def auto_workers(size: int, threshold: int, n_chunks: int) -> int:
     return os.cpu_count() or 1
 
 
-def write_blocks(tmp: Path, plan: BlockPlan, channel_names: list[str], rows_per_shard: int,
-                 chunk_cells: int | None = None, num_workers: int | None = None, progress: bool = True,
-                 desc: str = "synth") -> ManifestBuilder:
+def write_blocks(
+    tmp: Path,
+    plan: BlockPlan,
+    channel_names: list[str],
+    rows_per_shard: int,
+    chunk_cells: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    desc: str = "synth",
+) -> ManifestBuilder:
     """Write a plan's cells as shards into the staging folder `tmp`, in chunks of whole shards.
 
     Shard k always holds cells [k * rows_per_shard, (k + 1) * rows_per_shard). With `num_workers` > 0
@@ -600,8 +757,10 @@ def write_blocks(tmp: Path, plan: BlockPlan, channel_names: list[str], rows_per_
     n = plan.n_cells
     n_shards = -(-n // rows_per_shard)
     per_chunk = max(1, -(-(chunk_cells or CHUNK_CELLS) // rows_per_shard))
-    jobs = [(str(tmp), k, min(k + per_chunk, n_shards), rows_per_shard)
-            for k in range(0, n_shards, per_chunk)]
+    jobs = [
+        (str(tmp), k, min(k + per_chunk, n_shards), rows_per_shard)
+        for k in range(0, n_shards, per_chunk)
+    ]
     workers = auto_workers(n, AUTO_RAY_CELLS, len(jobs)) if num_workers is None else num_workers
     (tmp / K.SHARD_DIR).mkdir(exist_ok=True)
     builder = ManifestBuilder(tmp, channel_names)
@@ -611,13 +770,23 @@ def write_blocks(tmp: Path, plan: BlockPlan, channel_names: list[str], rows_per_
             builder.add(p)
         return sum(p["rows"] for p in parts)
 
-    run_chunks(_write_chunk, plan, jobs, workers, add, total=n, unit="cell", desc=desc,
-               progress=progress)
+    run_chunks(
+        _write_chunk, plan, jobs, workers, add, total=n, unit="cell", desc=desc, progress=progress
+    )
     return builder
 
 
-def run_chunks(fn: Callable, plan, jobs: list[tuple], workers: int, on_result: Callable[..., int],
-               total: int, unit: str = "cell", desc: str = "synth", progress: bool = True) -> None:
+def run_chunks(
+    fn: Callable,
+    plan,
+    jobs: list[tuple],
+    workers: int,
+    on_result: Callable[..., int],
+    total: int,
+    unit: str = "cell",
+    desc: str = "synth",
+    progress: bool = True,
+) -> None:
     """Run ``fn(plan, *job)`` for every job, handing each result to `on_result` in job order.
 
     In this process (`workers` 0) or as Ray tasks (num_cpus=1, at most `workers` in flight).
@@ -628,8 +797,14 @@ def run_chunks(fn: Callable, plan, jobs: list[tuple], workers: int, on_result: C
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=1.0,
-               disable=not progress or len(jobs) < 2)
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        mininterval=1.0,
+        disable=not progress or len(jobs) < 2,
+    )
     try:
         if workers == 0:
             for job in jobs:
@@ -675,9 +850,18 @@ def _run_ray(fn: Callable, plan, jobs: list[tuple], workers: int, on_result: Cal
             ray.shutdown()
 
 
-def write_synthetic(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_shard: int = 1000,
-                    overwrite: bool = False, seed: int = 0, chunk_cells: int | None = None,
-                    num_workers: int | None = None, progress: bool = True, **kw) -> dict:
+def write_synthetic(
+    out: str,
+    n_cells: int = 6000,
+    crop_size: int = 64,
+    rows_per_shard: int = 1000,
+    overwrite: bool = False,
+    seed: int = 0,
+    chunk_cells: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    **kw,
+) -> dict:
     """Generate the synthetic data set and write it as crop shards, in chunks; returns the manifest.
 
     `out` must be new, empty or (with `overwrite`) a raycell data set; the data set is built beside it and
@@ -688,7 +872,9 @@ def write_synthetic(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per
     check_chunking(rows_per_shard, chunk_cells, num_workers)
     check_effects(kw.get("effects", "basic"), kw.get("unseen_extreme", 2.5))
     kw = effects_params(kw)
-    path = prepare_output(out, overwrite=overwrite, what="synth.out", kind=DATASET, error=ShardError)
+    path = prepare_output(
+        out, overwrite=overwrite, what="synth.out", kind=DATASET, error=ShardError
+    )
     # uint8 crops; the shards measured 0.77 of the raw bytes, so half is a safe lower bound
     check_space(path, n_cells * len(CHANNELS) * crop_size**2 // 2, "synth.out", ShardError)
     params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)

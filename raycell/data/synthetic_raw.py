@@ -185,9 +185,7 @@ def _nuisance(
     return np.clip(np.rint(x * _SCALE), 0, 4095).astype(np.uint16)
 
 
-def _scene_effects(
-    rng: np.random.Generator, img: np.ndarray, eff: dict
-) -> tuple[np.ndarray, dict]:
+def _scene_effects(rng: np.random.Generator, img: np.ndarray, eff: dict) -> tuple[np.ndarray, dict]:
     """Add a field's background texture and debris, then mix channels (crosstalk), before focus."""
     _, h, w = img.shape
     x = img.copy()
@@ -264,8 +262,17 @@ def _write_fov(plan: RawPlan, tmp: Path, b: int, w: int, f: int) -> dict:
     tifffile.imwrite(tmp / "masks" / f"{fov_id}_cells.tif", cells)
     edge = np.unique(np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]]))
     n = int(len(np.unique(cells)) - 1)
-    return {"fov_id": fov_id, "batch": bp.batch, "plate": plate, "well": well, "field": str(f),
-            "focal_z": focal, "n_cells": n, "n_interior": n - int((edge > 0).sum()), **counts}
+    return {
+        "fov_id": fov_id,
+        "batch": bp.batch,
+        "plate": plate,
+        "well": well,
+        "field": str(f),
+        "focal_z": focal,
+        "n_cells": n,
+        "n_interior": n - int((edge > 0).sum()),
+        **counts,
+    }
 
 
 def _write_fovs(plan: RawPlan, tmp: str, lo: int, hi: int) -> list[dict]:
@@ -379,16 +386,26 @@ def write_synthetic_raw(
     plan = RawPlan(seed, lines, batches, effs, wells, fields, fov_size, cells_per_fov, n_z)
     per = chunk_fovs or CHUNK_FOVS
     jobs = [(str(tmp), lo, min(lo + per, plan.n_fovs)) for lo in range(0, plan.n_fovs, per)]
-    workers = (auto_workers(plan.n_fovs, AUTO_RAY_FOVS, len(jobs)) if num_workers is None
-               else num_workers)
+    workers = (
+        auto_workers(plan.n_fovs, AUTO_RAY_FOVS, len(jobs)) if num_workers is None else num_workers
+    )
     truth_rows: list[dict] = []
 
     def gather(rows: list[dict]) -> int:
         truth_rows.extend(rows)
         return len(rows)
 
-    run_chunks(_write_fovs, plan, jobs, workers, gather, total=plan.n_fovs, unit="field",
-               desc="synth --raw", progress=progress)
+    run_chunks(
+        _write_fovs,
+        plan,
+        jobs,
+        workers,
+        gather,
+        total=plan.n_fovs,
+        unit="field",
+        desc="synth --raw",
+        progress=progress,
+    )
     pd.DataFrame(pm_rows).to_csv(tmp / "platemap.csv", index=False)
     truth = pd.DataFrame(truth_rows)
     truth.to_csv(tmp / "truth.csv", index=False)

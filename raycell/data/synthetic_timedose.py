@@ -86,8 +86,17 @@ def dose_level(doses: np.ndarray, all_doses: list[float]) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
-def _check(n_cells: int, crop_size: int, times: list, doses: list, n_batches: int, n_unseen: int,
-           replicates: int, batch_strength: float, effect_strength: float) -> None:
+def _check(
+    n_cells: int,
+    crop_size: int,
+    times: list,
+    doses: list,
+    n_batches: int,
+    n_unseen: int,
+    replicates: int,
+    batch_strength: float,
+    effect_strength: float,
+) -> None:
     """One-line errors naming the synth key, before anything is drawn."""
     if not doses:
         raise ConfigError("synth.doses is empty: give at least one dose (uM), e.g. [0, 0.1, 1]")
@@ -97,8 +106,13 @@ def _check(n_cells: int, crop_size: int, times: list, doses: list, n_batches: in
         if not isinstance(d, Real) or isinstance(d, bool) or not math.isfinite(d) or d < 0:
             raise ConfigError(f"synth.doses: {d!r} is not a dose; doses are numbers >= 0 (uM)")
     for t in times:
-        if (not isinstance(t, Real) or isinstance(t, bool) or not math.isfinite(t) or t != int(t)
-                or t < 0):
+        if (
+            not isinstance(t, Real)
+            or isinstance(t, bool)
+            or not math.isfinite(t)
+            or t != int(t)
+            or t < 0
+        ):
             raise ConfigError(f"synth.times: {t!r} is not a time point; times are whole hours >= 0")
     for key, vals in (("doses", [float(d) for d in doses]), ("times", [int(t) for t in times])):
         dup = sorted({v for v in vals if vals.count(v) > 1})
@@ -107,21 +121,28 @@ def _check(n_cells: int, crop_size: int, times: list, doses: list, n_batches: in
     if n_batches < 1:
         raise ConfigError(f"synth.n_batches must be >= 1, got {n_batches}")
     if not 0 <= n_unseen < n_batches:
-        raise ConfigError(f"synth.n_unseen must be in [0, n_batches), got {n_unseen} of "
-                          f"{n_batches} batches (at least one batch must stay seen)")
+        raise ConfigError(
+            f"synth.n_unseen must be in [0, n_batches), got {n_unseen} of "
+            f"{n_batches} batches (at least one batch must stay seen)"
+        )
     if replicates < 1:
-        raise ConfigError(f"synth.replicates must be >= 1 (wells per time x dose x batch), "
-                          f"got {replicates}")
+        raise ConfigError(
+            f"synth.replicates must be >= 1 (wells per time x dose x batch), got {replicates}"
+        )
     per_plate = len(times) * len(doses) * replicates
     if per_plate > len(_ROWS) * len(_COLS):
-        raise ConfigError(f"synth: {len(times)} times x {len(doses)} doses x {replicates} "
-                          f"replicates = {per_plate} wells per plate, more than the "
-                          f"{len(_ROWS) * len(_COLS)} inner wells of a 384-well plate")
+        raise ConfigError(
+            f"synth: {len(times)} times x {len(doses)} doses x {replicates} "
+            f"replicates = {per_plate} wells per plate, more than the "
+            f"{len(_ROWS) * len(_COLS)} inner wells of a 384-well plate"
+        )
     n_wells = per_plate * n_batches
     if n_cells < n_wells:
-        raise ConfigError(f"synth.n_cells={n_cells} is fewer than the design's {n_wells} wells "
-                          f"(batches x times x doses x replicates); raise n_cells or lower "
-                          "replicates")
+        raise ConfigError(
+            f"synth.n_cells={n_cells} is fewer than the design's {n_wells} wells "
+            f"(batches x times x doses x replicates); raise n_cells or lower "
+            "replicates"
+        )
     if not 16 <= crop_size <= 512:
         raise ConfigError(f"synth.crop_size must be in [16, 512] px, got {crop_size}")
     for key, v in (("batch_strength", batch_strength), ("effect_strength", effect_strength)):
@@ -129,8 +150,14 @@ def _check(n_cells: int, crop_size: int, times: list, doses: list, n_batches: in
             raise ConfigError(f"synth.{key} must be a finite number >= 0, got {v}")
 
 
-def _design(rng: np.random.Generator, n_cells: int, times: list[int], doses: list[float],
-            n_batches: int, replicates: int) -> tuple[pd.DataFrame, np.ndarray]:
+def _design(
+    rng: np.random.Generator,
+    n_cells: int,
+    times: list[int],
+    doses: list[float],
+    n_batches: int,
+    replicates: int,
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Every well (batch x time x dose x replicate) and each cell's well index (cells shuffled)."""
     wells = []
     for b in range(n_batches):
@@ -150,9 +177,16 @@ def _design(rng: np.random.Generator, n_cells: int, times: list[int], doses: lis
     return wells, cell_well[shuffle_order(rng, len(cell_well))]
 
 
-def _render_cells(rng: np.random.Generator, time: np.ndarray, dose: np.ndarray,
-                  well_eff: np.ndarray, doses: list[float], times: list[int], size: int,
-                  strength: float) -> tuple[np.ndarray, pd.DataFrame]:
+def _render_cells(
+    rng: np.random.Generator,
+    time: np.ndarray,
+    dose: np.ndarray,
+    well_eff: np.ndarray,
+    doses: list[float],
+    times: list[int],
+    size: int,
+    strength: float,
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Noise-free (N, 2, size, size) images in [0, 1] and the per-cell true effects."""
     n = len(time)
     sc = size / 64.0
@@ -173,8 +207,9 @@ def _render_cells(rng: np.random.Generator, time: np.ndarray, dose: np.ndarray,
     lobe_amp = np.clip(rng.normal(0.07, 0.03, n), 0.0, 0.3)
     n_puncta = rng.poisson(3.0, n)
     lobes = rng.integers(3, 7, n)
-    img = _draw_cells(rng, size, radius, elong, lobe_amp, n_puncta, lobes, nuc_ratio, cyto_int,
-                      nuc_int, nuc_tex)
+    img = _draw_cells(
+        rng, size, radius, elong, lobe_amp, n_puncta, lobes, nuc_ratio, cyto_int, nuc_int, nuc_tex
+    )
     truth = pd.DataFrame({"true_dose_effect": dose_eff, "true_time_effect": time_eff})
     return img, truth
 
@@ -182,12 +217,18 @@ def _render_cells(rng: np.random.Generator, time: np.ndarray, dose: np.ndarray,
 def _extra_batch_params(rng: np.random.Generator, n_batches: int, strength: float) -> pd.DataFrame:
     """Crosstalk and background per batch, on top of `raycell.data.synthetic._batch_params`."""
     s = strength
-    return pd.DataFrame({
-        "crosstalk": s * rng.uniform(0.0, 0.15, n_batches),  # cell-body stain seen in the nucleus
-        "background": s * rng.uniform(0.0, 0.08, n_batches),  # 99th percentile of the background
-        "background_scale": rng.uniform(6.0, 20.0, n_batches),  # px
-        "background_cyto": rng.uniform(0.5, 1.0, n_batches),  # its weight in the cell-body channel
-    })
+    return pd.DataFrame(
+        {
+            "crosstalk": s
+            * rng.uniform(0.0, 0.15, n_batches),  # cell-body stain seen in the nucleus
+            "background": s
+            * rng.uniform(0.0, 0.08, n_batches),  # 99th percentile of the background
+            "background_scale": rng.uniform(6.0, 20.0, n_batches),  # px
+            "background_cyto": rng.uniform(
+                0.5, 1.0, n_batches
+            ),  # its weight in the cell-body channel
+        }
+    )
 
 
 def _background_fields(rng: np.random.Generator, batches: pd.DataFrame, size: int) -> list:
@@ -196,12 +237,21 @@ def _background_fields(rng: np.random.Generator, batches: pd.DataFrame, size: in
     The batch's crops show random windows of it.
     """
     field = max(512, 2 * size)
-    return [background_texture(rng, (field, field), bp.background_scale, bp.background)
-            if bp.background > 0 else None for _, bp in batches.iterrows()]
+    return [
+        background_texture(rng, (field, field), bp.background_scale, bp.background)
+        if bp.background > 0
+        else None
+        for _, bp in batches.iterrows()
+    ]
 
 
-def _add_crosstalk_background(rng: np.random.Generator, img: np.ndarray, batch_idx: np.ndarray,
-                              batches: pd.DataFrame, backgrounds: list) -> None:
+def _add_crosstalk_background(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    batch_idx: np.ndarray,
+    batches: pd.DataFrame,
+    backgrounds: list,
+) -> None:
     """Apply each batch's crosstalk and smooth background to its crops, in place (float images)."""
     _, c, size, _ = img.shape
     for b, bp in batches.iterrows():
@@ -218,7 +268,7 @@ def _add_crosstalk_background(rng: np.random.Generator, img: np.ndarray, batch_i
         bg = backgrounds[b]
         if bg is not None:
             oy, ox = rng.integers(0, len(bg) - size + 1, (2, len(idx)))
-            win = np.stack([bg[y:y + size, z:z + size] for y, z in zip(oy, ox)])
+            win = np.stack([bg[y : y + size, z : z + size] for y, z in zip(oy, ox)])
             weight = np.array([1.0, bp.background_cyto], np.float32)[None, :, None, None]
             x = x + win[:, None] * weight
         img[idx] = x
@@ -253,38 +303,57 @@ class TimedosePlan:
         time = self.wells.time.to_numpy(np.int64)[wi]
         dose = self.wells.dose.to_numpy(np.float64)[wi]
         bi = self.wells.batch_idx.to_numpy()[wi]
-        img, truth = _render_cells(rng, time, dose, self.well_eff[wi], self.doses, self.times,
-                                   self.crop_size, self.effect_strength)
+        img, truth = _render_cells(
+            rng,
+            time,
+            dose,
+            self.well_eff[wi],
+            self.doses,
+            self.times,
+            self.crop_size,
+            self.effect_strength,
+        )
         _add_crosstalk_background(rng, img, bi, self.batches, self.backgrounds)
         # a field of view per well: every crop of a well sees the same window of its batch's texture
         img, pos = _apply_batch(rng, img, bi, self.batches, self.effects, block, wi[:, None])
         batch = self.batches.batch.to_numpy(object)[bi]
         names = {d: dose_name(d) for d in self.doses}
         dose_txt = np.array([names[d] for d in dose], dtype=object)
-        meta = pd.DataFrame({
-            K.CELL_ID: [f"timedose-{i:07d}" for i in range(lo, hi)],
-            K.BATCH: batch,
-            K.PLATE: batch,
-            K.WELL: self.wells[K.WELL].to_numpy(object)[wi],
-            K.FIELD: "1",
-            K.GROUP: [f"t{t}_d{d}" for t, d in zip(time, dose_txt)],
-            K.LABEL: dose_txt,
-            K.SPLIT: K.UNASSIGNED,
-            K.SOURCE: "synthetic",
-            K.CENTROID_Y: pos[:, 0],
-            K.CENTROID_X: pos[:, 1],
-            "time": time,
-            "dose": dose,
-            "compound": np.where(dose == 0, CONTROL, COMPOUND),
-        })
+        meta = pd.DataFrame(
+            {
+                K.CELL_ID: [f"timedose-{i:07d}" for i in range(lo, hi)],
+                K.BATCH: batch,
+                K.PLATE: batch,
+                K.WELL: self.wells[K.WELL].to_numpy(object)[wi],
+                K.FIELD: "1",
+                K.GROUP: [f"t{t}_d{d}" for t, d in zip(time, dose_txt)],
+                K.LABEL: dose_txt,
+                K.SPLIT: K.UNASSIGNED,
+                K.SOURCE: "synthetic",
+                K.CENTROID_Y: pos[:, 0],
+                K.CENTROID_X: pos[:, 1],
+                "time": time,
+                "dose": dose,
+                "compound": np.where(dose == 0, CONTROL, COMPOUND),
+            }
+        )
         return img, pd.concat([meta, truth], axis=1)
 
 
-def timedose_plan(n_cells: int = 6000, crop_size: int = 64, times: list | tuple = TIMES,
-                  doses: list | tuple = DOSES, n_batches: int = 4, n_unseen: int = 1,
-                  replicates: int = 2, batch_strength: float = 1.0, effect_strength: float = 1.0,
-                  seed: int = 0, effects: str = "basic", unseen_extreme: float = 2.5
-                  ) -> tuple[TimedosePlan, dict]:
+def timedose_plan(
+    n_cells: int = 6000,
+    crop_size: int = 64,
+    times: list | tuple = TIMES,
+    doses: list | tuple = DOSES,
+    n_batches: int = 4,
+    n_unseen: int = 1,
+    replicates: int = 2,
+    batch_strength: float = 1.0,
+    effect_strength: float = 1.0,
+    seed: int = 0,
+    effects: str = "basic",
+    unseen_extreme: float = 2.5,
+) -> tuple[TimedosePlan, dict]:
     """The global draws (batches, wells, cells' wells, well effects, backgrounds) and the truth.
 
     With ``effects="varied"`` the truth also holds ``batch_effects`` and ``unseen_extremes``, drawn
@@ -293,8 +362,17 @@ def timedose_plan(n_cells: int = 6000, crop_size: int = 64, times: list | tuple 
     """
     times, doses = list(times), list(doses)
     check_effects(effects, unseen_extreme)
-    _check(n_cells, crop_size, times, doses, n_batches, n_unseen, replicates, batch_strength,
-           effect_strength)
+    _check(
+        n_cells,
+        crop_size,
+        times,
+        doses,
+        n_batches,
+        n_unseen,
+        replicates,
+        batch_strength,
+        effect_strength,
+    )
     times, doses = [int(t) for t in times], [float(d) for d in doses]
     rng = np.random.default_rng(seed)
     batches = _batch_params(rng, n_batches, n_unseen, batch_strength, confounded=False)
@@ -302,23 +380,47 @@ def timedose_plan(n_cells: int = 6000, crop_size: int = 64, times: list | tuple 
     wells, cell_well = _design(rng, n_cells, times, doses, n_batches, replicates)
     well_eff = rng.normal(1.0, 0.03, len(wells))  # a small well-to-well effect on the cell size
     backgrounds = _background_fields(rng, batches, crop_size)
-    eff = (crop_effects(seed, batches, batch_strength, unseen_extreme, crop_size, len(CHANNELS))
-           if effects == "varied" else None)
-    plan = TimedosePlan(seed, crop_size, effect_strength, times, doses, batches, wells, well_eff,
-                        backgrounds, cell_well, eff)
-    conditions = [{"time": t, "dose": d, "group": f"t{t}_d{dose_name(d)}",
-                   "compound": CONTROL if d == 0 else COMPOUND,
-                   "dose_level": float(dose_level(np.array([d]), doses)[0])}
-                  for t in times for d in doses]
+    eff = (
+        crop_effects(seed, batches, batch_strength, unseen_extreme, crop_size, len(CHANNELS))
+        if effects == "varied"
+        else None
+    )
+    plan = TimedosePlan(
+        seed,
+        crop_size,
+        effect_strength,
+        times,
+        doses,
+        batches,
+        wells,
+        well_eff,
+        backgrounds,
+        cell_well,
+        eff,
+    )
+    conditions = [
+        {
+            "time": t,
+            "dose": d,
+            "group": f"t{t}_d{dose_name(d)}",
+            "compound": CONTROL if d == 0 else COMPOUND,
+            "dose_level": float(dose_level(np.array([d]), doses)[0]),
+        }
+        for t in times
+        for d in doses
+    ]
     gt = {
-        "design": "timedose", "times": times, "doses": doses, "replicates": replicates,
+        "design": "timedose",
+        "times": times,
+        "doses": doses,
+        "replicates": replicates,
         "dose_eps": (min([d for d in doses if d > 0], default=1.0)) / 10,
         "effects": {
             "true_dose_effect": "effect_strength * dose_level * (0.75 + 0.5 * time_level); "
-                                "radius x(1 + 0.28 e), elongation 1.1 + 0.3 e, nuclear intensity "
-                                "x(1 - 0.2 e), nuclear texture 1.5 + 2.5 e",
+            "radius x(1 + 0.28 e), elongation 1.1 + 0.3 e, nuclear intensity "
+            "x(1 - 0.2 e), nuclear texture 1.5 + 2.5 e",
             "true_time_effect": "effect_strength * time_level; cell-body intensity x(1 + 0.3 e), "
-                                "nucleus/cell ratio x(1 - 0.12 e)",
+            "nucleus/cell ratio x(1 - 0.12 e)",
         },
         "conditions": conditions,
         "batches": batches.to_dict(orient="records"),
@@ -329,11 +431,20 @@ def timedose_plan(n_cells: int = 6000, crop_size: int = 64, times: list | tuple 
     return plan, gt
 
 
-def generate_timedose(n_cells: int = 6000, crop_size: int = 64, times: list | tuple = TIMES,
-                      doses: list | tuple = DOSES, n_batches: int = 4, n_unseen: int = 1,
-                      replicates: int = 2, batch_strength: float = 1.0,
-                      effect_strength: float = 1.0, seed: int = 0, effects: str = "basic",
-                      unseen_extreme: float = 2.5) -> tuple[np.ndarray, pd.DataFrame, dict]:
+def generate_timedose(
+    n_cells: int = 6000,
+    crop_size: int = 64,
+    times: list | tuple = TIMES,
+    doses: list | tuple = DOSES,
+    n_batches: int = 4,
+    n_unseen: int = 1,
+    replicates: int = 2,
+    batch_strength: float = 1.0,
+    effect_strength: float = 1.0,
+    seed: int = 0,
+    effects: str = "basic",
+    unseen_extreme: float = 2.5,
+) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Generate a time x dose data set in memory: (N, 2, S, S) uint8 crops, metadata, ground truth.
 
     The metadata has the crop-shard columns (cell_id, batch, plate = batch, well, field, group
@@ -344,15 +455,36 @@ def generate_timedose(n_cells: int = 6000, crop_size: int = 64, times: list | tu
         ConfigError: empty or negative doses or times, n_unseen not below n_batches, fewer cells
             than wells, and other arguments out of range.
     """
-    plan, gt = timedose_plan(n_cells, crop_size, times, doses, n_batches, n_unseen, replicates,
-                             batch_strength, effect_strength, seed, effects, unseen_extreme)
+    plan, gt = timedose_plan(
+        n_cells,
+        crop_size,
+        times,
+        doses,
+        n_batches,
+        n_unseen,
+        replicates,
+        batch_strength,
+        effect_strength,
+        seed,
+        effects,
+        unseen_extreme,
+    )
     img, meta = render_cells(plan, 0, plan.n_cells)
     return img, meta, gt
 
 
-def write_timedose(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_shard: int = 1000,
-                   overwrite: bool = False, seed: int = 0, chunk_cells: int | None = None,
-                   num_workers: int | None = None, progress: bool = True, **kw) -> dict:
+def write_timedose(
+    out: str,
+    n_cells: int = 6000,
+    crop_size: int = 64,
+    rows_per_shard: int = 1000,
+    overwrite: bool = False,
+    seed: int = 0,
+    chunk_cells: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    **kw,
+) -> dict:
     """Generate the time x dose data set and write it as crop shards in chunks; return the manifest.
 
     Written like `raycell.data.synthetic.write_synthetic` (built beside `out`, swapped in when
@@ -361,18 +493,32 @@ def write_timedose(out: str, n_cells: int = 6000, crop_size: int = 64, rows_per_
     """
     check_chunking(rows_per_shard, chunk_cells, num_workers)
     kw = effects_params(kw)
-    path = prepare_output(out, overwrite=overwrite, what="synth.out", kind=DATASET,
-                          error=ShardError)
+    path = prepare_output(
+        out, overwrite=overwrite, what="synth.out", kind=DATASET, error=ShardError
+    )
     params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
     plan, gt = timedose_plan(**params)
     params.update(times=gt["times"], doses=gt["doses"])  # JSON-friendly lists
     tmp = staging_dir(path, DATASET)
-    builder = write_blocks(tmp, plan, CHANNELS, rows_per_shard, chunk_cells, num_workers, progress,
-                           desc="synth timedose")
-    m = builder.write(params={"generator": "raycell.data.synthetic_timedose", **params},
-                      extra={"suggested_unseen": gt["unseen_batches"], "ground_truth": gt,
-                             **pop_varied(gt),  # as the phenotype design: at the top of the manifest
-                             # the truth columns are answers, not labels to train on
-                             "weak_label_columns": list(WEAK_LABEL_COLUMNS)})
+    builder = write_blocks(
+        tmp,
+        plan,
+        CHANNELS,
+        rows_per_shard,
+        chunk_cells,
+        num_workers,
+        progress,
+        desc="synth timedose",
+    )
+    m = builder.write(
+        params={"generator": "raycell.data.synthetic_timedose", **params},
+        extra={
+            "suggested_unseen": gt["unseen_batches"],
+            "ground_truth": gt,
+            **pop_varied(gt),  # as the phenotype design: at the top of the manifest
+            # the truth columns are answers, not labels to train on
+            "weak_label_columns": list(WEAK_LABEL_COLUMNS),
+        },
+    )
     swap_in(tmp, path)
     return m

@@ -33,8 +33,18 @@ from raycell import constants as K
 from raycell.errors import UserError
 from raycell.ingest.features import crop_features
 
-__all__ = ["BASELINE_MODEL", "baseline_label", "baseline_sources", "crop_features", "feature_source",
-           "load_features", "fit_baseline", "baseline_metrics", "evaluate_baseline", "baseline_row"]
+__all__ = [
+    "BASELINE_MODEL",
+    "baseline_label",
+    "baseline_sources",
+    "crop_features",
+    "feature_source",
+    "load_features",
+    "fit_baseline",
+    "baseline_metrics",
+    "evaluate_baseline",
+    "baseline_row",
+]
 
 BASELINE_MODEL = "baseline"  # the `model` of a baseline row (its table label: `baseline_label`)
 FEATURE_SOURCES = K.BASELINE_FEATURES
@@ -60,19 +70,23 @@ def _has_morph(data: str | Path, features: str) -> bool:
     from raycell.formats.shards import open_dataset
 
     if features not in FEATURE_SOURCES:
-        raise UserError(f"eval.baseline_features: {features!r} is not one of "
-                        f"{', '.join(FEATURE_SOURCES)}")
+        raise UserError(
+            f"eval.baseline_features: {features!r} is not one of {', '.join(FEATURE_SOURCES)}"
+        )
     ds = open_dataset(data)
     has_morph = any(c.startswith(K.MORPH_PREFIX) for c in ds.columns())
     if features == "morph" and not has_morph:
-        raise UserError(f"{ds.root}: eval.baseline_features=morph, but its shards have no "
-                        f"{K.MORPH_PREFIX}* columns (use 'crops', 'all' or 'auto')")
+        raise UserError(
+            f"{ds.root}: eval.baseline_features=morph, but its shards have no "
+            f"{K.MORPH_PREFIX}* columns (use 'crops', 'all' or 'auto')"
+        )
     return has_morph
 
 
 def feature_source(data: str | Path, features: str = "auto") -> str:
     """The features `load_features` uses on `data`: 'morph_*', 'crops' or 'morph_*+crops' (reads the
-    schema)."""
+    schema).
+    """
     has_morph = _has_morph(data, features)
     if not has_morph or features == "crops":
         return "crops"
@@ -92,8 +106,13 @@ def baseline_sources(data: str | Path, features: str = "auto") -> list[str]:
     return ["morph", "all"] if _has_morph(data, features) else ["crops"]
 
 
-def load_features(data: str | Path, splits: list[str], features: str = "auto",
-                  max_cells: int = 5000, seed: int = 0) -> dict:
+def load_features(
+    data: str | Path,
+    splits: list[str],
+    features: str = "auto",
+    max_cells: int = 5000,
+    seed: int = 0,
+) -> dict:
     """Per split, the baseline's feature matrix and metadata (at most `max_cells` cells each).
 
     Args:
@@ -126,12 +145,18 @@ def load_features(data: str | Path, splits: list[str], features: str = "auto",
         meta = t.select(meta_cols).to_pandas()
         xs, names = [], list(morph)
         if use_morph:
-            xs.append(np.column_stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-                                       for c in morph]))
+            xs.append(
+                np.column_stack(
+                    [t.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in morph]
+                )
+            )
         if use_crops and stored:  # computed at ingest (ingest.crop_features)
-            xs.append(np.column_stack([t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-                                       for c in stored]))
-            names += [c[len(K.FEAT_PREFIX):] for c in stored]
+            xs.append(
+                np.column_stack(
+                    [t.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in stored]
+                )
+            )
+            names += [c[len(K.FEAT_PREFIX) :] for c in stored]
         elif use_crops:
             imgs = decode_images(t, ds.shape, ds.dtype, where=str(ds.root))
             x_crops, crop_names = crop_features(imgs, ds.manifest.get("channel_names"))
@@ -150,10 +175,11 @@ def fit_baseline(x: np.ndarray, y: np.ndarray, seed: int = 0):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    pipe = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True),
-                         StandardScaler(),
-                         LogisticRegression(class_weight="balanced", max_iter=2000,
-                                            random_state=seed))
+    pipe = make_pipeline(
+        SimpleImputer(strategy="median", keep_empty_features=True),
+        StandardScaler(),
+        LogisticRegression(class_weight="balanced", max_iter=2000, random_state=seed),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe.fit(np.where(np.isfinite(x), x, np.nan), y)
@@ -180,9 +206,13 @@ def baseline_metrics(pipe, x: np.ndarray, meta: pd.DataFrame, label_vocab: list[
             res.update(classification_metrics(y[known], prob[known, 1]))
         else:
             pred = prob[known].argmax(1)
-            res.update({"balanced_accuracy": float(balanced_accuracy_score(y[known], pred)),
-                        "f1": float(f1_score(y[known], pred, average="macro")),
-                        "accuracy": float((pred == y[known]).mean())})
+            res.update(
+                {
+                    "balanced_accuracy": float(balanced_accuracy_score(y[known], pred)),
+                    "f1": float(f1_score(y[known], pred, average="macro")),
+                    "accuracy": float((pred == y[known]).mean()),
+                }
+            )
     res["mse"] = math.nan  # no reconstruction: keeps the deep rows' keys
     res["ssim"] = math.nan
     z = pipe[:-1].transform(x)  # imputed, standardised with the train statistics
@@ -201,13 +231,22 @@ def evaluate_baseline(feats: dict, splits: list[str], seed: int = 0) -> dict:
     if len(np.unique(y)) < 2:
         raise UserError("baseline: the 'train' split has a single label; nothing to classify")
     pipe = fit_baseline(tr["x"][keep], y, seed)
-    return {s: baseline_metrics(pipe, feats["splits"][s]["x"], feats["splits"][s]["meta"],
-                                feats["label_vocab"])
-            for s in splits if s in feats["splits"]}
+    return {
+        s: baseline_metrics(
+            pipe, feats["splits"][s]["x"], feats["splits"][s]["meta"], feats["label_vocab"]
+        )
+        for s in splits
+        if s in feats["splits"]
+    }
 
 
-def baseline_row(data: str | Path, seed: int = 0, features: str = "auto", max_cells: int = 5000,
-                 feats: dict | None = None) -> dict:
+def baseline_row(
+    data: str | Path,
+    seed: int = 0,
+    features: str = "auto",
+    max_cells: int = 5000,
+    feats: dict | None = None,
+) -> dict:
     """One experiment-table row of the baseline (the keys of a deep model's row; no checkpoint).
 
     Args:
@@ -223,12 +262,21 @@ def baseline_row(data: str | Path, seed: int = 0, features: str = "auto", max_ce
     if feats is None:
         feats = load_features(data, [K.TRAIN, K.TEST, K.UNSEEN], features, max_cells)
     ev = evaluate_baseline(feats, [K.TEST, K.UNSEEN], seed)
-    return {"model": BASELINE_MODEL, "label": baseline_label(feats["source"]), "seed": seed,
-            "run_dir": "", "checkpoint": "", "train_seconds": 0.0,
-            "final_metrics": {"features": feats["source"],
-                              "n_features": len(feats.get("names", [])),
-                              "feature_names": feats.get("names", []),
-                              "n_train": int(len(feats["splits"][K.TRAIN]["meta"])),
-                              "feature_seconds": feats.get("seconds")},
-            "seconds": round(time.time() - t0 + feats.get("seconds", 0.0), 1),
-            "test": ev.get(K.TEST, {}), "unseen": ev.get(K.UNSEEN, {})}
+    return {
+        "model": BASELINE_MODEL,
+        "label": baseline_label(feats["source"]),
+        "seed": seed,
+        "run_dir": "",
+        "checkpoint": "",
+        "train_seconds": 0.0,
+        "final_metrics": {
+            "features": feats["source"],
+            "n_features": len(feats.get("names", [])),
+            "feature_names": feats.get("names", []),
+            "n_train": int(len(feats["splits"][K.TRAIN]["meta"])),
+            "feature_seconds": feats.get("seconds"),
+        },
+        "seconds": round(time.time() - t0 + feats.get("seconds", 0.0), 1),
+        "test": ev.get(K.TEST, {}),
+        "unseen": ev.get(K.UNSEEN, {}),
+    }

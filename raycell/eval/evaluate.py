@@ -25,22 +25,44 @@ from raycell.eval.latent import latent_metrics
 from raycell.utils.io import atomic_write_json, atomic_write_text
 
 SPLIT_ORDER = [K.TEST, K.UNSEEN, K.VAL, K.TRAIN, K.UNASSIGNED]
-TABLE_COLUMNS = ["n", "auroc", "auroc_ci_low", "auroc_ci_high", "balanced_accuracy", "f1", "mse", "ssim",
-                 "db", "ch", "batch_probe_acc", "batch_probe_chance", "batch_silhouette", "ilisi_norm",
-                 "nsb_1nn_acc"]
+TABLE_COLUMNS = [
+    "n",
+    "auroc",
+    "auroc_ci_low",
+    "auroc_ci_high",
+    "balanced_accuracy",
+    "f1",
+    "mse",
+    "ssim",
+    "db",
+    "ch",
+    "batch_probe_acc",
+    "batch_probe_chance",
+    "batch_silhouette",
+    "ilisi_norm",
+    "nsb_1nn_acc",
+]
 
 
-def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str], max_cells: int = 5000,
-                  seed: int = 0) -> dict:
+def split_metrics(
+    df: pd.DataFrame,
+    latents: np.ndarray,
+    label_vocab: list[str],
+    max_cells: int = 5000,
+    seed: int = 0,
+) -> dict:
     """All metrics for the rows of one split (df has label, batch, prob, recon_mse, recon_ssim)."""
     res: dict = {"n": int(len(df))}
     known = df[K.LABEL].isin(label_vocab).to_numpy()
     if not known.all():
         # cells whose label the model never saw: kept in the latent metrics, counted, left out of AUROC
         res["n_unknown_label"] = int((~known).sum())
-        print(f"[raycell] warning: {res['n_unknown_label']} cell(s) have labels outside the model's "
-              f"vocabulary {label_vocab} (e.g. {df[K.LABEL][~known].iloc[0]!r}); excluded from "
-              "classification metrics", flush=True)
+        print(
+            f"[raycell] warning: {res['n_unknown_label']} cell(s) have labels outside the model's "
+            f"vocabulary {label_vocab} (e.g. {df[K.LABEL][~known].iloc[0]!r}); excluded from "
+            "classification metrics",
+            flush=True,
+        )
     y = pd.Categorical(df[K.LABEL], categories=label_vocab).codes
     prob = df[K.PROB].to_numpy() if K.PROB in df else None  # weak-label models without a label head
     if prob is None:
@@ -51,9 +73,13 @@ def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str],
         from sklearn.metrics import balanced_accuracy_score, f1_score
 
         pred = np.stack(prob[known]).argmax(1)
-        res.update({"balanced_accuracy": float(balanced_accuracy_score(y[known], pred)),
-                    "f1": float(f1_score(y[known], pred, average="macro")),
-                    "accuracy": float((pred == y[known]).mean())})
+        res.update(
+            {
+                "balanced_accuracy": float(balanced_accuracy_score(y[known], pred)),
+                "f1": float(f1_score(y[known], pred, average="macro")),
+                "accuracy": float((pred == y[known]).mean()),
+            }
+        )
     if K.RECON_MSE in df:  # models that reconstruct
         res["mse"] = float(df[K.RECON_MSE].mean())
         res["ssim"] = float(df[K.RECON_SSIM].mean())
@@ -63,9 +89,16 @@ def split_metrics(df: pd.DataFrame, latents: np.ndarray, label_vocab: list[str],
     return res
 
 
-def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, max_cells: int = 5000,
-                         seed: int = 0, plot: bool = True, quiet: bool = False, baseline: bool = False,
-                         baseline_features: str = "auto") -> dict:
+def evaluate_predictions(
+    pred_dir: str | Path,
+    out: str | Path | None = None,
+    max_cells: int = 5000,
+    seed: int = 0,
+    plot: bool = True,
+    quiet: bool = False,
+    baseline: bool = False,
+    baseline_features: str = "auto",
+) -> dict:
     """Compute metrics for a predictions folder; writes metrics.json, metrics.csv and a PCA plot.
 
     With `baseline`, also the hand-made-feature baseline on the same splits (features: 'auto',
@@ -75,23 +108,35 @@ def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, ma
 
     pred_dir = Path(pred_dir).absolute()
     pm, table = load_predictions(pred_dir)
-    latents = np.asarray(table.column(K.LATENT).combine_chunks().flatten()).reshape(table.num_rows, -1)
-    df = table.drop_columns([c for c in (K.LATENT, K.LATENT_RE, K.BATCH_PROB, K.RECON)
-                             if c in table.column_names]).to_pandas()
+    latents = np.asarray(table.column(K.LATENT).combine_chunks().flatten()).reshape(
+        table.num_rows, -1
+    )
+    df = table.drop_columns(
+        [c for c in (K.LATENT, K.LATENT_RE, K.BATCH_PROB, K.RECON) if c in table.column_names]
+    ).to_pandas()
     label_vocab = pm["labels"]["values"]
     out = Path(out).absolute() if out else pred_dir.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    splits = sorted(df[K.SPLIT].unique(), key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99)
+    splits = sorted(
+        df[K.SPLIT].unique(), key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 99
+    )
     for s in splits:
         m = (df[K.SPLIT] == s).to_numpy()
-        results[s or "unassigned"] = split_metrics(df[m].reset_index(drop=True), latents[m], label_vocab,
-                                                   max_cells, seed)
-    report = {"predictions": str(pred_dir), "model_type": pm["model_type"], "checkpoint": pm["checkpoint"],
-              "label_positive": label_vocab[-1] if len(label_vocab) == 2 else None, "splits": results}
+        results[s or "unassigned"] = split_metrics(
+            df[m].reset_index(drop=True), latents[m], label_vocab, max_cells, seed
+        )
+    report = {
+        "predictions": str(pred_dir),
+        "model_type": pm["model_type"],
+        "checkpoint": pm["checkpoint"],
+        "label_positive": label_vocab[-1] if len(label_vocab) == 2 else None,
+        "splits": results,
+    }
     if baseline:
-        report["baseline"] = _baseline(pm, pred_dir, [s or "unassigned" for s in splits], max_cells,
-                                       seed, baseline_features)
+        report["baseline"] = _baseline(
+            pm, pred_dir, [s or "unassigned" for s in splits], max_cells, seed, baseline_features
+        )
     atomic_write_json(out / "metrics.json", report)
     frame = pd.DataFrame(results).T
     frame.insert(0, "model", pm["model_type"])
@@ -103,36 +148,62 @@ def evaluate_predictions(pred_dir: str | Path, out: str | Path | None = None, ma
     if plot:
         from raycell.eval.plots import pca_plot
 
-        report["pca_plot"] = str(pca_plot(latents, df[K.LABEL].to_numpy(), df[K.BATCH].to_numpy(),
-                                          out / "latent_pca.png", title=f"{pm['model_type']} latents"))
+        report["pca_plot"] = str(
+            pca_plot(
+                latents,
+                df[K.LABEL].to_numpy(),
+                df[K.BATCH].to_numpy(),
+                out / "latent_pca.png",
+                title=f"{pm['model_type']} latents",
+            )
+        )
     if not quiet:
         print(format_table(results, title=f"{pm['model_type']}  ({pred_dir})"))
         if baseline:
             b = report["baseline"]
-            print(format_table(b["splits"], title=f"{b['label']}  (fitted on train of {b['dataset']})"))
+            print(
+                format_table(
+                    b["splits"], title=f"{b['label']}  (fitted on train of {b['dataset']})"
+                )
+            )
     report["out"] = str(out)
     return report
 
 
-def _baseline(pm: dict, pred_dir: Path, splits: list[str], max_cells: int, seed: int,
-              features: str) -> dict:
+def _baseline(
+    pm: dict, pred_dir: Path, splits: list[str], max_cells: int, seed: int, features: str
+) -> dict:
     """The hand-made-feature baseline on the predictions' data set, scored on `splits` (not train)."""
     from raycell.errors import UserError
     from raycell.eval.baseline import baseline_label, evaluate_baseline, load_features
 
     data = pm.get("dataset")
     if not data or not (Path(data) / K.MANIFEST).is_file():
-        raise UserError(f"{pred_dir / K.PREDICTIONS_MANIFEST}: its data set {data!r} is not there, so "
-                        "eval.baseline cannot fit the feature baseline; set eval.baseline=false")
+        raise UserError(
+            f"{pred_dir / K.PREDICTIONS_MANIFEST}: its data set {data!r} is not there, so "
+            "eval.baseline cannot fit the feature baseline; set eval.baseline=false"
+        )
     splits = [s for s in splits if s != K.TRAIN]
     feats = load_features(data, [K.TRAIN] + splits, features, max_cells, seed)
-    return {"label": baseline_label(feats["source"]), "features": feats["source"], "dataset": data,
-            "feature_names": feats.get("names", []), "splits": evaluate_baseline(feats, splits, seed)}
+    return {
+        "label": baseline_label(feats["source"]),
+        "features": feats["source"],
+        "dataset": data,
+        "feature_names": feats.get("names", []),
+        "splits": evaluate_baseline(feats, splits, seed),
+    }
 
 
-SHORT = {"auroc_ci_low": "auroc_lo", "auroc_ci_high": "auroc_hi", "balanced_accuracy": "bal_acc",
-         "batch_probe_acc": "probe_acc", "batch_probe_chance": "chance",
-         "batch_silhouette": "batch_sil", "ilisi_norm": "ilisi_norm", "nsb_1nn_acc": "nsb_1nn"}
+SHORT = {
+    "auroc_ci_low": "auroc_lo",
+    "auroc_ci_high": "auroc_hi",
+    "balanced_accuracy": "bal_acc",
+    "batch_probe_acc": "probe_acc",
+    "batch_probe_chance": "chance",
+    "batch_silhouette": "batch_sil",
+    "ilisi_norm": "ilisi_norm",
+    "nsb_1nn_acc": "nsb_1nn",
+}
 
 
 def format_table(results: dict, title: str = "", first: str = "split") -> str:

@@ -65,7 +65,9 @@ def _n_unique(a: np.ndarray) -> int:
     return len(np.unique(np.asarray(a)))
 
 
-def _silhouette_input(latents: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+def _silhouette_input(
+    latents: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray]:
     """The fixed-seed subsample a silhouette is computed on; (None, groups) when it is undefined.
 
     A silhouette needs at least 2 groups and fewer groups than points.

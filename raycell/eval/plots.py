@@ -26,8 +26,15 @@ def _save(plt, fig, path: str | Path, title: str) -> Path:
     return path
 
 
-def pca_plot(latents: np.ndarray, labels: np.ndarray, batches: np.ndarray, path: str | Path,
-             title: str = "", max_points: int = 5000, seed: int = 0) -> Path:
+def pca_plot(
+    latents: np.ndarray,
+    labels: np.ndarray,
+    batches: np.ndarray,
+    path: str | Path,
+    title: str = "",
+    max_points: int = 5000,
+    seed: int = 0,
+) -> Path:
     """Two panels of the first two principal components, coloured by label and by batch; saved as PNG."""
     from sklearn.decomposition import PCA
 
@@ -71,8 +78,11 @@ def training_curves(history: list[dict], path: str | Path, title: str = "") -> P
     axes[0].set_xlabel("epoch")
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
-    shown = [k for k in ("val_auroc", "valbatch_auroc", "val_composite", "val_batch_probe")
-             if any(k in h for h in history)]
+    shown = [
+        k
+        for k in ("val_auroc", "valbatch_auroc", "val_composite", "val_batch_probe")
+        if any(k in h for h in history)
+    ]
     for key in shown:
         axes[1].plot(ep, _series(key), marker="o", label=key)
     axes[1].set_xlabel("epoch")

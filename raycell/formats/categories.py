@@ -41,7 +41,8 @@ class CategoryMap:
     def fit_column(cls, column: str, values: pa.Array | pa.ChunkedArray) -> "CategoryMap":
         """Vocabulary of an Arrow column, spelt as `encode` spells it (Arrow's cast to string: 1.0 is
         '1'); numeric columns in numeric order (a dose or time head's classes are ordinal), others sorted.
-        Nulls are not a class (`encode` then rejects them by name)."""
+        Nulls are not a class (`encode` then rejects them by name).
+        """
         uniq = pc.unique(values.drop_null() if hasattr(values, "drop_null") else values)
         if pa.types.is_integer(uniq.type) or pa.types.is_floating(uniq.type):
             uniq = uniq.take(pc.sort_indices(uniq))
@@ -53,8 +54,11 @@ class CategoryMap:
 
     def encode(self, values, allow_unknown: bool = False) -> np.ndarray:
         """Values (array-like or Arrow array) -> int64 codes; unknown values raise (or give -1)."""
-        arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(
-            np.asarray(values, dtype=object).astype(str))
+        arr = (
+            values
+            if isinstance(values, (pa.Array, pa.ChunkedArray))
+            else pa.array(np.asarray(values, dtype=object).astype(str))
+        )
         if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
             arr = pc.cast(arr, pa.string())
         idx = pc.index_in(arr, value_set=pa.array(self.values, pa.string()))
@@ -64,7 +68,8 @@ class CategoryMap:
             bad = bad.as_py() if hasattr(bad, "as_py") else bad
             raise UnknownCategoryError(
                 f"{self.column} value {bad!r} is not in the training vocabulary "
-                f"{list(self.values)} ({int((codes < 0).sum())} row(s) affected)")
+                f"{list(self.values)} ({int((codes < 0).sum())} row(s) affected)"
+            )
         return codes
 
     def decode(self, codes) -> np.ndarray:

@@ -28,9 +28,19 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint folder whose meta.json or weights cannot be used (truncated, corrupt, incomplete)."""
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, plan_state: dict | None, *, epoch: int,
-                    spec: DataSpec, labels: CategoryMap, batches: CategoryMap, config: dict,
-                    metrics: dict, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    plan_state: dict | None,
+    *,
+    epoch: int,
+    spec: DataSpec,
+    labels: CategoryMap,
+    batches: CategoryMap,
+    config: dict,
+    metrics: dict,
+    extra: dict | None = None,
+) -> Path:
     """Write a checkpoint folder (meta.json last, so a folder with meta.json is complete)."""
     from raycell.models import model_entry
 
@@ -39,11 +49,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, plan_state: dict 
     torch.save(model.state_dict(), path / MODEL)
     if plan_state is not None:
         torch.save(plan_state, path / OPTIM)
-    atomic_write_json(path / META, {
-        "model_type": model.model_type, "model_args": model.model_args, "epoch": epoch,
-        "uses_z": model_entry(model.model_type).uses_z,
-        "data_spec": spec.to_dict(), "labels": labels.to_dict(), "batches": batches.to_dict(),
-        "metrics": metrics, "config": config, "software": software_versions(), **(extra or {})})
+    atomic_write_json(
+        path / META,
+        {
+            "model_type": model.model_type,
+            "model_args": model.model_args,
+            "epoch": epoch,
+            "uses_z": model_entry(model.model_type).uses_z,
+            "data_spec": spec.to_dict(),
+            "labels": labels.to_dict(),
+            "batches": batches.to_dict(),
+            "metrics": metrics,
+            "config": config,
+            "software": software_versions(),
+            **(extra or {}),
+        },
+    )
     return path
 
 
@@ -54,8 +75,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return p
     cands = [c.parent for c in p.glob("checkpoint_*/" + META)] if p.is_dir() else []
     if not cands:
-        raise FileNotFoundError(f"no checkpoint at {p}: expected a checkpoint folder with {META} or a "
-                                "run folder containing checkpoint_* folders (made by `raycell train`)")
+        raise FileNotFoundError(
+            f"no checkpoint at {p}: expected a checkpoint folder with {META} or a "
+            "run folder containing checkpoint_* folders (made by `raycell train`)"
+        )
     return max(cands, key=lambda c: (read_meta(c).get("epoch", -1), c.name))
 
 
@@ -65,18 +88,25 @@ def read_meta(ck: str | os.PathLike) -> dict:
     try:
         meta = read_json(f, "checkpoint meta")
     except ValueError as exc:  # malformed JSON (read_json names the file)
-        raise CheckpointError(f"{exc}; the checkpoint is damaged: use another checkpoint or re-train") from None
+        raise CheckpointError(
+            f"{exc}; the checkpoint is damaged: use another checkpoint or re-train"
+        ) from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"checkpoint meta {f} is not a JSON object: the checkpoint is damaged")
+        raise CheckpointError(
+            f"checkpoint meta {f} is not a JSON object: the checkpoint is damaged"
+        )
     missing = [k for k in _META_KEYS if k not in meta]
     if missing:
-        raise CheckpointError(f"checkpoint meta {f} is missing key(s) {missing}: not a raycell checkpoint, "
-                              "or a damaged one")
+        raise CheckpointError(
+            f"checkpoint meta {f} is missing key(s) {missing}: not a raycell checkpoint, "
+            "or a damaged one"
+        )
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
-                    ) -> tuple[nn.Module, dict]:
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
     """Rebuild the model from a checkpoint (eval mode) and return it with its meta dict.
 
     Raises:
@@ -92,22 +122,30 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
         model = create_model(meta["model_type"], **meta["model_args"])
         meta.setdefault("uses_z", model_entry(meta["model_type"]).uses_z)  # older checkpoints
         spec = DataSpec.from_dict(meta["data_spec"])
-        labels, batches = CategoryMap.from_dict(meta["labels"]), CategoryMap.from_dict(meta["batches"])
+        labels, batches = (
+            CategoryMap.from_dict(meta["labels"]),
+            CategoryMap.from_dict(meta["batches"]),
+        )
     except UnknownModelError:  # already a one-line user error naming the type
         raise
     except (TypeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint meta {ck / META} cannot rebuild the model: "
-                              f"{type(exc).__name__}: {exc}") from None
+        raise CheckpointError(
+            f"checkpoint meta {ck / META} cannot rebuild the model: {type(exc).__name__}: {exc}"
+        ) from None
     if not (ck / MODEL).is_file():
-        raise CheckpointError(f"checkpoint {ck} has no weights file {MODEL}: the checkpoint is incomplete")
+        raise CheckpointError(
+            f"checkpoint {ck} has no weights file {MODEL}: the checkpoint is incomplete"
+        )
     try:
         # weights_only: any failure here is the file's (truncated zip, not a state dict, ...)
         state = torch.load(ck / MODEL, map_location=device, weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/UnpicklingError/...
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot load the weights {ck / MODEL} ({type(exc).__name__}: {first}): the "
-                              "file is truncated or corrupt; use another checkpoint or re-train") from None
+        raise CheckpointError(
+            f"cannot load the weights {ck / MODEL} ({type(exc).__name__}: {first}): the "
+            "file is truncated or corrupt; use another checkpoint or re-train"
+        ) from None
     meta["path"] = str(ck)
     meta["data_spec_obj"] = spec
     meta["labels_obj"] = labels
@@ -116,7 +154,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 
 def weights_fingerprint(ck: str | os.PathLike) -> str:
-    """SHA-256 of a checkpoint's model.pt: what inference records to tell one model's results from another's."""
+    """SHA-256 of a checkpoint's model.pt: what inference records to tell one model's results from
+    another's.
+    """
     return file_sha256(Path(ck) / MODEL)
 
 
@@ -139,5 +179,7 @@ def load_plan_state(path: str | os.PathLike) -> dict | None:
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - as for model.pt: the file is at fault
-        raise CheckpointError(f"cannot load the optimiser state {f} ({type(exc).__name__}): the file is "
-                              "truncated or corrupt; resume from another checkpoint") from None
+        raise CheckpointError(
+            f"cannot load the optimiser state {f} ({type(exc).__name__}): the file is "
+            "truncated or corrupt; resume from another checkpoint"
+        ) from None

@@ -127,8 +127,10 @@ def write_compacted(
         for piece in plan[k]:  # each source gives one piece to a shard (two, if cut, to two shards)
             t = _read_source(sources[piece.source])
             if t.num_rows != rows[piece.source]:
-                raise ShardError(f"{sources[piece.source]} has {t.num_rows} rows, expected "
-                                 f"{rows[piece.source]}: it changed while being compacted")
+                raise ShardError(
+                    f"{sources[piece.source]} has {t.num_rows} rows, expected "
+                    f"{rows[piece.source]}: it changed while being compacted"
+                )
             tables.append(t.slice(piece.start, piece.stop - piece.start))
         table = pa.concat_tables(tables, promote_options="default")
         atomic_write_parquet(table, shard_dir / compacted_name(k))
@@ -171,18 +173,31 @@ def compact_dataset(
     from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
     ds = open_dataset(src)
-    target = prepare_output(out, [("source data set", str(ds.root))], overwrite, "compaction out",
-                            DATASET, ShardError, "overwrite=True")
+    target = prepare_output(
+        out,
+        [("source data set", str(ds.root))],
+        overwrite,
+        "compaction out",
+        DATASET,
+        ShardError,
+        "overwrite=True",
+    )
     cap = rows_cap(rows_per_shard, shard_mb, cell_bytes(ds.shape, ds.dtype))
     staged = staging_dir(target, DATASET)
     try:
-        rows = [int(s["rows"]) if "rows" in s else pq.ParquetFile(path).metadata.num_rows
-                for s, path in zip(ds.manifest["shards"], ds.shard_paths)]
+        rows = [
+            int(s["rows"]) if "rows" in s else pq.ParquetFile(path).metadata.num_rows
+            for s, path in zip(ds.manifest["shards"], ds.shard_paths)
+        ]
         shards = write_compacted(ds.shard_paths, rows, staged, cap, workers)
         m = dict(ds.manifest)
         m["shards"] = shards
-        m["compaction"] = {"from": str(ds.root), "source_shards": len(rows), "rows_per_shard": cap,
-                           "shard_mb": shard_mb}
+        m["compaction"] = {
+            "from": str(ds.root),
+            "source_shards": len(rows),
+            "rows_per_shard": cap,
+            "shard_mb": shard_mb,
+        }
         atomic_write_json(staged / K.MANIFEST, m)
     except BaseException:
         import shutil

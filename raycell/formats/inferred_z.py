@@ -25,8 +25,9 @@ def _z_paths(source: str | Path) -> tuple[Path, Path]:
     return p / Z_PARQUET, p / Z_JSON
 
 
-def read_inferred_z(source: str | Path, batches: list[str] | None = None
-                    ) -> tuple[pa.Array, np.ndarray]:
+def read_inferred_z(
+    source: str | Path, batches: list[str] | None = None
+) -> tuple[pa.Array, np.ndarray]:
     """Read an infer-z output: (cell_id array, Z (N, n_batches) float32).
 
     Checked here, on the driver as well as in every inference actor, so a wrong `infer.z_source`
@@ -45,15 +46,21 @@ def read_inferred_z(source: str | Path, batches: list[str] | None = None
 
     p = Path(source)
     if p.is_file() and p.suffix != ".parquet":
-        raise ConfigError(f"infer.z_source {p} is a file but not a Z table: give the folder written by "
-                          "`raycell infer-z` (or its inferred_z.parquet)")
+        raise ConfigError(
+            f"infer.z_source {p} is a file but not a Z table: give the folder written by "
+            "`raycell infer-z` (or its inferred_z.parquet)"
+        )
     pq_path, js_path = _z_paths(source)
     if not pq_path.is_file():
-        raise FileNotFoundError(f"inferred Z not found at {pq_path} (infer.z_source): run "
-                                "`raycell infer-z` first; it writes inferred_z.parquet into "
-                                "infer.z_out")
-    not_z = (f"infer.z_source {pq_path} is not a Z table written by `raycell infer-z` "
-             f"(expected columns {K.CELL_ID!r} and 'z', a fixed-size list of floats)")
+        raise FileNotFoundError(
+            f"inferred Z not found at {pq_path} (infer.z_source): run "
+            "`raycell infer-z` first; it writes inferred_z.parquet into "
+            "infer.z_out"
+        )
+    not_z = (
+        f"infer.z_source {pq_path} is not a Z table written by `raycell infer-z` "
+        f"(expected columns {K.CELL_ID!r} and 'z', a fixed-size list of floats)"
+    )
     try:
         schema = pq.read_schema(pq_path)
         if K.CELL_ID not in schema.names or "z" not in schema.names:
@@ -70,16 +77,22 @@ def read_inferred_z(source: str | Path, batches: list[str] | None = None
         try:
             vocab = read_json(js_path, "inferred Z metadata")["batches"]["values"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"infer.z_source: {js_path} is not an infer-z summary ({exc}); re-run "
-                              "`raycell infer-z`") from None
+            raise ConfigError(
+                f"infer.z_source: {js_path} is not an infer-z summary ({exc}); re-run "
+                "`raycell infer-z`"
+            ) from None
         if batches is not None and list(vocab) != list(batches):
-            raise ConfigError(f"inferred Z at {pq_path} (infer.z_source) has columns for batches "
-                              f"{vocab}, but the model was trained on {list(batches)}: re-run "
-                              "`raycell infer-z` with infer.checkpoint set to this model")
+            raise ConfigError(
+                f"inferred Z at {pq_path} (infer.z_source) has columns for batches "
+                f"{vocab}, but the model was trained on {list(batches)}: re-run "
+                "`raycell infer-z` with infer.checkpoint set to this model"
+            )
     if batches is not None and n != len(batches):
-        raise ConfigError(f"inferred Z at {pq_path} (infer.z_source) has {n} columns, the model has "
-                          f"{len(batches)} batches: re-run `raycell infer-z` with infer.checkpoint set "
-                          "to this model")
+        raise ConfigError(
+            f"inferred Z at {pq_path} (infer.z_source) has {n} columns, the model has "
+            f"{len(batches)} batches: re-run `raycell infer-z` with infer.checkpoint set "
+            "to this model"
+        )
     return t.column(K.CELL_ID).combine_chunks(), z
 
 

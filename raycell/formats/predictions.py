@@ -49,14 +49,18 @@ def read_predictions(path: str | Path, files: list[Path] | None = None) -> pa.Ta
     if files is None:
         files = sorted((root / "shards").glob(K.SHARD_GLOB)) if (root / "shards").is_dir() else []
     if not files:
-        raise FileNotFoundError(f"no prediction shards in {root}/shards (run `raycell infer` first)")
+        raise FileNotFoundError(
+            f"no prediction shards in {root}/shards (run `raycell infer` first)"
+        )
     tables = []
     for f in files:
         try:
             t = pq.read_table(f)
         except (OSError, pa.ArrowInvalid) as exc:
-            raise ShardError(f"cannot read prediction shard {f} ({exc}): delete it and re-run "
-                             "`raycell infer` with the same settings to redo it") from None
+            raise ShardError(
+                f"cannot read prediction shard {f} ({exc}): delete it and re-run "
+                "`raycell infer` with the same settings to redo it"
+            ) from None
         if t.num_rows:
             tables.append(t.replace_schema_metadata(None))
     if not tables:
@@ -77,22 +81,30 @@ def _expected_files(pred_dir: Path, pm: dict) -> list[Path] | None:
     listed = [pred_dir / s["file"] for s in pm["shards"]]
     missing = [f.name for f in listed if not f.is_file()]
     if missing:
-        raise ShardError(f"{len(missing)} prediction shard(s) listed in {manifest} are missing "
-                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} in {pred_dir}/shards): "
-                         f"metrics would leave their cells out; {fix}")
+        raise ShardError(
+            f"{len(missing)} prediction shard(s) listed in {manifest} are missing "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} in {pred_dir}/shards): "
+            f"metrics would leave their cells out; {fix}"
+        )
     extra = sorted(set((pred_dir / "shards").glob(K.SHARD_GLOB)) - set(listed))
     if extra:
-        raise ShardError(f"{pred_dir}/shards holds {len(extra)} prediction shard(s) that {manifest} does not "
-                         f"list (e.g. {extra[0].name}): they are not from the run it describes; remove "
-                         "them or re-run `raycell infer` into a new folder")
+        raise ShardError(
+            f"{pred_dir}/shards holds {len(extra)} prediction shard(s) that {manifest} does not "
+            f"list (e.g. {extra[0].name}): they are not from the run it describes; remove "
+            "them or re-run `raycell infer` into a new folder"
+        )
     for f, s in zip(listed, pm["shards"]):
         try:
             rows = pq.ParquetFile(f).metadata.num_rows
         except (OSError, ValueError) as exc:
-            raise ShardError(f"cannot read prediction shard {f} ({exc}): delete it and {fix}") from None
+            raise ShardError(
+                f"cannot read prediction shard {f} ({exc}): delete it and {fix}"
+            ) from None
         if rows != s["rows"]:
-            raise ShardError(f"prediction shard {f} has {rows} rows but {manifest} records {s['rows']}: "
-                             f"it was changed after inference; delete it and {fix}")
+            raise ShardError(
+                f"prediction shard {f} has {rows} rows but {manifest} records {s['rows']}: "
+                f"it was changed after inference; delete it and {fix}"
+            )
     return listed
 
 
@@ -106,15 +118,19 @@ def check_predictions(table, pm: dict, pred_dir: Path) -> None:
 
     manifest = pred_dir / K.PREDICTIONS_MANIFEST
     if "n_rows" in pm and table.num_rows != pm["n_rows"]:
-        raise ShardError(f"{pred_dir}/shards hold {table.num_rows} prediction rows but {manifest} records "
-                         f"{pm['n_rows']}: shards are missing or were changed; re-run `raycell infer` "
-                         "with the same settings")
+        raise ShardError(
+            f"{pred_dir}/shards hold {table.num_rows} prediction rows but {manifest} records "
+            f"{pm['n_rows']}: shards are missing or were changed; re-run `raycell infer` "
+            "with the same settings"
+        )
     ids = table.column(K.CELL_ID)
     n_unique = pc.count_distinct(ids).as_py()
     if n_unique != table.num_rows:
         counts = pc.value_counts(ids)
         dup = counts.filter(pc.greater(counts.field("counts"), 1))
-        raise ShardError(f"{table.num_rows - n_unique} duplicated cell_id(s) in the predictions in "
-                         f"{pred_dir} ({len(dup)} id(s) appear more than once, e.g. "
-                         f"{dup[0]['values'].as_py()!r}): metrics would count those cells twice; the data "
-                         f"set {pm.get('dataset', '')} needs unique cell ids (re-create or de-duplicate it)")
+        raise ShardError(
+            f"{table.num_rows - n_unique} duplicated cell_id(s) in the predictions in "
+            f"{pred_dir} ({len(dup)} id(s) appear more than once, e.g. "
+            f"{dup[0]['values'].as_py()!r}): metrics would count those cells twice; the data "
+            f"set {pm.get('dataset', '')} needs unique cell ids (re-create or de-duplicate it)"
+        )

@@ -50,8 +50,9 @@ def _as_binary_array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     return col
 
 
-def decode_images(table: pa.Table, shape: tuple[int, int, int], dtype: str,
-                  where: str = "") -> np.ndarray:
+def decode_images(
+    table: pa.Table, shape: tuple[int, int, int], dtype: str, where: str = ""
+) -> np.ndarray:
     """Decode the `image` column of a table into one (N, C, H, W) array without a per-row Python loop.
 
     The rows' bytes are contiguous in the Arrow data buffer, so a single `np.frombuffer` over that buffer
@@ -74,7 +75,12 @@ def decode_images(table: pa.Table, shape: tuple[int, int, int], dtype: str,
         bad = pc.index(pc.is_null(arr), True).as_py()
         raise ShardError(f"{_locate(table, bad, where)} has no image")
     off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], off_type, count=len(arr) + 1, offset=arr.offset * np.dtype(off_type).itemsize)
+    offsets = np.frombuffer(
+        arr.buffers()[1],
+        off_type,
+        count=len(arr) + 1,
+        offset=arr.offset * np.dtype(off_type).itemsize,
+    )
     lengths = np.diff(offsets)
     wrong = np.flatnonzero(lengths != nbytes)
     if wrong.size:
@@ -82,7 +88,8 @@ def decode_images(table: pa.Table, shape: tuple[int, int, int], dtype: str,
         raise ShardError(
             f"{_locate(table, i, where)} has {lengths[i]} image bytes, but the manifest says "
             f"{c}x{h}x{w} {dtype} = {nbytes} bytes; {wrong.size} row(s) disagree: the shard is damaged "
-            "or does not belong to this data set")
+            "or does not belong to this data set"
+        )
     data = arr.buffers()[2]
     flat = np.frombuffer(data, dt, count=n * c * h * w, offset=int(offsets[0]))
     return flat.reshape(n, c, h, w)
@@ -90,7 +97,8 @@ def decode_images(table: pa.Table, shape: tuple[int, int, int], dtype: str,
 
 def _locate(table: pa.Table, i: int, where: str) -> str:
     """Name row i for an error: '<file>: row i (cell_id=...)', taking the file from a `path` column
-    (Ray Data's include_paths) when no `where` is given, since one batch can span several files."""
+    (Ray Data's include_paths) when no `where` is given, since one batch can span several files.
+    """
     if not where and "path" in table.column_names:
         return f"{table.column('path')[i].as_py()}: cell_id={_cell_id(table, i)}"
     return f"{where or 'shard'}: row {i} (cell_id={_cell_id(table, i)})"
@@ -109,10 +117,20 @@ def encode_images(images: np.ndarray) -> pa.Array:
     per = int(np.prod(images.shape[1:])) * images.dtype.itemsize
     offsets = np.arange(n + 1, dtype=np.int64) * per
     if offsets[-1] < 2**31 - 1:
-        return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets.astype(np.int32)),
-                                                      pa.py_buffer(images.reshape(-1).view(np.uint8))])
-    return pa.Array.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets),
-                                                        pa.py_buffer(images.reshape(-1).view(np.uint8))])
+        return pa.Array.from_buffers(
+            pa.binary(),
+            n,
+            [
+                None,
+                pa.py_buffer(offsets.astype(np.int32)),
+                pa.py_buffer(images.reshape(-1).view(np.uint8)),
+            ],
+        )
+    return pa.Array.from_buffers(
+        pa.large_binary(),
+        n,
+        [None, pa.py_buffer(offsets), pa.py_buffer(images.reshape(-1).view(np.uint8))],
+    )
 
 
 class ChannelStats:
@@ -143,8 +161,14 @@ class ChannelStats:
             sd = float(np.sqrt(max((h * (v - mean) ** 2).sum() / n, 0.0)))
             cdf = np.cumsum(h) / n
             nz = np.flatnonzero(h)
-            out[name] = {"mean": mean, "std": sd, "min": int(nz[0]), "max": int(nz[-1]),
-                         "p01": int(np.searchsorted(cdf, 0.01)), "p99": int(np.searchsorted(cdf, 0.99))}
+            out[name] = {
+                "mean": mean,
+                "std": sd,
+                "min": int(nz[0]),
+                "max": int(nz[-1]),
+                "p01": int(np.searchsorted(cdf, 0.01)),
+                "p99": int(np.searchsorted(cdf, 0.99)),
+            }
         return out
 
 
@@ -172,24 +196,34 @@ def shard_table(images: np.ndarray, meta: pd.DataFrame) -> pa.Table:
     c, h, w = images.shape[1:]
     table = _meta_to_arrow(meta)
     n = len(meta)
-    return (table.append_column(K.IMAGE, encode_images(images))
-            .append_column(K.HEIGHT, pa.array(np.full(n, h, np.int32)))
-            .append_column(K.WIDTH, pa.array(np.full(n, w, np.int32)))
-            .append_column(K.CHANNELS, pa.array(np.full(n, c, np.int32)))
-            .append_column(K.DTYPE, pa.array([str(images.dtype)] * n)))
+    return (
+        table.append_column(K.IMAGE, encode_images(images))
+        .append_column(K.HEIGHT, pa.array(np.full(n, h, np.int32)))
+        .append_column(K.WIDTH, pa.array(np.full(n, w, np.int32)))
+        .append_column(K.CHANNELS, pa.array(np.full(n, c, np.int32)))
+        .append_column(K.DTYPE, pa.array([str(images.dtype)] * n))
+    )
 
 
 def summarize_meta(meta: pd.DataFrame) -> dict:
     """What the manifest needs from a shard's metadata: row count, columns and the value counts of the
     split, batch, label and group columns. Small and mergeable, so the process that writes the manifest
-    never holds every cell's metadata (tasks writing their own shards send only this)."""
-    return {"n": int(len(meta)),
-            "columns": [c for c in meta.columns if not c.startswith(K.MORPH_PREFIX)],
-            "counts": {col: {str(k): int(v) for k, v in meta[col].astype(str).value_counts().items()}
-                       for col in (K.SPLIT, K.BATCH, K.LABEL, K.GROUP) if col in meta.columns}}
+    never holds every cell's metadata (tasks writing their own shards send only this).
+    """
+    return {
+        "n": int(len(meta)),
+        "columns": [c for c in meta.columns if not c.startswith(K.MORPH_PREFIX)],
+        "counts": {
+            col: {str(k): int(v) for k, v in meta[col].astype(str).value_counts().items()}
+            for col in (K.SPLIT, K.BATCH, K.LABEL, K.GROUP)
+            if col in meta.columns
+        },
+    }
 
 
-def write_shard_file(out_dir: str | os.PathLike, name: str, images: np.ndarray, meta: pd.DataFrame) -> dict:
+def write_shard_file(
+    out_dir: str | os.PathLike, name: str, images: np.ndarray, meta: pd.DataFrame
+) -> dict:
     """Write `<out_dir>/shards/<name>` atomically and return its part record for `ManifestBuilder.add`.
 
     Callable from any process (a Ray task writes where it computes); the record carries the shard's row
@@ -197,8 +231,10 @@ def write_shard_file(out_dir: str | os.PathLike, name: str, images: np.ndarray, 
     `summarize_meta` of its rows.
     """
     if images.ndim != 4 or len(images) != len(meta):
-        raise ShardError(f"shard {name}: images must be (N, C, H, W) with one metadata row each, got "
-                         f"{images.shape} and {len(meta)} rows")
+        raise ShardError(
+            f"shard {name}: images must be (N, C, H, W) with one metadata row each, got "
+            f"{images.shape} and {len(meta)} rows"
+        )
     if images.dtype not in (np.uint8, np.uint16):
         raise ShardError(f"shard {name}: images must be uint8 or uint16, got {images.dtype}")
     atomic_write_parquet(shard_table(images, meta), Path(out_dir) / K.SHARD_DIR / name)
@@ -208,8 +244,14 @@ def write_shard_file(out_dir: str | os.PathLike, name: str, images: np.ndarray, 
     for h in stats.hist:
         nz = np.flatnonzero(h)
         hist.append((nz.astype(np.int32), h[nz]))
-    return {"file": f"{K.SHARD_DIR}/{name}", "rows": int(len(meta)), "shape": list(images.shape[1:]),
-            "dtype": str(images.dtype), "hist": hist, "meta": summarize_meta(meta)}
+    return {
+        "file": f"{K.SHARD_DIR}/{name}",
+        "rows": int(len(meta)),
+        "shape": list(images.shape[1:]),
+        "dtype": str(images.dtype),
+        "hist": hist,
+        "meta": summarize_meta(meta),
+    }
 
 
 class ManifestBuilder:
@@ -238,8 +280,10 @@ class ManifestBuilder:
             self.shape, self.dtype = shape, dtype
             self.stats = ChannelStats(shape[0], dtype)
         elif shape != self.shape or dtype != self.dtype:
-            raise ShardError(f"{part['file']}: crop shape {shape} {dtype} differs from the data set's "
-                             f"{self.shape} {self.dtype}")
+            raise ShardError(
+                f"{part['file']}: crop shape {shape} {dtype} differs from the data set's "
+                f"{self.shape} {self.dtype}"
+            )
         for ch, (idx, cnt) in enumerate(part["hist"]):
             self.stats.hist[ch, np.asarray(idx, np.int64)] += np.asarray(cnt, np.int64)
         meta = part["meta"]
@@ -253,7 +297,8 @@ class ManifestBuilder:
 
     def relist(self, shards: list[dict]) -> None:
         """List `shards` ({"file", "rows"}) instead of the parts added: the same rows rewritten as
-        other files (`raycell.formats.compact`). The statistics and counts stay those of the parts."""
+        other files (`raycell.formats.compact`). The statistics and counts stay those of the parts.
+        """
         n = sum(int(s["rows"]) for s in shards)
         if n != self.n:
             raise ShardError(f"{self.out}: the new shards hold {n} rows, the parts added {self.n}")
@@ -266,9 +311,18 @@ class ManifestBuilder:
         for col in (K.BATCH, K.LABEL):
             if col not in self.counts:
                 raise ShardError(f"{self.out}: the shards have no '{col}' column")
-        manifest = build_manifest(self.n, list(self.columns), self.counts, self.shards, self.channel_names,
-                                  self.shape, str(self.dtype), self.stats.summary(self.channel_names),
-                                  params or {}, extra or {})
+        manifest = build_manifest(
+            self.n,
+            list(self.columns),
+            self.counts,
+            self.shards,
+            self.channel_names,
+            self.shape,
+            str(self.dtype),
+            self.stats.summary(self.channel_names),
+            params or {},
+            extra or {},
+        )
         atomic_write_json(self.out / K.MANIFEST, manifest)
         return manifest
 
@@ -281,14 +335,25 @@ class ShardWriter:
     `ManifestBuilder` in the driver.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, channel_names: list[str], rows_per_shard: int = 1000,
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        channel_names: list[str],
+        rows_per_shard: int = 1000,
+        overwrite: bool = False,
+    ):
         from raycell.utils.outputs import DATASET, mark, prepare_output
 
         self.out = Path(out_dir).absolute()
         # a file, a folder of someone else's files or an unwritable place is refused, even with overwrite
-        prepare_output(self.out, overwrite=overwrite, what="data set folder", kind=DATASET, error=ShardError,
-                       hint="overwrite")
+        prepare_output(
+            self.out,
+            overwrite=overwrite,
+            what="data set folder",
+            kind=DATASET,
+            error=ShardError,
+            hint="overwrite",
+        )
         (self.out / K.SHARD_DIR).mkdir(parents=True, exist_ok=True)
         mark(self.out, DATASET)
         # the old manifest goes first: a run killed from here on leaves an incomplete folder, never a
@@ -309,10 +374,14 @@ class ShardWriter:
         return self.builder.shards
 
     def add(self, images: np.ndarray, meta: pd.DataFrame) -> None:
-        """Queue a batch of crops (N, C, H, W) with one metadata row each (must include cell_id, batch, label)."""
+        """Queue a batch of crops (N, C, H, W) with one metadata row each (must include cell_id,
+        batch, label).
+        """
         if images.ndim != 4 or len(images) != len(meta):
-            raise ShardError(f"add(): images must be (N, C, H, W) with one metadata row each, got "
-                             f"{images.shape} and {len(meta)} rows")
+            raise ShardError(
+                f"add(): images must be (N, C, H, W) with one metadata row each, got "
+                f"{images.shape} and {len(meta)} rows"
+            )
         if images.dtype not in (np.uint8, np.uint16):
             raise ShardError(f"add(): images must be uint8 or uint16, got {images.dtype}")
         if images.shape[1] != len(self.channel_names):
@@ -322,8 +391,10 @@ class ShardWriter:
         shape = b.shape or (tuple(first.shape[1:]) if first is not None else None)
         dtype = b.dtype or (first.dtype if first is not None else None)
         if shape is not None and (tuple(images.shape[1:]) != shape or images.dtype != dtype):
-            raise ShardError(f"add(): crop shape {images.shape[1:]} {images.dtype} differs from the data "
-                             f"set's {shape} {dtype}")
+            raise ShardError(
+                f"add(): crop shape {images.shape[1:]} {images.dtype} differs from the data "
+                f"set's {shape} {dtype}"
+            )
         for col in (K.CELL_ID, K.BATCH, K.LABEL):
             if col not in meta.columns:
                 raise ShardError(f"add(): metadata is missing column '{col}'")
@@ -358,16 +429,28 @@ class ShardWriter:
         return self.builder.write(params, extra)
 
 
-def build_manifest(n_cells: int, columns: list[str], counts: dict[str, dict[str, int]], shards: list[dict],
-                   channel_names: list[str], shape: tuple[int, int, int], dtype: str, channel_stats: dict,
-                   params: dict, extra: dict) -> dict:
+def build_manifest(
+    n_cells: int,
+    columns: list[str],
+    counts: dict[str, dict[str, int]],
+    shards: list[dict],
+    channel_names: list[str],
+    shape: tuple[int, int, int],
+    dtype: str,
+    channel_stats: dict,
+    params: dict,
+    extra: dict,
+) -> dict:
     """The manifest (SPEC): schema version, channels, crop size, vocabularies, counts, stats, provenance.
 
     `columns` and `counts` (value counts of split, batch, label, group) come from `summarize_meta`.
     """
     split = counts.get(K.SPLIT) or {K.UNASSIGNED: n_cells}
-    weak = [c for c in columns if c not in K.METADATA_COLUMNS and c != K.CELL_ID
-            and not c.startswith(K.MORPH_PREFIX)]
+    weak = [
+        c
+        for c in columns
+        if c not in K.METADATA_COLUMNS and c != K.CELL_ID and not c.startswith(K.MORPH_PREFIX)
+    ]
     m = {
         "schema_version": K.SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -391,8 +474,16 @@ def build_manifest(n_cells: int, columns: list[str], counts: dict[str, dict[str,
     return m
 
 
-_MANIFEST_KEYS = ("schema_version", "channel_names", "channels", "crop_size", "dtype", "label_vocab",
-                  "batch_vocab", "shards")
+_MANIFEST_KEYS = (
+    "schema_version",
+    "channel_names",
+    "channels",
+    "crop_size",
+    "dtype",
+    "label_vocab",
+    "batch_vocab",
+    "shards",
+)
 
 
 @dataclass
@@ -418,17 +509,24 @@ class ShardDataset:
         """Image dtype name ('uint8' or 'uint16')."""
         return self.manifest["dtype"]
 
-    def read_table(self, columns: list[str] | None = None, splits: Iterable[str] | None = None) -> pa.Table:
+    def read_table(
+        self, columns: list[str] | None = None, splits: Iterable[str] | None = None
+    ) -> pa.Table:
         """Read all shards (optionally only some columns / splits) into one Arrow table."""
         tables = [self.read_shard(p, columns, splits) for p in self.shard_paths]
         return pa.concat_tables(tables)
 
-    def read_shard(self, path: str, columns: list[str] | None = None,
-                   splits: Iterable[str] | None = None) -> pa.Table:
+    def read_shard(
+        self, path: str, columns: list[str] | None = None, splits: Iterable[str] | None = None
+    ) -> pa.Table:
         """Read one shard with a clear error naming the file if it is unreadable."""
         try:
-            t = pq.read_table(path, columns=None if columns is None else
-                              list(dict.fromkeys(list(columns) + ([K.SPLIT] if splits else []))))
+            t = pq.read_table(
+                path,
+                columns=None
+                if columns is None
+                else list(dict.fromkeys(list(columns) + ([K.SPLIT] if splits else []))),
+            )
         except (OSError, pa.ArrowInvalid) as exc:
             raise ShardError(f"cannot read shard {path}: {exc}") from None
         if splits:
@@ -461,8 +559,10 @@ class ShardDataset:
             bad = pc.not_equal(table.column(col), want)
             if pc.any(bad).as_py():
                 i = pc.index(bad, True).as_py()
-                raise ShardError(f"{where}: row {i} (cell_id={_cell_id(table, i)}) has {col}="
-                                 f"{table.column(col)[i].as_py()}, but the manifest says {want}")
+                raise ShardError(
+                    f"{where}: row {i} (cell_id={_cell_id(table, i)}) has {col}="
+                    f"{table.column(col)[i].as_py()}, but the manifest says {want}"
+                )
         decode_images(table, self.shape, self.dtype, where=where)
 
     def check_shard_file(self, path: str) -> None:
@@ -473,8 +573,10 @@ class ShardDataset:
         try:
             schema = pq.read_schema(path)
         except (OSError, pa.ArrowInvalid) as exc:
-            raise ShardError(f"cannot read shard {path} (truncated or not parquet: {exc}); restore it or "
-                             "re-create the data set") from None
+            raise ShardError(
+                f"cannot read shard {path} (truncated or not parquet: {exc}); restore it or "
+                "re-create the data set"
+            ) from None
         missing = [c for c in K.REQUIRED_COLUMNS if c not in schema.names]
         if missing:
             raise ShardError(f"shard {path}: missing column(s) {missing}")
@@ -484,9 +586,11 @@ class ShardDataset:
             bad = pc.not_equal(t.column(col), want)
             if pc.any(bad).as_py():
                 i = pc.index(bad, True).as_py()
-                raise ShardError(f"shard {path}: row {i} (cell_id={_cell_id(t, i)}) has {col}="
-                                 f"{t.column(col)[i].as_py()}, but the manifest {self.root / K.MANIFEST} "
-                                 f"says {want}: the shard does not belong to this data set")
+                raise ShardError(
+                    f"shard {path}: row {i} (cell_id={_cell_id(t, i)}) has {col}="
+                    f"{t.column(col)[i].as_py()}, but the manifest {self.root / K.MANIFEST} "
+                    f"says {want}: the shard does not belong to this data set"
+                )
 
 
 def open_dataset(path: str | os.PathLike, check: bool = False) -> ShardDataset:
@@ -500,8 +604,10 @@ def open_dataset(path: str | os.PathLike, check: bool = False) -> ShardDataset:
         raise ShardError(f"data set folder not found: {root}")
     mpath = root / K.MANIFEST
     if not mpath.is_file():
-        raise ShardError(f"{root} has no {K.MANIFEST}: not a raycell data set (make one with "
-                         "`raycell synth`, `raycell ingest` or `raycell import-armed`)")
+        raise ShardError(
+            f"{root} has no {K.MANIFEST}: not a raycell data set (make one with "
+            "`raycell synth`, `raycell ingest` or `raycell import-armed`)"
+        )
     try:
         manifest = read_json(mpath, "manifest")
     except ValueError as exc:
@@ -510,8 +616,10 @@ def open_dataset(path: str | os.PathLike, check: bool = False) -> ShardDataset:
     if missing:
         raise ShardError(f"{mpath}: manifest is missing key(s) {missing}")
     if manifest["schema_version"] > K.SCHEMA_VERSION:
-        raise ShardError(f"{mpath}: schema_version {manifest['schema_version']} is newer than this "
-                         f"raycell understands ({K.SCHEMA_VERSION}); upgrade raycell")
+        raise ShardError(
+            f"{mpath}: schema_version {manifest['schema_version']} is newer than this "
+            f"raycell understands ({K.SCHEMA_VERSION}); upgrade raycell"
+        )
     ds = ShardDataset(root, manifest)
     image_dtype(ds.dtype)
     for p in ds.shard_paths:
@@ -523,8 +631,13 @@ def open_dataset(path: str | os.PathLike, check: bool = False) -> ShardDataset:
     return ds
 
 
-def rewrite_shards(ds: ShardDataset, fn: Callable[[pa.Table, str], pa.Table], manifest_update: dict,
-                   progress: bool = False, workers: int | None = None) -> dict:
+def rewrite_shards(
+    ds: ShardDataset,
+    fn: Callable[[pa.Table, str], pa.Table],
+    manifest_update: dict,
+    progress: bool = False,
+    workers: int | None = None,
+) -> dict:
     """Apply `fn(table, path)` to every shard (each rewritten atomically), then update the manifest.
 
     Used by `split` to set the split column in place without copying the images elsewhere. Shards are
@@ -532,6 +645,7 @@ def rewrite_shards(ds: ShardDataset, fn: Callable[[pa.Table, str], pa.Table], ma
     GIL: 1.7-1.9x faster with 2 threads on 2 cores), each holding one shard; only per-split row counts are
     kept. On an error the shards not yet started are left as they were. `progress`: a bar if it is slow.
     """
+
     def one(p: str) -> list[dict]:
         t = fn(ds.read_shard(p), p)
         atomic_write_parquet(t, p)
@@ -541,8 +655,12 @@ def rewrite_shards(ds: ShardDataset, fn: Callable[[pa.Table, str], pa.Table], ma
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         try:
-            for vc in quiet_bar(pool.map(one, ds.shard_paths), "split: write", enabled=progress,
-                                total=len(ds.shard_paths)):
+            for vc in quiet_bar(
+                pool.map(one, ds.shard_paths),
+                "split: write",
+                enabled=progress,
+                total=len(ds.shard_paths),
+            ):
                 for d in vc:
                     key = d["values"] or "unassigned"
                     counts[key] = counts.get(key, 0) + int(d["counts"])

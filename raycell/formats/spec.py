@@ -18,18 +18,23 @@ from raycell.formats.shards import ShardDataset, ShardError
 
 # Per-crop normalisation: the low / high percentile of each crop channel that map to 0 / 1.
 CROP_LOW_PCT, CROP_HIGH_PCT = 1.0, 99.0
-_EPS = 1e-6  # the smallest (high - low) spread divided by: a constant crop channel becomes 0, not NaN
+_EPS = (
+    1e-6  # the smallest (high - low) spread divided by: a constant crop channel becomes 0, not NaN
+)
 
 
 def check_normalize(mode: str) -> str:
     """`data.normalize` must be one of `NORMALIZE_MODES` (one-line `ConfigError` otherwise)."""
     if mode not in NORMALIZE_MODES:
-        raise ConfigError(f"data.normalize: must be one of {', '.join(NORMALIZE_MODES)}, got {mode!r}")
+        raise ConfigError(
+            f"data.normalize: must be one of {', '.join(NORMALIZE_MODES)}, got {mode!r}"
+        )
     return mode
 
 
-def normalize_crops(x: torch.Tensor, low_pct: float = CROP_LOW_PCT, high_pct: float = CROP_HIGH_PCT
-                    ) -> torch.Tensor:
+def normalize_crops(
+    x: torch.Tensor, low_pct: float = CROP_LOW_PCT, high_pct: float = CROP_HIGH_PCT
+) -> torch.Tensor:
     """Per crop and per channel: (x - low percentile) / (high - low percentile), clipped to [0, 1].
 
     Removes each crop's own gain and offset, which otherwise let a model read the imaging batch from
@@ -94,16 +99,22 @@ class DataSpec:
         other = DataSpec.from_dataset(ds)
         what = []
         if other.shape[0] != self.shape[0]:
-            what.append(f"{other.shape[0]} channel(s) {list(other.channel_names)} vs "
-                        f"{self.shape[0]} {list(self.channel_names)}")
+            what.append(
+                f"{other.shape[0]} channel(s) {list(other.channel_names)} vs "
+                f"{self.shape[0]} {list(self.channel_names)}"
+            )
         if other.shape[1:] != self.shape[1:]:
-            what.append(f"crop size {other.shape[1]}x{other.shape[2]} vs {self.shape[1]}x{self.shape[2]}")
+            what.append(
+                f"crop size {other.shape[1]}x{other.shape[2]} vs {self.shape[1]}x{self.shape[2]}"
+            )
         if other.dtype != self.dtype:
             what.append(f"dtype {other.dtype} vs {self.dtype}")
         if what:
-            raise ShardError(f"data set {ds.root} does not fit {model}: {'; '.join(what)} (data vs model); "
-                             "run the model on data made with the same crop size, channels and dtype "
-                             "(ingest.crop_size / synth.crop_size), or train a model on this data")
+            raise ShardError(
+                f"data set {ds.root} does not fit {model}: {'; '.join(what)} (data vs model); "
+                "run the model on data made with the same crop size, channels and dtype "
+                "(ingest.crop_size / synth.crop_size), or train a model on this data"
+            )
 
     def to_dict(self) -> dict:
         """JSON-safe form."""
@@ -111,5 +122,9 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSpec":
-        """Inverse of `to_dict`; a spec saved before `normalize` existed is 'global' (what it was trained with)."""
-        return cls(tuple(d["channel_names"]), tuple(d["shape"]), d["dtype"], d.get("normalize", "global"))
+        """Inverse of `to_dict`; a spec saved before `normalize` existed is 'global' (what it was
+        trained with).
+        """
+        return cls(
+            tuple(d["channel_names"]), tuple(d["shape"]), d["dtype"], d.get("normalize", "global")
+        )

@@ -85,8 +85,10 @@ class InferPlan:
         return hashlib.sha256(json.dumps(self.producer, sort_keys=True).encode()).hexdigest()[:16]
 
 
-LAYOUTS = {"predictions": ("predictions", K.PREDICTIONS_MANIFEST),  # layout -> (default folder, manifest)
-           "profiles": ("embeddings", K.EMBEDDINGS_MANIFEST)}
+LAYOUTS = {
+    "predictions": ("predictions", K.PREDICTIONS_MANIFEST),  # layout -> (default folder, manifest)
+    "profiles": ("embeddings", K.EMBEDDINGS_MANIFEST),
+}
 
 
 def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPlan:
@@ -114,9 +116,11 @@ def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPla
     counts = split_counts(ds)
     bad = [s for s in splits if s not in counts]
     if bad:
-        raise ConfigError(f"infer.splits: {', '.join(map(repr, bad))} "
-                          f"{'is not a split' if len(bad) == 1 else 'are not splits'} of data set {ds.root}; "
-                          f"its splits are {sorted(counts)} (rows: {counts})")
+        raise ConfigError(
+            f"infer.splits: {', '.join(map(repr, bad))} "
+            f"{'is not a split' if len(bad) == 1 else 'are not splits'} of data set {ds.root}; "
+            f"its splits are {sorted(counts)} (rows: {counts})"
+        )
     z_source, z_ids, z_fp = "", None, None
     if ic.z_source:
         from raycell.formats.inferred_z import read_inferred_z, z_fingerprint
@@ -125,15 +129,26 @@ def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPla
         z_ids, _ = read_inferred_z(z_source, list(meta["batches"]["values"]))
         z_fp = z_fingerprint(z_source)
     _check_design_matrix(cfg, ds, meta, z_ids)
-    out_key, out_val = ("embed.out", cfg.embed.out) if layout == "profiles" else ("infer.out", ic.out)
+    out_key, out_val = (
+        ("embed.out", cfg.embed.out) if layout == "profiles" else ("infer.out", ic.out)
+    )
     out = Path(out_val).absolute() if out_val else ck.parent / LAYOUTS[layout][0]
     check_free(out, out_key)  # first: a live run's folder may not be marked as raycell's yet
-    _check_out(out, out_key, layout,
-               [("data set", ds.root), ("checkpoint", ck), ("Z source", z_source)])
-    producer = {"checkpoint": str(ck), "weights_sha256": weights_fingerprint(ck), "dataset": str(ds.root),
-                "splits": sorted(splits) or "all", "z_source": z_fp, "randomize_z": bool(ic.randomize_z),
-                "write_recon": bool(ic.write_recon)}
-    if layout != "predictions":  # (predictions keep their old record: earlier folders stay reusable)
+    _check_out(
+        out, out_key, layout, [("data set", ds.root), ("checkpoint", ck), ("Z source", z_source)]
+    )
+    producer = {
+        "checkpoint": str(ck),
+        "weights_sha256": weights_fingerprint(ck),
+        "dataset": str(ds.root),
+        "splits": sorted(splits) or "all",
+        "z_source": z_fp,
+        "randomize_z": bool(ic.randomize_z),
+        "write_recon": bool(ic.write_recon),
+    }
+    if (
+        layout != "predictions"
+    ):  # (predictions keep their old record: earlier folders stay reusable)
         producer.update(layout=layout, feature_layout=cfg.embed.layout)
     inputs = {}
     for p in ds.shard_paths:
@@ -166,32 +181,43 @@ def _done_shards(plan: InferPlan) -> set[str]:
     fix = f"delete {plan.out} or set {'embed' if plan.layout == 'profiles' else 'infer'}.out to a new folder"
     for f in sorted(shard_out.glob(K.SHARD_GLOB)) if shard_out.is_dir() else []:
         if f.name not in plan.inputs:
-            raise ShardError(f"infer.out {plan.out} holds prediction shard {f.name}, but data set "
-                             f"{plan.ds.root} has no input shard of that name: it holds another data set's "
-                             f"predictions; {fix}")
+            raise ShardError(
+                f"infer.out {plan.out} holds prediction shard {f.name}, but data set "
+                f"{plan.ds.root} has no input shard of that name: it holds another data set's "
+                f"predictions; {fix}"
+            )
         try:
             md = pq.read_schema(f).metadata or {}
         except (OSError, pa.ArrowInvalid) as exc:
-            raise ShardError(f"cannot read prediction shard {f} ({exc}): delete it and re-run "
-                             "`raycell infer` to redo it") from None
+            raise ShardError(
+                f"cannot read prediction shard {f} ({exc}): delete it and re-run "
+                "`raycell infer` to redo it"
+            ) from None
         if PROVENANCE_KEY not in md:
-            raise ShardError(f"prediction shard {f} has no record of what produced it (an older raycell "
-                             f"wrote it), so it cannot be reused or mixed with new results; {fix}")
+            raise ShardError(
+                f"prediction shard {f} has no record of what produced it (an older raycell "
+                f"wrote it), so it cannot be reused or mixed with new results; {fix}"
+            )
         rec = json.loads(md[PROVENANCE_KEY])
         if rec.get("run_key") != plan.run_key:
-            raise ShardError(f"infer.out {plan.out} holds predictions of a different run "
-                             f"({_differences(rec.get('producer') or {}, plan.producer)}); {fix}")
+            raise ShardError(
+                f"infer.out {plan.out} holds predictions of a different run "
+                f"({_differences(rec.get('producer') or {}, plan.producer)}); {fix}"
+            )
         was, now = rec.get("input") or {}, plan.inputs[f.name]
         if (was.get("size"), was.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
-            raise ShardError(f"input shard {now['file']} changed after prediction shard {f} was made from "
-                             f"it (size {was.get('size')} -> {now['size']}, modified since): the data set "
-                             f"was rewritten; {fix}")
+            raise ShardError(
+                f"input shard {now['file']} changed after prediction shard {f} was made from "
+                f"it (size {was.get('size')} -> {now['size']}, modified since): the data set "
+                f"was rewritten; {fix}"
+            )
         done.add(f.name)
     return done
 
 
 def _differences(was: dict, now: dict) -> str:
     """What differs between two producer records, in a few words per field."""
+
     def show(key: str, v) -> str:
         if key == "weights_sha256":
             return str(v)[:12]
@@ -199,8 +225,11 @@ def _differences(was: dict, now: dict) -> str:
             return f"{v.get('path')} (sha256 {str(v.get('sha256'))[:12]})"
         return repr(v)
 
-    diffs = [f"{k.replace('_sha256', ' hash')} was {show(k, was.get(k))}, now {show(k, now.get(k))}"
-             for k in now if was.get(k) != now.get(k)]
+    diffs = [
+        f"{k.replace('_sha256', ' hash')} was {show(k, was.get(k))}, now {show(k, now.get(k))}"
+        for k in now
+        if was.get(k) != now.get(k)
+    ]
     return "; ".join(diffs) or "unknown producer"
 
 
@@ -232,31 +261,46 @@ def _predict(cfg: ExperimentConfig, plan: InferPlan, layout: str) -> dict:
         mark(out, EMBEDDINGS if layout == "profiles" else PREDICTIONS)
     stale = _remove_leftovers(out, LAYOUTS[layout][1])
     if stale:
-        print(f"[raycell] removed {len(stale)} leftover(s) of an interrupted infer run in {out}: "
-              f"{', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''}", flush=True)
-    print(f"[raycell] {'embed' if layout == 'profiles' else 'infer'} {meta['model_type']} ({ck}) on "
-          f"{ds.root}: {len(ds.shard_paths) - len(pending)} "
-          f"shard(s) already done, {len(pending)} to go -> {out}", flush=True)
+        print(
+            f"[raycell] removed {len(stale)} leftover(s) of an interrupted infer run in {out}: "
+            f"{', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''}",
+            flush=True,
+        )
+    print(
+        f"[raycell] {'embed' if layout == 'profiles' else 'infer'} {meta['model_type']} ({ck}) on "
+        f"{ds.root}: {len(ds.shard_paths) - len(pending)} "
+        f"shard(s) already done, {len(pending)} to go -> {out}",
+        flush=True,
+    )
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = cfg.data.block_size_mb << 20
     t0 = time.time()
     per = max(1, cfg.infer.shards_per_round)
     for r in range(0, len(pending), per):
-        round_paths = pending[r:r + per]
+        round_paths = pending[r : r + per]
         staging = out / f".staging-{uuid.uuid4().hex[:8]}"
         try:
             rd = read_shards(round_paths, cfg.data.parquet_reader, include_paths=True)
             rd = rd.map_batches(
-                _SplitFilter, batch_format="pyarrow", batch_size=cfg.data.eval_batch_size,
-                fn_constructor_kwargs={"splits": plan.splits, "checkpoint": str(ck),
-                                       "torch_threads": _actor_threads(cfg),
-                                       "write_recon": cfg.infer.write_recon,
-                                       "z_source": plan.z_source, "randomize_z": cfg.infer.randomize_z,
-                                       "passthrough": PASSTHROUGH + [PATH_COL], "layout": layout,
-                                       "feature_layout": cfg.embed.layout,
-                                       "channels_last": cfg.train.channels_last},
+                _SplitFilter,
+                batch_format="pyarrow",
+                batch_size=cfg.data.eval_batch_size,
+                fn_constructor_kwargs={
+                    "splits": plan.splits,
+                    "checkpoint": str(ck),
+                    "torch_threads": _actor_threads(cfg),
+                    "write_recon": cfg.infer.write_recon,
+                    "z_source": plan.z_source,
+                    "randomize_z": cfg.infer.randomize_z,
+                    "passthrough": PASSTHROUGH + [PATH_COL],
+                    "layout": layout,
+                    "feature_layout": cfg.embed.layout,
+                    "channels_last": cfg.train.channels_last,
+                },
                 compute=ray.data.ActorPoolStrategy(size=cfg.infer.num_actors),
-                num_gpus=cfg.infer.num_gpus, num_cpus=cfg.infer.cpus_per_actor)
+                num_gpus=cfg.infer.num_gpus,
+                num_cpus=cfg.infer.cpus_per_actor,
+            )
             try:
                 rd.write_parquet(str(staging))
             except Exception as exc:  # noqa: BLE001 - a user error inside Ray is re-raised as itself
@@ -275,19 +319,36 @@ def _predict(cfg: ExperimentConfig, plan: InferPlan, layout: str) -> dict:
     counts = split_counts(ds)
     expected = sum(counts.get(s, 0) for s in plan.splits) if plan.splits else sum(counts.values())
     if n_rows != expected:
-        raise ShardError(f"inference wrote {n_rows} prediction rows but the manifest of {ds.root} counts "
-                         f"{expected} rows in splits {plan.splits or 'all'}: the data set's shards and its "
-                         "dataset.json disagree")
-    manifest = {"checkpoint": str(ck), "model_type": meta["model_type"], "dataset": str(ds.root),
-                "splits": list(cfg.infer.splits) or "all", "n_rows": n_rows, "n_shards": len(shards),
-                "labels": meta["labels"], "batches": meta["batches"], "data_spec": meta["data_spec"],
-                "producer": plan.producer, "run_key": plan.run_key, "shards": shards,
-                "seconds": round(time.time() - t0, 2)}
+        raise ShardError(
+            f"inference wrote {n_rows} prediction rows but the manifest of {ds.root} counts "
+            f"{expected} rows in splits {plan.splits or 'all'}: the data set's shards and its "
+            "dataset.json disagree"
+        )
+    manifest = {
+        "checkpoint": str(ck),
+        "model_type": meta["model_type"],
+        "dataset": str(ds.root),
+        "splits": list(cfg.infer.splits) or "all",
+        "n_rows": n_rows,
+        "n_shards": len(shards),
+        "labels": meta["labels"],
+        "batches": meta["batches"],
+        "data_spec": meta["data_spec"],
+        "producer": plan.producer,
+        "run_key": plan.run_key,
+        "shards": shards,
+        "seconds": round(time.time() - t0, 2),
+    }
     if layout == "profiles":
-        manifest.update(_profile_manifest(shard_out / shards[0]["file"].split("/")[-1], meta, cfg, n_rows))
+        manifest.update(
+            _profile_manifest(shard_out / shards[0]["file"].split("/")[-1], meta, cfg, n_rows)
+        )
     atomic_write_json(out / LAYOUTS[layout][1], manifest)
-    print(f"[raycell] wrote {n_rows} {'embedding' if layout == 'profiles' else 'prediction'} rows in "
-          f"{len(shards)} shard(s) to {out}", flush=True)
+    print(
+        f"[raycell] wrote {n_rows} {'embedding' if layout == 'profiles' else 'prediction'} rows in "
+        f"{len(shards)} shard(s) to {out}",
+        flush=True,
+    )
     return {**manifest, "out": str(out)}
 
 
@@ -334,7 +395,11 @@ def _user_error_in(exc: BaseException) -> BaseException | None:
     for m in _REMOTE_ERROR.finditer(text):
         module, name, msg = m.groups()
         try:
-            cls = getattr(importlib.import_module(module), name) if module else getattr(builtins, name)
+            cls = (
+                getattr(importlib.import_module(module), name)
+                if module
+                else getattr(builtins, name)
+            )
         except (ImportError, AttributeError):
             continue
         if isinstance(cls, type) and issubclass(cls, user):
@@ -342,7 +407,9 @@ def _user_error_in(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array | None = None) -> None:
+def _check_design_matrix(
+    cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array | None = None
+) -> None:
     """Fail before Ray starts when a random/mixed-effects model would meet cells it has no Z for."""
     from raycell.infer.predictor import MissingDesignMatrixError
 
@@ -353,7 +420,9 @@ def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array 
     wanted = [_split_value(s) for s in cfg.infer.splits]
     cols = [K.CELL_ID, K.BATCH, K.SPLIT] if z_ids is not None else [K.BATCH, K.SPLIT]
     t = ds.read_table(cols, splits=wanted or None)
-    unknown = pc.invert(pc.is_in(t.column(K.BATCH), pa.array(meta["batches"]["values"], pa.string())))
+    unknown = pc.invert(
+        pc.is_in(t.column(K.BATCH), pa.array(meta["batches"]["values"], pa.string()))
+    )
     if z_ids is None:
         missing = sorted(set(t.column(K.BATCH).filter(unknown).to_pylist()))
         if missing:
@@ -361,7 +430,8 @@ def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array 
                 f"model type {meta['model_type']!r} needs a design matrix Z for every cell, but batch(es) "
                 f"{missing} are not among its training batches and no inferred Z was given: run "
                 "`raycell infer-z --checkpoint <run>` and pass its output folder as infer.z_source (or "
-                "restrict infer.splits to seen batches, or set infer.randomize_z=true for the ablation)")
+                "restrict infer.splits to seen batches, or set infer.randomize_z=true for the ablation)"
+            )
         return
     ids = t.column(K.CELL_ID).filter(unknown)
     lacking = ids.filter(pc.invert(pc.is_in(ids, value_set=z_ids.cast(ids.type))))
@@ -369,7 +439,8 @@ def _check_design_matrix(cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array 
         raise MissingDesignMatrixError(
             f"{len(lacking)} cell(s) of batches outside the training batches (e.g. {lacking[0].as_py()!r}) "
             f"have no row in the inferred Z {cfg.infer.z_source} (infer.z_source): run `raycell infer-z` on "
-            "this data set with infer.z_splits covering these cells' splits")
+            "this data set with infer.z_splits covering these cells' splits"
+        )
 
 
 def _profile_manifest(first_shard: Path, meta: dict, cfg: ExperimentConfig, n_rows: int) -> dict:
@@ -378,10 +449,14 @@ def _profile_manifest(first_shard: Path, meta: dict, cfg: ExperimentConfig, n_ro
 
     names = pq.read_schema(first_shard).names
     heads = meta.get("heads") or [meta["labels"]]
-    return {"layout": cfg.embed.layout, "n_cells": n_rows,
-            "features": [EMBEDDING] if cfg.embed.layout == "list" else
-            [n for n in names if n.startswith(FEATURE_PREFIX)],
-            "heads": {h["column"]: list(h["values"]) for h in heads}}
+    return {
+        "layout": cfg.embed.layout,
+        "n_cells": n_rows,
+        "features": [EMBEDDING]
+        if cfg.embed.layout == "list"
+        else [n for n in names if n.startswith(FEATURE_PREFIX)],
+        "heads": {h["column"]: list(h["values"]) for h in heads},
+    }
 
 
 def _remove_leftovers(out: Path, manifest: str = K.PREDICTIONS_MANIFEST) -> list[Path]:
@@ -402,7 +477,9 @@ def _remove_leftovers(out: Path, manifest: str = K.PREDICTIONS_MANIFEST) -> list
     return stale
 
 
-def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path, plan: InferPlan) -> None:
+def _finalise_round(
+    staging: Path, round_paths: list[str], shard_out: Path, plan: InferPlan
+) -> None:
     """Regroup a round's staged rows by source shard and write one output file per input shard.
 
     Each file carries its provenance record (schema metadata) so a later run can tell whether it is done.
@@ -417,10 +494,15 @@ def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path, plan
             part = table.filter(mask).drop_columns([PATH_COL])
         else:
             part = pa.table({K.CELL_ID: pa.array([], pa.string())})
-        rec = {"run_key": plan.run_key, "producer": plan.producer, "input": plan.inputs[name],
-               "rows": part.num_rows}
-        part = part.replace_schema_metadata({**(part.schema.metadata or {}),
-                                             PROVENANCE_KEY: json.dumps(rec).encode()})
+        rec = {
+            "run_key": plan.run_key,
+            "producer": plan.producer,
+            "input": plan.inputs[name],
+            "rows": part.num_rows,
+        }
+        part = part.replace_schema_metadata(
+            {**(part.schema.metadata or {}), PROVENANCE_KEY: json.dumps(rec).encode()}
+        )
         atomic_write_parquet(part, shard_out / name)
 
 

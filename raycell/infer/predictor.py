@@ -28,8 +28,19 @@ from raycell.formats.shards import decode_images, encode_images
 from raycell.losses import ModelOutput, heads_prob, label_prob, per_cell_mse, per_cell_ssim
 from raycell.models.random_effects import one_hot_design
 
-PASSTHROUGH = [K.CELL_ID, K.BATCH, K.PLATE, K.WELL, K.FIELD, K.GROUP, K.LABEL, K.SPLIT, K.SOURCE,
-               K.CENTROID_Y, K.CENTROID_X]
+PASSTHROUGH = [
+    K.CELL_ID,
+    K.BATCH,
+    K.PLATE,
+    K.WELL,
+    K.FIELD,
+    K.GROUP,
+    K.LABEL,
+    K.SPLIT,
+    K.SOURCE,
+    K.CENTROID_Y,
+    K.CENTROID_X,
+]
 
 
 def _fixed_list(a: np.ndarray) -> pa.Array:
@@ -38,9 +49,17 @@ def _fixed_list(a: np.ndarray) -> pa.Array:
 
 
 # crop-shard column -> profiling name (the rest become Metadata_<column>)
-PROFILE_NAMES = {K.PLATE: "Metadata_Plate", K.WELL: "Metadata_Well", K.FIELD: "Metadata_Site",
-                 K.CELL_ID: "Metadata_CellID", K.BATCH: "Metadata_Batch", K.SPLIT: "Metadata_Split",
-                 K.LABEL: "Metadata_Label", K.GROUP: "Metadata_Group", K.SOURCE: "Metadata_Source"}
+PROFILE_NAMES = {
+    K.PLATE: "Metadata_Plate",
+    K.WELL: "Metadata_Well",
+    K.FIELD: "Metadata_Site",
+    K.CELL_ID: "Metadata_CellID",
+    K.BATCH: "Metadata_Batch",
+    K.SPLIT: "Metadata_Split",
+    K.LABEL: "Metadata_Label",
+    K.GROUP: "Metadata_Group",
+    K.SOURCE: "Metadata_Source",
+}
 FEATURE_PREFIX = "Cells_Embedding_"
 EMBEDDING = "embedding"
 _NOT_METADATA = set(K.IMAGE_COLUMNS) | {"path"}  # `path`: read_parquet's include_paths, kept as is
@@ -54,7 +73,8 @@ def feature_names(dim: int) -> list[str]:
 def object_numbers(cell_ids: pa.ChunkedArray | pa.Array) -> pa.Array:
     """`Metadata_ObjectNumber`: the trailing number of each cell_id (ingest's `<field>-c00012` is object
     12 of its field, as CellProfiler numbers them), -1 where the id ends in no digits (one Arrow regex
-    over the batch, no per-row Python)."""
+    over the batch, no per-row Python).
+    """
     digits = pc.struct_field(pc.extract_regex(pc.cast(cell_ids, pa.string()), r"(?P<n>\d+)$"), [0])
     return pc.fill_null(pc.cast(digits, pa.int64()), -1)
 
@@ -75,10 +95,18 @@ def _stable_choice(cell_ids: pa.ChunkedArray | pa.Array, n: int) -> np.ndarray:
 class CropPredictor:
     """Callable class for `Dataset.map_batches(..., batch_format='pyarrow')`."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", write_recon: bool = False,
-                 z_source: str = "", passthrough: list[str] | None = None,
-                 randomize_z: bool = False, layout: str = "predictions", feature_layout: str = "columns",
-                 channels_last: bool = True):
+    def __init__(
+        self,
+        checkpoint: str,
+        device: str = "auto",
+        write_recon: bool = False,
+        z_source: str = "",
+        passthrough: list[str] | None = None,
+        randomize_z: bool = False,
+        layout: str = "predictions",
+        feature_layout: str = "columns",
+        channels_last: bool = True,
+    ):
         """Load the checkpoint (and the inferred Z, if any) once per actor.
 
         Args:
@@ -115,8 +143,11 @@ class CropPredictor:
         self.randomize_z = randomize_z
         self.layout, self.feature_layout = layout, feature_layout
         # the heads: weak-label columns, or the one phenotype head of the AECs
-        self.heads = ([CategoryMap.from_dict(h) for h in self.meta["heads"]] if self.meta.get("heads")
-                      else None)
+        self.heads = (
+            [CategoryMap.from_dict(h) for h in self.meta["heads"]]
+            if self.meta.get("heads")
+            else None
+        )
         self.z_ids: pa.Array | None = None
         self.z_values: np.ndarray | None = None
         self._empty_schema: pa.Schema | None = None
@@ -145,14 +176,19 @@ class CropPredictor:
             return z
         if self.z_values is not None:
             ids = t.column(K.CELL_ID).take(pa.array(unknown))
-            pos = np.asarray(pc.fill_null(pc.index_in(ids, value_set=self.z_ids), -1)
-                             .to_numpy(zero_copy_only=False), dtype=np.int64)
+            pos = np.asarray(
+                pc.fill_null(pc.index_in(ids, value_set=self.z_ids), -1).to_numpy(
+                    zero_copy_only=False
+                ),
+                dtype=np.int64,
+            )
             if (pos < 0).any():
                 raise MissingDesignMatrixError(
                     f"{int((pos < 0).sum())} cell(s) of batches outside the training batches "
                     f"(e.g. {ids[int(np.flatnonzero(pos < 0)[0])].as_py()!r}) have no row in the "
                     "inferred Z (infer.z_source); run `raycell infer-z` on these cells' splits "
-                    "(infer.z_splits)")
+                    "(infer.z_splits)"
+                )
             z[torch.from_numpy(unknown)] = torch.from_numpy(self.z_values[pos])
         elif self.entry.uses_z:
             missing = sorted(set(t.column(K.BATCH).take(pa.array(unknown)).to_pylist()))
@@ -161,7 +197,8 @@ class CropPredictor:
                 f"but batch(es) {missing} are not among its training batches "
                 f"{list(self.batch_map.values)} and no inferred Z was given: run `raycell infer-z` "
                 "to predict a soft Z for them and pass its output folder as infer.z_source (or set "
-                "infer.randomize_z=true for the ablation)")
+                "infer.randomize_z=true for the ablation)"
+            )
         return z
 
     @torch.inference_mode()
@@ -196,14 +233,23 @@ class CropPredictor:
     def head_probs(self, out: ModelOutput) -> list[tuple[CategoryMap, np.ndarray]]:
         """(head, (N, K) class probabilities) per head; the AECs' single head is the label column."""
         if self.heads:
-            return list(zip(self.heads, [p.float().cpu().numpy() for p in
-                                         heads_prob(out.logits, [len(h) for h in self.heads])]))
+            return list(
+                zip(
+                    self.heads,
+                    [
+                        p.float().cpu().numpy()
+                        for p in heads_prob(out.logits, [len(h) for h in self.heads])
+                    ],
+                )
+            )
         p = label_prob(out.logits).float().cpu().numpy()
         return [(self.labels, np.stack([1 - p, p], 1) if p.ndim == 1 else p)]
 
     def _profiles(self, t: pa.Table, out: ModelOutput) -> pa.Table:
         """The `profiles` layout (module docstring) for one batch of rows."""
-        meta = [c for c in t.column_names if c not in _NOT_METADATA and not c.startswith(K.MORPH_PREFIX)]
+        meta = [
+            c for c in t.column_names if c not in _NOT_METADATA and not c.startswith(K.MORPH_PREFIX)
+        ]
         cols: dict[str, pa.Array] = {}
         for c in (K.PLATE, K.WELL, K.FIELD):
             if c in t.column_names:
@@ -246,7 +292,9 @@ class CropPredictor:
                 cols[f"{K.PROB}_{head.column}"] = _fixed_list(p)
                 cols[f"{K.PRED}_{head.column}"] = pa.array(head.decode(p.argmax(1)).astype(str))
                 if head.column == K.LABEL:
-                    cols[K.PROB] = pa.array(p[:, 1], pa.float32()) if p.shape[1] == 2 else _fixed_list(p)
+                    cols[K.PROB] = (
+                        pa.array(p[:, 1], pa.float32()) if p.shape[1] == 2 else _fixed_list(p)
+                    )
                     cols[K.PRED] = cols[f"{K.PRED}_{head.column}"]
         else:
             prob = label_prob(out.logits).float().cpu().numpy()
@@ -262,14 +310,20 @@ class CropPredictor:
             rec = out.recon.float().clamp(0, 1)
             # per-cell metrics where the crops already are; only (N,) values come back to the CPU
             cols[K.RECON_MSE] = pa.array(per_cell_mse(x, rec).cpu().numpy(), pa.float32())
-            cols[K.RECON_SSIM] = pa.array(per_cell_ssim(x, rec, data_range=1.0).cpu().numpy(), pa.float32())
+            cols[K.RECON_SSIM] = pa.array(
+                per_cell_ssim(x, rec, data_range=1.0).cpu().numpy(), pa.float32()
+            )
         # columns of the optional outputs the model type declares (the same for every block)
         if "latent_re" in self.entry.outputs:
             cols[K.LATENT_RE] = _fixed_list(out.latent_re.float().cpu().numpy())
         if "batch_logits" in self.entry.outputs:
-            cols[K.BATCH_PROB] = _fixed_list(torch.softmax(out.batch_logits.float(), 1).cpu().numpy())
+            cols[K.BATCH_PROB] = _fixed_list(
+                torch.softmax(out.batch_logits.float(), 1).cpu().numpy()
+            )
         if self.write_recon and rec is not None:
             top = 255.0 if self.spec.dtype == "uint8" else 65535.0
-            q = np.rint(rec.cpu().numpy() * top).astype(np.uint8 if self.spec.dtype == "uint8" else np.uint16)
+            q = np.rint(rec.cpu().numpy() * top).astype(
+                np.uint8 if self.spec.dtype == "uint8" else np.uint16
+            )
             cols[K.RECON] = encode_images(q)
         return pa.table(cols)

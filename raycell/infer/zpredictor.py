@@ -55,7 +55,8 @@ from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
 from raycell.formats.categories import CategoryMap
 
-# the Z table's format (re-exported here: `from raycell.infer.zpredictor import read_inferred_z` keeps working)
+# the Z table's format (re-exported here: `from raycell.infer.zpredictor import read_inferred_z`
+# keeps working)
 from raycell.formats.inferred_z import (  # noqa: F401
     Z_JSON,
     Z_PARQUET,
@@ -77,8 +78,9 @@ def z_mode(cfg: ExperimentConfig) -> str:
     return mode
 
 
-def balanced_weights(batch_codes: np.ndarray, label_codes: np.ndarray, n_batches: int, n_labels: int
-                     ) -> np.ndarray:
+def balanced_weights(
+    batch_codes: np.ndarray, label_codes: np.ndarray, n_batches: int, n_labels: int
+) -> np.ndarray:
     """Loss weights W[batch, label] = N / (P * count(batch, label)) for the balanced Z-predictor.
 
     N cells, P the (batch, label) pairs that occur: every pair then has the same total weight N / P (so
@@ -105,8 +107,9 @@ def balance_setup(cfg: ExperimentConfig, ds: ShardDataset) -> dict:
     vocab = batch_head_vocab(cfg, ds)  # the Z-predictor's head: the rows of the table
     labels = CategoryMap(K.LABEL, ds.manifest["label_vocab"])
     t = ds.read_table([K.BATCH, K.LABEL], splits=[K.TRAIN])
-    w = balanced_weights(vocab.encode(t.column(K.BATCH)), labels.encode(t.column(K.LABEL)),
-                         len(vocab), len(labels))
+    w = balanced_weights(
+        vocab.encode(t.column(K.BATCH)), labels.encode(t.column(K.LABEL)), len(vocab), len(labels)
+    )
     return {"by": labels.to_dict(), "weights": w.tolist()}
 
 
@@ -140,12 +143,15 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
     ds = open_dataset(cfg.infer.data or cfg.data.path)
     counts = split_counts(ds)
     if not counts.get(K.TRAIN):
-        raise ConfigError(f"infer-z trains on the train split, but data set {ds.root} has none "
-                          f"(its splits: {counts}); run `raycell split` first")
+        raise ConfigError(
+            f"infer-z trains on the train split, but data set {ds.root} has none "
+            f"(its splits: {counts}); run `raycell split` first"
+        )
     bad = [s for s in cfg.infer.z_splits if s not in counts]
     if bad:
-        raise ConfigError(f"infer.z_splits: {bad} not among the splits of data set {ds.root} "
-                          f"({sorted(counts)})")
+        raise ConfigError(
+            f"infer.z_splits: {bad} not among the splits of data set {ds.root} ({sorted(counts)})"
+        )
     if cfg.infer.checkpoint:
         from raycell.formats.checkpoint import load_checkpoint
 
@@ -154,21 +160,27 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
         train_batches = set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist())
         missing = sorted(set(meta["batches"]["values"]) - train_batches)
         if missing:
-            raise ConfigError(f"infer-z: checkpoint {meta['path']} was trained on batch(es) {missing} that "
-                              f"the train split of {ds.root} lacks, so the Z-predictor could not give them "
-                              "a Z column: infer.data must be the data set the model was trained on")
+            raise ConfigError(
+                f"infer-z: checkpoint {meta['path']} was trained on batch(es) {missing} that "
+                f"the train split of {ds.root} lacks, so the Z-predictor could not give them "
+                "a Z column: infer.data must be the data set the model was trained on"
+            )
         extra = sorted(train_batches - set(meta["batches"]["values"]))
         if extra:
-            raise ConfigError(f"infer-z: the train split of {ds.root} has batch(es) {extra} that "
-                              f"checkpoint {meta['path']} was not trained on: infer.data must be the "
-                              "data set the model was trained on")
+            raise ConfigError(
+                f"infer-z: the train split of {ds.root} has batch(es) {extra} that "
+                f"checkpoint {meta['path']} was not trained on: infer.data must be the "
+                "data set the model was trained on"
+            )
     if cfg.infer.z_out and Path(cfg.infer.z_out).is_file():
         raise ConfigError(f"infer.z_out {Path(cfg.infer.z_out).absolute()} is a file, not a folder")
     if z_mode(cfg) in FIXED_Z:  # no Z-predictor to train
         return ds
     from raycell.train.trainer import check_train
 
-    check_train(zpredictor_config(cfg, ds, Path(cfg.infer.z_out or ds.root)))  # val split, >= 2 batches
+    check_train(
+        zpredictor_config(cfg, ds, Path(cfg.infer.z_out or ds.root))
+    )  # val split, >= 2 batches
     return ds
 
 
@@ -186,7 +198,13 @@ def zpredictor_config(cfg: ExperimentConfig, ds: ShardDataset, out: Path) -> Exp
     c.data.path, c.data.heads, c.data.batch_size = str(ds.root), [], ic.z_batch_size
     t = c.train
     t.epochs, t.lr, t.weight_decay = ic.z_epochs, ic.z_lr, 0.0
-    t.schedule, t.layer_decay, t.augment, t.resume, t.chaos_kill_after_steps = "constant", 0.0, "", "", 0
+    t.schedule, t.layer_decay, t.augment, t.resume, t.chaos_kill_after_steps = (
+        "constant",
+        0.0,
+        "",
+        "",
+        0,
+    )
     t.runs_dir = str(Path(out).absolute() / "runs")
     return c.validate()
 
@@ -210,8 +228,11 @@ def _read_soft_z(pred_out: str | Path, manifest: dict) -> pa.Table:
     import pyarrow.parquet as pq
 
     col = f"{K.PROB}_{K.BATCH}"
-    parts = [pq.read_table(Path(pred_out) / sh["file"], columns=[K.CELL_ID, K.BATCH, K.SPLIT, col])
-             for sh in manifest["shards"] if sh.get("rows", 1)]
+    parts = [
+        pq.read_table(Path(pred_out) / sh["file"], columns=[K.CELL_ID, K.BATCH, K.SPLIT, col])
+        for sh in manifest["shards"]
+        if sh.get("rows", 1)
+    ]
     return pa.concat_tables(parts).combine_chunks() if parts else pa.table({})
 
 
@@ -219,9 +240,17 @@ def _write_z(out: Path, t: pa.Table, z: np.ndarray, served: CategoryMap) -> dict
     """Write inferred_z.parquet (atomically); returns the mean Z per batch (for the summary)."""
     n = len(served)
     out.mkdir(parents=True, exist_ok=True)
-    zcol = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(z, np.float32).ravel()), n)
-    table = pa.table({K.CELL_ID: t.column(K.CELL_ID), K.BATCH: t.column(K.BATCH),
-                      K.SPLIT: t.column(K.SPLIT), "z": zcol})
+    zcol = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(z, np.float32).ravel()), n
+    )
+    table = pa.table(
+        {
+            K.CELL_ID: t.column(K.CELL_ID),
+            K.BATCH: t.column(K.BATCH),
+            K.SPLIT: t.column(K.SPLIT),
+            "z": zcol,
+        }
+    )
     atomic_write_parquet(table, out / Z_PARQUET)
     per_batch = {}
     bcol = np.asarray(t.column(K.BATCH).to_pylist(), dtype=object)
@@ -231,8 +260,13 @@ def _write_z(out: Path, t: pa.Table, z: np.ndarray, served: CategoryMap) -> dict
 
 
 def _empty_cells() -> pa.Table:
-    return pa.table({K.CELL_ID: pa.array([], pa.string()), K.BATCH: pa.array([], pa.string()),
-                     K.SPLIT: pa.array([], pa.string())})
+    return pa.table(
+        {
+            K.CELL_ID: pa.array([], pa.string()),
+            K.BATCH: pa.array([], pa.string()),
+            K.SPLIT: pa.array([], pa.string()),
+        }
+    )
 
 
 def run_fixed_z(cfg: ExperimentConfig) -> dict:
@@ -246,23 +280,43 @@ def run_fixed_z(cfg: ExperimentConfig) -> dict:
     ds = check_infer_z_config(cfg)
     served = _batches_of(ds, cfg.infer.checkpoint)  # the Z column order
     out = _out_folder(cfg, ds)
-    t = ds.read_table([K.CELL_ID, K.BATCH, K.SPLIT], splits=list(cfg.infer.z_splits)).combine_chunks()
+    t = ds.read_table(
+        [K.CELL_ID, K.BATCH, K.SPLIT], splits=list(cfg.infer.z_splits)
+    ).combine_chunks()
     if not t.num_rows:
         t = _empty_cells()
     z = FIXED_Z[mode](t.num_rows, len(served))
     per_batch = _write_z(out, t, z, served)
     (out / Z_WEIGHTS).unlink(missing_ok=True)  # a Z-predictor's weights left by an earlier mode
-    summary = {"out": str(out), "parquet": str(out / Z_PARQUET), "dataset": str(ds.root),
-               "checkpoint": cfg.infer.checkpoint or None, "splits": list(cfg.infer.z_splits),
-               "z_mode": mode, "n_cells": int(t.num_rows), "val_accuracy": None, "epochs": 0,
-               "best_epoch": None, "batches": served.to_dict(), "mean_z_per_batch": per_batch,
-               "history": [], "zpredictor_run": None, "zpredictor_checkpoint": None,
-               "seconds": round(time.time() - t0, 1)}
+    summary = {
+        "out": str(out),
+        "parquet": str(out / Z_PARQUET),
+        "dataset": str(ds.root),
+        "checkpoint": cfg.infer.checkpoint or None,
+        "splits": list(cfg.infer.z_splits),
+        "z_mode": mode,
+        "n_cells": int(t.num_rows),
+        "val_accuracy": None,
+        "epochs": 0,
+        "best_epoch": None,
+        "batches": served.to_dict(),
+        "mean_z_per_batch": per_batch,
+        "history": [],
+        "zpredictor_run": None,
+        "zpredictor_checkpoint": None,
+        "seconds": round(time.time() - t0, 1),
+    }
     atomic_write_json(out / Z_JSON, summary)
-    what = (f"1/{len(served)} for each seen batch" if mode == "uniform"
-            else "0: random effects at their prior mean")
-    print(f"[raycell] infer-z: {mode} Z ({what}, infer.z_mode {mode}) for {t.num_rows} cell(s) -> "
-          f"{out / Z_PARQUET}", flush=True)
+    what = (
+        f"1/{len(served)} for each seen batch"
+        if mode == "uniform"
+        else "0: random effects at their prior mean"
+    )
+    print(
+        f"[raycell] infer-z: {mode} Z ({what}, infer.z_mode {mode}) for {t.num_rows} cell(s) -> "
+        f"{out / Z_PARQUET}",
+        flush=True,
+    )
     return summary
 
 
@@ -296,20 +350,39 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     zcfg = zpredictor_config(cfg, ds, out)
     balance = balance_setup(zcfg, ds) if mode == "balanced" else None
     r = cfg.ray
-    init_ray(r.address, r.num_cpus, r.object_store_mb, r.progress, r.connect_timeout_s,
-             verbose=r.verbose, start_timeout_s=r.start_timeout_s)
-    print(f"[raycell] infer-z: training the Z-predictor ({mode}) on {ds.root} ({len(served)} batches) "
-          f"-> {out}", flush=True)
-    res = train(zcfg, early_stopping=EarlyStopping(patience=cfg.infer.z_patience, metric="val_acc"),
-                balance=balance)
+    init_ray(
+        r.address,
+        r.num_cpus,
+        r.object_store_mb,
+        r.progress,
+        r.connect_timeout_s,
+        verbose=r.verbose,
+        start_timeout_s=r.start_timeout_s,
+    )
+    print(
+        f"[raycell] infer-z: training the Z-predictor ({mode}) on {ds.root} ({len(served)} batches) "
+        f"-> {out}",
+        flush=True,
+    )
+    res = train(
+        zcfg,
+        early_stopping=EarlyStopping(patience=cfg.infer.z_patience, metric="val_acc"),
+        balance=balance,
+    )
     ck = res.get("best_checkpoint")
     if not ck:
-        raise ConfigError(f"infer-z: the Z-predictor run {res['run_dir']} kept no checkpoint of its best "
-                          "epoch (no val accuracy was reported); see its history.jsonl")
+        raise ConfigError(
+            f"infer-z: the Z-predictor run {res['run_dir']} kept no checkpoint of its best "
+            "epoch (no val accuracy was reported); see its history.jsonl"
+        )
     learned = list(read_meta(ck)["heads"][0]["values"])
-    if sorted(learned) != sorted(served.values):  # check_infer_z_config makes them equal: a safeguard
-        raise ConfigError(f"infer-z: the Z-predictor learned batches {learned}, but the model's Z has "
-                          f"columns {list(served.values)}: infer.data must be the model's data set")
+    if sorted(learned) != sorted(
+        served.values
+    ):  # check_infer_z_config makes them equal: a safeguard
+        raise ConfigError(
+            f"infer-z: the Z-predictor learned batches {learned}, but the model's Z has "
+            f"columns {list(served.values)}: infer.data must be the model's data set"
+        )
     # the soft Z: the batch head's probabilities for the cells of z_splits (the one batch inference)
     icfg = copy.deepcopy(zcfg)
     ic = icfg.infer
@@ -330,22 +403,48 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     tmp = out / f".{Z_WEIGHTS}.tmp"
     torch.save(torch.load(Path(ck) / "model.pt", map_location="cpu", weights_only=True), tmp)
     os.replace(tmp, out / Z_WEIGHTS)
-    history = [{"epoch": h["epoch"], "train_loss": h.get("train_loss"), "val_accuracy": h.get("val_acc"),
-                "seconds": round(float(h.get("epoch_time_s", 0.0)), 2)} for h in res["history"]]
+    history = [
+        {
+            "epoch": h["epoch"],
+            "train_loss": h.get("train_loss"),
+            "val_accuracy": h.get("val_acc"),
+            "seconds": round(float(h.get("epoch_time_s", 0.0)), 2),
+        }
+        for h in res["history"]
+    ]
     best = float(read_meta(ck)["metrics"].get("val_acc", float("nan")))
-    summary = {"out": str(out), "parquet": str(out / Z_PARQUET), "dataset": str(ds.root),
-               "checkpoint": cfg.infer.checkpoint or None, "splits": list(cfg.infer.z_splits),
-               "z_mode": mode, "n_cells": int(t.num_rows), "val_accuracy": best, "epochs": len(history),
-               "best_epoch": res.get("best_epoch"), "batches": served.to_dict(),
-               "mean_z_per_batch": per_batch, "history": history,
-               "zpredictor_run": res["run_dir"], "zpredictor_checkpoint": str(ck),
-               "seconds": round(time.time() - t0, 1)}
+    summary = {
+        "out": str(out),
+        "parquet": str(out / Z_PARQUET),
+        "dataset": str(ds.root),
+        "checkpoint": cfg.infer.checkpoint or None,
+        "splits": list(cfg.infer.z_splits),
+        "z_mode": mode,
+        "n_cells": int(t.num_rows),
+        "val_accuracy": best,
+        "epochs": len(history),
+        "best_epoch": res.get("best_epoch"),
+        "batches": served.to_dict(),
+        "mean_z_per_batch": per_batch,
+        "history": history,
+        "zpredictor_run": res["run_dir"],
+        "zpredictor_checkpoint": str(ck),
+        "seconds": round(time.time() - t0, 1),
+    }
     if balance is not None:
-        summary["balance_weights"] = {"labels": balance["by"]["values"], "weights": balance["weights"]}
+        summary["balance_weights"] = {
+            "labels": balance["by"]["values"],
+            "weights": balance["weights"],
+        }
     atomic_write_json(out / Z_JSON, summary)
-    stopped = (f", stopped early (no better val accuracy for {cfg.infer.z_patience} epoch(s))"
-               if len(history) < cfg.infer.z_epochs else "")
-    print(f"[raycell] infer-z: best val accuracy {best:.4f} (epoch {res.get('best_epoch')}) after "
-          f"{len(history)} epoch(s){stopped}; soft Z for {t.num_rows} cell(s) -> {out / Z_PARQUET}",
-          flush=True)
+    stopped = (
+        f", stopped early (no better val accuracy for {cfg.infer.z_patience} epoch(s))"
+        if len(history) < cfg.infer.z_epochs
+        else ""
+    )
+    print(
+        f"[raycell] infer-z: best val accuracy {best:.4f} (epoch {res.get('best_epoch')}) after "
+        f"{len(history)} epoch(s){stopped}; soft Z for {t.num_rows} cell(s) -> {out / Z_PARQUET}",
+        flush=True,
+    )
     return summary

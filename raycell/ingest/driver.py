@@ -190,8 +190,10 @@ def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Pat
             continue
         got["n_ok"] += 1
         got["n_cells"] += r["n_cells"]
-        got["per_fov"][r["fov_id"]] = {"n_cells": r["n_cells"],
-                                       "diameter": info.get("diameter", 0.0)}
+        got["per_fov"][r["fov_id"]] = {
+            "n_cells": r["n_cells"],
+            "diameter": info.get("diameter", 0.0),
+        }
         got["seconds"].append(info.get("seconds", 0.0))
         got["cpu_seconds"] += info.get("cpu_seconds", 0.0)
         if info.get("separate"):
@@ -463,8 +465,9 @@ def _run_ingest(cfg) -> dict:
         extra=_manifest_extra(p, plan, stats, summary, illum_files),
     )
     # a few fields per plate with their outlines (overlays/), for the eye and `raycell report`
-    plates = write_overlays(partial, plan["fovs"], got["per_fov"], rej.to_dict("records"), p,
-                            plan["channels"], stats)
+    plates = write_overlays(
+        partial, plan["fovs"], got["per_fov"], rej.to_dict("records"), p, plan["channels"], stats
+    )
     if plates:
         summary["overlays"] = f"{OVERLAY_DIR}/{OVERLAY_INDEX}"
     atomic_write_json(partial / SUMMARY, summary)

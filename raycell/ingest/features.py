@@ -67,8 +67,14 @@ def _shape_features(obj: np.ndarray) -> np.ndarray:
         if not m.any():
             continue
         r = regionprops(m.astype(np.uint8))[0]
-        out[i] = (r.area, r.perimeter, r.eccentricity, r.solidity, r.axis_major_length,
-                  r.axis_minor_length)
+        out[i] = (
+            r.area,
+            r.perimeter,
+            r.eccentricity,
+            r.solidity,
+            r.axis_major_length,
+            r.axis_minor_length,
+        )
     return out
 
 
@@ -100,8 +106,11 @@ def _texture_features(x: np.ndarray, obj: np.ndarray) -> np.ndarray:
         sl = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
         v, mm = x[i][sl], m[sl]
         lo, hi = v[mm].min(), v[mm].max()
-        q = 1 + np.clip(((v - lo) / (hi - lo if hi > lo else 1.0) * _GLCM_LEVELS).astype(np.int64),
-                        0, _GLCM_LEVELS - 1)
+        q = 1 + np.clip(
+            ((v - lo) / (hi - lo if hi > lo else 1.0) * _GLCM_LEVELS).astype(np.int64),
+            0,
+            _GLCM_LEVELS - 1,
+        )
         q = np.where(mm, q, 0).astype(np.uint8)
         glcm = graycomatrix(q, [1], angles, levels=_GLCM_LEVELS + 1, symmetric=True)[1:, 1:]
         if glcm.sum() == 0:
@@ -114,8 +123,9 @@ def _texture_features(x: np.ndarray, obj: np.ndarray) -> np.ndarray:
     return out
 
 
-def crop_features(images: np.ndarray, channel_names: list[str] | None = None
-                  ) -> tuple[np.ndarray, list[str]]:
+def crop_features(
+    images: np.ndarray, channel_names: list[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """CellProfiler-style hand-made features of (N, C, H, W) crops centred on their cells.
 
     Objects: the Otsu foreground of channel 0 (the nucleus) and, with more than one channel, of the
@@ -152,8 +162,9 @@ def crop_features(images: np.ndarray, channel_names: list[str] | None = None
     return np.concatenate(feats, 1).astype(np.float64), cols
 
 
-def crop_feature_columns(images: np.ndarray, channel_names: list[str] | None = None
-                         ) -> dict[str, np.ndarray]:
+def crop_feature_columns(
+    images: np.ndarray, channel_names: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """`crop_features` as float32 columns named `feat_<name>` (what ingest stores)."""
     x, names = crop_features(images, channel_names)
     return {f"{K.FEAT_PREFIX}{n}": x[:, i].astype(np.float32) for i, n in enumerate(names)}

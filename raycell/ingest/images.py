@@ -290,7 +290,9 @@ def upsample(func: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     key = (func.shape, func.dtype.str, tuple(shape), hashlib.blake2b(func.tobytes()).digest())
     if key not in _UPSAMPLED:
         zoom = (1, shape[0] / h, shape[1] / w)
-        out = ndi.zoom(func, zoom, order=1, mode="nearest", grid_mode=True)[:, : shape[0], : shape[1]]
+        out = ndi.zoom(func, zoom, order=1, mode="nearest", grid_mode=True)[
+            :, : shape[0], : shape[1]
+        ]
         out.flags.writeable = False
         if len(_UPSAMPLED) >= 4:
             _UPSAMPLED.pop(next(iter(_UPSAMPLED)))

@@ -148,8 +148,14 @@ def find_files(p: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[di
 # Load-data CSVs (CellProfiler LoadData, the JUMP Cell Painting layout)
 # --------------------------------------------------------------------------------------------------
 
-_META = {"Metadata_Source": "source_id", "Metadata_Batch": "batch", "Metadata_Plate": K.PLATE,
-         "Metadata_Well": K.WELL, "Metadata_Site": K.FIELD, "Metadata_Field": K.FIELD}
+_META = {
+    "Metadata_Source": "source_id",
+    "Metadata_Batch": "batch",
+    "Metadata_Plate": K.PLATE,
+    "Metadata_Well": K.WELL,
+    "Metadata_Site": K.FIELD,
+    "Metadata_Field": K.FIELD,
+}
 
 
 def _load_data_csvs(p: dict, root: Path) -> list[Path]:
@@ -164,8 +170,14 @@ def _load_data_csvs(p: dict, root: Path) -> list[Path]:
     return csvs
 
 
-def _locate(file_name: str, path_name: str, csv: Path, by_name: dict[str, list[Path]],
-            plate_dirs: bool, plate: str):
+def _locate(
+    file_name: str,
+    path_name: str,
+    csv: Path,
+    by_name: dict[str, list[Path]],
+    plate_dirs: bool,
+    plate: str,
+):
     """The local file a load-data row names: PathName/FileName, else found under ingest.input.
 
     Where the folders under ingest.input name plates (`plate_dirs`), a copy found by name must lie
@@ -233,21 +245,28 @@ def load_data_files(p: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, li
             if plate not in plate_dirs:
                 plate_dirs[plate] = bool(plate) and any(plate in d for d in folders)
             for col in names:
-                channel = col[len("FileName_Orig") if col in orig else len("FileName_"):]
-                path_col = "PathName_" + col[len("FileName_"):]
-                found, why = _locate(r[col], r.get(path_col, ""), csv, by_name,
-                                     plate_dirs[plate], plate)
+                channel = col[len("FileName_Orig") if col in orig else len("FileName_") :]
+                path_col = "PathName_" + col[len("FileName_") :]
+                found, why = _locate(
+                    r[col], r.get(path_col, ""), csv, by_name, plate_dirs[plate], plate
+                )
                 if found is None:
-                    rejects.append(reject_row(
-                        "file", "listed-not-found",
-                        f"{csv.name} row {i + 2}: {r[col]} "
-                        f"({why}; PathName {r.get(path_col, '')!r})",
-                        "", [r[col]]))
+                    rejects.append(
+                        reject_row(
+                            "file",
+                            "listed-not-found",
+                            f"{csv.name} row {i + 2}: {r[col]} "
+                            f"({why}; PathName {r.get(path_col, '')!r})",
+                            "",
+                            [r[col]],
+                        )
+                    )
                     continue
                 inside = found.is_relative_to(root)
                 rel = found.relative_to(root).as_posix() if inside else str(found)
-                rows.append({"path": str(found.absolute()), "relpath": rel, **meta,
-                             CHANNEL: channel, Z: ""})
+                rows.append(
+                    {"path": str(found.absolute()), "relpath": rel, **meta, CHANNEL: channel, Z: ""}
+                )
     if not rows:
         raise IngestError(
             f"none of the files the load-data CSV(s) list was found ({len(rejects)} listed), "

@@ -151,13 +151,17 @@ def attach_masks(p: dict, fovs: list[dict], fov_keys: list[str]) -> tuple[list[d
                 code = "missing-mask" if not found else "duplicate-mask"
                 why = (
                     f"no file in {key} {p[role]} for this field"
-                    + (f" ({key}_pattern {pattern!r})" if pattern else " (by name: <image stem>"
-                       f"{'|'.join(MASK_SUFFIXES)})")
+                    + (
+                        f" ({key}_pattern {pattern!r})"
+                        if pattern
+                        else f" (by name: <image stem>{'|'.join(MASK_SUFFIXES)})"
+                    )
                     if not found
                     else f"{len(found)} files in {key} for one field: {found}"
                 )
-                rejects.append(reject_row("fov", code, why, fov["fov_id"], files + found,
-                                          fov["meta"]))
+                rejects.append(
+                    reject_row("fov", code, why, fov["fov_id"], files + found, fov["meta"])
+                )
                 continue
             nxt.append({**fov, "masks": {**fov.get("masks", {}), role: found[0]}})
         kept = nxt
@@ -246,7 +250,8 @@ def _field_of_rows(
     index: dict[tuple, list[str]] = {}
     for f in fovs:
         index.setdefault(tuple(_canon(f["meta"].get(k, "")) for k in keycols), []).append(
-            f["fov_id"])
+            f["fov_id"]
+        )
     groups = table.groupby(list(keycols.values()), sort=False, dropna=False).groups
     out = pd.Series("", index=table.index, dtype=object)
     for vals, idx in groups.items():
@@ -296,12 +301,17 @@ def _image_numbers(p: dict, fovs: list[dict], fov_keys: list[str]) -> dict[int, 
             sets = [by_name[str(row[c])] for c in names if str(row[c]) in by_name]
             hits = set.intersection(*sets) if sets else set()
             if len(hits) > 1 and keycols:
-                hits = {h for h in hits if all(_same(by_id[h]["meta"].get(k, ""), row[c])
-                                               for k, c in keycols.items())}
+                hits = {
+                    h
+                    for h in hits
+                    if all(_same(by_id[h]["meta"].get(k, ""), row[c]) for k, c in keycols.items())
+                }
             pnames = [str(row[c]) for c in img.columns if c.startswith("PathName_")]
             if len(hits) > 1 and any(pn.strip("/") for pn in pnames):
-                score = {h: max(_trailing_agreement(d, pn) for d in dirs[h] for pn in pnames)
-                         for h in hits}
+                score = {
+                    h: max(_trailing_agreement(d, pn) for d in dirs[h] for pn in pnames)
+                    for h in hits
+                }
                 if max(score.values()) > 0:
                     hits = {h for h, v in score.items() if v == max(score.values())}
             if len(hits) > 1:
@@ -397,16 +407,26 @@ def attach_objects(
     for fov in fovs:
         g = by_fov.get(fov["fov_id"])
         if g is None:
-            rejects.append(reject_row(
-                "fov", "no-objects", f"no row of ingest.objects {path} names this field",
-                fov["fov_id"], [f["relpath"] for f in fov["files"]], fov["meta"]))
+            rejects.append(
+                reject_row(
+                    "fov",
+                    "no-objects",
+                    f"no row of ingest.objects {path} names this field",
+                    fov["fov_id"],
+                    [f["relpath"] for f in fov["files"]],
+                    fov["meta"],
+                )
+            )
             continue
         g = g.sort_values("id")
         meta = dict(fov["meta"])
         if fov["fov_id"] in number_of:
             meta["ImageNumber"] = str(number_of[fov["fov_id"]])
-        objs = {"ids": g.id.tolist(), "y": g.y.astype(float).tolist(),
-                "x": g.x.astype(float).tolist()}
+        objs = {
+            "ids": g.id.tolist(),
+            "y": g.y.astype(float).tolist(),
+            "x": g.x.astype(float).tolist(),
+        }
         kept.append({**fov, "meta": meta, "objects": objs})
     if p.get("mask_crops"):
         notes.append(
@@ -533,8 +553,11 @@ def read_given(fov: dict, shape: tuple[int, int]) -> GivenObjects | None:
         o = fov["objects"]
         centres = np.column_stack([np.asarray(o["y"], float), np.asarray(o["x"], float)])
         h, w = shape
-        out = (centres[:, 0] < 0) | (centres[:, 0] > h - 1) | (centres[:, 1] < 0) | (
-            centres[:, 1] > w - 1
+        out = (
+            (centres[:, 0] < 0)
+            | (centres[:, 0] > h - 1)
+            | (centres[:, 1] < 0)
+            | (centres[:, 1] > w - 1)
         )
         if out.any():
             from raycell.ingest import images as imio
@@ -593,7 +616,13 @@ def crops_of_given(
     objects = given.cells if given.cells is not None else given.nuclei
     nuclei = nuclei_numbered_as(given.cells, given.nuclei) if given.cells is not None else None
     return extract(
-        objects, img, img_out, names, p["crop_size"], nuclei=nuclei, mask=p["mask_crops"],
+        objects,
+        img,
+        img_out,
+        names,
+        p["crop_size"],
+        nuclei=nuclei,
+        mask=p["mask_crops"],
         mask_blur=p["mask_blur"],
     )
 

@@ -117,8 +117,12 @@ def pixel_size(path: str) -> dict | None:
             if scale is None or "x" not in axes or "y" not in axes:
                 return None
             ix, iy = axes.index("x"), axes.index("y")
-            return {"x": float(scale[ix]), "y": float(scale[iy]), "unit": units[ix] or "",
-                    "source": "ome-zarr"}
+            return {
+                "x": float(scale[ix]),
+                "y": float(scale[iy]),
+                "unit": units[ix] or "",
+                "source": "ome-zarr",
+            }
         if p.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
@@ -130,9 +134,12 @@ def pixel_size(path: str) -> dict | None:
                 px = image["Pixels"]
                 if "PhysicalSizeX" not in px:
                     return None
-                return {"x": float(px["PhysicalSizeX"]),
-                        "y": float(px.get("PhysicalSizeY", px["PhysicalSizeX"])),
-                        "unit": str(px.get("PhysicalSizeXUnit", "µm")), "source": "ome-tiff"}
+                return {
+                    "x": float(px["PhysicalSizeX"]),
+                    "y": float(px.get("PhysicalSizeY", px["PhysicalSizeX"])),
+                    "unit": str(px.get("PhysicalSizeXUnit", "µm")),
+                    "source": "ome-tiff",
+                }
     except Exception:  # noqa: BLE001 - metadata is optional; a broken file is rejected when read
         return None
     return None

@@ -38,7 +38,8 @@ background removed at that d. The estimate is clipped to `diameter_bounds` (deri
 size). In `raycell ingest` a scale pass first estimates it on a few fields per plate (the estimate
 only, `nucleus_diameter`); each field's own estimate then starts from the plate's median in place of
 the first, coarse pass (a quarter less CPU per field, nuclei and cell F1 unchanged on the varied
-synthetic beds) and is replaced by it when it is more than 2x away from it. Issue 10 is why: with an area-weighted estimate, fields
+synthetic beds) and is replaced by it when it is more than 2x away from it. Issue 10 is why: with
+an area-weighted estimate, fields
 with background texture at the scale of several cells ran away to 150-190 px for 18 px nuclei.
 Nothing is tuned to a particular data set. Images whose objects do not separate at threshold
 (confluent cytoplasm-only stains) should set the diameter; a punctate stain used as the primary
@@ -271,8 +272,9 @@ def intensity_basins(
         return comp
     sm = _smooth(x, sigma)
     if prominence > 0:
-        peaks = h_maxima_per_object(sm, np.where(big[comp], comp, 0), prominence,
-                                    int(3 * sigma) + 2)
+        peaks = h_maxima_per_object(
+            sm, np.where(big[comp], comp, 0), prominence, int(3 * sigma) + 2
+        )
     else:
         size = max(3, int(round(2 * sigma)) | 1)
         peaks = big[comp] & (sm >= ndi.maximum_filter(sm, size=size))
@@ -292,10 +294,10 @@ def _by_label(x: np.ndarray, lab: np.ndarray, n: int) -> tuple[np.ndarray, np.nd
     value and then stably by label (numpy's radix sort for the small-int labels).
     """
     sel = lab > 0
-    v, l = x[sel], lab[sel]
+    v, labels = x[sel], lab[sel]
     by_value = np.argsort(v, kind="stable")
-    order = by_value[np.argsort(l[by_value], kind="stable")]
-    counts = np.bincount(l, minlength=n + 1)[1:n + 1]
+    order = by_value[np.argsort(labels[by_value], kind="stable")]
+    counts = np.bincount(labels, minlength=n + 1)[1 : n + 1]
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     return v[order], counts, start
 
@@ -653,8 +655,10 @@ def h_maxima_per_object(surf: np.ndarray, comp: np.ndarray, h: float, margin: in
     for i, sl in enumerate(ndi.find_objects(comp), start=1):
         if sl is None:
             continue
-        box = (slice(max(sl[0].start - margin, 0), min(sl[0].stop + margin, h_img)),
-               slice(max(sl[1].start - margin, 0), min(sl[1].stop + margin, w_img)))
+        box = (
+            slice(max(sl[0].start - margin, 0), min(sl[0].stop + margin, h_img)),
+            slice(max(sl[1].start - margin, 0), min(sl[1].stop + margin, w_img)),
+        )
         own = comp[box] == i
         out[box] |= morphology.h_maxima(surf[box], h).astype(bool) & own
     return out
@@ -678,15 +682,28 @@ class _Primary:
     edge_peak: float
 
     @classmethod
-    def of(cls, img: np.ndarray, *, flatten: bool, tophat: bool, threshold: str, threshold_scale: float,
-           log_threshold: bool, min_snr: float, edge_peak: float) -> "_Primary":
+    def of(
+        cls,
+        img: np.ndarray,
+        *,
+        flatten: bool,
+        tophat: bool,
+        threshold: str,
+        threshold_scale: float,
+        log_threshold: bool,
+        min_snr: float,
+        edge_peak: float,
+    ) -> "_Primary":
         noise = noise_sigma(img)
         if flatten:
             img = img - background_surface(img)
-        return cls(img, noise, tophat, threshold, threshold_scale, log_threshold, min_snr, edge_peak)
+        return cls(
+            img, noise, tophat, threshold, threshold_scale, log_threshold, min_snr, edge_peak
+        )
 
-    def mask_at(self, x: np.ndarray, sigma: float, d: float,
-                smoothed: np.ndarray | None = None) -> np.ndarray:
+    def mask_at(
+        self, x: np.ndarray, sigma: float, d: float, smoothed: np.ndarray | None = None
+    ) -> np.ndarray:
         """Filled foreground of `x` smoothed at `sigma` (or of `smoothed`, `x` already smoothed)."""
         fg = foreground(
             _smooth(x, sigma) if smoothed is None else smoothed,
@@ -797,13 +814,21 @@ def segment_nuclei(
 
     if declump not in ("shape", "intensity", "none"):
         raise SegmentationError(f"unknown declump method {declump!r}; use shape, intensity or none")
-    prim = _Primary.of(img, flatten=flatten, tophat=tophat, threshold=threshold,
-                       threshold_scale=threshold_scale, log_threshold=log_threshold, min_snr=min_snr,
-                       edge_peak=edge_peak)
+    prim = _Primary.of(
+        img,
+        flatten=flatten,
+        tophat=tophat,
+        threshold=threshold,
+        threshold_scale=threshold_scale,
+        log_threshold=log_threshold,
+        min_snr=min_snr,
+        edge_peak=edge_peak,
+    )
     d = float(diameter)
     if d <= 0:
-        d = prim.scale(diameter_bounds(img.shape, crop_size, diameter_min, diameter_max),
-                       start=ref_diameter)
+        d = prim.scale(
+            diameter_bounds(img.shape, crop_size, diameter_min, diameter_max), start=ref_diameter
+        )
         # a field far from its plate is more likely wrong than different: trust the plate
         if ref_diameter > 0 and (d <= 0 or max(d / ref_diameter, ref_diameter / d) > outlier_fold):
             if qc is not None:
@@ -980,9 +1005,12 @@ def _scale_params(p: dict) -> dict:
 def nucleus_diameter(img: np.ndarray, p: dict) -> float:
     """The automatic diameter estimate `segment_nuclei` would use on this primary channel (no plate
     reference), without the segmentation that follows it: the scale pass of `raycell ingest`
-    needs only this number, and the estimate is about half of a field's nucleus segmentation."""
+    needs only this number, and the estimate is about half of a field's nucleus segmentation.
+    """
     q = _scale_params(p)
-    bounds = diameter_bounds(img.shape, q.pop("crop_size"), q.pop("diameter_min"), q.pop("diameter_max"))
+    bounds = diameter_bounds(
+        img.shape, q.pop("crop_size"), q.pop("diameter_min"), q.pop("diameter_max")
+    )
     return _Primary.of(img, **q).scale(bounds)
 
 

@@ -170,7 +170,10 @@ def evaluate_segmentation(
         "z_projection": p["z_projection"],
         "nuclei": _sum_scores(nuc_rows),
         # per imaging batch: where a batch effect breaks the segmentation shows here, not in the pool
-        "per_batch": {b: {k: _sum_scores(v) for k, v in rows.items() if v} for b, rows in sorted(by_batch.items())},
+        "per_batch": {
+            b: {k: _sum_scores(v) for k, v in rows.items() if v}
+            for b, rows in sorted(by_batch.items())
+        },
         "per_fov": per_fov,
     }
     if cell_rows:

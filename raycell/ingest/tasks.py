@@ -28,7 +28,8 @@ def read_fov(fov: dict, p: dict, ch: dict) -> tuple[np.ndarray, dict]:
 
 def fov_dataset(fovs: list[dict], p: dict):
     """A Ray Dataset of FOV records (JSON strings) and their plan positions, `ingest.fovs_per_task`
-    records per block."""
+    records per block.
+    """
     import ray
 
     n_blocks = max(1, -(-len(fovs) // max(1, p["fovs_per_task"])))

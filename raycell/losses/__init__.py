@@ -21,7 +21,19 @@ from raycell.losses.classification import (
 from raycell.losses.outputs import OPTIONAL_OUTPUTS, LossOutput, ModelOutput
 from raycell.losses.reconstruction import per_cell_mse, per_cell_ssim, reconstruction_mse
 
-__all__ = ["OPTIONAL_OUTPUTS", "LossOutput", "ModelOutput", "batch_accuracy", "cluster_ce", "confusion_ce",
-           "heads_loss",
-           "heads_prob", "label_loss", "label_prob", "per_cell_mse", "per_cell_ssim", "reconstruction_mse",
-           "split_heads"]
+__all__ = [
+    "OPTIONAL_OUTPUTS",
+    "LossOutput",
+    "ModelOutput",
+    "batch_accuracy",
+    "cluster_ce",
+    "confusion_ce",
+    "heads_loss",
+    "heads_prob",
+    "label_loss",
+    "label_prob",
+    "per_cell_mse",
+    "per_cell_ssim",
+    "reconstruction_mse",
+    "split_heads",
+]

@@ -53,13 +53,19 @@ def batch_accuracy(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def split_heads(logits: torch.Tensor, sizes: list[int] | tuple[int, ...]) -> list[torch.Tensor]:
     """The weak-label heads' logits, one (N, K_h) block per head, from their side-by-side (N, sum K_h)."""
     if logits.shape[1] != sum(sizes):
-        raise ValueError(f"logits have {logits.shape[1]} columns but the heads have {list(sizes)} classes "
-                         f"(sum {sum(sizes)})")
+        raise ValueError(
+            f"logits have {logits.shape[1]} columns but the heads have {list(sizes)} classes "
+            f"(sum {sum(sizes)})"
+        )
     return list(torch.split(logits, list(sizes), dim=1))
 
 
-def heads_loss(logits: torch.Tensor, y: torch.Tensor, sizes: list[int] | tuple[int, ...],
-               multilabel: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def heads_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    sizes: list[int] | tuple[int, ...],
+    multilabel: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Weak-label loss: the sum over heads, and each head's term.
 
     y: (N, H) class codes. Softmax heads (default): one cross-entropy per head. `multilabel`: the blog's
@@ -71,13 +77,18 @@ def heads_loss(logits: torch.Tensor, y: torch.Tensor, sizes: list[int] | tuple[i
         terms = [F.cross_entropy(b, y[:, h]) for h, b in enumerate(blocks)]
     else:
         total = float(sum(sizes))
-        terms = [F.binary_cross_entropy_with_logits(b, F.one_hot(y[:, h], b.shape[1]).float(),
-                                                    reduction="sum") / (len(y) * total)
-                 for h, b in enumerate(blocks)]
+        terms = [
+            F.binary_cross_entropy_with_logits(
+                b, F.one_hot(y[:, h], b.shape[1]).float(), reduction="sum"
+            )
+            / (len(y) * total)
+            for h, b in enumerate(blocks)
+        ]
     return torch.stack(terms).sum(), terms
 
 
 def heads_prob(logits: torch.Tensor, sizes: list[int] | tuple[int, ...]) -> list[torch.Tensor]:
     """Per-head class probabilities (softmax within each head; also used after multi-label training,
-    where it ranks the classes of a head the same way the sigmoids do)."""
+    where it ranks the classes of a head the same way the sigmoids do).
+    """
     return [torch.softmax(b, dim=1) for b in split_heads(logits.float(), sizes)]

@@ -62,12 +62,16 @@ class ModelOutput:
                 if v.dim() != 0:
                     raise ValueError(f"ModelOutput.kl must be a scalar, got shape {tuple(v.shape)}")
             elif v.dim() == 0 or v.shape[0] != n:
-                raise ValueError(f"ModelOutput.{f.name} has shape {tuple(v.shape)}; expected {n} rows "
-                                 "(one per cell, as latent)")
+                raise ValueError(
+                    f"ModelOutput.{f.name} has shape {tuple(v.shape)}; expected {n} rows "
+                    "(one per cell, as latent)"
+                )
 
     def present(self) -> dict[str, Tensor]:
         """The fields that are set, by name (for comparisons and tests)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
 
 
 REQUIRED_OUTPUTS = ("latent", "recon", "logits")
@@ -94,7 +98,9 @@ class LossOutput:
             raise ValueError("LossOutput.terms must not hold 'loss' (it is the `loss` field)")
         for k, v in self.terms.items():
             if not isinstance(v, Tensor) or v.dim() != 0:
-                raise ValueError(f"LossOutput.terms[{k!r}] must be a scalar tensor, got {_describe(v)}")
+                raise ValueError(
+                    f"LossOutput.terms[{k!r}] must be a scalar tensor, got {_describe(v)}"
+                )
 
     def values(self) -> dict[str, float]:
         """`loss` and every term as Python floats, for logging (one copy from the device for all)."""

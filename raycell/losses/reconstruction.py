@@ -24,8 +24,10 @@ def reconstruction_mse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def per_cell_mse(images: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
     """(N,) float64: per cell, the mean over channels and pixels of (image - recon)^2."""
     if images.shape != recons.shape:
-        raise ValueError(f"images and recons have different shapes: {tuple(images.shape)} vs "
-                         f"{tuple(recons.shape)}")
+        raise ValueError(
+            f"images and recons have different shapes: {tuple(images.shape)} vs "
+            f"{tuple(recons.shape)}"
+        )
     d = images.double() - recons.double()
     return (d * d).flatten(1).mean(1)
 
@@ -40,7 +42,9 @@ def ssim_window(h: int, w: int, default: int = 7) -> int:
     return win
 
 
-def per_cell_ssim(images: torch.Tensor, recons: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def per_cell_ssim(
+    images: torch.Tensor, recons: torch.Tensor, data_range: float = 1.0
+) -> torch.Tensor:
     """(N,) float64 per-cell SSIM of (N, C, H, W) crops, averaged over channels.
 
     skimage's `structural_similarity(..., channel_axis=0, data_range=data_range)` defaults: a uniform
@@ -49,13 +53,17 @@ def per_cell_ssim(images: torch.Tensor, recons: torch.Tensor, data_range: float 
     image, so an unpadded `avg_pool2d` gives exactly skimage's cropped local means.
     """
     if images.shape != recons.shape:
-        raise ValueError(f"images and recons have different shapes: {tuple(images.shape)} vs "
-                         f"{tuple(recons.shape)}")
+        raise ValueError(
+            f"images and recons have different shapes: {tuple(images.shape)} vs "
+            f"{tuple(recons.shape)}"
+        )
     n, c, h, w = images.shape
     win = ssim_window(h, w)
     x = images.double().reshape(n * c, 1, h, w)
     y = recons.double().reshape(n * c, 1, h, w)
-    ux, uy, uxx, uyy, uxy = F.avg_pool2d(torch.cat([x, y, x * x, y * y, x * y], 1), win, stride=1).unbind(1)
+    ux, uy, uxx, uyy, uxy = F.avg_pool2d(
+        torch.cat([x, y, x * x, y * y, x * y], 1), win, stride=1
+    ).unbind(1)
     cov_norm = win * win / (win * win - 1.0)
     vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2

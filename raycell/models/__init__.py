@@ -33,5 +33,14 @@ from raycell.models.registry import (
     unregister_model,
 )
 
-__all__ = ["MODEL_REGISTRY", "ModelEntry", "ModelOutput", "build_plan", "create_model", "list_models",
-           "model_entry", "register_model", "unregister_model"]
+__all__ = [
+    "MODEL_REGISTRY",
+    "ModelEntry",
+    "ModelOutput",
+    "build_plan",
+    "create_model",
+    "list_models",
+    "model_entry",
+    "register_model",
+    "unregister_model",
+]

@@ -17,10 +17,19 @@ from raycell.plans import TrainingPlan
 
 PRESETS: dict[str, dict] = {
     # The reference: 256x256 input, 6 blocks, 56-d latent (spec/armed-aec.md 2.1).
-    "armed": {"image_size": 256, "filters": [64, 64, 64, 128, 256, 512], "strides": [1, 1, 1, 2, 2, 2],
-              "latent_dim": 56},
+    "armed": {
+        "image_size": 256,
+        "filters": [64, 64, 64, 128, 256, 512],
+        "strides": [1, 1, 1, 2, 2, 2],
+        "latent_dim": 56,
+    },
     # Same shape of network, ~100x fewer FLOPs: 64 px crops on a CPU.
-    "small": {"image_size": 64, "filters": [16, 32, 32, 64], "strides": [1, 2, 2, 2], "latent_dim": 32},
+    "small": {
+        "image_size": 64,
+        "filters": [16, 32, 32, 64],
+        "strides": [1, 2, 2, 2],
+        "latent_dim": 32,
+    },
     # Tests: 32 px crops.
     "tiny": {"image_size": 32, "filters": [8, 16, 16], "strides": [1, 2, 2], "latent_dim": 8},
 }
@@ -43,9 +52,17 @@ def n_label_outputs(n_classes: int) -> int:
 class AutoencoderClassifier(nn.Module):
     """Conventional AEC: forward returns latent, reconstruction and phenotype logits."""
 
-    def __init__(self, in_channels: int, n_classes: int, image_size: int, filters: list[int],
-                 strides: list[int], latent_dim: int, classifier_hidden: int = 32,
-                 output_mean: list[float] | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        n_classes: int,
+        image_size: int,
+        filters: list[int],
+        strides: list[int],
+        latent_dim: int,
+        classifier_hidden: int = 32,
+        output_mean: list[float] | None = None,
+    ):
         super().__init__()
         self.latent_dim = self.num_features = latent_dim
         self.n_classes = n_classes
@@ -60,22 +77,34 @@ class AutoencoderClassifier(nn.Module):
         return self.encoder(x)[0]
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> ModelOutput:
-        """x (N, C, H, W) in [0, 1] -> latent, recon, logits; `z` is unused."""
+        """X (N, C, H, W) in [0, 1] -> latent, recon, logits; `z` is unused."""
         latent, _ = self.encoder(x)
-        return ModelOutput(latent=latent, recon=self.decoder(latent), logits=self.classifier(latent))
+        return ModelOutput(
+            latent=latent, recon=self.decoder(latent), logits=self.classifier(latent)
+        )
 
 
 @register_model("conventional", plan=TrainingPlan)
-def conventional(in_channels: int, n_classes: int, n_batches: int = 1, preset: str = "small",
-                 image_size: int | None = None, filters: list[int] | None = None,
-                 strides: list[int] | None = None, latent_dim: int | None = None,
-                 classifier_hidden: int = 32, output_mean: list[float] | None = None
-                 ) -> AutoencoderClassifier:
+def conventional(
+    in_channels: int,
+    n_classes: int,
+    n_batches: int = 1,
+    preset: str = "small",
+    image_size: int | None = None,
+    filters: list[int] | None = None,
+    strides: list[int] | None = None,
+    latent_dim: int | None = None,
+    classifier_hidden: int = 32,
+    output_mean: list[float] | None = None,
+) -> AutoencoderClassifier:
     """Conventional AEC (no batch modelling). `n_batches` is accepted for a uniform builder signature.
 
     `output_mean` (per-channel mean intensity in [0, 1], from the data set manifest) initialises the
     output layer so the first reconstructions have the data's brightness instead of 0.5.
     """
-    p = resolve_preset(preset, image_size=image_size, filters=filters, strides=strides, latent_dim=latent_dim)
-    return AutoencoderClassifier(in_channels, n_classes, classifier_hidden=classifier_hidden,
-                                 output_mean=output_mean, **p)
+    p = resolve_preset(
+        preset, image_size=image_size, filters=filters, strides=strides, latent_dim=latent_dim
+    )
+    return AutoencoderClassifier(
+        in_channels, n_classes, classifier_hidden=classifier_hidden, output_mean=output_mean, **p
+    )

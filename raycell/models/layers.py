@@ -67,7 +67,9 @@ def check_strides(image_size: int, filters: list[int], strides: list[int]) -> No
     if len(filters) != len(strides):
         raise ValueError(f"filters {filters} and strides {strides} must have the same length")
     if image_size % math.prod(strides):
-        raise ValueError(f"image_size {image_size} is not divisible by the total stride {math.prod(strides)}")
+        raise ValueError(
+            f"image_size {image_size} is not divisible by the total stride {math.prod(strides)}"
+        )
 
 
 def same_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -100,23 +102,37 @@ class ConvEncoder(nn.Module):
     The per-block outputs feed the adversary of the domain-adversarial models.
     """
 
-    def __init__(self, in_channels: int, image_size: int, filters: list[int], strides: list[int],
-                 latent_dim: int, latent_norm: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        filters: list[int],
+        strides: list[int],
+        latent_dim: int,
+        latent_norm: bool = True,
+    ):
         super().__init__()
         check_strides(image_size, filters, strides)
         down = math.prod(strides)
         chans = [in_channels, *filters]
-        self.convs = nn.ModuleList(make_conv(chans[i], chans[i + 1], strides[i]) for i in range(len(filters)))
-        self.norms = nn.ModuleList(nn.BatchNorm2d(f, momentum=BN_MOMENTUM, eps=BN_EPS) for f in filters)
+        self.convs = nn.ModuleList(
+            make_conv(chans[i], chans[i + 1], strides[i]) for i in range(len(filters))
+        )
+        self.norms = nn.ModuleList(
+            nn.BatchNorm2d(f, momentum=BN_MOMENTUM, eps=BN_EPS) for f in filters
+        )
         self.acts = nn.ModuleList(nn.PReLU(f, init=0.0) for f in filters)
         self.out_size = image_size // down
         self.out_shape = (filters[-1], self.out_size, self.out_size)
         self.dense = nn.Linear(filters[-1] * self.out_size**2, latent_dim)
-        self.latent_norm = nn.BatchNorm1d(latent_dim, momentum=BN_MOMENTUM, eps=BN_EPS) if latent_norm \
+        self.latent_norm = (
+            nn.BatchNorm1d(latent_dim, momentum=BN_MOMENTUM, eps=BN_EPS)
+            if latent_norm
             else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x (N, C, H, W) in [0, 1] -> (latent (N, D), [block outputs])."""
+        """X (N, C, H, W) in [0, 1] -> (latent (N, D), [block outputs])."""
         feats = []
         for conv, norm, act in zip(self.convs, self.norms, self.acts):
             x = act(norm(same_conv(x, conv)))
@@ -139,8 +155,9 @@ class TiedDecoder(nn.Module):
         self.act0 = nn.PReLU(c, init=0.0)
         convs = list(encoder.convs)[::-1]
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(cv.in_channels)) for cv in convs)
-        self.norms = nn.ModuleList(nn.BatchNorm2d(cv.in_channels, momentum=BN_MOMENTUM, eps=BN_EPS)
-                                   for cv in convs)
+        self.norms = nn.ModuleList(
+            nn.BatchNorm2d(cv.in_channels, momentum=BN_MOMENTUM, eps=BN_EPS) for cv in convs
+        )
         self.acts = nn.ModuleList(nn.PReLU(cv.in_channels, init=0.0) for cv in convs[:-1])
 
     def init_output(self, mean: list[float] | None) -> None:
@@ -162,7 +179,9 @@ class AuxClassifier(nn.Module):
 
     def __init__(self, latent_dim: int, n_out: int, hidden: int = 32):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.3), nn.Linear(hidden, n_out))
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.3), nn.Linear(hidden, n_out)
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Logits (N, n_out)."""
@@ -173,9 +192,11 @@ class ConvBlock(nn.Sequential):
     """k4/s2 conv -> BatchNorm -> per-channel PReLU (adversary and image classifier blocks)."""
 
     def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cout, 4, stride=2, padding=1),
-                         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM, eps=BN_EPS),
-                         nn.PReLU(cout, init=0.0))
+        super().__init__(
+            nn.Conv2d(cin, cout, 4, stride=2, padding=1),
+            nn.BatchNorm2d(cout, momentum=BN_MOMENTUM, eps=BN_EPS),
+            nn.PReLU(cout, init=0.0),
+        )
 
 
 class LatentAdversary(nn.Module):
@@ -188,8 +209,13 @@ class LatentAdversary(nn.Module):
 
     def __init__(self, latent_dim: int, n_out: int, hidden: int = 512):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                 nn.ReLU(), nn.Linear(hidden, n_out))
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, n_out),
+        )
 
     def forward(self, feats: list[torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
         """Batch logits from the latent (`feats` is ignored)."""
@@ -218,8 +244,15 @@ class Adversary(nn.Module):
         min_size: Spatial size at which the conv stack stops (4 in the reference).
     """
 
-    def __init__(self, feature_shapes: list[tuple[int, int]], latent_dim: int, n_out: int,
-                 filters: list[int] | None = None, hidden: int = 512, min_size: int = 4):
+    def __init__(
+        self,
+        feature_shapes: list[tuple[int, int]],
+        latent_dim: int,
+        n_out: int,
+        filters: list[int] | None = None,
+        hidden: int = 512,
+        min_size: int = 4,
+    ):
         super().__init__()
         filters = list(filters or ADVERSARY_FILTERS)
         groups: list[list[int]] = []  # indices of encoder blocks per resolution
@@ -229,9 +262,11 @@ class Adversary(nn.Module):
                 groups[-1].append(i)
             else:
                 if sizes and sizes[-1] != 2 * s:
-                    raise ValueError("adversary: encoder block sizes must halve from one "
-                                     "resolution to the next (strides 1 or 2), got "
-                                     f"{[s for _, s in feature_shapes]}")
+                    raise ValueError(
+                        "adversary: encoder block sizes must halve from one "
+                        "resolution to the next (strides 1 or 2), got "
+                        f"{[s for _, s in feature_shapes]}"
+                    )
                 groups.append([i])
                 sizes.append(s)
         if sizes[-1] % 2:
@@ -249,8 +284,9 @@ class Adversary(nn.Module):
             size //= 2
         self.convs = nn.ModuleList(convs)
         self.out_size = size
-        self.dense = nn.Sequential(nn.Linear(cin * size * size + latent_dim, hidden),
-                                   nn.Linear(hidden, n_out))
+        self.dense = nn.Sequential(
+            nn.Linear(cin * size * size + latent_dim, hidden), nn.Linear(hidden, n_out)
+        )
 
     def forward(self, feats: list[torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
         """Encoder block outputs and latent -> batch logits (N, n_out)."""
@@ -258,7 +294,7 @@ class Adversary(nn.Module):
         for j, g in enumerate(self.groups):
             parts = ([h] if h is not None else []) + [feats[i] for i in g]
             h = self.convs[j](torch.cat(parts, 1) if len(parts) > 1 else parts[0])
-        for conv in self.convs[len(self.groups):]:
+        for conv in self.convs[len(self.groups) :]:
             h = conv(h)
         return self.dense(torch.cat([h.flatten(1), latent], 1))
 
@@ -269,8 +305,9 @@ class ImageClassifier(nn.Module):
     The reference's 7 convs at 256 px; log2(image_size / 2) for other sizes.
     """
 
-    def __init__(self, in_channels: int, n_out: int, image_size: int,
-                 filters: list[int] | None = None):
+    def __init__(
+        self, in_channels: int, n_out: int, image_size: int, filters: list[int] | None = None
+    ):
         super().__init__()
         filters = list(filters or IMAGE_CLASSIFIER_FILTERS)
         blocks, cin, size = [], in_channels, image_size

@@ -60,9 +60,15 @@ class RandomEffects(nn.Module):
         prior_scale: s.d. of the fixed Normal prior.
     """
 
-    def __init__(self, n_clusters: int, units: int, loc_init_scale: float = 0.1,
-                 scale_init_min: float = 0.01, scale_init_range: float = 0.005,
-                 prior_scale: float = 0.25):
+    def __init__(
+        self,
+        n_clusters: int,
+        units: int,
+        loc_init_scale: float = 0.1,
+        scale_init_min: float = 0.01,
+        scale_init_range: float = 0.005,
+        prior_scale: float = 0.25,
+    ):
         super().__init__()
         self.n_clusters, self.units = n_clusters, units
         self.prior_scale = prior_scale
@@ -146,14 +152,23 @@ def design_matrix(z: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tens
 class RandomEffectsEncoder(nn.Module):
     """Conv -> ClusterScaleBias(z) -> PReLU blocks, then Dense -> latent (linear, no BatchNorm)."""
 
-    def __init__(self, in_channels: int, image_size: int, filters: list[int], strides: list[int],
-                 latent_dim: int, n_clusters: int, **re_kwargs):
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        filters: list[int],
+        strides: list[int],
+        latent_dim: int,
+        n_clusters: int,
+        **re_kwargs,
+    ):
         super().__init__()
         check_strides(image_size, filters, strides)
         sizes = block_sizes(image_size, strides)
         chans = [in_channels, *filters]
-        self.convs = nn.ModuleList(make_conv(chans[i], chans[i + 1], strides[i])
-                                   for i in range(len(filters)))
+        self.convs = nn.ModuleList(
+            make_conv(chans[i], chans[i + 1], strides[i]) for i in range(len(filters))
+        )
         self.norms = nn.ModuleList(ClusterScaleBias(f, n_clusters, **re_kwargs) for f in filters)
         self.acts = nn.ModuleList(nn.PReLU(f, init=0.0) for f in filters)
         self.out_shape = (filters[-1], sizes[-1], sizes[-1])
@@ -179,8 +194,9 @@ class RandomEffectsDecoder(nn.Module):
     channels) by ClusterScaleBias(z) and a sigmoid.
     """
 
-    def __init__(self, encoder: RandomEffectsEncoder, latent_dim: int, n_clusters: int,
-                 **re_kwargs):
+    def __init__(
+        self, encoder: RandomEffectsEncoder, latent_dim: int, n_clusters: int, **re_kwargs
+    ):
         super().__init__()
         c, h, w = encoder.out_shape
         self.shape = (c, h, w)
@@ -189,10 +205,18 @@ class RandomEffectsDecoder(nn.Module):
         convs = list(encoder.convs)[::-1]
         # Own kernels with the mirrored shapes; stride 1 crops [1:-2] to undo TF 'same' padding.
         self.tconvs = nn.ModuleList(
-            nn.ConvTranspose2d(cv.out_channels, cv.in_channels, 4, stride=cv.stride,
-                               padding=0 if cv.stride[0] == 1 else 1) for cv in convs)
-        self.norms = nn.ModuleList(ClusterScaleBias(cv.in_channels, n_clusters, **re_kwargs)
-                                   for cv in convs)
+            nn.ConvTranspose2d(
+                cv.out_channels,
+                cv.in_channels,
+                4,
+                stride=cv.stride,
+                padding=0 if cv.stride[0] == 1 else 1,
+            )
+            for cv in convs
+        )
+        self.norms = nn.ModuleList(
+            ClusterScaleBias(cv.in_channels, n_clusters, **re_kwargs) for cv in convs
+        )
         self.acts = nn.ModuleList(nn.PReLU(cv.in_channels, init=0.0) for cv in convs[:-1])
 
     def init_output(self, mean: list[float] | None) -> None:
@@ -225,10 +249,18 @@ class LatentClassifier(nn.Module):
 
     def __init__(self, latent_dim: int, n_out: int, n_clusters: int, target: bool = True):
         super().__init__()
-        self.target = nn.Sequential(nn.Linear(latent_dim, 32), nn.ReLU(), nn.Linear(32, n_out)) \
-            if target else None
-        self.cluster = nn.Sequential(nn.Linear(latent_dim, 32), nn.ReLU(), nn.Linear(32, 16),
-                                     nn.ReLU(), nn.Linear(16, n_clusters))
+        self.target = (
+            nn.Sequential(nn.Linear(latent_dim, 32), nn.ReLU(), nn.Linear(32, n_out))
+            if target
+            else None
+        )
+        self.cluster = nn.Sequential(
+            nn.Linear(latent_dim, 32),
+            nn.ReLU(),
+            nn.Linear(32, 16),
+            nn.ReLU(),
+            nn.Linear(16, n_clusters),
+        )
 
     def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Latent -> (phenotype logits or None, batch logits)."""

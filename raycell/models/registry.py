@@ -38,7 +38,9 @@ class ModelEntry:
     outputs: tuple[str, ...] = ()  # the optional ModelOutput fields its forward fills
     reconstructs: bool = True  # forward fills ModelOutput.recon (False: a classifier, recon=None)
     weak_labels: bool = False  # one head per metadata column (builder takes head_names, head_sizes)
-    batch_head: bool = False  # its one head is the imaging batch over the training batches (zpredictor)
+    batch_head: bool = (
+        False  # its one head is the imaging batch over the training batches (zpredictor)
+    )
 
 
 MODEL_REGISTRY: dict[str, ModelEntry] = {}
@@ -51,9 +53,16 @@ class UnknownModelError(UserError, KeyError):
         return str(self.args[0])
 
 
-def register_model(name: str, *, plan: type[TrainingPlan] = TrainingPlan, uses_z: bool = False,
-                   outputs: tuple[str, ...] = (), reconstructs: bool = True,
-                   weak_labels: bool = False, batch_head: bool = False) -> Callable:
+def register_model(
+    name: str,
+    *,
+    plan: type[TrainingPlan] = TrainingPlan,
+    uses_z: bool = False,
+    outputs: tuple[str, ...] = (),
+    reconstructs: bool = True,
+    weak_labels: bool = False,
+    batch_head: bool = False,
+) -> Callable:
     """Decorator: register `fn` as the builder of model type `name`.
 
     Args:
@@ -77,25 +86,40 @@ def register_model(name: str, *, plan: type[TrainingPlan] = TrainingPlan, uses_z
     outputs = tuple(outputs)
     unknown = [o for o in outputs if o not in OPTIONAL_OUTPUTS]
     if unknown:
-        raise ValueError(f"model type {name!r}: outputs {unknown} are not optional ModelOutput fields "
-                         f"({', '.join(OPTIONAL_OUTPUTS)})")
+        raise ValueError(
+            f"model type {name!r}: outputs {unknown} are not optional ModelOutput fields "
+            f"({', '.join(OPTIONAL_OUTPUTS)})"
+        )
     lacking = [o for o in plan.required_outputs() if o not in outputs]
     if lacking:
-        raise ValueError(f"model type {name!r}: its plan {plan.__name__} reads outputs {lacking}, which "
-                         "are not among its declared outputs")
+        raise ValueError(
+            f"model type {name!r}: its plan {plan.__name__} reads outputs {lacking}, which "
+            "are not among its declared outputs"
+        )
 
     if plan.needs_recon and not reconstructs:
-        raise ValueError(f"model type {name!r}: its plan {plan.__name__} reads the reconstruction, but the "
-                         "model does not reconstruct (reconstructs=False)")
+        raise ValueError(
+            f"model type {name!r}: its plan {plan.__name__} reads the reconstruction, but the "
+            "model does not reconstruct (reconstructs=False)"
+        )
     if batch_head and not weak_labels:
-        raise ValueError(f"model type {name!r}: batch_head=True is a weak-label head (weak_labels=True)")
+        raise ValueError(
+            f"model type {name!r}: batch_head=True is a weak-label head (weak_labels=True)"
+        )
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODEL_REGISTRY:
             raise ValueError(f"model type {name!r} is registered twice")
-        MODEL_REGISTRY[name] = ModelEntry(name, fn, plan=plan, uses_z=uses_z, outputs=outputs,
-                                          reconstructs=reconstructs, weak_labels=weak_labels,
-                                          batch_head=batch_head)
+        MODEL_REGISTRY[name] = ModelEntry(
+            name,
+            fn,
+            plan=plan,
+            uses_z=uses_z,
+            outputs=outputs,
+            reconstructs=reconstructs,
+            weak_labels=weak_labels,
+            batch_head=batch_head,
+        )
         return fn
 
     return deco
@@ -111,7 +135,9 @@ def unregister_model(name: str) -> ModelEntry:
 def model_entry(model_type: str) -> ModelEntry:
     """The registry entry of a model type (UnknownModelError lists the registered ones)."""
     if model_type not in MODEL_REGISTRY:
-        raise UnknownModelError(f"unknown model type {model_type!r}; registered: {', '.join(list_models())}")
+        raise UnknownModelError(
+            f"unknown model type {model_type!r}; registered: {', '.join(list_models())}"
+        )
     return MODEL_REGISTRY[model_type]
 
 
@@ -128,19 +154,39 @@ def create_model(model_type: str, **kwargs) -> nn.Module:
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         bad = [k for k in kwargs if k not in params]
         if bad:
-            raise TypeError(f"model type {model_type!r} does not take argument(s) {bad}; valid: "
-                            f"{', '.join(params)}")
+            raise TypeError(
+                f"model type {model_type!r} does not take argument(s) {bad}; valid: "
+                f"{', '.join(params)}"
+            )
     model = fn(**kwargs)
     model.model_type = model_type
     model.model_args = dict(kwargs)
     return model
 
 
-def build_plan(model: nn.Module, loss: LossConfig, lr: float, weight_decay: float = 0.0, n_batches: int = 1,
-               grad_sync: GradSync = no_sync, bf16: bool = False, layer_decay: float = 0.0) -> TrainingPlan:
+def build_plan(
+    model: nn.Module,
+    loss: LossConfig,
+    lr: float,
+    weight_decay: float = 0.0,
+    n_batches: int = 1,
+    grad_sync: GradSync = no_sync,
+    bf16: bool = False,
+    layer_decay: float = 0.0,
+) -> TrainingPlan:
     """The training plan of the model's registry entry, for `model` (built by `create_model`)."""
     model_type = getattr(model, "model_type", None)
     if model_type is None:
-        raise TypeError(f"build_plan: {type(model).__name__} has no model_type; build it with create_model")
-    return model_entry(model_type).plan(model, loss, lr, weight_decay, n_batches=n_batches,
-                                        grad_sync=grad_sync, bf16=bf16, layer_decay=layer_decay)
+        raise TypeError(
+            f"build_plan: {type(model).__name__} has no model_type; build it with create_model"
+        )
+    return model_entry(model_type).plan(
+        model,
+        loss,
+        lr,
+        weight_decay,
+        n_batches=n_batches,
+        grad_sync=grad_sync,
+        bf16=bf16,
+        layer_decay=layer_decay,
+    )

@@ -32,9 +32,11 @@ def _check_backbone(name: str) -> None:
         import difflib
 
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise TimmModelError(f"model.args.backbone: {name!r} is not a timm model name"
-                             + (f"; close names: {', '.join(close)}" if close else "")
-                             + " (list them with python -c \"import timm; print(timm.list_models())\")")
+        raise TimmModelError(
+            f"model.args.backbone: {name!r} is not a timm model name"
+            + (f"; close names: {', '.join(close)}" if close else "")
+            + ' (list them with python -c "import timm; print(timm.list_models())")'
+        )
 
 
 def _prefixed(spec, prefix: str):
@@ -58,17 +60,25 @@ def load_backbone_weights(backbone: nn.Module, weights: str, in_channels: int) -
 
     f = Path(weights)
     if not f.is_file():
-        raise TimmModelError(f"model.args.weights: {weights} is not a file (a local timm/torchvision state "
-                             "dict; raycell never downloads weights)")
+        raise TimmModelError(
+            f"model.args.weights: {weights} is not a file (a local timm/torchvision state "
+            "dict; raycell never downloads weights)"
+        )
     try:
         state = load_state_dict(str(f))
     except Exception as exc:  # noqa: BLE001 - torch/safetensors raise many types for a bad file
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise TimmModelError(f"model.args.weights: cannot read {weights} as a state dict "
-                             f"({type(exc).__name__}: {first})") from None
+        raise TimmModelError(
+            f"model.args.weights: cannot read {weights} as a state dict "
+            f"({type(exc).__name__}: {first})"
+        ) from None
     cfg = getattr(backbone, "pretrained_cfg", {}) or {}
     own = backbone.state_dict()
-    for head in [cfg.get("classifier")] if isinstance(cfg.get("classifier"), str) else cfg.get("classifier") or []:
+    for head in (
+        [cfg.get("classifier")]
+        if isinstance(cfg.get("classifier"), str)
+        else cfg.get("classifier") or []
+    ):
         for k in [k for k in state if k.startswith(head + ".") and k not in own]:
             del state[k]
     first = cfg.get("first_conv")
@@ -77,29 +87,48 @@ def load_backbone_weights(backbone: nn.Module, weights: str, in_channels: int) -
         state[key] = adapt_input_conv(in_channels, state[key])
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
-        what = [f"{len(v)} {n} (e.g. {v[0]})" for n, v in
-                (("missing key(s)", missing), ("unexpected key(s)", unexpected),
-                 ("shape mismatch(es)", shapes)) if v]
-        raise TimmModelError(f"model.args.weights: {weights} does not fit timm model "
-                             f"{type(backbone).__name__}: {'; '.join(what)}")
+        what = [
+            f"{len(v)} {n} (e.g. {v[0]})"
+            for n, v in (
+                ("missing key(s)", missing),
+                ("unexpected key(s)", unexpected),
+                ("shape mismatch(es)", shapes),
+            )
+            if v
+        ]
+        raise TimmModelError(
+            f"model.args.weights: {weights} does not fit timm model "
+            f"{type(backbone).__name__}: {'; '.join(what)}"
+        )
     backbone.load_state_dict(state, strict=True)
 
 
 class TimmWeakLabel(nn.Module):
     """A timm backbone (pooled features) and one linear layer holding every head's logits side by side."""
 
-    def __init__(self, backbone: str, in_channels: int, head_names: list[str], head_sizes: list[int],
-                 weights: str = "", drop_rate: float = 0.0):
+    def __init__(
+        self,
+        backbone: str,
+        in_channels: int,
+        head_names: list[str],
+        head_sizes: list[int],
+        weights: str = "",
+        drop_rate: float = 0.0,
+    ):
         super().__init__()
         import timm
 
         _check_backbone(backbone)
         if len(head_names) != len(head_sizes) or not head_sizes or min(head_sizes) < 2:
-            raise TimmModelError(f"weak-label heads {head_names} need at least 2 classes each, got "
-                                 f"{head_sizes}")
+            raise TimmModelError(
+                f"weak-label heads {head_names} need at least 2 classes each, got {head_sizes}"
+            )
         self.backbone = timm.create_model(backbone, in_chans=in_channels, num_classes=0)
         if weights:
             load_backbone_weights(self.backbone, weights, in_channels)
@@ -118,13 +147,15 @@ class TimmWeakLabel(nn.Module):
         return ModelOutput(latent=feats, recon=None, logits=self.heads(self.drop(feats)))
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's layer grouping of the backbone, per stage (stem, stage 1..n), then the heads last.
+        """Timm's layer grouping of the backbone, per stage (stem, stage 1..n), then the heads last.
 
         Stages rather than single blocks (timm's coarse grouping), so `layer_decay` lowers the learning
         rate of the early stages as the blog does, without a tiny rate for the stem of a deep network.
         """
         inner = self.backbone.group_matcher(coarse=True)
-        return {k: _prefixed(v, "backbone") for k, v in inner.items()}  # unmatched (heads) come last
+        return {
+            k: _prefixed(v, "backbone") for k, v in inner.items()
+        }  # unmatched (heads) come last
 
     def layer_groups(self, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
         """Optimiser parameter groups with lr * layer_decay^(stages above), from timm's grouping.
@@ -141,11 +172,19 @@ class TimmWeakLabel(nn.Module):
 
 
 @register_model("timm", plan=WeakLabelPlan, reconstructs=False, weak_labels=True)
-def timm_classifier(in_channels: int, n_classes: int, n_batches: int = 1, preset: str = "small",
-                    image_size: int | None = None, backbone: str = "resnet50",
-                    head_names: list[str] | None = None, head_sizes: list[int] | None = None,
-                    weights: str = "", drop_rate: float = 0.0, output_mean: list | None = None
-                    ) -> nn.Module:
+def timm_classifier(
+    in_channels: int,
+    n_classes: int,
+    n_batches: int = 1,
+    preset: str = "small",
+    image_size: int | None = None,
+    backbone: str = "resnet50",
+    head_names: list[str] | None = None,
+    head_sizes: list[int] | None = None,
+    weights: str = "",
+    drop_rate: float = 0.0,
+    output_mean: list | None = None,
+) -> nn.Module:
     """A timm backbone with weak-label heads.
 
     `n_classes` (the label column's classes) is the single head when no heads are given; `preset`,

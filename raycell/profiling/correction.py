@@ -46,32 +46,45 @@ def harmony(t: ProfileTable, batch_column: str, n_pcs: int = 30, seed: int = 0) 
         raise ProfileError(f"profile.batch_column: no column {batch_column!r} in the profiles")
     batches = t.frame[batch_column].astype(str)
     if batches.nunique() < 2:
-        raise ProfileError(f"Harmony needs at least 2 batches in {batch_column}, got "
-                           f"{batches.nunique()}")
+        raise ProfileError(
+            f"Harmony needs at least 2 batches in {batch_column}, got {batches.nunique()}"
+        )
     X = t.matrix()
     sd = X.std(axis=0)
     Z = (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
     k = max(1, min(n_pcs, Z.shape[0] - 1, Z.shape[1]))
     pcs = PCA(n_components=k, random_state=seed).fit_transform(Z)
-    ho = harmonypy.run_harmony(pcs, pd.DataFrame({"batch": batches.to_numpy()}), ["batch"],
-                               verbose=False, random_state=seed)
+    ho = harmonypy.run_harmony(
+        pcs,
+        pd.DataFrame({"batch": batches.to_numpy()}),
+        ["batch"],
+        verbose=False,
+        random_state=seed,
+    )
     corr = np.asarray(ho.Z_corr, dtype=np.float64)
     if corr.shape != pcs.shape:  # harmonypy < 2 returns components x rows
         corr = corr.T
     names = [f"{HARMONY_PREFIX}{i:02d}" for i in range(k)]
-    frame = pd.concat([t.frame[t.meta_columns].reset_index(drop=True),
-                       pd.DataFrame(corr, columns=names)], axis=1)
+    frame = pd.concat(
+        [t.frame[t.meta_columns].reset_index(drop=True), pd.DataFrame(corr, columns=names)], axis=1
+    )
     return ProfileTable(frame, names, t.notes + [f"Harmony on {k} PCs by {batch_column}"])
 
 
-def corrected_versions(t: ProfileTable, controls: str, batch_column: str,
-                       plate_column: str = "Metadata_Plate", methods=CORRECTIONS,
-                       seed: int = 0) -> dict[str, ProfileTable]:
+def corrected_versions(
+    t: ProfileTable,
+    controls: str,
+    batch_column: str,
+    plate_column: str = "Metadata_Plate",
+    methods=CORRECTIONS,
+    seed: int = 0,
+) -> dict[str, ProfileTable]:
     """The versions named in `methods` of the (aggregated, finite) profiles `t`."""
     bad = [m for m in methods if m not in CORRECTIONS]
     if bad:
-        raise ProfileError(f"profile.compare: unknown correction {bad[0]!r} (use any of "
-                           f"{', '.join(CORRECTIONS)})")
+        raise ProfileError(
+            f"profile.compare: unknown correction {bad[0]!r} (use any of {', '.join(CORRECTIONS)})"
+        )
     out = {}
     normalised = None
     for m in methods:
@@ -82,8 +95,7 @@ def corrected_versions(t: ProfileTable, controls: str, batch_column: str,
         else:
             if normalised is None:
                 normalised = normalize_plates(t, controls, "mad_robustize", plate_column)
-            out[m] = normalised if m == "control" else harmony(normalised, batch_column,
-                                                                seed=seed)
+            out[m] = normalised if m == "control" else harmony(normalised, batch_column, seed=seed)
     return out
 
 
@@ -94,19 +106,27 @@ def batch_mixing(t: ProfileTable, batch_column: str, seed: int = 0) -> dict:
     X = t.matrix()
     b = t.frame[batch_column].astype(str).to_numpy()
     if len(np.unique(b)) < 2:
-        return {"batch_silhouette": math.nan, "ilisi_norm": math.nan, "batch_probe_acc": math.nan,
-                "batch_chance": math.nan}
+        return {
+            "batch_silhouette": math.nan,
+            "ilisi_norm": math.nan,
+            "batch_probe_acc": math.nan,
+            "batch_chance": math.nan,
+        }
     sd = X.std(axis=0)
     Z = (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
     probe = batch_probe_accuracy(Z, b, seed=seed)
-    return {"batch_silhouette": batch_silhouette(Z, b),
-            # k: a fifth of the wells (at most 30): a neighbourhood of every well mixes trivially
-            "ilisi_norm": ilisi(Z, b, k=min(30, max(2, len(Z) // 5)))["ilisi_norm"],
-            "batch_probe_acc": probe["batch_probe_acc"], "batch_chance": probe["chance"]}
+    return {
+        "batch_silhouette": batch_silhouette(Z, b),
+        # k: a fifth of the wells (at most 30): a neighbourhood of every well mixes trivially
+        "ilisi_norm": ilisi(Z, b, k=min(30, max(2, len(Z) // 5)))["ilisi_norm"],
+        "batch_probe_acc": probe["batch_probe_acc"],
+        "batch_chance": probe["chance"],
+    }
 
 
-def compare_corrections(tables: dict[str, ProfileTable], s: RetrievalSettings, controls: str,
-                        batch_column: str) -> pd.DataFrame:
+def compare_corrections(
+    tables: dict[str, ProfileTable], s: RetrievalSettings, controls: str, batch_column: str
+) -> pd.DataFrame:
     """One row per (feature set, correction): mAP metrics and batch mixing on the same wells.
 
     Args:

@@ -32,7 +32,7 @@ class ExportError(UserError, ValueError):
 
 def morph_feature_name(column: str) -> str:
     """`morph_area` -> `Cells_Morph_area`, a name pycytominer's `infer_cp_features` selects."""
-    return MORPH_FEATURE_PREFIX + column[len(P.MORPH_PREFIX):]
+    return MORPH_FEATURE_PREFIX + column[len(P.MORPH_PREFIX) :]
 
 
 def _check_args(fmt: str, level: str, top_k, umap: bool) -> None:
@@ -44,8 +44,10 @@ def _check_args(fmt: str, level: str, top_k, umap: bool) -> None:
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
         raise ExportError(f"top_k must be an integer >= 0 (0 keeps every feature), got {top_k!r}")
     if umap and fmt != "h5ad":
-        raise ExportError(f"umap coordinates go to obsm['X_umap'] of an .h5ad; format {fmt!r} "
-                          "has no place for them (use format h5ad)")
+        raise ExportError(
+            f"umap coordinates go to obsm['X_umap'] of an .h5ad; format {fmt!r} "
+            "has no place for them (use format h5ad)"
+        )
 
 
 def _check_out(embeddings: Path, out: Path, overwrite: bool) -> Path:
@@ -59,8 +61,15 @@ def _check_out(embeddings: Path, out: Path, overwrite: bool) -> Path:
         dataset = None
     if isinstance(dataset, str) and dataset:
         inputs.append(("data set", dataset))
-    return prepare_file(out, inputs, overwrite, "export output", ExportError, "--overwrite",
-                        ours=_exported_by_raycell)
+    return prepare_file(
+        out,
+        inputs,
+        overwrite,
+        "export output",
+        ExportError,
+        "--overwrite",
+        ours=_exported_by_raycell,
+    )
 
 
 def _exported_by_raycell(path: Path) -> bool:
@@ -88,16 +97,20 @@ def _check_cells(meta: pd.DataFrame, embeddings: Path) -> None:
         names = {Path(str(s.get("file", ""))).name for s in listed if isinstance(s, dict)}
         extra = sorted(f.name for f in shards.glob(P.SHARD_GLOB) if f.name not in names)
         if names and extra:
-            raise ExportError(f"{shards} holds shard(s) {', '.join(extra[:3])} that "
-                              f"{embeddings / P.MANIFEST} does not list (a copied shard?): move "
-                              "them out, then export again")
+            raise ExportError(
+                f"{shards} holds shard(s) {', '.join(extra[:3])} that "
+                f"{embeddings / P.MANIFEST} does not list (a copied shard?): move "
+                "them out, then export again"
+            )
     if cid in meta.columns:
         dup = meta[cid].astype(str).duplicated()
         if dup.any():
-            raise ExportError(f"{shards}: {int(dup.sum())} row(s) repeat a {cid} (e.g. "
-                              f"{meta[cid].astype(str)[dup].iloc[0]!r}; {meta[cid].nunique()} "
-                              f"distinct cells in {len(meta)} rows): a shard is duplicated; remove "
-                              "the copy, then export again")
+            raise ExportError(
+                f"{shards}: {int(dup.sum())} row(s) repeat a {cid} (e.g. "
+                f"{meta[cid].astype(str)[dup].iloc[0]!r}; {meta[cid].nunique()} "
+                f"distinct cells in {len(meta)} rows): a shard is duplicated; remove "
+                "the copy, then export again"
+            )
 
 
 def _standardised(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
@@ -164,8 +177,9 @@ def _uns_value(v):
     if isinstance(v, (list, tuple)):
         if v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
             return np.asarray(v)
-        return np.asarray([json.dumps(x) if isinstance(x, (dict, list)) else str(x) for x in v],
-                          dtype=object)
+        return np.asarray(
+            [json.dumps(x) if isinstance(x, (dict, list)) else str(x) for x in v], dtype=object
+        )
     return v
 
 
@@ -184,7 +198,7 @@ def _table_frame(meta: pd.DataFrame, X: np.ndarray, names: list[str], heads: dic
             mat = _array_column(col)
             if mat is None:
                 continue
-            head = c[len(P.PROB_PREFIX):] if c.startswith(P.PROB_PREFIX) else None
+            head = c[len(P.PROB_PREFIX) :] if c.startswith(P.PROB_PREFIX) else None
             classes = heads.get(head, [])
             if len(classes) != mat.shape[1]:
                 classes = [str(i) for i in range(mat.shape[1])]
@@ -194,16 +208,27 @@ def _table_frame(meta: pd.DataFrame, X: np.ndarray, names: list[str], heads: dic
             rest[P.META_PREFIX + c] = col.to_numpy()
     clash = sorted((set(first) & set(rest)) | ((set(first) | set(rest)) & set(names)))
     if clash:
-        raise ExportError(f"column name clash in the CytoTable layout ({', '.join(clash[:3])}): "
-                          "rename that metadata column")
+        raise ExportError(
+            f"column name clash in the CytoTable layout ({', '.join(clash[:3])}): "
+            "rename that metadata column"
+        )
     frame = pd.DataFrame({**first, **rest}, index=pd.RangeIndex(len(meta)))
     feats = pd.DataFrame(np.asarray(X, dtype=np.float32), columns=names, index=frame.index)
     return pd.concat([frame, feats], axis=1)
 
 
-def export(embeddings: str | Path, out: str | Path, fmt: str = "h5ad", level: str = "cell",
-           top_k: int = 0, drop_zero_variance: bool = True, with_morph: bool = False,
-           umap: bool = False, seed: int = 0, overwrite: bool = False) -> dict:
+def export(
+    embeddings: str | Path,
+    out: str | Path,
+    fmt: str = "h5ad",
+    level: str = "cell",
+    top_k: int = 0,
+    drop_zero_variance: bool = True,
+    with_morph: bool = False,
+    umap: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
     """Write the embeddings (cells or well medians) as .h5ad, parquet or csv; return a summary.
 
     Args:
@@ -231,13 +256,32 @@ def export(embeddings: str | Path, out: str | Path, fmt: str = "h5ad", level: st
     _check_args(fmt, level, top_k, umap)
     _check_out(embeddings, out, overwrite)
     with writing(out, "export output", make_parent=False):
-        return _export(embeddings, out, fmt, level, top_k, drop_zero_variance, with_morph, umap,
-                       seed, overwrite)
+        return _export(
+            embeddings,
+            out,
+            fmt,
+            level,
+            top_k,
+            drop_zero_variance,
+            with_morph,
+            umap,
+            seed,
+            overwrite,
+        )
 
 
-def _export(embeddings: Path, out: Path, fmt: str, level: str, top_k: int,
-            drop_zero_variance: bool, with_morph: bool, umap: bool, seed: int,
-            overwrite: bool) -> dict:
+def _export(
+    embeddings: Path,
+    out: Path,
+    fmt: str,
+    level: str,
+    top_k: int,
+    drop_zero_variance: bool,
+    with_morph: bool,
+    umap: bool,
+    seed: int,
+    overwrite: bool,
+) -> dict:
     """`export`'s work, under the output's lock (checked again: another run may have written it)."""
     _check_out(embeddings, out, overwrite)
     meta, X, names = P.read_embeddings(embeddings)
@@ -247,8 +291,10 @@ def _export(embeddings: Path, out: Path, fmt: str, level: str, top_k: int,
     if with_morph:
         mcols = P.morph_columns(meta)
         if not mcols:
-            raise ExportError(f"with_morph: the embeddings in {embeddings} have no morph_* "
-                              "columns (their crop shards had no shape features)")
+            raise ExportError(
+                f"with_morph: the embeddings in {embeddings} have no morph_* "
+                "columns (their crop shards had no shape features)"
+            )
         M, filled = _standardised(meta[mcols])
         X = np.hstack([X, M])
         names = names + [morph_feature_name(c) for c in mcols]
@@ -260,12 +306,26 @@ def _export(embeddings: Path, out: Path, fmt: str, level: str, top_k: int,
     n_all = len(names)
     X, names = P.select_features(X, names, top_k, drop_zero_variance)
     n_morph = sum(n.startswith(MORPH_FEATURE_PREFIX) for n in names)
-    summary = {"path": str(out), "format": fmt, "level": level, "n_obs": int(X.shape[0]),
-               "n_vars": len(names), "obsm": [], "n_embedding": len(names) - n_morph,
-               "n_morph": n_morph, "n_dropped": n_all - len(names), "morph_filled": filled}
-    settings = {"level": level, "top_k": int(top_k), "drop_zero_variance": bool(drop_zero_variance),
-                "with_morph": bool(with_morph), "seed": int(seed),
-                "embeddings": str(embeddings.absolute())}
+    summary = {
+        "path": str(out),
+        "format": fmt,
+        "level": level,
+        "n_obs": int(X.shape[0]),
+        "n_vars": len(names),
+        "obsm": [],
+        "n_embedding": len(names) - n_morph,
+        "n_morph": n_morph,
+        "n_dropped": n_all - len(names),
+        "morph_filled": filled,
+    }
+    settings = {
+        "level": level,
+        "top_k": int(top_k),
+        "drop_zero_variance": bool(drop_zero_variance),
+        "with_morph": bool(with_morph),
+        "seed": int(seed),
+        "embeddings": str(embeddings.absolute()),
+    }
     if fmt == "h5ad":
         summary["obsm"] = _write_h5ad(out, meta, X, names, manifest, settings, umap, seed)
     else:
@@ -275,16 +335,25 @@ def _export(embeddings: Path, out: Path, fmt: str, level: str, top_k: int,
             import pyarrow.parquet as pq
 
             table = pa.Table.from_pandas(frame, preserve_index=False)
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                                   EXPORT_KEY: json.dumps(settings).encode()})
+            table = table.replace_schema_metadata(
+                {**(table.schema.metadata or {}), EXPORT_KEY: json.dumps(settings).encode()}
+            )
             write_file(out, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         else:
             write_file(out, lambda tmp: frame.to_csv(tmp, index=False), record=True)
     return summary
 
 
-def _write_h5ad(out: Path, meta: pd.DataFrame, X: np.ndarray, names: list[str], manifest: dict,
-                settings: dict, umap: bool, seed: int) -> list[str]:
+def _write_h5ad(
+    out: Path,
+    meta: pd.DataFrame,
+    X: np.ndarray,
+    names: list[str],
+    manifest: dict,
+    settings: dict,
+    umap: bool,
+    seed: int,
+) -> list[str]:
     """AnnData with obs/obsm/var/uns as `export` documents, written atomically; its obsm keys."""
     import anndata
 
@@ -302,7 +371,8 @@ def _write_h5ad(out: Path, meta: pd.DataFrame, X: np.ndarray, names: list[str], 
     var = pd.DataFrame({"source": pd.Categorical(source)}, index=pd.Index(names))
     with warnings.catch_warnings():  # anndata's index-conversion notes are not the user's concern
         warnings.simplefilter("ignore", UserWarning)
-        adata = anndata.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=var, obsm=obsm,
-                                uns=uns)
+        adata = anndata.AnnData(
+            X=np.asarray(X, dtype=np.float32), obs=obs, var=var, obsm=obsm, uns=uns
+        )
         write_file(out, lambda tmp: adata.write_h5ad(tmp))
     return list(obsm)

@@ -38,9 +38,15 @@ def _is_numeric(values: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
 
 
-def scatter_by(coords: np.ndarray, values, title: str = "", path: str | Path | None = None,
-               axis_labels: tuple[str, str] = ("PC1", "PC2"), max_points: int = 20000,
-               seed: int = 0) -> bytes:
+def scatter_by(
+    coords: np.ndarray,
+    values,
+    title: str = "",
+    path: str | Path | None = None,
+    axis_labels: tuple[str, str] = ("PC1", "PC2"),
+    max_points: int = 20000,
+    seed: int = 0,
+) -> bytes:
     """2-d coordinates coloured by `values`: a legend for categories, a colourbar for numbers.
 
     A number column with a few values (doses, times) gets one colour step per value, in order.
@@ -63,8 +69,9 @@ def scatter_by(coords: np.ndarray, values, title: str = "", path: str | Path | N
     missing = vals.isna().to_numpy()
     keep = ~missing
     if missing.any():
-        ax.scatter(xy[missing, 0], xy[missing, 1], s=size, alpha=0.4, color="lightgrey",
-                   label="missing")
+        ax.scatter(
+            xy[missing, 0], xy[missing, 1], s=size, alpha=0.4, color="lightgrey", label="missing"
+        )
     if _is_numeric(vals):
         num = vals[keep].to_numpy(dtype=np.float64)
         levels = np.unique(num)
@@ -73,8 +80,16 @@ def scatter_by(coords: np.ndarray, values, title: str = "", path: str | Path | N
             # A few levels (doses, times): one colour step per level, so log-spaced doses
             # (0, 0.1, 1, 10) do not crowd into one end of a linear colour scale.
             cmap = plt.get_cmap("viridis", len(levels))
-            sc = ax.scatter(xy[keep, 0], xy[keep, 1], s=size, alpha=0.7, cmap=cmap,
-                            c=np.searchsorted(levels, num), vmin=-0.5, vmax=len(levels) - 0.5)
+            sc = ax.scatter(
+                xy[keep, 0],
+                xy[keep, 1],
+                s=size,
+                alpha=0.7,
+                cmap=cmap,
+                c=np.searchsorted(levels, num),
+                vmin=-0.5,
+                vmax=len(levels) - 0.5,
+            )
             bar = fig.colorbar(sc, ax=ax, label=name, ticks=range(len(levels)))
             bar.ax.set_yticklabels([f"{v:g}" for v in levels])
         else:
@@ -88,15 +103,17 @@ def scatter_by(coords: np.ndarray, values, title: str = "", path: str | Path | N
         cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
         code = {c: i for i, c in enumerate(cats)}
         # One call in the shuffled order, so no category is painted over the others wholesale.
-        ax.scatter(xy[keep, 0], xy[keep, 1], s=size, alpha=0.6,
-                   c=[cmap(code[c] % cmap.N) for c in labels])
+        ax.scatter(
+            xy[keep, 0], xy[keep, 1], s=size, alpha=0.6, c=[cmap(code[c] % cmap.N) for c in labels]
+        )
         for i, c in enumerate(cats[:MAX_LEGEND]):  # legend entries only
             ax.scatter([], [], s=size, color=cmap(i % cmap.N), label=c)
         if len(cats) > MAX_LEGEND:
             ax.plot([], [], " ", label=f"... {len(cats) - MAX_LEGEND} more")
         if cats or missing.any():
-            ax.legend(markerscale=3, fontsize=7, loc="best",
-                      ncol=1 + min(len(cats), MAX_LEGEND) // 12)
+            ax.legend(
+                markerscale=3, fontsize=7, loc="best", ncol=1 + min(len(cats), MAX_LEGEND) // 12
+            )
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
     return _finish(plt, fig, title, path)
@@ -125,21 +142,34 @@ def confusion_figure(entry: dict, title: str = "", path: str | Path | None = Non
     if k <= 20:  # counts stay readable up to about 20 classes
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(conf[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), classes, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     acc, bal = entry.get("accuracy"), entry.get("balanced_accuracy")
     if acc is not None and bal is not None:
-        ax.set_title(f"accuracy {acc:.2f}, balanced {bal:.2f}, n={entry.get('n', conf.sum())}",
-                     fontsize=9)
+        ax.set_title(
+            f"accuracy {acc:.2f}, balanced {bal:.2f}, n={entry.get('n', conf.sum())}", fontsize=9
+        )
     return _finish(plt, fig, title, path)
 
 
-def map_figure(table: pd.DataFrame, label: str, title: str = "", path: str | Path | None = None,
-               max_rows: int = 60) -> bytes:
+def map_figure(
+    table: pd.DataFrame,
+    label: str,
+    title: str = "",
+    path: str | Path | None = None,
+    max_rows: int = 60,
+) -> bytes:
     """Bars of the mAP per treatment (or annotation value), sorted, retrieved ones dark.
 
     Args:

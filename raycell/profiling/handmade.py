@@ -28,12 +28,18 @@ def handmade_table(data: str | Path) -> ProfileTable:
     from raycell.infer.predictor import PROFILE_NAMES
 
     ds = open_dataset(data)
-    meta_cols = [c for c in ds.columns() if c not in set(K.IMAGE_COLUMNS) | {"path"}
-                 and not c.startswith((K.MORPH_PREFIX, K.FEAT_PREFIX))]
+    meta_cols = [
+        c
+        for c in ds.columns()
+        if c not in set(K.IMAGE_COLUMNS) | {"path"}
+        and not c.startswith((K.MORPH_PREFIX, K.FEAT_PREFIX))
+    ]
     meta = ds.read_table(meta_cols).to_pandas()
     if K.SPLIT not in meta.columns:
-        raise ProfileError(f"hand-made features: the data set {data} has no split column; run "
-                           "`raycell split` on it first")
+        raise ProfileError(
+            f"hand-made features: the data set {data} has no split column; run "
+            "`raycell split` on it first"
+        )
     splits = sorted(meta[K.SPLIT].astype(str).unique())
     feats = load_features(data, splits, "auto", max_cells=0)
     parts = [f for f in feats["splits"].values()]
@@ -44,11 +50,11 @@ def handmade_table(data: str | Path) -> ProfileTable:
     names = [PREFIX + n for n in feats["names"]]
     order = pd.Index(ids.astype(str)).get_indexer(meta[K.CELL_ID].astype(str))
     if (order < 0).any():
-        raise ProfileError(f"hand-made features: {int((order < 0).sum())} cell(s) of {data} got "
-                           "no features")
+        raise ProfileError(
+            f"hand-made features: {int((order < 0).sum())} cell(s) of {data} got no features"
+        )
     frame = meta.rename(columns=lambda c: PROFILE_NAMES.get(c, f"Metadata_{c}"))
-    frame = pd.concat([frame.reset_index(drop=True),
-                       pd.DataFrame(x[order], columns=names)], axis=1)
+    frame = pd.concat([frame.reset_index(drop=True), pd.DataFrame(x[order], columns=names)], axis=1)
     return ProfileTable(frame, names, [f"hand-made features ({feats['source']}) of {data}"])
 
 
@@ -56,8 +62,9 @@ CPM_PREFIX = "Cells_CPM_"
 CPM_SHAPE, CPM_PER_CHANNEL = ("sizeshape",), ("intensity", "texture")
 
 
-def cpmeasure_features(images: np.ndarray, channel_names: list[str] | None = None
-                       ) -> tuple[np.ndarray, list[str]]:
+def cpmeasure_features(
+    images: np.ndarray, channel_names: list[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """CellProfiler's own measurements (cp-measure) of each crop's centre cell.
 
     The object is the one the hand-written features measure (Otsu foreground of the channel mean,
@@ -112,20 +119,30 @@ def cpmeasure_table(data: str | Path, where: str = "") -> ProfileTable:
     from raycell.infer.predictor import PROFILE_NAMES
 
     ds = open_dataset(data)
-    meta_cols = [c for c in ds.columns() if c not in set(K.IMAGE_COLUMNS) | {"path"}
-                 and not c.startswith((K.MORPH_PREFIX, K.FEAT_PREFIX))]
+    meta_cols = [
+        c
+        for c in ds.columns()
+        if c not in set(K.IMAGE_COLUMNS) | {"path"}
+        and not c.startswith((K.MORPH_PREFIX, K.FEAT_PREFIX))
+    ]
     table = ds.read_table(meta_cols + [K.IMAGE])
-    frame = table.drop_columns([K.IMAGE]).to_pandas().rename(
-        columns=lambda c: PROFILE_NAMES.get(c, f"Metadata_{c}"))
+    frame = (
+        table.drop_columns([K.IMAGE])
+        .to_pandas()
+        .rename(columns=lambda c: PROFILE_NAMES.get(c, f"Metadata_{c}"))
+    )
     keep = np.arange(len(frame))
     if where:
         try:
             keep = np.flatnonzero(frame.eval(where).to_numpy(dtype=bool))
         except Exception as exc:  # pandas raises UndefinedVariableError, SyntaxError, ...
-            raise ProfileError(f"profile.where {where!r} does not work on {data}: "
-                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise ProfileError(
+                f"profile.where {where!r} does not work on {data}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from None
     imgs = decode_images(table.take(keep), ds.shape, ds.dtype, where=str(ds.root))
     x, names = cpmeasure_features(imgs, ds.manifest.get("channel_names"))
-    frame = pd.concat([frame.iloc[keep].reset_index(drop=True), pd.DataFrame(x, columns=names)],
-                      axis=1)
+    frame = pd.concat(
+        [frame.iloc[keep].reset_index(drop=True), pd.DataFrame(x, columns=names)], axis=1
+    )
     return ProfileTable(frame, names, [f"cp-measure features of {len(keep)} cells of {data}"])

@@ -85,61 +85,81 @@ class ProfileSettings:
     def from_config(cls, cfg) -> "ProfileSettings":
         """From an ExperimentConfig (its `profile` section and seed)."""
         d = asdict(cfg.profile)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()},
-                   seed=cfg.seed)
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}, seed=cfg.seed
+        )
 
 
 def check_settings(s: ProfileSettings) -> None:
     """Every setting checked before any data is read."""
     if not s.input:
-        raise ProfileError("profile needs an input: --input (profile.input), an embeddings folder "
-                           "or a parquet/CSV table of per-cell or per-well features")
+        raise ProfileError(
+            "profile needs an input: --input (profile.input), an embeddings folder "
+            "or a parquet/CSV table of per-cell or per-well features"
+        )
     if not s.out:
         raise ProfileError("profile needs an output folder: --out (profile.out)")
-    for key, val, allowed in (("features", s.features, FEATURE_SETS),
-                              ("aggregate", s.aggregate, AGGREGATIONS),
-                              ("normalize", s.normalize, NORMALIZATIONS),
-                              ("consistency_level", s.consistency_level, LEVELS),
-                              ("distance", s.distance, ("cosine", "correlation", "euclidean",
-                                                        "abs_cosine"))):
+    for key, val, allowed in (
+        ("features", s.features, FEATURE_SETS),
+        ("aggregate", s.aggregate, AGGREGATIONS),
+        ("normalize", s.normalize, NORMALIZATIONS),
+        ("consistency_level", s.consistency_level, LEVELS),
+        ("distance", s.distance, ("cosine", "correlation", "euclidean", "abs_cosine")),
+    ):
         if val not in allowed:
             raise ProfileError(f"profile.{key} must be one of {', '.join(allowed)}, got {val!r}")
     bad = [o for o in s.feature_select if o not in SELECTIONS]
     if bad:
-        raise ProfileError(f"profile.feature_select: unknown operation {bad[0]!r} (use any of "
-                           f"{', '.join(SELECTIONS)})")
+        raise ProfileError(
+            f"profile.feature_select: unknown operation {bad[0]!r} (use any of "
+            f"{', '.join(SELECTIONS)})"
+        )
     from raycell.profiling.correction import CORRECTIONS
 
     bad = [c for c in s.compare if c not in CORRECTIONS]
     if bad:
-        raise ProfileError(f"profile.compare: unknown correction {bad[0]!r} (use any of "
-                           f"{', '.join(CORRECTIONS)})")
+        raise ProfileError(
+            f"profile.compare: unknown correction {bad[0]!r} (use any of {', '.join(CORRECTIONS)})"
+        )
     bad = [f for f in s.compare_features if f not in FEATURE_SETS]
     if bad:
-        raise ProfileError(f"profile.compare_features: unknown feature set {bad[0]!r} (use any "
-                           f"of {', '.join(FEATURE_SETS)})")
+        raise ProfileError(
+            f"profile.compare_features: unknown feature set {bad[0]!r} (use any "
+            f"of {', '.join(FEATURE_SETS)})"
+        )
     if s.compare and not s.metrics:
         raise ProfileError("profile.compare scores each version: it needs profile.metrics")
     if not s.strata:
-        raise ProfileError("profile.strata is empty: name the columns of one well (e.g. "
-                           "[Metadata_Plate, Metadata_Well])")
+        raise ProfileError(
+            "profile.strata is empty: name the columns of one well (e.g. "
+            "[Metadata_Plate, Metadata_Well])"
+        )
     if not 0 < s.fdr < 1:
         raise ProfileError(f"profile.fdr must be between 0 and 1, got {s.fdr}")
     if s.null_size < 100:
         raise ProfileError(f"profile.null_size must be >= 100, got {s.null_size}")
     if s.metrics and not s.treatment:
-        raise ProfileError("profile.metrics needs profile.treatment: the column(s) naming each "
-                           "well's treatment (e.g. --treatment Metadata_broad_sample), or "
-                           "--no-metrics")
+        raise ProfileError(
+            "profile.metrics needs profile.treatment: the column(s) naming each "
+            "well's treatment (e.g. --treatment Metadata_broad_sample), or "
+            "--no-metrics"
+        )
 
 
 def retrieval_settings(s: ProfileSettings, t: ProfileTable) -> RetrievalSettings:
     """The copairs pairing rules for table `t` (controls evaluated on its rows)."""
     mask = control_mask(t.frame, s.controls) if s.controls else None
-    return RetrievalSettings(treatment=list(s.treatment), controls_mask=mask,
-                             annotations=list(s.annotations), null_size=s.null_size, fdr=s.fdr,
-                             distance=s.distance, consistency_level=s.consistency_level,
-                             consistency_active_only=s.consistency_active_only, seed=s.seed)
+    return RetrievalSettings(
+        treatment=list(s.treatment),
+        controls_mask=mask,
+        annotations=list(s.annotations),
+        null_size=s.null_size,
+        fdr=s.fdr,
+        distance=s.distance,
+        consistency_level=s.consistency_level,
+        consistency_active_only=s.consistency_active_only,
+        seed=s.seed,
+    )
 
 
 def _json_safe(v):
@@ -159,8 +179,14 @@ def consistency_file(column: str) -> str:
     return f"consistency_{re.sub(r'[^A-Za-z0-9_.-]+', '_', column)}.csv"
 
 
-def write_folder(out: Path, t: ProfileTable, s: ProfileSettings, res: RetrievalResult | None,
-                 extra: dict | None = None, comparison: pd.DataFrame | None = None) -> Path:
+def write_folder(
+    out: Path,
+    t: ProfileTable,
+    s: ProfileSettings,
+    res: RetrievalResult | None,
+    extra: dict | None = None,
+    comparison: pd.DataFrame | None = None,
+) -> Path:
     """Write the profile folder atomically (staging folder, then swap); returns its path."""
     import shutil
 
@@ -170,17 +196,29 @@ def write_folder(out: Path, t: ProfileTable, s: ProfileSettings, res: RetrievalR
     from raycell.utils.io import atomic_write_json
     from raycell.utils.outputs import PROFILE, PROFILE_JSON, prepare_output, staging_dir, swap_in
 
-    out = prepare_output(out, [("profile.input", s.input)], s.overwrite, what="profile.out",
-                         kind=PROFILE, error=ProfileError)
+    out = prepare_output(
+        out,
+        [("profile.input", s.input)],
+        s.overwrite,
+        what="profile.out",
+        kind=PROFILE,
+        error=ProfileError,
+    )
     staged = staging_dir(out, PROFILE)
     try:
-        pq.write_table(pa.Table.from_pandas(t.frame, preserve_index=False), staged / PROFILES,
-                       compression="zstd")
+        pq.write_table(
+            pa.Table.from_pandas(t.frame, preserve_index=False),
+            staged / PROFILES,
+            compression="zstd",
+        )
         files = [PROFILES]
         if s.treatment:
             c = consensus(t, list(s.treatment))
-            pq.write_table(pa.Table.from_pandas(c.frame, preserve_index=False),
-                           staged / CONSENSUS, compression="zstd")
+            pq.write_table(
+                pa.Table.from_pandas(c.frame, preserve_index=False),
+                staged / CONSENSUS,
+                compression="zstd",
+            )
             files.append(CONSENSUS)
         if res is not None:
             if res.activity is not None:
@@ -197,11 +235,17 @@ def write_folder(out: Path, t: ProfileTable, s: ProfileSettings, res: RetrievalR
             comparison.to_csv(staged / COMPARISON, index=False)
             (staged / COMPARISON_MD).write_text(markdown(comparison) + "\n")
             files += [COMPARISON, COMPARISON_MD]
-        manifest = {"generator": GENERATOR, "input": str(Path(s.input).absolute()),
-                    "settings": _json_safe(asdict(s)), "n_profiles": len(t.frame),
-                    "n_features": len(t.features), "features": t.features, "files": files,
-                    "notes": t.notes + (res.notes if res is not None else []),
-                    **(extra or {})}
+        manifest = {
+            "generator": GENERATOR,
+            "input": str(Path(s.input).absolute()),
+            "settings": _json_safe(asdict(s)),
+            "n_profiles": len(t.frame),
+            "n_features": len(t.features),
+            "features": t.features,
+            "files": files,
+            "notes": t.notes + (res.notes if res is not None else []),
+            **(extra or {}),
+        }
         atomic_write_json(staged / PROFILE_JSON, manifest)
         swap_in(staged, out)
     finally:
@@ -214,8 +258,16 @@ def make_profiles(s: ProfileSettings) -> tuple[ProfileTable, RetrievalResult | N
     """Read, build and (with `metrics`) score the profiles, without writing anything."""
     check_settings(s)
     t = filter_rows(read_input(s.input, s.features, s.where), s.where)
-    t = build_profiles(t, list(s.strata), s.aggregate, s.controls, s.normalize,
-                       list(s.feature_select), s.sphere, s.plate_column)
+    t = build_profiles(
+        t,
+        list(s.strata),
+        s.aggregate,
+        s.controls,
+        s.normalize,
+        list(s.feature_select),
+        s.sphere,
+        s.plate_column,
+    )
     res = retrieval(t, retrieval_settings(s, t)) if s.metrics else None
     return t, res
 
@@ -225,13 +277,19 @@ def profile(s: ProfileSettings) -> dict:
     from raycell.utils.outputs import PROFILE, check_output
 
     check_settings(s)
-    check_output(s.out, [("profile.input", s.input)], what="profile.out", kind=PROFILE,
-                 error=ProfileError)
+    check_output(
+        s.out, [("profile.input", s.input)], what="profile.out", kind=PROFILE, error=ProfileError
+    )
     t, res = make_profiles(s)
     comparison = compare(s) if s.compare else None
     out = write_folder(Path(s.out), t, s, res, comparison=comparison)
-    return {"out": str(out), "n_profiles": len(t.frame), "n_features": len(t.features),
-            "retrieval": _json_safe(res.summary) if res is not None else None, "notes": t.notes}
+    return {
+        "out": str(out),
+        "n_profiles": len(t.frame),
+        "n_features": len(t.features),
+        "retrieval": _json_safe(res.summary) if res is not None else None,
+        "notes": t.notes,
+    }
 
 
 def compare(s: ProfileSettings) -> pd.DataFrame:
@@ -240,10 +298,12 @@ def compare(s: ProfileSettings) -> pd.DataFrame:
 
     tables = {}
     for fs in s.compare_features or (s.features,):
-        t = prepare(filter_rows(read_input(s.input, fs, s.where), s.where), list(s.strata),
-                    s.aggregate)
-        for name, v in corrected_versions(t, s.controls, s.batch_column, s.plate_column,
-                                          s.compare, s.seed).items():
+        t = prepare(
+            filter_rows(read_input(s.input, fs, s.where), s.where), list(s.strata), s.aggregate
+        )
+        for name, v in corrected_versions(
+            t, s.controls, s.batch_column, s.plate_column, s.compare, s.seed
+        ).items():
             tables[f"{fs} / {name}"] = v
     wells = {len(v.frame) for v in tables.values()}
     if len(wells) != 1:  # the morph features may lose wells a NaN made unusable: say so
@@ -268,8 +328,16 @@ def score_profiles(path: str | os.PathLike, s: ProfileSettings) -> dict:
     t = read_profile_table(path)
     check_finite(t, str(path))
     res = retrieval(t, retrieval_settings(s, t))
-    s = ProfileSettings(**{**asdict(s), "input": str(path), "aggregate": "median",
-                           "normalize": "none", "feature_select": (), "sphere": False})
+    s = ProfileSettings(
+        **{
+            **asdict(s),
+            "input": str(path),
+            "aggregate": "median",
+            "normalize": "none",
+            "feature_select": (),
+            "sphere": False,
+        }
+    )
     out = write_folder(Path(s.out), t, s, res, extra={"scored_as_given": True})
     return {"out": str(out), "retrieval": _json_safe(res.summary)}
 
@@ -279,12 +347,16 @@ def summary_lines(summary: dict) -> list[str]:
     lines = []
     a = summary.get("activity")
     if a:
-        lines.append(f"activity: {a['n_retrieved']}/{a['n_treatments']} treatments retrieved "
-                     f"(fraction {a['fraction_retrieved']:.3f}), mean mAP {a['mean_map']:.4f}")
+        lines.append(
+            f"activity: {a['n_retrieved']}/{a['n_treatments']} treatments retrieved "
+            f"(fraction {a['fraction_retrieved']:.3f}), mean mAP {a['mean_map']:.4f}"
+        )
     for col, c in (summary.get("consistency") or {}).items():
         mm = c["mean_map"]
-        lines.append(f"consistency {col}: {c['n_retrieved']}/{c['n_values']} values retrieved, "
-                     f"mean mAP {mm if mm is None else f'{mm:.4f}'}")
+        lines.append(
+            f"consistency {col}: {c['n_retrieved']}/{c['n_values']} values retrieved, "
+            f"mean mAP {mm if mm is None else f'{mm:.4f}'}"
+        )
     pr = summary.get("percent_replicating")
     if pr is not None:
         lines.append(f"percent replicating: {pr:.3f}")

@@ -58,7 +58,7 @@ def morph_columns(frame: pd.DataFrame | Iterable[str]) -> list[str]:
 
 def head_names(meta: pd.DataFrame) -> list[str]:
     """Weak-label heads with a prediction column (`Pred_<head>`), in column order."""
-    return [str(c)[len(PRED_PREFIX):] for c in meta.columns if str(c).startswith(PRED_PREFIX)]
+    return [str(c)[len(PRED_PREFIX) :] for c in meta.columns if str(c).startswith(PRED_PREFIX)]
 
 
 def is_list_column(col: pd.Series) -> bool:
@@ -83,8 +83,10 @@ def read_manifest(folder: str | Path) -> dict:
     """embeddings.json of a folder, checked for the keys every reader needs."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise EmbeddingsError(f"embeddings manifest not found: {path} (give the folder written by "
-                              "`raycell embed`, the one that holds embeddings.json)")
+        raise EmbeddingsError(
+            f"embeddings manifest not found: {path} (give the folder written by "
+            "`raycell embed`, the one that holds embeddings.json)"
+        )
     try:
         m = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -93,19 +95,24 @@ def read_manifest(folder: str | Path) -> dict:
         raise EmbeddingsError(f"embeddings manifest {path} must hold a JSON object")
     layout = m.get("layout", "columns")
     if layout not in _LAYOUTS:
-        raise EmbeddingsError(f"embeddings manifest {path}: layout {layout!r} is not one of "
-                              f"{list(_LAYOUTS)}")
+        raise EmbeddingsError(
+            f"embeddings manifest {path}: layout {layout!r} is not one of {list(_LAYOUTS)}"
+        )
     feats = m.get("features")
     if not isinstance(feats, list) or not feats or not all(isinstance(f, str) for f in feats):
-        raise EmbeddingsError(f"embeddings manifest {path}: 'features' must be a non-empty list of "
-                              "column names")
+        raise EmbeddingsError(
+            f"embeddings manifest {path}: 'features' must be a non-empty list of column names"
+        )
     if layout == "list" and len(feats) != 1:
-        raise EmbeddingsError(f"embeddings manifest {path}: layout 'list' needs exactly one column "
-                              f"in 'features', got {len(feats)}")
+        raise EmbeddingsError(
+            f"embeddings manifest {path}: layout 'list' needs exactly one column "
+            f"in 'features', got {len(feats)}"
+        )
     heads = m.get("heads") or {}
     if not isinstance(heads, dict) or not all(isinstance(v, list) for v in heads.values()):
-        raise EmbeddingsError(f"embeddings manifest {path}: 'heads' must map head names to lists "
-                              "of class names")
+        raise EmbeddingsError(
+            f"embeddings manifest {path}: 'heads' must map head names to lists of class names"
+        )
     heads = {str(k): [str(c) for c in v] for k, v in heads.items()}
     return {**m, "layout": layout, "heads": heads}
 
@@ -118,8 +125,9 @@ def _read_shards(folder: Path):
     where = folder / "shards"
     files = sorted(where.glob(SHARD_GLOB)) if where.is_dir() else []
     if not files:
-        raise EmbeddingsError(f"no embedding shards in {where} (expected {SHARD_GLOB}; did "
-                              "`raycell embed` finish?)")
+        raise EmbeddingsError(
+            f"no embedding shards in {where} (expected {SHARD_GLOB}; did `raycell embed` finish?)"
+        )
     tables = []
     for f in files:
         try:
@@ -129,8 +137,9 @@ def _read_shards(folder: Path):
     try:
         return pa.concat_tables(tables, promote_options="default")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise EmbeddingsError(f"embedding shards in {where} have different columns or types "
-                              f"({exc})") from None
+        raise EmbeddingsError(
+            f"embedding shards in {where} have different columns or types ({exc})"
+        ) from None
 
 
 def _list_matrix(col, name: str, where: Path) -> np.ndarray:
@@ -141,8 +150,9 @@ def _list_matrix(col, name: str, where: Path) -> np.ndarray:
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     t = col.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise EmbeddingsError(f"column {name!r} in {where} must be a list of floats (layout "
-                              f"'list'), got {t}")
+        raise EmbeddingsError(
+            f"column {name!r} in {where} must be a list of floats (layout 'list'), got {t}"
+        )
     if col.null_count:
         raise EmbeddingsError(f"column {name!r} in {where} has {col.null_count} null row(s)")
     n = len(col)
@@ -152,8 +162,10 @@ def _list_matrix(col, name: str, where: Path) -> np.ndarray:
     d = int(lengths[0])
     if (lengths != d).any():
         bad = int(np.flatnonzero(lengths != d)[0])
-        raise EmbeddingsError(f"column {name!r} in {where} is ragged: row 0 has {d} values but "
-                              f"row {bad} has {int(lengths[bad])}; all embeddings need one length")
+        raise EmbeddingsError(
+            f"column {name!r} in {where} is ragged: row 0 has {d} values but "
+            f"row {bad} has {int(lengths[bad])}; all embeddings need one length"
+        )
     values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
     return np.asarray(values, dtype=np.float32).reshape(n, d)
 
@@ -179,9 +191,11 @@ def read_embeddings(folder: str | Path) -> tuple[pd.DataFrame, np.ndarray, list[
     feats = manifest["features"]
     missing = [f for f in feats if f not in table.column_names]
     if missing:
-        raise EmbeddingsError(f"feature column {missing[0]!r} listed in {folder / MANIFEST} is "
-                              f"missing from the shards in {where} ({len(missing)} of "
-                              f"{len(feats)} missing)")
+        raise EmbeddingsError(
+            f"feature column {missing[0]!r} listed in {folder / MANIFEST} is "
+            f"missing from the shards in {where} ({len(missing)} of "
+            f"{len(feats)} missing)"
+        )
     if manifest["layout"] == "list":
         X = _list_matrix(table.column(feats[0]), feats[0], where)
         names = [embedding_name(i) for i in range(X.shape[1])]
@@ -190,28 +204,35 @@ def read_embeddings(folder: str | Path) -> tuple[pd.DataFrame, np.ndarray, list[
         for j, f in enumerate(feats):
             col = table.column(f)
             if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
-                raise EmbeddingsError(f"feature column {f!r} in {where} must be numeric, got "
-                                      f"{col.type}")
+                raise EmbeddingsError(
+                    f"feature column {f!r} in {where} must be numeric, got {col.type}"
+                )
             if col.null_count:
-                raise EmbeddingsError(f"feature column {f!r} in {where} has {col.null_count} "
-                                      "null value(s)")
+                raise EmbeddingsError(
+                    f"feature column {f!r} in {where} has {col.null_count} null value(s)"
+                )
             X[:, j] = col.to_numpy()
         names = list(feats)
     finite = np.isfinite(X).all(axis=0)
     if not finite.all():
-        raise EmbeddingsError(f"feature {names[int(np.flatnonzero(~finite)[0])]!r} in {where} "
-                              "holds NaN or infinite values")
+        raise EmbeddingsError(
+            f"feature {names[int(np.flatnonzero(~finite)[0])]!r} in {where} "
+            "holds NaN or infinite values"
+        )
     n_cells = manifest.get("n_cells")
     if isinstance(n_cells, int) and n_cells != table.num_rows:
-        raise EmbeddingsError(f"{where} holds {table.num_rows} rows but {folder / MANIFEST} "
-                              f"records n_cells={n_cells}: shards are missing or were changed")
+        raise EmbeddingsError(
+            f"{where} holds {table.num_rows} rows but {folder / MANIFEST} "
+            f"records n_cells={n_cells}: shards are missing or were changed"
+        )
     meta = table.drop_columns(feats).to_pandas()
     meta.attrs["manifest"] = manifest
     return meta, X, names
 
 
-def select_features(X: np.ndarray, names: list[str], top_k: int = 0,
-                    drop_zero_variance: bool = True) -> tuple[np.ndarray, list[str]]:
+def select_features(
+    X: np.ndarray, names: list[str], top_k: int = 0, drop_zero_variance: bool = True
+) -> tuple[np.ndarray, list[str]]:
     """Drop constant features, then keep the `top_k` highest-variance ones (0 = all), in order.
 
     The blog's selection before PCA: a constant feature carries no information, and a standardised
@@ -226,8 +247,10 @@ def select_features(X: np.ndarray, names: list[str], top_k: int = 0,
     if drop_zero_variance and len(X):
         keep &= np.ptp(X, axis=0) > 0  # exact: one repeated value, not merely a small variance
         if not keep.any():
-            raise UserError(f"every one of the {X.shape[1]} features is constant over the "
-                            f"{len(X)} rows: nothing to profile")
+            raise UserError(
+                f"every one of the {X.shape[1]} features is constant over the "
+                f"{len(X)} rows: nothing to profile"
+            )
     if top_k and top_k < int(keep.sum()):
         var = X.astype(np.float64).var(axis=0)
         var[~keep] = -np.inf
@@ -248,8 +271,9 @@ def aggregate_wells(meta: pd.DataFrame, X: np.ndarray, names: list[str]) -> pd.D
     if missing:
         raise UserError(f"cannot aggregate wells: the embeddings have no {missing[0]} column")
     if len(meta) != len(X):
-        raise UserError(f"cannot aggregate wells: {len(meta)} metadata rows but {len(X)} "
-                        "feature rows")
+        raise UserError(
+            f"cannot aggregate wells: {len(meta)} metadata rows but {len(X)} feature rows"
+        )
     keys = [PLATE, WELL]
     # Keys as strings, so cells whose well id is missing still form one group instead of vanishing.
     g_keys = pd.DataFrame({k: meta[k].astype("string").fillna("") for k in keys})
@@ -272,8 +296,9 @@ def aggregate_wells(meta: pd.DataFrame, X: np.ndarray, names: list[str]) -> pd.D
     return pd.concat([out, med.median().reset_index(drop=True).astype(np.float32)], axis=1)
 
 
-def pca_coordinates(X: np.ndarray, n_components: int, seed: int = 0
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def pca_coordinates(
+    X: np.ndarray, n_components: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Standardised PCA: (coordinates as float32, explained variance ratio)."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
@@ -297,22 +322,27 @@ def reduce(X: np.ndarray, method: str = "pca", n_components: int = 2, seed: int 
         raise UserError(f"features must be a 2-d matrix (cells x features), got shape {X.shape}")
     limit = min(X.shape) if method == "pca" else X.shape[0] - 1
     if not 1 <= n_components <= limit:
-        raise UserError(f"{method}: n_components={n_components} is not possible for {X.shape[0]} "
-                        f"rows x {X.shape[1]} features (at most {max(limit, 0)})")
+        raise UserError(
+            f"{method}: n_components={n_components} is not possible for {X.shape[0]} "
+            f"rows x {X.shape[1]} features (at most {max(limit, 0)})"
+        )
     if method == "pca":
         return pca_coordinates(X, n_components, seed)[0]
     try:
         import umap
     except ImportError:
-        raise UserError("UMAP needs the umap-learn package, which is not installed: "
-                        "pip install umap-learn (or use PCA)") from None
+        raise UserError(
+            "UMAP needs the umap-learn package, which is not installed: "
+            "pip install umap-learn (or use PCA)"
+        ) from None
     import warnings
 
     pcs = pca_coordinates(X, min(50, *X.shape), seed)[0]
     with warnings.catch_warnings():  # "n_jobs overridden by random_state": wanted (reproducible)
         warnings.simplefilter("ignore", UserWarning)
-        model = umap.UMAP(n_components=n_components, n_neighbors=min(15, len(X) - 1),
-                          random_state=seed)
+        model = umap.UMAP(
+            n_components=n_components, n_neighbors=min(15, len(X) - 1), random_state=seed
+        )
         return np.asarray(model.fit_transform(pcs), dtype=np.float32)
 
 
@@ -360,8 +390,12 @@ def head_metrics(meta: pd.DataFrame, heads: dict | None = None) -> dict:
         known = [str(c) for c in heads.get(h, [])]
         if known:
             # An int column read back as float (a null turns int64 into float64): "24.0" -> "24".
-            t_lab = [t[:-2] if t is not None and t.endswith(".0") and t not in known
-                     and t[:-2] in known else t for t in t_lab]
+            t_lab = [
+                t[:-2]
+                if t is not None and t.endswith(".0") and t not in known and t[:-2] in known
+                else t
+                for t in t_lab
+            ]
             classes = known + sorted(set(t_lab) - {None} - set(known))
         else:
             classes = sorted((set(t_lab) | set(p_lab)) - {None})
@@ -382,7 +416,8 @@ def head_metrics(meta: pd.DataFrame, heads: dict | None = None) -> dict:
         out[h] = {
             "accuracy": float(np.trace(conf) / n) if n else float("nan"),
             "balanced_accuracy": float((np.diag(conf)[present] / rows[present]).mean())
-            if n else float("nan"),
+            if n
+            else float("nan"),
             "chance": 1.0 / int(present.sum()) if n else float("nan"),
             "classes": classes,
             "confusion": conf.tolist(),
@@ -395,8 +430,9 @@ def numeric_column(meta: pd.DataFrame, column: str) -> np.ndarray:
     """A metadata column as float64 (numbers stored as strings are parsed; missing -> NaN)."""
     if column not in meta.columns:
         cols = [str(c) for c in meta.columns if str(c).startswith(META_PREFIX)]
-        raise UserError(f"no column {column!r} in the embeddings (metadata columns: "
-                        f"{', '.join(cols)})")
+        raise UserError(
+            f"no column {column!r} in the embeddings (metadata columns: {', '.join(cols)})"
+        )
     col = meta[column]
     values = pd.to_numeric(col.astype(object).where(col.notna(), None), errors="coerce")
     bad = col.notna() & values.isna()

@@ -69,34 +69,62 @@ def _quiet():
     return warnings.catch_warnings()
 
 
-def _map_table(meta: pd.DataFrame, X: np.ndarray, sameby: str, pos_diffby: list[str],
-               neg_diffby: list[str], s: RetrievalSettings, pos_sameby: list[str] | None = None
-               ) -> pd.DataFrame:
+def _map_table(
+    meta: pd.DataFrame,
+    X: np.ndarray,
+    sameby: str,
+    pos_diffby: list[str],
+    neg_diffby: list[str],
+    s: RetrievalSettings,
+    pos_sameby: list[str] | None = None,
+) -> pd.DataFrame:
     """Copairs AP per row, then mAP per `sameby` value with p-values; sorted by mAP."""
     from copairs import map as cmap
     from copairs.matching import UnpairedException
 
-    cols = [sameby, "mean_average_precision", "p_value", "corrected_p_value", "retrieved",
-            "n_profiles"]
+    cols = [
+        sameby,
+        "mean_average_precision",
+        "p_value",
+        "corrected_p_value",
+        "retrieved",
+        "n_profiles",
+    ]
     with _quiet():
         warnings.simplefilter("ignore")
         try:
-            ap = cmap.average_precision(meta, X, pos_sameby=pos_sameby or [sameby],
-                                        pos_diffby=pos_diffby, neg_sameby=[],
-                                        neg_diffby=neg_diffby, distance=s.distance,
-                                        progress_bar=False)
+            ap = cmap.average_precision(
+                meta,
+                X,
+                pos_sameby=pos_sameby or [sameby],
+                pos_diffby=pos_diffby,
+                neg_sameby=[],
+                neg_diffby=neg_diffby,
+                distance=s.distance,
+                progress_bar=False,
+            )
         except UnpairedException:  # no two profiles share a value: nothing to retrieve
             return pd.DataFrame(columns=cols)
         ap = ap.dropna(subset=["average_precision"])
         if ap.empty:
             return pd.DataFrame(columns=cols)
-        m = cmap.mean_average_precision(ap, [sameby], null_size=s.null_size, threshold=s.fdr,
-                                        seed=s.seed, progress_bar=False, max_workers=1)
+        m = cmap.mean_average_precision(
+            ap,
+            [sameby],
+            null_size=s.null_size,
+            threshold=s.fdr,
+            seed=s.seed,
+            progress_bar=False,
+            max_workers=1,
+        )
     n = ap.groupby(sameby).size().rename("n_profiles")
     m = m.merge(n, left_on=sameby, right_index=True)
     m["retrieved"] = m["corrected_p_value"] < s.fdr
-    return m[cols].sort_values(["mean_average_precision", sameby], ascending=[False, True],
-                               kind="stable").reset_index(drop=True)
+    return (
+        m[cols]
+        .sort_values(["mean_average_precision", sameby], ascending=[False, True], kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def activity_map(t: ProfileTable, s: RetrievalSettings) -> pd.DataFrame:
@@ -104,19 +132,23 @@ def activity_map(t: ProfileTable, s: RetrievalSettings) -> pd.DataFrame:
     frame = t.frame.reset_index(drop=True)
     ctrl = s.controls_mask
     if ctrl is None or not ctrl.any():
-        raise ProfileError("activity mAP needs control wells: set profile.controls (e.g. "
-                           "\"Metadata_treatment == 'DMSO'\")")
+        raise ProfileError(
+            "activity mAP needs control wells: set profile.controls (e.g. "
+            "\"Metadata_treatment == 'DMSO'\")"
+        )
     key = treatment_key(frame, s.treatment)
-    meta = pd.DataFrame({TREATMENT_KEY: key.to_numpy(),
-                         REFERENCE_INDEX: np.where(ctrl, np.arange(len(frame)), -1)})
+    meta = pd.DataFrame(
+        {TREATMENT_KEY: key.to_numpy(), REFERENCE_INDEX: np.where(ctrl, np.arange(len(frame)), -1)}
+    )
     cols = [TREATMENT_KEY, REFERENCE_INDEX]
     table = _map_table(meta, t.matrix(), TREATMENT_KEY, [], cols, s, pos_sameby=cols)
     table = table[~table[TREATMENT_KEY].isin(set(key[ctrl]))]
     return table.rename(columns={TREATMENT_KEY: "treatment"}).reset_index(drop=True)
 
 
-def consistency_map(t: ProfileTable, column: str, s: RetrievalSettings,
-                    keep: set[str] | None = None) -> pd.DataFrame:
+def consistency_map(
+    t: ProfileTable, column: str, s: RetrievalSettings, keep: set[str] | None = None
+) -> pd.DataFrame:
     """The mAP per value of `column` of retrieving other treatments with the same value.
 
     Rows without a value and control rows are left out; `keep` restricts to those treatments.
@@ -124,8 +156,10 @@ def consistency_map(t: ProfileTable, column: str, s: RetrievalSettings,
     frame = t.frame.reset_index(drop=True)
     if column not in frame.columns:
         meta = [str(c) for c in frame.columns if str(c).startswith("Metadata_")]
-        raise ProfileError(f"profile.annotations: no column {column!r} in the profiles "
-                           f"(metadata columns: {', '.join(meta[:12])})")
+        raise ProfileError(
+            f"profile.annotations: no column {column!r} in the profiles "
+            f"(metadata columns: {', '.join(meta[:12])})"
+        )
     key = treatment_key(frame, s.treatment)
     ok = frame[column].notna().to_numpy().copy()
     if s.controls_mask is not None and not s.controls_mask.all():
@@ -156,34 +190,45 @@ def percent_replicating(t: ProfileTable, s: RetrievalSettings) -> float:
     meta = pd.DataFrame({TREATMENT_KEY: key.to_numpy()})
     with _quiet():
         warnings.simplefilter("ignore")
-        res = correlation_test(t.matrix()[rows], meta, [TREATMENT_KEY], [], n_samples=1000,
-                               progress_bar=False)
+        res = correlation_test(
+            t.matrix()[rows], meta, [TREATMENT_KEY], [], n_samples=1000, progress_bar=False
+        )
         return float(res.percent_score("right")[0])
 
 
 def retrieval(t: ProfileTable, s: RetrievalSettings) -> RetrievalResult:
     """Activity (when there are controls), consistency per annotation, percent replicating."""
     if not s.treatment:
-        raise ProfileError("retrieval metrics need profile.treatment: the column(s) naming each "
-                           "well's treatment (e.g. [Metadata_broad_sample])")
+        raise ProfileError(
+            "retrieval metrics need profile.treatment: the column(s) naming each "
+            "well's treatment (e.g. [Metadata_broad_sample])"
+        )
     if s.consistency_level not in LEVELS:
-        raise ProfileError(f"profile.consistency_level must be treatment or well, got "
-                           f"{s.consistency_level!r}")
+        raise ProfileError(
+            f"profile.consistency_level must be treatment or well, got {s.consistency_level!r}"
+        )
     notes = []
     has_controls = s.controls_mask is not None and 0 < s.controls_mask.sum() < len(t.frame)
     activity = activity_map(t, s) if has_controls else None
     if activity is None:
         notes.append("no activity mAP: profile.controls selects no control wells (or all wells)")
-    summary: dict = {"n_profiles": len(t.frame), "n_features": len(t.features),
-                     "fdr": s.fdr, "null_size": s.null_size, "distance": s.distance}
+    summary: dict = {
+        "n_profiles": len(t.frame),
+        "n_features": len(t.features),
+        "fdr": s.fdr,
+        "null_size": s.null_size,
+        "distance": s.distance,
+    }
     keep = None
     if activity is not None:
         summary["activity"] = {
             "n_treatments": len(activity),
             "n_retrieved": int(activity["retrieved"].sum()),
             "fraction_retrieved": float(activity["retrieved"].mean()) if len(activity) else 0.0,
-            "mean_map": float(activity["mean_average_precision"].mean()) if len(activity)
-            else float("nan")}
+            "mean_map": float(activity["mean_average_precision"].mean())
+            if len(activity)
+            else float("nan"),
+        }
         if s.consistency_active_only:
             keep = set(activity.loc[activity["retrieved"], "treatment"])
     cons = {}
@@ -191,10 +236,14 @@ def retrieval(t: ProfileTable, s: RetrievalSettings) -> RetrievalResult:
         table = consistency_map(t, col, s, keep)
         cons[col] = table
         summary.setdefault("consistency", {})[col] = {
-            "level": s.consistency_level, "active_only": keep is not None,
-            "n_values": len(table), "n_retrieved": int(table["retrieved"].sum()),
+            "level": s.consistency_level,
+            "active_only": keep is not None,
+            "n_values": len(table),
+            "n_retrieved": int(table["retrieved"].sum()),
             "fraction_retrieved": float(table["retrieved"].mean()) if len(table) else 0.0,
-            "mean_map": float(table["mean_average_precision"].mean()) if len(table)
-            else float("nan")}
+            "mean_map": float(table["mean_average_precision"].mean())
+            if len(table)
+            else float("nan"),
+        }
     summary["percent_replicating"] = percent_replicating(t, s)
     return RetrievalResult(activity, cons, summary, notes)

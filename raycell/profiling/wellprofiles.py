@@ -22,8 +22,13 @@ from raycell.profiling.table import ProfileError, ProfileTable
 
 AGGREGATIONS = ("median", "mean")
 NORMALIZATIONS = ("mad_robustize", "robustize", "standardize", "none")
-SELECTIONS = ("variance_threshold", "correlation_threshold", "drop_na_columns", "blocklist",
-              "drop_outliers")
+SELECTIONS = (
+    "variance_threshold",
+    "correlation_threshold",
+    "drop_na_columns",
+    "blocklist",
+    "drop_outliers",
+)
 FEATURE_SETS = ("embedding", "morph", "all", "handmade", "cpmeasure")
 TREATMENT_KEY = "Metadata_raycell_treatment"
 
@@ -52,10 +57,13 @@ def _read_table(path: Path) -> pd.DataFrame:
         if name.endswith((".csv", ".csv.gz", ".csv.zip", ".csv.bz2", ".csv.xz", ".tsv", ".tsv.gz")):
             return pd.read_csv(path, sep="\t" if ".tsv" in name else ",", low_memory=False)
     except (OSError, ValueError) as exc:
-        raise ProfileError(f"profile input {path}: cannot read it ({str(exc).splitlines()[0]})") \
-            from None
-    raise ProfileError(f"profile input {path}: expected an embeddings folder (embeddings.json), a "
-                       ".parquet or a .csv(.gz) table")
+        raise ProfileError(
+            f"profile input {path}: cannot read it ({str(exc).splitlines()[0]})"
+        ) from None
+    raise ProfileError(
+        f"profile input {path}: expected an embeddings folder (embeddings.json), a "
+        ".parquet or a .csv(.gz) table"
+    )
 
 
 def read_input(path: str | Path, feature_set: str = "embedding", where: str = "") -> ProfileTable:
@@ -77,34 +85,46 @@ def read_input(path: str | Path, feature_set: str = "embedding", where: str = ""
 
     path = Path(path)
     if feature_set not in FEATURE_SETS:
-        raise ProfileError(f"profile.features must be one of {', '.join(FEATURE_SETS)}, got "
-                           f"{feature_set!r}")
+        raise ProfileError(
+            f"profile.features must be one of {', '.join(FEATURE_SETS)}, got {feature_set!r}"
+        )
     if not path.exists():
         raise ProfileError(f"profile input not found: {path}")
-    if path.is_dir() and ((path / "dataset.json").is_file()
-                          or feature_set in ("handmade", "cpmeasure")):
+    if path.is_dir() and (
+        (path / "dataset.json").is_file() or feature_set in ("handmade", "cpmeasure")
+    ):
         from raycell.profiling.handmade import cpmeasure_table, handmade_table
 
         data = path
         if not (path / "dataset.json").is_file():
             data = P.read_manifest(path).get("dataset")
             if not data or not Path(data).is_dir():
-                raise ProfileError(f"profile.features={feature_set}: the crop data set of {path} "
-                                   f"({data or 'not recorded in ' + P.MANIFEST}) is not there")
+                raise ProfileError(
+                    f"profile.features={feature_set}: the crop data set of {path} "
+                    f"({data or 'not recorded in ' + P.MANIFEST}) is not there"
+                )
         if feature_set == "cpmeasure":
             return cpmeasure_table(data, where)
         return handmade_table(data)
     if path.is_dir():
         if not (path / P.MANIFEST).is_file():
-            raise ProfileError(f"profile input {path} is a folder without {P.MANIFEST}: give a "
-                               "`raycell embed` folder or a parquet/CSV table")
+            raise ProfileError(
+                f"profile input {path} is a folder without {P.MANIFEST}: give a "
+                "`raycell embed` folder or a parquet/CSV table"
+            )
         meta, X, names = P.read_embeddings(path)
         mcols = P.morph_columns(meta)
         if feature_set != "embedding" and not mcols:
-            raise ProfileError(f"profile.features={feature_set}: the embeddings in {path} have no "
-                               "morph_* columns")
-        metas = meta[[c for c in meta.columns if str(c).startswith(P.META_PREFIX)
-                      and not P.is_list_column(meta[c])]].reset_index(drop=True)
+            raise ProfileError(
+                f"profile.features={feature_set}: the embeddings in {path} have no morph_* columns"
+            )
+        metas = meta[
+            [
+                c
+                for c in meta.columns
+                if str(c).startswith(P.META_PREFIX) and not P.is_list_column(meta[c])
+            ]
+        ].reset_index(drop=True)
         parts = [metas]
         feats: list[str] = []
         if feature_set in ("embedding", "all"):
@@ -119,17 +139,27 @@ def read_input(path: str | Path, feature_set: str = "embedding", where: str = ""
     frame = _read_table(path)
     feats = P.feature_columns(frame.columns)
     if not feats:
-        raise ProfileError(f"profile input {path}: no feature columns (names starting with "
-                           f"{', '.join(P.FEATURE_PREFIXES)}); columns: "
-                           f"{', '.join(map(str, frame.columns[:8]))}")
+        raise ProfileError(
+            f"profile input {path}: no feature columns (names starting with "
+            f"{', '.join(P.FEATURE_PREFIXES)}); columns: "
+            f"{', '.join(map(str, frame.columns[:8]))}"
+        )
     metas = [c for c in frame.columns if str(c).startswith(P.META_PREFIX)]
     other = [str(c) for c in frame.columns if c not in set(feats) | set(metas)]
     bad = [f for f in feats if not pd.api.types.is_numeric_dtype(frame[f])]
     if bad:
-        raise ProfileError(f"profile input {path}: feature column {bad[0]!r} is not numeric "
-                           f"(e.g. {frame[bad[0]].dropna().iloc[0]!r})")
-    notes = [f"left out {len(other)} column(s) that are neither Metadata_* nor features: "
-             f"{', '.join(other[:5])}"] if other else []
+        raise ProfileError(
+            f"profile input {path}: feature column {bad[0]!r} is not numeric "
+            f"(e.g. {frame[bad[0]].dropna().iloc[0]!r})"
+        )
+    notes = (
+        [
+            f"left out {len(other)} column(s) that are neither Metadata_* nor features: "
+            f"{', '.join(other[:5])}"
+        ]
+        if other
+        else []
+    )
     return ProfileTable(frame[metas + feats].reset_index(drop=True), feats, notes)
 
 
@@ -142,17 +172,21 @@ def check_finite(t: ProfileTable, where: str) -> None:
         i = int(np.flatnonzero(bad[:, j])[0])
         keys = [c for c in (P.PLATE, P.WELL) if c in t.frame.columns]
         at = ", ".join(f"{k}={t.frame[k].iloc[i]}" for k in keys) or f"row {i}"
-        raise ProfileError(f"{where}: feature {t.features[j]!r} has {int(bad[:, j].sum())} NaN or "
-                           f"infinite value(s) (first at {at}); fill or drop that column before "
-                           "profiling")
+        raise ProfileError(
+            f"{where}: feature {t.features[j]!r} has {int(bad[:, j].sum())} NaN or "
+            f"infinite value(s) (first at {at}); fill or drop that column before "
+            "profiling"
+        )
 
 
 def _require(frame: pd.DataFrame, columns: list[str], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         meta = [str(c) for c in frame.columns if str(c).startswith(P.META_PREFIX)]
-        raise ProfileError(f"{what}: no column {missing[0]!r} in the profiles (metadata columns: "
-                           f"{', '.join(meta[:12])}{' ...' if len(meta) > 12 else ''})")
+        raise ProfileError(
+            f"{what}: no column {missing[0]!r} in the profiles (metadata columns: "
+            f"{', '.join(meta[:12])}{' ...' if len(meta) > 12 else ''})"
+        )
 
 
 def aggregate(t: ProfileTable, strata: list[str], operation: str = "median") -> ProfileTable:
@@ -164,8 +198,9 @@ def aggregate(t: ProfileTable, strata: list[str], operation: str = "median") -> 
     pycytominer = _pycytominer()
 
     if operation not in AGGREGATIONS:
-        raise ProfileError(f"profile.aggregate must be one of {', '.join(AGGREGATIONS)}, got "
-                           f"{operation!r}")
+        raise ProfileError(
+            f"profile.aggregate must be one of {', '.join(AGGREGATIONS)}, got {operation!r}"
+        )
     _require(t.frame, strata, "profile.strata")
     keys = t.frame[strata].astype("string").fillna("")
     if not keys.duplicated().any():
@@ -182,15 +217,20 @@ def aggregate(t: ProfileTable, strata: list[str], operation: str = "median") -> 
             meta[c] = t.frame[c].iloc[first].to_numpy()
     meta[P.COUNT] = np.bincount(groups).astype(np.int64)
     # pycytominer groups on the key values, so missing keys get the same "" as above
-    work = pd.concat([keys.reset_index(drop=True), t.frame[t.features].reset_index(drop=True)],
-                     axis=1)
-    agg = pycytominer.aggregate(work, strata=strata, features=t.features, operation=operation,
-                                output_file=None)
+    work = pd.concat(
+        [keys.reset_index(drop=True), t.frame[t.features].reset_index(drop=True)], axis=1
+    )
+    agg = pycytominer.aggregate(
+        work, strata=strata, features=t.features, operation=operation, output_file=None
+    )
     agg = agg.sort_values(strata, kind="stable").reset_index(drop=True)
     frame = pd.concat([meta, agg[t.features].astype(np.float64)], axis=1)
-    return ProfileTable(frame, list(t.features),
-                        t.notes + [f"aggregated {len(t.frame)} rows to {len(frame)} by "
-                                   f"{', '.join(strata)} ({operation})"])
+    return ProfileTable(
+        frame,
+        list(t.features),
+        t.notes
+        + [f"aggregated {len(t.frame)} rows to {len(frame)} by {', '.join(strata)} ({operation})"],
+    )
 
 
 def control_mask(frame: pd.DataFrame, controls: str) -> np.ndarray:
@@ -205,15 +245,20 @@ def control_mask(frame: pd.DataFrame, controls: str) -> np.ndarray:
         hit = frame.query(controls)
     except pd.errors.UndefinedVariableError as exc:
         meta = [str(c) for c in frame.columns if str(c).startswith(P.META_PREFIX)]
-        raise ProfileError(f"profile.controls {controls!r}: {exc} (metadata columns: "
-                           f"{', '.join(meta[:12])})") from None
+        raise ProfileError(
+            f"profile.controls {controls!r}: {exc} (metadata columns: {', '.join(meta[:12])})"
+        ) from None
     except Exception as exc:  # pandas raises SyntaxError, ValueError, TypeError, KeyError...
-        raise ProfileError(f"profile.controls {controls!r} is not a pandas query that works on the "
-                           f"profiles: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise ProfileError(
+            f"profile.controls {controls!r} is not a pandas query that works on the "
+            f"profiles: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
     mask = frame.index.isin(hit.index)
     if not mask.any():
-        raise ProfileError(f"profile.controls {controls!r} matches none of the {len(frame)} "
-                           "profiles (check the column's values)")
+        raise ProfileError(
+            f"profile.controls {controls!r} matches none of the {len(frame)} "
+            "profiles (check the column's values)"
+        )
     return mask
 
 
@@ -221,12 +266,16 @@ def _spread(x: np.ndarray, method: str) -> np.ndarray:
     if method == "standardize":
         return x.std(axis=0)
     med = np.median(x, axis=0)
-    return np.median(np.abs(x - med), axis=0) if method == "mad_robustize" else \
-        np.subtract(*np.percentile(x, [75, 25], axis=0))
+    return (
+        np.median(np.abs(x - med), axis=0)
+        if method == "mad_robustize"
+        else np.subtract(*np.percentile(x, [75, 25], axis=0))
+    )
 
 
-def normalize_plates(t: ProfileTable, controls: str = "", method: str = "mad_robustize",
-                     plate: str = P.PLATE) -> ProfileTable:
+def normalize_plates(
+    t: ProfileTable, controls: str = "", method: str = "mad_robustize", plate: str = P.PLATE
+) -> ProfileTable:
     """Each plate's features centred and scaled on its control wells (pycytominer's `normalize`).
 
     Features whose spread among one plate's controls is zero are dropped first (and named in the
@@ -235,8 +284,9 @@ def normalize_plates(t: ProfileTable, controls: str = "", method: str = "mad_rob
     pycytominer = _pycytominer()
 
     if method not in NORMALIZATIONS:
-        raise ProfileError(f"profile.normalize must be one of {', '.join(NORMALIZATIONS)}, got "
-                           f"{method!r}")
+        raise ProfileError(
+            f"profile.normalize must be one of {', '.join(NORMALIZATIONS)}, got {method!r}"
+        )
     if method == "none":
         return t
     frame = t.frame.reset_index(drop=True)
@@ -248,19 +298,25 @@ def normalize_plates(t: ProfileTable, controls: str = "", method: str = "mad_rob
     for p in plates.unique():
         rows = (plates == p).to_numpy() & ctrl
         if not rows.any():
-            raise ProfileError(f"profile.controls {controls!r} matches no well of plate "
-                               f"{plate}={p}: it cannot be normalised against its controls")
+            raise ProfileError(
+                f"profile.controls {controls!r} matches no well of plate "
+                f"{plate}={p}: it cannot be normalised against its controls"
+            )
         keep &= _spread(X[rows], method) > 0
     if not keep.any():
-        raise ProfileError(f"every one of the {len(keep)} features has no spread among the "
-                           "controls "
-                           f"({controls or 'all wells'}) of some plate: nothing to normalise")
+        raise ProfileError(
+            f"every one of the {len(keep)} features has no spread among the "
+            "controls "
+            f"({controls or 'all wells'}) of some plate: nothing to normalise"
+        )
     feats = [f for f, k in zip(t.features, keep) if k]
     notes = list(t.notes)
     if not keep.all():
         dropped = [f for f, k in zip(t.features, keep) if not k]
-        notes.append(f"dropped {len(dropped)} feature(s) with no spread among a plate's controls: "
-                     f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}")
+        notes.append(
+            f"dropped {len(dropped)} feature(s) with no spread among a plate's controls: "
+            f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}"
+        )
     meta = [c for c in frame.columns if c not in set(t.features)]
     parts = []
     for p in plates.unique():
@@ -268,12 +324,20 @@ def normalize_plates(t: ProfileTable, controls: str = "", method: str = "mad_rob
         # pycytominer picks controls by a query string: a column holding the mask already checked
         # above makes that query exact (and names no user column it could misread)
         sub["__ctrl"] = ctrl[(plates == p).to_numpy()]
-        out = pycytominer.normalize(sub, features=feats, meta_features=meta + ["__ctrl"],
-                                    samples="__ctrl == True", method=method, output_file=None)
+        out = pycytominer.normalize(
+            sub,
+            features=feats,
+            meta_features=meta + ["__ctrl"],
+            samples="__ctrl == True",
+            method=method,
+            output_file=None,
+        )
         parts.append(out.drop(columns="__ctrl"))
     out = pd.concat(parts).loc[frame.index]  # back to the input order
-    notes.append(f"normalised {len(plates.unique())} plate(s) by {method} against "
-                 f"{int(ctrl.sum())} control profile(s) ({controls or 'all wells'})")
+    notes.append(
+        f"normalised {len(plates.unique())} plate(s) by {method} against "
+        f"{int(ctrl.sum())} control profile(s) ({controls or 'all wells'})"
+    )
     return ProfileTable(out.reset_index(drop=True), feats, notes)
 
 
@@ -283,18 +347,27 @@ def select(t: ProfileTable, operations: list[str]) -> ProfileTable:
 
     bad = [o for o in operations if o not in SELECTIONS]
     if bad:
-        raise ProfileError(f"profile.feature_select: unknown operation {bad[0]!r} (use any of "
-                           f"{', '.join(SELECTIONS)})")
+        raise ProfileError(
+            f"profile.feature_select: unknown operation {bad[0]!r} (use any of "
+            f"{', '.join(SELECTIONS)})"
+        )
     if not operations:
         return t
-    out = pycytominer.feature_select(t.frame, features=t.features, operation=list(operations),
-                                     output_file=None)
+    out = pycytominer.feature_select(
+        t.frame, features=t.features, operation=list(operations), output_file=None
+    )
     feats = [f for f in t.features if f in out.columns]
     if not feats:
         raise ProfileError(f"profile.feature_select {list(operations)} removed every feature")
-    return ProfileTable(out[t.meta_columns + feats].reset_index(drop=True), feats,
-                        t.notes + [f"feature selection ({', '.join(operations)}) kept "
-                                   f"{len(feats)} of {len(t.features)} features"])
+    return ProfileTable(
+        out[t.meta_columns + feats].reset_index(drop=True),
+        feats,
+        t.notes
+        + [
+            f"feature selection ({', '.join(operations)}) kept "
+            f"{len(feats)} of {len(t.features)} features"
+        ],
+    )
 
 
 def sphere(t: ProfileTable, controls: str = "") -> ProfileTable:
@@ -303,11 +376,19 @@ def sphere(t: ProfileTable, controls: str = "") -> ProfileTable:
 
     ctrl = control_mask(t.frame, controls)
     work = t.frame.assign(__ctrl=ctrl)
-    out = pycytominer.normalize(work, features=t.features,
-                                meta_features=t.meta_columns + ["__ctrl"], samples="__ctrl == True",
-                                method="spherize", output_file=None)
-    return ProfileTable(out.drop(columns="__ctrl").reset_index(drop=True), list(t.features),
-                        t.notes + [f"sphered (ZCA-cor) on {int(ctrl.sum())} control profile(s)"])
+    out = pycytominer.normalize(
+        work,
+        features=t.features,
+        meta_features=t.meta_columns + ["__ctrl"],
+        samples="__ctrl == True",
+        method="spherize",
+        output_file=None,
+    )
+    return ProfileTable(
+        out.drop(columns="__ctrl").reset_index(drop=True),
+        list(t.features),
+        t.notes + [f"sphered (ZCA-cor) on {int(ctrl.sum())} control profile(s)"],
+    )
 
 
 def treatment_key(frame: pd.DataFrame, treatment: list[str]) -> pd.Series:
@@ -326,8 +407,9 @@ def consensus(t: ProfileTable, treatment: list[str]) -> ProfileTable:
     frame = pd.concat([t.frame.reset_index(drop=True), key], axis=1)
     out = aggregate(ProfileTable(frame, list(t.features)), [TREATMENT_KEY], "median")
     if len(out.frame) == len(frame):  # one well per treatment: aggregate passed it through
-        out = ProfileTable(frame.sort_values(TREATMENT_KEY, kind="stable").reset_index(drop=True),
-                           list(t.features))
+        out = ProfileTable(
+            frame.sort_values(TREATMENT_KEY, kind="stable").reset_index(drop=True), list(t.features)
+        )
     return ProfileTable(out.frame, out.features, list(t.notes))
 
 
@@ -338,12 +420,17 @@ def filter_rows(t: ProfileTable, where: str) -> ProfileTable:
     try:
         frame = t.frame.query(where)
     except Exception as exc:  # pandas raises UndefinedVariableError, SyntaxError, ValueError...
-        raise ProfileError(f"profile.where {where!r} does not work on the profiles: "
-                           f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise ProfileError(
+            f"profile.where {where!r} does not work on the profiles: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
     if frame.empty:
         raise ProfileError(f"profile.where {where!r} matches none of the {len(t.frame)} rows")
-    return ProfileTable(frame.reset_index(drop=True), list(t.features),
-                        t.notes + [f"kept {len(frame)} of {len(t.frame)} rows ({where})"])
+    return ProfileTable(
+        frame.reset_index(drop=True),
+        list(t.features),
+        t.notes + [f"kept {len(frame)} of {len(t.frame)} rows ({where})"],
+    )
 
 
 def prepare(t: ProfileTable, strata: list[str], operation: str = "median") -> ProfileTable:
@@ -352,19 +439,33 @@ def prepare(t: ProfileTable, strata: list[str], operation: str = "median") -> Pr
     check_finite(t, "profiles")
     const = [f for f, s in zip(t.features, np.ptp(t.matrix(), axis=0)) if not s > 0]
     if len(const) == len(t.features):
-        raise ProfileError(f"every one of the {len(const)} features is constant over the "
-                           f"{len(t.frame)} profiles: nothing to profile")
+        raise ProfileError(
+            f"every one of the {len(const)} features is constant over the "
+            f"{len(t.frame)} profiles: nothing to profile"
+        )
     if const:
-        t = ProfileTable(t.frame.drop(columns=const), [f for f in t.features if f not in const],
-                         t.notes + [f"dropped {len(const)} constant feature(s): "
-                                    f"{', '.join(const[:5])}{' ...' if len(const) > 5 else ''}"])
+        t = ProfileTable(
+            t.frame.drop(columns=const),
+            [f for f in t.features if f not in const],
+            t.notes
+            + [
+                f"dropped {len(const)} constant feature(s): "
+                f"{', '.join(const[:5])}{' ...' if len(const) > 5 else ''}"
+            ],
+        )
     return t
 
 
-def build_profiles(t: ProfileTable, strata: list[str], operation: str = "median",
-                   controls: str = "", method: str = "mad_robustize",
-                   feature_select: list[str] | tuple = (), spherize: bool = False,
-                   plate: str = P.PLATE) -> ProfileTable:
+def build_profiles(
+    t: ProfileTable,
+    strata: list[str],
+    operation: str = "median",
+    controls: str = "",
+    method: str = "mad_robustize",
+    feature_select: list[str] | tuple = (),
+    spherize: bool = False,
+    plate: str = P.PLATE,
+) -> ProfileTable:
     """Aggregate -> refuse NaN -> normalise per plate -> select features -> (sphere)."""
     t = prepare(t, strata, operation)
     t = normalize_plates(t, controls, method, plate)

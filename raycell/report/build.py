@@ -146,7 +146,8 @@ class _Ctx:
 
 def detect(folder: Path) -> str | None:
     """What a folder holds: 'embeddings', 'profile', 'tune', 'experiment', 'demo', 'run', 'ingest'
-    or None."""
+    or None.
+    """
     if (folder / INGEST_SUMMARY).is_file():
         return "ingest"
     if (folder / "embeddings.json").is_file():
@@ -987,22 +988,42 @@ def _overlay_section(folder: Path, ctx: _Ctx) -> Section | None:
     for r in plates:
         drawn = ", ".join(f"{f} ({n})" for f, n in zip(r.get("fields", []), r.get("objects", [])))
         codes = ", ".join(f"{k} {v}" for k, v in (r.get("rejects_by_code") or {}).items())
-        rows.append([r["plate"], r["n_fovs"], r["n_fovs_with_cells"], r["n_fovs_rejected"],
-                     codes, r["n_cells"], r["diameter_px"], drawn])
+        rows.append(
+            [
+                r["plate"],
+                r["n_fovs"],
+                r["n_fovs_with_cells"],
+                r["n_fovs_rejected"],
+                codes,
+                r["n_cells"],
+                r["diameter_px"],
+                drawn,
+            ]
+        )
         src = folder / r["png"] if r.get("png") else None
         if src is None or not src.is_file():
             continue
         dst = ctx.png(f"overlay_{r['plate']}")
         shutil.copyfile(src, dst)
-        figures.append(Figure(
-            dst,
-            f"segmentation outlines on {len(r.get('fields', []))} fields of plate {r['plate']}",
-            f"Plate {r['plate']}: {drawn} (field, objects found); diameter "
-            f"{r['diameter_px']} px.",
-        ))
+        figures.append(
+            Figure(
+                dst,
+                f"segmentation outlines on {len(r.get('fields', []))} fields of plate {r['plate']}",
+                f"Plate {r['plate']}: {drawn} (field, objects found); diameter "
+                f"{r['diameter_px']} px.",
+            )
+        )
     table = html_table(
-        ["plate", "fields", "with cells", "rejected", "rejects by reason", "cells",
-         "diameter px", "fields drawn (objects)"],
+        [
+            "plate",
+            "fields",
+            "with cells",
+            "rejected",
+            "rejects by reason",
+            "cells",
+            "diameter px",
+            "fields drawn (objects)",
+        ],
         rows,
     )
     return Section("Segmentation per plate", CAPTIONS["overlays"], figures=figures, tables=[table])
@@ -1027,8 +1048,7 @@ def _ingest_report(folder: Path, ctx: _Ctx):
         _safe(ctx, "segmentation overlays", _overlay_section, folder, ctx),
         _safe(ctx, "example crops", _crops_section, str(folder), ctx),
     ]
-    return (f"raycell ingest report: {folder.name}", header,
-            [s for s in sections if s is not None])
+    return (f"raycell ingest report: {folder.name}", header, [s for s in sections if s is not None])
 
 
 BUILDERS = {

@@ -43,9 +43,17 @@ CAPTIONS = {
 
 
 def _rows(t: pd.DataFrame, label: str) -> list[list]:
-    return [[str(r[label]), float(r["mean_average_precision"]), float(r["p_value"]),
-             float(r["corrected_p_value"]), "✓" if bool(r["retrieved"]) else "",
-             int(r["n_profiles"])] for _, r in t.iterrows()]
+    return [
+        [
+            str(r[label]),
+            float(r["mean_average_precision"]),
+            float(r["p_value"]),
+            float(r["corrected_p_value"]),
+            "✓" if bool(r["retrieved"]) else "",
+            int(r["n_profiles"]),
+        ]
+        for _, r in t.iterrows()
+    ]
 
 
 def _table_section(t: pd.DataFrame, label: str, title: str, caption: str, ctx, png: str) -> Section:
@@ -54,8 +62,9 @@ def _table_section(t: pd.DataFrame, label: str, title: str, caption: str, ctx, p
     t = t.sort_values("mean_average_precision", ascending=False, kind="stable")
     path = ctx.png(png)
     map_figure(t, label, title, path=path)
-    table = html_table([label, "mAP", "p-value", "corrected p", "retrieved", "profiles"],
-                       _rows(t, label))
+    table = html_table(
+        [label, "mAP", "p-value", "corrected p", "retrieved", "profiles"], _rows(t, label)
+    )
     return Section(title, caption, figures=[Figure(path, title)], tables=[table])
 
 
@@ -72,35 +81,76 @@ def profile_report(folder: Path, ctx):
         rows = []
         a = summary.get("activity")
         if a:
-            rows.append(["activity (vs controls)", a["n_treatments"], a["n_retrieved"],
-                         a["fraction_retrieved"], a["mean_map"]])
+            rows.append(
+                [
+                    "activity (vs controls)",
+                    a["n_treatments"],
+                    a["n_retrieved"],
+                    a["fraction_retrieved"],
+                    a["mean_map"],
+                ]
+            )
         for col, c in (summary.get("consistency") or {}).items():
-            rows.append([f"consistency: {col}", c["n_values"], c["n_retrieved"],
-                         c["fraction_retrieved"], c["mean_map"] if c["mean_map"] is not None
-                         else float("nan")])
+            rows.append(
+                [
+                    f"consistency: {col}",
+                    c["n_values"],
+                    c["n_retrieved"],
+                    c["fraction_retrieved"],
+                    c["mean_map"] if c["mean_map"] is not None else float("nan"),
+                ]
+            )
         pr = summary.get("percent_replicating")
-        notes = [f"percent replicating: {pr:.3f}" if pr is not None else
-                 "percent replicating: not defined (no treatment has two wells)"]
-        sections.append(Section("Retrieval summary", CAPTIONS["summary"], tables=[html_table(
-            ["metric", "groups", "retrieved", "fraction retrieved", "mean mAP"], rows)],
-            notes=notes))
+        notes = [
+            f"percent replicating: {pr:.3f}"
+            if pr is not None
+            else "percent replicating: not defined (no treatment has two wells)"
+        ]
+        sections.append(
+            Section(
+                "Retrieval summary",
+                CAPTIONS["summary"],
+                tables=[
+                    html_table(
+                        ["metric", "groups", "retrieved", "fraction retrieved", "mean mAP"], rows
+                    )
+                ],
+                notes=notes,
+            )
+        )
     if (folder / ACTIVITY).is_file():
         t = pd.read_csv(folder / ACTIVITY)
         if len(t):
-            sections.append(_table_section(t, "treatment", "Phenotypic activity: mAP per "
-                                           "treatment", CAPTIONS["activity"], ctx, "activity_map"))
+            sections.append(
+                _table_section(
+                    t,
+                    "treatment",
+                    "Phenotypic activity: mAP per treatment",
+                    CAPTIONS["activity"],
+                    ctx,
+                    "activity_map",
+                )
+            )
     for col in settings.get("annotations") or []:
         f = folder / consistency_file(col)
         if f.is_file():
             t = pd.read_csv(f)
             if len(t):
-                sections.append(_table_section(t, col, f"Phenotypic consistency: {col}",
-                                               CAPTIONS["consistency"].format(col=col), ctx,
-                                               f"consistency_{col}"))
+                sections.append(
+                    _table_section(
+                        t,
+                        col,
+                        f"Phenotypic consistency: {col}",
+                        CAPTIONS["consistency"].format(col=col),
+                        ctx,
+                        f"consistency_{col}",
+                    )
+                )
     if (folder / "comparison.md").is_file():
         table, _ = markdown_table((folder / "comparison.md").read_text())
-        sections.append(Section("Batch corrections compared", CAPTIONS["comparison"],
-                                tables=[table]))
+        sections.append(
+            Section("Batch corrections compared", CAPTIONS["comparison"], tables=[table])
+        )
     header = {
         "folder": str(folder),
         "what": "profiles (raycell profile)",

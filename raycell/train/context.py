@@ -49,8 +49,16 @@ class TrainContext:
 class LocalContext(TrainContext):
     """In-process context over a shard data set; reports are collected in `self.history`."""
 
-    def __init__(self, ds: ShardDataset, collate: CropCollate, batch_size: int, eval_batch_size: int,
-                 checkpoint_root: str | os.PathLike, seed: int = 0, resume: str | None = None):
+    def __init__(
+        self,
+        ds: ShardDataset,
+        collate: CropCollate,
+        batch_size: int,
+        eval_batch_size: int,
+        checkpoint_root: str | os.PathLike,
+        seed: int = 0,
+        resume: str | None = None,
+    ):
         self.ds, self.collate = ds, collate
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.root = Path(checkpoint_root)
@@ -62,8 +70,9 @@ class LocalContext(TrainContext):
     def minibatches(self, split, epoch, train):
         """Shuffled (train) or ordered minibatches from the shards."""
         bs = self.batch_size if train else self.eval_batch_size
-        yield from local_batches(self.ds, split, bs, self.collate, shuffle=train, seed=self.seed + epoch,
-                                 drop_last=train)
+        yield from local_batches(
+            self.ds, split, bs, self.collate, shuffle=train, seed=self.seed + epoch, drop_last=train
+        )
 
     def resume_from(self):
         """The checkpoint given at construction."""
@@ -81,8 +90,16 @@ class LocalContext(TrainContext):
 class RayTrainContext(TrainContext):
     """Context inside a Ray Train worker: dataset shards, `ray.train.report`, torch.distributed."""
 
-    def __init__(self, collate: CropCollate, batch_size: int, eval_batch_size: int, shuffle_buffer: int,
-                 prefetch_batches: int, shuffle_seed: int = -1, fetch_batches: int = 1):
+    def __init__(
+        self,
+        collate: CropCollate,
+        batch_size: int,
+        eval_batch_size: int,
+        shuffle_buffer: int,
+        prefetch_batches: int,
+        shuffle_seed: int = -1,
+        fetch_batches: int = 1,
+    ):
         import ray.train
         import ray.train.torch
 
@@ -110,11 +127,24 @@ class RayTrainContext(TrainContext):
         it = ray.train.get_dataset_shard(split)
         pin = self.device.type == "cuda"
         if train:
-            yield from train_batches(it, self.batch_size, self.collate, self.fetch, self.shuffle_buffer,
-                                     seed, self.prefetch, pin)
+            yield from train_batches(
+                it,
+                self.batch_size,
+                self.collate,
+                self.fetch,
+                self.shuffle_buffer,
+                seed,
+                self.prefetch,
+                pin,
+            )
             return
-        yield from it.iter_torch_batches(batch_size=self.eval_batch_size, collate_fn=self.collate,
-                                         prefetch_batches=self.prefetch, drop_last=False, pin_memory=pin)
+        yield from it.iter_torch_batches(
+            batch_size=self.eval_batch_size,
+            collate_fn=self.collate,
+            prefetch_batches=self.prefetch,
+            drop_last=False,
+            pin_memory=pin,
+        )
 
     def resume_from(self):
         """Latest checkpoint of this run (a retry after a failure, or `--resume`).

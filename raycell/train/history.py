@@ -17,7 +17,7 @@ HISTORY_FILE = "history.jsonl"
 
 
 def _plain(v):
-    """numpy scalars -> Python numbers (json cannot write them)."""
+    """Numpy scalars -> Python numbers (json cannot write them)."""
     return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
 
 
@@ -68,7 +68,9 @@ EPOCH_LINE_KEYS = ("train_loss", "val_loss", "val_auroc", "valbatch_auroc", "val
 
 
 def epoch_line(rec: dict, epochs: int) -> str:
-    """One terminal line for one epoch's metrics, e.g. `epoch 3/6  train_loss 0.0123  val_auroc 0.81  12.3 s`."""
+    """One terminal line for one epoch's metrics, e.g. `epoch 3/6  train_loss 0.0123  val_auroc
+    0.81  12.3 s`.
+    """
     parts = [f"epoch {rec['epoch'] + 1}/{epochs}"]
     for k in EPOCH_LINE_KEYS:
         v = rec.get(k)
@@ -86,11 +88,21 @@ class EpochPrinter:
     rank 0 writes (the run folder is the driver's), so the terminal shows the epochs and nothing else.
     """
 
-    def __init__(self, path: str | os.PathLike, epochs: int, prefix: str = "[raycell] ",
-                 interval_s: float = 1.0):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        epochs: int,
+        prefix: str = "[raycell] ",
+        interval_s: float = 1.0,
+    ):
         import threading
 
-        self.path, self.epochs, self.prefix, self.interval_s = Path(path), epochs, prefix, interval_s
+        self.path, self.epochs, self.prefix, self.interval_s = (
+            Path(path),
+            epochs,
+            prefix,
+            interval_s,
+        )
         self.shown = {r["epoch"] for r in read_history(self.path)}  # a resumed run: only new epochs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raycell-epochs", daemon=True)

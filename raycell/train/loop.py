@@ -43,11 +43,21 @@ from raycell.utils.memory import trimming
 PROBE_MAX_CELLS = 2000  # the per-epoch batch probe stays cheap (a few 3-fold logistic regressions)
 
 
-def model_kwargs(cfg: ExperimentConfig, spec: DataSpec, labels: CategoryMap, batch_map: CategoryMap,
-                 setup: dict | None = None) -> dict:
+def model_kwargs(
+    cfg: ExperimentConfig,
+    spec: DataSpec,
+    labels: CategoryMap,
+    batch_map: CategoryMap,
+    setup: dict | None = None,
+) -> dict:
     """Builder arguments: data-derived sizes, then the preset, then the user's `model.args`."""
-    kw = {"in_channels": spec.shape[0], "n_classes": len(labels), "n_batches": len(batch_map),
-          "preset": cfg.model.preset, "image_size": spec.shape[1]}
+    kw = {
+        "in_channels": spec.shape[0],
+        "n_classes": len(labels),
+        "n_batches": len(batch_map),
+        "preset": cfg.model.preset,
+        "image_size": spec.shape[1],
+    }
     if setup and setup.get("channel_means"):
         kw["output_mean"] = setup["channel_means"]
     if setup and setup.get("heads"):  # weak-label model types: one head per column (data.heads)
@@ -65,8 +75,12 @@ def make_collate(setup: dict) -> CropCollate:
     heads = [CategoryMap.from_dict(h) for h in setup.get("heads") or []] or None
     if heads and setup.get("balance"):
         heads = heads + [CategoryMap.from_dict(setup["balance"]["by"])]
-    return CropCollate(DataSpec.from_dict(setup["data_spec"]), CategoryMap.from_dict(setup["labels"]),
-                       CategoryMap.from_dict(setup["batches"]), heads)
+    return CropCollate(
+        DataSpec.from_dict(setup["data_spec"]),
+        CategoryMap.from_dict(setup["labels"]),
+        CategoryMap.from_dict(setup["batches"]),
+        heads,
+    )
 
 
 def _auroc(y: np.ndarray, p: np.ndarray) -> float:
@@ -90,9 +104,17 @@ def _auroc(y: np.ndarray, p: np.ndarray) -> float:
         return float("nan")
 
 
-def validate(model: torch.nn.Module, plan: TrainingPlan, minibatches, spec: DataSpec,
-             n_batches: int, prefix: str = "val", latents: list | None = None,
-             heads: list[CategoryMap] | None = None, channels_last: bool = False) -> dict[str, float]:
+def validate(
+    model: torch.nn.Module,
+    plan: TrainingPlan,
+    minibatches,
+    spec: DataSpec,
+    n_batches: int,
+    prefix: str = "val",
+    latents: list | None = None,
+    heads: list[CategoryMap] | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
     """Mean loss terms, AUROC and accuracy over an iterable of minibatches (model in eval mode).
 
     Metric names are `<prefix>_<term>`, `<prefix>_acc`, `<prefix>_auroc`. With `latents` (a list), the
@@ -130,9 +152,11 @@ def validate(model: torch.nn.Module, plan: TrainingPlan, minibatches, spec: Data
             res[f"{prefix}_{h.column}_acc"] = float((ph.argmax(1) == y[:, i]).mean())
             res[f"{prefix}_{h.column}_auroc"] = _auroc(y[:, i], ph)
         res[f"{prefix}_acc"] = float(np.mean([res[f"{prefix}_{h.column}_acc"] for h in heads]))
-        res[f"{prefix}_auroc"] = float(np.nanmean([res[f"{prefix}_{h.column}_auroc"] for h in heads])
-                                       if any(np.isfinite(res[f"{prefix}_{h.column}_auroc"]) for h in heads)
-                                       else float("nan"))
+        res[f"{prefix}_auroc"] = float(
+            np.nanmean([res[f"{prefix}_{h.column}_auroc"] for h in heads])
+            if any(np.isfinite(res[f"{prefix}_{h.column}_auroc"]) for h in heads)
+            else float("nan")
+        )
         return res
     pred = p >= 0.5 if p.ndim == 1 else p.argmax(1)
     res[f"{prefix}_acc"] = float((pred == y).mean())
@@ -178,8 +202,10 @@ def fault_drill(run_dir: Path, steps: int) -> None:
     # polls, so that the drill checks the recovery from the last checkpoint, as a crash minutes later would.
     time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) + 0.5)
     marker.write_text(f"fired after {steps} steps at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    print(f"[raycell] fault drill: rank 0 exits abruptly after {steps} steps (train.chaos_kill_after_steps)",
-          flush=True)
+    print(
+        f"[raycell] fault drill: rank 0 exits abruptly after {steps} steps (train.chaos_kill_after_steps)",
+        flush=True,
+    )
     os._exit(1)
 
 
@@ -201,8 +227,9 @@ def timed(batches, waited: list[float]):
         yield batch
 
 
-def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_file: str | None = None
-                 ) -> dict:
+def run_training(
+    ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_file: str | None = None
+) -> dict:
     """Train `cfg.model.type` for `cfg.train.epochs`, reporting through `ctx`; returns the last metrics.
 
     `setup["valbatch"]` true: also validate on the `valbatch` split. `history_file`: rank 0 appends
@@ -213,14 +240,25 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
     batch_map = CategoryMap.from_dict(setup["batches"])  # imaging batches: the columns of Z
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
-    torch.manual_seed(cfg.seed)  # same initial weights on every worker (and broadcast below to be sure)
-    model = create_model(cfg.model.type, **model_kwargs(cfg, spec, labels, batch_map, setup)).to(ctx.device)
+    torch.manual_seed(
+        cfg.seed
+    )  # same initial weights on every worker (and broadcast below to be sure)
+    model = create_model(cfg.model.type, **model_kwargs(cfg, spec, labels, batch_map, setup)).to(
+        ctx.device
+    )
     on_cuda = ctx.device.type == "cuda"
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    plan = build_plan(model, cfg.loss, cfg.train.lr, cfg.train.weight_decay, n_batches=len(batch_map),
-                      grad_sync=ctx.sync_gradients, bf16=cfg.train.bf16 and on_cuda,
-                      layer_decay=cfg.train.layer_decay)
+    plan = build_plan(
+        model,
+        cfg.loss,
+        cfg.train.lr,
+        cfg.train.weight_decay,
+        n_batches=len(batch_map),
+        grad_sync=ctx.sync_gradients,
+        bf16=cfg.train.bf16 and on_cuda,
+        layer_decay=cfg.train.layer_decay,
+    )
     plan.set_schedule(cfg.train.schedule, setup.get("steps_per_epoch", 1) * cfg.train.epochs)
     if setup.get("balance"):  # infer.z_mode balanced: (batch, label) weights computed on the driver
         plan.set_balance(setup["balance"]["weights"])
@@ -231,7 +269,9 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
     if resume is not None:
         from raycell.utils.io import read_json
 
-        model.load_state_dict(torch.load(resume / "model.pt", map_location=ctx.device, weights_only=True))
+        model.load_state_dict(
+            torch.load(resume / "model.pt", map_location=ctx.device, weights_only=True)
+        )
         state = load_plan_state(resume)
         if state:
             plan.load_state_dict(state)
@@ -247,7 +287,9 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
     metrics: dict = {}
     for epoch in range(start, cfg.train.epochs):
         t0 = time.time()
-        if cfg.data.shuffle_seed >= 0:  # the model's random draws too: an epoch replays after a restart
+        if (
+            cfg.data.shuffle_seed >= 0
+        ):  # the model's random draws too: an epoch replays after a restart
             torch.manual_seed(cfg.data.shuffle_seed * 1_000_003 + epoch)
         model.train()
         sums: dict[str, float] = {}
@@ -260,11 +302,15 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
             # reconstruction losses then compare against this normalised input); augmentation after it
             x = spec.to_float(batch["x"])
             if augment:  # reproducible per (seed, epoch, step, rank)
-                aug_gen.manual_seed((cfg.seed * 1_000_003 + epoch * 100_003 + step * 101 + ctx.rank) % 2**62)
+                aug_gen.manual_seed(
+                    (cfg.seed * 1_000_003 + epoch * 100_003 + step * 101 + ctx.rank) % 2**62
+                )
                 x = augment_batch(x, augment, aug_gen, cfg.train.augment_strength)
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            logs = plan.training_step(x, batch["y"], one_hot_design(batch["b"], len(batch_map))).values()
+            logs = plan.training_step(
+                x, batch["y"], one_hot_design(batch["b"], len(batch_map))
+            ).values()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
@@ -274,34 +320,74 @@ def run_training(ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_
             if cfg.train.log_every and ctx.rank == 0 and steps % cfg.train.log_every == 0:
                 print(f"[raycell] epoch {epoch} step {steps} loss {logs['loss']:.4f}", flush=True)
         if steps == 0:
-            raise RuntimeError("no training minibatches: the training split has fewer rows per worker than "
-                               f"data.batch_size ({cfg.data.batch_size}); lower it or add data")
-        metrics = {"epoch": epoch, "steps": steps, **{f"train_{k}": v / steps for k, v in sums.items()},
-                   "data_wait_s": waited[0], "train_time_s": time.time() - t0}
+            raise RuntimeError(
+                "no training minibatches: the training split has fewer rows per worker than "
+                f"data.batch_size ({cfg.data.batch_size}); lower it or add data"
+            )
+        metrics = {
+            "epoch": epoch,
+            "steps": steps,
+            **{f"train_{k}": v / steps for k, v in sums.items()},
+            "data_wait_s": waited[0],
+            "train_time_s": time.time() - t0,
+        }
         if on_cuda:  # the run's peak so far: the driver cannot read the worker's allocator
             metrics["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         # the validation passes hand freed heap pages back as they go (raycell/utils/memory.py)
         val = trimming(ctx.minibatches("val", epoch, train=False))
         # Only rank 0's metrics are reported: the other ranks skip the probe's regressions.
         lat: list | None = [] if ctx.rank == 0 else None
-        metrics.update(validate(model, plan, val, spec, len(batch_map), latents=lat, heads=heads,
-                                channels_last=cfg.train.channels_last))
+        metrics.update(
+            validate(
+                model,
+                plan,
+                val,
+                spec,
+                len(batch_map),
+                latents=lat,
+                heads=heads,
+                channels_last=cfg.train.channels_last,
+            )
+        )
         if lat:
             metrics.update(batch_probe(lat, seed=cfg.seed))
             if "val_auroc" in metrics and "val_batch_probe" in metrics:
                 excess = metrics["val_batch_probe"] - metrics["val_batch_probe_chance"]
-                metrics["val_composite"] = metrics["val_auroc"] - cfg.train.composite_weight * excess
+                metrics["val_composite"] = (
+                    metrics["val_auroc"] - cfg.train.composite_weight * excess
+                )
         if setup.get("valbatch"):  # whole seen batches never trained on: codes -1, Z rows all zero
             vb = trimming(ctx.minibatches("valbatch", epoch, train=False))
-            metrics.update(validate(model, plan, vb, spec, len(batch_map), prefix="valbatch", heads=heads,
-                                    channels_last=cfg.train.channels_last))
+            metrics.update(
+                validate(
+                    model,
+                    plan,
+                    vb,
+                    spec,
+                    len(batch_map),
+                    prefix="valbatch",
+                    heads=heads,
+                    channels_last=cfg.train.channels_last,
+                )
+            )
         metrics["epoch_time_s"] = time.time() - t0
         with tempfile.TemporaryDirectory(prefix="raycell-ckpt-") as d:
             ck = None
             if ctx.rank == 0:
-                ck = str(save_checkpoint(d, model, plan.state_dict(), epoch=epoch, spec=spec, labels=labels,
-                                         batches=batch_map, config=cfg.to_dict(), metrics=metrics,
-                                         extra={"heads": setup["heads"]} if heads else None))
+                ck = str(
+                    save_checkpoint(
+                        d,
+                        model,
+                        plan.state_dict(),
+                        epoch=epoch,
+                        spec=spec,
+                        labels=labels,
+                        batches=batch_map,
+                        config=cfg.to_dict(),
+                        metrics=metrics,
+                        extra={"heads": setup["heads"]} if heads else None,
+                    )
+                )
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
                 print(f"[raycell] {shown}", flush=True)
                 if history_file:  # before the report: a run killed in between re-runs the epoch
@@ -315,8 +401,15 @@ def ray_context(config: dict) -> tuple[ExperimentConfig, dict, RayTrainContext]:
     cfg = ExperimentConfig.from_dict(config["cfg"])
     setup = config["setup"]
     d = cfg.data
-    ctx = RayTrainContext(make_collate(setup), d.batch_size, d.eval_batch_size, d.shuffle_buffer,
-                          d.prefetch_batches, shuffle_seed=d.shuffle_seed, fetch_batches=d.fetch_batches)
+    ctx = RayTrainContext(
+        make_collate(setup),
+        d.batch_size,
+        d.eval_batch_size,
+        d.shuffle_buffer,
+        d.prefetch_batches,
+        shuffle_seed=d.shuffle_seed,
+        fetch_batches=d.fetch_batches,
+    )
     return cfg, setup, ctx
 
 

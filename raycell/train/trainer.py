@@ -29,12 +29,29 @@ from raycell.utils.io import atomic_write_json, atomic_write_text, new_run_dir
 from raycell.utils.ray_utils import link_ray_logs, single_node
 
 # Keys a resumed run may change (prefixes end with "."): how long and where it runs, not what it learns.
-RESUME_MAY_CHANGE = ("train.epochs", "train.max_failures", "train.checkpoints_to_keep", "train.log_every",
-                     "train.torch_threads", "train.composite_weight", "train.chaos_kill_after_steps", "ray.",
-                     "scaling.")
+RESUME_MAY_CHANGE = (
+    "train.epochs",
+    "train.max_failures",
+    "train.checkpoints_to_keep",
+    "train.log_every",
+    "train.torch_threads",
+    "train.composite_weight",
+    "train.chaos_kill_after_steps",
+    "ray.",
+    "scaling.",
+)
 # Keys training does not read: a resume ignores them and keeps the run's values.
-RESUME_IGNORED = ("name", "train.runs_dir", "train.resume", "synth.", "ingest.", "split.", "infer.", "eval.",
-                  "demo.")
+RESUME_IGNORED = (
+    "name",
+    "train.runs_dir",
+    "train.resume",
+    "synth.",
+    "ingest.",
+    "split.",
+    "infer.",
+    "eval.",
+    "demo.",
+)
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:
@@ -67,8 +84,10 @@ def resume_config(cfg: ExperimentConfig, given: list[str] | None = None) -> Expe
 
     run_dir = Path(cfg.train.resume).absolute()
     if not run_dir.is_dir():
-        raise ConfigError(f"train.resume: run folder not found: {run_dir} (give a folder that "
-                          f"`raycell train` created under train.runs_dir)")
+        raise ConfigError(
+            f"train.resume: run folder not found: {run_dir} (give a folder that "
+            f"`raycell train` created under train.runs_dir)"
+        )
     record = run_dir / "config.yaml"
     if not record.is_file():
         raise ConfigError(f"train.resume: {run_dir} is not a raycell run folder (no config.yaml)")
@@ -89,9 +108,11 @@ def resume_config(cfg: ExperimentConfig, given: list[str] | None = None) -> Expe
             conflicts.append(f"{key} ({theirs!r} in the run, {mine!r} given)")
     if conflicts:
         allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
-        raise ConfigError(f"train.resume: {'; '.join(conflicts)}: a resumed run keeps its recorded config "
-                          f"({record}); drop the conflicting option(s), or start a new run without --resume "
-                          f"(a resume may change only {allowed})")
+        raise ConfigError(
+            f"train.resume: {'; '.join(conflicts)}: a resumed run keeps its recorded config "
+            f"({record}); drop the conflicting option(s), or start a new run without --resume "
+            f"(a resume may change only {allowed})"
+        )
     recorded.train.resume = str(run_dir)
     recorded.ray = copy.deepcopy(cfg.ray)  # how to reach Ray is about this invocation, not the run
     return recorded.validate()
@@ -102,8 +123,10 @@ def _training_data(cfg: ExperimentConfig):
     ds = open_dataset(cfg.data.path)
     counts = ds.manifest.get("counts_per_split", {})
     if not counts.get(K.TRAIN):
-        raise ConfigError(f"{ds.root} has no rows with split 'train' (counts: {counts}); run "
-                          f"`raycell split --data {ds.root}` first")
+        raise ConfigError(
+            f"{ds.root} has no rows with split 'train' (counts: {counts}); run "
+            f"`raycell split --data {ds.root}` first"
+        )
     return ds
 
 
@@ -116,34 +139,46 @@ def check_train(cfg: ExperimentConfig) -> None:
     from raycell.models.aec import PRESETS
 
     if cfg.model.type not in list_models():
-        raise ConfigError(f"model.type: unknown model type {cfg.model.type!r}; registered: "
-                          f"{', '.join(list_models())} (see `raycell models`)")
+        raise ConfigError(
+            f"model.type: unknown model type {cfg.model.type!r}; registered: "
+            f"{', '.join(list_models())} (see `raycell models`)"
+        )
     try:  # here, not in config.validate: the config module stays below raycell.data in the imports
         parse_augment(cfg.train.augment)
     except ValueError as exc:
         raise ConfigError(f"train.augment: {exc}") from None
     check_normalize(data_normalize(cfg))
     if cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}"
+        )
     ds = _training_data(cfg)
     heads = weak_label_heads(cfg, ds)
-    if heads:  # build it once here: a wrong backbone name or weights file is one line, not a worker trace
+    if (
+        heads
+    ):  # build it once here: a wrong backbone name or weights file is one line, not a worker trace
         from raycell.models import create_model
         from raycell.train.loop import model_kwargs
 
         spec = DataSpec.from_dataset(ds)
         setup = {"heads": [h.to_dict() for h in heads]}
         try:
-            create_model(cfg.model.type, **model_kwargs(cfg, spec, CategoryMap(K.LABEL, ("a", "b")),
-                                                        CategoryMap(K.BATCH, ("a",)), setup))
+            create_model(
+                cfg.model.type,
+                **model_kwargs(
+                    cfg, spec, CategoryMap(K.LABEL, ("a", "b")), CategoryMap(K.BATCH, ("a",)), setup
+                ),
+            )
         except TypeError as exc:  # an argument the builder does not take
             raise ConfigError(f"model.args: {exc}") from None
     if cfg.train.layer_decay:
         from raycell.models import model_entry
 
         if not model_entry(cfg.model.type).weak_labels:
-            raise ConfigError(f"train.layer_decay: model type {cfg.model.type!r} has no layer groups "
-                              "(layer-wise learning rates are for the timm backbones); set it to 0")
+            raise ConfigError(
+                f"train.layer_decay: model type {cfg.model.type!r} has no layer groups "
+                "(layer-wise learning rates are for the timm backbones); set it to 0"
+            )
     _warn_degenerate_train_split(cfg, ds)
     if cfg.train.resume and any(Path(cfg.train.resume).glob("checkpoint_*/meta.json")):
         from raycell.formats.checkpoint import load_checkpoint, load_plan_state
@@ -174,13 +209,21 @@ def _warn_degenerate_train_split(cfg: ExperimentConfig, ds) -> None:
     labels = sorted(set(t.column(K.LABEL).to_pylist()))
     batches = sorted(set(t.column(K.BATCH).to_pylist()))
     if len(labels) == 1 and not entry.weak_labels:
-        print(f"[raycell] warning: the train split of {ds.root} has one label class "
-              f"({labels[0]!r}): the classifier cannot learn anything (check `raycell split` and "
-              "the data set's labels)", file=sys.stderr, flush=True)
+        print(
+            f"[raycell] warning: the train split of {ds.root} has one label class "
+            f"({labels[0]!r}): the classifier cannot learn anything (check `raycell split` and "
+            "the data set's labels)",
+            file=sys.stderr,
+            flush=True,
+        )
     if len(batches) == 1 and (entry.uses_z or "batch_logits" in entry.outputs):
-        print(f"[raycell] warning: the train split of {ds.root} has one imaging batch "
-              f"({batches[0]!r}): model type {cfg.model.type!r} has no batch effect to remove "
-              "(its batch terms learn nothing)", file=sys.stderr, flush=True)
+        print(
+            f"[raycell] warning: the train split of {ds.root} has one imaging batch "
+            f"({batches[0]!r}): model type {cfg.model.type!r} has no batch effect to remove "
+            "(its batch terms learn nothing)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def data_normalize(cfg: ExperimentConfig) -> str:
@@ -202,8 +245,10 @@ def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
         return [batch_head_vocab(cfg, ds)]
     if not entry.weak_labels:
         if cols and cols != [K.LABEL]:
-            raise ConfigError(f"data.heads {cols}: model type {cfg.model.type!r} has one phenotype head (the "
-                              f"'{K.LABEL}' column); weak-label heads need a model type with heads (timm)")
+            raise ConfigError(
+                f"data.heads {cols}: model type {cfg.model.type!r} has one phenotype head (the "
+                f"'{K.LABEL}' column); weak-label heads need a model type with heads (timm)"
+            )
         return None
     cols = cols or [K.LABEL]
     import pyarrow.parquet as pq
@@ -212,18 +257,24 @@ def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
     missing = [c for c in cols if c not in have]
     if missing:
         meta = [c for c in have if c not in K.IMAGE_COLUMNS and not c.startswith(K.MORPH_PREFIX)]
-        raise ConfigError(f"data.heads: column(s) {missing} are not in data set {ds.root}; its metadata "
-                          f"columns are {meta}")
+        raise ConfigError(
+            f"data.heads: column(s) {missing} are not in data set {ds.root}; its metadata "
+            f"columns are {meta}"
+        )
     t = ds.read_table(cols)
     maps = [CategoryMap.fit_column(c, t.column(c)) for c in cols]
     for c, m in zip(cols, maps):
         _refuse_continuous_head(c, t.column(c), len(m), ds.root)
         if t.column(c).null_count:
-            raise ConfigError(f"data.heads: column {c!r} of data set {ds.root} has "
-                              f"{t.column(c).null_count} empty value(s); every cell needs a class")
+            raise ConfigError(
+                f"data.heads: column {c!r} of data set {ds.root} has "
+                f"{t.column(c).null_count} empty value(s); every cell needs a class"
+            )
         if len(m) < 2:
-            raise ConfigError(f"data.heads: column {c!r} of data set {ds.root} has {len(m)} distinct "
-                              f"value(s) {list(m.values)}; a head needs at least 2 classes")
+            raise ConfigError(
+                f"data.heads: column {c!r} of data set {ds.root} has {len(m)} distinct "
+                f"value(s) {list(m.values)}; a head needs at least 2 classes"
+            )
     return maps
 
 
@@ -239,9 +290,11 @@ def _refuse_continuous_head(column: str, values, n_classes: int, root) -> None:
     floats = pa.types.is_floating(values.type)
     if n_classes > 20 and (floats or n_classes > n // 2):
         kind = "continuous numbers" if floats else "nearly one value per cell"
-        raise ConfigError(f"data.heads: column {column!r} of data set {root} holds {kind} "
-                          f"({n_classes} distinct values in {n} cells); a head needs classes: "
-                          "use a column of categories (e.g. bin the values into levels first)")
+        raise ConfigError(
+            f"data.heads: column {column!r} of data set {root} holds {kind} "
+            f"({n_classes} distinct values in {n} cells); a head needs classes: "
+            "use a column of categories (e.g. bin the values into levels first)"
+        )
 
 
 def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
@@ -253,26 +306,34 @@ def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
     """
     cols = [str(c) for c in cfg.data.heads]
     if cols not in ([], [K.BATCH]):
-        raise ConfigError(f"data.heads {cols}: model type {cfg.model.type!r} has one head, the "
-                          f"'{K.BATCH}' column (the imaging batch); leave data.heads empty")
+        raise ConfigError(
+            f"data.heads {cols}: model type {cfg.model.type!r} has one head, the "
+            f"'{K.BATCH}' column (the imaging batch); leave data.heads empty"
+        )
     t = ds.read_table([K.BATCH, K.SPLIT], splits=[K.TRAIN, K.VAL])
     split = t.column(K.SPLIT).to_pylist()
     batch = t.column(K.BATCH).to_pylist()
     vocab = CategoryMap.fit(K.BATCH, [b for b, s in zip(batch, split) if s == K.TRAIN])
     if len(vocab) < 2:
-        raise ConfigError(f"model type {cfg.model.type!r} predicts the imaging batch, but the train split of "
-                          f"{ds.root} has {len(vocab)} batch(es) {list(vocab.values)}; it needs at least 2")
+        raise ConfigError(
+            f"model type {cfg.model.type!r} predicts the imaging batch, but the train split of "
+            f"{ds.root} has {len(vocab)} batch(es) {list(vocab.values)}; it needs at least 2"
+        )
     val = {b for b, s in zip(batch, split) if s == K.VAL}
     if not val:
-        raise ConfigError(f"model type {cfg.model.type!r} validates on held-out cells of the training "
-                          f"batches (split '{K.VAL}'), but {ds.root} has no '{K.VAL}' rows (its splits: "
-                          f"{ds.manifest.get('counts_per_split', {})}); re-split it with a val fraction > 0 "
-                          "(split.fractions)")
+        raise ConfigError(
+            f"model type {cfg.model.type!r} validates on held-out cells of the training "
+            f"batches (split '{K.VAL}'), but {ds.root} has no '{K.VAL}' rows (its splits: "
+            f"{ds.manifest.get('counts_per_split', {})}); re-split it with a val fraction > 0 "
+            "(split.fractions)"
+        )
     extra = sorted(val - set(vocab.values))
     if extra:
-        raise ConfigError(f"model type {cfg.model.type!r}: the '{K.VAL}' split of {ds.root} has cells of "
-                          f"batch(es) {extra} that have no training cells, which a batch classifier cannot "
-                          "score; re-split it so that every val batch has training cells")
+        raise ConfigError(
+            f"model type {cfg.model.type!r}: the '{K.VAL}' split of {ds.root} has cells of "
+            f"batch(es) {extra} that have no training cells, which a batch classifier cannot "
+            "score; re-split it so that every val batch has training cells"
+        )
     return vocab
 
 
@@ -303,8 +364,12 @@ def training_setup(cfg: ExperimentConfig, fold: list[str] | None = None) -> tupl
         "batches": CategoryMap.fit(K.BATCH, meta.to_pylist()).to_dict(),
         "dataset": str(ds.root),
         # per-channel mean intensity in [0, 1]: initialises the decoder output (see TiedDecoder.init_output)
-        "channel_means": [ds.manifest["channel_stats"][c]["mean"] * DataSpec.from_dataset(ds).scale
-                          for c in ds.manifest["channel_names"]] if ds.manifest.get("channel_stats") else None,
+        "channel_means": [
+            ds.manifest["channel_stats"][c]["mean"] * DataSpec.from_dataset(ds).scale
+            for c in ds.manifest["channel_names"]
+        ]
+        if ds.manifest.get("channel_stats")
+        else None,
         "valbatch": bool(fold) or bool(ds.manifest.get("counts_per_split", {}).get(K.VALBATCH)),
     }
     if fold:
@@ -317,9 +382,12 @@ def training_setup(cfg: ExperimentConfig, fold: list[str] | None = None) -> tupl
     if setup["valbatch"] and model_entry(cfg.model.type).batch_head:
         # held-out batches have no class in a batch classifier's head: validate on val only
         n = ds.manifest["counts_per_split"][K.VALBATCH]
-        print(f"[raycell] model type {cfg.model.type!r} predicts the training batches, so it validates on "
-              f"held-out cells of those batches (split '{K.VAL}') only; the {n} cells of held-out batches "
-              f"(split '{K.VALBATCH}', split.val_batches) are not used", flush=True)
+        print(
+            f"[raycell] model type {cfg.model.type!r} predicts the training batches, so it validates on "
+            f"held-out cells of those batches (split '{K.VAL}') only; the {n} cells of held-out batches "
+            f"(split '{K.VALBATCH}', split.val_batches) are not used",
+            flush=True,
+        )
         setup["valbatch"] = False
     # the one-cycle schedule's length (steps per worker per epoch, as the loop counts them)
     per_step = cfg.data.batch_size * max(1, cfg.scaling.num_workers)
@@ -343,7 +411,9 @@ class EarlyStopping:
 
     def __post_init__(self):
         if self.patience < 1:
-            raise ConfigError(f"early stopping: patience must be at least 1 epoch, got {self.patience}")
+            raise ConfigError(
+                f"early stopping: patience must be at least 1 epoch, got {self.patience}"
+            )
         if self.mode not in ("max", "min"):
             raise ConfigError(f"early stopping: mode must be 'max' or 'min', got {self.mode!r}")
 
@@ -405,14 +475,18 @@ class EarlyStoppingContext:
             import torch
             import torch.distributed as dist
 
-            flag = torch.tensor([int(stop)], dtype=torch.int64, device=self.ctx.device)  # nccl: on the GPU
+            flag = torch.tensor(
+                [int(stop)], dtype=torch.int64, device=self.ctx.device
+            )  # nccl: on the GPU
             dist.broadcast(flag, src=0)
             stop = bool(flag.item())
         if stop:
             if self.ctx.rank == 0:
-                print(f"[raycell] early stopping after epoch {metrics['epoch']}: {self.rule.metric} has not "
-                      f"improved on {self.best:.4f} (epoch {self.best_epoch}) for {self.since} epoch(s)",
-                      flush=True)
+                print(
+                    f"[raycell] early stopping after epoch {metrics['epoch']}: {self.rule.metric} has not "
+                    f"improved on {self.best:.4f} (epoch {self.best_epoch}) for {self.since} epoch(s)",
+                    flush=True,
+                )
             raise _StopEarly
 
 
@@ -459,12 +533,19 @@ def stream_options(cfg: ExperimentConfig, held: bool) -> dict | None:
     # Train's default_ingest_options() is this copy, minus a deprecated argument that warns on the terminal
     o = copy.deepcopy(DataContext.get_current().execution_options)
     o.resource_limits = o.resource_limits.copy(
-        object_store_memory=(cfg.data.stream_buffer_mb << 20) * max(1, cfg.scaling.num_workers))
+        object_store_memory=(cfg.data.stream_buffer_mb << 20) * max(1, cfg.scaling.num_workers)
+    )
     return {K.TRAIN: o}
 
 
-def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbacks: list | None = None,
-                  keep_best: tuple[str, str] | None = None):
+def build_trainer(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    setup: dict,
+    ds,
+    callbacks: list | None = None,
+    keep_best: tuple[str, str] | None = None,
+):
     """A TorchTrainer for `cfg` writing into `run_dir` (every epoch's metrics to `run_dir/history.jsonl`).
 
     `keep_best` = (metric, mode): the checkpoints kept are the best by that metric (Ray always keeps the
@@ -478,36 +559,64 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, setup: dict, ds, callbac
     rule = setup.get("early_stopping")
     loop_fn = early_stopping_loop_per_worker if rule else train_loop_per_worker
     # keep the best epoch: at most `patience` epochs after it are run, so the latest patience + 1 hold it
-    keep = max(cfg.train.checkpoints_to_keep, rule["patience"] + 1) if rule else cfg.train.checkpoints_to_keep
+    keep = (
+        max(cfg.train.checkpoints_to_keep, rule["patience"] + 1)
+        if rule
+        else cfg.train.checkpoints_to_keep
+    )
     splits = (K.TRAIN, K.VAL, K.VALBATCH) if setup.get("valbatch") else (K.TRAIN, K.VAL)
     import ray
 
     columns = make_collate(setup).columns
     store = ray.cluster_resources().get("object_store_memory", 0.0)
     held = choose_materialize(ds, splits, cfg.data.materialize, store, columns)
-    print(f"[raycell] data: {'held in the object store (read once)' if held else 'streamed from the shards every epoch'} "
-          f"({sum(split_nbytes(ds, s, columns) for s in splits) / 2**20:.0f} MiB for {', '.join(splits)}; "
-          f"object store {store / 2**30:.1f} GiB; data.materialize={cfg.data.materialize})", flush=True)
-    datasets = ray_datasets(ds, splits, columns=columns, block_size_mb=cfg.data.block_size_mb,
-                            shuffle_seed=cfg.data.shuffle_seed, materialize=held,
-                            parquet_reader=cfg.data.parquet_reader, fold=setup.get("fold_batches"))
+    print(
+        f"[raycell] "
+        f"data: {'held in the object store (read once)' if held else 'streamed from the shards every epoch'} "
+        f"({sum(split_nbytes(ds, s, columns) for s in splits) / 2**20:.0f} MiB for {', '.join(splits)}; "
+        f"object store {store / 2**30:.1f} GiB; data.materialize={cfg.data.materialize})",
+        flush=True,
+    )
+    datasets = ray_datasets(
+        ds,
+        splits,
+        columns=columns,
+        block_size_mb=cfg.data.block_size_mb,
+        shuffle_seed=cfg.data.shuffle_seed,
+        materialize=held,
+        parquet_reader=cfg.data.parquet_reader,
+        fold=setup.get("fold_batches"),
+    )
     sc = cfg.scaling
     return TorchTrainer(
         loop_fn,
-        train_loop_config={"cfg": cfg.to_dict(), "setup": setup,
-                           "history_file": str(Path(run_dir).absolute() / HISTORY_FILE)},
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "setup": setup,
+            "history_file": str(Path(run_dir).absolute() / HISTORY_FILE),
+        },
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[K.TRAIN],  # val, valbatch: all rows each
-                                            execution_options=stream_options(cfg, held)),
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker=dict(sc.resources_per_worker) or None),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[K.TRAIN],  # val, valbatch: all rows each
+            execution_options=stream_options(cfg, held),
+        ),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=dict(sc.resources_per_worker) or None,
+        ),
         run_config=ray.train.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent), callbacks=callbacks,
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=keep, checkpoint_score_attribute=keep_best[0] if keep_best else None,
-                checkpoint_score_order=keep_best[1] if keep_best else "max"),
+                num_to_keep=keep,
+                checkpoint_score_attribute=keep_best[0] if keep_best else None,
+                checkpoint_score_order=keep_best[1] if keep_best else "max",
+            ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
     )
 
 
@@ -520,7 +629,9 @@ def run_history(run_dir: str | Path, result=None) -> list[dict]:
     by_epoch = {}
     if result is not None and result.metrics_dataframe is not None:
         for rec in result.metrics_dataframe.to_dict(orient="records"):
-            if isinstance(rec.get("epoch"), (int, float)) and rec["epoch"] == rec["epoch"]:  # not NaN
+            if (
+                isinstance(rec.get("epoch"), (int, float)) and rec["epoch"] == rec["epoch"]
+            ):  # not NaN
                 by_epoch[int(rec["epoch"])] = rec
     for rec in read_history(Path(run_dir) / HISTORY_FILE):
         by_epoch[rec["epoch"]] = rec
@@ -536,7 +647,10 @@ def _failure_summary(exc: BaseException) -> str:
     import re
 
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for pattern in (r"^\w*(Error|Exception)\b.*:", r"(died|killed|exited|lost|health check failed)"):
+    for pattern in (
+        r"^\w*(Error|Exception)\b.*:",
+        r"(died|killed|exited|lost|health check failed)",
+    ):
         # a line ending in ':' is a heading ("Training failed due to worker errors:"), not the cause
         hits = [ln for ln in lines if re.search(pattern, ln) and not ln.endswith(":")]
         if hits:
@@ -549,7 +663,8 @@ _RESUME_HINT = "resume with `raycell train --resume {run_dir}` (from its latest 
 
 def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
     """`trainer.fit()`; a failure past `train.max_failures` becomes one line, with Ray's full report kept
-    in `<run_dir>/failure.txt` (nothing is lost, the terminal stays readable)."""
+    in `<run_dir>/failure.txt` (nothing is lost, the terminal stays readable).
+    """
     import contextlib
 
     import ray.train
@@ -582,14 +697,16 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
         raise TrainingFailed(
             f"training failed after {cfg.train.max_failures} restart(s) (train.max_failures): "
             f"{_failure_summary(exc)}; Ray's report: {report}; the run keeps its checkpoints: continue "
-            f"with `raycell train --resume {run_dir}`") from None
+            f"with `raycell train --resume {run_dir}`"
+        ) from None
     if caught:
         caught[0].reraise(_RESUME_HINT.format(run_dir=run_dir))
     return result
 
 
-def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
-          balance: dict | None = None) -> dict:
+def train(
+    cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None, balance: dict | None = None
+) -> dict:
     """`_train`, holding the run folder's lock when resuming it (two resumes would mix epochs)."""
     if not cfg.train.resume:
         return _train(cfg, early_stopping, balance)
@@ -599,8 +716,9 @@ def train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
         return _train(cfg, early_stopping, balance)
 
 
-def _train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
-           balance: dict | None = None) -> dict:
+def _train(
+    cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None, balance: dict | None = None
+) -> dict:
     """Fit one model; returns {'run_dir', 'checkpoint', 'metrics', 'history'}.
 
     With `early_stopping`, the run stops once its metric has not improved for `patience` epochs, and
@@ -619,12 +737,16 @@ def _train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
         from raycell.models import model_entry
 
         if not model_entry(cfg.model.type).batch_head:
-            raise ConfigError(f"balanced loss weights are for the Z-predictor (a batch-head model type), "
-                              f"not model type {cfg.model.type!r}")
+            raise ConfigError(
+                f"balanced loss weights are for the Z-predictor (a batch-head model type), "
+                f"not model type {cfg.model.type!r}"
+            )
         setup["balance"] = balance
     if early_stopping is None and cfg.train.early_stopping_patience:
         m = cfg.train.early_stopping_metric
-        early_stopping = EarlyStopping(cfg.train.early_stopping_patience, m, "min" if "loss" in m else "max")
+        early_stopping = EarlyStopping(
+            cfg.train.early_stopping_patience, m, "min" if "loss" in m else "max"
+        )
     if early_stopping is not None:
         setup["early_stopping"] = asdict(early_stopping)
     if not cfg.train.torch_threads and single_node():
@@ -642,15 +764,25 @@ def _train(cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None,
     else:
         with EpochPrinter(run_dir / HISTORY_FILE, cfg.train.epochs):
             result = fit_or_explain(build_trainer(cfg, run_dir, setup, ds), cfg, run_dir)
-    if cfg.train.resume:  # the record changes only when the resumed run succeeded (e.g. more epochs)
+    if (
+        cfg.train.resume
+    ):  # the record changes only when the resumed run succeeded (e.g. more epochs)
         save_config(cfg, run_dir / "config.yaml")
     history = run_history(run_dir, result)
-    out = {"run_dir": str(run_dir), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-           "metrics": result.metrics, "history": history, "model_type": cfg.model.type}
+    out = {
+        "run_dir": str(run_dir),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": result.metrics,
+        "history": history,
+        "model_type": cfg.model.type,
+    }
     if early_stopping is not None:
         best = early_stopping.best(history)
         ck = best_checkpoint(run_dir, best["epoch"]) if best else None
-        out.update(best_epoch=best["epoch"] if best else None, best_checkpoint=str(ck) if ck else None,
-                   early_stopping=asdict(early_stopping))
+        out.update(
+            best_epoch=best["epoch"] if best else None,
+            best_checkpoint=str(ck) if ck else None,
+            early_stopping=asdict(early_stopping),
+        )
     atomic_write_json(run_dir / "metrics.json", out)
     return out

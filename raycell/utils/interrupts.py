@@ -58,8 +58,9 @@ def resume_hint(command: str, exc: BaseException | None = None) -> str:
     """The one line printed after an interruption of `command` (`exc`'s own hint if it has one)."""
     if exc is not None and exc.args and isinstance(exc.args[0], str) and exc.args[0]:
         return f"interrupted; {exc.args[0]}"
-    again = _RESUME.get(command, "re-run the same command to start again (nothing earlier was "
-                                 "replaced)")
+    again = _RESUME.get(
+        command, "re-run the same command to start again (nothing earlier was replaced)"
+    )
     return f"interrupted; {again}"
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 def _tmp_path(path: Path) -> Path:
     """A new empty file beside `path`, created with mode 0666 less the umask as `open` does (mkstemp's
-    0600 would survive the rename and make data sets unreadable to the user's group)."""
+    0600 would survive the rename and make data sets unreadable to the user's group).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
@@ -106,14 +107,28 @@ def software_versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("raycell", "numpy", "pyarrow", "torch", "ray", "timm", "scikit-image", "scikit-learn"):
+    for pkg in (
+        "raycell",
+        "numpy",
+        "pyarrow",
+        "torch",
+        "ray",
+        "timm",
+        "scikit-image",
+        "scikit-learn",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        ).stdout.strip()
         if sha:
             out["git"] = sha
     except (OSError, subprocess.SubprocessError):

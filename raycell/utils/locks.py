@@ -99,9 +99,11 @@ def _refusal(out: Path, what: str, info: LockInfo, path: Path) -> BusyError:
     here = info.host == socket.gethostname()
     who = f"pid {info.pid}" + ("" if here else f" on host {info.host}")
     extra = "" if here else f" (if that run is over, delete {path})"
-    return BusyError(f"{what} {out} is being written by {who} since {info.started} "
-                     f"({info.command[:80]}); wait for it to finish or choose another "
-                     f"output{extra}")
+    return BusyError(
+        f"{what} {out} is being written by {who} since {info.started} "
+        f"({info.command[:80]}); wait for it to finish or choose another "
+        f"output{extra}"
+    )
 
 
 def check_free(out: str | os.PathLike, what: str = "--out") -> None:
@@ -133,10 +135,14 @@ def writing(out: str | os.PathLike, what: str = "--out", make_parent: bool = Tru
         finally:
             _held[path] -= 1
         return
-    mine = LockInfo(pid=os.getpid(), host=socket.gethostname(),
-                    started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                    proc_start=_proc_start(os.getpid()), token=secrets.token_hex(8))
+    mine = LockInfo(
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        proc_start=_proc_start(os.getpid()),
+        token=secrets.token_hex(8),
+    )
     _acquire(path, Path(out), what, mine)
     _held[path] = 1
     try:
@@ -167,8 +173,9 @@ def _acquire(path: Path, out: Path, what: str, mine: LockInfo) -> None:
         finally:
             os.close(fd)
         return
-    raise BusyError(f"{what} {out}: could not take the lock {path} (other runs keep taking it); "
-                    "try again")
+    raise BusyError(
+        f"{what} {out}: could not take the lock {path} (other runs keep taking it); try again"
+    )
 
 
 def _stale(path: Path, info: LockInfo) -> bool:

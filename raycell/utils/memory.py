@@ -1,11 +1,13 @@
 """Handing freed heap memory back to the operating system, so that long streams run in flat memory.
 
 Measured (a per-process memory timeline of `raycell train` on bench_scale.py's 1 M 32-px cells, `tiny` AEC,
-and a one-process replay of `validate`; both ad-hoc scripts, not in bench/): a validation pass over 72,777 streamed cells
+and a one-process replay of `validate`; both ad-hoc scripts, not in bench/): a validation pass over
+72,777 streamed cells
 grew the training worker by ~330-460 MB (about 5 KB per cell) and the run's peak kept growing with the
 validation split. It is not a leak: glibc's allocator keeps the pages of freed tensors and Arrow buffers
 resident between live allocations (plausibly the small per-batch labels and probabilities kept for AUROC;
-not proven), so the process's footprint ratchets up batch by batch. `malloc_trim(0)` every few dozen batches returns
+not proven), so the process's footprint ratchets up batch by batch. `malloc_trim(0)` every few
+dozen batches returns
 those free pages (the same pass then stayed within 50 MB, and ran no slower: 57 s vs 69 s). PyTorch has no
 CPU caching allocator to configure for this, and `MALLOC_MMAP_THRESHOLD_` (the environment fix) made the
 pass 1.4x slower, so this is done by hand. Only the validation passes trim: the training stream's heap stayed
@@ -23,7 +25,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-TRIM_EVERY = 32  # batches between trims (the replay trimmed every 20 at no measurable cost; a trim's own
+TRIM_EVERY = (
+    32  # batches between trims (the replay trimmed every 20 at no measurable cost; a trim's own
+)
 # cost grows with the heap and was not timed on its own)
 
 _libc: ctypes.CDLL | None | bool = None

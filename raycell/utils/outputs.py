@@ -36,10 +36,13 @@ DATASET, RAW = "dataset", "raw"
 PREDICTIONS, EMBEDDINGS = "predictions", "embeddings"  # `infer` / `embed` output folders
 RAW_JSON = "raw.json"
 PROFILE, PROFILE_JSON = "profile", "profile.json"
-_NOUN = {DATASET: "data set (dataset.json)", RAW: "synth --raw folder (raw.json)",
-         PREDICTIONS: f"predictions folder ({K.PREDICTIONS_MANIFEST})",
-         EMBEDDINGS: f"embeddings folder ({K.EMBEDDINGS_MANIFEST})",
-         PROFILE: "profile folder (profile.json)"}
+_NOUN = {
+    DATASET: "data set (dataset.json)",
+    RAW: "synth --raw folder (raw.json)",
+    PREDICTIONS: f"predictions folder ({K.PREDICTIONS_MANIFEST})",
+    EMBEDDINGS: f"embeddings folder ({K.EMBEDDINGS_MANIFEST})",
+    PROFILE: "profile folder (profile.json)",
+}
 _MANIFEST_KEYS = ("schema_version", "channel_names", "shards")
 
 
@@ -132,31 +135,47 @@ def check_output(
         if not inp:
             continue
         i = Path(os.path.realpath(os.path.expanduser(str(inp))))
-        rel = ("is" if out == i else "contains" if out in i.parents
-               else "is inside" if i in out.parents else None)
+        rel = (
+            "is"
+            if out == i
+            else "contains"
+            if out in i.parents
+            else "is inside"
+            if i in out.parents
+            else None
+        )
         if rel:
-            raise error(f"{what} {out} {rel} the input {label} {i}; choose an output folder "
-                        "outside the inputs (nothing was written)")
+            raise error(
+                f"{what} {out} {rel} the input {label} {i}; choose an output folder "
+                "outside the inputs (nothing was written)"
+            )
     near = out
     while not os.path.lexists(near):
         near = near.parent
     if not near.is_dir():
         where = "is a file" if near == out else f"lies under the file {near}"
-        raise error(f"{what} {out} {where}, not a folder; choose a folder path (the file was "
-                    "left as it is)")
-    for place in ([out, out.parent] if near == out else [near]):
+        raise error(
+            f"{what} {out} {where}, not a folder; choose a folder path (the file was left as it is)"
+        )
+    for place in [out, out.parent] if near == out else [near]:
         if not os.access(place, os.W_OK | os.X_OK):
-            raise error(f"{what} {out}: cannot write to {place} (permission denied); choose a "
-                        "folder you can write to")
+            raise error(
+                f"{what} {out}: cannot write to {place} (permission denied); choose a "
+                "folder you can write to"
+            )
     if near != out or not any(out.iterdir()):
         return out, None
     got = raycell_output(out)
     if got is None:
-        raise error(f"{what} {out} already holds files raycell did not write; choose a new or "
-                    "empty folder (raycell never replaces them, even with overwrite)")
+        raise error(
+            f"{what} {out} already holds files raycell did not write; choose a new or "
+            "empty folder (raycell never replaces them, even with overwrite)"
+        )
     if got[0] != kind:
-        raise error(f"{what} {out} holds a raycell {_NOUN[got[0]]}, not a {_NOUN[kind]}; choose "
-                    "another folder")
+        raise error(
+            f"{what} {out} holds a raycell {_NOUN[got[0]]}, not a {_NOUN[kind]}; choose "
+            "another folder"
+        )
     return out, got
 
 
@@ -172,8 +191,10 @@ def prepare_output(
     """`check_output`, then refuse a complete raycell output unless `overwrite`; the path."""
     path, got = check_output(out, inputs, what, kind, error)
     if got is not None and got[1] and not overwrite:
-        raise error(f"{what} {path} already holds a {_NOUN[kind]}; choose another folder or pass "
-                    f"{hint} to replace it")
+        raise error(
+            f"{what} {path} already holds a {_NOUN[kind]}; choose another folder or pass "
+            f"{hint} to replace it"
+        )
     return path
 
 
@@ -219,8 +240,10 @@ def swap_in(staged: Path, out: Path) -> None:
         os.replace(staged, out)  # a rename onto a missing or empty folder
         return
     if out.is_symlink() or not out.is_dir() or raycell_output(out) is None:
-        raise OutputError(f"{out} changed during the run and now holds files raycell did not "
-                          f"write; it was left as it is, the new output is in {staged}")
+        raise OutputError(
+            f"{out} changed during the run and now holds files raycell did not "
+            f"write; it was left as it is, the new output is in {staged}"
+        )
     old = _new_dir(out.parent, f"{out.name}.old-")
     os.replace(out, old)  # onto the new empty folder
     os.replace(staged, out)
@@ -296,23 +319,33 @@ def prepare_file(
             continue
         i = Path(os.path.realpath(os.path.expanduser(str(inp))))
         if path == i or i in path.parents:
-            raise error(f"{what} {given} {'is' if path == i else 'lies inside'} the input {label} "
-                        f"{i}; write it outside the inputs (nothing was written)")
+            raise error(
+                f"{what} {given} {'is' if path == i else 'lies inside'} the input {label} "
+                f"{i}; write it outside the inputs (nothing was written)"
+            )
     inside = enclosing_output(path)
     if inside is not None:
-        raise error(f"{what} {given} lies inside {inside}, a folder raycell wrote (data set, "
-                    "embeddings or predictions) that would read it back or break; write it "
-                    "elsewhere (nothing was written)")
+        raise error(
+            f"{what} {given} lies inside {inside}, a folder raycell wrote (data set, "
+            "embeddings or predictions) that would read it back or break; write it "
+            "elsewhere (nothing was written)"
+        )
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise error(f"{what} {given}: cannot write to {path.parent} (permission denied); choose a "
-                    "folder you can write to")
+        raise error(
+            f"{what} {given}: cannot write to {path.parent} (permission denied); choose a "
+            "folder you can write to"
+        )
     if os.path.lexists(given):
         if not raycell_file(given, ours):
-            raise error(f"{what} {given} already exists and raycell did not write it; choose "
-                        "another file name (raycell never replaces it, even with --overwrite)")
+            raise error(
+                f"{what} {given} already exists and raycell did not write it; choose "
+                "another file name (raycell never replaces it, even with --overwrite)"
+            )
         if not overwrite:
-            raise error(f"{what} {given} holds an earlier raycell output; choose another file name "
-                        f"or pass {hint} to replace it")
+            raise error(
+                f"{what} {given} holds an earlier raycell output; choose another file name "
+                f"or pass {hint} to replace it"
+            )
     return path
 
 
@@ -335,8 +368,9 @@ def write_file(path: str | os.PathLike, write, record: bool = False) -> None:
         atomic_write_json(path.parent / _FILE_MARK.format(path.name), _file_record(path))
 
 
-def check_space(out: str | os.PathLike, need: int, what: str = "--out",
-                error: type[Exception] = OutputError) -> None:
+def check_space(
+    out: str | os.PathLike, need: int, what: str = "--out", error: type[Exception] = OutputError
+) -> None:
     """Refuse before long work when the disk of `out` has less than `need` bytes free.
 
     `need` is a rough lower bound of the output's size (e.g. crops x bytes x a compression
@@ -348,6 +382,8 @@ def check_space(out: str | os.PathLike, need: int, what: str = "--out",
         near = near.parent
     free = shutil.disk_usage(near).free
     if free < need:
-        raise error(f"{what} {out}: needs about {need / 2**20:.0f} MiB, only "
-                    f"{free / 2**20:.0f} MiB free on the disk of {near}; free space there or "
-                    "choose an output on a disk with room (nothing was written)")
+        raise error(
+            f"{what} {out}: needs about {need / 2**20:.0f} MiB, only "
+            f"{free / 2**20:.0f} MiB free on the disk of {near}; free space there or "
+            "choose an output on a disk with room (nothing was written)"
+        )

@@ -25,7 +25,7 @@ def _host_port(address: str) -> tuple[str, int] | None:
     """
     default = 6379
     if address.startswith("ray://"):
-        address, default = address[len("ray://"):].split("/", 1)[0], 10001
+        address, default = address[len("ray://") :].split("/", 1)[0], 10001
     elif "://" in address or address in ("auto", "local"):
         return None
     host, sep, port = address.rpartition(":")
@@ -37,8 +37,10 @@ def _host_port(address: str) -> tuple[str, int] | None:
     try:
         return host, int(port)
     except ValueError:
-        raise ConfigError(f"ray.address {address!r}: the port {port!r} is not a number "
-                          "(expected host:port, ray://host:port or auto)") from None
+        raise ConfigError(
+            f"ray.address {address!r}: the port {port!r} is not a number "
+            "(expected host:port, ray://host:port or auto)"
+        ) from None
 
 
 # HTTP/2 client preface + an empty SETTINGS frame: a gRPC server (Ray's GCS and Ray Client server both are)
@@ -72,10 +74,12 @@ def check_reachable(address: str, timeout_s: float = 5.0, source: str = "ray.add
     except OSError as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
     if why:
-        raise ConfigError(f"{source} {address}: cannot reach Ray at {hp[0]}:{hp[1]} ({why}; waited up to "
-                          f"{timeout_s:g} s per step); is Ray running there (`ray start --head`)? Fix "
-                          "--address / ray.address / RAY_ADDRESS, or leave it empty for a local Ray "
-                          "(ray.connect_timeout_s sets the wait)")
+        raise ConfigError(
+            f"{source} {address}: cannot reach Ray at {hp[0]}:{hp[1]} ({why}; waited up to "
+            f"{timeout_s:g} s per step); is Ray running there (`ray start --head`)? Fix "
+            "--address / ray.address / RAY_ADDRESS, or leave it empty for a local Ray "
+            "(ray.connect_timeout_s sets the wait)"
+        )
 
 
 # Raylet messages that describe Ray's own housekeeping, not the user's job: kept out of the terminal.
@@ -126,7 +130,9 @@ def _route_raylet_messages() -> None:
 
 
 # A line of Ray's C++ logging: "[2026-12-01 23:28:34,874 E 21956 21956] core_worker.cc:2465: ..."
-_NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(cc|h):\d+:")
+_NATIVE_LINE = re.compile(
+    rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(cc|h):\d+:"
+)
 _native_filter_on = False
 
 
@@ -182,7 +188,9 @@ def keep_native_logs_off_terminal() -> None:
     t.start()
     faulthandler.enable(file=os.fdopen(os.dup(term), "w"), all_threads=True)
 
-    def _restore() -> None:  # fd 2 back to the terminal; the pipe then ends and the thread drains it
+    def _restore() -> (
+        None
+    ):  # fd 2 back to the terminal; the pipe then ends and the thread drains it
         try:
             sys.stderr.flush()
         except (OSError, ValueError):
@@ -193,9 +201,15 @@ def keep_native_logs_off_terminal() -> None:
     atexit.register(_restore)
 
 
-def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, progress: bool = True,
-             connect_timeout_s: float = 5.0, verbose: bool = False,
-             start_timeout_s: float = 0.0) -> None:
+def init_ray(
+    address: str = "",
+    num_cpus: int = 0,
+    object_store_mb: int = 0,
+    progress: bool = True,
+    connect_timeout_s: float = 5.0,
+    verbose: bool = False,
+    start_timeout_s: float = 0.0,
+) -> None:
     """Join a cluster (`address`, or RAY_ADDRESS as under `ray job submit`) or start a private local Ray.
 
     A local Ray gets more logical CPUs than the machine has (max(4, 2 x cores)): Ray Data read tasks need
@@ -229,14 +243,19 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0, pro
             except ConnectionError as exc:  # e.g. `auto` with no Ray running on this machine
                 raise ConfigError(f"{source} {addr}: {str(exc).splitlines()[0]}") from None
         else:
-            kw = {"num_cpus": num_cpus or max(4, 2 * (os.cpu_count() or 1)), "include_dashboard": True,
-                  "dashboard_host": "127.0.0.1"}
+            kw = {
+                "num_cpus": num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+            }
             if object_store_mb:
                 kw["object_store_memory"] = object_store_mb << 20
             # address="local": always a private instance. A bare ray.init() would join any `ray start`
             # cluster on this machine (or a stale one named in /tmp/ray/ray_current_cluster) instead.
-            _start_local(lambda: ray.init(address="local", log_to_driver=verbose,
-                                          logging_level=level, **kw), start_timeout_s)
+            _start_local(
+                lambda: ray.init(address="local", log_to_driver=verbose, logging_level=level, **kw),
+                start_timeout_s,
+            )
     import ray.data
 
     if not verbose:
@@ -305,15 +324,20 @@ def _start_local(start, timeout_s: float = 0.0) -> None:
                     f"busy: load {load:.1f} on {os.cpu_count()} cores; Ray said: "
                     f"{text.splitlines()[0][:120]}); raise ray.start_timeout_s (now "
                     f"{timeout_s:g}, 0 = {budget:.0f} s from the load) or try again when the "
-                    "machine is less busy") from None
-            print(f"[raycell] a local Ray did not start in time (busy machine); trying again "
-                  f"({waited:.0f} of {budget:.0f} s, ray.start_timeout_s)", flush=True)
+                    "machine is less busy"
+                ) from None
+            print(
+                f"[raycell] a local Ray did not start in time (busy machine); trying again "
+                f"({waited:.0f} of {budget:.0f} s, ray.start_timeout_s)",
+                flush=True,
+            )
             time.sleep(min(5.0, budget - waited))  # a breath for the machine before the next try
 
 
 def single_node() -> bool:
     """True when the running Ray has one live node (a laptop or one machine): its cores are then shared
-    between the workers or actors of a job by setting their torch threads."""
+    between the workers or actors of a job by setting their torch threads.
+    """
     import ray
 
     return len([n for n in ray.nodes() if n.get("Alive")]) == 1
@@ -342,8 +366,11 @@ def link_ray_logs(run_dir: str | os.PathLike) -> Path | None:
         return None
     f = Path(run_dir) / "ray_logs.txt"
     try:
-        atomic_write_text(f, f"Ray's logs of the session that ran this (every worker's output; Ray Data: "
-                             f"ray-data.log; they are not copied here):\n{logs}\n")
+        atomic_write_text(
+            f,
+            f"Ray's logs of the session that ran this (every worker's output; Ray Data: "
+            f"ray-data.log; they are not copied here):\n{logs}\n",
+        )
     except OSError:
         return None
     return f
