@@ -1,36 +1,22 @@
 """`raycell` / `python -m raycell`: parse, build the config, start Ray when the verb needs it, dispatch.
 
-Each verb runs one named function: the `raycell.pipeline` stages (`STAGES`), or the config-free tools
-below. Errors a user can fix (bad config key, missing data set, wrong shard, unknown label) print one line
-naming the file or key and exit with status 2; anything else is a bug and keeps its traceback. Each verb
-checks what it can without Ray (`preflight`) before Ray starts, so bad input costs no Ray start-up.
+Each verb is one `COMMANDS` entry: the function it runs (a `raycell.pipeline` stage, or a config-free
+tool below), whether it needs Ray, what it checks first and what it writes. Errors a user can fix
+(bad config key, missing data set, wrong shard, unknown label) print one line naming the file or key
+and exit with status 2; anything else is a bug and keeps its traceback. Each verb checks what it can
+without Ray (`preflight`) before Ray starts, so bad input costs no Ray start-up.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from raycell import pipeline
 from raycell.cli import build_parser, config_overrides
 from raycell.config import defaults_yaml, load_config
 from raycell.errors import user_errors
-
-# verb -> the pipeline stage it runs on the config (`synth` and `experiment` take flags too: see `run`)
-STAGES = {
-    "split": pipeline.run_split,
-    "train": pipeline.run_train,
-    "infer": pipeline.run_infer,
-    "infer-z": pipeline.run_infer_z,
-    "evaluate": pipeline.run_evaluate,
-    "ingest": pipeline.run_ingest,
-    "demo": pipeline.run_demo,
-    "tune": pipeline.run_tune,
-    "embed": pipeline.run_embed,
-    "export": pipeline.run_export,
-    "report": pipeline.run_report,
-    "profile": pipeline.run_profile,
-}
-NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune", "embed"}
 
 
 def run_import_armed(args) -> dict:
@@ -145,13 +131,195 @@ def run_check_cluster(args) -> dict:
     return kinds
 
 
-# verbs that need no config (and no Ray)
-TOOLS = {
-    "import-armed": run_import_armed,
-    "segmentation-eval": run_segmentation_eval,
-    "models": run_models,
-    "check-cluster": run_check_cluster,
+def run_config(args) -> None:
+    """`raycell config [--defaults]`: the merged configuration (or every key's default) as YAML."""
+    if args.defaults:
+        print(defaults_yaml(), end="")
+        return None
+    import yaml
+
+    print(yaml.safe_dump(_load(args).to_dict(), sort_keys=False), end="")
+    return None
+
+
+def run_experiment(cfg, args) -> dict:
+    """`raycell experiment medl`: every ARMED model x seed, inferred and evaluated (`experiments`)."""
+    from raycell.experiments import run_medl_experiment
+
+    return run_medl_experiment(
+        cfg,
+        args.seeds,
+        args.models,
+        args.out,
+        randomized_z=args.randomized_z,
+        baseline=args.baseline,
+        z_modes=args.z_modes,
+        tune=args.tune,
+        tune_samples=args.tune_samples,
+        tune_folds=args.tune_folds,
+        command="raycell " + " ".join(args.argv),
+    )
+
+
+# What each verb checks without Ray, before Ray starts (a Ray start-up costs 5-20 s). Each returns
+# the config to run with: `train --resume` / `tune.resume` take the run's recorded one.
+
+
+def _check_train(args, cfg):
+    from raycell.train.trainer import check_train, resume_config
+
+    if cfg.train.resume:
+        cfg = resume_config(cfg, _explicit(args))
+    check_train(cfg)
+    return cfg
+
+
+def _check_tune(args, cfg):
+    from raycell.tune import check_tune, resume_search_config
+
+    if cfg.tune.resume:
+        cfg = resume_search_config(cfg, _explicit(args))
+    check_tune(cfg)
+    return cfg
+
+
+def _check_ingest(args, cfg):
+    from raycell.ingest.plan import check_config
+
+    check_config(cfg)
+    return cfg
+
+
+def _check_infer(args, cfg):
+    from raycell.infer.batch import check_config
+
+    check_config(cfg)
+    return cfg
+
+
+def _check_embed(args, cfg):
+    from raycell.profiling.embed import check_embed
+
+    check_embed(cfg)
+    return cfg
+
+
+def _check_profile(args, cfg):
+    from raycell.profiling.profile_folder import ProfileSettings, check_settings
+
+    check_settings(ProfileSettings.from_config(cfg))
+    return cfg
+
+
+def _check_demo(args, cfg):
+    pipeline.check_demo(cfg)
+    return cfg
+
+
+def _check_experiment(args, cfg):
+    """Also parses `--seeds` and fills `--models` into `args`, for `run_experiment`."""
+    from raycell.experiments import MEDL_MODELS, check_medl, parse_seeds
+
+    args.seeds = parse_seeds(args.seeds)
+    args.models = args.models or MEDL_MODELS
+    check_medl(cfg, args.seeds, args.models, args.tune, args.tune_samples, args.tune_folds)
+    return cfg
+
+
+def _explicit(args) -> set:
+    """The keys the user gave on this command line (they win over a resumed run's record)."""
+    from raycell.cli import overrides_from_args
+    from raycell.config import explicit_keys
+
+    return explicit_keys(args.config, overrides_from_args(args))
+
+
+def _stage(fn):
+    """A pipeline stage `fn(cfg)` as a command's `run(cfg, args)`."""
+    return lambda cfg, args: fn(cfg)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One verb's wiring: adding a verb is one `COMMANDS` entry (plus its flags in `raycell.cli`).
+
+    Attributes:
+        run: `run(cfg, args)` for a verb that takes the configuration, `run(args)` for a tool.
+        uses_config: False for the tools that read only their flags (no config, no Ray).
+        needs_ray: whether Ray is started (or joined: `ray.address`) before `run`.
+        check: what is checked before Ray, `check(args, cfg) -> cfg`.
+        writes: (what, the output path from the config): a second run into an output that a live run
+            is writing refuses in one line before Ray starts (`raycell.utils.locks`); infer and embed
+            check in their `check`, where their default output is known.
+    """
+
+    run: Callable
+    uses_config: bool = True
+    needs_ray: bool = False
+    check: Callable | None = None
+    writes: tuple[str, Callable] | None = None
+
+
+COMMANDS: dict[str, Command] = {
+    "synth": Command(
+        lambda cfg, args: pipeline.run_synth(cfg, overwrite=args.overwrite),
+        writes=("synth.out", lambda c: c.synth.out),
+    ),
+    "split": Command(
+        _stage(pipeline.run_split),
+        writes=("data.path (split rewrites its shards)", lambda c: c.data.path),
+    ),
+    "ingest": Command(
+        _stage(pipeline.run_ingest),
+        needs_ray=True,
+        check=_check_ingest,
+        writes=("ingest.out", lambda c: c.ingest.out),
+    ),
+    "train": Command(
+        _stage(pipeline.run_train),
+        needs_ray=True,
+        check=_check_train,
+        writes=("train.resume run folder", lambda c: c.train.resume),
+    ),
+    "tune": Command(
+        _stage(pipeline.run_tune),
+        needs_ray=True,
+        check=_check_tune,
+        writes=("tune.out", lambda c: c.tune.out),
+    ),
+    "infer": Command(_stage(pipeline.run_infer), needs_ray=True, check=_check_infer),
+    "infer-z": Command(_stage(pipeline.run_infer_z)),
+    "evaluate": Command(_stage(pipeline.run_evaluate)),
+    "embed": Command(_stage(pipeline.run_embed), needs_ray=True, check=_check_embed),
+    "export": Command(
+        _stage(pipeline.run_export), writes=("export output", lambda c: c.export.out)
+    ),
+    "profile": Command(
+        _stage(pipeline.run_profile),
+        check=_check_profile,
+        writes=("profile.out", lambda c: c.profile.out),
+    ),
+    "report": Command(
+        _stage(pipeline.run_report),
+        writes=(
+            "report.out",
+            lambda c: c.report.out or (c.report.folder and f"{c.report.folder}/report"),
+        ),
+    ),
+    "demo": Command(_stage(pipeline.run_demo), needs_ray=True, check=_check_demo),
+    "experiment": Command(run_experiment, needs_ray=True, check=_check_experiment),
+    "config": Command(run_config, uses_config=False),
+    "import-armed": Command(run_import_armed, uses_config=False),
+    "segmentation-eval": Command(run_segmentation_eval, uses_config=False),
+    "models": Command(run_models, uses_config=False),
+    "check-cluster": Command(run_check_cluster, uses_config=False),
 }
+
+
+def _load(args):
+    """The configuration: file, then flags and `--set` (errors name the flag or `--set` typed)."""
+    given = config_overrides(args)  # (key=value, what the user typed)
+    return load_config(args.config, [ov for ov, _ in given], [typed for _, typed in given])
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -159,22 +327,12 @@ def run(argv: list[str] | None = None) -> dict | None:
     global _started_ray
     _started_ray = False
     args = build_parser().parse_args(argv)
-    if args.command in TOOLS:
-        return TOOLS[args.command](args)
-    if args.command == "config" and args.defaults:
-        print(defaults_yaml(), end="")
-        return None
-    given = config_overrides(
-        args
-    )  # (key=value, what the user typed): errors name the flag or --set
-    cfg = load_config(args.config, [ov for ov, _ in given], [typed for _, typed in given])
-    if args.command == "config":
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        return None
-    cfg = preflight(args, cfg)
-    if args.command in NEEDS_RAY:
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    cmd = COMMANDS[args.command]
+    if not cmd.uses_config:
+        return cmd.run(args)
+    cfg = preflight(args, _load(args))
+    if cmd.needs_ray:
         import ray
 
         from raycell.utils.ray_utils import init_ray, keep_native_logs_off_terminal
@@ -191,102 +349,19 @@ def run(argv: list[str] | None = None) -> dict | None:
         )
         if not cfg.ray.verbose:
             keep_native_logs_off_terminal()
-    if args.command == "synth":
-        return pipeline.run_synth(cfg, overwrite=args.overwrite)
-    if args.command == "experiment":
-        from raycell.experiments import run_medl_experiment
-
-        return run_medl_experiment(
-            cfg,
-            args.seeds,
-            args.models,
-            args.out,
-            randomized_z=args.randomized_z,
-            baseline=args.baseline,
-            z_modes=args.z_modes,
-            tune=args.tune,
-            tune_samples=args.tune_samples,
-            tune_folds=args.tune_folds,
-            command="raycell " + " ".join(argv if argv is not None else sys.argv[1:]),
-        )
-    return STAGES[args.command](cfg)
+    return cmd.run(cfg, args)
 
 
 def preflight(args, cfg):
-    """Everything a verb can check without Ray, before Ray starts (a Ray start-up costs 5-20 s).
-
-    Returns the config to run with (`train --resume` takes the run's recorded one); `experiment`'s seeds
-    and models are parsed into `args` in place.
-    """
-    busy_check(args.command, cfg)
-    if args.command == "train":
-        from raycell.cli import overrides_from_args
-        from raycell.config import explicit_keys
-        from raycell.train.trainer import check_train, resume_config
-
-        if cfg.train.resume:
-            cfg = resume_config(cfg, explicit_keys(args.config, overrides_from_args(args)))
-        check_train(cfg)
-    elif args.command == "ingest":
-        from raycell.ingest.plan import check_config
-
-        check_config(cfg)
-    elif args.command == "infer":
-        from raycell.infer.batch import check_config
-
-        check_config(cfg)
-    elif args.command == "embed":
-        from raycell.profiling.embed import check_embed
-
-        check_embed(cfg)
-    elif args.command == "profile":
-        from raycell.profiling.profile_folder import ProfileSettings, check_settings
-
-        check_settings(ProfileSettings.from_config(cfg))
-    elif args.command == "tune":
-        from raycell.cli import overrides_from_args
-        from raycell.config import explicit_keys
-        from raycell.tune import check_tune, resume_search_config
-
-        if cfg.tune.resume:
-            cfg = resume_search_config(cfg, explicit_keys(args.config, overrides_from_args(args)))
-        check_tune(cfg)
-    elif args.command == "demo":
-        pipeline.check_demo(cfg)
-    elif args.command == "experiment":
-        from raycell.experiments import MEDL_MODELS, check_medl, parse_seeds
-
-        args.seeds = parse_seeds(args.seeds)
-        args.models = args.models or MEDL_MODELS
-        check_medl(cfg, args.seeds, args.models, args.tune, args.tune_samples, args.tune_folds)
-    return cfg
-
-
-# verb -> (the output it writes, its key): a second run into an output being written refuses before
-# Ray starts (infer and embed check in `check_config`, where their default output is known)
-_WRITES = {
-    "ingest": ("ingest.out", lambda c: c.ingest.out),
-    "train": ("train.resume run folder", lambda c: c.train.resume),
-    "tune": ("tune.out", lambda c: c.tune.out),
-    "synth": ("synth.out", lambda c: c.synth.out),
-    "export": ("export output", lambda c: c.export.out),
-    "split": ("data.path (split rewrites its shards)", lambda c: c.data.path),
-    "profile": ("profile.out", lambda c: c.profile.out),
-    "report": (
-        "report.out",
-        lambda c: c.report.out or (c.report.folder and f"{c.report.folder}/report"),
-    ),
-}
-
-
-def busy_check(command: str, cfg) -> None:
-    """Refuse, in one line, a verb whose output a live run is writing (`raycell.utils.locks`)."""
+    """Everything a verb can check without Ray: its output is not being written, then its `check`."""
     from raycell.utils.locks import check_free
 
-    if command in _WRITES:
-        what, get = _WRITES[command]
+    cmd = COMMANDS[args.command]
+    if cmd.writes:
+        what, get = cmd.writes
         if get(cfg):
             check_free(get(cfg), what)
+    return cmd.check(args, cfg) if cmd.check else cfg
 
 
 def main(argv: list[str] | None = None) -> int:

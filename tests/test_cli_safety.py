@@ -348,3 +348,17 @@ def test_resume_from_another_directory_with_only_the_run_folder(
     assert json.loads((run_dir / "metrics.json").read_text())["metrics"]["epoch"] == 1  # continued
     assert set(Path(tempfile.gettempdir()).glob("raycell-resume-*")) == before
     assert not list(elsewhere.iterdir())
+
+
+def test_every_verb_is_wired_once():
+    """Each subcommand the parser offers has one `COMMANDS` entry, and every entry is a verb."""
+    import argparse
+
+    from raycell.__main__ import COMMANDS
+    from raycell.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    ray_verbs = {v for v, c in COMMANDS.items() if c.needs_ray}
+    assert ray_verbs == {"ingest", "train", "tune", "infer", "embed", "demo", "experiment"}
+    assert not any(c.needs_ray for c in COMMANDS.values() if not c.uses_config)
