@@ -211,6 +211,12 @@ def _check_profile(args, cfg):
     return cfg
 
 
+def _profile_needs_ray(cfg) -> bool:
+    from raycell.profiling.streamed import use_ray
+
+    return use_ray(cfg.profile.engine, cfg.profile.input, cfg.profile.features)
+
+
 def _check_demo(args, cfg):
     pipeline.check_demo(cfg)
     return cfg
@@ -246,7 +252,8 @@ class Command:
     Attributes:
         run: `run(cfg, args)` for a verb that takes the configuration, `run(args)` for a tool.
         uses_config: False for the tools that read only their flags (no config, no Ray).
-        needs_ray: whether Ray is started (or joined: `ray.address`) before `run`.
+        needs_ray: whether Ray is started (or joined: `ray.address`) before `run`; a function of
+            the checked config where the input decides (`profile.engine`).
         check: what is checked before Ray, `check(args, cfg) -> cfg`.
         writes: (what, the output path from the config): a second run into an output that a live run
             is writing refuses in one line before Ray starts (`raycell.utils.locks`); infer and embed
@@ -255,7 +262,7 @@ class Command:
 
     run: Callable
     uses_config: bool = True
-    needs_ray: bool = False
+    needs_ray: bool | Callable = False
     check: Callable | None = None
     writes: tuple[str, Callable] | None = None
 
@@ -296,6 +303,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "profile": Command(
         _stage(pipeline.run_profile),
+        needs_ray=_profile_needs_ray,
         check=_check_profile,
         writes=("profile.out", lambda c: c.profile.out),
     ),
@@ -332,7 +340,7 @@ def run(argv: list[str] | None = None) -> dict | None:
     if not cmd.uses_config:
         return cmd.run(args)
     cfg = preflight(args, _load(args))
-    if cmd.needs_ray:
+    if cmd.needs_ray(cfg) if callable(cmd.needs_ray) else cmd.needs_ray:
         import ray
 
         from raycell.utils.ray_utils import init_ray, keep_native_logs_off_terminal

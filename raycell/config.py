@@ -724,6 +724,12 @@ class ProfileConfig:
         "per-cell rows -> one per profile.strata group: median or mean "
         "(rows already one per group pass unchanged)",
     )
+    engine: str = _f(
+        "auto",
+        "how per-cell rows are aggregated: memory (one pandas frame), ray (Ray Data reads the "
+        "parquet in blocks and reduces each well, for inputs larger than memory), or auto (ray "
+        "when the features would take more than half the available memory)",
+    )
     strata: list = _f(["Metadata_Plate", "Metadata_Well"], "columns of one profile (a well)")
     plate_column: str = _f("Metadata_Plate", "column whose groups are normalised separately")
     controls: str = _f(

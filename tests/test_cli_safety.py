@@ -359,6 +359,7 @@ def test_every_verb_is_wired_once():
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(COMMANDS)
-    ray_verbs = {v for v, c in COMMANDS.items() if c.needs_ray}
+    ray_verbs = {v for v, c in COMMANDS.items() if c.needs_ray is True}
     assert ray_verbs == {"ingest", "train", "tune", "infer", "embed", "demo", "experiment"}
+    assert callable(COMMANDS["profile"].needs_ray)  # by the input's size (profile.engine)
     assert not any(c.needs_ray for c in COMMANDS.values() if not c.uses_config)

@@ -13,6 +13,7 @@ from raycell.__main__ import main
 from raycell.errors import UserError
 from raycell.profiling.profile_folder import ProfileSettings, make_profiles, profile
 from raycell.profiling.retrieval import RetrievalSettings, activity_map
+from raycell.profiling.table import ProfileError
 from raycell.profiling.wellprofiles import (
     ProfileTable,
     build_profiles,
@@ -477,3 +478,101 @@ def test_pycytominer_does_not_switch_pandas_copy_on_write_for_the_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip() == "False"
+
+
+def _embeddings_folder(tmp_path, n=300, dim=6, shards=3):
+    """A `raycell embed`-layout folder (list layout, morph columns, nulls in one metadata column)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "emb"
+    (folder / "shards").mkdir(parents=True)
+    wells = rng.choice(["A01", "A02", "B01", "B02"], n)
+    plates = rng.choice(["P1", "P2"], n)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    frame = pd.DataFrame(
+        {
+            "Metadata_Plate": plates,
+            "Metadata_Well": wells,
+            "Metadata_treatment": np.where(np.isin(wells, ["A01", "A02"]), "DMSO", "X"),
+            "Metadata_Split": rng.choice(["train", "unseen"], n),
+            "Metadata_note": np.where(rng.random(n) < 0.5, None, "n"),
+            "morph_area": rng.normal(100, 10, n),
+        }
+    )
+    for i, part in enumerate(np.array_split(np.arange(n), shards)):
+        t = pa.Table.from_pandas(frame.iloc[part], preserve_index=False)
+        col = pa.FixedSizeListArray.from_arrays(pa.array(emb[part].ravel()), dim)
+        pq.write_table(t.append_column("embedding", col), folder / f"shards/part-{i:05d}.parquet")
+    manifest = {"layout": "list", "n_cells": n, "features": ["embedding"], "heads": {}}
+    (folder / "embeddings.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.ray
+def test_streamed_aggregation_equals_the_in_memory_one(ray_local, tmp_path):
+    """Ray Data's per-well reduction gives the in-memory aggregate's values, counts and metadata."""
+    from raycell.profiling.streamed import streamed_table
+    from raycell.profiling.wellprofiles import aggregate, filter_rows
+
+    folder = _embeddings_folder(tmp_path)
+    strata = ["Metadata_Plate", "Metadata_Well"]
+    for feature_set, op, where in [
+        ("embedding", "median", ""),
+        ("all", "mean", "Metadata_Split == 'unseen'"),
+    ]:
+        mem = aggregate(filter_rows(read_input(folder, feature_set), where), strata, op)
+        got = streamed_table(folder, feature_set, strata, op, where)
+        assert got.features == mem.features
+        np.testing.assert_allclose(got.matrix(), mem.matrix(), rtol=1e-6, atol=1e-6)
+        for c in strata + ["Metadata_treatment", "Metadata_Count_Cells"]:
+            assert list(got.frame[c]) == list(mem.frame[c]), c
+        # a column varying within a well is left out by both; constant ones are kept by both
+        assert "Metadata_note" not in got.frame.columns and "Metadata_note" not in mem.frame
+        assert ("Metadata_Split" in got.frame.columns) == ("Metadata_Split" in mem.frame.columns)
+
+
+def test_engine_choice_follows_the_input_size_and_refuses_what_cannot_stream(tmp_path, monkeypatch):
+    from raycell.profiling import streamed
+
+    folder = _embeddings_folder(tmp_path, n=40, dim=4, shards=1)
+    assert streamed.estimated_bytes(folder) == 40 * 4 * 8
+    assert not streamed.use_ray("auto", folder, "embedding")
+    monkeypatch.setattr(streamed, "_available_bytes", lambda: 1000)  # a machine with 1 kB free
+    assert streamed.use_ray("auto", folder, "embedding")
+    assert not streamed.use_ray("auto", folder, "handmade")  # computed from crops: in memory
+    assert not streamed.use_ray("memory", folder, "embedding")
+    with pytest.raises(ProfileError, match="profile.engine=ray streams per-cell features"):
+        streamed.use_ray("ray", folder, "cpmeasure")
+    csv = tmp_path / "cells.csv"
+    _tiny().to_csv(csv, index=False)
+    with pytest.raises(ProfileError, match="reads parquet.*profile.engine=memory for CSV"):
+        streamed.use_ray("ray", csv, "embedding")
+    with pytest.raises(ProfileError, match="profile.engine must be one of auto, memory, ray"):
+        streamed.use_ray("spark", folder, "embedding")
+
+
+@pytest.mark.ray
+def test_profile_cli_streams_with_engine_ray(ray_local, tmp_path, capsys):
+    """`raycell profile --set profile.engine=ray`: same well profiles as the in-memory engine."""
+    folder = _embeddings_folder(tmp_path)
+    outs = {}
+    for engine in ("memory", "ray"):
+        out = tmp_path / f"prof_{engine}"
+        args = ["profile", "--input", str(folder), "--out", str(out)]
+        args += [
+            "--set",
+            f"profile.engine={engine}",
+            "--set",
+            "profile.controls=Metadata_treatment == 'DMSO'",
+        ]
+        args += ["--set", "profile.metrics=false"]
+        assert main(args) == 0, capsys.readouterr().err
+        outs[engine] = pd.read_parquet(out / "profiles.parquet")
+    a, b = outs["memory"], outs["ray"]
+    assert list(a.columns) == list(b.columns)
+    feats = [c for c in a.columns if c.startswith("Cells_")]
+    np.testing.assert_allclose(a[feats].to_numpy(), b[feats].to_numpy(), rtol=1e-5, atol=1e-5)

@@ -31,6 +31,7 @@ from raycell.profiling.retrieval import (
     RetrievalSettings,
     retrieval,
 )
+from raycell.profiling.streamed import ENGINES
 from raycell.profiling.wellprofiles import (
     AGGREGATIONS,
     FEATURE_SETS,
@@ -60,6 +61,7 @@ class ProfileSettings:
     out: str
     features: str = "embedding"
     aggregate: str = "median"
+    engine: str = "auto"
     strata: tuple = ("Metadata_Plate", "Metadata_Well")
     plate_column: str = "Metadata_Plate"
     controls: str = ""
@@ -102,6 +104,7 @@ def check_settings(s: ProfileSettings) -> None:
     for key, val, allowed in (
         ("features", s.features, FEATURE_SETS),
         ("aggregate", s.aggregate, AGGREGATIONS),
+        ("engine", s.engine, ENGINES),
         ("normalize", s.normalize, NORMALIZATIONS),
         ("consistency_level", s.consistency_level, LEVELS),
         ("distance", s.distance, ("cosine", "correlation", "euclidean", "abs_cosine")),
@@ -254,12 +257,22 @@ def write_folder(
     return out
 
 
+def cell_rows(s: ProfileSettings, feature_set: str) -> ProfileTable:
+    """The input's rows that `profile.where` keeps; with Ray Data (`profile.engine`), already one
+    per well, so that a per-cell input larger than memory never sits in one process.
+    """
+    from raycell.profiling.streamed import streamed_table, use_ray
+
+    if use_ray(s.engine, s.input, feature_set):
+        return streamed_table(s.input, feature_set, list(s.strata), s.aggregate, s.where)
+    return filter_rows(read_input(s.input, feature_set, s.where), s.where)
+
+
 def make_profiles(s: ProfileSettings) -> tuple[ProfileTable, RetrievalResult | None]:
     """Read, build and (with `metrics`) score the profiles, without writing anything."""
     check_settings(s)
-    t = filter_rows(read_input(s.input, s.features, s.where), s.where)
     t = build_profiles(
-        t,
+        cell_rows(s, s.features),
         list(s.strata),
         s.aggregate,
         s.controls,
@@ -298,9 +311,7 @@ def compare(s: ProfileSettings) -> pd.DataFrame:
 
     tables = {}
     for fs in s.compare_features or (s.features,):
-        t = prepare(
-            filter_rows(read_input(s.input, fs, s.where), s.where), list(s.strata), s.aggregate
-        )
+        t = prepare(cell_rows(s, fs), list(s.strata), s.aggregate)
         for name, v in corrected_versions(
             t, s.controls, s.batch_column, s.plate_column, s.compare, s.seed
         ).items():
