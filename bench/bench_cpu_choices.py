@@ -9,7 +9,7 @@
   materialize()` a synthetic data set (what training does once per split) and to stream it once with
   `iter_batches` (what each streamed epoch and each inference round does), `--repeats` times, first
   call (worker start-up included) reported apart.
-* **channels-last** (`train.channels_last`, now on CPU too): milliseconds per training step (forward,
+* **channels-last** (`train.channels_last`, applied on CPU too): milliseconds per training step (forward,
   backward, optimiser, as the training plan steps it) at batch `data.batch_size` and per inference
   forward at `data.eval_batch_size`, small conventional AEC at 64 px x 2 channels, NCHW vs
   channels-last, interleaved repeats (medians), torch threads = cores.

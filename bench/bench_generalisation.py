@@ -12,7 +12,7 @@ Per generator seed S, every step is the command a user types (printed, and saved
    (texture, crosstalk, debris, gamma, vignetting, shot noise on top of gain/offset/illumination/blur/noise),
    the last 2 held out as unseen, each of them one mechanism stronger than in any seen batch;
 2. `raycell segmentation-eval` on it: nuclei F1 at IoU 0.5 per batch, raycell's default segmentation and the
-   Otsu + watershed baseline (the first judged figure of issue 10);
+   Otsu + watershed baseline (segmentation is the first thing an unseen batch can break);
 3. `raycell ingest` (configs/ingest/synthetic_raw.yaml, default segmentation) -> crops with `morph_*` columns;
 4. `raycell split`, holding out the generator's suggested unseen batches;
 5. `raycell experiment medl` per variant (a name and `--set` overrides; `ingest.*` overrides give the

@@ -16,7 +16,7 @@ What is timed, for each data set:
   workers.
 
 FOVs/s per core = FOVs/s / N (N = 1 for the plain loop); seconds per field per core = N x seconds /
-FOVs (the issue-12 goal: <= 0.25 s for a 512x512 two-channel field); scaling = FOVs/s(2) / FOVs/s(1).
+FOVs (the goal: <= 0.25 s for a 512x512 two-channel field); scaling = FOVs/s(2) / FOVs/s(1).
 FOV/cpu-s divides by the CPU time of the per-FOV work instead (measured inside the tasks; the
 statistics pass is not included), which other processes on the machine do not change. Each row is
 the median of `--repeats` runs. The load average is recorded, because on a shared 2-core machine

@@ -21,8 +21,7 @@ sum of RSS. Stages, per size N (crops 32 px, the `tiny` AEC preset):
   (`--fields`), since ingest costs ~0.1-0.5 s of CPU per field.
 
 Growth from one size to the next: `time ratio / size ratio` (1.00 = linear) and the marginal cells/s
-(extra cells / extra seconds); peak memory growth in percent. Goals (issue 13): time within 10% of
-the marginal
+(extra cells / extra seconds); peak memory growth in percent. Goals: time within 10% of the marginal
 rate, peak memory within 20% from the smallest to the largest size. Prints a table and writes
 bench/results/<date>_scale.json.
 """

@@ -13,7 +13,7 @@ own Ray Data start, as a user's would):
   * embed: `raycell embed` with the same checkpoint (profiling layout, well profiles).
 Prints a table (seconds on tiny shards, on compacted shards, ratio) and writes
 bench/results/<date>_small_files.json; `x_split_epoch_infer` is the ratio of the summed split +
-fit + infer seconds (issue goal: compacted >= 3x faster at 10,000 shards).
+fit + infer seconds (the goal: compacted >= 3x faster at 10,000 shards).
 
     python bench/bench_small_files.py                  # 10,000 shards of 2 cells, 32 px
     python bench/bench_small_files.py --quick          # 300 shards: a check that it runs

@@ -1,4 +1,4 @@
-"""The speed goals of issue 12 (item 3), and how each is read from the benchmarks' JSON.
+"""The speed goals, and how each is read from the benchmarks' JSON.
 
 Kept apart from `run_all.py` so the table logic is checked without running anything
 (tests/test_bench_smoke.py).

@@ -20,7 +20,7 @@ joined to it (`--address`), so each command pays no Ray start. Steps:
 Per run (from `history.jsonl`, epochs after the first, which pays cuDNN autotuning and Ray Data's
 start): training images/s, the GPU's idle time on data (`data_wait_s / train_time_s`), MFU, peak GPU
 memory (`gpu_peak_mem_gib`, reported by the loop on CUDA) and, when `nvidia-smi` exists, its sampled
-utilisation and memory. See bench/README.md (GPU) for every field of the JSON.
+utilisation and memory. Every field of the JSON: bench/results/notes/2026-12-07_gpu_e2e_prepared.md.
 
     bash bench/gpu_e2e.sh                                        # on the GPU machine (sets up Ray)
     PYTHONPATH=. python bench/gpu_e2e.py --out bench/results/gpu_e2e.json
@@ -147,7 +147,7 @@ def plan_cases(dry: bool, main_s: float, compare_s: float) -> list[Case]:
 
 
 # data set key -> (crop size, cells, rows per shard); sized for training epochs of a few seconds at
-# the H200's Ray-free rates (bench/README.md), and shards of 8-65 MB
+# the H200's Ray-free rates (bench/results/notes/2026-11-30_gpu_h200.md), and shards of 8-65 MB
 DATASETS = {"d64": (64, 120_000, 2000), "d128": (128, 30_000, 1000), "d256": (256, 10_000, 500)}
 DRY_DATASETS = {"d32": (32, 480, 120)}
 

@@ -1,4 +1,4 @@
-"""Run the benchmarks in sequence and print the issue-12 goals table (measured, met or missed).
+"""Run the benchmarks in sequence and print the speed goals table (measured, met or missed).
 
 Each benchmark runs in its own process (one Ray at a time, nothing left over between them) and writes its
 JSON to `--results` (bench/results/run_all/<name>.json); then bench/results/summary.json holds the date,
@@ -67,7 +67,7 @@ def load_results(folder: Path, names: list[str]) -> dict:
 def render(goals: list[dict], mach: dict) -> str:
     """Print the goals table (figure, goal, measured, met?, command) under the date and machine."""
     head = (
-        f"issue-12 goals, {mach.get('date')}, {mach.get('cores')} cores, {mach.get('ram_gib')} GiB RAM, "
+        f"speed goals, {mach.get('date')}, {mach.get('cores')} cores, {mach.get('ram_gib')} GiB RAM, "
         f"load average {mach.get('load_average')} at start"
     )
     return print_table(

@@ -54,7 +54,7 @@ class Case:
     section: str = ""  # a heading of SECTIONS, or "" for the main table
 
 
-LOST = "## Outputs a user must never lose, and results that were silently wrong"
+LOST = "## Outputs a user must never lose, and results that must never be silently wrong"
 MACHINE = "## When the machine is the problem"
 
 
@@ -1389,7 +1389,7 @@ SECTIONS = {
         "raycell did not write (not even with `--overwrite`), never writes inside an input, never tells",
         "the user to delete their inputs, and replaces its own earlier output through a temporary name",
         "and an atomic rename (raycell/utils/outputs.py; tests/test_output_safety.py). **ok** includes:",
-        "the user's file or the data set is byte-for-byte unchanged. Also here: inputs that used to",
+        "the user's file or the data set is byte-for-byte unchanged. Also here: inputs that would otherwise",
         "give a wrong result without a word (a copied shard counted twice, a measurement as a head).",
     ],
     MACHINE: [

@@ -114,7 +114,7 @@ def test_run_all_no_run_writes_the_summary_and_prints_the_table(tmp_path, capsys
     assert [g["status"] for g in s["goals"]][-1] == "not measured"
     out = capsys.readouterr().out
     assert (
-        "issue-12 goals" in out
+        "speed goals" in out
         and "missed" in out
         and "python bench/bench_dataloader.py --quick" in out
     )
