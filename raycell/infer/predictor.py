@@ -24,6 +24,7 @@ import torch
 from raycell import constants as K
 from raycell.errors import UserError
 from raycell.formats.categories import CategoryMap
+from raycell.formats.embeddings import EMBEDDING_PREFIX, LIST_COLUMN, PROFILE_NAMES
 from raycell.formats.shards import decode_images, encode_images
 from raycell.losses import ModelOutput, heads_prob, label_prob, per_cell_mse, per_cell_ssim
 from raycell.models.random_effects import one_hot_design
@@ -48,20 +49,8 @@ def _fixed_list(a: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
 
 
-# crop-shard column -> profiling name (the rest become Metadata_<column>)
-PROFILE_NAMES = {
-    K.PLATE: "Metadata_Plate",
-    K.WELL: "Metadata_Well",
-    K.FIELD: "Metadata_Site",
-    K.CELL_ID: "Metadata_CellID",
-    K.BATCH: "Metadata_Batch",
-    K.SPLIT: "Metadata_Split",
-    K.LABEL: "Metadata_Label",
-    K.GROUP: "Metadata_Group",
-    K.SOURCE: "Metadata_Source",
-}
-FEATURE_PREFIX = "Cells_Embedding_"
-EMBEDDING = "embedding"
+FEATURE_PREFIX = EMBEDDING_PREFIX
+EMBEDDING = LIST_COLUMN
 _NOT_METADATA = set(K.IMAGE_COLUMNS) | {"path"}  # `path`: read_parquet's include_paths, kept as is
 
 

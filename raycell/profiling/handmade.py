@@ -25,7 +25,7 @@ def handmade_table(data: str | Path) -> ProfileTable:
     """Per-cell hand-made features and metadata of every cell of the crop data set `data`."""
     from raycell.eval.baseline import load_features
     from raycell.formats.shards import open_dataset
-    from raycell.infer.predictor import PROFILE_NAMES
+    from raycell.formats.embeddings import PROFILE_NAMES
 
     ds = open_dataset(data)
     meta_cols = [
@@ -116,7 +116,7 @@ def cpmeasure_features(
 def cpmeasure_table(data: str | Path, where: str = "") -> ProfileTable:
     """Per-cell cp-measure features of the crop data set `data` (rows of `where` only, if given)."""
     from raycell.formats.shards import decode_images, open_dataset
-    from raycell.infer.predictor import PROFILE_NAMES
+    from raycell.formats.embeddings import PROFILE_NAMES
 
     ds = open_dataset(data)
     meta_cols = [

@@ -1,9 +1,6 @@
-"""Profiles from an embeddings folder: read, select, aggregate per well, reduce, score the heads.
+"""Profiles from an embeddings folder: select, aggregate per well, reduce, score the heads.
 
-The folder (written by `raycell embed`) holds `embeddings.json` (the manifest) and
-`shards/part-*.parquet`, one row per cell: `Metadata_*` columns, `morph_*` hand-made features,
-`Pred_<head>` / `Prob_<head>` per weak-label head, then the deep features as `Cells_Embedding_XXXX`
-columns (layout "columns") or one fixed-size list column `embedding` (layout "list").
+The folder's layout and reader are a format (`raycell.formats.embeddings`, re-used here by name).
 Everything here takes a metadata frame and a float32 matrix, so the report, `raycell export` and
 `raycell embed` (well profiles) share one implementation of the steps the blog took by hand: drop
 constant features, keep the top-k by variance, PCA, colour by each weak label.
@@ -11,223 +8,36 @@ constant features, keep the top-k by variance, PCA, colour by each weak label.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
 from raycell.errors import UserError
-
-MANIFEST = "embeddings.json"
-SHARD_GLOB = "part-*.parquet"
-META_PREFIX = "Metadata_"
-PRED_PREFIX = "Pred_"
-PROB_PREFIX = "Prob_"
-MORPH_PREFIX = "morph_"
-EMBEDDING_PREFIX = "Cells_Embedding_"
-LIST_COLUMN = "embedding"
-PLATE, WELL = "Metadata_Plate", "Metadata_Well"
-COUNT = "Metadata_Count_Cells"
-# pycytominer's `infer_cp_features` compartments: a column with one of these prefixes is a feature.
-FEATURE_PREFIXES = ("Cells_", "Cytoplasm_", "Nuclei_")
-_LAYOUTS = ("columns", "list")
-
-
-class EmbeddingsError(UserError, ValueError):
-    """An embeddings folder, manifest or shard that does not follow the `raycell embed` contract."""
-
-
-def embedding_name(i: int) -> str:
-    """The pycytominer-style name of deep feature `i` (`Cells_Embedding_0007`)."""
-    return f"{EMBEDDING_PREFIX}{i:04d}"
-
-
-def feature_columns(names: Iterable[str]) -> list[str]:
-    """The names pycytominer treats as features (prefix `Cells_`, `Cytoplasm_`, `Nuclei_`)."""
-    return [str(n) for n in names if str(n).startswith(FEATURE_PREFIXES)]
-
-
-def morph_columns(frame: pd.DataFrame | Iterable[str]) -> list[str]:
-    """The hand-made shape feature columns (`morph_*`) of a frame or a list of names, in order."""
-    names = frame.columns if isinstance(frame, pd.DataFrame) else frame
-    return [str(n) for n in names if str(n).startswith(MORPH_PREFIX)]
-
-
-def head_names(meta: pd.DataFrame) -> list[str]:
-    """Weak-label heads with a prediction column (`Pred_<head>`), in column order."""
-    return [str(c)[len(PRED_PREFIX) :] for c in meta.columns if str(c).startswith(PRED_PREFIX)]
-
-
-def is_list_column(col: pd.Series) -> bool:
-    """True for an object column of per-row arrays or lists (an Arrow list column in pandas)."""
-    if col.dtype != object:
-        return False
-    values = col.dropna()
-    return len(values) > 0 and isinstance(values.iloc[0], (np.ndarray, list, tuple))
-
-
-def prob_matrix(meta: pd.DataFrame, head: str) -> np.ndarray:
-    """The (N, K) float32 class probabilities of `head`, from its `Prob_<head>` list column."""
-    col = PROB_PREFIX + head
-    if col not in meta.columns:
-        raise EmbeddingsError(f"no column {col} in the embeddings (heads: {head_names(meta)})")
-    if not len(meta):
-        return np.zeros((0, 0), np.float32)
-    return np.stack([np.asarray(v, dtype=np.float32) for v in meta[col]])
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """embeddings.json of a folder, checked for the keys every reader needs."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise EmbeddingsError(
-            f"embeddings manifest not found: {path} (give the folder written by "
-            "`raycell embed`, the one that holds embeddings.json)"
-        )
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EmbeddingsError(f"embeddings manifest {path} is not valid JSON ({exc})") from None
-    if not isinstance(m, dict):
-        raise EmbeddingsError(f"embeddings manifest {path} must hold a JSON object")
-    layout = m.get("layout", "columns")
-    if layout not in _LAYOUTS:
-        raise EmbeddingsError(
-            f"embeddings manifest {path}: layout {layout!r} is not one of {list(_LAYOUTS)}"
-        )
-    feats = m.get("features")
-    if not isinstance(feats, list) or not feats or not all(isinstance(f, str) for f in feats):
-        raise EmbeddingsError(
-            f"embeddings manifest {path}: 'features' must be a non-empty list of column names"
-        )
-    if layout == "list" and len(feats) != 1:
-        raise EmbeddingsError(
-            f"embeddings manifest {path}: layout 'list' needs exactly one column "
-            f"in 'features', got {len(feats)}"
-        )
-    heads = m.get("heads") or {}
-    if not isinstance(heads, dict) or not all(isinstance(v, list) for v in heads.values()):
-        raise EmbeddingsError(
-            f"embeddings manifest {path}: 'heads' must map head names to lists of class names"
-        )
-    heads = {str(k): [str(c) for c in v] for k, v in heads.items()}
-    return {**m, "layout": layout, "heads": heads}
-
-
-def _read_shards(folder: Path):
-    """Every shard of `folder/shards` as one Arrow table (schema metadata dropped)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    where = folder / "shards"
-    files = sorted(where.glob(SHARD_GLOB)) if where.is_dir() else []
-    if not files:
-        raise EmbeddingsError(
-            f"no embedding shards in {where} (expected {SHARD_GLOB}; did `raycell embed` finish?)"
-        )
-    tables = []
-    for f in files:
-        try:
-            tables.append(pq.read_table(f).replace_schema_metadata(None))
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise EmbeddingsError(f"cannot read embedding shard {f} ({exc})") from None
-    try:
-        return pa.concat_tables(tables, promote_options="default")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise EmbeddingsError(
-            f"embedding shards in {where} have different columns or types ({exc})"
-        ) from None
-
-
-def _list_matrix(col, name: str, where: Path) -> np.ndarray:
-    """An Arrow list column (fixed-size or not) as (N, D) float32; ragged rows are an error."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    t = col.type
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise EmbeddingsError(
-            f"column {name!r} in {where} must be a list of floats (layout 'list'), got {t}"
-        )
-    if col.null_count:
-        raise EmbeddingsError(f"column {name!r} in {where} has {col.null_count} null row(s)")
-    n = len(col)
-    if n == 0:
-        return np.zeros((0, 0), np.float32)
-    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-    d = int(lengths[0])
-    if (lengths != d).any():
-        bad = int(np.flatnonzero(lengths != d)[0])
-        raise EmbeddingsError(
-            f"column {name!r} in {where} is ragged: row 0 has {d} values but "
-            f"row {bad} has {int(lengths[bad])}; all embeddings need one length"
-        )
-    values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=np.float32).reshape(n, d)
-
-
-def read_embeddings(folder: str | Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
-    """(metadata, X, feature names) of an embeddings folder, every shard read and checked.
-
-    The metadata frame holds every non-feature column in shard order (`Metadata_*`, `Pred_*`,
-    `Prob_*` as one array per cell, `morph_*`); `meta.attrs["manifest"]` is embeddings.json, whose
-    `heads` give the class order. X is float32 (N, D); layout "list" is expanded to
-    `Cells_Embedding_XXXX` names.
-
-    Raises:
-        EmbeddingsError: missing or malformed manifest, no shards, a missing, null, non-finite or
-            ragged feature column, or a row count that differs from the manifest's `n_cells`.
-    """
-    import pyarrow as pa
-
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    where = folder / "shards"
-    table = _read_shards(folder)
-    feats = manifest["features"]
-    missing = [f for f in feats if f not in table.column_names]
-    if missing:
-        raise EmbeddingsError(
-            f"feature column {missing[0]!r} listed in {folder / MANIFEST} is "
-            f"missing from the shards in {where} ({len(missing)} of "
-            f"{len(feats)} missing)"
-        )
-    if manifest["layout"] == "list":
-        X = _list_matrix(table.column(feats[0]), feats[0], where)
-        names = [embedding_name(i) for i in range(X.shape[1])]
-    else:
-        X = np.empty((table.num_rows, len(feats)), dtype=np.float32)
-        for j, f in enumerate(feats):
-            col = table.column(f)
-            if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
-                raise EmbeddingsError(
-                    f"feature column {f!r} in {where} must be numeric, got {col.type}"
-                )
-            if col.null_count:
-                raise EmbeddingsError(
-                    f"feature column {f!r} in {where} has {col.null_count} null value(s)"
-                )
-            X[:, j] = col.to_numpy()
-        names = list(feats)
-    finite = np.isfinite(X).all(axis=0)
-    if not finite.all():
-        raise EmbeddingsError(
-            f"feature {names[int(np.flatnonzero(~finite)[0])]!r} in {where} "
-            "holds NaN or infinite values"
-        )
-    n_cells = manifest.get("n_cells")
-    if isinstance(n_cells, int) and n_cells != table.num_rows:
-        raise EmbeddingsError(
-            f"{where} holds {table.num_rows} rows but {folder / MANIFEST} "
-            f"records n_cells={n_cells}: shards are missing or were changed"
-        )
-    meta = table.drop_columns(feats).to_pandas()
-    meta.attrs["manifest"] = manifest
-    return meta, X, names
+from raycell.formats.embeddings import (  # noqa: F401 - the layout, used here and via `P.`
+    COUNT,
+    EMBEDDING_PREFIX,
+    FEATURE_PREFIXES,
+    LIST_COLUMN,
+    MANIFEST,
+    META_PREFIX,
+    MORPH_PREFIX,
+    PLATE,
+    PRED_PREFIX,
+    PROB_PREFIX,
+    PROFILE_NAMES,
+    SHARD_GLOB,
+    WELL,
+    EmbeddingsError,
+    embedding_name,
+    feature_columns,
+    head_names,
+    is_list_column,
+    morph_columns,
+    prob_matrix,
+    read_embeddings,
+    read_manifest,
+)
 
 
 def select_features(
