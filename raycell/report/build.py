@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ import numpy as np
 from raycell import constants as K
 from raycell.errors import UserError
 from raycell.report.page import Figure, Section, html_table, markdown_table, render_page
-from raycell.utils.io import atomic_write_json, atomic_write_text
+from raycell.utils.io import atomic_write_json, atomic_write_text, json_object
+from raycell.utils.outputs import REPORT, REPORT_JSON, raycell_output, staging_dir, swap_in
 
 HTML_FILE = "report.html"
-MANIFEST_FILE = "report.json"  # marks a report folder, so a re-run may replace it
+MANIFEST_FILE = REPORT_JSON  # marks a report folder, so a re-run may replace it
 GENERATOR = "raycell.report"
-STAGING_MARK = ".raycell-report-staging"  # a staging folder left by a killed run may be removed
 RECON_BATCHES = 8  # at most this many imaging batches in the reconstruction grid ...
 RECON_PER_BATCH = 4  # ... with this many cells each
 CROPS_PER_CLASS = 8
@@ -198,7 +197,7 @@ def build_report(
         raise ReportError(f"report: max_cells={max_cells} is too small; give at least 10")
     out = Path(out).expanduser().absolute() if out else folder / "report"
     _check_out(out)
-    staged = _staging(out)
+    staged = staging_dir(out, REPORT)
     try:
         ctx = _Ctx(staged, max_cells, seed)
         title, header, sections = BUILDERS[kind](folder, ctx)
@@ -226,18 +225,14 @@ def build_report(
                 "notes": ctx.notes,
             },
         )
-        (staged / STAGING_MARK).unlink()
-        _swap_in(staged, out)
+        swap_in(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return out / HTML_FILE
 
 
 def _is_report(path: Path) -> bool:
-    try:
-        return json.loads((path / MANIFEST_FILE).read_text()).get("generator") == GENERATOR
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (raycell_output(path) or (None,))[0] == REPORT
 
 
 def _check_out(out: Path) -> None:
@@ -251,43 +246,12 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _staging(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for kind in ("partial", "old"):  # left by a killed run; only folders this module made go
-        for p in out.parent.glob(f".{out.name}.{kind}-*"):
-            ours = (p / STAGING_MARK).is_file() or _is_report(p)
-            if ours and p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-    d = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    d.mkdir()
-    (d / STAGING_MARK).write_text("raycell report staging folder\n")
-    return d
-
-
-def _swap_in(staged: Path, out: Path) -> None:
-    """Rename the finished report into place; an earlier report there is removed only afterwards."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(staged, out)
-        return
-    _check_out(out)  # again: it may have changed while the figures were drawn
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.replace(out, old)
-    os.replace(staged, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # helpers shared by the folder kinds
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
+    return json_object(path) or {}
 
 
 def _read_yaml(path: Path) -> dict:

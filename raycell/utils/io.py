@@ -77,6 +77,19 @@ def atomic_write_parquet(table, path: str | os.PathLike, compression: str = "zst
         tmp.unlink(missing_ok=True)
 
 
+def json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable, malformed or not an object.
+
+    For files that only mark or describe a folder (a manifest probed to recognise an output, a
+    lock, an optional record): their absence or damage is an answer, not an error.
+    """
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:
     """Read JSON with an error that names the file when it is missing or malformed."""
     path = Path(path)

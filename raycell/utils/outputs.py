@@ -36,12 +36,14 @@ DATASET, RAW = "dataset", "raw"
 PREDICTIONS, EMBEDDINGS = "predictions", "embeddings"  # `infer` / `embed` output folders
 RAW_JSON = "raw.json"
 PROFILE, PROFILE_JSON = "profile", "profile.json"
+REPORT, REPORT_JSON = "report", "report.json"
 _NOUN = {
     DATASET: "data set (dataset.json)",
     RAW: "synth --raw folder (raw.json)",
     PREDICTIONS: f"predictions folder ({K.PREDICTIONS_MANIFEST})",
     EMBEDDINGS: f"embeddings folder ({K.EMBEDDINGS_MANIFEST})",
     PROFILE: "profile folder (profile.json)",
+    REPORT: "report folder (report.json)",
 }
 _MANIFEST_KEYS = ("schema_version", "channel_names", "shards")
 
@@ -51,11 +53,9 @@ class OutputError(UserError, FileExistsError):
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
+    from raycell.utils.io import json_object
+
+    return json_object(path)
 
 
 def raycell_output(folder: str | os.PathLike) -> tuple[str, bool] | None:
@@ -75,9 +75,10 @@ def raycell_output(folder: str | os.PathLike) -> tuple[str, bool] | None:
         m = _read_json(folder / name)
         if m is not None and "shards" in m and "run_key" in m:
             return kind, True
-    pj = _read_json(folder / PROFILE_JSON)
-    if pj is not None and str(pj.get("generator", "")).startswith("raycell."):
-        return PROFILE, True
+    for kind, name in ((PROFILE, PROFILE_JSON), (REPORT, REPORT_JSON)):
+        m = _read_json(folder / name)
+        if m is not None and m.get("generator") == f"raycell.{kind}":
+            return kind, True
     mark = _read_json(folder / MARKER)
     if mark is not None and mark.get("kind") in _NOUN:
         return mark["kind"], False
