@@ -19,6 +19,7 @@ import pandas as pd
 
 from raycell import constants as K
 from raycell.errors import UserError
+from raycell.formats.arrays import list_matrix, object_matrix
 
 MANIFEST = K.EMBEDDINGS_MANIFEST
 SHARD_GLOB = K.SHARD_GLOB
@@ -87,7 +88,7 @@ def prob_matrix(meta: pd.DataFrame, head: str) -> np.ndarray:
         raise EmbeddingsError(f"no column {col} in the embeddings (heads: {head_names(meta)})")
     if not len(meta):
         return np.zeros((0, 0), np.float32)
-    return np.stack([np.asarray(v, dtype=np.float32) for v in meta[col]])
+    return object_matrix(meta[col], col, EmbeddingsError)
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -153,34 +154,6 @@ def _read_shards(folder: Path):
         ) from None
 
 
-def _list_matrix(col, name: str, where: Path) -> np.ndarray:
-    """An Arrow list column (fixed-size or not) as (N, D) float32; ragged rows are an error."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    t = col.type
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise EmbeddingsError(
-            f"column {name!r} in {where} must be a list of floats (layout 'list'), got {t}"
-        )
-    if col.null_count:
-        raise EmbeddingsError(f"column {name!r} in {where} has {col.null_count} null row(s)")
-    n = len(col)
-    if n == 0:
-        return np.zeros((0, 0), np.float32)
-    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-    d = int(lengths[0])
-    if (lengths != d).any():
-        bad = int(np.flatnonzero(lengths != d)[0])
-        raise EmbeddingsError(
-            f"column {name!r} in {where} is ragged: row 0 has {d} values but "
-            f"row {bad} has {int(lengths[bad])}; all embeddings need one length"
-        )
-    values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=np.float32).reshape(n, d)
-
-
 def read_embeddings(folder: str | Path) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """(metadata, X, feature names) of an embeddings folder, every shard read and checked.
 
@@ -208,7 +181,7 @@ def read_embeddings(folder: str | Path) -> tuple[pd.DataFrame, np.ndarray, list[
             f"{len(feats)} missing)"
         )
     if manifest["layout"] == "list":
-        X = _list_matrix(table.column(feats[0]), feats[0], where)
+        X = list_matrix(table.column(feats[0]), feats[0], str(where), EmbeddingsError)
         names = [embedding_name(i) for i in range(X.shape[1])]
     else:
         X = np.empty((table.num_rows, len(feats)), dtype=np.float32)

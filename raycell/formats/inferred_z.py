@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from raycell import constants as K
 from raycell.config import ConfigError
+from raycell.formats.arrays import list_matrix
 from raycell.utils.io import read_json
 
 Z_PARQUET, Z_JSON, Z_WEIGHTS = "inferred_z.parquet", "inferred_z.json", "zpredictor.pt"
@@ -70,9 +71,8 @@ def read_inferred_z(
         t = pq.read_table(pq_path, columns=[K.CELL_ID, "z"])
     except (OSError, pa.ArrowInvalid) as exc:
         raise ConfigError(f"{not_z}; it cannot be read: {exc}") from None
-    n = t.column("z").type.list_size
-    z = np.asarray(t.column("z").combine_chunks().flatten(), dtype=np.float32)
-    z = z.reshape(t.num_rows, n)
+    z = list_matrix(t.column("z"), "z", str(pq_path), ConfigError)
+    n = z.shape[1]
     if js_path.is_file():
         try:
             vocab = read_json(js_path, "inferred Z metadata")["batches"]["values"]

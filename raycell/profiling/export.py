@@ -136,9 +136,11 @@ def _standardised(frame: pd.DataFrame) -> tuple[np.ndarray, int]:
 
 def _array_column(col: pd.Series) -> np.ndarray | None:
     """Equal-length per-row arrays as an (N, K) float32 matrix; None when ragged or not numeric."""
+    from raycell.formats.arrays import ListColumnError, object_matrix
+
     try:
-        return np.stack([np.asarray(v, dtype=np.float32) for v in col])
-    except (ValueError, TypeError):
+        return object_matrix(col, str(col.name))
+    except ListColumnError:
         return None
 
 

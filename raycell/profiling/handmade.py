@@ -24,8 +24,8 @@ PREFIX = "Cells_Hand_"
 def handmade_table(data: str | Path) -> ProfileTable:
     """Per-cell hand-made features and metadata of every cell of the crop data set `data`."""
     from raycell.eval.baseline import load_features
-    from raycell.formats.shards import open_dataset
     from raycell.formats.embeddings import PROFILE_NAMES
+    from raycell.formats.shards import open_dataset
 
     ds = open_dataset(data)
     meta_cols = [
@@ -115,8 +115,8 @@ def cpmeasure_features(
 
 def cpmeasure_table(data: str | Path, where: str = "") -> ProfileTable:
     """Per-cell cp-measure features of the crop data set `data` (rows of `where` only, if given)."""
-    from raycell.formats.shards import decode_images, open_dataset
     from raycell.formats.embeddings import PROFILE_NAMES
+    from raycell.formats.shards import decode_images, open_dataset
 
     ds = open_dataset(data)
     meta_cols = [

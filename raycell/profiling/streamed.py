@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raycell.formats.arrays import object_matrix
 from raycell.profiling import profiles as P
 from raycell.profiling.table import ProfileError, ProfileTable
 
@@ -140,7 +141,7 @@ def _feature_frame(df: pd.DataFrame, feats: list[str], list_layout: bool) -> pd.
                 pd.DataFrame({morph_feature_name(f): pd.to_numeric(df[f], errors="coerce")})
             )
         elif list_layout:
-            X = np.stack(df[f].to_numpy()).astype(np.float32)
+            X = object_matrix(df[f], f, ProfileError)
             parts.append(pd.DataFrame(X, columns=[P.embedding_name(i) for i in range(X.shape[1])]))
         else:
             parts.append(df[[f]])

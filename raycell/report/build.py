@@ -33,6 +33,7 @@ import numpy as np
 
 from raycell import constants as K
 from raycell.errors import UserError
+from raycell.formats.arrays import list_matrix
 from raycell.report.page import Figure, Section, html_table, markdown_table, render_page
 from raycell.utils.io import atomic_write_json, atomic_write_text, json_object
 from raycell.utils.outputs import REPORT, REPORT_JSON, raycell_output, staging_dir, swap_in
@@ -388,9 +389,7 @@ def _pca_section(pred_dir: Path, ctx: _Ctx, prefix: str) -> Section | None:
         return None
     idx = np.sort(np.random.default_rng(ctx.seed).permutation(t.num_rows)[: ctx.max_cells])
     t = t.take(idx)
-    lat = np.asarray(t.column(K.LATENT).combine_chunks().flatten(), dtype=np.float32).reshape(
-        t.num_rows, -1
-    )
+    lat = list_matrix(t.column(K.LATENT), K.LATENT, str(pred_dir), ReportError)
     labels = np.asarray(t.column(K.LABEL).to_pylist(), dtype=str)
     batches = np.asarray(t.column(K.BATCH).to_pylist(), dtype=str)
     path = pca_plot(
