@@ -290,7 +290,7 @@ class IngestConfig:
         False,
         "also store each crop's CellProfiler-style features as feat_* columns "
         "(shape of the centre object, intensity inside/outside it, GLCM texture; "
-        "raycell/ingest/features.py), computed in the ingest tasks; the hand-made-"
+        "raycell/features/morphology.py), computed in the ingest tasks; the hand-made-"
         "feature baseline then reads them instead of computing them from the crops",
     )
     rows_per_shard: int = _f(

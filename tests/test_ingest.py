@@ -583,9 +583,9 @@ def test_ingest_rejects_implausible_segmentation(ray_local, raw, tmp_path):
 def test_ingest_stores_crop_features_that_the_baseline_reads(ray_local, raw, tmp_path):
     from raycell.data.splits import split_dataset
     from raycell.eval.baseline import feature_source, load_features
+    from raycell.features.morphology import crop_features
     from raycell.formats.shards import decode_images
     from raycell.ingest.driver import run_ingest
-    from raycell.ingest.features import crop_features
 
     out = tmp_path / "feat"
     s = run_ingest(_cfg(raw / "images", out, raw / "platemap.csv", crop_features=True))

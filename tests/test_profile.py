@@ -432,8 +432,8 @@ def test_handmade_features_of_a_crop_data_set_are_profiled_per_well(tiny_data, t
 
 
 def test_cpmeasure_features_measure_the_centre_cell_with_cellprofiler_names(tiny_data):
+    from raycell.features.morphology import crop_features
     from raycell.formats.shards import decode_images, open_dataset
-    from raycell.ingest.features import crop_features
     from raycell.profiling.handmade import cpmeasure_features, cpmeasure_table
 
     ds = open_dataset(tiny_data)

@@ -4,7 +4,7 @@ Every comparison needs it: a deep model that does not beat a linear model on sha
 features on the unseen batches has not learnt anything the features do not already give.
 
 * Features: the data set's `morph_*` columns when it has them (written by `raycell ingest`), else
-  features of the crops themselves (`raycell.ingest.features.crop_features`: Otsu object at the
+  features of the crops themselves (`raycell.features.morphology.crop_features`: Otsu object at the
   centre of the first (nucleus) channel and of the channel mean (cell); regionprops shape;
   per-channel intensity inside / outside the cell; grey-level co-occurrence texture inside the cell;
   read from the `feat_*` columns when ingest stored them, `ingest.crop_features`, else computed here);
@@ -31,7 +31,7 @@ import pandas as pd
 
 from raycell import constants as K
 from raycell.errors import UserError
-from raycell.ingest.features import crop_features
+from raycell.features.morphology import crop_features
 
 __all__ = [
     "BASELINE_MODEL",

@@ -19,9 +19,9 @@ import pandas as pd
 import pyarrow as pa
 
 from raycell import constants as K
+from raycell.features.morphology import crop_feature_columns
 from raycell.ingest import images as imio
 from raycell.ingest.crops import extract
-from raycell.ingest.features import crop_feature_columns
 from raycell.ingest.objects import crops_of_given, read_given
 from raycell.ingest.segment import nucleus_diameter, plausibility, segment
 from raycell.ingest.stats import scale_verdict

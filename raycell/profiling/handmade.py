@@ -2,7 +2,7 @@
 
 The features are the baseline's (`raycell.eval.baseline.load_features`): the `morph_*` columns when
 the shards carry them, the `feat_*` columns ingest stored, else shape, intensity and GLCM texture
-computed from the crops (`raycell.ingest.features.crop_features`). They are named
+computed from the crops (`raycell.features.morphology.crop_features`). They are named
 `Cells_Hand_<name>` so pycytominer's `infer_cp_features` finds them, and the metadata follows
 `raycell embed`'s naming (`Metadata_Plate`, `Metadata_Well`, `Metadata_<column>`), so the wells
 of an embedding and of its hand-made features are the same rows after aggregation.
@@ -73,12 +73,12 @@ def cpmeasure_features(
     CellProfiler's names (`Area`, `Intensity_MeanIntensity`, `Contrast_3_00_256`, ...). A crop
     without an object gets NaN. cp-measure measures one labelled image at a time, so this is a
     Python loop over crops: ~84 ms a crop of 64 px with 2 channels on this 2-core machine under
-    load, against ~9.5 ms for `raycell.ingest.features.crop_features` (which is why ingest keeps
+    load, against ~9.5 ms for `raycell.features.morphology.crop_features` (which is why ingest keeps
     the hand-written features by default).
     """
     from cp_measure.bulk import get_core_measurements
 
-    from raycell.ingest.features import _centre_objects, _otsu_masks
+    from raycell.features.morphology import centre_objects, otsu_masks
 
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 4:
@@ -88,7 +88,7 @@ def cpmeasure_features(
     lo = x.min(axis=(2, 3), keepdims=True)
     span = np.maximum(x.max(axis=(2, 3), keepdims=True) - lo, 1e-12)
     x01 = (x - lo) / span  # cp-measure's texture bins intensities in [0, 1], as CellProfiler does
-    objects = _centre_objects(_otsu_masks(x.mean(1)))
+    objects = centre_objects(otsu_masks(x.mean(1)))
     measure = get_core_measurements()
     names: list[str] | None = None
     rows = []

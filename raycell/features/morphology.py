@@ -20,7 +20,7 @@ _TEXTURE = ("contrast", "homogeneity", "energy", "correlation")
 _SHAPE = ("area", "perimeter", "eccentricity", "solidity", "major_axis", "minor_axis")
 
 
-def _otsu_masks(a: np.ndarray) -> np.ndarray:
+def otsu_masks(a: np.ndarray) -> np.ndarray:
     """Per-image Otsu foreground of a (N, H, W) stack, all images at once (256-bin histograms)."""
     n = len(a)
     flat = a.reshape(n, -1).astype(np.float64)
@@ -39,7 +39,7 @@ def _otsu_masks(a: np.ndarray) -> np.ndarray:
     return mask.reshape(a.shape)
 
 
-def _centre_objects(mask: np.ndarray) -> np.ndarray:
+def centre_objects(mask: np.ndarray) -> np.ndarray:
     """The connected object nearest each (N, H, W) mask's centre, holes filled (empty if none)."""
     from scipy import ndimage
 
@@ -144,9 +144,9 @@ def crop_features(
     names = list(channel_names or [f"ch{i}" for i in range(c)])
     if not n:
         return np.zeros((0, 0)), []
-    objects = {"nucleus": _centre_objects(_otsu_masks(x[:, 0]))}
+    objects = {"nucleus": centre_objects(otsu_masks(x[:, 0]))}
     if c > 1:
-        objects["cell"] = _centre_objects(_otsu_masks(x.mean(1)))
+        objects["cell"] = centre_objects(otsu_masks(x.mean(1)))
     ref = objects.get("cell", objects["nucleus"])
     cols, feats = [], []
     for obj_name, obj in objects.items():
