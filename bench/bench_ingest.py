@@ -27,7 +27,6 @@ bench/results/<date>_ingest.json (or `--out`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import shutil
@@ -88,10 +87,11 @@ def _as_09047() -> tuple[str, str | None, list[str]] | None:
 def _plain_loop(cfg) -> tuple[float, float, int]:
     from raycell.ingest.driver import plate_diameters
     from raycell.ingest.fov import process_fov
+    from raycell.ingest.params import IngestParams
     from raycell.ingest.plan import plan_ingest
     from raycell.ingest.stats import compute_stats
 
-    p = dataclasses.asdict(cfg.ingest)
+    p = IngestParams.from_config(cfg.ingest)
     plan = plan_ingest(p)
     # not timed: the statistics and scale passes (Ray passes in run_ingest), so that each field is
     # segmented as the crop pass segments it (with its plate's diameter)

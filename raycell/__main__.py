@@ -34,11 +34,11 @@ def run_import_armed(args) -> dict:
 
 def run_segmentation_eval(args) -> dict:
     """`raycell segmentation-eval RAW_DIR | --images G --masks G`: scored against true masks (no Ray)."""
-    import dataclasses
     import json
     from pathlib import Path
 
     from raycell.errors import UserError
+    from raycell.ingest.params import IngestParams
     from raycell.ingest.segmentation_eval import evaluate_pairs, evaluate_segmentation
 
     if not 0 < args.iou <= 1:  # an IoU threshold; 0 or > 1 would match everything or nothing
@@ -57,7 +57,7 @@ def run_segmentation_eval(args) -> dict:
         res = evaluate_segmentation(args.raw_dir, iou=args.iou, method=args.method)
         print(json.dumps({k: v for k, v in res.items() if k != "per_fov"}, indent=2, default=str))
     else:
-        over = dataclasses.asdict(load_config(None, args.set).ingest)
+        params = IngestParams.from_config(load_config(None, args.set).ingest)
         res = evaluate_pairs(
             args.images,
             args.masks,
@@ -66,7 +66,7 @@ def run_segmentation_eval(args) -> dict:
             iou=args.iou,
             channel=args.channel,
             method=args.method,
-            overrides=over,
+            params=params,
         )
         print(json.dumps({k: v for k, v in res.items() if k != "per_image"}, indent=2))
     if args.json:
@@ -76,9 +76,8 @@ def run_segmentation_eval(args) -> dict:
 
 def _perturb(args) -> dict:
     """`segmentation-eval --perturb --images G`: robustness of the segmentation to simulated plate effects."""
-    import dataclasses
-
     from raycell.errors import UserError
+    from raycell.ingest.params import IngestParams
     from raycell.ingest.robustness import LEVELS, perturbation_robustness, write_robustness
 
     if not args.images or args.masks or args.raw_dir:
@@ -90,7 +89,7 @@ def _perturb(args) -> dict:
         seeds = [int(x) for x in args.seeds]
     except ValueError:
         raise UserError(f"segmentation-eval --seeds: {args.seeds} are not integers") from None
-    over = dataclasses.asdict(load_config(None, args.set).ingest)
+    params = IngestParams.from_config(load_config(None, args.set).ingest)
     x = args.crosstalk_from
     kw = {"effects": args.effects} if args.effects else {}
     res = perturbation_robustness(
@@ -101,7 +100,7 @@ def _perturb(args) -> dict:
         iou=args.iou,
         channel=args.channel,
         crosstalk_from=int(x) if x.isdigit() else (x or None),
-        overrides=over,
+        params=params,
         progress=True,
         **kw,
     )

@@ -272,8 +272,6 @@ def test_manifest_relist_keeps_counts_and_refuses_other_rows(tmp_path):
 
 
 def test_negative_shard_bounds_are_refused_naming_the_key(tmp_path):
-    import dataclasses
-
     from raycell.config import load_config
     from raycell.ingest.plan import check_params
     from raycell.ingest.sources import IngestError
@@ -289,4 +287,4 @@ def test_negative_shard_bounds_are_refused_naming_the_key(tmp_path):
             ],
         )
         with pytest.raises(IngestError, match=f"ingest.{key} must be >= 0"):
-            check_params(dataclasses.asdict(cfg.ingest))
+            check_params(cfg.ingest)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from raycell.data.synthetic_raw import DEFAULT_PATTERN, write_synthetic_raw
 from raycell.formats.shards import open_dataset
 from raycell.ingest import crops as C
 from raycell.ingest import images as I
+from raycell.ingest.params import IngestParams
 from raycell.ingest.segment import SegmentationError, check_backend, segment_nuclei
 from raycell.ingest.sources import IngestError, discover, group_fovs, join_platemap, load_platemap
 
@@ -279,14 +281,14 @@ def test_cellpose_model_is_loaded_once_per_process(monkeypatch, tmp_path):
     model, other = tmp_path / "model", tmp_path / "other"
     model.write_bytes(b"weights")
     other.write_bytes(b"weights")
-    p = {"segmentation": "cellpose", "cellpose_model": str(model)}
+    p = IngestParams(segmentation="cellpose", cellpose_model=str(model))
     img = np.zeros((2, 32, 32), np.float32)
     check_backend("cellpose", str(model))  # the driver's check loads it too
     for _ in range(3):  # three fields of view
         nuc, cells, d = S.segment(img, 0, 1, p)
         assert nuc.max() == 1 and cells is None and d > 0
     assert loads == [str(model)]
-    S.segment(img, 0, None, {**p, "cellpose_model": str(other)})  # another model is loaded
+    S.segment(img, 0, None, replace(p, cellpose_model=str(other)))  # another model is loaded
     assert loads == [str(model), str(other)]
     model.unlink()  # a cached model does not hide a missing file
     with pytest.raises(SegmentationError, match="local cellpose model file"):

@@ -9,7 +9,6 @@ Planning and one field's crop pass run without Ray; the two end-to-end runs use 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from raycell.config import load_config
 from raycell.data.synthetic_raw import DEFAULT_PATTERN, write_synthetic_raw
 from raycell.ingest.crops import drop_border_objects
 from raycell.ingest.fov import fov_result
+from raycell.ingest.params import IngestParams
 from raycell.ingest.plan import check_params, plan_ingest
 from raycell.ingest.sources import IngestError
 
@@ -86,7 +86,7 @@ def _truth(raw: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _params(raw: Path, out: Path, **ingest) -> dict:
+def _params(raw: Path, out: Path, **ingest) -> IngestParams:
     sets = [
         f"ingest.input={raw / 'images'}",
         f"ingest.out={out}",
@@ -101,7 +101,7 @@ def _params(raw: Path, out: Path, **ingest) -> dict:
         f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
         for k, v in ingest.items()
     ]
-    return dataclasses.asdict(load_config(None, sets).ingest)
+    return IngestParams.from_config(load_config(None, sets).ingest)
 
 
 def _fov_rejects(plan: dict) -> list[dict]:
@@ -109,7 +109,7 @@ def _fov_rejects(plan: dict) -> list[dict]:
     return [r for r in plan["rejects"] if r["kind"] == "fov"]
 
 
-def _crop(fov: dict, p: dict, ch: dict):
+def _crop(fov: dict, p: IngestParams, ch: dict):
     row, crops, meta = fov_result(fov, p, ch, None)
     return row, crops, meta
 
@@ -428,7 +428,7 @@ def test_image_table_with_file_names_repeated_across_plates(tmp_path):
         f"ingest.objects={tmp_path / 'Nuclei.csv'}",
         f"ingest.objects_images={tmp_path / 'Image.csv'}",
     ]
-    plan = plan_ingest(dataclasses.asdict(load_config(None, sets).ingest))
+    plan = plan_ingest(IngestParams.from_config(load_config(None, sets).ingest))
     got = {
         f["meta"]["plate"]: (f["meta"]["ImageNumber"], f["objects"]["ids"]) for f in plan["fovs"]
     }
@@ -441,7 +441,7 @@ def test_image_table_with_file_names_repeated_across_plates(tmp_path):
             "PathName_DNA": ["s3://bucket/P1/Images/", "s3://bucket/P2/Images"],
         }
     ).to_csv(tmp_path / "Image.csv", index=False)
-    plan = plan_ingest(dataclasses.asdict(load_config(None, sets).ingest))
+    plan = plan_ingest(IngestParams.from_config(load_config(None, sets).ingest))
     assert {f["meta"]["plate"]: f["meta"]["ImageNumber"] for f in plan["fovs"]} == {
         "P1": "1",
         "P2": "2",
@@ -451,4 +451,4 @@ def test_image_table_with_file_names_repeated_across_plates(tmp_path):
         tmp_path / "Image.csv", index=False
     )
     with pytest.raises(IngestError, match="ImageNumber 1 names files of several fields"):
-        plan_ingest(dataclasses.asdict(load_config(None, sets).ingest))
+        plan_ingest(IngestParams.from_config(load_config(None, sets).ingest))

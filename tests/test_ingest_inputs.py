@@ -14,7 +14,6 @@ Planning, reading and the scale check are tested without Ray; the end-to-end run
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import tifffile
 from raycell.config import load_config
 from raycell.data.synthetic_raw import DEFAULT_PATTERN, write_synthetic_raw
 from raycell.ingest import images as I
+from raycell.ingest.params import IngestParams
 from raycell.ingest.sources import IngestError, discover, group_fovs, join_platemap, load_platemap
 
 
@@ -52,7 +52,7 @@ def _set(key: str, value) -> str:
     return f"ingest.{key}={json.dumps(value) if isinstance(value, (list, bool)) else value}"
 
 
-def _params(root: Path, **ingest) -> dict:
+def _params(root: Path, **ingest) -> IngestParams:
     sets = [
         f"ingest.input={root / 'images'}",
         f"ingest.out={root / 'out'}",
@@ -60,7 +60,7 @@ def _params(root: Path, **ingest) -> dict:
         f"ingest.pattern={DEFAULT_PATTERN}",
         "ingest.channels=[nucleus, cytoplasm]",
     ] + [_set(k, v) for k, v in ingest.items()]
-    return dataclasses.asdict(load_config(None, sets).ingest)
+    return IngestParams.from_config(load_config(None, sets).ingest)
 
 
 # --------------------------------------------------------------------------------------------------

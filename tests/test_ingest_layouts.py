@@ -6,9 +6,9 @@ hand-written regex would, and the fields' pixels must load in channel order.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +20,18 @@ from conftest import SHARED_DATA
 from raycell.config import load_config
 from raycell.ingest import images as imio
 from raycell.ingest.layouts import PRESET_NAMES
+from raycell.ingest.params import IngestParams
 from raycell.ingest.plan import check_params, plan_ingest
 from raycell.ingest.sources import IngestError
 
 
-def _params(root: Path, **ingest) -> dict:
+def _params(root: Path, **ingest) -> IngestParams:
     sets = [f"ingest.input={root}", f"ingest.out={root.parent / 'out'}", "ingest.pattern="]
     sets += [
         f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
         for k, v in ingest.items()
     ]
-    return dataclasses.asdict(load_config(None, sets).ingest)
+    return IngestParams.from_config(load_config(None, sets).ingest)
 
 
 def _img(path: Path, value: int) -> None:
@@ -123,7 +124,7 @@ def test_cellinsight_preset_on_cellprofilers_example_images(tmp_path):
     src = SHARED_DATA / "cellprofiler_examples" / "ExampleHuman"
     if not src.is_dir():
         pytest.skip(f"shared data not found: {src}")
-    plan = plan_ingest({**_params(src, preset="cellinsight"), "out": str(tmp_path / "o")})
+    plan = plan_ingest(replace(_params(src, preset="cellinsight"), out=str(tmp_path / "o")))
     assert len(plan["fovs"]) == 1 and plan["fovs"][0]["meta"]["well"] == "D03"
     assert plan["channels"]["values"] == ["0", "1", "2"]
 
@@ -210,7 +211,7 @@ def test_layout_errors(tmp_path):
     with pytest.raises(IngestError, match="unknown ingest.preset 'phoenix'"):
         check_params(_params(root, preset="phoenix"))
     with pytest.raises(IngestError, match="not both"):
-        check_params({**_params(root, preset="phenix"), "pattern": "(?P<well>x)"})
+        check_params(replace(_params(root, preset="phenix"), pattern="(?P<well>x)"))
     with pytest.raises(IngestError, match="ingest.pattern is empty.*preset"):
         check_params(_params(root))
     with pytest.raises(IngestError, match="matches none"):

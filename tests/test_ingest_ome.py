@@ -8,7 +8,6 @@ crops, byte for byte, and the pixel size from the metadata. One end-to-end run c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from raycell.config import load_config
 from raycell.data.synthetic_raw import write_synthetic_raw
 from raycell.ingest import ome
 from raycell.ingest.fov import fov_result
+from raycell.ingest.params import IngestParams
 from raycell.ingest.plan import plan_ingest
 
 PLAIN = r"(?P<plate>[^_/]+)_(?P<well>[A-P]\d{2})_s(?P<field>\d+)_(?P<channel>[a-z]+)_z0\.tif$"
@@ -85,7 +85,7 @@ def trees(tmp_path_factory) -> dict[str, Path]:
     return {"plain": plain, "ome_tiff": tif, "ome_zarr": zarr_root}
 
 
-def _params(root: Path, **ingest) -> dict:
+def _params(root: Path, **ingest) -> IngestParams:
     sets = [
         f"ingest.input={root}",
         f"ingest.out={root.parent / 'out'}",
@@ -100,7 +100,7 @@ def _params(root: Path, **ingest) -> dict:
         f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
         for k, v in ingest.items()
     ]
-    return dataclasses.asdict(load_config(None, sets).ingest)
+    return IngestParams.from_config(load_config(None, sets).ingest)
 
 
 LAYOUTS = {

@@ -21,6 +21,7 @@ from raycell import constants as K
 from raycell.config import load_config
 from raycell.data.synthetic_raw import DEFAULT_PATTERN, write_synthetic_raw
 from raycell.formats.shards import ShardWriter, open_dataset
+from raycell.ingest.params import IngestParams
 
 # what the manifest says about the cells (not when or by whom it was made, nor its shard list)
 CELL_KEYS = (
@@ -253,7 +254,7 @@ def test_crop_batch_rows_carry_no_crops(tmp_path, monkeypatch):
             "record": [json.dumps({"fov_id": f}) for f in ("a", "bad", "c")],
         }
     )
-    t = F.crop_batch(batch, {}, {}, None, out=str(tmp_path), rows_per_shard=100)
+    t = F.crop_batch(batch, IngestParams(), {}, None, out=str(tmp_path), rows_per_shard=100)
     assert t.column_names == [
         "fov_id",
         "status",
@@ -271,5 +272,5 @@ def test_crop_batch_rows_carry_no_crops(tmp_path, monkeypatch):
     (part,) = pickle.loads(blobs[0])
     assert part["file"] == "shards/part-000007-000.parquet" and part["rows"] == 4
     assert (tmp_path / part["file"]).is_file()
-    empty = F.crop_batch(batch.slice(0, 0), {}, {}, None, out=str(tmp_path / "e"))
+    empty = F.crop_batch(batch.slice(0, 0), IngestParams(), {}, None, out=str(tmp_path / "e"))
     assert empty.num_rows == 0 and not (tmp_path / "e").exists()

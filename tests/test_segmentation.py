@@ -3,8 +3,8 @@ fields rejected with a reason, and `evaluate_pairs` on any images + masks. No Ra
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,9 +12,9 @@ from conftest import SHARED_DATA
 from scipy import ndimage as ndi
 
 from raycell import constants as K
-from raycell.config import IngestConfig
 from raycell.errors import UserError
 from raycell.ingest import fov as F
+from raycell.ingest.params import IngestParams
 from raycell.ingest.segment import (
     diameter_bounds,
     drop_outlier_objects,
@@ -95,8 +95,7 @@ def test_diameter_is_bounded():
 
 def test_scale_pass_estimate_is_the_segmentations_own():
     """The scale pass stops after the estimate: the same number `segment_nuclei` would use."""
-    p = dataclasses.asdict(IngestConfig())
-    p["crop_size"] = 64
+    p = IngestParams(crop_size=64)
     for texture, seed in ((0, 0), (120, 1)):
         img, _ = textured_field(texture=texture, seed=seed)
         assert nucleus_diameter(img, p) == segment_nuclei(img, crop_size=64)[1] > 0
@@ -166,8 +165,7 @@ def test_plausibility_reasons():
 
 def test_implausible_field_is_rejected_with_reason(monkeypatch):
     """The crop pass turns an implausible field into a rejects-table row, not crops or no-cells."""
-    p = dataclasses.asdict(IngestConfig())
-    p.update(normalization="per-image", scale_check="ignore", crop_size=32)
+    p = IngestParams(normalization="per-image", scale_check="ignore", crop_size=32)
     ch = {"nucleus": 0, "cytoplasm": None, "names": ["dna"], "slots": []}
     fov = {"fov_id": "P1_A01_0", "row": {K.PLATE: "P1", K.BATCH: "b0"}, "source": "x", "files": []}
     field = {"img": _giant_field()}
@@ -182,7 +180,7 @@ def test_implausible_field_is_rejected_with_reason(monkeypatch):
     field["img"] = textured_field(texture=120, seed=0)[0]  # a good field on the same plate passes
     row = F.process_fov(fov, p, ch, stats)
     assert row["status"] == "ok" and row["n_cells"] >= 20, row["reason"]
-    p["plausibility_check"] = False  # the switch turns the check off
+    p.plausibility_check = False  # the switch turns the check off
     field["img"] = _giant_field()
     assert F.process_fov(fov, p, ch, stats)["code"] != "implausible-segmentation"
 
@@ -364,9 +362,9 @@ def test_segment_reads_the_new_knobs_from_ingest_params():
 
     img, truth = textured_field(texture=0, specks=0, seed=0)
     img = _with_debris(img, truth)
-    p = {"crop_size": 64, "min_area": 10.0}
+    p = IngestParams(crop_size=64, min_area=10.0)
     on = match_instances(segment(img[None], 0, None, p)[0], truth)["precision"]
-    off = match_instances(segment(img[None], 0, None, {**p, "outlier_k": 0})[0], truth)
+    off = match_instances(segment(img[None], 0, None, replace(p, outlier_k=0))[0], truth)
     assert on > off["precision"], (on, off)
 
 

@@ -8,6 +8,7 @@ pass: illumination functions, normalisation ranges), `fov` (the crop pass, one f
 time), `tasks` (the Ray Data plumbing both passes share) and `driver` (`run_ingest`: streams the
 crops into shards, writes rejects, summary and manifest). Beside it: `segmentation_eval` (scoring
 against true masks, `raycell segmentation-eval`) and `armed_npz` (`import_armed`).
+Every step reads the same parameters, `params.IngestParams` (the `ingest` config section).
 
 The public functions are imported lazily so that `import raycell.ingest` stays cheap (no Ray, no
 skimage).

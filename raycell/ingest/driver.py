@@ -45,9 +45,7 @@ skipped; when the inputs or parameters differ, `ingest.overwrite=true` is requir
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import pickle
 import sys
 import time
@@ -60,6 +58,7 @@ import pyarrow as pa
 from raycell import constants as K
 from raycell.ingest.fov import crop_batch, scale_batch
 from raycell.ingest.overlays import OVERLAY_DIR, OVERLAY_INDEX, write_overlays
+from raycell.ingest.params import IngestParams
 from raycell.ingest.plan import check_out, check_params, plan_ingest
 from raycell.ingest.sources import IngestError, reject_row
 from raycell.ingest.stats import compute_stats
@@ -70,7 +69,7 @@ PARTS = "parts"  # the crop tasks' files, in the staging folder until compacted
 SUMMARY = "ingest_summary.json"
 
 
-def _existing(out: Path, p: dict, fingerprint: str) -> dict | None:
+def _existing(out: Path, p: IngestParams, fingerprint: str) -> dict | None:
     """Summary of an identical earlier run in `out` (to skip), else None; raise on a clash."""
     from raycell.utils.io import read_json
 
@@ -78,11 +77,11 @@ def _existing(out: Path, p: dict, fingerprint: str) -> dict | None:
         return None
     m = read_json(out / K.MANIFEST, "manifest")
     prev = m.get("ingest", {})
-    same = prev.get("fingerprint") == fingerprint and prev.get("params") == _params_record(p)
-    if same and not p["overwrite"] and (out / SUMMARY).is_file():
+    same = prev.get("fingerprint") == fingerprint and prev.get("params") == p.record()
+    if same and not p.overwrite and (out / SUMMARY).is_file():
         s = read_json(out / SUMMARY, "ingest summary")
         return {**s, "skipped": True}
-    if not same and not p["overwrite"]:
+    if not same and not p.overwrite:
         raise IngestError(
             f"{out} already holds a data set made from other inputs or parameters; choose "
             "another ingest.out or set ingest.overwrite=true"
@@ -90,12 +89,7 @@ def _existing(out: Path, p: dict, fingerprint: str) -> dict | None:
     return None
 
 
-def _params_record(p: dict) -> dict:
-    rec = {k: v for k, v in p.items() if k not in ("overwrite", "out")}
-    return json.loads(json.dumps(rec))
-
-
-def plate_diameters(fovs: list[dict], p: dict, ch: dict, stats: dict) -> dict[str, float]:
+def plate_diameters(fovs: list[dict], p: IngestParams, ch: dict, stats: dict) -> dict[str, float]:
     """Scale pass: the median automatic diameter of up to `ingest.scale_fovs` fields per plate.
 
     Why a separate pass: each crop task writes its fields' crops as it goes, so a field can only be
@@ -106,9 +100,9 @@ def plate_diameters(fovs: list[dict], p: dict, ch: dict, stats: dict) -> dict[st
     """
     import ray
 
-    k = int(p.get("scale_fovs", 8))
-    given = p.get("masks") or p.get("objects")  # the lab's objects: nothing to estimate
-    if k <= 0 or p["diameter"] > 0 or p["segmentation"] != "classical" or given or not fovs:
+    k = p.scale_fovs
+    given = p.masks or p.objects  # the lab's objects: nothing to estimate
+    if k <= 0 or p.diameter > 0 or p.segmentation != "classical" or given or not fovs:
         return {}
     by_plate: dict[str, list] = {}
     for f in fovs:
@@ -136,7 +130,7 @@ def _result_rows(ds):
         yield from block.to_pylist()
 
 
-def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Path) -> dict:
+def _gather_crops(fovs: list[dict], p: IngestParams, ch: dict, stats: dict, staging: Path) -> dict:
     """Run the crop pass (its tasks write their shards into `staging`); gather its small rows.
 
     Returns the accounting: the FOV rejects (a FOV no row came back for is `lost`), the cell and
@@ -221,15 +215,15 @@ def _gather_crops(fovs: list[dict], p: dict, ch: dict, stats: dict, staging: Pat
     return got
 
 
-def _rows_cap(p: dict, ch: dict) -> int:
+def _rows_cap(p: IngestParams, ch: dict) -> int:
     """Rows per shard: `ingest.rows_per_shard`, fewer when `ingest.shard_mb` binds first."""
     from raycell.formats.compact import cell_bytes, rows_cap
 
-    shape = (len(ch["names"]), p["crop_size"], p["crop_size"])
-    return rows_cap(p["rows_per_shard"], p["shard_mb"], cell_bytes(shape, p["dtype"]))
+    shape = (len(ch["names"]), p.crop_size, p.crop_size)
+    return rows_cap(p.rows_per_shard, p.shard_mb, cell_bytes(shape, p.dtype))
 
 
-def _compact(staging: Path, parts: list[dict], p: dict, ch: dict) -> list[dict]:
+def _compact(staging: Path, parts: list[dict], p: IngestParams, ch: dict) -> list[dict]:
     """Rewrite the crop tasks' files (`staging/parts/`) as the data set's shards; the shard list.
 
     Shards of `ingest.rows_per_shard` rows (and at most `ingest.shard_mb` of image bytes), whatever
@@ -272,7 +266,7 @@ def _crop_checks(got: dict, names: list[str]) -> tuple[dict, list[str]]:
     return checks, notes
 
 
-def _summary(p: dict, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -> dict:
+def _summary(p: IngestParams, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -> dict:
     ch = plan["channels"]
     diam = got["diameter"]
     checks, check_notes = _crop_checks(got, ch["names"])
@@ -293,8 +287,8 @@ def _summary(p: dict, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -
         else []
     )
     return {
-        "out": p["out"],
-        "input": p["input"],
+        "out": p.out,
+        "input": p.input,
         "n_files": plan["n_files"],
         "n_files_rejected": int((rej["kind"] == "file").sum()),
         "n_fovs_in": plan["n_fovs_in"],
@@ -324,7 +318,9 @@ def _summary(p: dict, plan: dict, got: dict, rej: pd.DataFrame, seconds: dict) -
     }
 
 
-def _manifest_extra(p: dict, plan: dict, stats: dict, summary: dict, illum_files: dict) -> dict:
+def _manifest_extra(
+    p: IngestParams, plan: dict, stats: dict, summary: dict, illum_files: dict
+) -> dict:
     """What the manifest records about ingest: parameters, corrections, accounting, rejects."""
     counts = (
         "n_files",
@@ -336,32 +332,32 @@ def _manifest_extra(p: dict, plan: dict, stats: dict, summary: dict, illum_files
     )
     return {
         "ingest": {
-            "params": _params_record(p),
+            "params": p.record(),
             "fingerprint": plan["fingerprint"],
             "normalization": {
-                "mode": p["normalization"],
-                "percentiles": p["norm_percentiles"],
+                "mode": p.normalization,
+                "percentiles": p.norm_percentiles,
                 "ranges": stats["lohi"],
                 "units": "input intensity after illumination correction",
-                "dtype": p["dtype"],
+                "dtype": p.dtype,
             },
             "illumination": {
-                "enabled": p["illum_correction"],
-                "downscale": p["illum_downscale"],
+                "enabled": p.illum_correction,
+                "downscale": p.illum_downscale,
                 "functions": illum_files,
             },
             "scale_check": {
-                "mode": p["scale_check"],
-                "fold": p["scale_fold"],
+                "mode": p.scale_check,
+                "fold": p.scale_fold,
                 "plates": stats.get("scale_ref", {}),
                 "n_rejected": summary["rejects_by_code"].get("out-of-scale", 0),
                 "normalised_alone": summary["fields_normalised_alone"],
             },
             "crop_checks": summary["crop_checks"],
-            "z_projection": p["z_projection"],
+            "z_projection": p.z_projection,
             # physical pixel size from OME-TIFF / OME-Zarr metadata (None: the files do not say)
             "pixel_size": plan.get("pixel_size"),
-            "segmentation": p["segmentation"],
+            "segmentation": p.segmentation,
             "channel_roles": {
                 "nucleus": summary["nucleus_channel"],
                 "cytoplasm": summary["cytoplasm_channel"],
@@ -406,12 +402,8 @@ def _run_ingest(cfg) -> dict:
     from raycell.utils.outputs import DATASET, staging_dir, swap_in
 
     t0 = time.perf_counter()
-    p = dataclasses.asdict(cfg.ingest)
-    check_params(p)
-    paths = ("masks", "cell_masks", "objects", "objects_images")  # Ray workers do not share our cwd
-    for k in ("input", "out", "platemap", "cellpose_model", *paths):
-        if p.get(k):
-            p[k] = os.path.abspath(os.path.expanduser(p[k]))
+    check_params(cfg.ingest)
+    p = IngestParams.from_config(cfg.ingest)
     out = check_out(p)
     plan = plan_ingest(p)
     prev = _existing(out, p, plan["fingerprint"])
@@ -461,7 +453,7 @@ def _run_ingest(cfg) -> dict:
     summary["n_shards"] = len(builder.shards)
     summary["seconds"]["compact"] = round(time.perf_counter() - t_compact, 2)
     builder.write(
-        params={"stage": "ingest", "input": p["input"]},
+        params={"stage": "ingest", "input": p.input},
         extra=_manifest_extra(p, plan, stats, summary, illum_files),
     )
     # a few fields per plate with their outlines (overlays/), for the eye and `raycell report`

@@ -23,6 +23,7 @@ from raycell.features.morphology import crop_feature_columns
 from raycell.ingest import images as imio
 from raycell.ingest.crops import extract
 from raycell.ingest.objects import crops_of_given, read_given
+from raycell.ingest.params import IngestParams
 from raycell.ingest.segment import nucleus_diameter, plausibility, segment
 from raycell.ingest.stats import scale_verdict
 from raycell.ingest.tasks import read_fov
@@ -44,12 +45,7 @@ def _get_stats(ref_box: list | None):
     return _STATS_CACHE[key]
 
 
-def _param(p: dict, key: str, default):
-    """An ingest parameter that older configs (and `IngestConfig` before issue 10) may lack."""
-    return p.get(key, default)
-
-
-def scale_batch(batch: pa.Table, p: dict, ch: dict, stats_ref: list | None) -> pa.Table:
+def scale_batch(batch: pa.Table, p: IngestParams, ch: dict, stats_ref: list | None) -> pa.Table:
     """Scale pass: each sampled field's own diameter estimate (no plate reference, no crops).
 
     Its per-plate median is the reference the crop pass compares each field with: a field whose
@@ -63,7 +59,7 @@ def scale_batch(batch: pa.Table, p: dict, ch: dict, stats_ref: list | None) -> p
         try:
             img, _ = read_fov(fov, p, ch)
             func = (stats or {}).get("illum", {}).get(fov["row"][K.PLATE])
-            if p["illum_correction"] and func is not None:
+            if p.illum_correction and func is not None:
                 img = img / imio.upsample(func, img.shape[1:])
             d = nucleus_diameter(img[ch["nucleus"]], p)  # the estimate only: no segmentation
         except Exception:  # noqa: BLE001 - the crop pass reports the reason
@@ -74,7 +70,7 @@ def scale_batch(batch: pa.Table, p: dict, ch: dict, stats_ref: list | None) -> p
 
 
 def fov_result(
-    fov: dict, p: dict, ch: dict, stats: dict | None
+    fov: dict, p: IngestParams, ch: dict, stats: dict | None
 ) -> tuple[dict, np.ndarray | None, pd.DataFrame | None]:
     """The crop pass for one field of view: (result row, crops, metadata), crops None if rejected.
 
@@ -92,7 +88,7 @@ def fov_result(
         img, info = read_fov(fov, p, ch)
         plate = fov["row"][K.PLATE]
         odd = scale_verdict(fid, img, info, plate, p, ch, stats)
-        if odd and p["scale_check"] == "reject":
+        if odd and p.scale_check == "reject":
             return {
                 **base,
                 "code": "out-of-scale",
@@ -101,7 +97,7 @@ def fov_result(
             }, *none
         if odd:
             info["separate"] = odd
-        if p["illum_correction"]:
+        if p.illum_correction:
             func = stats["illum"].get(plate) if stats else None
             if func is None and not odd:
                 raise imio.ImageError("no-illum", f"no illumination function for plate {plate!r}")
@@ -122,8 +118,8 @@ def fov_result(
         info["qc"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in qc.items()}
         # a leak or a runaway scale is rejected with its evidence, not cropped into giant "cells"
         # nor (once the area filter has removed the giants) reported as an empty field
-        why = plausibility(qc, ref_d, _param(p, "implausible_fold", 4.0)) if qc else ""
-        if why and _param(p, "plausibility_check", True):
+        why = plausibility(qc, ref_d, p.implausible_fold) if qc else ""
+        if why and p.plausibility_check:
             return {
                 **base,
                 "code": "implausible-segmentation",
@@ -137,17 +133,17 @@ def fov_result(
                 "reason": f"no objects found (diameter {d:.1f} px)",
                 "info": json.dumps(info),
             }, *none
-        lo, hi = p["norm_percentiles"]
-        if p["normalization"] == "per-image" or odd:
+        lo, hi = p.norm_percentiles
+        if p.normalization == "per-image" or odd:
             lohi = imio.percentiles(img, lo, hi)
         else:
-            key = fov["row"][K.BATCH] if p["normalization"] == "per-batch" else ""
+            key = fov["row"][K.BATCH] if p.normalization == "per-batch" else ""
             if key not in stats["lohi"]:
                 raise imio.ImageError(
                     "no-stats", f"no readable field of view in batch {key!r} to normalise with"
                 )
             lohi = np.asarray(stats["lohi"][key])
-        img_out = imio.to_dtype(img, lohi, p["dtype"])
+        img_out = imio.to_dtype(img, lohi, p.dtype)
         objects = cells if cells is not None else nuc
         if given is not None:
             crops, feats = crops_of_given(given, img, img_out, ch["names"], p)
@@ -157,10 +153,10 @@ def fov_result(
                 img,
                 img_out,
                 ch["names"],
-                p["crop_size"],
+                p.crop_size,
                 nuclei=nuc if cells is not None else None,
-                mask=p["mask_crops"],
-                mask_blur=p["mask_blur"],
+                mask=p.mask_crops,
+                mask_blur=p.mask_blur,
             )
         if len(feats) == 0:
             return {
@@ -170,7 +166,7 @@ def fov_result(
                 "info": json.dumps(info),
             }, *none
         info["crop_flags"] = imio.crop_flags(crops)
-        if p.get("crop_features"):  # of the crops as stored: the baseline's own features, exactly
+        if p.crop_features:  # of the crops as stored: the baseline's own features, exactly
             for name, col in crop_feature_columns(crops, ch["names"]).items():
                 feats[name] = col
         meta = feats.drop(columns=["label"])
@@ -189,7 +185,7 @@ def fov_result(
         return {**base, "code": "error", "reason": f"{type(exc).__name__}: {exc}"}, *none
 
 
-def process_fov(fov: dict, p: dict, ch: dict, stats: dict | None) -> dict:
+def process_fov(fov: dict, p: IngestParams, ch: dict, stats: dict | None) -> dict:
     """`fov_result` as one self-contained row: crops as bytes, metadata as an Arrow IPC stream.
 
     For callers outside the crop pass (the per-core benchmark, tests), which want one dict per FOV.
@@ -248,7 +244,7 @@ def write_task_shards(
 
 def crop_batch(
     batch: pa.Table,
-    p: dict,
+    p: IngestParams,
     ch: dict,
     stats_ref: list | None,
     out: str,

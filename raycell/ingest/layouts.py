@@ -33,6 +33,8 @@ from pathlib import Path
 import pandas as pd
 
 from raycell import constants as K
+from raycell.config import IngestConfig
+from raycell.ingest.params import IngestParams
 from raycell.ingest.sources import CHANNEL, IngestError, Z, discover, normalize_well, reject_row
 
 
@@ -80,18 +82,18 @@ def preset(name: str) -> Preset:
     return PRESETS[key]
 
 
-def check_layout(p: dict) -> None:
+def check_layout(p: IngestConfig) -> None:
     """ingest.preset / pattern / load_data: one way to find the files (IngestError names it)."""
-    name = p.get("preset", "")
+    name = p.preset
     if name:
         preset(name)
-        if p["pattern"]:
+        if p.pattern:
             raise IngestError(
                 f"give ingest.preset ({name!r}) or ingest.pattern, not both (a preset is a pattern)"
             )
-    if p.get("load_data") and p["pattern"]:
+    if p.load_data and p.pattern:
         raise IngestError("give ingest.load_data or ingest.pattern, not both")
-    if not (name or p["pattern"] or p.get("load_data")):
+    if not (name or p.pattern or p.load_data):
         raise IngestError(
             "ingest.pattern is empty: give a regex with named groups, or a layout preset "
             f"(ingest.preset / --preset: {list(PRESET_NAMES)}), or load-data CSVs "
@@ -128,7 +130,7 @@ def _well_from_row_col(files: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=["row", "col"])
 
 
-def find_files(p: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+def find_files(p: IngestParams, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     """The input files and their metadata by the configured layout (pattern, preset, load-data).
 
     Returns:
@@ -136,10 +138,10 @@ def find_files(p: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[di
         load-data rows whose files were not found.
     """
     check_layout(p)
-    name = ALIASES.get(p.get("preset", "").lower(), p.get("preset", "").lower())
-    if p.get("load_data") or name == "jump":
+    name = ALIASES.get(p.preset.lower(), p.preset.lower())
+    if p.load_data or name == "jump":
         return load_data_files(p, root)
-    pattern = p["pattern"] or PRESETS[name].pattern
+    pattern = p.pattern or PRESETS[name].pattern
     files, unmatched = discover(root, pattern)
     return _well_from_row_col(files), unmatched, []
 
@@ -158,8 +160,8 @@ _META = {
 }
 
 
-def _load_data_csvs(p: dict, root: Path) -> list[Path]:
-    where = Path(p.get("load_data") or root)
+def _load_data_csvs(p: IngestParams, root: Path) -> list[Path]:
+    where = Path(p.load_data or root)
     if where.is_file():
         return [where]
     if not where.is_dir():
@@ -212,7 +214,7 @@ def _locate(
     return best[0], ""
 
 
-def load_data_files(p: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+def load_data_files(p: IngestParams, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     """The files listed by load-data CSV(s), in the `discover` layout (one row per file)."""
     from raycell.ingest.objects import list_image_files
 

@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 
 from raycell import constants as K
+from raycell.config import IngestConfig
+from raycell.ingest.params import IngestParams
 from raycell.ingest.sources import (
     EXTENSIONS,
     IngestError,
@@ -81,6 +83,14 @@ def mask_stem(name: str) -> str | None:
     return None
 
 
+def _mask_settings(p: IngestConfig) -> list[tuple[str, str, str, str]]:
+    """(role, key, folder, pattern) of each kind of mask: nuclei (`masks`), cell bodies."""
+    return [
+        ("masks", ROLES["masks"], p.masks, p.masks_pattern),
+        ("cell_masks", ROLES["cell_masks"], p.cell_masks, p.cell_masks_pattern),
+    ]
+
+
 def _mask_index(root: Path, pattern: str, key: str, fov_keys: list[str]) -> dict[tuple, list[str]]:
     """Mask files under `root` by what identifies their field: regex group values, or a stem."""
     if not root.is_dir():
@@ -122,27 +132,28 @@ def _mask_keys(fov: dict, pattern: str) -> list[tuple]:
     return [("stem", s) for s in sorted(stems)]
 
 
-def mask_file_paths(p: dict, fov_keys: list[str]) -> set[str]:
+def mask_file_paths(p: IngestParams, fov_keys: list[str]) -> set[str]:
     """Every file the mask settings claim as a mask (left out of the images' discovery)."""
     out: set[str] = set()
-    for role, key in ROLES.items():
-        if p.get(role):
-            idx = _mask_index(Path(p[role]), p.get(f"{role}_pattern", ""), key, fov_keys)
+    for _, key, folder, pattern in _mask_settings(p):
+        if folder:
+            idx = _mask_index(Path(folder), pattern, key, fov_keys)
             out |= {path for paths in idx.values() for path in paths}
     return out
 
 
-def attach_masks(p: dict, fovs: list[dict], fov_keys: list[str]) -> tuple[list[dict], list[dict]]:
+def attach_masks(
+    p: IngestParams, fovs: list[dict], fov_keys: list[str]
+) -> tuple[list[dict], list[dict]]:
     """Give each FOV its mask file(s) (`fov['masks']`, a dict role -> path); the rest are rejects.
 
     A field with no mask (`missing-mask`) or two (`duplicate-mask`) is rejected, files named.
     """
     kept, rejects = list(fovs), []
-    for role, key in ROLES.items():
-        if not p.get(role):
+    for role, key, folder, pattern in _mask_settings(p):
+        if not folder:
             continue
-        pattern = p.get(f"{role}_pattern", "")
-        idx = _mask_index(Path(p[role]), pattern, key, fov_keys)
+        idx = _mask_index(Path(folder), pattern, key, fov_keys)
         nxt = []
         for fov in kept:
             found = sorted({m for k in _mask_keys(fov, pattern) for m in idx.get(k, [])})
@@ -150,7 +161,7 @@ def attach_masks(p: dict, fovs: list[dict], fov_keys: list[str]) -> tuple[list[d
             if len(found) != 1:
                 code = "missing-mask" if not found else "duplicate-mask"
                 why = (
-                    f"no file in {key} {p[role]} for this field"
+                    f"no file in {key} {folder} for this field"
                     + (
                         f" ({key}_pattern {pattern!r})"
                         if pattern
@@ -278,9 +289,9 @@ def _trailing_agreement(a: str, b: str) -> int:
     return n
 
 
-def _image_numbers(p: dict, fovs: list[dict], fov_keys: list[str]) -> dict[int, str]:
+def _image_numbers(p: IngestParams, fovs: list[dict], fov_keys: list[str]) -> dict[int, str]:
     """CellProfiler's Image.csv: ImageNumber -> fov_id, by file name or by Metadata_ columns."""
-    path = p["objects_images"]
+    path = p.objects_images
     img = _read_table(path, "ingest.objects_images")
     if "ImageNumber" not in img.columns:
         raise IngestError(f"ingest.objects_images {path} has no ImageNumber column")
@@ -332,17 +343,17 @@ def _image_numbers(p: dict, fovs: list[dict], fov_keys: list[str]) -> dict[int, 
 
 
 def attach_objects(
-    p: dict, fovs: list[dict], fov_keys: list[str]
+    p: IngestParams, fovs: list[dict], fov_keys: list[str]
 ) -> tuple[list[dict], list[dict], list[str]]:
     """Give each FOV its objects from the table (`fov['objects']`: ids, y, x).
 
     FOVs with none are rejected (`no-objects`); table rows that name no field are counted in a note.
     """
-    path = p["objects"]
+    path = p.objects
     t = _read_table(path, "ingest.objects")
-    xcol, ycol = _xy_columns(t, list(p.get("objects_xy") or []), path)
+    xcol, ycol = _xy_columns(t, list(p.objects_xy), path)
     idcol = _id_column(t)
-    if "ImageNumber" in t.columns and not p.get("objects_images"):
+    if "ImageNumber" in t.columns and not p.objects_images:
         keycols = _metadata_map(list(t.columns), fov_keys)
         if not keycols:
             raise IngestError(
@@ -350,7 +361,7 @@ def attach_objects(
                 f"for {fov_keys}: give its Image.csv as ingest.objects_images"
             )
     number_of: dict[str, int] = {}
-    if p.get("objects_images"):
+    if p.objects_images:
         if "ImageNumber" not in t.columns:
             raise IngestError(
                 f"ingest.objects {path} has no ImageNumber column to join ingest.objects_images"
@@ -428,7 +439,7 @@ def attach_objects(
             "x": g.x.astype(float).tolist(),
         }
         kept.append({**fov, "meta": meta, "objects": objs})
-    if p.get("mask_crops"):
+    if p.mask_crops:
         notes.append(
             "ingest.objects gives object centres, no masks: crops are not masked "
             "(ingest.mask_crops is ignored) and carry no morph_* shape features"
@@ -436,28 +447,28 @@ def attach_objects(
     return kept, rejects, notes
 
 
-def check_given(p: dict) -> None:
+def check_given(p: IngestConfig) -> None:
     """Parameter checks of the given-objects keys (IngestError names the key)."""
-    if p.get("cell_masks") and not p.get("masks"):
+    if p.cell_masks and not p.masks:
         raise IngestError(
             "ingest.cell_masks needs ingest.masks too (the nuclei, or whatever objects the cell "
             "masks were grown from)"
         )
-    if p.get("objects") and p.get("masks"):
+    if p.objects and p.masks:
         raise IngestError(
             "ingest.masks and ingest.objects are two alternatives: give one (masks give the "
             "objects' shapes, an object table only their centres)"
         )
-    for role, key in ROLES.items():  # before Ray starts: a typo in a path is caught at once
-        if p.get(role) and not Path(p[role]).is_dir():
-            raise IngestError(f"{key} folder not found: {Path(p[role]).absolute()}")
-    for key in ("objects", "objects_images"):
-        if p.get(key) and not Path(p[key]).is_file():
-            raise IngestError(f"ingest.{key} not found: {Path(p[key]).absolute()}")
-    for role in ROLES:
-        if p.get(f"{role}_pattern") and not p.get(role):
+    for _, key, folder, _ in _mask_settings(p):  # before Ray starts: a typo in a path is caught
+        if folder and not Path(folder).is_dir():
+            raise IngestError(f"{key} folder not found: {Path(folder).absolute()}")
+    for key, table in (("objects", p.objects), ("objects_images", p.objects_images)):
+        if table and not Path(table).is_file():
+            raise IngestError(f"ingest.{key} not found: {Path(table).absolute()}")
+    for role, _, folder, pattern in _mask_settings(p):
+        if pattern and not folder:
             raise IngestError(f"ingest.{role}_pattern is set but ingest.{role} (the folder) is not")
-    if p.get("objects_images") and not p.get("objects"):
+    if p.objects_images and not p.objects:
         raise IngestError("ingest.objects_images is set but ingest.objects (the table) is not")
 
 
@@ -606,13 +617,13 @@ def extract_at(
 
 
 def crops_of_given(
-    given: GivenObjects, img: np.ndarray, img_out: np.ndarray, names: list[str], p: dict
+    given: GivenObjects, img: np.ndarray, img_out: np.ndarray, names: list[str], p: IngestParams
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """The crops and features of a field's given objects (masks: as raycell's own objects)."""
     from raycell.ingest.crops import extract
 
     if given.centres is not None:
-        return extract_at(given.ids, given.centres, img_out, p["crop_size"])
+        return extract_at(given.ids, given.centres, img_out, p.crop_size)
     objects = given.cells if given.cells is not None else given.nuclei
     nuclei = nuclei_numbered_as(given.cells, given.nuclei) if given.cells is not None else None
     return extract(
@@ -620,10 +631,10 @@ def crops_of_given(
         img,
         img_out,
         names,
-        p["crop_size"],
+        p.crop_size,
         nuclei=nuclei,
-        mask=p["mask_crops"],
-        mask_blur=p["mask_blur"],
+        mask=p.mask_crops,
+        mask_blur=p.mask_blur,
     )
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from raycell import constants as K
 from raycell.ingest import images as imio
+from raycell.ingest.params import IngestParams
 from raycell.ingest.segment import segment
 from raycell.ingest.tasks import read_fov
 from raycell.utils.io import atomic_write_bytes, atomic_write_json
@@ -105,12 +106,12 @@ def pick_fields(fov_ids: list[str], k: int) -> list[str]:
     return [ids[int(round(i * (len(ids) - 1) / (k - 1)))] for i in range(k)] if k > 1 else ids[:1]
 
 
-def field_overlay(fov: dict, p: dict, ch: dict, stats: dict) -> tuple[np.ndarray, int]:
+def field_overlay(fov: dict, p: IngestParams, ch: dict, stats: dict) -> tuple[np.ndarray, int]:
     """One field as the crop pass segments it, drawn with its outlines: (RGB float, objects)."""
     img, _ = read_fov(fov, p, ch)
     plate = fov["row"][K.PLATE]
     func = (stats.get("illum") or {}).get(plate)
-    if p["illum_correction"] and func is not None:
+    if p.illum_correction and func is not None:
         img = img / imio.upsample(func, img.shape[1:])
     ref_d = float((stats.get("diameter_ref") or {}).get(plate, 0.0))
     nuc, cells, _ = segment(img, ch["nucleus"], ch["cytoplasm"], p, ref_diameter=ref_d)
@@ -122,7 +123,7 @@ def write_overlays(
     fovs: list[dict],
     per_fov: dict[str, dict],
     rejects: list[dict],
-    p: dict,
+    p: IngestParams,
     ch: dict,
     stats: dict,
 ) -> list[PlateOverlay]:
@@ -137,7 +138,7 @@ def write_overlays(
         ch: the plan's channel roles.
         stats: the statistics pass's result (illumination functions, plate diameters).
     """
-    k = int(p.get("overlay_fields", 3))
+    k = p.overlay_fields
     if k <= 0:
         return []
     by_plate: dict[str, list[dict]] = {}

@@ -9,7 +9,6 @@ Ray starts (the CLI calls it first).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -17,9 +16,11 @@ from pathlib import Path
 import pandas as pd
 
 from raycell import constants as K
+from raycell.config import IngestConfig
 from raycell.ingest import images as imio
 from raycell.ingest import layouts, ome
 from raycell.ingest import objects as given
+from raycell.ingest.params import IngestParams
 from raycell.ingest.segment import check_backend
 from raycell.ingest.sources import (
     CHANNEL,
@@ -37,58 +38,55 @@ _GROUP_CANDIDATES = ("line", "group", "treatment", "compound", "cell_line")
 
 def check_config(cfg) -> None:
     """Check `cfg.ingest` before anything starts (no Ray, no pixels); IngestError names the key."""
-    p = dataclasses.asdict(cfg.ingest)
-    check_params(p, sources=False)
-    check_out(p)  # before the sources: a user's folder is refused whatever else the sources lack
-    check_sources(p)
+    check_params(cfg.ingest, sources=False)
+    check_out(cfg.ingest)  # before the sources: a user's folder is refused whatever else they lack
+    check_sources(cfg.ingest)
 
 
-def check_params(p: dict, sources: bool = True) -> None:
-    """Check the ingest parameters (a dict of `IngestConfig`); IngestError names the key.
+def check_params(p: IngestConfig, sources: bool = True) -> None:
+    """Check the config's ingest section as the user gave it; IngestError names the key.
 
     `sources`: also check where fields and objects come from (`check_sources`).
     """
-    if p["z_projection"] not in imio.Z_PROJECTIONS:
+    if p.z_projection not in imio.Z_PROJECTIONS:
         raise IngestError(
-            f"ingest.z_projection must be one of {imio.Z_PROJECTIONS}, got {p['z_projection']!r}"
+            f"ingest.z_projection must be one of {imio.Z_PROJECTIONS}, got {p.z_projection!r}"
         )
-    if p["normalization"] not in imio.NORMALIZATIONS:
+    if p.normalization not in imio.NORMALIZATIONS:
         raise IngestError(
-            f"ingest.normalization must be one of {imio.NORMALIZATIONS}, got {p['normalization']!r}"
+            f"ingest.normalization must be one of {imio.NORMALIZATIONS}, got {p.normalization!r}"
         )
-    if p["dtype"] not in imio.OUT_DTYPES:
-        raise IngestError(
-            f"ingest.dtype must be one of {sorted(imio.OUT_DTYPES)}, got {p['dtype']!r}"
-        )
-    lo_hi = p["norm_percentiles"]
+    if p.dtype not in imio.OUT_DTYPES:
+        raise IngestError(f"ingest.dtype must be one of {sorted(imio.OUT_DTYPES)}, got {p.dtype!r}")
+    lo_hi = p.norm_percentiles
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 100:
         raise IngestError(f"ingest.norm_percentiles must be [low, high] within 0..100, got {lo_hi}")
-    if p["crop_size"] < 8:
-        raise IngestError(f"ingest.crop_size must be >= 8, got {p['crop_size']}")
-    if p["scale_check"] not in imio.SCALE_CHECKS:
+    if p.crop_size < 8:
+        raise IngestError(f"ingest.crop_size must be >= 8, got {p.crop_size}")
+    if p.scale_check not in imio.SCALE_CHECKS:
         raise IngestError(
-            f"ingest.scale_check must be one of {imio.SCALE_CHECKS}, got {p['scale_check']!r}"
+            f"ingest.scale_check must be one of {imio.SCALE_CHECKS}, got {p.scale_check!r}"
         )
-    if not p["scale_fold"] > 1:
-        raise IngestError(f"ingest.scale_fold must be > 1 (a factor), got {p['scale_fold']}")
-    for k in ("rows_per_shard", "shard_mb"):
-        if p[k] < 0:
-            raise IngestError(f"ingest.{k} must be >= 0 (0 = no bound), got {p[k]}")
-    if not p["input"] or not p["out"]:
+    if not p.scale_fold > 1:
+        raise IngestError(f"ingest.scale_fold must be > 1 (a factor), got {p.scale_fold}")
+    for k, bound in (("rows_per_shard", p.rows_per_shard), ("shard_mb", p.shard_mb)):
+        if bound < 0:
+            raise IngestError(f"ingest.{k} must be >= 0 (0 = no bound), got {bound}")
+    if not p.input or not p.out:
         raise IngestError("ingest.input and ingest.out must both be set")
     if sources:
         check_sources(p)
 
 
-def check_sources(p: dict) -> None:
+def check_sources(p: IngestConfig) -> None:
     """Where fields and objects come from: given masks / tables, the layout, the segmentation backend."""
     given.check_given(p)
     layouts.check_layout(p)
-    if not (p.get("masks") or p.get("objects")):  # given objects: the backend never runs
-        check_backend(p["segmentation"], p["cellpose_model"])
+    if not (p.masks or p.objects):  # given objects: the backend never runs
+        check_backend(p.segmentation, p.cellpose_model)
 
 
-def check_out(p: dict) -> Path:
+def check_out(p: IngestConfig) -> Path:
     """The resolved ingest.out, checked before Ray and the statistics pass start.
 
     Raises:
@@ -97,9 +95,10 @@ def check_out(p: dict) -> Path:
     """
     from raycell.utils.outputs import DATASET, check_output
 
-    inputs = [("ingest.input", p["input"]), ("ingest.platemap", p["platemap"])]
-    inputs += [(f"ingest.{k}", p[k]) for k in ("masks", "cell_masks", "objects") if p.get(k)]
-    return check_output(p["out"], inputs, "ingest.out", DATASET, IngestError)[0]
+    inputs = [("ingest.input", p.input), ("ingest.platemap", p.platemap)]
+    inputs += [("ingest.masks", p.masks), ("ingest.cell_masks", p.cell_masks)]
+    inputs += [("ingest.objects", p.objects)]  # check_output skips the empty ones
+    return check_output(p.out, inputs, "ingest.out", DATASET, IngestError)[0]
 
 
 def _resolve_channel(name: str, names: list[str], values: list[str], key: str) -> int:
@@ -110,15 +109,15 @@ def _resolve_channel(name: str, names: list[str], values: list[str], key: str) -
     raise IngestError(f"{key} {name!r} is not one of the channels {names} (values {values})")
 
 
-def _channel_plan(p: dict, files: pd.DataFrame, fovs: list[dict]) -> dict:
+def _channel_plan(p: IngestParams, files: pd.DataFrame, fovs: list[dict]) -> dict:
     """Channel values (file slots), output names and the nucleus / cytoplasm indices."""
-    values = list(p["channels"]) or expected_channels(files)
+    values = list(p.channels) or expected_channels(files)
     if values == [""] and fovs:
         # no channel group: the channels are inside each file; count them in the first readable one
         n = None
         for f in fovs[:20]:
             try:
-                n = imio.read_image(f["files"][0]["path"], p["axes"]).shape[1]
+                n = imio.read_image(f["files"][0]["path"], p.axes).shape[1]
                 break
             except imio.ImageError:
                 continue
@@ -131,19 +130,19 @@ def _channel_plan(p: dict, files: pd.DataFrame, fovs: list[dict]) -> dict:
         values = [str(i) for i in range(n)]
     else:
         slots = values
-    names = list(p["channel_names"]) or values
+    names = list(p.channel_names) or values
     if len(names) != len(values):
         raise IngestError(
             f"ingest.channel_names has {len(names)} names for {len(values)} channels {values}"
         )
     nuc = (
-        _resolve_channel(p["nucleus_channel"], names, values, "ingest.nucleus_channel")
-        if p["nucleus_channel"]
+        _resolve_channel(p.nucleus_channel, names, values, "ingest.nucleus_channel")
+        if p.nucleus_channel
         else 0
     )
     cyt = (
-        _resolve_channel(p["cytoplasm_channel"], names, values, "ingest.cytoplasm_channel")
-        if p["cytoplasm_channel"]
+        _resolve_channel(p.cytoplasm_channel, names, values, "ingest.cytoplasm_channel")
+        if p.cytoplasm_channel
         else None
     )
     if cyt is not None and cyt == nuc:
@@ -157,12 +156,12 @@ def _channel_plan(p: dict, files: pd.DataFrame, fovs: list[dict]) -> dict:
     }
 
 
-def _shard_columns(meta: dict, p: dict) -> dict:
+def _shard_columns(meta: dict, p: IngestParams) -> dict:
     """Map a FOV's metadata (regex groups + plate map) to the crop-shard columns (all strings)."""
     meta = {k: str(v) for k, v in meta.items()}
-    batch = meta.get(p["batch_column"], meta.get(K.PLATE, ""))
-    label = meta.get(p["label_column"], "") if p["label_column"] else ""
-    gcol = p["group_column"] or next((c for c in _GROUP_CANDIDATES if c in meta), "")
+    batch = meta.get(p.batch_column, meta.get(K.PLATE, ""))
+    label = meta.get(p.label_column, "") if p.label_column else ""
+    gcol = p.group_column or next((c for c in _GROUP_CANDIDATES if c in meta), "")
     row = {
         K.BATCH: batch,
         K.LABEL: label,
@@ -187,7 +186,7 @@ def _shard_columns(meta: dict, p: dict) -> dict:
     return row
 
 
-def plan_ingest(p: dict) -> dict:
+def plan_ingest(p: IngestParams) -> dict:
     """Discover, group and annotate the fields of view (no pixels read; see `_channel_plan`).
 
     Returns:
@@ -195,12 +194,12 @@ def plan_ingest(p: dict) -> dict:
         `_channel_plan`), `n_files`, `fingerprint` (of the input files and the plate map's
         contents), `notes` (warnings for the summary).
     """
-    root = Path(p["input"]).absolute()
+    root = Path(p.input).absolute()
     given.check_given(p)
     files, unmatched, layout_rejects = layouts.find_files(p, root)
     load_csvs = files.attrs.get("load_data", [])
     mask_paths: set[str] = set()
-    if p.get("masks"):  # mask files beside the images (cellpose's habit) are not images
+    if p.masks:  # mask files beside the images (cellpose's habit) are not images
         mask_paths = given.mask_file_paths(p, fov_keys(files))
         files = files[~files.path.isin(mask_paths)].reset_index(drop=True)
         unmatched = unmatched[~unmatched.path.isin(mask_paths)].reset_index(drop=True)
@@ -210,35 +209,35 @@ def plan_ingest(p: dict) -> dict:
         reject_row("file", "no-match", "path does not match ingest.pattern", "", [r])
         for r in unmatched.relpath
     ]
-    fovs, grp_rejects = group_fovs(files, p["channels"] or None)
+    fovs, grp_rejects = group_fovs(files, p.channels or None)
     rejects += grp_rejects
     notes = []
-    if p["platemap"]:
-        pm, on = load_platemap(p["platemap"], p["platemap_on"], fov_keys(files))
-        fovs, pm_rejects = join_platemap(fovs, pm, on, str(Path(p["platemap"]).absolute()))
+    if p.platemap:
+        pm, on = load_platemap(p.platemap, p.platemap_on, fov_keys(files))
+        fovs, pm_rejects = join_platemap(fovs, pm, on, str(Path(p.platemap).absolute()))
         rejects += pm_rejects
         if pm.attrs.get("stripped_columns"):
             notes.append(
-                f"plate map {p['platemap']}: spaces around values in column(s) "
+                f"plate map {p.platemap}: spaces around values in column(s) "
                 f"{pm.attrs['stripped_columns']} were stripped"
             )
-    if p.get("masks"):
+    if p.masks:
         fovs, mask_rejects = given.attach_masks(p, fovs, fov_keys(files))
         rejects += mask_rejects
-    if p.get("objects"):
+    if p.objects:
         fovs, obj_rejects, obj_notes = given.attach_objects(p, fovs, fov_keys(files))
         rejects += obj_rejects
         notes += obj_notes
-    if p["label_column"] and fovs and p["label_column"] not in fovs[0]["meta"]:
-        if p["label_column"] != "label":
+    if p.label_column and fovs and p.label_column not in fovs[0]["meta"]:
+        if p.label_column != "label":
             raise IngestError(
-                f"ingest.label_column {p['label_column']!r} is neither a regex group nor a "
+                f"ingest.label_column {p.label_column!r} is neither a regex group nor a "
                 f"plate-map column (have {sorted(fovs[0]['meta'])})"
             )
         notes.append("no 'label' column in the regex groups or plate map: labels are empty")
-    if p["group_column"] and fovs and p["group_column"] not in fovs[0]["meta"]:
+    if p.group_column and fovs and p.group_column not in fovs[0]["meta"]:
         raise IngestError(
-            f"ingest.group_column {p['group_column']!r} is neither a regex group nor a "
+            f"ingest.group_column {p.group_column!r} is neither a regex group nor a "
             f"plate-map column (have {sorted(fovs[0]['meta'])})"
         )
     channels = _channel_plan(p, files, fovs)
@@ -255,12 +254,12 @@ def plan_ingest(p: dict) -> dict:
         h.update(f"mask|{path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     for csv in load_csvs:
         h.update(b"load_data|" + hashlib.sha1(Path(csv).read_bytes()).digest())
-    for key in ("objects", "objects_images"):  # the tables' contents, as for the plate map
-        if p.get(key):
-            h.update(f"{key}|".encode() + hashlib.sha1(Path(p[key]).read_bytes()).digest())
-    if p["platemap"]:
+    for key, table in (("objects", p.objects), ("objects_images", p.objects_images)):
+        if table:  # the tables' contents, as for the plate map
+            h.update(f"{key}|".encode() + hashlib.sha1(Path(table).read_bytes()).digest())
+    if p.platemap:
         # the plate map's contents, not its date: an edited map means other labels
-        h.update(b"platemap|" + hashlib.sha1(Path(p["platemap"]).read_bytes()).digest())
+        h.update(b"platemap|" + hashlib.sha1(Path(p.platemap).read_bytes()).digest())
     px = ome.pixel_size(fovs[0]["files"][0]["path"]) if fovs else None
     if px and any(ome.pixel_size(f["files"][0]["path"]) != px for f in fovs[-1:]):
         notes.append(f"pixel sizes differ between fields: the manifest records the first's ({px})")

@@ -24,7 +24,6 @@ the same field into it (`crosstalk_from`) and is skipped, with the reason, for f
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from raycell.data import batch_effects as be
 from raycell.errors import UserError
+from raycell.ingest.params import IngestParams
 
 LEVELS = ("seen-low", "seen-high", "unseen")
 METHODS = ("raycell", "otsu-watershed")
@@ -195,7 +195,7 @@ def load_fields(
     return out
 
 
-def _segmenter(method: str, params: dict):
+def _segmenter(method: str, params: IngestParams):
     from raycell.ingest.segment import segment
     from raycell.ingest.segmentation_eval import otsu_watershed
 
@@ -228,7 +228,7 @@ def perturbation_robustness(
     iou: float = 0.5,
     channel: int = 0,
     crosstalk_from: int | str | None = None,
-    overrides: dict | None = None,
+    params: IngestParams | None = None,
     progress: bool = False,
 ) -> dict:
     """Segment clean and perturbed real fields; score each perturbation against the clean objects.
@@ -241,12 +241,13 @@ def perturbation_robustness(
         levels: which strengths: 'seen-low', 'seen-high' (the ends of the range a seen synthetic
             batch draws from), 'unseen' (`unseen_extreme` x the high end, capped).
         unseen_extreme: the unseen level's factor over the seen range's high end (> 1).
-        methods: 'raycell' (the ingest segmentation: `IngestConfig` defaults + `overrides`) and/or
+        methods: 'raycell' (the ingest segmentation with `params`) and/or
             'otsu-watershed' (the baseline), each scored against its own clean segmentation.
         iou: IoU threshold of a match (>= 0.5).
         channel: channel of multi-channel inputs to segment.
         crosstalk_from: the crosstalk source (`load_fields`); crosstalk is skipped without one.
-        overrides: ingest parameters for the raycell method, e.g. {"diameter": 18}.
+        params: ingest parameters of the raycell method (None = the config's defaults), e.g.
+            `IngestParams(diameter=18)`.
         progress: a progress bar on stderr.
 
     Returns:
@@ -259,8 +260,6 @@ def perturbation_robustness(
     Raises:
         RobustnessError: an unknown mechanism, level or method, no images, bad shapes or channels.
     """
-    from raycell.config import IngestConfig
-
     bad = [m for m in effects if m not in be.MECHANISMS]
     if bad:
         raise RobustnessError(
@@ -284,8 +283,7 @@ def perturbation_robustness(
         raise RobustnessError("perturbation_robustness: give at least one seed")
     from raycell.ingest.segmentation_eval import match_instances
 
-    params = dataclasses.asdict(IngestConfig())
-    params.update(overrides or {})
+    params = params or IngestParams()
     fields = load_fields(images, channel, crosstalk_from)
     seg = {m: _segmenter(m, params) for m in methods}
     skipped = []

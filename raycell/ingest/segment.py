@@ -67,6 +67,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from raycell.errors import UserError
+from raycell.ingest.params import IngestParams
 
 METHODS = ("classical", "cellpose")
 THRESHOLDS = ("otsu", "li", "local")
@@ -986,23 +987,23 @@ def check_backend(method: str, model_path: str = "") -> None:
         _cellpose_model(model_path)
 
 
-def _scale_params(p: dict) -> dict:
-    """The ingest parameters (`IngestConfig` as a dict) that the scale estimate depends on."""
+def _scale_params(p: IngestParams) -> dict:
+    """The ingest parameters the scale estimate depends on, as keyword arguments."""
     return {
-        "threshold": p.get("threshold", "otsu"),
-        "threshold_scale": p.get("threshold_scale", 1.0),
-        "log_threshold": p.get("log_threshold", True),
-        "min_snr": p.get("min_snr", 3.0),
-        "flatten": p.get("flatten", True),
-        "tophat": p.get("tophat", True),
-        "diameter_min": p.get("diameter_min", 0.0),
-        "diameter_max": p.get("diameter_max", 0.0),
-        "crop_size": p.get("crop_size", 0),
-        "edge_peak": p.get("edge_peak", 0.95),
+        "threshold": p.threshold,
+        "threshold_scale": p.threshold_scale,
+        "log_threshold": p.log_threshold,
+        "min_snr": p.min_snr,
+        "flatten": p.flatten,
+        "tophat": p.tophat,
+        "diameter_min": p.diameter_min,
+        "diameter_max": p.diameter_max,
+        "crop_size": p.crop_size,
+        "edge_peak": p.edge_peak,
     }
 
 
-def nucleus_diameter(img: np.ndarray, p: dict) -> float:
+def nucleus_diameter(img: np.ndarray, p: IngestParams) -> float:
     """The automatic diameter estimate `segment_nuclei` would use on this primary channel (no plate
     reference), without the segmentation that follows it: the scale pass of `raycell ingest`
     needs only this number, and the estimate is about half of a field's nucleus segmentation.
@@ -1018,7 +1019,7 @@ def segment(
     img: np.ndarray,
     nucleus: int,
     cytoplasm: int | None,
-    p: dict,
+    p: IngestParams,
     ref_diameter: float = 0.0,
     qc: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
@@ -1028,29 +1029,29 @@ def segment(
         img: (C, H, W) float image (projected, illumination-corrected, not yet normalised).
         nucleus: channel index of the primary objects.
         cytoplasm: channel index to grow cell bodies into, or None.
-        p: the ingest parameters (`IngestConfig` as a dict).
+        p: the ingest parameters.
         ref_diameter: the plate's median diameter (see `segment_nuclei`; 0 = none).
         qc: filled with the statistics `plausibility` reads (classical backend only).
 
     Returns:
         (nuclei labels, cell labels or None, diameter used in px).
     """
-    if p.get("segmentation", "classical") == "cellpose":
+    if p.segmentation == "cellpose":
         chans = [nucleus] if cytoplasm is None else [cytoplasm, nucleus]
-        cells = segment_cellpose(img[chans], p.get("cellpose_model", ""), p.get("diameter", 0.0))
+        cells = segment_cellpose(img[chans], p.cellpose_model, p.diameter)
         d = 2 * np.sqrt(np.bincount(cells.ravel())[1:].mean() / np.pi) if cells.max() else 0.0
         return cells, None, float(d)
     nuc, d = segment_nuclei(
         img[nucleus],
-        diameter=p.get("diameter", 0.0),
-        declump=p.get("declump", "shape"),
-        declump_h=p.get("declump_h", 0.2),
-        min_area=p.get("min_area", 0.0),
-        max_area=p.get("max_area", 0.0),
+        diameter=p.diameter,
+        declump=p.declump,
+        declump_h=p.declump_h,
+        min_area=p.min_area,
+        max_area=p.max_area,
         ref_diameter=ref_diameter,
-        outlier_fold=p.get("diameter_outlier_fold", 2.0),
+        outlier_fold=p.diameter_outlier_fold,
         qc=qc,
-        outlier_k=p.get("outlier_k", 3.0),
+        outlier_k=p.outlier_k,
         **_scale_params(p),
     )
     cells = None
@@ -1059,11 +1060,11 @@ def segment(
             nuc,
             img[cytoplasm],
             d,
-            threshold=p.get("threshold", "otsu"),
-            threshold_scale=p.get("threshold_scale", 1.0),
-            log_threshold=p.get("log_threshold", True),
-            compactness=p.get("cell_compactness", 0.05),
-            max_area=p.get("max_cell_area", 0.0),
-            flatten=p.get("flatten", True),
+            threshold=p.threshold,
+            threshold_scale=p.threshold_scale,
+            log_threshold=p.log_threshold,
+            compactness=p.cell_compactness,
+            max_area=p.max_cell_area,
+            flatten=p.flatten,
         )
     return nuc, cells, d

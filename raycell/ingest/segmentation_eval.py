@@ -19,6 +19,7 @@ import numpy as np
 
 from raycell.errors import UserError
 from raycell.ingest.images import load_fov_image, read_image
+from raycell.ingest.params import IngestParams
 from raycell.ingest.segment import segment
 from raycell.ingest.sources import discover, group_fovs
 
@@ -92,7 +93,7 @@ def evaluate_segmentation(
     raw_dir: str | os.PathLike,
     iou: float = 0.5,
     z_projection: str = "best-focus",
-    overrides: dict | None = None,
+    params: IngestParams | None = None,
     max_fovs: int = 0,
     method: str = "raycell",
 ) -> dict:
@@ -106,7 +107,9 @@ def evaluate_segmentation(
         raw_dir: folder written by `write_synthetic_raw` (with `raw.json`, `images/`, `masks/`).
         iou: IoU threshold for a match.
         z_projection: projection used before segmenting.
-        overrides: ingest parameters to change (e.g. {"threshold": "li"}).
+        params: the segmentation's ingest parameters (None = the config's defaults), e.g.
+            `IngestParams(threshold="li")`; the folder's file layout and channel roles (its
+            `raw.json`) and `z_projection` replace theirs.
         max_fovs: score only the first N fields (0 = all).
         method: 'raycell' (the ingest segmentation) or 'otsu-watershed' (the baseline, nuclei only,
             `otsu_watershed` on the nucleus channel), so both are scored on the same fields.
@@ -119,7 +122,6 @@ def evaluate_segmentation(
 
     import tifffile
 
-    from raycell.config import IngestConfig
     from raycell.utils.io import read_json
 
     if method not in ("raycell", "otsu-watershed"):
@@ -128,24 +130,22 @@ def evaluate_segmentation(
         )
     raw_dir = Path(raw_dir).absolute()
     info = read_json(raw_dir / "raw.json", "synthetic raw description")
-    p = dataclasses.asdict(IngestConfig())
-    p.update(info["ingest"])
-    p.update({"z_projection": z_projection, **(overrides or {})})
-    files, _ = discover(raw_dir / info["ingest"]["input"], p["pattern"])
-    fovs, rejects = group_fovs(files, channels=p["channels"])
+    p = dataclasses.replace(params or IngestParams(), **info["ingest"], z_projection=z_projection)
+    files, _ = discover(raw_dir / info["ingest"]["input"], p.pattern)
+    fovs, rejects = group_fovs(files, channels=p.channels)
     if rejects:
         raise ValueError(
             f"{raw_dir}: {len(rejects)} field(s) of view incomplete, e.g. {rejects[0]}"
         )
     if max_fovs:
         fovs = fovs[:max_fovs]
-    chans = p["channels"]
-    nuc_i = chans.index(p["nucleus_channel"])
-    cyt_i = chans.index(p["cytoplasm_channel"]) if p["cytoplasm_channel"] else None
+    chans = p.channels
+    nuc_i = chans.index(p.nucleus_channel)
+    cyt_i = chans.index(p.cytoplasm_channel) if p.cytoplasm_channel else None
     per_fov, nuc_rows, cell_rows = [], [], []
     by_batch: dict[str, dict[str, list]] = {}
     for fov in fovs:
-        img, _ = load_fov_image(fov, chans, p["z_projection"])
+        img, _ = load_fov_image(fov, chans, p.z_projection)
         if method == "raycell":
             nuc, cells, d = segment(img, nuc_i, cyt_i, p)
         else:
@@ -167,7 +167,7 @@ def evaluate_segmentation(
         "n_fovs": len(fovs),
         "iou": iou,
         "method": method,
-        "z_projection": p["z_projection"],
+        "z_projection": p.z_projection,
         "nuclei": _sum_scores(nuc_rows),
         # per imaging batch: where a batch effect breaks the segmentation shows here, not in the pool
         "per_batch": {
@@ -309,7 +309,7 @@ def evaluate_pairs(
     iou: float = 0.5,
     channel: int = 0,
     method: str = "raycell",
-    overrides: dict | None = None,
+    params: IngestParams | None = None,
 ) -> dict:
     """Segment any images with raycell's segmentation and score them against the user's masks.
 
@@ -323,9 +323,10 @@ def evaluate_pairs(
             match) pairs them. '' = the file stem, with mask suffixes such as '_masks' removed.
         iou: IoU threshold (>= 0.5).
         channel: channel of multi-channel images to segment (max over Z).
-        method: 'raycell' (the ingest segmentation with the default ingest parameters plus
-            `overrides`) or 'otsu-watershed' (the baseline, `otsu_watershed`).
-        overrides: ingest parameters to change, e.g. {"diameter": 18}.
+        method: 'raycell' (the ingest segmentation with `params`) or 'otsu-watershed' (the
+            baseline, `otsu_watershed`).
+        params: the ingest parameters of the raycell method (None = the config's defaults), e.g.
+            `IngestParams(diameter=18)`.
 
     Returns:
         JSON-able dict: n_pairs, iou, method, overall and per-group scores (tp, fp, fn,
@@ -335,10 +336,6 @@ def evaluate_pairs(
         UserError: no files, an image without a mask or a mask without an image, shapes that
             differ, a group that the regex does not define (one line naming the file or flag).
     """
-    import dataclasses
-
-    from raycell.config import IngestConfig
-
     if method not in ("raycell", "otsu-watershed"):
         raise UserError(
             f"segmentation-eval: unknown method {method!r}; use raycell or otsu-watershed"
@@ -353,8 +350,7 @@ def evaluate_pairs(
             f"--pair-regex (got {pair_regex!r})"
         )
     pairs = _pair(_files(images, "images"), _files(masks, "masks"), regex)
-    p = dataclasses.asdict(IngestConfig())
-    p.update(overrides or {})
+    p = params or IngestParams()
     rows, by_group = [], {}
     for key, img_path, mask_path, groups in pairs:
         img = _as_plane(read_image(img_path), channel, img_path)

@@ -20,12 +20,13 @@ import pyarrow as pa
 
 from raycell import constants as K
 from raycell.ingest import images as imio
+from raycell.ingest.params import IngestParams
 from raycell.ingest.tasks import fov_dataset, map_fovs, read_fov
 
 _SAMPLE = 2048  # full-resolution pixels per FOV and channel kept for normalisation percentiles
 
 
-def _stats_batch(batch: pa.Table, p: dict, ch: dict) -> pa.Table:
+def _stats_batch(batch: pa.Table, p: IngestParams, ch: dict) -> pa.Table:
     """Statistics pass: downscaled image + pixel sample per FOV (unusable FOVs are skipped here)."""
     out = {
         "fov_id": [],
@@ -36,7 +37,7 @@ def _stats_batch(batch: pa.Table, p: dict, ch: dict) -> pa.Table:
         "sample": [],
         "sample_idx": [],
     }
-    f = p["illum_downscale"]
+    f = p.illum_downscale
     for rec in batch.column("record").to_pylist():
         fov = json.loads(rec)
         try:
@@ -72,9 +73,9 @@ def _stats_batch(batch: pa.Table, p: dict, ch: dict) -> pa.Table:
     )
 
 
-def _stats_fovs(fovs: list[dict], p: dict) -> list[dict]:
+def _stats_fovs(fovs: list[dict], p: IngestParams) -> list[dict]:
     """FOVs the statistics pass reads: all for illumination, else up to stats_fovs per batch."""
-    if p["illum_correction"] or not p["stats_fovs"]:
+    if p.illum_correction or not p.stats_fovs:
         return fovs
     by_batch: dict[str, list] = {}
     for f in fovs:
@@ -82,12 +83,12 @@ def _stats_fovs(fovs: list[dict], p: dict) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
     for group in by_batch.values():
-        take = rng.choice(len(group), min(len(group), p["stats_fovs"]), replace=False)
+        take = rng.choice(len(group), min(len(group), p.stats_fovs), replace=False)
         out += [group[i] for i in sorted(take)]
     return out
 
 
-def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
+def compute_stats(fovs: list[dict], p: IngestParams, ch: dict) -> dict:
     """Run the statistics pass and reduce it to illumination functions and normalisation ranges.
 
     Fields whose scale is far outside their plate's (`imio.scale_problem`) are left out of both, so
@@ -96,7 +97,7 @@ def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
     go to the crop pass too, which checks the fields this pass did not sample.
     """
     empty = {"illum": {}, "lohi": {}, "scale_ref": {}, "out_of_scale": {}}
-    need = p["illum_correction"] or p["normalization"] != "per-image"
+    need = p.illum_correction or p.normalization != "per-image"
     if not need or not fovs:
         return empty
     by_id = {f["fov_id"]: f for f in fovs}
@@ -121,11 +122,11 @@ def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
                 )
             )
     refs, odd = {}, {}
-    if p["scale_check"] != "ignore":
+    if p.scale_check != "ignore":
         by_plate: dict[str, list] = {}
         for r in rows:
             by_plate.setdefault(r[1], []).append(r[7])
-        refs = {pl: imio.scale_reference(v, p["scale_fold"]) for pl, v in by_plate.items()}
+        refs = {pl: imio.scale_reference(v, p.scale_fold) for pl, v in by_plate.items()}
         for fid, plate, *_, scale in rows:
             why = imio.scale_problem(scale, refs[plate], ch["names"])
             if why:
@@ -139,12 +140,11 @@ def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
         sums[plate] = sums.get(plate, 0) + small
         counts[plate] = counts.get(plate, 0) + 1
     illum = {}
-    if p["illum_correction"]:
+    if p.illum_correction:
         illum = {
-            pl: imio.illumination_function(s / counts[pl], p["illum_filter"])
-            for pl, s in sums.items()
+            pl: imio.illumination_function(s / counts[pl], p.illum_filter) for pl, s in sums.items()
         }
-    lo, hi = p["norm_percentiles"]
+    lo, hi = p.norm_percentiles
     pooled: dict[str, list] = {}
     for _, plate, batch, _, sample, idx, shape, _ in rows:
         if illum:
@@ -152,7 +152,7 @@ def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
             if func.shape[1:] != tuple(shape[1:]):
                 func = imio.upsample(func, shape[1:])
             sample = sample / func.reshape(func.shape[0], -1)[:, idx]
-        key = batch if p["normalization"] == "per-batch" else ""
+        key = batch if p.normalization == "per-batch" else ""
         pooled.setdefault(key, []).append(sample)
     lohi = {
         k: imio.percentiles(np.concatenate(v, axis=1), lo, hi).tolist() for k, v in pooled.items()
@@ -167,10 +167,10 @@ def compute_stats(fovs: list[dict], p: dict, ch: dict) -> dict:
 
 
 def scale_verdict(
-    fid: str, img: np.ndarray, info: dict, plate: str, p: dict, ch: dict, stats: dict | None
+    fid: str, img: np.ndarray, info: dict, plate: str, p: IngestParams, ch: dict, stats: dict | None
 ) -> str:
     """Why this field is out of its plate's scale ('' if it is not, or nothing to compare with)."""
-    if p["scale_check"] == "ignore" or not stats:
+    if p.scale_check == "ignore" or not stats:
         return ""
     if fid in stats.get("out_of_scale", {}):
         return stats["out_of_scale"][fid]

@@ -12,11 +12,12 @@ import json
 import numpy as np
 
 from raycell.ingest import images as imio
+from raycell.ingest.params import IngestParams
 
 
-def read_fov(fov: dict, p: dict, ch: dict) -> tuple[np.ndarray, dict]:
+def read_fov(fov: dict, p: IngestParams, ch: dict) -> tuple[np.ndarray, dict]:
     """Read and Z-project one planned FOV; ImageError when its channel count is not the plan's."""
-    img, info = imio.load_fov_image(fov, ch["slots"], p["z_projection"], p["axes"])
+    img, info = imio.load_fov_image(fov, ch["slots"], p.z_projection, p.axes)
     if img.shape[0] != len(ch["names"]):
         raise imio.ImageError(
             "channel-count",
@@ -26,29 +27,29 @@ def read_fov(fov: dict, p: dict, ch: dict) -> tuple[np.ndarray, dict]:
     return img, info
 
 
-def fov_dataset(fovs: list[dict], p: dict):
+def fov_dataset(fovs: list[dict], p: IngestParams):
     """A Ray Dataset of FOV records (JSON strings) and their plan positions, `ingest.fovs_per_task`
     records per block.
     """
     import ray
 
-    n_blocks = max(1, -(-len(fovs) // max(1, p["fovs_per_task"])))
+    n_blocks = max(1, -(-len(fovs) // max(1, p.fovs_per_task)))
     items = [
         {"fov_id": f["fov_id"], "index": i, "record": json.dumps(f)} for i, f in enumerate(fovs)
     ]
     return ray.data.from_items(items, override_num_blocks=n_blocks)
 
 
-def map_fovs(ds, fn, p: dict, fn_kwargs: dict):
+def map_fovs(ds, fn, p: IngestParams, fn_kwargs: dict):
     """`ds.map_batches(fn)` with the task size, CPUs and worker count of the ingest parameters."""
     import ray
 
-    compute = ray.data.TaskPoolStrategy(size=p["num_workers"]) if p["num_workers"] > 0 else None
+    compute = ray.data.TaskPoolStrategy(size=p.num_workers) if p.num_workers > 0 else None
     return ds.map_batches(
         fn,
-        batch_size=max(1, p["fovs_per_task"]),
+        batch_size=max(1, p.fovs_per_task),
         batch_format="pyarrow",
-        num_cpus=p["cpus_per_task"],
+        num_cpus=p.cpus_per_task,
         compute=compute,
         fn_kwargs=fn_kwargs,
     )
