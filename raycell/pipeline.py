@@ -343,7 +343,7 @@ def train_infer_evaluate(
     """
     import shutil
 
-    from raycell.eval.plots import training_curves
+    from raycell.plots import training_curves
 
     t0 = time.time()
     res = run_train(cfg)

@@ -634,9 +634,9 @@ def objective_plot(
     """Objective over trials (with the best so far) and against each searched key; the best trial starred."""
     import numpy as np
 
-    from raycell.eval.plots import _plt, _save
+    from raycell.plots import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     keys = list(space)
     n = 1 + len(keys)
     ncols = min(3, n)
@@ -706,7 +706,9 @@ def objective_plot(
         ax.set_title(key)
     for ax in axes[n:]:
         ax.axis("off")
-    return _save(plt, fig, path, f"raycell tune: {len(rows)} trials, objective {metric} ({mode})")
+    return save_figure(
+        plt, fig, path, f"raycell tune: {len(rows)} trials, objective {metric} ({mode})"
+    )
 
 
 def run_search(cfg: ExperimentConfig) -> dict:

@@ -146,7 +146,7 @@ def evaluate_predictions(
         frame = pd.concat([frame, extra])
     atomic_write_text(out / "metrics.csv", frame.to_csv(index_label="split"))
     if plot:
-        from raycell.eval.plots import pca_plot
+        from raycell.plots import pca_plot
 
         report["pca_plot"] = str(
             pca_plot(

@@ -1,7 +1,7 @@
 """Profiling figures (matplotlib, Agg): embeddings coloured by a label, per-head confusion matrices.
 
 Each function returns the PNG as bytes (the HTML report embeds them) and, given a path, also writes
-it atomically (`raycell export`, the report's PNG folder). The look follows raycell/eval/plots.py.
+it atomically (`raycell export`, the report's PNG folder). The look follows raycell/plots.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from raycell.errors import UserError
-from raycell.eval.plots import _plt
+from raycell.plots import pyplot
 from raycell.utils.io import atomic_write_bytes
 
 MAX_LEGEND = 20  # more categories: the legend lists the first ones and says how many are left
@@ -63,7 +63,7 @@ def scatter_by(
         raise UserError(f"scatter_by: {len(xy)} points but {len(vals)} colour values")
     idx = np.random.default_rng(seed).permutation(len(xy))[:max_points]
     xy, vals = xy[idx], vals.iloc[idx].reset_index(drop=True)
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.2, 4.8))
     size = 4 if len(xy) > 2000 else 10
     missing = vals.isna().to_numpy()
@@ -134,7 +134,7 @@ def confusion_figure(entry: dict, title: str = "", path: str | Path | None = Non
         raise UserError(f"confusion_figure: confusion has shape {conf.shape} for {k} classes")
     rows = conf.sum(axis=1, keepdims=True)
     share = np.divide(conf, rows, out=np.zeros(conf.shape, dtype=np.float64), where=rows > 0)
-    plt = _plt()
+    plt = pyplot()
     side = min(3.2 + 0.45 * k, 14)
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
@@ -180,7 +180,7 @@ def map_figure(
         path: also write the PNG there.
         max_rows: more rows: the best and worst halves are drawn, the middle left out.
     """
-    plt = _plt()
+    plt = pyplot()
     t = table.sort_values("mean_average_precision", ascending=False, kind="stable")
     if len(t) > max_rows:
         t = pd.concat([t.head(max_rows // 2), t.tail(max_rows // 2)])

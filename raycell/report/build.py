@@ -313,7 +313,7 @@ def _history(run_dir: Path) -> list[dict]:
 
 
 def _curves_section(run_dir: Path, ctx: _Ctx, prefix: str) -> Section | None:
-    from raycell.eval.plots import training_curves
+    from raycell.plots import training_curves
 
     hist = _history(run_dir)
     if not hist:
@@ -382,7 +382,7 @@ def _prediction_columns(pred_dir: Path, columns: list[str]):
 
 
 def _pca_section(pred_dir: Path, ctx: _Ctx, prefix: str) -> Section | None:
-    from raycell.eval.plots import pca_plot
+    from raycell.plots import pca_plot
 
     t = _prediction_columns(pred_dir, [K.LATENT, K.LABEL, K.BATCH, K.SPLIT])
     if t is None or K.LATENT not in t.column_names or t.num_rows < 3:

@@ -1,6 +1,6 @@
 """Figures only the report draws: crop grids (per class; originals above reconstructions).
 
-Training curves and the latent PCA come from `raycell.eval.plots`, the embeddings' scatter plots
+Training curves and the latent PCA come from `raycell.plots`, the embeddings' scatter plots
 and confusion matrices from `raycell.profiling.figures`, so a figure looks the same in the report as
 where it is first made. Everything is saved to a PNG file (matplotlib, Agg).
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raycell.eval.plots import _plt
 from raycell.ingest.crops import composite_rgb  # the montage's colours: one implementation
+from raycell.plots import pyplot, save_figure
 
 
 def channel_stretch(imgs: np.ndarray) -> np.ndarray:
@@ -32,7 +32,7 @@ def _blocks(
     (`add_axes`), not by a tight layout, which let the figure title run into the first heading and
     squeezed the rows of square images together.
     """
-    plt = _plt()
+    plt = pyplot()
     cell, gap, left, top, spacer = 1.1, 0.1, 1.0, 0.55, 0.8  # inches
     head = 0.3 if any(name for name, _ in blocks) else 0.0
     n_rows = max(len(rows) for _, rows in blocks)
@@ -69,12 +69,8 @@ def _blocks(
                 ha="right",
                 va="center",
             )
-    fig.suptitle(title, y=1 - 0.12 / height, va="top")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.suptitle(title, y=1 - 0.12 / height, va="top")  # the montage places its own axes
+    return save_figure(plt, fig, path, None, tight=False)
 
 
 def crops_by_class(

@@ -1,4 +1,6 @@
-"""Figures (matplotlib, saved to files only): PCA of latents by label and by batch, training curves."""
+"""Figures (matplotlib, saved to files only), shared by every stage: the backend, saving, PCA of
+latents by label and by batch, training curves.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """Matplotlib's pyplot on the file-only Agg backend (no display is ever opened)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,9 +19,12 @@ def _plt():
     return plt
 
 
-def _save(plt, fig, path: str | Path, title: str) -> Path:
-    fig.suptitle(title)
-    fig.tight_layout()
+def save_figure(plt, fig, path: str | Path, title: str | None, tight: bool = True) -> Path:
+    """Title, lay out (`tight`: matplotlib's tight layout), write and close `fig`; returns its path."""
+    if title is not None:
+        fig.suptitle(title)
+    if tight:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -38,7 +44,7 @@ def pca_plot(
     """Two panels of the first two principal components, coloured by label and by batch; saved as PNG."""
     from sklearn.decomposition import PCA
 
-    plt = _plt()
+    plt = pyplot()
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(latents))[:max_points]
     pcs = PCA(n_components=2, random_state=seed).fit(latents[idx])
@@ -55,7 +61,7 @@ def pca_plot(
         ax.set_ylabel(f"PC2 ({ev[1]:.0%})")
         ax.set_title(f"by {name}")
         ax.legend(markerscale=3, fontsize=7, loc="best", ncol=1 + len(cats) // 12)
-    return _save(plt, fig, path, title)
+    return save_figure(plt, fig, path, title)
 
 
 def training_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
@@ -65,7 +71,7 @@ def training_curves(history: list[dict], path: str | Path, title: str = "") -> P
     the composite `val_composite` and the val latents' batch-probe accuracy. An epoch lacking a key is a
     gap in its line.
     """
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     ep = [h["epoch"] for h in history]
 
@@ -89,4 +95,4 @@ def training_curves(history: list[dict], path: str | Path, title: str = "") -> P
     axes[1].set_ylabel("val AUROC" if shown == ["val_auroc"] else "model selection")
     if len(shown) > 1:
         axes[1].legend(fontsize=8)
-    return _save(plt, fig, path, title)
+    return save_figure(plt, fig, path, title)
