@@ -32,6 +32,36 @@ def save_figure(plt, fig, path: str | Path, title: str | None, tight: bool = Tru
     return path
 
 
+def channel_stretch(imgs: np.ndarray) -> np.ndarray:
+    """Per-channel 99.5th percentile of (N, C, H, W) crops (never zero)."""
+    return np.maximum(np.percentile(imgs.astype(np.float32), 99.5, axis=(0, 2, 3)), 1e-6)
+
+
+_PALETTE = np.array(
+    [[0.2, 0.4, 1.0], [0.2, 1.0, 0.2], [1.0, 0.25, 0.25], [1.0, 0.2, 1.0], [1.0, 1.0, 0.2]],
+    np.float32,
+)
+
+
+def composite_rgb(imgs: np.ndarray, hi: np.ndarray | None = None) -> np.ndarray:
+    """(N, C, H, W) crops -> (N, H, W, 3) RGB in [0, 1], channels as additive colours (`_PALETTE`).
+
+    Each channel is divided by `hi` (default: its 99.5th percentile over these crops); one channel is
+    grey. Shared by the ingest montage and the report's crop grids, which pass one `hi` to show
+    reconstructions on their originals' scale.
+    """
+    x = imgs.astype(np.float32)
+    if hi is None:
+        hi = channel_stretch(x)
+    x = np.clip(x / hi[None, :, None, None], 0, 1)
+    if x.shape[1] == 1:
+        rgb = np.repeat(x, 3, axis=1)
+    else:
+        pal = _PALETTE[np.arange(x.shape[1]) % len(_PALETTE)]
+        rgb = np.clip(np.einsum("nchw,ck->nkhw", x, pal), 0, 1)
+    return rgb.transpose(0, 2, 3, 1)
+
+
 def pca_plot(
     latents: np.ndarray,
     labels: np.ndarray,

@@ -11,13 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raycell.ingest.crops import composite_rgb  # the montage's colours: one implementation
-from raycell.plots import pyplot, save_figure
-
-
-def channel_stretch(imgs: np.ndarray) -> np.ndarray:
-    """Per-channel 99.5th percentile of (N, C, H, W) crops (never zero)."""
-    return np.maximum(np.percentile(imgs.astype(np.float32), 99.5, axis=(0, 2, 3)), 1e-6)
+from raycell.plots import channel_stretch, composite_rgb, pyplot, save_figure
 
 
 def _blocks(
