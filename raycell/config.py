@@ -96,6 +96,25 @@ LocalPath = Annotated[str, _posix_path]  # a folder or file on a POSIX file syst
 Fractions = Annotated[list, _three_fractions]  # train, val, test fractions
 Resources = Annotated[dict, _resource_amounts]  # Ray resource name -> amount
 Columns = Annotated[list, _distinct]  # column names, each once
+
+
+def _percentile_pair(key: str, value: list) -> None:
+    if (
+        len(value) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        or not 0 <= value[0] < value[1] <= 100
+    ):
+        raise ConfigError(f"{key} must be [low, high] within 0..100, got {value}")
+
+
+# [low, high] percentiles, 0 <= low < high <= 100
+PercentilePair = Annotated[list, _percentile_pair]
+# Ingest's image choices (`ingest.z_projection`, `.normalization`, `.scale_check`, `.dtype`; the
+# code that acts on them, raycell/ingest/images.py, takes its tuples of names from these).
+ZProjection = Literal["max", "mean", "middle", "best-focus"]
+IntensityNormalization = Literal["global", "per-batch", "per-image"]
+ScaleCheck = Literal["reject", "separate", "ignore"]
+CropDtype = Literal["uint8", "uint16"]
 # The main optimiser's learning-rate schedule (`train.schedule`; raycell/plans.py).
 Schedule = Literal["constant", "onecycle"]
 
@@ -217,7 +236,7 @@ class IngestConfig:
     platemap: LocalPath = _f(
         "", "optional plate-map CSV joined on the columns it shares with the regex groups"
     )
-    crop_size: int = _f(64, "crop height and width in pixels")
+    crop_size: int = _f(64, "crop height and width in pixels", ge=8)
     platemap_on: list = _f(
         [], "plate-map join columns (empty = every column shared with the regex groups)"
     )
@@ -241,7 +260,7 @@ class IngestConfig:
     )
     cytoplasm_channel: str = _f("", "channel to grow cell bodies into ('' = nuclei only)")
     axes: str = _f("", "axes of multi-dimensional files, e.g. ZCYX ('' = from the file's metadata)")
-    z_projection: str = _f(
+    z_projection: ZProjection = _f(
         "max", "Z projection per channel: max, mean, middle or best-focus (variance of Laplacian)"
     )
     illum_correction: bool = _f(False, "divide by a per-plate, per-channel illumination function")
@@ -251,17 +270,17 @@ class IngestConfig:
         "median filter size (downscaled px) of the illumination function "
         "(0 = a tenth of the image)",
     )
-    normalization: str = _f(
+    normalization: IntensityNormalization = _f(
         "global",
         "intensity normalisation: global (one affine map per channel), per-batch or per-image",
     )
-    norm_percentiles: list = _f(
+    norm_percentiles: PercentilePair = _f(
         [0.1, 99.9], "low/high percentiles mapped to 0 and the dtype maximum"
     )
     stats_fovs: int = _f(
         0, "fields of view sampled per batch for global/per-batch statistics (0 = all)"
     )
-    scale_check: str = _f(
+    scale_check: ScaleCheck = _f(
         "reject",
         "fields whose pixel type or intensity scale is far outside their "
         "plate's (they would wreck the pooled normalisation): reject (rejects "
@@ -272,8 +291,10 @@ class IngestConfig:
         20.0,
         "a field is out of scale when a channel's 99th percentile is more than "
         "this factor from its plate's median (and 5 MADs), or its pixel type differs",
+        gt=1,
+        must="> 1 (a factor)",
     )
-    dtype: str = _f("uint8", "crop pixel type: uint8 or uint16")
+    dtype: CropDtype = _f("uint8", "crop pixel type: uint8 or uint16")
     segmentation: str = _f(
         "classical", "segmentation backend: classical (scikit-image) or cellpose"
     )
@@ -383,11 +404,15 @@ class IngestConfig:
         "most cells per parquet shard: the crop tasks' files are compacted "
         "into shards of this many cells (0 = no row bound), whatever the number "
         "of fields",
+        ge=0,
+        must=">= 0 (0 = no bound)",
     )
     shard_mb: float = _f(
         128.0,
         "most MiB of crop image bytes per shard (with rows_per_shard, the "
         "smaller bound wins; 0 = no byte bound)",
+        ge=0,
+        must=">= 0 (0 = no bound)",
     )
     num_workers: int = _f(0, "concurrent ingest tasks (0 = as many as Ray's CPUs allow)")
     cpus_per_task: float = _f(1.0, "logical CPUs reserved by each ingest task")
@@ -1176,7 +1201,7 @@ def _flatten_space(space: dict, prefix: str = "") -> dict:
 
 
 def _check_tune(t: TuneConfig) -> None:
-    """tune.* checks that need no data: mode, and every tune.space entry's key, distribution and bounds."""
+    """tune.* checks that need no data: the metric, and each tune.space entry's key, distribution, bounds."""
     if not t.metric:
         raise ConfigError(
             "tune.metric is empty; name a metric the loop reports (e.g. val_auroc, val_loss)"
