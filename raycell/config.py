@@ -91,13 +91,6 @@ def _distinct(key: str, value: list) -> None:
         raise ConfigError(f"{key} has a column twice: {value}")
 
 
-# Value types whose check travels with the type (the `Annotated` metadata is that check).
-LocalPath = Annotated[str, _posix_path]  # a folder or file on a POSIX file system (no URI)
-Fractions = Annotated[list, _three_fractions]  # train, val, test fractions
-Resources = Annotated[dict, _resource_amounts]  # Ray resource name -> amount
-Columns = Annotated[list, _distinct]  # column names, each once
-
-
 def _percentile_pair(key: str, value: list) -> None:
     if (
         len(value) != 2
@@ -107,8 +100,12 @@ def _percentile_pair(key: str, value: list) -> None:
         raise ConfigError(f"{key} must be [low, high] within 0..100, got {value}")
 
 
-# [low, high] percentiles, 0 <= low < high <= 100
-PercentilePair = Annotated[list, _percentile_pair]
+# Value types whose check travels with the type (the `Annotated` metadata is that check).
+LocalPath = Annotated[str, _posix_path]  # a folder or file on a POSIX file system (no URI)
+Fractions = Annotated[list, _three_fractions]  # train, val, test fractions
+Resources = Annotated[dict, _resource_amounts]  # Ray resource name -> amount
+Columns = Annotated[list, _distinct]  # column names, each once
+PercentilePair = Annotated[list, _percentile_pair]  # [low, high], 0 <= low < high <= 100
 # Ingest's image choices (`ingest.z_projection`, `.normalization`, `.scale_check`, `.dtype`; the
 # code that acts on them, raycell/ingest/images.py, takes its tuples of names from these).
 ZProjection = Literal["max", "mean", "middle", "best-focus"]
