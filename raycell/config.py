@@ -1,92 +1,190 @@
 """Typed configuration: nested dataclasses, YAML files and dotted `--set section.key=value` overrides.
 
-One `ExperimentConfig` drives every verb (CLI, Python and `jobs/`). Unknown keys are errors that
-list the valid
-keys; values are type-checked; cross-field checks live in `ExperimentConfig.validate`. Every field carries a
-`help` string so `raycell config --defaults` prints a commented YAML of all keys (that is
-`configs/base.yaml`).
+One `ExperimentConfig` drives every verb (CLI, Python and `jobs/`). Unknown keys are errors that list
+the valid keys. Each key's own rules are declared with its field and checked here, once, for every
+key: its type (a `Literal[...]` type lists the choices; `LocalPath` and the other `Annotated` types
+carry a value check), and its bounds (`_f(..., ge=, gt=, le=)`). Only checks that relate several keys
+are written out, in `ExperimentConfig.validate`. Every field carries a `help` string so
+`raycell config --defaults` prints a commented YAML of all keys (that is `configs/base.yaml`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from raycell.constants import (
+    DEFAULT_NORMALIZE,
+    BaselineFeatures,
+    ModelPreset,
+    NormalizeMode,
+    ParquetReader,
+    ZMode,
+)
 from raycell.errors import (
     ConfigError,  # noqa: F401  (raised here; defined low so every layer can raise it)
 )
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the field declarations
-    """Declare a field with a default and a help string (mutable defaults are copied per instance)."""
+def _f(
+    default: Any,
+    help: str,  # noqa: A002 - "help" reads best in the field declarations
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    must: str = "",
+) -> Any:
+    """Declare a field with a default, a help string and the bounds of its value.
+
+    Mutable defaults are copied per instance. `ge` / `gt` / `le`: the value must be >= / > / <= these;
+    `must` words the bound in the error where the plain one would not say what the values mean.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    meta = {"help": help, **bounds, **({"must": must} if must else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _posix_path(key: str, value: str) -> None:
+    """URIs (s3://, gs://) are refused with a clear message until they are supported."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        raise ConfigError(
+            f"{key}: {value!r} is a URI; raycell reads and writes POSIX paths only for "
+            "now: mount the bucket on every node (e.g. mountpoint-s3, gcsfuse, a "
+            "PersistentVolume) and give the mounted path"
+        )
+
+
+def _three_fractions(key: str, value: list) -> None:
+    if (
+        len(value) != 3
+        or any(not isinstance(v, (int, float)) or v < 0 for v in value)
+        or sum(value) <= 0
+    ):
+        raise ConfigError(f"{key} must be three non-negative numbers, got {value!r}")
+
+
+def _resource_amounts(key: str, value: dict) -> None:
+    bad = {
+        k: v
+        for k, v in value.items()
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0
+    }
+    if bad:
+        raise ConfigError(f"{key}: amounts must be non-negative numbers, got {bad}")
+
+
+def _distinct(key: str, value: list) -> None:
+    if len(set(map(str, value))) != len(value):
+        raise ConfigError(f"{key} has a column twice: {value}")
+
+
+def _percentile_pair(key: str, value: list) -> None:
+    if (
+        len(value) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        or not 0 <= value[0] < value[1] <= 100
+    ):
+        raise ConfigError(f"{key} must be [low, high] within 0..100, got {value}")
+
+
+# Value types whose check travels with the type (the `Annotated` metadata is that check).
+LocalPath = Annotated[str, _posix_path]  # a folder or file on a POSIX file system (no URI)
+Fractions = Annotated[list, _three_fractions]  # train, val, test fractions
+Resources = Annotated[dict, _resource_amounts]  # Ray resource name -> amount
+Columns = Annotated[list, _distinct]  # column names, each once
+PercentilePair = Annotated[list, _percentile_pair]  # [low, high], 0 <= low < high <= 100
+# Ingest's image choices (`ingest.z_projection`, `.normalization`, `.scale_check`, `.dtype`; the
+# code that acts on them, raycell/ingest/images.py, takes its tuples of names from these).
+ZProjection = Literal["max", "mean", "middle", "best-focus"]
+IntensityNormalization = Literal["global", "per-batch", "per-image"]
+ScaleCheck = Literal["reject", "separate", "ignore"]
+CropDtype = Literal["uint8", "uint16"]
+# The main optimiser's learning-rate schedule (`train.schedule`; raycell/plans.py).
+Schedule = Literal["constant", "onecycle"]
 
 
 @dataclass
 class SynthConfig:
     """The synthetic data set with known ground truth (`raycell synth`)."""
 
-    out: str = _f("data/synth", "output data set folder")
-    n_cells: int = _f(6000, "number of cells (crops) over all batches")
-    crop_size: int = _f(64, "crop height and width in pixels")
-    n_lines: int = _f(8, "cell lines; half carry phenotype label 'high', half 'low'")
-    n_batches: int = _f(8, "imaging batches in total, including the unseen ones")
-    n_unseen: int = _f(2, "batches suggested for holding out whole as 'unseen' (the last ones)")
-    lines_per_batch: int = _f(4, "cell lines imaged in each seen batch")
-    wells_per_line: int = _f(6, "wells per (line, batch); the split groups by well")
+    out: LocalPath = _f("data/synth", "output data set folder")
+    n_cells: int = _f(6000, "number of cells (crops) over all batches", ge=1)
+    crop_size: int = _f(64, "crop height and width in pixels", ge=1)
+    n_lines: int = _f(8, "cell lines; half carry phenotype label 'high', half 'low'", ge=1)
+    n_batches: int = _f(8, "imaging batches in total, including the unseen ones", ge=1)
+    n_unseen: int = _f(
+        2, "batches suggested for holding out whole as 'unseen' (the last ones)", ge=0
+    )
+    lines_per_batch: int = _f(4, "cell lines imaged in each seen batch", ge=1)
+    wells_per_line: int = _f(6, "wells per (line, batch); the split groups by well", ge=1)
     confounding: float = _f(
         0.75,
         "fraction of a seen batch's cells whose label matches the batch's "
         "majority label (0.5 = no confounding)",
+        ge=0,
+        le=1,
     )
     batch_strength: float = _f(
-        1.0, "scale of the nuisance effects (gain, offset, gradient, blur, noise)"
+        1.0,
+        "scale of the nuisance effects (gain, offset, gradient, blur, noise)",
+        ge=0,
     )
-    phenotype_strength: float = _f(1.0, "scale of the morphology signal that defines the label")
-    rows_per_shard: int = _f(1000, "cells per parquet shard")
+    phenotype_strength: float = _f(
+        1.0, "scale of the morphology signal that defines the label", ge=0
+    )
+    rows_per_shard: int = _f(1000, "cells per parquet shard", ge=1)
     chunk_cells: int = _f(
         0,
         "cells rendered and written per chunk (rounded up to whole shards); bounds "
         "synth's memory; 0 = 16384. Never changes the data set's bytes",
+        ge=0,
     )
     num_workers: int = _f(
         -1,
         "Ray tasks writing synth chunks at once: 0 = in this process, -1 = automatic "
         "(in this process below 200,000 cells / 2,000 raw fields, else one task per "
         "CPU of the running Ray). Never changes the data set's bytes",
+        ge=-1,
+        must="-1 (automatic), 0 (this process) or a number of Ray tasks",
     )
     raw: bool = _f(
         False,
         "write raw fields of view (TIFF per channel and Z-slice, true masks, plate "
         "map) to exercise ingest, instead of crop shards",
     )
-    raw_fov_size: int = _f(256, "raw: field-of-view height and width in pixels")
-    raw_wells: int = _f(4, "raw: wells per plate (one plate per batch; lines assigned to wells)")
-    raw_fields: int = _f(2, "raw: fields of view per well")
-    raw_cells_per_fov: int = _f(
-        14, "raw: cells placed per field of view (fewer if they do not fit)"
+    raw_fov_size: int = _f(256, "raw: field-of-view height and width in pixels", ge=1)
+    raw_wells: int = _f(
+        4, "raw: wells per plate (one plate per batch; lines assigned to wells)", ge=1
     )
-    raw_chunk_fovs: int = _f(0, "raw: fields of view rendered and written per chunk (0 = 16)")
-    raw_z: int = _f(3, "raw: Z-slices per channel; the in-focus slice varies per field")
-    effects: str = _f(
+    raw_fields: int = _f(2, "raw: fields of view per well", ge=1)
+    raw_cells_per_fov: int = _f(
+        14,
+        "raw: cells placed per field of view (fewer if they do not fit)",
+        ge=1,
+    )
+    raw_chunk_fovs: int = _f(0, "raw: fields of view rendered and written per chunk (0 = 16)", ge=0)
+    raw_z: int = _f(3, "raw: Z-slices per channel; the in-focus slice varies per field", ge=1)
+    effects: Literal["basic", "varied"] = _f(
         "varied",
         "raw: batch effects: varied (each batch its own mix of background "
         "texture, channel crosstalk, debris, gamma, vignetting, shot noise; each unseen "
         "batch one mechanism stronger than any seen batch) or basic (gain, offset, "
         "illumination, blur, noise only: the easy images)",
     )
-    design: str = _f(
+    design: Literal["phenotype", "timedose"] = _f(
         "phenotype",
         "phenotype (cell lines with a high/low phenotype, confounded batches) "
         "or timedose (a time x dose treatment design with gradual morphology changes and "
@@ -98,11 +196,13 @@ class SynthConfig:
         "timedose: doses in uM, >= 0; 0 is the DMSO control "
         "(column `dose`; the label is the dose as text)",
     )
-    replicates: int = _f(4, "timedose: wells per time x dose x batch")
+    replicates: int = _f(4, "timedose: wells per time x dose x batch", ge=1)
     effect_strength: float = _f(
-        1.0, "timedose: scale of the dose and time morphology effects (0 = no effect)"
+        1.0,
+        "timedose: scale of the dose and time morphology effects (0 = no effect)",
+        ge=0,
     )
-    crop_effects: str = _f(
+    crop_effects: Literal["basic", "varied"] = _f(
         "basic",
         "crops (phenotype and timedose designs): batch effects of the crop "
         "generator: basic (per batch gain, offset, illumination gradient, blur, noise: the "
@@ -115,6 +215,7 @@ class SynthConfig:
         2.5,
         "varied (raw and crops): each unseen batch's extreme mechanism, as a multiple "
         "of the strongest seen batch's strength (> 1)",
+        gt=1,
     )
 
 
@@ -122,17 +223,17 @@ class SynthConfig:
 class IngestConfig:
     """Raw fields of view -> crop shards (`raycell ingest`)."""
 
-    input: str = _f("", "folder of TIFF/PNG images")
-    out: str = _f("", "output data set folder")
+    input: LocalPath = _f("", "folder of TIFF/PNG images")
+    out: LocalPath = _f("", "output data set folder")
     pattern: str = _f(
         "",
         "regex with named groups (batch, plate, well, field, channel, z, ...) "
         "matched against each file's path relative to `input`",
     )
-    platemap: str = _f(
+    platemap: LocalPath = _f(
         "", "optional plate-map CSV joined on the columns it shares with the regex groups"
     )
-    crop_size: int = _f(64, "crop height and width in pixels")
+    crop_size: int = _f(64, "crop height and width in pixels", ge=8)
     platemap_on: list = _f(
         [], "plate-map join columns (empty = every column shared with the regex groups)"
     )
@@ -156,7 +257,7 @@ class IngestConfig:
     )
     cytoplasm_channel: str = _f("", "channel to grow cell bodies into ('' = nuclei only)")
     axes: str = _f("", "axes of multi-dimensional files, e.g. ZCYX ('' = from the file's metadata)")
-    z_projection: str = _f(
+    z_projection: ZProjection = _f(
         "max", "Z projection per channel: max, mean, middle or best-focus (variance of Laplacian)"
     )
     illum_correction: bool = _f(False, "divide by a per-plate, per-channel illumination function")
@@ -166,17 +267,17 @@ class IngestConfig:
         "median filter size (downscaled px) of the illumination function "
         "(0 = a tenth of the image)",
     )
-    normalization: str = _f(
+    normalization: IntensityNormalization = _f(
         "global",
         "intensity normalisation: global (one affine map per channel), per-batch or per-image",
     )
-    norm_percentiles: list = _f(
+    norm_percentiles: PercentilePair = _f(
         [0.1, 99.9], "low/high percentiles mapped to 0 and the dtype maximum"
     )
     stats_fovs: int = _f(
         0, "fields of view sampled per batch for global/per-batch statistics (0 = all)"
     )
-    scale_check: str = _f(
+    scale_check: ScaleCheck = _f(
         "reject",
         "fields whose pixel type or intensity scale is far outside their "
         "plate's (they would wreck the pooled normalisation): reject (rejects "
@@ -187,8 +288,10 @@ class IngestConfig:
         20.0,
         "a field is out of scale when a channel's 99th percentile is more than "
         "this factor from its plate's median (and 5 MADs), or its pixel type differs",
+        gt=1,
+        must="> 1 (a factor)",
     )
-    dtype: str = _f("uint8", "crop pixel type: uint8 or uint16")
+    dtype: CropDtype = _f("uint8", "crop pixel type: uint8 or uint16")
     segmentation: str = _f(
         "classical", "segmentation backend: classical (scikit-image) or cellpose"
     )
@@ -298,11 +401,15 @@ class IngestConfig:
         "most cells per parquet shard: the crop tasks' files are compacted "
         "into shards of this many cells (0 = no row bound), whatever the number "
         "of fields",
+        ge=0,
+        must=">= 0 (0 = no bound)",
     )
     shard_mb: float = _f(
         128.0,
         "most MiB of crop image bytes per shard (with rows_per_shard, the "
         "smaller bound wins; 0 = no byte bound)",
+        ge=0,
+        must=">= 0 (0 = no bound)",
     )
     num_workers: int = _f(0, "concurrent ingest tasks (0 = as many as Ray's CPUs allow)")
     cpus_per_task: float = _f(1.0, "logical CPUs reserved by each ingest task")
@@ -360,22 +467,25 @@ class IngestConfig:
 class DataConfig:
     """Where the crop shards are and how they are streamed to the model."""
 
-    path: str = _f("data/synth", "data set folder (dataset.json + shards/)")
-    batch_size: int = _f(64, "training batch size per worker")
-    eval_batch_size: int = _f(256, "batch size for validation and inference")
-    shuffle_buffer: int = _f(1024, "local shuffle buffer (rows) per worker; 0 = off")
-    prefetch_batches: int = _f(2, "batches prefetched by each worker's iterator")
+    path: LocalPath = _f("data/synth", "data set folder (dataset.json + shards/)")
+    batch_size: int = _f(64, "training batch size per worker", ge=1)
+    eval_batch_size: int = _f(256, "batch size for validation and inference", ge=1)
+    shuffle_buffer: int = _f(1024, "local shuffle buffer (rows) per worker; 0 = off", ge=0)
+    prefetch_batches: int = _f(2, "batches prefetched by each worker's iterator", ge=0)
     fetch_batches: int = _f(
         4,
         "training batches taken from Ray Data's iterator at once and cut into "
         "batch_size rows in the worker: Ray's per-batch cost is paid once per N (64 px: "
         "~2x the images per core, bench/README.md); capped so a fetched batch's images stay "
         "within 4 MiB (at 256 px it halved the rate); 1 = one Ray batch per step",
+        ge=1,
     )
     block_size_mb: int = _f(
-        8, "Ray Data target block size; small data needs small blocks to shuffle"
+        8,
+        "Ray Data target block size; small data needs small blocks to shuffle",
+        ge=1,
     )
-    parquet_reader: str = _f(
+    parquet_reader: ParquetReader = _f(
         "v1",
         "Ray Data's parquet reader: v1 (read tasks, one block per shard; 0.33 s "
         "to read the demo's 6 shards on 2 cores) or v2 (Ray 2.60's DataSourceV2: 32 "
@@ -383,8 +493,8 @@ class DataConfig:
         "same, paid by each split, streamed epoch and inference round, but 1.7x faster "
         "batches of 256-px crops once started: for long runs on large crops)",
     )
-    normalize: str = _f(
-        "crop",
+    normalize: NormalizeMode = _f(
+        DEFAULT_NORMALIZE,
         "how stored crops become model input: crop (per crop and channel: 1st/99th "
         "percentile -> 0/1, clipped, so a batch's brightness and offset are not an input; the "
         "default: it generalised better to unseen batches, docs/generalisation.md; a phenotype "
@@ -400,8 +510,9 @@ class DataConfig:
         "so a run restarted "
         "after a failure sees the same batches as an undisturbed one (Ray Data then keeps "
         "block order: slightly slower; exact with one worker)",
+        ge=-1,
     )
-    materialize: str = _f(
+    materialize: Literal["auto", "always", "never"] = _f(
         "auto",
         "hold the training and validation splits in Ray's object store, read once "
         "(always), stream them from the shards every epoch (never), or auto: hold them "
@@ -414,8 +525,9 @@ class DataConfig:
         "(~1 GiB ahead of the tiny AEC on 1 M cells, ~0.1 GiB on 100 k). 256 held it at "
         "0.14 GiB but made epochs 1.3x slower on 2 cores: Ray's split coordinator "
         "spins while throttled (docs/scale.md)",
+        ge=0,
     )
-    heads: list = _f(
+    heads: Columns = _f(
         [],
         "weak-label columns, one classification head each, for model types with heads "
         "(timm), e.g. [time, dose]: any metadata column of the crop shards; numeric columns "
@@ -430,7 +542,7 @@ class SplitConfig:
     unseen: list = _f([], "batches held out whole as 'unseen' (empty: the manifest's suggestion)")
     group_by: str = _f("well", "column whose values never straddle two splits (a well, a cell)")
     stratify: list = _f(["group", "batch"], "columns whose combinations are spread over the splits")
-    fractions: list = _f([0.7, 0.1, 0.2], "train, val, test fractions of the seen groups")
+    fractions: Fractions = _f([0.7, 0.1, 0.2], "train, val, test fractions of the seen groups")
     val_batches: list = _f(
         [],
         "seen batches held out whole as split 'valbatch' for model selection "
@@ -444,7 +556,9 @@ class ModelConfig:
     """Which model to build (`raycell models` lists the types) and its arguments."""
 
     type: str = _f("conventional", "model type from the registry")
-    preset: str = _f("small", "size preset: 'small' (CPU) or 'armed' (the reference's 256x256)")
+    preset: ModelPreset = _f(
+        "small", "size preset: 'small' (CPU) or 'armed' (the reference's 256x256)"
+    )
     args: dict = _f({}, "extra builder arguments that override the preset (e.g. latent_dim: 32)")
 
 
@@ -452,12 +566,14 @@ class ModelConfig:
 class LossConfig:
     """Loss weights (defaults from the ARMED reference main.py, spec/armed-aec.md section 3)."""
 
-    recon: float = _f(1.0, "weight of the reconstruction MSE")
-    cls: float = _f(0.1, "weight of the phenotype BCE")
+    recon: float = _f(1.0, "weight of the reconstruction MSE", ge=0)
+    cls: float = _f(0.1, "weight of the phenotype BCE", ge=0)
     adv: float = _f(
-        0.1, "weight of the adversarial term in the encoder's objective (loss.adv_objective)"
+        0.1,
+        "weight of the adversarial term in the encoder's objective (loss.adv_objective)",
+        ge=0,
     )
-    adv_objective: str = _f(
+    adv_objective: Literal["subtract", "confusion"] = _f(
         "subtract",
         "what the encoder does with the adversary: 'subtract' (the ARMED paper: - w_adv * "
         "CE(adversary, batch), rewarding a confidently wrong adversary) or 'confusion' (+ w_adv * CE("
@@ -467,11 +583,12 @@ class LossConfig:
         1,
         "adversary updates per main update (a stronger adversary for the encoder to "
         "hide the batch from)",
+        ge=1,
     )
-    cluster_latent: float = _f(0.001, "weight of the latent cluster CE (random effects)")
-    cluster_image: float = _f(0.001, "weight of the image cluster CE on reconstructions")
-    kl: float = _f(1e-7, "weight of the random-effects KL")
-    heads: str = _f(
+    cluster_latent: float = _f(0.001, "weight of the latent cluster CE (random effects)", ge=0)
+    cluster_image: float = _f(0.001, "weight of the image cluster CE on reconstructions", ge=0)
+    kl: float = _f(1e-7, "weight of the random-effects KL", ge=0)
+    heads: Literal["softmax", "multilabel"] = _f(
         "softmax",
         "weak-label heads' loss: softmax (one cross-entropy per head) or multilabel "
         "(sigmoid BCE over all heads' one-hot classes, as in the blog)",
@@ -482,23 +599,28 @@ class LossConfig:
 class TrainConfig:
     """The optimisation and the run directory of `raycell train`."""
 
-    epochs: int = _f(6, "passes over the training split")
-    lr: float = _f(1e-3, "Adam learning rate (the reference uses 1e-4 for 10 epochs at 256 px)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    runs_dir: str = _f("runs", "folder that holds one sub-folder per run")
-    resume: str = _f("", "run folder to continue from its latest checkpoint")
-    checkpoints_to_keep: int = _f(2, "checkpoints kept per run (the latest ones)")
+    epochs: int = _f(6, "passes over the training split", ge=1)
+    lr: float = _f(
+        1e-3, "Adam learning rate (the reference uses 1e-4 for 10 epochs at 256 px)", gt=0
+    )
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    runs_dir: LocalPath = _f("runs", "folder that holds one sub-folder per run")
+    resume: LocalPath = _f("", "run folder to continue from its latest checkpoint")
+    checkpoints_to_keep: int = _f(2, "checkpoints kept per run (the latest ones)", ge=1)
     early_stopping_patience: int = _f(
         0,
         "stop when train.early_stopping_metric has not improved for this "
         "many epochs; metrics.json then names the best epoch's checkpoint "
         "(best_checkpoint); 0 = off",
+        ge=0,
     )
     early_stopping_metric: str = _f(
         "val_acc",
         "metric watched by early stopping (names with 'loss' are minimised, others maximised)",
     )
-    max_failures: int = _f(1, "worker-group restarts from the last checkpoint before giving up")
+    max_failures: int = _f(
+        1, "worker-group restarts from the last checkpoint before giving up", ge=-1
+    )
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = _f(
         True,
@@ -509,9 +631,12 @@ class TrainConfig:
         0,
         "CPU threads per worker (0 = Ray's choice: the worker's CPU count, "
         "which is 1 for fractional CPUs)",
+        ge=0,
     )
-    log_every: int = _f(0, "print a line every N steps (0 = once per epoch)")
-    max_steps_per_epoch: int = _f(0, "cap on steps per epoch (0 = the whole split); for smoke runs")
+    log_every: int = _f(0, "print a line every N steps (0 = once per epoch)", ge=0)
+    max_steps_per_epoch: int = _f(
+        0, "cap on steps per epoch (0 = the whole split); for smoke runs", ge=0
+    )
     augment: str = _f(
         "all,flip,rot90",
         "augmentation of training cells on the device: 'all' (every batch "
@@ -520,8 +645,8 @@ class TrainConfig:
         "generator (raycell/data/augment.py); the default generalised best to unseen batches "
         "(docs/generalisation.md)",
     )
-    augment_strength: float = _f(1.0, "scales every augmentation range (0 = off)")
-    schedule: str = _f(
+    augment_strength: float = _f(1.0, "scales every augmentation range (0 = off)", ge=0)
+    schedule: Schedule = _f(
         "constant",
         "learning-rate schedule: constant, or onecycle (warm up to train.lr over "
         "30% of the steps, then anneal; the blog's)",
@@ -530,18 +655,22 @@ class TrainConfig:
         0.0,
         "layer-wise learning rates for timm backbones: each stage below the top "
         "gets train.lr times this factor once more (e.g. 0.5; 0 = one rate for all)",
+        ge=0,
+        le=1,
     )
     chaos_kill_after_steps: int = _f(
         0,
         "fault drill: rank 0 exits abruptly (os._exit) after this many "
         "steps of the run, once per run folder, so that a cluster's recovery "
         "(train.max_failures) can be checked; 0 = off",
+        ge=0,
     )
     composite_weight: float = _f(
         1.0,
         "weight w of the model-selection metric val_composite = val_auroc - "
         "w * (val_batch_probe - chance): the phenotype AUROC on val minus how much "
         "better than chance the val latents predict the training batch",
+        ge=0,
     )
 
 
@@ -549,9 +678,9 @@ class TrainConfig:
 class ScalingConfig:
     """Mirrors `ray.train.ScalingConfig` one-to-one."""
 
-    num_workers: int = _f(1, "Ray Train workers")
+    num_workers: int = _f(1, "Ray Train workers", ge=1)
     use_gpu: bool = _f(False, "one GPU per worker")
-    resources_per_worker: dict = _f(
+    resources_per_worker: Resources = _f(
         {"CPU": 0.5},
         "resources per worker; fractional CPUs leave room for Ray Data reads on small machines",
     )
@@ -562,8 +691,10 @@ class RayConfig:
     """How to reach Ray: a local instance on a laptop, `auto` inside `ray job submit`."""
 
     address: str = _f("", "cluster address ('' = start local Ray or join RAY_ADDRESS)")
-    num_cpus: int = _f(0, "logical CPUs for a local Ray (0 = max(4, 2 x cores): reads need slack)")
-    object_store_mb: int = _f(0, "object store size for a local Ray (0 = Ray's default)")
+    num_cpus: int = _f(
+        0, "logical CPUs for a local Ray (0 = max(4, 2 x cores): reads need slack)", ge=0
+    )
+    object_store_mb: int = _f(0, "object store size for a local Ray (0 = Ray's default)", ge=0)
     progress: bool = _f(True, "Ray Data progress bars")
     verbose: bool = _f(
         False,
@@ -575,6 +706,7 @@ class RayConfig:
         5.0,
         "seconds to wait for a TCP connection to `address` (host:port or "
         "ray://host:port) before giving up with an error",
+        gt=0,
     )
     start_timeout_s: float = _f(
         0.0,
@@ -587,22 +719,27 @@ class RayConfig:
 class InferConfig:
     """Batch inference (`raycell infer`)."""
 
-    checkpoint: str = _f("", "checkpoint folder, or a run folder (its latest checkpoint)")
-    data: str = _f("", "data set to run on ('' = data.path)")
-    out: str = _f("", "output folder of prediction shards ('' = <run>/predictions)")
+    checkpoint: LocalPath = _f("", "checkpoint folder, or a run folder (its latest checkpoint)")
+    data: LocalPath = _f("", "data set to run on ('' = data.path)")
+    out: LocalPath = _f("", "output folder of prediction shards ('' = <run>/predictions)")
     splits: list = _f([], "splits to run on (empty = all rows)")
-    num_actors: int = _f(1, "model replicas (Ray Data actors)")
-    num_gpus: float = _f(0.0, "GPUs per actor (0 on machines without GPUs, or Ray waits forever)")
-    cpus_per_actor: float = _f(1.0, "CPUs per actor")
+    num_actors: int = _f(1, "model replicas (Ray Data actors)", ge=1)
+    num_gpus: float = _f(
+        0.0, "GPUs per actor (0 on machines without GPUs, or Ray waits forever)", ge=0
+    )
+    cpus_per_actor: float = _f(1.0, "CPUs per actor", gt=0)
     torch_threads: int = _f(
         0,
         "CPU threads per actor for the forward pass (0 = on one machine its cores "
         "shared between the actors, elsewhere the actor's CPU count; Ray itself "
         "gives an actor one thread per CPU it holds)",
+        ge=0,
     )
     write_recon: bool = _f(False, "also write reconstructions (large)")
-    shards_per_round: int = _f(64, "input shards finished per round; a killed job loses <= 1 round")
-    z_source: str = _f(
+    shards_per_round: int = _f(
+        64, "input shards finished per round; a killed job loses <= 1 round", ge=1
+    )
+    z_source: LocalPath = _f(
         "",
         "soft design matrix Z for batches the model did not see in training: the "
         "folder (or .parquet) written by `raycell infer-z`; random/mixed-effects models "
@@ -613,7 +750,7 @@ class InferConfig:
         "ablation: give every cell a random one-hot Z row (fixed per cell_id) "
         "instead of its batch's",
     )
-    z_mode: str = _f(
+    z_mode: ZMode = _f(
         "predicted",
         "infer-z: Z for unseen batches: predicted (the Z-predictor's softmax, the "
         "reference), balanced (Z-predictor trained with each (batch, label) weighted 1/count, so "
@@ -631,22 +768,23 @@ class InferConfig:
         10,
         "infer-z: maximum epochs of the Z-predictor (model type zpredictor, trained on "
         "Ray Train; early stopping on val accuracy)",
+        ge=1,
     )
-    z_patience: int = _f(3, "infer-z: epochs without a better val accuracy before stopping")
-    z_lr: float = _f(1e-4, "infer-z: NAdam learning rate of the Z-predictor")
-    z_batch_size: int = _f(32, "infer-z: training batch size per worker of the Z-predictor")
+    z_patience: int = _f(3, "infer-z: epochs without a better val accuracy before stopping", ge=1)
+    z_lr: float = _f(1e-4, "infer-z: NAdam learning rate of the Z-predictor", gt=0)
+    z_batch_size: int = _f(32, "infer-z: training batch size per worker of the Z-predictor", ge=1)
 
 
 @dataclass
 class EmbedConfig:
     """Embedding export (`raycell embed`; the checkpoint, data, splits and actors are the infer.* keys)."""
 
-    out: str = _f(
+    out: LocalPath = _f(
         "",
         "output folder ('' = <checkpoint run>/embeddings): shards/ in the profiling layout "
         "(Metadata_* columns, then features), embeddings.json, well_profiles.parquet",
     )
-    layout: str = _f(
+    layout: Literal["columns", "list"] = _f(
         "columns",
         "features as one float32 column each (columns: Cells_Embedding_0000, ...; "
         "what pycytominer reads) or one fixed-size list column `embedding` (list)",
@@ -660,26 +798,27 @@ class EmbedConfig:
 class ExportConfig:
     """Embeddings -> files other tools read (`raycell export`): AnnData for scanpy, CytoTable layout."""
 
-    embeddings: str = _f(
+    embeddings: LocalPath = _f(
         "", "embeddings folder written by `raycell embed` (embeddings.json + shards/)"
     )
-    out: str = _f(
+    out: LocalPath = _f(
         "",
         "output file (.h5ad / .parquet / .csv); its folder must exist; a file raycell did "
         "not write is never replaced, nor anything inside a data set or embeddings folder",
     )
-    format: str = _f(
+    format: Literal["h5ad", "parquet", "csv"] = _f(
         "h5ad",
         "h5ad (AnnData: X = features, obs = metadata, obsm = X_pca/X_umap/Prob_<head>) "
         "| parquet | csv (CytoTable/pycytominer layout: Metadata_* then Cells_* features)",
     )
-    level: str = _f(
+    level: Literal["cell", "well"] = _f(
         "cell", "cell (one row per cell) or well (median per Metadata_Plate x Metadata_Well)"
     )
     top_k: int = _f(
         0,
         "keep the k highest-variance features after dropping constant ones (0 = all; the "
         "blog's selection before PCA)",
+        ge=0,
     )
     drop_zero_variance: bool = _f(True, "drop features that are constant over the exported rows")
     with_morph: bool = _f(
@@ -701,13 +840,13 @@ class ExportConfig:
 class ProfileConfig:
     """Well profiles and retrieval metrics (`raycell profile`; docs/profiling.md)."""
 
-    input: str = _f(
+    input: LocalPath = _f(
         "",
         "embeddings folder (`raycell embed`) or a parquet/CSV table in the CytoTable "
         "layout (Metadata_* columns, Cells_/Cytoplasm_/Nuclei_ features), per cell or per "
         "well",
     )
-    out: str = _f(
+    out: LocalPath = _f(
         "",
         "output folder: profiles.parquet, consensus.parquet, activity_map.csv, "
         "consistency_<column>.csv, retrieval.json, profile.json",
@@ -796,36 +935,40 @@ class ProfileConfig:
 class ReportConfig:
     """The HTML report of a folder (`raycell report`, and the end of `raycell demo`)."""
 
-    folder: str = _f("", "run, demo, experiment, tune or embeddings folder to report on")
-    out: str = _f(
+    folder: LocalPath = _f("", "run, demo, experiment, tune or embeddings folder to report on")
+    out: LocalPath = _f(
         "",
         "report folder ('' = <folder>/report); an earlier report there is replaced, any "
         "other non-empty folder is refused",
     )
-    max_cells: int = _f(2000, "at most this many cells in each scatter plot (sampled with seed)")
+    max_cells: int = _f(
+        2000, "at most this many cells in each scatter plot (sampled with seed)", ge=10
+    )
 
 
 @dataclass
 class EvalConfig:
     """Metrics from inference outputs (`raycell evaluate`)."""
 
-    predictions: str = _f("", "folder of prediction shards")
-    out: str = _f("", "output folder for metrics.json / metrics.csv ('' = next to predictions)")
-    max_cells: int = _f(5000, "cells per split sampled for the latent metrics (speed)")
+    predictions: LocalPath = _f("", "folder of prediction shards")
+    out: LocalPath = _f(
+        "", "output folder for metrics.json / metrics.csv ('' = next to predictions)"
+    )
+    max_cells: int = _f(5000, "cells per split sampled for the latent metrics (speed)", ge=1)
     baseline: bool = _f(
         False,
         "evaluate: also score a logistic regression on hand-made features of the "
         "predictions' data set (morph_* columns, else features from the crops), fitted on "
         "its train split",
     )
-    baseline_features: str = _f(
+    baseline_features: BaselineFeatures = _f(
         "auto",
         "baseline features: auto (morph_* when the shards have them, else "
         "crops; `experiment medl` then adds a second row on all), morph, crops (shape, "
         "intensity and texture computed from the crops), all (morph_* and crops side by "
         "side)",
     )
-    profiles: str = _f(
+    profiles: LocalPath = _f(
         "",
         "evaluate: score a profile folder or CytoTable-layout table of well profiles "
         "as it is with copairs (activity/consistency mAP; the profile.* pairing keys) "
@@ -837,7 +980,7 @@ class EvalConfig:
 class TuneConfig:
     """Hyperparameter search (`raycell tune`): Optuna proposes, ASHA stops poor trials early."""
 
-    out: str = _f(
+    out: LocalPath = _f(
         "runs/tune",
         "search folder: Tune's storage (search/), one Train run per trial "
         "(trials/), trials.csv, best.yaml, tune_objective.png",
@@ -854,25 +997,28 @@ class TuneConfig:
         "val_loss, ...); each trial counts at its best epoch (tune.select says which trials "
         "compete)",
     )
-    select: str = _f(
+    select: Literal["budget", "best_epoch"] = _f(
         "budget",
         "which trials compete for best.yaml: 'budget' = only the trials that ran the most epochs "
         "(ASHA's survivors, all at the same budget), each at its best epoch; 'best_epoch' = every trial at "
         "its best epoch, however early ASHA stopped it",
     )
-    mode: str = _f("max", "max or min: which way the objective is better")
-    num_samples: int = _f(8, "trials (sampled configurations)")
+    mode: Literal["max", "min"] = _f("max", "max or min: which way the objective is better")
+    num_samples: int = _f(8, "trials (sampled configurations)", ge=1)
     max_concurrent_trials: int = _f(
         0,
         "trials at once (0 = as many as the cluster's CPUs/GPUs fit, "
         "counting scaling.* per trial plus 1 CPU for its data reads; more is "
         "lowered to that)",
+        ge=0,
     )
-    grace_period: int = _f(1, "ASHA: epochs every trial runs before it may be stopped")
+    grace_period: int = _f(1, "ASHA: epochs every trial runs before it may be stopped", ge=1)
     reduction_factor: int = _f(
-        2, "ASHA: at each rung only the best 1/reduction_factor of trials go on"
+        2,
+        "ASHA: at each rung only the best 1/reduction_factor of trials go on",
+        ge=2,
     )
-    resume: str = _f(
+    resume: LocalPath = _f(
         "",
         "search folder (tune.out) of an interrupted search to continue: finished trials "
         "are kept, unfinished ones restart from their last checkpoint",
@@ -881,6 +1027,7 @@ class TuneConfig:
         0.01,
         "CPUs reserved by each trial's driver (it only builds and watches its "
         "TorchTrainer; must be > 0)",
+        gt=0,
     )
     folds: int = _f(
         0,
@@ -888,13 +1035,10 @@ class TuneConfig:
         "out a different seen batch (its train and val cells, as split valbatch), and its "
         "objective is the mean of tune.metric over them at each epoch (use "
         "tune.metric=valbatch_auroc); needs this many times the trial's resources; 0 = off",
+        ge=0,
     )
 
 
-# What the encoder does with the adversary (LossConfig.adv_objective).
-ADV_OBJECTIVES = ("subtract", "confusion")
-# How the best trial is chosen (TuneConfig.select).
-TUNE_SELECT = ("budget", "best_epoch")
 # Distributions of tune.space and the keys each takes besides `dist`.
 TUNE_DISTS = {
     "loguniform": ("low", "high"),
@@ -910,7 +1054,7 @@ _TUNE_FIXED = ("tune.", "ray.", "train.epochs", "train.resume", "train.runs_dir"
 class DemoConfig:
     """The one-command demo."""
 
-    out: str = _f("runs/demo", "folder for everything the demo writes")
+    out: LocalPath = _f("runs/demo", "folder for everything the demo writes")
     models: list = _f(["conventional"], "model types to train and compare")
 
 
@@ -919,7 +1063,7 @@ class ExperimentConfig:
     """Everything one invocation needs; each verb reads the sections it uses."""
 
     name: str = _f("raycell", "run name prefix")
-    seed: int = _f(0, "random seed for data generation, splits and initialisation")
+    seed: int = _f(0, "random seed for data generation, splits and initialisation", ge=0)
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -939,126 +1083,34 @@ class ExperimentConfig:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def validate(self) -> "ExperimentConfig":
-        """Cross-field checks; raise ConfigError naming the key."""
-        fr = self.split.fractions
-        if (
-            len(fr) != 3
-            or any(not isinstance(v, (int, float)) or v < 0 for v in fr)
-            or sum(fr) <= 0
-        ):
-            raise ConfigError(f"split.fractions must be three non-negative numbers, got {fr!r}")
-        for key, lowest in _AT_LEAST.items():
-            val = self.get(key)
-            if not val >= lowest:  # `not >=` also catches NaN
-                raise ConfigError(f"{key} must be >= {lowest}, got {val}")
-        for key in _POSITIVE:
-            val = self.get(key)
-            if not val > 0:
-                raise ConfigError(f"{key} must be > 0, got {val}")
-        if not 0 <= self.synth.confounding <= 1:
+        """Check every key's declared type, choices and bounds, then the checks that relate keys.
+
+        `load_config` and `from_dict` call it; call it again after changing keys in code.
+
+        Raises:
+            ConfigError: naming the key, the bad value and what it must be.
+        """
+        _check_declared(self, "")
+        if self.data.shuffle_buffer and self.data.shuffle_buffer < self.data.batch_size:
             raise ConfigError(
-                f"synth.confounding must be between 0 and 1, got {self.synth.confounding}"
-            )
-        bad_res = {
-            k: v
-            for k, v in self.scaling.resources_per_worker.items()
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0
-        }
-        if bad_res:
-            raise ConfigError(
-                f"scaling.resources_per_worker: amounts must be non-negative numbers, got {bad_res}"
+                f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
+                f"data.batch_size ({self.data.batch_size})"
             )
         if self.synth.n_unseen >= self.synth.n_batches:
             raise ConfigError(
                 "synth.n_unseen must be smaller than synth.n_batches "
                 f"({self.synth.n_unseen} >= {self.synth.n_batches})"
             )
-        from raycell.constants import BASELINE_FEATURES, NORMALIZE_MODES, PARQUET_READERS, Z_MODES
-
-        if self.data.parquet_reader not in PARQUET_READERS:
-            raise ConfigError(
-                f"data.parquet_reader: must be one of {', '.join(PARQUET_READERS)}, got "
-                f"{self.data.parquet_reader!r}"
-            )
-        if self.data.normalize not in NORMALIZE_MODES:
-            raise ConfigError(
-                f"data.normalize: must be one of {', '.join(NORMALIZE_MODES)}, got "
-                f"{self.data.normalize!r}"
-            )
-        if self.infer.z_mode not in Z_MODES:
-            raise ConfigError(
-                f"infer.z_mode: must be one of {', '.join(Z_MODES)}, got {self.infer.z_mode!r}"
-            )
-        if self.data.shuffle_buffer and self.data.shuffle_buffer < self.data.batch_size:
-            raise ConfigError(
-                f"data.shuffle_buffer ({self.data.shuffle_buffer}) must be 0 or >= "
-                f"data.batch_size ({self.data.batch_size})"
-            )
-        _check_tune(self.tune)
-        if self.synth.effects not in ("basic", "varied"):
-            raise ConfigError(f"synth.effects must be basic or varied, got {self.synth.effects!r}")
-        if not self.synth.unseen_extreme > 1:
-            raise ConfigError(f"synth.unseen_extreme must be > 1, got {self.synth.unseen_extreme}")
-        if self.synth.num_workers < -1:
-            raise ConfigError(
-                f"synth.num_workers must be -1 (automatic), 0 (this process) or a number of "
-                f"Ray tasks, got {self.synth.num_workers}"
-            )
-        if self.synth.design not in ("phenotype", "timedose"):
-            raise ConfigError(
-                f"synth.design must be phenotype or timedose, got {self.synth.design!r}"
-            )
         if self.synth.raw and self.synth.design != "phenotype":
             raise ConfigError(
                 "synth.raw writes the phenotype design only; drop synth.raw or use "
                 "synth.design=phenotype"
             )
-        if self.export.format not in ("h5ad", "parquet", "csv"):
-            raise ConfigError(
-                f"export.format must be h5ad, parquet or csv, got {self.export.format!r}"
-            )
-        if self.export.level not in ("cell", "well"):
-            raise ConfigError(f"export.level must be cell or well, got {self.export.level!r}")
         if self.export.umap and self.export.format != "h5ad":
             raise ConfigError(
                 "export.umap: UMAP coordinates are written to h5ad only (obsm['X_umap'])"
             )
-        if self.data.materialize not in ("auto", "always", "never"):
-            raise ConfigError(
-                f"data.materialize must be auto, always or never, got {self.data.materialize!r}"
-            )
-        if self.embed.layout not in ("columns", "list"):
-            raise ConfigError(f"embed.layout must be columns or list, got {self.embed.layout!r}")
-        if self.loss.adv_objective not in ADV_OBJECTIVES:
-            raise ConfigError(
-                f"loss.adv_objective must be one of {', '.join(ADV_OBJECTIVES)}, got "
-                f"{self.loss.adv_objective!r}"
-            )
-        if self.loss.heads not in ("softmax", "multilabel"):
-            raise ConfigError(f"loss.heads must be softmax or multilabel, got {self.loss.heads!r}")
-        if self.train.schedule not in ("constant", "onecycle"):
-            raise ConfigError(
-                f"train.schedule must be constant or onecycle, got {self.train.schedule!r}"
-            )
-        if not 0 <= self.train.layer_decay <= 1:
-            raise ConfigError(
-                f"train.layer_decay must be between 0 and 1, got {self.train.layer_decay}"
-            )
-        if len(set(map(str, self.data.heads))) != len(self.data.heads):
-            raise ConfigError(f"data.heads has a column twice: {self.data.heads}")
-        if self.eval.baseline_features not in BASELINE_FEATURES:
-            raise ConfigError(
-                f"eval.baseline_features: {self.eval.baseline_features!r} is not one of "
-                f"{', '.join(BASELINE_FEATURES)}"
-            )
-        for key in _PATH_KEYS:
-            val = self.get(key)
-            if isinstance(val, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", val):
-                raise ConfigError(
-                    f"{key}: {val!r} is a URI; raycell reads and writes POSIX paths only for "
-                    "now: mount the bucket on every node (e.g. mountpoint-s3, gcsfuse, a "
-                    "PersistentVolume) and give the mounted path"
-                )
+        _check_tune(self.tune)
         return self
 
     def get(self, key: str) -> Any:
@@ -1084,110 +1136,6 @@ class ExperimentConfig:
     def from_dict(cls, d: dict) -> "ExperimentConfig":
         """Build from a nested dict, raising ConfigError on unknown keys or wrong types."""
         return _build(cls, d, prefix="").validate()
-
-
-# Range checks run by `validate()`; a key missing here is only type-checked.
-_AT_LEAST = {
-    "seed": 0,
-    "synth.n_cells": 1,
-    "synth.crop_size": 1,
-    "synth.n_lines": 1,
-    "synth.n_batches": 1,
-    "synth.n_unseen": 0,
-    "synth.lines_per_batch": 1,
-    "synth.wells_per_line": 1,
-    "synth.batch_strength": 0,
-    "synth.phenotype_strength": 0,
-    "synth.rows_per_shard": 1,
-    "synth.raw_fov_size": 1,
-    "synth.raw_wells": 1,
-    "synth.raw_fields": 1,
-    "synth.chunk_cells": 0,
-    "synth.raw_chunk_fovs": 0,
-    "synth.raw_cells_per_fov": 1,
-    "synth.raw_z": 1,
-    "synth.replicates": 1,
-    "synth.effect_strength": 0,
-    "train.layer_decay": 0,
-    "export.top_k": 0,
-    "report.max_cells": 10,
-    "data.batch_size": 1,
-    "data.eval_batch_size": 1,
-    "data.shuffle_buffer": 0,
-    "data.prefetch_batches": 0,
-    "data.block_size_mb": 1,
-    "loss.recon": 0,
-    "loss.cls": 0,
-    "loss.adv": 0,
-    "loss.cluster_latent": 0,
-    "loss.cluster_image": 0,
-    "loss.kl": 0,
-    "loss.adv_steps": 1,
-    "train.epochs": 1,
-    "train.weight_decay": 0,
-    "train.checkpoints_to_keep": 1,
-    "train.early_stopping_patience": 0,
-    "train.max_failures": -1,
-    "train.torch_threads": 0,
-    "train.log_every": 0,
-    "train.max_steps_per_epoch": 0,
-    "train.composite_weight": 0,
-    "train.augment_strength": 0,
-    "train.chaos_kill_after_steps": 0,
-    "data.shuffle_seed": -1,
-    "data.stream_buffer_mb": 0,
-    "data.fetch_batches": 1,
-    "scaling.num_workers": 1,
-    "ray.num_cpus": 0,
-    "ray.object_store_mb": 0,
-    "infer.num_actors": 1,
-    "infer.num_gpus": 0,
-    "infer.shards_per_round": 1,
-    "infer.z_epochs": 1,
-    "infer.torch_threads": 0,
-    "infer.z_patience": 1,
-    "infer.z_batch_size": 1,
-    "eval.max_cells": 1,
-    "tune.num_samples": 1,
-    "tune.max_concurrent_trials": 0,
-    "tune.folds": 0,
-    "tune.grace_period": 1,
-    "tune.reduction_factor": 2,
-}
-# Folders and files: URIs (s3://, gs://) are refused with a clear message until they are supported.
-_PATH_KEYS = [
-    "synth.out",
-    "ingest.input",
-    "ingest.out",
-    "ingest.platemap",
-    "data.path",
-    "train.runs_dir",
-    "train.resume",
-    "infer.checkpoint",
-    "infer.data",
-    "infer.out",
-    "infer.z_source",
-    "embed.out",
-    "export.embeddings",
-    "export.out",
-    "report.folder",
-    "report.out",
-    "eval.predictions",
-    "eval.out",
-    "tune.out",
-    "tune.resume",
-    "demo.out",
-    "profile.input",
-    "profile.out",
-    "eval.profiles",
-]
-_POSITIVE = [
-    "tune.trial_cpus",
-    "train.lr",
-    "infer.cpus_per_actor",
-    "infer.z_lr",
-    "ray.connect_timeout_s",
-]
 
 
 def tune_key_type(key: str) -> Any:
@@ -1256,15 +1204,11 @@ def _flatten_space(space: dict, prefix: str = "") -> dict:
 
 
 def _check_tune(t: TuneConfig) -> None:
-    """tune.* checks that need no data: mode, and every tune.space entry's key, distribution and bounds."""
-    if t.mode not in ("max", "min"):
-        raise ConfigError(f"tune.mode must be 'max' or 'min', got {t.mode!r}")
+    """tune.* checks that need no data: the metric, and each tune.space entry's key, distribution, bounds."""
     if not t.metric:
         raise ConfigError(
             "tune.metric is empty; name a metric the loop reports (e.g. val_auroc, val_loss)"
         )
-    if t.select not in TUNE_SELECT:
-        raise ConfigError(f"tune.select must be one of {', '.join(TUNE_SELECT)}, got {t.select!r}")
     t.space = _flatten_space(t.space)
     for key, spec in t.space.items():
         where = f"tune.space.{key}"
@@ -1323,8 +1267,66 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _either(values: tuple) -> str:
+    """'a, b or c': a key's choices as its errors name them."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+@functools.cache
+def _declared(cls: type) -> dict[str, Any]:
+    """A config class's field types, `Annotated` value checks included (resolved once per class)."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _check_value(key: str, tp: Any, meta: Any, value: Any) -> None:
+    """The rules declared with one key: its choices, its `Annotated` checks and its bounds."""
+    if typing.get_origin(tp) is Annotated:
+        for check in tp.__metadata__:
+            check(key, value)
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+        raise ConfigError(f"{key} must be {_either(typing.get_args(tp))}, got {value!r}")
+    ge, gt, le = meta.get("ge"), meta.get("gt"), meta.get("le")
+    if ge is None and gt is None and le is None:
+        return
+    # written as `not (value >= ge)` and so on, so that NaN fails every bound
+    if (ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le):
+        return
+    if meta.get("must"):
+        raise ConfigError(f"{key} must be {meta['must']}, got {value}")
+    if le is not None:
+        raise ConfigError(
+            f"{key} must be between {ge if ge is not None else gt} and {le}, got {value}"
+        )
+    if gt is not None:
+        raise ConfigError(f"{key} must be > {gt}, got {value}")
+    raise ConfigError(f"{key} must be >= {ge}, got {value}")
+
+
+def _check_declared(obj: Any, prefix: str) -> None:
+    """`_check_value` for every key of a config section and its sub-sections."""
+    hints = _declared(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_declared(value, f"{prefix}{f.name}.")
+        else:
+            _check_value(prefix + f.name, hints[f.name], f.metadata, value)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting ints to floats where a float is declared."""
+    """Check `value` against the annotation `tp`, converting ints to floats where a float is declared.
+
+    A `Literal` type's choices are checked here, with the type; bounds and `Annotated` checks are
+    checked by `validate` (`_check_value`).
+    """
+    if typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be {_either(typing.get_args(tp))}, got {value!r}")
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -6,6 +6,8 @@ Keeping them in one place means a shard written by `synth` or `ingest` is read b
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 SCHEMA_VERSION = 1
 
 # Crop-shard columns (SPEC "Crop shards").
@@ -59,20 +61,24 @@ PREDICTIONS_MANIFEST = "predictions.json"
 EMBEDDINGS_MANIFEST = "embeddings.json"  # `raycell embed`: the same shards in the profiling layout
 WELL_PROFILES = "well_profiles.parquet"
 
-# How stored crops become model input (`data.normalize`; raycell/formats/spec.py), how unseen batches get
-# their design matrix Z (`infer.z_mode`; raycell/infer/zpredictor.py) and which hand-made features the
-# baseline uses: config, CLI and code read these.
-NORMALIZE_MODES = ("global", "crop")
-BASELINE_FEATURES = (
-    "auto",
-    "morph",
-    "crops",
-    "all",
-)  # `eval.baseline_features` (raycell/eval/baseline.py)
-Z_MODES = ("predicted", "balanced", "uniform", "zero")
-PARQUET_READERS = (
-    "v1",
-    "v2",
-)  # `data.parquet_reader`: Ray Data's DataContext.use_datasource_v2 off / on
+# Choices of config keys that code outside raycell/config.py also names: each is declared once, as the
+# `Literal` type of its config field; the tuples are the same values for `in` tests and CLI choices.
+# How stored crops become model input (`data.normalize`; raycell/formats/spec.py).
+NormalizeMode = Literal["global", "crop"]
+NORMALIZE_MODES: tuple[str, ...] = get_args(NormalizeMode)
+# The model input's normalisation when none is given (config, `DataSpec`, training): per crop, because
+# it generalised better to unseen batches (docs/generalisation.md).
+DEFAULT_NORMALIZE: NormalizeMode = "crop"
+# Which hand-made features the baseline uses (`eval.baseline_features`; raycell/eval/baseline.py).
+BaselineFeatures = Literal["auto", "morph", "crops", "all"]
+BASELINE_FEATURES: tuple[str, ...] = get_args(BaselineFeatures)
+# How unseen batches get their design matrix Z (`infer.z_mode`; raycell/infer/zpredictor.py).
+ZMode = Literal["predicted", "balanced", "uniform", "zero"]
+Z_MODES: tuple[str, ...] = get_args(ZMode)
+# Network sizes of the autoencoders (`model.preset`; the keys of raycell/models/aec.py `PRESETS`).
+ModelPreset = Literal["armed", "small", "tiny"]
+# `data.parquet_reader`: Ray Data's DataContext.use_datasource_v2 off / on.
+ParquetReader = Literal["v1", "v2"]
+PARQUET_READERS: tuple[str, ...] = get_args(ParquetReader)
 # parquet schema metadata key of every prediction shard (what produced it)
 INFER_PROVENANCE = b"raycell.infer"

@@ -52,7 +52,7 @@ import numpy as np
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
-from raycell.eval.baseline import BASELINE_MODEL, FEATURE_SOURCES
+from raycell.eval.baseline import BASELINE_MODEL
 from raycell.pipeline import infer_evaluate, run_split, run_synth, train_infer_evaluate
 from raycell.utils.io import atomic_write_json, atomic_write_text, read_json
 
@@ -224,7 +224,7 @@ def _unseen_z(cfg: ExperimentConfig, seed: int, z_dir: Path, mode: str | None = 
     """
     from raycell.infer.zpredictor import Z_PARQUET, run_infer_z
 
-    mode = mode or getattr(cfg.infer, "z_mode", "predicted")
+    mode = mode or cfg.infer.z_mode
     made = (
         read_json(z_dir / "inferred_z.json").get("z_mode", "predicted")
         if (z_dir / "inferred_z.json").is_file()
@@ -338,9 +338,8 @@ def check_medl(
     tune_samples: int = 6,
     tune_folds: int = 3,
 ) -> None:
-    """The checks `experiment medl` can make before Ray starts: model names, seeds, preset."""
+    """The checks `experiment medl` can make before Ray starts: model names and seeds."""
     from raycell.models import list_models
-    from raycell.models.aec import PRESETS
 
     bad = [m for m in models if m not in list_models()]
     if bad or not models:
@@ -367,15 +366,6 @@ def check_medl(
                 f"experiment medl: --tune-samples must be >= 1 and --tune-folds >= 0, got "
                 f"{tune_samples} and {tune_folds}"
             )
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(
-            f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}"
-        )
-    features = cfg.eval.baseline_features
-    if features not in FEATURE_SOURCES:
-        raise ConfigError(
-            f"eval.baseline_features: {features!r} is not one of {', '.join(FEATURE_SOURCES)}"
-        )
 
 
 def _baseline_row(cfg: ExperimentConfig, seed: int, features: str, cache: dict) -> dict:
@@ -454,7 +444,7 @@ def run_medl_experiment(
     cfg.data.path = str(_prepare_data(cfg))
     models = list(dict.fromkeys(models))
     uses_z = {m: model_entry(m).uses_z for m in models}
-    mode = getattr(cfg.infer, "z_mode", "predicted")
+    mode = cfg.infer.z_mode
     extra_modes = [zm for zm in dict.fromkeys(z_modes or []) if zm != mode]
     labels = [
         lab

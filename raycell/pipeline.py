@@ -369,20 +369,15 @@ def train_infer_evaluate(
 
 
 def check_demo(cfg: ExperimentConfig) -> None:
-    """What the demo can check before Ray starts: its model types and preset."""
+    """What the demo can check before Ray starts: its model types (the config checked the rest)."""
     from raycell.config import ConfigError
     from raycell.models import list_models
-    from raycell.models.aec import PRESETS
 
     bad = [m for m in cfg.demo.models if m not in list_models()]
     if bad or not cfg.demo.models:
         raise ConfigError(
             f"demo.models: {f'unknown model type(s) {bad}' if bad else 'empty'}; registered: "
             f"{', '.join(list_models())}"
-        )
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(
-            f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}"
         )
 
 

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from raycell.config import LossConfig
+from raycell.config import LossConfig, Schedule
 from raycell.losses import (
     LossOutput,
     ModelOutput,
@@ -110,21 +110,18 @@ class TrainingPlan:
             main = torch.optim.AdamW(self.main_parameters(), lr=lr, weight_decay=weight_decay)
         self.optimizers: dict[str, torch.optim.Optimizer] = {"main": main}
 
-    def set_schedule(self, kind: str, total_steps: int) -> None:
+    def set_schedule(self, kind: Schedule, total_steps: int) -> None:
         """The main optimiser's learning-rate schedule: 'constant', or 'onecycle' (the blog's one-cycle
         policy: warm up to each parameter group's lr over the first 30% of `total_steps`, then anneal).
         """
-        if kind == "constant":
-            self.scheduler = None
-        elif kind == "onecycle":
+        self.scheduler = None
+        if kind == "onecycle":
             opt = self.optimizers["main"]
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 opt,
                 max_lr=[g["lr"] for g in opt.param_groups],
                 total_steps=max(2, int(total_steps)),
             )
-        else:
-            raise ValueError(f"unknown schedule {kind!r} (constant, onecycle)")
 
     @classmethod
     def required_outputs(cls) -> tuple[str, ...]:

@@ -53,8 +53,47 @@ def test_cross_field_validation():
         load_config(None, ["split.fractions=[0.5, 0.5]"])
     with pytest.raises(ConfigError, match="shuffle_buffer"):
         load_config(None, ["data.batch_size=64", "data.shuffle_buffer=10"])
-    with pytest.raises(ConfigError, match="data.parquet_reader: must be one of v1, v2, got 'v3'"):
-        load_config(None, ["data.parquet_reader=v3"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.parquet_reader=v3", "data.parquet_reader must be v1 or v2, got 'v3'"),
+        ("export.format=xlsx", "export.format must be h5ad, parquet or csv, got 'xlsx'"),
+        ("infer.z_mode=3", "infer.z_mode must be predicted, balanced, uniform or zero, got 3"),
+        ("train.lr=0", "train.lr must be > 0, got 0.0"),
+        ("train.layer_decay=1.5", "train.layer_decay must be between 0 and 1, got 1.5"),
+        ("synth.n_cells=0", "synth.n_cells must be >= 1, got 0"),
+        ("data.heads=[time, time]", "data.heads has a column twice: ['time', 'time']"),
+    ],
+)
+def test_choices_and_bounds_declared_with_the_key_are_one_line(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert str(exc.value) == f"--set {override}: {message}"
+
+
+def test_validate_checks_keys_set_in_code():
+    """A key changed in Python after loading is held to the same declaration by `validate()`."""
+    cfg = load_config(None)
+    cfg.data.normalize = "per-image"
+    with pytest.raises(
+        ConfigError, match=r"^data.normalize must be global or crop, got 'per-image'$"
+    ):
+        cfg.validate()
+    cfg = load_config(None)
+    cfg.infer.num_actors = 0
+    with pytest.raises(ConfigError, match=r"^infer.num_actors must be >= 1, got 0$"):
+        cfg.validate()
+
+
+def test_every_default_is_valid_and_normalize_defaults_once():
+    from raycell.constants import DEFAULT_NORMALIZE
+    from raycell.formats.spec import DataSpec
+
+    ExperimentConfig().validate()
+    spec = DataSpec(("a",), (1, 8, 8), "uint8")
+    assert ExperimentConfig().data.normalize == DEFAULT_NORMALIZE == spec.normalize
 
 
 def test_round_trip():

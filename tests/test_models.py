@@ -1,11 +1,15 @@
 """Every registered model: forward/backward on a tiny batch, shapes, no NaN, every parameter gets a gradient,
 and the optional outputs its registry entry declares (and no others)."""
 
+import typing
+
 import pytest
 import torch
 
+from raycell.constants import ModelPreset
 from raycell.losses import OPTIONAL_OUTPUTS, ModelOutput
 from raycell.models import create_model, list_models, model_entry
+from raycell.models.aec import PRESETS
 from raycell.models.registry import UnknownModelError
 
 
@@ -87,5 +91,7 @@ def test_multiclass_head_and_errors():
         create_model("conventional", in_channels=1, n_classes=2, latent_size=3)
     with pytest.raises(ValueError, match="unknown model preset"):
         create_model("conventional", in_channels=1, n_classes=2, preset="huge")
+    # the config's choices of model.preset are exactly the presets the builders know
+    assert set(PRESETS) == set(typing.get_args(ModelPreset))
     with pytest.raises(ValueError, match="not divisible"):
         create_model("conventional", in_channels=1, n_classes=2, preset="tiny", image_size=30)

@@ -55,8 +55,8 @@ def _cfg(tiny_data, tmp_path, extra=()):
             "'train.epochs' cannot be searched",
         ),
         ("tune.space.model.args={dist: choice, values: [1]}", "tune.space.model.args: choice"),
-        ("tune.mode=maximum", "tune.mode must be 'max' or 'min'"),
-        ("tune.select=last", "tune.select must be one of budget, best_epoch, got 'last'"),
+        ("tune.mode=maximum", "tune.mode must be max or min, got 'maximum'"),
+        ("tune.select=last", "tune.select must be budget or best_epoch, got 'last'"),
     ],
 )
 def test_bad_space_is_one_line_config_error(override, message):

@@ -223,14 +223,13 @@ def test_zero_z_puts_every_random_effect_at_its_prior_mean(tiny_data, tmp_path):
 
 
 def test_bad_z_mode_is_one_line_before_anything(tiny_data, tmp_path):
-    cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}"])
-    cfg.infer.z_mode = "mean"
+    over = [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", "infer.z_mode=mean"]
     with pytest.raises(
         ConfigError,
-        match=r"^infer.z_mode: must be one of predicted, balanced, uniform, "
-        r"zero, got 'mean'$",
+        match=r"^--set infer.z_mode=mean: infer.z_mode must be predicted, balanced, uniform "
+        r"or zero, got 'mean'$",
     ):
-        run_infer_z(cfg)
+        run_infer_z(load_config(None, over))
     assert not (tmp_path / "z").exists()
 
 

@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from raycell.constants import NORMALIZE_MODES
-from raycell.errors import ConfigError
+from raycell.constants import DEFAULT_NORMALIZE, NORMALIZE_MODES, NormalizeMode
 from raycell.formats.shards import ShardDataset, ShardError
 
 # Per-crop normalisation: the low / high percentile of each crop channel that map to 0 / 1.
@@ -21,15 +20,8 @@ CROP_LOW_PCT, CROP_HIGH_PCT = 1.0, 99.0
 _EPS = (
     1e-6  # the smallest (high - low) spread divided by: a constant crop channel becomes 0, not NaN
 )
-
-
-def check_normalize(mode: str) -> str:
-    """`data.normalize` must be one of `NORMALIZE_MODES` (one-line `ConfigError` otherwise)."""
-    if mode not in NORMALIZE_MODES:
-        raise ConfigError(
-            f"data.normalize: must be one of {', '.join(NORMALIZE_MODES)}, got {mode!r}"
-        )
-    return mode
+# What a spec saved before `normalize` existed was trained with (not a default: a fact about old files).
+_NORMALIZE_BEFORE_THE_KEY = "global"
 
 
 def normalize_crops(
@@ -61,10 +53,8 @@ class DataSpec:
     channel_names: tuple[str, ...]
     shape: tuple[int, int, int]  # (C, H, W)
     dtype: str  # 'uint8' | 'uint16'
-    normalize: str = "global"  # 'global' (the data set's scale) | 'crop' (per crop and channel)
-
-    def __post_init__(self):
-        check_normalize(self.normalize)
+    # 'global' (the data set's scale) or 'crop' (per crop and channel)
+    normalize: NormalizeMode = DEFAULT_NORMALIZE
 
     @property
     def scale(self) -> float:
@@ -82,11 +72,13 @@ class DataSpec:
         return x
 
     @classmethod
-    def from_dataset(cls, ds: ShardDataset, normalize: str = "global") -> "DataSpec":
+    def from_dataset(
+        cls, ds: ShardDataset, normalize: NormalizeMode = DEFAULT_NORMALIZE
+    ) -> "DataSpec":
         """The spec of a data set's crops (with the model input's normalisation, `data.normalize`)."""
         return cls(tuple(ds.manifest["channel_names"]), ds.shape, ds.dtype, normalize)
 
-    def with_normalize(self, normalize: str) -> "DataSpec":
+    def with_normalize(self, normalize: NormalizeMode) -> "DataSpec":
         """The same spec with another normalisation."""
         return replace(self, normalize=normalize)
 
@@ -124,7 +116,13 @@ class DataSpec:
     def from_dict(cls, d: dict) -> "DataSpec":
         """Inverse of `to_dict`; a spec saved before `normalize` existed is 'global' (what it was
         trained with).
+
+        Raises:
+            ValueError: a saved `normalize` this version does not know (the caller names the file).
         """
-        return cls(
-            tuple(d["channel_names"]), tuple(d["shape"]), d["dtype"], d.get("normalize", "global")
-        )
+        normalize = d.get("normalize", _NORMALIZE_BEFORE_THE_KEY)
+        if normalize not in NORMALIZE_MODES:  # a file's value: the config's checks never saw it
+            raise ValueError(
+                f"data_spec.normalize must be {' or '.join(NORMALIZE_MODES)}, got {normalize!r}"
+            )
+        return cls(tuple(d["channel_names"]), tuple(d["shape"]), d["dtype"], normalize)

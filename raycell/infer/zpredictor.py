@@ -70,14 +70,6 @@ from raycell.utils.io import atomic_write_json, atomic_write_parquet
 ZPREDICTOR = "zpredictor"  # the model type (raycell/models/armed.py)
 
 
-def z_mode(cfg: ExperimentConfig) -> str:
-    """`infer.z_mode`, checked: predicted, balanced, uniform or zero (see the module docstring)."""
-    mode = getattr(cfg.infer, "z_mode", "predicted")  # (until config.py has the key)
-    if mode not in K.Z_MODES:
-        raise ConfigError(f"infer.z_mode: must be one of {', '.join(K.Z_MODES)}, got {mode!r}")
-    return mode
-
-
 def balanced_weights(
     batch_codes: np.ndarray, label_codes: np.ndarray, n_batches: int, n_labels: int
 ) -> np.ndarray:
@@ -174,7 +166,7 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
             )
     if cfg.infer.z_out and Path(cfg.infer.z_out).is_file():
         raise ConfigError(f"infer.z_out {Path(cfg.infer.z_out).absolute()} is a file, not a folder")
-    if z_mode(cfg) in FIXED_Z:  # no Z-predictor to train
+    if cfg.infer.z_mode in FIXED_Z:  # no Z-predictor to train
         return ds
     from raycell.train.trainer import check_train
 
@@ -276,7 +268,7 @@ def run_fixed_z(cfg: ExperimentConfig) -> dict:
         The same summary as `run_infer_z` (no Z-predictor: its run, checkpoint and accuracy are empty).
     """
     t0 = time.time()
-    mode = z_mode(cfg)
+    mode = cfg.infer.z_mode
     ds = check_infer_z_config(cfg)
     served = _batches_of(ds, cfg.infer.checkpoint)  # the Z column order
     out = _out_folder(cfg, ds)
@@ -333,7 +325,7 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
         A summary: out folder, parquet path, number of cells, best validation accuracy, epochs,
         batches, the Z-predictor's run folder and checkpoint.
     """
-    mode = z_mode(cfg)
+    mode = cfg.infer.z_mode
     if mode in FIXED_Z:
         return run_fixed_z(cfg)
     import torch

@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import typing
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from raycell.config import CropDtype, IntensityNormalization, ScaleCheck, ZProjection
 from raycell.ingest.sources import IngestError
 
-Z_PROJECTIONS = ("max", "mean", "middle", "best-focus")
-NORMALIZATIONS = ("global", "per-batch", "per-image")
-OUT_DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
+Z_PROJECTIONS = typing.get_args(ZProjection)
+NORMALIZATIONS = typing.get_args(IntensityNormalization)
+OUT_DTYPES: dict[CropDtype, type] = {"uint8": np.uint8, "uint16": np.uint16}
 
 
 class ImageError(IngestError):
@@ -326,7 +328,7 @@ def to_dtype(img: np.ndarray, lohi: np.ndarray, dtype: str) -> np.ndarray:
 # Scale check
 # --------------------------------------------------------------------------------------------------
 
-SCALE_CHECKS = ("reject", "separate", "ignore")
+SCALE_CHECKS = typing.get_args(ScaleCheck)
 SCALE_PERCENTILE = 99.0  # per-field "high" intensity: the brightest cells, not a few hot pixels
 _SCALE_MADS = 5.0  # and also this many robust sds from the plate's median (broad plates)
 _MIN_FIELDS = 3  # a majority needs at least three fields to be told from the odd one

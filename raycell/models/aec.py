@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raycell.constants import ModelPreset
 from raycell.losses import ModelOutput
 from raycell.models.layers import AuxClassifier, ConvEncoder, TiedDecoder, glorot_init
 from raycell.models.registry import register_model
 from raycell.plans import TrainingPlan
 
-PRESETS: dict[str, dict] = {
+PRESETS: dict[ModelPreset, dict] = {
     # The reference: 256x256 input, 6 blocks, 56-d latent (spec/armed-aec.md 2.1).
     "armed": {
         "image_size": 256,

@@ -23,7 +23,7 @@ from raycell.data.dataset import choose_materialize, ray_datasets, split_nbytes
 from raycell.errors import UserError
 from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
-from raycell.formats.spec import DataSpec, check_normalize
+from raycell.formats.spec import DataSpec
 from raycell.train.history import HISTORY_FILE, EpochPrinter, read_history
 from raycell.utils.io import atomic_write_json, atomic_write_text, new_run_dir
 from raycell.utils.ray_utils import link_ray_logs, single_node
@@ -131,12 +131,11 @@ def _training_data(cfg: ExperimentConfig):
 
 
 def check_train(cfg: ExperimentConfig) -> None:
-    """What `train` can check without Ray, before any folder is created: model type and preset, data set.
+    """What `train` can check without Ray, before any folder is created: model type, data set.
 
     A bad model type used to fail inside a Ray Train worker (a retry, ~40 s, and an empty run folder).
     """
     from raycell.models import list_models
-    from raycell.models.aec import PRESETS
 
     if cfg.model.type not in list_models():
         raise ConfigError(
@@ -147,11 +146,6 @@ def check_train(cfg: ExperimentConfig) -> None:
         parse_augment(cfg.train.augment)
     except ValueError as exc:
         raise ConfigError(f"train.augment: {exc}") from None
-    check_normalize(data_normalize(cfg))
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(
-            f"model.preset: unknown preset {cfg.model.preset!r}; presets: {', '.join(PRESETS)}"
-        )
     ds = _training_data(cfg)
     heads = weak_label_heads(cfg, ds)
     if (
@@ -224,11 +218,6 @@ def _warn_degenerate_train_split(cfg: ExperimentConfig, ds) -> None:
             file=sys.stderr,
             flush=True,
         )
-
-
-def data_normalize(cfg: ExperimentConfig) -> str:
-    """`data.normalize`: how crops become model input ('global' or 'crop'; saved in the DataSpec)."""
-    return getattr(cfg.data, "normalize", "global")  # (until config.py has the key)
 
 
 def weak_label_heads(cfg: ExperimentConfig, ds) -> list[CategoryMap] | None:
@@ -358,7 +347,7 @@ def training_setup(cfg: ExperimentConfig, fold: list[str] | None = None) -> tupl
             raise ConfigError(f"a fold holding out {fold} leaves no training cells")
     setup = {
         # the model input's normalisation travels with the model (saved in every checkpoint's spec)
-        "data_spec": DataSpec.from_dataset(ds, data_normalize(cfg)).to_dict(),
+        "data_spec": DataSpec.from_dataset(ds, cfg.data.normalize).to_dict(),
         "labels": CategoryMap(K.LABEL, ds.manifest["label_vocab"]).to_dict(),
         # The design matrix Z has one column per *training* batch (the reference fits it on train).
         "batches": CategoryMap.fit(K.BATCH, meta.to_pylist()).to_dict(),
