@@ -443,28 +443,21 @@ def _install_targets(command: str) -> list[str]:
 
 def _ray_validate(path: Path, cfg: dict) -> None:
     """Ray's own offline checks: provider defaults from local files, docker and node-type checks."""
-    import logging
-
-    from ray.autoscaler._private.providers import _DEFAULT_CONFIGS
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from raycell.utils.ray_private import launcher_provider_types, validate_launcher_config
 
     kind = cfg["provider"]["type"]  # required by the schema
-    if kind != "external" and kind not in _DEFAULT_CONFIGS:
+    known = launcher_provider_types()
+    if kind != "external" and kind not in known:
         raise ConfigError(
             f"{path}: provider.type {kind!r} is not a node provider Ray knows: "
-            f"{', '.join(sorted(_DEFAULT_CONFIGS))}, external"
+            f"{', '.join(known)}, external"
         )
-    log = logging.getLogger("ray.autoscaler._private.util")  # its INFO lines are not findings
-    level = log.level
-    log.setLevel(logging.WARNING)
     try:
-        validate_config(prepare_config(copy.deepcopy(cfg)))
+        validate_launcher_config(copy.deepcopy(cfg))
     except Exception as exc:  # noqa: BLE001  (what Ray finds wrong with the file is the file's)
         raise ConfigError(
             f"{path}: Ray's validate_config: {type(exc).__name__}: {' '.join(str(exc).split())}"
         ) from exc
-    finally:
-        log.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -234,12 +234,12 @@ def test_broken_cluster_yaml_is_one_line(tmp_path, case):
 
 
 def test_what_ray_finds_is_one_line_too(tmp_path, monkeypatch):
-    import ray.autoscaler._private.util as util
+    from raycell.utils import ray_private
 
     def validate_config(cfg):
         raise ValueError("The global `max_workers` is smaller\nthan the sum of min_workers")
 
-    monkeypatch.setattr(util, "validate_config", validate_config)
+    monkeypatch.setattr(ray_private, "validate_launcher_config", validate_config)
     msg = _error(check_cluster_yaml, CLUSTER)
     assert "Ray's validate_config: ValueError: The global `max_workers` is smaller than" in msg
 
