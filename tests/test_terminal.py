@@ -29,9 +29,13 @@ def test_epoch_printer_prints_each_new_epoch_once(tmp_path, capsys):
     append_epoch(
         hist, {"epoch": 0, "train_loss": 1.0}
     )  # an earlier run's epoch (a resume): not repeated
-    with EpochPrinter(hist, epochs=3, interval_s=0.05):
+    with EpochPrinter(hist, epochs=3, interval_s=0.05) as printer:
         append_epoch(hist, {"epoch": 1, "train_loss": 0.5})
-        time.sleep(0.3)
+        deadline = (
+            time.monotonic() + 120
+        )  # generous: the printer's thread may wait on a busy machine
+        while 1 not in printer.shown and time.monotonic() < deadline:
+            time.sleep(0.01)
         append_epoch(hist, {"epoch": 1, "train_loss": 0.4})  # a re-run epoch after a restart
         append_epoch(hist, {"epoch": 2, "train_loss": 0.25})  # written just before fit() returns
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln]
