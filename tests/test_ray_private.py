@@ -118,6 +118,23 @@ def test_ray_datas_console_handler_is_found_by_its_name():
         console.setLevel(level)
 
 
+def test_ray_trains_fit_installs_its_sigint_handler_through_the_hook_raycell_replaces():
+    from ray.train.torch import TorchTrainer
+
+    run = TorchTrainer._initialize_and_run_controller
+    assert "_register_sigint_handler" in run.__code__.co_names, (
+        "Ray Train no longer registers its SIGINT handler through _register_sigint_handler: "
+        "replace_train_sigint_handler has no effect"
+    )
+    hook = inspect.signature(TorchTrainer._register_sigint_handler)
+    assert list(hook.parameters) == ["self", "controller"]
+    got = []
+    trainer = TorchTrainer.__new__(TorchTrainer)  # the hook is looked up on the instance
+    P.replace_train_sigint_handler(trainer, got.append)
+    trainer._register_sigint_handler("controller")
+    assert got == ["controller"]
+
+
 def test_rays_launcher_checks_run_offline_and_refuse_what_ray_refuses():
     assert {"aws", "gcp", "azure"} <= set(P.launcher_provider_types())
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())

@@ -13,6 +13,7 @@ silently bringing Ray's noise back to the terminal or losing an error's one line
   config gives it.
 - `session_logs_dir`: the session's log folder has no public accessor.
 - `user_error_in`: a user error raised in a Ray Data UDF comes back wrapped, its message annotated.
+- `replace_train_sigint_handler`: Ray Train's Ctrl-C handler lets `fit()` return as if finished.
 - `launcher_provider_types`, `validate_launcher_config`: the cluster launcher's own offline checks.
 """
 
@@ -191,6 +192,21 @@ def user_error_in(exc: BaseException, user: tuple[type, ...]) -> BaseException |
                 return type(found)(lines[0])
         e = e.__cause__ or e.__context__ or (cause if isinstance(cause, BaseException) else None)
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray Train's SIGINT handler
+
+
+def replace_train_sigint_handler(trainer, register: Callable[[object], None]) -> None:
+    """Have `trainer.fit()` call `register(controller)` instead of installing Ray Train's handler.
+
+    Ray Train V2's `DataParallelTrainer._initialize_and_run_controller` calls
+    `self._register_sigint_handler(controller)` (main thread only) once the run's controller actor
+    exists; its handler aborts the run and then lets `fit` return as if it had finished. No public
+    option replaces it.
+    """
+    trainer._register_sigint_handler = register
 
 
 # ------------------------------------------------------------------------------------------------
