@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from raycell.errors import ConfigError
-from raycell.utils.ray_private import (  # noqa: F401 - keep_native_logs_off_terminal: the CLI's
+from raycell.utils.ray_private import (  # noqa: F401 - the CLI takes keep_native_logs_off_terminal from here
     keep_native_logs_off_terminal,
     quiet_ray_data_console,
     route_raylet_messages,
