@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raycell-installed
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast test-bench lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ format: $(STAMP)
 
 # every test that does not start Ray (~1 min); tests/conftest.py fails a test that starts Ray unmarked
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not ray"
+	$(PY) -m pytest -q -m "not ray and not bench"
+
+# the benchmark scripts' own tests (bench/ on a CPU, the GPU benchmark included): not run by `make test`
+test-bench: $(STAMP)
+	$(PY) -m pytest -q -m bench
 
 bench: $(STAMP)
 	$(PY) bench/bench_dataloader.py

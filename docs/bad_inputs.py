@@ -5,7 +5,8 @@ Each case builds its bad input in a scratch folder, runs one `raycell` command i
 line written to stderr, how many lines stderr held, whether Ray was started, the seconds taken, and,
 where the case is about data loss, whether the user's files survived. `--check` exits 1 when a case
 does not behave as promised (status other than `expect`, a traceback, more than one error line, or
-lost files); `tests/test_bad_inputs.py` runs the cases that need no Ray that way.
+lost files, Ray started by a case that needs none, a case missing from the table);
+`tests/test_bad_inputs.py` runs the cases that need no Ray that way, in a subprocess.
 
     .venv/bin/python docs/bad_inputs.py                # all cases (starts Ray for a few), writes the table
     .venv/bin/python docs/bad_inputs.py --no-ray --check   # the fast cases, no file written
@@ -1506,7 +1507,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             Path(args.out).write_text(text.replace(tmp, "…"))
             print(f"wrote {args.out}", file=sys.__stdout__)
-    broken = [c for c in cases if verdict(c, c.result)]
+    broken = [c.what for c in cases if verdict(c, c.result)]
+    if args.check:
+        # a case that needs no Ray promises its error before Ray starts; the table lists every case
+        broken += [f"{c.what}: Ray was started" for c in cases if not c.ray and c.result["ray"]]
+        table = Path(args.out).read_text() if Path(args.out).is_file() else ""
+        broken += [f"{c.what}: not in {args.out}" for c in cases if f"| {c.what} |" not in table]
+        for problem in broken:
+            print(f"BAD {problem}", file=sys.__stdout__)
     return 1 if (args.check and broken) else 0
 
 

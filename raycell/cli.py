@@ -766,9 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="check cluster configs offline (no cloud, no Kubernetes, no Ray "
         "started): Ray cluster-launcher YAMLs and KubeRay RayJob manifests",
         description="Validate each file against the schema Ray ships (cluster launcher) or the "
-        "KubeRay RayJob fields (k8s/rayjob-crd-schema.yaml), plus raycell's own expectations "
-        "(the pinned Ray version, a CPU-0 head, worker bounds, shared storage). The first "
-        "problem is one line naming the file and the key.",
+        "KubeRay RayJob fields (raycell/cluster_schemas/rayjob-crd-schema.yaml, shipped with "
+        "raycell), plus raycell's own expectations (the pinned Ray version, a CPU-0 head, worker "
+        "bounds, shared storage). The first problem is one line naming the file and the key.",
     )
     s.add_argument("files", nargs="+", metavar="FILE", help="e.g. cluster.yaml k8s/rayjob.yaml")
     s = sub.add_parser("config", help="print the resolved config (or every key with --defaults)")

@@ -3,8 +3,10 @@
 Neither check talks to a cloud or a Kubernetes API server. `cluster.yaml` is checked against the
 JSON schema shipped in the Ray wheel (`ray/autoscaler/ray-schema.json`), then by Ray's own
 `prepare_config` + `validate_config` (defaults from local files, no cloud calls). A RayJob manifest
-is checked against the RayJob CRD's field schema vendored in `k8s/rayjob-crd-schema.yaml`, with
-unknown fields made errors: the API server drops them silently, so a typo'd field would just vanish.
+is checked against the RayJob CRD's field schema shipped with raycell as package data
+(`raycell/cluster_schemas/rayjob-crd-schema.yaml`, read through importlib.resources so that an
+installed wheel has it too), with unknown fields made errors: the API server drops them silently,
+so a typo'd field would just vanish.
 Then raycell's own expectations: the Ray version pinned in pyproject.toml in images and setup, a
 head that runs no work, consistent autoscaling bounds, and (RayJob) one shared storage on every pod.
 
@@ -20,6 +22,7 @@ import importlib.util
 import json
 import re
 import shlex
+from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,9 +30,12 @@ import yaml
 
 from raycell.errors import ConfigError, UserError
 
+# A checkout's root: its pyproject.toml holds the Ray pin, its configs/ the files an entrypoint
+# names. From an installed wheel neither exists there, and the installed metadata is used instead.
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
-RAYJOB_SCHEMA = ROOT / "k8s" / "rayjob-crd-schema.yaml"
+# The vendored RayJob CRD schema: package data (pyproject.toml [tool.setuptools.package-data]).
+RAYJOB_SCHEMA = resources.files("raycell") / "cluster_schemas" / "rayjob-crd-schema.yaml"
 INT32_MAX = 2**31 - 1
 
 
@@ -101,7 +107,7 @@ def ray_pin() -> Any:
     """
     from packaging.requirements import Requirement
 
-    if PYPROJECT.is_file():
+    if _in_checkout():
         import tomllib
 
         source = str(PYPROJECT)
@@ -122,6 +128,11 @@ def ray_pin() -> Any:
         if req.name == "ray" and req.specifier:
             return req.specifier
     raise UserError(f"{source}: no pinned `ray` requirement among the dependencies")
+
+
+def _in_checkout() -> bool:
+    """True when this module runs from a raycell checkout (ROOT holds raycell's pyproject.toml)."""
+    return PYPROJECT.is_file() and 'name = "raycell"' in PYPROJECT.read_text()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,28 +443,21 @@ def _install_targets(command: str) -> list[str]:
 
 def _ray_validate(path: Path, cfg: dict) -> None:
     """Ray's own offline checks: provider defaults from local files, docker and node-type checks."""
-    import logging
-
-    from ray.autoscaler._private.providers import _DEFAULT_CONFIGS
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from raycell.utils.ray_private import launcher_provider_types, validate_launcher_config
 
     kind = cfg["provider"]["type"]  # required by the schema
-    if kind != "external" and kind not in _DEFAULT_CONFIGS:
+    known = launcher_provider_types()
+    if kind != "external" and kind not in known:
         raise ConfigError(
             f"{path}: provider.type {kind!r} is not a node provider Ray knows: "
-            f"{', '.join(sorted(_DEFAULT_CONFIGS))}, external"
+            f"{', '.join(known)}, external"
         )
-    log = logging.getLogger("ray.autoscaler._private.util")  # its INFO lines are not findings
-    level = log.level
-    log.setLevel(logging.WARNING)
     try:
-        validate_config(prepare_config(copy.deepcopy(cfg)))
+        validate_launcher_config(copy.deepcopy(cfg))
     except Exception as exc:  # noqa: BLE001  (what Ray finds wrong with the file is the file's)
         raise ConfigError(
             f"{path}: Ray's validate_config: {type(exc).__name__}: {' '.join(str(exc).split())}"
         ) from exc
-    finally:
-        log.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,8 +468,8 @@ def _rayjob_schema() -> dict:
     """The vendored RayJob CRD schema, closed: unknown fields are errors."""
     if not RAYJOB_SCHEMA.is_file():
         raise UserError(
-            f"{RAYJOB_SCHEMA}: the vendored RayJob CRD schema is missing (the RayJob "
-            "check runs from a raycell checkout)"
+            f"{RAYJOB_SCHEMA}: the RayJob CRD schema shipped with raycell is missing (a broken "
+            "install: reinstall raycell)"
         )
     try:
         return _closed(yaml.safe_load(RAYJOB_SCHEMA.read_text())["openAPIV3Schema"])
@@ -550,8 +554,8 @@ def _check_entrypoint(fail: _Fail, entrypoint: str) -> None:
         words = shlex.split(entrypoint)
     except ValueError as exc:
         fail(f"spec.entrypoint is not a valid shell command ({exc})")
-    if not re.search(r"raycell|jobs/", entrypoint) or not (ROOT / "configs").is_dir():
-        return
+    if not re.search(r"raycell|jobs/", entrypoint) or not _in_checkout():
+        return  # the repository the job runs from is known only in a checkout
     pairs = list(zip(words, words[1:])) + [tuple(w.split("=", 1)) for w in words if "=" in w]
     for flag, value in pairs:
         relative = not value.startswith(("/", "~", "$"))

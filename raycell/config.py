@@ -475,9 +475,8 @@ class DataConfig:
     fetch_batches: int = _f(
         4,
         "training batches taken from Ray Data's iterator at once and cut into "
-        "batch_size rows in the worker: Ray's per-batch cost is paid once per N (64 px: "
-        "~2x the images per core, bench/README.md); capped so a fetched batch's images stay "
-        "within 4 MiB (at 256 px it halved the rate); 1 = one Ray batch per step",
+        "batch_size rows in the worker, so Ray's per-batch cost is paid once per N; capped so a "
+        "fetched batch's images stay within 4 MiB; 1 = one Ray batch per step (bench/README.md)",
         ge=1,
     )
     block_size_mb: int = _f(
@@ -487,17 +486,16 @@ class DataConfig:
     )
     parquet_reader: ParquetReader = _f(
         "v1",
-        "Ray Data's parquet reader: v1 (read tasks, one block per shard; 0.33 s "
-        "to read the demo's 6 shards on 2 cores) or v2 (Ray 2.60's DataSourceV2: 32 "
-        "footer-reading actors per read, RAY_DATA_PARQUET_FOOTER_NUM_ACTORS; 2.98 s for the "
-        "same, paid by each split, streamed epoch and inference round, but 1.7x faster "
-        "batches of 256-px crops once started: for long runs on large crops)",
+        "Ray Data's parquet reader: v1 (read tasks, one block per shard: quick to start) or "
+        "v2 (Ray's DataSourceV2: footer-reading actors per read, "
+        "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS; slower to start each read, faster on large crops "
+        "once started: for long runs; bench/README.md)",
     )
     normalize: NormalizeMode = _f(
         DEFAULT_NORMALIZE,
         "how stored crops become model input: crop (per crop and channel: 1st/99th "
         "percentile -> 0/1, clipped, so a batch's brightness and offset are not an input; the "
-        "default: it generalised better to unseen batches, docs/generalisation.md; a phenotype "
+        "default, docs/generalisation.md compares the two on unseen batches; a phenotype "
         "carried by absolute intensity is then lost too) or global (divide by the dtype's "
         "range, the same for every crop: absolute intensity is an input, e.g. for dose "
         "effects on a stain's intensity); saved in the checkpoint, inference applies the "
@@ -521,10 +519,8 @@ class DataConfig:
     stream_buffer_mb: int = _f(
         0,
         "streamed training split (not held in the object store): the most Ray Data "
-        "may read ahead of the training workers, MiB per worker; 0 = Ray's own bound "
-        "(~1 GiB ahead of the tiny AEC on 1 M cells, ~0.1 GiB on 100 k). 256 held it at "
-        "0.14 GiB but made epochs 1.3x slower on 2 cores: Ray's split coordinator "
-        "spins while throttled (docs/scale.md)",
+        "may read ahead of the training workers, MiB per worker; 0 = Ray's own bound. A "
+        "tighter bound saves memory and slows epochs (docs/scale.md)",
         ge=0,
     )
     heads: Columns = _f(
@@ -625,7 +621,7 @@ class TrainConfig:
     channels_last: bool = _f(
         True,
         "channels-last memory format for the model and its input, in training and "
-        "inference (CPU, small AEC: training step 1.2x, inference 1.7x faster; CUDA: tensor cores)",
+        "inference, on CPU (oneDNN) and CUDA (tensor cores)",
     )
     torch_threads: int = _f(
         0,
@@ -827,7 +823,7 @@ class ExportConfig:
     )
     umap: bool = _f(
         False,
-        "also compute obsm['X_umap'] (h5ad only; umap-learn; the first call compiles for ~20 s)",
+        "also compute obsm['X_umap'] (h5ad only; umap-learn, which compiles on its first call)",
     )
     overwrite: bool = _f(
         False,

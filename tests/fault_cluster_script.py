@@ -39,7 +39,7 @@ from conftest import TINY, tiny_overrides  # noqa: E402 - run as a script, tests
 # connections, so each check fails at once: ~3 s here; a slow live node still has the default 10 s
 # per check (timeout_ms) before a check counts as failed.
 HEALTH_CHECK = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
-WAIT_CHECKPOINT_S = 180  # longest wait for the first checkpoint before giving up on the removal
+WAIT_CHECKPOINT_S = 900  # longest wait for the first checkpoint before giving up on the removal
 
 
 def _log(msg: str) -> None:
@@ -275,6 +275,6 @@ def main(work: Path, deadline_s: float) -> dict:
 
 
 if __name__ == "__main__":
-    deadline = float(sys.argv[2]) if len(sys.argv) > 2 else 270.0
+    deadline = float(sys.argv[2]) if len(sys.argv) > 2 else 1500.0
     result = main(Path(sys.argv[1]).absolute(), deadline)
     print(json.dumps(result), flush=True)

@@ -1,39 +1,36 @@
-"""The bad-input promise of docs/bad_inputs.md: every case that needs no Ray still gives exit 2, one line, and
-keeps the user's files (the same cases and checks as the generator, `docs/bad_inputs.py --no-ray --check`)."""
+"""The bad-input promise of docs/bad_inputs.md: every case that needs no Ray still gives exit 2, one line,
+keeps the user's files, starts no Ray, and is listed in the table.
+
+The generator runs as a command (`docs/bad_inputs.py --no-ray --check`, as a maintainer would run it), so the
+suite does not import the docs tooling; its output names each broken case.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-DOC = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("bad_inputs", DOC / "bad_inputs.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-GEN = _generator()
-
-
-@pytest.mark.parametrize(
-    "case", [c for c in GEN.CASES if not c.ray], ids=lambda c: f"{c.area}: {c.what}"
-)
-def test_bad_input_is_one_line_exit_2_and_keeps_data(case, tmp_path):
-    fx = GEN.Fixtures(tmp_path)
-    r = GEN.run_case(case, fx)
-    assert not r["ray"], f"Ray was started before the error: {r}"
-    assert GEN.verdict(case, r) == "", r
-
-
-def test_the_table_lists_every_case():
-    text = (DOC / "bad_inputs.md").read_text()
-    missing = [c.what for c in GEN.CASES if f"| {c.what} |" not in text]
-    assert not missing, f"docs/bad_inputs.md is stale (run docs/bad_inputs.py): {missing}"
+def test_every_case_without_ray_keeps_its_promise_and_is_in_the_table():
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "bad_inputs.py"), "--no-ray", "--check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, (
+        "\n".join(ln for ln in out.splitlines() if ln.startswith("BAD") or "Traceback" in ln)
+        or out[-3000:]
+    )
+    assert out.count("\nok ") + out.startswith("ok ") >= 20, out[-3000:]  # the cases ran

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench  # the bench/ scripts, not the product: `make test-bench`
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "bench_gpu.py"
 ABSENT = ("ray", "optuna", "sklearn", "matplotlib", "tifffile")  # not installed on the GPU machine

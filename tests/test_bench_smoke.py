@@ -14,11 +14,20 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+pytestmark = pytest.mark.bench  # the bench/ scripts, not the product: `make test-bench`
 
-from bench import common, goals, run_all  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+common = goals = run_all = (
+    None  # bench/'s modules, imported only when these tests run (not at collection)
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bench_modules():
+    global common, goals, run_all
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from bench import common, goals, run_all
 
 
 def _results(

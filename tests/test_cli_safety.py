@@ -124,14 +124,12 @@ def test_experiment_seeds_must_be_integers(no_ray, capsys):
 
 def test_unknown_model_type_fails_before_ray_and_run_folder(no_ray, tiny_data, tmp_path, capsys):
     runs = tmp_path / "runs"
-    t0 = time.time()
     assert (
         main(["train", "--data", str(tiny_data), "--model", "nope", "--runs-dir", str(runs)]) == 2
     )
     line = one_error_line(capsys)
     assert "model.type" in line and "'nope'" in line and "conventional" in line
-    assert not runs.exists()
-    assert time.time() - t0 < 30  # seconds, not a Ray start-up and a worker retry
+    assert not runs.exists()  # and no Ray start (no_ray)
 
 
 def test_resume_of_a_missing_run_says_so(no_ray, tmp_path, capsys):
@@ -224,7 +222,6 @@ def test_address_with_nothing_listening_fails_in_bounded_time(tiny_data, tmp_pat
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(raycell.__file__).parents[1]), env.get("PYTHONPATH", "")]
     )
-    t0 = time.time()
     r = subprocess.run(
         [
             sys.executable,
@@ -240,14 +237,15 @@ def test_address_with_nothing_listening_fails_in_bounded_time(tiny_data, tmp_pat
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=600,  # Ray's own connect retries forever: a hang ends here
         cwd=tmp_path,
         env=env,
     )
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("raycell: error:")]
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "Traceback" not in r.stderr
-    assert time.time() - t0 < 45
+    # raycell's own probe answered (not Ray after its retries): one try, no wait
+    assert "cannot reach Ray at" in lines[0] and "waited up to 5 s per step" in lines[0], lines[0]
     assert not (tmp_path / "runs").exists()
 
 
@@ -258,10 +256,10 @@ def test_address_that_accepts_but_never_answers_fails_in_bounded_time():
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
         addr = f"127.0.0.1:{srv.getsockname()[1]}"
-        t0 = time.time()
-        with pytest.raises(ConfigError, match=addr):
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=f"{addr}.*timed out; waited up to 1 s per step"):
             check_reachable(addr, timeout_s=1)
-        assert time.time() - t0 < 10
+        assert time.monotonic() - t0 < 120  # without the timeout it would wait forever
 
 
 # --- resume's checkpoint copy -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ bounds. RayJob: the vendored CRD field schema (unknown fields are errors) + rayc
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -70,6 +71,61 @@ def test_shipped_rayjob_passes():
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"]
     assert check_cluster_file(RAYJOB)[0] == "rayjob"
+
+
+def test_the_crd_schema_is_package_data_read_through_importlib_resources():
+    """The RayJob check reads its schema from the package, and pyproject.toml ships it in the wheel."""
+    import fnmatch
+    import tomllib
+    from importlib import resources
+
+    package = resources.files("raycell")
+    assert RAYJOB_SCHEMA == package / "cluster_schemas" / "rayjob-crd-schema.yaml"
+    assert RAYJOB_SCHEMA.is_file()
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = declared["package-data"]["raycell"]
+    assert any(fnmatch.fnmatch("cluster_schemas/rayjob-crd-schema.yaml", p) for p in patterns)
+
+
+def test_check_cluster_works_from_an_installed_wheel(tmp_path):
+    """Built as a wheel and installed elsewhere (no checkout around it), the CLI checks both files."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "raycell", src / "raycell", ignore=shutil.ignore_patterns("__pycache__"))
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "-w", str(tmp_path / "whl"), str(src)], check=True, timeout=600)
+    (wheel,) = (tmp_path / "whl").glob("raycell-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel installs by unpacking
+    shutil.rmtree(src)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import raycell; print(raycell.__file__)"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.strip().startswith(str(site))
+    run = subprocess.run(
+        [sys.executable, "-m", "raycell", "check-cluster", str(CLUSTER), str(RAYJOB)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count(": OK (") == 2, run.stdout
 
 
 def test_vendored_crd_schema_names_its_source():
@@ -178,12 +234,12 @@ def test_broken_cluster_yaml_is_one_line(tmp_path, case):
 
 
 def test_what_ray_finds_is_one_line_too(tmp_path, monkeypatch):
-    import ray.autoscaler._private.util as util
+    from raycell.utils import ray_private
 
     def validate_config(cfg):
         raise ValueError("The global `max_workers` is smaller\nthan the sum of min_workers")
 
-    monkeypatch.setattr(util, "validate_config", validate_config)
+    monkeypatch.setattr(ray_private, "validate_launcher_config", validate_config)
     msg = _error(check_cluster_yaml, CLUSTER)
     assert "Ray's validate_config: ValueError: The global `max_workers` is smaller than" in msg
 

@@ -111,6 +111,26 @@ def test_base_yaml_is_current_and_every_config_loads():
         load_config(f)
 
 
+def test_help_says_what_a_key_does_not_what_it_measured():
+    """Help lands in configs/base.yaml and `raycell config --defaults`: benchmark results (speed
+    ratios, timings on this or that machine, throughputs) belong in bench/README.md and docs/."""
+    import dataclasses
+
+    measured = re.compile(
+        r"\d(\.\d+)?x (faster|slower)|\d (img|images|rows|cells)/s|\bon \d+ cores\b"
+        r"|\d(\.\d+)? s (to|for) "
+    )
+    cfg = ExperimentConfig()
+    found = [
+        f"{section.name}.{f.name}: {m.group(0)!r}"
+        for section in dataclasses.fields(cfg)
+        if dataclasses.is_dataclass(getattr(cfg, section.name))
+        for f in dataclasses.fields(getattr(cfg, section.name))
+        if (m := measured.search(f.metadata.get("help", "")))
+    ]
+    assert not found, found
+
+
 def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: [1,\n")

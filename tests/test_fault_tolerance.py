@@ -22,8 +22,9 @@ from raycell import constants as K
 from raycell.utils.outputs import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT_DEADLINE_S = 270  # the node-loss script takes its cluster down and exits after this
-SCRIPT_TIMEOUT_S = 300  # then the test kills it
+# generous bounds (a busy machine slows every step), not time budgets: the polls end on events
+SCRIPT_DEADLINE_S = 1500  # the node-loss script takes its cluster down and exits after this
+SCRIPT_TIMEOUT_S = 1560  # then the test kills it
 
 
 def _env() -> dict:
@@ -225,7 +226,9 @@ def test_killed_inference_rerun_predicts_every_cell_once(tmp_path):
     proc = _start(cmd)
     try:  # kill when the first round's shards land: three rounds are still to come
         while (
-            proc.poll() is None and time.time() - t0 < 240 and not any(shard_dir.glob(K.SHARD_GLOB))
+            proc.poll() is None
+            and time.time() - t0 < 1800
+            and not any(shard_dir.glob(K.SHARD_GLOB))
         ):
             time.sleep(0.02)
         ended_first = proc.poll() is not None
@@ -245,7 +248,7 @@ def test_killed_inference_rerun_predicts_every_cell_once(tmp_path):
     left_by_kill = sorted(p.name for p in out.rglob(".*"))
 
     t1 = time.time()
-    rerun = _finish(_start(cmd), 240, "the re-run of inference")
+    rerun = _finish(_start(cmd), 1800, "the re-run of inference")
     assert f"{len(before)} shard(s) already done" in rerun, rerun[-3000:]
     print(
         f"inference killed after {t_kill:.0f} s with {len(before)}/{n_inputs} shards written "

@@ -56,7 +56,7 @@ def held_by_another_process(out: Path):
         yield p.pid
     finally:
         p.stdin.close()
-        p.wait(timeout=30)
+        p.wait(timeout=300)
 
 
 def _err_line(capsys) -> str:

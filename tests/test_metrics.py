@@ -39,7 +39,17 @@ def test_auroc_perfect_separation():
     s = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
     r = C.auroc_ci(y, s)
     assert r["auroc"] == 1.0
-    assert r["ci_high"] == 1.0 and r["ci_low"] <= 1.0
+    assert r["ci_low"] == r["ci_high"] == 1.0  # every pair ordered: DeLong's variance is 0
+
+
+def test_auroc_ci_is_delongs_interval_clipped_to_the_auc_scale():
+    """Worked by hand: positives 0.35, 0.8 against negatives 0.1, 0.4. AUC 3/4; placements
+    V10 = [1/2, 1], V01 = [1, 1/2], each with sample variance 1/8, so var = 1/8/2 + 1/8/2 = 1/8;
+    0.75 +/- 1.96 * sqrt(1/8) = [0.057, 1.443], the upper end clipped to 1."""
+    r = C.auroc_ci(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert r["auroc"] == 0.75
+    assert r["ci_low"] == pytest.approx(0.75 - stats.norm.ppf(0.975) * math.sqrt(1 / 8), abs=1e-12)
+    assert r["ci_high"] == 1.0
 
 
 def test_auroc_single_class_nan():

@@ -475,7 +475,7 @@ def test_pycytominer_does_not_switch_pandas_copy_on_write_for_the_process():
         "import pandas as pd; from raycell.profiling.wellprofiles import _pycytominer; "
         "m = _pycytominer(); assert hasattr(m, 'normalize'); print(pd.options.mode.copy_on_write)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip() == "False"
 

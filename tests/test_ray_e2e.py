@@ -136,7 +136,7 @@ def _cli(*args):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=120,
+        timeout=600,
     )
 
 
@@ -164,7 +164,7 @@ def test_job_entry_points_parse(job):
         [sys.executable, str(ROOT / "jobs" / f"{job}.py"), "--help"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     assert "--config" in r.stdout and "--set" in r.stdout

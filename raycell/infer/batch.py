@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -274,6 +273,9 @@ def _predict(cfg: ExperimentConfig, plan: InferPlan, layout: str) -> dict:
     )
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = cfg.data.block_size_mb << 20
+    # a user error raised in the predictor reaches the driver as itself (inside Ray's RayTaskError),
+    # not as Ray Data's UserCodeException that keeps only its text
+    ctx.raise_original_map_exception = True
     t0 = time.time()
     per = max(1, cfg.infer.shards_per_round)
     for r in range(0, len(pending), per):
@@ -367,44 +369,12 @@ def _actor_threads(cfg: ExperimentConfig) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, cfg.infer.num_actors))
 
 
-_REMOTE_ERROR = re.compile(r"^\s*(?:(raycell(?:\.\w+)*)\.)?(\w+Error): (.+)$", re.M)
-
-
 def _user_error_in(exc: BaseException) -> BaseException | None:
-    """The project's one-line error inside a Ray failure, rebuilt on the driver; None if there is none.
-
-    Ray Data wraps an exception raised in a UDF in a UserCodeException inside a RayTaskError; only the
-    remote traceback text crosses the process boundary (the original object, its `__cause__`, is
-    dropped). So look in the local chain first (local execution), then in that text for the first
-    `raycell.<module>.<Class>: message` line whose class is one of the user errors.
-    """
-    import builtins
-    import importlib
-
+    """The project's one-line error inside a Ray failure, rebuilt on the driver; None if there is none."""
     from raycell.errors import user_errors
+    from raycell.utils.ray_private import user_error_in
 
-    user = user_errors()
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, user) and not type(e).__module__.startswith("ray."):
-            return e
-        e = e.__cause__ or e.__context__
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    for m in _REMOTE_ERROR.finditer(text):
-        module, name, msg = m.groups()
-        try:
-            cls = (
-                getattr(importlib.import_module(module), name)
-                if module
-                else getattr(builtins, name)
-            )
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(cls, type) and issubclass(cls, user):
-            return cls(msg.strip())
-    return None
+    return user_error_in(exc, user_errors())
 
 
 def _check_design_matrix(

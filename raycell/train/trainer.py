@@ -660,6 +660,7 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
 
     from raycell.errors import environment_problem
     from raycell.utils.interrupts import graceful
+    from raycell.utils.ray_private import replace_train_sigint_handler
 
     caught = []
 
@@ -671,7 +672,7 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
 
     try:
         with contextlib.ExitStack() as stack:
-            trainer._register_sigint_handler = register  # Ray Train 2.x's hook (main thread only)
+            replace_train_sigint_handler(trainer, register)
             result = trainer.fit()
     except Exception as exc:
         if caught and caught[0].signum:  # an abort we asked for, whatever Ray made of it

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from raycell.errors import ConfigError
+from raycell.utils.ray_private import (  # noqa: F401 - the CLI takes keep_native_logs_off_terminal from here
+    keep_native_logs_off_terminal,
+    quiet_ray_data_console,
+    route_raylet_messages,
+    session_logs_dir,
+)
 
-# Quieter, and fixes duplicated worker prints (spec/ray-2.60.md section 6). Set before Ray starts.
+# Ray's public switches for a quieter driver (RAY_TRAIN_ENABLE_PRINT_PATCH=0 also stops every worker
+# print appearing twice). Set before Ray starts.
 _QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -87,19 +93,16 @@ _HOUSEKEEPING = ("PYTHON worker processes have been started",)
 RAYLET_MESSAGES = "raycell_raylet_messages.log"  # in Ray's log folder (`ray_logs_dir`)
 
 
-def raylet_message_sink(data: dict, ignore_prefix: bool = False) -> None:
-    """Route a raylet message (what Ray's driver would print to the terminal) when not verbose.
+def show_raylet_message(lines: list[str]) -> None:
+    """What the terminal shows of a raylet message (Ray's driver would print it whole) when not verbose.
 
     Every message goes whole to RAYLET_MESSAGES in Ray's log folder; housekeeping ones (the worker
     pool's "N PYTHON worker processes have been started" warnings on busy runs) stop there, any other
     (a worker killed for memory, a task that failed) reaches the terminal as one `[raycell] Ray:` line
-    naming the file. Other streams (`pid` not "raylet") go to Ray's own printer unchanged.
+    naming the file.
     """
     import sys
 
-    if data.get("pid") != "raylet":
-        return _RAY_PRINT(data, ignore_prefix)
-    lines = [str(x) for x in data.get("lines", [])]
     logs = ray_logs_dir()
     where = ""
     if logs is not None:
@@ -109,96 +112,6 @@ def raylet_message_sink(data: dict, ignore_prefix: bool = False) -> None:
     shown = [x.strip() for x in lines if x.strip()]
     if shown and not any(h in x for h in _HOUSEKEEPING for x in shown):
         print(f"[raycell] Ray: {shown[0][:300]}{where}", file=sys.stderr, flush=True)
-
-
-_RAY_PRINT = None  # Ray's own printer, kept when raylet_message_sink replaces it
-
-
-def _route_raylet_messages() -> None:
-    """Send the raylet's messages through `raylet_message_sink` instead of straight to the terminal.
-
-    Why by hand: in Ray 2.60 the driver's error listener (`ray._private.worker.listen_error_messages`)
-    prints them with the module-level `print_to_stdstream` whatever `log_to_driver` says, and no option
-    turns that off; it looks the name up at every message, so replacing it redirects them.
-    """
-    global _RAY_PRINT
-    import ray._private.worker as w
-
-    if w.print_to_stdstream is not raylet_message_sink:  # once per process
-        _RAY_PRINT = w.print_to_stdstream
-        w.print_to_stdstream = raylet_message_sink
-
-
-# A line of Ray's C++ logging: "[2026-12-01 23:28:34,874 E 21956 21956] core_worker.cc:2465: ..."
-_NATIVE_LINE = re.compile(
-    rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] [\w./-]+\.(cc|h):\d+:"
-)
-_native_filter_on = False
-
-
-def _forward_native(read_fd: int, term_fd: int) -> None:
-    """Copy what arrives on `read_fd` to `term_fd`, except whole lines of Ray's C++ logging.
-
-    A partial line is held only while it can still become such a line, so progress bars (carriage
-    returns, no newline) pass at once.
-    """
-    buf = b""
-    while True:
-        chunk = os.read(read_fd, 65536)
-        if not chunk:
-            break
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        out = b"".join(x + b"\n" for x in lines if not _NATIVE_LINE.match(x))
-        maybe_native = buf[:1] == b"[" and (len(buf) == 1 or buf[1:2].isdigit()) and len(buf) < 4096
-        if buf and not maybe_native:
-            out, buf = out + buf, b""
-        if out:
-            os.write(term_fd, out)
-    if buf and not _NATIVE_LINE.match(buf):
-        os.write(term_fd, buf)
-
-
-def keep_native_logs_off_terminal() -> None:
-    """Drop the lines Ray's C++ core writes to this process's stderr; everything else still shows.
-
-    Why by hand: a Ray driver's core worker logs to python-core-driver-*.log in Ray's log folder and
-    also copies its ERROR lines to fd 2, with no option to stop the copy in 2.60. The one a user meets,
-    on every Ray Data actor pool (`raycell infer`, `embed`), is harmless ("Actor ... has constructor
-    arguments in the object store and max_restarts > 0", spec/ray-2.60.md section 6). Those lines stay
-    in that file; fd 2 goes through a pipe that forwards everything else (Python tracebacks, warnings,
-    progress bars). Fatal-signal tracebacks go straight to the terminal (faulthandler). The CLI calls
-    this when not verbose, after Ray has started (its own processes keep the real stderr); once.
-    """
-    import atexit
-    import faulthandler
-    import sys
-    import threading
-
-    global _native_filter_on
-    if _native_filter_on:
-        return
-    _native_filter_on = True
-    sys.stderr.flush()
-    term = os.dup(2)
-    r, w = os.pipe()
-    os.dup2(w, 2)
-    os.close(w)
-    t = threading.Thread(target=_forward_native, args=(r, term), name="raycell-stderr", daemon=True)
-    t.start()
-    faulthandler.enable(file=os.fdopen(os.dup(term), "w"), all_threads=True)
-
-    def _restore() -> (
-        None
-    ):  # fd 2 back to the terminal; the pipe then ends and the thread drains it
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        os.dup2(term, 2)
-        t.join(timeout=5)
-
-    atexit.register(_restore)
 
 
 def init_ray(
@@ -259,7 +172,7 @@ def init_ray(
     import ray.data
 
     if not verbose:
-        _route_raylet_messages()
+        route_raylet_messages(show_raylet_message)
         # Driver-side INFO lines (Ray Data's per-execution plans and progress logs, Train and Tune
         # status): after `import ray.data`, which configures its loggers; they stay in Ray Data's own
         # log file (ray-data.log in the session logs).
@@ -268,9 +181,7 @@ def init_ray(
         # Ray Data also logs a failed task's abbreviated trace at ERROR on the console; the error itself
         # reaches the caller as an exception (the CLI prints it in one line), so on the console it is
         # noise. Its file handler keeps the record.
-        for h in logging.getLogger("ray.data").handlers:
-            if getattr(h, "name", "") == "console":
-                h.setLevel(logging.CRITICAL)
+        quiet_ray_data_console()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
@@ -345,13 +256,7 @@ def single_node() -> bool:
 
 def ray_logs_dir() -> Path | None:
     """This driver's Ray log folder (session logs: every worker's output, Ray Data's log), or None."""
-    try:
-        import ray
-
-        node = ray._private.worker._global_node  # no public API for the session folder in 2.60
-        return Path(node.get_logs_dir_path()) if ray.is_initialized() and node is not None else None
-    except Exception:  # noqa: BLE001 - only a convenience link
-        return None
+    return session_logs_dir()
 
 
 def link_ray_logs(run_dir: str | os.PathLike) -> Path | None:
