@@ -560,7 +560,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights (defaults from the ARMED reference main.py, spec/armed-aec.md section 3)."""
+    """Loss weights (defaults from the ARMED reference code's main.py)."""
 
     recon: float = _f(1.0, "weight of the reconstruction MSE", ge=0)
     cls: float = _f(0.1, "weight of the phenotype BCE", ge=0)

@@ -4,7 +4,7 @@ The space is `tune.space` (dotted config key -> distribution, checked by `Experi
 Tune trial is a light driver function (`_trial`) that applies its sampled values to the config and fits
 one Ray Train `TorchTrainer` (`raycell.train.trainer.build_trainer`, the same trainer `raycell train`
 builds) with `TuneReportCallback`, so every epoch the loop reports is a Tune result that ASHA and Optuna
-see (the Ray 2.60 Train V2 pattern; `Tuner(trainer)` no longer works). Each trial's Train run is named
+see (the Ray 2.60 Train V2 pattern; `Tuner(trainer)` is refused by Train V2). Each trial's Train run is named
 `train-<trial id>` with no timestamp, so a restored search finds its runs again.
 
 The search folder (`tune.out`) holds Tune's storage (`search/`), the trials' Train runs (`trials/`), and at

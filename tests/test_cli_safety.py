@@ -1,4 +1,4 @@
-"""Issue 7 (items 7, 8, 9a, 10): resume keeps a run's record, bad input fails in one line before
+"""Resume keeps a run's record, bad input fails in one line before
 Ray starts.
 """
 

@@ -75,7 +75,7 @@ def test_rows_cap_takes_the_smaller_bound():
 
 
 def _write_small(root: Path, sizes: list[int], channels: int = 2, size: int = 8) -> ShardWriter:
-    """A data set whose shards hold `sizes` cells each (one per field, as ingest used to write)."""
+    """A data set whose shards hold `sizes` cells each (one per field, the small-file case)."""
     w = ShardWriter(root, [f"ch{i}" for i in range(channels)], rows_per_shard=10**6)
     k = 0
     for f, n in enumerate(sizes):

@@ -1,4 +1,4 @@
-"""Inference and evaluation never mix, drop or silently corrupt results (issue 7 items 2, 6, 8, 9b, 10).
+"""Inference and evaluation never mix, drop or silently corrupt results.
 
 Checkpoints here are untrained models saved for the tiny data set (no Ray Train needed); the tests that
 run a Ray Data job share `ray_local` and are marked `ray`.

@@ -1,4 +1,4 @@
-"""Ingest inputs that used to corrupt results silently (issue 7: items 3, 4, 5, ingest part of 8).
+"""Ingest inputs that would corrupt results silently are refused or rejected by name.
 
 * a field of view at another scale (uint32 x1000, float in [0, 1]) among uint16 fields: rejected as
   `out-of-scale` before it enters the normalisation statistics, or normalised by itself when asked;

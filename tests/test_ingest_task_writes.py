@@ -1,4 +1,4 @@
-"""Ingest written by the crop tasks (issue 13 item 2): each Ray task writes its own shard files and
+"""Ingest written by the crop tasks: each Ray task writes its own shard files and
 returns small per-field rows; the driver only gathers them into the manifest, the rejects table and
 the summary.
 

@@ -1,4 +1,4 @@
-"""Output folders never cost a user their data (issue 7 items 1, 8, 10).
+"""Output folders never cost a user their data.
 
 ingest, import-armed, synth and synth --raw refuse, in one line and before any Ray or pixel work,
 an output that is a file, a folder of the user's own files, or an input; --overwrite replaces only

@@ -1,4 +1,4 @@
-"""Segmentation robustness to simulated plate effects on fields without masks (issue 10, item 1):
+"""Segmentation robustness to simulated plate effects on fields without masks:
 `raycell.ingest.robustness.perturbation_robustness`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Segmentation that degrades gracefully (issue 10): bounded scale, texture, specks, implausible
+"""Segmentation that degrades gracefully: bounded scale, texture, specks, implausible
 fields rejected with a reason, and `evaluate_pairs` on any images + masks. No Ray."""
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def test_real_field_with_simulated_texture_keeps_its_nuclei():
 
 
 # --------------------------------------------------------------------------------------------------
-# Generic mechanisms against the kinds of failure of the varied test bed (issue 10, item 2)
+# Generic mechanisms against the kinds of failure of the varied test bed
 # --------------------------------------------------------------------------------------------------
 
 

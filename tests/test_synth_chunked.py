@@ -1,4 +1,4 @@
-"""`raycell synth` in chunks (issue 13): the bytes of a data set depend on the seed and the generator's
+"""`raycell synth` in chunks: the bytes of a data set depend on the seed and the generator's
 arguments only, never on how it is chunked or how many Ray tasks write it."""
 
 from __future__ import annotations

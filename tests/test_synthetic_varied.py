@@ -1,4 +1,4 @@
-"""The crop generator's batch effects (issue 10): "basic" keeps the bytes of before, "varied"
+"""The crop generator's batch effects: "basic" keeps the bytes it always had, "varied"
 adds the mechanisms of `raycell.data.batch_effects` per batch, deterministically, in any chunks."""
 
 from __future__ import annotations

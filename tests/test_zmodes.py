@@ -161,7 +161,7 @@ def test_uniform_z_rows_sum_to_one_in_the_models_batch_order(tiny_data, tmp_path
             "infer.z_splits=[test,unseen]",
         ],
     )
-    cfg.infer.z_mode = "uniform"  # (set directly until config.py has the key)
+    cfg.infer.z_mode = "uniform"
     s = run_infer_z(cfg)
     counts = ds.manifest["counts_per_split"]
     ids, z = read_inferred_z(s["out"], served)  # what infer / the predictor read, unchanged

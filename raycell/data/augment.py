@@ -3,7 +3,7 @@
 A model can only use the imaging batch as a shortcut if the batch is visible in the pixels. Randomising
 what batch effects do (gain, offset, gamma, blur, noise, a smooth background, channel crosstalk) per
 cell during training removes that signal from the training images, a standard domain-randomisation
-lever against the batch shortcut (issue 10, item 4). Everything is vectorised over the batch and runs
+lever against the batch shortcut. Everything is vectorised over the batch and runs
 where the batch already is (GPU or CPU); parameters come from a seeded `torch.Generator`, so a step is
 reproducible. Images are float in [0, 1] (after `DataSpec.to_float`) and stay in [0, 1].
 """

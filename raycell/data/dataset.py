@@ -138,7 +138,7 @@ def ray_datasets(
     """One Ray Dataset per split, streaming the shards (file order shuffled for the training split).
 
     Small data sets need small blocks: Ray 2.60 packs files into 128 MiB blocks by default, and a data set
-    that is one block cannot be shuffled or split across workers (spec/ray-2.60.md section 2).
+    that is one block cannot be shuffled or split across workers.
     `shuffle_seed >= 0`: a fixed file order and Ray Data's `preserve_order`, so that the rows reach the
     workers in the same order every epoch and every run; the loop then varies the order per epoch with a
     local shuffle seeded by (seed, epoch), which a restarted run reproduces (Ray's own per-execution

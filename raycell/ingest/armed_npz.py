@@ -1,6 +1,7 @@
-"""`raycell import-armed`: ARMED / MEDL `data_*.npz` + `data_*.csv` -> crop shards (SPEC stage 3).
+"""`raycell import-armed`: ARMED / MEDL `data_*.npz` + `data_*.csv` -> crop shards.
 
-The ARMED melanoma pipeline (spec/armed-aec.md section 1) saves one pair of files per split:
+The ARMED melanoma pipeline (the ARMED paper's reference code, `ARMED_MixedEffectsDL`) saves one
+pair of files per split:
 
 * `data_{train,val,test,unseen}.npz` with `images` (N, H, W, 1) float32 = pixel / 255, `label` (N,)
   float32 (1.0 = 'low' metastatic efficiency, 0.0 = 'high') and `cluster` (N, n_dates) float32, the

@@ -38,9 +38,9 @@ background removed at that d. The estimate is clipped to `diameter_bounds` (deri
 size). In `raycell ingest` a scale pass first estimates it on a few fields per plate (the estimate
 only, `nucleus_diameter`); each field's own estimate then starts from the plate's median in place of
 the first, coarse pass (a quarter less CPU per field, nuclei and cell F1 unchanged on the varied
-synthetic beds) and is replaced by it when it is more than 2x away from it. Issue 10 is why: with
-an area-weighted estimate, fields
-with background texture at the scale of several cells ran away to 150-190 px for 18 px nuclei.
+synthetic beds) and is replaced by it when it is more than 2x away from it. Why: with an
+area-weighted estimate, fields with background texture at the scale of several cells ran away to
+150-190 px for 18 px nuclei.
 Nothing is tuned to a particular data set. Images whose objects do not separate at threshold
 (confluent cytoplasm-only stains) should set the diameter; a punctate stain used as the primary
 channel (vesicles, receptor spots: the Transfluor GFP example) should also set `edge_peak: 0`,
@@ -535,7 +535,8 @@ def robust_diameter(mask: np.ndarray, min_d: float) -> float:
 
     Why a median over objects with capped weights (not the area-weighted median, not the mean):
     one or two giant components (texture or crosstalk that passed the threshold) hold much of the
-    foreground, so full area weighting lets them set the scale (the issue-10 runaway); with each
+    foreground, so full area weighting lets them set the scale (a runaway to many times the true
+    diameter); with each
     object's weight capped at the 75th percentile of the areas they count as one large object each
     among dozens. Specks keep their small weight, so they cannot pull the scale down either.
     Components touching the border are left out (their size is truncated, and a background leak

@@ -280,7 +280,7 @@ def raycell_file(path: str | os.PathLike, ours=None) -> bool:
 
     Recognised by `ours(path)` (a marker inside the file: .h5ad `uns`, parquet schema metadata) or
     by the record beside it (`.<name>.raycell-output`: size and mtime, so a file the user saved over
-    the export no longer counts as raycell's). A symlink is never raycell's.
+    the export does not count as raycell's). A symlink is never raycell's.
     """
     path = Path(path)
     if path.is_symlink() or not path.is_file():
