@@ -132,9 +132,10 @@ def test_early_stopping_stops_after_patience_and_picks_the_first_best(tmp_path):
     accs = [0.5, 0.7, 0.7, 0.6, 0.9]
     stopper = EarlyStopper(EarlyStopping(2, "val_acc", "max"))
     hist = [{"epoch": e, "val_acc": a} for e, a in enumerate(accs)]
-    stops = [stopper.after_epoch(r) for r in hist]
-    assert stops == [False, False, False, True, True] and stopper.best_epoch == 1
+    stops = [stopper.after_epoch(r) for r in hist[:4]]
+    assert stops == [False, False, False, True] and stopper.best_epoch == 1  # the first of equals
     assert "val_acc has not improved on 0.7000 (epoch 1) for 2 epoch(s)" in stopper.message(3)
+    assert not stopper.after_epoch(hist[4]) and stopper.best_epoch == 4  # an improvement resets
     assert EarlyStopping(2).best(hist[:4])["epoch"] == 1
     assert (
         EarlyStopping(2, "val_loss", "min").best(

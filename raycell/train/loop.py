@@ -4,9 +4,13 @@ Per epoch: stream the worker's training minibatches through the plan's `training
 the whole validation split (and on the held-out validation batches, split `valbatch`, when the data set
 has them), then report metrics (every term of the plan's `LossOutput`, by name) and a checkpoint (model,
 optimiser state, model args, data spec, category maps, config). Rank 0 also appends the epoch's metrics
-to the run's `history.jsonl` (`raycell.train.history`): Ray keeps only the checkpointed reports. On start
-it resumes from the latest checkpoint if Ray Train hands it one (a worker-group restart after a failure,
-or `raycell train --resume`).
+to the run's `history.jsonl` (`raycell.train.history`): Ray keeps only the checkpointed reports. Under an
+early-stopping rule (`RunSetup.early_stopping`) the loop ends after the report that spends its patience.
+On start it resumes from the latest checkpoint if Ray Train hands it one (a worker-group restart after a
+failure, or `raycell train --resume`).
+
+`val_auroc` is `raycell.eval.classification.auroc`, the AUROC `raycell evaluate` reports for the same
+predictions (macro one-vs-rest for more than two classes).
 
 Model-selection metrics (what a search can optimise), besides `val_auroc`:
 * `valbatch_auroc`, `valbatch_loss`, ...: the `val_*` metrics on whole seen batches never trained on
