@@ -372,18 +372,20 @@ def training_setup(
             flush=True,
         )
         valbatch = False
+    spec = DataSpec.from_dataset(
+        ds, cfg.data.normalize
+    )  # travels with the model, in every checkpoint
     stats = ds.manifest.get("channel_stats")
-    scale = DataSpec.from_dataset(ds).scale
     # the one-cycle schedule's length (steps per worker per epoch, as the loop counts them)
     steps = max(1, len(meta) // (cfg.data.batch_size * max(1, cfg.scaling.num_workers)))
     setup = RunSetup(
-        data_spec=DataSpec.from_dataset(ds, cfg.data.normalize),
+        data_spec=spec,
         labels=CategoryMap(K.LABEL, ds.manifest["label_vocab"]),
         batches=CategoryMap.fit(K.BATCH, meta.to_pylist()),
         steps_per_epoch=min(steps, cfg.train.max_steps_per_epoch or steps),
         valbatch=valbatch,
         fold_batches=tuple(fold or ()),
-        channel_means=tuple(stats[c]["mean"] * scale for c in ds.manifest["channel_names"])
+        channel_means=tuple(stats[c]["mean"] * spec.scale for c in ds.manifest["channel_names"])
         if stats
         else None,
         heads=tuple(heads or ()),
