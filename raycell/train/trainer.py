@@ -372,9 +372,8 @@ def training_setup(
             flush=True,
         )
         valbatch = False
-    spec = DataSpec.from_dataset(
-        ds, cfg.data.normalize
-    )  # travels with the model, in every checkpoint
+    # the model input's normalisation travels with the model (saved in every checkpoint's spec)
+    spec = DataSpec.from_dataset(ds, cfg.data.normalize)
     stats = ds.manifest.get("channel_stats")
     # the one-cycle schedule's length (steps per worker per epoch, as the loop counts them)
     steps = max(1, len(meta) // (cfg.data.batch_size * max(1, cfg.scaling.num_workers)))
