@@ -7,7 +7,7 @@ fields. It crosses into Ray Train's workers inside `train_loop_config` as plain 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from raycell.formats.categories import CategoryMap
 from raycell.formats.spec import DataSpec
@@ -88,7 +88,7 @@ class RunSetup:
             "channel_means": None if self.channel_means is None else list(self.channel_means),
             "heads": [h.to_dict() for h in self.heads],
             "balance": self.balance.to_dict() if self.balance else None,
-            "early_stopping": None if es is None else [es.patience, es.metric, es.mode],
+            "early_stopping": None if es is None else asdict(es),
         }
 
     @classmethod
@@ -105,7 +105,7 @@ class RunSetup:
             channel_means=None if means is None else tuple(means),
             heads=tuple(CategoryMap.from_dict(h) for h in d["heads"]),
             balance=Balance.from_dict(balance) if balance else None,
-            early_stopping=EarlyStopping(*es) if es else None,
+            early_stopping=EarlyStopping(**es) if es else None,
         )
 
 
