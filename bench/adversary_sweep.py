@@ -73,9 +73,7 @@ def one_run(
     from raycell.config import load_config
     from raycell.data.dataset import CropCollate
     from raycell.eval.latent import batch_clustering, batch_probe_accuracy
-    from raycell.formats.categories import CategoryMap
     from raycell.formats.checkpoint import find_checkpoint, load_checkpoint
-    from raycell.formats.spec import DataSpec
     from raycell.train.context import LocalContext
     from raycell.train.loop import run_training
     from raycell.train.trainer import training_setup
@@ -102,11 +100,7 @@ def one_run(
         + list(extra),
     )
     setup, ds = training_setup(cfg)
-    col = CropCollate(
-        DataSpec.from_dict(setup["data_spec"]),
-        CategoryMap.from_dict(setup["labels"]),
-        CategoryMap.from_dict(setup["batches"]),
-    )
+    col = CropCollate(setup.data_spec, setup.labels, setup.batches)
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, run)
     t0 = time.perf_counter()
     run_training(ctx, cfg, setup)
@@ -123,7 +117,7 @@ def one_run(
         "train_s": round(time.perf_counter() - t0, 1),
         "history_last": ctx.history[-1],
     }
-    spec, n_b = DataSpec.from_dict(setup["data_spec"]), len(CategoryMap.from_dict(setup["batches"]))
+    spec, n_b = setup.data_spec, len(setup.batches)
     test = _latents(ctx, model_nn, spec, n_b, "test")
     bt = test["b"]
     res.update(

@@ -43,9 +43,7 @@ def main(argv=None):
     from raycell.data.dataset import CropCollate
     from raycell.data.splits import split_dataset
     from raycell.data.synthetic import write_synthetic
-    from raycell.formats.categories import CategoryMap
     from raycell.formats.shards import open_dataset
-    from raycell.formats.spec import DataSpec
     from raycell.infer.batch import predict
     from raycell.infer.predictor import CropPredictor
     from raycell.train.context import LocalContext
@@ -70,11 +68,7 @@ def main(argv=None):
         ],
     )
     setup, ds = training_setup(cfg)
-    col = CropCollate(
-        DataSpec.from_dict(setup["data_spec"]),
-        CategoryMap.from_dict(setup["labels"]),
-        CategoryMap.from_dict(setup["batches"]),
-    )
+    col = CropCollate(setup.data_spec, setup.labels, setup.batches)
     run_training(
         LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp / "run"),
         cfg,

@@ -104,8 +104,6 @@ def main(argv=None):
     from raycell.data.dataset import CropCollate
     from raycell.data.splits import split_dataset
     from raycell.data.synthetic import write_synthetic
-    from raycell.formats.categories import CategoryMap
-    from raycell.formats.spec import DataSpec
     from raycell.infer.batch import predict
     from raycell.train.context import LocalContext
     from raycell.train.loop import run_training
@@ -148,11 +146,7 @@ def main(argv=None):
     cfg = load_config(None, base + [f"train.torch_threads={cores}"])
     torch.set_num_threads(cores)
     setup, ds = training_setup(cfg)
-    col = CropCollate(
-        DataSpec.from_dict(setup["data_spec"]),
-        CategoryMap.from_dict(setup["labels"]),
-        CategoryMap.from_dict(setup["batches"]),
-    )
+    col = CropCollate(setup.data_spec, setup.labels, setup.batches)
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp / "local")
     run_training(ctx, cfg, setup)
     n_train = ds.manifest["counts_per_split"]["train"]

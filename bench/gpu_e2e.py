@@ -352,8 +352,6 @@ def count_flops(case: Case, data_path: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from raycell.config import ExperimentConfig
-    from raycell.formats.categories import CategoryMap
-    from raycell.formats.spec import DataSpec
     from raycell.models import build_plan, create_model
     from raycell.models.random_effects import one_hot_design
     from raycell.train.loop import model_kwargs
@@ -363,18 +361,15 @@ def count_flops(case: Case, data_path: str) -> dict:
     cfg.data.path, cfg.model.type, cfg.model.preset = data_path, case.model_type, case.preset
     cfg.model.args = dict(case.args)
     setup, _ = training_setup(cfg)
-    spec = DataSpec.from_dict(setup["data_spec"])
-    labels, batches = (
-        CategoryMap.from_dict(setup["labels"]),
-        CategoryMap.from_dict(setup["batches"]),
-    )
+    spec, labels, batches = setup.data_spec, setup.labels, setup.batches
     torch.manual_seed(0)
-    model = create_model(case.model_type, **model_kwargs(cfg, spec, labels, batches, setup))
+    kwargs = model_kwargs(cfg, spec, labels, batches, setup.heads, setup.channel_means)
+    model = create_model(case.model_type, **kwargs)
     plan = build_plan(model, cfg.loss, 1e-4, n_batches=len(batches))
     n = 4
     x = torch.rand(n, *spec.shape)
-    if setup.get("heads"):
-        y = torch.zeros(n, len(setup["heads"]), dtype=torch.long)
+    if setup.heads:
+        y = torch.zeros(n, len(setup.heads), dtype=torch.long)
     else:
         y = torch.randint(0, len(labels), (n,))
     z = one_hot_design(torch.arange(n) % len(batches), len(batches))

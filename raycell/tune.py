@@ -19,12 +19,15 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig, _set_nested, save_config, tune_key_type
 from raycell.errors import UserError
 from raycell.train.history import HISTORY_FILE, read_history
+
+if TYPE_CHECKING:
+    from raycell.train.setup import RunSetup
 
 SEARCH = "search"  # Tune's experiment folder under tune.out
 TRIALS = "trials"  # the trials' Train runs under tune.out
@@ -173,7 +176,6 @@ def check_model_values(cfg: ExperimentConfig) -> None:
     ds = _training_data(cfg)
     spec = DataSpec.from_dataset(ds)
     heads = weak_label_heads(cfg, ds)
-    setup = {"heads": [h.to_dict() for h in heads]} if heads else None
     labels, batches = CategoryMap(K.LABEL, ("a", "b")), CategoryMap(K.BATCH, ("a",))
     for key in keys:
         space = cfg.tune.space[key]
@@ -192,7 +194,9 @@ def check_model_values(cfg: ExperimentConfig) -> None:
                 )
             try:
                 with torch.device("cpu"):
-                    create_model(c.model.type, **model_kwargs(c, spec, labels, batches, setup))
+                    create_model(
+                        c.model.type, **model_kwargs(c, spec, labels, batches, heads or ())
+                    )
             except Exception as exc:  # noqa: BLE001 - whatever the builder raises is the answer
                 why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
                 raise ConfigError(
@@ -381,7 +385,7 @@ def fold_metrics(rows: list[dict], metric: str) -> dict:
     return out
 
 
-def _fit_folds(cfg: ExperimentConfig, run_dir: Path, setups: list[dict], ds) -> None:
+def _fit_folds(cfg: ExperimentConfig, run_dir: Path, setups: list[RunSetup], ds) -> None:
     """Fit one TorchTrainer per fold side by side (threads: each fit only waits on its Ray actors) and
     report each epoch to Tune once every fold has finished it.
     """
@@ -427,7 +431,7 @@ def _fit_folds(cfg: ExperimentConfig, run_dir: Path, setups: list[dict], ds) -> 
         time.sleep(0.5)
 
 
-def _trial(params: dict, base: dict, setup: dict | list[dict], trials_dir: str) -> None:
+def _trial(params: dict, base: dict, setup: RunSetup | list[RunSetup], trials_dir: str) -> None:
     """One Tune trial: apply the sampled values and fit one TorchTrainer (one per fold with
     `tune.folds`), reporting every epoch to Tune.
 

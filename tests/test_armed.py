@@ -341,11 +341,7 @@ def test_short_local_training_lowers_the_loss(model_type, tiny_data, tmp_path):
         None, tiny_overrides(tiny_data, tmp_path, epochs=3) + [f"model.type={model_type}"]
     )
     setup, ds = training_setup(cfg)
-    col = CropCollate(
-        DataSpec.from_dict(setup["data_spec"]),
-        CategoryMap.from_dict(setup["labels"]),
-        CategoryMap.from_dict(setup["batches"]),
-    )
+    col = CropCollate(setup.data_spec, setup.labels, setup.batches)
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path)
     run_training(ctx, cfg, setup)
     h = ctx.history

@@ -1,5 +1,7 @@
 """The training loop without Ray (LocalContext): the loss goes down, checkpoints resume where they stopped."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import tiny_overrides
@@ -17,12 +19,8 @@ from raycell.train.trainer import training_setup
 def _ctx(cfg, tmp_path, resume=None, labels=None):
     setup, ds = training_setup(cfg)
     if labels is not None:
-        setup["labels"] = labels
-    col = CropCollate(
-        DataSpec.from_dict(setup["data_spec"]),
-        CategoryMap.from_dict(setup["labels"]),
-        CategoryMap.from_dict(setup["batches"]),
-    )
+        setup = replace(setup, labels=labels)
+    col = CropCollate(setup.data_spec, setup.labels, setup.batches)
     return LocalContext(
         ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path, resume=resume
     ), setup
@@ -63,7 +61,7 @@ def test_resume_continues_from_the_checkpoint(tiny_data, tmp_path):
 
 def test_label_outside_vocabulary_is_a_clear_error(tiny_data, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny_data, tmp_path, epochs=1))
-    ctx, setup = _ctx(cfg, tmp_path, labels={"column": "label", "values": ["high"]})
+    ctx, setup = _ctx(cfg, tmp_path, labels=CategoryMap("label", ("high",)))
     with pytest.raises(
         UnknownCategoryError, match="label value 'low' is not in the training vocabulary"
     ):
@@ -130,11 +128,9 @@ def test_valbatch_metrics_and_history(tiny_valbatch_data, tmp_path):
         + ["train.max_steps_per_epoch=2", "train.composite_weight=0.5"],
     )
     ctx, setup = _ctx(cfg, tmp_path)
-    assert setup["valbatch"]
+    assert setup.valbatch
     vb = open_dataset(tiny_valbatch_data).manifest["split_params"]["val_batches"]
-    assert vb and not set(vb) & set(
-        setup["batches"]["values"]
-    )  # never a training batch (Z row all zero)
+    assert vb and not set(vb) & set(setup.batches.values)  # never a training batch (Z row all zero)
     run_training(ctx, cfg, setup, history_file=str(tmp_path / "history.jsonl"))
     h = ctx.history[-1]
     for key in (
@@ -147,9 +143,7 @@ def test_valbatch_metrics_and_history(tiny_valbatch_data, tmp_path):
     ):
         assert key in h, key
     assert 0 <= h["valbatch_auroc"] <= 1 and 0 <= h["val_batch_probe"] <= 1
-    assert h["val_batch_probe_chance"] == pytest.approx(
-        1 / len(setup["batches"]["values"]), abs=0.15
-    )
+    assert h["val_batch_probe_chance"] == pytest.approx(1 / len(setup.batches), abs=0.15)
     assert h["val_composite"] == pytest.approx(
         h["val_auroc"] - 0.5 * (h["val_batch_probe"] - h["val_batch_probe_chance"])
     )
@@ -163,7 +157,7 @@ def test_no_valbatch_split_no_valbatch_metrics(tiny_data, tmp_path):
         None, tiny_overrides(tiny_data, tmp_path, epochs=1) + ["train.max_steps_per_epoch=2"]
     )
     ctx, setup = _ctx(cfg, tmp_path)
-    assert not setup["valbatch"]
+    assert not setup.valbatch
     run_training(ctx, cfg, setup)
     h = ctx.history[-1]
     assert not any(k.startswith("valbatch_") for k in h)
@@ -297,3 +291,74 @@ def test_fetch_factor_is_capped_for_large_crops():
     assert fetch_factor(4, 64, spec(128)) == 2  # 2 MiB per batch
     assert fetch_factor(4, 64, spec(256)) == 1  # 8 MiB per batch: no fetching ahead
     assert fetch_factor(1, 64, spec(64)) == 1 and fetch_factor(4, 64, None) == 4
+
+
+def _stopping_run(cfg, root, history, rule, resume=None):
+    """A LocalContext run of `cfg` under an early-stopping rule, recording into `history`."""
+    setup, ds = training_setup(cfg, early_stopping=rule)
+    ctx = LocalContext(
+        ds,
+        CropCollate(setup.data_spec, setup.labels, setup.batches),
+        cfg.data.batch_size,
+        cfg.data.eval_batch_size,
+        root,
+        resume=resume,
+    )
+    run_training(ctx, cfg, setup, history_file=str(history))
+    return ctx
+
+
+def test_early_stopping_ends_the_loop_after_the_report_that_spends_the_patience(
+    tiny_data, tmp_path, capsys
+):
+    from raycell.train.history import read_history
+    from raycell.train.stopping import EarlyStopping
+
+    # the epoch number, minimised: epoch 0 stays the best, so the patience of 2 is spent after epoch 2
+    rule = EarlyStopping(patience=2, metric="epoch", mode="min")
+    over = tiny_overrides(tiny_data, tmp_path, epochs=6) + ["train.max_steps_per_epoch=2"]
+    ctx = _stopping_run(load_config(None, over), tmp_path, tmp_path / "h.jsonl", rule)
+    assert [h["epoch"] for h in ctx.history] == [0, 1, 2]  # reported, then stopped
+    assert [c.name for c in ctx.checkpoints] == [f"checkpoint_000{e}" for e in range(3)]
+    assert [r["epoch"] for r in read_history(tmp_path / "h.jsonl")] == [0, 1, 2]
+    assert (
+        "[raycell] early stopping after epoch 2: epoch has not improved on 0.0000 (epoch 0) "
+        "for 2 epoch(s)" in capsys.readouterr().out
+    )
+
+
+def test_a_resumed_run_counts_its_recorded_epochs_towards_the_patience(tiny_data, tmp_path):
+    from raycell.train.stopping import EarlyStopping
+
+    rule = EarlyStopping(patience=3, metric="epoch", mode="min")
+    hist = tmp_path / "h.jsonl"
+    steps = ["train.max_steps_per_epoch=2"]
+    cfg2 = load_config(None, tiny_overrides(tiny_data, tmp_path / "a", epochs=2) + steps)
+    _stopping_run(cfg2, tmp_path / "a", hist, rule)  # epochs 0 (the best) and 1: not yet spent
+    cfg8 = load_config(None, tiny_overrides(tiny_data, tmp_path / "b", epochs=8) + steps)
+    ck = find_checkpoint(tmp_path / "a")
+    ctx = _stopping_run(cfg8, tmp_path / "b", hist, rule, resume=ck)
+    assert [h["epoch"] for h in ctx.history] == [2, 3]  # 3 epochs after epoch 0, not after epoch 2
+
+
+def test_val_auroc_is_evaluates_auroc_on_the_same_predictions(tiny_data, tmp_path):
+    """The loop's last val_auroc and `raycell evaluate`'s AUROC of the saved model on the val split."""
+    import numpy as np
+
+    from raycell import constants as K
+    from raycell.eval.evaluate import split_metrics
+    from raycell.formats.shards import open_dataset
+    from raycell.infer.predictor import CropPredictor
+
+    cfg = load_config(
+        None, tiny_overrides(tiny_data, tmp_path, epochs=2) + ["train.max_steps_per_epoch=3"]
+    )
+    ctx, setup = _ctx(cfg, tmp_path)
+    run_training(ctx, cfg, setup)
+    val = open_dataset(tiny_data).read_table(splits=[K.VAL])
+    pred = CropPredictor(str(tmp_path), device="cpu")(val)
+    df = pred.drop_columns([K.LATENT]).to_pandas()
+    latents = np.stack(pred.column(K.LATENT).to_numpy(zero_copy_only=False))
+    res = split_metrics(df, latents, list(setup.labels.values))
+    assert 0.0 < res["auroc"] < 1.0 and res["n"] == val.num_rows
+    assert res["auroc"] == pytest.approx(ctx.history[-1]["val_auroc"], abs=1e-12)

@@ -326,3 +326,73 @@ def test_latent_metrics_at_evaluate_size():
     assert r["batch_silhouette"] > 0.95 and r["ilisi_norm"] > 0.7 and r["ch"] < 2.0
     assert abs(r["batch_probe_acc"] - r["batch_probe_chance"]) < 0.05
     assert abs(r["label_silhouette"]) < 0.05 and abs(r["nsb_1nn_acc"] - 0.25) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# The one AUROC: binary and macro one-vs-rest
+# ---------------------------------------------------------------------------------------------
+
+
+def _three_class(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n)
+    logits = rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, p
+
+
+def test_multiclass_auroc_is_the_macro_one_vs_rest_auroc():
+    y, p = _three_class(300, 0)
+    got = C.auroc(y, p)
+    assert got == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=1e-12)
+    per_class = [roc_auc_score(y == k, p[:, k]) for k in range(3)]
+    assert got == pytest.approx(np.mean(per_class), abs=1e-12)
+    assert 0.6 < got < 1.0
+
+
+def test_auroc_of_a_class_absent_from_the_split_is_left_out_of_the_mean():
+    y, p = _three_class(300, 1)
+    keep = y != 2
+    got = C.auroc(y[keep], p[keep])
+    want = np.mean([roc_auc_score(y[keep] == k, p[keep, k]) for k in (0, 1)])
+    assert got == pytest.approx(want, abs=1e-12)
+    assert math.isnan(C.auroc(np.zeros(5, int), p[:5]))  # one class: nothing to rank
+
+
+def test_binary_auroc_is_the_same_from_one_score_or_two_columns():
+    y, s = _binormal(200, 1.0, np.random.default_rng(3))
+    p = 1 / (1 + np.exp(-s))
+    two = np.stack([1 - p, p], 1)
+    assert C.auroc(y, p) == C.auroc(y, two) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert C.classification_metrics(y, p)["auroc"] == C.auroc(y, p)
+
+
+def test_classification_metrics_multiclass_has_auroc_and_no_interval():
+    y, p = _three_class(150, 4)
+    r = C.classification_metrics(y, p)
+    assert set(r) == {"auroc", "balanced_accuracy", "f1", "accuracy", "n"}
+    assert r["auroc"] == C.auroc(y, p)
+    assert r["accuracy"] == pytest.approx((p.argmax(1) == y).mean())
+    assert r["n"] == 150
+
+
+def test_evaluate_reports_the_multiclass_auroc_of_its_predictions():
+    """`raycell evaluate` on a three-label split: the AUROC the training loop computes for the same arrays."""
+    import pandas as pd
+
+    from raycell import constants as K
+    from raycell.eval.evaluate import split_metrics
+
+    y, p = _three_class(120, 5)
+    vocab = ["a", "b", "c"]
+    rng = np.random.default_rng(5)
+    df = pd.DataFrame(
+        {
+            K.LABEL: [vocab[k] for k in y],
+            K.BATCH: rng.choice(["b1", "b2"], size=len(y)),
+            K.PROB: list(p),
+        }
+    )
+    res = split_metrics(df, rng.normal(size=(len(y), 4)), vocab)
+    assert res["auroc"] == C.auroc(y, p) and "auroc_ci_low" not in res
+    assert res["balanced_accuracy"] > 1 / 3

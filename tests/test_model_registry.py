@@ -13,10 +13,8 @@ from torch import nn
 from raycell import constants as K
 from raycell.config import LossConfig, load_config
 from raycell.data.dataset import CropCollate
-from raycell.formats.categories import CategoryMap
 from raycell.formats.checkpoint import load_checkpoint
 from raycell.formats.shards import open_dataset
-from raycell.formats.spec import DataSpec
 from raycell.losses import LossOutput, ModelOutput
 from raycell.models import (
     build_plan,
@@ -98,11 +96,7 @@ def test_a_registered_toy_type_trains_saves_infers_and_evaluates(toy_type, tiny_
     )
     check_train(cfg)  # the driver's check accepts the new type
     setup, ds = training_setup(cfg)
-    col = CropCollate(
-        DataSpec.from_dict(setup["data_spec"]),
-        CategoryMap.from_dict(setup["labels"]),
-        CategoryMap.from_dict(setup["batches"]),
-    )
+    col = CropCollate(setup.data_spec, setup.labels, setup.batches)
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path / "run")
     run_training(ctx, cfg, setup)
     h = ctx.history

@@ -115,7 +115,7 @@ def test_a_model_trained_with_crop_normalisation_is_served_with_it(tiny_data, tm
     )
     cfg.data.normalize = "crop"
     setup, ds = training_setup(cfg)
-    assert setup["data_spec"]["normalize"] == "crop"
+    assert setup.data_spec.normalize == "crop"
     ctx = LocalContext(
         ds, make_collate(setup), cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path
     )

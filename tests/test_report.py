@@ -75,9 +75,7 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     from raycell.config import load_config, save_config
     from raycell.data.dataset import CropCollate
     from raycell.eval.evaluate import evaluate_predictions
-    from raycell.formats.categories import CategoryMap
     from raycell.formats.shards import open_dataset
-    from raycell.formats.spec import DataSpec
     from raycell.infer.predictor import CropPredictor
     from raycell.train.context import LocalContext
     from raycell.train.loop import run_training
@@ -90,11 +88,7 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     )
     save_config(cfg, run / "config.yaml")
     setup, ds = training_setup(cfg)
-    col = CropCollate(
-        DataSpec.from_dict(setup["data_spec"]),
-        CategoryMap.from_dict(setup["labels"]),
-        CategoryMap.from_dict(setup["batches"]),
-    )
+    col = CropCollate(setup.data_spec, setup.labels, setup.batches)
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, run)
     run_training(ctx, cfg, setup, history_file=str(run / "history.jsonl"))
     # predictions as `raycell infer` lays them out (one shard), then `raycell evaluate` (Ray-free)

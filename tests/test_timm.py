@@ -103,7 +103,7 @@ def test_weak_label_training_checkpoint_round_trip(tiny_data, tmp_path):
         + ["train.schedule=onecycle", "train.layer_decay=0.7", "train.augment=flip,rot90,gain"],
     )
     setup, ds = training_setup(cfg)
-    assert [h["column"] for h in setup["heads"]] == ["label", "group"]
+    assert [h.column for h in setup.heads] == ["label", "group"]
     ctx = LocalContext(
         ds, make_collate(setup), cfg.data.batch_size, cfg.data.eval_batch_size, tmp_path
     )

@@ -62,12 +62,12 @@ def test_balance_setup_from_the_train_split(tiny_data, tmp_path):
     ds = open_dataset(tiny_data)
     bal = balance_setup(cfg, ds)
     vocab = batch_head_vocab(cfg, ds)
-    w = np.asarray(bal["weights"])
+    w = np.asarray(bal.weights)
     assert w.shape == (len(vocab), len(ds.manifest["label_vocab"]))
-    assert bal["by"]["values"] == list(ds.manifest["label_vocab"])
+    assert bal.by.values == tuple(ds.manifest["label_vocab"])
     t = ds.read_table([K.BATCH, K.LABEL], splits=[K.TRAIN])
     bc = np.asarray([vocab.values.index(v) for v in t.column(K.BATCH).to_pylist()])
-    lc = np.asarray([bal["by"]["values"].index(v) for v in t.column(K.LABEL).to_pylist()])
+    lc = np.asarray([bal.by.values.index(v) for v in t.column(K.LABEL).to_pylist()])
     assert w[bc, lc].mean() == pytest.approx(1.0) and (w[bc, lc] > 0).all()
 
 
@@ -114,8 +114,7 @@ def test_balanced_zpredictor_trains_in_the_loop_and_serves_the_batch_head_only(t
         tiny_overrides(tiny_data, tmp_path, epochs=1)
         + ["model.type=zpredictor", "train.max_steps_per_epoch=3", "data.heads=[]"],
     )
-    setup, ds = training_setup(cfg)
-    setup["balance"] = balance_setup(cfg, ds)
+    setup, ds = training_setup(cfg, balance=balance_setup(cfg, open_dataset(tiny_data)))
     col = make_collate(setup)
     assert [h.column for h in col.heads] == [
         K.BATCH,

@@ -95,19 +95,16 @@ def test_setup_uses_the_training_batches_as_head_and_never_valbatch(
     )
     setup, ds = training_setup(cfg)
     assert ds.manifest["counts_per_split"][K.VALBATCH] > 0
-    assert setup["valbatch"] is False  # forced: a batch classifier cannot score held-out batches
+    assert setup.valbatch is False  # forced: a batch classifier cannot score held-out batches
     assert "split 'val'" in capsys.readouterr().out
     train_batches = sorted(
         set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist())
     )
-    assert setup["heads"] == [setup["batches"]]
-    assert (
-        list(setup["heads"][0]["values"]) == train_batches
-        and setup["heads"][0]["column"] == K.BATCH
-    )
+    assert setup.heads == (setup.batches,)
+    assert list(setup.heads[0].values) == train_batches and setup.heads[0].column == K.BATCH
     # the other model types keep validating on the held-out batches
     setup2, _ = training_setup(load_config(None, tiny_overrides(tiny_valbatch_data, tmp_path)))
-    assert setup2["valbatch"] is True
+    assert setup2.valbatch is True
 
 
 def test_bad_heads_and_splits_are_one_line_errors(tiny_data, tmp_path):
@@ -129,27 +126,16 @@ def test_bad_heads_and_splits_are_one_line_errors(tiny_data, tmp_path):
         check_train(load_config(None, tiny_overrides(nval, tmp_path) + ["model.type=zpredictor"]))
 
 
-class _FakeCtx:
-    rank = 0
-
-    def __init__(self):
-        self.reports = []
-
-    def report(self, metrics, ck):
-        self.reports.append(metrics["epoch"])
-
-
 def test_early_stopping_stops_after_patience_and_picks_the_first_best(tmp_path):
-    from raycell.train.trainer import EarlyStopping, EarlyStoppingContext, _StopEarly
+    from raycell.train.stopping import EarlyStopper, EarlyStopping
 
     accs = [0.5, 0.7, 0.7, 0.6, 0.9]
-    ctx = EarlyStoppingContext(_FakeCtx(), {"patience": 2, "metric": "val_acc", "mode": "max"})
-    hist = []
-    with pytest.raises(_StopEarly):
-        for e, a in enumerate(accs):
-            hist.append({"epoch": e, "val_acc": a})
-            ctx.report(hist[-1], None)
-    assert ctx.ctx.reports == [0, 1, 2, 3] and ctx.best_epoch == 1  # reported before stopping
+    stopper = EarlyStopper(EarlyStopping(2, "val_acc", "max"))
+    hist = [{"epoch": e, "val_acc": a} for e, a in enumerate(accs)]
+    stops = [stopper.after_epoch(r) for r in hist[:4]]
+    assert stops == [False, False, False, True] and stopper.best_epoch == 1  # the first of equals
+    assert "val_acc has not improved on 0.7000 (epoch 1) for 2 epoch(s)" in stopper.message(3)
+    assert not stopper.after_epoch(hist[4]) and stopper.best_epoch == 4  # an improvement resets
     assert EarlyStopping(2).best(hist[:4])["epoch"] == 1
     assert (
         EarlyStopping(2, "val_loss", "min").best(
@@ -158,14 +144,8 @@ def test_early_stopping_stops_after_patience_and_picks_the_first_best(tmp_path):
         == 0
     )
     # a resumed run counts the epochs in its history: one more non-improving epoch stops it
-    from raycell.train.history import append_epoch
-
-    f = tmp_path / "history.jsonl"
-    for r in hist[:3]:
-        append_epoch(f, r)
-    resumed = EarlyStoppingContext(_FakeCtx(), {"patience": 2}, str(f))
-    with pytest.raises(_StopEarly):
-        resumed.report({"epoch": 3, "val_acc": 0.6}, None)
+    resumed = EarlyStopper(EarlyStopping(2), hist[:3])
+    assert resumed.after_epoch({"epoch": 3, "val_acc": 0.6})
     with pytest.raises(ConfigError, match="patience"):
         EarlyStopping(0)
 

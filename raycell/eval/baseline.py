@@ -188,8 +188,6 @@ def fit_baseline(x: np.ndarray, y: np.ndarray, seed: int = 0):
 
 def baseline_metrics(pipe, x: np.ndarray, meta: pd.DataFrame, label_vocab: list[str]) -> dict:
     """The metrics `raycell evaluate` gives a deep model's split, for the fitted baseline on x."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score
-
     from raycell.eval.classification import classification_metrics
     from raycell.eval.latent import latent_metrics
 
@@ -202,17 +200,7 @@ def baseline_metrics(pipe, x: np.ndarray, meta: pd.DataFrame, label_vocab: list[
     if known.any():
         prob = np.zeros((len(x), len(label_vocab)))
         prob[:, pipe.classes_] = pipe.predict_proba(x)  # a class absent from train keeps prob 0
-        if len(label_vocab) == 2:
-            res.update(classification_metrics(y[known], prob[known, 1]))
-        else:
-            pred = prob[known].argmax(1)
-            res.update(
-                {
-                    "balanced_accuracy": float(balanced_accuracy_score(y[known], pred)),
-                    "f1": float(f1_score(y[known], pred, average="macro")),
-                    "accuracy": float((pred == y[known]).mean()),
-                }
-            )
+        res.update(classification_metrics(y[known], prob[known]))
     res["mse"] = math.nan  # no reconstruction: keeps the deep rows' keys
     res["ssim"] = math.nan
     z = pipe[:-1].transform(x)  # imputed, standardised with the train statistics

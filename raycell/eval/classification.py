@@ -1,7 +1,9 @@
-"""Phenotype classification metrics: AUROC with a DeLong confidence interval, balanced accuracy, F1.
+"""Phenotype classification metrics: AUROC (binary or macro one-vs-rest), balanced accuracy, F1.
 
-Pure numpy / scipy / scikit-learn (no torch, no Ray). Undefined values (a single class) are NaN, not
-errors, so a split with one label still gets a row in the evaluate table.
+`auroc` is the one AUROC of raycell: the training loop's `val_auroc` and `raycell evaluate`'s `auroc`
+both call it, so the same predictions give the same number. Binary AUROC also gets a DeLong confidence
+interval. Pure numpy / scipy / scikit-learn (no torch, no Ray). Undefined values (a single class) are
+NaN, not errors, so a split with one label still gets a row in the evaluate table.
 """
 
 from __future__ import annotations
@@ -13,9 +15,41 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-__all__ = ["auroc_ci", "classification_metrics"]
+__all__ = ["auroc", "auroc_ci", "classification_metrics"]
 
 NAN = float("nan")
+
+
+def _positive_scores(prob: np.ndarray) -> np.ndarray:
+    """A binary classifier's scores for class 1: (N,) as given, or column 1 of (N, 2) probabilities."""
+    return prob[:, 1] if prob.ndim == 2 and prob.shape[1] == 2 else prob
+
+
+def auroc(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """Area under the ROC curve of class probabilities; NaN when fewer than two classes are present.
+
+    Binary: `prob` is (N,) (the probability of class 1) or (N, 2); the AUROC is the probability that a
+    random positive scores above a random negative (ties count one half). Multi-class (N, K > 2):
+    the macro one-vs-rest AUROC, the mean over the classes present in `y_true` of the binary AUROC of
+    that class's probability against all other cells. A class absent from the split has no AUROC
+    and is left out of the mean (scikit-learn's `multi_class="ovr"` would refuse the split).
+
+    Args:
+        y_true: Class codes 0..K-1, shape (N,).
+        prob: Class probabilities, shape (N,) for binary or (N, K).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true).ravel().astype(int)
+    p = _positive_scores(np.asarray(prob, dtype=np.float64))
+    present = np.unique(y)
+    if len(present) < 2:
+        return NAN
+    if p.ndim == 1:
+        return float(roc_auc_score(y, p))
+    # one column per present class: sklearn's multilabel form averages their binary AUROCs (macro)
+    onehot = (y[:, None] == present[None, :]).astype(int)
+    return float(roc_auc_score(onehot, p[:, present], average="macro"))
 
 
 def _midrank(x: np.ndarray) -> np.ndarray:
@@ -78,7 +112,8 @@ def auroc_ci(y_true: np.ndarray, score: np.ndarray, alpha: float = 0.05) -> dict
     out: dict[str, Any] = {"auroc": NAN, "ci_low": NAN, "ci_high": NAN, "n": n, "n_pos": n_pos}
     if n_pos == 0 or n_pos == n:
         return out
-    auc, var = _delong_auc_var(y, s)
+    _, var = _delong_auc_var(y, s)
+    auc = auroc(y, s)  # the point estimate the loop reports too (DeLong's equals it to rounding)
     z = float(stats.norm.ppf(1.0 - alpha / 2.0))
     half = z * np.sqrt(max(var, 0.0))
     out.update(
@@ -90,43 +125,47 @@ def auroc_ci(y_true: np.ndarray, score: np.ndarray, alpha: float = 0.05) -> dict
 
 
 def classification_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict:
-    """Binary classification metrics from predicted probabilities.
+    """Classification metrics from predicted class probabilities, binary or multi-class.
 
-    Definitions (predictions are ``prob >= threshold``):
+    Definitions (binary predictions are ``prob >= threshold``, multi-class ones the arg-max):
 
-    * ``auroc`` (+ ``auroc_ci_low`` / ``auroc_ci_high``): see :func:`auroc_ci` (DeLong 1988,
-      Sun & Xu 2014). Higher is better.
-    * ``balanced_accuracy``: mean of sensitivity and specificity (mean per-class recall);
-      Brodersen et al. (2010), The balanced accuracy and its posterior distribution, ICPR.
-      Higher is better; 0.5 = chance.
-    * ``f1``: harmonic mean of precision and recall of class 1, ``2TP / (2TP + FP + FN)``
-      (van Rijsbergen 1979); 0 when undefined. Higher is better.
+    * ``auroc``: see :func:`auroc` (macro one-vs-rest for more than two classes). Higher is better.
+    * ``auroc_ci_low`` / ``auroc_ci_high`` (binary only): the DeLong interval of :func:`auroc_ci`
+      (DeLong 1988, Sun & Xu 2014).
+    * ``balanced_accuracy``: mean per-class recall (for two classes, the mean of sensitivity and
+      specificity); Brodersen et al. (2010), The balanced accuracy and its posterior distribution,
+      ICPR. Higher is better; 1 / K = chance.
+    * ``f1``: binary, the harmonic mean of precision and recall of class 1, ``2TP / (2TP + FP + FN)``
+      (van Rijsbergen 1979); multi-class, the mean of the per-class F1 (macro). 0 when undefined.
+      Higher is better.
     * ``accuracy``: fraction of correct predictions. Higher is better.
 
     Args:
-        y_true: Binary labels (0/1), shape (N,).
-        prob: Predicted probability of class 1, shape (N,).
-        threshold: Decision threshold.
+        y_true: Class codes 0..K-1, shape (N,).
+        prob: Probability of class 1, shape (N,), or class probabilities, shape (N, K).
+        threshold: Decision threshold of a binary classifier.
 
     Returns:
-        Dict with keys ``auroc, auroc_ci_low, auroc_ci_high, balanced_accuracy, f1, accuracy,
-        n``. With a single class present AUROC and its CI are NaN; the rest is still computed.
+        Dict with keys ``auroc, balanced_accuracy, f1, accuracy, n`` (binary: also ``auroc_ci_low,
+        auroc_ci_high``). With a single class present AUROC and its CI are NaN; the rest is still
+        computed.
     """
     y = np.asarray(y_true).ravel().astype(int)
-    p = np.asarray(prob, dtype=np.float64).ravel()
-    pred = (p >= threshold).astype(int)
-    a = auroc_ci(y, p)
+    p = _positive_scores(np.asarray(prob, dtype=np.float64))
+    binary = p.ndim == 1
+    pred = (p >= threshold).astype(int) if binary else p.argmax(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bacc = float(balanced_accuracy_score(y, pred)) if len(y) else NAN
-        f1 = float(f1_score(y, pred, zero_division=0)) if len(y) else NAN
+        f1 = (
+            float(f1_score(y, pred, average="binary" if binary else "macro", zero_division=0))
+            if len(y)
+            else NAN
+        )
+    out: dict[str, Any] = {"auroc": auroc(y, p)}
+    if binary:
+        a = auroc_ci(y, p)
+        out.update(auroc_ci_low=a["ci_low"], auroc_ci_high=a["ci_high"])
     acc = float(accuracy_score(y, pred)) if len(y) else NAN
-    return {
-        "auroc": a["auroc"],
-        "auroc_ci_low": a["ci_low"],
-        "auroc_ci_high": a["ci_high"],
-        "balanced_accuracy": bacc,
-        "f1": f1,
-        "accuracy": acc,
-        "n": int(len(y)),
-    }
+    out.update(balanced_accuracy=bacc, f1=f1, accuracy=acc, n=int(len(y)))
+    return out

@@ -1,10 +1,11 @@
 """`raycell evaluate`: metrics per split from inference outputs, as JSON, CSV and a printed table.
 
 For each split present (seen `test` vs `unseen` are the ones that matter; `val`/`train` when inferred):
-phenotype AUROC with a DeLong 95% CI, balanced accuracy and F1; reconstruction MSE and SSIM (per-cell
-values written by `infer`); latent batch mixing (Davies-Bouldin and Calinski-Harabasz by batch on z-scored
-latents, batch silhouette, iLISI, batch-probe accuracy) and label structure (silhouette, 1-NN label accuracy
-excluding same-batch neighbours). Definitions are in `raycell.eval.classification` and
+phenotype AUROC (the training loop's `val_auroc` on the same predictions; macro one-vs-rest for more
+than two labels, binary with a DeLong 95% CI), balanced accuracy and F1; reconstruction MSE and SSIM
+(per-cell values written by `infer`); latent batch mixing (Davies-Bouldin and Calinski-Harabasz by batch
+on z-scored latents, batch silhouette, iLISI, batch-probe accuracy) and label structure (silhouette, 1-NN
+label accuracy excluding same-batch neighbours). Definitions are in `raycell.eval.classification` and
 `raycell.eval.latent`.
 
 With `baseline` (config `eval.baseline`), the same splits are also scored for a logistic regression on
@@ -65,21 +66,8 @@ def split_metrics(
         )
     y = pd.Categorical(df[K.LABEL], categories=label_vocab).codes
     prob = df[K.PROB].to_numpy() if K.PROB in df else None  # weak-label models without a label head
-    if prob is None:
-        pass
-    elif len(label_vocab) == 2 and np.ndim(prob[0]) == 0 and known.any():
-        res.update(classification_metrics(y[known], prob[known].astype(float)))
-    elif known.any():  # multi-class: accuracy family on the arg-max
-        from sklearn.metrics import balanced_accuracy_score, f1_score
-
-        pred = np.stack(prob[known]).argmax(1)
-        res.update(
-            {
-                "balanced_accuracy": float(balanced_accuracy_score(y[known], pred)),
-                "f1": float(f1_score(y[known], pred, average="macro")),
-                "accuracy": float((pred == y[known]).mean()),
-            }
-        )
+    if prob is not None and known.any():  # (N,) binary or (N, K) class probabilities
+        res.update(classification_metrics(y[known], np.stack(prob[known]).astype(float)))
     if K.RECON_MSE in df:  # models that reconstruct
         res["mse"] = float(df[K.RECON_MSE].mean())
         res["ssim"] = float(df[K.RECON_SSIM].mean())

@@ -47,6 +47,7 @@ import copy
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +67,9 @@ from raycell.formats.inferred_z import (  # noqa: F401
 )
 from raycell.formats.shards import ShardDataset, open_dataset
 from raycell.utils.io import atomic_write_json, atomic_write_parquet
+
+if TYPE_CHECKING:
+    from raycell.train.setup import Balance
 
 ZPREDICTOR = "zpredictor"  # the model type (raycell/models/armed.py)
 
@@ -87,13 +91,13 @@ def balanced_weights(
     return w
 
 
-def balance_setup(cfg: ExperimentConfig, ds: ShardDataset) -> dict:
+def balance_setup(cfg: ExperimentConfig, ds: ShardDataset) -> Balance:
     """The balanced Z-predictor's weights from the train split's (batch, label) counts (on the driver).
 
-    Returns:
-        {"by": the label vocabulary (dict), "weights": (n_batches, n_labels) table as lists, rows in the
-        order of the Z-predictor's batch head}, as `raycell.train.trainer.train(balance=...)` takes it.
+    Rows of the table in the order of the Z-predictor's batch head, as
+    `raycell.train.trainer.train(balance=...)` takes it.
     """
+    from raycell.train.setup import Balance
     from raycell.train.trainer import batch_head_vocab
 
     vocab = batch_head_vocab(cfg, ds)  # the Z-predictor's head: the rows of the table
@@ -102,7 +106,7 @@ def balance_setup(cfg: ExperimentConfig, ds: ShardDataset) -> dict:
     w = balanced_weights(
         vocab.encode(t.column(K.BATCH)), labels.encode(t.column(K.LABEL)), len(vocab), len(labels)
     )
-    return {"by": labels.to_dict(), "weights": w.tolist()}
+    return Balance(labels, tuple(map(tuple, w.tolist())))
 
 
 def uniform_z(n_cells: int, n_batches: int) -> np.ndarray:
@@ -332,7 +336,8 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
 
     from raycell.formats.checkpoint import read_meta
     from raycell.infer.batch import predict
-    from raycell.train.trainer import EarlyStopping, train
+    from raycell.train.stopping import EarlyStopping
+    from raycell.train.trainer import train
     from raycell.utils.ray_utils import init_ray
 
     t0 = time.time()

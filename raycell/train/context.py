@@ -45,6 +45,10 @@ class TrainContext:
     def broadcast_parameters(self, module: torch.nn.Module) -> None:
         """Make every worker start from rank 0's weights (no-op with one worker)."""
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's `flag`, on every rank (with one worker, `flag` itself)."""
+        return flag
+
 
 class LocalContext(TrainContext):
     """In-process context over a shard data set; reports are collected in `self.history`."""
@@ -203,6 +207,16 @@ class RayTrainContext(TrainContext):
 
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src=0)
+
+    def agree(self, flag):
+        """Broadcast rank 0's flag (a tensor on the device: nccl cannot send CPU tensors)."""
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
 
 
 __all__ = ["TrainContext", "LocalContext", "RayTrainContext"]

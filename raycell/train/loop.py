@@ -4,9 +4,13 @@ Per epoch: stream the worker's training minibatches through the plan's `training
 the whole validation split (and on the held-out validation batches, split `valbatch`, when the data set
 has them), then report metrics (every term of the plan's `LossOutput`, by name) and a checkpoint (model,
 optimiser state, model args, data spec, category maps, config). Rank 0 also appends the epoch's metrics
-to the run's `history.jsonl` (`raycell.train.history`): Ray keeps only the checkpointed reports. On start
-it resumes from the latest checkpoint if Ray Train hands it one (a worker-group restart after a failure,
-or `raycell train --resume`).
+to the run's `history.jsonl` (`raycell.train.history`): Ray keeps only the checkpointed reports. Under an
+early-stopping rule (`RunSetup.early_stopping`) the loop ends after the report that spends its patience.
+On start it resumes from the latest checkpoint if Ray Train hands it one (a worker-group restart after a
+failure, or `raycell train --resume`).
+
+`val_auroc` is `raycell.eval.classification.auroc`, the AUROC `raycell evaluate` reports for the same
+predictions (macro one-vs-rest for more than two classes).
 
 Model-selection metrics (what a search can optimise), besides `val_auroc`:
 * `valbatch_auroc`, `valbatch_loss`, ...: the `val_*` metrics on whole seen batches never trained on
@@ -21,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,7 @@ import torch
 from raycell.config import ExperimentConfig
 from raycell.data.augment import augment_batch, parse_augment
 from raycell.data.dataset import CropCollate
+from raycell.eval.classification import auroc
 from raycell.formats.categories import CategoryMap
 from raycell.formats.checkpoint import load_plan_state, save_checkpoint
 from raycell.formats.spec import DataSpec
@@ -37,7 +43,9 @@ from raycell.models import build_plan, create_model
 from raycell.models.random_effects import one_hot_design
 from raycell.plans import TrainingPlan
 from raycell.train.context import RayTrainContext, TrainContext
-from raycell.train.history import append_epoch
+from raycell.train.history import append_epoch, read_history
+from raycell.train.setup import RunSetup
+from raycell.train.stopping import EarlyStopper
 from raycell.utils.memory import trimming
 
 PROBE_MAX_CELLS = 2000  # the per-epoch batch probe stays cheap (a few 3-fold logistic regressions)
@@ -48,9 +56,14 @@ def model_kwargs(
     spec: DataSpec,
     labels: CategoryMap,
     batch_map: CategoryMap,
-    setup: dict | None = None,
+    heads: Sequence[CategoryMap] = (),
+    channel_means: Sequence[float] | None = None,
 ) -> dict:
-    """Builder arguments: data-derived sizes, then the preset, then the user's `model.args`."""
+    """Builder arguments: data-derived sizes, then the preset, then the user's `model.args`.
+
+    `heads`: a weak-label model type's heads (`RunSetup.heads`); `channel_means`: initialises a
+    decoder's output (`RunSetup.channel_means`).
+    """
     kw = {
         "in_channels": spec.shape[0],
         "n_classes": len(labels),
@@ -58,50 +71,23 @@ def model_kwargs(
         "preset": cfg.model.preset,
         "image_size": spec.shape[1],
     }
-    if setup and setup.get("channel_means"):
-        kw["output_mean"] = setup["channel_means"]
-    if setup and setup.get("heads"):  # weak-label model types: one head per column (data.heads)
-        heads = [CategoryMap.from_dict(h) for h in setup["heads"]]
+    if channel_means:
+        kw["output_mean"] = list(channel_means)
+    if heads:
         kw.update(head_names=[h.column for h in heads], head_sizes=[len(h) for h in heads])
     return {**kw, **cfg.model.args}
 
 
-def make_collate(setup: dict) -> CropCollate:
+def make_collate(setup: RunSetup) -> CropCollate:
     """The collate of a run: its data spec, label, batch and (weak-label models) head vocabularies.
 
-    A balanced Z-predictor (`setup["balance"]`) also collates the label column, as y's last column: the
+    A balanced Z-predictor (`setup.balance`) also collates the label column, as y's last column: the
     plan weights each cell by (batch, label); the model and its metrics see the batch head only.
     """
-    heads = [CategoryMap.from_dict(h) for h in setup.get("heads") or []] or None
-    if heads and setup.get("balance"):
-        heads = heads + [CategoryMap.from_dict(setup["balance"]["by"])]
-    return CropCollate(
-        DataSpec.from_dict(setup["data_spec"]),
-        CategoryMap.from_dict(setup["labels"]),
-        CategoryMap.from_dict(setup["batches"]),
-        heads,
-    )
-
-
-def _auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """AUROC of class probabilities (N,) or (N, K); NaN when the split has one class only."""
-    from sklearn.metrics import roc_auc_score
-
-    try:
-        if p.ndim == 2 and p.shape[1] == 2:
-            return float(roc_auc_score(y, p[:, 1]))
-        if p.ndim == 2:  # classes absent from this split are left out (ovr needs each present once)
-            present = np.unique(y)
-            if len(present) < 2:
-                return float("nan")
-            sub = p[:, present] / np.clip(p[:, present].sum(1, keepdims=True), 1e-12, None)
-            remap = np.searchsorted(present, y)
-            if len(present) == 2:
-                return float(roc_auc_score(remap, sub[:, 1]))
-            return float(roc_auc_score(remap, sub, multi_class="ovr"))
-        return float(roc_auc_score(y, p))
-    except ValueError:  # one class only in the split
-        return float("nan")
+    heads = list(setup.heads)
+    if heads and setup.balance is not None:
+        heads.append(setup.balance.by)
+    return CropCollate(setup.data_spec, setup.labels, setup.batches, heads or None)
 
 
 def validate(
@@ -150,7 +136,7 @@ def validate(
         blocks = np.split(p, np.cumsum([len(h) for h in heads])[:-1], axis=1)
         for i, (h, ph) in enumerate(zip(heads, blocks)):
             res[f"{prefix}_{h.column}_acc"] = float((ph.argmax(1) == y[:, i]).mean())
-            res[f"{prefix}_{h.column}_auroc"] = _auroc(y[:, i], ph)
+            res[f"{prefix}_{h.column}_auroc"] = auroc(y[:, i], ph)
         res[f"{prefix}_acc"] = float(np.mean([res[f"{prefix}_{h.column}_acc"] for h in heads]))
         res[f"{prefix}_auroc"] = float(
             np.nanmean([res[f"{prefix}_{h.column}_auroc"] for h in heads])
@@ -160,7 +146,7 @@ def validate(
         return res
     pred = p >= 0.5 if p.ndim == 1 else p.argmax(1)
     res[f"{prefix}_acc"] = float((pred == y).mean())
-    res[f"{prefix}_auroc"] = _auroc(y, p)
+    res[f"{prefix}_auroc"] = auroc(y, p)
     return res
 
 
@@ -228,24 +214,24 @@ def timed(batches, waited: list[float]):
 
 
 def run_training(
-    ctx: TrainContext, cfg: ExperimentConfig, setup: dict, history_file: str | None = None
+    ctx: TrainContext, cfg: ExperimentConfig, setup: RunSetup, history_file: str | None = None
 ) -> dict:
     """Train `cfg.model.type` for `cfg.train.epochs`, reporting through `ctx`; returns the last metrics.
 
-    `setup["valbatch"]` true: also validate on the `valbatch` split. `history_file`: rank 0 appends
-    each epoch's metrics there (JSON lines).
+    `setup.valbatch`: also validate on the `valbatch` split. `setup.early_stopping`: after each epoch's
+    report, stop once the rule's patience is spent. `history_file`: rank 0 appends each epoch's
+    metrics there (JSON lines); a resumed run's early stopping counts the epochs recorded in it.
     """
-    spec = DataSpec.from_dict(setup["data_spec"])
-    labels = CategoryMap.from_dict(setup["labels"])
-    batch_map = CategoryMap.from_dict(setup["batches"])  # imaging batches: the columns of Z
+    spec, labels = setup.data_spec, setup.labels
+    batch_map = setup.batches  # imaging batches: the columns of Z
+    heads = list(setup.heads) or None
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(
         cfg.seed
     )  # same initial weights on every worker (and broadcast below to be sure)
-    model = create_model(cfg.model.type, **model_kwargs(cfg, spec, labels, batch_map, setup)).to(
-        ctx.device
-    )
+    kwargs = model_kwargs(cfg, spec, labels, batch_map, setup.heads, setup.channel_means)
+    model = create_model(cfg.model.type, **kwargs).to(ctx.device)
     on_cuda = ctx.device.type == "cuda"
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -259,10 +245,9 @@ def run_training(
         bf16=cfg.train.bf16 and on_cuda,
         layer_decay=cfg.train.layer_decay,
     )
-    plan.set_schedule(cfg.train.schedule, setup.get("steps_per_epoch", 1) * cfg.train.epochs)
-    if setup.get("balance"):  # infer.z_mode balanced: (batch, label) weights computed on the driver
-        plan.set_balance(setup["balance"]["weights"])
-    heads = [CategoryMap.from_dict(h) for h in setup.get("heads") or []] or None
+    plan.set_schedule(cfg.train.schedule, setup.steps_per_epoch * cfg.train.epochs)
+    if setup.balance is not None:  # infer.z_mode balanced: (batch, label) weights from the driver
+        plan.set_balance(setup.balance.weights)
 
     start = 0
     resume = ctx.resume_from()
@@ -279,6 +264,10 @@ def run_training(
         if ctx.rank == 0:
             print(f"[raycell] resuming from {resume} at epoch {start}", flush=True)
     ctx.broadcast_parameters(model)
+    stopper = None
+    if setup.early_stopping is not None:  # a resumed run counts the epochs it has recorded
+        done = [r for r in read_history(history_file) if r["epoch"] < start] if history_file else []
+        stopper = EarlyStopper(setup.early_stopping, done)
 
     augment = parse_augment(cfg.train.augment)
     aug_gen = torch.Generator(device=ctx.device) if augment else None
@@ -356,7 +345,7 @@ def run_training(
                 metrics["val_composite"] = (
                     metrics["val_auroc"] - cfg.train.composite_weight * excess
                 )
-        if setup.get("valbatch"):  # whole seen batches never trained on: codes -1, Z rows all zero
+        if setup.valbatch:  # whole seen batches never trained on: codes -1, Z rows all zero
             vb = trimming(ctx.minibatches("valbatch", epoch, train=False))
             metrics.update(
                 validate(
@@ -385,7 +374,7 @@ def run_training(
                         batches=batch_map,
                         config=cfg.to_dict(),
                         metrics=metrics,
-                        extra={"heads": setup["heads"]} if heads else None,
+                        extra={"heads": [h.to_dict() for h in heads]} if heads else None,
                     )
                 )
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
@@ -393,13 +382,19 @@ def run_training(
                 if history_file:  # before the report: a run killed in between re-runs the epoch
                     append_epoch(history_file, metrics)
             ctx.report(metrics, ck)
+        # rank 0 decides and every rank follows: a rank that stopped alone would leave the others
+        # waiting in the next report (their val metrics can differ: BatchNorm statistics are per rank)
+        if stopper is not None and ctx.agree(stopper.after_epoch(metrics)):
+            if ctx.rank == 0:
+                print(stopper.message(epoch), flush=True)
+            break
     return metrics
 
 
-def ray_context(config: dict) -> tuple[ExperimentConfig, dict, RayTrainContext]:
+def ray_context(config: dict) -> tuple[ExperimentConfig, RunSetup, RayTrainContext]:
     """In a Ray Train worker: the config, the setup and the Ray context of the run (`config` as passed)."""
     cfg = ExperimentConfig.from_dict(config["cfg"])
-    setup = config["setup"]
+    setup = RunSetup.from_dict(config["setup"])
     d = cfg.data
     ctx = RayTrainContext(
         make_collate(setup),

@@ -11,9 +11,8 @@ in `RESUME_MAY_CHANGE` may differ, and the record is rewritten only after the re
 from __future__ import annotations
 
 import copy
-import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from raycell import constants as K
@@ -25,6 +24,8 @@ from raycell.formats.categories import CategoryMap
 from raycell.formats.shards import open_dataset
 from raycell.formats.spec import DataSpec
 from raycell.train.history import HISTORY_FILE, EpochPrinter, read_history
+from raycell.train.setup import Balance, RunSetup
+from raycell.train.stopping import EarlyStopping
 from raycell.utils.io import atomic_write_json, atomic_write_text, new_run_dir
 from raycell.utils.ray_utils import link_ray_logs, single_node
 
@@ -148,21 +149,15 @@ def check_train(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.augment: {exc}") from None
     ds = _training_data(cfg)
     heads = weak_label_heads(cfg, ds)
-    if (
-        heads
-    ):  # build it once here: a wrong backbone name or weights file is one line, not a worker trace
+    if heads:
+        # build it once here: a wrong backbone name or weights file is one line, not a worker trace
         from raycell.models import create_model
         from raycell.train.loop import model_kwargs
 
         spec = DataSpec.from_dataset(ds)
-        setup = {"heads": [h.to_dict() for h in heads]}
+        labels, batches = CategoryMap(K.LABEL, ("a", "b")), CategoryMap(K.BATCH, ("a",))
         try:
-            create_model(
-                cfg.model.type,
-                **model_kwargs(
-                    cfg, spec, CategoryMap(K.LABEL, ("a", "b")), CategoryMap(K.BATCH, ("a",)), setup
-                ),
-            )
+            create_model(cfg.model.type, **model_kwargs(cfg, spec, labels, batches, heads=heads))
         except TypeError as exc:  # an argument the builder does not take
             raise ConfigError(f"model.args: {exc}") from None
     if cfg.train.layer_decay:
@@ -326,49 +321,42 @@ def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
     return vocab
 
 
-def training_setup(cfg: ExperimentConfig, fold: list[str] | None = None) -> tuple[dict, object]:
-    """Data spec and vocabularies for a run (labels from the manifest, batches = training batches).
+def training_setup(
+    cfg: ExperimentConfig,
+    fold: list[str] | None = None,
+    balance: Balance | None = None,
+    early_stopping: EarlyStopping | None = None,
+) -> tuple[RunSetup, object]:
+    """The run setup of `cfg` (the only place one is built) and its data set.
 
-    `valbatch` is true when the data set has held-out validation batches (`split.val_batches`): the loop
-    then validates on them too, and `build_trainer` hands Ray Train that split. `fold`: the batches a
-    cross-batch fold holds out (`tune.folds`): their train and val cells become the run's `valbatch` instead
-    (`raycell.data.dataset.split_filter`), and they leave the design matrix's batches.
+    Labels come from the manifest, batches are the training batches. `valbatch` is true when the data
+    set has held-out validation batches (`split.val_batches`): the loop then validates on them too, and
+    `build_trainer` hands Ray Train that split. `fold`: the batches a cross-batch fold holds out
+    (`tune.folds`): their train and val cells become the run's `valbatch` instead
+    (`raycell.data.dataset.split_filter`), and they leave the design matrix's batches. `balance`: a
+    batch-head model type only (the balanced Z-predictor, `ZPredictorPlan.set_balance`).
+    `early_stopping`: the rule the loop checks after each epoch.
     """
+    from raycell.models import model_entry
+
     ds = _training_data(cfg)
     meta = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH)
-    n_train = len(meta)
     if fold:
         import pyarrow as pa
         import pyarrow.compute as pc
 
         meta = meta.filter(pc.invert(pc.is_in(meta, value_set=pa.array(list(fold)))))
-        n_train = len(meta)
-        if not n_train:
+        if not len(meta):
             raise ConfigError(f"a fold holding out {fold} leaves no training cells")
-    setup = {
-        # the model input's normalisation travels with the model (saved in every checkpoint's spec)
-        "data_spec": DataSpec.from_dataset(ds, cfg.data.normalize).to_dict(),
-        "labels": CategoryMap(K.LABEL, ds.manifest["label_vocab"]).to_dict(),
-        # The design matrix Z has one column per *training* batch (the reference fits it on train).
-        "batches": CategoryMap.fit(K.BATCH, meta.to_pylist()).to_dict(),
-        "dataset": str(ds.root),
-        # per-channel mean intensity in [0, 1]: initialises the decoder output (see TiedDecoder.init_output)
-        "channel_means": [
-            ds.manifest["channel_stats"][c]["mean"] * DataSpec.from_dataset(ds).scale
-            for c in ds.manifest["channel_names"]
-        ]
-        if ds.manifest.get("channel_stats")
-        else None,
-        "valbatch": bool(fold) or bool(ds.manifest.get("counts_per_split", {}).get(K.VALBATCH)),
-    }
-    if fold:
-        setup["fold_batches"] = list(fold)
     heads = weak_label_heads(cfg, ds)
-    if heads:
-        setup["heads"] = [h.to_dict() for h in heads]
-    from raycell.models import model_entry
-
-    if setup["valbatch"] and model_entry(cfg.model.type).batch_head:
+    entry = model_entry(cfg.model.type)
+    if balance is not None and not entry.batch_head:
+        raise ConfigError(
+            f"balanced loss weights are for the Z-predictor (a batch-head model type), "
+            f"not model type {cfg.model.type!r}"
+        )
+    valbatch = bool(fold) or bool(ds.manifest.get("counts_per_split", {}).get(K.VALBATCH))
+    if valbatch and entry.batch_head:
         # held-out batches have no class in a batch classifier's head: validate on val only
         n = ds.manifest["counts_per_split"][K.VALBATCH]
         print(
@@ -377,118 +365,27 @@ def training_setup(cfg: ExperimentConfig, fold: list[str] | None = None) -> tupl
             f"(split '{K.VALBATCH}', split.val_batches) are not used",
             flush=True,
         )
-        setup["valbatch"] = False
+        valbatch = False
+    # the model input's normalisation travels with the model (saved in every checkpoint's spec)
+    spec = DataSpec.from_dataset(ds, cfg.data.normalize)
+    stats = ds.manifest.get("channel_stats")
     # the one-cycle schedule's length (steps per worker per epoch, as the loop counts them)
-    per_step = cfg.data.batch_size * max(1, cfg.scaling.num_workers)
-    steps = max(1, n_train // per_step)
-    setup["steps_per_epoch"] = min(steps, cfg.train.max_steps_per_epoch or steps)
+    steps = max(1, len(meta) // (cfg.data.batch_size * max(1, cfg.scaling.num_workers)))
+    setup = RunSetup(
+        data_spec=spec,
+        labels=CategoryMap(K.LABEL, ds.manifest["label_vocab"]),
+        batches=CategoryMap.fit(K.BATCH, meta.to_pylist()),
+        steps_per_epoch=min(steps, cfg.train.max_steps_per_epoch or steps),
+        valbatch=valbatch,
+        fold_batches=tuple(fold or ()),
+        channel_means=tuple(stats[c]["mean"] * spec.scale for c in ds.manifest["channel_names"])
+        if stats
+        else None,
+        heads=tuple(heads or ()),
+        balance=balance,
+        early_stopping=early_stopping,
+    )
     return setup, ds
-
-
-@dataclass(frozen=True)
-class EarlyStopping:
-    """Stop a run once `metric` has not improved for `patience` epochs; the best epoch is its result.
-
-    The loop itself has no early stopping: `train(cfg, early_stopping=...)` runs it with a context that
-    watches the reported metrics (`EarlyStoppingContext`) and keeps enough checkpoints to hold the best
-    epoch's (`train` returns it as `best_checkpoint`). The Z-predictor's recipe: val_acc, patience 3.
-    """
-
-    patience: int = 3
-    metric: str = "val_acc"
-    mode: str = "max"  # or "min" (a loss)
-
-    def __post_init__(self):
-        if self.patience < 1:
-            raise ConfigError(
-                f"early stopping: patience must be at least 1 epoch, got {self.patience}"
-            )
-        if self.mode not in ("max", "min"):
-            raise ConfigError(f"early stopping: mode must be 'max' or 'min', got {self.mode!r}")
-
-    def best(self, history: list[dict]) -> dict | None:
-        """The best epoch's record of a history (the first of equals); None when none has the metric."""
-        scored = [r for r in history if _finite(r.get(self.metric))]
-        if not scored:
-            return None
-        sign = 1.0 if self.mode == "max" else -1.0
-        return max(scored, key=lambda r: (sign * r[self.metric], -r["epoch"]))
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-class _StopEarly(Exception):
-    """Raised after the report of the last epoch the patience allows (caught by the worker function)."""
-
-
-class EarlyStoppingContext:
-    """A `TrainContext` that stops the loop once the rule's metric has not improved for `patience` epochs.
-
-    Rank 0 decides and every rank follows (a broadcast): each rank validates on the whole val split,
-    but BatchNorm running statistics are not synchronised, so ranks' metrics can differ slightly, and
-    a rank that stopped alone would leave the others waiting in `ray.train.report`. A resumed run counts
-    the epochs already in its history.
-    """
-
-    def __init__(self, ctx, rule: dict, history_file: str | None = None):
-        self.ctx, self.rule = ctx, EarlyStopping(**rule)
-        self.best: float | None = None
-        self.best_epoch, self.since, self.last = -1, 0, {}
-        from raycell.train.history import read_history
-
-        for rec in read_history(history_file) if history_file else []:
-            self._update(rec)
-
-    def __getattr__(self, name: str):  # rank, device, minibatches, ...: the wrapped context's
-        return getattr(self.ctx, name)
-
-    def _update(self, metrics: dict) -> bool:
-        """Take one epoch's metrics; True when the run should stop."""
-        v = metrics.get(self.rule.metric)
-        if not _finite(v):
-            return False  # nothing to judge by (e.g. an empty val split): never stop on it
-        if self.best is None or (v > self.best if self.rule.mode == "max" else v < self.best):
-            self.best, self.best_epoch, self.since = float(v), int(metrics["epoch"]), 0
-        else:
-            self.since += 1
-        return self.since >= self.rule.patience
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        """Report (a barrier on every rank), then stop if the patience is spent."""
-        self.ctx.report(metrics, checkpoint_dir)
-        self.last = metrics
-        stop = self._update(metrics)
-        if getattr(self.ctx, "world_size", 1) > 1:
-            import torch
-            import torch.distributed as dist
-
-            flag = torch.tensor(
-                [int(stop)], dtype=torch.int64, device=self.ctx.device
-            )  # nccl: on the GPU
-            dist.broadcast(flag, src=0)
-            stop = bool(flag.item())
-        if stop:
-            if self.ctx.rank == 0:
-                print(
-                    f"[raycell] early stopping after epoch {metrics['epoch']}: {self.rule.metric} has not "
-                    f"improved on {self.best:.4f} (epoch {self.best_epoch}) for {self.since} epoch(s)",
-                    flush=True,
-                )
-            raise _StopEarly
-
-
-def early_stopping_loop_per_worker(config: dict) -> dict:
-    """Ray Train entry point of a run with early stopping: the one loop, with `EarlyStoppingContext`."""
-    from raycell.train.loop import ray_context, run_training
-
-    cfg, setup, ctx = ray_context(config)
-    es = EarlyStoppingContext(ctx, setup["early_stopping"], config.get("history_file"))
-    try:
-        return run_training(es, cfg, setup, history_file=config.get("history_file"))
-    except _StopEarly:
-        return es.last
 
 
 def best_checkpoint(run_dir: str | Path, epoch: int) -> Path | None:
@@ -530,7 +427,7 @@ def stream_options(cfg: ExperimentConfig, held: bool) -> dict | None:
 def build_trainer(
     cfg: ExperimentConfig,
     run_dir: Path,
-    setup: dict,
+    setup: RunSetup,
     ds,
     callbacks: list | None = None,
     keep_best: tuple[str, str] | None = None,
@@ -545,15 +442,12 @@ def build_trainer(
 
     from raycell.train.loop import make_collate, train_loop_per_worker
 
-    rule = setup.get("early_stopping")
-    loop_fn = early_stopping_loop_per_worker if rule else train_loop_per_worker
-    # keep the best epoch: at most `patience` epochs after it are run, so the latest patience + 1 hold it
-    keep = (
-        max(cfg.train.checkpoints_to_keep, rule["patience"] + 1)
-        if rule
-        else cfg.train.checkpoints_to_keep
-    )
-    splits = (K.TRAIN, K.VAL, K.VALBATCH) if setup.get("valbatch") else (K.TRAIN, K.VAL)
+    rule = setup.early_stopping
+    keep = cfg.train.checkpoints_to_keep
+    if rule is not None:
+        # at most `patience` epochs follow the best one: the latest patience + 1 hold it
+        keep = max(keep, rule.patience + 1)
+    splits = (K.TRAIN, K.VAL, K.VALBATCH) if setup.valbatch else (K.TRAIN, K.VAL)
     import ray
 
     columns = make_collate(setup).columns
@@ -574,14 +468,14 @@ def build_trainer(
         shuffle_seed=cfg.data.shuffle_seed,
         materialize=held,
         parquet_reader=cfg.data.parquet_reader,
-        fold=setup.get("fold_batches"),
+        fold=list(setup.fold_batches),
     )
     sc = cfg.scaling
     return TorchTrainer(
-        loop_fn,
+        train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(),
-            "setup": setup,
+            "setup": setup.to_dict(),
             "history_file": str(Path(run_dir).absolute() / HISTORY_FILE),
         },
         datasets=datasets,
@@ -695,7 +589,9 @@ def fit_or_explain(trainer, cfg: ExperimentConfig, run_dir: Path):
 
 
 def train(
-    cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None, balance: dict | None = None
+    cfg: ExperimentConfig,
+    early_stopping: EarlyStopping | None = None,
+    balance: Balance | None = None,
 ) -> dict:
     """`_train`, holding the run folder's lock when resuming it (two resumes would mix epochs)."""
     if not cfg.train.resume:
@@ -707,38 +603,28 @@ def train(
 
 
 def _train(
-    cfg: ExperimentConfig, early_stopping: EarlyStopping | None = None, balance: dict | None = None
+    cfg: ExperimentConfig,
+    early_stopping: EarlyStopping | None = None,
+    balance: Balance | None = None,
 ) -> dict:
     """Fit one model; returns {'run_dir', 'checkpoint', 'metrics', 'history'}.
 
     With `early_stopping`, the run stops once its metric has not improved for `patience` epochs, and
     the result also has 'best_epoch' and 'best_checkpoint' (that epoch's checkpoint folder; 'checkpoint'
-    stays the latest, which a resume continues from). `balance` (a batch-head model type only, the
-    balanced Z-predictor of `raycell infer-z`): {"by": the label CategoryMap as a dict, "weights": the
-    (n_batches, n_labels) loss weight table}, see `ZPredictorPlan.set_balance`. Needs Ray to be
-    initialised (see `raycell.utils.ray_utils.init_ray`).
+    stays the latest, which a resume continues from); without it, `train.early_stopping_patience`
+    decides. `balance`: a batch-head model type only (the balanced Z-predictor of `raycell infer-z`).
+    Needs Ray to be initialised (see `raycell.utils.ray_utils.init_ray`).
     """
     if cfg.train.resume:
         cfg = resume_config(cfg)  # the run's recorded config; raises on a conflicting change
     cfg.data.path = str(Path(cfg.data.path).absolute())  # workers chdir; paths must be absolute
     check_train(cfg)
-    setup, ds = training_setup(cfg)
-    if balance is not None:
-        from raycell.models import model_entry
-
-        if not model_entry(cfg.model.type).batch_head:
-            raise ConfigError(
-                f"balanced loss weights are for the Z-predictor (a batch-head model type), "
-                f"not model type {cfg.model.type!r}"
-            )
-        setup["balance"] = balance
-    if early_stopping is None and cfg.train.early_stopping_patience:
-        m = cfg.train.early_stopping_metric
-        early_stopping = EarlyStopping(
-            cfg.train.early_stopping_patience, m, "min" if "loss" in m else "max"
+    if early_stopping is None:
+        t = cfg.train
+        early_stopping = EarlyStopping.from_config(
+            t.early_stopping_patience, t.early_stopping_metric
         )
-    if early_stopping is not None:
-        setup["early_stopping"] = asdict(early_stopping)
+    setup, ds = training_setup(cfg, balance=balance, early_stopping=early_stopping)
     if not cfg.train.torch_threads and single_node():
         # A laptop or one-machine Ray: let the workers use the cores (Ray gives a 0.5-CPU worker 1 thread).
         cfg.train.torch_threads = max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
