@@ -86,7 +86,7 @@ def _fake_deep(monkeypatch) -> dict:
 
 def _cheap_latent_metrics(monkeypatch):
     """Skip the latent metrics (the batch probe's cross-validation is slow on 2 shared cores)."""
-    import raycell.eval.latent as L
+    import raycell.metrics.latent as L
 
     keys = L.latent_metrics(
         np.random.default_rng(0).normal(size=(12, 2)), np.arange(12) % 2, np.arange(12) % 3

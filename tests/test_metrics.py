@@ -10,8 +10,8 @@ from scipy import stats
 from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score
 
-from raycell.eval import classification as C
-from raycell.eval import latent as L
+from raycell.metrics import classification as C
+from raycell.metrics import latent as L
 
 # ---------------------------------------------------------------------------------------------
 # AUROC / DeLong

@@ -1,1 +1,3 @@
-"""Evaluation: metrics (classification.py, latent.py), plots.py, and the evaluate stage (evaluate.py)."""
+"""The evaluate stage (evaluate.py) and the hand-made-feature baseline (baseline.py); the metrics they
+report live in raycell.metrics, the figures in raycell.plots.
+"""

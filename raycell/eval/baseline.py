@@ -15,7 +15,7 @@ features on the unseen batches has not learnt anything the features do not alrea
   fitted on the `train` split (at most `max_cells` cells, fixed-seed subsample).
 * Metrics per evaluated split (`test` = seen batches, `unseen`): the same keys `raycell evaluate`
   gives a deep model (AUROC with DeLong CI, balanced accuracy, F1 from
-  `raycell.eval.classification`; DB / CH / batch probe etc. from `raycell.eval.latent` on the
+  `raycell.metrics.classification`; DB / CH / batch probe etc. from `raycell.metrics.latent` on the
   standardised features, i.e. how much batch the features carry); `mse` / `ssim` are NaN.
 """
 
@@ -188,8 +188,8 @@ def fit_baseline(x: np.ndarray, y: np.ndarray, seed: int = 0):
 
 def baseline_metrics(pipe, x: np.ndarray, meta: pd.DataFrame, label_vocab: list[str]) -> dict:
     """The metrics `raycell evaluate` gives a deep model's split, for the fitted baseline on x."""
-    from raycell.eval.classification import classification_metrics
-    from raycell.eval.latent import latent_metrics
+    from raycell.metrics.classification import classification_metrics
+    from raycell.metrics.latent import latent_metrics
 
     res: dict = {"n": int(len(meta))}
     known = meta[K.LABEL].isin(label_vocab).to_numpy()

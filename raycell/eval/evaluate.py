@@ -5,8 +5,8 @@ phenotype AUROC (the training loop's `val_auroc` on the same predictions; macro 
 than two labels, binary with a DeLong 95% CI), balanced accuracy and F1; reconstruction MSE and SSIM
 (per-cell values written by `infer`); latent batch mixing (Davies-Bouldin and Calinski-Harabasz by batch
 on z-scored latents, batch silhouette, iLISI, batch-probe accuracy) and label structure (silhouette, 1-NN
-label accuracy excluding same-batch neighbours). Definitions are in `raycell.eval.classification` and
-`raycell.eval.latent`.
+label accuracy excluding same-batch neighbours). Definitions are in `raycell.metrics.classification` and
+`raycell.metrics.latent`.
 
 With `baseline` (config `eval.baseline`), the same splits are also scored for a logistic regression on
 hand-made features of the predictions' data set, fitted on its `train` split (`raycell.eval.baseline`):
@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from raycell import constants as K
-from raycell.eval.classification import classification_metrics
-from raycell.eval.latent import latent_metrics
+from raycell.metrics.classification import classification_metrics
+from raycell.metrics.latent import latent_metrics
 from raycell.utils.io import atomic_write_json, atomic_write_text
 
 SPLIT_ORDER = [K.TEST, K.UNSEEN, K.VAL, K.TRAIN, K.UNASSIGNED]

@@ -3,7 +3,7 @@
 A user choosing a mixed-effects model over a conventional embedding asks how it compares with
 correcting the conventional embedding afterwards. `compare_corrections` answers on the same wells
 with the same metrics: copairs activity / consistency mAP and percent replicating, plus batch
-mixing (batch silhouette, iLISI, linear batch probe from `raycell.eval.latent`).
+mixing (batch silhouette, iLISI, linear batch probe from `raycell.metrics.latent`).
 
 Versions (none uses feature selection, so they differ only in the correction):
 
@@ -101,7 +101,7 @@ def corrected_versions(
 
 def batch_mixing(t: ProfileTable, batch_column: str, seed: int = 0) -> dict:
     """Batch silhouette and normalised iLISI (1 = mixed), linear batch-probe accuracy."""
-    from raycell.eval.latent import batch_probe_accuracy, batch_silhouette, ilisi
+    from raycell.metrics.latent import batch_probe_accuracy, batch_silhouette, ilisi
 
     X = t.matrix()
     b = t.frame[batch_column].astype(str).to_numpy()

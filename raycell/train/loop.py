@@ -9,7 +9,7 @@ early-stopping rule (`RunSetup.early_stopping`) the loop ends after the report t
 On start it resumes from the latest checkpoint if Ray Train hands it one (a worker-group restart after a
 failure, or `raycell train --resume`).
 
-`val_auroc` is `raycell.eval.classification.auroc`, the AUROC `raycell evaluate` reports for the same
+`val_auroc` is `raycell.metrics.classification.auroc`, the AUROC `raycell evaluate` reports for the same
 predictions (macro one-vs-rest for more than two classes).
 
 Model-selection metrics (what a search can optimise), besides `val_auroc`:
@@ -34,11 +34,11 @@ import torch
 from raycell.config import ExperimentConfig
 from raycell.data.augment import augment_batch, parse_augment
 from raycell.data.dataset import CropCollate
-from raycell.eval.classification import auroc
 from raycell.formats.categories import CategoryMap
 from raycell.formats.checkpoint import load_plan_state, save_checkpoint
 from raycell.formats.spec import DataSpec
 from raycell.losses import heads_prob, label_prob
+from raycell.metrics.classification import auroc
 from raycell.models import build_plan, create_model
 from raycell.models.random_effects import one_hot_design
 from raycell.plans import TrainingPlan
@@ -156,7 +156,7 @@ def batch_probe(latents: list, seed: int = 0, max_cells: int = PROBE_MAX_CELLS) 
     A model that keeps the batch in its latents can use it as a shortcut for the phenotype; this is the
     latent metric `raycell evaluate` reports (`batch_probe_accuracy`), on a fixed-seed subsample.
     """
-    from raycell.eval.latent import batch_probe_accuracy
+    from raycell.metrics.latent import batch_probe_accuracy
 
     if not latents:
         return {}
