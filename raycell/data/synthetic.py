@@ -502,6 +502,12 @@ class BlockPlan(Protocol):
         ...
 
 
+def block_cells(seed: int, block: int, n_cells: int) -> tuple[int, int, np.random.Generator]:
+    """Block `block`'s cells [lo, hi) and its own Generator (seed, block): a block renders alone."""
+    lo, hi = block * BLOCK_CELLS, min(n_cells, (block + 1) * BLOCK_CELLS)
+    return lo, hi, np.random.default_rng([seed, block])
+
+
 @dataclass
 class CropPlan:
     """The global draws of the phenotype design: small, picklable, enough to render any block."""
@@ -525,8 +531,7 @@ class CropPlan:
 
     def render_block(self, block: int) -> tuple[np.ndarray, pd.DataFrame]:
         """Render, batch-transform and quantise one block with its own Generator (seed, block)."""
-        lo, hi = block * BLOCK_CELLS, min(self.n_cells, (block + 1) * BLOCK_CELLS)
-        rng = np.random.default_rng([self.seed, block])
+        lo, hi, rng = block_cells(self.seed, block, self.n_cells)
         li, bi = self.line_idx[lo:hi], self.batch_idx[lo:hi]
         img, truth = _render(rng, li, self.lines, self.crop_size, self.phenotype_strength)
         fields = np.stack([li, self.well[lo:hi], self.field[lo:hi]], axis=1)

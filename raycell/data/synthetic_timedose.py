@@ -45,12 +45,12 @@ import pandas as pd
 from raycell import constants as K
 from raycell.data.batch_effects import background_texture, crosstalk
 from raycell.data.synthetic import (
-    BLOCK_CELLS,
     CHANNELS,
     CropEffects,
     _apply_batch,
     _batch_params,
     _draw_cells,
+    block_cells,
     check_effects,
     crop_effects,
     render_design,
@@ -292,8 +292,7 @@ class TimedosePlan:
 
     def render_block(self, block: int) -> tuple[np.ndarray, pd.DataFrame]:
         """Render, batch-transform and quantise one block with its own Generator (seed, block)."""
-        lo, hi = block * BLOCK_CELLS, min(self.n_cells, (block + 1) * BLOCK_CELLS)
-        rng = np.random.default_rng([self.seed, block])
+        lo, hi, rng = block_cells(self.seed, block, self.n_cells)
         wi = self.cell_well[lo:hi]
         time = self.wells.time.to_numpy(np.int64)[wi]
         dose = self.wells.dose.to_numpy(np.float64)[wi]
