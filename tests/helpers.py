@@ -6,6 +6,7 @@ Plain functions (fixtures stay in each test file or in conftest.py), imported as
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -113,3 +114,15 @@ def untrained_checkpoint(data: Path, run: Path) -> Path:
         config={},
         metrics={},
     )
+
+
+def dataset_fingerprint(folder: Path) -> dict:
+    """Every file's bytes (by hash), and the manifest apart from its creation time."""
+    files = {
+        p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "dataset.json"
+    }
+    manifest = json.loads((folder / "dataset.json").read_text())
+    manifest.pop("created")
+    return {"files": files, "manifest": manifest}

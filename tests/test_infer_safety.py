@@ -82,6 +82,13 @@ def _cli(capsys, *argv) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
+def _infer_z(capsys, checkpoint: Path, data: Path, out: Path) -> tuple[int, str]:
+    """`raycell infer-z` in-process: (exit status, stderr)."""
+    return _cli(
+        capsys, "infer-z", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)
+    )
+
+
 def _one_line(err: str, *needles: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("raycell: error:"), err[-2000:]
@@ -146,32 +153,14 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
     weights = ck / "model.pt"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     # infer-z checks its inputs before it starts Ray: the CLI contract is checked end to end
-    rc, err = _cli(
-        capsys,
-        "infer-z",
-        "--checkpoint",
-        str(ck),
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(tmp_path / "z"),
-    )
+    rc, err = _infer_z(capsys, ck, tiny_data, tmp_path / "z")
     assert rc == 2
     _one_line(err, str(weights), "truncated or corrupt")
     assert not (tmp_path / "z").exists()
     # a damaged meta.json: one line naming it
     ck2 = _copy(cks["conventional"], tmp_path / "ck2")
     (ck2 / "meta.json").write_text('{"model_type": "conventional", "model_ar')
-    rc, err = _cli(
-        capsys,
-        "infer-z",
-        "--checkpoint",
-        str(ck2),
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(tmp_path / "z"),
-    )
+    rc, err = _infer_z(capsys, ck2, tiny_data, tmp_path / "z")
     assert rc == 2
     _one_line(err, str(ck2 / "meta.json"))
     # the same errors from load_checkpoint and the infer pre-flight
@@ -190,16 +179,7 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
 
 def test_crop_size_of_the_data_differing_from_the_models_is_one_line(tiny_data, tmp_path, capsys):
     ck = _save_ck(tmp_path / "ck64", "conventional", open_dataset(tiny_data), shape=(2, 64, 64))
-    rc, err = _cli(
-        capsys,
-        "infer-z",
-        "--checkpoint",
-        str(ck),
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(tmp_path / "z"),
-    )
+    rc, err = _infer_z(capsys, ck, tiny_data, tmp_path / "z")
     assert rc == 2
     _one_line(err, str(tiny_data), "crop size 32x32 vs 64x64")
     from raycell.infer.batch import check_config
