@@ -285,7 +285,7 @@ def test_from_config_defaults_to_varied_with_the_configs_unseen_batches(tmp_path
         ],
     )
     info = from_config(cfg)
-    assert info["params"]["effects"] == getattr(cfg.synth, "effects", "varied")
+    assert info["params"]["effects"] == cfg.synth.effects
     assert info["suggested_unseen"] == ["batch02"]
     # one batch: nothing to hold out, so no extreme
     one = write_synthetic_raw(
