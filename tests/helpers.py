@@ -75,11 +75,20 @@ def raw_ingest_config(src: Path, out: Path, platemap: Path | str = "", **ingest)
     return load_config(None, sets)
 
 
-def untrained_checkpoint(data: Path, run: Path) -> Path:
-    """An untrained conventional checkpoint for the crop data set `data`, saved as `run`/checkpoint.
+# the tiny data set's training batches (2 unseen: batch06, batch07)
+SEEN = tuple(f"batch{i:02d}" for i in range(6))
 
-    For tests of what reads a checkpoint (output checks, locks): no training needed. Seen batches:
-    batch00..batch05, as in the tiny data set.
+
+def untrained_checkpoint(
+    data: Path,
+    path: Path,
+    model_type: str = "conventional",
+    shape: tuple[int, int, int] | None = None,
+) -> Path:
+    """An untrained checkpoint of `model_type` at `path` for the crop data set `data` (seen: `SEEN`).
+
+    For tests of what reads a checkpoint (output checks, locks, inference refusals): no training
+    needed. `shape`: made for crops of this (C, H, W) instead of the data set's.
     """
     import torch
 
@@ -92,25 +101,25 @@ def untrained_checkpoint(data: Path, run: Path) -> Path:
 
     ds = open_dataset(data)
     spec = DataSpec.from_dataset(ds)
+    if shape is not None:
+        spec = DataSpec(spec.channel_names, shape, spec.dtype)
     torch.manual_seed(0)
-    seen = tuple(f"batch{i:02d}" for i in range(6))
     model = create_model(
-        "conventional",
+        model_type,
         in_channels=spec.shape[0],
         n_classes=2,
-        n_batches=len(seen),
+        n_batches=len(SEEN),
         preset="tiny",
         image_size=spec.shape[1],
     )
-    labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
     return save_checkpoint(
-        run / "checkpoint",
+        path,
         model,
         None,
         epoch=0,
         spec=spec,
-        labels=labels,
-        batches=CategoryMap(K.BATCH, seen),
+        labels=CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"])),
+        batches=CategoryMap(K.BATCH, SEEN),
         config={},
         metrics={},
     )

@@ -172,7 +172,7 @@ def test_two_resumes_of_one_run(tiny_data, tmp_path, capsys):
 
 @pytest.mark.parametrize("verb", ["infer", "embed"])
 def test_second_infer_refuses_and_keeps_the_first_runs_staging(verb, tiny_data, tmp_path, capsys):
-    ck = untrained_checkpoint(tiny_data, tmp_path / "run")
+    ck = untrained_checkpoint(tiny_data, tmp_path / "run" / "checkpoint")
     out = tmp_path / "preds"
     (out / "shards").mkdir(parents=True)
     mark(out, EMBEDDINGS if verb == "embed" else PREDICTIONS)

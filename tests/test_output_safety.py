@@ -399,7 +399,7 @@ def test_export_refuses_a_duplicated_shard(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def checkpoint(tiny_data, tmp_path_factory) -> Path:
     """An untrained checkpoint for the tiny data set (no training needed to test output checks)."""
-    return untrained_checkpoint(tiny_data, tmp_path_factory.mktemp("ck") / "run")
+    return untrained_checkpoint(tiny_data, tmp_path_factory.mktemp("ck") / "run" / "checkpoint")
 
 
 @pytest.mark.parametrize("verb", ["infer", "embed"])
