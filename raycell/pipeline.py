@@ -56,16 +56,22 @@ def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
             verbose=cfg.ray.verbose,
             start_timeout_s=cfg.ray.start_timeout_s,
         )
+    # the arguments both crop designs take (the others in the order the manifest records them)
+    common = dict(
+        n_cells=s.n_cells,
+        crop_size=s.crop_size,
+        rows_per_shard=s.rows_per_shard,
+        overwrite=overwrite,
+        seed=cfg.seed,
+        effects=s.crop_effects,
+        unseen_extreme=s.unseen_extreme,
+        **chunking,
+    )
     if s.design == "timedose":
         from raycell.data.synthetic_timedose import write_timedose
 
         m = write_timedose(
             str(Path(s.out).absolute()),
-            n_cells=s.n_cells,
-            crop_size=s.crop_size,
-            rows_per_shard=s.rows_per_shard,
-            overwrite=overwrite,
-            seed=cfg.seed,
             times=list(s.times),
             doses=list(s.doses),
             n_batches=s.n_batches,
@@ -73,18 +79,11 @@ def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
             replicates=s.replicates,
             batch_strength=s.batch_strength,
             effect_strength=s.effect_strength,
-            effects=s.crop_effects,
-            unseen_extreme=s.unseen_extreme,
-            **chunking,
+            **common,
         )
     else:
         m = write_synthetic(
             str(Path(s.out).absolute()),
-            n_cells=s.n_cells,
-            crop_size=s.crop_size,
-            rows_per_shard=s.rows_per_shard,
-            overwrite=overwrite,
-            seed=cfg.seed,
             n_lines=s.n_lines,
             n_batches=s.n_batches,
             n_unseen=s.n_unseen,
@@ -93,9 +92,7 @@ def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
             confounding=s.confounding,
             batch_strength=s.batch_strength,
             phenotype_strength=s.phenotype_strength,
-            effects=s.crop_effects,
-            unseen_extreme=s.unseen_extreme,
-            **chunking,
+            **common,
         )
     print(
         f"[raycell] synth: {m['n_cells']} cells, {len(m['batch_vocab'])} batches "

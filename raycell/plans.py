@@ -76,6 +76,7 @@ class TrainingPlan:
     """
 
     needs_recon = True  # the loss reads ModelOutput.recon: the model type must reconstruct
+    main_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW  # the main step's optimiser
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class TrainingPlan:
         self.grad_sync = grad_sync
         self.bf16 = bf16
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._setup()
         if layer_decay:
             if not hasattr(model, "layer_groups"):
                 mt = getattr(model, "model_type", type(model).__name__)
@@ -105,10 +107,22 @@ class TrainingPlan:
             main_ids = [id(p) for p in self.main_parameters()]
             if sorted(id(p) for g in groups for p in g["params"]) != sorted(main_ids):
                 raise TypeError("layer_groups() must cover exactly the main parameters")
-            main = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+            main = self.main_optimizer(groups, lr=lr, weight_decay=weight_decay)
         else:
-            main = torch.optim.AdamW(self.main_parameters(), lr=lr, weight_decay=weight_decay)
-        self.optimizers: dict[str, torch.optim.Optimizer] = {"main": main}
+            main = self.main_optimizer(self.main_parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {
+            "main": main,
+            **self._auxiliary_optimizers(lr, weight_decay),
+        }
+
+    def _setup(self) -> None:
+        """What a subclass prepares before the optimisers are built (`main_parameters` may read it)."""
+
+    def _auxiliary_optimizers(
+        self, lr: float, weight_decay: float
+    ) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers of networks trained beside the main step, by role (none here)."""
+        return {}
 
     def set_schedule(self, kind: Schedule, total_steps: int) -> None:
         """The main optimiser's learning-rate schedule: 'constant', or 'onecycle' (the blog's one-cycle
@@ -242,48 +256,29 @@ class ArmedPlan(TrainingPlan):
             ("image_classifier",) if cls.random_effects else ()
         )
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: LossConfig,
-        lr: float,
-        weight_decay: float = 0.0,
-        n_batches: int = 1,
-        grad_sync: GradSync = no_sync,
-        bf16: bool = False,
-        layer_decay: float = 0.0,
-    ):
-        # Set before TrainingPlan.__init__, which calls main_parameters().
-        self.model = model
-        self.aux = self._auxiliary_networks(model)
-        self.use_adversary = self.adversarial and n_batches >= 2
+    def _setup(self) -> None:
+        """The auxiliary networks (main_parameters() leaves them out) and whether the adversary runs."""
+        self.aux = self._auxiliary_networks(self.model)
+        self.use_adversary = self.adversarial and self.n_batches >= 2
         if self.adversarial and not self.use_adversary:
-            mt = getattr(model, "model_type", "?")
+            mt = getattr(self.model, "model_type", "?")
             warnings.warn(
                 f"model type {mt!r}: the training data has "
-                f"only {n_batches} batch, so there is no batch effect to remove: the "
+                f"only {self.n_batches} batch, so there is no batch effect to remove: the "
                 "adversary is disabled (no adversary step, no adversarial loss term)",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller that builds the plan
             )
-        super().__init__(
-            model,
-            loss,
-            lr,
-            weight_decay,
-            n_batches=n_batches,
-            grad_sync=grad_sync,
-            bf16=bf16,
-            layer_decay=layer_decay,
-        )
-        if self.use_adversary:
-            self.optimizers["adversary"] = torch.optim.AdamW(
-                self.aux["adversary"].parameters(), lr=lr, weight_decay=weight_decay
-            )
-        if self.random_effects:
-            self.optimizers["image_classifier"] = torch.optim.AdamW(
-                self.aux["image_classifier"].parameters(), lr=lr, weight_decay=weight_decay
-            )
+
+    def _auxiliary_optimizers(
+        self, lr: float, weight_decay: float
+    ) -> dict[str, torch.optim.Optimizer]:
+        """Each auxiliary network's own optimiser (none for an adversary that is disabled)."""
+        return {
+            r: torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+            for r, net in self.aux.items()
+            if r != "adversary" or self.use_adversary
+        }
 
     @classmethod
     def _auxiliary_networks(cls, model: nn.Module) -> dict[str, nn.Module]:
@@ -435,32 +430,8 @@ class ZPredictorPlan(WeakLabelPlan):
     weight, so the label no longer predicts the batch and the soft Z stops importing label priors.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss: LossConfig,
-        lr: float,
-        weight_decay: float = 0.0,
-        n_batches: int = 1,
-        grad_sync: GradSync = no_sync,
-        bf16: bool = False,
-        layer_decay: float = 0.0,
-    ):
-        super().__init__(
-            model,
-            loss,
-            lr,
-            weight_decay,
-            n_batches=n_batches,
-            grad_sync=grad_sync,
-            bf16=bf16,
-            layer_decay=layer_decay,
-        )
-        if not layer_decay:  # (layer_decay raises above: the network has no layer groups)
-            self.optimizers["main"] = torch.optim.NAdam(
-                self.main_parameters(), lr=lr, weight_decay=weight_decay
-            )
-        self.balance: torch.Tensor | None = None
+    main_optimizer = torch.optim.NAdam
+    balance: torch.Tensor | None = None  # the weight table of `set_balance` (None: unweighted)
 
     def set_balance(self, weights: torch.Tensor | list) -> None:
         """Weight each cell's loss by `weights[batch code, label code]` ((n_batches, n_labels), mean 1

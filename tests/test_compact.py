@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import CELL_KEYS, raw_ingest_config
 
 from raycell import constants as K
 from raycell.formats.compact import (
@@ -26,22 +27,6 @@ from raycell.formats.compact import (
     write_compacted,
 )
 from raycell.formats.shards import ShardError, ShardWriter, open_dataset
-
-# what the manifest says about the cells (not its shard list, nor when it was made)
-CELL_KEYS = (
-    "n_cells",
-    "channel_names",
-    "channels",
-    "crop_size",
-    "dtype",
-    "label_vocab",
-    "batch_vocab",
-    "group_vocab",
-    "weak_label_columns",
-    "counts_per_split",
-    "counts_per_batch",
-    "channel_stats",
-)
 
 
 def test_plan_cuts_sources_into_full_shards_in_order():
@@ -169,23 +154,7 @@ def many_fields(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _cfg(src: Path, out: Path, platemap: Path, **ingest):
-    from raycell.config import load_config
-    from raycell.data.synthetic_raw import DEFAULT_PATTERN
-
-    sets = [
-        f"ingest.input={src}",
-        f"ingest.out={out}",
-        f"ingest.platemap={platemap}",
-        f"ingest.pattern={DEFAULT_PATTERN}",
-        "ingest.channels=[nucleus, cytoplasm]",
-        "ingest.nucleus_channel=nucleus",
-        "ingest.cytoplasm_channel=cytoplasm",
-        "ingest.z_projection=best-focus",
-        "ingest.crop_size=24",
-        "ray.progress=false",
-        "ingest.normalization=per-image",
-    ] + [f"ingest.{k}={v}" for k, v in ingest.items()]
-    return load_config(None, sets)
+    return raw_ingest_config(src, out, platemap, crop_size=24, normalization="per-image", **ingest)
 
 
 @pytest.mark.ray

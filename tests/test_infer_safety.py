@@ -15,55 +15,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from conftest import tiny_overrides
+from helpers import SEEN, untrained_checkpoint
 
 from raycell import constants as K
 from raycell.config import ConfigError, load_config
-from raycell.formats.categories import CategoryMap
-from raycell.formats.checkpoint import save_checkpoint
 from raycell.formats.shards import ShardError, open_dataset, rewrite_shards
-from raycell.formats.spec import DataSpec
-from raycell.models import create_model, list_models
-
-SEEN = tuple(
-    f"batch{i:02d}" for i in range(6)
-)  # the tiny set's training batches (2 unseen: 06, 07)
-
-
-def _save_ck(path: Path, model_type: str, ds, shape=None) -> Path:
-    """An untrained checkpoint of `model_type` for the data set (or for crops of `shape`)."""
-    torch.manual_seed(0)
-    spec = DataSpec.from_dataset(ds)
-    if shape is not None:
-        spec = DataSpec(spec.channel_names, shape, spec.dtype)
-    model = create_model(
-        model_type,
-        in_channels=spec.shape[0],
-        n_classes=2,
-        n_batches=len(SEEN),
-        preset="tiny",
-        image_size=spec.shape[1],
-    )
-    return save_checkpoint(
-        path,
-        model,
-        None,
-        epoch=0,
-        spec=spec,
-        labels=CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"])),
-        batches=CategoryMap(K.BATCH, SEEN),
-        config={},
-        metrics={},
-    )
+from raycell.models import list_models
 
 
 @pytest.fixture(scope="module")
 def cks(tiny_data, tmp_path_factory) -> dict:
     """One untrained checkpoint per registered model type."""
     root = tmp_path_factory.mktemp("cks")
-    ds = open_dataset(tiny_data)
-    return {m: _save_ck(root / m, m, ds) for m in list_models()}
+    return {m: untrained_checkpoint(tiny_data, root / m, m) for m in list_models()}
 
 
 def _cfg(data, out, ck, *extra):
@@ -80,6 +45,13 @@ def _cli(capsys, *argv) -> tuple[int, str]:
     capsys.readouterr()
     rc = main(list(argv))
     return rc, capsys.readouterr().err
+
+
+def _infer_z(capsys, checkpoint: Path, data: Path, out: Path) -> tuple[int, str]:
+    """`raycell infer-z` in-process: (exit status, stderr)."""
+    return _cli(
+        capsys, "infer-z", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)
+    )
 
 
 def _one_line(err: str, *needles: str) -> None:
@@ -146,32 +118,14 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
     weights = ck / "model.pt"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     # infer-z checks its inputs before it starts Ray: the CLI contract is checked end to end
-    rc, err = _cli(
-        capsys,
-        "infer-z",
-        "--checkpoint",
-        str(ck),
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(tmp_path / "z"),
-    )
+    rc, err = _infer_z(capsys, ck, tiny_data, tmp_path / "z")
     assert rc == 2
     _one_line(err, str(weights), "truncated or corrupt")
     assert not (tmp_path / "z").exists()
     # a damaged meta.json: one line naming it
     ck2 = _copy(cks["conventional"], tmp_path / "ck2")
     (ck2 / "meta.json").write_text('{"model_type": "conventional", "model_ar')
-    rc, err = _cli(
-        capsys,
-        "infer-z",
-        "--checkpoint",
-        str(ck2),
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(tmp_path / "z"),
-    )
+    rc, err = _infer_z(capsys, ck2, tiny_data, tmp_path / "z")
     assert rc == 2
     _one_line(err, str(ck2 / "meta.json"))
     # the same errors from load_checkpoint and the infer pre-flight
@@ -189,17 +143,8 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
 
 
 def test_crop_size_of_the_data_differing_from_the_models_is_one_line(tiny_data, tmp_path, capsys):
-    ck = _save_ck(tmp_path / "ck64", "conventional", open_dataset(tiny_data), shape=(2, 64, 64))
-    rc, err = _cli(
-        capsys,
-        "infer-z",
-        "--checkpoint",
-        str(ck),
-        "--data",
-        str(tiny_data),
-        "--out",
-        str(tmp_path / "z"),
-    )
+    ck = untrained_checkpoint(tiny_data, tmp_path / "ck64", shape=(2, 64, 64))
+    rc, err = _infer_z(capsys, ck, tiny_data, tmp_path / "z")
     assert rc == 2
     _one_line(err, str(tiny_data), "crop size 32x32 vs 64x64")
     from raycell.infer.batch import check_config
@@ -407,7 +352,7 @@ def test_infer_errors_are_one_line_before_ray_starts(cks, tiny_data, tmp_path, c
     )
     assert rc == 2
     _one_line(err, "infer.z_source", str(tmp_path / "nowhere"))
-    ck64 = _save_ck(tmp_path / "ck64", "conventional", open_dataset(tiny_data), shape=(2, 64, 64))
+    ck64 = untrained_checkpoint(tiny_data, tmp_path / "ck64", shape=(2, 64, 64))
     rc, err = _cli(capsys, *base, "--checkpoint", str(ck64))
     assert rc == 2
     _one_line(err, "crop size 32x32 vs 64x64")

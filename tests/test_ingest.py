@@ -21,10 +21,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from helpers import raw_ingest_config, write_small_raw
 
 from raycell import constants as K
 from raycell.config import load_config
-from raycell.data.synthetic_raw import DEFAULT_PATTERN, write_synthetic_raw
+from raycell.data.synthetic_raw import DEFAULT_PATTERN
 from raycell.formats.shards import open_dataset
 from raycell.ingest import crops as C
 from raycell.ingest import images as I
@@ -37,42 +38,10 @@ SHARED = Path(os.environ.get("RAYCELL_SHARED_DATA", REPO / ".." / "shared" / "da
 CP = SHARED / "cellprofiler_examples"
 
 
-def _cfg(input_dir, out, platemap="", **ingest):
-    sets = [
-        f"ingest.input={input_dir}",
-        f"ingest.out={out}",
-        f"ingest.platemap={platemap}",
-        f"ingest.pattern={DEFAULT_PATTERN}",
-        "ingest.channels=[nucleus, cytoplasm]",
-        "ingest.nucleus_channel=nucleus",
-        "ingest.cytoplasm_channel=cytoplasm",
-        "ingest.z_projection=best-focus",
-        "ingest.crop_size=32",
-        "ray.progress=false",
-    ]
-    sets += [
-        f"ingest.{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}"
-        for k, v in ingest.items()
-    ]
-    return load_config(None, sets)
-
-
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ing") / "raw"
     # the easy images (basic batch effects): the end-to-end test counts cells and checks their areas
-    write_synthetic_raw(
-        out,
-        seed=3,
-        n_batches=2,
-        n_lines=4,
-        wells=2,
-        fields=2,
-        fov_size=160,
-        cells_per_fov=10,
-        effects="basic",
-    )
-    return out
+    return write_small_raw(tmp_path_factory.mktemp("ing") / "raw")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +366,7 @@ def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
     from raycell.ingest.driver import REJECTS, run_ingest
 
     out = tmp_path / "crops"
-    cfg = _cfg(broken, out, raw / "platemap.csv", illum_correction=True)
+    cfg = raw_ingest_config(broken, out, raw / "platemap.csv", illum_correction=True)
     s = run_ingest(cfg)
     assert s["n_fovs_in"] == 12 and s["n_fovs_in"] == s["n_fovs_with_cells"] + s["n_fovs_rejected"]
     assert s["n_fovs_with_cells"] == 5 and s["n_files_rejected"] == 1
@@ -456,7 +425,7 @@ def test_ingest_normalisation_modes(ray_local, raw, tmp_path):
     for mode in ("per-batch", "per-image"):
         out = tmp_path / mode
         s = run_ingest(
-            _cfg(
+            raw_ingest_config(
                 raw / "images",
                 out,
                 raw / "platemap.csv",
@@ -572,7 +541,7 @@ def test_ingest_rejects_implausible_segmentation(ray_local, raw, tmp_path):
         leak += np.random.default_rng(z).normal(0, 0.01 * leak.max(), leak.shape)
         tifffile.imwrite(f, np.clip(leak, 0, None).astype(ref.dtype))
     out = tmp_path / "crops"
-    s = run_ingest(_cfg(src, out, raw / "platemap.csv", normalization="per-image"))
+    s = run_ingest(raw_ingest_config(src, out, raw / "platemap.csv", normalization="per-image"))
     assert s["n_fovs_in"] == s["n_fovs_with_cells"] + s["n_fovs_rejected"]
     assert s["rejects_by_code"] == {"implausible-segmentation": 1}, s["rejects_by_code"]
     assert s["diameter_px"]["plates"]  # the scale pass gave each plate a reference
@@ -590,7 +559,7 @@ def test_ingest_stores_crop_features_that_the_baseline_reads(ray_local, raw, tmp
     from raycell.ingest.driver import run_ingest
 
     out = tmp_path / "feat"
-    s = run_ingest(_cfg(raw / "images", out, raw / "platemap.csv", crop_features=True))
+    s = run_ingest(raw_ingest_config(raw / "images", out, raw / "platemap.csv", crop_features=True))
     assert s["n_fovs_with_cells"] == 8
     ds = open_dataset(out, check=True)
     t = ds.read_table()

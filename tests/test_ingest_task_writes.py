@@ -16,62 +16,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import CELL_KEYS, raw_ingest_config, write_small_raw
 
 from raycell import constants as K
-from raycell.config import load_config
-from raycell.data.synthetic_raw import DEFAULT_PATTERN, write_synthetic_raw
 from raycell.formats.shards import ShardWriter, open_dataset
 from raycell.ingest.params import IngestParams
-
-# what the manifest says about the cells (not when or by whom it was made, nor its shard list)
-CELL_KEYS = (
-    "n_cells",
-    "channel_names",
-    "channels",
-    "crop_size",
-    "dtype",
-    "label_vocab",
-    "batch_vocab",
-    "group_vocab",
-    "weak_label_columns",
-    "counts_per_split",
-    "counts_per_batch",
-    "channel_stats",
-)
-
-
-def _cfg(src: Path, out: Path, platemap: Path, **ingest):
-    sets = [
-        f"ingest.input={src}",
-        f"ingest.out={out}",
-        f"ingest.platemap={platemap}",
-        f"ingest.pattern={DEFAULT_PATTERN}",
-        "ingest.channels=[nucleus, cytoplasm]",
-        "ingest.nucleus_channel=nucleus",
-        "ingest.cytoplasm_channel=cytoplasm",
-        "ingest.z_projection=best-focus",
-        "ingest.crop_size=32",
-        "ray.progress=false",
-    ] + [f"ingest.{k}={v}" for k, v in ingest.items()]
-    return load_config(None, sets)
 
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> tuple[Path, Path]:
-    """The small synthetic raw set of test_ingest.py (8 fields) with two fields broken: one
+    """The small synthetic raw set (`write_small_raw`, 8 fields) with two fields broken: one
     truncated file (unreadable) and one empty field (no-cells). Returns (images, plate map)."""
-    root = tmp_path_factory.mktemp("tw") / "raw"
-    write_synthetic_raw(
-        root,
-        seed=3,
-        n_batches=2,
-        n_lines=4,
-        wells=2,
-        fields=2,
-        fov_size=160,
-        cells_per_fov=10,
-        effects="basic",
-    )
+    root = write_small_raw(tmp_path_factory.mktemp("tw") / "raw")
     src = root / "images"
     f = src / "batch00" / "SYN00_A01_s0_nucleus_z1.tif"
     f.write_bytes(f.read_bytes()[:2000])
@@ -104,9 +60,11 @@ def test_task_size_does_not_change_the_data_set(ray_local, raw, tmp_path):
     from raycell.ingest.driver import run_ingest
 
     src, pm = raw
-    one = run_ingest(_cfg(src, tmp_path / "one", pm, fovs_per_task=1))
+    one = run_ingest(raw_ingest_config(src, tmp_path / "one", pm, fovs_per_task=1))
     # three fields per task, files of at most 7 rows: every task splits its cells over files
-    three = run_ingest(_cfg(src, tmp_path / "three", pm, fovs_per_task=3, rows_per_shard=7))
+    three = run_ingest(
+        raw_ingest_config(src, tmp_path / "three", pm, fovs_per_task=3, rows_per_shard=7)
+    )
     assert one["rejects_by_code"] == three["rejects_by_code"] == {"unreadable": 1, "no-cells": 1}
     assert one["n_fovs_in"] == 9 and three["n_fovs_with_cells"] == 7
     for k in ("n_cells", "n_fovs_with_cells", "n_fovs_rejected", "crop_checks", "notes"):
@@ -167,7 +125,9 @@ def test_lost_task_shard_is_left_out_and_no_crop_reaches_the_driver(
         seen["stray"] = sorted(p.name for p in parts.glob("part-000000-*"))
 
     monkeypatch.setattr(driver, "_result_rows", lose_first_task)
-    s = driver.run_ingest(_cfg(src, out, pm, fovs_per_task=2, normalization="per-image"))
+    s = driver.run_ingest(
+        raw_ingest_config(src, out, pm, fovs_per_task=2, normalization="per-image")
+    )
 
     # the driver got small rows only: no crops, no per-cell metadata
     assert not {"crops", "meta", K.IMAGE} & seen["columns"], seen["columns"]

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import untrained_checkpoint
 
 from raycell.__main__ import main
 from raycell.utils.locks import BusyError, lock_path, read_lock, writing
@@ -171,7 +172,7 @@ def test_two_resumes_of_one_run(tiny_data, tmp_path, capsys):
 
 @pytest.mark.parametrize("verb", ["infer", "embed"])
 def test_second_infer_refuses_and_keeps_the_first_runs_staging(verb, tiny_data, tmp_path, capsys):
-    ck = _checkpoint(tiny_data, tmp_path)
+    ck = untrained_checkpoint(tiny_data, tmp_path / "run" / "checkpoint")
     out = tmp_path / "preds"
     (out / "shards").mkdir(parents=True)
     mark(out, EMBEDDINGS if verb == "embed" else PREDICTIONS)
@@ -194,43 +195,6 @@ def test_two_exports_into_one_file(tmp_path, capsys):
         assert main(["export", "--embeddings", str(emb), "--out", str(out), "--format", "csv"]) == 2
         assert f"is being written by pid {pid}" in _err_line(capsys)
     assert not out.exists()
-
-
-def _checkpoint(tiny_data: Path, tmp_path: Path) -> Path:
-    """An untrained checkpoint for the tiny data set."""
-    import torch
-
-    from raycell import constants as K
-    from raycell.formats.categories import CategoryMap
-    from raycell.formats.checkpoint import save_checkpoint
-    from raycell.formats.shards import open_dataset
-    from raycell.formats.spec import DataSpec
-    from raycell.models import create_model
-
-    ds = open_dataset(tiny_data)
-    spec = DataSpec.from_dataset(ds)
-    torch.manual_seed(0)
-    seen = tuple(f"batch{i:02d}" for i in range(6))
-    model = create_model(
-        "conventional",
-        in_channels=spec.shape[0],
-        n_classes=2,
-        n_batches=len(seen),
-        preset="tiny",
-        image_size=spec.shape[1],
-    )
-    labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
-    return save_checkpoint(
-        tmp_path / "run" / "checkpoint",
-        model,
-        None,
-        epoch=0,
-        spec=spec,
-        labels=labels,
-        batches=CategoryMap(K.BATCH, seen),
-        config={},
-        metrics={},
-    )
 
 
 def test_split_of_a_data_set_being_written_refuses(tiny_data, tmp_path, capsys):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import untrained_checkpoint
 
 from raycell.__main__ import main
 
@@ -398,39 +399,7 @@ def test_export_refuses_a_duplicated_shard(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def checkpoint(tiny_data, tmp_path_factory) -> Path:
     """An untrained checkpoint for the tiny data set (no training needed to test output checks)."""
-    import torch
-
-    from raycell import constants as K
-    from raycell.formats.categories import CategoryMap
-    from raycell.formats.checkpoint import save_checkpoint
-    from raycell.formats.shards import open_dataset
-    from raycell.formats.spec import DataSpec
-    from raycell.models import create_model
-
-    ds = open_dataset(tiny_data)
-    spec = DataSpec.from_dataset(ds)
-    torch.manual_seed(0)
-    seen = tuple(f"batch{i:02d}" for i in range(6))
-    model = create_model(
-        "conventional",
-        in_channels=spec.shape[0],
-        n_classes=2,
-        n_batches=len(seen),
-        preset="tiny",
-        image_size=spec.shape[1],
-    )
-    labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
-    return save_checkpoint(
-        tmp_path_factory.mktemp("ck") / "run" / "checkpoint",
-        model,
-        None,
-        epoch=0,
-        spec=spec,
-        labels=labels,
-        batches=CategoryMap(K.BATCH, seen),
-        config={},
-        metrics={},
-    )
+    return untrained_checkpoint(tiny_data, tmp_path_factory.mktemp("ck") / "run" / "checkpoint")
 
 
 @pytest.mark.parametrize("verb", ["infer", "embed"])

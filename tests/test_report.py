@@ -155,33 +155,20 @@ def test_default_out_is_the_report_folder_inside(tiny_run, tmp_path):
 def test_experiment_report_shows_the_table_and_the_runs(tiny_run, tmp_path):
     from raycell.experiments import format_markdown
 
+    metrics = (
+        "seen_auroc",
+        "unseen_auroc",
+        "seen_mse",
+        "unseen_mse",
+        "db",
+        "ch",
+        "batch_probe_acc",
+    )
     summary = {
         "conventional": {
             "n_seeds": 1,
-            **{
-                c: 0.5
-                for c in (
-                    "seen_auroc",
-                    "unseen_auroc",
-                    "seen_mse",
-                    "unseen_mse",
-                    "db",
-                    "ch",
-                    "batch_probe_acc",
-                )
-            },
-            **{
-                c + "_sd": float("nan")
-                for c in (
-                    "seen_auroc",
-                    "unseen_auroc",
-                    "seen_mse",
-                    "unseen_mse",
-                    "db",
-                    "ch",
-                    "batch_probe_acc",
-                )
-            },
+            **{c: 0.5 for c in metrics},
+            **{c + "_sd": float("nan") for c in metrics},
         }
     }
     exp = tmp_path / "exp"

@@ -4,11 +4,11 @@ arguments only, never on how it is chunked or how many Ray tasks write it."""
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import dataset_fingerprint
 
 from raycell.data.synthetic import BLOCK_CELLS, generate, write_synthetic
 from raycell.data.synthetic_raw import write_synthetic_raw
@@ -39,18 +39,6 @@ def _files(folder: Path) -> dict:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-def _fingerprint(folder: Path) -> dict:
-    """Every file's bytes (by hash), and the manifest apart from its creation time."""
-    files = {
-        p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != "dataset.json"
-    }
-    manifest = json.loads((folder / "dataset.json").read_text())
-    manifest.pop("created")
-    return {"files": files, "manifest": manifest}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +74,7 @@ def test_one_chunk_holds_what_generate_gives(crops_one_chunk):
 def test_chunked_crops_are_byte_identical(crops_one_chunk, tmp_path, chunk_cells):
     out = tmp_path / "chunked"
     write_synthetic(str(out), chunk_cells=chunk_cells, num_workers=0, progress=False, **CROPS)
-    assert _fingerprint(out) == _fingerprint(crops_one_chunk)
+    assert dataset_fingerprint(out) == dataset_fingerprint(crops_one_chunk)
 
 
 def test_any_block_renders_alone():
@@ -113,7 +101,7 @@ def test_chunked_timedose_is_byte_identical(timedose_one_chunk, tmp_path):
     for chunk_cells in (1, 900):
         out = tmp_path / f"c{chunk_cells}"
         write_timedose(str(out), chunk_cells=chunk_cells, num_workers=0, **TIMEDOSE)
-        assert _fingerprint(out) == _fingerprint(timedose_one_chunk)
+        assert dataset_fingerprint(out) == dataset_fingerprint(timedose_one_chunk)
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +124,9 @@ def test_ray_tasks_write_the_same_bytes(
     ray_local, crops_one_chunk, timedose_one_chunk, raw_one_chunk, tmp_path
 ):
     write_synthetic(str(tmp_path / "ray"), chunk_cells=600, num_workers=2, **CROPS)
-    assert _fingerprint(tmp_path / "ray") == _fingerprint(crops_one_chunk)
+    assert dataset_fingerprint(tmp_path / "ray") == dataset_fingerprint(crops_one_chunk)
     write_timedose(str(tmp_path / "ray_td"), chunk_cells=400, num_workers=2, **TIMEDOSE)
-    assert _fingerprint(tmp_path / "ray_td") == _fingerprint(timedose_one_chunk)
+    assert dataset_fingerprint(tmp_path / "ray_td") == dataset_fingerprint(timedose_one_chunk)
     write_synthetic_raw(tmp_path / "ray_raw", chunk_fovs=3, num_workers=2, **RAW)
     assert _files(tmp_path / "ray_raw") == _files(raw_one_chunk)
 

@@ -18,23 +18,24 @@ from raycell.ingest.images import load_fov_image
 from raycell.ingest.segmentation_eval import evaluate_segmentation, match_instances
 from raycell.ingest.sources import discover, group_fovs
 
+# seed 11: not a seed anything was developed on
+# the easy images (basic effects): the F1 >= 0.9 and exact best-focus checks below rely on them
+RAW = dict(
+    seed=11,
+    n_batches=2,
+    n_lines=4,
+    wells=2,
+    fields=2,
+    fov_size=256,
+    cells_per_fov=24,
+    effects="basic",
+)
+
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("raw") / "synth_raw"
-    # seed 11: not a seed anything was developed on
-    # the easy images (basic effects): the F1 >= 0.9 and exact best-focus checks below rely on them
-    write_synthetic_raw(
-        out,
-        seed=11,
-        n_batches=2,
-        n_lines=4,
-        wells=2,
-        fields=2,
-        fov_size=256,
-        cells_per_fov=24,
-        effects="basic",
-    )
+    write_synthetic_raw(out, **RAW)
     return out
 
 
@@ -66,17 +67,7 @@ def test_layout_and_platemap(raw):
 
 def test_deterministic(raw, tmp_path):
     again = tmp_path / "again"
-    write_synthetic_raw(
-        again,
-        seed=11,
-        n_batches=2,
-        n_lines=4,
-        wells=2,
-        fields=2,
-        fov_size=256,
-        cells_per_fov=24,
-        effects="basic",
-    )
+    write_synthetic_raw(again, **RAW)
     assert _digest(again) == _digest(raw)
     with pytest.raises(FileExistsError):
         write_synthetic_raw(again, seed=11)
@@ -294,7 +285,7 @@ def test_from_config_defaults_to_varied_with_the_configs_unseen_batches(tmp_path
         ],
     )
     info = from_config(cfg)
-    assert info["params"]["effects"] == getattr(cfg.synth, "effects", "varied")
+    assert info["params"]["effects"] == cfg.synth.effects
     assert info["suggested_unseen"] == ["batch02"]
     # one batch: nothing to hold out, so no extreme
     one = write_synthetic_raw(

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import dataset_fingerprint
 
 from raycell.data import batch_effects as be
 from raycell.data.synthetic import BLOCK_CELLS, generate, render_cells, synth_plan, write_synthetic
@@ -28,18 +28,6 @@ VARIED = dict(n_cells=BLOCK_CELLS + 200, crop_size=16, rows_per_shard=300, seed=
 
 def _sha1(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
-
-
-def _fingerprint(folder: Path) -> dict:
-    """Every file's bytes (by hash), and the manifest apart from its creation time."""
-    files = {
-        p.relative_to(folder).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != "dataset.json"
-    }
-    manifest = json.loads((folder / "dataset.json").read_text())
-    manifest.pop("created")
-    return {"files": files, "manifest": manifest}
 
 
 @pytest.mark.parametrize(
@@ -76,7 +64,7 @@ def test_varied_is_deterministic_and_keeps_the_cells():
 def test_varied_chunking_gives_identical_bytes(varied_one_chunk, tmp_path, chunk_cells):
     out = tmp_path / "chunked"
     write_synthetic(str(out), chunk_cells=chunk_cells, num_workers=0, progress=False, **VARIED)
-    assert _fingerprint(out) == _fingerprint(varied_one_chunk)
+    assert dataset_fingerprint(out) == dataset_fingerprint(varied_one_chunk)
 
 
 def test_block_renders_alone_with_varied_effects(varied_one_chunk):
@@ -181,4 +169,4 @@ def test_bad_effects_give_one_line_errors(tmp_path, kw, match):
 @pytest.mark.ray
 def test_ray_tasks_write_the_same_varied_bytes(ray_local, varied_one_chunk, tmp_path):
     write_synthetic(str(tmp_path / "ray"), chunk_cells=600, num_workers=2, progress=False, **VARIED)
-    assert _fingerprint(tmp_path / "ray") == _fingerprint(varied_one_chunk)
+    assert dataset_fingerprint(tmp_path / "ray") == dataset_fingerprint(varied_one_chunk)

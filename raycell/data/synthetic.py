@@ -502,6 +502,12 @@ class BlockPlan(Protocol):
         ...
 
 
+def block_cells(seed: int, block: int, n_cells: int) -> tuple[int, int, np.random.Generator]:
+    """Block `block`'s cells [lo, hi) and its own Generator (seed, block): a block renders alone."""
+    lo, hi = block * BLOCK_CELLS, min(n_cells, (block + 1) * BLOCK_CELLS)
+    return lo, hi, np.random.default_rng([seed, block])
+
+
 @dataclass
 class CropPlan:
     """The global draws of the phenotype design: small, picklable, enough to render any block."""
@@ -525,8 +531,7 @@ class CropPlan:
 
     def render_block(self, block: int) -> tuple[np.ndarray, pd.DataFrame]:
         """Render, batch-transform and quantise one block with its own Generator (seed, block)."""
-        lo, hi = block * BLOCK_CELLS, min(self.n_cells, (block + 1) * BLOCK_CELLS)
-        rng = np.random.default_rng([self.seed, block])
+        lo, hi, rng = block_cells(self.seed, block, self.n_cells)
         li, bi = self.line_idx[lo:hi], self.batch_idx[lo:hi]
         img, truth = _render(rng, li, self.lines, self.crop_size, self.phenotype_strength)
         fields = np.stack([li, self.well[lo:hi], self.field[lo:hi]], axis=1)
@@ -628,48 +633,27 @@ def synth_plan(
     return plan, gt
 
 
-def generate(
-    n_cells: int = 6000,
-    crop_size: int = 64,
-    n_lines: int = 8,
-    n_batches: int = 8,
-    n_unseen: int = 2,
-    lines_per_batch: int = 4,
-    wells_per_line: int = 6,
-    confounding: float = 0.75,
-    batch_strength: float = 1.0,
-    phenotype_strength: float = 1.0,
-    seed: int = 0,
-    effects: str = "basic",
-    unseen_extreme: float = 2.5,
-) -> tuple[np.ndarray, pd.DataFrame, dict]:
+def generate(**params) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Generate crops in memory: (N, 2, S, S) uint8 images, per-cell metadata, and the ground truth.
 
     The metadata has the crop-shard columns (cell_id, batch, plate, well, field, group, label, split='')
     plus `true_*` columns with each cell's generative parameters. Holds every crop: for large data sets
     use `write_synthetic`, which renders and writes in chunks.
 
-    `effects`: "basic" (gain, offset, illumination gradient, blur, noise per batch: the bytes of
-    before) or "varied" (also each batch's own mix of texture, crosstalk, debris, gamma, vignetting
+    `effects`: "basic" (gain, offset, illumination gradient, blur, noise per batch; the default) or
+    "varied" (also each batch's own mix of texture, crosstalk, debris, gamma, vignetting
     and shot noise; each unseen batch one mechanism at `unseen_extreme` x the strongest seen
     batch's).
     The cells and their metadata are the same in both for a seed.
+
+    Args:
+        **params: `synth_plan`'s arguments.
     """
-    plan, gt = synth_plan(
-        n_cells,
-        crop_size,
-        n_lines,
-        n_batches,
-        n_unseen,
-        lines_per_batch,
-        wells_per_line,
-        confounding,
-        batch_strength,
-        phenotype_strength,
-        seed,
-        effects,
-        unseen_extreme,
-    )
+    return render_design(*synth_plan(**params))
+
+
+def render_design(plan: BlockPlan, gt: dict) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """A design's every cell in memory: (images, metadata, ground truth), from its plan and truth."""
     img, meta = render_cells(plan, 0, plan.n_cells)
     return img, meta, gt
 
@@ -869,21 +853,80 @@ def write_synthetic(
     Memory is bounded by the chunk (`chunk_cells`), not `n_cells`; the bytes depend only on the
     generator's arguments and `rows_per_shard`, never on `chunk_cells` or `num_workers` (`write_blocks`).
     """
+    return write_design(
+        out,
+        synth_plan,
+        dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw),
+        generator="raycell.data.synthetic",
+        rows_per_shard=rows_per_shard,
+        overwrite=overwrite,
+        chunk_cells=chunk_cells,
+        num_workers=num_workers,
+        progress=progress,
+        # uint8 crops; the shards measured 0.77 of the raw bytes, so half is a safe lower bound
+        min_bytes=n_cells * len(CHANNELS) * crop_size**2 // 2,
+    )
+
+
+def write_design(
+    out: str,
+    design: Callable[..., tuple[BlockPlan, dict]],
+    params: dict,
+    generator: str,
+    rows_per_shard: int,
+    overwrite: bool,
+    chunk_cells: int | None,
+    num_workers: int | None,
+    progress: bool,
+    desc: str = "synth",
+    min_bytes: int = 0,
+    normalised: tuple[str, ...] = (),
+    extra: dict | None = None,
+) -> dict:
+    """Draw a crop design's plan and write its cells as a data set at `out`; returns the manifest.
+
+    What `write_synthetic` and `raycell.data.synthetic_timedose.write_timedose` share: arguments checked
+    before anything is written, the data set built beside `out` and swapped in when complete, the cells
+    written by `write_blocks`, and the manifest recording the generator, its arguments and the ground
+    truth (the varied effects at its top, as `raw.json` has them).
+
+    Args:
+        out: the data set folder (new, empty, or with `overwrite` a raycell data set).
+        design: the plan function (`synth_plan`, `timedose_plan`): params -> (plan, ground truth).
+        params: its arguments, as the manifest records them (after `effects_params`).
+        generator: the generator's module name, recorded in the manifest.
+        rows_per_shard: cells per shard.
+        overwrite: replace a raycell data set at `out`.
+        chunk_cells: cells per chunk (`write_blocks`).
+        num_workers: Ray tasks in flight (`write_blocks`).
+        progress: a progress bar on stderr.
+        desc: the progress bar's label.
+        min_bytes: free space `out` needs (0: not checked).
+        normalised: parameters recorded as the design normalised them (their ground-truth values).
+        extra: further manifest keys, after the ground truth.
+    """
     check_chunking(rows_per_shard, chunk_cells, num_workers)
-    check_effects(kw.get("effects", "basic"), kw.get("unseen_extreme", 2.5))
-    kw = effects_params(kw)
+    check_effects(params.get("effects", "basic"), params.get("unseen_extreme", 2.5))
+    params = effects_params(params)
     path = prepare_output(
         out, overwrite=overwrite, what="synth.out", kind=DATASET, error=ShardError
     )
-    # uint8 crops; the shards measured 0.77 of the raw bytes, so half is a safe lower bound
-    check_space(path, n_cells * len(CHANNELS) * crop_size**2 // 2, "synth.out", ShardError)
-    params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
-    plan, gt = synth_plan(**params)
+    if min_bytes:
+        check_space(path, min_bytes, "synth.out", ShardError)
+    plan, gt = design(**params)
+    params.update({k: gt[k] for k in normalised})
     tmp = staging_dir(path, DATASET)
-    builder = write_blocks(tmp, plan, CHANNELS, rows_per_shard, chunk_cells, num_workers, progress)
-    # as raw.json, at the top: per batch and mechanism the strength (0 = off) and parameters, and
-    # each unseen batch's mechanism at a strength no seen batch has, with a one-line note
-    extra = {"suggested_unseen": gt["unseen_batches"], "ground_truth": gt, **pop_varied(gt)}
-    m = builder.write(params={"generator": "raycell.data.synthetic", **params}, extra=extra)
+    builder = write_blocks(
+        tmp, plan, CHANNELS, rows_per_shard, chunk_cells, num_workers, progress, desc
+    )
+    m = builder.write(
+        params={"generator": generator, **params},
+        extra={
+            "suggested_unseen": gt["unseen_batches"],
+            "ground_truth": gt,
+            **pop_varied(gt),
+            **(extra or {}),
+        },
+    )
     swap_in(tmp, path)
     return m

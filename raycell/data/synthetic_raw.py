@@ -466,11 +466,10 @@ def from_config(cfg, overwrite: bool = False) -> dict:
         n_z=s.raw_z,
         batch_strength=s.batch_strength,
         overwrite=overwrite,
-        # keys added with issue 10; getattr keeps this working with configs from before them
-        effects=getattr(s, "effects", "varied"),
+        effects=s.effects,
         n_unseen=s.n_unseen,
-        unseen_extreme=getattr(s, "unseen_extreme", 2.5),
-        # keys of issue 13 (0 / -1: automatic); getattr until the config has them
-        chunk_fovs=getattr(s, "raw_chunk_fovs", 0) or None,
-        num_workers=None if getattr(s, "num_workers", -1) < 0 else s.num_workers,
+        unseen_extreme=s.unseen_extreme,
+        # 0 / -1 in the config: chosen by the writer (None)
+        chunk_fovs=s.raw_chunk_fovs or None,
+        num_workers=None if s.num_workers < 0 else s.num_workers,
     )

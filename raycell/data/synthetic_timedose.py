@@ -45,24 +45,19 @@ import pandas as pd
 from raycell import constants as K
 from raycell.data.batch_effects import background_texture, crosstalk
 from raycell.data.synthetic import (
-    BLOCK_CELLS,
     CHANNELS,
     CropEffects,
     _apply_batch,
     _batch_params,
     _draw_cells,
-    check_chunking,
+    block_cells,
     check_effects,
     crop_effects,
-    effects_params,
-    pop_varied,
-    render_cells,
+    render_design,
     shuffle_order,
-    write_blocks,
+    write_design,
 )
 from raycell.errors import ConfigError
-from raycell.formats.shards import ShardError
-from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
 TIMES = (24, 48, 72)
 DOSES = (0.0, 0.01, 0.1, 1.0, 10.0)
@@ -297,8 +292,7 @@ class TimedosePlan:
 
     def render_block(self, block: int) -> tuple[np.ndarray, pd.DataFrame]:
         """Render, batch-transform and quantise one block with its own Generator (seed, block)."""
-        lo, hi = block * BLOCK_CELLS, min(self.n_cells, (block + 1) * BLOCK_CELLS)
-        rng = np.random.default_rng([self.seed, block])
+        lo, hi, rng = block_cells(self.seed, block, self.n_cells)
         wi = self.cell_well[lo:hi]
         time = self.wells.time.to_numpy(np.int64)[wi]
         dose = self.wells.dose.to_numpy(np.float64)[wi]
@@ -431,46 +425,21 @@ def timedose_plan(
     return plan, gt
 
 
-def generate_timedose(
-    n_cells: int = 6000,
-    crop_size: int = 64,
-    times: list | tuple = TIMES,
-    doses: list | tuple = DOSES,
-    n_batches: int = 4,
-    n_unseen: int = 1,
-    replicates: int = 2,
-    batch_strength: float = 1.0,
-    effect_strength: float = 1.0,
-    seed: int = 0,
-    effects: str = "basic",
-    unseen_extreme: float = 2.5,
-) -> tuple[np.ndarray, pd.DataFrame, dict]:
+def generate_timedose(**params) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Generate a time x dose data set in memory: (N, 2, S, S) uint8 crops, metadata, ground truth.
 
     The metadata has the crop-shard columns (cell_id, batch, plate = batch, well, field, group
     't<time>_d<dose>', label = the dose as text, split='') plus `time` (int64 h), `dose` (float64
     uM), `compound` and the generative `true_dose_effect` / `true_time_effect` (float64).
 
+    Args:
+        **params: `timedose_plan`'s arguments.
+
     Raises:
         ConfigError: empty or negative doses or times, n_unseen not below n_batches, fewer cells
             than wells, and other arguments out of range.
     """
-    plan, gt = timedose_plan(
-        n_cells,
-        crop_size,
-        times,
-        doses,
-        n_batches,
-        n_unseen,
-        replicates,
-        batch_strength,
-        effect_strength,
-        seed,
-        effects,
-        unseen_extreme,
-    )
-    img, meta = render_cells(plan, 0, plan.n_cells)
-    return img, meta, gt
+    return render_design(*timedose_plan(**params))
 
 
 def write_timedose(
@@ -491,34 +460,18 @@ def write_timedose(
     complete; `chunk_cells` / `num_workers` as in `raycell.data.synthetic.write_blocks`, never
     changing the bytes); `kw` are `generate_timedose`'s other arguments.
     """
-    check_chunking(rows_per_shard, chunk_cells, num_workers)
-    kw = effects_params(kw)
-    path = prepare_output(
-        out, overwrite=overwrite, what="synth.out", kind=DATASET, error=ShardError
-    )
-    params = dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw)
-    plan, gt = timedose_plan(**params)
-    params.update(times=gt["times"], doses=gt["doses"])  # JSON-friendly lists
-    tmp = staging_dir(path, DATASET)
-    builder = write_blocks(
-        tmp,
-        plan,
-        CHANNELS,
-        rows_per_shard,
-        chunk_cells,
-        num_workers,
-        progress,
+    return write_design(
+        out,
+        timedose_plan,
+        dict(n_cells=n_cells, crop_size=crop_size, seed=seed, **kw),
+        generator="raycell.data.synthetic_timedose",
+        rows_per_shard=rows_per_shard,
+        overwrite=overwrite,
+        chunk_cells=chunk_cells,
+        num_workers=num_workers,
+        progress=progress,
         desc="synth timedose",
+        normalised=("times", "doses"),  # JSON-friendly lists
+        # the truth columns are answers, not labels to train on
+        extra={"weak_label_columns": list(WEAK_LABEL_COLUMNS)},
     )
-    m = builder.write(
-        params={"generator": "raycell.data.synthetic_timedose", **params},
-        extra={
-            "suggested_unseen": gt["unseen_batches"],
-            "ground_truth": gt,
-            **pop_varied(gt),  # as the phenotype design: at the top of the manifest
-            # the truth columns are answers, not labels to train on
-            "weak_label_columns": list(WEAK_LABEL_COLUMNS),
-        },
-    )
-    swap_in(tmp, path)
-    return m

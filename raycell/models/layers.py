@@ -84,6 +84,15 @@ def make_conv(cin: int, cout: int, stride: int, kernel: int = 4) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=0 if stride == 1 else 1)
 
 
+def conv_stack(
+    in_channels: int, image_size: int, filters: list[int], strides: list[int]
+) -> nn.ModuleList:
+    """An encoder's k4 convs, in_channels -> filters[0] -> ... -> filters[-1] (strides checked)."""
+    check_strides(image_size, filters, strides)
+    chans = [in_channels, *filters]
+    return nn.ModuleList(make_conv(chans[i], chans[i + 1], strides[i]) for i in range(len(filters)))
+
+
 def tied_conv_transpose(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor) -> torch.Tensor:
     """The transpose of `conv` with its own weight tensor (tied) and a separate bias.
 
@@ -112,12 +121,8 @@ class ConvEncoder(nn.Module):
         latent_norm: bool = True,
     ):
         super().__init__()
-        check_strides(image_size, filters, strides)
         down = math.prod(strides)
-        chans = [in_channels, *filters]
-        self.convs = nn.ModuleList(
-            make_conv(chans[i], chans[i + 1], strides[i]) for i in range(len(filters))
-        )
+        self.convs = conv_stack(in_channels, image_size, filters, strides)
         self.norms = nn.ModuleList(
             nn.BatchNorm2d(f, momentum=BN_MOMENTUM, eps=BN_EPS) for f in filters
         )

@@ -34,9 +34,8 @@ from torch import nn
 from raycell.models.layers import (
     BN_EPS,
     block_sizes,
-    check_strides,
+    conv_stack,
     init_output_mean,
-    make_conv,
     same_conv,
 )
 
@@ -163,12 +162,8 @@ class RandomEffectsEncoder(nn.Module):
         **re_kwargs,
     ):
         super().__init__()
-        check_strides(image_size, filters, strides)
+        self.convs = conv_stack(in_channels, image_size, filters, strides)
         sizes = block_sizes(image_size, strides)
-        chans = [in_channels, *filters]
-        self.convs = nn.ModuleList(
-            make_conv(chans[i], chans[i + 1], strides[i]) for i in range(len(filters))
-        )
         self.norms = nn.ModuleList(ClusterScaleBias(f, n_clusters, **re_kwargs) for f in filters)
         self.acts = nn.ModuleList(nn.PReLU(f, init=0.0) for f in filters)
         self.out_shape = (filters[-1], sizes[-1], sizes[-1])

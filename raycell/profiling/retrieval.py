@@ -196,6 +196,16 @@ def percent_replicating(t: ProfileTable, s: RetrievalSettings) -> float:
         return float(res.percent_score("right")[0])
 
 
+def _retrieved_summary(table: pd.DataFrame) -> dict:
+    """How many rows of a mAP table are retrieved, what fraction, and their mean mAP (NaN if none)."""
+    n = len(table)
+    return {
+        "n_retrieved": int(table["retrieved"].sum()),
+        "fraction_retrieved": float(table["retrieved"].mean()) if n else 0.0,
+        "mean_map": float(table["mean_average_precision"].mean()) if n else float("nan"),
+    }
+
+
 def retrieval(t: ProfileTable, s: RetrievalSettings) -> RetrievalResult:
     """Activity (when there are controls), consistency per annotation, percent replicating."""
     if not s.treatment:
@@ -221,14 +231,7 @@ def retrieval(t: ProfileTable, s: RetrievalSettings) -> RetrievalResult:
     }
     keep = None
     if activity is not None:
-        summary["activity"] = {
-            "n_treatments": len(activity),
-            "n_retrieved": int(activity["retrieved"].sum()),
-            "fraction_retrieved": float(activity["retrieved"].mean()) if len(activity) else 0.0,
-            "mean_map": float(activity["mean_average_precision"].mean())
-            if len(activity)
-            else float("nan"),
-        }
+        summary["activity"] = {"n_treatments": len(activity), **_retrieved_summary(activity)}
         if s.consistency_active_only:
             keep = set(activity.loc[activity["retrieved"], "treatment"])
     cons = {}
@@ -239,11 +242,7 @@ def retrieval(t: ProfileTable, s: RetrievalSettings) -> RetrievalResult:
             "level": s.consistency_level,
             "active_only": keep is not None,
             "n_values": len(table),
-            "n_retrieved": int(table["retrieved"].sum()),
-            "fraction_retrieved": float(table["retrieved"].mean()) if len(table) else 0.0,
-            "mean_map": float(table["mean_average_precision"].mean())
-            if len(table)
-            else float("nan"),
+            **_retrieved_summary(table),
         }
     summary["percent_replicating"] = percent_replicating(t, s)
     return RetrievalResult(activity, cons, summary, notes)
