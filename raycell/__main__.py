@@ -9,11 +9,15 @@ checks what it can without Ray (`preflight`) before Ray starts, so bad input cos
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from raycell import pipeline
 from raycell.cli import build_parser, config_overrides
 from raycell.config import defaults_yaml, load_config
 from raycell.errors import user_errors
+
+if TYPE_CHECKING:
+    from raycell.formats.manifest import DatasetManifest
 
 # verb -> the pipeline stage it runs on the config (`synth` and `experiment` take flags too: see `run`)
 STAGES = {
@@ -33,16 +37,14 @@ STAGES = {
 NEEDS_RAY = {"train", "infer", "demo", "ingest", "experiment", "tune", "embed"}
 
 
-def run_import_armed(args) -> dict:
+def run_import_armed(args) -> DatasetManifest:
     """`raycell import-armed SRC --out DST`: ARMED .npz/.csv -> crop shards (no config, no Ray)."""
     from raycell.ingest.armed_npz import import_armed
     from raycell.utils.locks import writing
 
     with writing(args.out, "--out"):
         m = import_armed(args.src, args.out, overwrite=args.overwrite)
-    print(
-        f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}"
-    )
+    print(f"[raycell] import-armed: {m.n_cells} cells, splits {m.counts_per_split} -> {args.out}")
     return m
 
 

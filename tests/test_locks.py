@@ -219,7 +219,7 @@ def _checkpoint(tiny_data: Path, tmp_path: Path) -> Path:
         preset="tiny",
         image_size=spec.shape[1],
     )
-    labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
+    labels = CategoryMap(K.LABEL, tuple(ds.manifest.label_vocab))
     return save_checkpoint(
         tmp_path / "run" / "checkpoint",
         model,

@@ -419,7 +419,7 @@ def checkpoint(tiny_data, tmp_path_factory) -> Path:
         preset="tiny",
         image_size=spec.shape[1],
     )
-    labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
+    labels = CategoryMap(K.LABEL, tuple(ds.manifest.label_vocab))
     return save_checkpoint(
         tmp_path_factory.mktemp("ck") / "run" / "checkpoint",
         model,

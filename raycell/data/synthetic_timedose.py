@@ -61,6 +61,7 @@ from raycell.data.synthetic import (
     write_blocks,
 )
 from raycell.errors import ConfigError
+from raycell.formats.manifest import DatasetManifest
 from raycell.formats.shards import ShardError
 from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
@@ -484,7 +485,7 @@ def write_timedose(
     num_workers: int | None = None,
     progress: bool = True,
     **kw,
-) -> dict:
+) -> DatasetManifest:
     """Generate the time x dose data set and write it as crop shards in chunks; return the manifest.
 
     Written like `raycell.data.synthetic.write_synthetic` (built beside `out`, swapped in when

@@ -84,7 +84,7 @@ class DataSpec:
     @classmethod
     def from_dataset(cls, ds: ShardDataset, normalize: str = "global") -> "DataSpec":
         """The spec of a data set's crops (with the model input's normalisation, `data.normalize`)."""
-        return cls(tuple(ds.manifest["channel_names"]), ds.shape, ds.dtype, normalize)
+        return cls(tuple(ds.manifest.channel_names), ds.shape, ds.dtype, normalize)
 
     def with_normalize(self, normalize: str) -> "DataSpec":
         """The same spec with another normalisation."""

@@ -121,7 +121,7 @@ def resume_config(cfg: ExperimentConfig, given: list[str] | None = None) -> Expe
 def _training_data(cfg: ExperimentConfig):
     """The data set of `data.path`, which must have a train split."""
     ds = open_dataset(cfg.data.path)
-    counts = ds.manifest.get("counts_per_split", {})
+    counts = ds.manifest.counts_per_split
     if not counts.get(K.TRAIN):
         raise ConfigError(
             f"{ds.root} has no rows with split 'train' (counts: {counts}); run "
@@ -185,7 +185,7 @@ def check_train(cfg: ExperimentConfig) -> None:
 
         # the worker would load it after Ray starts, where a corrupt file is a worker trace, not one line
         _, meta = load_checkpoint(cfg.train.resume)
-        load_plan_state(meta["path"])
+        load_plan_state(meta.path)
 
 
 _warned: set[tuple] = set()  # (data set, model type): each warning once per process
@@ -324,7 +324,7 @@ def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
         raise ConfigError(
             f"model type {cfg.model.type!r} validates on held-out cells of the training "
             f"batches (split '{K.VAL}'), but {ds.root} has no '{K.VAL}' rows (its splits: "
-            f"{ds.manifest.get('counts_per_split', {})}); re-split it with a val fraction > 0 "
+            f"{ds.manifest.counts_per_split}); re-split it with a val fraction > 0 "
             "(split.fractions)"
         )
     extra = sorted(val - set(vocab.values))
@@ -359,18 +359,18 @@ def training_setup(cfg: ExperimentConfig, fold: list[str] | None = None) -> tupl
     setup = {
         # the model input's normalisation travels with the model (saved in every checkpoint's spec)
         "data_spec": DataSpec.from_dataset(ds, data_normalize(cfg)).to_dict(),
-        "labels": CategoryMap(K.LABEL, ds.manifest["label_vocab"]).to_dict(),
+        "labels": CategoryMap(K.LABEL, ds.manifest.label_vocab).to_dict(),
         # The design matrix Z has one column per *training* batch (the reference fits it on train).
         "batches": CategoryMap.fit(K.BATCH, meta.to_pylist()).to_dict(),
         "dataset": str(ds.root),
         # per-channel mean intensity in [0, 1]: initialises the decoder output (see TiedDecoder.init_output)
         "channel_means": [
-            ds.manifest["channel_stats"][c]["mean"] * DataSpec.from_dataset(ds).scale
-            for c in ds.manifest["channel_names"]
+            ds.manifest.channel_stats[c]["mean"] * DataSpec.from_dataset(ds).scale
+            for c in ds.manifest.channel_names
         ]
-        if ds.manifest.get("channel_stats")
+        if ds.manifest.channel_stats
         else None,
-        "valbatch": bool(fold) or bool(ds.manifest.get("counts_per_split", {}).get(K.VALBATCH)),
+        "valbatch": bool(fold) or bool(ds.manifest.counts_per_split.get(K.VALBATCH)),
     }
     if fold:
         setup["fold_batches"] = list(fold)
@@ -381,7 +381,7 @@ def training_setup(cfg: ExperimentConfig, fold: list[str] | None = None) -> tupl
 
     if setup["valbatch"] and model_entry(cfg.model.type).batch_head:
         # held-out batches have no class in a batch classifier's head: validate on val only
-        n = ds.manifest["counts_per_split"][K.VALBATCH]
+        n = ds.manifest.counts_per_split[K.VALBATCH]
         print(
             f"[raycell] model type {cfg.model.type!r} predicts the training batches, so it validates on "
             f"held-out cells of those batches (split '{K.VAL}') only; the {n} cells of held-out batches "
@@ -508,7 +508,7 @@ def best_checkpoint(run_dir: str | Path, epoch: int) -> Path | None:
 
     for ck in sorted(Path(run_dir).glob("checkpoint_*")):
         try:
-            if int(read_meta(ck).get("epoch", -1)) == epoch:
+            if read_meta(ck).epoch == epoch:
                 return ck
         except (UserError, OSError, ValueError):  # a partial checkpoint: not the one
             continue
