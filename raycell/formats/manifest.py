@@ -103,7 +103,7 @@ class DatasetManifest:
     suggested_unseen: list[str] = field(default_factory=list)
     ground_truth: dict | None = None
     batch_effects: dict | None = None
-    unseen_extremes: dict | None = None
+    unseen_extremes: list[dict] | None = None
     armed: dict | None = None
     ingest: dict | None = None
     split_params: dict | None = None
