@@ -131,6 +131,7 @@ def test_a_data_set_with_an_old_manifest_opens_and_counts_its_splits(tmp_path):
     [
         (lambda d: d.pop("label_vocab"), r"missing key\(s\) \['label_vocab'\]"),
         (lambda d: d.update(schema_version=K.SCHEMA_VERSION + 1), "newer than this raycell"),
+        (lambda d: d.update(crop_size=[16]), "malformed value"),
     ],
 )
 def test_a_manifest_this_version_cannot_read_is_one_line(tmp_path, change, match):

@@ -115,7 +115,8 @@ class DatasetManifest:
         """The manifest from its JSON object (any version up to this one's `SCHEMA_VERSION`).
 
         Raises:
-            ShardError: not a JSON object, a required key missing, or a newer schema version.
+            ShardError: not a JSON object, a required key missing or malformed, or a newer schema
+                version.
         """
         if not isinstance(raw, dict):
             raise ShardError(f"{where}: manifest must be a JSON object")
@@ -127,7 +128,13 @@ class DatasetManifest:
                 f"{where}: schema_version {raw['schema_version']} is newer than this "
                 f"raycell understands ({K.SCHEMA_VERSION}); upgrade raycell"
             )
-        d = _upgrade(raw)
+        try:
+            d = _upgrade(raw)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ShardError(
+                f"{where}: manifest holds a malformed value ({type(exc).__name__}: {exc}); "
+                "re-create the data set"
+            ) from None
         known = {f.name for f in fields(cls)} - {"extra"}
         m = cls(**{k: v for k, v in d.items() if k in known})
         m.extra = {k: v for k, v in d.items() if k not in known}
