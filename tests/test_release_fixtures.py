@@ -21,7 +21,7 @@ from raycell.formats.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from raycell.formats.manifest import DatasetManifest, read_manifest
+from raycell.formats.manifest import DatasetManifest, read_dataset_manifest
 from raycell.formats.shards import ShardError, open_dataset, split_counts
 
 FIXTURES = Path(__file__).parent / "data" / "release_fixtures"
@@ -121,7 +121,7 @@ def test_a_data_set_with_an_old_manifest_opens_and_counts_its_splits(tmp_path):
     shutil.copytree(DATASET, old)
     (old / K.MANIFEST).write_text(json.dumps(OLD_MANIFEST))
     ds = open_dataset(old, check=True)
-    assert ds.shape == (2, 16, 16) and read_manifest(old).shards == ds.manifest.shards
+    assert ds.shape == (2, 16, 16) and read_dataset_manifest(old).shards == ds.manifest.shards
     # no counts in the manifest: they come from the split column, as the release's manifest has them
     assert split_counts(ds) == _json(DATASET / K.MANIFEST)["counts_per_split"]
 

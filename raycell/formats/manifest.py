@@ -206,7 +206,7 @@ def _upgrade(raw: dict) -> dict:
     return d
 
 
-def read_manifest(path: str | os.PathLike) -> DatasetManifest:
+def read_dataset_manifest(path: str | os.PathLike) -> DatasetManifest:
     """Read a `dataset.json` file (or the one in a folder), upgraded to this version's fields.
 
     Raises:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycell import constants as K
-from raycell.formats.manifest import DatasetManifest, ShardError, read_manifest
+from raycell.formats.manifest import DatasetManifest, ShardError, read_dataset_manifest
 from raycell.utils.io import atomic_write_parquet, software_versions
 from raycell.utils.progress import quiet_bar
 
@@ -594,7 +594,7 @@ def open_dataset(path: str | os.PathLike, check: bool = False) -> ShardDataset:
             f"{root} has no {K.MANIFEST}: not a raycell data set (make one with "
             "`raycell synth`, `raycell ingest` or `raycell import-armed`)"
         )
-    ds = ShardDataset(root, read_manifest(mpath))
+    ds = ShardDataset(root, read_dataset_manifest(mpath))
     image_dtype(ds.dtype)
     for p in ds.shard_paths:
         if not os.path.isfile(p):

@@ -69,7 +69,7 @@ class InferPlan:
     """What `check_config` found: everything `predict` needs, validated without Ray."""
 
     ck: Path
-    meta: dict
+    meta: CheckpointMeta
     ds: ShardDataset
     out: Path
     splits: list[str]

@@ -72,13 +72,13 @@ SUMMARY = "ingest_summary.json"
 
 def _existing(out: Path, p: dict, fingerprint: str) -> dict | None:
     """Summary of an identical earlier run in `out` (to skip), else None; raise on a clash."""
-    from raycell.formats.manifest import ShardError, read_manifest
+    from raycell.formats.manifest import ShardError, read_dataset_manifest
     from raycell.utils.io import read_json
 
     if not (out / K.MANIFEST).is_file():
         return None
     try:
-        prev = read_manifest(out).ingest or {}
+        prev = read_dataset_manifest(out).ingest or {}
     except ShardError:  # not a manifest this version reads: no earlier run of these inputs
         prev = {}
     same = prev.get("fingerprint") == fingerprint and prev.get("params") == _params_record(p)
