@@ -498,7 +498,10 @@ def test_a_shard_without_rows_of_the_requested_split_is_skipped_for_mixed_effect
 def test_z_models_refuse_valbatch_cells_without_an_inferred_z(tiny_valbatch_data):
     """Held-out validation batches were never trained on: a Z model has no Z column for them."""
     from raycell import constants as K
+    from raycell.formats.categories import CategoryMap
+    from raycell.formats.checkpoint import CheckpointMeta
     from raycell.formats.shards import open_dataset
+    from raycell.formats.spec import DataSpec
     from raycell.infer.batch import _check_design_matrix
     from raycell.infer.predictor import MissingDesignMatrixError
 
@@ -507,7 +510,14 @@ def test_z_models_refuse_valbatch_cells_without_an_inferred_z(tiny_valbatch_data
         set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist())
     )
     held = ds.manifest.split_params["val_batches"]
-    meta = {"uses_z": True, "model_type": "mixedeffects", "batches": {"values": train_batches}}
+    meta = CheckpointMeta(
+        model_type="mixedeffects",
+        model_args={},
+        data_spec=DataSpec.from_dataset(ds),
+        labels=CategoryMap(K.LABEL, tuple(ds.manifest.label_vocab)),
+        batches=CategoryMap(K.BATCH, tuple(train_batches)),
+        uses_z=True,
+    )
     cfg = load_config(None, [f"data.path={tiny_valbatch_data}", "infer.splits=[valbatch]"])
     import re
 
