@@ -87,8 +87,8 @@ def _collate(ds):
 
     return CropCollate(
         DataSpec.from_dataset(ds),
-        CategoryMap(K.LABEL, ds.manifest["label_vocab"]),
-        CategoryMap(K.BATCH, ds.manifest["batch_vocab"]),
+        CategoryMap(K.LABEL, ds.manifest.label_vocab),
+        CategoryMap(K.BATCH, ds.manifest.batch_vocab),
     )
 
 
@@ -163,7 +163,7 @@ def bench_npz(ds, batch, epochs, warmup, tmp: Path):
 
     imgs, meta = ds.load_images(splits=[K.TRAIN])
     f = tmp / "data.npz"
-    np.savez(f, images=imgs, label=(meta[K.LABEL] == ds.manifest["label_vocab"][-1]).to_numpy())
+    np.savez(f, images=imgs, label=(meta[K.LABEL] == ds.manifest.label_vocab[-1]).to_numpy())
     del imgs
     loaded = {}
 
@@ -219,7 +219,7 @@ def bench_png(ds, batch, epochs, warmup, tmp: Path, workers: int):
         f = d / f"{i:07d}.png"
         Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0)), mode="LA").save(f)
         files.append(str(f))
-    labels = (meta[K.LABEL] == ds.manifest["label_vocab"][-1]).to_numpy().astype(np.int64)
+    labels = (meta[K.LABEL] == ds.manifest.label_vocab[-1]).to_numpy().astype(np.int64)
     del imgs
 
     def setup():
@@ -399,7 +399,7 @@ def main(argv=None):
             unique = args.unique or (2000 if size <= 96 else 150)
             t = time.perf_counter()
             data[size] = make_data(tmp / f"d{size}", size, cells, unique)
-            n_train = data[size].manifest["counts_per_split"][K.TRAIN]
+            n_train = data[size].manifest.counts_per_split[K.TRAIN]
             print(
                 f"[bench] {size} px: {cells} cells ({n_train} train) written in "
                 f"{time.perf_counter() - t:.1f} s",

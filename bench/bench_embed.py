@@ -37,8 +37,8 @@ def make_checkpoint(ds, backbone: str, out: Path) -> Path:
     from raycell.models import create_model
 
     spec = DataSpec.from_dataset(ds)
-    labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
-    batches = CategoryMap(K.BATCH, tuple(ds.manifest["batch_vocab"]))
+    labels = CategoryMap(K.LABEL, tuple(ds.manifest.label_vocab))
+    batches = CategoryMap(K.BATCH, tuple(ds.manifest.batch_vocab))
     model = create_model(
         "timm",
         in_channels=spec.shape[0],
@@ -72,7 +72,7 @@ def plain_loop(ds, ck: Path, batch_size: int, threads: int) -> tuple[int, float]
 
     torch.set_num_threads(threads)
     model, meta = load_checkpoint(ck)
-    spec = meta["data_spec_obj"]
+    spec = meta.data_spec
     feats, n = [], 0
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -377,8 +377,8 @@ def write_shards(out: Path, cells: int, unique: int, size: int, rows_per_shard: 
         "write_s": round(time.perf_counter() - t - t_gen, 2),
         "shape": list(ds.shape),
         "dtype": ds.dtype,
-        "label_vocab": ds.manifest["label_vocab"],
-        "batch_vocab": ds.manifest["batch_vocab"],
+        "label_vocab": ds.manifest.label_vocab,
+        "batch_vocab": ds.manifest.batch_vocab,
     }
 
 
@@ -479,12 +479,12 @@ def data_section(bench: Bench) -> None:
         info = {
             "status": "ok",
             "path": str(ds.root),
-            "cells": ds.manifest.get("n_cells"),
+            "cells": ds.manifest.n_cells,
             "shards": len(ds.shard_paths),
             "shape": list(ds.shape),
             "dtype": ds.dtype,
-            "label_vocab": ds.manifest["label_vocab"],
-            "batch_vocab": ds.manifest["batch_vocab"],
+            "label_vocab": ds.manifest.label_vocab,
+            "batch_vocab": ds.manifest.batch_vocab,
         }
     elif bench.out_of_time("data", 10):
         return

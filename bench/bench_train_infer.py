@@ -149,7 +149,7 @@ def main(argv=None):
     col = CropCollate(setup.data_spec, setup.labels, setup.batches)
     ctx = LocalContext(ds, col, cfg.data.batch_size, cfg.data.eval_batch_size, tmp / "local")
     run_training(ctx, cfg, setup)
-    n_train = ds.manifest["counts_per_split"]["train"]
+    n_train = ds.manifest.counts_per_split["train"]
     ep = [h["epoch_time_s"] for h in ctx.history]
     res["train"]["plain_loop"] = {
         "threads": cores,

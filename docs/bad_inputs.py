@@ -157,7 +157,7 @@ class Fixtures:
                 preset="tiny",
                 in_channels=ds.shape[0],
                 image_size=ds.shape[1],
-                n_classes=len(ds.manifest["label_vocab"]),
+                n_classes=len(ds.manifest.label_vocab),
             )
             batches = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()
             save_checkpoint(
@@ -166,7 +166,7 @@ class Fixtures:
                 None,
                 epoch=0,
                 spec=DataSpec.from_dataset(ds),
-                labels=CategoryMap(K.LABEL, ds.manifest["label_vocab"]),
+                labels=CategoryMap(K.LABEL, ds.manifest.label_vocab),
                 batches=CategoryMap.fit(K.BATCH, batches),
                 config=cfg.to_dict(),
                 metrics={},
@@ -371,7 +371,7 @@ def _unseen_all(fx: Fixtures) -> list[str]:
     from raycell.formats.shards import open_dataset
 
     d = fx.copy(fx.data(), "unseen_all")
-    vocab = open_dataset(d).manifest["batch_vocab"]
+    vocab = open_dataset(d).manifest.batch_vocab
     return ["split", "--data", str(d), "--unseen", ",".join(vocab)]
 
 

@@ -12,23 +12,25 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from raycell import pipeline
 from raycell.cli import build_parser, config_overrides
 from raycell.config import defaults_yaml, load_config
 from raycell.errors import user_errors
 
+if TYPE_CHECKING:
+    from raycell.formats.manifest import DatasetManifest
 
-def run_import_armed(args) -> dict:
+
+def run_import_armed(args) -> DatasetManifest:
     """`raycell import-armed SRC --out DST`: ARMED .npz/.csv -> crop shards (no config, no Ray)."""
     from raycell.ingest.armed_npz import import_armed
     from raycell.utils.locks import writing
 
     with writing(args.out, "--out"):
         m = import_armed(args.src, args.out, overwrite=args.overwrite)
-    print(
-        f"[raycell] import-armed: {m['n_cells']} cells, splits {m['counts_per_split']} -> {args.out}"
-    )
+    print(f"[raycell] import-armed: {m.n_cells} cells, splits {m.counts_per_split} -> {args.out}")
     return m
 
 

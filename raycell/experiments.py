@@ -92,7 +92,7 @@ def _prepare_data(cfg: ExperimentConfig) -> Path:
         c = copy.deepcopy(cfg)
         c.synth.out = str(path)
         run_synth(c, overwrite=True)
-    counts = open_dataset(path).manifest.get("counts_per_split") or {}
+    counts = open_dataset(path).manifest.counts_per_split
     if not counts.get(K.TRAIN):
         c = copy.deepcopy(cfg)
         c.data.path = str(path)
@@ -135,9 +135,7 @@ def tune_model(cfg: ExperimentConfig, model: str, out: Path, samples: int, folds
     c.tune.num_samples, c.tune.folds, c.tune.mode = samples, folds, "max"
     from raycell.formats.shards import open_dataset
 
-    has_valbatch = bool(
-        open_dataset(c.data.path).manifest.get("counts_per_split", {}).get(K.VALBATCH)
-    )
+    has_valbatch = bool(open_dataset(c.data.path).manifest.counts_per_split.get(K.VALBATCH))
     c.tune.metric = "valbatch_auroc" if folds or has_valbatch else "val_auroc"
     c.tune.out = str(out / "search")
     shutil.rmtree(

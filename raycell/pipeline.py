@@ -11,12 +11,16 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raycell.config import ExperimentConfig, save_config
 from raycell.utils.io import atomic_write_json, atomic_write_text
 
+if TYPE_CHECKING:
+    from raycell.formats.manifest import DatasetManifest
 
-def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
+
+def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> DatasetManifest | dict:
     """`_run_synth`, holding the lock of `synth.out` (a second synth into it refuses)."""
     from raycell.utils.locks import writing
 
@@ -24,8 +28,11 @@ def run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
         return _run_synth(cfg, overwrite)
 
 
-def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
-    """Generate the synthetic data set into `cfg.synth.out` (raw fields of view with `synth.raw`)."""
+def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> DatasetManifest | dict:
+    """Generate the synthetic data set into `cfg.synth.out` (raw fields of view with `synth.raw`).
+
+    Returns the data set's manifest, or with `synth.raw` the summary of the raw fields written.
+    """
     from raycell.data.synthetic import AUTO_RAY_CELLS, write_synthetic
 
     s = cfg.synth
@@ -95,32 +102,32 @@ def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
             **common,
         )
     print(
-        f"[raycell] synth: {m['n_cells']} cells, {len(m['batch_vocab'])} batches "
-        f"(suggested unseen: {m['suggested_unseen']}), {len(m['shards'])} shard(s) -> "
+        f"[raycell] synth: {m.n_cells} cells, {len(m.batch_vocab)} batches "
+        f"(suggested unseen: {m.suggested_unseen}), {len(m.shards)} shard(s) -> "
         f"{Path(s.out).absolute()} in {time.time() - t0:.1f}s",
         flush=True,
     )
     return m
 
 
-def run_split(cfg: ExperimentConfig) -> dict:
+def run_split(cfg: ExperimentConfig) -> DatasetManifest:
     """Assign splits in `cfg.data.path`; returns the updated manifest."""
     from raycell.data.splits import split_dataset
     from raycell.utils.locks import writing
 
     with writing(cfg.data.path, "data.path (split rewrites its shards)", make_parent=False):
         m = _split(cfg, split_dataset)
-    vb = m["split_params"].get("val_batches")
+    vb = m.split_params["val_batches"]
     print(
-        f"[raycell] split {Path(cfg.data.path).absolute()}: {m['counts_per_split']} "
-        f"(unseen batches: {m['split_params']['unseen']}"
+        f"[raycell] split {Path(cfg.data.path).absolute()}: {m.counts_per_split} "
+        f"(unseen batches: {m.split_params['unseen']}"
         f"{f'; validation batches: {vb}' if vb else ''})",
         flush=True,
     )
     return m
 
 
-def _split(cfg: ExperimentConfig, split_dataset) -> dict:
+def _split(cfg: ExperimentConfig, split_dataset) -> DatasetManifest:
     """`split_dataset` with the `split.*` keys (under the data set's lock)."""
     return split_dataset(
         cfg.data.path,
@@ -319,7 +326,7 @@ def infer_evaluate(
     c.infer.checkpoint = str(checkpoint)
     c.infer.out = str(out / "predictions")
     c.infer.z_source = z_source
-    uses_z = model_entry(read_meta(find_checkpoint(checkpoint))["model_type"]).uses_z
+    uses_z = model_entry(read_meta(find_checkpoint(checkpoint)).model_type).uses_z
     if uses_z and not z_source and not c.infer.randomize_z:
         c.infer.z_out = str(out / "inferred_z")
         run_infer_z(c)

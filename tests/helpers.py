@@ -118,7 +118,7 @@ def untrained_checkpoint(
         None,
         epoch=0,
         spec=spec,
-        labels=CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"])),
+        labels=CategoryMap(K.LABEL, tuple(ds.manifest.label_vocab)),
         batches=CategoryMap(K.BATCH, SEEN),
         config={},
         metrics={},

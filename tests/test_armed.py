@@ -250,7 +250,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(model_type, tmp_path):
         metrics={},
     )
     m2, meta = load_checkpoint(tmp_path)
-    assert meta["model_type"] == model_type and not m2.training
+    assert meta.model_type == model_type and not m2.training
     m.eval()
     with torch.no_grad():
         o1, o2 = m(x, z).present(), m2(x, z).present()
@@ -290,7 +290,7 @@ def test_infer_z_writes_a_soft_z_per_unseen_cell(inferred_z, tiny_data):
 
     t = pq.read_table(inferred_z["parquet"])
     ds = open_dataset(tiny_data)
-    assert t.num_rows == ds.manifest["counts_per_split"]["unseen"] == inferred_z["n_cells"]
+    assert t.num_rows == ds.manifest.counts_per_split["unseen"] == inferred_z["n_cells"]
     assert set(t.column(K.SPLIT).to_pylist()) == {"unseen"}
     z = np.stack(t.column("z").to_numpy(zero_copy_only=False))
     assert z.shape[1] == len(inferred_z["batches"]["values"]) == 6 and z.dtype == np.float32

@@ -60,7 +60,7 @@ def armed(tmp_path):
 
 def test_import_armed_round_trip(armed, tmp_path):
     src, pix = armed
-    m = import_armed(src, tmp_path / "out")
+    m = import_armed(src, tmp_path / "out").to_dict()
     ds = open_dataset(tmp_path / "out", check=True)
     assert m["n_cells"] == 70 and ds.shape == (1, 16, 16) and m["dtype"] == "uint8"
     assert m["counts_per_split"] == {"train": 40, "val": 8, "test": 12, "unseen": 10}
@@ -81,7 +81,7 @@ def test_import_armed_round_trip(armed, tmp_path):
     assert first[K.CELL_ID] == f"train-{csv['cell'].iloc[0]}-{csv.index[0]}"
     with pytest.raises(ArmedImportError, match="already holds"):
         import_armed(src, tmp_path / "out")
-    assert import_armed(str(src / "data_*.npz"), tmp_path / "out", overwrite=True)["n_cells"] == 70
+    assert import_armed(str(src / "data_*.npz"), tmp_path / "out", overwrite=True).n_cells == 70
 
 
 @pytest.mark.parametrize(

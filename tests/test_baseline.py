@@ -25,7 +25,7 @@ def _tiny_images(tiny_data, n=12):
 
     ds = open_dataset(tiny_data)
     imgs, meta = ds.load_images([K.TRAIN])
-    return imgs[:n], ds.manifest["channel_names"]
+    return imgs[:n], ds.manifest.channel_names
 
 
 def test_crop_features_shape_finite_deterministic(tiny_data):

@@ -180,7 +180,7 @@ def test_split_with_every_batch_unseen_is_refused(tiny_data, tmp_path, capsys):
 
     data = tmp_path / "d"
     shutil.copytree(tiny_data, data)
-    batches = open_dataset(data).manifest["batch_vocab"]
+    batches = open_dataset(data).manifest.batch_vocab
     assert main(["split", "--data", str(data), "--unseen", ",".join(batches)]) == 2
     line = one_error_line(capsys)
     assert "unseen" in line and "every batch" in line

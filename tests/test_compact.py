@@ -86,7 +86,7 @@ def test_write_compacted_copies_rows_in_order(tmp_path):
     w = _write_small(tmp_path / "small", [3, 1, 4, 1, 5, 9, 2, 6])
     w.close()
     ds = open_dataset(tmp_path / "small")
-    rows = [s["rows"] for s in ds.manifest["shards"]]
+    rows = [s["rows"] for s in ds.manifest.shards]
     shards = write_compacted(ds.shard_paths, rows, tmp_path / "big", cap=10, workers=2)
     assert [s["rows"] for s in shards] == [10, 10, 10, 1]
     assert [s["file"] for s in shards] == [f"shards/part-{k:05d}.parquet" for k in range(4)]
@@ -105,17 +105,17 @@ def test_compact_dataset_keeps_cells_and_old_layout_still_opens(tmp_path):
     assert len(old.shard_paths) == 41
     m = compact_dataset(tmp_path / "per_field", tmp_path / "compact", rows_per_shard=300)
     new = open_dataset(tmp_path / "compact", check=True)
-    assert [s["rows"] for s in new.manifest["shards"]] == [300, 300, 167]
-    assert m["compaction"]["source_shards"] == 41
+    assert [s["rows"] for s in new.manifest.shards] == [300, 300, 167]
+    assert m.compaction["source_shards"] == 41
     for k in CELL_KEYS:
-        assert new.manifest[k] == old.manifest[k], k
+        assert getattr(new.manifest, k) == getattr(old.manifest, k), k
     i0, m0 = old.load_images()
     i1, m1 = new.load_images()
     assert np.array_equal(i0, i1)
     pd.testing.assert_frame_equal(m0, m1)
     # the byte bound: 2 channels x 8 x 8 uint8 = 128 bytes a cell, 0.01 MiB -> 81 rows a shard
     compact_dataset(tmp_path / "per_field", tmp_path / "mb", rows_per_shard=0, shard_mb=0.01)
-    rows = [s["rows"] for s in open_dataset(tmp_path / "mb").manifest["shards"]]
+    rows = [s["rows"] for s in open_dataset(tmp_path / "mb").manifest.shards]
     assert set(rows[:-1]) == {81} and sum(rows) == sum(sizes)
     # an existing data set is replaced only when asked, and the source is never the output
     with pytest.raises(ShardError, match="already holds"):
@@ -180,9 +180,9 @@ def test_ingest_of_many_fields_gives_a_handful_of_shards(
     assert s["n_fovs_in"] == 40 == s["n_fovs_with_cells"] + s["n_fovs_rejected"]
     assert len(seen["parts"]) == s["n_fovs_with_cells"] > 30  # one file per field from the tasks
     ds = open_dataset(out, check=True)
-    rows = [x["rows"] for x in ds.manifest["shards"]]
+    rows = [x["rows"] for x in ds.manifest.shards]
     assert len(rows) == s["n_shards"] == -(-s["n_cells"] // 50) <= 5
-    assert set(rows[:-1]) == {50} and sum(rows) == s["n_cells"] == ds.manifest["n_cells"]
+    assert set(rows[:-1]) == {50} and sum(rows) == s["n_cells"] == ds.manifest.n_cells
     # every cell exactly once, the same rows and bytes the tasks wrote, in plan order
     before = pa.concat_tables(seen["parts"])
     after = ds.read_table()
@@ -190,7 +190,7 @@ def test_ingest_of_many_fields_gives_a_handful_of_shards(
     assert after.column(K.CELL_ID).to_pandas().is_unique
     # nothing but the shards: no parts folder, no stray file, no staging folder
     assert sorted(p.name for p in (out / K.SHARD_DIR).iterdir()) == [
-        Path(x["file"]).name for x in ds.manifest["shards"]
+        Path(x["file"]).name for x in ds.manifest.shards
     ]
     assert not (out / driver.PARTS).exists() and not list(tmp_path.glob("crops.partial-*"))
 
@@ -214,7 +214,7 @@ def test_ingest_of_many_fields_gives_a_handful_of_shards(
     monkeypatch.setattr(compact, "atomic_write_parquet", real_write)
     s2 = driver.run_ingest(_cfg(src, out, pm, rows_per_shard=40, overwrite="true"))
     again = open_dataset(out, check=True)
-    assert [x["rows"] for x in again.manifest["shards"]][:-1] == [40] * (s2["n_shards"] - 1)
+    assert [x["rows"] for x in again.manifest.shards][:-1] == [40] * (s2["n_shards"] - 1)
     assert again.read_table().equals(after)  # same cells, same order, once each
     assert not list(tmp_path.glob("crops.partial-*")) and not list(tmp_path.glob("crops.old-*"))
 
@@ -236,8 +236,8 @@ def test_manifest_relist_keeps_counts_and_refuses_other_rows(tmp_path):
         b.relist([{"file": "shards/part-00000.parquet", "rows": 6}])
     b.relist([{"file": "shards/part-00000.parquet", "rows": 7}])
     m = b.write()
-    assert m["shards"] == [{"file": "shards/part-00000.parquet", "rows": 7}]
-    assert m["n_cells"] == 7 and m["counts_per_batch"] == {"b0": 7}
+    assert m.shards == [{"file": "shards/part-00000.parquet", "rows": 7}]
+    assert m.n_cells == 7 and m.counts_per_batch == {"b0": 7}
 
 
 def test_negative_shard_bounds_are_refused_naming_the_key():

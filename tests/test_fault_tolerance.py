@@ -158,7 +158,7 @@ def _checkpoint(ds, path: Path) -> Path:
     torch.manual_seed(0)
     spec = DataSpec.from_dataset(ds)
     batches = sorted(set(ds.read_table([K.BATCH], splits=["train"]).column(K.BATCH).to_pylist()))
-    labels = CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"]))
+    labels = CategoryMap(K.LABEL, tuple(ds.manifest.label_vocab))
     model = create_model(
         "conventional",
         in_channels=spec.shape[0],

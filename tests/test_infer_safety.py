@@ -237,7 +237,7 @@ def test_predictions_record_what_produced_them(predicted, cks):
 
     m = json.loads((predicted["out"] / K.PREDICTIONS_MANIFEST).read_text())
     ds = open_dataset(predicted["data"])
-    assert m["n_rows"] == ds.manifest["n_cells"] == sum(s["rows"] for s in m["shards"])
+    assert m["n_rows"] == ds.manifest.n_cells == sum(s["rows"] for s in m["shards"])
     assert [s["file"] for s in m["shards"]] == [f"shards/{Path(p).name}" for p in ds.shard_paths]
     assert (
         m["producer"]["checkpoint"] == str(cks["conventional"]) and m["producer"]["splits"] == "all"
@@ -424,7 +424,7 @@ def test_a_shard_without_rows_of_the_requested_split_is_skipped_for_mixed_effect
         split = pa.array(["train" if s == K.TEST else s for s in t.column(K.SPLIT).to_pylist()])
         return t.set_column(t.schema.get_field_index(K.SPLIT), K.SPLIT, split)
 
-    counts = rewrite_shards(ds, no_test_rows, {})["counts_per_split"]
+    counts = rewrite_shards(ds, no_test_rows, {}).counts_per_split
     m = predict(
         _cfg(
             data,
@@ -443,7 +443,10 @@ def test_a_shard_without_rows_of_the_requested_split_is_skipped_for_mixed_effect
 def test_z_models_refuse_valbatch_cells_without_an_inferred_z(tiny_valbatch_data):
     """Held-out validation batches were never trained on: a Z model has no Z column for them."""
     from raycell import constants as K
+    from raycell.formats.categories import CategoryMap
+    from raycell.formats.checkpoint import CheckpointMeta
     from raycell.formats.shards import open_dataset
+    from raycell.formats.spec import DataSpec
     from raycell.infer.batch import _check_design_matrix
     from raycell.infer.predictor import MissingDesignMatrixError
 
@@ -451,8 +454,15 @@ def test_z_models_refuse_valbatch_cells_without_an_inferred_z(tiny_valbatch_data
     train_batches = sorted(
         set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist())
     )
-    held = ds.manifest["split_params"]["val_batches"]
-    meta = {"uses_z": True, "model_type": "mixedeffects", "batches": {"values": train_batches}}
+    held = ds.manifest.split_params["val_batches"]
+    meta = CheckpointMeta(
+        model_type="mixedeffects",
+        model_args={},
+        data_spec=DataSpec.from_dataset(ds),
+        labels=CategoryMap(K.LABEL, tuple(ds.manifest.label_vocab)),
+        batches=CategoryMap(K.BATCH, tuple(train_batches)),
+        uses_z=True,
+    )
     cfg = load_config(None, [f"data.path={tiny_valbatch_data}", "infer.splits=[valbatch]"])
     import re
 

@@ -378,7 +378,7 @@ def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
     assert "SYN00_A01_s0_nucleus_z1.tif" in fov_rej.loc["batch00_SYN00_A01_0", "reason"]
     assert rej[rej.kind == "file"].files.tolist() == ["batch00/notes_scan.tif"]
     ds = open_dataset(out, check=True)
-    m = ds.manifest
+    m = ds.manifest.to_dict()
     assert m["n_cells"] == s["n_cells"] > 20 and ds.shape == (2, 32, 32)
     assert m["channel_names"] == ["nucleus", "cytoplasm"] and m["label_vocab"] == ["high", "low"]
     assert m["batch_vocab"] == ["batch00", "batch01"]
@@ -413,7 +413,7 @@ def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
     cfg.ingest.overwrite = True
     s2 = run_ingest(cfg)
     assert not s2["skipped"] and s2["n_cells"] == s["n_cells"]
-    assert open_dataset(out, check=True).manifest["n_cells"] == s["n_cells"]
+    assert open_dataset(out, check=True).manifest.n_cells == s["n_cells"]
     assert not (tmp_path / "crops.partial").exists() and not (tmp_path / "crops.old").exists()
 
 
@@ -438,7 +438,7 @@ def test_ingest_normalisation_modes(ray_local, raw, tmp_path):
         assert s["n_fovs_with_cells"] == 8 and s["n_fovs_rejected"] == 0, pd.read_parquet(
             out / "rejects.parquet"
         ).to_dict("records")
-        m = open_dataset(out, check=True).manifest
+        m = open_dataset(out, check=True).manifest.to_dict()
         assert m["dtype"] == "uint16" and m["ingest"]["normalization"]["mode"] == mode
         res[mode] = m
     assert set(res["per-batch"]["ingest"]["normalization"]["ranges"]) == {"batch00", "batch01"}
@@ -493,7 +493,7 @@ def test_example_human(ray_local, tmp_path):
     assert s["n_fovs_with_cells"] == 1 and 150 <= s["n_cells"] <= 400, s
     assert 8 <= s["diameter_px"]["median"] <= 20  # nuclei are ~12 px across
     ds = open_dataset(tmp_path / "h", check=True)
-    assert ds.manifest["channel_names"] == ["DNA", "PH3", "cell"] and ds.shape == (3, 64, 64)
+    assert ds.manifest.channel_names == ["DNA", "PH3", "cell"] and ds.shape == (3, 64, 64)
     t = pq.read_table(ds.shard_paths[0]).to_pandas()
     assert 60 <= t.morph_nucleus_area.median() <= 250 and 200 <= t.morph_area.median() <= 1500
     assert t.morph_nucleus_area.le(t.morph_area).all()
@@ -513,7 +513,7 @@ def test_example_as_09047_illumination(ray_local, tmp_path):
     s = run_ingest(cfg)
     assert s["n_fovs_in"] == 72 and s["n_fovs_with_cells"] + s["n_fovs_rejected"] == 72
     assert s["n_fovs_with_cells"] >= 70 and 700 <= s["n_cells"] <= 5000, s
-    m = open_dataset(tmp_path / "as", check=True).manifest
+    m = open_dataset(tmp_path / "as", check=True).manifest.to_dict()
     func = np.load(tmp_path / "as" / next(iter(m["ingest"]["illumination"]["functions"].values())))
     assert (
         func.shape == (1, 128, 128) and func.max() / func.min() > 1.5
@@ -565,9 +565,7 @@ def test_ingest_stores_crop_features_that_the_baseline_reads(ray_local, raw, tmp
     t = ds.read_table()
     stored = [c for c in t.column_names if c.startswith("feat_")]
     # the stored columns are the baseline's own crop features of the crops as written, exactly
-    want, names = crop_features(
-        decode_images(t, ds.shape, ds.dtype), ds.manifest.get("channel_names")
-    )
+    want, names = crop_features(decode_images(t, ds.shape, ds.dtype), ds.manifest.channel_names)
     assert stored == [f"feat_{n}" for n in names] and len(names) > 10
     got = np.column_stack([t.column(c).to_numpy(zero_copy_only=False) for c in stored])
     np.testing.assert_array_equal(got, want.astype(np.float32))

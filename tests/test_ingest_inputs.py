@@ -299,7 +299,7 @@ def test_out_of_scale_fields_normalised_separately_when_asked(ray_local, scaled_
     for fid in (ODD_BIG, ODD_FLOAT):
         c = crops[fid]
         assert (c.reshape(len(c), 2, -1).max(axis=2) > 0).mean() > 0.9, fid
-    m = open_dataset(out).manifest["ingest"]["scale_check"]
+    m = open_dataset(out).manifest.ingest["scale_check"]
     assert m["mode"] == "separate" and m["normalised_alone"] == sorted([ODD_BIG, ODD_FLOAT])
 
 
@@ -322,7 +322,7 @@ def test_saturated_and_all_zero_crops_are_warned(ray_local, scaled_raw, tmp_path
     zero = s["crop_checks"]["all_zero"]
     assert zero["nucleus"] > 0.5 * s["n_cells"]
     assert any(f"{zero['nucleus']} of {s['n_cells']} crops" in n for n in s["notes"])
-    assert open_dataset(out).manifest["ingest"]["crop_checks"]["all_zero"] == zero
+    assert open_dataset(out).manifest.ingest["crop_checks"]["all_zero"] == zero
 
 
 @pytest.mark.ray

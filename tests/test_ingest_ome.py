@@ -173,5 +173,5 @@ def test_ome_zarr_ingest_records_the_pixel_size(ray_local, trees, tmp_path):
     )
     s = run_ingest(cfg)
     assert s["n_fovs_with_cells"] == 4 and s["n_cells"] > 10
-    px = open_dataset(tmp_path / "o").manifest["ingest"]["pixel_size"]
+    px = open_dataset(tmp_path / "o").manifest.ingest["pixel_size"]
     assert px["x"] == pytest.approx(0.65) and px["source"] == "ome-zarr"

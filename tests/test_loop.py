@@ -48,8 +48,8 @@ def test_resume_continues_from_the_checkpoint(tiny_data, tmp_path):
     ck = find_checkpoint(tmp_path / "a")
     assert ck.name == "checkpoint_0001"
     model, meta = load_checkpoint(ck)
-    assert meta["epoch"] == 1 and meta["labels"]["values"] == ["high", "low"]
-    assert meta["config"]["train"]["epochs"] == 2 and meta["data_spec"]["shape"] == [2, 32, 32]
+    assert meta.epoch == 1 and meta.labels.values == ("high", "low")
+    assert meta.config["train"]["epochs"] == 2 and meta.data_spec.shape == (2, 32, 32)
     # continue to 4 epochs: starts at epoch 2 from the saved weights and optimiser state
     cfg4 = load_config(None, tiny_overrides(tiny_data, tmp_path / "b", epochs=4))
     ctx2, _ = _ctx(cfg4, tmp_path / "b", resume=ck)
@@ -89,7 +89,7 @@ def test_loaded_checkpoint_is_the_model_that_was_saved(tiny_data, tmp_path, monk
     # bit-identical needs the same memory format (train.channels_last picks other convolution kernels)
     assert cfg.train.channels_last
     model = model.to(memory_format=torch.channels_last)
-    assert len(saved) == 2 and meta["epoch"] == 1 and not model.training
+    assert len(saved) == 2 and meta.epoch == 1 and not model.training
     x = torch.rand(3, 2, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         x = x.contiguous(memory_format=torch.channels_last)
@@ -129,7 +129,7 @@ def test_valbatch_metrics_and_history(tiny_valbatch_data, tmp_path):
     )
     ctx, setup = _ctx(cfg, tmp_path)
     assert setup.valbatch
-    vb = open_dataset(tiny_valbatch_data).manifest["split_params"]["val_batches"]
+    vb = open_dataset(tiny_valbatch_data).manifest.split_params["val_batches"]
     assert vb and not set(vb) & set(setup.batches.values)  # never a training batch (Z row all zero)
     run_training(ctx, cfg, setup, history_file=str(tmp_path / "history.jsonl"))
     h = ctx.history[-1]

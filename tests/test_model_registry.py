@@ -107,12 +107,12 @@ def test_a_registered_toy_type_trains_saves_infers_and_evaluates(toy_type, tiny_
 
     # load: the checkpoint rebuilds the toy from the registry
     model, meta = load_checkpoint(tmp_path / "run")
-    assert meta["model_type"] == toy_type and meta["uses_z"] is False and meta["epoch"] == 2
+    assert meta.model_type == toy_type and meta.uses_z is False and meta.epoch == 2
     assert isinstance(model, LinearAEC) and not model.training
 
     # infer: the predictor on an Arrow table of the tiny data set
     t = pq.read_table(open_dataset(tiny_data).shard_paths[0])
-    pred = CropPredictor(meta["path"], device="cpu")(t)
+    pred = CropPredictor(str(meta.path), device="cpu")(t)
     assert pred.num_rows == t.num_rows
     assert {K.LATENT, K.PROB, K.PRED, K.RECON_MSE, K.RECON_SSIM} <= set(pred.column_names)
     assert K.LATENT_RE not in pred.column_names and K.BATCH_PROB not in pred.column_names
@@ -121,7 +121,7 @@ def test_a_registered_toy_type_trains_saves_infers_and_evaluates(toy_type, tiny_
 
     # evaluate: the metrics of a split from these predictions
     df = pred.drop_columns([K.LATENT]).to_pandas()
-    res = split_metrics(df, latents, list(meta["labels"]["values"]))
+    res = split_metrics(df, latents, list(meta.labels.values))
     assert res["n"] == t.num_rows and 0 <= res["auroc"] <= 1
     assert res["mse"] == pytest.approx(float(pd.Series(df[K.RECON_MSE]).mean()))
     assert -1 <= res["ssim"] <= 1 and np.isfinite(res["batch_silhouette"])

@@ -99,10 +99,12 @@ def test_bad_normalize_is_one_line_before_training(tiny_data, tmp_path):
 
 
 def test_a_model_trained_with_crop_normalisation_is_served_with_it(tiny_data, tmp_path):
+    import json
+
     import pyarrow as pa
 
     from raycell import constants as K
-    from raycell.formats.checkpoint import load_checkpoint
+    from raycell.formats.checkpoint import find_checkpoint, load_checkpoint
     from raycell.formats.shards import decode_images, open_dataset
     from raycell.infer.predictor import CropPredictor
     from raycell.models.random_effects import one_hot_design
@@ -122,7 +124,11 @@ def test_a_model_trained_with_crop_normalisation_is_served_with_it(tiny_data, tm
     run_training(ctx, cfg, setup)
     assert ctx.history[-1]["train_loss"] == ctx.history[-1]["train_loss"]  # finite (not NaN)
     model, meta = load_checkpoint(tmp_path)
-    assert meta["data_spec"]["normalize"] == "crop" and meta["data_spec_obj"].normalize == "crop"
+    assert meta.data_spec.normalize == "crop"
+    assert (
+        json.loads((find_checkpoint(tmp_path) / "meta.json").read_text())["data_spec"]["normalize"]
+        == "crop"
+    )
 
     pred = CropPredictor(str(tmp_path), device="cpu")
     assert pred.spec.normalize == "crop"

@@ -44,7 +44,7 @@ def test_the_setup_takes_the_config_normalisation_and_step_count(tiny_data, tmp_
 def open_train_rows(data) -> int:
     from raycell.formats.shards import open_dataset
 
-    return open_dataset(data).manifest["counts_per_split"][K.TRAIN]
+    return open_dataset(data).manifest.counts_per_split[K.TRAIN]
 
 
 def test_balance_is_refused_for_a_model_type_without_a_batch_head(tiny_data, tmp_path):

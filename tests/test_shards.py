@@ -30,7 +30,7 @@ def test_round_trip(tmp_path, dtype):
     w = ShardWriter(tmp_path / "ds", ["a", "b", "c"], rows_per_shard=16)
     w.add(imgs[:25], _meta(24)[:25] if False else _meta(28)[:25])
     w.add(imgs[25:], _meta(16, start=25)[:15])
-    m = w.close(params={"p": 1})
+    m = w.close(params={"p": 1}).to_dict()
     assert [s["rows"] for s in m["shards"]] == [16, 16, 8]
     assert m["n_cells"] == 40 and m["crop_size"] == [8, 10] and m["channels"] == 3
     assert m["label_vocab"] == ["x", "y"] and m["batch_vocab"] == ["b0", "b1"]
@@ -115,7 +115,7 @@ def test_parts_written_apart_give_the_writers_manifest(tmp_path):
     meta = _meta(40)
     w = ShardWriter(tmp_path / "one", ["a", "b"], rows_per_shard=16)
     w.add(imgs, meta)
-    one = w.close(params={"p": 1})
+    one = w.close(params={"p": 1}).to_dict()
     (tmp_path / "two" / K.SHARD_DIR).mkdir(parents=True)
     parts = [
         write_shard_file(
@@ -126,7 +126,7 @@ def test_parts_written_apart_give_the_writers_manifest(tmp_path):
     b = ManifestBuilder(tmp_path / "two", ["a", "b"])
     for part in parts:
         b.add(part)
-    two = b.write(params={"p": 1})
+    two = b.write(params={"p": 1}).to_dict()
     for k in (
         "n_cells",
         "label_vocab",

@@ -18,13 +18,13 @@ from raycell.formats.shards import ShardError, open_dataset
 def test_split_dataset_groups_and_holds_out(tiny_data, tmp_path):
     ds = open_dataset(tiny_data)
     meta = ds.read_metadata()
-    unseen = set(ds.manifest["split_params"]["unseen"])
-    assert unseen == set(ds.manifest["suggested_unseen"])
+    unseen = set(ds.manifest.split_params["unseen"])
+    assert unseen == set(ds.manifest.suggested_unseen)
     assert (meta[meta[K.BATCH].isin(unseen)][K.SPLIT] == K.UNSEEN).all()
     assert not (meta[~meta[K.BATCH].isin(unseen)][K.SPLIT] == K.UNSEEN).any()
     per_unit = meta[meta[K.SPLIT] != K.UNSEEN].groupby([K.BATCH, K.WELL])[K.SPLIT].nunique()
     assert per_unit.max() == 1, "a well straddles two splits"
-    counts = ds.manifest["counts_per_split"]
+    counts = ds.manifest.counts_per_split
     assert set(counts) == {K.TRAIN, K.VAL, K.TEST, K.UNSEEN} and sum(counts.values()) == len(meta)
 
 
@@ -113,13 +113,13 @@ def test_split_dataset_records_val_batches(tiny_data, tmp_path):
     copy = tmp_path / "d"
     shutil.copytree(tiny_data, copy)
     m = split_dataset(str(copy), val_batches=["auto:1"])
-    (vb,) = m["split_params"]["val_batches"]
+    (vb,) = m.split_params["val_batches"]
     meta = open_dataset(copy).read_metadata()
     assert set(meta[meta[K.SPLIT] == K.VALBATCH][K.BATCH]) == {vb}
     assert (meta[meta[K.BATCH] == vb][K.SPLIT] == K.VALBATCH).all()
-    assert m["counts_per_split"][K.VALBATCH] == (meta[K.BATCH] == vb).sum()
+    assert m.counts_per_split[K.VALBATCH] == (meta[K.BATCH] == vb).sum()
     with pytest.raises(ConfigError, match="held out as unseen"):
-        split_dataset(str(copy), val_batches=[m["split_params"]["unseen"][0]])
+        split_dataset(str(copy), val_batches=[m.split_params["unseen"][0]])
 
 
 def test_split_dataset_streams_shards_and_matches_the_whole_table(tiny_data, tmp_path, monkeypatch):
@@ -143,7 +143,7 @@ def test_split_dataset_streams_shards_and_matches_the_whole_table(tiny_data, tmp
     got = open_dataset(copy).read_metadata()
     assert got[K.CELL_ID].tolist() == meta[K.CELL_ID].tolist()
     assert got[K.SPLIT].tolist() == want.tolist()
-    assert m["counts_per_split"] == want.value_counts().sort_index().to_dict()
+    assert m.counts_per_split == want.value_counts().sort_index().to_dict()
 
 
 def test_unit_counts_add_up_across_parts():
@@ -184,7 +184,7 @@ def test_hash_collisions_are_not_duplicates(tiny_data, tmp_path, monkeypatch):
         splits, "_id_hashes", lambda ids: np.zeros(len(ids), np.uint64)
     )  # all collide
     m = split_dataset(str(copy))
-    assert sum(m["counts_per_split"].values()) == open_dataset(copy).manifest["n_cells"]
+    assert sum(m.counts_per_split.values()) == open_dataset(copy).manifest.n_cells
 
 
 def test_a_unit_that_appears_after_planning_is_refused_by_name():

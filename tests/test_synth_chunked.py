@@ -57,7 +57,7 @@ def timedose_one_chunk(tmp_path_factory) -> Path:
 
 def test_one_chunk_holds_what_generate_gives(crops_one_chunk):
     ds = open_dataset(crops_one_chunk, check=True)
-    m = ds.manifest
+    m = ds.manifest.to_dict()
     assert m["n_cells"] == CROPS["n_cells"] and [s["rows"] for s in m["shards"]] == [300] * 7 + [
         248
     ]

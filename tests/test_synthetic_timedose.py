@@ -134,7 +134,7 @@ def test_batches_add_nuisance(small):
 
 def test_write_timedose_shards_and_manifest(tmp_path, small):
     out = tmp_path / "td"
-    m = write_timedose(str(out), rows_per_shard=250, **SMALL)
+    m = write_timedose(str(out), rows_per_shard=250, **SMALL).to_dict()
     assert m["n_cells"] == 600 and len(m["shards"]) == 3
     assert m["suggested_unseen"] == ["batch03"]
     assert m["weak_label_columns"] == ["time", "dose", "compound"]
@@ -206,8 +206,10 @@ def test_varied_effects_keep_the_cells_and_differ_per_batch(small, tmp_path):
     }
     assert len(set(mixes.values())) > 1  # batches differ in mechanism, not only in strength
     assert [e["batch"] for e in vgt["unseen_extremes"]] == vgt["unseen_batches"]
-    m = write_timedose(str(tmp_path / "v"), rows_per_shard=300, effects="varied", **SMALL)
+    m = write_timedose(str(tmp_path / "v"), rows_per_shard=300, effects="varied", **SMALL).to_dict()
     assert m["batch_effects"] == vgt["batch_effects"] and m["params"]["effects"] == "varied"
     assert np.array_equal(open_dataset(tmp_path / "v").load_images()[0], vimg)
-    basic = write_timedose(str(tmp_path / "b"), rows_per_shard=300, effects="basic", **SMALL)
+    basic = write_timedose(
+        str(tmp_path / "b"), rows_per_shard=300, effects="basic", **SMALL
+    ).to_dict()
     assert "effects" not in basic["params"] and "batch_effects" not in basic

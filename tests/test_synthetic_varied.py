@@ -76,7 +76,7 @@ def test_block_renders_alone_with_varied_effects(varied_one_chunk):
 
 
 def test_manifest_records_effects_and_unseen_extremes(varied_one_chunk):
-    m = open_dataset(varied_one_chunk, check=True).manifest
+    m = open_dataset(varied_one_chunk, check=True).manifest.to_dict()
     assert m["params"]["effects"] == "varied" and m["params"]["unseen_extreme"] == 2.5
     effs, extremes = m["batch_effects"], m["unseen_extremes"]
     unseen = m["suggested_unseen"]
@@ -94,7 +94,7 @@ def test_manifest_records_effects_and_unseen_extremes(varied_one_chunk):
 def test_basic_manifest_has_no_effects(tmp_path):
     m = write_synthetic(
         str(tmp_path / "ds"), n_cells=50, crop_size=16, rows_per_shard=50, progress=False
-    )
+    ).to_dict()
     assert "effects" not in m["params"] and "batch_effects" not in m and "unseen_extremes" not in m
 
 

@@ -48,7 +48,7 @@ def test_materialize_auto_holds_small_splits_and_streams_large_ones(tiny_data):
 
     ds = open_dataset(tiny_data)
     need = split_nbytes(ds, "train") + split_nbytes(ds, "val")
-    assert split_nbytes(ds, "train") >= ds.manifest["counts_per_split"]["train"] * 2 * 32 * 32
+    assert split_nbytes(ds, "train") >= ds.manifest.counts_per_split["train"] * 2 * 32 * 32
     assert choose_materialize(ds, ("train", "val"), "auto", store_bytes=8 * need)  # fits: held
     assert not choose_materialize(
         ds, ("train", "val"), "auto", store_bytes=2 * need

@@ -119,11 +119,11 @@ def test_weak_label_training_checkpoint_round_trip(tiny_data, tmp_path):
         assert k in last
     assert ctx.history[-1]["train_loss"] < ctx.history[0]["train_loss"]
     model, meta = load_checkpoint(find_checkpoint(tmp_path))
-    assert meta["model_type"] == "timm" and [h["column"] for h in meta["heads"]] == [
+    assert meta.model_type == "timm" and [h.column for h in meta.heads] == [
         "label",
         "group",
     ]
-    assert model.head_sizes == [2, 8] and meta["model_args"]["backbone"] == "resnet18"
+    assert model.head_sizes == [2, 8] and meta.model_args["backbone"] == "resnet18"
     x = torch.rand(3, 2, 32, 32)
     again, _ = load_checkpoint(find_checkpoint(tmp_path))
     assert torch.equal(model(x).logits, again(x).logits)  # the weights round-trip exactly

@@ -308,7 +308,7 @@ def test_two_trial_search_writes_agreeing_outputs(tiny_data, ray_local, tmp_path
     ]
     assert best_row["objective"] == max(h["val_auroc"] for h in history)
     meta = read_meta(find_checkpoint(out / "best"))
-    assert meta["epoch"] == best_row["best_epoch"]
+    assert meta.epoch == best_row["best_epoch"]
     assert f"train-{best_row['trial_id']}" in str((out / "best").resolve())
     png = (out / "tune_objective.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -543,6 +543,6 @@ def test_a_fold_search_reports_the_mean_over_folds(tiny_data, ray_local, tmp_pat
 
     held = cross_batch_folds(cfg, open_dataset(tiny_data))
     for k in range(2):
-        z_columns = read_meta(find_checkpoint(trial / f"fold-{k}"))["batches"]["values"]
+        z_columns = list(read_meta(find_checkpoint(trial / f"fold-{k}")).batches.values)
         assert held[k][0] not in z_columns and held[1 - k][0] in z_columns
     assert "none: each of its fold models misses a batch" in (out / "best.yaml").read_text()

@@ -63,8 +63,8 @@ def test_balance_setup_from_the_train_split(tiny_data, tmp_path):
     bal = balance_setup(cfg, ds)
     vocab = batch_head_vocab(cfg, ds)
     w = np.asarray(bal.weights)
-    assert w.shape == (len(vocab), len(ds.manifest["label_vocab"]))
-    assert bal.by.values == tuple(ds.manifest["label_vocab"])
+    assert w.shape == (len(vocab), len(ds.manifest.label_vocab))
+    assert bal.by.values == tuple(ds.manifest.label_vocab)
     t = ds.read_table([K.BATCH, K.LABEL], splits=[K.TRAIN])
     bc = np.asarray([vocab.values.index(v) for v in t.column(K.BATCH).to_pylist()])
     lc = np.asarray([bal.by.values.index(v) for v in t.column(K.LABEL).to_pylist()])
@@ -125,9 +125,7 @@ def test_balanced_zpredictor_trains_in_the_loop_and_serves_the_batch_head_only(t
     h = ctx.history[-1]
     assert np.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1 and "val_label_acc" not in h
     _, meta = load_checkpoint(tmp_path)
-    assert [x["column"] for x in meta["heads"]] == [
-        K.BATCH
-    ]  # the served model: the batch head only
+    assert [x.column for x in meta.heads] == [K.BATCH]  # the served model: the batch head only
 
 
 def test_balance_only_for_the_zpredictor_before_ray(tiny_data, tmp_path):
@@ -162,7 +160,7 @@ def test_uniform_z_rows_sum_to_one_in_the_models_batch_order(tiny_data, tmp_path
     )
     cfg.infer.z_mode = "uniform"
     s = run_infer_z(cfg)
-    counts = ds.manifest["counts_per_split"]
+    counts = ds.manifest.counts_per_split
     ids, z = read_inferred_z(s["out"], served)  # what infer / the predictor read, unchanged
     assert (
         z.shape == (counts["test"] + counts["unseen"], len(served)) == (s["n_cells"], len(served))
@@ -185,9 +183,7 @@ def test_uniform_z_without_checkpoint_uses_the_training_batches(tiny_data, tmp_p
     cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}"])
     cfg.infer.z_mode = "uniform"
     s = run_infer_z(cfg)
-    assert (
-        s["batches"]["values"] == seen and s["n_cells"] == ds.manifest["counts_per_split"]["unseen"]
-    )
+    assert s["batches"]["values"] == seen and s["n_cells"] == ds.manifest.counts_per_split["unseen"]
 
 
 def test_zero_z_puts_every_random_effect_at_its_prior_mean(tiny_data, tmp_path):
@@ -202,7 +198,7 @@ def test_zero_z_puts_every_random_effect_at_its_prior_mean(tiny_data, tmp_path):
     )
     s = run_infer_z(cfg)
     ids, z = read_inferred_z(s["out"], seen)
-    assert z.shape == (ds.manifest["counts_per_split"]["unseen"], len(seen)) and not z.any()
+    assert z.shape == (ds.manifest.counts_per_split["unseen"], len(seen)) and not z.any()
     meta = json.loads((tmp_path / "z" / "inferred_z.json").read_text())
     assert meta["z_mode"] == "zero" and meta["zpredictor_run"] is None
     assert not (tmp_path / "z" / "zpredictor.pt").exists()

@@ -94,7 +94,7 @@ def test_setup_uses_the_training_batches_as_head_and_never_valbatch(
         None, tiny_overrides(tiny_valbatch_data, tmp_path) + ["model.type=zpredictor"]
     )
     setup, ds = training_setup(cfg)
-    assert ds.manifest["counts_per_split"][K.VALBATCH] > 0
+    assert ds.manifest.counts_per_split[K.VALBATCH] > 0
     assert setup.valbatch is False  # forced: a batch classifier cannot score held-out batches
     assert "split 'val'" in capsys.readouterr().out
     train_batches = sorted(
@@ -170,7 +170,7 @@ def _served_checkpoint(path, ds, batches):
         None,
         epoch=0,
         spec=spec,
-        labels=CategoryMap(K.LABEL, tuple(ds.manifest["label_vocab"])),
+        labels=CategoryMap(K.LABEL, tuple(ds.manifest.label_vocab)),
         batches=CategoryMap(K.BATCH, tuple(batches)),
         config={},
         metrics={},
@@ -230,7 +230,7 @@ def test_infer_z_trains_on_ray_and_writes_todays_contract(z_run, tiny_data):
 
     s, served = z_run
     t = pq.read_table(s["parquet"])
-    counts = open_dataset(tiny_data).manifest["counts_per_split"]
+    counts = open_dataset(tiny_data).manifest.counts_per_split
     assert t.num_rows == counts["test"] + counts["unseen"] == s["n_cells"]
     ids, z = read_inferred_z(s["out"], served)  # the readers of infer / predictor, unchanged
     assert z.shape == (t.num_rows, len(served)) and list(s["batches"]["values"]) == served

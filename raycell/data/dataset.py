@@ -57,7 +57,7 @@ def split_nbytes(ds: ShardDataset, split: str, columns: list[str] | None = None)
     """Bytes a split takes in memory, estimated from the manifest: crops plus ~64 bytes per other column."""
     c, h, w = ds.shape
     per_row = c * h * w * (2 if ds.dtype == "uint16" else 1) + 64 * len(columns or TRAIN_COLUMNS)
-    return int(ds.manifest.get("counts_per_split", {}).get(split, 0)) * per_row
+    return int(ds.manifest.counts_per_split.get(split, 0)) * per_row
 
 
 def choose_materialize(

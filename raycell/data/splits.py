@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from raycell import constants as K
 from raycell.errors import ConfigError
+from raycell.formats.manifest import DatasetManifest
 from raycell.formats.shards import ShardDataset, ShardError, open_dataset, rewrite_shards
 from raycell.utils.progress import quiet_bar
 
@@ -275,7 +276,7 @@ def split_dataset(
     seed: int = 0,
     val_batches: list[str] | None = None,
     progress: bool = True,
-) -> dict:
+) -> DatasetManifest:
     """Assign splits in place in a data set folder and return the updated manifest.
 
     With `unseen` empty, the manifest's `suggested_unseen` batches (from `synth`) are held out.
@@ -287,7 +288,7 @@ def split_dataset(
     column. `progress` shows a bar per pass on stderr when a pass takes more than a few seconds.
     """
     ds: ShardDataset = open_dataset(path)
-    unseen = list(unseen or ds.manifest.get("suggested_unseen", []))
+    unseen = list(unseen or ds.manifest.suggested_unseen)
     stratify = [K.GROUP, K.BATCH] if stratify is None else list(stratify)
     fractions = fractions or [0.7, 0.1, 0.2]
     cols = list(dict.fromkeys([K.CELL_ID, K.BATCH, group_by, *stratify]))

@@ -63,6 +63,7 @@ from scipy import ndimage
 from raycell import constants as K
 from raycell.data import batch_effects as be
 from raycell.errors import ConfigError
+from raycell.formats.manifest import DatasetManifest
 from raycell.formats.shards import ManifestBuilder, ShardError, write_shard_file
 from raycell.utils.outputs import DATASET, check_space, prepare_output, staging_dir, swap_in
 
@@ -845,7 +846,7 @@ def write_synthetic(
     num_workers: int | None = None,
     progress: bool = True,
     **kw,
-) -> dict:
+) -> DatasetManifest:
     """Generate the synthetic data set and write it as crop shards, in chunks; returns the manifest.
 
     `out` must be new, empty or (with `overwrite`) a raycell data set; the data set is built beside it and

@@ -58,6 +58,7 @@ from raycell.data.synthetic import (
     write_design,
 )
 from raycell.errors import ConfigError
+from raycell.formats.manifest import DatasetManifest
 
 TIMES = (24, 48, 72)
 DOSES = (0.0, 0.01, 0.1, 1.0, 10.0)
@@ -453,7 +454,7 @@ def write_timedose(
     num_workers: int | None = None,
     progress: bool = True,
     **kw,
-) -> dict:
+) -> DatasetManifest:
     """Generate the time x dose data set and write it as crop shards in chunks; return the manifest.
 
     Written like `raycell.data.synthetic.write_synthetic` (built beside `out`, swapped in when

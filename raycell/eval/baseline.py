@@ -136,7 +136,7 @@ def load_features(
     morph = [c for c in ds.columns() if c.startswith(K.MORPH_PREFIX)] if use_morph else []
     stored = [c for c in ds.columns() if c.startswith(K.FEAT_PREFIX)] if use_crops else []
     meta_cols = [c for c in (K.CELL_ID, K.BATCH, K.LABEL, K.SPLIT) if c in ds.columns()]
-    out: dict = {"source": source, "label_vocab": list(ds.manifest["label_vocab"]), "splits": {}}
+    out: dict = {"source": source, "label_vocab": list(ds.manifest.label_vocab), "splits": {}}
     for split in splits:
         t = ds.read_table(meta_cols + morph + (stored or ([K.IMAGE] if use_crops else [])), [split])
         if not t.num_rows:
@@ -159,7 +159,7 @@ def load_features(
             names += [c[len(K.FEAT_PREFIX) :] for c in stored]
         elif use_crops:
             imgs = decode_images(t, ds.shape, ds.dtype, where=str(ds.root))
-            x_crops, crop_names = crop_features(imgs, ds.manifest.get("channel_names"))
+            x_crops, crop_names = crop_features(imgs, ds.manifest.channel_names)
             xs.append(x_crops)
             names += crop_names
         out["splits"][split] = {"x": np.concatenate(xs, 1), "meta": meta}

@@ -1,15 +1,14 @@
 """Checkpoint format: a folder with `model.pt` (weights), `optim.pt` (plan state) and `meta.json`.
 
-`meta.json` carries everything needed to rebuild and use the model without the training config: model
-type and arguments, the data spec (channels, crop shape, dtype), the label and batch vocabularies (class
-and Z column order), the epoch, its metrics, the resolved config and software versions. `uses_z` copies
-the model type's registry entry, for readers that do not import the models; `load_checkpoint` fills it
-from the entry for checkpoints written before it was recorded.
+`meta.json` carries everything needed to rebuild and use the model without the training config
+(`CheckpointMeta`). `CheckpointMeta.from_dict` is the one place that reads it and `_upgrade` the one place
+that fills the keys that checkpoints written by earlier versions lack.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -28,6 +27,121 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint folder whose meta.json or weights cannot be used (truncated, corrupt, incomplete)."""
 
 
+@dataclass
+class CheckpointMeta:
+    """A checkpoint's `meta.json`: how to rebuild the model and read its outputs.
+
+    Attributes:
+        model_type: registry name of the model (`raycell models`).
+        model_args: keyword arguments of the model's constructor.
+        data_spec: channels, crop shape, dtype and input normalisation the model was trained on.
+        labels: the phenotype classes, in the order of the model's class outputs.
+        batches: the training batches, in the order of the design matrix Z's columns.
+        epoch: the epoch the weights are from (0-based); default -1 (unknown).
+        uses_z: whether the model needs a design matrix Z (its registry entry's `uses_z`, copied so
+            that readers need not import the models); default: the registered model type's.
+        heads: weak-label heads (`data.heads`), one category map per head, in output order;
+            default [] (the model has the one phenotype head, `labels`).
+        metrics: the epoch's training and validation metrics; default {}.
+        config: the resolved training config, as a dict; default {}.
+        software: versions of the packages that wrote it; default {}.
+        extra: keys this version does not know, kept as they were.
+        path: the checkpoint folder it was read from (not stored in the file); None when built in
+            memory.
+    """
+
+    model_type: str
+    model_args: dict
+    data_spec: DataSpec
+    labels: CategoryMap
+    batches: CategoryMap
+    epoch: int = -1
+    uses_z: bool = False
+    heads: list[CategoryMap] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    software: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str | os.PathLike = META) -> CheckpointMeta:
+        """The meta from its JSON object, as written by this or an earlier version.
+
+        Raises:
+            CheckpointError: not a JSON object or a required key missing.
+            UnknownModelError: `uses_z` is not recorded and the model type is not registered.
+            TypeError, KeyError, ValueError: a key holds a value of the wrong shape.
+        """
+        if not isinstance(raw, dict):
+            raise CheckpointError(
+                f"checkpoint meta {where} is not a JSON object: the checkpoint is damaged"
+            )
+        missing = [k for k in _META_KEYS if k not in raw]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint meta {where} is missing key(s) {missing}: not a raycell checkpoint, "
+                "or a damaged one"
+            )
+        d = _upgrade(raw)
+        known = {f.name for f in fields(cls)} - {"extra", "path"}
+        return cls(
+            model_type=str(d["model_type"]),
+            model_args=dict(d["model_args"]),
+            data_spec=DataSpec.from_dict(d["data_spec"]),
+            labels=CategoryMap.from_dict(d["labels"]),
+            batches=CategoryMap.from_dict(d["batches"]),
+            epoch=int(d["epoch"]),
+            uses_z=bool(d["uses_z"]),
+            heads=[CategoryMap.from_dict(h) for h in d["heads"]],
+            metrics=d["metrics"],
+            config=d["config"],
+            software=d["software"],
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    def to_dict(self) -> dict:
+        """The JSON object of `meta.json` (`heads` only for models that have them)."""
+        d = {
+            "model_type": self.model_type,
+            "model_args": self.model_args,
+            "epoch": self.epoch,
+            "uses_z": self.uses_z,
+            "data_spec": self.data_spec.to_dict(),
+            "labels": self.labels.to_dict(),
+            "batches": self.batches.to_dict(),
+            "metrics": self.metrics,
+            "config": self.config,
+            "software": self.software,
+        }
+        if self.heads:
+            d["heads"] = [h.to_dict() for h in self.heads]
+        d.update(self.extra)
+        return d
+
+    @property
+    def output_heads(self) -> list[CategoryMap]:
+        """The class vocabularies of the model's outputs: its weak-label heads, or `labels`."""
+        return self.heads or [self.labels]
+
+
+def _upgrade(raw: dict) -> dict:
+    """A copy of a meta.json object of any earlier version with every key this version reads.
+
+    The defaults of the optional keys are here and nowhere else (see `CheckpointMeta`).
+    """
+    d = dict(raw)
+    d.setdefault("epoch", -1)
+    if "uses_z" not in d:  # written before it was recorded: the registry knows
+        from raycell.models import model_entry
+
+        d["uses_z"] = model_entry(d["model_type"]).uses_z
+    d["heads"] = list(d.get("heads") or [])
+    for key in ("metrics", "config", "software"):
+        d[key] = dict(d.get(key) or {})
+    return d
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -41,7 +155,10 @@ def save_checkpoint(
     metrics: dict,
     extra: dict | None = None,
 ) -> Path:
-    """Write a checkpoint folder (meta.json last, so a folder with meta.json is complete)."""
+    """Write a checkpoint folder (meta.json last, so a folder with meta.json is complete).
+
+    `extra`: more meta keys (`heads`: the weak-label heads as `CategoryMap.to_dict()`s).
+    """
     from raycell.models import model_entry
 
     path = Path(path)
@@ -49,8 +166,7 @@ def save_checkpoint(
     torch.save(model.state_dict(), path / MODEL)
     if plan_state is not None:
         torch.save(plan_state, path / OPTIM)
-    atomic_write_json(
-        path / META,
+    meta = CheckpointMeta.from_dict(
         {
             "model_type": model.model_type,
             "model_args": model.model_args,
@@ -64,7 +180,9 @@ def save_checkpoint(
             "software": software_versions(),
             **(extra or {}),
         },
+        path / META,
     )
+    atomic_write_json(path / META, meta.to_dict())
     return path
 
 
@@ -79,53 +197,53 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             f"no checkpoint at {p}: expected a checkpoint folder with {META} or a "
             "run folder containing checkpoint_* folders (made by `raycell train`)"
         )
-    return max(cands, key=lambda c: (read_meta(c).get("epoch", -1), c.name))
+    return max(cands, key=lambda c: (read_meta(c).epoch, c.name))
 
 
-def read_meta(ck: str | os.PathLike) -> dict:
-    """A checkpoint folder's meta.json, with one-line errors naming the file when it is unusable."""
+def read_meta(ck: str | os.PathLike) -> CheckpointMeta:
+    """A checkpoint folder's meta.json, with one-line errors naming the file when it is unusable.
+
+    Raises:
+        CheckpointError: the file is malformed JSON, not an object, lacks keys or holds bad values.
+        UnknownModelError: an old meta of a model type that is not registered (see `_upgrade`).
+    """
+    from raycell.models.registry import UnknownModelError
+
     f = Path(ck) / META
     try:
-        meta = read_json(f, "checkpoint meta")
+        raw = read_json(f, "checkpoint meta")
     except ValueError as exc:  # malformed JSON (read_json names the file)
         raise CheckpointError(
             f"{exc}; the checkpoint is damaged: use another checkpoint or re-train"
         ) from None
-    if not isinstance(meta, dict):
+    try:
+        meta = CheckpointMeta.from_dict(raw, f)
+    except (CheckpointError, UnknownModelError):  # already one line naming the file or type
+        raise
+    except (TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(
-            f"checkpoint meta {f} is not a JSON object: the checkpoint is damaged"
-        )
-    missing = [k for k in _META_KEYS if k not in meta]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint meta {f} is missing key(s) {missing}: not a raycell checkpoint, "
-            "or a damaged one"
-        )
+            f"checkpoint meta {f} cannot rebuild the model: {type(exc).__name__}: {exc}"
+        ) from None
+    meta.path = Path(ck).absolute()
     return meta
 
 
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict]:
-    """Rebuild the model from a checkpoint (eval mode) and return it with its meta dict.
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the model from a checkpoint (eval mode) and return it with its meta.
 
     Raises:
         FileNotFoundError: no checkpoint there.
         CheckpointError: meta.json or model.pt is truncated, corrupt or does not fit the model.
     """
-    from raycell.models import create_model, model_entry
+    from raycell.models import create_model
     from raycell.models.registry import UnknownModelError
 
     ck = find_checkpoint(path)
     meta = read_meta(ck)
     try:
-        model = create_model(meta["model_type"], **meta["model_args"])
-        meta.setdefault("uses_z", model_entry(meta["model_type"]).uses_z)  # older checkpoints
-        spec = DataSpec.from_dict(meta["data_spec"])
-        labels, batches = (
-            CategoryMap.from_dict(meta["labels"]),
-            CategoryMap.from_dict(meta["batches"]),
-        )
+        model = create_model(meta.model_type, **meta.model_args)
     except UnknownModelError:  # already a one-line user error naming the type
         raise
     except (TypeError, KeyError, ValueError) as exc:
@@ -146,10 +264,6 @@ def load_checkpoint(
             f"cannot load the weights {ck / MODEL} ({type(exc).__name__}: {first}): the "
             "file is truncated or corrupt; use another checkpoint or re-train"
         ) from None
-    meta["path"] = str(ck)
-    meta["data_spec_obj"] = spec
-    meta["labels_obj"] = labels
-    meta["batches_obj"] = batches
     return model.to(device).eval(), meta
 
 

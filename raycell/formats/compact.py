@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycell import constants as K
+from raycell.formats.manifest import DatasetManifest
 from raycell.utils.io import atomic_write_parquet
 
 MIB = 2**20
@@ -157,7 +158,7 @@ def compact_dataset(
     shard_mb: float = 128.0,
     overwrite: bool = False,
     workers: int = 0,
-) -> dict:
+) -> DatasetManifest:
     """Copy the data set `src` to `out` as compacted shards; the new manifest.
 
     The cells, their order, the vocabularies, counts and channel statistics are `src`'s (its
@@ -169,7 +170,6 @@ def compact_dataset(
         OutputError: `out` is not a place raycell may write (it is `src`, holds other files, ...).
     """
     from raycell.formats.shards import ShardError, open_dataset
-    from raycell.utils.io import atomic_write_json
     from raycell.utils.outputs import DATASET, prepare_output, staging_dir, swap_in
 
     ds = open_dataset(src)
@@ -187,18 +187,17 @@ def compact_dataset(
     try:
         rows = [
             int(s["rows"]) if "rows" in s else pq.ParquetFile(path).metadata.num_rows
-            for s, path in zip(ds.manifest["shards"], ds.shard_paths)
+            for s, path in zip(ds.manifest.shards, ds.shard_paths)
         ]
         shards = write_compacted(ds.shard_paths, rows, staged, cap, workers)
-        m = dict(ds.manifest)
-        m["shards"] = shards
-        m["compaction"] = {
+        compaction = {
             "from": str(ds.root),
             "source_shards": len(rows),
             "rows_per_shard": cap,
             "shard_mb": shard_mb,
         }
-        atomic_write_json(staged / K.MANIFEST, m)
+        m = replace(ds.manifest, shards=shards, compaction=compaction)
+        m.write(staged)
     except BaseException:
         import shutil
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -21,16 +21,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raycell import constants as K
-from raycell.errors import UserError
-from raycell.utils.io import atomic_write_json, atomic_write_parquet, read_json, software_versions
+from raycell.formats.manifest import DatasetManifest, ShardError, read_dataset_manifest
+from raycell.utils.io import atomic_write_parquet, software_versions
 from raycell.utils.progress import quiet_bar
 
 _STRING_COLS = (K.CELL_ID, K.BATCH, K.PLATE, K.WELL, K.FIELD, K.GROUP, K.LABEL, K.SPLIT, K.SOURCE)
 _DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
-
-
-class ShardError(UserError, ValueError):
-    """A data set folder, manifest or shard does not follow the crop-shard contract."""
 
 
 def image_dtype(name: str) -> np.dtype:
@@ -304,8 +300,11 @@ class ManifestBuilder:
             raise ShardError(f"{self.out}: the new shards hold {n} rows, the parts added {self.n}")
         self.shards = [{"file": s["file"], "rows": int(s["rows"])} for s in shards]
 
-    def write(self, params: dict | None = None, extra: dict | None = None) -> dict:
-        """Write the manifest (atomically, last: a folder with a manifest is complete) and return it."""
+    def write(self, params: dict | None = None, extra: dict | None = None) -> DatasetManifest:
+        """Write the manifest (atomically, last: a folder with a manifest is complete) and return it.
+
+        `extra`: the producer's sections (`DatasetManifest` fields such as `suggested_unseen`).
+        """
         if not self.shards:
             raise ShardError(f"no cells were written to {self.out}")
         for col in (K.BATCH, K.LABEL):
@@ -323,7 +322,7 @@ class ManifestBuilder:
             params or {},
             extra or {},
         )
-        atomic_write_json(self.out / K.MANIFEST, manifest)
+        manifest.write(self.out)
         return manifest
 
 
@@ -422,7 +421,7 @@ class ShardWriter:
         name = f"part-{len(self.builder.shards):05d}.parquet"
         self.builder.add(write_shard_file(self.out, name, images, meta))
 
-    def close(self, params: dict | None = None, extra: dict | None = None) -> dict:
+    def close(self, params: dict | None = None, extra: dict | None = None) -> DatasetManifest:
         """Flush the last shard, write the manifest, return it."""
         if self._npending:
             self._flush(self._npending)
@@ -440,7 +439,7 @@ def build_manifest(
     channel_stats: dict,
     params: dict,
     extra: dict,
-) -> dict:
+) -> DatasetManifest:
     """The manifest (SPEC): schema version, channels, crop size, vocabularies, counts, stats, provenance.
 
     `columns` and `counts` (value counts of split, batch, label, group) come from `summarize_meta`.
@@ -471,19 +470,7 @@ def build_manifest(
         "software": software_versions(),
     }
     m.update(extra)
-    return m
-
-
-_MANIFEST_KEYS = (
-    "schema_version",
-    "channel_names",
-    "channels",
-    "crop_size",
-    "dtype",
-    "label_vocab",
-    "batch_vocab",
-    "shards",
-)
+    return DatasetManifest.from_dict(m)
 
 
 @dataclass
@@ -491,23 +478,22 @@ class ShardDataset:
     """An opened data set folder: its manifest and absolute shard paths."""
 
     root: Path
-    manifest: dict
+    manifest: DatasetManifest
 
     @property
     def shard_paths(self) -> list[str]:
         """Absolute paths of the shards, in manifest order."""
-        return [str(self.root / s["file"]) for s in self.manifest["shards"]]
+        return [str(self.root / s["file"]) for s in self.manifest.shards]
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of every crop."""
-        h, w = self.manifest["crop_size"]
-        return int(self.manifest["channels"]), int(h), int(w)
+        return self.manifest.shape
 
     @property
     def dtype(self) -> str:
         """Image dtype name ('uint8' or 'uint16')."""
-        return self.manifest["dtype"]
+        return self.manifest.dtype
 
     def read_table(
         self, columns: list[str] | None = None, splits: Iterable[str] | None = None
@@ -608,19 +594,7 @@ def open_dataset(path: str | os.PathLike, check: bool = False) -> ShardDataset:
             f"{root} has no {K.MANIFEST}: not a raycell data set (make one with "
             "`raycell synth`, `raycell ingest` or `raycell import-armed`)"
         )
-    try:
-        manifest = read_json(mpath, "manifest")
-    except ValueError as exc:
-        raise ShardError(str(exc)) from None
-    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise ShardError(f"{mpath}: manifest is missing key(s) {missing}")
-    if manifest["schema_version"] > K.SCHEMA_VERSION:
-        raise ShardError(
-            f"{mpath}: schema_version {manifest['schema_version']} is newer than this "
-            f"raycell understands ({K.SCHEMA_VERSION}); upgrade raycell"
-        )
-    ds = ShardDataset(root, manifest)
+    ds = ShardDataset(root, read_dataset_manifest(mpath))
     image_dtype(ds.dtype)
     for p in ds.shard_paths:
         if not os.path.isfile(p):
@@ -637,8 +611,10 @@ def rewrite_shards(
     manifest_update: dict,
     progress: bool = False,
     workers: int | None = None,
-) -> dict:
+) -> DatasetManifest:
     """Apply `fn(table, path)` to every shard (each rewritten atomically), then update the manifest.
+
+    `manifest_update` maps `DatasetManifest` fields to their new values (the split counts are set here).
 
     Used by `split` to set the split column in place without copying the images elsewhere. Shards are
     rewritten by `workers` threads (default: the cores, at most 8; Parquet reads and writes release the
@@ -667,17 +643,15 @@ def rewrite_shards(
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
-    m = dict(ds.manifest)
-    m["counts_per_split"] = dict(sorted(counts.items()))
-    m.update(manifest_update)
-    atomic_write_json(ds.root / K.MANIFEST, m)
+    m = replace(ds.manifest, counts_per_split=dict(sorted(counts.items())), **manifest_update)
+    m.write(ds.root)
     ds.manifest = m
     return m
 
 
 def split_counts(ds: ShardDataset) -> dict[str, int]:
     """Rows per split from the manifest (falls back to reading the split column)."""
-    counts = ds.manifest.get("counts_per_split")
+    counts = ds.manifest.counts_per_split
     if counts:
         return dict(counts)
     col = ds.read_table([K.SPLIT]).column(K.SPLIT)

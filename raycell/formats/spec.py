@@ -76,7 +76,7 @@ class DataSpec:
         cls, ds: ShardDataset, normalize: NormalizeMode = DEFAULT_NORMALIZE
     ) -> "DataSpec":
         """The spec of a data set's crops (with the model input's normalisation, `data.normalize`)."""
-        return cls(tuple(ds.manifest["channel_names"]), ds.shape, ds.dtype, normalize)
+        return cls(tuple(ds.manifest.channel_names), ds.shape, ds.dtype, normalize)
 
     def with_normalize(self, normalize: NormalizeMode) -> "DataSpec":
         """The same spec with another normalisation."""

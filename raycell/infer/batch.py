@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
 from raycell.data.dataset import read_shards
-from raycell.formats.checkpoint import load_checkpoint, weights_fingerprint
+from raycell.formats.checkpoint import CheckpointMeta, load_checkpoint, weights_fingerprint
 from raycell.formats.predictions import PROVENANCE_KEY
 from raycell.formats.shards import ShardDataset, ShardError, open_dataset, split_counts
 from raycell.infer.predictor import PASSTHROUGH, CropPredictor
@@ -68,7 +68,7 @@ class InferPlan:
     """What `check_config` found: everything `predict` needs, validated without Ray."""
 
     ck: Path
-    meta: dict
+    meta: CheckpointMeta
     ds: ShardDataset
     out: Path
     splits: list[str]
@@ -108,9 +108,9 @@ def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPla
     if not ic.checkpoint:
         raise ConfigError("infer needs infer.checkpoint (--checkpoint RUN_OR_CHECKPOINT_FOLDER)")
     _, meta = load_checkpoint(ic.checkpoint)
-    ck = Path(meta["path"])
+    ck = meta.path
     ds = open_dataset(ic.data or cfg.data.path)
-    meta["data_spec_obj"].check_compatible(ds, f"checkpoint {ck}")
+    meta.data_spec.check_compatible(ds, f"checkpoint {ck}")
     splits = list(ic.splits)
     counts = split_counts(ds)
     bad = [s for s in splits if s not in counts]
@@ -125,7 +125,7 @@ def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPla
         from raycell.formats.inferred_z import read_inferred_z, z_fingerprint
 
         z_source = str(Path(ic.z_source).absolute())
-        z_ids, _ = read_inferred_z(z_source, list(meta["batches"]["values"]))
+        z_ids, _ = read_inferred_z(z_source, list(meta.batches.values))
         z_fp = z_fingerprint(z_source)
     _check_design_matrix(cfg, ds, meta, z_ids)
     out_key, out_val = (
@@ -266,7 +266,7 @@ def _predict(cfg: ExperimentConfig, plan: InferPlan, layout: str) -> dict:
             flush=True,
         )
     print(
-        f"[raycell] {'embed' if layout == 'profiles' else 'infer'} {meta['model_type']} ({ck}) on "
+        f"[raycell] {'embed' if layout == 'profiles' else 'infer'} {meta.model_type} ({ck}) on "
         f"{ds.root}: {len(ds.shard_paths) - len(pending)} "
         f"shard(s) already done, {len(pending)} to go -> {out}",
         flush=True,
@@ -328,14 +328,14 @@ def _predict(cfg: ExperimentConfig, plan: InferPlan, layout: str) -> dict:
         )
     manifest = {
         "checkpoint": str(ck),
-        "model_type": meta["model_type"],
+        "model_type": meta.model_type,
         "dataset": str(ds.root),
         "splits": list(cfg.infer.splits) or "all",
         "n_rows": n_rows,
         "n_shards": len(shards),
-        "labels": meta["labels"],
-        "batches": meta["batches"],
-        "data_spec": meta["data_spec"],
+        "labels": meta.labels.to_dict(),
+        "batches": meta.batches.to_dict(),
+        "data_spec": meta.data_spec.to_dict(),
         "producer": plan.producer,
         "run_key": plan.run_key,
         "shards": shards,
@@ -378,26 +378,26 @@ def _user_error_in(exc: BaseException) -> BaseException | None:
 
 
 def _check_design_matrix(
-    cfg: ExperimentConfig, ds, meta: dict, z_ids: pa.Array | None = None
+    cfg: ExperimentConfig, ds, meta: CheckpointMeta, z_ids: pa.Array | None = None
 ) -> None:
     """Fail before Ray starts when a random/mixed-effects model would meet cells it has no Z for."""
     from raycell.infer.predictor import MissingDesignMatrixError
 
     if cfg.infer.randomize_z:
         return
-    if not meta["uses_z"]:  # load_checkpoint fills it from the registry for older checkpoints
+    if not meta.uses_z:
         return
     wanted = [_split_value(s) for s in cfg.infer.splits]
     cols = [K.CELL_ID, K.BATCH, K.SPLIT] if z_ids is not None else [K.BATCH, K.SPLIT]
     t = ds.read_table(cols, splits=wanted or None)
     unknown = pc.invert(
-        pc.is_in(t.column(K.BATCH), pa.array(meta["batches"]["values"], pa.string()))
+        pc.is_in(t.column(K.BATCH), pa.array(list(meta.batches.values), pa.string()))
     )
     if z_ids is None:
         missing = sorted(set(t.column(K.BATCH).filter(unknown).to_pylist()))
         if missing:
             raise MissingDesignMatrixError(
-                f"model type {meta['model_type']!r} needs a design matrix Z for every cell, but batch(es) "
+                f"model type {meta.model_type!r} needs a design matrix Z for every cell, but batch(es) "
                 f"{missing} are not among its training batches and no inferred Z was given: run "
                 "`raycell infer-z --checkpoint <run>` and pass its output folder as infer.z_source (or "
                 "restrict infer.splits to seen batches, or set infer.randomize_z=true for the ablation)"
@@ -413,19 +413,21 @@ def _check_design_matrix(
         )
 
 
-def _profile_manifest(first_shard: Path, meta: dict, cfg: ExperimentConfig, n_rows: int) -> dict:
+def _profile_manifest(
+    first_shard: Path, meta: CheckpointMeta, cfg: ExperimentConfig, n_rows: int
+) -> dict:
     """The embeddings.json keys of the profiling layout: feature columns, heads and their classes."""
     from raycell.infer.predictor import EMBEDDING, FEATURE_PREFIX
 
     names = pq.read_schema(first_shard).names
-    heads = meta.get("heads") or [meta["labels"]]
+    heads = meta.output_heads
     return {
         "layout": cfg.embed.layout,
         "n_cells": n_rows,
         "features": [EMBEDDING]
         if cfg.embed.layout == "list"
         else [n for n in names if n.startswith(FEATURE_PREFIX)],
-        "heads": {h["column"]: list(h["values"]) for h in heads},
+        "heads": {h.column: list(h.values) for h in heads},
     }
 
 

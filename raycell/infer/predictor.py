@@ -123,20 +123,16 @@ class CropPredictor:
         self.channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.entry = model_entry(self.meta["model_type"])  # what the model needs (Z) and outputs
-        self.spec = self.meta["data_spec_obj"]
-        self.labels = self.meta["labels_obj"]
-        self.batch_map = self.meta["batches_obj"]  # the training batches: the columns of Z
+        self.entry = model_entry(self.meta.model_type)  # what the model needs (Z) and outputs
+        self.spec = self.meta.data_spec
+        self.labels = self.meta.labels
+        self.batch_map = self.meta.batches  # the training batches: the columns of Z
         self.write_recon = write_recon
         self.passthrough = passthrough or PASSTHROUGH
         self.randomize_z = randomize_z
         self.layout, self.feature_layout = layout, feature_layout
         # the heads: weak-label columns, or the one phenotype head of the AECs
-        self.heads = (
-            [CategoryMap.from_dict(h) for h in self.meta["heads"]]
-            if self.meta.get("heads")
-            else None
-        )
+        self.heads = self.meta.heads or None
         self.z_ids: pa.Array | None = None
         self.z_values: np.ndarray | None = None
         self._empty_schema: pa.Schema | None = None
@@ -182,7 +178,7 @@ class CropPredictor:
         elif self.entry.uses_z:
             missing = sorted(set(t.column(K.BATCH).take(pa.array(unknown)).to_pylist()))
             raise MissingDesignMatrixError(
-                f"model type {self.meta['model_type']!r} needs a design matrix Z for every cell, "
+                f"model type {self.meta.model_type!r} needs a design matrix Z for every cell, "
                 f"but batch(es) {missing} are not among its training batches "
                 f"{list(self.batch_map.values)} and no inferred Z was given: run `raycell infer-z` "
                 "to predict a soft Z for them and pass its output folder as infer.z_source (or set "

@@ -101,7 +101,7 @@ def balance_setup(cfg: ExperimentConfig, ds: ShardDataset) -> Balance:
     from raycell.train.trainer import batch_head_vocab
 
     vocab = batch_head_vocab(cfg, ds)  # the Z-predictor's head: the rows of the table
-    labels = CategoryMap(K.LABEL, ds.manifest["label_vocab"])
+    labels = CategoryMap(K.LABEL, ds.manifest.label_vocab)
     t = ds.read_table([K.BATCH, K.LABEL], splits=[K.TRAIN])
     w = balanced_weights(
         vocab.encode(t.column(K.BATCH)), labels.encode(t.column(K.LABEL)), len(vocab), len(labels)
@@ -123,7 +123,7 @@ def _batches_of(ds: ShardDataset, checkpoint: str) -> CategoryMap:
     if checkpoint:
         from raycell.formats.checkpoint import find_checkpoint, read_meta
 
-        return CategoryMap.from_dict(read_meta(find_checkpoint(checkpoint))["batches"])
+        return read_meta(find_checkpoint(checkpoint)).batches
     col = ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH)
     return CategoryMap.fit(K.BATCH, col.to_pylist())
 
@@ -152,20 +152,20 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
         from raycell.formats.checkpoint import load_checkpoint
 
         _, meta = load_checkpoint(cfg.infer.checkpoint)  # the Z is for this model: it must load
-        meta["data_spec_obj"].check_compatible(ds, f"checkpoint {meta['path']}")
+        meta.data_spec.check_compatible(ds, f"checkpoint {meta.path}")
         train_batches = set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist())
-        missing = sorted(set(meta["batches"]["values"]) - train_batches)
+        missing = sorted(set(meta.batches.values) - train_batches)
         if missing:
             raise ConfigError(
-                f"infer-z: checkpoint {meta['path']} was trained on batch(es) {missing} that "
+                f"infer-z: checkpoint {meta.path} was trained on batch(es) {missing} that "
                 f"the train split of {ds.root} lacks, so the Z-predictor could not give them "
                 "a Z column: infer.data must be the data set the model was trained on"
             )
-        extra = sorted(train_batches - set(meta["batches"]["values"]))
+        extra = sorted(train_batches - set(meta.batches.values))
         if extra:
             raise ConfigError(
                 f"infer-z: the train split of {ds.root} has batch(es) {extra} that "
-                f"checkpoint {meta['path']} was not trained on: infer.data must be the "
+                f"checkpoint {meta.path} was not trained on: infer.data must be the "
                 "data set the model was trained on"
             )
     if cfg.infer.z_out and Path(cfg.infer.z_out).is_file():
@@ -372,7 +372,7 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
             f"infer-z: the Z-predictor run {res['run_dir']} kept no checkpoint of its best "
             "epoch (no val accuracy was reported); see its history.jsonl"
         )
-    learned = list(read_meta(ck)["heads"][0]["values"])
+    learned = list(read_meta(ck).heads[0].values)
     if sorted(learned) != sorted(
         served.values
     ):  # check_infer_z_config makes them equal: a safeguard
@@ -409,7 +409,7 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
         }
         for h in res["history"]
     ]
-    best = float(read_meta(ck)["metrics"].get("val_acc", float("nan")))
+    best = float(read_meta(ck).metrics.get("val_acc", float("nan")))
     summary = {
         "out": str(out),
         "parquet": str(out / Z_PARQUET),

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from raycell import constants as K
+from raycell.formats.manifest import DatasetManifest
 from raycell.ingest.sources import IngestError
 
 SPLIT_FILES = {"train": K.TRAIN, "val": K.VAL, "test": K.TEST, "unseen": K.UNSEEN}
@@ -144,7 +145,7 @@ def import_armed(
     out: str | os.PathLike,
     overwrite: bool = False,
     rows_per_shard: int = 2000,
-) -> dict:
+) -> DatasetManifest:
     """Convert ARMED `data_*.npz` + `data_*.csv` files into a crop-shard data set.
 
     Args:

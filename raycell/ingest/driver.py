@@ -71,12 +71,15 @@ SUMMARY = "ingest_summary.json"
 
 def _existing(out: Path, p: IngestParams, fingerprint: str) -> dict | None:
     """Summary of an identical earlier run in `out` (to skip), else None; raise on a clash."""
+    from raycell.formats.manifest import ShardError, read_dataset_manifest
     from raycell.utils.io import read_json
 
     if not (out / K.MANIFEST).is_file():
         return None
-    m = read_json(out / K.MANIFEST, "manifest")
-    prev = m.get("ingest", {})
+    try:
+        prev = read_dataset_manifest(out).ingest or {}
+    except ShardError:  # not a manifest this version reads: no earlier run of these inputs
+        prev = {}
     same = prev.get("fingerprint") == fingerprint and prev.get("params") == p.record()
     if same and not p.overwrite and (out / SUMMARY).is_file():
         s = read_json(out / SUMMARY, "ingest summary")

@@ -141,7 +141,7 @@ def cpmeasure_table(data: str | Path, where: str = "") -> ProfileTable:
                 f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             ) from None
     imgs = decode_images(table.take(keep), ds.shape, ds.dtype, where=str(ds.root))
-    x, names = cpmeasure_features(imgs, ds.manifest.get("channel_names"))
+    x, names = cpmeasure_features(imgs, ds.manifest.channel_names)
     frame = pd.concat(
         [frame.iloc[keep].reset_index(drop=True), pd.DataFrame(x, columns=names)], axis=1
     )

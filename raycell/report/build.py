@@ -423,8 +423,8 @@ def _sample_rows(ds, column: str, per_value: int, seed: int, max_values: int):
     import pyarrow as pa
 
     rng = np.random.default_rng(seed)
-    vocab = {K.LABEL: "label_vocab", K.BATCH: "batch_vocab"}.get(column)
-    want = list(ds.manifest.get(vocab) or [])[:max_values] if vocab else []
+    vocab = {K.LABEL: ds.manifest.label_vocab, K.BATCH: ds.manifest.batch_vocab}.get(column, [])
+    want = list(vocab)[:max_values]
     got: dict[str, list] = {}
     names = ds.columns()
     cols = [c for c in (K.CELL_ID, K.IMAGE, K.BATCH, K.LABEL, K.SPLIT) if c in names]
@@ -475,23 +475,21 @@ def _recon_section(run_dir: Path, ctx: _Ctx, prefix: str) -> Section | None:
         ck = find_checkpoint(run_dir)
     except FileNotFoundError:
         return None
-    entry = model_entry(read_meta(ck)["model_type"])
+    entry = model_entry(read_meta(ck).model_type)
     if not getattr(entry, "reconstructs", True):
         return None  # a classifier (timm): nothing to reconstruct
     model, meta = load_checkpoint(ck, "cpu")
-    ds = _open_data(
-        (meta.get("config") or {}).get("data", {}).get("path"), ctx, f"{prefix}reconstructions"
-    )
+    ds = _open_data(meta.config.get("data", {}).get("path"), ctx, f"{prefix}reconstructions")
     if ds is None:
         return None
-    spec, batch_map = meta["data_spec_obj"], meta["batches_obj"]
+    spec, batch_map = meta.data_spec, meta.batches
     t = _sample_rows(ds, K.BATCH, RECON_PER_BATCH, ctx.seed, max_values=10**6)
     if t is None:
         return None
     batches = np.asarray(t.column(K.BATCH).to_pylist(), dtype=str)
     codes = batch_map.encode(t.column(K.BATCH), allow_unknown=True)
     keep = np.ones(len(codes), bool)
-    if meta.get("uses_z"):  # unseen batches have no Z row: the model would refuse (or mislead)
+    if meta.uses_z:  # unseen batches have no Z row: the model would refuse (or mislead)
         keep = codes >= 0
     shown = [b for b in dict.fromkeys(batches[keep].tolist())][:RECON_BATCHES]
     keep &= np.isin(batches, shown)
@@ -512,11 +510,11 @@ def _recon_section(run_dir: Path, ctx: _Ctx, prefix: str) -> Section | None:
         recon.float().clamp(0, 1).numpy(),
         batches,
         ctx.png(f"{prefix}reconstructions"),
-        title=f"{prefix}{meta['model_type']}: crops and reconstructions",
+        title=f"{prefix}{meta.model_type}: crops and reconstructions",
     )
-    note = f"Checkpoint {meta['path']} (epoch {meta.get('epoch')}), data set {ds.root}" + (
+    note = f"Checkpoint {meta.path} (epoch {meta.epoch}), data set {ds.root}" + (
         "; only the model's training batches (its Z has no row for the others)."
-        if meta.get("uses_z")
+        if meta.uses_z
         else "."
     )
     return Section(
@@ -546,7 +544,7 @@ def _crops_section(data_path: str | None, ctx: _Ctx, prefix: str = "") -> Sectio
         title=f"{prefix}example crops per class",
         per_class=CROPS_PER_CLASS,
     )
-    names = ", ".join(ds.manifest.get("channel_names", []))
+    names = ", ".join(ds.manifest.channel_names)
     return Section(
         f"{prefix}Example crops per class",
         CAPTIONS["crops"],
@@ -606,7 +604,7 @@ def _run_report(folder: Path, ctx: _Ctx):
         try:
             from raycell.formats.checkpoint import find_checkpoint, read_meta
 
-            model_type = read_meta(find_checkpoint(folder))["model_type"]
+            model_type = read_meta(find_checkpoint(folder)).model_type
         except (UserError, FileNotFoundError, ValueError):
             model_type = "unknown"
     header = {

@@ -122,7 +122,7 @@ def resume_config(cfg: ExperimentConfig, given: list[str] | None = None) -> Expe
 def _training_data(cfg: ExperimentConfig):
     """The data set of `data.path`, which must have a train split."""
     ds = open_dataset(cfg.data.path)
-    counts = ds.manifest.get("counts_per_split", {})
+    counts = ds.manifest.counts_per_split
     if not counts.get(K.TRAIN):
         raise ConfigError(
             f"{ds.root} has no rows with split 'train' (counts: {counts}); run "
@@ -174,7 +174,7 @@ def check_train(cfg: ExperimentConfig) -> None:
 
         # the worker would load it after Ray starts, where a corrupt file is a worker trace, not one line
         _, meta = load_checkpoint(cfg.train.resume)
-        load_plan_state(meta["path"])
+        load_plan_state(meta.path)
 
 
 _warned: set[tuple] = set()  # (data set, model type): each warning once per process
@@ -308,7 +308,7 @@ def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
         raise ConfigError(
             f"model type {cfg.model.type!r} validates on held-out cells of the training "
             f"batches (split '{K.VAL}'), but {ds.root} has no '{K.VAL}' rows (its splits: "
-            f"{ds.manifest.get('counts_per_split', {})}); re-split it with a val fraction > 0 "
+            f"{ds.manifest.counts_per_split}); re-split it with a val fraction > 0 "
             "(split.fractions)"
         )
     extra = sorted(val - set(vocab.values))
@@ -355,10 +355,10 @@ def training_setup(
             f"balanced loss weights are for the Z-predictor (a batch-head model type), "
             f"not model type {cfg.model.type!r}"
         )
-    valbatch = bool(fold) or bool(ds.manifest.get("counts_per_split", {}).get(K.VALBATCH))
+    valbatch = bool(fold) or bool(ds.manifest.counts_per_split.get(K.VALBATCH))
     if valbatch and entry.batch_head:
         # held-out batches have no class in a batch classifier's head: validate on val only
-        n = ds.manifest["counts_per_split"][K.VALBATCH]
+        n = ds.manifest.counts_per_split[K.VALBATCH]
         print(
             f"[raycell] model type {cfg.model.type!r} predicts the training batches, so it validates on "
             f"held-out cells of those batches (split '{K.VAL}') only; the {n} cells of held-out batches "
@@ -368,17 +368,17 @@ def training_setup(
         valbatch = False
     # the model input's normalisation travels with the model (saved in every checkpoint's spec)
     spec = DataSpec.from_dataset(ds, cfg.data.normalize)
-    stats = ds.manifest.get("channel_stats")
+    stats = ds.manifest.channel_stats
     # the one-cycle schedule's length (steps per worker per epoch, as the loop counts them)
     steps = max(1, len(meta) // (cfg.data.batch_size * max(1, cfg.scaling.num_workers)))
     setup = RunSetup(
         data_spec=spec,
-        labels=CategoryMap(K.LABEL, ds.manifest["label_vocab"]),
+        labels=CategoryMap(K.LABEL, ds.manifest.label_vocab),
         batches=CategoryMap.fit(K.BATCH, meta.to_pylist()),
         steps_per_epoch=min(steps, cfg.train.max_steps_per_epoch or steps),
         valbatch=valbatch,
         fold_batches=tuple(fold or ()),
-        channel_means=tuple(stats[c]["mean"] * spec.scale for c in ds.manifest["channel_names"])
+        channel_means=tuple(stats[c]["mean"] * spec.scale for c in ds.manifest.channel_names)
         if stats
         else None,
         heads=tuple(heads or ()),
@@ -394,7 +394,7 @@ def best_checkpoint(run_dir: str | Path, epoch: int) -> Path | None:
 
     for ck in sorted(Path(run_dir).glob("checkpoint_*")):
         try:
-            if int(read_meta(ck).get("epoch", -1)) == epoch:
+            if read_meta(ck).epoch == epoch:
                 return ck
         except (UserError, OSError, ValueError):  # a partial checkpoint: not the one
             continue
