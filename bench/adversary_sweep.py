@@ -72,8 +72,9 @@ def one_run(
 
     from raycell.config import load_config
     from raycell.data.dataset import CropCollate
-    from raycell.formats.checkpoint import find_checkpoint, load_checkpoint
+    from raycell.formats.checkpoint import find_checkpoint
     from raycell.metrics.latent import batch_clustering, batch_probe_accuracy
+    from raycell.models.checkpoint import load_checkpoint
     from raycell.train.context import LocalContext
     from raycell.train.loop import run_training
     from raycell.train.trainer import training_setup

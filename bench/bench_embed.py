@@ -32,9 +32,9 @@ def make_checkpoint(ds, backbone: str, out: Path) -> Path:
     from raycell import constants as K
     from raycell.config import ExperimentConfig
     from raycell.formats.categories import CategoryMap
-    from raycell.formats.checkpoint import save_checkpoint
     from raycell.formats.spec import DataSpec
     from raycell.models import create_model
+    from raycell.models.checkpoint import save_checkpoint
 
     spec = DataSpec.from_dataset(ds)
     labels = CategoryMap(K.LABEL, tuple(ds.manifest.label_vocab))
@@ -67,8 +67,8 @@ def plain_loop(ds, ck: Path, batch_size: int, threads: int) -> tuple[int, float]
     import pyarrow.parquet as pq
     import torch
 
-    from raycell.formats.checkpoint import load_checkpoint
     from raycell.formats.shards import decode_images
+    from raycell.models.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
     model, meta = load_checkpoint(ck)
@@ -108,7 +108,7 @@ def main(argv=None):
     from raycell.config import load_config
     from raycell.data.synthetic import write_synthetic
     from raycell.formats.shards import open_dataset
-    from raycell.profiling.embed import embed
+    from raycell.infer.embed import embed
     from raycell.utils.ray_utils import init_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="raycell-bench-embed-"))

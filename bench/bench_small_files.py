@@ -42,7 +42,7 @@ def run_stages(path: Path, work: Path, base: list[str]) -> dict:
     from raycell.config import load_config
     from raycell.data.splits import split_dataset
     from raycell.infer.batch import predict
-    from raycell.profiling.embed import embed
+    from raycell.infer.embed import embed
     from raycell.train.trainer import train
 
     res: dict = {}

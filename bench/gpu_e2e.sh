@@ -60,7 +60,7 @@ $PY - <<'EOF'
 import importlib
 missing = []
 for m in ("ray", "ray.train.torch", "ray.data", "torch", "timm", "sklearn", "scipy", "skimage", "pyarrow",
-          "pandas", "yaml", "raycell.train.trainer", "raycell.train.loop", "raycell.profiling.embed",
+          "pandas", "yaml", "raycell.train.trainer", "raycell.train.loop", "raycell.infer.embed",
           "raycell.data.synthetic"):
     try:
         importlib.import_module(m)

@@ -144,10 +144,10 @@ class Fixtures:
             from raycell import constants as K
             from raycell.config import load_config
             from raycell.formats.categories import CategoryMap
-            from raycell.formats.checkpoint import save_checkpoint
             from raycell.formats.shards import open_dataset
             from raycell.formats.spec import DataSpec
             from raycell.models import create_model
+            from raycell.models.checkpoint import save_checkpoint
 
             ds = open_dataset(self.data())
             run = self.root / "fixture_run"

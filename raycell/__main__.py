@@ -199,7 +199,7 @@ def _check_infer(args, cfg):
 
 
 def _check_embed(args, cfg):
-    from raycell.profiling.embed import check_embed
+    from raycell.infer.embed import check_embed
 
     check_embed(cfg)
     return cfg

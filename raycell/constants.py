@@ -72,7 +72,7 @@ DEFAULT_NORMALIZE: NormalizeMode = "crop"
 # Which hand-made features the baseline uses (`eval.baseline_features`; raycell/eval/baseline.py).
 BaselineFeatures = Literal["auto", "morph", "crops", "all"]
 BASELINE_FEATURES: tuple[str, ...] = get_args(BaselineFeatures)
-# How unseen batches get their design matrix Z (`infer.z_mode`; raycell/infer/zpredictor.py).
+# How unseen batches get their design matrix Z (`infer.z_mode`; raycell/zpredictor.py).
 ZMode = Literal["predicted", "balanced", "uniform", "zero"]
 Z_MODES: tuple[str, ...] = get_args(ZMode)
 # Network sizes of the autoencoders (`model.preset`; the keys of raycell/models/aec.py `PRESETS`).

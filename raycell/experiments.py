@@ -220,7 +220,7 @@ def _unseen_z(cfg: ExperimentConfig, seed: int, z_dir: Path, mode: str | None = 
 
     `mode` defaults to the config's `infer.z_mode`; a Z left there by another mode is redone.
     """
-    from raycell.infer.zpredictor import Z_PARQUET, run_infer_z
+    from raycell.zpredictor import Z_PARQUET, run_infer_z
 
     mode = mode or cfg.infer.z_mode
     made = (

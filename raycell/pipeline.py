@@ -167,7 +167,7 @@ def run_infer(cfg: ExperimentConfig) -> dict:
 
 def run_embed(cfg: ExperimentConfig) -> dict:
     """Embeddings in the profiling layout, plus well profiles (Ray Data, infer's machinery)."""
-    from raycell.profiling.embed import embed
+    from raycell.infer.embed import embed
 
     return embed(cfg)
 
@@ -260,7 +260,7 @@ def run_ingest(cfg: ExperimentConfig) -> dict:
 
 def run_infer_z(cfg: ExperimentConfig) -> dict:
     """Train the Z-predictor and write soft Z for unseen-batch cells."""
-    from raycell.infer.zpredictor import run_infer_z as _run
+    from raycell.zpredictor import run_infer_z as _run
 
     return _run(cfg)
 

@@ -425,7 +425,7 @@ class ZPredictorPlan(WeakLabelPlan):
     soft design matrix Z, which the multi-label sigmoid would not calibrate.
 
     Balanced (`infer.z_mode: balanced`, `set_balance`): the cross-entropy of each cell is weighted by a
-    table W[batch, label] computed on the driver (`raycell.infer.zpredictor.balanced_weights`), and y
+    table W[batch, label] computed on the driver (`raycell.zpredictor.balanced_weights`), and y
     then carries the label code as its last column. Within every batch each label has the same total
     weight, so the label no longer predicts the batch and the soft Z stops importing label priors.
     """

@@ -94,10 +94,10 @@ def untrained_checkpoint(
 
     from raycell import constants as K
     from raycell.formats.categories import CategoryMap
-    from raycell.formats.checkpoint import save_checkpoint
     from raycell.formats.shards import open_dataset
     from raycell.formats.spec import DataSpec
     from raycell.models import create_model
+    from raycell.models.checkpoint import save_checkpoint
 
     ds = open_dataset(data)
     spec = DataSpec.from_dataset(ds)

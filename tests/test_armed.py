@@ -15,10 +15,11 @@ from raycell import constants as K
 from raycell.config import LossConfig, load_config
 from raycell.data.dataset import CropCollate
 from raycell.formats.categories import CategoryMap
-from raycell.formats.checkpoint import load_checkpoint, load_plan_state, save_checkpoint
+from raycell.formats.checkpoint import load_plan_state
 from raycell.formats.shards import open_dataset
 from raycell.formats.spec import DataSpec
 from raycell.models import build_plan, create_model
+from raycell.models.checkpoint import load_checkpoint, save_checkpoint
 from raycell.models.random_effects import ClusterScaleBias, RandomEffects
 from raycell.plans import AdversarialPlan, MixedEffectsPlan, RandomEffectsPlan
 
@@ -264,7 +265,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(model_type, tmp_path):
 
 @pytest.fixture(scope="module")
 def inferred_z(tiny_data, ray_local, tmp_path_factory):
-    from raycell.infer.zpredictor import run_infer_z
+    from raycell.zpredictor import run_infer_z
 
     out = tmp_path_factory.mktemp(
         "z"

@@ -12,6 +12,7 @@ import pytest
 
 from raycell import constants as K
 from raycell.eval import baseline as B
+from raycell.features.morphology import crop_features
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +31,14 @@ def _tiny_images(tiny_data, n=12):
 
 def test_crop_features_shape_finite_deterministic(tiny_data):
     imgs, names = _tiny_images(tiny_data)
-    x, cols = B.crop_features(imgs, names)
+    x, cols = crop_features(imgs, names)
     assert x.shape == (len(imgs), len(cols)) and len(cols) == 28  # 2 objects x 6 + 2 channels x 8
     assert len(set(cols)) == len(cols)
     assert np.isfinite(x).all()
-    x2, _ = B.crop_features(imgs.copy(), names)
+    x2, _ = crop_features(imgs.copy(), names)
     np.testing.assert_array_equal(x, x2)
     # one crop alone gets the same features as in the stack (no leakage between crops)
-    x1, _ = B.crop_features(imgs[3:4], names)
+    x1, _ = crop_features(imgs[3:4], names)
     np.testing.assert_allclose(x1[0], x[3])
 
 
@@ -47,7 +48,7 @@ def test_crop_features_known_disc_and_empty_crop():
     speck = np.zeros((48, 48), np.uint8)
     speck[2:4, 2:4] = 255  # an off-centre speck: still the object nearest the centre
     flat = np.full((48, 48), 7, np.uint8)  # nothing to segment: NaN, not an error
-    x, cols = B.crop_features(np.stack([disc, speck, flat])[:, None], ["dna"])
+    x, cols = crop_features(np.stack([disc, speck, flat])[:, None], ["dna"])
     f = dict(zip(cols, x[0]))
     assert f["nucleus_area"] == pytest.approx(math.pi * 100, rel=0.05)
     assert f["nucleus_eccentricity"] < 0.2 and f["nucleus_solidity"] > 0.95

@@ -40,7 +40,7 @@ def timm_run(tiny_data, tmp_path_factory):
 
 @pytest.mark.ray
 def test_embed_writes_the_profiling_layout_and_resumes(trained_run, tiny_data, ray_local, tmp_path):
-    from raycell.profiling.embed import embed
+    from raycell.infer.embed import embed
 
     out = tmp_path / "emb"
     cfg = load_config(

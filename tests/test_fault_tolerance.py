@@ -151,9 +151,9 @@ def _checkpoint(ds, path: Path) -> Path:
     import torch
 
     from raycell.formats.categories import CategoryMap
-    from raycell.formats.checkpoint import save_checkpoint
     from raycell.formats.spec import DataSpec
     from raycell.models import create_model
+    from raycell.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     spec = DataSpec.from_dataset(ds)

@@ -129,8 +129,9 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
     assert rc == 2
     _one_line(err, str(ck2 / "meta.json"))
     # the same errors from load_checkpoint and the infer pre-flight
-    from raycell.formats.checkpoint import CheckpointError, load_checkpoint
+    from raycell.formats.checkpoint import CheckpointError
     from raycell.infer.batch import check_config
+    from raycell.models.checkpoint import load_checkpoint
 
     for fn in (
         lambda: load_checkpoint(ck),

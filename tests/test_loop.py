@@ -9,8 +9,9 @@ from conftest import tiny_overrides
 from raycell.config import load_config
 from raycell.data.dataset import CropCollate
 from raycell.formats.categories import CategoryMap, UnknownCategoryError
-from raycell.formats.checkpoint import find_checkpoint, load_checkpoint
+from raycell.formats.checkpoint import find_checkpoint
 from raycell.formats.spec import DataSpec
+from raycell.models.checkpoint import load_checkpoint
 from raycell.train.context import LocalContext
 from raycell.train.loop import run_training
 from raycell.train.trainer import training_setup

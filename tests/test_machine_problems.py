@@ -132,7 +132,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     def bug(cfg):
         raise ValueError("a bug")
 
-    monkeypatch.setitem(cli.STAGES, "report", bug)
+    monkeypatch.setitem(cli.COMMANDS, "report", cli.Command(lambda cfg, args: bug(cfg)))
     with pytest.raises(ValueError, match="a bug"):
         main(["report", "somewhere"])
 
@@ -147,7 +147,9 @@ def test_interrupt_is_one_line_and_its_exit_status(capsys, monkeypatch, exc, sta
     def interrupted(cfg):
         raise Terminated() if exc == "terminated" else exc()
 
-    monkeypatch.setitem(cli.STAGES, "embed", interrupted)
+    monkeypatch.setitem(
+        cli.COMMANDS, "embed", cli.Command(lambda cfg, args: interrupted(cfg), needs_ray=True)
+    )
     monkeypatch.setattr(cli, "preflight", lambda args, cfg: cfg)
     monkeypatch.setattr("raycell.utils.ray_utils.init_ray", lambda *a, **k: None)
     monkeypatch.setattr("raycell.utils.ray_utils.keep_native_logs_off_terminal", lambda: None)

@@ -13,7 +13,6 @@ from torch import nn
 from raycell import constants as K
 from raycell.config import LossConfig, load_config
 from raycell.data.dataset import CropCollate
-from raycell.formats.checkpoint import load_checkpoint
 from raycell.formats.shards import open_dataset
 from raycell.losses import LossOutput, ModelOutput
 from raycell.models import (
@@ -24,6 +23,7 @@ from raycell.models import (
     register_model,
     unregister_model,
 )
+from raycell.models.checkpoint import load_checkpoint
 from raycell.models.registry import UnknownModelError
 from raycell.plans import AdversarialPlan, TrainingPlan
 

@@ -104,9 +104,10 @@ def test_a_model_trained_with_crop_normalisation_is_served_with_it(tiny_data, tm
     import pyarrow as pa
 
     from raycell import constants as K
-    from raycell.formats.checkpoint import find_checkpoint, load_checkpoint
+    from raycell.formats.checkpoint import find_checkpoint
     from raycell.formats.shards import decode_images, open_dataset
     from raycell.infer.predictor import CropPredictor
+    from raycell.models.checkpoint import load_checkpoint
     from raycell.models.random_effects import one_hot_design
     from raycell.train.context import LocalContext
     from raycell.train.loop import make_collate, run_training

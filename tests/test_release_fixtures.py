@@ -17,12 +17,11 @@ from raycell.formats.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     find_checkpoint,
-    load_checkpoint,
     read_meta,
-    save_checkpoint,
 )
 from raycell.formats.manifest import DatasetManifest, read_dataset_manifest
 from raycell.formats.shards import ShardError, open_dataset, split_counts
+from raycell.models.checkpoint import load_checkpoint, save_checkpoint
 
 FIXTURES = Path(__file__).parent / "data" / "release_fixtures"
 DATASET, RUN = FIXTURES / "dataset", FIXTURES / "run"
@@ -157,13 +156,20 @@ def _old_meta(model_type: str = "conventional") -> dict:
 
 def test_an_old_checkpoint_meta_gets_the_documented_defaults():
     meta = CheckpointMeta.from_dict(_old_meta())
-    assert meta.uses_z is False and meta.epoch == -1 and meta.heads == []
+    assert meta.uses_z is None and meta.epoch == -1 and meta.heads == []  # not recorded
     assert meta.metrics == {} and meta.config == {} and meta.path is None
     assert (
         meta.data_spec.normalize == "global"
     )  # what every model was fed before the choice existed
-    # uses_z comes from the model type's registry entry
-    assert CheckpointMeta.from_dict(_old_meta("mixedeffects")).uses_z is True
+
+
+def test_an_old_meta_without_uses_z_gets_it_from_the_registry():
+    """The format layer leaves an unrecorded uses_z open; the model layer fills it in."""
+    from raycell.models.checkpoint import with_registry_defaults
+
+    for model_type, uses_z in (("conventional", False), ("mixedeffects", True)):
+        meta = with_registry_defaults(CheckpointMeta.from_dict(_old_meta(model_type)))
+        assert meta.uses_z is uses_z
 
 
 def test_a_checkpoint_with_an_old_meta_loads(tmp_path):

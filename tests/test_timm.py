@@ -6,9 +6,10 @@ from conftest import tiny_overrides
 
 from raycell.config import ConfigError, LossConfig, load_config
 from raycell.formats.categories import CategoryMap
-from raycell.formats.checkpoint import find_checkpoint, load_checkpoint
+from raycell.formats.checkpoint import find_checkpoint
 from raycell.losses import heads_loss
 from raycell.models import build_plan, create_model
+from raycell.models.checkpoint import load_checkpoint
 from raycell.models.timm_models import TimmModelError
 from raycell.train.context import LocalContext
 from raycell.train.loop import make_collate, run_training

@@ -18,7 +18,7 @@ from conftest import tiny_overrides
 from raycell import constants as K
 from raycell.config import ConfigError, LossConfig, load_config
 from raycell.formats.shards import open_dataset
-from raycell.infer.zpredictor import balance_setup, balanced_weights, run_infer_z, uniform_z
+from raycell.zpredictor import balance_setup, balanced_weights, run_infer_z, uniform_z
 
 
 def _confounded(n=200, major=0.9, seed=0):
@@ -104,7 +104,7 @@ def test_balanced_plan_is_the_weighted_cross_entropy():
 
 
 def test_balanced_zpredictor_trains_in_the_loop_and_serves_the_batch_head_only(tiny_data, tmp_path):
-    from raycell.formats.checkpoint import load_checkpoint
+    from raycell.models.checkpoint import load_checkpoint
     from raycell.train.context import LocalContext
     from raycell.train.loop import make_collate, run_training
     from raycell.train.trainer import training_setup
@@ -274,7 +274,7 @@ def test_experiment_z_modes_rows_reuse_the_checkpoint(tiny_data, monkeypatch, tm
 
 def test_soft_z_reader_skips_shards_without_z_cells(tmp_path):
     """A predictions folder whose shards mostly hold no unseen cell (one shard per ingested field)."""
-    from raycell.infer.zpredictor import _read_soft_z
+    from raycell.zpredictor import _read_soft_z
 
     (tmp_path / "shards").mkdir()
     col = f"{K.PROB}_{K.BATCH}"

@@ -152,8 +152,8 @@ def test_early_stopping_stops_after_patience_and_picks_the_first_best(tmp_path):
 
 def _served_checkpoint(path, ds, batches):
     """An untrained conventional model 'trained' on `batches` (their order is its Z column order)."""
-    from raycell.formats.checkpoint import save_checkpoint
     from raycell.formats.spec import DataSpec
+    from raycell.models.checkpoint import save_checkpoint
 
     spec = DataSpec.from_dataset(ds)
     m = create_model(
@@ -178,7 +178,7 @@ def _served_checkpoint(path, ds, batches):
 
 
 def test_bad_inputs_fail_before_ray(tiny_data, tmp_path):
-    from raycell.infer.zpredictor import run_infer_z
+    from raycell.zpredictor import run_infer_z
 
     ds = open_dataset(tiny_data)
     train_b = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
@@ -199,7 +199,7 @@ def test_bad_inputs_fail_before_ray(tiny_data, tmp_path):
 @pytest.fixture(scope="module")
 def z_run(tiny_data, ray_local, tmp_path_factory):
     """infer-z on Ray for a served model whose batch vocabulary is in reverse order, on seen and unseen."""
-    from raycell.infer.zpredictor import run_infer_z
+    from raycell.zpredictor import run_infer_z
 
     root = tmp_path_factory.mktemp("zrun")
     ds = open_dataset(tiny_data)
@@ -225,8 +225,8 @@ def z_run(tiny_data, ray_local, tmp_path_factory):
 
 @pytest.mark.ray
 def test_infer_z_trains_on_ray_and_writes_todays_contract(z_run, tiny_data):
-    from raycell.infer.zpredictor import read_inferred_z
     from raycell.models.layers import ImageClassifier
+    from raycell.zpredictor import read_inferred_z
 
     s, served = z_run
     t = pq.read_table(s["parquet"])

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from raycell.errors import UserError
 from raycell.formats.categories import CategoryMap
 from raycell.formats.spec import DataSpec
-from raycell.utils.io import atomic_write_json, read_json, software_versions
+from raycell.utils.io import read_json
 
 META, MODEL, OPTIM = "meta.json", "model.pt", "optim.pt"
 _META_KEYS = ("model_type", "model_args", "data_spec", "labels", "batches")
@@ -39,7 +38,8 @@ class CheckpointMeta:
         batches: the training batches, in the order of the design matrix Z's columns.
         epoch: the epoch the weights are from (0-based); default -1 (unknown).
         uses_z: whether the model needs a design matrix Z (its registry entry's `uses_z`, copied so
-            that readers need not import the models); default: the registered model type's.
+            that readers need not import the models); default None (not recorded: the oldest
+            files), which `raycell.models.checkpoint.load_checkpoint` fills from the registry.
         heads: weak-label heads (`data.heads`), one category map per head, in output order;
             default [] (the model has the one phenotype head, `labels`).
         metrics: the epoch's training and validation metrics; default {}.
@@ -56,7 +56,7 @@ class CheckpointMeta:
     labels: CategoryMap
     batches: CategoryMap
     epoch: int = -1
-    uses_z: bool = False
+    uses_z: bool | None = None
     heads: list[CategoryMap] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
@@ -70,7 +70,6 @@ class CheckpointMeta:
 
         Raises:
             CheckpointError: not a JSON object or a required key missing.
-            UnknownModelError: `uses_z` is not recorded and the model type is not registered.
             TypeError, KeyError, ValueError: a key holds a value of the wrong shape.
         """
         if not isinstance(raw, dict):
@@ -92,7 +91,7 @@ class CheckpointMeta:
             labels=CategoryMap.from_dict(d["labels"]),
             batches=CategoryMap.from_dict(d["batches"]),
             epoch=int(d["epoch"]),
-            uses_z=bool(d["uses_z"]),
+            uses_z=None if d["uses_z"] is None else bool(d["uses_z"]),
             heads=[CategoryMap.from_dict(h) for h in d["heads"]],
             metrics=d["metrics"],
             config=d["config"],
@@ -132,58 +131,11 @@ def _upgrade(raw: dict) -> dict:
     """
     d = dict(raw)
     d.setdefault("epoch", -1)
-    if "uses_z" not in d:  # written before it was recorded: the registry knows
-        from raycell.models import model_entry
-
-        d["uses_z"] = model_entry(d["model_type"]).uses_z
+    d.setdefault("uses_z", None)  # written before it was recorded: the registry knows (models)
     d["heads"] = list(d.get("heads") or [])
     for key in ("metrics", "config", "software"):
         d[key] = dict(d.get(key) or {})
     return d
-
-
-def save_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    plan_state: dict | None,
-    *,
-    epoch: int,
-    spec: DataSpec,
-    labels: CategoryMap,
-    batches: CategoryMap,
-    config: dict,
-    metrics: dict,
-    extra: dict | None = None,
-) -> Path:
-    """Write a checkpoint folder (meta.json last, so a folder with meta.json is complete).
-
-    `extra`: more meta keys (`heads`: the weak-label heads as `CategoryMap.to_dict()`s).
-    """
-    from raycell.models import model_entry
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path / MODEL)
-    if plan_state is not None:
-        torch.save(plan_state, path / OPTIM)
-    meta = CheckpointMeta.from_dict(
-        {
-            "model_type": model.model_type,
-            "model_args": model.model_args,
-            "epoch": epoch,
-            "uses_z": model_entry(model.model_type).uses_z,
-            "data_spec": spec.to_dict(),
-            "labels": labels.to_dict(),
-            "batches": batches.to_dict(),
-            "metrics": metrics,
-            "config": config,
-            "software": software_versions(),
-            **(extra or {}),
-        },
-        path / META,
-    )
-    atomic_write_json(path / META, meta.to_dict())
-    return path
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -205,10 +157,7 @@ def read_meta(ck: str | os.PathLike) -> CheckpointMeta:
 
     Raises:
         CheckpointError: the file is malformed JSON, not an object, lacks keys or holds bad values.
-        UnknownModelError: an old meta of a model type that is not registered (see `_upgrade`).
     """
-    from raycell.models.registry import UnknownModelError
-
     f = Path(ck) / META
     try:
         raw = read_json(f, "checkpoint meta")
@@ -218,7 +167,7 @@ def read_meta(ck: str | os.PathLike) -> CheckpointMeta:
         ) from None
     try:
         meta = CheckpointMeta.from_dict(raw, f)
-    except (CheckpointError, UnknownModelError):  # already one line naming the file or type
+    except CheckpointError:  # already one line naming the file
         raise
     except (TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(
@@ -226,45 +175,6 @@ def read_meta(ck: str | os.PathLike) -> CheckpointMeta:
         ) from None
     meta.path = Path(ck).absolute()
     return meta
-
-
-def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, CheckpointMeta]:
-    """Rebuild the model from a checkpoint (eval mode) and return it with its meta.
-
-    Raises:
-        FileNotFoundError: no checkpoint there.
-        CheckpointError: meta.json or model.pt is truncated, corrupt or does not fit the model.
-    """
-    from raycell.models import create_model
-    from raycell.models.registry import UnknownModelError
-
-    ck = find_checkpoint(path)
-    meta = read_meta(ck)
-    try:
-        model = create_model(meta.model_type, **meta.model_args)
-    except UnknownModelError:  # already a one-line user error naming the type
-        raise
-    except (TypeError, KeyError, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint meta {ck / META} cannot rebuild the model: {type(exc).__name__}: {exc}"
-        ) from None
-    if not (ck / MODEL).is_file():
-        raise CheckpointError(
-            f"checkpoint {ck} has no weights file {MODEL}: the checkpoint is incomplete"
-        )
-    try:
-        # weights_only: any failure here is the file's (truncated zip, not a state dict, ...)
-        state = torch.load(ck / MODEL, map_location=device, weights_only=True)
-        model.load_state_dict(state)
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/UnpicklingError/...
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"cannot load the weights {ck / MODEL} ({type(exc).__name__}: {first}): the "
-            "file is truncated or corrupt; use another checkpoint or re-train"
-        ) from None
-    return model.to(device).eval(), meta
 
 
 def weights_fingerprint(ck: str | os.PathLike) -> str:

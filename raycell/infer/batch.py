@@ -31,10 +31,11 @@ import pyarrow.parquet as pq
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
 from raycell.data.dataset import read_shards
-from raycell.formats.checkpoint import CheckpointMeta, load_checkpoint, weights_fingerprint
+from raycell.formats.checkpoint import CheckpointMeta, weights_fingerprint
 from raycell.formats.predictions import PROVENANCE_KEY
 from raycell.formats.shards import ShardDataset, ShardError, open_dataset, split_counts
 from raycell.infer.predictor import PASSTHROUGH, CropPredictor
+from raycell.models.checkpoint import load_checkpoint
 from raycell.utils.io import atomic_write_json, atomic_write_parquet
 from raycell.utils.locks import check_free, writing
 

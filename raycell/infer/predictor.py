@@ -113,7 +113,7 @@ class CropPredictor:
             channels_last: run the model in channels-last memory format (`train.channels_last`):
                 the small AEC's inference forward on CPU is 1.7x faster (bench/bench_cpu_choices.py).
         """
-        from raycell.formats.checkpoint import load_checkpoint
+        from raycell.models.checkpoint import load_checkpoint
         from raycell.models.registry import model_entry
 
         if device == "auto":

@@ -12,7 +12,7 @@
   ŷ_M.
 * `zpredictor` (2.6): the `ImageClassifier` network (2.3) alone, trained on the training images to
   predict their imaging batch; its softmax on cells of unseen batches is their soft design matrix Z
-  (`raycell infer-z`, `raycell.infer.zpredictor`). A classifier with one weak-label head, the batch
+  (`raycell infer-z`, `raycell.zpredictor`). A classifier with one weak-label head, the batch
   column over the training batches: trained by the one loop with `ZPredictorPlan` (NAdam, softmax
   cross-entropy), no reconstruction; its latent is the last conv block's output, flattened.
 

@@ -3,7 +3,7 @@
 `ConvEncoder`, `TiedDecoder` and `AuxClassifier` make the conventional AEC (`aec.py`); `Adversary` (reads
 the encoder, predicts the batch) and `ImageClassifier` (reads images, predicts the batch) are the batch
 classifiers of the adversarial and random-effects models (`armed.py`) and the Z-predictor
-(`raycell.infer.zpredictor`).
+(`raycell.zpredictor`).
 
 Keras defaults of the reference (spec/armed-aec.md section 2) are kept where they change behaviour:
 kernel 4 with TF 'same' padding, BatchNorm eps 1e-3, Glorot-uniform weights with zero biases, PReLU

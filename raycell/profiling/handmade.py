@@ -23,7 +23,7 @@ PREFIX = "Cells_Hand_"
 
 def handmade_table(data: str | Path) -> ProfileTable:
     """Per-cell hand-made features and metadata of every cell of the crop data set `data`."""
-    from raycell.eval.baseline import load_features
+    from raycell.features.table import load_features
     from raycell.formats.embeddings import PROFILE_NAMES
     from raycell.formats.shards import open_dataset
 

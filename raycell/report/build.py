@@ -466,9 +466,10 @@ def _recon_section(run_dir: Path, ctx: _Ctx, prefix: str) -> Section | None:
     """Originals above reconstructions for a few cells per imaging batch (none for classifiers)."""
     import torch
 
-    from raycell.formats.checkpoint import find_checkpoint, load_checkpoint, read_meta
+    from raycell.formats.checkpoint import find_checkpoint, read_meta
     from raycell.formats.shards import decode_images
     from raycell.models import model_entry
+    from raycell.models.checkpoint import load_checkpoint
     from raycell.models.random_effects import one_hot_design
 
     try:

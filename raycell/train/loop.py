@@ -35,11 +35,12 @@ from raycell.config import ExperimentConfig
 from raycell.data.augment import augment_batch, parse_augment
 from raycell.data.dataset import CropCollate
 from raycell.formats.categories import CategoryMap
-from raycell.formats.checkpoint import load_plan_state, save_checkpoint
+from raycell.formats.checkpoint import load_plan_state
 from raycell.formats.spec import DataSpec
 from raycell.losses import heads_prob, label_prob
 from raycell.metrics.classification import auroc
 from raycell.models import build_plan, create_model
+from raycell.models.checkpoint import save_checkpoint
 from raycell.models.random_effects import one_hot_design
 from raycell.plans import TrainingPlan
 from raycell.train.context import RayTrainContext, TrainContext

@@ -22,7 +22,7 @@ class Balance:
         by: The label vocabulary: the columns of `weights`. The collate adds this column to y so that
             the plan can weight each cell by its (batch, label) pair.
         weights: (n_batches, n_labels) table, rows in the order of the Z-predictor's batch head, mean 1
-            over the training cells (`raycell.infer.zpredictor.balanced_weights`).
+            over the training cells (`raycell.zpredictor.balanced_weights`).
     """
 
     by: CategoryMap

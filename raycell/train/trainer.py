@@ -170,7 +170,8 @@ def check_train(cfg: ExperimentConfig) -> None:
             )
     _warn_degenerate_train_split(cfg, ds)
     if cfg.train.resume and any(Path(cfg.train.resume).glob("checkpoint_*/meta.json")):
-        from raycell.formats.checkpoint import load_checkpoint, load_plan_state
+        from raycell.formats.checkpoint import load_plan_state
+        from raycell.models.checkpoint import load_checkpoint
 
         # the worker would load it after Ray starts, where a corrupt file is a worker trace, not one line
         _, meta = load_checkpoint(cfg.train.resume)

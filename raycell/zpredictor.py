@@ -56,7 +56,7 @@ from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
 from raycell.formats.categories import CategoryMap
 
-# the Z table's format (re-exported here: `from raycell.infer.zpredictor import read_inferred_z`
+# the Z table's format (re-exported here: `from raycell.zpredictor import read_inferred_z`
 # keeps working)
 from raycell.formats.inferred_z import (  # noqa: F401
     Z_JSON,
@@ -149,7 +149,7 @@ def check_infer_z_config(cfg: ExperimentConfig) -> ShardDataset:
             f"infer.z_splits: {bad} not among the splits of data set {ds.root} ({sorted(counts)})"
         )
     if cfg.infer.checkpoint:
-        from raycell.formats.checkpoint import load_checkpoint
+        from raycell.models.checkpoint import load_checkpoint
 
         _, meta = load_checkpoint(cfg.infer.checkpoint)  # the Z is for this model: it must load
         meta.data_spec.check_compatible(ds, f"checkpoint {meta.path}")

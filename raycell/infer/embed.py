@@ -27,7 +27,7 @@ def write_well_profiles(folder: str | Path) -> Path:
     """`<folder>/well_profiles.parquet`: one row per (Metadata_Plate, Metadata_Well), feature medians."""
     import pyarrow as pa
 
-    from raycell.profiling.profiles import aggregate_wells, read_embeddings
+    from raycell.formats.embeddings import aggregate_wells, read_embeddings
 
     folder = Path(folder)
     meta, X, names = read_embeddings(folder)
