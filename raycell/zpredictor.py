@@ -269,7 +269,7 @@ def run_fixed_z(cfg: ExperimentConfig) -> dict:
     """`infer.z_mode` uniform or zero (`FIXED_Z`): a Z fixed in advance for `cfg.infer.z_splits`, no Ray.
 
     Returns:
-        The same summary as `run_infer_z` (no Z-predictor: its run, checkpoint and accuracy are empty).
+        The same summary as `infer_z` (no Z-predictor: its run, checkpoint and accuracy are empty).
     """
     t0 = time.time()
     mode = cfg.infer.z_mode
@@ -316,7 +316,7 @@ def run_fixed_z(cfg: ExperimentConfig) -> dict:
     return summary
 
 
-def run_infer_z(cfg: ExperimentConfig) -> dict:
+def infer_z(cfg: ExperimentConfig) -> dict:
     """Train the Z-predictor on Ray and write the soft Z of the cells in `cfg.infer.z_splits`.
 
     Uses `cfg.infer.data` (default `cfg.data.path`); the Z columns follow `cfg.infer.checkpoint`'s
