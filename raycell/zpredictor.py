@@ -386,12 +386,13 @@ def infer_z(cfg: ExperimentConfig) -> dict:
     ic.checkpoint, ic.data, ic.out, ic.splits = str(ck), str(ds.root), "", list(cfg.infer.z_splits)
     ic.z_source, ic.randomize_z, ic.write_recon = "", False, False
     manifest = predict(icfg)
+    from raycell.formats.arrays import list_matrix
+
     t = _read_soft_z(manifest["out"], manifest)
     col = f"{K.PROB}_{K.BATCH}"
     n = len(served)
     if t.num_rows:
-        prob = np.asarray(t.column(col).combine_chunks().flatten(), dtype=np.float32)
-        prob = prob.reshape(t.num_rows, len(learned))
+        prob = list_matrix(t.column(col), col, manifest["out"])
         z = prob[:, [learned.index(b) for b in served.values]]  # the served model's column order
     else:
         z = np.zeros((0, n), np.float32)
