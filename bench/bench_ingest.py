@@ -11,7 +11,7 @@ What is timed, for each data set:
 * `plain loop`: `process_fov` over every FOV in one process, no Ray (the per-core ceiling: reading,
   projection, segmentation, crops, features; the statistics and scale passes run before, untimed; no
   shard writing);
-* `ray, N workers`: the whole `run_ingest` (planning, statistics pass, crop pass, shard writing)
+* `ray, N workers`: the whole `ingest_fields` (planning, statistics pass, crop pass, shard writing)
   with at most N concurrent tasks on a local Ray with 4 logical CPUs. A warm-up run first starts the
   workers.
 
@@ -93,7 +93,7 @@ def _plain_loop(cfg) -> tuple[float, float, int]:
 
     p = IngestParams.from_config(cfg.ingest)
     plan = plan_ingest(p)
-    # not timed: the statistics and scale passes (Ray passes in run_ingest), so that each field is
+    # not timed: the statistics and scale passes (Ray passes in ingest_fields), so that each field is
     # segmented as the crop pass segments it (with its plate's diameter)
     stats = compute_stats(plan["fovs"], p, plan["channels"])
     stats["diameter_ref"] = plate_diameters(plan["fovs"], p, plan["channels"], stats)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from raycell.config import load_config
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault(
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
             cfg = load_config(cfg_path, overrides)
             secs, cpu, n_cells = zip(*[_plain_loop(cfg) for _ in range(args.repeats)])
-            n_fovs = run_ingest(cfg)["n_fovs_in"]  # also the warm-up for the Ray rows
+            n_fovs = ingest_fields(cfg)["n_fovs_in"]  # also the warm-up for the Ray rows
             rows.append(
                 {
                     "data": name,
@@ -171,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs = []
                 for _ in range(args.repeats):
                     t = time.perf_counter()
-                    s = run_ingest(cfg)
+                    s = ingest_fields(cfg)
                     runs.append((time.perf_counter() - t, s))
                 secs = float(np.median([r[0] for r in runs]))
                 rows.append(
                     {
                         "data": name,
-                        "mode": "ray run_ingest",
+                        "mode": "ray ingest_fields",
                         "workers": w,
                         "n_fovs": n_fovs,
                         "n_cells": runs[0][1]["n_cells"],

@@ -185,16 +185,16 @@ def _check_tune(args, cfg):
 
 
 def _check_ingest(args, cfg):
-    from raycell.ingest.plan import check_config
+    from raycell.ingest.plan import check_ingest
 
-    check_config(cfg)
+    check_ingest(cfg)
     return cfg
 
 
 def _check_infer(args, cfg):
-    from raycell.infer.batch import check_config
+    from raycell.infer.batch import check_infer
 
-    check_config(cfg)
+    check_infer(cfg)
     return cfg
 
 

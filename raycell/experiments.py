@@ -220,7 +220,7 @@ def _unseen_z(cfg: ExperimentConfig, seed: int, z_dir: Path, mode: str | None = 
 
     `mode` defaults to the config's `infer.z_mode`; a Z left there by another mode is redone.
     """
-    from raycell.zpredictor import Z_PARQUET, run_infer_z
+    from raycell.zpredictor import Z_PARQUET, infer_z
 
     mode = mode or cfg.infer.z_mode
     made = (
@@ -237,7 +237,7 @@ def _unseen_z(cfg: ExperimentConfig, seed: int, z_dir: Path, mode: str | None = 
         c.infer.z_out = str(z_dir)
         c.infer.z_splits = [K.UNSEEN]
         c.infer.z_mode = mode
-        run_infer_z(c)
+        infer_z(c)
     return z_dir
 
 

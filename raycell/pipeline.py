@@ -244,9 +244,9 @@ def run_report(cfg: ExperimentConfig) -> dict:
 
 def run_ingest(cfg: ExperimentConfig) -> dict:
     """Raw images -> crop shards + rejects table (Ray Data, one task per field of view)."""
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
-    s = run_ingest(cfg)
+    s = ingest_fields(cfg)
     print(
         f"[raycell] ingest {s.get('input')}: {s.get('n_fovs_in')} field(s) of view -> "
         f"{s.get('n_cells')} cells from {s.get('n_fovs_with_cells')} field(s), "
@@ -260,9 +260,9 @@ def run_ingest(cfg: ExperimentConfig) -> dict:
 
 def run_infer_z(cfg: ExperimentConfig) -> dict:
     """Train the Z-predictor and write soft Z for unseen-batch cells."""
-    from raycell.zpredictor import run_infer_z as _run
+    from raycell.zpredictor import infer_z
 
-    return _run(cfg)
+    return infer_z(cfg)
 
 
 def run_evaluate(cfg: ExperimentConfig) -> dict:

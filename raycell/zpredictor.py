@@ -269,7 +269,7 @@ def run_fixed_z(cfg: ExperimentConfig) -> dict:
     """`infer.z_mode` uniform or zero (`FIXED_Z`): a Z fixed in advance for `cfg.infer.z_splits`, no Ray.
 
     Returns:
-        The same summary as `run_infer_z` (no Z-predictor: its run, checkpoint and accuracy are empty).
+        The same summary as `infer_z` (no Z-predictor: its run, checkpoint and accuracy are empty).
     """
     t0 = time.time()
     mode = cfg.infer.z_mode
@@ -316,7 +316,7 @@ def run_fixed_z(cfg: ExperimentConfig) -> dict:
     return summary
 
 
-def run_infer_z(cfg: ExperimentConfig) -> dict:
+def infer_z(cfg: ExperimentConfig) -> dict:
     """Train the Z-predictor on Ray and write the soft Z of the cells in `cfg.infer.z_splits`.
 
     Uses `cfg.infer.data` (default `cfg.data.path`); the Z columns follow `cfg.infer.checkpoint`'s
@@ -386,12 +386,13 @@ def run_infer_z(cfg: ExperimentConfig) -> dict:
     ic.checkpoint, ic.data, ic.out, ic.splits = str(ck), str(ds.root), "", list(cfg.infer.z_splits)
     ic.z_source, ic.randomize_z, ic.write_recon = "", False, False
     manifest = predict(icfg)
+    from raycell.formats.arrays import list_matrix
+
     t = _read_soft_z(manifest["out"], manifest)
     col = f"{K.PROB}_{K.BATCH}"
     n = len(served)
     if t.num_rows:
-        prob = np.asarray(t.column(col).combine_chunks().flatten(), dtype=np.float32)
-        prob = prob.reshape(t.num_rows, len(learned))
+        prob = list_matrix(t.column(col), col, manifest["out"])
         z = prob[:, [learned.index(b) for b in served.values]]  # the served model's column order
     else:
         z = np.zeros((0, n), np.float32)

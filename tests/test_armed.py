@@ -265,7 +265,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(model_type, tmp_path):
 
 @pytest.fixture(scope="module")
 def inferred_z(tiny_data, ray_local, tmp_path_factory):
-    from raycell.zpredictor import run_infer_z
+    from raycell.zpredictor import infer_z
 
     out = tmp_path_factory.mktemp(
         "z"
@@ -281,7 +281,7 @@ def inferred_z(tiny_data, ray_local, tmp_path_factory):
             "data.block_size_mb=1",
         ],
     )
-    return run_infer_z(cfg)
+    return infer_z(cfg)
 
 
 @pytest.mark.ray

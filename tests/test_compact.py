@@ -176,7 +176,7 @@ def test_ingest_of_many_fields_gives_a_handful_of_shards(
 
     monkeypatch.setattr(driver, "_compact", keep_parts)
     out = tmp_path / "crops"
-    s = driver.run_ingest(_cfg(src, out, pm, rows_per_shard=50))
+    s = driver.ingest_fields(_cfg(src, out, pm, rows_per_shard=50))
     assert s["n_fovs_in"] == 40 == s["n_fovs_with_cells"] + s["n_fovs_rejected"]
     assert len(seen["parts"]) == s["n_fovs_with_cells"] > 30  # one file per field from the tasks
     ds = open_dataset(out, check=True)
@@ -209,10 +209,10 @@ def test_ingest_of_many_fields_gives_a_handful_of_shards(
     monkeypatch.setattr(driver, "_compact", real)
     monkeypatch.setattr(compact, "atomic_write_parquet", die_on_second)
     with pytest.raises(KeyboardInterrupt):
-        driver.run_ingest(_cfg(src, out, pm, rows_per_shard=40, overwrite="true"))
+        driver.ingest_fields(_cfg(src, out, pm, rows_per_shard=40, overwrite="true"))
     assert open_dataset(out, check=True).read_table().equals(after)  # the old one, untouched
     monkeypatch.setattr(compact, "atomic_write_parquet", real_write)
-    s2 = driver.run_ingest(_cfg(src, out, pm, rows_per_shard=40, overwrite="true"))
+    s2 = driver.ingest_fields(_cfg(src, out, pm, rows_per_shard=40, overwrite="true"))
     again = open_dataset(out, check=True)
     assert [x["rows"] for x in again.manifest.shards][:-1] == [40] * (s2["n_shards"] - 1)
     assert again.read_table().equals(after)  # same cells, same order, once each

@@ -85,27 +85,27 @@ def test_empty_batch_never_reaches_the_model(model_type, cks, tiny_data):
     assert empty.schema == full.schema  # blocks of one Ray Data job must share a schema
 
 
-# --- 10 / 2 / 8: check_config validates an infer run without Ray ------------------------------------
+# --- 10 / 2 / 8: check_infer validates an infer run without Ray ------------------------------------
 
 
 def test_check_config_accepts_a_good_run_and_writes_nothing(cks, tiny_data, tmp_path):
-    from raycell.infer.batch import check_config
+    from raycell.infer.batch import check_infer
 
-    plan = check_config(
+    plan = check_infer(
         _cfg(tiny_data, tmp_path / "pred", cks["conventional"], "infer.splits=[test]")
     )
     assert plan.pending == open_dataset(tiny_data).shard_paths
     assert plan.producer["splits"] == ["test"] and len(plan.producer["weights_sha256"]) == 64
     assert not (tmp_path / "pred").exists()
     with pytest.raises(ConfigError, match="infer.checkpoint"):
-        check_config(_cfg(tiny_data, tmp_path / "pred", ""))
+        check_infer(_cfg(tiny_data, tmp_path / "pred", ""))
 
 
 def test_unknown_split_names_the_key_the_value_and_the_valid_splits(cks, tiny_data, tmp_path):
-    from raycell.infer.batch import check_config
+    from raycell.infer.batch import check_infer
 
     with pytest.raises(ConfigError) as e:
-        check_config(
+        check_infer(
             _cfg(tiny_data, tmp_path / "pred", cks["conventional"], "infer.splits=[test,tset]")
         )
     msg = str(e.value)
@@ -130,17 +130,17 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(cks, tiny_data, tmp_path
     _one_line(err, str(ck2 / "meta.json"))
     # the same errors from load_checkpoint and the infer pre-flight
     from raycell.formats.checkpoint import CheckpointError
-    from raycell.infer.batch import check_config
+    from raycell.infer.batch import check_infer
     from raycell.models.checkpoint import load_checkpoint
 
     for fn in (
         lambda: load_checkpoint(ck),
-        lambda: check_config(_cfg(tiny_data, tmp_path / "p", ck)),
+        lambda: check_infer(_cfg(tiny_data, tmp_path / "p", ck)),
     ):
         with pytest.raises(CheckpointError, match=r"model\.pt.*truncated or corrupt"):
             fn()
     with pytest.raises(CheckpointError, match="meta.json"):
-        check_config(_cfg(tiny_data, tmp_path / "p", ck2))
+        check_infer(_cfg(tiny_data, tmp_path / "p", ck2))
 
 
 def test_crop_size_of_the_data_differing_from_the_models_is_one_line(tiny_data, tmp_path, capsys):
@@ -148,21 +148,21 @@ def test_crop_size_of_the_data_differing_from_the_models_is_one_line(tiny_data, 
     rc, err = _infer_z(capsys, ck, tiny_data, tmp_path / "z")
     assert rc == 2
     _one_line(err, str(tiny_data), "crop size 32x32 vs 64x64")
-    from raycell.infer.batch import check_config
+    from raycell.infer.batch import check_infer
 
     with pytest.raises(ShardError, match=r"crop size 32x32 vs 64x64"):
-        check_config(_cfg(tiny_data, tmp_path / "pred", ck))
+        check_infer(_cfg(tiny_data, tmp_path / "pred", ck))
 
 
 def test_truncated_or_foreign_input_shard_fails_before_ray(cks, tiny_data, tmp_path):
-    from raycell.infer.batch import check_config
+    from raycell.infer.batch import check_infer
 
     data = _copy(tiny_data, tmp_path / "d")
     ds = open_dataset(data)
     victim = Path(ds.shard_paths[2])
     victim.write_bytes(victim.read_bytes()[:5000])
     with pytest.raises(ShardError, match=f"cannot read shard {victim}.*truncated"):
-        check_config(_cfg(data, tmp_path / "pred", cks["conventional"]))
+        check_infer(_cfg(data, tmp_path / "pred", cks["conventional"]))
     # a row that declares another crop size than the manifest's
     data2 = _copy(tiny_data, tmp_path / "d2")
     p = open_dataset(data2).shard_paths[1]
@@ -171,7 +171,7 @@ def test_truncated_or_foreign_input_shard_fails_before_ray(cks, tiny_data, tmp_p
     h[7] = 31
     pq.write_table(t.set_column(t.schema.get_field_index(K.HEIGHT), K.HEIGHT, pa.array(h)), p)
     with pytest.raises(ShardError, match=rf"{p}: row 7 .*height=31"):
-        check_config(_cfg(data2, tmp_path / "pred", cks["conventional"]))
+        check_infer(_cfg(data2, tmp_path / "pred", cks["conventional"]))
 
 
 def _z_table(path: Path, ids: list[str], n: int = len(SEEN)) -> Path:
@@ -189,7 +189,7 @@ def _z_table(path: Path, ids: list[str], n: int = len(SEEN)) -> Path:
 
 
 def test_z_source_is_checked_on_the_driver(cks, tiny_data, tmp_path):
-    from raycell.infer.batch import check_config
+    from raycell.infer.batch import check_infer
     from raycell.infer.predictor import MissingDesignMatrixError
 
     ck = cks["mixedeffects"]
@@ -201,7 +201,7 @@ def test_z_source_is_checked_on_the_driver(cks, tiny_data, tmp_path):
     )
 
     def check(z):
-        return check_config(_cfg(tiny_data, tmp_path / "pred", ck, f"infer.z_source={z}"))
+        return check_infer(_cfg(tiny_data, tmp_path / "pred", ck, f"infer.z_source={z}"))
 
     with pytest.raises(FileNotFoundError, match=r"infer.z_source.*raycell infer-z"):
         check(tmp_path / "nowhere")
@@ -234,7 +234,7 @@ def predicted(cks, tiny_data, ray_local, tmp_path_factory) -> dict:
 @pytest.mark.ray
 def test_predictions_record_what_produced_them(predicted, cks):
     from raycell.formats.predictions import PROVENANCE_KEY
-    from raycell.infer.batch import check_config
+    from raycell.infer.batch import check_infer
 
     m = json.loads((predicted["out"] / K.PREDICTIONS_MANIFEST).read_text())
     ds = open_dataset(predicted["data"])
@@ -247,7 +247,7 @@ def test_predictions_record_what_produced_them(predicted, cks):
         pq.read_schema(predicted["out"] / m["shards"][0]["file"]).metadata[PROVENANCE_KEY]
     )
     assert rec["run_key"] == m["run_key"] and rec["input"]["file"] == ds.shard_paths[0]
-    assert check_config(predicted["cfg"]).pending == []  # the same run again: nothing to do
+    assert check_infer(predicted["cfg"]).pending == []  # the same run again: nothing to do
 
 
 @pytest.mark.ray

@@ -363,11 +363,11 @@ def _check_overlays(out, s, fov_rej):
 
 @pytest.mark.ray
 def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
-    from raycell.ingest.driver import REJECTS, run_ingest
+    from raycell.ingest.driver import REJECTS, ingest_fields
 
     out = tmp_path / "crops"
     cfg = raw_ingest_config(broken, out, raw / "platemap.csv", illum_correction=True)
-    s = run_ingest(cfg)
+    s = ingest_fields(cfg)
     assert s["n_fovs_in"] == 12 and s["n_fovs_in"] == s["n_fovs_with_cells"] + s["n_fovs_rejected"]
     assert s["n_fovs_with_cells"] == 5 and s["n_files_rejected"] == 1
     rej = pd.read_parquet(out / REJECTS)
@@ -404,14 +404,14 @@ def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
     _check_overlays(out, s, fov_rej)
 
     # a re-run with the same inputs and parameters is skipped; nothing duplicated
-    again = run_ingest(cfg)
+    again = ingest_fields(cfg)
     assert again["skipped"] and again["n_cells"] == s["n_cells"]
     # different parameters need overwrite, which rebuilds the data set in place without duplicates
     cfg.ingest.mask_crops = not cfg.ingest.mask_crops
     with pytest.raises(IngestError, match="overwrite"):
-        run_ingest(cfg)
+        ingest_fields(cfg)
     cfg.ingest.overwrite = True
-    s2 = run_ingest(cfg)
+    s2 = ingest_fields(cfg)
     assert not s2["skipped"] and s2["n_cells"] == s["n_cells"]
     assert open_dataset(out, check=True).manifest.n_cells == s["n_cells"]
     assert not (tmp_path / "crops.partial").exists() and not (tmp_path / "crops.old").exists()
@@ -419,12 +419,12 @@ def test_ingest_end_to_end_with_bad_inputs(ray_local, raw, broken, tmp_path):
 
 @pytest.mark.ray
 def test_ingest_normalisation_modes(ray_local, raw, tmp_path):
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     res = {}
     for mode in ("per-batch", "per-image"):
         out = tmp_path / mode
-        s = run_ingest(
+        s = ingest_fields(
             raw_ingest_config(
                 raw / "images",
                 out,
@@ -482,14 +482,14 @@ def _real(name: str) -> Path:
 
 @pytest.mark.ray
 def test_example_human(ray_local, tmp_path):
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     src = _real("ExampleHuman")
     cfg = load_config(
         REPO / "configs/ingest/cellprofiler_example_human.yaml",
         [f"ingest.input={src}", f"ingest.out={tmp_path / 'h'}", "ray.progress=false"],
     )
-    s = run_ingest(cfg)
+    s = ingest_fields(cfg)
     assert s["n_fovs_with_cells"] == 1 and 150 <= s["n_cells"] <= 400, s
     assert 8 <= s["diameter_px"]["median"] <= 20  # nuclei are ~12 px across
     ds = open_dataset(tmp_path / "h", check=True)
@@ -503,14 +503,14 @@ def test_example_human(ray_local, tmp_path):
 
 @pytest.mark.ray
 def test_example_as_09047_illumination(ray_local, tmp_path):
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     src = _real("ExampleIlluminationCorrection_AS_09047")
     cfg = load_config(
         REPO / "configs/ingest/cellprofiler_illum_AS_09047.yaml",
         [f"ingest.input={src}", f"ingest.out={tmp_path / 'as'}", "ray.progress=false"],
     )
-    s = run_ingest(cfg)
+    s = ingest_fields(cfg)
     assert s["n_fovs_in"] == 72 and s["n_fovs_with_cells"] + s["n_fovs_rejected"] == 72
     assert s["n_fovs_with_cells"] >= 70 and 700 <= s["n_cells"] <= 5000, s
     m = open_dataset(tmp_path / "as", check=True).manifest.to_dict()
@@ -527,7 +527,7 @@ def test_example_as_09047_illumination(ray_local, tmp_path):
 def test_ingest_rejects_implausible_segmentation(ray_local, raw, tmp_path):
     """A field whose objects are far larger than its plate's and sit on the border (a background
     leak) lands in the rejects table with that reason, not in the crops, not as `no-cells`."""
-    from raycell.ingest.driver import REJECTS, run_ingest
+    from raycell.ingest.driver import REJECTS, ingest_fields
 
     src = tmp_path / "images"
     shutil.copytree(raw / "images", src)
@@ -541,7 +541,7 @@ def test_ingest_rejects_implausible_segmentation(ray_local, raw, tmp_path):
         leak += np.random.default_rng(z).normal(0, 0.01 * leak.max(), leak.shape)
         tifffile.imwrite(f, np.clip(leak, 0, None).astype(ref.dtype))
     out = tmp_path / "crops"
-    s = run_ingest(raw_ingest_config(src, out, raw / "platemap.csv", normalization="per-image"))
+    s = ingest_fields(raw_ingest_config(src, out, raw / "platemap.csv", normalization="per-image"))
     assert s["n_fovs_in"] == s["n_fovs_with_cells"] + s["n_fovs_rejected"]
     assert s["rejects_by_code"] == {"implausible-segmentation": 1}, s["rejects_by_code"]
     assert s["diameter_px"]["plates"]  # the scale pass gave each plate a reference
@@ -556,10 +556,12 @@ def test_ingest_stores_crop_features_that_the_baseline_reads(ray_local, raw, tmp
     from raycell.eval.baseline import feature_source, load_features
     from raycell.features.morphology import crop_features
     from raycell.formats.shards import decode_images
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     out = tmp_path / "feat"
-    s = run_ingest(raw_ingest_config(raw / "images", out, raw / "platemap.csv", crop_features=True))
+    s = ingest_fields(
+        raw_ingest_config(raw / "images", out, raw / "platemap.csv", crop_features=True)
+    )
     assert s["n_fovs_with_cells"] == 8
     ds = open_dataset(out, check=True)
     t = ds.read_table()

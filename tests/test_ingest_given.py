@@ -352,7 +352,7 @@ def test_ingest_from_masks_and_from_table_give_the_same_cells(ray_local, raw, tm
 
     from raycell.formats.shards import open_dataset
     from raycell.infer.predictor import object_numbers
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     truth = _truth(raw)
     runs = {
@@ -377,7 +377,7 @@ def test_ingest_from_masks_and_from_table_give_the_same_cells(ray_local, raw, tm
                 *sets,
             ],
         )
-        s = run_ingest(cfg)
+        s = ingest_fields(cfg)
         assert s["n_fovs_with_cells"] == 4 and s["n_cells"] == len(truth), (name, s)
         # the PNG masks beside the images are masks, not files to reject; for the table run they
         # are files the image pattern does not match

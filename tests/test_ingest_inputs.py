@@ -270,10 +270,10 @@ def _crops_by_fov(out: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.ray
 def test_out_of_scale_fields_are_rejected_others_keep_their_crops(ray_local, scaled_raw, tmp_path):
-    from raycell.ingest.driver import REJECTS, run_ingest
+    from raycell.ingest.driver import REJECTS, ingest_fields
 
     out = tmp_path / "crops"
-    s = run_ingest(_cfg(scaled_raw, out))
+    s = ingest_fields(_cfg(scaled_raw, out))
     assert s["n_fovs_in"] == 6 == s["n_fovs_with_cells"] + s["n_fovs_rejected"]
     rej = pd.read_parquet(out / REJECTS).set_index("fov_id")
     assert rej.code.to_dict() == {ODD_BIG: "out-of-scale", ODD_FLOAT: "out-of-scale"}
@@ -289,10 +289,10 @@ def test_out_of_scale_fields_are_rejected_others_keep_their_crops(ray_local, sca
 @pytest.mark.ray
 def test_out_of_scale_fields_normalised_separately_when_asked(ray_local, scaled_raw, tmp_path):
     from raycell.formats.shards import open_dataset
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     out = tmp_path / "crops"
-    s = run_ingest(_cfg(scaled_raw, out, scale_check="separate"))
+    s = ingest_fields(_cfg(scaled_raw, out, scale_check="separate"))
     assert s["n_fovs_rejected"] == 0
     assert s["fields_normalised_alone"] == sorted([ODD_BIG, ODD_FLOAT])
     crops = _crops_by_fov(out)
@@ -307,10 +307,10 @@ def test_out_of_scale_fields_normalised_separately_when_asked(ray_local, scaled_
 def test_saturated_and_all_zero_crops_are_warned(ray_local, scaled_raw, tmp_path, capsys):
     """Crops whose channel is saturated or all zero are counted, warned about and recorded."""
     from raycell.formats.shards import open_dataset
-    from raycell.pipeline import run_ingest
+    from raycell.pipeline import ingest_fields
 
     # saturation: a normalisation range that ends at the 1st percentile
-    s = run_ingest(_cfg(scaled_raw, tmp_path / "sat", norm_percentiles=[0, 1]))
+    s = ingest_fields(_cfg(scaled_raw, tmp_path / "sat", norm_percentiles=[0, 1]))
     sat = s["crop_checks"]["saturated"]
     assert sat["cytoplasm"] > 0.5 * s["n_cells"] and s["crop_checks"]["n_crops"] == s["n_cells"]
     printed = capsys.readouterr().out
@@ -318,7 +318,7 @@ def test_saturated_and_all_zero_crops_are_warned(ray_local, scaled_raw, tmp_path
     assert "'cytoplasm' more than half saturated" in printed
     # with the scale check off, the x1000 field zeroes the other fields' crops: the summary says so
     out = tmp_path / "zero"
-    s = run_ingest(_cfg(scaled_raw, out, scale_check="ignore"))
+    s = ingest_fields(_cfg(scaled_raw, out, scale_check="ignore"))
     zero = s["crop_checks"]["all_zero"]
     assert zero["nucleus"] > 0.5 * s["n_cells"]
     assert any(f"{zero['nucleus']} of {s['n_cells']} crops" in n for n in s["notes"])
@@ -330,19 +330,19 @@ def test_edited_platemap_is_not_skipped(ray_local, scaled_raw, tmp_path):
     import shutil
 
     from raycell.formats.shards import open_dataset
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     root = tmp_path / "raw"
     shutil.copytree(scaled_raw, root)
     out = tmp_path / "crops"
-    run_ingest(_cfg(root, out))
-    assert run_ingest(_cfg(root, out))["skipped"]
+    ingest_fields(_cfg(root, out))
+    assert ingest_fields(_cfg(root, out))["skipped"]
     pm = pd.read_csv(root / "platemap.csv", dtype=str)
     pm["label"] = pm["label"].map({"high": "low", "low": "high"})
     pm.to_csv(root / "platemap.csv", index=False)
     with pytest.raises(IngestError, match="overwrite"):
-        run_ingest(_cfg(root, out))
-    s = run_ingest(_cfg(root, out, overwrite=True))
+        ingest_fields(_cfg(root, out))
+    s = ingest_fields(_cfg(root, out, overwrite=True))
     assert not s["skipped"]
     ds = open_dataset(out, check=True)
     t = pd.concat(ds.read_shard(p).to_pandas() for p in ds.shard_paths)

@@ -158,7 +158,7 @@ def test_ome_zarr_reads_the_full_resolution_level_plane_by_plane(trees, monkeypa
 @pytest.mark.ray
 def test_ome_zarr_ingest_records_the_pixel_size(ray_local, trees, tmp_path):
     from raycell.formats.shards import open_dataset
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     cfg = load_config(
         None,
@@ -171,7 +171,7 @@ def test_ome_zarr_ingest_records_the_pixel_size(ray_local, trees, tmp_path):
             "ingest.channel_names=[nucleus, cytoplasm]",
         ],
     )
-    s = run_ingest(cfg)
+    s = ingest_fields(cfg)
     assert s["n_fovs_with_cells"] == 4 and s["n_cells"] > 10
     px = open_dataset(tmp_path / "o").manifest.ingest["pixel_size"]
     assert px["x"] == pytest.approx(0.65) and px["source"] == "ome-zarr"

@@ -57,12 +57,12 @@ def _rejects(out: Path) -> pd.DataFrame:
 
 @pytest.mark.ray
 def test_task_size_does_not_change_the_data_set(ray_local, raw, tmp_path):
-    from raycell.ingest.driver import run_ingest
+    from raycell.ingest.driver import ingest_fields
 
     src, pm = raw
-    one = run_ingest(raw_ingest_config(src, tmp_path / "one", pm, fovs_per_task=1))
+    one = ingest_fields(raw_ingest_config(src, tmp_path / "one", pm, fovs_per_task=1))
     # three fields per task, files of at most 7 rows: every task splits its cells over files
-    three = run_ingest(
+    three = ingest_fields(
         raw_ingest_config(src, tmp_path / "three", pm, fovs_per_task=3, rows_per_shard=7)
     )
     assert one["rejects_by_code"] == three["rejects_by_code"] == {"unreadable": 1, "no-cells": 1}
@@ -125,7 +125,7 @@ def test_lost_task_shard_is_left_out_and_no_crop_reaches_the_driver(
         seen["stray"] = sorted(p.name for p in parts.glob("part-000000-*"))
 
     monkeypatch.setattr(driver, "_result_rows", lose_first_task)
-    s = driver.run_ingest(
+    s = driver.ingest_fields(
         raw_ingest_config(src, out, pm, fovs_per_task=2, normalization="per-image")
     )
 

@@ -18,6 +18,7 @@ LAYERS = [
     {"utils"},
     {"config"},
     {"formats"},
+    {"forward"},  # ModelOutput / LossOutput: read by losses, plans, models, the loop, inference
     {"features", "metrics", "plots", "losses", "data"},
     {"plans"},
     {"models"},

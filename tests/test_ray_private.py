@@ -75,7 +75,7 @@ def test_native_ray_log_lines_are_dropped_and_everything_else_reaches_the_termin
     t.start()
     native = (
         b"[2026-12-01 23:28:34,874 E 21956 21956] core_worker.cc:2465: Actor with class name: "
-        b"'MapWorker(MapBatches(_SplitFilter))' has constructor arguments in the object store\n"
+        b"'MapWorker(MapBatches(_ModelActor))' has constructor arguments in the object store\n"
     )
     # a native line split across writes, a progress bar without a newline, a traceback, a user's [bracket]
     for chunk in (

@@ -18,7 +18,7 @@ from conftest import tiny_overrides
 from raycell import constants as K
 from raycell.config import ConfigError, LossConfig, load_config
 from raycell.formats.shards import open_dataset
-from raycell.zpredictor import balance_setup, balanced_weights, run_infer_z, uniform_z
+from raycell.zpredictor import balance_setup, balanced_weights, infer_z, uniform_z
 
 
 def _confounded(n=200, major=0.9, seed=0):
@@ -159,7 +159,7 @@ def test_uniform_z_rows_sum_to_one_in_the_models_batch_order(tiny_data, tmp_path
         ],
     )
     cfg.infer.z_mode = "uniform"
-    s = run_infer_z(cfg)
+    s = infer_z(cfg)
     counts = ds.manifest.counts_per_split
     ids, z = read_inferred_z(s["out"], served)  # what infer / the predictor read, unchanged
     assert (
@@ -182,7 +182,7 @@ def test_uniform_z_without_checkpoint_uses_the_training_batches(tiny_data, tmp_p
     seen = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
     cfg = load_config(None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}"])
     cfg.infer.z_mode = "uniform"
-    s = run_infer_z(cfg)
+    s = infer_z(cfg)
     assert s["batches"]["values"] == seen and s["n_cells"] == ds.manifest.counts_per_split["unseen"]
 
 
@@ -196,7 +196,7 @@ def test_zero_z_puts_every_random_effect_at_its_prior_mean(tiny_data, tmp_path):
     cfg = load_config(
         None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", "infer.z_mode=zero"]
     )
-    s = run_infer_z(cfg)
+    s = infer_z(cfg)
     ids, z = read_inferred_z(s["out"], seen)
     assert z.shape == (ds.manifest.counts_per_split["unseen"], len(seen)) and not z.any()
     meta = json.loads((tmp_path / "z" / "inferred_z.json").read_text())
@@ -224,7 +224,7 @@ def test_bad_z_mode_is_one_line_before_anything(tiny_data, tmp_path):
         match=r"^--set infer.z_mode=mean: infer.z_mode must be predicted, balanced, uniform "
         r"or zero, got 'mean'$",
     ):
-        run_infer_z(load_config(None, over))
+        infer_z(load_config(None, over))
     assert not (tmp_path / "z").exists()
 
 

@@ -178,7 +178,7 @@ def _served_checkpoint(path, ds, batches):
 
 
 def test_bad_inputs_fail_before_ray(tiny_data, tmp_path):
-    from raycell.zpredictor import run_infer_z
+    from raycell.zpredictor import infer_z
 
     ds = open_dataset(tiny_data)
     train_b = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
@@ -187,19 +187,19 @@ def test_bad_inputs_fail_before_ray(tiny_data, tmp_path):
         None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", f"infer.checkpoint={ck}"]
     )
     with pytest.raises(ConfigError, match=r"batch99.*lacks.*infer.data"):
-        run_infer_z(cfg)
+        infer_z(cfg)
     cfg = load_config(
         None, [f"data.path={tiny_data}", f"infer.z_out={tmp_path / 'z'}", "infer.z_splits=[nope]"]
     )
     with pytest.raises(ConfigError, match=r"infer.z_splits.*nope"):
-        run_infer_z(cfg)
+        infer_z(cfg)
     assert not (tmp_path / "z").exists()
 
 
 @pytest.fixture(scope="module")
 def z_run(tiny_data, ray_local, tmp_path_factory):
     """infer-z on Ray for a served model whose batch vocabulary is in reverse order, on seen and unseen."""
-    from raycell.zpredictor import run_infer_z
+    from raycell.zpredictor import infer_z
 
     root = tmp_path_factory.mktemp("zrun")
     ds = open_dataset(tiny_data)
@@ -220,7 +220,7 @@ def z_run(tiny_data, ray_local, tmp_path_factory):
             "infer.z_batch_size=8",
         ],
     )
-    return run_infer_z(cfg), served
+    return infer_z(cfg), served
 
 
 @pytest.mark.ray

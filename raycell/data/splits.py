@@ -144,7 +144,7 @@ def merge_counts(counts: pd.DataFrame) -> pd.DataFrame:
 
 
 @dataclass
-class SplitPlan:
+class SplitAssignment:
     """Where every cell goes, by key: held-out batches whole, the other cells by their unit."""
 
     batches: dict[str, str]  # batch -> unseen / valbatch
@@ -193,7 +193,7 @@ def plan_splits(
     fractions: list[float],
     seed: int = 0,
     val_batches: list[str] | None = None,
-) -> SplitPlan:
+) -> SplitAssignment:
     """Assign held-out batches and units from `unit_counts` (see the module docstring).
 
     Raises:
@@ -237,7 +237,7 @@ def plan_splits(
             k = int(np.argmax(fr * done - got))
             unit_split[name] = names[k]
             got[k] += unit_size[name]
-    return SplitPlan(held, unit_split, val_batches)
+    return SplitAssignment(held, unit_split, val_batches)
 
 
 def assign_splits(

@@ -493,7 +493,7 @@ def _apply_batch(
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), pos
 
 
-class BlockPlan(Protocol):
+class BlockDesign(Protocol):
     """What the chunked writer needs from a design: its size and one block of cells rendered alone."""
 
     n_cells: int
@@ -510,7 +510,7 @@ def block_cells(seed: int, block: int, n_cells: int) -> tuple[int, int, np.rando
 
 
 @dataclass
-class CropPlan:
+class CropDesign:
     """The global draws of the phenotype design: small, picklable, enough to render any block."""
 
     seed: int
@@ -564,7 +564,7 @@ class CropPlan:
         return img, pd.concat([meta, truth], axis=1)
 
 
-def render_cells(plan: BlockPlan, lo: int, hi: int) -> tuple[np.ndarray, pd.DataFrame]:
+def render_cells(plan: BlockDesign, lo: int, hi: int) -> tuple[np.ndarray, pd.DataFrame]:
     """Cells [lo, hi) of a plan: renders the blocks they overlap and cuts them out (index 0..)."""
     b0, b1 = lo // BLOCK_CELLS, (hi - 1) // BLOCK_CELLS + 1
     blocks = [plan.render_block(b) for b in range(b0, b1)]
@@ -592,7 +592,7 @@ def synth_plan(
     seed: int = 0,
     effects: str = "basic",
     unseen_extreme: float = 2.5,
-) -> tuple[CropPlan, dict]:
+) -> tuple[CropDesign, dict]:
     """The global draws (lines, batches, every cell's line/batch/well/field) and the ground truth.
 
     With ``effects="varied"`` the ground truth also holds ``batch_effects`` (per batch and
@@ -621,7 +621,7 @@ def synth_plan(
         if effects == "varied"
         else None
     )
-    plan = CropPlan(
+    plan = CropDesign(
         seed, crop_size, phenotype_strength, wells_per_line, lines, batches, *alloc, eff
     )
     gt = {
@@ -653,7 +653,7 @@ def generate(**params) -> tuple[np.ndarray, pd.DataFrame, dict]:
     return render_design(*synth_plan(**params))
 
 
-def render_design(plan: BlockPlan, gt: dict) -> tuple[np.ndarray, pd.DataFrame, dict]:
+def render_design(plan: BlockDesign, gt: dict) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """A design's every cell in memory: (images, metadata, ground truth), from its plan and truth."""
     img, meta = render_cells(plan, 0, plan.n_cells)
     return img, meta, gt
@@ -673,7 +673,7 @@ def check_chunking(rows_per_shard: int, chunk_cells: int | None, num_workers: in
         _whole("num_workers", num_workers, 0)
 
 
-def _write_chunk(plan: BlockPlan, out: str, k0: int, k1: int, rows_per_shard: int) -> list[dict]:
+def _write_chunk(plan: BlockDesign, out: str, k0: int, k1: int, rows_per_shard: int) -> list[dict]:
     """Render shards k0..k1-1 and write each with `write_shard_file`; returns their part records."""
     lo, hi = k0 * rows_per_shard, min(plan.n_cells, k1 * rows_per_shard)
     img, meta = render_cells(plan, lo, hi)
@@ -706,7 +706,7 @@ def auto_workers(size: int, threshold: int, n_chunks: int) -> int:
 
 def write_blocks(
     tmp: Path,
-    plan: BlockPlan,
+    plan: BlockDesign,
     channel_names: list[str],
     rows_per_shard: int,
     chunk_cells: int | None = None,
@@ -724,7 +724,7 @@ def write_blocks(
     Args:
         tmp: staging folder (from `staging_dir`); must be reachable by the tasks (a shared file system on
             a multi-node cluster).
-        plan: the design's global draws (`CropPlan`, `raycell.data.synthetic_timedose.TimedosePlan`).
+        plan: the design's global draws (`CropDesign`, `raycell.data.synthetic_timedose.TimedoseDesign`).
         channel_names: the crops' channel names.
         rows_per_shard: cells per shard.
         chunk_cells: cells per chunk, rounded up to whole shards (None: `CHUNK_CELLS`); bounds the
@@ -871,7 +871,7 @@ def write_synthetic(
 
 def write_design(
     out: str,
-    design: Callable[..., tuple[BlockPlan, dict]],
+    design: Callable[..., tuple[BlockDesign, dict]],
     params: dict,
     generator: str,
     rows_per_shard: int,

@@ -208,7 +208,7 @@ def _well_name(w: int) -> str:
 
 
 @dataclass
-class RawPlan:
+class RawDesign:
     """The global draws of `synth --raw` (lines, batches, varied effects) and the field settings.
 
     Small and picklable: enough to render any field of view alone.
@@ -235,7 +235,7 @@ class RawPlan:
         return len(self.batches) * self.wells * self.fields
 
 
-def _write_fov(plan: RawPlan, tmp: Path, b: int, w: int, f: int) -> dict:
+def _write_fov(plan: RawDesign, tmp: Path, b: int, w: int, f: int) -> dict:
     """Render one field of view with its own Generators; write its TIFFs and masks; its truth."""
     import tifffile
 
@@ -275,7 +275,7 @@ def _write_fov(plan: RawPlan, tmp: Path, b: int, w: int, f: int) -> dict:
     }
 
 
-def _write_fovs(plan: RawPlan, tmp: str, lo: int, hi: int) -> list[dict]:
+def _write_fovs(plan: RawDesign, tmp: str, lo: int, hi: int) -> list[dict]:
     """Fields of view lo..hi-1 (one chunk); their truth rows in order."""
     return [_write_fov(plan, Path(tmp), *plan.fov(i)) for i in range(lo, hi)]
 
@@ -383,7 +383,7 @@ def write_synthetic_raw(
                     "time": _TIMES[(w // len(_DOSES)) % 2],
                 }
             )
-    plan = RawPlan(seed, lines, batches, effs, wells, fields, fov_size, cells_per_fov, n_z)
+    plan = RawDesign(seed, lines, batches, effs, wells, fields, fov_size, cells_per_fov, n_z)
     per = chunk_fovs or CHUNK_FOVS
     jobs = [(str(tmp), lo, min(lo + per, plan.n_fovs)) for lo in range(0, plan.n_fovs, per)]
     workers = (

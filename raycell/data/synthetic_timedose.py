@@ -271,7 +271,7 @@ def _add_crosstalk_background(
 
 
 @dataclass
-class TimedosePlan:
+class TimedoseDesign:
     """The global draws of the time x dose design: small, picklable, enough to render any block."""
 
     seed: int
@@ -348,7 +348,7 @@ def timedose_plan(
     seed: int = 0,
     effects: str = "basic",
     unseen_extreme: float = 2.5,
-) -> tuple[TimedosePlan, dict]:
+) -> tuple[TimedoseDesign, dict]:
     """The global draws (batches, wells, cells' wells, well effects, backgrounds) and the truth.
 
     With ``effects="varied"`` the truth also holds ``batch_effects`` and ``unseen_extremes``, drawn
@@ -380,7 +380,7 @@ def timedose_plan(
         if effects == "varied"
         else None
     )
-    plan = TimedosePlan(
+    plan = TimedoseDesign(
         seed,
         crop_size,
         effect_strength,

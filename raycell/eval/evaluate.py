@@ -92,13 +92,12 @@ def evaluate_predictions(
     With `baseline`, also the hand-made-feature baseline on the same splits (features: 'auto',
     'morph' or 'crops', see `raycell.eval.baseline.load_features`).
     """
+    from raycell.formats.arrays import list_matrix
     from raycell.formats.predictions import load_predictions
 
     pred_dir = Path(pred_dir).absolute()
     pm, table = load_predictions(pred_dir)
-    latents = np.asarray(table.column(K.LATENT).combine_chunks().flatten()).reshape(
-        table.num_rows, -1
-    )
+    latents = list_matrix(table.column(K.LATENT), K.LATENT, str(pred_dir))
     df = table.drop_columns(
         [c for c in (K.LATENT, K.LATENT_RE, K.BATCH_PROB, K.RECON) if c in table.column_names]
     ).to_pandas()

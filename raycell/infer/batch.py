@@ -10,7 +10,7 @@ and a hash of its weights, the data set, the input shard's name, size and mtime,
 and its hash, `randomize_z` and `write_recon`. A shard counts as done only when that record matches the
 current run. When it does not, `infer` refuses (one line) rather than redoing: the folder holds another
 run's results, which a redo would silently replace and a resume would silently mix; the user decides
-(delete the folder, or choose another `infer.out`). `check_config` does all of this before Ray starts.
+(delete the folder, or choose another `infer.out`). `check_infer` does all of this before Ray starts.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _split_value(name: str) -> str:
     return K.UNASSIGNED if name == "unassigned" else name
 
 
-class _SplitFilter:
+class _ModelActor:
     """Keep only rows of the requested splits (a vectorised Arrow filter in the actor, before decoding)."""
 
     def __init__(self, splits: list[str], torch_threads: int = 0, **kw):
@@ -65,8 +65,8 @@ class _SplitFilter:
 
 
 @dataclass
-class InferPlan:
-    """What `check_config` found: everything `predict` needs, validated without Ray."""
+class InferJob:
+    """What `check_infer` found: everything `predict` needs, validated without Ray."""
 
     ck: Path
     meta: CheckpointMeta
@@ -91,7 +91,7 @@ LAYOUTS = {
 }
 
 
-def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPlan:
+def check_infer(cfg: ExperimentConfig, layout: str = "predictions") -> InferJob:
     """Validate an infer (or, with layout='profiles', an embed) run without Ray, so a bad input costs one
     line instead of a Ray start-up.
 
@@ -154,7 +154,7 @@ def check_config(cfg: ExperimentConfig, layout: str = "predictions") -> InferPla
     for p in ds.shard_paths:
         st = os.stat(p)
         inputs[Path(p).name] = {"file": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    plan = InferPlan(ck, meta, ds, out, splits, z_source, producer, inputs, layout=layout)
+    plan = InferJob(ck, meta, ds, out, splits, z_source, producer, inputs, layout=layout)
     done = _done_shards(plan)
     plan.pending = [p for p in ds.shard_paths if Path(p).name not in done]
     for p in plan.pending:
@@ -174,7 +174,7 @@ def _check_out(out: Path, key: str, layout: str, inputs: list) -> None:
     check_output(out, inputs, key, EMBEDDINGS if layout == "profiles" else PREDICTIONS, ConfigError)
 
 
-def _done_shards(plan: InferPlan) -> set[str]:
+def _done_shards(plan: InferJob) -> set[str]:
     """Names of the prediction shards already made by this run; refuse when the folder holds others'."""
     shard_out = plan.out / "shards"
     done = set()
@@ -238,9 +238,9 @@ def predict(cfg: ExperimentConfig, layout: str = "predictions") -> dict:
 
     `layout='profiles'` writes the same forward pass in the profiling layout (`raycell embed`,
     `raycell.infer.predictor`), with `embeddings.json`. Needs Ray to be initialised. Validates
-    everything first (`check_config`).
+    everything first (`check_infer`).
     """
-    plan = check_config(cfg, layout)
+    plan = check_infer(cfg, layout)
     with writing(plan.out, "embed.out" if layout == "profiles" else "infer.out"):
         # shards another run may have finished since the check: counted (or refused) again
         done = _done_shards(plan)
@@ -248,7 +248,7 @@ def predict(cfg: ExperimentConfig, layout: str = "predictions") -> dict:
         return _predict(cfg, plan, layout)
 
 
-def _predict(cfg: ExperimentConfig, plan: InferPlan, layout: str) -> dict:
+def _predict(cfg: ExperimentConfig, plan: InferJob, layout: str) -> dict:
     """`predict`'s work, under the output folder's lock."""
     import ray.data
 
@@ -285,7 +285,7 @@ def _predict(cfg: ExperimentConfig, plan: InferPlan, layout: str) -> dict:
         try:
             rd = read_shards(round_paths, cfg.data.parquet_reader, include_paths=True)
             rd = rd.map_batches(
-                _SplitFilter,
+                _ModelActor,
                 batch_format="pyarrow",
                 batch_size=cfg.data.eval_batch_size,
                 fn_constructor_kwargs={
@@ -450,9 +450,7 @@ def _remove_leftovers(out: Path, manifest: str = K.PREDICTIONS_MANIFEST) -> list
     return stale
 
 
-def _finalise_round(
-    staging: Path, round_paths: list[str], shard_out: Path, plan: InferPlan
-) -> None:
+def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path, plan: InferJob) -> None:
     """Regroup a round's staged rows by source shard and write one output file per input shard.
 
     Each file carries its provenance record (schema metadata) so a later run can tell whether it is done.
@@ -479,4 +477,4 @@ def _finalise_round(
         atomic_write_parquet(part, shard_out / name)
 
 
-__all__ = ["check_config", "predict"]
+__all__ = ["check_infer", "predict"]

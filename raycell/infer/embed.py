@@ -18,9 +18,9 @@ from raycell.utils.io import atomic_write_parquet
 
 def check_embed(cfg: ExperimentConfig):
     """Everything `embed` can check without Ray (infer's checks, with the profiling layout)."""
-    from raycell.infer.batch import check_config
+    from raycell.infer.batch import check_infer
 
-    return check_config(cfg, layout="profiles")
+    return check_infer(cfg, layout="profiles")
 
 
 def write_well_profiles(folder: str | Path) -> Path:

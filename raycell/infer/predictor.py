@@ -26,7 +26,8 @@ from raycell.errors import UserError
 from raycell.formats.categories import CategoryMap
 from raycell.formats.embeddings import EMBEDDING_PREFIX, LIST_COLUMN, PROFILE_NAMES
 from raycell.formats.shards import decode_images, encode_images
-from raycell.losses import ModelOutput, heads_prob, label_prob, per_cell_mse, per_cell_ssim
+from raycell.forward import ModelOutput
+from raycell.losses import heads_prob, label_prob, per_cell_mse, per_cell_ssim
 from raycell.models.random_effects import one_hot_design
 
 PASSTHROUGH = [

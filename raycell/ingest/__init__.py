@@ -5,7 +5,7 @@ Modules, in pipeline order: `sources` (files, regex metadata, fields of view, pl
 cell bodies), `crops` (border filter, crops, morphology features). The `raycell ingest` job is
 split by step: `plan` (checks; files -> fields of view, no pixels read), `stats` (the statistics
 pass: illumination functions, normalisation ranges), `fov` (the crop pass, one field of view at a
-time), `tasks` (the Ray Data plumbing both passes share) and `driver` (`run_ingest`: streams the
+time), `tasks` (the Ray Data plumbing both passes share) and `driver` (`ingest_fields`: streams the
 crops into shards, writes rejects, summary and manifest). Beside it: `segmentation_eval` (scoring
 against true masks, `raycell segmentation-eval`) and `armed_npz` (`import_armed`).
 Every step reads the same parameters, `params.IngestParams` (the `ingest` config section).
@@ -18,10 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["run_ingest", "import_armed", "evaluate_segmentation", "match_instances", "IngestError"]
+__all__ = [
+    "ingest_fields",
+    "import_armed",
+    "evaluate_segmentation",
+    "match_instances",
+    "IngestError",
+]
 
 _WHERE = {
-    "run_ingest": "raycell.ingest.driver",
+    "ingest_fields": "raycell.ingest.driver",
     "import_armed": "raycell.ingest.armed_npz",
     "evaluate_segmentation": "raycell.ingest.segmentation_eval",
     "match_instances": "raycell.ingest.segmentation_eval",

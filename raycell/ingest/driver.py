@@ -1,6 +1,6 @@
 """`raycell ingest`: raw fields of view -> crop shards + rejects table, as a Ray Data pipeline.
 
-`run_ingest` drives the steps, each in its own module:
+`ingest_fields` drives the steps, each in its own module:
 
 1. **Plan** (`plan`, no pixels read): files -> fields of view (FOVs) + plate map; files and FOVs
    that cannot be used become rows of the rejects table right away.
@@ -372,17 +372,17 @@ def _manifest_extra(
     }
 
 
-def run_ingest(cfg) -> dict:
-    """`_run_ingest`, holding the lock of `ingest.out` (a second ingest into it refuses)."""
+def ingest_fields(cfg) -> dict:
+    """`_ingest_fields`, holding the lock of `ingest.out` (a second ingest into it refuses)."""
     from raycell.utils.locks import writing
 
     if not cfg.ingest.out:
-        return _run_ingest(cfg)
+        return _ingest_fields(cfg)
     with writing(cfg.ingest.out, "ingest.out"):
-        return _run_ingest(cfg)
+        return _ingest_fields(cfg)
 
 
-def _run_ingest(cfg) -> dict:
+def _ingest_fields(cfg) -> dict:
     """Ingest raw images into a crop-shard data set (SPEC stage 2). See the module docstring.
 
     Args:

@@ -3,7 +3,7 @@
 `plan_ingest` lists the images, parses metadata with the regex, groups them into fields of view
 (FOVs), checks each FOV is complete, joins the plate map, decides the channel roles and fingerprints
 the inputs (so an identical re-run can be skipped). Files and FOVs that cannot be used become rows
-of the rejects table right away. `check_config` runs the same parameter and output checks before
+of the rejects table right away. `check_ingest` runs the same parameter and output checks before
 Ray starts (the CLI calls it first).
 """
 
@@ -36,7 +36,7 @@ from raycell.ingest.sources import (
 _GROUP_CANDIDATES = ("line", "group", "treatment", "compound", "cell_line")
 
 
-def check_config(cfg) -> None:
+def check_ingest(cfg) -> None:
     """Check `cfg.ingest` before anything starts (no Ray, no pixels); IngestError names the key."""
     check_params(cfg.ingest, sources=False)
     check_out(cfg.ingest)  # before the sources: a user's folder is refused whatever else they lack

@@ -8,6 +8,7 @@
 The training plans (`raycell/plans.py`) weight and combine the terms.
 """
 
+from raycell.forward import OPTIONAL_OUTPUTS, LossOutput, ModelOutput
 from raycell.losses.classification import (
     batch_accuracy,
     cluster_ce,
@@ -18,7 +19,6 @@ from raycell.losses.classification import (
     label_prob,
     split_heads,
 )
-from raycell.losses.outputs import OPTIONAL_OUTPUTS, LossOutput, ModelOutput
 from raycell.losses.reconstruction import per_cell_mse, per_cell_ssim, reconstruction_mse
 
 __all__ = [

@@ -16,7 +16,7 @@ classifier behind `raycell infer-z`), `timm_models.py` (timm: any timm backbone 
 no reconstruction).
 """
 
-from raycell.losses import ModelOutput
+from raycell.forward import ModelOutput
 from raycell.models import (
     aec,  # noqa: F401  (registers "conventional")
     armed,  # noqa: F401  (adversarial, randomeffects, mixedeffects, zpredictor)

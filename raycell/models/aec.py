@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from raycell.constants import ModelPreset
-from raycell.losses import ModelOutput
+from raycell.forward import ModelOutput
 from raycell.models.layers import AuxClassifier, ConvEncoder, TiedDecoder, glorot_init
 from raycell.models.registry import register_model
 from raycell.plans import TrainingPlan

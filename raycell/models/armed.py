@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from raycell import constants as K
-from raycell.losses import ModelOutput
+from raycell.forward import ModelOutput
 from raycell.models.aec import AutoencoderClassifier, n_label_outputs, resolve_preset
 from raycell.models.layers import (
     Adversary,

@@ -23,7 +23,7 @@ from torch import nn
 
 from raycell.config import LossConfig
 from raycell.errors import UserError
-from raycell.losses import OPTIONAL_OUTPUTS
+from raycell.forward import OPTIONAL_OUTPUTS
 from raycell.plans import GradSync, TrainingPlan, no_sync
 
 

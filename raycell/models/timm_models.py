@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from raycell.errors import UserError
-from raycell.losses import ModelOutput
+from raycell.forward import ModelOutput
 from raycell.models.registry import register_model
 from raycell.plans import WeakLabelPlan
 

@@ -1,8 +1,9 @@
-"""The typed contract between models, plans, the loop and inference: `ModelOutput` and `LossOutput`.
+"""What a forward pass returns: `ModelOutput` (a model's) and `LossOutput` (a plan's loss).
 
-They live here, in the lowest layer, because both sides of each contract import them: models build a
-`ModelOutput` and the training plans (which must not import `raycell.models`) read it; plans build a
-`LossOutput` and the loop logs it without knowing the model type.
+The typed contract between models, losses, plans, the loop and inference. It sits below all of them
+because both sides of each contract import it: models build a `ModelOutput` and the losses and plans
+(which must not import `raycell.models`) read it; plans build a `LossOutput` and the loop logs it
+without knowing the model type.
 """
 
 from __future__ import annotations
