@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raycell-installed
 
-.PHONY: install demo test test-fast test-bench lint format bench clean
+.PHONY: install demo test test-fast test-slow test-bench lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ format: $(STAMP)
 # every test that does not start Ray (~1 min); tests/conftest.py fails a test that starts Ray unmarked
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not ray and not bench"
+
+# the long end-to-end and fault runs (marker `slow`, ~10 min on 2 cores): not run by `make test`,
+# run by .ci/run
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow and not bench"
 
 # the benchmark scripts' own tests (bench/ on a CPU, the GPU benchmark included): not run by `make test`
 test-bench: $(STAMP)

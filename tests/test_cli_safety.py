@@ -326,6 +326,7 @@ def test_resume_copy_of_a_remote_checkpoint_is_removed(tmp_path, monkeypatch):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_resume_from_another_directory_with_only_the_run_folder(
     ray_local, tiny_data, tmp_path, monkeypatch, capsys
 ):

@@ -95,6 +95,7 @@ def test_embed_writes_the_profiling_layout_and_resumes(trained_run, tiny_data, r
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_embed_a_timm_checkpoint_then_export_h5ad(timm_run, tiny_data, ray_local, tmp_path):
     import anndata
 

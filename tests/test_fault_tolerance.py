@@ -97,6 +97,7 @@ def _finish(proc: subprocess.Popen, timeout_s: float, what: str) -> str:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_losing_the_train_workers_node(tmp_path):
     """max_failures=1: the worker restarts on another node from the checkpoint, all epochs run;
     max_failures=0: one line naming failure.txt, which holds Ray's full report."""
@@ -188,6 +189,7 @@ def _shards(shard_dir: Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_killed_inference_rerun_predicts_every_cell_once(tmp_path):
     from raycell.data.splits import split_dataset
     from raycell.data.synthetic import write_synthetic

@@ -502,6 +502,7 @@ def test_example_human(ray_local, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_example_as_09047_illumination(ray_local, tmp_path):
     from raycell.ingest.driver import ingest_fields
 

@@ -33,6 +33,7 @@ def test_train_writes_run_folder(trained_run):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_workers_and_resume(tiny_data, ray_local, tmp_path):
     from raycell.train.trainer import train
 

@@ -211,6 +211,7 @@ def _over(overrides: list[str]) -> list[str]:
     return [a for kv in overrides for a in ("--set", kv)]
 
 
+@pytest.mark.slow
 def test_train_then_infer_jobs(head, tiny_data, tmp_path):
     import pyarrow.parquet as pq
 

@@ -14,6 +14,7 @@ def _history(run_dir):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_worker_killed_mid_epoch_restarts_and_matches_an_undisturbed_run(
     tiny_data, ray_local, tmp_path
 ):

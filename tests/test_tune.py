@@ -251,6 +251,7 @@ def test_asha_stopped_trials_do_not_outrank_the_survivor():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_trial_search_writes_agreeing_outputs(tiny_data, ray_local, tmp_path):
     from raycell.formats.checkpoint import find_checkpoint, read_meta
     from raycell.pipeline import run_tune
@@ -370,6 +371,7 @@ def test_resume_needs_a_search_folder_and_keeps_its_config(tiny_data, tmp_path, 
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_killed_search_resumes_without_rerunning_finished_trials(tiny_data, ray_local, tmp_path):
     """SIGKILL a running search after its first trial finished; `--resume` completes the table."""
     import os
@@ -510,6 +512,7 @@ def test_folds_need_enough_batches_and_a_model_without_a_batch_head(tiny_data, t
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_fold_search_reports_the_mean_over_folds(tiny_data, ray_local, tmp_path):
     from raycell.pipeline import run_tune
 
