@@ -307,10 +307,10 @@ def test_out_of_scale_fields_normalised_separately_when_asked(ray_local, scaled_
 def test_saturated_and_all_zero_crops_are_warned(ray_local, scaled_raw, tmp_path, capsys):
     """Crops whose channel is saturated or all zero are counted, warned about and recorded."""
     from raycell.formats.shards import open_dataset
-    from raycell.pipeline import ingest_fields
+    from raycell.pipeline import run_ingest
 
     # saturation: a normalisation range that ends at the 1st percentile
-    s = ingest_fields(_cfg(scaled_raw, tmp_path / "sat", norm_percentiles=[0, 1]))
+    s = run_ingest(_cfg(scaled_raw, tmp_path / "sat", norm_percentiles=[0, 1]))
     sat = s["crop_checks"]["saturated"]
     assert sat["cytoplasm"] > 0.5 * s["n_cells"] and s["crop_checks"]["n_crops"] == s["n_cells"]
     printed = capsys.readouterr().out
@@ -318,7 +318,7 @@ def test_saturated_and_all_zero_crops_are_warned(ray_local, scaled_raw, tmp_path
     assert "'cytoplasm' more than half saturated" in printed
     # with the scale check off, the x1000 field zeroes the other fields' crops: the summary says so
     out = tmp_path / "zero"
-    s = ingest_fields(_cfg(scaled_raw, out, scale_check="ignore"))
+    s = run_ingest(_cfg(scaled_raw, out, scale_check="ignore"))
     zero = s["crop_checks"]["all_zero"]
     assert zero["nucleus"] > 0.5 * s["n_cells"]
     assert any(f"{zero['nucleus']} of {s['n_cells']} crops" in n for n in s["notes"])
