@@ -9,6 +9,7 @@ without Ray (`preflight`) before Ray starts, so bad input costs no Ray start-up.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,25 +185,16 @@ def _check_tune(args, cfg):
     return cfg
 
 
-def _check_ingest(args, cfg):
-    from raycell.ingest.plan import check_ingest
+def _check_with(module: str, name: str) -> Callable:
+    """The stage's own pre-Ray check `module.name(cfg)` as a command's `check`, imported only when
+    its verb runs (so `raycell models` does not import ingest or Ray Data).
+    """
 
-    check_ingest(cfg)
-    return cfg
+    def check(args, cfg):
+        getattr(importlib.import_module(module), name)(cfg)
+        return cfg
 
-
-def _check_infer(args, cfg):
-    from raycell.infer.batch import check_infer
-
-    check_infer(cfg)
-    return cfg
-
-
-def _check_embed(args, cfg):
-    from raycell.infer.embed import check_embed
-
-    check_embed(cfg)
-    return cfg
+    return check
 
 
 def _check_profile(args, cfg):
@@ -216,11 +208,6 @@ def _profile_needs_ray(cfg) -> bool:
     from raycell.profiling.streamed import use_ray
 
     return use_ray(cfg.profile.engine, cfg.profile.input, cfg.profile.features)
-
-
-def _check_demo(args, cfg):
-    pipeline.check_demo(cfg)
-    return cfg
 
 
 def _check_experiment(args, cfg):
@@ -280,7 +267,7 @@ COMMANDS: dict[str, Command] = {
     "ingest": Command(
         _stage(pipeline.run_ingest),
         needs_ray=True,
-        check=_check_ingest,
+        check=_check_with("raycell.ingest.plan", "check_ingest"),
         writes=("ingest.out", lambda c: c.ingest.out),
     ),
     "train": Command(
@@ -295,10 +282,18 @@ COMMANDS: dict[str, Command] = {
         check=_check_tune,
         writes=("tune.out", lambda c: c.tune.out),
     ),
-    "infer": Command(_stage(pipeline.run_infer), needs_ray=True, check=_check_infer),
+    "infer": Command(
+        _stage(pipeline.run_infer),
+        needs_ray=True,
+        check=_check_with("raycell.infer.batch", "check_infer"),
+    ),
     "infer-z": Command(_stage(pipeline.run_infer_z)),
     "evaluate": Command(_stage(pipeline.run_evaluate)),
-    "embed": Command(_stage(pipeline.run_embed), needs_ray=True, check=_check_embed),
+    "embed": Command(
+        _stage(pipeline.run_embed),
+        needs_ray=True,
+        check=_check_with("raycell.infer.embed", "check_embed"),
+    ),
     "export": Command(
         _stage(pipeline.run_export), writes=("export output", lambda c: c.export.out)
     ),
@@ -315,7 +310,11 @@ COMMANDS: dict[str, Command] = {
             lambda c: c.report.out or (c.report.folder and f"{c.report.folder}/report"),
         ),
     ),
-    "demo": Command(_stage(pipeline.run_demo), needs_ray=True, check=_check_demo),
+    "demo": Command(
+        _stage(pipeline.run_demo),
+        needs_ray=True,
+        check=_check_with("raycell.pipeline", "check_demo"),
+    ),
     "experiment": Command(run_experiment, needs_ray=True, check=_check_experiment),
     "config": Command(run_config, uses_config=False),
     "import-armed": Command(run_import_armed, uses_config=False),

@@ -71,10 +71,17 @@ def estimated_bytes(path: str | os.PathLike) -> int | None:
 
 
 def _list_dim(file: Path, column: str) -> int:
+    """Values per row of a list column: the schema's size for a fixed-size list (what `raycell
+    embed` writes), else the first row's length.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    t = pq.ParquetFile(file).read_row_group(0, columns=[column]).column(column)
-    return len(t[0].as_py()) if len(t) else 0
+    t = pq.read_schema(file).field(column).type
+    if pa.types.is_fixed_size_list(t):
+        return t.list_size
+    col = pq.ParquetFile(file).read_row_group(0, columns=[column]).column(column)
+    return len(col[0].as_py()) if len(col) else 0
 
 
 def _available_bytes() -> int:
