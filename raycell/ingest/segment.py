@@ -67,6 +67,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from raycell.errors import UserError
+from raycell.ingest.filters import gaussian, local_gaussian_threshold
 from raycell.ingest.params import IngestParams
 
 METHODS = ("classical", "cellpose")
@@ -208,7 +209,7 @@ def foreground(
         t = float(np.expm1(t) * med)
     if method == "local":
         b = block or max(3, (min(img.shape) // 4) | 1)
-        local = filters.threshold_local(x, block_size=b | 1, method="gaussian")
+        local = local_gaussian_threshold(x, b | 1)  # = filters.threshold_local(.., "gaussian")
         mask = x > np.maximum(local * scale, 0.5 * t)
     else:
         mask = x > t * scale
@@ -292,11 +293,15 @@ def _by_label(x: np.ndarray, lab: np.ndarray, n: int) -> tuple[np.ndarray, np.nd
 
     Why by hand: scipy's `ndimage.median` / `maximum` with labels argsort the whole image on every
     call (a quarter of ingest's time on 512 px fields); here only the labelled pixels are sorted, by
-    value and then stably by label (numpy's radix sort for the small-int labels).
+    value and then stably by label (numpy's radix sort for the small-int labels: as uint16, since a
+    stable sort of int32 is a merge sort, 3x slower). The value sort need not be stable: tied values
+    are equal, so the sorted values are the same (and it is 3-4x faster than the stable one).
     """
     sel = lab > 0
     v, labels = x[sel], lab[sel]
-    by_value = np.argsort(v, kind="stable")
+    if n < 2**16:
+        labels = labels.astype(np.uint16)
+    by_value = np.argsort(v)
     order = by_value[np.argsort(labels[by_value], kind="stable")]
     counts = np.bincount(labels, minlength=n + 1)[1 : n + 1]
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -526,7 +531,7 @@ def remove_background(img: np.ndarray, d: float) -> np.ndarray:
         return img
     k = max(3, int(round(2 * d)) | 1)
     sm = _smooth(img, 1.0)
-    bg = ndi.gaussian_filter(ndi.grey_opening(sm, size=(k, k)), d / 2)
+    bg = gaussian(ndi.grey_opening(sm, size=(k, k)), d / 2)  # = ndi.gaussian_filter, by FFT
     return img - np.minimum(bg, sm)
 
 
