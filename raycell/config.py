@@ -733,7 +733,11 @@ class InferConfig:
     )
     write_recon: bool = _f(False, "also write reconstructions (large)")
     shards_per_round: int = _f(
-        64, "input shards finished per round; a killed job loses <= 1 round", ge=1
+        64,
+        "no longer used (older configs still load): inference streams every pending shard "
+        "through one actor pool and writes each output shard once complete, so a killed job "
+        "loses only the shards in flight",
+        ge=1,
     )
     z_source: LocalPath = _f(
         "",

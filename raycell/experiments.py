@@ -6,7 +6,10 @@ mixed-effects AECs for K seeds on that one data set through the same Ray Train p
 `raycell train`, infers a soft Z for the unseen batches (`raycell infer-z`, once per seed: the
 Z-predictor depends on the data only, not on the AEC), runs batch inference (Ray Data) on the
 seen-batch test split and the unseen batches, evaluates, and writes a table of mean ± s.d. over
-seeds. Each model goes through `raycell.pipeline.train_infer_evaluate`, the path `raycell demo` takes.
+seeds. Each model is trained by `raycell.pipeline.train_model`; then every row of the seed (each model,
+its randomized-Z and Z-mode rows, the tuned rows) is inferred in one Ray Data pass
+(`raycell.pipeline.infer_evaluate_all`: one actor pool, each checkpoint loaded once per actor) and
+evaluated as `raycell demo` evaluates.
 
 Randomized Z (the reference's `--randomize_batch` ablation) is an option of the experiment, not a
 model: with `randomized_z` (`--randomized-z`, the default) every checkpoint whose model type uses Z
@@ -43,6 +46,7 @@ beside the row with the configured weights, and notes the chosen weights.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import shutil
 import time
@@ -53,7 +57,7 @@ import numpy as np
 from raycell import constants as K
 from raycell.config import ConfigError, ExperimentConfig
 from raycell.eval.baseline import BASELINE_MODEL
-from raycell.pipeline import infer_evaluate, run_split, run_synth, train_infer_evaluate
+from raycell.pipeline import Inference, infer_evaluate_all, run_split, run_synth, train_model
 from raycell.utils.io import atomic_write_json, atomic_write_text, read_json
 
 MEDL_MODELS = [
@@ -171,40 +175,31 @@ def _model_config(cfg: ExperimentConfig, model: str, seed: int, seed_dir: Path) 
     return c
 
 
-def _trained_row(c: ExperimentConfig, out: Path, z_dir: Path | None, label: str = "") -> dict:
-    """Train, infer on test + unseen, evaluate: one table row."""
-    t0 = time.time()
-    res = train_infer_evaluate(c, out, z_source=str(z_dir) if z_dir else "", quiet=True)
-    ev = res["eval"]
+def _trained_row(c: ExperimentConfig, trained: dict, ev: dict, label: str = "") -> dict:
+    """One table row of a freshly trained model (`train_model`) from its evaluation `ev`."""
     return {
         "model": c.model.type,
         "label": label or row_label(c.model.type, False),
         "seed": c.seed,
-        "run_dir": res["run_dir"],
-        "checkpoint": res["checkpoint"],
-        "train_seconds": res["train_seconds"],
-        "final_metrics": res["metrics"],
-        "seconds": round(time.time() - t0, 1),
+        "run_dir": trained["run_dir"],
+        "checkpoint": trained["checkpoint"],
+        "train_seconds": trained["train_seconds"],
+        "final_metrics": trained["metrics"],
+        "seconds": trained["train_seconds"],  # + its share of the seed's inference pass
         "test": ev["splits"].get(K.TEST, {}),
         "unseen": ev["splits"].get(K.UNSEEN, {}),
     }
 
 
-def _randomized_z_row(c: ExperimentConfig, run_dir: str, out: Path) -> dict:
-    """The trained (selected) checkpoint `run_dir` (checkpoint or run folder), inferred again with random
-    one-hot Z rows, evaluated.
-    """
-    t0 = time.time()
-    c = copy.deepcopy(c)
-    c.infer.randomize_z = True
-    ev = infer_evaluate(c, run_dir, out, quiet=True)
+def _randomized_z_row(c: ExperimentConfig, run_dir: str, ev: dict) -> dict:
+    """The row of the trained (selected) checkpoint `run_dir` inferred with random one-hot Z rows."""
     return {
         "model": c.model.type,
         "label": row_label(c.model.type, True),
         "seed": c.seed,
         "run_dir": run_dir,
         "randomize_z": True,
-        "seconds": round(time.time() - t0, 1),
+        "seconds": 0.0,
         "test": ev["splits"].get(K.TEST, {}),
         "unseen": ev["splits"].get(K.UNSEEN, {}),
     }
@@ -241,10 +236,8 @@ def _unseen_z(cfg: ExperimentConfig, seed: int, z_dir: Path, mode: str | None = 
     return z_dir
 
 
-def _z_mode_row(c: ExperimentConfig, checkpoint: str, out: Path, z_dir: Path, mode: str) -> dict:
-    """The trained checkpoint inferred with the unseen cells' Z from `z_dir` (made in `mode`), evaluated."""
-    t0 = time.time()
-    ev = infer_evaluate(c, checkpoint, out, z_source=str(z_dir), quiet=True)
+def _z_mode_row(c: ExperimentConfig, checkpoint: str, z_dir: Path, mode: str, ev: dict) -> dict:
+    """The row of the trained checkpoint inferred with the unseen cells' Z from `z_dir` (`mode`)."""
     zmeta = read_json(z_dir / "inferred_z.json")
     return {
         "model": c.model.type,
@@ -253,7 +246,7 @@ def _z_mode_row(c: ExperimentConfig, checkpoint: str, out: Path, z_dir: Path, mo
         "run_dir": checkpoint,
         "z_mode": mode,
         "zpredictor_val_accuracy": zmeta.get("val_accuracy"),
-        "seconds": round(time.time() - t0, 1),
+        "seconds": 0.0,
         "test": ev["splits"].get(K.TEST, {}),
         "unseen": ev["splits"].get(K.UNSEEN, {}),
     }
@@ -469,63 +462,83 @@ def run_medl_experiment(
     for seed in seeds:
         seed_dir = out_p / f"seed{seed}"
         z_dir = _unseen_z(cfg, seed, seed_dir / "zpredictor") if any(uses_z.values()) else None
+        # every model of the seed is trained first, then all its rows are inferred in one pass
+        # (one actor pool, each checkpoint loaded once per actor), then evaluated row by row
+        slots: list = []  # per row, in table order: its row, or what makes it after the pass
+        todo: list[Inference] = []
         for m in models:
             c = _model_config(cfg, m, seed, seed_dir)
-            row_dirs = [seed_dir / m] + (
-                [seed_dir / m / RANDOMIZED_Z_DIR] if randomized_z and uses_z[m] else []
-            )
-            row_dirs += [seed_dir / m / f"z_{zm}" for zm in extra_modes if uses_z[m]]
+            z_src = str(z_dir) if z_dir is not None and uses_z[m] else ""
+            main = seed_dir / m
+            row_dirs = [main] + ([main / RANDOMIZED_Z_DIR] if randomized_z and uses_z[m] else [])
+            row_dirs += [main / f"z_{zm}" for zm in extra_modes if uses_z[m]]
             trained = None
+            if (main / "result.json").is_file():  # finished by an earlier invocation
+                done = read_json(main / "result.json")
+                ck = done.get("checkpoint") or done.get("run_dir")
+            else:  # a fresh checkpoint: rows left from an earlier one are stale
+                for d in row_dirs[1:]:
+                    shutil.rmtree(d, ignore_errors=True)
+                print(f"[raycell] experiment medl: seed {seed}, {row_label(m, False)}", flush=True)
+                trained = train_model(c, main)
+                ck = trained["checkpoint"]
             for row_dir in row_dirs:
-                randomize = row_dir.name == RANDOMIZED_Z_DIR
-                zm = (
-                    row_dir.name[2:]
-                    if row_dir.name.startswith("z_") and row_dir != seed_dir / m
-                    else ""
-                )
                 res_file = row_dir / "result.json"
-                if res_file.is_file():  # finished by an earlier invocation
-                    row = read_json(res_file)
-                else:
-                    label = row_label(m, randomize) if not zm else z_mode_label(m, zm)
-                    print(f"[raycell] experiment medl: seed {seed}, {label}", flush=True)
-                    ck = (trained or {}).get("checkpoint") or (trained or {}).get("run_dir")
-                    if randomize:  # the checkpoint trained for the first row of this model
-                        row = _randomized_z_row(c, ck, row_dir)
-                    elif zm:  # the same checkpoint, the unseen cells' Z made another way
-                        zd = _unseen_z(cfg, seed, seed_dir / f"zpredictor_{zm}", zm)
-                        row = _z_mode_row(c, ck, row_dir, zd, zm)
-                    else:  # a fresh checkpoint: rows left from an earlier one are stale
-                        for d in row_dirs[1:]:
-                            shutil.rmtree(d, ignore_errors=True)
-                        row = _trained_row(c, row_dir, z_dir if uses_z[m] else None)
-                    if z_dir is not None and not zm:
-                        zmeta = read_json(z_dir / "inferred_z.json")
-                        row["zpredictor_val_accuracy"] = zmeta.get("val_accuracy")
-                        row["z_mode"] = zmeta.get("z_mode", "predicted")
-                    atomic_write_json(res_file, row)
-                if row_dir == seed_dir / m:
-                    trained = row
-                rows.append(row)
+                if res_file.is_file():
+                    slots.append(read_json(res_file))
+                    continue
+                zm = row_dir.name[2:] if row_dir.name.startswith("z_") and row_dir != main else ""
+                if row_dir == main:
+                    inf = Inference(ck, row_dir, z_src, bool(c.infer.randomize_z))
+                    make = functools.partial(_trained_row, c, trained)
+                elif row_dir.name == RANDOMIZED_Z_DIR:  # the checkpoint trained for the first row
+                    print(
+                        f"[raycell] experiment medl: seed {seed}, {row_label(m, True)}", flush=True
+                    )
+                    inf = Inference(ck, row_dir, randomize_z=True)
+                    make = functools.partial(_randomized_z_row, c, ck)
+                else:  # the same checkpoint, the unseen cells' Z made another way
+                    print(
+                        f"[raycell] experiment medl: seed {seed}, {z_mode_label(m, zm)}", flush=True
+                    )
+                    zd = _unseen_z(cfg, seed, seed_dir / f"zpredictor_{zm}", zm)
+                    inf = Inference(ck, row_dir, str(zd))
+                    make = functools.partial(_z_mode_row, c, ck, zd, zm)
+                todo.append(inf)
+                slots.append((res_file, make, z_dir is not None and not zm, {}))
             if m in chosen:
                 res_file = seed_dir / f"{m}_tuned" / "result.json"
                 if res_file.is_file():
-                    row = read_json(res_file)
+                    slots.append(read_json(res_file))
                 else:
                     from raycell.tune import apply_params
 
                     print(f"[raycell] experiment medl: seed {seed}, {m}{TUNED}", flush=True)
                     tc = apply_params(c, chosen[m]["params"])
                     tc.name = f"medl-s{seed}-tuned"
-                    row = _trained_row(
-                        tc,
-                        res_file.parent,
-                        z_dir if uses_z[m] else None,
-                        label=row_label(m, False) + TUNED,
+                    tuned = train_model(tc, res_file.parent)
+                    todo.append(Inference(tuned["checkpoint"], res_file.parent, z_src))
+                    make = functools.partial(
+                        _trained_row, tc, tuned, label=row_label(m, False) + TUNED
                     )
-                    row["tuned_params"] = chosen[m]["params"]
-                    atomic_write_json(res_file, row)
-                rows.append(row)
+                    slots.append((res_file, make, False, {"tuned_params": chosen[m]["params"]}))
+        t_pass = time.time()
+        pass_cfg = _model_config(cfg, models[0], seed, seed_dir)
+        evs = iter(infer_evaluate_all(pass_cfg, todo, quiet=True) if todo else [])
+        share = (time.time() - t_pass) / max(1, len(todo))  # each row's part of the shared pass
+        for slot in slots:
+            if isinstance(slot, dict):
+                rows.append(slot)
+                continue
+            res_file, make, z_info, extra = slot
+            row = {**make(next(evs)), **extra}
+            row["seconds"] = round(row["seconds"] + share, 1)
+            if z_info:
+                zmeta = read_json(z_dir / "inferred_z.json")
+                row["zpredictor_val_accuracy"] = zmeta.get("val_accuracy")
+                row["z_mode"] = zmeta.get("z_mode", "predicted")
+            atomic_write_json(res_file, row)
+            rows.append(row)
         for i, features in enumerate(sources):
             res_file = seed_dir / _baseline_dir(i, features) / "result.json"
             if res_file.is_file():

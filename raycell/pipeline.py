@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -304,6 +305,58 @@ def _evaluate_profiles(cfg: ExperimentConfig) -> dict:
     return res
 
 
+@dataclass(frozen=True)
+class Inference:
+    """One output of a shared inference pass: a checkpoint, how its cells get Z, where it goes."""
+
+    checkpoint: str
+    out: Path  # predictions go to out/predictions, the evaluation to out/eval
+    z_source: str = ""
+    randomize_z: bool = False
+
+
+def infer_evaluate_all(
+    cfg: ExperimentConfig, inferences: list[Inference], quiet: bool = False
+) -> list[dict]:
+    """Infer every `Inference` in one Ray Data pass (one actor pool, each checkpoint loaded once per
+    actor: `raycell.infer.batch.predict_many`), then evaluate each into its out/eval.
+
+    Inference takes everything else from `cfg.infer` (splits, actors); a model type whose registry
+    entry uses Z gets a soft Z for its unseen batches from the Z-predictor: its `z_source` when given,
+    else one trained now for its checkpoint into out/inferred_z (before the pass: the pass reads it).
+    Returns the evaluate reports, in order.
+    """
+    from raycell.eval.evaluate import evaluate_predictions
+    from raycell.formats.checkpoint import find_checkpoint, read_meta
+    from raycell.infer.batch import predict_many
+    from raycell.models import model_entry
+
+    cfgs = []
+    for inf in inferences:
+        out = Path(inf.out)
+        c = copy.deepcopy(cfg)
+        c.infer.checkpoint = str(inf.checkpoint)
+        c.infer.out = str(out / "predictions")
+        c.infer.z_source, c.infer.randomize_z = inf.z_source, inf.randomize_z
+        uses_z = model_entry(read_meta(find_checkpoint(inf.checkpoint)).model_type).uses_z
+        if uses_z and not inf.z_source and not inf.randomize_z:
+            c.infer.z_out = str(out / "inferred_z")
+            run_infer_z(c)
+            c.infer.z_source = c.infer.z_out
+        cfgs.append(c)
+    predict_many(cfgs)
+    return [
+        evaluate_predictions(
+            Path(inf.out) / "predictions",
+            Path(inf.out) / "eval",
+            max_cells=cfg.eval.max_cells,
+            seed=cfg.seed,
+            quiet=quiet,
+        )
+        for inf in inferences
+    ]
+
+
 def infer_evaluate(
     cfg: ExperimentConfig,
     checkpoint: str | Path,
@@ -311,39 +364,18 @@ def infer_evaluate(
     z_source: str = "",
     quiet: bool = False,
 ) -> dict:
-    """Infer `checkpoint` (a checkpoint or run folder) into `out`/predictions and evaluate it into `out`/eval.
-
-    Inference takes everything else from `cfg.infer` (splits, `randomize_z`, actors); a model type whose
-    registry entry uses Z gets a soft Z for its unseen batches from the Z-predictor: `z_source` when
-    given, else one trained now for this checkpoint into `out`/inferred_z.
+    """Infer `checkpoint` (a checkpoint or run folder) into `out`/predictions and evaluate it into `out`/eval
+    (`infer_evaluate_all` with one output, `infer.randomize_z` from `cfg`).
     """
-    from raycell.eval.evaluate import evaluate_predictions
-    from raycell.formats.checkpoint import find_checkpoint, read_meta
-    from raycell.models import model_entry
-
-    out = Path(out)
-    c = copy.deepcopy(cfg)
-    c.infer.checkpoint = str(checkpoint)
-    c.infer.out = str(out / "predictions")
-    c.infer.z_source = z_source
-    uses_z = model_entry(read_meta(find_checkpoint(checkpoint)).model_type).uses_z
-    if uses_z and not z_source and not c.infer.randomize_z:
-        c.infer.z_out = str(out / "inferred_z")
-        run_infer_z(c)
-        c.infer.z_source = c.infer.z_out
-    run_infer(c)
-    return evaluate_predictions(
-        out / "predictions", out / "eval", max_cells=c.eval.max_cells, seed=c.seed, quiet=quiet
-    )
+    one = Inference(str(checkpoint), Path(out), z_source, bool(cfg.infer.randomize_z))
+    return infer_evaluate_all(cfg, [one], quiet=quiet)[0]
 
 
-def train_infer_evaluate(
-    cfg: ExperimentConfig, out: str | Path | None = None, z_source: str = "", quiet: bool = False
-) -> dict:
-    """Train a model of type `cfg.model.type`, then `infer_evaluate` it into `out` (default: its run folder).
+def train_model(cfg: ExperimentConfig, out: str | Path | None = None) -> dict:
+    """Train a model of type `cfg.model.type` (with its training curves) for inference into `out`.
 
-    Returns {"run_dir", "checkpoint", "train_seconds", "metrics", "history" (from training), "eval" (the
-    evaluate report)}.
+    Returns {"run_dir", "checkpoint" (the best epoch's with early stopping, else the run's latest),
+    "train_seconds", "metrics", "history", "out" (default: the run folder)}.
     """
     import shutil
 
@@ -360,16 +392,30 @@ def train_infer_evaluate(
     shutil.rmtree(out / "predictions", ignore_errors=True)
     # Model selection: with early stopping (train.early_stopping_patience), the best epoch's checkpoint by
     # train.early_stopping_metric (e.g. valbatch_auroc on held-out seen batches), else the latest one.
-    checkpoint = res.get("best_checkpoint") or run_dir
-    ev = infer_evaluate(cfg, checkpoint, out, z_source=z_source, quiet=quiet)
     return {
         "run_dir": str(run_dir),
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(res.get("best_checkpoint") or run_dir),
         "train_seconds": train_seconds,
         "metrics": res["metrics"],
         "history": res["history"],
-        "eval": ev,
+        "out": str(out),
     }
+
+
+def train_infer_evaluate(
+    cfg: ExperimentConfig, out: str | Path | None = None, z_source: str = "", quiet: bool = False
+) -> dict:
+    """Train a model of type `cfg.model.type` (`train_model`), then `infer_evaluate` it into `out`
+    (default: its run folder).
+
+    Returns {"run_dir", "checkpoint", "train_seconds", "metrics", "history" (from training), "eval" (the
+    evaluate report)}.
+    """
+    trained = train_model(cfg, out)
+    ev = infer_evaluate(
+        cfg, trained["checkpoint"], trained.pop("out"), z_source=z_source, quiet=quiet
+    )
+    return {**trained, "eval": ev}
 
 
 def check_demo(cfg: ExperimentConfig) -> None:

@@ -265,6 +265,43 @@ def _empty_cells() -> pa.Table:
     )
 
 
+def _z_summary(
+    cfg: ExperimentConfig,
+    ds: ShardDataset,
+    out: Path,
+    served: CategoryMap,
+    n_cells: int,
+    per_batch: dict,
+    t0: float,
+    *,
+    val_accuracy: float | None = None,
+    history: list | None = None,
+    best_epoch: int | None = None,
+    run: str | None = None,
+    checkpoint: str | None = None,
+) -> dict:
+    """inferred_z.json's record; the Z-predictor's fields stay empty for a fixed Z (`FIXED_Z`)."""
+    history = history or []
+    return {
+        "out": str(out),
+        "parquet": str(out / Z_PARQUET),
+        "dataset": str(ds.root),
+        "checkpoint": cfg.infer.checkpoint or None,
+        "splits": list(cfg.infer.z_splits),
+        "z_mode": cfg.infer.z_mode,
+        "n_cells": n_cells,
+        "val_accuracy": val_accuracy,
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "batches": served.to_dict(),
+        "mean_z_per_batch": per_batch,
+        "history": history,
+        "zpredictor_run": run,
+        "zpredictor_checkpoint": checkpoint,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
 def run_fixed_z(cfg: ExperimentConfig) -> dict:
     """`infer.z_mode` uniform or zero (`FIXED_Z`): a Z fixed in advance for `cfg.infer.z_splits`, no Ray.
 
@@ -284,24 +321,7 @@ def run_fixed_z(cfg: ExperimentConfig) -> dict:
     z = FIXED_Z[mode](t.num_rows, len(served))
     per_batch = _write_z(out, t, z, served)
     (out / Z_WEIGHTS).unlink(missing_ok=True)  # a Z-predictor's weights left by an earlier mode
-    summary = {
-        "out": str(out),
-        "parquet": str(out / Z_PARQUET),
-        "dataset": str(ds.root),
-        "checkpoint": cfg.infer.checkpoint or None,
-        "splits": list(cfg.infer.z_splits),
-        "z_mode": mode,
-        "n_cells": int(t.num_rows),
-        "val_accuracy": None,
-        "epochs": 0,
-        "best_epoch": None,
-        "batches": served.to_dict(),
-        "mean_z_per_batch": per_batch,
-        "history": [],
-        "zpredictor_run": None,
-        "zpredictor_checkpoint": None,
-        "seconds": round(time.time() - t0, 1),
-    }
+    summary = _z_summary(cfg, ds, out, served, int(t.num_rows), per_batch, t0)
     atomic_write_json(out / Z_JSON, summary)
     what = (
         f"1/{len(served)} for each seen batch"
@@ -411,24 +431,20 @@ def infer_z(cfg: ExperimentConfig) -> dict:
         for h in res["history"]
     ]
     best = float(read_meta(ck).metrics.get("val_acc", float("nan")))
-    summary = {
-        "out": str(out),
-        "parquet": str(out / Z_PARQUET),
-        "dataset": str(ds.root),
-        "checkpoint": cfg.infer.checkpoint or None,
-        "splits": list(cfg.infer.z_splits),
-        "z_mode": mode,
-        "n_cells": int(t.num_rows),
-        "val_accuracy": best,
-        "epochs": len(history),
-        "best_epoch": res.get("best_epoch"),
-        "batches": served.to_dict(),
-        "mean_z_per_batch": per_batch,
-        "history": history,
-        "zpredictor_run": res["run_dir"],
-        "zpredictor_checkpoint": str(ck),
-        "seconds": round(time.time() - t0, 1),
-    }
+    summary = _z_summary(
+        cfg,
+        ds,
+        out,
+        served,
+        int(t.num_rows),
+        per_batch,
+        t0,
+        val_accuracy=best,
+        history=history,
+        best_epoch=res.get("best_epoch"),
+        run=res["run_dir"],
+        checkpoint=str(ck),
+    )
     if balance is not None:
         summary["balance_weights"] = {
             "labels": balance["by"]["values"],

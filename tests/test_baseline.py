@@ -74,14 +74,12 @@ def _fake_deep(monkeypatch) -> dict:
         }
     )
     split = split_metrics(df, rng.normal(size=(40, 4)), ["high", "low"])
-    fake = {
-        "run_dir": "r",
-        "checkpoint": "c",
-        "train_seconds": 1.0,
-        "metrics": {},
-        "eval": {"splits": {K.TEST: split, K.UNSEEN: split}},
-    }
-    monkeypatch.setattr(experiments, "train_infer_evaluate", lambda *a, **k: fake)
+    fake = {"run_dir": "r", "checkpoint": "c", "train_seconds": 1.0, "metrics": {}, "history": []}
+    ev = {"splits": {K.TEST: split, K.UNSEEN: split}}
+    monkeypatch.setattr(experiments, "train_model", lambda *a, **k: dict(fake))
+    monkeypatch.setattr(
+        experiments, "infer_evaluate_all", lambda cfg, todo, quiet=False: [ev for _ in todo]
+    )
     return split
 
 
@@ -101,7 +99,9 @@ def _deep_row_keys(monkeypatch, tmp_path) -> tuple[set, set]:
     from raycell.config import load_config
 
     split = _fake_deep(monkeypatch)
-    row = experiments._trained_row(load_config(None, []), tmp_path, None)
+    trained = experiments.train_model(load_config(None, []), tmp_path)
+    (ev,) = experiments.infer_evaluate_all(load_config(None, []), [None])
+    row = experiments._trained_row(load_config(None, []), trained, ev)
     return set(row), set(split)
 
 
@@ -230,11 +230,9 @@ def test_experiment_tune_searches_each_type_and_adds_tuned_rows(tiny_data, monke
     _fake_deep(monkeypatch)
     _cheap_latent_metrics(monkeypatch)
     trained, searched = [], []
-    real_tie = experiments.train_infer_evaluate
+    real_train = experiments.train_model
     monkeypatch.setattr(
-        experiments,
-        "train_infer_evaluate",
-        lambda c, *a, **k: trained.append(c) or real_tie(c, *a, **k),
+        experiments, "train_model", lambda c, *a, **k: trained.append(c) or real_train(c, *a, **k)
     )
 
     def fake_search(c):

@@ -247,12 +247,12 @@ def test_experiment_z_modes_rows_reuse_the_checkpoint(tiny_data, monkeypatch, tm
         (z_dir / "inferred_z.json").write_text(json.dumps({"z_mode": mode, "val_accuracy": 0.5}))
         return z_dir
 
-    def fake_infer_evaluate(cfg, checkpoint, out, z_source="", quiet=False):
-        served.append((checkpoint, Path(z_source).name))
-        return {"splits": {}}
+    def fake_infer_evaluate_all(cfg, todo, quiet=False):
+        served.extend((inf.checkpoint, Path(inf.z_source).name) for inf in todo)
+        return [{"splits": {}} for _ in todo]
 
     monkeypatch.setattr(experiments, "_unseen_z", fake_z)
-    monkeypatch.setattr(experiments, "infer_evaluate", fake_infer_evaluate)
+    monkeypatch.setattr(experiments, "infer_evaluate_all", fake_infer_evaluate_all)
     cfg = load_config(None, [f"data.path={tiny_data}", "eval.max_cells=80"])
     res = experiments.run_medl_experiment(
         cfg,
@@ -265,7 +265,13 @@ def test_experiment_z_modes_rows_reuse_the_checkpoint(tiny_data, monkeypatch, tm
     )
     assert list(res["summary"]) == ["conventional", "mixedeffects", "mixedeffects (Z uniform)"]
     assert made == [("zpredictor", "predicted"), ("zpredictor_uniform", "uniform")]
-    assert served == [("c", "zpredictor_uniform")]  # the trained row's checkpoint ("c" in the fake)
+    # one pass for the seed: every row's output, the Z-mode row with the trained row's checkpoint
+    # ("c" in the fake) and that mode's Z
+    assert served == [
+        ("c", ""),
+        ("c", "zpredictor"),
+        ("c", "zpredictor_uniform"),
+    ]
     with pytest.raises(ConfigError, match="z-modes"):
         experiments.run_medl_experiment(
             cfg, [0], ["mixedeffects"], str(tmp_path / "o2"), z_modes=["bogus"]

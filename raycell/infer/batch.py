@@ -1,9 +1,15 @@
 """`raycell infer`: run a checkpoint over crop shards with Ray Data and write prediction shards.
 
-One output shard per input shard (`<out>/shards/part-XXXXX.parquet`, same name), each written atomically,
-so a re-run skips the shards that are complete and an interrupted job leaves no half file. Work proceeds
-in rounds of `infer.shards_per_round` input shards: Ray Data streams a round through the model actors into
-a staging folder, then the round's rows are regrouped by source shard and renamed into place.
+One output shard per input shard (`<out>/shards/part-XXXXX.parquet`, same name), each written atomically
+as soon as all its rows are predicted, so a re-run skips the shards that are complete and an interrupted
+job leaves no half file. Every pending input shard streams through one pool of model actors (the actor
+start, imports and checkpoint load are paid once per command, not per group of shards); the driver
+collects the rows, puts each output shard's rows in its input shard's order and writes it.
+
+One pass can serve several outputs over the same data set and splits (`predict_many`): other
+checkpoints, or the same checkpoint with randomized Z or another Z source. Each actor loads each
+checkpoint once and decodes each batch once, so `raycell experiment` infers all the rows of a seed
+with one actor pool.
 
 Every prediction shard records what produced it (parquet schema metadata `raycell.infer`): the checkpoint
 and a hash of its weights, the data set, the input shard's name, size and mtime, the splits, the Z source
@@ -20,10 +26,10 @@ import json
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -33,7 +39,13 @@ from raycell.config import ConfigError, ExperimentConfig
 from raycell.data.dataset import read_shards
 from raycell.formats.checkpoint import CheckpointMeta, weights_fingerprint
 from raycell.formats.predictions import PROVENANCE_KEY
-from raycell.formats.shards import ShardDataset, ShardError, open_dataset, split_counts
+from raycell.formats.shards import (
+    ShardDataset,
+    ShardError,
+    decode_images,
+    open_dataset,
+    split_counts,
+)
 from raycell.infer.predictor import PASSTHROUGH, CropPredictor
 from raycell.models.checkpoint import load_checkpoint
 from raycell.utils.io import atomic_write_json, atomic_write_parquet
@@ -48,20 +60,70 @@ def _split_value(name: str) -> str:
 
 
 class _ModelActor:
-    """Keep only rows of the requested splits (a vectorised Arrow filter in the actor, before decoding)."""
+    """One model replica serving every output of a pass (`predict_many`).
 
-    def __init__(self, splits: list[str], torch_threads: int = 0, **kw):
+    Keeps only rows of the requested splits (a vectorised Arrow filter, before decoding), decodes each
+    batch once, and predicts it once per output; each distinct checkpoint is loaded once per actor and
+    shared by its outputs (`CropPredictor.variant`). Returns one row per output with rows in the batch:
+    the output's index and its table as an Arrow IPC stream, because the outputs' schemas differ (other
+    models, recon columns) and Ray Data's blocks must share one.
+    """
+
+    def __init__(self, splits: list[str], outputs: list[dict], torch_threads: int = 0, **kw):
         if torch_threads:  # Ray starts an actor with one BLAS/torch thread per CPU it holds
             import torch
 
             torch.set_num_threads(torch_threads)
         self.splits = pa.array([_split_value(s) for s in splits]) if splits else None
-        self.inner = CropPredictor(**kw)
+        loaded: dict[str, CropPredictor] = {}
+        self.predictors: list[CropPredictor] = []
+        self.names: list[pa.Array | None] = []  # per output: its input shards, None = all of them
+        for o in outputs:
+            ck, opts = (
+                o["checkpoint"],
+                {k: o[k] for k in ("z_source", "randomize_z", "write_recon")},
+            )
+            if ck in loaded:
+                self.predictors.append(loaded[ck].variant(**opts))
+            else:
+                loaded[ck] = CropPredictor(checkpoint=ck, **opts, **kw)
+                self.predictors.append(loaded[ck])
+            self.names.append(None if o["names"] is None else pa.array(o["names"], pa.string()))
 
     def __call__(self, t: pa.Table) -> pa.Table:
         if self.splits is not None:
             t = t.filter(pc.is_in(t.column(K.SPLIT), self.splits))
-        return self.inner(t)
+        which, blobs = [], []
+        decoded: dict[tuple, np.ndarray] = {}
+        for i, (pred, names) in enumerate(zip(self.predictors, self.names)):
+            keep = None if names is None else pc.is_in(_shard_names(t.column(PATH_COL)), names)
+            part = t if keep is None else t.filter(keep)
+            if part.num_rows == 0:  # the driver counts rows: an empty part carries nothing
+                continue
+            key = (pred.spec.shape, pred.spec.dtype)
+            if keep is not None:
+                imgs = decode_images(part, *key)
+            else:
+                if key not in decoded:
+                    decoded[key] = decode_images(t, *key)
+                imgs = decoded[key]
+            which.append(i)
+            blobs.append(_to_ipc(pred.predict_decoded(part, imgs)))
+        return pa.table(
+            {"output": pa.array(which, pa.int32()), "rows": pa.array(blobs, pa.large_binary())}
+        )
+
+
+def _shard_names(paths: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The file name of each path (read_parquet's include_paths gives it as the filesystem saw it)."""
+    return pc.replace_substring_regex(paths, pattern=r"^.*/", replacement="")
+
+
+def _to_ipc(t: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    return sink.getvalue().to_pybytes()
 
 
 @dataclass
@@ -78,6 +140,8 @@ class InferJob:
     inputs: dict[str, dict]  # input shard name -> {file, size, mtime_ns}
     pending: list[str] = field(default_factory=list)  # input shard paths still to predict
     layout: str = "predictions"  # or "profiles" (`raycell embed`)
+    randomize_z: bool = False
+    write_recon: bool = False
 
     @property
     def run_key(self) -> str:
@@ -154,7 +218,19 @@ def check_infer(cfg: ExperimentConfig, layout: str = "predictions") -> InferJob:
     for p in ds.shard_paths:
         st = os.stat(p)
         inputs[Path(p).name] = {"file": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    plan = InferJob(ck, meta, ds, out, splits, z_source, producer, inputs, layout=layout)
+    plan = InferJob(
+        ck,
+        meta,
+        ds,
+        out,
+        splits,
+        z_source,
+        producer,
+        inputs,
+        layout=layout,
+        randomize_z=bool(ic.randomize_z),
+        write_recon=bool(ic.write_recon),
+    )
     done = _done_shards(plan)
     plan.pending = [p for p in ds.shard_paths if Path(p).name not in done]
     for p in plan.pending:
@@ -240,80 +316,252 @@ def predict(cfg: ExperimentConfig, layout: str = "predictions") -> dict:
     `raycell.infer.predictor`), with `embeddings.json`. Needs Ray to be initialised. Validates
     everything first (`check_infer`).
     """
-    plan = check_infer(cfg, layout)
-    with writing(plan.out, "embed.out" if layout == "profiles" else "infer.out"):
-        # shards another run may have finished since the check: counted (or refused) again
-        done = _done_shards(plan)
-        plan.pending = [p for p in plan.pending if Path(p).name not in done]
-        return _predict(cfg, plan, layout)
+    return predict_many([cfg], layout)[0]
 
 
-def _predict(cfg: ExperimentConfig, plan: InferJob, layout: str) -> dict:
-    """`predict`'s work, under the output folder's lock."""
-    import ray.data
+def predict_many(cfgs: list[ExperimentConfig], layout: str = "predictions") -> list[dict]:
+    """`predict` for several outputs in one pass over the data: one actor pool, one read, each batch
+    decoded once, each checkpoint loaded once per actor.
 
+    The configs may differ in `infer.checkpoint`, `infer.out` (or `embed.out`), `infer.z_source`,
+    `infer.randomize_z` and `infer.write_recon`; they must share the data set and `infer.splits`. The
+    pass's own settings (actors, batch size, blocks) are the first config's. Every output is validated
+    before Ray does anything (`check_infer`). Returns the manifests, in the order of `cfgs`.
+    """
+    import contextlib
+
+    if not cfgs:
+        return []
+    plans = [check_infer(c, layout) for c in cfgs]
+    _check_one_pass(plans)
+    key = "embed.out" if layout == "profiles" else "infer.out"
+    with contextlib.ExitStack() as stack:
+        for plan in plans:
+            stack.enter_context(writing(plan.out, key))
+            # shards another run may have finished since the check: counted (or refused) again
+            done = _done_shards(plan)
+            plan.pending = [p for p in plan.pending if Path(p).name not in done]
+        return _predict(cfgs, plans, layout)
+
+
+def _check_one_pass(plans: list[InferJob]) -> None:
+    """Outputs of one pass read the same rows and never write into one folder."""
+    first = plans[0]
+    for plan in plans[1:]:
+        if plan.ds.root != first.ds.root or sorted(plan.splits) != sorted(first.splits):
+            raise ConfigError(
+                f"one inference pass reads one data set and splits: {plan.ds.root} "
+                f"{plan.splits or 'all'} differs from {first.ds.root} {first.splits or 'all'}"
+            )
+    outs = [plan.out for plan in plans]
+    twice = sorted({str(o) for o in outs if outs.count(o) > 1})
+    if twice:
+        raise ConfigError(f"two outputs of one inference pass go to the same folder {twice[0]}")
+
+
+def _predict(cfgs: list[ExperimentConfig], plans: list[InferJob], layout: str) -> list[dict]:
+    """`predict_many`'s work, under the output folders' locks."""
     from raycell.utils.outputs import EMBEDDINGS, MARKER, PREDICTIONS, mark
 
-    ck, meta, ds, out, pending = plan.ck, plan.meta, plan.ds, plan.out, plan.pending
-    shard_out = out / "shards"
-    shard_out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).exists():  # recognised as raycell's before its manifest exists
-        mark(out, EMBEDDINGS if layout == "profiles" else PREDICTIONS)
-    stale = _remove_leftovers(out, LAYOUTS[layout][1])
-    if stale:
+    what = "embed" if layout == "profiles" else "infer"
+    for plan in plans:
+        (plan.out / "shards").mkdir(parents=True, exist_ok=True)
+        if not (plan.out / MARKER).exists():  # recognised as raycell's before its manifest exists
+            mark(plan.out, EMBEDDINGS if layout == "profiles" else PREDICTIONS)
+        stale = _remove_leftovers(plan.out, LAYOUTS[layout][1])
+        if stale:
+            print(
+                f"[raycell] removed {len(stale)} leftover(s) of an interrupted infer run in "
+                f"{plan.out}: {', '.join(p.name for p in stale[:3])}"
+                f"{', ...' if len(stale) > 3 else ''}",
+                flush=True,
+            )
         print(
-            f"[raycell] removed {len(stale)} leftover(s) of an interrupted infer run in {out}: "
-            f"{', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''}",
+            f"[raycell] {what} {plan.meta.model_type} ({plan.ck}) on {plan.ds.root}: "
+            f"{len(plan.ds.shard_paths) - len(plan.pending)} "
+            f"shard(s) already done, {len(plan.pending)} to go -> {plan.out}",
             flush=True,
         )
-    print(
-        f"[raycell] {'embed' if layout == 'profiles' else 'infer'} {meta.model_type} ({ck}) on "
-        f"{ds.root}: {len(ds.shard_paths) - len(pending)} "
-        f"shard(s) already done, {len(pending)} to go -> {out}",
-        flush=True,
-    )
+    t0 = time.time()
+    _stream(cfgs[0], plans, layout)
+    return [_write_manifest(c, plan, layout, t0) for c, plan in zip(cfgs, plans)]
+
+
+def _wanted_rows(path: str, splits: list[str]) -> int:
+    """How many rows of an input shard are in `splits` (all its rows if none)."""
+    if not splits:
+        return pq.ParquetFile(path).metadata.num_rows
+    col = pq.read_table(path, columns=[K.SPLIT]).column(K.SPLIT)
+    return int(pc.sum(pc.is_in(col, pa.array([_split_value(s) for s in splits]))).as_py() or 0)
+
+
+class _ShardCollector:
+    """Collects one output's predicted rows by input shard and writes each shard once it is complete.
+
+    The pass preserves order (Ray Data's `preserve_order`), so a shard's rows arrive in its input
+    order whatever the number of actors: the output does not depend on scheduling.
+    """
+
+    def __init__(self, plan: InferJob, wanted: dict[str, int]):
+        self.plan = plan
+        self.wanted = {Path(p).name: wanted[Path(p).name] for p in plan.pending}
+        self.parts: dict[str, list[pa.Table]] = {}
+        self.rows: dict[str, int] = {}
+        self.schema: pa.Schema | None = None  # of a written shard: the schema of empty ones
+
+    def add(self, t: pa.Table) -> None:
+        paths = t.column(PATH_COL)
+        for path in pc.unique(paths).to_pylist():
+            name = path.rsplit("/", 1)[-1]
+            part = t.filter(pc.equal(paths, path)) if t.num_rows else t
+            if name not in self.wanted:
+                raise ShardError(
+                    f"inference returned rows of {path}, which is not a pending input shard of "
+                    f"{self.plan.ds.root}"
+                )
+            self.parts.setdefault(name, []).append(part)
+            self.rows[name] = self.rows.get(name, 0) + part.num_rows
+            want = self.wanted[name]
+            if self.rows[name] > want:
+                raise ShardError(
+                    f"inference returned {self.rows[name]} rows for input shard {path}, which "
+                    f"has {want} rows of splits {self.plan.splits or 'all'}"
+                )
+            if self.rows[name] == want:
+                self._write(name, pa.concat_tables(self.parts.pop(name)))
+
+    def _write(self, name: str, t: pa.Table) -> None:
+        t = _parquet_list_names(t.drop_columns([PATH_COL]) if PATH_COL in t.column_names else t)
+        if self.schema is None and t.num_rows:
+            self.schema = t.schema
+        rec = {
+            "run_key": self.plan.run_key,
+            "producer": self.plan.producer,
+            "input": self.plan.inputs[name],
+            "rows": t.num_rows,
+        }
+        t = t.replace_schema_metadata(
+            {**(t.schema.metadata or {}), PROVENANCE_KEY: json.dumps(rec).encode()}
+        )
+        atomic_write_parquet(t, self.plan.out / "shards" / name)
+        self.rows[name] = -1  # written
+
+    def finish(self) -> None:
+        """Write the shards without rows of the splits; refuse when a shard's rows did not all come."""
+        for name, want in self.wanted.items():
+            got = self.rows.get(name, 0)
+            if got == -1:
+                continue
+            if want:
+                raise ShardError(
+                    f"inference returned {got} of the {want} rows of input shard "
+                    f"{self.plan.inputs[name]['file']} in splits {self.plan.splits or 'all'}"
+                )
+            # no rows: the columns a shard with rows has (a `cell_id` column if none has any)
+            schema = self.schema or pa.schema([(K.CELL_ID, pa.string())])
+            self._write(name, schema.empty_table())
+
+
+def _parquet_list_names(t: pa.Table) -> pa.Table:
+    """Fixed-size list columns with the child name a parquet round trip gives ('element', not 'item').
+
+    Why: the same predictions then give the same bytes whether or not they were staged in parquet
+    on their way, and a shard reads back with the schema it was written with.
+    """
+    renamed = [
+        f.with_type(pa.list_(pa.field("element", f.type.value_type), f.type.list_size))
+        if pa.types.is_fixed_size_list(f.type) and f.type.value_field.name != "element"
+        else f
+        for f in t.schema
+    ]
+    if all(a is b for a, b in zip(renamed, t.schema)):
+        return t
+    return t.cast(pa.schema(renamed, t.schema.metadata))
+
+
+def _stream(cfg: ExperimentConfig, plans: list[InferJob], layout: str) -> None:
+    """Stream every input shard pending for some output through one actor pool; write as rows come."""
+    pending = {Path(p).name for plan in plans for p in plan.pending}
+    if not pending:
+        return
+    splits = plans[0].splits
+    ds = plans[0].ds
+    wanted = {
+        Path(p).name: _wanted_rows(p, splits) for p in ds.shard_paths if Path(p).name in pending
+    }
+    collectors = [_ShardCollector(plan, wanted) for plan in plans]
+    # shards without rows of the splits are not read: their (empty) outputs are written at the end
+    paths = [p for p in ds.shard_paths if Path(p).name in pending and wanted[Path(p).name]]
+    if paths:
+        _run_actors(cfg, plans, layout, paths, collectors)
+    for c in collectors:
+        c.finish()
+
+
+def _run_actors(
+    cfg: ExperimentConfig,
+    plans: list[InferJob],
+    layout: str,
+    paths: list[str],
+    collectors: list[_ShardCollector],
+) -> None:
+    import ray.data
+
+    names = {Path(p).name for p in paths}
+    outputs = []
+    for plan in plans:
+        mine = {Path(p).name for p in plan.pending} & names
+        outputs.append(
+            {
+                "checkpoint": str(plan.ck),
+                "z_source": plan.z_source,
+                "randomize_z": plan.randomize_z,
+                "write_recon": plan.write_recon,
+                "names": None if mine == names else sorted(mine),
+            }
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = cfg.data.block_size_mb << 20
     # a user error raised in the predictor reaches the driver as itself (inside Ray's RayTaskError),
     # not as Ray Data's UserCodeException that keeps only its text
     ctx.raise_original_map_exception = True
-    t0 = time.time()
-    per = max(1, cfg.infer.shards_per_round)
-    for r in range(0, len(pending), per):
-        round_paths = pending[r : r + per]
-        staging = out / f".staging-{uuid.uuid4().hex[:8]}"
-        try:
-            rd = read_shards(round_paths, cfg.data.parquet_reader, include_paths=True)
-            rd = rd.map_batches(
-                _ModelActor,
-                batch_format="pyarrow",
-                batch_size=cfg.data.eval_batch_size,
-                fn_constructor_kwargs={
-                    "splits": plan.splits,
-                    "checkpoint": str(ck),
-                    "torch_threads": _actor_threads(cfg),
-                    "write_recon": cfg.infer.write_recon,
-                    "z_source": plan.z_source,
-                    "randomize_z": cfg.infer.randomize_z,
-                    "passthrough": PASSTHROUGH + [PATH_COL],
-                    "layout": layout,
-                    "feature_layout": cfg.embed.layout,
-                    "channels_last": cfg.train.channels_last,
-                },
-                compute=ray.data.ActorPoolStrategy(size=cfg.infer.num_actors),
-                num_gpus=cfg.infer.num_gpus,
-                num_cpus=cfg.infer.cpus_per_actor,
-            )
-            try:
-                rd.write_parquet(str(staging))
-            except Exception as exc:  # noqa: BLE001 - a user error inside Ray is re-raised as itself
-                user = _user_error_in(exc)
-                if user is None:
-                    raise
-                raise user from None
-            _finalise_round(staging, round_paths, shard_out, plan)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    rd = read_shards(paths, cfg.data.parquet_reader, include_paths=True)
+    rd = rd.map_batches(
+        _ModelActor,
+        batch_format="pyarrow",
+        batch_size=cfg.data.eval_batch_size,
+        fn_constructor_kwargs={
+            "splits": plans[0].splits,
+            "outputs": outputs,
+            "torch_threads": _actor_threads(cfg),
+            "passthrough": PASSTHROUGH + [PATH_COL],
+            "layout": layout,
+            "feature_layout": cfg.embed.layout,
+            "channels_last": cfg.train.channels_last,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.infer.num_actors),
+        num_gpus=cfg.infer.num_gpus,
+        num_cpus=cfg.infer.cpus_per_actor,
+    )
+    try:
+        for batch in rd.iter_batches(batch_format="pyarrow", batch_size=None):
+            which = batch.column("output").to_pylist()
+            for i, blob in zip(which, batch.column("rows").to_pylist()):
+                collectors[i].add(pa.ipc.open_stream(blob).read_all())
+    except Exception as exc:  # noqa: BLE001 - a user error inside Ray is re-raised as itself
+        user = _user_error_in(exc)
+        if user is None:
+            raise
+        raise user from None
+    finally:
+        ctx.execution_options.preserve_order = ordered
+
+
+def _write_manifest(cfg: ExperimentConfig, plan: InferJob, layout: str, t0: float) -> dict:
+    """Check the row count against the data set's manifest, write predictions/embeddings.json."""
+    out, ds, meta, ck = plan.out, plan.ds, plan.meta, plan.ck
+    shard_out = out / "shards"
     shards, n_rows = [], 0
     for name, inp in plan.inputs.items():  # only this data set's shards count, in manifest order
         rows = pq.ParquetFile(shard_out / name).metadata.num_rows
@@ -450,31 +698,4 @@ def _remove_leftovers(out: Path, manifest: str = K.PREDICTIONS_MANIFEST) -> list
     return stale
 
 
-def _finalise_round(staging: Path, round_paths: list[str], shard_out: Path, plan: InferJob) -> None:
-    """Regroup a round's staged rows by source shard and write one output file per input shard.
-
-    Each file carries its provenance record (schema metadata) so a later run can tell whether it is done.
-    """
-    files = sorted(staging.glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
-    for src in round_paths:
-        name = Path(src).name
-        if table is not None:
-            # include_paths gives the path as the filesystem saw it (no scheme); match on the file name.
-            mask = pc.ends_with(table.column(PATH_COL), "/" + name)
-            part = table.filter(mask).drop_columns([PATH_COL])
-        else:
-            part = pa.table({K.CELL_ID: pa.array([], pa.string())})
-        rec = {
-            "run_key": plan.run_key,
-            "producer": plan.producer,
-            "input": plan.inputs[name],
-            "rows": part.num_rows,
-        }
-        part = part.replace_schema_metadata(
-            {**(part.schema.metadata or {}), PROVENANCE_KEY: json.dumps(rec).encode()}
-        )
-        atomic_write_parquet(part, shard_out / name)
-
-
-__all__ = ["check_infer", "predict"]
+__all__ = ["check_infer", "predict", "predict_many"]

@@ -14,6 +14,7 @@ Two layouts of the same forward pass:
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import numpy as np
@@ -142,6 +143,23 @@ class CropPredictor:
 
             self.z_ids, self.z_values = read_inferred_z(z_source, list(self.batch_map.values))
 
+    def variant(
+        self, z_source: str = "", randomize_z: bool = False, write_recon: bool = False
+    ) -> CropPredictor:
+        """The same loaded model with other Z and output settings (the model is shared, not copied).
+
+        Why: one Ray Data pass can serve several outputs of one checkpoint (its inferred Z, randomized
+        Z, Z made another way) without loading the checkpoint once per output.
+        """
+        other = copy.copy(self)
+        other.write_recon, other.randomize_z = write_recon, randomize_z
+        other.z_ids, other.z_values, other._empty_schema = None, None, None
+        if z_source:
+            from raycell.formats.inferred_z import read_inferred_z
+
+            other.z_ids, other.z_values = read_inferred_z(z_source, list(self.batch_map.values))
+        return other
+
     def design_matrix(self, t: pa.Table) -> torch.Tensor:
         """The design matrix Z (N, n_training_batches) for a batch of rows.
 
@@ -198,7 +216,13 @@ class CropPredictor:
         if t.num_rows == 0:
             return self._empty_output(t)
         # decode errors name the row's input file when read_parquet's path column is passed through
-        imgs = decode_images(t, self.spec.shape, self.spec.dtype)
+        return self.predict_decoded(t, decode_images(t, self.spec.shape, self.spec.dtype))
+
+    @torch.inference_mode()
+    def predict_decoded(self, t: pa.Table, imgs: np.ndarray) -> pa.Table:
+        """Predict rows whose crops are already decoded (`imgs`, as `decode_images` gives them)."""
+        if t.num_rows == 0:
+            return self._empty_output(t)
         return self._predict(t, imgs, self.design_matrix(t))
 
     def _empty_output(self, t: pa.Table) -> pa.Table:
