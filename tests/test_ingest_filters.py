@@ -38,3 +38,21 @@ def test_label_statistics_are_scipys():
     np.testing.assert_array_equal(label_median(x, lab, n), ndi.median(x, lab, idx))
     np.testing.assert_array_equal(_label_quantile(x, lab, n, 1.0), ndi.maximum(x, lab, idx))
     np.testing.assert_array_equal(_label_quantile(x, lab, n, 0.0), ndi.minimum(x, lab, idx))
+
+
+def test_shape_features_are_regionprops():
+    """Eccentricity and axis lengths for all objects at once equal regionprops' (lines and dots too)."""
+    from skimage.measure import regionprops_table
+
+    from raycell.ingest.crops import _inertia_shape
+
+    rng = np.random.default_rng(3)
+    lab, n = ndi.label(ndi.gaussian_filter(rng.random((256, 256)), 3) > 0.52)
+    lab[2, 5:9] = n + 1  # a line: minor axis 0
+    lab[9, 9] = n + 2  # one pixel: every moment 0
+    props = ("label", "eccentricity", "axis_major_length", "axis_minor_length")
+    want = regionprops_table(lab, properties=props)
+    got = _inertia_shape(lab, want["label"])
+    assert n > 20
+    for k in props[1:]:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-9, err_msg=k)

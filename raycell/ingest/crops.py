@@ -10,8 +10,9 @@
 * Optionally the crop is multiplied by the object's own mask blurred with a Gaussian (`mask_blur`
   px), which removes neighbours while keeping a soft, cell-like edge (the seed's "blurred mask"
   crops).
-* Morphology features (`morph_*` columns) come from `skimage.measure.regionprops_table` on the same
-  objects: area, perimeter, eccentricity, solidity, major and minor axis lengths (pixels), and the
+* Morphology features (`morph_*` columns) are `skimage.measure.regionprops_table`'s on the same
+  objects (eccentricity and the axis lengths computed for all objects at once by the same formulas:
+  `_inertia_shape`): area, perimeter, eccentricity, solidity, major and minor axis lengths (pixels), and the
   mean intensity per channel (in the image's own units after Z projection and illumination
   correction, before normalisation). With cell bodies, the nucleus area is added as
   `morph_nucleus_area`.
@@ -25,17 +26,9 @@ from scipy import ndimage as ndi
 
 from raycell import constants as K
 
-_PROPS = (
-    "label",
-    "centroid",
-    "area",
-    "perimeter",
-    "eccentricity",
-    "solidity",
-    "axis_major_length",
-    "axis_minor_length",
-    "intensity_mean",
-)
+# eccentricity and the axis lengths come from `_inertia_shape` (the same formulas for every object
+# at once); regionprops gives the rest
+_PROPS = ("label", "centroid", "area", "perimeter", "solidity", "intensity_mean")
 _RENAME = {
     "area": "area",
     "perimeter": "perimeter",
@@ -95,6 +88,7 @@ def morphology(
     from skimage.measure import regionprops_table
 
     props = regionprops_table(labels, intensity_image=np.moveaxis(img, 0, -1), properties=_PROPS)
+    props.update(_inertia_shape(labels, props["label"]))
     df = pd.DataFrame(
         {
             "label": props["label"].astype(np.int64),
@@ -112,6 +106,39 @@ def morphology(
         area = np.bincount(nuclei.ravel(), minlength=int(labels.max()) + 1)
         df[f"{K.MORPH_PREFIX}nucleus_area"] = area[df["label"].to_numpy()].astype(np.float32)
     return df
+
+
+def _inertia_shape(labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The `eccentricity`, `axis_major_length`, `axis_minor_length` of regionprops, for objects `ids`.
+
+    The same definitions (eigenvalues l1 >= l2 >= 0 of the inertia tensor from the second central
+    moments: major 4 sqrt(l1), minor 4 sqrt(l2), eccentricity sqrt(1 - l2 / l1)), with the moments
+    of all objects from one pass of pixel sums and the 2x2 eigenvalues in closed form. Why: per
+    object, regionprops computes the moments up to order 3 on each object's image and calls LAPACK,
+    almost half of the feature time of a field; the values agree to ~1e-12 (float32 once stored).
+    """
+    rr, cc = np.nonzero(labels)
+    lab = labels[rr, cc]
+    n = int(labels.max()) + 1
+    rr, cc = rr.astype(np.float64), cc.astype(np.float64)
+    count = np.bincount(lab, minlength=n)[ids].astype(np.float64)
+    sr, sc = (np.bincount(lab, w, minlength=n)[ids] for w in (rr, cc))
+    srr, scc, src = (np.bincount(lab, w, minlength=n)[ids] for w in (rr * rr, cc * cc, rr * cc))
+    # central moments over the pixel count: the covariance of the pixel coordinates
+    var_r = (srr - sr * sr / count) / count
+    var_c = (scc - sc * sc / count) / count
+    cov = (src - sr * sc / count) / count
+    half_sum, root = (var_r + var_c) / 2, np.hypot((var_c - var_r) / 2, cov)
+    l1 = np.clip(half_sum + root, 0, None)
+    l2 = np.clip(half_sum - root, 0, None)
+    ecc = np.zeros_like(l1)
+    ok = l1 != 0
+    ecc[ok] = np.sqrt(1 - l2[ok] / l1[ok])
+    return {
+        "eccentricity": ecc,
+        "axis_major_length": 4 * np.sqrt(l1),
+        "axis_minor_length": 4 * np.sqrt(l2),
+    }
 
 
 def safe_name(name: str) -> str:
