@@ -139,3 +139,31 @@ def test_outputs_of_one_pass_share_data_and_splits_and_not_folders(setup, tiny_d
                 _cfg(tiny_data, ck, tmp_path / "a", "infer.randomize_z=true"),
             ]
         )
+
+
+def test_collector_writes_a_shard_once_all_its_rows_came(tmp_path):
+    """Driver side, no Ray: rows in several blocks, one write per shard, extra rows refused, shards
+    without rows of the splits written empty with the columns of the others."""
+    from raycell.formats.shards import ShardError
+    from raycell.infer.batch import InferJob, _ShardCollector
+
+    (tmp_path / "shards").mkdir()
+    inputs = {n: {"file": f"/in/{n}"} for n in ("a.parquet", "b.parquet")}
+    plan = InferJob(
+        Path("ck"), None, None, tmp_path, [], "", {"k": 1}, inputs, pending=list(inputs)
+    )
+    c = _ShardCollector(plan, {"a.parquet": 3, "b.parquet": 0})
+    lat = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(6, dtype=np.float32)), 2)
+    t = pa.table({K.CELL_ID: ["x1", "x2", "x3"], K.LATENT: lat, "path": ["/in/a.parquet"] * 3})
+    c.add(t.slice(0, 2))
+    assert not (tmp_path / "shards" / "a.parquet").exists()  # not before its last row
+    c.add(t.slice(2))
+    got = pq.read_table(tmp_path / "shards" / "a.parquet")
+    assert (
+        got.column(K.CELL_ID).to_pylist() == ["x1", "x2", "x3"] and "path" not in got.column_names
+    )
+    with pytest.raises(ShardError, match="returned 4 rows for input shard /in/a.parquet"):
+        c.add(t.slice(0, 1))
+    c.finish()
+    empty = pq.read_table(tmp_path / "shards" / "b.parquet")
+    assert empty.num_rows == 0 and empty.schema.names == got.schema.names

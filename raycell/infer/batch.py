@@ -407,6 +407,7 @@ class _ShardCollector:
         self.wanted = {Path(p).name: wanted[Path(p).name] for p in plan.pending}
         self.parts: dict[str, list[pa.Table]] = {}
         self.rows: dict[str, int] = {}
+        self.written: set[str] = set()
         self.schema: pa.Schema | None = None  # of a written shard: the schema of empty ones
 
     def add(self, t: pa.Table) -> None:
@@ -422,7 +423,7 @@ class _ShardCollector:
             self.parts.setdefault(name, []).append(part)
             self.rows[name] = self.rows.get(name, 0) + part.num_rows
             want = self.wanted[name]
-            if self.rows[name] > want:
+            if self.rows[name] > want or name in self.written:
                 raise ShardError(
                     f"inference returned {self.rows[name]} rows for input shard {path}, which "
                     f"has {want} rows of splits {self.plan.splits or 'all'}"
@@ -444,13 +445,13 @@ class _ShardCollector:
             {**(t.schema.metadata or {}), PROVENANCE_KEY: json.dumps(rec).encode()}
         )
         atomic_write_parquet(t, self.plan.out / "shards" / name)
-        self.rows[name] = -1  # written
+        self.written.add(name)
 
     def finish(self) -> None:
         """Write the shards without rows of the splits; refuse when a shard's rows did not all come."""
         for name, want in self.wanted.items():
             got = self.rows.get(name, 0)
-            if got == -1:
+            if name in self.written:
                 continue
             if want:
                 raise ShardError(
