@@ -298,6 +298,18 @@ class IngestConfig:
     cellpose_model: str = _f(
         "", "local cellpose model file (segmentation=cellpose; never downloaded)"
     )
+    cellpose_gpu: Literal["auto"] | bool = _f(
+        "auto",
+        "run cellpose on a GPU: true, false, or auto (when the Ray cluster has GPUs or torch "
+        "sees CUDA); on a GPU each crop task requests cellpose_gpus_per_task GPUs from Ray",
+    )
+    cellpose_gpus_per_task: float = _f(
+        1.0,
+        "GPUs each crop task requests when cellpose runs on a GPU (0.25: four tasks share one)",
+        gt=0,
+        le=1,
+        must="in (0, 1]",
+    )
     diameter: float = _f(
         0.0, "expected diameter (px) of the primary objects (0 = estimate per image)"
     )

@@ -26,6 +26,7 @@ from helpers import raw_ingest_config, write_small_raw
 from raycell import constants as K
 from raycell.config import load_config
 from raycell.data.synthetic_raw import DEFAULT_PATTERN
+from raycell.errors import UserError
 from raycell.formats.shards import open_dataset
 from raycell.ingest import crops as C
 from raycell.ingest import images as I
@@ -262,6 +263,74 @@ def test_cellpose_model_is_loaded_once_per_process(monkeypatch, tmp_path):
     model.unlink()  # a cached model does not hide a missing file
     with pytest.raises(SegmentationError, match="local cellpose model file"):
         S.segment(img, 0, None, p)
+
+
+def test_cellpose_gpu_setting_reaches_the_model(monkeypatch, tmp_path):
+    """ingest.cellpose_gpu decides the device cellpose is built on; 'auto' follows CUDA."""
+    import types
+
+    import torch
+
+    from raycell.ingest import segment as S
+
+    built = []
+
+    class FakeModel:
+        def __init__(self, gpu, pretrained_model):
+            built.append(gpu)
+
+        def eval(self, img, diameter=None, channel_axis=None):
+            return np.ones(img.shape[-2:], np.int32), None, None
+
+    fake = types.ModuleType("cellpose")
+    fake.models = types.SimpleNamespace(CellposeModel=FakeModel)
+    monkeypatch.setitem(sys.modules, "cellpose", fake)
+    monkeypatch.setattr(S, "_CELLPOSE_MODELS", {})
+    model = tmp_path / "model"
+    model.write_bytes(b"weights")
+    p = IngestParams(segmentation="cellpose", cellpose_model=str(model))
+    img = np.zeros((1, 16, 16), np.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    S.segment(img, 0, None, p)  # auto without CUDA: the CPU
+    S.segment(img, 0, None, replace(p, cellpose_gpu=True))
+    S.segment(img, 0, None, replace(p, cellpose_gpu=False))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    S.segment(img, 0, None, p)  # auto where CUDA is visible (a Ray task given a GPU): the GPU
+    assert built == [False, True, False, True]
+    cfg = load_config(None, ["ingest.cellpose_gpu=true", "ingest.cellpose_gpus_per_task=0.25"])
+    assert cfg.ingest.cellpose_gpu is True and cfg.ingest.cellpose_gpus_per_task == 0.25
+    assert load_config(None, []).ingest.cellpose_gpu == "auto"
+    with pytest.raises(UserError, match="cellpose_gpu"):
+        load_config(None, ["ingest.cellpose_gpu=sometimes"])
+
+
+def test_cellpose_on_gpu_requests_gpus_for_the_crop_tasks(monkeypatch):
+    """The crop tasks ask Ray for a GPU when cellpose runs on one, and only then."""
+    import torch
+
+    from raycell.ingest.segment import cellpose_gpus
+    from raycell.ingest.tasks import map_fovs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    p = IngestParams(segmentation="cellpose", cellpose_gpus_per_task=0.5)
+    assert cellpose_gpus(IngestParams(cellpose_gpu=True), 1.0) == 0.0  # classical: no GPU
+    assert cellpose_gpus(replace(p, cellpose_gpu=False), 4.0) == 0.0
+    assert cellpose_gpus(replace(p, cellpose_gpu=True), 4.0) == 0.5
+    assert cellpose_gpus(p, 4.0) == 0.5  # auto: the cluster has GPUs
+    assert cellpose_gpus(p, 0.0) == 0.0  # auto: it has none
+    assert cellpose_gpus(p, None) == 0.0  # auto, cluster unknown: this process has no CUDA
+    with pytest.raises(SegmentationError, match="no GPU"):
+        cellpose_gpus(replace(p, cellpose_gpu=True), 0.0)  # its tasks would wait forever
+
+    class FakeDataset:
+        def map_batches(self, fn, **kw):
+            self.kw = kw
+            return self
+
+    for gpus, want in ((0.5, {"num_gpus": 0.5}), (0.0, {})):
+        ds = map_fovs(FakeDataset(), None, p, {}, num_gpus=gpus)
+        assert {k: v for k, v in ds.kw.items() if k == "num_gpus"} == want
+        assert ds.kw["num_cpus"] == p.cpus_per_task
 
 
 def test_crops_border_padding_masks_and_morphology():

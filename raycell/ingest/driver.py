@@ -60,6 +60,7 @@ from raycell.ingest.fov import crop_batch, scale_batch
 from raycell.ingest.overlays import OVERLAY_DIR, OVERLAY_INDEX, write_overlays
 from raycell.ingest.params import IngestParams
 from raycell.ingest.plan import check_out, check_params, plan_ingest
+from raycell.ingest.segment import cellpose_gpus
 from raycell.ingest.sources import IngestError, reject_row
 from raycell.ingest.stats import compute_stats
 from raycell.ingest.tasks import fov_dataset, map_fovs
@@ -168,7 +169,10 @@ def _gather_crops(fovs: list[dict], p: IngestParams, ch: dict, stats: dict, stag
         "out": str(staging),
         "rows_per_shard": _rows_cap(p, ch),  # a task's file is never cut into many shards
     }
-    ds = map_fovs(fov_dataset(fovs, p), crop_batch, p, kw)
+    # cellpose on a GPU: the crop tasks (which segment) request one; known before any task starts
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else None
+    gpus = cellpose_gpus(p, cluster_gpus)
+    ds = map_fovs(fov_dataset(fovs, p), crop_batch, p, kw, num_gpus=gpus)
     for r in _result_rows(ds):
         if r["fov_id"] in got["seen"]:  # never expected: a FOV counted twice breaks the accounting
             raise RuntimeError(f"ingest bug: field of view {r['fov_id']!r} came back twice")

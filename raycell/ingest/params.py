@@ -26,8 +26,9 @@ PATH_KEYS = (
     "objects",
     "objects_images",
 )
-# Settings that say where and whether to write, not what the crops are: not part of the record.
-_NOT_RECORDED = ("overwrite", "out")
+# Settings that say where and whether to write, or on which device, not what the crops are: not
+# part of the record (a data set made on a CPU is the one a GPU run would make).
+_NOT_RECORDED = ("overwrite", "out", "cellpose_gpu", "cellpose_gpus_per_task")
 
 
 @dataclasses.dataclass
@@ -48,6 +49,6 @@ class IngestParams(IngestConfig):
         return cls(**d)
 
     def record(self) -> dict:
-        """The parameters as the manifest records them (JSON types), `out` and `overwrite` left out."""
+        """The parameters as the manifest records them (JSON types), `_NOT_RECORDED` left out."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_RECORDED}
         return json.loads(json.dumps(d))

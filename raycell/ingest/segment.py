@@ -950,14 +950,57 @@ def segment_cells(
 # --------------------------------------------------------------------------------------------------
 
 
-# Loaded models, keyed by (model file, its mtime). A crop task segments many fields of view, and a
+# Loaded models, keyed by (model file, its mtime, on the GPU). A crop task segments many fields of view, and a
 # Ray worker process runs many tasks; without the cache every field read the weights from disk and
 # built the network again. One entry only: a run uses one model, so a new key frees the old one
 # (and a file replaced in place, with a new mtime, is loaded again).
 _CELLPOSE_MODELS: dict[tuple[str, int], object] = {}
 
 
-def _cellpose_model(model_path: str):
+def cuda_available() -> bool:
+    """Whether torch (cellpose's backend) sees a CUDA device in this process."""
+    try:
+        import torch  # noqa: PLC0415 - heavy, only needed for cellpose
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def cellpose_on_gpu(setting: str | bool) -> bool:
+    """`ingest.cellpose_gpu` resolved in the process that runs cellpose: 'auto' = CUDA is visible.
+
+    In a Ray task that requested a GPU, Ray makes that GPU (only) visible, so 'auto' finds it.
+    """
+    if setting == "auto":
+        return cuda_available()
+    return bool(setting)
+
+
+def cellpose_gpus(p: IngestParams, cluster_gpus: float | None = None) -> float:
+    """The GPUs each crop task requests from Ray: 0 unless cellpose runs on a GPU.
+
+    'auto' requests them when the Ray cluster has GPUs (`cluster_gpus`, the cluster's "GPU"
+    resource; None = unknown, then whether this process sees CUDA decides). Requesting them is
+    what sends the tasks to the GPU nodes and keeps more tasks than fit from sharing a device.
+
+    Raises:
+        SegmentationError: `cellpose_gpu: true` on a Ray cluster known to have no GPU (its tasks
+            would wait forever for one).
+    """
+    if p.segmentation != "cellpose" or p.cellpose_gpu is False:
+        return 0.0
+    if p.cellpose_gpu is True:
+        if cluster_gpus is not None and cluster_gpus <= 0:
+            raise SegmentationError(
+                "ingest.cellpose_gpu is true but the Ray cluster has no GPU; start Ray on a GPU "
+                "node (ray start --num-gpus N) or set ingest.cellpose_gpu to auto or false"
+            )
+        return float(p.cellpose_gpus_per_task)
+    has_gpu = cuda_available() if cluster_gpus is None else cluster_gpus > 0
+    return float(p.cellpose_gpus_per_task) if has_gpu else 0.0
+
+
+def _cellpose_model(model_path: str, gpu: bool = False):
     """The cellpose model in `model_path`, loaded once per process (the checks run every time)."""
     try:
         from cellpose import models  # noqa: PLC0415 - optional dependency
@@ -971,16 +1014,18 @@ def _cellpose_model(model_path: str):
             f"ingest.cellpose_model must name a local cellpose model file; "
             f"{model_path or '(empty)'} does not exist (raycell never downloads weights)"
         )
-    key = (str(Path(model_path).absolute()), Path(model_path).stat().st_mtime_ns)
+    key = (str(Path(model_path).absolute()), Path(model_path).stat().st_mtime_ns, bool(gpu))
     if key not in _CELLPOSE_MODELS:
         _CELLPOSE_MODELS.clear()
-        _CELLPOSE_MODELS[key] = models.CellposeModel(gpu=False, pretrained_model=str(model_path))
+        _CELLPOSE_MODELS[key] = models.CellposeModel(gpu=gpu, pretrained_model=str(model_path))
     return _CELLPOSE_MODELS[key]
 
 
-def segment_cellpose(img: np.ndarray, model_path: str, diameter: float = 0.0) -> np.ndarray:
-    """Label image from a local cellpose model on a (C, H, W) or (H, W) image."""
-    model = _cellpose_model(model_path)
+def segment_cellpose(
+    img: np.ndarray, model_path: str, diameter: float = 0.0, gpu: bool = False
+) -> np.ndarray:
+    """Label image from a local cellpose model on a (C, H, W) or (H, W) image (`gpu`: on CUDA)."""
+    model = _cellpose_model(model_path, gpu)
     out = model.eval(img, diameter=diameter or None, channel_axis=0 if img.ndim == 3 else None)
     return np.asarray(out[0], np.int32)
 
@@ -1044,7 +1089,8 @@ def segment(
     """
     if p.segmentation == "cellpose":
         chans = [nucleus] if cytoplasm is None else [cytoplasm, nucleus]
-        cells = segment_cellpose(img[chans], p.cellpose_model, p.diameter)
+        gpu = cellpose_on_gpu(p.cellpose_gpu)
+        cells = segment_cellpose(img[chans], p.cellpose_model, p.diameter, gpu)
         d = 2 * np.sqrt(np.bincount(cells.ravel())[1:].mean() / np.pi) if cells.max() else 0.0
         return cells, None, float(d)
     nuc, d = segment_nuclei(

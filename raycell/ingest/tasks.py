@@ -40,11 +40,16 @@ def fov_dataset(fovs: list[dict], p: IngestParams):
     return ray.data.from_items(items, override_num_blocks=n_blocks)
 
 
-def map_fovs(ds, fn, p: IngestParams, fn_kwargs: dict):
-    """`ds.map_batches(fn)` with the task size, CPUs and worker count of the ingest parameters."""
+def map_fovs(ds, fn, p: IngestParams, fn_kwargs: dict, num_gpus: float = 0.0):
+    """`ds.map_batches(fn)` with the task size, CPUs and worker count of the ingest parameters.
+
+    `num_gpus`: GPUs each task requests (the crop pass with cellpose on a GPU); Ray then runs the
+    tasks on nodes with a GPU and only as many at once as the GPUs hold.
+    """
     import ray
 
     compute = ray.data.TaskPoolStrategy(size=p.num_workers) if p.num_workers > 0 else None
+    gpu = {"num_gpus": num_gpus} if num_gpus > 0 else {}
     return ds.map_batches(
         fn,
         batch_size=max(1, p.fovs_per_task),
@@ -52,4 +57,5 @@ def map_fovs(ds, fn, p: IngestParams, fn_kwargs: dict):
         num_cpus=p.cpus_per_task,
         compute=compute,
         fn_kwargs=fn_kwargs,
+        **gpu,
     )
