@@ -45,6 +45,18 @@ UNASSIGNED = ""
 
 # Data set folder layout.
 MANIFEST = "dataset.json"
+# Keys a data set manifest of any version has; without them the folder is not a raycell data set
+# (the manifest reader refuses it, and the output rules do not recognise it as raycell's).
+MANIFEST_REQUIRED_KEYS = (
+    "schema_version",
+    "channel_names",
+    "channels",
+    "crop_size",
+    "dtype",
+    "label_vocab",
+    "batch_vocab",
+    "shards",
+)
 SHARD_DIR = "shards"
 SHARD_GLOB = "part-*.parquet"
 
