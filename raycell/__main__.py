@@ -205,9 +205,10 @@ def _check_profile(args, cfg):
 
 
 def _profile_needs_ray(cfg) -> bool:
-    from raycell.profiling.streamed import use_ray
+    from raycell.profiling.streamed import source, use_ray
 
-    return use_ray(cfg.profile.engine, cfg.profile.input, cfg.profile.features)
+    p = cfg.profile
+    return use_ray(p.engine, source(p.engine, p.input), p.features)
 
 
 def _check_experiment(args, cfg):
