@@ -1,7 +1,8 @@
 """Well profiles the field can compare: aggregated, normalised per plate against controls, selected.
 
-The steps are pycytominer's (`aggregate`, `normalize`, `feature_select`, `normalize(method=
-"spherize")`), called on a table in the CytoTable layout: `Metadata_*` columns, then one float
+The steps are pycytominer's (`normalize`, `feature_select`, `normalize(method="spherize")`; the
+per-well reduction is its `aggregate`'s, in `raycell.formats.wells`, which `raycell embed` shares),
+called on a table in the CytoTable layout: `Metadata_*` columns, then one float
 column per feature with a compartment prefix (`Cells_`, `Cytoplasm_`, `Nuclei_`). What this module
 adds around them is what pycytominer leaves to its caller: reading a `raycell embed` folder or a
 parquet/CSV table, refusing bad input with one line (a control query that names no column or
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from raycell.constants import Aggregation, ProfileFeatures, ProfileNormalization
+from raycell.formats.wells import aggregate_rows
 from raycell.profiling import profiles as P
 from raycell.profiling.table import ProfileError, ProfileTable
 
@@ -181,37 +183,15 @@ def _require(frame: pd.DataFrame, columns: list[str], what: str) -> None:
 def aggregate(
     t: ProfileTable, strata: list[str], operation: Aggregation = "median"
 ) -> ProfileTable:
-    """One row per `strata` group (pycytominer's `aggregate`), with the metadata constant in it.
+    """One row per `strata` group (`raycell.formats.wells.aggregate_rows`, the reduction embed shares).
 
     A table already holding one row per group is returned as it is (its values unchanged), so well
     profiles pass through. `Metadata_Count_Cells` counts the rows of each group.
     """
-    pycytominer = _pycytominer()
-
     _require(t.frame, strata, "profile.strata")
-    keys = t.frame[strata].astype("string").fillna("")
-    if not keys.duplicated().any():
+    if not t.frame[strata].astype("string").fillna("").duplicated().any():
         return t
-    groups = keys.groupby(strata, sort=True).ngroup().to_numpy()
-    order = np.argsort(groups, kind="stable")
-    first = order[np.r_[0, np.flatnonzero(np.diff(groups[order])) + 1]]
-    meta = t.frame.iloc[first][strata].reset_index(drop=True)
-    for c in t.meta_columns:
-        if c in strata or c == P.COUNT:
-            continue
-        col = t.frame[c].astype(object).where(t.frame[c].notna(), None)
-        if (col.groupby(groups).nunique(dropna=False) <= 1).all():
-            meta[c] = t.frame[c].iloc[first].to_numpy()
-    meta[P.COUNT] = np.bincount(groups).astype(np.int64)
-    # pycytominer groups on the key values, so missing keys get the same "" as above
-    work = pd.concat(
-        [keys.reset_index(drop=True), t.frame[t.features].reset_index(drop=True)], axis=1
-    )
-    agg = pycytominer.aggregate(
-        work, strata=strata, features=t.features, operation=operation, output_file=None
-    )
-    agg = agg.sort_values(strata, kind="stable").reset_index(drop=True)
-    frame = pd.concat([meta, agg[t.features].astype(np.float64)], axis=1)
+    frame = aggregate_rows(t.frame[t.meta_columns], t.frame[t.features], strata, operation)
     return ProfileTable(
         frame,
         list(t.features),
