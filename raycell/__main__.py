@@ -344,18 +344,10 @@ def run(argv: list[str] | None = None) -> dict | None:
     if cmd.needs_ray(cfg) if callable(cmd.needs_ray) else cmd.needs_ray:
         import ray
 
-        from raycell.utils.ray_utils import init_ray, keep_native_logs_off_terminal
+        from raycell.utils.ray_utils import init_ray_from, keep_native_logs_off_terminal
 
         _started_ray = not ray.is_initialized()  # an interruption stops only a Ray started here
-        init_ray(
-            cfg.ray.address,
-            cfg.ray.num_cpus,
-            cfg.ray.object_store_mb,
-            cfg.ray.progress,
-            cfg.ray.connect_timeout_s,
-            verbose=cfg.ray.verbose,
-            start_timeout_s=cfg.ray.start_timeout_s,
-        )
+        init_ray_from(cfg.ray)
         if not cfg.ray.verbose:
             keep_native_logs_off_terminal()
     return cmd.run(cfg, args)
