@@ -205,9 +205,10 @@ def _check_profile(args, cfg):
 
 
 def _profile_needs_ray(cfg) -> bool:
-    from raycell.profiling.streamed import use_ray
+    from raycell.profiling.streamed import source, use_ray
 
-    return use_ray(cfg.profile.engine, cfg.profile.input, cfg.profile.features)
+    p = cfg.profile
+    return use_ray(p.engine, source(p.engine, p.input), p.features)
 
 
 def _check_experiment(args, cfg):
@@ -343,18 +344,10 @@ def run(argv: list[str] | None = None) -> dict | None:
     if cmd.needs_ray(cfg) if callable(cmd.needs_ray) else cmd.needs_ray:
         import ray
 
-        from raycell.utils.ray_utils import init_ray, keep_native_logs_off_terminal
+        from raycell.utils.ray_utils import init_ray_from, keep_native_logs_off_terminal
 
         _started_ray = not ray.is_initialized()  # an interruption stops only a Ray started here
-        init_ray(
-            cfg.ray.address,
-            cfg.ray.num_cpus,
-            cfg.ray.object_store_mb,
-            cfg.ray.progress,
-            cfg.ray.connect_timeout_s,
-            verbose=cfg.ray.verbose,
-            start_timeout_s=cfg.ray.start_timeout_s,
-        )
+        init_ray_from(cfg.ray)
         if not cfg.ray.verbose:
             keep_native_logs_off_terminal()
     return cmd.run(cfg, args)

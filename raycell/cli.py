@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from raycell.constants import Z_MODES
+from raycell.constants import FEATURE_SETS, NORMALIZATIONS, Z_MODES
 
 EPILOG = """examples:
   raycell demo                                   # synth -> split -> train -> infer -> evaluate
@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         s,
         "--features",
         key="profile.features",
-        choices=["embedding", "morph", "all", "handmade", "cpmeasure"],
+        choices=FEATURE_SETS,
         help="embeddings folder: which features ({key})",
     )
     _flag(
@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
         s,
         "--normalize",
         key="profile.normalize",
-        choices=["mad_robustize", "robustize", "standardize", "none"],
+        choices=NORMALIZATIONS,
         help="per-plate method ({key})",
     )
     _flag(

@@ -24,11 +24,20 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from raycell.constants import (
+    CORRECTIONS,
     DEFAULT_NORMALIZE,
+    FEATURE_SETS,
+    SELECTIONS,
+    Aggregation,
     BaselineFeatures,
+    ConsistencyLevel,
     ModelPreset,
     NormalizeMode,
     ParquetReader,
+    ProfileDistance,
+    ProfileEngine,
+    ProfileFeatures,
+    ProfileNormalization,
     ZMode,
 )
 from raycell.errors import (
@@ -100,12 +109,34 @@ def _percentile_pair(key: str, value: list) -> None:
         raise ConfigError(f"{key} must be [low, high] within 0..100, got {value}")
 
 
+def _some_of(choices: tuple, what: str):
+    """A check that every item of a list is one of `choices` (`what` names one item in the error)."""
+
+    def check(key: str, value: list) -> None:
+        bad = [v for v in value if v not in choices]
+        if bad:
+            raise ConfigError(f"{key}: unknown {what} {bad[0]!r} (use any of {', '.join(choices)})")
+
+    return check
+
+
+def _one_group(key: str, value: list) -> None:
+    if not value:
+        raise ConfigError(
+            f"{key} is empty: name the columns of one well (e.g. [Metadata_Plate, Metadata_Well])"
+        )
+
+
 # Value types whose check travels with the type (the `Annotated` metadata is that check).
 LocalPath = Annotated[str, _posix_path]  # a folder or file on a POSIX file system (no URI)
 Fractions = Annotated[list, _three_fractions]  # train, val, test fractions
 Resources = Annotated[dict, _resource_amounts]  # Ray resource name -> amount
 Columns = Annotated[list, _distinct]  # column names, each once
 PercentilePair = Annotated[list, _percentile_pair]  # [low, high], 0 <= low < high <= 100
+Strata = Annotated[list, _one_group]  # the metadata columns of one profile, at least one
+Selections = Annotated[list, _some_of(SELECTIONS, "operation")]  # pycytominer feature_select
+Corrections = Annotated[list, _some_of(CORRECTIONS, "correction")]  # `profile.compare`
+FeatureSets = Annotated[list, _some_of(FEATURE_SETS, "feature set")]  # `profile.compare_features`
 # Ingest's image choices (`ingest.z_projection`, `.normalization`, `.scale_check`, `.dtype`; the
 # code that acts on them, raycell/ingest/images.py, takes its tuples of names from these).
 ZProjection = Literal["max", "mean", "middle", "best-focus"]
@@ -863,25 +894,25 @@ class ProfileConfig:
         "output folder: profiles.parquet, consensus.parquet, activity_map.csv, "
         "consistency_<column>.csv, retrieval.json, profile.json",
     )
-    features: str = _f(
+    features: ProfileFeatures = _f(
         "embedding",
         "embeddings folder: embedding (deep features), morph (the hand-made "
         "morph_* columns), all, or handmade (CellProfiler-style features computed from "
         "its crop data set; a crop data set given as input always gives these), or cpmeasure "
         "(CellProfiler's measurements by cp-measure of the same objects; slower)",
     )
-    aggregate: str = _f(
+    aggregate: Aggregation = _f(
         "median",
         "per-cell rows -> one per profile.strata group: median or mean "
         "(rows already one per group pass unchanged)",
     )
-    engine: str = _f(
+    engine: ProfileEngine = _f(
         "auto",
         "how per-cell rows are aggregated: memory (one pandas frame), ray (Ray Data reads the "
         "parquet in blocks and reduces each well, for inputs larger than memory), or auto (ray "
         "when the features would take more than half the available memory)",
     )
-    strata: list = _f(["Metadata_Plate", "Metadata_Well"], "columns of one profile (a well)")
+    strata: Strata = _f(["Metadata_Plate", "Metadata_Well"], "columns of one profile (a well)")
     plate_column: str = _f("Metadata_Plate", "column whose groups are normalised separately")
     controls: str = _f(
         "",
@@ -889,11 +920,11 @@ class ProfileConfig:
         "against and treatments are compared with, e.g. \"Metadata_treatment == 'DMSO'\" "
         "('' = all wells, and no activity mAP)",
     )
-    normalize: str = _f(
+    normalize: ProfileNormalization = _f(
         "mad_robustize",
         "per-plate normalisation (pycytominer): mad_robustize, robustize, standardize or none",
     )
-    feature_select: list = _f(
+    feature_select: Selections = _f(
         ["variance_threshold", "correlation_threshold", "drop_na_columns"],
         "pycytominer feature_select operations ([] = keep every feature)",
     )
@@ -909,10 +940,18 @@ class ProfileConfig:
     metrics: bool = _f(
         True, "compute retrieval metrics with copairs (activity, consistency, percent replicating)"
     )
-    null_size: int = _f(10000, "permutations in each mAP null distribution (copairs)")
-    fdr: float = _f(0.05, "a treatment is retrieved when its BH-corrected p-value is below this")
-    distance: str = _f("cosine", "copairs distance: cosine, correlation, euclidean or abs_cosine")
-    consistency_level: str = _f(
+    null_size: int = _f(10000, "permutations in each mAP null distribution (copairs)", ge=100)
+    fdr: float = _f(
+        0.05,
+        "a treatment is retrieved when its BH-corrected p-value is below this",
+        gt=0,
+        le=1,
+        must="between 0 and 1",
+    )
+    distance: ProfileDistance = _f(
+        "cosine", "copairs distance: cosine, correlation, euclidean or abs_cosine"
+    )
+    consistency_level: ConsistencyLevel = _f(
         "treatment",
         "consistency on treatment consensus profiles (treatment) "
         "or on wells with the same treatment's replicates excluded (well)",
@@ -927,13 +966,13 @@ class ProfileConfig:
         "pandas query keeping only these input rows before anything else, e.g. "
         "\"Metadata_Split == 'unseen'\" ('' = all)",
     )
-    compare: list = _f(
+    compare: Corrections = _f(
         [],
         "also write comparison.csv/.md: the same wells and metrics (mAP, batch "
         "mixing) for each of these corrections: raw, control (per-plate "
         "mad_robustize against the controls), harmony, control+harmony",
     )
-    compare_features: list = _f(
+    compare_features: FeatureSets = _f(
         [],
         "feature sets compared (embedding, morph, all, handmade, cpmeasure; [] = profile.features)",
     )
@@ -1122,6 +1161,8 @@ class ExperimentConfig:
             raise ConfigError(
                 "export.umap: UMAP coordinates are written to h5ad only (obsm['X_umap'])"
             )
+        if self.profile.compare and not self.profile.metrics:
+            raise ConfigError("profile.compare scores each version: it needs profile.metrics")
         _check_tune(self.tune)
         return self
 

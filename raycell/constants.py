@@ -45,6 +45,18 @@ UNASSIGNED = ""
 
 # Data set folder layout.
 MANIFEST = "dataset.json"
+# Keys a data set manifest of any version has; without them the folder is not a raycell data set
+# (the manifest reader refuses it, and the output rules do not recognise it as raycell's).
+MANIFEST_REQUIRED_KEYS = (
+    "schema_version",
+    "channel_names",
+    "channels",
+    "crop_size",
+    "dtype",
+    "label_vocab",
+    "batch_vocab",
+    "shards",
+)
 SHARD_DIR = "shards"
 SHARD_GLOB = "part-*.parquet"
 
@@ -80,5 +92,29 @@ ModelPreset = Literal["armed", "small", "tiny"]
 # `data.parquet_reader`: Ray Data's DataContext.use_datasource_v2 off / on.
 ParquetReader = Literal["v1", "v2"]
 PARQUET_READERS: tuple[str, ...] = get_args(ParquetReader)
+# `raycell profile` (`profile.*`; raycell/profiling/): the feature set, the per-well reduction, who
+# reduces (pandas or Ray Data), the per-plate normalisation, pycytominer's feature selections, copairs'
+# distance and consistency level, and the batch corrections `profile.compare` scores.
+ProfileFeatures = Literal["embedding", "morph", "all", "handmade", "cpmeasure"]
+FEATURE_SETS: tuple[str, ...] = get_args(ProfileFeatures)
+Aggregation = Literal["median", "mean"]
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+ProfileEngine = Literal["auto", "memory", "ray"]
+ENGINES: tuple[str, ...] = get_args(ProfileEngine)
+ProfileNormalization = Literal["mad_robustize", "robustize", "standardize", "none"]
+NORMALIZATIONS: tuple[str, ...] = get_args(ProfileNormalization)
+FeatureSelection = Literal[
+    "variance_threshold",
+    "correlation_threshold",
+    "drop_na_columns",
+    "blocklist",
+    "drop_outliers",
+]
+SELECTIONS: tuple[str, ...] = get_args(FeatureSelection)
+ProfileDistance = Literal["cosine", "correlation", "euclidean", "abs_cosine"]
+ConsistencyLevel = Literal["treatment", "well"]
+CONSISTENCY_LEVELS: tuple[str, ...] = get_args(ConsistencyLevel)
+Correction = Literal["raw", "control", "harmony", "control+harmony"]
+CORRECTIONS: tuple[str, ...] = get_args(Correction)
 # parquet schema metadata key of every prediction shard (what produced it)
 INFER_PROVENANCE = b"raycell.infer"

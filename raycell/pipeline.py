@@ -53,17 +53,9 @@ def _run_synth(cfg: ExperimentConfig, overwrite: bool = False) -> DatasetManifes
         chunk_cells=s.chunk_cells or None, num_workers=None if s.num_workers < 0 else s.num_workers
     )
     if s.num_workers > 0 or (s.num_workers < 0 and s.n_cells >= AUTO_RAY_CELLS):
-        from raycell.utils.ray_utils import init_ray
+        from raycell.utils.ray_utils import init_ray_from
 
-        init_ray(
-            cfg.ray.address,
-            cfg.ray.num_cpus,
-            cfg.ray.object_store_mb,
-            cfg.ray.progress,
-            cfg.ray.connect_timeout_s,
-            verbose=cfg.ray.verbose,
-            start_timeout_s=cfg.ray.start_timeout_s,
-        )
+        init_ray_from(cfg.ray)
     # the arguments both crop designs take (the others in the order the manifest records them)
     common = dict(
         n_cells=s.n_cells,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -402,8 +403,6 @@ def test_corrections_compared_on_the_same_wells_control_and_harmony_mix_the_plat
     assert table.loc["raw", "batch_silhouette"] < 0.5 < table.loc["control", "batch_silhouette"]
     assert table.loc["harmony", "ilisi_norm"] > table.loc["raw", "ilisi_norm"]
     assert (table["activity_fraction_retrieved"] == 1.0).all()  # X and Y stand out in every version
-    with pytest.raises(UserError, match="unknown correction 'combat'"):
-        corrected_versions(t, ctrl, "Metadata_Plate", methods=("combat",))
 
 
 def test_profile_writes_the_comparison_table(tmp_path):
@@ -515,6 +514,7 @@ def _embeddings_folder(tmp_path, n=300, dim=6, shards=3):
 @pytest.mark.ray
 def test_streamed_aggregation_equals_the_in_memory_one(ray_local, tmp_path):
     """Ray Data's per-well reduction gives the in-memory aggregate's values, counts and metadata."""
+    from raycell.profiling import streamed
     from raycell.profiling.streamed import streamed_table
     from raycell.profiling.wellprofiles import aggregate, filter_rows
 
@@ -525,7 +525,7 @@ def test_streamed_aggregation_equals_the_in_memory_one(ray_local, tmp_path):
         ("all", "mean", "Metadata_Split == 'unseen'"),
     ]:
         mem = aggregate(filter_rows(read_input(folder, feature_set), where), strata, op)
-        got = streamed_table(folder, feature_set, strata, op, where)
+        got = streamed_table(streamed.scan(folder), feature_set, strata, op, where)
         assert got.features == mem.features
         np.testing.assert_allclose(got.matrix(), mem.matrix(), rtol=1e-6, atol=1e-6)
         for c in strata + ["Metadata_treatment", "Metadata_Count_Cells"]:
@@ -539,20 +539,42 @@ def test_engine_choice_follows_the_input_size_and_refuses_what_cannot_stream(tmp
     from raycell.profiling import streamed
 
     folder = _embeddings_folder(tmp_path, n=40, dim=4, shards=1)
-    assert streamed.estimated_bytes(folder) == 40 * 4 * 8
-    assert not streamed.use_ray("auto", folder, "embedding")
+    src = streamed.source("auto", folder)
+    assert src.estimated_bytes == 40 * 4 * 8
+    assert not streamed.use_ray("auto", src, "embedding")
     monkeypatch.setattr(streamed, "_available_bytes", lambda: 1000)  # a machine with 1 kB free
-    assert streamed.use_ray("auto", folder, "embedding")
-    assert not streamed.use_ray("auto", folder, "handmade")  # computed from crops: in memory
-    assert not streamed.use_ray("memory", folder, "embedding")
+    assert streamed.use_ray("auto", src, "embedding")
+    assert not streamed.use_ray("auto", src, "handmade")  # computed from crops: in memory
+    assert streamed.source("memory", folder) is None
+    assert not streamed.use_ray("memory", None, "embedding")
     with pytest.raises(ProfileError, match="profile.engine=ray streams per-cell features"):
-        streamed.use_ray("ray", folder, "cpmeasure")
+        streamed.use_ray("ray", src, "cpmeasure")
     csv = tmp_path / "cells.csv"
     _tiny().to_csv(csv, index=False)
+    assert streamed.source("auto", csv) is None  # CSV is read in memory
     with pytest.raises(ProfileError, match="reads parquet.*profile.engine=memory for CSV"):
-        streamed.use_ray("ray", csv, "embedding")
-    with pytest.raises(ProfileError, match="profile.engine must be one of auto, memory, ray"):
-        streamed.use_ray("spark", folder, "embedding")
+        streamed.source("ray", csv)
+
+
+def test_profile_keys_are_checked_by_the_config_loader():
+    """`profile.*` choices and bounds are refused when the config loads, each in one line."""
+    from raycell.config import load_config
+    from raycell.errors import ConfigError
+
+    for override, message in (
+        ("profile.engine=spark", "profile.engine must be auto, memory or ray, got 'spark'"),
+        ("profile.aggregate=mode", "profile.aggregate must be median or mean, got 'mode'"),
+        ("profile.compare=[combat]", "profile.compare: unknown correction 'combat'"),
+        ("profile.feature_select=[pca]", "profile.feature_select: unknown operation 'pca'"),
+        ("profile.compare_features=[deep]", "profile.compare_features: unknown feature set"),
+        ("profile.strata=[]", "profile.strata is empty"),
+        ("profile.fdr=1.5", "profile.fdr must be between 0 and 1, got 1.5"),
+        ("profile.null_size=10", "profile.null_size must be >= 100, got 10"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="profile.compare scores each version"):
+        load_config(None, ["profile.compare=[raw]", "profile.metrics=false"])
 
 
 @pytest.mark.ray

@@ -244,6 +244,19 @@ def test_aggregate_wells_one_row_per_well_with_medians(emb):
     assert row["Metadata_dose"] == 0.3
 
 
+def test_embed_well_profiles_are_the_profile_commands_aggregation(emb):
+    """embed's well_profiles.parquet and `raycell profile`'s per-well step give the same wells."""
+    from raycell.profiling.wellprofiles import aggregate, read_input
+
+    meta, X, names = P.read_embeddings(emb)
+    wells = P.aggregate_wells(meta, X, names)
+    prof = aggregate(read_input(emb, "embedding"), ["Metadata_Plate", "Metadata_Well"]).frame
+    assert list(prof.columns) == list(wells.columns)
+    pd.testing.assert_frame_equal(
+        prof.astype(dict.fromkeys(names, np.float32)), wells, check_exact=True
+    )
+
+
 def test_aggregate_wells_needs_plate_and_well(cells):
     meta, X = cells
     frame = pd.DataFrame({k: v for k, v in meta.items() if k not in ("Metadata_Well", "Prob_dose")})

@@ -219,8 +219,11 @@ def aggregate_wells(meta: pd.DataFrame, X: np.ndarray, names: list[str]) -> pd.D
 
     Columns: the plate and well, every other `Metadata_*` column that is constant within every
     well, `Metadata_Count_Cells`, then the median of each feature (same names, float32). Medians,
-    as pycytominer's default `aggregate`, so a few debris objects do not move a well's profile.
+    as pycytominer's default `aggregate`, so a few debris objects do not move a well's profile;
+    the reduction is `raycell profile`'s (`raycell.formats.wells.aggregate_rows`).
     """
+    from raycell.formats.wells import aggregate_rows
+
     missing = [c for c in (PLATE, WELL) if c not in meta.columns]
     if missing:
         raise UserError(f"cannot aggregate wells: the embeddings have no {missing[0]} column")
@@ -228,23 +231,6 @@ def aggregate_wells(meta: pd.DataFrame, X: np.ndarray, names: list[str]) -> pd.D
         raise UserError(
             f"cannot aggregate wells: {len(meta)} metadata rows but {len(X)} feature rows"
         )
-    keys = [PLATE, WELL]
-    # Keys as strings, so cells whose well id is missing still form one group instead of vanishing.
-    g_keys = pd.DataFrame({k: meta[k].astype("string").fillna("") for k in keys})
-    groups = g_keys.groupby(keys, sort=True).ngroup().to_numpy()
-    order = np.argsort(groups, kind="stable")
-    starts = np.r_[0, np.flatnonzero(np.diff(groups[order])) + 1] if len(order) else order
-    first = order[starts]  # one representative row per well, in well order
-    out = meta.iloc[first][keys].reset_index(drop=True)
-    for c in meta.columns:
-        if not str(c).startswith(META_PREFIX) or c in keys or c == COUNT:
-            continue
-        col = meta[c]
-        if is_list_column(col):  # per-cell arrays cannot be compared within a well
-            continue
-        n_unique = col.astype(object).where(col.notna(), None).groupby(groups).nunique(dropna=False)
-        if (n_unique <= 1).all():
-            out[c] = col.iloc[first].to_numpy()
-    out[COUNT] = np.bincount(groups, minlength=len(first)).astype(np.int64)
-    med = pd.DataFrame(np.asarray(X, dtype=np.float32), columns=list(names)).groupby(groups)
-    return pd.concat([out, med.median().reset_index(drop=True).astype(np.float32)], axis=1)
+    metas = [c for c in meta.columns if str(c).startswith(META_PREFIX)]
+    wells = aggregate_rows(meta[metas], pd.DataFrame(X, columns=list(names)), [PLATE, WELL])
+    return wells.astype(dict.fromkeys(names, np.float32))

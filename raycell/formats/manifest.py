@@ -20,17 +20,6 @@ class ShardError(UserError, ValueError):
     """A data set folder, manifest or shard does not follow the crop-shard contract."""
 
 
-# keys a manifest of any version has; without them the folder is not a raycell data set
-REQUIRED_KEYS = (
-    "schema_version",
-    "channel_names",
-    "channels",
-    "crop_size",
-    "dtype",
-    "label_vocab",
-    "batch_vocab",
-    "shards",
-)
 # sections only some producers write: left out of the JSON when empty, as those producers always did
 _SECTIONS = (
     "suggested_unseen",
@@ -120,7 +109,7 @@ class DatasetManifest:
         """
         if not isinstance(raw, dict):
             raise ShardError(f"{where}: manifest must be a JSON object")
-        missing = [k for k in REQUIRED_KEYS if k not in raw]
+        missing = [k for k in K.MANIFEST_REQUIRED_KEYS if k not in raw]
         if missing:
             raise ShardError(f"{where}: manifest is missing key(s) {missing}")
         if raw["schema_version"] > K.SCHEMA_VERSION:

@@ -100,6 +100,15 @@ def _locate(table: pa.Table, i: int, where: str) -> str:
     return f"{where or 'shard'}: row {i} (cell_id={_cell_id(table, i)})"
 
 
+def _first_mismatch(table, wants) -> tuple[int, str, object] | None:
+    """(row, column, wanted value) of the first row whose column differs from `wants`, or None."""
+    for col, want in wants:
+        bad = pc.not_equal(table.column(col), want)
+        if pc.any(bad).as_py():
+            return pc.index(bad, True).as_py(), col, want
+    return None
+
+
 def _cell_id(table: pa.Table, i: int) -> str:
     if K.CELL_ID in table.column_names:
         return str(table.column(K.CELL_ID)[i].as_py())
@@ -217,6 +226,17 @@ def summarize_meta(meta: pd.DataFrame) -> dict:
     }
 
 
+def check_crops(images: np.ndarray, meta: pd.DataFrame, where: str) -> None:
+    """Refuse crops a shard cannot hold: not (N, C, H, W) with one metadata row each, or not uint8/16."""
+    if images.ndim != 4 or len(images) != len(meta):
+        raise ShardError(
+            f"{where}: images must be (N, C, H, W) with one metadata row each, got "
+            f"{images.shape} and {len(meta)} rows"
+        )
+    if images.dtype not in (np.uint8, np.uint16):
+        raise ShardError(f"{where}: images must be uint8 or uint16, got {images.dtype}")
+
+
 def write_shard_file(
     out_dir: str | os.PathLike, name: str, images: np.ndarray, meta: pd.DataFrame
 ) -> dict:
@@ -226,13 +246,7 @@ def write_shard_file(
     count, crop shape and dtype, its exact per-channel histograms (sparse: only non-empty bins) and
     `summarize_meta` of its rows.
     """
-    if images.ndim != 4 or len(images) != len(meta):
-        raise ShardError(
-            f"shard {name}: images must be (N, C, H, W) with one metadata row each, got "
-            f"{images.shape} and {len(meta)} rows"
-        )
-    if images.dtype not in (np.uint8, np.uint16):
-        raise ShardError(f"shard {name}: images must be uint8 or uint16, got {images.dtype}")
+    check_crops(images, meta, f"shard {name}")
     atomic_write_parquet(shard_table(images, meta), Path(out_dir) / K.SHARD_DIR / name)
     stats = ChannelStats(images.shape[1], images.dtype)
     stats.update(images)
@@ -376,13 +390,7 @@ class ShardWriter:
         """Queue a batch of crops (N, C, H, W) with one metadata row each (must include cell_id,
         batch, label).
         """
-        if images.ndim != 4 or len(images) != len(meta):
-            raise ShardError(
-                f"add(): images must be (N, C, H, W) with one metadata row each, got "
-                f"{images.shape} and {len(meta)} rows"
-            )
-        if images.dtype not in (np.uint8, np.uint16):
-            raise ShardError(f"add(): images must be uint8 or uint16, got {images.dtype}")
+        check_crops(images, meta, "add()")
         if images.shape[1] != len(self.channel_names):
             raise ShardError(f"add(): {images.shape[1]} channels but names {self.channel_names}")
         b = self.builder
@@ -541,14 +549,13 @@ class ShardDataset:
         if missing:
             raise ShardError(f"{where}: missing column(s) {missing}")
         c, h, w = self.shape
-        for col, want in ((K.CHANNELS, c), (K.HEIGHT, h), (K.WIDTH, w)):
-            bad = pc.not_equal(table.column(col), want)
-            if pc.any(bad).as_py():
-                i = pc.index(bad, True).as_py()
-                raise ShardError(
-                    f"{where}: row {i} (cell_id={_cell_id(table, i)}) has {col}="
-                    f"{table.column(col)[i].as_py()}, but the manifest says {want}"
-                )
+        bad = _first_mismatch(table, ((K.CHANNELS, c), (K.HEIGHT, h), (K.WIDTH, w)))
+        if bad:
+            i, col, want = bad
+            raise ShardError(
+                f"{where}: row {i} (cell_id={_cell_id(table, i)}) has {col}="
+                f"{table.column(col)[i].as_py()}, but the manifest says {want}"
+            )
         decode_images(table, self.shape, self.dtype, where=where)
 
     def check_shard_file(self, path: str) -> None:
@@ -568,15 +575,16 @@ class ShardDataset:
             raise ShardError(f"shard {path}: missing column(s) {missing}")
         t = self.read_shard(path, [K.CELL_ID, K.CHANNELS, K.HEIGHT, K.WIDTH, K.DTYPE])
         c, h, w = self.shape
-        for col, want in ((K.CHANNELS, c), (K.HEIGHT, h), (K.WIDTH, w), (K.DTYPE, self.dtype)):
-            bad = pc.not_equal(t.column(col), want)
-            if pc.any(bad).as_py():
-                i = pc.index(bad, True).as_py()
-                raise ShardError(
-                    f"shard {path}: row {i} (cell_id={_cell_id(t, i)}) has {col}="
-                    f"{t.column(col)[i].as_py()}, but the manifest {self.root / K.MANIFEST} "
-                    f"says {want}: the shard does not belong to this data set"
-                )
+        bad = _first_mismatch(
+            t, ((K.CHANNELS, c), (K.HEIGHT, h), (K.WIDTH, w), (K.DTYPE, self.dtype))
+        )
+        if bad:
+            i, col, want = bad
+            raise ShardError(
+                f"shard {path}: row {i} (cell_id={_cell_id(t, i)}) has {col}="
+                f"{t.column(col)[i].as_py()}, but the manifest {self.root / K.MANIFEST} "
+                f"says {want}: the shard does not belong to this data set"
+            )
 
 
 def open_dataset(path: str | os.PathLike, check: bool = False) -> ShardDataset:

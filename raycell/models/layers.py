@@ -15,7 +15,9 @@ eval-mode statistics settle: short runs would otherwise evaluate with near-initi
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -105,11 +107,42 @@ def tied_conv_transpose(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor) ->
     return F.conv_transpose2d(x, conv.weight, bias, stride=conv.stride, padding=1)
 
 
-class ConvEncoder(nn.Module):
-    """Conv -> BN -> PReLU blocks, then Dense -> latent (-> BatchNorm), returning every block's output.
+class BlockEncoder(nn.Module):
+    """Conv -> norm -> PReLU blocks, then Dense -> latent, returning every block's output.
 
-    The per-block outputs feed the adversary of the domain-adversarial models.
+    The per-block outputs feed the adversary of the domain-adversarial models. Encoders differ in
+    their norm: `make_norm(channels)` builds it, and `blocks` calls it with any extra inputs (the
+    random-effects encoder's design matrix).
     """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        filters: list[int],
+        strides: list[int],
+        latent_dim: int,
+        make_norm: Callable[[int], nn.Module],
+    ):
+        super().__init__()
+        self.convs = conv_stack(in_channels, image_size, filters, strides)
+        self.norms = nn.ModuleList(make_norm(f) for f in filters)
+        self.acts = nn.ModuleList(nn.PReLU(f, init=0.0) for f in filters)
+        size = block_sizes(image_size, strides)[-1]
+        self.out_shape = (filters[-1], size, size)
+        self.dense = nn.Linear(filters[-1] * size**2, latent_dim)
+
+    def blocks(self, x: torch.Tensor, *extra: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """X (N, C, H, W) -> (dense output (N, D), [block outputs])."""
+        feats = []
+        for conv, norm, act in zip(self.convs, self.norms, self.acts):
+            x = act(norm(same_conv(x, conv), *extra))
+            feats.append(x)
+        return self.dense(x.flatten(1)), feats
+
+
+class ConvEncoder(BlockEncoder):
+    """Conv -> BN -> PReLU blocks, then Dense -> latent (-> BatchNorm), returning every block's output."""
 
     def __init__(
         self,
@@ -120,16 +153,8 @@ class ConvEncoder(nn.Module):
         latent_dim: int,
         latent_norm: bool = True,
     ):
-        super().__init__()
-        down = math.prod(strides)
-        self.convs = conv_stack(in_channels, image_size, filters, strides)
-        self.norms = nn.ModuleList(
-            nn.BatchNorm2d(f, momentum=BN_MOMENTUM, eps=BN_EPS) for f in filters
-        )
-        self.acts = nn.ModuleList(nn.PReLU(f, init=0.0) for f in filters)
-        self.out_size = image_size // down
-        self.out_shape = (filters[-1], self.out_size, self.out_size)
-        self.dense = nn.Linear(filters[-1] * self.out_size**2, latent_dim)
+        norm = functools.partial(nn.BatchNorm2d, momentum=BN_MOMENTUM, eps=BN_EPS)
+        super().__init__(in_channels, image_size, filters, strides, latent_dim, norm)
         self.latent_norm = (
             nn.BatchNorm1d(latent_dim, momentum=BN_MOMENTUM, eps=BN_EPS)
             if latent_norm
@@ -138,12 +163,8 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """X (N, C, H, W) in [0, 1] -> (latent (N, D), [block outputs])."""
-        feats = []
-        for conv, norm, act in zip(self.convs, self.norms, self.acts):
-            x = act(norm(same_conv(x, conv)))
-            feats.append(x)
-        z = self.latent_norm(self.dense(x.flatten(1)))
-        return z, feats
+        h, feats = self.blocks(x)
+        return self.latent_norm(h), feats
 
 
 class TiedDecoder(nn.Module):

@@ -25,6 +25,7 @@ Choices where the reference leaves room (documented here once):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,10 +34,8 @@ from torch import nn
 
 from raycell.models.layers import (
     BN_EPS,
-    block_sizes,
-    conv_stack,
+    BlockEncoder,
     init_output_mean,
-    same_conv,
 )
 
 SIGMA_FLOOR = 1e-5  # the reference's s.d. = 1e-5 + softplus(rho); keeps the KL finite
@@ -148,7 +147,7 @@ def design_matrix(z: torch.Tensor | None, x: torch.Tensor, n: int) -> torch.Tens
     return z.to(device=x.device, dtype=x.dtype)
 
 
-class RandomEffectsEncoder(nn.Module):
+class RandomEffectsEncoder(BlockEncoder):
     """Conv -> ClusterScaleBias(z) -> PReLU blocks, then Dense -> latent (linear, no BatchNorm)."""
 
     def __init__(
@@ -161,21 +160,12 @@ class RandomEffectsEncoder(nn.Module):
         n_clusters: int,
         **re_kwargs,
     ):
-        super().__init__()
-        self.convs = conv_stack(in_channels, image_size, filters, strides)
-        sizes = block_sizes(image_size, strides)
-        self.norms = nn.ModuleList(ClusterScaleBias(f, n_clusters, **re_kwargs) for f in filters)
-        self.acts = nn.ModuleList(nn.PReLU(f, init=0.0) for f in filters)
-        self.out_shape = (filters[-1], sizes[-1], sizes[-1])
-        self.dense = nn.Linear(filters[-1] * sizes[-1] ** 2, latent_dim)
+        norm = functools.partial(ClusterScaleBias, n_clusters=n_clusters, **re_kwargs)
+        super().__init__(in_channels, image_size, filters, strides, latent_dim, norm)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(x, z) -> (latent, [block outputs])."""
-        feats = []
-        for conv, norm, act in zip(self.convs, self.norms, self.acts):
-            x = act(norm(same_conv(x, conv), z))
-            feats.append(x)
-        return self.dense(x.flatten(1)), feats
+        return self.blocks(x, z)
 
     def re_layers(self) -> list[RandomEffects]:
         """Every random-effects layer (2 per block)."""

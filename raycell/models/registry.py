@@ -21,10 +21,9 @@ from typing import Callable
 
 from torch import nn
 
-from raycell.config import LossConfig
 from raycell.errors import UserError
 from raycell.forward import OPTIONAL_OUTPUTS
-from raycell.plans import GradSync, TrainingPlan, no_sync
+from raycell.plans import TrainingPlan
 
 
 @dataclass(frozen=True)
@@ -164,29 +163,15 @@ def create_model(model_type: str, **kwargs) -> nn.Module:
     return model
 
 
-def build_plan(
-    model: nn.Module,
-    loss: LossConfig,
-    lr: float,
-    weight_decay: float = 0.0,
-    n_batches: int = 1,
-    grad_sync: GradSync = no_sync,
-    bf16: bool = False,
-    layer_decay: float = 0.0,
-) -> TrainingPlan:
-    """The training plan of the model's registry entry, for `model` (built by `create_model`)."""
+def build_plan(model: nn.Module, *args, **kwargs) -> TrainingPlan:
+    """The training plan of the model's registry entry, for `model` (built by `create_model`).
+
+    The other arguments are the plan's (`raycell.plans.TrainingPlan`: loss, lr, weight_decay,
+    n_batches, grad_sync, bf16, layer_decay), passed on as they are.
+    """
     model_type = getattr(model, "model_type", None)
     if model_type is None:
         raise TypeError(
             f"build_plan: {type(model).__name__} has no model_type; build it with create_model"
         )
-    return model_entry(model_type).plan(
-        model,
-        loss,
-        lr,
-        weight_decay,
-        n_batches=n_batches,
-        grad_sync=grad_sync,
-        bf16=bf16,
-        layer_decay=layer_decay,
-    )
+    return model_entry(model_type).plan(model, *args, **kwargs)

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from raycell.constants import CORRECTIONS
 from raycell.profiling.retrieval import RetrievalSettings, retrieval
 from raycell.profiling.wellprofiles import (
     ProfileError,
@@ -29,7 +30,6 @@ from raycell.profiling.wellprofiles import (
     normalize_plates,
 )
 
-CORRECTIONS = ("raw", "control", "harmony", "control+harmony")
 HARMONY_PREFIX = "Cells_Harmony_"
 
 
@@ -80,11 +80,6 @@ def corrected_versions(
     seed: int = 0,
 ) -> dict[str, ProfileTable]:
     """The versions named in `methods` of the (aggregated, finite) profiles `t`."""
-    bad = [m for m in methods if m not in CORRECTIONS]
-    if bad:
-        raise ProfileError(
-            f"profile.compare: unknown correction {bad[0]!r} (use any of {', '.join(CORRECTIONS)})"
-        )
     out = {}
     normalised = None
     for m in methods:

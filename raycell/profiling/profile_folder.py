@@ -19,24 +19,20 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from raycell.config import ExperimentConfig, ProfileConfig
 from raycell.profiling.retrieval import (
-    LEVELS,
     RetrievalResult,
     RetrievalSettings,
     retrieval,
 )
-from raycell.profiling.streamed import ENGINES
+from raycell.profiling.streamed import ParquetInput, source, streamed_table, use_ray
 from raycell.profiling.wellprofiles import (
-    AGGREGATIONS,
-    FEATURE_SETS,
-    NORMALIZATIONS,
-    SELECTIONS,
     ProfileError,
     ProfileTable,
     build_profiles,
@@ -54,46 +50,22 @@ COMPARISON, COMPARISON_MD = "comparison.csv", "comparison.md"
 
 
 @dataclass
-class ProfileSettings:
-    """Everything `raycell profile` reads (the `profile.*` config keys, one to one)."""
+class ProfileSettings(ProfileConfig):
+    """Everything `raycell profile` reads: the `profile.*` keys (declared and checked once, in
+    `ProfileConfig`) and the run's seed.
+    """
 
-    input: str
-    out: str
-    features: str = "embedding"
-    aggregate: str = "median"
-    engine: str = "auto"
-    strata: tuple = ("Metadata_Plate", "Metadata_Well")
-    plate_column: str = "Metadata_Plate"
-    controls: str = ""
-    normalize: str = "mad_robustize"
-    feature_select: tuple = ("variance_threshold", "correlation_threshold", "drop_na_columns")
-    sphere: bool = False
-    treatment: tuple = ()
-    annotations: tuple = ()
-    metrics: bool = True
-    null_size: int = 10000
-    fdr: float = 0.05
-    distance: str = "cosine"
-    consistency_level: str = "treatment"
-    consistency_active_only: bool = False
-    where: str = ""
-    compare: tuple = ()
-    compare_features: tuple = ()
-    batch_column: str = "Metadata_Plate"
-    overwrite: bool = False
     seed: int = 0
 
     @classmethod
-    def from_config(cls, cfg) -> "ProfileSettings":
-        """From an ExperimentConfig (its `profile` section and seed)."""
-        d = asdict(cfg.profile)
-        return cls(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}, seed=cfg.seed
-        )
+    def from_config(cls, cfg: ExperimentConfig) -> "ProfileSettings":
+        """From an ExperimentConfig (its `profile` section and seed), as the loader checked them."""
+        keys = {f.name: getattr(cfg.profile, f.name) for f in fields(ProfileConfig)}
+        return cls(**keys, seed=cfg.seed)
 
 
 def check_settings(s: ProfileSettings) -> None:
-    """Every setting checked before any data is read."""
+    """What `raycell profile` needs beyond valid keys, checked before any data is read."""
     if not s.input:
         raise ProfileError(
             "profile needs an input: --input (profile.input), an embeddings folder "
@@ -101,46 +73,6 @@ def check_settings(s: ProfileSettings) -> None:
         )
     if not s.out:
         raise ProfileError("profile needs an output folder: --out (profile.out)")
-    for key, val, allowed in (
-        ("features", s.features, FEATURE_SETS),
-        ("aggregate", s.aggregate, AGGREGATIONS),
-        ("engine", s.engine, ENGINES),
-        ("normalize", s.normalize, NORMALIZATIONS),
-        ("consistency_level", s.consistency_level, LEVELS),
-        ("distance", s.distance, ("cosine", "correlation", "euclidean", "abs_cosine")),
-    ):
-        if val not in allowed:
-            raise ProfileError(f"profile.{key} must be one of {', '.join(allowed)}, got {val!r}")
-    bad = [o for o in s.feature_select if o not in SELECTIONS]
-    if bad:
-        raise ProfileError(
-            f"profile.feature_select: unknown operation {bad[0]!r} (use any of "
-            f"{', '.join(SELECTIONS)})"
-        )
-    from raycell.profiling.correction import CORRECTIONS
-
-    bad = [c for c in s.compare if c not in CORRECTIONS]
-    if bad:
-        raise ProfileError(
-            f"profile.compare: unknown correction {bad[0]!r} (use any of {', '.join(CORRECTIONS)})"
-        )
-    bad = [f for f in s.compare_features if f not in FEATURE_SETS]
-    if bad:
-        raise ProfileError(
-            f"profile.compare_features: unknown feature set {bad[0]!r} (use any "
-            f"of {', '.join(FEATURE_SETS)})"
-        )
-    if s.compare and not s.metrics:
-        raise ProfileError("profile.compare scores each version: it needs profile.metrics")
-    if not s.strata:
-        raise ProfileError(
-            "profile.strata is empty: name the columns of one well (e.g. "
-            "[Metadata_Plate, Metadata_Well])"
-        )
-    if not 0 < s.fdr < 1:
-        raise ProfileError(f"profile.fdr must be between 0 and 1, got {s.fdr}")
-    if s.null_size < 100:
-        raise ProfileError(f"profile.null_size must be >= 100, got {s.null_size}")
     if s.metrics and not s.treatment:
         raise ProfileError(
             "profile.metrics needs profile.treatment: the column(s) naming each "
@@ -257,22 +189,27 @@ def write_folder(
     return out
 
 
-def cell_rows(s: ProfileSettings, feature_set: str) -> ProfileTable:
-    """The input's rows that `profile.where` keeps; with Ray Data (`profile.engine`), already one
-    per well, so that a per-cell input larger than memory never sits in one process.
+def cell_rows(s: ProfileSettings, feature_set: str, src: ParquetInput | None) -> ProfileTable:
+    """The input's rows that `profile.where` keeps; with Ray Data (`profile.engine`; `src` is the
+    input `streamed.source` scanned), already one per well, so that a per-cell input larger than
+    memory never sits in one process.
     """
-    from raycell.profiling.streamed import streamed_table, use_ray
-
-    if use_ray(s.engine, s.input, feature_set):
-        return streamed_table(s.input, feature_set, list(s.strata), s.aggregate, s.where)
+    if use_ray(s.engine, src, feature_set):
+        return streamed_table(src, feature_set, list(s.strata), s.aggregate, s.where)
     return filter_rows(read_input(s.input, feature_set, s.where), s.where)
 
 
-def make_profiles(s: ProfileSettings) -> tuple[ProfileTable, RetrievalResult | None]:
-    """Read, build and (with `metrics`) score the profiles, without writing anything."""
+def make_profiles(
+    s: ProfileSettings, src: ParquetInput | None = None
+) -> tuple[ProfileTable, RetrievalResult | None]:
+    """Read, build and (with `metrics`) score the profiles, without writing anything.
+
+    `src`: the input as `streamed.source(s.engine, s.input)` scanned it (scanned here when None).
+    """
     check_settings(s)
+    src = src or source(s.engine, s.input)
     t = build_profiles(
-        cell_rows(s, s.features),
+        cell_rows(s, s.features, src),
         list(s.strata),
         s.aggregate,
         s.controls,
@@ -293,8 +230,9 @@ def profile(s: ProfileSettings) -> dict:
     check_output(
         s.out, [("profile.input", s.input)], what="profile.out", kind=PROFILE, error=ProfileError
     )
-    t, res = make_profiles(s)
-    comparison = compare(s) if s.compare else None
+    src = source(s.engine, s.input)  # the input's size is read once, for every feature set
+    t, res = make_profiles(s, src)
+    comparison = compare(s, src) if s.compare else None
     out = write_folder(Path(s.out), t, s, res, comparison=comparison)
     return {
         "out": str(out),
@@ -305,13 +243,13 @@ def profile(s: ProfileSettings) -> dict:
     }
 
 
-def compare(s: ProfileSettings) -> pd.DataFrame:
+def compare(s: ProfileSettings, src: ParquetInput | None) -> pd.DataFrame:
     """`profile.compare`: each feature set x batch correction scored on the same wells."""
     from raycell.profiling.correction import compare_corrections, corrected_versions
 
     tables = {}
     for fs in s.compare_features or (s.features,):
-        t = prepare(cell_rows(s, fs), list(s.strata), s.aggregate)
+        t = prepare(cell_rows(s, fs, src), list(s.strata), s.aggregate)
         for name, v in corrected_versions(
             t, s.controls, s.batch_column, s.plate_column, s.compare, s.seed
         ).items():

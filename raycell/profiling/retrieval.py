@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from raycell.constants import ConsistencyLevel
 from raycell.profiling.wellprofiles import (
     TREATMENT_KEY,
     ProfileError,
@@ -35,7 +36,6 @@ from raycell.profiling.wellprofiles import (
 )
 
 REFERENCE_INDEX = "Metadata_reference_index"
-LEVELS = ("treatment", "well")
 
 
 @dataclass
@@ -48,7 +48,7 @@ class RetrievalSettings:
     null_size: int = 10000
     fdr: float = 0.05
     distance: str = "cosine"
-    consistency_level: str = "treatment"
+    consistency_level: ConsistencyLevel = "treatment"
     consistency_active_only: bool = True
     seed: int = 0
 
@@ -212,10 +212,6 @@ def retrieval(t: ProfileTable, s: RetrievalSettings) -> RetrievalResult:
         raise ProfileError(
             "retrieval metrics need profile.treatment: the column(s) naming each "
             "well's treatment (e.g. [Metadata_broad_sample])"
-        )
-    if s.consistency_level not in LEVELS:
-        raise ProfileError(
-            f"profile.consistency_level must be treatment or well, got {s.consistency_level!r}"
         )
     notes = []
     has_controls = s.controls_mask is not None and 0 < s.controls_mask.sum() < len(t.frame)

@@ -16,58 +16,114 @@ parquet footers and embeddings.json, no data read).
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from raycell import constants as K
+from raycell.constants import Aggregation, ProfileEngine
 from raycell.formats.arrays import object_matrix
 from raycell.profiling import profiles as P
 from raycell.profiling.table import ProfileError, ProfileTable
 
-ENGINES = ("auto", "memory", "ray")
 STREAMED_FEATURE_SETS = ("embedding", "morph", "all")
 _KEY = "__raycell_key_"  # string group keys (a null key is "", as in the in-memory aggregate)
 _VARIES = "__raycell_varies_"  # per well: does a metadata column take more than one value?
 
 
-def _inputs(path: Path) -> tuple[list[Path], dict | None]:
-    """(parquet files, embeddings manifest or None) of a streamable input."""
+@dataclass
+class ParquetInput:
+    """A streamable input, looked at once per command: its parquet files and embeddings manifest.
+
+    Its size (`estimated_bytes`) reads every file's footer, so it is read on first use and kept:
+    the engine choice and the `profile.compare` feature sets then share one look at the input.
+    """
+
+    path: Path
+    files: list[Path]
+    manifest: dict | None  # embeddings.json, or None for a plain parquet file or folder
+
+    @property
+    def list_layout(self) -> bool:
+        """True for embeddings whose features are one fixed-size list column."""
+        return self.manifest is not None and self.manifest.get("layout") == "list"
+
+    @functools.cached_property
+    def estimated_bytes(self) -> int:
+        """Rough in-memory size of the features (a float64 frame): rows x values per row x 8."""
+        import pyarrow.parquet as pq
+
+        rows = 0
+        for f in self.files:
+            st = f.stat()
+            rows += _num_rows(str(f), st.st_size, st.st_mtime_ns)
+        if self.list_layout:
+            cols = _list_dim(self.files[0], self.manifest["features"][0])
+        else:
+            cols = len(pq.read_schema(self.files[0]).names)
+        return rows * cols * 8
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _num_rows(file: str, size: int, mtime_ns: int) -> int:
+    """Rows of one parquet file, from its footer; kept per (file, size, mtime), so that the CLI's
+    Ray decision and the command it starts read each footer once.
+    """
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(file).metadata.num_rows
+
+
+def scan(path: str | os.PathLike) -> ParquetInput:
+    """The parquet files (and embeddings manifest) of an input Ray Data can stream.
+
+    Raises:
+        ProfileError: not an embeddings folder, a parquet file or a folder of them.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / K.MANIFEST).is_file():
+        raise ProfileError(
+            f"profile input {path} is a crop data set: its features are computed from the crops "
+            "(give profile.engine=memory)"
+        )
     if path.is_dir() and (path / P.MANIFEST).is_file():
         files = sorted((path / "shards").glob(P.SHARD_GLOB))
         if not files:
             raise ProfileError(
                 f"no embedding shards in {path / 'shards'} (did `raycell embed` finish?)"
             )
-        return files, P.read_manifest(path)
+        return ParquetInput(path, files, P.read_manifest(path))
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:
             raise ProfileError(f"profile input {path}: no parquet files to stream")
-        return files, None
+        return ParquetInput(path, files, None)
     if path.suffix == ".parquet":
-        return [path], None
+        return ParquetInput(path, [path], None)
     raise ProfileError(
         f"profile.engine=ray reads parquet (an embeddings folder, a parquet file or a folder of "
         f"them); {path} is not (give profile.engine=memory for CSV)"
     )
 
 
-def estimated_bytes(path: str | os.PathLike) -> int | None:
-    """Rough in-memory size of the input's features (float64 frame), or None when unknown."""
-    import pyarrow.parquet as pq
+def source(engine: ProfileEngine, path: str | os.PathLike) -> ParquetInput | None:
+    """The input Ray Data may aggregate (scanned once per command), or None when it stays in memory.
 
-    try:
-        files, manifest = _inputs(Path(path))
-    except ProfileError:
+    Raises:
+        ProfileError: `engine` is "ray" and the input is not parquet.
+    """
+    if engine == "memory":
         return None
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    if manifest is not None and manifest.get("layout") == "list":
-        cols = _list_dim(files[0], manifest["features"][0])
-    else:
-        cols = len(pq.ParquetFile(files[0]).schema_arrow.names)
-    return rows * cols * 8
+    try:
+        return scan(path)
+    except ProfileError:
+        if engine == "ray":
+            raise
+        return None  # auto: CSV, a crop data set, a missing path: the in-memory reader says why
 
 
 def _list_dim(file: Path, column: str) -> int:
@@ -93,11 +149,9 @@ def _available_bytes() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def use_ray(engine: str, path: str | os.PathLike, feature_set: str) -> bool:
-    """Whether `raycell profile` aggregates with Ray Data (see the module docstring)."""
-    if engine not in ENGINES:
-        raise ProfileError(f"profile.engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "memory":
+def use_ray(engine: ProfileEngine, src: ParquetInput | None, feature_set: str) -> bool:
+    """Whether `raycell profile` aggregates `src` (from `source`) with Ray Data (module docstring)."""
+    if src is None:
         return False
     if engine == "ray":
         if feature_set not in STREAMED_FEATURE_SETS:
@@ -105,19 +159,18 @@ def use_ray(engine: str, path: str | os.PathLike, feature_set: str) -> bool:
                 f"profile.engine=ray streams per-cell features ({', '.join(STREAMED_FEATURE_SETS)}); "
                 f"profile.features={feature_set} is computed from the crops: use profile.engine=memory"
             )
-        _inputs(Path(path))
         return True
     if feature_set not in STREAMED_FEATURE_SETS:
         return False
-    size = estimated_bytes(path)
-    return size is not None and size > _available_bytes() // 2
+    return src.estimated_bytes > _available_bytes() // 2
 
 
-def _columns(files: list[Path], manifest: dict | None, feature_set: str) -> tuple[list, list]:
+def _columns(src: ParquetInput, feature_set: str) -> tuple[list, list]:
     """(metadata columns, feature columns) to read, by the input's schema."""
     import pyarrow.parquet as pq
 
-    names = pq.ParquetFile(files[0]).schema_arrow.names
+    files, manifest = src.files, src.manifest
+    names = pq.read_schema(files[0]).names
     meta = [c for c in names if c.startswith(P.META_PREFIX)]
     if manifest is None:
         feats = P.feature_columns(names)
@@ -156,24 +209,24 @@ def _feature_frame(df: pd.DataFrame, feats: list[str], list_layout: bool) -> pd.
 
 
 def streamed_table(
-    path: str | os.PathLike,
+    src: ParquetInput,
     feature_set: str,
     strata: list[str],
-    operation: str = "median",
+    operation: Aggregation = "median",
     where: str = "",
 ) -> ProfileTable:
     """One row per `strata` group of a parquet input, aggregated by Ray Data (module docstring)."""
     import ray.data
 
-    files, manifest = _inputs(Path(path))
-    meta, feats = _columns(files, manifest, feature_set)
+    files = src.files
+    meta, feats = _columns(src, feature_set)
     missing = [c for c in strata if c not in meta]
     if missing:
         raise ProfileError(
             f"profile.strata: no column {missing[0]!r} in {files[0]} (metadata columns: "
             f"{', '.join(meta[:12])})"
         )
-    list_layout = manifest is not None and manifest.get("layout") == "list"
+    list_layout = src.list_layout
     keys = [_KEY + str(i) for i in range(len(strata))]
 
     def prepare(df: pd.DataFrame) -> pd.DataFrame:
@@ -205,7 +258,7 @@ def streamed_table(
     ds = ds.map_batches(prepare, batch_format="pandas")
     wells = ds.groupby(keys).map_groups(reduce, batch_format="pandas").to_pandas()
     if wells.empty:
-        raise ProfileError(f"profile.where {where!r} matches none of the cells in {path}")
+        raise ProfileError(f"profile.where {where!r} matches none of the cells in {src.path}")
     wells = wells.sort_values(keys, kind="stable").reset_index(drop=True)
     keep = [c for c in meta if c in strata or not wells[_VARIES + c].any()]
     names = [c for c in wells.columns if not c.startswith((_KEY, _VARIES)) and c not in meta]

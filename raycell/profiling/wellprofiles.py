@@ -1,7 +1,8 @@
 """Well profiles the field can compare: aggregated, normalised per plate against controls, selected.
 
-The steps are pycytominer's (`aggregate`, `normalize`, `feature_select`, `normalize(method=
-"spherize")`), called on a table in the CytoTable layout: `Metadata_*` columns, then one float
+The steps are pycytominer's (`normalize`, `feature_select`, `normalize(method="spherize")`; the
+per-well reduction is its `aggregate`'s, in `raycell.formats.wells`, which `raycell embed` shares),
+called on a table in the CytoTable layout: `Metadata_*` columns, then one float
 column per feature with a compartment prefix (`Cells_`, `Cytoplasm_`, `Nuclei_`). What this module
 adds around them is what pycytominer leaves to its caller: reading a `raycell embed` folder or a
 parquet/CSV table, refusing bad input with one line (a control query that names no column or
@@ -17,19 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from raycell.constants import Aggregation, ProfileFeatures, ProfileNormalization
+from raycell.formats.wells import aggregate_rows
 from raycell.profiling import profiles as P
 from raycell.profiling.table import ProfileError, ProfileTable
 
-AGGREGATIONS = ("median", "mean")
-NORMALIZATIONS = ("mad_robustize", "robustize", "standardize", "none")
-SELECTIONS = (
-    "variance_threshold",
-    "correlation_threshold",
-    "drop_na_columns",
-    "blocklist",
-    "drop_outliers",
-)
-FEATURE_SETS = ("embedding", "morph", "all", "handmade", "cpmeasure")
 TREATMENT_KEY = "Metadata_raycell_treatment"
 
 
@@ -66,7 +59,9 @@ def _read_table(path: Path) -> pd.DataFrame:
     )
 
 
-def read_input(path: str | Path, feature_set: str = "embedding", where: str = "") -> ProfileTable:
+def read_input(
+    path: str | Path, feature_set: ProfileFeatures = "embedding", where: str = ""
+) -> ProfileTable:
     """Per-cell or per-well features from an embeddings folder or a CytoTable-layout table.
 
     Args:
@@ -84,10 +79,6 @@ def read_input(path: str | Path, feature_set: str = "embedding", where: str = ""
     from raycell.profiling.export import morph_feature_name
 
     path = Path(path)
-    if feature_set not in FEATURE_SETS:
-        raise ProfileError(
-            f"profile.features must be one of {', '.join(FEATURE_SETS)}, got {feature_set!r}"
-        )
     if not path.exists():
         raise ProfileError(f"profile input not found: {path}")
     if path.is_dir() and (
@@ -189,42 +180,18 @@ def _require(frame: pd.DataFrame, columns: list[str], what: str) -> None:
         )
 
 
-def aggregate(t: ProfileTable, strata: list[str], operation: str = "median") -> ProfileTable:
-    """One row per `strata` group (pycytominer's `aggregate`), with the metadata constant in it.
+def aggregate(
+    t: ProfileTable, strata: list[str], operation: Aggregation = "median"
+) -> ProfileTable:
+    """One row per `strata` group (`raycell.formats.wells.aggregate_rows`, the reduction embed shares).
 
     A table already holding one row per group is returned as it is (its values unchanged), so well
     profiles pass through. `Metadata_Count_Cells` counts the rows of each group.
     """
-    pycytominer = _pycytominer()
-
-    if operation not in AGGREGATIONS:
-        raise ProfileError(
-            f"profile.aggregate must be one of {', '.join(AGGREGATIONS)}, got {operation!r}"
-        )
     _require(t.frame, strata, "profile.strata")
-    keys = t.frame[strata].astype("string").fillna("")
-    if not keys.duplicated().any():
+    if not t.frame[strata].astype("string").fillna("").duplicated().any():
         return t
-    groups = keys.groupby(strata, sort=True).ngroup().to_numpy()
-    order = np.argsort(groups, kind="stable")
-    first = order[np.r_[0, np.flatnonzero(np.diff(groups[order])) + 1]]
-    meta = t.frame.iloc[first][strata].reset_index(drop=True)
-    for c in t.meta_columns:
-        if c in strata or c == P.COUNT:
-            continue
-        col = t.frame[c].astype(object).where(t.frame[c].notna(), None)
-        if (col.groupby(groups).nunique(dropna=False) <= 1).all():
-            meta[c] = t.frame[c].iloc[first].to_numpy()
-    meta[P.COUNT] = np.bincount(groups).astype(np.int64)
-    # pycytominer groups on the key values, so missing keys get the same "" as above
-    work = pd.concat(
-        [keys.reset_index(drop=True), t.frame[t.features].reset_index(drop=True)], axis=1
-    )
-    agg = pycytominer.aggregate(
-        work, strata=strata, features=t.features, operation=operation, output_file=None
-    )
-    agg = agg.sort_values(strata, kind="stable").reset_index(drop=True)
-    frame = pd.concat([meta, agg[t.features].astype(np.float64)], axis=1)
+    frame = aggregate_rows(t.frame[t.meta_columns], t.frame[t.features], strata, operation)
     return ProfileTable(
         frame,
         list(t.features),
@@ -274,7 +241,10 @@ def _spread(x: np.ndarray, method: str) -> np.ndarray:
 
 
 def normalize_plates(
-    t: ProfileTable, controls: str = "", method: str = "mad_robustize", plate: str = P.PLATE
+    t: ProfileTable,
+    controls: str = "",
+    method: ProfileNormalization = "mad_robustize",
+    plate: str = P.PLATE,
 ) -> ProfileTable:
     """Each plate's features centred and scaled on its control wells (pycytominer's `normalize`).
 
@@ -283,10 +253,6 @@ def normalize_plates(
     """
     pycytominer = _pycytominer()
 
-    if method not in NORMALIZATIONS:
-        raise ProfileError(
-            f"profile.normalize must be one of {', '.join(NORMALIZATIONS)}, got {method!r}"
-        )
     if method == "none":
         return t
     frame = t.frame.reset_index(drop=True)
@@ -345,12 +311,6 @@ def select(t: ProfileTable, operations: list[str]) -> ProfileTable:
     """Select features by pycytominer's `feature_select` `operations` (empty = keep all)."""
     pycytominer = _pycytominer()
 
-    bad = [o for o in operations if o not in SELECTIONS]
-    if bad:
-        raise ProfileError(
-            f"profile.feature_select: unknown operation {bad[0]!r} (use any of "
-            f"{', '.join(SELECTIONS)})"
-        )
     if not operations:
         return t
     out = pycytominer.feature_select(
@@ -433,7 +393,7 @@ def filter_rows(t: ProfileTable, where: str) -> ProfileTable:
     )
 
 
-def prepare(t: ProfileTable, strata: list[str], operation: str = "median") -> ProfileTable:
+def prepare(t: ProfileTable, strata: list[str], operation: Aggregation = "median") -> ProfileTable:
     """Aggregate, refuse NaN, drop constant features (all constant: refused)."""
     t = aggregate(t, list(strata), operation)
     check_finite(t, "profiles")
@@ -459,9 +419,9 @@ def prepare(t: ProfileTable, strata: list[str], operation: str = "median") -> Pr
 def build_profiles(
     t: ProfileTable,
     strata: list[str],
-    operation: str = "median",
+    operation: Aggregation = "median",
     controls: str = "",
-    method: str = "mad_robustize",
+    method: ProfileNormalization = "mad_robustize",
     feature_select: list[str] | tuple = (),
     spherize: bool = False,
     plate: str = P.PLATE,

@@ -45,7 +45,6 @@ _NOUN = {
     PROFILE: "profile folder (profile.json)",
     REPORT: "report folder (report.json)",
 }
-_MANIFEST_KEYS = ("schema_version", "channel_names", "shards")
 
 
 class OutputError(UserError, FileExistsError):
@@ -66,7 +65,7 @@ def raycell_output(folder: str | os.PathLike) -> tuple[str, bool] | None:
     """
     folder = Path(folder)
     m = _read_json(folder / K.MANIFEST)
-    if m is not None and all(k in m for k in _MANIFEST_KEYS):
+    if m is not None and all(k in m for k in K.MANIFEST_REQUIRED_KEYS):
         return DATASET, True
     r = _read_json(folder / RAW_JSON)
     if r is not None and str(r.get("generator", "")).startswith("raycell."):

@@ -187,6 +187,21 @@ def init_ray(
     ctx.enable_operator_progress_bars = progress
 
 
+def init_ray_from(section) -> None:
+    """`init_ray` with the settings of a config's `ray` section (`ExperimentConfig.ray`), as every
+    command starts Ray.
+    """
+    init_ray(
+        section.address,
+        section.num_cpus,
+        section.object_store_mb,
+        section.progress,
+        section.connect_timeout_s,
+        verbose=section.verbose,
+        start_timeout_s=section.start_timeout_s,
+    )
+
+
 def start_wait_s() -> float:
     """How long to keep trying to start a local Ray: 60 s, times the load per core above 1.
 
