@@ -358,7 +358,7 @@ def infer_z(cfg: ExperimentConfig) -> dict:
     from raycell.infer.batch import predict
     from raycell.train.stopping import EarlyStopping
     from raycell.train.trainer import train
-    from raycell.utils.ray_utils import init_ray
+    from raycell.utils.ray_utils import init_ray_from
 
     t0 = time.time()
     ds = check_infer_z_config(cfg)
@@ -366,16 +366,7 @@ def infer_z(cfg: ExperimentConfig) -> dict:
     out = _out_folder(cfg, ds)
     zcfg = zpredictor_config(cfg, ds, out)
     balance = balance_setup(zcfg, ds) if mode == "balanced" else None
-    r = cfg.ray
-    init_ray(
-        r.address,
-        r.num_cpus,
-        r.object_store_mb,
-        r.progress,
-        r.connect_timeout_s,
-        verbose=r.verbose,
-        start_timeout_s=r.start_timeout_s,
-    )
+    init_ray_from(cfg.ray)
     print(
         f"[raycell] infer-z: training the Z-predictor ({mode}) on {ds.root} ({len(served)} batches) "
         f"-> {out}",
