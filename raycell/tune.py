@@ -351,14 +351,10 @@ def cross_batch_folds(cfg: ExperimentConfig, ds) -> list[list[str]]:
     """
     import numpy as np
 
-    from raycell.models import model_entry
+    from raycell.train.trainer import refuse_batch_head_fold
 
     k = cfg.tune.folds
-    if model_entry(cfg.model.type).batch_head:
-        raise ConfigError(
-            f"tune.folds: model type {cfg.model.type!r} predicts the training batches, so it "
-            "cannot be validated on a batch it has not seen; set tune.folds=0"
-        )
+    refuse_batch_head_fold(cfg.model.type)
     batches = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
     if len(batches) < k + 1:
         raise ConfigError(
