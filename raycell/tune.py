@@ -381,6 +381,20 @@ def fold_metrics(rows: list[dict], metric: str) -> dict:
     return out
 
 
+def fold_spread(result: dict, metric: str) -> dict:
+    """The objective's spread over the folds of one epoch's result (`fold_metrics`), as trials.csv
+    columns: `objective_fold_sd` and `objective_fold<k>`; empty without folds.
+    """
+    if f"{metric}_fold_sd" not in result:
+        return {}
+    out = {"objective_fold_sd": result[f"{metric}_fold_sd"]}
+    k = 0
+    while f"{metric}_fold{k}" in result:
+        out[f"objective_fold{k}"] = result[f"{metric}_fold{k}"]
+        k += 1
+    return out
+
+
 def _fit_folds(cfg: ExperimentConfig, run_dir: Path, setups: list[RunSetup], ds) -> None:
     """Fit one TorchTrainer per fold side by side (threads: each fit only waits on its Ray actors) and
     report each epoch to Tune once every fold has finished it.
@@ -562,14 +576,14 @@ def _trial_rows(
         for h in hist:
             reported.update(k for k in h if k not in _TUNE_KEYS and not k.startswith("config/"))
         scored = [
-            (int(h.get("epoch", i)), h[metric])
+            (int(h.get("epoch", i)), h[metric], h)
             for i, h in enumerate(hist)
             if _finite(h.get(metric))
         ]
         epochs = len(hist)
         status = "error" if r.error else "completed" if epochs >= max_epochs else "stopped"
         best_of = max if mode == "max" else min
-        top = best_of(scored, key=lambda ev: ev[1]) if scored else (None, float("nan"))
+        top = best_of(scored, key=lambda ev: ev[1]) if scored else (None, float("nan"), {})
         num = re.match(
             r"_?trial_[0-9a-f]+_(\d+)_", Path(r.path).name
         )  # Tune numbers trials as it starts them
@@ -578,6 +592,7 @@ def _trial_rows(
             "trial_id": trial_id,
             **{k: r.config.get(k) for k in keys},
             "objective": top[1],
+            **fold_spread(top[2], metric),
             "best_epoch": top[0],
             "last_epoch_objective": hist[-1].get(metric, float("nan")) if hist else float("nan"),
             "epochs_run": epochs,
@@ -870,8 +885,15 @@ def _run_search(cfg: ExperimentConfig) -> dict:
             else "among all trials"
         )
         sampled = ", ".join(f"{k}={best[k]!r}" for k in keys)
+        value = f"{best['objective']:.4f}"
+        if _finite(best.get("objective_fold_sd")):
+            each = ", ".join(f"{best[f'objective_fold{k}']:.4f}" for k in range(t.folds))
+            value += (
+                f" (mean over {t.folds} cross-batch folds, s.d. {best['objective_fold_sd']:.4f}; "
+                f"folds: {each})"
+            )
         head = (
-            f"# Best trial {best['trial_id']} of the search in {out}: {t.metric} = {best['objective']:.4f} "
+            f"# Best trial {best['trial_id']} of the search in {out}: {t.metric} = {value} "
             f"at epoch {best['best_epoch']} (of {best['epochs_run']} run), each trial at its best epoch, "
             f"{rule} (tune.select={t.select})\n# sampled: {sampled}\n"
             f"# its run: {out / TRIALS / ('train-' + best['trial_id'])}\n"
