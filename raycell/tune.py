@@ -330,6 +330,25 @@ def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[in
     return max(1, min(want, fits, cfg.tune.num_samples)), fits
 
 
+def local_ray_cpus(cfg: ExperimentConfig, folds: int) -> int:
+    """`ray.num_cpus` for a private local Ray that fits one trial of `folds` cross-batch folds.
+
+    A folded trial holds its workers K times and its data reads need K CPU slots (`max_concurrent`), so
+    K=3 at the small configs' 0.5 CPU per worker needs 4.51 logical CPUs, more than the default
+    max(4, 2 x cores) of a 2-core machine. Logical CPUs are only Ray's bookkeeping (the cores are
+    shared by `train.torch_threads`), so a larger count lets the folds run side by side. Returns the
+    configured `ray.num_cpus`, or 0 (the default) when a cluster is joined or the default fits.
+    """
+    from raycell.utils.ray_utils import default_local_cpus
+
+    if cfg.ray.num_cpus or cfg.ray.address or os.environ.get("RAY_ADDRESS") or not folds:
+        return cfg.ray.num_cpus
+    c = copy.deepcopy(cfg)
+    c.tune.folds = folds
+    need = math.ceil(trial_resources(c)["CPU"] + folds)  # + 1 CPU per fold for its reads
+    return need if need > default_local_cpus() else 0
+
+
 def search_space(space: dict) -> dict:
     """`tune.space` as Ray Tune domains."""
     import ray.tune
