@@ -1,10 +1,11 @@
 """Run experiment medl --tune's search of one model type (raycell.experiments.tune_model) in its own Ray."""
+
 import sys
+from pathlib import Path
 
 from raycell.config import load_config
 from raycell.experiments import tune_model
 from raycell.utils.ray_utils import init_ray
-from pathlib import Path
 
 model = sys.argv[1]
 cfg = load_config(
