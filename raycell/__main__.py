@@ -177,11 +177,12 @@ def _check_train(args, cfg):
 
 
 def _check_tune(args, cfg):
-    from raycell.tune import check_tune, resume_search_config
+    from raycell.tune import check_tune, local_ray_cpus, resume_search_config
 
     if cfg.tune.resume:
         cfg = resume_search_config(cfg, _explicit(args))
     check_tune(cfg)
+    cfg.ray.num_cpus = local_ray_cpus(cfg, cfg.tune.folds)
     return cfg
 
 
@@ -218,6 +219,10 @@ def _check_experiment(args, cfg):
     args.seeds = parse_seeds(args.seeds)
     args.models = args.models or MEDL_MODELS
     check_medl(cfg, args.seeds, args.models, args.tune, args.tune_samples, args.tune_folds)
+    if args.tune:
+        from raycell.tune import local_ray_cpus
+
+        cfg.ray.num_cpus = local_ray_cpus(cfg, args.tune_folds)
     return cfg
 
 

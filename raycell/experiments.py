@@ -154,6 +154,7 @@ def tune_model(cfg: ExperimentConfig, model: str, out: Path, samples: int, folds
         "params": {k: best[k] for k in c.tune.space},
         "metric": c.tune.metric,
         "objective": best["objective"],
+        "objective_fold_sd": best.get("objective_fold_sd"),  # None without folds
         "best_epoch": best["best_epoch"],
         "folds": folds,
         "trials": len(res["trials"]),
@@ -595,9 +596,11 @@ def _write_tables(
             if ch["folds"]
             else ch["metric"]
         )
+        sd = ch.get("objective_fold_sd")
+        value = f"{ch['objective']:.3f}" + (f", fold s.d. {sd:.3f}" if sd is not None else "")
         notes.append(
             f"{m}{TUNED}: {weights}, chosen by {ch['trials']} trials on {how} "
-            f"({ch['objective']:.3f} at epoch {ch['best_epoch']}); search in {ch['search']}."
+            f"({value} at epoch {ch['best_epoch']}); search in {ch['search']}."
         )
     chance = [
         s["batch_probe_chance"] for s in summary.values() if math.isfinite(s["batch_probe_chance"])

@@ -330,6 +330,25 @@ def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float]) -> tuple[in
     return max(1, min(want, fits, cfg.tune.num_samples)), fits
 
 
+def local_ray_cpus(cfg: ExperimentConfig, folds: int) -> int:
+    """`ray.num_cpus` for a private local Ray that fits one trial of `folds` cross-batch folds.
+
+    A folded trial holds its workers K times and its data reads need K CPU slots (`max_concurrent`), so
+    K=3 at the small configs' 0.5 CPU per worker needs 4.51 logical CPUs, more than the default
+    max(4, 2 x cores) of a 2-core machine. Logical CPUs are only Ray's bookkeeping (the cores are
+    shared by `train.torch_threads`), so a larger count lets the folds run side by side. Returns the
+    configured `ray.num_cpus`, or 0 (the default) when a cluster is joined or the default fits.
+    """
+    from raycell.utils.ray_utils import default_local_cpus
+
+    if cfg.ray.num_cpus or cfg.ray.address or os.environ.get("RAY_ADDRESS") or not folds:
+        return cfg.ray.num_cpus
+    c = copy.deepcopy(cfg)
+    c.tune.folds = folds
+    need = math.ceil(trial_resources(c)["CPU"] + folds)  # + 1 CPU per fold for its reads
+    return need if need > default_local_cpus() else 0
+
+
 def search_space(space: dict) -> dict:
     """`tune.space` as Ray Tune domains."""
     import ray.tune
@@ -351,14 +370,10 @@ def cross_batch_folds(cfg: ExperimentConfig, ds) -> list[list[str]]:
     """
     import numpy as np
 
-    from raycell.models import model_entry
+    from raycell.train.trainer import refuse_batch_head_fold
 
     k = cfg.tune.folds
-    if model_entry(cfg.model.type).batch_head:
-        raise ConfigError(
-            f"tune.folds: model type {cfg.model.type!r} predicts the training batches, so it "
-            "cannot be validated on a batch it has not seen; set tune.folds=0"
-        )
+    refuse_batch_head_fold(cfg.model.type)
     batches = sorted(set(ds.read_table([K.BATCH], splits=[K.TRAIN]).column(K.BATCH).to_pylist()))
     if len(batches) < k + 1:
         raise ConfigError(
@@ -382,6 +397,20 @@ def fold_metrics(rows: list[dict], metric: str) -> dict:
     if all(_finite(v) for v in vals):
         out[f"{metric}_fold_sd"] = float(np.std(vals))
         out.update({f"{metric}_fold{i}": float(v) for i, v in enumerate(vals)})
+    return out
+
+
+def fold_spread(result: dict, metric: str) -> dict:
+    """The objective's spread over the folds of one epoch's result (`fold_metrics`), as trials.csv
+    columns: `objective_fold_sd` and `objective_fold<k>`; empty without folds.
+    """
+    if f"{metric}_fold_sd" not in result:
+        return {}
+    out = {"objective_fold_sd": result[f"{metric}_fold_sd"]}
+    k = 0
+    while f"{metric}_fold{k}" in result:
+        out[f"objective_fold{k}"] = result[f"{metric}_fold{k}"]
+        k += 1
     return out
 
 
@@ -566,14 +595,14 @@ def _trial_rows(
         for h in hist:
             reported.update(k for k in h if k not in _TUNE_KEYS and not k.startswith("config/"))
         scored = [
-            (int(h.get("epoch", i)), h[metric])
+            (int(h.get("epoch", i)), h[metric], h)
             for i, h in enumerate(hist)
             if _finite(h.get(metric))
         ]
         epochs = len(hist)
         status = "error" if r.error else "completed" if epochs >= max_epochs else "stopped"
         best_of = max if mode == "max" else min
-        top = best_of(scored, key=lambda ev: ev[1]) if scored else (None, float("nan"))
+        top = best_of(scored, key=lambda ev: ev[1]) if scored else (None, float("nan"), {})
         num = re.match(
             r"_?trial_[0-9a-f]+_(\d+)_", Path(r.path).name
         )  # Tune numbers trials as it starts them
@@ -582,6 +611,7 @@ def _trial_rows(
             "trial_id": trial_id,
             **{k: r.config.get(k) for k in keys},
             "objective": top[1],
+            **fold_spread(top[2], metric),
             "best_epoch": top[0],
             "last_epoch_objective": hist[-1].get(metric, float("nan")) if hist else float("nan"),
             "epochs_run": epochs,
@@ -874,8 +904,15 @@ def _run_search(cfg: ExperimentConfig) -> dict:
             else "among all trials"
         )
         sampled = ", ".join(f"{k}={best[k]!r}" for k in keys)
+        value = f"{best['objective']:.4f}"
+        if _finite(best.get("objective_fold_sd")):
+            each = ", ".join(f"{best[f'objective_fold{k}']:.4f}" for k in range(t.folds))
+            value += (
+                f" (mean over {t.folds} cross-batch folds, s.d. {best['objective_fold_sd']:.4f}; "
+                f"folds: {each})"
+            )
         head = (
-            f"# Best trial {best['trial_id']} of the search in {out}: {t.metric} = {best['objective']:.4f} "
+            f"# Best trial {best['trial_id']} of the search in {out}: {t.metric} = {value} "
             f"at epoch {best['best_epoch']} (of {best['epochs_run']} run), each trial at its best epoch, "
             f"{rule} (tune.select={t.select})\n# sampled: {sampled}\n"
             f"# its run: {out / TRIALS / ('train-' + best['trial_id'])}\n"

@@ -54,6 +54,15 @@ def test_balance_is_refused_for_a_model_type_without_a_batch_head(tiny_data, tmp
         training_setup(cfg, balance=balance)
 
 
+def test_a_fold_of_a_batch_head_model_is_refused_in_one_line(tiny_data, tmp_path):
+    # a batch classifier has no class for the batch a fold holds out: refused, whether or not the data
+    # set has a valbatch split of its own (tiny_data has none)
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path) + ["model.type=zpredictor"])
+    batches = list(training_setup(cfg)[0].batches.values)
+    with pytest.raises(ConfigError, match="predicts the training batches.*tune.folds=0"):
+        training_setup(cfg, fold=batches[:1])
+
+
 def test_early_stopping_from_the_config_minimises_losses():
     assert EarlyStopping.from_config(0, "val_acc") is None
     assert EarlyStopping.from_config(3, "val_loss") == EarlyStopping(3, "val_loss", "min")

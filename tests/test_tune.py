@@ -498,6 +498,60 @@ def test_fold_metrics_average_the_folds_and_keep_each():
     assert "only_one" not in res
 
 
+def test_trials_csv_rows_carry_the_spread_over_folds_at_the_best_epoch():
+    from types import SimpleNamespace
+
+    from raycell.tune import _trial_rows
+
+    def result(num, hist):
+        return SimpleNamespace(
+            metrics_dataframe=pd.DataFrame(hist),
+            path=f"/s/_trial_abc{num}_0000{num}_x",
+            metrics={"trial_id": f"abc{num}"},
+            config={"loss.adv": 0.1 * (num + 1)},
+            error=None,
+        )
+
+    folded = [
+        {"epoch": 0, "valbatch_auroc": 0.6, "valbatch_auroc_fold_sd": 0.1}
+        | {"valbatch_auroc_fold0": 0.5, "valbatch_auroc_fold1": 0.7},
+        {"epoch": 1, "valbatch_auroc": 0.7, "valbatch_auroc_fold_sd": 0.05}
+        | {"valbatch_auroc_fold0": 0.65, "valbatch_auroc_fold1": 0.75},
+    ]
+    rows, _ = _trial_rows([result(0, folded)], ["loss.adv"], "valbatch_auroc", "max", 2)
+    r = rows[0]
+    assert r["best_epoch"] == 1 and r["objective"] == 0.7  # the mean over the folds
+    assert r["objective_fold_sd"] == 0.05 and (r["objective_fold0"], r["objective_fold1"]) == (
+        0.65,
+        0.75,
+    )
+    # without folds: no spread columns
+    rows, _ = _trial_rows(
+        [result(1, [{"epoch": 0, "val_auroc": 0.6}])], ["loss.adv"], "val_auroc", "max", 1
+    )
+    assert not any(k.startswith("objective_fold") for k in rows[0])
+
+
+def test_a_local_ray_gets_the_logical_cpus_three_folds_need(monkeypatch):
+    """K=3 folds of 0.5-CPU workers need 1.5 + 0.01 + 3 (reads) logical CPUs: more than a 2-core
+    machine's default 4, so a private local Ray is started with 5; a joined cluster is left alone."""
+    from raycell.tune import local_ray_cpus, max_concurrent
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(None, ["scaling.resources_per_worker={CPU: 0.5}", "tune.folds=3"])
+    with pytest.raises(ConfigError, match="one trial needs"):
+        max_concurrent(cfg, {"CPU": 4.0})
+    n = local_ray_cpus(cfg, 3)
+    assert n == 5 and max_concurrent(cfg, {"CPU": float(n)}) == (1, 1)
+    assert local_ray_cpus(cfg, 2) == 0  # 3.01 fits the default 4
+    assert local_ray_cpus(cfg, 0) == 0
+    cfg.ray.address = "auto"
+    assert local_ray_cpus(cfg, 3) == 0  # a cluster's CPUs are its own
+    cfg.ray.address, cfg.ray.num_cpus = "", 12
+    assert local_ray_cpus(cfg, 3) == 12  # a configured count is kept
+
+
 def test_folds_need_enough_batches_and_a_model_without_a_batch_head(tiny_data, tmp_path):
     from raycell.formats.shards import open_dataset
     from raycell.tune import cross_batch_folds

@@ -322,6 +322,24 @@ def batch_head_vocab(cfg: ExperimentConfig, ds) -> CategoryMap:
     return vocab
 
 
+def refuse_batch_head_fold(model_type: str) -> None:
+    """Refuse a cross-batch fold (`tune.folds`) of a model type that predicts the training batches.
+
+    Its head has no class for the batch a fold holds out, so the fold could neither train on that
+    batch's label nor score its cells.
+
+    Raises:
+        ConfigError: `model_type` has a batch head.
+    """
+    from raycell.models import model_entry
+
+    if model_entry(model_type).batch_head:
+        raise ConfigError(
+            f"tune.folds: model type {model_type!r} predicts the training batches, so it "
+            "cannot be validated on a batch it has not seen; set tune.folds=0"
+        )
+
+
 def training_setup(
     cfg: ExperimentConfig,
     fold: list[str] | None = None,
@@ -356,6 +374,8 @@ def training_setup(
             f"balanced loss weights are for the Z-predictor (a batch-head model type), "
             f"not model type {cfg.model.type!r}"
         )
+    if fold:
+        refuse_batch_head_fold(cfg.model.type)
     valbatch = bool(fold) or bool(ds.manifest.counts_per_split.get(K.VALBATCH))
     if valbatch and entry.batch_head:
         # held-out batches have no class in a batch classifier's head: validate on val only

@@ -114,6 +114,11 @@ def show_raylet_message(lines: list[str]) -> None:
         print(f"[raycell] Ray: {shown[0][:300]}{where}", file=sys.stderr, flush=True)
 
 
+def default_local_cpus() -> int:
+    """Logical CPUs of a private local Ray when `ray.num_cpus` is 0: max(4, 2 x cores) (see `init_ray`)."""
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
 def init_ray(
     address: str = "",
     num_cpus: int = 0,
@@ -157,7 +162,7 @@ def init_ray(
                 raise ConfigError(f"{source} {addr}: {str(exc).splitlines()[0]}") from None
         else:
             kw = {
-                "num_cpus": num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+                "num_cpus": num_cpus or default_local_cpus(),
                 "include_dashboard": True,
                 "dashboard_host": "127.0.0.1",
             }
