@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 SEARCH = "search"  # Tune's experiment folder under tune.out
 TRIALS = "trials"  # the trials' Train runs under tune.out
 # Keys Tune adds to every result: left out when listing what the loop reported
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its actor names in error texts
+
+
+def _first_line(error) -> str:
+    """A trial error's first line for trials.csv, without the terminal colour codes Ray adds."""
+    return _ANSI.sub("", str(error or "")).strip().split("\n", 1)[0][:200]
+
+
 _TUNE_KEYS = {
     "training_iteration",
     "time_this_iter_s",
@@ -616,7 +624,7 @@ def _trial_rows(
             "last_epoch_objective": hist[-1].get(metric, float("nan")) if hist else float("nan"),
             "epochs_run": epochs,
             "status": status,
-            "error": str(r.error).strip().splitlines()[0][:200] if r.error else "",
+            "error": _first_line(r.error),
             "tune_dir": r.path,
         }
         rows.append(row)

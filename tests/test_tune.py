@@ -603,3 +603,11 @@ def test_a_fold_search_reports_the_mean_over_folds(tiny_data, ray_local, tmp_pat
         z_columns = list(read_meta(find_checkpoint(trial / f"fold-{k}")).batches.values)
         assert held[k][0] not in z_columns and held[1 - k][0] in z_columns
     assert "none: each of its fold models misses a batch" in (out / "best.yaml").read_text()
+
+
+def test_trials_csv_error_is_one_plain_line():
+    from raycell.tune import _first_line
+
+    err = RuntimeError("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1) failed\nTraceback ...")
+    assert _first_line(err) == "ray::ImplicitFunc.train() (pid=1) failed"
+    assert _first_line(None) == ""
