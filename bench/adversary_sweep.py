@@ -80,6 +80,8 @@ def one_run(
     from raycell.train.trainer import training_setup
 
     torch.set_num_threads(1)
+    if model == "conventional":  # it has no adversary: the adversary's options do not apply
+        extra = tuple(x for x in extra if not x.startswith(("model.args.", "loss.adv")))
     tag = "".join(x.replace("=", "").replace(".", "") for x in extra)
     run = work / f"{model}-{objective}-{reads}-{adv_steps}-{adv:g}-s{seed}{tag}"
     cfg = load_config(
@@ -124,6 +126,11 @@ def one_run(
     res.update(
         {f"test_{k}": v for k, v in batch_clustering(test["z"], bt).items()}
     )  # z-scores itself
+    # the scale of the latent: an encoder can shrink the directions an unnormalised adversary reads
+    sd = test["z"].std(0)
+    res["test_latent_sd_mean"] = float(sd.mean())
+    res["test_latent_sd_min"] = float(sd.min())
+    res["val_adv_acc"] = ctx.history[-1].get("val_adv_acc", float("nan"))
     probe = batch_probe_accuracy(test["z"], bt, seed=seed)
     res["test_batch_probe"] = probe["batch_probe_acc"]
     res["test_batch_probe_chance"] = probe["chance"]
@@ -211,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-conventional", action="store_true")
     ap.add_argument(
+        "--models",
+        default="adversarial",
+        help="adversarial model types to sweep (adversarial, mixedeffects: its FE latent)",
+    )
+    ap.add_argument(
         "--set", action="append", default=[], help="extra config overrides for every run"
     )
     ap.add_argument("--epochs", type=int, default=6)
@@ -230,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in a.seeds.split(",")]:
         data = make_data(work, seed, a.n_cells, a.crop, a.effects)
         jobs = ([] if a.no_conventional else [("conventional", "subtract", 0.0, "all", 1)]) + [
-            ("adversarial", o, float(w), rd, int(k))
+            (mt, o, float(w), rd, int(k))
+            for mt in a.models.split(",")
+            if mt  # --models '': the conventional model alone
             for rd in a.reads.split(",")
             for k in a.adv_steps.split(",")
             for o in a.objectives.split(",")
@@ -242,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             runs.append(r)
             print(
-                f"seed {seed} {model:12s} {objective:9s} reads={rd} steps={k} adv={w:<5g} DB "
+                f"seed {seed} {model:12s} {objective:9s} reads={rd} steps={k} adv={w:<5g} "
+                f"{' '.join(a.set)} sd {r['test_latent_sd_mean']:.3g}/{r['test_latent_sd_min']:.3g}"
+                f" val_adv_acc {r['val_adv_acc']:.2f} DB "
                 f"{r['test_db']:.2f} "
                 f"CH {r['test_ch']:.1f} probe {r['test_batch_probe']:.2f} (chance "
                 f"{r['test_batch_probe_chance']:.2f}) test AUROC {r['test_auroc']:.3f} unseen "

@@ -599,6 +599,19 @@ class ModelConfig:
         "small", "size preset: 'small' (CPU) or 'armed' (the reference's 256x256)"
     )
     args: dict = _f({}, "extra builder arguments that override the preset (e.g. latent_dim: 32)")
+    adversary_reads: Literal["latent", "all"] = _f(
+        "all",
+        "adversarial and mixedeffects: what the adversary reads: 'latent' (the representation that "
+        "is evaluated) or 'all' (the reference: every encoder block's output and the latent, where "
+        "the early blocks keep the batch's look for the decoder whatever the encoder does); "
+        "model.args.adversary_reads overrides",
+    )
+    adversary_standardize: bool = _f(
+        True,
+        "adversarial and mixedeffects with adversary_reads=latent: the adversary reads the latent "
+        "standardised over the minibatch, as the batch probe does, so that shrinking a direction "
+        "cannot hide the batch in it; model.args.adversary_standardize overrides",
+    )
 
 
 @dataclass
@@ -623,6 +636,28 @@ class LossConfig:
         "adversary updates per main update (a stronger adversary for the encoder to "
         "hide the batch from)",
         ge=1,
+    )
+    adv_game: Literal["alternating", "reversal"] = _f(
+        "alternating",
+        "how the adversary and the encoder play: 'alternating' (the reference: an adversary step on "
+        "the detached encoder outputs, then the main step with the adversary frozen) or 'reversal' "
+        "(DANN: one simultaneous step, the adversary minimising its cross-entropy while the encoder "
+        "gets its gradient reversed and scaled by loss.adv)",
+    )
+    adv_lr_scale: float = _f(
+        1.0, "the adversary's learning rate as a multiple of train.lr", gt=0, le=1000
+    )
+    adv_ramp: bool = _f(
+        False,
+        "ramp the adversarial weight from 0 to loss.adv over training, as DANN: "
+        "loss.adv * (2 / (1 + exp(-10 p)) - 1) at training progress p; the adversary learns the "
+        "batch before the encoder is pushed to hide it",
+    )
+    adv_sees: Literal["unaugmented", "augmented"] = _f(
+        "unaugmented",
+        "which cells the adversary reads under train.augment: 'unaugmented' (the cells as they "
+        "are evaluated; the batch-effect augmentation hides the batch from an adversary that "
+        "only sees augmented cells) or 'augmented' (the cells the encoder trains on)",
     )
     cluster_latent: float = _f(0.001, "weight of the latent cluster CE (random effects)", ge=0)
     cluster_image: float = _f(0.001, "weight of the image cluster CE on reconstructions", ge=0)

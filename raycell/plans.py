@@ -40,6 +40,8 @@ All optimisers share `train.lr` and `train.weight_decay` (the reference: Adam 1e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import warnings
 from typing import Callable, Iterator
 
@@ -174,8 +176,17 @@ class TrainingPlan:
         cls = label_loss(out.logits, y)
         return LossOutput(self.w.recon * mse + self.w.cls * cls, {"mse": mse, "cls": cls})
 
-    def training_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> LossOutput:
-        """One update from one batch; returns the detached losses."""
+    def training_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        x_clean: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """One update from one batch; returns the detached losses.
+
+        `x_clean`: the same cells before augmentation (None: not augmented); only an adversary reads it.
+        """
         with self.autocast(x.device):
             out = self.model(x, z)
             lo = self.compute_loss(out, x, y, z)
@@ -258,6 +269,7 @@ class ArmedPlan(TrainingPlan):
 
     def _setup(self) -> None:
         """The auxiliary networks (main_parameters() leaves them out) and whether the adversary runs."""
+        self.steps_done = 0  # training steps taken: the adversarial ramp's clock
         self.aux = self._auxiliary_networks(self.model)
         self.use_adversary = self.adversarial and self.n_batches >= 2
         if self.adversarial and not self.use_adversary:
@@ -275,10 +287,35 @@ class ArmedPlan(TrainingPlan):
     ) -> dict[str, torch.optim.Optimizer]:
         """Each auxiliary network's own optimiser (none for an adversary that is disabled)."""
         return {
-            r: torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+            r: torch.optim.AdamW(
+                net.parameters(),
+                lr=lr * (self.w.adv_lr_scale if r == "adversary" else 1.0),
+                weight_decay=weight_decay,
+            )
             for r, net in self.aux.items()
             if r != "adversary" or self.use_adversary
         }
+
+    def set_schedule(self, kind: Schedule, total_steps: int) -> None:
+        """The main optimiser's schedule, and the length of training the adversarial ramp spans."""
+        super().set_schedule(kind, total_steps)
+        self.total_steps = max(1, int(total_steps))
+
+    def state_dict(self) -> dict:
+        """The optimisers' states and the ramp's step count."""
+        return {**super().state_dict(), "_steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the optimisers and the ramp's step count (0 in checkpoints that lack it)."""
+        super().load_state_dict(state)
+        self.steps_done = int(state.get("_steps_done", 0))
+
+    def adv_weight(self) -> float:
+        """loss.adv now: constant, or (loss.adv_ramp) DANN's 2 / (1 + exp(-10 p)) - 1 times it."""
+        if not self.w.adv_ramp:
+            return self.w.adv
+        p = min(1.0, self.steps_done / max(1, getattr(self, "total_steps", 1)))
+        return self.w.adv * (2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0)
 
     @classmethod
     def _auxiliary_networks(cls, model: nn.Module) -> dict[str, nn.Module]:
@@ -300,6 +337,13 @@ class ArmedPlan(TrainingPlan):
         skip = {id(p) for m in self.aux.values() for p in m.parameters()}
         return [p for p in self.model.parameters() if id(p) not in skip]
 
+    def _adversary_logits(self, out: ModelOutput, x_adv: torch.Tensor | None) -> ModelOutput:
+        """`out` with the adversary's logits on `x_adv` (the un-augmented cells) when given."""
+        if x_adv is None:
+            return out
+        latent, feats = self.model.adversary_inputs(x_adv)
+        return dataclasses.replace(out, batch_logits=self.aux["adversary"](feats, latent))
+
     def adversary_step(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Fit the adversary to the current encoder's outputs (no gradient reaches the encoder)."""
         adv = self.aux["adversary"]
@@ -319,26 +363,94 @@ class ArmedPlan(TrainingPlan):
         self._step("image_classifier", loss, list(clf.parameters()))
         return loss.detach()
 
-    def main_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> LossOutput:
-        """Update encoder(s), decoder(s) and heads with the auxiliary networks frozen."""
+    def main_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        x_adv: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Update encoder(s), decoder(s) and heads with the auxiliary networks frozen.
+
+        `x_adv`: the cells whose encoding the adversarial term judges (None: `x`).
+        """
         with frozen(*self.aux.values()), self.autocast(x.device):
-            out = self.model(x, z)
+            out = self._adversary_logits(self.model(x, z), x_adv)
             lo = self.compute_loss(out, x, y, z)
         self._step("main", lo.loss, self.main_parameters())
         return _detached(lo)
 
-    def training_step(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> LossOutput:
+    def reversal_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        x_adv: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """One simultaneous step of the main networks and the adversary (loss.adv_game=reversal).
+
+        The adversary descends its cross-entropy; the main networks descend the main objective, in
+        which the adversarial term enters with its sign (a gradient-reversal layer in effect: the
+        encoder receives -w_adv times the gradient the adversary gets). Two `autograd.grad` calls on
+        one forward give each side its own gradient without a custom autograd function.
+        """
+        adv = self.aux["adversary"]
+        others = [m for r, m in self.aux.items() if r != "adversary"]
+        with frozen(*others), self.autocast(x.device):
+            out = self._adversary_logits(self.model(x, z), x_adv)
+            lo = self.compute_loss(out, x, y, z)
+            adv_ce = cluster_ce(out.batch_logits, z)
+        main, adv_params = self.main_parameters(), list(adv.parameters())
+        main_grads = torch.autograd.grad(lo.loss, main, retain_graph=True, allow_unused=True)
+        adv_grads = torch.autograd.grad(adv_ce, adv_params, allow_unused=True)
+        for name, params, grads in (
+            ("main", main, main_grads),
+            ("adversary", adv_params, adv_grads),
+        ):
+            opt = self.optimizers[name]
+            opt.zero_grad(set_to_none=True)
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.grad_sync(params)
+            opt.step()
+        if (
+            self.scheduler is not None
+            and self.scheduler.last_epoch + 1 < self.scheduler.total_steps
+        ):
+            self.scheduler.step()
+        return _detached(lo, adversary=adv_ce.detach())
+
+    def training_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        x_clean: torch.Tensor | None = None,
+    ) -> LossOutput:
         """Adversary step, image-classifier step (as applicable), then the main step.
 
         The auxiliary steps' losses are logged as the terms `adversary` and `image_classifier`.
+        `x_clean` (the cells before augmentation): with loss.adv_sees=unaugmented the adversary reads
+        their encoding. Batch-effect augmentation hides the batch in the training cells it sees, so an
+        adversary trained on them has nothing to find, while the evaluated (never augmented) cells
+        still carry it.
         """
         aux: dict[str, torch.Tensor] = {}
-        if self.use_adversary:
+        x_adv = x_clean if self.w.adv_sees == "unaugmented" else None
+        reversal = self.use_adversary and self.w.adv_game == "reversal"
+        if self.use_adversary and not reversal:
             for _ in range(max(1, self.w.adv_steps)):
-                aux["adversary"] = self.adversary_step(x, z)
+                aux["adversary"] = self.adversary_step(x if x_adv is None else x_adv, z)
         if self.random_effects:
             aux["image_classifier"] = self.image_classifier_step(x, z)
-        return _detached(self.main_step(x, y, z), **aux)
+        if not self.use_adversary:
+            lo = self.main_step(x, y, z)
+        elif reversal:
+            lo = self.reversal_step(x, y, z, x_adv)
+        else:
+            lo = self.main_step(x, y, z, x_adv)
+        self.steps_done += 1
+        return _detached(lo, **aux)
 
     def compute_loss(
         self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
@@ -355,14 +467,15 @@ class ArmedPlan(TrainingPlan):
         if self.use_adversary:
             t["adv"] = cluster_ce(out.batch_logits, z)
             t["adv_acc"] = batch_accuracy(out.batch_logits.detach(), z)
+            w_adv = self.adv_weight()
             if w.adv_objective == "confusion":
                 # CE against the uniform distribution, minimal when the adversary cannot tell the
                 # batches apart; subtracting CE(batch) is also served by an adversary that is
                 # confidently wrong, which leaves the batch readable to any other classifier.
                 t["adv_confusion"] = confusion_ce(out.batch_logits, z)
-                loss = loss + w.adv * t["adv_confusion"]
+                loss = loss + w_adv * t["adv_confusion"]
             else:
-                loss = loss - w.adv * t["adv"]
+                loss = loss - w_adv * t["adv"]
         if self.random_effects:
             t["cluster_latent"] = cluster_ce(out.cluster_logits, z)
             t["cluster_image"] = cluster_ce(out.cluster_image_logits, z)

@@ -95,6 +95,7 @@ class DomainAdversarialAEC(AutoencoderClassifier):
         adversary_hidden: int = 512,
         adversary_reads: str = "all",
         decoder_batch: bool = False,
+        adversary_standardize: bool = False,
     ):
         super().__init__(
             in_channels,
@@ -115,7 +116,9 @@ class DomainAdversarialAEC(AutoencoderClassifier):
             glorot_init(self.decoder)
             self.decoder.init_output(output_mean)
         if adversary_reads == "latent":
-            self.adversary = LatentAdversary(latent_dim, n_batches, adversary_hidden)
+            self.adversary = LatentAdversary(
+                latent_dim, n_batches, adversary_hidden, standardize=adversary_standardize
+            )
         elif adversary_reads == "all":
             shapes = list(zip(filters, block_sizes(image_size, strides)))
             self.adversary = Adversary(
@@ -291,6 +294,7 @@ def adversarial(
     adversary_hidden: int = 512,
     adversary_reads: str = "all",
     decoder_batch: bool = False,
+    adversary_standardize: bool = False,
 ) -> DomainAdversarialAEC:
     """Domain-adversarial AEC (spec 2.2); `n_batches` (training batches) sizes the adversary.
 
@@ -312,6 +316,7 @@ def adversarial(
         adversary_hidden=adversary_hidden,
         adversary_reads=adversary_reads,
         decoder_batch=decoder_batch,
+        adversary_standardize=adversary_standardize,
         **p,
     )
 
@@ -385,6 +390,7 @@ def mixedeffects(
     mixer_hidden: int = 32,
     adversary_reads: str = "all",
     decoder_batch: bool = False,
+    adversary_standardize: bool = False,
 ) -> MixedEffectsAEC:
     """ARMED mixed-effects AEC as in the paper's figure (spec 2.5); both halves use the preset."""
     p = resolve_preset(
@@ -400,6 +406,7 @@ def mixedeffects(
         adversary_hidden=adversary_hidden,
         adversary_reads=adversary_reads,
         decoder_batch=decoder_batch,
+        adversary_standardize=adversary_standardize,
         **p,
     )
     re = RandomEffectsAEC(

@@ -233,8 +233,9 @@ class LatentAdversary(nn.Module):
     encoder to hide the batch only where the representation is evaluated. Same call as `Adversary`.
     """
 
-    def __init__(self, latent_dim: int, n_out: int, hidden: int = 512):
+    def __init__(self, latent_dim: int, n_out: int, hidden: int = 512, standardize: bool = False):
         super().__init__()
+        self.standardize = standardize
         self.net = nn.Sequential(
             nn.Linear(latent_dim, hidden),
             nn.ReLU(),
@@ -245,7 +246,21 @@ class LatentAdversary(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
         """Batch logits from the latent (`feats` is ignored)."""
-        return self.net(latent)
+        return self.net(standardize_rows(latent) if self.standardize else latent)
+
+
+def standardize_rows(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each column of a minibatch to mean 0, s.d. 1, with the gradient flowing through the statistics.
+
+    What the batch probe does (it z-scores the latent before its regression): an adversary that reads
+    the raw latent can be fooled by shrinking the directions that carry the batch, which leaves them
+    just as readable to any classifier that rescales; after this no rescaling of the latent changes
+    what the adversary sees. No parameters and no running statistics, so it changes no checkpoint.
+    """
+    if len(x) < 2:
+        return x - x.mean(0, keepdim=True)
+    x = x.float()
+    return (x - x.mean(0, keepdim=True)) / (x.var(0, unbiased=False, keepdim=True) + eps).sqrt()
 
 
 class Adversary(nn.Module):

@@ -22,6 +22,7 @@ Model-selection metrics (what a search can optimise), besides `val_auroc`:
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 import time
@@ -42,6 +43,7 @@ from raycell.metrics.classification import auroc
 from raycell.models import build_plan, create_model
 from raycell.models.checkpoint import save_checkpoint
 from raycell.models.random_effects import one_hot_design
+from raycell.models.registry import model_entry
 from raycell.plans import TrainingPlan
 from raycell.train.context import RayTrainContext, TrainContext
 from raycell.train.history import append_epoch, read_history
@@ -76,6 +78,13 @@ def model_kwargs(
         kw["output_mean"] = list(channel_means)
     if heads:
         kw.update(head_names=[h.column for h in heads], head_sizes=[len(h) for h in heads])
+    # the adversary's settings for the types that have one; written into the model's arguments (and
+    # so into each checkpoint's meta), while older metas without them rebuild with the builder's
+    # defaults, the adversary they were trained with
+    takes = inspect.signature(model_entry(cfg.model.type).builder).parameters
+    for key in ("adversary_reads", "adversary_standardize"):
+        if key in takes:
+            kw[key] = getattr(cfg.model, key)
     return {**kw, **cfg.model.args}
 
 
@@ -290,7 +299,7 @@ def run_training(
                 break
             # model input as the spec says (data.normalize: global scale, or per crop and channel; the
             # reconstruction losses then compare against this normalised input); augmentation after it
-            x = spec.to_float(batch["x"])
+            x = clean = spec.to_float(batch["x"])
             if augment:  # reproducible per (seed, epoch, step, rank)
                 aug_gen.manual_seed(
                     (cfg.seed * 1_000_003 + epoch * 100_003 + step * 101 + ctx.rank) % 2**62
@@ -298,8 +307,12 @@ def run_training(
                 x = augment_batch(x, augment, aug_gen, cfg.train.augment_strength)
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+                clean = clean.contiguous(memory_format=torch.channels_last)
             logs = plan.training_step(
-                x, batch["y"], one_hot_design(batch["b"], len(batch_map))
+                x,
+                batch["y"],
+                one_hot_design(batch["b"], len(batch_map)),
+                x_clean=clean if augment else None,  # an adversary reads the un-augmented cells
             ).values()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
