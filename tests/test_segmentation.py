@@ -374,3 +374,29 @@ def test_evaluate_segmentation_unknown_method_is_one_line():
     with pytest.raises(UserError, match="unknown method 'cellprofiler'; use raycell or otsu") as e:
         evaluate_segmentation("/nonexistent", method="cellprofiler")
     assert "\n" not in str(e.value)
+
+
+def _discs(shape, centres, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return [(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r for cy, cx in centres]
+
+
+def test_two_nuclei_side_by_side_are_cut_at_their_notches():
+    from raycell.ingest.segment import split_at_notches
+
+    a, b = _discs((64, 64), [(32, 22), (32, 40)], 10)  # overlap: one nearly convex object
+    labels = (a | b).astype(np.int32)
+    out = split_at_notches(labels, d=20.0)
+    assert len(np.unique(out[out > 0])) == 2
+    assert out[32, 18] != out[32, 44]  # each disc's far side in its own piece
+    assert (out > 0).sum() == (labels > 0).sum()  # the cut's pixels are kept, not lost
+
+
+def test_one_nucleus_and_a_crescent_are_left_whole():
+    from raycell.ingest.segment import split_at_notches
+
+    (disc,) = _discs((64, 64), [(32, 32)], 11)
+    outer, inner = _discs((64, 64), [(32, 32), (32, 38)], 14)
+    for obj in (disc, outer & ~inner):
+        labels = obj.astype(np.int32)
+        assert np.array_equal(split_at_notches(labels, d=20.0), labels)

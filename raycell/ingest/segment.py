@@ -671,6 +671,99 @@ def h_maxima_per_object(surf: np.ndarray, comp: np.ndarray, h: float, margin: in
     return out
 
 
+def split_at_notches(
+    labels: np.ndarray,
+    d: float,
+    min_area: float = 1.0,
+    min_depth: float = 0.1,
+    max_cut: float = 1.2,
+    min_piece: float = 0.3,
+    min_solidity: float = 0.85,
+    rounds: int = 2,
+) -> np.ndarray:
+    """Cut objects with room for two nuclei along the line between their two deepest outline notches.
+
+    Two nuclei pressed side by side along their long sides leave no dip between them, neither in
+    intensity nor in the distance map (the smaller one is a shoulder of the larger one's ridge), so
+    no marker rule finds two seeds; what they do leave is a notch on each side of the contact, a
+    concavity of the outline. Each object of at least `min_area` x the expected area is compared
+    with its convex hull: the hull's pockets (hull minus object) deeper than `min_depth` x the
+    expected radius are notches; the two deepest at most `max_cut` x d apart are joined by a
+    straight cut, kept only when both pieces hold at least `min_piece` x the expected area and are
+    convex (solidity, area over convex hull, at least `min_solidity`). All
+    relative to the object scale `d`. Why by hand: scikit-image has convex hulls but no
+    concave-point splitting. `rounds`: pieces are looked at again (clumps of three).
+    """
+    from skimage import draw, morphology
+
+    r = d / 2
+    a_exp = np.pi * r * r
+    out = labels.copy()
+    nxt = int(out.max()) + 1
+    for _ in range(rounds):
+        todo = [
+            (i, sl)
+            for i, sl in enumerate(ndi.find_objects(out), start=1)
+            if sl is not None
+            and (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start) >= min_area * a_exp
+        ]
+        split = 0
+        for i, sl in todo:
+            box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+            obj = out[box] == i
+            if obj.sum() < min_area * a_exp:
+                continue
+            hull = morphology.convex_hull_image(obj)
+            if obj.sum() < min_solidity * hull.sum():
+                continue  # two nuclei side by side are nearly convex; a crescent or ring is not
+            pockets, n = ndi.label(hull & ~obj)
+            if n < 2:
+                continue
+            depth = ndi.distance_transform_edt(np.pad(hull, 1))[1:-1, 1:-1]
+            deepest = []
+            for k, psl in enumerate(ndi.find_objects(pockets), start=1):
+                dk = np.where(pockets[psl] == k, depth[psl], 0)
+                j = np.unravel_index(int(dk.argmax()), dk.shape)
+                if dk[j] >= min_depth * r:
+                    deepest.append((dk[j], (j[0] + psl[0].start, j[1] + psl[1].start)))
+            deepest.sort(reverse=True)
+            deepest = deepest[:4]
+            best = None  # the shortest cut between two of the deepest notches
+            for a in range(len(deepest)):
+                for b in range(a + 1, len(deepest)):
+                    p, q = np.array(deepest[a][1]), np.array(deepest[b][1])
+                    length = float(np.hypot(*(p - q)))
+                    if length < max_cut * d and (best is None or length < best[0]):
+                        best = (length, p, q)
+            if best is None:
+                continue
+            line = np.zeros_like(obj)
+            line[draw.line(*best[1], *best[2])] = True
+            line = ndi.binary_dilation(line, np.ones((2, 2), bool))
+            pieces, n_pieces = ndi.label(obj & ~line)
+            if n_pieces != 2:
+                continue
+            area = np.bincount(pieces.ravel())[1:]
+            if area.min() < min_piece * a_exp:
+                continue
+            # nuclei are convex: a cut that leaves a curved piece (a crescent of halo texture,
+            # a ragged clump) is no line between two nuclei
+            hulls = [morphology.convex_hull_image(pieces == k).sum() for k in (1, 2)]
+            if min(area[0] / hulls[0], area[1] / hulls[1]) < min_solidity:
+                continue
+            # the cut's own pixels go to the nearer piece
+            near = ndi.distance_transform_edt(
+                pieces == 0, return_distances=False, return_indices=True
+            )
+            whole = np.where(obj, pieces[tuple(near)], 0)
+            out[box][whole == 2] = nxt
+            nxt += 1
+            split += 1
+        if not split:
+            break
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _Primary:
     """The primary channel as `segment_nuclei` thresholds it: background floor removed, noise known.
@@ -877,6 +970,8 @@ def segment_nuclei(
             extra = np.isin(comp, missing)
             markers[extra] = comp[extra] + markers.max()
         labels = segmentation.watershed(-surf, markers, mask=fg).astype(np.int32)
+        if declump == "shape":
+            labels = split_at_notches(labels, d)
     if qc is not None:
         qc.update(_qc(labels, d, hi_a))
     labels = _filter_sizes(labels, lo_a, hi_a, d)
