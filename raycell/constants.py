@@ -72,6 +72,8 @@ RECON_SSIM = "recon_ssim"
 PREDICTIONS_MANIFEST = "predictions.json"
 EMBEDDINGS_MANIFEST = "embeddings.json"  # `raycell embed`: the same shards in the profiling layout
 WELL_PROFILES = "well_profiles.parquet"
+# cells per profile row, under the name pycytominer and CellProfiler give it
+CELL_COUNT = "Metadata_Count_Cells"
 
 # Choices of config keys that code outside raycell/config.py also names: each is declared once, as the
 # `Literal` type of its config field; the tuples are the same values for `in` tests and CLI choices.

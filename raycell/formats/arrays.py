@@ -66,3 +66,11 @@ def object_matrix(values, name: str = "", error: type[Exception] = ListColumnErr
         raise error(
             f"column {name!r} is not one equal-length list of numbers per row ({exc})"
         ) from None
+
+
+def is_list_column(col) -> bool:
+    """True for an object column of per-row arrays or lists (an Arrow list column in pandas)."""
+    if col.dtype != object:
+        return False
+    values = col.dropna()
+    return len(values) > 0 and isinstance(values.iloc[0], (np.ndarray, list, tuple))

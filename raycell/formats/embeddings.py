@@ -20,6 +20,7 @@ import pandas as pd
 from raycell import constants as K
 from raycell.errors import UserError
 from raycell.formats.arrays import list_matrix, object_matrix
+from raycell.formats.wells import aggregate_rows
 
 MANIFEST = K.EMBEDDINGS_MANIFEST
 SHARD_GLOB = K.SHARD_GLOB
@@ -30,7 +31,7 @@ MORPH_PREFIX = K.MORPH_PREFIX
 EMBEDDING_PREFIX = "Cells_Embedding_"
 LIST_COLUMN = "embedding"
 PLATE, WELL = "Metadata_Plate", "Metadata_Well"
-COUNT = "Metadata_Count_Cells"
+COUNT = K.CELL_COUNT
 # pycytominer's `infer_cp_features` compartments: a column with one of these prefixes is a feature.
 FEATURE_PREFIXES = ("Cells_", "Cytoplasm_", "Nuclei_")
 _LAYOUTS = ("columns", "list")
@@ -71,14 +72,6 @@ def morph_columns(frame: pd.DataFrame | Iterable[str]) -> list[str]:
 def head_names(meta: pd.DataFrame) -> list[str]:
     """Weak-label heads with a prediction column (`Pred_<head>`), in column order."""
     return [str(c)[len(PRED_PREFIX) :] for c in meta.columns if str(c).startswith(PRED_PREFIX)]
-
-
-def is_list_column(col: pd.Series) -> bool:
-    """True for an object column of per-row arrays or lists (an Arrow list column in pandas)."""
-    if col.dtype != object:
-        return False
-    values = col.dropna()
-    return len(values) > 0 and isinstance(values.iloc[0], (np.ndarray, list, tuple))
 
 
 def prob_matrix(meta: pd.DataFrame, head: str) -> np.ndarray:
@@ -222,8 +215,6 @@ def aggregate_wells(meta: pd.DataFrame, X: np.ndarray, names: list[str]) -> pd.D
     as pycytominer's default `aggregate`, so a few debris objects do not move a well's profile;
     the reduction is `raycell profile`'s (`raycell.formats.wells.aggregate_rows`).
     """
-    from raycell.formats.wells import aggregate_rows
-
     missing = [c for c in (PLATE, WELL) if c not in meta.columns]
     if missing:
         raise UserError(f"cannot aggregate wells: the embeddings have no {missing[0]} column")

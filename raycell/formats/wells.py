@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from raycell.constants import CELL_COUNT as COUNT
 from raycell.constants import Aggregation
-from raycell.formats.embeddings import COUNT, is_list_column
+from raycell.formats.arrays import is_list_column
 
 
 def aggregate_rows(

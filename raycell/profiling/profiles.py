@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from raycell.errors import UserError
+from raycell.formats.arrays import is_list_column  # noqa: F401 - used via `P.`
 from raycell.formats.embeddings import (  # noqa: F401 - the layout, used here and via `P.`
     COUNT,
     EMBEDDING_PREFIX,
@@ -33,7 +34,6 @@ from raycell.formats.embeddings import (  # noqa: F401 - the layout, used here a
     embedding_name,
     feature_columns,
     head_names,
-    is_list_column,
     morph_columns,
     prob_matrix,
     read_embeddings,
