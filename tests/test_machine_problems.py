@@ -251,6 +251,53 @@ def test_local_ray_start_is_retried_then_one_line(monkeypatch):
         ru._start_local(lambda: ray.init(address="local"), timeout_s=600)
 
 
+@pytest.mark.ray
+def test_workers_find_their_own_state_api_beside_another_local_ray(ray_local, tmp_path):
+    """Ray Train frees a stopped trial's workers only if its cleaner (a worker) reaches the State API;
+    with a second local Ray on the machine Ray's own lookup fails ("multiple active Ray instances"),
+    the cleaner dies and a search hangs on reserved CPUs. Our workers must reach their own Ray's API.
+    """
+    import ray
+
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ray, sys, time; ray.init(address='local', num_cpus=1, include_dashboard=False); "
+            "print('up', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "up"  # two Ray instances on this machine now
+
+        @ray.remote(num_cpus=0)
+        def controller_alive(actor_id: str) -> bool:
+            from ray.train.v2._internal.state.util import is_actor_alive
+
+            return is_actor_alive(actor_id=actor_id, timeout=30)
+
+        @ray.remote(num_cpus=0)
+        class Marker:
+            def ping(self) -> int:
+                return 1
+
+        m = Marker.remote()
+        ray.get(m.ping.remote())
+        actor_id = m._actor_id.hex()
+        assert ray.get(controller_alive.remote(actor_id)) is True
+        ray.kill(m)
+        deadline = time.time() + 30
+        while ray.get(controller_alive.remote(actor_id)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert ray.get(controller_alive.remote(actor_id)) is False  # a dead one is seen dead
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_start_wait_grows_with_the_load(monkeypatch):
     from raycell.utils import ray_utils as ru
 

@@ -13,6 +13,8 @@ from raycell.utils.ray_private import (  # noqa: F401 - the CLI takes keep_nativ
     session_logs_dir,
 )
 
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
+
 # Ray's public switches for a quieter driver (RAY_TRAIN_ENABLE_PRINT_PATCH=0 also stops every worker
 # print appearing twice). Set before Ray starts.
 _QUIET_ENV = {
@@ -168,12 +170,19 @@ def init_ray(
             }
             if object_store_mb:
                 kw["object_store_memory"] = object_store_mb << 20
-            # address="local": always a private instance. A bare ray.init() would join any `ray start`
-            # cluster on this machine (or a stale one named in /tmp/ray/ray_current_cluster) instead.
-            _start_local(
-                lambda: ray.init(address="local", log_to_driver=verbose, logging_level=level, **kw),
-                start_timeout_s,
-            )
+
+            def start() -> None:
+                # address="local": always a private instance. A bare ray.init() would join any `ray
+                # start` cluster on this machine (or a stale one named in ray_current_cluster) instead.
+                ray.init(
+                    address="local",
+                    log_to_driver=verbose,
+                    logging_level=level,
+                    **kw,
+                    **own_state_api(),
+                )
+
+            _start_local(start, start_timeout_s)
     import ray.data
 
     if not verbose:
@@ -219,6 +228,32 @@ def start_wait_s() -> float:
     except OSError:
         load = 0.0
     return 60.0 * max(1.0, load / (os.cpu_count() or 1))
+
+
+def free_port() -> int:
+    """A TCP port nobody on this machine listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def own_state_api() -> dict:
+    """`ray.init` arguments that point this local Ray's workers at its own State API.
+
+    Why: Ray Train's placement-group cleaner (a worker) asks the State API whether a stopped trial's
+    Train controller is dead, and finds the API by looking for Ray instances on the machine. With two
+    local Rays running (two raycell commands, a notebook beside a search) that lookup fails ("Found
+    multiple active Ray instances"), the cleaner's thread dies, and every trial Tune stops early keeps its
+    workers' CPUs reserved until the search hangs. Naming the dashboard's port and handing its address
+    to the workers (`RAY_API_SERVER_ADDRESS`, read before any lookup) removes the guess.
+    """
+    port = free_port()
+    return {
+        "dashboard_port": port,
+        "runtime_env": {"env_vars": {STATE_API_ENV: f"http://127.0.0.1:{port}"}},
+    }
 
 
 def _start_local(start, timeout_s: float = 0.0) -> None:
