@@ -1,7 +1,10 @@
 """Segmentation against expert masks of real fluorescence nuclei, and the mechanisms behind it.
 
 The images ship in the repository (tests/data/nuclei_real, origin and licences in its README):
-`dsb2018_stardist` is the set the segmentation was studied on, `bbbc039_crop` is held out.
+`dsb2018_stardist` is the set the segmentation was studied on, `bbbc039_crop` is held out. Held-out
+sets fetched from public repositories live with the shared data, not in git
+(`$RAYCELL_SHARED_DATA/nuclei_real/<set>`, see tests/data/nuclei_real/README.md); their tests skip
+where that folder is absent.
 """
 
 from __future__ import annotations
@@ -10,18 +13,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from scipy import ndimage as ndi
 
 from raycell.ingest.segment import _filter_sizes, foreground, segment_nuclei
 from raycell.ingest.segmentation_eval import evaluate_pairs
 
 REAL = Path(__file__).parent / "data" / "nuclei_real"
+SHARED_REAL = SHARED_DATA / "nuclei_real"
+
+
+def _set_dir(name: str) -> Path:
+    """The set's folder: in the repository, else with the shared data (skip if neither)."""
+    for root in (REAL, SHARED_REAL):
+        if (root / name / "images").is_dir():
+            return root / name
+    pytest.skip(
+        f"real nuclei set {name!r} not found in {REAL} or {SHARED_REAL} (RAYCELL_SHARED_DATA)"
+    )
 
 
 def _score(name: str, method: str) -> dict:
-    return evaluate_pairs(str(REAL / name / "images"), str(REAL / name / "masks"), method=method)[
-        "overall"
-    ]
+    d = _set_dir(name)
+    return evaluate_pairs(str(d / "images"), str(d / "masks"), method=method)["overall"]
 
 
 # (set, F1 floor, recall floor): the default settings, IoU 0.5
@@ -33,6 +47,26 @@ def test_default_segmentation_on_real_nuclei_with_expert_masks(name, f1, recall)
     base = _score(name, "otsu-watershed")
     assert ours["f1"] >= f1 and ours["recall"] >= recall, ours
     assert ours["f1"] > base["f1"] and ours["precision"] >= 0.9, (ours, base)
+
+
+# held out, with the shared data: 2 Aitslab-bioimaging1 fields (U2OS, Hoechst, CX7; expert outlines
+# of nuclei, fragments and micronuclei). Measured: P / R / F1 0.814 / 0.760 / 0.786; Otsu +
+# watershed 0.884 / 0.813 / 0.847. The floors guard against regressions only.
+def test_default_segmentation_on_held_out_aitslab_fields():
+    ours = _score("aitslab_bioimaging1", "raycell")
+    assert ours["f1"] >= 0.77 and ours["recall"] >= 0.74 and ours["precision"] >= 0.79, ours
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: on the held-out Aitslab fields raycell (F1 0.786) is below Otsu + watershed "
+    "(0.847): micronuclei and fragments cut away by the half-maximum edge or the area limits, "
+    "see docs/ingest.md",
+)
+def test_held_out_aitslab_fields_beat_otsu_watershed():
+    ours = _score("aitslab_bioimaging1", "raycell")
+    base = _score("aitslab_bioimaging1", "otsu-watershed")
+    assert ours["f1"] > base["f1"], (ours, base)
 
 
 def _disc(shape, centre, radius, blur=1.5):
