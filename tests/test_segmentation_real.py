@@ -1,10 +1,10 @@
 """Segmentation against expert masks of real fluorescence nuclei, and the mechanisms behind it.
 
-The images ship in the repository (tests/data/nuclei_real, origin and licences in its README):
-`dsb2018_stardist` is the set the segmentation was studied on, `bbbc039_crop` is held out. Held-out
-sets fetched from public repositories live with the shared data, not in git
-(`$RAYCELL_SHARED_DATA/nuclei_real/<set>`, see tests/data/nuclei_real/README.md); their tests skip
-where that folder is absent.
+`dsb2018_stardist` (from a PyPI wheel) ships in the repository (tests/data/nuclei_real, origin and
+licences in its README) and is the set the segmentation was studied on. The held-out sets
+(`bbbc039_crop`, `aitslab_bioimaging1`) were fetched from public GitHub repositories and so are kept
+out of git: with the shared data (`$RAYCELL_SHARED_DATA/nuclei_real/<set>`) or in the git-ignored
+`data/nuclei_real/<set>` of a checkout; their tests skip where neither is present.
 """
 
 from __future__ import annotations
@@ -21,15 +21,17 @@ from raycell.ingest.segmentation_eval import evaluate_pairs
 
 REAL = Path(__file__).parent / "data" / "nuclei_real"
 SHARED_REAL = SHARED_DATA / "nuclei_real"
+LOCAL_REAL = Path(__file__).resolve().parents[1] / "data" / "nuclei_real"  # git-ignored
 
 
 def _set_dir(name: str) -> Path:
     """The set's folder: in the repository, else with the shared data (skip if neither)."""
-    for root in (REAL, SHARED_REAL):
+    for root in (REAL, SHARED_REAL, LOCAL_REAL):
         if (root / name / "images").is_dir():
             return root / name
     pytest.skip(
-        f"real nuclei set {name!r} not found in {REAL} or {SHARED_REAL} (RAYCELL_SHARED_DATA)"
+        f"real nuclei set {name!r} not found in {REAL}, {SHARED_REAL} (RAYCELL_SHARED_DATA) or "
+        f"{LOCAL_REAL}: fetched sets are kept out of git (tests/data/nuclei_real/README.md)"
     )
 
 
