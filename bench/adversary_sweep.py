@@ -73,7 +73,11 @@ def one_run(
     from raycell.config import load_config
     from raycell.data.dataset import CropCollate
     from raycell.formats.checkpoint import find_checkpoint
-    from raycell.metrics.latent import batch_clustering, batch_probe_accuracy
+    from raycell.metrics.latent import (
+        batch_clustering,
+        batch_probe_accuracy,
+        batch_probe_within_label,
+    )
     from raycell.models.checkpoint import load_checkpoint
     from raycell.train.context import LocalContext
     from raycell.train.loop import run_training
@@ -134,6 +138,9 @@ def one_run(
     probe = batch_probe_accuracy(test["z"], bt, seed=seed)
     res["test_batch_probe"] = probe["batch_probe_acc"]
     res["test_batch_probe_chance"] = probe["chance"]
+    within = batch_probe_within_label(test["z"], test["y"], bt, seed=seed)
+    res["test_probe_within_label"] = within["batch_probe_acc"]
+    res["test_probe_within_label_chance"] = within["chance"]
     res["test_auroc"] = float(roc_auc_score(test["y"], test["p"]))
     unseen = _latents(ctx, model_nn, spec, n_b, "unseen")
     res["unseen_auroc"] = float(roc_auc_score(unseen["y"], unseen["p"]))
@@ -160,39 +167,39 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     conv = [r for r in runs if r["model"] == "conventional"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [
+        ("test_db", "Davies-Bouldin by batch (higher: less batch)", None),
+        ("test_batch_probe", "batch probe accuracy (lower: less batch)", "test_batch_probe_chance"),
+        (
+            "test_probe_within_label",
+            "batch probe within a phenotype (lower: less batch)",
+            "test_probe_within_label_chance",
+        ),
+        ("test_auroc", "phenotype AUROC, seen batches (test)", None),
+        ("unseen_auroc", "phenotype AUROC, unseen batches", None),
+    ]
+    panels = [p for p in panels if all(p[0] in r for r in runs)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for objective, colour in (("subtract", "tab:red"), ("confusion", "tab:blue")):
-        rs = [r for r in runs if r["model"] == "adversarial" and r["objective"] == objective]
+        rs = [r for r in runs if r["model"] != "conventional" and r["objective"] == objective]
         ws = sorted({r["adv"] for r in rs})
-        for ax, key in zip(axes, ("test_db", "test_batch_probe", "unseen_auroc")):
+        for ax, (key, _, _) in zip(axes, panels):
             m = [np.mean([r[key] for r in rs if r["adv"] == w]) for w in ws]
             s = [np.std([r[key] for r in rs if r["adv"] == w]) for w in ws]
-            ax.errorbar(
-                ws,
-                m,
-                yerr=s,
-                marker="o",
-                color=colour,
-                capsize=3,
-                label=f"adversarial, {objective}",
-            )
-    for ax, key, title in zip(
-        axes,
-        ("test_db", "test_batch_probe", "unseen_auroc"),
-        (
-            "Davies-Bouldin by batch (higher: less batch)",
-            "batch probe accuracy (lower: less batch)",
-            "phenotype AUROC, unseen batches",
-        ),
-    ):
+            if ws:
+                ax.errorbar(
+                    ws,
+                    m,
+                    yerr=s,
+                    marker="o",
+                    color=colour,
+                    capsize=3,
+                    label=f"adversary, {objective}",
+                )
+    for ax, (key, title, chance) in zip(axes, panels):
         ax.axhline(np.mean([r[key] for r in conv]), color="0.3", ls="--", label="conventional")
-        if key == "test_batch_probe":
-            ax.axhline(
-                np.mean([r["test_batch_probe_chance"] for r in conv]),
-                color="0.6",
-                ls=":",
-                label="chance",
-            )
+        if chance:
+            ax.axhline(np.mean([r[chance] for r in runs]), color="0.6", ls=":", label="chance")
         ax.set_xscale("log")
         ax.set_xlabel("loss.adv")
         ax.set_title(title, fontsize=9)
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 f" val_adv_acc {r['val_adv_acc']:.2f} DB "
                 f"{r['test_db']:.2f} "
                 f"CH {r['test_ch']:.1f} probe {r['test_batch_probe']:.2f} (chance "
-                f"{r['test_batch_probe_chance']:.2f}) test AUROC {r['test_auroc']:.3f} unseen "
+                f"{r['test_batch_probe_chance']:.2f}) within label {r['test_probe_within_label']:.2f} "
+                f"(chance {r['test_probe_within_label_chance']:.2f}) test AUROC {r['test_auroc']:.3f} unseen "
                 f"{r['unseen_auroc']:.3f}",
                 flush=True,
             )

@@ -79,6 +79,7 @@ COLUMNS = [
     ("db", K.TEST, "db", "latent DB (batch) ↑", "{:.2f}"),
     ("ch", K.TEST, "ch", "latent CH (batch) ↓", "{:.1f}"),
     ("batch_probe_acc", K.TEST, "batch_probe_acc", "batch-probe acc ↓", "{:.3f}"),
+    ("probe_within_label", K.TEST, "batch_probe_within_label", "probe within label ↓", "{:.3f}"),
 ]
 
 
@@ -264,8 +265,9 @@ def summarise(rows: list[dict], labels: list[str]) -> dict[str, dict]:
             vals = vals[np.isfinite(vals)]
             cols[col] = float(vals.mean()) if len(vals) else math.nan
             cols[col + "_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
-        chance = [float(r.get(K.TEST, {}).get("batch_probe_chance", math.nan)) for r in rs]
-        cols["batch_probe_chance"] = float(np.nanmean(chance)) if rs else math.nan
+        for key in ("batch_probe_chance", "batch_probe_within_label_chance"):
+            chance = [float(r.get(K.TEST, {}).get(key, math.nan)) for r in rs]
+            cols[key] = float(np.nanmean(chance)) if rs and np.isfinite(chance).any() else math.nan
         out[m] = cols
     return out
 
@@ -607,6 +609,16 @@ def _write_tables(
     ]
     if chance:
         notes.append(f"Batch-probe chance (majority batch share): {chance[0]:.3f}.")
+    within = [
+        s["batch_probe_within_label_chance"]
+        for s in summary.values()
+        if math.isfinite(s.get("batch_probe_within_label_chance", math.nan))
+    ]
+    if within:
+        notes.append(
+            f"Probe within label: the batch probe among cells of one phenotype (the batch signal a "
+            f"confounded phenotype does not explain); its chance {within[0]:.3f}."
+        )
     table = format_markdown(summary, "raycell MEDL experiment", [n for n in notes if n])
     result = {
         "out": str(out),

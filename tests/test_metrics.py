@@ -245,6 +245,8 @@ def test_batch_metrics_direction():
         "ilisi_norm",
         "batch_probe_acc",
         "batch_probe_chance",
+        "batch_probe_within_label",
+        "batch_probe_within_label_chance",
         "label_silhouette",
         "nsb_1nn_acc",
     }
@@ -396,3 +398,22 @@ def test_evaluate_reports_the_multiclass_auroc_of_its_predictions():
     res = split_metrics(df, rng.normal(size=(len(y), 4)), vocab)
     assert res["auroc"] == C.auroc(y, p) and "auroc_ci_low" not in res
     assert res["balanced_accuracy"] > 1 / 3
+
+
+def test_within_label_probe_sees_batch_signal_not_a_confounded_phenotype():
+    """Batches mostly of one label: a latent holding only the label predicts the batch above the
+    majority level, but not within a label; a latent holding the batch does both."""
+    rng = np.random.default_rng(0)
+    n_batches, per = 4, 300
+    b = np.repeat(np.arange(n_batches), per)
+    major = b % 2  # batches 0, 2 mostly label 0; 1, 3 mostly label 1
+    y = np.where(rng.random(len(b)) < 0.85, major, 1 - major)
+    label_only = np.c_[y + 0.3 * rng.standard_normal(len(y)), rng.standard_normal((len(y), 3))]
+    plain = L.batch_probe_accuracy(label_only, b)
+    within = L.batch_probe_within_label(label_only, y, b)
+    assert plain["batch_probe_acc"] > plain["chance"] + 0.1  # the confounding alone
+    assert abs(within["batch_probe_acc"] - within["chance"]) < 0.06
+    with_batch = np.c_[label_only, b + 0.3 * rng.standard_normal(len(b))]
+    assert L.batch_probe_within_label(with_batch, y, b)["batch_probe_acc"] > 0.9
+    one = L.batch_probe_within_label(label_only, y, np.zeros(len(y)))  # one batch: undefined
+    assert math.isnan(one["batch_probe_acc"]) and math.isnan(one["chance"])

@@ -2,7 +2,8 @@
 
 * **Batch effects** -- :func:`batch_clustering` (Davies-Bouldin and Calinski-Harabasz, as in
   the ARMED reference), :func:`batch_silhouette` (scib), :func:`ilisi` (kNN inverse Simpson's
-  index), :func:`batch_probe_accuracy` (linear probe).
+  index), :func:`batch_probe_accuracy` (linear probe) and :func:`batch_probe_within_label` (the
+  probe among cells of one phenotype: the batch signal a confounded phenotype does not explain).
 * **Biology preserved** -- :func:`label_silhouette` and :func:`nsb_1nn_accuracy` (1-NN label
   accuracy restricted to neighbours from another batch).
 * :func:`latent_metrics` bundles them into one flat dict (what `raycell evaluate` reports).
@@ -34,6 +35,7 @@ __all__ = [
     "batch_silhouette",
     "ilisi",
     "batch_probe_accuracy",
+    "batch_probe_within_label",
     "label_silhouette",
     "nsb_1nn_accuracy",
     "latent_metrics",
@@ -264,6 +266,49 @@ def batch_probe_accuracy(
     return {"batch_probe_acc": float(np.mean(scores)), "chance": chance}
 
 
+def batch_probe_within_label(
+    latents: np.ndarray, labels: np.ndarray, batches: np.ndarray, cv: int = 5, seed: int = 0
+) -> dict:
+    """The batch probe run among cells of one phenotype at a time: batch information the phenotype
+    does not explain.
+
+    Why: where phenotype and batch are confounded (a batch mostly of one label, as in the ARMED
+    paper's designs and raycell's synthetic data), a latent that holds the phenotype and nothing else
+    still predicts the batch above the majority-batch level, so :func:`batch_probe_accuracy` cannot
+    reach its chance there. Within one label the phenotype carries no batch information, so the probe's
+    excess over that label's majority batch is batch signal alone.
+
+    Definition: :func:`batch_probe_accuracy` on the cells of each label with >= 2 batches (each holding
+    >= 2 cells), averaged over those labels weighted by their cell counts; ``chance`` the same average of
+    each label's majority-batch frequency. **Lower is better**; close to ``chance``: nothing but the
+    phenotype tells the batches apart.
+
+    Returns:
+        ``{"batch_probe_acc": float, "chance": float}``; NaN where no label has two batches.
+    """
+    x = _as_2d(latents)
+    y, b = np.asarray(labels), np.asarray(batches)
+    accs, chances, weights = [], [], []
+    for lab in np.unique(y):
+        sel = y == lab
+        _, counts = np.unique(b[sel], return_counts=True)
+        keep = np.isin(b[sel], np.unique(b[sel])[counts >= 2])
+        if keep.sum() < 4:
+            continue
+        r = batch_probe_accuracy(x[sel][keep], b[sel][keep], cv=cv, seed=seed)
+        if np.isfinite(r["batch_probe_acc"]):
+            accs.append(r["batch_probe_acc"])
+            chances.append(r["chance"])
+            weights.append(int(keep.sum()))
+    if not weights:
+        return {"batch_probe_acc": NAN, "chance": NAN}
+    w = np.asarray(weights, dtype=float)
+    return {
+        "batch_probe_acc": float(np.average(accs, weights=w)),
+        "chance": float(np.average(chances, weights=w)),
+    }
+
+
 def label_silhouette(latents: np.ndarray, labels: np.ndarray) -> float:
     """Silhouette width of the biological labels in latent space.
 
@@ -334,7 +379,8 @@ def latent_metrics(latents: np.ndarray, labels: np.ndarray, batches: np.ndarray)
     :func:`batch_clustering` (``db`` higher better, ``ch`` lower better),
     :func:`batch_silhouette` (higher better), :func:`ilisi` (higher better),
     :func:`batch_probe_accuracy` (``batch_probe_acc`` lower / closer to ``batch_probe_chance``
-    better), :func:`label_silhouette` (higher better), :func:`nsb_1nn_accuracy` (higher better).
+    better), :func:`batch_probe_within_label` (the same among cells of one label),
+    :func:`label_silhouette` (higher better), :func:`nsb_1nn_accuracy` (higher better).
 
     Args:
         latents: (N, D) embeddings.
@@ -343,7 +389,8 @@ def latent_metrics(latents: np.ndarray, labels: np.ndarray, batches: np.ndarray)
 
     Returns:
         Dict with keys ``db, ch, batch_silhouette, ilisi, ilisi_norm, batch_probe_acc,
-        batch_probe_chance, label_silhouette, nsb_1nn_acc``.
+        batch_probe_chance, batch_probe_within_label, batch_probe_within_label_chance,
+        label_silhouette, nsb_1nn_acc``.
     """
     x = _as_2d(latents)
     out: dict[str, float] = {}
@@ -353,6 +400,9 @@ def latent_metrics(latents: np.ndarray, labels: np.ndarray, batches: np.ndarray)
     probe = batch_probe_accuracy(x, batches)
     out["batch_probe_acc"] = probe["batch_probe_acc"]
     out["batch_probe_chance"] = probe["chance"]
+    within = batch_probe_within_label(x, labels, batches)
+    out["batch_probe_within_label"] = within["batch_probe_acc"]
+    out["batch_probe_within_label_chance"] = within["chance"]
     out["label_silhouette"] = label_silhouette(x, labels)
     out["nsb_1nn_acc"] = nsb_1nn_accuracy(x, labels, batches)
     return out
