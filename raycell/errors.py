@@ -49,11 +49,11 @@ _ERRNO_TEXT = {
 
 
 class EnvironmentProblem(UserError, OSError):
-    """The machine refused a write (disk full, read-only, no permission): one line, exit 2."""
+    """The machine refused a write (full, read-only, not yours) or ran out of memory: one line."""
 
 
 def environment_problem(exc: BaseException) -> EnvironmentProblem | None:
-    """The disk or permission problem behind `exc` as one line naming the folder, else None.
+    """The disk, permission or memory problem behind `exc` as one line (naming the folder), else None.
 
     Looks through the exception chain (an OSError, or one wrapped by a library such as h5py, or by
     Ray, where only the remote traceback text crosses the process boundary).
@@ -79,6 +79,9 @@ def environment_problem(exc: BaseException) -> EnvironmentProblem | None:
                     code = hit[0]
                     f = re.search(r"(?:filename|name) = '([^']+)'", text)
                     path = f.group(1) if f else None
+        memory = _memory_kill(e)
+        if memory:
+            return EnvironmentProblem(memory)
         if code is not None:
             what, todo = _ENVIRONMENT[code]
             where = ""
@@ -91,3 +94,25 @@ def environment_problem(exc: BaseException) -> EnvironmentProblem | None:
             )
         e = e.__cause__ or e.__context__
     return None
+
+
+def _memory_kill(e: BaseException) -> str:
+    """One line for a worker Ray stopped because the machine ran out of memory, else "".
+
+    Ray's `OutOfMemoryError` reaches the driver as itself or as text inside a task, Train or Tune
+    error (only the message crosses the process boundary), so both are looked for.
+    """
+    import re
+
+    text = str(e)
+    if type(e).__name__ != "OutOfMemoryError" and not (
+        "OutOfMemoryError" in text or "running low on memory" in text
+    ):
+        return ""
+    used = re.search(r"was ([\d.]+)\s*GB(?: used)? / ([\d.]+)\s*GB", text)
+    at = f" ({used.group(1)} GB of {used.group(2)} GB in use)" if used else ""
+    return (
+        f"Ray stopped a worker because the machine ran out of memory{at}: lower data.batch_size, "
+        "data.shuffle_buffer or scaling.num_workers (or tune.max_concurrent_trials), or run on a machine "
+        f"with more memory; {_AGAIN} (what was finished is kept; nothing half-written is used)"
+    )

@@ -128,6 +128,34 @@ def test_library_and_ray_wrapped_disk_errors_are_recognised():
     assert environment_problem(ValueError("a bug")) is None
 
 
+OOM_TEXT = (
+    "Task was killed due to the node running low on memory.\nMemory on the node (IP: 10.0.0.2, "
+    "ID: 3f2a) was 22.51GB used / 23.47GB limit (0.959092)\nRay killed 1 worker(s) based on the "
+    "killing policy"
+)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_worker_killed_for_memory_is_one_line(monkeypatch, capsys, wrapped):
+    """Ray's OutOfMemoryError, raised as itself or as text inside a Train/Tune error."""
+    from ray.exceptions import OutOfMemoryError
+
+    exc = (
+        RuntimeError(f"Training failed.\nray.exceptions.OutOfMemoryError: {OOM_TEXT}")
+        if wrapped
+        else OutOfMemoryError(OOM_TEXT)
+    )
+
+    def boom(argv):
+        raise exc
+
+    monkeypatch.setattr(cli, "run", boom)
+    assert main(["train"]) == 2
+    line = _err_line(capsys)
+    assert "ran out of memory (22.51 GB of 23.47 GB in use)" in line
+    assert "data.batch_size" in line and "re-run" in line
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch):
     def bug(cfg):
         raise ValueError("a bug")
