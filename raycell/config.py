@@ -659,6 +659,14 @@ class LossConfig:
         "are evaluated; the batch-effect augmentation hides the batch from an adversary that "
         "only sees augmented cells) or 'augmented' (the cells the encoder trains on)",
     )
+    align: float = _f(
+        0.0,
+        "adversarial and mixedeffects: weight of the batch-mean alignment term, the share of the "
+        "latent's variance the batch explains within each phenotype (raycell.losses.alignment); "
+        "pulls the batches' mean latents together class by class, which a linear batch probe reads "
+        "and an online adversary can be fooled without removing",
+        ge=0,
+    )
     cluster_latent: float = _f(0.001, "weight of the latent cluster CE (random effects)", ge=0)
     cluster_image: float = _f(0.001, "weight of the image cluster CE on reconstructions", ge=0)
     kl: float = _f(1e-7, "weight of the random-effects KL", ge=0)

@@ -54,6 +54,7 @@ from raycell.losses import (
     LossOutput,
     ModelOutput,
     batch_accuracy,
+    batch_mean_gap,
     cluster_ce,
     confusion_ce,
     heads_loss,
@@ -337,12 +338,16 @@ class ArmedPlan(TrainingPlan):
         skip = {id(p) for m in self.aux.values() for p in m.parameters()}
         return [p for p in self.model.parameters() if id(p) not in skip]
 
-    def _adversary_logits(self, out: ModelOutput, x_adv: torch.Tensor | None) -> ModelOutput:
-        """`out` with the adversary's logits on `x_adv` (the un-augmented cells) when given."""
+    def _adversary_logits(
+        self, out: ModelOutput, x_adv: torch.Tensor | None
+    ) -> tuple[ModelOutput, torch.Tensor]:
+        """`out` with the adversary's logits on `x_adv` (the un-augmented cells) when given, and the
+        latent the adversary judged (of `x_adv`, else `out.latent`).
+        """
         if x_adv is None:
-            return out
+            return out, out.latent
         latent, feats = self.model.adversary_inputs(x_adv)
-        return dataclasses.replace(out, batch_logits=self.aux["adversary"](feats, latent))
+        return dataclasses.replace(out, batch_logits=self.aux["adversary"](feats, latent)), latent
 
     def adversary_step(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Fit the adversary to the current encoder's outputs (no gradient reaches the encoder)."""
@@ -375,8 +380,8 @@ class ArmedPlan(TrainingPlan):
         `x_adv`: the cells whose encoding the adversarial term judges (None: `x`).
         """
         with frozen(*self.aux.values()), self.autocast(x.device):
-            out = self._adversary_logits(self.model(x, z), x_adv)
-            lo = self.compute_loss(out, x, y, z)
+            out, judged = self._adversary_logits(self.model(x, z), x_adv)
+            lo = self.compute_loss(out, x, y, z, judged)
         self._step("main", lo.loss, self.main_parameters())
         return _detached(lo)
 
@@ -397,8 +402,8 @@ class ArmedPlan(TrainingPlan):
         adv = self.aux["adversary"]
         others = [m for r, m in self.aux.items() if r != "adversary"]
         with frozen(*others), self.autocast(x.device):
-            out = self._adversary_logits(self.model(x, z), x_adv)
-            lo = self.compute_loss(out, x, y, z)
+            out, judged = self._adversary_logits(self.model(x, z), x_adv)
+            lo = self.compute_loss(out, x, y, z, judged)
             adv_ce = cluster_ce(out.batch_logits, z)
         main, adv_params = self.main_parameters(), list(adv.parameters())
         main_grads = torch.autograd.grad(lo.loss, main, retain_graph=True, allow_unused=True)
@@ -453,9 +458,17 @@ class ArmedPlan(TrainingPlan):
         return _detached(lo, **aux)
 
     def compute_loss(
-        self, out: ModelOutput, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor
+        self,
+        out: ModelOutput,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        judged: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Named terms and the main objective (see the module docstring for the signs)."""
+        """Named terms and the main objective (see the module docstring for the signs).
+
+        `judged`: the latent the adversary read (the un-augmented cells'), where `loss.align` acts.
+        """
         w = self.w
         t = {"mse": reconstruction_mse(out.recon, x), "cls": label_loss(out.logits, y)}
         loss = w.recon * t["mse"] + w.cls * t["cls"]
@@ -476,6 +489,9 @@ class ArmedPlan(TrainingPlan):
                 loss = loss + w_adv * t["adv_confusion"]
             else:
                 loss = loss - w_adv * t["adv"]
+        if self.use_adversary and w.align > 0:
+            t["align"] = batch_mean_gap(out.latent if judged is None else judged, y, z)
+            loss = loss + w.align * t["align"]
         if self.random_effects:
             t["cluster_latent"] = cluster_ce(out.cluster_logits, z)
             t["cluster_image"] = cluster_ce(out.cluster_image_logits, z)

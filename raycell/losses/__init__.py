@@ -3,12 +3,14 @@
 * `outputs.py`: `ModelOutput` (what every model's forward returns) and `LossOutput` (what every plan's
   loss returns);
 * `reconstruction.py`: the training MSE and per-cell MSE / SSIM on the device (inference);
-* `classification.py`: the phenotype loss and probabilities, the batch cross-entropy and accuracy.
+* `classification.py`: the phenotype loss and probabilities, the batch cross-entropy and accuracy;
+* `alignment.py`: the between-batch spread of the latent within each phenotype (`loss.align`).
 
 The training plans (`raycell/plans.py`) weight and combine the terms.
 """
 
 from raycell.forward import OPTIONAL_OUTPUTS, LossOutput, ModelOutput
+from raycell.losses.alignment import batch_mean_gap
 from raycell.losses.classification import (
     batch_accuracy,
     cluster_ce,
@@ -26,6 +28,7 @@ __all__ = [
     "LossOutput",
     "ModelOutput",
     "batch_accuracy",
+    "batch_mean_gap",
     "cluster_ce",
     "confusion_ce",
     "heads_loss",
