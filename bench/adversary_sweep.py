@@ -116,6 +116,7 @@ def one_run(
         "model": model,
         "objective": objective,
         "adv": adv,
+        "align": float(dict(x.split("=", 1) for x in extra).get("loss.align", 0.0)),
         "reads": reads,
         "adv_steps": adv_steps,
         "set": list(extra),
@@ -160,7 +161,10 @@ def make_data(root: Path, seed: int, n_cells: int, crop: int, effects: str) -> P
     return out
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, x: str = "adv") -> None:
+    """The trade-off curves: each latent measure and AUROC against `x` (loss.adv or loss.align), mean
+    and s.d. over seeds, the conventional model and chance as lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,10 +186,10 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for objective, colour in (("subtract", "tab:red"), ("confusion", "tab:blue")):
         rs = [r for r in runs if r["model"] != "conventional" and r["objective"] == objective]
-        ws = sorted({r["adv"] for r in rs})
+        ws = sorted({r.get(x, 0.0) for r in rs})
         for ax, (key, _, _) in zip(axes, panels):
-            m = [np.mean([r[key] for r in rs if r["adv"] == w]) for w in ws]
-            s = [np.std([r[key] for r in rs if r["adv"] == w]) for w in ws]
+            m = [np.mean([r[key] for r in rs if r.get(x, 0.0) == w]) for w in ws]
+            s = [np.std([r[key] for r in rs if r.get(x, 0.0) == w]) for w in ws]
             if ws:
                 ax.errorbar(
                     ws,
@@ -201,7 +205,7 @@ def plot(runs: list[dict], path: Path) -> None:
         if chance:
             ax.axhline(np.mean([r[chance] for r in runs]), color="0.6", ls=":", label="chance")
         ax.set_xscale("log")
-        ax.set_xlabel("loss.adv")
+        ax.set_xlabel(f"loss.{x}")
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -222,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--adv-steps", default="1", help="adversary updates per main update (loss.adv_steps)"
+    )
+    ap.add_argument(
+        "--aligns",
+        default="",
+        help="loss.align values to sweep (comma-separated; the plot's x axis when more than one)",
     )
     ap.add_argument("--no-conventional", action="store_true")
     ap.add_argument(
@@ -248,19 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         data = make_data(work, seed, a.n_cells, a.crop, a.effects)
-        jobs = ([] if a.no_conventional else [("conventional", "subtract", 0.0, "all", 1)]) + [
-            (mt, o, float(w), rd, int(k))
+        conv = [("conventional", "subtract", 0.0, "all", 1, "")]
+        jobs = ([] if a.no_conventional else conv) + [
+            (mt, o, float(w), rd, int(k), al)
             for mt in a.models.split(",")
             if mt  # --models '': the conventional model alone
             for rd in a.reads.split(",")
             for k in a.adv_steps.split(",")
             for o in a.objectives.split(",")
             for w in a.weights.split(",")
+            for al in a.aligns.split(",")
         ]
-        for model, objective, w, rd, k in jobs:
-            r = one_run(
-                data, work, model, objective, w, seed, a.epochs, a.crop, rd, k, tuple(a.set)
-            )
+        for model, objective, w, rd, k, al in jobs:
+            extra = tuple(a.set) + ((f"loss.align={al}",) if al else ())
+            r = one_run(data, work, model, objective, w, seed, a.epochs, a.crop, rd, k, extra)
             runs.append(r)
             print(
                 f"seed {seed} {model:12s} {objective:9s} reads={rd} steps={k} adv={w:<5g} "
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     default=float,
                 )
             )
-    plot(runs, out / "adversary_sweep.png")
+    plot(runs, out / "adversary_sweep.png", "align" if len(a.aligns.split(",")) > 1 else "adv")
     print(f"-> {out / 'adversary_sweep.json'}, {out / 'adversary_sweep.png'}")
     return 0
 
