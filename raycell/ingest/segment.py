@@ -653,8 +653,74 @@ def h_maxima_per_object(surf: np.ndarray, comp: np.ndarray, h: float, margin: in
     time on 512 px fields). Objects are separate components of the foreground, and between two of them
     `surf` falls to about the background, far more than h below either's maxima, so the maxima of one
     do not depend on the other: each component's box, grown by `margin` (the smoothing's reach), is
-    enough. Only the pixels of the box are sorted.
+    the image h_maxima sees (`_h_maxima_in_box`, which gives h_maxima's answer on the box bit for bit
+    while reconstructing only the few pixels that can change it).
     """
+    out = np.zeros(surf.shape, bool)
+    if not np.issubdtype(surf.dtype, np.floating) or not h > 0 or margin < 1:
+        return _h_maxima_boxes(surf, comp, h, margin)
+    # h_maxima's reconstruction marker for a float image (its own expression: the same values on a
+    # box as on the field, element by element)
+    marker = surf - h - 2 * np.finfo(surf.dtype).resolution * np.abs(surf)
+    # the reconstruction R >= the marker of any 8-neighbour (capped by the pixel itself), and the
+    # answer is surf - R >= h: a pixel that fails it against this lower bound fails it for R too
+    # (rounding is monotone), so only these candidates (about the 3x3 maxima) need R. With a margin
+    # of at least 1 px an object's 8-neighbours all lie in its box, as this bound assumes
+    near = np.minimum(ndi.maximum_filter(marker, size=3, mode="constant", cval=-np.inf), surf)
+    cand = (comp > 0) & (surf - near >= h)
+    pix = np.flatnonzero(cand)
+    owner = comp.ravel()[pix]
+    order = np.argsort(owner, kind="stable")
+    pix, owner = pix[order], owner[order]
+    first = np.searchsorted(owner, np.arange(int(comp.max()) + 2))
+    h_img, w_img = surf.shape
+    for i, sl in enumerate(ndi.find_objects(comp), start=1):
+        if sl is None or first[i] == first[i + 1]:
+            continue  # no candidate: no maximum in this object
+        box = (
+            slice(max(sl[0].start - margin, 0), min(sl[0].stop + margin, h_img)),
+            slice(max(sl[1].start - margin, 0), min(sl[1].stop + margin, w_img)),
+        )
+        p = pix[first[i] : first[i + 1]]
+        ys, xs = np.unravel_index(p, surf.shape)
+        hit = _h_maxima_in_box(surf[box], marker[box], h, ys - box[0].start, xs - box[1].start)
+        out[ys[hit], xs[hit]] = True
+    return out
+
+
+def _h_maxima_in_box(
+    f: np.ndarray, marker: np.ndarray, h: float, ys: np.ndarray, xs: np.ndarray
+) -> np.ndarray:
+    """`skimage.morphology.h_maxima(f, h)` at the candidate pixels (ys, xs) of the box `f`.
+
+    `marker` is h_maxima's reconstruction marker on `f`. h_maxima's answer at p is f(p) - R(p) >= h,
+    R the grey reconstruction by dilation of the marker under f: the largest min(marker(q), lowest f
+    on a path q -> p). R(p) >= marker(p), so a path through a pixel no higher than t = the lowest
+    candidate marker cannot change R at any candidate: only the 8-connected components of f > t
+    that hold candidates matter. When no pixel there has a higher marker than the candidates, R is
+    their own marker (no reconstruction needed: most objects, one maximum); otherwise the box
+    around those components is reconstructed with skimage (the values R takes are pixel values of
+    the marker or f, so a smaller image gives the same ones).
+    """
+    from skimage.morphology import reconstruction
+
+    if h > np.ptp(f):  # h_maxima's own shortcut: no maximum that high
+        return np.zeros(len(ys), bool)
+    mp = marker[ys, xs]
+    fp = f[ys, xs]
+    if mp.min() >= marker.max():
+        return (fp - mp) >= h
+    lab, _ = ndi.label(f > mp.min(), structure=np.ones((3, 3), bool))
+    reach = np.isin(lab, lab[ys, xs])
+    if mp.min() >= marker[reach].max():
+        return (fp - mp) >= h
+    sub = ndi.find_objects(reach.astype(np.int8))[0]
+    rec = reconstruction(marker[sub], f[sub], method="dilation")
+    return (fp - rec[ys - sub[0].start, xs - sub[1].start]) >= h
+
+
+def _h_maxima_boxes(surf: np.ndarray, comp: np.ndarray, h: float, margin: int) -> np.ndarray:
+    """`h_maxima_per_object` by skimage's h_maxima on each whole box (integer images, h <= 0)."""
     from skimage import morphology
 
     out = np.zeros(surf.shape, bool)
