@@ -653,8 +653,9 @@ def h_maxima_per_object(surf: np.ndarray, comp: np.ndarray, h: float, margin: in
     time on 512 px fields). Objects are separate components of the foreground, and between two of them
     `surf` falls to about the background, far more than h below either's maxima, so the maxima of one
     do not depend on the other: each component's box, grown by `margin` (the smoothing's reach), is
-    the image h_maxima sees (`_h_maxima_in_box`, which gives h_maxima's answer on the box bit for bit
-    while reconstructing only the few pixels that can change it).
+    the image h_maxima sees. Only the pixels that can be maxima are decided (`_h_maxima_in_box`, h_maxima's
+    answer on the box bit for bit, without its sort of the box's pixels); integer images, h <= 0 or no
+    margin go through skimage itself (`_h_maxima_boxes`).
     """
     out = np.zeros(surf.shape, bool)
     if not np.issubdtype(surf.dtype, np.floating) or not h > 0 or margin < 1:
@@ -693,30 +694,43 @@ def _h_maxima_in_box(
 ) -> np.ndarray:
     """`skimage.morphology.h_maxima(f, h)` at the candidate pixels (ys, xs) of the box `f`.
 
-    `marker` is h_maxima's reconstruction marker on `f`. h_maxima's answer at p is f(p) - R(p) >= h,
-    R the grey reconstruction by dilation of the marker under f: the largest min(marker(q), lowest f
-    on a path q -> p). R(p) >= marker(p), so a path through a pixel no higher than t = the lowest
-    candidate marker cannot change R at any candidate: only the 8-connected components of f > t
-    that hold candidates matter. When no pixel there has a higher marker than the candidates, R is
-    their own marker (no reconstruction needed: most objects, one maximum); otherwise the box
-    around those components is reconstructed with skimage (the values R takes are pixel values of
-    the marker or f, so a smaller image gives the same ones).
+    `marker` is h_maxima's reconstruction marker on `f`. h_maxima's answer at p is f(p) - R(p) >= h
+    (in f's dtype), R the grey reconstruction by dilation of the marker under f: the largest
+    min(marker(q), lowest f on an 8-connected path q -> p). That difference falls as R grows, so
+    the answer is "no" exactly when R(p) >= v, v the smallest value with f(p) - v < h; and
+    R(p) >= v exactly when a pixel with marker >= v lies in p's 8-connected component of f >= v.
+    One threshold and one labelling per candidate decide it, where a reconstruction would sort
+    every pixel of the box (why this is by hand).
     """
-    from skimage.morphology import reconstruction
-
     if h > np.ptp(f):  # h_maxima's own shortcut: no maximum that high
         return np.zeros(len(ys), bool)
+    top = marker.max()
     mp = marker[ys, xs]
-    fp = f[ys, xs]
-    if mp.min() >= marker.max():
-        return (fp - mp) >= h
-    lab, _ = ndi.label(f > mp.min(), structure=np.ones((3, 3), bool))
-    reach = np.isin(lab, lab[ys, xs])
-    if mp.min() >= marker[reach].max():
-        return (fp - mp) >= h
-    sub = ndi.find_objects(reach.astype(np.int8))[0]
-    rec = reconstruction(marker[sub], f[sub], method="dilation")
-    return (fp - rec[ys - sub[0].start, xs - sub[1].start]) >= h
+    if mp.min() >= top:  # nothing higher to reach the candidates: R is their own marker
+        return (f[ys, xs] - mp) >= h
+    out = np.zeros(len(ys), bool)
+    for k, (y, x) in enumerate(zip(ys, xs)):
+        v = _h_cut(f[y : y + 1, x], h)
+        if top < v:
+            out[k] = True  # no marker reaches v anywhere: R(p) = marker(p) < v
+            continue
+        lab, _ = ndi.label(f >= v, structure=np.ones((3, 3), bool))
+        out[k] = not marker[lab == lab[y, x]].max() >= v
+    return out
+
+
+def _h_cut(fp: np.ndarray, h: float) -> np.ndarray:
+    """The smallest v (a 1-element array in fp's dtype) with `fp - v < h` as numpy computes it.
+
+    fp - v falls (weakly) as v grows, so this is where h_maxima's test `f - R >= h` turns false.
+    Found from fp - h by stepping one float at a time (a few steps: rounding moves it by an ulp or so).
+    """
+    v = (fp - h).astype(fp.dtype)
+    while (fp - v < h)[0]:
+        v = np.nextafter(v, -np.inf, dtype=fp.dtype)
+    while not (fp - v < h)[0]:
+        v = np.nextafter(v, np.inf, dtype=fp.dtype)
+    return v
 
 
 def _h_maxima_boxes(surf: np.ndarray, comp: np.ndarray, h: float, margin: int) -> np.ndarray:
