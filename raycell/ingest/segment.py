@@ -780,13 +780,20 @@ def split_at_notches(
     a_exp = np.pi * r * r
     out = labels.copy()
     nxt = int(out.max()) + 1
+    # an object's fate depends on its own pixels only, so a later round looks again only at the
+    # objects the round before cut (both pieces): the others would be left whole again
+    look: set[int] | None = None
     for _ in range(rounds):
+        area = np.bincount(out.ravel())
         todo = [
             (i, sl)
             for i, sl in enumerate(ndi.find_objects(out), start=1)
             if sl is not None
+            and (look is None or i in look)
+            and area[i] >= min_area * a_exp
             and (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start) >= min_area * a_exp
         ]
+        look = set()
         split = 0
         for i, sl in todo:
             box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
@@ -837,6 +844,7 @@ def split_at_notches(
             )
             whole = np.where(obj, pieces[tuple(near)], 0)
             out[box][whole == 2] = nxt
+            look.update((i, nxt))
             nxt += 1
             split += 1
         if not split:
