@@ -653,61 +653,56 @@ def h_maxima_per_object(surf: np.ndarray, comp: np.ndarray, h: float, margin: in
     time on 512 px fields). Objects are separate components of the foreground, and between two of them
     `surf` falls to about the background, far more than h below either's maxima, so the maxima of one
     do not depend on the other: each component's box, grown by `margin` (the smoothing's reach), is
-    the image h_maxima sees. Only the pixels that can be maxima are decided (`_h_maxima_in_box`, h_maxima's
-    answer on the box bit for bit, without its sort of the box's pixels); integer images, h <= 0 or no
-    margin go through skimage itself (`_h_maxima_boxes`).
+    the image h_maxima sees. `_h_maxima_in_box` gives h_maxima's answer on it bit for bit without
+    sorting the box's pixels; integer images, h <= 0 or no margin go through skimage itself
+    (`_h_maxima_boxes`).
     """
     out = np.zeros(surf.shape, bool)
     if not np.issubdtype(surf.dtype, np.floating) or not h > 0 or margin < 1:
         return _h_maxima_boxes(surf, comp, h, margin)
-    # h_maxima's reconstruction marker for a float image (its own expression: the same values on a
-    # box as on the field, element by element)
-    marker = surf - h - 2 * np.finfo(surf.dtype).resolution * np.abs(surf)
-    # the reconstruction R >= the marker of any 8-neighbour (capped by the pixel itself), and the
-    # answer is surf - R >= h: a pixel that fails it against this lower bound fails it for R too
-    # (rounding is monotone), so only these candidates (about the 3x3 maxima) need R. With a margin
-    # of at least 1 px an object's 8-neighbours all lie in its box, as this bound assumes
-    near = np.minimum(ndi.maximum_filter(marker, size=3, mode="constant", cval=-np.inf), surf)
-    cand = (comp > 0) & (surf - near >= h)
-    pix = np.flatnonzero(cand)
-    owner = comp.ravel()[pix]
-    order = np.argsort(owner, kind="stable")
-    pix, owner = pix[order], owner[order]
-    first = np.searchsorted(owner, np.arange(int(comp.max()) + 2))
     h_img, w_img = surf.shape
     for i, sl in enumerate(ndi.find_objects(comp), start=1):
-        if sl is None or first[i] == first[i + 1]:
-            continue  # no candidate: no maximum in this object
+        if sl is None:
+            continue
         box = (
             slice(max(sl[0].start - margin, 0), min(sl[0].stop + margin, h_img)),
             slice(max(sl[1].start - margin, 0), min(sl[1].stop + margin, w_img)),
         )
-        p = pix[first[i] : first[i + 1]]
-        ys, xs = np.unravel_index(p, surf.shape)
-        hit = _h_maxima_in_box(surf[box], marker[box], h, ys - box[0].start, xs - box[1].start)
-        out[ys[hit], xs[hit]] = True
+        ys, xs, hit = _h_maxima_in_box(surf[box], comp[box] == i, h)
+        out[ys[hit] + box[0].start, xs[hit] + box[1].start] = True
     return out
 
 
 def _h_maxima_in_box(
-    f: np.ndarray, marker: np.ndarray, h: float, ys: np.ndarray, xs: np.ndarray
-) -> np.ndarray:
-    """`skimage.morphology.h_maxima(f, h)` at the candidate pixels (ys, xs) of the box `f`.
+    f: np.ndarray, own: np.ndarray, h: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`skimage.morphology.h_maxima(f, h) & own` on the box `f`, as (ys, xs, is maximum) of the
+    pixels of `own` that can be maxima (the others are not).
 
-    `marker` is h_maxima's reconstruction marker on `f`. h_maxima's answer at p is f(p) - R(p) >= h
-    (in f's dtype), R the grey reconstruction by dilation of the marker under f: the largest
-    min(marker(q), lowest f on an 8-connected path q -> p). That difference falls as R grows, so
-    the answer is "no" exactly when R(p) >= v, v the smallest value with f(p) - v < h; and
-    R(p) >= v exactly when a pixel with marker >= v lies in p's 8-connected component of f >= v.
-    One threshold and one labelling per candidate decide it, where a reconstruction would sort
-    every pixel of the box (why this is by hand).
+    h_maxima's answer at p is f(p) - R(p) >= h (in f's dtype), R the grey reconstruction by dilation
+    of its marker (f - h less a rounding allowance) under f: the largest min(marker(q), lowest f on
+    an 8-connected path q -> p). R(p) is at least the marker of each 8-neighbour (capped by f(p)):
+    a pixel that fails the test against that bound fails it for R too (rounding is monotone), so
+    only the others (about the 3x3 maxima) are candidates; `own` must not touch the box's edge
+    (unless the field's), so that their neighbours are in the box. For a candidate, the difference
+    falls as R grows, so the answer is "no" exactly when R(p) >= v, v the smallest value with
+    f(p) - v < h; and R(p) >= v exactly when a pixel with marker >= v lies in p's 8-connected
+    component of f >= v. One threshold and one labelling per candidate decide it, where a
+    reconstruction would sort every pixel of the box (why this is by hand).
     """
+    none = np.zeros(0, np.intp)
     if h > np.ptp(f):  # h_maxima's own shortcut: no maximum that high
-        return np.zeros(len(ys), bool)
+        return none, none, np.zeros(0, bool)
+    # h_maxima's reconstruction marker for a float image, by its own expression
+    marker = f - h - 2 * np.finfo(f.dtype).resolution * np.abs(f)
+    near = np.minimum(ndi.maximum_filter(marker, size=3, mode="constant", cval=-np.inf), f)
+    ys, xs = np.nonzero(own & (f - near >= h))
+    if len(ys) == 0:
+        return ys, xs, np.zeros(0, bool)
     top = marker.max()
     mp = marker[ys, xs]
     if mp.min() >= top:  # nothing higher to reach the candidates: R is their own marker
-        return (f[ys, xs] - mp) >= h
+        return ys, xs, (f[ys, xs] - mp) >= h
     out = np.zeros(len(ys), bool)
     for k, (y, x) in enumerate(zip(ys, xs)):
         v = _h_cut(f[y : y + 1, x], h)
@@ -716,7 +711,7 @@ def _h_maxima_in_box(
             continue
         lab, _ = ndi.label(f >= v, structure=np.ones((3, 3), bool))
         out[k] = not marker[lab == lab[y, x]].max() >= v
-    return out
+    return ys, xs, out
 
 
 def _h_cut(fp: np.ndarray, h: float) -> np.ndarray:
