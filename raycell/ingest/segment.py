@@ -67,7 +67,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from raycell.errors import UserError
-from raycell.ingest.filters import gaussian, local_gaussian_threshold
+from raycell.ingest.filters import fill_holes, gaussian, local_gaussian_threshold
 from raycell.ingest.params import IngestParams
 
 METHODS = ("classical", "cellpose")
@@ -902,7 +902,7 @@ class _Primary:
             split_sigma=max(1.0, d / 8) if d > 0 else 0.0,
             split_min_area=1.5 * np.pi * (d / 2) ** 2,
         )
-        return ndi.binary_fill_holes(ndi.binary_opening(fg))
+        return fill_holes(ndi.binary_opening(fg))
 
     def prepared(self, d: float, speck: float) -> np.ndarray:
         """Specks narrower than `speck` px removed, then texture broader than two objects."""
@@ -1105,7 +1105,7 @@ def segment_cells(
         cyto = cyto - background_surface(cyto)
     sm = _smooth(cyto, max(1.0, diameter / 20))
     fg = foreground(sm, threshold, threshold_scale, log_threshold, noise=noise) | (nuclei > 0)
-    fg = ndi.binary_fill_holes(ndi.binary_opening(fg) | (nuclei > 0))
+    fg = fill_holes(ndi.binary_opening(fg) | (nuclei > 0))
     grad = filters.sobel(sm / max(float(np.percentile(sm[fg], 99)), 1e-6))
     # compactness is given per nucleus diameter, so that the same value means the same trade-off
     # between
