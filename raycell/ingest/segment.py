@@ -550,15 +550,17 @@ def robust_diameter(mask: np.ndarray, min_d: float) -> float:
     equivalent diameter when it is convex (solidity >= 0.9), else twice its inscribed radius (the
     size of the largest object in a clump).
     """
-    from skimage import measure
+    from skimage import morphology
 
     lab, n = ndi.label(mask)
     if n == 0:
         return 0.0
-    regions = measure.regionprops(lab)
-    area = np.array([r.area for r in regions], np.float64)
+    # regionprops' area, bbox and solidity (area over convex hull area), without building a
+    # RegionProperties per component (most are specks that need no more than their area)
+    area = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    slices = ndi.find_objects(lab)
     h, w = mask.shape
-    box = np.array([r.bbox for r in regions]).reshape(-1, 4)
+    box = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in slices]).reshape(-1, 4)
     border = (box[:, 0] == 0) | (box[:, 1] == 0) | (box[:, 2] == h) | (box[:, 3] == w)
     inscribed = 2 * label_max(ndi.distance_transform_edt(mask), lab, n)
     equivalent = (4 * area / np.pi) ** 0.5  # regionprops' equivalent_diameter_area
@@ -567,7 +569,8 @@ def robust_diameter(mask: np.ndarray, min_d: float) -> float:
     # (most of a field's components are such specks), so only the others get a hull
     diam = inscribed.copy()
     for i in np.flatnonzero(np.maximum(equivalent, inscribed) >= min_d):
-        if regions[i].solidity >= 0.9:
+        hull_area = float(np.sum(morphology.convex_hull_image(lab[slices[i]] == i + 1)))
+        if area[i] / hull_area >= 0.9:
             diam[i] = equivalent[i]
     keep = diam >= min_d
     if (keep & ~border).sum() >= 3:
