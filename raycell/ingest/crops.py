@@ -14,8 +14,9 @@
   objects: area, perimeter, eccentricity, solidity, major and minor axis lengths (pixels), and the
   mean intensity per channel (in the image's own units after Z projection and illumination
   correction, before normalisation). Eccentricity and the axis lengths are computed for all objects
-  at once by the same formulas (`_inertia_shape`), perimeter and solidity bit for bit
-  (`_perimeter_solidity`). With cell bodies, the nucleus area is added as `morph_nucleus_area`.
+  at once by the same formulas (`_inertia_shape`), the rest bit for bit without regionprops'
+  per-object machinery (`_basic_props`, `_perimeter_solidity`). With cell bodies, the nucleus area
+  is added as `morph_nucleus_area`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ from scipy import ndimage as ndi
 
 from raycell import constants as K
 
-# eccentricity and the axis lengths come from `_inertia_shape` (the same formulas for every object
-# at once), perimeter and solidity from `_perimeter_solidity`; regionprops gives the rest
-_PROPS = ("label", "centroid", "area", "intensity_mean")
 _RENAME = {
     "area": "area",
     "perimeter": "perimeter",
@@ -85,9 +83,7 @@ def morphology(
     Returns:
         DataFrame with `label`, `centroid_y`, `centroid_x` and `morph_*` columns (float32).
     """
-    from skimage.measure import regionprops_table
-
-    props = regionprops_table(labels, intensity_image=np.moveaxis(img, 0, -1), properties=_PROPS)
+    props = _basic_props(labels, np.moveaxis(img, 0, -1))
     props.update(_inertia_shape(labels, props["label"]))
     props.update(_perimeter_solidity(labels, props["label"]))
     df = pd.DataFrame(
@@ -107,6 +103,37 @@ def morphology(
         area = np.bincount(nuclei.ravel(), minlength=int(labels.max()) + 1)
         df[f"{K.MORPH_PREFIX}nucleus_area"] = area[df["label"].to_numpy()].astype(np.float32)
     return df
+
+
+def _basic_props(labels: np.ndarray, img_hwc: np.ndarray) -> dict[str, np.ndarray]:
+    """regionprops_table's `label`, `centroid`, `area` and `intensity_mean` columns, bit for bit.
+
+    The centroid is a mean of integer pixel coordinates, whose sums are exact in float64 in any
+    order; the intensity means are numpy's mean over the same array regionprops builds for each
+    object (its pixels' values in row-major order), so the same summation. Why: regionprops makes a
+    RegionProperties object and caches per property for each object, a fifth of the feature time.
+    """
+    present = np.bincount(labels.ravel())
+    present[0] = 0
+    ids = np.flatnonzero(present)
+    area = present[ids].astype(np.float64)
+    rr, cc = np.nonzero(labels)
+    lab = labels[rr, cc]
+    n = present.size
+    out = {
+        "label": ids,
+        "centroid-0": np.bincount(lab, rr.astype(np.float64), minlength=n)[ids] / area,
+        "centroid-1": np.bincount(lab, cc.astype(np.float64), minlength=n)[ids] / area,
+        "area": area,
+    }
+    slices = ndi.find_objects(labels)
+    means = np.empty((len(ids), img_hwc.shape[-1]), np.float64)
+    for k, i in enumerate(ids):
+        obj = labels[slices[i - 1]] == i
+        means[k] = np.mean((img_hwc[slices[i - 1]] * obj[..., None])[obj], axis=0)
+    for c in range(img_hwc.shape[-1]):
+        out[f"intensity_mean-{c}"] = means[:, c]
+    return out
 
 
 def _inertia_shape(labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
