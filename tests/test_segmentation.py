@@ -423,3 +423,31 @@ def test_h_maxima_per_object_is_skimages_answer_on_each_box(dtype):
         assert np.array_equal(got, _h_maxima_boxes(img, comp, h, margin)), trial
         n_maxima += int(got.sum())
     assert n_maxima > 60  # the fields do have maxima to find
+
+
+def test_solidity_test_is_regionprops_answer():
+    """The bounded solidity test answers as regionprops' solidity compared with the level would:
+    blobs of many shapes and ellipses at every angle (solidity close to the level)."""
+    from skimage.measure import regionprops
+
+    from raycell.ingest.segment import _solid
+
+    rng = np.random.default_rng(2)
+    objs = []
+    for _ in range(25):
+        field = ndi.gaussian_filter(rng.random((120, 120)), rng.uniform(0.7, 5))
+        lab, _ = ndi.label(field > rng.uniform(0.45, 0.55))
+        objs += [r.image for r in regionprops(lab)]
+    yy, xx = np.mgrid[-30:31, -30:31]
+    for ang in np.linspace(0, np.pi, 24):
+        u, v = xx * np.cos(ang) + yy * np.sin(ang), yy * np.cos(ang) - xx * np.sin(ang)
+        e = (u / 25) ** 2 + (v / 9) ** 2 <= 1
+        objs.append(e[np.ix_(e.any(1), e.any(0))])
+    answers = set()
+    for obj in objs:
+        (r,) = regionprops(obj.astype(np.int32))
+        for level in (0.85, 0.9, 0.95):
+            want = r.solidity >= level
+            assert _solid(obj, float(obj.sum()), level) == want
+            answers.add(want)
+    assert answers == {True, False}
