@@ -11,11 +11,12 @@
   px), which removes neighbours while keeping a soft, cell-like edge (the seed's "blurred mask"
   crops).
 * Morphology features (`morph_*` columns) are `skimage.measure.regionprops_table`'s on the same
-  objects (eccentricity and the axis lengths computed for all objects at once by the same formulas:
-  `_inertia_shape`): area, perimeter, eccentricity, solidity, major and minor axis lengths (pixels), and the
+  objects: area, perimeter, eccentricity, solidity, major and minor axis lengths (pixels), and the
   mean intensity per channel (in the image's own units after Z projection and illumination
-  correction, before normalisation). With cell bodies, the nucleus area is added as
-  `morph_nucleus_area`.
+  correction, before normalisation). Eccentricity and the axis lengths are computed for all objects
+  at once by the same formulas (`_inertia_shape`), the rest bit for bit without regionprops'
+  per-object machinery (`_basic_props`, `_perimeter_solidity`). With cell bodies, the nucleus area
+  is added as `morph_nucleus_area`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ from scipy import ndimage as ndi
 
 from raycell import constants as K
 
-# eccentricity and the axis lengths come from `_inertia_shape` (the same formulas for every object
-# at once); regionprops gives the rest
-_PROPS = ("label", "centroid", "area", "perimeter", "solidity", "intensity_mean")
 _RENAME = {
     "area": "area",
     "perimeter": "perimeter",
@@ -85,10 +83,9 @@ def morphology(
     Returns:
         DataFrame with `label`, `centroid_y`, `centroid_x` and `morph_*` columns (float32).
     """
-    from skimage.measure import regionprops_table
-
-    props = regionprops_table(labels, intensity_image=np.moveaxis(img, 0, -1), properties=_PROPS)
+    props = _basic_props(labels, np.moveaxis(img, 0, -1))
     props.update(_inertia_shape(labels, props["label"]))
+    props.update(_perimeter_solidity(labels, props["label"]))
     df = pd.DataFrame(
         {
             "label": props["label"].astype(np.int64),
@@ -106,6 +103,37 @@ def morphology(
         area = np.bincount(nuclei.ravel(), minlength=int(labels.max()) + 1)
         df[f"{K.MORPH_PREFIX}nucleus_area"] = area[df["label"].to_numpy()].astype(np.float32)
     return df
+
+
+def _basic_props(labels: np.ndarray, img_hwc: np.ndarray) -> dict[str, np.ndarray]:
+    """regionprops_table's `label`, `centroid`, `area` and `intensity_mean` columns, bit for bit.
+
+    The centroid is a mean of integer pixel coordinates, whose sums are exact in float64 in any
+    order; the intensity means are numpy's mean over the same array regionprops builds for each
+    object (its pixels' values in row-major order), so the same summation. Why: regionprops makes a
+    RegionProperties object and caches per property for each object, a fifth of the feature time.
+    """
+    present = np.bincount(labels.ravel())
+    present[0] = 0
+    ids = np.flatnonzero(present)
+    area = present[ids].astype(np.float64)
+    rr, cc = np.nonzero(labels)
+    lab = labels[rr, cc]
+    n = present.size
+    out = {
+        "label": ids,
+        "centroid-0": np.bincount(lab, rr.astype(np.float64), minlength=n)[ids] / area,
+        "centroid-1": np.bincount(lab, cc.astype(np.float64), minlength=n)[ids] / area,
+        "area": area,
+    }
+    slices = ndi.find_objects(labels)
+    means = np.empty((len(ids), img_hwc.shape[-1]), np.float64)
+    for k, i in enumerate(ids):
+        obj = labels[slices[i - 1]] == i
+        means[k] = np.mean((img_hwc[slices[i - 1]] * obj[..., None])[obj], axis=0)
+    for c in range(img_hwc.shape[-1]):
+        out[f"intensity_mean-{c}"] = means[:, c]
+    return out
 
 
 def _inertia_shape(labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -139,6 +167,57 @@ def _inertia_shape(labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]
         "axis_major_length": 4 * np.sqrt(l1),
         "axis_minor_length": 4 * np.sqrt(l2),
     }
+
+
+# skimage.measure.perimeter's weights per value of its 3x3 convolution (4-neighbourhood)
+_PERIMETER_WEIGHTS = np.zeros(50, np.float64)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
+_PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
+
+
+def _perimeter_solidity(labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The `perimeter` and `solidity` of regionprops for objects `ids`, the same values bit for bit.
+
+    Perimeter: skimage convolves each object's outline (its pixels with a 4-neighbour outside it)
+    with [[10, 2, 10], [2, 1, 2], [10, 2, 10]] and weighs the histogram of the results; only outline
+    pixels get odd values, the only ones with a weight. Here the outline of every object and the
+    count of same-object outline neighbours come from one pass over the label image, and each
+    object's histogram of odd values goes through the same dot product. Solidity: area over the
+    pixel count of skimage's `convex_hull_image` of the object's box, as regionprops computes it.
+    Why: regionprops erodes and convolves each object's own image (a third of the feature time of
+    a field, with the hulls).
+    """
+    from skimage.morphology import convex_hull_image
+
+    h, w = labels.shape
+    pad = np.pad(labels, 1)
+    centre = pad[1:-1, 1:-1]
+
+    def shifted(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+        return a[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+    four = ((-1, 0), (1, 0), (0, -1), (0, 1))
+    inside = centre > 0
+    outline = inside & ~np.logical_and.reduce([shifted(pad, dy, dx) == centre for dy, dx in four])
+    pad_out = np.pad(outline, 1)
+    value = np.ones((h, w), np.int64)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                same = shifted(pad_out, dy, dx) & (shifted(pad, dy, dx) == centre)
+                value += (2 if dy == 0 or dx == 0 else 10) * same
+    n = int(labels.max()) + 1
+    rows = labels[outline].astype(np.int64) * 50 + value[outline]
+    hist = np.bincount(rows, minlength=n * 50).reshape(n, 50)
+    perimeter = np.array([hist[i] @ _PERIMETER_WEIGHTS for i in ids], np.float64)
+    area = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
+    slices = ndi.find_objects(labels)
+    solidity = np.array(
+        [area[i] / float(np.sum(convex_hull_image(labels[slices[i - 1]] == i))) for i in ids],
+        np.float64,
+    )
+    return {"perimeter": perimeter, "solidity": solidity}
 
 
 def safe_name(name: str) -> str:

@@ -76,3 +76,20 @@ def local_gaussian_threshold(x: np.ndarray, block_size: int) -> np.ndarray:
 
         return filters.threshold_local(x, block_size=block_size, method="gaussian")
     return gaussian(x, (block_size - 1) / 6.0)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`scipy.ndimage.binary_fill_holes(mask)` (2-D, its default 4-connected background), exactly.
+
+    scipy floods the background from the image's edge by repeated dilation (one pass over the
+    changed pixels per step); one labelling of the background gives the same answer: a background
+    component is a hole exactly when it does not touch the edge. Why by hand: 3-4x less time, and
+    the segmentation fills three masks per field.
+    """
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, bool)
+    outside[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = True
+    outside[0] = False  # label 0: the mask itself
+    return ~outside[lab]

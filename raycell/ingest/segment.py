@@ -67,7 +67,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from raycell.errors import UserError
-from raycell.ingest.filters import gaussian, local_gaussian_threshold
+from raycell.ingest.filters import fill_holes, gaussian, local_gaussian_threshold
 from raycell.ingest.params import IngestParams
 
 METHODS = ("classical", "cellpose")
@@ -550,15 +550,15 @@ def robust_diameter(mask: np.ndarray, min_d: float) -> float:
     equivalent diameter when it is convex (solidity >= 0.9), else twice its inscribed radius (the
     size of the largest object in a clump).
     """
-    from skimage import measure
-
     lab, n = ndi.label(mask)
     if n == 0:
         return 0.0
-    regions = measure.regionprops(lab)
-    area = np.array([r.area for r in regions], np.float64)
+    # regionprops' area, bbox and solidity (area over convex hull area), without building a
+    # RegionProperties per component (most are specks that need no more than their area)
+    area = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    slices = ndi.find_objects(lab)
     h, w = mask.shape
-    box = np.array([r.bbox for r in regions]).reshape(-1, 4)
+    box = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in slices]).reshape(-1, 4)
     border = (box[:, 0] == 0) | (box[:, 1] == 0) | (box[:, 2] == h) | (box[:, 3] == w)
     inscribed = 2 * label_max(ndi.distance_transform_edt(mask), lab, n)
     equivalent = (4 * area / np.pi) ** 0.5  # regionprops' equivalent_diameter_area
@@ -567,7 +567,7 @@ def robust_diameter(mask: np.ndarray, min_d: float) -> float:
     # (most of a field's components are such specks), so only the others get a hull
     diam = inscribed.copy()
     for i in np.flatnonzero(np.maximum(equivalent, inscribed) >= min_d):
-        if regions[i].solidity >= 0.9:
+        if _solid(lab[slices[i]] == i + 1, area[i], 0.9):
             diam[i] = equivalent[i]
     keep = diam >= min_d
     if (keep & ~border).sum() >= 3:
@@ -579,6 +579,40 @@ def robust_diameter(mask: np.ndarray, min_d: float) -> float:
     # scale.
     area = area[keep]
     return _weighted_median(diam[keep], np.minimum(area, np.percentile(area, 75)))
+
+
+def _solid(obj: np.ndarray, area: float, level: float) -> bool:
+    """Whether regionprops' solidity of the object `obj` (its box) is at least `level`.
+
+    Solidity is the area over the pixel count of skimage's `convex_hull_image`, which counts the
+    pixel centres inside the hull of the pixels' edge midpoints. That count lies between two cheap
+    ones: the pixels within their row's or column's span of the object (inside the hull, half a
+    pixel from its edge) and the pixels of the octagon bounded by the object's extreme rows, columns
+    and diagonals (the hull lies within it). Either bound often settles the comparison (a nucleus
+    fills ~95% of its octagon); only the others need the hull itself. Why by hand: the hull is the
+    costliest step of the scale estimate, and this gives the same answer.
+    """
+    from skimage.morphology import convex_hull_image
+
+    rr, cc = np.nonzero(obj)
+    d, e = rr + cc, rr - cc
+    rows = np.arange(obj.shape[0])
+    lo = np.maximum.reduce([np.zeros_like(rows), d.min() - rows, rows - e.max()])
+    hi = np.minimum.reduce([np.full_like(rows, obj.shape[1] - 1), d.max() - rows, rows - e.min()])
+    octagon = float(np.maximum(hi - lo + 1, 0).sum())
+    if area / octagon >= level:
+        return True
+    cols = np.arange(obj.shape[1])
+    in_row = (cols >= obj.argmax(1)[:, None]) & (
+        cols <= obj.shape[1] - 1 - obj[:, ::-1].argmax(1)[:, None]
+    )
+    in_col = (rows[:, None] >= obj.argmax(0)) & (
+        rows[:, None] <= obj.shape[0] - 1 - obj[::-1].argmax(0)
+    )
+    spans = float(np.count_nonzero((in_row & obj.any(1)[:, None]) | (in_col & obj.any(0))))
+    if area / spans < level:
+        return False
+    return bool(area / float(np.sum(convex_hull_image(obj))) >= level)
 
 
 def plausibility(qc: dict, ref_diameter: float = 0.0, fold: float = 4.0) -> str:
@@ -653,8 +687,88 @@ def h_maxima_per_object(surf: np.ndarray, comp: np.ndarray, h: float, margin: in
     time on 512 px fields). Objects are separate components of the foreground, and between two of them
     `surf` falls to about the background, far more than h below either's maxima, so the maxima of one
     do not depend on the other: each component's box, grown by `margin` (the smoothing's reach), is
-    enough. Only the pixels of the box are sorted.
+    the image h_maxima sees. `_h_maxima_in_box` gives h_maxima's answer on it bit for bit without
+    sorting the box's pixels; integer images, h <= 0 or no margin go through skimage itself
+    (`_h_maxima_boxes`).
     """
+    out = np.zeros(surf.shape, bool)
+    if not np.issubdtype(surf.dtype, np.floating) or not h > 0 or margin < 1:
+        return _h_maxima_boxes(surf, comp, h, margin)
+    h_img, w_img = surf.shape
+    for i, sl in enumerate(ndi.find_objects(comp), start=1):
+        if sl is None:
+            continue
+        box = (
+            slice(max(sl[0].start - margin, 0), min(sl[0].stop + margin, h_img)),
+            slice(max(sl[1].start - margin, 0), min(sl[1].stop + margin, w_img)),
+        )
+        ys, xs, hit = _h_maxima_in_box(surf[box], comp[box] == i, h)
+        out[ys[hit] + box[0].start, xs[hit] + box[1].start] = True
+    return out
+
+
+def _h_maxima_in_box(
+    f: np.ndarray, own: np.ndarray, h: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`skimage.morphology.h_maxima(f, h) & own` on the box `f`, as (ys, xs, is maximum) of the
+    pixels of `own` that can be maxima (the others are not).
+
+    h_maxima's answer at p is f(p) - R(p) >= h (in f's dtype), R the grey reconstruction by dilation
+    of its marker (f - h less a rounding allowance) under f: the largest min(marker(q), lowest f on
+    an 8-connected path q -> p). R(p) is at least the marker of each 8-neighbour (capped by f(p)):
+    a pixel that fails the test against that bound fails it for R too (rounding is monotone), so
+    only the others (about the 3x3 maxima) are candidates; `own` must not touch the box's edge
+    (unless the field's), so that their neighbours are in the box. For a candidate, the difference
+    falls as R grows, so the answer is "no" exactly when R(p) >= v, v the smallest value with
+    f(p) - v < h; and R(p) >= v exactly when a pixel with marker >= v lies in p's 8-connected
+    component of f >= v. One threshold and one labelling per candidate decide it, where a
+    reconstruction would sort every pixel of the box (why this is by hand).
+    """
+    none = np.zeros(0, np.intp)
+    if h > np.ptp(f):  # h_maxima's own shortcut: no maximum that high
+        return none, none, np.zeros(0, bool)
+    # h_maxima's reconstruction marker for a float image, by its own expression
+    marker = f - h - 2 * np.finfo(f.dtype).resolution * np.abs(f)
+    # ndi.maximum_filter(marker, size=3, mode="constant", cval=-inf), which is these two passes
+    # (called directly: this runs once per object, where its per-call cost shows)
+    near = marker
+    for axis in (0, 1):
+        near = ndi.maximum_filter1d(near, 3, axis=axis, mode="constant", cval=-np.inf)
+    near = np.minimum(near, f)
+    ys, xs = np.nonzero(own & (f - near >= h))
+    if len(ys) == 0:
+        return ys, xs, np.zeros(0, bool)
+    top = marker.max()
+    mp = marker[ys, xs]
+    if mp.min() >= top:  # nothing higher to reach the candidates: R is their own marker
+        return ys, xs, (f[ys, xs] - mp) >= h
+    out = np.zeros(len(ys), bool)
+    for k, (y, x) in enumerate(zip(ys, xs)):
+        v = _h_cut(f[y : y + 1, x], h)
+        if top < v:
+            out[k] = True  # no marker reaches v anywhere: R(p) = marker(p) < v
+            continue
+        lab, _ = ndi.label(f >= v, structure=np.ones((3, 3), bool))
+        out[k] = not marker[lab == lab[y, x]].max() >= v
+    return ys, xs, out
+
+
+def _h_cut(fp: np.ndarray, h: float) -> np.ndarray:
+    """The smallest v (a 1-element array in fp's dtype) with `fp - v < h` as numpy computes it.
+
+    fp - v falls (weakly) as v grows, so this is where h_maxima's test `f - R >= h` turns false.
+    Found from fp - h by stepping one float at a time (a few steps: rounding moves it by an ulp or so).
+    """
+    v = (fp - h).astype(fp.dtype)
+    while (fp - v < h)[0]:
+        v = np.nextafter(v, -np.inf, dtype=fp.dtype)
+    while not (fp - v < h)[0]:
+        v = np.nextafter(v, np.inf, dtype=fp.dtype)
+    return v
+
+
+def _h_maxima_boxes(surf: np.ndarray, comp: np.ndarray, h: float, margin: int) -> np.ndarray:
+    """`h_maxima_per_object` by skimage's h_maxima on each whole box (integer images, h <= 0)."""
     from skimage import morphology
 
     out = np.zeros(surf.shape, bool)
@@ -700,13 +814,20 @@ def split_at_notches(
     a_exp = np.pi * r * r
     out = labels.copy()
     nxt = int(out.max()) + 1
+    # an object's fate depends on its own pixels only, so a later round looks again only at the
+    # objects the round before cut (both pieces): the others would be left whole again
+    look: set[int] | None = None
     for _ in range(rounds):
+        area = np.bincount(out.ravel())
         todo = [
             (i, sl)
             for i, sl in enumerate(ndi.find_objects(out), start=1)
             if sl is not None
+            and (look is None or i in look)
+            and area[i] >= min_area * a_exp
             and (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start) >= min_area * a_exp
         ]
+        look = set()
         split = 0
         for i, sl in todo:
             box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
@@ -757,6 +878,7 @@ def split_at_notches(
             )
             whole = np.where(obj, pieces[tuple(near)], 0)
             out[box][whole == 2] = nxt
+            look.update((i, nxt))
             nxt += 1
             split += 1
         if not split:
@@ -819,7 +941,7 @@ class _Primary:
             split_sigma=max(1.0, d / 8) if d > 0 else 0.0,
             split_min_area=1.5 * np.pi * (d / 2) ** 2,
         )
-        return ndi.binary_fill_holes(ndi.binary_opening(fg))
+        return fill_holes(ndi.binary_opening(fg))
 
     def prepared(self, d: float, speck: float) -> np.ndarray:
         """Specks narrower than `speck` px removed, then texture broader than two objects."""
@@ -1022,7 +1144,7 @@ def segment_cells(
         cyto = cyto - background_surface(cyto)
     sm = _smooth(cyto, max(1.0, diameter / 20))
     fg = foreground(sm, threshold, threshold_scale, log_threshold, noise=noise) | (nuclei > 0)
-    fg = ndi.binary_fill_holes(ndi.binary_opening(fg) | (nuclei > 0))
+    fg = fill_holes(ndi.binary_opening(fg) | (nuclei > 0))
     grad = filters.sobel(sm / max(float(np.percentile(sm[fg], 99)), 1e-6))
     # compactness is given per nucleus diameter, so that the same value means the same trade-off
     # between
