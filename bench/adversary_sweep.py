@@ -184,8 +184,10 @@ def plot(runs: list[dict], path: Path, x: str = "adv") -> None:
     ]
     panels = [p for p in panels if all(p[0] in r for r in runs)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    for objective, colour in (("subtract", "tab:red"), ("confusion", "tab:blue")):
-        rs = [r for r in runs if r["model"] != "conventional" and r["objective"] == objective]
+    series = sorted({(r["model"], r["objective"]) for r in runs if r["model"] != "conventional"})
+    colours = ["tab:red", "tab:blue", "tab:green", "tab:purple"]
+    for (model, objective), colour in zip(series, colours * 4):
+        rs = [r for r in runs if (r["model"], r["objective"]) == (model, objective)]
         ws = sorted({r.get(x, 0.0) for r in rs})
         for ax, (key, _, _) in zip(axes, panels):
             m = [np.mean([r[key] for r in rs if r.get(x, 0.0) == w]) for w in ws]
@@ -198,13 +200,18 @@ def plot(runs: list[dict], path: Path, x: str = "adv") -> None:
                     marker="o",
                     color=colour,
                     capsize=3,
-                    label=f"adversary, {objective}",
+                    label=f"{model}, {objective}",
                 )
     for ax, (key, title, chance) in zip(axes, panels):
-        ax.axhline(np.mean([r[key] for r in conv]), color="0.3", ls="--", label="conventional")
+        if conv:
+            ax.axhline(np.mean([r[key] for r in conv]), color="0.3", ls="--", label="conventional")
         if chance:
             ax.axhline(np.mean([r[chance] for r in runs]), color="0.6", ls=":", label="chance")
-        ax.set_xscale("log")
+        xs = sorted({r.get(x, 0.0) for r in runs if r["model"] != "conventional"})
+        if xs and xs[0] == 0 and len(xs) > 1:  # 0 (the term off) on the axis too
+            ax.set_xscale("symlog", linthresh=xs[1])
+        else:
+            ax.set_xscale("log")
         ax.set_xlabel(f"loss.{x}")
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)

@@ -660,7 +660,7 @@ class LossConfig:
         "only sees augmented cells) or 'augmented' (the cells the encoder trains on)",
     )
     align: float = _f(
-        0.0,
+        0.3,
         "adversarial and mixedeffects: weight of the batch-mean alignment term, the share of the "
         "latent's variance the batch explains within each phenotype (raycell.losses.alignment); "
         "pulls the batches' mean latents together class by class, which a linear batch probe reads "

@@ -110,11 +110,17 @@ def _prepare_data(cfg: ExperimentConfig) -> Path:
 _W_CLS = {"dist": "loguniform", "low": 0.01, "high": 1.0}
 _W_ADV = {"dist": "loguniform", "low": 0.01, "high": 3.0}
 _W_CLUSTER = {"dist": "loguniform", "low": 1e-4, "high": 0.1}
+_W_ALIGN = {"dist": "loguniform", "low": 0.03, "high": 3.0}
 TUNE_SPACES = {
     "conventional": {"loss.cls": _W_CLS},
-    "adversarial": {"loss.cls": _W_CLS, "loss.adv": _W_ADV},
+    "adversarial": {"loss.cls": _W_CLS, "loss.adv": _W_ADV, "loss.align": _W_ALIGN},
     "randomeffects": {"loss.cls": _W_CLS, "loss.cluster_latent": _W_CLUSTER},
-    "mixedeffects": {"loss.cls": _W_CLS, "loss.adv": _W_ADV, "loss.cluster_latent": _W_CLUSTER},
+    "mixedeffects": {
+        "loss.cls": _W_CLS,
+        "loss.adv": _W_ADV,
+        "loss.align": _W_ALIGN,
+        "loss.cluster_latent": _W_CLUSTER,
+    },
 }
 TUNED = " (tuned)"  # row label suffix
 

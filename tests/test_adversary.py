@@ -63,7 +63,9 @@ def _train_toy(adv_sees: str, steps: int = 300, auroc: list | None = None, **los
     torch.manual_seed(0)
     x, y, b, g = _toy_data()
     model = ToyAEC()
-    cfg = LossConfig(recon=1.0, cls=1.0, adv=1.0, adv_objective="confusion", adv_sees=adv_sees)
+    cfg = LossConfig(
+        recon=1.0, cls=1.0, adv=1.0, adv_objective="confusion", adv_sees=adv_sees, align=0.0
+    )
     for k, v in loss.items():
         setattr(cfg, k, v)
     plan = AdversarialPlan(model, cfg, 3e-3, n_batches=NB)
@@ -148,7 +150,7 @@ def test_standardized_adversary_cannot_be_fooled_by_rescaling_the_latent():
 def test_reversal_game_gives_the_encoder_the_reversed_adversary_gradient():
     torch.manual_seed(0)
     model = ToyAEC(standardize=False)
-    cfg = LossConfig(recon=0.0, cls=0.0, adv=0.5, adv_game="reversal")
+    cfg = LossConfig(recon=0.0, cls=0.0, adv=0.5, adv_game="reversal", align=0.0)
     plan = AdversarialPlan(model, cfg, 1e-3, n_batches=NB)
     plan.set_schedule("constant", 10)
     x, _, b, _ = _toy_data(n=64)

@@ -99,6 +99,13 @@ def test_main_objective_subtracts_the_adversary_loss():
     x, y, z = _batch()
     lo = plan.compute_loss(m(x, z), x, y, z)
     t = lo.terms
+    # and adds the batch-mean alignment term (loss.align, default 0.3)
+    torch.testing.assert_close(
+        lo.loss, t["mse"] + 0.1 * t["cls"] - 0.5 * t["adv"] + 0.3 * t["align"]
+    )
+    off = build_plan(m, LossConfig(recon=1.0, cls=0.1, adv=0.5, align=0.0), 1e-3, n_batches=NB)
+    lo = off.compute_loss(m(x, z), x, y, z)
+    assert "align" not in lo.terms
     torch.testing.assert_close(lo.loss, t["mse"] + 0.1 * t["cls"] - 0.5 * t["adv"])
 
 
@@ -115,7 +122,9 @@ def test_confusion_objective_adds_the_uniform_cross_entropy():
     torch.testing.assert_close(
         t["adv_confusion"], torch.nn.functional.cross_entropy(out.batch_logits, uniform)
     )
-    torch.testing.assert_close(lo.loss, t["mse"] + 0.1 * t["cls"] + 0.5 * t["adv_confusion"])
+    torch.testing.assert_close(
+        lo.loss, t["mse"] + 0.1 * t["cls"] + 0.5 * t["adv_confusion"] + 0.3 * t["align"]
+    )
     # the encoder gains nothing from a confidently wrong adversary: the term is smallest when uniform
     from raycell.losses import confusion_ce
 

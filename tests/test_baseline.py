@@ -266,19 +266,25 @@ def test_experiment_tune_searches_each_type_and_adds_tuned_rows(tiny_data, monke
         for c in searched
     ] == [
         ("conventional", ["loss.cls"], 2, "valbatch_auroc", 3),
-        ("adversarial", ["loss.adv", "loss.cls"], 2, "valbatch_auroc", 3),
+        ("adversarial", ["loss.adv", "loss.align", "loss.cls"], 2, "valbatch_auroc", 3),
     ]
     tuned_adv = [c for c in trained if c.model.type == "adversarial" and c.name.endswith("tuned")]
     assert len(tuned_adv) == 1 and tuned_adv[0].loss.adv == 1.5 and tuned_adv[0].loss.cls == 0.5
+    assert tuned_adv[0].loss.align == 1.5
     assert [
         c.loss.adv for c in trained if c.model.type == "adversarial" and c not in tuned_adv
     ] == [0.1]
     table = (tmp_path / "out" / "table.md").read_text()
     assert (
-        "adversarial (tuned): loss.cls=0.5, loss.adv=1.5, chosen by 3 trials on mean valbatch_auroc"
+        "adversarial (tuned): loss.cls=0.5, loss.adv=1.5, loss.align=1.5, chosen by 3 trials on "
+        "mean valbatch_auroc"
         " over 2 cross-batch folds (0.710, fold s.d. 0.040 at epoch 1)" in table
     )
-    assert res["tuned"]["adversarial"]["params"] == {"loss.cls": 0.5, "loss.adv": 1.5}
+    assert res["tuned"]["adversarial"]["params"] == {
+        "loss.cls": 0.5,
+        "loss.adv": 1.5,
+        "loss.align": 1.5,
+    }
     searched.clear()
     experiments.run_medl_experiment(
         cfg, [0], ["conventional", "adversarial"], str(tmp_path / "out"), baseline=False, tune=True
