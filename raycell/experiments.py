@@ -292,7 +292,8 @@ def format_markdown(
     for m, s in summary.items():
         cells = [m, str(s["n_seeds"])]
         for col, _, _, _, fmt in COLUMNS:
-            mean, sd = s[col], s[col + "_sd"]
+            # a summary written before a column existed (an older results.json) shows it as "–"
+            mean, sd = s.get(col, math.nan), s.get(col + "_sd", math.nan)
             if not math.isfinite(mean):
                 cells.append("–")
             elif math.isfinite(sd):
