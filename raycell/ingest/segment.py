@@ -694,14 +694,7 @@ def h_maxima_per_object(surf: np.ndarray, comp: np.ndarray, h: float, margin: in
     out = np.zeros(surf.shape, bool)
     if not np.issubdtype(surf.dtype, np.floating) or not h > 0 or margin < 1:
         return _h_maxima_boxes(surf, comp, h, margin)
-    h_img, w_img = surf.shape
-    for i, sl in enumerate(ndi.find_objects(comp), start=1):
-        if sl is None:
-            continue
-        box = (
-            slice(max(sl[0].start - margin, 0), min(sl[0].stop + margin, h_img)),
-            slice(max(sl[1].start - margin, 0), min(sl[1].stop + margin, w_img)),
-        )
+    for i, box in _object_boxes(comp, margin):
         ys, xs, hit = _h_maxima_in_box(surf[box], comp[box] == i, h)
         out[ys[hit] + box[0].start, xs[hit] + box[1].start] = True
     return out
@@ -767,19 +760,26 @@ def _h_cut(fp: np.ndarray, h: float) -> np.ndarray:
     return v
 
 
+def _object_boxes(comp: np.ndarray, margin: int):
+    """(label, bounding box grown by `margin` and clipped to the image) for each object of `comp`."""
+    h_img, w_img = comp.shape
+    for i, sl in enumerate(ndi.find_objects(comp), start=1):
+        if sl is not None:
+            yield (
+                i,
+                (
+                    slice(max(sl[0].start - margin, 0), min(sl[0].stop + margin, h_img)),
+                    slice(max(sl[1].start - margin, 0), min(sl[1].stop + margin, w_img)),
+                ),
+            )
+
+
 def _h_maxima_boxes(surf: np.ndarray, comp: np.ndarray, h: float, margin: int) -> np.ndarray:
     """`h_maxima_per_object` by skimage's h_maxima on each whole box (integer images, h <= 0)."""
     from skimage import morphology
 
     out = np.zeros(surf.shape, bool)
-    h_img, w_img = surf.shape
-    for i, sl in enumerate(ndi.find_objects(comp), start=1):
-        if sl is None:
-            continue
-        box = (
-            slice(max(sl[0].start - margin, 0), min(sl[0].stop + margin, h_img)),
-            slice(max(sl[1].start - margin, 0), min(sl[1].stop + margin, w_img)),
-        )
+    for i, box in _object_boxes(comp, margin):
         own = comp[box] == i
         out[box] |= morphology.h_maxima(surf[box], h).astype(bool) & own
     return out
